@@ -1,0 +1,47 @@
+"""The root of the `igops` command: global options and the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from igops import __version__
+from igops.commands import fleet, lab
+from igops.commands.common import GlobalOptions
+
+app = typer.Typer(
+    name="igops",
+    help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, "
+    "deploys and checks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"igops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: str = typer.Option(None, "--config", "-c", metavar="FILE",
+                               help="Inventory file (default: $IGOPS_CONFIG, then /etc/igops/igops.toml)."),
+    json_output: bool = typer.Option(False, "--json", help="Only a JSON envelope on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose)
+
+
+fleet.register(app)
+app.add_typer(lab.app, name="lab")
+
+
+def main() -> None:
+    app()

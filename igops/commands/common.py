@@ -1,0 +1,101 @@
+"""What every command shares: global options, error-to-exit-code handling, and the
+confirm → lock → act → audit sequence of mutating commands."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
+
+import typer
+
+from igops.errors import ExitCode, IgopsError
+from igops.output import Output
+
+T = TypeVar("T")
+
+JSON_OPTION = typer.Option(False, "--json", help="Only a JSON envelope on stdout.")
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Print the exact plan and change nothing.")
+YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required when not on a terminal).")
+
+
+@dataclass
+class GlobalOptions:
+    config: str | None = None
+    json: bool = False
+    verbose: bool = False
+
+
+def options(ctx: typer.Context) -> GlobalOptions:
+    return ctx.obj if isinstance(ctx.obj, GlobalOptions) else GlobalOptions()
+
+
+@contextmanager
+def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[Output]:
+    """Run a command body: IgopsErrors become a one-line message and their exit code."""
+    opts = options(ctx)
+    out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose)
+    try:
+        yield out
+    except IgopsError as exc:
+        problems = [str(problem) for problem in getattr(exc, "problems", [])]
+        if len(problems) > 1:
+            for problem in problems:
+                out.err.print(f"  {problem}", markup=False)
+        out.fail(exc.one_line(), exc.exit_code,
+                 {"message": exc.message, "hint": exc.hint, "problems": problems})
+        raise typer.Exit(int(exc.exit_code)) from None
+    except KeyboardInterrupt:
+        out.fail("interrupted", ExitCode.INTERRUPTED, {"message": "interrupted"})
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
+
+def load_fleet(ctx: typer.Context):
+    from igops import inventory
+
+    return inventory.load(options(ctx).config)
+
+
+def mutate(out: Output, fleet, *, operation: str, target: str, targets: list[str], title: str,
+           steps: list[str], dry_run: bool, yes: bool, action: Callable[[], T],
+           outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0)) -> T | None:
+    """Show the plan; stop there on --dry-run; otherwise confirm, lock (operation, target),
+    act, and write an audit record whatever happens. Returns the action's result, or None
+    for a dry run or a declined confirmation."""
+    from igops import safety
+
+    out.plan(title, steps)
+    if dry_run:
+        out.log("dry run: nothing was changed")
+        return None
+    if not safety.confirm(f"{title}?", yes):
+        out.log("not confirmed: nothing was changed")
+        return None
+    command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    started = time.monotonic()
+    result_word, exit_code, detail = "failed", int(ExitCode.FAILED), None
+    with safety.lock(fleet.state_dir, operation, target, command_line):
+        try:
+            result = action()
+            result_word, exit_code = outcome(result)
+            return result
+        except IgopsError as exc:
+            exit_code, detail = int(exc.exit_code), exc.one_line()
+            raise
+        except BaseException as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            safety.audit(fleet.state_dir, command=command_line, targets=targets, result=result_word,
+                         exit_code=exit_code, duration_ms=safety.monotonic_ms(started), detail=detail)
+
+
+def exit_with(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+def as_rows(items: list[Any], fields: list[str]) -> list[list[Any]]:
+    return [[getattr(item, field) for field in fields] for item in items]

@@ -1,0 +1,140 @@
+"""`igops hosts`, `igops exec` and `igops status`: the fleet as a whole."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with,
+                                   load_fleet, mutate)
+from igops.errors import ExitCode
+
+ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("hosts")(hosts)
+    app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
+    app.command("status")(status)
+
+
+def hosts(
+    ctx: typer.Context,
+    pattern: Optional[str] = typer.Argument(None, help="Shell-style host name pattern, e.g. 'db*'."),
+    role: Optional[List[str]] = ROLE_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """List the inventory's hosts."""
+    with command(ctx, "hosts", json_flag) as out:
+        fleet = load_fleet(ctx)
+        selected = fleet.select(roles=role, pattern=pattern)
+        rows = [[host.name, str(host.address), f"{fleet.ssh_user(host)}:{fleet.ssh_port(host)}",
+                 host.roles, host.instance_id, [mount.path for mount in host.mounts]]
+                for host in selected]
+        out.table(f"{fleet.model.fleet.name}: {len(selected)} hosts",
+                  ["host", "address", "ssh", "roles", "instance", "data mounts"], rows)
+        out.finish({"fleet": fleet.model.fleet.name, "hosts": [
+            {"name": host.name, "address": str(host.address), "ssh_user": fleet.ssh_user(host),
+             "ssh_port": fleet.ssh_port(host), "roles": host.roles, "instance_id": host.instance_id,
+             "mounts": [mount.model_dump() for mount in host.mounts]} for host in selected]})
+
+
+def exec_command(
+    ctx: typer.Context,
+    argv: List[str] = typer.Argument(..., metavar="-- COMMAND [ARG...]",
+                                     help="The command; every argument reaches the host literally. "
+                                          "For shell syntax use: -- sh -c '…'"),
+    role: Optional[List[str]] = ROLE_OPTION,
+    host: Optional[List[str]] = typer.Option(None, "--host", "-H", help="A host by name (repeatable)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-p", min=1, help="At most N hosts at once."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", "-t", min=0.1, help="Per-host command deadline in seconds."),
+    show_output: bool = typer.Option(True, "--output/--no-output", help="Print each host's output."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Run a command on many hosts in parallel and summarise the results."""
+    from igops import remote
+
+    with command(ctx, "exec", json_flag) as out:
+        fleet = load_fleet(ctx)
+        selected = fleet.select(roles=role, names=host)
+        if not selected:
+            from igops.errors import UsageError
+
+            raise UsageError("no hosts match", "check --role/--host against `igops hosts`")
+        line = remote.quote_command(argv)
+        settings = remote.settings_for(fleet)
+        targets = remote.targets_for(fleet, selected)
+        names = [target.name for target in targets]
+        cap = parallel or settings.parallel
+
+        def run_everywhere() -> list[remote.HostResult]:
+            with out.progress("hosts", total=len(targets)) as advance:
+                return remote.run(targets, line, settings, parallel=cap, timeout=timeout,
+                                  on_done=lambda _: advance(1))
+
+        def outcome(results: list[remote.HostResult]) -> tuple[str, int]:
+            code = _exec_exit_code(results)
+            return ("ok" if code == 0 else "failed on " + ", ".join(r.host for r in results if not r.ok)), code
+
+        results = mutate(out, fleet, operation="exec", target=",".join(names) if len(names) < 4 else f"{len(names)}-hosts",
+                         targets=names, title=f"Run `{line}` on {len(names)} hosts ({cap} at a time)",
+                         steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}"
+                                for target in targets],
+                         dry_run=dry_run, yes=yes, action=run_everywhere, outcome=outcome)
+        if results is None:
+            out.finish({"dry_run": dry_run, "command": line, "hosts": names})
+            return
+        if show_output:
+            for result in results:
+                _print_host_output(out, result)
+        ok = sum(result.ok for result in results)
+        out.table(None, ["host", "exit", "time", "result"],
+                  [[r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
+                   for r in results])
+        out.text(f"{ok} of {len(results)} hosts ok")
+        code = _exec_exit_code(results)
+        out.finish({"command": line, "hosts": results, "ok": ok, "failed": len(results) - ok}, code)
+        exit_with(code)
+
+
+def _exec_exit_code(results) -> int:
+    failed = sum(not result.ok for result in results)
+    if not failed:
+        return ExitCode.OK
+    return ExitCode.FAILED if failed == len(results) else ExitCode.PARTIAL
+
+
+def _print_host_output(out, result) -> None:
+    if out.json_mode:
+        return
+    for stream in (result.stdout, result.stderr):
+        for text_line in stream.splitlines():
+            out.text(f"{result.host}: {text_line}")
+
+
+def status(
+    ctx: typer.Context,
+    role: Optional[List[str]] = ROLE_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Fleet overview: every host's reachability, then every service's state."""
+    from igops import status as fleet_status
+
+    with command(ctx, "status", json_flag) as out:
+        fleet = load_fleet(ctx)
+        report = fleet_status.collect(fleet, roles=role)
+        out.table("hosts", ["host", "address", "roles", "ssh", "load", "detail"],
+                  [[h.host, h.address, h.roles, "ok" if h.reachable else "DOWN", h.load, h.detail]
+                   for h in report.hosts])
+        out.table("services", ["service", "host", "endpoint", "state", "detail"],
+                  [[s.service, s.host, s.endpoint, "ok" if s.ok else "DOWN", s.detail]
+                   for s in report.services])
+        problems = report.problems()
+        out.text("all hosts reachable, all services answering" if not problems
+                 else f"{len(problems)} problems: " + "; ".join(problems))
+        code = ExitCode.OK if not problems else ExitCode.PARTIAL
+        out.finish(report, code)
+        exit_with(code)

@@ -1,0 +1,90 @@
+"""Exceptions and the exit codes they map to: the only place exit codes are defined.
+
+Domain modules raise these; only the CLI layer turns them into a process exit status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # the operation ran and failed
+    USAGE = 2  # bad arguments or inventory: nothing was done
+    REFUSED = 3  # a safety check refused the operation: nothing was done
+    LOCKED = 4  # the same operation on the same target is already running
+    PARTIAL = 5  # some targets succeeded and some failed
+    INTERRUPTED = 130
+
+
+class NagiosStatus(IntEnum):
+    """Nagios plugin convention, used only by `check --nagios`."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+class IgopsError(Exception):
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self.message} — {self.hint}" if self.hint else self.message
+
+
+class UsageError(IgopsError):
+    exit_code = ExitCode.USAGE
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    where: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem} — {self.fix}"
+
+
+class ConfigError(UsageError):
+    """Every problem found in an inventory, reported together."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]):
+        self.source = source
+        self.problems = problems
+        count = len(problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"{source}: {count} {noun} in the inventory")
+
+    def one_line(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.source}: {self.problems[0]}"
+        return self.message
+
+
+class SecretsError(UsageError):
+    pass
+
+
+class RefusedError(IgopsError):
+    exit_code = ExitCode.REFUSED
+
+
+class AlreadyRunning(IgopsError):
+    exit_code = ExitCode.LOCKED
+
+
+class PartialFailure(IgopsError):
+    exit_code = ExitCode.PARTIAL
+
+
+class RemoteError(IgopsError):
+    """A host could not be reached or a remote step failed."""

@@ -1,0 +1,422 @@
+"""The fleet inventory: TOML in, a validated and typed fleet out.
+
+Every problem in an inventory is collected and reported together, each with where it is and
+how to fix it, so an operator fixes a broken file in one pass. Secrets never live here: see
+`igops.secrets`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from igops.errors import ConfigError, ConfigProblem
+
+DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
+CONFIG_ENV = "IGOPS_CONFIG"
+
+ROLES = ("lb", "app", "postgres", "pgbouncer", "redis", "memcached", "munin")
+SECRET_KEY_PATTERN = re.compile(r"(password|passwd|secret|token|routing_key|api_key)", re.I)
+PATH_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def _models():
+    """The pydantic models, built on first use so the CLI's start-up never imports pydantic."""
+    global _MODELS
+    if _MODELS is None:
+        _MODELS = _build_models()
+    return _MODELS
+
+
+_MODELS = None
+
+
+def _build_models():
+    from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class Fleet(Strict):
+        name: str = "fleet"
+        state_dir: str | None = None
+
+    class Ssh(Strict):
+        user: str = "root"
+        port: int = Field(22, ge=1, le=65535)
+        known_hosts: str = "~/.ssh/known_hosts"
+        identity_file: str | None = None
+        connect_timeout: float = Field(5.0, gt=0)
+        command_timeout: float = Field(120.0, gt=0)
+        parallel: int = Field(32, ge=1, le=1024)
+
+    class Aws(Strict):
+        region: str = "us-east-1"
+        endpoint_url: str | None = None
+
+    class Monitoring(Strict):
+        pingdom_url: str = "https://api.pingdom.com/api/3.1"
+        pagerduty_url: str = "https://events.pagerduty.com"
+
+    class SecretsRef(Strict):
+        file: str | None = None
+
+    class Mount(Strict):
+        path: str
+        purpose: str = "data"
+        device: str | None = None
+        volumes: list[str] = Field(default_factory=list)
+
+        @field_validator("path")
+        @classmethod
+        def absolute(cls, value: str) -> str:
+            if not value.startswith("/"):
+                raise ValueError("must be an absolute path")
+            return value
+
+        @field_validator("volumes")
+        @classmethod
+        def volume_ids(cls, value: list[str]) -> list[str]:
+            for volume in value:
+                if not volume.startswith("vol-"):
+                    raise ValueError(f"{volume!r} is not an EBS volume id (vol-…)")
+            return value
+
+    class Host(Strict):
+        name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+        address: IPvAnyAddress
+        roles: list[str] = Field(default_factory=list)
+        ssh_user: str | None = None
+        ssh_port: int | None = Field(None, ge=1, le=65535)
+        instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
+        mounts: list[Mount] = Field(default_factory=list)
+
+    class LoadBalancer(Strict):
+        port: int = 80
+        health_path: str = "/health"
+        upstream_file: str = "/etc/nginx/conf.d/igops-upstream.conf"
+        reload_command: str = "nginx -s reload"
+
+    class App(Strict):
+        port: int = 8000
+        health_path: str = "/health"
+        root: str = "/srv/app"
+        reload_command: str = "systemctl reload gunicorn"
+        keep_releases: int = Field(5, ge=1)
+
+    class PostgresCluster(Strict):
+        primary: str
+        standbys: list[str] = Field(default_factory=list)
+        pgbouncer_database: str | None = None
+
+    class Postgres(Strict):
+        port: int = 5432
+        database: str = "instagram"
+        user: str = "postgres"
+        os_user: str = "postgres"
+        bin_dir: str = "/usr/lib/postgresql/15/bin"
+        data_directory: str = "/var/lib/postgresql/15/main"
+        repmgr_config: str = "/etc/repmgr.conf"
+        max_lag_bytes: int = Field(1 << 20, ge=0)
+        clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
+
+    class PgBouncer(Strict):
+        port: int = 6432
+        admin_user: str = "pgbouncer"
+        databases_file: str = "/etc/pgbouncer/databases.ini"
+
+    class Redis(Strict):
+        master: str | None = None
+        replicas: list[str] = Field(default_factory=list)
+        port: int = 6379
+
+    class Memcached(Strict):
+        port: int = 11211
+
+    class Munin(Strict):
+        port: int = 4949
+
+    class Shards(Strict):
+        count: int = Field(16, ge=1, le=8192)
+        directory_database: str = "directory"
+        schema_prefix: str = "insta"
+        # The service's DDL: shard_ddl is a template with {schema} and {shard_id}.
+        shard_ddl: str | None = None
+        directory_ddl: str | None = None
+
+    class Inventory(Strict):
+        fleet: Fleet = Fleet()
+        ssh: Ssh = Ssh()
+        aws: Aws = Aws()
+        monitoring: Monitoring = Monitoring()
+        secrets: SecretsRef = SecretsRef()
+        hosts: list[Host] = Field(default_factory=list)
+        lb: LoadBalancer = LoadBalancer()
+        app: App = App()
+        postgres: Postgres = Postgres()
+        pgbouncer: PgBouncer = PgBouncer()
+        redis: Redis = Redis()
+        memcached: Memcached = Memcached()
+        munin: Munin = Munin()
+        shards: Shards = Shards()
+
+    return Inventory
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A validated inventory and the file it came from."""
+
+    source: Path
+    model: Any  # the validated pydantic Inventory
+    hosts_by_name: dict[str, Any] = field(repr=False)
+
+    @property
+    def hosts(self) -> list[Any]:
+        return list(self.model.hosts)
+
+    def host(self, name: str) -> Any:
+        from igops.errors import UsageError
+
+        try:
+            return self.hosts_by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts_by_name)) or "none"
+            raise UsageError(
+                f"unknown host {name!r}", f"hosts in {self.source}: {known}"
+            ) from None
+
+    def with_role(self, role: str) -> list[Any]:
+        return [host for host in self.model.hosts if role in host.roles]
+
+    def select(self, roles: list[str] | None = None, names: list[str] | None = None,
+               pattern: str | None = None) -> list[Any]:
+        """Hosts matching any of the roles and names (all hosts when neither is given),
+        then filtered by a shell-style name pattern; inventory order is kept."""
+        import fnmatch
+
+        from igops.errors import UsageError
+
+        for role in roles or []:
+            if role not in ROLES:
+                raise UsageError(f"unknown role {role!r}", f"roles are: {', '.join(ROLES)}")
+        chosen = {self.host(name).name for name in names or []}
+        selected = [
+            host for host in self.model.hosts
+            if (not roles and not names) or host.name in chosen
+            or any(role in host.roles for role in roles or [])
+        ]
+        if pattern:
+            selected = [host for host in selected if fnmatch.fnmatchcase(host.name, pattern)]
+        return selected
+
+    def ssh_user(self, host: Any) -> str:
+        return host.ssh_user or self.model.ssh.user
+
+    def ssh_port(self, host: Any) -> int:
+        return host.ssh_port or self.model.ssh.port
+
+    def path_for(self, template: str, host: Any) -> str:
+        """Fill a per-host path template: `{host}` is the host's name."""
+        return template.replace("{host}", host.name)
+
+    @property
+    def state_dir(self) -> Path:
+        configured = os.environ.get("IGOPS_STATE_DIR") or self.model.fleet.state_dir
+        if configured:
+            return Path(configured).expanduser()
+        if os.geteuid() == 0:
+            return Path("/var/lib/igops")
+        return Path("~/.local/state/igops").expanduser()
+
+    def resolve(self, path: str) -> Path:
+        """A path from the inventory, relative to the inventory file's directory."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (self.source.parent / candidate)
+
+
+def find_config(explicit: str | None) -> Path:
+    """--config, then $IGOPS_CONFIG, then /etc/igops/igops.toml."""
+    from igops.errors import UsageError
+
+    if explicit:
+        path, how = Path(explicit), "--config"
+    elif os.environ.get(CONFIG_ENV):
+        path, how = Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+    else:
+        path, how = DEFAULT_CONFIG_PATH, "the default path"
+    path = path.expanduser()
+    if not path.is_file():
+        raise UsageError(
+            f"inventory not found: {path} (from {how})",
+            f"pass --config FILE, set {CONFIG_ENV}, or create {DEFAULT_CONFIG_PATH}",
+        )
+    return path
+
+
+def load(explicit: str | None = None) -> Fleet:
+    return load_file(find_config(explicit))
+
+
+def load_file(path: Path) -> Fleet:
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("TOML", str(exc), "fix the syntax at that line")]) from None
+    except OSError as exc:
+        raise ConfigError(source, [ConfigProblem("file", exc.strerror or str(exc),
+                                                 "check the path and its permissions")]) from None
+    return validate(raw, path)
+
+
+def validate(raw: dict, path: Path) -> Fleet:
+    problems = _secret_keys(raw)
+    from pydantic import ValidationError
+
+    try:
+        model = _models().model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(error, raw) for error in exc.errors()
+                     if not _is_secret_key_error(error)]
+        raise ConfigError(str(path), problems) from None
+    problems += _cross_check(model)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return Fleet(path.resolve(), model, {host.name: host for host in model.hosts})
+
+
+def _secret_keys(raw: Any, where: str = "") -> list[ConfigProblem]:
+    found: list[ConfigProblem] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            here = f"{where}.{key}" if where else key
+            if SECRET_KEY_PATTERN.search(key) and not isinstance(value, (dict, list)):
+                found.append(ConfigProblem(
+                    here, "a secret in the inventory",
+                    "remove it; secrets come from the environment (IGOPS_*) or the 0600 secrets file "
+                    "named by [secrets] file"))
+            else:
+                found += _secret_keys(value, here)
+    elif isinstance(raw, list):
+        for index, item in enumerate(raw):
+            found += _secret_keys(item, f"{where}[{index}]")
+    return found
+
+
+def _is_secret_key_error(error: dict) -> bool:
+    return error["type"] == "extra_forbidden" and bool(SECRET_KEY_PATTERN.search(str(error["loc"][-1])))
+
+
+def _location(loc: tuple, raw: dict) -> str:
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and item < len(node) \
+                and isinstance(node[item], dict) else None
+            parts[-1] += f"[{item}]" + (f" ({name})" if name else "")
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "top level"
+
+
+def _describe(error: dict, raw: dict) -> ConfigProblem:
+    where = _location(error["loc"], raw)
+    kind = error["type"]
+    if kind == "missing":
+        return ConfigProblem(where, "required key is missing", f"add {error['loc'][-1]} = …")
+    if kind == "extra_forbidden":
+        return ConfigProblem(where, "unknown key", "remove it or fix its spelling (see the README's config reference)")
+    if kind == "string_pattern_mismatch" and error["loc"][-1] == "name":
+        return ConfigProblem(where, f"bad host name {error['input']!r}",
+                             "use lowercase letters, digits and dashes")
+    if kind.startswith("ip_") or "ip" in kind:
+        return ConfigProblem(where, f"{error['input']!r} is not an IP address", "use an IPv4 or IPv6 address")
+    message = error["msg"].removeprefix("Value error, ")
+    return ConfigProblem(where, message, "correct the value")
+
+
+def _cross_check(model: Any) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    hosts: dict[str, Any] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for index, host in enumerate(model.hosts):
+        where = f"hosts[{index}] ({host.name})"
+        if host.name in hosts:
+            problems.append(ConfigProblem(where, f"duplicate host name {host.name!r}",
+                                          "give every host a unique name"))
+        hosts.setdefault(host.name, host)
+        endpoint = (str(host.address), host.ssh_port or model.ssh.port)
+        if endpoint in endpoints:
+            problems.append(ConfigProblem(
+                where, f"address {endpoint[0]} (SSH port {endpoint[1]}) is also {endpoints[endpoint]}'s",
+                "give every host its own address"))
+        endpoints.setdefault(endpoint, host.name)
+        for role in host.roles:
+            if role not in ROLES:
+                problems.append(ConfigProblem(f"{where}.roles", f"unknown role {role!r}",
+                                              f"use one of: {', '.join(ROLES)}"))
+        seen_mounts: set[str] = set()
+        for mount in host.mounts:
+            if mount.path == "/":
+                problems.append(ConfigProblem(f"{where}.mounts", "/ cannot be a data mount",
+                                              "list only data filesystems; the root is never frozen"))
+            if mount.path in seen_mounts:
+                problems.append(ConfigProblem(f"{where}.mounts", f"mount {mount.path} listed twice",
+                                              "list each mount once"))
+            seen_mounts.add(mount.path)
+
+    def member(section: str, name: str, role: str) -> None:
+        if name not in hosts:
+            problems.append(ConfigProblem(section, f"names undefined host {name!r}",
+                                          "define it under [[hosts]] or fix the name"))
+        elif role not in hosts[name].roles:
+            problems.append(ConfigProblem(section, f"host {name!r} lacks the {role!r} role",
+                                          f"add {role!r} to its roles"))
+
+    clustered: dict[str, str] = {}
+    for cluster_name, cluster in model.postgres.clusters.items():
+        section = f"postgres.clusters.{cluster_name}"
+        for name in [cluster.primary, *cluster.standbys]:
+            member(section, name, "postgres")
+            if name in clustered:
+                what = "primary" if name == cluster.primary else "standby"
+                problems.append(ConfigProblem(
+                    section, f"{what} {name!r} is already in cluster {clustered[name]!r}"
+                    if clustered[name] != cluster_name else f"{name!r} is listed twice",
+                    "a server belongs to one cluster, once"))
+            clustered.setdefault(name, cluster_name)
+    for name, host in hosts.items():
+        if "postgres" in host.roles and name not in clustered:
+            problems.append(ConfigProblem(f"host {name}", "has role 'postgres' but is in no cluster",
+                                          "add it to a [postgres.clusters.*] primary or standbys"))
+
+    redis_members = ([model.redis.master] if model.redis.master else []) + model.redis.replicas
+    for name in redis_members:
+        member("redis", name, "redis")
+    if len(set(redis_members)) != len(redis_members):
+        problems.append(ConfigProblem("redis", "a node is listed twice", "list each node once"))
+    for name, host in hosts.items():
+        if "redis" in host.roles and name not in redis_members:
+            problems.append(ConfigProblem(f"host {name}", "has role 'redis' but is not in [redis]",
+                                          "set it as redis.master or add it to redis.replicas"))
+    if model.redis.replicas and not model.redis.master:
+        problems.append(ConfigProblem("redis", "replicas without a master", "set redis.master"))
+
+    for template_where, template in [("postgres.data_directory", model.postgres.data_directory),
+                                     ("postgres.repmgr_config", model.postgres.repmgr_config),
+                                     ("app.root", model.app.root)]:
+        unknown = {name for name in PATH_PLACEHOLDER.findall(template) if name != "host"}
+        if unknown:
+            problems.append(ConfigProblem(template_where, f"unknown placeholder {{{sorted(unknown)[0]}}}",
+                                          "the only placeholder is {host}"))
+    return problems

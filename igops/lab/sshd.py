@@ -1,0 +1,126 @@
+"""Real OpenSSH servers on loopback addresses, for the lab, the tests and the benchmarks.
+
+One sshd listens on at most 16 addresses (OpenSSH's MAX_LISTEN_SOCKS), so larger sets of
+targets are served by several daemons sharing one host key.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+MAX_ADDRESSES_PER_DAEMON = 16
+
+
+@dataclass(frozen=True)
+class SshKeys:
+    host_key: Path
+    client_key: Path
+    known_hosts: Path
+    authorized_keys: Path
+
+
+def ensure_keys(directory: Path) -> SshKeys:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_key = directory / "ssh_host_ed25519_key"
+    client_key = directory / "id_ed25519"
+    for key, comment in ((host_key, "igops-lab-host"), (client_key, "igops-lab-client")):
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                           check=True)
+    authorized = directory / "authorized_keys"
+    authorized.write_text((client_key.with_suffix(".pub")).read_text())
+    authorized.chmod(0o600)
+    return SshKeys(host_key, client_key, directory / "known_hosts", authorized)
+
+
+def write_known_hosts(keys: SshKeys, endpoints: list[tuple[str, int]]) -> None:
+    key_type, key_data = keys.host_key.with_suffix(".pub").read_text().split()[:2]
+    lines = [f"{address if port == 22 else f'[{address}]:{port}'} {key_type} {key_data}"
+             for address, port in endpoints]
+    keys.known_hosts.write_text("\n".join(lines) + "\n")
+
+
+def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path) -> str:
+    listen = "\n".join(f"ListenAddress {address}:{port}" for address in addresses)
+    return f"""{listen}
+HostKey {keys.host_key}
+PidFile {pid_file}
+AuthorizedKeysFile {keys.authorized_keys}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+PrintMotd no
+MaxStartups 512
+MaxSessions 64
+LogLevel ERROR
+AcceptEnv LANG LC_*
+Subsystem sftp internal-sftp
+"""
+
+
+def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port: int) -> int:
+    """Start (or keep) an sshd called `name` on `addresses`; returns its pid."""
+    if len(addresses) > MAX_ADDRESSES_PER_DAEMON:
+        raise ValueError(f"one sshd listens on at most {MAX_ADDRESSES_PER_DAEMON} addresses")
+    pid_file = directory / f"sshd-{name}.pid"
+    config = directory / f"sshd-{name}.conf"
+    text = config_text(keys, addresses, port, pid_file)
+    running = running_pid(pid_file)
+    if running and config.exists() and config.read_text() == text:
+        return running
+    if running:
+        stop(directory, name)
+    config.write_text(text)
+    Path("/run/sshd").mkdir(exist_ok=True, mode=0o755)
+    subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
+    subprocess.run([SSHD, "-f", str(config), "-E", str(directory / f"sshd-{name}.log")], check=True)
+    for _ in range(100):
+        pid = running_pid(pid_file)
+        if pid:
+            return pid
+        time.sleep(0.02)
+    raise RuntimeError(f"sshd {name} did not start; see {directory / f'sshd-{name}.log'}")
+
+
+def stop(directory: Path, name: str) -> None:
+    pid_file = directory / f"sshd-{name}.pid"
+    pid = running_pid(pid_file)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.02)
+    pid_file.unlink(missing_ok=True)
+
+
+def running_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

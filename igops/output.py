@@ -1,0 +1,198 @@
+"""The single output boundary.
+
+People get rich tables on stdout and numbered steps, progress bars and logs on stderr. With
+`--json`, stdout carries exactly one JSON envelope and nothing else. Domain modules never print:
+they report through a `Reporter`, which this module implements for the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from igops.secrets import redact
+
+
+@dataclass
+class StepRecord:
+    number: int
+    title: str
+    status: str = "running"
+    duration_ms: float | None = None
+    detail: str | None = None
+
+
+class Reporter:
+    """What domain code may tell the person running it. The base class stays silent."""
+
+    @contextmanager
+    def step(self, title: str) -> Iterator[StepRecord]:
+        yield StepRecord(0, title)
+
+    def log(self, message: str) -> None:
+        pass
+
+    @contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
+        yield lambda advance: None
+
+
+class Output(Reporter):
+    def __init__(self, command: str, json_mode: bool = False, verbose: bool = False):
+        self.command = command
+        self.json_mode = json_mode
+        self.verbose = verbose
+        self.steps: list[StepRecord] = []
+        self.started = time.monotonic()
+        self.started_at = datetime.now(timezone.utc)
+        self._out = None
+        self._err = None
+
+    @property
+    def out(self):
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(highlight=False)
+            if not self._out.is_terminal:
+                # Piped or captured output is read by programs: never truncate or wrap it.
+                self._out.width = 400
+        return self._out
+
+    @property
+    def err(self):
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err
+
+    # --- progress and logs: stderr, in every mode -------------------------------------------
+    def log(self, message: str) -> None:
+        self.err.print(redact(message), markup=False)
+
+    def debug(self, message: str) -> None:
+        if self.verbose:
+            self.log(message)
+
+    @contextmanager
+    def step(self, title: str) -> Iterator[StepRecord]:
+        record = StepRecord(len(self.steps) + 1, redact(title))
+        self.steps.append(record)
+        started = time.monotonic()
+        self.err.print(f"[bold][{record.number}][/bold] {_escape(record.title)} …")
+        try:
+            yield record
+        except BaseException as exc:
+            record.status = "failed"
+            record.detail = record.detail or redact(str(exc))[:300]
+            raise
+        else:
+            if record.status == "running":
+                record.status = "ok"
+        finally:
+            record.duration_ms = round((time.monotonic() - started) * 1000, 1)
+            colour = {"ok": "green", "failed": "red"}.get(record.status, "yellow")
+            detail = f" — {_escape(record.detail)}" if record.detail else ""
+            self.err.print(f"    [{colour}]{record.status}[/{colour}] "
+                           f"({_format_ms(record.duration_ms)}){detail}")
+
+    @contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
+        if self.json_mode or not self.err.is_terminal:
+            yield lambda advance: None
+            return
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                                   TextColumn, TimeElapsedColumn)
+
+        counter = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+        with Progress(TextColumn("{task.description}"), BarColumn(), counter, TimeElapsedColumn(),
+                      console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda advance: bar.advance(task, advance)
+
+    # --- results: stdout ----------------------------------------------------------------------
+    def table(self, title: str | None, columns: list[str], rows: list[list[Any]],
+              styles: dict[str, str] | None = None) -> None:
+        if self.json_mode:
+            return
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        for column in columns:
+            table.add_column(column, style=(styles or {}).get(column))
+        for row in rows:
+            table.add_row(*(redact(_cell(value)) for value in row))
+        self.out.print(table)
+
+    def text(self, message: str) -> None:
+        """A line of the result for people (stdout); nothing in JSON mode."""
+        if not self.json_mode:
+            self.out.print(redact(message), markup=False, highlight=False)
+
+    def plan(self, title: str, steps: list[str]) -> None:
+        """The exact steps a mutating command will run, numbered, on stderr."""
+        self.err.print(f"[bold]{_escape(redact(title))}[/bold]")
+        for number, step in enumerate(steps, 1):
+            self.err.print(f"  {number}. {_escape(redact(step))}")
+
+    def envelope(self, data: Any, exit_code: int, error: dict | None = None) -> dict:
+        return {
+            "command": self.command,
+            "ok": exit_code == 0,
+            "exit_code": int(exit_code),
+            "started_at": self.started_at.isoformat(timespec="milliseconds"),
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+            "data": to_jsonable(data),
+            "steps": [asdict(step) for step in self.steps],
+            "error": error,
+        }
+
+    def finish(self, data: Any, exit_code: int = 0, error: dict | None = None) -> None:
+        if self.json_mode:
+            text = json.dumps(self.envelope(data, exit_code, error), indent=2, default=str)
+            sys.stdout.write(redact(text) + "\n")
+            sys.stdout.flush()
+
+    def fail(self, line: str, exit_code: int, error: dict) -> None:
+        """A one-line error on stderr and, with --json, the envelope carrying it."""
+        self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
+        self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
+                                      for key, value in error.items()})
+
+
+def to_jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {key: to_jsonable(item) for key, item in asdict(value).items()}
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def _format_ms(value: float) -> str:
+    return f"{value:.0f} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")

@@ -1,0 +1,191 @@
+"""Parallel remote execution over SSH (Fabric/paramiko), with strict host-key checking.
+
+One dead or hung host can never hang a run: every host gets a connect timeout, banner and
+auth timeouts, and a per-command deadline, and the pool is bounded. Commands are built from
+argument lists and quoted here, so no value reaches a remote shell unquoted.
+"""
+
+from __future__ import annotations
+
+import select
+import shlex
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from igops.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    address: str
+    port: int
+    user: str
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    known_hosts: Path
+    identity_file: Path | None
+    connect_timeout: float
+    command_timeout: float
+    parallel: int
+
+
+@dataclass
+class HostResult:
+    host: str
+    address: str
+    ok: bool
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_ms: float
+    error: str | None = None
+
+    @property
+    def reached(self) -> bool:
+        return self.exit_code is not None
+
+
+def quote_command(argv: Sequence[str]) -> str:
+    """The shell command line that runs exactly `argv` remotely, every argument literal."""
+    if not argv:
+        raise UsageError("no command given", "put the command after --, e.g. igops exec -- uptime")
+    return shlex.join(str(arg) for arg in argv)
+
+
+def settings_for(fleet) -> SshSettings:
+    ssh = fleet.model.ssh
+    known_hosts = fleet.resolve(ssh.known_hosts)
+    if not known_hosts.is_file():
+        raise UsageError(f"known_hosts file {known_hosts} does not exist",
+                         "set [ssh] known_hosts to a file with every host's key (host keys are checked strictly)")
+    identity = fleet.resolve(ssh.identity_file) if ssh.identity_file else None
+    if identity and not identity.is_file():
+        raise UsageError(f"SSH identity file {identity} does not exist", "fix [ssh] identity_file")
+    return SshSettings(known_hosts, identity, ssh.connect_timeout, ssh.command_timeout, ssh.parallel)
+
+
+def targets_for(fleet, hosts) -> list[Target]:
+    return [Target(host.name, str(host.address), fleet.ssh_port(host), fleet.ssh_user(host))
+            for host in hosts]
+
+
+def run(targets: Sequence[Target], command: str, settings: SshSettings, *,
+        parallel: int | None = None, timeout: float | None = None, stdin: bytes | None = None,
+        on_done: Callable[[HostResult], None] | None = None) -> list[HostResult]:
+    """Run one already-quoted command on every target, at most `parallel` at a time.
+    Results come back in the targets' order."""
+    if not targets:
+        return []
+    workers = max(1, min(parallel or settings.parallel, len(targets)))
+    deadline = timeout or settings.command_timeout
+
+    def one(target: Target) -> HostResult:
+        result = _run_one(target, command, settings, deadline, stdin)
+        if on_done:
+            on_done(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ssh") as pool:
+        return list(pool.map(one, targets))
+
+
+def _connection(target: Target, settings: SshSettings):
+    from fabric import Config, Connection
+    from paramiko import RejectPolicy
+
+    config = Config(overrides={"load_ssh_configs": False})
+    connect_kwargs = {
+        "look_for_keys": settings.identity_file is None,
+        "allow_agent": False,
+        "banner_timeout": settings.connect_timeout,
+        "auth_timeout": settings.connect_timeout,
+        "channel_timeout": settings.connect_timeout,
+    }
+    if settings.identity_file:
+        connect_kwargs["key_filename"] = [str(settings.identity_file)]
+    connection = Connection(target.address, user=target.user, port=target.port, config=config,
+                            connect_timeout=max(1, round(settings.connect_timeout)),
+                            connect_kwargs=connect_kwargs)
+    # Fabric auto-adds unknown host keys; a fleet tool must refuse them instead.
+    connection.client.set_missing_host_key_policy(RejectPolicy())
+    connection.client.load_system_host_keys(str(settings.known_hosts))
+    return connection
+
+
+def _run_one(target: Target, command: str, settings: SshSettings, timeout: float,
+             stdin: bytes | None) -> HostResult:
+    started = time.monotonic()
+
+    def finish(exit_code: int | None, out: bytes = b"", err: bytes = b"",
+               error: str | None = None) -> HostResult:
+        return HostResult(target.name, target.address, exit_code == 0 and error is None, exit_code,
+                          out.decode(errors="replace"), err.decode(errors="replace"),
+                          round((time.monotonic() - started) * 1000, 1), error)
+
+    connection = _connection(target, settings)
+    try:
+        try:
+            connection.open()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
+            return finish(None, error=describe_connect_error(exc, target, settings))
+        channel = connection.client.get_transport().open_session(timeout=settings.connect_timeout)
+        channel.exec_command(command)
+        if stdin:
+            channel.sendall(stdin)
+        channel.shutdown_write()
+        out, err, timed_out = _collect(channel, started + timeout)
+        if timed_out:
+            return finish(None, out, err, f"command timed out after {timeout:g} s")
+        return finish(channel.recv_exit_status(), out, err)
+    except Exception as exc:  # noqa: BLE001
+        return finish(None, error=f"SSH session failed: {exc}")
+    finally:
+        connection.close()
+
+
+def _collect(channel, deadline: float) -> tuple[bytes, bytes, bool]:
+    out, err = bytearray(), bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            channel.close()
+            return bytes(out), bytes(err), True
+        select.select([channel], [], [], min(remaining, 1.0))
+        while channel.recv_ready():
+            out += channel.recv(65536)
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        if channel.exit_status_ready() and not channel.recv_ready() \
+                and not channel.recv_stderr_ready() and channel.eof_received:
+            return bytes(out), bytes(err), False
+
+
+def describe_connect_error(exc: Exception, target: Target, settings: SshSettings) -> str:
+    from paramiko import AuthenticationException, BadHostKeyException, SSHException
+    from paramiko.ssh_exception import NoValidConnectionsError
+
+    where = f"{target.address}:{target.port}"
+    if isinstance(exc, BadHostKeyException):
+        return (f"host key for {where} CHANGED (possible man-in-the-middle); if the change is expected, "
+                f"replace its entry in {settings.known_hosts}")
+    if isinstance(exc, AuthenticationException):
+        return f"authentication failed for {target.user}@{where}: check the SSH key and user"
+    if isinstance(exc, NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}: is sshd running there?"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"connect to {where} timed out after {settings.connect_timeout:g} s"
+    if isinstance(exc, SSHException) and "not found in known_hosts" in str(exc):
+        return (f"host key for {where} is unknown: verify it and add it to {settings.known_hosts} "
+                f"(igops never trusts a new key automatically)")
+    if isinstance(exc, SSHException) and "banner" in str(exc).lower():
+        return f"{where} accepted the connection but sent no SSH banner within {settings.connect_timeout:g} s"
+    if isinstance(exc, OSError):
+        return f"cannot reach {where}: {exc.strerror or exc}"
+    return f"SSH to {where} failed: {exc}"

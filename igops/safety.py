@@ -1,0 +1,149 @@
+"""Locks, the audit trail and confirmation: the guard rails every mutating command passes.
+
+Locks are `flock`s on one file per (operation, target): the kernel drops them when the holder
+dies, even by SIGKILL, so a crashed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from igops.errors import AlreadyRunning, UsageError
+from igops.secrets import redact
+
+SECRET_OPTION = re.compile(r"^(--?[\w-]*(password|token|secret|key)[\w-]*)(=.*)?$", re.I)
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    user: str
+    host: str
+    command: str
+    since: str
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.user}@{self.host}, since {self.since}): {self.command}"
+
+
+def _lock_name(operation: str, target: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{operation}--{target}") + ".lock"
+
+
+@contextmanager
+def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Iterator[Path]:
+    """Hold the lock for `operation` on `target`, or raise AlreadyRunning naming the holder."""
+    directory = state_dir / "locks"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / _lock_name(operation, target)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_holder(path)
+            raise AlreadyRunning(
+                f"{operation} on {target} is already running"
+                + (f": {holder.describe()}" if holder else ""),
+                "wait for it to finish; the lock is released when that process exits",
+            ) from None
+        holder = LockHolder(os.getpid(), _user(), socket.gethostname(), redact(command_line),
+                            _now())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder.__dict__).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def read_holder(path: Path) -> LockHolder | None:
+    try:
+        return LockHolder(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def redact_argv(argv: list[str]) -> str:
+    """The command line as the audit log records it: secret options and values hidden."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append("***")
+            hide_next = False
+            continue
+        match = SECRET_OPTION.match(arg)
+        if match and match.group(3):
+            shown.append(f"{match.group(1)}=***")
+        elif match:
+            shown.append(arg)
+            hide_next = True
+        else:
+            shown.append(arg)
+    return redact(shlex.join(shown))
+
+
+def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int,
+          duration_ms: float, detail: str | None = None) -> None:
+    """Append one record to the audit log. Appends of one line are atomic with O_APPEND."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record = {
+        "time": _now(),
+        "user": _user(),
+        "sudo_user": os.environ.get("SUDO_USER"),
+        "host": socket.gethostname(),
+        "command": redact(command),
+        "targets": targets,
+        "result": result,
+        "exit_code": exit_code,
+        "duration_ms": round(duration_ms, 1),
+    }
+    if detail:
+        record["detail"] = redact(detail)[:2000]
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(state_dir / "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def confirm(question: str, assume_yes: bool) -> bool:
+    """Ask a person; refuse outright when nobody is there to answer."""
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to act without confirmation: stdin is not a terminal",
+                         "review the plan with --dry-run, then pass --yes")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def monotonic_ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000

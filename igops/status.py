@@ -1,0 +1,174 @@
+"""Fleet overview: can every host be reached over SSH, and does every service answer its
+own protocol? All probes run at once under short timeouts."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from igops import remote
+from igops.secrets import Secrets
+
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass
+class HostState:
+    host: str
+    address: str
+    roles: list[str]
+    reachable: bool
+    load: str | None
+    detail: str | None
+
+
+@dataclass
+class ServiceState:
+    service: str
+    host: str
+    endpoint: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class StatusReport:
+    fleet: str
+    hosts: list[HostState] = field(default_factory=list)
+    services: list[ServiceState] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        return ([f"{h.host} unreachable" for h in self.hosts if not h.reachable]
+                + [f"{s.service} on {s.host} down" for s in self.services if not s.ok])
+
+
+def collect(fleet, roles: list[str] | None = None) -> StatusReport:
+    selected = fleet.select(roles=roles)
+    report = StatusReport(fleet.model.fleet.name)
+    probes = service_probes(fleet, selected)
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") as pool:
+        service_futures = [pool.submit(_probe, *probe) for probe in probes]
+        settings = remote.settings_for(fleet)
+        results = remote.run(remote.targets_for(fleet, selected), "cat /proc/loadavg", settings,
+                             timeout=min(settings.command_timeout, 10))
+        report.services = [future.result() for future in service_futures]
+    for host, result in zip(selected, results):
+        load = " ".join(result.stdout.split()[:3]) if result.ok else None
+        report.hosts.append(HostState(host.name, str(host.address), list(host.roles), result.ok, load,
+                                      None if result.ok else (result.error or result.stderr.strip())))
+    return report
+
+
+def service_probes(fleet, hosts) -> list[tuple]:
+    model = fleet.model
+    secrets = Secrets(model.secrets.file)
+    probes: list[tuple] = []
+    for host in hosts:
+        address = str(host.address)
+        for role in host.roles:
+            if role == "lb":
+                probes.append(("nginx", host.name, address, model.lb.port, _http, model.lb.health_path))
+            elif role == "app":
+                probes.append(("gunicorn", host.name, address, model.app.port, _http, model.app.health_path))
+            elif role == "postgres":
+                probes.append(("postgres", host.name, address, model.postgres.port, _postgres,
+                               (model.postgres.user, model.postgres.database, secrets)))
+            elif role == "pgbouncer":
+                probes.append(("pgbouncer", host.name, address, model.pgbouncer.port, _pgbouncer,
+                               (model.pgbouncer.admin_user, secrets)))
+            elif role == "redis":
+                probes.append(("redis", host.name, address, model.redis.port, _redis, secrets))
+            elif role == "memcached":
+                probes.append(("memcached", host.name, address, model.memcached.port, _memcached, None))
+            elif role == "munin":
+                probes.append(("munin-node", host.name, address, model.munin.port, _munin, None))
+    return probes
+
+
+def _probe(service: str, host: str, address: str, port: int, check, arg) -> ServiceState:
+    endpoint = f"{address}:{port}"
+    try:
+        ok, detail = check(address, port, arg)
+    except Exception as exc:  # noqa: BLE001 - a failed probe is a finding, not a crash
+        ok, detail = False, _short(exc)
+    return ServiceState(service, host, endpoint, ok, detail)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _http(address: str, port: int, path: str) -> tuple[bool, str]:
+    connection = http.client.HTTPConnection(address, port, timeout=PROBE_TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status == 200, f"GET {path} -> {response.status}"
+    finally:
+        connection.close()
+
+
+def _postgres(address: str, port: int, arg) -> tuple[bool, str]:
+    import psycopg2
+
+    user, database, secrets = arg
+    with psycopg2.connect(host=address, port=port, user=user, dbname=database,
+                          password=secrets.get("postgres_password"),
+                          connect_timeout=int(PROBE_TIMEOUT)) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery(), current_setting('server_version')")
+            standby, version = cursor.fetchone()
+    connection.close()
+    return True, f"{'standby' if standby else 'primary'}, PostgreSQL {version}"
+
+
+def _pgbouncer(address: str, port: int, arg) -> tuple[bool, str]:
+    import psycopg2
+
+    admin_user, secrets = arg
+    connection = psycopg2.connect(host=address, port=port, user=admin_user, dbname="pgbouncer",
+                                  password=secrets.get("pgbouncer_password"),
+                                  connect_timeout=int(PROBE_TIMEOUT))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW DATABASES")
+            names = [row[0] for row in cursor.fetchall() if row[0] != "pgbouncer"]
+    finally:
+        connection.close()
+    return True, f"databases: {', '.join(names)}"
+
+
+def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
+    import redis
+
+    client = redis.Redis(host=address, port=port, password=secrets.get("redis_password"),
+                         socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT)
+    try:
+        role = client.execute_command("ROLE")
+    finally:
+        client.close()
+    kind = role[0].decode() if isinstance(role[0], bytes) else role[0]
+    if kind == "slave":
+        master = role[1].decode() if isinstance(role[1], bytes) else role[1]
+        state = role[3].decode() if isinstance(role[3], bytes) else role[3]
+        return state == "connected", f"replica of {master}:{role[2]} ({state})"
+    return True, f"{kind}, {len(role[2])} replicas"
+
+
+def _memcached(address: str, port: int, _) -> tuple[bool, str]:
+    with socket.create_connection((address, port), timeout=PROBE_TIMEOUT) as sock:
+        sock.sendall(b"version\r\n")
+        answer = sock.recv(128).decode(errors="replace").strip()
+    return answer.startswith("VERSION"), answer
+
+
+def _munin(address: str, port: int, _) -> tuple[bool, str]:
+    with socket.create_connection((address, port), timeout=PROBE_TIMEOUT) as sock:
+        banner = sock.makefile("rb").readline().decode(errors="replace").strip()
+        sock.sendall(b"quit\n")
+    return banner.startswith("# munin node"), banner
