@@ -275,16 +275,16 @@ def load_file(path: Path) -> Fleet:
 
 
 def validate(raw: dict, path: Path) -> Fleet:
-    problems = _secret_keys(raw)
     from pydantic import ValidationError
 
+    problems = _secret_keys(raw)
     try:
         model = _models().model_validate(raw)
     except ValidationError as exc:
+        model = None
         problems += [_describe(error, raw) for error in exc.errors()
                      if not _is_secret_key_error(error)]
-        raise ConfigError(str(path), problems) from None
-    problems += _cross_check(model)
+    problems += _cross_check(raw)
     if problems:
         raise ConfigError(str(path), problems)
     return Fleet(path.resolve(), model, {host.name: host for host in model.hosts})
@@ -345,78 +345,92 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
     return ConfigProblem(where, message, "correct the value")
 
 
-def _cross_check(model: Any) -> list[ConfigProblem]:
+def _cross_check(raw: dict) -> list[ConfigProblem]:
+    """Checks across sections. They read the raw document, not the model, so they still run
+    (and their findings are still reported) when some field failed validation."""
     problems: list[ConfigProblem] = []
-    hosts: dict[str, Any] = {}
-    endpoints: dict[tuple[str, int], str] = {}
-    for index, host in enumerate(model.hosts):
-        where = f"hosts[{index}] ({host.name})"
-        if host.name in hosts:
-            problems.append(ConfigProblem(where, f"duplicate host name {host.name!r}",
+    section = lambda name: raw.get(name) if isinstance(raw.get(name), dict) else {}  # noqa: E731
+    strings = lambda value: [v for v in value if isinstance(v, str)] if isinstance(value, list) else []  # noqa: E731
+    ssh_port = section("ssh").get("port", 22)
+    raw_hosts = [h for h in raw.get("hosts", []) if isinstance(h, dict)] if isinstance(raw.get("hosts"), list) else []
+    hosts: dict[str, dict] = {}
+    endpoints: dict[tuple[str, Any], str] = {}
+    for index, host in enumerate(raw_hosts):
+        name = str(host.get("name", f"#{index}"))
+        where = f"hosts[{index}] ({name})"
+        if name in hosts:
+            problems.append(ConfigProblem(where, f"duplicate host name {name!r}",
                                           "give every host a unique name"))
-        hosts.setdefault(host.name, host)
-        endpoint = (str(host.address), host.ssh_port or model.ssh.port)
-        if endpoint in endpoints:
+        hosts.setdefault(name, host)
+        endpoint = (str(host.get("address")), host.get("ssh_port") or ssh_port)
+        if endpoint[0] != "None" and endpoint in endpoints:
             problems.append(ConfigProblem(
                 where, f"address {endpoint[0]} (SSH port {endpoint[1]}) is also {endpoints[endpoint]}'s",
                 "give every host its own address"))
-        endpoints.setdefault(endpoint, host.name)
-        for role in host.roles:
+        endpoints.setdefault(endpoint, name)
+        for role in strings(host.get("roles")):
             if role not in ROLES:
                 problems.append(ConfigProblem(f"{where}.roles", f"unknown role {role!r}",
                                               f"use one of: {', '.join(ROLES)}"))
-        seen_mounts: set[str] = set()
-        for mount in host.mounts:
-            if mount.path == "/":
-                problems.append(ConfigProblem(f"{where}.mounts", "/ cannot be a data mount",
-                                              "list only data filesystems; the root is never frozen"))
-            if mount.path in seen_mounts:
-                problems.append(ConfigProblem(f"{where}.mounts", f"mount {mount.path} listed twice",
-                                              "list each mount once"))
-            seen_mounts.add(mount.path)
+        mounts = [m.get("path") for m in host.get("mounts", []) if isinstance(m, dict)] \
+            if isinstance(host.get("mounts"), list) else []
+        if "/" in mounts:
+            problems.append(ConfigProblem(f"{where}.mounts", "/ cannot be a data mount",
+                                          "list only data filesystems; the root is never frozen"))
+        for path in {path for path in mounts if mounts.count(path) > 1}:
+            problems.append(ConfigProblem(f"{where}.mounts", f"mount {path} listed twice",
+                                          "list each mount once"))
 
-    def member(section: str, name: str, role: str) -> None:
+    def member(where: str, name: str, role: str) -> None:
         if name not in hosts:
-            problems.append(ConfigProblem(section, f"names undefined host {name!r}",
+            problems.append(ConfigProblem(where, f"names undefined host {name!r}",
                                           "define it under [[hosts]] or fix the name"))
-        elif role not in hosts[name].roles:
-            problems.append(ConfigProblem(section, f"host {name!r} lacks the {role!r} role",
+        elif role not in strings(hosts[name].get("roles")):
+            problems.append(ConfigProblem(where, f"host {name!r} lacks the {role!r} role",
                                           f"add {role!r} to its roles"))
 
     clustered: dict[str, str] = {}
-    for cluster_name, cluster in model.postgres.clusters.items():
-        section = f"postgres.clusters.{cluster_name}"
-        for name in [cluster.primary, *cluster.standbys]:
-            member(section, name, "postgres")
+    clusters = section("postgres").get("clusters", {})
+    for cluster_name, cluster in (clusters.items() if isinstance(clusters, dict) else []):
+        if not isinstance(cluster, dict):
+            continue
+        where = f"postgres.clusters.{cluster_name}"
+        primary = cluster.get("primary")
+        for name in ([primary] if isinstance(primary, str) else []) + strings(cluster.get("standbys")):
+            member(where, name, "postgres")
             if name in clustered:
-                what = "primary" if name == cluster.primary else "standby"
+                what = "primary" if name == primary else "standby"
                 problems.append(ConfigProblem(
-                    section, f"{what} {name!r} is already in cluster {clustered[name]!r}"
+                    where, f"{what} {name!r} is already in cluster {clustered[name]!r}"
                     if clustered[name] != cluster_name else f"{name!r} is listed twice",
                     "a server belongs to one cluster, once"))
             clustered.setdefault(name, cluster_name)
     for name, host in hosts.items():
-        if "postgres" in host.roles and name not in clustered:
+        if "postgres" in strings(host.get("roles")) and name not in clustered:
             problems.append(ConfigProblem(f"host {name}", "has role 'postgres' but is in no cluster",
                                           "add it to a [postgres.clusters.*] primary or standbys"))
 
-    redis_members = ([model.redis.master] if model.redis.master else []) + model.redis.replicas
+    redis = section("redis")
+    master = redis.get("master") if isinstance(redis.get("master"), str) else None
+    redis_members = ([master] if master else []) + strings(redis.get("replicas"))
     for name in redis_members:
         member("redis", name, "redis")
     if len(set(redis_members)) != len(redis_members):
         problems.append(ConfigProblem("redis", "a node is listed twice", "list each node once"))
     for name, host in hosts.items():
-        if "redis" in host.roles and name not in redis_members:
+        if "redis" in strings(host.get("roles")) and name not in redis_members:
             problems.append(ConfigProblem(f"host {name}", "has role 'redis' but is not in [redis]",
                                           "set it as redis.master or add it to redis.replicas"))
-    if model.redis.replicas and not model.redis.master:
+    if redis_members and not master:
         problems.append(ConfigProblem("redis", "replicas without a master", "set redis.master"))
 
-    for template_where, template in [("postgres.data_directory", model.postgres.data_directory),
-                                     ("postgres.repmgr_config", model.postgres.repmgr_config),
-                                     ("app.root", model.app.root)]:
-        unknown = {name for name in PATH_PLACEHOLDER.findall(template) if name != "host"}
+    for where, template in [("postgres.data_directory", section("postgres").get("data_directory")),
+                            ("postgres.repmgr_config", section("postgres").get("repmgr_config")),
+                            ("app.root", section("app").get("root")),
+                            ("app.reload_command", section("app").get("reload_command"))]:
+        unknown = {name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "")
+                   if name != "host"}
         if unknown:
-            problems.append(ConfigProblem(template_where, f"unknown placeholder {{{sorted(unknown)[0]}}}",
+            problems.append(ConfigProblem(where, f"unknown placeholder {{{sorted(unknown)[0]}}}",
                                           "the only placeholder is {host}"))
     return problems

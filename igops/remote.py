@@ -7,6 +7,7 @@ argument lists and quoted here, so no value reaches a remote shell unquoted.
 
 from __future__ import annotations
 
+import math
 import select
 import shlex
 import socket
@@ -136,7 +137,7 @@ def _run_one(target: Target, command: str, settings: SshSettings, timeout: float
         except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
             return finish(None, error=describe_connect_error(exc, target, settings))
         channel = connection.client.get_transport().open_session(timeout=settings.connect_timeout)
-        channel.exec_command(command)
+        channel.exec_command(with_remote_deadline(command, timeout))
         if stdin:
             channel.sendall(stdin)
         channel.shutdown_write()
@@ -167,6 +168,12 @@ def _collect(channel, deadline: float) -> tuple[bytes, bytes, bool]:
             return bytes(out), bytes(err), False
 
 
+def with_remote_deadline(command: str, timeout: float) -> str:
+    """Closing an SSH channel does not stop the command behind it, so the host enforces the
+    deadline too: TERM at the deadline, KILL two seconds later."""
+    return f"timeout -k 2 {math.ceil(timeout) + 1} sh -c {shlex.quote(command)}"
+
+
 def describe_connect_error(exc: Exception, target: Target, settings: SshSettings) -> str:
     from paramiko import AuthenticationException, BadHostKeyException, SSHException
     from paramiko.ssh_exception import NoValidConnectionsError
@@ -184,8 +191,10 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
     if isinstance(exc, SSHException) and "not found in known_hosts" in str(exc):
         return (f"host key for {where} is unknown: verify it and add it to {settings.known_hosts} "
                 f"(igops never trusts a new key automatically)")
-    if isinstance(exc, SSHException) and "banner" in str(exc).lower():
-        return f"{where} accepted the connection but sent no SSH banner within {settings.connect_timeout:g} s"
+    if isinstance(exc, SSHException) and any(
+            sign in str(exc).lower() for sign in ("banner", "no existing session", "negotiation timed out")):
+        return (f"{where} accepted the connection but the SSH handshake did not complete within "
+                f"{settings.connect_timeout:g} s")
     if isinstance(exc, OSError):
         return f"cannot reach {where}: {exc.strerror or exc}"
     return f"SSH to {where} failed: {exc}"

@@ -51,7 +51,7 @@ def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path) 
     return f"""{listen}
 HostKey {keys.host_key}
 PidFile {pid_file}
-AuthorizedKeysFile {keys.authorized_keys}
+AuthorizedKeysFile {keys.authorized_keys} {keys.authorized_keys}.%u
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -68,8 +68,10 @@ Subsystem sftp internal-sftp
 """
 
 
-def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port: int) -> int:
-    """Start (or keep) an sshd called `name` on `addresses`; returns its pid."""
+def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port: int,
+          env: dict[str, str] | None = None) -> int:
+    """Start (or keep) an sshd called `name` on `addresses`; returns its pid. `env` is added
+    to the daemon's environment (the lab marks its processes this way)."""
     if len(addresses) > MAX_ADDRESSES_PER_DAEMON:
         raise ValueError(f"one sshd listens on at most {MAX_ADDRESSES_PER_DAEMON} addresses")
     pid_file = directory / f"sshd-{name}.pid"
@@ -83,7 +85,8 @@ def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port:
     config.write_text(text)
     Path("/run/sshd").mkdir(exist_ok=True, mode=0o755)
     subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
-    subprocess.run([SSHD, "-f", str(config), "-E", str(directory / f"sshd-{name}.log")], check=True)
+    subprocess.run([SSHD, "-f", str(config), "-E", str(directory / f"sshd-{name}.log")], check=True,
+                   env={**os.environ, **(env or {})})
     for _ in range(100):
         pid = running_pid(pid_file)
         if pid:

@@ -1,0 +1,49 @@
+# The two set-up commands: `make lab` and `make test`. Both install what is missing first
+# (Debian packages with apt-get, igops into a virtualenv), so they work on a fresh machine.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+IGOPS := $(VENV)/bin/igops
+LAB_CONFIG ?= /var/lib/igops-lab/igops.toml
+PYTEST_ARGS ?=
+
+DEBIAN_PACKAGES := openssh-server openssh-client postgresql-15 postgresql-15-repmgr \
+	postgresql-client-15 pgbouncer redis-server redis-tools nginx-light memcached munin-node munin \
+	xfsprogs vmtouch pssh util-linux procps iproute2 curl
+
+.PHONY: lab test down deps venv bench clean
+
+lab: deps venv
+	$(IGOPS) lab up
+	$(IGOPS) -c $(LAB_CONFIG) status
+
+test: deps venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+down: venv
+	$(IGOPS) lab down
+
+bench: deps venv
+	$(VENV)/bin/python bench/run_all.py
+
+deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml app/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "igops needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]' -r app/requirements.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,177 @@
+"""The lab's PostgreSQL clusters: a primary and a streaming standby each, set up by repmgr.
+
+Each host's data directory and WAL directory sit on its two XFS volumes; its configuration
+sits outside both, in the host directory. A node is initialised once (initdb or
+`repmgr standby clone`) and only started on later runs, so a switchover made in the lab
+survives `igops lab up`; a node whose initialisation never finished is wiped and redone.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from igops.lab import files, proc
+from igops.lab.credentials import Credentials
+from igops.lab.state import CLUSTERS, MARKER_ENV, POSTGRES_PORT, PgCluster, Paths, host
+
+BIN_DIR = Path("/usr/lib/postgresql/15/bin")
+OS_USER = "postgres"
+NODE_IDS = {"db1": 1, "db2": 2, "db3": 3, "db4": 4}
+
+
+class Node:
+    def __init__(self, paths: Paths, name: str):
+        self.paths = paths
+        self.name = name
+        self.address = host(name).address
+        self.pgdata = paths.pgdata(name)
+        self.pg_wal = paths.pg_wal(name)
+        self.pgconf = paths.pgconf(name)
+        self.socket_dir = paths.pg_socket_dir(name)
+        self.log = paths.host_dir(name) / "log" / "postgresql.log"
+        self.repmgr_conf = paths.repmgr_conf(name)
+        self.pgpass = paths.pgpass(name)
+        self.marker = paths.marker(f"postgres-{name}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {MARKER_ENV: str(self.paths.root), "PGPASSFILE": str(self.pgpass)}
+
+    def run(self, argv: list, **kwargs):
+        return proc.run(argv, user=OS_USER, env=self.env, **kwargs)
+
+    def pg_ctl(self, *args: str, check: bool = True):
+        return self.run([BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90)
+
+    def running(self) -> bool:
+        return self.pg_ctl("status", check=False).returncode == 0
+
+    def start(self) -> None:
+        if not self.running():
+            (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+            self.pg_ctl("-l", str(self.log), "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        if self.pgdata.joinpath("PG_VERSION").exists() and self.running():
+            self.pg_ctl("-w", "-t", "30", "-m", "fast", "stop", check=False)
+
+    def psql(self, script: str, database: str = "postgres", **variables: str) -> str:
+        argv = [BIN_DIR / "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.socket_dir,
+                "-p", str(POSTGRES_PORT), "-U", "postgres", "-d", database]
+        for name, value in variables.items():
+            argv += ["-v", f"{name}={value}"]
+        return self.run(argv, input=script).stdout.strip()
+
+    def repmgr(self, *args: str):
+        return self.run([BIN_DIR / "repmgr", "-f", self.repmgr_conf, *args], timeout=120)
+
+    def in_recovery(self) -> bool:
+        return self.psql("SELECT pg_is_in_recovery()") == "t"
+
+    def wipe(self) -> None:
+        self.stop()
+        self.marker.unlink(missing_ok=True)
+        for directory in (self.pgdata, self.pg_wal):
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def write_config(self, credentials: Credentials) -> None:
+        values = dict(host=self.name, address=self.address, port=POSTGRES_PORT, pgdata=self.pgdata,
+                      pgconf=self.pgconf, socket_dir=self.socket_dir, pg_wal=self.pg_wal, log=self.log,
+                      bin_dir=BIN_DIR, node_id=NODE_IDS[self.name], pgpass=self.pgpass,
+                      known_hosts=self.paths.ssh / "known_hosts", ssh_key=self.paths.postgres_key)
+        for directory in (self.pgconf, self.socket_dir, self.log.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+            files.chown(directory, OS_USER)
+        for name in ("postgresql.conf", "pg_hba.conf"):
+            files.write_file(self.pgconf / name, files.render(name, **values), owner=OS_USER)
+        files.write_file(self.pgconf / "pg_ident.conf", "", owner=OS_USER)
+        files.write_file(self.repmgr_conf, files.render("repmgr.conf", **values), owner=OS_USER)
+        files.write_file(self.pgpass, f"*:*:*:repmgr:{credentials.repmgr_password}\n"
+                                      f"*:*:*:postgres:{credentials.postgres_password}\n",
+                         mode=0o600, owner=OS_USER)
+        for purpose in ("data", "wal"):
+            files.chown(self.paths.mount_point(self.name, purpose), OS_USER)
+
+
+def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> dict:
+    """Bring one cluster up; returns which node is primary now (it changes on switchover)."""
+    nodes = {name: Node(paths, name) for name in (cluster.primary, cluster.standby)}
+    for node in nodes.values():
+        node.write_config(credentials)
+    primary, standby = nodes[cluster.primary], nodes[cluster.standby]
+    recloned = False
+    if not primary.marker.exists() or not (primary.pgdata / "PG_VERSION").exists():
+        standby.wipe()
+        primary.wipe()
+        _init_primary(primary, credentials, cluster)
+        recloned = True
+    for node in nodes.values():
+        if node.marker.exists():
+            node.start()
+    writable = [node for node in nodes.values() if node.marker.exists() and not node.in_recovery()]
+    if len(writable) != 1:
+        raise proc.LabError(f"cluster {cluster.name}: {len(writable)} writable nodes "
+                            f"({', '.join(node.name for node in writable) or 'none'})",
+                            "run `igops lab down --purge` and bring the lab up again")
+    current = writable[0]
+    _ensure_roles(current, credentials, cluster)
+    for node in nodes.values():
+        if node is not current and (recloned or not node.marker.exists()):
+            _clone_standby(node, current)
+    return {"cluster": cluster.name, "primary": current.name,
+            "standbys": [node.name for node in nodes.values() if node is not current]}
+
+
+def _init_primary(node: Node, credentials: Credentials, cluster: PgCluster) -> None:
+    node.pg_wal.parent.mkdir(parents=True, exist_ok=True)
+    node.run([BIN_DIR / "initdb", "-D", node.pgdata, "--waldir", node.pg_wal, "-U", "postgres",
+              "-E", "UTF8", "--locale", "C.UTF-8", "--auth-local", "peer",
+              "--auth-host", "scram-sha-256"], timeout=120)
+    # The configuration lives in pgconf; copies here would only mislead.
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        (node.pgdata / name).unlink(missing_ok=True)
+    node.start()
+    _ensure_roles(node, credentials, cluster)
+    node.repmgr("primary", "register", "--force")
+    node.marker.parent.mkdir(parents=True, exist_ok=True)
+    node.marker.touch()
+
+
+def _ensure_roles(node: Node, credentials: Credentials, cluster: PgCluster) -> None:
+    script = """
+ALTER ROLE postgres PASSWORD :'postgres_password';
+SELECT 'CREATE ROLE repmgr LOGIN SUPERUSER REPLICATION'
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'repmgr') \\gexec
+ALTER ROLE repmgr PASSWORD :'repmgr_password';
+SELECT 'CREATE ROLE app LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') \\gexec
+ALTER ROLE app PASSWORD :'app_password';
+SELECT 'CREATE DATABASE repmgr OWNER repmgr'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'repmgr') \\gexec
+"""
+    # The service's databases belong to its role, so what the service creates is its own.
+    for database in cluster.databases:
+        script += (f"SELECT 'CREATE DATABASE {database} OWNER app' WHERE NOT EXISTS "
+                   f"(SELECT FROM pg_database WHERE datname = '{database}') \\gexec\n")
+    node.psql(script, postgres_password=credentials.postgres_password,
+              repmgr_password=credentials.repmgr_password, app_password=credentials.app_password)
+
+
+def _clone_standby(node: Node, upstream: Node) -> None:
+    node.wipe()
+    slot = f"repmgr_slot_{NODE_IDS[node.name]}"
+    upstream.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                  "WHERE slot_name = :'slot' AND NOT active", slot=slot)
+    node.run([BIN_DIR / "repmgr", "-f", node.repmgr_conf, "-h", upstream.address, "-p", str(POSTGRES_PORT),
+              "-U", "repmgr", "-d", "repmgr", "standby", "clone", "--fast-checkpoint"], timeout=300)
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        (node.pgdata / name).unlink(missing_ok=True)
+    node.start()
+    node.repmgr("standby", "register", "--force", "--wait-sync=30")
+    node.marker.touch()
+
+
+def stop_all(paths: Paths) -> None:
+    for cluster in CLUSTERS:
+        for name in (cluster.standby, cluster.primary):
+            Node(paths, name).stop()

@@ -1,0 +1,268 @@
+"""Running the lab's commands and daemons.
+
+Daemons run detached (own session, output to a log file) with a pid file, so a later `down`
+finds them from a different process. Every one carries MARKER_ENV, so processes whose pid
+files a killed run never wrote are still found and stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from igops.errors import IgopsError, RefusedError
+from igops.lab.state import MARKER_ENV
+
+STOP_GRACE = 8.0
+
+
+class LabError(IgopsError):
+    """A lab component could not be built or started."""
+
+
+def run(argv: Sequence[str], *, user: str | None = None, env: dict[str, str] | None = None,
+        cwd: Path | None = None, check: bool = True, timeout: float = 120,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion; a failure raises LabError carrying its output's tail."""
+    try:
+        result = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True,
+                                env=_environment(env, user), cwd=cwd, timeout=timeout, input=input,
+                                **_as_user(user))
+    except subprocess.TimeoutExpired:
+        raise LabError(f"`{_show(argv)}` did not finish within {timeout:g} s") from None
+    if check and result.returncode != 0:
+        raise LabError(f"`{_show(argv)}` failed (exit {result.returncode}): {_tail(result.stderr or result.stdout)}")
+    return result
+
+
+def _show(argv: Sequence[str]) -> str:
+    import shlex
+
+    return shlex.join(str(arg) for arg in argv)
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) or "no output"
+
+
+def _as_user(user: str | None) -> dict:
+    if not user:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _environment(extra: dict[str, str] | None, user: str | None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key in ("PATH", "LANG", "LC_ALL", "TZ") or key.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("LANG", "C.UTF-8")
+    if user:
+        entry = pwd.getpwnam(user)
+        env.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+    else:
+        env["HOME"] = os.environ.get("HOME", "/root")
+    env.update(extra or {})
+    return env
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str
+    argv: tuple[str, ...]
+    pid_file: Path
+    log_file: Path
+    endpoint: tuple[str, int] | None = None
+    user: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: Path | None = None
+    # True when the daemon writes pid_file itself (nginx, gunicorn, munin-node): some refuse to
+    # start over a pid file naming a live process, their own included.
+    writes_pid_file: bool = False
+
+
+def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
+    """Start the daemon unless it already runs; wait until its endpoint accepts connections."""
+    pid = running_pid(daemon.pid_file, state_root)
+    if pid:
+        if daemon.endpoint:
+            wait_for_port(*daemon.endpoint, timeout=timeout, pid=pid, log_file=daemon.log_file,
+                          what=daemon.name)
+        return pid
+    daemon.pid_file.unlink(missing_ok=True)
+    if daemon.endpoint:
+        ensure_free(*daemon.endpoint, what=daemon.name)
+    daemon.log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(daemon.env)
+    env[MARKER_ENV] = str(state_root)
+    with open(daemon.log_file, "ab") as log:
+        process = subprocess.Popen(list(daemon.argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, env=_environment(env, daemon.user),
+                                   cwd=daemon.cwd, close_fds=True, **_as_user(daemon.user))
+    if not daemon.writes_pid_file:
+        daemon.pid_file.write_text(f"{process.pid}\n")
+    if daemon.endpoint:
+        wait_for_port(*daemon.endpoint, timeout=timeout, pid=process.pid, log_file=daemon.log_file,
+                      what=daemon.name)
+    return process.pid
+
+
+def stop_pid_file(pid_file: Path, state_root: Path, grace: float = STOP_GRACE,
+                  sig: int = signal.SIGTERM) -> bool:
+    """Stop the lab process named by a pid file; True if one was running."""
+    pid = running_pid(pid_file, state_root)
+    if pid:
+        terminate([pid], grace, sig)
+    pid_file.unlink(missing_ok=True)
+    return pid is not None
+
+
+def terminate(pids: list[int], grace: float = STOP_GRACE, sig: int = signal.SIGTERM) -> None:
+    """Signal, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    for pid in pids:
+        _signal(pid, sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in pids):
+            return
+        time.sleep(0.05)
+    for pid in pids:
+        if alive(pid):
+            _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def lab_pids(state_root: Path) -> list[int]:
+    """Every live process of the lab rooted at `state_root`: those carrying its marker, and
+    those whose working directory or open files lie under it (daemons that rewrite their
+    environment for their process titles, such as postgres and nginx, still log there)."""
+    spared = _ancestors()
+    return [pid for pid in _pids() if pid not in spared and belongs(pid, state_root)]
+
+
+def belongs(pid: int, state_root: Path) -> bool:
+    proc = Path(f"/proc/{pid}")
+    try:
+        if f"{MARKER_ENV}={state_root}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            return alive(pid)
+        prefix = f"{state_root}/"
+        links = [proc / "cwd"] + list((proc / "fd").iterdir())
+    except OSError:
+        return False
+    for link in links:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        if target.startswith(prefix) or target == str(state_root):
+            return alive(pid)
+    return False
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents, which may hold the lab's lock or logs open."""
+    chain, pid = set(), os.getpid()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return chain
+
+
+def running_pid(pid_file: Path, state_root: Path | None = None) -> int | None:
+    """The live process a pid file names; with `state_root`, only if it is the lab's (a pid
+    file that outlived a reboot may name an unrelated process)."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not alive(pid) or (state_root is not None and not belongs(pid, state_root)):
+        return None
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def answers(address: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(address: str, port: int, *, timeout: float, pid: int | None = None,
+                  log_file: Path | None = None, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(address, port, timeout=0.5):
+            return
+        if pid is not None and not alive(pid):
+            raise LabError(f"{what} exited during start-up" + _log_hint(log_file))
+        time.sleep(0.05)
+    raise LabError(f"{what} did not listen on {address}:{port} within {timeout:g} s" + _log_hint(log_file))
+
+
+def _log_hint(log_file: Path | None) -> str:
+    if not log_file or not log_file.exists():
+        return ""
+    return f": {_tail(log_file.read_text(errors='replace'), 2)} (log: {log_file})"
+
+
+def ensure_free(address: str, port: int, what: str) -> None:
+    """Refuse when another program listens on an address the lab needs."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((address, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise RefusedError(f"{address}:{port} (for the lab's {what}) is already in use{_listener(address, port)}",
+                           "stop that program or run `igops lab down` if it is a lab left over") from None
+    finally:
+        probe.close()
+
+
+def _listener(address: str, port: int) -> str:
+    try:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].rsplit(":", 1)[0] in (address, "0.0.0.0", "*", "[::]"):
+            users = fields[-1] if "users:" in fields[-1] else ""
+            return f" by {users.removeprefix('users:')}" if users else ""
+    return ""

@@ -1,0 +1,207 @@
+"""The lab's fixed shape (hosts, addresses, roles) and where each of its files lives.
+
+Other code and people rely on the address plan, so it is data here, not configuration.
+Everything the lab creates lives under one state directory (IGOPS_LAB_DIR, default
+/var/lib/igops-lab), each host's files under `<state>/hosts/<host>/`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_ENV = "IGOPS_LAB_DIR"
+DEFAULT_STATE_DIR = Path("/var/lib/igops-lab")
+# Every process the lab starts carries this variable (value: the state dir), so `down` can find
+# the lab's processes even when a killed run never wrote their pid files.
+MARKER_ENV = "IGOPS_LAB_STATE"
+
+MOTO = ("127.0.10.5", 5000)
+PAGERDUTY = ("127.0.10.6", 8080)
+PINGDOM = ("127.0.10.7", 8080)
+SSH_PORT = 22
+LB_PORT = 80
+APP_PORT = 8000
+PGBOUNCER_PORT = 6432
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
+MEMCACHED_PORT = 11211
+MUNIN_PORT = 4949
+
+PHOTO_BUCKET = "igops-photos"
+AWS_REGION = "us-east-1"
+AVAILABILITY_ZONE = "us-east-1a"
+# moto accepts any credentials; fixed ones let every lab process and person share them.
+AWS_ACCESS_KEY_ID = "AKIAIGOPSLAB00000000"
+AWS_SECRET_ACCESS_KEY = "igops-lab-secret-access-key-not-a-real-one"
+
+IMAGE_SIZE = 512 << 20  # mkfs.xfs refuses filesystems under 300 MB
+STORE_SIZE = 32 << 30  # sparse; holds every volume image and their reflink copies
+
+LOGICAL_SHARDS = 16
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    address: str
+    roles: tuple[str, ...]
+    volumes: tuple[str, ...] = ()  # purposes of its XFS volumes, e.g. ("data", "wal")
+
+
+@dataclass(frozen=True)
+class PgCluster:
+    name: str
+    primary: str
+    standby: str
+    databases: tuple[str, ...]
+
+
+_DB_VOLUMES = ("data", "wal")
+_REDIS_VOLUMES = ("data",)
+
+HOSTS: tuple[LabHost, ...] = (
+    LabHost("lb1", "127.0.10.10", ("lb", "munin")),
+    LabHost("app1", "127.0.10.11", ("app", "munin")),
+    LabHost("app2", "127.0.10.12", ("app", "munin")),
+    LabHost("app3", "127.0.10.13", ("app", "munin")),
+    LabHost("pgb1", "127.0.10.20", ("pgbouncer", "munin")),
+    LabHost("db1", "127.0.10.21", ("postgres", "munin"), _DB_VOLUMES),
+    LabHost("db2", "127.0.10.22", ("postgres", "munin"), _DB_VOLUMES),
+    LabHost("db3", "127.0.10.23", ("postgres", "munin"), _DB_VOLUMES),
+    LabHost("db4", "127.0.10.24", ("postgres", "munin"), _DB_VOLUMES),
+    LabHost("redis1", "127.0.10.31", ("redis", "munin"), _REDIS_VOLUMES),
+    LabHost("redis2", "127.0.10.32", ("redis", "munin"), _REDIS_VOLUMES),
+    LabHost("cache1", "127.0.10.41", ("memcached", "munin")),
+)
+HOSTS_BY_NAME = {host.name: host for host in HOSTS}
+
+CLUSTERS: tuple[PgCluster, ...] = (
+    PgCluster("main", "db1", "db2", ("instagram", "directory")),
+    PgCluster("pg2", "db3", "db4", ("instagram",)),
+)
+DIRECTORY_CLUSTER = "main"
+REDIS_MASTER, REDIS_REPLICA = "redis1", "redis2"
+
+
+def with_role(role: str) -> list[LabHost]:
+    return [host for host in HOSTS if role in host.roles]
+
+
+def host(name: str) -> LabHost:
+    return HOSTS_BY_NAME[name]
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    app_source: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2] / "app")
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "igops.toml"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets.toml"
+
+    @property
+    def passwords(self) -> Path:
+        """The lab's internal passwords (repmgr, app); secrets.toml holds the fleet's."""
+        return self.root / "lab" / "passwords.toml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lab" / "lab.lock"
+
+    @property
+    def fleet_state(self) -> Path:
+        return self.root / "igops"
+
+    @property
+    def ssh(self) -> Path:
+        return self.root / "ssh"
+
+    @property
+    def postgres_key(self) -> Path:
+        """repmgr runs ssh as the postgres user, which cannot read root's client key."""
+        return self.ssh / "postgres_id_ed25519"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    @property
+    def store_image(self) -> Path:
+        return self.storage / "store.img"
+
+    @property
+    def store_mount(self) -> Path:
+        return self.storage / "store"
+
+    def volume_image(self, host_name: str, purpose: str) -> Path:
+        return self.store_mount / "volumes" / f"{host_name}-{purpose}.img"
+
+    def host_dir(self, host_name: str) -> Path:
+        return self.root / "hosts" / host_name
+
+    def mount_point(self, host_name: str, purpose: str) -> Path:
+        return self.host_dir(host_name) / purpose
+
+    def pgdata(self, host_name: str) -> Path:
+        return self.mount_point(host_name, "data") / "pgdata"
+
+    def pg_wal(self, host_name: str) -> Path:
+        return self.mount_point(host_name, "wal") / "pg_wal"
+
+    def pgconf(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "pgconf"
+
+    def pg_socket_dir(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "run"
+
+    def repmgr_conf(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "repmgr.conf"
+
+    def pgpass(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "pgpass"
+
+    def app_root(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "app"
+
+    def munin_dir(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "munin"
+
+    def nginx_dir(self) -> Path:
+        return self.host_dir("lb1") / "nginx"
+
+    def upstream_file(self) -> Path:
+        return self.nginx_dir() / "upstream.conf"
+
+    def pgbouncer_dir(self) -> Path:
+        return self.host_dir("pgb1") / "pgbouncer"
+
+    def databases_file(self) -> Path:
+        return self.pgbouncer_dir() / "databases.ini"
+
+    @property
+    def services(self) -> Path:
+        """moto and the monitoring receivers: the lab's stand-ins for outside services."""
+        return self.root / "services"
+
+    @property
+    def venvs(self) -> Path:
+        return self.root / "venvs"
+
+    def marker(self, name: str) -> Path:
+        """Written when a component finished initialising; absent means redo it from scratch."""
+        return self.root / "lab" / "done" / name
+
+
+def paths() -> Paths:
+    return Paths(state_dir())

@@ -1,0 +1,170 @@
+"""The CLI's conventions, through the real command line: exit codes, the JSON envelope,
+confirmation, dry runs, locks, the audit trail and start-up imports."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from igops import safety
+from igops.errors import ExitCode
+
+from tests.conftest import run_igops
+
+
+def inventory(tmp_path: Path) -> Path:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    path = tmp_path / "igops.toml"
+    path.write_text(f"""
+[fleet]
+name = "unit"
+state_dir = "{tmp_path / 'state'}"
+[ssh]
+known_hosts = "{known_hosts}"
+connect_timeout = 1
+[[hosts]]
+name = "web1"
+address = "127.0.20.250"
+roles = ["app"]
+[[hosts]]
+name = "web2"
+address = "127.0.20.251"
+roles = ["app"]
+""")
+    return path
+
+
+def test_json_envelope_is_the_only_thing_on_stdout(tmp_path):
+    result = run_igops("-c", str(inventory(tmp_path)), "hosts", "--json")
+    assert result.returncode == 0
+    envelope = json.loads(result.stdout)
+    assert envelope["ok"] is True and envelope["exit_code"] == 0 and envelope["command"] == "hosts"
+    assert [host["name"] for host in envelope["data"]["hosts"]] == ["web1", "web2"]
+
+
+def test_bad_inventory_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[hosts]]\nname = "x"\naddress = "10.0.0.1"\nroles = ["nope"]\n')
+    result = run_igops("-c", str(path), "hosts")
+    assert result.returncode == ExitCode.USAGE
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown role 'nope'" in lines[0] and "use one of" in lines[0]
+
+
+def test_bad_inventory_in_json_mode(tmp_path):
+    result = run_igops("-c", str(tmp_path / "missing.toml"), "hosts", "--json")
+    envelope = json.loads(result.stdout)
+    assert result.returncode == 2 and envelope["ok"] is False
+    assert "inventory not found" in envelope["error"]["message"]
+
+
+def test_unknown_host_and_role(tmp_path):
+    config = str(inventory(tmp_path))
+    result = run_igops("-c", config, "exec", "--yes", "-H", "web9", "--", "true")
+    assert result.returncode == 2 and "unknown host 'web9'" in result.stderr
+    result = run_igops("-c", config, "hosts", "--role", "webserver")
+    assert result.returncode == 2 and "unknown role" in result.stderr
+
+
+def test_mutating_command_refuses_without_yes_when_not_a_tty(tmp_path):
+    config = inventory(tmp_path)
+    result = run_igops("-c", str(config), "exec", "--", "touch", "/tmp/never")
+    assert result.returncode == ExitCode.USAGE
+    assert "stdin is not a terminal" in result.stderr and "--yes" in result.stderr
+    assert not (tmp_path / "state" / "audit.log").exists()
+
+
+def test_dry_run_prints_the_exact_plan_and_touches_nothing(tmp_path):
+    config = inventory(tmp_path)
+    result = run_igops("-c", str(config), "exec", "--dry-run", "--json", "--", "echo", "a b;c")
+    assert result.returncode == 0
+    envelope = json.loads(result.stdout)
+    assert envelope["data"] == {"dry_run": True, "command": "echo 'a b;c'", "hosts": ["web1", "web2"]}
+    assert "web1 (root@127.0.20.250:22): echo 'a b;c'" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_unreachable_hosts_fail_with_clear_reason_and_audit(tmp_path):
+    config = inventory(tmp_path)
+    result = run_igops("-c", str(config), "exec", "--yes", "--json", "--", "true")
+    assert result.returncode == ExitCode.FAILED
+    envelope = json.loads(result.stdout)
+    errors = [host["error"] for host in envelope["data"]["hosts"]]
+    assert all("connection refused" in error for error in errors)
+    record = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
+    assert record["command"].startswith("igops -c") and record["exit_code"] == 1
+    assert record["targets"] == ["web1", "web2"] and record["result"].startswith("failed on web1")
+    assert record["user"] and record["time"] and record["duration_ms"] >= 0
+
+
+def test_second_run_exits_already_running_naming_the_holder(tmp_path):
+    config = inventory(tmp_path)
+    state = tmp_path / "state"
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with safety.lock(state, "exec", "web1,web2", "igops exec -- sleep 100"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(5)
+        result = run_igops("-c", str(config), "exec", "--yes", "--", "true")
+        assert result.returncode == ExitCode.LOCKED
+        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    script = ("import sys, time; from pathlib import Path; from igops import safety\n"
+              "with safety.lock(Path(sys.argv[1]), 'op', 't', 'x'):\n"
+              "    print('held', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    child.kill()
+    child.wait()
+    with safety.lock(tmp_path, "op", "t", "y"):
+        pass
+
+
+def test_audit_redacts_secret_options_and_values(tmp_path, monkeypatch):
+    from igops.secrets import register
+
+    register("s3cr3t-value")
+    line = safety.redact_argv(["igops", "pagerduty", "test", "--routing-key", "abc123", "--token=xyz",
+                               "echo", "s3cr3t-value"])
+    assert "abc123" not in line and "xyz" not in line and "s3cr3t-value" not in line
+    safety.audit(tmp_path, command=line, targets=[], result="ok", exit_code=0, duration_ms=1,
+                 detail="failed with s3cr3t-value")
+    text = (tmp_path / "audit.log").read_text()
+    assert "s3cr3t-value" not in text and "***" in text
+    assert oct((tmp_path / "audit.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; sys.argv = ['igops', '--help']\n"
+            "from igops.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_every_command_offers_json():
+    for args in (["hosts"], ["exec"], ["status"]):
+        result = run_igops(*args, "--help")
+        assert "--json" in result.stdout, args
+
+
+def test_no_color_and_non_tty_output_is_plain(tmp_path):
+    result = run_igops("-c", str(inventory(tmp_path)), "hosts")
+    assert "\x1b[" not in result.stdout and "web1" in result.stdout
