@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from igops import __version__
-from igops.commands import fleet, lab
+from igops.commands import fleet, lab, snapshot
 from igops.commands.common import GlobalOptions
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def root(
 
 
 fleet.register(app)
+app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(lab.app, name="lab")
 
 

@@ -57,6 +57,14 @@ def _build_models():
     class Aws(Strict):
         region: str = "us-east-1"
         endpoint_url: str | None = None
+        # Lab only: where volume contents live as image files, because moto keeps none.
+        volume_images: str | None = None
+
+    class Snapshot(Strict):
+        freeze_deadline: float = Field(10.0, gt=0, le=120)
+        # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
+        pre_freeze: dict[str, str] = Field(default_factory=dict)
+        restore_root: str = "/mnt/igops-restore"
 
     class Monitoring(Strict):
         pingdom_url: str = "https://api.pingdom.com/api/3.1"
@@ -139,10 +147,17 @@ def _build_models():
 
     class Munin(Strict):
         port: int = 4949
+        # Per-host templates ({host}): where `igops munin install` puts plugins and their
+        # settings, and how a node is told to pick them up.
+        plugin_dir: str = "/etc/munin/plugins"
+        plugin_conf_dir: str = "/etc/munin/plugin-conf.d"
+        reload_command: str = "systemctl restart munin-node"
 
     class Shards(Strict):
         count: int = Field(16, ge=1, le=8192)
         directory_database: str = "directory"
+        # The [postgres.clusters] entry holding the directory database (default: the first).
+        directory_cluster: str | None = None
         schema_prefix: str = "insta"
         # The service's DDL: shard_ddl is a template with {schema} and {shard_id}.
         shard_ddl: str | None = None
@@ -163,6 +178,7 @@ def _build_models():
         memcached: Memcached = Memcached()
         munin: Munin = Munin()
         shards: Shards = Shards()
+        snapshot: Snapshot = Snapshot()
 
     return Inventory
 
@@ -424,10 +440,18 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
     if redis_members and not master:
         problems.append(ConfigProblem("redis", "replicas without a master", "set redis.master"))
 
+    directory_cluster = section("shards").get("directory_cluster")
+    if isinstance(directory_cluster, str) and directory_cluster not in (clusters if isinstance(clusters, dict) else {}):
+        problems.append(ConfigProblem("shards.directory_cluster", f"names undefined cluster {directory_cluster!r}",
+                                      "name one of the [postgres.clusters.*] entries"))
+
     for where, template in [("postgres.data_directory", section("postgres").get("data_directory")),
                             ("postgres.repmgr_config", section("postgres").get("repmgr_config")),
                             ("app.root", section("app").get("root")),
-                            ("app.reload_command", section("app").get("reload_command"))]:
+                            ("app.reload_command", section("app").get("reload_command")),
+                            ("munin.plugin_dir", section("munin").get("plugin_dir")),
+                            ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
+                            ("munin.reload_command", section("munin").get("reload_command"))]:
         unknown = {name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "")
                    if name != "host"}
         if unknown:

@@ -198,3 +198,63 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
     if isinstance(exc, OSError):
         return f"cannot reach {where}: {exc.strerror or exc}"
     return f"SSH to {where} failed: {exc}"
+
+
+class Session:
+    """One interactive command on one host: write to its stdin, read its stdout line by line,
+    each read under its own deadline. Used by agents that hold host-side state (a freeze)."""
+
+    def __init__(self, target: Target, command: str, settings: SshSettings, stdin_prefix: bytes = b""):
+        self.target = target
+        self._connection = _connection(target, settings)
+        self._settings = settings
+        self._command = with_remote_deadline(command, settings.command_timeout)
+        self._prefix = stdin_prefix
+        self._buffer = bytearray()
+        self._channel = None
+
+    def __enter__(self) -> "Session":
+        from igops.errors import RemoteError
+
+        try:
+            self._connection.open()
+        except Exception as exc:  # noqa: BLE001
+            self._connection.close()
+            raise RemoteError(f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}") from None
+        self._channel = self._connection.client.get_transport().open_session(
+            timeout=self._settings.connect_timeout)
+        self._channel.exec_command(self._command)
+        if self._prefix:
+            self._channel.sendall(self._prefix)
+        return self
+
+    def send(self, data: bytes) -> None:
+        self._channel.sendall(data)
+
+    def read_line(self, timeout: float) -> str | None:
+        """The next stdout line, or None at EOF or when the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            select.select([self._channel], [], [], min(remaining, 0.5))
+            if self._channel.recv_ready():
+                chunk = self._channel.recv(65536)
+                if not chunk:
+                    return None
+                self._buffer += chunk
+            elif self._channel.eof_received and not self._channel.recv_ready():
+                return None
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line.decode(errors="replace")
+
+    def stderr(self) -> str:
+        data = bytearray()
+        while self._channel is not None and self._channel.recv_stderr_ready():
+            data += self._channel.recv_stderr(65536)
+        return data.decode(errors="replace")
+
+    def __exit__(self, *exc_info) -> None:
+        self._connection.close()

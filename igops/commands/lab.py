@@ -4,5 +4,65 @@ from __future__ import annotations
 
 import typer
 
+from igops.commands.common import JSON_OPTION, command, exit_with
+from igops.errors import ExitCode
+
 app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopback addresses.",
                   no_args_is_help=True)
+
+
+@app.command("up")
+def up(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
+    """Build the lab, or repair and restart whatever part of it is missing (idempotent)."""
+    from igops import lab
+
+    with command(ctx, "lab up", json_flag) as out:
+        report = lab.up(out)
+        out.table("lab", ["component", "host", "endpoint", "state", "detail"],
+                  [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
+        out.text(f"lab up in {report.duration_s:.1f} s; use it with:")
+        out.text(f"export IGOPS_CONFIG={report.inventory}")
+        out.finish(report)
+
+
+@app.command("down")
+def down(
+    ctx: typer.Context,
+    purge: bool = typer.Option(False, "--purge", help="Also delete the lab's state (volumes, keys, inventory)."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Stop every lab process, unmount its volumes and detach its loop devices."""
+    from igops import lab
+
+    with command(ctx, "lab down", json_flag) as out:
+        report = lab.down(purge=purge, reporter=out)
+        for problem in report.problems:
+            out.text(f"problem: {problem}")
+        out.text(f"lab down in {report.duration_s:.1f} s" + (" (state deleted)" if report.purged else "")
+                 if not report.problems else f"lab down left {len(report.problems)} problems")
+        code = ExitCode.FAILED if report.problems else ExitCode.OK
+        out.finish(report, code)
+        exit_with(code)
+
+
+@app.command("status")
+def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
+    """Each lab component and whether it answers (changes nothing)."""
+    from igops import lab
+
+    with command(ctx, "lab status", json_flag) as out:
+        report = lab.status()
+        out.table(f"lab at {report.state_dir}", ["component", "host", "endpoint", "state", "detail"],
+                  [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
+        problems = report.problems()
+        if not report.running:
+            out.text("the lab is down (igops lab up starts it)")
+            code = ExitCode.FAILED
+        elif problems:
+            out.text(f"{len(problems)} of {len(report.components)} components do not answer")
+            code = ExitCode.PARTIAL
+        else:
+            out.text(f"all {len(report.components)} components answer; inventory: {report.inventory}")
+            code = ExitCode.OK
+        out.finish(report, code)
+        exit_with(code)

@@ -1,0 +1,376 @@
+"""The lab: a miniature production fleet on this machine's loopback addresses.
+
+`up` builds or repairs it (idempotent, and it recovers whatever a killed run left behind),
+`down` stops it and releases every mount and loop device, `status` says what answers. The
+lab is a user of igops: it writes an ordinary inventory and checks itself with igops' own
+status probes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from igops.errors import UsageError
+from igops.lab import aws, credentials, postgres, proc, services, sshd, state, storage
+from igops.lab import inventory as lab_inventory
+from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
+                             with_role)
+from igops.output import Reporter
+
+SSHD_NAME = "lab"
+
+
+@dataclass
+class Component:
+    component: str
+    host: str
+    endpoint: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class LabReport:
+    state_dir: str
+    inventory: str
+    duration_s: float
+    primaries: dict[str, str] = field(default_factory=dict)
+    recovered: list[str] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+
+
+@dataclass
+class DownReport:
+    state_dir: str
+    stopped: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    purged: bool = False
+    duration_s: float = 0.0
+
+
+@dataclass
+class LabStatus:
+    state_dir: str
+    inventory: str | None
+    components: list[Component] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return any(component.ok for component in self.components)
+
+    def problems(self) -> list[str]:
+        return [f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in self.components if not c.ok]
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"igops lab {action} must run as root: it mounts filesystems, attaches loop devices "
+                         "and binds port 22 and 80", f"run: sudo igops lab {action}")
+
+
+def _lock(paths: Paths):
+    from igops import safety
+
+    return safety.lock(paths.root / "lab", "lab", "lab", safety.redact_argv(["igops", *sys.argv[1:]]))
+
+
+def _endpoints() -> list[tuple[str, int, str]]:
+    ports = {"lb": (state.LB_PORT, "nginx"), "app": (state.APP_PORT, "gunicorn"),
+             "pgbouncer": (state.PGBOUNCER_PORT, "pgbouncer"), "postgres": (state.POSTGRES_PORT, "postgres"),
+             "redis": (state.REDIS_PORT, "redis"), "memcached": (state.MEMCACHED_PORT, "memcached"),
+             "munin": (state.MUNIN_PORT, "munin-node")}
+    found = [(MOTO[0], MOTO[1], "moto"), (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
+             (PINGDOM[0], PINGDOM[1], "Pingdom receiver")]
+    for lab_host in HOSTS:
+        found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
+        found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
+    return found
+
+
+def _preflight(paths: Paths) -> None:
+    """Refuse before building anything when another program holds one of the lab's ports."""
+    for address, port, what in _endpoints():
+        if proc.answers(address, port, timeout=0.2) and _lab_listens(paths, address, port):
+            continue
+        proc.ensure_free(address, port, what)
+
+
+def _lab_listens(paths: Paths, address: str, port: int) -> bool:
+    output = proc.run(["ss", "-Hltnp", f"src {address}:{port}"], check=False).stdout
+    pids = [int(item.split("=")[1]) for item in output.replace(",", " ").replace(")", " ").split()
+            if item.startswith("pid=")]
+    return bool(pids) and all(proc.belongs(pid, paths.root) for pid in pids)
+
+
+def _start_all(daemons: list[proc.Daemon], paths: Paths, timeout: float = 60) -> None:
+    with ThreadPoolExecutor(max_workers=max(1, len(daemons))) as pool:
+        for future in [pool.submit(proc.start, daemon, paths.root, timeout) for daemon in daemons]:
+            future.result()
+
+
+def _recover(paths: Paths) -> list[str]:
+    """Undo what a killed run can leave: frozen filesystems, loop devices nothing mounts,
+    pid files of dead processes."""
+    recovered = [f"thawed {mount}" for mount in storage.thaw_all(paths.root)]
+    recovered += [f"detached {device}" for device in storage.detach_orphans(paths.root)]
+    for pid_file in _pid_files(paths):
+        if pid_file.exists() and not proc.running_pid(pid_file, paths.root):
+            pid_file.unlink(missing_ok=True)
+            recovered.append(f"removed stale {pid_file.name} ({pid_file.parent.relative_to(paths.root)})")
+    return recovered
+
+
+def _pid_files(paths: Paths) -> list[Path]:
+    found = [paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.services / "moto.pid", paths.services / "receivers.pid"]
+    for lab_host in HOSTS:
+        directory = paths.host_dir(lab_host.name)
+        found.append(paths.munin_dir(lab_host.name) / "munin-node.pid")
+        roles = set(lab_host.roles)
+        if "redis" in roles:
+            found.append(directory / "redis" / "redis.pid")
+        if "memcached" in roles:
+            found.append(directory / "memcached" / "memcached.pid")
+        if "pgbouncer" in roles:
+            found.append(paths.pgbouncer_dir() / "pgbouncer.pid")
+        if "app" in roles:
+            found.append(paths.app_root(lab_host.name) / "shared" / "gunicorn.pid")
+        if "lb" in roles:
+            found.append(paths.nginx_dir() / "nginx.pid")
+    return found
+
+
+def receivers_daemon(paths: Paths, creds: credentials.Credentials) -> proc.Daemon:
+    env = {"IGOPS_PINGDOM_TOKEN": creds.pingdom_token, "IGOPS_PAGERDUTY_ROUTING_KEY": creds.pagerduty_routing_key,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    argv = (sys.executable, "-m", "igops.lab.receivers", "--pagerduty", f"{PAGERDUTY[0]}:{PAGERDUTY[1]}",
+            "--pingdom", f"{PINGDOM[0]}:{PINGDOM[1]}", "--record-dir", str(paths.services / "receivers"))
+    return proc.Daemon("monitoring receivers", argv, paths.services / "receivers.pid",
+                       paths.services / "receivers.log", endpoint=PINGDOM, env=tuple(env.items()))
+
+
+def _ssh(paths: Paths) -> None:
+    keys = sshd.ensure_keys(paths.ssh)
+    sshd.write_known_hosts(keys, [(lab_host.address, SSH_PORT) for lab_host in HOSTS])
+    key = paths.postgres_key
+    if not key.exists():
+        proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "igops-lab-postgres", "-f", key])
+    from igops.lab import files
+
+    files.chown(key, "postgres")
+    files.write_file(Path(f"{keys.authorized_keys}.postgres"), key.with_suffix(".pub").read_text(), mode=0o600)
+    sshd.start(paths.ssh, SSHD_NAME, keys, [lab_host.address for lab_host in HOSTS], SSH_PORT,
+               env={MARKER_ENV: str(paths.root)})
+
+
+def _redis_master(paths: Paths) -> str:
+    """The node that reports itself master now (a Redis failover may have moved it)."""
+    import redis
+
+    for lab_host in with_role("redis"):
+        client = redis.Redis(host=lab_host.address, port=state.REDIS_PORT, socket_timeout=2)
+        try:
+            if client.role()[0] in (b"master", "master"):
+                return lab_host.name
+        finally:
+            client.close()
+    return REDIS_MASTER
+
+
+def up(reporter: Reporter | None = None) -> LabReport:
+    """Build the lab, or bring whatever part of it is missing or stopped back up."""
+    reporter = reporter or Reporter()
+    _require_root("up")
+    started = time.monotonic()
+    paths = state.paths()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    report = LabReport(str(paths.root), str(paths.inventory), 0.0)
+    with _lock(paths), ThreadPoolExecutor(max_workers=1, thread_name_prefix="venv") as background:
+        with reporter.step("recover what an earlier run left behind") as step:
+            report.recovered = _recover(paths)
+            step.detail = "; ".join(report.recovered) or "nothing to recover"
+        with reporter.step("check the lab's addresses and ports") as step:
+            _preflight(paths)
+            step.detail = f"{len(_endpoints())} endpoints on 127.0.10.0/24"
+        # pip is the slowest part of a cold start and needs nothing else: start it now.
+        venv = background.submit(services.app_venv, paths)
+        creds = credentials.ensure(paths)
+        with reporter.step("XFS volumes on loop devices (image store + one per host volume)") as step:
+            volumes = storage.build(paths)
+            step.detail = ", ".join(f"{v.host}:{v.purpose}={v.device}" for v in volumes)
+        with reporter.step(f"sshd on {len(HOSTS)} host addresses") as step:
+            _ssh(paths)
+        with reporter.step("moto (EC2, S3) and the PagerDuty and Pingdom receivers") as step:
+            _start_all([aws.daemon(paths), receivers_daemon(paths, creds)], paths)
+        with reporter.step("Postgres clusters main (db1 → db2) and pg2 (db3 → db4) with repmgr") as step:
+            with ThreadPoolExecutor(max_workers=len(CLUSTERS)) as pool:
+                built = list(pool.map(lambda cluster: postgres.build(paths, creds, cluster), CLUSTERS))
+            report.primaries = {item["cluster"]: item["primary"] for item in built}
+            step.detail = ", ".join(f"{item['cluster']}: primary {item['primary']}, standby "
+                                    f"{', '.join(item['standbys'])}" for item in built)
+        with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
+            _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
+                        *services.redis_daemons(paths),
+                        *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
+            services.wait_for_replication()
+        with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
+            aws_state = aws.build(volumes)
+            step.detail = f"{len(aws_state.instances)} instances, {len(aws_state.volumes)} volumes"
+        with reporter.step("inventory and secrets") as step:
+            text = lab_inventory.render(paths, volumes, aws_state, report.primaries, _redis_master(paths))
+            fleet = lab_inventory.write(paths, text)
+            step.detail = str(paths.inventory)
+        from igops.shards import init_shards
+
+        init_shards(fleet, reporter)
+        with reporter.step("app: virtualenv, releases, gunicorn on app1..app3") as step:
+            environment = venv.result()
+            _start_all([services.gunicorn_daemon(paths, lab_host.name, environment, creds)
+                        for lab_host in with_role("app")], paths)
+            step.detail = f"venv {environment.name}"
+        with reporter.step("nginx load balancer on lb1") as step:
+            _start_all([services.nginx_daemon(paths)], paths)
+        with reporter.step("check every host and service with igops status") as step:
+            # A fleet that just started can miss a first deadline (a worker's cold first
+            # request): a component counts as down only if it keeps failing.
+            deadline = time.monotonic() + 20
+            while True:
+                report.components = _check(fleet, paths)
+                failing = [c for c in report.components if not c.ok]
+                if not failing or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            if failing:
+                raise proc.LabError(f"{len(failing)} lab components do not answer: "
+                                    + "; ".join(f"{c.component} on {c.host}: {c.detail}" for c in failing),
+                                    "see `igops lab status` and the logs under " + str(paths.root))
+            step.detail = f"{len(report.components)} checks ok"
+    report.duration_s = round(time.monotonic() - started, 1)
+    return report
+
+
+def _check(fleet, paths: Paths) -> list[Component]:
+    """igops' own status probes, plus what only the lab has (moto, receivers, mounts)."""
+    from igops import status as fleet_status
+
+    fleet_report = fleet_status.collect(fleet)
+    components = [Component("ssh", h.host, f"{h.address}:{SSH_PORT}", h.reachable,
+                            f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
+                  for h in fleet_report.hosts]
+    components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
+    return components + _lab_extras(paths)
+
+
+def _lab_extras(paths: Paths) -> list[Component]:
+    import http.client
+
+    def http_ok(address: str, port: int, path: str) -> tuple[bool, str]:
+        connection = http.client.HTTPConnection(address, port, timeout=3)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            return response.status == 200, f"GET {path} -> {response.status}"
+        except OSError as exc:
+            return False, str(exc)
+        finally:
+            connection.close()
+
+    extras = []
+    for name, (address, port), path in (("moto", MOTO, "/moto-api/data.json"),
+                                        ("pagerduty-receiver", PAGERDUTY, "/_lab/state"),
+                                        ("pingdom-receiver", PINGDOM, "/_lab/state")):
+        ok, detail = http_ok(address, port, path)
+        extras.append(Component(name, "-", f"{address}:{port}", ok, detail))
+    mounted = {str(mount.path): mount for mount in storage.mounts_under(paths.root)}
+    for lab_host in HOSTS:
+        for purpose in lab_host.volumes:
+            point = str(paths.mount_point(lab_host.name, purpose))
+            mount = mounted.get(point)
+            extras.append(Component(f"volume {purpose}", lab_host.name, point, mount is not None,
+                                    f"{mount.fstype} on {mount.source}" if mount else "not mounted"))
+    return extras
+
+
+def status() -> LabStatus:
+    """What of the lab answers now (nothing is started or changed)."""
+    from igops import inventory
+
+    paths = state.paths()
+    report = LabStatus(str(paths.root), str(paths.inventory) if paths.inventory.exists() else None)
+    if paths.inventory.exists() and proc.running_pid(paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.root):
+        report.components = _check(inventory.load_file(paths.inventory), paths)
+    else:
+        report.components = _offline_components(paths)
+    return report
+
+
+def _offline_components(paths: Paths) -> list[Component]:
+    """Without sshd or an inventory, the probes that need neither."""
+    components = []
+    for address, port, what in _endpoints():
+        ok = proc.answers(address, port, timeout=0.3)
+        components.append(Component(what, next((h.name for h in HOSTS if h.address == address), "-"),
+                                    f"{address}:{port}", ok, "accepts connections" if ok else "not listening"))
+    return components + _lab_extras(paths)[3:]
+
+
+def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:
+    """Stop every lab process, unmount and detach everything; with purge, delete the state."""
+    reporter = reporter or Reporter()
+    _require_root("down")
+    started = time.monotonic()
+    paths = state.paths()
+    report = DownReport(str(paths.root))
+    if not paths.root.exists():
+        report.stopped.append("nothing: the state dir does not exist")
+        return report
+    with _lock(paths):
+        with reporter.step("thaw the lab's filesystems") as step:
+            # A daemon writing to a frozen filesystem cannot even be killed until it thaws.
+            step.detail = ", ".join(storage.thaw_all(paths.root)) or "none was frozen"
+        with reporter.step("stop the lab's daemons") as step:
+            report.stopped = _stop_daemons(paths)
+            step.detail = f"{len(report.stopped)} processes" if report.stopped else "none were running"
+        with reporter.step("thaw, unmount and detach the lab's volumes") as step:
+            report.problems = storage.teardown(paths.root)
+            if report.problems:
+                step.status = "failed"
+                step.detail = "; ".join(report.problems)
+        if purge and not report.problems:
+            with reporter.step(f"delete {paths.root}"):
+                shutil.rmtree(paths.root)
+                report.purged = True
+    report.duration_s = round(time.monotonic() - started, 1)
+    return report
+
+
+def _stop_daemons(paths: Paths) -> list[str]:
+    """Every daemon at once by its pid file, then any lab process still left."""
+    targets: list[tuple[str, int, int]] = []
+    for pid_file in _pid_files(paths):
+        pid = proc.running_pid(pid_file, paths.root)
+        if pid:
+            # gunicorn's TERM waits out in-flight requests; the lab's down need not.
+            sig = signal.SIGINT if pid_file.name == "gunicorn.pid" else signal.SIGTERM
+            targets.append((str(pid_file.relative_to(paths.root)), pid, sig))
+    for cluster in CLUSTERS:
+        for name in (cluster.primary, cluster.standby):
+            pid = proc.running_pid(paths.pgdata(name) / "postmaster.pid", paths.root)
+            if pid:
+                targets.append((f"postgres on {name}", pid, signal.SIGINT))  # SIGINT: fast shutdown
+    for _, pid, sig in targets:
+        proc.send_signal(pid, sig)
+    proc.wait_or_kill([pid for _, pid, _ in targets], proc.STOP_GRACE)
+    stopped = [name for name, _, _ in targets]
+    leftovers = proc.lab_pids(paths.root)
+    if leftovers:
+        proc.terminate(leftovers)
+        stopped += [f"pid {pid}" for pid in leftovers]
+    return stopped

@@ -88,6 +88,9 @@ class Daemon:
     # True when the daemon writes pid_file itself (nginx, gunicorn, munin-node): some refuse to
     # start over a pid file naming a live process, their own included.
     writes_pid_file: bool = False
+    # An HTTP path that must answer 200 before the daemon counts as started (a web app
+    # listens before its first request has loaded its code).
+    health_path: str | None = None
 
 
 def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
@@ -113,6 +116,8 @@ def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
     if daemon.endpoint:
         wait_for_port(*daemon.endpoint, timeout=timeout, pid=process.pid, log_file=daemon.log_file,
                       what=daemon.name)
+        if daemon.health_path:
+            wait_for_http(*daemon.endpoint, daemon.health_path, timeout=timeout, what=daemon.name)
     return process.pid
 
 
@@ -127,9 +132,13 @@ def stop_pid_file(pid_file: Path, state_root: Path, grace: float = STOP_GRACE,
 
 
 def terminate(pids: list[int], grace: float = STOP_GRACE, sig: int = signal.SIGTERM) -> None:
-    """Signal, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    """Signal, then wait up to `grace` seconds and SIGKILL whatever is left."""
     for pid in pids:
-        _signal(pid, sig)
+        send_signal(pid, sig)
+    wait_or_kill(pids, grace)
+
+
+def wait_or_kill(pids: list[int], grace: float) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not any(alive(pid) for pid in pids):
@@ -137,13 +146,13 @@ def terminate(pids: list[int], grace: float = STOP_GRACE, sig: int = signal.SIGT
         time.sleep(0.05)
     for pid in pids:
         if alive(pid):
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.05)
 
 
-def _signal(pid: int, sig: int) -> None:
+def send_signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -231,6 +240,28 @@ def wait_for_port(address: str, port: int, *, timeout: float, pid: int | None = 
             raise LabError(f"{what} exited during start-up" + _log_hint(log_file))
         time.sleep(0.05)
     raise LabError(f"{what} did not listen on {address}:{port} within {timeout:g} s" + _log_hint(log_file))
+
+
+def wait_for_http(address: str, port: int, path: str, *, timeout: float, what: str) -> None:
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection(address, port, timeout=max(0.5, deadline - time.monotonic()))
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read(300).decode(errors="replace")
+            if response.status == 200:
+                return
+            last = f"HTTP {response.status}: {body}"
+        except OSError as exc:
+            last = str(exc)
+        finally:
+            connection.close()
+        time.sleep(0.2)
+    raise LabError(f"{what}: GET {path} did not answer 200 within {timeout:g} s ({last})")
 
 
 def _log_hint(log_file: Path | None) -> str:

@@ -220,25 +220,24 @@ def _unmount_and_detach(mount_point: Path, image: Path) -> None:
 
 
 def teardown(root: Path) -> list[str]:
-    """Thaw and unmount everything under the state dir, then detach its loop devices.
-    Problems are returned, not raised, so that one busy mount does not stop the rest."""
-    problems = []
+    """Thaw and unmount everything under the state dir and detach its loop devices: volumes
+    first, which frees the image store. Problems are returned, not raised, so that one busy
+    mount does not stop the rest."""
     thaw_all(root)
-    for mount in mounts_under(root):
-        for attempt in range(3):
-            result = proc.run(["umount", str(mount.path)], check=False)
-            if result.returncode == 0:
-                break
-            holders = proc.lab_pids(mount.path)
-            if holders:
-                proc.terminate(holders, grace=3)
-            else:
-                time.sleep(0.2 * (attempt + 1))
-        else:
-            problems.append(f"{mount.path} stays mounted: {result.stderr.strip()}")
-    for _ in range(2):
+    for attempt in range(4):
+        for mount in mounts_under(root):
+            proc.run(["umount", str(mount.path)], check=False)
+        mounted = {mount.source for mount in mounts_under(root)}
         for loop in _inner_first(loops_under(root), root):
-            proc.run(["losetup", "--detach", loop.device], check=False)
-    problems += [f"loop device {loop.device} ({loop.backing_file}) stays attached"
-                 for loop in loops_under(root)]
-    return problems
+            if loop.device not in mounted:
+                proc.run(["losetup", "--detach", loop.device], check=False)
+        busy = mounts_under(root)
+        if not busy and not loops_under(root):
+            return []
+        holders = [pid for mount in busy for pid in proc.lab_pids(mount.path)]
+        if holders:
+            proc.terminate(holders, grace=3)
+        else:
+            time.sleep(0.2 * (attempt + 1))
+    return ([f"{mount.path} stays mounted (busy)" for mount in mounts_under(root)]
+            + [f"loop device {loop.device} ({loop.backing_file}) stays attached" for loop in loops_under(root)])

@@ -1,0 +1,151 @@
+"""Freeze filesystems for a snapshot, and guarantee they are thawed.
+
+Usage: freeze.py DEADLINE_SECONDS MOUNT [MOUNT ...]; then, on stdin, the line "thaw".
+
+A watchdog in its own session is started BEFORE anything is frozen. It thaws every mount the
+moment this process dies (its pipe reaches EOF: SIGKILL, OOM, a dropped SSH session) and in any
+case at the hard deadline. The foreground process also thaws on EOF of stdin or at the deadline.
+Everything is imported and every mount point opened before the freeze, and nothing is written,
+logged or executed on a frozen filesystem: output goes only to the SSH channel.
+Output: JSON lines on stdout ("frozen", then "thawed"), or one "error" line and exit 2/3.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+HOST_LOCK = "/run/igops-freeze.lock"
+
+
+def emit(event, **fields):
+    sys.stdout.write(json.dumps(dict(event=event, **fields)) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message, code=2):
+    emit("error", message=message)
+    sys.exit(code)
+
+
+def thaw(fds):
+    """Thaw in reverse order; a mount that is not frozen (EINVAL) is fine."""
+    thawed = []
+    for path, fd in reversed(fds):
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+            thawed.append(path)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                thawed.append(f"{path}: {exc.strerror}")
+    return thawed
+
+
+def watchdog(fds, pipe_read, deadline):
+    """Runs in its own session; exits on "done", thaws on EOF or at the deadline."""
+    os.setsid()
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1, 2):
+        os.dup2(null, stream)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            thaw(fds)
+            os._exit(0)
+        ready, _, _ = select.select([pipe_read], [], [], remaining)
+        if ready:
+            if os.read(pipe_read, 16) == b"done":
+                os._exit(0)
+            thaw(fds)  # EOF: the process holding the freeze is gone
+            os._exit(0)
+
+
+def main():
+    if len(sys.argv) < 3:
+        fail("usage: freeze DEADLINE MOUNT [MOUNT ...]")
+    try:
+        seconds = float(sys.argv[1])
+    except ValueError:
+        fail(f"bad deadline {sys.argv[1]!r}")
+    mounts = sys.argv[2:]
+    os.chdir("/")
+    fds = []
+    for path in mounts:
+        real = os.path.realpath(path)
+        if real == "/":
+            fail("refusing to freeze /", 3)
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            fail(f"cannot open {path}: {exc.strerror}")
+        if not os.path.ismount(real):
+            fail(f"{path} is not a mount point", 3)
+        fds.append((path, fd))
+
+    lock = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail("another freeze is in progress on this host", 4)
+
+    started = time.monotonic()
+    deadline = started + seconds
+    pipe_read, pipe_write = os.pipe()
+    if os.fork() == 0:
+        os.close(pipe_write)
+        os.close(lock)
+        if os.fork() == 0:  # the grandchild is re-parented to init, outliving this session
+            watchdog(fds, pipe_read, deadline)
+        os._exit(0)
+    os.wait()
+    os.close(pipe_read)
+
+    os.sync()
+    frozen = []
+    freeze_started = time.monotonic()
+    for path, fd in fds:
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as exc:
+            thaw(frozen)
+            os.write(pipe_write, b"done")
+            reason = "already frozen" if exc.errno == errno.EBUSY else exc.strerror
+            fail(f"cannot freeze {path}: {reason}; nothing is left frozen", 3)
+        frozen.append((path, fd))
+    frozen_at = time.monotonic()
+    emit("frozen", mounts=[path for path, _ in frozen],
+         freeze_ms=round((frozen_at - freeze_started) * 1000, 2),
+         deadline_ms=round((deadline - frozen_at) * 1000))
+
+    reason = "deadline"
+    stdin = sys.stdin.buffer
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([stdin], [], [], remaining)
+        if ready:
+            line = stdin.readline()
+            if not line:
+                reason = "eof"
+                break
+            if line.strip() == b"thaw":
+                reason = "request"
+                break
+    thawed = thaw(frozen)
+    thawed_at = time.monotonic()
+    os.write(pipe_write, b"done")
+    emit("thawed", mounts=thawed, reason=reason,
+         window_ms=round((thawed_at - freeze_started) * 1000, 2))
+
+
+if __name__ == "__main__":
+    main()

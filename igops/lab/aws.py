@@ -1,0 +1,95 @@
+"""The lab's AWS: moto's server as the EC2 and S3 endpoint, holding an instance per lab host,
+an EBS volume per XFS volume (attached under the loop device's name, as a real EBS volume
+appears under its device name), and the photo bucket.
+
+moto keeps its state in memory, so resources are looked up by their igops tags and created
+only when missing; a restarted moto gets a fresh set of ids, which the regenerated inventory
+then carries.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from igops.lab import proc
+from igops.lab.state import (AVAILABILITY_ZONE, AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY, HOSTS,
+                             MOTO, PHOTO_BUCKET, Paths)
+from igops.lab.storage import VolumeState
+
+ENDPOINT = f"http://{MOTO[0]}:{MOTO[1]}"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET_ACCESS_KEY,
+           "AWS_DEFAULT_REGION": AWS_REGION}
+LAB_AMI = "ami-0abcdef1234567890"
+
+
+@dataclass
+class AwsState:
+    instances: dict[str, str] = field(default_factory=dict)  # host -> instance id
+    volumes: dict[tuple[str, str], str] = field(default_factory=dict)  # (host, mount path) -> volume id
+
+
+def daemon(paths: Paths) -> proc.Daemon:
+    moto_server = Path(sys.executable).with_name("moto_server")
+    return proc.Daemon("moto", (str(moto_server), "-H", MOTO[0], "-p", str(MOTO[1])),
+                       paths.services / "moto.pid", paths.services / "moto.log", endpoint=MOTO,
+                       env=tuple({**AWS_ENV, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items()))
+
+
+def client(service: str):
+    import boto3
+
+    return boto3.client(service, endpoint_url=ENDPOINT, region_name=AWS_REGION,
+                        aws_access_key_id=AWS_ACCESS_KEY_ID, aws_secret_access_key=AWS_SECRET_ACCESS_KEY)
+
+
+def _tags(items: list[dict] | None) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in items or []}
+
+
+def build(volumes: list[VolumeState]) -> AwsState:
+    ec2 = client("ec2")
+    state = AwsState()
+    existing = {}
+    for reservation in ec2.describe_instances(Filters=[{"Name": "tag-key", "Values": ["igops:host"]}])["Reservations"]:
+        for instance in reservation["Instances"]:
+            if instance["State"]["Name"] not in ("terminated", "shutting-down"):
+                existing[_tags(instance.get("Tags"))["igops:host"]] = instance["InstanceId"]
+    for lab_host in HOSTS:
+        if lab_host.name not in existing:
+            tags = [{"Key": "Name", "Value": lab_host.name}, {"Key": "igops:host", "Value": lab_host.name},
+                    {"Key": "igops:roles", "Value": ",".join(lab_host.roles)}]
+            reply = ec2.run_instances(ImageId=LAB_AMI, MinCount=1, MaxCount=1, InstanceType="t3.small",
+                                      PrivateIpAddress=lab_host.address,
+                                      Placement={"AvailabilityZone": AVAILABILITY_ZONE},
+                                      TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+            existing[lab_host.name] = reply["Instances"][0]["InstanceId"]
+        state.instances[lab_host.name] = existing[lab_host.name]
+
+    known = {}
+    for volume in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["igops:mount"]}])["Volumes"]:
+        tags = _tags(volume.get("Tags"))
+        known[(tags["igops:host"], tags["igops:mount"])] = volume
+    for wanted in volumes:
+        key = (wanted.host, wanted.mount_point)
+        instance_id = state.instances[wanted.host]
+        volume = known.get(key)
+        if volume is None:
+            tags = [{"Key": "Name", "Value": f"{wanted.host}-{wanted.purpose}"},
+                    {"Key": "igops:host", "Value": wanted.host}, {"Key": "igops:mount", "Value": wanted.mount_point},
+                    {"Key": "igops:purpose", "Value": wanted.purpose}]
+            volume = ec2.create_volume(Size=1, AvailabilityZone=AVAILABILITY_ZONE, VolumeType="gp3",
+                                       TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
+        attachments = volume.get("Attachments") or []
+        current = [(item["InstanceId"], item["Device"]) for item in attachments]
+        if current != [(instance_id, wanted.device)]:
+            for attached_to, device in current:
+                ec2.detach_volume(VolumeId=volume["VolumeId"], InstanceId=attached_to, Device=device, Force=True)
+            ec2.attach_volume(VolumeId=volume["VolumeId"], InstanceId=instance_id, Device=wanted.device)
+        state.volumes[key] = volume["VolumeId"]
+
+    s3 = client("s3")
+    if PHOTO_BUCKET not in {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=PHOTO_BUCKET)
+    return state

@@ -1,0 +1,269 @@
+"""The lab's other daemons: Redis, memcached, PgBouncer, munin-node, gunicorn and nginx.
+
+Each runs in the foreground of its own session, as its usual system user, with its files under
+its host's directory. Files that igops tools own after the first `lab up` (PgBouncer's
+[databases] file, rewritten by failovers; nginx's upstream file, rewritten by deploys; the
+app's releases) are written only when missing, so a later `lab up` does not undo them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from igops.lab import aws, files, proc
+from igops.lab.credentials import Credentials
+from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, LB_PORT, MEMCACHED_PORT,
+                             MOTO, MUNIN_PORT, PGBOUNCER_PORT, PHOTO_BUCKET, POSTGRES_PORT, REDIS_MASTER,
+                             REDIS_PORT, Paths, host, with_role)
+
+MUNIN_PLUGINS = ("cpu", "load", "memory", "uptime")
+MUNIN_PLUGIN_LIBRARY = Path("/usr/share/munin/plugins")
+PGBOUNCER_ADMIN = "pgbouncer"
+APP_USER = "www-data"
+GUNICORN_WORKERS = 2
+GUNICORN_THREADS = 4
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
+    lab_host = host(name)
+    directory = paths.host_dir(name) / "redis"
+    data_dir = paths.mount_point(name, "data")
+    replicaof = f"replicaof {host(master).address} {REDIS_PORT}" if master else ""
+    config = directory / "redis.conf"
+    if files.write_file(config, files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
+                                             data_dir=data_dir, replicaof=replicaof), owner="redis"):
+        proc.stop_pid_file(directory / "redis.pid", paths.root)
+    files.chown(data_dir, "redis")
+    return proc.Daemon(f"redis on {name}", ("/usr/bin/redis-server", str(config)), directory / "redis.pid",
+                       directory / "redis.log", endpoint=(lab_host.address, REDIS_PORT), user="redis",
+                       cwd=data_dir)
+
+
+def redis_daemons(paths: Paths) -> list[proc.Daemon]:
+    return [redis_daemon(paths, lab_host.name, None if lab_host.name == REDIS_MASTER else REDIS_MASTER)
+            for lab_host in with_role("redis")]
+
+
+def wait_for_replication(timeout: float = 30) -> None:
+    """Until every Redis replica's link to its master is up (a replica answers at once, but
+    serves stale or no data until its first sync)."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    for lab_host in with_role("redis"):
+        client = redis.Redis(host=lab_host.address, port=REDIS_PORT, socket_timeout=2)
+        try:
+            while True:
+                role = client.role()
+                if role[0] in (b"master", "master") or role[3] in (b"connected", "connected"):
+                    break
+                if time.monotonic() > deadline:
+                    raise proc.LabError(f"redis on {lab_host.name}: replication link still {role[3]!r} "
+                                        f"after {timeout:g} s")
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+
+# --- memcached -------------------------------------------------------------------------------
+
+def memcached_daemon(paths: Paths) -> proc.Daemon:
+    lab_host = with_role("memcached")[0]
+    directory = paths.host_dir(lab_host.name) / "memcached"
+    return proc.Daemon(f"memcached on {lab_host.name}",
+                       ("/usr/bin/memcached", "-l", lab_host.address, "-p", str(MEMCACHED_PORT), "-U", "0",
+                        "-m", "64", "-c", "1024"),
+                       directory / "memcached.pid", directory / "memcached.log",
+                       endpoint=(lab_host.address, MEMCACHED_PORT), user="memcache")
+
+
+# --- PgBouncer -------------------------------------------------------------------------------
+
+def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str, str]) -> proc.Daemon:
+    lab_host = with_role("pgbouncer")[0]
+    directory = paths.pgbouncer_dir()
+    socket_dir = directory / "run"
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    files.chown(directory, "postgres")
+    files.chown(socket_dir, "postgres")
+    if not paths.databases_file().exists():
+        entries = []
+        for cluster in CLUSTERS:
+            address = host(primaries[cluster.name]).address
+            entries.append(f"{cluster.name} = host={address} port={POSTGRES_PORT} dbname=instagram")
+            if cluster.name == DIRECTORY_CLUSTER:
+                entries.append(f"directory = host={address} port={POSTGRES_PORT} dbname=directory")
+        files.write_file(paths.databases_file(), files.render("databases.ini", entries="\n".join(entries)),
+                         owner="postgres")
+    files.write_file(directory / "userlist.txt",
+                     f'"app" "{credentials.app_password}"\n"{PGBOUNCER_ADMIN}" "{credentials.pgbouncer_password}"\n',
+                     mode=0o600, owner="postgres")
+    config = directory / "pgbouncer.ini"
+    changed = files.write_file(config, files.render(
+        "pgbouncer.ini", address=lab_host.address, port=PGBOUNCER_PORT, socket_dir=socket_dir,
+        databases_file=paths.databases_file(), userlist=directory / "userlist.txt", admin_user=PGBOUNCER_ADMIN,
+        log_file=directory / "pgbouncer.log"), owner="postgres")
+    if changed:
+        proc.stop_pid_file(directory / "pgbouncer.pid", paths.root)
+    return proc.Daemon(f"pgbouncer on {lab_host.name}", ("/usr/sbin/pgbouncer", str(config)),
+                       directory / "pgbouncer.pid", directory / "pgbouncer.out",
+                       endpoint=(lab_host.address, PGBOUNCER_PORT), user="postgres")
+
+
+# --- munin-node ------------------------------------------------------------------------------
+
+def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
+    lab_host = host(name)
+    directory = paths.munin_dir(name)
+    plugins, plugin_conf = directory / "plugins", directory / "plugin-conf.d"
+    for path in (plugins, plugin_conf):
+        path.mkdir(parents=True, exist_ok=True)
+    if not any(plugins.iterdir()):
+        for plugin in MUNIN_PLUGINS:
+            (plugins / plugin).symlink_to(MUNIN_PLUGIN_LIBRARY / plugin)
+    pid_file = directory / "munin-node.pid"
+    config = directory / "munin-node.conf"
+    if files.write_file(config, files.render("munin-node.conf", host=name, address=lab_host.address,
+                                             port=MUNIN_PORT, log_file=directory / "munin-node.log",
+                                             pid_file=pid_file)):
+        proc.stop_pid_file(pid_file, paths.root)
+    # Debian's munin-node has no option for its plugin directories, so each node gets its own
+    # mount namespace with this host's directories bound over the system ones. Slave
+    # propagation lets the lab's unmounts reach the namespace.
+    script = ('mount --bind "$1" /etc/munin/plugins && mount --bind "$2" /etc/munin/plugin-conf.d '
+              '&& exec /usr/sbin/munin-node --config "$3" --foreground')
+    argv = ("unshare", "--mount", "--propagation", "slave", "--", "/bin/sh", "-c", script, "munin-node",
+            str(plugins), str(plugin_conf), str(config))
+    return proc.Daemon(f"munin-node on {name}", argv, pid_file, directory / "munin-node.out",
+                       endpoint=(lab_host.address, MUNIN_PORT), writes_pid_file=True)
+
+
+# --- the app: venv, release, gunicorn --------------------------------------------------------
+
+def app_venv(paths: Paths) -> Path:
+    """A virtualenv with the app's requirements, built once per requirements.txt content."""
+    requirements = paths.app_source / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    venv = paths.venvs / digest
+    ready = venv / ".igops-ready"
+    if ready.exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    paths.venvs.mkdir(parents=True, exist_ok=True)
+    proc.run([_base_python(), "-m", "venv", venv], timeout=120)
+    proc.run([venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements],
+             timeout=600)
+    ready.write_text(str(requirements) + "\n")
+    for stale in paths.venvs.iterdir():
+        if stale != venv and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return venv
+
+
+def _base_python() -> str:
+    """The system's interpreter, which the app's user can run (igops' own may sit in a home
+    directory only root can enter)."""
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        return str(system)
+    return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def _source_digest(source: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc"):
+            digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def ensure_release(paths: Paths, name: str) -> Path:
+    """The Capistrano layout: releases/<id>, an atomically switched `current`, shared/.
+    A first release is made from the app's source only when `current` does not exist yet."""
+    root = paths.app_root(name)
+    current = root / "current"
+    for directory in (root / "releases", root / "shared" / "log"):
+        directory.mkdir(parents=True, exist_ok=True)
+    if current.exists():
+        return current.resolve()
+    release_id = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    release = root / "releases" / release_id
+    shutil.rmtree(release, ignore_errors=True)
+    shutil.copytree(paths.app_source, release / "app",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "test_*.py"))
+    (release / "REVISION").write_text(_source_digest(paths.app_source) + "\n")
+    link = root / f".current.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(release)
+    os.replace(link, current)
+    return release
+
+
+def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credentials) -> proc.Daemon:
+    lab_host = host(name)
+    root = paths.app_root(name)
+    shared = root / "shared"
+    ensure_release(paths, name)
+    password_file = shared / "app-pg-password"
+    files.write_file(password_file, credentials.app_password + "\n", mode=0o600, owner=APP_USER)
+    pgbouncer = with_role("pgbouncer")[0]
+    config = files.render(
+        "app.toml", host=name, pgbouncer_address=pgbouncer.address, pgbouncer_port=PGBOUNCER_PORT,
+        password_file=password_file,
+        redis_nodes=", ".join(f'"{node.address}:{REDIS_PORT}"' for node in with_role("redis")),
+        memcached_servers=", ".join(f'"{node.address}:{MEMCACHED_PORT}"' for node in with_role("memcached")),
+        s3_endpoint=f"http://{MOTO[0]}:{MOTO[1]}", region=AWS_REGION, bucket=PHOTO_BUCKET,
+        stats_path=shared / "stats.db")
+    pid_file = shared / "gunicorn.pid"
+    if files.write_file(shared / "app.toml", config, owner=APP_USER):
+        proc.stop_pid_file(pid_file, paths.root)
+    files.chown(shared, APP_USER, recursive=True)
+    argv = (str(venv / "bin" / "gunicorn"), "--bind", f"{lab_host.address}:{APP_PORT}",
+            "--workers", str(GUNICORN_WORKERS), "--threads", str(GUNICORN_THREADS), "--worker-class", "gthread",
+            # HUP re-reads `current`: the deploy's switch takes effect without a restart.
+            "--chdir", str(root / "current"), "--pid", str(pid_file), "--name", f"app-{name}",
+            "--control-socket", str(shared / "gunicorn.ctl"),
+            "--access-logfile", str(shared / "log" / "access.log"),
+            "--error-logfile", str(shared / "log" / "error.log"),
+            "--timeout", "30", "--graceful-timeout", "10", "app.wsgi:application")
+    env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
+    return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
+                       endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),
+                       cwd=root, writes_pid_file=True, health_path="/health")
+
+
+# --- nginx -----------------------------------------------------------------------------------
+
+def nginx_daemon(paths: Paths) -> proc.Daemon:
+    lab_host = with_role("lb")[0]
+    directory = paths.nginx_dir()
+    for temporary in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (directory / "tmp" / temporary).mkdir(parents=True, exist_ok=True)
+    files.chown(directory / "tmp", "www-data", recursive=True)
+    if not paths.upstream_file().exists():
+        servers = "\n".join(f"    server {node.address}:{APP_PORT} max_fails=2 fail_timeout=5s;"
+                            for node in with_role("app"))
+        files.write_file(paths.upstream_file(), files.render("upstream.conf", servers=servers))
+    pid_file = directory / "nginx.pid"
+    config = directory / "nginx.conf"
+    if files.write_file(config, files.render("nginx.conf", pid_file=pid_file, dir=directory,
+                                             upstream_file=paths.upstream_file(), address=lab_host.address,
+                                             port=LB_PORT)):
+        proc.stop_pid_file(pid_file, paths.root)
+    proc.run(["/usr/sbin/nginx", "-t", "-q", "-c", config, "-e", directory / "error.log"])
+    return proc.Daemon(f"nginx on {lab_host.name}",
+                       ("/usr/sbin/nginx", "-c", str(config), "-e", str(directory / "error.log")),
+                       pid_file, directory / "nginx.out", endpoint=(lab_host.address, LB_PORT),
+                       writes_pid_file=True, health_path="/health")
+
+
+def nginx_reload_command(paths: Paths) -> str:
+    config = paths.nginx_dir() / "nginx.conf"
+    return f"/usr/sbin/nginx -c {config} -e {paths.nginx_dir() / 'error.log'} -s reload"

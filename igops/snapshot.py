@@ -1,0 +1,553 @@
+"""Consistent EBS snapshots of XFS filesystems: freeze, snapshot every volume at once, thaw.
+
+Compared with the classic per-volume loop, the freeze is held by a watchdog on the host that
+thaws even if igops is killed; every volume is snapshotted in one call (or in parallel), so the
+freeze window does not grow with the number of volumes; RAID members are found, ordered and
+tagged so a restore can reassemble them; and a group with any failed call is marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as random_source
+import shlex
+from collections import defaultdict
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from igops import __version__, agent, remote
+from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.output import Reporter
+
+TAG_GROUP = "igops:group"
+TAG_HOST = "igops:host"
+TAG_ROLE = "igops:role"
+TAG_MOUNT = "igops:mount"
+TAG_DEVICE = "igops:device"
+TAG_FSTYPE = "igops:fstype"
+TAG_RAID_INDEX = "igops:raid-index"
+TAG_RAID_MEMBERS = "igops:raid-members"
+TAG_RAID_LEVEL = "igops:raid-level"
+TAG_GROUP_SIZE = "igops:group-size"
+TAG_FREEZE_MS = "igops:freeze-ms"
+TAG_STATE = "igops:state"
+TAG_CREATED = "igops:created"
+TAG_VERSION = "igops:version"
+
+STATE_COMPLETE = "complete"
+STATE_FAILED = "failed"
+STATE_PENDING = "pending"
+STATE_TAKING = "taking"
+
+
+@dataclass(frozen=True)
+class VolumeTarget:
+    mount: str
+    device: str
+    fstype: str
+    raid_index: int
+    raid_members: int
+    raid_level: str | None
+    volume_id: str
+
+
+@dataclass
+class CreatePlan:
+    group_id: str
+    host: str
+    instance_id: str
+    role: str
+    mounts: list[str]
+    volumes: list[VolumeTarget]
+    one_call: bool
+    freeze_deadline: float
+    pre_freeze: str | None
+
+    def steps(self) -> list[str]:
+        steps = []
+        if self.pre_freeze:
+            steps.append(f"on {self.host}: run the pre-freeze hook `{self.pre_freeze}`, then sync")
+        steps.append(f"on {self.host}: start the thaw watchdog (hard deadline {self.freeze_deadline:g} s), "
+                     f"freeze {', '.join(self.mounts)}")
+        if self.one_call:
+            steps.append(f"CreateSnapshots for instance {self.instance_id} (its {len(self.volumes)} data volumes, "
+                         "one shared point in time)")
+        else:
+            steps.append(f"{len(self.volumes)} parallel CreateSnapshot calls: "
+                         + ", ".join(f"{v.volume_id} ({v.mount} {v.device})" for v in self.volumes))
+        steps.append(f"thaw {', '.join(reversed(self.mounts))} (reverse order) the moment the calls return")
+        steps.append(f"tag every snapshot with group {self.group_id}, host, role, mount, device, RAID index, "
+                     "freeze window and igops version; mark the group complete")
+        return steps
+
+
+@dataclass
+class CreateResult:
+    group_id: str
+    host: str
+    state: str
+    snapshots: dict[str, str] = field(default_factory=dict)
+    freeze_window_ms: float | None = None
+    thawed_by: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class SnapshotGroup:
+    group_id: str
+    host: str
+    mounts: list[str]
+    volumes: int
+    expected: int
+    state: str
+    created: datetime
+    size_gib: int
+    freeze_ms: float | None
+    snapshots: list[dict] = field(default_factory=list, repr=False)
+
+
+def new_group_id(host: str, now: datetime | None = None) -> str:
+    moment = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{host}-{moment}-{random_source.token_hex(2)}"
+
+
+# --- create -----------------------------------------------------------------------------------
+def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
+                deadline: float | None = None, hook: bool = True) -> CreatePlan:
+    """Discover what lies under the mounts and refuse anything unsafe, before anything is frozen."""
+    from igops.ebs import MAX_PENDING_SNAPSHOTS, Ebs
+
+    host = fleet.host(host_name)
+    if not host.instance_id:
+        raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
+    chosen = mounts or [mount.path for mount in host.mounts]
+    if not chosen:
+        raise UsageError(f"host {host.name} has no data mounts", "pass --mount or list [[hosts.mounts]] in the inventory")
+    for path in chosen:
+        if path.rstrip("/") == "":
+            raise RefusedError("refusing to freeze /", "freeze only data filesystems")
+    ebs = ebs or Ebs(fleet)
+    discovered = discover(fleet, host, chosen)
+    attachments = ebs.instance_volumes(host.instance_id)
+    volumes = map_volumes(host, discovered, attachments)
+    pending = ebs.pending_snapshots([volume.volume_id for volume in volumes])
+    busy = [volume_id for volume_id, count in pending.items() if count >= MAX_PENDING_SNAPSHOTS]
+    if busy:
+        raise RefusedError(f"volumes with {MAX_PENDING_SNAPSHOTS} pending snapshots already: {', '.join(busy)}",
+                           "wait for those snapshots to complete")
+    data_volumes = {item.volume_id for item in attachments if not item.root}
+    role = next((role for role in host.roles if role != "munin"), host.roles[0] if host.roles else "none")
+    pre_freeze = fleet.model.snapshot.pre_freeze.get(role) if hook else None
+    return CreatePlan(
+        group_id=new_group_id(host.name), host=host.name, instance_id=host.instance_id, role=role,
+        mounts=chosen, volumes=volumes,
+        one_call={volume.volume_id for volume in volumes} == data_volumes,
+        freeze_deadline=deadline or fleet.model.snapshot.freeze_deadline,
+        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None)
+
+
+def discover(fleet, host, mounts: list[str]) -> list[dict]:
+    command, stdin = agent.invocation("blockdevs", mounts)
+    settings = remote.settings_for(fleet)
+    [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
+    if not result.ok:
+        raise RemoteError(f"cannot inspect block devices on {host.name}: "
+                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}")
+    entries = json.loads(result.stdout)["mounts"]
+    for entry in entries:
+        if "error" in entry:
+            raise RefusedError(f"{host.name}:{entry['mount']} is {entry['error']}",
+                               "pass the mount point of a data filesystem")
+    return entries
+
+
+def map_volumes(host, discovered: list[dict], attachments) -> list[VolumeTarget]:
+    """Each member device under each mount -> its EBS volume: the inventory's explicit list
+    first (RAID member order), then the NVMe serial, then the EC2 attachment's device name."""
+    by_device = {}
+    for attachment in attachments:
+        for alias in device_aliases(attachment.device):
+            by_device[alias] = attachment
+    attached_ids = {attachment.volume_id for attachment in attachments}
+    explicit = {mount.path: mount.volumes for mount in host.mounts if mount.volumes}
+    targets = []
+    for entry in discovered:
+        members = sorted(entry["members"], key=lambda member: member["raid_index"])
+        listed = explicit.get(entry["mount"])
+        if listed and len(listed) != len(members):
+            raise RefusedError(
+                f"{host.name}:{entry['mount']} has {len(members)} member devices but the inventory lists "
+                f"{len(listed)} volumes", "fix that mount's volumes list (RAID member order)")
+        for position, member in enumerate(members):
+            volume_id = (listed[position] if listed else member.get("volume_id")) or next(
+                (by_device[alias].volume_id for alias in device_aliases(member["device"]) if alias in by_device), None)
+            if not volume_id or volume_id not in attached_ids:
+                raise RefusedError(
+                    f"{host.name}:{entry['mount']}: {member['device']} is not a known EBS volume of {host.instance_id}"
+                    + (f" ({volume_id} is not attached to it)" if volume_id else ""),
+                    "list the mount's volumes in the inventory, or check the instance id")
+            if any(attachment.root for attachment in attachments if attachment.volume_id == volume_id):
+                raise RefusedError(f"{entry['mount']} lies on the root volume {volume_id}", "never freeze the root")
+            raid = entry.get("raid")
+            targets.append(VolumeTarget(entry["mount"], member["device"], entry["fstype"], member["raid_index"],
+                                        len(members), raid["level"] if raid else None, volume_id))
+    return targets
+
+
+def device_aliases(device: str) -> set[str]:
+    """EC2 names a device /dev/sdf; Xen guests see /dev/xvdf. Both spellings match."""
+    name = device.rsplit("/", 1)[-1]
+    aliases = {device, f"/dev/{name}"}
+    if name.startswith("sd"):
+        aliases.add(f"/dev/xvd{name[2:]}")
+    elif name.startswith("xvd"):
+        aliases.add(f"/dev/sd{name[3:]}")
+    return aliases
+
+
+def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -> CreateResult:
+    from igops.ebs import Ebs
+
+    ebs = ebs or Ebs(fleet)
+    host = fleet.host(plan.host)
+    settings = remote.settings_for(fleet)
+    [target] = remote.targets_for(fleet, [host])
+    result = CreateResult(plan.group_id, plan.host, STATE_FAILED)
+    common = {TAG_GROUP: plan.group_id, TAG_HOST: plan.host, TAG_ROLE: plan.role,
+              TAG_GROUP_SIZE: str(len(plan.volumes)), TAG_STATE: STATE_TAKING,
+              TAG_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"), TAG_VERSION: __version__}
+
+    if plan.pre_freeze:
+        with reporter.step(f"pre-freeze hook on {plan.host}"):
+            [hook] = remote.run([target], plan.pre_freeze, settings, timeout=120)
+            if not hook.ok:
+                raise RemoteError(f"pre-freeze hook failed on {plan.host}: "
+                                  f"{hook.error or hook.stderr.strip() or 'exit ' + str(hook.exit_code)}",
+                                  "nothing was frozen; fix the hook or pass --no-hook")
+
+    command, stdin = agent.invocation("freeze", [f"{plan.freeze_deadline:g}", *plan.mounts])
+    with remote.Session(target, command, settings, stdin_prefix=stdin) as session:
+        with reporter.step(f"freeze {', '.join(plan.mounts)} on {plan.host}") as step:
+            event = _event(session, plan.freeze_deadline + settings.connect_timeout)
+            if event.get("event") != "frozen":
+                raise RemoteError(f"freeze on {plan.host} failed: {event.get('message', 'no answer')}"
+                                  + (f" ({session.stderr().strip()})" if not event else ""),
+                                  "nothing is left frozen; the watchdog thaws by the deadline in any case")
+            step.detail = f"frozen in {event['freeze_ms']:.0f} ms"
+        failure: Exception | None = None
+        with reporter.step(f"snapshot {len(plan.volumes)} volumes"
+                           + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
+            try:
+                result.snapshots = _take_snapshots(ebs, plan, common, on_first_failure=lambda: session.send(b"thaw\n"))
+            except Exception as exc:  # noqa: BLE001 - the thaw below must happen first
+                failure = exc
+                result.snapshots = getattr(exc, "made", {})
+                step.status, step.detail = "failed", str(exc)[:200]
+            session.send(b"thaw\n")
+        with reporter.step(f"thaw {', '.join(reversed(plan.mounts))}") as step:
+            event = _event(session, plan.freeze_deadline + settings.connect_timeout)
+            if event.get("event") != "thawed":
+                raise RemoteError(f"thaw on {plan.host} not confirmed",
+                                  f"its watchdog thaws at the {plan.freeze_deadline:g} s deadline; "
+                                  "check with `igops check`")
+            result.freeze_window_ms, result.thawed_by = event["window_ms"], event["reason"]
+            step.detail = f"freeze window {event['window_ms']:.0f} ms"
+
+    if failure is not None or len(result.snapshots) != len(plan.volumes):
+        result.error = str(failure) if failure else "not every volume was snapshotted"
+        with reporter.step(f"mark group {plan.group_id} failed and delete its snapshots"):
+            _discard(ebs, result.snapshots)
+        raise SnapshotFailed(result)
+
+    with reporter.step(f"tag {len(result.snapshots)} snapshots, group {plan.group_id}"):
+        for volume in plan.volumes:
+            ebs.tag([result.snapshots[volume.volume_id]], {
+                TAG_MOUNT: volume.mount, TAG_DEVICE: volume.device, TAG_FSTYPE: volume.fstype,
+                TAG_RAID_INDEX: str(volume.raid_index), TAG_RAID_MEMBERS: str(volume.raid_members),
+                TAG_RAID_LEVEL: volume.raid_level or "none", "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
+                TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}"})
+        ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
+    result.state = STATE_COMPLETE
+    return result
+
+
+class SnapshotFailed(IgopsError):
+    def __init__(self, result: CreateResult):
+        super().__init__(f"snapshot group {result.group_id} failed: {result.error}",
+                         "the filesystems were thawed at once and the group's snapshots deleted")
+        self.result = result
+
+
+def _event(session, timeout: float) -> dict:
+    line = session.read_line(timeout)
+    if not line:
+        return {}
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {"event": "error", "message": line[:200]}
+
+
+def _take_snapshots(ebs, plan: CreatePlan, tags: dict, on_first_failure) -> dict[str, str]:
+    description = f"igops {plan.group_id} {plan.host}"
+    if plan.one_call:
+        made = ebs.create_snapshots(plan.instance_id, description, tags)
+        return {volume.volume_id: made[volume.volume_id] for volume in plan.volumes if volume.volume_id in made}
+    made: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=len(plan.volumes)) as pool:
+        futures = {pool.submit(ebs.create_snapshot, volume.volume_id, description, tags): volume.volume_id
+                   for volume in plan.volumes}
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(future.exception() for future in done):
+            on_first_failure()
+        wait(futures)
+        errors = []
+        for future, volume_id in futures.items():
+            if future.exception():
+                errors.append(f"{volume_id}: {future.exception()}")
+            else:
+                made[volume_id] = future.result()
+    if errors:
+        raise PartialSnapshot(made, "; ".join(errors))
+    return made
+
+
+class PartialSnapshot(IgopsError):
+    def __init__(self, made: dict[str, str], message: str):
+        super().__init__(message)
+        self.made = made
+
+
+def _discard(ebs, snapshots: dict[str, str]) -> None:
+    for snapshot_id in snapshots.values():
+        try:
+            ebs.delete_snapshot(snapshot_id)
+        except IgopsError:
+            ebs.tag([snapshot_id], {TAG_STATE: STATE_FAILED})
+
+
+# --- list, show ---------------------------------------------------------------------------------
+def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
+    from igops.ebs import tags_of
+
+    filters = {TAG_GROUP: None} if host is None else {TAG_GROUP: None, TAG_HOST: host}
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for snapshot in ebs.snapshots(filters):
+        by_group[tags_of(snapshot)[TAG_GROUP]].append(snapshot)
+    found = []
+    for group_id, members in by_group.items():
+        tags = [tags_of(snapshot) for snapshot in members]
+        expected = max(int(t.get(TAG_GROUP_SIZE, "0") or 0) for t in tags)
+        states = {snapshot["State"] for snapshot in members}
+        marked = {t.get(TAG_STATE) for t in tags}
+        if STATE_FAILED in marked or "error" in states:
+            state = STATE_FAILED
+        elif marked == {STATE_COMPLETE} and len(members) == expected:
+            state = STATE_COMPLETE if states == {"completed"} else STATE_PENDING
+        else:
+            state = STATE_TAKING if len(members) <= expected else STATE_FAILED
+        created = min(snapshot["StartTime"] for snapshot in members)
+        freeze = next((float(t[TAG_FREEZE_MS]) for t in tags if t.get(TAG_FREEZE_MS)), None)
+        found.append(SnapshotGroup(
+            group_id, tags[0].get(TAG_HOST, "?"), sorted({t.get(TAG_MOUNT, "?") for t in tags}), len(members),
+            expected, state, created if created.tzinfo else created.replace(tzinfo=timezone.utc),
+            sum(snapshot.get("VolumeSize", 0) for snapshot in members), freeze,
+            sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0))))))
+    return sorted(found, key=lambda group: group.created, reverse=True)
+
+
+def find_group(ebs, group_id: str) -> SnapshotGroup:
+    for group in groups(ebs):
+        if group.group_id == group_id:
+            return group
+    raise UsageError(f"no snapshot group {group_id!r}", "see `igops snapshot list`")
+
+
+# --- prune --------------------------------------------------------------------------------------
+@dataclass
+class Retention:
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+
+    def empty(self) -> bool:
+        return not (self.last or self.hourly or self.daily or self.weekly)
+
+
+@dataclass
+class PrunePlan:
+    keep: dict[str, list[str]]  # group id -> why it is kept
+    delete: list[SnapshotGroup]
+
+    def steps(self) -> list[str]:
+        return [f"delete group {group.group_id} ({group.host}, {group.state}, "
+                f"{group.created:%Y-%m-%d %H:%M} UTC, {group.volumes} snapshots)" for group in self.delete] \
+            or ["nothing to delete"]
+
+
+BUCKETS = {
+    "hourly": lambda moment: moment.strftime("%Y-%m-%d %H"),
+    "daily": lambda moment: moment.strftime("%Y-%m-%d"),
+    "weekly": lambda moment: "%d-W%02d" % moment.isocalendar()[:2],
+}
+
+
+def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
+               now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> PrunePlan:
+    """Which groups to keep and delete, per host. Only complete groups count toward retention;
+    the newest complete group of a host is always kept; failed groups are deleted; groups still
+    being taken (or failed ones younger than `grace`, which may still be cleaned up) are left."""
+    if retention.empty():
+        raise UsageError("no retention given", "pass at least one of --keep-last/--keep-hourly/--keep-daily/--keep-weekly")
+    now = now or datetime.now(timezone.utc)
+    keep: dict[str, list[str]] = defaultdict(list)
+    delete: list[SnapshotGroup] = []
+    by_host: dict[str, list[SnapshotGroup]] = defaultdict(list)
+    for group in all_groups:
+        by_host[group.host].append(group)
+    for host_groups in by_host.values():
+        complete = sorted((g for g in host_groups if g.state == STATE_COMPLETE), key=lambda g: g.created, reverse=True)
+        if complete:
+            keep[complete[0].group_id].append("newest complete")
+        for group in complete[:retention.last]:
+            keep[group.group_id].append("last")
+        for name, count in (("hourly", retention.hourly), ("daily", retention.daily), ("weekly", retention.weekly)):
+            seen: set[str] = set()
+            for group in complete:
+                bucket = BUCKETS[name](group.created)
+                if bucket not in seen and len(seen) < count:
+                    seen.add(bucket)
+                    keep[group.group_id].append(name)
+        for group in host_groups:
+            if group.group_id in keep:
+                continue
+            if group.state == STATE_COMPLETE:
+                delete.append(group)
+            elif group.state == STATE_FAILED and now - group.created > grace:
+                delete.append(group)
+    return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
+
+
+def prune(ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
+    deleted = []
+    for group in plan.delete:
+        with reporter.step(f"delete group {group.group_id}"):
+            for snapshot in group.snapshots:
+                ebs.delete_snapshot(snapshot["SnapshotId"])
+            deleted.append(group.group_id)
+    return deleted
+
+
+# --- restore ------------------------------------------------------------------------------------
+@dataclass
+class RestoreVolume:
+    snapshot_id: str
+    mount: str
+    raid_index: int
+    fstype: str
+
+
+@dataclass
+class RestorePlan:
+    group_id: str
+    to_host: str
+    instance_id: str
+    mount_root: str
+    mounts: dict[str, list[RestoreVolume]]  # original mount -> members in RAID order
+    raid_levels: dict[str, str]
+
+    def target_path(self, mount: str) -> str:
+        return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
+
+    def steps(self) -> list[str]:
+        steps = []
+        for mount, members in self.mounts.items():
+            for member in members:
+                steps.append(f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
+                             f"attach it to {self.instance_id} ({self.to_host})")
+            if len(members) > 1:
+                steps.append(f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
+                             f"{len(members)} members in order")
+            steps.append(f"on {self.to_host}: mount it at {self.target_path(mount)} (read-write)")
+        return steps
+
+
+@dataclass
+class RestoreResult:
+    group_id: str
+    to_host: str
+    volumes: dict[str, str]  # snapshot id -> new volume id
+    mounted: dict[str, str]  # original mount -> where it is now mounted
+
+
+def plan_restore(fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None) -> RestorePlan:
+    from igops.ebs import tags_of
+
+    group = find_group(ebs, group_id)
+    if group.state != STATE_COMPLETE:
+        raise RefusedError(f"group {group_id} is {group.state}, not complete", "restore a complete group")
+    host = fleet.host(to_host)
+    if not host.instance_id:
+        raise UsageError(f"host {host.name} has no instance_id", "add it to the inventory")
+    mounts: dict[str, list[RestoreVolume]] = defaultdict(list)
+    levels: dict[str, str] = {}
+    for snapshot in group.snapshots:
+        tags = tags_of(snapshot)
+        mounts[tags[TAG_MOUNT]].append(RestoreVolume(snapshot["SnapshotId"], tags[TAG_MOUNT],
+                                                     int(tags.get(TAG_RAID_INDEX, 0)), tags.get(TAG_FSTYPE, "xfs")))
+        levels[tags[TAG_MOUNT]] = tags.get(TAG_RAID_LEVEL, "none")
+    for members in mounts.values():
+        members.sort(key=lambda member: member.raid_index)
+    return RestorePlan(group_id, host.name, host.instance_id, mount_root or fleet.model.snapshot.restore_root,
+                       dict(mounts), levels)
+
+
+def restore(fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
+    host = fleet.host(plan.to_host)
+    settings = remote.settings_for(fleet)
+    [target] = remote.targets_for(fleet, [host])
+    zone = ebs.availability_zone(plan.instance_id)
+    result = RestoreResult(plan.group_id, plan.to_host, {}, {})
+    for mount, members in plan.mounts.items():
+        devices = []
+        for member in members:
+            with reporter.step(f"volume from {member.snapshot_id} ({mount} #{member.raid_index})") as step:
+                volume_id = ebs.create_volume(member.snapshot_id, zone, {
+                    TAG_GROUP: plan.group_id, TAG_MOUNT: mount, TAG_RAID_INDEX: str(member.raid_index),
+                    "Name": f"restore {plan.group_id} {mount}#{member.raid_index}"})
+                devices.append(ebs.attach(volume_id, plan.instance_id))
+                result.volumes[member.snapshot_id] = volume_id
+                step.detail = f"{volume_id} at {devices[-1]}"
+        path = plan.target_path(mount)
+        with reporter.step(f"mount {mount} at {plan.to_host}:{path}"):
+            script = mount_script(devices, path, members[0].fstype, f"{plan.group_id}{mount}")
+            [done] = remote.run([target], script, settings, timeout=300)
+            if not done.ok:
+                raise RemoteError(f"mounting {mount} on {plan.to_host} failed: "
+                                  f"{done.error or done.stderr.strip() or 'exit ' + str(done.exit_code)}",
+                                  f"the volumes {', '.join(result.volumes.values())} are attached; mount them by hand")
+            result.mounted[mount] = path
+    return result
+
+
+def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:
+    """Shell for the host: wait for the devices, assemble RAID when there is one, mount.
+    A restored XFS carries its source's UUID, which may be mounted on the same host: nouuid."""
+    quoted = " ".join(shlex.quote(device) for device in devices)
+    lines = [
+        "set -e",
+        f"for d in {quoted}; do i=0; while [ ! -b \"$d\" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; "
+        "[ -b \"$d\" ] || { echo \"device $d did not appear\" >&2; exit 1; }; done",
+        f"if mountpoint -q {shlex.quote(path)}; then echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
+        f"mkdir -p {shlex.quote(path)}",
+    ]
+    device = devices[0]
+    if len(devices) > 1:
+        md = "/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:]
+        lines.append(f"mdadm --assemble --run {shlex.quote(md)} {quoted}")
+        device = md
+    options = "nouuid" if fstype == "xfs" else "defaults"
+    lines.append(f"mount -t {shlex.quote(fstype)} -o {options} {shlex.quote(device)} {shlex.quote(path)}")
+    return "\n".join(lines)

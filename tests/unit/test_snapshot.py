@@ -1,0 +1,180 @@
+"""Snapshot planning without a fleet: block-device discovery parsers on recorded host output,
+volume mapping, retention, and the restore script."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from igops import snapshot
+from igops.agent import blockdevs
+from igops.ebs import Attachment
+from igops.errors import RefusedError, UsageError
+
+RECORDINGS = Path(__file__).parent / "recordings"
+
+
+def test_mdstat_members_in_raid_order():
+    arrays = blockdevs.parse_mdstat((RECORDINGS / "mdstat.txt").read_text())
+    assert arrays["md0"] == {"level": "raid0", "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
+    assert arrays["md1"]["level"] == "raid10"
+    assert [name for name, _ in arrays["md1"]["members"]] == ["xvdj", "xvdk", "xvdl", "xvdm"]
+
+
+def test_mdadm_detail_orders_by_raid_device_not_number():
+    detail = blockdevs.parse_mdadm_detail((RECORDINGS / "mdadm-detail-md0.txt").read_text())
+    assert detail["level"] == "raid0" and detail["uuid"] == "3a2b1c0d:4e5f6a7b:8c9d0e1f:2a3b4c5d"
+    assert detail["members"] == [("nvme1n1", 0), ("nvme2n1", 1), ("nvme4n1", 2), ("nvme3n1", 3)]
+
+
+def test_nvme_serials_map_devices_to_volumes():
+    entries = [tuple(part.strip() for part in line.split("->"))
+               for line in (RECORDINGS / "by-id.txt").read_text().splitlines()]
+    volumes = blockdevs.parse_by_id(entries)
+    assert volumes["nvme0n1"] == "vol-0123456789abcdef0"
+    assert volumes["nvme4n1"] == "vol-0aaaaaaaaaaaaaaa4"
+    assert "nvme0n1p1" not in volumes and "nvme6n1" not in volumes
+
+
+def test_mountinfo_parser():
+    text = ("36 35 98:0 / /var/lib/postgresql rw,noatime shared:1 - xfs /dev/md0 rw,attr2\n"
+            "37 35 7:3 / /srv/with\\040space rw - xfs /dev/loop3 rw\n")
+    mounts = blockdevs.parse_mountinfo(text)
+    assert mounts["/var/lib/postgresql"] == ("/dev/md0", "xfs")
+    assert mounts["/srv/with space"] == ("/dev/loop3", "xfs")
+
+
+@dataclass
+class FakeMount:
+    path: str
+    volumes: list = field(default_factory=list)
+
+
+@dataclass
+class FakeHost:
+    name: str = "db1"
+    instance_id: str = "i-0abc"
+    mounts: list = field(default_factory=list)
+
+
+def raid_entry(volume_ids=(None, None, None, None)):
+    return {"mount": "/var/lib/postgresql", "fstype": "xfs", "raid": {"level": "raid0", "uuid": None, "members": 4},
+            "members": [{"device": f"/dev/nvme{i + 1}n1", "raid_index": i, "volume_id": v}
+                        for i, v in enumerate(volume_ids)]}
+
+
+ATTACHED = [Attachment("vol-root", "/dev/xvda", 8, True)] + [
+    Attachment(f"vol-0aaaaaaaaaaaaaaa{i}", f"/dev/sd{'fghi'[i - 1]}", 1000, False) for i in range(1, 5)]
+
+
+def test_map_volumes_from_nvme_serials_keeps_raid_order():
+    ids = [f"vol-0aaaaaaaaaaaaaaa{i}" for i in (1, 2, 3, 4)]
+    targets = snapshot.map_volumes(FakeHost(), [raid_entry(ids)], ATTACHED)
+    assert [(t.raid_index, t.volume_id) for t in targets] == list(enumerate(ids))
+    assert all(t.raid_members == 4 and t.raid_level == "raid0" for t in targets)
+
+
+def test_map_volumes_from_inventory_list_wins():
+    ids = [f"vol-0aaaaaaaaaaaaaaa{i}" for i in (4, 3, 2, 1)]
+    host = FakeHost(mounts=[FakeMount("/var/lib/postgresql", ids)])
+    targets = snapshot.map_volumes(host, [raid_entry()], ATTACHED)
+    assert [t.volume_id for t in targets] == ids
+
+
+def test_map_volumes_by_attachment_device_name_with_xen_alias():
+    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
+             "members": [{"device": "/dev/xvdg", "raid_index": 0, "volume_id": None}]}
+    [target] = snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+    assert target.volume_id == "vol-0aaaaaaaaaaaaaaa2"
+
+
+def test_unknown_device_is_refused_before_any_freeze():
+    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
+             "members": [{"device": "/dev/xvdz", "raid_index": 0, "volume_id": None}]}
+    with pytest.raises(RefusedError, match="not a known EBS volume"):
+        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+
+
+def test_volume_of_another_instance_is_refused():
+    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
+             "members": [{"device": "/dev/nvme9n1", "raid_index": 0, "volume_id": "vol-0ffffffffffffffff"}]}
+    with pytest.raises(RefusedError, match="not attached"):
+        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+
+
+def test_root_volume_is_refused():
+    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
+             "members": [{"device": "/dev/xvda", "raid_index": 0, "volume_id": None}]}
+    with pytest.raises(RefusedError, match="root"):
+        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+
+
+def test_member_count_mismatch_is_refused():
+    host = FakeHost(mounts=[FakeMount("/var/lib/postgresql", ["vol-0aaaaaaaaaaaaaaa1"])])
+    with pytest.raises(RefusedError, match="4 member devices"):
+        snapshot.map_volumes(host, [raid_entry()], ATTACHED)
+
+
+def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)):
+    created = now - timedelta(hours=hours_ago)
+    return snapshot.SnapshotGroup(f"{host}-{hours_ago}", host, ["/data"], 2, 2, state, created, 2, 10.0)
+
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+
+
+def test_prune_keep_last():
+    groups = [group("db1", h) for h in range(6)]
+    plan = snapshot.plan_prune(groups, snapshot.Retention(last=2), NOW)
+    assert set(plan.keep) == {"db1-0", "db1-1"}
+    assert [g.group_id for g in plan.delete] == ["db1-5", "db1-4", "db1-3", "db1-2"]
+
+
+def test_prune_hourly_daily_weekly_buckets():
+    now = datetime(2026, 11, 23, 12, 40, tzinfo=timezone.utc)  # a Monday
+    groups = [group("db1", h, now=now) for h in (0, 0.5, 1, 2, 24, 25, 48, 24 * 8, 24 * 15)]
+    plan = snapshot.plan_prune(groups, snapshot.Retention(hourly=2, daily=3, weekly=3), now)
+    assert plan.keep["db1-0"] == ["newest complete", "hourly", "daily", "weekly"]
+    assert "db1-0.5" not in plan.keep  # same hour as db1-0, and older
+    assert plan.keep["db1-1"] == ["hourly"]
+    assert plan.keep["db1-24"] == ["daily", "weekly"]  # Sunday: the previous ISO week
+    assert plan.keep["db1-48"] == ["daily"]
+    assert plan.keep[f"db1-{24 * 8}"] == ["weekly"]
+    assert f"db1-{24 * 15}" not in plan.keep
+    assert {g.group_id for g in plan.delete} == {"db1-0.5", "db1-2", "db1-25", f"db1-{24 * 15}"}
+
+
+def test_prune_never_deletes_newest_complete_and_ignores_incomplete():
+    groups = [group("db1", 0, "failed"), group("db1", 3), group("db1", 5), group("db1", 0.1, "taking"),
+              group("db1", 10, "failed"), group("db2", 50)]
+    plan = snapshot.plan_prune(groups, snapshot.Retention(last=1), NOW)
+    assert "db1-3" in plan.keep and "db2-50" in plan.keep
+    deleted = [g.group_id for g in plan.delete]
+    assert deleted == ["db1-10", "db1-5"]  # failed old group and surplus complete one; fresh failure and taking kept
+
+
+def test_prune_needs_a_retention():
+    with pytest.raises(UsageError):
+        snapshot.plan_prune([], snapshot.Retention(), NOW)
+
+
+def test_group_ids_are_unique_and_name_the_host():
+    first, second = snapshot.new_group_id("db1"), snapshot.new_group_id("db1")
+    assert first.startswith("db1-") and first != second
+
+
+def test_mount_script_quotes_and_assembles_raid():
+    script = snapshot.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/x y/$(id)", "xfs", "g1/var/lib")
+    assert "mdadm --assemble --run /dev/md/" in script
+    assert "'/mnt/x y/$(id)'" in script and "-o nouuid" in script
+
+
+def test_create_plan_steps_say_one_call_or_parallel():
+    volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
+    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10, "psql -c CHECKPOINT")
+    steps = plan.steps()
+    assert "pre-freeze hook" in steps[0] and "CreateSnapshots" in steps[2] and "reverse order" in steps[3]
+    assert "/wal, /data" in steps[3]
+    plan.one_call = False
+    assert "parallel CreateSnapshot" in plan.steps()[2]
