@@ -14,15 +14,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from igops.lab import sshd  # noqa: E402
+from igops.lab.faults import AwsProxy, Faults  # noqa: E402
 
 HOST_ADDRESS = "127.0.30.200"
 MOTO = ("127.0.30.201", 5001)
@@ -32,32 +31,6 @@ SIZES = [1, 2, 4, 8]
 REPEATS = 3
 SSH_PORT = 2201
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def latency_proxy() -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # EC2 Query API calls are POSTs
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(LATENCY)
-            request = urllib.request.Request(f"http://{MOTO[0]}:{MOTO[1]}{self.path}", data=body, method="POST",
-                                             headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as answer:
-                    status, payload, headers = answer.status, answer.read(), answer.headers
-            except urllib.error.HTTPError as error:
-                status, payload, headers = error.code, error.read(), error.headers
-            self.send_response(status)
-            self.send_header("Content-Type", headers.get("Content-Type", "text/xml"))
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(PROXY, Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def make_volumes(work: Path, count: int) -> list[tuple[str, Path]]:
@@ -105,7 +78,7 @@ def main() -> None:
     moto = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", MOTO[0], "-p", str(MOTO[1])],
                             env={**os.environ, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = latency_proxy()
+    proxy = AwsProxy(PROXY, f"http://{MOTO[0]}:{MOTO[1]}", Faults(latency=LATENCY)).__enter__()
     keys = sshd.ensure_keys(work / "ssh")
     sshd.write_known_hosts(keys, [(HOST_ADDRESS, SSH_PORT)])
     sshd.start(work / "ssh", "snapbench", keys, [HOST_ADDRESS], SSH_PORT)
@@ -165,7 +138,7 @@ instance_id = "{instances[size]}"
     finally:
         remove_volumes(volumes)
         sshd.stop(work / "ssh", "snapbench")
-        proxy.shutdown()
+        proxy.__exit__(None, None, None)
         moto.terminate()
         moto.wait()
 
