@@ -86,13 +86,13 @@ class AppConfig:
 def parse_host_port(text: str) -> HostPort:
     """Parse "host:port" or "[v6addr]:port"."""
     if not isinstance(text, str):
-        raise ValueError(f"expected a \"host:port\" string, got {text!r}")
+        raise ValueError(f'expected a "host:port" string, got {text!r}')
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
     else:
         host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected \"host:port\", got {text!r}")
+        raise ValueError(f'expected "host:port", got {text!r}')
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise ValueError(f"port out of range in {text!r}")
@@ -138,9 +138,9 @@ class _Section:
         return value
 
     def addresses(self, key: str) -> tuple[HostPort, ...]:
-        value = self._get(key, _REQUIRED, list, "a list of \"host:port\" strings")
+        value = self._get(key, _REQUIRED, list, 'a list of "host:port" strings')
         if not value:
-            raise self.error(key, "must list at least one \"host:port\"")
+            raise self.error(key, 'must list at least one "host:port"')
         try:
             return tuple(parse_host_port(item) for item in value)
         except ValueError as exc:

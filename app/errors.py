@@ -4,9 +4,10 @@
 class ApiError(Exception):
     status = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class BadRequest(ApiError):
@@ -16,6 +17,9 @@ class BadRequest(ApiError):
 class Unauthorized(ApiError):
     status = 401
 
+    def __init__(self, message: str):
+        super().__init__(message, {"WWW-Authenticate": "Token"})
+
 
 class NotFound(ApiError):
     status = 404
@@ -23,6 +27,9 @@ class NotFound(ApiError):
 
 class MethodNotAllowed(ApiError):
     status = 405
+
+    def __init__(self, method: str, allowed: tuple[str, ...]):
+        super().__init__(f"method {method} not allowed; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
 
 
 class Conflict(ApiError):

@@ -21,7 +21,9 @@ def compose_id(unix_millis: int, logical_shard: int, sequence: int) -> int:
         raise ValueError(f"timestamp {unix_millis} is outside the id epoch")
     if not 0 <= logical_shard <= MAX_SHARD:
         raise ValueError(f"logical shard {logical_shard} does not fit in {SHARD_BITS} bits")
-    return (elapsed << (SHARD_BITS + SEQUENCE_BITS)) | (logical_shard << SEQUENCE_BITS) | (sequence % (MAX_SEQUENCE + 1))
+    return (
+        (elapsed << (SHARD_BITS + SEQUENCE_BITS)) | (logical_shard << SEQUENCE_BITS) | (sequence % (MAX_SEQUENCE + 1))
+    )
 
 
 def shard_of(object_id: int) -> int:

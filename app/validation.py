@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from app.errors import BadRequest, Unauthorized
+from app.errors import BadRequest, PayloadTooLarge, Unauthorized
 from app.ids import MAX_ID
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.]{1,30}")
@@ -84,7 +84,7 @@ def require_image(payload: dict[str, Any], max_bytes: int = MAX_IMAGE_BYTES) -> 
         raise BadRequest("field 'image_base64' must be a base64 string")
     # a cheap bound before decoding: base64 grows data by 4/3
     if len(encoded) > (max_bytes + 2) // 3 * 4:
-        raise BadRequest(f"image is larger than {max_bytes} bytes")
+        raise PayloadTooLarge(f"image is larger than {max_bytes} bytes")
     try:
         image = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):

@@ -9,9 +9,9 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 
 CREATE SEQUENCE IF NOT EXISTS {schema}.table_id_seq;
 
--- 41 bits of milliseconds since 2011-08-24 21:07:01.721 UTC (Instagram's epoch), 13 bits of
--- logical shard, 10 bits of a per-shard sequence: ids sort by creation time
--- and decode to their shard as (id >> 10) & 8191.
+-- 41 bits of milliseconds since Instagram's epoch (2011-08-24 21:07:01.721
+-- UTC), 13 bits of logical shard, 10 bits of a per-shard sequence: ids sort
+-- by creation time and decode to their shard as (id >> 10) & 8191.
 CREATE OR REPLACE FUNCTION {schema}.next_id(OUT result bigint) AS $$
 DECLARE
     our_epoch bigint := 1314220021721;

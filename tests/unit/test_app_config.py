@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from app.config import CONFIG_ENV_VAR, ConfigError, HostPort, load_config, load_config_from_env, parse_config, parse_host_port
+from app.config import (
+    CONFIG_ENV_VAR,
+    ConfigError,
+    HostPort,
+    load_config,
+    load_config_from_env,
+    parse_config,
+    parse_host_port,
+)
 
 FULL = """
 [postgres]
@@ -123,7 +131,11 @@ def test_unknown_keys_are_ignored_for_forward_compatibility():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("127.0.0.1:6379", HostPort("127.0.0.1", 6379)), ("[::1]:6379", HostPort("::1", 6379)), ("redis-a:1", HostPort("redis-a", 1))],
+    [
+        ("127.0.0.1:6379", HostPort("127.0.0.1", 6379)),
+        ("[::1]:6379", HostPort("::1", 6379)),
+        ("redis-a:1", HostPort("redis-a", 1)),
+    ],
 )
 def test_host_port(text, expected):
     assert parse_host_port(text) == expected

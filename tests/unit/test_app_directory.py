@@ -1,3 +1,7 @@
+import contextlib
+
+import psycopg2
+
 from app.config import HostPort
 from app.directory import Directory, read_snapshot
 
@@ -80,18 +84,11 @@ class FakeConnections:
         self.cursor = cursor
         self.fail = False
 
+    @contextlib.contextmanager
     def transaction(self, database):
-        import contextlib
-
-        import psycopg2
-
-        @contextlib.contextmanager
-        def scope():
-            if self.fail:
-                raise psycopg2.OperationalError("directory down")
-            yield self.cursor
-
-        return scope()
+        if self.fail:
+            raise psycopg2.OperationalError("directory down")
+        yield self.cursor
 
 
 def test_directory_checks_versions_at_most_once_per_ttl_and_survives_outages():

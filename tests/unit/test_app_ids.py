@@ -38,7 +38,9 @@ def test_ids_sort_by_time_across_shards():
     assert compose_id(EPOCH_MS + 10, 8191, 1023) < compose_id(EPOCH_MS + 11, 0, 0)
 
 
-@pytest.mark.parametrize("millis,shard", [(EPOCH_MS - 1, 0), (EPOCH_MS + (1 << 41), 0), (EPOCH_MS, 8192), (EPOCH_MS, -1)])
+@pytest.mark.parametrize(
+    "millis,shard", [(EPOCH_MS - 1, 0), (EPOCH_MS + (1 << 41), 0), (EPOCH_MS, 8192), (EPOCH_MS, -1)]
+)
 def test_out_of_range_parts_are_rejected(millis, shard):
     with pytest.raises(ValueError):
         compose_id(millis, shard, 0)

@@ -19,8 +19,12 @@ def test_load_runner_needs_only_the_standard_library():
 
 
 def test_cli_help_runs_without_third_party_packages():
+    run_cli = (
+        "import sys, runpy; sys.path.insert(0, sys.argv[1]); sys.argv[1:] = ['run', '--help'];"
+        "runpy.run_module('app.loadgen', run_name='__main__')"
+    )
     result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", "import sys, runpy; sys.path.insert(0, sys.argv[1]); sys.argv[1:] = ['run', '--help']; runpy.run_module('app.loadgen', run_name='__main__')", str(REPO)],
+        [sys.executable, "-I", "-S", "-c", run_cli, str(REPO)],
         capture_output=True,
         text=True,
     )

@@ -51,7 +51,12 @@ def test_gives_up_within_the_budget():
 
     with pytest.raises(Transient):
         call_with_retries(
-            attempt, is_retryable=lambda e: True, before_retry=lambda e: False, budget_seconds=5.0, clock=clock, sleep=clock.sleep
+            attempt,
+            is_retryable=lambda e: True,
+            before_retry=lambda e: False,
+            budget_seconds=5.0,
+            clock=clock,
+            sleep=clock.sleep,
         )
     assert clock.now <= 5.0
     assert clock.now > 4.0
@@ -67,7 +72,9 @@ def test_non_retryable_errors_propagate_at_once():
         raise KeyError("bug")
 
     with pytest.raises(KeyError):
-        call_with_retries(attempt, is_retryable=lambda e: False, before_retry=lambda e: False, clock=clock, sleep=clock.sleep)
+        call_with_retries(
+            attempt, is_retryable=lambda e: False, before_retry=lambda e: False, clock=clock, sleep=clock.sleep
+        )
     assert calls == [1]
     assert clock.sleeps == []
 

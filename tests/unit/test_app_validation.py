@@ -2,7 +2,7 @@ import base64
 
 import pytest
 
-from app.errors import BadRequest, Unauthorized
+from app.errors import BadRequest, PayloadTooLarge, Unauthorized
 from app.validation import (
     MAX_CAPTION_CHARS,
     optional_caption,
@@ -77,7 +77,7 @@ def test_image_decoding():
 
 
 def test_image_size_limit_is_checked_before_decoding():
-    with pytest.raises(BadRequest, match="larger than 10 bytes"):
+    with pytest.raises(PayloadTooLarge, match="larger than 10 bytes"):
         require_image({"image_base64": base64.b64encode(b"x" * 30).decode()}, max_bytes=10)
 
 

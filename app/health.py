@@ -1,0 +1,158 @@
+"""GET /health: every dependency checked in parallel, answered within a second.
+
+Each check runs in its own thread on its own short-lived connection, so a hung
+dependency costs the caller at most the deadline and never blocks the
+worker's regular connections. A check still running when the next /health
+arrives is reported as still pending instead of being started again, which
+bounds the threads a dead dependency can hold.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pymemcache.client.base import Client as MemcacheClient
+
+from app.config import AppConfig, HostPort
+from app.db import connect
+from app.directory import read_snapshot
+from app.redis_client import discover_master, make_client
+from app.shardmap import DirectorySnapshot
+
+DEADLINE_SECONDS = 0.9
+# the directory tells which clusters and Redis master to check, so it goes first
+DIRECTORY_WAIT_SECONDS = 0.4
+# libpq's smallest connect timeout; the deadline still bounds what the caller waits
+PG_CONNECT_TIMEOUT_SECONDS = 2
+NETWORK_TIMEOUT_SECONDS = 0.5
+
+CheckDetail = dict[str, Any]
+
+
+class _RunningCheck:
+    def __init__(self, name: str, probe: Callable[[], CheckDetail]):
+        self.name = name
+        self.done = threading.Event()
+        self.result: CheckDetail | None = None
+        self._probe = probe
+        self._started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name=f"health-{name}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            detail = self._probe()
+        except Exception as exc:
+            detail = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()}"}
+        detail["ms"] = round((time.monotonic() - self._started) * 1000, 1)
+        self.result = detail
+        self.done.set()
+
+    def outcome(self) -> CheckDetail:
+        if self.result is not None:
+            return self.result
+        return {"ok": False, "error": f"no answer within {DEADLINE_SECONDS}s"}
+
+
+class HealthChecker:
+    """One per process, shared by its threads."""
+
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self._lock = threading.Lock()
+        self._running: dict[str, _RunningCheck] = {}
+
+    def _start(self, name: str, probe: Callable[[], CheckDetail]) -> _RunningCheck | CheckDetail:
+        with self._lock:
+            previous = self._running.get(name)
+            if previous is not None and not previous.done.is_set():
+                return {"ok": False, "error": "previous check has not answered yet"}
+            check = _RunningCheck(name, probe)
+            self._running[name] = check
+        check.thread.start()
+        return check
+
+    def run(self, cached: DirectorySnapshot | None) -> tuple[bool, dict[str, CheckDetail]]:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        fresh_directory: list[DirectorySnapshot] = []
+        started: dict[str, _RunningCheck | CheckDetail] = {
+            "directory": self._start("directory", lambda: self._check_directory(fresh_directory)),
+            "memcached": self._start("memcached", self._check_memcached),
+        }
+        directory_check = started["directory"]
+        if isinstance(directory_check, _RunningCheck):
+            directory_check.done.wait(min(DIRECTORY_WAIT_SECONDS, max(0.0, deadline - time.monotonic())))
+        snapshot = fresh_directory[0] if fresh_directory else cached
+
+        if snapshot is None:
+            started["clusters"] = {"ok": False, "error": "cluster list unknown: the directory has not been read yet"}
+        else:
+            for cluster, database in sorted(snapshot.shard_map.database_of_cluster.items()):
+                started[f"cluster:{cluster}"] = self._start(
+                    f"cluster:{cluster}", lambda db=database: self._check_postgres(db)
+                )
+        master = snapshot.redis_master if snapshot is not None else None
+        started["redis"] = self._start("redis", lambda: self._check_redis(master))
+
+        checks: dict[str, CheckDetail] = {}
+        for name, check in started.items():
+            if isinstance(check, _RunningCheck):
+                check.done.wait(max(0.0, deadline - time.monotonic()))
+                checks[name] = check.outcome()
+            else:
+                checks[name] = check
+        return all(detail["ok"] for detail in checks.values()), checks
+
+    def _check_postgres(self, database: str, directory_sink: list[DirectorySnapshot] | None = None) -> CheckDetail:
+        connection = connect(self.config.postgres, database, connect_timeout=PG_CONNECT_TIMEOUT_SECONDS)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                (in_recovery,) = cursor.fetchone()
+                if directory_sink is not None:
+                    directory_sink.append(read_snapshot(cursor))
+            connection.rollback()
+        finally:
+            connection.close()
+        return {"ok": True, "database": database, "in_recovery": in_recovery}
+
+    def _check_directory(self, sink: list[DirectorySnapshot]) -> CheckDetail:
+        return self._check_postgres(self.config.postgres.directory_database, directory_sink=sink)
+
+    def _check_redis(self, master: HostPort | None) -> CheckDetail:
+        address = master or discover_master(self.config.redis.nodes, timeout=NETWORK_TIMEOUT_SECONDS)
+        if address is None:
+            return {
+                "ok": False,
+                "error": "no redis_master endpoint in the directory and no single node reports role master",
+            }
+        client = make_client(address, socket_timeout=NETWORK_TIMEOUT_SECONDS, connect_timeout=NETWORK_TIMEOUT_SECONDS)
+        try:
+            client.ping()
+            role = client.role()[0]
+        finally:
+            client.close()
+        detail: CheckDetail = {"ok": role == "master", "address": str(address), "role": role}
+        if role != "master":
+            detail["error"] = f"{address} reports role {role}, not master"
+        return detail
+
+    def _check_memcached(self) -> CheckDetail:
+        key = f"igops:health:{os.uname().nodename}:{os.getpid()}"
+        servers: dict[str, str] = {}
+        for server in self.config.memcached.servers:
+            client = MemcacheClient(
+                (server.host, server.port), connect_timeout=NETWORK_TIMEOUT_SECONDS, timeout=NETWORK_TIMEOUT_SECONDS
+            )
+            token = str(time.time()).encode()
+            try:
+                client.set(key, token, expire=60, noreply=False)
+                servers[str(server)] = "ok" if client.get(key) == token else "set/get mismatch"
+            except Exception as exc:
+                servers[str(server)] = f"{type(exc).__name__}: {exc}"
+            finally:
+                client.close()
+        return {"ok": all(state == "ok" for state in servers.values()), "servers": servers}
