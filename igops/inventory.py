@@ -151,7 +151,7 @@ def _build_models():
         # settings, and how a node is told to pick them up.
         plugin_dir: str = "/etc/munin/plugins"
         plugin_conf_dir: str = "/etc/munin/plugin-conf.d"
-        reload_command: str = "systemctl restart munin-node"
+        restart_command: str = "systemctl restart munin-node"
 
     class Shards(Strict):
         count: int = Field(16, ge=1, le=8192)
@@ -451,7 +451,7 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
                             ("app.reload_command", section("app").get("reload_command")),
                             ("munin.plugin_dir", section("munin").get("plugin_dir")),
                             ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
-                            ("munin.reload_command", section("munin").get("reload_command"))]:
+                            ("munin.restart_command", section("munin").get("restart_command"))]:
         unknown = {name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "")
                    if name != "host"}
         if unknown:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, credentials, postgres, proc, services, sshd, state, storage
+from igops.lab import aws, credentials, files, postgres, proc, services, sshd, state, storage
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
@@ -95,18 +95,17 @@ def _endpoints() -> list[tuple[str, int, str]]:
 
 
 def _preflight(paths: Paths) -> None:
-    """Refuse before building anything when another program holds one of the lab's ports."""
+    """Refuse before building anything when another program holds one of the lab's ports
+    or the app's source is missing."""
+    if not (paths.app_source / "requirements.txt").is_file():
+        raise UsageError(f"the app's source is not at {paths.app_source}",
+                         "run igops from a checkout of the project (the lab deploys its app/)")
+    listening = proc.listeners()
     for address, port, what in _endpoints():
-        if proc.answers(address, port, timeout=0.2) and _lab_listens(paths, address, port):
+        holders = listening.get((address, port), [])
+        if holders and all(proc.belongs(pid, paths.root) for pid, _ in holders):
             continue
         proc.ensure_free(address, port, what)
-
-
-def _lab_listens(paths: Paths, address: str, port: int) -> bool:
-    output = proc.run(["ss", "-Hltnp", f"src {address}:{port}"], check=False).stdout
-    pids = [int(item.split("=")[1]) for item in output.replace(",", " ").replace(")", " ").split()
-            if item.startswith("pid=")]
-    return bool(pids) and all(proc.belongs(pid, paths.root) for pid in pids)
 
 
 def _start_all(daemons: list[proc.Daemon], paths: Paths, timeout: float = 60) -> None:
@@ -115,16 +114,26 @@ def _start_all(daemons: list[proc.Daemon], paths: Paths, timeout: float = 60) ->
             future.result()
 
 
-def _recover(paths: Paths) -> list[str]:
-    """Undo what a killed run can leave: frozen filesystems, loop devices nothing mounts,
-    pid files of dead processes."""
+def recover(paths: Paths) -> list[str]:
+    """Undo what a killed run can leave: frozen filesystems, its one-off commands still
+    running, loop devices nothing mounts, pid files of dead processes."""
     recovered = [f"thawed {mount}" for mount in storage.thaw_all(paths.root)]
+    leftovers = proc.build_pids(paths.root)
+    if leftovers:
+        proc.terminate(leftovers, grace=3)
+        recovered.append(f"stopped {len(leftovers)} commands of an interrupted run")
     recovered += [f"detached {device}" for device in storage.detach_orphans(paths.root)]
     for pid_file in _pid_files(paths):
         if pid_file.exists() and not proc.running_pid(pid_file, paths.root):
             pid_file.unlink(missing_ok=True)
             recovered.append(f"removed stale {pid_file.name} ({pid_file.parent.relative_to(paths.root)})")
     return recovered
+
+
+def running() -> bool:
+    """Whether any lab daemon runs (cheap: pid files only)."""
+    paths = state.paths()
+    return any(proc.running_pid(pid_file, paths.root) for pid_file in _pid_files(paths))
 
 
 def _pid_files(paths: Paths) -> list[Path]:
@@ -152,21 +161,25 @@ def receivers_daemon(paths: Paths, creds: credentials.Credentials) -> proc.Daemo
     argv = (sys.executable, "-m", "igops.lab.receivers", "--pagerduty", f"{PAGERDUTY[0]}:{PAGERDUTY[1]}",
             "--pingdom", f"{PINGDOM[0]}:{PINGDOM[1]}", "--record-dir", str(paths.services / "receivers"))
     return proc.Daemon("monitoring receivers", argv, paths.services / "receivers.pid",
-                       paths.services / "receivers.log", endpoint=PINGDOM, env=tuple(env.items()))
+                       paths.services / "receivers.log", endpoint=PINGDOM, env=tuple(env.items()),
+                       config_files=(Path(__file__).with_name("receivers.py"),))
 
 
 def _ssh(paths: Paths) -> None:
     keys = sshd.ensure_keys(paths.ssh)
     sshd.write_known_hosts(keys, [(lab_host.address, SSH_PORT) for lab_host in HOSTS])
-    key = paths.postgres_key
+    directory = paths.postgres_ssh
+    directory.mkdir(mode=0o700, exist_ok=True)
+    key = directory / "id_ed25519"
     if not key.exists():
         proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "igops-lab-postgres", "-f", key])
-    from igops.lab import files
-
-    files.chown(key, "postgres")
-    files.write_file(Path(f"{keys.authorized_keys}.postgres"), key.with_suffix(".pub").read_text(), mode=0o600)
+    files.write_file(directory / "known_hosts", keys.known_hosts.read_text())
+    files.chown(directory, postgres.OS_USER, recursive=True)
+    # Logs in as postgres only (repmgr's switchover and rejoin): sshd finds it by user name.
+    files.write_file(directory / "authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600,
+                     owner=postgres.OS_USER)
     sshd.start(paths.ssh, SSHD_NAME, keys, [lab_host.address for lab_host in HOSTS], SSH_PORT,
-               env={MARKER_ENV: str(paths.root)})
+               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"), use_pam=True)
 
 
 def _redis_master(paths: Paths) -> str:
@@ -193,7 +206,7 @@ def up(reporter: Reporter | None = None) -> LabReport:
     report = LabReport(str(paths.root), str(paths.inventory), 0.0)
     with _lock(paths), ThreadPoolExecutor(max_workers=1, thread_name_prefix="venv") as background:
         with reporter.step("recover what an earlier run left behind") as step:
-            report.recovered = _recover(paths)
+            report.recovered = recover(paths)
             step.detail = "; ".join(report.recovered) or "nothing to recover"
         with reporter.step("check the lab's addresses and ports") as step:
             _preflight(paths)
@@ -211,9 +224,9 @@ def up(reporter: Reporter | None = None) -> LabReport:
         with reporter.step("Postgres clusters main (db1 → db2) and pg2 (db3 → db4) with repmgr") as step:
             with ThreadPoolExecutor(max_workers=len(CLUSTERS)) as pool:
                 built = list(pool.map(lambda cluster: postgres.build(paths, creds, cluster), CLUSTERS))
-            report.primaries = {item["cluster"]: item["primary"] for item in built}
-            step.detail = ", ".join(f"{item['cluster']}: primary {item['primary']}, standby "
-                                    f"{', '.join(item['standbys'])}" for item in built)
+            report.primaries = {item.cluster: item.primary for item in built}
+            step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
+                                    for item in built)
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
             _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
                         *services.redis_daemons(paths),
@@ -264,10 +277,10 @@ def _check(fleet, paths: Paths) -> list[Component]:
                             f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
                   for h in fleet_report.hosts]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _lab_extras(paths)
+    return components + _outside_services() + _volumes(paths)
 
 
-def _lab_extras(paths: Paths) -> list[Component]:
+def _outside_services() -> list[Component]:
     import http.client
 
     def http_ok(address: str, port: int, path: str) -> tuple[bool, str]:
@@ -288,14 +301,19 @@ def _lab_extras(paths: Paths) -> list[Component]:
                                         ("pingdom-receiver", PINGDOM, "/_lab/state")):
         ok, detail = http_ok(address, port, path)
         extras.append(Component(name, "-", f"{address}:{port}", ok, detail))
+    return extras
+
+
+def _volumes(paths: Paths) -> list[Component]:
+    volumes = []
     mounted = {str(mount.path): mount for mount in storage.mounts_under(paths.root)}
     for lab_host in HOSTS:
         for purpose in lab_host.volumes:
             point = str(paths.mount_point(lab_host.name, purpose))
             mount = mounted.get(point)
-            extras.append(Component(f"volume {purpose}", lab_host.name, point, mount is not None,
-                                    f"{mount.fstype} on {mount.source}" if mount else "not mounted"))
-    return extras
+            volumes.append(Component(f"volume {purpose}", lab_host.name, point, mount is not None,
+                                     f"{mount.fstype} on {mount.source}" if mount else "not mounted"))
+    return volumes
 
 
 def status() -> LabStatus:
@@ -318,7 +336,7 @@ def _offline_components(paths: Paths) -> list[Component]:
         ok = proc.answers(address, port, timeout=0.3)
         components.append(Component(what, next((h.name for h in HOSTS if h.address == address), "-"),
                                     f"{address}:{port}", ok, "accepts connections" if ok else "not listening"))
-    return components + _lab_extras(paths)[3:]
+    return components + _volumes(paths)
 
 
 def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:
@@ -343,7 +361,9 @@ def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:
             if report.problems:
                 step.status = "failed"
                 step.detail = "; ".join(report.problems)
-        if purge and not report.problems:
+        if purge and report.problems:
+            report.problems.append(f"{paths.root} was not deleted: something in it is still mounted")
+        elif purge:
             with reporter.step(f"delete {paths.root}"):
                 shutil.rmtree(paths.root)
                 report.purged = True
@@ -368,6 +388,8 @@ def _stop_daemons(paths: Paths) -> list[str]:
     for _, pid, sig in targets:
         proc.send_signal(pid, sig)
     proc.wait_or_kill([pid for _, pid, _ in targets], proc.STOP_GRACE)
+    for pid_file in _pid_files(paths):
+        pid_file.unlink(missing_ok=True)
     stopped = [name for name, _, _ in targets]
     leftovers = proc.lab_pids(paths.root)
     if leftovers:

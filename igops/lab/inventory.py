@@ -76,8 +76,7 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
         _table("munin", {"port": MUNIN_PORT,
                          "plugin_dir": _templated(paths.munin_dir(probe) / "plugins", probe),
                          "plugin_conf_dir": _templated(paths.munin_dir(probe) / "plugin-conf.d", probe),
-                         "reload_command": "pkill -HUP --pidfile "
-                                           + _templated(paths.munin_dir(probe) / "munin-node.pid", probe)}),
+                         "restart_command": _templated(paths.munin_dir(probe) / "restart", probe)}),
         _table("shards", {"count": LOGICAL_SHARDS, "directory_database": "directory",
                           "directory_cluster": DIRECTORY_CLUSTER, "schema_prefix": "insta",
                           "shard_ddl": paths.app_source / "sql" / "shard.sql",

@@ -9,6 +9,7 @@ survives `igops lab up`; a node whose initialisation never finished is wiped and
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from igops.lab import files, proc
@@ -42,7 +43,8 @@ class Node:
         return proc.run(argv, user=OS_USER, env=self.env, **kwargs)
 
     def pg_ctl(self, *args: str, check: bool = True):
-        return self.run([BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90)
+        return self.run([BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90,
+                        starts_daemon="start" in args)
 
     def running(self) -> bool:
         return self.pg_ctl("status", check=False).returncode == 0
@@ -79,7 +81,8 @@ class Node:
         values = dict(host=self.name, address=self.address, port=POSTGRES_PORT, pgdata=self.pgdata,
                       pgconf=self.pgconf, socket_dir=self.socket_dir, pg_wal=self.pg_wal, log=self.log,
                       bin_dir=BIN_DIR, node_id=NODE_IDS[self.name], pgpass=self.pgpass,
-                      known_hosts=self.paths.ssh / "known_hosts", ssh_key=self.paths.postgres_key)
+                      known_hosts=self.paths.postgres_ssh / "known_hosts",
+                      ssh_key=self.paths.postgres_ssh / "id_ed25519")
         for directory in (self.pgconf, self.socket_dir, self.log.parent):
             directory.mkdir(parents=True, exist_ok=True)
             files.chown(directory, OS_USER)
@@ -94,7 +97,14 @@ class Node:
             files.chown(self.paths.mount_point(self.name, purpose), OS_USER)
 
 
-def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> dict:
+@dataclass(frozen=True)
+class ClusterState:
+    cluster: str
+    primary: str
+    standbys: list[str]
+
+
+def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> ClusterState:
     """Bring one cluster up; returns which node is primary now (it changes on switchover)."""
     nodes = {name: Node(paths, name) for name in (cluster.primary, cluster.standby)}
     for node in nodes.values():
@@ -119,8 +129,7 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> dict:
     for node in nodes.values():
         if node is not current and (recloned or not node.marker.exists()):
             _clone_standby(node, current)
-    return {"cluster": cluster.name, "primary": current.name,
-            "standbys": [node.name for node in nodes.values() if node is not current]}
+    return ClusterState(cluster.name, current.name, [node.name for node in nodes.values() if node is not current])
 
 
 def _init_primary(node: Node, credentials: Credentials, cluster: PgCluster) -> None:

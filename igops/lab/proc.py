@@ -8,8 +8,11 @@ files a killed run never wrote are still found and stopped.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pwd
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from igops.errors import IgopsError, RefusedError
-from igops.lab.state import MARKER_ENV
+from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
 
 STOP_GRACE = 8.0
 
@@ -30,11 +33,16 @@ class LabError(IgopsError):
 
 def run(argv: Sequence[str], *, user: str | None = None, env: dict[str, str] | None = None,
         cwd: Path | None = None, check: bool = True, timeout: float = 120,
-        input: str | None = None) -> subprocess.CompletedProcess:
-    """Run a command to completion; a failure raises LabError carrying its output's tail."""
+        input: str | None = None, starts_daemon: bool = False) -> subprocess.CompletedProcess:
+    """Run a command to completion; a failure raises LabError carrying its output's tail.
+    `starts_daemon`: the command leaves a daemon behind (pg_ctl start), which must not carry
+    the build marker."""
+    marked = dict(env or {})
+    if not starts_daemon:
+        marked[BUILD_MARKER_ENV] = str(state_dir())
     try:
         result = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True,
-                                env=_environment(env, user), cwd=cwd, timeout=timeout, input=input,
+                                env=_environment(marked, user), cwd=cwd, timeout=timeout, input=input,
                                 **_as_user(user))
     except subprocess.TimeoutExpired:
         raise LabError(f"`{_show(argv)}` did not finish within {timeout:g} s") from None
@@ -44,8 +52,6 @@ def run(argv: Sequence[str], *, user: str | None = None, env: dict[str, str] | N
 
 
 def _show(argv: Sequence[str]) -> str:
-    import shlex
-
     return shlex.join(str(arg) for arg in argv)
 
 
@@ -91,11 +97,26 @@ class Daemon:
     # An HTTP path that must answer 200 before the daemon counts as started (a web app
     # listens before its first request has loaded its code).
     health_path: str | None = None
+    # Files whose content, with argv and env, decides whether a running daemon is current:
+    # when any of them changes, `start` restarts it.
+    config_files: tuple[Path, ...] = ()
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(repr((self.argv, self.env, self.user)).encode())
+        for path in self.config_files:
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
 
 
 def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
-    """Start the daemon unless it already runs; wait until its endpoint accepts connections."""
+    """Start the daemon unless it already runs with the same configuration; wait until its
+    endpoint accepts connections."""
+    stamp = daemon.pid_file.with_name(daemon.pid_file.name + ".config")
+    fingerprint = daemon.fingerprint()
     pid = running_pid(daemon.pid_file, state_root)
+    if pid and (not stamp.exists() or stamp.read_text() != fingerprint):
+        terminate([pid])
+        pid = None
     if pid:
         if daemon.endpoint:
             wait_for_port(*daemon.endpoint, timeout=timeout, pid=pid, log_file=daemon.log_file,
@@ -113,22 +134,13 @@ def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
                                    cwd=daemon.cwd, close_fds=True, **_as_user(daemon.user))
     if not daemon.writes_pid_file:
         daemon.pid_file.write_text(f"{process.pid}\n")
+    stamp.write_text(fingerprint)
     if daemon.endpoint:
         wait_for_port(*daemon.endpoint, timeout=timeout, pid=process.pid, log_file=daemon.log_file,
                       what=daemon.name)
         if daemon.health_path:
             wait_for_http(*daemon.endpoint, daemon.health_path, timeout=timeout, what=daemon.name)
     return process.pid
-
-
-def stop_pid_file(pid_file: Path, state_root: Path, grace: float = STOP_GRACE,
-                  sig: int = signal.SIGTERM) -> bool:
-    """Stop the lab process named by a pid file; True if one was running."""
-    pid = running_pid(pid_file, state_root)
-    if pid:
-        terminate([pid], grace, sig)
-    pid_file.unlink(missing_ok=True)
-    return pid is not None
 
 
 def terminate(pids: list[int], grace: float = STOP_GRACE, sig: int = signal.SIGTERM) -> None:
@@ -165,6 +177,19 @@ def lab_pids(state_root: Path) -> list[int]:
     environment for their process titles, such as postgres and nginx, still log there)."""
     spared = _ancestors()
     return [pid for pid in _pids() if pid not in spared and belongs(pid, state_root)]
+
+
+def build_pids(state_root: Path) -> list[int]:
+    """Live one-off build commands (see BUILD_MARKER_ENV) of the lab at `state_root`."""
+    wanted = f"{BUILD_MARKER_ENV}={state_root}".encode()
+    found = []
+    for pid in _pids():
+        try:
+            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") and alive(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def belongs(pid: int, state_root: Path) -> bool:
@@ -215,11 +240,20 @@ def running_pid(pid_file: Path, state_root: Path | None = None) -> int | None:
 
 
 def alive(pid: int) -> bool:
+    """True while any thread of the process runs: a killed multi-threaded process shows its
+    main thread as a zombie while the others still hold its sockets."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (OSError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
         return False
-    return state not in ("Z", "X")
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def answers(address: str, port: int, timeout: float = 0.5) -> bool:
@@ -279,21 +313,24 @@ def ensure_free(address: str, port: int, what: str) -> None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        raise RefusedError(f"{address}:{port} (for the lab's {what}) is already in use{_listener(address, port)}",
+        holders = [holder for (host, listening_port), found in listeners().items()
+                   if listening_port == port and host in (address, "0.0.0.0", "*", "[::]") for holder in found]
+        named = f" by {', '.join(f'{name} (pid {pid})' for pid, name in holders)}" if holders else ""
+        raise RefusedError(f"{address}:{port} (for the lab's {what}) is already in use{named}",
                            "stop that program or run `igops lab down` if it is a lab left over") from None
     finally:
         probe.close()
 
 
-def _listener(address: str, port: int) -> str:
-    try:
-        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
-                             timeout=5).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    for line in out.splitlines():
+def listeners() -> dict[tuple[str, int], list[tuple[int, str]]]:
+    """Listening TCP sockets: (address, port) -> [(pid, program)]."""
+    output = run(["ss", "-Hltnp"], check=False).stdout
+    found: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for line in output.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[3].rsplit(":", 1)[0] in (address, "0.0.0.0", "*", "[::]"):
-            users = fields[-1] if "users:" in fields[-1] else ""
-            return f" by {users.removeprefix('users:')}" if users else ""
-    return ""
+        if len(fields) < 4:
+            continue
+        host, _, port = fields[3].rpartition(":")
+        holders = [(int(pid), name) for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line)]
+        found.setdefault((host, int(port)), []).extend(holders)
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from igops.lab import aws, files, proc
 from igops.lab.credentials import Credentials
-from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, LB_PORT, MEMCACHED_PORT,
+from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, LB_PORT, MARKER_ENV, MEMCACHED_PORT,
                              MOTO, MUNIN_PORT, PGBOUNCER_PORT, PHOTO_BUCKET, POSTGRES_PORT, REDIS_MASTER,
                              REDIS_PORT, Paths, host, with_role)
 
@@ -37,13 +38,12 @@ def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
     data_dir = paths.mount_point(name, "data")
     replicaof = f"replicaof {host(master).address} {REDIS_PORT}" if master else ""
     config = directory / "redis.conf"
-    if files.write_file(config, files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
-                                             data_dir=data_dir, replicaof=replicaof), owner="redis"):
-        proc.stop_pid_file(directory / "redis.pid", paths.root)
+    files.write_file(config, files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
+                                          data_dir=data_dir, replicaof=replicaof), owner="redis")
     files.chown(data_dir, "redis")
     return proc.Daemon(f"redis on {name}", ("/usr/bin/redis-server", str(config)), directory / "redis.pid",
                        directory / "redis.log", endpoint=(lab_host.address, REDIS_PORT), user="redis",
-                       cwd=data_dir)
+                       cwd=data_dir, config_files=(config,))
 
 
 def redis_daemons(paths: Paths) -> list[proc.Daemon]:
@@ -106,15 +106,14 @@ def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str
                      f'"app" "{credentials.app_password}"\n"{PGBOUNCER_ADMIN}" "{credentials.pgbouncer_password}"\n',
                      mode=0o600, owner="postgres")
     config = directory / "pgbouncer.ini"
-    changed = files.write_file(config, files.render(
+    files.write_file(config, files.render(
         "pgbouncer.ini", address=lab_host.address, port=PGBOUNCER_PORT, socket_dir=socket_dir,
         databases_file=paths.databases_file(), userlist=directory / "userlist.txt", admin_user=PGBOUNCER_ADMIN,
         log_file=directory / "pgbouncer.log"), owner="postgres")
-    if changed:
-        proc.stop_pid_file(directory / "pgbouncer.pid", paths.root)
     return proc.Daemon(f"pgbouncer on {lab_host.name}", ("/usr/sbin/pgbouncer", str(config)),
                        directory / "pgbouncer.pid", directory / "pgbouncer.out",
-                       endpoint=(lab_host.address, PGBOUNCER_PORT), user="postgres")
+                       endpoint=(lab_host.address, PGBOUNCER_PORT), user="postgres",
+                       config_files=(config, directory / "userlist.txt"))
 
 
 # --- munin-node ------------------------------------------------------------------------------
@@ -130,10 +129,8 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
             (plugins / plugin).symlink_to(MUNIN_PLUGIN_LIBRARY / plugin)
     pid_file = directory / "munin-node.pid"
     config = directory / "munin-node.conf"
-    if files.write_file(config, files.render("munin-node.conf", host=name, address=lab_host.address,
-                                             port=MUNIN_PORT, log_file=directory / "munin-node.log",
-                                             pid_file=pid_file)):
-        proc.stop_pid_file(pid_file, paths.root)
+    files.write_file(config, files.render("munin-node.conf", host=name, address=lab_host.address,
+                                          port=MUNIN_PORT, log_file=directory / "munin-node.log", pid_file=pid_file))
     # Debian's munin-node has no option for its plugin directories, so each node gets its own
     # mount namespace with this host's directories bound over the system ones. Slave
     # propagation lets the lab's unmounts reach the namespace.
@@ -141,8 +138,12 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
               '&& exec /usr/sbin/munin-node --config "$3" --foreground')
     argv = ("unshare", "--mount", "--propagation", "slave", "--", "/bin/sh", "-c", script, "munin-node",
             str(plugins), str(plugin_conf), str(config))
+    files.write_file(directory / "restart", files.render(
+        "munin-restart.sh", host=name, marker_env=MARKER_ENV, state_root=paths.root, pid_file=pid_file,
+        command=shlex.join(argv), log_file=directory / "munin-node.out", address=lab_host.address, port=MUNIN_PORT),
+        mode=0o755)
     return proc.Daemon(f"munin-node on {name}", argv, pid_file, directory / "munin-node.out",
-                       endpoint=(lab_host.address, MUNIN_PORT), writes_pid_file=True)
+                       endpoint=(lab_host.address, MUNIN_PORT), writes_pid_file=True, config_files=(config,))
 
 
 # --- the app: venv, release, gunicorn --------------------------------------------------------
@@ -222,8 +223,7 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
         s3_endpoint=f"http://{MOTO[0]}:{MOTO[1]}", region=AWS_REGION, bucket=PHOTO_BUCKET,
         stats_path=shared / "stats.db")
     pid_file = shared / "gunicorn.pid"
-    if files.write_file(shared / "app.toml", config, owner=APP_USER):
-        proc.stop_pid_file(pid_file, paths.root)
+    files.write_file(shared / "app.toml", config, owner=APP_USER)
     files.chown(shared, APP_USER, recursive=True)
     argv = (str(venv / "bin" / "gunicorn"), "--bind", f"{lab_host.address}:{APP_PORT}",
             "--workers", str(GUNICORN_WORKERS), "--threads", str(GUNICORN_THREADS), "--worker-class", "gthread",
@@ -232,11 +232,12 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
             "--control-socket", str(shared / "gunicorn.ctl"),
             "--access-logfile", str(shared / "log" / "access.log"),
             "--error-logfile", str(shared / "log" / "error.log"),
-            "--timeout", "30", "--graceful-timeout", "10", "app.wsgi:application")
+            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", "5", "app.wsgi:application")
     env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
     return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
                        endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),
-                       cwd=root, writes_pid_file=True, health_path="/health")
+                       cwd=root, writes_pid_file=True, health_path="/health",
+                       config_files=(shared / "app.toml", password_file))
 
 
 # --- nginx -----------------------------------------------------------------------------------
@@ -253,15 +254,13 @@ def nginx_daemon(paths: Paths) -> proc.Daemon:
         files.write_file(paths.upstream_file(), files.render("upstream.conf", servers=servers))
     pid_file = directory / "nginx.pid"
     config = directory / "nginx.conf"
-    if files.write_file(config, files.render("nginx.conf", pid_file=pid_file, dir=directory,
-                                             upstream_file=paths.upstream_file(), address=lab_host.address,
-                                             port=LB_PORT)):
-        proc.stop_pid_file(pid_file, paths.root)
+    files.write_file(config, files.render("nginx.conf", pid_file=pid_file, dir=directory,
+                                          upstream_file=paths.upstream_file(), address=lab_host.address, port=LB_PORT))
     proc.run(["/usr/sbin/nginx", "-t", "-q", "-c", config, "-e", directory / "error.log"])
     return proc.Daemon(f"nginx on {lab_host.name}",
                        ("/usr/sbin/nginx", "-c", str(config), "-e", str(directory / "error.log")),
                        pid_file, directory / "nginx.out", endpoint=(lab_host.address, LB_PORT),
-                       writes_pid_file=True, health_path="/health")
+                       writes_pid_file=True, health_path="/health", config_files=(config,))
 
 
 def nginx_reload_command(paths: Paths) -> str:

@@ -46,17 +46,23 @@ def write_known_hosts(keys: SshKeys, endpoints: list[tuple[str, int]]) -> None:
     keys.known_hosts.write_text("\n".join(lines) + "\n")
 
 
-def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path) -> str:
+def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path,
+                user_keys: str | None = None, use_pam: bool = False) -> str:
+    """`user_keys`: a further authorized-keys path with sshd's %u (user name) token, for keys
+    that may log in as one user only. sshd reads it as that user, so it must be readable
+    by them. `use_pam`: as Debian's own sshd does; without PAM, sshd refuses key logins to
+    accounts whose password is locked, such as the postgres system user."""
     listen = "\n".join(f"ListenAddress {address}:{port}" for address in addresses)
+    key_files = f"{keys.authorized_keys} {user_keys}" if user_keys else str(keys.authorized_keys)
     return f"""{listen}
 HostKey {keys.host_key}
 PidFile {pid_file}
-AuthorizedKeysFile {keys.authorized_keys} {keys.authorized_keys}.%u
+AuthorizedKeysFile {key_files}
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-UsePAM no
+UsePAM {"yes" if use_pam else "no"}
 StrictModes no
 UseDNS no
 PrintMotd no
@@ -69,14 +75,15 @@ Subsystem sftp internal-sftp
 
 
 def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port: int,
-          env: dict[str, str] | None = None) -> int:
+          env: dict[str, str] | None = None, user_keys: str | None = None, use_pam: bool = False) -> int:
     """Start (or keep) an sshd called `name` on `addresses`; returns its pid. `env` is added
-    to the daemon's environment (the lab marks its processes this way)."""
+    to the daemon's environment (the lab marks its processes this way); `user_keys` and
+    `use_pam` are as for `config_text`."""
     if len(addresses) > MAX_ADDRESSES_PER_DAEMON:
         raise ValueError(f"one sshd listens on at most {MAX_ADDRESSES_PER_DAEMON} addresses")
     pid_file = directory / f"sshd-{name}.pid"
     config = directory / f"sshd-{name}.conf"
-    text = config_text(keys, addresses, port, pid_file)
+    text = config_text(keys, addresses, port, pid_file, user_keys, use_pam)
     running = running_pid(pid_file)
     if running and config.exists() and config.read_text() == text:
         return running

@@ -16,6 +16,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/igops-lab")
 # Every process the lab starts carries this variable (value: the state dir), so `down` can find
 # the lab's processes even when a killed run never wrote their pid files.
 MARKER_ENV = "IGOPS_LAB_STATE"
+# Carried by the one-off commands a build runs (initdb, pip, pg_basebackup): any still alive
+# when the next run starts belong to a run that was killed, and are stopped.
+BUILD_MARKER_ENV = "IGOPS_LAB_BUILD"
 
 MOTO = ("127.0.10.5", 5000)
 PAGERDUTY = ("127.0.10.6", 8080)
@@ -116,10 +119,6 @@ class Paths:
         return self.root / "lab" / "passwords.toml"
 
     @property
-    def lock(self) -> Path:
-        return self.root / "lab" / "lab.lock"
-
-    @property
     def fleet_state(self) -> Path:
         return self.root / "igops"
 
@@ -128,9 +127,10 @@ class Paths:
         return self.root / "ssh"
 
     @property
-    def postgres_key(self) -> Path:
-        """repmgr runs ssh as the postgres user, which cannot read root's client key."""
-        return self.ssh / "postgres_id_ed25519"
+    def postgres_ssh(self) -> Path:
+        """repmgr runs ssh as the postgres user, who cannot enter root's ssh directory: its
+        key and a copy of known_hosts live here."""
+        return self.root / "postgres-ssh"
 
     @property
     def storage(self) -> Path:

@@ -36,7 +36,6 @@ class Mount:
 class Loop:
     device: str
     backing_file: str
-    direct_io: bool
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,10 @@ def _unescape(text: str) -> str:
 
 def loops_under(root: Path) -> list[Loop]:
     """Loop devices whose backing file is (or was, before deletion) under `root`."""
-    result = proc.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,DIO"])
+    result = proc.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"])
     devices = json.loads(result.stdout or '{"loopdevices": []}')["loopdevices"]
     prefix = f"{root}/"
-    return [Loop(entry["name"], entry["back-file"].removesuffix(" (deleted)"),
-                 str(entry.get("dio")) in ("1", "True", "true"))
+    return [Loop(entry["name"], entry["back-file"].removesuffix(" (deleted)"))
             for entry in devices
             if (entry.get("back-file") or "").startswith(prefix)]
 
