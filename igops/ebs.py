@@ -32,9 +32,16 @@ class Ebs:
         import boto3
         from botocore.config import Config
 
+        from igops.secrets import Secrets
+
         aws = fleet.model.aws
+        secrets = Secrets(fleet.model.secrets.file)
+        # Keys from the environment or the secrets file; without them boto3's own chain
+        # (instance profile, ~/.aws) applies.
         self._ec2 = boto3.client(
             "ec2", region_name=aws.region, endpoint_url=aws.endpoint_url,
+            aws_access_key_id=secrets.get("aws_access_key_id"),
+            aws_secret_access_key=secrets.get("aws_secret_access_key"),
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30,
                           max_pool_connections=64))
         self._images = ImageStore(Path(aws.volume_images)) if aws.volume_images else None
@@ -85,17 +92,27 @@ class Ebs:
                             Description=description,
                             TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}])
         made = {item["VolumeId"]: item["SnapshotId"] for item in answer["Snapshots"]}
-        if self._images:
-            self._images.copy_for_snapshots(self, made)
+        self._copy_images(made)
         return made
 
     def create_snapshot(self, volume_id: str, description: str, tags: dict[str, str]) -> str:
         answer = self._call("CreateSnapshot", self._ec2.create_snapshot, VolumeId=volume_id,
                             Description=description,
                             TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}])
-        if self._images:
-            self._images.copy_for_snapshots(self, {volume_id: answer["SnapshotId"]})
+        self._copy_images({volume_id: answer["SnapshotId"]})
         return answer["SnapshotId"]
+
+    def _copy_images(self, made: dict[str, str]) -> None:
+        """Lab only: copy the volumes' images while still frozen. A snapshot whose contents could
+        not be kept must not survive as if it were good."""
+        if not self._images:
+            return
+        try:
+            self._images.copy_for_snapshots(self, made)
+        except IgopsError:
+            for snapshot_id in made.values():
+                self.delete_snapshot(snapshot_id)
+            raise
 
     def tag(self, resource_ids: list[str], tags: dict[str, str]) -> None:
         if resource_ids:
@@ -198,7 +215,7 @@ class ImageStore:
 
         def copy(volume_id: str) -> None:
             image = _loop_backing_file(devices[volume_id])
-            _run(["cp", "--reflink=always", "--sparse=always", image, str(self.snapshot_image(made[volume_id]))])
+            _run(["cp", "--reflink=always", image, str(self.snapshot_image(made[volume_id]))])
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(copy, made))
@@ -212,10 +229,13 @@ class ImageStore:
             raise IgopsError(f"lab snapshot {snapshot_id} has no image in {self.root}",
                              "it was taken before the lab's image store existed; take a new one")
         self.volume_image(volume_id).parent.mkdir(parents=True, exist_ok=True)
-        _run(["cp", "--reflink=always", "--sparse=always", str(source), str(self.volume_image(volume_id))])
+        _run(["cp", "--reflink=always", str(source), str(self.volume_image(volume_id))])
 
     def attach(self, volume_id: str) -> str:
-        return _run(["losetup", "--find", "--show", "--direct-io=on", str(self.volume_image(volume_id))]).strip()
+        # The filesystems were made on 512-byte sectors; a fresh reflinked image may otherwise
+        # be given 4 KiB logical sectors, which XFS refuses to mount.
+        return _run(["losetup", "--find", "--show", "--sector-size", "512", "--direct-io=on",
+                     str(self.volume_image(volume_id))]).strip()
 
 
 def _loop_backing_file(device: str) -> str:

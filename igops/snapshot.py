@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets as random_source
 import shlex
+import threading
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -236,15 +237,27 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                                   "nothing is left frozen; the watchdog thaws by the deadline in any case")
             step.detail = f"frozen in {event['freeze_ms']:.0f} ms"
         failure: Exception | None = None
+        thaw_sent = threading.Event()
+
+        def request_thaw() -> None:
+            # Called from a failing call's thread and after the calls; the agent thaws on the first
+            # request and exits, so a second write would meet a closed channel.
+            if not thaw_sent.is_set():
+                thaw_sent.set()
+                try:
+                    session.send(b"thaw\n")
+                except OSError:
+                    pass
+
         with reporter.step(f"snapshot {len(plan.volumes)} volumes"
                            + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
             try:
-                result.snapshots = _take_snapshots(ebs, plan, common, on_first_failure=lambda: session.send(b"thaw\n"))
+                result.snapshots = _take_snapshots(ebs, plan, common, on_first_failure=request_thaw)
             except Exception as exc:  # noqa: BLE001 - the thaw below must happen first
                 failure = exc
                 result.snapshots = getattr(exc, "made", {})
                 step.status, step.detail = "failed", str(exc)[:200]
-            session.send(b"thaw\n")
+            request_thaw()
         with reporter.step(f"thaw {', '.join(reversed(plan.mounts))}") as step:
             event = _event(session, plan.freeze_deadline + settings.connect_timeout)
             if event.get("event") != "thawed":

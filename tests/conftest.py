@@ -1,3 +1,4 @@
+import fcntl
 import os
 import subprocess
 import sys
@@ -20,3 +21,27 @@ def run_igops(*args: str, env: dict | None = None, input: str | None = None,
 @pytest.fixture
 def igops():
     return run_igops
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The lab fleet, brought up once per session through the library.
+
+    Test sessions on one machine share one lab, so a session holds an exclusive lock while it
+    uses it: a second session waits instead of switching over a cluster under the first. A lab
+    that was already running is left running afterwards; one this session started is brought
+    down at the end unless IGOPS_LAB_KEEP=1 (handy while writing tests)."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (loop devices, mounts, port 22 and 80)")
+    from igops import inventory, lab as lab_module
+    from igops.lab import state
+    from igops.output import Reporter
+
+    lock_path = Path(os.environ.get("IGOPS_LAB_TEST_LOCK", "/tmp/igops-lab-tests.lock"))
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        was_running = lab_module.running()
+        lab_module.up(Reporter())
+        yield inventory.load_file(state.paths().inventory)
+        if not was_running and os.environ.get("IGOPS_LAB_KEEP") != "1":
+            lab_module.down(reporter=Reporter())

@@ -47,9 +47,20 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[
         out.fail(exc.one_line(), exc.exit_code,
                  {"message": exc.message, "hint": exc.hint, "problems": problems})
         raise typer.Exit(int(exc.exit_code)) from None
+    except (typer.Exit, typer.Abort):
+        raise
     except KeyboardInterrupt:
         out.fail("interrupted", ExitCode.INTERRUPTED, {"message": "interrupted"})
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one line and an exit code
+        import traceback
+
+        if opts.verbose:
+            out.err.print(traceback.format_exc(), markup=False)
+        line = f"unexpected {type(exc).__name__}: {exc}"
+        out.fail(line + ("" if opts.verbose else " (rerun with --verbose for the traceback)"),
+                 ExitCode.FAILED, {"message": line})
+        raise typer.Exit(int(ExitCode.FAILED)) from None
 
 
 def load_fleet(ctx: typer.Context):

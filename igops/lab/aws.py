@@ -68,7 +68,8 @@ def build(volumes: list[VolumeState]) -> AwsState:
         state.instances[lab_host.name] = existing[lab_host.name]
 
     known = {}
-    for volume in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["igops:mount"]}])["Volumes"]:
+    # igops:purpose marks the lab's own volumes; restored ones carry igops:mount too.
+    for volume in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["igops:purpose"]}])["Volumes"]:
         tags = _tags(volume.get("Tags"))
         known[(tags["igops:host"], tags["igops:mount"])] = volume
     for wanted in volumes:

@@ -51,7 +51,11 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
         _table("ssh", {"user": "root", "port": SSH_PORT, "known_hosts": paths.ssh / "known_hosts",
                        "identity_file": paths.ssh / "id_ed25519", "connect_timeout": 5,
                        "command_timeout": 120, "parallel": 32}),
-        _table("aws", {"region": AWS_REGION, "endpoint_url": ENDPOINT}),
+        _table("aws", {"region": AWS_REGION, "endpoint_url": ENDPOINT, "volume_images": paths.store_mount}),
+        _table("snapshot", {"freeze_deadline": 10, "restore_root": paths.root / "restore"}),
+        _table("snapshot.pre_freeze", {
+            "postgres": f"runuser -u postgres -- {BIN_DIR}/psql -X -q -h "
+                        f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} -d postgres -c CHECKPOINT"}),
         _table("monitoring", {"pingdom_url": f"http://{PINGDOM[0]}:{PINGDOM[1]}/api/3.1",
                               "pagerduty_url": f"http://{PAGERDUTY[0]}:{PAGERDUTY[1]}"}),
         _table("secrets", {"file": paths.secrets}),

@@ -1,0 +1,287 @@
+"""Snapshots in the lab, with the faults the runbook fears: igops killed while the filesystems
+are frozen, the API failing mid-group, a restore drill under write load, and two creates at once.
+Real XFS on loop devices, real Postgres, moto behind a fault-injecting proxy."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from igops.ebs import Ebs, tags_of
+from igops.errors import ExitCode
+from igops.lab.faults import AwsProxy, Faults
+from igops.secrets import Secrets
+from tests.conftest import run_igops
+
+pytestmark = pytest.mark.lab
+
+PROXY_ADDRESS = "127.0.10.9"
+DRILL_PORT = 5499
+
+
+def postgres(fleet, host_name="db1"):
+    import psycopg2
+
+    connection = psycopg2.connect(host=str(fleet.host(host_name).address), port=fleet.model.postgres.port,
+                                  user=fleet.model.postgres.user, dbname="postgres", connect_timeout=5,
+                                  password=Secrets(fleet.model.secrets.file).get("postgres_password"))
+    connection.autocommit = True
+    return connection
+
+
+def proxied_inventory(fleet, tmp_path, proxy_url):
+    text = fleet.source.read_text()
+    text = re.sub(r'(?m)^endpoint_url = .*$', f'endpoint_url = "{proxy_url}"', text)
+    path = tmp_path / "igops.toml"
+    path.write_text(text)
+    return path
+
+
+def can_write(mount: str, timeout: float) -> bool:
+    """Whether a write to the filesystem completes within `timeout` (it hangs while frozen)."""
+    probe = subprocess.Popen(["sh", "-c", f"echo probe > {mount}/.igops-write-probe && sync -f {mount}/.igops-write-probe"])
+    try:
+        probe.wait(timeout)
+        return probe.returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        if probe.poll() is None:
+            # Cannot be killed while it sleeps on the frozen fs; it finishes once thawed.
+            threading.Thread(target=probe.wait, daemon=True).start()
+
+
+def wait_for(predicate, timeout, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def freeze_processes():
+    """(pid, session id) of every host-side freeze program."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"igops-freeze" in (proc / "cmdline").read_bytes():
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                found.append((int(proc.name), int(stat[3])))
+        except OSError:
+            continue
+    return found
+
+
+def group_snapshots(fleet, group_id):
+    return Ebs(fleet).snapshots({"igops:group": group_id})
+
+
+def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_path):
+    data_mount = lab.host("db1").mounts[0].path
+    faults = Faults(hold={"CreateSnapshots": 60})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+                                  "--no-hook", "--deadline", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 cwd=Path(__file__).resolve().parents[2])
+        assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
+        assert not can_write(data_mount, 0.5), "the data mount should be frozen now"
+        # The worst case: the freezing process hangs (stopped) AND igops dies. Only the watchdog is left.
+        holders = [pid for pid, session in freeze_processes() if pid != session]
+        assert holders
+        for pid in holders:
+            os.kill(pid, signal.SIGSTOP)
+        killed_at = time.monotonic()
+        igops.kill()
+        igops.wait()
+        try:
+            assert wait_for(lambda: can_write(data_mount, 0.2), 8)
+            thawed_after = time.monotonic() - killed_at
+        finally:
+            for pid in holders:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+    assert thawed_after < 4 + 1.5, f"thawed {thawed_after:.1f} s after the kill; deadline was 4 s"
+    with postgres(lab).cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS snapshot_kill_probe (at timestamptz)")
+        cursor.execute("INSERT INTO snapshot_kill_probe VALUES (now())")
+
+
+def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
+    data_mount = lab.host("db1").mounts[0].path
+    faults = Faults(hold={"CreateSnapshots": 60})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+                                  "--no-hook", "--deadline", "30"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
+        assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
+        killed_at = time.monotonic()
+        igops.kill()
+        igops.wait()
+        assert wait_for(lambda: can_write(data_mount, 0.2), 10)
+    # The SSH session dropped with igops, so the freezer saw EOF: far sooner than the 30 s deadline.
+    assert time.monotonic() - killed_at < 5
+    assert wait_for(lambda: not freeze_processes(), 5)
+
+
+def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp_path):
+
+    ec2 = Ebs(lab)._ec2
+    db1 = lab.host("db1")
+    wal = next(m for m in db1.mounts if m.purpose == "wal")
+    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(db1.instance_id) if a.device == wal.device) \
+        if wal.device else wal.volumes[0]
+    # A spare volume on the instance means the mounts are not all of its data volumes: igops
+    # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
+    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(db1.instance_id))["VolumeId"]
+    ec2.attach_volume(VolumeId=spare, InstanceId=db1.instance_id, Device="/dev/sdz")
+    try:
+        faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
+        with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+            config = proxied_inventory(lab, tmp_path, proxy.url)
+            result = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook", "--json")
+        assert result.returncode == ExitCode.FAILED, result.stderr
+        envelope = json.loads(result.stdout)
+        assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
+        assert faults.calls.count("CreateSnapshot") == 2
+        group_id = re.search(r"group (\S+) failed", envelope["error"]["message"]).group(1)
+        assert group_snapshots(lab, group_id) == []  # the one that was made is deleted
+        thaw_step = next(step for step in envelope["steps"] if step["title"].startswith("thaw"))
+        assert thaw_step["status"] == "ok"
+        assert all(can_write(mount.path, 2) for mount in db1.mounts)
+    finally:
+        ec2.detach_volume(VolumeId=spare, InstanceId=db1.instance_id, Device="/dev/sdz", Force=True)
+        ec2.delete_volume(VolumeId=spare)
+
+
+def test_endpoint_down_during_the_call(lab, tmp_path):
+    faults = Faults(fail={"CreateSnapshots": 503})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        result = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook", "--json")
+    assert result.returncode == ExitCode.FAILED
+    assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
+    assert all(can_write(mount.path, 2) for mount in lab.host("db1").mounts)
+
+
+def test_two_creates_on_one_host(lab, tmp_path):
+    faults = Faults(hold={"CreateSnapshots": 3})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+                                  "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
+        second = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook")
+        output, _ = first.communicate(timeout=60)
+    assert second.returncode == ExitCode.LOCKED
+    assert "already running" in second.stderr and "snapshot-create" in second.stderr
+    assert first.returncode == 0 and json.loads(output)["data"]["state"] == "complete"
+
+
+def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, tmp_path):
+    connection = postgres(lab)
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS snapshot_drill")
+        cursor.execute("CREATE TABLE snapshot_drill (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
+    acknowledged: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def write():
+        writer = postgres(lab)
+        next_id = 1
+        with writer.cursor() as cursor:
+            while not stop.is_set():
+                cursor.execute("INSERT INTO snapshot_drill (id) VALUES (%s)", (next_id,))
+                acknowledged.append((next_id, time.monotonic()))
+                next_id += 1
+        writer.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(1.0)
+    launched = time.monotonic()
+    created = run_igops("snapshot", "create", "db1", "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
+    time.sleep(0.5)
+    stop.set()
+    writer.join()
+    assert created.returncode == 0, created.stderr
+    result = json.loads(created.stdout)["data"]
+    assert result["state"] == "complete" and result["freeze_window_ms"] < 2000
+    group_id = result["group_id"]
+    assert any(step["title"].startswith("pre-freeze hook") for step in json.loads(created.stdout)["steps"])
+
+    listed = json.loads(run_igops("snapshot", "list", "--host", "db1", "--json",
+                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    mine = next(group for group in listed if group["group_id"] == group_id)
+    assert mine["state"] == "complete" and mine["volumes"] == 2 and len(mine["mounts"]) == 2
+    for snapshot in group_snapshots(lab, group_id):
+        tags = tags_of(snapshot)
+        assert tags["igops:host"] == "db1" and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
+        assert tags["igops:raid-index"] == "0" and tags["igops:version"]
+
+    restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json",
+                         env={"IGOPS_CONFIG": str(lab.source)})
+    assert restored.returncode == 0, restored.stderr
+    mounted = json.loads(restored.stdout)["data"]["mounted"]
+    db1 = lab.host("db1")
+    data_mount = next(m.path for m in db1.mounts if m.purpose == "data")
+    wal_mount = next(m.path for m in db1.mounts if m.purpose == "wal")
+    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, db1))
+    restored_pgdata = Path(mounted[data_mount]) / pgdata.relative_to(data_mount)
+    drill_socket = Path(lab.model.snapshot.restore_root) / f"{group_id}-drill"
+    drill_log = drill_socket / "postgres.log"
+    try:
+        wal_link = restored_pgdata / "pg_wal"
+        if wal_link.is_symlink():
+            original = Path(os.readlink(wal_link))
+            wal_link.unlink()
+            wal_link.symlink_to(Path(mounted[wal_mount]) / original.relative_to(wal_mount))
+        (restored_pgdata / "postmaster.pid").unlink(missing_ok=True)
+        (restored_pgdata / "standby.signal").unlink(missing_ok=True)
+        drill_socket.mkdir()
+        shutil.chown(drill_socket, "postgres")
+        bin_dir = lab.model.postgres.bin_dir
+        # A restored data directory has no configuration of its own (the lab keeps it beside,
+        # as Debian does): give the drill server a minimal one, reachable only by socket.
+        (drill_socket / "postgresql.conf").write_text(
+            f"port = {DRILL_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{drill_socket}'\n"
+            f"hba_file = '{drill_socket}/pg_hba.conf'\nident_file = '{drill_socket}/pg_ident.conf'\n")
+        (drill_socket / "pg_hba.conf").write_text("local all postgres peer\n")
+        (drill_socket / "pg_ident.conf").write_text("")
+        options = f"-c config_file={drill_socket}/postgresql.conf"
+        started = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/pg_ctl", "-D", str(restored_pgdata),
+                                  "-o", options, "-l", str(drill_log), "-w", "-t", "60", "start"],
+                                 capture_output=True, text=True)
+        assert started.returncode == 0, drill_log.read_text() if drill_log.exists() else started.stderr
+        counted = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/psql", "-X", "-A", "-t", "-h",
+                                  str(drill_socket), "-p", str(DRILL_PORT), "-d", "postgres", "-c",
+                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0) FROM snapshot_drill"],
+                                 capture_output=True, text=True, check=True)
+        count, low, high = (int(x) for x in counted.stdout.strip().split("|"))
+        before_launch = [row_id for row_id, at in acknowledged if at < launched]
+        assert low == 1 and high == count, "the restored rows are a prefix of the acknowledged writes"
+        assert count >= len(before_launch) > 0
+        assert count <= len(acknowledged)
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{lab.model.postgres.bin_dir}/pg_ctl", "-D",
+                        str(restored_pgdata), "-m", "immediate", "-w", "stop"], capture_output=True)
+        for path in mounted.values():
+            device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", path], capture_output=True, text=True).stdout.strip()
+            subprocess.run(["umount", path], capture_output=True)
+            if device.startswith("/dev/loop"):
+                subprocess.run(["losetup", "-d", device], capture_output=True)
+        shutil.rmtree(Path(lab.model.snapshot.restore_root) / group_id, ignore_errors=True)
+        shutil.rmtree(drill_socket, ignore_errors=True)
