@@ -27,9 +27,15 @@ PROXY_ADDRESS = "127.0.10.9"
 DRILL_PORT = 5499
 
 
-def postgres(fleet, host_name="db1"):
+def primary_of_main(fleet) -> str:
+    """Tests elsewhere switch the cluster over; whoever is primary now is the host to snapshot."""
+    return fleet.model.postgres.clusters["main"].primary
+
+
+def postgres(fleet, host_name=None):
     import psycopg2
 
+    host_name = host_name or primary_of_main(fleet)
     connection = psycopg2.connect(host=str(fleet.host(host_name).address), port=fleet.model.postgres.port,
                                   user=fleet.model.postgres.user, dbname="postgres", connect_timeout=5,
                                   password=Secrets(fleet.model.secrets.file).get("postgres_password"))
@@ -86,11 +92,11 @@ def group_snapshots(fleet, group_id):
 
 
 def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_path):
-    data_mount = lab.host("db1").mounts[0].path
+    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
@@ -119,11 +125,11 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
 
 
 def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
-    data_mount = lab.host("db1").mounts[0].path
+    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "30"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
@@ -139,19 +145,19 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
 def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp_path):
 
     ec2 = Ebs(lab)._ec2
-    db1 = lab.host("db1")
-    wal = next(m for m in db1.mounts if m.purpose == "wal")
-    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(db1.instance_id) if a.device == wal.device) \
+    primary = lab.host(primary_of_main(lab))
+    wal = next(m for m in primary.mounts if m.purpose == "wal")
+    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(primary.instance_id) if a.device == wal.device) \
         if wal.device else wal.volumes[0]
     # A spare volume on the instance means the mounts are not all of its data volumes: igops
     # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
-    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(db1.instance_id))["VolumeId"]
-    ec2.attach_volume(VolumeId=spare, InstanceId=db1.instance_id, Device="/dev/sdz")
+    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(primary.instance_id))["VolumeId"]
+    ec2.attach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz")
     try:
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook", "--json")
+            result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -160,9 +166,9 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         assert group_snapshots(lab, group_id) == []  # the one that was made is deleted
         thaw_step = next(step for step in envelope["steps"] if step["title"].startswith("thaw"))
         assert thaw_step["status"] == "ok"
-        assert all(can_write(mount.path, 2) for mount in db1.mounts)
+        assert all(can_write(mount.path, 2) for mount in primary.mounts)
     finally:
-        ec2.detach_volume(VolumeId=spare, InstanceId=db1.instance_id, Device="/dev/sdz", Force=True)
+        ec2.detach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz", Force=True)
         ec2.delete_volume(VolumeId=spare)
 
 
@@ -170,21 +176,21 @@ def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook", "--json")
+        result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
-    assert all(can_write(mount.path, 2) for mount in lab.host("db1").mounts)
+    assert all(can_write(mount.path, 2) for mount in lab.host(primary_of_main(lab)).mounts)
 
 
 def test_two_creates_on_one_host(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 3})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", "db1", "--yes",
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
                                   "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
-        second = run_igops("-c", str(config), "snapshot", "create", "db1", "--yes", "--no-hook")
+        second = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook")
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
     assert "already running" in second.stderr and "snapshot-create" in second.stderr
@@ -213,7 +219,7 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     writer.start()
     time.sleep(1.0)
     launched = time.monotonic()
-    created = run_igops("snapshot", "create", "db1", "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
+    created = run_igops("snapshot", "create", primary_of_main(lab), "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
     time.sleep(0.5)
     stop.set()
     writer.join()
@@ -223,23 +229,23 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     group_id = result["group_id"]
     assert any(step["title"].startswith("pre-freeze hook") for step in json.loads(created.stdout)["steps"])
 
-    listed = json.loads(run_igops("snapshot", "list", "--host", "db1", "--json",
+    listed = json.loads(run_igops("snapshot", "list", "--host", primary_of_main(lab), "--json",
                                   env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
     mine = next(group for group in listed if group["group_id"] == group_id)
     assert mine["state"] == "complete" and mine["volumes"] == 2 and len(mine["mounts"]) == 2
     for snapshot in group_snapshots(lab, group_id):
         tags = tags_of(snapshot)
-        assert tags["igops:host"] == "db1" and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
+        assert tags["igops:host"] == primary_of_main(lab) and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
         assert tags["igops:raid-index"] == "0" and tags["igops:version"]
 
     restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json",
                          env={"IGOPS_CONFIG": str(lab.source)})
     assert restored.returncode == 0, restored.stderr
     mounted = json.loads(restored.stdout)["data"]["mounted"]
-    db1 = lab.host("db1")
-    data_mount = next(m.path for m in db1.mounts if m.purpose == "data")
-    wal_mount = next(m.path for m in db1.mounts if m.purpose == "wal")
-    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, db1))
+    primary = lab.host(primary_of_main(lab))
+    data_mount = next(m.path for m in primary.mounts if m.purpose == "data")
+    wal_mount = next(m.path for m in primary.mounts if m.purpose == "wal")
+    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, primary))
     restored_pgdata = Path(mounted[data_mount]) / pgdata.relative_to(data_mount)
     drill_socket = Path(lab.model.snapshot.restore_root) / f"{group_id}-drill"
     drill_log = drill_socket / "postgres.log"
