@@ -65,11 +65,11 @@ class Ebs:
 
     def pending_snapshots(self, volume_ids: list[str]) -> dict[str, int]:
         snapshots = self._call("DescribeSnapshots", self._ec2.describe_snapshots, OwnerIds=["self"],
-                               Filters=[{"Name": "volume-id", "Values": volume_ids},
-                                        {"Name": "status", "Values": ["pending"]}])["Snapshots"]
+                               Filters=[{"Name": "volume-id", "Values": volume_ids}])["Snapshots"]
         counts = {volume_id: 0 for volume_id in volume_ids}
         for snapshot in snapshots:
-            counts[snapshot["VolumeId"]] = counts.get(snapshot["VolumeId"], 0) + 1
+            if snapshot["State"] == "pending":
+                counts[snapshot["VolumeId"]] = counts.get(snapshot["VolumeId"], 0) + 1
         return counts
 
     def snapshots(self, tag_filters: dict[str, str | None]) -> list[dict]:

@@ -22,6 +22,9 @@ class Faults:
     hold: dict[str, float] = field(default_factory=dict)  # action -> extra seconds
     fail: dict[str, int] = field(default_factory=dict)  # action -> HTTP status to answer with
     fail_when: dict[str, str] = field(default_factory=dict)  # action -> text in the body that selects the call
+    # action -> (text, replacement) applied to the answer: e.g. make moto's instantly completed
+    # snapshots look pending, as a real region's are for minutes.
+    rewrite: dict[str, tuple[str, str]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
 
 
@@ -49,7 +52,11 @@ class AwsProxy:
                                                  headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
                 try:
                     with urllib.request.urlopen(request, timeout=120) as answer:
-                        self._answer(answer.status, answer.read(), answer.headers.get("Content-Type", "text/xml"))
+                        payload = answer.read()
+                        if action in proxy.faults.rewrite:
+                            old, new = proxy.faults.rewrite[action]
+                            payload = payload.replace(old.encode(), new.encode())
+                        self._answer(answer.status, payload, answer.headers.get("Content-Type", "text/xml"))
                 except urllib.error.HTTPError as error:
                     self._answer(error.code, error.read(), error.headers.get("Content-Type", "text/xml"))
 

@@ -291,3 +291,30 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
                 subprocess.run(["losetup", "-d", device], capture_output=True)
         shutil.rmtree(Path(lab.model.snapshot.restore_root) / group_id, ignore_errors=True)
         shutil.rmtree(drill_socket, ignore_errors=True)
+
+
+def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, tmp_path):
+    primary = lab.host(primary_of_main(lab))
+    volume_id = primary.mounts[0].volumes[0]
+    ebs = Ebs(lab)
+    made = [ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"]
+            for _ in range(5)]
+    try:
+        faults = Faults(rewrite={"DescribeSnapshots": ("<status>completed</status>", "<status>pending</status>")})
+        with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+            config = proxied_inventory(lab, tmp_path, proxy.url)
+            result = run_igops("-c", str(config), "snapshot", "create", primary.name, "--yes", "--no-hook")
+        assert result.returncode == ExitCode.REFUSED, result.stderr
+        assert "5 pending snapshots" in result.stderr and volume_id in result.stderr
+        assert "CreateSnapshots" not in faults.calls and "CreateSnapshot" not in faults.calls
+    finally:
+        for snapshot_id in made:
+            ebs._ec2.delete_snapshot(SnapshotId=snapshot_id)
+
+
+def test_root_and_non_mounts_are_refused(lab):
+    env = {"IGOPS_CONFIG": str(lab.source)}
+    root = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/", "--yes", env=env)
+    assert root.returncode == ExitCode.REFUSED and "refusing to freeze /" in root.stderr
+    not_a_mount = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
+    assert not_a_mount.returncode == ExitCode.REFUSED and "not a mount point" in not_a_mount.stderr
