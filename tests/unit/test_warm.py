@@ -131,7 +131,8 @@ def test_copy_plans_refuse_before_contacting_a_host(tmp_path):
     plan = vmtouch.plan_copy(fleet, "db1", "db2", None, vmtouch.WarmOptions(concurrency=4, rate=50 << 20))
     steps = plan.steps()
     assert "Postgres system identifier is db1's" in steps[1]
-    assert "4 reads in flight, at most 50.0 MiB/s" in steps[2] and "db1:/srv/db1/pg/data -> db2:/srv/db2/pg/data" in steps[2]
+    assert "4 reads in flight, at most 50.0 MiB/s" in steps[2]
+    assert "db1:/srv/db1/pg/data -> db2:/srv/db2/pg/data" in steps[2]
 
 
 def test_apply_plan_counts_the_profile(tmp_path):
@@ -333,7 +334,7 @@ def test_cluster_identity_is_checked_on_the_host(two_hosts):
     text = capture_here(source, cluster_dir=source, base="postgres")
     assert profile.parse(text).cluster_id == "7312345678901234567"
     write_pg_control(target, 7399999999999999999)
-    with pytest.raises(pagecache.Refused, match="cluster 7312345678901234567 .*this host's cluster is 7399999999999999999"):
+    with pytest.raises(pagecache.Refused, match="cluster 7312345678901234567 .*this host's cluster is 73999"):
         warm_here(text, target, cluster_dir=str(target))
     with pytest.raises(pagecache.Refused, match="no data directory was given"):
         warm_here(text, target)

@@ -177,9 +177,6 @@ def test_random_bytes_after_a_valid_start_never_crash(tail):
     parse_or_refuse(VALID[:VALID.index(b"\nF") + 1] + tail)
 
 
-lines_of_valid = VALID.split(b"\n")
-
-
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_profiles_are_refused_or_unchanged(data):

@@ -1,0 +1,598 @@
+"""Exact page-cache warming between hosts.
+
+Instagram kept its working set in memory because EBS could not serve the seeks, and before a
+failover ran `vmtouch -v` on the primary and replayed the bars on the new machine. A bar has
+60 characters per file, so that replay read far more (or less) than was hot. Here the host agent
+reads each file's residency exactly with mincore(2), the profile keeps it as page runs, and the
+target reads exactly those pages back, in parallel and with readahead off, then says how many of
+them are resident. A profile names the Postgres cluster it came from and is refused elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from igops import agent, remote
+from igops.agent import pagecache
+from igops.errors import RefusedError, RemoteError, UsageError
+from igops.output import Reporter
+from igops.profile import Profile, ProfileError, Root, from_reader, parse
+
+DEFAULT_CONCURRENCY = 8
+DEFAULT_TIMEOUT = 6 * 3600.0
+STALL_TIMEOUT = 120.0
+RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*$", re.I)
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+MATCH_WORDS = {"size": "path and size", "mtime": "path, size and mtime",
+               "path": "path (pages past a shorter file's end are skipped)"}
+
+
+@dataclass(frozen=True)
+class WarmOptions:
+    concurrency: int = DEFAULT_CONCURRENCY
+    rate: int | None = None  # bytes a second
+    match: str = "size"  # size: path and size must agree; mtime: and mtime; path: path only
+    timeout: float = DEFAULT_TIMEOUT
+
+
+@dataclass
+class WarmPlan:
+    source: str
+    target: str
+    roots: list[Root]
+    target_paths: list[str]
+    options: WarmOptions
+    cluster_id: str | None = None
+    files: int | None = None  # None until a copy has captured
+    pages: int | None = None
+    bytes: int | None = None
+    profile: str | None = None
+
+    def steps(self) -> list[str]:
+        mapping = "; ".join(f"{self.source}:{root.path} -> {self.target}:{path}"
+                            for root, path in zip(self.roots, self.target_paths))
+        postgres = any(root.base == "postgres" for root in self.roots)
+        steps = []
+        if self.profile is None:
+            steps.append(f"on {self.source}: read which pages of every file under "
+                         f"{', '.join(root.path for root in self.roots)} are in the page cache "
+                         "(mincore; nothing is read from disk), streaming the profile to "
+                         f"{self.target} as it is captured")
+            cluster = f"{self.source}'s" if postgres else None
+        else:
+            steps.append(f"send profile {self.profile} ({self.files} files, {self.pages} pages, "
+                         f"{human_bytes(self.bytes)}) to {self.target}")
+            cluster = self.cluster_id
+        if cluster:
+            steps.append(f"on {self.target}: refuse, reading nothing, unless its Postgres system identifier is "
+                         f"{cluster}")
+        speed = f"at most {human_bytes(self.options.rate)}/s" if self.options.rate else "unthrottled"
+        how_much = (f"the {self.pages} profiled pages ({human_bytes(self.bytes)})" if self.pages is not None
+                    else "exactly the profiled pages")
+        steps.append(f"on {self.target}: read {how_much} with {self.options.concurrency} reads in flight, "
+                     f"{speed}, readahead off; {mapping}")
+        steps.append(f"skip and count files missing on {self.target} or not matching by "
+                     f"{MATCH_WORDS[self.options.match]}")
+        steps.append(f"report how many profiled pages are resident on {self.target} afterwards")
+        return steps
+
+
+@dataclass
+class WarmResult:
+    source: str
+    target: str
+    files: int
+    pages: int
+    page_size: int
+    warmed_files: int
+    warmed_pages: int
+    warmed_bytes: int
+    skipped_files: int
+    skipped_pages: int
+    skipped_by_reason: dict[str, int]
+    skipped: list[dict]
+    read_bytes: int  # fetched from the target's storage, readahead included
+    resident_pages: int  # profiled pages resident on the target at the end
+    hit_ratio: float  # resident_pages / pages
+    read_amplification: float | None  # read_bytes / warmed_bytes
+    seconds: float
+    concurrency: int
+
+    @classmethod
+    def from_summary(cls, source: str, target: str, summary: dict) -> "WarmResult":
+        return cls(source=source, target=target, files=summary["files"], pages=summary["pages"],
+                   page_size=summary["page_size"], warmed_files=summary["warmed_files"],
+                   warmed_pages=summary["warmed_pages"], warmed_bytes=summary["warmed_bytes"],
+                   skipped_files=summary["skipped_files"], skipped_pages=summary["skipped_pages"],
+                   skipped_by_reason=summary["skipped_by_reason"], skipped=summary["skipped"],
+                   read_bytes=summary["read_bytes"], resident_pages=summary["resident_pages"],
+                   hit_ratio=round(summary["resident_pages"] / summary["pages"], 4) if summary["pages"] else 1.0,
+                   read_amplification=round(summary["read_bytes"] / summary["warmed_bytes"], 3)
+                   if summary["warmed_bytes"] else None,
+                   seconds=summary["seconds"], concurrency=summary["concurrency"])
+
+
+@dataclass
+class CaptureResult:
+    host: str
+    roots: list[str]
+    cluster_id: str | None
+    files: int  # files with resident pages
+    pages: int
+    resident_bytes: int
+    scanned_files: int
+    scanned_dirs: int
+    scanned_pages: int
+    unreadable: int
+    page_size: int
+    seconds: float
+    profile_bytes: int  # the profile's plain text
+    output: str
+    output_bytes: int  # as written (gzipped when its name ends in .gz)
+    bytes_per_gib: float  # profile bytes written per GiB of data scanned
+    vmtouch: list[str] | None = None
+
+
+@dataclass
+class FileShare:
+    path: str
+    source_pages: int
+    target_pages: int  # of the source's resident pages, how many are resident on the target
+    share: float
+    status: str  # ok, missing, size differs, mtime differs, ...
+
+
+@dataclass
+class DiffResult:
+    source: str
+    target: str
+    roots: list[str]
+    source_pages: int
+    target_pages: int
+    share: float
+    page_size: int
+    files: list[FileShare] = field(default_factory=list)
+
+
+# --- paths --------------------------------------------------------------------------------------
+def parse_rate(text: str) -> int:
+    """'50M' -> 52428800 bytes a second; suffixes are powers of 1024."""
+    match = RATE.match(text)
+    if not match:
+        raise UsageError(f"bad rate {text!r}", "use bytes a second with an optional K, M, G or T suffix, e.g. 50M")
+    value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if value < 4096:
+        raise UsageError(f"rate {text!r} is below one page a second", "use at least 4K")
+    return value
+
+
+def human_bytes(value: int | float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def _normal(path: str) -> str:
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def data_directory(fleet, host) -> str | None:
+    if "postgres" not in host.roles:
+        return None
+    return _normal(fleet.path_for(fleet.model.postgres.data_directory, host))
+
+
+def allowed_prefixes(fleet, host) -> list[str]:
+    prefixes = [_normal(mount.path) for mount in host.mounts]
+    pgdata = data_directory(fleet, host)
+    return prefixes + ([pgdata] if pgdata and not any(_under(pgdata, p) for p in prefixes) else [])
+
+
+def postgres_cluster_of(fleet, host_name: str) -> str | None:
+    for name, cluster in fleet.model.postgres.clusters.items():
+        if host_name == cluster.primary or host_name in cluster.standbys:
+            return name
+    return None
+
+
+def source_roots(fleet, host, paths: list[str] | None) -> list[Root]:
+    """The directories to capture on `host`, each with how to find it on another host. Only the
+    Postgres data directory and the host's data mounts may be captured."""
+    pgdata = data_directory(fleet, host)
+    if not paths:
+        if not pgdata:
+            raise UsageError(f"{host.name} has no Postgres role, so no default directory",
+                             "name the directories to capture (under its data mounts)")
+        paths = [pgdata]
+    roots: list[Root] = []
+    for given in paths:
+        if not given.startswith("/"):
+            raise UsageError(f"{given!r} is not an absolute path",
+                             f"name a directory on {host.name}, e.g. {pgdata or '/data'}")
+        path = _normal(given)
+        roots.append(_root(fleet, host, path, pgdata))
+    for root in roots:
+        for other in roots:
+            if root is not other and _under(root.path, other.path):
+                raise UsageError(f"{root.path} lies inside {other.path}", "name each directory once")
+    return roots
+
+
+def _root(fleet, host, path: str, pgdata: str | None) -> Root:
+    if pgdata and _under(path, pgdata):
+        return Root(path, "postgres", posixpath.relpath(path, pgdata) if path != pgdata else "")
+    mounts = sorted((mount for mount in host.mounts if _under(path, _normal(mount.path))),
+                    key=lambda mount: len(mount.path), reverse=True)
+    if not mounts:
+        allowed = ", ".join(allowed_prefixes(fleet, host)) or "none in the inventory"
+        raise RefusedError(f"{path} is outside {host.name}'s data mounts and Postgres data directory",
+                           f"use a directory under: {allowed}")
+    mount = mounts[0]
+    base = _normal(mount.path)
+    if sum(other.purpose == mount.purpose for other in host.mounts) != 1:
+        return Root(path, "path", "")
+    return Root(path, f"mount:{mount.purpose}", posixpath.relpath(path, base) if path != base else "")
+
+
+def target_paths(fleet, roots: list[Root], target) -> list[str]:
+    """Where each captured directory is on `target`."""
+    paths = []
+    for root in roots:
+        if root.base == "postgres":
+            pgdata = data_directory(fleet, target)
+            if not pgdata:
+                raise RefusedError(f"the profile is of a Postgres data directory and {target.name} has no "
+                                   "postgres role", "warm a member of the same Postgres cluster")
+            paths.append(posixpath.join(pgdata, root.within) if root.within else pgdata)
+        elif root.base.startswith("mount:"):
+            purpose = root.base.removeprefix("mount:")
+            mounts = [mount for mount in target.mounts if mount.purpose == purpose]
+            if len(mounts) != 1:
+                raise RefusedError(f"{target.name} has {len(mounts)} data mounts with purpose {purpose!r}, "
+                                   f"so {root.path} has no single counterpart there",
+                                   "give the mount a unique purpose in the inventory")
+            base = _normal(mounts[0].path)
+            paths.append(posixpath.join(base, root.within) if root.within else base)
+        elif root.base == "path":
+            if not any(_under(root.path, prefix) for prefix in allowed_prefixes(fleet, target)):
+                raise RefusedError(f"{root.path} is outside {target.name}'s data mounts and Postgres data directory",
+                                   "warm only under the target's data mounts")
+            paths.append(root.path)
+        else:
+            raise ProfileError(f"the profile's root {root.path} has an unknown base {root.base!r}")
+    return paths
+
+
+def check_target(fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root],
+                 target) -> None:
+    """Refuse, before any host is contacted, a profile the inventory says belongs elsewhere."""
+    if profile_fleet != fleet.model.fleet.name:
+        raise RefusedError(f"the profile is from fleet {profile_fleet!r}, this inventory is {fleet.model.fleet.name!r}",
+                           "capture a profile in this fleet")
+    if any(root.base == "postgres" for root in roots):
+        here = postgres_cluster_of(fleet, target.name)
+        if here != postgres_cluster:
+            raise RefusedError(
+                f"the profile is of Postgres cluster {postgres_cluster!r} (captured on {source}); "
+                f"{target.name} is {'in cluster ' + repr(here) if here else 'in no cluster'}",
+                f"warm {target.name} from a member of its own cluster")
+
+
+# --- agent plumbing -----------------------------------------------------------------------------
+def _capture_invocation(fleet, host, roots: list[Root]) -> tuple[str, bytes]:
+    header = {"host": host.name, "fleet": fleet.model.fleet.name,
+              "postgres_cluster": postgres_cluster_of(fleet, host.name),
+              "roots": [dataclasses.asdict(root) for root in roots]}
+    args = ["capture", "--header", json.dumps(header, separators=(",", ":"))]
+    if any(root.base == "postgres" for root in roots):
+        args += ["--cluster-dir", data_directory(fleet, host)]
+    for prefix in allowed_prefixes(fleet, host):
+        args += ["--within", prefix]
+    return agent.invocation("pagecache", args)
+
+
+def _warm_invocation(fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
+    options = plan.options
+    args = ["apply", *plan.target_paths, "--concurrency", str(options.concurrency), "--match", options.match]
+    if options.rate:
+        args += ["--rate", str(options.rate)]
+    pgdata = data_directory(fleet, target)
+    if pgdata:
+        args += ["--cluster-dir", pgdata]
+    for prefix in allowed_prefixes(fleet, target):
+        args += ["--within", prefix]
+    return agent.invocation("pagecache", args)
+
+
+def _agent_failure(host: str, event: dict, what: str) -> Exception:
+    message = f"{host}: {what} refused: {event.get('message')}" if event.get("refused") \
+        else f"{host}: {what} failed: {event.get('message')}"
+    if event.get("refused"):
+        return RefusedError(message, "nothing was read or warmed")
+    summary = event.get("summary") or {}
+    done = (f"{summary['warmed_pages']} pages of {summary['warmed_files']} files were already warmed"
+            if summary else None)
+    return RemoteError(message, done)
+
+
+def _event(line: str, host: str, what: str) -> dict:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise RemoteError(f"{host}: unexpected output from the {what} agent: {line[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise RemoteError(f"{host}: unexpected output from the {what} agent: {line[:200]!r}")
+    return event
+
+
+def _run_agent(fleet, host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
+    command, prefix = invocation
+    [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet),
+                          stdin=prefix + stdin)
+    if not result.reached:
+        raise RemoteError(f"{host.name}: {result.error}", "nothing was read or warmed")
+    first = result.stdout.split("\n", 1)[0]
+    if first.startswith("{"):
+        event = _event(first, host.name, what)
+        if event.get("event") == "error":
+            raise _agent_failure(host.name, event, what)
+    if not result.ok:
+        raise RemoteError(f"{host.name}: the {what} agent failed (exit {result.exit_code}): "
+                          f"{result.stderr.strip()[-300:] or 'no message'}")
+    return result.stdout
+
+
+# --- capture, show ------------------------------------------------------------------------------
+def capture(fleet, host_name: str, paths: list[str] | None) -> tuple[Profile, bytes, float]:
+    """The host's profile, its text, and the seconds the capture took."""
+    host = fleet.host(host_name)
+    return _capture(fleet, host, source_roots(fleet, host, paths))
+
+
+def _capture(fleet, host, roots: list[Root]) -> tuple[Profile, bytes, float]:
+    started = time.monotonic()
+    text = _run_agent(fleet, host, _capture_invocation(fleet, host, roots), "capture").encode()
+    return parse(text, f"the profile captured on {host.name}"), text, round(time.monotonic() - started, 3)
+
+
+def record(fleet, host_name: str, paths: list[str] | None, output: str,
+           with_vmtouch: bool = False) -> CaptureResult:
+    """Capture and save the profile; optionally the equivalent vmtouch commands too."""
+    from igops import profile as profiles
+
+    found, text, seconds = capture(fleet, host_name, paths)
+    written = profiles.save(output, text)
+    scanned = found.scanned_pages * found.page_size
+    return CaptureResult(
+        host=found.host, roots=[root.path for root in found.roots], cluster_id=found.cluster_id,
+        files=len(found.files), pages=found.pages, resident_bytes=found.resident_bytes,
+        scanned_files=found.scanned_files, scanned_dirs=found.scanned_dirs, scanned_pages=found.scanned_pages,
+        unreadable=found.unreadable, page_size=found.page_size, seconds=seconds, profile_bytes=len(text),
+        output=output, output_bytes=written,
+        bytes_per_gib=round(written / (scanned / (1 << 30)), 1) if scanned else 0.0,
+        vmtouch=profiles.vmtouch_script(found) if with_vmtouch else None)
+
+
+@dataclass
+class ShowResult:
+    host: str
+    path: str
+    files: int
+    directories: int
+    resident_pages: int
+    pages: int
+    page_size: int
+    share: float
+    seconds: float
+    busiest: list[dict]  # the files with the most resident pages
+
+
+def show(fleet, host_name: str, path: str, top: int) -> ShowResult:
+    """A vmtouch-like summary of one directory's residency, exact to the page."""
+    profile, _, seconds = capture(fleet, host_name, [path])
+    ranked = sorted(profile.files, key=lambda entry: sum(count for _, count in entry.runs), reverse=True)
+    busiest = []
+    for entry in ranked[:top]:
+        resident = sum(count for _, count in entry.runs)
+        pages = -(-entry.size // profile.page_size)
+        busiest.append({"path": entry.path, "resident_pages": resident, "pages": pages,
+                        "share": round(resident / pages, 4), "runs": len(entry.runs)})
+    return ShowResult(host=profile.host, path=profile.roots[0].path, files=profile.scanned_files,
+                      directories=profile.scanned_dirs, resident_pages=profile.pages, pages=profile.scanned_pages,
+                      page_size=profile.page_size,
+                      share=round(profile.pages / profile.scanned_pages, 4) if profile.scanned_pages else 0.0,
+                      seconds=seconds, busiest=busiest)
+
+
+# --- apply, copy --------------------------------------------------------------------------------
+def plan_apply(fleet, profile: Profile, target_name: str, options: WarmOptions, profile_name: str) -> WarmPlan:
+    target = fleet.host(target_name)
+    check_target(fleet, profile.fleet, profile.host, profile.postgres_cluster, profile.roots, target)
+    return WarmPlan(source=profile.host, target=target.name, roots=profile.roots,
+                    target_paths=target_paths(fleet, profile.roots, target), options=options,
+                    cluster_id=profile.cluster_id, files=len(profile.files), pages=profile.pages,
+                    bytes=profile.resident_bytes, profile=profile_name)
+
+
+def plan_copy(fleet, source_name: str, target_name: str, paths: list[str] | None, options: WarmOptions) -> WarmPlan:
+    source, target = fleet.host(source_name), fleet.host(target_name)
+    if source.name == target.name:
+        raise UsageError(f"{source.name} is both source and target",
+                         "to re-warm one host (after a restart), `capture` before and `apply` after")
+    roots = source_roots(fleet, source, paths)
+    check_target(fleet, fleet.model.fleet.name, source.name, postgres_cluster_of(fleet, source.name), roots, target)
+    return WarmPlan(source=source.name, target=target.name, roots=roots,
+                    target_paths=target_paths(fleet, roots, target), options=options)
+
+
+def _warm_session(fleet, plan: WarmPlan) -> remote.Session:
+    target = fleet.host(plan.target)
+    command, prefix = _warm_invocation(fleet, target, plan)
+    # The remote deadline is a backstop only: a stalled agent is caught by STALL_TIMEOUT, and
+    # one whose igops went away dies on its next progress line.
+    settings = dataclasses.replace(remote.settings_for(fleet), command_timeout=plan.options.timeout)
+    [where] = remote.targets_for(fleet, [target])
+    return remote.Session(where, command, settings, stdin_prefix=prefix)
+
+
+def apply(fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
+    title = f"warm {plan.target}: {plan.pages} pages ({human_bytes(plan.bytes)}) of {plan.files} files"
+    with reporter.step(title) as step:
+        with _warm_session(fleet, plan) as session:
+            _send(session, text)
+            result = _follow(session, plan, reporter, plan.bytes)
+        step.detail = _detail(result)
+    return result
+
+
+def _send(session: remote.Session, data: bytes) -> bool:
+    """Send to the agent; False when it has already exited (having refused the profile's header,
+    which it then says on stdout)."""
+    try:
+        session.send(data)
+        return True
+    except OSError:
+        return False
+
+
+class _Relay:
+    """Reads the capture on the source line by line for the profile reader, forwarding each line
+    to the target as it goes: the profile streams through igops and is checked on the way."""
+
+    def __init__(self, source: remote.Session, target: remote.Session, host: str):
+        self.source, self.target, self.host = source, target, host
+        self.first = True
+        self.target_listening = True
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.source.read_line(STALL_TIMEOUT)
+        if line is None:
+            return b""
+        if self.first and line.startswith("{"):
+            event = _event(line, self.host, "capture")
+            raise _agent_failure(self.host, event, "capture")
+        self.first = False
+        data = line.encode() + b"\n"
+        if self.target_listening:
+            self.target_listening = _send(self.target, data)
+        return data
+
+
+def copy(fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
+    source = fleet.host(plan.source)
+    [source_target] = remote.targets_for(fleet, [source])
+    capture_command, capture_prefix = _capture_invocation(fleet, source, plan.roots)
+    with ExitStack() as stack:
+        with reporter.step(f"capture on {plan.source}, streaming to {plan.target}") as step:
+            target_session = _warm_session(fleet, plan)
+            source_session = remote.Session(source_target, capture_command, remote.settings_for(fleet),
+                                            stdin_prefix=capture_prefix)
+            _open_together(stack, [target_session, source_session])
+            try:
+                reader = pagecache.Reader(_Relay(source_session, target_session, plan.source))
+                entries = list(reader.entries())
+            except pagecache.FormatError as exc:
+                stderr = source_session.stderr().strip()
+                raise RemoteError(f"{plan.source}: the capture stream broke off: {exc}"
+                                  + (f" ({stderr[-300:]})" if stderr else ""),
+                                  f"{plan.target} stopped warming; run the copy again") from None
+            profile = from_reader(reader, entries)
+            plan.cluster_id, plan.files, plan.pages, plan.bytes = (profile.cluster_id, len(profile.files),
+                                                                    profile.pages, profile.resident_bytes)
+            step.detail = f"{plan.files} files, {plan.pages} pages ({human_bytes(plan.bytes)})"
+        with reporter.step(f"warm {plan.target}") as step:
+            result = _follow(target_session, plan, reporter, plan.bytes)
+            step.detail = _detail(result)
+    return result
+
+
+def _open_together(stack: ExitStack, sessions: list[remote.Session]) -> None:
+    """Connect to every host at once (an SSH handshake is most of a short copy's time); the
+    stack closes whichever opened, whatever happens."""
+    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+        openings = [pool.submit(session.__enter__) for session in sessions]
+    for session, opening in zip(sessions, openings):
+        if opening.exception() is None:
+            stack.push(session.__exit__)
+    for opening in openings:
+        if opening.exception() is not None:
+            raise opening.exception()
+
+
+def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: int | None) -> WarmResult:
+    """Feed the agent's progress to a bar in bytes until its summary arrives."""
+    done = 0
+    with reporter.progress(f"warm {plan.target}", total=total, unit="bytes") as advance:
+        while True:
+            line = session.read_line(STALL_TIMEOUT)
+            if line is None:
+                stderr = session.stderr().strip()
+                raise RemoteError(f"{plan.target}: the warming agent stopped without a summary"
+                                  + (f": {stderr[-300:]}" if stderr else ""),
+                                  f"it was silent for up to {STALL_TIMEOUT:g} s or its connection closed")
+            event = _event(line, plan.target, "warming")
+            kind = event.get("event")
+            if kind == "progress":
+                advance(event["bytes"] - done)
+                done = event["bytes"]
+            elif kind == "summary":
+                return WarmResult.from_summary(plan.source, plan.target, event)
+            elif kind == "error":
+                raise _agent_failure(plan.target, event, "warming")
+
+
+def _detail(result: WarmResult) -> str:
+    return (f"{result.warmed_pages} of {result.pages} pages read, {result.hit_ratio:.1%} resident, "
+            f"{result.skipped_files} files skipped")
+
+
+# --- diff ---------------------------------------------------------------------------------------
+def diff(fleet, source_name: str, target_name: str, paths: list[str] | None,
+         reporter: Reporter = Reporter()) -> DiffResult:
+    """What share of the source's resident pages are resident on the target, per file and in
+    total. Files are matched by path alone: a page past the end of the target's file is cold."""
+    source, target = fleet.host(source_name), fleet.host(target_name)
+    roots = source_roots(fleet, source, paths)
+    check_target(fleet, fleet.model.fleet.name, source.name, postgres_cluster_of(fleet, source.name), roots, target)
+    where = target_paths(fleet, roots, target)
+    with reporter.step(f"capture the page cache of {source.name}") as step:
+        profile, text, _ = _capture(fleet, source, roots)
+        step.detail = f"{profile.pages} pages ({human_bytes(profile.resident_bytes)}) in {len(profile.files)} files"
+    with reporter.step(f"look up those pages on {target.name}"):
+        args = ["residency", *where]
+        for prefix in allowed_prefixes(fleet, target):
+            args += ["--within", prefix]
+        output = _run_agent(fleet, target, agent.invocation("pagecache", args), "residency", text)
+    event = _event(output.strip().rsplit("\n", 1)[-1], target.name, "residency")
+    if event.get("event") != "residency":
+        raise RemoteError(f"{target.name}: the residency agent answered {output[:200]!r}")
+    many_roots = len(profile.roots) > 1
+    files = []
+    for root, relative, source_pages, target_pages, status in event["files"]:
+        path = posixpath.join(profile.roots[root].path, relative) if many_roots else relative
+        files.append(FileShare(path, source_pages, target_pages,
+                               round(target_pages / source_pages, 4) if source_pages else 1.0, status))
+    files.sort(key=lambda item: (item.target_pages - item.source_pages, item.path))
+    source_pages = sum(item.source_pages for item in files)
+    target_pages = sum(item.target_pages for item in files)
+    return DiffResult(source=profile.host, target=target.name, roots=where, source_pages=source_pages,
+                      target_pages=target_pages,
+                      share=round(target_pages / source_pages, 4) if source_pages else 1.0,
+                      page_size=profile.page_size, files=files)
