@@ -1,0 +1,216 @@
+"""Switchovers under the same write load, igops against the bare procedure each replaces.
+
+- Postgres: `igops pg switchover` against a plain `repmgr standby switchover` with PgBouncer left
+  alone (as repmgr does: it never touches PgBouncer).
+- Redis: `igops redis switchover` against a bare `REPLICAOF NO ONE` on the replica, the
+  directory's redis_master repointed, and `REPLICAOF` on the old master: no write pause.
+
+Each method runs ROUND_TRIPS round trips (primary or master away and back) while the app's load
+generator writes through the load balancer (~110 writes/s). Reported: client errors,
+acknowledged writes lost (the ledger verified against Postgres, Redis and S3), and the longest
+write stall: the longest stretch without an acknowledged write that needs the store being
+switched (for Postgres, the writes on cluster main's shards and every sign-up, which claims its
+name in the directory; for Redis, sign-ups and posts). Needs the lab (`igops lab up`, as root);
+holds the lab's test lock for the whole run and leaves db1 and redis1 as primary and master.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.ids import shard_of  # noqa: E402
+from app.loadgen import run_load  # noqa: E402
+from app.loadgen.ledger import read_ledger  # noqa: E402
+from app.loadgen.report import longest_gap  # noqa: E402
+from app.loadgen.verify import verify_ledger  # noqa: E402
+from igops import failover, inventory, redisops  # noqa: E402
+from igops.lab import aws, state  # noqa: E402
+
+LOCK = Path(os.environ.get("IGOPS_LAB_TEST_LOCK", "/tmp/igops-lab-tests.lock"))
+RATE, WRITE_RATIO, CONCURRENCY = 130, 0.85, 32
+ROUND_TRIPS = 2
+BETWEEN = 6.0  # seconds between the two switchovers of a round trip, and after the last
+IGOPS = [sys.executable, "-m", "igops"]
+
+
+@dataclass
+class Outcome:
+    method: str
+    switchovers: int
+    failed_switchovers: int
+    errors: int
+    lost: int
+    stall_s: float
+    writes_per_s: float
+
+
+def igops(fleet, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*IGOPS, "-c", str(fleet.source), *args, "--yes", "--json"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+
+
+def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches) -> Outcome:
+    """Run the load, switch to each target in turn once its timed phase has begun, verify."""
+    ledger = work / f"{name}.jsonl"
+    duration = len(targets) * (BETWEEN + 6) + 6
+    result = {}
+    lb = fleet.with_role("lb")[0]
+    thread = threading.Thread(target=lambda: result.update(report=run_load(
+        url=f"http://{lb.address}:{fleet.model.lb.port}", rate=RATE, duration=duration, ledger=ledger, users=30,
+        write_ratio=WRITE_RATIO, concurrency=CONCURRENCY, seed=5)), daemon=True)
+    thread.start()
+    while not (ledger.exists() and '"op":"post"' in ledger.read_text()):
+        time.sleep(0.2)
+    failed = 0
+    for target in targets:
+        time.sleep(BETWEEN / 2)
+        failed += not switch(target)
+        time.sleep(BETWEEN / 2)
+    thread.join()
+    report = result["report"]
+    verified = verify_ledger(ledger, state.paths().app_root("app1") / "shared" / "app.toml")
+    records, _ = read_ledger(ledger)
+    timed = [record for record in records if record["op"] in ("post", "like")]
+    start, end = min(r["acked"] for r in timed), max(r["acked"] for r in records)
+    stall = longest_gap((r["acked"] for r in records if touches(r)), start, end)
+    return Outcome(name, len(targets), failed, report.errors, len(verified.missing_writes), round(stall, 3),
+                   report.writes_per_s)
+
+
+def main_shards(fleet) -> set[int]:
+    connection = failover.directory_connection(fleet)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT logical_shard FROM shard_map WHERE cluster = 'main'")
+            return {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def touches_main(shards: set[int]):
+    def touches(record) -> bool:
+        if record["op"] == "signup":
+            return True
+        return shard_of(record.get("photo_id") or record["user_id"]) in shards
+    return touches
+
+
+def touches_redis(record) -> bool:
+    return record["op"] in ("signup", "post")
+
+
+def igops_pg(fleet):
+    def switch(target: str) -> bool:
+        done = igops(fleet, "pg", "switchover", "main", "--to", target)
+        if done.returncode:
+            print(f"  igops pg switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return done.returncode == 0
+    return switch
+
+
+def repmgr_pg(fleet):
+    """What an operator runs on the standby: repmgr's own switchover. PgBouncer keeps its routes."""
+    def switch(target: str) -> bool:
+        host = fleet.host(target)
+        done = subprocess.run(["runuser", "-u", fleet.model.postgres.os_user, "--", "env", "-C", "/",
+                               f"{fleet.model.postgres.bin_dir}/repmgr", "-f",
+                               fleet.path_for(fleet.model.postgres.repmgr_config, host),
+                               "standby", "switchover", "--siblings-follow"], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode:
+            print(f"  repmgr standby switchover to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return done.returncode == 0
+    return switch
+
+
+def igops_redis(fleet):
+    def switch(target: str) -> bool:
+        done = igops(fleet, "redis", "switchover", "--to", target)
+        if done.returncode:
+            print(f"  igops redis switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return done.returncode == 0
+    return switch
+
+
+def bare_redis(fleet):
+    """Promote, repoint, demote, as fast as a script can: no pause, so the old master keeps
+    acknowledging writes until it is demoted."""
+    def switch(target: str) -> bool:
+        old = failover.redis_status(fleet).app_master
+        address = (str(fleet.host(target).address), fleet.model.redis.port)
+        new_master, old_master = redisops.client(fleet, fleet.host(target)), redisops.client(fleet, fleet.host(old))
+        try:
+            redisops.replicate_from(new_master, None)
+            directory = failover.directory_connection(fleet)
+            try:
+                redisops.write_endpoint(directory, f"{address[0]}:{address[1]}")
+            finally:
+                directory.close()
+            redisops.replicate_from(old_master, address)
+        finally:
+            new_master.close()
+            old_master.close()
+        return True
+    return switch
+
+
+def restore(fleet) -> None:
+    """db1 primary with PgBouncer routing to it, redis1 the app's master (what the tests expect)."""
+    main = failover.pg_status(fleet, "main")
+    if main.primary != "db1" or any(t != "db1" for table in main.pgbouncer.values() for t in table.values()):
+        igops(fleet, "pg", "switchover", "main", "--to", "db1")
+    for node in failover.pg_status(fleet, "main").nodes:
+        if node.role == "standby" and node.streaming_from != "db1":
+            igops(fleet, "pg", "rejoin", node.name, "--force")
+    redis = failover.redis_status(fleet)
+    if redis.app_master != "redis1" or redis.node("redis1").role != "master":
+        igops(fleet, "redis", "switchover", "--to", "redis1")
+
+
+def main() -> None:
+    os.environ.update(aws.AWS_ENV)
+    fleet = inventory.load_file(state.paths().inventory)
+    work = Path(f"/tmp/igops-bench-failover-{os.getpid()}")
+    work.mkdir()
+    trips = ["db2", "db1"] * ROUND_TRIPS
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        restore(fleet)
+        shards = main_shards(fleet)
+        outcomes = [under_load(fleet, work, "igops pg switchover", igops_pg(fleet), trips, touches_main(shards))]
+        restore(fleet)
+        outcomes.append(under_load(fleet, work, "repmgr standby switchover", repmgr_pg(fleet), trips,
+                                   touches_main(shards)))
+        restore(fleet)
+        redis_trips = ["redis2", "redis1"] * ROUND_TRIPS
+        outcomes.append(under_load(fleet, work, "igops redis switchover", igops_redis(fleet), redis_trips,
+                                   touches_redis))
+        restore(fleet)
+        outcomes.append(under_load(fleet, work, "REPLICAOF NO ONE + repoint", bare_redis(fleet), redis_trips,
+                                   touches_redis))
+        restore(fleet)
+    print(f"failover: {ROUND_TRIPS} round trips per method under {RATE} req/s ({WRITE_RATIO:.0%} writes) through the "
+          "load balancer")
+    print(f"{'method':<28} {'switchovers':>11} {'failed':>6} {'client errors':>13} {'lost writes':>11} "
+          f"{'longest stall':>13} {'writes/s':>8}")
+    for outcome in outcomes:
+        print(f"{outcome.method:<28} {outcome.switchovers:>11} {outcome.failed_switchovers:>6} {outcome.errors:>13} "
+              f"{outcome.lost:>11} {outcome.stall_s:>12.2f}s {outcome.writes_per_s:>8.0f}")
+    for ours, theirs in ((outcomes[0], outcomes[1]), (outcomes[2], outcomes[3])):
+        print(f"{theirs.method} vs {ours.method}: errors {theirs.errors} vs {ours.errors}, lost writes {theirs.lost} "
+              f"vs {ours.lost}, stall {theirs.stall_s / max(ours.stall_s, 0.001):.1f}x longer")
+    print(json.dumps([outcome.__dict__ for outcome in outcomes]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""`igops pg`: Postgres clusters behind PgBouncer — status, switchover, failover, rejoin."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.errors import ExitCode, RefusedError
+
+app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
+                       "dead primary, rejoin of a former primary.", no_args_is_help=True)
+
+FORCE_OPTION = typer.Option(False, "--force",
+                            help="Go ahead despite what the preflight refuses (a lagging candidate, an old primary "
+                                 "that cannot be fenced on disk): the plan names each risk accepted.")
+NODE_COLUMNS = ["node", "role", "state", "TL", "LSN", "received", "replayed", "lag", "streams from", "repmgr",
+                "PgBouncer"]
+
+
+def _lag(node) -> str | None:
+    if node.lag_bytes is None:
+        return None
+    text = f"{node.lag_bytes} B"
+    if node.lag_s is not None:
+        text += f", {node.lag_s:.1f} s"
+    return text + (" (replay paused)" if node.replay_paused else "")
+
+
+def show_state(out, state) -> None:
+    out.table(f"cluster {state.cluster}: primary {state.primary or 'NONE'}", NODE_COLUMNS,
+              [[node.name, node.role, node.state + (" (fenced)" if node.fenced else ""), node.timeline, node.lsn,
+                node.received_lsn, node.replayed_lsn, _lag(node), node.streaming_from, node.repmgr, node.pgbouncer]
+               for node in state.nodes])
+    for problem in state.problems:
+        out.text(f"  ! {problem}")
+
+
+def _collect_after(out, fleet, cluster: str):
+    from igops import failover
+
+    try:
+        return failover.pg_status(fleet, cluster)
+    except Exception as exc:  # noqa: BLE001 - the operation's own outcome matters more
+        out.log(f"could not read the state afterwards: {exc}")
+        return None
+
+
+def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
+    """Show the state and the plan, then confirm, lock the cluster, check under the lock that the
+    state is still the one the plan was made for, apply it, and show the state again."""
+    from igops import failover
+
+    show_state(out, before)
+    for note in plan.notes:
+        out.log(f"note: {note}")
+    for risk in plan.forced:
+        out.log(f"--force accepts: {risk}")
+    if not plan.actions:
+        out.text(plan.notes[0] if plan.notes else "nothing to do")
+        out.finish({"plan": failover.describe_plan(plan), "before": before})
+        return
+
+    def act():
+        failover.check_unchanged(fleet, plan)
+        return failover.apply_pg(fleet, plan, out)
+
+    members = failover.cluster_members(fleet, plan.cluster)
+    try:
+        result = mutate(out, fleet, operation="pg", target=plan.cluster, targets=members, title=plan.title,
+                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act,
+                        outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0))
+    except failover.StepFailed:
+        after = _collect_after(out, fleet, plan.cluster)
+        if after:
+            out.log("where things stand now:")
+            show_state(out, after)
+        raise
+    if result is None:
+        out.finish({"dry_run": dry_run, "plan": failover.describe_plan(plan), "before": before})
+        return
+    after = _collect_after(out, fleet, plan.cluster)
+    if after:
+        show_state(out, after)
+    summary = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
+    if result.write_pause_ms is not None:
+        summary += f"; writes were held {result.write_pause_ms:.0f} ms"
+    if plan.operation == "failover":
+        summary += ("; bytes at risk (old primary's WAL the new one never received): "
+                    + (str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"))
+    out.text(summary)
+    out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+
+
+def _planned(out, step_title: str, planner):
+    """Run a planner; a refusal shows the state it was based on before its one-line error."""
+    with out.step(step_title):
+        try:
+            return planner()
+        except RefusedError as refusal:
+            state = getattr(refusal, "state", None)
+            if state is not None:
+                show_state(out, state)
+            raise
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    cluster: Optional[str] = typer.Argument(None, help="One cluster (default: all of them)."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Every node's role, state, timeline, LSNs and lag, repmgr's view, and where PgBouncer routes."""
+    from igops import failover
+
+    with command(ctx, "pg status", json_flag) as out:
+        fleet = load_fleet(ctx)
+        names = [cluster] if cluster else list(fleet.model.postgres.clusters)
+        for name in names:
+            failover.cluster_members(fleet, name)
+        states = failover.parallel_map(lambda name: failover.pg_status(fleet, name), names)
+        for state in states:
+            show_state(out, state)
+        problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
+        out.text("every cluster healthy" if not problems else f"{len(problems)} problems")
+        code = ExitCode.OK if not problems else ExitCode.PARTIAL
+        out.finish({"clusters": states, "problems": problems}, code)
+        exit_with(code)
+
+
+@app.command("switchover")
+def switchover(
+    ctx: typer.Context,
+    cluster: str = typer.Argument(..., help="The cluster, e.g. main."),
+    to: str = typer.Option(..., "--to", help="The standby to promote."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Planned: pause PgBouncer, stop the primary cleanly, promote the standby once it has all the
+    WAL, repoint PgBouncer, resume, and rejoin the old primary as a standby. Nothing is lost."""
+    from igops import failover
+
+    with command(ctx, "pg switchover", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, f"read cluster {cluster}'s state and check {to}",
+                                lambda: failover.plan_pg_switchover(fleet, cluster, to, force))
+        _run(out, fleet, plan, before, dry_run, yes)
+
+
+@app.command("failover")
+def failover_command(
+    ctx: typer.Context,
+    cluster: str = typer.Argument(..., help="The cluster whose primary is down."),
+    to: Optional[str] = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
+                                                         "WAL received, then repmgr's priority)."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Unplanned: confirm the primary is down, fence it (PgBouncer away from it, standby.signal on its
+    disk), promote the best standby, repoint PgBouncer, and report the bytes at risk."""
+    from igops import failover
+
+    with command(ctx, "pg failover", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, f"confirm cluster {cluster}'s primary is down and choose a standby",
+                                lambda: failover.plan_pg_failover(fleet, cluster, to, force))
+        _run(out, fleet, plan, before, dry_run, yes)
+
+
+@app.command("rejoin")
+def rejoin(
+    ctx: typer.Context,
+    node: str = typer.Argument(..., help="A former primary (or a standby that lost its upstream)."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Bring a node back as a standby of its cluster's primary (pg_rewind when its WAL diverged)."""
+    from igops import failover
+
+    with command(ctx, "pg rejoin", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, f"read the state of {node}'s cluster",
+                                lambda: failover.plan_pg_rejoin(fleet, node, force))
+        _run(out, fleet, plan, before, dry_run, yes)

@@ -1,0 +1,167 @@
+"""`igops redis`: the Redis master and its replicas — status, switchover, failover, rejoin."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.errors import ExitCode, RefusedError
+
+app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
+                       "of a former master.", no_args_is_help=True)
+
+FORCE_OPTION = typer.Option(False, "--force",
+                            help="Go ahead despite what the preflight refuses (a lagging or behind replica, an old "
+                                 "master that cannot be fenced): the plan names each risk accepted.")
+# One lock for every Redis operation: the fleet has one master.
+LOCK_TARGET = "redis"
+
+
+def show_state(out, state) -> None:
+    out.table(f"redis: the app writes to {state.app_master or state.app_address or 'NOTHING'}"
+              + (f" (directory version {state.endpoint_version})" if state.endpoint_version else ""),
+              ["node", "address", "role", "state", "offset", "lag", "master", "link", "priority", "app uses"],
+              [[node.name, node.address, node.role, node.state, node.offset,
+                f"{node.lag_bytes} B" if node.lag_bytes is not None else None, node.master, node.link, node.priority,
+                node.app_master] for node in state.nodes])
+    for problem in state.problems:
+        out.text(f"  ! {problem}")
+
+
+def _planned(out, step_title: str, planner):
+    with out.step(step_title):
+        try:
+            return planner()
+        except RefusedError as refusal:
+            state = getattr(refusal, "state", None)
+            if state is not None:
+                show_state(out, state)
+            raise
+
+
+def _collect_after(out, fleet):
+    from igops import failover
+
+    try:
+        return failover.redis_status(fleet)
+    except Exception as exc:  # noqa: BLE001 - the operation's own outcome matters more
+        out.log(f"could not read the state afterwards: {exc}")
+        return None
+
+
+def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
+    """Show the state and the plan, then confirm, lock, check under the lock that the state is still
+    the one the plan was made for, apply it, and show the state again."""
+    from igops import failover
+
+    show_state(out, before)
+    for note in plan.notes:
+        out.log(f"note: {note}")
+    for risk in plan.forced:
+        out.log(f"--force accepts: {risk}")
+    if not plan.actions:
+        out.text(plan.notes[0] if plan.notes else plan.title)
+        out.finish({"plan": failover.describe_plan(plan), "before": before})
+        return
+
+    def act():
+        failover.check_unchanged(fleet, plan)
+        return failover.apply_redis(fleet, plan, out)
+
+    try:
+        result = mutate(out, fleet, operation="redis", target=LOCK_TARGET, targets=failover.redis_members(fleet),
+                        title=plan.title, steps=plan.steps(), dry_run=dry_run, yes=yes, action=act,
+                        outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0))
+    except failover.StepFailed:
+        after = _collect_after(out, fleet)
+        if after:
+            out.log("where things stand now:")
+            show_state(out, after)
+        raise
+    if result is None:
+        out.finish({"dry_run": dry_run, "plan": failover.describe_plan(plan), "before": before})
+        return
+    after = _collect_after(out, fleet)
+    if after:
+        show_state(out, after)
+    summary = f"{plan.operation} done: the app writes to {result.new_master}"
+    if result.write_pause_ms is not None:
+        summary += f"; writes were held {result.write_pause_ms:.0f} ms"
+    out.text(summary)
+    out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+
+
+@app.command("status")
+def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
+    """Role, offset, lag and link of every node, and the master the app uses (the directory's)."""
+    from igops import failover
+
+    with command(ctx, "redis status", json_flag) as out:
+        fleet = load_fleet(ctx)
+        state = failover.redis_status(fleet)
+        show_state(out, state)
+        out.text("healthy" if not state.problems else f"{len(state.problems)} problems")
+        code = ExitCode.OK if not state.problems else ExitCode.PARTIAL
+        out.finish(state, code)
+        exit_with(code)
+
+
+@app.command("switchover")
+def switchover(
+    ctx: typer.Context,
+    to: str = typer.Option(..., "--to", help="The replica to make the master."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Planned: pause writes on the master, wait until the replica has everything, swap the roles,
+    point the app at the new master, unpause. No acknowledged write is lost."""
+    from igops import failover
+
+    with command(ctx, "redis switchover", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, f"read every node's replication state and check {to}",
+                                lambda: failover.plan_redis_switchover(fleet, to, force))
+        _run(out, fleet, plan, before, dry_run, yes)
+
+
+@app.command("failover")
+def failover_command(
+    ctx: typer.Context,
+    to: Optional[str] = typer.Option(None, "--to", help="The replica to promote (default: the highest offset)."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Unplanned: confirm the master is down, fence it (its config makes it a replica on restart),
+    promote the replica with the highest offset, point the app at it."""
+    from igops import failover
+
+    with command(ctx, "redis failover", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, "confirm the master is down and choose a replica",
+                                lambda: failover.plan_redis_failover(fleet, to, force))
+        _run(out, fleet, plan, before, dry_run, yes)
+
+
+@app.command("rejoin")
+def rejoin(
+    ctx: typer.Context,
+    node: str = typer.Argument(..., help="A former master, or a replica of the wrong master."),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Make a node a replica of the app's master, in memory and in its config file."""
+    from igops import failover
+
+    with command(ctx, "redis rejoin", json_flag) as out:
+        fleet = load_fleet(ctx)
+        plan, before = _planned(out, f"read every node's replication state and {node}'s config",
+                                lambda: failover.plan_redis_rejoin(fleet, node, force))
+        _run(out, fleet, plan, before, dry_run, yes)

@@ -1,0 +1,1706 @@
+"""Planned switchover and unplanned failover for Postgres (repmgr behind PgBouncer) and Redis.
+
+Every operation reads the live state first (roles are whatever the servers say, never what the
+inventory says: the inventory names members, a failover does not rewrite it), refuses what is
+unsafe, and builds a plan: an ordered list of steps, each naming the action that runs it. The
+dry run prints that list and the apply walks the same list, so what was shown is what runs.
+
+A step may carry an undo (run if a later step fails before the point of no return, e.g. start
+the stopped old primary again) and a release (run on any failure once the step has run, e.g.
+RESUME a paused PgBouncer): a failure leaves writes flowing and a report of where things stand.
+
+Split brain is what these operations exist to prevent: at no moment are two servers writable
+for the app. A switchover stops the old primary before the candidate is promoted; a failover
+fences the old one first: PgBouncer stops routing to it and, on its disk, a standby.signal
+(Postgres) or a replicaof line (Redis) makes it come back read-only if it is ever restarted.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from igops import postgres, redisops, remote
+from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.output import Reporter
+
+# While writes wait: how long the old primary's clean stop may take, and its last WAL to reach
+# the candidate, before the switchover is undone.
+STOP_TIMEOUT = 30.0
+CATCH_UP_TIMEOUT = 10.0
+PROMOTE_TIMEOUT = 60
+REJOIN_TIMEOUT = 300.0
+STREAMING_TIMEOUT = 60.0
+# Confirming a server is down: connection attempts, this far apart.
+DOWN_PROBES = 2
+DOWN_PROBE_INTERVAL = 1.0
+# A Redis switchover demotes the old master only while its write pause has at least this long
+# left, so the pause cannot expire between the check and the demotion.
+PAUSE_MARGIN = 1.0
+SIGNALS_AS_INTERRUPT = (signal.SIGTERM, signal.SIGHUP)
+
+
+# --- plans and their execution -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan: its title for people, and the action (a method of the operation's
+    actions object) with its arguments."""
+
+    title: str
+    action: str
+    args: tuple = ()
+    # Compensates if this or a later step fails before the point of no return; it must be safe
+    # to run whether or not this step got to act.
+    undo: "Step | None" = None
+    # Runs on any failure from this step on (e.g. RESUME after PAUSE); it must be safe to run twice.
+    release: "Step | None" = None
+    # From the start of this step, failures roll forward, never back: an interrupted promotion may
+    # still complete, so the old primary must never be started again.
+    point_of_no_return: bool = False
+
+
+@dataclass
+class StepReport:
+    title: str
+    outcome: str  # 'ok', 'failed', 'undone', 'undo failed', 'released', 'release failed'
+    detail: str | None = None
+
+
+class StepFailed(IgopsError):
+    """A step failed; what was undone or released is in `recovery`."""
+
+    def __init__(self, step: Step, number: int, error: BaseException, recovery: list[StepReport],
+                 past_point_of_no_return: bool, hint: str):
+        recovered = "; ".join(f"{item.title}: {item.outcome}" for item in recovery) or "nothing to undo"
+        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}", hint)
+        self.step = step
+        self.number = number
+        self.recovery = recovery
+        self.past_point_of_no_return = past_point_of_no_return
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, IgopsError):
+        return error.one_line()
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {postgres.first_line(error)}"
+
+
+@contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM or SIGHUP (a closed terminal) mid-operation must still undo and resume, as Ctrl-C
+    does; only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in SIGNALS_AS_INTERRUPT}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str) -> list[StepReport]:
+    done: list[StepReport] = []
+    undos: list[Step] = []
+    releases: list[Step] = []
+    past_point_of_no_return = False
+    with _signals_as_interrupt():
+        for number, step in enumerate(steps, 1):
+            past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
+            if step.undo:
+                undos.append(step.undo)
+            if step.release:
+                releases.append(step.release)
+            try:
+                with reporter.step(step.title) as record:
+                    detail = getattr(actions, step.action)(*step.args)
+                    if detail:
+                        record.detail = detail
+            except BaseException as error:  # noqa: BLE001 - Ctrl-C must undo and resume too
+                recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
+                raise StepFailed(step, number, error, recovery, past_point_of_no_return, failure_hint) from error
+            done.append(StepReport(step.title, "ok", detail or None))
+    return done
+
+
+def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
+    recovery = []
+    for done, failed, steps in (("undone", "undo failed", undos), ("released", "release failed", releases)):
+        for step in reversed(steps):
+            try:
+                with reporter.step(step.title):
+                    getattr(actions, step.action)(*step.args)
+                recovery.append(StepReport(step.title, done))
+            except BaseException as error:  # noqa: BLE001 - a second Ctrl-C must not leave writes paused
+                recovery.append(StepReport(step.title, failed, _describe(error)))
+    return recovery
+
+
+# --- host commands --------------------------------------------------------------------------------
+def _ssh(fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
+    [result] = remote.run(remote.targets_for(fleet, [host]), remote.quote_command(argv), remote.settings_for(fleet),
+                          timeout=timeout, stdin=stdin)
+    return result
+
+
+def _ssh_ok(fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
+    result = _ssh(fleet, host, argv, timeout, stdin)
+    if not result.ok:
+        raise RemoteError(f"{host.name}: {what} failed: {_failure_reason(result)}")
+    return result.stdout
+
+
+def _failure_reason(result: remote.HostResult) -> str:
+    """The lines that say why (repmgr and Postgres tools prefix them), else the output's tail."""
+    if result.error:
+        return result.error
+    text = (result.stderr + "\n" + result.stdout).strip()
+    said = [line.strip() for line in text.splitlines()
+            if line.lstrip().startswith(("ERROR", "FATAL", "DETAIL", "HINT", "pg_rewind: error", "pg_ctl: "))]
+    return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
+
+
+def _read_file(fleet, host, path: str) -> str:
+    return _ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
+
+
+# Written beside the original and renamed over it, so a reader never sees half a file; the new
+# file keeps the original's owner and mode.
+_REPLACE_FILE = ('set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
+                 'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"')
+
+
+def _replace_file(fleet, host, path: str, text: str) -> None:
+    _ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30,
+            stdin=text.encode())
+
+
+def parallel_map(function, items: list) -> list:
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(16, len(items)), thread_name_prefix="failover") as pool:
+        return list(pool.map(function, items))
+
+
+# ==================================================================================================
+# Postgres
+# ==================================================================================================
+@dataclass
+class PgNode:
+    name: str
+    address: str
+    role: str  # 'primary', 'standby' or 'unknown' (not answering)
+    state: str  # 'running', 'stopped', 'hung', 'starting or stopping', 'host unreachable'
+    fenced: bool | None = None  # standby.signal on its disk (None: not looked)
+    timeline: int | None = None
+    lsn: str | None = None  # a primary's insert position
+    received_lsn: str | None = None
+    replayed_lsn: str | None = None
+    lag_bytes: int | None = None  # behind the primary's insert position, in replay
+    lag_s: float | None = None
+    replay_paused: bool = False
+    streaming_from: str | None = None  # the upstream it streams from, by name
+    repmgr: str | None = None  # how repmgr's metadata records it
+    pgbouncer: list[str] = field(default_factory=list)  # "pgb1:main" entries that route here
+    detail: str | None = None
+
+
+@dataclass
+class PgClusterState:
+    cluster: str
+    nodes: list[PgNode]
+    primary: str | None
+    pgbouncer: dict[str, dict[str, str]]  # PgBouncer host -> {database -> node it routes to}
+    paused: dict[str, list[str]]  # PgBouncer host -> paused databases of this cluster
+    problems: list[str] = field(default_factory=list)
+
+    def node(self, name: str) -> PgNode:
+        return next(node for node in self.nodes if node.name == name)
+
+
+@dataclass
+class _PgProbe:
+    """What igops saw of one member: kept beside the report for planning."""
+
+    host: Any
+    server: postgres.ServerState | None
+    down: postgres.Unavailable | None
+    postmaster_running: bool | None = None
+    fenced: bool | None = None
+    host_reachable: bool | None = None
+
+
+@dataclass
+class _PgView:
+    fleet: Any
+    cluster: str
+    probes: dict[str, _PgProbe]
+    bouncers: dict[str, list[postgres.BouncerDatabase]]  # PgBouncer host -> this cluster's databases
+    bouncer_errors: dict[str, str]
+    repmgr: list[postgres.RepmgrNode]
+    state: PgClusterState | None = None  # the report of the above, for people
+
+    def writable(self) -> list[str]:
+        return [name for name, probe in self.probes.items() if probe.server and not probe.server.in_recovery]
+
+    def databases(self) -> dict[str, list[str]]:
+        return {host: [database.name for database in databases] for host, databases in self.bouncers.items()
+                if databases}
+
+    def repmgr_node(self, name: str) -> postgres.RepmgrNode | None:
+        return next((node for node in self.repmgr if node.name == name), None)
+
+
+def cluster_members(fleet, cluster: str) -> list[str]:
+    clusters = fleet.model.postgres.clusters
+    if cluster not in clusters:
+        raise UsageError(f"unknown Postgres cluster {cluster!r}",
+                         f"clusters in {fleet.source}: {', '.join(clusters) or 'none'}")
+    return [clusters[cluster].primary, *clusters[cluster].standbys]
+
+
+def cluster_of(fleet, node: str) -> str:
+    fleet.host(node)
+    for name, cluster in fleet.model.postgres.clusters.items():
+        if node == cluster.primary or node in cluster.standbys:
+            return name
+    raise UsageError(f"{node} is in no Postgres cluster", "see [postgres.clusters.*] in the inventory")
+
+
+def _data_directory(fleet, host) -> str:
+    return fleet.path_for(fleet.model.postgres.data_directory, host)
+
+
+def _as_postgres(fleet, argv: list[str]) -> list[str]:
+    # From /, because the SSH user's home is usually closed to the postgres user.
+    return ["runuser", "-u", fleet.model.postgres.os_user, "--", "env", "-C", "/", *argv]
+
+
+def _bin(fleet, program: str) -> str:
+    return f"{fleet.model.postgres.bin_dir.rstrip('/')}/{program}"
+
+
+def _repmgr_argv(fleet, host, *args: str) -> list[str]:
+    return [_bin(fleet, "repmgr"), "-f", fleet.path_for(fleet.model.postgres.repmgr_config, host), *args]
+
+
+def _repmgr(fleet, host, *args: str) -> list[str]:
+    return _as_postgres(fleet, _repmgr_argv(fleet, host, *args))
+
+
+# What a member that does not answer looks like on its host: is a postmaster running, and is
+# the member fenced (standby.signal)?
+_HOST_CHECK = ('"$1" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
+               'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi')
+
+
+def _host_check(fleet, probe: _PgProbe) -> None:
+    result = _ssh(fleet, probe.host, _as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", _bin(fleet, "pg_ctl"),
+                                                          _data_directory(fleet, probe.host)]), timeout=20)
+    probe.host_reachable = result.reached
+    if result.ok:
+        values = dict(line.split("=", 1) for line in result.stdout.split() if "=" in line)
+        probe.postmaster_running = values.get("postmaster") == "0"
+        probe.fenced = values.get("fenced") == "1"
+
+
+def _probe_member(fleet, name: str) -> _PgProbe:
+    host = fleet.host(name)
+    try:
+        connection = postgres.connect(fleet, host)
+    except postgres.Unavailable as down:
+        return _PgProbe(host, None, down)
+    try:
+        return _PgProbe(host, postgres.server_state(connection), None)
+    except Exception as exc:  # noqa: BLE001 - a server that fails mid-probe is a finding
+        return _PgProbe(host, None, postgres.Unavailable(name, postgres.first_line(exc), "rejected"))
+    finally:
+        connection.close()
+
+
+def _pg_view(fleet, cluster: str) -> _PgView:
+    members = cluster_members(fleet, cluster)
+    bouncer_hosts = fleet.with_role("pgbouncer")
+    addresses = {str(fleet.host(name).address): name for name in members} | {name: name for name in members}
+    configured = fleet.model.postgres.clusters[cluster].pgbouncer_database
+
+    def bouncer(host):
+        try:
+            return host.name, [database for database in postgres.Bouncer(fleet, host).databases()
+                               if database.host in addresses or database.name == configured], None
+        except postgres.Unavailable as exc:
+            return host.name, [], exc.detail
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pg-probe") as pool:
+        bouncer_futures = [pool.submit(bouncer, host) for host in bouncer_hosts]
+        probes = dict(zip(members, pool.map(lambda name: _probe_member(fleet, name), members)))
+        list(pool.map(lambda probe: _host_check(fleet, probe), [p for p in probes.values() if p.down]))
+        bouncer_results = [future.result() for future in bouncer_futures]
+    bouncers = {name: databases for name, databases, _ in bouncer_results}
+    bouncer_errors = {name: error for name, _, error in bouncer_results if error}
+    repmgr_nodes: list[postgres.RepmgrNode] = []
+    answering = sorted((p for p in probes.values() if p.server), key=lambda p: p.server.in_recovery)
+    for probe in answering:
+        try:
+            connection = postgres.connect(fleet, probe.host, postgres.REPMGR_DATABASE)
+            try:
+                repmgr_nodes = postgres.repmgr_nodes(connection)
+            finally:
+                connection.close()
+            break
+        except Exception:  # noqa: BLE001 - repmgr's view is shown when available
+            continue
+    view = _PgView(fleet, cluster, probes, bouncers, bouncer_errors, repmgr_nodes)
+    view.state = _pg_report(view, addresses)
+    return view
+
+
+def _pg_report(view: _PgView, addresses: dict[str, str]) -> PgClusterState:
+    fleet = view.fleet
+    writable = view.writable()
+    primary = writable[0] if len(writable) == 1 else None
+    primary_server = view.probes[primary].server if primary else None
+    by_id = {node.node_id: node for node in view.repmgr}
+    routes: dict[str, dict[str, str]] = {}
+    paused: dict[str, list[str]] = {}
+    for bouncer_host, databases in view.bouncers.items():
+        routes[bouncer_host] = {database.name: addresses.get(database.host or "", database.host or "?")
+                                for database in databases}
+        paused[bouncer_host] = [database.name for database in databases if database.paused]
+    nodes = []
+    for name, probe in view.probes.items():
+        node = PgNode(name, str(probe.host.address), "unknown", "running")
+        server = probe.server
+        if server is None:
+            node.state = _down_state(probe)
+            node.fenced = probe.fenced
+            node.detail = probe.down.detail if probe.down else None
+        else:
+            node.role = "standby" if server.in_recovery else "primary"
+            node.timeline = server.timeline
+            node.lsn = postgres.format_lsn(server.current_lsn) if server.current_lsn is not None else None
+            if server.in_recovery:
+                node.received_lsn = _lsn_text(server.receive_lsn)
+                node.replayed_lsn = _lsn_text(server.replay_lsn)
+                node.replay_paused = server.replay_paused
+                if server.receiver_status == "streaming":
+                    node.streaming_from = addresses.get(server.upstream_address or "", server.upstream_address)
+                if primary_server and primary_server.current_lsn is not None and server.replay_lsn is not None:
+                    node.lag_bytes = max(0, primary_server.current_lsn - server.replay_lsn)
+                    replica = next((r for r in primary_server.replicas if r.name == name), None)
+                    node.lag_s = 0.0 if node.lag_bytes == 0 else (replica.replay_lag_s if replica else None)
+        record = view.repmgr_node(name)
+        if record:
+            upstream = by_id.get(record.upstream_id)
+            node.repmgr = (f"{record.type}" + (f" of {upstream.name}" if upstream else "")
+                           + ("" if record.active else " (inactive)"))
+        node.pgbouncer = [f"{bouncer_host}:{database}" for bouncer_host, table in routes.items()
+                          for database, target in table.items() if target == name]
+        nodes.append(node)
+    state = PgClusterState(view.cluster, nodes, primary, routes, {k: v for k, v in paused.items() if v})
+    state.problems = _pg_problems(fleet, state, writable, view)
+    return state
+
+
+def _lsn_text(value: int | None) -> str | None:
+    return postgres.format_lsn(value) if value is not None else None
+
+
+def _down_state(probe: _PgProbe) -> str:
+    if probe.host_reachable is False:
+        return "host unreachable"
+    if probe.down and probe.down.kind == "rejected":
+        return "starting or stopping"
+    if probe.postmaster_running:
+        return "hung"
+    return "stopped"
+
+
+def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgView) -> list[str]:
+    problems = []
+    if len(writable) > 1:
+        problems.append(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes")
+    elif not writable:
+        problems.append("no primary: no member accepts writes")
+    max_lag = fleet.model.postgres.max_lag_bytes
+    for node in state.nodes:
+        if node.role == "unknown":
+            problems.append(f"{node.name} is {node.state}" + (" (fenced)" if node.fenced else ""))
+        elif node.role == "standby":
+            if state.primary and node.streaming_from != state.primary:
+                problems.append(f"{node.name} does not stream from {state.primary}"
+                                + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""))
+            if node.replay_paused:
+                problems.append(f"{node.name} has WAL replay paused")
+            if node.lag_bytes is not None and node.lag_bytes > max_lag:
+                problems.append(f"{node.name} lags {node.lag_bytes} bytes (threshold {max_lag})")
+    for bouncer_host, table in state.pgbouncer.items():
+        for database, target in table.items():
+            if target != state.primary:
+                problems.append(f"{bouncer_host}: {database} routes to {target}, which is not the primary")
+    for bouncer_host, databases in state.paused.items():
+        problems.append(f"{bouncer_host}: {', '.join(databases)} PAUSED")
+    for bouncer_host, error in view.bouncer_errors.items():
+        problems.append(f"PgBouncer on {bouncer_host} does not answer: {error}")
+    primary_records = [node.name for node in view.repmgr if node.type == "primary" and node.active]
+    if view.repmgr and state.primary and primary_records != [state.primary]:
+        problems.append(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}")
+    return problems
+
+
+def pg_status(fleet, cluster: str) -> PgClusterState:
+    return _pg_view(fleet, cluster).state
+
+
+# --- the plans -----------------------------------------------------------------------------------
+@dataclass
+class PgPlan:
+    operation: str  # 'switchover', 'failover', 'rejoin'
+    cluster: str
+    title: str
+    old_primary: str | None
+    new_primary: str | None
+    forced: list[str] = field(default_factory=list)  # refusals that --force overrode
+    notes: list[str] = field(default_factory=list)
+    bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
+    actions: list[Step] = field(default_factory=list)
+    failure_hint: str = ""
+    signature: tuple = ()  # the state the plan was made for (see check_unchanged)
+
+    def steps(self) -> list[str]:
+        return [step.title for step in self.actions]
+
+
+@dataclass
+class PgResult:
+    operation: str
+    cluster: str
+    old_primary: str | None
+    new_primary: str | None
+    write_pause_ms: float | None  # from PgBouncer pausing the cluster's databases to resuming them
+    bytes_at_risk: int | None
+    steps: list[StepReport]
+
+
+class Refused(RefusedError):
+    """A refusal that carries the state it was based on, so the person sees why."""
+
+    def __init__(self, state, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.state = state
+
+
+def _refuse_or_force(state, reasons: list[str], force: bool, plan_forced: list[str], hint: str) -> None:
+    if reasons and not force:
+        raise Refused(state, "refused: " + "; ".join(reasons), hint)
+    plan_forced.extend(reasons)
+
+
+def _bouncer_text(databases: dict[str, list[str]]) -> str:
+    return "; ".join(f"{host}: {', '.join(names)}" for host, names in databases.items())
+
+
+def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+    members = cluster_members(fleet, cluster)
+    if candidate not in members:
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+    view = _pg_view(fleet, cluster)
+    state = view.state
+    writable = view.writable()
+    if len(writable) > 1:
+        raise Refused(state, f"refused: {' and '.join(writable)} both accept writes (split brain)",
+                      "stop the one PgBouncer does not route to, then `igops pg rejoin` it")
+    if not writable:
+        raise Refused(state, f"refused: cluster {cluster} has no primary to switch over from",
+                      f"if its primary is down, use `igops pg failover {cluster}`")
+    if view.bouncer_errors:
+        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+                      "a switchover pauses every PgBouncer; bring it back first")
+    primary = writable[0]
+    if primary == candidate:
+        return _signed(_plan_pg_finish(view, candidate), view), state
+    if state.paused:
+        raise Refused(state, f"refused: cluster {cluster} is mid-operation: PgBouncer has "
+                      f"{_bouncer_text(state.paused)} paused",
+                      "another operation may be running; if not, RESUME them on the admin console")
+    probe = view.probes[candidate]
+    node = state.node(candidate)
+    if probe.server is None:
+        raise Refused(state, f"refused: {candidate} is not a standby: it is {node.state}",
+                      "pick a running standby (igops pg status)")
+    if node.streaming_from != primary:
+        raise Refused(state, f"refused: {candidate} does not stream from {primary}",
+                      f"fix its replication first (igops pg rejoin {candidate})")
+    databases = view.databases()
+    if not databases:
+        raise Refused(state, f"refused: no PgBouncer routes a database to cluster {cluster}",
+                      "check [pgbouncer] and the hosts with the pgbouncer role")
+    plan = PgPlan("switchover", cluster, f"Switch cluster {cluster} over from {primary} to {candidate}",
+                  primary, candidate, failure_hint="see `igops pg status` for where things stand")
+    reasons = _lag_reasons(fleet, node)
+    reasons += _repmgr_check(fleet, probe.host)
+    _refuse_or_force(state, reasons, force, plan.forced, "wait for it to catch up, pick another standby, or --force")
+    siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
+    stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
+    if stopped:
+        plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
+    plan.actions = switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused)
+    return _signed(plan, view), state
+
+
+def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
+                     replay_paused: bool = False) -> list[Step]:
+    candidate_address = f"{fleet.host(candidate).address}:{fleet.model.postgres.port}"
+    pause_timeout = fleet.model.pgbouncer.pause_timeout
+    resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
+    steps = [
+        Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused", "checkpoint", (primary,)),
+        Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files", (databases,)),
+        Step(f"PgBouncer: PAUSE {_bouncer_text(databases)} (writes wait; gives up and resumes after "
+             f"{pause_timeout:g} s)", "pause", (databases,), release=resume),
+        Step(f"{primary}: clean stop (repmgr node service --action=stop), fence it with standby.signal, "
+             "read where its WAL ends", "stop_and_fence", (primary,),
+             undo=Step(f"{primary}: remove standby.signal and start it again as the primary (only while "
+                       f"{candidate} is still a standby)", "unfence_and_start", (primary, candidate))),
+    ]
+    if replay_paused:
+        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --force)", "resume_replay", (candidate,)))
+    steps += [
+        Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
+             "wait_received", (candidate,)),
+        Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,),
+             point_of_no_return=True),
+        Step(f"PgBouncer: point {_bouncer_text(databases)} at {candidate} ({candidate_address}), RELOAD",
+             "repoint", (databases, candidate)),
+        resume,
+        Step(f"{candidate}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+             "register_primary", (candidate,)),
+        *_rejoin_steps(primary, candidate, running=False),
+    ]
+    steps += [Step(f"{sibling}: follow {candidate} (repmgr standby follow)", "follow", (sibling, candidate))
+              for sibling in siblings]
+    steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
+              for node in siblings]
+    return steps
+
+
+def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
+    """The candidate is primary already: finish what an interrupted operation left (PgBouncer
+    routing or paused, repmgr's metadata, members that do not follow it)."""
+    fleet, state = view.fleet, view.state
+    plan = PgPlan("switchover", view.cluster, f"Finish: {primary} is already the primary of {view.cluster}",
+                  None, primary, failure_hint="see `igops pg status` for where things stand")
+    elsewhere = {host: [database for database, target in table.items() if target != primary]
+                 for host, table in state.pgbouncer.items()}
+    elsewhere = {host: names for host, names in elsewhere.items() if names}
+    if elsewhere:
+        plan.actions.append(Step(f"PgBouncer: point {_bouncer_text(elsewhere)} at {primary}, RELOAD", "repoint",
+                                 (elsewhere, primary)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {_bouncer_text(state.paused)}", "resume", (state.paused,)))
+    record = view.repmgr_node(primary)
+    if record and (record.type != "primary" or not record.active):
+        plan.actions.append(Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary",
+                                 (primary,)))
+    for node in state.nodes:
+        if node.name == primary or node.streaming_from == primary:
+            continue
+        if node.role == "unknown" and node.state == "host unreachable":
+            plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")
+            continue
+        plan.actions += _rejoin_steps(node.name, primary, running=node.role != "unknown")
+    if not plan.actions:
+        plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
+                             "and every member follows it")
+    return plan
+
+
+def _lag_reasons(fleet, node: PgNode) -> list[str]:
+    reasons = []
+    limits = fleet.model.postgres
+    if node.replay_paused:
+        reasons.append(f"{node.name} has WAL replay paused")
+    if node.lag_bytes is None:
+        reasons.append(f"{node.name}'s lag is unknown")
+    elif node.lag_bytes > limits.max_lag_bytes:
+        reasons.append(f"{node.name} lags {node.lag_bytes} bytes (threshold {limits.max_lag_bytes})")
+    if node.lag_s is not None and node.lag_s > limits.max_lag_seconds:
+        reasons.append(f"{node.name} lags {node.lag_s:.1f} s (threshold {limits.max_lag_seconds:g} s)")
+    return reasons
+
+
+def _repmgr_check(fleet, host) -> list[str]:
+    result = _ssh(fleet, host, _repmgr(fleet, host, "node", "check"), timeout=30)
+    if result.ok:
+        return []
+    if not result.reached:
+        return [f"{host.name}: {result.error}"]
+    failing = [line.strip() for line in result.stdout.splitlines() if ":" in line and "OK" not in line.split(":", 1)[1]]
+    return [f"repmgr node check on {host.name}: " + ("; ".join(failing) or result.stderr.strip()[-300:]
+                                                     or f"exit {result.exit_code}")]
+
+
+def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
+                     force: bool = False) -> tuple[PgPlan, PgClusterState]:
+    members = cluster_members(fleet, cluster)
+    if candidate is not None and candidate not in members:
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+    view = _pg_view(fleet, cluster)
+    state = view.state
+    writable = view.writable()
+    if writable:
+        raise Refused(state, f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
+                      f"for a planned change use `igops pg switchover {cluster} --to NODE`")
+    if view.bouncer_errors:
+        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+                      "a failover repoints every PgBouncer; bring it back first")
+    old = _presumed_primary(view)
+    plan = PgPlan("failover", cluster, "", old, None,
+                  failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed")
+    reasons: list[str] = []
+    stop_first = False
+    old_probe = view.probes[old] if old else None
+    if old_probe:
+        _confirm_pg_down(fleet, state, old)
+        streaming = [name for name, probe in view.probes.items()
+                     if probe.server and probe.server.receiver_status == "streaming"
+                     and probe.server.upstream_address in (str(old_probe.host.address), old)]
+        if streaming:
+            raise Refused(state, f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
+                          "igops cannot reach it but its standbys can: check the network between them")
+        if old_probe.host_reachable is False:
+            reasons.append(f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
+                           "come back (stop the instance) before forcing")
+        elif old_probe.down.kind == "rejected":
+            reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
+            stop_first = True
+        elif old_probe.postmaster_running:
+            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--force stops it)")
+            stop_first = True
+    else:
+        plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
+    standbys = {name: probe for name, probe in view.probes.items() if name != old and probe.server}
+    if not standbys:
+        raise Refused(state, f"refused: no running standby in cluster {cluster} to promote",
+                      "start one, or restore the primary")
+    chosen = candidate or _best_standby(view, standbys)
+    if chosen not in standbys:
+        raise Refused(state, f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
+                      f"running standbys: {', '.join(standbys)}")
+    received = _received(standbys[chosen].server)
+    best = max(_received(probe.server) for probe in standbys.values())
+    if received < best:
+        reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
+    if old_probe is None:
+        plan.bytes_at_risk = best - received
+    elif old_probe.host_reachable:
+        end = _wal_end(fleet, old_probe.host)
+        if end is None:
+            reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
+        else:
+            plan.bytes_at_risk = max(0, end - received)
+            if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
+                reasons.append(f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
+                               f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
+    if standbys[chosen].server.replay_paused:
+        reasons.append(f"{chosen} has WAL replay paused")
+    _refuse_or_force(state, reasons, force, plan.forced,
+                     "restore the old primary if you can, or --force to accept the risk")
+    plan.new_primary = chosen
+    plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
+                  else f"Promote {chosen}: cluster {cluster} has no primary")
+    siblings = [name for name in standbys if name != chosen]
+    plan.actions = failover_steps(fleet, old, chosen, siblings, view.databases(),
+                                  fence_on_disk=bool(old_probe and old_probe.host_reachable), stop_first=stop_first,
+                                  replay_paused=standbys[chosen].server.replay_paused)
+    if old:
+        plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
+    return _signed(plan, view), state
+
+
+def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
+                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False) -> list[Step]:
+    resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
+    steps = []
+    if databases:
+        steps.append(Step(f"PgBouncer: KILL {_bouncer_text(databases)} (drop every connection to "
+                          f"{old or 'the cluster'}, hold new queries)", "kill", (databases,), release=resume))
+    if fence_on_disk:
+        steps.append(Step(f"{old}: fence: " + ("stop it (immediate), " if stop_first else "")
+                          + "write standby.signal so it can only start read-only", "fence", (old, stop_first)))
+    if databases:
+        steps.append(Step(f"PgBouncer: point {_bouncer_text(databases)} at {chosen}, RELOAD", "repoint",
+                          (databases, chosen)))
+    if replay_paused:
+        steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --force)", "resume_replay", (chosen,)))
+    steps.append(Step(f"{chosen}: promote (pg_promote), wait until it accepts writes", "promote", (chosen,),
+                      point_of_no_return=True))
+    if databases:
+        steps.append(resume)
+    steps.append(Step(f"{chosen}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+                      "register_primary", (chosen,)))
+    steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
+              for sibling in siblings]
+    return steps
+
+
+def _confirm_pg_down(fleet, state, name: str) -> None:
+    """A restart looks like an outage for a moment: ask again before acting on it."""
+    for _ in range(DOWN_PROBES - 1):
+        time.sleep(DOWN_PROBE_INTERVAL)
+        try:
+            connection = postgres.connect(fleet, fleet.host(name))
+        except postgres.Unavailable:
+            continue
+        connection.close()
+        raise Refused(state, f"refused: {name} answers again", "see `igops pg status`")
+
+
+def _received(server: postgres.ServerState) -> int:
+    return max(server.receive_lsn or 0, server.replay_lsn or 0)
+
+
+def _best_standby(view: _PgView, standbys: dict[str, _PgProbe]) -> str:
+    """The most WAL received; then repmgr's priority (higher first; 0 never); then the name."""
+    def priority(name: str) -> int:
+        record = view.repmgr_node(name)
+        return record.priority if record else 100
+
+    eligible = [name for name in standbys if priority(name) > 0] or list(standbys)
+    return sorted(eligible, key=lambda name: (-_received(standbys[name].server), -priority(name), name))[0]
+
+
+def _presumed_primary(view: _PgView) -> str | None:
+    """The member that was primary: the one PgBouncer routes to, else repmgr's record, else the
+    only member that does not answer; None when every member answers (as a standby)."""
+    state = view.state
+    down = [name for name, probe in view.probes.items() if not probe.server]
+    if not down:
+        return None
+    routed = {target for table in view.state.pgbouncer.values() for target in table.values()}
+    candidates = [name for name in down if name in routed]
+    if len(candidates) != 1:
+        candidates = [node.name for node in view.repmgr if node.type == "primary" and node.active and node.name in down]
+    if len(candidates) != 1 and len(down) == 1:
+        candidates = down
+    if len(candidates) != 1:
+        raise Refused(state, f"refused: cannot tell which of {', '.join(down)} was the primary",
+                      "check PgBouncer's databases file and `igops pg status`")
+    return candidates[0]
+
+
+_WAL_LISTING = ('"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"')
+
+
+def _wal_end(fleet, host) -> int | None:
+    """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
+    data = _data_directory(fleet, host)
+    listing = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", _bin(fleet, "pg_controldata"),
+                                                      data]), timeout=30)
+    if not listing.ok:
+        return None
+    control_text, _, files = listing.stdout.partition("-- pg_wal")
+    control = postgres.parse_controldata(control_text)
+    try:
+        segment_size = int(control.get("Bytes per WAL segment", 16 << 20))
+        redo = postgres.parse_lsn(control["Latest checkpoint's REDO location"])
+        redo_timeline = int(control["Latest checkpoint's TimeLineID"])
+    except (KeyError, ValueError):
+        return None
+    segments = [name for name in files.split() if len(name) == 24 and all(c in "0123456789ABCDEF" for c in name)]
+    timeline = max([int(name[:8], 16) for name in segments] + [redo_timeline])
+    start = redo if timeline == redo_timeline else min(
+        postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
+    dump = _ssh(fleet, host, _as_postgres(fleet, [_bin(fleet, "pg_waldump"), "-q", "-p", f"{data}/pg_wal", "-t",
+                                                  str(timeline), "-s", postgres.format_lsn(start)]), timeout=60)
+    if not dump.reached:
+        return None
+    return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
+
+
+def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+    cluster = cluster_of(fleet, node)
+    view = _pg_view(fleet, cluster)
+    state = view.state
+    member = state.node(node)
+    probe = view.probes[node]
+    if member.role == "primary" and member.pgbouncer:
+        raise Refused(state, f"refused: {node} accepts writes and PgBouncer routes {', '.join(member.pgbouncer)} "
+                             "to it: it is the live primary",
+                      f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)")
+    writable = [name for name in view.writable() if name != node]
+    if len(writable) != 1:
+        raise Refused(state, f"refused: cluster {cluster} has {len(writable)} primaries besides {node}",
+                      "a node rejoins a cluster with exactly one primary: see `igops pg status`")
+    primary = writable[0]
+    plan = PgPlan("rejoin", cluster, f"Rejoin {node} to cluster {cluster} as a standby of {primary}", None, primary,
+                  failure_hint=f"see `igops pg status {cluster}` and {node}'s Postgres log")
+    if member.state == "host unreachable":
+        raise RemoteError(f"{node}: host unreachable over SSH", "rejoin needs the host")
+    if member.streaming_from == primary:
+        record = view.repmgr_node(node)
+        if record and record.type == "standby" and record.active and member.repmgr == f"standby of {primary}":
+            plan.notes.append(f"nothing to do: {node} already streams from {primary}")
+        else:
+            plan.actions = [Step(f"{node}: record it as a standby of {primary} in repmgr's metadata (repmgr standby "
+                                 "register --force)", "register_standby", (node, primary))]
+        return _signed(plan, view), state
+    reasons = []
+    if member.role == "primary":
+        reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
+    if member.state == "hung":
+        reasons.append(f"{node}'s postmaster runs but does not answer")
+    _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+    plan.actions = _rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running))
+    return _signed(plan, view), state
+
+
+def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
+    # pg_rewind (15) takes the source's timeline from its control file, which a freshly promoted
+    # primary updates only at its next checkpoint: without one it rewinds to the wrong fork.
+    steps = [Step(f"{primary}: CHECKPOINT, so pg_rewind reads its current timeline", "checkpoint", (primary,))]
+    if running:
+        steps.append(Step(f"{node}: stop (repmgr node service --action=stop)", "stop", (node,)))
+    steps.append(Step(f"{node}: if it did not shut down cleanly, finish crash recovery in single-user mode first",
+                      "ensure_clean_shutdown", (node,)))
+    steps += [
+        Step(f"{node}: rejoin as a standby of {primary} (repmgr node rejoin --force-rewind: pg_rewind if its "
+             "WAL diverged)", "rejoin", (node, primary)),
+        Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
+    ]
+    return steps
+
+
+# --- applying ------------------------------------------------------------------------------------------
+class PgActions:
+    """The actions a Postgres plan's steps name, with what they learn along the way."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.wal_end: int | None = None
+        self.paused_at: float | None = None
+        self.resumed_at: float | None = None
+        # PgBouncer host -> its databases file, read before writes are paused so that the pause
+        # holds only the write
+        self.databases_files: dict[str, str] = {}
+
+    def _databases_file(self, host) -> str:
+        return self.fleet.path_for(self.fleet.model.pgbouncer.databases_file, host)
+
+    def read_databases_files(self, databases: dict[str, list[str]]) -> None:
+        def one(host_name: str) -> tuple[str, str]:
+            host = self._host(host_name)
+            return host_name, _read_file(self.fleet, host, self._databases_file(host))
+
+        self.databases_files.update(parallel_map(one, list(databases)))
+
+    def _host(self, name: str):
+        return self.fleet.host(name)
+
+    def _cluster_of(self, name: str) -> str:
+        return cluster_of(self.fleet, name)
+
+    def _bouncers(self, databases: dict[str, list[str]], method: str, *args) -> None:
+        def one(item):
+            host_name, names = item
+            getattr(postgres.Bouncer(self.fleet, self._host(host_name)), method)(names, *args)
+
+        parallel_map(one, list(databases.items()))
+
+    def checkpoint(self, node: str) -> None:
+        connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("CHECKPOINT")
+        finally:
+            connection.close()
+
+    def pause(self, databases: dict[str, list[str]]) -> str:
+        timeout = self.fleet.model.pgbouncer.pause_timeout
+        started = time.monotonic()
+        try:
+            self._bouncers(databases, "pause", timeout)
+        except IgopsError:
+            self._bouncers(databases, "resume")
+            raise
+        self.paused_at = started
+        return f"paused in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    def resume(self, databases: dict[str, list[str]]) -> str | None:
+        self._bouncers(databases, "resume")
+        if self.paused_at is not None and self.resumed_at is None:
+            self.resumed_at = time.monotonic()
+            return f"writes were paused {(self.resumed_at - self.paused_at) * 1000:.0f} ms"
+        return None
+
+    def kill(self, databases: dict[str, list[str]]) -> None:
+        self.paused_at = time.monotonic()
+        self._bouncers(databases, "kill")
+
+    def repoint(self, databases: dict[str, list[str]], node: str) -> str:
+        fleet = self.fleet
+        target = self._host(node)
+        port = fleet.model.postgres.port
+
+        def one(item):
+            host_name, names = item
+            host = self._host(host_name)
+            path = self._databases_file(host)
+            text = self.databases_files.get(host_name) or _read_file(fleet, host, path)
+            try:
+                updated = postgres.repoint_databases(text, set(names), str(target.address), port)
+            except ValueError as exc:
+                raise IgopsError(f"{host_name}:{path}: {exc}", "add the entries PgBouncer shows to that file") from None
+            if updated != text:
+                _replace_file(fleet, host, path, updated)
+            bouncer = postgres.Bouncer(fleet, host)
+            bouncer.reload()
+            wrong = [database.name for database in bouncer.databases()
+                     if database.name in names and database.host != str(target.address)]
+            if wrong:
+                raise IgopsError(f"{host_name}: after RELOAD, {', '.join(wrong)} still route elsewhere",
+                                 f"check {path} and PgBouncer's log")
+
+        parallel_map(one, list(databases.items()))
+        return f"{_bouncer_text(databases)} -> {target.address}:{port}"
+
+    def stop_and_fence(self, node: str) -> str:
+        fleet = self.fleet
+        host = self._host(node)
+        data = _data_directory(fleet, host)
+        script = ('set -e; bin="$1"; data="$2"; shift 2; "$@"; touch "$data/standby.signal"; '
+                  '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
+                  'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
+                  'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
+                  '"$bin/pg_waldump" -q -p "$data/pg_wal" -t "$tli" -s "$at" 2>&1 || true')
+        stop = _repmgr_argv(fleet, host, "node", "service", "--action=stop")
+        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data,
+                                                           *stop]), "clean stop", timeout=STOP_TIMEOUT)
+        control_text, _, dump = output.partition("-- waldump")
+        control = postgres.parse_controldata(control_text)
+        if control.get("Database cluster state") != "shut down":
+            raise IgopsError(f"{node} did not shut down cleanly: {control.get('Database cluster state', 'state unknown')}")
+        self.wal_end = postgres.wal_end_from_waldump(dump, int(control.get("Bytes per WAL segment", 16 << 20)))
+        if self.wal_end is None:
+            raise IgopsError(f"cannot tell where {node}'s WAL ends: {dump.strip()[-200:]}")
+        return f"shut down; WAL ends at {postgres.format_lsn(self.wal_end)}"
+
+    def unfence_and_start(self, node: str, candidate: str) -> None:
+        fleet = self.fleet
+        host = self._host(node)
+        try:
+            connection = postgres.connect(fleet, self._host(candidate))
+            try:
+                candidate_is_standby = postgres.server_state(connection).in_recovery
+            finally:
+                connection.close()
+        except postgres.Unavailable:
+            candidate_is_standby = True
+        if not candidate_is_standby:
+            raise IgopsError(f"{candidate} accepts writes already: {node} stays stopped and fenced",
+                             f"finish with `igops pg switchover {self._cluster_of(node)} --to {candidate}`")
+        script = 'rm -f "$2/standby.signal"; "$1" status -D "$2" >/dev/null 2>&1 && exit 0; shift 2; exec "$@"'
+        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", _bin(fleet, "pg_ctl"),
+                                                  _data_directory(fleet, host),
+                                                  *_repmgr_argv(fleet, host, "node", "service", "--action=start")]),
+                "start", timeout=90)
+
+    def fence(self, node: str, stop_first: bool) -> str:
+        fleet = self.fleet
+        host = self._host(node)
+        data = _data_directory(fleet, host)
+        if stop_first:
+            _ssh_ok(fleet, host, _as_postgres(fleet, [_bin(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate",
+                                                      "-w", "-t", "30"]), "immediate stop", timeout=60)
+        _ssh_ok(fleet, host, _as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
+        return f"{data}/standby.signal"
+
+    def resume_replay(self, node: str) -> None:
+        connection = postgres.connect(self.fleet, self._host(node))
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_wal_replay_resume()")
+        finally:
+            connection.close()
+
+    def wait_received(self, node: str) -> str:
+        connection = postgres.connect(self.fleet, self._host(node))
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT
+        try:
+            while True:
+                received = postgres.server_state(connection).receive_lsn or 0
+                if self.wal_end is not None and received >= self.wal_end:
+                    return f"received up to {postgres.format_lsn(received)}"
+                if time.monotonic() > deadline:
+                    raise IgopsError(f"{node} received WAL only up to {postgres.format_lsn(received)}, the old "
+                                     f"primary's ends at {postgres.format_lsn(self.wal_end or 0)}")
+                time.sleep(0.01)
+        finally:
+            connection.close()
+
+    def promote(self, node: str) -> str:
+        connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
+        started = time.monotonic()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT,))
+                if not cursor.fetchone()[0]:
+                    raise IgopsError(f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s",
+                                     "it may still: watch its log and `igops pg status`")
+        finally:
+            connection.close()
+        return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    def register_primary(self, node: str) -> None:
+        host = self._host(node)
+        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "primary", "register", "--force"), "repmgr primary register")
+
+    def register_standby(self, node: str, primary: str) -> None:
+        host = self._host(node)
+        upstream = self._repmgr_record(primary)
+        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "register", "--force",
+                                          f"--upstream-node-id={upstream.node_id}"), "repmgr standby register")
+
+    def stop(self, node: str) -> None:
+        host = self._host(node)
+        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "service", "--action=stop"), "stop", timeout=90)
+
+    # Single-user mode refuses standby mode, so standby.signal steps aside for the run and comes
+    # back whatever happens (pg_rewind does the same when it recovers a target itself).
+    _SINGLE_USER = ('set -e; data="$1"; shift; hidden=; '
+                    'if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$data/standby.signal.igops"; '
+                    'hidden=1; fi; '
+                    'restore() { if [ -n "$hidden" ]; then mv "$data/standby.signal.igops" "$data/standby.signal"; fi; }; '
+                    'trap restore EXIT; "$@" </dev/null')
+
+    def ensure_clean_shutdown(self, node: str) -> str:
+        """pg_rewind needs a cleanly shut down target. A crashed one is recovered the way pg_rewind
+        would, but with the server's own configuration, which may live outside the data directory
+        (Debian's /etc/postgresql) where pg_rewind's own recovery cannot find it."""
+        fleet = self.fleet
+        host = self._host(node)
+        data = _data_directory(fleet, host)
+        script = '"$1" -D "$2"; echo "-- postmaster.opts"; cat "$2/postmaster.opts" 2>/dev/null || true'
+        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", _bin(fleet, "pg_controldata"),
+                                                           data]), "pg_controldata")
+        control_text, _, opts = output.partition("-- postmaster.opts")
+        state = postgres.parse_controldata(control_text).get("Database cluster state", "unknown")
+        if state in ("shut down", "shut down in recovery"):
+            return f"{state} cleanly already"
+        single_user = [_bin(fleet, "postgres"), "--single", "-F", *postgres.server_arguments(opts.strip(), data),
+                       "template1"]
+        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
+                "single-user crash recovery", timeout=REJOIN_TIMEOUT)
+        return f"was {state}: crash recovery done"
+
+    def _repmgr_record(self, node: str) -> postgres.RepmgrNode:
+        """A node's record in repmgr's metadata, as the node itself has it."""
+        connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
+        try:
+            record = next((n for n in postgres.repmgr_nodes(connection) if n.name == node), None)
+        finally:
+            connection.close()
+        if record is None:
+            raise IgopsError(f"{node} is not in repmgr's metadata", "register it with repmgr first")
+        return record
+
+    def rejoin(self, node: str, primary: str) -> str:
+        host = self._host(node)
+        output = _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "rejoin", "-d",
+                                                   self._repmgr_record(primary).conninfo,
+                                                   "--force-rewind", "--verbose"),
+                         "repmgr node rejoin", timeout=REJOIN_TIMEOUT)
+        rewound = "rewinding from last common checkpoint" in output or "servers diverged" in output
+        return "pg_rewind rewound it" if rewound else "no rewind needed"
+
+    def follow(self, node: str, primary: str) -> None:
+        host = self._host(node)
+        upstream = self._repmgr_record(primary)
+        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "follow",
+                                          f"--upstream-node-id={upstream.node_id}"), "repmgr standby follow",
+                timeout=REJOIN_TIMEOUT)
+
+    def wait_streaming(self, node: str, primary: str) -> str:
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        address = str(self._host(node).address)
+        while True:
+            try:
+                connection = postgres.connect(self.fleet, self._host(primary))
+                try:
+                    replicas = postgres.server_state(connection).replicas
+                finally:
+                    connection.close()
+                streaming = [r for r in replicas if r.state == "streaming" and (r.name == node or r.address == address)]
+                if streaming:
+                    return f"streaming, replayed up to {_lsn_text(streaming[0].replay_lsn)}"
+            except postgres.Unavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise IgopsError(f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s",
+                                 f"see {node}'s Postgres log")
+            time.sleep(0.2)
+
+
+def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
+    actions = PgActions(fleet)
+    reports = execute(plan.actions, actions, reporter, plan.failure_hint)
+    pause_ms = ((actions.resumed_at - actions.paused_at) * 1000
+                if actions.paused_at is not None and actions.resumed_at is not None else None)
+    return PgResult(plan.operation, plan.cluster, plan.old_primary, plan.new_primary,
+                    round(pause_ms, 1) if pause_ms is not None else None, plan.bytes_at_risk, reports)
+
+
+# ==================================================================================================
+# Redis
+# ==================================================================================================
+@dataclass
+class RedisNode:
+    name: str
+    address: str
+    role: str  # 'master', 'replica' or 'unknown' (not answering)
+    state: str  # 'running', 'down', 'hung'
+    offset: int | None = None
+    lag_bytes: int | None = None  # behind the app's master
+    master: str | None = None  # a replica's master, by name
+    link: str | None = None  # 'up' or 'down (N s)'
+    priority: int | None = None
+    read_only: bool | None = None
+    app_master: bool = False  # the directory names it: the app writes here
+    detail: str | None = None
+
+
+@dataclass
+class RedisState:
+    nodes: list[RedisNode]
+    app_master: str | None  # by name, from the directory's redis_master endpoint
+    app_address: str | None
+    endpoint_version: int | None
+    problems: list[str] = field(default_factory=list)
+
+    def node(self, name: str) -> RedisNode:
+        return next(node for node in self.nodes if node.name == name)
+
+
+@dataclass
+class _RedisView:
+    fleet: Any
+    states: dict[str, redisops.NodeState | None]
+    down: dict[str, postgres.Unavailable]
+    state: RedisState
+
+    def masters(self) -> list[str]:
+        return [name for name, node in self.states.items() if node and node.role == "master"]
+
+
+def redis_members(fleet) -> list[str]:
+    redis = fleet.model.redis
+    if not redis.master:
+        raise UsageError("the inventory has no Redis nodes", "set [redis] master and replicas")
+    return [redis.master, *redis.replicas]
+
+
+def _redis_address(fleet, name: str) -> str:
+    return f"{fleet.host(name).address}:{fleet.model.redis.port}"
+
+
+def directory_connection(fleet):
+    """A connection to the directory database on its cluster's live primary."""
+    shards = fleet.model.shards
+    cluster = shards.directory_cluster or next(iter(fleet.model.postgres.clusters), None)
+    if cluster is None:
+        raise UsageError("the inventory has no Postgres cluster for the directory", "set [shards] directory_cluster")
+    for name in cluster_members(fleet, cluster):
+        try:
+            connection = postgres.connect(fleet, fleet.host(name), shards.directory_database)
+        except postgres.Unavailable:
+            continue
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            if not cursor.fetchone()[0]:
+                return connection
+        connection.close()
+    raise IgopsError(f"no primary of cluster {cluster} answers: the directory cannot be read or changed",
+                     f"see `igops pg status {cluster}`")
+
+
+def _redis_view(fleet) -> _RedisView:
+    members = redis_members(fleet)
+    by_address = {_redis_address(fleet, name): name for name in members}
+
+    def probe(name: str):
+        connection = redisops.client(fleet, fleet.host(name))
+        try:
+            return name, redisops.node_state(connection), None
+        except postgres.Unavailable as down:
+            return name, None, down
+        finally:
+            connection.close()
+
+    def endpoint():
+        try:
+            connection = directory_connection(fleet)
+        except IgopsError as exc:
+            return None, None, exc.one_line()
+        try:
+            return (*redisops.read_endpoint(connection), None)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="redis-probe") as pool:
+        endpoint_future = pool.submit(endpoint)
+        probed = list(pool.map(probe, members))
+        address, version, directory_error = endpoint_future.result()
+    states = {name: state for name, state, _ in probed}
+    down = {name: error for name, _, error in probed if error}
+    app_master = by_address.get(address) if address else None
+    nodes = []
+    for name in members:
+        node_state = states[name]
+        node = RedisNode(name, _redis_address(fleet, name), "unknown", "running", app_master=name == app_master)
+        if node_state is None:
+            node.state = "hung" if down[name].kind == "timeout" else "down"
+            node.detail = down[name].detail
+        else:
+            node.role = node_state.role
+            node.offset = node_state.offset
+            node.priority = node_state.priority
+            if node_state.role == "replica":
+                node.master = by_address.get(node_state.master_address, node_state.master_address)
+                node.link = "up" if node_state.link_up else f"down ({node_state.link_down_s} s)"
+                node.read_only = node_state.read_only
+        nodes.append(node)
+    reference = states.get(app_master) if app_master else None
+    for node in nodes:
+        if reference and reference.role == "master" and node.offset is not None and node.name != app_master:
+            node.lag_bytes = max(0, reference.offset - node.offset)
+    state = RedisState(nodes, app_master, address, version)
+    state.problems = _redis_problems(fleet, state, directory_error)
+    return _RedisView(fleet, states, down, state)
+
+
+def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> list[str]:
+    problems = []
+    masters = [node.name for node in state.nodes if node.role == "master"]
+    if directory_error:
+        problems.append(directory_error)
+    elif state.app_address is None:
+        problems.append("the directory names no Redis master")
+    elif state.app_master is None:
+        problems.append(f"the directory's Redis master {state.app_address} is not a Redis node of the inventory")
+    elif state.node(state.app_master).role != "master":
+        problems.append(f"the app writes to {state.app_master}, which is "
+                        + ("down" if state.node(state.app_master).role == "unknown" else "a replica"))
+    if len(masters) > 1:
+        problems.append(f"{len(masters)} masters: {', '.join(masters)}"
+                        + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
+    for node in state.nodes:
+        if node.role == "unknown":
+            problems.append(f"{node.name} is {node.state}")
+        elif node.role == "replica":
+            if state.app_master and node.master != state.app_master:
+                problems.append(f"{node.name} replicates from {node.master}, not {state.app_master}")
+            if node.link != "up":
+                problems.append(f"{node.name}'s link to {node.master} is {node.link}")
+            if node.read_only is False:
+                problems.append(f"{node.name} is a replica that accepts writes (replica-read-only no)")
+            if node.lag_bytes and node.lag_bytes > fleet.model.redis.max_lag_bytes:
+                problems.append(f"{node.name} lags {node.lag_bytes} bytes")
+    return problems
+
+
+def redis_status(fleet) -> RedisState:
+    return _redis_view(fleet).state
+
+
+@dataclass
+class RedisPlan:
+    operation: str
+    title: str
+    old_master: str | None
+    new_master: str | None
+    forced: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    actions: list[Step] = field(default_factory=list)
+    failure_hint: str = "see `igops redis status` for where things stand"
+    signature: tuple = ()  # the state the plan was made for (see check_unchanged)
+
+    def steps(self) -> list[str]:
+        return [step.title for step in self.actions]
+
+
+@dataclass
+class RedisResult:
+    operation: str
+    old_master: str | None
+    new_master: str | None
+    write_pause_ms: float | None
+    endpoint_version: int | None
+    steps: list[StepReport]
+
+
+def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+    members = redis_members(fleet)
+    if target not in members:
+        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+    view = _redis_view(fleet)
+    state = view.state
+    masters = view.masters()
+    current = state.app_master if state.app_master in masters else (masters[0] if len(masters) == 1 else None)
+    if current is None:
+        raise Refused(state, "refused: " + ("no Redis master answers" if not masters else
+                                          f"{len(masters)} masters and the app uses none of them"),
+                      "if the master is down use `igops redis failover`; see `igops redis status`")
+    node = state.node(target)
+    if target == current:
+        if state.app_master == target and len(masters) == 1:
+            return _signed(RedisPlan("switchover", f"Nothing to do: {target} is the master and the app uses it",
+                                     target, target), view), state
+        plan = RedisPlan("switchover", f"Finish: {target} is a master; point the app and the others at it",
+                         current, target)
+        others = [name for name in members if name != target and view.states[name] is not None
+                  and not (state.node(name).role == "replica" and state.node(name).master == target)]
+        plan.actions = [Step(f"{name}: REPLICAOF {target}", "replicate", (name, target)) for name in others]
+        if state.app_master != target:
+            plan.actions.append(Step(f"directory: redis_master = {_redis_address(fleet, target)} (version bump)",
+                                     "point_app", (target,)))
+        answering = tuple(name for name in members if view.states[name] is not None)
+        plan.actions.append(Step(f"config files: {target} as master, {', '.join(n for n in answering if n != target)} "
+                                 f"as replicas of {target}", "persist_roles", (target, answering)))
+        return _signed(plan, view), state
+    if node.role != "replica":
+        raise Refused(state, f"refused: {target} is not a replica (it is {node.state if node.role == 'unknown' else node.role})",
+                      "pick a running replica (igops redis status)")
+    plan = RedisPlan("switchover", f"Switch the Redis master from {current} to {target}", current, target)
+    reasons = []
+    if node.master != current or node.link != "up":
+        reasons.append(f"{target} does not follow {current} over a live link ({node.master}, link {node.link})")
+    lag = view.states[current].offset - (node.offset or 0)
+    if lag > fleet.model.redis.max_lag_bytes:
+        reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
+    if node.read_only is False:
+        reasons.append(f"{target} accepts writes as a replica")
+    _refuse_or_force(state, reasons, force, plan.forced, "wait for it to catch up, pick another replica, or --force")
+    others = [name for name in members if name not in (current, target) and view.states[name] is not None]
+    plan.actions = redis_switchover_steps(fleet, current, target, others)
+    return _signed(plan, view), state
+
+
+def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) -> list[Step]:
+    pause = fleet.model.redis.pause_timeout
+    unpause = Step(f"{current}: CLIENT UNPAUSE (paused writes are refused READONLY and retried on {target})",
+                   "unpause", (current,))
+    steps = [
+        Step(f"{current}: CLIENT PAUSE WRITE (writes wait, reads go on; released by Redis itself after {pause:g} s)",
+             "pause_writes", (current,), release=unpause),
+        Step(f"{target}: wait until its offset reaches {current}'s (at most {pause / 2:g} s)", "wait_offset",
+             (current, target)),
+        Step(f"{target}: REPLICAOF NO ONE (master now; first checks it is level with {current} and the pause has "
+             f"over {PAUSE_MARGIN:g} s left)", "promote", (target, current),
+             undo=Step(f"{target}: REPLICAOF {current} again", "replicate", (target, current))),
+        Step(f"{current}: REPLICAOF {target} (it can take no more writes)", "demote", (current, target),
+             point_of_no_return=True),
+    ]
+    steps += [Step(f"{name}: REPLICAOF {target}", "replicate", (name, target)) for name in others]
+    steps += [
+        Step(f"directory: redis_master = {_redis_address(fleet, target)} (version bump; the app follows within "
+             "about 1 s, at once on READONLY)", "point_app", (target,)),
+        unpause,
+        Step(f"config files: {target} as master, {', '.join([current, *others])} as replicas of {target} (a "
+             "restart keeps the roles)", "persist_roles", (target, (target, current, *others))),
+        Step(f"{current}: wait until its link to {target} is up", "wait_link", (current,)),
+    ]
+    return steps
+
+
+def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -> tuple[RedisPlan, RedisState]:
+    members = redis_members(fleet)
+    if target is not None and target not in members:
+        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+    view = _redis_view(fleet)
+    state = view.state
+    masters = view.masters()
+    old = state.app_master
+    if old is None:
+        raise Refused(state, "refused: the directory names no Redis node as the master, so none can be down",
+                      "see `igops redis status`")
+    if old in masters:
+        raise Refused(state, f"refused: {old} answers as the master: it is not down",
+                      "for a planned change use `igops redis switchover --to NODE`")
+    if view.states.get(old) is not None:
+        raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}",
+                      f"point the app at a master with `igops redis switchover --to {state.node(old).master}`")
+    _confirm_redis_down(fleet, state, old)
+    plan = RedisPlan("failover", "", old, None)
+    reasons = []
+    following = [name for name in members if view.states[name] and view.states[name].role == "replica"
+                 and state.node(name).master == old and state.node(name).link == "up"]
+    if following:
+        raise Refused(state, f"refused: {old} is not down: {', '.join(following)} still have a live link to it",
+                      "igops cannot reach it but its replicas can: check the network")
+    if view.states.get(old) is None and view.down[old].kind == "timeout":
+        reasons.append(f"{old} accepts connections but does not answer: hung, not down; it could come back as "
+                       "master with its writes (stop it first)")
+    replicas = {name: view.states[name] for name in members
+                if name != old and view.states[name] is not None and view.states[name].role == "replica"}
+    if masters:
+        plan.notes.append(f"also master, but not used by the app: {', '.join(masters)}")
+    if not replicas:
+        raise Refused(state, "refused: no running replica to promote", "start one, or restore the master")
+    chosen = target or _best_replica(replicas)
+    if chosen not in replicas:
+        raise Refused(state, f"refused: {chosen} is not a running replica", f"running replicas: {', '.join(replicas)}")
+    best = max(node.offset for node in replicas.values())
+    if replicas[chosen].offset < best:
+        reasons.append(f"{chosen} is {best - replicas[chosen].offset} bytes behind the most advanced replica")
+    reachable = _ssh(fleet, fleet.host(old), ["true"], timeout=20).reached
+    if not reachable:
+        reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
+                       "come back (stop the instance) before forcing")
+    _refuse_or_force(state, reasons, force, plan.forced, "restore the master if you can, or --force to accept the risk")
+    plan.new_master = chosen
+    plan.title = f"Fail the Redis master over from {old} (down) to {chosen}"
+    steps = []
+    if reachable:
+        steps.append(Step(f"{old}: fence: its config file gets `replicaof {chosen}`, so a restart comes up as a "
+                          "read-only replica", "fence_config", (old, chosen)))
+    steps.append(Step(f"{chosen}: REPLICAOF NO ONE (master now, at offset {replicas[chosen].offset}; writes "
+                      f"{old} acknowledged after that are lost)", "promote", (chosen,), point_of_no_return=True))
+    steps += [Step(f"{name}: REPLICAOF {chosen}", "replicate", (name, chosen)) for name in replicas if name != chosen]
+    steps.append(Step(f"directory: redis_master = {_redis_address(fleet, chosen)} (version bump)", "point_app",
+                      (chosen,)))
+    steps.append(Step(f"config files: {chosen} as master, {', '.join(n for n in replicas if n != chosen) or 'no other'} "
+                      f"replica follows {chosen}", "persist_roles", (chosen, tuple(name for name in replicas))))
+    plan.actions = steps
+    plan.notes.append(f"when {old} is back: `igops redis rejoin {old}`")
+    return _signed(plan, view), state
+
+
+def _confirm_redis_down(fleet, state, name: str) -> None:
+    """A restart looks like an outage for a moment: ask again before acting on it."""
+    for _ in range(DOWN_PROBES - 1):
+        time.sleep(DOWN_PROBE_INTERVAL)
+        connection = redisops.client(fleet, fleet.host(name))
+        try:
+            redisops.node_state(connection)
+        except postgres.Unavailable:
+            continue
+        finally:
+            connection.close()
+        raise Refused(state, f"refused: {name} answers again", "see `igops redis status`")
+
+
+def _best_replica(replicas: dict[str, redisops.NodeState]) -> str:
+    """The most data first (Sentinel puts priority first, but a failover must lose as little as it
+    can); then the lower replica-priority; never one with priority 0; then the run id."""
+    eligible = {name: node for name, node in replicas.items() if node.priority != 0} or replicas
+    return sorted(eligible, key=lambda name: (-eligible[name].offset, eligible[name].priority,
+                                              eligible[name].run_id))[0]
+
+
+def plan_redis_rejoin(fleet, node: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+    members = redis_members(fleet)
+    if node not in members:
+        raise UsageError(f"{node} is not a Redis node", f"nodes: {', '.join(members)}")
+    view = _redis_view(fleet)
+    state = view.state
+    master = state.app_master
+    if master is None or view.states.get(master) is None or view.states[master].role != "master":
+        raise Refused(state, "refused: the app's master (per the directory) is not a running master",
+                      "see `igops redis status`")
+    if node == master:
+        raise Refused(state, f"refused: {node} is the app's master", "rejoin the other nodes to it")
+    if view.states.get(node) is None:
+        raise Refused(state, f"refused: {node} does not answer ({view.down[node].detail})", "start it first")
+    host = fleet.host(node)
+    config_path = fleet.path_for(fleet.model.redis.config_file, host)
+    configured = redisops.configured_master(_read_file(fleet, host, config_path))
+    member = state.node(node)
+    plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
+    if member.role == "master":
+        reasons = [f"{node} is a master: its own writes since it split off are discarded"]
+        _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+    steps = []
+    if not (member.role == "replica" and member.master == master):
+        steps.append(Step(f"{node}: REPLICAOF {master}", "replicate", (node, master)))
+    master_address = (str(fleet.host(master).address), fleet.model.redis.port)
+    if configured != master_address:
+        steps.append(Step(f"{node}: config file {config_path}: replicaof {master}", "persist_roles",
+                          (master, (node,))))
+    if steps or member.link != "up":
+        steps.append(Step(f"{node}: wait until its link to {master} is up", "wait_link", (node,)))
+    else:
+        plan.notes.append(f"nothing to do: {node} replicates from {master} and its config says so")
+    plan.actions = steps
+    return _signed(plan, view), state
+
+
+class RedisActions:
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.paused_at: float | None = None
+        self.unpaused_at: float | None = None
+        self.master_offset: int | None = None
+        self.endpoint_version: int | None = None
+
+    def _client(self, name: str):
+        return redisops.client(self.fleet, self.fleet.host(name))
+
+    def _master_of(self, name: str) -> tuple[str, int]:
+        return str(self.fleet.host(name).address), self.fleet.model.redis.port
+
+    def pause_writes(self, name: str) -> None:
+        connection = self._client(name)
+        try:
+            redisops.pause_writes(connection, int(self.fleet.model.redis.pause_timeout * 1000))
+            self.paused_at = time.monotonic()
+            self.master_offset = redisops.node_state(connection).offset
+        finally:
+            connection.close()
+
+    def unpause(self, name: str) -> str | None:
+        connection = self._client(name)
+        try:
+            redisops.unpause(connection)
+        finally:
+            connection.close()
+        if self.paused_at is not None and self.unpaused_at is None:
+            self.unpaused_at = time.monotonic()
+            return f"writes were paused {(self.unpaused_at - self.paused_at) * 1000:.0f} ms"
+        return None
+
+    def wait_offset(self, master: str, replica: str, deadline: float | None = None) -> str:
+        master_client = self._client(master)
+        try:
+            self.master_offset = redisops.node_state(master_client).offset
+        finally:
+            master_client.close()
+        connection = self._client(replica)
+        try:
+            if deadline is None:
+                deadline = (self.paused_at or time.monotonic()) + self.fleet.model.redis.pause_timeout / 2
+            reached = redisops.wait_for_offset(connection, self.master_offset, deadline)
+        finally:
+            connection.close()
+        return f"offset {reached}"
+
+    def promote(self, name: str, paused_master: str | None = None) -> str | None:
+        """REPLICAOF NO ONE. During a switchover, only while the old master's pause has time left
+        for the demotion that follows, and once more level with it."""
+        detail = None
+        if paused_master is not None:
+            left = (self.paused_at or 0) + self.fleet.model.redis.pause_timeout - time.monotonic()
+            if left < PAUSE_MARGIN:
+                raise IgopsError(f"only {max(left, 0):.1f} s of {paused_master}'s write pause left: too late to "
+                                 "promote and demote safely")
+            detail = self.wait_offset(paused_master, name, deadline=time.monotonic() + left - PAUSE_MARGIN)
+        connection = self._client(name)
+        try:
+            redisops.replicate_from(connection, None)
+        finally:
+            connection.close()
+        return detail
+
+    def demote(self, name: str, new_master: str) -> None:
+        self.replicate(name, new_master)
+
+    def replicate(self, name: str, master: str) -> None:
+        connection = self._client(name)
+        try:
+            redisops.replicate_from(connection, self._master_of(master))
+        finally:
+            connection.close()
+
+    def point_app(self, name: str) -> str:
+        connection = directory_connection(self.fleet)
+        try:
+            self.endpoint_version = redisops.write_endpoint(connection, _redis_address(self.fleet, name))
+        finally:
+            connection.close()
+        return f"version {self.endpoint_version}"
+
+    def persist_roles(self, master: str, members: tuple) -> str:
+        fleet = self.fleet
+        template = fleet.model.redis.config_file
+
+        def one(name: str) -> str | None:
+            host = fleet.host(name)
+            path = fleet.path_for(template, host)
+            result = _ssh(fleet, host, ["cat", path], timeout=30)
+            if not result.ok:
+                return f"{name}: {result.error or result.stderr.strip()[-200:]}"
+            wanted = redisops.with_replicaof(result.stdout, None if name == master else self._master_of(master))
+            if wanted != result.stdout:
+                _replace_file(fleet, host, path, wanted)
+            return None
+
+        failed = [problem for problem in parallel_map(one, list(members)) if problem]
+        if failed:
+            raise IgopsError("config files not updated: " + "; ".join(failed),
+                             "a restart of those nodes would take their old role; fix the files by hand")
+        return f"{len(members)} files"
+
+    def fence_config(self, name: str, new_master: str) -> None:
+        self.persist_roles(new_master, (name,))
+
+    def wait_link(self, name: str) -> str:
+        connection = self._client(name)
+        try:
+            state = redisops.wait_for_link(connection, time.monotonic() + STREAMING_TIMEOUT)
+        finally:
+            connection.close()
+        return f"link up, offset {state.offset}"
+
+
+def apply_redis(fleet, plan: RedisPlan, reporter: Reporter = Reporter()) -> RedisResult:
+    actions = RedisActions(fleet)
+    reports = execute(plan.actions, actions, reporter, plan.failure_hint)
+    pause_ms = ((actions.unpaused_at - actions.paused_at) * 1000
+                if actions.paused_at is not None and actions.unpaused_at is not None else None)
+    return RedisResult(plan.operation, plan.old_master, plan.new_master,
+                       round(pause_ms, 1) if pause_ms is not None else None, actions.endpoint_version, reports)
+
+
+def _signature(view: _PgView | _RedisView) -> tuple:
+    """What a plan depends on: every member's role and state, who follows whom, and where the app
+    is routed (PgBouncer, or the directory for Redis). Positions and lag are left out: they move."""
+    state = view.state
+    if isinstance(view, _PgView):
+        return (tuple((n.name, n.role, n.state, n.fenced, n.streaming_from) for n in state.nodes),
+                tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
+                tuple(sorted((host, tuple(names)) for host, names in state.paused.items())))
+    return (tuple((n.name, n.role, n.state, n.master, n.link == "up") for n in state.nodes), state.app_master)
+
+
+def _signed(plan, view):
+    plan.signature = _signature(view)
+    return plan
+
+
+def check_unchanged(fleet, plan: PgPlan | RedisPlan) -> None:
+    """Under the lock, after the confirmation: refuse if the state the plan was made for has
+    changed (another operation, a node that came back), instead of acting on a stale plan."""
+    view = _redis_view(fleet) if isinstance(plan, RedisPlan) else _pg_view(fleet, plan.cluster)
+    if _signature(view) != plan.signature:
+        raise Refused(view.state, "refused: the state changed since the plan was made",
+                      "run the command again to see the new plan")
+
+
+def describe_plan(plan: PgPlan | RedisPlan) -> dict:
+    """The plan as data for --json: everything but the actions' internals."""
+    data = {key: value for key, value in plan.__dict__.items()
+            if key not in ("actions", "failure_hint", "signature")}
+    data["steps"] = plan.steps()
+    return data
+

@@ -1,0 +1,171 @@
+"""Redis as failover sees it (redis-py): replication state, write pauses, role changes; the
+directory row that tells the app where the master is; and the `replicaof` line of a node's
+config file, which decides the role a node takes when it restarts.
+
+No SSH here: igops.failover reads and replaces config files on the hosts and hands the text to
+`with_replicaof`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from igops.errors import IgopsError
+from igops.postgres import Unavailable
+from igops.secrets import Secrets
+
+# The directory's endpoints row the app reads (app/directory.py): address "host:port", and a
+# version every change bumps so each worker reloads within about a second.
+MASTER_ENDPOINT = "redis_master"
+PROBE_TIMEOUT = 2.0
+_ROLE_LINE = re.compile(r"^\s*(replicaof|slaveof|replica-read-only|slave-read-only)\b", re.I)
+
+
+def client(fleet, host, timeout: float = PROBE_TIMEOUT):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No retries: redis-py's default backs off for seconds on a refused connection, and telling a
+    # dead node quickly is the point of a failover's probes.
+    return redis.Redis(host=str(host.address), port=fleet.model.redis.port,
+                       password=Secrets(fleet.model.secrets.file).get("redis_password"),
+                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+                       retry=Retry(NoBackoff(), 0))
+
+
+@dataclass
+class LinkedReplica:
+    """A replica as its master sees it (INFO replication's slaveN lines)."""
+
+    address: str
+    offset: int
+    state: str
+    lag_s: int | None
+
+
+@dataclass
+class NodeState:
+    role: str  # 'master' or 'replica'
+    offset: int  # a master's replication offset, or how far a replica has processed its stream
+    master_address: str | None  # a replica's master, "host:port"
+    link_up: bool | None
+    link_down_s: int | None
+    read_only: bool
+    priority: int  # replica-priority: lower is preferred, 0 never promoted
+    run_id: str
+    replicas: list[LinkedReplica] = field(default_factory=list)
+
+
+def node_state(connection) -> NodeState:
+    """One node's replication state. Raises Unavailable when it does not answer."""
+    import redis
+
+    try:
+        info = connection.info("replication")
+        server = connection.info("server")
+    except redis.exceptions.RedisError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "refused" if "refused" in detail.lower() else "timeout" if isinstance(
+            exc, (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)) else "rejected"
+        raise Unavailable(connection.connection_pool.connection_kwargs.get("host", "?"), detail, kind) from None
+    replicas = []
+    for key, value in info.items():
+        if re.fullmatch(r"slave\d+", key) and isinstance(value, dict):
+            replicas.append(LinkedReplica(f"{value.get('ip')}:{value.get('port')}", int(value.get("offset", 0)),
+                                          str(value.get("state")), value.get("lag")))
+    if info["role"] == "master":
+        return NodeState("master", int(info["master_repl_offset"]), None, None, None, False,
+                         int(info.get("slave_priority", info.get("replica_priority", 100)) or 100),
+                         server.get("run_id", ""), replicas)
+    link_up = info.get("master_link_status") == "up"
+    return NodeState("replica", int(info.get("slave_repl_offset", info.get("master_repl_offset", 0))),
+                     f"{info['master_host']}:{info['master_port']}", link_up,
+                     None if link_up else info.get("master_link_down_since_seconds"),
+                     bool(info.get("slave_read_only", 1)),
+                     int(info.get("slave_priority", info.get("replica_priority", 100))),
+                     server.get("run_id", ""), replicas)
+
+
+def pause_writes(connection, milliseconds: int) -> None:
+    """Hold every write command on this node (reads go on) until UNPAUSE or the timeout,
+    whichever comes first: a crashed igops cannot leave writes paused."""
+    connection.execute_command("CLIENT", "PAUSE", str(milliseconds), "WRITE")
+
+
+def unpause(connection) -> None:
+    connection.execute_command("CLIENT", "UNPAUSE")
+
+
+def replicate_from(connection, master: tuple[str, int] | None) -> None:
+    """REPLICAOF host port, or REPLICAOF NO ONE to make the node a master."""
+    if master is None:
+        connection.execute_command("REPLICAOF", "NO", "ONE")
+    else:
+        connection.execute_command("REPLICAOF", master[0], str(master[1]))
+
+
+class CatchUpTimeout(IgopsError):
+    pass
+
+
+def wait_for_offset(connection, offset: int, deadline: float, interval: float = 0.005) -> int:
+    """Until the replica has processed the stream up to `offset`; returns its offset."""
+    reached = node_state(connection).offset
+    while reached < offset:
+        if time.monotonic() >= deadline:
+            raise CatchUpTimeout(f"replica at offset {reached}, master at {offset}")
+        time.sleep(interval)
+        reached = node_state(connection).offset
+    return reached
+
+
+def wait_for_link(connection, deadline: float, interval: float = 0.05) -> NodeState:
+    state = node_state(connection)
+    while not (state.role == "replica" and state.link_up):
+        if time.monotonic() >= deadline:
+            raise CatchUpTimeout("the replication link did not come up")
+        time.sleep(interval)
+        state = node_state(connection)
+    return state
+
+
+# --- the directory's redis_master endpoint (a connection to the directory database's primary) ---
+def read_endpoint(connection) -> tuple[str | None, int | None]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT address, version FROM endpoints WHERE name = %s", (MASTER_ENDPOINT,))
+        row = cursor.fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def write_endpoint(connection, address: str) -> int:
+    """Point the app at `address` ("host:port"); returns the new version."""
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO endpoints (name, address) VALUES (%s, %s) "
+                       "ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, "
+                       "version = endpoints.version + 1, updated_at = now() RETURNING version",
+                       (MASTER_ENDPOINT, address))
+        return cursor.fetchone()[0]
+
+
+# --- the config file --------------------------------------------------------------------------------
+def with_replicaof(text: str, master: tuple[str, int] | None) -> str:
+    """The config with its role lines replaced: `replicaof host port` and `replica-read-only yes`
+    for a replica (a replica that accepted writes would be no fence at all), none for a master.
+    Every other line stays as it is."""
+    kept = [line for line in text.splitlines() if not _ROLE_LINE.match(line)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    if master is not None:
+        kept += [f"replicaof {master[0]} {master[1]}", "replica-read-only yes"]
+    return "\n".join(kept) + "\n"
+
+
+def configured_master(text: str) -> tuple[str, int] | None:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].lower() in ("replicaof", "slaveof"):
+            return parts[1], int(parts[2])
+    return None

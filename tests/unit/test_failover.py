@@ -1,0 +1,380 @@
+"""Failover without a fleet: LSN arithmetic, the parsers for pg_controldata, pg_waldump and
+PgBouncer's databases file, the Redis config rewrite, the plans' shapes and safety properties,
+how candidates are chosen, and how a failing step is undone and released."""
+
+import pytest
+
+from igops import failover, inventory, postgres, redisops
+from igops.errors import ExitCode, IgopsError
+from igops.output import Reporter
+from tests.conftest import run_igops
+
+SEGMENT = 16 << 20
+FLEET = """
+[[hosts]]
+name = "db1"
+address = "10.0.0.21"
+roles = ["postgres"]
+[[hosts]]
+name = "db2"
+address = "10.0.0.22"
+roles = ["postgres"]
+[[hosts]]
+name = "db3"
+address = "10.0.0.23"
+roles = ["postgres"]
+[[hosts]]
+name = "pgb1"
+address = "10.0.0.20"
+roles = ["pgbouncer"]
+[[hosts]]
+name = "redis1"
+address = "10.0.0.31"
+roles = ["redis"]
+[[hosts]]
+name = "redis2"
+address = "10.0.0.32"
+roles = ["redis"]
+[[hosts]]
+name = "redis3"
+address = "10.0.0.33"
+roles = ["redis"]
+[postgres]
+max_lag_bytes = 1000
+max_lag_seconds = 5
+[postgres.clusters.main]
+primary = "db1"
+standbys = ["db2", "db3"]
+[redis]
+master = "redis1"
+replicas = ["redis2", "redis3"]
+config_file = "/srv/{host}/redis.conf"
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    path = tmp_path / "igops.toml"
+    path.write_text(FLEET)
+    return inventory.load_file(path)
+
+
+# --- LSNs and host tool output -----------------------------------------------------------------
+def test_lsn_round_trip_and_arithmetic():
+    assert postgres.parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert postgres.format_lsn(postgres.parse_lsn("0/3000180")) == "0/3000180"
+    assert postgres.parse_lsn("1/0") - postgres.parse_lsn("0/FFFFFFFF") == 1
+    with pytest.raises(ValueError):
+        postgres.parse_lsn("3000180")
+
+
+def test_segment_names_map_to_their_first_byte():
+    assert postgres.segment_start("000000030000000100000002", SEGMENT) == (3, (1 << 32) + 2 * SEGMENT)
+
+
+def test_controldata_lines():
+    values = postgres.parse_controldata("Database cluster state:               shut down\n"
+                                        "Latest checkpoint location:           0/1201CD00\n"
+                                        "Latest checkpoint's TimeLineID:       3\n")
+    assert values["Database cluster state"] == "shut down"
+    assert values["Latest checkpoint's TimeLineID"] == "3"
+
+
+@pytest.mark.parametrize("message, end", [
+    ("pg_waldump: error: error in WAL record at 0/3382538: invalid record length at 0/3382570: wanted 24, got 0",
+     "0/3382570"),
+    ("pg_waldump: error: error in WAL record at 0/5000060: record with incorrect prev-link 0/4FFFF28 at 0/50000D8",
+     "0/50000D8"),
+    ("pg_waldump: error: error in WAL record at 0/14FFFFA0: unexpected pageaddr 0/C000000 in log segment "
+     "000000010000000000000015, offset 0", "0/15000000"),
+    ("pg_waldump: error: error in WAL record at 0/14FFFFA0: invalid magic number 0000 in log segment "
+     "000000020000000000000015, offset 8192", "0/15002000"),
+    ('pg_waldump: error: could not find file "000000010000000000000016": No such file or directory', "0/16000000"),
+])
+def test_the_end_of_wal_from_where_pg_waldump_stops(message, end):
+    assert postgres.wal_end_from_waldump(message, SEGMENT) == postgres.parse_lsn(end)
+
+
+def test_an_unexpected_waldump_message_gives_no_end():
+    assert postgres.wal_end_from_waldump("pg_waldump: error: out of memory", SEGMENT) is None
+
+
+def test_single_user_runs_with_the_options_the_server_last_started_with():
+    opts = '/usr/lib/postgresql/15/bin/postgres "-D" "/etc/postgresql/15/main" "-c" "config_file=/etc/x.conf"\n'
+    assert postgres.server_arguments(opts, "/data") == ["-D", "/etc/postgresql/15/main", "-c", "config_file=/etc/x.conf"]
+    assert postgres.server_arguments("", "/data") == ["-D", "/data"]
+
+
+# --- PgBouncer's databases file ----------------------------------------------------------------
+DATABASES = """[databases]
+; the shard clusters
+main = host=10.0.0.21 port=5432 dbname=instagram pool_size=40
+directory = host=10.0.0.21 port=5432 dbname=directory
+pg2 = host=10.0.0.23 port=5432 dbname=instagram
+sock = dbname=local application_name='a b'
+"""
+
+
+def test_repoint_changes_only_the_named_entries():
+    text = postgres.repoint_databases(DATABASES, {"main", "directory"}, "10.0.0.22", 5433)
+    lines = text.splitlines()
+    assert lines[1] == "; the shard clusters"
+    assert lines[2] == "main = host=10.0.0.22 port=5433 dbname=instagram pool_size=40"
+    assert lines[3] == "directory = host=10.0.0.22 port=5433 dbname=directory"
+    assert lines[4] == "pg2 = host=10.0.0.23 port=5432 dbname=instagram"
+    assert text.endswith("\n")
+
+
+def test_repoint_adds_host_and_port_and_keeps_quoted_values():
+    text = postgres.repoint_databases(DATABASES, {"sock"}, "10.0.0.9", 5432)
+    assert "sock = host=10.0.0.9 port=5432 dbname=local application_name='a b'" in text
+
+
+def test_repoint_is_idempotent_and_refuses_unknown_entries():
+    once = postgres.repoint_databases(DATABASES, {"main"}, "10.0.0.22", 5432)
+    assert postgres.repoint_databases(once, {"main"}, "10.0.0.22", 5432) == once
+    with pytest.raises(ValueError, match="missing"):
+        postgres.repoint_databases(DATABASES, {"missing"}, "10.0.0.22", 5432)
+
+
+def test_repoint_leaves_other_sections_alone():
+    text = "[pgbouncer]\nmain = host=1.1.1.1\n[databases]\nmain = host=10.0.0.21\n"
+    assert postgres.repoint_databases(text, {"main"}, "10.0.0.22", 5432).splitlines()[1] == "main = host=1.1.1.1"
+
+
+# --- the Redis config file ----------------------------------------------------------------------
+REDIS_CONF = "bind 10.0.0.31\nport 6379\nslaveof 10.0.0.9 6379\nreplica-read-only no\nappendonly yes\n\n"
+
+
+def test_a_replica_config_names_its_master_and_is_read_only():
+    text = redisops.with_replicaof(REDIS_CONF, ("10.0.0.32", 6379))
+    assert text == "bind 10.0.0.31\nport 6379\nappendonly yes\nreplicaof 10.0.0.32 6379\nreplica-read-only yes\n"
+    assert redisops.configured_master(text) == ("10.0.0.32", 6379)
+    assert redisops.with_replicaof(text, ("10.0.0.32", 6379)) == text
+
+
+def test_a_master_config_has_no_role_lines():
+    text = redisops.with_replicaof(REDIS_CONF, None)
+    assert "replicaof" not in text and "slaveof" not in text and redisops.configured_master(text) is None
+
+
+# --- plans ---------------------------------------------------------------------------------------
+DATABASES_ON_MAIN = {"pgb1": ["directory", "main"]}
+
+
+def test_switchover_stops_before_it_promotes_and_undoes_only_before_promotion(fleet):
+    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
+    actions = [step.action for step in steps]
+    assert actions.index("pause") < actions.index("stop_and_fence") < actions.index("wait_received") \
+        < actions.index("promote") < actions.index("repoint") < actions.index("resume") < actions.index("rejoin")
+    pause = steps[actions.index("pause")]
+    assert pause.release.action == "resume" and pause.release.args == (DATABASES_ON_MAIN,)
+    stop = steps[actions.index("stop_and_fence")]
+    assert stop.undo.action == "unfence_and_start" and stop.undo.args == ("db1", "db2")
+    promote = steps[actions.index("promote")]
+    assert promote.point_of_no_return and promote.args == ("db2",)
+    assert steps[actions.index("rejoin") - 2].action == "checkpoint"  # pg_rewind needs the new timeline
+    assert ("follow", ("db3", "db2")) in [(step.action, step.args) for step in steps]
+
+
+def test_failover_fences_before_it_promotes(fleet):
+    steps = failover.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True,
+                                    stop_first=False)
+    actions = [step.action for step in steps]
+    assert actions[:3] == ["kill", "fence", "repoint"]
+    assert actions.index("promote") < actions.index("resume")
+    assert steps[0].release.action == "resume"
+
+
+def test_failover_without_a_reachable_old_host_cannot_fence_on_disk(fleet):
+    steps = failover.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=False,
+                                    stop_first=False)
+    assert "fence" not in [step.action for step in steps]
+
+
+def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
+    steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
+    actions = [step.action for step in steps]
+    assert actions[:4] == ["pause_writes", "wait_offset", "promote", "demote"]
+    assert actions.index("demote") < actions.index("point_app") < actions.index("unpause")
+    assert steps[0].release.action == "unpause"
+    assert steps[2].undo.args == ("redis2", "redis1")
+    assert steps[3].point_of_no_return
+    assert ("replicate", ("redis3", "redis2")) in [(step.action, step.args) for step in steps]
+
+
+def test_a_plan_is_signed_with_roles_and_routes_not_positions(fleet):
+    def view(primary, routed_to, lag):
+        nodes = [failover.PgNode("db1", "10.0.0.21", "primary" if primary == "db1" else "standby", "running"),
+                 failover.PgNode("db2", "10.0.0.22", "primary" if primary == "db2" else "standby", "running",
+                                 lag_bytes=lag)]
+        made = failover._PgView(fleet, "main", {}, {}, {}, [])
+        made.state = failover.PgClusterState("main", nodes, primary, {"pgb1": {"main": routed_to}}, {})
+        return made
+
+    plan = failover._signed(failover.PgPlan("switchover", "main", "t", "db1", "db2"), view("db1", "db1", 10))
+    assert plan.signature == failover._signature(view("db1", "db1", 99999))
+    assert plan.signature != failover._signature(view("db2", "db1", 10))
+    assert plan.signature != failover._signature(view("db1", "db2", 10))
+    described = failover.describe_plan(plan)
+    assert "signature" not in described and "actions" not in described and described["steps"] == []
+
+
+# --- candidates and thresholds -------------------------------------------------------------------
+def server(received, replayed=None, paused=False):
+    return postgres.ServerState(True, 1, None, received, replayed if replayed is not None else received, paused,
+                                None, "streaming", "10.0.0.21")
+
+
+def view_with(repmgr_priorities):
+    nodes = [postgres.RepmgrNode(index, name, "standby", 1, True, priority, "")
+             for index, (name, priority) in enumerate(repmgr_priorities.items(), 2)]
+    return failover._PgView(None, "main", {}, {}, {}, nodes)
+
+
+def test_the_standby_with_the_most_wal_wins_then_priority():
+    standbys = {"db2": failover._PgProbe(None, server(100), None), "db3": failover._PgProbe(None, server(200), None)}
+    assert failover._best_standby(view_with({"db2": 100, "db3": 100}), standbys) == "db3"
+    standbys["db2"] = failover._PgProbe(None, server(200), None)
+    assert failover._best_standby(view_with({"db2": 100, "db3": 50}), standbys) == "db2"
+    assert failover._best_standby(view_with({"db2": 0, "db3": 50}), standbys) == "db3"
+
+
+def replica(offset, priority=100, run_id="a"):
+    return redisops.NodeState("replica", offset, "10.0.0.31:6379", False, 3, True, priority, run_id)
+
+
+def test_the_replica_with_the_highest_offset_wins_and_priority_zero_never():
+    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20)}) == "redis3"
+    assert failover._best_replica({"redis2": replica(20, 10), "redis3": replica(20, 50)}) == "redis2"
+    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20, 0)}) == "redis2"
+
+
+def test_lag_beyond_the_thresholds_or_paused_replay_is_a_reason_to_refuse(fleet):
+    node = failover.PgNode("db2", "10.0.0.22", "standby", "running", lag_bytes=5000, lag_s=9.0, replay_paused=True)
+    reasons = failover._lag_reasons(fleet, node)
+    assert len(reasons) == 3 and "replay paused" in reasons[0] and "threshold 1000" in reasons[1]
+    healthy = failover.PgNode("db2", "10.0.0.22", "standby", "running", lag_bytes=10, lag_s=0.0)
+    assert failover._lag_reasons(fleet, healthy) == []
+
+
+def test_refusals_name_every_reason_unless_forced():
+    forced: list[str] = []
+    with pytest.raises(failover.Refused) as refused:
+        failover._refuse_or_force("state", ["a", "b"], False, forced, "hint")
+    assert refused.value.exit_code == ExitCode.REFUSED and "a; b" in refused.value.message
+    assert refused.value.state == "state"
+    failover._refuse_or_force("state", ["a"], True, forced, "hint")
+    assert forced == ["a"]
+
+
+def test_problems_a_status_reports(fleet):
+    nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running", pgbouncer=["pgb1:main"]),
+             failover.PgNode("db2", "10.0.0.22", "primary", "running"),
+             failover.PgNode("db3", "10.0.0.23", "unknown", "stopped", fenced=True)]
+    state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
+    problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
+    assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
+    assert "db3 is stopped (fenced)" in problems
+    assert "pgb1: main routes to db2, which is not the primary" in problems
+    assert "pgb1: main PAUSED" in problems
+
+
+# --- executing a plan ----------------------------------------------------------------------------
+class Recorder:
+    """Actions that record their calls; `fail` names the one that raises."""
+
+    def __init__(self, fail=None, error=IgopsError("boom")):
+        self.calls = []
+        self.fail = fail
+        self.error = error
+
+    def __getattr__(self, name):
+        def action(*args):
+            self.calls.append(name)
+            if name == self.fail:
+                raise self.error
+        return action
+
+
+STEPS = [
+    failover.Step("pause", "pause", release=failover.Step("resume", "resume")),
+    failover.Step("stop", "stop", undo=failover.Step("start", "start")),
+    failover.Step("promote", "promote", point_of_no_return=True),
+    failover.Step("repoint", "repoint"),
+]
+
+
+def test_a_failure_before_the_point_of_no_return_undoes_then_releases():
+    actions = Recorder(fail="stop")
+    with pytest.raises(failover.StepFailed) as failed:
+        failover.execute(STEPS, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+    assert failed.value.number == 2 and not failed.value.past_point_of_no_return
+    assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
+
+
+def test_a_failure_from_the_point_of_no_return_on_only_releases():
+    for failing in ("promote", "repoint"):
+        actions = Recorder(fail=failing)
+        with pytest.raises(failover.StepFailed) as failed:
+            failover.execute(STEPS, actions, Reporter(), "hint")
+        assert actions.calls[-1] == "resume" and "start" not in actions.calls
+        assert failed.value.past_point_of_no_return
+
+
+def test_an_interrupt_is_recovered_from_like_a_failure():
+    actions = Recorder(fail="stop", error=KeyboardInterrupt())
+    with pytest.raises(failover.StepFailed, match="interrupted"):
+        failover.execute(STEPS, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+
+
+def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
+    class UndoFails(Recorder):
+        def __getattr__(self, name):
+            if name == "start":
+                def start(*args):
+                    self.calls.append("start")
+                    raise IgopsError("cannot start")
+                return start
+            return super().__getattr__(name)
+
+    actions = UndoFails(fail="stop")
+    with pytest.raises(failover.StepFailed) as failed:
+        failover.execute(STEPS, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+    assert [(item.title, item.outcome) for item in failed.value.recovery] == [("start", "undo failed"),
+                                                                             ("resume", "released")]
+
+
+def test_every_step_runs_in_order_when_nothing_fails():
+    actions = Recorder()
+    reports = failover.execute(STEPS, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "repoint"]
+    assert [report.outcome for report in reports] == ["ok"] * 4
+
+
+# --- the commands ------------------------------------------------------------------------------------
+def test_every_failover_command_offers_json_dry_run_and_force():
+    for args in (["pg", "switchover"], ["pg", "failover"], ["pg", "rejoin"], ["redis", "switchover"],
+                 ["redis", "failover"], ["redis", "rejoin"]):
+        text = run_igops(*args, "--help").stdout
+        assert "--json" in text and "--dry-run" in text and "--force" in text and "--yes" in text, args
+    for args in (["pg", "status"], ["redis", "status"]):
+        assert "--json" in run_igops(*args, "--help").stdout
+
+
+def test_unknown_cluster_and_node_are_usage_errors(tmp_path):
+    path = tmp_path / "igops.toml"
+    path.write_text(FLEET)
+    result = run_igops("-c", str(path), "pg", "switchover", "nope", "--to", "db2", "--dry-run")
+    assert result.returncode == ExitCode.USAGE and "unknown Postgres cluster 'nope'" in result.stderr
+    result = run_igops("-c", str(path), "redis", "switchover", "--to", "db1", "--dry-run")
+    assert result.returncode == ExitCode.USAGE and "db1 is not a Redis node" in result.stderr
+
+
+def test_the_inventory_knows_the_failover_settings(fleet):
+    assert fleet.model.postgres.max_lag_seconds == 5
+    assert fleet.model.pgbouncer.pause_timeout == 5.0
+    assert fleet.path_for(fleet.model.redis.config_file, fleet.host("redis2")) == "/srv/redis2/redis.conf"
