@@ -1,18 +1,112 @@
 """Logical shards: schemas on the physical Postgres clusters, placed by the directory.
 
-`init_shards` creates a fleet's directory and shard schemas from the service's own DDL. It is
-idempotent and never moves anything: an existing shard map is kept as it is (shard moves
-change it), and only the schemas it names are created where it says.
+- IDs: the service's 64-bit ids carry their creation time, logical shard and a sequence.
+- `init_shards` creates a fleet's directory and shard schemas from the service's own DDL. It is
+  idempotent and never moves anything: an existing shard map is kept as it is, and only the
+  schemas it names are created where it says.
+- `read_map`: which cluster holds each logical shard, and how many bytes.
+- `verify_copies`: two copies of a shard compared table by table (ordered checksums).
+- Moves: a shard is copied by logical replication, caught up, verified, cut over behind a
+  brief write lock and switched in the map; every step is journaled in the directory
+  (`shard_moves`) and idempotent, so a move killed at any point can be resumed or aborted.
+- `plan_rebalance`: the moves that even out shards or bytes across clusters.
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
 
-from igops.errors import IgopsError, UsageError
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.output import Reporter
+from igops.postgres import first_line
+from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, primary_connection, primary_of,
+                                  quote_ident, replication_conninfo)
+
+# --- IDs --------------------------------------------------------------------------------------
+ID_EPOCH_MS = 1314220021721  # 2011-08-24 21:07:01.721 UTC
+SHARD_BITS, SEQUENCE_BITS = 13, 10  # below 41 bits of milliseconds
+MAX_SHARD = (1 << SHARD_BITS) - 1
+MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
+# Ids live in a signed bigint: the time field's top bit would make them negative, so the
+# usable range ends 2^40 ms after the epoch (in 2046).
+MAX_ID = (1 << 63) - 1
+MAX_ID_MS = ID_EPOCH_MS + (MAX_ID >> (SHARD_BITS + SEQUENCE_BITS))
 
 
+@dataclass(frozen=True)
+class DecodedId:
+    id: int
+    time: str  # ISO 8601, UTC, milliseconds
+    unix_ms: int
+    shard: int
+    sequence: int
+
+
+def decode_id(value: int) -> DecodedId:
+    if not 0 <= value <= MAX_ID:
+        raise UsageError(f"{value} is not a 64-bit id of this scheme", f"ids lie in 0..{MAX_ID}")
+    unix_ms = (value >> (SHARD_BITS + SEQUENCE_BITS)) + ID_EPOCH_MS
+    return DecodedId(value, format_ms(unix_ms), unix_ms, (value >> SEQUENCE_BITS) & MAX_SHARD,
+                     value & MAX_SEQUENCE)
+
+
+def encode_id(unix_ms: int, shard: int, sequence: int) -> int:
+    if not ID_EPOCH_MS <= unix_ms <= MAX_ID_MS:
+        raise UsageError(f"time {format_ms(unix_ms) if unix_ms >= 0 else unix_ms} is outside the id range",
+                         f"ids cover {format_ms(ID_EPOCH_MS)} to {format_ms(MAX_ID_MS)}")
+    if not 0 <= shard <= MAX_SHARD:
+        raise UsageError(f"logical shard {shard} does not fit in {SHARD_BITS} bits", f"use 0..{MAX_SHARD}")
+    if not 0 <= sequence <= MAX_SEQUENCE:
+        raise UsageError(f"sequence {sequence} does not fit in {SEQUENCE_BITS} bits",
+                         f"use 0..{MAX_SEQUENCE} (next_id() keeps nextval % {MAX_SEQUENCE + 1})")
+    return ((unix_ms - ID_EPOCH_MS) << (SHARD_BITS + SEQUENCE_BITS)) | (shard << SEQUENCE_BITS) | sequence
+
+
+def parse_time(text: str) -> int:
+    """Unix milliseconds from ISO 8601 (no zone means UTC) or from an integer of Unix ms."""
+    stripped = text.strip()
+    if stripped.lstrip("-").isdigit():
+        return int(stripped)
+    try:
+        moment = datetime.fromisoformat(stripped.replace("Z", "+00:00") if stripped.endswith("Z") else stripped)
+    except ValueError:
+        raise UsageError(f"cannot read time {text!r}",
+                         "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1000)
+
+
+def format_ms(unix_ms: int) -> str:
+    moment = datetime.fromtimestamp(unix_ms / 1000, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def shard_ranges(shards: list[int]) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> "0-3, 7, 9-10": thousands of shards stay readable."""
+    parts: list[str] = []
+    ordered = sorted(shards)
+    start = previous = None
+    for shard in ordered + [None]:
+        if start is not None and shard == previous + 1:
+            previous = shard
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = shard
+    return ", ".join(parts)
+
+
+# --- init -------------------------------------------------------------------------------------
 @dataclass
 class ShardInitReport:
     directory: str  # "<cluster>/<database>"
@@ -21,86 +115,149 @@ class ShardInitReport:
     shards_by_cluster: dict[str, list[int]] = field(default_factory=dict)
 
 
-def init_shards(fleet, reporter: Reporter | None = None) -> ShardInitReport:
+@dataclass
+class InitPlan:
+    directory: str
+    count: int
+    missing_databases: list[str]
+    map_version: int | None  # None: no map yet, one will be seeded
+    placement: dict[int, str]
+    missing_schemas: dict[str, list[int]]
+
+    def steps(self) -> list[str]:
+        steps = [f"create database {name}" for name in self.missing_databases]
+        steps.append(f"apply the directory DDL in {self.directory} (idempotent)")
+        by_cluster: dict[str, list[int]] = {}
+        for shard, cluster in sorted(self.placement.items()):
+            by_cluster.setdefault(cluster, []).append(shard)
+        layout = "; ".join(f"{cluster}: {shard_ranges(shards)}" for cluster, shards in by_cluster.items())
+        if self.map_version is None:
+            steps.append(f"seed the shard map with {self.count} shards ({layout}) as version 1")
+        else:
+            steps.append(f"keep the shard map (version {self.map_version}, {len(self.placement)} shards: {layout})")
+        for cluster, shards in by_cluster.items():
+            missing = self.missing_schemas.get(cluster, [])
+            steps.append(f"on {cluster}: apply the shard DDL to {len(shards)} schemas (tables, next_id()); "
+                         + (f"new: {shard_ranges(missing)}" if missing else "all exist"))
+        return steps
+
+
+def even_placement(clusters: list[str], count: int) -> dict[int, str]:
+    """Contiguous, even ranges: shard ids are spread over clusters in order."""
+    return {shard: clusters[shard * len(clusters) // count] for shard in range(count)}
+
+
+def plan_init(fleet, count: int | None = None) -> InitPlan:
+    """What `init_shards` would do, read without changing anything."""
+    model = fleet.model
+    count = count or model.shards.count
+    clusters = _clusters(fleet)
+    directory_cluster = model.shards.directory_cluster or clusters[0]
+    missing_databases: list[str] = []
+    present: dict[str, set[str]] = {}
+    for name in clusters:
+        wanted = [model.postgres.database] + ([model.shards.directory_database] if name == directory_cluster else [])
+        with primary_connection(fleet, name, "postgres", autocommit=True, purpose="shards") as connection:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (wanted,))
+                found = {row[0] for row in cursor.fetchall()}
+        missing_databases += [f"{name}/{database}" for database in wanted if database not in found]
+        if model.postgres.database in found:
+            with primary_connection(fleet, name, model.postgres.database, autocommit=True,
+                                    purpose="shards") as connection:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                                   (model.shards.schema_prefix + "%",))
+                    present[name] = {row[0] for row in cursor.fetchall()}
+    placement, version = {}, None
+    if f"{directory_cluster}/{model.shards.directory_database}" not in missing_databases:
+        with primary_connection(fleet, directory_cluster, model.shards.directory_database, autocommit=True,
+                                purpose="shards") as connection:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT to_regclass('shard_map') IS NOT NULL")
+                if cursor.fetchone()[0]:
+                    cursor.execute("SELECT logical_shard, cluster FROM shard_map")
+                    placement = dict(cursor.fetchall())
+                    cursor.execute("SELECT version FROM shard_map_version")
+                    row = cursor.fetchone()
+                    version = row[0] if placement and row else None
+    if placement and set(placement) != set(range(count)):
+        raise IgopsError(f"the shard map has {len(placement)} shards, {count} were asked for",
+                         "pass the map's shard count or fix the directory's shard_map")
+    placement = placement or even_placement(clusters, count)
+    missing_schemas = {
+        cluster: [shard for shard, where in sorted(placement.items())
+                  if where == cluster and schema_name(fleet, shard) not in present.get(cluster, set())]
+        for cluster in clusters}
+    return InitPlan(f"{directory_cluster}/{model.shards.directory_database}", count, missing_databases, version,
+                    placement, missing_schemas)
+
+
+def init_shards(fleet, reporter: Reporter | None = None, count: int | None = None) -> ShardInitReport:
     """Create the directory database's tables and seed them (clusters, an even contiguous
     shard map, the Redis master endpoint) when empty, then every logical shard's schema on
     the cluster the map assigns it to."""
     reporter = reporter or Reporter()
     model = fleet.model
     shards = model.shards
-    if not model.postgres.clusters:
-        raise UsageError("the inventory defines no Postgres clusters", "add [postgres.clusters.*] entries")
-    clusters = list(model.postgres.clusters)
+    clusters = _clusters(fleet)
     directory_cluster = shards.directory_cluster or clusters[0]
-    ddl = {}
-    for key in ("directory_ddl", "shard_ddl"):
-        configured = getattr(shards, key)
-        if not configured:
-            raise UsageError(f"[shards] {key} is not set", "point it at the service's SQL file")
-        try:
-            ddl[key] = fleet.resolve(configured).read_text()
-        except OSError as exc:
-            raise UsageError(f"cannot read [shards] {key} {configured}: {exc.strerror or exc}",
-                             "fix the path in the inventory") from None
+    ddl = {key: _read_ddl(fleet, key) for key in ("directory_ddl", "shard_ddl")}
 
     with reporter.step("create missing databases") as step:
         created = []
         for name in clusters:
             wanted = [model.postgres.database] + ([shards.directory_database] if name == directory_cluster else [])
-            with _connect(fleet, name, "postgres") as connection:
+            with primary_connection(fleet, name, "postgres", purpose="shards") as connection:
                 created += [f"{name}/{database}" for database in wanted if _create_database(connection, database)]
         step.detail = ", ".join(created) or "all present"
 
     with reporter.step(f"directory on {directory_cluster}/{shards.directory_database}") as step:
-        with _connect(fleet, directory_cluster, shards.directory_database) as connection:
-            map_created, version, placement = _seed_directory(connection, fleet, ddl["directory_ddl"])
+        with primary_connection(fleet, directory_cluster, shards.directory_database, purpose="shards") as connection:
+            map_created, version, placement = _seed_directory(connection, fleet, ddl["directory_ddl"],
+                                                              count or shards.count)
         step.detail = f"shard map version {version}" + (" (new)" if map_created else "")
 
     report = ShardInitReport(f"{directory_cluster}/{shards.directory_database}", version, map_created)
-    with reporter.step(f"{shards.count} shard schemas") as step:
+    with reporter.step(f"{len(placement)} shard schemas") as step:
         for name in clusters:
             assigned = sorted(shard for shard, cluster in placement.items() if cluster == name)
             report.shards_by_cluster[name] = assigned
             if not assigned:
                 continue
-            with _connect(fleet, name, model.postgres.database) as connection:
+            with primary_connection(fleet, name, model.postgres.database, purpose="shards") as connection:
                 with connection.cursor() as cursor:
                     _act_as_owner(cursor)
                     for shard in assigned:
-                        cursor.execute(ddl["shard_ddl"].format(schema=f"{shards.schema_prefix}{shard}",
-                                                               shard_id=shard))
+                        cursor.execute(shard_ddl(ddl["shard_ddl"], schema_name(fleet, shard), shard))
                 connection.commit()
         step.detail = "; ".join(f"{name}: {len(ids)}" for name, ids in report.shards_by_cluster.items())
     return report
 
 
-class _connect:
-    """A connection to a cluster's primary, closed on exit (psycopg2's own context manager
-    only ends the transaction)."""
+def schema_name(fleet, shard: int) -> str:
+    return f"{fleet.model.shards.schema_prefix}{shard}"
 
-    def __init__(self, fleet, cluster: str, database: str):
-        self.fleet, self.cluster, self.database = fleet, cluster, database
 
-    def __enter__(self):
-        import psycopg2
+def shard_ddl(template: str, schema: str, shard: int) -> str:
+    return template.format(schema=schema, shard_id=shard)
 
-        from igops.secrets import Secrets
 
-        model = self.fleet.model
-        primary = self.fleet.host(model.postgres.clusters[self.cluster].primary)
-        try:
-            self.connection = psycopg2.connect(
-                host=str(primary.address), port=model.postgres.port, user=model.postgres.user,
-                password=Secrets(model.secrets.file).get("postgres_password"), dbname=self.database,
-                connect_timeout=5, application_name="igops-shards")
-        except psycopg2.OperationalError as exc:
-            raise IgopsError(f"cannot connect to {self.database} on {primary.name} (primary of {self.cluster}): "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}",
-                             "check that the primary is up (igops status)") from None
-        return self.connection
+def _clusters(fleet) -> list[str]:
+    if not fleet.model.postgres.clusters:
+        raise UsageError("the inventory defines no Postgres clusters", "add [postgres.clusters.*] entries")
+    return list(fleet.model.postgres.clusters)
 
-    def __exit__(self, *exc_info):
-        self.connection.close()
+
+def _read_ddl(fleet, key: str) -> str:
+    configured = getattr(fleet.model.shards, key)
+    if not configured:
+        raise UsageError(f"[shards] {key} is not set", "point it at the service's SQL file")
+    try:
+        return fleet.resolve(configured).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read [shards] {key} {configured}: {exc.strerror or exc}",
+                         "fix the path in the inventory") from None
 
 
 def _create_database(connection, database: str) -> bool:
@@ -124,9 +281,8 @@ def _act_as_owner(cursor) -> None:
     cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(cursor.fetchone()[0])))
 
 
-def _seed_directory(connection, fleet, directory_ddl: str) -> tuple[bool, int, dict[int, str]]:
+def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[bool, int, dict[int, str]]:
     model = fleet.model
-    count = model.shards.count
     clusters = list(model.postgres.clusters)
     with connection.cursor() as cursor:
         _act_as_owner(cursor)
@@ -140,13 +296,13 @@ def _seed_directory(connection, fleet, directory_ddl: str) -> tuple[bool, int, d
         placement = dict(cursor.fetchall())
         map_created = not placement
         if map_created:
-            placement = {shard: clusters[shard * len(clusters) // count] for shard in range(count)}
+            placement = even_placement(clusters, count)
             cursor.executemany("INSERT INTO shard_map (logical_shard, cluster) VALUES (%s, %s)",
                                sorted(placement.items()))
             cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now()")
         elif set(placement) != set(range(count)):
-            raise IgopsError(f"the shard map has {len(placement)} shards, the inventory says {count}",
-                             "fix [shards] count or the directory's shard_map")
+            raise IgopsError(f"the shard map has {len(placement)} shards, {count} were asked for",
+                             "fix [shards] count (or --count) or the directory's shard_map")
         if model.redis.master:
             master = fleet.host(model.redis.master)
             cursor.execute("INSERT INTO endpoints (name, address) VALUES ('redis_master', %s) "
@@ -159,3 +315,1700 @@ def _seed_directory(connection, fleet, directory_ddl: str) -> tuple[bool, int, d
         raise IgopsError(f"the shard map places shards on clusters the inventory lacks: {', '.join(unknown)}",
                          "add them under [postgres.clusters] or fix the map")
     return map_created, version, placement
+
+
+# --- the map ----------------------------------------------------------------------------------
+@dataclass
+class ShardPlacement:
+    shard: int
+    schema: str
+    cluster: str
+    bytes: int | None  # None: the cluster could not be asked
+    present: bool | None  # whether the schema exists where the map says
+
+
+@dataclass
+class ClusterLoad:
+    cluster: str
+    primary: str
+    pgbouncer_database: str
+    shards: list[int]
+    bytes: int | None
+    error: str | None = None
+
+
+@dataclass
+class ShardMap:
+    version: int
+    updated_at: str
+    shards: list[ShardPlacement]
+    clusters: list[ClusterLoad]
+
+    def placement(self) -> dict[int, str]:
+        return {item.shard: item.cluster for item in self.shards}
+
+    def sizes(self) -> dict[int, int]:
+        return {item.shard: item.bytes or 0 for item in self.shards}
+
+
+def directory_connection(fleet, autocommit: bool = True, purpose: str = "shards"):
+    """A connection to the directory database that the caller closes."""
+    model = fleet.model
+    cluster = model.shards.directory_cluster or _clusters(fleet)[0]
+    return connect(fleet, cluster, model.shards.directory_database, autocommit=autocommit, purpose=purpose)
+
+
+def directory_session(fleet) -> primary_connection:
+    """An autocommit directory connection as a context manager that closes it."""
+    model = fleet.model
+    cluster = model.shards.directory_cluster or _clusters(fleet)[0]
+    return primary_connection(fleet, cluster, model.shards.directory_database, autocommit=True, purpose="shards")
+
+
+def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:
+    cursor.execute("SELECT version, updated_at FROM shard_map_version")
+    row = cursor.fetchone()
+    if row is None:
+        raise IgopsError("the directory has no shard map version", "run `igops shard init`")
+    cursor.execute("SELECT logical_shard, cluster FROM shard_map ORDER BY logical_shard")
+    placement = dict(cursor.fetchall())
+    cursor.execute("SELECT name, pgbouncer_database FROM clusters")
+    return row[0], row[1], placement, dict(cursor.fetchall())
+
+
+def read_map(fleet, sizes: bool = True) -> ShardMap:
+    """The directory's map, and (with `sizes`) each shard schema's bytes on its cluster:
+    a cluster that cannot be reached is reported, not fatal."""
+    connection = directory_connection(fleet)
+    try:
+        with connection.cursor() as cursor:
+            version, updated_at, placement, databases = read_placement(cursor)
+    finally:
+        connection.close()
+    by_cluster: dict[str, list[int]] = {name: [] for name in fleet.model.postgres.clusters}
+    for shard, cluster in placement.items():
+        by_cluster.setdefault(cluster, []).append(shard)
+    schema_bytes: dict[str, dict[str, int]] = {}
+    errors: dict[str, str] = {}
+    if sizes:
+        def measure(cluster: str) -> None:
+            try:
+                schema_bytes[cluster] = _schema_sizes(fleet, cluster, [schema_name(fleet, s) for s in by_cluster[cluster]])
+            except IgopsError as exc:
+                errors[cluster] = exc.message
+
+        with ThreadPoolExecutor(max_workers=max(1, len(by_cluster))) as pool:
+            list(pool.map(measure, [name for name in by_cluster if name in fleet.model.postgres.clusters]))
+    shards = []
+    for shard, cluster in sorted(placement.items()):
+        measured = schema_bytes.get(cluster)
+        schema = schema_name(fleet, shard)
+        shards.append(ShardPlacement(shard, schema, cluster, measured.get(schema) if measured is not None else None,
+                                     (schema in measured) if measured is not None else None))
+    clusters = []
+    for name, members in by_cluster.items():
+        known = name in fleet.model.postgres.clusters
+        measured = schema_bytes.get(name)
+        clusters.append(ClusterLoad(
+            name, fleet.model.postgres.clusters[name].primary if known else "?", databases.get(name, "?"),
+            sorted(members), sum(measured.values()) if measured is not None else None,
+            errors.get(name) or (None if known else "not in the inventory")))
+    return ShardMap(version, updated_at.isoformat(timespec="seconds"), shards, clusters)
+
+
+def _schema_sizes(fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
+    """Bytes of every table (with its indexes and TOAST) per existing schema."""
+    with primary_connection(fleet, cluster, fleet.model.postgres.database, autocommit=True,
+                            purpose="shards") as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("""
+                SELECT n.nspname, coalesce(sum(pg_total_relation_size(c.oid))
+                                           FILTER (WHERE c.relkind IN ('r', 'p', 'm')), 0)::bigint
+                  FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid
+                 WHERE n.nspname = ANY(%s) GROUP BY n.nspname""", (schemas,))
+            return dict(cursor.fetchall())
+
+
+# --- schema shape and verification ------------------------------------------------------------
+@dataclass(frozen=True)
+class TableShape:
+    name: str
+    columns: tuple[tuple[str, str, bool], ...]  # (name, type, not null) in column order
+    primary_key: tuple[str, ...]
+    indexes: tuple[str, ...]  # definitions with the schema name taken out
+
+
+@dataclass(frozen=True)
+class SchemaShape:
+    tables: dict[str, TableShape]
+    sequences: tuple[str, ...]
+    functions: tuple[str, ...]
+
+
+def describe_schema(cursor, schema: str) -> SchemaShape | None:
+    """The shape of a schema, or None when it does not exist."""
+    cursor.execute("SELECT oid FROM pg_namespace WHERE nspname = %s", (schema,))
+    if cursor.fetchone() is None:
+        return None
+    cursor.execute("""
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname, a.attnum""", (schema,))
+    columns: dict[str, list[tuple[str, str, bool]]] = {}
+    for table, column, kind, not_null in cursor.fetchall():
+        columns.setdefault(table, []).append((column, kind, not_null))
+    cursor.execute("""
+        SELECT c.relname, array_agg(a.attname ORDER BY k.ord)
+          FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+         WHERE n.nspname = %s AND con.contype = 'p' GROUP BY c.relname""", (schema,))
+    keys = {table: tuple(names) for table, names in cursor.fetchall()}
+    cursor.execute("""
+        SELECT t.relname, pg_get_indexdef(i.indexrelid)
+          FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE n.nspname = %s ORDER BY 1, 2""", (schema,))
+    indexes: dict[str, list[str]] = {}
+    for table, definition in cursor.fetchall():
+        indexes.setdefault(table, []).append(definition.replace(f" ON {schema}.", " ON "))
+    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                   "WHERE n.nspname = %s AND c.relkind = 'S' ORDER BY 1", (schema,))
+    sequences = tuple(row[0] for row in cursor.fetchall())
+    cursor.execute("SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' FROM pg_proc p "
+                   "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (schema,))
+    functions = tuple(row[0] for row in cursor.fetchall())
+    tables = {table: TableShape(table, tuple(cols), keys.get(table, ()), tuple(sorted(indexes.get(table, []))))
+              for table, cols in columns.items()}
+    return SchemaShape(tables, sequences, functions)
+
+
+def schema_diff(left: SchemaShape, right: SchemaShape, left_name: str, right_name: str) -> list[str]:
+    """Every difference that would make the two copies of a shard disagree, one line each."""
+    problems: list[str] = []
+    for table in sorted(set(left.tables) | set(right.tables)):
+        if table not in right.tables:
+            problems.append(f"{right_name} lacks table {table}")
+            continue
+        if table not in left.tables:
+            problems.append(f"{left_name} lacks table {table}")
+            continue
+        a, b = left.tables[table], right.tables[table]
+        if a.columns != b.columns:
+            problems.append(f"{table}: columns differ ({left_name}: {_columns(a)}; {right_name}: {_columns(b)})")
+        if a.primary_key != b.primary_key:
+            problems.append(f"{table}: primary key ({', '.join(a.primary_key) or 'none'}) on {left_name}, "
+                            f"({', '.join(b.primary_key) or 'none'}) on {right_name}")
+        for definition in sorted(set(a.indexes) - set(b.indexes)):
+            problems.append(f"{right_name} lacks index on {table}: {definition}")
+        for definition in sorted(set(b.indexes) - set(a.indexes)):
+            problems.append(f"{left_name} lacks index on {table}: {definition}")
+    for kind, a_items, b_items in (("sequence", left.sequences, right.sequences),
+                                   ("function", left.functions, right.functions)):
+        for item in sorted(set(a_items) - set(b_items)):
+            problems.append(f"{right_name} lacks {kind} {item}")
+        for item in sorted(set(b_items) - set(a_items)):
+            problems.append(f"{left_name} lacks {kind} {item}")
+    return problems
+
+
+def _columns(shape: TableShape) -> str:
+    return ", ".join(f"{name} {kind}{' not null' if not_null else ''}" for name, kind, not_null in shape.columns)
+
+
+CHUNK_ROWS = 100_000
+
+
+@dataclass
+class TableCheck:
+    table: str
+    rows: dict[str, int]  # copy label -> rows
+    checksum: dict[str, str]  # copy label -> md5 over the ordered chunk digests
+    equal: bool
+    first_difference: str | None = None  # the first key range whose chunks differ
+
+
+@dataclass
+class VerifyReport:
+    shard: int
+    copies: list[str]  # "cluster/schema" of each copy compared
+    consistent: bool  # both copies read at one point of the stream
+    tables: list[TableCheck]
+    sequences: dict[str, dict[str, int]]  # copy label -> sequence -> last value
+    schema_diff: list[str]
+    pause_ms: float | None
+    equal: bool
+
+
+@dataclass(frozen=True)
+class ShardCopy:
+    cluster: str
+    schema: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.cluster}/{self.schema}"
+
+
+def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> tuple[int, str, list[str]]:
+    """Rows and md5 of a table in key order, computed in key-range chunks so no single
+    aggregate holds the whole table."""
+    from psycopg2 import sql
+
+    table = sql.Identifier(schema, shape.name)
+    order = sql.SQL(", ").join(sql.Identifier(column) for column in shape.primary_key)
+    first = sql.Identifier(shape.primary_key[0])
+    chunk_digests: list[str] = []
+    total = 0
+    edges = [None, *bounds, None]
+    for low, high in zip(edges, edges[1:]):
+        where = []
+        params: list[Any] = []
+        if low is not None:
+            where.append(sql.SQL("{} >= %s").format(first))
+            params.append(low)
+        if high is not None:
+            where.append(sql.SQL("{} < %s").format(first))
+            params.append(high)
+        query = sql.SQL("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order})), '') "
+                        "FROM {table} AS t{where}").format(
+            order=order, table=table,
+            where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
+        cursor.execute(query, params)
+        rows, digest = cursor.fetchone()
+        total += rows
+        chunk_digests.append(digest)
+    return total, hashlib.md5("|".join(chunk_digests).encode()).hexdigest(), chunk_digests
+
+
+def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
+    """Every CHUNK_ROWS-th value of the first key column: chunk edges both copies share."""
+    from psycopg2 import sql
+
+    cursor.execute(sql.SQL("SELECT k FROM (SELECT {column} AS k, row_number() OVER (ORDER BY {column}) AS n "
+                           "FROM {table}) AS numbered WHERE n %% %s = 0").format(
+        column=sql.Identifier(shape.primary_key[0]), table=sql.Identifier(schema, shape.name)), (CHUNK_ROWS,))
+    return sorted({row[0] for row in cursor.fetchall()})
+
+
+def _sequence_values(cursor, schema: str, sequences: tuple[str, ...]) -> dict[str, int]:
+    from psycopg2 import sql
+
+    values = {}
+    for sequence in sequences:
+        cursor.execute(sql.SQL("SELECT last_value FROM {}").format(sql.Identifier(schema, sequence)))
+        values[sequence] = cursor.fetchone()[0]
+    return values
+
+
+def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: tuple[Any, Any],
+                      consistent: bool, pause_ms: float | None) -> VerifyReport:
+    """Compare two copies through cursors whose transactions already hold the snapshots to
+    read (REPEATABLE READ), each copy's work in its own thread."""
+    shapes = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies)]
+    for shape, copy in zip(shapes, copies):
+        if shape is None:
+            raise IgopsError(f"{copy.label} does not exist", "check the shard and the cluster")
+    left, right = copies
+    diff = schema_diff(*shapes, left.cluster, right.cluster) if left.cluster != right.cluster \
+        else schema_diff(*shapes, left.label, right.label)
+    comparable = [name for name in sorted(shapes[0].tables)
+                  if name in shapes[1].tables and shapes[0].tables[name].primary_key
+                  and shapes[0].tables[name].primary_key == shapes[1].tables[name].primary_key
+                  and shapes[0].tables[name].columns == shapes[1].tables[name].columns]
+    bounds = {name: _chunk_bounds(cursors[0], left.schema, shapes[0].tables[name]) for name in comparable}
+
+    def digest_all(index: int) -> dict[str, tuple[int, str, list[str]]]:
+        return {name: _digest_table(cursors[index], copies[index].schema, shapes[index].tables[name], bounds[name])
+                for name in comparable}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(digest_all, (0, 1)))
+    tables = []
+    for name in comparable:
+        (rows_a, sum_a, chunks_a), (rows_b, sum_b, chunks_b) = results[0][name], results[1][name]
+        difference = None
+        if sum_a != sum_b:
+            edges = [None, *bounds[name], None]
+            index = next(i for i, (a, b) in enumerate(zip(chunks_a, chunks_b)) if a != b)
+            low, high = edges[index], edges[index + 1]
+            difference = (f"{shapes[0].tables[name].primary_key[0]} in "
+                          f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})")
+        tables.append(TableCheck(name, {left.label: rows_a, right.label: rows_b},
+                                 {left.label: sum_a, right.label: sum_b}, sum_a == sum_b, difference))
+    sequences = {copy.label: _sequence_values(cursor, copy.schema, shape.sequences)
+                 for cursor, copy, shape in zip(cursors, copies, shapes)}
+    equal = not diff and all(check.equal for check in tables)
+    return VerifyReport(shard, [left.label, right.label], consistent, tables, sequences, diff, pause_ms, equal)
+
+
+@dataclass
+class ShapeReport:
+    shard: int
+    copy: str
+    tables: list[TableCheck]
+    sequences: dict[str, int]
+    schema_diff: list[str]  # against the service's shard DDL
+    equal: bool
+
+
+def verify_in_place(fleet, shard: int) -> ShapeReport:
+    """One copy: its per-table rows and checksums, sequences, and its difference from what
+    the service's shard DDL creates (built in a transaction that is rolled back)."""
+    placement = _placement_of(fleet, shard)
+    schema = schema_name(fleet, shard)
+    copy = ShardCopy(placement, schema)
+    template = _read_ddl(fleet, "shard_ddl")
+    with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards") as connection:
+        connection.set_session(isolation_level="REPEATABLE READ")
+        with connection.cursor() as cursor:
+            shape = describe_schema(cursor, schema)
+            if shape is None:
+                raise IgopsError(f"the map places shard {shard} on {placement}, which has no schema {schema}",
+                                 "check `igops shard moves` for an unfinished move")
+            checks = []
+            for name, table in sorted(shape.tables.items()):
+                if not table.primary_key:
+                    continue
+                rows, digest, _ = _digest_table(cursor, schema, table, _chunk_bounds(cursor, schema, table))
+                checks.append(TableCheck(name, {copy.label: rows}, {copy.label: digest}, True))
+            sequences = _sequence_values(cursor, schema, shape.sequences)
+            cursor.execute("SAVEPOINT ddl_probe")
+            probe = f"igops_ddl_probe_{os.getpid()}"
+            cursor.execute(shard_ddl(template, probe, shard))
+            expected = describe_schema(cursor, probe)
+            cursor.execute("ROLLBACK TO SAVEPOINT ddl_probe")
+        connection.rollback()
+    diff = schema_diff(expected, shape, "the shard DDL", copy.label)
+    diff += [f"table {name} has no primary key (logical replication cannot move it)"
+             for name, table in sorted(shape.tables.items()) if not table.primary_key]
+    return ShapeReport(shard, copy.label, checks, sequences, diff, not diff)
+
+
+def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = None) -> VerifyReport:
+    """The shard's copy where the map places it against the copy on another cluster. While a
+    move replicates between them, both are read at one point of the stream (writes to the
+    shard pause for an instant); otherwise each is read as it is."""
+    reporter = reporter or Reporter()
+    source = _placement_of(fleet, shard)
+    primary_of(fleet, against)
+    if against == source:
+        raise UsageError(f"shard {shard} is on {against}: there is no other copy to compare",
+                         "name the cluster holding the other copy")
+    schema = schema_name(fleet, shard)
+    with directory_session(fleet) as directory:
+        active = Journal(directory).active_for(shard)
+    subscription = None
+    if active and active.target == against and active.source == source \
+            and STEPS.index(active.step) >= STEPS.index("subscribed"):
+        subscription = active.slot
+    return verify_copies(fleet, shard, ShardCopy(source, schema), ShardCopy(against, schema), subscription, reporter)
+
+
+def verify_copies(fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
+                  reporter: Reporter, wait_budget_s: float = 2.0) -> VerifyReport:
+    database = fleet.model.postgres.database
+    source_reader = connect(fleet, source.cluster, database, purpose="verify")
+    target_reader = connect(fleet, target.cluster, database, purpose="verify")
+    try:
+        for connection in (source_reader, target_reader):
+            connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        pause_ms = None
+        if subscription:
+            pause_ms = _matching_snapshots(fleet, source, target, subscription, source_reader, target_reader,
+                                           wait_budget_s)
+            reporter.log(f"snapshots taken; writes to {source.schema} paused {pause_ms:.0f} ms")
+        with source_reader.cursor() as left, target_reader.cursor() as right:
+            if not subscription:
+                left.execute("SELECT 1")
+                right.execute("SELECT 1")
+            return compare_snapshots(shard, (source, target), (left, right), subscription is not None, pause_ms)
+    finally:
+        source_reader.close()
+        target_reader.close()
+
+
+def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscription: str, source_reader,
+                        target_reader, wait_budget_s: float) -> float:
+    """Start the two readers' snapshots at one point of the replication stream: hold writes
+    to the source's tables, wait until the target has applied everything before that point,
+    snapshot both, let writes go."""
+    database = fleet.model.postgres.database
+    locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=_LOCK_SETTINGS)
+    watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
+    try:
+        with locker.cursor() as cursor:
+            tables = _tables_of(cursor, source.schema)
+        locker.autocommit = False
+        locker.set_session(isolation_level="REPEATABLE READ")
+        with locker.cursor() as cursor, watcher.cursor() as watch, \
+                source_reader.cursor() as left, target_reader.cursor() as right:
+            started = time.monotonic()
+            _lock_tables(cursor, source.schema, tables)
+            cursor.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()")
+            snapshot, lsn = cursor.fetchone()
+            _wait_applied(watch, subscription, lsn, wait_budget_s)
+            right.execute("SELECT 1")
+            left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+            locker.rollback()
+            return (time.monotonic() - started) * 1000
+    finally:
+        locker.close()
+        watcher.close()
+
+
+def _placement_of(fleet, shard: int) -> str:
+    with directory_session(fleet) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT cluster FROM shard_map WHERE logical_shard = %s", (shard,))
+            row = cursor.fetchone()
+            if row is None:
+                cursor.execute("SELECT min(logical_shard), max(logical_shard) FROM shard_map")
+                low, high = cursor.fetchone()
+                raise UsageError(f"unknown logical shard {shard}",
+                                 f"the shard map has shards {low}-{high}" if low is not None else "run igops shard init")
+    return row[0]
+
+
+# --- replication plumbing ---------------------------------------------------------------------
+# The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
+# transaction must die with igops: the server ends it if igops stops talking, releasing writes.
+LOCK_TIMEOUT_MS = 1000
+_LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
+                  "statement_timeout": "30s"}
+
+
+def _tables_of(cursor, schema: str) -> list[str]:
+    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                   "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))
+    tables = [row[0] for row in cursor.fetchall()]
+    if not tables:
+        raise IgopsError(f"schema {schema} has no tables")
+    return tables
+
+
+def _lock_tables(cursor, schema: str, tables: list[str]) -> None:
+    """Block writes, not reads. It must be the transaction's first statement when the
+    transaction's snapshot is to show everything committed before the lock. A lock that
+    cannot be had within lock_timeout defers the attempt (writers queue behind a waiting lock)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    try:
+        cursor.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+            sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)))
+    except psycopg2.errors.LockNotAvailable:
+        raise CutoverDeferred(f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms "
+                              "(a long transaction holds them?)") from None
+
+
+def _applied_lsn(cursor, subscription: str):
+    """What the subscription's apply worker has applied and reported, or None when no
+    worker runs."""
+    cursor.execute("SELECT pid, latest_end_lsn FROM pg_stat_subscription WHERE subname = %s AND relid IS NULL",
+                   (subscription,))
+    row = cursor.fetchone()
+    return row[1] if row and row[0] else None
+
+
+def _wait_applied(cursor, subscription: str, lsn: str, budget_s: float) -> None:
+    """Until the subscription has applied the source's WAL up to `lsn`. Its apply worker
+    reports a position only after applying everything before it."""
+    deadline = time.monotonic() + budget_s
+    while True:
+        cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
+                       "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
+        row = cursor.fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() > deadline:
+            raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
+                                 f"{budget_s * 1000:.0f} ms")
+        time.sleep(0.002)
+
+
+class CutoverDeferred(IgopsError):
+    """Writes were held but the moment was not right: they are released and it is tried again."""
+
+
+# --- the journal ------------------------------------------------------------------------------
+STEPS = ("planned", "target_ready", "published", "subscribed", "copied", "caught_up", "verified", "switched",
+         "cleaned")
+# Where `--pause-after` may stop a move: after each journaled step, and inside the cut-over
+# after the lock is taken and after the source is fenced (before the map flips).
+PAUSE_POINTS = ("planned", "target_ready", "published", "subscribed", "copied", "caught_up", "verified",
+                "locked", "fenced", "switched")
+ACTIVE, DONE, ABORTED = "active", "done", "aborted"
+
+JOURNAL_DDL = """
+CREATE TABLE IF NOT EXISTS shard_moves (
+    id bigserial PRIMARY KEY,
+    logical_shard integer NOT NULL,
+    schema_name text NOT NULL,
+    source text NOT NULL,
+    target text NOT NULL,
+    step text NOT NULL,
+    status text NOT NULL CHECK (status IN ('active', 'done', 'aborted')),
+    started_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    started_by text NOT NULL,
+    source_lsn pg_lsn,
+    source_sequence bigint,
+    target_sequence bigint,
+    map_version bigint,
+    rows_copied bigint,
+    bytes_copied bigint,
+    verify_pause_ms double precision,
+    lock_wait_ms double precision,
+    write_block_ms double precision,
+    error text,
+    history jsonb NOT NULL DEFAULT '[]'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_one_active ON shard_moves (logical_shard) WHERE status = 'active';
+"""
+# A session-level advisory lock per shard on the journal's connection: held by the process
+# driving a move, and released by the server the moment that process dies.
+ADVISORY_CLASS = 0x69676D76  # "igmv"
+
+_RECORD_FIELDS = ("id", "logical_shard", "schema_name", "source", "target", "step", "status", "started_at",
+                  "updated_at", "finished_at", "started_by", "source_lsn", "source_sequence", "target_sequence",
+                  "map_version", "rows_copied", "bytes_copied", "verify_pause_ms", "lock_wait_ms",
+                  "write_block_ms", "error", "history")
+
+
+@dataclass
+class MoveRecord:
+    id: int
+    logical_shard: int
+    schema_name: str
+    source: str
+    target: str
+    step: str
+    status: str
+    started_at: str
+    updated_at: str
+    finished_at: str | None
+    started_by: str
+    source_lsn: str | None
+    source_sequence: int | None
+    target_sequence: int | None
+    map_version: int | None
+    rows_copied: int | None
+    bytes_copied: int | None
+    verify_pause_ms: float | None
+    lock_wait_ms: float | None
+    write_block_ms: float | None
+    error: str | None
+    history: list[dict]
+    running: bool | None = None  # whether a process holds the shard's move lock now
+    retained_wal_bytes: int | None = None
+    state: str = field(init=False)  # running, interrupted, failed, done or aborted
+
+    def __post_init__(self) -> None:
+        if self.status != ACTIVE:
+            self.state = self.status
+        elif self.running:
+            self.state = "running"
+        else:
+            self.state = "failed" if self.error else "interrupted"
+
+    @property
+    def slot(self) -> str:
+        return f"igops_move_{self.id}"
+
+    @property
+    def fenced_schema(self) -> str:
+        return f"{self.schema_name}_moved_{self.id}"
+
+
+class Journal:
+    """The `shard_moves` table in the directory database, through an autocommit connection."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def exists(self) -> bool:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('shard_moves') IS NOT NULL")
+            return cursor.fetchone()[0]
+
+    def ensure(self) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute(JOURNAL_DDL)
+
+    def _select(self, where: str, params: tuple, limit: int | None = None) -> list[MoveRecord]:
+        if not self.exists():
+            return []
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"SELECT {', '.join(_RECORD_FIELDS)} FROM shard_moves WHERE {where} ORDER BY id DESC"
+                           + (f" LIMIT {int(limit)}" if limit else ""), params)
+            rows = cursor.fetchall()
+            cursor.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted",
+                           (ADVISORY_CLASS,))
+            locked = {row[0] for row in cursor.fetchall()}
+        records = []
+        for row in rows:
+            values = dict(zip(_RECORD_FIELDS, row))
+            for key in ("started_at", "updated_at", "finished_at"):
+                if values[key] is not None:
+                    values[key] = values[key].isoformat(timespec="seconds")
+            values["source_lsn"] = str(values["source_lsn"]) if values["source_lsn"] else None
+            values["running"] = values["status"] == ACTIVE and values["logical_shard"] in locked
+            records.append(MoveRecord(**values))
+        return records
+
+    def get(self, move_id: int) -> MoveRecord:
+        found = self._select("id = %s", (move_id,))
+        if not found:
+            raise UsageError(f"no shard move {move_id} in the journal", "see `igops shard moves`")
+        return found[0]
+
+    def active_for(self, shard: int) -> MoveRecord | None:
+        found = self._select("logical_shard = %s AND status = 'active'", (shard,))
+        return found[0] if found else None
+
+    def active(self) -> list[MoveRecord]:
+        return self._select("status = 'active'", ())
+
+    def recent(self, limit: int, shard: int | None = None) -> list[MoveRecord]:
+        if shard is None:
+            return self._select("true", (), limit)
+        return self._select("logical_shard = %s", (shard,), limit)
+
+    def create(self, plan: "MovePlan") -> MoveRecord:
+        from psycopg2 import errors
+
+        self.ensure()
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO shard_moves (logical_shard, schema_name, source, target, step, status, started_by, "
+                    "history) VALUES (%s, %s, %s, %s, 'planned', 'active', %s, "
+                    "jsonb_build_array(jsonb_build_object('step', 'planned', 'at', now()))) RETURNING id",
+                    (plan.shard, plan.schema, plan.source, plan.target, _who()))
+                move_id = cursor.fetchone()[0]
+        except errors.UniqueViolation:
+            other = self.active_for(plan.shard)
+            raise RefusedError(f"shard {plan.shard} already has an unfinished move"
+                               + (f" ({other.id}, at {other.step})" if other else ""),
+                               "finish it with --resume or roll it back with --abort") from None
+        return self.get(move_id)
+
+    def advance(self, move_id: int, step: str, **fields: Any) -> None:
+        self.update(move_id, step=step, **fields)
+
+    def update(self, move_id: int, step: str | None = None, **fields: Any) -> None:
+        from psycopg2 import sql
+
+        assignments = [sql.SQL("updated_at = now()")]
+        params: list[Any] = []
+        if step is not None:
+            assignments.append(sql.SQL("step = %s, history = history || "
+                                       "jsonb_build_array(jsonb_build_object('step', %s, 'at', now()))"))
+            params += [step, step]
+            fields.setdefault("error", None)
+        for name, value in fields.items():
+            assignments.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
+            params.append(value)
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql.SQL("UPDATE shard_moves SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments)),
+                           [*params, move_id])
+
+    def fail(self, move_id: int, error: str) -> None:
+        self.update(move_id, error=error[:2000])
+
+    def finish(self, move_id: int, status: str, step: str | None = None, error: str | None = None) -> None:
+        self.update(move_id, step=step, status=status, finished_at=datetime.now(timezone.utc), error=error)
+
+    def hold_shard(self, shard: int) -> None:
+        """Take the shard's move lock for the life of this connection, or say who has it."""
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_CLASS, shard))
+            if cursor.fetchone()[0]:
+                return
+            cursor.execute("SELECT a.client_addr, a.pid, a.backend_start FROM pg_locks l "
+                           "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                           "AND l.classid = %s AND l.objid = %s AND l.granted", (ADVISORY_CLASS, shard))
+            holder = cursor.fetchone()
+        raise AlreadyRunning(f"a move of shard {shard} is running"
+                             + (f" (from {holder[0]}, session since {holder[2]:%H:%M:%S})" if holder else ""),
+                             "wait for it; the lock is released when that igops exits")
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+# --- moves ------------------------------------------------------------------------------------
+# The target's sequences start this far past the source's: half the 10-bit sequence space, so
+# ids minted on either side around the cut-over differ in their low bits even if the two
+# servers' clocks disagree by a few milliseconds.
+SEQUENCE_MARGIN = 512
+CUTOVER_ATTEMPTS = 3
+CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
+MAX_CLOCK_SKEW_MS = 500
+
+
+@dataclass(frozen=True)
+class TableSize:
+    name: str
+    rows: int
+    bytes: int
+
+
+@dataclass
+class MovePlan:
+    shard: int
+    schema: str
+    source: str
+    target: str
+    source_primary: str
+    target_primary: str
+    database: str
+    tables: list[TableSize]
+    max_lag_bytes: int
+    move_id: int | None = None
+    resume_after: str | None = None  # the last step a resumed move had completed
+
+    @property
+    def slot(self) -> str:
+        return f"igops_move_{self.move_id if self.move_id is not None else '<id>'}"
+
+    @property
+    def fenced_schema(self) -> str:
+        return f"{self.schema}_moved_{self.move_id if self.move_id is not None else '<id>'}"
+
+    def remaining(self) -> list[str]:
+        start = STEPS.index(self.resume_after) + 1 if self.resume_after else 0
+        return list(STEPS[start:])
+
+    def steps(self) -> list[str]:
+        return [_describe_step(self, step) for step in self.remaining()]
+
+
+def _describe_step(plan: MovePlan, step: str) -> str:
+    rows = sum(table.rows for table in plan.tables)
+    size = sum(table.bytes for table in plan.tables)
+    src = f"{plan.source} ({plan.source_primary})"
+    dst = f"{plan.target} ({plan.target_primary})"
+    return {
+        "planned": f"journal the move of shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target} "
+                   "in the directory's shard_moves",
+        "target_ready": f"on {dst}: create schema {plan.schema} from the shard DDL (tables, sequence, next_id()) "
+                        f"and check it matches {plan.source}'s",
+        "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema} "
+                     f"and logical replication slot {plan.slot}",
+        "subscribed": f"on {dst}: subscription {plan.slot}: a snapshot-consistent COPY of {len(plan.tables)} tables "
+                      f"(~{rows:,} rows, {human_bytes(size)}), then streaming",
+        "copied": "wait until every table's initial copy is done (pg_subscription_rel ready)",
+        "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
+        "verified": f"pause writes to {plan.schema} for an instant to snapshot both copies at one point, then "
+                    "compare per-table row counts and ordered md5 checksums, sequences and the schema",
+        "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
+                    f"go on); final catch-up; equal row counts; {plan.schema} sequences on {plan.target} set "
+                    f"{SEQUENCE_MARGIN} past {plan.source}'s; rename {plan.schema} to {plan.fenced_schema} on "
+                    f"{plan.source} (waiting writers fail and retry); commit; shard map: shard {plan.shard} -> "
+                    f"{plan.target}, version + 1",
+        "cleaned": f"drop subscription, slot and publication {plan.slot}; drop the old copy {plan.fenced_schema} "
+                   f"on {plan.source}",
+    }[step]
+
+
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "?"
+    size = float(value)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+@dataclass
+class MoveResult:
+    move_id: int
+    shard: int
+    source: str
+    target: str
+    status: str
+    map_version: int | None
+    rows_copied: int | None
+    bytes_copied: int | None
+    verify_pause_ms: float | None
+    lock_wait_ms: float | None
+    write_block_ms: float | None
+    duration_ms: float
+    verify: VerifyReport | None = None
+
+
+def plan_move(fleet, shard: int, target: str) -> MovePlan:
+    """Check everything a new move needs before anything is changed: the shard and clusters
+    exist, the shard is elsewhere, no move of it is unfinished, logical replication can run,
+    the target has no conflicting copy, and the shard DDL builds on the target exactly the
+    tables the source has (tried in a transaction that is rolled back)."""
+    model = fleet.model
+    target_primary = primary_of(fleet, target)
+    source = _placement_of(fleet, shard)
+    if source == target:
+        raise UsageError(f"shard {shard} is already on {target}", "pick another cluster with --to")
+    if source not in model.postgres.clusters:
+        raise IgopsError(f"the map places shard {shard} on {source}, which the inventory lacks",
+                         "add the cluster to [postgres.clusters]")
+    with directory_session(fleet) as directory:
+        unfinished = Journal(directory).active_for(shard)
+    if unfinished and unfinished.running:
+        raise AlreadyRunning(f"move {unfinished.id} of shard {shard} ({unfinished.source} -> {unfinished.target}) "
+                             f"is already running, at {unfinished.step}", "wait for it: `igops shard moves`")
+    if unfinished:
+        raise RefusedError(f"shard {shard} has an unfinished move {unfinished.id} ({unfinished.source} -> "
+                           f"{unfinished.target}, {unfinished.state} at {unfinished.step})",
+                           f"igops shard move --resume {unfinished.id}, or --abort {unfinished.id}")
+    schema = schema_name(fleet, shard)
+    database = model.postgres.database
+    template = _read_ddl(fleet, "shard_ddl")
+    with primary_connection(fleet, source, database, autocommit=True, purpose="shards") as connection:
+        with connection.cursor() as cursor:
+            source_shape = describe_schema(cursor, schema)
+            if source_shape is None:
+                raise IgopsError(f"the map places shard {shard} on {source}, but {source} has no schema {schema}",
+                                 "check `igops shard moves` and `igops shard verify`")
+            keyless = [name for name, table in sorted(source_shape.tables.items()) if not table.primary_key]
+            if keyless:
+                raise RefusedError(f"{schema} has tables without a primary key: {', '.join(keyless)}",
+                                   "logical replication needs one per table; add it first")
+            _check_replication_capacity(cursor, source)
+            tables = _table_sizes(cursor, schema)
+    with primary_connection(fleet, target, database, purpose="shards") as connection:
+        with connection.cursor() as cursor:
+            existing = describe_schema(cursor, schema)
+            if existing is not None and any(_has_rows(cursor, schema, name) for name in existing.tables):
+                raise RefusedError(f"{target} already has a schema {schema} with rows in it",
+                                   f"a leftover copy? inspect it, drop it on {target_primary.name}, then retry")
+            _act_as_owner(cursor)
+            cursor.execute(shard_ddl(template, schema, shard))
+            built = describe_schema(cursor, schema)
+        connection.rollback()
+    diff = schema_diff(source_shape, built, source, target)
+    if diff:
+        raise RefusedError(f"the shard DDL does not build on {target} the tables {schema} has on {source}: "
+                           + "; ".join(diff[:5]) + (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""),
+                           "make [shards] shard_ddl match the shard's tables (or drop what is extra), then retry")
+    return MovePlan(shard, schema, source, target, primary_of(fleet, source).name, target_primary.name, database,
+                    tables, model.postgres.max_lag_bytes)
+
+
+def _has_rows(cursor, schema: str, table: str) -> bool:
+    from psycopg2 import sql
+
+    cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(schema, table)))
+    return cursor.fetchone()[0]
+
+
+def _table_sizes(cursor, schema: str) -> list[TableSize]:
+    """Rows from the planner's estimate, counted instead for tables never analysed."""
+    from psycopg2 import sql
+
+    cursor.execute("""
+        SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1""", (schema,))
+    sizes = []
+    for name, rows, size in cursor.fetchall():
+        if rows < 0:
+            cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))
+            rows = cursor.fetchone()[0]
+        sizes.append(TableSize(name, rows, size))
+    return sizes
+
+
+def _check_replication_capacity(cursor, cluster: str) -> None:
+    cursor.execute("SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, "
+                   "(SELECT count(*) FROM pg_replication_slots), current_setting('max_wal_senders')::int, "
+                   "(SELECT count(*) FROM pg_stat_replication)")
+    wal_level, max_slots, slots, max_senders, senders = cursor.fetchone()
+    if wal_level != "logical":
+        raise RefusedError(f"{cluster} runs with wal_level = {wal_level}",
+                           "set wal_level = logical and restart the primary before moving shards off it")
+    if slots >= max_slots:
+        raise RefusedError(f"{cluster} has no free replication slot ({slots} of {max_slots} used)",
+                           "raise max_replication_slots or drop unused slots")
+    if senders >= max_senders:
+        raise RefusedError(f"{cluster} has no free WAL sender ({senders} of {max_senders} busy)",
+                           "raise max_wal_senders")
+
+
+def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
+    with directory_session(fleet) as directory:
+        record = Journal(directory).get(move_id)
+    if record.status != ACTIVE:
+        raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
+    return _plan_from_record(fleet, record, record.step), record
+
+
+def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
+    model = fleet.model
+    tables: list[TableSize] = []
+    if resume_after in STEPS[:STEPS.index("switched")]:
+        with primary_connection(fleet, record.source, model.postgres.database, autocommit=True,
+                                purpose="shards") as connection:
+            with connection.cursor() as cursor:
+                tables = _table_sizes(cursor, record.schema_name) or _table_sizes(cursor, record.fenced_schema)
+    return MovePlan(record.logical_shard, record.schema_name, record.source, record.target,
+                    primary_of(fleet, record.source).name, primary_of(fleet, record.target).name,
+                    model.postgres.database, tables, model.postgres.max_lag_bytes, record.id, resume_after)
+
+
+@dataclass
+class AbortPlan:
+    move_id: int
+    shard: int
+    schema: str
+    source: str
+    target: str
+    step: str
+    slot: str
+    fenced_schema: str
+
+    def steps(self) -> list[str]:
+        return [
+            f"on {self.target}: drop subscription {self.slot} and the partial copy {self.schema}",
+            f"on {self.source}: if the cut-over fenced it, rename {self.fenced_schema} back to {self.schema}; "
+            f"drop slot and publication {self.slot}",
+            f"journal: move {self.move_id} aborted (the shard map still places shard {self.shard} on {self.source})",
+        ]
+
+
+def plan_abort(fleet, move_id: int) -> AbortPlan:
+    with directory_session(fleet) as directory:
+        record = Journal(directory).get(move_id)
+        with directory.cursor() as cursor:
+            cursor.execute("SELECT cluster FROM shard_map WHERE logical_shard = %s", (record.logical_shard,))
+            placed = cursor.fetchone()
+    if record.status != ACTIVE:
+        raise UsageError(f"move {move_id} is {record.status}: there is nothing to abort")
+    if STEPS.index(record.step) >= STEPS.index("switched") or (placed and placed[0] != record.source):
+        raise RefusedError(f"move {move_id} has already switched shard {record.logical_shard} to {record.target}: "
+                           "writes land there now, so the old copy cannot be brought back",
+                           f"finish it with --resume {move_id}; to go back, move the shard to {record.source}")
+    return AbortPlan(record.id, record.logical_shard, record.schema_name, record.source, record.target, record.step,
+                     record.slot, record.fenced_schema)
+
+
+class _Mover:
+    """Runs a move's remaining steps. Each step first looks at what is already there, so
+    running it twice (after a crash between doing it and journaling it) is harmless."""
+
+    def __init__(self, fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None):
+        self.fleet = fleet
+        self.plan = plan
+        self.journal = journal
+        self.reporter = reporter
+        self.pause_after = pause_after
+        self.database = fleet.model.postgres.database
+        self._source = None
+        self._target = None
+        self.result_fields: dict[str, Any] = {}
+        self.verify_report: VerifyReport | None = None
+
+    # connections to the primaries, autocommit, opened on first use
+    @property
+    def source(self):
+        if self._source is None:
+            self._source = connect(self.fleet, self.plan.source, self.database, autocommit=True, purpose="move")
+        return self._source
+
+    @property
+    def target(self):
+        if self._target is None:
+            self._target = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move")
+        return self._target
+
+    def close(self) -> None:
+        for connection in (self._source, self._target):
+            if connection is not None:
+                connection.close()
+
+    def pause(self, point: str) -> None:
+        if self.pause_after == point:
+            self.reporter.log(f"paused after {point} (--pause-after): kill igops now to rehearse a crash here; "
+                              f"then `igops shard move --resume {self.plan.move_id}` or `--abort {self.plan.move_id}`")
+            threading.Event().wait()
+
+    def run(self) -> None:
+        for step in self.plan.remaining():
+            if step == "planned":
+                self.pause("planned")
+                continue
+            with self.reporter.step(_describe_step(self.plan, step)) as record:
+                detail = getattr(self, f"_{step}")()
+                record.detail = detail
+            fields = self.result_fields.pop(step, {})
+            if step == "cleaned":
+                self.journal.finish(self.plan.move_id, DONE, step="cleaned", **fields)
+            elif step == "switched":  # journaled with the map change itself; the timings follow
+                self.journal.update(self.plan.move_id, **fields)
+            else:
+                self.journal.advance(self.plan.move_id, step, **fields)
+            self.pause(step)
+
+    # -- the steps -----------------------------------------------------------------------------
+    def _target_ready(self) -> str:
+        plan = self.plan
+        template = _read_ddl(self.fleet, "shard_ddl")
+        connection = connect(self.fleet, plan.target, self.database, purpose="move")
+        try:
+            with connection.cursor() as cursor:
+                _act_as_owner(cursor)
+                cursor.execute(shard_ddl(template, plan.schema, plan.shard))
+                built = describe_schema(cursor, plan.schema)
+                with self.source.cursor() as source_cursor:
+                    original = describe_schema(source_cursor, plan.schema)
+                if original is None:
+                    raise IgopsError(f"{plan.source} has no schema {plan.schema} any more")
+                diff = schema_diff(original, built, plan.source, plan.target)
+                if diff:
+                    raise RefusedError(f"{plan.target}'s {plan.schema} differs from {plan.source}'s: "
+                                       + "; ".join(diff[:5]), f"roll back with --abort {plan.move_id}")
+            connection.commit()
+        finally:
+            connection.close()
+        return f"{len(built.tables)} tables"
+
+    def _published(self) -> str:
+        from psycopg2 import sql
+
+        slot = self.plan.slot
+        with self.source.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (slot,))
+            if cursor.fetchone() is None:
+                cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
+                    sql.Identifier(slot), sql.Identifier(self.plan.schema)))
+            cursor.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            row = cursor.fetchone()
+            if row is None:
+                cursor.execute("SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+                row = cursor.fetchone()
+        self.result_fields["published"] = {"source_lsn": str(row[0])}
+        return f"slot at {row[0]}"
+
+    def _subscribed(self) -> str:
+        import psycopg2
+        from psycopg2 import sql
+
+        plan = self.plan
+        with self.target.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (plan.slot,))
+            if cursor.fetchone() is not None:
+                return "already subscribed"
+        # Its own session: the statement carries the source's password, so this session
+        # logs no statements, and ends with it.
+        connection = connect(self.fleet, plan.target, self.database, autocommit=True, purpose="move",
+                             settings=QUIET_STATEMENT_LOGGING)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql.SQL("CREATE SUBSCRIPTION {name} CONNECTION %s PUBLICATION {name} "
+                                       "WITH (create_slot = false, slot_name = %s, copy_data = true)").format(
+                    name=sql.Identifier(plan.slot)),
+                    (replication_conninfo(self.fleet, plan.source, self.database, plan.slot), plan.slot))
+        except psycopg2.Error as exc:
+            raise IgopsError(f"{plan.target} cannot subscribe to {plan.source}: {first_line(exc)}",
+                             f"{plan.target_primary} must reach {plan.source_primary}:{self.fleet.model.postgres.port} "
+                             f"as {self.fleet.model.postgres.user} (pg_hba.conf, the secret postgres_password)"
+                             ) from None
+        finally:
+            connection.close()
+        return f"{plan.target_primary} streams from {plan.source_primary}"
+
+    def _copied(self) -> str:
+        plan = self.plan
+        total_bytes = sum(table.bytes for table in plan.tables) or None
+        total_rows = sum(table.rows for table in plan.tables)
+        started = time.monotonic()
+        last_log = started
+        errors_seen = None
+        with self.target.cursor() as cursor, \
+                self.reporter.progress(f"copy {plan.schema}", total_bytes, "bytes") as advance:
+            shown = 0
+            while True:
+                cursor.execute("""
+                    SELECT count(*) FILTER (WHERE r.srsubstate = 'r'), count(*),
+                           coalesce(sum(pg_table_size(r.srrelid)), 0)::bigint,
+                           coalesce(sum(c.reltuples) FILTER (WHERE r.srsubstate IN ('r', 's')), 0)::bigint
+                      FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+                      JOIN pg_class c ON c.oid = r.srrelid
+                     WHERE s.subname = %s""", (plan.slot,))
+                ready, tables, copied_bytes, done_rows = cursor.fetchone()
+                cursor.execute("""
+                    SELECT coalesce(sum(p.tuples_processed), 0)::bigint FROM pg_stat_progress_copy p
+                     WHERE p.relid IN (SELECT r.srrelid FROM pg_subscription_rel r
+                                         JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = %s)""",
+                               (plan.slot,))
+                rows = done_rows + cursor.fetchone()[0]
+                if copied_bytes > shown:
+                    advance(min(copied_bytes, total_bytes or copied_bytes) - shown)
+                    shown = min(copied_bytes, total_bytes or copied_bytes)
+                if tables and ready == tables:
+                    break
+                errors_seen = self._check_workers(cursor, errors_seen)
+                if time.monotonic() - last_log > 5:
+                    last_log = time.monotonic()
+                    self.reporter.log(f"copying {plan.schema}: {ready}/{tables} tables ready, ~{rows:,} of "
+                                      f"~{total_rows:,} rows, {human_bytes(copied_bytes)} of "
+                                      f"{human_bytes(total_bytes)}")
+                time.sleep(0.2)
+        self.result_fields["copied"] = {"bytes_copied": copied_bytes}
+        return f"{tables} tables, {human_bytes(copied_bytes)} in {time.monotonic() - started:.1f} s"
+
+    def _check_workers(self, cursor, before: int | None) -> int:
+        """Fail when the subscription's workers keep erroring (their messages are in the target's log), or when
+        the slot they read is gone (a new source primary has no logical slots)."""
+        cursor.execute("SELECT sync_error_count + apply_error_count FROM pg_stat_subscription_stats "
+                       "WHERE subname = %s", (self.plan.slot,))
+        row = cursor.fetchone()
+        count = row[0] if row else 0
+        if before is not None and count - before >= 3:
+            raise IgopsError(f"the subscription's workers on {self.plan.target_primary} keep failing "
+                             f"({count} errors)", f"read {self.plan.target_primary}'s Postgres log; then --resume or "
+                                                  f"--abort {self.plan.move_id}")
+        with self.source.cursor() as source_cursor:
+            source_cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.plan.slot,))
+            if source_cursor.fetchone() is None:
+                raise IgopsError(f"replication slot {self.plan.slot} is gone from {self.plan.source}",
+                                 f"the primary changed? --resume {self.plan.move_id} starts the copy again")
+        return count if before is None else before
+
+    def _caught_up(self) -> str:
+        plan = self.plan
+        deadline = time.monotonic() + 600
+        last_log = time.monotonic()
+        errors_seen = None
+        with self.target.cursor() as cursor, self.source.cursor() as source_cursor:
+            while True:
+                source_cursor.execute("SELECT pg_current_wal_lsn()")
+                current = source_cursor.fetchone()[0]
+                applied = _applied_lsn(cursor, plan.slot)
+                if applied is not None:
+                    source_cursor.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint", (current, applied))
+                    lag = max(0, source_cursor.fetchone()[0])
+                    if lag <= plan.max_lag_bytes:
+                        return f"{human_bytes(lag)} behind"
+                    if time.monotonic() - last_log > 5:
+                        last_log = time.monotonic()
+                        self.reporter.log(f"catching up: {human_bytes(lag)} behind {plan.source}")
+                errors_seen = self._check_workers(cursor, errors_seen)
+                if time.monotonic() > deadline:
+                    raise IgopsError(f"{plan.target} did not catch up with {plan.source} within 10 minutes",
+                                     f"writes outpace the apply worker? --resume {plan.move_id} keeps waiting")
+                time.sleep(0.1)
+
+    def _verified(self) -> str:
+        plan = self.plan
+        report = verify_copies(self.fleet, plan.shard, ShardCopy(plan.source, plan.schema),
+                               ShardCopy(plan.target, plan.schema), plan.slot, self.reporter)
+        self.verify_report = report
+        rows = sum(check.rows[f"{plan.source}/{plan.schema}"] for check in report.tables)
+        if not report.equal:
+            problems = report.schema_diff + [
+                f"{check.table}: rows {check.rows}, first difference at {check.first_difference}"
+                for check in report.tables if not check.equal]
+            raise IgopsError(f"the copies of {plan.schema} differ: " + "; ".join(problems[:5]),
+                             f"nothing was switched; investigate, then --resume {plan.move_id} to verify again "
+                             f"or --abort {plan.move_id}")
+        self.result_fields["verified"] = {"rows_copied": rows, "verify_pause_ms": report.pause_ms}
+        return f"{len(report.tables)} tables, {rows:,} rows equal; writes paused {report.pause_ms:.0f} ms"
+
+    def _switched(self) -> str:
+        plan = self.plan
+        with self.source.cursor() as cursor:
+            cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                           ([plan.schema, plan.fenced_schema],))
+            present = {row[0] for row in cursor.fetchall()}
+        if plan.fenced_schema in present and plan.schema not in present:
+            self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
+            version = self._flip_map()
+            return f"shard map version {version}"
+        self._check_clock_skew()
+        for attempt in range(1, CUTOVER_ATTEMPTS + 1):
+            try:
+                timings = self._cut_over()
+                break
+            except CutoverDeferred as exc:
+                if attempt == CUTOVER_ATTEMPTS:
+                    raise IgopsError(f"cut-over gave up after {attempt} attempts: {exc.message}",
+                                     f"writes were released each time; --resume {plan.move_id} tries again") from None
+                self.reporter.log(f"cut-over attempt {attempt}: {exc.message}; writes released, catching up again")
+                self._caught_up()
+        self.result_fields["switched"] = timings
+        return (f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
+                f"shard map version {timings['map_version']}")
+
+    def _check_clock_skew(self) -> None:
+        """Ids start with their server's clock: a target far behind the source would mint
+        ids that sort before ones already issued."""
+        readings = []
+        for connection in (self.source, self.target):
+            with connection.cursor() as cursor:
+                before = time.time()
+                cursor.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+                readings.append(cursor.fetchone()[0] - (before + time.time()) / 2)
+        skew_ms = (readings[0] - readings[1]) * 1000
+        if skew_ms > MAX_CLOCK_SKEW_MS:
+            raise RefusedError(f"{self.plan.target_primary}'s clock is {skew_ms:.0f} ms behind "
+                               f"{self.plan.source_primary}'s", "fix time synchronisation (NTP), then --resume")
+
+    def _cut_over(self) -> dict[str, Any]:
+        """The write block: from the lock request until the map names the target."""
+        from psycopg2 import sql
+
+        plan = self.plan
+        locker = connect(self.fleet, plan.source, self.database, purpose="cutover", settings=_LOCK_SETTINGS)
+        directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
+        try:
+            with locker.cursor() as cursor, self.target.cursor() as target_cursor:
+                tables = _tables_of(cursor, plan.schema)
+                requested = time.monotonic()
+                _lock_tables(cursor, plan.schema, tables)
+                locked = time.monotonic()
+                self.pause("locked")
+                cursor.execute("SELECT pg_current_wal_lsn()")
+                lsn = cursor.fetchone()[0]
+                _wait_applied(target_cursor, plan.slot, lsn, CUTOVER_CATCH_UP_S)
+                self._compare_counts(cursor)
+                shape = describe_schema(cursor, plan.schema)
+                sequences = _sequence_values(cursor, plan.schema, shape.sequences)
+                for sequence, value in sequences.items():
+                    target_cursor.execute("SELECT setval(%s, %s)", (f"{quote_ident(plan.schema)}."
+                                                                    f"{quote_ident(sequence)}", value + SEQUENCE_MARGIN))
+                cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                    sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)))
+                version = self._stage_map_flip(directory)
+                self._commit_fence(locker)
+                self._wait_for_target_clock()
+                self.pause("fenced")
+                version = self._commit_map_flip(directory, version)
+                switched = time.monotonic()
+        except BaseException:
+            _rollback_quietly(directory)
+            _rollback_quietly(locker)
+            raise
+        finally:
+            locker.close()
+            directory.close()
+        return {"lock_wait_ms": round((locked - requested) * 1000, 1),
+                "write_block_ms": round((switched - requested) * 1000, 1),
+                "map_version": version,
+                "source_lsn": str(lsn),
+                "source_sequence": max(sequences.values()) if sequences else None,
+                "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None}
+
+    def _compare_counts(self, source_cursor) -> None:
+        """Row counts of both copies, in parallel, with writes held: a last check that the
+        stream delivered everything before the map moves."""
+        from psycopg2 import sql
+
+        plan = self.plan
+        tables = [table.name for table in plan.tables]
+
+        def count(cursor) -> dict[str, int]:
+            found = {}
+            for table in tables:
+                cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(plan.schema, table)))
+                found[table] = cursor.fetchone()[0]
+            return found
+
+        with self.target.cursor() as target_cursor, ThreadPoolExecutor(max_workers=1) as pool:
+            remote = pool.submit(count, target_cursor)
+            local = count(source_cursor)
+            other = remote.result()
+        if local != other:
+            differing = ", ".join(f"{name}: {local[name]} vs {other.get(name)}" for name in tables
+                                  if local[name] != other.get(name))
+            raise CutoverDeferred(f"row counts differ after the final catch-up ({differing})")
+
+    def _commit_fence(self, locker) -> None:
+        import psycopg2
+
+        try:
+            locker.commit()
+        except psycopg2.Error as exc:
+            raise IgopsError(f"committing the fence on {self.plan.source} failed ({first_line(exc)}): "
+                             f"{self.plan.schema} may or may not be renamed there; the map is unchanged",
+                             f"--resume {self.plan.move_id} finds out and finishes, or --abort {self.plan.move_id}"
+                             ) from None
+
+    def _commit_map_flip(self, directory, version: int) -> int:
+        """The source is fenced now: until the map names the target the shard is unavailable,
+        so a failed commit is retried on fresh connections before giving up."""
+        import psycopg2
+
+        try:
+            directory.commit()
+            return version
+        except psycopg2.Error as exc:
+            failure = first_line(exc)
+        for _ in range(5):
+            time.sleep(0.5)
+            try:
+                return self._flip_map()
+            except (psycopg2.Error, IgopsError) as exc:
+                failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
+        raise IgopsError(f"{self.plan.source} is fenced but the shard map could not be switched ({failure}): "
+                         f"shard {self.plan.shard} is unavailable", f"igops shard move --resume {self.plan.move_id} "
+                                                                    "as soon as the directory answers")
+
+    def _stage_map_flip(self, directory) -> int:
+        """The map change and its journal entry, left uncommitted so the commit right after the
+        fence is the only thing between them."""
+        plan = self.plan
+        with directory.cursor() as cursor:
+            cursor.execute("UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
+                           (plan.target, plan.shard, plan.source))
+            if cursor.rowcount != 1:
+                raise IgopsError(f"the shard map no longer places shard {plan.shard} on {plan.source}",
+                                 "someone changed the map during the move; nothing was switched")
+            cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
+            version = cursor.fetchone()[0]
+            cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, updated_at = now(), "
+                           "error = NULL, history = history || jsonb_build_array(jsonb_build_object("
+                           "'step', 'switched', 'at', now())) WHERE id = %s", (version, plan.move_id))
+        return version
+
+    def _flip_map(self) -> int:
+        directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
+        try:
+            version = self._stage_map_flip(directory)
+            directory.commit()
+            return version
+        finally:
+            directory.close()
+
+    def _wait_for_target_clock(self) -> None:
+        """Until the target's clock has passed the last moment the source could mint an id,
+        so every id minted at the new place sorts after every id minted at the old one."""
+        with self.source.cursor() as cursor:
+            cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+            fenced_at_ms = cursor.fetchone()[0]
+        deadline = time.monotonic() + MAX_CLOCK_SKEW_MS / 1000 + 1
+        with self.target.cursor() as cursor:
+            while True:
+                cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint > %s", (fenced_at_ms,))
+                if cursor.fetchone()[0] or time.monotonic() > deadline:
+                    return
+                time.sleep(0.001)
+
+    def _cleaned(self) -> str:
+        plan = self.plan
+        drop_subscription(self.target, plan.slot)
+        removed = drop_publication_and_slot(self.source, plan.slot)
+        from psycopg2 import sql
+
+        with self.source.cursor() as cursor:
+            cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(plan.fenced_schema)))
+        return f"{removed}; old copy dropped"
+
+
+def drop_subscription(connection, name: str) -> bool:
+    """Drop a subscription without needing its publisher: detach it from its slot first (the
+    slot is dropped on the source separately)."""
+    from psycopg2 import sql
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,))
+        if cursor.fetchone() is None:
+            return False
+        identifier = sql.Identifier(name)
+        cursor.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(identifier))
+        cursor.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(identifier))
+        cursor.execute(sql.SQL("DROP SUBSCRIPTION {}").format(identifier))
+    return True
+
+
+def drop_publication_and_slot(connection, name: str, wait_s: float = 15) -> str:
+    """Drop the move's slot once no sender reads it (a disabled subscription's sender exits
+    within moments) and its publication. A slot left behind would keep WAL forever."""
+    from psycopg2 import sql
+
+    dropped = []
+    with connection.cursor() as cursor:
+        deadline = time.monotonic() + wait_s
+        while True:
+            cursor.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,))
+            row = cursor.fetchone()
+            if row is None:
+                break
+            if row[0] is None:
+                cursor.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                dropped.append("slot")
+                break
+            if time.monotonic() > deadline:
+                cursor.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                deadline = time.monotonic() + wait_s
+            time.sleep(0.1)
+        cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+        if cursor.fetchone() is not None:
+            cursor.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+            dropped.append("publication")
+    return (" and ".join(dropped) + " dropped") if dropped else "no slot or publication left"
+
+
+def _rollback_quietly(connection) -> None:
+    import psycopg2
+
+    try:
+        if not connection.closed:
+            connection.rollback()
+    except psycopg2.Error:
+        pass
+
+
+def start_move(fleet, plan: MovePlan, reporter: Reporter | None = None, pause_after: str | None = None) -> MoveResult:
+    """Journal a new move and run it to the end."""
+    directory = directory_connection(fleet, purpose="journal")
+    try:
+        journal = Journal(directory)
+        journal.ensure()
+        journal.hold_shard(plan.shard)
+        record = journal.create(plan)
+        plan.move_id = record.id
+        return _drive(fleet, plan, journal, reporter or Reporter(), pause_after)
+    finally:
+        directory.close()
+
+
+def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_after: str | None = None) -> MoveResult:
+    """Finish a move from its last journaled step. A move whose slot was lost (the source's
+    primary changed) starts its copy again."""
+    reporter = reporter or Reporter()
+    directory = directory_connection(fleet, purpose="journal")
+    try:
+        journal = Journal(directory)
+        record = journal.get(move_id)
+        journal.hold_shard(record.logical_shard)
+        record = journal.get(move_id)
+        if record.status != ACTIVE:
+            raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
+        resume_after = record.step
+        if STEPS.index("published") <= STEPS.index(resume_after) < STEPS.index("switched") \
+                and not _slot_exists(fleet, record):
+            reporter.log(f"slot {record.slot} is gone from {record.source}: starting the copy again")
+            _restart_copy(fleet, record)
+            journal.advance(move_id, "target_ready")
+            resume_after = "target_ready"
+        plan = _plan_from_record(fleet, record, resume_after)
+        return _drive(fleet, plan, journal, reporter, pause_after)
+    finally:
+        directory.close()
+
+
+def _slot_exists(fleet, record: MoveRecord) -> bool:
+    with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
+                            purpose="move") as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (record.slot,))
+            return cursor.fetchone() is not None
+
+
+def _restart_copy(fleet, record: MoveRecord) -> None:
+    from psycopg2 import sql
+
+    with primary_connection(fleet, record.target, fleet.model.postgres.database, autocommit=True,
+                            purpose="move") as connection:
+        drop_subscription(connection, record.slot)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                           "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')", (record.schema_name,))
+            tables = [sql.Identifier(record.schema_name, row[0]) for row in cursor.fetchall()]
+            if tables:
+                cursor.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(tables)))
+
+
+def _drive(fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:
+    started = time.monotonic()
+    mover = _Mover(fleet, plan, journal, reporter, pause_after)
+    try:
+        mover.run()
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            message = exc.one_line() if isinstance(exc, IgopsError) else f"{type(exc).__name__}: {exc}"
+            try:
+                journal.fail(plan.move_id, message)
+            except Exception:  # noqa: BLE001 - the original error matters more than the journal's
+                pass
+        raise
+    finally:
+        mover.close()
+    record = journal.get(plan.move_id)
+    return MoveResult(record.id, record.logical_shard, record.source, record.target, record.status,
+                      record.map_version, record.rows_copied, record.bytes_copied, record.verify_pause_ms,
+                      record.lock_wait_ms, record.write_block_ms, round((time.monotonic() - started) * 1000, 1),
+                      mover.verify_report)
+
+
+def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> MoveRecord:
+    """Undo a move that has not switched: the source is restored (un-fenced if the cut-over
+    got that far), every replication object and the partial copy are removed."""
+    from psycopg2 import sql
+
+    reporter = reporter or Reporter()
+    directory = directory_connection(fleet, purpose="journal")
+    try:
+        journal = Journal(directory)
+        journal.hold_shard(plan.shard)
+        current = plan_abort(fleet, plan.move_id)
+        database = fleet.model.postgres.database
+        with reporter.step(current.steps()[0]) as step:
+            with primary_connection(fleet, current.target, database, autocommit=True, purpose="move") as connection:
+                dropped = drop_subscription(connection, current.slot)
+                with connection.cursor() as cursor:
+                    cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(current.schema)))
+            step.detail = "subscription dropped" if dropped else "no subscription"
+        with reporter.step(current.steps()[1]) as step:
+            with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                                   ([current.schema, current.fenced_schema],))
+                    present = {row[0] for row in cursor.fetchall()}
+                    restored = current.fenced_schema in present and current.schema not in present
+                    if restored:
+                        cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                            sql.Identifier(current.fenced_schema), sql.Identifier(current.schema)))
+                removed = drop_publication_and_slot(connection, current.slot)
+            step.detail = ("un-fenced; " if restored else "") + removed
+        with reporter.step(current.steps()[2]):
+            journal.finish(current.move_id, ABORTED, error=f"aborted by {_who()}")
+        return journal.get(current.move_id)
+    finally:
+        directory.close()
+
+
+def list_moves(fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:
+    """Recent moves, newest first; unfinished ones with the WAL their slot holds back."""
+    with directory_session(fleet) as directory:
+        records = Journal(directory).recent(limit, shard)
+    for record in records:
+        if record.status != ACTIVE or record.source not in fleet.model.postgres.clusters:
+            continue
+        try:
+            with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
+                                    purpose="shards") as connection:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                                   "FROM pg_replication_slots WHERE slot_name = %s", (record.slot,))
+                    row = cursor.fetchone()
+                    record.retained_wal_bytes = row[0] if row else None
+        except IgopsError:
+            record.retained_wal_bytes = None
+    return records
+
+
+# --- rebalancing ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedMove:
+    shard: int
+    source: str
+    target: str
+    bytes: int
+
+
+@dataclass
+class RebalancePlan:
+    by: str
+    before: dict[str, int]  # cluster -> shards or bytes
+    after: dict[str, int]
+    moves: list[PlannedMove]
+
+    def steps(self) -> list[str]:
+        unit = (lambda value: f"{value} shards") if self.by == "shards" else human_bytes
+        steps = [f"move shard {move.shard} ({human_bytes(move.bytes)}) from {move.source} to {move.target}"
+                 for move in self.moves]
+        return steps + ["then: " + ", ".join(f"{cluster} {unit(self.before[cluster])} -> {unit(self.after[cluster])}"
+                                              for cluster in self.before)]
+
+
+def plan_rebalance(placement: dict[int, str], clusters: list[str], by: str = "shards",
+                   sizes: dict[int, int] | None = None, max_moves: int | None = None) -> RebalancePlan:
+    """Greedy: while a move from the most to the least loaded cluster narrows the gap between
+    them, make the one that narrows it most (ties: the smaller shard, then the lower id). Each
+    move lowers the sum of squared loads, so this ends; each shard moves at most once."""
+    if by not in ("shards", "bytes"):
+        raise UsageError(f"cannot balance by {by!r}", "use --by shards or --by bytes")
+    sizes = sizes or {}
+    weight = (lambda shard: 1) if by == "shards" else (lambda shard: sizes.get(shard, 0))
+    load = {cluster: 0 for cluster in clusters}
+    members: dict[str, set[int]] = {cluster: set() for cluster in clusters}
+    for shard, cluster in placement.items():
+        load.setdefault(cluster, 0)
+        members.setdefault(cluster, set()).add(shard)
+        load[cluster] += weight(shard)
+    before = dict(load)
+    moves: list[PlannedMove] = []
+    moved: set[int] = set()
+    while clusters and (max_moves is None or len(moves) < max_moves):
+        busiest = max(clusters, key=lambda cluster: (load[cluster], cluster))
+        idlest = min(clusters, key=lambda cluster: (load[cluster], cluster))
+        gap = load[busiest] - load[idlest]
+        best = None
+        for shard in members[busiest] - moved:
+            amount = weight(shard)
+            narrowed = abs((load[busiest] - amount) - (load[idlest] + amount))
+            if amount > 0 and narrowed < gap:
+                key = (narrowed, sizes.get(shard, 0), shard)
+                if best is None or key < best[0]:
+                    best = (key, shard, amount)
+        if best is None:
+            break
+        _, shard, amount = best
+        members[busiest].discard(shard)
+        members[idlest].add(shard)
+        load[busiest] -= amount
+        load[idlest] += amount
+        moved.add(shard)
+        moves.append(PlannedMove(shard, busiest, idlest, sizes.get(shard, 0)))
+    return RebalancePlan(by, before, dict(load), moves)
+
+
+def rebalance_plan_for(fleet, by: str = "shards", max_moves: int | None = None) -> RebalancePlan:
+    with directory_session(fleet) as directory:
+        active = Journal(directory).active()
+    if active:
+        raise RefusedError("unfinished moves: " + ", ".join(f"{record.id} (shard {record.logical_shard})"
+                                                            for record in active),
+                           "finish them with --resume or --abort before rebalancing")
+    current = read_map(fleet, sizes=True)
+    unreachable = [load.cluster for load in current.clusters if load.bytes is None]
+    if unreachable:
+        raise IgopsError(f"cannot measure {', '.join(unreachable)}", "every cluster must answer to plan a rebalance")
+    return plan_rebalance(current.placement(), list(fleet.model.postgres.clusters), by, current.sizes(), max_moves)
+
+
+@dataclass
+class RebalanceResult:
+    planned: int
+    results: list[MoveResult]
+    failed: str | None
+
+
+def run_rebalance(fleet, plan: RebalancePlan, reporter: Reporter | None = None,
+                  lock: Callable[[int], Any] | None = None) -> RebalanceResult:
+    """The planned moves one at a time with the move code itself; stops at the first failure.
+    `lock(shard)` is a context manager the caller uses to fence each shard locally."""
+    from contextlib import nullcontext
+
+    reporter = reporter or Reporter()
+    results: list[MoveResult] = []
+    for number, move in enumerate(plan.moves, 1):
+        reporter.log(f"rebalance {number}/{len(plan.moves)}: shard {move.shard} {move.source} -> {move.target}")
+        try:
+            with (lock(move.shard) if lock else nullcontext()):
+                move_plan = plan_move(fleet, move.shard, move.target)
+                results.append(start_move(fleet, move_plan, reporter))
+        except IgopsError as exc:
+            return RebalanceResult(len(plan.moves), results, f"shard {move.shard}: {exc.one_line()}")
+    return RebalanceResult(len(plan.moves), results, None)

@@ -1,0 +1,335 @@
+"""`igops shard`: Instagram ids, the logical shard map, and online shard moves."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from enum import Enum
+from typing import List, Optional
+
+import typer
+
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.errors import ExitCode, UsageError
+
+app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
+                       "between clusters online, verify copies, rebalance.", no_args_is_help=True)
+id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
+                          "shard, 10 of sequence.", no_args_is_help=True)
+app.add_typer(id_app, name="id")
+
+
+class Balance(str, Enum):
+    shards = "shards"
+    bytes = "bytes"
+
+
+class PausePoint(str, Enum):
+    planned = "planned"
+    target_ready = "target_ready"
+    published = "published"
+    subscribed = "subscribed"
+    copied = "copied"
+    caught_up = "caught_up"
+    verified = "verified"
+    locked = "locked"
+    fenced = "fenced"
+    switched = "switched"
+
+
+def _bytes(value) -> str:
+    from igops.shards import human_bytes
+
+    return human_bytes(value)
+
+
+def _ms(value) -> str | None:
+    return None if value is None else f"{value:.0f} ms"
+
+
+# --- ids --------------------------------------------------------------------------------------
+@id_app.command("decode")
+def id_decode(
+    ctx: typer.Context,
+    ids: List[int] = typer.Argument(..., metavar="ID...", help="One or more ids."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Time (UTC), logical shard and sequence of each id."""
+    from igops import shards
+
+    with command(ctx, "shard id decode", json_flag) as out:
+        decoded = [shards.decode_id(value) for value in ids]
+        out.table(None, ["id", "time (UTC)", "shard", "sequence"],
+                  [[item.id, item.time, item.shard, item.sequence] for item in decoded])
+        out.finish({"ids": decoded})
+
+
+@id_app.command("encode")
+def id_encode(
+    ctx: typer.Context,
+    time_text: str = typer.Option(..., "--time", "-t", metavar="T",
+                                  help="ISO 8601 (no zone means UTC) or Unix milliseconds."),
+    shard: int = typer.Option(..., "--shard", "-s", help="Logical shard, 0..8191."),
+    sequence: int = typer.Option(0, "--seq", "-n", help="Sequence, 0..1023 (next_id() keeps nextval % 1024)."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """The id that a shard's next_id() returns at time T with sequence N."""
+    from igops import shards
+
+    with command(ctx, "shard id encode", json_flag) as out:
+        value = shards.encode_id(shards.parse_time(time_text), shard, sequence)
+        decoded = shards.decode_id(value)
+        out.text(str(value))
+        out.finish(decoded)
+
+
+# --- the map ----------------------------------------------------------------------------------
+@app.command("map")
+def show_map(
+    ctx: typer.Context,
+    every_shard: bool = typer.Option(False, "--shards", help="Also list every shard with its bytes."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Logical -> physical: the map's version, and shards and bytes per cluster."""
+    from igops import shards
+
+    with command(ctx, "shard map", json_flag) as out:
+        fleet = load_fleet(ctx)
+        current = shards.read_map(fleet)
+        out.table(f"shard map version {current.version} (updated {current.updated_at})",
+                  ["cluster", "primary", "pgbouncer db", "shards", "logical shards", "bytes", "problem"],
+                  [[load.cluster, load.primary, load.pgbouncer_database, len(load.shards),
+                    shards.shard_ranges(load.shards), _bytes(load.bytes) if load.bytes is not None else None,
+                    load.error] for load in current.clusters])
+        missing = [item for item in current.shards if item.present is False]
+        if every_shard:
+            out.table(None, ["shard", "schema", "cluster", "bytes"],
+                      [[item.shard, item.schema, item.cluster, _bytes(item.bytes) if item.present else "MISSING"]
+                       for item in current.shards])
+        if missing:
+            out.text(f"{len(missing)} shards have no schema where the map places them: "
+                     + ", ".join(f"{item.schema} on {item.cluster}" for item in missing))
+        problems = missing or any(load.error for load in current.clusters)
+        code = ExitCode.PARTIAL if problems else ExitCode.OK
+        out.finish(current, code)
+        exit_with(code)
+
+
+@app.command("init")
+def init(
+    ctx: typer.Context,
+    count: Optional[int] = typer.Option(None, "--count", min=1, max=8192,
+                                        help="Logical shards (default: [shards] count in the inventory)."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Create the directory and every logical shard's schema (tables, sequence, next_id()) on the
+    cluster the map assigns it; seed an even map if there is none. Idempotent."""
+    from igops import shards
+
+    with command(ctx, "shard init", json_flag) as out:
+        fleet = load_fleet(ctx)
+        with out.step("read the clusters and the directory"):
+            plan = shards.plan_init(fleet, count)
+        report = mutate(out, fleet, operation="shard-init", target="all", targets=list(fleet.model.postgres.clusters),
+                        title=f"Initialise {plan.count} logical shards", steps=plan.steps(), dry_run=dry_run, yes=yes,
+                        action=lambda: shards.init_shards(fleet, out, plan.count),
+                        outcome=lambda r: (f"shard map version {r.map_version}", 0))
+        if report is None:
+            out.finish({"dry_run": dry_run, "plan": plan})
+            return
+        out.table(None, ["cluster", "shards", "logical shards"],
+                  [[name, len(ids), shards.shard_ranges(ids)] for name, ids in report.shards_by_cluster.items()])
+        out.finish(report)
+
+
+# --- moves ------------------------------------------------------------------------------------
+def _move_row(result) -> list:
+    return [result.move_id, result.shard, f"{result.source} -> {result.target}", result.status,
+            f"{result.rows_copied:,}" if result.rows_copied is not None else None, _bytes(result.bytes_copied),
+            _ms(result.verify_pause_ms), _ms(result.write_block_ms), result.map_version,
+            f"{result.duration_ms / 1000:.1f} s"]
+
+
+MOVE_COLUMNS = ["move", "shard", "from -> to", "status", "rows", "bytes", "verify pause", "writes blocked",
+                "map version", "time"]
+
+
+@contextmanager
+def _shard_lock(fleet, shard: int):
+    """The local (operation, target) lock of one shard's moves, for moves run by rebalance."""
+    import sys
+
+    from igops import safety
+
+    with safety.lock(fleet.state_dir, "shard-move", f"shard-{shard}",
+                     safety.redact_argv(["igops", *sys.argv[1:]])):
+        yield
+
+
+@app.command("move")
+def move(
+    ctx: typer.Context,
+    shard: Optional[int] = typer.Argument(None, min=0, help="The logical shard to move."),
+    to: Optional[str] = typer.Option(None, "--to", help="The cluster to move it to."),
+    resume: Optional[int] = typer.Option(None, "--resume", metavar="ID", help="Finish an interrupted move."),
+    abort: Optional[int] = typer.Option(None, "--abort", metavar="ID",
+                                        help="Roll back a move that has not switched the map."),
+    pause_after: Optional[PausePoint] = typer.Option(
+        None, "--pause-after", metavar="STEP",
+        help="Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
+             "STEP: " + ", ".join(point.value for point in PausePoint) + "."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Move a shard online: copy by logical replication, catch up, verify, cut over behind a brief
+    write lock, switch the map, fence and drop the old copy. Journaled: see `igops shard moves`."""
+    from igops import shards
+
+    with command(ctx, "shard move", json_flag) as out:
+        chosen = [name for name, value in (("SHARD --to", shard is not None or to is not None),
+                                           ("--resume", resume is not None), ("--abort", abort is not None)) if value]
+        if len(chosen) != 1:
+            raise UsageError("give SHARD --to CLUSTER, or --resume ID, or --abort ID", "exactly one of them")
+        fleet = load_fleet(ctx)
+        pause = pause_after.value if pause_after else None
+        if abort is not None:
+            plan = shards.plan_abort(fleet, abort)
+            record = mutate(out, fleet, operation="shard-move", target=f"shard-{plan.shard}",
+                            targets=[f"shard {plan.shard}", plan.source, plan.target],
+                            title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
+                                  f"at {plan.step})", steps=plan.steps(), dry_run=dry_run, yes=yes,
+                            action=lambda: shards.abort_move(fleet, plan, out),
+                            outcome=lambda r: (f"move {r.id} aborted", 0))
+            if record is None:
+                out.finish({"dry_run": dry_run, "plan": plan})
+                return
+            out.text(f"move {record.id} aborted: shard {record.logical_shard} stays on {record.source}")
+            out.finish(record)
+            return
+        if resume is not None:
+            plan, record = shards.plan_resume(fleet, resume)
+            title = (f"Resume move {record.id} of shard {record.logical_shard} ({record.source} -> {record.target}) "
+                     f"after {record.step}")
+            action = lambda: shards.resume_move(fleet, resume, out, pause)  # noqa: E731
+        else:
+            if to is None or shard is None:
+                raise UsageError("a move needs SHARD and --to CLUSTER")
+            with out.step(f"check shard {shard}, {to} and the way between them"):
+                plan = shards.plan_move(fleet, shard, to)
+            title = f"Move shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target}"
+            action = lambda: shards.start_move(fleet, plan, out, pause)  # noqa: E731
+        result = mutate(out, fleet, operation="shard-move", target=f"shard-{plan.shard}",
+                        targets=[f"shard {plan.shard}", plan.source, plan.target], title=title, steps=plan.steps(),
+                        dry_run=dry_run, yes=yes, action=action,
+                        outcome=lambda r: (f"move {r.move_id} {r.status}, writes blocked {r.write_block_ms} ms", 0))
+        if result is None:
+            out.finish({"dry_run": dry_run, "plan": plan})
+            return
+        out.table(None, MOVE_COLUMNS, [_move_row(result)])
+        out.finish(result)
+
+
+@app.command("moves")
+def moves(
+    ctx: typer.Context,
+    shard: Optional[int] = typer.Option(None, "--shard", min=0, help="Only this shard's moves."),
+    limit: int = typer.Option(20, "--limit", min=1, help="At most this many, newest first."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """The move journal: every move's step, state and timings; unfinished ones first to act on."""
+    from igops import shards
+
+    with command(ctx, "shard moves", json_flag) as out:
+        fleet = load_fleet(ctx)
+        records = shards.list_moves(fleet, limit, shard)
+        out.table(f"{len(records)} shard moves", ["move", "shard", "from -> to", "state", "step", "started (UTC)",
+                                                  "updated", "writes blocked", "map version", "WAL held", "error"],
+                  [[r.id, r.logical_shard, f"{r.source} -> {r.target}", r.state, r.step, r.started_at,
+                    r.updated_at, _ms(r.write_block_ms), r.map_version,
+                    _bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None, r.error]
+                   for r in records])
+        stuck = [r for r in records if r.state in ("interrupted", "failed")]
+        for record in stuck:
+            out.text(f"move {record.id} is {record.state} at {record.step}: igops shard move --resume {record.id} "
+                     f"(or --abort {record.id})")
+        out.finish({"moves": records})
+
+
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    shard: int = typer.Argument(..., min=0, help="The logical shard."),
+    against: Optional[str] = typer.Option(None, "--against", metavar="CLUSTER",
+                                          help="Compare with the copy on this cluster (during a move, both are "
+                                               "read at one point of the stream)."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Per-table row counts and ordered checksums, sequence values and a schema diff: against the
+    shard DDL, or against another copy."""
+    from igops import shards
+
+    with command(ctx, "shard verify", json_flag) as out:
+        fleet = load_fleet(ctx)
+        if against is None:
+            report = shards.verify_in_place(fleet, shard)
+            out.table(f"shard {shard}: {report.copy}", ["table", "rows", "md5"],
+                      [[check.table, check.rows[report.copy], check.checksum[report.copy]] for check in report.tables])
+            out.table(None, ["sequence", "last value"], [[name, value] for name, value in report.sequences.items()])
+        else:
+            with out.step(f"compare shard {shard} with its copy on {against}"):
+                report = shards.verify_against(fleet, shard, against, out)
+            left, right = report.copies
+            out.table(f"shard {shard}: {left} vs {right}" + ("" if report.consistent else " (read as they are)"),
+                      ["table", f"rows {left}", f"rows {right}", "equal", "first difference"],
+                      [[check.table, check.rows[left], check.rows[right], check.equal, check.first_difference]
+                       for check in report.tables])
+            out.table(None, ["copy", "sequences"], [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
+                                                    for copy, seqs in report.sequences.items()])
+        for line in report.schema_diff:
+            out.text(f"schema: {line}")
+        out.text("equal" if report.equal else "DIFFERENT")
+        code = ExitCode.OK if report.equal else ExitCode.FAILED
+        out.finish(report, code)
+        exit_with(code)
+
+
+@app.command("rebalance")
+def rebalance(
+    ctx: typer.Context,
+    by: Balance = typer.Option(Balance.shards, "--by", help="Even out the number of shards or their bytes."),
+    max_moves: Optional[int] = typer.Option(None, "--max-moves", min=1, help="Plan at most this many moves."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Plan the moves that even out the clusters, then run them one at a time (each one a full
+    online move); stops at the first failure."""
+    from igops import shards
+
+    with command(ctx, "shard rebalance", json_flag) as out:
+        fleet = load_fleet(ctx)
+        with out.step(f"measure the clusters and plan by {by.value}"):
+            plan = shards.rebalance_plan_for(fleet, by.value, max_moves)
+        if not plan.moves:
+            out.text("balanced: nothing to move")
+            out.finish({"dry_run": dry_run, "plan": plan})
+            return
+        result = mutate(out, fleet, operation="shard-rebalance", target="all", targets=list(plan.before),
+                        title=f"Rebalance by {by.value}: {len(plan.moves)} moves", steps=plan.steps(),
+                        dry_run=dry_run, yes=yes,
+                        action=lambda: shards.run_rebalance(fleet, plan, out, lambda s: _shard_lock(fleet, s)),
+                        outcome=lambda r: (f"{len(r.results)} of {r.planned} moves done"
+                                           + (f"; {r.failed}" if r.failed else ""),
+                                           0 if not r.failed else int(ExitCode.PARTIAL if r.results
+                                                                      else ExitCode.FAILED)))
+        if result is None:
+            out.finish({"dry_run": dry_run, "plan": plan})
+            return
+        out.table(None, MOVE_COLUMNS, [_move_row(item) for item in result.results])
+        if result.failed:
+            out.text(f"stopped: {result.failed}")
+        code = ExitCode.OK if not result.failed else (ExitCode.PARTIAL if result.results else ExitCode.FAILED)
+        out.finish(result, code)
+        exit_with(code)
