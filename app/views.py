@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -23,6 +24,9 @@ from app.validation import (
 )
 
 DEFAULT_FEED_LIMIT = 20
+# The release directory this worker loaded the code from (releases/<id> under `current`), so a
+# deploy can tell when reloaded workers serve the new release.
+RELEASE = Path(__file__).resolve().parent.parent.name
 
 
 def endpoint(*methods: str, authenticated: bool = False) -> Callable:
@@ -101,7 +105,8 @@ def feed(request: HttpRequest, current: Runtime, user_id: int) -> HttpResponse:
 @endpoint("GET")
 def health(request: HttpRequest, current: Runtime) -> HttpResponse:
     healthy, checks = health_checker(settings.IGOPS_CONFIG).run(current.directory.cached)
-    return JsonResponse({"status": "ok" if healthy else "fail", "checks": checks}, status=200 if healthy else 503)
+    return JsonResponse({"status": "ok" if healthy else "fail", "release": RELEASE, "checks": checks},
+                        status=200 if healthy else 503)
 
 
 @endpoint("GET")

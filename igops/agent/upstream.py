@@ -1,0 +1,193 @@
+"""Take app servers out of an nginx upstream and put them back: mark `server` lines `down`.
+
+Usage: upstream.py FILE TEST_COMMAND RELOAD_COMMAND DRAIN_SECONDS; then on stdin (after the
+program) one request per line, {"down": ["addr:port", ...], "up": [...], "note": "..."}, each
+answered by one line, until EOF. Both lists empty = only report.
+
+A server taken out by igops carries the comment `# igops-drained: NOTE` on its line, so igops
+(even a later run, after this one was killed) knows which servers it drained, and never puts
+back a server that someone else marked down. The new file replaces the old one by rename; if
+the configuration test or the reload fails, the old file is put back. Every change request
+reloads, even one the file already reflects. After the reload this waits until every worker
+that ran the old configuration has stopped accepting requests (nginx renames it "worker
+process is shutting down"), then up to DRAIN_SECONDS for those workers to finish their
+requests and exit.
+Answers are JSON objects; a failed request is answered {"error": ...}.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+SERVER_LINE = re.compile(r"^(?P<indent>\s*)server\s+(?P<address>\S+)(?P<params>[^;#]*);(?P<rest>.*)$")
+MARKER = "# igops-drained:"
+WORKER_TITLE = b"nginx: worker process"
+SHUTTING_DOWN = b"is shutting down"
+RELOAD_APPLIED_SECONDS = 10
+
+
+class Refused(Exception):
+    pass
+
+
+def emit(document):
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def parse_line(line):
+    match = SERVER_LINE.match(line)
+    if not match:
+        return None
+    params = match.group("params").split()
+    rest = match.group("rest")
+    note = rest.split(MARKER, 1)[1].strip() if MARKER in rest else None
+    return {"address": match.group("address"), "indent": match.group("indent"), "params": params,
+            "down": "down" in params, "igops": note is not None, "note": note}
+
+
+def render_line(server):
+    params = [param for param in server["params"] if param != "down"]
+    if server["down"]:
+        params.append("down")
+    line = f"{server['indent']}server {server['address']}{''.join(' ' + param for param in params)};"
+    if server["down"] and server["igops"]:
+        line += f"  {MARKER} {server['note']}"
+    return line
+
+
+def apply(text, down, up, note):
+    """The new file text and the servers as they are in it."""
+    lines = text.splitlines()
+    servers = []
+    seen = set()
+    for index, line in enumerate(lines):
+        server = parse_line(line)
+        if server is None:
+            continue
+        address = server["address"]
+        seen.add(address)
+        if address in down and not server["down"]:
+            server.update(down=True, igops=True, note=note)
+            lines[index] = render_line(server)
+        elif address in up and server["down"] and server["igops"]:
+            server.update(down=False, igops=False, note=None)
+            lines[index] = render_line(server)
+        servers.append({key: server[key] for key in ("address", "down", "igops", "note")})
+    missing = sorted((set(down) | set(up)) - seen)
+    if missing:
+        raise Refused(f"not in the upstream file: {', '.join(missing)}")
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else ""), servers
+
+
+def replace_file(path, text):
+    info = os.stat(path)
+    temporary = f"{path}.igops-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(temporary, info.st_mode & 0o7777)
+    os.chown(temporary, info.st_uid, info.st_gid)
+    os.rename(temporary, path)
+
+
+def run_shell(command):
+    done = subprocess.run(["sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    return done.returncode, (done.stderr + done.stdout).strip()[-600:]
+
+
+def workers():
+    """pid -> (master pid, whether that nginx worker still accepts requests)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                title = handle.read()
+            if not title.startswith(WORKER_TITLE):
+                continue
+            with open(f"/proc/{name}/stat") as handle:
+                master = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        found[int(name)] = (master, SHUTTING_DOWN not in title)
+    return found
+
+
+def reload_and_wait(reload_command, drain_seconds):
+    """Reload, then wait until the reloaded master's old workers stop accepting. Other nginx
+    instances on the host keep their workers, so the reloaded one is whichever master's old
+    workers all changed."""
+    by_master = {}
+    for pid, (master, accepting) in workers().items():
+        if accepting:
+            by_master.setdefault(master, set()).add(pid)
+    code, output = run_shell(reload_command)
+    if code != 0:
+        raise Refused(f"reload failed (exit {code}): {output}")
+    started = time.monotonic()
+    while True:
+        now = workers()
+        reloaded = [old for old in by_master.values()
+                    if not any(now.get(pid, (None, False))[1] for pid in old)]
+        if reloaded or not by_master:
+            break
+        if time.monotonic() - started > RELOAD_APPLIED_SECONDS:
+            raise Refused(f"nginx did not apply the new configuration within {RELOAD_APPLIED_SECONDS} s "
+                          "(its old workers still accept requests); see its error log")
+        time.sleep(0.02)
+    applied_ms = (time.monotonic() - started) * 1000
+    old = set().union(*reloaded) if reloaded else set()
+    while any(pid in workers() for pid in old) and time.monotonic() - started < drain_seconds:
+        time.sleep(0.05)
+    lingering = sorted(pid for pid in workers() if pid in old)
+    return round(applied_ms, 1), lingering
+
+
+def handle(path, test_command, reload_command, drain_seconds, request):
+    down, up = set(request.get("down", [])), set(request.get("up", []))
+    if down & up:
+        raise Refused(f"asked to take out and put back the same servers: {', '.join(sorted(down & up))}")
+    with open(path) as handle:
+        old_text = handle.read()
+    new_text, servers = apply(old_text, down, up, request.get("note") or "igops")
+    result = {"servers": servers, "changed": new_text != old_text, "applied_ms": None, "lingering": []}
+    if down or up:
+        # Reloaded even when the file already says so: a run killed between writing the
+        # file and reloading left nginx on the old configuration.
+        if result["changed"]:
+            replace_file(path, new_text)
+        code, output = run_shell(test_command)
+        if code != 0:
+            replace_file(path, old_text)
+            raise Refused(f"configuration test failed, upstream file restored (exit {code}): {output}")
+        try:
+            result["applied_ms"], result["lingering"] = reload_and_wait(reload_command, drain_seconds)
+        except Refused:
+            replace_file(path, old_text)
+            raise
+    return result
+
+
+def main():
+    if len(sys.argv) != 5:
+        emit({"error": "usage: upstream.py FILE TEST_COMMAND RELOAD_COMMAND DRAIN_SECONDS"})
+        sys.exit(2)
+    path, test_command, reload_command, drain_seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    for line in sys.stdin.buffer:
+        try:
+            emit(handle(path, test_command, reload_command, drain_seconds, json.loads(line)))
+        except Refused as exc:
+            emit({"error": str(exc)})
+        except (OSError, ValueError, AttributeError, subprocess.TimeoutExpired) as exc:
+            emit({"error": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""`igops deploy`: rolling, health-gated deploys of the app, rollbacks, and the fleet's releases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.errors import ExitCode
+
+
+class DeployGroup(TyperGroup):
+    """`igops deploy [REV] …` runs `igops deploy run [REV] …`; the other subcommands keep their names."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
+                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.")
+
+BATCH_OPTION = typer.Option("1,25%", "--batch", "-b",
+                            help="Batch sizes, hosts or percentages; the last repeats (Ansible's serial).")
+MAX_FAIL_OPTION = typer.Option(0, "--max-fail", min=0,
+                               help="Hosts that may fail before the rollout stops and the batch is switched back.")
+HEALTH_TIMEOUT_OPTION = typer.Option(30.0, "--health-timeout", min=1,
+                                     help="Seconds a switched host has to pass its health gate.")
+HEALTH_PASSES_OPTION = typer.Option(3, "--health-passes", min=1, max=50,
+                                    help="Consecutive passing /health answers that open the gate.")
+PARALLEL_OPTION = typer.Option(None, "--parallel", "-p", min=1,
+                               help="At most N hosts at once for uploads and switches (default: [ssh] parallel).")
+
+HOST_COLUMNS = ["host", "result", "release", "before", "in LB", "batch", "detail"]
+
+
+def _gate(fleet, passes: int, timeout: float):
+    from igops.deploy import HealthGate
+
+    return HealthGate(fleet.model.app.health_path, fleet.model.app.port, passes, timeout)
+
+
+def _host_rows(result) -> list[list]:
+    return [[h.host, h.state, h.release or "UNKNOWN", h.before, h.in_lb, h.batch, h.detail] for h in result.hosts]
+
+
+def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes = b"") -> None:
+    from igops import deploy
+
+    if plan.nothing_to_do:
+        out.log(f"nothing to do: every reachable app host is on {plan.target}")
+        out.table(None, ["host", "state", "release", "detail"],
+                  [[h.host, h.action, h.current, h.detail] for h in plan.hosts])
+        code = ExitCode.OK if all(h.action == deploy.ALREADY for h in plan.hosts) else ExitCode.PARTIAL
+        out.finish({"dry_run": dry_run, "plan": plan}, code)
+        exit_with(code)
+        return
+    try:
+        result = mutate(out, app.fleet, operation="deploy", target=plan.fleet,
+                        targets=[h.host for h in plan.roll()], title=title, steps=plan.steps(),
+                        dry_run=dry_run, yes=yes, action=lambda: deploy.execute(app, plan, out, tarball),
+                        outcome=lambda r: (r.summary(), 0))
+    except deploy.RolloutFailed as failed:
+        out.table(None, HOST_COLUMNS, _host_rows(failed.result))
+        raise
+    if result is None:
+        out.finish({"dry_run": dry_run, "plan": plan})
+        return
+    out.table(None, HOST_COLUMNS, _host_rows(result))
+    out.text(result.summary())
+    out.finish(result)
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    rev: Optional[str] = typer.Argument(None, metavar="REV",
+                                        help="A git revision of the app (default: the working tree)."),
+    source: Path = typer.Option(Path("app"), "--source", "-s",
+                                help="The app package directory (with REV: its path in the git work tree)."),
+    batch: str = BATCH_OPTION,
+    max_fail: int = MAX_FAIL_OPTION,
+    health_timeout: float = HEALTH_TIMEOUT_OPTION,
+    health_passes: int = HEALTH_PASSES_OPTION,
+    parallel: Optional[int] = PARALLEL_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Build a release once, stage it on every app server, then switch batch by batch:
+    out of nginx, switch `current`, reload gunicorn, health gate, back in."""
+    from igops import deploy
+
+    with command(ctx, "deploy", json_flag) as out:
+        fleet = load_fleet(ctx)
+        deploy.parse_batches(batch)
+        where = f"at git {rev} ({source}/)" if rev else f"from the working tree {source}/"
+        with out.step(f"read the app {where}") as step:
+            tree = deploy.read_source(source, rev)
+            step.detail = f"{len(tree.files)} files, content {deploy.content_hash(tree.files)}"
+        with deploy.AppFleet.of(fleet) as app:
+            with out.step("survey the app servers and the load balancer") as step:
+                plan, tarball = deploy.plan_deploy(app, tree, batch, max_fail,
+                                                   _gate(fleet, health_passes, health_timeout), parallel)
+                step.detail = f"release {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+            _roll(out, app, plan, dry_run, yes,
+                  f"Deploy release {plan.target} ({plan.target_description}) to {len(plan.roll())} app hosts "
+                  f"of {plan.fleet}, batches {batch}", tarball)
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context,
+    to: Optional[str] = typer.Option(None, "--to", help="The release to return to (default: the one the fleet's "
+                                                        "newest release replaced)."),
+    batch: str = BATCH_OPTION,
+    max_fail: int = MAX_FAIL_OPTION,
+    health_timeout: float = HEALTH_TIMEOUT_OPTION,
+    health_passes: int = HEALTH_PASSES_OPTION,
+    parallel: Optional[int] = PARALLEL_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Switch the app servers back to an earlier release, with the same batches and health gates."""
+    from igops import deploy
+
+    with command(ctx, "deploy rollback", json_flag) as out:
+        fleet = load_fleet(ctx)
+        deploy.parse_batches(batch)
+        with deploy.AppFleet.of(fleet) as app:
+            with out.step("survey the app servers and the load balancer") as step:
+                plan = deploy.plan_rollback(app, to, batch, max_fail, _gate(fleet, health_passes, health_timeout),
+                                            parallel)
+                step.detail = f"back to {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+            _roll(out, app, plan, dry_run, yes,
+                  f"Roll back {len(plan.roll())} app hosts of {plan.fleet} to release {plan.target} "
+                  f"({plan.target_description}), batches {batch}")
+
+
+@app.command("releases")
+def releases(
+    ctx: typer.Context,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Per app host: its releases, the current one, the one before it, whether it is in the load
+    balancer; and whether the fleet agrees. Exit 5 when it does not, or a host needs attention."""
+    from igops import deploy
+
+    with command(ctx, "deploy releases", json_flag) as out:
+        fleet = load_fleet(ctx)
+        with deploy.AppFleet.of(fleet) as app:
+            report = deploy.fleet_releases(app)
+        out.table(f"{report.fleet}: app releases", ["host", "current", "previous", "load balancer", "releases"],
+                  [[row.host, row.current if row.reachable else f"UNREACHABLE: {row.error}", row.previous,
+                    row.load_balancer, ", ".join(row.releases)] for row in report.hosts])
+        if report.last_run:
+            last = report.last_run
+            out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
+                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
+        out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
+                 else f"{len(report.problems)} problems: " + "; ".join(report.problems))
+        code = ExitCode.OK if not report.problems else ExitCode.PARTIAL
+        out.finish(report, code)
+        exit_with(code)

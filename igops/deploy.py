@@ -1,0 +1,1217 @@
+"""Rolling deploys of the app: one release built once, staged on every app server in parallel,
+then switched batch by batch behind the load balancer, each host gated on its own /health.
+
+The layout on a host is Capistrano's (releases/<id>, an atomically switched `current`,
+shared/); the work on hosts is done by the `release` and `upstream` agents. The state a rerun
+needs lives where it is true: each host's `current` symlink and revisions.log, and a marker on
+every upstream line igops took out of nginx. So a run that was killed, or that lost a host,
+leaves nothing half-switched, and the next run finds what is left to do and does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import io
+import json
+import os
+import secrets as random_source
+import socket
+import subprocess
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+from igops import __version__, agent, remote
+from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
+from igops.output import Reporter
+
+T = TypeVar("T")
+
+DEFAULT_BATCH = "1,25%"
+# Linked from shared/ into every release when shared/ has them (Capistrano's linked files).
+SHARED_LINKS = ("app.toml", "log")
+MANIFEST = "RELEASE.json"
+HEALTH_INTERVAL_S = 0.2
+HEALTH_HTTP_TIMEOUT_S = 2.0
+DRAIN_TIMEOUT_S = 10.0
+SURVEY_TIMEOUT_S = 30.0
+SWITCH_TIMEOUT_S = 90.0
+SESSION_LIFETIME_S = 6 * 3600.0
+# A new session's first answer also waits for the login and the interpreter's start.
+AGENT_START_S = 30.0
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
+VENV_BUILD_TIMEOUT_S = 900.0
+EXCLUDED_DIRS = {"__pycache__", ".git"}
+EXCLUDED_SUFFIXES = (".pyc", ".pyo")
+
+# Per-host outcomes.
+DEPLOYED = "deployed"
+ALREADY = "already"
+ROLLED_BACK = "rolled back"
+FAILED = "failed"
+UNKNOWN = "unknown"
+NOT_STARTED = "not started"
+SKIPPED = "skipped"
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchSize:
+    """One entry of a batch list, like Ansible's `serial`: a host count or a percentage of
+    all the hosts being rolled."""
+
+    count: int | None = None
+    percent: int | None = None
+
+    def of(self, total: int) -> int:
+        if self.count is not None:
+            return self.count
+        return max(1, total * self.percent // 100)
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.percent}%"
+
+
+def parse_batches(spec: str) -> list[BatchSize]:
+    """"1,25%" -> [1, 25%]. The last size repeats until every host is in a batch."""
+    sizes = []
+    for part in spec.split(","):
+        text = part.strip()
+        try:
+            if text.endswith("%"):
+                percent = int(text[:-1])
+                if not 1 <= percent <= 100:
+                    raise ValueError
+                sizes.append(BatchSize(percent=percent))
+            else:
+                count = int(text)
+                if count < 1:
+                    raise ValueError
+                sizes.append(BatchSize(count=count))
+        except ValueError:
+            raise UsageError(f"bad batch size {text!r} in --batch {spec!r}",
+                             "use host counts and percentages, e.g. --batch 1,25% or --batch 100%") from None
+    return sizes
+
+
+def split_batches(items: Sequence[T], sizes: Sequence[BatchSize]) -> list[list[T]]:
+    batches: list[list[T]] = []
+    position, index = 0, 0
+    while position < len(items):
+        size = sizes[min(index, len(sizes) - 1)].of(len(items))
+        batches.append(list(items[position:position + size]))
+        position += size
+        index += 1
+    return batches
+
+
+# --- the release ---------------------------------------------------------------------------------
+
+@dataclass
+class SourceTree:
+    files: dict[str, tuple[bool, bytes]]  # path under app/ -> (executable, content)
+    revision: str | None  # the full git commit, when built from git
+    description: str
+
+
+@dataclass
+class Release:
+    id: str
+    content: str
+    revision: str | None
+    requirements: str
+    source: str
+    files: int
+    built_at: str
+    sha256: str
+    size: int
+
+
+def requirements_hash(data: bytes) -> str:
+    """The virtualenv key; the lab and the release agent use the same."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def content_hash(files: dict[str, tuple[bool, bytes]]) -> str:
+    """What the release contains, independent of when and how it was built."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.encode() + b"\0" + files[path][1])
+    return digest.hexdigest()[:12]
+
+
+def release_id(now: datetime, tag: str) -> str:
+    return f"{now.astimezone(timezone.utc):%Y%m%d%H%M%S}-{tag}"
+
+
+def read_source(source: Path, revision: str | None) -> SourceTree:
+    """The app's files from the working tree, or from git at `revision`."""
+    source = source.expanduser().resolve()
+    if not source.is_dir():
+        raise UsageError(f"app source {source} is not a directory", "pass --source DIR (the app package)")
+    if revision:
+        return _read_git(source, revision)
+    files: dict[str, tuple[bool, bytes]] = {}
+    for directory, subdirectories, names in os.walk(source):
+        subdirectories[:] = sorted(name for name in subdirectories if name not in EXCLUDED_DIRS)
+        for name in names:
+            path = Path(directory) / name
+            relative = path.relative_to(source).as_posix()
+            if name.endswith(EXCLUDED_SUFFIXES):
+                continue
+            if path.is_symlink() or not path.is_file():
+                raise UsageError(f"{path} is not a regular file", "a release holds regular files only")
+            files[relative] = (os.access(path, os.X_OK), path.read_bytes())
+    if not files:
+        raise UsageError(f"app source {source} is empty")
+    return SourceTree(files, None, f"working tree {source}")
+
+
+def _git(directory: Path, *args: str) -> bytes:
+    try:
+        done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise UsageError("git is not installed", "deploy the working tree (no REV) or install git") from None
+    if done.returncode != 0:
+        raise UsageError(f"git {' '.join(args[:2])} failed: {done.stderr.decode(errors='replace').strip()[:300]}")
+    return done.stdout
+
+
+def _read_git(source: Path, revision: str) -> SourceTree:
+    toplevel = Path(_git(source, "rev-parse", "--show-toplevel").decode().strip())
+    commit = _git(source, "rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
+    prefix = source.relative_to(toplevel).as_posix()
+    archive = _git(toplevel, "archive", "--format=tar", commit, prefix)
+    files: dict[str, tuple[bool, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if member.isdir() or member.name == "pax_global_header":
+                continue
+            relative = member.name[len(prefix) + 1:] if prefix != "." else member.name
+            parts = relative.split("/")
+            if any(part in EXCLUDED_DIRS for part in parts) or relative.endswith(EXCLUDED_SUFFIXES):
+                continue
+            if not member.isfile():
+                raise UsageError(f"{member.name} at {revision} is not a regular file", "a release holds regular files only")
+            files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
+    if not files:
+        raise UsageError(f"{prefix} is empty at {revision}")
+    return SourceTree(files, commit, f"git {revision} ({commit[:12]}) {prefix}/")
+
+
+def package(tree: SourceTree, identifier: str, built_at: datetime | None = None) -> tuple[Release, bytes]:
+    """The release and its tarball (RELEASE.json and app/), made once and sent to every host."""
+    moment = (built_at or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    requirements = requirements_hash(tree.files.get("requirements.txt", (False, b""))[1])
+    content = content_hash(tree.files)
+    manifest = {"id": identifier, "content": content, "revision": tree.revision, "requirements": requirements,
+                "source": tree.description, "built_at": moment, "built_by": _who(), "igops": __version__}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        _add(tar, MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n", False)
+        for path in sorted(tree.files):
+            executable, data = tree.files[path]
+            _add(tar, f"app/{path}", data, executable)
+    data = buffer.getvalue()
+    return Release(identifier, content, tree.revision, requirements, tree.description, len(tree.files), moment,
+                   hashlib.sha256(data).hexdigest(), len(data)), data
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o755 if executable else 0o644
+    info.mtime = int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- agents: one SSH session per host for a whole run ---------------------------------------------
+
+@dataclass
+class AgentAnswer:
+    answer: dict | None
+    error: str | None
+    # False when nothing came back: the request may or may not have been carried out.
+    answered: bool
+
+
+class AgentSession:
+    """One agent process on one host, serving every request of a run over one SSH session: a
+    host costs one login and one interpreter however many batches the run has. Requests are
+    idempotent, so one that got no answer because the session ended is sent once more on a
+    new session; one that timed out is not."""
+
+    def __init__(self, target: remote.Target, settings: remote.SshSettings, program: str, args: list[str]):
+        self.target = target
+        # The session lives as long as the run; the agent also exits when igops goes away.
+        self.settings = dataclasses.replace(settings, command_timeout=SESSION_LIFETIME_S)
+        command, self.prefix = agent.invocation(program, args)
+        # The system's interpreter and tools, whatever a login shell puts first on PATH: the
+        # virtualenvs built here are run by the app's user, who cannot use an interpreter in
+        # root's home directory (pyenv), and reload and test commands behave the same everywhere.
+        self.command = f"PATH={SYSTEM_PATH}; export PATH; exec {command}"
+        self._session: remote.Session | None = None
+        self._lock = threading.Lock()
+
+    def request(self, document: dict, timeout: float, payload: bytes = b"") -> AgentAnswer:
+        line = json.dumps(document).encode() + b"\n" + payload
+        with self._lock:
+            answer, session_ended = self._exchange(line, timeout)
+            if session_ended:
+                answer, _ = self._exchange(line, timeout)
+            return answer
+
+    def _exchange(self, line: bytes, timeout: float) -> tuple[AgentAnswer, bool]:
+        """The answer, and whether the session ended without giving one (worth one more try)."""
+        deadline = timeout
+        if self._session is None:
+            deadline += AGENT_START_S
+            try:
+                self._session = remote.Session(self.target, self.command, self.settings,
+                                               stdin_prefix=self.prefix).__enter__()
+            except IgopsError as exc:
+                return AgentAnswer(None, exc.message.removeprefix(f"{self.target.name}: "), False), False
+            except Exception as exc:  # noqa: BLE001 - connected, but no session: as unreachable
+                return AgentAnswer(None, f"SSH session failed: {exc}", False), False
+        started = time.monotonic()
+        try:
+            self._session.send(line)
+            reply = self._session.read_line(deadline)
+        except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
+            self.close()
+            return AgentAnswer(None, f"SSH session failed: {exc}", False), True
+        if reply is not None:
+            return self._parse(reply), False
+        timed_out = time.monotonic() - started >= deadline
+        ended = self._session.stderr().strip()[-300:] or "the SSH session ended"
+        self.close()
+        if timed_out:
+            return AgentAnswer(None, f"no answer within {deadline:g} s", False), False
+        return AgentAnswer(None, ended, False), True
+
+    @staticmethod
+    def _parse(reply: str) -> AgentAnswer:
+        try:
+            document = json.loads(reply)
+        except ValueError:
+            return AgentAnswer(None, f"unexpected answer: {reply[:200]}", True)
+        if "error" in document:
+            return AgentAnswer(None, document["error"], True)
+        return AgentAnswer(document, None, True)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+            self._session = None
+
+
+# --- the fleet's app servers and load balancers ---------------------------------------------------
+
+@dataclass
+class AppFleet:
+    """The app servers and load balancers of an inventory, and the agent sessions on them
+    (close them when done: `with AppFleet.of(fleet) as app`)."""
+
+    fleet: object
+    hosts: list
+    lbs: list
+    settings: remote.SshSettings
+    agents: dict[str, AgentSession] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, fleet) -> "AppFleet":
+        hosts = fleet.with_role("app")
+        if not hosts:
+            raise UsageError("no host has the 'app' role", f"add roles = [\"app\"] to the app servers in {fleet.source}")
+        return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
+
+    def __enter__(self) -> "AppFleet":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.agents), 64))) as pool:
+            list(pool.map(AgentSession.close, self.agents.values()))
+
+    @property
+    def name(self) -> str:
+        return self.fleet.model.fleet.name
+
+    def host(self, name: str):
+        return self.fleet.host(name)
+
+    def root(self, host) -> str:
+        return self.fleet.path_for(self.fleet.model.app.root, host)
+
+    def reload_command(self, host) -> str:
+        return self.fleet.path_for(self.fleet.model.app.reload_command, host)
+
+    def server(self, host) -> str:
+        """The host as nginx's upstream names it."""
+        return f"{host.address}:{self.fleet.model.app.port}"
+
+    def release_agent(self, host) -> AgentSession:
+        return self._agent(host, "release", ["serve", self.root(host)])
+
+    def upstream_agent(self, host) -> AgentSession:
+        lb = self.fleet.model.lb
+        path = self.fleet.path_for
+        return self._agent(host, "upstream", [path(lb.upstream_file, host), path(lb.test_command, host),
+                                              path(lb.reload_command, host), f"{DRAIN_TIMEOUT_S:g}"])
+
+    def _agent(self, host, program: str, args: list[str]) -> AgentSession:
+        key = f"{program}@{host.name}"
+        if key not in self.agents:
+            [target] = remote.targets_for(self.fleet, [host])
+            self.agents[key] = AgentSession(target, self.settings, program, args)
+        return self.agents[key]
+
+    def request_each(self, agents: dict[str, tuple[AgentSession, dict, bytes]], timeout: float,
+                     parallel: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, AgentAnswer]:
+        """name -> its agent's answer to its request, at most `parallel` hosts at once."""
+        if not agents:
+            return {}
+        workers = max(1, min(parallel or self.settings.parallel, len(agents)))
+
+        def one(item) -> tuple[str, AgentAnswer]:
+            name, (session, document, payload) = item
+            answer = session.request(document, timeout, payload)
+            if on_done:
+                on_done()
+            return name, answer
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deploy") as pool:
+            return dict(pool.map(one, agents.items()))
+
+
+@dataclass
+class HostReleases:
+    host: str
+    address: str
+    root: str
+    reachable: bool
+    error: str | None = None
+    current: str | None = None
+    previous: str | None = None
+    releases: list[dict] = field(default_factory=list)
+    venvs: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+    def has(self, release: str) -> bool:
+        return any(item["id"] == release for item in self.releases)
+
+    def release_info(self, release: str | None) -> dict | None:
+        return next((item for item in self.releases if item["id"] == release), None)
+
+
+def survey_hosts(app: AppFleet, parallel: int | None = None) -> dict[str, HostReleases]:
+    answers = app.request_each({host.name: (app.release_agent(host), {"op": "survey"}, b"") for host in app.hosts},
+                               SURVEY_TIMEOUT_S, parallel)
+    found = {}
+    for host in app.hosts:
+        answer, error = answers[host.name].answer, answers[host.name].error
+        if answer is None:
+            found[host.name] = HostReleases(host.name, str(host.address), app.root(host), False, error)
+        else:
+            found[host.name] = HostReleases(host.name, str(host.address), app.root(host), True, None,
+                                            answer["current"], answer["previous"], answer["releases"],
+                                            answer["venvs"], answer["history"])
+    return found
+
+
+@dataclass
+class LbServer:
+    lb: str
+    server: str
+    down: bool
+    igops: bool
+    note: str | None
+
+
+@dataclass
+class LbState:
+    servers: list[LbServer] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def drained_by_igops(self, server: str) -> bool:
+        return any(item.server == server and item.down and item.igops for item in self.servers)
+
+    def drained_by_others(self, server: str) -> bool:
+        return any(item.server == server and item.down and not item.igops for item in self.servers)
+
+    def describe(self, server: str) -> str:
+        entries = [item for item in self.servers if item.server == server]
+        if not entries:
+            return "unknown" if self.errors else "no load balancer"
+        if any(item.down and not item.igops for item in entries):
+            return "drained (by someone else)"
+        if any(item.down for item in entries):
+            note = next(item.note for item in entries if item.down)
+            return f"drained by igops ({note})"
+        return "in"
+
+
+class LoadBalancers:
+    """Every nginx with the `lb` role, changed together through the upstream agent."""
+
+    def __init__(self, app: AppFleet, note: str):
+        self.app = app
+        self.note = note
+
+    def change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> LbState:
+        """Apply, and return the servers as every LB now has them. Raises RemoteError naming the
+        LBs where it failed."""
+        request = {"down": sorted(down), "up": sorted(up), "note": self.note}
+        answers = self.app.request_each({host.name: (self.app.upstream_agent(host), request, b"")
+                                         for host in self.app.lbs}, LB_TIMEOUT_S)
+        state = LbState()
+        for host in self.app.lbs:
+            answer, error = answers[host.name].answer, answers[host.name].error
+            if answer is None:
+                state.errors[host.name] = error
+                continue
+            state.servers += [LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
+                              for item in answer["servers"]]
+        if state.errors and (down or up):
+            raise RemoteError("load balancer change failed: " + "; ".join(f"{name}: {error}"
+                                                                          for name, error in state.errors.items()))
+        return state
+
+    def read(self) -> LbState:
+        return self.change()
+
+
+# --- the health gate -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HealthGate:
+    path: str
+    port: int
+    passes: int
+    timeout: float
+    interval: float = HEALTH_INTERVAL_S
+    # Releases igops built serve an app that names its release in /health; a release from
+    # elsewhere may not, and is then gated on health alone.
+    require_release: bool = True
+
+    def describe(self) -> str:
+        return f"{self.passes} passes of {self.path} in a row within {self.timeout:g} s"
+
+
+@dataclass
+class GateResult:
+    ok: bool
+    detail: str
+    ms: float
+
+
+def probe(address: str, port: int, path: str, release: str, require_release: bool = True,
+          timeout: float = HEALTH_HTTP_TIMEOUT_S) -> tuple[bool, str]:
+    """One /health request: (passed, what was seen)."""
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        body = response.read()
+    except ConnectionRefusedError:
+        return False, f"{address}:{port} refused the connection (is gunicorn running?)"
+    except (socket.timeout, TimeoutError):
+        return False, f"{path} did not answer within {timeout:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{path}: {type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = {}
+    served = document.get("release") if isinstance(document, dict) else None
+    if response.status != 200:
+        failing = [f"{name}: {check.get('error', 'failed')}" for name, check in (document.get("checks") or {}).items()
+                   if isinstance(check, dict) and not check.get("ok")] if isinstance(document, dict) else []
+        return False, (f"{path} answered {response.status}" + (f" (release {served})" if served else "")
+                       + (": " + "; ".join(failing)[:300] if failing else ""))
+    if served is None:
+        if require_release:
+            return False, f"{path} does not say which release it serves (the app must put `release` in it)"
+        return True, "ok, but the app does not say which release it serves"
+    if served != release:
+        return False, f"still serving release {served}"
+    return True, "ok"
+
+
+def wait_healthy(address: str, gate: HealthGate, release: str) -> GateResult:
+    started = time.monotonic()
+    streak, last = 0, "no answer yet"
+    while True:
+        ok, seen = probe(address, gate.port, gate.path, release, gate.require_release)
+        elapsed = time.monotonic() - started
+        if ok:
+            streak += 1
+            if streak >= gate.passes:
+                caveat = "" if seen == "ok" else f" ({seen}: not verified)"
+                return GateResult(True, f"healthy on {release} in {elapsed:.1f} s{caveat}", round(elapsed * 1000, 1))
+        else:
+            streak, last = 0, seen
+        if elapsed > gate.timeout:
+            return GateResult(False, f"{last} (gate: {gate.describe()})", round(elapsed * 1000, 1))
+        time.sleep(gate.interval)
+
+
+# --- plans ---------------------------------------------------------------------------------------
+
+@dataclass
+class HostPlan:
+    host: str
+    action: str  # "roll", ALREADY, SKIPPED, FAILED (unreachable)
+    current: str | None
+    in_lb: bool | None = None  # None: no load balancer, or it does not list the host
+    upload: bool = False
+    venv: str | None = None  # "reuse" / "build"
+    detail: str | None = None
+
+
+@dataclass
+class RolloutPlan:
+    kind: str  # "deploy" or "rollback"
+    deploy_id: str
+    fleet: str
+    target: str
+    target_description: str
+    hosts: list[HostPlan]
+    batches: list[list[str]]
+    batch_spec: str
+    max_fail: int
+    gate: HealthGate
+    lbs: list[str]
+    parallel: int
+    keep: int
+    pagerduty: bool
+    release: Release | None = None
+
+    def roll(self) -> list[HostPlan]:
+        return [host for host in self.hosts if host.action == "roll"]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.roll()
+
+    def steps(self) -> list[str]:
+        steps: list[str] = []
+        uploads = [host.host for host in self.roll() if host.upload]
+        if self.release is not None and uploads:
+            builds = [host.host for host in self.roll() if host.upload and host.venv == "build"]
+            steps.append(
+                f"upload release {self.target} ({self.release.size // 1024} KiB, sha256 {self.release.sha256[:12]}…) "
+                f"to {_names(uploads)} ({self.parallel} at a time); verify, unpack into releases/{self.target}, "
+                f"link shared {', '.join(SHARED_LINKS)}; virtualenv {self.release.requirements}: "
+                + (f"BUILD (pip install) on {_names(builds)}" if builds else "reuse"))
+        staged = [host.host for host in self.roll() if not host.upload]
+        if staged:
+            steps.append(f"release {self.target} is already on {_names(staged)}")
+        lb = f"nginx on {', '.join(self.lbs)}" if self.lbs else None
+        for number, batch in enumerate(self.batches, 1):
+            parts = [f"batch {number}/{len(self.batches)}: {', '.join(batch)}"]
+            if lb:
+                parts.append(f"mark down in {lb} (config test, reload, old workers done)")
+            parts.append(f"switch current to {self.target}, reload gunicorn")
+            parts.append(f"gate: {self.gate.describe()} serving {self.target}")
+            if lb:
+                parts.append("put back")
+            steps.append(" — ".join(parts))
+        steps.append(f"stop at the first batch that takes the failures past {self.max_fail} "
+                     f"(--max-fail {self.max_fail}) and switch that batch back; later batches keep their release")
+        if self.kind == "deploy":
+            steps.append(f"keep {self.keep} releases per host (never the current one or the one it replaced)")
+        if self.pagerduty:
+            steps.append(f"PagerDuty change event for the {self.kind}")
+        for host in self.hosts:
+            if host.action != "roll":
+                steps.append(f"{host.host}: {host.action} — {host.detail}")
+        if not self.lbs:
+            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a load balancer")
+        return steps
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])} and {len(names) - 5} more"
+
+
+def _new_deploy_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{random_source.token_hex(2)}"
+
+
+def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, target: str,
+                max_fail: int) -> list[HostPlan]:
+    plans = []
+    unreachable = []
+    for host in app.hosts:
+        found = surveys[host.name]
+        server = app.server(host)
+        listed = any(item.server == server for item in lb.servers)
+        in_lb = (not lb.drained_by_igops(server) and not lb.drained_by_others(server)) if listed else None
+        if not found.reachable:
+            plans.append(HostPlan(host.name, FAILED, None, in_lb, detail=f"unreachable: {found.error}"))
+            unreachable.append(f"{host.name} ({found.error})")
+        elif lb.drained_by_others(server):
+            plans.append(HostPlan(host.name, SKIPPED, found.current, in_lb,
+                                  detail="taken out of the load balancer by someone else: left alone"))
+        elif found.current == target and not lb.drained_by_igops(server):
+            plans.append(HostPlan(host.name, ALREADY, found.current, in_lb, detail=f"already on {target}"))
+        else:
+            plans.append(HostPlan(host.name, "roll", found.current, in_lb, upload=not found.has(target),
+                                  detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None)))
+    if len(unreachable) > max_fail:
+        raise RefusedError(f"{len(unreachable)} app hosts unreachable: {'; '.join(unreachable)}; nothing was changed",
+                           f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
+    return plans
+
+
+def survey(app: AppFleet, parallel: int | None = None) -> tuple[dict[str, HostReleases], LbState]:
+    """The app servers' releases and the load balancers' servers, asked at the same time."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb") as pool:
+        lb = pool.submit(LoadBalancers(app, "survey").read)
+        return survey_hosts(app, parallel), lb.result()
+
+
+def _survey_for_change(app: AppFleet, parallel: int | None) -> tuple[dict[str, HostReleases], LbState]:
+    surveys, lb = survey(app, parallel)
+    if lb.errors:
+        raise RemoteError("cannot read the load balancer: " + "; ".join(f"{n}: {e}" for n, e in lb.errors.items()),
+                          "nothing was changed; igops never switches a host it cannot take out of traffic")
+    return surveys, lb
+
+
+def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate: HealthGate,
+                parallel: int | None = None, now: datetime | None = None) -> tuple[RolloutPlan, bytes]:
+    """Survey the app servers and the load balancer, and decide what a deploy of `tree` does.
+    A release with the same content that is already on a host keeps its id, so a rerun
+    continues the same release instead of making another."""
+    sizes = parse_batches(batch)
+    fleet = app.fleet
+    deploy_id = _new_deploy_id()
+    surveys, lb = _survey_for_change(app, parallel)
+    content = content_hash(tree.files)
+    identifier = _existing_release(surveys, content) or release_id(
+        now or datetime.now(timezone.utc), tree.revision[:7] if tree.revision else content[:7])
+    release, tarball = package(tree, identifier)
+    hosts = _host_plans(app, surveys, lb, identifier, max_fail)
+    for host in hosts:
+        if host.action == "roll":
+            host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
+    rolling = [host.host for host in hosts if host.action == "roll"]
+    plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
+                       hosts, split_batches(rolling, sizes), batch, max_fail, gate, [h.name for h in app.lbs],
+                       parallel or app.settings.parallel, fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None,
+                       release)
+    return plan, tarball
+
+
+def _existing_release(surveys: dict[str, HostReleases], content: str) -> str | None:
+    """The id of a release with this content already on some host: the one most hosts run, else
+    the newest."""
+    candidates: dict[str, int] = {}
+    for found in surveys.values():
+        for item in found.releases:
+            if item.get("content") == content:
+                candidates[item["id"]] = candidates.get(item["id"], 0) + (found.current == item["id"])
+    if not candidates:
+        return None
+    return max(candidates, key=lambda name: (candidates[name], name))
+
+
+def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate: HealthGate,
+                  parallel: int | None = None) -> RolloutPlan:
+    """To `to`, or to the release the fleet's newest release replaced."""
+    sizes = parse_batches(batch)
+    fleet = app.fleet
+    deploy_id = _new_deploy_id()
+    surveys, lb = _survey_for_change(app, parallel)
+    reachable = [found for found in surveys.values() if found.reachable]
+    if to is None:
+        newest = max((found.current for found in reachable if found.current), default=None)
+        if newest is None:
+            raise RefusedError("no app host has a current release", "nothing to roll back")
+        previous = {found.previous for found in reachable if found.current == newest}
+        if len(previous) != 1 or None in previous:
+            shown = ", ".join(f"{f.host}: {f.previous or 'none'}" for f in reachable if f.current == newest)
+            raise RefusedError(f"the hosts on {newest} do not agree on the release before it ({shown})",
+                               "choose one with --to RELEASE (see `igops deploy releases`)")
+        to = previous.pop()
+        description = f"the release before {newest}"
+    else:
+        description = "chosen with --to"
+    hosts = _host_plans(app, surveys, lb, to, max_fail)
+    lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
+    if lacking:
+        raise RefusedError(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
+                           "choose a release every host has: see `igops deploy releases`")
+    built_by_igops = all((surveys[h.host].release_info(to) or {}).get("built_at") for h in hosts if h.action == "roll")
+    gate = dataclasses.replace(gate, require_release=built_by_igops)
+    rolling = [host.host for host in hosts if host.action == "roll"]
+    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, split_batches(rolling, sizes), batch,
+                       max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
+                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None)
+
+
+def _pagerduty_key(fleet) -> str | None:
+    from igops.secrets import Secrets
+
+    return Secrets(fleet.model.secrets.file).get("pagerduty_routing_key")
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass
+class HostOutcome:
+    host: str
+    state: str
+    release: str | None  # what `current` points at now; None when unknown
+    before: str | None
+    in_lb: bool | None
+    batch: int | None = None
+    detail: str | None = None
+
+
+@dataclass
+class RolloutResult:
+    kind: str
+    deploy_id: str
+    target: str
+    hosts: list[HostOutcome]
+    stopped: str | None = None
+    change_event: str = "not configured"
+    duration_s: float = 0.0
+
+    def count(self, *states: str) -> int:
+        return sum(host.state in states for host in self.hosts)
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped is None and self.count(FAILED, ROLLED_BACK, UNKNOWN, NOT_STARTED) == 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.ok:
+            return ExitCode.OK
+        if self.count(DEPLOYED) == 0:
+            return ExitCode.FAILED
+        return ExitCode.PARTIAL
+
+    def summary(self) -> str:
+        on_target = self.count(DEPLOYED, ALREADY)
+        text = f"{self.kind} of {self.target}: {on_target} of {len(self.hosts)} hosts on it"
+        problems = [f"{host.host} {host.state}: {host.detail}" for host in self.hosts
+                    if host.state in (FAILED, ROLLED_BACK, UNKNOWN)]
+        if self.stopped:
+            text += f"; stopped at {self.stopped}"
+        if problems:
+            text += "; " + "; ".join(problems)
+        out = [host.host for host in self.hosts if host.in_lb is False and host.state != SKIPPED]
+        if out:
+            text += f"; out of the load balancer: {', '.join(out)} (rerun to finish)"
+        return text
+
+
+class RolloutFailed(IgopsError):
+    def __init__(self, result: RolloutResult):
+        super().__init__(result.summary(), "the table above shows each host's release; "
+                                           "`igops deploy releases` shows the fleet")
+        self.result = result
+        self.exit_code = result.exit_code
+
+
+# --- the journal: what an interrupted run was doing ------------------------------------------------
+
+class Journal:
+    def __init__(self, fleet, plan: RolloutPlan):
+        self.path = journal_path(fleet)
+        self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
+                         "pid": os.getpid(), "machine": socket.gethostname(), "user": _who(),
+                         "started": _now(), "status": "running", "batch": None, "hosts": {}}
+        self._lock = threading.Lock()
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            self.document.update(changes)
+            self.document["updated"] = _now()
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = self.path.with_name(self.path.name + f".{os.getpid()}")
+            temporary.write_text(json.dumps(self.document, indent=2, default=str) + "\n")
+            os.replace(temporary, self.path)
+
+    def host(self, name: str, state: str) -> None:
+        hosts = dict(self.document["hosts"])
+        hosts[name] = state
+        self.update(hosts=hosts)
+
+
+def journal_path(fleet) -> Path:
+    return fleet.state_dir / "deploy" / f"{fleet.model.fleet.name}.json"
+
+
+def read_journal(fleet) -> dict | None:
+    try:
+        document = json.loads(journal_path(fleet).read_text())
+    except (OSError, ValueError):
+        return None
+    if document.get("status") == "running" and document.get("machine") == socket.gethostname():
+        document["interrupted"] = not _alive(int(document.get("pid", 0)))
+    return document
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- running a rollout -----------------------------------------------------------------------------
+
+class Rollout:
+    def __init__(self, app: AppFleet, plan: RolloutPlan, reporter: Reporter, tarball: bytes):
+        self.fleet = app.fleet
+        self.plan = plan
+        self.tarball = tarball
+        self.reporter = reporter
+        self.app = app
+        self.lbs = LoadBalancers(self.app, f"{plan.kind} {plan.deploy_id} to {plan.target}")
+        self.journal = Journal(self.fleet, plan)
+        self.outcomes: dict[str, HostOutcome] = {}
+        for host in plan.hosts:
+            state = host.action if host.action != "roll" else NOT_STARTED
+            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.current, host.in_lb,
+                                                   detail=host.detail)
+        self.failures = sum(host.action == FAILED for host in plan.hosts)
+
+    def run(self) -> RolloutResult:
+        started = time.monotonic()
+        result = RolloutResult(self.plan.kind, self.plan.deploy_id, self.plan.target, list(self.outcomes.values()))
+        self.journal.update()
+        try:
+            if self.plan.release is not None:
+                self._stage()
+            result.stopped = self._roll()
+        finally:
+            result.duration_s = round(time.monotonic() - started, 1)
+            self.journal.update(status="finished" if result.ok else "failed", stopped=result.stopped)
+        result.change_event = self._mark(result)
+        return result
+
+    # stage -----------------------------------------------------------------------------------
+    def _stage(self) -> None:
+        release = self.plan.release
+        uploads = [host for host in self.plan.roll() if host.upload]
+        if not uploads:
+            return
+        request = {"op": "stage", "id": release.id, "sha256": release.sha256, "size": release.size,
+                   "shared": list(SHARED_LINKS)}
+        jobs = {host_plan.host: (self.app.release_agent(self.app.host(host_plan.host)), request, self.tarball)
+                for host_plan in uploads}
+        timeout = VENV_BUILD_TIMEOUT_S if any(h.venv == "build" for h in uploads) else self.app.settings.command_timeout
+        with self.reporter.step(f"upload and unpack release {release.id} on {len(jobs)} hosts") as step:
+            with self.reporter.progress("hosts", total=len(jobs)) as advance:
+                answers = self.app.request_each(jobs, timeout, self.plan.parallel, on_done=lambda: advance(1))
+            failed = []
+            built = 0
+            for host_plan in uploads:
+                answer, error = answers[host_plan.host].answer, answers[host_plan.host].error
+                if answer is None:
+                    failed.append(host_plan.host)
+                    self._outcome(host_plan.host, FAILED, detail=f"staging failed: {error}")
+                else:
+                    built += answer.get("venv") == "built"
+            step.detail = (f"{len(jobs) - len(failed)} staged" + (f", virtualenv built on {built}" if built else "")
+                           + (f"; failed on {', '.join(failed)}" if failed else ""))
+            if failed:
+                step.status = "failed"
+            self.failures += len(failed)
+
+    # roll ------------------------------------------------------------------------------------
+    def _roll(self) -> str | None:
+        plan = self.plan
+        if self.failures > plan.max_fail:
+            return (f"staging ({self.failures} failed, more than --max-fail {plan.max_fail}); "
+                    "nothing was switched")
+        to_put_back: list[str] = []
+        stopped = None
+        for number, names in enumerate(plan.batches, 1):
+            batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
+            if not batch:
+                continue
+            self.journal.update(batch=number)
+            with self.reporter.step(f"batch {number}/{len(plan.batches)}: {', '.join(batch)}") as step:
+                try:
+                    self._lb_change(down=batch, up=to_put_back)
+                except RemoteError as exc:
+                    step.status, step.detail = "failed", str(exc)
+                    stopped = f"batch {number}: could not take {', '.join(batch)} out of the load balancer"
+                    break
+                for name in to_put_back:
+                    self.outcomes[name].in_lb = True
+                to_put_back = []
+                for name in batch:
+                    self.outcomes[name].in_lb = False if self.app.lbs else None
+                    self.journal.host(name, "drained")
+                passed, failed = self._switch_and_gate(batch, number)
+                self.failures += len(failed)
+                if self.failures > plan.max_fail:
+                    stopped = (f"batch {number} of {len(plan.batches)} ({self.failures} failed, "
+                               f"more than --max-fail {plan.max_fail}); later batches keep their release")
+                    self._switch_back(passed, "the batch was rolled back because the rollout stopped")
+                    step.status = "failed"
+                    step.detail = stopped
+                else:
+                    step.detail = "; ".join(f"{n}: {self.outcomes[n].state}" for n in batch)
+                    if failed:
+                        step.status = "failed"
+                # Only a host that just passed a health gate goes back into traffic.
+                to_put_back = [name for name in batch if self.outcomes[name].state in (DEPLOYED, ROLLED_BACK)]
+            if stopped:
+                break
+        self._put_back(to_put_back)
+        for outcome in self.outcomes.values():
+            if outcome.state == NOT_STARTED:
+                outcome.detail = "; ".join(filter(None, [outcome.detail, f"not reached: still on {outcome.release}"]))
+        return stopped
+
+    def _put_back(self, names: list[str]) -> None:
+        if not names or not self.app.lbs:
+            return
+        with self.reporter.step(f"put {', '.join(names)} back in the load balancer") as step:
+            try:
+                self._lb_change(up=names)
+            except RemoteError as exc:
+                step.status, step.detail = "failed", str(exc)
+                for name in names:
+                    outcome = self.outcomes[name]
+                    outcome.detail = f"{outcome.detail + '; ' if outcome.detail else ''}could not be put back: {exc.message}"
+                return
+            for name in names:
+                self.outcomes[name].in_lb = True
+                self.journal.host(name, self.outcomes[name].state)
+
+    def _lb_change(self, down: list[str] = (), up: list[str] = ()) -> None:
+        if not self.app.lbs or not (down or up):
+            return
+        server = lambda name: self.app.server(self.app.host(name))  # noqa: E731
+        self.lbs.change(down=[server(n) for n in down], up=[server(n) for n in up])
+
+    def _switch(self, names: list[str], release_of: Callable[[str], str],
+                action: str) -> dict[str, tuple[dict | None, str | None, bool]]:
+        """name -> (answer, error, whether the agent answered at all). Without an answer the
+        switch may or may not have happened: only the host knows which release is current."""
+        jobs = {}
+        for name in names:
+            host = self.app.host(name)
+            jobs[name] = (self.app.release_agent(host), {
+                "op": "switch", "id": release_of(name), "keep": self.plan.keep, "reload": self.app.reload_command(host),
+                "action": action, "deploy": self.plan.deploy_id}, b"")
+        answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
+        return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
+
+    def _gate(self, names: list[str], release_of: Callable[[str], str]) -> dict[str, GateResult]:
+        if not names:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(len(names), 128), thread_name_prefix="gate") as pool:
+            futures = {name: pool.submit(wait_healthy, str(self.app.host(name).address), self.plan.gate,
+                                         release_of(name)) for name in names}
+            return {name: future.result() for name, future in futures.items()}
+
+    def _switch_and_gate(self, batch: list[str], number: int) -> tuple[list[str], list[str]]:
+        target = self.plan.target
+        switched = self._switch(batch, lambda _: target, self.plan.kind)
+        to_gate = []
+        failed: list[str] = []
+        for name in batch:
+            answer, error, answered = switched[name]
+            outcome = self.outcomes[name]
+            outcome.batch = number
+            if answer is None:
+                if answered:
+                    outcome.state, outcome.detail = FAILED, f"switch refused: {error}"
+                else:
+                    outcome.state, outcome.release = UNKNOWN, None
+                    outcome.detail = (f"unreachable during the switch ({error}): its current release is unknown, "
+                                      "so it stays out of the load balancer")
+                failed.append(name)
+            elif answer["reload_exit"] != 0:
+                outcome.state, outcome.release = FAILED, target
+                outcome.detail = f"reload failed (exit {answer['reload_exit']}): {answer['reload_output']}"
+                failed.append(name)
+            else:
+                outcome.release = target
+                to_gate.append(name)
+            self.journal.host(name, f"switched to {target}" if answer else outcome.state)
+        gates = self._gate(to_gate, lambda _: target)
+        passed = []
+        for name in to_gate:
+            if gates[name].ok:
+                self.outcomes[name].state, self.outcomes[name].detail = DEPLOYED, gates[name].detail
+                passed.append(name)
+            else:
+                self.outcomes[name].state, self.outcomes[name].detail = FAILED, gates[name].detail
+                failed.append(name)
+        back = [name for name in failed if self.outcomes[name].state == FAILED]
+        self._switch_back(back, None)
+        return passed, failed
+
+    def _switch_back(self, names: list[str], why: str | None) -> None:
+        """Return hosts to the release they ran before this run, and gate them on it."""
+        returnable = [name for name in names if self.outcomes[name].before
+                      and self.outcomes[name].before != self.plan.target]
+        for name in names:
+            if name not in returnable:
+                outcome = self.outcomes[name]
+                outcome.detail = f"{outcome.detail}; it had no earlier release to return to" + (
+                    "" if outcome.state == DEPLOYED else ", so it stays out of the load balancer")
+        if not returnable:
+            return
+        before = lambda name: self.outcomes[name].before  # noqa: E731
+        switched = self._switch(returnable, before, "rollback")
+        to_gate = []
+        for name in returnable:
+            answer, error, answered = switched[name]
+            outcome = self.outcomes[name]
+            reason = why or outcome.detail
+            if answer is None or answer["reload_exit"] != 0:
+                outcome.state = FAILED if answered else UNKNOWN
+                if answer is not None:
+                    outcome.release = before(name)
+                elif not answered:
+                    outcome.release = None
+                outcome.detail = (f"{reason}; switching back to {before(name)} failed: "
+                                  f"{error or answer['reload_output']}")
+                continue
+            outcome.release = before(name)
+            to_gate.append(name)
+        gates = self._gate(to_gate, before)
+        for name in to_gate:
+            outcome = self.outcomes[name]
+            reason = why or outcome.detail
+            outcome.state = ROLLED_BACK
+            if gates[name].ok:
+                outcome.detail = f"{reason}; back on {before(name)}"
+            else:
+                outcome.detail = f"{reason}; back on {before(name)} but unhealthy there too: {gates[name].detail}"
+                outcome.state = FAILED
+            self.journal.host(name, f"switched back to {before(name)}")
+
+    # PagerDuty -------------------------------------------------------------------------------
+    def _mark(self, result: RolloutResult) -> str:
+        key = _pagerduty_key(self.fleet)
+        if not key:
+            return "not configured"
+        from igops.pagerduty_changes import send_change
+
+        with self.reporter.step(f"PagerDuty change event for the {self.plan.kind}") as step:
+            release = self.plan.release
+            details = {"fleet": self.app.name, "deploy_id": result.deploy_id, "release": result.target,
+                       "result": "ok" if result.ok else ("stopped" if result.stopped else "partial"),
+                       "hosts": {host.host: host.state for host in result.hosts}, "by": _who(),
+                       "duration_s": result.duration_s}
+            if release is not None:
+                details.update(source=release.source, content=release.content, revision=release.revision)
+            sent = send_change(self.fleet.model.monitoring.pagerduty_url, key, f"{self.app.name}: {result.summary()}",
+                               f"igops on {socket.gethostname()}", details)
+            step.detail = sent.detail + (f" after {sent.attempts} attempts" if sent.attempts > 1 else "")
+            if not sent.sent:
+                step.status = "failed"
+            return "sent" if sent.sent else f"failed: {sent.detail}"
+
+    def _outcome(self, name: str, state: str, detail: str | None = None) -> None:
+        self.outcomes[name].state = state
+        self.outcomes[name].detail = detail
+        self.journal.host(name, state)
+
+
+def execute(app: AppFleet, plan: RolloutPlan, reporter: Reporter = Reporter(), tarball: bytes = b"") -> RolloutResult:
+    """Run the plan (a deploy's with its release's tarball); raise RolloutFailed (carrying the
+    result) unless every host ended on the plan's release."""
+    result = Rollout(app, plan, reporter, tarball).run()
+    if not result.ok:
+        raise RolloutFailed(result)
+    return result
+
+
+# --- the fleet's releases ----------------------------------------------------------------------------
+
+@dataclass
+class HostReleaseRow:
+    host: str
+    reachable: bool
+    current: str | None
+    previous: str | None
+    releases: list[str]
+    load_balancer: str
+    error: str | None = None
+
+
+@dataclass
+class FleetReleases:
+    fleet: str
+    hosts: list[HostReleaseRow]
+    agree: bool
+    in_use: dict[str, list[str]]
+    last_run: dict | None
+    problems: list[str]
+
+
+def fleet_releases(app: AppFleet) -> FleetReleases:
+    fleet = app.fleet
+    last = read_journal(fleet)
+    running = bool(last and last.get("status") == "running" and last.get("interrupted") is False)
+    surveys, lb = survey(app)
+    rows, in_use, problems = [], {}, []
+    for host in app.hosts:
+        found = surveys[host.name]
+        where = lb.describe(app.server(host))
+        rows.append(HostReleaseRow(host.name, found.reachable, found.current, found.previous,
+                                   [item["id"] for item in found.releases], where, found.error))
+        if not found.reachable:
+            problems.append(f"{host.name} unreachable: {found.error}")
+            continue
+        in_use.setdefault(found.current or "none", []).append(host.name)
+        if where.startswith("drained by igops") and not running:
+            problems.append(f"{host.name} is out of the load balancer since an igops run that did not finish")
+    for name, error in lb.errors.items():
+        problems.append(f"load balancer {name}: {error}")
+    if len(in_use) > 1 and not running:
+        problems.append("the fleet disagrees: " + "; ".join(f"{release} on {', '.join(hosts)}"
+                                                           for release, hosts in sorted(in_use.items())))
+    if running:
+        problems.append(f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
+                        f"(pid {last['pid']} on {last['machine']}, by {last['user']})")
+    if last and last.get("interrupted"):
+        problems.append(f"the {last['kind']} {last['deploy_id']} to {last['target']} was interrupted "
+                        f"(pid {last['pid']} is gone): rerun it to finish")
+    return FleetReleases(app.name, rows, len(in_use) <= 1 and all(row.reachable for row in rows), in_use, last,
+                         problems)

@@ -1,0 +1,70 @@
+"""PagerDuty change events (Events API v2, `/v2/change/enqueue`): the deploy and rollback
+markers responders see on a service's timeline next to its incidents.
+
+A marker must never hold up or fail the change it marks: attempts are few and bounded in time,
+429 and 5xx and network errors are retried with backoff, any other 4xx is not (the same event
+would be refused again), and the routing key never appears in what is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from igops.secrets import redact
+
+PATH = "/v2/change/enqueue"
+ATTEMPTS = 4
+FIRST_BACKOFF_S = 0.5
+REQUEST_TIMEOUT_S = 5.0
+SUMMARY_LIMIT = 1024
+
+
+@dataclass
+class ChangeEventResult:
+    sent: bool
+    attempts: int
+    detail: str
+
+
+def send_change(base_url: str, routing_key: str, summary: str, source: str,
+                custom_details: dict | None = None, links: list[dict] | None = None,
+                sleep=time.sleep) -> ChangeEventResult:
+    import requests
+
+    event = {
+        "routing_key": routing_key,
+        "payload": {"summary": summary[:SUMMARY_LIMIT], "source": source,
+                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "custom_details": custom_details or {}},
+    }
+    if links:
+        event["links"] = links
+    url = base_url.rstrip("/") + PATH
+    detail = "not sent"
+    for attempt in range(1, ATTEMPTS + 1):
+        retryable = True
+        try:
+            response = requests.post(url, json=event, timeout=REQUEST_TIMEOUT_S)
+            if response.status_code == 202:
+                return ChangeEventResult(True, attempt, "accepted")
+            detail = f"HTTP {response.status_code}: {_message(response)}"
+            retryable = response.status_code == 429 or response.status_code >= 500
+        except requests.RequestException as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+        if not retryable:
+            return ChangeEventResult(False, attempt, redact(detail))
+        if attempt < ATTEMPTS:
+            sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
+    return ChangeEventResult(False, ATTEMPTS, redact(detail))
+
+
+def _message(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    errors = body.get("errors") if isinstance(body, dict) else None
+    message = body.get("message", "") if isinstance(body, dict) else str(body)
+    return f"{message}: {'; '.join(errors)}" if errors else str(message)[:200]

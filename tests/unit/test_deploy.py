@@ -1,0 +1,256 @@
+"""Deploy planning without a fleet: batch sizes, release building and ids, host plans and
+failure thresholds, result exit codes, and the nginx upstream rewriting the drain relies on."""
+
+import io
+import json
+import subprocess
+import tarfile
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from igops import deploy, inventory
+from igops.agent import upstream
+from igops.errors import ExitCode, RefusedError, UsageError
+from igops.lab import services
+
+APP = Path(__file__).resolve().parents[2] / "app"
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def test_batches_like_ansible_serial_with_the_last_size_repeating():
+    sizes = deploy.parse_batches("1,25%")
+    assert [str(size) for size in sizes] == ["1", "25%"]
+    hosts = [f"app{i}" for i in range(1, 11)]
+    assert [len(batch) for batch in deploy.split_batches(hosts, sizes)] == [1, 2, 2, 2, 2, 1]
+    assert deploy.split_batches(hosts, sizes)[0] == ["app1"]
+    assert deploy.split_batches(["a", "b", "c"], sizes) == [["a"], ["b"], ["c"]]
+
+
+def test_percentages_round_down_but_never_to_zero():
+    assert deploy.split_batches(["a", "b", "c"], deploy.parse_batches("50%")) == [["a"], ["b"], ["c"]]
+    assert deploy.split_batches(list("abcde"), deploy.parse_batches("100%")) == [list("abcde")]
+    assert deploy.split_batches(list("abcde"), deploy.parse_batches("2")) == [["a", "b"], ["c", "d"], ["e"]]
+    assert deploy.split_batches([], deploy.parse_batches("1")) == []
+
+
+@pytest.mark.parametrize("spec", ["", "0", "0%", "101%", "-1", "a", "1,,2", "25 %x"])
+def test_bad_batch_sizes_are_usage_errors(spec):
+    with pytest.raises(UsageError, match="batch"):
+        deploy.parse_batches(spec)
+
+
+# --- releases --------------------------------------------------------------------------------
+
+def test_release_ids_sort_by_time_and_carry_the_tag():
+    early = deploy.release_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "abc1234")
+    later = deploy.release_id(datetime(2026, 1, 2, 3, 4, 6, tzinfo=timezone.utc), "0000000")
+    assert early == "20260102030405-abc1234"
+    assert sorted([later, early]) == [early, later]
+    # The lab's first release (a bare timestamp) sorts with them.
+    assert sorted([later, "20260102030405", early]) == ["20260102030405", early, later]
+
+
+def test_content_hash_matches_the_labs_so_its_first_release_counts_as_a_release():
+    tree = deploy.read_source(APP, None)
+    assert deploy.content_hash(tree.files) == services._source_digest(APP)
+
+
+def test_release_tarball_holds_the_manifest_and_app_and_nothing_built(tmp_path):
+    source = tmp_path / "app"
+    (source / "pkg" / "__pycache__").mkdir(parents=True)
+    (source / "pkg" / "mod.py").write_text("X = 1\n")
+    (source / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    (source / "requirements.txt").write_text("Django>=4.2\n")
+    (source / "run.sh").write_text("#!/bin/sh\n")
+    (source / "run.sh").chmod(0o755)
+    tree = deploy.read_source(source, None)
+    release, tarball = deploy.package(tree, "20260102030405-abc1234")
+    assert release.size == len(tarball)
+    with tarfile.open(fileobj=io.BytesIO(tarball)) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("RELEASE.json"))
+        modes = {member.name: member.mode for member in tar.getmembers()}
+    assert sorted(names) == ["RELEASE.json", "app/pkg/mod.py", "app/requirements.txt", "app/run.sh"]
+    assert modes["app/run.sh"] == 0o755 and modes["app/pkg/mod.py"] == 0o644
+    assert manifest["id"] == release.id and manifest["content"] == release.content
+    assert manifest["requirements"] == deploy.requirements_hash(b"Django>=4.2\n")
+    again, _ = deploy.package(deploy.read_source(source, None), "20260102030406-abc1234")
+    assert again.content == release.content
+
+
+def test_symlinks_in_the_source_are_refused(tmp_path):
+    source = tmp_path / "app"
+    source.mkdir()
+    (source / "a.py").write_text("")
+    (source / "link.py").symlink_to(source / "a.py")
+    with pytest.raises(UsageError, match="regular file"):
+        deploy.read_source(source, None)
+
+
+def test_a_git_revision_builds_what_was_committed_not_the_working_tree(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    (repo / "app" / "views.py").write_text("VERSION = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "app"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (repo / "app" / "views.py").write_text("VERSION = 2\n")
+    tree = deploy.read_source(repo / "app", "HEAD")
+    assert tree.files == {"views.py": (False, b"VERSION = 1\n")}
+    assert tree.revision == commit
+    assert deploy.read_source(repo / "app", None).files["views.py"][1] == b"VERSION = 2\n"
+    with pytest.raises(UsageError, match="git"):
+        deploy.read_source(repo / "app", "no-such-revision")
+
+
+# --- host plans and thresholds ---------------------------------------------------------------
+
+def app_fleet(tmp_path, count=3):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    hosts = "".join(f'[[hosts]]\nname = "app{i}"\naddress = "127.0.20.{i}"\nroles = ["app"]\n'
+                    for i in range(1, count + 1))
+    text = f"""[fleet]
+name = "unit"
+state_dir = "{tmp_path / 'state'}"
+[ssh]
+known_hosts = "{known_hosts}"
+[app]
+root = "/srv/{{host}}/app"
+{hosts}[[hosts]]
+name = "lb1"
+address = "127.0.20.100"
+roles = ["lb"]
+"""
+    fleet = inventory.validate(tomllib.loads(text), tmp_path / "igops.toml")
+    return deploy.AppFleet.of(fleet)
+
+
+def survey(app, current, unreachable=(), releases=None):
+    found = {}
+    for host in app.hosts:
+        if host.name in unreachable:
+            found[host.name] = deploy.HostReleases(host.name, str(host.address), app.root(host), False,
+                                                   "connection refused by 127.0.20.3:22")
+        else:
+            ids = releases or [current]
+            found[host.name] = deploy.HostReleases(host.name, str(host.address), app.root(host), True,
+                                                   current=current, releases=[{"id": i} for i in ids])
+    return found
+
+
+def lb_state(app, down_by_igops=(), down_by_others=()):
+    servers = []
+    for host in app.hosts:
+        server = app.server(host)
+        servers.append(deploy.LbServer("lb1", server, host.name in (*down_by_igops, *down_by_others),
+                                       host.name in down_by_igops, "deploy x" if host.name in down_by_igops else None))
+    return deploy.LbState(servers)
+
+
+def test_plan_rolls_hosts_not_on_the_release_and_those_an_earlier_run_left_drained(tmp_path):
+    app = app_fleet(tmp_path)
+    surveys = survey(app, "R1", releases=["R1", "R2"])
+    surveys["app1"].current = "R2"
+    surveys["app2"].current = "R2"
+    plans = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app2"]), "R2", max_fail=0)
+    assert [(p.host, p.action, p.in_lb) for p in plans] == [
+        ("app1", deploy.ALREADY, True), ("app2", "roll", False), ("app3", "roll", True)]
+    assert not plans[1].upload, "R2 is already staged there"
+
+
+def test_plan_leaves_alone_a_host_someone_else_drained(tmp_path):
+    app = app_fleet(tmp_path)
+    plans = deploy._host_plans(app, survey(app, "R1"), lb_state(app, down_by_others=["app3"]), "R2", max_fail=0)
+    assert plans[2].action == deploy.SKIPPED and "someone else" in plans[2].detail
+    assert plans[0].upload
+
+
+def test_unreachable_hosts_beyond_max_fail_refuse_before_anything_changes(tmp_path):
+    app = app_fleet(tmp_path)
+    with pytest.raises(RefusedError, match="app3 .*refused.*nothing was changed"):
+        deploy._host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=0)
+    plans = deploy._host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=1)
+    assert [p.action for p in plans] == ["roll", "roll", deploy.FAILED]
+
+
+def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):
+    app = app_fleet(tmp_path)
+    surveys = survey(app, "R1")
+    surveys["app1"].releases = [{"id": "R1", "content": "aaa"}, {"id": "R2", "content": "bbb"}]
+    surveys["app2"].releases = [{"id": "R3", "content": "bbb"}]
+    surveys["app2"].current = "R3"
+    assert deploy._existing_release(surveys, "bbb") == "R3", "the one a host runs wins"
+    assert deploy._existing_release(surveys, "ccc") is None
+
+
+def result(*states):
+    hosts = [deploy.HostOutcome(f"app{i}", state, "R", "P", True) for i, state in enumerate(states, 1)]
+    return deploy.RolloutResult("deploy", "d", "R", hosts)
+
+
+def test_exit_codes_of_a_rollout():
+    assert result(deploy.DEPLOYED, deploy.ALREADY).exit_code == ExitCode.OK
+    assert result(deploy.DEPLOYED, deploy.ROLLED_BACK).exit_code == ExitCode.PARTIAL
+    assert result(deploy.ROLLED_BACK, deploy.NOT_STARTED).exit_code == ExitCode.FAILED
+    stopped = result(deploy.DEPLOYED, deploy.DEPLOYED)
+    stopped.stopped = "batch 2 failed"
+    assert stopped.exit_code == ExitCode.PARTIAL
+
+
+def test_summary_names_each_failed_host_and_why_and_who_is_out_of_the_lb():
+    outcome = result(deploy.ROLLED_BACK, deploy.NOT_STARTED, deploy.UNKNOWN)
+    outcome.hosts[0].detail = "/health answered 503: redis: down; back on P"
+    outcome.hosts[2].in_lb = False
+    outcome.hosts[2].detail = "unreachable during the switch"
+    text = outcome.summary()
+    assert "app1 rolled back: /health answered 503" in text
+    assert "app3 unknown: unreachable" in text and "out of the load balancer: app3" in text
+
+
+def test_plan_steps_say_what_each_batch_does(tmp_path):
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    hosts = [deploy.HostPlan(f"app{i}", "roll", "R1", True, upload=True, venv="reuse") for i in (1, 2, 3)]
+    tree = deploy.SourceTree({"requirements.txt": (False, b"")}, None, "working tree")
+    plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "working tree", hosts, [["app1"], ["app2", "app3"]],
+                              "1,100%", 0, gate, ["lb1"], 32, 5, True, deploy.package(tree, "R2")[0])
+    steps = plan.steps()
+    assert steps[0].startswith("upload release R2") and "reuse" in steps[0]
+    assert steps[1].startswith("batch 1/2: app1 — mark down in nginx on lb1")
+    assert "3 passes of /health in a row within 30 s serving R2" in steps[2]
+    assert any("--max-fail 0" in step for step in steps)
+    assert any("PagerDuty" in step for step in steps)
+
+
+# --- the upstream file -----------------------------------------------------------------------
+
+UPSTREAM = """upstream app {
+    server 127.0.10.11:8000 max_fails=2 fail_timeout=5s;
+    server 127.0.10.12:8000 max_fails=2 fail_timeout=5s;
+    server 127.0.10.13:8000 max_fails=2 fail_timeout=5s down;
+    keepalive 32;
+}
+"""
+
+
+def test_draining_marks_down_with_a_marker_and_putting_back_removes_only_igops_drains():
+    drained, servers = upstream.apply(UPSTREAM, {"127.0.10.11:8000"}, set(), "deploy d1 to R2")
+    assert "server 127.0.10.11:8000 max_fails=2 fail_timeout=5s down;  # igops-drained: deploy d1 to R2" in drained
+    assert [(s["address"], s["down"], s["igops"]) for s in servers] == [
+        ("127.0.10.11:8000", True, True), ("127.0.10.12:8000", False, False), ("127.0.10.13:8000", True, False)]
+    back, servers = upstream.apply(drained, set(), {"127.0.10.11:8000", "127.0.10.13:8000"}, "x")
+    assert back == UPSTREAM, "the operator's drain of .13 stays; .11 is exactly as before"
+
+
+def test_draining_is_idempotent_and_unknown_servers_are_refused():
+    once, _ = upstream.apply(UPSTREAM, {"127.0.10.12:8000"}, set(), "n")
+    twice, _ = upstream.apply(once, {"127.0.10.12:8000"}, set(), "n")
+    assert once == twice
+    with pytest.raises(upstream.Refused, match="127.0.10.99:8000"):
+        upstream.apply(UPSTREAM, {"127.0.10.99:8000"}, set(), "n")
