@@ -1,0 +1,143 @@
+"""`igops check`: one Result per (check, target), and a runner that starts every probe at once
+and stops waiting at one global deadline.
+
+A probe is a function that reports Results as it learns them. Each runs in a daemon thread, so
+a probe stuck in a hung connect or a blocked query can never hold the run (or the process's
+exit) past the deadline; every (check, target) it promised but did not report by then is
+CRITICAL, since "did not answer in time" is an outage to the person paged for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from igops.errors import NagiosStatus
+
+# The order in which one status outranks another when a run is summed up (Nagios convention:
+# any CRITICAL makes the run CRITICAL, then WARNING, then UNKNOWN).
+SEVERITY = {NagiosStatus.OK: 0, NagiosStatus.UNKNOWN: 1, NagiosStatus.WARNING: 2, NagiosStatus.CRITICAL: 3}
+
+
+@dataclass(frozen=True)
+class Perf:
+    """One perfdata item: 'label'=value[unit];warn;crit;min;max."""
+
+    label: str
+    value: float
+    unit: str = ""
+    warning: float | None = None
+    critical: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass
+class Result:
+    check: str
+    target: str
+    status: NagiosStatus
+    summary: str
+    perfdata: list[Perf] = field(default_factory=list)
+    duration_ms: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.check, self.target
+
+    @property
+    def group(self) -> str:
+        return self.check.split("-", 1)[0]
+
+
+Report = Callable[[Result], None]
+
+
+@dataclass
+class Probe:
+    """Work that reports on the listed (check, target) pairs."""
+
+    name: str
+    expected: list[tuple[str, str]]
+    run: Callable[[Report], None]
+
+
+def host_python(args: list[str]) -> str:
+    """The remote command line that runs a shipped stdlib program with the host's system
+    python3 (isolated, no site-packages): a user's PATH may put a version manager's shim first,
+    which costs a shell script and a few processes per run."""
+    import shlex
+
+    return ('p=/usr/bin/python3; [ -x "$p" ] || p=python3; exec "$p" -I -S '
+            + shlex.join(args))
+
+
+def worst(statuses) -> NagiosStatus:
+    return max(statuses, key=SEVERITY.__getitem__, default=NagiosStatus.OK)
+
+
+def level(value: float, warning: float | None, critical: float | None) -> NagiosStatus:
+    """Where a value that is bad when high stands against its thresholds."""
+    if critical is not None and value >= critical:
+        return NagiosStatus.CRITICAL
+    if warning is not None and value >= warning:
+        return NagiosStatus.WARNING
+    return NagiosStatus.OK
+
+
+def run_all(probes: list[Probe], timeout: float) -> list[Result]:
+    """Run every probe concurrently; return by the deadline, whatever is still running."""
+    started = time.monotonic()
+    deadline = started + timeout
+    lock = threading.Lock()
+    reported: dict[tuple[str, str], Result] = {}
+
+    def starter(probe: Probe) -> threading.Thread:
+        def report(result: Result) -> None:
+            if result.duration_ms is None:
+                result.duration_ms = round((time.monotonic() - started) * 1000, 1)
+            with lock:
+                reported[result.key] = result
+
+        def body() -> None:
+            try:
+                probe.run(report)
+            except Exception as exc:  # noqa: BLE001 - a probe's bug is a finding about that probe
+                text = str(exc).strip().splitlines()
+                reason = f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+                for check, target in probe.expected:
+                    with lock:
+                        if (check, target) not in reported:
+                            reported[(check, target)] = Result(check, target, NagiosStatus.UNKNOWN,
+                                                               f"probe failed: {reason}")
+
+        thread = threading.Thread(target=body, name=f"check-{probe.name}", daemon=True)
+        thread.start()
+        return thread
+
+    threads = [starter(probe) for probe in probes]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        results = dict(reported)
+    ordered: list[Result] = []
+    for probe in probes:
+        for key in probe.expected:
+            result = results.pop(key, None)
+            ordered.append(result or Result(key[0], key[1], NagiosStatus.CRITICAL,
+                                            f"no answer within {timeout:g} s"))
+    ordered.extend(results.values())
+    return ordered
+
+
+def overall(results: list[Result]) -> NagiosStatus:
+    return worst(result.status for result in results)
+
+
+def counts(results: list[Result]) -> dict[str, int]:
+    found = {status.name.lower(): 0 for status in NagiosStatus}
+    for result in results:
+        found[result.status.name.lower()] += 1
+    return found

@@ -1,0 +1,653 @@
+"""Every check igops runs across the fleet, as probes for `igops.checks.run_all`.
+
+One probe per host over SSH (reachability, free space and write-ability of the data mounts, by
+the stdlib program in hostprobe.py), one per HTTP endpoint, Postgres cluster, PgBouncer, the
+Redis set, memcached and munin-node, one for the snapshot groups and one for Pingdom. Each
+reports a Result per (check, target) the moment it knows it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from importlib import resources
+
+from igops import remote, status
+from igops.checks import Perf, Probe, Result, host_python, level, worst
+from igops.checks import munin as munin_checks
+from igops.errors import NagiosStatus, UsageError
+from igops.secrets import Secrets
+
+GROUPS = ("ssh", "disk", "frozen", "http", "postgres", "pgbouncer", "redis", "memcached", "munin", "snapshot",
+          "pingdom")
+SSH_GROUPS = ("ssh", "disk", "frozen")
+PROBE_TIMEOUT = 5.0
+# A write to a data mount that takes longer than this is taken for a frozen filesystem.
+WRITE_STALL_SECONDS = 0.5
+HTTP_RETRY_PAUSE = 0.3
+GIB = 1 << 30
+
+
+@dataclass
+class Context:
+    fleet: object
+    hosts: list
+    timeout: float
+    samples: munin_checks.Samples | None
+
+    @property
+    def probe_timeout(self) -> float:
+        return min(PROBE_TIMEOUT, self.timeout)
+
+    @cached_property
+    def secrets(self) -> Secrets:
+        return Secrets(self.fleet.model.secrets.file)
+
+
+def validate_groups(only: list[str] | None) -> list[str]:
+    unknown = sorted(set(only or []) - set(GROUPS))
+    if unknown:
+        raise UsageError(f"unknown check {unknown[0]!r}", f"checks are: {', '.join(GROUPS)}")
+    return list(only or [])
+
+
+def probes(fleet, roles: list[str] | None = None, only: list[str] | None = None, timeout: float = 10.0,
+           samples: munin_checks.Samples | None = None) -> list[Probe]:
+    enabled = set(validate_groups(only) or GROUPS)
+    hosts = fleet.select(roles=roles)
+    context = Context(fleet, hosts, timeout, samples)
+    found: list[Probe] = []
+    if enabled & set(SSH_GROUPS):
+        found += ssh_probes(context, enabled)
+    if "http" in enabled:
+        found += http_probes(context)
+    if "postgres" in enabled:
+        found += postgres_probes(context)
+    if "pgbouncer" in enabled:
+        found += [pgbouncer_probe(context, host) for host in hosts if "pgbouncer" in host.roles]
+    if "redis" in enabled:
+        found += redis_probes(context)
+    if "memcached" in enabled:
+        found += [memcached_probe(context, host) for host in hosts if "memcached" in host.roles]
+    if "munin" in enabled:
+        found += [munin_probe(context, host) for host in hosts if "munin" in host.roles]
+    if "snapshot" in enabled:
+        found += snapshot_probes(context)
+    if "pingdom" in enabled and (not roles or "lb" in roles):
+        found += pingdom_probes(context)
+    return found
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+# --- SSH: reachability, disks, frozen filesystems ----------------------------------------------
+
+def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
+    from igops.agent import BOOTSTRAP
+
+    fleet = context.fleet
+    program = resources.files(__package__).joinpath("hostprobe.py").read_bytes()
+    stdin = str(len(program)).encode() + b"\n" + program
+    settings = remote.settings_for(fleet)
+    # Connect and command deadlines inside the global one, so no session outlives the run by much.
+    settings = remote.SshSettings(settings.known_hosts, settings.identity_file,
+                                  min(settings.connect_timeout, context.timeout), context.timeout,
+                                  settings.parallel)
+    gate = threading.Semaphore(settings.parallel)
+    mount_checks = [group for group in ("disk", "frozen") if group in enabled]
+    built = []
+    for host, target in zip(context.hosts, remote.targets_for(fleet, context.hosts)):
+        mounts = [mount.path for mount in host.mounts] if mount_checks else []
+        expected = ([("ssh", host.name)] if "ssh" in enabled else []) + [
+            (group, f"{host.name}:{mount}") for mount in mounts for group in mount_checks]
+        if not expected:
+            continue
+        command = host_python(["-c", BOOTSTRAP.format(name="igops-hostprobe"), f"{WRITE_STALL_SECONDS:g}", *mounts])
+        built.append(Probe(f"ssh-{host.name}", expected,
+                           _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks)))
+    return built
+
+
+def _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks):
+    def run(report) -> None:
+        import json
+
+        with gate:
+            [result] = remote.run([target], command, settings, stdin=stdin, timeout=context.timeout)
+        mounts = [mount.path for mount in host.mounts] if mount_checks else []
+        if not result.ok:
+            reason = result.error or (result.stderr.strip().splitlines() or [f"exit {result.exit_code}"])[-1]
+            if "ssh" in enabled:
+                report(Result("ssh", host.name, NagiosStatus.CRITICAL, reason, duration_ms=result.duration_ms))
+            for mount in mounts:
+                for group in mount_checks:
+                    report(Result(group, f"{host.name}:{mount}", NagiosStatus.UNKNOWN,
+                                  f"not checked: {host.name} did not answer over SSH"))
+            return
+        answer = json.loads(result.stdout)
+        if "ssh" in enabled:
+            report(Result("ssh", host.name, NagiosStatus.OK, f"reachable, load {' '.join(answer['load'])}",
+                          [Perf(f"ssh {host.name}", result.duration_ms / 1000, "s", minimum=0)],
+                          duration_ms=result.duration_ms))
+        thresholds = context.fleet.model.check
+        for entry in answer["mounts"]:
+            target_name = f"{host.name}:{entry['mount']}"
+            if "disk" in enabled:
+                report(disk_result(target_name, entry, thresholds.disk_warning_percent,
+                                   thresholds.disk_critical_percent, result.duration_ms))
+            if "frozen" in enabled:
+                report(frozen_result(target_name, entry, result.duration_ms))
+    return run
+
+
+def disk_result(target: str, entry: dict, warning: float, critical: float, duration_ms: float | None) -> Result:
+    if not entry.get("mounted"):
+        return Result("disk", target, NagiosStatus.CRITICAL, "not mounted", duration_ms=duration_ms)
+    used = entry["bytes_total"] - entry["bytes_free"]
+    usable = used + entry["bytes_available"]
+    percent = 100.0 * used / usable if usable else 0.0
+    inodes = entry["inodes_total"]
+    inode_percent = 100.0 * (inodes - entry["inodes_free"]) / inodes if inodes else 0.0
+    state = level(max(percent, inode_percent), warning, critical)
+    summary = (f"{percent:.1f}% used, {entry['bytes_available'] / GIB:.2f} GiB free of {usable / GIB:.2f} GiB; "
+               f"inodes {inode_percent:.1f}% used")
+    return Result("disk", target, state, summary,
+                  [Perf(f"disk {target}", round(percent, 2), "%", warning, critical, 0, 100),
+                   Perf(f"inodes {target}", round(inode_percent, 2), "%", warning, critical, 0, 100)],
+                  duration_ms=duration_ms)
+
+
+def frozen_result(target: str, entry: dict, duration_ms: float | None) -> Result:
+    if not entry.get("mounted"):
+        return Result("frozen", target, NagiosStatus.CRITICAL, "not mounted", duration_ms=duration_ms)
+    writable = entry.get("writable")
+    if writable:
+        return Result("frozen", target, NagiosStatus.OK, "writable", duration_ms=duration_ms)
+    if writable is None:
+        return Result("frozen", target, NagiosStatus.UNKNOWN, entry.get("detail") or "not tested",
+                      duration_ms=duration_ms)
+    detail = entry.get("detail") or "not writable"
+    prefix = "" if "read-only" in detail or detail.startswith("error") else "frozen: "
+    return Result("frozen", target, NagiosStatus.CRITICAL, prefix + detail, duration_ms=duration_ms)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+def http_probes(context: Context) -> list[Probe]:
+    model = context.fleet.model
+    built = []
+    for host in context.hosts:
+        for role, port, path in (("lb", model.lb.port, model.lb.health_path),
+                                 ("app", model.app.port, model.app.health_path)):
+            if role in host.roles:
+                built.append(Probe(f"http-{role}-{host.name}", [(f"http-{role}", host.name)],
+                                   _http_runner(f"http-{role}", host, port, path, context.probe_timeout)))
+    return built
+
+
+def _http_runner(check: str, host, port: int, path: str, timeout: float):
+    def run(report) -> None:
+        started = time.monotonic()
+        ok, detail = health(str(host.address), port, path, timeout)
+        if not ok:
+            # One failure may be a blip (the app's own health deadline under a load spike): a
+            # second look a moment later decides, as Pingdom confirms a "down" before alerting.
+            time.sleep(HTTP_RETRY_PAUSE)
+            ok, detail = health(str(host.address), port, path, timeout)
+        elapsed = _ms(started)
+        report(Result(check, host.name, NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
+                      f"{detail} on :{port} in {elapsed:.0f} ms" if ok else f"{detail} on :{port} (twice)",
+                      [Perf(f"{check} {host.name}", elapsed / 1000, "s", minimum=0)] if ok else [],
+                      duration_ms=elapsed))
+    return run
+
+
+def health(address: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
+    """GET a health URL: (answered 200, what it said). A JSON body's failing checks are named."""
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"User-Agent": "igops-check"})
+        response = connection.getresponse()
+        body = response.read(65536)
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"GET {path}: {_short(exc)}"
+    finally:
+        connection.close()
+    detail = f"GET {path} -> {response.status}"
+    if response.status != 200:
+        try:
+            failing = [f"{name}: {check.get('error', 'failed')}" for name, check in json.loads(body)["checks"].items()
+                       if not check.get("ok")]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            failing = []
+        if failing:
+            detail += " (" + "; ".join(failing)[:300] + ")"
+    return response.status == 200, detail
+
+
+# --- Postgres -----------------------------------------------------------------------------------
+
+def _postgres_connect(context: Context, host, timeout: float):
+    import psycopg2
+
+    model = context.fleet.model
+    connection = psycopg2.connect(host=str(host.address), port=model.postgres.port, user=model.postgres.user,
+                                  dbname="postgres", password=context.secrets.get("postgres_password"),
+                                  connect_timeout=max(1, int(timeout)), application_name="igops-check")
+    connection.autocommit = True
+    return connection
+
+
+def postgres_probes(context: Context) -> list[Probe]:
+    selected = {host.name for host in context.hosts}
+    built = []
+    for name, cluster in context.fleet.model.postgres.clusters.items():
+        members = [cluster.primary, *cluster.standbys]
+        if not selected & set(members):
+            continue
+        expected = [("postgres-primary", cluster.primary)] + [("postgres-standby", s) for s in cluster.standbys]
+        built.append(Probe(f"postgres-{name}", expected, _postgres_runner(context, name, cluster)))
+    return built
+
+
+def _postgres_runner(context: Context, cluster_name: str, cluster):
+    fleet = context.fleet
+    thresholds = fleet.model.check
+
+    def run(report) -> None:
+        started = time.monotonic()
+        primary = fleet.host(cluster.primary)
+        replication: dict[str, tuple[str, int | None]] = {}
+        primary_error = None
+        try:
+            connection = _postgres_connect(context, primary, context.probe_timeout)
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SET statement_timeout = %s", (int(context.probe_timeout * 1000),))
+                    cursor.execute("SELECT pg_is_in_recovery()")
+                    if cursor.fetchone()[0]:
+                        raise _NotPrimary("in recovery: this is a standby, not the primary")
+                    # Assigning a transaction id writes and flushes WAL: the cheapest real write.
+                    cursor.execute("SELECT txid_current()")
+                    cursor.execute("SELECT application_name, state, "
+                                   "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                                   "FROM pg_stat_replication")
+                    for name, state, lag in cursor.fetchall():
+                        replication[name] = (state, lag)
+            finally:
+                connection.close()
+        except Exception as exc:  # noqa: BLE001
+            primary_error = _short(exc)
+        if primary_error:
+            report(Result("postgres-primary", cluster.primary, NagiosStatus.CRITICAL,
+                          f"cluster {cluster_name}: not writable: {primary_error}", duration_ms=_ms(started)))
+        else:
+            streaming = sum(1 for state, _ in replication.values() if state == "streaming")
+            report(Result("postgres-primary", cluster.primary, NagiosStatus.OK,
+                          f"cluster {cluster_name}: writable, {streaming} standby(s) streaming",
+                          [Perf(f"postgres-primary {cluster.primary}", _ms(started) / 1000, "s", minimum=0)],
+                          duration_ms=_ms(started)))
+        for standby in cluster.standbys:
+            report(_standby_result(context, cluster.primary, standby, replication.get(standby), primary_error,
+                                   thresholds))
+    return run
+
+
+class _NotPrimary(Exception):
+    pass
+
+
+def _standby_result(context: Context, primary: str, standby: str, row, primary_error, thresholds) -> Result:
+    started = time.monotonic()
+    own_view = None
+    try:
+        connection = _postgres_connect(context, context.fleet.host(standby), context.probe_timeout)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)")
+                own_view = cursor.fetchone()
+        finally:
+            connection.close()
+        own_error = None
+    except Exception as exc:  # noqa: BLE001
+        own_error = _short(exc)
+    if own_view is not None and not own_view[0]:
+        return Result("postgres-standby", standby, NagiosStatus.CRITICAL,
+                      f"not in recovery: {standby} is a second primary", duration_ms=_ms(started))
+    if row and row[0] == "streaming":
+        lag = row[1] or 0
+        state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
+        return Result("postgres-standby", standby, state, f"streaming from {primary}, replay lag {lag} bytes",
+                      [Perf(f"postgres-lag {standby}", lag, "B", thresholds.replication_lag_warning_bytes,
+                            thresholds.replication_lag_critical_bytes, 0)], duration_ms=_ms(started))
+    if primary_error and own_view is not None and own_view[1] == "streaming":
+        return Result("postgres-standby", standby, NagiosStatus.UNKNOWN,
+                      f"its WAL receiver is streaming, but the primary {primary} cannot confirm its lag",
+                      duration_ms=_ms(started))
+    why = f"{standby} itself: {own_error}" if own_error else \
+        f"its WAL receiver is {own_view[1] or 'not running'}" if own_view else ""
+    seen = f" (primary reports state {row[0]})" if row else ""
+    return Result("postgres-standby", standby, NagiosStatus.CRITICAL,
+                  f"not streaming from {primary}{seen}" + (f"; {why}" if why else ""), duration_ms=_ms(started))
+
+
+# --- PgBouncer ----------------------------------------------------------------------------------
+
+def pgbouncer_probe(context: Context, host) -> Probe:
+    fleet = context.fleet
+    model = fleet.model
+    thresholds = model.check
+
+    def run(report) -> None:
+        import psycopg2
+
+        started = time.monotonic()
+        try:
+            connection = psycopg2.connect(host=str(host.address), port=model.pgbouncer.port,
+                                          user=model.pgbouncer.admin_user, dbname="pgbouncer",
+                                          password=context.secrets.get("pgbouncer_password"),
+                                          connect_timeout=max(1, int(context.probe_timeout)))
+            try:
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    cursor.execute("SHOW POOLS")
+                    columns = [column.name for column in cursor.description]
+                    pools = [dict(zip(columns, row)) for row in cursor.fetchall()]
+                    cursor.execute("SHOW DATABASES")
+                    columns = [column.name for column in cursor.description]
+                    databases = {row["name"]: row for row in (dict(zip(columns, r)) for r in cursor.fetchall())}
+            finally:
+                connection.close()
+        except Exception as exc:  # noqa: BLE001
+            report(Result("pgbouncer", host.name, NagiosStatus.CRITICAL, _short(exc), duration_ms=_ms(started)))
+            return
+        problems = []
+        for cluster_name, cluster in model.postgres.clusters.items():
+            database = cluster.pgbouncer_database
+            if not database:
+                continue
+            primary = fleet.host(cluster.primary)
+            entry = databases.get(database)
+            if entry is None:
+                problems.append(f"no database {database!r} (cluster {cluster_name})")
+            elif entry.get("host") not in (str(primary.address), primary.name):
+                problems.append(f"{database} points at {entry.get('host')}, not the primary "
+                                f"{primary.name} ({primary.address})")
+        user_pools = [pool for pool in pools if pool.get("database") != "pgbouncer"]
+        waiting = sum(int(pool.get("cl_waiting") or 0) for pool in user_pools)
+        longest = max((float(pool.get("maxwait") or 0) + float(pool.get("maxwait_us") or 0) / 1e6
+                       for pool in user_pools), default=0.0)
+        state = NagiosStatus.CRITICAL if problems else level(
+            longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)
+        summary = "; ".join(problems) if problems else \
+            f"{len([name for name in databases if name != 'pgbouncer'])} databases, {waiting} clients waiting, longest wait {longest:.1f} s"
+        report(Result("pgbouncer", host.name, state, summary,
+                      [Perf(f"pgbouncer-waiting {host.name}", waiting, minimum=0),
+                       Perf(f"pgbouncer-maxwait {host.name}", round(longest, 3), "s",
+                            thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds, 0)],
+                      duration_ms=_ms(started)))
+
+    return Probe(f"pgbouncer-{host.name}", [("pgbouncer", host.name)], run)
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+def redis_probes(context: Context) -> list[Probe]:
+    model = context.fleet.model.redis
+    members = ([model.master] if model.master else []) + list(model.replicas)
+    if not members or not {host.name for host in context.hosts} & set(members):
+        return []
+    expected = [("redis-master", model.master)] + [("redis-replica", name) for name in model.replicas]
+    return [Probe("redis", expected, _redis_runner(context))]
+
+
+def _redis_info(context: Context, host) -> dict:
+    import redis
+
+    client = redis.Redis(host=str(host.address), port=context.fleet.model.redis.port,
+                         password=context.secrets.get("redis_password"), socket_timeout=context.probe_timeout,
+                         socket_connect_timeout=context.probe_timeout)
+    try:
+        return client.info("replication")
+    finally:
+        client.close()
+
+
+def _redis_runner(context: Context):
+    fleet = context.fleet
+    model = fleet.model.redis
+    thresholds = fleet.model.check
+
+    def run(report) -> None:
+        started = time.monotonic()
+        master = fleet.host(model.master)
+        master_info, master_error = None, None
+        try:
+            master_info = _redis_info(context, master)
+        except Exception as exc:  # noqa: BLE001
+            master_error = _short(exc)
+        if master_info is None:
+            report(Result("redis-master", master.name, NagiosStatus.CRITICAL, master_error, duration_ms=_ms(started)))
+        elif master_info.get("role") != "master":
+            report(Result("redis-master", master.name, NagiosStatus.CRITICAL,
+                          f"role is {master_info.get('role')}, not master (replica of "
+                          f"{master_info.get('master_host')}:{master_info.get('master_port')})",
+                          duration_ms=_ms(started)))
+        else:
+            report(Result("redis-master", master.name, NagiosStatus.OK,
+                          f"master, {master_info.get('connected_slaves', 0)} replica(s) connected",
+                          duration_ms=_ms(started)))
+        master_offset = master_info.get("master_repl_offset") if master_info else None
+        for name in model.replicas:
+            report(_replica_result(context, fleet.host(name), master, master_offset, thresholds))
+    return run
+
+
+def _replica_result(context: Context, host, master, master_offset, thresholds) -> Result:
+    started = time.monotonic()
+    try:
+        info = _redis_info(context, host)
+    except Exception as exc:  # noqa: BLE001
+        return Result("redis-replica", host.name, NagiosStatus.CRITICAL, _short(exc), duration_ms=_ms(started))
+    if info.get("role") != "slave":
+        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
+                      f"role is {info.get('role')}, not a replica of {master.name}", duration_ms=_ms(started))
+    following = f"{info.get('master_host')}:{info.get('master_port')}"
+    if info.get("master_host") not in (str(master.address), master.name):
+        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
+                      f"replicates {following}, not the master {master.name} ({master.address})",
+                      duration_ms=_ms(started))
+    if info.get("master_link_status") != "up":
+        down = info.get("master_link_down_since_seconds")
+        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
+                      f"link to {master.name} is down" + (f" for {down} s" if down is not None else ""),
+                      duration_ms=_ms(started))
+    if master_offset is None:
+        return Result("redis-replica", host.name, NagiosStatus.UNKNOWN,
+                      f"linked to {master.name}, but the master did not answer: lag unknown", duration_ms=_ms(started))
+    lag = max(0, int(master_offset) - int(info.get("slave_repl_offset", 0)))
+    state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
+    return Result("redis-replica", host.name, state, f"linked to {master.name}, offset lag {lag} bytes",
+                  [Perf(f"redis-lag {host.name}", lag, "B", thresholds.replication_lag_warning_bytes,
+                        thresholds.replication_lag_critical_bytes, 0)], duration_ms=_ms(started))
+
+
+# --- memcached ----------------------------------------------------------------------------------
+
+def memcached_probe(context: Context, host) -> Probe:
+    port = context.fleet.model.memcached.port
+
+    def run(report) -> None:
+        started = time.monotonic()
+        try:
+            ok, detail = status._memcached(str(host.address), port, None)
+        except Exception as exc:  # noqa: BLE001
+            ok, detail = False, _short(exc)
+        report(Result("memcached", host.name, NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
+                      f"{detail} on :{port}", duration_ms=_ms(started)))
+
+    return Probe(f"memcached-{host.name}", [("memcached", host.name)], run)
+
+
+# --- munin-node ---------------------------------------------------------------------------------
+
+def munin_probe(context: Context, host) -> Probe:
+    model = context.fleet.model
+    expected_plugins = munin_checks.plugins_for(host)
+
+    def run(report) -> None:
+        started = time.monotonic()
+        try:
+            with munin_checks.NodeClient(str(host.address), model.munin.port, context.probe_timeout) as node:
+                dirty = "dirtyconfig" in node.cap(["multigraph", "dirtyconfig"])
+                listed = node.list()
+                plugins = munin_checks.wanted(listed, model.check.munin_plugins)
+                outputs = {plugin: munin_checks.config_and_values(node, plugin, dirty) for plugin in plugins}
+        except (munin_checks.NodeError, OSError) as exc:
+            report(Result("munin", host.name, NagiosStatus.CRITICAL, _short(exc), duration_ms=_ms(started)))
+            return
+        now = time.time()
+        findings, perfdata, values = [], [], 0
+        state = NagiosStatus.OK
+        for plugin, (config, fetched) in outputs.items():
+            fields, complaints = munin_checks.parse(plugin, config, fetched)
+            if complaints or not fields:
+                state = worst([state, NagiosStatus.WARNING])
+                findings.append(f"{plugin}: {', '.join(complaints) or 'no values'}")
+                continue
+            for judged in munin_checks.judge(host.name, fields, context.samples, now):
+                values += judged.value is not None
+                if judged.status != NagiosStatus.OK:
+                    state = worst([state, judged.status])
+                    findings.append(judged.describe())
+                if judged.value is not None and (judged.field.warning or judged.field.critical):
+                    perfdata.append(Perf(f"munin {host.name} {judged.field.path}", round(judged.value, 3)))
+        missing = [plugin for plugin in expected_plugins if plugin not in listed]
+        if missing:
+            state = worst([state, NagiosStatus.WARNING])
+            findings.append(f"{', '.join(missing)} not installed (igops munin install)")
+        summary = "; ".join(findings) if findings else \
+            f"{len(outputs)} igops plugin(s), {values} values within their limits" if outputs else \
+            "answers; no igops plugins for this host's roles"
+        report(Result("munin", host.name, state, summary, perfdata, duration_ms=_ms(started)))
+
+    return Probe(f"munin-{host.name}", [("munin", host.name)], run)
+
+
+# --- snapshots ----------------------------------------------------------------------------------
+
+def snapshot_probes(context: Context) -> list[Probe]:
+    hosts = [host for host in context.hosts if host.mounts and host.instance_id]
+    if not hosts:
+        return []
+    fleet = context.fleet
+    thresholds = fleet.model.check
+
+    def run(report) -> None:
+        from igops import snapshot
+        from igops.ebs import Ebs
+
+        started = time.monotonic()
+        try:
+            groups = snapshot.groups(Ebs(fleet))
+        except Exception as exc:  # noqa: BLE001
+            for host in hosts:
+                report(Result("snapshot", host.name, NagiosStatus.UNKNOWN, f"cannot list snapshots: {_short(exc)}",
+                              duration_ms=_ms(started)))
+            return
+        now = datetime.now(timezone.utc)
+        for host in hosts:
+            complete = [group for group in groups if group.host == host.name and group.state == snapshot.STATE_COMPLETE]
+            if not complete:
+                report(Result("snapshot", host.name, NagiosStatus.CRITICAL, "no complete snapshot group",
+                              duration_ms=_ms(started)))
+                continue
+            newest = max(complete, key=lambda group: group.created)
+            hours = (now - newest.created).total_seconds() / 3600
+            report(Result("snapshot", host.name,
+                          level(hours, thresholds.snapshot_warning_hours, thresholds.snapshot_critical_hours),
+                          f"newest complete group {newest.group_id} is {_age(hours)} old",
+                          [Perf(f"snapshot-age {host.name}", round(hours, 2), "h", thresholds.snapshot_warning_hours,
+                                thresholds.snapshot_critical_hours, 0)], duration_ms=_ms(started)))
+
+    return [Probe("snapshot", [("snapshot", host.name) for host in hosts], run)]
+
+
+def _age(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} days"
+
+
+# --- Pingdom ------------------------------------------------------------------------------------
+
+PINGDOM_STATES = {"up": NagiosStatus.OK, "down": NagiosStatus.CRITICAL, "unconfirmed_down": NagiosStatus.WARNING,
+                  "unknown": NagiosStatus.UNKNOWN, "paused": NagiosStatus.WARNING}
+
+
+def pingdom_probes(context: Context) -> list[Probe]:
+    from igops.checks import pingdom
+
+    fleet = context.fleet
+    if not context.secrets.get("pingdom_token"):
+        return []
+    desired = pingdom.desired_checks(fleet)
+    if not desired:
+        return []
+
+    def run(report) -> None:
+        started = time.monotonic()
+        client = pingdom.Pingdom.for_fleet(fleet, timeout=context.probe_timeout)
+        try:
+            checks = {check["name"]: check for check in client.checks(pingdom.fleet_tag(fleet))}
+            now = int(time.time())
+            in_maintenance = {}
+            for window in client.request("GET", "/maintenance").get("maintenance", []):
+                if int(window.get("from", 0)) <= now <= int(window.get("to", 0)):
+                    for check_id in window.get("checks", {}).get("uptime", []):
+                        in_maintenance[int(check_id)] = window
+        except pingdom.PingdomError as exc:
+            for want in desired:
+                report(Result("pingdom", want.name, NagiosStatus.UNKNOWN, exc.one_line(), duration_ms=_ms(started)))
+            return
+        finally:
+            client.close()
+        for want in desired:
+            check = checks.get(want.name)
+            if check is None:
+                report(Result("pingdom", want.name, NagiosStatus.WARNING,
+                              "not in Pingdom (igops pingdom sync creates it)", duration_ms=_ms(started)))
+                continue
+            word = check.get("status", "unknown")
+            state = PINGDOM_STATES.get(word, NagiosStatus.UNKNOWN)
+            window = in_maintenance.get(int(check["id"]))
+            note = ""
+            if window and state == NagiosStatus.CRITICAL:
+                state = NagiosStatus.WARNING
+                note = f" during maintenance window #{window['id']} (until {_clock(window['to'])})"
+            response = check.get("lastresponsetime")
+            summary = f"{word}{note}" + (f", last response {response} ms" if response is not None else "")
+            report(Result("pingdom", want.name, state, summary,
+                          [Perf(f"pingdom {want.name}", response / 1000, "s", minimum=0)] if response else [],
+                          duration_ms=_ms(started)))
+
+    return [Probe("pingdom", [("pingdom", want.name) for want in desired], run)]
+
+
+def _clock(timestamp) -> str:
+    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%H:%M UTC")

@@ -1,0 +1,128 @@
+"""Free space and write-ability of a host's data filesystems, without ever blocking.
+
+Usage: hostprobe.py STALL_SECONDS [MOUNT ...]. Prints one JSON object and exits 0.
+
+A write to a frozen filesystem sleeps uninterruptibly until the thaw, so the write is made by a
+child in its own session that this program never waits on for longer than STALL_SECONDS. The
+child holds a per-mount flock for as long as its write is blocked: a later run that finds the
+lock held by a write older than STALL_SECONDS reports the mount frozen at once and starts no new
+writer, so repeated runs (cron) leave at most one stuck process per frozen mount. The kernel
+drops the lock when that writer finally finishes. statvfs and reads do not block while frozen.
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import select
+import sys
+import time
+
+PROBE_FILE = ".igops-write-check"
+
+
+def lock_dir():
+    for candidate in ("/run/igops-check", os.path.join("/tmp", f"igops-check-{os.getuid()}")):
+        try:
+            os.makedirs(candidate, mode=0o700, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def space(mount):
+    stats = os.statvfs(mount)
+    return {"bytes_total": stats.f_blocks * stats.f_frsize, "bytes_free": stats.f_bfree * stats.f_frsize,
+            "bytes_available": stats.f_bavail * stats.f_frsize, "inodes_total": stats.f_files,
+            "inodes_free": stats.f_ffree, "read_only": bool(stats.f_flag & os.ST_RDONLY)}
+
+
+def writer(mount, lock_fd, report_fd):
+    """The child: one small write at the mount's root; its outcome goes down the pipe."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1, 2):
+        os.dup2(null, stream)
+    try:
+        fd = os.open(os.path.join(mount, PROBE_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{time.time():.3f}\n".encode())
+        finally:
+            os.close(fd)
+        outcome = "ok"
+    except OSError as exc:
+        outcome = f"error {errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror}"
+    try:
+        os.write(report_fd, outcome.encode())
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def writable(mount, stall, locks):
+    """(True, None) when a write completed within `stall` seconds; (False, detail) when not."""
+    if locks is None:
+        return None, "no writable directory for the probe's lock"
+    path = os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
+    lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        waited_until = time.monotonic() + stall
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                try:
+                    since = float(os.pread(lock_fd, 32, 0).decode().strip() or 0)
+                except ValueError:
+                    since = 0.0
+                blocked = time.time() - since if since else 0.0
+                if blocked > stall or time.monotonic() > waited_until:
+                    return False, f"a write has been blocked for {blocked:.0f} s"
+                time.sleep(0.01)
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{time.time():.3f}".encode(), 0)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(read_end)
+            writer(mount, lock_fd, write_end)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], stall)
+            if not ready:
+                return False, f"a write did not complete within {stall:g} s"
+            outcome = os.read(read_end, 200).decode(errors="replace")
+            os.waitpid(child, 0)
+            if outcome == "ok":
+                return True, None
+            return False, outcome or "the writer died"
+        finally:
+            os.close(read_end)
+    finally:
+        os.close(lock_fd)
+
+
+def main(argv):
+    stall = float(argv[0])
+    locks = lock_dir()
+    mounts = []
+    for mount in argv[1:]:
+        entry = {"mount": mount, "mounted": os.path.ismount(mount)}
+        if entry["mounted"]:
+            entry.update(space(mount))
+            if entry["read_only"]:
+                entry["writable"], entry["detail"] = False, "mounted read-only"
+            else:
+                entry["writable"], entry["detail"] = writable(mount, stall, locks)
+        mounts.append(entry)
+    with open("/proc/loadavg") as handle:
+        load = handle.read().split()[:3]
+    sys.stdout.write(json.dumps({"mounts": mounts, "load": load}) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

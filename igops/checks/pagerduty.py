@@ -1,0 +1,241 @@
+"""Paging through PagerDuty's Events API v2, with the `pagerduty` package's EventsApiV2Client.
+
+Every (check, target) has a stable dedup key, so PagerDuty folds repeats into one alert. igops
+also remembers which keys it has triggered (a small JSON file in its state dir): a check that
+stays CRITICAL across cron runs is triggered once, and a check that recovers is resolved. A
+trigger that fails is not remembered, so the next run tries again; a resolve that fails stays
+remembered for the same reason. 429 and 5xx answers are retried with growing pauses; a 400
+(a malformed event) never is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from igops.errors import NagiosStatus, UsageError
+from igops.output import Reporter
+
+RETRIES = {429: 5, 500: 3, 502: 3, 503: 3, 504: 3}
+FIRST_PAUSE = 0.25  # seconds; the client doubles it before every retry
+REQUEST_TIMEOUT = 10.0
+MAX_SUMMARY = 1024
+
+
+def dedup_key(fleet_name: str, check: str, target: str) -> str:
+    """Stable per (fleet, check, target): the same fault always maps to the same alert."""
+    clean = lambda text: re.sub(r"\s+", "_", text.strip())  # noqa: E731
+    return f"igops/{clean(fleet_name)}/{clean(check)}/{clean(target)}"[:255]
+
+
+class _ToReporter(logging.Handler):
+    """The client's retry messages, shown on stderr through the output boundary (redacted)."""
+
+    def __init__(self, reporter: Reporter):
+        super().__init__(logging.INFO)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.log(f"PagerDuty: {record.getMessage()}")
+
+
+def client(url: str, routing_key: str, reporter: Reporter):
+    import urllib.parse
+
+    from pagerduty import EventsApiV2Client, UrlError
+
+    class EventsClient(EventsApiV2Client):
+        """The package insists on https. So does igops, except towards a loopback address: a
+        local relay, or the lab's receiver, where TLS protects nothing."""
+
+        @property
+        def url(self) -> str:
+            return self._url
+
+        @url.setter
+        def url(self, base_url: str) -> None:
+            parts = urllib.parse.urlsplit(base_url)
+            if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname)):
+                raise UrlError("the Events API URL must use https:// (plain http only to a loopback address)")
+            self._url = base_url
+
+    events = EventsClient(routing_key, base_url=url.rstrip("/"))
+    events.retry = dict(RETRIES)
+    events.sleep_timer = FIRST_PAUSE
+    events.timeout = REQUEST_TIMEOUT
+    events.max_http_attempts = max(RETRIES.values()) + 1
+    events.max_network_attempts = 2
+    log = logging.getLogger("igops.pagerduty")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.handlers[:] = [_ToReporter(reporter)]
+    events.log = log
+    return events
+
+
+def _loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def describe_failure(exc: Exception) -> str:
+    """What went wrong, without echoing the request (which carries the routing key)."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        try:
+            body = response.json()
+            detail = "; ".join(body.get("errors") or []) or body.get("message") or ""
+        except ValueError:
+            detail = ""
+        return f"HTTP {status}" + (f": {detail}" if detail else "")
+    from igops.secrets import redact
+
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {redact(text[0]) if text else ''}"[:300]
+
+
+@dataclass
+class PagingReport:
+    triggered: list[str] = field(default_factory=list)
+    resolved: list[str] = field(default_factory=list)
+    still_open: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    @property
+    def acted(self) -> bool:
+        return bool(self.triggered or self.resolved or self.failed)
+
+
+class Pager:
+    def __init__(self, fleet, reporter: Reporter = Reporter()):
+        from igops.secrets import Secrets
+
+        self.fleet_name = fleet.model.fleet.name
+        self.url = fleet.model.monitoring.pagerduty_url
+        self._secrets = Secrets(fleet.model.secrets.file)
+        self.reporter = reporter
+        self.state_path = fleet.state_dir / "pagerduty" / "open.json"
+        self._client = None
+
+    @property
+    def routing_key(self) -> str:
+        return self._secrets.require("pagerduty_routing_key")
+
+    def prepare(self) -> None:
+        """Fail before anything is checked or promised if paging cannot work: no routing key,
+        or an Events API URL the client refuses."""
+        from pagerduty import UrlError
+
+        try:
+            self.events
+        except UrlError as exc:
+            raise UsageError(f"[monitoring] pagerduty_url {self.url!r}: {exc}",
+                             "use the Events API's https:// URL") from None
+
+    @property
+    def events(self):
+        if self._client is None:
+            self._client = client(self.url, self.routing_key, self.reporter)
+        return self._client
+
+    def open_incidents(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            self.reporter.log(f"{self.state_path} is not valid JSON: starting from no open incidents")
+            return {}
+
+    def _save(self, incidents: dict[str, dict]) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = self.state_path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(incidents, handle, indent=1, sort_keys=True)
+        temporary.replace(self.state_path)
+
+    def trigger(self, check: str, target: str, summary: str, details: dict | None = None,
+                severity: str = "critical") -> str:
+        from igops.secrets import redact
+
+        key = dedup_key(self.fleet_name, check, target)
+        summary = redact(summary)
+        text = f"[{self.fleet_name}] {check} {target}: {summary}"[:MAX_SUMMARY]
+        return self.events.trigger(text, source=target, dedup_key=key, severity=severity,
+                                   payload={"component": check, "group": self.fleet_name, "class": check,
+                                            "timestamp": _now()},
+                                   custom_details={"fleet": self.fleet_name, "check": check, "target": target,
+                                                   "detail": summary, "from": socket.gethostname(),
+                                                   **(details or {})})
+
+    def resolve(self, key: str) -> None:
+        self.events.resolve(key)
+
+    def reconcile(self, results, complete_run: bool) -> PagingReport:
+        """Trigger what became CRITICAL, resolve what recovered. A (check, target) that did not
+        run this time keeps its incident, unless this was a run of every check on every host
+        (then it is no longer checked at all, and is resolved).
+
+        Once PagerDuty is unreachable, or still throttling or failing after the retries, the
+        remaining events of this run are not sent: each would wait out the same retries, and a
+        run that outlasts cron's minute only makes the next one exit LOCKED."""
+        report = PagingReport()
+        incidents = self.open_incidents()
+        seen: set[str] = set()
+        gave_up: list[str] = []
+
+        def send(action: str, key: str, call) -> bool:
+            if gave_up:
+                report.failed.append({"action": action, "dedup_key": key,
+                                      "error": f"not sent: PagerDuty failed earlier in this run ({gave_up[0]})"})
+                return False
+            try:
+                call()
+                return True
+            except Exception as exc:  # noqa: BLE001 - kept for the next run to retry
+                error = describe_failure(exc)
+                report.failed.append({"action": action, "dedup_key": key, "error": error})
+                if not (error.startswith("HTTP 4") and not error.startswith("HTTP 429")):
+                    gave_up.append(error)
+                return False
+
+        def resolve(key: str) -> None:
+            if send("resolve", key, lambda: self.resolve(key)):
+                incidents.pop(key, None)
+                report.resolved.append(key)
+                self._save(incidents)
+
+        for result in results:
+            key = dedup_key(self.fleet_name, result.check, result.target)
+            seen.add(key)
+            if result.status == NagiosStatus.CRITICAL:
+                if key in incidents:
+                    report.still_open.append(key)
+                elif send("trigger", key, lambda: self.trigger(result.check, result.target, result.summary)):
+                    incidents[key] = {"check": result.check, "target": result.target, "since": _now(),
+                                      "summary": result.summary[:300]}
+                    report.triggered.append(key)
+                    self._save(incidents)
+            elif result.status != NagiosStatus.UNKNOWN and key in incidents:
+                resolve(key)
+        if complete_run:
+            for key in [key for key in incidents if key not in seen]:
+                resolve(key)
+        return report
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

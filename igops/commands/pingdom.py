@@ -1,0 +1,125 @@
+"""`igops pingdom`: the fleet's outside-in HTTP checks as code, their status, maintenance windows."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Optional
+
+import typer
+
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+
+app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
+                       "open maintenance windows.", no_args_is_help=True)
+
+
+@app.command("sync")
+def sync(
+    ctx: typer.Context,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Create, update or pause Pingdom checks until they match the inventory: each load
+    balancer's health URL and [monitoring] public_urls. Only checks igops tagged are touched."""
+    from igops.checks import pingdom
+
+    with command(ctx, "pingdom sync", json_flag) as out:
+        fleet = load_fleet(ctx)
+        client = pingdom.Pingdom.for_fleet(fleet, reporter=out)
+        try:
+            with out.step("compare the inventory's checks with Pingdom's"):
+                plan = pingdom.plan_sync(client, fleet)
+            if not plan.changes:
+                out.log(f"in sync: {len(plan.unchanged)} checks tagged {plan.tag}")
+                done = []
+            else:
+                done = mutate(out, fleet, operation="pingdom-sync", target=plan.tag, targets=[plan.tag],
+                              title=f"Make Pingdom match the inventory: {len(plan.changes)} changes",
+                              steps=plan.steps(), dry_run=dry_run, yes=yes,
+                              action=lambda: pingdom.apply_sync(client, plan, out),
+                              outcome=lambda applied: (f"{len(applied)} changes applied", 0))
+            out.table(None, ["action", "check", "id", "differences"],
+                      [[change.action if done else f"{change.action} (planned)", change.name, change.check_id,
+                        "; ".join(change.differences)] for change in plan.changes]
+                      + [["unchanged", name, None, None] for name in plan.unchanged])
+        finally:
+            client.close()
+        out.finish({"dry_run": dry_run, "tag": plan.tag, "changes": plan.changes, "unchanged": plan.unchanged,
+                    "applied": done or []})
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    window: str = typer.Option("24h", "--window", "-w", help="Uptime over this window, e.g. 1h, 24h, 7d."),
+    include_all: bool = typer.Option(False, "--all", help="Every check in the account, not only igops'."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Each check's status, last response time and uptime over a window."""
+    from igops.checks import pingdom
+
+    with command(ctx, "pingdom status", json_flag) as out:
+        fleet = load_fleet(ctx)
+        seconds = pingdom.parse_duration(window)
+        client = pingdom.Pingdom.for_fleet(fleet, reporter=out)
+        try:
+            found = pingdom.statuses(client, fleet, seconds, include_all)
+        finally:
+            client.close()
+        out.table(f"{len(found)} Pingdom checks", ["id", "check", "host", "status", "last response",
+                                                  f"uptime ({window})", "last test (UTC)"],
+                  [[c.id, c.name, c.target, c.status,
+                    f"{c.last_response_ms} ms" if c.last_response_ms is not None else None,
+                    f"{c.uptime_percent:.3f} %" if c.uptime_percent is not None else None,
+                    _clock(c.last_test)] for c in found])
+        out.finish({"window_seconds": seconds, "checks": found})
+
+
+@app.command("maintenance")
+def maintenance(
+    ctx: typer.Context,
+    duration: str = typer.Option(..., "--for", help="How long, from now: e.g. 10m, 1h."),
+    description: Optional[str] = typer.Option(None, "--description", "-d", help="Shown in Pingdom."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Open a maintenance window now over every check igops manages (deploys use this)."""
+    from igops.checks import pingdom
+
+    with command(ctx, "pingdom maintenance", json_flag) as out:
+        fleet = load_fleet(ctx)
+        seconds = pingdom.parse_duration(duration)
+        client = pingdom.Pingdom.for_fleet(fleet, reporter=out)
+        try:
+            checks = client.checks(pingdom.fleet_tag(fleet))
+            if not checks:
+                from igops.errors import UsageError
+
+                raise UsageError(f"Pingdom has no checks tagged {pingdom.fleet_tag(fleet)}",
+                                 "create them first: igops pingdom sync")
+            start = int(time.time())
+            end = start + seconds
+            text = description or f"igops: {fleet.model.fleet.name} maintenance"
+            ids = [int(check["id"]) for check in checks]
+            window_id = mutate(out, fleet, operation="pingdom-maintenance", target=pingdom.fleet_tag(fleet),
+                               targets=[check["name"] for check in checks],
+                               title=f"Maintenance window of {duration} over {len(ids)} Pingdom checks",
+                               steps=[f"POST /maintenance: {text!r} from {_clock(start)} to {_clock(end)} UTC, "
+                                      f"checks {', '.join(check['name'] for check in checks)}"],
+                               dry_run=dry_run, yes=yes,
+                               action=lambda: client.create_maintenance(text, start, end, ids),
+                               outcome=lambda created: (f"window #{created} until {_clock(end)}", 0))
+        finally:
+            client.close()
+        if window_id is not None:
+            out.text(f"maintenance window #{window_id} until {_clock(end)} UTC over {len(ids)} checks")
+        out.finish({"dry_run": dry_run, "id": window_id, "from": start, "to": end, "check_ids": ids})
+
+
+def _clock(timestamp) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

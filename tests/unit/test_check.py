@@ -1,0 +1,274 @@
+"""igops check without a fleet: Nagios output and perfdata, the runner's deadline, dedup keys,
+Pingdom's limit headers, Munin parsing and limits, and the shipped plugin's config."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from igops.checks import Perf, Probe, Result, counts, level, overall, run_all
+from igops.checks import munin, nagios, pagerduty, pingdom
+from igops.errors import ExitCode, NagiosStatus
+from tests.conftest import run_igops
+
+PLUGIN = Path(__file__).resolve().parents[2] / "igops" / "munin_plugins" / "igops_"
+
+
+def test_perfdata_items_follow_the_plugin_convention():
+    assert nagios.perf_item(Perf("disk db1:/data", 81.25, "%", 80, 90, 0, 100)) == "'disk db1:/data'=81.25%;80;90;0;100"
+    assert nagios.perf_item(Perf("checks", 12, minimum=0)) == "'checks'=12;;;0"
+    assert nagios.perf_item(Perf("lag", 0.5, "s")) == "'lag'=0.5s"
+    assert nagios.perf_item(Perf("it's|a=b", 1)) == "'it''s/a_b'=1"
+
+
+def test_nagios_line_is_one_line_with_the_worst_status_and_problems_first():
+    results = [Result("ssh", "app1", NagiosStatus.OK, "reachable"),
+               Result("disk", "db1:/data", NagiosStatus.WARNING, "85% used", [Perf("disk db1:/data", 85, "%", 80, 90)]),
+               Result("http-app", "app2", NagiosStatus.CRITICAL, "GET /health: refused |\nbad")]
+    line, status = nagios.line("lab", results, 0.8123)
+    assert status == NagiosStatus.CRITICAL
+    assert "\n" not in line and line.count("|") == 1
+    text, perfdata = line.split(" | ")
+    assert text.startswith("IGOPS CRITICAL - lab: 1 critical, 1 warning of 3 checks: http-app app2:")
+    assert text.index("http-app app2") < text.index("disk db1:/data")
+    assert "'checks'=3;;;0 'critical'=1;;;0 'warning'=1;;;0 'unknown'=0;;;0 'duration'=0.812s;;;0" in perfdata
+    assert "'disk db1:/data'=85%;80;90" in perfdata
+
+
+def test_nagios_ok_and_long_problem_lists_stay_short():
+    line, status = nagios.line("lab", [Result("ssh", f"h{i}", NagiosStatus.OK, "ok") for i in range(3)], 0.1)
+    assert status == NagiosStatus.OK and line.startswith("IGOPS OK - lab: 3 checks OK | ")
+    many = [Result("ssh", f"host{i}", NagiosStatus.CRITICAL, "x" * 300) for i in range(20)]
+    line, _ = nagios.line("lab", many, 1.0)
+    assert len(line.split(" | ")[0]) <= nagios.MAX_TEXT + len("IGOPS CRITICAL - ")
+    assert nagios.unknown("bad\ninventory | x") == "IGOPS UNKNOWN - bad inventory / x"
+
+
+def test_overall_status_ranks_critical_warning_unknown_ok():
+    make = lambda *states: [Result("c", str(i), s, "") for i, s in enumerate(states)]  # noqa: E731
+    assert overall(make(NagiosStatus.OK, NagiosStatus.UNKNOWN)) == NagiosStatus.UNKNOWN
+    assert overall(make(NagiosStatus.UNKNOWN, NagiosStatus.WARNING)) == NagiosStatus.WARNING
+    assert overall(make(NagiosStatus.WARNING, NagiosStatus.CRITICAL, NagiosStatus.OK)) == NagiosStatus.CRITICAL
+    assert overall([]) == NagiosStatus.OK
+    assert counts(make(NagiosStatus.OK, NagiosStatus.OK, NagiosStatus.CRITICAL)) == \
+        {"ok": 2, "warning": 0, "critical": 1, "unknown": 0}
+    assert level(79.9, 80, 90) == NagiosStatus.OK and level(80, 80, 90) == NagiosStatus.WARNING
+    assert level(95, 80, 90) == NagiosStatus.CRITICAL and level(5, None, None) == NagiosStatus.OK
+
+
+def test_runner_returns_at_the_deadline_and_names_what_did_not_answer():
+    release = threading.Event()
+
+    def hangs(report):
+        report(Result("redis-master", "redis1", NagiosStatus.OK, "master"))
+        release.wait(30)
+
+    def fails(report):
+        raise ValueError("broken probe")
+
+    probes = [Probe("fast", [("ssh", "a")], lambda report: report(Result("ssh", "a", NagiosStatus.OK, "ok"))),
+              Probe("hangs", [("redis-master", "redis1"), ("redis-replica", "redis2")], hangs),
+              Probe("fails", [("memcached", "cache1")], fails)]
+    started = time.monotonic()
+    results = run_all(probes, timeout=0.5)
+    elapsed = time.monotonic() - started
+    release.set()
+    assert elapsed < 1.5
+    by_key = {result.key: result for result in results}
+    assert [result.key for result in results] == [("ssh", "a"), ("redis-master", "redis1"),
+                                                  ("redis-replica", "redis2"), ("memcached", "cache1")]
+    assert by_key[("redis-master", "redis1")].status == NagiosStatus.OK
+    assert by_key[("redis-replica", "redis2")].status == NagiosStatus.CRITICAL
+    assert by_key[("redis-replica", "redis2")].summary == "no answer within 0.5 s"
+    assert by_key[("memcached", "cache1")].status == NagiosStatus.UNKNOWN
+    assert "broken probe" in by_key[("memcached", "cache1")].summary
+
+
+def test_dedup_keys_are_stable_per_fleet_check_and_target():
+    key = pagerduty.dedup_key("lab", "http-app", "app2")
+    assert key == "igops/lab/http-app/app2" == pagerduty.dedup_key("lab", "http-app", "app2")
+    assert key != pagerduty.dedup_key("lab", "http-app", "app3")
+    assert key != pagerduty.dedup_key("prod", "http-app", "app2")
+    assert pagerduty.dedup_key("my fleet", "disk", "db1:/var/lib/x y") == "igops/my_fleet/disk/db1:/var/lib/x_y"
+    assert len(pagerduty.dedup_key("f", "c", "t" * 400)) == 255
+
+
+def test_pingdom_limit_headers_parse():
+    assert pingdom.parse_limit("Remaining: 394 Time until reset: 3589") == pingdom.RateLimit(394, 3589)
+    assert pingdom.parse_limit("remaining: 0 time until reset: 12") == pingdom.RateLimit(0, 12)
+    assert pingdom.parse_limit(None) is None and pingdom.parse_limit("garbage") is None
+    assert [pingdom.parse_duration(text) for text in ("90s", "10m", "2h", "1d", "45")] == [90, 600, 7200, 86400, 45]
+    with pytest.raises(Exception, match="bad duration"):
+        pingdom.parse_duration("10 minutes")
+
+
+def test_munin_limits_and_rates(tmp_path):
+    assert munin.parse_range("80") == (None, 80.0)
+    assert munin.parse_range("10:") == (10.0, None)
+    assert munin.parse_range(":5") == (None, 5.0)
+    assert munin.parse_range("1:9") == (1.0, 9.0)
+    assert munin.parse_range(None) is None and munin.parse_range("x") is None
+    config = ["multigraph g_errors", "graph_title Errors", "errors.label 5xx", "errors.type DERIVE", "errors.min 0",
+              "errors.warning 1", "errors.critical 5", "multigraph g_conn", "used.label used", "used.type GAUGE",
+              "used.warning 80", "used.critical 95"]
+    values = ["multigraph g_errors", "errors.value 100", "multigraph g_conn", "used.value 90"]
+    fields, complaints = munin.parse("p", config, values)
+    assert complaints == []
+    assert {(f.graph, f.name, f.type, f.value) for f in fields} == {("g_errors", "errors", "DERIVE", 100.0),
+                                                                     ("g_conn", "used", "GAUGE", 90.0)}
+    samples = munin.Samples(tmp_path / "samples.json")
+    first = {j.field.name: j for j in munin.judge("db1", fields, samples, now=1000.0)}
+    assert first["used"].status == NagiosStatus.WARNING and first["used"].value == 90
+    assert first["errors"].value is None and first["errors"].status == NagiosStatus.OK  # no rate without a sample
+    samples.save()
+    later = munin.Samples(tmp_path / "samples.json")
+    fields[[f.name for f in fields].index("errors")].value = 700.0
+    second = {j.field.name: j for j in munin.judge("db1", fields, later, now=1100.0)}
+    assert second["errors"].value == pytest.approx(6.0)
+    assert second["errors"].status == NagiosStatus.CRITICAL
+    assert second["errors"].describe() == "g_errors.errors = 6/s (limit 5)"
+    _, complaints = munin.parse("p", [], ["# Bad exit"])
+    assert complaints == ["Bad exit"]
+
+
+def _plugin(tmp_path, service: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    link = tmp_path / f"igops_{service}"
+    if not link.exists():
+        link.symlink_to(PLUGIN)
+    environment = {"PATH": "/usr/bin:/bin", "MUNIN_CAP_MULTIGRAPH": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(link), *args], capture_output=True, text=True, env=environment,
+                          timeout=30)
+
+
+def test_plugin_config_declares_rates_as_derive_with_limits(tmp_path):
+    done = _plugin(tmp_path, "app", "config", env={"errors_warning": "2", "errors_critical": "7"})
+    assert done.returncode == 0, done.stderr
+    fields, complaints = munin.parse("igops_app", done.stdout.splitlines(), [])
+    assert not complaints
+    by_path = {field.path: field for field in fields}
+    for path in ("igops_app_photos.photos", "igops_app_likes.likes", "igops_app_signups.signups",
+                 "igops_app_errors.errors", "igops_app_requests.requests"):
+        assert by_path[path].type == "DERIVE", path
+    assert (by_path["igops_app_errors.errors"].warning, by_path["igops_app_errors.errors"].critical) == ("2", "7")
+    assert (by_path["igops_app_latency.mean"].warning, by_path["igops_app_latency.mean"].critical) == ("500", "2000")
+    lines = done.stdout.splitlines()
+    for name in ("photos", "likes", "signups", "errors", "client_errors", "requests"):
+        assert f"{name}.min 0" in lines
+    assert all(line.startswith(("multigraph ", "graph_")) or "." in line.split()[0] for line in lines)
+    assert "graph_category igops" in lines
+
+
+def test_plugin_autoconf_says_no_with_the_reason_and_needs_multigraph(tmp_path):
+    done = _plugin(tmp_path, "app", "autoconf", env={"url": "http://127.0.20.250:9/stats"})
+    assert done.returncode == 0 and done.stdout.startswith("no (http://127.0.20.250:9/stats")
+    done = _plugin(tmp_path, "redis", "autoconf", env={"host": "127.0.20.250", "port": "9"})
+    assert done.returncode == 0 and done.stdout.startswith("no (redis 127.0.20.250:9")
+    without = subprocess.run([sys.executable, str(tmp_path / "igops_app"), "config"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert without.returncode == 0 and without.stdout.startswith("multigraph not supported")
+    link = tmp_path / "igops_nosuch"
+    link.symlink_to(PLUGIN)
+    assert subprocess.run([sys.executable, str(link)], capture_output=True).returncode == 1
+
+
+def unreachable_inventory(tmp_path: Path) -> Path:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    path = tmp_path / "igops.toml"
+    path.write_text(f"""
+[fleet]
+name = "unit"
+state_dir = "{tmp_path / 'state'}"
+[ssh]
+known_hosts = "{known_hosts}"
+connect_timeout = 1
+[[hosts]]
+name = "web1"
+address = "127.0.20.250"
+roles = ["app"]
+""")
+    return path
+
+
+def test_check_cli_nagios_line_and_exit_codes_without_a_fleet(tmp_path):
+    config = str(unreachable_inventory(tmp_path))
+    result = run_igops("-c", config, "check", "--nagios", "--timeout", "5")
+    assert result.returncode == NagiosStatus.CRITICAL, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("IGOPS CRITICAL - unit: 2 critical of 2 checks:")
+    assert "ssh web1:" in lines[0] and "http-app web1:" in lines[0]
+
+    result = run_igops("-c", config, "check", "--json", "--only", "http")
+    envelope = json.loads(result.stdout)
+    assert result.returncode == ExitCode.FAILED and envelope["exit_code"] == ExitCode.FAILED
+    assert envelope["data"]["status"] == "CRITICAL" and envelope["data"]["counts"]["critical"] == 1
+    assert [(r["check"], r["target"]) for r in envelope["data"]["results"]] == [("http-app", "web1")]
+
+    result = run_igops("-c", config, "check", "--nagios", "--only", "nosuch")
+    assert result.returncode == NagiosStatus.UNKNOWN
+    assert result.stdout.startswith("IGOPS UNKNOWN - unknown check 'nosuch'")
+    result = run_igops("-c", str(tmp_path / "missing.toml"), "check", "--nagios")
+    assert result.returncode == NagiosStatus.UNKNOWN and result.stdout.startswith("IGOPS UNKNOWN - inventory not found")
+
+
+def test_a_second_check_while_one_runs_exits_locked(tmp_path):
+    from igops import inventory, safety
+
+    config = unreachable_inventory(tmp_path)
+    fleet = inventory.load_file(config)
+    with safety.lock(fleet.state_dir, "check", "unit", "igops check (held by the test)"):
+        result = run_igops("-c", str(config), "check", "--only", "http")
+        nagios_result = run_igops("-c", str(config), "check", "--only", "http", "--nagios")
+    assert result.returncode == ExitCode.LOCKED, result.stderr
+    assert "check on unit is already running" in result.stderr and "held by the test" in result.stderr
+    assert nagios_result.returncode == NagiosStatus.UNKNOWN
+    assert nagios_result.stdout.startswith("IGOPS UNKNOWN - check on unit is already running")
+
+
+def test_quiet_prints_nothing_when_all_is_well(tmp_path):
+    config = unreachable_inventory(tmp_path)
+    config.write_text(config.read_text().replace('roles = ["app"]', 'roles = []'))
+    result = run_igops("-c", str(config), "check", "--quiet", "--only", "http")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    result = run_igops("-c", str(config), "check", "--only", "http")
+    assert result.returncode == 0 and "0 checks, all OK" in result.stdout
+
+
+def test_the_run_ends_at_its_deadline_whatever_hangs(tmp_path):
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # the kernel completes connections; nothing ever answers on them
+    port = hung.getsockname()[1]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    config = tmp_path / "igops.toml"
+    config.write_text(f"""
+[fleet]
+name = "unit"
+state_dir = "{tmp_path / 'state'}"
+[ssh]
+known_hosts = "{known_hosts}"
+port = {port}
+connect_timeout = 30
+[app]
+port = {port}
+[[hosts]]
+name = "stuck"
+address = "127.0.0.1"
+roles = ["app"]
+""")
+    started = time.monotonic()
+    result = run_igops("-c", str(config), "check", "--nagios", "--timeout", "1.5")
+    elapsed = time.monotonic() - started
+    hung.close()
+    assert result.returncode == NagiosStatus.CRITICAL, result.stdout + result.stderr
+    assert "http-app stuck: no answer within 1.5 s" in result.stdout
+    duration = float(result.stdout.split("'duration'=", 1)[1].split("s", 1)[0])
+    assert duration < 2.5, f"the checks took {duration} s with a 1.5 s deadline"
+    # A connect or banner wait of the inventory's 30 s would show here, start-up aside.
+    assert elapsed < 15, f"the process took {elapsed:.1f} s to exit"
