@@ -16,14 +16,14 @@ def addresses(count: int, base: str = "127.0.30") -> list[str]:
     return [f"{prefix}.{int(third) + i // 250}.{i % 250 + 1}" for i in range(count)]
 
 
-def start(directory: Path, count: int) -> tuple[sshd.SshKeys, list[str]]:
+def start(directory: Path, count: int, base: str = "127.0.30", port: int = PORT) -> tuple[sshd.SshKeys, list[str]]:
     directory.mkdir(parents=True, exist_ok=True)
     keys = sshd.ensure_keys(directory)
-    targets = addresses(count)
-    sshd.write_known_hosts(keys, [(address, PORT) for address in targets])
+    targets = addresses(count, base)
+    sshd.write_known_hosts(keys, [(address, port) for address in targets])
     per = sshd.MAX_ADDRESSES_PER_DAEMON
     for index in range(math.ceil(count / per)):
-        sshd.start(directory, f"bench{index}", keys, targets[index * per:(index + 1) * per], PORT)
+        sshd.start(directory, f"bench{index}", keys, targets[index * per:(index + 1) * per], port)
     return keys, targets
 
 
@@ -32,7 +32,7 @@ def stop(directory: Path, count: int) -> None:
         sshd.stop(directory, f"bench{index}")
 
 
-def inventory(directory: Path, keys: sshd.SshKeys, targets: list[str], role: str = "app") -> Path:
+def inventory(directory: Path, keys: sshd.SshKeys, targets: list[str], role: str = "app", port: int = PORT) -> Path:
     hosts = "".join(f'[[hosts]]\nname = "t{i}"\naddress = "{address}"\nroles = ["{role}"]\n'
                     for i, address in enumerate(targets))
     path = directory / f"inventory-{len(targets)}.toml"
@@ -41,7 +41,7 @@ name = "bench"
 state_dir = "{directory / 'state'}"
 [ssh]
 user = "root"
-port = {PORT}
+port = {port}
 known_hosts = "{keys.known_hosts}"
 identity_file = "{keys.client_key}"
 connect_timeout = 20
@@ -51,6 +51,6 @@ parallel = 100
     return path
 
 
-def ssh_options(keys: sshd.SshKeys) -> list[str]:
+def ssh_options(keys: sshd.SshKeys, port: int = PORT) -> list[str]:
     return ["-o", f"UserKnownHostsFile={keys.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i", str(keys.client_key), "-p", str(PORT)]
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i", str(keys.client_key), "-p", str(port)]

@@ -6,6 +6,11 @@ import typer
 
 from igops import __version__
 from igops.commands import fleet, lab, snapshot
+from igops.commands import check, munin, pagerduty, pingdom
+from igops.commands import pg
+from igops.commands import redis as redis_commands
+from igops.commands import deploy as deploy_commands
+from igops.commands import shard as shard_commands
 from igops.commands.common import GlobalOptions
 
 app = typer.Typer(
@@ -42,6 +47,14 @@ def root(
 fleet.register(app)
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(lab.app, name="lab")
+check.register(app)
+app.add_typer(munin.app, name="munin")
+app.add_typer(pingdom.app, name="pingdom")
+app.add_typer(pagerduty.app, name="pagerduty")
+app.add_typer(shard_commands.app, name="shard")
+app.add_typer(deploy_commands.app, name="deploy")
+app.add_typer(pg.app, name="pg")
+app.add_typer(redis_commands.app, name="redis")
 
 
 def main() -> None:

@@ -69,6 +69,8 @@ def _build_models():
     class Monitoring(Strict):
         pingdom_url: str = "https://api.pingdom.com/api/3.1"
         pagerduty_url: str = "https://events.pagerduty.com"
+        # Outside-in HTTP(S) checks that `igops pingdom sync` keeps, besides each load balancer's health.
+        public_urls: list[str] = Field(default_factory=list)
 
     class SecretsRef(Strict):
         file: str | None = None
@@ -107,6 +109,8 @@ def _build_models():
         port: int = 80
         health_path: str = "/health"
         upstream_file: str = "/etc/nginx/conf.d/igops-upstream.conf"
+        # Run before every reload: a change that fails it is undone and never reloaded.
+        test_command: str = "nginx -t -q"
         reload_command: str = "nginx -s reload"
 
     class App(Strict):
@@ -129,18 +133,29 @@ def _build_models():
         bin_dir: str = "/usr/lib/postgresql/15/bin"
         data_directory: str = "/var/lib/postgresql/15/main"
         repmgr_config: str = "/etc/repmgr.conf"
+        socket_dir: str = "/var/run/postgresql"
         max_lag_bytes: int = Field(1 << 20, ge=0)
+        # A switchover refuses a candidate whose replay lags more than this (pg_stat_replication).
+        max_lag_seconds: float = Field(30.0, gt=0)
         clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
 
     class PgBouncer(Strict):
         port: int = 6432
         admin_user: str = "pgbouncer"
         databases_file: str = "/etc/pgbouncer/databases.ini"
+        # How long a switchover waits for PAUSE before it gives up and resumes.
+        pause_timeout: float = Field(5.0, gt=0, le=60)
 
     class Redis(Strict):
         master: str | None = None
         replicas: list[str] = Field(default_factory=list)
         port: int = 6379
+        # Per-host template ({host}): failovers set its replicaof line so a restart keeps the role.
+        config_file: str = "/etc/redis/redis.conf"
+        # The longest a switchover holds writes (CLIENT PAUSE's own timeout, so it ends even if
+        # igops dies).
+        pause_timeout: float = Field(5.0, ge=3, le=60)
+        max_lag_bytes: int = Field(1 << 20, ge=0)
 
     class Memcached(Strict):
         port: int = 11211
@@ -152,6 +167,22 @@ def _build_models():
         plugin_dir: str = "/etc/munin/plugins"
         plugin_conf_dir: str = "/etc/munin/plugin-conf.d"
         restart_command: str = "systemctl restart munin-node"
+        # Where igops' plugin scripts live on a host; plugin_dir gets links to them.
+        plugin_library: str = "/usr/local/share/igops/munin-plugins"
+
+    class Check(Strict):
+        # One deadline for a whole `igops check`: whatever has not answered by then is CRITICAL.
+        timeout: float = Field(10.0, gt=0, le=300)
+        disk_warning_percent: float = Field(80.0, gt=0, le=100)
+        disk_critical_percent: float = Field(90.0, gt=0, le=100)
+        replication_lag_warning_bytes: int = Field(1 << 20, ge=0)
+        replication_lag_critical_bytes: int = Field(64 << 20, ge=0)
+        pgbouncer_wait_warning_seconds: float = Field(1.0, ge=0)
+        pgbouncer_wait_critical_seconds: float = Field(5.0, ge=0)
+        snapshot_warning_hours: float = Field(26.0, gt=0)
+        snapshot_critical_hours: float = Field(50.0, gt=0)
+        # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).
+        munin_plugins: list[str] = Field(default_factory=lambda: ["igops_*"])
 
     class Shards(Strict):
         count: int = Field(16, ge=1, le=8192)
@@ -179,6 +210,7 @@ def _build_models():
         munin: Munin = Munin()
         shards: Shards = Shards()
         snapshot: Snapshot = Snapshot()
+        check: Check = Check()
 
     return Inventory
 
@@ -447,11 +479,14 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
 
     for where, template in [("postgres.data_directory", section("postgres").get("data_directory")),
                             ("postgres.repmgr_config", section("postgres").get("repmgr_config")),
+                            ("postgres.socket_dir", section("postgres").get("socket_dir")),
                             ("app.root", section("app").get("root")),
                             ("app.reload_command", section("app").get("reload_command")),
                             ("munin.plugin_dir", section("munin").get("plugin_dir")),
                             ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
-                            ("munin.restart_command", section("munin").get("restart_command"))]:
+                            ("munin.restart_command", section("munin").get("restart_command")),
+                            ("munin.plugin_library", section("munin").get("plugin_library")),
+                            ("redis.config_file", section("redis").get("config_file"))]:
         unknown = {name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "")
                    if name != "host"}
         if unknown:

@@ -148,9 +148,11 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
 
 # --- the app: venv, release, gunicorn --------------------------------------------------------
 
-def app_venv(paths: Paths) -> Path:
-    """A virtualenv with the app's requirements, built once per requirements.txt content."""
-    requirements = paths.app_source / "requirements.txt"
+def app_venv(paths: Paths, requirements: Path | None = None) -> Path:
+    """A virtualenv with the app's requirements, built once per requirements.txt content. Every
+    app host's shared/venvs/<hash> links to it, as if the machine image came with it; a release
+    with other requirements gets its own, built on the host by `igops deploy`."""
+    requirements = requirements or paths.app_source / "requirements.txt"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
     venv = paths.venvs / digest
     ready = venv / ".igops-ready"
@@ -162,9 +164,6 @@ def app_venv(paths: Paths) -> Path:
     proc.run([venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements],
              timeout=600)
     ready.write_text(str(requirements) + "\n")
-    for stale in paths.venvs.iterdir():
-        if stale != venv and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
     return venv
 
 
@@ -185,21 +184,23 @@ def _source_digest(source: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def ensure_release(paths: Paths, name: str) -> Path:
+def ensure_release(paths: Paths, name: str, venv: Path) -> Path:
     """The Capistrano layout: releases/<id>, an atomically switched `current`, shared/.
-    A first release is made from the app's source only when `current` does not exist yet."""
+    A first release is made from the app's source only when `current` does not exist yet.
+    Each release links `venv` to shared/venvs/<requirements hash>, as igops deploys do."""
     root = paths.app_root(name)
     current = root / "current"
-    for directory in (root / "releases", root / "shared" / "log"):
+    for directory in (root / "releases", root / "shared" / "log", root / "shared" / "venvs"):
         directory.mkdir(parents=True, exist_ok=True)
     if current.exists():
-        return current.resolve()
+        return _link_venv(paths, root, current.resolve(), venv)
     release_id = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     release = root / "releases" / release_id
     shutil.rmtree(release, ignore_errors=True)
     shutil.copytree(paths.app_source, release / "app",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "test_*.py"))
     (release / "REVISION").write_text(_source_digest(paths.app_source) + "\n")
+    _link_venv(paths, root, release, venv)
     link = root / f".current.{os.getpid()}"
     link.unlink(missing_ok=True)
     link.symlink_to(release)
@@ -207,11 +208,23 @@ def ensure_release(paths: Paths, name: str) -> Path:
     return release
 
 
+def _link_venv(paths: Paths, root: Path, release: Path, venv: Path) -> Path:
+    if (release / "venv").is_symlink():
+        return release
+    requirements = release / "app" / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    host_venv = root / "shared" / "venvs" / digest
+    if not host_venv.is_symlink() and not host_venv.exists():
+        host_venv.symlink_to(venv if venv.name == digest else app_venv(paths, requirements))
+    (release / "venv").symlink_to(Path("..", "..", "shared", "venvs", digest))
+    return release
+
+
 def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credentials) -> proc.Daemon:
     lab_host = host(name)
     root = paths.app_root(name)
     shared = root / "shared"
-    ensure_release(paths, name)
+    ensure_release(paths, name, venv)
     password_file = shared / "app-pg-password"
     files.write_file(password_file, credentials.app_password + "\n", mode=0o600, owner=APP_USER)
     pgbouncer = with_role("pgbouncer")[0]
@@ -225,7 +238,10 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
     pid_file = shared / "gunicorn.pid"
     files.write_file(shared / "app.toml", config, owner=APP_USER)
     files.chown(shared, APP_USER, recursive=True)
-    argv = (str(venv / "bin" / "gunicorn"), "--bind", f"{lab_host.address}:{APP_PORT}",
+    # The interpreter is found through `current`, so its site-packages are the current
+    # release's virtualenv: after a HUP the new workers import the new release's dependencies.
+    argv = (str(root / "current" / "venv" / "bin" / "python"), "-m", "gunicorn",
+            "--bind", f"{lab_host.address}:{APP_PORT}",
             "--workers", str(GUNICORN_WORKERS), "--threads", str(GUNICORN_THREADS), "--worker-class", "gthread",
             # HUP re-reads `current`: the deploy's switch takes effect without a restart.
             "--chdir", str(root / "current"), "--pid", str(pid_file), "--name", f"app-{name}",
@@ -261,6 +277,11 @@ def nginx_daemon(paths: Paths) -> proc.Daemon:
                        ("/usr/sbin/nginx", "-c", str(config), "-e", str(directory / "error.log")),
                        pid_file, directory / "nginx.out", endpoint=(lab_host.address, LB_PORT),
                        writes_pid_file=True, health_path="/health", config_files=(config,))
+
+
+def nginx_test_command(paths: Paths) -> str:
+    config = paths.nginx_dir() / "nginx.conf"
+    return f"/usr/sbin/nginx -t -q -c {config} -e {paths.nginx_dir() / 'error.log'}"
 
 
 def nginx_reload_command(paths: Paths) -> str:
