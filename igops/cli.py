@@ -5,11 +5,9 @@ from __future__ import annotations
 import typer
 
 from igops import __version__
-from igops.commands import fleet, lab, snapshot
-from igops.commands import check, munin, pagerduty, pingdom
-from igops.commands import pg
-from igops.commands import redis as redis_commands
+from igops.commands import check, fleet, lab, munin, pagerduty, pg, pingdom, snapshot, warm
 from igops.commands import deploy as deploy_commands
+from igops.commands import redis as redis_commands
 from igops.commands import shard as shard_commands
 from igops.commands.common import GlobalOptions
 
@@ -47,6 +45,7 @@ def root(
 fleet.register(app)
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(lab.app, name="lab")
+app.add_typer(warm.app, name="warm")
 check.register(app)
 app.add_typer(munin.app, name="munin")
 app.add_typer(pingdom.app, name="pingdom")
