@@ -24,8 +24,11 @@ test: deps venv
 down: venv
 	$(IGOPS) lab down
 
+# Every benchmark in turn (root; about an hour). The lab-backed ones need `make lab` first.
+BENCHES := cli_startup exec_fanout snapshot_freeze warm failover shard_move deploy check
+
 bench: deps venv
-	$(VENV)/bin/python bench/run_all.py
+	set -e; for bench in $(BENCHES); do echo "== bench/$$bench.py"; $(VENV)/bin/python bench/$$bench.py; done
 
 deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do \

@@ -38,7 +38,9 @@ REJOIN_TIMEOUT = 300.0
 STREAMING_TIMEOUT = 60.0
 # Confirming a server is down: connection attempts, this far apart.
 DOWN_PROBES = 2
-DOWN_PROBE_INTERVAL = 1.0
+DOWN_PROBE_INTERVAL = 0.5
+# How long PgBouncer may take to pause the databases of a dead primary before igops KILLs them.
+DEAD_SERVER_PAUSE_S = 2.0
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
@@ -672,8 +674,13 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
     reasons: list[str] = []
     stop_first = False
     old_probe = view.probes[old] if old else None
+    wal_end = None
     if old_probe:
-        _confirm_pg_down(fleet, state, old)
+        # Asking the server again and reading its WAL over SSH overlap: both take about a second.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
+            reading = pool.submit(_wal_end, fleet, old_probe.host) if old_probe.host_reachable else None
+            _confirm_pg_down(fleet, state, old)
+            wal_end = reading.result() if reading else None
         streaming = [name for name, probe in view.probes.items()
                      if probe.server and probe.server.receiver_status == "streaming"
                      and probe.server.upstream_address in (str(old_probe.host.address), old)]
@@ -706,11 +713,10 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
     if old_probe is None:
         plan.bytes_at_risk = best - received
     elif old_probe.host_reachable:
-        end = _wal_end(fleet, old_probe.host)
-        if end is None:
+        if wal_end is None:
             reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
         else:
-            plan.bytes_at_risk = max(0, end - received)
+            plan.bytes_at_risk = max(0, wal_end - received)
             if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
                 reasons.append(f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
                                f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
@@ -735,8 +741,8 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
     steps = []
     if databases:
-        steps.append(Step(f"PgBouncer: KILL {_bouncer_text(databases)} (drop every connection to "
-                          f"{old or 'the cluster'}, hold new queries)", "kill", (databases,), release=resume))
+        steps.append(Step(f"PgBouncer: hold {_bouncer_text(databases)}: PAUSE (KILL if not paused within "
+                          f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait", "hold", (databases,), release=resume))
     if fence_on_disk:
         steps.append(Step(f"{old}: fence: " + ("stop it (immediate), " if stop_first else "")
                           + "write standby.signal so it can only start read-only", "fence", (old, stop_first)))
@@ -945,9 +951,18 @@ class PgActions:
             return f"writes were paused {(self.resumed_at - self.paused_at) * 1000:.0f} ms"
         return None
 
-    def kill(self, databases: dict[str, list[str]]) -> None:
+    def hold(self, databases: dict[str, list[str]]) -> str:
+        """Stop queries reaching a dead primary. PAUSE first: the connections to a crashed
+        server are already gone, so it completes at once. KILL only when PAUSE cannot finish
+        (server connections hung on an unreachable host), because PgBouncer can crash when
+        a client logs in to a killed database (pgbouncer/pgbouncer#1401)."""
         self.paused_at = time.monotonic()
-        self._bouncers(databases, "kill")
+        try:
+            self._bouncers(databases, "pause", DEAD_SERVER_PAUSE_S)
+            return f"paused in {(time.monotonic() - self.paused_at) * 1000:.0f} ms"
+        except postgres.PauseFailed:
+            self._bouncers(databases, "kill")
+            return f"did not pause within {DEAD_SERVER_PAUSE_S:g} s: killed the connections instead"
 
     def repoint(self, databases: dict[str, list[str]], node: str) -> str:
         fleet = self.fleet
@@ -1441,7 +1456,10 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
     if view.states.get(old) is not None:
         raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}",
                       f"point the app at a master with `igops redis switchover --to {state.node(old).master}`")
-    _confirm_redis_down(fleet, state, old)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
+        ssh_check = pool.submit(_ssh, fleet, fleet.host(old), ["true"], 20)
+        _confirm_redis_down(fleet, state, old)
+        reachable = ssh_check.result().reached
     plan = RedisPlan("failover", "", old, None)
     reasons = []
     following = [name for name in members if view.states[name] and view.states[name].role == "replica"
@@ -1464,7 +1482,6 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
     best = max(node.offset for node in replicas.values())
     if replicas[chosen].offset < best:
         reasons.append(f"{chosen} is {best - replicas[chosen].offset} bytes behind the most advanced replica")
-    reachable = _ssh(fleet, fleet.host(old), ["true"], timeout=20).reached
     if not reachable:
         reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
                        "come back (stop the instance) before forcing")

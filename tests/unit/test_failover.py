@@ -181,7 +181,7 @@ def test_failover_fences_before_it_promotes(fleet):
     steps = failover.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True,
                                     stop_first=False)
     actions = [step.action for step in steps]
-    assert actions[:3] == ["kill", "fence", "repoint"]
+    assert actions[:3] == ["hold", "fence", "repoint"]
     assert actions.index("promote") < actions.index("resume")
     assert steps[0].release.action == "resume"
 

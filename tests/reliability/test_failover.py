@@ -1,0 +1,456 @@
+"""Switchover and failover in the lab, under write load through the load balancer (the app's own
+load generator, its ledger verified after each run): planned switchovers lose nothing and show
+clients no errors; after a SIGKILL, writes flow again within 10 s of `failover`, the returning
+old primary or master takes no writes from the app, and `rejoin` brings it back; unsafe requests
+are refused. Every test leaves db1 the primary of main and redis1 the master."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from igops import safety
+from igops.errors import ExitCode
+from igops.lab import aws, state
+from igops.lab.state import MARKER_ENV
+from igops.secrets import Secrets
+from tests.conftest import ROOT, run_igops
+
+pytestmark = pytest.mark.lab
+
+# At least 100 writes/s: 130 requests/s, 85 % of them writes.
+LOAD_RATE = 130
+WRITE_RATIO = 0.85
+ROUND_TRIPS = 5
+HOME_PRIMARY, OTHER_PRIMARY = "db1", "db2"
+HOME_MASTER, OTHER_MASTER = "redis1", "redis2"
+
+
+def igops(lab, *args, timeout=300):
+    result = run_igops("-c", str(lab.source), *args, "--json", timeout=timeout)
+    try:
+        envelope = json.loads(result.stdout)
+    except ValueError:
+        envelope = None
+    return result, envelope
+
+
+def lb_url(lab) -> str:
+    return f"http://{lab.with_role('lb')[0].address}:{lab.model.lb.port}"
+
+
+def app_config() -> Path:
+    return state.paths().app_root("app1") / "shared" / "app.toml"
+
+
+class Load:
+    """The app's load generator in its own process, writing through the load balancer for as long
+    as the test acts: entering waits until its timed phase has begun; leaving lets it run a little
+    longer, stops it (SIGINT ends the timed phase and prints the report) and keeps the report."""
+
+    TAIL = 2.0
+
+    def __init__(self, lab, tmp_path):
+        self.ledger = tmp_path / "ledger.jsonl"
+        self.argv = [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", str(LOAD_RATE),
+                     "--duration", "600", "--write-ratio", str(WRITE_RATIO), "--users", "30", "--concurrency", "32",
+                     "--seed", "11", "--ledger", str(self.ledger), "--json"]
+        self.process = None
+        self.report = None
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.running:
+            if self.ledger.exists() and any(f'"op":"{op}"' in self.ledger.read_text() for op in ("post", "like")):
+                return self
+            time.sleep(0.2)
+        self.process.kill()
+        raise AssertionError(f"the load's timed phase never began: {self.process.communicate()[1][-2000:]}")
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def __exit__(self, *exc_info):
+        if self.running:
+            time.sleep(self.TAIL)
+            self.process.send_signal(signal.SIGINT)
+        output, errors = self.process.communicate(timeout=120)
+        if exc_info[0] is None:
+            assert output.strip(), errors[-2000:]
+            self.report = json.loads(output)
+
+    def verify(self, monkeypatch):
+        # Not app.loadgen.verify: once the submodule of that name is imported, it shadows the function.
+        from app.loadgen.verify import verify_ledger
+
+        for key, value in aws.AWS_ENV.items():
+            monkeypatch.setenv(key, value)
+        return verify_ledger(self.ledger, app_config())
+
+
+def describe(report: dict, verified) -> str:
+    return (f"{report['writes_per_s']:.0f} writes/s over {report['duration_s']:.0f} s, "
+            f"{report['writes_acked']} acknowledged, errors {report['errors_by_kind'] or 0}, longest write gap "
+            f"{report['longest_write_gap_s']:.3f} s, write p99 {report['write_latency']['p99_ms']:.0f} ms, "
+            f"max {report['write_latency']['max_ms']:.0f} ms; verify: {len(verified.missing_writes)} missing")
+
+
+def postgres(lab, node, database="postgres", user=None, password=None):
+    import psycopg2
+
+    connection = psycopg2.connect(host=str(lab.host(node).address), port=lab.model.postgres.port,
+                                  user=user or lab.model.postgres.user, dbname=database, connect_timeout=5,
+                                  password=password or Secrets(lab.model.secrets.file).get("postgres_password"))
+    connection.autocommit = True
+    return connection
+
+
+def redis_client(lab, node):
+    import redis
+
+    return redis.Redis(host=str(lab.host(node).address), port=lab.model.redis.port, socket_timeout=5,
+                       decode_responses=True)
+
+
+def pg_state(lab, cluster="main"):
+    result, envelope = igops(lab, "pg", "status", cluster)
+    assert envelope, result.stderr
+    return envelope["data"]["clusters"][0]
+
+
+def redis_state(lab):
+    result, envelope = igops(lab, "redis", "status")
+    assert envelope, result.stderr
+    return envelope["data"]
+
+
+def node_of(cluster_state, name):
+    return next(node for node in cluster_state["nodes"] if node["name"] == name)
+
+
+def until(predicate, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def sign_up_succeeds(lab) -> bool:
+    """One write through the load balancer that needs the directory (Postgres main) and the Redis
+    master: a sign-up."""
+    import requests
+
+    try:
+        response = requests.post(f"{lb_url(lab)}/api/users", json={"username": f"p{uuid.uuid4().hex[:12]}"},
+                                 timeout=10)
+    except requests.RequestException:
+        return False
+    return response.status_code == 201
+
+
+def lab_up():
+    from igops import lab as lab_module
+    from igops.output import Reporter
+
+    lab_module.up(Reporter())
+
+
+def restore_home(lab):
+    """db1 the primary of main with db2 streaming from it, redis1 the master the app uses."""
+    main = pg_state(lab)
+    if any(node["state"] != "running" for node in main["nodes"]):
+        lab_up()
+        main = pg_state(lab)
+    for node in main["nodes"]:
+        if main["primary"] and node["role"] == "standby" and node["streaming_from"] != main["primary"]:
+            igops(lab, "pg", "rejoin", node["name"], "--yes", "--force")
+    if pg_state(lab)["primary"] != HOME_PRIMARY:
+        result, _ = igops(lab, "pg", "switchover", "main", "--to", HOME_PRIMARY, "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+    redis = redis_state(lab)
+    if any(node["role"] == "unknown" for node in redis["nodes"]):
+        lab_up()
+        redis = redis_state(lab)
+    for node in redis["nodes"]:
+        if node["role"] == "master" and node["name"] != redis["app_master"]:
+            igops(lab, "redis", "rejoin", node["name"], "--yes", "--force")
+    redis = redis_state(lab)
+    if redis["app_master"] != HOME_MASTER or node_of(redis, HOME_MASTER)["role"] != "master":
+        result, _ = igops(lab, "redis", "switchover", "--to", HOME_MASTER, "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert pg_state(lab)["primary"] == HOME_PRIMARY and redis_state(lab)["app_master"] == HOME_MASTER
+    trim_wal(lab)
+
+
+def trim_wal(lab):
+    """Every promotion leaves a 16 MB segment per timeline on each member until the WAL moves past
+    it; the lab's WAL volumes are small, so move it along and checkpoint everywhere."""
+    primary = postgres(lab, HOME_PRIMARY)
+    try:
+        with primary.cursor() as cursor:
+            for _ in range(4):
+                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'trim')")
+                cursor.execute("SELECT pg_switch_wal()")
+            cursor.execute("CHECKPOINT")
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            position = cursor.fetchone()[0]
+    finally:
+        primary.close()
+    standby = postgres(lab, OTHER_PRIMARY)
+    try:
+        with standby.cursor() as cursor:
+            def replayed():
+                cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
+                return cursor.fetchone()[0]
+
+            until(replayed, 30)
+            cursor.execute("CHECKPOINT")
+    finally:
+        standby.close()
+
+
+@pytest.fixture
+def at_home(lab):
+    restore_home(lab)
+    yield lab
+    restore_home(lab)
+
+
+def kill_postgres(lab, node):
+    """SIGKILL the postmaster and every process it started: the machine died."""
+    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(node)))
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    children = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                and _parent(int(entry.name)) == postmaster]
+    for pid in [postmaster, *children]:
+        try:
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
+        except OSError:
+            pass
+    assert until(lambda: not Path(f"/proc/{postmaster}").exists(), 10)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def redis_pid_file(node) -> Path:
+    return state.paths().host_dir(node) / "redis" / "redis.pid"
+
+
+def start_redis_as_its_host_would(node):
+    """Start redis-server with the node's own config file, as the host's init would after a
+    reboot (the lab's `up` would rewrite the file first)."""
+    paths = state.paths()
+    directory = paths.host_dir(node) / "redis"
+    with open(directory / "redis.log", "ab") as log:
+        process = subprocess.Popen(["/usr/bin/redis-server", str(directory / "redis.conf")],
+                                   cwd=paths.mount_point(node, "data"), user="redis", group="redis",
+                                   env={MARKER_ENV: str(paths.root), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    redis_pid_file(node).write_text(f"{process.pid}\n")
+
+
+def test_unsafe_requests_are_refused(at_home, monkeypatch):
+    lab = at_home
+    standby = postgres(lab, OTHER_PRIMARY)
+    primary = postgres(lab, HOME_PRIMARY)
+    try:
+        with standby.cursor() as cursor:
+            cursor.execute("SELECT pg_wal_replay_pause()")
+        with primary.cursor() as cursor:
+            cursor.execute("CREATE TABLE failover_lag_probe AS SELECT g, repeat('x', 200) AS pad "
+                           "FROM generate_series(1, 20000) AS g")
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            written = cursor.fetchone()[0]
+
+        def received():
+            with standby.cursor() as cursor:
+                cursor.execute("SELECT pg_last_wal_receive_lsn() >= %s::pg_lsn", (written,))
+                return cursor.fetchone()[0]
+
+        assert until(received, 20)
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+        assert result.returncode == ExitCode.REFUSED, result.stderr[-2000:]
+        message = envelope["error"]["message"]
+        assert "replay paused" in message and "lags" in message and "threshold" in message
+        dry, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--force", "--dry-run")
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        assert any("resume WAL replay" in step for step in envelope["data"]["plan"]["steps"])
+        assert envelope["data"]["plan"]["forced"]
+    finally:
+        with standby.cursor() as cursor:
+            cursor.execute("SELECT pg_wal_replay_resume()")
+        with primary.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS failover_lag_probe")
+        standby.close()
+        primary.close()
+    main = pg_state(lab)
+    assert main["primary"] == HOME_PRIMARY and not main["paused"]
+
+    with safety.lock(lab.state_dir, "pg", "main", "a switchover in another terminal"):
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+    assert result.returncode == ExitCode.LOCKED and "already running" in envelope["error"]["message"]
+
+    for args, why in [(("pg", "failover", "main"), "accepts writes"),
+                      (("pg", "rejoin", HOME_PRIMARY), "PgBouncer routes"),
+                      (("redis", "failover"), "it is not down"),
+                      (("redis", "rejoin", HOME_MASTER), "the app's master")]:
+        result, envelope = igops(lab, *args, "--yes")
+        assert result.returncode == ExitCode.REFUSED, (args, result.stderr[-2000:])
+        assert why in envelope["error"]["message"], (args, envelope["error"])
+    assert pg_state(lab)["primary"] == HOME_PRIMARY
+
+
+def test_pg_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path, monkeypatch):
+    lab = at_home
+    pauses = []
+    with Load(lab, tmp_path) as load:
+        for _ in range(ROUND_TRIPS):
+            for target in (OTHER_PRIMARY, HOME_PRIMARY):
+                result, envelope = igops(lab, "pg", "switchover", "main", "--to", target, "--yes")
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert envelope["data"]["after"]["primary"] == target
+                pauses.append(envelope["data"]["result"]["write_pause_ms"])
+                time.sleep(0.5)
+        assert load.running
+    report = load.report
+    verified = load.verify(monkeypatch)
+    print(f"\npg switchovers: {len(pauses)}, write pauses {pauses} ms; load: {describe(report, verified)}")
+    assert report["writes_per_s"] >= 100
+    assert report["errors"] == 0 and report["write_errors"] == 0
+    assert report["longest_write_gap_s"] < 3
+    assert verified.ok, verified.missing_writes[:5]
+
+
+def test_redis_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path, monkeypatch):
+    lab = at_home
+    pauses = []
+    with Load(lab, tmp_path) as load:
+        for _ in range(ROUND_TRIPS):
+            for target in (OTHER_MASTER, HOME_MASTER):
+                result, envelope = igops(lab, "redis", "switchover", "--to", target, "--yes")
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert envelope["data"]["after"]["app_master"] == target
+                pauses.append(envelope["data"]["result"]["write_pause_ms"])
+                time.sleep(0.5)
+        assert load.running
+    report = load.report
+    verified = load.verify(monkeypatch)
+    print(f"\nredis switchovers: {len(pauses)}, write pauses {pauses} ms; load: {describe(report, verified)}")
+    assert report["writes_per_s"] >= 100
+    assert report["errors"] == 0 and report["write_errors"] == 0
+    assert report["longest_write_gap_s"] < 1
+    assert verified.ok, verified.missing_writes[:5]
+
+
+def lost_only_in_flight(verified, killed_at: float, window: float = 1.0) -> list:
+    """Missing acknowledged writes that were not in flight when the server died."""
+    return [missing for missing in verified.missing_writes if missing.record.get("acked", 0) < killed_at - window]
+
+
+def test_pg_primary_killed_then_failover(at_home, tmp_path, monkeypatch):
+    lab = at_home
+    with Load(lab, tmp_path) as load:
+        time.sleep(2)
+        killed_at = time.time()
+        kill_postgres(lab, HOME_PRIMARY)
+        started = time.monotonic()
+        result, envelope = igops(lab, "pg", "failover", "main", "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert until(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
+        flowing_after = time.monotonic() - started
+        assert flowing_after < 10
+        assert load.running
+    data = envelope["data"]
+    assert data["result"]["new_primary"] == OTHER_PRIMARY
+    assert any(step.startswith(f"{HOME_PRIMARY}: fence") for step in data["plan"]["steps"])
+    at_risk = data["result"]["bytes_at_risk"]
+    assert at_risk is not None
+    verified = load.verify(monkeypatch)
+    assert verified.ok or at_risk > 0, verified.missing_writes[:5]
+    assert not lost_only_in_flight(verified, killed_at), verified.missing_writes[:5]
+
+    lab_up()  # the old primary comes back, as the lab starts it (pg_ctl start)
+    old = postgres(lab, HOME_PRIMARY)
+    with old.cursor() as cursor:
+        cursor.execute("SELECT pg_is_in_recovery()")
+        assert cursor.fetchone()[0], "the fenced old primary came back writable"
+    old.close()
+    import psycopg2
+
+    password = (state.paths().app_root("app1") / "shared" / "app-pg-password").read_text().strip()
+    app_user = postgres(lab, HOME_PRIMARY, "instagram", user="app", password=password)
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), app_user.cursor() as cursor:
+        cursor.execute("CREATE TABLE failover_fence_probe (id int)")
+    app_user.close()
+    main = pg_state(lab)
+    assert main["primary"] == OTHER_PRIMARY
+    assert set(main["pgbouncer"]["pgb1"].values()) == {OTHER_PRIMARY}
+    assert node_of(main, HOME_PRIMARY)["pgbouncer"] == []
+    assert sign_up_succeeds(lab)
+
+    result, _ = igops(lab, "pg", "rejoin", HOME_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert node_of(pg_state(lab), HOME_PRIMARY)["streaming_from"] == OTHER_PRIMARY
+    print(f"\npg failover: writes flowed {flowing_after:.1f} s after the command; bytes at risk {at_risk}; "
+          f"load errors {load.report['errors']}, longest write gap {load.report['longest_write_gap_s']:.1f} s")
+
+
+def test_redis_master_killed_then_failover(at_home, tmp_path, monkeypatch):
+    lab = at_home
+    with Load(lab, tmp_path) as load:
+        time.sleep(2)
+        killed_at = time.time()
+        subprocess.run(["kill", "-KILL", redis_pid_file(HOME_MASTER).read_text().split()[0]], check=True)
+        started = time.monotonic()
+        result, envelope = igops(lab, "redis", "failover", "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert until(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
+        flowing_after = time.monotonic() - started
+        assert flowing_after < 10
+        assert load.running
+    assert envelope["data"]["result"]["new_master"] == OTHER_MASTER
+    verified = load.verify(monkeypatch)
+    assert not lost_only_in_flight(verified, killed_at), verified.missing_writes[:5]
+
+    start_redis_as_its_host_would(HOME_MASTER)
+    old = redis_client(lab, HOME_MASTER)
+    try:
+        role = until(lambda: _role(old), 15)
+        assert role[0] == "slave" and role[1] == str(lab.host(OTHER_MASTER).address), role
+        import redis
+
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            old.set("failover:fence-probe", "1")
+    finally:
+        old.close()
+    assert redis_state(lab)["app_master"] == OTHER_MASTER
+    assert sign_up_succeeds(lab)
+
+    result, envelope = igops(lab, "redis", "rejoin", HOME_MASTER, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rejoined = node_of(redis_state(lab), HOME_MASTER)
+    assert rejoined["role"] == "replica" and rejoined["master"] == OTHER_MASTER and rejoined["link"] == "up"
+    print(f"\nredis failover: writes flowed {flowing_after:.1f} s after the command; "
+          f"missing writes {len(verified.missing_writes)}, load errors {load.report['errors']}")
+
+
+def _role(client):
+    try:
+        return client.role()
+    except Exception:  # noqa: BLE001 - still starting
+        return None
