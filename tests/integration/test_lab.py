@@ -16,6 +16,7 @@ from igops.errors import ExitCode
 from igops.lab import aws, state, storage
 from igops.secrets import Secrets
 from tests.conftest import run_igops
+from tests.labtools import verify_lab_ledger
 
 pytestmark = pytest.mark.lab
 
@@ -229,23 +230,13 @@ def test_lab_status_json(lab):
 
 
 def test_loadgen_through_the_load_balancer_loses_nothing(lab, tmp_path):
-    from app.loadgen import run_load, verify
+    from app.loadgen import run_load
 
     ledger = tmp_path / "ledger.jsonl"
     report = run_load(url=_lb_url(lab), rate=100, duration=15, ledger=ledger, users=30, seed=7)
     assert report.errors == 0, report.errors_by_kind
     assert report.writes_acked > 0
-    config = state.paths().app_root(APP_CONFIG_HOST) / "shared" / "app.toml"
-    previous = {key: os.environ.get(key) for key in aws.AWS_ENV}
-    os.environ.update(aws.AWS_ENV)
-    try:
-        result = verify(ledger, config)
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    result = verify_lab_ledger(ledger, APP_CONFIG_HOST)
     assert result.ok, result.missing_writes[:5]
 
 

@@ -16,10 +16,11 @@ import pytest
 
 from igops import safety
 from igops.errors import ExitCode
-from igops.lab import aws, state
+from igops.lab import state
 from igops.lab.state import MARKER_ENV
 from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
+from tests.labtools import verify_lab_ledger, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -87,13 +88,8 @@ class Load:
             assert output.strip(), errors[-2000:]
             self.report = json.loads(output)
 
-    def verify(self, monkeypatch):
-        # Not app.loadgen.verify: once the submodule of that name is imported, it shadows the function.
-        from app.loadgen.verify import verify_ledger
-
-        for key, value in aws.AWS_ENV.items():
-            monkeypatch.setenv(key, value)
-        return verify_ledger(self.ledger, app_config())
+    def verify(self):
+        return verify_lab_ledger(self.ledger)
 
 
 def describe(report: dict, verified) -> str:
@@ -134,15 +130,6 @@ def redis_state(lab):
 
 def node_of(cluster_state, name):
     return next(node for node in cluster_state["nodes"] if node["name"] == name)
-
-
-def until(predicate, timeout, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def sign_up_succeeds(lab) -> bool:
@@ -213,7 +200,7 @@ def trim_wal(lab):
                 cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
                 return cursor.fetchone()[0]
 
-            until(replayed, 30)
+            wait_for(replayed, 30)
             cursor.execute("CHECKPOINT")
     finally:
         standby.close()
@@ -237,7 +224,7 @@ def kill_postgres(lab, node):
             subprocess.run(["kill", "-KILL", str(pid)], check=False)
         except OSError:
             pass
-    assert until(lambda: not Path(f"/proc/{postmaster}").exists(), 10)
+    assert wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), 10)
 
 
 def _parent(pid: int) -> int | None:
@@ -264,7 +251,7 @@ def start_redis_as_its_host_would(node):
     redis_pid_file(node).write_text(f"{process.pid}\n")
 
 
-def test_unsafe_requests_are_refused(at_home, monkeypatch):
+def test_unsafe_requests_are_refused(at_home):
     lab = at_home
     standby = postgres(lab, OTHER_PRIMARY)
     primary = postgres(lab, HOME_PRIMARY)
@@ -282,7 +269,7 @@ def test_unsafe_requests_are_refused(at_home, monkeypatch):
                 cursor.execute("SELECT pg_last_wal_receive_lsn() >= %s::pg_lsn", (written,))
                 return cursor.fetchone()[0]
 
-        assert until(received, 20)
+        assert wait_for(received, 20)
         result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
         assert result.returncode == ExitCode.REFUSED, result.stderr[-2000:]
         message = envelope["error"]["message"]
@@ -315,7 +302,7 @@ def test_unsafe_requests_are_refused(at_home, monkeypatch):
     assert pg_state(lab)["primary"] == HOME_PRIMARY
 
 
-def test_pg_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path, monkeypatch):
+def test_pg_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path):
     lab = at_home
     pauses = []
     with Load(lab, tmp_path) as load:
@@ -328,7 +315,7 @@ def test_pg_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path
                 time.sleep(0.5)
         assert load.running
     report = load.report
-    verified = load.verify(monkeypatch)
+    verified = load.verify()
     print(f"\npg switchovers: {len(pauses)}, write pauses {pauses} ms; load: {describe(report, verified)}")
     assert report["writes_per_s"] >= 100
     assert report["errors"] == 0 and report["write_errors"] == 0
@@ -336,7 +323,7 @@ def test_pg_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path
     assert verified.ok, verified.missing_writes[:5]
 
 
-def test_redis_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path, monkeypatch):
+def test_redis_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_path):
     lab = at_home
     pauses = []
     with Load(lab, tmp_path) as load:
@@ -349,7 +336,7 @@ def test_redis_switchover_back_and_forth_under_load_loses_nothing(at_home, tmp_p
                 time.sleep(0.5)
         assert load.running
     report = load.report
-    verified = load.verify(monkeypatch)
+    verified = load.verify()
     print(f"\nredis switchovers: {len(pauses)}, write pauses {pauses} ms; load: {describe(report, verified)}")
     assert report["writes_per_s"] >= 100
     assert report["errors"] == 0 and report["write_errors"] == 0
@@ -362,7 +349,7 @@ def lost_only_in_flight(verified, killed_at: float, window: float = 1.0) -> list
     return [missing for missing in verified.missing_writes if missing.record.get("acked", 0) < killed_at - window]
 
 
-def test_pg_primary_killed_then_failover(at_home, tmp_path, monkeypatch):
+def test_pg_primary_killed_then_failover(at_home, tmp_path):
     lab = at_home
     with Load(lab, tmp_path) as load:
         time.sleep(2)
@@ -371,7 +358,7 @@ def test_pg_primary_killed_then_failover(at_home, tmp_path, monkeypatch):
         started = time.monotonic()
         result, envelope = igops(lab, "pg", "failover", "main", "--yes")
         assert result.returncode == 0, result.stderr[-3000:]
-        assert until(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
+        assert wait_for(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
         flowing_after = time.monotonic() - started
         assert flowing_after < 10
         assert load.running
@@ -380,7 +367,7 @@ def test_pg_primary_killed_then_failover(at_home, tmp_path, monkeypatch):
     assert any(step.startswith(f"{HOME_PRIMARY}: fence") for step in data["plan"]["steps"])
     at_risk = data["result"]["bytes_at_risk"]
     assert at_risk is not None
-    verified = load.verify(monkeypatch)
+    verified = load.verify()
     assert verified.ok or at_risk > 0, verified.missing_writes[:5]
     assert not lost_only_in_flight(verified, killed_at), verified.missing_writes[:5]
 
@@ -410,7 +397,7 @@ def test_pg_primary_killed_then_failover(at_home, tmp_path, monkeypatch):
           f"load errors {load.report['errors']}, longest write gap {load.report['longest_write_gap_s']:.1f} s")
 
 
-def test_redis_master_killed_then_failover(at_home, tmp_path, monkeypatch):
+def test_redis_master_killed_then_failover(at_home, tmp_path):
     lab = at_home
     with Load(lab, tmp_path) as load:
         time.sleep(2)
@@ -419,18 +406,18 @@ def test_redis_master_killed_then_failover(at_home, tmp_path, monkeypatch):
         started = time.monotonic()
         result, envelope = igops(lab, "redis", "failover", "--yes")
         assert result.returncode == 0, result.stderr[-3000:]
-        assert until(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
+        assert wait_for(lambda: sign_up_succeeds(lab), 10 - (time.monotonic() - started), interval=0.1)
         flowing_after = time.monotonic() - started
         assert flowing_after < 10
         assert load.running
     assert envelope["data"]["result"]["new_master"] == OTHER_MASTER
-    verified = load.verify(monkeypatch)
+    verified = load.verify()
     assert not lost_only_in_flight(verified, killed_at), verified.missing_writes[:5]
 
     start_redis_as_its_host_would(HOME_MASTER)
     old = redis_client(lab, HOME_MASTER)
     try:
-        role = until(lambda: _role(old), 15)
+        role = wait_for(lambda: _role(old), 15)
         assert role[0] == "slave" and role[1] == str(lab.host(OTHER_MASTER).address), role
         import redis
 

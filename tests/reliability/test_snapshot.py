@@ -20,6 +20,7 @@ from igops.errors import ExitCode
 from igops.lab.faults import AwsProxy, Faults
 from igops.secrets import Secrets
 from tests.conftest import run_igops
+from tests.labtools import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -63,15 +64,6 @@ def can_write(mount: str, timeout: float) -> bool:
         if probe.poll() is None:
             # Cannot be killed while it sleeps on the frozen fs; it finishes once thawed.
             threading.Thread(target=probe.wait, daemon=True).start()
-
-
-def wait_for(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def freeze_processes():
