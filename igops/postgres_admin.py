@@ -62,6 +62,28 @@ class primary_connection:
         self.connection.close()
 
 
+def replication_connection(fleet, cluster: str, database: str, application_name: str):
+    """A logical replication protocol connection to the cluster's primary (to create a slot
+    that exports its snapshot); the caller closes it."""
+    import psycopg2
+    import psycopg2.extras
+
+    from igops.secrets import Secrets
+
+    model = fleet.model
+    primary = primary_of(fleet, cluster)
+    try:
+        return psycopg2.connect(host=str(primary.address), port=model.postgres.port, user=model.postgres.user,
+                                password=Secrets(model.secrets.file).get("postgres_password"), dbname=database,
+                                connect_timeout=5, application_name=application_name,
+                                connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    except psycopg2.OperationalError as exc:
+        from igops.postgres import first_line
+
+        raise IgopsError(f"cannot open a replication connection to {primary.name} (primary of {cluster}): "
+                         f"{first_line(exc)}", "check pg_hba.conf and max_wal_senders there") from None
+
+
 def replication_conninfo(fleet, cluster: str, database: str, application_name: str) -> str:
     """How another server reaches this cluster's primary for logical replication, password
     included: the receiving server's own environment cannot be relied on to hold one (a node

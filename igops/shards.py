@@ -29,7 +29,7 @@ from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.output import Reporter
 from igops.postgres import first_line
 from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, primary_connection, primary_of,
-                                  quote_ident, replication_conninfo)
+                                  quote_ident, replication_connection, replication_conninfo)
 
 # --- IDs --------------------------------------------------------------------------------------
 ID_EPOCH_MS = 1314220021721  # 2011-08-24 21:07:01.721 UTC
@@ -571,8 +571,10 @@ def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> 
         if high is not None:
             where.append(sql.SQL("{} < %s").format(first))
             params.append(high)
-        query = sql.SQL("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order})), '') "
-                        "FROM {table} AS t{where}").format(
+        # The rows come in key order from the subquery (an index scan, no sort); an ordered
+        # aggregate would sort them again.
+        query = sql.SQL("SELECT count(*), coalesce(md5(string_agg(r::text, '|')), '') "
+                        "FROM (SELECT t AS r FROM {table} AS t{where} ORDER BY {order}) AS ordered").format(
             order=order, table=table,
             where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
         cursor.execute(query, params)
@@ -660,7 +662,8 @@ def verify_in_place(fleet, shard: int) -> ShapeReport:
     schema = schema_name(fleet, shard)
     copy = ShardCopy(placement, schema)
     template = _read_ddl(fleet, "shard_ddl")
-    with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards") as connection:
+    with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards",
+                            settings={"max_parallel_workers_per_gather": 0}) as connection:
         connection.set_session(isolation_level="REPEATABLE READ")
         with connection.cursor() as cursor:
             shape = describe_schema(cursor, schema)
@@ -709,8 +712,10 @@ def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = 
 def verify_copies(fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
                   reporter: Reporter, wait_budget_s: float = 2.0) -> VerifyReport:
     database = fleet.model.postgres.database
-    source_reader = connect(fleet, source.cluster, database, purpose="verify")
-    target_reader = connect(fleet, target.cluster, database, purpose="verify")
+    # Rows must reach each checksum in key order: no parallel plans.
+    serial = {"max_parallel_workers_per_gather": 0}
+    source_reader = connect(fleet, source.cluster, database, purpose="verify", settings=serial)
+    target_reader = connect(fleet, target.cluster, database, purpose="verify", settings=serial)
     try:
         for connection in (source_reader, target_reader):
             connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -833,11 +838,11 @@ class CutoverDeferred(IgopsError):
 
 
 # --- the journal ------------------------------------------------------------------------------
-STEPS = ("planned", "target_ready", "published", "subscribed", "copied", "caught_up", "verified", "switched",
+STEPS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified", "switched",
          "cleaned")
 # Where `--pause-after` may stop a move: after each journaled step, and inside the cut-over
 # after the lock is taken and after the source is fenced (before the map flips).
-PAUSE_POINTS = ("planned", "target_ready", "published", "subscribed", "copied", "caught_up", "verified",
+PAUSE_POINTS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified",
                 "locked", "fenced", "switched")
 ACTIVE, DONE, ABORTED = "active", "done", "aborted"
 
@@ -1050,6 +1055,7 @@ def _who() -> str:
 # ids minted on either side around the cut-over differ in their low bits even if the two
 # servers' clocks disagree by a few milliseconds.
 SEQUENCE_MARGIN = 512
+COPY_PARALLEL = 3  # tables copied (and indexed) at once
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
 MAX_CLOCK_SKEW_MS = 500
@@ -1102,11 +1108,11 @@ def _describe_step(plan: MovePlan, step: str) -> str:
                    "in the directory's shard_moves",
         "target_ready": f"on {dst}: create schema {plan.schema} from the shard DDL (tables, sequence, next_id()) "
                         f"and check it matches {plan.source}'s",
-        "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema} "
-                     f"and logical replication slot {plan.slot}",
-        "subscribed": f"on {dst}: subscription {plan.slot}: a snapshot-consistent COPY of {len(plan.tables)} tables "
-                      f"(~{rows:,} rows, {human_bytes(size)}), then streaming",
-        "copied": "wait until every table's initial copy is done (pg_subscription_rel ready)",
+        "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema}",
+        "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot; COPY {len(plan.tables)} "
+                  f"tables (~{rows:,} rows, {human_bytes(size)}) under that snapshot into {dst}, "
+                  f"{COPY_PARALLEL} at a time, then build their keys and indexes",
+        "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
         "verified": f"pause writes to {plan.schema} for an instant to snapshot both copies at one point, then "
                     "compare per-table row counts and ordered md5 checksums, sequences and the schema",
@@ -1384,19 +1390,117 @@ class _Mover:
     def _published(self) -> str:
         from psycopg2 import sql
 
-        slot = self.plan.slot
         with self.source.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (slot,))
-            if cursor.fetchone() is None:
-                cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
-                    sql.Identifier(slot), sql.Identifier(self.plan.schema)))
-            cursor.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-            row = cursor.fetchone()
-            if row is None:
-                cursor.execute("SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                row = cursor.fetchone()
-        self.result_fields["published"] = {"source_lsn": str(row[0])}
-        return f"slot at {row[0]}"
+            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.slot,))
+            if cursor.fetchone() is not None:
+                return "already published"
+            cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
+                sql.Identifier(self.plan.slot), sql.Identifier(self.plan.schema)))
+        return f"{self.plan.schema} published"
+
+    def _copied(self) -> str:
+        """Copy the tables at the slot's starting point, so the subscription takes over from
+        exactly there. The snapshot lives only as long as this process: a copy cut short is
+        started again from scratch (a new slot, emptied tables)."""
+        plan = self.plan
+        started = time.monotonic()
+        with self.target.cursor() as cursor:
+            drop_subscription(self.target, plan.slot)
+            tables = _tables_of(cursor, plan.schema)
+            cursor.execute(sql_truncate(plan.schema, tables))
+            with self.source.cursor() as source_cursor:
+                builds = _deferrable_indexes(source_cursor, plan.schema)
+            if builds:
+                for statement in _drop_statements(cursor, plan.schema):
+                    cursor.execute(statement)
+        drop_publication_and_slot(self.source, plan.slot, keep_publication=True)
+        replication = replication_connection(self.fleet, plan.source, self.database, plan.slot)
+        try:
+            with replication.cursor() as cursor:
+                cursor.execute(f"CREATE_REPLICATION_SLOT {plan.slot} LOGICAL pgoutput (SNAPSHOT 'export')")
+                _, consistent_point, snapshot, _ = cursor.fetchone()
+                rows, size = self._copy_tables(tables, snapshot)
+        finally:
+            replication.close()
+        copy_seconds = time.monotonic() - started
+        if builds:
+            self._build_indexes(builds)
+        self.result_fields["copied"] = {"source_lsn": consistent_point, "rows_copied": rows, "bytes_copied": size}
+        return (f"{rows:,} rows, {human_bytes(size)} in {copy_seconds:.1f} s"
+                + (f"; {len(builds)} keys and indexes in {time.monotonic() - started - copy_seconds:.1f} s"
+                   if builds else ""))
+
+    def _copy_tables(self, tables: list[str], snapshot: str) -> tuple[int, int]:
+        """COPY each table out of the source under `snapshot` and into the target, through
+        a pipe in this process, COPY_PARALLEL tables at a time, largest first."""
+        plan = self.plan
+        estimates = {table.name: table.rows for table in plan.tables}
+        order = sorted(tables, key=lambda name: -estimates.get(name, 0))
+        counter = _CopyCounter(self.reporter, plan.schema, sum(estimates.values()))
+        with self.reporter.progress(f"copy {plan.schema}", sum(estimates.values()) or None, "rows") as advance:
+            counter.advance = advance
+            with ThreadPoolExecutor(max_workers=COPY_PARALLEL) as pool:
+                for future in [pool.submit(self._copy_table, table, snapshot, counter) for table in order]:
+                    future.result()
+        return counter.rows, counter.bytes
+
+    def _copy_table(self, table: str, snapshot: str, counter: "_CopyCounter") -> None:
+        """One table's COPY out of the source into the target. The target's transaction
+        commits only when the source's COPY finished whole."""
+        from psycopg2 import sql
+
+        plan = self.plan
+        name = sql.Identifier(plan.schema, table)
+        reader = connect(self.fleet, plan.source, self.database, purpose="move")
+        writer = connect(self.fleet, plan.target, self.database, purpose="move")
+        read_end, write_end = os.pipe()
+        sink = _CountingPipe(write_end, counter)
+
+        def load() -> None:
+            # Closing the read end on any failure makes the source side's next write fail
+            # instead of blocking on a full pipe.
+            with os.fdopen(read_end, "rb") as source, writer.cursor() as cursor:
+                cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source)
+
+        try:
+            reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with reader.cursor() as cursor, ThreadPoolExecutor(max_workers=1) as pump:
+                cursor.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+                loading = pump.submit(load)
+                try:
+                    cursor.copy_expert(sql.SQL("COPY {} TO STDOUT").format(name).as_string(cursor), sink)
+                except BaseException:
+                    sink.close()
+                    if loading.exception() is not None:  # the target's failure is the cause
+                        raise loading.exception() from None
+                    raise
+                sink.close()
+                loading.result()
+            writer.commit()
+        finally:
+            sink.close()
+            reader.close()
+            writer.close()
+
+    def _build_indexes(self, builds: list[tuple[str, str]]) -> None:
+        """Keys first, then the other indexes, one connection per table, tables in parallel."""
+        by_table: dict[str, list[str]] = {}
+        for table, statement in builds:
+            by_table.setdefault(table, []).append(statement)
+
+        def build(statements: list[str]) -> None:
+            connection = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move",
+                                 settings={"maintenance_work_mem": "64MB"})
+            try:
+                with connection.cursor() as cursor:
+                    for statement in statements:
+                        cursor.execute(statement)
+            finally:
+                connection.close()
+
+        with ThreadPoolExecutor(max_workers=COPY_PARALLEL) as pool:
+            for future in [pool.submit(build, statements) for statements in by_table.values()]:
+                future.result()
 
     def _subscribed(self) -> str:
         import psycopg2
@@ -1414,7 +1518,7 @@ class _Mover:
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql.SQL("CREATE SUBSCRIPTION {name} CONNECTION %s PUBLICATION {name} "
-                                       "WITH (create_slot = false, slot_name = %s, copy_data = true)").format(
+                                       "WITH (create_slot = false, slot_name = %s, copy_data = false)").format(
                     name=sql.Identifier(plan.slot)),
                     (replication_conninfo(self.fleet, plan.source, self.database, plan.slot), plan.slot))
         except psycopg2.Error as exc:
@@ -1425,46 +1529,6 @@ class _Mover:
         finally:
             connection.close()
         return f"{plan.target_primary} streams from {plan.source_primary}"
-
-    def _copied(self) -> str:
-        plan = self.plan
-        total_bytes = sum(table.bytes for table in plan.tables) or None
-        total_rows = sum(table.rows for table in plan.tables)
-        started = time.monotonic()
-        last_log = started
-        errors_seen = None
-        with self.target.cursor() as cursor, \
-                self.reporter.progress(f"copy {plan.schema}", total_bytes, "bytes") as advance:
-            shown = 0
-            while True:
-                cursor.execute("""
-                    SELECT count(*) FILTER (WHERE r.srsubstate = 'r'), count(*),
-                           coalesce(sum(pg_table_size(r.srrelid)), 0)::bigint,
-                           coalesce(sum(c.reltuples) FILTER (WHERE r.srsubstate IN ('r', 's')), 0)::bigint
-                      FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
-                      JOIN pg_class c ON c.oid = r.srrelid
-                     WHERE s.subname = %s""", (plan.slot,))
-                ready, tables, copied_bytes, done_rows = cursor.fetchone()
-                cursor.execute("""
-                    SELECT coalesce(sum(p.tuples_processed), 0)::bigint FROM pg_stat_progress_copy p
-                     WHERE p.relid IN (SELECT r.srrelid FROM pg_subscription_rel r
-                                         JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = %s)""",
-                               (plan.slot,))
-                rows = done_rows + cursor.fetchone()[0]
-                if copied_bytes > shown:
-                    advance(min(copied_bytes, total_bytes or copied_bytes) - shown)
-                    shown = min(copied_bytes, total_bytes or copied_bytes)
-                if tables and ready == tables:
-                    break
-                errors_seen = self._check_workers(cursor, errors_seen)
-                if time.monotonic() - last_log > 5:
-                    last_log = time.monotonic()
-                    self.reporter.log(f"copying {plan.schema}: {ready}/{tables} tables ready, ~{rows:,} of "
-                                      f"~{total_rows:,} rows, {human_bytes(copied_bytes)} of "
-                                      f"{human_bytes(total_bytes)}")
-                time.sleep(0.2)
-        self.result_fields["copied"] = {"bytes_copied": copied_bytes}
-        return f"{tables} tables, {human_bytes(copied_bytes)} in {time.monotonic() - started:.1f} s"
 
     def _check_workers(self, cursor, before: int | None) -> int:
         """Fail when the subscription's workers keep erroring (their messages are in the target's log), or when
@@ -1730,7 +1794,7 @@ def drop_subscription(connection, name: str) -> bool:
     return True
 
 
-def drop_publication_and_slot(connection, name: str, wait_s: float = 15) -> str:
+def drop_publication_and_slot(connection, name: str, wait_s: float = 15, keep_publication: bool = False) -> str:
     """Drop the move's slot once no sender reads it (a disabled subscription's sender exits
     within moments) and its publication. A slot left behind would keep WAL forever."""
     from psycopg2 import sql
@@ -1752,10 +1816,105 @@ def drop_publication_and_slot(connection, name: str, wait_s: float = 15) -> str:
                 deadline = time.monotonic() + wait_s
             time.sleep(0.1)
         cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
-        if cursor.fetchone() is not None:
+        if cursor.fetchone() is not None and not keep_publication:
             cursor.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
             dropped.append("publication")
     return (" and ".join(dropped) + " dropped") if dropped else "no slot or publication left"
+
+
+class _CopyCounter:
+    """Rows and bytes through every table's pipe, for the progress bar and a line every 5 s."""
+
+    def __init__(self, reporter: Reporter, schema: str, expected_rows: int):
+        self.reporter = reporter
+        self.schema = schema
+        self.expected_rows = expected_rows
+        self.rows = 0
+        self.bytes = 0
+        self.advance: Callable[[float], None] = lambda amount: None
+        self.lock = threading.Lock()
+        self.logged = time.monotonic()
+
+    def add(self, data: bytes) -> None:
+        rows = data.count(b"\n")  # COPY's text format: one line a row, newlines in values escaped
+        with self.lock:
+            self.rows += rows
+            self.bytes += len(data)
+            log = time.monotonic() - self.logged > 5
+            if log:
+                self.logged = time.monotonic()
+        self.advance(rows)
+        if log:
+            self.reporter.log(f"copying {self.schema}: {self.rows:,} of ~{self.expected_rows:,} rows, "
+                              f"{human_bytes(self.bytes)}")
+
+
+class _CountingPipe:
+    """The write end of a pipe as the file psycopg2's COPY TO writes into."""
+
+    def __init__(self, fd: int, counter: _CopyCounter):
+        self.fd = fd
+        self.counter = counter
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.counter.add(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def sql_truncate(schema: str, tables: list[str]):
+    from psycopg2 import sql
+
+    return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables))
+
+
+def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
+    """(table, statement) that build the schema's keys and indexes as the source has them:
+    primary keys, then unique and exclusion constraints, then plain indexes. Empty when a
+    foreign key involves the schema (its keys must then stay in place during the copy)."""
+    cursor.execute("""
+        SELECT count(*) FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
+         WHERE con.contype = 'f' AND (n.nspname = %s OR con.confrelid IN (
+               SELECT c.oid FROM pg_class c JOIN pg_namespace m ON m.oid = c.relnamespace WHERE m.nspname = %s))""",
+                   (schema, schema))
+    if cursor.fetchone()[0]:
+        return []
+    cursor.execute("""
+        SELECT c.relname, format('ALTER TABLE %%I.%%I ADD CONSTRAINT %%I %%s', n.nspname, c.relname, con.conname,
+                                 pg_get_constraintdef(con.oid))
+          FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND con.contype IN ('p', 'u', 'x')
+         ORDER BY con.contype <> 'p', c.relname, con.conname""", (schema,))
+    builds = [tuple(row) for row in cursor.fetchall()]
+    cursor.execute("""
+        SELECT t.relname, pg_get_indexdef(i.indexrelid)
+          FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+          JOIN pg_class ic ON ic.oid = i.indexrelid
+         WHERE n.nspname = %s AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid)
+         ORDER BY t.relname, ic.relname""", (schema,))
+    return builds + [tuple(row) for row in cursor.fetchall()]
+
+
+def _drop_statements(cursor, schema: str) -> list[str]:
+    """What removes every key and index of the schema's tables, so a bulk copy need not keep
+    them up to date row by row."""
+    cursor.execute("""
+        SELECT format('ALTER TABLE %%I.%%I DROP CONSTRAINT %%I', n.nspname, c.relname, con.conname)
+          FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND con.contype IN ('p', 'u', 'x')
+        UNION ALL
+        SELECT format('DROP INDEX %%I.%%I', n.nspname, ic.relname)
+          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
+         WHERE n.nspname = %s AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid)""",
+                   (schema, schema))
+    return [row[0] for row in cursor.fetchall()]
 
 
 def _rollback_quietly(connection) -> None:
@@ -1795,12 +1954,14 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
         if record.status != ACTIVE:
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
         resume_after = record.step
-        if STEPS.index("published") <= STEPS.index(resume_after) < STEPS.index("switched") \
+        if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
                 and not _slot_exists(fleet, record):
-            reporter.log(f"slot {record.slot} is gone from {record.source}: starting the copy again")
-            _restart_copy(fleet, record)
-            journal.advance(move_id, "target_ready")
-            resume_after = "target_ready"
+            reporter.log(f"slot {record.slot} is gone from {record.source} (its primary changed?): copying again")
+            with primary_connection(fleet, record.target, fleet.model.postgres.database, autocommit=True,
+                                    purpose="move") as connection:
+                drop_subscription(connection, record.slot)
+            journal.advance(move_id, "published")
+            resume_after = "published"
         plan = _plan_from_record(fleet, record, resume_after)
         return _drive(fleet, plan, journal, reporter, pause_after)
     finally:
@@ -1813,20 +1974,6 @@ def _slot_exists(fleet, record: MoveRecord) -> bool:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (record.slot,))
             return cursor.fetchone() is not None
-
-
-def _restart_copy(fleet, record: MoveRecord) -> None:
-    from psycopg2 import sql
-
-    with primary_connection(fleet, record.target, fleet.model.postgres.database, autocommit=True,
-                            purpose="move") as connection:
-        drop_subscription(connection, record.slot)
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                           "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')", (record.schema_name,))
-            tables = [sql.Identifier(record.schema_name, row[0]) for row in cursor.fetchall()]
-            if tables:
-                cursor.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(tables)))
 
 
 def _drive(fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:

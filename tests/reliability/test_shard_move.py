@@ -1,0 +1,417 @@
+"""Online shard moves in the lab, with the app's load generator writing into the shard being moved:
+a move there and back under load, igops SIGKILLed at every step and then resumed or aborted, bad
+input, a second move of a running one, and a rebalance. Every test leaves the lab's layout as it
+found it (shards 0-7 on main, 8-15 on pg2) and no replication object behind."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from igops import shards
+from igops.errors import ExitCode
+from igops.lab import state
+from igops.postgres_admin import connect
+from tests.conftest import ROOT, run_igops
+from tests.labtools import verify_lab_ledger, wait_for
+
+pytestmark = pytest.mark.lab
+
+LOAD_USERS = 40
+
+
+def env(fleet) -> dict:
+    return {"IGOPS_CONFIG": str(fleet.source)}
+
+
+def pg(fleet, cluster, database=None):
+    return connect(fleet, cluster, database or fleet.model.postgres.database, autocommit=True, purpose="test")
+
+
+def query(fleet, cluster, sql, params=(), database=None):
+    connection = pg(fleet, cluster, database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params or None)
+            return cursor.fetchall() if cursor.description else None
+    finally:
+        connection.close()
+
+
+def directory(fleet, sql, params=()):
+    return query(fleet, fleet.model.shards.directory_cluster, sql, params, fleet.model.shards.directory_database)
+
+
+def placement(fleet, shard) -> str:
+    return directory(fleet, "SELECT cluster FROM shard_map WHERE logical_shard = %s", (shard,))[0][0]
+
+
+def map_version(fleet) -> int:
+    return directory(fleet, "SELECT version FROM shard_map_version")[0][0]
+
+
+def other_cluster(fleet, cluster) -> str:
+    return next(name for name in fleet.model.postgres.clusters if name != cluster)
+
+
+def schemas(fleet, cluster, shard) -> set:
+    return {row[0] for row in query(fleet, cluster, "SELECT nspname FROM pg_namespace WHERE nspname = %s "
+                                                    "OR nspname LIKE %s", (f"insta{shard}", f"insta{shard}_moved_%"))}
+
+
+def leftovers(fleet) -> list:
+    """Replication objects and fenced copies a move may leave: none may outlive it."""
+    found = []
+    for cluster in fleet.model.postgres.clusters:
+        for kind, sql in (("slot", "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'igops_move_%'"),
+                          ("publication", "SELECT pubname FROM pg_publication WHERE pubname LIKE 'igops_move_%'"),
+                          ("subscription", "SELECT subname FROM pg_subscription WHERE subname LIKE 'igops_move_%'"),
+                          ("old copy", "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'insta%\\_moved\\_%'")):
+            found += [f"{cluster} {kind} {row[0]}" for row in query(fleet, cluster, sql)]
+    return found
+
+
+def journal(fleet, move_id) -> dict:
+    result = run_igops("shard", "moves", "--limit", "50", "--json", env=env(fleet))
+    return next(m for m in json.loads(result.stdout)["data"]["moves"] if m["id"] == move_id)
+
+
+def latest_move_id(fleet) -> int:
+    return directory(fleet, "SELECT max(id) FROM shard_moves")[0][0]
+
+
+class PausedMove:
+    """`igops shard move --pause-after POINT` running until it says it paused there."""
+
+    def __init__(self, fleet, shard, target, point):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "igops", "shard", "move", str(shard), "--to", target, "--yes",
+             "--pause-after", point], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env(fleet), "NO_COLOR": "1"})
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"never paused after {point}:\n" + "".join(self.stderr))
+            if f"paused after {point}" in line:
+                return
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def kill(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+
+def shard_of_ledger_users(ledger: Path) -> Counter:
+    from app.loadgen.ledger import read_ledger
+
+    return Counter(shards.decode_id(entry["user_id"]).shard for entry in read_ledger(ledger)[0]
+                   if entry["op"] == "signup")
+
+
+def busiest_shard(ledger: Path) -> int:
+    assert wait_for(lambda: ledger.exists() and sum(shard_of_ledger_users(ledger).values()) >= LOAD_USERS, 90), \
+        "the load generator never finished signing up its users"
+    return min(shard_of_ledger_users(ledger).most_common(), key=lambda item: (-item[1], item[0]))[0]
+
+
+def ledger_ids(ledger: Path, shard: int) -> list[tuple[int, float, float]]:
+    """(id, sent, acked) of every id the service minted on `shard`: users and photos."""
+    from app.loadgen.ledger import read_ledger
+
+    found = []
+    for entry in read_ledger(ledger)[0]:
+        key = {"signup": "user_id", "post": "photo_id"}.get(entry["op"])
+        if key and shards.decode_id(entry[key]).shard == shard:
+            found.append((entry[key], entry["sent"], entry["acked"]))
+    return found
+
+
+def gunicorn_pids() -> dict:
+    paths = state.paths()
+    return {host: (paths.app_root(host) / "shared" / "gunicorn.pid").read_text().strip()
+            for host in ("app1", "app2", "app3")}
+
+
+def lb_url(fleet) -> str:
+    lb = fleet.with_role("lb")[0]
+    return f"http://{lb.address}:{fleet.model.lb.port}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def home_layout(lab):
+    """Whatever a test leaves, put every shard back where the lab keeps it."""
+    yield
+    home = shards.even_placement(list(lab.model.postgres.clusters), lab.model.shards.count)
+    connection = shards.directory_connection(lab)
+    try:
+        active = shards.Journal(connection).active()
+    finally:
+        connection.close()
+    for record in active:
+        try:
+            shards.abort_move(lab, shards.plan_abort(lab, record.id))
+        except Exception:  # noqa: BLE001 - a switched move cannot be aborted: finish it
+            shards.resume_move(lab, record.id)
+    for shard, cluster in home.items():
+        if placement(lab, shard) != cluster:
+            shards.start_move(lab, shards.plan_move(lab, shard, cluster))
+    assert leftovers(lab) == []
+
+
+def test_move_there_and_back_under_load_loses_nothing_and_the_app_follows(lab, tmp_path):
+    from app.loadgen import run_load
+
+    ledger = tmp_path / "ledger.jsonl"
+    pids = gunicorn_pids()
+    outcome = {}
+    load = threading.Thread(target=lambda: outcome.update(report=run_load(
+        url=lb_url(lab), rate=60, duration=28, ledger=ledger, users=LOAD_USERS, concurrency=12, seed=21)))
+    load.start()
+    shard = busiest_shard(ledger)
+    time.sleep(4)
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    version = map_version(lab)
+    started = time.time()
+    there = run_igops("shard", "move", str(shard), "--to", target, "--yes", "--json", env=env(lab))
+    switched = time.time()
+    assert there.returncode == 0, there.stderr
+    moved = json.loads(there.stdout)["data"]
+    assert moved["status"] == "done" and moved["map_version"] == version + 1
+    assert moved["verify"]["equal"] and moved["verify"]["consistent"]
+    assert 0 < moved["write_block_ms"] < 1000, moved
+    assert placement(lab, shard) == target and schemas(lab, source, shard) == set()
+    with_on_target = query(lab, target, f"SELECT max(id) FROM insta{shard}.photos")[0][0] or 0
+
+    planned = run_igops("shard", "rebalance", "--dry-run", "--json", env=env(lab))
+    assert planned.returncode == 0, planned.stderr
+    proposal = json.loads(planned.stdout)["data"]["plan"]["moves"]
+    assert [(m["source"], m["target"]) for m in proposal] == [(target, source)]
+
+    time.sleep(6)
+    landed = query(lab, target, f"SELECT count(*) FROM insta{shard}.photos WHERE id > %s", (with_on_target,))[0][0]
+    assert landed > 0, "no photo reached the new place: the app did not follow the map"
+    back_started = time.time()
+    back = run_igops("shard", "move", str(shard), "--to", source, "--yes", "--json", env=env(lab))
+    back_switched = time.time()
+    assert back.returncode == 0, back.stderr
+    assert placement(lab, shard) == source
+    load.join()
+
+    report = outcome["report"]
+    assert report.writes_acked > 500 and report.write_errors == 0, report.errors_by_kind
+    verified = verify_lab_ledger(ledger)
+    assert verified.ok, verified.missing_writes[:5]
+    assert gunicorn_pids() == pids, "the app servers were restarted"
+
+    minted = ledger_ids(ledger, shard)
+    assert len({entry[0] for entry in minted}) == len(minted)
+    for move_started, move_switched in ((started, switched), (back_started, back_switched)):
+        before = [i for i, _, acked in minted if acked < move_started]
+        after = [i for i, sent, _ in minted if sent > move_switched]
+        assert before and after, "the load wrote nothing to the moved shard around a move"
+        assert min(after) > max(before)
+    assert leftovers(lab) == []
+
+
+def test_bad_input_is_refused_clearly_and_changes_nothing(lab, tmp_path):
+    shard = 6
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+
+    def everything():
+        return (map_version(lab), directory(lab, "SELECT count(*) FROM shard_moves")[0][0] if
+                directory(lab, "SELECT to_regclass('shard_moves') IS NOT NULL")[0][0] else 0,
+                schemas(lab, source, shard), schemas(lab, target, shard), leftovers(lab))
+
+    def refused(*args, code, text):
+        result = run_igops("shard", "move", *args, "--yes", env=env(lab))
+        assert result.returncode == code, result.stderr
+        assert text in result.stderr and result.stderr.count("error:") == 1, result.stderr
+
+    before = everything()
+    refused("99", "--to", target, code=ExitCode.USAGE, text="unknown logical shard 99")
+    refused(str(shard), "--to", "nowhere", code=ExitCode.USAGE, text="unknown Postgres cluster 'nowhere'")
+    refused(str(shard), "--to", source, code=ExitCode.USAGE, text=f"shard {shard} is already on {source}")
+    refused("--resume", "999999", code=ExitCode.USAGE, text="no shard move 999999")
+    refused("--abort", "999999", code=ExitCode.USAGE, text="no shard move 999999")
+    not_confirmed = run_igops("shard", "move", str(shard), "--to", target, env=env(lab), input="")
+    assert not_confirmed.returncode == ExitCode.USAGE and "--yes" in not_confirmed.stderr
+
+    query(lab, source, f"CREATE TABLE insta{shard}.hand_made (id bigint PRIMARY KEY)")
+    try:
+        refused(str(shard), "--to", target, code=ExitCode.REFUSED, text=f"{target} lacks table hand_made")
+    finally:
+        query(lab, source, f"DROP TABLE insta{shard}.hand_made")
+    query(lab, source, f"CREATE TABLE insta{shard}.keyless (value int)")
+    try:
+        refused(str(shard), "--to", target, code=ExitCode.REFUSED, text="tables without a primary key: keyless")
+    finally:
+        query(lab, source, f"DROP TABLE insta{shard}.keyless")
+    query(lab, target, f"CREATE SCHEMA insta{shard}; CREATE TABLE insta{shard}.users (id bigint PRIMARY KEY); "
+                       f"INSERT INTO insta{shard}.users VALUES (1)")
+    try:
+        refused(str(shard), "--to", target, code=ExitCode.REFUSED, text=f"already has a schema insta{shard} with rows")
+    finally:
+        query(lab, target, f"DROP SCHEMA insta{shard} CASCADE")
+    assert everything() == before
+
+    done = directory(lab, "SELECT max(id) FROM shard_moves WHERE status = 'done'")[0][0]
+    if done:
+        refused("--resume", str(done), code=ExitCode.USAGE, text="nothing to resume")
+
+
+def test_a_second_move_of_a_running_one_is_refused_and_verify_compares_at_one_point(lab, tmp_path):
+    shard = 14
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    first = PausedMove(lab, shard, target, "subscribed")
+    move_id = latest_move_id(lab)
+    try:
+        again = run_igops("shard", "move", str(shard), "--to", target, "--yes", env=env(lab))
+        assert again.returncode == ExitCode.LOCKED and f"move {move_id} of shard {shard}" in again.stderr \
+            and "already running" in again.stderr, again.stderr
+        elsewhere = {**env(lab), "IGOPS_STATE_DIR": str(tmp_path / "other-host")}
+        resumed = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=elsewhere)
+        assert resumed.returncode == ExitCode.LOCKED and f"a move of shard {shard} is running" in resumed.stderr
+        assert journal(lab, move_id)["state"] == "running"
+
+        compared = run_igops("shard", "verify", str(shard), "--against", target, "--json", env=env(lab))
+        assert compared.returncode == 0, compared.stderr
+        report = json.loads(compared.stdout)["data"]
+        assert report["consistent"] and report["equal"] and report["pause_ms"] < 1000
+        assert {check["table"] for check in report["tables"]} == {"users", "photos", "likes", "following",
+                                                                 "followers"}
+    finally:
+        first.kill()
+        assert placement(lab, shard) == source
+        assert wait_for(lambda: journal(lab, move_id)["state"] == "interrupted", 10)
+        refused = run_igops("shard", "move", str(shard), "--to", target, "--yes", env=env(lab))
+        assert refused.returncode == ExitCode.REFUSED and f"unfinished move {move_id}" in refused.stderr
+        aborted = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+        assert aborted.returncode == 0, aborted.stderr
+    assert journal(lab, move_id)["status"] == "aborted"
+    assert schemas(lab, target, shard) == set() and leftovers(lab) == []
+
+
+@pytest.fixture(scope="module")
+def background_load(lab, tmp_path_factory):
+    """The load generator writing through the app for the whole series of kills."""
+    ledger = tmp_path_factory.mktemp("shard-kills") / "ledger.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", "30", "--duration", "1800",
+         "--users", str(LOAD_USERS), "--concurrency", "8", "--seed", "33", "--ledger", str(ledger)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        shard = busiest_shard(ledger)
+        yield {"ledger": ledger, "shard": shard, "process": process}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+
+
+@pytest.mark.parametrize("finish", ["resume", "abort"])
+@pytest.mark.parametrize("point", shards.PAUSE_POINTS)
+def test_sigkill_at_every_step_then_resume_or_abort(lab, background_load, point, finish):
+    shard = background_load["shard"]
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    PausedMove(lab, shard, target, point).kill()
+    move_id = latest_move_id(lab)
+
+    # The map never points at an incomplete copy: only a finished cut-over switches it.
+    assert placement(lab, shard) == (target if point == "switched" else source)
+    assert wait_for(lambda: journal(lab, move_id)["state"] == "interrupted", 10)
+    if point == "fenced":
+        assert schemas(lab, source, shard) == {f"insta{shard}_moved_{move_id}"}
+
+    if finish == "abort" and point == "switched":
+        refused = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+        assert refused.returncode == ExitCode.REFUSED and "already switched" in refused.stderr
+        finish = "resume"
+    result = run_igops("shard", "move", f"--{finish}", str(move_id), "--yes", env=env(lab))
+    assert result.returncode == 0, result.stderr
+    record = journal(lab, move_id)
+    if finish == "resume":
+        assert record["status"] == "done" and record["step"] == "cleaned"
+        assert placement(lab, shard) == target
+        assert schemas(lab, target, shard) == {f"insta{shard}"} and schemas(lab, source, shard) == set()
+    else:
+        assert record["status"] == "aborted"
+        assert placement(lab, shard) == source
+        assert schemas(lab, source, shard) == {f"insta{shard}"} and schemas(lab, target, shard) == set()
+    assert leftovers(lab) == []
+    checked = run_igops("shard", "verify", str(shard), "--json", env=env(lab))
+    assert checked.returncode == 0, checked.stdout[-1500:]
+
+
+def test_nothing_written_during_the_kills_was_lost(lab, background_load):
+    process = background_load["process"]
+    assert process.poll() is None, "the load generator stopped early"
+    process.send_signal(signal.SIGINT)
+    process.wait(60)
+    minted = ledger_ids(background_load["ledger"], background_load["shard"])
+    assert len(minted) > 20, "the load barely wrote to the shard that was moved"
+    assert len({entry[0] for entry in minted}) == len(minted)
+    verified = verify_lab_ledger(background_load["ledger"])
+    assert verified.ok, verified.missing_writes[:5]
+
+
+def test_rebalance_runs_its_plan_with_the_move_code(lab):
+    def layout():
+        return Counter(cluster for _, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map"))
+
+    crowded = max(lab.model.postgres.clusters, key=lambda cluster: layout()[cluster])
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != crowded)
+    assert run_igops("shard", "move", str(shard), "--to", crowded, "--yes", env=env(lab)).returncode == 0
+    planned = json.loads(run_igops("shard", "rebalance", "--dry-run", "--json", env=env(lab)).stdout)["data"]["plan"]
+    assert planned["moves"] and all(move["source"] == crowded for move in planned["moves"])
+    balanced = run_igops("shard", "rebalance", "--yes", "--json", env=env(lab))
+    assert balanced.returncode == 0, balanced.stderr
+    data = json.loads(balanced.stdout)["data"]
+    assert data["failed"] is None and data["planned"] == len(data["results"]) == len(planned["moves"])
+    assert all(result["status"] == "done" and result["source"] == crowded for result in data["results"])
+    assert max(layout().values()) - min(layout().values()) <= 1
+    again = run_igops("shard", "rebalance", "--dry-run", env=env(lab))
+    assert again.returncode == 0 and "balanced: nothing to move" in again.stdout
+
+
+def test_init_is_idempotent_and_the_map_adds_up(lab):
+    version = map_version(lab)
+    planned = run_igops("shard", "init", "--dry-run", "--json", env=env(lab))
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["data"]["plan"]["map_version"] == version
+    assert "keep the shard map" in planned.stderr and "all exist" in planned.stderr
+    again = run_igops("shard", "init", "--yes", "--json", env=env(lab))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["data"]["map_version"] == version == map_version(lab)
+    shown = run_igops("shard", "map", "--json", env=env(lab))
+    assert shown.returncode == 0, shown.stderr
+    current = json.loads(shown.stdout)["data"]
+    assert current["version"] == version and len(current["shards"]) == lab.model.shards.count
+    assert all(item["present"] and item["bytes"] > 0 for item in current["shards"])
+    for load in current["clusters"]:
+        assert load["bytes"] == sum(item["bytes"] for item in current["shards"] if item["cluster"] == load["cluster"])
