@@ -34,7 +34,6 @@ from igops.output import Reporter
 
 T = TypeVar("T")
 
-DEFAULT_BATCH = "1,25%"
 # Linked from shared/ into every release when shared/ has them (Capistrano's linked files).
 SHARED_LINKS = ("app.toml", "log")
 MANIFEST = "RELEASE.json"
@@ -49,6 +48,7 @@ AGENT_START_S = 30.0
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
 VENV_BUILD_TIMEOUT_S = 900.0
+SUMMARY_PROBLEMS = 3
 EXCLUDED_DIRS = {"__pycache__", ".git"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 
@@ -682,6 +682,12 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
     if len(unreachable) > max_fail:
         raise RefusedError(f"{len(unreachable)} app hosts unreachable: {'; '.join(unreachable)}; nothing was changed",
                            f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
+    unlisted = [f"{plan.host} ({app.server(app.host(plan.host))})" for plan in plans
+                if app.lbs and plan.action == "roll" and plan.in_lb is None]
+    if unlisted:
+        raise RefusedError(f"not in the load balancer's upstream file: {', '.join(unlisted)}; nothing was changed",
+                           "igops takes a host out of traffic before switching it: list it as "
+                           "`server ADDRESS:PORT` in [lb] upstream_file, or fix its address or [app] port")
     return plans
 
 
@@ -816,15 +822,20 @@ class RolloutResult:
             return ExitCode.FAILED
         return ExitCode.PARTIAL
 
+    def problems(self) -> list[str]:
+        return [f"{host.host} {host.state}: {host.detail}" for host in self.hosts
+                if host.state in (FAILED, ROLLED_BACK, UNKNOWN)]
+
     def summary(self) -> str:
         on_target = self.count(DEPLOYED, ALREADY)
         text = f"{self.kind} of {self.target}: {on_target} of {len(self.hosts)} hosts on it"
-        problems = [f"{host.host} {host.state}: {host.detail}" for host in self.hosts
-                    if host.state in (FAILED, ROLLED_BACK, UNKNOWN)]
+        problems = self.problems()
         if self.stopped:
             text += f"; stopped at {self.stopped}"
         if problems:
-            text += "; " + "; ".join(problems)
+            shown = SUMMARY_PROBLEMS
+            text += "; " + "; ".join(problems[:shown]) + (
+                f"; and {len(problems) - shown} more (see the table)" if len(problems) > shown else "")
         out = [host.host for host in self.hosts if host.in_lb is False and host.state != SKIPPED]
         if out:
             text += f"; out of the load balancer: {', '.join(out)} (rerun to finish)"
@@ -837,6 +848,7 @@ class RolloutFailed(IgopsError):
                                            "`igops deploy releases` shows the fleet")
         self.result = result
         self.exit_code = result.exit_code
+        self.problems = result.problems()
 
 
 # --- the journal: what an interrupted run was doing ------------------------------------------------
@@ -958,12 +970,11 @@ class Rollout:
     # roll ------------------------------------------------------------------------------------
     def _roll(self) -> str | None:
         plan = self.plan
-        if self.failures > plan.max_fail:
-            return (f"staging ({self.failures} failed, more than --max-fail {plan.max_fail}); "
-                    "nothing was switched")
-        to_put_back: list[str] = []
         stopped = None
-        for number, names in enumerate(plan.batches, 1):
+        if self.failures > plan.max_fail:
+            stopped = f"staging ({self.failures} failed, more than --max-fail {plan.max_fail}); nothing was switched"
+        to_put_back: list[str] = []
+        for number, names in enumerate(plan.batches if stopped is None else [], 1):
             batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
             if not batch:
                 continue

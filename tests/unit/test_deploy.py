@@ -254,3 +254,11 @@ def test_draining_is_idempotent_and_unknown_servers_are_refused():
     assert once == twice
     with pytest.raises(upstream.Refused, match="127.0.10.99:8000"):
         upstream.apply(UPSTREAM, {"127.0.10.99:8000"}, set(), "n")
+
+
+def test_a_host_the_load_balancer_does_not_list_is_refused(tmp_path):
+    app = app_fleet(tmp_path)
+    listed = lb_state(app)
+    listed.servers = listed.servers[:2]
+    with pytest.raises(RefusedError, match=r"app3 \(127.0.20.3:8000\)"):
+        deploy._host_plans(app, survey(app, "R1"), listed, "R2", max_fail=0)

@@ -1,0 +1,310 @@
+"""Deploys in the lab under client load through nginx: a good release, a release whose /health
+fails, an app server lost mid-deploy, igops killed mid-deploy, rollbacks, and the PagerDuty
+change events that mark them. Real sshd, nginx, gunicorn, Postgres, Redis and memcached; the
+load generator's clients see every failed request."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from igops.errors import ExitCode
+from igops.lab import state
+from igops.pagerduty_changes import send_change
+from igops.secrets import Secrets
+from tests.conftest import ROOT, run_igops
+from tests.labtools import verify_lab_ledger, wait_for
+
+pytestmark = pytest.mark.lab
+
+APP = ROOT / "app"
+APP_HOSTS = ("app1", "app2", "app3")
+DEPLOY_TIMEOUT = 240
+FORWARD_PORT = 2213
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leaves_the_working_tree_release(lab):
+    """Whatever the tests did, the lab ends on a good release of the current app/, with every
+    app server in the load balancer."""
+    yield
+    done = run_igops("-c", str(lab.source), "deploy", "--yes", timeout=DEPLOY_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert " down" not in upstream_text()
+
+
+def app_copy(tmp_path: Path, name: str, break_health: bool = False) -> Path:
+    """The app as a new release: the working tree plus a marker, so its content is new."""
+    source = tmp_path / name / "app"
+    shutil.copytree(APP, source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (source / "DEPLOY_TEST").write_text(f"{name} {time.time()}\n")
+    if break_health:
+        views = source / "views.py"
+        text = views.read_text()
+        original = "    healthy, checks = health_checker(settings.IGOPS_CONFIG).run(current.directory.cached)\n"
+        assert original in text
+        views.write_text(text.replace(original, original + '    healthy, checks["injected"] = False, '
+                                                           '{"ok": False, "error": "injected by the deploy test"}\n'))
+    return source
+
+
+def current_of(host: str) -> str:
+    return os.path.basename(os.readlink(state.paths().app_root(host) / "current"))
+
+
+def served_by(lab, host: str) -> str:
+    with urllib.request.urlopen(f"http://{lab.host(host).address}:{lab.model.app.port}/health", timeout=5) as answer:
+        return json.load(answer)["release"]
+
+
+def upstream_text() -> str:
+    return state.paths().upstream_file().read_text()
+
+
+def drained(lab, host: str) -> bool:
+    return bool(re.search(rf"server {re.escape(str(lab.host(host).address))}:\d+ [^;]*down;", upstream_text()))
+
+
+def igops_deploy(lab, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    return run_igops("-c", str(config or lab.source), "deploy", *args, "--yes", timeout=DEPLOY_TIMEOUT)
+
+
+def start_igops_deploy(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "deploy", *args, "--yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+
+
+@contextmanager
+def load_through_the_lb(lab, tmp_path: Path):
+    """The load generator against nginx for as long as the block runs; yields its report,
+    filled in when the block ends."""
+    lb = lab.with_role("lb")[0]
+    ledger = tmp_path / "ledger.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "app.loadgen", "run", "--url", f"http://{lb.address}",
+                                "--rate", "40", "--duration", "600", "--ledger", str(ledger), "--users", "10",
+                                "--concurrency", "8", "--seed", "8", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    report: dict = {}
+    try:
+        # A photo is only posted in the timed phase: from then on every request counts.
+        assert wait_for(lambda: ledger.exists() and '"op":"post"' in ledger.read_text(), 60), \
+            process.stderr.read() if process.poll() is not None else "the load never started"
+        yield report
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        report.update(json.loads(out) if out.strip() else {"errors": None, "stderr": err})
+        report["ledger"] = ledger
+
+
+def change_events(lab, deploy_id: str) -> list[dict]:
+    url = lab.model.monitoring.pagerduty_url
+    with urllib.request.urlopen(f"{url}/_lab/requests?since=0", timeout=5) as answer:
+        requests = json.load(answer)["requests"]
+    return [r for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
+            and r["body"].get("payload", {}).get("custom_details", {}).get("deploy_id") == deploy_id]
+
+
+def test_a_good_release_under_load_reaches_every_host_without_a_failed_request(lab, tmp_path):
+    source = app_copy(tmp_path, "good")
+    with load_through_the_lb(lab, tmp_path) as report:
+        started = time.monotonic()
+        done = igops_deploy(lab, "--source", str(source), "--json")
+        took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    envelope = json.loads(done.stdout)
+    release = envelope["data"]["target"]
+    assert report["errors"] == 0, report.get("errors_by_kind") or report
+    assert report["requests"] > 100
+    assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
+    assert " down" not in upstream_text()
+    assert [h["state"] for h in envelope["data"]["hosts"]] == ["deployed"] * 3
+    assert took < 60, f"the deploy took {took:.0f} s"
+    assert verify_lab_ledger(report["ledger"]).ok
+
+    [event] = change_events(lab, envelope["data"]["deploy_id"])
+    assert event["status"] == 202 and release in event["body"]["payload"]["summary"]
+    key = Secrets(lab.model.secrets.file).get("pagerduty_routing_key")
+    assert key not in done.stdout + done.stderr
+
+
+def test_a_release_whose_health_fails_stops_after_the_first_batch_and_is_rolled_back(lab, tmp_path):
+    before = {host: current_of(host) for host in APP_HOSTS}
+    source = app_copy(tmp_path, "bad", break_health=True)
+    with load_through_the_lb(lab, tmp_path) as report:
+        done = igops_deploy(lab, "--source", str(source), "--health-timeout", "4")
+    assert done.returncode == ExitCode.FAILED, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert "stopped at batch 1 of 3" in error and "app1 rolled back: /health answered 503" in error, error
+    assert "injected by the deploy test" in error
+    assert re.search(r"app1\s+│\s+rolled back", done.stdout), done.stdout
+    assert report["errors"] == 0, report.get("errors_by_kind") or report
+    assert {host: current_of(host) for host in APP_HOSTS} == before
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == before
+    assert " down" not in upstream_text()
+
+
+class SshForwarder:
+    """A TCP relay in front of one host's sshd that can be cut: the host becomes unreachable
+    over SSH while its app keeps serving."""
+
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.server = socket.create_server(listen, reuse_port=False)
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        # A thread blocked in accept() keeps a merely closed listener accepting; shutdown wakes it.
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+def inventory_through(lab, tmp_path: Path, host: str, port: int) -> Path:
+    """The lab's inventory with `host` reached over SSH through `port` on its address."""
+    address = str(lab.host(host).address)
+    known_hosts = Path(lab.model.ssh.known_hosts)
+    entry = next(line for line in known_hosts.read_text().splitlines() if line.split()[0] == address)
+    copy = tmp_path / "known_hosts"
+    copy.write_text(known_hosts.read_text() + f"[{address}]:{port} {entry.split(None, 1)[1]}\n")
+    text = lab.source.read_text().replace(f'known_hosts = "{known_hosts}"', f'known_hosts = "{copy}"')
+    text = text.replace(f'name = "{host}"\n', f'name = "{host}"\nssh_port = {port}\n')
+    path = tmp_path / "igops.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_host_lost_mid_deploy_is_left_whole_and_out_of_traffic_and_a_rerun_finishes(lab, tmp_path):
+    before = current_of("app3")
+    source = app_copy(tmp_path, "lost")
+    address = str(lab.host("app3").address)
+    forwarder = SshForwarder((address, FORWARD_PORT), (address, 22))
+    try:
+        run = start_igops_deploy(inventory_through(lab, tmp_path, "app3", FORWARD_PORT), "--source", str(source))
+        # Once app1 is out of the load balancer every host has the release staged.
+        assert wait_for(lambda: drained(lab, "app1"), 60), run.communicate()
+        forwarder.cut()
+        out, err = run.communicate(timeout=DEPLOY_TIMEOUT)
+    finally:
+        forwarder.cut()
+    assert run.returncode == ExitCode.PARTIAL, err
+    release = current_of("app1")
+    assert release != before and current_of("app2") == release
+    assert current_of("app3") in (before, release), "app3's current is one release or the other, never broken"
+    assert os.path.isdir(os.readlink(state.paths().app_root("app3") / "current"))
+    assert "app3 unknown: unreachable during the switch" in err.strip().splitlines()[-1]
+    assert drained(lab, "app3") and "# igops-drained:" in upstream_text()
+    assert not drained(lab, "app1") and not drained(lab, "app2")
+
+    report = run_igops("-c", str(lab.source), "deploy", "releases", "--json")
+    assert report.returncode == ExitCode.PARTIAL
+    problems = json.loads(report.stdout)["data"]["problems"]
+    assert any("app3 is out of the load balancer" in problem for problem in problems), problems
+
+    rerun = igops_deploy(lab, "--source", str(source), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    hosts = {h["host"]: h["state"] for h in json.loads(rerun.stdout)["data"]["hosts"]}
+    assert hosts == {"app1": "already", "app2": "already", "app3": "deployed"}
+    assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
+    assert served_by(lab, "app3") == release and " down" not in upstream_text()
+
+
+def test_igops_killed_mid_deploy_leaves_no_host_half_switched_and_a_rerun_finishes(lab, tmp_path):
+    before = {host: current_of(host) for host in APP_HOSTS}
+    source = app_copy(tmp_path, "killed")
+    run = start_igops_deploy(lab.source, "--source", str(source))
+    assert wait_for(lambda: drained(lab, "app2"), 90), run.communicate()
+    run.kill()
+    run.wait()
+    release = current_of("app1")
+    assert release != before["app1"]
+    assert current_of("app2") in (before["app2"], release) and current_of("app3") == before["app3"]
+
+    report = run_igops("-c", str(lab.source), "deploy", "releases", "--json")
+    assert report.returncode == ExitCode.PARTIAL
+    problems = " ".join(json.loads(report.stdout)["data"]["problems"])
+    assert "was interrupted" in problems and "app2 is out of the load balancer" in problems
+
+    rerun = igops_deploy(lab, "--source", str(source))
+    assert rerun.returncode == 0, rerun.stderr
+    assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
+    assert " down" not in upstream_text()
+    assert run_igops("-c", str(lab.source), "deploy", "releases").returncode == 0
+
+
+def test_rollback_returns_to_the_release_before_and_forward_again(lab):
+    newest = current_of("app1")
+    listing = json.loads(run_igops("-c", str(lab.source), "deploy", "releases", "--json").stdout)["data"]
+    [previous] = {row["previous"] for row in listing["hosts"]}
+    back = igops_deploy(lab, "rollback", "--json")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["data"]["target"] == previous
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, previous)
+    forward = igops_deploy(lab, "rollback", "--to", newest, "--batch", "100%")
+    assert forward.returncode == 0, forward.stderr
+    assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, newest)
+    missing = igops_deploy(lab, "rollback", "--to", "19990101000000-gone000")
+    assert missing.returncode == ExitCode.REFUSED and "is not on app1" in missing.stderr
+
+
+def test_change_events_retry_throttling_and_never_resend_a_refused_one(lab):
+    url = lab.model.monitoring.pagerduty_url
+    key = Secrets(lab.model.secrets.file).get("pagerduty_routing_key")
+    request = urllib.request.Request(f"{url}/_lab/faults", data=json.dumps({"status": 429, "count": 2}).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
+    throttled = send_change(url, key, "deploy test: throttled twice", "igops tests", sleep=lambda _: None)
+    assert throttled.sent and throttled.attempts == 3
+    wrong_key = "0" * 32
+    refused = send_change(url, wrong_key, "deploy test: refused", "igops tests", sleep=lambda _: None)
+    assert not refused.sent and refused.attempts == 1 and "Invalid routing key" in refused.detail
