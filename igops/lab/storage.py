@@ -192,7 +192,10 @@ def _attach(image: Path, direct_io: bool) -> str:
     existing = [loop.device for loop in loops_under(image.parent) if loop.backing_file == str(image)]
     if existing:
         return existing[0]
-    argv = ["losetup", "--find", "--show"] + (["--direct-io=on"] if direct_io else []) + [str(image)]
+    # The images are formatted on 512-byte-sector loops; with direct I/O some kernels give a
+    # loop the backing file's larger alignment, and XFS then refuses to mount the image.
+    argv = ["losetup", "--find", "--show", "--sector-size", "512"] + (["--direct-io=on"] if direct_io else []) \
+        + [str(image)]
     return proc.run(argv).stdout.strip()
 
 
