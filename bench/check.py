@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
         answered = sum(1 for path in (work / f"pssh-out-{repeats - 1}").iterdir() if b'"writable": true' in path.read_bytes())
     finally:
         sshfleet.stop(work / "ssh", count)
+        shutil.rmtree(work, ignore_errors=True)
     medians = {name: median_of(runs) for name, runs in results.items()}
     base = medians["igops check (SSH checks)"]
     lines = [f"{count} SSH targets on loopback: SSH reachability, free space and a write test of {PROBED_MOUNT}; "
@@ -133,12 +135,11 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=100)
     parser.add_argument("--part", choices=("lab", "fleet", "both"), default="both")
     args = parser.parse_args()
-    output: list[str] = []
     if args.part in ("lab", "both"):
-        output += lab_part(args.repeats) + [""]
+        print("\n".join(lab_part(args.repeats)) + "\n", flush=True)
     if args.part in ("fleet", "both"):
-        output += fleet_part(Path(tempfile.mkdtemp(prefix="igops-bench-check-")), args.targets, args.repeats)
-    print("\n".join(output))
+        print("\n".join(fleet_part(Path(tempfile.mkdtemp(prefix="igops-bench-check-")), args.targets, args.repeats)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -21,5 +21,8 @@ def program(name: str) -> bytes:
 def invocation(name: str, args: list[str]) -> tuple[str, bytes]:
     """The remote command line and the stdin prefix that together run agent `name`."""
     source = program(name)
-    command = shlex.join(["python3", "-c", BOOTSTRAP.format(name=f"igops-{name}"), *args])
+    # -I: no PYTHON* variables, user site or current directory can change what runs; -S: no
+    # site-packages either (the programs are stdlib-only), and a host whose site runs .pth
+    # hooks starts each one tens of milliseconds sooner.
+    command = shlex.join(["python3", "-I", "-S", "-c", BOOTSTRAP.format(name=f"igops-{name}"), *args])
     return command, str(len(source)).encode() + b"\n" + source
