@@ -1056,6 +1056,7 @@ def _who() -> str:
 # servers' clocks disagree by a few milliseconds.
 SEQUENCE_MARGIN = 512
 COPY_PARALLEL = 3  # tables copied (and indexed) at once
+PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
 MAX_CLOCK_SKEW_MS = 500
@@ -1460,7 +1461,8 @@ class _Mover:
             # Closing the read end on any failure makes the source side's next write fail
             # instead of blocking on a full pipe.
             with os.fdopen(read_end, "rb") as source, writer.cursor() as cursor:
-                cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source)
+                cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source,
+                                   size=PIPE_BLOCK)
 
         try:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -1469,16 +1471,16 @@ class _Mover:
                 loading = pump.submit(load)
                 try:
                     cursor.copy_expert(sql.SQL("COPY {} TO STDOUT").format(name).as_string(cursor), sink)
-                except BaseException:
                     sink.close()
+                except BaseException:
+                    sink.abandon()
                     if loading.exception() is not None:  # the target's failure is the cause
                         raise loading.exception() from None
                     raise
-                sink.close()
                 loading.result()
             writer.commit()
         finally:
-            sink.close()
+            sink.abandon()
             reader.close()
             writer.close()
 
@@ -1850,20 +1852,37 @@ class _CopyCounter:
 
 
 class _CountingPipe:
-    """The write end of a pipe as the file psycopg2's COPY TO writes into."""
+    """The write end of a pipe as the file psycopg2's COPY TO writes into. psycopg2 writes
+    one row per call, so rows are gathered into blocks: the pipe, the counter and the
+    progress bar see a block at a time, not a million rows one by one."""
 
     def __init__(self, fd: int, counter: _CopyCounter):
         self.fd = fd
         self.counter = counter
+        self.block = bytearray()
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.counter.add(data)
+        self.block += data
+        if len(self.block) >= PIPE_BLOCK:
+            self._flush()
         return len(data)
 
+    def _flush(self) -> None:
+        view = memoryview(self.block)
+        while view:
+            view = view[os.write(self.fd, view):]
+        view.release()
+        self.counter.add(self.block)
+        self.block.clear()
+
     def close(self) -> None:
+        """Send what is gathered, then end the stream."""
+        if self.fd is not None:
+            self._flush()
+            self.abandon()
+
+    def abandon(self) -> None:
+        """End the stream without sending the rest: the copy failed."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
