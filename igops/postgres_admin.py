@@ -2,8 +2,9 @@
 
 Replication set-up, locks held across statements and catalog changes must reach the server
 itself, never PgBouncer: a transaction-pooled connection may hand each statement to another
-server session. The primary is read from the inventory every time, since failovers move it;
-the connection itself is `igops.postgres.connect`'s, with the session set up for this work.
+server session. The primary is found, not read from the inventory: a switchover or failover
+moves it and the inventory keeps naming the members as they were. The connection itself is
+`igops.postgres.connect`'s, with the session set up for this work.
 """
 
 from __future__ import annotations
@@ -17,31 +18,65 @@ _STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle"
                      "extra_float_digits": "3"}
 
 
-def primary_of(fleet, cluster: str):
-    """The inventory host that is the cluster's primary now."""
+# The member last found to be each cluster's primary (by inventory file and cluster): asked
+# first next time, so finding it costs one connection unless it has moved.
+_last_primary: dict[tuple[str, str], str] = {}
+
+
+def _members(fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
         known = ", ".join(clusters) or "none"
         raise UsageError(f"unknown Postgres cluster {cluster!r}", f"clusters in {fleet.source}: {known}")
-    return fleet.host(clusters[cluster].primary)
+    members = [clusters[cluster].primary, *clusters[cluster].standbys]
+    last = _last_primary.get((str(fleet.source), cluster))
+    return ([last] if last in members else []) + [name for name in members if name != last]
+
+
+def _open_primary(fleet, cluster: str, database: str, values: dict[str, Any]):
+    """(host, connection) of the member that accepts writes, its session set to `values`.
+    Members are asked one at a time, the last primary first; a standby's answer is not enough."""
+    from igops import postgres
+
+    refusals = []
+    for name in _members(fleet, cluster):
+        host = fleet.host(name)
+        try:
+            connection = postgres.connect(fleet, host, database, timeout=5, statement_timeout_ms=None)
+        except postgres.Unavailable as exc:
+            refusals.append(f"{name}: {exc.detail}")
+            continue
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery()" + "".join(", set_config(%s, %s, false)" for _ in values),
+                           [item for pair in values.items() for item in (pair[0], str(pair[1]))])
+            in_recovery = cursor.fetchone()[0]
+        if not in_recovery:
+            _last_primary[(str(fleet.source), cluster)] = name
+            return host, connection
+        connection.close()
+        refusals.append(f"{name}: a standby")
+    raise IgopsError(f"no member of Postgres cluster {cluster} accepts writes ({'; '.join(refusals)})",
+                     f"`igops pg status {cluster}` shows the cluster; `igops pg failover {cluster}` promotes a standby")
+
+
+def last_primary(fleet, cluster: str) -> str:
+    """The member last found to be the primary in this process, else the inventory's."""
+    return _last_primary.get((str(fleet.source), cluster), fleet.model.postgres.clusters[cluster].primary)
+
+
+def primary_of(fleet, cluster: str):
+    """The inventory host that is the cluster's primary now."""
+    host, connection = _open_primary(fleet, cluster, "postgres", {})
+    connection.close()
+    return host
 
 
 def connect(fleet, cluster: str, database: str, *, autocommit: bool = False, purpose: str = "admin",
             settings: dict[str, Any] | None = None):
     """A new connection to the cluster's primary as the inventory's Postgres user; the caller
     closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out."""
-    from igops import postgres
-
-    primary = primary_of(fleet, cluster)
-    try:
-        connection = postgres.connect(fleet, primary, database, timeout=5, statement_timeout_ms=None)
-    except postgres.Unavailable as exc:
-        raise IgopsError(f"cannot connect to {database} on {primary.name} (primary of {cluster}): {exc.detail}",
-                         "check that the primary is up (igops status)") from None
     values = {**_STABLE_RENDERING, "application_name": f"igops-{purpose}", **(settings or {})}
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT " + ", ".join("set_config(%s, %s, false)" for _ in values),
-                       [item for pair in values.items() for item in (pair[0], str(pair[1]))])
+    _, connection = _open_primary(fleet, cluster, database, values)
     connection.autocommit = autocommit
     return connection
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.output import Reporter
 from igops.postgres import first_line
-from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, primary_connection, primary_of,
+from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
                                   quote_ident, replication_connection, replication_conninfo)
 
 # --- IDs --------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def read_map(fleet, sizes: bool = True) -> ShardMap:
         known = name in fleet.model.postgres.clusters
         measured = schema_bytes.get(name)
         clusters.append(ClusterLoad(
-            name, fleet.model.postgres.clusters[name].primary if known else "?", databases.get(name, "?"),
+            name, last_primary(fleet, name) if known else "?", databases.get(name, "?"),
             sorted(members), sum(measured.values()) if measured is not None else None,
             errors.get(name) or (None if known else "not in the inventory")))
     return ShardMap(version, updated_at.isoformat(timespec="seconds"), shards, clusters)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from igops.lab import aws, state
+from igops.secrets import Secrets
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05):
@@ -36,3 +37,41 @@ def verify_lab_ledger(ledger: Path, app_host: str = "app1"):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def postgres(lab, node: str, database: str = "postgres", user: str | None = None, password: str | None = None):
+    """An autocommit connection straight to one lab server (the inventory's superuser by default)."""
+    import psycopg2
+
+    connection = psycopg2.connect(host=str(lab.host(node).address), port=lab.model.postgres.port,
+                                  user=user or lab.model.postgres.user, dbname=database, connect_timeout=5,
+                                  password=password or Secrets(lab.model.secrets.file).get("postgres_password"))
+    connection.autocommit = True
+    return connection
+
+
+def trim_wal(lab, primary: str, standby: str) -> None:
+    """Every promotion leaves a 16 MB segment per timeline on each member until the WAL moves past
+    it; the lab's WAL volumes are small, so move it along and checkpoint everywhere."""
+    connection = postgres(lab, primary)
+    try:
+        with connection.cursor() as cursor:
+            for _ in range(4):
+                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'trim')")
+                cursor.execute("SELECT pg_switch_wal()")
+            cursor.execute("CHECKPOINT")
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            position = cursor.fetchone()[0]
+    finally:
+        connection.close()
+    connection = postgres(lab, standby)
+    try:
+        with connection.cursor() as cursor:
+            def replayed():
+                cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
+                return cursor.fetchone()[0]
+
+            wait_for(replayed, 30)
+            cursor.execute("CHECKPOINT")
+    finally:
+        connection.close()

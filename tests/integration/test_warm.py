@@ -164,7 +164,9 @@ def test_a_real_postgres_data_directory_while_postgres_runs(lab):
     assert code == 0, envelope["error"]
     result = envelope["data"]
     assert result["pages"] > 1000 and result["warmed_pages"] >= 0.9 * result["pages"]
-    assert set(result["skipped_by_reason"]) <= {"missing"}  # e.g. pg_internal.init, primary-only
+    # Files only the primary has (pg_internal.init), and relations the standby has not yet
+    # extended as far (it replays behind the primary while Postgres runs on both).
+    assert set(result["skipped_by_reason"]) <= {"missing", "shorter than the profiled pages"}
     assert result["warmed_pages"] + result["skipped_pages"] == result["pages"]
     assert result["resident_pages"] >= 0.99 * result["warmed_pages"]
     assert result["read_bytes"] <= 1.05 * result["warmed_bytes"] + 64 * PAGE  # Postgres reads too

@@ -18,9 +18,8 @@ from igops import safety
 from igops.errors import ExitCode
 from igops.lab import state
 from igops.lab.state import MARKER_ENV
-from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
-from tests.labtools import verify_lab_ledger, wait_for
+from tests.labtools import postgres, trim_wal, verify_lab_ledger, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -99,16 +98,6 @@ def describe(report: dict, verified) -> str:
             f"max {report['write_latency']['max_ms']:.0f} ms; verify: {len(verified.missing_writes)} missing")
 
 
-def postgres(lab, node, database="postgres", user=None, password=None):
-    import psycopg2
-
-    connection = psycopg2.connect(host=str(lab.host(node).address), port=lab.model.postgres.port,
-                                  user=user or lab.model.postgres.user, dbname=database, connect_timeout=5,
-                                  password=password or Secrets(lab.model.secrets.file).get("postgres_password"))
-    connection.autocommit = True
-    return connection
-
-
 def redis_client(lab, node):
     import redis
 
@@ -176,34 +165,7 @@ def restore_home(lab):
         result, _ = igops(lab, "redis", "switchover", "--to", HOME_MASTER, "--yes")
         assert result.returncode == 0, result.stderr[-3000:]
     assert pg_state(lab)["primary"] == HOME_PRIMARY and redis_state(lab)["app_master"] == HOME_MASTER
-    trim_wal(lab)
-
-
-def trim_wal(lab):
-    """Every promotion leaves a 16 MB segment per timeline on each member until the WAL moves past
-    it; the lab's WAL volumes are small, so move it along and checkpoint everywhere."""
-    primary = postgres(lab, HOME_PRIMARY)
-    try:
-        with primary.cursor() as cursor:
-            for _ in range(4):
-                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'trim')")
-                cursor.execute("SELECT pg_switch_wal()")
-            cursor.execute("CHECKPOINT")
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            position = cursor.fetchone()[0]
-    finally:
-        primary.close()
-    standby = postgres(lab, OTHER_PRIMARY)
-    try:
-        with standby.cursor() as cursor:
-            def replayed():
-                cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
-                return cursor.fetchone()[0]
-
-            wait_for(replayed, 30)
-            cursor.execute("CHECKPOINT")
-    finally:
-        standby.close()
+    trim_wal(lab, HOME_PRIMARY, OTHER_PRIMARY)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from igops.errors import ExitCode
 from igops.lab import state
 from igops.postgres_admin import connect
 from tests.conftest import ROOT, run_igops
-from tests.labtools import verify_lab_ledger, wait_for
+from tests.labtools import trim_wal, verify_lab_ledger, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -415,3 +415,30 @@ def test_init_is_idempotent_and_the_map_adds_up(lab):
     assert all(item["present"] and item["bytes"] > 0 for item in current["shards"])
     for load in current["clusters"]:
         assert load["bytes"] == sum(item["bytes"] for item in current["shards"] if item["cluster"] == load["cluster"])
+
+
+def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
+    """After a switchover the inventory still names the old primary: moves find the new one."""
+    def main_primary() -> str:
+        status = json.loads(run_igops("pg", "status", "main", "--json", env=env(lab)).stdout)
+        return status["data"]["clusters"][0]["primary"]
+
+    home = main_primary()
+    other = next(name for name in [lab.model.postgres.clusters["main"].primary,
+                                   *lab.model.postgres.clusters["main"].standbys] if name != home)
+    switched = run_igops("pg", "switchover", "main", "--to", other, "--yes", env=env(lab))
+    assert switched.returncode == 0, switched.stderr[-2000:]
+    try:
+        shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                    if cluster != "main")
+        source = placement(lab, shard)
+        for target in ("main", source):
+            moved = run_igops("shard", "move", str(shard), "--to", target, "--yes", env=env(lab))
+            assert moved.returncode == 0, moved.stderr[-2000:]
+            assert placement(lab, shard) == target
+        assert run_igops("shard", "verify", str(shard), env=env(lab)).returncode == 0
+        assert leftovers(lab) == []
+    finally:
+        back = run_igops("pg", "switchover", "main", "--to", home, "--yes", env=env(lab))
+        assert back.returncode == 0, back.stderr[-2000:]
+        trim_wal(lab, home, other)
