@@ -16,6 +16,7 @@ import pytest
 from igops import inventory
 from igops.errors import ExitCode
 from igops.lab import state
+from igops.lab.proc import alive  # a zombie is dead: the lab's daemons may be this process's children
 from igops.secrets import Secrets
 from tests.conftest import run_igops
 from tests.labtools import wait_for
@@ -99,14 +100,6 @@ def results_of(result: subprocess.CompletedProcess) -> tuple[dict, dict]:
 
 def pid_from(path: Path) -> int:
     return int(path.read_text().strip())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def stuck_writers(mount: str) -> list[int]:
