@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
-from igops.errors import ExitCode, RefusedError
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
+from igops.commands.role_change import planned, run_plan
+from igops.errors import ExitCode
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
@@ -37,72 +38,27 @@ def show_state(out, state) -> None:
         out.text(f"  ! {problem}")
 
 
-def _collect_after(out, fleet, cluster: str):
-    from igops import failover
-
-    try:
-        return failover.pg_status(fleet, cluster)
-    except Exception as exc:  # noqa: BLE001 - the operation's own outcome matters more
-        out.log(f"could not read the state afterwards: {exc}")
-        return None
-
-
 def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
-    """Show the state and the plan, then confirm, lock the cluster, check under the lock that the
-    state is still the one the plan was made for, apply it, and show the state again."""
     from igops import failover
 
-    show_state(out, before)
-    for note in plan.notes:
-        out.log(f"note: {note}")
-    for risk in plan.forced:
-        out.log(f"--force accepts: {risk}")
-    if not plan.actions:
-        out.text(plan.notes[0] if plan.notes else "nothing to do")
-        out.finish({"plan": failover.describe_plan(plan), "before": before})
-        return
+    def summary(result) -> str:
+        text = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
+        if result.write_pause_ms is not None:
+            text += f"; writes were held {result.write_pause_ms:.0f} ms"
+        if plan.operation == "failover":
+            text += ("; bytes at risk (old primary's WAL the new one never received): "
+                     + (str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"))
+        return text
 
-    def act():
-        failover.check_unchanged(fleet, plan)
-        return failover.apply_pg(fleet, plan, out)
-
-    members = failover.cluster_members(fleet, plan.cluster)
-    try:
-        result = mutate(out, fleet, operation="pg", target=plan.cluster, targets=members, title=plan.title,
-                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act,
-                        outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0))
-    except failover.StepFailed:
-        after = _collect_after(out, fleet, plan.cluster)
-        if after:
-            out.log("where things stand now:")
-            show_state(out, after)
-        raise
-    if result is None:
-        out.finish({"dry_run": dry_run, "plan": failover.describe_plan(plan), "before": before})
-        return
-    after = _collect_after(out, fleet, plan.cluster)
-    if after:
-        show_state(out, after)
-    summary = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
-    if result.write_pause_ms is not None:
-        summary += f"; writes were held {result.write_pause_ms:.0f} ms"
-    if plan.operation == "failover":
-        summary += ("; bytes at risk (old primary's WAL the new one never received): "
-                    + (str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"))
-    out.text(summary)
-    out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+    run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
+             read_state=lambda: failover.pg_status(fleet, plan.cluster), apply=failover.apply_pg,
+             operation="pg", lock_target=plan.cluster, members=failover.cluster_members(fleet, plan.cluster),
+             outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0),
+             summary=summary, nothing_to_do="nothing to do")
 
 
 def _planned(out, step_title: str, planner):
-    """Run a planner; a refusal shows the state it was based on before its one-line error."""
-    with out.step(step_title):
-        try:
-            return planner()
-        except RefusedError as refusal:
-            state = getattr(refusal, "state", None)
-            if state is not None:
-                show_state(out, state)
-            raise
+    return planned(out, step_title, planner, show_state)
 
 
 @app.command("status")

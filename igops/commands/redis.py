@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
-from igops.errors import ExitCode, RefusedError
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
+from igops.commands.role_change import planned, run_plan
+from igops.errors import ExitCode
 
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
                        "of a former master.", no_args_is_help=True)
@@ -31,66 +32,23 @@ def show_state(out, state) -> None:
 
 
 def _planned(out, step_title: str, planner):
-    with out.step(step_title):
-        try:
-            return planner()
-        except RefusedError as refusal:
-            state = getattr(refusal, "state", None)
-            if state is not None:
-                show_state(out, state)
-            raise
-
-
-def _collect_after(out, fleet):
-    from igops import failover
-
-    try:
-        return failover.redis_status(fleet)
-    except Exception as exc:  # noqa: BLE001 - the operation's own outcome matters more
-        out.log(f"could not read the state afterwards: {exc}")
-        return None
+    return planned(out, step_title, planner, show_state)
 
 
 def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
-    """Show the state and the plan, then confirm, lock, check under the lock that the state is still
-    the one the plan was made for, apply it, and show the state again."""
     from igops import failover
 
-    show_state(out, before)
-    for note in plan.notes:
-        out.log(f"note: {note}")
-    for risk in plan.forced:
-        out.log(f"--force accepts: {risk}")
-    if not plan.actions:
-        out.text(plan.notes[0] if plan.notes else plan.title)
-        out.finish({"plan": failover.describe_plan(plan), "before": before})
-        return
+    def summary(result) -> str:
+        text = f"{plan.operation} done: the app writes to {result.new_master}"
+        if result.write_pause_ms is not None:
+            text += f"; writes were held {result.write_pause_ms:.0f} ms"
+        return text
 
-    def act():
-        failover.check_unchanged(fleet, plan)
-        return failover.apply_redis(fleet, plan, out)
-
-    try:
-        result = mutate(out, fleet, operation="redis", target=LOCK_TARGET, targets=failover.redis_members(fleet),
-                        title=plan.title, steps=plan.steps(), dry_run=dry_run, yes=yes, action=act,
-                        outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0))
-    except failover.StepFailed:
-        after = _collect_after(out, fleet)
-        if after:
-            out.log("where things stand now:")
-            show_state(out, after)
-        raise
-    if result is None:
-        out.finish({"dry_run": dry_run, "plan": failover.describe_plan(plan), "before": before})
-        return
-    after = _collect_after(out, fleet)
-    if after:
-        show_state(out, after)
-    summary = f"{plan.operation} done: the app writes to {result.new_master}"
-    if result.write_pause_ms is not None:
-        summary += f"; writes were held {result.write_pause_ms:.0f} ms"
-    out.text(summary)
-    out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+    run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
+             read_state=lambda: failover.redis_status(fleet), apply=failover.apply_redis,
+             operation="redis", lock_target=LOCK_TARGET, members=failover.redis_members(fleet),
+             outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0),
+             summary=summary, nothing_to_do=plan.title)
 
 
 @app.command("status")

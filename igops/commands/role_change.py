@@ -1,0 +1,68 @@
+"""What `igops pg` and `igops redis` share: planning with the state shown on refusal, and the
+show state -> plan -> confirm -> lock -> check unchanged -> act -> show state sequence."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from igops.commands.common import mutate
+from igops.errors import RefusedError
+
+
+def planned(out, step_title: str, planner, show_state) -> tuple:
+    """Run a planner; a refusal shows the state it was based on before its one-line error."""
+    with out.step(step_title):
+        try:
+            return planner()
+        except RefusedError as refusal:
+            state = getattr(refusal, "state", None)
+            if state is not None:
+                show_state(out, state)
+            raise
+
+
+def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, read_state: Callable[[], object],
+             apply: Callable, operation: str, lock_target: str, members: list[str],
+             outcome: Callable, summary: Callable, nothing_to_do: str) -> None:
+    """Show the state and the plan, then confirm, lock, check under the lock that the state is still
+    the one the plan was made for, apply it, and show the state again."""
+    from igops import failover
+
+    def state_after():
+        try:
+            return read_state()
+        except Exception as exc:  # noqa: BLE001 - the operation's own outcome matters more
+            out.log(f"could not read the state afterwards: {exc}")
+            return None
+
+    show_state(out, before)
+    for note in plan.notes:
+        out.log(f"note: {note}")
+    for risk in plan.forced:
+        out.log(f"--force accepts: {risk}")
+    if not plan.actions:
+        out.text(plan.notes[0] if plan.notes else nothing_to_do)
+        out.finish({"plan": failover.describe_plan(plan), "before": before})
+        return
+
+    def act():
+        failover.check_unchanged(fleet, plan)
+        return apply(fleet, plan, out)
+
+    try:
+        result = mutate(out, fleet, operation=operation, target=lock_target, targets=members, title=plan.title,
+                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome)
+    except failover.StepFailed:
+        after = state_after()
+        if after:
+            out.log("where things stand now:")
+            show_state(out, after)
+        raise
+    if result is None:
+        out.finish({"dry_run": dry_run, "plan": failover.describe_plan(plan), "before": before})
+        return
+    after = state_after()
+    if after:
+        show_state(out, after)
+    out.text(summary(result))
+    out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
