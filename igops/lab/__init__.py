@@ -103,9 +103,17 @@ def _preflight(paths: Paths) -> None:
     listening = proc.listeners()
     for address, port, what in _endpoints():
         holders = listening.get((address, port), [])
-        if holders and all(proc.belongs(pid, paths.root) for pid, _ in holders):
-            continue
-        proc.ensure_free(address, port, what)
+        if holders and not _held_by_the_lab(holders, paths.root):
+            # A forking server's child serving one last connection holds the listening
+            # socket too and cannot be recognised while it exits; look again.
+            time.sleep(0.3)
+            holders = proc.listeners().get((address, port), [])
+        if not _held_by_the_lab(holders, paths.root):
+            proc.ensure_free(address, port, what)
+
+
+def _held_by_the_lab(holders: list[tuple[int, str]], state_root: Path) -> bool:
+    return bool(holders) and all(proc.belongs(pid, state_root) for pid, _ in holders)
 
 
 def _start_all(daemons: list[proc.Daemon], paths: Paths, timeout: float = 60) -> None:

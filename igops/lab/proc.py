@@ -193,6 +193,21 @@ def build_pids(state_root: Path) -> list[int]:
 
 
 def belongs(pid: int, state_root: Path) -> bool:
+    """True for a live process the lab started, or a child one forked (munin-node forks a
+    child per connection that holds the listening socket and renames itself)."""
+    return _started_by_the_lab(pid, state_root) or _started_by_the_lab(_parent(pid), state_root)
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _started_by_the_lab(pid: int, state_root: Path) -> bool:
+    if pid <= 1:
+        return False
     proc = Path(f"/proc/{pid}")
     try:
         if f"{MARKER_ENV}={state_root}".encode() in (proc / "environ").read_bytes().split(b"\0"):
