@@ -15,6 +15,9 @@ from app.runtime import runtime
 log = logging.getLogger(__name__)
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# A failing /health is an answer, not a failure to serve: the load balancer and the checks
+# act on it already, and counting it would raise the error rate with every probe.
+PROBE_PATHS = frozenset({"/health"})
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JsonResponse:
@@ -44,11 +47,12 @@ class ApiMiddleware:
         status = response.status_code
         stats.bump("requests")
         stats.bump("request_seconds_total", time.monotonic() - started)
-        if status >= 500:
+        failed = status >= 400 and request.path not in PROBE_PATHS
+        if failed and status >= 500:
             stats.bump("errors")
             if request.method in WRITE_METHODS:
                 stats.bump("write_errors")
-        elif status >= 400:
+        elif failed:
             stats.bump("client_errors")
         stats.flush()
         return response

@@ -272,3 +272,19 @@ roles = ["app"]
     assert duration < 2.5, f"the checks took {duration} s with a 1.5 s deadline"
     # A connect or banner wait of the inventory's 30 s would show here, start-up aside.
     assert elapsed < 15, f"the process took {elapsed:.1f} s to exit"
+
+
+@pytest.mark.parametrize("service, env, graphs", [
+    ("postgres", {"PGHOST": "127.0.20.250", "PGPORT": "9", "PGCONNECT_TIMEOUT": "1"},
+     ["igops_pg_connections", "igops_pg_commits"]),
+    ("redis", {"host": "127.0.20.250", "port": "9"}, ["igops_redis_memory", "igops_redis_ops"]),
+    ("pgbouncer", {"PGHOST": "127.0.20.250", "PGPORT": "9"}, ["igops_pgbouncer_waiting", "igops_pgbouncer_maxwait"]),
+])
+def test_plugin_config_describes_its_graphs_while_the_service_is_down(tmp_path, service, env, graphs):
+    """munin-node runs `config` once when it starts and drops a plugin that prints nothing, until
+    its next restart; a data store that starts after the node must not cost its graphs."""
+    done = _plugin(tmp_path, service, "config", env=env)
+    assert done.returncode == 0 and "describing the graphs without it" in done.stderr, done.stderr
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("multigraph ")] == graphs
+    fetched = _plugin(tmp_path, service, env=env)
+    assert fetched.returncode == 1 and fetched.stdout == ""

@@ -1,0 +1,48 @@
+"""The app's own counters (GET /stats), with the real app and its dependencies out of reach."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+[postgres]
+host = "127.0.20.250"
+port = 9
+user = "app"
+directory_database = "directory"
+connect_timeout = 2
+[redis]
+nodes = ["127.0.20.250:9"]
+[memcached]
+servers = ["127.0.20.250:9"]
+[s3]
+bucket = "b"
+[stats]
+path = "{stats}"
+"""
+
+REQUESTS = """
+import json, django
+django.setup()
+from django.test import Client
+client = Client()
+health = client.get("/health").status_code
+missing = client.get("/no-such-page").status_code
+print(json.dumps({"health": health, "missing": missing, "stats": client.get("/stats").json()}))
+"""
+
+
+def test_a_failing_health_probe_is_not_counted_as_a_server_error(tmp_path):
+    config = tmp_path / "app.toml"
+    config.write_text(CONFIG.format(stats=tmp_path / "stats.db"))
+    done = subprocess.run([sys.executable, "-c", REQUESTS], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "IGOPS_APP_CONFIG": str(config),
+                               "DJANGO_SETTINGS_MODULE": "app.settings"})
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout.splitlines()[-1])
+    assert (answers["health"], answers["missing"]) == (503, 404)
+    stats = answers["stats"]
+    assert (stats["requests"], stats["errors"], stats["client_errors"]) == (2, 0, 1)
