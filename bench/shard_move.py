@@ -75,8 +75,9 @@ def fill(fleet, cluster, shard, rows):
 def empty(fleet, cluster, shard):
     schema = f"insta{shard}"
     sql(fleet, cluster, f"""
-        DELETE FROM {schema}.likes WHERE photo_id < 0
-            OR photo_id IN (SELECT id FROM {schema}.photos WHERE caption = %s);
+        DELETE FROM {schema}.likes WHERE photo_id < 0;
+        DELETE FROM {schema}.likes USING {schema}.photos
+              WHERE likes.photo_id = photos.id AND photos.caption = %s;
         DELETE FROM {schema}.photos WHERE caption = %s;
         DELETE FROM {schema}.users WHERE username LIKE 'igops\\_bench\\_%%';""", (CAPTION, CAPTION))
     sql(fleet, cluster, f"VACUUM {schema}.likes, {schema}.photos, {schema}.users")

@@ -442,3 +442,54 @@ def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
         back = run_igops("pg", "switchover", "main", "--to", home, "--yes", env=env(lab))
         assert back.returncode == 0, back.stderr[-2000:]
         trim_wal(lab, home, other)
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
+def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
+    """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
+    move waits on) on copies that differ by one changed value (in a json column, which has no
+    hash function), one missing and one extra row."""
+    connection = pg(lab, "main")
+    left, right = shards.ShardCopy("main", "igops_verify_a"), shards.ShardCopy("main", "igops_verify_b")
+    try:
+        with connection.cursor() as cursor:
+            for copy in (left, right):
+                cursor.execute(f"DROP SCHEMA IF EXISTS {copy.schema} CASCADE; CREATE SCHEMA {copy.schema};"
+                               f"CREATE TABLE {copy.schema}.events (id bigint PRIMARY KEY, body json, note text);"
+                               f"INSERT INTO {copy.schema}.events SELECT g, json_build_object('n', g), 'e' || g"
+                               f"  FROM generate_series(1, 250000) g;"
+                               f"CREATE TABLE {copy.schema}.tags (id bigint PRIMARY KEY, tag text);"
+                               f"INSERT INTO {copy.schema}.tags SELECT g, 't' || g FROM generate_series(1, 1000) g")
+
+        def compare():
+            readers = [pg(lab, "main") for _ in (left, right)]
+            try:
+                for reader in readers:
+                    reader.autocommit = False
+                    reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                with readers[0].cursor() as one, readers[1].cursor() as other:
+                    return shards.compare_snapshots(7, (left, right), (one, other), False, None, ordered)
+            finally:
+                for reader in readers:
+                    reader.close()
+
+        same = compare()
+        assert same.equal and [check.rows[left.label] for check in same.tables] == [250000, 1000]
+        with connection.cursor() as cursor:
+            cursor.execute(f"UPDATE {right.schema}.events SET body = '{{\"n\": -1}}' WHERE id = 123456")
+        changed = compare()
+        assert not changed.equal
+        [events, tags] = changed.tables
+        assert (events.equal, tags.equal) == (False, True)
+        assert events.rows[left.label] == events.rows[right.label]
+        assert events.first_difference == "id in [100000, 200000)"
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {right.schema}.events WHERE id = 123456;"
+                           f"INSERT INTO {right.schema}.events VALUES (250001, '{{}}', 'extra')")
+        swapped = compare().tables[0]
+        assert not swapped.equal and swapped.rows[left.label] == swapped.rows[right.label]
+        assert swapped.first_difference == "id in [100000, 200000)"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP SCHEMA IF EXISTS {left.schema}, {right.schema} CASCADE")
+        connection.close()
