@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import resources
@@ -45,6 +46,70 @@ class Context:
     @cached_property
     def secrets(self) -> Secrets:
         return Secrets(self.fleet.model.secrets.file)
+
+    @cached_property
+    def _views_lock(self) -> threading.Lock:
+        return threading.Lock()
+
+    @cached_property
+    def _views(self) -> dict[str, dict[str, MemberView]]:
+        return {}
+
+    def postgres_views(self, cluster_name: str) -> dict[str, MemberView]:
+        """Each member of a cluster as it sees itself, asked once per run: the Postgres and
+        the PgBouncer checks both judge against the live primary (a failover does not
+        rewrite the inventory, which only names the members)."""
+        with self._views_lock:
+            if cluster_name not in self._views:
+                cluster = self.fleet.model.postgres.clusters[cluster_name]
+                members = [cluster.primary, *cluster.standbys]
+                with ThreadPoolExecutor(max_workers=len(members)) as pool:
+                    self._views[cluster_name] = dict(zip(members, pool.map(self._member_view, members)))
+            return self._views[cluster_name]
+
+    def _member_view(self, name: str) -> MemberView:
+        import psycopg2
+
+        view = MemberView()
+        try:
+            connection = _postgres_connect(self, self.fleet.host(name), self.probe_timeout)
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SET statement_timeout = %s", (int(self.probe_timeout * 1000),))
+                    cursor.execute("SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)")
+                    view.in_recovery, view.receiver = cursor.fetchone()
+                    if not view.in_recovery:
+                        try:
+                            # Assigning a transaction id writes and flushes WAL: the cheapest real write.
+                            cursor.execute("SELECT txid_current()")
+                        except psycopg2.Error as exc:
+                            view.write_error = _short(exc)
+                        cursor.execute("SELECT application_name, state, "
+                                       "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                                       "FROM pg_stat_replication")
+                        view.replication = {name: (state, lag) for name, state, lag in cursor.fetchall()}
+            finally:
+                connection.close()
+        except Exception as exc:  # noqa: BLE001
+            view.error = _short(exc)
+        return view
+
+
+@dataclass
+class MemberView:
+    """One Postgres member as it sees itself."""
+
+    in_recovery: bool | None = None  # None: it could not be asked (see error)
+    receiver: str | None = None  # its WAL receiver's status
+    write_error: str | None = None  # out of recovery, yet a write failed
+    replication: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # standby -> (state, lag)
+    error: str | None = None
+
+
+def live_primary(cluster, views: dict[str, MemberView]) -> str | None:
+    """The member out of recovery; of two (a split brain), the one standbys stream from."""
+    out = [name for name, view in views.items() if view.in_recovery is False]
+    return max(out, key=lambda name: (len(views[name].replication), name == cluster.primary), default=None)
 
 
 def validate_groups(only: list[str] | None) -> list[str]:
@@ -264,84 +329,56 @@ def postgres_probes(context: Context) -> list[Probe]:
 
 
 def _postgres_runner(context: Context, cluster_name: str, cluster):
-    fleet = context.fleet
-    thresholds = fleet.model.check
+    thresholds = context.fleet.model.check
 
     def run(report) -> None:
         started = time.monotonic()
-        primary = fleet.host(cluster.primary)
-        replication: dict[str, tuple[str, int | None]] = {}
-        primary_error = None
-        try:
-            connection = _postgres_connect(context, primary, context.probe_timeout)
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute("SET statement_timeout = %s", (int(context.probe_timeout * 1000),))
-                    cursor.execute("SELECT pg_is_in_recovery()")
-                    if cursor.fetchone()[0]:
-                        raise _NotPrimary("in recovery: this is a standby, not the primary")
-                    # Assigning a transaction id writes and flushes WAL: the cheapest real write.
-                    cursor.execute("SELECT txid_current()")
-                    cursor.execute("SELECT application_name, state, "
-                                   "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
-                                   "FROM pg_stat_replication")
-                    for name, state, lag in cursor.fetchall():
-                        replication[name] = (state, lag)
-            finally:
-                connection.close()
-        except Exception as exc:  # noqa: BLE001
-            primary_error = _short(exc)
+        views = context.postgres_views(cluster_name)
+        primary = live_primary(cluster, views)
+        if primary is None:
+            answers = "; ".join(f"{name}: {view.error or 'a standby'}" for name, view in views.items())
+            primary_error = f"no member accepts writes ({answers})"
+        else:
+            primary_error = views[primary].write_error
+        named = primary or cluster.primary
         if primary_error:
-            report(Result("postgres-primary", cluster.primary, NagiosStatus.CRITICAL,
+            report(Result("postgres-primary", named, NagiosStatus.CRITICAL,
                           f"cluster {cluster_name}: not writable: {primary_error}", duration_ms=_ms(started)))
         else:
+            replication = views[named].replication
             streaming = sum(1 for state, _ in replication.values() if state == "streaming")
-            report(Result("postgres-primary", cluster.primary, NagiosStatus.OK,
-                          f"cluster {cluster_name}: writable, {streaming} standby(s) streaming",
-                          [Perf(f"postgres-primary {cluster.primary}", _ms(started) / 1000, "s", minimum=0)],
+            moved = f"; promoted (the inventory lists {cluster.primary} first)" if named != cluster.primary else ""
+            report(Result("postgres-primary", named, NagiosStatus.OK,
+                          f"cluster {cluster_name}: writable, {streaming} standby(s) streaming{moved}",
+                          [Perf(f"postgres-primary {named}", _ms(started) / 1000, "s", minimum=0)],
                           duration_ms=_ms(started)))
-        for standby in cluster.standbys:
-            report(_standby_result(context, cluster.primary, standby, replication.get(standby), primary_error,
-                                   thresholds))
+        for standby in views:
+            if standby != named:
+                row = views[named].replication.get(standby)
+                report(_standby_result(named, standby, row, primary_error, views[standby], thresholds,
+                                       _ms(started)))
     return run
 
 
-class _NotPrimary(Exception):
-    pass
-
-
-def _standby_result(context: Context, primary: str, standby: str, row, primary_error, thresholds) -> Result:
-    started = time.monotonic()
-    own_view = None
-    try:
-        connection = _postgres_connect(context, context.fleet.host(standby), context.probe_timeout)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)")
-                own_view = cursor.fetchone()
-        finally:
-            connection.close()
-        own_error = None
-    except Exception as exc:  # noqa: BLE001
-        own_error = _short(exc)
-    if own_view is not None and not own_view[0]:
+def _standby_result(primary: str, standby: str, row, primary_error, view: MemberView, thresholds,
+                    duration_ms: float) -> Result:
+    if view.in_recovery is False:
         return Result("postgres-standby", standby, NagiosStatus.CRITICAL,
-                      f"not in recovery: {standby} is a second primary", duration_ms=_ms(started))
+                      f"not in recovery: {standby} is a second primary", duration_ms=duration_ms)
     if row and row[0] == "streaming":
         lag = row[1] or 0
         state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
         return Result("postgres-standby", standby, state, f"streaming from {primary}, replay lag {lag} bytes",
                       [Perf(f"postgres-lag {standby}", lag, "B", thresholds.replication_lag_warning_bytes,
-                            thresholds.replication_lag_critical_bytes, 0)], duration_ms=_ms(started))
-    if primary_error and own_view is not None and own_view[1] == "streaming":
+                            thresholds.replication_lag_critical_bytes, 0)], duration_ms=duration_ms)
+    if primary_error and view.receiver == "streaming":
         return Result("postgres-standby", standby, NagiosStatus.UNKNOWN,
                       f"its WAL receiver is streaming, but the primary {primary} cannot confirm its lag",
-                      duration_ms=_ms(started))
-    why = f"{standby} itself: {own_error}" if own_error else \
-        f"its WAL receiver is {own_view[1] or 'not running'}" if own_view else ""
+                      duration_ms=duration_ms)
+    why = f"{standby} itself: {view.error}" if view.error else f"its WAL receiver is {view.receiver or 'not running'}"
     seen = f" (primary reports state {row[0]})" if row else ""
-    return Result("postgres-standby", standby, NagiosStatus.CRITICAL,
-                  f"not streaming from {primary}{seen}" + (f"; {why}" if why else ""), duration_ms=_ms(started))
+    return Result("postgres-standby", standby, NagiosStatus.CRITICAL, f"not streaming from {primary}{seen}; {why}",
+                  duration_ms=duration_ms)
 
 
 # --- PgBouncer ----------------------------------------------------------------------------------
@@ -379,11 +416,12 @@ def pgbouncer_probe(context: Context, host) -> Probe:
             database = cluster.pgbouncer_database
             if not database:
                 continue
-            primary = fleet.host(cluster.primary)
             entry = databases.get(database)
+            live = live_primary(cluster, context.postgres_views(cluster_name))
+            primary = fleet.host(live) if live else None
             if entry is None:
                 problems.append(f"no database {database!r} (cluster {cluster_name})")
-            elif entry.get("host") not in (str(primary.address), primary.name):
+            elif primary and entry.get("host") not in (str(primary.address), primary.name):
                 problems.append(f"{database} points at {entry.get('host')}, not the primary "
                                 f"{primary.name} ({primary.address})")
         user_pools = [pool for pool in pools if pool.get("database") != "pgbouncer"]

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -87,6 +88,38 @@ def test_runner_returns_at_the_deadline_and_names_what_did_not_answer():
     assert by_key[("redis-replica", "redis2")].summary == "no answer within 0.5 s"
     assert by_key[("memcached", "cache1")].status == NagiosStatus.UNKNOWN
     assert "broken probe" in by_key[("memcached", "cache1")].summary
+
+
+def test_a_member_answering_in_its_live_role_stands_for_the_inventorys_role():
+    """After a failover the inventory still lists db1 first: "postgres-primary db1" is answered
+    as "postgres-standby db1", in the inventory's order, and not as a missing answer."""
+    def swapped(report):
+        report(Result("postgres-primary", "db2", NagiosStatus.OK, "writable"))
+        report(Result("postgres-standby", "db1", NagiosStatus.OK, "streaming"))
+
+    def half(report):
+        report(Result("postgres-primary", "db4", NagiosStatus.OK, "writable"))
+        raise ValueError("broken probe")
+
+    probes = [Probe("main", [("postgres-primary", "db1"), ("postgres-standby", "db2")], swapped),
+              Probe("pg2", [("postgres-primary", "db3"), ("postgres-standby", "db4")], half)]
+    results = run_all(probes, timeout=5)
+    assert [(r.key, r.status) for r in results] == [
+        (("postgres-standby", "db1"), NagiosStatus.OK), (("postgres-primary", "db2"), NagiosStatus.OK),
+        (("postgres-primary", "db3"), NagiosStatus.UNKNOWN), (("postgres-primary", "db4"), NagiosStatus.OK)]
+
+
+def test_the_live_primary_is_the_member_out_of_recovery_and_of_two_the_one_streamed_from():
+    from igops.checks.fleet import MemberView, live_primary
+
+    cluster = SimpleNamespace(primary="db1", standbys=["db2", "db3"])
+    standby, down = MemberView(in_recovery=True, receiver="streaming"), MemberView(error="connection refused")
+    assert live_primary(cluster, {"db1": down, "db2": MemberView(in_recovery=False), "db3": standby}) == "db2"
+    assert live_primary(cluster, {"db1": standby, "db2": standby, "db3": down}) is None
+    streamed = MemberView(in_recovery=False, replication={"db3": ("streaming", 0)})
+    assert live_primary(cluster, {"db1": MemberView(in_recovery=False), "db2": streamed, "db3": standby}) == "db2"
+    assert live_primary(cluster, {"db1": MemberView(in_recovery=False), "db2": MemberView(in_recovery=False),
+                                  "db3": standby}) == "db1"
 
 
 def test_dedup_keys_are_stable_per_fleet_check_and_target():
