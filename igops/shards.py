@@ -1619,21 +1619,11 @@ class _Mover:
 
     def _verified(self) -> str:
         plan = self.plan
-        for attempt in range(1, CUTOVER_ATTEMPTS + 1):
-            try:
-                # The cut-over waits on this: an order-free row hash per table, a fifth of the
-                # cost of the ordered checksums `igops shard verify` reports.
-                report = verify_copies(self.fleet, plan.shard, ShardCopy(plan.source, plan.schema),
-                                       ShardCopy(plan.target, plan.schema), plan.slot, self.reporter, ordered=False)
-                break
-            except CutoverDeferred as exc:
-                # WAL written since the catch-up (autovacuum after a bulk load, say) can take
-                # the target longer to apply than writes may be held.
-                if attempt == CUTOVER_ATTEMPTS:
-                    raise IgopsError(f"verification gave up after {attempt} attempts: {exc.message}",
-                                     f"writes were released each time; --resume {plan.move_id} tries again") from None
-                self.reporter.log(f"verification attempt {attempt}: {exc.message}; writes released, catching up again")
-                self._caught_up()
+        # The cut-over waits on this: an order-free row hash per table, a fifth of the cost of
+        # the ordered checksums `igops shard verify` reports.
+        report = self._holding_writes("verification", lambda: verify_copies(
+            self.fleet, plan.shard, ShardCopy(plan.source, plan.schema), ShardCopy(plan.target, plan.schema),
+            plan.slot, self.reporter, ordered=False))
         self.verify_report = report
         rows = sum(check.rows[f"{plan.source}/{plan.schema}"] for check in report.tables)
         if not report.equal:
@@ -1657,19 +1647,25 @@ class _Mover:
             version = self._flip_map()
             return f"shard map version {version}"
         self._check_clock_skew()
-        for attempt in range(1, CUTOVER_ATTEMPTS + 1):
-            try:
-                timings = self._cut_over()
-                break
-            except CutoverDeferred as exc:
-                if attempt == CUTOVER_ATTEMPTS:
-                    raise IgopsError(f"cut-over gave up after {attempt} attempts: {exc.message}",
-                                     f"writes were released each time; --resume {plan.move_id} tries again") from None
-                self.reporter.log(f"cut-over attempt {attempt}: {exc.message}; writes released, catching up again")
-                self._caught_up()
+        timings = self._holding_writes("cut-over", self._cut_over)
         self.result_fields["switched"] = timings
         return (f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
                 f"shard map version {timings['map_version']}")
+
+    def _holding_writes(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run a step that holds the shard's writes while the target applies the source's WAL.
+        When the target is too far behind (WAL written since the catch-up, autovacuum after a
+        bulk load, say), release the writes, catch up again and retry."""
+        for attempt in range(1, CUTOVER_ATTEMPTS + 1):
+            try:
+                return action()
+            except CutoverDeferred as exc:
+                if attempt == CUTOVER_ATTEMPTS:
+                    raise IgopsError(f"{what} gave up after {attempt} attempts: {exc.message}",
+                                     f"writes were released each time; --resume {self.plan.move_id} tries again"
+                                     ) from None
+                self.reporter.log(f"{what} attempt {attempt}: {exc.message}; writes released, catching up again")
+                self._caught_up()
 
     def _check_clock_skew(self) -> None:
         """Ids start with their server's clock: a target far behind the source would mint

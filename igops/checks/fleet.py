@@ -38,6 +38,8 @@ class Context:
     hosts: list
     timeout: float
     samples: munin_checks.Samples | None
+    _views: dict[str, dict[str, MemberView]] = field(default_factory=dict, init=False, repr=False)
+    _views_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def probe_timeout(self) -> float:
@@ -46,14 +48,6 @@ class Context:
     @cached_property
     def secrets(self) -> Secrets:
         return Secrets(self.fleet.model.secrets.file)
-
-    @cached_property
-    def _views_lock(self) -> threading.Lock:
-        return threading.Lock()
-
-    @cached_property
-    def _views(self) -> dict[str, dict[str, MemberView]]:
-        return {}
 
     def postgres_views(self, cluster_name: str) -> dict[str, MemberView]:
         """Each member of a cluster as it sees itself, asked once per run: the Postgres and
