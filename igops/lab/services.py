@@ -28,6 +28,11 @@ PGBOUNCER_ADMIN = "pgbouncer"
 APP_USER = "www-data"
 GUNICORN_WORKERS = 2
 GUNICORN_THREADS = 4
+# nginx drops an idle upstream connection a second before gunicorn would: a POST sent on a
+# connection gunicorn is closing fails with a reset, and nginx does not retry non-idempotent
+# requests.
+GUNICORN_KEEPALIVE_S = 5
+NGINX_UPSTREAM_KEEPALIVE_S = GUNICORN_KEEPALIVE_S - 1
 
 
 # --- Redis -----------------------------------------------------------------------------------
@@ -248,7 +253,7 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
             "--control-socket", str(shared / "gunicorn.ctl"),
             "--access-logfile", str(shared / "log" / "access.log"),
             "--error-logfile", str(shared / "log" / "error.log"),
-            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", "5", "app.wsgi:application")
+            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S), "app.wsgi:application")
     env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
     return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
                        endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),
@@ -267,7 +272,8 @@ def nginx_daemon(paths: Paths) -> proc.Daemon:
     if not paths.upstream_file().exists():
         servers = "\n".join(f"    server {node.address}:{APP_PORT} max_fails=2 fail_timeout=5s;"
                             for node in with_role("app"))
-        files.write_file(paths.upstream_file(), files.render("upstream.conf", servers=servers))
+        files.write_file(paths.upstream_file(), files.render("upstream.conf", servers=servers,
+                                                                     keepalive_timeout=NGINX_UPSTREAM_KEEPALIVE_S))
     pid_file = directory / "nginx.pid"
     config = directory / "nginx.conf"
     files.write_file(config, files.render("nginx.conf", pid_file=pid_file, dir=directory,

@@ -235,6 +235,7 @@ UPSTREAM = """upstream app {
     server 127.0.10.12:8000 max_fails=2 fail_timeout=5s;
     server 127.0.10.13:8000 max_fails=2 fail_timeout=5s down;
     keepalive 32;
+    keepalive_timeout 4s;
 }
 """
 
