@@ -1252,7 +1252,6 @@ def directory_connection(fleet):
 
 def _redis_view(fleet) -> _RedisView:
     members = redis_members(fleet)
-    by_address = {_redis_address(fleet, name): name for name in members}
 
     def probe(name: str):
         connection = redisops.client(fleet, fleet.host(name))
@@ -1279,10 +1278,19 @@ def _redis_view(fleet) -> _RedisView:
         address, version, directory_error = endpoint_future.result()
     states = {name: state for name, state, _ in probed}
     down = {name: error for name, _, error in probed if error}
+    return _RedisView(fleet, states, down, redis_state_of(fleet, states, down, address, version, directory_error))
+
+
+def redis_state_of(fleet, states: dict[str, redisops.NodeState | None], down: dict[str, postgres.Unavailable],
+                   address: str | None, version: int | None, directory_error: str | None) -> RedisState:
+    """The Redis tier from what each node said of itself (None and an entry in `down` for one
+    that did not answer) and the directory's redis_master endpoint (or why it could not be read)."""
+    members = redis_members(fleet)
+    by_address = {_redis_address(fleet, name): name for name in members}
     app_master = by_address.get(address) if address else None
     nodes = []
     for name in members:
-        node_state = states[name]
+        node_state = states.get(name)
         node = RedisNode(name, _redis_address(fleet, name), "unknown", "running", app_master=name == app_master)
         if node_state is None:
             node.state = "hung" if down[name].kind == "timeout" else "down"
@@ -1293,7 +1301,8 @@ def _redis_view(fleet) -> _RedisView:
             node.priority = node_state.priority
             if node_state.role == "replica":
                 node.master = by_address.get(node_state.master_address, node_state.master_address)
-                node.link = "up" if node_state.link_up else f"down ({node_state.link_down_s} s)"
+                node.link = "up" if node_state.link_up else "down" if node_state.link_down_s is None \
+                    else f"down ({node_state.link_down_s} s)"
                 node.read_only = node_state.read_only
         nodes.append(node)
     reference = states.get(app_master) if app_master else None
@@ -1302,7 +1311,7 @@ def _redis_view(fleet) -> _RedisView:
             node.lag_bytes = max(0, reference.offset - node.offset)
     state = RedisState(nodes, app_master, address, version)
     state.problems = _redis_problems(fleet, state, directory_error)
-    return _RedisView(fleet, states, down, state)
+    return state
 
 
 def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> list[str]:

@@ -446,75 +446,128 @@ def redis_probes(context: Context) -> list[Probe]:
     return [Probe("redis", expected, _redis_runner(context))]
 
 
-def _redis_info(context: Context, host) -> dict:
-    import redis
-
-    client = redis.Redis(host=str(host.address), port=context.fleet.model.redis.port,
-                         password=context.secrets.get("redis_password"), socket_timeout=context.probe_timeout,
-                         socket_connect_timeout=context.probe_timeout)
-    try:
-        return client.info("replication")
-    finally:
-        client.close()
-
-
 def _redis_runner(context: Context):
+    """Judge the Redis tier by live roles against the master the app writes to (the directory's
+    redis_master endpoint): a failover changes both and leaves the inventory as it was."""
+    from igops import failover, postgres, redisops
+
     fleet = context.fleet
-    model = fleet.model.redis
     thresholds = fleet.model.check
+
+    def node(name: str):
+        connection = redisops.client(fleet, fleet.host(name), timeout=context.probe_timeout)
+        try:
+            return name, redisops.node_state(connection), None
+        except postgres.Unavailable as down:
+            return name, None, down
+        finally:
+            connection.close()
 
     def run(report) -> None:
         started = time.monotonic()
-        master = fleet.host(model.master)
-        master_info, master_error = None, None
-        try:
-            master_info = _redis_info(context, master)
-        except Exception as exc:  # noqa: BLE001
-            master_error = _short(exc)
-        if master_info is None:
-            report(Result("redis-master", master.name, NagiosStatus.CRITICAL, master_error, duration_ms=_ms(started)))
-        elif master_info.get("role") != "master":
-            report(Result("redis-master", master.name, NagiosStatus.CRITICAL,
-                          f"role is {master_info.get('role')}, not master (replica of "
-                          f"{master_info.get('master_host')}:{master_info.get('master_port')})",
-                          duration_ms=_ms(started)))
-        else:
-            report(Result("redis-master", master.name, NagiosStatus.OK,
-                          f"master, {master_info.get('connected_slaves', 0)} replica(s) connected",
-                          duration_ms=_ms(started)))
-        master_offset = master_info.get("master_repl_offset") if master_info else None
-        for name in model.replicas:
-            report(_replica_result(context, fleet.host(name), master, master_offset, thresholds))
+        members = failover.redis_members(fleet)
+        with ThreadPoolExecutor(max_workers=len(members) + 1, thread_name_prefix="check-redis") as pool:
+            endpoint = pool.submit(_directory_redis_master, context)
+            probed = list(pool.map(node, members))
+        address, version, directory_error = endpoint.result()
+        states = {name: found for name, found, _ in probed}
+        down = {name: error for name, _, error in probed if error}
+        tier = failover.redis_state_of(fleet, states, down, address, version, directory_error)
+        for result in redis_results(tier, directory_error, thresholds, _ms(started)):
+            report(result)
     return run
 
 
-def _replica_result(context: Context, host, master, master_offset, thresholds) -> Result:
-    started = time.monotonic()
+def _directory_redis_master(context: Context) -> tuple[str | None, int | None, str | None]:
+    """(address, version, why it could not be read) of the directory's redis_master endpoint,
+    read on the directory cluster's live primary."""
+    from igops import postgres, redisops
+
+    model = context.fleet.model
+    cluster_name = model.shards.directory_cluster or next(iter(model.postgres.clusters), None)
+    if cluster_name is None:
+        return None, None, "the inventory has no Postgres cluster for the directory"
+    primary = live_primary(model.postgres.clusters[cluster_name], context.postgres_views(cluster_name))
+    if primary is None:
+        return None, None, f"no primary of cluster {cluster_name} answers: the directory cannot be read"
     try:
-        info = _redis_info(context, host)
+        connection = postgres.connect(context.fleet, context.fleet.host(primary), model.shards.directory_database,
+                                      timeout=max(1, int(context.probe_timeout)),
+                                      statement_timeout_ms=int(context.probe_timeout * 1000))
+        try:
+            return (*redisops.read_endpoint(connection), None)
+        finally:
+            connection.close()
     except Exception as exc:  # noqa: BLE001
-        return Result("redis-replica", host.name, NagiosStatus.CRITICAL, _short(exc), duration_ms=_ms(started))
-    if info.get("role") != "slave":
-        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
-                      f"role is {info.get('role')}, not a replica of {master.name}", duration_ms=_ms(started))
-    following = f"{info.get('master_host')}:{info.get('master_port')}"
-    if info.get("master_host") not in (str(master.address), master.name):
-        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
-                      f"replicates {following}, not the master {master.name} ({master.address})",
-                      duration_ms=_ms(started))
-    if info.get("master_link_status") != "up":
-        down = info.get("master_link_down_since_seconds")
-        return Result("redis-replica", host.name, NagiosStatus.CRITICAL,
-                      f"link to {master.name} is down" + (f" for {down} s" if down is not None else ""),
-                      duration_ms=_ms(started))
-    if master_offset is None:
-        return Result("redis-replica", host.name, NagiosStatus.UNKNOWN,
-                      f"linked to {master.name}, but the master did not answer: lag unknown", duration_ms=_ms(started))
-    lag = max(0, int(master_offset) - int(info.get("slave_repl_offset", 0)))
+        return None, None, f"the directory on {primary}: {_short(exc)}"
+
+
+def redis_results(tier, directory_error: str | None, thresholds, duration_ms: float) -> list[Result]:
+    """One result per Redis node, named by its live role. The reference master is the one the
+    app writes to, or without a readable directory the only live master."""
+    masters = [node.name for node in tier.nodes if node.role == "master"]
+    reference = tier.app_master if tier.app_master in masters else masters[0] if len(masters) == 1 else None
+    results = []
+    for node in tier.nodes:
+        if node.role == "unknown":
+            check = "redis-master" if node.app_master else "redis-replica"
+            results.append(Result(check, node.name, NagiosStatus.CRITICAL, f"{node.state}: {node.detail}",
+                                  duration_ms=duration_ms))
+        elif node.role == "master":
+            results.append(_redis_master_result(node, tier, reference, masters, directory_error, duration_ms))
+        else:
+            results.append(_redis_replica_result(node, tier, reference, thresholds, duration_ms))
+    return results
+
+
+def _redis_master_result(node, tier, reference, masters, directory_error, duration_ms) -> Result:
+    replicas = sum(1 for other in tier.nodes if other.role == "replica" and other.master == node.name)
+    if node.name != reference:
+        if tier.app_master in masters:
+            why = f"a second master: the app writes to {tier.app_master}"
+        else:
+            why = f"one of {len(masters)} masters ({', '.join(masters)}), and the app writes to none of them"
+        return Result("redis-master", node.name, NagiosStatus.CRITICAL, why, duration_ms=duration_ms)
+    if tier.app_master != node.name:
+        if directory_error:
+            elsewhere = directory_error
+        elif tier.app_address is None:
+            elsewhere = "the directory names no Redis master"
+        elif tier.app_master is None:
+            elsewhere = f"the directory names {tier.app_address}, no Redis node of the inventory"
+        else:
+            elsewhere = f"the directory names {tier.app_master}, which is {_redis_role_words(tier, tier.app_master)}"
+        return Result("redis-master", node.name, NagiosStatus.CRITICAL,
+                      f"master, {replicas} replica(s) linked; but the app does not write here: {elsewhere}",
+                      duration_ms=duration_ms)
+    return Result("redis-master", node.name, NagiosStatus.OK,
+                  f"master the app writes to, {replicas} replica(s) linked", duration_ms=duration_ms)
+
+
+def _redis_role_words(tier, name: str) -> str:
+    found = tier.node(name)
+    return "down" if found.role == "unknown" else f"a {found.role}"
+
+
+def _redis_replica_result(node, tier, reference, thresholds, duration_ms) -> Result:
+    if reference is None:
+        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
+                      f"replica of {node.master}, but there is no master to follow", duration_ms=duration_ms)
+    if node.master != reference:
+        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
+                      f"replicates {node.master}, not the master {reference}", duration_ms=duration_ms)
+    if node.link != "up":
+        return Result("redis-replica", node.name, NagiosStatus.CRITICAL, f"link to {reference} is {node.link}",
+                      duration_ms=duration_ms)
+    if node.read_only is False:
+        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
+                      "accepts writes (replica-read-only no): a write there is lost at the next resync",
+                      duration_ms=duration_ms)
+    lag = max(0, tier.node(reference).offset - node.offset)
     state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
-    return Result("redis-replica", host.name, state, f"linked to {master.name}, offset lag {lag} bytes",
-                  [Perf(f"redis-lag {host.name}", lag, "B", thresholds.replication_lag_warning_bytes,
-                        thresholds.replication_lag_critical_bytes, 0)], duration_ms=_ms(started))
+    return Result("redis-replica", node.name, state, f"linked to {reference}, offset lag {lag} bytes",
+                  [Perf(f"redis-lag {node.name}", lag, "B", thresholds.replication_lag_warning_bytes,
+                        thresholds.replication_lag_critical_bytes, 0)], duration_ms=duration_ms)
 
 
 # --- memcached ----------------------------------------------------------------------------------

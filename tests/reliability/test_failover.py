@@ -405,27 +405,33 @@ def _role(client):
         return None
 
 
-def test_check_follows_a_switchover_the_inventory_does_not_know_of(at_home):
-    """A switchover does not rewrite the inventory, so one of the two primaries is not the one
-    it lists first: in both states `igops check` judges the cluster and PgBouncer's routing
-    against the live primary, and names each member by its live role."""
+def test_check_follows_switchovers_the_inventory_does_not_know_of(at_home):
+    """A switchover does not rewrite the inventory, so one of the two primaries (and masters)
+    is not the one it lists first: in both states `igops check` judges the cluster, PgBouncer's
+    routing and the Redis tier against the live primary and master, and names each member by
+    its live role."""
     lab = at_home
     listed_first = inventory.load(lab.source).model.postgres.clusters["main"].primary
 
-    def check_with_primary(primary: str, standby: str) -> None:
-        result, envelope = igops(lab, "check", "--only", "postgres", "--only", "pgbouncer")
+    def check_with(primary: str, standby: str, master: str, replica: str) -> None:
+        result, envelope = igops(lab, "check", "--only", "postgres", "--only", "pgbouncer", "--only", "redis")
         found = {(item["check"], item["target"]): item for item in envelope["data"]["results"]}
         assert result.returncode == 0, [item["summary"] for item in found.values() if item["status"] != "OK"]
         assert ("promoted" in found[("postgres-primary", primary)]["summary"]) == (primary != listed_first)
         assert found[("postgres-standby", standby)]["summary"].startswith(f"streaming from {primary}")
         assert ("postgres-primary", standby) not in found
         assert all(item["status"] == "OK" for (check, _), item in found.items() if check == "pgbouncer")
+        assert found[("redis-master", master)]["summary"].startswith("master the app writes to, 1 replica(s)")
+        assert found[("redis-replica", replica)]["summary"].startswith(f"linked to {master}")
+        assert ("redis-master", replica) not in found
 
-    check_with_primary(HOME_PRIMARY, OTHER_PRIMARY)
-    result, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
-    assert result.returncode == 0, result.stderr[-3000:]
-    try:
-        check_with_primary(OTHER_PRIMARY, HOME_PRIMARY)
-    finally:
-        result, _ = igops(lab, "pg", "switchover", "main", "--to", HOME_PRIMARY, "--yes")
+    check_with(HOME_PRIMARY, OTHER_PRIMARY, HOME_MASTER, OTHER_MASTER)
+    for args in (("pg", "switchover", "main", "--to", OTHER_PRIMARY), ("redis", "switchover", "--to", OTHER_MASTER)):
+        result, _ = igops(lab, *args, "--yes")
         assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        check_with(OTHER_PRIMARY, HOME_PRIMARY, OTHER_MASTER, HOME_MASTER)
+    finally:
+        for args in (("pg", "switchover", "main", "--to", HOME_PRIMARY), ("redis", "switchover", "--to", HOME_MASTER)):
+            result, _ = igops(lab, *args, "--yes")
+            assert result.returncode == 0, result.stderr[-3000:]

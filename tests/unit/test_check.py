@@ -321,3 +321,67 @@ def test_plugin_config_describes_its_graphs_while_the_service_is_down(tmp_path, 
     assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("multigraph ")] == graphs
     fetched = _plugin(tmp_path, service, env=env)
     assert fetched.returncode == 1 and fetched.stdout == ""
+
+
+# --- Redis, judged by live roles against the master the app writes to ---------------------------
+
+def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=None):
+    from igops import failover, inventory, postgres
+    from tests.unit.test_failover import FLEET
+
+    path = tmp_path / "igops.toml"
+    path.write_text(FLEET)
+    fleet = inventory.load_file(path)
+    down = {name: postgres.Unavailable(name, "Connection refused", "refused")
+            for name, state in states.items() if state is None}
+    tier = failover.redis_state_of(fleet, states, down, app_address, 7 if app_address else None, directory_error)
+    return fleet, tier
+
+
+def redis_node(role, offset, master=None, link_up=True, read_only=True):
+    from igops import redisops
+
+    return redisops.NodeState(role, offset, master, link_up if role == "replica" else None, None, read_only,
+                              100, "run")
+
+
+def redis_verdicts(tmp_path, states, **endpoint):
+    from igops.checks.fleet import redis_results
+
+    fleet, tier = redis_tier(tmp_path, states, **endpoint)
+    results = redis_results(tier, endpoint.get("directory_error"), fleet.model.check, 1.0)
+    return {result.target: (result.check, result.status, result.summary) for result in results}
+
+
+def test_redis_after_a_failover_the_promoted_replica_is_the_master_and_the_old_one_a_replica(tmp_path):
+    verdicts = redis_verdicts(tmp_path, {
+        "redis1": redis_node("replica", 900, "10.0.0.32:6379"),
+        "redis2": redis_node("master", 1000),
+        "redis3": redis_node("replica", 1000, "10.0.0.32:6379")}, app_address="10.0.0.32:6379")
+    assert verdicts["redis2"][:2] == ("redis-master", NagiosStatus.OK)
+    assert verdicts["redis1"] == ("redis-replica", NagiosStatus.OK, "linked to redis2, offset lag 100 bytes")
+    assert verdicts["redis3"][1] == NagiosStatus.OK
+
+
+def test_redis_a_second_master_and_an_app_pointed_at_a_replica_are_critical(tmp_path):
+    two = redis_verdicts(tmp_path, {"redis1": redis_node("master", 5), "redis2": redis_node("master", 9),
+                                    "redis3": redis_node("replica", 9, "10.0.0.32:6379")})
+    assert two["redis1"][:2] == ("redis-master", NagiosStatus.OK)
+    assert two["redis2"] == ("redis-master", NagiosStatus.CRITICAL, "a second master: the app writes to redis1")
+    assert two["redis3"][1:] == (NagiosStatus.CRITICAL, "replicates redis2, not the master redis1")
+    stale = redis_verdicts(tmp_path, {"redis1": redis_node("replica", 5, "10.0.0.32:6379"),
+                                      "redis2": redis_node("master", 9),
+                                      "redis3": redis_node("replica", 9, "10.0.0.32:6379")})
+    assert stale["redis2"][1] == NagiosStatus.CRITICAL
+    assert stale["redis2"][2].endswith("the app does not write here: the directory names redis1, which is a replica")
+    assert stale["redis3"][1] == NagiosStatus.OK
+
+
+def test_redis_without_the_directory_the_only_master_is_the_reference(tmp_path):
+    verdicts = redis_verdicts(tmp_path, {"redis1": None, "redis2": redis_node("master", 9),
+                                         "redis3": redis_node("replica", 9, "10.0.0.32:6379", link_up=False)},
+                              app_address=None, directory_error="no primary of cluster main answers")
+    assert verdicts["redis1"] == ("redis-replica", NagiosStatus.CRITICAL, "down: Connection refused")
+    assert verdicts["redis2"][1] == NagiosStatus.CRITICAL and verdicts["redis2"][2].endswith(
+        "no primary of cluster main answers")
+    assert verdicts["redis3"][1:] == (NagiosStatus.CRITICAL, "link to redis2 is down")
