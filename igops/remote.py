@@ -11,6 +11,7 @@ import math
 import select
 import shlex
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,8 +117,30 @@ def _connection(target: Target, settings: SshSettings):
                             connect_kwargs=connect_kwargs)
     # Fabric auto-adds unknown host keys; a fleet tool must refuse them instead.
     connection.client.set_missing_host_key_policy(RejectPolicy())
-    connection.client.load_system_host_keys(str(settings.known_hosts))
+    # Only this host's entries: parsing the whole file for every connection makes a run's
+    # client work grow with the square of the fleet's size.
+    name = target.address if target.port == 22 else f"[{target.address}]:{target.port}"
+    known = _known_host_keys(settings.known_hosts).lookup(name) or {}
+    for key_type in known.keys():
+        connection.client.get_host_keys().add(name, key_type, known[key_type])
     return connection
+
+
+_parsed_known_hosts: dict[tuple[str, int, int], object] = {}
+_parsed_known_hosts_lock = threading.Lock()
+
+
+def _known_host_keys(path: Path):
+    """The known_hosts file, parsed once per run and again whenever it changes."""
+    from paramiko import HostKeys
+
+    status = path.stat()
+    key = (str(path), status.st_mtime_ns, status.st_size)
+    with _parsed_known_hosts_lock:
+        if key not in _parsed_known_hosts:
+            _parsed_known_hosts.clear()
+            _parsed_known_hosts[key] = HostKeys(str(path))
+        return _parsed_known_hosts[key]
 
 
 def _run_one(target: Target, command: str, settings: SshSettings, timeout: float,

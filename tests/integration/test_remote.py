@@ -74,6 +74,24 @@ def test_changed_host_key_is_refused(servers):
     assert not result.reached and "CHANGED" in result.error
 
 
+def test_hashed_known_hosts_entries_are_matched_and_an_edited_file_is_read_again(servers, tmp_path):
+    import shutil
+    import subprocess
+
+    _, keys = servers
+    hashed = tmp_path / "known_hosts"
+    shutil.copy(keys.known_hosts, hashed)
+    subprocess.run(["ssh-keygen", "-H", "-f", str(hashed)], check=True, capture_output=True)
+    assert TRUSTED[0] not in hashed.read_text()
+    hashed_settings = remote.SshSettings(hashed, keys.client_key, 2.0, 10.0, 8)
+    [result] = remote.run([target(TRUSTED[0])], "true", hashed_settings)
+    assert result.ok, result.error
+    lines = hashed.read_text().splitlines()
+    hashed.write_text("\n".join(lines[1:]) + "\n")  # the first host's entry removed
+    [result] = remote.run([target(TRUSTED[0])], "true", hashed_settings)
+    assert not result.reached and "unknown" in result.error
+
+
 def test_nothing_listening(servers):
     _, keys = servers
     [result] = remote.run([target(NOBODY)], "true", settings(keys))
