@@ -46,9 +46,13 @@ def write_known_hosts(keys: SshKeys, endpoints: list[tuple[str, int]]) -> None:
     keys.known_hosts.write_text("\n".join(lines) + "\n")
 
 
-def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path,
+def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path, root_home: Path,
                 user_keys: str | None = None, use_pam: bool = False) -> str:
-    """`user_keys`: a further authorized-keys path with sshd's %u (user name) token, for keys
+    """`root_home`: HOME for root's sessions. The targets stand for hosts of their own, and
+    each real host has its own /root; this machine's root shell startup (~/.bashrc, which bash
+    reads for every SSH command) would otherwise run in every session, and a developer's
+    (pyenv's, say) costs several times the login itself and puts its tools first on PATH.
+    `user_keys`: a further authorized-keys path with sshd's %u (user name) token, for keys
     that may log in as one user only. sshd reads it as that user, so it must be readable
     by them. `use_pam`: as Debian's own sshd does; without PAM, sshd refuses key logins to
     accounts whose password is locked, such as the postgres system user."""
@@ -71,6 +75,8 @@ MaxSessions 64
 LogLevel ERROR
 AcceptEnv LANG LC_*
 Subsystem sftp internal-sftp
+Match User root
+    SetEnv HOME={root_home}
 """
 
 
@@ -83,7 +89,9 @@ def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port:
         raise ValueError(f"one sshd listens on at most {MAX_ADDRESSES_PER_DAEMON} addresses")
     pid_file = directory / f"sshd-{name}.pid"
     config = directory / f"sshd-{name}.conf"
-    text = config_text(keys, addresses, port, pid_file, user_keys, use_pam)
+    root_home = directory / "root-home"
+    root_home.mkdir(mode=0o700, exist_ok=True)
+    text = config_text(keys, addresses, port, pid_file, root_home, user_keys, use_pam)
     running = running_pid(pid_file)
     if running and config.exists() and config.read_text() == text:
         return running
