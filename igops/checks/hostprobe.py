@@ -62,29 +62,45 @@ def writer(mount, lock_fd, report_fd):
     os._exit(0)
 
 
+def lock_record(lock_fd):
+    """(start, completed) of the last write made under the lock; either may be None."""
+    try:
+        fields = [float(field) for field in os.pread(lock_fd, 64, 0).decode().split()]
+    except ValueError:
+        fields = []
+    return (fields[0] if fields else None), (fields[1] if len(fields) > 1 else None)
+
+
 def writable(mount, stall, locks):
-    """(True, None) when a write completed within `stall` seconds; (False, detail) when not."""
+    """(True, None) when a write completed within `stall` seconds; (False, detail) when not.
+
+    Probes of one mount that overlap (a cron run and a person's, or many hosts sharing one
+    kernel) take turns on the lock, and one that finds a write completed less than `stall`
+    seconds ago takes that write as its answer: waiting behind a healthy writer is not a stall.
+    """
     if locks is None:
         return None, "no writable directory for the probe's lock"
     path = os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
     lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        waited_until = time.monotonic() + stall
+        waiting_since = time.time()
         while True:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                try:
-                    since = float(os.pread(lock_fd, 32, 0).decode().strip() or 0)
-                except ValueError:
-                    since = 0.0
-                blocked = time.time() - since if since else 0.0
-                if blocked > stall or time.monotonic() > waited_until:
-                    return False, f"a write has been blocked for {blocked:.0f} s"
+                start, completed = lock_record(lock_fd)
+                # A finished record means the holder has not begun its own write yet.
+                blocked = time.time() - (start if start and not completed else waiting_since)
+                if blocked > stall:
+                    return False, f"a write has been blocked for {blocked:.1f} s"
                 time.sleep(0.01)
+        _, completed = lock_record(lock_fd)
+        if completed and 0 <= time.time() - completed < stall:
+            return True, None
+        start = time.time()
         os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{time.time():.3f}".encode(), 0)
+        os.pwrite(lock_fd, f"{start:.3f}".encode(), 0)
         read_end, write_end = os.pipe()
         child = os.fork()
         if child == 0:
@@ -98,6 +114,7 @@ def writable(mount, stall, locks):
             outcome = os.read(read_end, 200).decode(errors="replace")
             os.waitpid(child, 0)
             if outcome == "ok":
+                os.pwrite(lock_fd, f"{start:.3f} {time.time():.3f}".encode(), 0)
                 return True, None
             return False, outcome or "the writer died"
         finally:

@@ -385,3 +385,18 @@ def test_redis_without_the_directory_the_only_master_is_the_reference(tmp_path):
     assert verdicts["redis2"][1] == NagiosStatus.CRITICAL and verdicts["redis2"][2].endswith(
         "no primary of cluster main answers")
     assert verdicts["redis3"][1:] == (NagiosStatus.CRITICAL, "link to redis2 is down")
+
+
+HOSTPROBE = Path(__file__).resolve().parents[2] / "igops" / "checks" / "hostprobe.py"
+
+
+def test_overlapping_host_probes_of_one_mount_all_find_it_writable():
+    # Many probes of one mount at once (cron and a person, or hosts sharing a kernel) queue on
+    # the probe's lock; waiting behind a healthy writer must not read as a frozen filesystem.
+    shared_memory = "/dev/shm"
+    if not Path(shared_memory).is_mount():
+        pytest.skip("this machine has no tmpfs at /dev/shm")
+    probes = [subprocess.Popen([sys.executable, str(HOSTPROBE), "0.5", shared_memory], stdout=subprocess.PIPE)
+              for _ in range(100)]
+    answers = [json.loads(probe.communicate(timeout=60)[0])["mounts"][0] for probe in probes]
+    assert [answer for answer in answers if answer["writable"] is not True] == []
