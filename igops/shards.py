@@ -1587,10 +1587,14 @@ class _Mover:
                              f"({count} errors)", f"read {self.plan.target_primary}'s Postgres log; then --resume or "
                                                   f"--abort {self.plan.move_id}")
         with self.source.cursor() as source_cursor:
-            source_cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.plan.slot,))
-            if source_cursor.fetchone() is None:
-                raise IgopsError(f"replication slot {self.plan.slot} is gone from {self.plan.source}",
-                                 f"the primary changed? --resume {self.plan.move_id} starts the copy again")
+            usable = _slot_usable(source_cursor, self.plan.slot)
+        if usable is None:
+            raise IgopsError(f"replication slot {self.plan.slot} is gone from {self.plan.source}",
+                             f"the primary changed? --resume {self.plan.move_id} starts the copy again")
+        if not usable:
+            raise IgopsError(f"replication slot {self.plan.slot} on {self.plan.source} was invalidated: the target "
+                             f"fell further behind than max_slot_wal_keep_size allows",
+                             f"--resume {self.plan.move_id} starts the copy again")
         return count if before is None else before
 
     def _caught_up(self) -> str:
@@ -2026,8 +2030,9 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
         resume_after = record.step
         if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
-                and not _slot_exists(fleet, record):
-            reporter.log(f"slot {record.slot} is gone from {record.source} (its primary changed?): copying again")
+                and not _slot_usable_on_source(fleet, record):
+            reporter.log(f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
+                         f"(max_slot_wal_keep_size): copying again")
             with primary_connection(fleet, record.target, fleet.model.postgres.database, autocommit=True,
                                     purpose="move") as connection:
                 drop_subscription(connection, record.slot)
@@ -2039,12 +2044,19 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
         directory.close()
 
 
-def _slot_exists(fleet, record: MoveRecord) -> bool:
+def _slot_usable(cursor, slot: str) -> bool | None:
+    """None when the slot does not exist; False when Postgres invalidated it (it no longer holds
+    the WAL its subscriber needs)."""
+    cursor.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    row = cursor.fetchone()
+    return None if row is None else row[0] != "lost"
+
+
+def _slot_usable_on_source(fleet, record: MoveRecord) -> bool:
     with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
                             purpose="move") as connection:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (record.slot,))
-            return cursor.fetchone() is not None
+            return bool(_slot_usable(cursor, record.slot))
 
 
 def _drive(fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:

@@ -444,6 +444,40 @@ def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
         trim_wal(lab, home, other)
 
 
+def test_a_move_whose_slot_was_invalidated_copies_again_on_resume(lab):
+    """A move left behind holds WAL on its source; past max_slot_wal_keep_size Postgres invalidates
+    the slot instead of filling the WAL volume, and a resumed move starts its copy again."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    PausedMove(lab, shard, "main", "subscribed").kill()
+    move_id = latest_move_id(lab)
+    slot = f"igops_move_{move_id}"
+    query(lab, "main", f"ALTER SUBSCRIPTION {slot} DISABLE")
+    connection = pg(lab, source)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))")
+            segments = cursor.fetchone()[0] // (16 << 20) + 2
+            for _ in range(segments):
+                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'past the slot')")
+                cursor.execute("SELECT pg_switch_wal()")
+            cursor.execute("CHECKPOINT")
+            cursor.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            assert cursor.fetchone() == ("lost",)
+    finally:
+        connection.close()
+
+    resumed = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "invalidated" in resumed.stderr
+    assert journal(lab, move_id)["status"] == "done" and placement(lab, shard) == "main"
+    assert run_igops("shard", "verify", str(shard), env=env(lab)).returncode == 0
+    assert leftovers(lab) == []
+    status = json.loads(run_igops("pg", "status", source, "--json", env=env(lab)).stdout)["data"]["clusters"][0]
+    trim_wal(lab, status["primary"], next(node["name"] for node in status["nodes"] if node["role"] == "standby"))
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
 def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
     """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
