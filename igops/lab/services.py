@@ -52,8 +52,26 @@ def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
 
 
 def redis_daemons(paths: Paths) -> list[proc.Daemon]:
-    return [redis_daemon(paths, lab_host.name, None if lab_host.name == REDIS_MASTER else REDIS_MASTER)
+    master = configured_redis_master(paths)
+    return [redis_daemon(paths, lab_host.name, None if lab_host.name == master else master)
             for lab_host in with_role("redis")]
+
+
+def configured_redis_master(paths: Paths) -> str:
+    """The member the config files make master. `igops redis switchover` and `failover` rewrite
+    those files, so a restarted lab keeps the roles they left, as its Postgres does; going back to
+    the first master would make the app's endpoint a replica."""
+    from igops.redisops import configured_master
+
+    configs = {lab_host.name: paths.host_dir(lab_host.name) / "redis" / "redis.conf" for lab_host in with_role("redis")}
+    if not all(config.exists() for config in configs.values()):
+        return REDIS_MASTER
+    masters = [name for name, config in configs.items() if configured_master(config.read_text()) is None]
+    if len(masters) != 1:
+        raise proc.LabError(f"redis: the config files make {' and '.join(masters) or 'no member'} master "
+                            f"({', '.join(str(config) for config in configs.values())})",
+                            "leave a `replicaof` line in every file but the master's, then `igops lab up`")
+    return masters[0]
 
 
 def wait_for_replication(timeout: float = 30) -> None:

@@ -435,3 +435,23 @@ def test_check_follows_switchovers_the_inventory_does_not_know_of(at_home):
         for args in (("pg", "switchover", "main", "--to", HOME_PRIMARY), ("redis", "switchover", "--to", HOME_MASTER)):
             result, _ = igops(lab, *args, "--yes")
             assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_lab_restart_keeps_the_roles_switchovers_left(at_home):
+    """The lab starts each member the way its host would after a reboot: Postgres from its data
+    directory, Redis from the config file the switchover rewrote. The app's endpoints stay
+    primaries and masters."""
+    from igops import lab as lab_module
+    from igops.output import Reporter
+
+    lab = at_home
+    for args in (("pg", "switchover", "main", "--to", OTHER_PRIMARY), ("redis", "switchover", "--to", OTHER_MASTER)):
+        result, _ = igops(lab, *args, "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+    lab_module.down(reporter=Reporter())
+    lab_up()
+    main, redis = pg_state(lab), redis_state(lab)
+    assert main["primary"] == OTHER_PRIMARY and node_of(main, HOME_PRIMARY)["role"] == "standby", main
+    assert redis["app_master"] == OTHER_MASTER and node_of(redis, OTHER_MASTER)["role"] == "master", redis
+    assert node_of(redis, HOME_MASTER)["master"] == OTHER_MASTER and not main["problems"] and not redis["problems"]
+    assert sign_up_succeeds(lab)
