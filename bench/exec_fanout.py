@@ -53,7 +53,6 @@ def main() -> None:
 
 def _serial(hosts: list[str], options: list[str]):
     from bench.measure import Run
-    import time
 
     total = Run(0.0, 0.0, 0)
     for address in hosts:

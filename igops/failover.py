@@ -601,7 +601,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
 def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
     """The candidate is primary already: finish what an interrupted operation left (PgBouncer
     routing or paused, repmgr's metadata, members that do not follow it)."""
-    fleet, state = view.fleet, view.state
+    state = view.state
     plan = PgPlan("switchover", view.cluster, f"Finish: {primary} is already the primary of {view.cluster}",
                   None, primary, failure_hint="see `igops pg status` for where things stand")
     elsewhere = {host: [database for database, target in table.items() if target != primary]
@@ -1253,15 +1253,6 @@ def directory_connection(fleet):
 def _redis_view(fleet) -> _RedisView:
     members = redis_members(fleet)
 
-    def probe(name: str):
-        connection = redisops.client(fleet, fleet.host(name))
-        try:
-            return name, redisops.node_state(connection), None
-        except postgres.Unavailable as down:
-            return name, None, down
-        finally:
-            connection.close()
-
     def endpoint():
         try:
             connection = directory_connection(fleet)
@@ -1274,7 +1265,7 @@ def _redis_view(fleet) -> _RedisView:
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="redis-probe") as pool:
         endpoint_future = pool.submit(endpoint)
-        probed = list(pool.map(probe, members))
+        probed = list(pool.map(lambda name: redisops.probe(fleet, name), members))
         address, version, directory_error = endpoint_future.result()
     states = {name: state for name, state, _ in probed}
     down = {name: error for name, _, error in probed if error}

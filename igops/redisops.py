@@ -36,6 +36,17 @@ def client(fleet, host, timeout: float = PROBE_TIMEOUT):
                        retry=Retry(NoBackoff(), 0))
 
 
+def probe(fleet, name: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, NodeState | None, Unavailable | None]:
+    """One member's state, or why it could not be had (a down member is an answer, not an error)."""
+    connection = client(fleet, fleet.host(name), timeout)
+    try:
+        return name, node_state(connection), None
+    except Unavailable as down:
+        return name, None, down
+    finally:
+        connection.close()
+
+
 @dataclass
 class LinkedReplica:
     """A replica as its master sees it (INFO replication's slaveN lines)."""
