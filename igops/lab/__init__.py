@@ -233,8 +233,10 @@ def up(reporter: Reporter | None = None) -> LabReport:
             with ThreadPoolExecutor(max_workers=len(CLUSTERS)) as pool:
                 built = list(pool.map(lambda cluster: postgres.build(paths, creds, cluster), CLUSTERS))
             report.primaries = {item.cluster: item.primary for item in built}
+            report.recovered += [f"{item.cluster}: {item.repaired}" for item in built if item.repaired]
             step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
-                                    for item in built)
+                                    + (f" ({item.repaired})" if item.repaired else "") for item in built)
+            services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
             _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
                         *services.redis_daemons(paths),

@@ -102,6 +102,7 @@ class ClusterState:
     cluster: str
     primary: str
     standbys: list[str]
+    repaired: str | None = None
 
 
 def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> ClusterState:
@@ -120,6 +121,14 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
         if node.marker.exists():
             node.start()
     writable = [node for node in nodes.values() if node.marker.exists() and not node.in_recovery()]
+    repaired = None
+    if not writable and all(node.marker.exists() for node in nodes.values()):
+        # A switchover or failover stopped between fencing the old primary and promoting the
+        # candidate: nothing can take writes, and no member is ahead of the one with the most WAL.
+        writable = [_promote_furthest(list(nodes.values()))]
+        recloned = True
+        repaired = (f"no member took writes (an interrupted switchover or failover?): promoted {writable[0].name}, "
+                    "which had replayed the most WAL; the others are cloned from it")
     if len(writable) != 1:
         raise proc.LabError(f"cluster {cluster.name}: {len(writable)} writable nodes "
                             f"({', '.join(node.name for node in writable) or 'none'})",
@@ -129,7 +138,19 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
     for node in nodes.values():
         if node is not current and (recloned or not node.marker.exists()):
             _clone_standby(node, current)
-    return ClusterState(cluster.name, current.name, [node.name for node in nodes.values() if node is not current])
+    return ClusterState(cluster.name, current.name, [node.name for node in nodes.values() if node is not current],
+                        repaired)
+
+
+def _promote_furthest(nodes: list[Node]) -> Node:
+    """Promote the standby that replayed the most WAL (the first listed on a tie)."""
+    def replayed(node: Node) -> int:
+        high, _, low = node.psql("SELECT pg_last_wal_replay_lsn()").partition("/")
+        return (int(high, 16) << 32) + int(low, 16) if low else 0
+
+    chosen = max(nodes, key=replayed)
+    chosen.repmgr("standby", "promote")
+    return chosen
 
 
 def _init_primary(node: Node, credentials: Credentials, cluster: PgCluster) -> None:

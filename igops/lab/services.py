@@ -12,6 +12,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,26 @@ def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str
                        directory / "pgbouncer.pid", directory / "pgbouncer.out",
                        endpoint=(lab_host.address, PGBOUNCER_PORT), user="postgres",
                        config_files=(config, directory / "userlist.txt"))
+
+
+def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> None:
+    """Point PgBouncer at the primaries the lab promoted itself (`repaired`: cluster -> node),
+    reloading a running PgBouncer. Failovers keep the databases file right; only a repair by the
+    lab leaves it naming a member that is no longer the primary."""
+    from igops.postgres import repoint_databases
+
+    if not repaired or not paths.databases_file().exists():
+        return
+    text = updated = paths.databases_file().read_text()
+    for cluster, primary in repaired.items():
+        names = {cluster, "directory"} if cluster == DIRECTORY_CLUSTER else {cluster}
+        updated = repoint_databases(updated, names, str(host(primary).address), POSTGRES_PORT)
+    if updated == text:
+        return
+    files.write_file(paths.databases_file(), updated, owner="postgres")
+    pid = proc.running_pid(paths.pgbouncer_dir() / "pgbouncer.pid", paths.root)
+    if pid:
+        os.kill(pid, signal.SIGHUP)
 
 
 # --- munin-node ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ old primary or master takes no writes from the app, and `rejoin` brings it back;
 are refused. Every test leaves db1 the primary of main and redis1 the master."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -454,4 +455,29 @@ def test_a_lab_restart_keeps_the_roles_switchovers_left(at_home):
     assert main["primary"] == OTHER_PRIMARY and node_of(main, HOME_PRIMARY)["role"] == "standby", main
     assert redis["app_master"] == OTHER_MASTER and node_of(redis, OTHER_MASTER)["role"] == "master", redis
     assert node_of(redis, HOME_MASTER)["master"] == OTHER_MASTER and not main["problems"] and not redis["problems"]
+    assert sign_up_succeeds(lab)
+
+
+def test_a_lab_restart_after_a_switchover_cut_short_promotes_one_member_and_routes_to_it(at_home):
+    """SIGKILL between the fence and the promotion leaves every member of main a standby; the
+    lab, restarted, promotes the member with the most WAL, clones the other from it and points
+    PgBouncer at it."""
+    from igops import lab as lab_module
+    from igops.lab.postgres import Node
+    from igops.output import Reporter
+
+    lab = at_home
+    result, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    Node(state.paths(), OTHER_PRIMARY).stop()
+    fence = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(OTHER_PRIMARY))) / "standby.signal"
+    fence.touch()
+    shutil.chown(fence, "postgres", "postgres")
+    lab_module.down(reporter=Reporter())
+    report = lab_module.up(Reporter())
+    assert any("no member took writes" in line for line in report.recovered), report.recovered
+    main = pg_state(lab)
+    assert main["primary"] and not main["problems"], main
+    assert all(node["role"] == "standby" and node["streaming_from"] == main["primary"]
+               for node in main["nodes"] if node["name"] != main["primary"])
     assert sign_up_succeeds(lab)
