@@ -132,7 +132,8 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
     if len(writable) != 1:
         raise proc.LabError(f"cluster {cluster.name}: {len(writable)} writable nodes "
                             f"({', '.join(node.name for node in writable) or 'none'})",
-                            "run `igops lab down --purge` and bring the lab up again")
+                            "stop the member whose writes to give up, put standby.signal in its data directory, "
+                            "`igops lab up`, then `igops pg rejoin` it (or `igops lab down --purge`)")
     current = writable[0]
     _ensure_roles(current, credentials, cluster)
     for node in nodes.values():
