@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from igops.errors import IgopsError, RefusedError
 from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
@@ -100,11 +100,17 @@ class Daemon:
     # Files whose content, with argv and env, decides whether a running daemon is current:
     # when any of them changes, `start` restarts it.
     config_files: tuple[Path, ...] = ()
+    # The config files' text without the settings the daemon takes while it runs (igops changes
+    # a Redis role with REPLICAOF and rewrites the file to match): those need no restart.
+    without_live_settings: Callable[[str], str] | None = None
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(repr((self.argv, self.env, self.user)).encode())
         for path in self.config_files:
-            digest.update(path.read_bytes())
+            text = path.read_bytes()
+            if self.without_live_settings:
+                text = self.without_live_settings(text.decode()).encode()
+            digest.update(text)
         return digest.hexdigest()
 
 

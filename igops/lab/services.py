@@ -39,17 +39,21 @@ NGINX_UPSTREAM_KEEPALIVE_S = GUNICORN_KEEPALIVE_S - 1
 # --- Redis -----------------------------------------------------------------------------------
 
 def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
+    from igops.redisops import with_replicaof
+
     lab_host = host(name)
     directory = paths.host_dir(name) / "redis"
     data_dir = paths.mount_point(name, "data")
-    replicaof = f"replicaof {host(master).address} {REDIS_PORT}" if master else ""
     config = directory / "redis.conf"
-    files.write_file(config, files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
-                                          data_dir=data_dir, replicaof=replicaof), owner="redis")
+    # In the form `igops redis switchover` writes, so that a lab up after one restarts nothing.
+    text = with_replicaof(files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
+                                       data_dir=data_dir), (str(host(master).address), REDIS_PORT) if master else None)
+    files.write_file(config, text, owner="redis")
     files.chown(data_dir, "redis")
     return proc.Daemon(f"redis on {name}", ("/usr/bin/redis-server", str(config)), directory / "redis.pid",
                        directory / "redis.log", endpoint=(lab_host.address, REDIS_PORT), user="redis",
-                       cwd=data_dir, config_files=(config,))
+                       cwd=data_dir, config_files=(config,),
+                       without_live_settings=lambda config_text: with_replicaof(config_text, None))
 
 
 def redis_daemons(paths: Paths) -> list[proc.Daemon]:

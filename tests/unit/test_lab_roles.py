@@ -1,5 +1,5 @@
-"""Which Redis member the lab starts as master: the one its config files name, as a rebooted
-host would."""
+"""Which Redis member the lab starts as master (the one its config files name, as a rebooted
+host would), and why a role igops wrote into a file restarts nothing."""
 
 import pytest
 
@@ -32,3 +32,18 @@ def test_config_files_naming_two_masters_or_none_are_refused(tmp_path, masters):
         write_config(paths, name, None if name in masters else other)
     with pytest.raises(proc.LabError, match="master"):
         services.configured_redis_master(paths)
+
+
+def test_a_role_written_by_a_switchover_does_not_restart_redis_but_other_settings_do(tmp_path):
+    from igops.redisops import with_replicaof
+
+    config = tmp_path / "redis.conf"
+    daemon = proc.Daemon("redis", ("/usr/bin/redis-server", str(config)), tmp_path / "redis.pid",
+                         tmp_path / "redis.log", config_files=(config,),
+                         without_live_settings=lambda text: with_replicaof(text, None))
+    config.write_text("port 6379\nmaxmemory 256mb\n")
+    as_started = daemon.fingerprint()
+    config.write_text(with_replicaof(config.read_text(), ("127.0.10.32", 6379)))
+    assert daemon.fingerprint() == as_started
+    config.write_text(config.read_text().replace("256mb", "512mb"))
+    assert daemon.fingerprint() != as_started
