@@ -24,7 +24,7 @@ test: deps venv
 down: venv
 	$(IGOPS) lab down
 
-# Every benchmark in turn (root; about an hour). The lab-backed ones need `make lab` first.
+# Every benchmark in turn (root; about half an hour). The lab-backed ones need `make lab` first.
 BENCHES := cli_startup exec_fanout snapshot_freeze warm failover shard_move deploy check
 
 bench: deps venv
