@@ -20,6 +20,8 @@ import sys
 import time
 
 PROBE_FILE = ".igops-write-check"
+# How long a probe waits its turn behind others that keep the lock changing hands, in stalls.
+QUEUE_STALLS = 10
 
 
 def lock_dir():
@@ -62,6 +64,10 @@ def writer(mount, lock_fd, report_fd):
     os._exit(0)
 
 
+def lock_path(locks, mount):
+    return os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
+
+
 def lock_record(lock_fd):
     """(start, completed) of the last write made under the lock; either may be None."""
     try:
@@ -80,20 +86,21 @@ def writable(mount, stall, locks):
     """
     if locks is None:
         return None, "no writable directory for the probe's lock"
-    path = os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
-    lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    lock_fd = os.open(lock_path(locks, mount), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        waiting_since = time.time()
+        give_up = time.monotonic() + QUEUE_STALLS * stall
         while True:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 start, completed = lock_record(lock_fd)
-                # A finished record means the holder has not begun its own write yet.
-                blocked = time.time() - (start if start and not completed else waiting_since)
-                if blocked > stall:
-                    return False, f"a write has been blocked for {blocked:.1f} s"
+                # Only a write under way can be blocked; a holder with a finished record is about
+                # to let go, or to start a write of its own.
+                if start and not completed and time.time() - start > stall:
+                    return False, f"a write has been blocked for {time.time() - start:.1f} s"
+                if time.monotonic() > give_up:
+                    return None, f"other probes of this mount held its lock for {QUEUE_STALLS * stall:g} s"
                 time.sleep(0.01)
         _, completed = lock_record(lock_fd)
         if completed and 0 <= time.time() - completed < stall:

@@ -1,7 +1,9 @@
 """igops check without a fleet: Nagios output and perfdata, the runner's deadline, dedup keys,
 Pingdom's limit headers, Munin parsing and limits, and the shipped plugin's config."""
 
+import fcntl
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -388,15 +390,53 @@ def test_redis_without_the_directory_the_only_master_is_the_reference(tmp_path):
 
 
 HOSTPROBE = Path(__file__).resolve().parents[2] / "igops" / "checks" / "hostprobe.py"
+SHARED_MEMORY = "/dev/shm"
 
 
-def test_overlapping_host_probes_of_one_mount_all_find_it_writable():
-    # Many probes of one mount at once (cron and a person, or hosts sharing a kernel) queue on
-    # the probe's lock; waiting behind a healthy writer must not read as a frozen filesystem.
-    shared_memory = "/dev/shm"
-    if not Path(shared_memory).is_mount():
+@pytest.fixture
+def probe_lock():
+    """The host probe's lock for /dev/shm, held by the test as another probe would hold it."""
+    from igops.checks import hostprobe
+
+    if not Path(SHARED_MEMORY).is_mount():
         pytest.skip("this machine has no tmpfs at /dev/shm")
-    probes = [subprocess.Popen([sys.executable, str(HOSTPROBE), "0.5", shared_memory], stdout=subprocess.PIPE)
-              for _ in range(100)]
-    answers = [json.loads(probe.communicate(timeout=60)[0])["mounts"][0] for probe in probes]
-    assert [answer for answer in answers if answer["writable"] is not True] == []
+    descriptor = os.open(hostprobe.lock_path(hostprobe.lock_dir(), SHARED_MEMORY), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def start_probe() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HOSTPROBE), "0.5", SHARED_MEMORY], stdout=subprocess.PIPE)
+
+
+def probe_answer(probe: subprocess.Popen) -> dict:
+    return json.loads(probe.communicate(timeout=60)[0])["mounts"][0]
+
+
+def test_a_probe_waits_its_turn_behind_healthy_writers_and_takes_a_fresh_write_as_its_answer(probe_lock):
+    # Overlapping probes of one mount (cron and a person, or hosts sharing a kernel) queue on the
+    # lock; here writes that each finish in 20 ms keep it changing hands for three stalls' worth.
+    probe = start_probe()
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        started = time.time()
+        os.ftruncate(probe_lock, 0)
+        os.pwrite(probe_lock, f"{started:.3f}".encode(), 0)
+        time.sleep(0.02)
+        os.pwrite(probe_lock, f"{started:.3f} {time.time():.3f}".encode(), 0)
+        time.sleep(0.005)
+    fcntl.flock(probe_lock, fcntl.LOCK_UN)
+    answer = probe_answer(probe)
+    assert answer["writable"] is True and answer["detail"] is None, answer
+
+
+def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(probe_lock):
+    os.ftruncate(probe_lock, 0)
+    os.pwrite(probe_lock, f"{time.time() - 1:.3f}".encode(), 0)
+    started = time.monotonic()
+    answer = probe_answer(start_probe())
+    assert answer["writable"] is False and answer["detail"].startswith("a write has been blocked for "), answer
+    assert time.monotonic() - started < 5
