@@ -793,9 +793,9 @@ def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscriptio
                 source_reader.cursor() as left, target_reader.cursor() as right:
             started = time.monotonic()
             _lock_tables(cursor, source.schema, tables)
-            cursor.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()")
-            snapshot, lsn = cursor.fetchone()
-            _wait_applied(watch, subscription, lsn, wait_budget_s)
+            cursor.execute("SELECT pg_export_snapshot()")
+            snapshot = cursor.fetchone()[0]
+            _wait_applied(watch, subscription, cursor, wait_budget_s)
             right.execute("SELECT 1")
             left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             locker.rollback()
@@ -859,16 +859,25 @@ def _applied_lsn(cursor, subscription: str):
     return row[1] if row and row[0] else None
 
 
-def _wait_applied(cursor, subscription: str, lsn: str, budget_s: float) -> None:
-    """Until the subscription has applied the source's WAL up to `lsn`. Its apply worker
-    reports a position only after applying everything before it."""
+def _wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
+    """Until the subscription has applied the source's WAL up to where it is now; returns that
+    position. Its apply worker reports a position only after applying everything before it."""
+    source_cursor.execute("SELECT pg_current_wal_lsn()")
+    lsn = source_cursor.fetchone()[0]
     deadline = time.monotonic() + budget_s
+    nudge_at = time.monotonic() + NUDGE_AFTER_S
     while True:
         cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
                        "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
         row = cursor.fetchone()
         if row and row[0]:
-            return
+            return lsn
+        if nudge_at is not None and time.monotonic() > nudge_at:
+            # The position can lie past the last record (a page boundary), and the walsender
+            # reports reaching it only once it has decoded a record beyond: in an idle cluster,
+            # not for seconds. A record of our own, which the subscription does not receive.
+            source_cursor.execute("SELECT pg_logical_emit_message(false, 'igops-shard-move', 'position')")
+            nudge_at = None
         if time.monotonic() > deadline:
             raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
                                  f"{budget_s * 1000:.0f} ms")
@@ -1101,6 +1110,8 @@ COPY_PARALLEL = 3  # tables copied (and indexed) at once
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
+# How long a wait for the subscription lets the source be idle before writing a record to pass.
+NUDGE_AFTER_S = 0.05
 MAX_CLOCK_SKEW_MS = 500
 
 
@@ -1699,9 +1710,7 @@ class _Mover:
                 _lock_tables(cursor, plan.schema, tables)
                 locked = time.monotonic()
                 self.pause("locked")
-                cursor.execute("SELECT pg_current_wal_lsn()")
-                lsn = cursor.fetchone()[0]
-                _wait_applied(target_cursor, plan.slot, lsn, CUTOVER_CATCH_UP_S)
+                lsn = _wait_applied(target_cursor, plan.slot, cursor, CUTOVER_CATCH_UP_S)
                 self._compare_counts(cursor)
                 shape = describe_schema(cursor, plan.schema)
                 sequences = _sequence_values(cursor, plan.schema, shape.sequences)
