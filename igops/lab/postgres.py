@@ -145,11 +145,9 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
 
 def _promote_furthest(nodes: list[Node]) -> Node:
     """Promote the standby that replayed the most WAL (the first listed on a tie)."""
-    def replayed(node: Node) -> int:
-        high, _, low = node.psql("SELECT pg_last_wal_replay_lsn()").partition("/")
-        return (int(high, 16) << 32) + int(low, 16) if low else 0
+    from igops.postgres import optional_lsn
 
-    chosen = max(nodes, key=replayed)
+    chosen = max(nodes, key=lambda node: optional_lsn(node.psql("SELECT pg_last_wal_replay_lsn()")) or 0)
     chosen.repmgr("standby", "promote")
     return chosen
 

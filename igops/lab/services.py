@@ -125,9 +125,8 @@ def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str
         entries = []
         for cluster in CLUSTERS:
             address = host(primaries[cluster.name]).address
-            entries.append(f"{cluster.name} = host={address} port={POSTGRES_PORT} dbname=instagram")
-            if cluster.name == DIRECTORY_CLUSTER:
-                entries.append(f"directory = host={address} port={POSTGRES_PORT} dbname=directory")
+            entries += [f"{name} = host={address} port={POSTGRES_PORT} dbname={database}"
+                        for name, database in pgbouncer_databases(cluster.name).items()]
         files.write_file(paths.databases_file(), files.render("databases.ini", entries="\n".join(entries)),
                          owner="postgres")
     files.write_file(directory / "userlist.txt",
@@ -144,6 +143,11 @@ def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str
                        config_files=(config, directory / "userlist.txt"))
 
 
+def pgbouncer_databases(cluster: str) -> dict[str, str]:
+    """PgBouncer's databases that lead to the cluster's primary -> the database each reaches."""
+    return {cluster: "instagram", **({"directory": "directory"} if cluster == DIRECTORY_CLUSTER else {})}
+
+
 def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> None:
     """Point PgBouncer at the primaries the lab promoted itself (`repaired`: cluster -> node),
     reloading a running PgBouncer. Failovers keep the databases file right; only a repair by the
@@ -154,8 +158,8 @@ def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> None:
         return
     text = updated = paths.databases_file().read_text()
     for cluster, primary in repaired.items():
-        names = {cluster, "directory"} if cluster == DIRECTORY_CLUSTER else {cluster}
-        updated = repoint_databases(updated, names, str(host(primary).address), POSTGRES_PORT)
+        updated = repoint_databases(updated, set(pgbouncer_databases(cluster)), str(host(primary).address),
+                                    POSTGRES_PORT)
     if updated == text:
         return
     files.write_file(paths.databases_file(), updated, owner="postgres")
