@@ -215,6 +215,7 @@ class PgNode:
     replay_paused: bool = False
     streaming_from: str | None = None  # the upstream it streams from, by name
     repmgr: str | None = None  # how repmgr's metadata records it
+    repmgrd: str | None = None  # 'running', 'paused' or 'not running' (None: the node does not answer)
     pgbouncer: list[str] = field(default_factory=list)  # "pgb1:main" entries that route here
     detail: str | None = None
 
@@ -242,6 +243,7 @@ class _PgProbe:
     postmaster_running: bool | None = None
     fenced: bool | None = None
     host_reachable: bool | None = None
+    repmgrd: str | None = None
 
 
 @dataclass
@@ -263,6 +265,11 @@ class _PgView:
 
     def repmgr_node(self, name: str) -> postgres.RepmgrNode | None:
         return next((node for node in self.repmgr if node.name == name), None)
+
+    def repmgrd_members(self) -> list[str]:
+        """Members whose repmgrd runs (paused or not): an operation pauses it on them, so that it
+        cannot promote on its own while igops stops a primary or rewinds a node."""
+        return [name for name, probe in self.probes.items() if probe.repmgrd in ("running", "paused")]
 
 
 def cluster_members(fleet, cluster: str) -> list[str]:
@@ -332,6 +339,17 @@ def _probe_member(fleet, name: str) -> _PgProbe:
         connection.close()
 
 
+def _probe_repmgrd(fleet, probe: _PgProbe) -> None:
+    try:
+        connection = postgres.connect(fleet, probe.host, postgres.REPMGR_DATABASE)
+        try:
+            probe.repmgrd = postgres.repmgrd_state(connection)
+        finally:
+            connection.close()
+    except Exception:  # noqa: BLE001 - unknown is shown as such
+        probe.repmgrd = None
+
+
 def _pg_view(fleet, cluster: str) -> _PgView:
     members = cluster_members(fleet, cluster)
     bouncer_hosts = fleet.with_role("pgbouncer")
@@ -348,7 +366,8 @@ def _pg_view(fleet, cluster: str) -> _PgView:
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pg-probe") as pool:
         bouncer_futures = [pool.submit(bouncer, host) for host in bouncer_hosts]
         probes = dict(zip(members, pool.map(lambda name: _probe_member(fleet, name), members)))
-        list(pool.map(lambda probe: _host_check(fleet, probe), [p for p in probes.values() if p.down]))
+        list(pool.map(lambda probe: _host_check(fleet, probe) if probe.down else _probe_repmgrd(fleet, probe),
+                      probes.values()))
         bouncer_results = [future.result() for future in bouncer_futures]
     bouncers = {name: databases for name, databases, _ in bouncer_results}
     bouncer_errors = {name: error for name, _, error in bouncer_results if error}
@@ -383,7 +402,7 @@ def _pg_report(view: _PgView, addresses: dict[str, str]) -> PgClusterState:
         paused[bouncer_host] = [database.name for database in databases if database.paused]
     nodes = []
     for name, probe in view.probes.items():
-        node = PgNode(name, str(probe.host.address), "unknown", "running")
+        node = PgNode(name, str(probe.host.address), "unknown", "running", repmgrd=probe.repmgrd)
         server = probe.server
         if server is None:
             node.state = _down_state(probe)
@@ -456,6 +475,9 @@ def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgVie
         problems.append(f"{bouncer_host}: {', '.join(databases)} PAUSED")
     for bouncer_host, error in view.bouncer_errors.items():
         problems.append(f"PgBouncer on {bouncer_host} does not answer: {error}")
+    paused_repmgrd = [node.name for node in state.nodes if node.repmgrd == "paused"]
+    if paused_repmgrd:
+        problems.append(f"repmgrd is paused on {', '.join(paused_repmgrd)}: no automatic failover there")
     primary_records = [node.name for node in view.repmgr if node.type == "primary" and node.active]
     if view.repmgr and state.primary and primary_records != [state.primary]:
         problems.append(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}")
@@ -558,16 +580,30 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
         plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
-    plan.actions = switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused)
+    plan.actions = switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused,
+                                    repmgrd=view.repmgrd_members())
     return _signed(plan, view), state
 
 
+def _repmgrd_steps(members: list[str], why: str) -> tuple[list[Step], list[Step]]:
+    """The steps that pause repmgrd before an operation and unpause it after (on failure too),
+    or none where repmgrd does not run."""
+    if not members:
+        return [], []
+    names = ", ".join(members)
+    unpause = Step(f"repmgrd: unpause on {names}", "unpause_repmgrd", (tuple(members),))
+    return [Step(f"repmgrd: pause on {names} (as `repmgr service pause` does), so that it cannot {why}",
+                 "pause_repmgrd", (tuple(members),), release=unpause)], [unpause]
+
+
 def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
-                     replay_paused: bool = False) -> list[Step]:
+                     replay_paused: bool = False, repmgrd: list[str] = ()) -> list[Step]:
     candidate_address = f"{fleet.host(candidate).address}:{fleet.model.postgres.port}"
     pause_timeout = fleet.model.pgbouncer.pause_timeout
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
+    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(list(repmgrd), f"promote a standby while {primary} is stopped")
     steps = [
+        *pause_repmgrd,
         Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused", "checkpoint", (primary,)),
         Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files", (databases,)),
         Step(f"PgBouncer: PAUSE {_bouncer_text(databases)} (writes wait; gives up and resumes after "
@@ -595,7 +631,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
               for sibling in siblings]
     steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
               for node in siblings]
-    return steps
+    return steps + unpause_repmgrd
 
 
 def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
@@ -623,6 +659,10 @@ def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
             plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")
             continue
         plan.actions += _rejoin_steps(node.name, primary, running=node.role != "unknown")
+    paused = [node.name for node in state.nodes if node.repmgrd == "paused"]
+    if paused:
+        plan.actions.append(Step(f"repmgrd: unpause on {', '.join(paused)} (left paused)", "unpause_repmgrd",
+                                 (tuple(paused),)))
     if not plan.actions:
         plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
                              "and every member follows it")
@@ -662,6 +702,8 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
     view = _pg_view(fleet, cluster)
     state = view.state
     writable = view.writable()
+    if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
+        return _signed(finish, view), state
     if writable:
         raise Refused(state, f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
                       f"for a planned change use `igops pg switchover {cluster} --to NODE`")
@@ -730,16 +772,19 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
     siblings = [name for name in standbys if name != chosen]
     plan.actions = failover_steps(fleet, old, chosen, siblings, view.databases(),
                                   fence_on_disk=bool(old_probe and old_probe.host_reachable), stop_first=stop_first,
-                                  replay_paused=standbys[chosen].server.replay_paused)
+                                  replay_paused=standbys[chosen].server.replay_paused,
+                                  repmgrd=[name for name in view.repmgrd_members() if name != old])
     if old:
         plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
     return _signed(plan, view), state
 
 
 def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
-                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False) -> list[Step]:
+                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False,
+                   repmgrd: list[str] = ()) -> list[Step]:
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
-    steps = []
+    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(list(repmgrd), f"promote another standby than {chosen}")
+    steps = [*pause_repmgrd]
     if databases:
         steps.append(Step(f"PgBouncer: hold {_bouncer_text(databases)}: PAUSE (KILL if not paused within "
                           f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait", "hold", (databases,), release=resume))
@@ -759,7 +804,44 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
                       "register_primary", (chosen,)))
     steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
               for sibling in siblings]
-    return steps
+    return steps + unpause_repmgrd
+
+
+def _plan_pg_promoted(view: _PgView, new: str) -> PgPlan | None:
+    """A standby that something else promoted (repmgrd's automatic failover, or a person) while
+    PgBouncer still routes to the old primary, now down: finish that failover rather than
+    promote a second standby. None when no PgBouncer route points at a member that is down."""
+    state = view.state
+    down = {name for name, probe in view.probes.items() if not probe.server}
+    stale = {host: [database for database, target in table.items() if target in down]
+             for host, table in state.pgbouncer.items()}
+    stale = {host: names for host, names in stale.items() if names}
+    if not stale:
+        return None
+    olds = sorted({state.pgbouncer[host][database] for host, names in stale.items() for database in names})
+    plan = PgPlan("failover", view.cluster, f"Finish the failover of {view.cluster}: {new} was promoted already "
+                  f"(repmgrd?), PgBouncer still routes to {', '.join(olds)}", olds[0], new,
+                  failure_hint=f"see `igops pg status {view.cluster}`")
+    for old in olds:
+        probe = view.probes[old]
+        if probe.host_reachable and not probe.fenced:
+            plan.actions.append(Step(f"{old}: fence: " + ("stop it (immediate), " if probe.postmaster_running else "")
+                                     + "write standby.signal so it can only start read-only", "fence",
+                                     (old, bool(probe.postmaster_running))))
+        elif not probe.host_reachable:
+            plan.notes.append(f"{old}'s host is unreachable over SSH: it is not fenced; make sure it cannot come back")
+    plan.actions.append(Step(f"PgBouncer: point {_bouncer_text(stale)} at {new}, RELOAD", "repoint", (stale, new)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {_bouncer_text(state.paused)}", "resume", (state.paused,)))
+    record = view.repmgr_node(new)
+    if record is None or record.type != "primary" or not record.active:
+        plan.actions.append(Step(f"{new}: record it as the primary in repmgr's metadata (repmgr primary register "
+                                 "--force)", "register_primary", (new,)))
+    for node in state.nodes:
+        if node.role == "standby" and node.streaming_from != new:
+            plan.actions.append(Step(f"{node.name}: follow {new} (repmgr standby follow)", "follow", (node.name, new)))
+    plan.notes += [f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {new}" for old in olds]
+    return plan
 
 
 def _confirm_pg_down(fleet, state, name: str) -> None:
@@ -869,7 +951,10 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
     _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
-    plan.actions = _rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running))
+    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(view.repmgrd_members(), f"act on {node} while it is rewound")
+    plan.actions = [*pause_repmgrd,
+                    *_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+                    *unpause_repmgrd]
     return _signed(plan, view), state
 
 
@@ -1041,6 +1126,33 @@ class PgActions:
                                                       "-w", "-t", "30"]), "immediate stop", timeout=60)
         _ssh_ok(fleet, host, _as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
         return f"{data}/standby.signal"
+
+    def pause_repmgrd(self, nodes: tuple[str, ...]) -> str:
+        def one(name: str) -> None:
+            connection = postgres.connect(self.fleet, self._host(name), postgres.REPMGR_DATABASE)
+            try:
+                postgres.pause_repmgrd(connection, True)
+            finally:
+                connection.close()
+
+        parallel_map(one, list(nodes))
+        return f"paused on {len(nodes)} nodes"
+
+    def unpause_repmgrd(self, nodes: tuple[str, ...]) -> str:
+        """A node that does not answer is left: its restart clears the pause."""
+        def one(name: str) -> str | None:
+            try:
+                connection = postgres.connect(self.fleet, self._host(name), postgres.REPMGR_DATABASE)
+            except postgres.Unavailable:
+                return name
+            try:
+                postgres.pause_repmgrd(connection, False)
+            finally:
+                connection.close()
+            return None
+
+        skipped = [name for name in parallel_map(one, list(nodes)) if name]
+        return "unpaused" + (f"; not answering, cleared by their restart: {', '.join(skipped)}" if skipped else "")
 
     def resume_replay(self, node: str) -> None:
         connection = postgres.connect(self.fleet, self._host(node))
@@ -1694,7 +1806,7 @@ def _signature(view: _PgView | _RedisView) -> tuple:
     is routed (PgBouncer, or the directory for Redis). Positions and lag are left out: they move."""
     state = view.state
     if isinstance(view, _PgView):
-        return (tuple((n.name, n.role, n.state, n.fenced, n.streaming_from) for n in state.nodes),
+        return (tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
                 tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
                 tuple(sorted((host, tuple(names)) for host, names in state.paused.items())))
     return (tuple((n.name, n.role, n.state, n.master, n.link == "up") for n in state.nodes), state.app_master)

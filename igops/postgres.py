@@ -266,6 +266,25 @@ def repmgr_nodes(connection) -> list[RepmgrNode]:
         return [RepmgrNode(*row) for row in cursor.fetchall()]
 
 
+def repmgrd_state(connection) -> str:
+    """What repmgrd's registration in this node's shared memory says: 'running', 'paused' or
+    'not running'. The registration lives in the repmgr extension, so `connection` must be to
+    the repmgr database."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT repmgr.repmgrd_is_running(), repmgr.repmgrd_is_paused()")
+        running, paused = cursor.fetchone()
+    if not running:
+        return "not running"
+    return "paused" if paused else "running"
+
+
+def pause_repmgrd(connection, paused: bool) -> None:
+    """What `repmgr service pause|unpause` does on each node: repmgrd keeps monitoring but takes no
+    failover action while paused. The flag lives in shared memory: a restart of the node clears it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT repmgr.repmgrd_pause(%s)", (paused,))
+
+
 # --- the PgBouncer admin console -----------------------------------------------------------------
 @dataclass(frozen=True)
 class BouncerDatabase:

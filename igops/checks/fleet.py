@@ -299,12 +299,12 @@ def health(address: str, port: int, path: str, timeout: float) -> tuple[bool, st
 
 # --- Postgres -----------------------------------------------------------------------------------
 
-def _postgres_connect(context: Context, host, timeout: float):
+def _postgres_connect(context: Context, host, timeout: float, database: str = "postgres"):
     import psycopg2
 
     model = context.fleet.model
     connection = psycopg2.connect(host=str(host.address), port=model.postgres.port, user=model.postgres.user,
-                                  dbname="postgres", password=context.secrets.get("postgres_password"),
+                                  dbname=database, password=context.secrets.get("postgres_password"),
                                   connect_timeout=max(1, int(timeout)), application_name="igops-check")
     connection.autocommit = True
     return connection
@@ -319,7 +319,46 @@ def postgres_probes(context: Context) -> list[Probe]:
             continue
         expected = [("postgres-primary", cluster.primary)] + [("postgres-standby", s) for s in cluster.standbys]
         built.append(Probe(f"postgres-{name}", expected, _postgres_runner(context, name, cluster)))
+        built.append(Probe(f"repmgrd-{name}", [("postgres-repmgrd", member) for member in members],
+                           _repmgrd_runner(context, name, members)))
     return built
+
+
+def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
+    """repmgrd on each member, as its registration in the node's shared memory says. Running on no
+    member is a fleet without automatic failover (OK); on some members only, or paused outside
+    an operation, leaves a failover to chance (WARNING)."""
+    from igops import postgres
+
+    def state_of(name: str) -> tuple[str, str | None]:
+        try:
+            connection = _postgres_connect(context, context.fleet.host(name), context.probe_timeout,
+                                           postgres.REPMGR_DATABASE)
+            try:
+                return name, postgres.repmgrd_state(connection)
+            finally:
+                connection.close()
+        except Exception:  # noqa: BLE001 - a member that does not answer is the postgres check's finding
+            return name, None
+
+    def run(report) -> None:
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="repmgrd") as pool:
+            states = dict(pool.map(state_of, members))
+        in_use = any(state in ("running", "paused") for state in states.values())
+        for name, state in states.items():
+            if state is None:
+                status, summary = NagiosStatus.UNKNOWN, "repmgrd: the node does not answer"
+            elif state == "paused":
+                status, summary = (NagiosStatus.WARNING, "repmgrd paused: no automatic failover "
+                                   f"(`igops pg switchover {cluster_name} --to PRIMARY` unpauses it)")
+            elif state == "not running" and in_use:
+                status, summary = (NagiosStatus.WARNING, f"repmgrd not running here but on other members of "
+                                   f"{cluster_name}: automatic failover may not act")
+            else:
+                status, summary = NagiosStatus.OK, f"repmgrd {state}" + ("" if in_use else " (not in use)")
+            report(Result("postgres-repmgrd", name, status, summary, duration_ms=_ms(started)))
+    return run
 
 
 def _postgres_runner(context: Context, cluster_name: str, cluster):

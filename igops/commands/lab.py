@@ -12,12 +12,18 @@ app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopbac
 
 
 @app.command("up")
-def up(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
+def up(
+    ctx: typer.Context,
+    repmgrd: bool = typer.Option(None, "--repmgrd/--no-repmgrd",
+                                 help="Run repmgrd (automatic failover) on every Postgres node, or stop it. "
+                                      "Default: as the last `lab up` left it (off at first)."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
     """Build the lab, or repair and restart whatever part of it is missing (idempotent)."""
     from igops import lab
 
     with command(ctx, "lab up", json_flag) as out:
-        report = lab.up(out)
+        report = lab.up(out, repmgrd=repmgrd)
         out.table("lab", ["component", "host", "endpoint", "state", "detail"],
                   [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
         out.text(f"lab up in {report.duration_s:.1f} s; use it with:")

@@ -29,10 +29,18 @@ def _lag(node) -> str | None:
     return text + (" (replay paused)" if node.replay_paused else "")
 
 
+def _repmgr(node, state) -> str | None:
+    """repmgr's record, and repmgrd's state where any member runs it."""
+    if not any(member.repmgrd in ("running", "paused") for member in state.nodes) or node.repmgrd is None:
+        return node.repmgr
+    return f"{node.repmgr or '-'}; repmgrd {node.repmgrd}"
+
+
 def show_state(out, state) -> None:
     out.table(f"cluster {state.cluster}: primary {state.primary or 'NONE'}", NODE_COLUMNS,
               [[node.name, node.role, node.state + (" (fenced)" if node.fenced else ""), node.timeline, node.lsn,
-                node.received_lsn, node.replayed_lsn, _lag(node), node.streaming_from, node.repmgr, node.pgbouncer]
+                node.received_lsn, node.replayed_lsn, _lag(node), node.streaming_from, _repmgr(node, state),
+                node.pgbouncer]
                for node in state.nodes])
     for problem in state.problems:
         out.text(f"  ! {problem}")

@@ -156,6 +156,8 @@ def _pid_files(paths: Paths) -> list[Path]:
             found.append(directory / "memcached" / "memcached.pid")
         if "pgbouncer" in roles:
             found.append(paths.pgbouncer_dir() / "pgbouncer.pid")
+        if "postgres" in roles:
+            found.append(directory / "repmgrd.pid")
         if "app" in roles:
             found.append(paths.app_root(lab_host.name) / "shared" / "gunicorn.pid")
         if "lb" in roles:
@@ -204,8 +206,9 @@ def _redis_master(paths: Paths) -> str:
     return REDIS_MASTER
 
 
-def up(reporter: Reporter | None = None) -> LabReport:
-    """Build the lab, or bring whatever part of it is missing or stopped back up."""
+def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabReport:
+    """Build the lab, or bring whatever part of it is missing or stopped back up. `repmgrd`
+    starts (True) or stops (False) repmgrd on every Postgres node; None keeps the last choice."""
     reporter = reporter or Reporter()
     _require_root("up")
     started = time.monotonic()
@@ -237,6 +240,8 @@ def up(reporter: Reporter | None = None) -> LabReport:
             step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
                                     + (f" ({item.repaired})" if item.repaired else "") for item in built)
             services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
+        with reporter.step("repmgrd (automatic failover) on every Postgres node") as step:
+            step.detail = _repmgrd(paths, postgres.repmgrd_wanted(paths, repmgrd))
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
             _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
                         *services.redis_daemons(paths),
@@ -276,6 +281,28 @@ def up(reporter: Reporter | None = None) -> LabReport:
             step.detail = f"{len(report.components)} checks ok"
     report.duration_s = round(time.monotonic() - started, 1)
     return report
+
+
+def _repmgrd(paths: Paths, wanted: bool) -> str:
+    daemons = [postgres.repmgrd_daemon(paths, name) for cluster in CLUSTERS
+               for name in (cluster.primary, cluster.standby)]
+    if not wanted:
+        running_pids = [pid for pid in (proc.running_pid(d.pid_file, paths.root) for d in daemons) if pid]
+        proc.terminate(running_pids)
+        return (f"stopped on {len(running_pids)} nodes" if running_pids else "not running") + \
+            " (`igops lab up --repmgrd` starts it)"
+    _start_all(daemons, paths)
+    # A started repmgrd takes a moment to register with its node; igops reads that registration.
+    deadline = time.monotonic() + 30
+    waiting = [postgres.Node(paths, name) for cluster in CLUSTERS for name in (cluster.primary, cluster.standby)]
+    while waiting:
+        waiting = [node for node in waiting
+                   if node.psql("SELECT repmgr.repmgrd_is_running()", database="repmgr") != "t"]
+        if waiting and time.monotonic() > deadline:
+            raise proc.LabError(f"repmgrd does not register on {', '.join(node.name for node in waiting)}",
+                                f"see {paths.root}/hosts/<node>/log/repmgrd.log")
+        time.sleep(0.2)
+    return f"running on {len(daemons)} nodes (`igops lab up --no-repmgrd` stops it)"
 
 
 def _check(fleet, paths: Paths) -> list[Component]:

@@ -81,6 +81,7 @@ class Node:
         values = dict(host=self.name, address=self.address, port=POSTGRES_PORT, pgdata=self.pgdata,
                       pgconf=self.pgconf, socket_dir=self.socket_dir, pg_wal=self.pg_wal, log=self.log,
                       bin_dir=BIN_DIR, node_id=NODE_IDS[self.name], pgpass=self.pgpass,
+                      repmgr_conf=self.repmgr_conf,
                       known_hosts=self.paths.postgres_ssh / "known_hosts",
                       ssh_key=self.paths.postgres_ssh / "id_ed25519")
         for directory in (self.pgconf, self.socket_dir, self.log.parent):
@@ -141,6 +142,27 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
             _clone_standby(node, current)
     return ClusterState(cluster.name, current.name, [node.name for node in nodes.values() if node is not current],
                         repaired)
+
+
+def repmgrd_daemon(paths: Paths, name: str) -> proc.Daemon:
+    """repmgrd on one node, in the foreground of its own session like the lab's other daemons.
+    It runs only when the lab is asked for it (`lab up --repmgrd`): most repmgr fleets run it, and
+    igops must then keep it from promoting on its own in the middle of a switchover."""
+    node = Node(paths, name)
+    directory = paths.host_dir(name)
+    return proc.Daemon(f"repmgrd on {name}", (str(BIN_DIR / "repmgrd"), "-f", str(node.repmgr_conf),
+                                              "--daemonize=false", "--no-pid-file"),
+                       directory / "repmgrd.pid", directory / "log" / "repmgrd.log", user=OS_USER,
+                       env=tuple(node.env.items()), config_files=(node.repmgr_conf,))
+
+
+def repmgrd_wanted(paths: Paths, choice: bool | None) -> bool:
+    """Whether repmgrd runs: the choice given to `lab up`, else the one the last `lab up` made."""
+    setting = paths.root / "repmgrd"
+    if choice is not None:
+        setting.write_text("on\n" if choice else "off\n")
+        return choice
+    return setting.exists() and setting.read_text().strip() == "on"
 
 
 def _promote_furthest(nodes: list[Node]) -> Node:
