@@ -168,3 +168,17 @@ def test_every_command_offers_json():
 def test_no_color_and_non_tty_output_is_plain(tmp_path):
     result = run_igops("-c", str(inventory(tmp_path)), "hosts")
     assert "\x1b[" not in result.stdout and "web1" in result.stdout
+
+
+def test_global_options_are_accepted_after_the_subcommand(tmp_path):
+    config = str(inventory(tmp_path))
+    for args in (["hosts", "--config", config, "--json"], ["hosts", "-c", config, "-v", "--json"],
+                 ["-c", str(tmp_path / "missing.toml"), "hosts", "-c", config, "--json"]):
+        result = run_igops(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert [host["name"] for host in json.loads(result.stdout)["data"]["hosts"]] == ["web1", "web2"]
+    nested = run_igops("snapshot", "list", "--config", str(tmp_path / "missing.toml"))
+    assert nested.returncode == ExitCode.USAGE and "missing.toml" in nested.stderr
+    # After `--`, exec passes every argument on literally, -c included.
+    result = run_igops("exec", "-c", config, "--dry-run", "--json", "--", "echo", "-c", "x")
+    assert json.loads(result.stdout)["data"]["command"] == "echo -c x"
