@@ -8,10 +8,12 @@ import sys
 import threading
 from pathlib import Path
 
-from igops import safety
-from igops.errors import ExitCode
+import pytest
 
-from tests.conftest import run_igops
+from igops import safety
+from igops.errors import AlreadyRunning, ExitCode
+
+from tests.conftest import IGOPS, ROOT, run_igops
 
 
 def inventory(tmp_path: Path) -> Path:
@@ -101,7 +103,58 @@ def test_unreachable_hosts_fail_with_clear_reason_and_audit(tmp_path):
     assert record["user"] and record["time"] and record["duration_ms"] >= 0
 
 
-def test_second_run_exits_already_running_naming_the_holder(tmp_path):
+@pytest.fixture
+def pingdom_api(tmp_path):
+    """The lab's Pingdom receiver on an ephemeral loopback port: a mutating command that
+    reaches its lock without SSH."""
+    from http.server import ThreadingHTTPServer
+
+    from igops.lab import receivers
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), receivers.handler_for(
+        receivers.Pingdom(tmp_path, "unit-token", probe_interval=60)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"
+    server.shutdown()
+    server.server_close()
+
+
+def with_pingdom(tmp_path: Path, url: str) -> Path:
+    config = inventory(tmp_path)
+    secrets_file = tmp_path / "secrets.toml"
+    secrets_file.write_text('pingdom_token = "unit-token"\n')
+    secrets_file.chmod(0o600)
+    text = config.read_text().replace("[[hosts]]", f'[monitoring]\npingdom_url = "{url}"\n'
+                                      f'[secrets]\nfile = "{secrets_file}"\n[[hosts]]', 1)
+    config.write_text(text.replace('roles = ["app"]', 'roles = ["lb"]', 1))
+    return config
+
+
+def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_api):
+    config = with_pingdom(tmp_path, pingdom_api)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with safety.lock(tmp_path / "state", "pingdom-sync", "igops-unit", "igops pingdom sync"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(5)
+        result = run_igops("-c", str(config), "pingdom", "sync", "--yes")
+        assert result.returncode == ExitCode.LOCKED, result.stderr
+        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_exec_takes_no_lock_so_unrelated_runs_do_not_block_each_other(tmp_path):
+    """exec changes nothing igops keeps state about. It used to lock `N-hosts`, so any two
+    runs on host sets of one size blocked each other."""
     config = inventory(tmp_path)
     state = tmp_path / "state"
     held, release = threading.Event(), threading.Event()
@@ -116,11 +169,38 @@ def test_second_run_exits_already_running_naming_the_holder(tmp_path):
     try:
         held.wait(5)
         result = run_igops("-c", str(config), "exec", "--yes", "--", "true")
-        assert result.returncode == ExitCode.LOCKED
-        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+        assert result.returncode == ExitCode.FAILED and "already running" not in result.stderr
     finally:
         release.set()
         holder.join()
+    assert [path.name for path in (state / "locks").iterdir()] == ["exec--web1_web2.lock"]  # the holder's
+    record = json.loads((state / "audit.log").read_text().splitlines()[-1])
+    assert record["targets"] == ["web1", "web2"] and record["exit_code"] == 1
+
+
+def run_with_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
+    """The real CLI with a pseudo-terminal on stdin, answering its question."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer.encode())
+        return subprocess.run([*IGOPS, *args], stdin=terminal, capture_output=True, text=True,
+                              env={**os.environ, "NO_COLOR": "1"}, timeout=60, cwd=ROOT)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+def test_a_declined_confirmation_exits_2_and_is_audited(tmp_path):
+    config = inventory(tmp_path)
+    result = run_with_a_terminal(["-c", str(config), "exec", "--json", "--", "touch", "/tmp/never"], "n\n")
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "not confirmed: nothing was changed" in result.stderr
+    assert json.loads(result.stdout)["exit_code"] == ExitCode.USAGE
+    record = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
+    assert record["result"] == "declined" and record["exit_code"] == ExitCode.USAGE
+    assert record["targets"] == ["web1", "web2"] and "touch /tmp/never" in record["command"]
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
