@@ -169,7 +169,7 @@ class Pager:
 
     def trigger(self, check: str, target: str, summary: str, details: dict | None = None,
                 severity: str = "critical") -> str:
-        from igops.secrets import redact
+        from igops.secrets import redact, redact_data
 
         key = dedup_key(self.fleet_name, check, target)
         summary = redact(summary)
@@ -177,9 +177,9 @@ class Pager:
         return self.events.trigger(text, source=target, dedup_key=key, severity=severity,
                                    payload={"component": check, "group": self.fleet_name, "class": check,
                                             "timestamp": _now()},
-                                   custom_details={"fleet": self.fleet_name, "check": check, "target": target,
-                                                   "detail": summary, "from": socket.gethostname(),
-                                                   **(details or {})})
+                                   custom_details=redact_data({"fleet": self.fleet_name, "check": check,
+                                                               "target": target, "detail": summary,
+                                                               "from": socket.gethostname(), **(details or {})}))
 
     def resolve(self, key: str) -> None:
         self.events.resolve(key)

@@ -215,10 +215,18 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
         pass
 
 
-def test_audit_redacts_secret_options_and_values(tmp_path, monkeypatch):
-    from igops.secrets import register
+@pytest.fixture
+def registered_secrets(monkeypatch):
+    """The process-wide redaction list, emptied for one test and restored after it, so a
+    secret a test registers never hides text in later tests."""
+    from igops import secrets
 
-    register("s3cr3t-value")
+    monkeypatch.setattr(secrets, "_registered", set())
+    return secrets
+
+
+def test_audit_redacts_secret_options_and_values(tmp_path, registered_secrets):
+    registered_secrets.register("s3cr3t-value")
     line = safety.redact_argv(["igops", "pagerduty", "test", "--routing-key", "abc123", "--token=xyz",
                                "echo", "s3cr3t-value"])
     assert "abc123" not in line and "xyz" not in line and "s3cr3t-value" not in line
@@ -227,6 +235,47 @@ def test_audit_redacts_secret_options_and_values(tmp_path, monkeypatch):
     text = (tmp_path / "audit.log").read_text()
     assert "s3cr3t-value" not in text and "***" in text
     assert oct((tmp_path / "audit.log").stat().st_mode & 0o777) == "0o600"
+
+
+AWKWARD_SECRETS = ['pa"ss-word', "pass\\word", "päss-wörd", "tab\tand\nnewline"]
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+def test_secrets_that_json_escapes_are_redacted_in_every_writer(tmp_path, capsys, registered_secrets, secret):
+    from igops.output import Output
+
+    registered_secrets.register(secret)
+    out = Output("unit", json_mode=True)
+    with out.step(f"step naming {secret}"):
+        pass
+    out.finish({"note": f"token {secret}", secret: [secret]})
+    text = capsys.readouterr().out
+    envelope = json.loads(text)
+    assert secret not in json.dumps(envelope) and envelope["data"] == {"note": "token ***", "***": ["***"]}
+    assert envelope["steps"][0]["title"] == "step naming ***"
+
+    people = Output("unit")
+    people.table(None, ["value"], [[secret], [[secret, "x"]]])
+    people.text(f"line with {secret}")
+    assert secret not in capsys.readouterr().out
+
+    safety.audit(tmp_path, command="igops x", targets=[secret], result=secret, exit_code=0, duration_ms=1,
+                 detail=secret)
+    record = json.loads((tmp_path / "audit.log").read_text())
+    assert secret not in json.dumps(record) and record["targets"] == ["***"] and record["detail"] == "***"
+    with safety.lock(tmp_path, "op", "t", f"igops x {secret}") as path:
+        assert safety.read_holder(path).command == "igops x ***"
+
+
+def test_secrets_too_short_to_redact_are_refused(tmp_path, pingdom_api):
+    config = with_pingdom(tmp_path, pingdom_api)
+    result = run_igops("-c", str(config), "pingdom", "status", env={"IGOPS_PINGDOM_TOKEN": "abc"})
+    assert result.returncode == ExitCode.USAGE
+    assert "shorter than 4 characters" in result.stderr and "at least 4" in result.stderr
+    assert "abc" not in result.stderr.replace("characters", "")
+    (tmp_path / "secrets.toml").write_text('pingdom_token = "xyz"\n')
+    result = run_igops("-c", str(config), "pingdom", "status", "--json")
+    assert result.returncode == ExitCode.USAGE and "shorter than 4" in json.loads(result.stdout)["error"]["message"]
 
 
 def test_help_imports_no_heavy_library():
