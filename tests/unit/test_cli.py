@@ -311,3 +311,11 @@ def test_global_options_are_accepted_after_the_subcommand(tmp_path):
     # After `--`, exec passes every argument on literally, -c included.
     result = run_igops("exec", "-c", config, "--dry-run", "--json", "--", "echo", "-c", "x")
     assert json.loads(result.stdout)["data"]["command"] == "echo -c x"
+
+
+def test_snapshot_create_refuses_a_relative_mount_before_anything_else(tmp_path):
+    result = run_igops("-c", str(inventory(tmp_path)), "snapshot", "create", "web1", "--mount", "data",
+                       "--dry-run", "--json")
+    assert result.returncode == ExitCode.USAGE
+    error = json.loads(result.stdout)["error"]
+    assert "--mount 'data' is not an absolute path" in error["message"] and "--mount /data" in error["hint"]
