@@ -119,3 +119,25 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     for value in values.values():
         register(str(value))
     return {key: str(value) for key, value in values.items()}
+
+
+def insecure_url_problem(url: str) -> str | None:
+    """Why a URL may not carry a secret (a token, a routing key), or None when it may: https,
+    or plain http only to a loopback address (a local relay, the lab's receivers), where TLS
+    protects nothing."""
+    import ipaddress
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http":
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return None
+    return f"{url} is not https:// (plain http only to a loopback address), and a secret would travel over it"
+

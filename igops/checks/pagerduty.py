@@ -45,9 +45,9 @@ class _ToReporter(logging.Handler):
 
 
 def client(url: str, routing_key: str, reporter: Reporter):
-    import urllib.parse
-
     from pagerduty import EventsApiV2Client, UrlError
+
+    from igops.secrets import insecure_url_problem
 
     class EventsClient(EventsApiV2Client):
         """The package insists on https. So does igops, except towards a loopback address: a
@@ -59,8 +59,7 @@ def client(url: str, routing_key: str, reporter: Reporter):
 
         @url.setter
         def url(self, base_url: str) -> None:
-            parts = urllib.parse.urlsplit(base_url)
-            if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname)):
+            if insecure_url_problem(base_url):
                 raise UrlError("the Events API URL must use https:// (plain http only to a loopback address)")
             self._url = base_url
 
@@ -76,17 +75,6 @@ def client(url: str, routing_key: str, reporter: Reporter):
     log.handlers[:] = [_ToReporter(reporter)]
     events.log = log
     return events
-
-
-def _loopback(host: str | None) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
 
 
 def describe_failure(exc: Exception) -> str:

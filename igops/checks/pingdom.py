@@ -48,6 +48,11 @@ class Pingdom:
                  sleep: Callable[[float], None] = time.sleep):
         import requests
 
+        from igops.secrets import insecure_url_problem
+
+        problem = insecure_url_problem(base_url)
+        if problem:
+            raise UsageError(f"[monitoring] pingdom_url: {problem}", "use Pingdom's https:// API URL")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.reporter = reporter

@@ -197,3 +197,57 @@ def test_paging_refuses_a_plain_http_url_off_this_machine(tmp_path, services):
     fleet = fleet_for(tmp_path, {**services, "pagerduty_url": "http://events.example.com"})
     with pytest.raises(Exception, match="pagerduty_url 'http://events.example.com'.*https"):
         pagerduty.Pager(fleet).prepare()
+
+
+def _outward_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route's source
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def outward(tmp_path):
+    """The receivers listening on every address, reached over plain http at a non-loopback one."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
+    pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
+    servers = [ThreadingHTTPServer(("0.0.0.0", 0), receivers.handler_for(receiver))
+               for receiver in (pager, pingdom_receiver)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"pagerduty": pager, "pagerduty_url": f"http://{address}:{servers[0].server_address[1]}",
+           "pingdom": pingdom_receiver, "pingdom_url": f"http://{address}:{servers[1].server_address[1]}/api/3.1"}
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_token_or_routing_key_travels_over_plain_http_off_this_machine(outward):
+    from igops.errors import UsageError
+    from igops.pagerduty_changes import send_change
+
+    with pytest.raises(UsageError, match="pingdom_url: http://.* is not https://"):
+        pingdom.Pingdom(outward["pingdom_url"], TOKEN).checks()
+    result = send_change(outward["pagerduty_url"], ROUTING_KEY, "deploy", "unit", sleep=lambda _: None)
+    assert not result.sent and result.attempts == 0 and "not https://" in result.detail
+    assert outward["pingdom"].recorder.since(0) == [] and outward["pagerduty"].recorder.since(0) == []
+    with pytest.raises(Exception, match="https"):
+        pagerduty.client(outward["pagerduty_url"], ROUTING_KEY, pagerduty.Reporter())
+
+
+def test_plain_http_to_loopback_is_allowed(services):
+    from igops.pagerduty_changes import send_change
+
+    assert pingdom.Pingdom(services["pingdom_url"], TOKEN).checks() == []
+    assert pingdom.Pingdom(services["pingdom_url"].replace("127.0.0.1", "localhost"), TOKEN).checks() == []
+    assert send_change(services["pagerduty_url"], ROUTING_KEY, "deploy", "unit", sleep=lambda _: None).sent
