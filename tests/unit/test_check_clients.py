@@ -120,6 +120,30 @@ def test_pingdom_sync_creates_updates_and_pauses_to_match_the_inventory(tmp_path
     assert "someone else's" not in statuses
 
 
+def test_pingdom_maintenance_starts_now_as_the_spec_says(tmp_path, services):
+    """The 3.1 spec allows only future times for a window, and 1 for "now": a window that
+    starts at the client's reading of the clock is refused by the time it arrives."""
+    import json
+    import time
+
+    from tests.conftest import run_igops
+
+    fleet = fleet_for(tmp_path, services)
+    client = pingdom.Pingdom.for_fleet(fleet)
+    pingdom.apply_sync(client, pingdom.plan_sync(client, fleet))
+    before = int(time.time())
+    result = run_igops("-c", str(fleet.source), "pingdom", "maintenance", "--for", "10m", "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["data"]
+    [window] = services["pingdom"].state()["maintenance"]
+    assert window["id"] == data["id"] and window["checks"]["uptime"] == [check["id"] for check in client.checks()]
+    assert before <= window["from"] <= int(time.time()) and window["to"] == data["to"]
+    assert 599 <= window["to"] - window["from"] <= 600
+    [request] = [entry for entry in services["pingdom"].recorder.since(0) if entry.get("method") == "POST"
+                 and entry.get("path", "").endswith("/maintenance")]
+    assert request["body"]["from"] == 1
+
+
 def critical(target="app2"):
     return Result("http-app", target, NagiosStatus.CRITICAL, "GET /health: connection refused")
 
