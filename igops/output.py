@@ -76,10 +76,6 @@ class Output(Reporter):
     def log(self, message: str) -> None:
         self.err.print(redact(message), markup=False)
 
-    def debug(self, message: str) -> None:
-        if self.verbose:
-            self.log(message)
-
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
         record = StepRecord(len(self.steps) + 1, redact(title))

@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import typer
 
@@ -110,7 +110,3 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
 def exit_with(code: int) -> None:
     if code:
         raise typer.Exit(code)
-
-
-def as_rows(items: list[Any], fields: list[str]) -> list[list[Any]]:
-    return [[getattr(item, field) for field in fields] for item in items]

@@ -319,3 +319,8 @@ def test_snapshot_create_refuses_a_relative_mount_before_anything_else(tmp_path)
     assert result.returncode == ExitCode.USAGE
     error = json.loads(result.stdout)["error"]
     assert "--mount 'data' is not an absolute path" in error["message"] and "--mount /data" in error["hint"]
+
+
+def test_the_repository_tracks_no_built_packages():
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert [name for name in tracked.splitlines() if name.endswith((".whl", ".tar.gz", ".egg"))] == []
