@@ -82,9 +82,5 @@ class AlreadyRunning(IgopsError):
     exit_code = ExitCode.LOCKED
 
 
-class PartialFailure(IgopsError):
-    exit_code = ExitCode.PARTIAL
-
-
 class RemoteError(IgopsError):
     """A host could not be reached or a remote step failed."""

@@ -20,6 +20,17 @@ DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
 CONFIG_ENV = "IGOPS_CONFIG"
 
 ROLES = ("lb", "app", "postgres", "pgbouncer", "redis", "memcached", "munin")
+# Schema names are built from it and reach SQL: only a plain identifier.
+SCHEMA_PREFIX_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+
+class InvalidValue(ValueError):
+    """A value the inventory refuses, with how to fix it (a model validator raises it)."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
 SECRET_KEY_PATTERN = re.compile(r"(password|passwd|secret|token|routing_key|api_key)", re.I)
 PATH_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -36,7 +47,16 @@ _MODELS = None
 
 
 def _build_models():
-    from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator
+    from typing import Annotated
+
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
+
+    def tcp_port(value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise InvalidValue(f"port {value} is out of range", "use a TCP port from 1 to 65535")
+        return value
+
+    Port = Annotated[int, AfterValidator(tcp_port)]
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,9 +65,18 @@ def _build_models():
         name: str = "fleet"
         state_dir: str | None = None
 
+        @field_validator("state_dir")
+        @classmethod
+        def absolute_state_dir(cls, value: str | None) -> str | None:
+            if value is not None and not value.startswith(("/", "~")):
+                raise InvalidValue(f"state_dir {value!r} is relative: locks and the audit log would "
+                                   "move with the current directory",
+                                   "use an absolute path (or one under ~)")
+            return value
+
     class Ssh(Strict):
         user: str = "root"
-        port: int = Field(22, ge=1, le=65535)
+        port: Port = 22
         known_hosts: str = "~/.ssh/known_hosts"
         identity_file: str | None = None
         connect_timeout: float = Field(5.0, gt=0)
@@ -65,6 +94,15 @@ def _build_models():
         # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
         pre_freeze: dict[str, str] = Field(default_factory=dict)
         restore_root: str = "/mnt/igops-restore"
+
+        @field_validator("pre_freeze")
+        @classmethod
+        def known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+            unknown = sorted(set(value) - set(ROLES))
+            if unknown:
+                raise InvalidValue(f"unknown role {unknown[0]!r} (a command for it would never run)",
+                                   f"key each command by one of: {', '.join(ROLES)}")
+            return value
 
     class Monitoring(Strict):
         pingdom_url: str = "https://api.pingdom.com/api/3.1"
@@ -101,12 +139,12 @@ def _build_models():
         address: IPvAnyAddress
         roles: list[str] = Field(default_factory=list)
         ssh_user: str | None = None
-        ssh_port: int | None = Field(None, ge=1, le=65535)
+        ssh_port: Port | None = None
         instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
         mounts: list[Mount] = Field(default_factory=list)
 
     class LoadBalancer(Strict):
-        port: int = 80
+        port: Port = 80
         health_path: str = "/health"
         upstream_file: str = "/etc/nginx/conf.d/igops-upstream.conf"
         # Run before every reload: a change that fails it is undone and never reloaded.
@@ -114,7 +152,7 @@ def _build_models():
         reload_command: str = "nginx -s reload"
 
     class App(Strict):
-        port: int = 8000
+        port: Port = 8000
         health_path: str = "/health"
         root: str = "/srv/app"
         reload_command: str = "systemctl reload gunicorn"
@@ -126,7 +164,7 @@ def _build_models():
         pgbouncer_database: str | None = None
 
     class Postgres(Strict):
-        port: int = 5432
+        port: Port = 5432
         database: str = "instagram"
         user: str = "postgres"
         os_user: str = "postgres"
@@ -140,7 +178,7 @@ def _build_models():
         clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
 
     class PgBouncer(Strict):
-        port: int = 6432
+        port: Port = 6432
         admin_user: str = "pgbouncer"
         databases_file: str = "/etc/pgbouncer/databases.ini"
         # How long a switchover waits for PAUSE before it gives up and resumes.
@@ -149,7 +187,7 @@ def _build_models():
     class Redis(Strict):
         master: str | None = None
         replicas: list[str] = Field(default_factory=list)
-        port: int = 6379
+        port: Port = 6379
         # Per-host template ({host}): failovers set its replicaof line so a restart keeps the role.
         config_file: str = "/etc/redis/redis.conf"
         # The longest a switchover holds writes (CLIENT PAUSE's own timeout, so it ends even if
@@ -158,10 +196,10 @@ def _build_models():
         max_lag_bytes: int = Field(1 << 20, ge=0)
 
     class Memcached(Strict):
-        port: int = 11211
+        port: Port = 11211
 
     class Munin(Strict):
-        port: int = 4949
+        port: Port = 4949
         # Per-host templates ({host}): where `igops munin install` puts plugins and their
         # settings, and how a node is told to pick them up.
         plugin_dir: str = "/etc/munin/plugins"
@@ -184,12 +222,33 @@ def _build_models():
         # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).
         munin_plugins: list[str] = Field(default_factory=lambda: ["igops_*"])
 
+        @model_validator(mode="after")
+        def warning_before_critical(self):
+            for warning, critical in (("disk_warning_percent", "disk_critical_percent"),
+                                      ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
+                                      ("pgbouncer_wait_warning_seconds", "pgbouncer_wait_critical_seconds"),
+                                      ("snapshot_warning_hours", "snapshot_critical_hours")):
+                if getattr(self, warning) > getattr(self, critical):
+                    raise InvalidValue(f"{warning} ({getattr(self, warning):g}) is above {critical} "
+                                       f"({getattr(self, critical):g}): the warning would never be seen",
+                                       f"set {warning} at or below {critical}")
+            return self
+
     class Shards(Strict):
         count: int = Field(16, ge=1, le=8192)
         directory_database: str = "directory"
         # The [postgres.clusters] entry holding the directory database (default: the first).
         directory_cluster: str | None = None
         schema_prefix: str = "insta"
+
+        @field_validator("schema_prefix")
+        @classmethod
+        def identifier(cls, value: str) -> str:
+            if not SCHEMA_PREFIX_PATTERN.match(value):
+                raise InvalidValue(f"schema_prefix {value!r} is not a plain SQL identifier",
+                                   "use lowercase letters, digits and _, starting with a letter or _ "
+                                   "(at most 40 characters)")
+            return value
         # The service's DDL: shard_ddl is a template with {schema} and {shard_id}.
         shard_ddl: str | None = None
         directory_ddl: str | None = None
@@ -283,8 +342,7 @@ class Fleet:
 
     def resolve(self, path: str) -> Path:
         """A path from the inventory, relative to the inventory file's directory."""
-        candidate = Path(path).expanduser()
-        return candidate if candidate.is_absolute() else (self.source.parent / candidate)
+        return _relative_to(self.source, path)
 
 
 def find_config(explicit: str | None) -> Path:
@@ -335,7 +393,18 @@ def validate(raw: dict, path: Path) -> Fleet:
     problems += _cross_check(raw)
     if problems:
         raise ConfigError(str(path), problems)
-    return Fleet(path.resolve(), model, {host.name: host for host in model.hosts})
+    source = path.resolve()
+    if model.secrets.file:
+        # Like known_hosts, a relative secrets file is the inventory's neighbour, wherever igops
+        # runs from. Resolved here, so that every reader of the model gets the same file.
+        secrets_file = str(_relative_to(source, model.secrets.file))
+        model = model.model_copy(update={"secrets": model.secrets.model_copy(update={"file": secrets_file})})
+    return Fleet(source, model, {host.name: host for host in model.hosts})
+
+
+def _relative_to(source: Path, path: str) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else source.parent / candidate
 
 
 def _secret_keys(raw: Any, where: str = "") -> list[ConfigProblem]:
@@ -389,6 +458,9 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
                              "use lowercase letters, digits and dashes")
     if kind.startswith("ip_") or "ip" in kind:
         return ConfigProblem(where, f"{error['input']!r} is not an IP address", "use an IPv4 or IPv6 address")
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidValue):
+        return ConfigProblem(where, cause.problem, cause.fix)
     message = error["msg"].removeprefix("Value error, ")
     return ConfigProblem(where, message, "correct the value")
 

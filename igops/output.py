@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from igops.secrets import redact
+from igops.secrets import redact, redact_data
 
 
 @dataclass
@@ -75,10 +75,6 @@ class Output(Reporter):
     # --- progress and logs: stderr, in every mode -------------------------------------------
     def log(self, message: str) -> None:
         self.err.print(redact(message), markup=False)
-
-    def debug(self, message: str) -> None:
-        if self.verbose:
-            self.log(message)
 
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
@@ -155,8 +151,10 @@ class Output(Reporter):
 
     def finish(self, data: Any, exit_code: int = 0, error: dict | None = None) -> None:
         if self.json_mode:
-            text = json.dumps(self.envelope(data, exit_code, error), indent=2, default=str)
-            sys.stdout.write(redact(text) + "\n")
+            # Redacted before serialising: json.dumps escapes what a secret may hold (`"`, `\`,
+            # non-ASCII), and the escaped form would no longer match it.
+            text = json.dumps(redact_data(to_jsonable(self.envelope(data, exit_code, error))), indent=2)
+            sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
     def fail(self, line: str, exit_code: int, error: dict) -> None:

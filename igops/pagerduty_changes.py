@@ -33,6 +33,12 @@ def send_change(base_url: str, routing_key: str, summary: str, source: str,
                 sleep=time.sleep) -> ChangeEventResult:
     import requests
 
+    from igops.secrets import insecure_url_problem
+
+    problem = insecure_url_problem(base_url)
+    if problem:
+        # The routing key would travel in the clear: the marker is not sent (it never fails a change).
+        return ChangeEventResult(False, 0, f"not sent: {problem}")
     event = {
         "routing_key": routing_key,
         "payload": {"summary": summary[:SUMMARY_LIMIT], "source": source,

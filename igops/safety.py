@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from igops.errors import AlreadyRunning, UsageError
-from igops.secrets import redact
+from igops.secrets import redact, redact_data
 
 SECRET_OPTION = re.compile(r"^(--?[\w-]*(password|token|secret|key)[\w-]*)(=.*)?$", re.I)
 
@@ -63,7 +63,7 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Ite
         holder = LockHolder(os.getpid(), _user(), socket.gethostname(), redact(command_line),
                             _now())
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder.__dict__).encode(), 0)
+        os.pwrite(fd, json.dumps(redact_data(holder.__dict__)).encode(), 0)
         yield path
     finally:
         os.close(fd)
@@ -113,7 +113,8 @@ def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exi
     }
     if detail:
         record["detail"] = redact(detail)[:2000]
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    # Redacted before serialising, which would escape what a secret may hold.
+    line = (json.dumps(redact_data(record), sort_keys=True) + "\n").encode()
     fd = os.open(state_dir / "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line)

@@ -10,6 +10,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from igops.errors import SecretsError
 
@@ -24,12 +25,15 @@ KNOWN = {
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
 }
 
+# Shorter values cannot be hidden without hiding ordinary text too, so they are refused.
+MIN_LENGTH = 4
+
 _registered: set[str] = set()
 
 
 def register(value: str) -> None:
     """Mark a value as secret so `redact` hides it everywhere."""
-    if value and len(value) >= 4:
+    if value and len(value) >= MIN_LENGTH:
         _registered.add(value)
 
 
@@ -37,6 +41,26 @@ def redact(text: str) -> str:
     for value in sorted(_registered, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def redact_data(value: Any) -> Any:
+    """Every string in a JSON-shaped value redacted, keys included. Writers call this before
+    they serialise: once `json.dumps` has escaped a secret holding `"`, `\\` or non-ASCII
+    text, the escaped form no longer matches it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_data(key): redact_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_data(item) for item in value]
+    return value
+
+
+def _check_length(name: str, value: str, where: str) -> None:
+    if len(value) < MIN_LENGTH:
+        raise SecretsError(f"secret {name} from {where} is shorter than {MIN_LENGTH} characters, "
+                           "too short to be redacted from output",
+                           f"use a value of at least {MIN_LENGTH} characters (a real credential is far longer)")
 
 
 class Secrets:
@@ -47,7 +71,11 @@ class Secrets:
     def get(self, name: str) -> str | None:
         if name not in KNOWN:
             raise KeyError(name)
-        value = os.environ.get(KNOWN[name]) or self._file_values().get(name)
+        value = os.environ.get(KNOWN[name])
+        if value:
+            _check_length(name, value, f"${KNOWN[name]}")
+        else:
+            value = self._file_values().get(name)
         if value:
             register(value)
         return value
@@ -86,6 +114,30 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     if unknown:
         raise SecretsError(f"secrets file {path} has unknown keys: {', '.join(unknown)}",
                            f"known keys: {', '.join(KNOWN)}")
+    for key, value in values.items():
+        _check_length(key, str(value), str(path))
     for value in values.values():
         register(str(value))
     return {key: str(value) for key, value in values.items()}
+
+
+def insecure_url_problem(url: str) -> str | None:
+    """Why a URL may not carry a secret (a token, a routing key), or None when it may: https,
+    or plain http only to a loopback address (a local relay, the lab's receivers), where TLS
+    protects nothing."""
+    import ipaddress
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http":
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return None
+    return f"{url} is not https:// (plain http only to a loopback address), and a secret would travel over it"
+

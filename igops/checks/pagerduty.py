@@ -45,9 +45,9 @@ class _ToReporter(logging.Handler):
 
 
 def client(url: str, routing_key: str, reporter: Reporter):
-    import urllib.parse
-
     from pagerduty import EventsApiV2Client, UrlError
+
+    from igops.secrets import insecure_url_problem
 
     class EventsClient(EventsApiV2Client):
         """The package insists on https. So does igops, except towards a loopback address: a
@@ -59,8 +59,7 @@ def client(url: str, routing_key: str, reporter: Reporter):
 
         @url.setter
         def url(self, base_url: str) -> None:
-            parts = urllib.parse.urlsplit(base_url)
-            if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname)):
+            if insecure_url_problem(base_url):
                 raise UrlError("the Events API URL must use https:// (plain http only to a loopback address)")
             self._url = base_url
 
@@ -76,17 +75,6 @@ def client(url: str, routing_key: str, reporter: Reporter):
     log.handlers[:] = [_ToReporter(reporter)]
     events.log = log
     return events
-
-
-def _loopback(host: str | None) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
 
 
 def describe_failure(exc: Exception) -> str:
@@ -169,7 +157,7 @@ class Pager:
 
     def trigger(self, check: str, target: str, summary: str, details: dict | None = None,
                 severity: str = "critical") -> str:
-        from igops.secrets import redact
+        from igops.secrets import redact, redact_data
 
         key = dedup_key(self.fleet_name, check, target)
         summary = redact(summary)
@@ -177,9 +165,9 @@ class Pager:
         return self.events.trigger(text, source=target, dedup_key=key, severity=severity,
                                    payload={"component": check, "group": self.fleet_name, "class": check,
                                             "timestamp": _now()},
-                                   custom_details={"fleet": self.fleet_name, "check": check, "target": target,
-                                                   "detail": summary, "from": socket.gethostname(),
-                                                   **(details or {})})
+                                   custom_details=redact_data({"fleet": self.fleet_name, "check": check,
+                                                               "target": target, "detail": summary,
+                                                               "from": socket.gethostname(), **(details or {})}))
 
     def resolve(self, key: str) -> None:
         self.events.resolve(key)

@@ -26,6 +26,9 @@ RESOLUTION = 1  # minutes between tests
 MAX_LIMIT_WAIT = 30.0  # wait out an exhausted limit only if it resets this soon
 BACKOFF = (1.0, 2.0, 4.0, 8.0)  # pauses before the retries of a 429 (or a 5xx on a safe method)
 IDEMPOTENT = ("GET", "PUT", "DELETE")
+# A maintenance window's `from` meaning "now": the API accepts only future times, and the
+# client's reading of its clock is already past when the request arrives.
+NOW = 1
 
 
 class PingdomError(IgopsError):
@@ -48,6 +51,11 @@ class Pingdom:
                  sleep: Callable[[float], None] = time.sleep):
         import requests
 
+        from igops.secrets import insecure_url_problem
+
+        problem = insecure_url_problem(base_url)
+        if problem:
+            raise UsageError(f"[monitoring] pingdom_url: {problem}", "use Pingdom's https:// API URL")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.reporter = reporter
@@ -142,8 +150,14 @@ class Pingdom:
                             params={"from": start, "to": end, "includeuptime": "true"})["summary"]
 
     def create_maintenance(self, description: str, start: int, end: int, check_ids: list[int]) -> int:
+        """A window from `start` (a future UNIX time, or NOW) to `end` (a future UNIX time)."""
         body = {"description": description, "from": start, "to": end, "uptimeids": check_ids}
         return int(self.request("POST", "/maintenance", body=body)["maintenance"]["id"])
+
+    def open_maintenance(self, description: str, seconds: int, check_ids: list[int]) -> tuple[int, int]:
+        """A window starting now and lasting `seconds`: its id and its end (UNIX time)."""
+        end = int(time.time()) + seconds
+        return self.create_maintenance(description, NOW, end, check_ids), end
 
 
 def _error_message(response) -> str:

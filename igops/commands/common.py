@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import typer
 
-from igops.errors import ExitCode, IgopsError
+from igops.errors import ExitCode, IgopsError, UsageError
 from igops.output import Output
 
 T = TypeVar("T")
@@ -69,25 +69,29 @@ def load_fleet(ctx: typer.Context):
     return inventory.load(options(ctx).config)
 
 
-def mutate(out: Output, fleet, *, operation: str, target: str, targets: list[str], title: str,
+def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: list[str], title: str,
            steps: list[str], dry_run: bool, yes: bool, action: Callable[[], T],
            outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0)) -> T | None:
     """Show the plan; stop there on --dry-run; otherwise confirm, lock (operation, target),
-    act, and write an audit record whatever happens. Returns the action's result, or None
-    for a dry run or a declined confirmation."""
+    act, and write an audit record whatever happens. Returns the action's result, or None for
+    a dry run. A declined confirmation is audited and exits 2 (UsageError). `target=None`
+    takes no lock: for an action that changes nothing igops keeps state about (`exec`)."""
     from igops import safety
 
     out.plan(title, steps)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None
-    if not safety.confirm(f"{title}?", yes):
-        out.log("not confirmed: nothing was changed")
-        return None
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    if not safety.confirm(f"{title}?", yes):
+        safety.audit(fleet.state_dir, command=command_line, targets=targets, result="declined",
+                     exit_code=int(ExitCode.USAGE), duration_ms=0.0)
+        raise UsageError("not confirmed: nothing was changed",
+                         "answer y to go ahead, or pass --yes after reviewing the plan")
     started = time.monotonic()
     result_word, exit_code, detail = "failed", int(ExitCode.FAILED), None
-    with safety.lock(fleet.state_dir, operation, target, command_line):
+    with (safety.lock(fleet.state_dir, operation, target, command_line) if target is not None
+          else nullcontext()):
         try:
             result = action()
             result_word, exit_code = outcome(result)
@@ -106,7 +110,3 @@ def mutate(out: Output, fleet, *, operation: str, target: str, targets: list[str
 def exit_with(code: int) -> None:
     if code:
         raise typer.Exit(code)
-
-
-def as_rows(items: list[Any], fields: list[str]) -> list[list[Any]]:
-    return [[getattr(item, field) for field in fields] for item in items]

@@ -79,7 +79,9 @@ def exec_command(
             code = _exec_exit_code(results)
             return ("ok" if code == 0 else "failed on " + ", ".join(r.host for r in results if not r.ok)), code
 
-        results = mutate(out, fleet, operation="exec", target=",".join(names) if len(names) < 4 else f"{len(names)}-hosts",
+        # No lock: exec changes nothing igops keeps state about, and a lock named after the host
+        # set would only make unrelated runs block each other. The audit record stays.
+        results = mutate(out, fleet, operation="exec", target=None,
                          targets=names, title=f"Run `{line}` on {len(names)} hosts ({cap} at a time)",
                          steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}"
                                 for target in targets],

@@ -101,19 +101,20 @@ def maintenance(
                 raise UsageError(f"Pingdom has no checks tagged {pingdom.fleet_tag(fleet)}",
                                  "create them first: igops pingdom sync")
             start = int(time.time())
-            end = start + seconds
             text = description or f"igops: {fleet.model.fleet.name} maintenance"
             ids = [int(check["id"]) for check in checks]
-            window_id = mutate(out, fleet, operation="pingdom-maintenance", target=pingdom.fleet_tag(fleet),
-                               targets=[check["name"] for check in checks],
-                               title=f"Maintenance window of {duration} over {len(ids)} Pingdom checks",
-                               steps=[f"POST /maintenance: {text!r} from {_clock(start)} to {_clock(end)} UTC, "
-                                      f"checks {', '.join(check['name'] for check in checks)}"],
-                               dry_run=dry_run, yes=yes,
-                               action=lambda: client.create_maintenance(text, start, end, ids),
-                               outcome=lambda created: (f"window #{created} until {_clock(end)}", 0))
+            created = mutate(out, fleet, operation="pingdom-maintenance", target=pingdom.fleet_tag(fleet),
+                             targets=[check["name"] for check in checks],
+                             title=f"Maintenance window of {duration} over {len(ids)} Pingdom checks",
+                             steps=[f"POST /maintenance: {text!r} from now to {duration} later "
+                                    f"(about {_clock(start + seconds)} UTC), "
+                                    f"checks {', '.join(check['name'] for check in checks)}"],
+                             dry_run=dry_run, yes=yes,
+                             action=lambda: client.open_maintenance(text, seconds, ids),
+                             outcome=lambda window: (f"window #{window[0]} until {_clock(window[1])}", 0))
         finally:
             client.close()
+        window_id, end = created if created is not None else (None, start + seconds)
         if window_id is not None:
             out.text(f"maintenance window #{window_id} until {_clock(end)} UTC over {len(ids)} checks")
         out.finish({"dry_run": dry_run, "id": window_id, "from": start, "to": end, "check_ids": ids})

@@ -38,6 +38,12 @@ def create(
     from igops import snapshot
 
     with command(ctx, "snapshot create", json_flag) as out:
+        relative = [path for path in mount or [] if not path.startswith("/")]
+        if relative:
+            from igops.errors import UsageError
+
+            raise UsageError(f"--mount {relative[0]!r} is not an absolute path",
+                             "name the mount point from the root, e.g. --mount /data")
         fleet = load_fleet(ctx)
         with out.step(f"discover the volumes under {host}'s mounts"):
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook)

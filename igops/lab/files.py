@@ -29,9 +29,12 @@ def write_file(path: Path, text: str, mode: int = 0o644, owner: str | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     changed = not path.exists() or path.read_text() != text
     if changed:
+        # Created with its mode, never wider for a moment: secrets are written this way.
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text)
-        temporary.chmod(mode)
+        temporary.unlink(missing_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
         os.replace(temporary, path)
     path.chmod(mode)
     if owner:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from igops.lab import files, proc
 from igops.lab.credentials import Credentials
-from igops.lab.state import CLUSTERS, MARKER_ENV, POSTGRES_PORT, PgCluster, Paths, host
+from igops.lab.state import MARKER_ENV, POSTGRES_PORT, PgCluster, Paths, host
 
 BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 OS_USER = "postgres"
@@ -220,9 +220,3 @@ def _clone_standby(node: Node, upstream: Node) -> None:
     node.start()
     node.repmgr("standby", "register", "--force", "--wait-sync=30")
     node.marker.touch()
-
-
-def stop_all(paths: Paths) -> None:
-    for cluster in CLUSTERS:
-        for name in (cluster.standby, cluster.primary):
-            Node(paths, name).stop()

@@ -542,13 +542,12 @@ class Pingdom(Receiver):
         missing = [field for field in ("description", "from", "to") if field not in body]
         if missing:
             raise _pingdom_error(400, f"Missing required parameter(s): {', '.join(missing)}")
+        # As the 3.1 spec says: only future times, and 1 for "now". A client's own clock reading
+        # of now has passed by the time the request arrives.
         now = int(time.time())
-        start = now if int(body["from"]) == 1 else _integer(body["from"], "from")
-        end = now if int(body["to"]) == 1 else _integer(body["to"], "to")
+        start, end = (_future_time(body, field, now) for field in ("from", "to"))
         if end <= start:
             raise _pingdom_error(400, "'to' must be after 'from'")
-        if start < now - 60:
-            raise _pingdom_error(400, "Only future maintenance windows can be created ('from' is in the past)")
         uptime_ids = body.get("uptimeids", [])
         if isinstance(uptime_ids, str):
             uptime_ids = [int(item) for item in uptime_ids.split(",") if item.strip()]
@@ -611,6 +610,15 @@ def _limit_header(remaining: int, reset: float) -> str:
 def _pingdom_error(status: int, message: str) -> Reply:
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     return Reply(status, {"error": {"statuscode": status, "statusdesc": phrase, "errormessage": message}})
+
+
+def _future_time(body: dict, field: str, now: int) -> int:
+    value = _integer(body[field], field)
+    if value == 1:
+        return now
+    if value <= now:
+        raise _pingdom_error(400, f"Only future times are allowed for '{field}' (use 1 for the current time)")
+    return value
 
 
 def _integer(value, field: str) -> int:

@@ -126,7 +126,7 @@ def test_unknown_keys_are_ignored_for_forward_compatibility():
     data = minimal()
     data["postgres"]["pool_size"] = 4
     data["tracing"] = {"enabled": True}
-    parse_config(data)
+    assert parse_config(data) == parse_config(minimal())
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,30 @@ def test_pingdom_sync_creates_updates_and_pauses_to_match_the_inventory(tmp_path
     assert "someone else's" not in statuses
 
 
+def test_pingdom_maintenance_starts_now_as_the_spec_says(tmp_path, services):
+    """The 3.1 spec allows only future times for a window, and 1 for "now": a window that
+    starts at the client's reading of the clock is refused by the time it arrives."""
+    import json
+    import time
+
+    from tests.conftest import run_igops
+
+    fleet = fleet_for(tmp_path, services)
+    client = pingdom.Pingdom.for_fleet(fleet)
+    pingdom.apply_sync(client, pingdom.plan_sync(client, fleet))
+    before = int(time.time())
+    result = run_igops("-c", str(fleet.source), "pingdom", "maintenance", "--for", "10m", "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["data"]
+    [window] = services["pingdom"].state()["maintenance"]
+    assert window["id"] == data["id"] and window["checks"]["uptime"] == [check["id"] for check in client.checks()]
+    assert before <= window["from"] <= int(time.time()) and window["to"] == data["to"]
+    assert 599 <= window["to"] - window["from"] <= 600
+    [request] = [entry for entry in services["pingdom"].recorder.since(0) if entry.get("method") == "POST"
+                 and entry.get("path", "").endswith("/maintenance")]
+    assert request["body"]["from"] == 1
+
+
 def critical(target="app2"):
     return Result("http-app", target, NagiosStatus.CRITICAL, "GET /health: connection refused")
 
@@ -197,3 +221,57 @@ def test_paging_refuses_a_plain_http_url_off_this_machine(tmp_path, services):
     fleet = fleet_for(tmp_path, {**services, "pagerduty_url": "http://events.example.com"})
     with pytest.raises(Exception, match="pagerduty_url 'http://events.example.com'.*https"):
         pagerduty.Pager(fleet).prepare()
+
+
+def _outward_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route's source
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def outward(tmp_path):
+    """The receivers listening on every address, reached over plain http at a non-loopback one."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
+    pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
+    servers = [ThreadingHTTPServer(("0.0.0.0", 0), receivers.handler_for(receiver))
+               for receiver in (pager, pingdom_receiver)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"pagerduty": pager, "pagerduty_url": f"http://{address}:{servers[0].server_address[1]}",
+           "pingdom": pingdom_receiver, "pingdom_url": f"http://{address}:{servers[1].server_address[1]}/api/3.1"}
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_token_or_routing_key_travels_over_plain_http_off_this_machine(outward):
+    from igops.errors import UsageError
+    from igops.pagerduty_changes import send_change
+
+    with pytest.raises(UsageError, match="pingdom_url: http://.* is not https://"):
+        pingdom.Pingdom(outward["pingdom_url"], TOKEN).checks()
+    result = send_change(outward["pagerduty_url"], ROUTING_KEY, "deploy", "unit", sleep=lambda _: None)
+    assert not result.sent and result.attempts == 0 and "not https://" in result.detail
+    assert outward["pingdom"].recorder.since(0) == [] and outward["pagerduty"].recorder.since(0) == []
+    with pytest.raises(Exception, match="https"):
+        pagerduty.client(outward["pagerduty_url"], ROUTING_KEY, pagerduty.Reporter())
+
+
+def test_plain_http_to_loopback_is_allowed(services):
+    from igops.pagerduty_changes import send_change
+
+    assert pingdom.Pingdom(services["pingdom_url"], TOKEN).checks() == []
+    assert pingdom.Pingdom(services["pingdom_url"].replace("127.0.0.1", "localhost"), TOKEN).checks() == []
+    assert send_change(services["pagerduty_url"], ROUTING_KEY, "deploy", "unit", sleep=lambda _: None).sent

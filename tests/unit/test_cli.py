@@ -8,10 +8,12 @@ import sys
 import threading
 from pathlib import Path
 
-from igops import safety
-from igops.errors import ExitCode
+import pytest
 
-from tests.conftest import run_igops
+from igops import safety
+from igops.errors import AlreadyRunning, ExitCode
+
+from tests.conftest import IGOPS, ROOT, run_igops
 
 
 def inventory(tmp_path: Path) -> Path:
@@ -101,7 +103,58 @@ def test_unreachable_hosts_fail_with_clear_reason_and_audit(tmp_path):
     assert record["user"] and record["time"] and record["duration_ms"] >= 0
 
 
-def test_second_run_exits_already_running_naming_the_holder(tmp_path):
+@pytest.fixture
+def pingdom_api(tmp_path):
+    """The lab's Pingdom receiver on an ephemeral loopback port: a mutating command that
+    reaches its lock without SSH."""
+    from http.server import ThreadingHTTPServer
+
+    from igops.lab import receivers
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), receivers.handler_for(
+        receivers.Pingdom(tmp_path, "unit-token", probe_interval=60)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"
+    server.shutdown()
+    server.server_close()
+
+
+def with_pingdom(tmp_path: Path, url: str) -> Path:
+    config = inventory(tmp_path)
+    secrets_file = tmp_path / "secrets.toml"
+    secrets_file.write_text('pingdom_token = "unit-token"\n')
+    secrets_file.chmod(0o600)
+    text = config.read_text().replace("[[hosts]]", f'[monitoring]\npingdom_url = "{url}"\n'
+                                      f'[secrets]\nfile = "{secrets_file}"\n[[hosts]]', 1)
+    config.write_text(text.replace('roles = ["app"]', 'roles = ["lb"]', 1))
+    return config
+
+
+def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_api):
+    config = with_pingdom(tmp_path, pingdom_api)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with safety.lock(tmp_path / "state", "pingdom-sync", "igops-unit", "igops pingdom sync"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(5)
+        result = run_igops("-c", str(config), "pingdom", "sync", "--yes")
+        assert result.returncode == ExitCode.LOCKED, result.stderr
+        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_exec_takes_no_lock_so_unrelated_runs_do_not_block_each_other(tmp_path):
+    """exec changes nothing igops keeps state about. It used to lock `N-hosts`, so any two
+    runs on host sets of one size blocked each other."""
     config = inventory(tmp_path)
     state = tmp_path / "state"
     held, release = threading.Event(), threading.Event()
@@ -116,11 +169,38 @@ def test_second_run_exits_already_running_naming_the_holder(tmp_path):
     try:
         held.wait(5)
         result = run_igops("-c", str(config), "exec", "--yes", "--", "true")
-        assert result.returncode == ExitCode.LOCKED
-        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+        assert result.returncode == ExitCode.FAILED and "already running" not in result.stderr
     finally:
         release.set()
         holder.join()
+    assert [path.name for path in (state / "locks").iterdir()] == ["exec--web1_web2.lock"]  # the holder's
+    record = json.loads((state / "audit.log").read_text().splitlines()[-1])
+    assert record["targets"] == ["web1", "web2"] and record["exit_code"] == 1
+
+
+def run_with_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
+    """The real CLI with a pseudo-terminal on stdin, answering its question."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer.encode())
+        return subprocess.run([*IGOPS, *args], stdin=terminal, capture_output=True, text=True,
+                              env={**os.environ, "NO_COLOR": "1"}, timeout=60, cwd=ROOT)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+def test_a_declined_confirmation_exits_2_and_is_audited(tmp_path):
+    config = inventory(tmp_path)
+    result = run_with_a_terminal(["-c", str(config), "exec", "--json", "--", "touch", "/tmp/never"], "n\n")
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "not confirmed: nothing was changed" in result.stderr
+    assert json.loads(result.stdout)["exit_code"] == ExitCode.USAGE
+    record = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
+    assert record["result"] == "declined" and record["exit_code"] == ExitCode.USAGE
+    assert record["targets"] == ["web1", "web2"] and "touch /tmp/never" in record["command"]
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
@@ -135,10 +215,18 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
         pass
 
 
-def test_audit_redacts_secret_options_and_values(tmp_path, monkeypatch):
-    from igops.secrets import register
+@pytest.fixture
+def registered_secrets(monkeypatch):
+    """The process-wide redaction list, emptied for one test and restored after it, so a
+    secret a test registers never hides text in later tests."""
+    from igops import secrets
 
-    register("s3cr3t-value")
+    monkeypatch.setattr(secrets, "_registered", set())
+    return secrets
+
+
+def test_audit_redacts_secret_options_and_values(tmp_path, registered_secrets):
+    registered_secrets.register("s3cr3t-value")
     line = safety.redact_argv(["igops", "pagerduty", "test", "--routing-key", "abc123", "--token=xyz",
                                "echo", "s3cr3t-value"])
     assert "abc123" not in line and "xyz" not in line and "s3cr3t-value" not in line
@@ -147,6 +235,47 @@ def test_audit_redacts_secret_options_and_values(tmp_path, monkeypatch):
     text = (tmp_path / "audit.log").read_text()
     assert "s3cr3t-value" not in text and "***" in text
     assert oct((tmp_path / "audit.log").stat().st_mode & 0o777) == "0o600"
+
+
+AWKWARD_SECRETS = ['pa"ss-word', "pass\\word", "päss-wörd", "tab\tand\nnewline"]
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+def test_secrets_that_json_escapes_are_redacted_in_every_writer(tmp_path, capsys, registered_secrets, secret):
+    from igops.output import Output
+
+    registered_secrets.register(secret)
+    out = Output("unit", json_mode=True)
+    with out.step(f"step naming {secret}"):
+        pass
+    out.finish({"note": f"token {secret}", secret: [secret]})
+    text = capsys.readouterr().out
+    envelope = json.loads(text)
+    assert secret not in json.dumps(envelope) and envelope["data"] == {"note": "token ***", "***": ["***"]}
+    assert envelope["steps"][0]["title"] == "step naming ***"
+
+    people = Output("unit")
+    people.table(None, ["value"], [[secret], [[secret, "x"]]])
+    people.text(f"line with {secret}")
+    assert secret not in capsys.readouterr().out
+
+    safety.audit(tmp_path, command="igops x", targets=[secret], result=secret, exit_code=0, duration_ms=1,
+                 detail=secret)
+    record = json.loads((tmp_path / "audit.log").read_text())
+    assert secret not in json.dumps(record) and record["targets"] == ["***"] and record["detail"] == "***"
+    with safety.lock(tmp_path, "op", "t", f"igops x {secret}") as path:
+        assert safety.read_holder(path).command == "igops x ***"
+
+
+def test_secrets_too_short_to_redact_are_refused(tmp_path, pingdom_api):
+    config = with_pingdom(tmp_path, pingdom_api)
+    result = run_igops("-c", str(config), "pingdom", "status", env={"IGOPS_PINGDOM_TOKEN": "abc"})
+    assert result.returncode == ExitCode.USAGE
+    assert "shorter than 4 characters" in result.stderr and "at least 4" in result.stderr
+    assert "abc" not in result.stderr.replace("characters", "")
+    (tmp_path / "secrets.toml").write_text('pingdom_token = "xyz"\n')
+    result = run_igops("-c", str(config), "pingdom", "status", "--json")
+    assert result.returncode == ExitCode.USAGE and "shorter than 4" in json.loads(result.stdout)["error"]["message"]
 
 
 def test_help_imports_no_heavy_library():
@@ -168,3 +297,30 @@ def test_every_command_offers_json():
 def test_no_color_and_non_tty_output_is_plain(tmp_path):
     result = run_igops("-c", str(inventory(tmp_path)), "hosts")
     assert "\x1b[" not in result.stdout and "web1" in result.stdout
+
+
+def test_global_options_are_accepted_after_the_subcommand(tmp_path):
+    config = str(inventory(tmp_path))
+    for args in (["hosts", "--config", config, "--json"], ["hosts", "-c", config, "-v", "--json"],
+                 ["-c", str(tmp_path / "missing.toml"), "hosts", "-c", config, "--json"]):
+        result = run_igops(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert [host["name"] for host in json.loads(result.stdout)["data"]["hosts"]] == ["web1", "web2"]
+    nested = run_igops("snapshot", "list", "--config", str(tmp_path / "missing.toml"))
+    assert nested.returncode == ExitCode.USAGE and "missing.toml" in nested.stderr
+    # After `--`, exec passes every argument on literally, -c included.
+    result = run_igops("exec", "-c", config, "--dry-run", "--json", "--", "echo", "-c", "x")
+    assert json.loads(result.stdout)["data"]["command"] == "echo -c x"
+
+
+def test_snapshot_create_refuses_a_relative_mount_before_anything_else(tmp_path):
+    result = run_igops("-c", str(inventory(tmp_path)), "snapshot", "create", "web1", "--mount", "data",
+                       "--dry-run", "--json")
+    assert result.returncode == ExitCode.USAGE
+    error = json.loads(result.stdout)["error"]
+    assert "--mount 'data' is not an absolute path" in error["message"] and "--mount /data" in error["hint"]
+
+
+def test_the_repository_tracks_no_built_packages():
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert [name for name in tracked.splitlines() if name.endswith((".whl", ".tar.gz", ".egg"))] == []

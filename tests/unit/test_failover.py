@@ -374,7 +374,16 @@ def test_unknown_cluster_and_node_are_usage_errors(tmp_path):
     assert result.returncode == ExitCode.USAGE and "db1 is not a Redis node" in result.stderr
 
 
-def test_the_inventory_knows_the_failover_settings(fleet):
-    assert fleet.model.postgres.max_lag_seconds == 5
-    assert fleet.model.pgbouncer.pause_timeout == 5.0
-    assert fleet.path_for(fleet.model.redis.config_file, fleet.host("redis2")) == "/srv/redis2/redis.conf"
+@pytest.mark.parametrize("edit,where", [
+    (("[redis]\n", "[redis]\npause_timeout = 1\n"), "redis.pause_timeout"),  # less than a demote needs
+    (("[redis]\n", "[redis]\nconfig_file = \"/srv/{node}/redis.conf\"\n"), "unknown placeholder {node}"),
+    (("max_lag_seconds = 5", "max_lag_seconds = 0"), "postgres.max_lag_seconds"),
+    (("[postgres]\n", "[pgbouncer]\npause_timeout = 0\n[postgres]\n"), "pgbouncer.pause_timeout"),
+])
+def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit, where):
+    path = tmp_path / "igops.toml"
+    path.write_text(FLEET.replace(FLEET[FLEET.index("[redis]\nmaster"):], "[redis]\nmaster = \"redis1\"\n"
+                                  "replicas = [\"redis2\", \"redis3\"]\n").replace(*edit, 1))
+    result = run_igops("-c", str(path), "pg", "switchover", "main", "--to", "db2", "--dry-run")
+    assert result.returncode == ExitCode.USAGE and result.stdout == ""
+    assert where in result.stderr
