@@ -49,6 +49,9 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
 VENV_BUILD_TIMEOUT_S = 900.0
 SUMMARY_PROBLEMS = 3
+# The fewest upstream servers each load balancer must keep in service while a batch is out:
+# a plan whose batch would leave fewer is refused.
+MIN_SERVERS_IN_SERVICE = 1
 EXCLUDED_DIRS = {"__pycache__", ".git"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 
@@ -99,7 +102,7 @@ def parse_batches(spec: str) -> list[BatchSize]:
                 sizes.append(BatchSize(count=count))
         except ValueError:
             raise UsageError(f"bad batch size {text!r} in --batch {spec!r}",
-                             "use host counts and percentages, e.g. --batch 1,25% or --batch 100%") from None
+                             "use host counts and percentages, e.g. --batch 1,25% or --batch 50%") from None
     return sizes
 
 
@@ -691,6 +694,38 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
     return plans
 
 
+def servers_left_in_service(in_service: set[str], batches: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """(batch number, servers still in service while it is out) for every batch that takes a
+    server out of service, in order. `in_service` holds the servers a load balancer sends
+    traffic to now; a batch's servers come back before the next batch goes out."""
+    serving = set(in_service)
+    left = []
+    for number, batch in enumerate(batches, 1):
+        if serving & set(batch):
+            left.append((number, len(serving - set(batch))))
+        serving |= set(batch)
+    return left
+
+
+def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState,
+                                  minimum: int = MIN_SERVERS_IN_SERVICE) -> None:
+    """Refuse a plan with a batch that would leave a load balancer fewer than `minimum` servers
+    in service. Servers marked down, and app hosts that did not answer the survey, serve
+    nothing; a batch of servers already out takes nothing away."""
+    unavailable = {app.server(app.host(host.host)) for host in hosts if host.action == FAILED}
+    server_batches = [[app.server(app.host(name)) for name in batch] for batch in batches]
+    for lb_name in dict.fromkeys(item.lb for item in lb.servers):
+        in_service = {item.server for item in lb.servers
+                      if item.lb == lb_name and not item.down and item.server not in unavailable}
+        for number, left in servers_left_in_service(in_service, server_batches):
+            if left < minimum:
+                raise RefusedError(
+                    f"batch {number} ({', '.join(batches[number - 1])}) would leave {left} app servers in service "
+                    f"in nginx on {lb_name}, fewer than the minimum of {minimum}; nothing was changed",
+                    "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
+                    "unreachable back into service")
+
+
 def survey(app: AppFleet, parallel: int | None = None) -> tuple[dict[str, HostReleases], LbState]:
     """The app servers' releases and the load balancers' servers, asked at the same time."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb") as pool:
@@ -724,8 +759,10 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
         if host.action == "roll":
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
     rolling = [host.host for host in hosts if host.action == "roll"]
+    batches = split_batches(rolling, sizes)
+    refuse_draining_below_minimum(app, hosts, batches, lb)
     plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
-                       hosts, split_batches(rolling, sizes), batch, max_fail, gate, [h.name for h in app.lbs],
+                       hosts, batches, batch, max_fail, gate, [h.name for h in app.lbs],
                        parallel or app.settings.parallel, fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None,
                        release)
     return plan, tarball
@@ -773,7 +810,9 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     built_by_igops = all((surveys[h.host].release_info(to) or {}).get("built_at") for h in hosts if h.action == "roll")
     gate = dataclasses.replace(gate, require_release=built_by_igops)
     rolling = [host.host for host in hosts if host.action == "roll"]
-    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, split_batches(rolling, sizes), batch,
+    batches = split_batches(rolling, sizes)
+    refuse_draining_below_minimum(app, hosts, batches, lb)
+    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, batches, batch,
                        max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
                        fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None)
 

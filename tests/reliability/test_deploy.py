@@ -282,6 +282,23 @@ def test_igops_killed_mid_deploy_leaves_no_host_half_switched_and_a_rerun_finish
     assert run_igops("-c", str(lab.source), "deploy", "releases").returncode == 0
 
 
+def releases_on(host: str) -> list[str]:
+    return sorted(os.listdir(state.paths().app_root(host) / "releases"))
+
+
+def test_a_batch_of_every_app_server_is_refused_with_nothing_changed(lab, tmp_path):
+    before = {host: (current_of(host), releases_on(host)) for host in APP_HOSTS}
+    upstream = upstream_text()
+    source = app_copy(tmp_path, "everything")
+    refused = igops_deploy(lab, "--source", str(source), "--batch", "100%")
+    assert refused.returncode == ExitCode.REFUSED, refused.stderr
+    error = refused.stderr.strip().splitlines()
+    assert any("batch 1 (app1, app2, app3) would leave 0 app servers in service" in line for line in error), error
+    assert any("smaller batches" in line for line in error), error
+    assert {host: (current_of(host), releases_on(host)) for host in APP_HOSTS} == before
+    assert upstream_text() == upstream
+
+
 def test_rollback_returns_to_the_release_before_and_forward_again(lab):
     newest = current_of("app1")
     listing = json.loads(run_igops("-c", str(lab.source), "deploy", "releases", "--json").stdout)["data"]
@@ -290,7 +307,7 @@ def test_rollback_returns_to_the_release_before_and_forward_again(lab):
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["data"]["target"] == previous
     assert {host: served_by(lab, host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, previous)
-    forward = igops_deploy(lab, "rollback", "--to", newest, "--batch", "100%")
+    forward = igops_deploy(lab, "rollback", "--to", newest, "--batch", "2")
     assert forward.returncode == 0, forward.stderr
     assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, newest)
     missing = igops_deploy(lab, "rollback", "--to", "19990101000000-gone000")

@@ -180,6 +180,47 @@ def test_unreachable_hosts_beyond_max_fail_refuse_before_anything_changes(tmp_pa
     assert [p.action for p in plans] == ["roll", "roll", deploy.FAILED]
 
 
+def test_servers_left_in_service_count_each_batch_against_those_back_from_earlier_ones():
+    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a"], ["b", "c"]]) == [(1, 2), (2, 1)]
+    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a", "b", "c"]]) == [(1, 0)]
+    # A batch of servers already out of service takes nothing away; once back, they count.
+    assert deploy.servers_left_in_service({"c"}, [["a", "b"], ["c"]]) == [(2, 2)]
+
+
+def plan_batches(app, surveys, lb, batch):
+    hosts = deploy._host_plans(app, surveys, lb, "R2", max_fail=1)
+    batches = deploy.split_batches([h.host for h in hosts if h.action == "roll"], deploy.parse_batches(batch))
+    deploy.refuse_draining_below_minimum(app, hosts, batches, lb)
+    return batches
+
+
+def test_a_batch_of_every_server_is_refused(tmp_path):
+    app = app_fleet(tmp_path)
+    with pytest.raises(RefusedError, match=r"batch 1 \(app1, app2, app3\) would leave 0 app servers in service"
+                                           r" in nginx on lb1, fewer than the minimum of 1") as refused:
+        plan_batches(app, survey(app, "R1"), lb_state(app), "100%")
+    assert "smaller batches" in refused.value.hint
+    assert plan_batches(app, survey(app, "R1"), lb_state(app), "1,25%") == [["app1"], ["app2"], ["app3"]]
+
+
+def test_a_batch_holding_the_only_server_in_rotation_is_refused(tmp_path):
+    app = app_fleet(tmp_path)
+    # app1 drained by an operator (skipped), app2 unreachable: app3 alone serves.
+    with pytest.raises(RefusedError, match=r"batch 1 \(app3\) would leave 0"):
+        plan_batches(app, survey(app, "R1", unreachable=["app2"]), lb_state(app, down_by_others=["app1"]), "1")
+    # Two servers drained by an earlier run come back after their batch: the last one may go.
+    assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2"]), "2") == [
+        ["app1", "app2"], ["app3"]]
+    # Every server already out: rolling them takes nothing away.
+    assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2", "app3"]), "100%")
+
+
+def test_a_fleet_without_a_load_balancer_has_no_minimum_to_keep(tmp_path):
+    app = app_fleet(tmp_path)
+    hosts = [deploy.HostPlan(f"app{i}", "roll", "R1") for i in (1, 2, 3)]
+    deploy.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
+
+
 def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):
     app = app_fleet(tmp_path)
     surveys = survey(app, "R1")
