@@ -588,6 +588,9 @@ class HostPlan:
     current: str | None
     in_lb: bool | None = None  # None: no load balancer, or it does not list the host
     upload: bool = False
+    # The release a failing batch returns the host to: its current one, or, when an interrupted
+    # run had already switched it, the one it ran before that run (see inherit_releases_before).
+    before: str | None = None
     venv: str | None = None  # "reuse" / "build"
     detail: str | None = None
 
@@ -682,6 +685,7 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
         else:
             plans.append(HostPlan(host.name, "roll", found.current, in_lb, upload=not found.has(target),
                                   detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None)))
+        plans[-1].before = plans[-1].current
     if len(unreachable) > max_fail:
         raise RefusedError(f"{len(unreachable)} app hosts unreachable: {'; '.join(unreachable)}; nothing was changed",
                            f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
@@ -726,6 +730,27 @@ def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches:
                     "unreachable back into service")
 
 
+def inherit_releases_before(hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict | None) -> None:
+    """A host that an interrupted run switched to its target returns, if its batch fails now,
+    to the release it ran before that run, not to the interrupted run's target: that release
+    never passed a health gate the run saw through. The interrupted run's journal has it."""
+    if not last_run or not last_run.get("interrupted"):
+        return
+    earlier = last_run.get("before") or {}
+    for host in hosts:
+        release = earlier.get(host.host)
+        if host.action != "roll" or not release or host.current != last_run.get("target") or release == host.current:
+            continue
+        if not surveys[host.host].has(release):
+            host.detail = "; ".join(filter(None, [host.detail, f"{release}, its release before the interrupted "
+                                                                f"{last_run.get('kind')}, is gone"]))
+            continue
+        host.before = release
+        host.detail = "; ".join(filter(None, [host.detail, f"returns to {release} if it fails (its release before "
+                                                            f"the interrupted {last_run.get('kind')} "
+                                                            f"{last_run.get('deploy_id')})"]))
+
+
 def survey(app: AppFleet, parallel: int | None = None) -> tuple[dict[str, HostReleases], LbState]:
     """The app servers' releases and the load balancers' servers, asked at the same time."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lb") as pool:
@@ -755,6 +780,7 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
         now or datetime.now(timezone.utc), tree.revision[:7] if tree.revision else content[:7])
     release, tarball = package(tree, identifier)
     hosts = _host_plans(app, surveys, lb, identifier, max_fail)
+    inherit_releases_before(hosts, surveys, read_journal(fleet))
     for host in hosts:
         if host.action == "roll":
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
@@ -803,6 +829,7 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     else:
         description = "chosen with --to"
     hosts = _host_plans(app, surveys, lb, to, max_fail)
+    inherit_releases_before(hosts, surveys, read_journal(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
         raise RefusedError(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
@@ -897,7 +924,10 @@ class Journal:
         self.path = journal_path(fleet)
         self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
                          "pid": os.getpid(), "machine": socket.gethostname(), "user": _who(),
-                         "started": _now(), "status": "running", "batch": None, "hosts": {}}
+                         "started": _now(), "status": "running", "batch": None, "hosts": {},
+                         # What a rerun returns a failing host to if this run is interrupted.
+                         "before": {host.host: host.before for host in plan.hosts
+                                    if host.action == "roll" and host.before}}
         self._lock = threading.Lock()
 
     def update(self, **changes) -> None:
@@ -959,8 +989,8 @@ class Rollout:
         self.outcomes: dict[str, HostOutcome] = {}
         for host in plan.hosts:
             state = host.action if host.action != "roll" else NOT_STARTED
-            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.current, host.in_lb,
-                                                   detail=host.detail)
+            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.before or host.current,
+                                                   host.in_lb, detail=host.detail)
         self.failures = sum(host.action == FAILED for host in plan.hosts)
 
     def run(self) -> RolloutResult:
@@ -1084,7 +1114,8 @@ class Rollout:
             host = self.app.host(name)
             jobs[name] = (self.app.release_agent(host), {
                 "op": "switch", "id": release_of(name), "keep": self.plan.keep, "reload": self.app.reload_command(host),
-                "action": action, "deploy": self.plan.deploy_id}, b"")
+                "action": action, "deploy": self.plan.deploy_id,
+                "protect": [self.outcomes[name].before] if self.outcomes[name].before else []}, b"")
         answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
         return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
 

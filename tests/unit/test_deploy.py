@@ -221,6 +221,52 @@ def test_a_fleet_without_a_load_balancer_has_no_minimum_to_keep(tmp_path):
     deploy.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
 
 
+def interrupted_run(target="R2", before=None, interrupted=True):
+    return {"kind": "deploy", "deploy_id": "d1", "target": target, "status": "running", "interrupted": interrupted,
+            "before": before if before is not None else {"app1": "R1", "app2": "R1", "app3": "R1"}}
+
+
+def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before_that_run(tmp_path):
+    app = app_fleet(tmp_path)
+    surveys = survey(app, "R1", releases=["R1", "R2"])
+    surveys["app1"].current = "R2"
+    hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
+    assert [h.before for h in hosts] == ["R2", "R1", "R1"], "alone, the survey knows only app1's current"
+    deploy.inherit_releases_before(hosts, surveys, interrupted_run())
+    assert [h.before for h in hosts] == ["R1", "R1", "R1"]
+    assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
+
+
+def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherited(tmp_path):
+    app = app_fleet(tmp_path)
+
+    def plans(last_run, releases=("R1", "R2")):
+        surveys = survey(app, "R1", releases=list(releases))
+        surveys["app1"].current = "R2"
+        hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R3", max_fail=0)
+        deploy.inherit_releases_before(hosts, surveys, last_run)
+        return hosts
+
+    assert plans(interrupted_run(interrupted=False))[0].before == "R2", "a run that ended left nothing to inherit"
+    assert plans(None)[0].before == "R2"
+    assert plans(interrupted_run(target="R9"))[0].before == "R2", "the host is not on that run's target"
+    gone = plans(interrupted_run(), releases=["R2"])[0]
+    assert gone.before == "R2" and "R1, its release before the interrupted deploy, is gone" in gone.detail
+
+
+def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
+    app = app_fleet(tmp_path)
+    hosts = [deploy.HostPlan("app1", "roll", "R2", before="R1"), deploy.HostPlan("app2", deploy.ALREADY, "R2",
+                                                                                   before="R2")]
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
+    journal = deploy.Journal(app.fleet, plan)
+    journal.update()
+    assert json.loads(deploy.journal_path(app.fleet).read_text())["before"] == {"app1": "R1"}
+    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
+
+
 def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):
     app = app_fleet(tmp_path)
     surveys = survey(app, "R1")
