@@ -612,6 +612,9 @@ class RolloutPlan:
     keep: int
     pagerduty: bool
     release: Release | None = None
+    # Per load balancer, the servers in service when the plan was made (it is refused if a batch
+    # would leave fewer than MIN_SERVERS_IN_SERVICE; the run checks again before each batch).
+    in_service: dict[str, list[str]] = field(default_factory=dict)
 
     def roll(self) -> list[HostPlan]:
         return [host for host in self.hosts if host.action == "roll"]
@@ -712,15 +715,18 @@ def servers_left_in_service(in_service: set[str], batches: Sequence[Sequence[str
 
 
 def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState,
-                                  minimum: int = MIN_SERVERS_IN_SERVICE) -> None:
+                                  minimum: int = MIN_SERVERS_IN_SERVICE) -> dict[str, list[str]]:
     """Refuse a plan with a batch that would leave a load balancer fewer than `minimum` servers
     in service. Servers marked down, and app hosts that did not answer the survey, serve
-    nothing; a batch of servers already out takes nothing away."""
+    nothing; a batch of servers already out takes nothing away. Returns, per load balancer,
+    the servers in service now."""
     unavailable = {app.server(app.host(host.host)) for host in hosts if host.action == FAILED}
     server_batches = [[app.server(app.host(name)) for name in batch] for batch in batches]
+    serving: dict[str, list[str]] = {}
     for lb_name in dict.fromkeys(item.lb for item in lb.servers):
         in_service = {item.server for item in lb.servers
                       if item.lb == lb_name and not item.down and item.server not in unavailable}
+        serving[lb_name] = sorted(in_service)
         for number, left in servers_left_in_service(in_service, server_batches):
             if left < minimum:
                 raise RefusedError(
@@ -728,6 +734,7 @@ def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches:
                     f"in nginx on {lb_name}, fewer than the minimum of {minimum}; nothing was changed",
                     "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
                     "unreachable back into service")
+    return serving
 
 
 def inherit_releases_before(hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict | None) -> None:
@@ -786,11 +793,11 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
     rolling = [host.host for host in hosts if host.action == "roll"]
     batches = split_batches(rolling, sizes)
-    refuse_draining_below_minimum(app, hosts, batches, lb)
+    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
     plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
                        hosts, batches, batch, max_fail, gate, [h.name for h in app.lbs],
                        parallel or app.settings.parallel, fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None,
-                       release)
+                       release, in_service)
     return plan, tarball
 
 
@@ -838,10 +845,10 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     gate = dataclasses.replace(gate, require_release=built_by_igops)
     rolling = [host.host for host in hosts if host.action == "roll"]
     batches = split_batches(rolling, sizes)
-    refuse_draining_below_minimum(app, hosts, batches, lb)
+    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
     return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, batches, batch,
                        max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
-                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None)
+                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None, in_service=in_service)
 
 
 def _pagerduty_key(fleet) -> str | None:
@@ -1049,6 +1056,11 @@ class Rollout:
                 continue
             self.journal.update(batch=number)
             with self.reporter.step(f"batch {number}/{len(plan.batches)}: {', '.join(batch)}") as step:
+                too_few = self.below_minimum(batch, to_put_back)
+                if too_few:
+                    step.status, step.detail = "failed", too_few
+                    stopped = f"batch {number}: {too_few}; nothing in it was switched"
+                    break
                 try:
                     self._lb_change(down=batch, up=to_put_back)
                 except RemoteError as exc:
@@ -1082,6 +1094,21 @@ class Rollout:
             if outcome.state == NOT_STARTED:
                 outcome.detail = "; ".join(filter(None, [outcome.detail, f"not reached: still on {outcome.release}"]))
         return stopped
+
+    def below_minimum(self, batch: list[str], back: list[str]) -> str | None:
+        """Why taking `batch` out (while `back` comes back) would leave a load balancer fewer
+        than MIN_SERVERS_IN_SERVICE servers, now that earlier batches' failures stay out."""
+        server = lambda name: self.app.server(self.app.host(name))  # noqa: E731
+        returning = {server(name) for name in back}
+        gone = {server(name) for name, outcome in self.outcomes.items() if outcome.in_lb is False and name not in back}
+        leaving = {server(name) for name in batch}
+        for lb_name, servers in self.plan.in_service.items():
+            serving = (set(servers) | returning) - gone
+            left = serving - leaving
+            if serving & leaving and len(left) < MIN_SERVERS_IN_SERVICE:
+                return (f"taking {', '.join(batch)} out would leave {len(left)} app servers in service in nginx on "
+                        f"{lb_name}, fewer than the minimum of {MIN_SERVERS_IN_SERVICE}")
+        return None
 
     def _put_back(self, names: list[str]) -> None:
         if not names or not self.app.lbs:

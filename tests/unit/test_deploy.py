@@ -221,6 +221,24 @@ def test_a_fleet_without_a_load_balancer_has_no_minimum_to_keep(tmp_path):
     deploy.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
 
 
+def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_earlier_failures(tmp_path):
+    app = app_fleet(tmp_path)
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    hosts = [deploy.HostPlan(f"app{i}", "roll", "R1", True, before="R1") for i in (1, 2, 3)]
+    servers = [app.server(host) for host in app.hosts]
+    plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "x", hosts, [["app1"], ["app2"], ["app3"]], "1", 2, gate,
+                              ["lb1"], 1, 5, False, in_service={"lb1": servers})
+    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    assert rollout.below_minimum(["app1"], []) is None
+    rollout.outcomes["app1"].state, rollout.outcomes["app1"].in_lb = deploy.FAILED, False
+    assert rollout.below_minimum(["app2"], []) is None, "app3 still serves"
+    rollout.outcomes["app2"].state, rollout.outcomes["app2"].in_lb = deploy.FAILED, False
+    assert rollout.below_minimum(["app3"], []) == (
+        "taking app3 out would leave 0 app servers in service in nginx on lb1, fewer than the minimum of 1")
+    rollout.outcomes["app2"].state = deploy.DEPLOYED
+    assert rollout.below_minimum(["app3"], ["app2"]) is None, "app2 comes back in the same reload"
+
+
 def interrupted_run(target="R2", before=None, interrupted=True):
     return {"kind": "deploy", "deploy_id": "d1", "target": target, "status": "running", "interrupted": interrupted,
             "before": before if before is not None else {"app1": "R1", "app2": "R1", "app3": "R1"}}
