@@ -655,6 +655,8 @@ class RolloutPlan:
         for host in self.hosts:
             if host.action != "roll":
                 steps.append(f"{host.host}: {host.action} — {host.detail}")
+            elif host.before and host.before != host.current:
+                steps.append(f"{host.host}: {host.detail}")
         if not self.lbs:
             steps.append("no host has the 'lb' role: app servers are switched without being taken out of a load balancer")
         return steps

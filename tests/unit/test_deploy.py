@@ -253,6 +253,11 @@ def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before
     deploy.inherit_releases_before(hosts, surveys, interrupted_run())
     assert [h.before for h in hosts] == ["R1", "R1", "R1"]
     assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"], ["app2", "app3"]], "1", 0, gate,
+                              ["lb1"], 1, 5, False)
+    assert "app1: drained by an earlier igops run; returns to R1 if it fails (its release before the interrupted " \
+           "deploy d1)" in plan.steps()
 
 
 def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherited(tmp_path):
