@@ -427,8 +427,9 @@ def pgbouncer_probe(context: Context, host) -> Probe:
                        for pool in user_pools), default=0.0)
         paused = sorted(name for name, entry in databases.items()
                         if name != "pgbouncer" and int(entry.get("paused") or 0))
-        since = paused_since(fleet.state_dir / "check" / f"pgbouncer-paused-{host.name}.json", paused, time.time())
-        paused_state, paused_text = paused_finding(since, time.time(), thresholds.pgbouncer_paused_critical_seconds)
+        now = time.time()
+        since = paused_since(fleet.state_dir / "check" / f"pgbouncer-paused-{host.name}.json", paused, now)
+        paused_state, paused_text = paused_finding(since, now, thresholds.pgbouncer_paused_critical_seconds)
         state = NagiosStatus.CRITICAL if problems else worst([paused_state, level(
             longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)])
         counts = (f"{len([name for name in databases if name != 'pgbouncer'])} databases, {waiting} clients waiting, "
