@@ -157,6 +157,28 @@ def test_a_release_whose_health_fails_stops_after_the_first_batch_and_is_rolled_
     assert " down" not in upstream_text()
 
 
+def test_a_rerun_after_a_kill_rolls_a_failing_batch_back_to_the_release_before_the_killed_run(lab, tmp_path):
+    before = {host: current_of(host) for host in APP_HOSTS}
+    source = app_copy(tmp_path, "killed-bad", break_health=True)
+    # A long gate: igops is killed while app1, switched to the failing release, is being gated.
+    run = start_igops_deploy(lab.source, "--source", str(source), "--health-timeout", "120")
+    try:
+        assert wait_for(lambda: current_of("app1") != before["app1"], 90), "app1 was never switched"
+    finally:
+        run.kill()
+        run.communicate()
+    release = current_of("app1")
+    assert drained(lab, "app1") and current_of("app2") == before["app2"]
+
+    rerun = igops_deploy(lab, "--source", str(source), "--health-timeout", "4")
+    assert rerun.returncode == ExitCode.FAILED, rerun.stderr
+    error = rerun.stderr.strip().splitlines()[-1]
+    assert "app1 rolled back: /health answered 503" in error and f"back on {before['app1']}" in error, error
+    assert {host: current_of(host) for host in APP_HOSTS} == before, f"{release} stayed somewhere"
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == before
+    assert " down" not in upstream_text()
+
+
 class SshForwarder:
     """A TCP relay in front of one host's sshd that can be cut: the host becomes unreachable
     over SSH while its app keeps serving."""
@@ -280,28 +302,6 @@ def test_igops_killed_mid_deploy_leaves_no_host_half_switched_and_a_rerun_finish
     assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
     assert " down" not in upstream_text()
     assert run_igops("-c", str(lab.source), "deploy", "releases").returncode == 0
-
-
-def test_a_rerun_after_a_kill_rolls_a_failing_batch_back_to_the_release_before_the_killed_run(lab, tmp_path):
-    before = {host: current_of(host) for host in APP_HOSTS}
-    source = app_copy(tmp_path, "killed-bad", break_health=True)
-    # A long gate: igops is killed while app1, switched to the failing release, is being gated.
-    run = start_igops_deploy(lab.source, "--source", str(source), "--health-timeout", "120")
-    try:
-        assert wait_for(lambda: current_of("app1") != before["app1"], 90), "app1 was never switched"
-    finally:
-        run.kill()
-        run.communicate()
-    release = current_of("app1")
-    assert drained(lab, "app1") and current_of("app2") == before["app2"]
-
-    rerun = igops_deploy(lab, "--source", str(source), "--health-timeout", "4")
-    assert rerun.returncode == ExitCode.FAILED, rerun.stderr
-    error = rerun.stderr.strip().splitlines()[-1]
-    assert "app1 rolled back: /health answered 503" in error and f"back on {before['app1']}" in error, error
-    assert {host: current_of(host) for host in APP_HOSTS} == before, f"{release} stayed somewhere"
-    assert {host: served_by(lab, host) for host in APP_HOSTS} == before
-    assert " down" not in upstream_text()
 
 
 def releases_on(host: str) -> list[str]:
