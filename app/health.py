@@ -2,9 +2,11 @@
 
 Each check runs in its own thread on its own short-lived connection, so a hung
 dependency costs the caller at most the deadline and never blocks the
-worker's regular connections. A check still running when the next /health
-arrives is reported as still pending instead of being started again, which
-bounds the threads a dead dependency can hold.
+worker's regular connections. A /health that arrives while a check is still
+running (a load balancer, a monitor and igops probing at once, on the threads
+of one worker) waits for that check's answer instead of starting another: every
+caller gets a true answer, and a dead dependency holds one thread per check,
+not one per probe.
 """
 
 from __future__ import annotations
@@ -34,17 +36,21 @@ CheckDetail = dict[str, Any]
 
 
 class _RunningCheck:
-    def __init__(self, name: str, probe: Callable[[], CheckDetail]):
+    """One run of one check, whose answer every /health that arrives while it runs shares."""
+
+    def __init__(self, name: str, probe: Callable[[_RunningCheck], CheckDetail]):
         self.name = name
         self.done = threading.Event()
         self.result: CheckDetail | None = None
+        # what the directory check read, for every caller sharing it
+        self.snapshot: DirectorySnapshot | None = None
         self._probe = probe
         self._started = time.monotonic()
         self.thread = threading.Thread(target=self._run, name=f"health-{name}", daemon=True)
 
     def _run(self) -> None:
         try:
-            detail = self._probe()
+            detail = self._probe(self)
         except Exception as exc:
             detail = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()}"}
         detail["ms"] = round((time.monotonic() - self._started) * 1000, 1)
@@ -54,6 +60,9 @@ class _RunningCheck:
     def outcome(self) -> CheckDetail:
         if self.result is not None:
             return self.result
+        running = time.monotonic() - self._started
+        if running > DEADLINE_SECONDS * 1.5:
+            return {"ok": False, "error": f"no answer: the check has been running for {running:.1f}s"}
         return {"ok": False, "error": f"no answer within {DEADLINE_SECONDS}s"}
 
 
@@ -65,11 +74,12 @@ class HealthChecker:
         self._lock = threading.Lock()
         self._running: dict[str, _RunningCheck] = {}
 
-    def _start(self, name: str, probe: Callable[[], CheckDetail]) -> _RunningCheck | CheckDetail:
+    def _start(self, name: str, probe: Callable[[_RunningCheck], CheckDetail]) -> _RunningCheck:
+        """The check `name` running now: the one already under way, or a new one."""
         with self._lock:
-            previous = self._running.get(name)
-            if previous is not None and not previous.done.is_set():
-                return {"ok": False, "error": "previous check has not answered yet"}
+            running = self._running.get(name)
+            if running is not None and not running.done.is_set():
+                return running
             check = _RunningCheck(name, probe)
             self._running[name] = check
         check.thread.start()
@@ -77,25 +87,23 @@ class HealthChecker:
 
     def run(self, cached: DirectorySnapshot | None) -> tuple[bool, dict[str, CheckDetail]]:
         deadline = time.monotonic() + DEADLINE_SECONDS
-        fresh_directory: list[DirectorySnapshot] = []
         started: dict[str, _RunningCheck | CheckDetail] = {
-            "directory": self._start("directory", lambda: self._check_directory(fresh_directory)),
-            "memcached": self._start("memcached", self._check_memcached),
+            "directory": self._start("directory", self._check_directory),
+            "memcached": self._start("memcached", lambda _: self._check_memcached()),
         }
         directory_check = started["directory"]
-        if isinstance(directory_check, _RunningCheck):
-            directory_check.done.wait(min(DIRECTORY_WAIT_SECONDS, max(0.0, deadline - time.monotonic())))
-        snapshot = fresh_directory[0] if fresh_directory else cached
+        directory_check.done.wait(min(DIRECTORY_WAIT_SECONDS, max(0.0, deadline - time.monotonic())))
+        snapshot = directory_check.snapshot or cached
 
         if snapshot is None:
             started["clusters"] = {"ok": False, "error": "cluster list unknown: the directory has not been read yet"}
         else:
             for cluster, database in sorted(snapshot.shard_map.database_of_cluster.items()):
                 started[f"cluster:{cluster}"] = self._start(
-                    f"cluster:{cluster}", lambda db=database: self._check_postgres(db)
+                    f"cluster:{cluster}", lambda _, db=database: self._check_postgres(db)
                 )
         master = snapshot.redis_master if snapshot is not None else None
-        started["redis"] = self._start("redis", lambda: self._check_redis(master))
+        started["redis"] = self._start("redis", lambda _: self._check_redis(master))
 
         checks: dict[str, CheckDetail] = {}
         for name, check in started.items():
@@ -106,21 +114,21 @@ class HealthChecker:
                 checks[name] = check
         return all(detail["ok"] for detail in checks.values()), checks
 
-    def _check_postgres(self, database: str, directory_sink: list[DirectorySnapshot] | None = None) -> CheckDetail:
+    def _check_postgres(self, database: str, directory_check: _RunningCheck | None = None) -> CheckDetail:
         connection = connect(self.config.postgres, database, connect_timeout=PG_CONNECT_TIMEOUT_SECONDS)
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_is_in_recovery()")
                 (in_recovery,) = cursor.fetchone()
-                if directory_sink is not None:
-                    directory_sink.append(read_snapshot(cursor))
+                if directory_check is not None:
+                    directory_check.snapshot = read_snapshot(cursor)
             connection.rollback()
         finally:
             connection.close()
         return {"ok": True, "database": database, "in_recovery": in_recovery}
 
-    def _check_directory(self, sink: list[DirectorySnapshot]) -> CheckDetail:
-        return self._check_postgres(self.config.postgres.directory_database, directory_sink=sink)
+    def _check_directory(self, check: _RunningCheck) -> CheckDetail:
+        return self._check_postgres(self.config.postgres.directory_database, directory_check=check)
 
     def _check_redis(self, master: HostPort | None) -> CheckDetail:
         address = master or discover_master(self.config.redis.nodes, timeout=NETWORK_TIMEOUT_SECONDS)

@@ -49,6 +49,9 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
 VENV_BUILD_TIMEOUT_S = 900.0
 SUMMARY_PROBLEMS = 3
+# The fewest upstream servers each load balancer must keep in service while a batch is out:
+# a plan whose batch would leave fewer is refused.
+MIN_SERVERS_IN_SERVICE = 1
 EXCLUDED_DIRS = {"__pycache__", ".git"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 
@@ -99,7 +102,7 @@ def parse_batches(spec: str) -> list[BatchSize]:
                 sizes.append(BatchSize(count=count))
         except ValueError:
             raise UsageError(f"bad batch size {text!r} in --batch {spec!r}",
-                             "use host counts and percentages, e.g. --batch 1,25% or --batch 100%") from None
+                             "use host counts and percentages, e.g. --batch 1,25% or --batch 50%") from None
     return sizes
 
 
@@ -585,6 +588,9 @@ class HostPlan:
     current: str | None
     in_lb: bool | None = None  # None: no load balancer, or it does not list the host
     upload: bool = False
+    # The release a failing batch returns the host to: its current one, or, when an interrupted
+    # run had already switched it, the one it ran before that run (see inherit_releases_before).
+    before: str | None = None
     venv: str | None = None  # "reuse" / "build"
     detail: str | None = None
 
@@ -606,6 +612,9 @@ class RolloutPlan:
     keep: int
     pagerduty: bool
     release: Release | None = None
+    # Per load balancer, the servers in service when the plan was made (it is refused if a batch
+    # would leave fewer than MIN_SERVERS_IN_SERVICE; the run checks again before each batch).
+    in_service: dict[str, list[str]] = field(default_factory=dict)
 
     def roll(self) -> list[HostPlan]:
         return [host for host in self.hosts if host.action == "roll"]
@@ -646,6 +655,8 @@ class RolloutPlan:
         for host in self.hosts:
             if host.action != "roll":
                 steps.append(f"{host.host}: {host.action} — {host.detail}")
+            elif host.before and host.before != host.current:
+                steps.append(f"{host.host}: {host.detail}")
         if not self.lbs:
             steps.append("no host has the 'lb' role: app servers are switched without being taken out of a load balancer")
         return steps
@@ -679,6 +690,7 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
         else:
             plans.append(HostPlan(host.name, "roll", found.current, in_lb, upload=not found.has(target),
                                   detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None)))
+        plans[-1].before = plans[-1].current
     if len(unreachable) > max_fail:
         raise RefusedError(f"{len(unreachable)} app hosts unreachable: {'; '.join(unreachable)}; nothing was changed",
                            f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
@@ -689,6 +701,63 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
                            "igops takes a host out of traffic before switching it: list it as "
                            "`server ADDRESS:PORT` in [lb] upstream_file, or fix its address or [app] port")
     return plans
+
+
+def servers_left_in_service(in_service: set[str], batches: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """(batch number, servers still in service while it is out) for every batch that takes a
+    server out of service, in order. `in_service` holds the servers a load balancer sends
+    traffic to now; a batch's servers come back before the next batch goes out."""
+    serving = set(in_service)
+    left = []
+    for number, batch in enumerate(batches, 1):
+        if serving & set(batch):
+            left.append((number, len(serving - set(batch))))
+        serving |= set(batch)
+    return left
+
+
+def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState,
+                                  minimum: int = MIN_SERVERS_IN_SERVICE) -> dict[str, list[str]]:
+    """Refuse a plan with a batch that would leave a load balancer fewer than `minimum` servers
+    in service. Servers marked down, and app hosts that did not answer the survey, serve
+    nothing; a batch of servers already out takes nothing away. Returns, per load balancer,
+    the servers in service now."""
+    unavailable = {app.server(app.host(host.host)) for host in hosts if host.action == FAILED}
+    server_batches = [[app.server(app.host(name)) for name in batch] for batch in batches]
+    serving: dict[str, list[str]] = {}
+    for lb_name in dict.fromkeys(item.lb for item in lb.servers):
+        in_service = {item.server for item in lb.servers
+                      if item.lb == lb_name and not item.down and item.server not in unavailable}
+        serving[lb_name] = sorted(in_service)
+        for number, left in servers_left_in_service(in_service, server_batches):
+            if left < minimum:
+                raise RefusedError(
+                    f"batch {number} ({', '.join(batches[number - 1])}) would leave {left} app servers in service "
+                    f"in nginx on {lb_name}, fewer than the minimum of {minimum}; nothing was changed",
+                    "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
+                    "unreachable back into service")
+    return serving
+
+
+def inherit_releases_before(hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict | None) -> None:
+    """A host that an interrupted run switched to its target returns, if its batch fails now,
+    to the release it ran before that run, not to the interrupted run's target: that release
+    never passed a health gate the run saw through. The interrupted run's journal has it."""
+    if not last_run or not last_run.get("interrupted"):
+        return
+    earlier = last_run.get("before") or {}
+    for host in hosts:
+        release = earlier.get(host.host)
+        if host.action != "roll" or not release or host.current != last_run.get("target") or release == host.current:
+            continue
+        if not surveys[host.host].has(release):
+            host.detail = "; ".join(filter(None, [host.detail, f"{release}, its release before the interrupted "
+                                                                f"{last_run.get('kind')}, is gone"]))
+            continue
+        host.before = release
+        host.detail = "; ".join(filter(None, [host.detail, f"returns to {release} if it fails (its release before "
+                                                            f"the interrupted {last_run.get('kind')} "
+                                                            f"{last_run.get('deploy_id')})"]))
 
 
 def survey(app: AppFleet, parallel: int | None = None) -> tuple[dict[str, HostReleases], LbState]:
@@ -720,14 +789,17 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
         now or datetime.now(timezone.utc), tree.revision[:7] if tree.revision else content[:7])
     release, tarball = package(tree, identifier)
     hosts = _host_plans(app, surveys, lb, identifier, max_fail)
+    inherit_releases_before(hosts, surveys, read_journal(fleet))
     for host in hosts:
         if host.action == "roll":
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
     rolling = [host.host for host in hosts if host.action == "roll"]
+    batches = split_batches(rolling, sizes)
+    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
     plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
-                       hosts, split_batches(rolling, sizes), batch, max_fail, gate, [h.name for h in app.lbs],
+                       hosts, batches, batch, max_fail, gate, [h.name for h in app.lbs],
                        parallel or app.settings.parallel, fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None,
-                       release)
+                       release, in_service)
     return plan, tarball
 
 
@@ -766,6 +838,7 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     else:
         description = "chosen with --to"
     hosts = _host_plans(app, surveys, lb, to, max_fail)
+    inherit_releases_before(hosts, surveys, read_journal(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
         raise RefusedError(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
@@ -773,9 +846,11 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     built_by_igops = all((surveys[h.host].release_info(to) or {}).get("built_at") for h in hosts if h.action == "roll")
     gate = dataclasses.replace(gate, require_release=built_by_igops)
     rolling = [host.host for host in hosts if host.action == "roll"]
-    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, split_batches(rolling, sizes), batch,
+    batches = split_batches(rolling, sizes)
+    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
+    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, batches, batch,
                        max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
-                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None)
+                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None, in_service=in_service)
 
 
 def _pagerduty_key(fleet) -> str | None:
@@ -858,7 +933,10 @@ class Journal:
         self.path = journal_path(fleet)
         self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
                          "pid": os.getpid(), "machine": socket.gethostname(), "user": _who(),
-                         "started": _now(), "status": "running", "batch": None, "hosts": {}}
+                         "started": _now(), "status": "running", "batch": None, "hosts": {},
+                         # What a rerun returns a failing host to if this run is interrupted.
+                         "before": {host.host: host.before for host in plan.hosts
+                                    if host.action == "roll" and host.before}}
         self._lock = threading.Lock()
 
     def update(self, **changes) -> None:
@@ -920,8 +998,8 @@ class Rollout:
         self.outcomes: dict[str, HostOutcome] = {}
         for host in plan.hosts:
             state = host.action if host.action != "roll" else NOT_STARTED
-            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.current, host.in_lb,
-                                                   detail=host.detail)
+            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.before or host.current,
+                                                   host.in_lb, detail=host.detail)
         self.failures = sum(host.action == FAILED for host in plan.hosts)
 
     def run(self) -> RolloutResult:
@@ -980,6 +1058,11 @@ class Rollout:
                 continue
             self.journal.update(batch=number)
             with self.reporter.step(f"batch {number}/{len(plan.batches)}: {', '.join(batch)}") as step:
+                too_few = self.below_minimum(batch, to_put_back)
+                if too_few:
+                    step.status, step.detail = "failed", too_few
+                    stopped = f"batch {number}: {too_few}; nothing in it was switched"
+                    break
                 try:
                     self._lb_change(down=batch, up=to_put_back)
                 except RemoteError as exc:
@@ -1014,6 +1097,21 @@ class Rollout:
                 outcome.detail = "; ".join(filter(None, [outcome.detail, f"not reached: still on {outcome.release}"]))
         return stopped
 
+    def below_minimum(self, batch: list[str], back: list[str]) -> str | None:
+        """Why taking `batch` out (while `back` comes back) would leave a load balancer fewer
+        than MIN_SERVERS_IN_SERVICE servers, now that earlier batches' failures stay out."""
+        server = lambda name: self.app.server(self.app.host(name))  # noqa: E731
+        returning = {server(name) for name in back}
+        gone = {server(name) for name, outcome in self.outcomes.items() if outcome.in_lb is False and name not in back}
+        leaving = {server(name) for name in batch}
+        for lb_name, servers in self.plan.in_service.items():
+            serving = (set(servers) | returning) - gone
+            left = serving - leaving
+            if serving & leaving and len(left) < MIN_SERVERS_IN_SERVICE:
+                return (f"taking {', '.join(batch)} out would leave {len(left)} app servers in service in nginx on "
+                        f"{lb_name}, fewer than the minimum of {MIN_SERVERS_IN_SERVICE}")
+        return None
+
     def _put_back(self, names: list[str]) -> None:
         if not names or not self.app.lbs:
             return
@@ -1045,7 +1143,8 @@ class Rollout:
             host = self.app.host(name)
             jobs[name] = (self.app.release_agent(host), {
                 "op": "switch", "id": release_of(name), "keep": self.plan.keep, "reload": self.app.reload_command(host),
-                "action": action, "deploy": self.plan.deploy_id}, b"")
+                "action": action, "deploy": self.plan.deploy_id,
+                "protect": [self.outcomes[name].before] if self.outcomes[name].before else []}, b"")
         answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
         return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
 

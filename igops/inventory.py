@@ -217,6 +217,8 @@ def _build_models():
         replication_lag_critical_bytes: int = Field(64 << 20, ge=0)
         pgbouncer_wait_warning_seconds: float = Field(1.0, ge=0)
         pgbouncer_wait_critical_seconds: float = Field(5.0, ge=0)
+        # A paused PgBouncer database is WARNING; CRITICAL once checks have seen it paused this long.
+        pgbouncer_paused_critical_seconds: float = Field(60.0, ge=0)
         snapshot_warning_hours: float = Field(26.0, gt=0)
         snapshot_critical_hours: float = Field(50.0, gt=0)
         # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).

@@ -4,6 +4,7 @@ own protocol? All probes run at once under short timeouts."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class StatusReport:
 
     def problems(self) -> list[str]:
         return ([f"{h.host} unreachable" for h in self.hosts if not h.reachable]
-                + [f"{s.service} on {s.host} down" for s in self.services if not s.ok])
+                + [f"{s.service} on {s.host} down ({s.detail})" for s in self.services if not s.ok])
 
 
 def collect(fleet, roles: list[str] | None = None) -> StatusReport:
@@ -106,10 +107,29 @@ def _http(address: str, port: int, path: str) -> tuple[bool, str]:
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        response.read()
-        return response.status == 200, f"GET {path} -> {response.status}"
+        body = response.read(65536)
     finally:
         connection.close()
+    detail = f"GET {path} -> {response.status}"
+    if response.status != 200:
+        reason = failure_reason(body)
+        detail += f": {reason}" if reason else ""
+    return response.status == 200, detail
+
+
+def failure_reason(body: bytes) -> str | None:
+    """Why a health URL failed, from its body: the failing checks the app's /health names
+    (`{"checks": {NAME: {"ok": false, "error": ...}}}`), else the body's first line."""
+    try:
+        checks = json.loads(body)["checks"]
+        failing = [f"{name}: {check.get('error', 'failed')}" for name, check in checks.items()
+                   if isinstance(check, dict) and not check.get("ok")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        failing = []
+    if failing:
+        return "; ".join(failing)[:300]
+    lines = body.decode(errors="replace").strip().splitlines()
+    return lines[0][:160] if lines else None
 
 
 def _postgres(address: str, port: int, arg) -> tuple[bool, str]:

@@ -5,7 +5,7 @@ Usage:
   release.py serve ROOT        requests on stdin, one JSON line each; one JSON line answers each:
       {"op": "survey"}
       {"op": "stage", "id", "sha256", "size", "shared": [NAME, ...]} followed by `size` bytes of tarball
-      {"op": "switch", "id", "keep", "reload", "action", "deploy"}
+      {"op": "switch", "id", "keep", "reload", "action", "deploy", "protect": [ID, ...] (optional)}
   release.py survey ROOT
   release.py stage ROOT ID SHA256 [SHARED_NAME ...]     (the release tarball follows on stdin)
   release.py switch ROOT ID KEEP RELOAD_COMMAND ACTION DEPLOY_ID
@@ -18,7 +18,8 @@ missing), links it and the named shared files into the release, and only then re
 directory to releases/<id>: a release directory that exists is complete. `switch` points
 `current` at a release with a new symlink renamed over the old one (`ln -s` + `mv -T`), so
 `current` is always either the old or the new release, records the switch, prunes to KEEP
-releases (never the current one or the one it replaced), and runs the reload command.
+releases (never the current one, the one it replaced, or one named in `protect`: the release a
+host returns to when its batch fails), and runs the reload command.
 Answers are JSON objects; a failure is {"error": ...} (and exit 2 outside `serve`). Stage and
 switch hold a lock on the host for their duration.
 """
@@ -295,7 +296,7 @@ def prune(root, keep, protected):
     return doomed
 
 
-def switch(root, release_id, keep, reload_command, action, deploy_id):
+def switch(root, release_id, keep, reload_command, action, deploy_id, protect=()):
     target = os.path.join(root, "releases", release_id)
     if not os.path.isdir(target):
         raise Refused(f"release {release_id} is not on this host")
@@ -315,7 +316,7 @@ def switch(root, release_id, keep, reload_command, action, deploy_id):
                   "by": os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())}
         with open(os.path.join(root, HISTORY), "a") as handle:
             handle.write(json.dumps(record) + "\n")
-    pruned = prune(root, keep, {release_id, previous})
+    pruned = prune(root, keep, {release_id, previous, *protect})
     started = time.monotonic()
     try:
         done = subprocess.run(["sh", "-c", reload_command], stdin=subprocess.DEVNULL, capture_output=True,
@@ -366,7 +367,7 @@ def serve(root):
                 answer = locked(root, stage, request["id"], request["sha256"], request["shared"], data)
             elif op == "switch":
                 answer = locked(root, switch, request["id"], int(request["keep"]), request["reload"],
-                                request["action"], request["deploy"])
+                                request["action"], request["deploy"], request.get("protect") or ())
             else:
                 raise Refused(f"unknown request {op!r}")
         except FAILURES as exc:

@@ -8,6 +8,8 @@ reports a Result per (check, target) the moment it knows it.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import resources
+from pathlib import Path
 
 from igops import remote, status
 from igops.checks import Perf, Probe, Result, host_python, level, worst
@@ -461,10 +464,16 @@ def pgbouncer_probe(context: Context, host) -> Probe:
         waiting = sum(int(pool.get("cl_waiting") or 0) for pool in user_pools)
         longest = max((float(pool.get("maxwait") or 0) + float(pool.get("maxwait_us") or 0) / 1e6
                        for pool in user_pools), default=0.0)
-        state = NagiosStatus.CRITICAL if problems else level(
-            longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)
-        summary = "; ".join(problems) if problems else \
-            f"{len([name for name in databases if name != 'pgbouncer'])} databases, {waiting} clients waiting, longest wait {longest:.1f} s"
+        paused = sorted(name for name, entry in databases.items()
+                        if name != "pgbouncer" and int(entry.get("paused") or 0))
+        now = time.time()
+        since = paused_since(fleet.state_dir / "check" / f"pgbouncer-paused-{host.name}.json", paused, now)
+        paused_state, paused_text = paused_finding(since, now, thresholds.pgbouncer_paused_critical_seconds)
+        state = NagiosStatus.CRITICAL if problems else worst([paused_state, level(
+            longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)])
+        counts = (f"{len([name for name in databases if name != 'pgbouncer'])} databases, {waiting} clients waiting, "
+                  f"longest wait {longest:.1f} s")
+        summary = "; ".join(filter(None, [*problems, paused_text, None if problems else counts]))
         report(Result("pgbouncer", host.name, state, summary,
                       [Perf(f"pgbouncer-waiting {host.name}", waiting, minimum=0),
                        Perf(f"pgbouncer-maxwait {host.name}", round(longest, 3), "s",
@@ -472,6 +481,36 @@ def pgbouncer_probe(context: Context, host) -> Probe:
                       duration_ms=_ms(started)))
 
     return Probe(f"pgbouncer-{host.name}", [("pgbouncer", host.name)], run)
+
+
+def paused_since(path: Path, paused: list[str], now: float) -> dict[str, float]:
+    """database -> when a check first saw it paused (Unix time), for the databases paused now.
+    PgBouncer does not say since when a database is paused, so each check remembers it in
+    `path` (one file per PgBouncer host) and forgets a database once it is seen resumed."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    since = {name: float(known[name]) if isinstance(known.get(name), (int, float)) else now for name in paused}
+    if since != known:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        temporary.write_text(json.dumps(since))
+        os.replace(temporary, path)
+    return since
+
+
+def paused_finding(since: dict[str, float], now: float, critical_seconds: float) -> tuple[NagiosStatus, str | None]:
+    """WARNING while a database is paused; CRITICAL once checks have seen it paused for
+    `critical_seconds` (a switchover holds it for seconds, so longer means an operation died
+    or an operator forgot the RESUME)."""
+    if not since:
+        return NagiosStatus.OK, None
+    ages = {name: max(0.0, now - first) for name, first in sorted(since.items())}
+    state = NagiosStatus.CRITICAL if max(ages.values()) >= critical_seconds else NagiosStatus.WARNING
+    shown = ", ".join(f"{name} (seen paused for {age:.0f} s)" for name, age in ages.items())
+    return state, (f"PAUSED: {shown}; CRITICAL after {critical_seconds:g} s; "
+                   "RESUME it on the admin console when no operation holds it")
 
 
 # --- Redis --------------------------------------------------------------------------------------

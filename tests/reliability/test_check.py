@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -242,3 +243,37 @@ def test_no_secret_reaches_output_logs_audit_or_the_wrong_part_of_a_request(lab,
     for entry in receivers.requests_since(receivers.pingdom, setting["marks"]["pingdom"]):
         headers = {k: v for k, v in entry["headers"].items() if k != "authorization"}
         assert token not in json.dumps([headers, entry["path"], entry["query"], entry["body"]])
+
+
+def test_a_paused_pgbouncer_database_is_warning_then_critical_past_the_limit(lab, tmp_path):
+    import psycopg2
+
+    config = own_inventory(lab, tmp_path, f"pause{uuid.uuid4().hex[:6]}",
+                           "\n[check]\npgbouncer_paused_critical_seconds = 2\n")
+    [bouncer] = lab.with_role("pgbouncer")
+    database = lab.model.postgres.clusters["main"].pgbouncer_database
+
+    def pgbouncer_result() -> dict:
+        done = run_igops("-c", str(config), "check", "--only", "pgbouncer", "--json", timeout=60)
+        [found] = [r for r in json.loads(done.stdout)["data"]["results"] if r["target"] == bouncer.name]
+        return found
+
+    assert pgbouncer_result()["status"] == "OK"
+    console = psycopg2.connect(host=str(bouncer.address), port=lab.model.pgbouncer.port,
+                               user=lab.model.pgbouncer.admin_user, dbname="pgbouncer",
+                               password=Secrets(lab.model.secrets.file).get("pgbouncer_password"), connect_timeout=5)
+    console.autocommit = True
+    try:
+        with console.cursor() as cursor:
+            cursor.execute(f"PAUSE {database}")
+        paused = pgbouncer_result()
+        assert paused["status"] == "WARNING", paused
+        assert f"PAUSED: {database} (seen paused for" in paused["summary"], paused
+        time.sleep(2.5)
+        held = pgbouncer_result()
+        assert held["status"] == "CRITICAL" and "CRITICAL after 2 s" in held["summary"], held
+    finally:
+        with console.cursor() as cursor:
+            cursor.execute(f"RESUME {database}")
+        console.close()
+    assert pgbouncer_result()["status"] == "OK"

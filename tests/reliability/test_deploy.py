@@ -157,6 +157,28 @@ def test_a_release_whose_health_fails_stops_after_the_first_batch_and_is_rolled_
     assert " down" not in upstream_text()
 
 
+def test_a_rerun_after_a_kill_rolls_a_failing_batch_back_to_the_release_before_the_killed_run(lab, tmp_path):
+    before = {host: current_of(host) for host in APP_HOSTS}
+    source = app_copy(tmp_path, "killed-bad", break_health=True)
+    # A long gate: igops is killed while app1, switched to the failing release, is being gated.
+    run = start_igops_deploy(lab.source, "--source", str(source), "--health-timeout", "120")
+    try:
+        assert wait_for(lambda: current_of("app1") != before["app1"], 90), "app1 was never switched"
+    finally:
+        run.kill()
+        run.communicate()
+    release = current_of("app1")
+    assert drained(lab, "app1") and current_of("app2") == before["app2"]
+
+    rerun = igops_deploy(lab, "--source", str(source), "--health-timeout", "4")
+    assert rerun.returncode == ExitCode.FAILED, rerun.stderr
+    error = rerun.stderr.strip().splitlines()[-1]
+    assert "app1 rolled back: /health answered 503" in error and f"back on {before['app1']}" in error, error
+    assert {host: current_of(host) for host in APP_HOSTS} == before, f"{release} stayed somewhere"
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == before
+    assert " down" not in upstream_text()
+
+
 class SshForwarder:
     """A TCP relay in front of one host's sshd that can be cut: the host becomes unreachable
     over SSH while its app keeps serving."""
@@ -282,6 +304,23 @@ def test_igops_killed_mid_deploy_leaves_no_host_half_switched_and_a_rerun_finish
     assert run_igops("-c", str(lab.source), "deploy", "releases").returncode == 0
 
 
+def releases_on(host: str) -> list[str]:
+    return sorted(os.listdir(state.paths().app_root(host) / "releases"))
+
+
+def test_a_batch_of_every_app_server_is_refused_with_nothing_changed(lab, tmp_path):
+    before = {host: (current_of(host), releases_on(host)) for host in APP_HOSTS}
+    upstream = upstream_text()
+    source = app_copy(tmp_path, "everything")
+    refused = igops_deploy(lab, "--source", str(source), "--batch", "100%")
+    assert refused.returncode == ExitCode.REFUSED, refused.stderr
+    error = refused.stderr.strip().splitlines()
+    assert any("batch 1 (app1, app2, app3) would leave 0 app servers in service" in line for line in error), error
+    assert any("smaller batches" in line for line in error), error
+    assert {host: (current_of(host), releases_on(host)) for host in APP_HOSTS} == before
+    assert upstream_text() == upstream
+
+
 def test_rollback_returns_to_the_release_before_and_forward_again(lab):
     newest = current_of("app1")
     listing = json.loads(run_igops("-c", str(lab.source), "deploy", "releases", "--json").stdout)["data"]
@@ -290,7 +329,7 @@ def test_rollback_returns_to_the_release_before_and_forward_again(lab):
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["data"]["target"] == previous
     assert {host: served_by(lab, host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, previous)
-    forward = igops_deploy(lab, "rollback", "--to", newest, "--batch", "100%")
+    forward = igops_deploy(lab, "rollback", "--to", newest, "--batch", "2")
     assert forward.returncode == 0, forward.stderr
     assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, newest)
     missing = igops_deploy(lab, "rollback", "--to", "19990101000000-gone000")

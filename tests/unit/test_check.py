@@ -440,3 +440,29 @@ def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(pro
     answer = probe_answer(start_probe())
     assert answer["writable"] is False and answer["detail"].startswith("a write has been blocked for "), answer
     assert time.monotonic() - started < 5
+
+
+# --- a paused PgBouncer database ----------------------------------------------------------
+
+def test_a_paused_pgbouncer_database_is_remembered_from_the_first_check_that_saw_it(tmp_path):
+    from igops.checks.fleet import paused_since
+
+    path = tmp_path / "check" / "pgbouncer-paused-db1.json"
+    assert paused_since(path, [], 1000.0) == {}
+    assert paused_since(path, ["main"], 1000.0) == {"main": 1000.0}
+    assert paused_since(path, ["main", "directory"], 1030.0) == {"main": 1000.0, "directory": 1030.0}
+    assert paused_since(path, ["directory"], 1060.0) == {"directory": 1030.0}, "main was resumed"
+    assert paused_since(path, ["main"], 1090.0) == {"main": 1090.0}, "paused again: a new pause"
+    path.write_text("not json")
+    assert paused_since(path, ["main"], 2000.0) == {"main": 2000.0}
+
+
+def test_a_paused_database_is_warning_and_critical_once_seen_paused_past_the_limit():
+    from igops.checks.fleet import paused_finding
+
+    assert paused_finding({}, 1000.0, 60) == (NagiosStatus.OK, None)
+    state, text = paused_finding({"main": 1000.0}, 1000.0, 60)
+    assert state == NagiosStatus.WARNING
+    assert text.startswith("PAUSED: main (seen paused for 0 s); CRITICAL after 60 s") and "RESUME" in text
+    state, text = paused_finding({"main": 1000.0, "directory": 1050.0}, 1060.0, 60)
+    assert state == NagiosStatus.CRITICAL and "directory (seen paused for 10 s), main (seen paused for 60 s)" in text

@@ -180,6 +180,116 @@ def test_unreachable_hosts_beyond_max_fail_refuse_before_anything_changes(tmp_pa
     assert [p.action for p in plans] == ["roll", "roll", deploy.FAILED]
 
 
+def test_servers_left_in_service_count_each_batch_against_those_back_from_earlier_ones():
+    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a"], ["b", "c"]]) == [(1, 2), (2, 1)]
+    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a", "b", "c"]]) == [(1, 0)]
+    # A batch of servers already out of service takes nothing away; once back, they count.
+    assert deploy.servers_left_in_service({"c"}, [["a", "b"], ["c"]]) == [(2, 2)]
+
+
+def plan_batches(app, surveys, lb, batch):
+    hosts = deploy._host_plans(app, surveys, lb, "R2", max_fail=1)
+    batches = deploy.split_batches([h.host for h in hosts if h.action == "roll"], deploy.parse_batches(batch))
+    deploy.refuse_draining_below_minimum(app, hosts, batches, lb)
+    return batches
+
+
+def test_a_batch_of_every_server_is_refused(tmp_path):
+    app = app_fleet(tmp_path)
+    with pytest.raises(RefusedError, match=r"batch 1 \(app1, app2, app3\) would leave 0 app servers in service"
+                                           r" in nginx on lb1, fewer than the minimum of 1") as refused:
+        plan_batches(app, survey(app, "R1"), lb_state(app), "100%")
+    assert "smaller batches" in refused.value.hint
+    assert plan_batches(app, survey(app, "R1"), lb_state(app), "1,25%") == [["app1"], ["app2"], ["app3"]]
+
+
+def test_a_batch_holding_the_only_server_in_rotation_is_refused(tmp_path):
+    app = app_fleet(tmp_path)
+    # app1 drained by an operator (skipped), app2 unreachable: app3 alone serves.
+    with pytest.raises(RefusedError, match=r"batch 1 \(app3\) would leave 0"):
+        plan_batches(app, survey(app, "R1", unreachable=["app2"]), lb_state(app, down_by_others=["app1"]), "1")
+    # Two servers drained by an earlier run come back after their batch: the last one may go.
+    assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2"]), "2") == [
+        ["app1", "app2"], ["app3"]]
+    # Every server already out: rolling them takes nothing away.
+    assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2", "app3"]), "100%")
+
+
+def test_a_fleet_without_a_load_balancer_has_no_minimum_to_keep(tmp_path):
+    app = app_fleet(tmp_path)
+    hosts = [deploy.HostPlan(f"app{i}", "roll", "R1") for i in (1, 2, 3)]
+    deploy.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
+
+
+def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_earlier_failures(tmp_path):
+    app = app_fleet(tmp_path)
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    hosts = [deploy.HostPlan(f"app{i}", "roll", "R1", True, before="R1") for i in (1, 2, 3)]
+    servers = [app.server(host) for host in app.hosts]
+    plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "x", hosts, [["app1"], ["app2"], ["app3"]], "1", 2, gate,
+                              ["lb1"], 1, 5, False, in_service={"lb1": servers})
+    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    assert rollout.below_minimum(["app1"], []) is None
+    rollout.outcomes["app1"].state, rollout.outcomes["app1"].in_lb = deploy.FAILED, False
+    assert rollout.below_minimum(["app2"], []) is None, "app3 still serves"
+    rollout.outcomes["app2"].state, rollout.outcomes["app2"].in_lb = deploy.FAILED, False
+    assert rollout.below_minimum(["app3"], []) == (
+        "taking app3 out would leave 0 app servers in service in nginx on lb1, fewer than the minimum of 1")
+    rollout.outcomes["app2"].state = deploy.DEPLOYED
+    assert rollout.below_minimum(["app3"], ["app2"]) is None, "app2 comes back in the same reload"
+
+
+def interrupted_run(target="R2", before=None, interrupted=True):
+    return {"kind": "deploy", "deploy_id": "d1", "target": target, "status": "running", "interrupted": interrupted,
+            "before": before if before is not None else {"app1": "R1", "app2": "R1", "app3": "R1"}}
+
+
+def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before_that_run(tmp_path):
+    app = app_fleet(tmp_path)
+    surveys = survey(app, "R1", releases=["R1", "R2"])
+    surveys["app1"].current = "R2"
+    hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
+    assert [h.before for h in hosts] == ["R2", "R1", "R1"], "alone, the survey knows only app1's current"
+    deploy.inherit_releases_before(hosts, surveys, interrupted_run())
+    assert [h.before for h in hosts] == ["R1", "R1", "R1"]
+    assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"], ["app2", "app3"]], "1", 0, gate,
+                              ["lb1"], 1, 5, False)
+    assert "app1: drained by an earlier igops run; returns to R1 if it fails (its release before the interrupted " \
+           "deploy d1)" in plan.steps()
+
+
+def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherited(tmp_path):
+    app = app_fleet(tmp_path)
+
+    def plans(last_run, releases=("R1", "R2")):
+        surveys = survey(app, "R1", releases=list(releases))
+        surveys["app1"].current = "R2"
+        hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R3", max_fail=0)
+        deploy.inherit_releases_before(hosts, surveys, last_run)
+        return hosts
+
+    assert plans(interrupted_run(interrupted=False))[0].before == "R2", "a run that ended left nothing to inherit"
+    assert plans(None)[0].before == "R2"
+    assert plans(interrupted_run(target="R9"))[0].before == "R2", "the host is not on that run's target"
+    gone = plans(interrupted_run(), releases=["R2"])[0]
+    assert gone.before == "R2" and "R1, its release before the interrupted deploy, is gone" in gone.detail
+
+
+def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
+    app = app_fleet(tmp_path)
+    hosts = [deploy.HostPlan("app1", "roll", "R2", before="R1"), deploy.HostPlan("app2", deploy.ALREADY, "R2",
+                                                                                   before="R2")]
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
+    journal = deploy.Journal(app.fleet, plan)
+    journal.update()
+    assert json.loads(deploy.journal_path(app.fleet).read_text())["before"] == {"app1": "R1"}
+    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
+
+
 def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):
     app = app_fleet(tmp_path)
     surveys = survey(app, "R1")

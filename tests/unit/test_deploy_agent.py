@@ -113,6 +113,25 @@ def test_prune_keeps_n_and_never_the_current_or_the_one_it_replaced(tmp_path):
     assert os.readlink(root / "current").endswith(ids[4]), "a refused switch changes nothing"
 
 
+def test_prune_keeps_the_releases_a_switch_names_to_protect(tmp_path):
+    """The release a rerun returns a failing host to, though the host no longer runs it."""
+    root = tmp_path / "app"
+    prebuilt_venv(root)
+    ids = [f"2026010100000{i}-{i}{i}{i}{i}{i}{i}{i}" for i in range(4)]
+    for index, release_id in enumerate(ids):
+        stage(root, make_release(tmp_path, release_id, str(index)))
+    switch(root, ids[0])
+    switch(root, ids[1])
+    command, prefix = agent.invocation("release", ["serve", str(root)])
+    request = {"op": "switch", "id": ids[3], "keep": 2, "reload": "true", "action": "deploy", "deploy": "d2",
+               "protect": [ids[0]]}
+    done = subprocess.run(["sh", "-c", command], input=prefix + json.dumps(request).encode() + b"\n",
+                          capture_output=True, timeout=60)
+    answer = json.loads(done.stdout)
+    assert answer["previous"] == ids[1] and answer["pruned"] == [ids[2]]
+    assert sorted(p.name for p in (root / "releases").iterdir()) == [ids[0], ids[1], ids[3]]
+
+
 def test_a_failing_reload_is_reported_with_the_switch_in_place(tmp_path):
     root = tmp_path / "app"
     prebuilt_venv(root)

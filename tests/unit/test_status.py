@@ -1,0 +1,72 @@
+"""`igops status` without a fleet: a health URL that answers 503 is shown DOWN with the reason its
+body gives, in the table, the JSON envelope and the closing line."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from igops import status
+from tests.conftest import run_igops
+
+UNHEALTHY = {"status": "fail", "release": "R1", "checks": {
+    "directory": {"ok": True, "ms": 3.1},
+    "redis": {"ok": False, "error": "Timeout connecting to server"}}}
+
+
+@pytest.fixture
+def failing_app():
+    """An HTTP server answering /health as the app does when Redis is down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(UNHEALTHY).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_reason_for_a_failed_health_check_comes_from_its_body():
+    assert status.failure_reason(json.dumps(UNHEALTHY).encode()) == "redis: Timeout connecting to server"
+    assert status.failure_reason(b"<html>502 Bad Gateway</html>\n<hr>") == "<html>502 Bad Gateway</html>"
+    assert status.failure_reason(b"") is None
+
+
+def test_status_shows_why_an_app_server_answered_503(tmp_path, failing_app):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    config = tmp_path / "igops.toml"
+    config.write_text(f"""
+[fleet]
+name = "unit"
+state_dir = "{tmp_path / 'state'}"
+[ssh]
+known_hosts = "{known_hosts}"
+connect_timeout = 1
+port = 9
+[app]
+port = {failing_app}
+[[hosts]]
+name = "app1"
+address = "127.0.0.1"
+roles = ["app"]
+""")
+    shown = run_igops("-c", str(config), "status")
+    reason = "GET /health -> 503: redis: Timeout connecting to server"
+    assert reason in shown.stdout, shown.stdout
+    assert f"gunicorn on app1 down ({reason})" in shown.stdout
+    envelope = json.loads(run_igops("-c", str(config), "status", "--json").stdout)
+    [service] = envelope["data"]["services"]
+    assert service["ok"] is False and service["detail"] == reason
