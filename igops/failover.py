@@ -595,6 +595,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
               for sibling in siblings]
     steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
               for node in siblings]
+    steps.append(_release_switch_segment_step(candidate, [primary, *siblings]))
     return steps
 
 
@@ -759,6 +760,7 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
                       "register_primary", (chosen,)))
     steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
               for sibling in siblings]
+    steps.append(_release_switch_segment_step(chosen, siblings))
     return steps
 
 
@@ -870,6 +872,8 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
         reasons.append(f"{node}'s postmaster runs but does not answer")
     _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
     plan.actions = _rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running))
+    # pg_rewind copied the primary's segments, those of the promotion among them.
+    plan.actions.append(_release_switch_segment_step(primary, [node]))
     return _signed(plan, view), state
 
 
@@ -887,6 +891,12 @@ def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
         Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
     return steps
+
+
+def _release_switch_segment_step(primary: str, standbys: list[str]) -> Step:
+    return Step(f"{primary}: end its WAL segment, CHECKPOINT, then a restartpoint on "
+                f"{', '.join(standbys) or 'no standby'} (so the old timelines' copies of the promotion's segment "
+                "are removed)", "release_switch_segment", (primary, tuple(standbys)))
 
 
 # --- applying ------------------------------------------------------------------------------------------
@@ -1166,6 +1176,57 @@ class PgActions:
                 raise IgopsError(f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s",
                                  f"see {node}'s Postgres log")
             time.sleep(0.2)
+
+    def release_switch_segment(self, primary: str, standbys: tuple = ()) -> str:
+        """A promotion copies the segment it happened in onto the new timeline, and Postgres
+        removes segments by number whatever their timeline: while the WAL stays in that segment
+        (an idle cluster), checkpoints keep every timeline's copy, 16 MB per promotion on each
+        member. So: end the segment; wait until the standbys' slots have moved past it (a slot
+        holds back what its standby has not flushed); CHECKPOINT; then a restartpoint on each
+        standby once it has replayed that checkpoint. `wal_keep_size` keeps every timeline's
+        copies of its last segments as well: the copies go when the WAL moves past it."""
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        connection = postgres.connect(self.fleet, self._host(primary), statement_timeout_ms=None)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_switch_wal()")
+                cursor.execute("SELECT pg_current_wal_lsn()::text")
+                _wait_until(cursor, "SELECT NOT EXISTS (SELECT FROM pg_replication_slots WHERE active AND "
+                            "slot_type = 'physical' AND restart_lsn < %s::pg_lsn)", cursor.fetchone()[0], deadline,
+                            f"the standbys' slots on {primary} did not move past the switched segment")
+                cursor.execute("CHECKPOINT")
+                cursor.execute("SELECT pg_current_wal_lsn()::text")
+                checkpointed = cursor.fetchone()[0]
+                counts = [f"{primary} {_wal_segments(cursor)}"]
+        finally:
+            connection.close()
+        for standby in standbys:
+            connection = postgres.connect(self.fleet, self._host(standby), statement_timeout_ms=None)
+            try:
+                with connection.cursor() as cursor:
+                    _wait_until(cursor, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", checkpointed, deadline,
+                                f"{standby} did not replay {primary}'s checkpoint")
+                    cursor.execute("CHECKPOINT")
+                    counts.append(f"{standby} {_wal_segments(cursor)}")
+            finally:
+                connection.close()
+        return "WAL segments left: " + ", ".join(counts)
+
+
+def _wait_until(cursor, query: str, position: str, deadline: float, what: str) -> None:
+    while True:
+        cursor.execute(query, (position,))
+        if cursor.fetchone()[0]:
+            return
+        if time.monotonic() > deadline:
+            raise IgopsError(f"{what} ({position}) within {STREAMING_TIMEOUT:g} s",
+                             "see `igops pg status`; the old timelines' segments go once the WAL moves on")
+        time.sleep(0.1)
+
+
+def _wal_segments(cursor) -> int:
+    cursor.execute("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")
+    return cursor.fetchone()[0]
 
 
 def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
