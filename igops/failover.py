@@ -631,6 +631,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
               for sibling in siblings]
     steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
               for node in siblings]
+    steps.append(_release_switch_segment_step(candidate, [primary, *siblings]))
     return steps + unpause_repmgrd
 
 
@@ -804,6 +805,7 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
                       "register_primary", (chosen,)))
     steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
               for sibling in siblings]
+    steps.append(_release_switch_segment_step(chosen, siblings))
     return steps + unpause_repmgrd
 
 
@@ -954,6 +956,8 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
     pause_repmgrd, unpause_repmgrd = _repmgrd_steps(view.repmgrd_members(), f"act on {node} while it is rewound")
     plan.actions = [*pause_repmgrd,
                     *_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+                    # pg_rewind copied the primary's segments, those of the promotion among them.
+                    _release_switch_segment_step(primary, [node]),
                     *unpause_repmgrd]
     return _signed(plan, view), state
 
@@ -972,6 +976,12 @@ def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
         Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
     return steps
+
+
+def _release_switch_segment_step(primary: str, standbys: list[str]) -> Step:
+    return Step(f"{primary}: end its WAL segment, CHECKPOINT, then a restartpoint on "
+                f"{', '.join(standbys) or 'no standby'} (so the old timelines' copies of the promotion's segment "
+                "are removed)", "release_switch_segment", (primary, tuple(standbys)))
 
 
 # --- applying ------------------------------------------------------------------------------------------
@@ -1279,6 +1289,57 @@ class PgActions:
                                  f"see {node}'s Postgres log")
             time.sleep(0.2)
 
+    def release_switch_segment(self, primary: str, standbys: tuple = ()) -> str:
+        """A promotion copies the segment it happened in onto the new timeline, and Postgres
+        removes segments by number whatever their timeline: while the WAL stays in that segment
+        (an idle cluster), checkpoints keep every timeline's copy, 16 MB per promotion on each
+        member. So: end the segment; wait until the standbys' slots have moved past it (a slot
+        holds back what its standby has not flushed); CHECKPOINT; then a restartpoint on each
+        standby once it has replayed that checkpoint. `wal_keep_size` keeps every timeline's
+        copies of its last segments as well: the copies go when the WAL moves past it."""
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        connection = postgres.connect(self.fleet, self._host(primary), statement_timeout_ms=None)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_switch_wal()")
+                cursor.execute("SELECT pg_current_wal_lsn()::text")
+                _wait_until(cursor, "SELECT NOT EXISTS (SELECT FROM pg_replication_slots WHERE active AND "
+                            "slot_type = 'physical' AND restart_lsn < %s::pg_lsn)", cursor.fetchone()[0], deadline,
+                            f"the standbys' slots on {primary} did not move past the switched segment")
+                cursor.execute("CHECKPOINT")
+                cursor.execute("SELECT pg_current_wal_lsn()::text")
+                checkpointed = cursor.fetchone()[0]
+                counts = [f"{primary} {_wal_segments(cursor)}"]
+        finally:
+            connection.close()
+        for standby in standbys:
+            connection = postgres.connect(self.fleet, self._host(standby), statement_timeout_ms=None)
+            try:
+                with connection.cursor() as cursor:
+                    _wait_until(cursor, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", checkpointed, deadline,
+                                f"{standby} did not replay {primary}'s checkpoint")
+                    cursor.execute("CHECKPOINT")
+                    counts.append(f"{standby} {_wal_segments(cursor)}")
+            finally:
+                connection.close()
+        return "WAL segments left: " + ", ".join(counts)
+
+
+def _wait_until(cursor, query: str, position: str, deadline: float, what: str) -> None:
+    while True:
+        cursor.execute(query, (position,))
+        if cursor.fetchone()[0]:
+            return
+        if time.monotonic() > deadline:
+            raise IgopsError(f"{what} ({position}) within {STREAMING_TIMEOUT:g} s",
+                             "see `igops pg status`; the old timelines' segments go once the WAL moves on")
+        time.sleep(0.1)
+
+
+def _wal_segments(cursor) -> int:
+    cursor.execute("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")
+    return cursor.fetchone()[0]
+
 
 def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
     actions = PgActions(fleet)
@@ -1494,18 +1555,7 @@ def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[Redi
         if state.app_master == target and len(masters) == 1:
             return _signed(RedisPlan("switchover", f"Nothing to do: {target} is the master and the app uses it",
                                      target, target), view), state
-        plan = RedisPlan("switchover", f"Finish: {target} is a master; point the app and the others at it",
-                         current, target)
-        others = [name for name in members if name != target and view.states[name] is not None
-                  and not (state.node(name).role == "replica" and state.node(name).master == target)]
-        plan.actions = [Step(f"{name}: REPLICAOF {target}", "replicate", (name, target)) for name in others]
-        if state.app_master != target:
-            plan.actions.append(Step(f"directory: redis_master = {_redis_address(fleet, target)} (version bump)",
-                                     "point_app", (target,)))
-        answering = tuple(name for name in members if view.states[name] is not None)
-        plan.actions.append(Step(f"config files: {target} as master, {', '.join(n for n in answering if n != target)} "
-                                 f"as replicas of {target}", "persist_roles", (target, answering)))
-        return _signed(plan, view), state
+        return _signed(_plan_redis_finish(fleet, view, "switchover", target), view), state
     if node.role != "replica":
         raise Refused(state, f"refused: {target} is not a replica (it is {node.state if node.role == 'unknown' else node.role})",
                       "pick a running replica (igops redis status)")
@@ -1524,11 +1574,32 @@ def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[Redi
     return _signed(plan, view), state
 
 
+def _plan_redis_finish(fleet, view: _RedisView, operation: str, master: str) -> RedisPlan:
+    """`master` is the one master: finish what an interrupted operation left (a switchover killed
+    after the demotion leaves the app pointed at the old master, now a replica, and the config
+    files with the old roles): the others follow it, the directory names it, the files say so."""
+    state = view.state
+    plan = RedisPlan(operation, f"Finish: {master} is the master; point the app and the others at it",
+                     state.app_master, master)
+    others = [name for name in redis_members(fleet) if name != master and view.states[name] is not None
+              and not (state.node(name).role == "replica" and state.node(name).master == master)]
+    plan.actions = [Step(f"{name}: REPLICAOF {master}", "replicate", (name, master)) for name in others]
+    if state.app_master != master:
+        plan.actions.append(Step(f"directory: redis_master = {_redis_address(fleet, master)} (version bump)",
+                                 "point_app", (master,)))
+    answering = tuple(name for name in redis_members(fleet) if view.states[name] is not None)
+    plan.actions.append(Step(f"config files: {master} as master, {', '.join(n for n in answering if n != master)} "
+                             f"as replicas of {master}", "persist_roles", (master, answering)))
+    return plan
+
+
 def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) -> list[Step]:
     pause = fleet.model.redis.pause_timeout
     unpause = Step(f"{current}: CLIENT UNPAUSE (paused writes are refused READONLY and retried on {target})",
                    "unpause", (current,))
     steps = [
+        Step(f"{current}, {target}: connect now, so that no connection has to be set up while writes wait",
+             "hold_connections", (current, target)),
         Step(f"{current}: CLIENT PAUSE WRITE (writes wait, reads go on; released by Redis itself after {pause:g} s)",
              "pause_writes", (current,), release=unpause),
         Step(f"{target}: wait until its offset reaches {current}'s (at most {pause / 2:g} s)", "wait_offset",
@@ -1566,8 +1637,13 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
         raise Refused(state, f"refused: {old} answers as the master: it is not down",
                       "for a planned change use `igops redis switchover --to NODE`")
     if view.states.get(old) is not None:
-        raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}",
-                      f"point the app at a master with `igops redis switchover --to {state.node(old).master}`")
+        # What a switchover killed between the demotion and the directory update leaves.
+        if len(masters) == 1 and target in (None, masters[0]):
+            return _signed(_plan_redis_finish(fleet, view, "failover", masters[0]), view), state
+        raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}"
+                             + (f"; {masters[0]} is the master, not {target}" if len(masters) == 1 else
+                                f"; {len(masters)} nodes answer as masters"),
+                      "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
         ssh_check = pool.submit(_ssh, fleet, fleet.host(old), ["true"], 20)
         _confirm_redis_down(fleet, state, old)
@@ -1682,46 +1758,57 @@ class RedisActions:
         self.unpaused_at: float | None = None
         self.master_offset: int | None = None
         self.endpoint_version: int | None = None
+        # Connections opened before writes are paused and used until the demotion: a connection
+        # opened while paused could take longer to set up (2 s timeout) than the pause has left.
+        self._held: dict[str, Any] = {}
 
-    def _client(self, name: str):
-        return redisops.client(self.fleet, self.fleet.host(name))
+    @contextmanager
+    def _connection(self, name: str) -> Iterator[Any]:
+        held = self._held.get(name)
+        if held is not None:
+            yield held
+            return
+        connection = redisops.client(self.fleet, self.fleet.host(name))
+        try:
+            yield connection
+        finally:
+            connection.close()
 
     def _master_of(self, name: str) -> tuple[str, int]:
         return str(self.fleet.host(name).address), self.fleet.model.redis.port
 
+    def hold_connections(self, *names: str) -> None:
+        for name in names:
+            connection = redisops.client(self.fleet, self.fleet.host(name))
+            self._held[name] = connection
+            connection.ping()  # connects now; the client keeps the connection for the next commands
+
+    def close(self) -> None:
+        for connection in self._held.values():
+            connection.close()
+        self._held.clear()
+
     def pause_writes(self, name: str) -> None:
-        connection = self._client(name)
-        try:
+        with self._connection(name) as connection:
             redisops.pause_writes(connection, int(self.fleet.model.redis.pause_timeout * 1000))
             self.paused_at = time.monotonic()
             self.master_offset = redisops.node_state(connection).offset
-        finally:
-            connection.close()
 
     def unpause(self, name: str) -> str | None:
-        connection = self._client(name)
-        try:
+        with self._connection(name) as connection:
             redisops.unpause(connection)
-        finally:
-            connection.close()
         if self.paused_at is not None and self.unpaused_at is None:
             self.unpaused_at = time.monotonic()
             return f"writes were paused {(self.unpaused_at - self.paused_at) * 1000:.0f} ms"
         return None
 
     def wait_offset(self, master: str, replica: str, deadline: float | None = None) -> str:
-        master_client = self._client(master)
-        try:
-            self.master_offset = redisops.node_state(master_client).offset
-        finally:
-            master_client.close()
-        connection = self._client(replica)
-        try:
+        with self._connection(master) as master_connection:
+            self.master_offset = redisops.node_state(master_connection).offset
+        with self._connection(replica) as connection:
             if deadline is None:
                 deadline = (self.paused_at or time.monotonic()) + self.fleet.model.redis.pause_timeout / 2
             reached = redisops.wait_for_offset(connection, self.master_offset, deadline)
-        finally:
-            connection.close()
         return f"offset {reached}"
 
     def promote(self, name: str, paused_master: str | None = None) -> str | None:
@@ -1734,22 +1821,16 @@ class RedisActions:
                 raise IgopsError(f"only {max(left, 0):.1f} s of {paused_master}'s write pause left: too late to "
                                  "promote and demote safely")
             detail = self.wait_offset(paused_master, name, deadline=time.monotonic() + left - PAUSE_MARGIN)
-        connection = self._client(name)
-        try:
+        with self._connection(name) as connection:
             redisops.replicate_from(connection, None)
-        finally:
-            connection.close()
         return detail
 
     def demote(self, name: str, new_master: str) -> None:
         self.replicate(name, new_master)
 
     def replicate(self, name: str, master: str) -> None:
-        connection = self._client(name)
-        try:
+        with self._connection(name) as connection:
             redisops.replicate_from(connection, self._master_of(master))
-        finally:
-            connection.close()
 
     def point_app(self, name: str) -> str:
         connection = directory_connection(self.fleet)
@@ -1784,17 +1865,17 @@ class RedisActions:
         self.persist_roles(new_master, (name,))
 
     def wait_link(self, name: str) -> str:
-        connection = self._client(name)
-        try:
+        with self._connection(name) as connection:
             state = redisops.wait_for_link(connection, time.monotonic() + STREAMING_TIMEOUT)
-        finally:
-            connection.close()
         return f"link up, offset {state.offset}"
 
 
 def apply_redis(fleet, plan: RedisPlan, reporter: Reporter = Reporter()) -> RedisResult:
     actions = RedisActions(fleet)
-    reports = execute(plan.actions, actions, reporter, plan.failure_hint)
+    try:
+        reports = execute(plan.actions, actions, reporter, plan.failure_hint)
+    finally:
+        actions.close()
     pause_ms = ((actions.unpaused_at - actions.paused_at) * 1000
                 if actions.paused_at is not None and actions.unpaused_at is not None else None)
     return RedisResult(plan.operation, plan.old_master, plan.new_master,

@@ -50,9 +50,12 @@ class Node:
         return self.pg_ctl("status", check=False).returncode == 0
 
     def start(self) -> None:
-        if not self.running():
-            (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
-            self.pg_ctl("-l", str(self.log), "-w", "-t", "60", "start")
+        """Start it, or have a running server read its configuration again (`up` rewrites it)."""
+        if self.running():
+            self.pg_ctl("reload")
+            return
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+        self.pg_ctl("-l", str(self.log), "-w", "-t", "60", "start")
 
     def stop(self) -> None:
         if self.pgdata.joinpath("PG_VERSION").exists() and self.running():

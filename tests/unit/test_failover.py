@@ -195,11 +195,11 @@ def test_failover_without_a_reachable_old_host_cannot_fence_on_disk(fleet):
 def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
     steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
     actions = [step.action for step in steps]
-    assert actions[:4] == ["pause_writes", "wait_offset", "promote", "demote"]
+    assert actions[:5] == ["hold_connections", "pause_writes", "wait_offset", "promote", "demote"]
     assert actions.index("demote") < actions.index("point_app") < actions.index("unpause")
-    assert steps[0].release.action == "unpause"
-    assert steps[2].undo.args == ("redis2", "redis1")
-    assert steps[3].point_of_no_return
+    assert steps[1].release.action == "unpause"
+    assert steps[3].undo.args == ("redis2", "redis1")
+    assert steps[4].point_of_no_return
     assert ("replicate", ("redis3", "redis2")) in [(step.action, step.args) for step in steps]
 
 

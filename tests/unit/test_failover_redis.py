@@ -1,0 +1,88 @@
+"""A Redis switchover against two real redis-server processes on loopback (no lab): the
+connections the switchover needs while writes are paused are opened before the pause, so none
+is set up (2 s connect timeout) while the pause runs out; and a failover whose directory names a
+demoted master only finishes the switch."""
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from igops import failover, inventory, redisops
+from igops.output import Reporter
+from tests.labtools import wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+ADDRESSES = {"redis1": "127.0.77.1", "redis2": "127.0.77.2"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.77.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """redis1 a master, redis2 its replica, and a fleet naming them."""
+    port = free_port()
+    servers = []
+    for name, address in ADDRESSES.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        servers.append(subprocess.Popen(["redis-server", "--bind", address, "--port", str(port), "--save", "",
+                                         "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+                                         "--dir", str(directory)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    hosts = "".join(f'[[hosts]]\nname = "{name}"\naddress = "{address}"\nroles = ["redis"]\n'
+                    for name, address in ADDRESSES.items())
+    path = tmp_path / "igops.toml"
+    path.write_text(hosts + f'[redis]\nmaster = "redis1"\nreplicas = ["redis2"]\nport = {port}\n')
+    fleet = inventory.load_file(path)
+    clients = {name: redisops.client(fleet, fleet.host(name)) for name in ADDRESSES}
+    try:
+        assert wait_for(lambda: all(_answers(client) for client in clients.values()), 10)
+        clients["redis2"].execute_command("REPLICAOF", ADDRESSES["redis1"], str(port))
+        clients["redis1"].set("before", "1")
+        assert wait_for(lambda: redisops.node_state(clients["redis2"]).link_up, 10)
+        yield fleet, clients
+    finally:
+        for client in clients.values():
+            client.close()
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+
+
+def _answers(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def connections_received(client) -> int:
+    return int(client.info("stats")["total_connections_received"])
+
+
+def test_no_connection_is_opened_between_the_pause_and_the_demotion(pair):
+    fleet, clients = pair
+    steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
+    actions = [step.action for step in steps]
+    assert actions[:5] == ["hold_connections", "pause_writes", "wait_offset", "promote", "demote"]
+    assert set(steps[0].args) == {"redis1", "redis2"}
+    before = {name: connections_received(client) for name, client in clients.items()}
+    switch = failover.RedisActions(fleet)
+    try:
+        failover.execute(steps[:4], switch, Reporter(), "")
+        # redis2 is the master now; redis1 has not connected to it yet (it is demoted next).
+        assert connections_received(clients["redis2"]) - before["redis2"] == 1
+        failover.execute(steps[4:5], switch, Reporter(), "")
+        assert connections_received(clients["redis1"]) - before["redis1"] == 1
+    finally:
+        switch.close()
+    assert redisops.node_state(clients["redis1"]).role == "replica"
+    assert redisops.node_state(clients["redis2"]).role == "master"
+    clients["redis1"].execute_command("CLIENT", "UNPAUSE")
