@@ -236,7 +236,7 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                                   + (f" ({session.stderr().strip()})" if not event else ""),
                                   "nothing is left frozen; the watchdog thaws by the deadline in any case")
             step.detail = f"frozen in {event['freeze_ms']:.0f} ms"
-        failure: Exception | None = None
+        failure: Exception | None = late_freeze(event, plan.freeze_deadline)
         thaw_sent = threading.Event()
 
         def request_thaw() -> None:
@@ -252,6 +252,8 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
         with reporter.step(f"snapshot {len(plan.volumes)} volumes"
                            + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
             try:
+                if failure is not None:
+                    raise failure
                 result.snapshots = _take_snapshots(ebs, plan, common, on_first_failure=request_thaw)
             except Exception as exc:  # noqa: BLE001 - the thaw below must happen first
                 failure = exc
@@ -266,6 +268,9 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                                   "check with `igops check`")
             result.freeze_window_ms, result.thawed_by = event["window_ms"], event["reason"]
             step.detail = f"freeze window {event['window_ms']:.0f} ms"
+            failure = failure or early_thaw(event, plan.freeze_deadline)
+            if failure is not None:
+                step.detail += f", thawed by {event['reason']}"
 
     if failure is not None or len(result.snapshots) != len(plan.volumes):
         result.error = str(failure) if failure else "not every volume was snapshotted"
@@ -290,6 +295,26 @@ class SnapshotFailed(IgopsError):
         super().__init__(f"snapshot group {result.group_id} failed: {result.error}",
                          "the filesystems were thawed at once and the group's snapshots deleted")
         self.result = result
+
+
+def late_freeze(frozen: dict, deadline: float) -> IgopsError | None:
+    """The freeze itself outlasted the deadline: the agent thaws at once, so no snapshot taken
+    now would be consistent."""
+    if frozen.get("deadline_ms", 1) <= 0:
+        return IgopsError(f"freezing took longer than the {deadline:g} s deadline ({frozen['freeze_ms']:.0f} ms); "
+                          "no snapshot was taken")
+    return None
+
+
+def early_thaw(thawed: dict, deadline: float) -> IgopsError | None:
+    """Only a thaw that igops asked for, after every call returned, proves the snapshots were
+    taken while frozen. A thaw at the deadline, or on a closed channel, may have come first."""
+    if thawed.get("reason") != "request":
+        cause = (f"the {deadline:g} s freeze deadline passed" if thawed.get("reason") == "deadline"
+                 else f"the freeze ended early ({thawed.get('reason', 'no reason given')})")
+        return IgopsError(f"{cause} before the snapshot calls returned: the filesystems were thawed while "
+                          "they ran, so the snapshots may not be consistent")
+    return None
 
 
 def _event(session, timeout: float) -> dict:

@@ -28,9 +28,29 @@ PROXY_ADDRESS = "127.0.10.9"
 DRILL_PORT = 5499
 
 
+def roles_of_main(fleet) -> dict[str, bool]:
+    """member -> whether it is in recovery, asked of each server: tests elsewhere switch the
+    cluster over, so the inventory's names do not say which member is the primary now."""
+    cluster = fleet.model.postgres.clusters["main"]
+    roles = {}
+    for name in [cluster.primary, *cluster.standbys]:
+        connection = postgres(fleet, name)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            roles[name] = cursor.fetchone()[0]
+        connection.close()
+    return roles
+
+
 def primary_of_main(fleet) -> str:
-    """Tests elsewhere switch the cluster over; whoever is primary now is the host to snapshot."""
-    return fleet.model.postgres.clusters["main"].primary
+    """The member that accepts writes now."""
+    [primary] = [name for name, in_recovery in roles_of_main(fleet).items() if not in_recovery]
+    return primary
+
+
+def standby_of_main(fleet) -> str:
+    """The member to snapshot: a standby (igops refuses to freeze the live primary)."""
+    return next(name for name, in_recovery in roles_of_main(fleet).items() if in_recovery)
 
 
 def postgres(fleet, host_name=None):
@@ -84,11 +104,11 @@ def group_snapshots(fleet, group_id):
 
 
 def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_path):
-    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
+    data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
@@ -117,11 +137,11 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
 
 
 def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
-    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
+    data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "30"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
@@ -137,19 +157,19 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
 def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp_path):
 
     ec2 = Ebs(lab)._ec2
-    primary = lab.host(primary_of_main(lab))
-    wal = next(m for m in primary.mounts if m.purpose == "wal")
-    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(primary.instance_id) if a.device == wal.device) \
+    standby = lab.host(standby_of_main(lab))
+    wal = next(m for m in standby.mounts if m.purpose == "wal")
+    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device) \
         if wal.device else wal.volumes[0]
     # A spare volume on the instance means the mounts are not all of its data volumes: igops
     # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
-    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(primary.instance_id))["VolumeId"]
-    ec2.attach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz")
+    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(standby.instance_id))["VolumeId"]
+    ec2.attach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz")
     try:
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
+            result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -158,31 +178,52 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         assert group_snapshots(lab, group_id) == []  # the one that was made is deleted
         thaw_step = next(step for step in envelope["steps"] if step["title"].startswith("thaw"))
         assert thaw_step["status"] == "ok"
-        assert all(can_write(mount.path, 2) for mount in primary.mounts)
+        assert all(can_write(mount.path, 2) for mount in standby.mounts)
     finally:
-        ec2.detach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz", Force=True)
+        ec2.detach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz", Force=True)
         ec2.delete_volume(VolumeId=spare)
+
+
+def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snapshots(lab, tmp_path):
+    standby = lab.host(standby_of_main(lab))
+    # The watchdog thaws at the 2 s deadline while CreateSnapshots is still held: the snapshots
+    # are made after the thaw, so they cannot be trusted.
+    faults = Faults(hold={"CreateSnapshots": 4})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook",
+                           "--deadline", "2", "--json")
+    assert result.returncode == ExitCode.FAILED, result.stdout + result.stderr
+    envelope = json.loads(result.stdout)
+    assert "deadline passed before the snapshot calls returned" in envelope["error"]["message"]
+    group_id = re.search(r"group (\S+) failed", envelope["error"]["message"]).group(1)
+    assert "CreateSnapshots" in faults.calls
+    assert group_snapshots(lab, group_id) == []
+    listed = json.loads(run_igops("snapshot", "list", "--host", standby.name, "--json",
+                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    assert group_id not in [group["group_id"] for group in listed]
+    assert all(can_write(mount.path, 2) for mount in standby.mounts)
 
 
 def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
+        result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
-    assert all(can_write(mount.path, 2) for mount in lab.host(primary_of_main(lab)).mounts)
+    assert all(can_write(mount.path, 2) for mount in lab.host(standby_of_main(lab)).mounts)
 
 
 def test_two_creates_on_one_host(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 3})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
                                   "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
-        second = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook")
+        second = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook")
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
     assert "already running" in second.stderr and "snapshot-create" in second.stderr
@@ -211,7 +252,7 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     writer.start()
     time.sleep(1.0)
     launched = time.monotonic()
-    created = run_igops("snapshot", "create", primary_of_main(lab), "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
+    created = run_igops("snapshot", "create", standby_of_main(lab), "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
     time.sleep(0.5)
     stop.set()
     writer.join()
@@ -221,23 +262,23 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     group_id = result["group_id"]
     assert any(step["title"].startswith("pre-freeze hook") for step in json.loads(created.stdout)["steps"])
 
-    listed = json.loads(run_igops("snapshot", "list", "--host", primary_of_main(lab), "--json",
+    listed = json.loads(run_igops("snapshot", "list", "--host", standby_of_main(lab), "--json",
                                   env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
     mine = next(group for group in listed if group["group_id"] == group_id)
     assert mine["state"] == "complete" and mine["volumes"] == 2 and len(mine["mounts"]) == 2
     for snapshot in group_snapshots(lab, group_id):
         tags = tags_of(snapshot)
-        assert tags["igops:host"] == primary_of_main(lab) and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
+        assert tags["igops:host"] == standby_of_main(lab) and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
         assert tags["igops:raid-index"] == "0" and tags["igops:version"]
 
     restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json",
                          env={"IGOPS_CONFIG": str(lab.source)})
     assert restored.returncode == 0, restored.stderr
     mounted = json.loads(restored.stdout)["data"]["mounted"]
-    primary = lab.host(primary_of_main(lab))
-    data_mount = next(m.path for m in primary.mounts if m.purpose == "data")
-    wal_mount = next(m.path for m in primary.mounts if m.purpose == "wal")
-    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, primary))
+    source = lab.host(standby_of_main(lab))
+    data_mount = next(m.path for m in source.mounts if m.purpose == "data")
+    wal_mount = next(m.path for m in source.mounts if m.purpose == "wal")
+    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, source))
     restored_pgdata = Path(mounted[data_mount]) / pgdata.relative_to(data_mount)
     drill_socket = Path(lab.model.snapshot.restore_root) / f"{group_id}-drill"
     drill_log = drill_socket / "postgres.log"
@@ -286,8 +327,8 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
 
 
 def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, tmp_path):
-    primary = lab.host(primary_of_main(lab))
-    volume_id = primary.mounts[0].volumes[0]
+    standby = lab.host(standby_of_main(lab))
+    volume_id = standby.mounts[0].volumes[0]
     ebs = Ebs(lab)
     made = [ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"]
             for _ in range(5)]
@@ -295,7 +336,7 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
         faults = Faults(rewrite={"DescribeSnapshots": ("<status>completed</status>", "<status>pending</status>")})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", primary.name, "--yes", "--no-hook")
+            result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook")
         assert result.returncode == ExitCode.REFUSED, result.stderr
         assert "5 pending snapshots" in result.stderr and volume_id in result.stderr
         assert "CreateSnapshots" not in faults.calls and "CreateSnapshot" not in faults.calls
@@ -306,7 +347,7 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
 
 def test_root_and_non_mounts_are_refused(lab):
     env = {"IGOPS_CONFIG": str(lab.source)}
-    root = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/", "--yes", env=env)
+    root = run_igops("snapshot", "create", standby_of_main(lab), "--mount", "/", "--yes", env=env)
     assert root.returncode == ExitCode.REFUSED and "refusing to freeze /" in root.stderr
-    not_a_mount = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
+    not_a_mount = run_igops("snapshot", "create", standby_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
     assert not_a_mount.returncode == ExitCode.REFUSED and "not a mount point" in not_a_mount.stderr

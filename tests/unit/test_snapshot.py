@@ -178,3 +178,18 @@ def test_create_plan_steps_say_one_call_or_parallel():
     assert "/wal, /data" in steps[3]
     plan.one_call = False
     assert "parallel CreateSnapshot" in plan.steps()[2]
+
+
+def test_only_a_requested_thaw_completes_a_group():
+    assert snapshot.early_thaw({"event": "thawed", "reason": "request", "window_ms": 30}, 10) is None
+    deadline = snapshot.early_thaw({"event": "thawed", "reason": "deadline", "window_ms": 10_000}, 10)
+    assert "10 s freeze deadline passed" in str(deadline)
+    assert "ended early (eof)" in str(snapshot.early_thaw({"event": "thawed", "reason": "eof"}, 10))
+    assert snapshot.early_thaw({"event": "thawed"}, 10) is not None
+
+
+def test_a_freeze_that_ends_past_its_deadline_takes_no_snapshot():
+    assert snapshot.late_freeze({"event": "frozen", "freeze_ms": 5, "deadline_ms": 9995}, 10) is None
+    for left in (0, -20):
+        late = snapshot.late_freeze({"event": "frozen", "freeze_ms": 10_020, "deadline_ms": left}, 10)
+        assert "longer than the 10 s deadline" in str(late)
