@@ -64,9 +64,10 @@ class CreatePlan:
     one_call: bool
     freeze_deadline: float
     pre_freeze: str | None
+    write_stall: str | None = None  # set when the host is a live primary and freezing it was allowed
 
     def steps(self) -> list[str]:
-        steps = []
+        steps = [self.write_stall] if self.write_stall else []
         if self.pre_freeze:
             steps.append(f"on {self.host}: run the pre-freeze hook `{self.pre_freeze}`, then sync")
         steps.append(f"on {self.host}: start the thaw watchdog (hard deadline {self.freeze_deadline:g} s), "
@@ -115,11 +116,13 @@ def new_group_id(host: str, now: datetime | None = None) -> str:
 
 # --- create -----------------------------------------------------------------------------------
 def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
-                deadline: float | None = None, hook: bool = True) -> CreatePlan:
+                deadline: float | None = None, hook: bool = True, allow_primary: bool = False) -> CreatePlan:
     """Discover what lies under the mounts and refuse anything unsafe, before anything is frozen."""
     from igops.ebs import MAX_PENDING_SNAPSHOTS, Ebs
 
     host = fleet.host(host_name)
+    freeze_deadline = deadline or fleet.model.snapshot.freeze_deadline
+    write_stall = primary_write_stall(fleet, host.name, freeze_deadline, allow_primary)
     if not host.instance_id:
         raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
     chosen = mounts or [mount.path for mount in host.mounts]
@@ -144,8 +147,36 @@ def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None
         group_id=new_group_id(host.name), host=host.name, instance_id=host.instance_id, role=role,
         mounts=chosen, volumes=volumes,
         one_call={volume.volume_id for volume in volumes} == data_volumes,
-        freeze_deadline=deadline or fleet.model.snapshot.freeze_deadline,
-        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None)
+        freeze_deadline=freeze_deadline,
+        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None, write_stall=write_stall)
+
+
+def primary_write_stall(fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
+    """Snapshots are taken of standbys: freezing a live primary stalls every write to its
+    cluster until the thaw. The primary is found by asking the members (a switchover moves it;
+    the inventory keeps naming the members as they were). Refused unless explicitly allowed;
+    when allowed, the stall is stated in the plan."""
+    from igops import postgres_admin
+
+    for cluster_name, cluster in fleet.model.postgres.clusters.items():
+        if host_name != cluster.primary and host_name not in cluster.standbys:
+            continue
+        try:
+            primary = postgres_admin.primary_of(fleet, cluster_name).name
+        except IgopsError:
+            return None  # no member accepts writes: freezing stalls none
+        if primary != host_name:
+            return None
+        if not allow_primary:
+            standbys = [name for name in (cluster.primary, *cluster.standbys) if name != host_name]
+            raise RefusedError(
+                f"{host_name} is the live primary of Postgres cluster {cluster_name}: freezing it stalls every "
+                f"write to the cluster for up to {deadline:g} s",
+                f"snapshot its standby ({', '.join(standbys) or 'none listed'}) instead, "
+                "or pass --allow-primary to accept the write stall")
+        return (f"WRITE STALL: {host_name} is the live primary of Postgres cluster {cluster_name}; every write "
+                f"to it waits while the filesystems are frozen (up to {deadline:g} s)")
+    return None
 
 
 def discover(fleet, host, mounts: list[str]) -> list[dict]:

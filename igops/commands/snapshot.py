@@ -30,6 +30,9 @@ def create(
     deadline: Optional[float] = typer.Option(None, "--deadline", min=1, max=120,
                                              help="Hard thaw deadline in seconds (default from the inventory, 10)."),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
+    allow_primary: bool = typer.Option(False, "--allow-primary",
+                                       help="Freeze a live Postgres primary (its writes stall until the thaw); "
+                                            "refused otherwise: snapshot a standby."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -40,7 +43,7 @@ def create(
     with command(ctx, "snapshot create", json_flag) as out:
         fleet = load_fleet(ctx)
         with out.step(f"discover the volumes under {host}'s mounts"):
-            plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook)
+            plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
             result = mutate(out, fleet, operation="snapshot-create", target=host, targets=[host],
                             title=f"Snapshot group {plan.group_id}: {len(plan.volumes)} volumes under "

@@ -216,14 +216,18 @@ def test_endpoint_down_during_the_call(lab, tmp_path):
 
 
 def test_two_creates_on_one_host(lab, tmp_path):
-    faults = Faults(hold={"CreateSnapshots": 3})
+    # The first holds its lock while its call is held: long enough for the second to start,
+    # plan (SSH discovery, EC2 and Postgres look-ups) and meet the lock; its deadline outlasts the hold.
+    standby = standby_of_main(lab)
+    faults = Faults(hold={"CreateSnapshots": 8})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
-                                  "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby, "--yes",
+                                  "--no-hook", "--deadline", "30", "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
-        second = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook")
+        second = run_igops("-c", str(config), "snapshot", "create", standby, "--yes", "--no-hook")
+        assert first.poll() is None, "the second create must have run while the first held its lock"
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
     assert "already running" in second.stderr and "snapshot-create" in second.stderr
@@ -351,3 +355,23 @@ def test_root_and_non_mounts_are_refused(lab):
     assert root.returncode == ExitCode.REFUSED and "refusing to freeze /" in root.stderr
     not_a_mount = run_igops("snapshot", "create", standby_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
     assert not_a_mount.returncode == ExitCode.REFUSED and "not a mount point" in not_a_mount.stderr
+
+
+def test_the_live_primary_is_frozen_only_when_asked_and_the_plan_states_the_stall(lab, tmp_path):
+    primary = primary_of_main(lab)
+    faults = Faults()
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        refused = run_igops("-c", str(config), "snapshot", "create", primary, "--yes", "--no-hook")
+        assert refused.returncode == ExitCode.REFUSED, refused.stdout + refused.stderr
+        assert f"{primary} is the live primary of Postgres cluster main" in refused.stderr
+        assert "--allow-primary" in refused.stderr and standby_of_main(lab) in refused.stderr
+        assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
+        assert not freeze_processes()
+        planned = run_igops("-c", str(config), "snapshot", "create", primary, "--allow-primary", "--dry-run",
+                            "--no-hook", "--json")
+    assert planned.returncode == 0, planned.stderr
+    envelope = json.loads(planned.stdout)
+    stall = envelope["data"]["plan"]["write_stall"]
+    assert stall.startswith("WRITE STALL") and "every write" in stall
+    assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
