@@ -65,6 +65,9 @@ def _build_models():
         # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
         pre_freeze: dict[str, str] = Field(default_factory=dict)
         restore_root: str = "/mnt/igops-restore"
+        # A group still `taking` (or `failed`) this long after it began was left by a killed or
+        # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
+        stale_after_minutes: float = Field(60.0, gt=0)
 
     class Monitoring(Strict):
         pingdom_url: str = "https://api.pingdom.com/api/3.1"

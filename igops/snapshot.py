@@ -463,11 +463,17 @@ BUCKETS = {
 }
 
 
+def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
+    """A group still taking, or failed, `grace` after it began: its create was killed (it never
+    tagged the group complete) or gave up; nothing will finish it."""
+    return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
+
+
 def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
                now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> PrunePlan:
     """Which groups to keep and delete, per host. Only complete groups count toward retention;
-    the newest complete group of a host is always kept; failed groups are deleted; groups still
-    being taken (or failed ones younger than `grace`, which may still be cleaned up) are left."""
+    the newest complete group of a host is always kept; stale groups (taking or failed for
+    longer than `grace`) are deleted; younger ones may still be finishing or cleaning up."""
     if retention.empty():
         raise UsageError("no retention given", "pass at least one of --keep-last/--keep-hourly/--keep-daily/--keep-weekly")
     now = now or datetime.now(timezone.utc)
@@ -492,9 +498,7 @@ def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
         for group in host_groups:
             if group.group_id in keep:
                 continue
-            if group.state == STATE_COMPLETE:
-                delete.append(group)
-            elif group.state == STATE_FAILED and now - group.created > grace:
+            if group.state == STATE_COMPLETE or stale(group, now, grace):
                 delete.append(group)
     return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
 

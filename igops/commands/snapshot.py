@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import List, Optional
 
 import typer
@@ -127,7 +128,8 @@ def prune(
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
         plan = snapshot.plan_prune(snapshot.groups(ebs, host),
-                                   snapshot.Retention(keep_last, keep_hourly, keep_daily, keep_weekly))
+                                   snapshot.Retention(keep_last, keep_hourly, keep_daily, keep_weekly),
+                                   grace=timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         deleted = []
         if plan.delete:
             deleted = mutate(out, fleet, operation="snapshot-prune", target=host or "all", targets=[host or "all"],

@@ -375,3 +375,32 @@ def test_the_live_primary_is_frozen_only_when_asked_and_the_plan_states_the_stal
     stall = envelope["data"]["plan"]["write_stall"]
     assert stall.startswith("WRITE STALL") and "every write" in stall
     assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
+
+
+def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_path):
+    standby = standby_of_main(lab)
+    # Killed after the snapshots were made and the filesystems thawed, before the group was tagged complete.
+    faults = Faults(hold={"CreateTags": 60})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        config.write_text(config.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby,
+                                  "--yes", "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        assert wait_for(lambda: "CreateTags" in faults.calls, 30)
+        igops.kill()
+        igops.wait()
+    left = [group for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby,
+                                                    "--json").stdout)["data"]["groups"] if group["state"] == "taking"]
+    assert left, "the killed create left a group taking"
+    group_ids = {group["group_id"] for group in left}
+    time.sleep(1.5)  # past the 1.2 s grace
+    checked = run_igops("-c", str(config), "check", "--only", "snapshot", "--json")
+    [mine] = [result for result in json.loads(checked.stdout)["data"]["results"] if result["target"] == standby]
+    assert mine["status"] in ("WARNING", "CRITICAL") and all(group_id in mine["summary"] for group_id in group_ids), mine
+    pruned = run_igops("-c", str(config), "snapshot", "prune", "--host", standby, "--keep-last", "100", "--yes",
+                       "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    assert group_ids <= set(json.loads(pruned.stdout)["data"]["deleted"])
+    for group_id in group_ids:
+        assert group_snapshots(lab, group_id) == []

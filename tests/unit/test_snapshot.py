@@ -193,3 +193,11 @@ def test_a_freeze_that_ends_past_its_deadline_takes_no_snapshot():
     for left in (0, -20):
         late = snapshot.late_freeze({"event": "frozen", "freeze_ms": 10_020, "deadline_ms": left}, 10)
         assert "longer than the 10 s deadline" in str(late)
+
+
+def test_prune_deletes_groups_a_killed_create_left_taking_after_the_grace():
+    groups = [group("db1", 3), group("db1", 0.1, "taking"), group("db1", 5, "taking"), group("db1", 2, "failed")]
+    plan = snapshot.plan_prune(groups, snapshot.Retention(last=1), NOW, grace=timedelta(hours=1))
+    assert [g.group_id for g in plan.delete] == ["db1-5", "db1-2"]  # oldest first; the fresh one may still finish
+    assert snapshot.stale(groups[2], NOW, timedelta(hours=1)) and not snapshot.stale(groups[1], NOW, timedelta(hours=1))
+    assert not snapshot.stale(groups[0], NOW, timedelta(minutes=1))  # complete groups are never stale
