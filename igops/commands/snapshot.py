@@ -151,23 +151,36 @@ def restore(
     to: str = typer.Option(..., "--to", help="The host to restore onto."),
     at: Optional[str] = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
                                                         "'/' mounts at the original paths)."),
+    port: int = typer.Option(5499, "--port", min=1, max=65535,
+                             help="Port of the restored Postgres (it listens on its own socket only)."),
+    cleanup: bool = typer.Option(False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, "
+                                                          "detach and delete its volumes."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Create volumes from a group, attach them to a host in RAID order, and mount them."""
-    from igops import snapshot
+    """Create volumes from a group, attach them in RAID order, mount them and start its Postgres; or --cleanup."""
+    from igops import restore as restoring
     from igops.ebs import Ebs
 
     with command(ctx, "snapshot restore", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        plan = snapshot.plan_restore(fleet, ebs, group, to, at)
+        if cleanup:
+            undo = restoring.plan_cleanup(fleet, ebs, group, to)
+            deleted = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
+                             title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
+                             dry_run=dry_run, yes=yes, action=lambda: restoring.cleanup(fleet, ebs, undo, out))
+            out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
+            return
+        plan = restoring.plan_restore(fleet, ebs, group, to, at, port)
         result = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
                         title=f"Restore group {group} onto {to}", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: snapshot.restore(fleet, ebs, plan, out))
+                        action=lambda: restoring.restore(fleet, ebs, plan, out))
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
         out.table(None, ["mount", "restored at"], [[m, p] for m, p in result.mounted.items()])
+        if result.postgres:
+            out.log(f"Postgres is running on the restored data: {result.postgres['psql']}")
         out.finish(result)

@@ -5,6 +5,7 @@ Real XFS on loop devices, real Postgres, moto behind a fault-injecting proxy."""
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -234,7 +235,27 @@ def test_two_creates_on_one_host(lab, tmp_path):
     assert first.returncode == 0 and json.loads(output)["data"]["state"] == "complete"
 
 
+def lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def restore_traces(lab, group_id):
+    """The group's volumes, and the lab's restored images and loop devices over them."""
+    store = Path(lab.model.aws.volume_images) / "restored"
+    loops = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+    return {"volumes": [volume["VolumeId"] for volume in Ebs(lab).volumes({"igops:group": group_id})],
+            "images": sorted(str(path) for path in store.glob("*.img")),
+            "loops": sorted(line.split()[0] for line in loops.splitlines() if str(store) in line)}
+
+
+def restored_mounts(group_id):
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines() if group_id in line]
+
+
 def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, tmp_path):
+    env = {"IGOPS_CONFIG": str(lab.source)}
+    standby = standby_of_main(lab)
     connection = postgres(lab)
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS snapshot_drill")
@@ -255,8 +276,22 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     writer = threading.Thread(target=write)
     writer.start()
     time.sleep(1.0)
+    # The standby is snapshotted: what the primary acknowledged before the launch is in the
+    # snapshot once the standby has received (and flushed) the primary's WAL up to that point.
     launched = time.monotonic()
-    created = run_igops("snapshot", "create", standby_of_main(lab), "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        launch_lsn = lsn(cursor.fetchone()[0])
+    receiver = postgres(lab, standby)
+
+    def received() -> bool:
+        with receiver.cursor() as cursor:
+            cursor.execute("SELECT pg_last_wal_receive_lsn()::text")
+            return lsn(cursor.fetchone()[0]) >= launch_lsn
+
+    assert wait_for(received, 10)
+    receiver.close()
+    created = run_igops("snapshot", "create", standby, "--yes", "--json", env=env)
     time.sleep(0.5)
     stop.set()
     writer.join()
@@ -266,68 +301,72 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     group_id = result["group_id"]
     assert any(step["title"].startswith("pre-freeze hook") for step in json.loads(created.stdout)["steps"])
 
-    listed = json.loads(run_igops("snapshot", "list", "--host", standby_of_main(lab), "--json",
-                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    listed = json.loads(run_igops("snapshot", "list", "--host", standby, "--json", env=env).stdout)["data"]["groups"]
     mine = next(group for group in listed if group["group_id"] == group_id)
     assert mine["state"] == "complete" and mine["volumes"] == 2 and len(mine["mounts"]) == 2
     for snapshot in group_snapshots(lab, group_id):
         tags = tags_of(snapshot)
-        assert tags["igops:host"] == standby_of_main(lab) and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
+        assert tags["igops:host"] == standby and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
         assert tags["igops:raid-index"] == "0" and tags["igops:version"]
 
-    restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json",
-                         env={"IGOPS_CONFIG": str(lab.source)})
-    assert restored.returncode == 0, restored.stderr
-    mounted = json.loads(restored.stdout)["data"]["mounted"]
-    source = lab.host(standby_of_main(lab))
-    data_mount = next(m.path for m in source.mounts if m.purpose == "data")
-    wal_mount = next(m.path for m in source.mounts if m.purpose == "wal")
-    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, source))
-    restored_pgdata = Path(mounted[data_mount]) / pgdata.relative_to(data_mount)
-    drill_socket = Path(lab.model.snapshot.restore_root) / f"{group_id}-drill"
-    drill_log = drill_socket / "postgres.log"
+    cleanup = ["snapshot", "restore", group_id, "--to", "db2", "--cleanup", "--yes", "--json"]
+    before = restore_traces(lab, group_id)
     try:
-        wal_link = restored_pgdata / "pg_wal"
-        if wal_link.is_symlink():
-            original = Path(os.readlink(wal_link))
-            wal_link.unlink()
-            wal_link.symlink_to(Path(mounted[wal_mount]) / original.relative_to(wal_mount))
-        (restored_pgdata / "postmaster.pid").unlink(missing_ok=True)
-        (restored_pgdata / "standby.signal").unlink(missing_ok=True)
-        drill_socket.mkdir()
-        shutil.chown(drill_socket, "postgres")
-        bin_dir = lab.model.postgres.bin_dir
-        # A restored data directory has no configuration of its own (the lab keeps it beside,
-        # as Debian does): give the drill server a minimal one, reachable only by socket.
-        (drill_socket / "postgresql.conf").write_text(
-            f"port = {DRILL_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{drill_socket}'\n"
-            f"hba_file = '{drill_socket}/pg_hba.conf'\nident_file = '{drill_socket}/pg_ident.conf'\n")
-        (drill_socket / "pg_hba.conf").write_text("local all postgres peer\n")
-        (drill_socket / "pg_ident.conf").write_text("")
-        options = f"-c config_file={drill_socket}/postgresql.conf"
-        started = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/pg_ctl", "-D", str(restored_pgdata),
-                                  "-o", options, "-l", str(drill_log), "-w", "-t", "60", "start"],
-                                 capture_output=True, text=True)
-        assert started.returncode == 0, drill_log.read_text() if drill_log.exists() else started.stderr
-        counted = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/psql", "-X", "-A", "-t", "-h",
-                                  str(drill_socket), "-p", str(DRILL_PORT), "-d", "postgres", "-c",
-                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0) FROM snapshot_drill"],
-                                 capture_output=True, text=True, check=True)
-        count, low, high = (int(x) for x in counted.stdout.strip().split("|"))
+        restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--port", str(DRILL_PORT), "--yes",
+                             "--json", env=env)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        data = json.loads(restored.stdout)["data"]
+        assert len(data["mounted"]) == 2 and data["postgres"]["port"] == DRILL_PORT
+        # The command left a running server on the restored data: ask it.
+        counted = subprocess.run([*shlex.split(data["postgres"]["psql"]), "-X", "-A", "-t", "-c",
+                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), pg_is_in_recovery() "
+                                  "FROM snapshot_drill"], capture_output=True, text=True, check=True)
+        count, low, high, in_recovery = counted.stdout.strip().split("|")
+        count, low, high = int(count), int(low), int(high)
         before_launch = [row_id for row_id, at in acknowledged if at < launched]
         assert low == 1 and high == count, "the restored rows are a prefix of the acknowledged writes"
         assert count >= len(before_launch) > 0
         assert count <= len(acknowledged)
+        assert in_recovery == "f", "the copy ended recovery: it follows nothing"
+
+        # A second restore of the group onto the host is refused before anything is made.
+        volumes_before = Ebs(lab).volumes({"igops:group": group_id})
+        again = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", env=env)
+        assert again.returncode == ExitCode.REFUSED, again.stdout + again.stderr
+        assert "already restored onto db2" in again.stderr and "--cleanup" in again.stderr
+        assert len(Ebs(lab).volumes({"igops:group": group_id})) == len(volumes_before)
     finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{lab.model.postgres.bin_dir}/pg_ctl", "-D",
-                        str(restored_pgdata), "-m", "immediate", "-w", "stop"], capture_output=True)
-        for path in mounted.values():
-            device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", path], capture_output=True, text=True).stdout.strip()
-            subprocess.run(["umount", path], capture_output=True)
-            if device.startswith("/dev/loop"):
-                subprocess.run(["losetup", "-d", device], capture_output=True)
+        removed = run_igops(*cleanup, env=env)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert restore_traces(lab, group_id) == before
+    assert restored_mounts(group_id) == []
+    assert not (Path(lab.model.snapshot.restore_root) / f"{group_id}.postgres").exists()
+
+
+def test_a_failed_restore_takes_away_what_it_made(lab, tmp_path):
+    env = {"IGOPS_CONFIG": str(lab.source)}
+    standby = lab.host(standby_of_main(lab))
+    created = run_igops("snapshot", "create", standby.name, "--yes", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    group_id = json.loads(created.stdout)["data"]["group_id"]
+    # Something else is mounted where the restore would put the WAL volume, the second of the
+    # two mounts: by then the data volume is made, attached and mounted.
+    wal = next(m.path for m in standby.mounts if m.purpose == "wal")
+    blocker = Path(lab.model.snapshot.restore_root) / group_id / wal.lstrip("/")
+    blocker.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "igops-test-blocker", str(blocker)], check=True)
+    before = restore_traces(lab, group_id)
+    try:
+        failed = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json", env=env)
+        assert failed.returncode == ExitCode.FAILED, failed.stdout + failed.stderr
+        envelope = json.loads(failed.stdout)
+        assert "already a mount point" in envelope["error"]["message"]
+        assert "volumes this restore made were detached and deleted" in envelope["error"]["hint"]
+        assert restore_traces(lab, group_id) == before
+        assert [line for line in restored_mounts(group_id) if not line.startswith("igops-test-blocker")] == []
+    finally:
+        subprocess.run(["umount", str(blocker)], check=True)
         shutil.rmtree(Path(lab.model.snapshot.restore_root) / group_id, ignore_errors=True)
-        shutil.rmtree(drill_socket, ignore_errors=True)
 
 
 def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, tmp_path):
