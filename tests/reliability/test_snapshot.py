@@ -421,14 +421,15 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     # Killed after the snapshots were made and the filesystems thawed, before the group was tagged complete.
     faults = Faults(hold={"CreateTags": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        config.write_text(config.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby,
+        proxied = proxied_inventory(lab, tmp_path, proxy.url)
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(proxied), "snapshot", "create", standby,
                                   "--yes", "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateTags" in faults.calls, 30)
         igops.kill()
         igops.wait()
+    config = tmp_path / "stale.toml"
+    config.write_text(lab.source.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
     left = [group for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby,
                                                     "--json").stdout)["data"]["groups"] if group["state"] == "taking"]
     assert left, "the killed create left a group taking"
