@@ -240,11 +240,15 @@ def lsn(text: str) -> int:
     return (int(high, 16) << 32) + int(low, 16)
 
 
+def group_volumes(lab, group_id):
+    return Ebs(lab)._ec2.describe_volumes(Filters=[{"Name": "tag:igops:group", "Values": [group_id]}])["Volumes"]
+
+
 def restore_traces(lab, group_id):
     """The group's volumes, and the lab's restored images and loop devices over them."""
     store = Path(lab.model.aws.volume_images) / "restored"
     loops = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
-    return {"volumes": [volume["VolumeId"] for volume in Ebs(lab).volumes({"igops:group": group_id})],
+    return {"volumes": [volume["VolumeId"] for volume in group_volumes(lab, group_id)],
             "images": sorted(str(path) for path in store.glob("*.img")),
             "loops": sorted(line.split()[0] for line in loops.splitlines() if str(store) in line)}
 
@@ -330,11 +334,11 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
         assert in_recovery == "f", "the copy ended recovery: it follows nothing"
 
         # A second restore of the group onto the host is refused before anything is made.
-        volumes_before = Ebs(lab).volumes({"igops:group": group_id})
+        volumes_before = group_volumes(lab, group_id)
         again = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", env=env)
         assert again.returncode == ExitCode.REFUSED, again.stdout + again.stderr
         assert "already restored onto db2" in again.stderr and "--cleanup" in again.stderr
-        assert len(Ebs(lab).volumes({"igops:group": group_id})) == len(volumes_before)
+        assert len(group_volumes(lab, group_id)) == len(volumes_before)
     finally:
         removed = run_igops(*cleanup, env=env)
     assert removed.returncode == 0, removed.stdout + removed.stderr
