@@ -131,6 +131,8 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+    # The held call must not reach EC2 when it wakes: its snapshots would be a group nobody tags.
+    faults.fail["CreateSnapshots"] = 503
     assert thawed_after < 4 + 1.5, f"thawed {thawed_after:.1f} s after the kill; deadline was 4 s"
     with postgres(lab).cursor() as cursor:
         cursor.execute("CREATE TABLE IF NOT EXISTS snapshot_kill_probe (at timestamptz)")
@@ -150,6 +152,7 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
         igops.kill()
         igops.wait()
         assert wait_for(lambda: can_write(data_mount, 0.2), 10)
+    faults.fail["CreateSnapshots"] = 503  # the held call must not make snapshots when it wakes
     # The SSH session dropped with igops, so the freezer saw EOF: far sooner than the 30 s deadline.
     assert time.monotonic() - killed_at < 5
     assert wait_for(lambda: not freeze_processes(), 5)
@@ -432,6 +435,7 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
         assert wait_for(lambda: "CreateTags" in faults.calls, 30)
         igops.kill()
         igops.wait()
+    faults.fail["CreateTags"] = 503  # the held call must not tag what the prune below deletes
     config = tmp_path / "stale.toml"
     config.write_text(lab.source.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
     left = [group for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby,
