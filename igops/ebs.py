@@ -84,6 +84,10 @@ class Ebs:
             raise self._error("DescribeSnapshots", exc) from None
         return found
 
+    def volumes(self, tag_filters: dict[str, str]) -> list[dict]:
+        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tag_filters.items()]
+        return self._call("DescribeVolumes", self._ec2.describe_volumes, Filters=filters)["Volumes"]
+
     # --- writing ----------------------------------------------------------------------------
     def create_snapshots(self, instance_id: str, description: str, tags: dict[str, str]) -> dict[str, str]:
         """One multi-volume call for every data volume of the instance: volume id -> snapshot id."""
@@ -148,6 +152,22 @@ class Ebs:
                    Device=device)
         self._wait_volume(volume_id, "in-use")
         return device
+
+    def detach(self, volume_id: str) -> None:
+        """Detach a volume from wherever it is attached (its filesystem unmounted first) and wait
+        until it is available."""
+        volume = self._call("DescribeVolumes", self._ec2.describe_volumes, VolumeIds=[volume_id])["Volumes"][0]
+        for attachment in volume.get("Attachments") or []:
+            if self._images:
+                self._images.detach(attachment["Device"], volume_id)
+            self._call("DetachVolume", self._ec2.detach_volume, VolumeId=volume_id,
+                       InstanceId=attachment["InstanceId"], Device=attachment["Device"])
+        self._wait_volume(volume_id, "available")
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._call("DeleteVolume", self._ec2.delete_volume, VolumeId=volume_id)
+        if self._images:
+            self._images.forget_volume(volume_id)
 
     # --- plumbing ---------------------------------------------------------------------------
     def _instance(self, instance_id: str) -> dict:
@@ -230,6 +250,18 @@ class ImageStore:
                              "it was taken before the lab's image store existed; take a new one")
         self.volume_image(volume_id).parent.mkdir(parents=True, exist_ok=True)
         _run(["cp", "--reflink=always", str(source), str(self.volume_image(volume_id))])
+
+    def forget_volume(self, volume_id: str) -> None:
+        self.volume_image(volume_id).unlink(missing_ok=True)
+
+    def detach(self, device: str, volume_id: str) -> None:
+        """Release the loop device, if it is still the one over this volume's image."""
+        try:
+            backing = _loop_backing_file(device)
+        except IgopsError:
+            return
+        if Path(backing) == self.volume_image(volume_id):
+            _run(["losetup", "-d", device])
 
     def attach(self, volume_id: str) -> str:
         # The filesystems were made on 512-byte sectors; a fresh reflinked image may otherwise

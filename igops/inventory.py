@@ -94,6 +94,9 @@ def _build_models():
         # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
         pre_freeze: dict[str, str] = Field(default_factory=dict)
         restore_root: str = "/mnt/igops-restore"
+        # A group still `taking` (or `failed`) this long after it began was left by a killed or
+        # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
+        stale_after_minutes: float = Field(60.0, gt=0)
 
         @field_validator("pre_freeze")
         @classmethod

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets as random_source
-import shlex
 import threading
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -64,9 +63,10 @@ class CreatePlan:
     one_call: bool
     freeze_deadline: float
     pre_freeze: str | None
+    write_stall: str | None = None  # set when the host is a live primary and freezing it was allowed
 
     def steps(self) -> list[str]:
-        steps = []
+        steps = [self.write_stall] if self.write_stall else []
         if self.pre_freeze:
             steps.append(f"on {self.host}: run the pre-freeze hook `{self.pre_freeze}`, then sync")
         steps.append(f"on {self.host}: start the thaw watchdog (hard deadline {self.freeze_deadline:g} s), "
@@ -115,11 +115,13 @@ def new_group_id(host: str, now: datetime | None = None) -> str:
 
 # --- create -----------------------------------------------------------------------------------
 def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
-                deadline: float | None = None, hook: bool = True) -> CreatePlan:
+                deadline: float | None = None, hook: bool = True, allow_primary: bool = False) -> CreatePlan:
     """Discover what lies under the mounts and refuse anything unsafe, before anything is frozen."""
     from igops.ebs import MAX_PENDING_SNAPSHOTS, Ebs
 
     host = fleet.host(host_name)
+    freeze_deadline = deadline or fleet.model.snapshot.freeze_deadline
+    write_stall = primary_write_stall(fleet, host.name, freeze_deadline, allow_primary)
     if not host.instance_id:
         raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
     chosen = mounts or [mount.path for mount in host.mounts]
@@ -144,8 +146,36 @@ def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None
         group_id=new_group_id(host.name), host=host.name, instance_id=host.instance_id, role=role,
         mounts=chosen, volumes=volumes,
         one_call={volume.volume_id for volume in volumes} == data_volumes,
-        freeze_deadline=deadline or fleet.model.snapshot.freeze_deadline,
-        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None)
+        freeze_deadline=freeze_deadline,
+        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None, write_stall=write_stall)
+
+
+def primary_write_stall(fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
+    """Snapshots are taken of standbys: freezing a live primary stalls every write to its
+    cluster until the thaw. The primary is found by asking the members (a switchover moves it;
+    the inventory keeps naming the members as they were). Refused unless explicitly allowed;
+    when allowed, the stall is stated in the plan."""
+    from igops import postgres_admin
+
+    for cluster_name, cluster in fleet.model.postgres.clusters.items():
+        if host_name != cluster.primary and host_name not in cluster.standbys:
+            continue
+        try:
+            primary = postgres_admin.primary_of(fleet, cluster_name).name
+        except IgopsError:
+            return None  # no member accepts writes: freezing stalls none
+        if primary != host_name:
+            return None
+        if not allow_primary:
+            standbys = [name for name in (cluster.primary, *cluster.standbys) if name != host_name]
+            raise RefusedError(
+                f"{host_name} is the live primary of Postgres cluster {cluster_name}: freezing it stalls every "
+                f"write to the cluster for up to {deadline:g} s",
+                f"snapshot its standby ({', '.join(standbys) or 'none listed'}) instead, "
+                "or pass --allow-primary to accept the write stall")
+        return (f"WRITE STALL: {host_name} is the live primary of Postgres cluster {cluster_name}; every write "
+                f"to it waits while the filesystems are frozen (up to {deadline:g} s)")
+    return None
 
 
 def discover(fleet, host, mounts: list[str]) -> list[dict]:
@@ -236,7 +266,7 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                                   + (f" ({session.stderr().strip()})" if not event else ""),
                                   "nothing is left frozen; the watchdog thaws by the deadline in any case")
             step.detail = f"frozen in {event['freeze_ms']:.0f} ms"
-        failure: Exception | None = None
+        failure: Exception | None = late_freeze(event, plan.freeze_deadline)
         thaw_sent = threading.Event()
 
         def request_thaw() -> None:
@@ -252,6 +282,8 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
         with reporter.step(f"snapshot {len(plan.volumes)} volumes"
                            + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
             try:
+                if failure is not None:
+                    raise failure
                 result.snapshots = _take_snapshots(ebs, plan, common, on_first_failure=request_thaw)
             except Exception as exc:  # noqa: BLE001 - the thaw below must happen first
                 failure = exc
@@ -266,6 +298,9 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                                   "check with `igops check`")
             result.freeze_window_ms, result.thawed_by = event["window_ms"], event["reason"]
             step.detail = f"freeze window {event['window_ms']:.0f} ms"
+            failure = failure or early_thaw(event, plan.freeze_deadline)
+            if failure is not None:
+                step.detail += f", thawed by {event['reason']}"
 
     if failure is not None or len(result.snapshots) != len(plan.volumes):
         result.error = str(failure) if failure else "not every volume was snapshotted"
@@ -290,6 +325,26 @@ class SnapshotFailed(IgopsError):
         super().__init__(f"snapshot group {result.group_id} failed: {result.error}",
                          "the filesystems were thawed at once and the group's snapshots deleted")
         self.result = result
+
+
+def late_freeze(frozen: dict, deadline: float) -> IgopsError | None:
+    """The freeze itself outlasted the deadline: the agent thaws at once, so no snapshot taken
+    now would be consistent."""
+    if frozen.get("deadline_ms", 1) <= 0:
+        return IgopsError(f"freezing took longer than the {deadline:g} s deadline ({frozen['freeze_ms']:.0f} ms); "
+                          "no snapshot was taken")
+    return None
+
+
+def early_thaw(thawed: dict, deadline: float) -> IgopsError | None:
+    """Only a thaw that igops asked for, after every call returned, proves the snapshots were
+    taken while frozen. A thaw at the deadline, or on a closed channel, may have come first."""
+    if thawed.get("reason") != "request":
+        cause = (f"the {deadline:g} s freeze deadline passed" if thawed.get("reason") == "deadline"
+                 else f"the freeze ended early ({thawed.get('reason', 'no reason given')})")
+        return IgopsError(f"{cause} before the snapshot calls returned: the filesystems were thawed while "
+                          "they ran, so the snapshots may not be consistent")
+    return None
 
 
 def _event(session, timeout: float) -> dict:
@@ -407,11 +462,17 @@ BUCKETS = {
 }
 
 
+def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
+    """A group still taking, or failed, `grace` after it began: its create was killed (it never
+    tagged the group complete) or gave up; nothing will finish it."""
+    return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
+
+
 def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
                now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> PrunePlan:
     """Which groups to keep and delete, per host. Only complete groups count toward retention;
-    the newest complete group of a host is always kept; failed groups are deleted; groups still
-    being taken (or failed ones younger than `grace`, which may still be cleaned up) are left."""
+    the newest complete group of a host is always kept; stale groups (taking or failed for
+    longer than `grace`) are deleted; younger ones may still be finishing or cleaning up."""
     if retention.empty():
         raise UsageError("no retention given", "pass at least one of --keep-last/--keep-hourly/--keep-daily/--keep-weekly")
     now = now or datetime.now(timezone.utc)
@@ -436,9 +497,7 @@ def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
         for group in host_groups:
             if group.group_id in keep:
                 continue
-            if group.state == STATE_COMPLETE:
-                delete.append(group)
-            elif group.state == STATE_FAILED and now - group.created > grace:
+            if group.state == STATE_COMPLETE or stale(group, now, grace):
                 delete.append(group)
     return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
 
@@ -451,116 +510,3 @@ def prune(ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
                 ebs.delete_snapshot(snapshot["SnapshotId"])
             deleted.append(group.group_id)
     return deleted
-
-
-# --- restore ------------------------------------------------------------------------------------
-@dataclass
-class RestoreVolume:
-    snapshot_id: str
-    mount: str
-    raid_index: int
-    fstype: str
-
-
-@dataclass
-class RestorePlan:
-    group_id: str
-    to_host: str
-    instance_id: str
-    mount_root: str
-    mounts: dict[str, list[RestoreVolume]]  # original mount -> members in RAID order
-    raid_levels: dict[str, str]
-
-    def target_path(self, mount: str) -> str:
-        return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
-
-    def steps(self) -> list[str]:
-        steps = []
-        for mount, members in self.mounts.items():
-            for member in members:
-                steps.append(f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
-                             f"attach it to {self.instance_id} ({self.to_host})")
-            if len(members) > 1:
-                steps.append(f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
-                             f"{len(members)} members in order")
-            steps.append(f"on {self.to_host}: mount it at {self.target_path(mount)} (read-write)")
-        return steps
-
-
-@dataclass
-class RestoreResult:
-    group_id: str
-    to_host: str
-    volumes: dict[str, str]  # snapshot id -> new volume id
-    mounted: dict[str, str]  # original mount -> where it is now mounted
-
-
-def plan_restore(fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None) -> RestorePlan:
-    from igops.ebs import tags_of
-
-    group = find_group(ebs, group_id)
-    if group.state != STATE_COMPLETE:
-        raise RefusedError(f"group {group_id} is {group.state}, not complete", "restore a complete group")
-    host = fleet.host(to_host)
-    if not host.instance_id:
-        raise UsageError(f"host {host.name} has no instance_id", "add it to the inventory")
-    mounts: dict[str, list[RestoreVolume]] = defaultdict(list)
-    levels: dict[str, str] = {}
-    for snapshot in group.snapshots:
-        tags = tags_of(snapshot)
-        mounts[tags[TAG_MOUNT]].append(RestoreVolume(snapshot["SnapshotId"], tags[TAG_MOUNT],
-                                                     int(tags.get(TAG_RAID_INDEX, 0)), tags.get(TAG_FSTYPE, "xfs")))
-        levels[tags[TAG_MOUNT]] = tags.get(TAG_RAID_LEVEL, "none")
-    for members in mounts.values():
-        members.sort(key=lambda member: member.raid_index)
-    return RestorePlan(group_id, host.name, host.instance_id, mount_root or fleet.model.snapshot.restore_root,
-                       dict(mounts), levels)
-
-
-def restore(fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
-    host = fleet.host(plan.to_host)
-    settings = remote.settings_for(fleet)
-    [target] = remote.targets_for(fleet, [host])
-    zone = ebs.availability_zone(plan.instance_id)
-    result = RestoreResult(plan.group_id, plan.to_host, {}, {})
-    for mount, members in plan.mounts.items():
-        devices = []
-        for member in members:
-            with reporter.step(f"volume from {member.snapshot_id} ({mount} #{member.raid_index})") as step:
-                volume_id = ebs.create_volume(member.snapshot_id, zone, {
-                    TAG_GROUP: plan.group_id, TAG_MOUNT: mount, TAG_RAID_INDEX: str(member.raid_index),
-                    "Name": f"restore {plan.group_id} {mount}#{member.raid_index}"})
-                devices.append(ebs.attach(volume_id, plan.instance_id))
-                result.volumes[member.snapshot_id] = volume_id
-                step.detail = f"{volume_id} at {devices[-1]}"
-        path = plan.target_path(mount)
-        with reporter.step(f"mount {mount} at {plan.to_host}:{path}"):
-            script = mount_script(devices, path, members[0].fstype, f"{plan.group_id}{mount}")
-            [done] = remote.run([target], script, settings, timeout=300)
-            if not done.ok:
-                raise RemoteError(f"mounting {mount} on {plan.to_host} failed: "
-                                  f"{done.error or done.stderr.strip() or 'exit ' + str(done.exit_code)}",
-                                  f"the volumes {', '.join(result.volumes.values())} are attached; mount them by hand")
-            result.mounted[mount] = path
-    return result
-
-
-def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:
-    """Shell for the host: wait for the devices, assemble RAID when there is one, mount.
-    A restored XFS carries its source's UUID, which may be mounted on the same host: nouuid."""
-    quoted = " ".join(shlex.quote(device) for device in devices)
-    lines = [
-        "set -e",
-        f"for d in {quoted}; do i=0; while [ ! -b \"$d\" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; "
-        "[ -b \"$d\" ] || { echo \"device $d did not appear\" >&2; exit 1; }; done",
-        f"if mountpoint -q {shlex.quote(path)}; then echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
-        f"mkdir -p {shlex.quote(path)}",
-    ]
-    device = devices[0]
-    if len(devices) > 1:
-        md = "/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:]
-        lines.append(f"mdadm --assemble --run {shlex.quote(md)} {quoted}")
-        device = md
-    options = "nouuid" if fstype == "xfs" else "defaults"
-    lines.append(f"mount -t {shlex.quote(fstype)} -o {options} {shlex.quote(device)} {shlex.quote(path)}")
-    return "\n".join(lines)

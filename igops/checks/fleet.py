@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -723,17 +723,24 @@ def snapshot_probes(context: Context) -> list[Probe]:
                               duration_ms=_ms(started)))
             return
         now = datetime.now(timezone.utc)
+        grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
         for host in hosts:
             complete = [group for group in groups if group.host == host.name and group.state == snapshot.STATE_COMPLETE]
+            left = sorted(group.group_id for group in groups if group.host == host.name
+                          and snapshot.stale(group, now, grace))
+            # Groups a killed or failed create left behind: prune deletes them.
+            leftovers = (f"; {len(left)} stale {'group' if len(left) == 1 else 'groups'} left by a killed or failed "
+                         f"create ({', '.join(left)}): `igops snapshot prune` deletes them") if left else ""
             if not complete:
-                report(Result("snapshot", host.name, NagiosStatus.CRITICAL, "no complete snapshot group",
+                report(Result("snapshot", host.name, NagiosStatus.CRITICAL, "no complete snapshot group" + leftovers,
                               duration_ms=_ms(started)))
                 continue
             newest = max(complete, key=lambda group: group.created)
             hours = (now - newest.created).total_seconds() / 3600
+            status = level(hours, thresholds.snapshot_warning_hours, thresholds.snapshot_critical_hours)
             report(Result("snapshot", host.name,
-                          level(hours, thresholds.snapshot_warning_hours, thresholds.snapshot_critical_hours),
-                          f"newest complete group {newest.group_id} is {_age(hours)} old",
+                          max(status, NagiosStatus.WARNING) if left else status,
+                          f"newest complete group {newest.group_id} is {_age(hours)} old" + leftovers,
                           [Perf(f"snapshot-age {host.name}", round(hours, 2), "h", thresholds.snapshot_warning_hours,
                                 thresholds.snapshot_critical_hours, 0)], duration_ms=_ms(started)))
 

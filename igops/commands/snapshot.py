@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import List, Optional
 
 import typer
@@ -30,6 +31,9 @@ def create(
     deadline: Optional[float] = typer.Option(None, "--deadline", min=1, max=120,
                                              help="Hard thaw deadline in seconds (default from the inventory, 10)."),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
+    allow_primary: bool = typer.Option(False, "--allow-primary",
+                                       help="Freeze a live Postgres primary (its writes stall until the thaw); "
+                                            "refused otherwise: snapshot a standby."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -46,7 +50,7 @@ def create(
                              "name the mount point from the root, e.g. --mount /data")
         fleet = load_fleet(ctx)
         with out.step(f"discover the volumes under {host}'s mounts"):
-            plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook)
+            plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
             result = mutate(out, fleet, operation="snapshot-create", target=host, targets=[host],
                             title=f"Snapshot group {plan.group_id}: {len(plan.volumes)} volumes under "
@@ -130,7 +134,8 @@ def prune(
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
         plan = snapshot.plan_prune(snapshot.groups(ebs, host),
-                                   snapshot.Retention(keep_last, keep_hourly, keep_daily, keep_weekly))
+                                   snapshot.Retention(keep_last, keep_hourly, keep_daily, keep_weekly),
+                                   grace=timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         deleted = []
         if plan.delete:
             deleted = mutate(out, fleet, operation="snapshot-prune", target=host or "all", targets=[host or "all"],
@@ -152,23 +157,36 @@ def restore(
     to: str = typer.Option(..., "--to", help="The host to restore onto."),
     at: Optional[str] = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
                                                         "'/' mounts at the original paths)."),
+    port: int = typer.Option(5499, "--port", min=1, max=65535,
+                             help="Port of the restored Postgres (it listens on its own socket only)."),
+    cleanup: bool = typer.Option(False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, "
+                                                          "detach and delete its volumes."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Create volumes from a group, attach them to a host in RAID order, and mount them."""
-    from igops import snapshot
+    """Create volumes from a group, attach them in RAID order, mount them and start its Postgres; or --cleanup."""
+    from igops import restore as restoring
     from igops.ebs import Ebs
 
     with command(ctx, "snapshot restore", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        plan = snapshot.plan_restore(fleet, ebs, group, to, at)
+        if cleanup:
+            undo = restoring.plan_cleanup(fleet, ebs, group, to)
+            deleted = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
+                             title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
+                             dry_run=dry_run, yes=yes, action=lambda: restoring.cleanup(fleet, ebs, undo, out))
+            out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
+            return
+        plan = restoring.plan_restore(fleet, ebs, group, to, at, port)
         result = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
                         title=f"Restore group {group} onto {to}", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: snapshot.restore(fleet, ebs, plan, out))
+                        action=lambda: restoring.restore(fleet, ebs, plan, out))
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
         out.table(None, ["mount", "restored at"], [[m, p] for m, p in result.mounted.items()])
+        if result.postgres:
+            out.log(f"Postgres is running on the restored data: {result.postgres['psql']}")
         out.finish(result)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from igops import inventory
+from igops import inventory, postgres_admin
 from igops.checks import munin
 from igops.errors import ExitCode, NagiosStatus
+from igops.failover import cluster_members
 from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
 
@@ -296,8 +297,12 @@ def test_cron_entries_run_from_crons_bare_environment(monitored, tmp_path):
     logs = tmp_path / "log"
     logs.mkdir()
     outcomes = []
+    # The crontab snapshots db2 as main's standby; after a switchover the standby is the other member.
+    fleet = monitored["fleet"]
+    live_primary = postgres_admin.primary_of(fleet, "main").name
+    standby = next(name for name in cluster_members(fleet, "main") if name != live_primary)
     for entry in entries:
-        command = (entry.replace("/usr/local/bin/igops", IGOPS_BIN)
+        command = (entry.replace(" db2 ", f" {standby} ").replace("/usr/local/bin/igops", IGOPS_BIN)
                    .replace("/etc/igops/igops.toml", str(monitored["config"]))
                    .replace("/var/log/igops", str(logs)))
         done = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "sh", "-c", command],
@@ -318,5 +323,5 @@ def test_cron_entries_run_from_crons_bare_environment(monitored, tmp_path):
 
     snapshots = json.loads(run_igops("-c", str(monitored["config"]), "check", "--only", "snapshot", "--role",
                                      "postgres", "--json", *PATIENT).stdout)["data"]["results"]
-    db2 = next(result for result in snapshots if result["target"] == "db2")
-    assert db2["status"] == "OK" and re.search(r"is \d+ min old", db2["summary"]), db2
+    newest = next(result for result in snapshots if result["target"] == standby)
+    assert newest["status"] == "OK" and re.search(r"is \d+ min old", newest["summary"]), newest

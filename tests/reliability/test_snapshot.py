@@ -5,6 +5,7 @@ Real XFS on loop devices, real Postgres, moto behind a fault-injecting proxy."""
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,9 +29,29 @@ PROXY_ADDRESS = "127.0.10.9"
 DRILL_PORT = 5499
 
 
+def roles_of_main(fleet) -> dict[str, bool]:
+    """member -> whether it is in recovery, asked of each server: tests elsewhere switch the
+    cluster over, so the inventory's names do not say which member is the primary now."""
+    cluster = fleet.model.postgres.clusters["main"]
+    roles = {}
+    for name in [cluster.primary, *cluster.standbys]:
+        connection = postgres(fleet, name)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            roles[name] = cursor.fetchone()[0]
+        connection.close()
+    return roles
+
+
 def primary_of_main(fleet) -> str:
-    """Tests elsewhere switch the cluster over; whoever is primary now is the host to snapshot."""
-    return fleet.model.postgres.clusters["main"].primary
+    """The member that accepts writes now."""
+    [primary] = [name for name, in_recovery in roles_of_main(fleet).items() if not in_recovery]
+    return primary
+
+
+def standby_of_main(fleet) -> str:
+    """The member to snapshot: a standby (igops refuses to freeze the live primary)."""
+    return next(name for name, in_recovery in roles_of_main(fleet).items() if in_recovery)
 
 
 def postgres(fleet, host_name=None):
@@ -84,11 +105,11 @@ def group_snapshots(fleet, group_id):
 
 
 def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_path):
-    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
+    data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
@@ -110,6 +131,8 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+    # The held call must not reach EC2 when it wakes: its snapshots would be a group nobody tags.
+    faults.fail["CreateSnapshots"] = 503
     assert thawed_after < 4 + 1.5, f"thawed {thawed_after:.1f} s after the kill; deadline was 4 s"
     with postgres(lab).cursor() as cursor:
         cursor.execute("CREATE TABLE IF NOT EXISTS snapshot_kill_probe (at timestamptz)")
@@ -117,11 +140,11 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
 
 
 def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
-    data_mount = lab.host(primary_of_main(lab)).mounts[0].path
+    data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
                                   "--no-hook", "--deadline", "30"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
@@ -129,6 +152,7 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
         igops.kill()
         igops.wait()
         assert wait_for(lambda: can_write(data_mount, 0.2), 10)
+    faults.fail["CreateSnapshots"] = 503  # the held call must not make snapshots when it wakes
     # The SSH session dropped with igops, so the freezer saw EOF: far sooner than the 30 s deadline.
     assert time.monotonic() - killed_at < 5
     assert wait_for(lambda: not freeze_processes(), 5)
@@ -137,19 +161,19 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
 def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp_path):
 
     ec2 = Ebs(lab)._ec2
-    primary = lab.host(primary_of_main(lab))
-    wal = next(m for m in primary.mounts if m.purpose == "wal")
-    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(primary.instance_id) if a.device == wal.device) \
+    standby = lab.host(standby_of_main(lab))
+    wal = next(m for m in standby.mounts if m.purpose == "wal")
+    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device) \
         if wal.device else wal.volumes[0]
     # A spare volume on the instance means the mounts are not all of its data volumes: igops
     # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
-    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(primary.instance_id))["VolumeId"]
-    ec2.attach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz")
+    spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(standby.instance_id))["VolumeId"]
+    ec2.attach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz")
     try:
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
+            result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -158,38 +182,87 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         assert group_snapshots(lab, group_id) == []  # the one that was made is deleted
         thaw_step = next(step for step in envelope["steps"] if step["title"].startswith("thaw"))
         assert thaw_step["status"] == "ok"
-        assert all(can_write(mount.path, 2) for mount in primary.mounts)
+        assert all(can_write(mount.path, 2) for mount in standby.mounts)
     finally:
-        ec2.detach_volume(VolumeId=spare, InstanceId=primary.instance_id, Device="/dev/sdz", Force=True)
+        ec2.detach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz", Force=True)
         ec2.delete_volume(VolumeId=spare)
+
+
+def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snapshots(lab, tmp_path):
+    standby = lab.host(standby_of_main(lab))
+    # The watchdog thaws at the 2 s deadline while CreateSnapshots is still held: the snapshots
+    # are made after the thaw, so they cannot be trusted.
+    faults = Faults(hold={"CreateSnapshots": 4})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook",
+                           "--deadline", "2", "--json")
+    assert result.returncode == ExitCode.FAILED, result.stdout + result.stderr
+    envelope = json.loads(result.stdout)
+    assert "deadline passed before the snapshot calls returned" in envelope["error"]["message"]
+    group_id = re.search(r"group (\S+) failed", envelope["error"]["message"]).group(1)
+    assert "CreateSnapshots" in faults.calls
+    assert group_snapshots(lab, group_id) == []
+    listed = json.loads(run_igops("snapshot", "list", "--host", standby.name, "--json",
+                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    assert group_id not in [group["group_id"] for group in listed]
+    assert all(can_write(mount.path, 2) for mount in standby.mounts)
 
 
 def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook", "--json")
+        result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
-    assert all(can_write(mount.path, 2) for mount in lab.host(primary_of_main(lab)).mounts)
+    assert all(can_write(mount.path, 2) for mount in lab.host(standby_of_main(lab)).mounts)
 
 
 def test_two_creates_on_one_host(lab, tmp_path):
-    faults = Faults(hold={"CreateSnapshots": 3})
+    # The first holds its lock while its call is held: long enough for the second to start,
+    # plan (SSH discovery, EC2 and Postgres look-ups) and meet the lock; its deadline outlasts the hold.
+    standby = standby_of_main(lab)
+    faults = Faults(hold={"CreateSnapshots": 8})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes",
-                                  "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby, "--yes",
+                                  "--no-hook", "--deadline", "30", "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
-        second = run_igops("-c", str(config), "snapshot", "create", primary_of_main(lab), "--yes", "--no-hook")
+        second = run_igops("-c", str(config), "snapshot", "create", standby, "--yes", "--no-hook")
+        assert first.poll() is None, "the second create must have run while the first held its lock"
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
     assert "already running" in second.stderr and "snapshot-create" in second.stderr
     assert first.returncode == 0 and json.loads(output)["data"]["state"] == "complete"
 
 
+def lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def group_volumes(lab, group_id):
+    return Ebs(lab)._ec2.describe_volumes(Filters=[{"Name": "tag:igops:group", "Values": [group_id]}])["Volumes"]
+
+
+def restore_traces(lab, group_id):
+    """The group's volumes, and the lab's restored images and loop devices over them."""
+    store = Path(lab.model.aws.volume_images) / "restored"
+    loops = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+    return {"volumes": [volume["VolumeId"] for volume in group_volumes(lab, group_id)],
+            "images": sorted(str(path) for path in store.glob("*.img")),
+            "loops": sorted(line.split()[0] for line in loops.splitlines() if str(store) in line)}
+
+
+def restored_mounts(group_id):
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines() if group_id in line]
+
+
 def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, tmp_path):
+    env = {"IGOPS_CONFIG": str(lab.source)}
+    standby = standby_of_main(lab)
     connection = postgres(lab)
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS snapshot_drill")
@@ -210,8 +283,22 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     writer = threading.Thread(target=write)
     writer.start()
     time.sleep(1.0)
+    # The standby is snapshotted: what the primary acknowledged before the launch is in the
+    # snapshot once the standby has received (and flushed) the primary's WAL up to that point.
     launched = time.monotonic()
-    created = run_igops("snapshot", "create", primary_of_main(lab), "--yes", "--json", env={"IGOPS_CONFIG": str(lab.source)})
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        launch_lsn = lsn(cursor.fetchone()[0])
+    receiver = postgres(lab, standby)
+
+    def received() -> bool:
+        with receiver.cursor() as cursor:
+            cursor.execute("SELECT pg_last_wal_receive_lsn()::text")
+            return lsn(cursor.fetchone()[0]) >= launch_lsn
+
+    assert wait_for(received, 10)
+    receiver.close()
+    created = run_igops("snapshot", "create", standby, "--yes", "--json", env=env)
     time.sleep(0.5)
     stop.set()
     writer.join()
@@ -221,73 +308,77 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     group_id = result["group_id"]
     assert any(step["title"].startswith("pre-freeze hook") for step in json.loads(created.stdout)["steps"])
 
-    listed = json.loads(run_igops("snapshot", "list", "--host", primary_of_main(lab), "--json",
-                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    listed = json.loads(run_igops("snapshot", "list", "--host", standby, "--json", env=env).stdout)["data"]["groups"]
     mine = next(group for group in listed if group["group_id"] == group_id)
     assert mine["state"] == "complete" and mine["volumes"] == 2 and len(mine["mounts"]) == 2
     for snapshot in group_snapshots(lab, group_id):
         tags = tags_of(snapshot)
-        assert tags["igops:host"] == primary_of_main(lab) and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
+        assert tags["igops:host"] == standby and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
         assert tags["igops:raid-index"] == "0" and tags["igops:version"]
 
-    restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json",
-                         env={"IGOPS_CONFIG": str(lab.source)})
-    assert restored.returncode == 0, restored.stderr
-    mounted = json.loads(restored.stdout)["data"]["mounted"]
-    primary = lab.host(primary_of_main(lab))
-    data_mount = next(m.path for m in primary.mounts if m.purpose == "data")
-    wal_mount = next(m.path for m in primary.mounts if m.purpose == "wal")
-    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, primary))
-    restored_pgdata = Path(mounted[data_mount]) / pgdata.relative_to(data_mount)
-    drill_socket = Path(lab.model.snapshot.restore_root) / f"{group_id}-drill"
-    drill_log = drill_socket / "postgres.log"
+    cleanup = ["snapshot", "restore", group_id, "--to", "db2", "--cleanup", "--yes", "--json"]
+    before = restore_traces(lab, group_id)
     try:
-        wal_link = restored_pgdata / "pg_wal"
-        if wal_link.is_symlink():
-            original = Path(os.readlink(wal_link))
-            wal_link.unlink()
-            wal_link.symlink_to(Path(mounted[wal_mount]) / original.relative_to(wal_mount))
-        (restored_pgdata / "postmaster.pid").unlink(missing_ok=True)
-        (restored_pgdata / "standby.signal").unlink(missing_ok=True)
-        drill_socket.mkdir()
-        shutil.chown(drill_socket, "postgres")
-        bin_dir = lab.model.postgres.bin_dir
-        # A restored data directory has no configuration of its own (the lab keeps it beside,
-        # as Debian does): give the drill server a minimal one, reachable only by socket.
-        (drill_socket / "postgresql.conf").write_text(
-            f"port = {DRILL_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{drill_socket}'\n"
-            f"hba_file = '{drill_socket}/pg_hba.conf'\nident_file = '{drill_socket}/pg_ident.conf'\n")
-        (drill_socket / "pg_hba.conf").write_text("local all postgres peer\n")
-        (drill_socket / "pg_ident.conf").write_text("")
-        options = f"-c config_file={drill_socket}/postgresql.conf"
-        started = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/pg_ctl", "-D", str(restored_pgdata),
-                                  "-o", options, "-l", str(drill_log), "-w", "-t", "60", "start"],
-                                 capture_output=True, text=True)
-        assert started.returncode == 0, drill_log.read_text() if drill_log.exists() else started.stderr
-        counted = subprocess.run(["runuser", "-u", "postgres", "--", f"{bin_dir}/psql", "-X", "-A", "-t", "-h",
-                                  str(drill_socket), "-p", str(DRILL_PORT), "-d", "postgres", "-c",
-                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0) FROM snapshot_drill"],
-                                 capture_output=True, text=True, check=True)
-        count, low, high = (int(x) for x in counted.stdout.strip().split("|"))
+        restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--port", str(DRILL_PORT), "--yes",
+                             "--json", env=env)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        data = json.loads(restored.stdout)["data"]
+        assert len(data["mounted"]) == 2 and data["postgres"]["port"] == DRILL_PORT
+        # The command left a running server on the restored data: ask it.
+        counted = subprocess.run([*shlex.split(data["postgres"]["psql"]), "-X", "-A", "-t", "-c",
+                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), pg_is_in_recovery() "
+                                  "FROM snapshot_drill"], capture_output=True, text=True, check=True)
+        count, low, high, in_recovery = counted.stdout.strip().split("|")
+        count, low, high = int(count), int(low), int(high)
         before_launch = [row_id for row_id, at in acknowledged if at < launched]
         assert low == 1 and high == count, "the restored rows are a prefix of the acknowledged writes"
         assert count >= len(before_launch) > 0
         assert count <= len(acknowledged)
+        assert in_recovery == "f", "the copy ended recovery: it follows nothing"
+
+        # A second restore of the group onto the host is refused before anything is made.
+        volumes_before = group_volumes(lab, group_id)
+        again = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", env=env)
+        assert again.returncode == ExitCode.REFUSED, again.stdout + again.stderr
+        assert "already restored onto db2" in again.stderr and "--cleanup" in again.stderr
+        assert len(group_volumes(lab, group_id)) == len(volumes_before)
     finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{lab.model.postgres.bin_dir}/pg_ctl", "-D",
-                        str(restored_pgdata), "-m", "immediate", "-w", "stop"], capture_output=True)
-        for path in mounted.values():
-            device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", path], capture_output=True, text=True).stdout.strip()
-            subprocess.run(["umount", path], capture_output=True)
-            if device.startswith("/dev/loop"):
-                subprocess.run(["losetup", "-d", device], capture_output=True)
+        removed = run_igops(*cleanup, env=env)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert restore_traces(lab, group_id) == before
+    assert restored_mounts(group_id) == []
+    assert not (Path(lab.model.snapshot.restore_root) / f"{group_id}.postgres").exists()
+
+
+def test_a_failed_restore_takes_away_what_it_made(lab, tmp_path):
+    env = {"IGOPS_CONFIG": str(lab.source)}
+    standby = lab.host(standby_of_main(lab))
+    created = run_igops("snapshot", "create", standby.name, "--yes", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    group_id = json.loads(created.stdout)["data"]["group_id"]
+    # Something else is mounted where the restore would put the WAL volume, the second of the
+    # two mounts: by then the data volume is made, attached and mounted.
+    wal = next(m.path for m in standby.mounts if m.purpose == "wal")
+    blocker = Path(lab.model.snapshot.restore_root) / group_id / wal.lstrip("/")
+    blocker.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "igops-test-blocker", str(blocker)], check=True)
+    before = restore_traces(lab, group_id)
+    try:
+        failed = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json", env=env)
+        assert failed.returncode == ExitCode.FAILED, failed.stdout + failed.stderr
+        envelope = json.loads(failed.stdout)
+        assert "already a mount point" in envelope["error"]["message"]
+        assert "volumes this restore made were detached and deleted" in envelope["error"]["hint"]
+        assert restore_traces(lab, group_id) == before
+        assert [line for line in restored_mounts(group_id) if not line.startswith("igops-test-blocker")] == []
+    finally:
+        subprocess.run(["umount", str(blocker)], check=True)
         shutil.rmtree(Path(lab.model.snapshot.restore_root) / group_id, ignore_errors=True)
-        shutil.rmtree(drill_socket, ignore_errors=True)
 
 
 def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, tmp_path):
-    primary = lab.host(primary_of_main(lab))
-    volume_id = primary.mounts[0].volumes[0]
+    standby = lab.host(standby_of_main(lab))
+    volume_id = standby.mounts[0].volumes[0]
     ebs = Ebs(lab)
     made = [ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"]
             for _ in range(5)]
@@ -295,7 +386,7 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
         faults = Faults(rewrite={"DescribeSnapshots": ("<status>completed</status>", "<status>pending</status>")})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", primary.name, "--yes", "--no-hook")
+            result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook")
         assert result.returncode == ExitCode.REFUSED, result.stderr
         assert "5 pending snapshots" in result.stderr and volume_id in result.stderr
         assert "CreateSnapshots" not in faults.calls and "CreateSnapshot" not in faults.calls
@@ -306,7 +397,58 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
 
 def test_root_and_non_mounts_are_refused(lab):
     env = {"IGOPS_CONFIG": str(lab.source)}
-    root = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/", "--yes", env=env)
+    root = run_igops("snapshot", "create", standby_of_main(lab), "--mount", "/", "--yes", env=env)
     assert root.returncode == ExitCode.REFUSED and "refusing to freeze /" in root.stderr
-    not_a_mount = run_igops("snapshot", "create", primary_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
+    not_a_mount = run_igops("snapshot", "create", standby_of_main(lab), "--mount", "/var/lib", "--yes", env=env)
     assert not_a_mount.returncode == ExitCode.REFUSED and "not a mount point" in not_a_mount.stderr
+
+
+def test_the_live_primary_is_frozen_only_when_asked_and_the_plan_states_the_stall(lab, tmp_path):
+    primary = primary_of_main(lab)
+    faults = Faults()
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        config = proxied_inventory(lab, tmp_path, proxy.url)
+        refused = run_igops("-c", str(config), "snapshot", "create", primary, "--yes", "--no-hook")
+        assert refused.returncode == ExitCode.REFUSED, refused.stdout + refused.stderr
+        assert f"{primary} is the live primary of Postgres cluster main" in refused.stderr
+        assert "--allow-primary" in refused.stderr and standby_of_main(lab) in refused.stderr
+        assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
+        assert not freeze_processes()
+        planned = run_igops("-c", str(config), "snapshot", "create", primary, "--allow-primary", "--dry-run",
+                            "--no-hook", "--json")
+    assert planned.returncode == 0, planned.stderr
+    envelope = json.loads(planned.stdout)
+    stall = envelope["data"]["plan"]["write_stall"]
+    assert stall.startswith("WRITE STALL") and "every write" in stall
+    assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
+
+
+def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_path):
+    standby = standby_of_main(lab)
+    # Killed after the snapshots were made and the filesystems thawed, before the group was tagged complete.
+    faults = Faults(hold={"CreateTags": 60})
+    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
+        proxied = proxied_inventory(lab, tmp_path, proxy.url)
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(proxied), "snapshot", "create", standby,
+                                  "--yes", "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        assert wait_for(lambda: "CreateTags" in faults.calls, 30)
+        igops.kill()
+        igops.wait()
+    faults.fail["CreateTags"] = 503  # the held call must not tag what the prune below deletes
+    config = tmp_path / "stale.toml"
+    config.write_text(lab.source.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
+    left = [group for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby,
+                                                    "--json").stdout)["data"]["groups"] if group["state"] == "taking"]
+    assert left, "the killed create left a group taking"
+    group_ids = {group["group_id"] for group in left}
+    time.sleep(1.5)  # past the 1.2 s grace
+    checked = run_igops("-c", str(config), "check", "--only", "snapshot", "--json")
+    [mine] = [result for result in json.loads(checked.stdout)["data"]["results"] if result["target"] == standby]
+    assert mine["status"] in ("WARNING", "CRITICAL") and all(group_id in mine["summary"] for group_id in group_ids), mine
+    pruned = run_igops("-c", str(config), "snapshot", "prune", "--host", standby, "--keep-last", "100", "--yes",
+                       "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    assert group_ids <= set(json.loads(pruned.stdout)["data"]["deleted"])
+    for group_id in group_ids:
+        assert group_snapshots(lab, group_id) == []

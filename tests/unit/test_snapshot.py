@@ -3,11 +3,12 @@ volume mapping, retention, and the restore script."""
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+import shlex
 from pathlib import Path
 
 import pytest
 
-from igops import snapshot
+from igops import restore, snapshot
 from igops.agent import blockdevs
 from igops.ebs import Attachment
 from igops.errors import RefusedError, UsageError
@@ -165,7 +166,7 @@ def test_group_ids_are_unique_and_name_the_host():
 
 
 def test_mount_script_quotes_and_assembles_raid():
-    script = snapshot.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/x y/$(id)", "xfs", "g1/var/lib")
+    script = restore.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/x y/$(id)", "xfs", "g1/var/lib")
     assert "mdadm --assemble --run /dev/md/" in script
     assert "'/mnt/x y/$(id)'" in script and "-o nouuid" in script
 
@@ -178,3 +179,67 @@ def test_create_plan_steps_say_one_call_or_parallel():
     assert "/wal, /data" in steps[3]
     plan.one_call = False
     assert "parallel CreateSnapshot" in plan.steps()[2]
+
+
+def test_only_a_requested_thaw_completes_a_group():
+    assert snapshot.early_thaw({"event": "thawed", "reason": "request", "window_ms": 30}, 10) is None
+    deadline = snapshot.early_thaw({"event": "thawed", "reason": "deadline", "window_ms": 10_000}, 10)
+    assert "10 s freeze deadline passed" in str(deadline)
+    assert "ended early (eof)" in str(snapshot.early_thaw({"event": "thawed", "reason": "eof"}, 10))
+    assert snapshot.early_thaw({"event": "thawed"}, 10) is not None
+
+
+def test_a_freeze_that_ends_past_its_deadline_takes_no_snapshot():
+    assert snapshot.late_freeze({"event": "frozen", "freeze_ms": 5, "deadline_ms": 9995}, 10) is None
+    for left in (0, -20):
+        late = snapshot.late_freeze({"event": "frozen", "freeze_ms": 10_020, "deadline_ms": left}, 10)
+        assert "longer than the 10 s deadline" in str(late)
+
+
+def test_prune_deletes_groups_a_killed_create_left_taking_after_the_grace():
+    groups = [group("db1", 3), group("db1", 0.1, "taking"), group("db1", 5, "taking"), group("db1", 2, "failed")]
+    plan = snapshot.plan_prune(groups, snapshot.Retention(last=1), NOW, grace=timedelta(hours=1))
+    assert [g.group_id for g in plan.delete] == ["db1-5", "db1-2"]  # oldest first; the fresh one may still finish
+    assert snapshot.stale(groups[2], NOW, timedelta(hours=1)) and not snapshot.stale(groups[1], NOW, timedelta(hours=1))
+    assert not snapshot.stale(groups[0], NOW, timedelta(minutes=1))  # complete groups are never stale
+
+
+@dataclass
+class FakeModelPostgres:
+    data_directory: str = "/srv/{host}/data/pgdata"
+    bin_dir: str = "/usr/lib/postgresql/15/bin/"
+    os_user: str = "postgres"
+
+
+def test_restored_postgres_paths_and_wal_link_follow_the_restored_mounts():
+    from types import SimpleNamespace
+
+    fleet = SimpleNamespace(
+        hosts_by_name={"db2": SimpleNamespace(name="db2")},
+        path_for=lambda template, host: template.replace("{host}", host.name),
+        model=SimpleNamespace(postgres=FakeModelPostgres(), snapshot=SimpleNamespace(restore_root="/mnt/r/")))
+    restored = {"/srv/db2/data": "/mnt/r/g1/srv/db2/data", "/srv/db2/wal": "/mnt/r/g1/srv/db2/wal"}
+    start = restore.postgres_start(fleet, "g1", "db2", restored, 5499)
+    assert start.data_directory == "/mnt/r/g1/srv/db2/data/pgdata"
+    assert start.wal_links == {"/srv/db2/wal": "/mnt/r/g1/srv/db2/wal"}
+    assert start.run_directory == "/mnt/r/g1.postgres" and start.bin_dir == "/usr/lib/postgresql/15/bin"
+    script = restore.prepare_script(start)
+    assert '/srv/db2/wal/*) ln -sfn /mnt/r/g1/srv/db2/wal"/${wal#/srv/db2/wal/}" "$data/pg_wal"' in script
+    # pg_ctl hands -o to a shell: what the server gets is that string split as a shell would.
+    options = shlex.split(restore._server_options(start))
+    assert {"archive_mode=off", "listen_addresses=", "port=5499", "unix_socket_directories=/mnt/r/g1.postgres"} \
+        <= set(options)
+    assert shlex.quote(restore._server_options(start)) in restore.start_script(start)
+    with pytest.raises(RefusedError, match="none of the group's mounts"):
+        restore.postgres_start(fleet, "g1", "db2", {"/srv/db2/wal": "/x"}, 5499)
+
+
+def test_cleanup_stops_only_a_server_the_restore_started_and_never_climbs_above_the_root():
+    plan = restore.CleanupPlan("g1", "db4", ["vol-1"], ["/mnt/r/g1/srv/db2/data"], "/mnt/r/g1/srv/db2/data/pgdata",
+                               "/mnt/r/g1.postgres")
+    script = restore.teardown_script(plan, "/mnt/r/", FakeModelPostgres())
+    # A postmaster.pid copied from the source holds the PID of a process on the source host.
+    assert '"$(sed -n 5p /mnt/r/g1/srv/db2/data/pgdata/postmaster.pid)" = /mnt/r/g1.postgres ]' in script
+    assert script.index("pg_ctl") < script.index("umount")
+    assert "root=/mnt/r\n" in script and '"${d#"$root"/}" != "$d"' in script
+    assert "rm -rf /mnt/r/g1.postgres" in script

@@ -1,0 +1,389 @@
+"""Restore a snapshot group onto a host: volumes created and attached in RAID order, arrays
+assembled, filesystems mounted and, for a Postgres group, a server started on the restored data
+so that the drill ends with a running, queryable copy. `cleanup` takes all of it away again, and
+a restore that fails part-way takes away what it made.
+
+What a restore made is found from tags on its volumes (group, host restored to, original mount,
+where it is mounted, source host), so a cleanup needs nothing but the group and the host.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from igops import remote
+from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.output import Reporter
+from igops.snapshot import (STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_RAID_INDEX,
+                            TAG_RAID_LEVEL, TAG_ROLE, find_group)
+
+TAG_RESTORED_TO = "igops:restored-to"
+TAG_RESTORED_AT = "igops:restored-at"
+
+# The restored server listens on a Unix socket of its own, never on TCP: a copy of production
+# data is not for the network, and a private socket directory cannot collide with a running server.
+DEFAULT_PORT = 5499
+
+
+@dataclass
+class RestoreVolume:
+    snapshot_id: str
+    mount: str
+    raid_index: int
+    fstype: str
+
+
+@dataclass
+class PostgresStart:
+    """Where the restored data directory is and how its server is started."""
+
+    data_directory: str
+    wal_links: dict[str, str]  # original mount -> where it is restored, for pg_wal's link
+    run_directory: str  # socket, configuration and log of the restored server
+    port: int
+    bin_dir: str
+    os_user: str
+
+    @property
+    def log(self) -> str:
+        return f"{self.run_directory}/postgres.log"
+
+    @property
+    def psql(self) -> str:
+        return (f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/psql "
+                f"-h {shlex.quote(self.run_directory)} -p {self.port} -d postgres")
+
+
+@dataclass
+class RestorePlan:
+    group_id: str
+    source_host: str
+    to_host: str
+    instance_id: str
+    mount_root: str
+    mounts: dict[str, list[RestoreVolume]]  # original mount -> members in RAID order
+    raid_levels: dict[str, str]
+    postgres: PostgresStart | None
+
+    def target_path(self, mount: str) -> str:
+        return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
+
+    def steps(self) -> list[str]:
+        steps = []
+        for mount, members in self.mounts.items():
+            for member in members:
+                steps.append(f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
+                             f"attach it to {self.instance_id} ({self.to_host})")
+            if len(members) > 1:
+                steps.append(f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
+                             f"{len(members)} members in order")
+            steps.append(f"on {self.to_host}: mount it at {self.target_path(mount)} (read-write)")
+        if self.postgres:
+            pg = self.postgres
+            steps.append(f"on {self.to_host}: in {pg.data_directory} remove postmaster.pid, standby.signal and "
+                         "recovery.signal (the copy ends recovery on its own and never follows the cluster)"
+                         + (", and point pg_wal at the restored WAL mount" if len(self.mounts) > 1 else ""))
+            steps.append(f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
+                         "archiving off; it replays its WAL to the moment of the freeze")
+        steps.append("if any step fails: stop what was started, unmount, detach and delete the volumes made")
+        return steps
+
+
+@dataclass
+class RestoreResult:
+    group_id: str
+    to_host: str
+    volumes: dict[str, str] = field(default_factory=dict)  # snapshot id -> new volume id
+    mounted: dict[str, str] = field(default_factory=dict)  # original mount -> where it is now mounted
+    postgres: dict | None = None  # data_directory, socket_directory, port, log, psql
+
+
+def plan_restore(fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None,
+                 port: int = DEFAULT_PORT) -> RestorePlan:
+    from igops.ebs import tags_of
+
+    group = find_group(ebs, group_id)
+    if group.state != STATE_COMPLETE:
+        raise RefusedError(f"group {group_id} is {group.state}, not complete", "restore a complete group")
+    host = fleet.host(to_host)
+    if not host.instance_id:
+        raise UsageError(f"host {host.name} has no instance_id", "add it to the inventory")
+    refuse_second_restore(ebs, group_id, host)
+    mounts: dict[str, list[RestoreVolume]] = defaultdict(list)
+    levels: dict[str, str] = {}
+    role = None
+    for snapshot in group.snapshots:
+        tags = tags_of(snapshot)
+        role = tags.get(TAG_ROLE, role)
+        mounts[tags[TAG_MOUNT]].append(RestoreVolume(snapshot["SnapshotId"], tags[TAG_MOUNT],
+                                                     int(tags.get(TAG_RAID_INDEX, 0)), tags.get(TAG_FSTYPE, "xfs")))
+        levels[tags[TAG_MOUNT]] = tags.get(TAG_RAID_LEVEL, "none")
+    for members in mounts.values():
+        members.sort(key=lambda member: member.raid_index)
+    plan = RestorePlan(group_id, group.host, host.name, host.instance_id,
+                       mount_root or fleet.model.snapshot.restore_root, dict(mounts), levels, None)
+    if role == "postgres":
+        plan.postgres = postgres_start(fleet, group_id, group.host, {m: plan.target_path(m) for m in mounts}, port)
+    return plan
+
+
+def postgres_start(fleet, group_id: str, source_host: str, restored: dict[str, str], port: int) -> PostgresStart:
+    """The restored data directory: the source's, moved from its mount to where that mount is restored."""
+    source = fleet.hosts_by_name.get(source_host)
+    if source is None:
+        raise UsageError(f"the group's host {source_host} is not in the inventory",
+                         "its data directory is found from the inventory's [postgres] data_directory")
+    data_directory = PurePosixPath(fleet.path_for(fleet.model.postgres.data_directory, source))
+    holder = max((mount for mount in restored if data_directory.is_relative_to(mount)), key=len, default=None)
+    if holder is None:
+        raise RefusedError(f"{source_host}'s data directory {data_directory} is on none of the group's mounts "
+                           f"({', '.join(restored)})", "restore a group taken of the data directory's mount")
+    moved = PurePosixPath(restored[holder]) / data_directory.relative_to(holder)
+    model = fleet.model
+    return PostgresStart(str(moved), {mount: path for mount, path in restored.items() if mount != holder},
+                         f"{model.snapshot.restore_root.rstrip('/')}/{group_id}.postgres", port,
+                         model.postgres.bin_dir.rstrip("/"), model.postgres.os_user)
+
+
+def restored_volumes(ebs, group_id: str, host) -> list[dict]:
+    """The volumes a restore of this group made for this host (tagged so, or attached to it)."""
+    from igops.ebs import tags_of
+
+    return [volume for volume in ebs.volumes({TAG_GROUP: group_id})
+            if tags_of(volume).get(TAG_RESTORED_TO) == host.name
+            or any(item.get("InstanceId") == host.instance_id for item in volume.get("Attachments") or [])]
+
+
+def refuse_second_restore(ebs, group_id: str, host) -> None:
+    existing = restored_volumes(ebs, group_id, host)
+    if existing:
+        raise RefusedError(f"group {group_id} is already restored onto {host.name} "
+                           f"(volumes {', '.join(volume['VolumeId'] for volume in existing)})",
+                           f"remove it first: igops snapshot restore {group_id} --to {host.name} --cleanup")
+
+
+def restore(fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
+    host = fleet.host(plan.to_host)
+    refuse_second_restore(ebs, plan.group_id, host)  # again, under the lock
+    zone = ebs.availability_zone(plan.instance_id)
+    result = RestoreResult(plan.group_id, plan.to_host)
+    try:
+        for mount, members in plan.mounts.items():
+            devices = []
+            path = plan.target_path(mount)
+            for member in members:
+                with reporter.step(f"volume from {member.snapshot_id} ({mount} #{member.raid_index})") as step:
+                    volume_id = ebs.create_volume(member.snapshot_id, zone, {
+                        TAG_GROUP: plan.group_id, TAG_MOUNT: mount, TAG_RAID_INDEX: str(member.raid_index),
+                        TAG_HOST: plan.source_host, TAG_RESTORED_TO: plan.to_host,
+                        "Name": f"restore {plan.group_id} {mount}#{member.raid_index}"})
+                    result.volumes[member.snapshot_id] = volume_id
+                    devices.append(ebs.attach(volume_id, plan.instance_id))
+                    step.detail = f"{volume_id} at {devices[-1]}"
+            with reporter.step(f"mount {mount} at {plan.to_host}:{path}"):
+                _host_script(fleet, host, mount_script(devices, path, members[0].fstype, f"{plan.group_id}{mount}"),
+                             f"mounting {mount}")
+                result.mounted[mount] = path
+                # Only a path this restore mounted is ever unmounted by its cleanup.
+                ebs.tag([result.volumes[member.snapshot_id] for member in members], {TAG_RESTORED_AT: path})
+        if plan.postgres:
+            pg = plan.postgres
+            with reporter.step(f"prepare {pg.data_directory}"):
+                _host_script(fleet, host, prepare_script(pg), "preparing the restored data directory")
+            with reporter.step(f"start Postgres on {plan.to_host}, port {pg.port} (socket {pg.run_directory})") as step:
+                _host_script(fleet, host, start_script(pg), "starting the restored Postgres", timeout=330)
+                result.postgres = {"data_directory": pg.data_directory, "socket_directory": pg.run_directory,
+                                   "port": pg.port, "log": pg.log, "psql": pg.psql}
+                step.detail = f"connect: {pg.psql}"
+    except BaseException as failure:
+        with reporter.step("undo: stop, unmount, detach and delete what this restore made") as step:
+            leftovers = _take_away(fleet, ebs, host, plan.group_id)
+            if leftovers:
+                step.status, step.detail = "failed", "; ".join(leftovers)[:300]
+        if isinstance(failure, IgopsError) and not leftovers:
+            failure.hint = "nothing is left on the host: the volumes this restore made were detached and deleted"
+        elif isinstance(failure, IgopsError):
+            failure.hint = f"the undo left: {'; '.join(leftovers)}"
+        raise
+    return result
+
+
+@dataclass
+class CleanupPlan:
+    group_id: str
+    to_host: str
+    volumes: list[str]
+    mounted: list[str]  # where the restore mounted them
+    data_directory: str | None
+    run_directory: str
+
+    def steps(self) -> list[str]:
+        steps = []
+        if self.data_directory:
+            steps.append(f"on {self.to_host}: stop the restored Postgres on {self.data_directory} (if running)")
+        steps += [f"on {self.to_host}: unmount {path} (and stop its array)" for path in self.mounted]
+        steps += [f"detach and delete volume {volume_id}" for volume_id in self.volumes]
+        steps.append(f"on {self.to_host}: remove {self.run_directory} and the emptied mount points")
+        return steps
+
+
+def plan_cleanup(fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
+    from igops.ebs import tags_of
+
+    host = fleet.host(to_host)
+    volumes = restored_volumes(ebs, group_id, host)
+    if not volumes:
+        raise UsageError(f"group {group_id} is not restored onto {host.name}", "see `igops snapshot list`")
+    mounted = _restored_mounts(volumes)
+    source = next((tags_of(volume).get(TAG_HOST) for volume in volumes if tags_of(volume).get(TAG_HOST)), None)
+    run_directory = f"{fleet.model.snapshot.restore_root.rstrip('/')}/{group_id}.postgres"
+    data_directory = None
+    if source in fleet.hosts_by_name:
+        try:
+            data_directory = postgres_start(fleet, group_id, source, mounted, DEFAULT_PORT).data_directory
+        except IgopsError:
+            data_directory = None  # not a Postgres group
+    return CleanupPlan(group_id, host.name, [volume["VolumeId"] for volume in volumes], sorted(set(mounted.values())),
+                       data_directory, run_directory)
+
+
+def cleanup(fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
+    with reporter.step(f"take away the restore of {plan.group_id} from {plan.to_host}") as step:
+        leftovers = _take_away(fleet, ebs, fleet.host(plan.to_host), plan.group_id)
+        if leftovers:
+            raise RemoteError(f"the cleanup of {plan.group_id} on {plan.to_host} left: {'; '.join(leftovers)}",
+                              "fix what is named and run the cleanup again")
+        step.detail = f"{len(plan.volumes)} volumes deleted"
+    return plan.volumes
+
+
+def _restored_mounts(volumes: list[dict]) -> dict[str, str]:
+    from igops.ebs import tags_of
+
+    return {tags_of(volume)[TAG_MOUNT]: tags_of(volume)[TAG_RESTORED_AT] for volume in volumes
+            if tags_of(volume).get(TAG_MOUNT) and tags_of(volume).get(TAG_RESTORED_AT)}
+
+
+def _take_away(fleet, ebs, host, group_id: str) -> list[str]:
+    """Stop, unmount, detach and delete everything a restore of the group onto the host made,
+    as far as it got. Returns what could not be taken away."""
+    leftovers = []
+    try:
+        plan = plan_cleanup(fleet, ebs, group_id, host.name)
+    except UsageError:
+        return []  # no volume was made
+    except IgopsError as exc:
+        return [f"cannot find the restore's volumes: {exc.one_line()}"]
+    script = teardown_script(plan, fleet.model.snapshot.restore_root, fleet.model.postgres)
+    try:
+        _host_script(fleet, host, script, "unmounting the restore", timeout=120)
+    except IgopsError as exc:
+        # Volumes still mounted must not be detached under the filesystem.
+        return [exc.one_line(), f"volumes {', '.join(plan.volumes)} still attached"]
+    for volume_id in plan.volumes:
+        try:
+            ebs.detach(volume_id)
+            ebs.delete_volume(volume_id)
+        except IgopsError as exc:
+            leftovers.append(f"{volume_id}: {exc.one_line()}")
+    return leftovers
+
+
+def _host_script(fleet, host, script: str, what: str, timeout: float = 300) -> None:
+    [target] = remote.targets_for(fleet, [host])
+    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout)
+    if not done.ok:
+        raise RemoteError(f"{what} on {host.name} failed: "
+                          f"{done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}")
+
+
+def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:
+    """Shell for the host: wait for the devices, assemble RAID when there is one, mount.
+    A restored XFS carries its source's UUID, which may be mounted on the same host: nouuid."""
+    quoted = " ".join(shlex.quote(device) for device in devices)
+    lines = [
+        "set -e",
+        f"for d in {quoted}; do i=0; while [ ! -b \"$d\" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; "
+        "[ -b \"$d\" ] || { echo \"device $d did not appear\" >&2; exit 1; }; done",
+        f"if mountpoint -q {shlex.quote(path)}; then echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
+        f"mkdir -p {shlex.quote(path)}",
+    ]
+    device = devices[0]
+    if len(devices) > 1:
+        md = "/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:]
+        lines.append(f"mdadm --assemble --run {shlex.quote(md)} {quoted}")
+        device = md
+    options = "nouuid" if fstype == "xfs" else "defaults"
+    lines.append(f"mount -t {shlex.quote(fstype)} -o {options} {shlex.quote(device)} {shlex.quote(path)}")
+    return "\n".join(lines)
+
+
+def prepare_script(pg: PostgresStart) -> str:
+    """Remove what belonged to the running source, and repoint pg_wal when WAL had a mount of
+    its own: its link names the source's WAL mount, which is restored elsewhere."""
+    data = shlex.quote(pg.data_directory)
+    lines = ["set -e", f"data={data}",
+             '[ -f "$data/PG_VERSION" ] || { echo "no data directory at $data" >&2; exit 1; }',
+             'rm -f "$data/postmaster.pid" "$data/standby.signal" "$data/recovery.signal"',
+             'if [ -L "$data/pg_wal" ]; then', '  wal=$(readlink "$data/pg_wal")', '  case "$wal" in']
+    for original, restored in sorted(pg.wal_links.items(), key=lambda item: -len(item[0])):
+        prefix = original.rstrip("/")
+        lines.append(f'    {shlex.quote(prefix)}/*) ln -sfn {shlex.quote(restored.rstrip("/"))}"/${{wal#{prefix}/}}" '
+                     '"$data/pg_wal" ;;')
+    lines += ['    /*) [ -d "$wal" ] || { echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
+              "  esac", "fi"]
+    return "\n".join(lines)
+
+
+def _server_options(pg: PostgresStart) -> str:
+    """Command-line settings: they win over postgresql.auto.conf, which the copy carries from its
+    source (archiving, replication settings must not act from a restored copy)."""
+    run = pg.run_directory
+    settings = {"config_file": f"{run}/postgresql.conf", "hba_file": f"{run}/pg_hba.conf",
+                "ident_file": f"{run}/pg_ident.conf", "port": str(pg.port), "listen_addresses": "",
+                "unix_socket_directories": run, "archive_mode": "off", "hot_standby": "on"}
+    # pg_ctl hands -o to a shell: each value is quoted for it.
+    return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
+
+
+def start_script(pg: PostgresStart) -> str:
+    run, user = shlex.quote(pg.run_directory), shlex.quote(pg.os_user)
+    as_user = f"runuser -u {user} -- env -C /"
+    return "\n".join([
+        "set -e",
+        f"mkdir -p {run}", f"chown {user} {run}", f"chmod 0700 {run}",
+        f"printf '# the restored copy: every setting is on its command line\\n' > {run}/postgresql.conf",
+        f"printf 'local all {pg.os_user} peer\\n' > {run}/pg_hba.conf",
+        f": > {run}/pg_ident.conf",
+        f"chown {user} {run}/postgresql.conf {run}/pg_hba.conf {run}/pg_ident.conf",
+        f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {shlex.quote(pg.data_directory)} "
+        f"-o {shlex.quote(_server_options(pg))} -l {shlex.quote(pg.log)} -w -t 300 start >/dev/null "
+        f"|| {{ tail -n 20 {shlex.quote(pg.log)} >&2; exit 1; }}",
+    ])
+
+
+def teardown_script(plan: CleanupPlan, restore_root: str, postgres) -> str:
+    lines = []
+    if plan.data_directory:
+        # Only a server this restore started: its postmaster.pid names our socket directory (line
+        # 5). The one copied from the source names the source's, and its PID is no process of ours.
+        data = shlex.quote(plan.data_directory)
+        lines.append(f"if [ -f {data}/postmaster.pid ] && [ \"$(sed -n 5p {data}/postmaster.pid)\" = "
+                     f"{shlex.quote(plan.run_directory)} ]; then runuser -u {shlex.quote(postgres.os_user)} -- "
+                     f"env -C / {shlex.quote(postgres.bin_dir.rstrip('/') + '/pg_ctl')} -D {data} -m fast -w -t 60 "
+                     "stop >/dev/null; fi")
+    lines.append(f"root={shlex.quote(restore_root.rstrip('/'))}")
+    for path in plan.mounted:
+        quoted = shlex.quote(path)
+        lines += [f"if mountpoint -q {quoted}; then",
+                  f"  dev=$(findmnt -n -o SOURCE {quoted}); umount {quoted}",
+                  '  case "$dev" in /dev/md*) mdadm --stop "$dev" >/dev/null ;; esac',
+                  "fi",
+                  # Remove the emptied mount point and its empty parents, never above the restore root.
+                  f"d={quoted}; while [ \"${{d#\"$root\"/}}\" != \"$d\" ] && rmdir \"$d\" 2>/dev/null; "
+                  "do d=$(dirname \"$d\"); done"]
+    lines.append(f"rm -rf {shlex.quote(plan.run_directory)}")
+    return "\n".join(["set -e", *lines])
