@@ -783,25 +783,27 @@ def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscriptio
     snapshot both, let writes go."""
     database = fleet.model.postgres.database
     locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=_LOCK_SETTINGS)
+    marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify")
     watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
     try:
         with locker.cursor() as cursor:
             tables = _tables_of(cursor, source.schema)
         locker.autocommit = False
         locker.set_session(isolation_level="REPEATABLE READ")
-        with locker.cursor() as cursor, watcher.cursor() as watch, \
+        with locker.cursor() as cursor, marker.cursor() as mark, watcher.cursor() as watch, \
                 source_reader.cursor() as left, target_reader.cursor() as right:
             started = time.monotonic()
             _lock_tables(cursor, source.schema, tables)
             cursor.execute("SELECT pg_export_snapshot()")
             snapshot = cursor.fetchone()[0]
-            _wait_applied(watch, subscription, cursor, wait_budget_s)
+            _wait_applied(watch, subscription, mark, wait_budget_s)
             right.execute("SELECT 1")
             left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             locker.rollback()
             return (time.monotonic() - started) * 1000
     finally:
         locker.close()
+        marker.close()
         watcher.close()
 
 
@@ -859,25 +861,51 @@ def _applied_lsn(cursor, subscription: str):
     return row[1] if row and row[0] else None
 
 
+def flushed_position(cursor) -> str:
+    """A position in the source's WAL up to which its walsender can decode and report now: the
+    end of a logical message (which no subscription receives) committed in a transaction of its
+    own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
+    the source's primary, not the one holding the shard's lock.
+
+    The current WAL position would not do: it can be a page boundary inside a record that an
+    open transaction is writing. The WAL writer flushes whole pages only, a walsender decodes
+    whole flushed records only, and on an idle source nothing flushes the rest of that record
+    until that transaction ends (the lock's own, which waits on the position, or another
+    one): the wait can never end (seen after a checkpoint, when the lock's catalog reads
+    write full-page images for hint bits)."""
+    import psycopg2
+
+    cursor.execute("BEGIN")
+    try:
+        # A commit that waited on a synchronous standby would hold the shard's writes longer,
+        # or for ever with that standby down; this one only has to reach the local disk.
+        cursor.execute("SET LOCAL synchronous_commit = local")
+        cursor.execute("SELECT pg_logical_emit_message(true, 'igops-shard-move', 'position')")
+        position = cursor.fetchone()[0]
+        cursor.execute("COMMIT")
+    except psycopg2.Error:
+        # The connection goes on being used: leave no failed transaction open on it.
+        if not cursor.connection.closed:
+            try:
+                cursor.execute("ROLLBACK")
+            except psycopg2.Error:
+                pass
+        raise
+    return position
+
+
 def _wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
-    """Until the subscription has applied the source's WAL up to where it is now; returns that
+    """Until the subscription has applied the source's WAL up to a position past everything
+    committed before now (see `flushed_position`, which `source_cursor` writes); returns that
     position. Its apply worker reports a position only after applying everything before it."""
-    source_cursor.execute("SELECT pg_current_wal_lsn()")
-    lsn = source_cursor.fetchone()[0]
+    lsn = flushed_position(source_cursor)
     deadline = time.monotonic() + budget_s
-    nudge_at = time.monotonic() + NUDGE_AFTER_S
     while True:
         cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
                        "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
         row = cursor.fetchone()
         if row and row[0]:
             return lsn
-        if nudge_at is not None and time.monotonic() > nudge_at:
-            # The position can lie past the last record (a page boundary), and the walsender
-            # reports reaching it only once it has decoded a record beyond: in an idle cluster,
-            # not for seconds. A record of our own, which the subscription does not receive.
-            source_cursor.execute("SELECT pg_logical_emit_message(false, 'igops-shard-move', 'position')")
-            nudge_at = None
         if time.monotonic() > deadline:
             raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
                                  f"{budget_s * 1000:.0f} ms")
@@ -1110,8 +1138,6 @@ COPY_PARALLEL = 3  # tables copied (and indexed) at once
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
-# How long a wait for the subscription lets the source be idle before writing a record to pass.
-NUDGE_AFTER_S = 0.05
 MAX_CLOCK_SKEW_MS = 500
 
 
@@ -1710,7 +1736,8 @@ class _Mover:
                 _lock_tables(cursor, plan.schema, tables)
                 locked = time.monotonic()
                 self.pause("locked")
-                lsn = _wait_applied(target_cursor, plan.slot, cursor, CUTOVER_CATCH_UP_S)
+                with self.source.cursor() as marker:
+                    lsn = _wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
                 self._compare_counts(cursor)
                 shape = describe_schema(cursor, plan.schema)
                 sequences = _sequence_values(cursor, plan.schema, shape.sequences)

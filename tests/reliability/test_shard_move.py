@@ -480,6 +480,48 @@ def test_a_move_whose_slot_was_invalidated_copies_again_on_resume(lab):
     assert placement(lab, shard) == source and leftovers(lab) == []
 
 
+def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a_record(lab):
+    """Verification and the cut-over wait until the target has applied the source's WAL past
+    every commit. An open transaction on the source whose last record crosses a WAL page leaves
+    the source's WAL position at that page's boundary, inside the record: the WAL writer writes
+    whole pages, a walsender decodes whole flushed records, and on an idle source nothing
+    flushes the rest. Waiting for that position gave up ("did not apply the source's WAL up to
+    0/11012000 within 2000 ms", three times over on a fresh machine)."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    move = PausedMove(lab, shard, target, "caught_up")
+    move_id = latest_move_id(lab)
+    writer = pg(lab, source)
+    try:
+        with writer.cursor() as cursor:
+            def inside_a_record() -> bool:
+                cursor.execute("SELECT pg_current_wal_lsn() = pg_current_wal_flush_lsn() "
+                               "AND pg_current_wal_lsn() < pg_current_wal_insert_lsn() "
+                               "AND (pg_current_wal_lsn() - '0/0'::pg_lsn) % 8192 = 0")
+                return cursor.fetchone()[0]
+
+            for _ in range(5):  # any commit elsewhere on the source flushes the record: try again
+                cursor.execute("BEGIN")
+                cursor.execute("SELECT pg_logical_emit_message(true, 'igops-test', repeat('x', 20000))")
+                if wait_for(inside_a_record, 10, 0.01):
+                    break
+                cursor.execute("ROLLBACK")
+            else:
+                raise AssertionError("the source's WAL position never stopped inside the open transaction's record")
+            compared = run_igops("shard", "verify", str(shard), "--against", target, "--json", env=env(lab))
+            assert compared.returncode == 0, compared.stderr[-2000:]
+            assert json.loads(compared.stdout)["data"]["consistent"]
+            cursor.execute("ROLLBACK")
+    finally:
+        writer.close()
+        move.kill()
+        aborted = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+        assert aborted.returncode == 0, aborted.stderr
+    assert placement(lab, shard) == source and leftovers(lab) == []
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
 def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
     """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
