@@ -1139,6 +1139,9 @@ PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
 MAX_CLOCK_SKEW_MS = 500
+# How long the cleanup waits for the target to report having flushed the shard's last changes
+# (the subscriber reports within a WAL writer cycle or two).
+FLUSH_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -1202,7 +1205,8 @@ def _describe_step(plan: MovePlan, step: str) -> str:
                     f"{SEQUENCE_MARGIN} past {plan.source}'s; rename {plan.schema} to {plan.fenced_schema} on "
                     f"{plan.source} (waiting writers fail and retry); commit; shard map: shard {plan.shard} -> "
                     f"{plan.target}, version + 1",
-        "cleaned": f"drop subscription, slot and publication {plan.slot}; drop the old copy {plan.fenced_schema} "
+        "cleaned": f"once {plan.target} has flushed the shard's last changes (the slot's confirmed_flush_lsn), "
+                   f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
                    f"on {plan.source}",
     }[step]
 
@@ -1685,7 +1689,10 @@ class _Mover:
             present = {row[0] for row in cursor.fetchall()}
         if plan.fenced_schema in present and plan.schema not in present:
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
-            version = self._flip_map()
+            # Nothing reaches the shard on the source since the fence: a mark written now is past
+            # all of it, and is what the cleanup waits for the target to flush.
+            with self.source.cursor() as cursor:
+                version = self._flip_map(flushed_position(cursor))
             return f"shard map version {version}"
         self._check_clock_skew()
         timings = self._holding_writes("cut-over", self._cut_over)
@@ -1746,11 +1753,11 @@ class _Mover:
                                                                     f"{quote_ident(sequence)}", value + SEQUENCE_MARGIN))
                 cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
                     sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)))
-                version = self._stage_map_flip(directory)
+                version = self._stage_map_flip(directory, lsn)
                 self._commit_fence(locker)
                 self._wait_for_target_clock()
                 self.pause("fenced")
-                version = self._commit_map_flip(directory, version)
+                version = self._commit_map_flip(directory, version, lsn)
                 switched = time.monotonic()
         except BaseException:
             _rollback_quietly(directory)
@@ -1801,7 +1808,7 @@ class _Mover:
                              f"--resume {self.plan.move_id} finds out and finishes, or --abort {self.plan.move_id}"
                              ) from None
 
-    def _commit_map_flip(self, directory, version: int) -> int:
+    def _commit_map_flip(self, directory, version: int, lsn: str) -> int:
         """The source is fenced now: until the map names the target the shard is unavailable,
         so a failed commit is retried on fresh connections before giving up."""
         import psycopg2
@@ -1814,16 +1821,17 @@ class _Mover:
         for _ in range(5):
             time.sleep(0.5)
             try:
-                return self._flip_map()
+                return self._flip_map(lsn)
             except (psycopg2.Error, IgopsError) as exc:
                 failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
         raise IgopsError(f"{self.plan.source} is fenced but the shard map could not be switched ({failure}): "
                          f"shard {self.plan.shard} is unavailable", f"igops shard move --resume {self.plan.move_id} "
                                                                     "as soon as the directory answers")
 
-    def _stage_map_flip(self, directory) -> int:
+    def _stage_map_flip(self, directory, lsn: str) -> int:
         """The map change and its journal entry, left uncommitted so the commit right after the
-        fence is the only thing between them."""
+        fence is the only thing between them. `lsn` lies past the shard's last change on the
+        source: the cleanup drops nothing before the target has flushed up to it."""
         plan = self.plan
         with directory.cursor() as cursor:
             cursor.execute("UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
@@ -1833,15 +1841,16 @@ class _Mover:
                                  "someone changed the map during the move; nothing was switched")
             cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
             version = cursor.fetchone()[0]
-            cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, updated_at = now(), "
-                           "error = NULL, history = history || jsonb_build_array(jsonb_build_object("
-                           "'step', 'switched', 'at', now())) WHERE id = %s", (version, plan.move_id))
+            cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
+                           "updated_at = now(), error = NULL, history = history || jsonb_build_array("
+                           "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s",
+                           (version, lsn, plan.move_id))
         return version
 
-    def _flip_map(self) -> int:
+    def _flip_map(self, lsn: str) -> int:
         directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
         try:
-            version = self._stage_map_flip(directory)
+            version = self._stage_map_flip(directory, lsn)
             directory.commit()
             return version
         finally:
@@ -1862,14 +1871,49 @@ class _Mover:
                 time.sleep(0.001)
 
     def _cleaned(self) -> str:
-        plan = self.plan
-        drop_subscription(self.target, plan.slot)
-        removed = drop_publication_and_slot(self.source, plan.slot)
         from psycopg2 import sql
 
+        plan = self.plan
+        flushed = self._await_target_flush()
+        drop_subscription(self.target, plan.slot)
+        removed = drop_publication_and_slot(self.source, plan.slot)
         with self.source.cursor() as cursor:
             cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(plan.fenced_schema)))
-        return f"{removed}; old copy dropped"
+        return f"{flushed}; {removed}; old copy dropped"
+
+    def _await_target_flush(self) -> str:
+        """Until the target has flushed every change of the shard it applied: the subscription
+        commits asynchronously (synchronous_commit = off), so a change applied can still be lost
+        if the target crashes, and only the slot and the old copy could then bring it back. The
+        slot's confirmed_flush_lsn is what the subscriber reports after flushing; the position to
+        reach was journaled with the map switch."""
+        plan = self.plan
+        lsn = self.journal.get(plan.move_id).source_lsn
+        deadline = time.monotonic() + FLUSH_WAIT_S
+        with self.source.cursor() as cursor, self.target.cursor() as target_cursor:
+            while True:
+                cursor.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn FROM pg_replication_slots "
+                               "WHERE slot_name = %s", (lsn, plan.slot))
+                row = cursor.fetchone()
+                if row is None:  # dropped by a cleanup that got past this wait
+                    return "no slot left"
+                if row[0]:
+                    return f"{plan.target} flushed up to {lsn}"
+                target_cursor.execute("SELECT subenabled, subslotname IS NOT NULL FROM pg_subscription "
+                                      "WHERE subname = %s", (plan.slot,))
+                subscription = target_cursor.fetchone()
+                state = ("missing" if subscription is None else "detached from its slot" if not subscription[1]
+                         else None if subscription[0] else "disabled")
+                waited = time.monotonic() > deadline
+                if state or waited:
+                    why = f"its subscription {plan.slot} is {state}" if state else \
+                        f"not within {FLUSH_WAIT_S:.0f} s"
+                    raise IgopsError(f"{plan.target} has not confirmed flushing the shard's changes up to {lsn} "
+                                     f"(the slot is at {row[1]}), {why}: nothing was dropped",
+                                     (f"ALTER SUBSCRIPTION {plan.slot} ENABLE on {plan.target_primary}, then "
+                                      if state == "disabled" else f"read {plan.target_primary}'s Postgres log, then ")
+                                     + f"igops shard move --resume {plan.move_id}")
+                time.sleep(0.05)
 
 
 def drop_subscription(connection, name: str) -> bool:

@@ -522,6 +522,35 @@ def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a
     assert placement(lab, shard) == source and leftovers(lab) == []
 
 
+def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
+    """The subscription commits asynchronously: a change the target applied is durable only once
+    the target has flushed it, and until then the slot and the old copy are what could bring it
+    back. A resumed cleanup whose target cannot confirm the flush (its subscription disabled)
+    must drop neither, and finish once the target confirms."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    PausedMove(lab, shard, target, "fenced").kill()
+    move_id = latest_move_id(lab)
+    slot = f"igops_move_{move_id}"
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    held = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
+    assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
+    assert placement(lab, shard) == target
+    assert sorted(leftovers(lab)) == sorted([f"{source} slot {slot}", f"{source} publication {slot}",
+                                             f"{target} subscription {slot}",
+                                             f"{source} old copy insta{shard}_moved_{move_id}"])
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} ENABLE")
+    finished = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert journal(lab, move_id)["status"] == "done" and leftovers(lab) == []
+    back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert placement(lab, shard) == source and leftovers(lab) == []
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
 def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
     """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
