@@ -32,6 +32,7 @@ from igops.output import Reporter
 from igops.postgres import first_line
 from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
                                   quote_ident, replication_connection, replication_conninfo)
+from igops.shard_changes import ChangedRows
 
 # --- IDs --------------------------------------------------------------------------------------
 ID_EPOCH_MS = 1314220021721  # 2011-08-24 21:07:01.721 UTC
@@ -1197,14 +1198,15 @@ def _describe_step(plan: MovePlan, step: str) -> str:
                   f"{COPY_PARALLEL} at a time, then build their keys and indexes",
         "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
-        "verified": f"pause writes to {plan.schema} for an instant to snapshot both copies at one point, then "
+        "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
+                    f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
                     "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
                     "sequences and the schema",
         "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
-                    f"go on); final catch-up; equal row counts; {plan.schema} sequences on {plan.target} set "
-                    f"{SEQUENCE_MARGIN} past {plan.source}'s; rename {plan.schema} to {plan.fenced_schema} on "
-                    f"{plan.source} (waiting writers fail and retry); commit; shard map: shard {plan.shard} -> "
-                    f"{plan.target}, version + 1",
+                    f"go on); final catch-up; the rows written since the verification equal on both; "
+                    f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
+                    f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
+                    f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
         "cleaned": f"once {plan.target} has flushed the shard's last changes (the slot's confirmed_flush_lsn), "
                    f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
                    f"on {plan.source}",
@@ -1327,8 +1329,8 @@ def _check_replication_capacity(cursor, cluster: str) -> None:
     if wal_level != "logical":
         raise RefusedError(f"{cluster} runs with wal_level = {wal_level}",
                            "set wal_level = logical and restart the primary before moving shards off it")
-    if slots >= max_slots:
-        raise RefusedError(f"{cluster} has no free replication slot ({slots} of {max_slots} used)",
+    if slots + 2 > max_slots:  # the move's own, and the one that tracks writes from its verification on
+        raise RefusedError(f"{cluster} has not two free replication slots ({slots} of {max_slots} used)",
                            "raise max_replication_slots or drop unused slots")
     if senders >= max_senders:
         raise RefusedError(f"{cluster} has no free WAL sender ({senders} of {max_senders} busy)",
@@ -1340,7 +1342,14 @@ def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
         record = Journal(directory).get(move_id)
     if record.status != ACTIVE:
         raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
-    return _plan_from_record(fleet, record, record.step), record
+    return _plan_from_record(fleet, record, resume_point(record.step)), record
+
+
+def resume_point(step: str) -> str:
+    """The last step a resumed move takes as done. The rows written since a verification are
+    known only to the igops that verified (its temporary slot went with it): a move stopped
+    after its verification, or during its cut-over, verifies again."""
+    return "caught_up" if step == "verified" else step
 
 
 def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
@@ -1407,6 +1416,8 @@ class _Mover:
         self._target = None
         self.result_fields: dict[str, Any] = {}
         self.verify_report: VerifyReport | None = None
+        self.changes: ChangedRows | None = None  # from the verification on
+        self.checked_rows = 0
 
     # connections to the primaries, autocommit, opened on first use
     @property
@@ -1422,6 +1433,13 @@ class _Mover:
         return self._target
 
     def close(self) -> None:
+        import psycopg2
+
+        if self.changes is not None:
+            try:
+                self.changes.close()
+            except psycopg2.Error:  # the slot goes with the session anyway
+                pass
         for connection in (self._source, self._target):
             if connection is not None:
                 connection.close()
@@ -1664,6 +1682,13 @@ class _Mover:
 
     def _verified(self) -> str:
         plan = self.plan
+        # From before the copies are compared, every row written is known by its key: with
+        # writes held, the cut-over compares those rows only.
+        with self.source.cursor() as cursor:
+            shape = describe_schema(cursor, plan.schema)
+        self.changes = ChangedRows(self.source, f"{plan.slot}_changes", plan.slot, plan.schema,
+                                   {name: table.primary_key for name, table in shape.tables.items()})
+        self.changes.start()
         # The cut-over waits on this: an order-free row hash per table, a fifth of the cost of
         # the ordered checksums `igops shard verify` reports.
         report = self._holding_writes("verification", lambda: verify_copies(
@@ -1696,8 +1721,10 @@ class _Mover:
             return f"shard map version {version}"
         self._check_clock_skew()
         timings = self._holding_writes("cut-over", self._cut_over)
+        self._changes().close()
         self.result_fields["switched"] = timings
-        return (f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
+        return (f"{self.checked_rows:,} rows written since the verification equal; "
+                f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
                 f"shard map version {timings['map_version']}")
 
     def _holding_writes(self, what: str, action: Callable[[], Any]) -> Any:
@@ -1739,13 +1766,15 @@ class _Mover:
         try:
             with locker.cursor() as cursor, self.target.cursor() as target_cursor:
                 tables = _tables_of(cursor, plan.schema)
+                # Most of what was written since the verification is read before writes are held.
+                self._changes().drain()
                 requested = time.monotonic()
                 _lock_tables(cursor, plan.schema, tables)
                 locked = time.monotonic()
                 self.pause("locked")
                 with self.source.cursor() as marker:
                     lsn = _wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
-                self._compare_counts(cursor)
+                checked = self._compare_changed_rows(target_cursor, lsn)
                 shape = describe_schema(cursor, plan.schema)
                 sequences = _sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
@@ -1766,6 +1795,7 @@ class _Mover:
         finally:
             locker.close()
             directory.close()
+        self.checked_rows = checked
         return {"lock_wait_ms": round((locked - requested) * 1000, 1),
                 "write_block_ms": round((switched - requested) * 1000, 1),
                 "map_version": version,
@@ -1773,29 +1803,28 @@ class _Mover:
                 "source_sequence": max(sequences.values()) if sequences else None,
                 "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None}
 
-    def _compare_counts(self, source_cursor) -> None:
-        """Row counts of both copies, in parallel, with writes held: a last check that the
-        stream delivered everything before the map moves."""
-        from psycopg2 import sql
+    def _changes(self) -> ChangedRows:
+        if self.changes is None:  # a resumed move verifies again: see resume_move
+            raise IgopsError(f"move {self.plan.move_id} has no record of the rows written since its verification",
+                             f"--resume {self.plan.move_id} verifies again")
+        return self.changes
 
-        plan = self.plan
-        tables = [table.name for table in plan.tables]
-
-        def count(cursor) -> dict[str, int]:
-            found = {}
-            for table in tables:
-                cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(plan.schema, table)))
-                found[table] = cursor.fetchone()[0]
-            return found
-
-        with self.target.cursor() as target_cursor, ThreadPoolExecutor(max_workers=1) as pool:
-            remote = pool.submit(count, target_cursor)
-            local = count(source_cursor)
-            other = remote.result()
-        if local != other:
-            differing = ", ".join(f"{name}: {local[name]} vs {other.get(name)}" for name in tables
-                                  if local[name] != other.get(name))
-            raise CutoverDeferred(f"row counts differ after the final catch-up ({differing})")
+    def _compare_changed_rows(self, target_cursor, lsn: str) -> int:
+        """With writes held and the target caught up to `lsn`: the rows written since the
+        verification, by key, on both copies (the copies were equal at the verification, and
+        no other row has changed on the source since). Costs what was written since, not the
+        shard's size; returns the rows compared."""
+        changes = self._changes()
+        changes.drain(upto=lsn)
+        with self.source.cursor() as source_cursor:
+            checked, differences = changes.compare((source_cursor, target_cursor),
+                                                   (self.plan.schema, self.plan.schema))
+        if differences:
+            raise IgopsError(f"the copies of {self.plan.schema} differ in rows written since the verification: "
+                             + "; ".join(differences[:5]),
+                             f"nothing was switched; --resume {self.plan.move_id} verifies again, or "
+                             f"--abort {self.plan.move_id}")
+        return checked
 
     def _commit_fence(self, locker) -> None:
         import psycopg2
@@ -1892,8 +1921,8 @@ class _Mover:
         deadline = time.monotonic() + FLUSH_WAIT_S
         with self.source.cursor() as cursor, self.target.cursor() as target_cursor:
             while True:
-                cursor.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn FROM pg_replication_slots "
-                               "WHERE slot_name = %s", (lsn, plan.slot))
+                cursor.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn "
+                               "FROM pg_replication_slots WHERE slot_name = %s", (lsn, plan.slot))
                 row = cursor.fetchone()
                 if row is None:  # dropped by a cleanup that got past this wait
                     return "no slot left"
@@ -2108,7 +2137,10 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
         record = journal.get(move_id)
         if record.status != ACTIVE:
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
-        resume_after = record.step
+        resume_after = resume_point(record.step)
+        if resume_after != record.step:
+            reporter.log(f"move {move_id} stopped after its verification: verifying again, so that the cut-over "
+                         "compares only the rows written since")
         if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
                 and not _slot_usable_on_source(fleet, record):
             reporter.log(f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "

@@ -551,6 +551,66 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     assert placement(lab, shard) == source and leftovers(lab) == []
 
 
+def test_the_cut_over_compares_the_rows_written_since_the_verification_and_no_others(lab):
+    """With writes held, the cut-over reads what was written since the verification (keys decoded
+    from a temporary slot on the source), not every row of the shard: a changed value among them
+    is found, and a table truncated since is compared whole. Two schemas on main stand for the
+    source and the target copy."""
+    from igops.shard_changes import ChangedRows
+
+    source, target = "igops_changes_a", "igops_changes_b"
+    connection, tracked = pg(lab, "main"), pg(lab, "main")
+
+    def on_both(sql):
+        with connection.cursor() as cursor:
+            for schema in (source, target):
+                cursor.execute(sql.format(schema=schema))
+
+    try:
+        on_both("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+                "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, body json, note text);"
+                "INSERT INTO {schema}.events SELECT g, json_build_object('n', g), 'e' || g"
+                "  FROM generate_series(1, 20000) g;"
+                "CREATE TABLE {schema}.pairs (a int, b text, v int, PRIMARY KEY (a, b));"
+                "INSERT INTO {schema}.pairs SELECT g, 'b' || g, g FROM generate_series(1, 100) g")
+        query(lab, "main", f"DROP PUBLICATION IF EXISTS igops_changes_test; "
+                           f"CREATE PUBLICATION igops_changes_test FOR TABLES IN SCHEMA {source}")
+        changes = ChangedRows(tracked, "igops_changes_test", "igops_changes_test", source,
+                              {"events": ("id",), "pairs": ("a", "b")})
+        changes.start()
+        writes = ("INSERT INTO {schema}.events VALUES (20001, '{{}}', 'new');"
+                  "UPDATE {schema}.events SET note = 'changed' WHERE id = 5;"
+                  "DELETE FROM {schema}.events WHERE id = 7;"
+                  "UPDATE {schema}.pairs SET b = 'moved' WHERE a = 1")
+        on_both(writes)
+        with connection.cursor() as cursor:
+            cursor.execute(f"BEGIN; INSERT INTO {source}.events VALUES (30000, NULL, 'rolled back'); ROLLBACK")
+        assert changes.drain() == 4
+        assert changes.keys == {"events": {("20001",), ("5",), ("7",)}, "pairs": {("1", "b1"), ("1", "moved")}}
+
+        with connection.cursor() as left, tracked.cursor() as right:
+            rows, differences = changes.compare((left, right), (source, target))
+        assert (rows, differences) == (3, [])  # 20001, 5 and the moved pair; 7 is gone from both
+
+        query(lab, "main", f"UPDATE {target}.events SET note = 'drifted' WHERE id = 5")
+        with connection.cursor() as left, tracked.cursor() as right:
+            rows, differences = changes.compare((left, right), (source, target))
+        assert rows == 3 and differences == ["events: values differ among the 3 keys written since the verification"]
+
+        query(lab, "main", f"TRUNCATE {source}.pairs")
+        assert changes.drain() == 1 and changes.truncated == {"pairs"}
+        with connection.cursor() as left, tracked.cursor() as right:
+            _, differences = changes.compare((left, right), (source, target))
+        assert differences[-1] == "pairs: rows 0 vs 100 (the whole table: truncated or new)"
+        changes.close()
+        assert query(lab, "main", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'igops_changes_test'") == []
+    finally:
+        tracked.close()
+        query(lab, "main", "DROP PUBLICATION IF EXISTS igops_changes_test")
+        on_both("DROP SCHEMA IF EXISTS {schema} CASCADE")
+        connection.close()
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
 def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
     """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
