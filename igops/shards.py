@@ -1682,6 +1682,8 @@ class _Mover:
 
     def _verified(self) -> str:
         plan = self.plan
+        if self._source_fenced():  # a move resumed after the fence: only the map is left to switch
+            return f"{plan.source} already fenced: nothing to verify"
         # From before the copies are compared, every row written is known by its key: with
         # writes held, the cut-over compares those rows only.
         with self.source.cursor() as cursor:
@@ -1706,13 +1708,17 @@ class _Mover:
         self.result_fields["verified"] = {"rows_copied": rows, "verify_pause_ms": report.pause_ms}
         return f"{len(report.tables)} tables, {rows:,} rows equal; writes paused {report.pause_ms:.0f} ms"
 
-    def _switched(self) -> str:
-        plan = self.plan
+    def _source_fenced(self) -> bool:
+        """Whether the cut-over already renamed the source's copy (and committed it)."""
         with self.source.cursor() as cursor:
             cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                           ([plan.schema, plan.fenced_schema],))
+                           ([self.plan.schema, self.plan.fenced_schema],))
             present = {row[0] for row in cursor.fetchall()}
-        if plan.fenced_schema in present and plan.schema not in present:
+        return self.plan.fenced_schema in present and self.plan.schema not in present
+
+    def _switched(self) -> str:
+        plan = self.plan
+        if self._source_fenced():
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
             # Nothing reaches the shard on the source since the fence: a mark written now is past
             # all of it, and is what the cleanup waits for the target to flush.
@@ -2139,8 +2145,8 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
         resume_after = resume_point(record.step)
         if resume_after != record.step:
-            reporter.log(f"move {move_id} stopped after its verification: verifying again, so that the cut-over "
-                         "compares only the rows written since")
+            reporter.log(f"move {move_id} stopped after its verification: the rows written since are known only to "
+                         "the igops that verified, so it verifies again (unless the source is already fenced)")
         if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
                 and not _slot_usable_on_source(fleet, record):
             reporter.log(f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
