@@ -44,7 +44,9 @@ class _Reader:
         return struct.unpack("!i", self.take(4))[0]
 
     def string(self) -> str:
-        end = self.data.index(b"\0", self.at)
+        end = self.data.find(b"\0", self.at)
+        if end < 0:
+            raise ProtocolError(f"a name without its end at byte {self.at}")
         text = self.data[self.at:end].decode()
         self.at = end + 1
         return text

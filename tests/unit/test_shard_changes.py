@@ -47,6 +47,8 @@ def test_messages_that_write_no_row_are_skipped_and_broken_ones_refused():
         parse_message(b"I" + struct.pack("!i", 7) + b"N" + row(1)[:-1])
     with pytest.raises(ProtocolError):
         parse_message(b"D" + struct.pack("!i", 7) + b"N" + row(1))
+    with pytest.raises(ProtocolError):
+        parse_message(b"R" + struct.pack("!i", 7) + b"insta5")
 
 
 def test_a_move_stopped_after_its_verification_verifies_again():
