@@ -32,6 +32,7 @@ from igops.output import Reporter
 from igops.postgres import first_line
 from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
                                   quote_ident, replication_connection, replication_conninfo)
+from igops.shard_changes import ChangedRows
 
 # --- IDs --------------------------------------------------------------------------------------
 ID_EPOCH_MS = 1314220021721  # 2011-08-24 21:07:01.721 UTC
@@ -783,25 +784,27 @@ def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscriptio
     snapshot both, let writes go."""
     database = fleet.model.postgres.database
     locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=_LOCK_SETTINGS)
+    marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify")
     watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
     try:
         with locker.cursor() as cursor:
             tables = _tables_of(cursor, source.schema)
         locker.autocommit = False
         locker.set_session(isolation_level="REPEATABLE READ")
-        with locker.cursor() as cursor, watcher.cursor() as watch, \
+        with locker.cursor() as cursor, marker.cursor() as mark, watcher.cursor() as watch, \
                 source_reader.cursor() as left, target_reader.cursor() as right:
             started = time.monotonic()
             _lock_tables(cursor, source.schema, tables)
             cursor.execute("SELECT pg_export_snapshot()")
             snapshot = cursor.fetchone()[0]
-            _wait_applied(watch, subscription, cursor, wait_budget_s)
+            _wait_applied(watch, subscription, mark, wait_budget_s)
             right.execute("SELECT 1")
             left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             locker.rollback()
             return (time.monotonic() - started) * 1000
     finally:
         locker.close()
+        marker.close()
         watcher.close()
 
 
@@ -859,25 +862,51 @@ def _applied_lsn(cursor, subscription: str):
     return row[1] if row and row[0] else None
 
 
+def flushed_position(cursor) -> str:
+    """A position in the source's WAL up to which its walsender can decode and report now: the
+    end of a logical message (which no subscription receives) committed in a transaction of its
+    own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
+    the source's primary, not the one holding the shard's lock.
+
+    The current WAL position would not do: it can be a page boundary inside a record that an
+    open transaction is writing. The WAL writer flushes whole pages only, a walsender decodes
+    whole flushed records only, and on an idle source nothing flushes the rest of that record
+    until that transaction ends (the lock's own, which waits on the position, or another
+    one): the wait can never end (seen after a checkpoint, when the lock's catalog reads
+    write full-page images for hint bits)."""
+    import psycopg2
+
+    cursor.execute("BEGIN")
+    try:
+        # A commit that waited on a synchronous standby would hold the shard's writes longer,
+        # or for ever with that standby down; this one only has to reach the local disk.
+        cursor.execute("SET LOCAL synchronous_commit = local")
+        cursor.execute("SELECT pg_logical_emit_message(true, 'igops-shard-move', 'position')")
+        position = cursor.fetchone()[0]
+        cursor.execute("COMMIT")
+    except psycopg2.Error:
+        # The connection goes on being used: leave no failed transaction open on it.
+        if not cursor.connection.closed:
+            try:
+                cursor.execute("ROLLBACK")
+            except psycopg2.Error:
+                pass
+        raise
+    return position
+
+
 def _wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
-    """Until the subscription has applied the source's WAL up to where it is now; returns that
+    """Until the subscription has applied the source's WAL up to a position past everything
+    committed before now (see `flushed_position`, which `source_cursor` writes); returns that
     position. Its apply worker reports a position only after applying everything before it."""
-    source_cursor.execute("SELECT pg_current_wal_lsn()")
-    lsn = source_cursor.fetchone()[0]
+    lsn = flushed_position(source_cursor)
     deadline = time.monotonic() + budget_s
-    nudge_at = time.monotonic() + NUDGE_AFTER_S
     while True:
         cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
                        "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
         row = cursor.fetchone()
         if row and row[0]:
             return lsn
-        if nudge_at is not None and time.monotonic() > nudge_at:
-            # The position can lie past the last record (a page boundary), and the walsender
-            # reports reaching it only once it has decoded a record beyond: in an idle cluster,
-            # not for seconds. A record of our own, which the subscription does not receive.
-            source_cursor.execute("SELECT pg_logical_emit_message(false, 'igops-shard-move', 'position')")
-            nudge_at = None
         if time.monotonic() > deadline:
             raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
                                  f"{budget_s * 1000:.0f} ms")
@@ -1110,9 +1139,10 @@ COPY_PARALLEL = 3  # tables copied (and indexed) at once
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
-# How long a wait for the subscription lets the source be idle before writing a record to pass.
-NUDGE_AFTER_S = 0.05
 MAX_CLOCK_SKEW_MS = 500
+# How long the cleanup waits for the target to report having flushed the shard's last changes
+# (the subscriber reports within a WAL writer cycle or two).
+FLUSH_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -1168,15 +1198,17 @@ def _describe_step(plan: MovePlan, step: str) -> str:
                   f"{COPY_PARALLEL} at a time, then build their keys and indexes",
         "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
-        "verified": f"pause writes to {plan.schema} for an instant to snapshot both copies at one point, then "
+        "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
+                    f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
                     "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
                     "sequences and the schema",
         "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
-                    f"go on); final catch-up; equal row counts; {plan.schema} sequences on {plan.target} set "
-                    f"{SEQUENCE_MARGIN} past {plan.source}'s; rename {plan.schema} to {plan.fenced_schema} on "
-                    f"{plan.source} (waiting writers fail and retry); commit; shard map: shard {plan.shard} -> "
-                    f"{plan.target}, version + 1",
-        "cleaned": f"drop subscription, slot and publication {plan.slot}; drop the old copy {plan.fenced_schema} "
+                    f"go on); final catch-up; the rows written since the verification equal on both; "
+                    f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
+                    f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
+                    f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
+        "cleaned": f"once {plan.target} has flushed the shard's last changes (the slot's confirmed_flush_lsn), "
+                   f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
                    f"on {plan.source}",
     }[step]
 
@@ -1297,8 +1329,8 @@ def _check_replication_capacity(cursor, cluster: str) -> None:
     if wal_level != "logical":
         raise RefusedError(f"{cluster} runs with wal_level = {wal_level}",
                            "set wal_level = logical and restart the primary before moving shards off it")
-    if slots >= max_slots:
-        raise RefusedError(f"{cluster} has no free replication slot ({slots} of {max_slots} used)",
+    if slots + 2 > max_slots:  # the move's own, and the one that tracks writes from its verification on
+        raise RefusedError(f"{cluster} has not two free replication slots ({slots} of {max_slots} used)",
                            "raise max_replication_slots or drop unused slots")
     if senders >= max_senders:
         raise RefusedError(f"{cluster} has no free WAL sender ({senders} of {max_senders} busy)",
@@ -1310,7 +1342,14 @@ def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
         record = Journal(directory).get(move_id)
     if record.status != ACTIVE:
         raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
-    return _plan_from_record(fleet, record, record.step), record
+    return _plan_from_record(fleet, record, resume_point(record.step)), record
+
+
+def resume_point(step: str) -> str:
+    """The last step a resumed move takes as done. The rows written since a verification are
+    known only to the igops that verified (its temporary slot went with it): a move stopped
+    after its verification, or during its cut-over, verifies again."""
+    return "caught_up" if step == "verified" else step
 
 
 def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
@@ -1377,6 +1416,8 @@ class _Mover:
         self._target = None
         self.result_fields: dict[str, Any] = {}
         self.verify_report: VerifyReport | None = None
+        self.changes: ChangedRows | None = None  # from the verification on
+        self.checked_rows = 0
 
     # connections to the primaries, autocommit, opened on first use
     @property
@@ -1392,6 +1433,13 @@ class _Mover:
         return self._target
 
     def close(self) -> None:
+        import psycopg2
+
+        if self.changes is not None:
+            try:
+                self.changes.close()
+            except psycopg2.Error:  # the slot goes with the session anyway
+                pass
         for connection in (self._source, self._target):
             if connection is not None:
                 connection.close()
@@ -1634,6 +1682,15 @@ class _Mover:
 
     def _verified(self) -> str:
         plan = self.plan
+        if self._source_fenced():  # a move resumed after the fence: only the map is left to switch
+            return f"{plan.source} already fenced: nothing to verify"
+        # From before the copies are compared, every row written is known by its key: with
+        # writes held, the cut-over compares those rows only.
+        with self.source.cursor() as cursor:
+            shape = describe_schema(cursor, plan.schema)
+        self.changes = ChangedRows(self.source, f"{plan.slot}_changes", plan.slot, plan.schema,
+                                   {name: table.primary_key for name, table in shape.tables.items()})
+        self.changes.start()
         # The cut-over waits on this: an order-free row hash per table, a fifth of the cost of
         # the ordered checksums `igops shard verify` reports.
         report = self._holding_writes("verification", lambda: verify_copies(
@@ -1651,20 +1708,29 @@ class _Mover:
         self.result_fields["verified"] = {"rows_copied": rows, "verify_pause_ms": report.pause_ms}
         return f"{len(report.tables)} tables, {rows:,} rows equal; writes paused {report.pause_ms:.0f} ms"
 
-    def _switched(self) -> str:
-        plan = self.plan
+    def _source_fenced(self) -> bool:
+        """Whether the cut-over already renamed the source's copy (and committed it)."""
         with self.source.cursor() as cursor:
             cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                           ([plan.schema, plan.fenced_schema],))
+                           ([self.plan.schema, self.plan.fenced_schema],))
             present = {row[0] for row in cursor.fetchall()}
-        if plan.fenced_schema in present and plan.schema not in present:
+        return self.plan.fenced_schema in present and self.plan.schema not in present
+
+    def _switched(self) -> str:
+        plan = self.plan
+        if self._source_fenced():
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
-            version = self._flip_map()
+            # Nothing reaches the shard on the source since the fence: a mark written now is past
+            # all of it, and is what the cleanup waits for the target to flush.
+            with self.source.cursor() as cursor:
+                version = self._flip_map(flushed_position(cursor))
             return f"shard map version {version}"
         self._check_clock_skew()
         timings = self._holding_writes("cut-over", self._cut_over)
+        self._changes().close()
         self.result_fields["switched"] = timings
-        return (f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
+        return (f"{self.checked_rows:,} rows written since the verification equal; "
+                f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
                 f"shard map version {timings['map_version']}")
 
     def _holding_writes(self, what: str, action: Callable[[], Any]) -> Any:
@@ -1706,12 +1772,15 @@ class _Mover:
         try:
             with locker.cursor() as cursor, self.target.cursor() as target_cursor:
                 tables = _tables_of(cursor, plan.schema)
+                # Most of what was written since the verification is read before writes are held.
+                self._changes().drain()
                 requested = time.monotonic()
                 _lock_tables(cursor, plan.schema, tables)
                 locked = time.monotonic()
                 self.pause("locked")
-                lsn = _wait_applied(target_cursor, plan.slot, cursor, CUTOVER_CATCH_UP_S)
-                self._compare_counts(cursor)
+                with self.source.cursor() as marker:
+                    lsn = _wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
+                checked = self._compare_changed_rows(target_cursor, lsn)
                 shape = describe_schema(cursor, plan.schema)
                 sequences = _sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
@@ -1719,11 +1788,11 @@ class _Mover:
                                                                     f"{quote_ident(sequence)}", value + SEQUENCE_MARGIN))
                 cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
                     sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)))
-                version = self._stage_map_flip(directory)
+                version = self._stage_map_flip(directory, lsn)
                 self._commit_fence(locker)
                 self._wait_for_target_clock()
                 self.pause("fenced")
-                version = self._commit_map_flip(directory, version)
+                version = self._commit_map_flip(directory, version, lsn)
                 switched = time.monotonic()
         except BaseException:
             _rollback_quietly(directory)
@@ -1732,6 +1801,7 @@ class _Mover:
         finally:
             locker.close()
             directory.close()
+        self.checked_rows = checked
         return {"lock_wait_ms": round((locked - requested) * 1000, 1),
                 "write_block_ms": round((switched - requested) * 1000, 1),
                 "map_version": version,
@@ -1739,29 +1809,28 @@ class _Mover:
                 "source_sequence": max(sequences.values()) if sequences else None,
                 "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None}
 
-    def _compare_counts(self, source_cursor) -> None:
-        """Row counts of both copies, in parallel, with writes held: a last check that the
-        stream delivered everything before the map moves."""
-        from psycopg2 import sql
+    def _changes(self) -> ChangedRows:
+        if self.changes is None:  # a resumed move verifies again: see resume_move
+            raise IgopsError(f"move {self.plan.move_id} has no record of the rows written since its verification",
+                             f"--resume {self.plan.move_id} verifies again")
+        return self.changes
 
-        plan = self.plan
-        tables = [table.name for table in plan.tables]
-
-        def count(cursor) -> dict[str, int]:
-            found = {}
-            for table in tables:
-                cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(plan.schema, table)))
-                found[table] = cursor.fetchone()[0]
-            return found
-
-        with self.target.cursor() as target_cursor, ThreadPoolExecutor(max_workers=1) as pool:
-            remote = pool.submit(count, target_cursor)
-            local = count(source_cursor)
-            other = remote.result()
-        if local != other:
-            differing = ", ".join(f"{name}: {local[name]} vs {other.get(name)}" for name in tables
-                                  if local[name] != other.get(name))
-            raise CutoverDeferred(f"row counts differ after the final catch-up ({differing})")
+    def _compare_changed_rows(self, target_cursor, lsn: str) -> int:
+        """With writes held and the target caught up to `lsn`: the rows written since the
+        verification, by key, on both copies (the copies were equal at the verification, and
+        no other row has changed on the source since). Costs what was written since, not the
+        shard's size; returns the rows compared."""
+        changes = self._changes()
+        changes.drain(upto=lsn)
+        with self.source.cursor() as source_cursor:
+            checked, differences = changes.compare((source_cursor, target_cursor),
+                                                   (self.plan.schema, self.plan.schema))
+        if differences:
+            raise IgopsError(f"the copies of {self.plan.schema} differ in rows written since the verification: "
+                             + "; ".join(differences[:5]),
+                             f"nothing was switched; --resume {self.plan.move_id} verifies again, or "
+                             f"--abort {self.plan.move_id}")
+        return checked
 
     def _commit_fence(self, locker) -> None:
         import psycopg2
@@ -1774,7 +1843,7 @@ class _Mover:
                              f"--resume {self.plan.move_id} finds out and finishes, or --abort {self.plan.move_id}"
                              ) from None
 
-    def _commit_map_flip(self, directory, version: int) -> int:
+    def _commit_map_flip(self, directory, version: int, lsn: str) -> int:
         """The source is fenced now: until the map names the target the shard is unavailable,
         so a failed commit is retried on fresh connections before giving up."""
         import psycopg2
@@ -1787,16 +1856,17 @@ class _Mover:
         for _ in range(5):
             time.sleep(0.5)
             try:
-                return self._flip_map()
+                return self._flip_map(lsn)
             except (psycopg2.Error, IgopsError) as exc:
                 failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
         raise IgopsError(f"{self.plan.source} is fenced but the shard map could not be switched ({failure}): "
                          f"shard {self.plan.shard} is unavailable", f"igops shard move --resume {self.plan.move_id} "
                                                                     "as soon as the directory answers")
 
-    def _stage_map_flip(self, directory) -> int:
+    def _stage_map_flip(self, directory, lsn: str) -> int:
         """The map change and its journal entry, left uncommitted so the commit right after the
-        fence is the only thing between them."""
+        fence is the only thing between them. `lsn` lies past the shard's last change on the
+        source: the cleanup drops nothing before the target has flushed up to it."""
         plan = self.plan
         with directory.cursor() as cursor:
             cursor.execute("UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
@@ -1806,15 +1876,16 @@ class _Mover:
                                  "someone changed the map during the move; nothing was switched")
             cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
             version = cursor.fetchone()[0]
-            cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, updated_at = now(), "
-                           "error = NULL, history = history || jsonb_build_array(jsonb_build_object("
-                           "'step', 'switched', 'at', now())) WHERE id = %s", (version, plan.move_id))
+            cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
+                           "updated_at = now(), error = NULL, history = history || jsonb_build_array("
+                           "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s",
+                           (version, lsn, plan.move_id))
         return version
 
-    def _flip_map(self) -> int:
+    def _flip_map(self, lsn: str) -> int:
         directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
         try:
-            version = self._stage_map_flip(directory)
+            version = self._stage_map_flip(directory, lsn)
             directory.commit()
             return version
         finally:
@@ -1835,14 +1906,49 @@ class _Mover:
                 time.sleep(0.001)
 
     def _cleaned(self) -> str:
-        plan = self.plan
-        drop_subscription(self.target, plan.slot)
-        removed = drop_publication_and_slot(self.source, plan.slot)
         from psycopg2 import sql
 
+        plan = self.plan
+        flushed = self._await_target_flush()
+        drop_subscription(self.target, plan.slot)
+        removed = drop_publication_and_slot(self.source, plan.slot)
         with self.source.cursor() as cursor:
             cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(plan.fenced_schema)))
-        return f"{removed}; old copy dropped"
+        return f"{flushed}; {removed}; old copy dropped"
+
+    def _await_target_flush(self) -> str:
+        """Until the target has flushed every change of the shard it applied: the subscription
+        commits asynchronously (synchronous_commit = off), so a change applied can still be lost
+        if the target crashes, and only the slot and the old copy could then bring it back. The
+        slot's confirmed_flush_lsn is what the subscriber reports after flushing; the position to
+        reach was journaled with the map switch."""
+        plan = self.plan
+        lsn = self.journal.get(plan.move_id).source_lsn
+        deadline = time.monotonic() + FLUSH_WAIT_S
+        with self.source.cursor() as cursor, self.target.cursor() as target_cursor:
+            while True:
+                cursor.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn "
+                               "FROM pg_replication_slots WHERE slot_name = %s", (lsn, plan.slot))
+                row = cursor.fetchone()
+                if row is None:  # dropped by a cleanup that got past this wait
+                    return "no slot left"
+                if row[0]:
+                    return f"{plan.target} flushed up to {lsn}"
+                target_cursor.execute("SELECT subenabled, subslotname IS NOT NULL FROM pg_subscription "
+                                      "WHERE subname = %s", (plan.slot,))
+                subscription = target_cursor.fetchone()
+                state = ("missing" if subscription is None else "detached from its slot" if not subscription[1]
+                         else None if subscription[0] else "disabled")
+                waited = time.monotonic() > deadline
+                if state or waited:
+                    why = f"its subscription {plan.slot} is {state}" if state else \
+                        f"not within {FLUSH_WAIT_S:.0f} s"
+                    raise IgopsError(f"{plan.target} has not confirmed flushing the shard's changes up to {lsn} "
+                                     f"(the slot is at {row[1]}), {why}: nothing was dropped",
+                                     (f"ALTER SUBSCRIPTION {plan.slot} ENABLE on {plan.target_primary}, then "
+                                      if state == "disabled" else f"read {plan.target_primary}'s Postgres log, then ")
+                                     + f"igops shard move --resume {plan.move_id}")
+                time.sleep(0.05)
 
 
 def drop_subscription(connection, name: str) -> bool:
@@ -2037,7 +2143,10 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
         record = journal.get(move_id)
         if record.status != ACTIVE:
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
-        resume_after = record.step
+        resume_after = resume_point(record.step)
+        if resume_after != record.step:
+            reporter.log(f"move {move_id} stopped after its verification: the rows written since are known only to "
+                         "the igops that verified, so it verifies again (unless the source is already fenced)")
         if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
                 and not _slot_usable_on_source(fleet, record):
             reporter.log(f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "

@@ -480,6 +480,137 @@ def test_a_move_whose_slot_was_invalidated_copies_again_on_resume(lab):
     assert placement(lab, shard) == source and leftovers(lab) == []
 
 
+def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a_record(lab):
+    """Verification and the cut-over wait until the target has applied the source's WAL past
+    every commit. An open transaction on the source whose last record crosses a WAL page leaves
+    the source's WAL position at that page's boundary, inside the record: the WAL writer writes
+    whole pages, a walsender decodes whole flushed records, and on an idle source nothing
+    flushes the rest. Waiting for that position gave up ("did not apply the source's WAL up to
+    0/11012000 within 2000 ms", three times over on a fresh machine)."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    move = PausedMove(lab, shard, target, "caught_up")
+    move_id = latest_move_id(lab)
+    writer = pg(lab, source)
+    try:
+        with writer.cursor() as cursor:
+            def inside_a_record() -> bool:
+                cursor.execute("SELECT pg_current_wal_lsn() = pg_current_wal_flush_lsn() "
+                               "AND pg_current_wal_lsn() < pg_current_wal_insert_lsn() "
+                               "AND (pg_current_wal_lsn() - '0/0'::pg_lsn) % 8192 = 0")
+                return cursor.fetchone()[0]
+
+            for _ in range(5):  # any commit elsewhere on the source flushes the record: try again
+                cursor.execute("BEGIN")
+                cursor.execute("SELECT pg_logical_emit_message(true, 'igops-test', repeat('x', 20000))")
+                if wait_for(inside_a_record, 10, 0.01):
+                    break
+                cursor.execute("ROLLBACK")
+            else:
+                raise AssertionError("the source's WAL position never stopped inside the open transaction's record")
+            compared = run_igops("shard", "verify", str(shard), "--against", target, "--json", env=env(lab))
+            assert compared.returncode == 0, compared.stderr[-2000:]
+            assert json.loads(compared.stdout)["data"]["consistent"]
+            cursor.execute("ROLLBACK")
+    finally:
+        writer.close()
+        move.kill()
+        aborted = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+        assert aborted.returncode == 0, aborted.stderr
+    assert placement(lab, shard) == source and leftovers(lab) == []
+
+
+def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
+    """The subscription commits asynchronously: a change the target applied is durable only once
+    the target has flushed it, and until then the slot and the old copy are what could bring it
+    back. A resumed cleanup whose target cannot confirm the flush (its subscription disabled)
+    must drop neither, and finish once the target confirms."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    PausedMove(lab, shard, target, "fenced").kill()
+    move_id = latest_move_id(lab)
+    slot = f"igops_move_{move_id}"
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    held = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
+    assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
+    assert placement(lab, shard) == target
+    assert sorted(leftovers(lab)) == sorted([f"{source} slot {slot}", f"{source} publication {slot}",
+                                             f"{target} subscription {slot}",
+                                             f"{source} old copy insta{shard}_moved_{move_id}"])
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} ENABLE")
+    finished = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert journal(lab, move_id)["status"] == "done" and leftovers(lab) == []
+    back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert placement(lab, shard) == source and leftovers(lab) == []
+
+
+def test_the_cut_over_compares_the_rows_written_since_the_verification_and_no_others(lab):
+    """With writes held, the cut-over reads what was written since the verification (keys decoded
+    from a temporary slot on the source), not every row of the shard: a changed value among them
+    is found, and a table truncated since is compared whole. Two schemas on main stand for the
+    source and the target copy."""
+    from igops.shard_changes import ChangedRows
+
+    source, target = "igops_changes_a", "igops_changes_b"
+    connection, tracked = pg(lab, "main"), pg(lab, "main")
+
+    def on_both(sql):
+        with connection.cursor() as cursor:
+            for schema in (source, target):
+                cursor.execute(sql.format(schema=schema))
+
+    try:
+        on_both("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+                "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, body json, note text);"
+                "INSERT INTO {schema}.events SELECT g, json_build_object('n', g), 'e' || g"
+                "  FROM generate_series(1, 20000) g;"
+                "CREATE TABLE {schema}.pairs (a int, b text, v int, PRIMARY KEY (a, b));"
+                "INSERT INTO {schema}.pairs SELECT g, 'b' || g, g FROM generate_series(1, 100) g")
+        query(lab, "main", f"DROP PUBLICATION IF EXISTS igops_changes_test; "
+                           f"CREATE PUBLICATION igops_changes_test FOR TABLES IN SCHEMA {source}")
+        changes = ChangedRows(tracked, "igops_changes_test", "igops_changes_test", source,
+                              {"events": ("id",), "pairs": ("a", "b")})
+        changes.start()
+        writes = ("INSERT INTO {schema}.events VALUES (20001, '{{}}', 'new');"
+                  "UPDATE {schema}.events SET note = 'changed' WHERE id = 5;"
+                  "DELETE FROM {schema}.events WHERE id = 7;"
+                  "UPDATE {schema}.pairs SET b = 'moved' WHERE a = 1")
+        on_both(writes)
+        with connection.cursor() as cursor:
+            cursor.execute(f"BEGIN; INSERT INTO {source}.events VALUES (30000, NULL, 'rolled back'); ROLLBACK")
+        assert changes.drain() == 4
+        assert changes.keys == {"events": {("20001",), ("5",), ("7",)}, "pairs": {("1", "b1"), ("1", "moved")}}
+
+        with connection.cursor() as left, tracked.cursor() as right:
+            rows, differences = changes.compare((left, right), (source, target))
+        assert (rows, differences) == (3, [])  # 20001, 5 and the moved pair; 7 is gone from both
+
+        query(lab, "main", f"UPDATE {target}.events SET note = 'drifted' WHERE id = 5")
+        with connection.cursor() as left, tracked.cursor() as right:
+            rows, differences = changes.compare((left, right), (source, target))
+        assert rows == 3 and differences == ["events: values differ among the 3 keys written since the verification"]
+
+        query(lab, "main", f"TRUNCATE {source}.pairs")
+        assert changes.drain() == 1 and changes.truncated == {"pairs"}
+        with connection.cursor() as left, tracked.cursor() as right:
+            _, differences = changes.compare((left, right), (source, target))
+        assert differences[-1] == "pairs: rows 0 vs 100 (the whole table: truncated or new)"
+        changes.close()
+        assert query(lab, "main", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'igops_changes_test'") == []
+    finally:
+        tracked.close()
+        query(lab, "main", "DROP PUBLICATION IF EXISTS igops_changes_test")
+        on_both("DROP SCHEMA IF EXISTS {schema} CASCADE")
+        connection.close()
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered-md5", "row-hash"])
 def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_range(lab, ordered):
     """Both ways of comparing two copies (ordered checksums for `shard verify`, the row hash a
