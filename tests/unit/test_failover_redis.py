@@ -6,7 +6,6 @@ demoted master only finishes the switch."""
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
 
