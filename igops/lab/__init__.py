@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, credentials, files, postgres, proc, services, sshd, state, storage
+from igops.lab import aws, credentials, files, pooler, postgres, proc, services, sshd, state, storage
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
@@ -259,27 +259,36 @@ def up(reporter: Reporter | None = None) -> LabReport:
             step.detail = f"venv {environment.name}"
         with reporter.step("nginx load balancer on lb1") as step:
             _start_all([services.nginx_daemon(paths)], paths)
-        with reporter.step("check every host and service with igops status") as step:
-            # A fleet that just started can miss a first deadline (a worker's cold first
-            # request): a component counts as down only if it keeps failing.
-            deadline = time.monotonic() + 20
-            while True:
-                report.components = _check(fleet, paths)
-                failing = [c for c in report.components if not c.ok]
-                if not failing or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            if failing:
-                raise proc.LabError(f"{len(failing)} lab components do not answer: "
-                                    + "; ".join(f"{c.component} on {c.host}: {c.detail}" for c in failing),
-                                    "see `igops lab status` and the logs under " + str(paths.root))
+        with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
+            report.components = verify(fleet, paths, creds)
             step.detail = f"{len(report.components)} checks ok"
     report.duration_s = round(time.monotonic() - started, 1)
     return report
 
 
-def _check(fleet, paths: Paths) -> list[Component]:
-    """igops' own status probes, plus what only the lab has (moto, receivers, mounts)."""
+def verify(fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
+    """`up`'s closing check: every component answers and each cluster takes a write through
+    PgBouncer; raises LabError naming whatever still fails after `patience` seconds."""
+    # A fleet that just started can miss a first deadline (a worker's cold first request): a
+    # component counts as down only if it keeps failing.
+    deadline = time.monotonic() + patience
+    while True:
+        components = _check(fleet, paths, creds)
+        failing = [c for c in components if not c.ok]
+        if not failing:
+            return components
+        if time.monotonic() > deadline:
+            raise proc.LabError(f"{len(failing)} lab components fail: "
+                                + "; ".join(f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in failing),
+                                "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
+                                "writes, and the logs under " + str(paths.root))
+        time.sleep(1)
+
+
+def _check(fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:
+    """igops' own status probes, plus what only the lab has (moto, receivers, mounts) and a write
+    through each of PgBouncer's databases: every component can answer while writes fail (PgBouncer
+    routing to a standby, or holding a database paused)."""
     from igops import status as fleet_status
 
     fleet_report = fleet_status.collect(fleet)
@@ -287,7 +296,16 @@ def _check(fleet, paths: Paths) -> list[Component]:
                             f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
                   for h in fleet_report.hosts]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _outside_services() + _volumes(paths)
+    return components + _writes(creds) + _outside_services() + _volumes(paths)
+
+
+def _writes(creds: credentials.Credentials | None) -> list[Component]:
+    pgbouncer = with_role("pgbouncer")[0]
+    if creds is None:
+        return [Component("write via pgbouncer", pgbouncer.name, f"{pgbouncer.address}:{state.PGBOUNCER_PORT}",
+                          False, "not tested: cannot read the lab's passwords (run as root)")]
+    return [Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
+            for probe in pooler.write_probes(creds)]
 
 
 def _outside_services() -> list[Component]:
@@ -335,7 +353,7 @@ def status() -> LabStatus:
     paths = state.paths()
     report = LabStatus(str(paths.root), str(paths.inventory) if paths.inventory.exists() else None)
     if paths.inventory.exists() and proc.running_pid(paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.root):
-        report.components = _check(inventory.load_file(paths.inventory), paths)
+        report.components = _check(inventory.load_file(paths.inventory), paths, credentials.load(paths))
     else:
         report.components = _offline_components(paths)
     return report
