@@ -78,7 +78,7 @@ def _require_root(action: str) -> None:
 def _lock(paths: Paths):
     from igops import safety
 
-    return safety.lock(paths.root / "lab", "lab", "lab", safety.redact_argv(["igops", *sys.argv[1:]]))
+    return safety.lock(paths.root / "lab", "lab", "lab", _command_line())
 
 
 def _endpoints() -> list[tuple[str, int, str]]:
@@ -236,12 +236,16 @@ def up(reporter: Reporter | None = None) -> LabReport:
             report.recovered += [f"{item.cluster}: {item.repaired}" for item in built if item.repaired]
             step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
                                     + (f" ({item.repaired})" if item.repaired else "") for item in built)
-            services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
+            rerouted = services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
             _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
                         *services.redis_daemons(paths),
                         *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
             services.wait_for_replication()
+        with reporter.step("PgBouncer: re-read its databases file, resume what an interrupted operation paused") as step:
+            done = pooler.bring_to_health(creds, paths.fleet_state, _command_line(), reload=rerouted)
+            report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]
+            step.detail = "; ".join(done) or "nothing was paused"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
             aws_state = aws.build(volumes)
             step.detail = f"{len(aws_state.instances)} instances, {len(aws_state.volumes)} volumes"
@@ -283,6 +287,12 @@ def verify(fleet, paths: Paths, creds: credentials.Credentials, patience: float 
                                 "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
                                 "writes, and the logs under " + str(paths.root))
         time.sleep(1)
+
+
+def _command_line() -> str:
+    from igops import safety
+
+    return safety.redact_argv(["igops", *sys.argv[1:]])
 
 
 def _check(fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:

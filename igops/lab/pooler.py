@@ -1,11 +1,18 @@
-"""The lab's PgBouncer as `lab up` leaves it: a write through each of its databases reaching a
-primary."""
+"""The lab's PgBouncer as `lab up` leaves it: its databases file re-read, nothing paused, and a
+write through each of its databases reaching a primary.
+
+An operation interrupted between PAUSE and RESUME (a killed switchover, say) leaves databases
+paused and every query waiting; `lab up` is the command that brings the lab back to health, so
+it resumes them, except where an igops operation on that cluster is still running (it holds the
+cluster's lock and will resume them itself).
+"""
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from igops.lab.credentials import Credentials
 from igops.lab.services import PGBOUNCER_ADMIN, pgbouncer_databases
@@ -37,6 +44,41 @@ def admin(credentials: Credentials):
         yield connection.cursor()
     finally:
         connection.close()
+
+
+def paused_databases(cursor) -> list[str]:
+    cursor.execute("SHOW DATABASES")
+    columns = [column.name for column in cursor.description]
+    rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+    return [row["name"] for row in rows if row["name"] != "pgbouncer" and int(row.get("paused") or 0)]
+
+
+def bring_to_health(credentials: Credentials, fleet_state: Path, command_line: str, reload: bool) -> list[str]:
+    """RELOAD (when the lab rewrote the databases file), then RESUME every paused database of a
+    cluster no igops operation is working on. Returns what was done and what was left."""
+    from igops import safety
+    from igops.errors import AlreadyRunning
+
+    done = []
+    with admin(credentials) as cursor:
+        if reload:
+            cursor.execute("RELOAD")
+            done.append("reloaded the databases file")
+        paused = set(paused_databases(cursor))
+        for cluster in CLUSTERS:
+            mine = sorted(paused & set(pgbouncer_databases(cluster.name)))
+            if not mine:
+                continue
+            try:
+                # The lock `igops pg switchover` and `failover` hold: taking it both proves no
+                # operation is under way and keeps one from starting while this resumes.
+                with safety.lock(fleet_state, "pg", cluster.name, command_line):
+                    for database in mine:
+                        cursor.execute(f'RESUME "{database}"')
+                    done.append(f"resumed {', '.join(mine)} (cluster {cluster.name})")
+            except AlreadyRunning as exc:
+                done.append(f"left {', '.join(mine)} paused: {exc.message}")
+    return done
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""`lab up` as the command that brings the lab to health: a closing check that writes through
-PgBouncer."""
+"""`lab up` as the command that brings the lab to health: PgBouncer resumed after an interrupted
+operation or the lab's own repair, and a closing check that writes through PgBouncer."""
 
 import pytest
 
-from igops.lab import state
+from igops.lab import postgres as lab_postgres
+from igops.lab import files, state
 from igops.lab.credentials import load as load_credentials
+from tests.labtools import trim_wal
 
 pytestmark = pytest.mark.lab
 
@@ -13,6 +15,72 @@ def _admin(lab):
     from igops.lab import pooler
 
     return pooler.admin(load_credentials(state.paths()))
+
+
+def _paused(lab) -> list[str]:
+    from igops.lab import pooler
+
+    with _admin(lab) as cursor:
+        return pooler.paused_databases(cursor)
+
+
+def _resume_all(lab) -> None:
+    from igops.lab import pooler
+
+    with _admin(lab) as cursor:
+        for database in pooler.paused_databases(cursor):
+            cursor.execute(f'RESUME "{database}"')
+
+
+def _lab_up():
+    from igops import lab as lab_module
+    from igops.output import Reporter
+
+    return lab_module.up(Reporter())
+
+
+def test_lab_up_resumes_a_paused_pgbouncer_database(lab):
+    """A switchover killed between PAUSE and RESUME leaves every query of the database waiting."""
+    try:
+        with _admin(lab) as cursor:
+            cursor.execute('PAUSE "pg2"')
+        assert _paused(lab) == ["pg2"]
+        report = _lab_up()
+        assert _paused(lab) == []
+        assert any("resumed pg2" in line for line in report.recovered), report.recovered
+        assert all(component.ok for component in report.components)
+    finally:
+        _resume_all(lab)
+
+
+def test_lab_up_repairs_a_cluster_without_primary_and_resumes_pgbouncer(lab):
+    """What a switchover killed mid-stop leaves: PgBouncer's databases paused, the old primary
+    stopped and fenced (standby.signal), the candidate still a standby. `lab up` promotes one,
+    clones the other from it, routes PgBouncer to it and resumes it."""
+    paths = state.paths()
+    cluster = "pg2"
+    primary = lab.model.postgres.clusters[cluster].primary
+    standby = lab.model.postgres.clusters[cluster].standbys[0]
+    try:
+        with _admin(lab) as cursor:
+            cursor.execute(f'PAUSE "{cluster}"')
+        old = lab_postgres.Node(paths, primary)
+        old.stop()
+        (old.pgdata / "standby.signal").touch()
+        files.chown(old.pgdata / "standby.signal", lab_postgres.OS_USER)
+        report = _lab_up()
+        assert any(line.startswith(f"{cluster}: no member took writes") for line in report.recovered), report.recovered
+        assert any(f"resumed {cluster}" in line for line in report.recovered), report.recovered
+        assert _paused(lab) == []
+        writes = [c for c in report.components if c.component == "write via pgbouncer"]
+        assert writes and all(c.ok for c in writes), writes
+    finally:
+        _resume_all(lab)
+        from igops import inventory
+
+        fleet = inventory.load_file(paths.inventory)
+        members = fleet.model.postgres.clusters[cluster]
+        trim_wal(fleet, members.primary, members.standbys[0] if members.standbys else standby)
 
 
 def test_the_closing_check_fails_naming_a_cluster_whose_pgbouncer_routes_to_a_standby(lab):
