@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, credentials, files, pooler, postgres, proc, services, sshd, state, storage
+from igops.lab import aws, baseline, credentials, files, pooler, postgres, proc, services, sshd, state, storage
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
@@ -263,6 +263,12 @@ def up(reporter: Reporter | None = None) -> LabReport:
             step.detail = f"venv {environment.name}"
         with reporter.step("nginx load balancer on lb1") as step:
             _start_all([services.nginx_daemon(paths)], paths)
+        with reporter.step("monitoring baseline: igops munin install on every host") as step:
+            step.detail = baseline.munin_plugins(fleet)
+        with reporter.step("monitoring baseline: igops pingdom sync") as step:
+            step.detail = baseline.pingdom_checks(fleet)
+        with reporter.step("monitoring baseline: a snapshot group of each cluster, taken on its standby") as step:
+            step.detail = baseline.snapshots(fleet)
         with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
             report.components = verify(fleet, paths, creds)
             step.detail = f"{len(report.components)} checks ok"

@@ -1,11 +1,15 @@
-"""`lab up` as the command that brings the lab to health: PgBouncer resumed after an interrupted
-operation or the lab's own repair, and a closing check that writes through PgBouncer."""
+"""`lab up` as the command that brings the lab to health: the monitored baseline a fresh lab
+checks OK with, PgBouncer resumed after an interrupted operation or the lab's own repair, and a
+closing check that writes through PgBouncer."""
+
+import json
 
 import pytest
 
 from igops.lab import postgres as lab_postgres
 from igops.lab import files, state
 from igops.lab.credentials import load as load_credentials
+from tests.conftest import run_igops
 from tests.labtools import trim_wal
 
 pytestmark = pytest.mark.lab
@@ -37,6 +41,35 @@ def _lab_up():
     from igops.output import Reporter
 
     return lab_module.up(Reporter())
+
+
+def test_a_healthy_lab_checks_ok(lab):
+    """`lab up` installs the Munin plugins, syncs Pingdom and has a snapshot group of each cluster
+    taken on its standby, so every result of `igops check` is OK and Nagios hears exit 0."""
+    nagios = run_igops("-c", str(lab.source), "check", "--nagios")
+    assert nagios.returncode == 0, nagios.stdout + nagios.stderr
+    assert nagios.stdout.startswith("IGOPS OK - lab:"), nagios.stdout
+    result = run_igops("-c", str(lab.source), "check", "--json")
+    data = json.loads(result.stdout)["data"]
+    not_ok = [f"{r['check']} {r['target']}: {r['status']} {r['summary']}" for r in data["results"] if r["status"] != "OK"]
+    assert not not_ok, not_ok
+    checks = {r["check"] for r in data["results"]}
+    assert {"munin", "pingdom", "snapshot"} <= checks
+
+
+def test_the_baseline_snapshots_a_standby_never_a_primary(lab):
+    from igops import snapshot
+    from igops.ebs import Ebs
+
+    primaries = {cluster.primary for cluster in lab.model.postgres.clusters.values()} | {lab.model.redis.master}
+    groups = snapshot.groups(Ebs(lab))
+    taken_on = {group.host for group in groups if group.state == snapshot.STATE_COMPLETE}
+    assert taken_on, "no complete snapshot group"
+    # Groups taken by other tests on purpose may name any host; those the baseline took name
+    # the standby the inventory listed when it ran, which the check accepts for the whole cluster.
+    for cluster in lab.model.postgres.clusters.values():
+        assert taken_on & {cluster.primary, *cluster.standbys}
+    assert any(host not in primaries for host in taken_on)
 
 
 def test_lab_up_resumes_a_paused_pgbouncer_database(lab):

@@ -440,3 +440,31 @@ def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(pro
     answer = probe_answer(start_probe())
     assert answer["writable"] is False and answer["detail"].startswith("a write has been blocked for "), answer
     assert time.monotonic() - started < 5
+
+
+def test_a_snapshot_of_any_member_of_a_cluster_or_redis_set_stands_for_all_of_them(tmp_path):
+    """Groups are taken on a standby or replica, never by freezing a primary."""
+    from igops import inventory
+    from igops.checks.fleet import snapshot_peers
+
+    path = unreachable_inventory(tmp_path)
+    hosts = "".join(f'[[hosts]]\nname = "{name}"\naddress = "127.0.20.{i}"\nroles = ["{role}"]\n'
+                    for i, (name, role) in enumerate([("db1", "postgres"), ("db2", "postgres"), ("db3", "postgres"),
+                                                      ("db4", "postgres"), ("redis1", "redis"), ("redis2", "redis"),
+                                                      ("cache1", "memcached")], start=1))
+    path.write_text(path.read_text() + hosts + """
+[postgres.clusters.main]
+primary = "db1"
+standbys = ["db2"]
+[postgres.clusters.pg2]
+primary = "db3"
+standbys = ["db4"]
+[redis]
+master = "redis1"
+replicas = ["redis2"]
+""")
+    fleet = inventory.load_file(path)
+    assert snapshot_peers(fleet, fleet.host("db1")) == snapshot_peers(fleet, fleet.host("db2")) == {"db1", "db2"}
+    assert snapshot_peers(fleet, fleet.host("db4")) == {"db3", "db4"}
+    assert snapshot_peers(fleet, fleet.host("redis1")) == {"redis1", "redis2"}
+    assert snapshot_peers(fleet, fleet.host("cache1")) == {"cache1"}
