@@ -1,11 +1,12 @@
 """`lab up` as the command that brings the lab to health: the monitored baseline a fresh lab
-checks OK with, PgBouncer resumed after an interrupted operation or the lab's own repair, and a
-closing check that writes through PgBouncer."""
+checks OK with, PgBouncer resumed after an interrupted operation or the lab's own repair, a
+closing check that writes through PgBouncer, and a `lab status` that agrees with `lab up`."""
 
 import json
 
 import pytest
 
+from igops.errors import ExitCode
 from igops.lab import postgres as lab_postgres
 from igops.lab import files, state
 from igops.lab.credentials import load as load_credentials
@@ -141,3 +142,20 @@ def test_the_closing_check_fails_naming_a_cluster_whose_pgbouncer_routes_to_a_st
         with _admin(lab) as cursor:
             cursor.execute("RELOAD")
     lab_module.verify(lab, paths, load_credentials(paths), patience=0)
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_lab_status_right_after_lab_up_passes(lab, attempt):
+    """Once `lab up` has returned, every component is ready: `lab status` run at once agrees.
+
+    What failed here was gunicorn's GET /health answering 503 to a healthy app, in two ways (see
+    app/health.py): a second probe while a worker's first still runs gets "previous check has not
+    answered yet" (lab status asks nginx, which forwards to an app server, and that app server at
+    once), and a worker thread that never served an API request has no cached directory, so a
+    directory read slower than 0.4 s gives "cluster list unknown". Neither is a component still
+    starting that `lab up` could wait for: the endpoint must give concurrent and cold probes a true
+    answer (issue 15, item 20)."""
+    _lab_up()
+    result = run_igops("lab", "status", "--json")
+    failing = [c for c in json.loads(result.stdout)["data"]["components"] if not c["ok"]]
+    assert result.returncode == ExitCode.OK and not failing, failing
