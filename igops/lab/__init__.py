@@ -269,6 +269,8 @@ def up(reporter: Reporter | None = None) -> LabReport:
             step.detail = baseline.pingdom_checks(fleet)
         with reporter.step("monitoring baseline: a snapshot group of each cluster, taken on its standby") as step:
             step.detail = baseline.snapshots(fleet)
+        with reporter.step("Postgres standbys replay their primaries' WAL") as step:
+            step.detail = baseline.standbys_caught_up(paths, report.primaries)
         with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
             report.components = verify(fleet, paths, creds)
             step.detail = f"{len(report.components)} checks ok"

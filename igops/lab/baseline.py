@@ -89,3 +89,26 @@ def snapshots(fleet) -> str:
                            f"run `igops snapshot create {target}` against the lab to see every step")
         taken.append(f"{result.group_id} ({name})")
     return "took " + ", ".join(taken) if taken else "every cluster has a recent group"
+
+
+def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) -> str:
+    """Until each standby has replayed the WAL its primary had written when asked: right after a
+    burst of writes a healthy standby lags past the check's warning for a moment."""
+    from igops.lab.postgres import Node
+    from igops.lab.state import CLUSTERS
+
+    deadline = time.monotonic() + timeout
+    for cluster in CLUSTERS:
+        primary = Node(paths, primaries[cluster.name])
+        position = primary.psql("SELECT pg_current_wal_lsn()")
+        for name in (cluster.primary, cluster.standby):
+            if name == primary.name:
+                continue
+            standby = Node(paths, name)
+            while standby.psql("SELECT pg_last_wal_replay_lsn() >= :'position'::pg_lsn", position=position) != "t":
+                if time.monotonic() > deadline:
+                    raise LabError(f"{name} has not replayed {cluster.name}'s WAL up to {position} "
+                                   f"within {timeout:g} s", f"see hosts/{name}/log/postgresql.log under the "
+                                   "lab's state dir, and `igops pg status " + cluster.name + "`")
+                time.sleep(0.1)
+    return "every standby has replayed its primary's WAL"
