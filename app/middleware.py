@@ -15,8 +15,10 @@ from app.runtime import runtime
 log = logging.getLogger(__name__)
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# A failing /health is an answer, not a failure to serve: the load balancer and the checks
-# act on it already, and counting it would raise the error rate with every probe.
+# Probes are not counted as requests. A failing /health is an answer, not a failure to serve:
+# the load balancer and the checks act on it already, and counting it would raise the error rate
+# with every probe. Its time is the health check's own deadline at work, not a user's wait:
+# counting it would make an idle app's mean latency that of the probes.
 PROBE_PATHS = frozenset({"/health"})
 
 
@@ -45,9 +47,11 @@ class ApiMiddleware:
         stats = runtime(settings.IGOPS_CONFIG).stats
         response = self.get_response(request)
         status = response.status_code
-        stats.bump("requests")
-        stats.bump("request_seconds_total", time.monotonic() - started)
-        failed = status >= 400 and request.path not in PROBE_PATHS
+        probe = request.path in PROBE_PATHS
+        if not probe:
+            stats.bump("requests")
+            stats.bump("request_seconds_total", time.monotonic() - started)
+        failed = status >= 400 and not probe
         if failed and status >= 500:
             stats.bump("errors")
             if request.method in WRITE_METHODS:

@@ -725,7 +725,8 @@ def snapshot_probes(context: Context) -> list[Probe]:
         now = datetime.now(timezone.utc)
         grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
         for host in hosts:
-            complete = [group for group in groups if group.host == host.name and group.state == snapshot.STATE_COMPLETE]
+            peers = snapshot_peers(fleet, host)
+            complete = [group for group in groups if group.host in peers and group.state == snapshot.STATE_COMPLETE]
             left = sorted(group.group_id for group in groups if group.host == host.name
                           and snapshot.stale(group, now, grace))
             # Groups a killed or failed create left behind: prune deletes them.
@@ -745,6 +746,20 @@ def snapshot_probes(context: Context) -> list[Probe]:
                                 thresholds.snapshot_critical_hours, 0)], duration_ms=_ms(started)))
 
     return [Probe("snapshot", [("snapshot", host.name) for host in hosts], run)]
+
+
+def snapshot_peers(fleet, host) -> set[str]:
+    """The hosts whose snapshot groups hold `host`'s data: every member of its Postgres cluster or
+    of the Redis set, since a group is taken on a standby or replica (freezing a primary stalls its
+    writes); any other host only itself."""
+    model = fleet.model
+    for cluster in model.postgres.clusters.values():
+        members = {cluster.primary, *cluster.standbys}
+        if host.name in members:
+            return members
+    if host.name == model.redis.master or host.name in model.redis.replicas:
+        return {model.redis.master, *model.redis.replicas}
+    return {host.name}
 
 
 def _age(hours: float) -> str:

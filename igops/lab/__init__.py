@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, credentials, files, postgres, proc, services, sshd, state, storage
+from igops.lab import aws, baseline, credentials, files, pooler, postgres, proc, services, sshd, state, storage
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
@@ -78,7 +78,7 @@ def _require_root(action: str) -> None:
 def _lock(paths: Paths):
     from igops import safety
 
-    return safety.lock(paths.root / "lab", "lab", "lab", safety.redact_argv(["igops", *sys.argv[1:]]))
+    return safety.lock(paths.root / "lab", "lab", "lab", _command_line())
 
 
 def _endpoints() -> list[tuple[str, int, str]]:
@@ -239,7 +239,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             report.recovered += [f"{item.cluster}: {item.repaired}" for item in built if item.repaired]
             step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
                                     + (f" ({item.repaired})" if item.repaired else "") for item in built)
-            services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
+            rerouted = services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
         with reporter.step("repmgrd (automatic failover) on every Postgres node") as step:
             step.detail = _repmgrd(paths, postgres.repmgrd_wanted(paths, repmgrd))
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
@@ -247,6 +247,10 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                         *services.redis_daemons(paths),
                         *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
             services.wait_for_replication()
+        with reporter.step("PgBouncer: re-read its databases file, resume what an interrupted operation paused") as step:
+            done = pooler.bring_to_health(creds, paths.fleet_state, _command_line(), reload=rerouted)
+            report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]
+            step.detail = "; ".join(done) or "nothing was paused"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
             aws_state = aws.build(volumes)
             step.detail = f"{len(aws_state.instances)} instances, {len(aws_state.volumes)} volumes"
@@ -264,20 +268,16 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = f"venv {environment.name}"
         with reporter.step("nginx load balancer on lb1") as step:
             _start_all([services.nginx_daemon(paths)], paths)
-        with reporter.step("check every host and service with igops status") as step:
-            # A fleet that just started can miss a first deadline (a worker's cold first
-            # request): a component counts as down only if it keeps failing.
-            deadline = time.monotonic() + 20
-            while True:
-                report.components = _check(fleet, paths)
-                failing = [c for c in report.components if not c.ok]
-                if not failing or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            if failing:
-                raise proc.LabError(f"{len(failing)} lab components do not answer: "
-                                    + "; ".join(f"{c.component} on {c.host}: {c.detail}" for c in failing),
-                                    "see `igops lab status` and the logs under " + str(paths.root))
+        with reporter.step("monitoring baseline: igops munin install on every host") as step:
+            step.detail = baseline.munin_plugins(fleet)
+        with reporter.step("monitoring baseline: igops pingdom sync") as step:
+            step.detail = baseline.pingdom_checks(fleet)
+        with reporter.step("monitoring baseline: a snapshot group of each cluster, taken on its standby") as step:
+            step.detail = baseline.snapshots(fleet)
+        with reporter.step("Postgres standbys replay their primaries' WAL") as step:
+            step.detail = baseline.standbys_caught_up(paths, report.primaries)
+        with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
+            report.components = verify(fleet, paths, creds)
             step.detail = f"{len(report.components)} checks ok"
     report.duration_s = round(time.monotonic() - started, 1)
     return report
@@ -305,8 +305,35 @@ def _repmgrd(paths: Paths, wanted: bool) -> str:
     return f"running on {len(daemons)} nodes (`igops lab up --no-repmgrd` stops it)"
 
 
-def _check(fleet, paths: Paths) -> list[Component]:
-    """igops' own status probes, plus what only the lab has (moto, receivers, mounts)."""
+def verify(fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
+    """`up`'s closing check: every component answers and each cluster takes a write through
+    PgBouncer; raises LabError naming whatever still fails after `patience` seconds."""
+    # A fleet that just started can miss a first deadline (a worker's cold first request): a
+    # component counts as down only if it keeps failing.
+    deadline = time.monotonic() + patience
+    while True:
+        components = _check(fleet, paths, creds)
+        failing = [c for c in components if not c.ok]
+        if not failing:
+            return components
+        if time.monotonic() > deadline:
+            raise proc.LabError(f"{len(failing)} lab components fail: "
+                                + "; ".join(f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in failing),
+                                "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
+                                "writes, and the logs under " + str(paths.root))
+        time.sleep(1)
+
+
+def _command_line() -> str:
+    from igops import safety
+
+    return safety.redact_argv(["igops", *sys.argv[1:]])
+
+
+def _check(fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:
+    """igops' own status probes, plus what only the lab has (moto, receivers, mounts) and a write
+    through each of PgBouncer's databases: every component can answer while writes fail (PgBouncer
+    routing to a standby, or holding a database paused)."""
     from igops import status as fleet_status
 
     fleet_report = fleet_status.collect(fleet)
@@ -314,7 +341,16 @@ def _check(fleet, paths: Paths) -> list[Component]:
                             f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
                   for h in fleet_report.hosts]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _outside_services() + _volumes(paths)
+    return components + _writes(creds) + _outside_services() + _volumes(paths)
+
+
+def _writes(creds: credentials.Credentials | None) -> list[Component]:
+    pgbouncer = with_role("pgbouncer")[0]
+    if creds is None:
+        return [Component("write via pgbouncer", pgbouncer.name, f"{pgbouncer.address}:{state.PGBOUNCER_PORT}",
+                          False, "not tested: cannot read the lab's passwords (run as root)")]
+    return [Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
+            for probe in pooler.write_probes(creds)]
 
 
 def _outside_services() -> list[Component]:
@@ -362,7 +398,7 @@ def status() -> LabStatus:
     paths = state.paths()
     report = LabStatus(str(paths.root), str(paths.inventory) if paths.inventory.exists() else None)
     if paths.inventory.exists() and proc.running_pid(paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.root):
-        report.components = _check(inventory.load_file(paths.inventory), paths)
+        report.components = _check(inventory.load_file(paths.inventory), paths, credentials.load(paths))
     else:
         report.components = _offline_components(paths)
     return report

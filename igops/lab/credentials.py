@@ -57,3 +57,13 @@ def ensure(paths: Paths) -> Credentials:
                     + _toml(credentials.fleet_secrets()), mode=0o600)
     files.write_file(paths.passwords, _toml({name: values[name] for name in LAB_PASSWORDS}), mode=0o600)
     return credentials
+
+
+def load(paths: Paths) -> Credentials | None:
+    """The credentials `ensure` wrote, changing nothing; None when they cannot be read (no lab
+    yet, or a user who may not read the 0600 files)."""
+    known = {**_read(paths.secrets), **_read(paths.passwords)}
+    try:
+        return Credentials(**{name: known[name] for name in FLEET_SECRETS + LAB_PASSWORDS})
+    except KeyError:
+        return None

@@ -12,7 +12,6 @@ import hashlib
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -148,24 +147,23 @@ def pgbouncer_databases(cluster: str) -> dict[str, str]:
     return {cluster: "instagram", **({"directory": "directory"} if cluster == DIRECTORY_CLUSTER else {})}
 
 
-def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> None:
-    """Point PgBouncer at the primaries the lab promoted itself (`repaired`: cluster -> node),
-    reloading a running PgBouncer. Failovers keep the databases file right; only a repair by the
-    lab leaves it naming a member that is no longer the primary."""
+def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> bool:
+    """Point PgBouncer's databases file at the primaries the lab promoted itself (`repaired`:
+    cluster -> node); True when the file changed, and a running PgBouncer must RELOAD it.
+    Failovers keep the file right; only a repair by the lab leaves it naming a member that is no
+    longer the primary."""
     from igops.postgres import repoint_databases
 
     if not repaired or not paths.databases_file().exists():
-        return
+        return False
     text = updated = paths.databases_file().read_text()
     for cluster, primary in repaired.items():
         updated = repoint_databases(updated, set(pgbouncer_databases(cluster)), str(host(primary).address),
                                     POSTGRES_PORT)
     if updated == text:
-        return
+        return False
     files.write_file(paths.databases_file(), updated, owner="postgres")
-    pid = proc.running_pid(paths.pgbouncer_dir() / "pgbouncer.pid", paths.root)
-    if pid:
-        os.kill(pid, signal.SIGHUP)
+    return True
 
 
 # --- munin-node ------------------------------------------------------------------------------
