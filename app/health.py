@@ -73,6 +73,10 @@ class HealthChecker:
         self.config = config
         self._lock = threading.Lock()
         self._running: dict[str, _RunningCheck] = {}
+        # The directory this process read last: a worker thread that has not served a request
+        # yet has no cached copy, and a directory read slower than DIRECTORY_WAIT_SECONDS must
+        # not make a healthy app answer "cluster list unknown".
+        self._snapshot: DirectorySnapshot | None = None
 
     def _start(self, name: str, probe: Callable[[_RunningCheck], CheckDetail]) -> _RunningCheck:
         """The check `name` running now: the one already under way, or a new one."""
@@ -92,8 +96,15 @@ class HealthChecker:
             "memcached": self._start("memcached", lambda _: self._check_memcached()),
         }
         directory_check = started["directory"]
-        directory_check.done.wait(min(DIRECTORY_WAIT_SECONDS, max(0.0, deadline - time.monotonic())))
-        snapshot = directory_check.snapshot or cached
+        known = cached or self._snapshot
+        # With no directory known at all (a process's first probe), waiting for it is the only way
+        # to learn which clusters to check.
+        wait = DIRECTORY_WAIT_SECONDS if known is not None else DEADLINE_SECONDS
+        directory_check.done.wait(min(wait, max(0.0, deadline - time.monotonic())))
+        snapshot = directory_check.snapshot or known
+        if known is None:
+            # The clusters' checks get their own time after the wait, as on a warm process.
+            deadline = max(deadline, time.monotonic() + DEADLINE_SECONDS - DIRECTORY_WAIT_SECONDS)
 
         if snapshot is None:
             started["clusters"] = {"ok": False, "error": "cluster list unknown: the directory has not been read yet"}
@@ -128,7 +139,9 @@ class HealthChecker:
         return {"ok": True, "database": database, "in_recovery": in_recovery}
 
     def _check_directory(self, check: _RunningCheck) -> CheckDetail:
-        return self._check_postgres(self.config.postgres.directory_database, directory_check=check)
+        detail = self._check_postgres(self.config.postgres.directory_database, directory_check=check)
+        self._snapshot = check.snapshot or self._snapshot
+        return detail
 
     def _check_redis(self, master: HostPort | None) -> CheckDetail:
         address = master or discover_master(self.config.redis.nodes, timeout=NETWORK_TIMEOUT_SECONDS)

@@ -92,3 +92,31 @@ def test_concurrent_health_probes_each_get_a_true_answer(app_url):
     failed = [body for status, body in answers if status != 200]
     assert not failed, f"{len(failed)} of {PROBES} concurrent probes failed, e.g. {failed[0]}"
     assert all(body["checks"]["directory"]["ok"] and body["checks"]["redis"]["ok"] for _, body in answers)
+
+
+def test_a_directory_read_slower_than_the_first_wait_does_not_fail_a_cold_thread(lab, app_url):
+    """A worker thread that has served no API request has no directory of its own. When the
+    directory answers more slowly than the check's first wait (0.4 s: a busy primary), every
+    probe must still get a true answer, not 503 "cluster list unknown"."""
+    from igops import postgres_admin
+    from tests.labtools import postgres
+
+    primary = postgres_admin.primary_of(lab, lab.model.shards.directory_cluster)
+    holder = postgres(lab, primary.name, lab.model.shards.directory_database)
+    holder.autocommit = False
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLE shard_map_version IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(0.6, holder.rollback)
+        release.start()
+        answers: list[tuple[int, dict]] = []
+        probes = [threading.Thread(target=lambda: answers.append(get_health(app_url))) for _ in range(THREADS)]
+        for thread in probes:
+            thread.start()
+        for thread in probes:
+            thread.join(30)
+        release.join()
+    finally:
+        holder.close()
+    failed = [body for status, body in answers if status != 200]
+    assert len(answers) == THREADS and not failed, f"{len(failed)} of {THREADS} probes failed, e.g. {failed[:1]}"
