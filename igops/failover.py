@@ -44,7 +44,7 @@ DEAD_SERVER_PAUSE_S = 2.0
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
-SIGNALS_AS_INTERRUPT = (signal.SIGTERM, signal.SIGHUP)
+SIGNALS_AS_INTERRUPT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --- plans and their execution -------------------------------------------------------------------
@@ -77,9 +77,12 @@ class StepFailed(IgopsError):
     """A step failed; what was undone or released is in `recovery`."""
 
     def __init__(self, step: Step, number: int, error: BaseException, recovery: list[StepReport],
-                 past_point_of_no_return: bool, hint: str):
-        recovered = "; ".join(f"{item.title}: {item.outcome}" for item in recovery) or "nothing to undo"
-        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}", hint)
+                 past_point_of_no_return: bool, hint: str, left_behind: str | None = None):
+        recovered = "; ".join(f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "")
+                              for item in recovery) or "nothing to undo"
+        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}"
+                         + (f" — left: {left_behind}" if left_behind else ""), hint)
+        self.left_behind = left_behind
         self.step = step
         self.number = number
         self.recovery = recovery
@@ -94,47 +97,80 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {postgres.first_line(error)}"
 
 
+class _Interrupts:
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) must undo and resume wherever they land: in
+    a step, or between two. While the recovery runs, a further one is ignored (the operation is
+    failing already), so that it cannot stop the recovery between two of its steps."""
+
+    def __init__(self) -> None:
+        self.recovering = False
+
+    def __call__(self, signum, frame):
+        if not self.recovering:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def recovery(self) -> Iterator[None]:
+        self.recovering = True
+        try:
+            yield
+        finally:
+            self.recovering = False
+
+
 @contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM or SIGHUP (a closed terminal) mid-operation must still undo and resume, as Ctrl-C
-    does; only the main thread can install handlers."""
+def _signals_as_interrupt() -> Iterator[_Interrupts]:
+    """Only the main thread can install handlers; elsewhere the handlers stay as they are."""
+    interrupts = _Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield interrupts
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {number: signal.signal(number, interrupt) for number in SIGNALS_AS_INTERRUPT}
+    previous = {number: signal.signal(number, interrupts) for number in SIGNALS_AS_INTERRUPT}
     try:
-        yield
+        yield interrupts
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
-def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str) -> list[StepReport]:
+def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str,
+            left_behind=None) -> list[StepReport]:
+    """Run the steps in order. On any failure or interrupt, whether it lands in a step or between
+    two, run the undos (before the point of no return) and the releases of the steps reached,
+    then raise StepFailed; `left_behind()`, if given, says where things stand afterwards."""
     done: list[StepReport] = []
     undos: list[Step] = []
     releases: list[Step] = []
     past_point_of_no_return = False
-    with _signals_as_interrupt():
-        for number, step in enumerate(steps, 1):
-            past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
-            if step.undo:
-                undos.append(step.undo)
-            if step.release:
-                releases.append(step.release)
-            try:
+    number, step = 0, None
+    with _signals_as_interrupt() as interrupts:
+        try:
+            for number, step in enumerate(steps, 1):
+                past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
+                if step.undo:
+                    undos.append(step.undo)
+                if step.release:
+                    releases.append(step.release)
                 with reporter.step(step.title) as record:
                     detail = getattr(actions, step.action)(*step.args)
                     if detail:
                         record.detail = detail
-            except BaseException as error:  # noqa: BLE001 - Ctrl-C must undo and resume too
+                done.append(StepReport(step.title, "ok", detail or None))
+        except BaseException as error:  # noqa: BLE001 - Ctrl-C and signals must undo and resume too
+            with interrupts.recovery():
                 recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
-                raise StepFailed(step, number, error, recovery, past_point_of_no_return, failure_hint) from error
-            done.append(StepReport(step.title, "ok", detail or None))
+                state = _left_behind(left_behind) if left_behind else None
+            failed = step or Step("before the first step", "")
+            raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint,
+                             state) from error
     return done
+
+
+def _left_behind(describe) -> str:
+    try:
+        return describe()
+    except Exception as exc:  # noqa: BLE001 - the failure itself matters more
+        return f"unknown ({_describe(exc)})"
 
 
 def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
@@ -142,9 +178,11 @@ def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list
     for done, failed, steps in (("undone", "undo failed", undos), ("released", "release failed", releases)):
         for step in reversed(steps):
             try:
-                with reporter.step(step.title):
-                    getattr(actions, step.action)(*step.args)
-                recovery.append(StepReport(step.title, done))
+                with reporter.step(step.title) as record:
+                    detail = getattr(actions, step.action)(*step.args)
+                    if detail:
+                        record.detail = detail
+                recovery.append(StepReport(step.title, done, detail or None))
             except BaseException as error:  # noqa: BLE001 - a second Ctrl-C must not leave writes paused
                 recovery.append(StepReport(step.title, failed, _describe(error)))
     return recovery

@@ -2,6 +2,9 @@
 PgBouncer's databases file, the Redis config rewrite, the plans' shapes and safety properties,
 how candidates are chosen, and how a failing step is undone and released."""
 
+import os
+import signal
+
 import pytest
 
 from igops import failover, inventory, postgres, redisops
@@ -346,6 +349,59 @@ def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
     assert actions.calls == ["pause", "stop", "start", "resume"]
     assert [(item.title, item.outcome) for item in failed.value.recovery] == [("start", "undo failed"),
                                                                              ("resume", "released")]
+
+
+class SignalsBetween(list):
+    """Steps that send this process `signum` as the engine moves on to the step at `at`: between
+    two steps, outside every step's own handling."""
+
+    def __init__(self, steps, signum, at):
+        super().__init__(steps)
+        self.signum = signum
+        self.at = at
+
+    def __iter__(self):
+        for index, step in enumerate(list.__iter__(self)):
+            if index == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_between_two_steps_undoes_and_releases(signum):
+    actions = Recorder()
+    before = signal.getsignal(signum)
+    with pytest.raises(failover.StepFailed, match="interrupted") as failed:
+        failover.execute(SignalsBetween(STEPS, signum, at=2), actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+    assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
+    assert signal.getsignal(signum) is before  # the handlers are put back
+
+
+def test_a_signal_during_the_recovery_does_not_stop_it():
+    class SignalledInUndo(Recorder):
+        def __getattr__(self, name):
+            action = super().__getattr__(name)
+            if name != "start":
+                return action
+
+            def start(*args):
+                action(*args)
+                os.kill(os.getpid(), signal.SIGTERM)  # ignored: the recovery must finish
+                self.calls.append("after the signal")
+            return start
+
+    actions = SignalledInUndo(fail="promote", error=KeyboardInterrupt())
+    steps = [STEPS[0], STEPS[1], failover.Step("promote", "promote"), STEPS[3]]
+    with pytest.raises(failover.StepFailed):
+        failover.execute(steps, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "start", "after the signal", "resume"]
+
+
+def test_the_failure_message_ends_with_what_was_left():
+    with pytest.raises(failover.StepFailed) as failed:
+        failover.execute(STEPS, Recorder(fail="stop"), Reporter(), "hint", left_behind=lambda: "db1 is the primary")
+    assert failed.value.message.endswith("— left: db1 is the primary")
 
 
 def test_every_step_runs_in_order_when_nothing_fails():
