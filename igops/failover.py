@@ -17,6 +17,7 @@ fences the old one first: PgBouncer stops routing to it and, on its disk, a stan
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -661,7 +662,9 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
         plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
-    plan.actions = switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused)
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
+        on=primary, members=(candidate, primary, *siblings))
     if state.paused:
         # The cluster's lock is free (it is taken before the plan runs), so no operation is under
         # way: an interrupted one left them paused. The switchover pauses them again itself.
@@ -718,8 +721,10 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) ->
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
     if left:
         plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
-    plan.actions = switchover_steps(fleet, stopped, candidate, siblings, view.databases(),
-                                    replay_paused=node.replay_paused, stopped=True, paused=state.paused or None)
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, stopped, candidate, siblings, view.databases(), replay_paused=node.replay_paused,
+                         stopped=True, paused=state.paused or None),
+        on=candidate, members=(candidate, *siblings, stopped))
     return plan
 
 
@@ -743,6 +748,9 @@ def _plan_pg_roll_back(view: _PgView, stopped: str) -> PgPlan:
                                      (name, stopped)))
         else:
             plan.notes.append(f"{name} is {node.state}: rejoin it later (igops pg rejoin {name})")
+    running = [name for name in others if state.node(name).role == "standby"]
+    if running:
+        plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
     return plan
 
 
@@ -849,6 +857,8 @@ def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
     if not plan.actions:
         plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
                              "and every member follows it")
+    plan.actions = with_repmgrd_paused(plan.actions, on=primary,
+                                       members=(primary, *(node.name for node in state.nodes if node.name != primary)))
     return plan
 
 
@@ -1092,7 +1102,9 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
     _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
-    plan.actions = _rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running))
+    plan.actions = with_repmgrd_paused(
+        _rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+        on=primary, members=(primary, node))
     return _signed(plan, view), state
 
 
@@ -1113,6 +1125,32 @@ def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
         Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
     return steps
+
+
+def with_repmgrd_paused(steps: list[Step], on: str, members: tuple[str, ...]) -> list[Step]:
+    """With repmgrd running, the standby's repmgrd takes a planned stop of the primary for a
+    failure and may promote on its own mid-way (repmgr's own switchover pauses it too): pause it
+    on every member first (from `on`, a running member), unpause it last, and on any failure
+    (from the first of `members` that answers). Where repmgrd does not run, the pause only sets
+    the flag it would read."""
+    if not steps:
+        return steps
+    unpause = Step("repmgrd: unpause it on every member (repmgr service unpause)", "unpause_repmgrd", (members,))
+    return [Step(f"repmgrd: pause it on every member (repmgr service pause, from {on}), so that none promotes or "
+                 "follows on its own mid-way", "pause_repmgrd", (on,), release=unpause), *steps, unpause]
+
+
+def repmgrd_pause_outcome(output: str, pause: bool) -> tuple[list[str], list[str]]:
+    """`repmgr service pause|unpause`'s NOTICE and WARNING lines: the nodes it reached, and those
+    it did not (by name, or "node N" when it could not connect)."""
+    done = "paused" if pause else "unpaused"
+    reached, missed = [], []
+    for line in output.splitlines():
+        if match := re.search(r"node \d+ \((.+?)\) (not )?" + done + r"\b", line):
+            (missed if match.group(2) else reached).append(match.group(1))
+        elif match := re.search(r"unable to connect to node (\d+)", line):
+            missed.append(f"node {match.group(1)}")
+    return reached, missed
 
 
 def candidate_verdict(node: str, cluster: str, in_recovery: bool | None, asked: bool,
@@ -1349,6 +1387,35 @@ class PgActions:
             time.sleep(0.2)
         raise IgopsError(f"{node} was started but does not accept writes after {STREAMING_TIMEOUT:g} s: {last}",
                          f"see {node}'s Postgres log")
+
+    # repmgr's exit code when it could not pause or unpause every node (ERR_REPMGRD_PAUSE).
+    _SOME_NODES_MISSED = 26
+
+    def _repmgrd(self, node: str, pause: bool) -> remote.HostResult:
+        host = self._host(node)
+        return _ssh(self.fleet, host, _repmgr(self.fleet, host, "service", "pause" if pause else "unpause"),
+                    timeout=60)
+
+    def pause_repmgrd(self, on: str) -> str:
+        result = self._repmgrd(on, True)
+        if result.exit_code not in (0, self._SOME_NODES_MISSED):
+            raise RemoteError(f"{on}: repmgr service pause failed: {_failure_reason(result)}")
+        reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, True)
+        # A member whose Postgres is down cannot be reached; its repmgrd cannot promote it meanwhile.
+        return f"paused on {', '.join(reached) or 'no member'}" + (f"; not on {', '.join(missed)}" if missed else "")
+
+    def unpause_repmgrd(self, members: tuple[str, ...]) -> str:
+        failures = []
+        for node in members:
+            result = self._repmgrd(node, False)
+            if result.exit_code in (0, self._SOME_NODES_MISSED):
+                reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, False)
+                return (f"unpaused on {', '.join(reached) or 'no member'}"
+                        + (f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
+                           "once it runs, e.g. by `igops pg rejoin` it)" if missed else ""))
+            failures.append(f"{node}: {_failure_reason(result)}")
+        raise RemoteError("repmgr service unpause failed everywhere: " + "; ".join(failures),
+                          "run `repmgr service unpause` on a running member")
 
     def unfence(self, node: str) -> None:
         host = self._host(node)

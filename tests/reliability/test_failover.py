@@ -606,6 +606,7 @@ def test_a_promotion_that_fails_after_the_stop_starts_the_old_primary_again_and_
     assert main["primary"] == HOME_PRIMARY and not main["paused"], main
     assert set(main["pgbouncer"]["pgb1"].values()) == {HOME_PRIMARY}
     assert sign_up_succeeds(lab)
+    assert not repmgrd_paused(lab, HOME_PRIMARY)  # the failure unpaused it
     stale = {path.name for path in pg_wal.glob("*.history")} - history_before
     print(f"history files the aborted promotion left: {sorted(stale)}")
     if not stale:
@@ -618,6 +619,12 @@ def test_a_promotion_that_fails_after_the_stop_starts_the_old_primary_again_and_
     result, envelope = igops(lab, "pg", "rejoin", OTHER_PRIMARY, "--yes")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not stale & {path.name for path in pg_wal.glob("*.history")}
+    steps = envelope["data"]["result"]["steps"]
+    # db2 is down when the rejoin pauses repmgrd (and kept the pause it had when it died): the
+    # rejoin's last step unpauses both.
+    assert steps[0]["detail"].startswith(f"paused on {HOME_PRIMARY}"), steps[0]
+    assert steps[-1]["detail"] == f"unpaused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[-1]
+    assert not any(repmgrd_paused(lab, node) for node in (HOME_PRIMARY, OTHER_PRIMARY))
     assert_one_primary_routed_and_followed(lab, HOME_PRIMARY)
     # The rejoined member can be promoted and the old primary follow it: its timelines are sound.
     result, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
@@ -675,3 +682,26 @@ def test_the_undo_waits_for_a_shutdown_under_way_then_checks_the_old_primary_tak
     assert int((pgdata / "postmaster.pid").read_text().split()[0]) != postmaster
     assert wait_for(lambda: sign_up_succeeds(lab), 30)
     assert wait_for(lambda: not pg_state(lab)["problems"], 30)
+
+
+def repmgrd_paused(lab, node: str) -> bool:
+    connection = postgres(lab, node, "repmgr")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT repmgr.repmgrd_is_paused()")
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_a_switchover_pauses_repmgrd_on_every_member_and_unpauses_it(at_home):
+    """repmgrd may run (the lab runs none: pausing sets the flag it would read, on each member)."""
+    lab = at_home
+    result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = envelope["data"]["result"]["steps"]
+    assert steps[0]["title"].startswith("repmgrd: pause") and steps[-1]["title"].startswith("repmgrd: unpause")
+    assert steps[0]["detail"] == f"paused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[0]
+    assert steps[-1]["detail"] == f"unpaused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[-1]
+    assert not any(repmgrd_paused(lab, node) for node in (HOME_PRIMARY, OTHER_PRIMARY))
+    assert_one_primary_routed_and_followed(lab, OTHER_PRIMARY)

@@ -342,8 +342,32 @@ def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
 def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_target(fleet):
     plan = failover._plan_pg_roll_back(cut_short_view(fleet), "db1")
     assert [(step.action, step.args) for step in plan.actions] == [
+        ("pause_repmgrd", ("db2",)),
         ("unfence_and_start", ("db1", ("db2", "db3"))), ("resume", ({"pgb1": ["directory", "main"]},)),
-        ("wait_streaming", ("db2", "db1")), ("wait_streaming", ("db3", "db1"))]
+        ("wait_streaming", ("db2", "db1")), ("wait_streaming", ("db3", "db1")),
+        ("unpause_repmgrd", (("db1", "db2", "db3"),))]
+
+
+# --- repmgrd -----------------------------------------------------------------------------------
+def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
+    steps = failover.with_repmgrd_paused(failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
+                                         on="db1", members=("db2", "db1", "db3"))
+    assert (steps[0].action, steps[0].args) == ("pause_repmgrd", ("db1",))
+    assert steps[0].release == steps[-1] and steps[-1].action == "unpause_repmgrd"
+    assert steps[-1].args == (("db2", "db1", "db3"),)
+    assert failover.with_repmgrd_paused([], on="db1", members=("db1",)) == []
+    actions = Recorder(fail="promote")
+    with pytest.raises(failover.StepFailed):
+        failover.execute(steps, actions, Reporter(), "hint")
+    assert actions.calls[0] == "pause_repmgrd" and "unpause_repmgrd" in actions.calls[actions.calls.index("promote"):]
+
+
+def test_what_repmgr_service_pause_reached():
+    output = ("NOTICE: node 1 (db1) paused\nWARNING: unable to connect to node 2\nNOTICE: node 3 (db3) not paused\n"
+              "ERROR: unable to pause 2 node(s)\n")
+    assert failover.repmgrd_pause_outcome(output, True) == (["db1"], ["node 2", "db3"])
+    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", False) == (["db1"], [])
+    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", True) == ([], [])
 
 
 # --- whether the old primary may start again ---------------------------------------------------
