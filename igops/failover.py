@@ -17,6 +17,7 @@ fences the old one first: PgBouncer stops routing to it and, on its disk, a stan
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -44,7 +45,7 @@ DEAD_SERVER_PAUSE_S = 2.0
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
-SIGNALS_AS_INTERRUPT = (signal.SIGTERM, signal.SIGHUP)
+SIGNALS_AS_INTERRUPT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --- plans and their execution -------------------------------------------------------------------
@@ -77,9 +78,12 @@ class StepFailed(IgopsError):
     """A step failed; what was undone or released is in `recovery`."""
 
     def __init__(self, step: Step, number: int, error: BaseException, recovery: list[StepReport],
-                 past_point_of_no_return: bool, hint: str):
-        recovered = "; ".join(f"{item.title}: {item.outcome}" for item in recovery) or "nothing to undo"
-        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}", hint)
+                 past_point_of_no_return: bool, hint: str, left_behind: str | None = None):
+        recovered = "; ".join(f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "")
+                              for item in recovery) or "nothing to undo"
+        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}"
+                         + (f" — left: {left_behind}" if left_behind else ""), hint)
+        self.left_behind = left_behind
         self.step = step
         self.number = number
         self.recovery = recovery
@@ -94,47 +98,80 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {postgres.first_line(error)}"
 
 
+class _Interrupts:
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) must undo and resume wherever they land: in
+    a step, or between two. While the recovery runs, a further one is ignored (the operation is
+    failing already), so that it cannot stop the recovery between two of its steps."""
+
+    def __init__(self) -> None:
+        self.recovering = False
+
+    def __call__(self, signum, frame):
+        if not self.recovering:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def recovery(self) -> Iterator[None]:
+        self.recovering = True
+        try:
+            yield
+        finally:
+            self.recovering = False
+
+
 @contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM or SIGHUP (a closed terminal) mid-operation must still undo and resume, as Ctrl-C
-    does; only the main thread can install handlers."""
+def _signals_as_interrupt() -> Iterator[_Interrupts]:
+    """Only the main thread can install handlers; elsewhere the handlers stay as they are."""
+    interrupts = _Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield interrupts
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {number: signal.signal(number, interrupt) for number in SIGNALS_AS_INTERRUPT}
+    previous = {number: signal.signal(number, interrupts) for number in SIGNALS_AS_INTERRUPT}
     try:
-        yield
+        yield interrupts
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
-def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str) -> list[StepReport]:
+def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str,
+            left_behind=None) -> list[StepReport]:
+    """Run the steps in order. On any failure or interrupt, whether it lands in a step or between
+    two, run the undos (before the point of no return) and the releases of the steps reached,
+    then raise StepFailed; `left_behind()`, if given, says where things stand afterwards."""
     done: list[StepReport] = []
     undos: list[Step] = []
     releases: list[Step] = []
     past_point_of_no_return = False
-    with _signals_as_interrupt():
-        for number, step in enumerate(steps, 1):
-            past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
-            if step.undo:
-                undos.append(step.undo)
-            if step.release:
-                releases.append(step.release)
-            try:
+    number, step = 0, None
+    with _signals_as_interrupt() as interrupts:
+        try:
+            for number, step in enumerate(steps, 1):
+                past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
+                if step.undo:
+                    undos.append(step.undo)
+                if step.release:
+                    releases.append(step.release)
                 with reporter.step(step.title) as record:
                     detail = getattr(actions, step.action)(*step.args)
                     if detail:
                         record.detail = detail
-            except BaseException as error:  # noqa: BLE001 - Ctrl-C must undo and resume too
+                done.append(StepReport(step.title, "ok", detail or None))
+        except BaseException as error:  # noqa: BLE001 - Ctrl-C and signals must undo and resume too
+            with interrupts.recovery():
                 recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
-                raise StepFailed(step, number, error, recovery, past_point_of_no_return, failure_hint) from error
-            done.append(StepReport(step.title, "ok", detail or None))
+                state = _left_behind(left_behind) if left_behind else None
+            failed = step or Step("before the first step", "")
+            raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint,
+                             state) from error
     return done
+
+
+def _left_behind(describe) -> str:
+    try:
+        return describe()
+    except Exception as exc:  # noqa: BLE001 - the failure itself matters more
+        return f"unknown ({_describe(exc)})"
 
 
 def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
@@ -142,9 +179,11 @@ def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list
     for done, failed, steps in (("undone", "undo failed", undos), ("released", "release failed", releases)):
         for step in reversed(steps):
             try:
-                with reporter.step(step.title):
-                    getattr(actions, step.action)(*step.args)
-                recovery.append(StepReport(step.title, done))
+                with reporter.step(step.title) as record:
+                    detail = getattr(actions, step.action)(*step.args)
+                    if detail:
+                        record.detail = detail
+                recovery.append(StepReport(step.title, done, detail or None))
             except BaseException as error:  # noqa: BLE001 - a second Ctrl-C must not leave writes paused
                 recovery.append(StepReport(step.title, failed, _describe(error)))
     return recovery
@@ -218,6 +257,9 @@ class PgNode:
     repmgrd: str | None = None  # 'running', 'paused' or 'not running' (None: the node does not answer)
     pgbouncer: list[str] = field(default_factory=list)  # "pgb1:main" entries that route here
     detail: str | None = None
+    # pg_controldata's "Database cluster state" of a member that does not answer: "shut down"
+    # is a primary stopped cleanly, "in production" one that crashed.
+    control_state: str | None = None
 
 
 @dataclass
@@ -228,6 +270,7 @@ class PgClusterState:
     pgbouncer: dict[str, dict[str, str]]  # PgBouncer host -> {database -> node it routes to}
     paused: dict[str, list[str]]  # PgBouncer host -> paused databases of this cluster
     problems: list[str] = field(default_factory=list)
+    fixes: dict[str, str] = field(default_factory=dict)  # problem -> what resolves it
 
     def node(self, name: str) -> PgNode:
         return next(node for node in self.nodes if node.name == name)
@@ -244,6 +287,7 @@ class _PgProbe:
     fenced: bool | None = None
     host_reachable: bool | None = None
     repmgrd: str | None = None
+    control_state: str | None = None
 
 
 @dataclass
@@ -309,20 +353,22 @@ def _repmgr(fleet, host, *args: str) -> list[str]:
     return _as_postgres(fleet, _repmgr_argv(fleet, host, *args))
 
 
-# What a member that does not answer looks like on its host: is a postmaster running, and is
-# the member fenced (standby.signal)?
-_HOST_CHECK = ('"$1" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
-               'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi')
+# What a member looks like on its host: is a postmaster running, is the member fenced
+# (standby.signal), and what its control file says (a clean shutdown or a crash).
+_HOST_CHECK = ('"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
+               'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi; '
+               '"$1/pg_controldata" -D "$2" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"')
 
 
 def _host_check(fleet, probe: _PgProbe) -> None:
-    result = _ssh(fleet, probe.host, _as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", _bin(fleet, "pg_ctl"),
+    result = _ssh(fleet, probe.host, _as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir,
                                                           _data_directory(fleet, probe.host)]), timeout=20)
     probe.host_reachable = result.reached
     if result.ok:
-        values = dict(line.split("=", 1) for line in result.stdout.split() if "=" in line)
+        values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
         probe.postmaster_running = values.get("postmaster") == "0"
         probe.fenced = values.get("fenced") == "1"
+        probe.control_state = values.get("control", "").strip() or None
 
 
 def _probe_member(fleet, name: str) -> _PgProbe:
@@ -366,8 +412,9 @@ def _pg_view(fleet, cluster: str) -> _PgView:
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pg-probe") as pool:
         bouncer_futures = [pool.submit(bouncer, host) for host in bouncer_hosts]
         probes = dict(zip(members, pool.map(lambda name: _probe_member(fleet, name), members)))
-        list(pool.map(lambda probe: _host_check(fleet, probe) if probe.down else _probe_repmgrd(fleet, probe),
-                      probes.values()))
+        # Every member: a running primary can carry a fence a switchover cut short left behind.
+        list(pool.map(lambda probe: _host_check(fleet, probe), probes.values()))
+        list(pool.map(lambda probe: _probe_repmgrd(fleet, probe), [p for p in probes.values() if not p.down]))
         bouncer_results = [future.result() for future in bouncer_futures]
     bouncers = {name: databases for name, databases, _ in bouncer_results}
     bouncer_errors = {name: error for name, _, error in bouncer_results if error}
@@ -402,11 +449,11 @@ def _pg_report(view: _PgView, addresses: dict[str, str]) -> PgClusterState:
         paused[bouncer_host] = [database.name for database in databases if database.paused]
     nodes = []
     for name, probe in view.probes.items():
-        node = PgNode(name, str(probe.host.address), "unknown", "running", repmgrd=probe.repmgrd)
+        node = PgNode(name, str(probe.host.address), "unknown", "running", fenced=probe.fenced, repmgrd=probe.repmgrd)
         server = probe.server
         if server is None:
             node.state = _down_state(probe)
-            node.fenced = probe.fenced
+            node.control_state = probe.control_state
             node.detail = probe.down.detail if probe.down else None
         else:
             node.role = "standby" if server.in_recovery else "primary"
@@ -450,38 +497,90 @@ def _down_state(probe: _PgProbe) -> str:
 
 
 def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgView) -> list[str]:
+    """What is wrong, each with the command that resolves it in `state.fixes`."""
     problems = []
+    cluster = state.cluster
+
+    def problem(text: str, fix: str | None = None) -> None:
+        problems.append(text)
+        if fix:
+            state.fixes[text] = fix
+
+    interrupted = _interrupted_switchover(view, state)
     if len(writable) > 1:
-        problems.append(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes")
+        routed = {target for table in state.pgbouncer.values() for target in table.values()}
+        strays = [name for name in writable if name not in routed]
+        problem(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes",
+                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --force` (it loses what it took alone)"
+                if len(strays) == 1 else None)
+    elif interrupted:
+        standbys = [node.name for node in state.nodes if node.role == "standby"]
+        problem(f"no primary: {interrupted} was stopped cleanly and fenced by a switchover cut short, and "
+                "no member was promoted",
+                " or ".join([f"`igops pg switchover {cluster} --to {name}` finishes it" for name in standbys]
+                            + [f"`igops pg switchover {cluster} --to {interrupted}` rolls it back"]))
     elif not writable:
-        problems.append("no primary: no member accepts writes")
+        settling = [node.name for node in state.nodes if node.state == "starting or stopping"]
+        problem("no primary: no member accepts writes",
+                f"wait until {', '.join(settling)} has started or stopped, then `igops pg status {cluster}` again"
+                if settling else f"`igops pg failover {cluster}`")
     max_lag = fleet.model.postgres.max_lag_bytes
+    finish = f"`igops pg switchover {cluster} --to {state.primary}` (finishes: repoints, resumes, registers)"
     for node in state.nodes:
         if node.role == "unknown":
-            problems.append(f"{node.name} is {node.state}" + (" (fenced)" if node.fenced else ""))
+            if node.name != interrupted:
+                problem(f"{node.name} is {node.state}" + (" (fenced)" if node.fenced else ""),
+                        f"`igops pg rejoin {node.name}`" if state.primary else None)
+        elif node.role == "primary" and node.fenced and state.primary == node.name:
+            problem(f"{node.name} accepts writes but holds standby.signal: a restart brings it back read-only",
+                    finish)
         elif node.role == "standby":
             if state.primary and node.streaming_from != state.primary:
-                problems.append(f"{node.name} does not stream from {state.primary}"
-                                + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""))
+                problem(f"{node.name} does not stream from {state.primary}"
+                        + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""),
+                        f"`igops pg rejoin {node.name}`")
             if node.replay_paused:
-                problems.append(f"{node.name} has WAL replay paused")
+                problem(f"{node.name} has WAL replay paused", f"`SELECT pg_wal_replay_resume()` on {node.name}")
             if node.lag_bytes is not None and node.lag_bytes > max_lag:
-                problems.append(f"{node.name} lags {node.lag_bytes} bytes (threshold {max_lag})")
+                problem(f"{node.name} lags {node.lag_bytes} bytes (threshold {max_lag})",
+                        f"wait; if it keeps growing, see {node.name}'s Postgres log")
     for bouncer_host, table in state.pgbouncer.items():
         for database, target in table.items():
             if target != state.primary:
-                problems.append(f"{bouncer_host}: {database} routes to {target}, which is not the primary")
+                problem(f"{bouncer_host}: {database} routes to {target}, which is not the primary",
+                        finish if state.primary else None)
     for bouncer_host, databases in state.paused.items():
-        problems.append(f"{bouncer_host}: {', '.join(databases)} PAUSED")
+        problem(f"{bouncer_host}: {', '.join(databases)} PAUSED", finish if state.primary else None)
     for bouncer_host, error in view.bouncer_errors.items():
-        problems.append(f"PgBouncer on {bouncer_host} does not answer: {error}")
+        problem(f"PgBouncer on {bouncer_host} does not answer: {error}", f"start PgBouncer on {bouncer_host}")
     paused_repmgrd = [node.name for node in state.nodes if node.repmgrd == "paused"]
     if paused_repmgrd:
-        problems.append(f"repmgrd is paused on {', '.join(paused_repmgrd)}: no automatic failover there")
+        problem(f"repmgrd is paused on {', '.join(paused_repmgrd)}: no automatic failover there",
+                finish if state.primary else None)
     primary_records = [node.name for node in view.repmgr if node.type == "primary" and node.active]
     if view.repmgr and state.primary and primary_records != [state.primary]:
-        problems.append(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}")
+        problem(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}",
+                finish)
+    if not writable and problems[0] in state.fixes:
+        # With no primary, what makes one (a failover, or the switchover's finish or roll-back)
+        # also repoints and resumes PgBouncer.
+        for text in problems[1:]:
+            state.fixes.setdefault(text, state.fixes[problems[0]])
     return problems
+
+
+def _interrupted_switchover(view: _PgView, state: PgClusterState | None = None) -> str | None:
+    """The member a switchover stopped before it was cut short: no member accepts writes, one
+    was shut down cleanly as a primary (its control file says "shut down", a standby's would say
+    "shut down in recovery"; a crashed primary's "in production"), and PgBouncer routes to it."""
+    if view.writable():
+        return None
+    stopped = [name for name, probe in view.probes.items()
+               if probe.server is None and probe.postmaster_running is False and probe.control_state == "shut down"]
+    routed = {target for table in (state or view.state).pgbouncer.values() for target in table.values()}
+    if len(stopped) == 1 and routed == set(stopped):
+        return stopped[0]
+    return None
 
 
 def pg_status(fleet, cluster: str) -> PgClusterState:
@@ -537,28 +636,32 @@ def _bouncer_text(databases: dict[str, list[str]]) -> str:
 
 
 def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+    """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
+    it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
+    member it stopped)."""
     members = cluster_members(fleet, cluster)
     if candidate not in members:
         raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
-    view = _pg_view(fleet, cluster)
+    view = _settled_view(fleet, cluster)
     state = view.state
     writable = view.writable()
     if len(writable) > 1:
         raise Refused(state, f"refused: {' and '.join(writable)} both accept writes (split brain)",
                       "stop the one PgBouncer does not route to, then `igops pg rejoin` it")
-    if not writable:
-        raise Refused(state, f"refused: cluster {cluster} has no primary to switch over from",
-                      f"if its primary is down, use `igops pg failover {cluster}`")
     if view.bouncer_errors:
         raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
                       "a switchover pauses every PgBouncer; bring it back first")
+    if not writable:
+        stopped = _interrupted_switchover(view)
+        if stopped is None:
+            raise Refused(state, f"refused: cluster {cluster} has no primary to switch over from",
+                          f"if its primary is down, use `igops pg failover {cluster}`")
+        if candidate == stopped:
+            return _signed(_plan_pg_roll_back(view, stopped), view), state
+        return _signed(_plan_pg_resume(view, stopped, candidate, force), view), state
     primary = writable[0]
     if primary == candidate:
         return _signed(_plan_pg_finish(view, candidate), view), state
-    if state.paused:
-        raise Refused(state, f"refused: cluster {cluster} is mid-operation: PgBouncer has "
-                      f"{_bouncer_text(state.paused)} paused",
-                      "another operation may be running; if not, RESUME them on the admin console")
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None:
@@ -575,53 +678,165 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
                   primary, candidate, failure_hint="see `igops pg status` for where things stand")
     reasons = _lag_reasons(fleet, node)
     reasons += _repmgr_check(fleet, probe.host)
-    _refuse_or_force(state, reasons, force, plan.forced, "wait for it to catch up, pick another standby, or --force")
+    reasons += _free_space_reasons(fleet, probe.host)
+    _refuse_or_force(state, reasons, force, plan.forced,
+                     "wait for it to catch up, free space, pick another standby, or --force")
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
         plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
-    plan.actions = switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused,
-                                    repmgrd=view.repmgrd_members())
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
+        on=primary, members=(candidate, primary, *siblings))
+    if state.paused:
+        # The cluster's lock is free (it is taken before the plan runs), so no operation is under
+        # way: an interrupted one left them paused. The switchover pauses them again itself.
+        plan.notes.append(f"PgBouncer has {_bouncer_text(state.paused)} paused: an interrupted operation left "
+                          "them so")
+        plan.actions.insert(0, Step(f"PgBouncer: RESUME {_bouncer_text(state.paused)} (left paused by an "
+                                    "interrupted operation)", "resume", (state.paused,)))
     return _signed(plan, view), state
 
 
-def _repmgrd_steps(members: list[str], why: str) -> tuple[list[Step], list[Step]]:
-    """The steps that pause repmgrd before an operation and unpause it after (on failure too),
-    or none where repmgrd does not run."""
-    if not members:
-        return [], []
-    names = ", ".join(members)
-    unpause = Step(f"repmgrd: unpause on {names}", "unpause_repmgrd", (tuple(members),))
-    return [Step(f"repmgrd: pause on {names} (as `repmgr service pause` does), so that it cannot {why}",
-                 "pause_repmgrd", (tuple(members),), release=unpause)], [unpause]
+def _settled_view(fleet, cluster: str) -> _PgView:
+    """The cluster's state once no member is still shutting down: a switchover cut short during
+    its stop leaves the remote stop running, and what to do depends on how it ends."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        view = _pg_view(fleet, cluster)
+        settling = [name for name, probe in view.probes.items()
+                    if probe.server is None and probe.postmaster_running and probe.down and probe.down.kind == "rejected"]
+        if view.writable() or not settling or time.monotonic() > deadline:
+            return view
+        time.sleep(0.5)
+
+
+def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) -> PgPlan:
+    """A switchover cut short after it stopped the primary and before the promotion: carry on
+    from the stop (fence again, make sure the candidate has all of the stopped primary's WAL,
+    promote, and the rest)."""
+    fleet, state, cluster = view.fleet, view.state, view.cluster
+    probe = view.probes[candidate]
+    node = state.node(candidate)
+    if probe.server is None or not probe.server.in_recovery:
+        raise Refused(state, f"refused: {candidate} is not a running standby: it is {node.state}",
+                      f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`")
+    plan = PgPlan("switchover", cluster, f"Finish the switchover of cluster {cluster} from {stopped} (stopped "
+                  f"cleanly) to {candidate}", stopped, candidate,
+                  failure_hint="see `igops pg status` for where things stand")
+    plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
+    reasons = []
+    wal_end = _wal_end(fleet, view.probes[stopped].host)
+    if wal_end is None:
+        reasons.append(f"where {stopped}'s WAL ends is unknown")
+    else:
+        missing = wal_end - _received(probe.server)
+        if missing > 0:
+            reasons.append(f"{candidate} lacks {missing} bytes of {stopped}'s WAL, which it cannot receive while "
+                           f"{stopped} is stopped (the promotion would be undone)")
+    if node.replay_paused:
+        reasons.append(f"{candidate} has WAL replay paused")
+    reasons += _free_space_reasons(fleet, probe.host)
+    _refuse_or_force(state, reasons, force, plan.forced,
+                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --force")
+    members = cluster_members(fleet, cluster)
+    siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
+    left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
+    if left:
+        plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, stopped, candidate, siblings, view.databases(), replay_paused=node.replay_paused,
+                         stopped=True, paused=state.paused or None),
+        on=candidate, members=(candidate, *siblings, stopped))
+    return plan
+
+
+def _plan_pg_roll_back(view: _PgView, stopped: str) -> PgPlan:
+    """A switchover cut short after it stopped the primary: start that primary again, provided
+    no other member can have been promoted, and resume PgBouncer, which still routes to it."""
+    state, cluster = view.state, view.cluster
+    others = tuple(name for name in view.probes if name != stopped)
+    plan = PgPlan("switchover", cluster, f"Roll back the switchover of cluster {cluster} cut short: {stopped} "
+                  "the primary again", stopped, stopped, failure_hint="see `igops pg status` for where things stand")
+    plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
+    plan.actions.append(Step(f"{stopped}: remove standby.signal and start it again as the primary (only once "
+                             f"{', '.join(others)} verifiably cannot be promoted), check it accepts writes",
+                             "unfence_and_start", (stopped, others)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {_bouncer_text(state.paused)}", "resume", (state.paused,)))
+    for name in others:
+        node = state.node(name)
+        if node.role == "standby":
+            plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
+                                     (name, stopped)))
+        else:
+            plan.notes.append(f"{name} is {node.state}: rejoin it later (igops pg rejoin {name})")
+    running = [name for name in others if state.node(name).role == "standby"]
+    if running:
+        plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
+    return plan
+
+
+def _free_space_reasons(fleet, host) -> list[str]:
+    """A promotion writes a new timeline's first WAL segment and a checkpoint: on a full volume
+    it PANICs, and in a switchover the old primary is stopped by then."""
+    minimum = fleet.model.postgres.min_free_bytes
+    data = _data_directory(fleet, host)
+    # The trailing slash follows a pg_wal symlink to the WAL volume.
+    result = _ssh(fleet, host, ["df", "-P", "-B1", data, f"{data}/pg_wal/"], timeout=20)
+    if not result.ok:
+        return [f"{host.name}: free space unknown: {_failure_reason(result)}"]
+    return free_space_reasons(host.name, result.stdout, minimum)
+
+
+def free_space_reasons(node: str, df_output: str, minimum: int) -> list[str]:
+    """`df -P -B1 DATA DATA/pg_wal/`'s lines: a reason for each volume with less than `minimum` free."""
+    reasons = []
+    for label, line in zip(("data", "WAL"), df_output.strip().splitlines()[1:]):
+        fields = line.split()
+        available = int(fields[3])
+        if available < minimum:
+            reasons.append(f"{node}'s {label} volume ({fields[5]}) has {available >> 20} MiB free "
+                           f"(threshold {minimum >> 20} MiB, [postgres] min_free_bytes)")
+    return reasons
 
 
 def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
-                     replay_paused: bool = False, repmgrd: list[str] = ()) -> list[Step]:
+                     replay_paused: bool = False, stopped: bool = False,
+                     paused: dict[str, list[str]] | None = None) -> list[Step]:
+    """The switchover's steps; `stopped`: an interrupted one already stopped the primary
+    cleanly, `paused`: and left these PgBouncer databases paused (they stay paused)."""
     candidate_address = f"{fleet.host(candidate).address}:{fleet.model.postgres.port}"
     pause_timeout = fleet.model.pgbouncer.pause_timeout
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
-    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(list(repmgrd), f"promote a standby while {primary} is stopped")
-    steps = [
-        *pause_repmgrd,
-        Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused", "checkpoint", (primary,)),
-        Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files", (databases,)),
-        Step(f"PgBouncer: PAUSE {_bouncer_text(databases)} (writes wait; gives up and resumes after "
-             f"{pause_timeout:g} s)", "pause", (databases,), release=resume),
-        Step(f"{primary}: clean stop (repmgr node service --action=stop), fence it with standby.signal, "
-             "read where its WAL ends", "stop_and_fence", (primary,),
-             undo=Step(f"{primary}: remove standby.signal and start it again as the primary (only while "
-                       f"{candidate} is still a standby)", "unfence_and_start", (primary, candidate))),
-    ]
+    steps = []
+    if not stopped:
+        steps.append(Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused",
+                          "checkpoint", (primary,)))
+    steps.append(Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files",
+                      (databases,)))
+    if not paused:
+        steps.append(Step(f"PgBouncer: PAUSE {_bouncer_text(databases)} (writes wait; gives up and resumes after "
+                          f"{pause_timeout:g} s)", "pause", (databases,), release=resume))
+    # Fenced before the stop, so that nothing the stop's remote script does after an interruption
+    # (it outlives igops) can fence a primary that an undo started again.
+    steps.append(Step(f"{primary}: fence it with standby.signal, "
+                      + ("(stopped already) " if stopped else "clean stop (repmgr node service --action=stop), ")
+                      + "read where its WAL ends", "stop_and_fence", (primary,),
+                      undo=Step(f"{primary}: remove standby.signal and start it again as the primary (only once "
+                                f"{candidate} verifiably is not and cannot become one), check it accepts writes",
+                                "unfence_and_start", (primary, (candidate,))),
+                      release=resume if paused else None))
     if replay_paused:
         steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --force)", "resume_replay", (candidate,)))
     steps += [
         Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
              "wait_received", (candidate,)),
-        Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,),
-             point_of_no_return=True),
+        # A failed promotion is undone (the old primary started again) only once the candidate is
+        # verified stopped and still in recovery; once it is promoted, failures roll forward.
+        Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
         Step(f"PgBouncer: point {_bouncer_text(databases)} at {candidate} ({candidate_address}), RELOAD",
-             "repoint", (databases, candidate)),
+             "repoint", (databases, candidate), point_of_no_return=True),
         resume,
         Step(f"{candidate}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
              "register_primary", (candidate,)),
@@ -632,7 +847,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
     steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
               for node in siblings]
     steps.append(_release_switch_segment_step(candidate, [primary, *siblings]))
-    return steps + unpause_repmgrd
+    return steps
 
 
 def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
@@ -649,6 +864,9 @@ def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
                                  (elsewhere, primary)))
     if state.paused:
         plan.actions.append(Step(f"PgBouncer: RESUME {_bouncer_text(state.paused)}", "resume", (state.paused,)))
+    if state.node(primary).fenced:
+        plan.actions.append(Step(f"{primary}: remove standby.signal (an interrupted switchover left it; a restart "
+                                 "would bring the primary back read-only)", "unfence", (primary,)))
     record = view.repmgr_node(primary)
     if record and (record.type != "primary" or not record.active):
         plan.actions.append(Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary",
@@ -660,13 +878,11 @@ def _plan_pg_finish(view: _PgView, primary: str) -> PgPlan:
             plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")
             continue
         plan.actions += _rejoin_steps(node.name, primary, running=node.role != "unknown")
-    paused = [node.name for node in state.nodes if node.repmgrd == "paused"]
-    if paused:
-        plan.actions.append(Step(f"repmgrd: unpause on {', '.join(paused)} (left paused)", "unpause_repmgrd",
-                                 (tuple(paused),)))
     if not plan.actions:
         plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
                              "and every member follows it")
+    plan.actions = with_repmgrd_paused(plan.actions, on=primary,
+                                       members=(primary, *(node.name for node in state.nodes if node.name != primary)))
     return plan
 
 
@@ -773,19 +989,20 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
     siblings = [name for name in standbys if name != chosen]
     plan.actions = failover_steps(fleet, old, chosen, siblings, view.databases(),
                                   fence_on_disk=bool(old_probe and old_probe.host_reachable), stop_first=stop_first,
-                                  replay_paused=standbys[chosen].server.replay_paused,
-                                  repmgrd=[name for name in view.repmgrd_members() if name != old])
+                                  replay_paused=standbys[chosen].server.replay_paused)
+    if [name for name in view.repmgrd_members() if name != old]:
+        # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
+        # it does not, a failover spends no time on it.
+        plan.actions = with_repmgrd_paused(plan.actions, on=chosen, members=(chosen, *siblings))
     if old:
         plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
     return _signed(plan, view), state
 
 
 def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
-                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False,
-                   repmgrd: list[str] = ()) -> list[Step]:
+                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False) -> list[Step]:
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
-    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(list(repmgrd), f"promote another standby than {chosen}")
-    steps = [*pause_repmgrd]
+    steps = []
     if databases:
         steps.append(Step(f"PgBouncer: hold {_bouncer_text(databases)}: PAUSE (KILL if not paused within "
                           f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait", "hold", (databases,), release=resume))
@@ -806,7 +1023,7 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
     steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
               for sibling in siblings]
     steps.append(_release_switch_segment_step(chosen, siblings))
-    return steps + unpause_repmgrd
+    return steps
 
 
 def _plan_pg_promoted(view: _PgView, new: str) -> PgPlan | None:
@@ -953,12 +1170,11 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
     _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
-    pause_repmgrd, unpause_repmgrd = _repmgrd_steps(view.repmgrd_members(), f"act on {node} while it is rewound")
-    plan.actions = [*pause_repmgrd,
-                    *_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
-                    # pg_rewind copied the primary's segments, those of the promotion among them.
-                    _release_switch_segment_step(primary, [node]),
-                    *unpause_repmgrd]
+    plan.actions = with_repmgrd_paused(
+        [*_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+         # pg_rewind copied the primary's segments, those of the promotion among them.
+         _release_switch_segment_step(primary, [node])],
+        on=primary, members=(primary, node))
     return _signed(plan, view), state
 
 
@@ -968,8 +1184,11 @@ def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
     steps = [Step(f"{primary}: CHECKPOINT, so pg_rewind reads its current timeline", "checkpoint", (primary,))]
     if running:
         steps.append(Step(f"{node}: stop (repmgr node service --action=stop)", "stop", (node,)))
-    steps.append(Step(f"{node}: if it did not shut down cleanly, finish crash recovery in single-user mode first",
-                      "ensure_clean_shutdown", (node,)))
+    steps.append(Step(f"{node}: remove timeline history files of timelines it never reached (an aborted "
+                      "promotion leaves one, which the new primary's timeline of that number is not)",
+                      "remove_stale_history", (node,)))
+    steps.append(Step(f"{node}: if it did not shut down cleanly, finish crash recovery first (a standby: as a "
+                      "standby; a primary: in single-user mode)", "ensure_clean_shutdown", (node,)))
     steps += [
         Step(f"{node}: rejoin as a standby of {primary} (repmgr node rejoin --force-rewind: pg_rewind if its "
              "WAL diverged)", "rejoin", (node, primary)),
@@ -984,6 +1203,61 @@ def _release_switch_segment_step(primary: str, standbys: list[str]) -> Step:
                 "are removed)", "release_switch_segment", (primary, tuple(standbys)))
 
 
+def with_repmgrd_paused(steps: list[Step], on: str, members: tuple[str, ...]) -> list[Step]:
+    """With repmgrd running, the standby's repmgrd takes a planned stop of the primary for a
+    failure and may promote on its own mid-way (repmgr's own switchover pauses it too): pause it
+    on every member first (from `on`, a running member), unpause it last, and on any failure
+    (from the first of `members` that answers). Where repmgrd does not run, the pause only sets
+    the flag it would read."""
+    if not steps:
+        return steps
+    unpause = Step("repmgrd: unpause it on every member (repmgr service unpause)", "unpause_repmgrd", (members,))
+    return [Step(f"repmgrd: pause it on every member (repmgr service pause, from {on}), so that none promotes or "
+                 "follows on its own mid-way", "pause_repmgrd", (on,), release=unpause), *steps, unpause]
+
+
+def repmgrd_pause_outcome(output: str, pause: bool) -> tuple[list[str], list[str]]:
+    """`repmgr service pause|unpause`'s NOTICE and WARNING lines: the nodes it reached, and those
+    it did not (by name, or "node N" when it could not connect)."""
+    done = "paused" if pause else "unpaused"
+    reached, missed = [], []
+    for line in output.splitlines():
+        if match := re.search(r"node \d+ \((.+?)\) (not )?" + done + r"\b", line):
+            (missed if match.group(2) else reached).append(match.group(1))
+        elif match := re.search(r"unable to connect to node (\d+)", line):
+            missed.append(f"node {match.group(1)}")
+    return reached, missed
+
+
+def candidate_verdict(node: str, cluster: str, in_recovery: bool | None, asked: bool,
+                      checked: dict[str, str] | None, error: str | None) -> str:
+    """Whether a switchover's undo may start the old primary again, as far as `node` (a member
+    that may have been promoted) goes: only if it verifiably is not a primary and cannot become
+    one. `in_recovery`: what it answered (None: it did not); `asked`: a promotion was or may have
+    been requested; `checked`: what the host said once its postmaster was stopped (None: not
+    checked, `error` says why). Returns how it was verified; raises IgopsError otherwise."""
+    if in_recovery is False:
+        raise IgopsError(f"{node} accepts writes: it was promoted",
+                         f"finish with `igops pg switchover {cluster} --to {node}`")
+    if in_recovery and not asked:
+        return f"{node} is a standby nobody asked to promote"
+    if checked is None:
+        # Unreachable is unknown, never "still a standby": it may have been promoted.
+        raise IgopsError(f"cannot tell whether {node} was promoted: {error or 'its host was not asked'}",
+                         f"when {node}'s host answers: `igops pg status {cluster}`, then `igops pg switchover "
+                         f"{cluster} --to NODE` finishes or rolls back")
+    if "postmaster" in checked:
+        raise IgopsError(f"cannot tell whether {node} was promoted: its postmaster did not stop",
+                         f"stop it, then `igops pg status {cluster}`")
+    control = checked.get("control", "").strip()
+    stopped = "stopped" in checked
+    if control not in ("in archive recovery", "shut down in recovery"):
+        raise IgopsError(f"{node} is not verifiably a standby: its control file says {control or 'nothing'!r}"
+                         + (" (igops stopped it)" if stopped else ""),
+                         f"if it was promoted, start it and finish with `igops pg switchover {cluster} --to {node}`")
+    return f"{node} " + ("stopped by igops" if stopped else "is down") + f", {control}, fenced"
+
+
 # --- applying ------------------------------------------------------------------------------------------
 class PgActions:
     """The actions a Postgres plan's steps name, with what they learn along the way."""
@@ -991,6 +1265,7 @@ class PgActions:
     def __init__(self, fleet):
         self.fleet = fleet
         self.wal_end: int | None = None
+        self.promote_requested: set[str] = set()  # members asked to promote: only a stopped one is known not to
         self.paused_at: float | None = None
         self.resumed_at: float | None = None
         # PgBouncer host -> its databases file, read before writes are paused so that the pause
@@ -1090,7 +1365,8 @@ class PgActions:
         fleet = self.fleet
         host = self._host(node)
         data = _data_directory(fleet, host)
-        script = ('set -e; bin="$1"; data="$2"; shift 2; "$@"; touch "$data/standby.signal"; '
+        script = ('set -e; bin="$1"; data="$2"; shift 2; touch "$data/standby.signal"; '
+                  'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then "$@"; fi; '
                   '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
                   'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
                   'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
@@ -1107,25 +1383,120 @@ class PgActions:
             raise IgopsError(f"cannot tell where {node}'s WAL ends: {dump.strip()[-200:]}")
         return f"shut down; WAL ends at {postgres.format_lsn(self.wal_end)}"
 
-    def unfence_and_start(self, node: str, candidate: str) -> None:
+    # A candidate that does not answer as a primary: its postmaster is stopped (a promotion under
+    # way dies with it), then its control file tells whether it was promoted. One still in
+    # recovery is fenced and its promote request removed, so it can only come back a standby.
+    _STOP_AND_READ_CONTROL = ('bin="$1"; data="$2"; '
+                              'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
+                              '"$bin/pg_ctl" stop -D "$data" -m immediate -w -t 30 >/dev/null 2>&1 || '
+                              '{ echo "postmaster=still running"; exit 0; }; echo stopped=1; fi; '
+                              'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
+                              'echo "control=$state"; case "$state" in "in archive recovery"|"shut down in recovery") '
+                              'touch "$data/standby.signal"; rm -f "$data/promote";; esac')
+
+    def _verify_not_promoted(self, node: str) -> str:
+        """Raise unless `node` verifiably is not a primary and cannot become one; say how."""
         fleet = self.fleet
         host = self._host(node)
+        data = _data_directory(fleet, host)
         try:
-            connection = postgres.connect(fleet, self._host(candidate))
+            connection = postgres.connect(fleet, host)
             try:
-                candidate_is_standby = postgres.server_state(connection).in_recovery
+                in_recovery = postgres.server_state(connection).in_recovery
             finally:
                 connection.close()
         except postgres.Unavailable:
-            candidate_is_standby = True
-        if not candidate_is_standby:
-            raise IgopsError(f"{candidate} accepts writes already: {node} stays stopped and fenced",
-                             f"finish with `igops pg switchover {self._cluster_of(node)} --to {candidate}`")
-        script = 'rm -f "$2/standby.signal"; "$1" status -D "$2" >/dev/null 2>&1 && exit 0; shift 2; exec "$@"'
-        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", _bin(fleet, "pg_ctl"),
-                                                  _data_directory(fleet, host),
+            in_recovery = None
+        asked = node in self.promote_requested
+        if in_recovery and not asked:
+            # An interrupted run may have asked: pg_promote leaves a promote file until the
+            # startup process takes it. Unknown counts as asked.
+            asked = _ssh(fleet, host, ["test", "-e", f"{data}/promote"], timeout=20).exit_code != 1
+        checked, error = None, None
+        if in_recovery is not False and (asked or not in_recovery):
+            result = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh",
+                                                            fleet.model.postgres.bin_dir, data]), timeout=60)
+            if result.ok:
+                checked = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+            else:
+                error = _failure_reason(result)
+        return candidate_verdict(node, self._cluster_of(node), in_recovery, asked, checked, error)
+
+    def unfence_and_start(self, node: str, others: tuple[str, ...]) -> str:
+        """Start the old primary again, only once no other member is or can become a primary, and
+        only after a shutdown still under way (a stop cut off at its timeout) has finished."""
+        fleet = self.fleet
+        host = self._host(node)
+        verified = [self._verify_not_promoted(other) for other in others]
+        socket = fleet.path_for(fleet.model.postgres.socket_dir, host)
+        script = ('bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; rm -f "$data/standby.signal"; '
+                  'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+                  '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
+                  '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
+                  'done; exec "$@"')
+        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir,
+                                                  _data_directory(fleet, host), socket, str(fleet.model.postgres.port),
+                                                  str(int(STOP_TIMEOUT) * 2),
                                                   *_repmgr_argv(fleet, host, "node", "service", "--action=start")]),
-                "start", timeout=90)
+                "start", timeout=STOP_TIMEOUT * 2 + 90)
+        return "; ".join([*verified, self._wait_writable(node)])
+
+    def _wait_writable(self, node: str) -> str:
+        """A started primary must take a write (an xid), not merely answer."""
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        last = "not tried"
+        while time.monotonic() < deadline:
+            try:
+                connection = postgres.connect(self.fleet, self._host(node))
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_is_in_recovery()")
+                        if cursor.fetchone()[0]:
+                            last = "it is in recovery (read-only)"
+                        else:
+                            cursor.execute("SELECT txid_current()")
+                            return f"{node} accepts writes"
+                finally:
+                    connection.close()
+            except postgres.Unavailable as exc:
+                last = exc.detail
+            time.sleep(0.2)
+        raise IgopsError(f"{node} was started but does not accept writes after {STREAMING_TIMEOUT:g} s: {last}",
+                         f"see {node}'s Postgres log")
+
+    # repmgr's exit code when it could not pause or unpause every node (ERR_REPMGRD_PAUSE).
+    _SOME_NODES_MISSED = 26
+
+    def _repmgrd(self, node: str, pause: bool) -> remote.HostResult:
+        host = self._host(node)
+        return _ssh(self.fleet, host, _repmgr(self.fleet, host, "service", "pause" if pause else "unpause"),
+                    timeout=60)
+
+    def pause_repmgrd(self, on: str) -> str:
+        result = self._repmgrd(on, True)
+        if result.exit_code not in (0, self._SOME_NODES_MISSED):
+            raise RemoteError(f"{on}: repmgr service pause failed: {_failure_reason(result)}")
+        reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, True)
+        # A member whose Postgres is down cannot be reached; its repmgrd cannot promote it meanwhile.
+        return f"paused on {', '.join(reached) or 'no member'}" + (f"; not on {', '.join(missed)}" if missed else "")
+
+    def unpause_repmgrd(self, members: tuple[str, ...]) -> str:
+        failures = []
+        for node in members:
+            result = self._repmgrd(node, False)
+            if result.exit_code in (0, self._SOME_NODES_MISSED):
+                reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, False)
+                return (f"unpaused on {', '.join(reached) or 'no member'}"
+                        + (f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
+                           "once it runs, e.g. by `igops pg rejoin` it)" if missed else ""))
+            failures.append(f"{node}: {_failure_reason(result)}")
+        raise RemoteError("repmgr service unpause failed everywhere: " + "; ".join(failures),
+                          "run `repmgr service unpause` on a running member")
+
+    def unfence(self, node: str) -> None:
+        host = self._host(node)
+        _ssh_ok(self.fleet, host, _as_postgres(self.fleet, ["rm", "-f", f"{_data_directory(self.fleet, host)}/"
+                                                                    "standby.signal"]), "removing standby.signal")
 
     def fence(self, node: str, stop_first: bool) -> str:
         fleet = self.fleet
@@ -1136,33 +1507,6 @@ class PgActions:
                                                       "-w", "-t", "30"]), "immediate stop", timeout=60)
         _ssh_ok(fleet, host, _as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
         return f"{data}/standby.signal"
-
-    def pause_repmgrd(self, nodes: tuple[str, ...]) -> str:
-        def one(name: str) -> None:
-            connection = postgres.connect(self.fleet, self._host(name), postgres.REPMGR_DATABASE)
-            try:
-                postgres.pause_repmgrd(connection, True)
-            finally:
-                connection.close()
-
-        parallel_map(one, list(nodes))
-        return f"paused on {len(nodes)} nodes"
-
-    def unpause_repmgrd(self, nodes: tuple[str, ...]) -> str:
-        """A node that does not answer is left: its restart clears the pause."""
-        def one(name: str) -> str | None:
-            try:
-                connection = postgres.connect(self.fleet, self._host(name), postgres.REPMGR_DATABASE)
-            except postgres.Unavailable:
-                return name
-            try:
-                postgres.pause_repmgrd(connection, False)
-            finally:
-                connection.close()
-            return None
-
-        skipped = [name for name in parallel_map(one, list(nodes)) if name]
-        return "unpaused" + (f"; not answering, cleared by their restart: {', '.join(skipped)}" if skipped else "")
 
     def resume_replay(self, node: str) -> None:
         connection = postgres.connect(self.fleet, self._host(node))
@@ -1177,7 +1521,8 @@ class PgActions:
         deadline = time.monotonic() + CATCH_UP_TIMEOUT
         try:
             while True:
-                received = postgres.server_state(connection).receive_lsn or 0
+                # Replayed counts too: a standby restarted since reports nothing received.
+                received = _received(postgres.server_state(connection))
                 if self.wal_end is not None and received >= self.wal_end:
                     return f"received up to {postgres.format_lsn(received)}"
                 if time.monotonic() > deadline:
@@ -1188,17 +1533,44 @@ class PgActions:
             connection.close()
 
     def promote(self, node: str) -> str:
-        connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
+        import psycopg2
+
+        self.promote_requested.add(node)
         started = time.monotonic()
         try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT,))
-                if not cursor.fetchone()[0]:
-                    raise IgopsError(f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s",
-                                     "it may still: watch its log and `igops pg status`")
-        finally:
-            connection.close()
+            connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT,))
+                    promoted = cursor.fetchone()[0]
+            finally:
+                connection.close()
+        except (postgres.Unavailable, psycopg2.Error) as exc:
+            raise IgopsError(f"{node} did not promote: {postgres.first_line(exc)}; {self.log_cause(node)}",
+                             f"see {node}'s Postgres log") from None
+        if not promoted:
+            raise IgopsError(f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s; {self.log_cause(node)}",
+                             f"see {node}'s Postgres log")
         return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    def log_cause(self, node: str) -> str:
+        """The last PANIC, FATAL or ERROR in a member's Postgres log, and where that log is: the
+        `-l` file of repmgr's service_start_command, else the newest file of the logging collector."""
+        fleet = self.fleet
+        host = self._host(node)
+        data = _data_directory(fleet, host)
+        try:
+            path = postgres.log_file_of(_read_file(fleet, host, fleet.path_for(fleet.model.postgres.repmgr_config,
+                                                                                host)))
+            script = ('if [ -n "$1" ]; then log="$1"; else log=$(ls -t "$2"/log/* "$2"/pg_log/* 2>/dev/null '
+                      '| head -n 1); fi; [ -n "$log" ] || exit 3; echo "$log"; tail -n 300 "$log"')
+            output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
+                             "reading its log", timeout=30)
+        except IgopsError as exc:
+            return f"its log could not be read ({exc.one_line()})"
+        path, _, text = output.partition("\n")
+        cause = postgres.log_cause(text, since="received promote request")
+        return f"its log ({path}) says: {cause}" if cause else f"its log ({path}) names no error"
 
     def register_primary(self, node: str) -> None:
         host = self._host(node)
@@ -1236,11 +1608,41 @@ class PgActions:
         state = postgres.parse_controldata(control_text).get("Database cluster state", "unknown")
         if state in ("shut down", "shut down in recovery"):
             return f"{state} cleanly already"
+        if state == "in archive recovery":
+            # A standby that crashed (or whose promotion died): recovering it outside standby mode
+            # would write a checkpoint of its own on the primary's timeline, where the primary's
+            # later WAL differs and pg_rewind sees no fork. It starts as the standby it is instead.
+            for action in ("start", "stop"):
+                _ssh_ok(fleet, host, _repmgr(fleet, host, "node", "service", f"--action={action}"),
+                        f"{action} as a standby", timeout=REJOIN_TIMEOUT)
+            return f"was {state}: started as a standby and stopped cleanly"
         single_user = [_bin(fleet, "postgres"), "--single", "-F", *postgres.server_arguments(opts.strip(), data),
                        "template1"]
         _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
                 "single-user crash recovery", timeout=REJOIN_TIMEOUT)
         return f"was {state}: crash recovery done"
+
+    # History files of timelines past the node's own (its last checkpoint's, or the one its
+    # recovery reached): it never was on them, so they are leftovers, e.g. of a promotion that
+    # died after it chose its new timeline. A standby takes the history of a timeline it does not
+    # have from its primary, so one of the same number made elsewhere must go.
+    _STALE_HISTORY = ('set -e; bin="$1"; data="$2"; control=$("$bin/pg_controldata" -D "$data"); '
+                      'own=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
+                      'reached=$(printf "%s\\n" "$control" | sed -n "s/^Min recovery ending loc.s timeline: *//p"); '
+                      '[ "${reached:-0}" -gt "$own" ] && own=$reached; '
+                      'for file in "$data"/pg_wal/*.history; do [ -e "$file" ] || continue; '
+                      'name=$(basename "$file" .history); [ $((0x$name)) -gt "$own" ] || continue; '
+                      'rm -f "$file" "$data/pg_wal/archive_status/$name.history.ready" '
+                      '"$data/pg_wal/archive_status/$name.history.done"; echo "$name.history"; done')
+
+    def remove_stale_history(self, node: str) -> str:
+        fleet = self.fleet
+        host = self._host(node)
+        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STALE_HISTORY, "sh",
+                                                           fleet.model.postgres.bin_dir, _data_directory(fleet, host)]),
+                         "removing stale timeline history files")
+        removed = output.split()
+        return f"removed {', '.join(removed)}" if removed else "none"
 
     def _repmgr_record(self, node: str) -> postgres.RepmgrNode:
         """A node's record in repmgr's metadata, as the node itself has it."""
@@ -1343,11 +1745,26 @@ def _wal_segments(cursor) -> int:
 
 def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
     actions = PgActions(fleet)
-    reports = execute(plan.actions, actions, reporter, plan.failure_hint)
+    reports = execute(plan.actions, actions, reporter, plan.failure_hint,
+                      left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)))
     pause_ms = ((actions.resumed_at - actions.paused_at) * 1000
                 if actions.paused_at is not None and actions.resumed_at is not None else None)
     return PgResult(plan.operation, plan.cluster, plan.old_primary, plan.new_primary,
                     round(pause_ms, 1) if pause_ms is not None else None, plan.bytes_at_risk, reports)
+
+
+def describe_left_behind(state: PgClusterState) -> str:
+    """One line for a failure's message: the primary, PgBouncer, and every other member."""
+    routes = sorted({target for table in state.pgbouncer.values() for target in table.values()})
+    parts = [f"{state.primary} is the primary" if state.primary else "NO member accepts writes",
+             f"PgBouncer routes to {', '.join(routes) or 'nothing'}"
+             + (f" with {_bouncer_text(state.paused)} PAUSED" if state.paused else " and is not paused")]
+    for node in state.nodes:
+        if node.name != state.primary:
+            parts.append(f"{node.name} is " + (node.role if node.role != "unknown" else node.state)
+                         + (f" ({node.control_state})" if node.control_state else "")
+                         + (", fenced" if node.fenced and node.role != "standby" else ""))
+    return "; ".join(parts)
 
 
 # ==================================================================================================

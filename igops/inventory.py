@@ -178,6 +178,9 @@ def _build_models():
         max_lag_bytes: int = Field(1 << 20, ge=0)
         # A switchover refuses a candidate whose replay lags more than this (pg_stat_replication).
         max_lag_seconds: float = Field(30.0, gt=0)
+        # A switchover refuses a candidate with less free space on its data or WAL volume: a
+        # promotion that fills one PANICs after the old primary is stopped.
+        min_free_bytes: int = Field(64 << 20, ge=0)
         clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
 
     class PgBouncer(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import select
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -91,6 +92,48 @@ def wal_end_from_waldump(message: str, segment_size: int) -> int | None:
 _SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*$")
 _ENTRY = re.compile(r"^(\s*)([^=;#\s][^=]*?)(\s*=\s*)(.*?)\s*$")
 _CONNSTR_ITEM = re.compile(r"(\w+)\s*=\s*('(?:[^']|'')*'|\S+)")
+
+
+def log_file_of(repmgr_conf: str) -> str | None:
+    """The server log a repmgr.conf's service_start_command writes to (`pg_ctl ... -l FILE`)."""
+    for line in repmgr_conf.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() != "service_start_command":
+            continue
+        try:
+            words = shlex.split(shlex.split(value.strip())[0]) if value.strip().startswith(("'", '"')) \
+                else shlex.split(value)
+        except (ValueError, IndexError):
+            return None
+        for index, word in enumerate(words[:-1]):
+            if word in ("-l", "--log"):
+                return words[index + 1]
+            if word.startswith("--log="):
+                return word.split("=", 1)[1]
+    return None
+
+
+LOG_SEVERITIES = ("PANIC", "FATAL", "ERROR")
+# Messages every promotion or shutdown logs: never the cause of a failure.
+_ROUTINE = re.compile(r"due to administrator command|the database system is (?:starting up|shutting down|in "
+                      r"recovery mode|not yet accepting connections)|terminating connection because of crash")
+
+
+def log_cause(log_text: str, since: str | None = None) -> str | None:
+    """Why a server failed, from its log: the first PANIC after the last line containing `since`
+    (e.g. "received promote request"), else the first FATAL, else the first ERROR, from the
+    severity on (the line prefix is the site's own); routine messages are passed over."""
+    lines = log_text.splitlines()
+    if since:
+        marks = [index for index, line in enumerate(lines) if since in line]
+        if marks:
+            lines = lines[marks[-1]:]
+    for severity in LOG_SEVERITIES:
+        marker = f"{severity}:"
+        for line in lines:
+            if marker in line and not _ROUTINE.search(line):
+                return " ".join(line[line.index(marker):].split())[:400]
+    return None
 
 
 def parse_connstr(connstr: str) -> list[tuple[str, str]]:
@@ -276,13 +319,6 @@ def repmgrd_state(connection) -> str:
     if not running:
         return "not running"
     return "paused" if paused else "running"
-
-
-def pause_repmgrd(connection, paused: bool) -> None:
-    """What `repmgr service pause|unpause` does on each node: repmgrd keeps monitoring but takes no
-    failover action while paused. The flag lives in shared memory: a restart of the node clears it."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT repmgr.repmgrd_pause(%s)", (paused,))
 
 
 # --- the PgBouncer admin console -----------------------------------------------------------------

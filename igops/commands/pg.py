@@ -36,14 +36,21 @@ def _repmgr(node, state) -> str | None:
     return f"{node.repmgr or '-'}; repmgrd {node.repmgrd}"
 
 
+def _state(node) -> str:
+    # Every standby holds standby.signal: "fenced" is news only on a member that is not one.
+    text = node.state + (" (fenced)" if node.fenced and node.role != "standby" else "")
+    return text + (f", {node.control_state}" if node.control_state else "")
+
+
 def show_state(out, state) -> None:
     out.table(f"cluster {state.cluster}: primary {state.primary or 'NONE'}", NODE_COLUMNS,
-              [[node.name, node.role, node.state + (" (fenced)" if node.fenced else ""), node.timeline, node.lsn,
+              [[node.name, node.role, _state(node), node.timeline, node.lsn,
                 node.received_lsn, node.replayed_lsn, _lag(node), node.streaming_from, _repmgr(node, state),
                 node.pgbouncer]
                for node in state.nodes])
     for problem in state.problems:
-        out.text(f"  ! {problem}")
+        fix = state.fixes.get(problem)
+        out.text(f"  ! {problem}" + (f"\n      to resolve: {fix}" if fix else ""))
 
 
 def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:

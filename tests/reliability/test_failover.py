@@ -4,6 +4,7 @@ clients no errors; after a SIGKILL, writes flow again within 10 s of `failover`,
 old primary or master takes no writes from the app, and `rejoin` brings it back; unsafe requests
 are refused. Every test leaves db1 the primary of main and redis1 the master."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -489,3 +490,218 @@ def test_a_lab_restart_after_a_switchover_cut_short_promotes_one_member_and_rout
     assert all(node["role"] == "standby" and node["streaming_from"] == main["primary"]
                for node in main["nodes"] if node["name"] != main["primary"])
     assert sign_up_succeeds(lab)
+
+
+def switchover_killed_at(lab, marker: str, delay: float, target: str = OTHER_PRIMARY) -> str:
+    """Start `pg switchover main --to target` and SIGKILL it `delay` seconds after it begins the
+    step whose title contains `marker`; its SSH commands live on, as a dead operator's would.
+    Returns what it printed."""
+    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main",
+                                "--to", target, "--yes"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    printed = []
+    try:
+        for line in process.stderr:
+            printed.append(line)
+            if marker in line and line.lstrip().startswith("["):
+                time.sleep(delay)
+                process.kill()
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    text = "".join(printed)
+    assert any(marker in line for line in printed), text[-3000:]
+    return text
+
+
+def assert_one_primary_routed_and_followed(lab, primary: str) -> dict:
+    main = pg_state(lab)
+    assert main["primary"] == primary, main
+    assert not main["paused"], main
+    assert all(target == primary for table in main["pgbouncer"].values() for target in table.values()), main
+    assert all(node["streaming_from"] == primary for node in main["nodes"] if node["name"] != primary), main
+    assert not main["problems"], main["problems"]
+    return main
+
+
+@pytest.mark.parametrize("marker, delay, rerun_to", [
+    ("PAUSE", 0.0, OTHER_PRIMARY),
+    ("fence it with standby.signal", 0.0, OTHER_PRIMARY),
+    ("fence it with standby.signal", 0.3, OTHER_PRIMARY),
+    ("fence it with standby.signal", 0.3, HOME_PRIMARY),
+    ("wait until it has received", 0.0, OTHER_PRIMARY),
+], ids=["at-pause", "paused", "mid-stop-finish", "mid-stop-roll-back", "before-promotion"])
+def test_a_switchover_killed_before_its_promotion_is_finished_or_rolled_back_by_a_rerun(at_home, tmp_path, marker,
+                                                                                       delay, rerun_to):
+    lab = at_home
+    with Load(lab, tmp_path) as load:
+        switchover_killed_at(lab, marker, delay)
+        status, envelope = igops(lab, "pg", "status", "main")
+        cluster = envelope["data"]["clusters"][0]
+        # A kill as the pause begins can land before it took effect: then nothing is wrong.
+        for problem in cluster["problems"]:
+            assert "igops pg " in cluster["fixes"].get(problem, ""), (problem, cluster["fixes"])
+        dry, envelope = igops(lab, "pg", "switchover", "main", "--to", rerun_to, "--dry-run")
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        planned = envelope["data"]["plan"]["steps"]
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", rerun_to, "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert envelope["data"]["plan"]["steps"] == planned
+        assert_one_primary_routed_and_followed(lab, rerun_to)
+        assert sign_up_succeeds(lab)
+        assert load.running
+    verified = load.verify()
+    print(f"\nkilled at {marker!r}, re-run --to {rerun_to}: {len(planned)} steps; load: "
+          f"{describe(load.report, verified)}")
+    assert verified.ok, verified.missing_writes[:5]
+
+
+def fill_volume(mount: Path, leave_bytes: int) -> Path:
+    """A file that leaves `leave_bytes` free on the volume mounted at `mount`."""
+    free = shutil.disk_usage(mount).free
+    filler = mount / "igops-test-filler"
+    subprocess.run(["fallocate", "-l", str(max(0, free - leave_bytes)), str(filler)], check=True)
+    return filler
+
+
+def plant_stale_history(pg_wal: Path) -> str:
+    """The history file of the timeline after the newest one in `pg_wal`, forked at 0/1000000."""
+    segments = [path.name for path in pg_wal.iterdir() if len(path.name) == 24]
+    timeline = max(int(name[:8], 16) for name in segments)
+    parent = pg_wal / f"{timeline:08X}.history"
+    text = (parent.read_text() if parent.exists() else "") + f"{timeline}\t0/1000000\tno recovery target specified\n"
+    stale = pg_wal / f"{timeline + 1:08X}.history"
+    stale.write_text(text)
+    shutil.chown(stale, "postgres", "postgres")
+    return stale.name
+
+
+def test_a_promotion_that_fails_after_the_stop_starts_the_old_primary_again_and_rejoin_follows(at_home):
+    """The candidate's WAL volume is full: the preflight refuses; forced, the promotion dies
+    (the new timeline's first segment does not fit) after the old primary was stopped. igops
+    starts the old primary again, resumes PgBouncer, and says which node failed, why (its log)
+    and what it left; `pg rejoin` then brings the candidate back, timeline history and all."""
+    lab = at_home
+    wal_mount = state.paths().host_dir(OTHER_PRIMARY) / "wal"
+    pg_wal = wal_mount / "pg_wal"
+    history_before = {path.name for path in pg_wal.glob("*.history")}
+    filler = fill_volume(wal_mount, 1 << 20)
+    try:
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--dry-run")
+        assert result.returncode == ExitCode.REFUSED, result.stderr[-2000:]
+        assert "WAL volume" in envelope["error"]["message"] and "min_free_bytes" in envelope["error"]["message"]
+
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes", "--force")
+        assert result.returncode == ExitCode.FAILED, result.stderr[-3000:]
+        message = envelope["error"]["message"]
+        print(f"\nthe failed switchover said: {message}")
+        assert f"{OTHER_PRIMARY} did not promote" in message
+        assert "No space left on device" in message and "postgresql.log" in message
+        assert f"left: {HOME_PRIMARY} is the primary" in message and "is not paused" in message
+        assert "undone" in message and f"{HOME_PRIMARY} accepts writes" in message
+    finally:
+        filler.unlink()
+    main = pg_state(lab)
+    assert main["primary"] == HOME_PRIMARY and not main["paused"], main
+    assert set(main["pgbouncer"]["pgb1"].values()) == {HOME_PRIMARY}
+    assert sign_up_succeeds(lab)
+    assert not repmgrd_paused(lab, HOME_PRIMARY)  # the failure unpaused it
+    stale = {path.name for path in pg_wal.glob("*.history")} - history_before
+    print(f"history files the aborted promotion left: {sorted(stale)}")
+    if not stale:
+        # Where the promotion dies decides whether it wrote its new timeline's history first;
+        # leave the one it writes when it does: the next timeline, forked long before db2's
+        # position, so that db2 started with it fails "requested timeline N is not a child of
+        # this server's history".
+        stale = {plant_stale_history(pg_wal)}
+
+    result, envelope = igops(lab, "pg", "rejoin", OTHER_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not stale & {path.name for path in pg_wal.glob("*.history")}
+    steps = envelope["data"]["result"]["steps"]
+    # db2 is down when the rejoin pauses repmgrd (and kept the pause it had when it died): the
+    # rejoin's last step unpauses both.
+    assert steps[0]["detail"].startswith(f"paused on {HOME_PRIMARY}"), steps[0]
+    assert steps[-1]["detail"] == f"unpaused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[-1]
+    assert not any(repmgrd_paused(lab, node) for node in (HOME_PRIMARY, OTHER_PRIMARY))
+    assert_one_primary_routed_and_followed(lab, HOME_PRIMARY)
+    # The rejoined member can be promoted and the old primary follow it: its timelines are sound.
+    result, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_one_primary_routed_and_followed(lab, OTHER_PRIMARY)
+
+
+def test_the_undo_never_starts_the_old_primary_while_the_candidate_is_unknown(at_home, tmp_path):
+    """A candidate igops cannot reach (neither Postgres nor SSH answers) may have been promoted:
+    the undo refuses to start the old primary instead of taking it for a standby."""
+    from igops import failover
+    from igops.errors import IgopsError
+
+    lab = at_home
+    address = str(lab.host(OTHER_PRIMARY).address)
+    text = Path(lab.source).read_text()
+    assert text.count(f'address = "{address}"') == 1
+    unreachable = tmp_path / "igops.toml"
+    unreachable.write_text(text.replace(f'address = "{address}"', 'address = "127.0.10.99"'))
+    fleet = inventory.load_file(unreachable)
+    with pytest.raises(IgopsError, match=f"cannot tell whether {OTHER_PRIMARY} was promoted"):
+        failover.PgActions(fleet).unfence_and_start(HOME_PRIMARY, (OTHER_PRIMARY,))
+    assert_one_primary_routed_and_followed(lab, HOME_PRIMARY)
+
+
+def test_the_undo_waits_for_a_shutdown_under_way_then_checks_the_old_primary_takes_writes(at_home):
+    """A stop cut off at its timeout goes on: `pg_ctl status` says running while the old primary
+    is still shutting down. The undo waits for the shutdown to end, starts it, and checks a write."""
+    import threading
+
+    from igops import failover
+
+    lab = at_home
+    pgdata = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(HOME_PRIMARY)))
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    [checkpointer] = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                      and _parent(int(entry.name)) == postmaster
+                      and b"checkpointer" in (entry / "cmdline").read_bytes()]
+    # The shutdown checkpoint is the checkpointer's: stopped, it holds the shutdown for as long as
+    # the test wants.
+    os.kill(checkpointer, signal.SIGSTOP)
+    release = threading.Timer(3.0, lambda: os.kill(checkpointer, signal.SIGCONT))
+    try:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{lab.model.postgres.bin_dir}/pg_ctl", "stop", "-D",
+                        str(pgdata), "-m", "fast", "-W"], check=True, cwd="/")
+        assert wait_for(lambda: not sign_up_succeeds(lab), 10)
+        release.start()
+        detail = failover.PgActions(lab).unfence_and_start(HOME_PRIMARY, (OTHER_PRIMARY,))
+    finally:
+        release.cancel()
+        with contextlib.suppress(ProcessLookupError):  # it has shut down once let go
+            os.kill(checkpointer, signal.SIGCONT)
+    assert detail.endswith(f"{HOME_PRIMARY} accepts writes"), detail
+    # Started again, not found running: a new postmaster.
+    assert int((pgdata / "postmaster.pid").read_text().split()[0]) != postmaster
+    assert wait_for(lambda: sign_up_succeeds(lab), 30)
+    assert wait_for(lambda: not pg_state(lab)["problems"], 30)
+
+
+def repmgrd_paused(lab, node: str) -> bool:
+    connection = postgres(lab, node, "repmgr")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT repmgr.repmgrd_is_paused()")
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_a_switchover_pauses_repmgrd_on_every_member_and_unpauses_it(at_home):
+    """repmgrd may run (the lab runs none: pausing sets the flag it would read, on each member)."""
+    lab = at_home
+    result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = envelope["data"]["result"]["steps"]
+    assert steps[0]["title"].startswith("repmgrd: pause") and steps[-1]["title"].startswith("repmgrd: unpause")
+    assert steps[0]["detail"] == f"paused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[0]
+    assert steps[-1]["detail"] == f"unpaused on {HOME_PRIMARY}, {OTHER_PRIMARY}", steps[-1]
+    assert not any(repmgrd_paused(lab, node) for node in (HOME_PRIMARY, OTHER_PRIMARY))
+    assert_one_primary_routed_and_followed(lab, OTHER_PRIMARY)

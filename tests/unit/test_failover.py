@@ -2,6 +2,9 @@
 PgBouncer's databases file, the Redis config rewrite, the plans' shapes and safety properties,
 how candidates are chosen, and how a failing step is undone and released."""
 
+import os
+import signal
+
 import pytest
 
 from igops import failover, inventory, postgres, redisops
@@ -162,7 +165,7 @@ def test_a_master_config_has_no_role_lines():
 DATABASES_ON_MAIN = {"pgb1": ["directory", "main"]}
 
 
-def test_switchover_stops_before_it_promotes_and_undoes_only_before_promotion(fleet):
+def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(fleet):
     steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
     actions = [step.action for step in steps]
     assert actions.index("pause") < actions.index("stop_and_fence") < actions.index("wait_received") \
@@ -170,10 +173,13 @@ def test_switchover_stops_before_it_promotes_and_undoes_only_before_promotion(fl
     pause = steps[actions.index("pause")]
     assert pause.release.action == "resume" and pause.release.args == (DATABASES_ON_MAIN,)
     stop = steps[actions.index("stop_and_fence")]
-    assert stop.undo.action == "unfence_and_start" and stop.undo.args == ("db1", "db2")
+    assert stop.undo.action == "unfence_and_start" and stop.undo.args == ("db1", ("db2",))
+    # A failed promotion is still undone (the undo verifies the candidate first); from the repoint on
+    # nothing is.
     promote = steps[actions.index("promote")]
-    assert promote.point_of_no_return and promote.args == ("db2",)
-    assert steps[actions.index("rejoin") - 2].action == "checkpoint"  # pg_rewind needs the new timeline
+    assert not promote.point_of_no_return and promote.args == ("db2",)
+    assert steps[actions.index("repoint")].point_of_no_return
+    assert steps[actions.index("rejoin") - 3].action == "checkpoint"  # pg_rewind needs the new timeline
     assert ("follow", ("db3", "db2")) in [(step.action, step.args) for step in steps]
 
 
@@ -275,9 +281,164 @@ def test_problems_a_status_reports(fleet):
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
     problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
+    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --force` (it loses what it took alone)"
     assert "db3 is stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
+
+
+def probed(name, server=None, running=None, control=None, fenced=False):
+    probe = failover._PgProbe(None, server, None if server else postgres.Unavailable(name, "refused", "refused"),
+                              postmaster_running=running, fenced=fenced, host_reachable=True)
+    probe.control_state = control
+    return probe
+
+
+def cut_short_view(fleet, db1_control="shut down", paused=True, routed="db1"):
+    """db1 stopped by a switchover that was killed before db2 was promoted; db3 a healthy standby."""
+    probes = {"db1": probed("db1", running=False, control=db1_control, fenced=True),
+              "db2": probed("db2", server(100)), "db3": probed("db3", server(100))}
+    nodes = [failover.PgNode("db1", "10.0.0.21", "unknown", "stopped", fenced=True, control_state=db1_control,
+                             pgbouncer=["pgb1:main"]),
+             failover.PgNode("db2", "10.0.0.22", "standby", "running", fenced=True),
+             failover.PgNode("db3", "10.0.0.23", "standby", "running", fenced=True)]
+    made = failover._PgView(fleet, "main", probes, {}, {}, [])
+    made.state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": routed, "directory": routed}},
+                                         {"pgb1": ["directory", "main"]} if paused else {})
+    return made
+
+
+def test_status_names_the_command_that_resolves_a_switchover_cut_short(fleet):
+    view = cut_short_view(fleet)
+    problems = failover._pg_problems(fleet, view.state, [], view)
+    assert failover._interrupted_switchover(view) == "db1"
+    assert problems[0].startswith("no primary: db1 was stopped cleanly and fenced by a switchover cut short")
+    fix = view.state.fixes[problems[0]]
+    assert "`igops pg switchover main --to db2` finishes it" in fix
+    assert "`igops pg switchover main --to db1` rolls it back" in fix
+    assert all(view.state.fixes.get(problem) for problem in problems), problems
+
+
+def test_a_crashed_or_unrouted_primary_is_no_switchover_cut_short(fleet):
+    assert failover._interrupted_switchover(cut_short_view(fleet, db1_control="in production")) is None
+    assert failover._interrupted_switchover(cut_short_view(fleet, routed="db2")) is None
+    view = cut_short_view(fleet, db1_control="in production")
+    problems = failover._pg_problems(fleet, view.state, [], view)
+    assert view.state.fixes[problems[0]] == "`igops pg failover main`"
+
+
+def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
+    paused = {"pgb1": ["directory", "main"]}
+    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN, stopped=True, paused=paused)
+    actions = [step.action for step in steps]
+    assert "checkpoint" not in actions[:actions.index("stop_and_fence")]  # db1 is down
+    assert "pause" not in actions  # PAUSE on a paused database is an error; they stay paused
+    stop = steps[actions.index("stop_and_fence")]
+    assert stop.release.action == "resume" and stop.undo.action == "unfence_and_start"
+    assert "(stopped already)" in stop.title
+    assert actions.index("wait_received") < actions.index("promote") < actions.index("repoint")
+
+
+def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_target(fleet):
+    plan = failover._plan_pg_roll_back(cut_short_view(fleet), "db1")
+    assert [(step.action, step.args) for step in plan.actions] == [
+        ("pause_repmgrd", ("db2",)),
+        ("unfence_and_start", ("db1", ("db2", "db3"))), ("resume", ({"pgb1": ["directory", "main"]},)),
+        ("wait_streaming", ("db2", "db1")), ("wait_streaming", ("db3", "db1")),
+        ("unpause_repmgrd", (("db1", "db2", "db3"),))]
+
+
+# --- repmgrd -----------------------------------------------------------------------------------
+def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
+    steps = failover.with_repmgrd_paused(failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
+                                         on="db1", members=("db2", "db1", "db3"))
+    assert (steps[0].action, steps[0].args) == ("pause_repmgrd", ("db1",))
+    assert steps[0].release == steps[-1] and steps[-1].action == "unpause_repmgrd"
+    assert steps[-1].args == (("db2", "db1", "db3"),)
+    assert failover.with_repmgrd_paused([], on="db1", members=("db1",)) == []
+    actions = Recorder(fail="promote")
+    with pytest.raises(failover.StepFailed):
+        failover.execute(steps, actions, Reporter(), "hint")
+    assert actions.calls[0] == "pause_repmgrd" and "unpause_repmgrd" in actions.calls[actions.calls.index("promote"):]
+
+
+def test_what_repmgr_service_pause_reached():
+    output = ("NOTICE: node 1 (db1) paused\nWARNING: unable to connect to node 2\nNOTICE: node 3 (db3) not paused\n"
+              "ERROR: unable to pause 2 node(s)\n")
+    assert failover.repmgrd_pause_outcome(output, True) == (["db1"], ["node 2", "db3"])
+    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", False) == (["db1"], [])
+    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", True) == ([], [])
+
+
+# --- whether the old primary may start again ---------------------------------------------------
+def test_an_unreachable_candidate_is_unknown_never_a_standby():
+    with pytest.raises(IgopsError, match="cannot tell whether db2 was promoted: ssh: connect to host"):
+        failover.candidate_verdict("db2", "main", None, False, None, "ssh: connect to host 10.0.0.22: timed out")
+    with pytest.raises(IgopsError, match="its postmaster did not stop"):
+        failover.candidate_verdict("db2", "main", None, False, {"postmaster": "still running"}, None)
+
+
+def test_a_promoted_candidate_or_one_out_of_recovery_blocks_the_undo():
+    with pytest.raises(IgopsError, match="accepts writes"):
+        failover.candidate_verdict("db2", "main", False, True, None, None)
+    for control in ("in production", "shut down", ""):
+        with pytest.raises(IgopsError, match="not verifiably a standby"):
+            failover.candidate_verdict("db2", "main", None, True, {"stopped": "1", "control": control}, None)
+
+
+def test_a_candidate_verified_in_recovery_lets_the_old_primary_start():
+    assert "nobody asked" in failover.candidate_verdict("db2", "main", True, False, None, None)
+    verdict = failover.candidate_verdict("db2", "main", True, True, {"stopped": "1", "control": "in archive recovery"},
+                                         None)
+    assert verdict == "db2 stopped by igops, in archive recovery, fenced"
+    assert failover.candidate_verdict("db2", "main", None, True, {"control": "shut down in recovery"}, None) \
+        == "db2 is down, shut down in recovery, fenced"
+
+
+# --- the causes a failure names -----------------------------------------------------------------
+REPMGR_CONF = """node_id = 2
+service_start_command = '/usr/lib/postgresql/15/bin/pg_ctl -D /srv/db2/pgconf -l /srv/db2/log/postgresql.log -w start'
+service_stop_command = '/usr/lib/postgresql/15/bin/pg_ctl -D /srv/db2/pgconf -m fast stop'
+"""
+
+PROMOTION_LOG = """2026-12-03 03:00:00.000 UTC [10] ERROR:  relation "x" does not exist
+2026-12-03 03:10:00.000 UTC [20] LOG:  received promote request
+2026-12-03 03:10:00.001 UTC [21] FATAL:  terminating walreceiver process due to administrator command
+2026-12-03 03:10:00.002 UTC [20] LOG:  selected new timeline ID: 38
+2026-12-03 03:10:00.003 UTC [20] PANIC:  could not write to file "pg_wal/xlogtemp.20": No space left on device
+2026-12-03 03:10:00.004 UTC [9] LOG:  startup process (PID 20) was terminated by signal 6: Aborted
+"""
+
+
+def test_the_server_log_is_where_the_start_command_writes_it():
+    assert postgres.log_file_of(REPMGR_CONF) == "/srv/db2/log/postgresql.log"
+    assert postgres.log_file_of("service_start_command = 'systemctl start postgresql'\n") is None
+    assert postgres.log_file_of("node_id = 1\n") is None
+
+
+def test_the_cause_is_the_first_panic_since_the_promote_request():
+    assert postgres.log_cause(PROMOTION_LOG, since="received promote request") == \
+        'PANIC: could not write to file "pg_wal/xlogtemp.20": No space left on device'
+    assert postgres.log_cause(PROMOTION_LOG.splitlines()[0]) == 'ERROR: relation "x" does not exist'
+    assert postgres.log_cause("LOG:  database system is ready\n") is None
+
+
+def test_free_space_below_the_threshold_on_either_volume_is_a_reason():
+    df = ("Filesystem 1-blocks Used Available Capacity Mounted on\n"
+          "/dev/loop3 469762048 80000000 389762048 18% /srv/db2/data\n"
+          "/dev/loop4 469762048 468713472 1048576 100% /srv/db2/wal\n")
+    assert failover.free_space_reasons("db2", df, 128 << 20) == [
+        "db2's WAL volume (/srv/db2/wal) has 1 MiB free (threshold 128 MiB, [postgres] min_free_bytes)"]
+    assert len(failover.free_space_reasons("db2", df, 400 << 20)) == 2
+    assert failover.free_space_reasons("db2", df, 0) == []
+
+
+def test_a_failure_says_what_it_left():
+    nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running", fenced=False),
+             failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True, control_state="in archive recovery")]
+    state = failover.PgClusterState("main", nodes, "db1", {"pgb1": {"main": "db1"}}, {})
+    assert failover.describe_left_behind(state) == ("db1 is the primary; PgBouncer routes to db1 and is not paused; "
+                                                    "db2 is stopped (in archive recovery), fenced")
 
 
 # --- executing a plan ----------------------------------------------------------------------------
@@ -346,6 +507,59 @@ def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
     assert actions.calls == ["pause", "stop", "start", "resume"]
     assert [(item.title, item.outcome) for item in failed.value.recovery] == [("start", "undo failed"),
                                                                              ("resume", "released")]
+
+
+class SignalsBetween(list):
+    """Steps that send this process `signum` as the engine moves on to the step at `at`: between
+    two steps, outside every step's own handling."""
+
+    def __init__(self, steps, signum, at):
+        super().__init__(steps)
+        self.signum = signum
+        self.at = at
+
+    def __iter__(self):
+        for index, step in enumerate(list.__iter__(self)):
+            if index == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_between_two_steps_undoes_and_releases(signum):
+    actions = Recorder()
+    before = signal.getsignal(signum)
+    with pytest.raises(failover.StepFailed, match="interrupted") as failed:
+        failover.execute(SignalsBetween(STEPS, signum, at=2), actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+    assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
+    assert signal.getsignal(signum) is before  # the handlers are put back
+
+
+def test_a_signal_during_the_recovery_does_not_stop_it():
+    class SignalledInUndo(Recorder):
+        def __getattr__(self, name):
+            action = super().__getattr__(name)
+            if name != "start":
+                return action
+
+            def start(*args):
+                action(*args)
+                os.kill(os.getpid(), signal.SIGTERM)  # ignored: the recovery must finish
+                self.calls.append("after the signal")
+            return start
+
+    actions = SignalledInUndo(fail="promote", error=KeyboardInterrupt())
+    steps = [STEPS[0], STEPS[1], failover.Step("promote", "promote"), STEPS[3]]
+    with pytest.raises(failover.StepFailed):
+        failover.execute(steps, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "start", "after the signal", "resume"]
+
+
+def test_the_failure_message_ends_with_what_was_left():
+    with pytest.raises(failover.StepFailed) as failed:
+        failover.execute(STEPS, Recorder(fail="stop"), Reporter(), "hint", left_behind=lambda: "db1 is the primary")
+    assert failed.value.message.endswith("— left: db1 is the primary")
 
 
 def test_every_step_runs_in_order_when_nothing_fails():
