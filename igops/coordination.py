@@ -284,33 +284,42 @@ def _prefix_end(prefix: str) -> str:
 
 class EtcdLease(HeldLease):
     """An etcd lease, renewed by a daemon thread every third of its TTL. It counts as lost when
-    etcd says it has expired, or when no renewal succeeded for a whole TTL (it may have
-    expired unseen)."""
+    etcd says it has expired, or once a whole TTL has passed since the last renewal that etcd
+    acknowledged was sent: from then on etcd may have expired it unseen."""
 
     def __init__(self, gateway: EtcdGateway, lease_id: str, ttl: int, operation: str, target: str):
         super().__init__(operation, target)
         self.gateway, self.lease_id, self.ttl = gateway, lease_id, ttl
         self._stop = threading.Event()
-        self._renewed = time.monotonic()
+        self._renewed = time.monotonic()  # when the last acknowledged renewal (or the grant) was sent
         self._thread = threading.Thread(target=self._keep_alive, name=f"lease-{lease_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def lost(self) -> str | None:
+        if not self._lost and time.monotonic() - self._renewed >= self.ttl:
+            self._mark_lost(f"not renewed for {self.ttl} s")
+        return self._lost
+
     def _keep_alive(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        # Every member may be asked in one round; together they must answer within a third
+        # of the TTL, so that two more rounds fit before the lease can expire.
+        per_member = max(0.5, self.ttl / 3 / len(self.gateway.settings.endpoints))
+        while not self._stop.wait(self.ttl / 3) and not self.lost():
+            sent = time.monotonic()
             try:
-                answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id},
-                                           timeout=min(REQUEST_TIMEOUT, self.ttl / 3))
+                answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id}, timeout=per_member)
                 ttl = int((answer.get("result") or {}).get("TTL", 0))
-                if ttl <= 0:
-                    self._mark_lost(f"etcd expired lease {self.lease_id}")
-                    return
-                self._renewed = time.monotonic()
             except (EtcdError, ValueError) as exc:
                 if time.monotonic() - self._renewed >= self.ttl:
-                    self._mark_lost(f"not renewed for {self.ttl} s: {exc.message if isinstance(exc, EtcdError) else exc}")
-                    return
+                    why = exc.message if isinstance(exc, EtcdError) else str(exc)
+                    self._mark_lost(f"not renewed for {self.ttl} s: {why}")
+                continue
+            if ttl <= 0:
+                self._mark_lost(f"etcd expired lease {self.lease_id}")
+                return
+            self._renewed = sent
 
     def release(self) -> None:
         self._stop.set()
