@@ -89,7 +89,8 @@ def _endpoints() -> list[tuple[str, int, str]]:
     found = [(MOTO[0], MOTO[1], "moto"), (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
              (PINGDOM[0], PINGDOM[1], "Pingdom receiver")]
     for name, address in state.ETCD_MEMBERS:
-        found += [(address, state.ETCD_CLIENT_PORT, f"etcd {name}"), (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)")]
+        found += [(address, state.ETCD_CLIENT_PORT, f"etcd {name}"),
+                  (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)")]
     for lab_host in HOSTS:
         found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
         found += [(lab_host.address, *ports[role]) for role in lab_host.roles]

@@ -65,7 +65,7 @@ def health(address: str, timeout: float = 2.0) -> tuple[bool, str]:
     except (OSError, ValueError) as exc:
         return False, str(getattr(exc, "reason", exc))
     ok = str(body.get("health")) == "true"
-    return ok, "healthy" if ok else f"unhealthy: {body.get('reason') or body}"
+    return ok, "healthy" if ok else f"unhealthy: {body.get('reason') or 'no leader (a majority of members down?)'}"
 
 
 def wait_healthy(timeout: float = 30) -> str:
