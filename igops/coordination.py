@@ -33,8 +33,9 @@ from typing import Any, Iterator
 from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.secrets import redact, redact_data
 
-# How long one etcd request may take. A member without quorum answers a lease grant only
-# after its own request timeout (about 7 s); a refusal should not wait that long.
+# How long one etcd request may take, over all the members it asks. A member without quorum
+# answers a lease grant only after its own request timeout (about 7 s), and a hung or
+# partitioned one never: a refusal should not wait that long.
 REQUEST_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 1.0
 REASON_ENV = "IGOPS_REASON"
@@ -188,7 +189,10 @@ class EtcdGateway:
         self._token: str | None = None
         self._lock = threading.Lock()
 
-    def call(self, path: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
+    def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
+        """POST to the first member that answers; `timeout` is per member (default: an equal
+        share of REQUEST_TIMEOUT, at least 1 s)."""
+        timeout = timeout or max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints))
         if self.settings.user and self._token is None:
             self._authenticate()
         try:
@@ -202,7 +206,8 @@ class EtcdGateway:
     def _authenticate(self) -> None:
         self._token = None
         answer = self._post("/v3/auth/authenticate",
-                            {"name": self.settings.user, "password": self.settings.password or ""}, REQUEST_TIMEOUT)
+                            {"name": self.settings.user, "password": self.settings.password or ""},
+                            max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints)))
         self._token = answer.get("token")
 
     def _post(self, path: str, body: dict, timeout: float) -> dict:
@@ -289,7 +294,10 @@ class EtcdLease(HeldLease):
 
     def __init__(self, gateway: EtcdGateway, lease_id: str, ttl: int, operation: str, target: str):
         super().__init__(operation, target)
-        self.gateway, self.lease_id, self.ttl = gateway, lease_id, ttl
+        self.lease_id, self.ttl = lease_id, ttl
+        # A session of its own: the keepalive thread never shares a connection pool with the
+        # command's own calls.
+        self.gateway = EtcdGateway(gateway.settings)
         self._stop = threading.Event()
         self._renewed = time.monotonic()  # when the last acknowledged renewal (or the grant) was sent
         self._thread = threading.Thread(target=self._keep_alive, name=f"lease-{lease_id}", daemon=True)
@@ -323,11 +331,13 @@ class EtcdLease(HeldLease):
 
     def release(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=REQUEST_TIMEOUT + 1)
+        self._thread.join(timeout=self.ttl)
         try:
             self.gateway.call("/v3/lease/revoke", {"ID": self.lease_id})
         except EtcdError:
             pass  # the key goes when the lease's TTL runs out
+        finally:
+            self.gateway.close()
 
 
 class EtcdCoordinator:
