@@ -101,14 +101,14 @@ def redact_argv(argv: list[str]) -> str:
 
 
 def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int,
-          duration_ms: float, detail: str | None = None) -> None:
+          duration_ms: float, detail: str | None = None, reason: str | None = None) -> None:
     """Append one record to the audit log. Appends of one line are atomic with O_APPEND."""
     append_audit(state_dir, audit_record(command=command, targets=targets, result=result, exit_code=exit_code,
-                                         duration_ms=duration_ms, detail=detail))
+                                         duration_ms=duration_ms, detail=detail, reason=reason))
 
 
 def audit_record(*, command: str, targets: list[str], result: str, exit_code: int, duration_ms: float,
-                 detail: str | None = None) -> dict:
+                 detail: str | None = None, reason: str | None = None) -> dict:
     """One audit record, every string in it redacted: what every audit backend stores."""
     record = {
         "time": now(),
@@ -124,6 +124,8 @@ def audit_record(*, command: str, targets: list[str], result: str, exit_code: in
     }
     if detail:
         record["detail"] = redact(detail)[:2000]
+    if reason:
+        record["reason"] = redact(reason)[:500]
     # Redacted before serialising, which would escape what a secret may hold.
     return redact_data(record)
 

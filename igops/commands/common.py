@@ -86,14 +86,15 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
         return None
     backend = coordination.for_fleet(fleet)
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    reason = coordination.reason()
     if not safety.confirm(f"{title}?", yes):
         backend.audit(command=command_line, targets=targets, result="declined",
-                      exit_code=int(ExitCode.USAGE), duration_ms=0.0)
+                      exit_code=int(ExitCode.USAGE), duration_ms=0.0, reason=reason)
         raise UsageError("not confirmed: nothing was changed",
                          "answer y to go ahead, or pass --yes after reviewing the plan")
     started = time.monotonic()
     result_word, exit_code, detail = "failed", int(ExitCode.FAILED), None
-    with (backend.lease(operation, target, command_line, coordination.reason()) if target is not None
+    with (backend.lease(operation, target, command_line, reason) if target is not None
           else nullcontext()) as held:
         try:
             result = action()
@@ -113,8 +114,8 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
                 out.log(f"warning: the lease on {operation} {target} was lost while the command worked "
                         f"({lost}); another operator may have started on it meanwhile")
                 detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
-            backend.audit(command=command_line, targets=targets, result=result_word,
-                          exit_code=exit_code, duration_ms=safety.monotonic_ms(started), detail=detail)
+            backend.audit(command=command_line, targets=targets, result=result_word, exit_code=exit_code,
+                          duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason)
 
 
 def exit_with(code: int) -> None:

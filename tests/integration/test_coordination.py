@@ -119,6 +119,7 @@ def test_two_bastions_on_etcd_exactly_one_proceeds_and_the_other_names_it(lab, t
     assert len(records) == 1, records
     assert (f"{records[0]['user']}@{records[0]['host']}", records[0]["pid"]) == (held_by[1], held_by[0])
     assert records[0]["result"] == "triggered and resolved" and records[0]["exit_code"] == 0
+    assert records[0]["reason"] == held_by[2]
     assert "igops -c" in records[0]["command"] and "pagerduty test --yes" in records[0]["command"]
     for name in ("bastion-a", "bastion-b"):
         assert not (tmp_path / f"state-{name}" / "audit.log").exists()

@@ -143,12 +143,12 @@ def test_a_holder_record_that_is_not_one_reads_as_none():
     assert coordination.Holder.from_json("[1, 2]") is None
 
 
-def test_audit_records_carry_the_operator_host(monkeypatch, tmp_path):
+def test_audit_records_carry_the_operator_host_and_reason(monkeypatch, tmp_path):
     monkeypatch.setenv(safety.OPERATOR_HOST_ENV, "cron-box")
     coordination.LocalCoordinator(tmp_path).audit(command="igops x", targets=["t"], result="ok", exit_code=0,
-                                                  duration_ms=1.0)
+                                                  duration_ms=1.0, reason="INC-7")
     record = json.loads((tmp_path / "audit.log").read_text())
-    assert record["host"] == "cron-box" and record["targets"] == ["t"]
+    assert record["host"] == "cron-box" and record["targets"] == ["t"] and record["reason"] == "INC-7"
 
 
 def test_a_lost_lease_stops_the_caller_at_its_next_check():
