@@ -1,4 +1,6 @@
 """Locks, the audit trail and confirmation: the guard rails every mutating command passes.
+The locks and audit log here are the local backend of igops.coordination, which decides
+whether a fleet uses them or etcd.
 
 Locks are `flock`s on one file per (operation, target): the kernel drops them when the holder
 dies, even by SIGKILL, so a crashed run never leaves a stale lock behind.
