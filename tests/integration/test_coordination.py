@@ -34,11 +34,21 @@ TTL = 3
 # etcd's lessor looks for expired leases every 500 ms and revokes them through a Raft round.
 EXPIRY_SLACK = 1.0
 RECEIVER = f"http://{state.PAGERDUTY[0]}:{state.PAGERDUTY[1]}"
+TEST_PREFIX = "/igops-test/"
+
+
+@pytest.fixture(autouse=True)
+def forget_test_keys(lab):
+    """The keys every test wrote under /igops-test/, deleted afterwards (the lab's etcd lives on)."""
+    yield
+    body = {"key": coordination._b64(TEST_PREFIX),
+            "range_end": coordination._b64(coordination._prefix_end(TEST_PREFIX))}
+    requests.post(state.etcd_endpoints()[0] + "/v3/kv/deleterange", json=body, timeout=5).raise_for_status()
 
 
 def write_inventory(tmp_path: Path, with_etcd: bool) -> tuple[Path, str]:
     """A copy of the lab's inventory, with [coordination] on the lab's etcd when asked."""
-    prefix = f"/igops-test/{uuid.uuid4().hex[:12]}/"
+    prefix = f"{TEST_PREFIX}{uuid.uuid4().hex[:12]}/"
     text = state.paths().inventory.read_text()
     if with_etcd:
         endpoints = ", ".join(json.dumps(url) for url in state.etcd_endpoints())
