@@ -261,6 +261,56 @@ def _build_models():
         shard_ddl: str | None = None
         directory_ddl: str | None = None
 
+    class Coordination(Strict):
+        """Where leases and the audit trail live when they are shared by the whole team (etcd).
+        Without this section they stay in the state directory (see igops.coordination)."""
+        etcd: list[str] = Field(min_length=1)
+        ca_file: str | None = None
+        cert_file: str | None = None
+        key_file: str | None = None
+        # Its password is the secret etcd_password.
+        user: str | None = None
+        # etcd leases are whole seconds; under 2 s one late keepalive loses the lease.
+        lease_ttl: int = Field(10, ge=2, le=300)
+        # Default: /igops/<fleet name>/
+        prefix: str | None = None
+
+        @field_validator("etcd")
+        @classmethod
+        def urls(cls, value: list[str]) -> list[str]:
+            for url in value:
+                if not re.match(r"^https?://[^/\s]+/?$", url):
+                    raise InvalidValue(f"{url!r} is not an etcd client URL",
+                                       "use http://HOST:2379 or https://HOST:2379 (no path)")
+            return [url.rstrip("/") for url in value]
+
+        @field_validator("prefix")
+        @classmethod
+        def slashed(cls, value: str | None) -> str | None:
+            if value is not None and not (value.startswith("/") and value.endswith("/") and len(value) > 1):
+                raise InvalidValue(f"prefix {value!r} must start and end with /",
+                                   "use a key prefix such as /igops/prod/")
+            return value
+
+        @model_validator(mode="after")
+        def tls_pairs(self):
+            if bool(self.cert_file) != bool(self.key_file):
+                raise InvalidValue("cert_file and key_file go together (a client certificate and its key)",
+                                   "set both or neither")
+            plain = [url for url in self.etcd if url.startswith("http://")]
+            if plain and (self.cert_file or self.ca_file):
+                raise InvalidValue(f"TLS files are set but {plain[0]} is plain http",
+                                   "use https:// URLs with TLS, or drop ca_file/cert_file/key_file")
+            if self.user:
+                from igops.secrets import insecure_url_problem
+
+                for url in self.etcd:
+                    problem = insecure_url_problem(url)
+                    if problem:
+                        raise InvalidValue(f"etcd user {self.user!r}: {problem}",
+                                           "use https:// URLs so the password travels encrypted")
+            return self
+
     class Inventory(Strict):
         fleet: Fleet = Fleet()
         ssh: Ssh = Ssh()
@@ -278,6 +328,7 @@ def _build_models():
         shards: Shards = Shards()
         snapshot: Snapshot = Snapshot()
         check: Check = Check()
+        coordination: Coordination | None = None
 
     return Inventory
 

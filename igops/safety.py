@@ -1,4 +1,6 @@
 """Locks, the audit trail and confirmation: the guard rails every mutating command passes.
+The locks and audit log here are the local backend of igops.coordination, which decides
+whether a fleet uses them or etcd.
 
 Locks are `flock`s on one file per (operation, target): the kernel drops them when the holder
 dies, even by SIGKILL, so a crashed run never leaves a stale lock behind.
@@ -25,6 +27,9 @@ from igops.errors import AlreadyRunning, UsageError
 from igops.secrets import redact, redact_data
 
 SECRET_OPTION = re.compile(r"^(--?[\w-]*(password|token|secret|key)[\w-]*)(=.*)?$", re.I)
+# The operator's host name as records show it, when the machine's own name does not say which
+# bastion or laptop it is (a container, a cloned VM).
+OPERATOR_HOST_ENV = "IGOPS_OPERATOR_HOST"
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,9 @@ class LockHolder:
         return f"pid {self.pid} ({self.user}@{self.host}, since {self.since}): {self.command}"
 
 
-def _lock_name(operation: str, target: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{operation}--{target}") + ".lock"
+def lock_name(operation: str, target: str) -> str:
+    """The one name of an (operation, target) lock: two locks conflict when their names match."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{operation}--{target}")
 
 
 @contextmanager
@@ -48,7 +54,7 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Ite
     """Hold the lock for `operation` on `target`, or raise AlreadyRunning naming the holder."""
     directory = state_dir / "locks"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / _lock_name(operation, target)
+    path = directory / (lock_name(operation, target) + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -60,8 +66,8 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Ite
                 + (f": {holder.describe()}" if holder else ""),
                 "wait for it to finish; the lock is released when that process exits",
             ) from None
-        holder = LockHolder(os.getpid(), _user(), socket.gethostname(), redact(command_line),
-                            _now())
+        holder = LockHolder(os.getpid(), operator_user(), operator_host(), redact(command_line),
+                            now())
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(redact_data(holder.__dict__)).encode(), 0)
         yield path
@@ -97,14 +103,21 @@ def redact_argv(argv: list[str]) -> str:
 
 
 def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int,
-          duration_ms: float, detail: str | None = None) -> None:
+          duration_ms: float, detail: str | None = None, reason: str | None = None) -> None:
     """Append one record to the audit log. Appends of one line are atomic with O_APPEND."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    append_audit(state_dir, audit_record(command=command, targets=targets, result=result, exit_code=exit_code,
+                                         duration_ms=duration_ms, detail=detail, reason=reason))
+
+
+def audit_record(*, command: str, targets: list[str], result: str, exit_code: int, duration_ms: float,
+                 detail: str | None = None, reason: str | None = None) -> dict:
+    """One audit record, every string in it redacted: what every audit backend stores."""
     record = {
-        "time": _now(),
-        "user": _user(),
+        "time": now(),
+        "user": operator_user(),
         "sudo_user": os.environ.get("SUDO_USER"),
-        "host": socket.gethostname(),
+        "host": operator_host(),
+        "pid": os.getpid(),
         "command": redact(command),
         "targets": targets,
         "result": result,
@@ -113,7 +126,14 @@ def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exi
     }
     if detail:
         record["detail"] = redact(detail)[:2000]
+    if reason:
+        record["reason"] = redact(reason)[:500]
     # Redacted before serialising, which would escape what a secret may hold.
+    return redact_data(record)
+
+
+def append_audit(state_dir: Path, record: dict) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     line = (json.dumps(redact_data(record), sort_keys=True) + "\n").encode()
     fd = os.open(state_dir / "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -135,14 +155,18 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return answer in ("y", "yes")
 
 
-def _user() -> str:
+def operator_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
 
 
-def _now() -> str:
+def operator_host() -> str:
+    return os.environ.get(OPERATOR_HOST_ENV) or socket.gethostname()
+
+
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 

@@ -21,6 +21,7 @@ KNOWN = {
     "postgres_password": "IGOPS_POSTGRES_PASSWORD",
     "pgbouncer_password": "IGOPS_PGBOUNCER_PASSWORD",
     "redis_password": "IGOPS_REDIS_PASSWORD",
+    "etcd_password": "IGOPS_ETCD_PASSWORD",
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
 }

@@ -82,7 +82,7 @@ def _exit(code: int) -> None:
 
 
 def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: float | None) -> int:
-    from igops import checks, safety
+    from igops import checks, coordination, safety
     from igops.checks import fleet as fleet_checks
     from igops.checks import munin, nagios as nagios_format
 
@@ -106,11 +106,14 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
         if pager:
             paging = pager.reconcile(results, complete_run=not roles and not only)
             if paging.acted:
-                safety.audit(fleet.state_dir, command=command_line,
-                             targets=paging.triggered + paging.resolved + [f["dedup_key"] for f in paging.failed],
-                             result=f"paged: {len(paging.triggered)} triggered, {len(paging.resolved)} resolved, "
-                                    f"{len(paging.failed)} failed",
-                             exit_code=1 if paging.failed else 0, duration_ms=duration * 1000)
+                # The team's audit trail; the check lock itself stays local, so that `check`
+                # still runs when etcd has lost quorum.
+                coordination.for_fleet(fleet).audit(
+                    command=command_line,
+                    targets=paging.triggered + paging.resolved + [f["dedup_key"] for f in paging.failed],
+                    result=f"paged: {len(paging.triggered)} triggered, {len(paging.resolved)} resolved, "
+                           f"{len(paging.failed)} failed",
+                    exit_code=1 if paging.failed else 0, duration_ms=duration * 1000)
     state = checks.overall(results)
     _report_paging(out, paging, quiet)
     if nagios:

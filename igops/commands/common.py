@@ -72,26 +72,30 @@ def load_fleet(ctx: typer.Context):
 def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: list[str], title: str,
            steps: list[str], dry_run: bool, yes: bool, action: Callable[[], T],
            outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0)) -> T | None:
-    """Show the plan; stop there on --dry-run; otherwise confirm, lock (operation, target),
-    act, and write an audit record whatever happens. Returns the action's result, or None for
-    a dry run. A declined confirmation is audited and exits 2 (UsageError). `target=None`
-    takes no lock: for an action that changes nothing igops keeps state about (`exec`)."""
-    from igops import safety
+    """Show the plan; stop there on --dry-run; otherwise confirm, take the lease on (operation,
+    target), act, and write an audit record whatever happens. Leases and records live where
+    the inventory's [coordination] says (igops.coordination). Returns the action's result, or
+    None for a dry run. A declined confirmation is audited and exits 2 (UsageError).
+    `target=None` takes no lease: for an action that changes nothing igops keeps state about
+    (`exec`)."""
+    from igops import coordination, safety
 
     out.plan(title, steps)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None
+    backend = coordination.for_fleet(fleet)
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    reason = coordination.reason()
     if not safety.confirm(f"{title}?", yes):
-        safety.audit(fleet.state_dir, command=command_line, targets=targets, result="declined",
-                     exit_code=int(ExitCode.USAGE), duration_ms=0.0)
+        backend.audit(command=command_line, targets=targets, result="declined",
+                      exit_code=int(ExitCode.USAGE), duration_ms=0.0, reason=reason)
         raise UsageError("not confirmed: nothing was changed",
                          "answer y to go ahead, or pass --yes after reviewing the plan")
     started = time.monotonic()
     result_word, exit_code, detail = "failed", int(ExitCode.FAILED), None
-    with (safety.lock(fleet.state_dir, operation, target, command_line) if target is not None
-          else nullcontext()):
+    with (backend.lease(operation, target, command_line, reason) if target is not None
+          else nullcontext()) as held:
         try:
             result = action()
             result_word, exit_code = outcome(result)
@@ -103,8 +107,15 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
             detail = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            safety.audit(fleet.state_dir, command=command_line, targets=targets, result=result_word,
-                         exit_code=exit_code, duration_ms=safety.monotonic_ms(started), detail=detail)
+            # One action is one step: a lease lost during it is reported, not undone. The step
+            # engine checks `held.check()` between its steps instead.
+            lost = held.lost() if held is not None else None
+            if lost:
+                out.log(f"warning: the lease on {operation} {target} was lost while the command worked "
+                        f"({lost}); another operator may have started on it meanwhile")
+                detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
+            backend.audit(command=command_line, targets=targets, result=result_word, exit_code=exit_code,
+                          duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason)
 
 
 def exit_with(code: int) -> None:

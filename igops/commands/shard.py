@@ -157,13 +157,13 @@ MOVE_COLUMNS = ["move", "shard", "from -> to", "status", "rows", "bytes", "verif
 
 @contextmanager
 def _shard_lock(fleet, shard: int):
-    """The local (operation, target) lock of one shard's moves, for moves run by rebalance."""
+    """The (operation, target) lease of one shard's moves, for moves run by rebalance."""
     import sys
 
-    from igops import safety
+    from igops import coordination, safety
 
-    with safety.lock(fleet.state_dir, "shard-move", f"shard-{shard}",
-                     safety.redact_argv(["igops", *sys.argv[1:]])):
+    with coordination.for_fleet(fleet).lease("shard-move", f"shard-{shard}",
+                                             safety.redact_argv(["igops", *sys.argv[1:]]), coordination.reason()):
         yield
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, baseline, credentials, files, pooler, postgres, proc, services, sshd, state, storage
+from igops.lab import aws, baseline, credentials, etcd, files, pooler, postgres, proc, services, sshd, state, storage
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
@@ -88,6 +88,9 @@ def _endpoints() -> list[tuple[str, int, str]]:
              "munin": (state.MUNIN_PORT, "munin-node")}
     found = [(MOTO[0], MOTO[1], "moto"), (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
              (PINGDOM[0], PINGDOM[1], "Pingdom receiver")]
+    for name, address in state.ETCD_MEMBERS:
+        found += [(address, state.ETCD_CLIENT_PORT, f"etcd {name}"),
+                  (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)")]
     for lab_host in HOSTS:
         found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
         found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
@@ -145,7 +148,8 @@ def running() -> bool:
 
 
 def _pid_files(paths: Paths) -> list[Path]:
-    found = [paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.services / "moto.pid", paths.services / "receivers.pid"]
+    found = [paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.services / "moto.pid", paths.services / "receivers.pid",
+             *etcd.pid_files(paths)]
     for lab_host in HOSTS:
         directory = paths.host_dir(lab_host.name)
         found.append(paths.munin_dir(lab_host.name) / "munin-node.pid")
@@ -232,6 +236,9 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             _ssh(paths)
         with reporter.step("moto (EC2, S3) and the PagerDuty and Pingdom receivers") as step:
             _start_all([aws.daemon(paths), receivers_daemon(paths, creds)], paths)
+        with reporter.step("etcd cluster (3 members) for fleet-wide leases and audit") as step:
+            _start_all(etcd.daemons(paths), paths)
+            step.detail = etcd.wait_healthy()
         with reporter.step("Postgres clusters main (db1 → db2) and pg2 (db3 → db4) with repmgr") as step:
             with ThreadPoolExecutor(max_workers=len(CLUSTERS)) as pool:
                 built = list(pool.map(lambda cluster: postgres.build(paths, creds, cluster), CLUSTERS))
@@ -341,7 +348,7 @@ def _check(fleet, paths: Paths, creds: credentials.Credentials | None) -> list[C
                             f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
                   for h in fleet_report.hosts]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _writes(creds) + _outside_services() + _volumes(paths)
+    return components + _writes(creds) + _outside_services() + _etcd_members() + _volumes(paths)
 
 
 def _writes(creds: credentials.Credentials | None) -> list[Component]:
@@ -351,6 +358,14 @@ def _writes(creds: credentials.Credentials | None) -> list[Component]:
                           False, "not tested: cannot read the lab's passwords (run as root)")]
     return [Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
             for probe in pooler.write_probes(creds)]
+
+
+def _etcd_members() -> list[Component]:
+    members = []
+    for name, address in state.ETCD_MEMBERS:
+        ok, detail = etcd.health(address)
+        members.append(Component("etcd", name, f"{address}:{state.ETCD_CLIENT_PORT}", ok, detail))
+    return members
 
 
 def _outside_services() -> list[Component]:

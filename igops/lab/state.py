@@ -31,6 +31,11 @@ POSTGRES_PORT = 5432
 REDIS_PORT = 6379
 MEMCACHED_PORT = 11211
 MUNIN_PORT = 4949
+# The lab's three-member etcd cluster (igops' fleet-wide leases and audit trail), on addresses
+# of their own: no fleet host runs it.
+ETCD_MEMBERS = (("etcd1", "127.0.10.51"), ("etcd2", "127.0.10.52"), ("etcd3", "127.0.10.53"))
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 
 PHOTO_BUCKET = "igops-photos"
 AWS_REGION = "us-east-1"
@@ -94,6 +99,11 @@ def with_role(role: str) -> list[LabHost]:
 
 def host(name: str) -> LabHost:
     return HOSTS_BY_NAME[name]
+
+
+def etcd_endpoints() -> list[str]:
+    """The client URLs of the lab's etcd, for an inventory's [coordination] etcd."""
+    return [f"http://{address}:{ETCD_CLIENT_PORT}" for _, address in ETCD_MEMBERS]
 
 
 def state_dir() -> Path:
@@ -193,6 +203,9 @@ class Paths:
     def services(self) -> Path:
         """moto and the monitoring receivers: the lab's stand-ins for outside services."""
         return self.root / "services"
+
+    def etcd_dir(self, member: str) -> Path:
+        return self.root / "etcd" / member
 
     @property
     def venvs(self) -> Path:

@@ -1,0 +1,447 @@
+"""Where the leases of mutating commands and the audit trail live.
+
+Two backends behind one interface (`for_fleet(fleet)`):
+
+- local (no `[coordination]` section): a flock per (operation, target) in the state directory
+  and `<state_dir>/audit.log`, as `igops.safety` keeps them. Only processes that share that
+  state directory see each other's locks.
+- etcd (`[coordination] etcd = [...]`): one etcd lease with a TTL per held lock, kept alive by
+  a background thread; the lock key is created in one transaction only if absent, attached to
+  the lease, and holds the holder's record; audit records are keys under the fleet's prefix.
+  Every machine pointed at the same etcd sees every lock and every record.
+
+etcd is spoken to through its v3 HTTP/JSON gateway with `requests`. A lease etcd cannot grant
+(quorum lost, unreachable) refuses the command (exit 3); a lease lost while the command works
+is recorded on the held lease (`lost()`, `check()`) for the caller to stop at its next step
+boundary.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from igops.errors import AlreadyRunning, IgopsError, RefusedError
+from igops.secrets import redact, redact_data
+
+# How long one etcd request may take, over all the members it asks. A member without quorum
+# answers a lease grant only after its own request timeout (about 7 s), and a hung or
+# partitioned one never: a refusal should not wait that long.
+REQUEST_TIMEOUT = 3.0
+CONNECT_TIMEOUT = 1.0
+REASON_ENV = "IGOPS_REASON"
+
+
+class LeaseLost(IgopsError):
+    """The lease expired or could not be renewed while its command worked: another operator
+    may already hold the same target."""
+
+
+class CoordinatorUnavailable(RefusedError):
+    """etcd cannot grant a lease: nothing was started."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock: what a refusal names."""
+
+    operation: str
+    target: str
+    user: str
+    host: str
+    pid: int
+    command: str
+    since: str
+    reason: str | None = None
+
+    def describe(self) -> str:
+        reason = f", reason: {self.reason}" if self.reason else ""
+        return (f"{self.user}@{self.host} pid {self.pid} since {self.since}{reason}: {self.command}")
+
+    def to_json(self) -> str:
+        return json.dumps(redact_data(asdict(self)), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Holder | None:
+        try:
+            data = json.loads(text)
+            return cls(**{key: data.get(key) for key in cls.__dataclass_fields__})
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+
+def current_holder(operation: str, target: str, command_line: str, reason: str | None) -> Holder:
+    from igops import safety
+
+    return Holder(operation, target, safety.operator_user(), safety.operator_host(), os.getpid(),
+                  redact(command_line), safety.now(), redact(reason) if reason else None)
+
+
+def lock_key(prefix: str, operation: str, target: str) -> str:
+    """A lock's etcd key: the same name as the local lock file, so that exactly the same
+    (operation, target) pairs conflict on both backends."""
+    from igops import safety
+
+    return f"{prefix}locks/{safety.lock_name(operation, target)}"
+
+
+def audit_key(prefix: str, record: dict) -> str:
+    """Sorted by time (lexical order of the key), unique per host and process."""
+    moment = datetime.fromisoformat(record["time"]).astimezone(timezone.utc)
+    stamp = moment.strftime("%Y%m%dT%H%M%S.") + f"{moment.microsecond:06d}Z"
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(record.get("host")))
+    return f"{prefix}audit/{stamp}-{host}-{record.get('pid', os.getpid())}-{next(_AUDIT_SEQUENCE)}"
+
+
+# Two records of one process in the same microsecond still get two keys.
+_AUDIT_SEQUENCE = itertools.count()
+
+
+def default_prefix(fleet_name: str) -> str:
+    return f"/igops/{fleet_name}/"
+
+
+class HeldLease:
+    """A lock this process holds. The local backend's never expires while the process lives."""
+
+    def __init__(self, operation: str, target: str):
+        self.operation, self.target = operation, target
+        self._lost: str | None = None
+
+    def lost(self) -> str | None:
+        """Why the lease was lost, or None while it is held."""
+        return self._lost
+
+    def check(self) -> None:
+        """Raise LeaseLost if the lease was lost: called at a step boundary, before the next step."""
+        if self._lost:
+            raise LeaseLost(f"the lease on {self.operation} {self.target} was lost ({self._lost}): "
+                            "another operator may now hold it, so nothing more was done",
+                            "check the target's state (igops status) and the audit trail, then run the "
+                            "command again")
+
+    def _mark_lost(self, why: str) -> None:
+        if not self._lost:
+            self._lost = why
+
+
+class LocalCoordinator:
+    """Today's flocks and audit.log in the state directory."""
+
+    name = "local"
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+
+    @contextmanager
+    def lease(self, operation: str, target: str, command_line: str,
+              reason: str | None = None) -> Iterator[HeldLease]:
+        from igops import safety
+
+        with safety.lock(self.state_dir, operation, target, command_line):
+            yield HeldLease(operation, target)
+
+    def audit(self, **fields: Any) -> None:
+        from igops import safety
+
+        safety.audit(self.state_dir, **fields)
+
+
+class EtcdError(IgopsError):
+    """etcd answered with an error, or no member answered."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...]
+    prefix: str
+    lease_ttl: int = 10
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+class EtcdGateway:
+    """The few calls of etcd's v3 JSON gateway igops needs. Members are tried in turn; the
+    last that answered is asked first next time."""
+
+    def __init__(self, settings: EtcdSettings):
+        import requests
+
+        self.settings = settings
+        self._session = requests.Session()
+        if settings.ca_file:
+            self._session.verify = settings.ca_file
+        if settings.cert_file:
+            self._session.cert = (settings.cert_file, settings.key_file)
+        self._first = 0
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
+        """POST to the first member that answers; `timeout` is per member (default: an equal
+        share of REQUEST_TIMEOUT, at least 1 s)."""
+        timeout = timeout or max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints))
+        if self.settings.user and self._token is None:
+            self._authenticate()
+        try:
+            return self._post(path, body, timeout)
+        except EtcdError as exc:
+            if self.settings.user and "auth" in str(exc) and "token" in str(exc):
+                self._authenticate()  # tokens expire; one fresh try
+                return self._post(path, body, timeout)
+            raise
+
+    def _authenticate(self) -> None:
+        self._token = None
+        answer = self._post("/v3/auth/authenticate",
+                            {"name": self.settings.user, "password": self.settings.password or ""},
+                            max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints)))
+        self._token = answer.get("token")
+
+    def _post(self, path: str, body: dict, timeout: float) -> dict:
+        import requests
+
+        failures = []
+        count = len(self.settings.endpoints)
+        for step in range(count):
+            index = (self._first + step) % count
+            url = self.settings.endpoints[index] + path
+            headers = {"Authorization": self._token} if self._token else {}
+            try:
+                response = self._session.post(url, json=body, headers=headers, timeout=(CONNECT_TIMEOUT, timeout))
+            except requests.Timeout:
+                failures.append(f"{self.settings.endpoints[index]}: no answer within {timeout:g} s")
+                continue
+            except requests.RequestException as exc:
+                failures.append(f"{self.settings.endpoints[index]}: {_short(exc)}")
+                continue
+            data = _json(response)
+            error = data.get("error") or data.get("message")
+            if response.status_code >= 500 or (error and _member_cannot_serve(error)):
+                failures.append(f"{self.settings.endpoints[index]}: {error or f'HTTP {response.status_code}'}")
+                continue
+            if response.status_code != 200 or error:
+                raise EtcdError(f"etcd {path}: {error or f'HTTP {response.status_code}'}")
+            with self._lock:
+                self._first = index
+            return data
+        raise EtcdError("; ".join(failures))
+
+    def put(self, key: str, value: str) -> None:
+        self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+    def get_prefix(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (key, value) under the prefix, in key order."""
+        answer = self.call("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        return [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in answer.get("kvs", [])]
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _member_cannot_serve(error: str) -> bool:
+    """Errors another member may not have: this one has no leader or timed out waiting."""
+    return any(words in error for words in ("no leader", "timed out", "leader changed", "not capable",
+                                              "too many requests", "unhealthy"))
+
+
+def _json(response) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        return {"error": response.text[:200] or f"HTTP {response.status_code}"}
+    return data if isinstance(data, dict) else {}
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    return text[:160]
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode(errors="replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with `prefix` (etcd's range_end)."""
+    data = bytearray(prefix.encode())
+    data[-1] += 1
+    return data.decode()
+
+
+class EtcdLease(HeldLease):
+    """An etcd lease, renewed by a daemon thread every third of its TTL. It counts as lost when
+    etcd says it has expired, or once a whole TTL has passed since the last renewal that etcd
+    acknowledged was sent: from then on etcd may have expired it unseen."""
+
+    def __init__(self, gateway: EtcdGateway, lease_id: str, ttl: int, operation: str, target: str):
+        super().__init__(operation, target)
+        self.lease_id, self.ttl = lease_id, ttl
+        # A session of its own: the keepalive thread never shares a connection pool with the
+        # command's own calls.
+        self.gateway = EtcdGateway(gateway.settings)
+        self._stop = threading.Event()
+        self._renewed = time.monotonic()  # when the last acknowledged renewal (or the grant) was sent
+        self._thread = threading.Thread(target=self._keep_alive, name=f"lease-{lease_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def lost(self) -> str | None:
+        if not self._lost and time.monotonic() - self._renewed >= self.ttl:
+            self._mark_lost(f"not renewed for {self.ttl} s")
+        return self._lost
+
+    def _keep_alive(self) -> None:
+        # Every member may be asked in one round; together they must answer within a third
+        # of the TTL, so that two more rounds fit before the lease can expire.
+        per_member = max(0.5, self.ttl / 3 / len(self.gateway.settings.endpoints))
+        while not self._stop.wait(self.ttl / 3) and not self.lost():
+            sent = time.monotonic()
+            try:
+                answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id}, timeout=per_member)
+                ttl = int((answer.get("result") or {}).get("TTL", 0))
+            except (EtcdError, ValueError) as exc:
+                if time.monotonic() - self._renewed >= self.ttl:
+                    why = exc.message if isinstance(exc, EtcdError) else str(exc)
+                    self._mark_lost(f"not renewed for {self.ttl} s: {why}")
+                continue
+            if ttl <= 0:
+                self._mark_lost(f"etcd expired lease {self.lease_id}")
+                return
+            self._renewed = sent
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.ttl)
+        try:
+            self.gateway.call("/v3/lease/revoke", {"ID": self.lease_id})
+        except EtcdError:
+            pass  # the key goes when the lease's TTL runs out
+        finally:
+            self.gateway.close()
+
+
+class EtcdCoordinator:
+    name = "etcd"
+
+    def __init__(self, settings: EtcdSettings, state_dir: Path):
+        self.settings = settings
+        self.state_dir = state_dir
+        self.gateway = EtcdGateway(settings)
+
+    @contextmanager
+    def lease(self, operation: str, target: str, command_line: str,
+              reason: str | None = None) -> Iterator[HeldLease]:
+        key = lock_key(self.settings.prefix, operation, target)
+        lease_id = self._grant()
+        holder = current_holder(operation, target, command_line, reason)
+        try:
+            answer = self.gateway.call("/v3/kv/txn", {
+                "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [{"request_put": {"key": _b64(key), "value": _b64(holder.to_json()), "lease": lease_id}}],
+                "failure": [{"request_range": {"key": _b64(key)}}],
+            })
+        except EtcdError as exc:
+            self._revoke(lease_id)
+            raise CoordinatorUnavailable(f"etcd could not take the lock {key}: {exc.message}",
+                                         self._fix()) from None
+        if not answer.get("succeeded"):
+            self._revoke(lease_id)
+            kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            other = Holder.from_json(_unb64(kvs[0].get("value", ""))) if kvs else None
+            raise AlreadyRunning(
+                f"{operation} on {target} is already running" + (f": {other.describe()}" if other else ""),
+                "wait for it to finish; its lease expires at most "
+                f"{self.settings.lease_ttl} s after that process dies")
+        held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, operation, target)
+        held.start()
+        try:
+            yield held
+        finally:
+            held.release()
+
+    def _grant(self) -> str:
+        try:
+            answer = self.gateway.call("/v3/lease/grant", {"TTL": str(self.settings.lease_ttl)})
+        except EtcdError as exc:
+            raise CoordinatorUnavailable(f"etcd cannot grant a lease, so no mutating command may start: "
+                                         f"{exc.message}", self._fix()) from None
+        if not answer.get("ID"):
+            raise CoordinatorUnavailable(f"etcd granted no lease: {answer.get('error') or answer}", self._fix())
+        return str(answer["ID"])
+
+    def _revoke(self, lease_id: str) -> None:
+        try:
+            self.gateway.call("/v3/lease/revoke", {"ID": lease_id})
+        except EtcdError:
+            pass  # it expires on its own
+
+    def _fix(self) -> str:
+        return (f"bring a majority of the etcd members ({', '.join(self.settings.endpoints)}) back "
+                "(`etcdctl endpoint health`); read-only commands still work meanwhile")
+
+    def audit(self, **fields: Any) -> None:
+        """One record under <prefix>audit/. If etcd cannot take it, it goes to the local
+        audit.log instead, marked so, rather than being lost."""
+        from igops import safety
+
+        record = safety.audit_record(**fields)
+        try:
+            self.gateway.put(audit_key(self.settings.prefix, record), json.dumps(record, sort_keys=True))
+        except EtcdError as exc:
+            record["coordination_error"] = redact(f"etcd did not take this record: {exc.message}")
+            safety.append_audit(self.state_dir, record)
+
+    def audit_records(self) -> list[dict]:
+        """The fleet's audit trail in time order."""
+        return [json.loads(value) for _, value in self.gateway.get_prefix(self.settings.prefix + "audit/")]
+
+
+def settings_for(fleet) -> EtcdSettings | None:
+    """The etcd settings of an inventory, its password read from the secrets; None for the
+    local backend."""
+    section = fleet.model.coordination
+    if section is None:
+        return None
+    password = None
+    if section.user:
+        from igops.secrets import Secrets
+
+        password = Secrets(fleet.model.secrets.file).require("etcd_password")
+    return EtcdSettings(endpoints=tuple(section.etcd), prefix=section.prefix or default_prefix(fleet.model.fleet.name),
+                        lease_ttl=section.lease_ttl,
+                        ca_file=str(fleet.resolve(section.ca_file)) if section.ca_file else None,
+                        cert_file=str(fleet.resolve(section.cert_file)) if section.cert_file else None,
+                        key_file=str(fleet.resolve(section.key_file)) if section.key_file else None,
+                        user=section.user, password=password)
+
+
+def for_fleet(fleet) -> LocalCoordinator | EtcdCoordinator:
+    settings = settings_for(fleet)
+    if settings is None:
+        return LocalCoordinator(fleet.state_dir)
+    return EtcdCoordinator(settings, fleet.state_dir)
+
+
+def reason() -> str | None:
+    """The operator's reason for a mutating command (a ticket id, a sentence), if given."""
+    return os.environ.get(REASON_ENV) or None
