@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from igops.errors import ConfigError, ConfigProblem
+from igops.errors import ConfigError, ConfigProblem, validation_words
 
 DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
 CONFIG_ENV = "IGOPS_CONFIG"
@@ -463,7 +463,7 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidValue):
         return ConfigProblem(where, cause.problem, cause.fix)
-    message = error["msg"].removeprefix("Value error, ")
+    message = validation_words(error) or error["msg"].removeprefix("Value error, ")
     return ConfigProblem(where, message, "correct the value")
 
 
