@@ -110,10 +110,29 @@ def _accept_global_options_after_subcommands(group) -> None:
         sub.params.extend(_global_option_params(config_names, verbose_names))
 
 
+def _explain_verbs(group, path: tuple[str, ...] = ()) -> None:
+    """Every verb's `--help`: metavars in words (never a Python type) and its examples."""
+    from igops.commands import help_text
+
+    for name, sub in getattr(group, "commands", {}).items():
+        if getattr(sub, "commands", None) is not None:
+            _explain_verbs(sub, (*path, name))
+            continue
+        verb = " ".join((*path, name))
+        for param in sub.params:
+            if not getattr(param, "is_flag", False):
+                param.metavar = help_text.metavar_for(verb, param.name, param.metavar)
+            if param.param_type_name == "argument":
+                # typer prints an argument's Python type beside its name; the name says it.
+                param.display_type_rich = lambda ctx: None
+        sub.epilog = sub.epilog or help_text.examples_epilog(verb)
+
+
 def build_command():
     """The click command behind `igops`, global options accepted in both places."""
     command = typer.main.get_command(app)
     _accept_global_options_after_subcommands(command)
+    _explain_verbs(command)
     return command
 
 

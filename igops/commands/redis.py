@@ -110,7 +110,9 @@ def failover_command(
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former master, or a replica of the wrong master."),
-    force: bool = FORCE_OPTION,
+    force: bool = typer.Option(False, "--force",
+                               help="Rejoin a node that is still a master: its own writes since it split off "
+                                    "are discarded. The plan names each risk."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
