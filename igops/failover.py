@@ -458,7 +458,7 @@ def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgVie
     max_lag = fleet.model.postgres.max_lag_bytes
     for node in state.nodes:
         if node.role == "unknown":
-            problems.append(f"{node.name} is {node.state}" + (" (fenced)" if node.fenced else ""))
+            problems.append(f"{node.name}: {node.state}" + (" (fenced)" if node.fenced else ""))
         elif node.role == "standby":
             if state.primary and node.streaming_from != state.primary:
                 problems.append(f"{node.name} does not stream from {state.primary}"
@@ -1495,7 +1495,7 @@ def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> li
                         + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
     for node in state.nodes:
         if node.role == "unknown":
-            problems.append(f"{node.name} is {node.state}")
+            problems.append(f"{node.name}: {node.state}")
         elif node.role == "replica":
             if state.app_master and node.master != state.app_master:
                 problems.append(f"{node.name} replicates from {node.master}, not {state.app_master}")

@@ -164,6 +164,11 @@ class Output(Reporter):
                                       for key, value in error.items()})
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """"1 host", "2 hosts": a count and its noun, agreeing."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
+
+
 def to_jsonable(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return {key: to_jsonable(item) for key, item in asdict(value).items()}

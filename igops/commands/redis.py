@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
                        "of a former master.", no_args_is_help=True)
@@ -60,7 +61,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
         fleet = load_fleet(ctx)
         state = failover.redis_status(fleet)
         show_state(out, state)
-        out.text("healthy" if not state.problems else f"{len(state.problems)} problems")
+        out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
         code = ExitCode.OK if not state.problems else ExitCode.PARTIAL
         out.finish(state, code)
         exit_with(code)
