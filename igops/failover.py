@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from igops import postgres, redisops, remote
+from igops import inventory, postgres, redisops, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter
 
@@ -276,7 +276,7 @@ def cluster_members(fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
         raise UsageError(f"unknown Postgres cluster {cluster!r}",
-                         f"clusters in {fleet.source}: {', '.join(clusters) or 'none'}")
+                         inventory.unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"))
     return [clusters[cluster].primary, *clusters[cluster].standbys]
 
 
