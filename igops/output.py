@@ -131,11 +131,14 @@ class Output(Reporter):
         if not self.json_mode:
             self.out.print(redact(message), markup=False, highlight=False)
 
-    def plan(self, title: str, steps: list[str]) -> None:
-        """The exact steps a mutating command will run, numbered, on stderr."""
-        self.err.print(f"[bold]{_escape(redact(title))}[/bold]")
+    def plan(self, title: str, steps: list[str], is_result: bool = False) -> None:
+        """The exact steps a mutating command will run, numbered. On stderr before a real run;
+        on stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it,
+        except in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
+        console = self.out if is_result and not self.json_mode else self.err
+        console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
-            self.err.print(f"  {number}. {_escape(redact(step))}")
+            console.print(f"  {number}. {_escape(redact(step))}")
 
     def envelope(self, data: Any, exit_code: int, error: dict | None = None) -> dict:
         return {

@@ -78,7 +78,7 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
     takes no lock: for an action that changes nothing igops keeps state about (`exec`)."""
     from igops import safety
 
-    out.plan(title, steps)
+    out.plan(title, steps, is_result=dry_run)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None
