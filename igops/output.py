@@ -20,7 +20,7 @@ from igops.secrets import redact, redact_data
 
 @dataclass
 class StepRecord:
-    number: int
+    number: int  # the plan's step number; 0 for work done before the plan (shown as [pre])
     title: str
     status: str = "running"
     duration_ms: float | None = None
@@ -48,6 +48,10 @@ class Output(Reporter):
         self.json_mode = json_mode
         self.verbose = verbose
         self.steps: list[StepRecord] = []
+        # A command that shows a plan (one with --dry-run) numbers its steps as the plan does:
+        # the probes before the plan are [pre], and the plan's step k is [k] on screen.
+        self.shows_plan = False
+        self.plan_shown = False
         self.started = time.monotonic()
         self.started_at = datetime.now(timezone.utc)
         self._out = None
@@ -78,10 +82,13 @@ class Output(Reporter):
 
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
-        record = StepRecord(len(self.steps) + 1, redact(title))
+        before_plan = self.shows_plan and not self.plan_shown
+        number = 0 if before_plan else sum(1 for step in self.steps if step.number) + 1
+        record = StepRecord(number, redact(title))
         self.steps.append(record)
         started = time.monotonic()
-        self.err.print(f"[bold][{record.number}][/bold] {_escape(record.title)} …")
+        label = f"[{record.number}]" if record.number else "[pre]"
+        self.err.print(f"[bold]{_escape(label)}[/bold] {_escape(record.title)} …")
         try:
             yield record
         except BaseException as exc:
@@ -136,6 +143,7 @@ class Output(Reporter):
         on stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it,
         except in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
         console = self.out if is_result and not self.json_mode else self.err
+        self.plan_shown = True
         console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
             console.print(f"  {number}. {_escape(redact(step))}")
