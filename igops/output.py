@@ -124,9 +124,13 @@ class Output(Reporter):
               styles: dict[str, str] | None = None) -> None:
         if self.json_mode:
             return
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        # Piped output is read by programs (grep, awk, cut): columns apart by spaces, no
+        # box-drawing characters, as without colour.
+        lines = box.HEAVY_HEAD if self.out.is_terminal else None
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=lines)
         for column in columns:
             table.add_column(column, style=(styles or {}).get(column))
         for row in rows:

@@ -37,3 +37,15 @@ def test_a_pg_node_state_reads_as_a_state():
     fleet = SimpleNamespace(model=SimpleNamespace(postgres=SimpleNamespace(max_lag_bytes=1 << 20)))
     problems = failover._pg_problems(fleet, state, ["db1"], SimpleNamespace(bouncer_errors={}, repmgr=[]))
     assert "db2: host unreachable" in problems
+
+
+def test_piped_tables_have_no_box_drawing(tmp_path):
+    from tests.conftest import run_igops
+
+    path = tmp_path / "igops.toml"
+    path.write_text(f'[fleet]\nname = "unit"\nstate_dir = "{tmp_path}"\n'
+                    '[[hosts]]\nname = "web1"\naddress = "127.0.0.1"\nroles = ["app"]\n')
+    result = run_igops("-c", str(path), "hosts")
+    assert result.returncode == 0, result.stderr
+    assert not set(result.stdout) & set("┃│━╇─┼┏┓┗┛╋")
+    assert any(line.split()[:2] == ["web1", "127.0.0.1"] for line in result.stdout.splitlines())
