@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 import typer.main
+# The click that typer vendors: its exceptions are the ones a bad command line raises.
+from typer._click import exceptions as click
 
 from igops import __version__
 from igops.commands import check, fleet, lab, munin, pagerduty, pg, pingdom, snapshot, warm
@@ -106,12 +110,121 @@ def _accept_global_options_after_subcommands(group) -> None:
         sub.params.extend(_global_option_params(config_names, verbose_names))
 
 
+def _explain_verbs(group, path: tuple[str, ...] = ()) -> None:
+    """Every verb's `--help`: metavars in words (never a Python type) and its examples."""
+    from igops.commands import help_text
+
+    for name, sub in getattr(group, "commands", {}).items():
+        if getattr(sub, "commands", None) is not None:
+            _explain_verbs(sub, (*path, name))
+            continue
+        verb = " ".join((*path, name))
+        for param in sub.params:
+            if not getattr(param, "is_flag", False):
+                param.metavar = help_text.metavar_for(verb, param.name, param.metavar)
+            if param.param_type_name == "argument":
+                # typer prints an argument's Python type beside its name; the name says it.
+                param.display_type_rich = lambda ctx: None
+        sub.epilog = sub.epilog or help_text.examples_epilog(verb)
+
+
 def build_command():
     """The click command behind `igops`, global options accepted in both places."""
     command = typer.main.get_command(app)
     _accept_global_options_after_subcommands(command)
+    _explain_verbs(command)
     return command
 
 
-def main() -> None:
-    build_command()()
+def _command_name(exc: click.UsageError, argv: list[str]) -> str:
+    """The verb as the JSON envelope names it ("shard move"): from the failed context, or, when
+    the parser kept none, from the command names at the start of the line."""
+    if exc.ctx is not None and exc.ctx.parent is not None:
+        return " ".join(exc.ctx.command_path.split()[1:])
+    group, words = build_command(), []
+    for word in argv:
+        if word.startswith("-"):
+            continue
+        sub = getattr(group, "commands", {}).get(word)
+        if sub is None:
+            break
+        words.append(word)
+        group = sub
+    return " ".join(words) or "igops"
+
+
+def _is_option(param) -> bool:
+    return getattr(param, "param_type_name", "") == "option"
+
+
+def _param_name(param) -> str:
+    if param is None:
+        return "a value"
+    if _is_option(param):
+        return max(param.opts, key=len)
+    return (param.name or "argument").upper()
+
+
+def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
+    """A click usage error as igops' own (message, hint): what was wrong and how to fix it."""
+    help_hint = f"see `igops {command} --help` for its options and examples" if command != "igops" \
+        else "see `igops --help` for the commands"
+    if isinstance(exc, click.MissingParameter):
+        name = _param_name(exc.param)
+        kind = "option" if _is_option(exc.param) else "argument"
+        metavar = exc.param.make_metavar(exc.ctx) if _is_option(exc.param) and exc.ctx else ""
+        give = f"{name} {metavar}".strip() if kind == "option" else name
+        return f"missing {kind} {name}", f"give {give}; {help_hint}"
+    if isinstance(exc, click.NoSuchOption):
+        close = list(exc.possibilities or [])
+        if close:
+            return f"unknown option {exc.option_name}", f"did you mean {' or '.join(close)}? {help_hint}"
+        return f"unknown option {exc.option_name}", help_hint
+    if isinstance(exc, click.BadParameter):
+        detail = _plain_words(exc) or exc.message.rstrip(".")
+        return f"bad value for {_param_name(exc.param)}: {detail}", help_hint
+    message = exc.format_message().rstrip(".")
+    return message[:1].lower() + message[1:], help_hint
+
+
+def _plain_words(exc: click.BadParameter) -> str | None:
+    """What a typed argument's validator (pydantic, behind typer) rejected, in igops' words."""
+    from igops.errors import validation_words
+
+    errors = getattr(exc.__cause__, "errors", None)
+    return validation_words(errors()[0]) if callable(errors) and errors() else None
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json anywhere before a `--` (after it, the words belong to a remote command)."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in words
+
+
+def _report_usage_error(exc: click.UsageError, argv: list[str]) -> int:
+    from igops.errors import ExitCode
+    from igops.output import Output
+
+    command = _command_name(exc, argv)
+    message, hint = usage_error_text(exc, command)
+    Output(command, json_mode=_wants_json(argv)).fail(
+        f"{message} — {hint}", ExitCode.USAGE, {"message": message, "hint": hint})
+    return int(ExitCode.USAGE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `igops`. Usage errors (a missing option, an unknown flag, a bad value) are reported
+    like every other error: one igops line on stderr and, with --json, one envelope on stdout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = build_command()
+    try:
+        code = command.main(args=argv, prog_name="igops", standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.UsageError as exc:
+        code = _report_usage_error(exc, argv)
+    except typer.Abort:
+        click.echo("aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

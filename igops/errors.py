@@ -28,6 +28,26 @@ class NagiosStatus(IntEnum):
     UNKNOWN = 3
 
 
+def validation_words(error: dict) -> str | None:
+    """A pydantic validation error (one of `ValidationError.errors()`) in igops' words, for the
+    kinds a person types wrong; None for the others."""
+    value, kind = error.get("input"), error.get("type", "")
+    limits = error.get("ctx") or {}
+    if kind.startswith("int_"):
+        return f"{value!r} is not a whole number"
+    if kind.startswith("float_"):
+        return f"{value!r} is not a number"
+    if kind.startswith("bool_"):
+        return f"{value!r} is not true or false"
+    if kind.startswith("string_type"):
+        return f"{value!r} is not text (quote it)"
+    bounds = {"greater_than_equal": "at least", "greater_than": "more than",
+              "less_than_equal": "at most", "less_than": "less than"}
+    if kind in bounds:
+        return f"{value!r} is out of range: it must be {bounds[kind]} {next(iter(limits.values()), '')}"
+    return None
+
+
 class IgopsError(Exception):
     exit_code: ExitCode = ExitCode.FAILED
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from igops import postgres, redisops, remote
+from igops import inventory, postgres, redisops, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter
 
@@ -320,7 +320,7 @@ def cluster_members(fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
         raise UsageError(f"unknown Postgres cluster {cluster!r}",
-                         f"clusters in {fleet.source}: {', '.join(clusters) or 'none'}")
+                         inventory.unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"))
     return [clusters[cluster].primary, *clusters[cluster].standbys]
 
 
@@ -529,7 +529,7 @@ def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgVie
     for node in state.nodes:
         if node.role == "unknown":
             if node.name != interrupted:
-                problem(f"{node.name} is {node.state}" + (" (fenced)" if node.fenced else ""),
+                problem(f"{node.name}: {node.state}" + (" (fenced)" if node.fenced else ""),
                         f"`igops pg rejoin {node.name}`" if state.primary else None)
         elif node.role == "primary" and node.fenced and state.primary == node.name:
             problem(f"{node.name} accepts writes but holds standby.signal: a restart brings it back read-only",
@@ -1912,7 +1912,7 @@ def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> li
                         + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
     for node in state.nodes:
         if node.role == "unknown":
-            problems.append(f"{node.name} is {node.state}")
+            problems.append(f"{node.name}: {node.state}")
         elif node.role == "replica":
             if state.app_master and node.master != state.app_master:
                 problems.append(f"{node.name} replicates from {node.master}, not {state.app_master}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from igops.errors import ConfigError, ConfigProblem
+from igops.errors import ConfigError, ConfigProblem, validation_words
 
 DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
 CONFIG_ENV = "IGOPS_CONFIG"
@@ -351,10 +351,8 @@ class Fleet:
         try:
             return self.hosts_by_name[name]
         except KeyError:
-            known = ", ".join(sorted(self.hosts_by_name)) or "none"
-            raise UsageError(
-                f"unknown host {name!r}", f"hosts in {self.source}: {known}"
-            ) from None
+            raise UsageError(f"unknown host {name!r}", unknown_name_hint(
+                name, list(self.hosts_by_name), f"hosts in {self.source}", "`igops hosts` lists them")) from None
 
     def with_role(self, role: str) -> list[Any]:
         return [host for host in self.model.hosts if role in host.roles]
@@ -369,7 +367,7 @@ class Fleet:
 
         for role in roles or []:
             if role not in ROLES:
-                raise UsageError(f"unknown role {role!r}", f"roles are: {', '.join(ROLES)}")
+                raise UsageError(f"unknown role {role!r}", unknown_name_hint(role, list(ROLES), "roles are"))
         chosen = {self.host(name).name for name in names or []}
         selected = [
             host for host in self.model.hosts
@@ -437,6 +435,27 @@ def load_file(path: Path) -> Fleet:
         raise ConfigError(source, [ConfigProblem("file", exc.strerror or str(exc),
                                                  "check the path and its permissions")]) from None
     return validate(raw, path)
+
+
+def unknown_name_hint(name: str, known: list[str], listing: str, where_all: str | None = None) -> str:
+    """The hint for an unknown name: the close ones ("did you mean 'db1'?") when there are any,
+    else the names themselves, or where to find them when there are too many to read."""
+    import difflib
+
+    # What a person misreads or mistypes alike: l and 1, o and 0, a number's leading zeros.
+    close = [candidate for candidate in known if _lookalike(candidate) == _lookalike(name)]
+    close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(repr(candidate) for candidate in close) + "?"
+    if where_all and len(known) > 12:
+        return f"{len(known)} {listing}: {where_all}"
+    return f"{listing}: {', '.join(sorted(known)) or 'none'}"
+
+
+def _lookalike(name: str) -> str:
+    import re
+
+    return re.sub(r"(?<!\d)0+(?=\d)", "", name.lower().translate(str.maketrans("lio", "110")))
 
 
 def validate(raw: dict, path: Path) -> Fleet:
@@ -520,7 +539,7 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidValue):
         return ConfigProblem(where, cause.problem, cause.fix)
-    message = error["msg"].removeprefix("Value error, ")
+    message = validation_words(error) or error["msg"].removeprefix("Value error, ")
     return ConfigProblem(where, message, "correct the value")
 
 

@@ -20,7 +20,7 @@ from igops.secrets import redact, redact_data
 
 @dataclass
 class StepRecord:
-    number: int
+    number: int  # the plan's step number; 0 for work done before the plan (shown as [pre])
     title: str
     status: str = "running"
     duration_ms: float | None = None
@@ -48,6 +48,10 @@ class Output(Reporter):
         self.json_mode = json_mode
         self.verbose = verbose
         self.steps: list[StepRecord] = []
+        # A command that shows a plan (one with --dry-run) numbers its steps as the plan does:
+        # the probes before the plan are [pre], and the plan's step k is [k] on screen.
+        self.shows_plan = False
+        self.plan_shown = False
         self.started = time.monotonic()
         self.started_at = datetime.now(timezone.utc)
         self._out = None
@@ -78,10 +82,13 @@ class Output(Reporter):
 
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
-        record = StepRecord(len(self.steps) + 1, redact(title))
+        before_plan = self.shows_plan and not self.plan_shown
+        number = 0 if before_plan else sum(1 for step in self.steps if step.number) + 1
+        record = StepRecord(number, redact(title))
         self.steps.append(record)
         started = time.monotonic()
-        self.err.print(f"[bold][{record.number}][/bold] {_escape(record.title)} …")
+        label = f"[{record.number}]" if record.number else "[pre]"
+        self.err.print(f"[bold]{_escape(label)}[/bold] {_escape(record.title)} …")
         try:
             yield record
         except BaseException as exc:
@@ -117,9 +124,13 @@ class Output(Reporter):
               styles: dict[str, str] | None = None) -> None:
         if self.json_mode:
             return
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        # Piped output is read by programs (grep, awk, cut): columns apart by spaces, no
+        # box-drawing characters, as without colour.
+        lines = box.HEAVY_HEAD if self.out.is_terminal else None
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=lines)
         for column in columns:
             table.add_column(column, style=(styles or {}).get(column))
         for row in rows:
@@ -131,11 +142,15 @@ class Output(Reporter):
         if not self.json_mode:
             self.out.print(redact(message), markup=False, highlight=False)
 
-    def plan(self, title: str, steps: list[str]) -> None:
-        """The exact steps a mutating command will run, numbered, on stderr."""
-        self.err.print(f"[bold]{_escape(redact(title))}[/bold]")
+    def plan(self, title: str, steps: list[str], is_result: bool = False) -> None:
+        """The exact steps a mutating command will run, numbered. On stderr before a real run;
+        on stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it,
+        except in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
+        console = self.out if is_result and not self.json_mode else self.err
+        self.plan_shown = True
+        console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
-            self.err.print(f"  {number}. {_escape(redact(step))}")
+            console.print(f"  {number}. {_escape(redact(step))}")
 
     def envelope(self, data: Any, exit_code: int, error: dict | None = None) -> dict:
         return {
@@ -162,6 +177,11 @@ class Output(Reporter):
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
                                       for key, value in error.items()})
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """"1 host", "2 hosts": a count and its noun, agreeing."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def to_jsonable(value: Any) -> Any:

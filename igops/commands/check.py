@@ -11,6 +11,7 @@ import typer
 
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
 from igops.errors import ExitCode, IgopsError, NagiosStatus, UsageError
+from igops.output import plural
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 STATUS_STYLE = {NagiosStatus.OK: "green", NagiosStatus.WARNING: "yellow", NagiosStatus.CRITICAL: "red",
@@ -132,7 +133,7 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
     if not quiet or state != NagiosStatus.OK:
         problems = ", ".join(f"{tally[name]} {name.upper()}" for name in ("critical", "warning", "unknown")
                              if tally[name])
-        out.text(f"{fleet.model.fleet.name}: {state.name} — {len(results)} checks"
+        out.text(f"{fleet.model.fleet.name}: {state.name} — {plural(len(results), 'check')}"
                  + (f", {problems}" if problems else ", all OK") + f" ({duration:.2f} s)")
     out.finish({"fleet": fleet.model.fleet.name, "status": state.name, "nagios_status": int(state),
                 "counts": tally, "duration_ms": round(duration * 1000, 1), "timeout": timeout,

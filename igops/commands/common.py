@@ -17,7 +17,14 @@ from igops.output import Output
 T = TypeVar("T")
 
 JSON_OPTION = typer.Option(False, "--json", help="Only a JSON envelope on stdout.")
-DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Print the exact plan and change nothing.")
+def _shows_plan(ctx: typer.Context, value: bool) -> bool:
+    """Every command with --dry-run shows a plan: mark it, so its steps are numbered as the plan."""
+    ctx.meta["igops.shows_plan"] = True
+    return value
+
+
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", callback=_shows_plan,
+                              help="Print the exact plan and change nothing.")
 YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required when not on a terminal).")
 
 
@@ -37,6 +44,7 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[
     """Run a command body: IgopsErrors become a one-line message and their exit code."""
     opts = options(ctx)
     out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose)
+    out.shows_plan = bool(ctx.meta.get("igops.shows_plan"))
     try:
         yield out
     except IgopsError as exc:
@@ -80,7 +88,7 @@ def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: l
     (`exec`)."""
     from igops import coordination, safety
 
-    out.plan(title, steps)
+    out.plan(title, steps, is_result=dry_run)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None

@@ -20,6 +20,9 @@ class DeployGroup(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def collect_usage_pieces(self, ctx):
+        return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
+
 
 app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
                   help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.")

@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with,
                                    load_fleet, mutate)
 from igops.errors import ExitCode
+from igops.output import plural
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 
@@ -32,7 +33,7 @@ def hosts(
         rows = [[host.name, str(host.address), f"{fleet.ssh_user(host)}:{fleet.ssh_port(host)}",
                  host.roles, host.instance_id, [mount.path for mount in host.mounts]]
                 for host in selected]
-        out.table(f"{fleet.model.fleet.name}: {len(selected)} hosts",
+        out.table(f"{fleet.model.fleet.name}: {plural(len(selected), 'host')}",
                   ["host", "address", "ssh", "roles", "instance", "data mounts"], rows)
         out.finish({"fleet": fleet.model.fleet.name, "hosts": [
             {"name": host.name, "address": str(host.address), "ssh_user": fleet.ssh_user(host),
@@ -82,7 +83,7 @@ def exec_command(
         # No lock: exec changes nothing igops keeps state about, and a lock named after the host
         # set would only make unrelated runs block each other. The audit record stays.
         results = mutate(out, fleet, operation="exec", target=None,
-                         targets=names, title=f"Run `{line}` on {len(names)} hosts ({cap} at a time)",
+                         targets=names, title=f"Run `{line}` on {plural(len(names), 'host')} ({cap} at a time)",
                          steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}"
                                 for target in targets],
                          dry_run=dry_run, yes=yes, action=run_everywhere, outcome=outcome)
@@ -136,7 +137,7 @@ def status(
                    for s in report.services])
         problems = report.problems()
         out.text("all hosts reachable, all services answering" if not problems
-                 else f"{len(problems)} problems: " + "; ".join(problems))
+                 else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
         code = ExitCode.OK if not problems else ExitCode.PARTIAL
         out.finish(report, code)
         exit_with(code)

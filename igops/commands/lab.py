@@ -6,6 +6,7 @@ import typer
 
 from igops.commands.common import JSON_OPTION, command, exit_with
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopback addresses.",
                   no_args_is_help=True)
@@ -45,7 +46,7 @@ def down(
         for problem in report.problems:
             out.text(f"problem: {problem}")
         out.text(f"lab down in {report.duration_s:.1f} s" + (" (state deleted)" if report.purged else "")
-                 if not report.problems else f"lab down left {len(report.problems)} problems")
+                 if not report.problems else f"lab down left {plural(len(report.problems), 'problem')}")
         code = ExitCode.FAILED if report.problems else ExitCode.OK
         out.finish(report, code)
         exit_with(code)

@@ -8,6 +8,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node.",
                   no_args_is_help=True)
@@ -42,7 +43,7 @@ def install(
             return ("ok" if not failed else "failed on " + ", ".join(failed)), _exit_code(results)
 
         results = mutate(out, fleet, operation="munin-install", target=",".join(role or ["all"]), targets=names,
-                         title=f"Install igops' Munin plugins on {len(plan)} hosts",
+                         title=f"Install igops' Munin plugins on {plural(len(plan), 'host')}",
                          steps=[step for item in plan for step in item.steps()], dry_run=dry_run, yes=yes,
                          action=act, outcome=outcome)
         if results is None:
@@ -85,5 +86,5 @@ def fetch(
                 rows.append(row + ([field.type, field.warning, field.critical] if config else []))
             for complaint in entry["complaints"]:
                 rows.append([entry["plugin"], "", "", f"# {complaint}"] + (["", "", ""] if config else []))
-        out.table(f"{host}: {len(found)} plugins", columns, rows)
+        out.table(f"{host}: {plural(len(found), 'plugin')}", columns, rows)
         out.finish({"host": host, "plugins": found})

@@ -147,7 +147,9 @@ def failover_command(
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former primary (or a standby that lost its upstream)."),
-    force: bool = FORCE_OPTION,
+    force: bool = typer.Option(False, "--force",
+                               help="Rejoin a node that still accepts writes or does not answer: whatever it "
+                                    "took after the timelines forked is discarded. The plan names each risk."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.output import plural
 
 app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
                        "open maintenance windows.", no_args_is_help=True)
@@ -32,14 +33,14 @@ def sync(
             with out.step("compare the inventory's checks with Pingdom's"):
                 plan = pingdom.plan_sync(client, fleet)
             if not plan.changes:
-                out.log(f"in sync: {len(plan.unchanged)} checks tagged {plan.tag}")
+                out.log(f"in sync: {plural(len(plan.unchanged), 'check')} tagged {plan.tag}")
                 done = []
             else:
                 done = mutate(out, fleet, operation="pingdom-sync", target=plan.tag, targets=[plan.tag],
-                              title=f"Make Pingdom match the inventory: {len(plan.changes)} changes",
+                              title=f"Make Pingdom match the inventory: {plural(len(plan.changes), 'change')}",
                               steps=plan.steps(), dry_run=dry_run, yes=yes,
                               action=lambda: pingdom.apply_sync(client, plan, out),
-                              outcome=lambda applied: (f"{len(applied)} changes applied", 0))
+                              outcome=lambda applied: (f"{plural(len(applied), 'change')} applied", 0))
             out.table(None, ["action", "check", "id", "differences"],
                       [[change.action if done else f"{change.action} (planned)", change.name, change.check_id,
                         "; ".join(change.differences)] for change in plan.changes]
@@ -68,7 +69,7 @@ def status(
             found = pingdom.statuses(client, fleet, seconds, include_all)
         finally:
             client.close()
-        out.table(f"{len(found)} Pingdom checks", ["id", "check", "host", "status", "last response",
+        out.table(plural(len(found), 'Pingdom check'), ["id", "check", "host", "status", "last response",
                                                   f"uptime ({window})", "last test (UTC)"],
                   [[c.id, c.name, c.target, c.status,
                     f"{c.last_response_ms} ms" if c.last_response_ms is not None else None,
@@ -105,7 +106,7 @@ def maintenance(
             ids = [int(check["id"]) for check in checks]
             created = mutate(out, fleet, operation="pingdom-maintenance", target=pingdom.fleet_tag(fleet),
                              targets=[check["name"] for check in checks],
-                             title=f"Maintenance window of {duration} over {len(ids)} Pingdom checks",
+                             title=f"Maintenance window of {duration} over {plural(len(ids), 'Pingdom check')}",
                              steps=[f"POST /maintenance: {text!r} from now to {duration} later "
                                     f"(about {_clock(start + seconds)} UTC), "
                                     f"checks {', '.join(check['name'] for check in checks)}"],
@@ -116,7 +117,7 @@ def maintenance(
             client.close()
         window_id, end = created if created is not None else (None, start + seconds)
         if window_id is not None:
-            out.text(f"maintenance window #{window_id} until {_clock(end)} UTC over {len(ids)} checks")
+            out.text(f"maintenance window #{window_id} until {_clock(end)} UTC over {plural(len(ids), 'check')}")
         out.finish({"dry_run": dry_run, "id": window_id, "from": start, "to": end, "check_ids": ids})
 
 

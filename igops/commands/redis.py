@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
                        "of a former master.", no_args_is_help=True)
@@ -60,7 +61,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
         fleet = load_fleet(ctx)
         state = failover.redis_status(fleet)
         show_state(out, state)
-        out.text("healthy" if not state.problems else f"{len(state.problems)} problems")
+        out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
         code = ExitCode.OK if not state.problems else ExitCode.PARTIAL
         out.finish(state, code)
         exit_with(code)
@@ -110,7 +111,9 @@ def failover_command(
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former master, or a replica of the wrong master."),
-    force: bool = FORCE_OPTION,
+    force: bool = typer.Option(False, "--force",
+                               help="Rejoin a node that is still a master: its own writes since it split off "
+                                    "are discarded. The plan names each risk."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,

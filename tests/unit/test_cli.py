@@ -324,3 +324,18 @@ def test_snapshot_create_refuses_a_relative_mount_before_anything_else(tmp_path)
 def test_the_repository_tracks_no_built_packages():
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert [name for name in tracked.splitlines() if name.endswith((".whl", ".tar.gz", ".egg"))] == []
+
+
+def test_dry_run_plan_is_the_result_on_stdout(tmp_path):
+    """`igops ... --dry-run > plan.txt` keeps the plan; the 'nothing was changed' note is a log."""
+    config = inventory(tmp_path)
+    result = run_igops("-c", str(config), "exec", "--dry-run", "--", "echo", "a b;c")
+    assert result.returncode == 0, result.stderr
+    assert "Run `echo 'a b;c'` on 2 hosts" in result.stdout
+    assert "  1. web1 (root@127.0.20.250:22): echo 'a b;c'" in result.stdout
+    assert "dry run: nothing was changed" in result.stderr and "1. web1" not in result.stderr
+
+
+def test_dry_run_with_json_keeps_stdout_for_the_envelope(tmp_path):
+    result = run_igops("-c", str(inventory(tmp_path)), "exec", "--dry-run", "--json", "--", "true")
+    assert json.loads(result.stdout)["data"]["dry_run"] is True

@@ -282,7 +282,7 @@ def test_problems_a_status_reports(fleet):
     problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
     assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --force` (it loses what it took alone)"
-    assert "db3 is stopped (fenced)" in problems
+    assert "db3: stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
 
