@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from igops import safety
-from igops.errors import AlreadyRunning, ExitCode
+from igops.errors import ExitCode
 
 from tests.conftest import IGOPS, ROOT, run_igops
 

@@ -71,7 +71,7 @@ def test_tls_files_are_resolved_next_to_the_inventory(tmp_path):
     ('etcd = ["https://etcd1:2379"]\ncert_file = "/c.pem"', "cert_file and key_file go together"),
     ('etcd = ["http://etcd1:2379"]\nca_file = "/ca.pem"', "is plain http"),
     ('etcd = ["http://10.1.0.1:2379"]\nuser = "igops"', "a secret would travel over it"),
-    ('etcd = ["https://etcd1:2379"]\nlease_ttl = 1', "greater than or equal to 2"),
+    ('etcd = ["https://etcd1:2379"]\nlease_ttl = 1', "must be at least 2"),
     ('etcd = ["https://etcd1:2379"]\nprefix = "igops"', "must start and end with /"),
     ('etcd = ["https://etcd1:2379"]\npassword = "hunter22"', "a secret in the inventory"),
 ])

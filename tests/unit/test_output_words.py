@@ -35,7 +35,7 @@ def test_a_pg_node_state_reads_as_a_state():
              failover.PgNode("db2", "10.0.0.22", "unknown", "host unreachable")]
     state = failover.PgClusterState("main", nodes, "db1", {}, {})
     fleet = SimpleNamespace(model=SimpleNamespace(postgres=SimpleNamespace(max_lag_bytes=1 << 20)))
-    problems = failover._pg_problems(fleet, state, ["db1"], SimpleNamespace(bouncer_errors={}, repmgr=[]))
+    problems = failover._pg_problems(fleet, state, ["db1"], failover._PgView(None, "main", {}, {}, {}, []))
     assert "db2: host unreachable" in problems
 
 
