@@ -84,10 +84,13 @@ def _global_option_params(config_names: list[str], verbose_names: list[str]) -> 
 
     @carrier.command()
     def carry(
-        config: str = typer.Option(None, *config_names, metavar="FILE", expose_value=False,
-                                   callback=_store_config, help="Inventory file (also accepted before the command)."),
-        verbose: bool = typer.Option(False, *verbose_names, expose_value=False, callback=_store_verbose,
-                                     help="More detail on stderr (also accepted before the command)."),
+        # Names of their own: click hands a parsed value to every parameter of the same name, so a
+        # subcommand's own `config` (munin fetch --config) would reach _store_config too.
+        global_config: str = typer.Option(None, *config_names, metavar="FILE", expose_value=False,
+                                          callback=_store_config,
+                                          help="Inventory file (also accepted before the command)."),
+        global_verbose: bool = typer.Option(False, *verbose_names, expose_value=False, callback=_store_verbose,
+                                            help="More detail on stderr (also accepted before the command)."),
     ) -> None:
         pass
 

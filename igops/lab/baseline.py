@@ -98,6 +98,7 @@ def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) ->
     from igops.lab.state import CLUSTERS
 
     deadline = time.monotonic() + timeout
+    adrift = []
     for cluster in CLUSTERS:
         primary = Node(paths, primaries[cluster.name])
         position = primary.psql("SELECT pg_current_wal_lsn()")
@@ -105,10 +106,15 @@ def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) ->
             if name == primary.name:
                 continue
             standby = Node(paths, name)
+            # A member that does not stream (an old primary a failover fenced, awaiting its rejoin)
+            # will not catch up by waiting: that is `igops pg rejoin`'s job, not the lab's.
+            if standby.psql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") != "1":
+                adrift.append(f"{name} does not stream (igops pg rejoin {name})")
+                continue
             while standby.psql("SELECT pg_last_wal_replay_lsn() >= :'position'::pg_lsn", position=position) != "t":
                 if time.monotonic() > deadline:
                     raise LabError(f"{name} has not replayed {cluster.name}'s WAL up to {position} "
                                    f"within {timeout:g} s", f"see hosts/{name}/log/postgresql.log under the "
                                    "lab's state dir, and `igops pg status " + cluster.name + "`")
                 time.sleep(0.1)
-    return "every standby has replayed its primary's WAL"
+    return "; ".join(adrift) if adrift else "every standby has replayed its primary's WAL"

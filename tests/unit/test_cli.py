@@ -339,3 +339,11 @@ def test_dry_run_plan_is_the_result_on_stdout(tmp_path):
 def test_dry_run_with_json_keeps_stdout_for_the_envelope(tmp_path):
     result = run_igops("-c", str(inventory(tmp_path)), "exec", "--dry-run", "--json", "--", "true")
     assert json.loads(result.stdout)["data"]["dry_run"] is True
+
+
+def test_a_subcommands_own_config_flag_is_not_taken_for_the_inventory(tmp_path):
+    """`munin fetch --config` asks for plugin configs: it must not reach the global --config."""
+    missing = tmp_path / "nowhere.toml"
+    result = run_igops("-c", str(missing), "munin", "fetch", "db1", "igops_postgres", "--config")
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "True" not in result.stderr, result.stderr
