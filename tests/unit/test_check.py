@@ -18,6 +18,7 @@ from igops.checks import Perf, Probe, Result, counts, level, overall, run_all
 from igops.checks import munin, nagios, pagerduty, pingdom
 from igops.errors import ExitCode, NagiosStatus
 from tests.conftest import run_igops
+from tests.unit.inventories import unit_inventory
 
 PLUGIN = Path(__file__).resolve().parents[2] / "igops" / "munin_plugins" / "igops_"
 
@@ -212,22 +213,7 @@ def test_plugin_autoconf_says_no_with_the_reason_and_needs_multigraph(tmp_path):
 
 
 def unreachable_inventory(tmp_path: Path) -> Path:
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text("")
-    path = tmp_path / "igops.toml"
-    path.write_text(f"""
-[fleet]
-name = "unit"
-state_dir = "{tmp_path / 'state'}"
-[ssh]
-known_hosts = "{known_hosts}"
-connect_timeout = 1
-[[hosts]]
-name = "web1"
-address = "127.0.20.250"
-roles = ["app"]
-""")
-    return path
+    return unit_inventory(tmp_path, [("web1", "127.0.20.250", "app")])
 
 
 def test_check_cli_nagios_line_and_exit_codes_without_a_fleet(tmp_path):

@@ -14,29 +14,11 @@ from igops import safety
 from igops.errors import ExitCode
 
 from tests.conftest import IGOPS, ROOT, run_igops
+from tests.unit.inventories import unit_inventory
 
 
 def inventory(tmp_path: Path) -> Path:
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text("")
-    path = tmp_path / "igops.toml"
-    path.write_text(f"""
-[fleet]
-name = "unit"
-state_dir = "{tmp_path / 'state'}"
-[ssh]
-known_hosts = "{known_hosts}"
-connect_timeout = 1
-[[hosts]]
-name = "web1"
-address = "127.0.20.250"
-roles = ["app"]
-[[hosts]]
-name = "web2"
-address = "127.0.20.251"
-roles = ["app"]
-""")
-    return path
+    return unit_inventory(tmp_path, [("web1", "127.0.20.250", "app"), ("web2", "127.0.20.251", "app")])
 
 
 def test_json_envelope_is_the_only_thing_on_stdout(tmp_path):

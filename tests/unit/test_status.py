@@ -9,6 +9,7 @@ import pytest
 
 from igops import status
 from tests.conftest import run_igops
+from tests.unit.inventories import unit_inventory
 
 UNHEALTHY = {"status": "fail", "release": "R1", "checks": {
     "directory": {"ok": True, "ms": 3.1},
@@ -45,24 +46,8 @@ def test_the_reason_for_a_failed_health_check_comes_from_its_body():
 
 
 def test_status_shows_why_an_app_server_answered_503(tmp_path, failing_app):
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text("")
-    config = tmp_path / "igops.toml"
-    config.write_text(f"""
-[fleet]
-name = "unit"
-state_dir = "{tmp_path / 'state'}"
-[ssh]
-known_hosts = "{known_hosts}"
-connect_timeout = 1
-port = 9
-[app]
-port = {failing_app}
-[[hosts]]
-name = "app1"
-address = "127.0.0.1"
-roles = ["app"]
-""")
+    config = unit_inventory(tmp_path, [("app1", "127.0.0.1", "app")], ssh="port = 9\n",
+                            sections=f"[app]\nport = {failing_app}\n")
     shown = run_igops("-c", str(config), "status")
     reason = "GET /health -> 503: redis: Timeout connecting to server"
     assert reason in shown.stdout, shown.stdout
