@@ -5,6 +5,7 @@ answers are retried."""
 import secrets as random
 import socket
 import threading
+from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 
 import pytest
@@ -18,20 +19,30 @@ TOKEN = random.token_urlsafe(24)
 ROUTING_KEY = random.token_hex(16)
 
 
-@pytest.fixture
-def services(tmp_path):
+@contextmanager
+def _receivers(tmp_path, bind: str, reached_at: str):
+    """The lab's PagerDuty and Pingdom receivers, listening on `bind`, reached at `reached_at`."""
     pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
     pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), receivers.handler_for(receiver))
+    servers = [ThreadingHTTPServer((bind, 0), receivers.handler_for(receiver))
                for receiver in (pager, pingdom_receiver)]
     for server in servers:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"pagerduty": pager, "pagerduty_url": f"http://127.0.0.1:{servers[0].server_address[1]}",
-           "pingdom": pingdom_receiver, "pingdom_url": f"http://127.0.0.1:{servers[1].server_address[1]}/api/3.1"}
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    try:
+        yield {"pagerduty": pager, "pagerduty_url": f"http://{reached_at}:{servers[0].server_address[1]}",
+               "pingdom": pingdom_receiver,
+               "pingdom_url": f"http://{reached_at}:{servers[1].server_address[1]}/api/3.1"}
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def services(tmp_path):
+    with _receivers(tmp_path, "127.0.0.1", "127.0.0.1") as found:
+        yield found
 
 
 def fleet_for(tmp_path, services, public_urls=(), lb=True):
@@ -242,18 +253,8 @@ def outward(tmp_path):
     address = _outward_address()
     if address is None:
         pytest.skip("this machine has no address besides loopback")
-    pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
-    pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
-    servers = [ThreadingHTTPServer(("0.0.0.0", 0), receivers.handler_for(receiver))
-               for receiver in (pager, pingdom_receiver)]
-    for server in servers:
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"pagerduty": pager, "pagerduty_url": f"http://{address}:{servers[0].server_address[1]}",
-           "pingdom": pingdom_receiver, "pingdom_url": f"http://{address}:{servers[1].server_address[1]}/api/3.1"}
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with _receivers(tmp_path, "0.0.0.0", address) as found:
+        yield found
 
 
 def test_no_token_or_routing_key_travels_over_plain_http_off_this_machine(outward):

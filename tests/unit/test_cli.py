@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,12 +114,13 @@ def with_pingdom(tmp_path: Path, url: str) -> Path:
     return config
 
 
-def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_api):
-    config = with_pingdom(tmp_path, pingdom_api)
+@contextmanager
+def lock_held(state, operation: str, target: str, command_line: str):
+    """The lock held by another thread of this process while the body runs."""
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with safety.lock(tmp_path / "state", "pingdom-sync", "igops-unit", "igops pingdom sync"):
+        with safety.lock(state, operation, target, command_line):
             held.set()
             release.wait(30)
 
@@ -126,12 +128,18 @@ def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_ap
     holder.start()
     try:
         held.wait(5)
-        result = run_igops("-c", str(config), "pingdom", "sync", "--yes")
-        assert result.returncode == ExitCode.LOCKED, result.stderr
-        assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+        yield
     finally:
         release.set()
         holder.join()
+
+
+def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_api):
+    config = with_pingdom(tmp_path, pingdom_api)
+    with lock_held(tmp_path / "state", "pingdom-sync", "igops-unit", "igops pingdom sync"):
+        result = run_igops("-c", str(config), "pingdom", "sync", "--yes")
+    assert result.returncode == ExitCode.LOCKED, result.stderr
+    assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
 
 
 def test_exec_takes_no_lock_so_unrelated_runs_do_not_block_each_other(tmp_path):
@@ -139,22 +147,9 @@ def test_exec_takes_no_lock_so_unrelated_runs_do_not_block_each_other(tmp_path):
     runs on host sets of one size blocked each other."""
     config = inventory(tmp_path)
     state = tmp_path / "state"
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with safety.lock(state, "exec", "web1,web2", "igops exec -- sleep 100"):
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        held.wait(5)
+    with lock_held(state, "exec", "web1,web2", "igops exec -- sleep 100"):
         result = run_igops("-c", str(config), "exec", "--yes", "--", "true")
-        assert result.returncode == ExitCode.FAILED and "already running" not in result.stderr
-    finally:
-        release.set()
-        holder.join()
+    assert result.returncode == ExitCode.FAILED and "already running" not in result.stderr
     assert [path.name for path in (state / "locks").iterdir()] == ["exec--web1_web2.lock"]  # the holder's
     record = json.loads((state / "audit.log").read_text().splitlines()[-1])
     assert record["targets"] == ["web1", "web2"] and record["exit_code"] == 1
