@@ -1022,7 +1022,8 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
                       "register_primary", (chosen,)))
     steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
               for sibling in siblings]
-    steps.append(_release_switch_segment_step(chosen, siblings))
+    # No release of the promotion's segment here: the old primary has yet to rejoin, and pg_rewind
+    # leaves it needing the new timeline's WAL from that segment on (`pg rejoin` releases it after).
     return steps
 
 

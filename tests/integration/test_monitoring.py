@@ -181,7 +181,8 @@ def test_pingdom_checks_as_code_status_and_maintenance(monitored):
     before = receivers.last_seq(receivers.pingdom)
     dry = run_igops("-c", config, "pingdom", "sync", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"+ create '{name} lb1 health': http://127.0.10.10:80/health" in dry.stderr
+    # The plan is a dry run's result: on stdout.
+    assert f"+ create '{name} lb1 health': http://127.0.10.10:80/health" in dry.stdout
     assert all(entry["method"] == "GET" for entry in receivers.requests_since(receivers.pingdom, before))
 
     synced = run_igops("-c", config, "pingdom", "sync", "--yes", "--json")
@@ -189,7 +190,7 @@ def test_pingdom_checks_as_code_status_and_maintenance(monitored):
     assert [change["action"] for change in json.loads(synced.stdout)["data"]["applied"]] == ["create"]
     again = run_igops("-c", config, "pingdom", "sync", "--yes", "--json")
     assert json.loads(again.stdout)["data"]["changes"] == []
-    assert f"in sync: 1 checks tagged {tag}" in again.stderr
+    assert f"in sync: 1 check tagged {tag}" in again.stderr
 
     import time
 
