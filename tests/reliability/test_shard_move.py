@@ -535,6 +535,9 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     move_id = latest_move_id(lab)
     slot = f"igops_move_{move_id}"
     query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    # The resume waits for a position it reads from the source: on an idle source the target may
+    # have confirmed that far already. WAL written now it cannot confirm while disabled.
+    query(lab, source, "SELECT pg_logical_emit_message(true, 'igops-test', 'not yet confirmed')")
     held = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
     assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
     assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
