@@ -10,7 +10,7 @@ import typer.main
 from typer._click import exceptions as click
 
 from igops import __version__
-from igops.commands import check, fleet, lab, munin, pagerduty, pg, pingdom, snapshot, warm
+from igops.commands import check, fleet, lab, munin, ops, pagerduty, pg, pingdom, snapshot, warm
 from igops.commands import deploy as deploy_commands
 from igops.commands import redis as redis_commands
 from igops.commands import shard as shard_commands
@@ -59,6 +59,7 @@ app.add_typer(shard_commands.app, name="shard")
 app.add_typer(deploy_commands.app, name="deploy")
 app.add_typer(pg.app, name="pg")
 app.add_typer(redis_commands.app, name="redis")
+app.add_typer(ops.app, name="ops")
 
 
 def _store_config(ctx: typer.Context, value: str | None) -> None:
@@ -69,6 +70,18 @@ def _store_config(ctx: typer.Context, value: str | None) -> None:
 def _store_verbose(ctx: typer.Context, value: bool) -> None:
     if value:
         _global(ctx).verbose = True
+
+
+def _store_reason(ctx: typer.Context, value: str | None) -> None:
+    if value is not None:
+        _global(ctx).reason = value
+
+
+def _store_wait(ctx: typer.Context, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise typer.BadParameter("SECONDS must be 0 or more")
+    if value is not None:
+        _global(ctx).wait = value
 
 
 def _global(ctx: typer.Context) -> GlobalOptions:
@@ -98,6 +111,27 @@ def _global_option_params(config_names: list[str], verbose_names: list[str]) -> 
             if set(param.opts) & set(config_names + verbose_names)]
 
 
+def _operator_option_params() -> list:
+    """--reason and --wait, which every mutating verb (one with --dry-run) takes: they reach the
+    operation engine through the GlobalOptions, like -c."""
+    carrier = typer.Typer()
+
+    @carrier.command()
+    def carry(
+        operation_reason: str = typer.Option(None, "--reason", metavar="TEXT", expose_value=False,
+                                             callback=_store_reason,
+                                             help="Why: a ticket id or a sentence, kept in the journal and audit "
+                                                  "trail and shown to anyone the operation blocks."),
+        operation_wait: float = typer.Option(None, "--wait", metavar="SECONDS", expose_value=False,
+                                             callback=_store_wait,
+                                             help="Wait up to SECONDS for another operation's lease on the same "
+                                                  "targets instead of exiting 4."),
+    ) -> None:
+        pass
+
+    return [param for param in typer.main.get_command(carrier).params if param.opts[0] in ("--reason", "--wait")]
+
+
 def _accept_global_options_after_subcommands(group) -> None:
     """Give every subcommand -c/--config and -v/--verbose too, as every command has --json, so
     `igops hosts --config FILE` works like `igops --config FILE hosts`; a value given after the
@@ -111,6 +145,8 @@ def _accept_global_options_after_subcommands(group) -> None:
         config_names = [name for name in ("--config", "-c") if name not in taken]
         verbose_names = [name for name in ("--verbose", "-v") if name not in taken]
         sub.params.extend(_global_option_params(config_names, verbose_names))
+        if any("--dry-run" in param.opts for param in sub.params):
+            sub.params.extend(_operator_option_params())
 
 
 def _explain_verbs(group, path: tuple[str, ...] = ()) -> None:

@@ -24,7 +24,7 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +52,8 @@ class CoordinatorUnavailable(RefusedError):
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a lock: what a refusal names."""
+    """Who holds a lock: what a refusal names. `operation` is the kind (pg-switchover, …),
+    `operation_id` the engine's id of the run (see igops.operations)."""
 
     operation: str
     target: str
@@ -62,10 +63,14 @@ class Holder:
     command: str
     since: str
     reason: str | None = None
+    operation_id: str | None = None
 
-    def describe(self) -> str:
+    def describe(self, step: str | None = None) -> str:
         reason = f", reason: {self.reason}" if self.reason else ""
-        return (f"{self.user}@{self.host} pid {self.pid} since {self.since}{reason}: {self.command}")
+        ident = f" {self.operation_id}" if self.operation_id else ""
+        at = f", at step {step}" if step else ""
+        return (f"{self.operation}{ident} by {self.user}@{self.host} pid {self.pid} since {self.since}"
+                f"{at}{reason}: {self.command}")
 
     def to_json(self) -> str:
         return json.dumps(redact_data(asdict(self)), sort_keys=True)
@@ -79,11 +84,31 @@ class Holder:
             return None
 
 
-def current_holder(operation: str, target: str, command_line: str, reason: str | None) -> Holder:
+def current_holder(operation: str, target: str, command_line: str, reason: str | None,
+                   operation_id: str | None = None) -> Holder:
     from igops import safety
 
     return Holder(operation, target, safety.operator_user(), safety.operator_host(), os.getpid(),
-                  redact(command_line), safety.now(), redact(reason) if reason else None)
+                  redact(command_line), safety.now(), redact(reason) if reason else None, operation_id)
+
+
+class Conflict(AlreadyRunning):
+    """A resource is leased by another operation: `holder` says whose (None if unreadable)."""
+
+    def __init__(self, resource: Resource, holder: Holder | None, ttl: int | None):
+        self.resource, self.holder = resource, holder
+        name = f"{resource[0]} {resource[1]}"
+        super().__init__(
+            f"{name} is held" + (f" by {holder.describe()}" if holder else " by another operation"),
+            "wait for it to finish, or pass --wait SECONDS; "
+            + (f"its lease expires at most {ttl} s after that process dies" if ttl
+               else "the lock is released when that process exits")
+            + " (igops ops list shows it)")
+
+
+Resource = tuple[str, str]
+# How often a --wait for a lease asks again.
+WAIT_POLL_S = 0.2
 
 
 def lock_key(prefix: str, operation: str, target: str) -> str:
@@ -143,12 +168,24 @@ class LocalCoordinator:
         self.state_dir = state_dir
 
     @contextmanager
-    def lease(self, operation: str, target: str, command_line: str,
-              reason: str | None = None) -> Iterator[HeldLease]:
+    def lease(self, resources: list[Resource], holder: Holder, wait: float = 0.0) -> Iterator[HeldLease]:
+        """flock every resource's file (in one order, so two takers cannot deadlock), or none."""
         from igops import safety
 
-        with safety.lock(self.state_dir, operation, target, command_line):
-            yield HeldLease(operation, target)
+        give_up = time.monotonic() + wait
+        while True:
+            with ExitStack() as held:
+                try:
+                    for resource in sorted(set(resources)):
+                        held.enter_context(safety.lock(self.state_dir, *resource, holder=holder.to_json()))
+                except AlreadyRunning as exc:
+                    if time.monotonic() < give_up:
+                        held.close()
+                        time.sleep(WAIT_POLL_S)
+                        continue
+                    raise Conflict(exc.resource, _local_holder(exc.holder_text), None) from None
+                yield HeldLease(holder.operation, holder.target)
+                return
 
     def audit(self, **fields: Any) -> None:
         from igops import safety
@@ -349,35 +386,46 @@ class EtcdCoordinator:
         self.gateway = EtcdGateway(settings)
 
     @contextmanager
-    def lease(self, operation: str, target: str, command_line: str,
-              reason: str | None = None) -> Iterator[HeldLease]:
-        key = lock_key(self.settings.prefix, operation, target)
-        lease_id = self._grant()
-        holder = current_holder(operation, target, command_line, reason)
-        try:
-            answer = self.gateway.call("/v3/kv/txn", {
-                "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-                "success": [{"request_put": {"key": _b64(key), "value": _b64(holder.to_json()), "lease": lease_id}}],
-                "failure": [{"request_range": {"key": _b64(key)}}],
-            })
-        except EtcdError as exc:
+    def lease(self, resources: list[Resource], holder: Holder, wait: float = 0.0) -> Iterator[HeldLease]:
+        """One etcd lease; every resource's key created in one transaction, only if none exists."""
+        keys = [lock_key(self.settings.prefix, *resource) for resource in sorted(set(resources))]
+        give_up = time.monotonic() + wait
+        while True:
+            lease_id = self._grant()
+            try:
+                answer = self.gateway.call("/v3/kv/txn", {
+                    "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                                for key in keys],
+                    "success": [{"request_put": {"key": _b64(key), "value": _b64(holder.to_json()), "lease": lease_id}}
+                                for key in keys],
+                    "failure": [{"request_range": {"key": _b64(key)}} for key in keys],
+                })
+            except EtcdError as exc:
+                self._revoke(lease_id)
+                raise CoordinatorUnavailable(f"etcd could not take the locks {', '.join(keys)}: {exc.message}",
+                                             self._fix()) from None
+            if answer.get("succeeded"):
+                break
             self._revoke(lease_id)
-            raise CoordinatorUnavailable(f"etcd could not take the lock {key}: {exc.message}",
-                                         self._fix()) from None
-        if not answer.get("succeeded"):
-            self._revoke(lease_id)
-            kvs = ((answer.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-            other = Holder.from_json(_unb64(kvs[0].get("value", ""))) if kvs else None
-            raise AlreadyRunning(
-                f"{operation} on {target} is already running" + (f": {other.describe()}" if other else ""),
-                "wait for it to finish; its lease expires at most "
-                f"{self.settings.lease_ttl} s after that process dies")
-        held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, operation, target)
+            if time.monotonic() < give_up:
+                time.sleep(WAIT_POLL_S)
+                continue
+            for resource, response in zip(sorted(set(resources)), answer.get("responses") or []):
+                kvs = (response.get("response_range") or {}).get("kvs") or []
+                if kvs:
+                    raise Conflict(resource, Holder.from_json(_unb64(kvs[0].get("value", ""))), self.settings.lease_ttl)
+            raise Conflict(sorted(set(resources))[0], None, self.settings.lease_ttl)
+        held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, holder.operation, holder.target)
         held.start()
         try:
             yield held
         finally:
             held.release()
+
+    def lease_alive(self, lease_id: str) -> bool:
+        """Whether etcd still keeps this lease (its holder is alive and renewing it)."""
+        answer = self.gateway.call("/v3/lease/timetolive", {"ID": lease_id})
+        return int(answer.get("TTL", -1)) > 0
 
     def _grant(self) -> str:
         try:
@@ -433,6 +481,10 @@ def settings_for(fleet) -> EtcdSettings | None:
                         cert_file=str(fleet.resolve(section.cert_file)) if section.cert_file else None,
                         key_file=str(fleet.resolve(section.key_file)) if section.key_file else None,
                         user=section.user, password=password)
+
+
+def _local_holder(text: str | None) -> Holder | None:
+    return Holder.from_json(text) if text else None
 
 
 def for_fleet(fleet) -> LocalCoordinator | EtcdCoordinator:

@@ -18,8 +18,6 @@ fences the old one first: PgBouncer stops routing to it and, on its disk, a stan
 from __future__ import annotations
 
 import re
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from typing import Any, Iterator
 
 from igops import inventory, postgres, redisops, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.operations.steps import Step, StepReport, execute
 from igops.output import Reporter
 
 # While writes wait: how long the old primary's clean stop may take, and its last WAL to reach
@@ -45,148 +44,6 @@ DEAD_SERVER_PAUSE_S = 2.0
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
-SIGNALS_AS_INTERRUPT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-# --- plans and their execution -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Step:
-    """One step of a plan: its title for people, and the action (a method of the operation's
-    actions object) with its arguments."""
-
-    title: str
-    action: str
-    args: tuple = ()
-    # Compensates if this or a later step fails before the point of no return; it must be safe
-    # to run whether or not this step got to act.
-    undo: "Step | None" = None
-    # Runs on any failure from this step on (e.g. RESUME after PAUSE); it must be safe to run twice.
-    release: "Step | None" = None
-    # From the start of this step, failures roll forward, never back: an interrupted promotion may
-    # still complete, so the old primary must never be started again.
-    point_of_no_return: bool = False
-
-
-@dataclass
-class StepReport:
-    title: str
-    outcome: str  # 'ok', 'failed', 'undone', 'undo failed', 'released', 'release failed'
-    detail: str | None = None
-
-
-class StepFailed(IgopsError):
-    """A step failed; what was undone or released is in `recovery`."""
-
-    def __init__(self, step: Step, number: int, error: BaseException, recovery: list[StepReport],
-                 past_point_of_no_return: bool, hint: str, left_behind: str | None = None):
-        recovered = "; ".join(f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "")
-                              for item in recovery) or "nothing to undo"
-        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}"
-                         + (f" — left: {left_behind}" if left_behind else ""), hint)
-        self.left_behind = left_behind
-        self.step = step
-        self.number = number
-        self.recovery = recovery
-        self.past_point_of_no_return = past_point_of_no_return
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, IgopsError):
-        return error.one_line()
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(error).__name__}: {postgres.first_line(error)}"
-
-
-class _Interrupts:
-    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) must undo and resume wherever they land: in
-    a step, or between two. While the recovery runs, a further one is ignored (the operation is
-    failing already), so that it cannot stop the recovery between two of its steps."""
-
-    def __init__(self) -> None:
-        self.recovering = False
-
-    def __call__(self, signum, frame):
-        if not self.recovering:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def recovery(self) -> Iterator[None]:
-        self.recovering = True
-        try:
-            yield
-        finally:
-            self.recovering = False
-
-
-@contextmanager
-def _signals_as_interrupt() -> Iterator[_Interrupts]:
-    """Only the main thread can install handlers; elsewhere the handlers stay as they are."""
-    interrupts = _Interrupts()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupts
-        return
-    previous = {number: signal.signal(number, interrupts) for number in SIGNALS_AS_INTERRUPT}
-    try:
-        yield interrupts
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str,
-            left_behind=None) -> list[StepReport]:
-    """Run the steps in order. On any failure or interrupt, whether it lands in a step or between
-    two, run the undos (before the point of no return) and the releases of the steps reached,
-    then raise StepFailed; `left_behind()`, if given, says where things stand afterwards."""
-    done: list[StepReport] = []
-    undos: list[Step] = []
-    releases: list[Step] = []
-    past_point_of_no_return = False
-    number, step = 0, None
-    with _signals_as_interrupt() as interrupts:
-        try:
-            for number, step in enumerate(steps, 1):
-                past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
-                if step.undo:
-                    undos.append(step.undo)
-                if step.release:
-                    releases.append(step.release)
-                with reporter.step(step.title) as record:
-                    detail = getattr(actions, step.action)(*step.args)
-                    if detail:
-                        record.detail = detail
-                done.append(StepReport(step.title, "ok", detail or None))
-        except BaseException as error:  # noqa: BLE001 - Ctrl-C and signals must undo and resume too
-            with interrupts.recovery():
-                recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
-                state = _left_behind(left_behind) if left_behind else None
-            failed = step or Step("before the first step", "")
-            raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint,
-                             state) from error
-    return done
-
-
-def _left_behind(describe) -> str:
-    try:
-        return describe()
-    except Exception as exc:  # noqa: BLE001 - the failure itself matters more
-        return f"unknown ({_describe(exc)})"
-
-
-def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
-    recovery = []
-    for done, failed, steps in (("undone", "undo failed", undos), ("released", "release failed", releases)):
-        for step in reversed(steps):
-            try:
-                with reporter.step(step.title) as record:
-                    detail = getattr(actions, step.action)(*step.args)
-                    if detail:
-                        record.detail = detail
-                recovery.append(StepReport(step.title, done, detail or None))
-            except BaseException as error:  # noqa: BLE001 - a second Ctrl-C must not leave writes paused
-                recovery.append(StepReport(step.title, failed, _describe(error)))
-    return recovery
 
 
 # --- host commands --------------------------------------------------------------------------------

@@ -50,8 +50,11 @@ def lock_name(operation: str, target: str) -> str:
 
 
 @contextmanager
-def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Iterator[Path]:
-    """Hold the lock for `operation` on `target`, or raise AlreadyRunning naming the holder."""
+def lock(state_dir: Path, operation: str, target: str, command_line: str = "",
+         holder: str | None = None) -> Iterator[Path]:
+    """Hold the lock for `operation` on `target`, or raise AlreadyRunning naming the holder.
+    `holder` is the record to leave in the lock file (JSON) instead of this process's own
+    LockHolder; the AlreadyRunning carries the file's text as `holder_text` either way."""
     directory = state_dir / "locks"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / (lock_name(operation, target) + ".lock")
@@ -60,16 +63,20 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Ite
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = read_holder(path)
-            raise AlreadyRunning(
+            other = read_holder(path)
+            refusal = AlreadyRunning(
                 f"{operation} on {target} is already running"
-                + (f": {holder.describe()}" if holder else ""),
+                + (f": {other.describe()}" if other else ""),
                 "wait for it to finish; the lock is released when that process exits",
-            ) from None
-        holder = LockHolder(os.getpid(), operator_user(), operator_host(), redact(command_line),
-                            now())
+            )
+            refusal.resource = (operation, target)
+            refusal.holder_text = _read_text(path)
+            raise refusal from None
+        if holder is None:
+            holder = json.dumps(redact_data(LockHolder(os.getpid(), operator_user(), operator_host(),
+                                                       redact(command_line), now()).__dict__))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(redact_data(holder.__dict__)).encode(), 0)
+        os.pwrite(fd, holder.encode(), 0)
         yield path
     finally:
         os.close(fd)
@@ -77,8 +84,16 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str) -> Ite
 
 def read_holder(path: Path) -> LockHolder | None:
     try:
-        return LockHolder(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(path.read_text())
+        return LockHolder(**{key: data[key] for key in LockHolder.__dataclass_fields__})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
         return None
 
 
@@ -102,16 +117,20 @@ def redact_argv(argv: list[str]) -> str:
     return redact(shlex.join(shown))
 
 
-def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int,
-          duration_ms: float, detail: str | None = None, reason: str | None = None) -> None:
+def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int | None,
+          duration_ms: float, detail: str | None = None, reason: str | None = None,
+          operation_id: str | None = None) -> None:
     """Append one record to the audit log. Appends of one line are atomic with O_APPEND."""
     append_audit(state_dir, audit_record(command=command, targets=targets, result=result, exit_code=exit_code,
-                                         duration_ms=duration_ms, detail=detail, reason=reason))
+                                         duration_ms=duration_ms, detail=detail, reason=reason,
+                                         operation_id=operation_id))
 
 
-def audit_record(*, command: str, targets: list[str], result: str, exit_code: int, duration_ms: float,
-                 detail: str | None = None, reason: str | None = None) -> dict:
-    """One audit record, every string in it redacted: what every audit backend stores."""
+def audit_record(*, command: str, targets: list[str], result: str, exit_code: int | None, duration_ms: float,
+                 detail: str | None = None, reason: str | None = None, operation_id: str | None = None) -> dict:
+    """One audit record, every string in it redacted: what every audit backend stores. An
+    operation's start is recorded with no exit code; its end, under the same operation id,
+    with one."""
     record = {
         "time": now(),
         "user": operator_user(),
@@ -128,6 +147,8 @@ def audit_record(*, command: str, targets: list[str], result: str, exit_code: in
         record["detail"] = redact(detail)[:2000]
     if reason:
         record["reason"] = redact(reason)[:500]
+    if operation_id:
+        record["operation"] = operation_id
     # Redacted before serialising, which would escape what a secret may hold.
     return redact_data(record)
 

@@ -2343,20 +2343,16 @@ class RebalanceResult:
     failed: str | None
 
 
-def run_rebalance(fleet, plan: RebalancePlan, reporter: Reporter | None = None,
-                  lock: Callable[[int], Any] | None = None) -> RebalanceResult:
+def run_rebalance(fleet, plan: RebalancePlan, reporter: Reporter | None = None) -> RebalanceResult:
     """The planned moves one at a time with the move code itself; stops at the first failure.
-    `lock(shard)` is a context manager the caller uses to fence each shard locally."""
-    from contextlib import nullcontext
-
+    Run as an operation, it leases every cluster, so no move of another operator overlaps it."""
     reporter = reporter or Reporter()
     results: list[MoveResult] = []
     for number, move in enumerate(plan.moves, 1):
         reporter.log(f"rebalance {number}/{len(plan.moves)}: shard {move.shard} {move.source} -> {move.target}")
         try:
-            with (lock(move.shard) if lock else nullcontext()):
-                move_plan = plan_move(fleet, move.shard, move.target)
-                results.append(start_move(fleet, move_plan, reporter))
+            move_plan = plan_move(fleet, move.shard, move.target)
+            results.append(start_move(fleet, move_plan, reporter))
         except IgopsError as exc:
             return RebalanceResult(len(plan.moves), results, f"shard {move.shard}: {exc.one_line()}")
     return RebalanceResult(len(plan.moves), results, None)

@@ -3,16 +3,14 @@ confirm → lock → act → audit sequence of mutating commands."""
 
 from __future__ import annotations
 
-import sys
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 import typer
 
 from igops.errors import ExitCode, IgopsError, UsageError
-from igops.output import Output
+from igops.output import Output, Reporter
 
 T = TypeVar("T")
 
@@ -33,6 +31,10 @@ class GlobalOptions:
     config: str | None = None
     json: bool = False
     verbose: bool = False
+    # Every mutating command's --reason (a ticket id or a sentence, kept in the journal and
+    # audit) and --wait (seconds to wait for a held lease instead of exiting 4).
+    reason: str | None = None
+    wait: float = 0.0
 
 
 def options(ctx: typer.Context) -> GlobalOptions:
@@ -77,53 +79,46 @@ def load_fleet(ctx: typer.Context):
     return inventory.load(options(ctx).config)
 
 
-def mutate(out: Output, fleet, *, operation: str, target: str | None, targets: list[str], title: str,
-           steps: list[str], dry_run: bool, yes: bool, action: Callable[[], T],
-           outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0)) -> T | None:
-    """Show the plan; stop there on --dry-run; otherwise confirm, take the lease on (operation,
-    target), act, and write an audit record whatever happens. Leases and records live where
-    the inventory's [coordination] says (igops.coordination). Returns the action's result, or
-    None for a dry run. A declined confirmation is audited and exits 2 (UsageError).
-    `target=None` takes no lease: for an action that changes nothing igops keeps state about
-    (`exec`)."""
-    from igops import coordination, safety
+def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, str]], targets: list[str],
+           title: str, steps: list[str], dry_run: bool, yes: bool, action: Callable[[Reporter], T],
+           outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), params: dict | None = None,
+           resume: dict | None = None) -> T | None:
+    """Show the plan; stop there on --dry-run; otherwise confirm and run the action as an
+    operation of `kind` (igops.operations.engine: lease, journal, audit), handing it the
+    reporter its steps must go through. Returns the action's result, or None for a dry run. A
+    declined confirmation is audited and exits 2. `kind=None` runs no operation: for an action
+    that changes nothing igops keeps state about (`exec`), which is only audited. `resume` is the
+    journal record of the interrupted operation this one continues (igops ops resume|abort)."""
+    from igops.operations import engine
 
     out.plan(title, steps, is_result=dry_run)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None
-    backend = coordination.for_fleet(fleet)
-    command_line = safety.redact_argv(["igops", *sys.argv[1:]])
-    reason = coordination.reason()
-    if not safety.confirm(f"{title}?", yes):
-        backend.audit(command=command_line, targets=targets, result="declined",
-                      exit_code=int(ExitCode.USAGE), duration_ms=0.0, reason=reason)
+    opts = current_options()
+    spec = engine.OperationSpec(kind, title, targets, resources, steps, params or {}) if kind else None
+    if not safety_confirm(f"{title}?", yes):
+        engine.declined(fleet, targets, opts.reason)
         raise UsageError("not confirmed: nothing was changed",
                          "answer y to go ahead, or pass --yes after reviewing the plan")
-    started = time.monotonic()
-    result_word, exit_code, detail = "failed", int(ExitCode.FAILED), None
-    with (backend.lease(operation, target, command_line, reason) if target is not None
-          else nullcontext()) as held:
-        try:
-            result = action()
-            result_word, exit_code = outcome(result)
-            return result
-        except IgopsError as exc:
-            exit_code, detail = int(exc.exit_code), exc.one_line()
-            raise
-        except BaseException as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            # One action is one step: a lease lost during it is reported, not undone. The step
-            # engine checks `held.check()` between its steps instead.
-            lost = held.lost() if held is not None else None
-            if lost:
-                out.log(f"warning: the lease on {operation} {target} was lost while the command worked "
-                        f"({lost}); another operator may have started on it meanwhile")
-                detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
-            backend.audit(command=command_line, targets=targets, result=result_word, exit_code=exit_code,
-                          duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason)
+    if spec is None:
+        return engine.audited(fleet, targets, lambda: action(out), outcome, opts.reason)
+    return engine.perform(fleet, spec, lambda operation: action(operation.reporter), out, outcome=outcome,
+                          reason=opts.reason, wait=opts.wait, resume=resume)
+
+
+def safety_confirm(question: str, yes: bool) -> bool:
+    from igops import safety
+
+    return safety.confirm(question, yes)
+
+
+def current_options() -> GlobalOptions:
+    """The global options of the command being run (--reason and --wait live there too)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return options(ctx) if ctx is not None else GlobalOptions()
 
 
 def exit_with(code: int) -> None:

@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
+from igops.operations import conflicts
 
 
 class DeployGroup(TyperGroup):
@@ -63,9 +64,10 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
         exit_with(code)
         return
     try:
-        result = mutate(out, app.fleet, operation="deploy", target=plan.fleet,
-                        targets=[h.host for h in plan.roll()], title=title, steps=plan.steps(),
-                        dry_run=dry_run, yes=yes, action=lambda: deploy.execute(app, plan, out, tarball),
+        result = mutate(out, app.fleet, kind="deploy" if plan.kind == "deploy" else "deploy-rollback",
+                        resources=[conflicts.APP], targets=[h.host for h in plan.roll()], title=title,
+                        steps=plan.steps(), dry_run=dry_run, yes=yes, params={"target": plan.target},
+                        action=lambda reporter: deploy.execute(app, plan, reporter, tarball),
                         outcome=lambda r: (r.summary(), 0))
     except deploy.RolloutFailed as failed:
         out.table(None, HOST_COLUMNS, _host_rows(failed.result))

@@ -82,11 +82,11 @@ def exec_command(
 
         # No lock: exec changes nothing igops keeps state about, and a lock named after the host
         # set would only make unrelated runs block each other. The audit record stays.
-        results = mutate(out, fleet, operation="exec", target=None,
+        results = mutate(out, fleet, kind=None, resources=[],
                          targets=names, title=f"Run `{line}` on {plural(len(names), 'host')} ({cap} at a time)",
                          steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}"
                                 for target in targets],
-                         dry_run=dry_run, yes=yes, action=run_everywhere, outcome=outcome)
+                         dry_run=dry_run, yes=yes, action=lambda _: run_everywhere(), outcome=outcome)
         if results is None:
             out.finish({"dry_run": dry_run, "command": line, "hosts": names})
             return

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.operations import conflicts
 from igops.errors import ExitCode
 from igops.output import plural
 
@@ -42,10 +43,10 @@ def install(
             failed = [result.host for result in results if not result.ok]
             return ("ok" if not failed else "failed on " + ", ".join(failed)), _exit_code(results)
 
-        results = mutate(out, fleet, operation="munin-install", target=",".join(role or ["all"]), targets=names,
+        results = mutate(out, fleet, kind="munin-install", resources=[conflicts.MUNIN], targets=names,
                          title=f"Install igops' Munin plugins on {plural(len(plan), 'host')}",
                          steps=[step for item in plan for step in item.steps()], dry_run=dry_run, yes=yes,
-                         action=act, outcome=outcome)
+                         action=lambda _: act(), outcome=outcome)
         if results is None:
             out.finish({"dry_run": dry_run, "hosts": [{"host": i.host, "plugins": i.plugins} for i in plan]})
             return

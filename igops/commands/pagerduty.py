@@ -7,6 +7,7 @@ import socket
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.operations import conflicts
 
 app = typer.Typer(help="PagerDuty (Events API v2): test the paging path, list the incidents igops opened.",
                   no_args_is_help=True)
@@ -51,8 +52,8 @@ def test(
                                   "check [monitoring] pagerduty_url and the routing key") from None
             return done
 
-        result = mutate(out, fleet, operation="pagerduty-test", target=fleet.model.fleet.name, targets=[key],
-                        title="Send a test event to PagerDuty", steps=steps, dry_run=dry_run, yes=yes, action=act,
+        result = mutate(out, fleet, kind="pagerduty-test", resources=[conflicts.PAGERDUTY], targets=[key],
+                        title="Send a test event to PagerDuty", steps=steps, dry_run=dry_run, yes=yes, action=lambda _: act(),
                         outcome=lambda done: ("triggered" + (" and resolved" if done["resolved"] else ""), 0))
         if result is not None:
             out.text(f"PagerDuty accepted the test event ({key})"

@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.operations import conflicts
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
@@ -53,7 +54,7 @@ def show_state(out, state) -> None:
         out.text(f"  ! {problem}" + (f"\n      to resolve: {fix}" if fix else ""))
 
 
-def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
+def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
     from igops import failover
 
     def summary(result) -> str:
@@ -67,7 +68,8 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
 
     run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
              read_state=lambda: failover.pg_status(fleet, plan.cluster), apply=failover.apply_pg,
-             operation="pg", lock_target=plan.cluster, members=failover.cluster_members(fleet, plan.cluster),
+             kind=f"pg-{plan.operation}", resources=[conflicts.pg_cluster(plan.cluster)],
+             members=failover.cluster_members(fleet, plan.cluster), params=params,
              outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0),
              summary=summary, nothing_to_do="nothing to do")
 
@@ -118,7 +120,7 @@ def switchover(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read cluster {cluster}'s state and check {to}",
                                 lambda: failover.plan_pg_switchover(fleet, cluster, to, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "force": force})
 
 
 @app.command("failover")
@@ -140,7 +142,7 @@ def failover_command(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"confirm cluster {cluster}'s primary is down and choose a standby",
                                 lambda: failover.plan_pg_failover(fleet, cluster, to, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "force": force})
 
 
 @app.command("rejoin")
@@ -161,4 +163,4 @@ def rejoin(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read the state of {node}'s cluster",
                                 lambda: failover.plan_pg_rejoin(fleet, node, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "force": force})

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.operations import conflicts
 from igops.output import plural
 
 app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
@@ -36,10 +37,10 @@ def sync(
                 out.log(f"in sync: {plural(len(plan.unchanged), 'check')} tagged {plan.tag}")
                 done = []
             else:
-                done = mutate(out, fleet, operation="pingdom-sync", target=plan.tag, targets=[plan.tag],
+                done = mutate(out, fleet, kind="pingdom-sync", resources=[conflicts.PINGDOM], targets=[plan.tag],
                               title=f"Make Pingdom match the inventory: {plural(len(plan.changes), 'change')}",
                               steps=plan.steps(), dry_run=dry_run, yes=yes,
-                              action=lambda: pingdom.apply_sync(client, plan, out),
+                              action=lambda reporter: pingdom.apply_sync(client, plan, reporter),
                               outcome=lambda applied: (f"{plural(len(applied), 'change')} applied", 0))
             out.table(None, ["action", "check", "id", "differences"],
                       [[change.action if done else f"{change.action} (planned)", change.name, change.check_id,
@@ -104,14 +105,14 @@ def maintenance(
             start = int(time.time())
             text = description or f"igops: {fleet.model.fleet.name} maintenance"
             ids = [int(check["id"]) for check in checks]
-            created = mutate(out, fleet, operation="pingdom-maintenance", target=pingdom.fleet_tag(fleet),
+            created = mutate(out, fleet, kind="pingdom-maintenance", resources=[conflicts.PINGDOM],
                              targets=[check["name"] for check in checks],
                              title=f"Maintenance window of {duration} over {plural(len(ids), 'Pingdom check')}",
                              steps=[f"POST /maintenance: {text!r} from now to {duration} later "
                                     f"(about {_clock(start + seconds)} UTC), "
                                     f"checks {', '.join(check['name'] for check in checks)}"],
                              dry_run=dry_run, yes=yes,
-                             action=lambda: client.open_maintenance(text, seconds, ids),
+                             action=lambda _: client.open_maintenance(text, seconds, ids),
                              outcome=lambda window: (f"window #{window[0]} until {_clock(window[1])}", 0))
         finally:
             client.close()

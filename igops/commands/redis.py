@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.operations import conflicts
 from igops.output import plural
 
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
@@ -18,7 +19,6 @@ FORCE_OPTION = typer.Option(False, "--force",
                             help="Go ahead despite what the preflight refuses (a lagging or behind replica, an old "
                                  "master that cannot be fenced): the plan names each risk accepted.")
 # One lock for every Redis operation: the fleet has one master.
-LOCK_TARGET = "redis"
 
 
 def show_state(out, state) -> None:
@@ -36,7 +36,7 @@ def _planned(out, step_title: str, planner):
     return planned(out, step_title, planner, show_state)
 
 
-def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
+def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
     from igops import failover
 
     def summary(result) -> str:
@@ -47,7 +47,8 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool) -> None:
 
     run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
              read_state=lambda: failover.redis_status(fleet), apply=failover.apply_redis,
-             operation="redis", lock_target=LOCK_TARGET, members=failover.redis_members(fleet),
+             kind=f"redis-{plan.operation}", resources=[conflicts.REDIS], members=failover.redis_members(fleet),
+             params=params,
              outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0),
              summary=summary, nothing_to_do=plan.title)
 
@@ -84,7 +85,7 @@ def switchover(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read every node's replication state and check {to}",
                                 lambda: failover.plan_redis_switchover(fleet, to, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "force": force})
 
 
 @app.command("failover")
@@ -104,7 +105,7 @@ def failover_command(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, "confirm the master is down and choose a replica",
                                 lambda: failover.plan_redis_failover(fleet, to, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "force": force})
 
 
 @app.command("rejoin")
@@ -125,4 +126,4 @@ def rejoin(
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read every node's replication state and {node}'s config",
                                 lambda: failover.plan_redis_rejoin(fleet, node, force))
-        _run(out, fleet, plan, before, dry_run, yes)
+        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "force": force})

@@ -7,6 +7,7 @@ from typing import Callable
 
 from igops.commands.common import mutate
 from igops.errors import RefusedError
+from igops.operations.steps import StepFailed
 
 
 def planned(out, step_title: str, planner, show_state) -> tuple:
@@ -22,7 +23,7 @@ def planned(out, step_title: str, planner, show_state) -> tuple:
 
 
 def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, read_state: Callable[[], object],
-             apply: Callable, operation: str, lock_target: str, members: list[str],
+             apply: Callable, kind: str, resources: list[tuple[str, str]], members: list[str], params: dict,
              outcome: Callable, summary: Callable, nothing_to_do: str) -> None:
     """Show the state and the plan, then confirm, lock, check under the lock that the state is still
     the one the plan was made for, apply it, and show the state again."""
@@ -45,14 +46,14 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         out.finish({"plan": failover.describe_plan(plan), "before": before})
         return
 
-    def act():
+    def act(reporter):
         failover.check_unchanged(fleet, plan)
-        return apply(fleet, plan, out)
+        return apply(fleet, plan, reporter)
 
     try:
-        result = mutate(out, fleet, operation=operation, target=lock_target, targets=members, title=plan.title,
-                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome)
-    except failover.StepFailed:
+        result = mutate(out, fleet, kind=kind, resources=resources, targets=members, title=plan.title,
+                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome, params=params)
+    except StepFailed:
         after = state_after()
         if after:
             out.log("where things stand now:")

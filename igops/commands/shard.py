@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from enum import Enum
 from typing import List, Optional
 
@@ -11,6 +10,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
 
+from igops.operations import conflicts
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
                        "between clusters online, verify copies, rebalance.", no_args_is_help=True)
 id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
@@ -131,9 +131,10 @@ def init(
         fleet = load_fleet(ctx)
         with out.step("read the clusters and the directory"):
             plan = shards.plan_init(fleet, count)
-        report = mutate(out, fleet, operation="shard-init", target="all", targets=list(fleet.model.postgres.clusters),
+        report = mutate(out, fleet, kind="shard-init", resources=conflicts.every_cluster(fleet),
+                        targets=list(fleet.model.postgres.clusters),
                         title=f"Initialise {plan.count} logical shards", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: shards.init_shards(fleet, out, plan.count),
+                        action=lambda reporter: shards.init_shards(fleet, reporter, plan.count),
                         outcome=lambda r: (f"shard map version {r.map_version}", 0))
         if report is None:
             out.finish({"dry_run": dry_run, "plan": plan})
@@ -155,16 +156,8 @@ MOVE_COLUMNS = ["move", "shard", "from -> to", "status", "rows", "bytes", "verif
                 "map version", "time"]
 
 
-@contextmanager
-def _shard_lock(fleet, shard: int):
-    """The (operation, target) lease of one shard's moves, for moves run by rebalance."""
-    import sys
-
-    from igops import coordination, safety
-
-    with coordination.for_fleet(fleet).lease("shard-move", f"shard-{shard}",
-                                             safety.redact_argv(["igops", *sys.argv[1:]]), coordination.reason()):
-        yield
+def _move_resources(plan) -> list[tuple[str, str]]:
+    return [conflicts.shard(plan.shard), conflicts.pg_cluster(plan.source), conflicts.pg_cluster(plan.target)]
 
 
 @app.command("move")
@@ -196,11 +189,11 @@ def move(
         pause = pause_after.value if pause_after else None
         if abort is not None:
             plan = shards.plan_abort(fleet, abort)
-            record = mutate(out, fleet, operation="shard-move", target=f"shard-{plan.shard}",
+            record = mutate(out, fleet, kind="shard-move", resources=_move_resources(plan),
                             targets=[f"shard {plan.shard}", plan.source, plan.target],
                             title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
                                   f"at {plan.step})", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda: shards.abort_move(fleet, plan, out),
+                            action=lambda reporter: shards.abort_move(fleet, plan, reporter),
                             outcome=lambda r: (f"move {r.id} aborted", 0))
             if record is None:
                 out.finish({"dry_run": dry_run, "plan": plan})
@@ -212,15 +205,15 @@ def move(
             plan, record = shards.plan_resume(fleet, resume)
             title = (f"Resume move {record.id} of shard {record.logical_shard} ({record.source} -> {record.target}) "
                      f"after {record.step}")
-            action = lambda: shards.resume_move(fleet, resume, out, pause)  # noqa: E731
+            action = lambda reporter: shards.resume_move(fleet, resume, reporter, pause)  # noqa: E731
         else:
             if to is None or shard is None:
                 raise UsageError("a move needs SHARD and --to CLUSTER")
             with out.step(f"check shard {shard}, {to} and the way between them"):
                 plan = shards.plan_move(fleet, shard, to)
             title = f"Move shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target}"
-            action = lambda: shards.start_move(fleet, plan, out, pause)  # noqa: E731
-        result = mutate(out, fleet, operation="shard-move", target=f"shard-{plan.shard}",
+            action = lambda reporter: shards.start_move(fleet, plan, reporter, pause)  # noqa: E731
+        result = mutate(out, fleet, kind="shard-move", resources=_move_resources(plan),
                         targets=[f"shard {plan.shard}", plan.source, plan.target], title=title, steps=plan.steps(),
                         dry_run=dry_run, yes=yes, action=action,
                         outcome=lambda r: (f"move {r.move_id} {r.status}, writes blocked {r.write_block_ms} ms", 0))
@@ -316,10 +309,12 @@ def rebalance(
             out.text("balanced: nothing to move")
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        result = mutate(out, fleet, operation="shard-rebalance", target="all", targets=list(plan.before),
+        # Every cluster is leased for the whole rebalance, so no single move needs a lease of its own.
+        result = mutate(out, fleet, kind="shard-rebalance", resources=conflicts.every_cluster(fleet),
+                        targets=list(plan.before),
                         title=f"Rebalance by {by.value}: {len(plan.moves)} moves", steps=plan.steps(),
                         dry_run=dry_run, yes=yes,
-                        action=lambda: shards.run_rebalance(fleet, plan, out, lambda s: _shard_lock(fleet, s)),
+                        action=lambda reporter: shards.run_rebalance(fleet, plan, reporter),
                         outcome=lambda r: (f"{len(r.results)} of {r.planned} moves done"
                                            + (f"; {r.failed}" if r.failed else ""),
                                            0 if not r.failed else int(ExitCode.PARTIAL if r.results

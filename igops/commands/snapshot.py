@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.operations import conflicts
 
 app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, prune, restore.",
                   no_args_is_help=True)
@@ -52,11 +53,11 @@ def create(
         with out.step(f"discover the volumes under {host}'s mounts"):
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
-            result = mutate(out, fleet, operation="snapshot-create", target=host, targets=[host],
+            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host), targets=[host],
                             title=f"Snapshot group {plan.group_id}: {len(plan.volumes)} volumes under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda: snapshot.create(fleet, plan, out),
+                            action=lambda reporter: snapshot.create(fleet, plan, reporter), params={"host": host},
                             outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
         except snapshot.SnapshotFailed as failed:
             out.table(None, ["group", "state", "freeze window", "error"],
@@ -138,10 +139,10 @@ def prune(
                                    grace=timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         deleted = []
         if plan.delete:
-            deleted = mutate(out, fleet, operation="snapshot-prune", target=host or "all", targets=[host or "all"],
+            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=[host or "all"],
                              title=f"Delete {len(plan.delete)} snapshot groups, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
-                             action=lambda: snapshot.prune(ebs, plan, out),
+                             action=lambda reporter: snapshot.prune(ebs, plan, reporter),
                              outcome=lambda done: (f"deleted {len(done)} groups", 0))
         else:
             out.log("nothing to delete")
@@ -174,15 +175,15 @@ def restore(
         ebs = Ebs(fleet)
         if cleanup:
             undo = restoring.plan_cleanup(fleet, ebs, group, to)
-            deleted = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
+            deleted = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
                              title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
-                             dry_run=dry_run, yes=yes, action=lambda: restoring.cleanup(fleet, ebs, undo, out))
+                             dry_run=dry_run, yes=yes, action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
             out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
             return
         plan = restoring.plan_restore(fleet, ebs, group, to, at, port)
-        result = mutate(out, fleet, operation="snapshot-restore", target=to, targets=[to],
+        result = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
                         title=f"Restore group {group} onto {to}", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: restoring.restore(fleet, ebs, plan, out))
+                        action=lambda reporter: restoring.restore(fleet, ebs, plan, reporter))
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return

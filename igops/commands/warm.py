@@ -10,6 +10,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
+from igops.operations import conflicts
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
                        "compare two hosts.", no_args_is_help=True)
@@ -117,11 +118,11 @@ def apply(
         fleet = load_fleet(ctx)
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
-        result = mutate(out, fleet, operation="warm", target=plan.target, targets=[plan.target],
+        result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
                         title=f"Warm {plan.target} with {plan.pages} pages ({vmtouch.human_bytes(plan.bytes)}) "
                               f"captured on {plan.source}",
                         steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: vmtouch.apply(fleet, plan, text, out), outcome=_warm_outcome)
+                        action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter), outcome=_warm_outcome)
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
@@ -149,11 +150,11 @@ def copy(
     with command(ctx, "warm copy", json_flag) as out:
         fleet = load_fleet(ctx)
         plan = vmtouch.plan_copy(fleet, source, to, paths, _options(concurrency, rate, match, timeout))
-        result = mutate(out, fleet, operation="warm", target=plan.target, targets=[plan.target],
+        result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
                         title=f"Warm {plan.target} with the pages cached on {plan.source} under "
                               f"{', '.join(root.path for root in plan.roots)}",
                         steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda: vmtouch.copy(fleet, plan, out), outcome=_warm_outcome)
+                        action=lambda reporter: vmtouch.copy(fleet, plan, reporter), outcome=_warm_outcome)
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return

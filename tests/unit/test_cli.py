@@ -136,10 +136,10 @@ def lock_held(state, operation: str, target: str, command_line: str):
 
 def test_second_run_exits_already_running_naming_the_holder(tmp_path, pingdom_api):
     config = with_pingdom(tmp_path, pingdom_api)
-    with lock_held(tmp_path / "state", "pingdom-sync", "igops-unit", "igops pingdom sync"):
+    with lock_held(tmp_path / "state", "pingdom", "all", "igops pingdom sync"):
         result = run_igops("-c", str(config), "pingdom", "sync", "--yes")
     assert result.returncode == ExitCode.LOCKED, result.stderr
-    assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    assert "pingdom all is held by" in result.stderr and f"pid {os.getpid()}" in result.stderr
 
 
 def test_exec_takes_no_lock_so_unrelated_runs_do_not_block_each_other(tmp_path):

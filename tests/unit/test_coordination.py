@@ -134,7 +134,7 @@ def test_the_holder_record_names_the_operator_and_hides_secrets(monkeypatch, reg
     again = coordination.Holder.from_json(holder.to_json())
     assert again == holder
     text = again.describe()
-    assert text.startswith("alice@bastion-2 pid ") and "reason: INC-42 ***" in text
+    assert text.startswith("pg by alice@bastion-2 pid ") and "reason: INC-42 ***" in text
     assert "since " + holder.since in text and text.endswith("igops pg switchover main --x ***")
 
 

@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from igops import failover, inventory, postgres, redisops
+from igops.operations import steps as step_runner
 from igops.errors import ExitCode, IgopsError
 from igops.output import Reporter
 from tests.conftest import run_igops
@@ -357,8 +358,8 @@ def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
     assert steps[-1].args == (("db2", "db1", "db3"),)
     assert failover.with_repmgrd_paused([], on="db1", members=("db1",)) == []
     actions = Recorder(fail="promote")
-    with pytest.raises(failover.StepFailed):
-        failover.execute(steps, actions, Reporter(), "hint")
+    with pytest.raises(step_runner.StepFailed):
+        step_runner.execute(steps, actions, Reporter(), "hint")
     assert actions.calls[0] == "pause_repmgrd" and "unpause_repmgrd" in actions.calls[actions.calls.index("promote"):]
 
 
@@ -459,17 +460,17 @@ class Recorder:
 
 
 STEPS = [
-    failover.Step("pause", "pause", release=failover.Step("resume", "resume")),
-    failover.Step("stop", "stop", undo=failover.Step("start", "start")),
-    failover.Step("promote", "promote", point_of_no_return=True),
-    failover.Step("repoint", "repoint"),
+    step_runner.Step("pause", "pause", release=step_runner.Step("resume", "resume")),
+    step_runner.Step("stop", "stop", undo=step_runner.Step("start", "start")),
+    step_runner.Step("promote", "promote", point_of_no_return=True),
+    step_runner.Step("repoint", "repoint"),
 ]
 
 
 def test_a_failure_before_the_point_of_no_return_undoes_then_releases():
     actions = Recorder(fail="stop")
-    with pytest.raises(failover.StepFailed) as failed:
-        failover.execute(STEPS, actions, Reporter(), "hint")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(STEPS, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "start", "resume"]
     assert failed.value.number == 2 and not failed.value.past_point_of_no_return
     assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
@@ -478,16 +479,16 @@ def test_a_failure_before_the_point_of_no_return_undoes_then_releases():
 def test_a_failure_from_the_point_of_no_return_on_only_releases():
     for failing in ("promote", "repoint"):
         actions = Recorder(fail=failing)
-        with pytest.raises(failover.StepFailed) as failed:
-            failover.execute(STEPS, actions, Reporter(), "hint")
+        with pytest.raises(step_runner.StepFailed) as failed:
+            step_runner.execute(STEPS, actions, Reporter(), "hint")
         assert actions.calls[-1] == "resume" and "start" not in actions.calls
         assert failed.value.past_point_of_no_return
 
 
 def test_an_interrupt_is_recovered_from_like_a_failure():
     actions = Recorder(fail="stop", error=KeyboardInterrupt())
-    with pytest.raises(failover.StepFailed, match="interrupted"):
-        failover.execute(STEPS, actions, Reporter(), "hint")
+    with pytest.raises(step_runner.StepFailed, match="interrupted"):
+        step_runner.execute(STEPS, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "start", "resume"]
 
 
@@ -502,8 +503,8 @@ def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
             return super().__getattr__(name)
 
     actions = UndoFails(fail="stop")
-    with pytest.raises(failover.StepFailed) as failed:
-        failover.execute(STEPS, actions, Reporter(), "hint")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(STEPS, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "start", "resume"]
     assert [(item.title, item.outcome) for item in failed.value.recovery] == [("start", "undo failed"),
                                                                              ("resume", "released")]
@@ -529,8 +530,8 @@ class SignalsBetween(list):
 def test_a_signal_between_two_steps_undoes_and_releases(signum):
     actions = Recorder()
     before = signal.getsignal(signum)
-    with pytest.raises(failover.StepFailed, match="interrupted") as failed:
-        failover.execute(SignalsBetween(STEPS, signum, at=2), actions, Reporter(), "hint")
+    with pytest.raises(step_runner.StepFailed, match="interrupted") as failed:
+        step_runner.execute(SignalsBetween(STEPS, signum, at=2), actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "start", "resume"]
     assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
     assert signal.getsignal(signum) is before  # the handlers are put back
@@ -550,21 +551,21 @@ def test_a_signal_during_the_recovery_does_not_stop_it():
             return start
 
     actions = SignalledInUndo(fail="promote", error=KeyboardInterrupt())
-    steps = [STEPS[0], STEPS[1], failover.Step("promote", "promote"), STEPS[3]]
-    with pytest.raises(failover.StepFailed):
-        failover.execute(steps, actions, Reporter(), "hint")
+    steps = [STEPS[0], STEPS[1], step_runner.Step("promote", "promote"), STEPS[3]]
+    with pytest.raises(step_runner.StepFailed):
+        step_runner.execute(steps, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "promote", "start", "after the signal", "resume"]
 
 
 def test_the_failure_message_ends_with_what_was_left():
-    with pytest.raises(failover.StepFailed) as failed:
-        failover.execute(STEPS, Recorder(fail="stop"), Reporter(), "hint", left_behind=lambda: "db1 is the primary")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(STEPS, Recorder(fail="stop"), Reporter(), "hint", left_behind=lambda: "db1 is the primary")
     assert failed.value.message.endswith("— left: db1 is the primary")
 
 
 def test_every_step_runs_in_order_when_nothing_fails():
     actions = Recorder()
-    reports = failover.execute(STEPS, actions, Reporter(), "hint")
+    reports = step_runner.execute(STEPS, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "promote", "repoint"]
     assert [report.outcome for report in reports] == ["ok"] * 4
 

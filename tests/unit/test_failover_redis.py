@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from igops import failover, inventory, redisops
+from igops.operations import steps as step_runner
 from igops.output import Reporter
 from tests.labtools import wait_for
 
@@ -75,10 +76,10 @@ def test_no_connection_is_opened_between_the_pause_and_the_demotion(pair):
     before = {name: connections_received(client) for name, client in clients.items()}
     switch = failover.RedisActions(fleet)
     try:
-        failover.execute(steps[:4], switch, Reporter(), "")
+        step_runner.execute(steps[:4], switch, Reporter(), "")
         # redis2 is the master now; redis1 has not connected to it yet (it is demoted next).
         assert connections_received(clients["redis2"]) - before["redis2"] == 1
-        failover.execute(steps[4:5], switch, Reporter(), "")
+        step_runner.execute(steps[4:5], switch, Reporter(), "")
         assert connections_received(clients["redis1"]) - before["redis1"] == 1
     finally:
         switch.close()

@@ -1,0 +1,158 @@
+"""What `igops ops resume` and `igops ops abort` do with an interrupted operation.
+
+Both start from the operation's journal record and run as operations themselves, under the
+same id and lease (igops.operations.engine), and both refuse while the original holder is
+alive: a resumed or aborted operation must never race the process that started it.
+
+- resume plans the operation again from its recorded parameters: the planners of
+  switchovers, failovers and rejoins read the live cluster and finish or roll back whatever
+  an interrupted run left (igops.failover), so the plan is always the one for now.
+- abort reads the journal: for every step that started, its release (RESUME a paused pooler)
+  and, unless a step past the point of no return had started, its undo (start the stopped old
+  primary again), run in reverse order by the kind's actions; it names each step it could not
+  undo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from igops import failover
+from igops.errors import AlreadyRunning, RefusedError
+from igops.operations import conflicts, journal
+from igops.operations.engine import OperationSpec
+from igops.operations.steps import Step, execute, from_spec
+from igops.output import Reporter
+
+RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
+# Kinds whose own command continues an interrupted run: what ops resume tells the operator to run.
+RERUN = {
+    "deploy": "igops deploy {target}",
+    "deploy-rollback": "igops deploy rollback",
+    "snapshot-create": "igops snapshot create {host}",
+    "shard-move": "igops shard moves, then igops shard move --resume ID",
+    "shard-rebalance": "igops shard moves, then igops shard move --resume ID for the move it was in",
+}
+
+
+@dataclass
+class Continuation:
+    """A resume or an abort, planned: what the dry run prints and the apply runs."""
+
+    spec: OperationSpec
+    apply: Callable[[Reporter], Any]
+    not_undone: list[str] = field(default_factory=list)
+    before: Any = None
+
+
+def refuse_if_alive(store, record: dict) -> None:
+    status = journal.status_of(record, store.alive(record))
+    if status == journal.RUNNING:
+        raise AlreadyRunning(f"operation {record['id']} is still running: {record.get('user')}@{record.get('host')} "
+                             f"pid {record.get('pid')}", "wait for it, or for its lease to expire if that process is gone")
+    if status != journal.INTERRUPTED:
+        raise RefusedError(f"operation {record['id']} has ended ({status}): there is nothing to continue",
+                           "see igops ops show " + record["id"])
+
+
+def plan_resume(fleet, record: dict) -> Continuation:
+    kind, params = record["kind"], record.get("params") or {}
+    if kind not in RESUMABLE:
+        rerun = RERUN.get(kind)
+        raise RefusedError(f"{kind} is not resumed by igops ops resume",
+                           f"run {rerun.format(**params)}: it continues from where the interrupted run stopped"
+                           if rerun else "run its command again")
+    if kind.startswith("pg-"):
+        plan, before = _pg_plan(fleet, kind, params)
+        resources = [conflicts.pg_cluster(plan.cluster)]
+        apply = failover.apply_pg
+    else:
+        plan, before = _redis_plan(fleet, kind, params)
+        resources = [conflicts.REDIS]
+        apply = failover.apply_redis
+    spec = OperationSpec(kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources,
+                         plan.steps(), params)
+
+    def run(reporter: Reporter):
+        failover.check_unchanged(fleet, plan)
+        return apply(fleet, plan, reporter)
+
+    if not plan.actions:
+        raise RefusedError(f"nothing to resume: {plan.notes[0] if plan.notes else plan.title}",
+                           "igops ops abort marks it ended if nothing is left to do")
+    return Continuation(spec, run, before=before)
+
+
+def _pg_plan(fleet, kind: str, params: dict):
+    if kind == "pg-switchover":
+        return failover.plan_pg_switchover(fleet, params["cluster"], params["to"], bool(params.get("force")))
+    if kind == "pg-failover":
+        return failover.plan_pg_failover(fleet, params["cluster"], params.get("to"), bool(params.get("force")))
+    return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("force")))
+
+
+def _redis_plan(fleet, kind: str, params: dict):
+    if kind == "redis-switchover":
+        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("force")))
+    if kind == "redis-failover":
+        return failover.plan_redis_failover(fleet, params.get("to"), bool(params.get("force")))
+    return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("force")))
+
+
+def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
+    """From a journal: the steps an abort runs (releases always, undos unless the operation
+    had started a step past its point of no return), newest first, and the titles of the
+    steps that ran and that nothing undoes."""
+    started = [entry for entry in entries if entry.get("event") == "intent" and entry.get("step")]
+    past_no_return = any(entry.get("point_of_no_return") for entry in started)
+    undos, releases, not_undone = [], [], []
+    seen = set()
+    for entry in started:
+        if entry["step"] in seen:  # a resumed run journals its own steps again
+            continue
+        seen.add(entry["step"])
+        if entry.get("release"):
+            releases.append(from_spec(entry["release"]))
+        if entry.get("undo") and not past_no_return:
+            undos.append(from_spec(entry["undo"]))
+        elif not entry.get("release"):
+            not_undone.append(f"[{entry['step']}] {entry.get('title')}")
+    return [*reversed(undos), *reversed(releases)], not_undone
+
+
+def plan_abort(fleet, record: dict, entries: list[dict]) -> Continuation:
+    kind = record["kind"]
+    steps, not_undone = recovery_steps(entries)
+    if kind.startswith("pg-"):
+        actions_for: Callable[[], Any] = lambda: failover.PgActions(fleet)  # noqa: E731
+        resources = [conflicts.pg_cluster(c) for c in _clusters(record)]
+    elif kind.startswith("redis-"):
+        actions_for = lambda: failover.RedisActions(fleet)  # noqa: E731
+        resources = [conflicts.REDIS]
+    else:
+        actions_for = None
+        resources = [tuple(resource) for resource in record.get("resources") or []]
+    if steps and actions_for is None:
+        raise RefusedError(f"{kind} journals no undo igops can run", "see igops ops show " + record["id"])
+    title = f"Abort {record['id']} ({record.get('title')})"
+    spec = OperationSpec(kind, title, record.get("targets") or [], resources, [step.title for step in steps],
+                         record.get("params") or {})
+
+    def run(reporter: Reporter):
+        if not steps:
+            return {"undone": [], "not_undone": not_undone}
+        actions = actions_for()
+        try:
+            execute(steps, actions, reporter, "see igops ops show " + record["id"])
+        finally:
+            close = getattr(actions, "close", None)
+            if close:
+                close()
+        return {"undone": [step.title for step in steps], "not_undone": not_undone}
+
+    return Continuation(spec, run, not_undone)
+
+
+def _clusters(record: dict) -> list[str]:
+    return [name for kind, name in (record.get("resources") or []) if kind == "pg"]

@@ -1,0 +1,270 @@
+"""Running an operation: lease, write-ahead journal and audit around whatever it does.
+
+`perform(fleet, spec, action, reporter)` takes the lease on the spec's resources (refusing with
+exit 4, naming the holder and its current step, or waiting up to `wait` seconds), records the
+operation, audits its start, runs `action(operation)`, and records and audits its end however
+it ends. Every `reporter.step()` the action takes goes through the operation's reporter: an
+intent entry before the step, a result entry after it, and a lease check before it, so an
+operation whose lease was lost stops at its next step boundary. Library callers get all of
+this by calling `perform`; commands only confirm first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+from igops import coordination, safety
+from igops.errors import IgopsError, RefusedError
+from igops.operations import conflicts, journal
+from igops.output import Reporter, StepRecord
+from igops.secrets import redact
+
+T = TypeVar("T")
+Resource = conflicts.Resource
+
+
+@dataclass
+class OperationSpec:
+    """What an operation is before it runs: the plan a dry run prints and the apply follows."""
+
+    kind: str
+    title: str
+    targets: list[str]
+    resources: list[Resource]
+    steps: list[str]
+    # What `igops ops resume` needs to plan the operation again (a cluster, a candidate, …).
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        conflicts.kind(self.kind)  # an unknown kind is a bug: fail before anything runs
+
+
+class Operation:
+    """A running operation: its id and record, its lease, and the reporter its steps go through."""
+
+    def __init__(self, spec: OperationSpec, record: dict, store, held: coordination.HeldLease,
+                 reporter: Reporter):
+        self.spec, self.record, self.store, self.held = spec, record, store, held
+        self.reporter = JournaledReporter(reporter, self)
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def check_lease(self) -> None:
+        self.held.check()
+
+    def write(self, event: str, **fields: Any) -> None:
+        self.store.append(self.id, {"time": safety.now(), "event": event, "pid": os.getpid(), **fields})
+
+    def facts(self, **facts: Any) -> None:
+        """Something a resume needs to know (a group id, the release being rolled out)."""
+        self.record.setdefault("facts", {}).update(facts)
+        self.store.put_record(self.record)
+        self.write("facts", facts=facts)
+
+    def at_step(self, number: int, title: str) -> None:
+        self.record["step"] = {"number": number, "title": title, "since": safety.now()}
+        self.store.put_record(self.record)
+
+
+class JournaledReporter(Reporter):
+    """The reporter an operation's steps see: the command's own, plus the journal."""
+
+    def __init__(self, inner: Reporter, operation: Operation):
+        self.inner, self.operation = inner, operation
+        self._announced: dict = {}
+        self._count = 0  # a library caller's reporter numbers nothing: the journal numbers its steps
+
+    def announce(self, **fields: Any) -> None:
+        """Extra fields for the next step's intent entry (its undo and release)."""
+        self._announced = {key: value for key, value in fields.items() if value is not None}
+
+    @contextmanager
+    def step(self, title: str) -> Iterator[StepRecord]:
+        operation = self.operation
+        operation.check_lease()
+        extra, self._announced = self._announced, {}
+        started = time.monotonic()
+        self._count += 1
+        with self.inner.step(title) as record:
+            number = record.number or self._count
+            # Written before the step acts: if the journal cannot take it, the step never runs.
+            operation.write("intent", step=number, title=record.title, **extra)
+            operation.at_step(number, record.title)
+            try:
+                yield record
+            except BaseException as exc:
+                operation.write("result", step=number, title=record.title, status="failed",
+                                duration_ms=_ms(started), detail=record.detail or _first_line(exc))
+                raise
+            operation.write("result", step=number, title=record.title,
+                            status="ok" if record.status == "running" else record.status,
+                            duration_ms=_ms(started), detail=record.detail)
+
+    def log(self, message: str) -> None:
+        self.inner.log(message)
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a command's reporter offers (its consoles, its step list) is the command's.
+        return getattr(self.inner, name)
+
+    @contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
+        with self.inner.progress(description, total, unit) as advance:
+            yield advance
+
+
+def perform(fleet, spec: OperationSpec, action: Callable[[Operation], T], reporter: Reporter = Reporter(), *,
+            outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), reason: str | None = None,
+            wait: float = 0.0, resume: dict | None = None) -> T:
+    """Run `action` as an operation (see the module's docstring). `resume` is the record of an
+    interrupted operation this run continues under the same id."""
+    backend = coordination.for_fleet(fleet)
+    store = journal.for_coordinator(backend, fleet.state_dir)
+    command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    reason = reason or coordination.reason()
+    op_id = resume["id"] if resume else journal.new_id()
+    holder = coordination.current_holder(spec.kind, ", ".join(spec.targets), command_line, reason, op_id)
+    started = time.monotonic()
+    with _leased(backend, store, spec.resources, holder, wait) as held, store.hold(op_id):
+        record = _begin(store, spec, holder, held, resume)
+        operation = Operation(spec, record, store, held, reporter)
+        backend.audit(command=command_line, targets=spec.targets, result="resumed" if resume else "started",
+                      exit_code=None, duration_ms=0.0, reason=reason, operation_id=op_id)
+        word, code, detail = "failed", 1, None
+        try:
+            result = action(operation)
+            word, code = outcome(result)
+            return result
+        except IgopsError as exc:
+            code, detail = int(exc.exit_code), exc.one_line()
+            raise
+        except BaseException as exc:
+            word, detail = ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"), _first_line(exc)
+            raise
+        finally:
+            lost = held.lost()
+            if lost:
+                reporter.log(f"warning: the lease of operation {op_id} was lost while it worked ({lost}); "
+                             "another operator may have started on its targets meanwhile")
+                detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
+            _end(store, operation, word, code, detail, reporter)
+            backend.audit(command=command_line, targets=spec.targets, result=word, exit_code=code,
+                          duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason,
+                          operation_id=op_id)
+
+
+def declined(fleet, targets: list[str], reason: str | None = None) -> None:
+    """A person said no to the plan: nothing ran, and the audit trail says so."""
+    coordination.for_fleet(fleet).audit(command=safety.redact_argv(["igops", *sys.argv[1:]]), targets=targets,
+                                        result="declined", exit_code=2, duration_ms=0.0,
+                                        reason=reason or coordination.reason())
+
+
+def audited(fleet, targets: list[str], action: Callable[[], T], outcome: Callable[[T], tuple[str, int]],
+            reason: str | None = None) -> T:
+    """An action that is no operation (nothing igops keeps state about, no lease): only its
+    outcome is audited (`igops exec`)."""
+    backend = coordination.for_fleet(fleet)
+    command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+    reason = reason or coordination.reason()
+    started = time.monotonic()
+    word, code, detail = "failed", 1, None
+    try:
+        result = action()
+        word, code = outcome(result)
+        return result
+    except IgopsError as exc:
+        code, detail = int(exc.exit_code), exc.one_line()
+        raise
+    except BaseException as exc:
+        detail = _first_line(exc)
+        raise
+    finally:
+        backend.audit(command=command_line, targets=targets, result=word, exit_code=code,
+                      duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason)
+
+
+@contextmanager
+def _leased(backend, store, resources: list[Resource], holder, wait: float) -> Iterator[coordination.HeldLease]:
+    try:
+        with backend.lease(resources, holder, wait) as held:
+            yield held
+    except coordination.Conflict as conflict:
+        raise _named(conflict, store) from None
+
+
+def _named(conflict: coordination.Conflict, store) -> coordination.Conflict:
+    """The refusal names the holder's current step, read from its journal record."""
+    holder = conflict.holder
+    if holder is None or not holder.operation_id:
+        return conflict
+    try:
+        record = store.record(holder.operation_id) or {}
+    except (IgopsError, OSError, ValueError):
+        record = {}
+    step = record.get("step")
+    if step:
+        label = f"[{step['number']}]" if step.get("number") else "[pre]"
+        where = f"{label} {step.get('title')} (since {step.get('since')})"
+        conflict.message = f"{conflict.resource[0]} {conflict.resource[1]} is held by {holder.describe(where)}"
+    return conflict
+
+
+def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dict:
+    lease_id = getattr(held, "lease_id", None)
+    if resume:
+        record = dict(resume)
+        record.update(ended=None, result=None, exit_code=None, detail=None, lease_id=lease_id,
+                      pid=holder.pid, resumed_by=f"{holder.user}@{holder.host}")
+        store.put_record(record)
+        store.append(record["id"], {"time": holder.since, "event": "resume", "pid": holder.pid,
+                                    "operator": f"{holder.user}@{holder.host}", "command": holder.command})
+        return record
+    record = {"id": holder.operation_id, "kind": spec.kind, "title": redact(spec.title), "targets": spec.targets,
+              "resources": [list(resource) for resource in spec.resources], "plan": spec.steps, "params": spec.params,
+              "user": holder.user, "host": holder.host, "pid": holder.pid, "sudo_user": os.environ.get("SUDO_USER"),
+              "command": holder.command, "reason": holder.reason, "started": holder.since, "ended": None,
+              "result": None, "exit_code": None, "detail": None, "step": None, "lease_id": lease_id,
+              "backend": store.name}
+    store.put_record(record)
+    store.append(record["id"], {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"],
+                                "plan": spec.steps})
+    return record
+
+
+def _end(store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter) -> None:
+    """Record the end; a store that cannot take it (etcd gone) must not hide the outcome itself."""
+    record = operation.record
+    record.update(ended=safety.now(), result=word, exit_code=code, detail=redact(detail) if detail else None)
+    try:
+        store.put_record(record)
+        operation.write("end", result=word, exit_code=code, detail=detail)
+    except (IgopsError, OSError) as exc:
+        reporter.log(f"warning: the end of operation {operation.id} could not be journaled ({_first_line(exc)}); "
+                     "`igops ops list` will show it as interrupted")
+
+
+def refuse_unknown(op_id: str, store) -> dict:
+    record = store.record(op_id)
+    if record is None:
+        raise RefusedError(f"no operation {op_id!r} in the journal ({store.name})",
+                           "list them with igops ops list --all")
+    return record
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, IgopsError):
+        return exc.one_line()
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

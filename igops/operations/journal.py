@@ -1,0 +1,197 @@
+"""The write-ahead journal of operations: where everyone sees what is running, what was
+interrupted, and what each step did.
+
+Each operation has a record (kind, targets, plan, operator, reason, current step, result) and a
+list of entries, appended before each step (intent) and after it (result), and at its end.
+Two stores behind one interface, chosen like the leases (igops.coordination):
+
+- local: `<state_dir>/operations/<id>.json` (the record, replaced atomically), `<id>.journal`
+  (JSON lines, appended with O_APPEND) and `<id>.lock`, flocked by the process running the
+  operation, so that a reader can tell running from interrupted even after a SIGKILL;
+- etcd: `<prefix>ops/<id>` (the record) and `<prefix>journal/<id>/<seq>` (the entries); the
+  record names the etcd lease of the process running it, alive while that process renews it.
+
+A record whose operation has not ended is "running" while its holder is alive, "interrupted"
+once it is not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets as random
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from igops.errors import AlreadyRunning
+from igops.secrets import redact_data
+
+RUNNING, INTERRUPTED = "running", "interrupted"
+
+
+def new_id(moment: datetime | None = None) -> str:
+    """Sortable by start time, short enough to type: 20261203-071530-a3f9."""
+    moment = moment or datetime.now(timezone.utc)
+    return moment.strftime("%Y%m%d-%H%M%S") + "-" + random.token_hex(2)
+
+
+def status_of(record: dict, alive: bool) -> str:
+    """An ended operation's result; otherwise running or interrupted, by whether its holder lives."""
+    if record.get("ended"):
+        return str(record.get("result") or "ended")
+    return RUNNING if alive else INTERRUPTED
+
+
+def _clean(data: Any) -> Any:
+    """What a store keeps: redacted, and JSON whatever the facts hold."""
+    return redact_data(json.loads(json.dumps(data, default=str)))
+
+
+class LocalJournal:
+    name = "local"
+
+    def __init__(self, state_dir: Path):
+        self.directory = state_dir / "operations"
+
+    def _path(self, op_id: str, suffix: str) -> Path:
+        if not op_id or "/" in op_id or op_id.startswith("."):
+            raise ValueError(f"not an operation id: {op_id!r}")
+        return self.directory / f"{op_id}{suffix}"
+
+    @contextmanager
+    def hold(self, op_id: str, lease: Any = None) -> Iterator[None]:
+        """Mark the operation as running in this process until the block ends (or it dies)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._path(op_id, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AlreadyRunning(f"operation {op_id} is running in another process",
+                                     "see igops ops show " + op_id) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def alive(self, record: dict) -> bool:
+        try:
+            fd = os.open(self._path(record["id"], ".lock"), os.O_RDONLY)
+        except (OSError, ValueError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def put_record(self, record: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._path(record["id"], ".json")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(_clean(record), sort_keys=True))
+        os.replace(temporary, path)
+
+    def append(self, op_id: str, entry: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        line = (json.dumps(_clean(entry), sort_keys=True) + "\n").encode()
+        fd = os.open(self._path(op_id, ".journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)  # one write of one line: atomic with O_APPEND
+        finally:
+            os.close(fd)
+
+    def record(self, op_id: str) -> dict | None:
+        try:
+            return json.loads(self._path(op_id, ".json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def records(self) -> list[dict]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # being replaced this instant, or not ours
+        return found
+
+    def entries(self, op_id: str) -> list[dict]:
+        try:
+            text = self._path(op_id, ".journal").read_text()
+        except OSError:
+            return []
+        entries = []
+        for line in text.splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a full disk
+        return entries
+
+
+class EtcdJournal:
+    name = "etcd"
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+        self.gateway = coordinator.gateway
+        self.prefix = coordinator.settings.prefix
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, op_id: str, lease: Any = None) -> Iterator[None]:
+        # The lease taken on the operation's resources is its liveness: its id is in the record.
+        yield
+
+    def alive(self, record: dict) -> bool:
+        from igops.coordination import EtcdError
+
+        lease_id = record.get("lease_id")
+        if not lease_id:
+            return False
+        try:
+            return self.coordinator.lease_alive(str(lease_id))
+        except EtcdError:
+            return True  # unknown: never call a live operation interrupted on a guess
+
+    def put_record(self, record: dict) -> None:
+        self.gateway.put(f"{self.prefix}ops/{record['id']}", json.dumps(_clean(record), sort_keys=True))
+
+    def append(self, op_id: str, entry: dict) -> None:
+        with self._seq_lock:
+            self._seq += 1
+            # Unique across processes that resume the same operation: time first, then pid.
+            key = (f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}")
+        self.gateway.put(key, json.dumps(_clean(entry), sort_keys=True))
+
+    def record(self, op_id: str) -> dict | None:
+        found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")
+        for key, value in found:
+            if key == f"{self.prefix}ops/{op_id}":
+                return json.loads(value)
+        return None
+
+    def records(self) -> list[dict]:
+        return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}ops/")]
+
+    def entries(self, op_id: str) -> list[dict]:
+        return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}journal/{op_id}/")]
+
+
+def for_coordinator(coordinator, state_dir: Path) -> LocalJournal | EtcdJournal:
+    from igops.coordination import EtcdCoordinator
+
+    if isinstance(coordinator, EtcdCoordinator):
+        return EtcdJournal(coordinator)
+    return LocalJournal(state_dir)

@@ -1,0 +1,141 @@
+"""The read side of the operation engine: what `igops ops` and `igops check` show.
+
+The list works without the coordinator too: each successful read of the records is cached in
+the state directory, and a read etcd cannot answer (quorum lost) returns that cache, marked
+stale with when it was read, so an on-call engineer still sees what was under way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from igops import coordination, safety
+from igops.errors import RefusedError
+from igops.operations import conflicts, journal
+
+CACHE_NAME = "operations-cache.json"
+
+
+@dataclass
+class OperationsView:
+    records: list[dict]
+    backend: str
+    stale: str | None = None  # why the list is the cached one
+    read_at: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _store(fleet):
+    backend = coordination.for_fleet(fleet)
+    return backend, journal.for_coordinator(backend, fleet.state_dir)
+
+
+def _with_status(store, record: dict) -> dict:
+    record = dict(record)
+    record["status"] = journal.status_of(record, False if record.get("ended") else store.alive(record))
+    return record
+
+
+def list_operations(fleet, include_ended: bool = False) -> OperationsView:
+    backend, store = _store(fleet)
+    cache = fleet.state_dir / CACHE_NAME
+    try:
+        records = [_with_status(store, record) for record in store.records()]
+    except coordination.EtcdError as exc:
+        cached = _read_cache(cache)
+        records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]
+        return OperationsView(records, backend.name, stale=exc.message, read_at=cached.get("read_at", "never"))
+    records.sort(key=lambda record: record.get("started") or "")
+    _write_cache(cache, records)
+    shown = [r for r in records if include_ended or r["status"] in (journal.RUNNING, journal.INTERRUPTED)]
+    return OperationsView(shown, backend.name, read_at=safety.now())
+
+
+def show(fleet, op_id: str) -> tuple[dict, list[dict]]:
+    _, store = _store(fleet)
+    record = store.record(op_id)
+    if record is None:
+        raise RefusedError(f"no operation {op_id!r} in the journal", "igops ops list --all lists them")
+    return _with_status(store, record), store.entries(op_id)
+
+
+def history(fleet, since: datetime | None, target: str | None, limit: int) -> list[dict]:
+    backend = coordination.for_fleet(fleet)
+    if isinstance(backend, coordination.EtcdCoordinator):
+        records = backend.audit_records()
+    else:
+        records = _local_audit(fleet.state_dir / "audit.log")
+    if since is not None:
+        records = [r for r in records if _time(r.get("time")) >= since]
+    if target is not None:
+        records = [r for r in records if target in (r.get("targets") or [])]
+    return records[-limit:]
+
+
+def _local_audit(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _time(text) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def overdue(record: dict, now: datetime | None = None) -> float | None:
+    """Seconds a running operation has held its lease beyond its kind's expected duration."""
+    if record.get("status") != journal.RUNNING:
+        return None
+    try:
+        expected = conflicts.kind(record["kind"]).expected_s
+    except ValueError:
+        return None
+    held = ((now or datetime.now(timezone.utc)) - _time(record.get("started"))).total_seconds()
+    return held - expected if held > expected else None
+
+
+def plan_continuation(fleet, op_id: str, name: str):
+    """The record of an interrupted operation and the resume or abort planned for it."""
+    from igops import interrupted
+
+    _, store = _store(fleet)
+    record = store.record(op_id)
+    if record is None:
+        raise RefusedError(f"no operation {op_id!r} in the journal", "igops ops list shows the interrupted ones")
+    interrupted.refuse_if_alive(store, record)
+    if name == "resume":
+        return record, interrupted.plan_resume(fleet, record)
+    return record, interrupted.plan_abort(fleet, record, store.entries(op_id))
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, records: list[dict]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps({"read_at": safety.now(), "records": records}))
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a cache that cannot be written only makes a later stale read older

@@ -1,0 +1,221 @@
+"""The operation engine on its local backend: leases by resource, the write-ahead journal,
+running versus interrupted (a real SIGKILLed process), --wait, and what an abort would run.
+The etcd backend is tested against the lab's etcd (tests/integration/test_operations_etcd.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from igops import inventory
+from igops.errors import ExitCode
+from igops.operations import conflicts, engine, journal, steps
+from igops.operations.engine import OperationSpec
+from igops.output import Reporter
+from tests.unit.inventories import unit_inventory
+
+HOSTS = [("db1", "127.0.99.1", "postgres"), ("db2", "127.0.99.2", "postgres"), ("db3", "127.0.99.3", "postgres"),
+         ("redis1", "127.0.99.4", "redis"), ("app1", "127.0.99.5", "app")]
+SECTIONS = ('[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
+            '[postgres.clusters.shards2]\nprimary = "db3"\nstandbys = []\n[redis]\nmaster = "redis1"\n')
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    return inventory.load_file(unit_inventory(tmp_path, HOSTS, sections=SECTIONS))
+
+
+def spec(kind="pg-switchover", resources=None, steps_=("pause", "stop", "promote")):
+    return OperationSpec(kind, f"{kind} test", ["main"], resources or [conflicts.pg_cluster("main")], list(steps_),
+                         {"cluster": "main", "to": "db2"})
+
+
+def records(fleet):
+    return journal.LocalJournal(fleet.state_dir).records()
+
+
+def test_an_operation_journals_each_step_before_and_after_it_and_audits_start_and_end(fleet):
+    def action(operation):
+        for title in ("pause", "stop"):
+            with operation.reporter.step(title) as record:
+                record.detail = f"{title} done"
+        return "result"
+
+    assert engine.perform(fleet, spec(), action, Reporter(), reason="INC-7") == "result"
+    [record] = records(fleet)
+    assert record["kind"] == "pg-switchover" and record["result"] == "ok" and record["exit_code"] == 0
+    assert record["reason"] == "INC-7" and record["plan"] == ["pause", "stop", "promote"]
+    entries = journal.LocalJournal(fleet.state_dir).entries(record["id"])
+    assert [(e["event"], e.get("title")) for e in entries] == [
+        ("begin", "pg-switchover test"), ("intent", "pause"), ("result", "pause"), ("intent", "stop"),
+        ("result", "stop"), ("end", None)]
+    assert entries[2]["detail"] == "pause done" and entries[2]["duration_ms"] >= 0
+    audit = [json.loads(line) for line in (fleet.state_dir / "audit.log").read_text().splitlines()]
+    assert [(a["result"], a["exit_code"], a["operation"]) for a in audit] == [
+        ("started", None, record["id"]), ("ok", 0, record["id"])]
+
+
+def test_a_failed_operation_ends_failed_with_its_exit_code_and_the_failing_step(fleet):
+    from igops.errors import RemoteError
+
+    def action(operation):
+        with operation.reporter.step("stop"):
+            raise RemoteError("db1 did not stop", "look at its log")
+
+    with pytest.raises(RemoteError):
+        engine.perform(fleet, spec(), action, Reporter())
+    [record] = records(fleet)
+    assert record["result"] == "failed" and record["exit_code"] == int(RemoteError.exit_code)
+    assert "db1 did not stop" in record["detail"]
+    entries = journal.LocalJournal(fleet.state_dir).entries(record["id"])
+    assert [e["status"] for e in entries if e["event"] == "result"] == ["failed"]
+
+
+def holding(fleet, resources, step_title="stop the old primary"):
+    """Run an operation in a thread that waits, inside its first step, until released."""
+    inside, release = threading.Event(), threading.Event()
+
+    def action(operation):
+        with operation.reporter.step(step_title):
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=engine.perform, args=(fleet, spec(resources=resources), action, Reporter()),
+                              kwargs={"reason": "INC-1"})
+    thread.start()
+    assert inside.wait(10)
+    return thread, release
+
+
+def test_a_conflict_exits_4_naming_the_holder_its_step_and_reason(fleet):
+    thread, release = holding(fleet, [conflicts.pg_cluster("main")])
+    try:
+        move = OperationSpec("shard-move", "move shard 3 into main", ["shard 3"],
+                             [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")],
+                             ["copy"])
+        with pytest.raises(Exception) as refused:
+            engine.perform(fleet, move, lambda op: None, Reporter())
+        assert refused.value.exit_code == ExitCode.LOCKED
+        text = refused.value.message
+        assert "pg main is held by pg-switchover" in text and "[1] stop the old primary" in text
+        assert "reason: INC-1" in text and f"pid {os.getpid()}" in text
+    finally:
+        release.set()
+        thread.join()
+    # Nothing of the refused operation was left behind: no record, no lock.
+    assert [r["kind"] for r in records(fleet)] == ["pg-switchover"]
+
+
+def test_operations_on_other_resources_run_at_once(fleet):
+    thread, release = holding(fleet, [conflicts.pg_cluster("main")])
+    try:
+        other = OperationSpec("pg-switchover", "other cluster", ["shards2"], [conflicts.pg_cluster("shards2")], [])
+        assert engine.perform(fleet, other, lambda op: "done", Reporter()) == "done"
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_wait_takes_the_lease_once_the_holder_ends(fleet):
+    thread, release = holding(fleet, [conflicts.pg_cluster("main")])
+    threading.Timer(0.5, release.set).start()
+    started = time.monotonic()
+    assert engine.perform(fleet, spec(), lambda op: "mine", Reporter(), wait=10) == "mine"
+    assert 0.4 < time.monotonic() - started < 5
+    thread.join()
+
+
+@pytest.mark.parametrize("first, second", [
+    (("pg-switchover", "main"), ("pg-failover", "main")),
+    (("pg-switchover", "main"), ("shard-move", "into main")),
+    (("pg-switchover", "main"), ("snapshot-create", "db2")),
+    (("deploy", None), ("deploy-rollback", None)),
+    (("redis-switchover", None), ("snapshot-create", "redis1")),
+])
+def test_the_conflict_table(fleet, first, second):
+    def resources(kind, target):
+        if kind.startswith("pg-"):
+            return [conflicts.pg_cluster(target)]
+        if kind == "shard-move":
+            return [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")]
+        if kind == "snapshot-create":
+            return conflicts.for_host(fleet, target)
+        if kind.startswith("redis-"):
+            return [conflicts.REDIS]
+        return [conflicts.APP]
+
+    assert conflicts.conflicting(resources(*first), resources(*second))
+
+
+def test_unrelated_operations_do_not_conflict(fleet):
+    assert not conflicts.conflicting([conflicts.pg_cluster("main")], conflicts.for_host(fleet, "db3"))
+    assert not conflicts.conflicting([conflicts.warm("db2")], conflicts.for_host(fleet, "db2"))
+    assert not conflicts.conflicting([conflicts.APP], [conflicts.REDIS])
+
+
+def test_every_kind_is_in_the_table_and_an_unknown_kind_is_a_bug():
+    assert {row[0] for row in conflicts.table_rows()} == set(conflicts.KINDS)
+    with pytest.raises(ValueError, match="unknown operation kind"):
+        OperationSpec("pg-switcheroo", "x", [], [], [])
+
+
+KILLED = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from igops import inventory
+    from igops.operations import conflicts, engine
+    from igops.operations.engine import OperationSpec
+    from igops.output import Reporter
+    fleet = inventory.load_file(Path(sys.argv[1]))
+    def action(operation):
+        with operation.reporter.step("pause"):
+            pass
+        with operation.reporter.step("stop"):
+            print("inside", flush=True)
+            time.sleep(60)
+    engine.perform(fleet, OperationSpec("pg-switchover", "killed", ["main"], [conflicts.pg_cluster("main")],
+                                        ["pause", "stop"], {"cluster": "main", "to": "db2"}), action, Reporter())
+""")
+
+
+def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(fleet, tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", KILLED, str(fleet.source)], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert child.stdout.readline().strip() == "inside"
+    store = journal.LocalJournal(fleet.state_dir)
+    [record] = store.records()
+    assert journal.status_of(record, store.alive(record)) == journal.RUNNING
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    [record] = store.records()
+    assert journal.status_of(record, store.alive(record)) == journal.INTERRUPTED
+    assert record["step"]["number"] == 2 and record["step"]["title"] == "stop"
+    # The kernel dropped its flocks: the next operation on main gets the lease at once.
+    assert engine.perform(fleet, spec(), lambda op: "next", Reporter()) == "next"
+
+
+def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_return():
+    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},), release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
+    stop = steps.Step("stop", "stop", ("db1",), undo=steps.Step("start db1", "start", ("db1",)))
+    promote = steps.Step("promote", "promote", ("db2",), point_of_no_return=True)
+
+    def entry(number, step, past=False):
+        return {"event": "intent", "step": number, "title": step.title, "undo": steps.spec(step.undo),
+                "release": steps.spec(step.release), "point_of_no_return": past}
+
+    from igops import interrupted
+
+    before = [entry(1, pause), entry(2, stop)]
+    to_run, not_undone = interrupted.recovery_steps(before)
+    assert [(s.title, s.args) for s in to_run] == [("start db1", ("db1",)), ("resume", ({"pgb1": ["main"]},))]
+    assert not_undone == []
+    past = [*before, entry(3, promote, past=True)]
+    to_run, not_undone = interrupted.recovery_steps(past)
+    assert [s.title for s in to_run] == ["resume"]
+    assert not_undone == ["[2] stop", "[3] promote"]
