@@ -26,7 +26,7 @@ from igops.errors import NagiosStatus, UsageError
 from igops.secrets import Secrets
 
 GROUPS = ("ssh", "disk", "frozen", "http", "postgres", "pgbouncer", "redis", "memcached", "munin", "snapshot",
-          "pingdom")
+          "pingdom", "operations")
 SSH_GROUPS = ("ssh", "disk", "frozen")
 PROBE_TIMEOUT = 5.0
 # A write to a data mount that takes longer than this is taken for a frozen filesystem.
@@ -140,6 +140,10 @@ def probes(fleet, roles: list[str] | None = None, only: list[str] | None = None,
         found += snapshot_probes(context)
     if "pingdom" in enabled and (not roles or "lb" in roles):
         found += pingdom_probes(context)
+    if "operations" in enabled and not roles:
+        from igops.checks.operations import operations_probe
+
+        found.append(operations_probe(fleet))
     return found
 
 

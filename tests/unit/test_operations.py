@@ -219,3 +219,40 @@ def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_ret
     to_run, not_undone = interrupted.recovery_steps(past)
     assert [s.title for s in to_run] == ["resume"]
     assert not_undone == ["[2] stop", "[3] promote"]
+
+
+def test_the_operations_check_warns_of_interrupted_and_is_critical_for_overdue_operations():
+    from igops.checks.operations import verdict
+    from igops.errors import NagiosStatus
+
+    running = {"id": "a", "kind": "pg-switchover", "status": "running", "user": "alice", "host": "bastion1"}
+    stopped = {"id": "b", "kind": "deploy", "status": "interrupted", "step": {"number": 3, "title": "drain app1"}}
+    assert verdict([], {}, None) == (NagiosStatus.OK, "none running or interrupted")
+    assert verdict([running], {}, None)[0] == NagiosStatus.OK
+    status, text = verdict([running, stopped], {}, None)
+    assert status == NagiosStatus.WARNING and "deploy b interrupted at step 3 (drain app1)" in text
+    assert "igops ops resume|abort b" in text
+    status, text = verdict([running, stopped], {"a": 1200}, None)
+    assert status == NagiosStatus.CRITICAL and "pg-switchover a held 20 min past" in text
+    assert verdict([], {}, "etcd: no leader")[0] == NagiosStatus.UNKNOWN
+
+
+def test_an_operation_is_overdue_only_past_its_kinds_expected_duration():
+    from datetime import datetime, timedelta, timezone
+
+    from igops import operations_view
+
+    now = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc)
+    record = {"kind": "pg-switchover", "status": "running", "started": (now - timedelta(minutes=4)).isoformat()}
+    assert operations_view.overdue(record, now) is None
+    record["started"] = (now - timedelta(minutes=7)).isoformat()
+    assert operations_view.overdue(record, now) == pytest.approx(120)
+    assert operations_view.overdue({**record, "status": "interrupted"}, now) is None
+
+
+def test_the_docs_conflict_table_is_the_codes():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    for kind, leases, expected in conflicts.table_rows():
+        assert f"| `{kind}` | {leases} | {expected} |" in text, kind
