@@ -255,7 +255,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                         *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
             services.wait_for_replication()
         with reporter.step("PgBouncer: re-read its databases file, resume what an interrupted operation paused") as step:
-            done = pooler.bring_to_health(creds, paths.fleet_state, _command_line(), reload=rerouted)
+            done = pooler.bring_to_health(creds, lab_inventory.coordinator(paths), _command_line(),
+                                          reload=rerouted)
             report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]
             step.detail = "; ".join(done) or "nothing was paused"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:

@@ -17,8 +17,11 @@ from igops.lab.aws import ENDPOINT, AwsState
 from igops.lab.postgres import BIN_DIR
 from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, HOSTS, LB_PORT, LOGICAL_SHARDS,
                              MEMCACHED_PORT, MUNIN_PORT, PAGERDUTY, PGBOUNCER_PORT, PINGDOM, POSTGRES_PORT,
-                             REDIS_PORT, SSH_PORT, Paths)
+                             REDIS_PORT, SSH_PORT, Paths, etcd_endpoints)
 from igops.lab.storage import VolumeState
+
+# The lease TTL of the lab's operations: the default a real fleet starts from.
+LEASE_TTL_S = 10
 
 
 def _value(value) -> str:
@@ -59,6 +62,8 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
         _table("monitoring", {"pingdom_url": f"http://{PINGDOM[0]}:{PINGDOM[1]}/api/3.1",
                               "pagerduty_url": f"http://{PAGERDUTY[0]}:{PAGERDUTY[1]}"}),
         _table("secrets", {"file": paths.secrets}),
+        # Leases, journal and audit trail of every operation on the lab's etcd, as a team's would be.
+        _table("coordination", {"etcd": etcd_endpoints(), "lease_ttl": LEASE_TTL_S}),
         _table("lb", {"port": LB_PORT, "health_path": "/health", "upstream_file": paths.upstream_file(),
                       "test_command": services.nginx_test_command(paths),
                       "reload_command": services.nginx_reload_command(paths)}),
@@ -109,6 +114,15 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
                            array=True)
         sections.append(text)
     return "\n".join(sections)
+
+
+def coordinator(paths: Paths):
+    """Where the lab inventory's operations keep their leases: what lab up must lease too."""
+    from igops import coordination
+
+    return coordination.EtcdCoordinator(
+        coordination.EtcdSettings(endpoints=tuple(etcd_endpoints()), prefix=coordination.default_prefix("lab"),
+                                  lease_ttl=LEASE_TTL_S), paths.fleet_state)
 
 
 def write(paths: Paths, text: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from igops.lab.credentials import Credentials
 from igops.lab.services import PGBOUNCER_ADMIN, pgbouncer_databases
@@ -53,11 +52,13 @@ def paused_databases(cursor) -> list[str]:
     return [row["name"] for row in rows if row["name"] != "pgbouncer" and int(row.get("paused") or 0)]
 
 
-def bring_to_health(credentials: Credentials, fleet_state: Path, command_line: str, reload: bool) -> list[str]:
+def bring_to_health(credentials: Credentials, coordinator, command_line: str, reload: bool) -> list[str]:
     """RELOAD (when the lab rewrote the databases file), then RESUME every paused database of a
-    cluster no igops operation is working on. Returns what was done and what was left."""
-    from igops import safety
+    cluster no igops operation is working on (`coordinator`: where the lab inventory's leases
+    live). Returns what was done and what was left."""
+    from igops import coordination
     from igops.errors import AlreadyRunning
+    from igops.operations import conflicts
 
     done = []
     with admin(credentials) as cursor:
@@ -70,9 +71,10 @@ def bring_to_health(credentials: Credentials, fleet_state: Path, command_line: s
             if not mine:
                 continue
             try:
-                # The lock `igops pg switchover` and `failover` hold: taking it both proves no
+                # The lease `igops pg switchover` and `failover` hold: taking it both proves no
                 # operation is under way and keeps one from starting while this resumes.
-                with safety.lock(fleet_state, "pg", cluster.name, command_line):
+                holder = coordination.current_holder("lab-up", cluster.name, command_line, None)
+                with coordinator.lease([conflicts.pg_cluster(cluster.name)], holder):
                     for database in mine:
                         cursor.execute(f'RESUME "{database}"')
                     done.append(f"resumed {', '.join(mine)} (cluster {cluster.name})")

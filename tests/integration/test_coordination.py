@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def forget_test_keys(lab):
 def write_inventory(tmp_path: Path, with_etcd: bool) -> tuple[Path, str]:
     """A copy of the lab's inventory, with [coordination] on the lab's etcd when asked."""
     prefix = f"{TEST_PREFIX}{uuid.uuid4().hex[:12]}/"
-    text = state.paths().inventory.read_text()
+    # The lab's own [coordination] goes: each test chooses its backend and its own prefix.
+    text = re.sub(r"^\[coordination\]\n(?:[^\[\n][^\n]*\n)*", "", state.paths().inventory.read_text(), flags=re.M)
     if with_etcd:
         endpoints = ", ".join(json.dumps(url) for url in state.etcd_endpoints())
         text += f'\n[coordination]\netcd = [{endpoints}]\nlease_ttl = {TTL}\nprefix = "{prefix}"\n'
