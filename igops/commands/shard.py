@@ -291,8 +291,9 @@ def verify(
                       ["table", f"rows {left}", f"rows {right}", "equal", Column("first difference", wrap=True)],
                       [[check.table, check.rows[left], check.rows[right], check.equal, check.first_difference]
                        for check in report.tables])
-            out.table(None, ["copy", Column("sequences", wrap=True)], [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
-                                                    for copy, seqs in report.sequences.items()])
+            out.table(None, ["copy", Column("sequences", wrap=True)],
+                      [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
+                       for copy, seqs in report.sequences.items()])
         for line in report.schema_diff:
             out.text(f"schema: {line}")
         out.text("equal" if report.equal else "DIFFERENT")

@@ -150,7 +150,8 @@ def prune(
                              outcome=lambda done: (f"deleted {len(done)} groups", 0))
         else:
             out.log("nothing to delete")
-        out.table(None, ["group", Column("kept because", wrap=True)], [[group_id, reasons] for group_id, reasons in plan.keep.items()])
+        out.table(None, ["group", Column("kept because", wrap=True)],
+                  [[group_id, reasons] for group_id, reasons in plan.keep.items()])
         out.finish({"dry_run": dry_run, "keep": plan.keep, "delete": [g.group_id for g in plan.delete],
                     "deleted": deleted or []})
 
