@@ -51,7 +51,7 @@ class Output(Reporter):
         self.command = command
         self.json_mode = json_mode
         self.verbose = verbose
-        self.table_format = table_format  # one of tables.FORMATS
+        self.table_format = table_format  # 'table', 'plain' or 'tsv' (--format)
         self.wide = wide  # every column, even where the terminal is too narrow
         self._tsv_tables = 0  # tables written as TSV so far: the next is one empty line apart
         self.steps: list[StepRecord] = []
@@ -215,7 +215,6 @@ class Output(Reporter):
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
                                       for key, value in error.items()})
-
 
     def watch(self, every: float, show: Callable[[], tuple[Any, int]],
               sleep: Callable[[float], None] = time.sleep) -> None:
