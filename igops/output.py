@@ -159,8 +159,7 @@ class Output(Reporter):
         fit = tables.layout(spec, [[text.plain for text in row] for row in texts],
                             self.out.width if terminal else None, ruled, wide=self.wide)
         table = Table(title=Text(redact(title)) if title else None, title_justify="left", show_edge=False,
-                      pad_edge=False, box=box.HEAVY_HEAD if ruled else None, caption_justify="left",
-                      caption=Text(tables.hidden_note(fit.hidden, self.out.width), style="dim") if fit.hidden else None)
+                      pad_edge=False, box=box.HEAVY_HEAD if ruled else None)
         for index, width in zip(fit.shown, fit.widths):
             table.add_column(Text(spec[index].name), width=width, no_wrap=not spec[index].wrap, overflow="fold")
         for row in texts:
@@ -171,6 +170,8 @@ class Output(Reporter):
             # Wider than the terminal even so: print it whole and let the terminal fold the lines,
             # rather than cut an identifier (a folded line still copies as one).
             self.out.print(Segments(self.out.render(table, self.out.options.update(width=fit.total))), crop=False)
+        if fit.hidden:
+            self.out.print(Text(tables.hidden_note(fit.hidden, self.out.width), style="dim"))
 
     def text(self, message: str) -> None:
         """A line of the result for people: on stdout, except with --format tsv, whose stdout
