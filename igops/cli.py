@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -14,7 +15,7 @@ from igops.commands import check, fleet, lab, munin, ops, pagerduty, pg, pingdom
 from igops.commands import deploy as deploy_commands
 from igops.commands import redis as redis_commands
 from igops.commands import shard as shard_commands
-from igops.commands.common import GlobalOptions
+from igops.commands.common import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 
 app = typer.Typer(
     name="igops",
@@ -26,6 +27,12 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+FORMAT_METAVAR = "|".join(item.value for item in TableFormat)
+FORMAT_HELP = ("Tables as: table (ruled on a terminal), plain (aligned, no rules) or tsv (a header row, then "
+               "tab-separated rows; nothing else on stdout).")
+WIDE_HELP = "Every column of a table, even where the terminal is too narrow for them."
 
 
 def _version(value: bool) -> None:
@@ -41,10 +48,13 @@ def root(
                                help="Inventory file (default: $IGOPS_CONFIG, then /etc/igops/igops.toml)."),
     json_output: bool = typer.Option(False, "--json", help="Only a JSON envelope on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
+    table_format: TableFormat = typer.Option(TableFormat.table, "--format", metavar=FORMAT_METAVAR,
+                                             help=FORMAT_HELP),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose)
+    ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose, format=table_format, wide=wide)
 
 
 fleet.register(app)
@@ -84,31 +94,50 @@ def _store_wait(ctx: typer.Context, value: float | None) -> None:
         _global(ctx).wait = value
 
 
+def _store_format(ctx: typer.Context, value: TableFormat | None) -> None:
+    if value is not None:
+        _global(ctx).format = value
+
+
+def _store_wide(ctx: typer.Context, value: bool) -> None:
+    if value:
+        _global(ctx).wide = True
+
+
 def _global(ctx: typer.Context) -> GlobalOptions:
     if not isinstance(ctx.obj, GlobalOptions):
         ctx.obj = GlobalOptions()
     return ctx.obj
 
 
-def _global_option_params(config_names: list[str], verbose_names: list[str]) -> list:
-    """-c/--config and -v/--verbose as options of a subcommand, built by typer itself from a
-    command that carries them. They store into the same GlobalOptions as the root's."""
+def _global_option_params(names: dict[str, list[str]]) -> list:
+    """The global options as options of a subcommand, built by typer itself from a command that
+    carries them, under the `names` still free there. They store into the same GlobalOptions as
+    the root's."""
     carrier = typer.Typer()
 
     @carrier.command()
     def carry(
         # Names of their own: click hands a parsed value to every parameter of the same name, so a
         # subcommand's own `config` (munin fetch --config) would reach _store_config too.
-        global_config: str = typer.Option(None, *config_names, metavar="FILE", expose_value=False,
+        global_config: str = typer.Option(None, *names["config"], metavar="FILE", expose_value=False,
                                           callback=_store_config,
                                           help="Inventory file (also accepted before the command)."),
-        global_verbose: bool = typer.Option(False, *verbose_names, expose_value=False, callback=_store_verbose,
+        global_verbose: bool = typer.Option(False, *names["verbose"], expose_value=False, callback=_store_verbose,
                                             help="More detail on stderr (also accepted before the command)."),
+        global_format: TableFormat = typer.Option(None, *names["format"], metavar=FORMAT_METAVAR, expose_value=False,
+                                                  callback=_store_format, help=FORMAT_HELP),
+        global_wide: bool = typer.Option(False, *names["wide"], expose_value=False, callback=_store_wide,
+                                         help=WIDE_HELP),
     ) -> None:
         pass
 
-    return [param for param in typer.main.get_command(carrier).params
-            if set(param.opts) & set(config_names + verbose_names)]
+    wanted = {name for given in names.values() for name in given}
+    return [param for param in typer.main.get_command(carrier).params if set(param.opts) & wanted]
+
+
+GLOBAL_OPTION_NAMES = {"config": ("--config", "-c"), "verbose": ("--verbose", "-v"), "format": ("--format",),
+                       "wide": ("--wide",)}
 
 
 def _operator_option_params() -> list:
@@ -133,7 +162,7 @@ def _operator_option_params() -> list:
 
 
 def _accept_global_options_after_subcommands(group) -> None:
-    """Give every subcommand -c/--config and -v/--verbose too, as every command has --json, so
+    """Give every subcommand the global options too, as every command has --json, so
     `igops hosts --config FILE` works like `igops --config FILE hosts`; a value given after the
     subcommand wins. A name a subcommand already uses for its own option keeps that meaning
     (`munin fetch --config` asks for plugin configs; -c still names the inventory there)."""
@@ -142,9 +171,8 @@ def _accept_global_options_after_subcommands(group) -> None:
             _accept_global_options_after_subcommands(sub)
             continue
         taken = {name for param in sub.params for name in [*param.opts, *param.secondary_opts]}
-        config_names = [name for name in ("--config", "-c") if name not in taken]
-        verbose_names = [name for name in ("--verbose", "-v") if name not in taken]
-        sub.params.extend(_global_option_params(config_names, verbose_names))
+        sub.params.extend(_global_option_params({key: [name for name in given if name not in taken]
+                                                 for key, given in GLOBAL_OPTION_NAMES.items()}))
         if any("--dry-run" in param.opts for param in sub.params):
             sub.params.extend(_operator_option_params())
 
@@ -234,6 +262,19 @@ def _plain_words(exc: click.BadParameter) -> str | None:
     return validation_words(errors()[0]) if callable(errors) and errors() else None
 
 
+def _watch_seconds_given(argv: list[str]) -> list[str]:
+    """`--watch [SECONDS]`: the parser knows no option whose value may be left out, so a bare
+    `--watch` gets the default here (before a `--`: after it, the words are a remote command's)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    given = []
+    for index, word in enumerate(argv):
+        given.append(word)
+        following = argv[index + 1] if index + 1 < end else ""
+        if index < end and word == "--watch" and not re.fullmatch(r"\d+(\.\d*)?|\.\d+", following):
+            given.append(str(WATCH_DEFAULT_SECONDS))
+    return given
+
+
 def _wants_json(argv: list[str]) -> bool:
     """--json anywhere before a `--` (after it, the words belong to a remote command)."""
     words = argv[:argv.index("--")] if "--" in argv else argv
@@ -254,7 +295,7 @@ def _report_usage_error(exc: click.UsageError, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Run `igops`. Usage errors (a missing option, an unknown flag, a bad value) are reported
     like every other error: one igops line on stderr and, with --json, one envelope on stdout."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _watch_seconds_given(list(sys.argv[1:] if argv is None else argv))
     command = build_command()
     try:
         code = command.main(args=argv, prog_name="igops", standalone_mode=False)

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-from igops import __version__, agent, remote
+from igops import __version__, agent, pagerduty_changes, remote
 from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter
 
@@ -798,7 +798,8 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
     in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
     plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
                        hosts, batches, batch, max_fail, gate, [h.name for h in app.lbs],
-                       parallel or app.settings.parallel, fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None,
+                       parallel or app.settings.parallel, fleet.model.app.keep_releases,
+                       pagerduty_changes.routing_key(fleet) is not None,
                        release, in_service)
     return plan, tarball
 
@@ -850,13 +851,8 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
     return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, batches, batch,
                        max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
-                       fleet.model.app.keep_releases, _pagerduty_key(fleet) is not None, in_service=in_service)
-
-
-def _pagerduty_key(fleet) -> str | None:
-    from igops.secrets import Secrets
-
-    return Secrets(fleet.model.secrets.file).get("pagerduty_routing_key")
+                       fleet.model.app.keep_releases, pagerduty_changes.routing_key(fleet) is not None,
+                       in_service=in_service)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -1237,11 +1233,9 @@ class Rollout:
 
     # PagerDuty -------------------------------------------------------------------------------
     def _mark(self, result: RolloutResult) -> str:
-        key = _pagerduty_key(self.fleet)
+        key = pagerduty_changes.routing_key(self.fleet)
         if not key:
             return "not configured"
-        from igops.pagerduty_changes import send_change
-
         with self.reporter.step(f"PagerDuty change event for the {self.plan.kind}") as step:
             release = self.plan.release
             details = {"fleet": self.app.name, "deploy_id": result.deploy_id, "release": result.target,
@@ -1250,7 +1244,7 @@ class Rollout:
                        "duration_s": result.duration_s}
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
-            sent = send_change(self.fleet.model.monitoring.pagerduty_url, key, f"{self.app.name}: {result.summary()}",
+            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key, f"{self.app.name}: {result.summary()}",
                                f"igops on {socket.gethostname()}", details)
             step.detail = sent.detail + (f" after {sent.attempts} attempts" if sent.attempts > 1 else "")
             if not sent.sent:

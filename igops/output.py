@@ -1,8 +1,10 @@
 """The single output boundary.
 
 People get rich tables on stdout and numbered steps, progress bars and logs on stderr. With
-`--json`, stdout carries exactly one JSON envelope and nothing else. Domain modules never print:
-they report through a `Reporter`, which this module implements for the CLI.
+`--json`, stdout carries exactly one JSON envelope and nothing else (with `--watch`, one per
+line, a refresh each). `--format plain` draws no rules; `--format tsv` puts only tab-separated
+rows on stdout and sends the sentences to stderr. Domain modules never print: they report
+through a `Reporter`, which this module implements for the CLI.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from igops.secrets import redact, redact_data
+from igops.tables import Column
 
 
 @dataclass
@@ -43,10 +46,14 @@ class Reporter:
 
 
 class Output(Reporter):
-    def __init__(self, command: str, json_mode: bool = False, verbose: bool = False):
+    def __init__(self, command: str, json_mode: bool = False, verbose: bool = False,
+                 table_format: str = "table", wide: bool = False):
         self.command = command
         self.json_mode = json_mode
         self.verbose = verbose
+        self.table_format = table_format  # 'table', 'plain' or 'tsv' (--format)
+        self.wide = wide  # every column, even where the terminal is too narrow
+        self._tsv_tables = 0  # tables written as TSV so far: the next is one empty line apart
         self.steps: list[StepRecord] = []
         # A command that shows a plan (one with --dry-run) numbers its steps as the plan does:
         # the probes before the plan are [pre], and the plan's step k is [k] on screen.
@@ -120,27 +127,58 @@ class Output(Reporter):
             yield lambda advance: bar.advance(task, advance)
 
     # --- results: stdout ----------------------------------------------------------------------
-    def table(self, title: str | None, columns: list[str], rows: list[list[Any]],
-              styles: dict[str, str] | None = None) -> None:
+    def table(self, title: str | None, columns: Sequence[Column | str], rows: list[list[Any]]) -> None:
+        """A table on stdout (nothing in JSON mode). A plain string column is an identifier:
+        shown whole and never hidden; see igops.tables.Column for free text and secondary ones."""
         if self.json_mode:
             return
+        from igops import tables
+
+        spec = tables.columns_of(columns)
+        if self.table_format == "tsv":
+            cells = [[_markup(redact(_cell(value, none=""))).plain for value in row] for row in rows]
+            lines = tables.tsv_lines(spec, cells)
+            self.out.file.write("\n" * bool(self._tsv_tables) + "".join(line + "\n" for line in lines))
+            self.out.file.flush()
+            self._tsv_tables += 1
+            return
+        self._print_table(title, spec, [[_markup(redact(_cell(value))) for value in row] for row in rows])
+
+    def _print_table(self, title: str | None, spec: list[Column], texts: list) -> None:
         from rich import box
+        from rich.segment import Segments
         from rich.table import Table
+        from rich.text import Text
+
+        from igops import tables
 
         # Piped output is read by programs (grep, awk, cut): columns apart by spaces, no
-        # box-drawing characters, as without colour.
-        lines = box.HEAVY_HEAD if self.out.is_terminal else None
-        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=lines)
-        for column in columns:
-            table.add_column(column, style=(styles or {}).get(column))
-        for row in rows:
-            table.add_row(*(redact(_cell(value)) for value in row))
-        self.out.print(table)
+        # box-drawing characters, as without colour; and nothing hidden or wrapped.
+        terminal = self.out.is_terminal
+        ruled = terminal and self.table_format == "table"
+        fit = tables.layout(spec, [[text.plain for text in row] for row in texts],
+                            self.out.width if terminal else None, ruled, wide=self.wide)
+        table = Table(title=Text(redact(title)) if title else None, title_justify="left", show_edge=False,
+                      pad_edge=False, box=box.HEAVY_HEAD if ruled else None)
+        for index, width in zip(fit.shown, fit.widths):
+            table.add_column(Text(spec[index].name), width=width, no_wrap=not spec[index].wrap, overflow="fold")
+        for row in texts:
+            table.add_row(*(row[index] for index in fit.shown))
+        if fit.total <= self.out.width:
+            self.out.print(table)
+        else:
+            # Wider than the terminal even so: print it whole and let the terminal fold the lines,
+            # rather than cut an identifier (a folded line still copies as one).
+            self.out.print(Segments(self.out.render(table, self.out.options.update(width=fit.total))), crop=False)
+        if fit.hidden:
+            self.out.print(Text(tables.hidden_note(fit.hidden, self.out.width), style="dim"))
 
     def text(self, message: str) -> None:
-        """A line of the result for people (stdout); nothing in JSON mode."""
+        """A line of the result for people: on stdout, except with --format tsv, whose stdout
+        is the rows alone (then stderr); nothing in JSON mode."""
         if not self.json_mode:
-            self.out.print(redact(message), markup=False, highlight=False)
+            console = self.err if self.table_format == "tsv" else self.out
+            console.print(redact(message), markup=False, highlight=False)
 
     def plan(self, title: str, steps: list[str], is_result: bool = False) -> None:
         """The exact steps a mutating command will run, numbered. On stderr before a real run;
@@ -164,11 +202,12 @@ class Output(Reporter):
             "error": error,
         }
 
-    def finish(self, data: Any, exit_code: int = 0, error: dict | None = None) -> None:
+    def finish(self, data: Any, exit_code: int = 0, error: dict | None = None, one_line: bool = False) -> None:
         if self.json_mode:
             # Redacted before serialising: json.dumps escapes what a secret may hold (`"`, `\`,
             # non-ASCII), and the escaped form would no longer match it.
-            text = json.dumps(redact_data(to_jsonable(self.envelope(data, exit_code, error))), indent=2)
+            text = json.dumps(redact_data(to_jsonable(self.envelope(data, exit_code, error))),
+                              indent=None if one_line else 2)
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
@@ -177,6 +216,37 @@ class Output(Reporter):
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
                                       for key, value in error.items()})
+
+    def watch(self, every: float, show: Callable[[], tuple[Any, int]],
+              sleep: Callable[[float], None] = time.sleep) -> None:
+        """Run `show` (it prints and returns its data and exit code) every `every` seconds until
+        Ctrl-C, like `watch` or `patronictl list -W`. On a terminal each refresh replaces the
+        last; otherwise they follow one another, each under a heading line (TSV: one empty line
+        apart). With --json, one envelope per refresh, one per line. Ctrl-C ends it normally."""
+        redraw = self.out.is_terminal and not self.json_mode and self.table_format != "tsv"
+        try:
+            while True:
+                self.steps, self.started = [], time.monotonic()
+                self.started_at = datetime.now(timezone.utc)
+                heading = (f"every {every:g} s: igops {self.command}    "
+                           f"{self.started_at:%Y-%m-%d %H:%M:%S} UTC    (Ctrl-C stops)")
+                if redraw:
+                    # Drawn off screen, then swapped in at once: the screen is never blank while
+                    # the next refresh is read.
+                    with self.out.capture() as screen:
+                        self.out.print(heading, markup=False, highlight=False, style="dim")
+                        data, code = show()
+                    self.out.clear()
+                    self.out.file.write(screen.get())
+                    self.out.file.flush()
+                else:
+                    if not self.json_mode and self.table_format != "tsv":
+                        self.text(heading)
+                    data, code = show()
+                self.finish(data, code, one_line=True)
+                sleep(every)
+        except KeyboardInterrupt:
+            return
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:
@@ -198,14 +268,26 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, none: str = "-") -> str:
     if value is None:
-        return "-"
+        return none
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(item) for item in value)
     return str(value)
+
+
+def _markup(text: str):
+    """A cell as rich Text: cells may carry markup (a status in colour); text that is not valid
+    markup is taken as it is."""
+    from rich.errors import MarkupError
+    from rich.text import Text
+
+    try:
+        return Text.from_markup(text)
+    except MarkupError:
+        return Text(text)
 
 
 def _format_ms(value: float) -> str:

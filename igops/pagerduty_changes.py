@@ -21,6 +21,13 @@ REQUEST_TIMEOUT_S = 5.0
 SUMMARY_LIMIT = 1024
 
 
+def routing_key(fleet) -> str | None:
+    """The PagerDuty routing key change events go to, if the fleet has one (a secret)."""
+    from igops.secrets import Secrets
+
+    return Secrets(fleet.model.secrets.file).get("pagerduty_routing_key")
+
+
 @dataclass
 class ChangeEventResult:
     sent: bool

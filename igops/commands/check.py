@@ -12,6 +12,7 @@ import typer
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
 from igops.errors import ExitCode, IgopsError, NagiosStatus, UsageError
 from igops.output import plural
+from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 STATUS_STYLE = {NagiosStatus.OK: "green", NagiosStatus.WARNING: "yellow", NagiosStatus.CRITICAL: "red",
@@ -126,7 +127,7 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
     code = int(ExitCode.OK) if state == NagiosStatus.OK and not (paging and paging.failed) else int(ExitCode.FAILED)
     shown = [result for result in results if result.status != NagiosStatus.OK] if quiet else results
     if shown:
-        out.table(None, ["check", "target", "status", "detail", "time"],
+        out.table(None, ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)],
                   [[r.check, _plain(r.target), f"[{STATUS_STYLE[r.status]}]{r.status.name}[/]", _plain(r.summary),
                     f"{r.duration_ms:.0f} ms" if r.duration_ms is not None else None] for r in shown])
     tally = checks.counts(results)

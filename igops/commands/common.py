@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from enum import Enum
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 
@@ -26,6 +27,21 @@ DRY_RUN_OPTION = typer.Option(False, "--dry-run", callback=_shows_plan,
 YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required when not on a terminal).")
 
 
+# `--watch` without SECONDS (the command line gets this inserted: see igops.cli).
+WATCH_DEFAULT_SECONDS = 2
+WATCH_OPTION = typer.Option(None, "--watch", metavar="[SECONDS]", min=0.1, max=86400,
+                            help=f"Show it again every SECONDS (default {WATCH_DEFAULT_SECONDS}) until Ctrl-C; "
+                                 "with --json, one envelope per line each time.")
+
+
+class TableFormat(str, Enum):
+    """How tables print: `table` ruled on a terminal, `plain` aligned columns without rules,
+    `tsv` a header row and tab-separated rows, nothing else on stdout."""
+    table = "table"
+    plain = "plain"
+    tsv = "tsv"
+
+
 @dataclass
 class GlobalOptions:
     config: str | None = None
@@ -35,6 +51,8 @@ class GlobalOptions:
     # audit) and --wait (seconds to wait for a held lease instead of exiting 4).
     reason: str | None = None
     wait: float = 0.0
+    format: TableFormat = TableFormat.table
+    wide: bool = False
 
 
 def options(ctx: typer.Context) -> GlobalOptions:
@@ -45,7 +63,8 @@ def options(ctx: typer.Context) -> GlobalOptions:
 def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[Output]:
     """Run a command body: IgopsErrors become a one-line message and their exit code."""
     opts = options(ctx)
-    out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose)
+    out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose,
+                 table_format=TableFormat(opts.format).value, wide=opts.wide)
     out.shows_plan = bool(ctx.meta.get("igops.shows_plan"))
     try:
         yield out
@@ -71,6 +90,17 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[
         out.fail(line + ("" if opts.verbose else " (rerun with --verbose for the traceback)"),
                  ExitCode.FAILED, {"message": line})
         raise typer.Exit(int(ExitCode.FAILED)) from None
+
+
+def present(out: Output, show: Callable[[], tuple[Any, int]], watch: float | None = None) -> None:
+    """Run `show` (it prints, and returns the data and exit code for the envelope), finish and
+    exit with its code; with --watch, again every `watch` seconds until Ctrl-C, which exits 0."""
+    if watch is None:
+        data, code = show()
+        out.finish(data, code)
+        exit_with(code)
+    else:
+        out.watch(watch, show)
 
 
 def load_fleet(ctx: typer.Context):

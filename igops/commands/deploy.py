@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
 from igops.operations import conflicts
+from igops.tables import Column
 
 
 class DeployGroup(TyperGroup):
@@ -39,7 +40,8 @@ HEALTH_PASSES_OPTION = typer.Option(3, "--health-passes", min=1, max=50,
 PARALLEL_OPTION = typer.Option(None, "--parallel", "-p", min=1,
                                help="At most N hosts at once for uploads and switches (default: [ssh] parallel).")
 
-HOST_COLUMNS = ["host", "result", "release", "before", "in LB", "batch", "detail"]
+HOST_COLUMNS = ["host", "result", "release", Column("before", drop=2), Column("in LB", drop=1), Column("batch", drop=3),
+                Column("detail", wrap=True)]
 
 
 def _gate(fleet, passes: int, timeout: float):
@@ -57,7 +59,7 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
 
     if plan.nothing_to_do:
         out.log(f"nothing to do: every reachable app host is on {plan.target}")
-        out.table(None, ["host", "state", "release", "detail"],
+        out.table(None, ["host", "state", "release", Column("detail", wrap=True)],
                   [[h.host, h.action, h.current, h.detail] for h in plan.hosts])
         code = ExitCode.OK if all(h.action == deploy.ALREADY for h in plan.hosts) else ExitCode.PARTIAL
         out.finish({"dry_run": dry_run, "plan": plan}, code)
@@ -160,7 +162,9 @@ def releases(
         fleet = load_fleet(ctx)
         with deploy.AppFleet.of(fleet) as app:
             report = deploy.fleet_releases(app)
-        out.table(f"{report.fleet}: app releases", ["host", "current", "previous", "load balancer", "releases"],
+        out.table(f"{report.fleet}: app releases", ["host", Column("current", wrap=True),
+                                                          Column("previous", drop=1), Column("load balancer", drop=2),
+                                                          Column("releases", wrap=True, drop=3)],
                   [[row.host, row.current if row.reachable else f"UNREACHABLE: {row.error}", row.previous,
                     row.load_balancer, ", ".join(row.releases)] for row in report.hosts])
         if report.last_run:

@@ -6,10 +6,11 @@ from typing import List, Optional
 
 import typer
 
-from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with,
-                                   load_fleet, mutate)
+from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, exit_with,
+                                   load_fleet, mutate, present)
 from igops.errors import ExitCode
 from igops.output import plural
+from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 
@@ -34,7 +35,8 @@ def hosts(
                  host.roles, host.instance_id, [mount.path for mount in host.mounts]]
                 for host in selected]
         out.table(f"{fleet.model.fleet.name}: {plural(len(selected), 'host')}",
-                  ["host", "address", "ssh", "roles", "instance", "data mounts"], rows)
+                  ["host", "address", Column("ssh", drop=2), Column("roles", wrap=True), Column("instance", drop=1),
+                   Column("data mounts", wrap=True, drop=3)], rows)
         out.finish({"fleet": fleet.model.fleet.name, "hosts": [
             {"name": host.name, "address": str(host.address), "ssh_user": fleet.ssh_user(host),
              "ssh_port": fleet.ssh_port(host), "roles": host.roles, "instance_id": host.instance_id,
@@ -94,7 +96,7 @@ def exec_command(
             for result in results:
                 _print_host_output(out, result)
         ok = sum(result.ok for result in results)
-        out.table(None, ["host", "exit", "time", "result"],
+        out.table(None, ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
                   [[r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
                    for r in results])
         out.text(f"{ok} of {len(results)} hosts ok")
@@ -122,22 +124,26 @@ def status(
     ctx: typer.Context,
     role: Optional[List[str]] = ROLE_OPTION,
     json_flag: bool = JSON_OPTION,
+    watch: Optional[float] = WATCH_OPTION,
 ) -> None:
     """Fleet overview: every host's reachability, then every service's state."""
     from igops import status as fleet_status
 
     with command(ctx, "status", json_flag) as out:
         fleet = load_fleet(ctx)
-        report = fleet_status.collect(fleet, roles=role)
-        out.table("hosts", ["host", "address", "roles", "ssh", "load", "detail"],
-                  [[h.host, h.address, h.roles, "ok" if h.reachable else "DOWN", h.load, h.detail]
-                   for h in report.hosts])
-        out.table("services", ["service", "host", "endpoint", "state", "detail"],
-                  [[s.service, s.host, s.endpoint, "ok" if s.ok else "DOWN", s.detail]
-                   for s in report.services])
-        problems = report.problems()
-        out.text("all hosts reachable, all services answering" if not problems
-                 else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
-        code = ExitCode.OK if not problems else ExitCode.PARTIAL
-        out.finish(report, code)
-        exit_with(code)
+
+        def show():
+            report = fleet_status.collect(fleet, roles=role)
+            out.table("hosts", ["host", Column("address", drop=1), Column("roles", wrap=True, drop=2), "ssh",
+                                Column("load", drop=3), Column("detail", wrap=True)],
+                      [[h.host, h.address, h.roles, "ok" if h.reachable else "DOWN", h.load, h.detail]
+                       for h in report.hosts])
+            out.table("services", ["service", "host", Column("endpoint", drop=1), "state", Column("detail", wrap=True)],
+                      [[s.service, s.host, s.endpoint, "ok" if s.ok else "DOWN", s.detail]
+                       for s in report.services])
+            problems = report.problems()
+            out.text("all hosts reachable, all services answering" if not problems
+                     else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
+            return report, ExitCode.OK if not problems else ExitCode.PARTIAL
+
+        present(out, show, watch)

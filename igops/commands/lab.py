@@ -7,6 +7,9 @@ import typer
 from igops.commands.common import JSON_OPTION, command, exit_with
 from igops.errors import ExitCode
 from igops.output import plural
+from igops.tables import Column
+
+LAB_COLUMNS = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
 
 app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopback addresses.",
                   no_args_is_help=True)
@@ -25,7 +28,7 @@ def up(
 
     with command(ctx, "lab up", json_flag) as out:
         report = lab.up(out, repmgrd=repmgrd)
-        out.table("lab", ["component", "host", "endpoint", "state", "detail"],
+        out.table("lab", LAB_COLUMNS,
                   [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
         out.text(f"lab up in {report.duration_s:.1f} s; use it with:")
         out.text(f"export IGOPS_CONFIG={report.inventory}")
@@ -59,7 +62,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
 
     with command(ctx, "lab status", json_flag) as out:
         report = lab.status()
-        out.table(f"lab at {report.state_dir}", ["component", "host", "endpoint", "state", "detail"],
+        out.table(f"lab at {report.state_dir}", LAB_COLUMNS,
                   [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
         problems = report.problems()
         if not report.running:

@@ -10,6 +10,7 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, comma
 from igops.operations import conflicts
 from igops.errors import ExitCode
 from igops.output import plural
+from igops.tables import Column
 
 app = typer.Typer(help="Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node.",
                   no_args_is_help=True)
@@ -50,7 +51,8 @@ def install(
         if results is None:
             out.finish({"dry_run": dry_run, "hosts": [{"host": i.host, "plugins": i.plugins} for i in plan]})
             return
-        out.table(None, ["host", "plugins", "changed", "restarted", "listed by munin-node", "error"],
+        out.table(None, ["host", Column("plugins", wrap=True, drop=2), "changed", "restarted",
+                         Column("listed by munin-node", drop=1), Column("error", wrap=True)],
                   [[r.host, r.plugins, len(r.changed), r.restarted,
                     all(p in r.listed for p in r.plugins), r.error] for r in results])
         code = _exit_code(results)
@@ -79,7 +81,8 @@ def fetch(
     with command(ctx, "munin fetch", json_flag) as out:
         fleet = load_fleet(ctx)
         found = munin.fetch(fleet, host, plugin, config)
-        columns = ["plugin", "graph", "field", "value"] + (["type", "warning", "critical"] if config else [])
+        columns = ["plugin", Column("graph", drop=1), "field", "value"] + (
+            [Column("type", drop=2), "warning", "critical"] if config else [])
         rows = []
         for entry in found:
             for field in entry["fields"]:

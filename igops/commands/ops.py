@@ -8,14 +8,18 @@ from typing import Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
-from igops.errors import UsageError
+from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, mutate,
+                                   present)
+from igops.errors import ExitCode, UsageError
+from igops.tables import Column
 
 app = typer.Typer(help="Operations: what runs now, what was interrupted, their journals and the audit trail.",
                   no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
-LIST_COLUMNS = ["id", "kind", "targets", "status", "step", "operator", "started", "reason"]
+# The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
+LIST_COLUMNS = ["id", "kind", Column("targets", wrap=True), "status", Column("step", wrap=True, drop=2),
+                Column("operator", drop=3), Column("started", drop=4), Column("reason", wrap=True, drop=1)]
 
 
 def _operator(record: dict) -> str:
@@ -34,6 +38,7 @@ def list_operations(
     ctx: typer.Context,
     all_: bool = typer.Option(False, "--all", "-a", help="Ended operations too, newest last."),
     json_flag: bool = JSON_OPTION,
+    watch: Optional[float] = WATCH_OPTION,
 ) -> None:
     """Operations running now and those interrupted (their holder died or lost its lease before
     they ended), from every machine that shares the coordinator."""
@@ -41,16 +46,20 @@ def list_operations(
 
     with command(ctx, "ops list", json_flag) as out:
         fleet = load_fleet(ctx)
-        view = operations_view.list_operations(fleet, include_ended=all_)
-        if view.stale:
-            out.log(f"warning: the coordinator did not answer ({view.stale}); this is the list as last read "
-                    f"at {view.read_at}")
-        out.table(None, LIST_COLUMNS,
-                  [[r["id"], r["kind"], r.get("targets"), r["status"], _step(r), _operator(r), r.get("started"),
-                    r.get("reason")] for r in view.records])
-        if not view.records:
-            out.text("no operation is running or interrupted" if not all_ else "no operation recorded")
-        out.finish(view)
+
+        def show():
+            view = operations_view.list_operations(fleet, include_ended=all_)
+            if view.stale:
+                out.log(f"warning: the coordinator did not answer ({view.stale}); this is the list as last "
+                        f"read at {view.read_at}")
+            out.table(None, LIST_COLUMNS,
+                      [[r["id"], r["kind"], r.get("targets"), r["status"], _step(r), _operator(r), r.get("started"),
+                        r.get("reason")] for r in view.records])
+            if not view.records:
+                out.text("no operation is running or interrupted" if not all_ else "no operation recorded")
+            return view, ExitCode.OK
+
+        present(out, show, watch)
 
 
 @app.command("show")
@@ -70,7 +79,8 @@ def show(ctx: typer.Context, op_id: str = ID_ARGUMENT, json_flag: bool = JSON_OP
         out.text(f"  command: {record.get('command')}")
         for number, line in enumerate(record.get("plan") or [], 1):
             out.text(f"  {number}. {line}")
-        out.table(None, ["time", "event", "step", "title", "status", "duration", "detail"],
+        out.table(None, [Column("time", drop=2), "event", "step", Column("title", wrap=True), "status",
+                         Column("duration", drop=1), Column("detail", wrap=True, drop=3)],
                   [[e.get("time"), e.get("event"), e.get("step"), e.get("title"), e.get("status") or e.get("result"),
                     f"{e['duration_ms']:.0f} ms" if e.get("duration_ms") is not None else None,
                     e.get("detail")] for e in entries])
@@ -106,7 +116,9 @@ def history(
     with command(ctx, "ops history", json_flag) as out:
         fleet = load_fleet(ctx)
         records = operations_view.history(fleet, _since(since), target, limit)
-        out.table(None, ["time", "operator", "operation", "command", "targets", "result", "exit", "reason"],
+        out.table(None, ["time", Column("operator", drop=3), Column("operation", drop=4), Column("command", wrap=True),
+                         Column("targets", wrap=True, drop=2), "result", Column("exit", drop=5),
+                         Column("reason", wrap=True, drop=1)],
                   [[r.get("time"), f"{r.get('user')}@{r.get('host')}", r.get("operation"), r.get("command"),
                     r.get("targets"), r.get("result"), r.get("exit_code"), r.get("reason")] for r in records])
         out.finish({"records": records})

@@ -8,6 +8,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
 from igops.operations import conflicts
+from igops.tables import Column
 
 app = typer.Typer(help="PagerDuty (Events API v2): test the paging path, list the incidents igops opened.",
                   no_args_is_help=True)
@@ -72,7 +73,8 @@ def open_incidents(
     with command(ctx, "pagerduty open", json_flag) as out:
         fleet = load_fleet(ctx)
         incidents = Pager(fleet, out).open_incidents()
-        out.table(f"{len(incidents)} open", ["dedup key", "check", "target", "since", "summary"],
+        out.table(f"{len(incidents)} open", ["dedup key", "check", "target", Column("since", drop=1),
+                                                  Column("summary", wrap=True)],
                   [[key, item.get("check"), item.get("target"), item.get("since"), item.get("summary")]
                    for key, item in sorted(incidents.items())])
         out.finish({"open": incidents})

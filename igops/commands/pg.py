@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.operations import conflicts
+from igops.tables import Column
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
@@ -17,8 +18,11 @@ app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, pla
 FORCE_OPTION = typer.Option(False, "--force",
                             help="Go ahead despite what the preflight refuses (a lagging candidate, an old primary "
                                  "that cannot be fenced on disk): the plan names each risk accepted.")
-NODE_COLUMNS = ["node", "role", "state", "TL", "LSN", "received", "replayed", "lag", "streams from", "repmgr",
-                "PgBouncer"]
+# At 80 columns the node, its role and LSN stay whole; repmgr's view and the standby's own LSNs
+# give way first (`--wide` shows them).
+NODE_COLUMNS = ["node", "role", Column("state", wrap=True), "TL", "LSN", Column("received", drop=3),
+                Column("replayed", drop=3), Column("lag", wrap=True), Column("streams from", drop=2),
+                Column("repmgr", wrap=True, drop=4), Column("PgBouncer", wrap=True, drop=1)]
 
 
 def _lag(node) -> str | None:
@@ -83,6 +87,7 @@ def status(
     ctx: typer.Context,
     cluster: Optional[str] = typer.Argument(None, help="One cluster (default: all of them)."),
     json_flag: bool = JSON_OPTION,
+    watch: Optional[float] = WATCH_OPTION,
 ) -> None:
     """Every node's role, state, timeline, LSNs and lag, repmgr's view, and where PgBouncer routes."""
     from igops import failover
@@ -92,14 +97,16 @@ def status(
         names = [cluster] if cluster else list(fleet.model.postgres.clusters)
         for name in names:
             failover.cluster_members(fleet, name)
-        states = failover.parallel_map(lambda name: failover.pg_status(fleet, name), names)
-        for state in states:
-            show_state(out, state)
-        problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
-        out.text("every cluster healthy" if not problems else f"{len(problems)} problems")
-        code = ExitCode.OK if not problems else ExitCode.PARTIAL
-        out.finish({"clusters": states, "problems": problems}, code)
-        exit_with(code)
+
+        def show():
+            states = failover.parallel_map(lambda name: failover.pg_status(fleet, name), names)
+            for state in states:
+                show_state(out, state)
+            problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
+            out.text("every cluster healthy" if not problems else f"{len(problems)} problems")
+            return {"clusters": states, "problems": problems}, ExitCode.OK if not problems else ExitCode.PARTIAL
+
+        present(out, show, watch)
 
 
 @app.command("switchover")

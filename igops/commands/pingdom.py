@@ -11,6 +11,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
 from igops.operations import conflicts
 from igops.output import plural
+from igops.tables import Column
 
 app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
                        "open maintenance windows.", no_args_is_help=True)
@@ -42,7 +43,7 @@ def sync(
                               steps=plan.steps(), dry_run=dry_run, yes=yes,
                               action=lambda reporter: pingdom.apply_sync(client, plan, reporter),
                               outcome=lambda applied: (f"{plural(len(applied), 'change')} applied", 0))
-            out.table(None, ["action", "check", "id", "differences"],
+            out.table(None, ["action", "check", "id", Column("differences", wrap=True)],
                       [[change.action if done else f"{change.action} (planned)", change.name, change.check_id,
                         "; ".join(change.differences)] for change in plan.changes]
                       + [["unchanged", name, None, None] for name in plan.unchanged])
@@ -70,8 +71,10 @@ def status(
             found = pingdom.statuses(client, fleet, seconds, include_all)
         finally:
             client.close()
-        out.table(plural(len(found), 'Pingdom check'), ["id", "check", "host", "status", "last response",
-                                                  f"uptime ({window})", "last test (UTC)"],
+        out.table(plural(len(found), 'Pingdom check'), ["id", "check", "host", "status",
+                                                  Column("last response", drop=2),
+                                                  Column(f"uptime ({window})", drop=1),
+                                                  Column("last test (UTC)", drop=3)],
                   [[c.id, c.name, c.target, c.status,
                     f"{c.last_response_ms} ms" if c.last_response_ms is not None else None,
                     f"{c.uptime_percent:.3f} %" if c.uptime_percent is not None else None,

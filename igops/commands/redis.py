@@ -6,11 +6,12 @@ from typing import Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.output import plural
+from igops.tables import Column
 
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
                        "of a former master.", no_args_is_help=True)
@@ -24,7 +25,8 @@ FORCE_OPTION = typer.Option(False, "--force",
 def show_state(out, state) -> None:
     out.table(f"redis: the app writes to {state.app_master or state.app_address or 'NOTHING'}"
               + (f" (directory version {state.endpoint_version})" if state.endpoint_version else ""),
-              ["node", "address", "role", "state", "offset", "lag", "master", "link", "priority", "app uses"],
+              ["node", "address", "role", Column("state", wrap=True), "offset", "lag", Column("master", drop=2),
+               Column("link", drop=1), Column("priority", drop=3), Column("app uses", drop=2)],
               [[node.name, node.address, node.role, node.state, node.offset,
                 f"{node.lag_bytes} B" if node.lag_bytes is not None else None, node.master, node.link, node.priority,
                 node.app_master] for node in state.nodes])
@@ -54,18 +56,20 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
 
 
 @app.command("status")
-def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
+def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: Optional[float] = WATCH_OPTION) -> None:
     """Role, offset, lag and link of every node, and the master the app uses (the directory's)."""
     from igops import failover
 
     with command(ctx, "redis status", json_flag) as out:
         fleet = load_fleet(ctx)
-        state = failover.redis_status(fleet)
-        show_state(out, state)
-        out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
-        code = ExitCode.OK if not state.problems else ExitCode.PARTIAL
-        out.finish(state, code)
-        exit_with(code)
+
+        def show():
+            state = failover.redis_status(fleet)
+            show_state(out, state)
+            out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
+            return state, ExitCode.OK if not state.problems else ExitCode.PARTIAL
+
+        present(out, show, watch)
 
 
 @app.command("switchover")

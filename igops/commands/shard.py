@@ -9,6 +9,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
+from igops.tables import Column
 
 from igops.operations import conflicts
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
@@ -96,7 +97,8 @@ def show_map(
         fleet = load_fleet(ctx)
         current = shards.read_map(fleet)
         out.table(f"shard map version {current.version} (updated {current.updated_at})",
-                  ["cluster", "primary", "pgbouncer db", "shards", "logical shards", "bytes", "problem"],
+                  ["cluster", "primary", Column("pgbouncer db", drop=2), Column("shards", drop=3),
+                   Column("logical shards", wrap=True), Column("bytes", drop=1), Column("problem", wrap=True)],
                   [[load.cluster, load.primary, load.pgbouncer_database, len(load.shards),
                     shards.shard_ranges(load.shards), _bytes(load.bytes) if load.bytes is not None else None,
                     load.error] for load in current.clusters])
@@ -139,7 +141,7 @@ def init(
         if report is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        out.table(None, ["cluster", "shards", "logical shards"],
+        out.table(None, ["cluster", "shards", Column("logical shards", wrap=True)],
                   [[name, len(ids), shards.shard_ranges(ids)] for name, ids in report.shards_by_cluster.items()])
         out.finish(report)
 
@@ -152,8 +154,9 @@ def _move_row(result) -> list:
             f"{result.duration_ms / 1000:.1f} s"]
 
 
-MOVE_COLUMNS = ["move", "shard", "from -> to", "status", "rows", "bytes", "verify pause", "writes blocked",
-                "map version", "time"]
+MOVE_COLUMNS = ["move", "shard", "from -> to", Column("status", wrap=True), Column("rows", drop=3),
+                Column("bytes", drop=4), Column("verify pause", drop=5), Column("writes blocked", drop=2),
+                Column("map version", drop=6), Column("time", drop=1)]
 
 
 def _move_resources(plan) -> list[tuple[str, str]]:
@@ -237,8 +240,11 @@ def moves(
     with command(ctx, "shard moves", json_flag) as out:
         fleet = load_fleet(ctx)
         records = shards.list_moves(fleet, limit, shard)
-        out.table(f"{len(records)} shard moves", ["move", "shard", "from -> to", "state", "step", "started (UTC)",
-                                                  "updated", "writes blocked", "map version", "WAL held", "error"],
+        out.table(f"{len(records)} shard moves", ["move", "shard", "from -> to", "state",
+                                                  Column("step", wrap=True), Column("started (UTC)", drop=1),
+                                                  Column("updated", drop=4), Column("writes blocked", drop=3),
+                                                  Column("map version", drop=5), Column("WAL held", drop=2),
+                                                  Column("error", wrap=True)],
                   [[r.id, r.logical_shard, f"{r.source} -> {r.target}", r.state, r.step, r.started_at,
                     r.updated_at, _ms(r.write_block_ms), r.map_version,
                     _bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None, r.error]
@@ -275,11 +281,12 @@ def verify(
                 report = shards.verify_against(fleet, shard, against, out)
             left, right = report.copies
             out.table(f"shard {shard}: {left} vs {right}" + ("" if report.consistent else " (read as they are)"),
-                      ["table", f"rows {left}", f"rows {right}", "equal", "first difference"],
+                      ["table", f"rows {left}", f"rows {right}", "equal", Column("first difference", wrap=True)],
                       [[check.table, check.rows[left], check.rows[right], check.equal, check.first_difference]
                        for check in report.tables])
-            out.table(None, ["copy", "sequences"], [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
-                                                    for copy, seqs in report.sequences.items()])
+            out.table(None, ["copy", Column("sequences", wrap=True)],
+                      [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
+                       for copy, seqs in report.sequences.items()])
         for line in report.schema_diff:
             out.text(f"schema: {line}")
         out.text("equal" if report.equal else "DIFFERENT")

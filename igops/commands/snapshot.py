@@ -9,6 +9,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
 from igops.operations import conflicts
+from igops.tables import Column
 
 app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, prune, restore.",
                   no_args_is_help=True)
@@ -20,7 +21,9 @@ def _group_row(group) -> list:
             f"{group.freeze_ms:.0f} ms" if group.freeze_ms is not None else None]
 
 
-GROUP_COLUMNS = ["group", "host", "mounts", "volumes", "state", "created (UTC)", "size", "freeze"]
+# The group id is what every other snapshot command takes: it stays whole at any width.
+GROUP_COLUMNS = ["group", "host", Column("mounts", wrap=True, drop=2), Column("volumes", drop=3), "state",
+                 Column("created (UTC)", drop=1), Column("size", drop=4), Column("freeze", drop=5)]
 
 
 @app.command("create")
@@ -60,13 +63,14 @@ def create(
                             action=lambda reporter: snapshot.create(fleet, plan, reporter), params={"host": host},
                             outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
         except snapshot.SnapshotFailed as failed:
-            out.table(None, ["group", "state", "freeze window", "error"],
+            out.table(None, ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],
                       [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms, failed.result.error]])
             raise
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        out.table(None, ["group", "state", "volumes", "freeze window", "thawed by"],
+        out.table(None, ["group", "state", Column("volumes", drop=2), Column("freeze window", drop=1),
+                         Column("thawed by", wrap=True, drop=3)],
                   [[result.group_id, result.state, len(result.snapshots), f"{result.freeze_window_ms:.0f} ms",
                     result.thawed_by]])
         out.finish(result)
@@ -111,7 +115,8 @@ def show(
             rows.append([item["SnapshotId"], item["VolumeId"], tags.get(snapshot.TAG_MOUNT),
                          tags.get(snapshot.TAG_DEVICE), tags.get(snapshot.TAG_RAID_INDEX), item["State"],
                          f"{item.get('VolumeSize', 0)} GiB"])
-        out.table("snapshots", ["snapshot", "volume", "mount", "device", "RAID #", "state", "size"], rows)
+        out.table("snapshots", ["snapshot", "volume", Column("mount", drop=1), Column("device", drop=2),
+                                Column("RAID #", drop=3), "state", Column("size", drop=4)], rows)
         out.finish({"group": found})
 
 
@@ -146,7 +151,8 @@ def prune(
                              outcome=lambda done: (f"deleted {len(done)} groups", 0))
         else:
             out.log("nothing to delete")
-        out.table(None, ["group", "kept because"], [[group_id, reasons] for group_id, reasons in plan.keep.items()])
+        out.table(None, ["group", Column("kept because", wrap=True)],
+                  [[group_id, reasons] for group_id, reasons in plan.keep.items()])
         out.finish({"dry_run": dry_run, "keep": plan.keep, "delete": [g.group_id for g in plan.delete],
                     "deleted": deleted or []})
 

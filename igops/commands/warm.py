@@ -8,9 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, exit_with,
+                                   load_fleet, mutate, present)
 from igops.errors import ExitCode
 from igops.operations import conflicts
+from igops.tables import Column
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
                        "compare two hosts.", no_args_is_help=True)
@@ -46,14 +48,15 @@ def _options(concurrency: int, rate: Optional[str], match: Match, timeout: float
 def _warm_table(out, result) -> None:
     from igops.vmtouch import human_bytes
 
-    out.table(None, ["target", "files", "pages profiled", "pages read", "skipped files", "disk read", "resident now",
-                     "time"],
+    out.table(None, ["target", "files", Column("pages profiled", drop=3), Column("pages read", drop=3),
+                     Column("skipped files", drop=2), Column("disk read", drop=4), "resident now",
+                     Column("time", drop=1)],
               [[result.target, f"{result.warmed_files}/{result.files}", result.pages, result.warmed_pages,
                 result.skipped_files, f"{human_bytes(result.read_bytes)} ({result.read_amplification or 0:.2f}x)",
                 f"{result.hit_ratio:.1%}",
                 f"{result.seconds:.2f} s" if result.seconds < 10 else f"{result.seconds:.0f} s"]])
     if result.skipped_by_reason:
-        out.table("skipped files", ["reason", "files"], [[reason, count] for reason, count in
+        out.table("skipped files", [Column("reason", wrap=True), "files"], [[reason, count] for reason, count in
                                                           sorted(result.skipped_by_reason.items())])
 
 
@@ -89,7 +92,8 @@ def capture(
             for line in result.vmtouch:
                 out.text(line)
         else:
-            out.table(None, ["host", "files cached/scanned", "pages cached/scanned", "cached", "profile", "size"],
+            out.table(None, ["host", Column("files cached/scanned", drop=2), Column("pages cached/scanned", drop=3),
+                             "cached", "profile", Column("size", drop=1)],
                       [[result.host, f"{result.files}/{result.scanned_files}", f"{result.pages}/{result.scanned_pages}",
                         vmtouch.human_bytes(result.resident_bytes), result.output,
                         vmtouch.human_bytes(result.output_bytes)]])
@@ -182,7 +186,8 @@ def diff(
         result = vmtouch.diff(fleet, source, target, paths, out)
         page = result.page_size
         out.table(f"files with the most pages cold on {result.target}",
-                  ["file", f"cached on {result.source}", f"also on {result.target}", "share", "status"],
+                  ["file", Column(f"cached on {result.source}", drop=2), Column(f"also on {result.target}", drop=1),
+                   "share", Column("status", wrap=True)],
                   [[item.path, vmtouch.human_bytes(item.source_pages * page),
                     vmtouch.human_bytes(item.target_pages * page), f"{item.share:.1%}", item.status]
                    for item in result.files[:top]])
@@ -201,23 +206,28 @@ def show(
     path: str = typer.Argument(..., help="A directory under its data mounts."),
     top: int = TOP_OPTION,
     json_flag: bool = JSON_OPTION,
+    watch: Optional[float] = WATCH_OPTION,
 ) -> None:
     """How much of a directory is in the host's page cache, like `vmtouch DIR`, exact to the page."""
     from igops import vmtouch
 
     with command(ctx, "warm show", json_flag) as out:
         fleet = load_fleet(ctx)
-        result = vmtouch.show(fleet, host, path, top)
-        page = result.page_size
-        if result.busiest:
-            out.table(None, ["file", "cached", "size", "share", "runs"],
-                      [[item["path"], vmtouch.human_bytes(item["resident_pages"] * page),
-                        vmtouch.human_bytes(item["pages"] * page), f"{item['share']:.1%}", item["runs"]]
-                       for item in result.busiest])
-        out.text(f"           Files: {result.files}")
-        out.text(f"     Directories: {result.directories}")
-        out.text(f"  Resident Pages: {result.resident_pages}/{result.pages}  "
-                 f"{vmtouch.human_bytes(result.resident_pages * page)}/{vmtouch.human_bytes(result.pages * page)}  "
-                 f"{result.share:.3%}")
-        out.text(f"         Elapsed: {result.seconds:g} seconds")
-        out.finish(result)
+
+        def show():
+            result = vmtouch.show(fleet, host, path, top)
+            page = result.page_size
+            if result.busiest:
+                out.table(None, ["file", "cached", Column("size", drop=1), "share", Column("runs", drop=2)],
+                          [[item["path"], vmtouch.human_bytes(item["resident_pages"] * page),
+                            vmtouch.human_bytes(item["pages"] * page), f"{item['share']:.1%}", item["runs"]]
+                           for item in result.busiest])
+            out.text(f"           Files: {result.files}")
+            out.text(f"     Directories: {result.directories}")
+            out.text(f"  Resident Pages: {result.resident_pages}/{result.pages}  "
+                     f"{vmtouch.human_bytes(result.resident_pages * page)}/{vmtouch.human_bytes(result.pages * page)}  "
+                     f"{result.share:.3%}")
+            out.text(f"         Elapsed: {result.seconds:g} seconds")
+            return result, ExitCode.OK
+
+        present(out, show, watch)

@@ -59,8 +59,9 @@ class Operation:
     def check_lease(self) -> None:
         self.held.check()
 
-    def write(self, event: str, **fields: Any) -> None:
-        self.store.append(self.id, {"time": safety.now(), "event": event, "pid": os.getpid(), **fields})
+    def write(self, event: str, record: dict | None = None, **fields: Any) -> None:
+        """A journal entry; with `record`, the operation's record updated in the same write."""
+        self.store.append(self.id, {"time": safety.now(), "event": event, "pid": os.getpid(), **fields}, record)
 
     def facts(self, **facts: Any) -> None:
         """Something a resume needs to know (a group id, the release being rolled out)."""
@@ -68,9 +69,10 @@ class Operation:
         self.store.put_record(self.record)
         self.write("facts", facts=facts)
 
-    def at_step(self, number: int, title: str) -> None:
+    def step_started(self, number: int, title: str, **fields: Any) -> None:
+        """The intent entry, and the record naming this step as the current one."""
         self.record["step"] = {"number": number, "title": title, "since": safety.now()}
-        self.store.put_record(self.record)
+        self.write("intent", self.record, step=number, title=title, **fields)
 
 
 class JournaledReporter(Reporter):
@@ -95,8 +97,7 @@ class JournaledReporter(Reporter):
         with self.inner.step(title) as record:
             number = record.number or self._count
             # Written before the step acts: if the journal cannot take it, the step never runs.
-            operation.write("intent", step=number, title=record.title, **extra)
-            operation.at_step(number, record.title)
+            operation.step_started(number, record.title, **extra)
             try:
                 yield record
             except BaseException as exc:
@@ -125,39 +126,60 @@ def perform(fleet, spec: OperationSpec, action: Callable[[Operation], T], report
             wait: float = 0.0, resume: dict | None = None) -> T:
     """Run `action` as an operation (see the module's docstring). `resume` is the record of an
     interrupted operation this run continues under the same id."""
-    backend = coordination.for_fleet(fleet)
-    store = journal.for_coordinator(backend, fleet.state_dir)
-    command_line = safety.redact_argv(["igops", *sys.argv[1:]])
-    reason = reason or coordination.reason()
-    op_id = resume["id"] if resume else journal.new_id()
-    holder = coordination.current_holder(spec.kind, ", ".join(spec.targets), command_line, reason, op_id)
-    started = time.monotonic()
-    with _leased(backend, store, spec.resources, holder, wait) as held, store.hold(op_id):
-        record = _begin(store, spec, holder, held, resume)
-        operation = Operation(spec, record, store, held, reporter)
-        backend.audit(command=command_line, targets=spec.targets, result="resumed" if resume else "started",
-                      exit_code=None, duration_ms=0.0, reason=reason, operation_id=op_id)
-        word, code, detail = "failed", 1, None
-        try:
-            result = action(operation)
-            word, code = outcome(result)
-            return result
-        except IgopsError as exc:
-            code, detail = int(exc.exit_code), exc.one_line()
-            raise
-        except BaseException as exc:
-            word, detail = ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"), _first_line(exc)
-            raise
-        finally:
-            lost = held.lost()
-            if lost:
-                reporter.log(f"warning: the lease of operation {op_id} was lost while it worked ({lost}); "
-                             "another operator may have started on its targets meanwhile")
-                detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
-            _end(store, operation, word, code, detail, reporter)
-            backend.audit(command=command_line, targets=spec.targets, result=word, exit_code=code,
-                          duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason,
-                          operation_id=op_id)
+    run = _Run(fleet, spec, reporter, reason or coordination.reason(), resume)
+    try:
+        return run.perform(action, outcome, wait)
+    finally:
+        if run.ended:
+            _mark_change(fleet, spec, run.ended, reporter)
+
+
+class _Run:
+    """One run of an operation: what its lease, journal and audit records share."""
+
+    def __init__(self, fleet, spec: OperationSpec, reporter: Reporter, reason: str | None, resume: dict | None):
+        self.spec, self.reporter, self.reason, self.resume = spec, reporter, reason, resume
+        self.backend = coordination.for_fleet(fleet)
+        self.store = journal.for_coordinator(self.backend, fleet.state_dir)
+        self.command_line = safety.redact_argv(["igops", *sys.argv[1:]])
+        self.id = resume["id"] if resume else journal.new_id()
+        self.holder = coordination.current_holder(spec.kind, ", ".join(spec.targets), self.command_line, reason,
+                                                  self.id)
+        self.started = time.monotonic()
+        self.ended: dict = {}
+
+    def audit(self, result: str, exit_code: int | None, detail: str | None = None) -> None:
+        self.backend.audit(command=self.command_line, targets=self.spec.targets, result=result, exit_code=exit_code,
+                           duration_ms=safety.monotonic_ms(self.started) if exit_code is not None else 0.0,
+                           detail=detail, reason=self.reason, operation_id=self.id)
+
+    def perform(self, action: Callable[[Operation], T], outcome: Callable[[T], tuple[str, int]], wait: float) -> T:
+        with _leased(self.backend, self.store, self.spec.resources, self.holder, wait) as held, \
+                self.store.hold(self.id):
+            record = _begin(self.store, self.spec, self.holder, held, self.resume)
+            operation = Operation(self.spec, record, self.store, held, self.reporter)
+            self.audit("resumed" if self.resume else "started", None)
+            word, code, detail = "failed", 1, None
+            try:
+                result = action(operation)
+                word, code = outcome(result)
+                return result
+            except IgopsError as exc:
+                code, detail = int(exc.exit_code), exc.one_line()
+                raise
+            except BaseException as exc:
+                word, detail = ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"), _first_line(exc)
+                raise
+            finally:
+                lost = held.lost()
+                if lost:
+                    self.reporter.log(f"warning: the lease of operation {self.id} was lost while it worked ({lost}); "
+                                      "another operator may have started on its targets meanwhile")
+                    detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
+                _end(self.store, operation, word, code, detail, self.reporter)
+                self.ended = {"id": self.id, "result": word, "exit_code": code, "reason": self.reason,
+                              "duration_s": round(time.monotonic() - self.started, 1)}
+                self.audit(word, code, detail)
 
 
 def declined(fleet, targets: list[str], reason: str | None = None) -> None:
@@ -257,6 +279,30 @@ def refuse_unknown(op_id: str, store) -> dict:
         raise RefusedError(f"no operation {op_id!r} in the journal ({store.name})",
                            "list them with igops ops list --all")
     return record
+
+
+# Deploys and rollbacks send their own marker, with the release and every host's outcome.
+MARKED_BY_THEMSELVES = ("deploy", "deploy-rollback")
+
+
+def _mark_change(fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
+    """A PagerDuty change event for the operation that ended, once its lease is released: a
+    marker never holds up or fails the operation it marks."""
+    from igops import pagerduty_changes
+
+    if spec.kind in MARKED_BY_THEMSELVES:
+        return
+    key = pagerduty_changes.routing_key(fleet)
+    if not key:
+        return
+    summary = f"{fleet.model.fleet.name}: {spec.title}: {ended['result']}"
+    sent = pagerduty_changes.send_change(fleet.model.monitoring.pagerduty_url, key, summary,
+                                         f"igops on {safety.operator_host()}",
+                                         {"operation": ended["id"], "kind": spec.kind, "targets": spec.targets,
+                                          "result": ended["result"], "exit_code": ended["exit_code"],
+                                          "reason": ended["reason"], "duration_s": ended["duration_s"],
+                                          "by": f"{safety.operator_user()}@{safety.operator_host()}"})
+    reporter.log(f"PagerDuty change event: {sent.detail}")
 
 
 def _ms(started: float) -> float:

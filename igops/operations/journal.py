@@ -99,7 +99,8 @@ class LocalJournal:
             handle.write(json.dumps(_clean(record), sort_keys=True))
         os.replace(temporary, path)
 
-    def append(self, op_id: str, entry: dict) -> None:
+    def append(self, op_id: str, entry: dict, record: dict | None = None) -> None:
+        """One entry; with `record`, the operation's record is replaced too (after the entry)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = (json.dumps(_clean(entry), sort_keys=True) + "\n").encode()
         fd = os.open(self._path(op_id, ".journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -107,6 +108,8 @@ class LocalJournal:
             os.write(fd, line)  # one write of one line: atomic with O_APPEND
         finally:
             os.close(fd)
+        if record is not None:
+            self.put_record(record)
 
     def record(self, op_id: str) -> dict | None:
         try:
@@ -168,12 +171,22 @@ class EtcdJournal:
     def put_record(self, record: dict) -> None:
         self.gateway.put(f"{self.prefix}ops/{record['id']}", json.dumps(_clean(record), sort_keys=True))
 
-    def append(self, op_id: str, entry: dict) -> None:
+    def append(self, op_id: str, entry: dict, record: dict | None = None) -> None:
+        """One entry; with `record`, the record too, in the same transaction: one Raft round."""
+        from igops.coordination import _b64
+
         with self._seq_lock:
             self._seq += 1
             # Unique across processes that resume the same operation: time first, then pid.
             key = (f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}")
-        self.gateway.put(key, json.dumps(_clean(entry), sort_keys=True))
+        puts = [(key, json.dumps(_clean(entry), sort_keys=True))]
+        if record is not None:
+            puts.append((f"{self.prefix}ops/{record['id']}", json.dumps(_clean(record), sort_keys=True)))
+        if len(puts) == 1:
+            self.gateway.put(*puts[0])
+            return
+        self.gateway.call("/v3/kv/txn", {"success": [{"request_put": {"key": _b64(k), "value": _b64(v)}}
+                                                     for k, v in puts]})
 
     def record(self, op_id: str) -> dict | None:
         found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")

@@ -221,7 +221,7 @@ def test_check_cli_nagios_line_and_exit_codes_without_a_fleet(tmp_path):
     result = run_igops("-c", config, "check", "--nagios", "--timeout", "5")
     assert result.returncode == NagiosStatus.CRITICAL, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("IGOPS CRITICAL - unit: 2 critical of 2 checks:")
+    assert len(lines) == 1 and lines[0].startswith("IGOPS CRITICAL - unit: 2 critical of 3 checks:")  # + operations
     assert "ssh web1:" in lines[0] and "http-app web1:" in lines[0]
 
     result = run_igops("-c", config, "check", "--json", "--only", "http")

@@ -1,0 +1,123 @@
+"""The operation engine on the lab's real etcd: two bastions, one journal.
+
+For each pair of the conflict table, "bastion-1" holds the first operation's lease (a library
+caller of the engine, stopped inside a step) and "bastion-2", another igops process with its own
+state directory, user and host name, runs the second command for real: it exits 4 naming the
+holder, its operation id, its current step and its reason, and changes nothing. Both see the
+operation in `ops list`; `ops show` has its journal; `ops history` its start.
+"""
+
+import json
+import threading
+
+import pytest
+
+from igops import inventory
+from igops.errors import ExitCode
+from igops.operations import conflicts, engine
+from igops.output import Reporter
+from tests.integration.test_coordination import bastion, run_igops, write_inventory
+
+pytestmark = pytest.mark.lab
+
+
+class Holding:
+    """An operation of `kind` on `resources`, run by this process as bastion-1, inside its step
+    "[1] <title>" until released."""
+
+    def __init__(self, config, kind, resources, title="hold the targets", reason="INC-16 drill"):
+        self.fleet = inventory.load_file(config)
+        self.spec = engine.OperationSpec(kind, f"{kind} (held by the test)", ["held"], resources, [title])
+        self.title, self.reason = title, reason
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        def action(operation):
+            self.operation_id = operation.id
+            with operation.reporter.step(self.title):
+                self.inside.set()
+                self.release.wait(60)
+
+        engine.perform(self.fleet, self.spec, action, Reporter(), reason=self.reason)
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.inside.wait(20)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release.set()
+        self.thread.join(30)
+
+
+def shard_on(lab, cluster: str) -> int:
+    from tests.labtools import postgres
+
+    connection = postgres(lab, "db1", "directory")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT logical_shard FROM shard_map WHERE cluster <> %s ORDER BY 1 LIMIT 1", (cluster,))
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def pairs(lab):
+    """(what bastion-1 holds, what bastion-2 runs): the pairs of the conflict table a healthy lab
+    can plan. deploy against rollback leases one resource, `app` (tests/unit/test_operations.py);
+    a rollback needs a release before the current one, which a fresh lab does not have."""
+    fleet = lab
+    return [
+        ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", "db2"]),
+        ("pg-switchover", [conflicts.pg_cluster("main")], ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
+        ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", "db2"]),
+        ("snapshot-create", conflicts.for_host(fleet, "db2"), ["pg", "switchover", "main", "--to", "db2"]),
+        ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", "redis2"]),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["etcd", "local-shared"])
+def test_every_conflicting_pair_exits_4_naming_the_holder_and_its_step(lab, tmp_path, backend):
+    config, prefix = write_inventory(tmp_path, with_etcd=backend == "etcd")
+    env = bastion(tmp_path, "bastion-2", "bob")
+    if backend == "local-shared":
+        # The local backend binds only processes that share the state directory (docs/operations.md).
+        env["IGOPS_STATE_DIR"] = str(inventory.load_file(config).state_dir)
+    for kind, resources, command in pairs(lab):
+        with Holding(config, kind, resources) as held:
+            result = run_igops(config, env, *command, "--yes", "--json")
+            assert result.returncode == ExitCode.LOCKED, (command, result.stderr[-2000:])
+            message = json.loads(result.stdout)["error"]["message"]
+            assert f"is held by {kind} {held.operation_id}" in message, message
+            assert "[1] hold the targets" in message and "reason: INC-16 drill" in message, message
+            listed = run_igops(config, env, "ops", "list", "--json")
+            ids = [record["id"] for record in json.loads(listed.stdout)["data"]["records"]]
+            assert held.operation_id in ids, listed.stdout
+
+
+def test_the_journal_and_history_are_the_teams(lab, tmp_path):
+    config, _ = write_inventory(tmp_path, with_etcd=True)
+    with Holding(config, "pg-switchover", [conflicts.pg_cluster("main")]) as held:
+        pass
+    other = bastion(tmp_path, "bastion-2", "bob")
+    shown = json.loads(run_igops(config, other, "ops", "show", held.operation_id, "--json").stdout)["data"]
+    record, entries = shown["operation"], shown["journal"]
+    assert record["status"] == "ok" and record["reason"] == "INC-16 drill" and record["backend"] == "etcd"
+    assert [entry["event"] for entry in entries] == ["begin", "intent", "result", "end"]
+    history = json.loads(run_igops(config, other, "ops", "history", "--json").stdout)["data"]["records"]
+    assert [r["result"] for r in history if r.get("operation") == held.operation_id] == ["started", "ok"]
+
+
+def test_an_operation_that_ends_sends_a_pagerduty_change_event(lab, tmp_path):
+    import urllib.request
+
+    config, _ = write_inventory(tmp_path, with_etcd=True)
+    with Holding(config, "pg-switchover", [conflicts.pg_cluster("main")], reason="INC-16 marker") as held:
+        pass
+    with urllib.request.urlopen(f"{lab.model.monitoring.pagerduty_url}/_lab/requests?since=0", timeout=5) as answer:
+        requests = json.load(answer)["requests"]
+    [event] = [r["body"] for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
+               and r["body"]["payload"]["custom_details"].get("operation") == held.operation_id]
+    details = event["payload"]["custom_details"]
+    assert details["kind"] == "pg-switchover" and details["result"] == "ok" and details["reason"] == "INC-16 marker"

@@ -1,0 +1,313 @@
+"""Tables for people at 80 and 200 columns, --wide, --format plain|tsv and --watch, through the
+real output layer (igops.output.Output on a rich Console of a forced width)."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from igops.cli import _watch_seconds_given, build_command
+from igops.failover import PgClusterState, PgNode
+from igops.output import Output
+from igops.tables import Column, layout
+from tests.conftest import IGOPS, ROOT, run_igops
+from tests.unit.inventories import unit_inventory
+
+BOX_DRAWING = set("┃│━╇─┼┏┓┗┛╋┡┩")
+GROUP_ID = "db12-20261203T041500Z-9f3c"  # as snapshot.new_group_id makes them: 26 characters
+LSNS = ("0/D2A3F0B8", "0/D2A3E100", "0/D29F0000")
+
+
+def output(width: int, table_format: str = "table", wide: bool = False, terminal: bool = True,
+           command: str = "pg status", json_mode: bool = False) -> tuple[Output, io.StringIO]:
+    out = Output(command, json_mode=json_mode, table_format=table_format, wide=wide)
+    screen = io.StringIO()
+    out._out = Console(file=screen, width=width, force_terminal=terminal, color_system=None,
+                       highlight=False)
+    out._err = Console(file=io.StringIO(), width=width, force_terminal=terminal, color_system=None)
+    return out, screen
+
+
+def cluster() -> PgClusterState:
+    primary = PgNode("db11", "10.0.1.11", "primary", "running", timeline=3, lsn=LSNS[0], repmgr="primary",
+                     repmgrd="running", pgbouncer=["pgb1:main", "pgb2:main"])
+    standby = PgNode("db12", "10.0.1.12", "standby", "running", timeline=3, lsn=LSNS[1], received_lsn=LSNS[1],
+                     replayed_lsn=LSNS[2], lag_bytes=21168, lag_s=0.4, streaming_from="db11",
+                     repmgr="standby of db11", repmgrd="running")
+    down = PgNode("db13", "10.0.1.13", "unknown", "host unreachable", repmgr="standby of db11 (inactive)")
+    return PgClusterState("main", [primary, standby, down], "db11", {}, {})
+
+
+def snapshot_groups() -> list:
+    created = datetime(2026, 12, 3, 4, 15, tzinfo=timezone.utc)
+    return [SimpleNamespace(group_id=GROUP_ID, host="db12", mounts=["/data", "/var/lib/postgresql"], volumes=4,
+                            expected=4, state="complete", created=created, size_gib=1600, freeze_ms=412.0),
+            SimpleNamespace(group_id="db12-20261202T041500Z-0a1e", host="db12", mounts=["/data"], volumes=3,
+                            expected=4, state="incomplete", created=created, size_gib=1200, freeze_ms=None)]
+
+
+def show_snapshot_list(out: Output) -> None:
+    from igops.commands.snapshot import GROUP_COLUMNS, _group_row
+
+    out.table("2 snapshot groups", GROUP_COLUMNS, [_group_row(group) for group in snapshot_groups()])
+
+
+def show_pg_status(out: Output) -> None:
+    from igops.commands.pg import show_state
+
+    show_state(out, cluster())
+
+
+def lines_of(screen: io.StringIO) -> list[str]:
+    return screen.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_snapshot_list_keeps_group_ids_whole(width):
+    out, screen = output(width)
+    show_snapshot_list(out)
+    text = screen.getvalue()
+    assert GROUP_ID in text and "db12-20261202T041500Z-0a1e" in text
+    assert "complete" in text and "incomplete" in text
+    assert all(len(line.rstrip()) <= width for line in lines_of(screen)), text
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_pg_status_keeps_lsns_roles_and_nodes_whole(width):
+    out, screen = output(width)
+    show_pg_status(out)
+    text = screen.getvalue()
+    for word in ("db11", "db12", "db13", "primary", "standby", "unknown", LSNS[0], LSNS[1]):
+        assert word in text, (word, text)
+    assert all(len(line.rstrip()) <= width for line in lines_of(screen)), text
+
+
+def test_at_80_columns_secondary_columns_are_hidden_and_named():
+    out, screen = output(80)
+    show_pg_status(out)
+    text = screen.getvalue()
+    header = next(line for line in lines_of(screen) if line.startswith("node"))
+    assert "LSN" in header and "repmgr" not in header and "replayed" not in header
+    assert "hidden to fit 80 columns:" in " ".join(text.split()) and "--wide" in text
+
+
+def test_at_200_columns_every_column_shows():
+    out, screen = output(200)
+    show_pg_status(out)
+    header = next(line for line in lines_of(screen) if line.startswith("node"))
+    for name in ("role", "state", "TL", "LSN", "received", "replayed", "lag", "streams from", "repmgr", "PgBouncer"):
+        assert name in header, name
+    assert LSNS[2] in screen.getvalue() and "hidden" not in screen.getvalue()
+
+
+def test_wide_shows_every_column_at_80():
+    out, screen = output(80, wide=True)
+    show_pg_status(out)
+    text = screen.getvalue()
+    header = next(line for line in lines_of(screen) if line.startswith("node"))
+    for name in ("received", "replayed", "streams from", "repmgr", "PgBouncer"):
+        assert name in header, name
+    # Every value whole, on its row: the line runs past 80 columns rather than cut one.
+    for word in (*LSNS, "standby of db11 (inactive)", "pgb1:main, pgb2:main"):
+        assert word in text, word
+    assert "hidden" not in text
+
+
+def test_free_text_wraps_at_word_breaks_and_never_cuts():
+    out, screen = output(40)
+    out.table(None, ["host", Column("detail", wrap=True)],
+              [["db12", "connection refused by 10.0.1.12:22: is sshd running there?"]])
+    text = screen.getvalue()
+    assert "…" not in text and "10.0.1.12:22:" in text
+    assert all(len(line.rstrip()) <= 40 for line in lines_of(screen)), text
+
+
+def test_an_identifier_wider_than_the_terminal_is_printed_whole():
+    path = "/var/lib/postgresql/15/main/base/16384/2619_fsm"
+    out, screen = output(40)
+    out.table(None, ["file", "cached"], [[path, "8.0 KiB"]])
+    assert path in screen.getvalue() and "…" not in screen.getvalue()
+
+
+def test_plain_has_aligned_columns_and_no_box_drawing():
+    out, screen = output(80, table_format="plain")
+    show_snapshot_list(out)
+    text = screen.getvalue()
+    assert not set(text) & BOX_DRAWING
+    rows = [line.split() for line in lines_of(screen)]
+    assert [GROUP_ID, "db12"] == next(row for row in rows if row and row[0] == GROUP_ID)[:2]
+    header = next(line for line in lines_of(screen) if line.startswith("group"))
+    row = next(line for line in lines_of(screen) if line.startswith(GROUP_ID))
+    assert header.index("host") == row.index(" db12 ") + 1
+
+
+def test_tsv_is_a_header_row_and_tab_separated_rows_only():
+    out, screen = output(80, table_format="tsv")
+    show_pg_status(out)
+    lines = lines_of(screen)
+    assert lines[0].split("\t") == ["node", "role", "state", "TL", "LSN", "received", "replayed", "lag",
+                                    "streams from", "repmgr", "PgBouncer"]
+    assert lines[1].split("\t") == ["db11", "primary", "running", "3", LSNS[0], "", "", "", "",
+                                    "primary; repmgrd running", "pgb1:main, pgb2:main"]
+    assert lines[2].split("\t")[4:7] == [LSNS[1], LSNS[1], LSNS[2]]
+    assert len(lines) == 4 and all(line.count("\t") == 10 for line in lines)
+    assert not set(screen.getvalue()) & BOX_DRAWING
+
+
+def test_tsv_sends_sentences_to_stderr_and_separates_tables_by_one_empty_line():
+    out, screen = output(80, table_format="tsv", command="status")
+    out.table("hosts", ["host", "ssh"], [["web1", "ok"]])
+    out.text("all hosts reachable")
+    out.table("services", ["service", "state"], [["gunicorn", "ok"], ["nginx", "DOWN"]])
+    assert screen.getvalue() == "host\tssh\nweb1\tok\n\nservice\tstate\ngunicorn\tok\nnginx\tDOWN\n"
+    assert "all hosts reachable" in out.err.file.getvalue()
+
+
+def test_tsv_strips_a_cells_markup_and_flattens_tabs_and_line_breaks():
+    out, screen = output(80, table_format="tsv", command="check")
+    out.table(None, ["check", "status", Column("detail", wrap=True)], [["ssh", "[red]CRITICAL[/]", "a\tb\nc"]])
+    assert screen.getvalue().splitlines()[1] == "ssh\tCRITICAL\ta b c"
+
+
+def test_piped_output_hides_and_wraps_nothing():
+    out, screen = output(80, terminal=False)
+    out._out.width = 400  # as Output sets it for output that is not a terminal
+    show_pg_status(out)
+    text = screen.getvalue()
+    assert not set(text) & BOX_DRAWING and "hidden" not in text
+    assert any(line.split()[:1] == ["db13"] and "standby of db11 (inactive)" in line for line in lines_of(screen))
+
+
+def test_layout_hides_the_highest_rank_first_then_the_rightmost():
+    columns = [Column("id"), Column("a", drop=1), Column("b", drop=2), Column("c", drop=2)]
+    cells = [["x" * 20, "y" * 20, "z" * 20, "w" * 20]]
+    assert layout(columns, cells, 70, ruled=True).hidden == ["c"]
+    assert layout(columns, cells, 47, ruled=True).hidden == ["b", "c"]
+    assert layout(columns, cells, 10, ruled=True).hidden == ["a", "b", "c"]
+    assert layout(columns, cells, 10, ruled=True, wide=True).hidden == []
+    assert layout(columns, cells, None, ruled=False).widths == [20, 20, 20, 20]
+
+
+# --- --watch ----------------------------------------------------------------------------------
+class Interrupted:
+    """A sleep that lets `refreshes` refreshes happen, then is Ctrl-C."""
+
+    def __init__(self, refreshes: int):
+        self.left = refreshes
+        self.slept: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.left -= 1
+        if self.left <= 0:
+            raise KeyboardInterrupt
+
+
+def test_watch_prints_one_envelope_per_refresh_as_json_lines(capsys):
+    out, _ = output(80, json_mode=True)
+    refreshes = iter(range(100))
+
+    def show():
+        with out.step("read the cluster"):
+            pass
+        return {"refresh": next(refreshes)}, 5
+
+    sleep = Interrupted(3)
+    out.watch(2, show, sleep=sleep)
+    lines = capsys.readouterr().out.splitlines()
+    envelopes = [json.loads(line) for line in lines]
+    assert [envelope["data"]["refresh"] for envelope in envelopes] == [0, 1, 2]
+    assert all(envelope["exit_code"] == 5 and len(envelope["steps"]) == 1 for envelope in envelopes)
+    assert sleep.slept == [2, 2, 2]
+
+
+def test_watch_redraws_the_terminal_under_a_heading():
+    out, screen = output(80)
+    calls = []
+
+    def show():
+        calls.append(1)
+        show_pg_status(out)
+        return {}, 0
+
+    out.watch(0.5, show, sleep=Interrupted(2))
+    text = screen.getvalue()
+    assert len(calls) == 2
+    assert text.count("\x1b[2J") == 2  # the screen cleared before each refresh is swapped in
+    assert text.count("every 0.5 s: igops pg status") == 2 and LSNS[0] in text
+
+
+def test_watch_on_a_pipe_appends_refreshes_and_tsv_keeps_only_rows():
+    out, screen = output(80, table_format="tsv", terminal=False)
+
+    def show():
+        out.table(None, ["node", "LSN"], [["db11", LSNS[0]]])
+        return {}, 0
+
+    out.watch(1, show, sleep=Interrupted(2))
+    assert screen.getvalue() == f"node\tLSN\ndb11\t{LSNS[0]}\n\nnode\tLSN\ndb11\t{LSNS[0]}\n"
+
+
+def test_a_bare_watch_gets_the_default_seconds():
+    assert _watch_seconds_given(["pg", "status", "--watch"]) == ["pg", "status", "--watch", "2"]
+    assert _watch_seconds_given(["pg", "status", "--watch", "main"]) == ["pg", "status", "--watch", "2", "main"]
+    assert _watch_seconds_given(["pg", "status", "--watch", "0.5", "main"]) == ["pg", "status", "--watch", "0.5",
+                                                                                 "main"]
+    assert _watch_seconds_given(["exec", "--", "tool", "--watch"]) == ["exec", "--", "tool", "--watch"]
+
+
+# --- through the real command line --------------------------------------------------------------
+def inventory(tmp_path):
+    return str(unit_inventory(tmp_path, [("web1", "127.0.20.250", "app"), ("web2", "127.0.20.251", "app")]))
+
+
+def test_format_tsv_and_plain_through_the_cli(tmp_path):
+    config = inventory(tmp_path)
+    tsv = run_igops("-c", config, "hosts", "--format", "tsv")
+    assert tsv.returncode == 0, tsv.stderr
+    assert tsv.stdout.splitlines() == ["host\taddress\tssh\troles\tinstance\tdata mounts",
+                                       "web1\t127.0.20.250\troot:22\tapp\t\t", "web2\t127.0.20.251\troot:22\tapp\t\t"]
+    plain = run_igops("--format", "plain", "-c", config, "hosts", "--wide")
+    assert plain.returncode == 0 and not set(plain.stdout) & BOX_DRAWING
+    assert any(line.split()[:2] == ["web1", "127.0.20.250"] for line in plain.stdout.splitlines())
+    bad = run_igops("-c", config, "hosts", "--format", "yaml", "--json")
+    assert bad.returncode == 2 and "--format" in json.loads(bad.stdout)["error"]["message"]
+
+
+def test_every_verb_takes_format_and_wide():
+    def verbs(group):
+        for sub in group.commands.values():
+            yield from verbs(sub) if getattr(sub, "commands", None) is not None else [sub]
+
+    for verb in verbs(build_command()):
+        names = {name for param in verb.params for name in param.opts}
+        assert {"--format", "--wide", "--json"} <= names, verb.name
+
+
+@pytest.mark.parametrize("verb", [["status"], ["pg", "status"], ["redis", "status"], ["warm", "show"]])
+def test_watch_is_offered(verb):
+    assert "--watch [SECONDS]" in run_igops(*verb, "--help").stdout
+
+
+def test_ctrl_c_ends_a_watch_with_exit_0(tmp_path):
+    """`igops status --watch 0.2 --json` against hosts where nothing answers: an envelope a line
+    per refresh, and SIGINT (Ctrl-C) ends it with exit 0."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    process = subprocess.Popen([*IGOPS, "-c", inventory(tmp_path), "status", "--watch", "0.2", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    envelopes = [json.loads(line) for line in lines + rest.splitlines()]
+    assert process.returncode == 0, errors
+    assert len(envelopes) >= 2 and all(envelope["command"] == "status" for envelope in envelopes)
+    assert {host["host"] for host in envelopes[0]["data"]["hosts"]} == {"web1", "web2"}
