@@ -1048,6 +1048,24 @@ class Rollout:
         if self.failures > plan.max_fail:
             stopped = f"staging ({self.failures} failed, more than --max-fail {plan.max_fail}); nothing was switched"
         to_put_back: list[str] = []
+        try:
+            stopped = self._batches(stopped, to_put_back)
+        except BaseException:
+            # Interrupted or its lease lost between batches: the last batch that passed its gate
+            # goes back into traffic before the operation stops.
+            with self.reporter.recovery():
+                self._put_back(to_put_back)
+            raise
+        self._put_back(to_put_back)
+        for outcome in self.outcomes.values():
+            if outcome.state == NOT_STARTED:
+                outcome.detail = "; ".join(filter(None, [outcome.detail, f"not reached: still on {outcome.release}"]))
+        return stopped
+
+    def _batches(self, stopped: str | None, to_put_back: list[str]) -> str | None:
+        """Roll batch after batch; `to_put_back` holds, at any moment, the hosts of the last
+        batch that passed its gate and still wait to go back into the load balancer."""
+        plan = self.plan
         for number, names in enumerate(plan.batches if stopped is None else [], 1):
             batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
             if not batch:
@@ -1067,7 +1085,7 @@ class Rollout:
                     break
                 for name in to_put_back:
                     self.outcomes[name].in_lb = True
-                to_put_back = []
+                to_put_back.clear()
                 for name in batch:
                     self.outcomes[name].in_lb = False if self.app.lbs else None
                     self.journal.host(name, "drained")
@@ -1084,13 +1102,9 @@ class Rollout:
                     if failed:
                         step.status = "failed"
                 # Only a host that just passed a health gate goes back into traffic.
-                to_put_back = [name for name in batch if self.outcomes[name].state in (DEPLOYED, ROLLED_BACK)]
+                to_put_back.extend(name for name in batch if self.outcomes[name].state in (DEPLOYED, ROLLED_BACK))
             if stopped:
                 break
-        self._put_back(to_put_back)
-        for outcome in self.outcomes.values():
-            if outcome.state == NOT_STARTED:
-                outcome.detail = "; ".join(filter(None, [outcome.detail, f"not reached: still on {outcome.release}"]))
         return stopped
 
     def below_minimum(self, batch: list[str], back: list[str]) -> str | None:

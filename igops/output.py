@@ -41,6 +41,12 @@ class Reporter:
         pass
 
     @contextmanager
+    def recovery(self) -> Iterator[None]:
+        """Steps that put things back (RESUME a pooler, hosts back in rotation): an operation
+        that must stop (its lease lost) still runs them."""
+        yield
+
+    @contextmanager
     def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
         yield lambda advance: None
 

@@ -82,6 +82,7 @@ class JournaledReporter(Reporter):
         self.inner, self.operation = inner, operation
         self._announced: dict = {}
         self._count = 0  # a library caller's reporter numbers nothing: the journal numbers its steps
+        self._recovering = 0
 
     def announce(self, **fields: Any) -> None:
         """Extra fields for the next step's intent entry (its undo and release)."""
@@ -90,7 +91,8 @@ class JournaledReporter(Reporter):
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
         operation = self.operation
-        operation.check_lease()
+        if not self._recovering:
+            operation.check_lease()
         extra, self._announced = self._announced, {}
         started = time.monotonic()
         self._count += 1
@@ -110,6 +112,15 @@ class JournaledReporter(Reporter):
 
     def log(self, message: str) -> None:
         self.inner.log(message)
+
+    @contextmanager
+    def recovery(self) -> Iterator[None]:
+        # A lost lease stops the operation's next step, never the steps that make it safe.
+        self._recovering += 1
+        try:
+            yield
+        finally:
+            self._recovering -= 1
 
     def __getattr__(self, name: str) -> Any:
         # Anything else a command's reporter offers (its consoles, its step list) is the command's.

@@ -120,7 +120,6 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
     with _signals_as_interrupt() as interrupts:
         try:
             for number, step in enumerate(steps, 1):
-                past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
                 if step.undo:
                     undos.append(step.undo)
                 if step.release:
@@ -128,8 +127,10 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
                 announce = getattr(reporter, "announce", None)
                 if announce:  # the journal's intent entry says how to undo and release this step
                     announce(undo=spec(step.undo), release=spec(step.release),
-                             point_of_no_return=past_point_of_no_return)
+                             point_of_no_return=past_point_of_no_return or step.point_of_no_return)
+                # A step that could not begin (its lease lost) is not past its point of no return.
                 with reporter.step(step.title) as record:
+                    past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
                     detail = getattr(actions, step.action)(*step.args)
                     if detail:
                         record.detail = detail
@@ -152,6 +153,11 @@ def _left_behind(describe) -> str:
 
 
 def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
+    with reporter.recovery():
+        return _run_recovery(actions, reporter, undos, releases)
+
+
+def _run_recovery(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
     recovery = []
     for done, failed, steps in (("undone", "undo failed", undos), ("released", "release failed", releases)):
         for step in reversed(steps):

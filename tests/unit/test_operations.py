@@ -256,3 +256,45 @@ def test_the_docs_conflict_table_is_the_codes():
     text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     for kind, leases, expected in conflicts.table_rows():
         assert f"| `{kind}` | {leases} | {expected} |" in text, kind
+
+
+def test_a_lost_lease_stops_the_next_step_but_not_the_releases(fleet):
+    from igops.coordination import LeaseLost
+
+    class Actions:
+        def __init__(self):
+            self.done = []
+
+        def pause(self):
+            self.done.append("pause")
+
+        def stop(self):
+            self.done.append("stop")
+            operation.held._mark_lost("etcd: lease expired")  # lost while this step works
+
+        def promote(self):
+            self.done.append("promote")
+
+        def resume(self):
+            self.done.append("resume")
+
+        def start(self):
+            self.done.append("start")
+
+    plan = [steps.Step("pause", "pause", release=steps.Step("resume", "resume")),
+            steps.Step("stop", "stop", undo=steps.Step("start", "start")),
+            steps.Step("promote", "promote", point_of_no_return=True)]
+    actions = Actions()
+    operation = None
+
+    def action(op):
+        nonlocal operation
+        operation = op
+        steps.execute(plan, actions, op.reporter, "hint")
+
+    with pytest.raises(steps.StepFailed) as failed:
+        engine.perform(fleet, spec(), action, Reporter())
+    assert isinstance(failed.value.__cause__, LeaseLost)
+    assert actions.done == ["pause", "stop", "start", "resume"], "never promoted; undone and released"
+    [record] = records(fleet)
+    assert record["result"] == "failed" and "lease lost: etcd: lease expired" in record["detail"]
