@@ -205,18 +205,18 @@ def delete(
     """Delete one snapshot group (every snapshot in it).
 
     Refused (exit 3) for a kept group, a group still being taken, and a complete group its set of
-    data cannot spare (its last, or below its minimum redundancy), unless --accept-risk.
-
-    Example: igops snapshot delete db2-20261123T053000Z-1a2b --dry-run"""
+    data cannot spare (its last, or below its minimum redundancy), unless --accept-risk."""
     from igops import snapshot, snapshot_policy
     from igops.ebs import Ebs
-    from igops.errors import RefusedError
+    from igops.errors import RefusedError, UsageError
 
     with command(ctx, "snapshot delete", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
         every = snapshot.groups(ebs)
-        found = next((item for item in every if item.group_id == group), None) or snapshot.find_group(ebs, group)
+        found = next((item for item in every if item.group_id == group), None)
+        if found is None:
+            raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
         data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
         siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
         risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(timezone.utc),
@@ -246,10 +246,7 @@ def keep(
 ) -> None:
     """Pin a group so prune never deletes it (and delete refuses it); --release unpins it.
 
-    The pin is a tag (igops:keep) on the group's snapshots, saying when and by whom.
-
-    Examples: igops snapshot keep db2-20261123T053000Z-1a2b --yes;
-    igops snapshot keep db2-20261123T053000Z-1a2b --release --yes"""
+    The pin is a tag (igops:keep) on the group's snapshots, saying when and by whom."""
     from igops import safety, snapshot
     from igops.ebs import Ebs
 
@@ -280,9 +277,7 @@ def cron(
     For cron, every minute: prints nothing and exits 0 when nothing is due; a run that finds the
     previous one still working exits 0 at once, doing nothing. A Postgres cluster is snapshotted
     on one streaming standby, the Redis set on one linked replica. Exit 1 when every due group
-    failed, 5 when some did.
-
-    Example (crontab): * * * * * root /usr/local/bin/igops -c /etc/igops/igops.toml snapshot cron --yes"""
+    failed, 5 when some did."""
     import sys
     from contextlib import nullcontext
 
