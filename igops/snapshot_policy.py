@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
 from igops import schedule as schedules
+from igops.output import plural
 from igops.snapshot import STATE_COMPLETE, STATE_PENDING, STATE_TAKING, SnapshotGroup, stale
 
 DEFAULT_MINIMUM_REDUNDANCY = 1
@@ -144,7 +145,7 @@ class PrunePlan:
 
     def steps(self) -> list[str]:
         return [f"delete group {group.group_id} ({group.host}, {group.state}, "
-                f"{group.created:%Y-%m-%d %H:%M} UTC, {group.volumes} snapshots)" for group in self.delete] \
+                f"{group.created:%Y-%m-%d %H:%M} UTC, {plural(group.volumes, 'snapshot')})" for group in self.delete] \
             or ["nothing to delete"]
 
 

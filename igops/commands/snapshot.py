@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.output import plural
 
 app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
                        "restore, and the scheduled `cron`.",
@@ -158,10 +159,10 @@ def prune(
         deleted = []
         if plan.delete:
             deleted = mutate(out, fleet, operation="snapshot-prune", target=host or "all", targets=[host or "all"],
-                             title=f"Delete {len(plan.delete)} snapshot groups, keep {len(plan.keep)}",
+                             title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
                              action=lambda: snapshot.prune(ebs, plan, out),
-                             outcome=lambda done: (f"deleted {len(done)} groups", 0))
+                             outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0))
         else:
             out.log("nothing to delete")
         out.table(None, ["group", "kept because"], [[group_id, reasons] for group_id, reasons in plan.keep.items()])
@@ -227,7 +228,7 @@ def delete(
                                f"{release}pass --accept-risk to delete it anyway")
         deleted = mutate(out, fleet, operation="snapshot-delete", target=found.group_id, targets=[found.host],
                          title=f"Delete snapshot group {found.group_id} ({found.host}, {found.state}, "
-                               f"{found.created:%Y-%m-%d %H:%M} UTC, {found.volumes} snapshots)",
+                               f"{found.created:%Y-%m-%d %H:%M} UTC, {plural(found.volumes, 'snapshot')})",
                          steps=snapshot.delete_steps(found, risks if accept_risk else []), dry_run=dry_run, yes=yes,
                          action=lambda: snapshot.delete_group(ebs, found) or found.group_id,
                          outcome=lambda done: (f"deleted {done}", 0))
@@ -346,11 +347,11 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
     report["keep"] = plan.keep
     if plan.delete:
         report["deleted"] = mutate(out, fleet, operation="snapshot-prune", target="all", targets=["all"],
-                                   title=f"Prune what the [snapshot] policy lets go: delete {len(plan.delete)} "
-                                         f"groups, keep {len(plan.keep)}",
+                                   title=f"Prune what the [snapshot] policy lets go: delete "
+                                         f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
                                    steps=plan.steps(), dry_run=dry_run, yes=yes,
                                    action=lambda: snapshot.prune(ebs, plan, out),
-                                   outcome=lambda done: (f"deleted {len(done)} groups", 0)) or []
+                                   outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0)) or []
     return report
 
 
