@@ -48,6 +48,12 @@ def lease(fleet, command_line: str) -> Iterator[bool]:
         yield True
 
 
+def has_policy(fleet) -> bool:
+    """Whether any set of data has a schedule or retention counts for cron to follow."""
+    return any(data_set.policy.schedule or not data_set.policy.retention.empty()
+               for data_set in snapshot_policy.data_sets(fleet))
+
+
 def due_sets(fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     return [data_set for data_set in snapshot_policy.data_sets(fleet)

@@ -303,8 +303,9 @@ def cron(
             for failure in report["failed"]:
                 out.err.print(f"error: {failure['set']}: {failure['error']}"
                               + (f" — {failure['hint']}" if failure.get("hint") else ""), markup=False)
-        out.finish(report, code, {"message": f"{len(report['failed'])} of {len(report['due'])} due groups failed"}
-                   if code else None)
+        out.finish(report, code, {"message": "; ".join(f"{failure['set']}: {failure['error']}"
+                                                        for failure in report["failed"]),
+                                  "hint": "see each line's hint; the next run tries again"} if code else None)
         exit_with(code)
 
 
@@ -312,6 +313,10 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
     from igops import snapshot, snapshot_cron
     from igops.errors import AlreadyRunning, IgopsError, UsageError
 
+    if not snapshot_cron.has_policy(fleet):
+        raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
+                         "snapshot cron has nothing to do",
+                         'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md')
     now = datetime.now(timezone.utc)
     groups = snapshot.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
@@ -345,13 +350,21 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         groups = snapshot.groups(ebs)  # the new groups count toward retention
     plan = snapshot_cron.plan_prune(fleet, groups, now)
     report["keep"] = plan.keep
-    if plan.delete:
+    if not plan.delete:
+        return report
+    try:
         report["deleted"] = mutate(out, fleet, operation="snapshot-prune", target="all", targets=["all"],
                                    title=f"Prune what the [snapshot] policy lets go: delete "
                                          f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
                                    steps=plan.steps(), dry_run=dry_run, yes=yes,
                                    action=lambda: snapshot.prune(ebs, plan, out),
                                    outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0)) or []
+    except AlreadyRunning:
+        pass  # a person is pruning right now; whatever is left, the next run prunes
+    except UsageError:
+        raise
+    except IgopsError as failed:
+        report["failed"].append({"set": "prune", "host": None, "error": failed.message, "hint": failed.hint})
     return report
 
 

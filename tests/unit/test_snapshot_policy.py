@@ -2,6 +2,7 @@
 inventory, when a set is due, GFS retention with kept groups and minimum redundancy, what a
 delete risks, and the snapshot check's verdict per set."""
 
+import json
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -276,3 +277,31 @@ def test_stale_leftovers_warn_and_are_named():
     host = snapshot_policy.DataSet("host", "media1", ("media1",), snapshot_policy.Policy(schedule.parse("every 1d")))
     found = judged(host, [group("media1", 1), group("media1", 5, "taking", name="left-1")])
     assert found.status == NagiosStatus.WARNING and "1 stale group" in found.summary and "left-1" in found.summary
+
+
+# --- the commands' refusals that need no fleet -------------------------------------------------
+def test_cron_and_prune_without_any_policy_say_what_to_set(tmp_path):
+    from tests.conftest import run_igops
+
+    config = str(fleet_inventory(tmp_path))
+    cron = run_igops("-c", config, "snapshot", "cron", "--yes", "--json")
+    assert cron.returncode == 2, cron.stdout + cron.stderr
+    error = json.loads(cron.stdout)["error"]
+    assert "schedules nothing" in error["message"] and 'schedule (e.g. "every 6h")' in error["hint"]
+    prune = run_igops("-c", config, "snapshot", "prune", "--yes")
+    assert prune.returncode == 2 and "no retention given" in prune.stderr and "--keep-monthly" in prune.stderr
+
+
+def test_a_cron_run_that_finds_the_lease_held_exits_0_in_silence(tmp_path):
+    from igops import snapshot_cron
+    from tests.conftest import run_igops
+
+    path = fleet_inventory(tmp_path, '[snapshot]\nschedule = "every 1m"\n')
+    with snapshot_cron.lease(inventory.load_file(path), "igops snapshot cron (still working)") as held:
+        assert held
+        busy = run_igops("-c", str(path), "snapshot", "cron", "--yes")
+        assert (busy.returncode, busy.stdout, busy.stderr) == (0, "", "")
+        told = run_igops("-c", str(path), "-v", "snapshot", "cron", "--yes")
+        assert told.returncode == 0 and "still working: nothing to do" in told.stderr
+        with snapshot_cron.lease(inventory.load_file(path), "a third") as third:
+            assert third is False
