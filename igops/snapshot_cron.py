@@ -145,15 +145,8 @@ def plan_take(fleet, ebs, take: Take) -> snapshot.CreatePlan | None:
 
 
 def plan_prune(fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
-    """What the policy lets go: per set with a policy (an empty retention keeps every complete
-    group and deletes only stale leftovers)."""
+    """What each set's policy lets go (an empty retention keeps every complete group and
+    deletes only stale leftovers); groups of hosts in no set are left alone."""
     sets = snapshot_policy.data_sets(fleet)
-    rules = {data_set.name: snapshot_policy.SetRetention(data_set.policy.retention, data_set.policy.minimum_redundancy)
-             for data_set in sets if data_set.policy.schedule or not data_set.policy.retention.empty()}
-
-    def set_key(group: snapshot.SnapshotGroup) -> str | None:
-        found = snapshot_policy.set_of(sets, group.host)
-        return found.name if found else None
-
-    return snapshot_policy.plan_prune(groups, set_key, rules, now,
+    return snapshot_policy.plan_prune(groups, *snapshot_policy.prune_rules(sets), now,
                                       timedelta(minutes=fleet.model.snapshot.stale_after_minutes))

@@ -215,6 +215,24 @@ def plan_prune(groups: list[SnapshotGroup], set_key: Callable[[SnapshotGroup], s
     return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
 
 
+def prune_rules(sets: list[DataSet], counts: Retention | None = None
+                ) -> tuple[Callable[[SnapshotGroup], str], Mapping[str, SetRetention]]:
+    """`plan_prune`'s set key and rules: each set's policy, or `counts` for every set when given
+    (with each set's minimum redundancy). A host in no set (say, one no longer in the inventory)
+    is a set of its own, pruned only by explicit counts."""
+    def set_key(group: SnapshotGroup) -> str:
+        found = set_of(sets, group.host)
+        return found.name if found else f"host {group.host}"
+
+    given = counts is not None and not counts.empty()
+    rules: dict[str, SetRetention] = {
+        data_set.name: SetRetention(counts if given else data_set.policy.retention,
+                                    data_set.policy.minimum_redundancy) for data_set in sets}
+    if given:
+        return set_key, defaultdict(lambda: SetRetention(counts), rules)
+    return set_key, rules
+
+
 # --- delete -------------------------------------------------------------------------------------
 def delete_risks(group: SnapshotGroup, set_groups: list[SnapshotGroup], data_set: DataSet | None,
                  now: datetime, grace: timedelta) -> list[str]:

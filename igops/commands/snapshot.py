@@ -150,10 +150,9 @@ def prune(
             raise UsageError("no retention given", "pass --keep-last/--keep-hourly/--keep-daily/--keep-weekly/"
                                                    "--keep-monthly, or set keep_* in the inventory's [snapshot] policy")
         ebs = Ebs(fleet)
-        plan = snapshot_policy.plan_prune(
-            snapshot.groups(ebs), _set_key(sets),
-            _prune_rules(sets, flags), datetime.now(timezone.utc),
-            timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        plan = snapshot_policy.plan_prune(snapshot.groups(ebs), *snapshot_policy.prune_rules(sets, flags),
+                                          datetime.now(timezone.utc),
+                                          timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
         deleted = []
@@ -168,30 +167,6 @@ def prune(
         out.table(None, ["group", "kept because"], [[group_id, reasons] for group_id, reasons in plan.keep.items()])
         out.finish({"dry_run": dry_run, "keep": plan.keep, "delete": [g.group_id for g in plan.delete],
                     "deleted": deleted or []})
-
-
-def _set_key(sets):
-    """A group's set of data; a host in none (say, one no longer in the inventory) is its own."""
-    from igops import snapshot_policy
-
-    def key(group) -> str:
-        found = snapshot_policy.set_of(sets, group.host)
-        return found.name if found else f"host {group.host}"
-
-    return key
-
-
-def _prune_rules(sets, flags):
-    """Per set: the --keep-* counts when given, else the set's policy; its minimum redundancy."""
-    from collections import defaultdict
-
-    from igops import snapshot_policy
-
-    rules = defaultdict(lambda: snapshot_policy.SetRetention(flags))
-    for data_set in sets:
-        rules[data_set.name] = snapshot_policy.SetRetention(flags if not flags.empty() else data_set.policy.retention,
-                                                            data_set.policy.minimum_redundancy)
-    return rules if not flags.empty() else dict(rules)
 
 
 @app.command("delete")

@@ -218,6 +218,19 @@ def test_groups_of_sets_without_rules_are_left_alone():
     assert [g.group_id for g in kept.delete] == ["db1-2"]
 
 
+def test_prune_rules_follow_each_sets_policy_or_the_counts_given_for_every_set():
+    main = snapshot_policy.DataSet("cluster", "main", ("db1", "db2"),
+                                   snapshot_policy.Policy(retention=snapshot_policy.Retention(last=1),
+                                                          minimum_redundancy=2))
+    groups = [group("db1", 1), group("db2", 2), group("db2", 3), group("gone1", 4), group("gone1", 5)]
+    by_policy = snapshot_policy.plan_prune(groups, *snapshot_policy.prune_rules([main]), NOW, GRACE)
+    assert [g.group_id for g in by_policy.delete] == ["db2-3"], "a host in no set is left alone"
+    assert by_policy.keep["db2-2"] == ["minimum redundancy 2"]
+    counts = snapshot_policy.Retention(last=1)
+    by_counts = snapshot_policy.plan_prune(groups, *snapshot_policy.prune_rules([main], counts), NOW, GRACE)
+    assert [g.group_id for g in by_counts.delete] == ["gone1-5", "db2-3"]
+
+
 # --- delete -------------------------------------------------------------------------------------
 def test_delete_risks_name_kept_running_and_the_redundancy_floor():
     cluster = snapshot_policy.DataSet("cluster", "main", ("db1", "db2"), snapshot_policy.Policy(minimum_redundancy=2))
