@@ -269,7 +269,8 @@ def cron(
             if not held:
                 if out.verbose:
                     out.log("another `igops snapshot cron` is still working: nothing to do")
-                out.finish({"dry_run": dry_run, "busy": True})
+                out.finish({"dry_run": dry_run, "busy": True, "due": [], "taken": [], "failed": [], "skipped": [],
+                            "deleted": [], "keep": {}})
                 return
             report = _cron_run(out, fleet, ebs, dry_run, yes)
         code = 0
