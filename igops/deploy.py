@@ -502,6 +502,18 @@ class LoadBalancers:
         return self.change()
 
 
+def drained_by_igops(app: AppFleet) -> list[str]:
+    """The app hosts some load balancer has out of rotation because an igops deploy drained
+    them: what an interrupted deploy can leave behind."""
+    state = LoadBalancers(app, "survey").read()
+    return [host.name for host in app.hosts if state.drained_by_igops(app.server(host))]
+
+
+def put_back(app: AppFleet, names: list[str], note: str) -> None:
+    """Every load balancer takes these app hosts back into rotation."""
+    LoadBalancers(app, note).change(up=[app.server(app.host(name)) for name in names])
+
+
 # --- the health gate -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

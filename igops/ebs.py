@@ -122,6 +122,11 @@ class Ebs:
         if resource_ids:
             self._call("CreateTags", self._ec2.create_tags, Resources=resource_ids, Tags=_tag_list(tags))
 
+    def untag(self, resource_ids: list[str], keys: list[str]) -> None:
+        if resource_ids:
+            self._call("DeleteTags", self._ec2.delete_tags, Resources=resource_ids,
+                       Tags=[{"Key": key} for key in keys])
+
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._call("DeleteSnapshot", self._ec2.delete_snapshot, SnapshotId=snapshot_id)
         if self._images:

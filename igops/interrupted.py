@@ -121,8 +121,31 @@ def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
     return [*reversed(undos), *reversed(releases)], not_undone
 
 
+def _plan_deploy_abort(fleet, record: dict) -> Continuation:
+    """An interrupted deploy or rollback: the hosts it left drained go back into rotation (they
+    keep whatever release they run; `igops deploy releases` shows which)."""
+    from igops import deploy
+
+    with deploy.AppFleet.of(fleet) as app:
+        drained = deploy.drained_by_igops(app)
+    steps = [f"put {name} back in the load balancer" for name in drained]
+    spec = OperationSpec(record["kind"], f"Abort {record['id']} ({record.get('title')})",
+                         record.get("targets") or [], [conflicts.APP], steps, record.get("params") or {})
+
+    def run(reporter: Reporter):
+        if drained:
+            with deploy.AppFleet.of(fleet) as app, reporter.step(f"put {', '.join(drained)} back in the load balancer"):
+                deploy.put_back(app, drained, f"abort of {record['id']}")
+        return {"undone": steps, "not_undone": ["hosts keep the release they run: igops deploy REV or "
+                                                "igops deploy rollback moves them"]}
+
+    return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
+
+
 def plan_abort(fleet, record: dict, entries: list[dict]) -> Continuation:
     kind = record["kind"]
+    if kind in ("deploy", "deploy-rollback"):
+        return _plan_deploy_abort(fleet, record)
     steps, not_undone = recovery_steps(entries)
     if kind.startswith("pg-"):
         actions_for: Callable[[], Any] = lambda: failover.PgActions(fleet)  # noqa: E731

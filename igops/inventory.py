@@ -89,7 +89,34 @@ def _build_models():
         # Lab only: where volume contents live as image files, because moto keeps none.
         volume_images: str | None = None
 
-    class Snapshot(Strict):
+    class SnapshotPolicy(Strict):
+        """When a set of data is snapshotted and how many of its groups are kept. Every key is
+        optional: a cluster's, the Redis set's or a host's table falls back to [snapshot]'s."""
+        # "every 6h", "every 1d at 03:00" (UTC): see igops.schedule. None: not scheduled.
+        schedule: str | None = None
+        # GFS retention: the newest group of each of the last N hours/days/ISO weeks/months
+        # that have one, and the N newest. None everywhere: prune keeps every group.
+        keep_last: int | None = Field(None, ge=0)
+        keep_hourly: int | None = Field(None, ge=0)
+        keep_daily: int | None = Field(None, ge=0)
+        keep_weekly: int | None = Field(None, ge=0)
+        keep_monthly: int | None = Field(None, ge=0)
+        # Complete groups a set never goes below: prune stops there, delete refuses.
+        minimum_redundancy: int | None = Field(None, ge=0)
+
+        @field_validator("schedule")
+        @classmethod
+        def readable_schedule(cls, value: str | None) -> str | None:
+            from igops import schedule
+
+            if value is not None:
+                try:
+                    schedule.parse(value)
+                except schedule.ScheduleError as exc:
+                    raise InvalidValue(exc.problem, exc.fix) from None
+            return value
+
+    class Snapshot(SnapshotPolicy):
         freeze_deadline: float = Field(10.0, gt=0, le=120)
         # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
         pre_freeze: dict[str, str] = Field(default_factory=dict)
@@ -97,6 +124,10 @@ def _build_models():
         # A group still `taking` (or `failed`) this long after it began was left by a killed or
         # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
         stale_after_minutes: float = Field(60.0, gt=0)
+        # Policies of their own, keyed by Postgres cluster and by host; the Redis set's.
+        clusters: dict[str, SnapshotPolicy] = Field(default_factory=dict)
+        redis: SnapshotPolicy | None = None
+        hosts: dict[str, SnapshotPolicy] = Field(default_factory=dict)
 
         @field_validator("pre_freeze")
         @classmethod
@@ -227,6 +258,9 @@ def _build_models():
         pgbouncer_paused_critical_seconds: float = Field(60.0, ge=0)
         snapshot_warning_hours: float = Field(26.0, gt=0)
         snapshot_critical_hours: float = Field(50.0, gt=0)
+        # With a [snapshot] schedule: how long after a scheduled time its group may still be
+        # missing (being taken, or EBS still copying blocks) before the check warns.
+        snapshot_grace_minutes: float = Field(60.0, ge=0)
         # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).
         munin_plugins: list[str] = Field(default_factory=lambda: ["igops_*"])
 
@@ -622,6 +656,9 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
     if redis_members and not master:
         problems.append(ConfigProblem("redis", "replicas without a master", "set redis.master"))
 
+    problems += _snapshot_policy_names(section("snapshot"), hosts, clusters if isinstance(clusters, dict) else {},
+                                       clustered, set(redis_members))
+
     directory_cluster = section("shards").get("directory_cluster")
     if isinstance(directory_cluster, str) and directory_cluster not in (clusters if isinstance(clusters, dict) else {}):
         problems.append(ConfigProblem("shards.directory_cluster", f"names undefined cluster {directory_cluster!r}",
@@ -642,4 +679,36 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
         if unknown:
             problems.append(ConfigProblem(where, f"unknown placeholder {{{sorted(unknown)[0]}}}",
                                           "the only placeholder is {host}"))
+    return problems
+
+
+def _snapshot_policy_names(snapshot: dict, hosts: dict[str, dict], clusters: dict, clustered: dict[str, str],
+                           redis_members: set[str]) -> list[ConfigProblem]:
+    """A policy table must name something igops snapshots as one set of data: a Postgres
+    cluster, the Redis set, or a host with data mounts in neither."""
+    problems = []
+    named = snapshot.get("clusters") if isinstance(snapshot.get("clusters"), dict) else {}
+    for name in named:
+        if name not in clusters:
+            problems.append(ConfigProblem(f"snapshot.clusters.{name}", f"names undefined cluster {name!r}",
+                                          unknown_name_hint(name, list(clusters), "clusters are")))
+    if isinstance(snapshot.get("redis"), dict) and not redis_members:
+        problems.append(ConfigProblem("snapshot.redis", "a policy for the Redis set, but [redis] names no master",
+                                      "set redis.master, or remove [snapshot.redis]"))
+    named = snapshot.get("hosts") if isinstance(snapshot.get("hosts"), dict) else {}
+    for name in named:
+        where = f"snapshot.hosts.{name}"
+        if name not in hosts:
+            problems.append(ConfigProblem(where, f"names undefined host {name!r}",
+                                          unknown_name_hint(name, list(hosts), "hosts are")))
+        elif name in clustered:
+            problems.append(ConfigProblem(where, f"{name} is a member of Postgres cluster {clustered[name]!r}, "
+                                                 "which is snapshotted as one",
+                                          f"set its policy under [snapshot.clusters.{clustered[name]}]"))
+        elif name in redis_members:
+            problems.append(ConfigProblem(where, f"{name} is in the Redis set, which is snapshotted as one",
+                                          "set its policy under [snapshot.redis]"))
+        elif not hosts[name].get("mounts"):
+            problems.append(ConfigProblem(where, f"host {name} has no data mounts: there is nothing to snapshot",
+                                          "list its [[hosts.mounts]], or remove the policy"))
     return problems

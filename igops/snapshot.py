@@ -34,6 +34,9 @@ TAG_FREEZE_MS = "igops:freeze-ms"
 TAG_STATE = "igops:state"
 TAG_CREATED = "igops:created"
 TAG_VERSION = "igops:version"
+# Pinned with `igops snapshot keep`: prune never removes the group, delete refuses it. The value
+# says when and by whom.
+TAG_KEEP = "igops:keep"
 
 STATE_COMPLETE = "complete"
 STATE_FAILED = "failed"
@@ -106,6 +109,7 @@ class SnapshotGroup:
     size_gib: int
     freeze_ms: float | None
     snapshots: list[dict] = field(default_factory=list, repr=False)
+    kept: str | None = None  # the igops:keep tag's value: pinned when and by whom
 
 
 def new_group_id(host: str, now: datetime | None = None) -> str:
@@ -417,11 +421,14 @@ def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
             state = STATE_TAKING if len(members) <= expected else STATE_FAILED
         created = min(snapshot["StartTime"] for snapshot in members)
         freeze = next((float(t[TAG_FREEZE_MS]) for t in tags if t.get(TAG_FREEZE_MS)), None)
+        # Pinned if any member is: a keep interrupted half-way must still protect the group.
+        kept = next((t[TAG_KEEP] for t in tags if t.get(TAG_KEEP)), None)
         found.append(SnapshotGroup(
             group_id, tags[0].get(TAG_HOST, "?"), sorted({t.get(TAG_MOUNT, "?") for t in tags}), len(members),
             expected, state, created if created.tzinfo else created.replace(tzinfo=timezone.utc),
             sum(snapshot.get("VolumeSize", 0) for snapshot in members), freeze,
-            sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0))))))
+            sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
+            kept))
     return sorted(found, key=lambda group: group.created, reverse=True)
 
 
@@ -432,81 +439,48 @@ def find_group(ebs, group_id: str) -> SnapshotGroup:
     raise UsageError(f"no snapshot group {group_id!r}", "see `igops snapshot list`")
 
 
-# --- prune --------------------------------------------------------------------------------------
-@dataclass
-class Retention:
-    last: int = 0
-    hourly: int = 0
-    daily: int = 0
-    weekly: int = 0
-
-    def empty(self) -> bool:
-        return not (self.last or self.hourly or self.daily or self.weekly)
-
-
-@dataclass
-class PrunePlan:
-    keep: dict[str, list[str]]  # group id -> why it is kept
-    delete: list[SnapshotGroup]
-
-    def steps(self) -> list[str]:
-        return [f"delete group {group.group_id} ({group.host}, {group.state}, "
-                f"{group.created:%Y-%m-%d %H:%M} UTC, {group.volumes} snapshots)" for group in self.delete] \
-            or ["nothing to delete"]
-
-
-BUCKETS = {
-    "hourly": lambda moment: moment.strftime("%Y-%m-%d %H"),
-    "daily": lambda moment: moment.strftime("%Y-%m-%d"),
-    "weekly": lambda moment: "%d-W%02d" % moment.isocalendar()[:2],
-}
-
-
+# --- prune, delete, keep ------------------------------------------------------------------------
 def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
     """A group still taking, or failed, `grace` after it began: its create was killed (it never
     tagged the group complete) or gave up; nothing will finish it."""
     return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
 
 
-def plan_prune(all_groups: list[SnapshotGroup], retention: Retention,
-               now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> PrunePlan:
-    """Which groups to keep and delete, per host. Only complete groups count toward retention;
-    the newest complete group of a host is always kept; stale groups (taking or failed for
-    longer than `grace`) are deleted; younger ones may still be finishing or cleaning up."""
-    if retention.empty():
-        raise UsageError("no retention given", "pass at least one of --keep-last/--keep-hourly/--keep-daily/--keep-weekly")
-    now = now or datetime.now(timezone.utc)
-    keep: dict[str, list[str]] = defaultdict(list)
-    delete: list[SnapshotGroup] = []
-    by_host: dict[str, list[SnapshotGroup]] = defaultdict(list)
-    for group in all_groups:
-        by_host[group.host].append(group)
-    for host_groups in by_host.values():
-        complete = sorted((g for g in host_groups if g.state == STATE_COMPLETE), key=lambda g: g.created, reverse=True)
-        if complete:
-            keep[complete[0].group_id].append("newest complete")
-        for group in complete[:retention.last]:
-            keep[group.group_id].append("last")
-        for name, count in (("hourly", retention.hourly), ("daily", retention.daily), ("weekly", retention.weekly)):
-            seen: set[str] = set()
-            for group in complete:
-                bucket = BUCKETS[name](group.created)
-                if bucket not in seen and len(seen) < count:
-                    seen.add(bucket)
-                    keep[group.group_id].append(name)
-        for group in host_groups:
-            if group.group_id in keep:
-                continue
-            if group.state == STATE_COMPLETE or stale(group, now, grace):
-                delete.append(group)
-    return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
-
-
-def prune(ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
+def prune(ebs, plan, reporter: Reporter = Reporter()) -> list[str]:
+    """Delete the groups of a prune plan (igops.snapshot_policy.plan_prune), oldest first."""
     deleted = []
     for group in plan.delete:
         with reporter.step(f"delete group {group.group_id}"):
-            for snapshot in group.snapshots:
-                ebs.delete_snapshot(snapshot["SnapshotId"])
+            delete_group(ebs, group)
             deleted.append(group.group_id)
     return deleted
+
+
+def delete_group(ebs, group: SnapshotGroup) -> None:
+    for snapshot in group.snapshots:
+        ebs.delete_snapshot(snapshot["SnapshotId"])
+
+
+def delete_steps(group: SnapshotGroup, risks: list[str]) -> list[str]:
+    from igops.ebs import tags_of
+
+    steps = [f"RISK ACCEPTED: {risk}" for risk in risks]
+    for snapshot in group.snapshots:
+        tags = tags_of(snapshot)
+        steps.append(f"DeleteSnapshot {snapshot['SnapshotId']} ({tags.get(TAG_MOUNT, '?')} "
+                     f"#{tags.get(TAG_RAID_INDEX, '0')}, volume {snapshot.get('VolumeId', '?')})")
+    return steps
+
+
+def keep_value(user: str, now: datetime | None = None) -> str:
+    moment = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    return f"{moment} by {user}"
+
+
+def set_keep(ebs, group: SnapshotGroup, value: str | None) -> None:
+    """Pin every snapshot of the group (`value` says when and by whom), or release it (None)."""
+    ids = [snapshot["SnapshotId"] for snapshot in group.snapshots]
+    if value is None:
+        ebs.untag(ids, [TAG_KEEP])
+    else:
+        ebs.tag(ids, {TAG_KEEP: value})

@@ -2,8 +2,9 @@
 
 One probe per host over SSH (reachability, free space and write-ability of the data mounts, by
 the stdlib program in hostprobe.py), one per HTTP endpoint, Postgres cluster, PgBouncer, the
-Redis set, memcached and munin-node, one for the snapshot groups and one for Pingdom. Each
-reports a Result per (check, target) the moment it knows it.
+Redis set, memcached and munin-node, one for the snapshot groups (checks/snapshots.py: one
+verdict per set of data) and one for Pingdom. Each reports a Result per (check, target) the
+moment it knows it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from igops import remote, status
 from igops.checks import Perf, Probe, Result, host_python, level, worst
 from igops.checks import munin as munin_checks
+from igops.checks import snapshots as snapshot_checks
 from igops.errors import NagiosStatus, UsageError
 from igops.secrets import Secrets
 
@@ -137,7 +139,7 @@ def probes(fleet, roles: list[str] | None = None, only: list[str] | None = None,
     if "munin" in enabled:
         found += [munin_probe(context, host) for host in hosts if "munin" in host.roles]
     if "snapshot" in enabled:
-        found += snapshot_probes(context)
+        found += snapshot_checks.snapshot_probes(fleet, hosts)
     if "pingdom" in enabled and (not roles or "lb" in roles):
         found += pingdom_probes(context)
     if "operations" in enabled and not roles:
@@ -703,75 +705,6 @@ def munin_probe(context: Context, host) -> Probe:
         report(Result("munin", host.name, state, summary, perfdata, duration_ms=_ms(started)))
 
     return Probe(f"munin-{host.name}", [("munin", host.name)], run)
-
-
-# --- snapshots ----------------------------------------------------------------------------------
-
-def snapshot_probes(context: Context) -> list[Probe]:
-    hosts = [host for host in context.hosts if host.mounts and host.instance_id]
-    if not hosts:
-        return []
-    fleet = context.fleet
-    thresholds = fleet.model.check
-
-    def run(report) -> None:
-        from igops import snapshot
-        from igops.ebs import Ebs
-
-        started = time.monotonic()
-        try:
-            groups = snapshot.groups(Ebs(fleet))
-        except Exception as exc:  # noqa: BLE001
-            for host in hosts:
-                report(Result("snapshot", host.name, NagiosStatus.UNKNOWN, f"cannot list snapshots: {_short(exc)}",
-                              duration_ms=_ms(started)))
-            return
-        now = datetime.now(timezone.utc)
-        grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
-        for host in hosts:
-            peers = snapshot_peers(fleet, host)
-            complete = [group for group in groups if group.host in peers and group.state == snapshot.STATE_COMPLETE]
-            left = sorted(group.group_id for group in groups if group.host == host.name
-                          and snapshot.stale(group, now, grace))
-            # Groups a killed or failed create left behind: prune deletes them.
-            leftovers = (f"; {len(left)} stale {'group' if len(left) == 1 else 'groups'} left by a killed or failed "
-                         f"create ({', '.join(left)}): `igops snapshot prune` deletes them") if left else ""
-            if not complete:
-                report(Result("snapshot", host.name, NagiosStatus.CRITICAL, "no complete snapshot group" + leftovers,
-                              duration_ms=_ms(started)))
-                continue
-            newest = max(complete, key=lambda group: group.created)
-            hours = (now - newest.created).total_seconds() / 3600
-            status = level(hours, thresholds.snapshot_warning_hours, thresholds.snapshot_critical_hours)
-            report(Result("snapshot", host.name,
-                          max(status, NagiosStatus.WARNING) if left else status,
-                          f"newest complete group {newest.group_id} is {_age(hours)} old" + leftovers,
-                          [Perf(f"snapshot-age {host.name}", round(hours, 2), "h", thresholds.snapshot_warning_hours,
-                                thresholds.snapshot_critical_hours, 0)], duration_ms=_ms(started)))
-
-    return [Probe("snapshot", [("snapshot", host.name) for host in hosts], run)]
-
-
-def snapshot_peers(fleet, host) -> set[str]:
-    """The hosts whose snapshot groups hold `host`'s data: every member of its Postgres cluster or
-    of the Redis set, since a group is taken on a standby or replica (freezing a primary stalls its
-    writes); any other host only itself."""
-    model = fleet.model
-    for cluster in model.postgres.clusters.values():
-        members = {cluster.primary, *cluster.standbys}
-        if host.name in members:
-            return members
-    if host.name == model.redis.master or host.name in model.redis.replicas:
-        return {model.redis.master, *model.redis.replicas}
-    return {host.name}
-
-
-def _age(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.0f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
 
 
 # --- Pingdom ------------------------------------------------------------------------------------

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import List, Optional
 
 import typer
 
-from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.operations import conflicts
+from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, prune, restore.",
+app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
+                       "restore, and the scheduled `cron`.",
                   no_args_is_help=True)
 
 
 def _group_row(group) -> list:
     return [group.group_id, group.host, group.mounts, f"{group.volumes}/{group.expected}", group.state,
             f"{group.created:%Y-%m-%d %H:%M:%S}", f"{group.size_gib} GiB",
-            f"{group.freeze_ms:.0f} ms" if group.freeze_ms is not None else None]
+            f"{group.freeze_ms:.0f} ms" if group.freeze_ms is not None else None, "kept" if group.kept else None]
 
 
 # The group id is what every other snapshot command takes: it stays whole at any width.
 GROUP_COLUMNS = ["group", "host", Column("mounts", wrap=True, drop=2), Column("volumes", drop=3), "state",
-                 Column("created (UTC)", drop=1), Column("size", drop=4), Column("freeze", drop=5)]
+                 Column("created (UTC)", drop=1), Column("size", drop=4), Column("freeze", drop=5), "kept"]
+ACCEPT_RISK_OPTION = typer.Option(False, "--accept-risk",
+                                  help="Delete even a kept group, or one its set cannot spare (below its minimum "
+                                       "redundancy); the plan names each risk accepted.")
 
 
 @app.command("create")
@@ -123,38 +128,228 @@ def show(
 @app.command("prune")
 def prune(
     ctx: typer.Context,
-    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest complete groups per host."),
+    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest complete groups per set of data."),
     keep_hourly: int = typer.Option(0, "--keep-hourly", min=0, help="Keep the newest group of each of the last N hours with one."),
     keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="… of each of the last N days."),
     keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="… of each of the last N ISO weeks."),
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only this host's groups."),
+    keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="… of each of the last N months."),
+    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only delete this host's groups."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Delete old groups. Only complete groups count; a host's newest complete group is never deleted."""
-    from igops import snapshot
+    """Delete old groups, by the --keep-* counts or else the inventory's [snapshot] policy.
+
+    Per set of data (a Postgres cluster, the Redis set, a host): only complete groups count; its
+    newest complete group, kept groups and its minimum redundancy are never deleted."""
+    from igops import snapshot, snapshot_policy
     from igops.ebs import Ebs
+    from igops.errors import UsageError
 
     with command(ctx, "snapshot prune", json_flag) as out:
         fleet = load_fleet(ctx)
+        if host:
+            fleet.host(host)
+        flags = snapshot_policy.Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+        sets = snapshot_policy.data_sets(fleet)
+        if flags.empty() and all(data_set.policy.retention.empty() for data_set in sets):
+            raise UsageError("no retention given", "pass --keep-last/--keep-hourly/--keep-daily/--keep-weekly/"
+                                                   "--keep-monthly, or set keep_* in the inventory's [snapshot] policy")
         ebs = Ebs(fleet)
-        plan = snapshot.plan_prune(snapshot.groups(ebs, host),
-                                   snapshot.Retention(keep_last, keep_hourly, keep_daily, keep_weekly),
-                                   grace=timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        plan = snapshot_policy.plan_prune(snapshot.groups(ebs), *snapshot_policy.prune_rules(sets, flags),
+                                          datetime.now(timezone.utc),
+                                          timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        if host:
+            plan.delete = [group for group in plan.delete if group.host == host]
         deleted = []
         if plan.delete:
             deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=[host or "all"],
-                             title=f"Delete {len(plan.delete)} snapshot groups, keep {len(plan.keep)}",
+                             title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
                              action=lambda reporter: snapshot.prune(ebs, plan, reporter),
-                             outcome=lambda done: (f"deleted {len(done)} groups", 0))
+                             outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0))
         else:
             out.log("nothing to delete")
         out.table(None, ["group", Column("kept because", wrap=True)],
                   [[group_id, reasons] for group_id, reasons in plan.keep.items()])
         out.finish({"dry_run": dry_run, "keep": plan.keep, "delete": [g.group_id for g in plan.delete],
                     "deleted": deleted or []})
+
+
+@app.command("delete")
+def delete(
+    ctx: typer.Context,
+    group: str = typer.Argument(..., metavar="GROUP", help="A group id from `igops snapshot list`."),
+    accept_risk: bool = ACCEPT_RISK_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Delete one snapshot group (every snapshot in it).
+
+    Refused (exit 3) for a kept group, a group still being taken, and a complete group its set of
+    data cannot spare (its last, or below its minimum redundancy), unless --accept-risk."""
+    from igops import snapshot, snapshot_policy
+    from igops.ebs import Ebs
+    from igops.errors import RefusedError, UsageError
+
+    with command(ctx, "snapshot delete", json_flag) as out:
+        fleet = load_fleet(ctx)
+        ebs = Ebs(fleet)
+        every = snapshot.groups(ebs)
+        found = next((item for item in every if item.group_id == group), None)
+        if found is None:
+            raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
+        data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
+        siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
+        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(timezone.utc),
+                                             timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        if risks and not accept_risk:
+            release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
+            raise RefusedError(f"refusing to delete {found.group_id}: " + "; ".join(risks),
+                               f"{release}pass --accept-risk to delete it anyway")
+        deleted = mutate(out, fleet, kind="snapshot-delete", resources=[conflicts.SNAPSHOTS], targets=[found.host],
+                         title=f"Delete snapshot group {found.group_id} ({found.host}, {found.state}, "
+                               f"{found.created:%Y-%m-%d %H:%M} UTC, {plural(found.volumes, 'snapshot')})",
+                         steps=snapshot.delete_steps(found, risks if accept_risk else []), dry_run=dry_run, yes=yes,
+                         action=lambda _: snapshot.delete_group(ebs, found) or found.group_id,
+                         outcome=lambda done: (f"deleted {done}", 0))
+        out.finish({"dry_run": dry_run, "group": found.group_id, "risks_accepted": risks,
+                    "deleted": [deleted] if deleted else []})
+
+
+@app.command("keep")
+def keep(
+    ctx: typer.Context,
+    group: str = typer.Argument(..., metavar="GROUP", help="A group id from `igops snapshot list`."),
+    release: bool = typer.Option(False, "--release", help="Unpin the group: prune may delete it again."),
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Pin a group so prune never deletes it (and delete refuses it); --release unpins it.
+
+    The pin is a tag (igops:keep) on the group's snapshots, saying when and by whom."""
+    from igops import safety, snapshot
+    from igops.ebs import Ebs
+
+    with command(ctx, "snapshot keep", json_flag) as out:
+        fleet = load_fleet(ctx)
+        ebs = Ebs(fleet)
+        found = snapshot.find_group(ebs, group)
+        value = None if release else snapshot.keep_value(f"{safety.operator_user()}@{safety.operator_host()}")
+        ids = ", ".join(item["SnapshotId"] for item in found.snapshots)
+        step = (f"remove the tag {snapshot.TAG_KEEP} from {ids}" if release
+                else f"tag {ids} with {snapshot.TAG_KEEP}={value}")
+        changed = mutate(out, fleet, kind="snapshot-keep", resources=[conflicts.SNAPSHOTS], targets=[found.host],
+                         title=f"{'Release' if release else 'Keep'} snapshot group {found.group_id}", steps=[step],
+                         dry_run=dry_run, yes=yes, action=lambda _: snapshot.set_keep(ebs, found, value) or True,
+                         outcome=lambda _: ("released" if release else "kept", 0))
+        out.finish({"dry_run": dry_run, "group": found.group_id, "kept": value, "changed": bool(changed)})
+
+
+@app.command("cron")
+def cron(
+    ctx: typer.Context,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    """Take the groups the [snapshot] policy says are due, then prune what it allows.
+
+    For cron, every minute: prints nothing and exits 0 when nothing is due; a run that finds the
+    previous one still working exits 0 at once, doing nothing. A Postgres cluster is snapshotted
+    on one streaming standby, the Redis set on one linked replica. Exit 1 when every due group
+    failed, 5 when some did."""
+    import sys
+    from contextlib import nullcontext
+
+    from igops import safety, snapshot_cron
+    from igops.ebs import Ebs
+
+    with command(ctx, "snapshot cron", json_flag) as out:
+        fleet = load_fleet(ctx)
+        ebs = Ebs(fleet)
+        holding = nullcontext(True) if dry_run else snapshot_cron.lease(
+            fleet, safety.redact_argv(["igops", *sys.argv[1:]]))
+        with holding as held:
+            if not held:
+                if out.verbose:
+                    out.log("another `igops snapshot cron` is still working: nothing to do")
+                out.finish({"dry_run": dry_run, "busy": True, "due": [], "taken": [], "failed": [], "skipped": [],
+                            "deleted": [], "keep": {}})
+                return
+            report = _cron_run(out, fleet, ebs, dry_run, yes)
+        code = 0
+        if report["failed"]:
+            code = 5 if report["taken"] or report["deleted"] else 1
+            for failure in report["failed"]:
+                out.err.print(f"error: {failure['set']}: {failure['error']}"
+                              + (f" — {failure['hint']}" if failure.get("hint") else ""), markup=False)
+        out.finish(report, code, {"message": "; ".join(f"{failure['set']}: {failure['error']}"
+                                                        for failure in report["failed"]),
+                                  "hint": "see each line's hint; the next run tries again"} if code else None)
+        exit_with(code)
+
+
+def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
+    from igops import snapshot, snapshot_cron
+    from igops.errors import AlreadyRunning, IgopsError, UsageError
+
+    if not snapshot_cron.has_policy(fleet):
+        raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
+                         "snapshot cron has nothing to do",
+                         'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md')
+    now = datetime.now(timezone.utc)
+    groups = snapshot.groups(ebs)
+    due = snapshot_cron.due_sets(fleet, groups, now)
+    report = {"dry_run": dry_run, "busy": False, "due": [data_set.name for data_set in due], "taken": [],
+              "failed": [], "skipped": [], "deleted": [], "keep": {}}
+    for data_set in due:
+        take = snapshot_cron.choose(fleet, data_set)
+        plan = snapshot_cron.plan_take(fleet, ebs, take)
+        if plan is None:
+            report["failed"].append({"set": take.set_name, "host": take.host, "error": take.error, "hint": take.hint})
+            continue
+        try:
+            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, take.host),
+                            targets=[take.host], params={"host": take.host},
+                            title=f"Snapshot {take.label} on {take.host} ({take.why}): group {plan.group_id}",
+                            steps=plan.steps(), dry_run=dry_run, yes=yes,
+                            action=lambda reporter, plan=plan: snapshot.create(fleet, plan, reporter),
+                            outcome=lambda r: (f"group {r.group_id} complete", 0))
+        except AlreadyRunning as busy:
+            # A person is taking this host's group right now: it counts once it completes.
+            report["skipped"].append({"set": take.set_name, "host": take.host, "why": busy.message})
+            continue
+        except UsageError:
+            raise  # not confirmed: nothing was done, and nothing more may be
+        except IgopsError as failed:
+            report["failed"].append({"set": take.set_name, "host": take.host, "error": failed.message,
+                                     "hint": failed.hint})
+            continue
+        report["taken"].append({"set": take.set_name, "host": take.host, "why": take.why,
+                                "group_id": result.group_id if result else plan.group_id})
+    if report["taken"] and not dry_run:
+        groups = snapshot.groups(ebs)  # the new groups count toward retention
+    plan = snapshot_cron.plan_prune(fleet, groups, now)
+    report["keep"] = plan.keep
+    if not plan.delete:
+        return report
+    try:
+        report["deleted"] = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=["all"],
+                                   title=f"Prune what the [snapshot] policy lets go: delete "
+                                         f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
+                                   steps=plan.steps(), dry_run=dry_run, yes=yes,
+                                   action=lambda reporter: snapshot.prune(ebs, plan, reporter),
+                                   outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0)) or []
+    except AlreadyRunning:
+        pass  # a person is pruning right now; whatever is left, the next run prunes
+    except UsageError:
+        raise
+    except IgopsError as failed:
+        report["failed"].append({"set": "prune", "host": None, "error": failed.message, "hint": failed.hint})
+    return report
 
 
 @app.command("restore")

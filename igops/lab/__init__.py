@@ -280,7 +280,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = baseline.munin_plugins(fleet)
         with reporter.step("monitoring baseline: igops pingdom sync") as step:
             step.detail = baseline.pingdom_checks(fleet)
-        with reporter.step("monitoring baseline: a snapshot group of each cluster, taken on its standby") as step:
+        with reporter.step("monitoring baseline: the snapshot groups the [snapshot] policy wants, on standbys") as step:
             step.detail = baseline.snapshots(fleet)
         with reporter.step("Postgres standbys replay their primaries' WAL") as step:
             step.detail = baseline.standbys_caught_up(paths, report.primaries)

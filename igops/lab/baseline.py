@@ -1,16 +1,17 @@
 """The monitoring a fleet in service has, and `igops check` expects: igops' Munin plugins on every
-host, the inventory's Pingdom checks, and a recent complete snapshot group of every Postgres
-cluster and of the Redis set.
+host, the inventory's Pingdom checks, and the snapshot group of every Postgres cluster and of
+the Redis set that the [snapshot] policy wants.
 
-`lab up` establishes each through igops' own code (`munin install`, `pingdom sync`,
-`snapshot create`), and only where it is missing, so a fresh lab checks OK and a running one is
-left as it is. Snapshots are taken on a standby or replica: freezing a primary stalls its writes.
+`lab up` establishes each through igops' own code (`munin install`, `pingdom sync`, `snapshot
+cron`'s choice of member and `snapshot create`), and only where it is missing, so a fresh lab
+checks OK and a running one is left as it is. Snapshots are taken on a standby or replica:
+freezing a primary stalls its writes.
 """
 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from igops.lab.proc import LabError
 from igops.output import Reporter
@@ -57,38 +58,41 @@ def pingdom_checks(fleet) -> str:
     return f"{len(plan.changes)} changes synced" if plan.changes else f"in sync ({len(plan.unchanged)} checks)"
 
 
-def snapshot_sets(fleet) -> dict[str, tuple[set[str], str]]:
-    """Each set of hosts that hold the same data -> (its members, the member to snapshot): a
-    Postgres cluster's standby, the Redis set's replica."""
-    model = fleet.model
-    sets = {f"cluster {name}": ({cluster.primary, *cluster.standbys}, cluster.standbys[0])
-            for name, cluster in model.postgres.clusters.items() if cluster.standbys}
-    if model.redis.master and model.redis.replicas:
-        sets["redis"] = ({model.redis.master, *model.redis.replicas}, model.redis.replicas[0])
-    return sets
-
-
 def snapshots(fleet) -> str:
-    """`igops snapshot create` on the standby of each set without a complete group younger than
-    the check's warning age."""
-    from igops import snapshot
+    """`igops snapshot cron`'s takes: a group of each set of data whose [snapshot] schedule wants
+    one (or, without a schedule, that has no complete group younger than the check's warning
+    age), taken on a streaming standby or linked replica."""
+    from igops import snapshot, snapshot_cron, snapshot_policy
     from igops.ebs import Ebs
 
     ebs = Ebs(fleet)
     groups = snapshot.groups(ebs)
     now = datetime.now(timezone.utc)
-    fresh_enough = fleet.model.check.snapshot_warning_hours * 3600
+    grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
+    fresh_enough = timedelta(hours=fleet.model.check.snapshot_warning_hours)
     taken = []
-    for name, (members, target) in snapshot_sets(fleet).items():
-        if any(group.host in members and group.state == snapshot.STATE_COMPLETE
-               and (now - group.created).total_seconds() < fresh_enough for group in groups):
+    for data_set in snapshot_policy.data_sets(fleet):
+        if data_set.policy.schedule is not None:
+            needed = snapshot_policy.due(data_set, groups, now, grace)
+        else:
+            needed = not any(data_set.holds(group) and group.state == snapshot.STATE_COMPLETE
+                             and now - group.created < fresh_enough for group in groups)
+        if not needed:
             continue
-        result = snapshot.create(fleet, snapshot.plan_create(fleet, target, ebs=ebs), Reporter(), ebs=ebs)
+        take = snapshot_cron.choose(fleet, data_set)
+        if take.error and len(data_set.members) > 1:
+            # A fenced old primary awaiting `pg rejoin` streams from no one; the lab's inventory
+            # lists the live primary first, so its second member is the one that is not it.
+            take = snapshot_cron.Take(data_set.name, data_set.label, data_set.members[1], "not the primary")
+        plan = snapshot_cron.plan_take(fleet, ebs, take)
+        if plan is None:
+            raise LabError(f"cannot snapshot {take.label}: {take.error}", take.hint)
+        result = snapshot.create(fleet, plan, Reporter(), ebs=ebs)
         if result.state != snapshot.STATE_COMPLETE:
-            raise LabError(f"igops snapshot create {target} ({name}) ended {result.state}: {result.error}",
-                           f"run `igops snapshot create {target}` against the lab to see every step")
-        taken.append(f"{result.group_id} ({name})")
-    return "took " + ", ".join(taken) if taken else "every cluster has a recent group"
+            raise LabError(f"igops snapshot create {take.host} ({take.label}) ended {result.state}: {result.error}",
+                           f"run `igops snapshot create {take.host}` against the lab to see every step")
+        taken.append(f"{result.group_id} ({take.label})")
+    return "took " + ", ".join(taken) if taken else "every set of data has the group its policy wants"
 
 
 def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) -> str:

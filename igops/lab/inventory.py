@@ -55,7 +55,11 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
                        "identity_file": paths.ssh / "id_ed25519", "connect_timeout": 5,
                        "command_timeout": 120, "parallel": 32}),
         _table("aws", {"region": AWS_REGION, "endpoint_url": ENDPOINT, "volume_images": paths.store_mount}),
-        _table("snapshot", {"freeze_deadline": 10, "restore_root": paths.root / "restore"}),
+        # A nightly group of each set of data (`igops snapshot cron` takes it; `lab up` too, when
+        # missing), a week of dailies, a month of weeklies, a quarter of monthlies, never fewer than 2.
+        _table("snapshot", {"freeze_deadline": 10, "restore_root": paths.root / "restore",
+                            "schedule": "every 1d at 00:00", "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 3,
+                            "minimum_redundancy": 2}),
         _table("snapshot.pre_freeze", {
             "postgres": f"runuser -u postgres -- {BIN_DIR}/psql -X -q -h "
                         f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} -d postgres -c CHECKPOINT"}),

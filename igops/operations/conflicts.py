@@ -35,6 +35,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("shard-rebalance", "pg CLUSTER, for every cluster", 24 * 3600),
     Kind("snapshot-create", "host HOST, and pg CLUSTER or redis when HOST is a member", 900),
     Kind("snapshot-prune", "snapshots", 900),
+    Kind("snapshot-delete", "snapshots", 300),
+    Kind("snapshot-keep", "snapshots", 60),
     Kind("snapshot-restore", "host TARGET", 3600),
     Kind("warm", "warm HOST", 6 * 3600),
     Kind("deploy", "app", 3600),

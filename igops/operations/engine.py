@@ -292,8 +292,9 @@ def refuse_unknown(op_id: str, store) -> dict:
     return record
 
 
-# Deploys and rollbacks send their own marker, with the release and every host's outcome.
-MARKED_BY_THEMSELVES = ("deploy", "deploy-rollback")
+# Deploys and rollbacks send their own marker, with the release and every host's outcome; a
+# PagerDuty test changes nothing on the fleet.
+NO_CHANGE_EVENT = ("deploy", "deploy-rollback", "pagerduty-test")
 
 
 def _mark_change(fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
@@ -301,7 +302,7 @@ def _mark_change(fleet, spec: OperationSpec, ended: dict, reporter: Reporter) ->
     marker never holds up or fails the operation it marks."""
     from igops import pagerduty_changes
 
-    if spec.kind in MARKED_BY_THEMSELVES:
+    if spec.kind in NO_CHANGE_EVENT:
         return
     key = pagerduty_changes.routing_key(fleet)
     if not key:

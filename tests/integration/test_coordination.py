@@ -122,7 +122,7 @@ def test_two_bastions_on_etcd_exactly_one_proceeds_and_the_other_names_it(lab, t
     loser_error = next(stderr for code, stderr in outcomes.values() if code == ExitCode.LOCKED)
     held_by = {"alice": (alice.pid, "alice@bastion-a", "INC-101 failover drill"),
                "bob": (bob.pid, "bob@bastion-b", "INC-102")}[winner]
-    assert "pagerduty-test on lab is already running" in loser_error, loser_error
+    assert "pagerduty all is held by pagerduty-test " in loser_error, loser_error
     assert f"{held_by[1]} pid {held_by[0]} since " in loser_error and f"reason: {held_by[2]}" in loser_error
 
     etcd = gateway(config)
@@ -131,11 +131,13 @@ def test_two_bastions_on_etcd_exactly_one_proceeds_and_the_other_names_it(lab, t
         assert etcd.get_prefix(prefix + "locks/") == []  # released when the winner finished
     finally:
         etcd.close()
-    assert len(records) == 1, records
-    assert (f"{records[0]['user']}@{records[0]['host']}", records[0]["pid"]) == (held_by[1], held_by[0])
-    assert records[0]["result"] == "triggered and resolved" and records[0]["exit_code"] == 0
-    assert records[0]["reason"] == held_by[2]
-    assert "igops -c" in records[0]["command"] and "pagerduty test --yes" in records[0]["command"]
+    # The winner's operation, audited as it started and as it ended, under one operation id.
+    assert [record["result"] for record in records] == ["started", "triggered and resolved"], records
+    assert records[0]["operation"] == records[1]["operation"]
+    ended = records[1]
+    assert (f"{ended['user']}@{ended['host']}", ended["pid"]) == (held_by[1], held_by[0])
+    assert ended["exit_code"] == 0 and ended["reason"] == held_by[2]
+    assert "igops -c" in ended["command"] and "pagerduty test --yes" in ended["command"]
     for name in ("bastion-a", "bastion-b"):
         assert not (tmp_path / f"state-{name}" / "audit.log").exists()
 
@@ -149,7 +151,7 @@ def test_two_bastions_on_the_local_backend_do_not_see_each_other(lab, tmp_path, 
     outcomes = [finish(alice), finish(bob)]
     assert [code for code, _ in outcomes] == [ExitCode.OK, ExitCode.OK], outcomes
     for name in ("bastion-a", "bastion-b"):
-        record = json.loads((tmp_path / f"state-{name}" / "audit.log").read_text())
+        record = json.loads((tmp_path / f"state-{name}" / "audit.log").read_text().splitlines()[-1])
         assert record["host"] == name and record["result"] == "triggered and resolved"
 
 
@@ -165,7 +167,14 @@ def test_a_sigkilled_holders_lease_expires_within_its_ttl(lab, tmp_path, slow_re
         holder.communicate(timeout=10)
         assert wait_for(lambda: not etcd.get_prefix(prefix + "locks/"), TTL + EXPIRY_SLACK, interval=0.1)
         assert time.monotonic() - killed <= TTL + EXPIRY_SLACK
-        assert etcd.get_prefix(prefix + "audit/") == []  # a SIGKILL leaves no record (issue 16's journal will)
+        # A SIGKILL leaves the start's audit record and an operation record with no end: interrupted.
+        [started] = [json.loads(value) for _, value in etcd.get_prefix(prefix + "audit/")]
+        assert started["result"] == "started" and started["exit_code"] is None
+        [(_, value)] = etcd.get_prefix(prefix + "ops/")
+        assert json.loads(value)["ended"] is None
+        listed = run_igops(config, bastion(tmp_path, "bastion-b", "bob"), "ops", "list", "--json")
+        [record] = json.loads(listed.stdout)["data"]["records"]
+        assert record["status"] == "interrupted" and record["id"] == started["operation"]
     finally:
         etcd.close()
     requests.delete(f"{RECEIVER}/_lab/faults", timeout=5)
@@ -180,7 +189,8 @@ def test_without_quorum_mutating_commands_refuse_and_reading_ones_work(lab, tmp_
     paths = state.paths()
     stopped = [name for name, _ in state.ETCD_MEMBERS[1:]]
     try:
-        with backend.lease("coordination-test", "quorum", "igops (the test's own lease)") as held:
+        holder = coordination.current_holder("coordination-test", "quorum", "igops (the test's own lease)", None)
+        with backend.lease([("coordination-test", "quorum")], holder) as held:
             pids = [proc.running_pid(paths.etcd_dir(name) / "etcd.pid", paths.root) for name in stopped]
             assert all(pids), f"etcd {stopped} are not all running"
             # Both at once, as a crash would: stopped one by one, the last two elect a leader

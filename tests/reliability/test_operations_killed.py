@@ -20,10 +20,18 @@ import pytest
 from igops.errors import ExitCode
 from tests.conftest import ROOT
 from tests.labtools import wait_for
-from tests.reliability.test_failover import (HOME_PRIMARY, OTHER_PRIMARY, Load, at_home, describe,  # noqa: F401
-                                             igops, pg_state, sign_up_succeeds)
+from tests.reliability.test_failover import (HOME_PRIMARY, OTHER_PRIMARY, Load, describe, igops, pg_state,
+                                             restore_home, sign_up_succeeds)
 
 pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def home(lab):
+    """db1 the primary of main and redis1 the master, before and after."""
+    restore_home(lab)
+    yield lab
+    restore_home(lab)
 
 
 def killed_at(lab, number: int, target: str) -> list[str]:
@@ -66,8 +74,8 @@ def healthy(lab) -> dict | None:
     return cluster if ok else None
 
 
-def test_pg_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothing(at_home, tmp_path):
-    lab = at_home
+def test_pg_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothing(home, tmp_path):
+    lab = home
     ttl = lab.model.coordination.lease_ttl
     deadline = lab.model.pgbouncer.watchdog_deadline
     result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--dry-run")
@@ -106,3 +114,65 @@ def test_pg_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_noth
     verified = load.verify()
     print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
     assert verified.ok, verified.missing_writes[:5]
+
+
+def etcd_pids(names: list[str]) -> list[int]:
+    from igops.lab import proc, state
+
+    paths = state.paths()
+    return [proc.running_pid(paths.etcd_dir(name) / "etcd.pid", paths.root) for name in names]
+
+
+def restart_etcd(names: list[str]) -> None:
+    from igops.lab import etcd as lab_etcd
+    from igops.lab import proc, state
+
+    paths = state.paths()
+    for name in names:
+        proc.start(lab_etcd.daemon(paths, name), paths.root)
+    lab_etcd.wait_healthy()
+
+
+def test_a_switchover_completes_with_an_etcd_member_killed_during_it(home):
+    """One member of three is lost while the switchover works: the other two keep quorum, the
+    lease is renewed by whichever answers, and the switchover completes."""
+    import signal as signals
+    import threading
+
+    from igops.lab import proc, state
+
+    lab = home
+    [name] = [member for member, _ in state.ETCD_MEMBERS[:1]]
+    killer = threading.Timer(1.0, lambda: proc.terminate(etcd_pids([name]), sig=signals.SIGKILL))
+    killer.start()
+    try:
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+        killer.join()
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert envelope["data"]["after"]["primary"] == OTHER_PRIMARY
+    finally:
+        killer.cancel()
+        restart_etcd([name])
+
+
+def test_without_etcd_quorum_a_switchover_is_refused_and_reading_commands_work(home):
+    from igops.lab import proc, state
+
+    lab = home
+    igops(lab, "ops", "list")  # a list read while etcd answered: what a stale read shows
+    stopped = [member for member, _ in state.ETCD_MEMBERS[1:]]
+    import signal as signals
+
+    proc.terminate(etcd_pids(stopped), sig=signals.SIGKILL)
+    try:
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+        assert result.returncode == ExitCode.REFUSED, result.stderr[-3000:]
+        assert "etcd cannot grant a lease" in envelope["error"]["message"]
+        assert pg_state(lab)["primary"] == HOME_PRIMARY, "nothing was changed"
+        for reading in (["status"], ["pg", "status", "main"], ["check", "--only", "operations"]):
+            done, answer = igops(lab, *reading)
+            assert answer is not None and answer["data"] is not None, (reading, done.stderr[-2000:])
+        listed, answer = igops(lab, "ops", "list")
+        assert listed.returncode == 0 and answer["data"]["stale"], answer
+    finally:
+        restart_etcd(stopped)

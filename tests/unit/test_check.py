@@ -452,31 +452,3 @@ def test_a_paused_database_is_warning_and_critical_once_seen_paused_past_the_lim
     assert text.startswith("PAUSED: main (seen paused for 0 s); CRITICAL after 60 s") and "RESUME" in text
     state, text = paused_finding({"main": 1000.0, "directory": 1050.0}, 1060.0, 60)
     assert state == NagiosStatus.CRITICAL and "directory (seen paused for 10 s), main (seen paused for 60 s)" in text
-
-
-def test_a_snapshot_of_any_member_of_a_cluster_or_redis_set_stands_for_all_of_them(tmp_path):
-    """Groups are taken on a standby or replica, never by freezing a primary."""
-    from igops import inventory
-    from igops.checks.fleet import snapshot_peers
-
-    path = unreachable_inventory(tmp_path)
-    hosts = "".join(f'[[hosts]]\nname = "{name}"\naddress = "127.0.20.{i}"\nroles = ["{role}"]\n'
-                    for i, (name, role) in enumerate([("db1", "postgres"), ("db2", "postgres"), ("db3", "postgres"),
-                                                      ("db4", "postgres"), ("redis1", "redis"), ("redis2", "redis"),
-                                                      ("cache1", "memcached")], start=1))
-    path.write_text(path.read_text() + hosts + """
-[postgres.clusters.main]
-primary = "db1"
-standbys = ["db2"]
-[postgres.clusters.pg2]
-primary = "db3"
-standbys = ["db4"]
-[redis]
-master = "redis1"
-replicas = ["redis2"]
-""")
-    fleet = inventory.load_file(path)
-    assert snapshot_peers(fleet, fleet.host("db1")) == snapshot_peers(fleet, fleet.host("db2")) == {"db1", "db2"}
-    assert snapshot_peers(fleet, fleet.host("db4")) == {"db3", "db4"}
-    assert snapshot_peers(fleet, fleet.host("redis1")) == {"redis1", "redis2"}
-    assert snapshot_peers(fleet, fleet.host("cache1")) == {"cache1"}

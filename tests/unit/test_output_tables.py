@@ -47,9 +47,9 @@ def cluster() -> PgClusterState:
 def snapshot_groups() -> list:
     created = datetime(2026, 12, 3, 4, 15, tzinfo=timezone.utc)
     return [SimpleNamespace(group_id=GROUP_ID, host="db12", mounts=["/data", "/var/lib/postgresql"], volumes=4,
-                            expected=4, state="complete", created=created, size_gib=1600, freeze_ms=412.0),
+                            expected=4, state="complete", created=created, size_gib=1600, freeze_ms=412.0, kept=None),
             SimpleNamespace(group_id="db12-20261202T041500Z-0a1e", host="db12", mounts=["/data"], volumes=3,
-                            expected=4, state="incomplete", created=created, size_gib=1200, freeze_ms=None)]
+                            expected=4, state="incomplete", created=created, size_gib=1200, freeze_ms=None, kept=None)]
 
 
 def show_snapshot_list(out: Output) -> None:

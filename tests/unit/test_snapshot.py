@@ -1,6 +1,7 @@
 """Snapshot planning without a fleet: block-device discovery parsers on recorded host output,
 volume mapping, retention, and the restore script."""
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 import shlex
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from igops import restore, snapshot
+from igops import restore, snapshot, snapshot_policy
 from igops.agent import blockdevs
 from igops.ebs import Attachment
-from igops.errors import RefusedError, UsageError
+from igops.errors import RefusedError
 
 RECORDINGS = Path(__file__).parent / "recordings"
 
@@ -125,9 +126,15 @@ def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, t
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 
 
+def by_host(retention, grace=timedelta(hours=1), now=NOW):
+    """plan_prune with each host its own set, as for hosts in no cluster."""
+    rules = defaultdict(lambda: snapshot_policy.SetRetention(retention))
+    return lambda groups: snapshot_policy.plan_prune(groups, lambda g: g.host, rules, now, grace)
+
+
 def test_prune_keep_last():
     groups = [group("db1", h) for h in range(6)]
-    plan = snapshot.plan_prune(groups, snapshot.Retention(last=2), NOW)
+    plan = by_host(snapshot_policy.Retention(last=2))(groups)
     assert set(plan.keep) == {"db1-0", "db1-1"}
     assert [g.group_id for g in plan.delete] == ["db1-5", "db1-4", "db1-3", "db1-2"]
 
@@ -135,7 +142,7 @@ def test_prune_keep_last():
 def test_prune_hourly_daily_weekly_buckets():
     now = datetime(2026, 11, 23, 12, 40, tzinfo=timezone.utc)  # a Monday
     groups = [group("db1", h, now=now) for h in (0, 0.5, 1, 2, 24, 25, 48, 24 * 8, 24 * 15)]
-    plan = snapshot.plan_prune(groups, snapshot.Retention(hourly=2, daily=3, weekly=3), now)
+    plan = by_host(snapshot_policy.Retention(hourly=2, daily=3, weekly=3), now=now)(groups)
     assert plan.keep["db1-0"] == ["newest complete", "hourly", "daily", "weekly"]
     assert "db1-0.5" not in plan.keep  # same hour as db1-0, and older
     assert plan.keep["db1-1"] == ["hourly"]
@@ -149,15 +156,10 @@ def test_prune_hourly_daily_weekly_buckets():
 def test_prune_never_deletes_newest_complete_and_ignores_incomplete():
     groups = [group("db1", 0, "failed"), group("db1", 3), group("db1", 5), group("db1", 0.1, "taking"),
               group("db1", 10, "failed"), group("db2", 50)]
-    plan = snapshot.plan_prune(groups, snapshot.Retention(last=1), NOW)
+    plan = by_host(snapshot_policy.Retention(last=1))(groups)
     assert "db1-3" in plan.keep and "db2-50" in plan.keep
     deleted = [g.group_id for g in plan.delete]
     assert deleted == ["db1-10", "db1-5"]  # failed old group and surplus complete one; fresh failure and taking kept
-
-
-def test_prune_needs_a_retention():
-    with pytest.raises(UsageError):
-        snapshot.plan_prune([], snapshot.Retention(), NOW)
 
 
 def test_group_ids_are_unique_and_name_the_host():
@@ -198,7 +200,7 @@ def test_a_freeze_that_ends_past_its_deadline_takes_no_snapshot():
 
 def test_prune_deletes_groups_a_killed_create_left_taking_after_the_grace():
     groups = [group("db1", 3), group("db1", 0.1, "taking"), group("db1", 5, "taking"), group("db1", 2, "failed")]
-    plan = snapshot.plan_prune(groups, snapshot.Retention(last=1), NOW, grace=timedelta(hours=1))
+    plan = by_host(snapshot_policy.Retention(last=1))(groups)
     assert [g.group_id for g in plan.delete] == ["db1-5", "db1-2"]  # oldest first; the fresh one may still finish
     assert snapshot.stale(groups[2], NOW, timedelta(hours=1)) and not snapshot.stale(groups[1], NOW, timedelta(hours=1))
     assert not snapshot.stale(groups[0], NOW, timedelta(minutes=1))  # complete groups are never stale
