@@ -511,7 +511,7 @@ def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgVie
         routed = {target for table in state.pgbouncer.values() for target in table.values()}
         strays = [name for name in writable if name not in routed]
         problem(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes",
-                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --force` (it loses what it took alone)"
+                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --accept-risk` (it loses what it took alone)"
                 if len(strays) == 1 else None)
     elif interrupted:
         standbys = [node.name for node in state.nodes if node.role == "standby"]
@@ -595,7 +595,7 @@ class PgPlan:
     title: str
     old_primary: str | None
     new_primary: str | None
-    forced: list[str] = field(default_factory=list)  # refusals that --force overrode
+    forced: list[str] = field(default_factory=list)  # refusals that --accept-risk overrode: the risks accepted
     notes: list[str] = field(default_factory=list)
     bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
     actions: list[Step] = field(default_factory=list)
@@ -625,8 +625,8 @@ class Refused(RefusedError):
         self.state = state
 
 
-def _refuse_or_force(state, reasons: list[str], force: bool, plan_forced: list[str], hint: str) -> None:
-    if reasons and not force:
+def _refuse_or_force(state, reasons: list[str], accept_risk: bool, plan_forced: list[str], hint: str) -> None:
+    if reasons and not accept_risk:
         raise Refused(state, "refused: " + "; ".join(reasons), hint)
     plan_forced.extend(reasons)
 
@@ -635,13 +635,14 @@ def _bouncer_text(databases: dict[str, list[str]]) -> str:
     return "; ".join(f"{host}: {', '.join(names)}" for host, names in databases.items())
 
 
-def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
     it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
     member it stopped)."""
     members = cluster_members(fleet, cluster)
     if candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
     view = _settled_view(fleet, cluster)
     state = view.state
     writable = view.writable()
@@ -658,7 +659,7 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
                           f"if its primary is down, use `igops pg failover {cluster}`")
         if candidate == stopped:
             return _signed(_plan_pg_roll_back(view, stopped), view), state
-        return _signed(_plan_pg_resume(view, stopped, candidate, force), view), state
+        return _signed(_plan_pg_resume(view, stopped, candidate, accept_risk), view), state
     primary = writable[0]
     if primary == candidate:
         return _signed(_plan_pg_finish(view, candidate), view), state
@@ -679,8 +680,8 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
     reasons = _lag_reasons(fleet, node)
     reasons += _repmgr_check(fleet, probe.host)
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     "wait for it to catch up, free space, pick another standby, or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "wait for it to catch up, free space, pick another standby, or --accept-risk")
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
@@ -711,7 +712,7 @@ def _settled_view(fleet, cluster: str) -> _PgView:
         time.sleep(0.5)
 
 
-def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) -> PgPlan:
+def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, accept_risk: bool) -> PgPlan:
     """A switchover cut short after it stopped the primary and before the promotion: carry on
     from the stop (fence again, make sure the candidate has all of the stopped primary's WAL,
     promote, and the rest)."""
@@ -737,8 +738,8 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) ->
     if node.replay_paused:
         reasons.append(f"{candidate} has WAL replay paused")
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
     members = cluster_members(fleet, cluster)
     siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
@@ -828,7 +829,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
                                 "unfence_and_start", (primary, (candidate,))),
                       release=resume if paused else None))
     if replay_paused:
-        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --force)", "resume_replay", (candidate,)))
+        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (candidate,)))
     steps += [
         Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
              "wait_received", (candidate,)),
@@ -912,10 +913,11 @@ def _repmgr_check(fleet, host) -> list[str]:
 
 
 def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
-                     force: bool = False) -> tuple[PgPlan, PgClusterState]:
+                     accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     members = cluster_members(fleet, cluster)
     if candidate is not None and candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
     view = _pg_view(fleet, cluster)
     state = view.state
     writable = view.writable()
@@ -953,7 +955,7 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
             reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
             stop_first = True
         elif old_probe.postmaster_running:
-            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--force stops it)")
+            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
             stop_first = True
     else:
         plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
@@ -981,8 +983,8 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
                                f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
     if standbys[chosen].server.replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     "restore the old primary if you can, or --force to accept the risk")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "restore the old primary if you can, or --accept-risk")
     plan.new_primary = chosen
     plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
                   else f"Promote {chosen}: cluster {cluster} has no primary")
@@ -1013,7 +1015,7 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
         steps.append(Step(f"PgBouncer: point {_bouncer_text(databases)} at {chosen}, RELOAD", "repoint",
                           (databases, chosen)))
     if replay_paused:
-        steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --force)", "resume_replay", (chosen,)))
+        steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (chosen,)))
     steps.append(Step(f"{chosen}: promote (pg_promote), wait until it accepts writes", "promote", (chosen,),
                       point_of_no_return=True))
     if databases:
@@ -1138,7 +1140,7 @@ def _wal_end(fleet, host) -> int | None:
     return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
 
 
-def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     cluster = cluster_of(fleet, node)
     view = _pg_view(fleet, cluster)
     state = view.state
@@ -1170,7 +1172,8 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
         reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
-    _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "make sure nothing on it is needed, then --accept-risk")
     plan.actions = with_repmgrd_paused(
         [*_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
          # pg_rewind copied the primary's segments, those of the promotion among them.
@@ -1956,10 +1959,10 @@ class RedisResult:
     steps: list[StepReport]
 
 
-def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target not in members:
-        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     masters = view.masters()
@@ -1986,7 +1989,8 @@ def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[Redi
         reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
     if node.read_only is False:
         reasons.append(f"{target} accepts writes as a replica")
-    _refuse_or_force(state, reasons, force, plan.forced, "wait for it to catch up, pick another replica, or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "wait for it to catch up, pick another replica, or --accept-risk")
     others = [name for name in members if name not in (current, target) and view.states[name] is not None]
     plan.actions = redis_switchover_steps(fleet, current, target, others)
     return _signed(plan, view), state
@@ -2040,10 +2044,10 @@ def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) 
     return steps
 
 
-def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target is not None and target not in members:
-        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     masters = view.masters()
@@ -2091,7 +2095,7 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
     if not reachable:
         reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
                        "come back (stop the instance) before forcing")
-    _refuse_or_force(state, reasons, force, plan.forced, "restore the master if you can, or --force to accept the risk")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the master if you can, or --accept-risk")
     plan.new_master = chosen
     plan.title = f"Fail the Redis master over from {old} (down) to {chosen}"
     steps = []
@@ -2132,10 +2136,10 @@ def _best_replica(replicas: dict[str, redisops.NodeState]) -> str:
                                               eligible[name].run_id))[0]
 
 
-def plan_redis_rejoin(fleet, node: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if node not in members:
-        raise UsageError(f"{node} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{node} is not a Redis node", inventory.unknown_name_hint(node, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     master = state.app_master
@@ -2153,7 +2157,8 @@ def plan_redis_rejoin(fleet, node: str, force: bool = False) -> tuple[RedisPlan,
     plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
-        _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+        _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                         "make sure nothing on it is needed, then --accept-risk")
     steps = []
     if not (member.role == "replica" and member.master == master):
         steps.append(Step(f"{node}: REPLICAOF {master}", "replicate", (node, master)))

@@ -13,9 +13,14 @@ from igops.errors import ExitCode
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
 
-FORCE_OPTION = typer.Option(False, "--force",
-                            help="Go ahead despite what the preflight refuses (a lagging candidate, an old primary "
-                                 "that cannot be fenced on disk): the plan names each risk accepted.")
+SWITCHOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (a lagging standby, WAL replay paused, a volume short of "
+         "space, an interrupted switchover's WAL end unknown): the plan names each risk accepted.")
+FAILOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (an old primary that cannot be fenced on disk or is hung, "
+         "a standby behind the most advanced one, WAL the candidate lacks): the plan names each risk accepted.")
 NODE_COLUMNS = ["node", "role", "state", "TL", "LSN", "received", "replayed", "lag", "streams from", "repmgr",
                 "PgBouncer"]
 
@@ -105,7 +110,7 @@ def switchover(
     ctx: typer.Context,
     cluster: str = typer.Argument(..., help="The cluster, e.g. main."),
     to: str = typer.Option(..., "--to", help="The standby to promote."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = SWITCHOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -117,7 +122,7 @@ def switchover(
     with command(ctx, "pg switchover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read cluster {cluster}'s state and check {to}",
-                                lambda: failover.plan_pg_switchover(fleet, cluster, to, force))
+                                lambda: failover.plan_pg_switchover(fleet, cluster, to, accept_risk))
         _run(out, fleet, plan, before, dry_run, yes)
 
 
@@ -127,7 +132,7 @@ def failover_command(
     cluster: str = typer.Argument(..., help="The cluster whose primary is down."),
     to: Optional[str] = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
                                                          "WAL received, then repmgr's priority)."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -139,7 +144,7 @@ def failover_command(
     with command(ctx, "pg failover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"confirm cluster {cluster}'s primary is down and choose a standby",
-                                lambda: failover.plan_pg_failover(fleet, cluster, to, force))
+                                lambda: failover.plan_pg_failover(fleet, cluster, to, accept_risk))
         _run(out, fleet, plan, before, dry_run, yes)
 
 
@@ -147,9 +152,11 @@ def failover_command(
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former primary (or a standby that lost its upstream)."),
-    force: bool = typer.Option(False, "--force",
-                               help="Rejoin a node that still accepts writes or does not answer: whatever it "
-                                    "took after the timelines forked is discarded. The plan names each risk."),
+    accept_risk: bool = typer.Option(
+        False, "--accept-risk",
+        help="Rejoin a node that still accepts writes, or whose postmaster runs but does not answer: it is stopped "
+             "and rewound, and whatever it took after the timelines forked is discarded. The plan names each risk "
+             "accepted."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -160,5 +167,5 @@ def rejoin(
     with command(ctx, "pg rejoin", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read the state of {node}'s cluster",
-                                lambda: failover.plan_pg_rejoin(fleet, node, force))
+                                lambda: failover.plan_pg_rejoin(fleet, node, accept_risk))
         _run(out, fleet, plan, before, dry_run, yes)

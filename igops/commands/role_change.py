@@ -39,7 +39,7 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
     for note in plan.notes:
         out.log(f"note: {note}")
     for risk in plan.forced:
-        out.log(f"--force accepts: {risk}")
+        out.log(f"--accept-risk accepts: {risk}")
     if not plan.actions:
         out.text(plan.notes[0] if plan.notes else nothing_to_do)
         out.finish({"plan": failover.describe_plan(plan), "before": before})

@@ -53,3 +53,33 @@ def test_inventory_type_error_is_in_igops_words(tmp_path):
     assert result.returncode == 2
     assert "ssh.port: 'x' is not a whole number" in result.stderr
     assert "Input should be" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["pg", "switchover", "main", "--to", "db2", "--force"],
+                                  ["redis", "rejoin", "redis1", "--force", "--yes"],
+                                  ["pg", "failover", "main", "--force"]])
+def test_force_is_refused_naming_both_meanings(argv):
+    """patronictl's --force skips the prompt; igops' safety override is --accept-risk. --force is
+    refused rather than guessed, with one line that says which is which."""
+    result = run_igops("--json", *argv)
+    assert result.returncode == 2
+    envelope = json.loads(result.stdout)
+    assert envelope["error"]["message"] == "--force is not an igops option"
+    hint = envelope["error"]["hint"]
+    assert "--yes to skip the confirmation prompt" in hint and "--accept-risk to override the safety checks" in hint
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_force_on_a_verb_without_a_safety_override_points_at_yes():
+    result = run_igops("snapshot", "create", "db1", "--force")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "pass --yes to skip the confirmation prompt (this command has no safety override)" in result.stderr
+
+
+def test_force_after_the_double_dash_belongs_to_the_remote_command(tmp_path):
+    from tests.unit.inventories import unit_inventory
+
+    config = unit_inventory(tmp_path, [("web1", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "exec", "--dry-run", "--", "rm", "--force", "/tmp/x")
+    assert result.returncode == 0, result.stderr
+    assert "--force" in result.stdout

@@ -281,7 +281,7 @@ def test_problems_a_status_reports(fleet):
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
     problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
-    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --force` (it loses what it took alone)"
+    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --accept-risk` (it loses what it took alone)"
     assert "db3: stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
@@ -570,11 +570,11 @@ def test_every_step_runs_in_order_when_nothing_fails():
 
 
 # --- the commands ------------------------------------------------------------------------------------
-def test_every_failover_command_offers_json_dry_run_and_force():
+def test_every_failover_command_offers_json_dry_run_and_accept_risk():
     for args in (["pg", "switchover"], ["pg", "failover"], ["pg", "rejoin"], ["redis", "switchover"],
                  ["redis", "failover"], ["redis", "rejoin"]):
         text = run_igops(*args, "--help").stdout
-        assert "--json" in text and "--dry-run" in text and "--force" in text and "--yes" in text, args
+        assert "--json" in text and "--dry-run" in text and "--accept-risk" in text and "--yes" in text, args
     for args in (["pg", "status"], ["redis", "status"]):
         assert "--json" in run_igops(*args, "--help").stdout
 
