@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from igops import inventory, postgres, redisops, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 # While writes wait: how long the old primary's clean stop may take, and its last WAL to reach
 # the candidate, before the switchover is undone.
@@ -666,7 +666,7 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = 
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None:
-        raise Refused(state, f"refused: {candidate} is not a standby: it is {node.state}",
+        raise Refused(state, f"refused: {candidate} is not a standby ({node.state})",
                       "pick a running standby (igops pg status)")
     if node.streaming_from != primary:
         raise Refused(state, f"refused: {candidate} does not stream from {primary}",
@@ -720,7 +720,7 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, accept_risk: bo
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None or not probe.server.in_recovery:
-        raise Refused(state, f"refused: {candidate} is not a running standby: it is {node.state}",
+        raise Refused(state, f"refused: {candidate} is not a running standby ({node.state})",
                       f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`")
     plan = PgPlan("switchover", cluster, f"Finish the switchover of cluster {cluster} from {stopped} (stopped "
                   f"cleanly) to {candidate}", stopped, candidate,
@@ -771,7 +771,7 @@ def _plan_pg_roll_back(view: _PgView, stopped: str) -> PgPlan:
             plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
                                      (name, stopped)))
         else:
-            plan.notes.append(f"{name} is {node.state}: rejoin it later (igops pg rejoin {name})")
+            plan.notes.append(f"{name}: {node.state}; rejoin it later (igops pg rejoin {name})")
     running = [name for name in others if state.node(name).role == "standby"]
     if running:
         plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
@@ -1152,7 +1152,8 @@ def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan,
                       f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)")
     writable = [name for name in view.writable() if name != node]
     if len(writable) != 1:
-        raise Refused(state, f"refused: cluster {cluster} has {len(writable)} primaries besides {node}",
+        raise Refused(state, f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} "
+                             f"besides {node}",
                       "a node rejoins a cluster with exactly one primary: see `igops pg status`")
     primary = writable[0]
     plan = PgPlan("rejoin", cluster, f"Rejoin {node} to cluster {cluster} as a standby of {primary}", None, primary,
@@ -1912,7 +1913,7 @@ def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> li
         problems.append(f"the app writes to {state.app_master}, which is "
                         + ("down" if state.node(state.app_master).role == "unknown" else "a replica"))
     if len(masters) > 1:
-        problems.append(f"{len(masters)} masters: {', '.join(masters)}"
+        problems.append(f"{plural(len(masters), 'master')}: {', '.join(masters)}"
                         + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
     for node in state.nodes:
         if node.role == "unknown":
@@ -1969,7 +1970,7 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tupl
     current = state.app_master if state.app_master in masters else (masters[0] if len(masters) == 1 else None)
     if current is None:
         raise Refused(state, "refused: " + ("no Redis master answers" if not masters else
-                                          f"{len(masters)} masters and the app uses none of them"),
+                                          f"{plural(len(masters), 'master')} and the app uses none of them"),
                       "if the master is down use `igops redis failover`; see `igops redis status`")
     node = state.node(target)
     if target == current:
@@ -1978,7 +1979,8 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tupl
                                      target, target), view), state
         return _signed(_plan_redis_finish(fleet, view, "switchover", target), view), state
     if node.role != "replica":
-        raise Refused(state, f"refused: {target} is not a replica (it is {node.state if node.role == 'unknown' else node.role})",
+        raise Refused(state, f"refused: {target} is not a replica "
+                             f"({node.state if node.role == 'unknown' else node.role})",
                       "pick a running replica (igops redis status)")
     plan = RedisPlan("switchover", f"Switch the Redis master from {current} to {target}", current, target)
     reasons = []
@@ -2064,7 +2066,7 @@ def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = Fa
             return _signed(_plan_redis_finish(fleet, view, "failover", masters[0]), view), state
         raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}"
                              + (f"; {masters[0]} is the master, not {target}" if len(masters) == 1 else
-                                f"; {len(masters)} nodes answer as masters"),
+                                f"; {plural(len(masters), 'node')} answer as masters"),
                       "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
         ssh_check = pool.submit(_ssh, fleet, fleet.host(old), ["true"], 20)
@@ -2282,7 +2284,7 @@ class RedisActions:
         if failed:
             raise IgopsError("config files not updated: " + "; ".join(failed),
                              "a restart of those nodes would take their old role; fix the files by hand")
-        return f"{len(members)} files"
+        return plural(len(members), "file")
 
     def fence_config(self, name: str, new_master: str) -> None:
         self.persist_roles(new_master, (name,))

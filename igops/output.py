@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from igops.errors import IgopsError
 from igops.secrets import redact, redact_data
 
 
@@ -87,12 +88,16 @@ class Output(Reporter):
         record = StepRecord(number, redact(title))
         self.steps.append(record)
         started = time.monotonic()
+        shown_below = False
         label = f"[{record.number}]" if record.number else "[pre]"
         self.err.print(f"[bold]{_escape(label)}[/bold] {_escape(record.title)} …")
         try:
             yield record
         except BaseException as exc:
             record.status = "failed"
+            # An igops error leaving a step is the command's error line, said once on screen
+            # right after; the record (--json) keeps it as the step's detail too.
+            shown_below = record.detail is None and isinstance(exc, IgopsError)
             record.detail = record.detail or redact(str(exc))[:300]
             raise
         else:
@@ -101,7 +106,7 @@ class Output(Reporter):
         finally:
             record.duration_ms = round((time.monotonic() - started) * 1000, 1)
             colour = {"ok": "green", "failed": "red"}.get(record.status, "yellow")
-            detail = f" — {_escape(record.detail)}" if record.detail else ""
+            detail = f" — {_escape(record.detail)}" if record.detail and not shown_below else ""
             self.err.print(f"    [{colour}]{record.status}[/{colour}] "
                            f"({_format_ms(record.duration_ms)}){detail}")
 

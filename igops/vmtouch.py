@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from igops import agent, remote
 from igops.agent import pagecache
 from igops.errors import RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 from igops.profile import Profile, ProfileError, Root, from_reader, parse
 
 DEFAULT_CONCURRENCY = 8
@@ -69,7 +69,7 @@ class WarmPlan:
                          f"{self.target} as it is captured")
             cluster = f"{self.source}'s" if postgres else None
         else:
-            steps.append(f"send profile {self.profile} ({self.files} files, {self.pages} pages, "
+            steps.append(f"send profile {self.profile} ({plural(self.files, 'file')}, {plural(self.pages, 'page')}, "
                          f"{human_bytes(self.bytes)}) to {self.target}")
             cluster = self.cluster_id
         if cluster:
@@ -78,7 +78,7 @@ class WarmPlan:
         speed = f"at most {human_bytes(self.options.rate)}/s" if self.options.rate else "unthrottled"
         how_much = (f"the {self.pages} profiled pages ({human_bytes(self.bytes)})" if self.pages is not None
                     else "exactly the profiled pages")
-        steps.append(f"on {self.target}: read {how_much} with {self.options.concurrency} reads in flight, "
+        steps.append(f"on {self.target}: read {how_much} with {plural(self.options.concurrency, 'read')} in flight, "
                      f"{speed}, readahead off; {mapping}")
         steps.append(f"skip and count files missing on {self.target} or not matching by "
                      f"{MATCH_WORDS[self.options.match]}")
@@ -453,7 +453,8 @@ def _warm_session(fleet, plan: WarmPlan) -> remote.Session:
 
 
 def apply(fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
-    title = f"warm {plan.target}: {plan.pages} pages ({human_bytes(plan.bytes)}) of {plan.files} files"
+    title = (f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) "
+             f"of {plural(plan.files, 'file')}")
     with reporter.step(title) as step:
         with _warm_session(fleet, plan) as session:
             _send(session, text)
@@ -516,7 +517,7 @@ def copy(fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
             profile = from_reader(reader, entries)
             plan.cluster_id, plan.files, plan.pages, plan.bytes = (profile.cluster_id, len(profile.files),
                                                                     profile.pages, profile.resident_bytes)
-            step.detail = f"{plan.files} files, {plan.pages} pages ({human_bytes(plan.bytes)})"
+            step.detail = f"{plural(plan.files, 'file')}, {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)})"
         with reporter.step(f"warm {plan.target}") as step:
             result = _follow(target_session, plan, reporter, plan.bytes)
             step.detail = _detail(result)
@@ -559,8 +560,8 @@ def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: 
 
 
 def _detail(result: WarmResult) -> str:
-    return (f"{result.warmed_pages} of {result.pages} pages read, {result.hit_ratio:.1%} resident, "
-            f"{result.skipped_files} files skipped")
+    return (f"{result.warmed_pages} of {plural(result.pages, 'page')} read, {result.hit_ratio:.1%} resident, "
+            f"{plural(result.skipped_files, 'file')} skipped")
 
 
 # --- diff ---------------------------------------------------------------------------------------
@@ -574,7 +575,8 @@ def diff(fleet, source_name: str, target_name: str, paths: list[str] | None,
     where = target_paths(fleet, roots, target)
     with reporter.step(f"capture the page cache of {source.name}") as step:
         profile, text, _ = _capture(fleet, source, roots)
-        step.detail = f"{profile.pages} pages ({human_bytes(profile.resident_bytes)}) in {len(profile.files)} files"
+        step.detail = (f"{plural(profile.pages, 'page')} ({human_bytes(profile.resident_bytes)}) in "
+                       f"{plural(len(profile.files), 'file')}")
     with reporter.step(f"look up those pages on {target.name}"):
         args = ["residency", *where]
         for prefix in allowed_prefixes(fleet, target):

@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
+from igops.output import plural
 
 
 class DeployGroup(TyperGroup):
@@ -104,14 +105,14 @@ def run(
         where = f"at git {rev} ({source}/)" if rev else f"from the working tree {source}/"
         with out.step(f"read the app {where}") as step:
             tree = deploy.read_source(source, rev)
-            step.detail = f"{len(tree.files)} files, content {deploy.content_hash(tree.files)}"
+            step.detail = f"{plural(len(tree.files), 'file')}, content {deploy.content_hash(tree.files)}"
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
                 plan, tarball = deploy.plan_deploy(app, tree, batch, max_fail,
                                                    _gate(fleet, health_passes, health_timeout), parallel)
-                step.detail = f"release {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+                step.detail = f"release {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
             _roll(out, app, plan, dry_run, yes,
-                  f"Deploy release {plan.target} ({plan.target_description}) to {len(plan.roll())} app hosts "
+                  f"Deploy release {plan.target} ({plan.target_description}) to {plural(len(plan.roll()), 'app host')} "
                   f"of {plan.fleet}, batches {batch}", tarball)
 
 
@@ -139,9 +140,9 @@ def rollback(
             with out.step("survey the app servers and the load balancer") as step:
                 plan = deploy.plan_rollback(app, to, batch, max_fail, _gate(fleet, health_passes, health_timeout),
                                             parallel)
-                step.detail = f"back to {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+                step.detail = f"back to {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
             _roll(out, app, plan, dry_run, yes,
-                  f"Roll back {len(plan.roll())} app hosts of {plan.fleet} to release {plan.target} "
+                  f"Roll back {plural(len(plan.roll()), 'app host')} of {plan.fleet} to release {plan.target} "
                   f"({plan.target_description}), batches {batch}")
 
 
@@ -166,7 +167,7 @@ def releases(
             out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
                      f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
         out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
-                 else f"{len(report.problems)} problems: " + "; ".join(report.problems))
+                 else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
         code = ExitCode.OK if not report.problems else ExitCode.PARTIAL
         out.finish(report, code)
         exit_with(code)

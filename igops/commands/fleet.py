@@ -97,7 +97,7 @@ def exec_command(
         out.table(None, ["host", "exit", "time", "result"],
                   [[r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
                    for r in results])
-        out.text(f"{ok} of {len(results)} hosts ok")
+        out.text(f"{ok} of {plural(len(results), 'host')} ok")
         code = _exec_exit_code(results)
         out.finish({"command": line, "hosts": results, "ok": ok, "failed": len(results) - ok}, code)
         exit_with(code)

@@ -9,6 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
@@ -99,7 +100,7 @@ def status(
         for state in states:
             show_state(out, state)
         problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
-        out.text("every cluster healthy" if not problems else f"{len(problems)} problems")
+        out.text("every cluster healthy" if not problems else plural(len(problems), "problem"))
         code = ExitCode.OK if not problems else ExitCode.PARTIAL
         out.finish({"clusters": states, "problems": problems}, code)
         exit_with(code)

@@ -10,6 +10,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
+from igops.output import plural
 
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
                        "between clusters online, verify copies, rebalance.", no_args_is_help=True)
@@ -106,7 +107,8 @@ def show_map(
                       [[item.shard, item.schema, item.cluster, _bytes(item.bytes) if item.present else "MISSING"]
                        for item in current.shards])
         if missing:
-            out.text(f"{len(missing)} shards have no schema where the map places them: "
+            out.text(f"{plural(len(missing), 'shard')} {'has' if len(missing) == 1 else 'have'} no schema "
+                     "where the map places them: "
                      + ", ".join(f"{item.schema} on {item.cluster}" for item in missing))
         problems = missing or any(load.error for load in current.clusters)
         code = ExitCode.PARTIAL if problems else ExitCode.OK
@@ -317,10 +319,10 @@ def rebalance(
             out.finish({"dry_run": dry_run, "plan": plan})
             return
         result = mutate(out, fleet, operation="shard-rebalance", target="all", targets=list(plan.before),
-                        title=f"Rebalance by {by.value}: {len(plan.moves)} moves", steps=plan.steps(),
+                        title=f"Rebalance by {by.value}: {plural(len(plan.moves), 'move')}", steps=plan.steps(),
                         dry_run=dry_run, yes=yes,
                         action=lambda: shards.run_rebalance(fleet, plan, out, lambda s: _shard_lock(fleet, s)),
-                        outcome=lambda r: (f"{len(r.results)} of {r.planned} moves done"
+                        outcome=lambda r: (f"{len(r.results)} of {plural(r.planned, 'move')} done"
                                            + (f"; {r.failed}" if r.failed else ""),
                                            0 if not r.failed else int(ExitCode.PARTIAL if r.results
                                                                       else ExitCode.FAILED)))

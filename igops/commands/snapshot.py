@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.output import plural
 
 app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, prune, restore.",
                   no_args_is_help=True)
@@ -53,7 +54,7 @@ def create(
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
             result = mutate(out, fleet, operation="snapshot-create", target=host, targets=[host],
-                            title=f"Snapshot group {plan.group_id}: {len(plan.volumes)} volumes under "
+                            title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
                             action=lambda: snapshot.create(fleet, plan, out),
@@ -142,7 +143,7 @@ def prune(
                              title=f"Delete {len(plan.delete)} snapshot groups, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
                              action=lambda: snapshot.prune(ebs, plan, out),
-                             outcome=lambda done: (f"deleted {len(done)} groups", 0))
+                             outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0))
         else:
             out.log("nothing to delete")
         out.table(None, ["group", "kept because"], [[group_id, reasons] for group_id, reasons in plan.keep.items()])

@@ -10,6 +10,7 @@ import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
+from igops.output import plural
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
                        "compare two hosts.", no_args_is_help=True)
@@ -57,8 +58,8 @@ def _warm_table(out, result) -> None:
 
 
 def _warm_outcome(result) -> tuple[str, int]:
-    return (f"warmed {result.warmed_pages} of {result.pages} pages on {result.target}, {result.hit_ratio:.1%} "
-            f"resident, {result.skipped_files} files skipped", 0)
+    return (f"warmed {result.warmed_pages} of {plural(result.pages, 'page')} on {result.target}, "
+            f"{result.hit_ratio:.1%} resident, {plural(result.skipped_files, 'file')} skipped", 0)
 
 
 @app.command("capture")
@@ -82,8 +83,8 @@ def capture(
         destination = output or f"{host}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pagecache.gz"
         with out.step(f"read the page cache of {host}") as step:
             result = vmtouch.record(fleet, host, paths, destination, emit_vmtouch)
-            step.detail = (f"{result.pages} pages ({vmtouch.human_bytes(result.resident_bytes)}) "
-                           f"in {result.files} files")
+            step.detail = (f"{plural(result.pages, 'page')} ({vmtouch.human_bytes(result.resident_bytes)}) "
+                           f"in {plural(result.files, 'file')}")
         if result.vmtouch is not None:
             for line in result.vmtouch:
                 out.text(line)
@@ -118,7 +119,8 @@ def apply(
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
         result = mutate(out, fleet, operation="warm", target=plan.target, targets=[plan.target],
-                        title=f"Warm {plan.target} with {plan.pages} pages ({vmtouch.human_bytes(plan.bytes)}) "
+                        title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
+                              f"({vmtouch.human_bytes(plan.bytes)}) "
                               f"captured on {plan.source}",
                         steps=plan.steps(), dry_run=dry_run, yes=yes,
                         action=lambda: vmtouch.apply(fleet, plan, text, out), outcome=_warm_outcome)
