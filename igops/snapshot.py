@@ -184,7 +184,8 @@ def discover(fleet, host, mounts: list[str]) -> list[dict]:
     [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
     if not result.ok:
         raise RemoteError(f"cannot inspect block devices on {host.name}: "
-                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}")
+                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}",
+                          f"nothing was frozen; check that {host.name} answers over SSH (`igops status`)")
     entries = json.loads(result.stdout)["mounts"]
     for entry in entries:
         if "error" in entry:

@@ -324,3 +324,15 @@ def test_a_subcommands_own_config_flag_is_not_taken_for_the_inventory(tmp_path):
     result = run_igops("-c", str(missing), "munin", "fetch", "db1", "igops_postgres", "--config")
     assert result.returncode == 2
     assert str(missing) in result.stderr and "True" not in result.stderr, result.stderr
+
+
+def test_a_host_that_does_not_answer_while_planning_exits_3_nothing_touched(tmp_path):
+    """snapshot create against an unreachable host: nothing was frozen, so not 1 ("ran and failed")
+    but 3, like every mutating command that fails before its plan is shown."""
+    path = unit_inventory(tmp_path, [], sections='[[hosts]]\nname = "cache9"\naddress = "127.0.20.250"\n'
+                                                'roles = ["memcached"]\ninstance_id = "i-0123456789abcdef0"\n')
+    result = run_igops("-c", str(path), "snapshot", "create", "cache9", "--mount", "/data", "--yes", "--json")
+    assert result.returncode == ExitCode.REFUSED, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["message"].startswith("cannot inspect block devices on cache9: connection refused")
+    assert "nothing was frozen" in error["hint"]
