@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -188,8 +189,23 @@ def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
     if isinstance(exc, click.BadParameter):
         detail = _plain_words(exc) or exc.message.rstrip(".")
         return f"bad value for {_param_name(exc.param)}: {detail}", help_hint
+    unknown = re.match(r"No such command '(.+?)'", exc.message)
+    if unknown and exc.ctx is not None:
+        return _unknown_verb(exc, unknown.group(1), help_hint)
     message = exc.format_message().rstrip(".")
     return message[:1].lower() + message[1:], help_hint
+
+
+def _unknown_verb(exc: click.UsageError, word: str, help_hint: str) -> tuple[str, str]:
+    """A word in a verb's place that is no verb: the close verbs, as whole command lines."""
+    import difflib
+
+    verbs = list(getattr(exc.ctx.command, "commands", {}))
+    close = difflib.get_close_matches(word, verbs, n=3, cutoff=0.6)
+    suggestion = ("did you mean: " + " or ".join(f"{exc.ctx.command_path} {verb}" for verb in close) + "? "
+                  if close else "")
+    also = getattr(exc, "igops_hint", None)
+    return f"no such command {word!r}", f"{suggestion}{also + '; ' if also else ''}{help_hint}"
 
 
 def _force_refusal(exc: click.NoSuchOption, help_hint: str) -> tuple[str, str]:

@@ -239,6 +239,14 @@ def init_shards(fleet, reporter: Reporter | None = None, count: int | None = Non
     return report
 
 
+def check_shard(fleet, shard: int) -> None:
+    """Refuse a logical shard number outside the inventory's [shards] count, naming the valid
+    range, before anything connects."""
+    count = fleet.model.shards.count
+    if not 0 <= shard < count:
+        raise UsageError(f"shard {shard} is out of range", f"shards are 0-{count - 1} ([shards] count = {count})")
+
+
 def schema_name(fleet, shard: int) -> str:
     return f"{fleet.model.shards.schema_prefix}{shard}"
 
@@ -701,6 +709,7 @@ class ShapeReport:
 def verify_in_place(fleet, shard: int) -> ShapeReport:
     """One copy: its per-table rows and checksums, sequences, and its difference from what
     the service's shard DDL creates (built in a transaction that is rolled back)."""
+    check_shard(fleet, shard)
     placement = _placement_of(fleet, shard)
     schema = schema_name(fleet, shard)
     copy = ShardCopy(placement, schema)
@@ -737,6 +746,7 @@ def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = 
     move replicates between them, both are read at one point of the stream (writes to the
     shard pause for an instant); otherwise each is read as it is."""
     reporter = reporter or Reporter()
+    check_shard(fleet, shard)
     source = _placement_of(fleet, shard)
     primary_of(fleet, against)
     if against == source:
@@ -1248,6 +1258,7 @@ def plan_move(fleet, shard: int, target: str) -> MovePlan:
     the target has no conflicting copy, and the shard DDL builds on the target exactly the
     tables the source has (tried in a transaction that is rolled back)."""
     model = fleet.model
+    check_shard(fleet, shard)
     target_primary = primary_of(fleet, target)
     source = _placement_of(fleet, shard)
     if source == target:
@@ -2242,6 +2253,8 @@ def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> Move
 
 def list_moves(fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:
     """Recent moves, newest first; unfinished ones with the WAL their slot holds back."""
+    if shard is not None:
+        check_shard(fleet, shard)
     with directory_session(fleet) as directory:
         records = Journal(directory).recent(limit, shard)
     for record in records:

@@ -17,16 +17,33 @@ class DeployGroup(TyperGroup):
     """`igops deploy [REV] …` runs `igops deploy run [REV] …`; the other subcommands keep their names."""
 
     def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            self._refuse_a_misspelt_verb(ctx, args[0])
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_a_misspelt_verb(self, ctx, word: str) -> None:
+        """`igops deploy rollbak` is a typo of a verb before it is a git revision: refused, with
+        the verb suggested (a revision so named is still `igops deploy run WORD`)."""
+        import difflib
+
+        from typer._click.exceptions import UsageError as ClickUsageError
+
+        if difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.75):
+            error = ClickUsageError(f"No such command {word!r}.", ctx)
+            error.igops_hint = f"a git revision so named deploys with `igops deploy run {word}`"
+            raise error
 
     def collect_usage_pieces(self, ctx):
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
 app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
-                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.")
+                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.",
+                  epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
+                         "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
+                         "  igops deploy --batch 1,50%\n  igops deploy rollback")
 
 BATCH_OPTION = typer.Option("1,25%", "--batch", "-b",
                             help="Batch sizes, hosts or percentages; the last repeats (Ansible's serial).")

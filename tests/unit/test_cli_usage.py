@@ -83,3 +83,23 @@ def test_force_after_the_double_dash_belongs_to_the_remote_command(tmp_path):
     result = run_igops("-c", str(config), "exec", "--dry-run", "--", "rm", "--force", "/tmp/x")
     assert result.returncode == 0, result.stderr
     assert "--force" in result.stdout
+
+
+def test_a_misspelt_deploy_verb_is_suggested_before_it_is_taken_for_a_revision():
+    result = run_igops("deploy", "rollbak", "--json")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == "no such command 'rollbak'"
+    assert error["hint"].startswith("did you mean: igops deploy rollback?")
+    assert "igops deploy run rollbak" in error["hint"]  # a revision of that name still deploys
+
+
+def test_an_unknown_verb_suggests_the_whole_command_line():
+    result = run_igops("snapshot", "lst")
+    assert result.returncode == 2
+    assert "error: no such command 'lst' — did you mean: igops snapshot list?" in result.stderr
+
+
+def test_deploy_help_names_the_run_form_and_its_examples():
+    text = run_igops("deploy", "--help").stdout
+    assert "igops deploy [REV]" in text and "igops deploy run --help" in text and "Examples:" in text
