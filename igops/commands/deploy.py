@@ -185,6 +185,6 @@ def releases(
                      f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
         out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
                  else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
-        code = ExitCode.OK if not report.problems else ExitCode.PARTIAL
+        code = ExitCode.OK if not report.problems else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)

@@ -138,6 +138,6 @@ def status(
         problems = report.problems()
         out.text("all hosts reachable, all services answering" if not problems
                  else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
-        code = ExitCode.OK if not problems else ExitCode.PARTIAL
+        code = ExitCode.OK if not problems else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)

@@ -101,7 +101,7 @@ def status(
             show_state(out, state)
         problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
         out.text("every cluster healthy" if not problems else plural(len(problems), "problem"))
-        code = ExitCode.OK if not problems else ExitCode.PARTIAL
+        code = ExitCode.OK if not problems else ExitCode.PROBLEMS_FOUND
         out.finish({"clusters": states, "problems": problems}, code)
         exit_with(code)
 

@@ -67,7 +67,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
         state = failover.redis_status(fleet)
         show_state(out, state)
         out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
-        code = ExitCode.OK if not state.problems else ExitCode.PARTIAL
+        code = ExitCode.OK if not state.problems else ExitCode.PROBLEMS_FOUND
         out.finish(state, code)
         exit_with(code)
 

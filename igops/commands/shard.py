@@ -111,7 +111,7 @@ def show_map(
                      "where the map places them: "
                      + ", ".join(f"{item.schema} on {item.cluster}" for item in missing))
         problems = missing or any(load.error for load in current.clusters)
-        code = ExitCode.PARTIAL if problems else ExitCode.OK
+        code = ExitCode.PROBLEMS_FOUND if problems else ExitCode.OK
         out.finish(current, code)
         exit_with(code)
 
@@ -292,7 +292,7 @@ def verify(
         for line in report.schema_diff:
             out.text(f"schema: {line}")
         out.text("equal" if report.equal else "DIFFERENT")
-        code = ExitCode.OK if report.equal else ExitCode.FAILED
+        code = ExitCode.OK if report.equal else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)
 

@@ -171,7 +171,7 @@ def diff(
     paths: Optional[List[str]] = PATHS_ARGUMENT,
     top: int = TOP_OPTION,
     at_least: Optional[float] = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
-                                             help="Exit 1 when less than this share (0-1) of SOURCE's cached "
+                                             help="Exit 5 when less than this share (0-1) of SOURCE's cached "
                                                   "pages are cached on TARGET."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
@@ -190,7 +190,7 @@ def diff(
         out.text(f"{result.share:.1%} of {result.source}'s cached pages ({result.target_pages} of "
                  f"{result.source_pages}, {vmtouch.human_bytes(result.source_pages * page)}) are cached on "
                  f"{result.target}")
-        code = ExitCode.FAILED if at_least is not None and result.share < at_least else ExitCode.OK
+        code = ExitCode.PROBLEMS_FOUND if at_least is not None and result.share < at_least else ExitCode.OK
         out.finish(result, code)
         exit_with(code)
 

@@ -336,3 +336,28 @@ def test_a_host_that_does_not_answer_while_planning_exits_3_nothing_touched(tmp_
     error = json.loads(result.stdout)["error"]
     assert error["message"].startswith("cannot inspect block devices on cache9: connection refused")
     assert "nothing was frozen" in error["hint"]
+
+
+def problem_fleet(tmp_path: Path) -> Path:
+    """Every host on a loopback address where nothing answers: each read-only command finds problems."""
+    return unit_inventory(
+        tmp_path, [("web1", "127.0.20.250", "app"), ("db1", "127.0.20.251", "postgres"),
+                   ("db2", "127.0.20.252", "postgres"), ("redis1", "127.0.20.253", "redis")],
+        sections='[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
+                 '[redis]\nmaster = "redis1"\nreplicas = []\n')
+
+
+@pytest.mark.parametrize("argv", [["status"], ["pg", "status"], ["redis", "status"], ["deploy", "releases"],
+                                  ["check", "--timeout", "5"]], ids=" ".join)
+def test_problems_found_is_one_exit_code_across_read_only_commands(tmp_path, argv):
+    result = run_igops("-c", str(problem_fleet(tmp_path)), *argv, "--json")
+    assert result.returncode == ExitCode.PROBLEMS_FOUND == 5, result.stderr
+    envelope = json.loads(result.stdout)
+    assert envelope["exit_code"] == 5 and envelope["error"] is None
+
+
+def test_check_nagios_keeps_the_nagios_codes(tmp_path):
+    from igops.errors import NagiosStatus
+
+    result = run_igops("-c", str(problem_fleet(tmp_path)), "check", "--nagios", "--timeout", "5")
+    assert result.returncode == NagiosStatus.CRITICAL and result.stdout.startswith("IGOPS CRITICAL")
