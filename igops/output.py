@@ -115,11 +115,21 @@ class Output(Reporter):
         if self.json_mode or not self.err.is_terminal:
             yield lambda advance: None
             return
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn,
                                    TextColumn, TimeElapsedColumn)
+        from rich.text import Text
 
-        counter = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
-        with Progress(TextColumn("{task.description}"), BarColumn(), counter, TimeElapsedColumn(),
+        class RateAndTimeLeft(ProgressColumn):
+            """rich's own rate column counts decimal MB; every size igops prints is binary."""
+
+            def render(self, task) -> Text:
+                return Text(rate_and_time_left(task.finished_speed or task.speed, task.time_remaining),
+                            style="progress.data.speed")
+
+        # Bytes: done/total, rate and time left, in binary units (MiB, MiB/s) like every size shown.
+        columns = ([DownloadColumn(binary_units=True), RateAndTimeLeft()] if unit == "bytes"
+                   else [MofNCompleteColumn()])
+        with Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
                       console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda advance: bar.advance(task, advance)
@@ -182,6 +192,23 @@ class Output(Reporter):
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
                                       for key, value in error.items()})
+
+
+def rate_and_time_left(bytes_per_second: float | None, seconds_left: float | None) -> str:
+    """A transfer's rate in binary units and its time left: "12.5 MiB/s, 3:07 left"."""
+    if bytes_per_second is None:
+        return "measuring the rate"
+    value, unit = float(bytes_per_second), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    rate = f"{value:.0f} B/s" if unit == "B" else f"{value:.1f} {unit}/s"
+    if seconds_left is None:
+        return f"{rate}, time left unknown"
+    minutes, seconds = divmod(round(seconds_left), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{rate}, {f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'} left"
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:

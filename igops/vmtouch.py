@@ -26,7 +26,12 @@ from igops.output import Reporter, plural
 from igops.profile import Profile, ProfileError, Root, from_reader, parse
 
 DEFAULT_CONCURRENCY = 8
-DEFAULT_TIMEOUT = 6 * 3600.0
+# A warm reads at most the source's page cache, i.e. at most its memory: 244 GiB, the largest
+# instance's, at the 128 MiB/s of a 1 TB gp2 volume (bench/RESULTS.md: the warm phase kept such a
+# device busy) is 33 minutes. An hour is twice the worst case; a warm slower than that is one to
+# look at, not to wait for (it holds the target's lock and loads its disk). A hung warmer is
+# caught sooner, by STALL_TIMEOUT. Throttled warms (--rate) that need longer say so: --timeout.
+DEFAULT_TIMEOUT = 3600.0
 STALL_TIMEOUT = 120.0
 RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*$", re.I)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -79,7 +84,7 @@ class WarmPlan:
         how_much = (f"the {self.pages} profiled pages ({human_bytes(self.bytes)})" if self.pages is not None
                     else "exactly the profiled pages")
         steps.append(f"on {self.target}: read {how_much} with {plural(self.options.concurrency, 'read')} in flight, "
-                     f"{speed}, readahead off; {mapping}")
+                     f"{speed}, readahead off, giving up after {_duration(self.options.timeout)}; {mapping}")
         steps.append(f"skip and count files missing on {self.target} or not matching by "
                      f"{MATCH_WORDS[self.options.match]}")
         steps.append(f"report how many profiled pages are resident on {self.target} afterwards")
@@ -173,6 +178,12 @@ def parse_rate(text: str) -> int:
     if value < 4096:
         raise UsageError(f"rate {text!r} is below one page a second", "use at least 4K")
     return value
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def human_bytes(value: int | float | None) -> str:

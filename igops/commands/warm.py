@@ -32,15 +32,17 @@ MATCH_OPTION = typer.Option(Match.size, "--match",
                             help="When a target file takes the profile's pages: size (same path and size), "
                                  "mtime (and same mtime, for restored copies), path (any size: for busy Postgres "
                                  "standbys whose files grow under replay).")
-TIMEOUT_OPTION = typer.Option(6 * 3600.0, "--timeout", min=10, help="Give up after this many seconds.")
+TIMEOUT_OPTION = typer.Option(None, "--timeout", min=10,
+                              help="Give up after this many seconds (default 3600: twice the time to read 244 GiB "
+                                   "at a gp2 volume's 128 MiB/s; raise it with a low --rate).")
 TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of them with --json).")
 
 
-def _options(concurrency: int, rate: Optional[str], match: Match, timeout: float):
+def _options(concurrency: int, rate: Optional[str], match: Match, timeout: Optional[float]):
     from igops import vmtouch
 
     return vmtouch.WarmOptions(concurrency=concurrency, rate=vmtouch.parse_rate(rate) if rate else None,
-                               match=match.value, timeout=timeout)
+                               match=match.value, timeout=timeout or vmtouch.DEFAULT_TIMEOUT)
 
 
 def _warm_table(out, result) -> None:
@@ -105,7 +107,7 @@ def apply(
     concurrency: int = CONCURRENCY_OPTION,
     rate: Optional[str] = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: float = TIMEOUT_OPTION,
+    timeout: Optional[float] = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -140,7 +142,7 @@ def copy(
     concurrency: int = CONCURRENCY_OPTION,
     rate: Optional[str] = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: float = TIMEOUT_OPTION,
+    timeout: Optional[float] = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
