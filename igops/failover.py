@@ -829,7 +829,8 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
                                 "unfence_and_start", (primary, (candidate,))),
                       release=resume if paused else None))
     if replay_paused:
-        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (candidate,)))
+        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay",
+                          (candidate,)))
     steps += [
         Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
              "wait_received", (candidate,)),

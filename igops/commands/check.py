@@ -42,8 +42,8 @@ def check(
     Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom.
 
     Exit 0 when every check is OK and 5 (problems found) otherwise, 1 when a page could not be
-    sent, 4 when another check is running; with --nagios, 0/1/2/3 as Nagios expects. Runs are locked, so overlapping cron runs cannot
-    double-page."""
+    sent, 4 when another check is running; with --nagios, 0/1/2/3 as Nagios expects. Runs are
+    locked, so overlapping cron runs cannot double-page."""
     if nagios and (json_flag or options(ctx).json):
         with command(ctx, "check", json_flag):
             raise UsageError("--nagios and --json are two different outputs", "choose one")
