@@ -38,8 +38,6 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
     show_state(out, before)
     for note in plan.notes:
         out.log(f"note: {note}")
-    for risk in plan.forced:
-        out.log(f"--accept-risk accepts: {risk}")
     if not plan.actions:
         out.text(plan.notes[0] if plan.notes else nothing_to_do)
         out.finish({"plan": failover.describe_plan(plan), "before": before})
@@ -50,7 +48,7 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         return apply(fleet, plan, out)
 
     try:
-        result = mutate(out, fleet, operation=operation, target=lock_target, targets=members, title=plan.title,
+        result = mutate(out, fleet, operation=operation, target=lock_target, targets=members, title=_title(plan),
                         steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome)
     except failover.StepFailed:
         after = state_after()
@@ -66,3 +64,11 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         show_state(out, after)
     out.text(summary(result))
     out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+
+
+def _title(plan) -> str:
+    """The plan's title, naming each risk --accept-risk accepts: it heads the plan (stdout for a
+    dry run, so `--dry-run > plan.txt` keeps them) and is the question confirmed."""
+    if not plan.forced:
+        return plan.title
+    return f"{plan.title}, accepting the risks that " + "; that ".join(plan.forced)

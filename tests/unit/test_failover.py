@@ -601,3 +601,15 @@ def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit
     result = run_igops("-c", str(path), "pg", "switchover", "main", "--to", "db2", "--dry-run")
     assert result.returncode == ExitCode.USAGE and result.stdout == ""
     assert where in result.stderr
+
+
+def test_the_plan_title_names_each_risk_accepted():
+    """--accept-risk's risks head the plan (stdout on a dry run) and the question confirmed."""
+    from igops.commands.role_change import _title
+
+    plan = failover.PgPlan("switchover", "main", "Switch cluster main over to db2", "db1", "db2",
+                           forced=["db2 has WAL replay paused", "db2 lags 300000 bytes (threshold 1048576)"])
+    assert _title(plan) == ("Switch cluster main over to db2, accepting the risks that db2 has WAL replay paused; "
+                            "that db2 lags 300000 bytes (threshold 1048576)")
+    plan.forced = []
+    assert _title(plan) == "Switch cluster main over to db2"
