@@ -7,7 +7,15 @@ import threading
 import time
 from contextlib import contextmanager
 
+import fabric  # noqa: F401 - imported here so that the timings below measure the connection, not the import
+
 from igops import remote
+
+
+def drain_and_close(connection: socket.socket) -> None:
+    with connection:
+        while connection.recv(4096):
+            pass
 
 
 @contextmanager
@@ -29,7 +37,10 @@ def peer(behaviour: str):
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 connection.close()
             elif behaviour == "close":
-                connection.close()
+                # FIN at once. A bare close() with the client's banner unread would send RST
+                # instead (the kernel's rule), which is the "reset" case.
+                connection.shutdown(socket.SHUT_WR)
+                threading.Thread(target=drain_and_close, args=(connection,), daemon=True).start()
             else:  # silent: holds the connection open and never sends a banner
                 held.append(connection)
 
