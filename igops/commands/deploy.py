@@ -30,7 +30,8 @@ class DeployGroup(TyperGroup):
 
         from typer._click.exceptions import UsageError as ClickUsageError
 
-        if difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.75):
+        # Not `run`: a short revision (a tag "run2") is nearer to it than any typo is.
+        if difflib.get_close_matches(word, [name for name in self.commands if name != "run"], n=1, cutoff=0.75):
             error = ClickUsageError(f"No such command {word!r}.", ctx)
             error.igops_hint = f"a git revision so named deploys with `igops deploy run {word}`"
             raise error

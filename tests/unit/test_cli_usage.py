@@ -103,3 +103,11 @@ def test_an_unknown_verb_suggests_the_whole_command_line():
 def test_deploy_help_names_the_run_form_and_its_examples():
     text = run_igops("deploy", "--help").stdout
     assert "igops deploy [REV]" in text and "igops deploy run --help" in text and "Examples:" in text
+
+
+def test_a_revision_that_only_looks_like_run_is_still_a_revision(tmp_path):
+    from tests.unit.inventories import unit_inventory
+
+    config = unit_inventory(tmp_path, [("app1", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "deploy", "run2", "--dry-run")
+    assert result.returncode == 2 and "unknown git revision 'run2'" in result.stderr
