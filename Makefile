@@ -1,24 +1,27 @@
 # The two set-up commands: `make lab` and `make test`. Both install what is missing first
-# (Debian packages with apt-get, igops into a virtualenv), so they work on a fresh machine.
+# (Debian packages with apt-get, igops into a virtualenv, `igops` on PATH), so they work on a
+# fresh machine. `make install` does only the last two.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 IGOPS := $(VENV)/bin/igops
 LAB_CONFIG ?= /var/lib/igops-lab/igops.toml
+# Where `igops` is linked, so that the docs' bare `igops` (and cron's /usr/local/bin/igops) work.
+BINDIR ?= /usr/local/bin
 PYTEST_ARGS ?=
 
 DEBIAN_PACKAGES := openssh-server openssh-client postgresql-15 postgresql-15-repmgr \
 	postgresql-client-15 pgbouncer redis-server redis-tools nginx-light memcached munin-node munin \
 	xfsprogs vmtouch pssh util-linux procps iproute2 curl etcd-server etcd-client
 
-.PHONY: lab test down deps venv bench clean
+.PHONY: lab test down deps venv install link bench clean
 
-lab: deps venv
+lab: deps install
 	$(IGOPS) lab up
 	$(IGOPS) -c $(LAB_CONFIG) status
 
-test: deps venv
+test: deps install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 down: venv
@@ -39,6 +42,23 @@ deps:
 	fi
 
 venv: $(VENV)/.installed
+
+install: venv link
+
+# $(BINDIR)/igops -> this checkout's .venv/bin/igops (its shebang names the venv's python, so
+# the link runs igops with every dependency). Another igops there that is not a link is left
+# alone; a directory we cannot write to (not root) is a note, not a failure.
+link:
+	@target="$(abspath $(VENV))/bin/igops"; link="$(BINDIR)/igops"; \
+	if [ -e "$$link" ] && [ ! -L "$$link" ]; then \
+		echo "note: $$link exists and is not a link: left alone (run $$target, or remove it)"; \
+	elif [ "$$(readlink "$$link")" = "$$target" ]; then \
+		:; \
+	elif ln -sfn "$$target" "$$link" 2>/dev/null; then \
+		echo "igops on PATH: $$link -> $$target"; \
+	else \
+		echo "note: cannot write $(BINDIR) (not root?): run $$target, or link it yourself"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml app/requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \

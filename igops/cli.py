@@ -242,6 +242,8 @@ def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
         metavar = exc.param.make_metavar(exc.ctx) if _is_option(exc.param) and exc.ctx else ""
         give = f"{name} {metavar}".strip() if kind == "option" else name
         return f"missing {kind} {name}", f"give {give}; {help_hint}"
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--force":
+        return _force_refusal(exc, help_hint)
     if isinstance(exc, click.NoSuchOption):
         close = list(exc.possibilities or [])
         if close:
@@ -250,8 +252,44 @@ def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
     if isinstance(exc, click.BadParameter):
         detail = _plain_words(exc) or exc.message.rstrip(".")
         return f"bad value for {_param_name(exc.param)}: {detail}", help_hint
+    unknown = re.match(r"No such command '(.+?)'", exc.message)
+    if unknown and exc.ctx is not None:
+        return _unknown_verb(exc, unknown.group(1), help_hint)
     message = exc.format_message().rstrip(".")
     return message[:1].lower() + message[1:], help_hint
+
+
+def _unknown_verb(exc: click.UsageError, word: str, help_hint: str) -> tuple[str, str]:
+    """A word in a verb's place that is no verb: the close verbs, as whole command lines."""
+    import difflib
+
+    verbs = list(getattr(exc.ctx.command, "commands", {}))
+    close = difflib.get_close_matches(word, verbs, n=3, cutoff=0.6)
+    suggestion = ("did you mean: " + " or ".join(f"{exc.ctx.command_path} {verb}" for verb in close) + "? "
+                  if close else "")
+    also = getattr(exc, "igops_hint", None)
+    return f"no such command {word!r}", f"{suggestion}{also + '; ' if also else ''}{help_hint}"
+
+
+def _force_refusal(exc: click.NoSuchOption, help_hint: str) -> tuple[str, str]:
+    """`--force` is refused by name: elsewhere it means "do not ask" (patronictl) as often as
+    "override the safety checks", and igops will not guess which was meant."""
+    message = "--force is not an igops option"
+    verb = exc.ctx.command if exc.ctx is not None and exc.ctx.parent is not None else None
+    if verb is None or getattr(verb, "commands", None) is not None:
+        return message, ("to skip the confirmation prompt pass --yes; to override a command's safety checks "
+                         f"pass --accept-risk (pg and redis switchover, failover, rejoin); {help_hint}")
+    names = {name for param in verb.params for name in param.opts}
+    meanings = []
+    if "--yes" in names:
+        meanings.append("--yes to skip the confirmation prompt")
+    if "--accept-risk" in names:
+        meanings.append("--accept-risk to override the safety checks (the plan names each risk accepted)")
+    if not meanings:
+        return message, f"drop it: this command neither asks for confirmation nor overrides a check; {help_hint}"
+    if "--accept-risk" not in names:
+        meanings[0] += " (this command has no safety override)"
+    return message, f"pass {', or '.join(meanings)}; {help_hint}"
 
 
 def _plain_words(exc: click.BadParameter) -> str | None:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence, TypeVar
 
 from igops import __version__, agent, pagerduty_changes, remote
 from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 T = TypeVar("T")
 
@@ -179,21 +179,44 @@ def read_source(source: Path, revision: str | None) -> SourceTree:
     return SourceTree(files, None, f"working tree {source}")
 
 
-def _git(directory: Path, *args: str) -> bytes:
-    try:
-        done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60)
-    except FileNotFoundError:
-        raise UsageError("git is not installed", "deploy the working tree (no REV) or install git") from None
+def _git(directory: Path, *args: str, purpose: str, hint: str | None = None) -> bytes:
+    """git's output; a failure says first what igops could not do, then what git said."""
+    done = _run_git(directory, *args)
     if done.returncode != 0:
-        raise UsageError(f"git {' '.join(args[:2])} failed: {done.stderr.decode(errors='replace').strip()[:300]}")
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UsageError(f"could not {purpose} (git {args[0]}: {(said[-1] if said else 'no output')[:200]})", hint)
     return done.stdout
 
 
+def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise UsageError("git is not installed", "deploy the working tree (no REV) or install git") from None
+
+
+def _resolve_revision(toplevel: Path, revision: str) -> str:
+    """The commit `revision` names; an unknown one says so, naming close tags and branches."""
+    import difflib
+
+    found = _run_git(toplevel, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}")
+    if found.returncode == 0:
+        return found.stdout.decode().strip()
+    names = _run_git(toplevel, "for-each-ref", "--format=%(refname:short)", "refs/tags", "refs/heads")
+    known = names.stdout.decode(errors="replace").split() if names.returncode == 0 else []
+    close = difflib.get_close_matches(revision, known, n=3, cutoff=0.6)
+    raise UsageError(f"unknown git revision {revision!r} in {toplevel}",
+                     (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
+                     + "give a commit, tag or branch of that repository, or no REV to deploy the working tree")
+
+
 def _read_git(source: Path, revision: str) -> SourceTree:
-    toplevel = Path(_git(source, "rev-parse", "--show-toplevel").decode().strip())
-    commit = _git(source, "rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
+    toplevel = Path(_git(source, "rev-parse", "--show-toplevel", purpose=f"find the git work tree of {source}",
+                         hint="with REV, --source must be a directory in a git work tree").decode().strip())
+    commit = _resolve_revision(toplevel, revision)
     prefix = source.relative_to(toplevel).as_posix()
-    archive = _git(toplevel, "archive", "--format=tar", commit, prefix)
+    archive = _git(toplevel, "archive", "--format=tar", commit, prefix, purpose=f"read {prefix}/ at {revision}",
+                   hint=f"check that {prefix}/ exists at {revision}")
     files: dict[str, tuple[bool, bytes]] = {}
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for member in tar.getmembers():
@@ -911,7 +934,7 @@ class RolloutResult:
 
     def summary(self) -> str:
         on_target = self.count(DEPLOYED, ALREADY)
-        text = f"{self.kind} of {self.target}: {on_target} of {len(self.hosts)} hosts on it"
+        text = f"{self.kind} of {self.target}: {on_target} of {plural(len(self.hosts), 'host')} on it"
         problems = self.problems()
         if self.stopped:
             text += f"; stopped at {self.stopped}"
@@ -1035,7 +1058,7 @@ class Rollout:
         jobs = {host_plan.host: (self.app.release_agent(self.app.host(host_plan.host)), request, self.tarball)
                 for host_plan in uploads}
         timeout = VENV_BUILD_TIMEOUT_S if any(h.venv == "build" for h in uploads) else self.app.settings.command_timeout
-        with self.reporter.step(f"upload and unpack release {release.id} on {len(jobs)} hosts") as step:
+        with self.reporter.step(f"upload and unpack release {release.id} on {plural(len(jobs), 'host')}") as step:
             with self.reporter.progress("hosts", total=len(jobs)) as advance:
                 answers = self.app.request_each(jobs, timeout, self.plan.parallel, on_done=lambda: advance(1))
             failed = []

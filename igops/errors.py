@@ -16,6 +16,9 @@ class ExitCode(IntEnum):
     REFUSED = 3  # a safety check refused the operation: nothing was done
     LOCKED = 4  # the same operation on the same target is already running
     PARTIAL = 5  # some targets succeeded and some failed
+    # The same code from a read-only command (status, pg/redis/lab status, deploy releases,
+    # check without --nagios): it ran and found problems.
+    PROBLEMS_FOUND = 5
     INTERRUPTED = 130
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from igops import inventory, postgres, redisops, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.operations.steps import Step, StepReport, execute
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 # While writes wait: how long the old primary's clean stop may take, and its last WAL to reach
 # the candidate, before the switchover is undone.
@@ -368,7 +368,7 @@ def _pg_problems(fleet, state: PgClusterState, writable: list[str], view: _PgVie
         routed = {target for table in state.pgbouncer.values() for target in table.values()}
         strays = [name for name in writable if name not in routed]
         problem(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes",
-                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --force` (it loses what it took alone)"
+                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --accept-risk` (it loses what it took alone)"
                 if len(strays) == 1 else None)
     elif interrupted:
         standbys = [node.name for node in state.nodes if node.role == "standby"]
@@ -452,7 +452,7 @@ class PgPlan:
     title: str
     old_primary: str | None
     new_primary: str | None
-    forced: list[str] = field(default_factory=list)  # refusals that --force overrode
+    forced: list[str] = field(default_factory=list)  # refusals that --accept-risk overrode: the risks accepted
     notes: list[str] = field(default_factory=list)
     bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
     actions: list[Step] = field(default_factory=list)
@@ -482,8 +482,8 @@ class Refused(RefusedError):
         self.state = state
 
 
-def _refuse_or_force(state, reasons: list[str], force: bool, plan_forced: list[str], hint: str) -> None:
-    if reasons and not force:
+def _refuse_or_force(state, reasons: list[str], accept_risk: bool, plan_forced: list[str], hint: str) -> None:
+    if reasons and not accept_risk:
         raise Refused(state, "refused: " + "; ".join(reasons), hint)
     plan_forced.extend(reasons)
 
@@ -492,13 +492,14 @@ def _bouncer_text(databases: dict[str, list[str]]) -> str:
     return "; ".join(f"{host}: {', '.join(names)}" for host, names in databases.items())
 
 
-def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
     it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
     member it stopped)."""
     members = cluster_members(fleet, cluster)
     if candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
     view = _settled_view(fleet, cluster)
     state = view.state
     writable = view.writable()
@@ -515,14 +516,14 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
                           f"if its primary is down, use `igops pg failover {cluster}`")
         if candidate == stopped:
             return _signed(_plan_pg_roll_back(view, stopped), view), state
-        return _signed(_plan_pg_resume(view, stopped, candidate, force), view), state
+        return _signed(_plan_pg_resume(view, stopped, candidate, accept_risk), view), state
     primary = writable[0]
     if primary == candidate:
         return _signed(_plan_pg_finish(view, candidate), view), state
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None:
-        raise Refused(state, f"refused: {candidate} is not a standby: it is {node.state}",
+        raise Refused(state, f"refused: {candidate} is not a standby ({node.state})",
                       "pick a running standby (igops pg status)")
     if node.streaming_from != primary:
         raise Refused(state, f"refused: {candidate} does not stream from {primary}",
@@ -536,8 +537,8 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, force: bool = False)
     reasons = _lag_reasons(fleet, node)
     reasons += _repmgr_check(fleet, probe.host)
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     "wait for it to catch up, free space, pick another standby, or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "wait for it to catch up, free space, pick another standby, or --accept-risk")
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
@@ -568,7 +569,7 @@ def _settled_view(fleet, cluster: str) -> _PgView:
         time.sleep(0.5)
 
 
-def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) -> PgPlan:
+def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, accept_risk: bool) -> PgPlan:
     """A switchover cut short after it stopped the primary and before the promotion: carry on
     from the stop (fence again, make sure the candidate has all of the stopped primary's WAL,
     promote, and the rest)."""
@@ -576,7 +577,7 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) ->
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None or not probe.server.in_recovery:
-        raise Refused(state, f"refused: {candidate} is not a running standby: it is {node.state}",
+        raise Refused(state, f"refused: {candidate} is not a running standby ({node.state})",
                       f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`")
     plan = PgPlan("switchover", cluster, f"Finish the switchover of cluster {cluster} from {stopped} (stopped "
                   f"cleanly) to {candidate}", stopped, candidate,
@@ -594,8 +595,8 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, force: bool) ->
     if node.replay_paused:
         reasons.append(f"{candidate} has WAL replay paused")
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
     members = cluster_members(fleet, cluster)
     siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
@@ -627,7 +628,7 @@ def _plan_pg_roll_back(view: _PgView, stopped: str) -> PgPlan:
             plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
                                      (name, stopped)))
         else:
-            plan.notes.append(f"{name} is {node.state}: rejoin it later (igops pg rejoin {name})")
+            plan.notes.append(f"{name}: {node.state}; rejoin it later (igops pg rejoin {name})")
     running = [name for name in others if state.node(name).role == "standby"]
     if running:
         plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
@@ -685,7 +686,8 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
                                 "unfence_and_start", (primary, (candidate,))),
                       release=resume if paused else None))
     if replay_paused:
-        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --force)", "resume_replay", (candidate,)))
+        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay",
+                          (candidate,)))
     steps += [
         Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
              "wait_received", (candidate,)),
@@ -769,10 +771,11 @@ def _repmgr_check(fleet, host) -> list[str]:
 
 
 def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
-                     force: bool = False) -> tuple[PgPlan, PgClusterState]:
+                     accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     members = cluster_members(fleet, cluster)
     if candidate is not None and candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}", f"members: {', '.join(members)}")
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
     view = _pg_view(fleet, cluster)
     state = view.state
     writable = view.writable()
@@ -810,7 +813,7 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
             reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
             stop_first = True
         elif old_probe.postmaster_running:
-            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--force stops it)")
+            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
             stop_first = True
     else:
         plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
@@ -838,8 +841,8 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
                                f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
     if standbys[chosen].server.replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
-    _refuse_or_force(state, reasons, force, plan.forced,
-                     "restore the old primary if you can, or --force to accept the risk")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "restore the old primary if you can, or --accept-risk")
     plan.new_primary = chosen
     plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
                   else f"Promote {chosen}: cluster {cluster} has no primary")
@@ -870,7 +873,7 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
         steps.append(Step(f"PgBouncer: point {_bouncer_text(databases)} at {chosen}, RELOAD", "repoint",
                           (databases, chosen)))
     if replay_paused:
-        steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --force)", "resume_replay", (chosen,)))
+        steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (chosen,)))
     steps.append(Step(f"{chosen}: promote (pg_promote), wait until it accepts writes", "promote", (chosen,),
                       point_of_no_return=True))
     if databases:
@@ -995,7 +998,7 @@ def _wal_end(fleet, host) -> int | None:
     return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
 
 
-def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     cluster = cluster_of(fleet, node)
     view = _pg_view(fleet, cluster)
     state = view.state
@@ -1007,7 +1010,8 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
                       f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)")
     writable = [name for name in view.writable() if name != node]
     if len(writable) != 1:
-        raise Refused(state, f"refused: cluster {cluster} has {len(writable)} primaries besides {node}",
+        raise Refused(state, f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} "
+                             f"besides {node}",
                       "a node rejoins a cluster with exactly one primary: see `igops pg status`")
     primary = writable[0]
     plan = PgPlan("rejoin", cluster, f"Rejoin {node} to cluster {cluster} as a standby of {primary}", None, primary,
@@ -1027,7 +1031,8 @@ def plan_pg_rejoin(fleet, node: str, force: bool = False) -> tuple[PgPlan, PgClu
         reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
-    _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "make sure nothing on it is needed, then --accept-risk")
     plan.actions = with_repmgrd_paused(
         [*_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
          # pg_rewind copied the primary's segments, those of the promotion among them.
@@ -1766,7 +1771,7 @@ def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> li
         problems.append(f"the app writes to {state.app_master}, which is "
                         + ("down" if state.node(state.app_master).role == "unknown" else "a replica"))
     if len(masters) > 1:
-        problems.append(f"{len(masters)} masters: {', '.join(masters)}"
+        problems.append(f"{plural(len(masters), 'master')}: {', '.join(masters)}"
                         + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
     for node in state.nodes:
         if node.role == "unknown":
@@ -1813,17 +1818,17 @@ class RedisResult:
     steps: list[StepReport]
 
 
-def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target not in members:
-        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     masters = view.masters()
     current = state.app_master if state.app_master in masters else (masters[0] if len(masters) == 1 else None)
     if current is None:
         raise Refused(state, "refused: " + ("no Redis master answers" if not masters else
-                                          f"{len(masters)} masters and the app uses none of them"),
+                                          f"{plural(len(masters), 'master')} and the app uses none of them"),
                       "if the master is down use `igops redis failover`; see `igops redis status`")
     node = state.node(target)
     if target == current:
@@ -1832,7 +1837,8 @@ def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[Redi
                                      target, target), view), state
         return _signed(_plan_redis_finish(fleet, view, "switchover", target), view), state
     if node.role != "replica":
-        raise Refused(state, f"refused: {target} is not a replica (it is {node.state if node.role == 'unknown' else node.role})",
+        raise Refused(state, f"refused: {target} is not a replica "
+                             f"({node.state if node.role == 'unknown' else node.role})",
                       "pick a running replica (igops redis status)")
     plan = RedisPlan("switchover", f"Switch the Redis master from {current} to {target}", current, target)
     reasons = []
@@ -1843,7 +1849,8 @@ def plan_redis_switchover(fleet, target: str, force: bool = False) -> tuple[Redi
         reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
     if node.read_only is False:
         reasons.append(f"{target} accepts writes as a replica")
-    _refuse_or_force(state, reasons, force, plan.forced, "wait for it to catch up, pick another replica, or --force")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                     "wait for it to catch up, pick another replica, or --accept-risk")
     others = [name for name in members if name not in (current, target) and view.states[name] is not None]
     plan.actions = redis_switchover_steps(fleet, current, target, others)
     return _signed(plan, view), state
@@ -1897,10 +1904,10 @@ def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) 
     return steps
 
 
-def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target is not None and target not in members:
-        raise UsageError(f"{target} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     masters = view.masters()
@@ -1917,7 +1924,7 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
             return _signed(_plan_redis_finish(fleet, view, "failover", masters[0]), view), state
         raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}"
                              + (f"; {masters[0]} is the master, not {target}" if len(masters) == 1 else
-                                f"; {len(masters)} nodes answer as masters"),
+                                f"; {plural(len(masters), 'node')} answer as masters"),
                       "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
         ssh_check = pool.submit(_ssh, fleet, fleet.host(old), ["true"], 20)
@@ -1948,7 +1955,7 @@ def plan_redis_failover(fleet, target: str | None = None, force: bool = False) -
     if not reachable:
         reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
                        "come back (stop the instance) before forcing")
-    _refuse_or_force(state, reasons, force, plan.forced, "restore the master if you can, or --force to accept the risk")
+    _refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the master if you can, or --accept-risk")
     plan.new_master = chosen
     plan.title = f"Fail the Redis master over from {old} (down) to {chosen}"
     steps = []
@@ -1989,10 +1996,10 @@ def _best_replica(replicas: dict[str, redisops.NodeState]) -> str:
                                               eligible[name].run_id))[0]
 
 
-def plan_redis_rejoin(fleet, node: str, force: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if node not in members:
-        raise UsageError(f"{node} is not a Redis node", f"nodes: {', '.join(members)}")
+        raise UsageError(f"{node} is not a Redis node", inventory.unknown_name_hint(node, members, "nodes"))
     view = _redis_view(fleet)
     state = view.state
     master = state.app_master
@@ -2010,7 +2017,8 @@ def plan_redis_rejoin(fleet, node: str, force: bool = False) -> tuple[RedisPlan,
     plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
-        _refuse_or_force(state, reasons, force, plan.forced, "make sure nothing on it is needed, then --force")
+        _refuse_or_force(state, reasons, accept_risk, plan.forced,
+                         "make sure nothing on it is needed, then --accept-risk")
     steps = []
     if not (member.role == "replica" and member.master == master):
         steps.append(Step(f"{node}: REPLICAOF {master}", "replicate", (node, master)))
@@ -2134,7 +2142,7 @@ class RedisActions:
         if failed:
             raise IgopsError("config files not updated: " + "; ".join(failed),
                              "a restart of those nodes would take their old role; fix the files by hand")
-        return f"{len(members)} files"
+        return plural(len(members), "file")
 
     def fence_config(self, name: str, new_master: str) -> None:
         self.persist_roles(new_master, (name,))

@@ -86,18 +86,18 @@ def plan_resume(fleet, record: dict) -> Continuation:
 
 def _pg_plan(fleet, kind: str, params: dict):
     if kind == "pg-switchover":
-        return failover.plan_pg_switchover(fleet, params["cluster"], params["to"], bool(params.get("force")))
+        return failover.plan_pg_switchover(fleet, params["cluster"], params["to"], bool(params.get("accept_risk")))
     if kind == "pg-failover":
-        return failover.plan_pg_failover(fleet, params["cluster"], params.get("to"), bool(params.get("force")))
-    return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("force")))
+        return failover.plan_pg_failover(fleet, params["cluster"], params.get("to"), bool(params.get("accept_risk")))
+    return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
 def _redis_plan(fleet, kind: str, params: dict):
     if kind == "redis-switchover":
-        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("force")))
+        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("accept_risk")))
     if kind == "redis-failover":
-        return failover.plan_redis_failover(fleet, params.get("to"), bool(params.get("force")))
-    return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("force")))
+        return failover.plan_redis_failover(fleet, params.get("to"), bool(params.get("accept_risk")))
+    return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
 def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
+from igops.errors import IgopsError
 from igops.secrets import redact, redact_data
 from igops.tables import Column
 
@@ -100,12 +101,16 @@ class Output(Reporter):
         record = StepRecord(number, redact(title))
         self.steps.append(record)
         started = time.monotonic()
+        shown_below = False
         label = f"[{record.number}]" if record.number else "[pre]"
         self.err.print(f"[bold]{_escape(label)}[/bold] {_escape(record.title)} …")
         try:
             yield record
         except BaseException as exc:
             record.status = "failed"
+            # An igops error leaving a step is the command's error line, said once on screen
+            # right after; the record (--json) keeps it as the step's detail too.
+            shown_below = record.detail is None and isinstance(exc, IgopsError)
             record.detail = record.detail or redact(str(exc))[:300]
             raise
         else:
@@ -114,7 +119,7 @@ class Output(Reporter):
         finally:
             record.duration_ms = round((time.monotonic() - started) * 1000, 1)
             colour = {"ok": "green", "failed": "red"}.get(record.status, "yellow")
-            detail = f" — {_escape(record.detail)}" if record.detail else ""
+            detail = f" — {_escape(record.detail)}" if record.detail and not shown_below else ""
             self.err.print(f"    [{colour}]{record.status}[/{colour}] "
                            f"({_format_ms(record.duration_ms)}){detail}")
 
@@ -123,11 +128,21 @@ class Output(Reporter):
         if self.json_mode or not self.err.is_terminal:
             yield lambda advance: None
             return
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn,
                                    TextColumn, TimeElapsedColumn)
+        from rich.text import Text
 
-        counter = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
-        with Progress(TextColumn("{task.description}"), BarColumn(), counter, TimeElapsedColumn(),
+        class RateAndTimeLeft(ProgressColumn):
+            """rich's own rate column counts decimal MB; every size igops prints is binary."""
+
+            def render(self, task) -> Text:
+                return Text(rate_and_time_left(task.finished_speed or task.speed, task.time_remaining),
+                            style="progress.data.speed")
+
+        # Bytes: done/total, rate and time left, in binary units (MiB, MiB/s) like every size shown.
+        columns = ([DownloadColumn(binary_units=True), RateAndTimeLeft()] if unit == "bytes"
+                   else [MofNCompleteColumn()])
+        with Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
                       console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda advance: bar.advance(task, advance)
@@ -253,6 +268,23 @@ class Output(Reporter):
                 sleep(every)
         except KeyboardInterrupt:
             return
+
+
+def rate_and_time_left(bytes_per_second: float | None, seconds_left: float | None) -> str:
+    """A transfer's rate in binary units and its time left: "12.5 MiB/s, 3:07 left"."""
+    if bytes_per_second is None:
+        return "measuring the rate"
+    value, unit = float(bytes_per_second), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    rate = f"{value:.0f} B/s" if unit == "B" else f"{value:.1f} {unit}/s"
+    if seconds_left is None:
+        return f"{rate}, time left unknown"
+    minutes, seconds = divmod(round(seconds_left), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{rate}, {f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'} left"
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:

@@ -26,8 +26,10 @@ _last_primary: dict[tuple[str, str], str] = {}
 def _members(fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
-        known = ", ".join(clusters) or "none"
-        raise UsageError(f"unknown Postgres cluster {cluster!r}", f"clusters in {fleet.source}: {known}")
+        from igops.inventory import unknown_name_hint
+
+        raise UsageError(f"unknown Postgres cluster {cluster!r}",
+                         unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"))
     members = [clusters[cluster].primary, *clusters[cluster].standbys]
     last = _last_primary.get((str(fleet.source), cluster))
     return ([last] if last in members else []) + [name for name in members if name != last]

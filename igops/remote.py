@@ -214,13 +214,34 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
     if isinstance(exc, SSHException) and "not found in known_hosts" in str(exc):
         return (f"host key for {where} is unknown: verify it and add it to {settings.known_hosts} "
                 f"(igops never trusts a new key automatically)")
-    if isinstance(exc, SSHException) and any(
-            sign in str(exc).lower() for sign in ("banner", "no existing session", "negotiation timed out")):
+    causes = _causes(exc)
+    if any(isinstance(cause, ConnectionResetError) for cause in causes):
+        return (f"{where} reset the connection before the SSH handshake completed: is sshd refusing connections "
+                f"there (MaxStartups, a firewall, fail2ban)?")
+    if any(isinstance(cause, EOFError) for cause in causes):
+        # At once, not after a wait: a peer that closes is no timeout.
+        return (f"{where} accepted the connection and closed it before completing the SSH handshake: is sshd "
+                f"what listens there, and is it turning connections away (MaxStartups, tcp wrappers, fail2ban)?")
+    # paramiko reports a banner or key exchange that never came as these, with no cause kept.
+    if any(isinstance(cause, (socket.timeout, TimeoutError)) for cause in causes) or (
+            isinstance(exc, SSHException) and any(
+                sign in str(exc).lower() for sign in ("no existing session", "negotiation timed out"))):
         return (f"{where} accepted the connection but the SSH handshake did not complete within "
                 f"{settings.connect_timeout:g} s")
+    if isinstance(exc, SSHException) and "banner" in str(exc).lower():
+        return f"{where} accepted the connection but did not answer as an SSH server ({exc})"
     if isinstance(exc, OSError):
         return f"cannot reach {where}: {exc.strerror or exc}"
     return f"SSH to {where} failed: {exc}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or while handling (paramiko wraps the socket's)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 class Session:

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 
 from igops import remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 from igops.snapshot import (STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_RAID_INDEX,
                             TAG_RAID_LEVEL, TAG_ROLE, find_group)
 
@@ -79,7 +79,7 @@ class RestorePlan:
                              f"attach it to {self.instance_id} ({self.to_host})")
             if len(members) > 1:
                 steps.append(f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
-                             f"{len(members)} members in order")
+                             f"{plural(len(members), 'member')} in order")
             steps.append(f"on {self.to_host}: mount it at {self.target_path(mount)} (read-write)")
         if self.postgres:
             pg = self.postgres
@@ -256,7 +256,7 @@ def cleanup(fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> l
         if leftovers:
             raise RemoteError(f"the cleanup of {plan.group_id} on {plan.to_host} left: {'; '.join(leftovers)}",
                               "fix what is named and run the cleanup again")
-        step.detail = f"{len(plan.volumes)} volumes deleted"
+        step.detail = f"{plural(len(plan.volumes), 'volume')} deleted"
     return plan.volumes
 
 

@@ -15,6 +15,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from igops.output import plural
+
 UNCHANGED = object()  # a TOASTed value an update left alone: pgoutput does not send it
 
 
@@ -196,7 +198,7 @@ class ChangedRows:
         differences = [(f"{table}: rows {left[table][0]} vs {right[table][0]}" if left[table][0] != right[table][0]
                         else f"{table}: values differ")
                        + (" (the whole table: truncated or new)" if table in self.truncated else
-                          f" among the {len(self.keys[table])} keys written since the verification")
+                          f" among the {plural(len(self.keys[table]), 'key')} written since the verification")
                        for table in tables if left[table] != right[table]]
         return sum(rows for rows, _ in left.values()), differences
 

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 from igops.postgres import first_line
 from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
                                   quote_ident, replication_connection, replication_conninfo)
@@ -135,12 +135,13 @@ class InitPlan:
             by_cluster.setdefault(cluster, []).append(shard)
         layout = "; ".join(f"{cluster}: {shard_ranges(shards)}" for cluster, shards in by_cluster.items())
         if self.map_version is None:
-            steps.append(f"seed the shard map with {self.count} shards ({layout}) as version 1")
+            steps.append(f"seed the shard map with {plural(self.count, 'shard')} ({layout}) as version 1")
         else:
-            steps.append(f"keep the shard map (version {self.map_version}, {len(self.placement)} shards: {layout})")
+            steps.append(f"keep the shard map (version {self.map_version}, "
+                         f"{plural(len(self.placement), 'shard')}: {layout})")
         for cluster, shards in by_cluster.items():
             missing = self.missing_schemas.get(cluster, [])
-            steps.append(f"on {cluster}: apply the shard DDL to {len(shards)} schemas (tables, next_id()); "
+            steps.append(f"on {cluster}: apply the shard DDL to {plural(len(shards), 'schema')} (tables, next_id()); "
                          + (f"new: {shard_ranges(missing)}" if missing else "all exist"))
         return steps
 
@@ -185,7 +186,7 @@ def plan_init(fleet, count: int | None = None) -> InitPlan:
                     row = cursor.fetchone()
                     version = row[0] if placement and row else None
     if placement and set(placement) != set(range(count)):
-        raise IgopsError(f"the shard map has {len(placement)} shards, {count} were asked for",
+        raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
                          "pass the map's shard count or fix the directory's shard_map")
     placement = placement or even_placement(clusters, count)
     missing_schemas = {
@@ -236,6 +237,14 @@ def init_shards(fleet, reporter: Reporter | None = None, count: int | None = Non
                 connection.commit()
         step.detail = "; ".join(f"{name}: {len(ids)}" for name, ids in report.shards_by_cluster.items())
     return report
+
+
+def check_shard(fleet, shard: int) -> None:
+    """Refuse a logical shard number outside the inventory's [shards] count, naming the valid
+    range, before anything connects."""
+    count = fleet.model.shards.count
+    if not 0 <= shard < count:
+        raise UsageError(f"shard {shard} is out of range", f"shards are 0-{count - 1} ([shards] count = {count})")
 
 
 def schema_name(fleet, shard: int) -> str:
@@ -304,7 +313,7 @@ def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[
                                sorted(placement.items()))
             cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now()")
         elif set(placement) != set(range(count)):
-            raise IgopsError(f"the shard map has {len(placement)} shards, {count} were asked for",
+            raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
                              "fix [shards] count (or --count) or the directory's shard_map")
         if model.redis.master:
             master = fleet.host(model.redis.master)
@@ -700,6 +709,7 @@ class ShapeReport:
 def verify_in_place(fleet, shard: int) -> ShapeReport:
     """One copy: its per-table rows and checksums, sequences, and its difference from what
     the service's shard DDL creates (built in a transaction that is rolled back)."""
+    check_shard(fleet, shard)
     placement = _placement_of(fleet, shard)
     schema = schema_name(fleet, shard)
     copy = ShardCopy(placement, schema)
@@ -736,6 +746,7 @@ def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = 
     move replicates between them, both are read at one point of the stream (writes to the
     shard pause for an instant); otherwise each is read as it is."""
     reporter = reporter or Reporter()
+    check_shard(fleet, shard)
     source = _placement_of(fleet, shard)
     primary_of(fleet, against)
     if against == source:
@@ -1247,6 +1258,7 @@ def plan_move(fleet, shard: int, target: str) -> MovePlan:
     the target has no conflicting copy, and the shard DDL builds on the target exactly the
     tables the source has (tried in a transaction that is rolled back)."""
     model = fleet.model
+    check_shard(fleet, shard)
     target_primary = primary_of(fleet, target)
     source = _placement_of(fleet, shard)
     if source == target:
@@ -1488,7 +1500,7 @@ class _Mover:
             connection.commit()
         finally:
             connection.close()
-        return f"{len(built.tables)} tables"
+        return plural(len(built.tables), "table")
 
     def _published(self) -> str:
         from psycopg2 import sql
@@ -1530,7 +1542,8 @@ class _Mover:
             self._build_indexes(builds)
         self.result_fields["copied"] = {"source_lsn": consistent_point, "rows_copied": rows, "bytes_copied": size}
         return (f"{rows:,} rows, {human_bytes(size)} in {copy_seconds:.1f} s"
-                + (f"; {len(builds)} keys and indexes in {time.monotonic() - started - copy_seconds:.1f} s"
+                + (f"; {len(builds)} {'key or index' if len(builds) == 1 else 'keys and indexes'} in "
+                   f"{time.monotonic() - started - copy_seconds:.1f} s"
                    if builds else ""))
 
     def _copy_tables(self, tables: list[str], snapshot: str) -> tuple[int, int]:
@@ -1643,8 +1656,9 @@ class _Mover:
         count = row[0] if row else 0
         if before is not None and count - before >= 3:
             raise IgopsError(f"the subscription's workers on {self.plan.target_primary} keep failing "
-                             f"({count} errors)", f"read {self.plan.target_primary}'s Postgres log; then --resume or "
-                                                  f"--abort {self.plan.move_id}")
+                             f"({plural(count, 'error')})",
+                             f"read {self.plan.target_primary}'s Postgres log; then --resume or "
+                             f"--abort {self.plan.move_id}")
         with self.source.cursor() as source_cursor:
             usable = _slot_usable(source_cursor, self.plan.slot)
         if usable is None:
@@ -1706,7 +1720,8 @@ class _Mover:
                              f"nothing was switched; investigate, then --resume {plan.move_id} to verify again "
                              f"or --abort {plan.move_id}")
         self.result_fields["verified"] = {"rows_copied": rows, "verify_pause_ms": report.pause_ms}
-        return f"{len(report.tables)} tables, {rows:,} rows equal; writes paused {report.pause_ms:.0f} ms"
+        return (f"{plural(len(report.tables), 'table')}, {rows:,} {'row' if rows == 1 else 'rows'} equal; "
+                f"writes paused {report.pause_ms:.0f} ms")
 
     def _source_fenced(self) -> bool:
         """Whether the cut-over already renamed the source's copy (and committed it)."""
@@ -2238,6 +2253,8 @@ def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> Move
 
 def list_moves(fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:
     """Recent moves, newest first; unfinished ones with the WAL their slot holds back."""
+    if shard is not None:
+        check_shard(fleet, shard)
     with directory_session(fleet) as directory:
         records = Journal(directory).recent(limit, shard)
     for record in records:

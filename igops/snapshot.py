@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from igops import __version__, agent, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 TAG_GROUP = "igops:group"
 TAG_HOST = "igops:host"
@@ -188,7 +188,8 @@ def discover(fleet, host, mounts: list[str]) -> list[dict]:
     [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
     if not result.ok:
         raise RemoteError(f"cannot inspect block devices on {host.name}: "
-                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}")
+                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}",
+                          f"nothing was frozen; check that {host.name} answers over SSH (`igops status`)")
     entries = json.loads(result.stdout)["mounts"]
     for entry in entries:
         if "error" in entry:
@@ -212,8 +213,8 @@ def map_volumes(host, discovered: list[dict], attachments) -> list[VolumeTarget]
         listed = explicit.get(entry["mount"])
         if listed and len(listed) != len(members):
             raise RefusedError(
-                f"{host.name}:{entry['mount']} has {len(members)} member devices but the inventory lists "
-                f"{len(listed)} volumes", "fix that mount's volumes list (RAID member order)")
+                f"{host.name}:{entry['mount']} has {plural(len(members), 'member device')} but the inventory lists "
+                f"{plural(len(listed), 'volume')}", "fix that mount's volumes list (RAID member order)")
         for position, member in enumerate(members):
             volume_id = (listed[position] if listed else member.get("volume_id")) or next(
                 (by_device[alias].volume_id for alias in device_aliases(member["device"]) if alias in by_device), None)
@@ -283,7 +284,7 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
                 except OSError:
                     pass
 
-        with reporter.step(f"snapshot {len(plan.volumes)} volumes"
+        with reporter.step(f"snapshot {plural(len(plan.volumes), 'volume')}"
                            + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
             try:
                 if failure is not None:
@@ -312,7 +313,7 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
             _discard(ebs, result.snapshots)
         raise SnapshotFailed(result)
 
-    with reporter.step(f"tag {len(result.snapshots)} snapshots, group {plan.group_id}"):
+    with reporter.step(f"tag {plural(len(result.snapshots), 'snapshot')}, group {plan.group_id}"):
         for volume in plan.volumes:
             ebs.tag([result.snapshots[volume.volume_id]], {
                 TAG_MOUNT: volume.mount, TAG_DEVICE: volume.device, TAG_FSTYPE: volume.fstype,

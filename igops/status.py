@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from igops import remote
+from igops.output import plural
 from igops.secrets import Secrets
 
 PROBE_TIMEOUT = 3.0
@@ -177,7 +178,7 @@ def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
         master = role[1].decode() if isinstance(role[1], bytes) else role[1]
         state = role[3].decode() if isinstance(role[3], bytes) else role[3]
         return state == "connected", f"replica of {master}:{role[2]} ({state})"
-    return True, f"{kind}, {len(role[2])} replicas"
+    return True, f"{kind}, {plural(len(role[2]), 'replica')}"
 
 
 def _memcached(address: str, port: int, _) -> tuple[bool, str]:

@@ -22,11 +22,16 @@ from dataclasses import dataclass, field
 from igops import agent, remote
 from igops.agent import pagecache
 from igops.errors import RefusedError, RemoteError, UsageError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 from igops.profile import Profile, ProfileError, Root, from_reader, parse
 
 DEFAULT_CONCURRENCY = 8
-DEFAULT_TIMEOUT = 6 * 3600.0
+# A warm reads at most the source's page cache, i.e. at most its memory: 244 GiB, the largest
+# instance's, at the 128 MiB/s of a 1 TB gp2 volume (bench/RESULTS.md: the warm phase kept such a
+# device busy) is 33 minutes. An hour is twice the worst case; a warm slower than that is one to
+# look at, not to wait for (it holds the target's lock and loads its disk). A hung warmer is
+# caught sooner, by STALL_TIMEOUT. Throttled warms (--rate) that need longer say so: --timeout.
+DEFAULT_TIMEOUT = 3600.0
 STALL_TIMEOUT = 120.0
 RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*$", re.I)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -69,7 +74,7 @@ class WarmPlan:
                          f"{self.target} as it is captured")
             cluster = f"{self.source}'s" if postgres else None
         else:
-            steps.append(f"send profile {self.profile} ({self.files} files, {self.pages} pages, "
+            steps.append(f"send profile {self.profile} ({plural(self.files, 'file')}, {plural(self.pages, 'page')}, "
                          f"{human_bytes(self.bytes)}) to {self.target}")
             cluster = self.cluster_id
         if cluster:
@@ -78,8 +83,8 @@ class WarmPlan:
         speed = f"at most {human_bytes(self.options.rate)}/s" if self.options.rate else "unthrottled"
         how_much = (f"the {self.pages} profiled pages ({human_bytes(self.bytes)})" if self.pages is not None
                     else "exactly the profiled pages")
-        steps.append(f"on {self.target}: read {how_much} with {self.options.concurrency} reads in flight, "
-                     f"{speed}, readahead off; {mapping}")
+        steps.append(f"on {self.target}: read {how_much} with {plural(self.options.concurrency, 'read')} in flight, "
+                     f"{speed}, readahead off, giving up after {_duration(self.options.timeout)}; {mapping}")
         steps.append(f"skip and count files missing on {self.target} or not matching by "
                      f"{MATCH_WORDS[self.options.match]}")
         steps.append(f"report how many profiled pages are resident on {self.target} afterwards")
@@ -173,6 +178,12 @@ def parse_rate(text: str) -> int:
     if value < 4096:
         raise UsageError(f"rate {text!r} is below one page a second", "use at least 4K")
     return value
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def human_bytes(value: int | float | None) -> str:
@@ -453,7 +464,8 @@ def _warm_session(fleet, plan: WarmPlan) -> remote.Session:
 
 
 def apply(fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
-    title = f"warm {plan.target}: {plan.pages} pages ({human_bytes(plan.bytes)}) of {plan.files} files"
+    title = (f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) "
+             f"of {plural(plan.files, 'file')}")
     with reporter.step(title) as step:
         with _warm_session(fleet, plan) as session:
             _send(session, text)
@@ -516,7 +528,7 @@ def copy(fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
             profile = from_reader(reader, entries)
             plan.cluster_id, plan.files, plan.pages, plan.bytes = (profile.cluster_id, len(profile.files),
                                                                     profile.pages, profile.resident_bytes)
-            step.detail = f"{plan.files} files, {plan.pages} pages ({human_bytes(plan.bytes)})"
+            step.detail = f"{plural(plan.files, 'file')}, {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)})"
         with reporter.step(f"warm {plan.target}") as step:
             result = _follow(target_session, plan, reporter, plan.bytes)
             step.detail = _detail(result)
@@ -559,8 +571,8 @@ def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: 
 
 
 def _detail(result: WarmResult) -> str:
-    return (f"{result.warmed_pages} of {result.pages} pages read, {result.hit_ratio:.1%} resident, "
-            f"{result.skipped_files} files skipped")
+    return (f"{result.warmed_pages} of {plural(result.pages, 'page')} read, {result.hit_ratio:.1%} resident, "
+            f"{plural(result.skipped_files, 'file')} skipped")
 
 
 # --- diff ---------------------------------------------------------------------------------------
@@ -574,7 +586,8 @@ def diff(fleet, source_name: str, target_name: str, paths: list[str] | None,
     where = target_paths(fleet, roots, target)
     with reporter.step(f"capture the page cache of {source.name}") as step:
         profile, text, _ = _capture(fleet, source, roots)
-        step.detail = f"{profile.pages} pages ({human_bytes(profile.resident_bytes)}) in {len(profile.files)} files"
+        step.detail = (f"{plural(profile.pages, 'page')} ({human_bytes(profile.resident_bytes)}) in "
+                       f"{plural(len(profile.files), 'file')}")
     with reporter.step(f"look up those pages on {target.name}"):
         args = ["residency", *where]
         for prefix in allowed_prefixes(fleet, target):

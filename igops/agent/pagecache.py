@@ -459,7 +459,9 @@ def check_header_here(header, roots, cluster_dir):
     if header["page_size"] != mmap.PAGESIZE:
         raise Refused(f"the profile's page size is {header['page_size']}, this host's is {mmap.PAGESIZE}")
     if len(roots) != len(header["roots"]):
-        raise Refused(f"the profile has {len(header['roots'])} roots, {len(roots)} were given")
+        profiled = len(header["roots"])
+        raise Refused(f"the profile has {profiled} {'root' if profiled == 1 else 'roots'}, {len(roots)} "
+                      f"{'was' if len(roots) == 1 else 'were'} given")
     if header["cluster_id"] is not None:
         if not cluster_dir:
             raise Refused("the profile is of a Postgres cluster, and no data directory was given to check")

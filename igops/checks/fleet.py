@@ -25,6 +25,7 @@ from igops.checks import Perf, Probe, Result, host_python, level, worst
 from igops.checks import munin as munin_checks
 from igops.checks import snapshots as snapshot_checks
 from igops.errors import NagiosStatus, UsageError
+from igops.output import plural
 from igops.secrets import Secrets
 
 GROUPS = ("ssh", "disk", "frozen", "http", "postgres", "pgbouncer", "redis", "memcached", "munin", "snapshot",
@@ -477,7 +478,8 @@ def pgbouncer_probe(context: Context, host) -> Probe:
         paused_state, paused_text = paused_finding(since, now, thresholds.pgbouncer_paused_critical_seconds)
         state = NagiosStatus.CRITICAL if problems else worst([paused_state, level(
             longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)])
-        counts = (f"{len([name for name in databases if name != 'pgbouncer'])} databases, {waiting} clients waiting, "
+        counts = (f"{plural(len([name for name in databases if name != 'pgbouncer']), 'database')}, "
+                  f"{plural(waiting, 'client')} waiting, "
                   f"longest wait {longest:.1f} s")
         summary = "; ".join(filter(None, [*problems, paused_text, None if problems else counts]))
         report(Result("pgbouncer", host.name, state, summary,
@@ -601,7 +603,7 @@ def _redis_master_result(node, tier, reference, masters, directory_error, durati
         if tier.app_master in masters:
             why = f"a second master: the app writes to {tier.app_master}"
         else:
-            why = f"one of {len(masters)} masters ({', '.join(masters)}), and the app writes to none of them"
+            why = f"one of {plural(len(masters), 'master')} ({', '.join(masters)}), and the app writes to none of them"
         return Result("redis-master", node.name, NagiosStatus.CRITICAL, why, duration_ms=duration_ms)
     if tier.app_master != node.name:
         if directory_error:
@@ -700,7 +702,7 @@ def munin_probe(context: Context, host) -> Probe:
             state = worst([state, NagiosStatus.WARNING])
             findings.append(f"{', '.join(missing)} not installed (igops munin install)")
         summary = "; ".join(findings) if findings else \
-            f"{len(outputs)} igops plugin(s), {values} values within their limits" if outputs else \
+            f"{plural(len(outputs), 'igops plugin')}, {plural(values, 'value')} within their limits" if outputs else \
             "answers; no igops plugins for this host's roles"
         report(Result("munin", host.name, state, summary, perfdata, duration_ms=_ms(started)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from igops.checks import Perf, Result, counts, overall
 from igops.errors import NagiosStatus
+from igops.output import plural
 
 PREFIX = "IGOPS"
 MAX_PROBLEMS_SHOWN = 5
@@ -41,13 +42,13 @@ def line(fleet_name: str, results: list[Result], duration_s: float) -> tuple[str
     problems.sort(key=lambda result: -{NagiosStatus.CRITICAL: 3, NagiosStatus.WARNING: 2,
                                         NagiosStatus.UNKNOWN: 1}[result.status])
     if not problems:
-        text = f"{fleet_name}: {len(results)} checks OK"
+        text = f"{fleet_name}: {plural(len(results), 'check')} OK"
     else:
         parts = [f"{tally[name]} {name}" for name in ("critical", "warning", "unknown") if tally[name]]
         shown = "; ".join(f"{result.check} {result.target}: {result.summary}"
                           for result in problems[:MAX_PROBLEMS_SHOWN])
         more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-        text = f"{fleet_name}: {', '.join(parts)} of {len(results)} checks: {shown}{more}"
+        text = f"{fleet_name}: {', '.join(parts)} of {plural(len(results), 'check')}: {shown}{more}"
     text = _clean(text)
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT - 1] + "…"

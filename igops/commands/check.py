@@ -42,9 +42,9 @@ def check(
     """Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer,
     Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom.
 
-    Exit 0 when every check is OK and 1 otherwise (4 when another check is running); with
-    --nagios, 0/1/2/3 as Nagios expects. Runs are locked, so overlapping cron runs cannot
-    double-page."""
+    Exit 0 when every check is OK and 5 (problems found) otherwise, 1 when a page could not be
+    sent, 4 when another check is running; with --nagios, 0/1/2/3 as Nagios expects. Runs are
+    locked, so overlapping cron runs cannot double-page."""
     if nagios and (json_flag or options(ctx).json):
         with command(ctx, "check", json_flag):
             raise UsageError("--nagios and --json are two different outputs", "choose one")
@@ -124,7 +124,10 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
 
         sys.stdout.write(redact(text) + "\n")
         return int(state)
-    code = int(ExitCode.OK) if state == NagiosStatus.OK and not (paging and paging.failed) else int(ExitCode.FAILED)
+    # Problems found exit 5, as from every read-only command; a page that could not be sent is
+    # an action that failed (1). --nagios keeps Nagios' own codes (above).
+    code = int(ExitCode.FAILED if paging and paging.failed else
+               ExitCode.OK if state == NagiosStatus.OK else ExitCode.PROBLEMS_FOUND)
     shown = [result for result in results if result.status != NagiosStatus.OK] if quiet else results
     if shown:
         out.table(None, ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)],

@@ -73,9 +73,14 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[
         if len(problems) > 1:
             for problem in problems:
                 out.err.print(f"  {problem}", markup=False)
-        out.fail(exc.one_line(), exc.exit_code,
-                 {"message": exc.message, "hint": exc.hint, "problems": problems})
-        raise typer.Exit(int(exc.exit_code)) from None
+        code = exc.exit_code
+        if code == ExitCode.FAILED and out.shows_plan and not out.plan_shown:
+            # A mutating command changes nothing before its plan is shown: a failure while
+            # planning (a host that does not answer, a state that cannot be read) left nothing
+            # touched, which is what 3 says, not "ran and failed".
+            code = ExitCode.REFUSED
+        out.fail(exc.one_line(), code, {"message": exc.message, "hint": exc.hint, "problems": problems})
+        raise typer.Exit(int(code)) from None
     except (typer.Exit, typer.Abort):
         raise
     except KeyboardInterrupt:

@@ -12,22 +12,41 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, comma
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.tables import Column
+from igops.output import plural
 
 
 class DeployGroup(TyperGroup):
     """`igops deploy [REV] …` runs `igops deploy run [REV] …`; the other subcommands keep their names."""
 
     def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            self._refuse_a_misspelt_verb(ctx, args[0])
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_a_misspelt_verb(self, ctx, word: str) -> None:
+        """`igops deploy rollbak` is a typo of a verb before it is a git revision: refused, with
+        the verb suggested (a revision so named is still `igops deploy run WORD`)."""
+        import difflib
+
+        from typer._click.exceptions import UsageError as ClickUsageError
+
+        # Not `run`: a short revision (a tag "run2") is nearer to it than any typo is.
+        if difflib.get_close_matches(word, [name for name in self.commands if name != "run"], n=1, cutoff=0.75):
+            error = ClickUsageError(f"No such command {word!r}.", ctx)
+            error.igops_hint = f"a git revision so named deploys with `igops deploy run {word}`"
+            raise error
 
     def collect_usage_pieces(self, ctx):
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
 app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
-                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.")
+                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.",
+                  epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
+                         "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
+                         "  igops deploy --batch 1,50%\n  igops deploy rollback")
 
 BATCH_OPTION = typer.Option("1,25%", "--batch", "-b",
                             help="Batch sizes, hosts or percentages; the last repeats (Ansible's serial).")
@@ -108,14 +127,14 @@ def run(
         where = f"at git {rev} ({source}/)" if rev else f"from the working tree {source}/"
         with out.step(f"read the app {where}") as step:
             tree = deploy.read_source(source, rev)
-            step.detail = f"{len(tree.files)} files, content {deploy.content_hash(tree.files)}"
+            step.detail = f"{plural(len(tree.files), 'file')}, content {deploy.content_hash(tree.files)}"
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
                 plan, tarball = deploy.plan_deploy(app, tree, batch, max_fail,
                                                    _gate(fleet, health_passes, health_timeout), parallel)
-                step.detail = f"release {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+                step.detail = f"release {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
             _roll(out, app, plan, dry_run, yes,
-                  f"Deploy release {plan.target} ({plan.target_description}) to {len(plan.roll())} app hosts "
+                  f"Deploy release {plan.target} ({plan.target_description}) to {plural(len(plan.roll()), 'app host')} "
                   f"of {plan.fleet}, batches {batch}", tarball)
 
 
@@ -143,9 +162,9 @@ def rollback(
             with out.step("survey the app servers and the load balancer") as step:
                 plan = deploy.plan_rollback(app, to, batch, max_fail, _gate(fleet, health_passes, health_timeout),
                                             parallel)
-                step.detail = f"back to {plan.target}: {len(plan.roll())} of {len(plan.hosts)} hosts to roll"
+                step.detail = f"back to {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
             _roll(out, app, plan, dry_run, yes,
-                  f"Roll back {len(plan.roll())} app hosts of {plan.fleet} to release {plan.target} "
+                  f"Roll back {plural(len(plan.roll()), 'app host')} of {plan.fleet} to release {plan.target} "
                   f"({plan.target_description}), batches {batch}")
 
 
@@ -172,7 +191,7 @@ def releases(
             out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
                      f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
         out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
-                 else f"{len(report.problems)} problems: " + "; ".join(report.problems))
-        code = ExitCode.OK if not report.problems else ExitCode.PARTIAL
+                 else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
+        code = ExitCode.OK if not report.problems else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)

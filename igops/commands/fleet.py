@@ -99,7 +99,7 @@ def exec_command(
         out.table(None, ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
                   [[r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
                    for r in results])
-        out.text(f"{ok} of {len(results)} hosts ok")
+        out.text(f"{ok} of {plural(len(results), 'host')} ok")
         code = _exec_exit_code(results)
         out.finish({"command": line, "hosts": results, "ok": ok, "failed": len(results) - ok}, code)
         exit_with(code)
@@ -144,6 +144,6 @@ def status(
             problems = report.problems()
             out.text("all hosts reachable, all services answering" if not problems
                      else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
-            return report, ExitCode.OK if not problems else ExitCode.PARTIAL
+            return report, ExitCode.OK if not problems else ExitCode.PROBLEMS_FOUND
 
         present(out, show, watch)

@@ -58,7 +58,7 @@ EXAMPLES = {
     "shard rebalance": ["igops shard rebalance --by bytes --dry-run"],
     "shard id decode": ["igops shard id decode 1387263000609081345"],
     "shard id encode": ["igops shard id encode --time 2026-12-03T04:00:00 --shard 17 --seq 5"],
-    "deploy run": ["igops deploy", "igops deploy v1.4.2 --dry-run", "igops deploy run HEAD --batch 1 --batch 50%"],
+    "deploy run": ["igops deploy", "igops deploy v1.4.2 --dry-run", "igops deploy run HEAD --batch 1,50%"],
     "deploy rollback": ["igops deploy rollback", "igops deploy rollback --to REV --dry-run"],
     "deploy releases": ["igops deploy releases"],
     "pg status": ["igops pg status", "igops pg status c01 --watch 1", "igops pg status --wide --format plain"],

@@ -67,12 +67,14 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
         problems = report.problems()
         if not report.running:
             out.text("the lab is down (igops lab up starts it)")
-            code = ExitCode.FAILED
+            code = ExitCode.PROBLEMS_FOUND
         elif problems:
-            out.text(f"{len(problems)} of {len(report.components)} components do not answer")
-            code = ExitCode.PARTIAL
+            out.text(f"{len(problems)} of {plural(len(report.components), 'component')} "
+                     f"{'does' if len(problems) == 1 else 'do'} not answer")
+            code = ExitCode.PROBLEMS_FOUND
         else:
-            out.text(f"all {len(report.components)} components answer; inventory: {report.inventory}")
+            out.text(f"{'the' if len(report.components) == 1 else 'all'} {plural(len(report.components), 'component')} "
+                     f"{'answers' if len(report.components) == 1 else 'answer'}; inventory: {report.inventory}")
             code = ExitCode.OK
         out.finish(report, code)
         exit_with(code)

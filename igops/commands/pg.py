@@ -11,13 +11,19 @@ from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.tables import Column
+from igops.output import plural
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
 
-FORCE_OPTION = typer.Option(False, "--force",
-                            help="Go ahead despite what the preflight refuses (a lagging candidate, an old primary "
-                                 "that cannot be fenced on disk): the plan names each risk accepted.")
+SWITCHOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (a lagging standby, WAL replay paused, a volume short of "
+         "space, an interrupted switchover's WAL end unknown): the plan names each risk accepted.")
+FAILOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (an old primary that cannot be fenced on disk or is hung, "
+         "a standby behind the most advanced one, WAL the candidate lacks): the plan names each risk accepted.")
 # At 80 columns the node, its role and LSN stay whole; repmgr's view and the standby's own LSNs
 # give way first (`--wide` shows them).
 NODE_COLUMNS = ["node", "role", Column("state", wrap=True), "TL", "LSN", Column("received", drop=3),
@@ -103,8 +109,8 @@ def status(
             for state in states:
                 show_state(out, state)
             problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]
-            out.text("every cluster healthy" if not problems else f"{len(problems)} problems")
-            return {"clusters": states, "problems": problems}, ExitCode.OK if not problems else ExitCode.PARTIAL
+            out.text("every cluster healthy" if not problems else plural(len(problems), "problem"))
+            return {"clusters": states, "problems": problems}, ExitCode.OK if not problems else ExitCode.PROBLEMS_FOUND
 
         present(out, show, watch)
 
@@ -114,7 +120,7 @@ def switchover(
     ctx: typer.Context,
     cluster: str = typer.Argument(..., help="The cluster, e.g. main."),
     to: str = typer.Option(..., "--to", help="The standby to promote."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = SWITCHOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -126,8 +132,8 @@ def switchover(
     with command(ctx, "pg switchover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read cluster {cluster}'s state and check {to}",
-                                lambda: failover.plan_pg_switchover(fleet, cluster, to, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "force": force})
+                                lambda: failover.plan_pg_switchover(fleet, cluster, to, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
 @app.command("failover")
@@ -136,7 +142,7 @@ def failover_command(
     cluster: str = typer.Argument(..., help="The cluster whose primary is down."),
     to: Optional[str] = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
                                                          "WAL received, then repmgr's priority)."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -148,17 +154,19 @@ def failover_command(
     with command(ctx, "pg failover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"confirm cluster {cluster}'s primary is down and choose a standby",
-                                lambda: failover.plan_pg_failover(fleet, cluster, to, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "force": force})
+                                lambda: failover.plan_pg_failover(fleet, cluster, to, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
 @app.command("rejoin")
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former primary (or a standby that lost its upstream)."),
-    force: bool = typer.Option(False, "--force",
-                               help="Rejoin a node that still accepts writes or does not answer: whatever it "
-                                    "took after the timelines forked is discarded. The plan names each risk."),
+    accept_risk: bool = typer.Option(
+        False, "--accept-risk",
+        help="Rejoin a node that still accepts writes, or whose postmaster runs but does not answer: it is stopped "
+             "and rewound, and whatever it took after the timelines forked is discarded. The plan names each risk "
+             "accepted."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -169,5 +177,5 @@ def rejoin(
     with command(ctx, "pg rejoin", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read the state of {node}'s cluster",
-                                lambda: failover.plan_pg_rejoin(fleet, node, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "force": force})
+                                lambda: failover.plan_pg_rejoin(fleet, node, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})

@@ -16,9 +16,14 @@ from igops.tables import Column
 app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
                        "of a former master.", no_args_is_help=True)
 
-FORCE_OPTION = typer.Option(False, "--force",
-                            help="Go ahead despite what the preflight refuses (a lagging or behind replica, an old "
-                                 "master that cannot be fenced): the plan names each risk accepted.")
+SWITCHOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (a replica that lags, does not follow the master over a "
+         "live link, or accepts writes): the plan names each risk accepted.")
+FAILOVER_RISK_OPTION = typer.Option(
+    False, "--accept-risk",
+    help="Go ahead despite what the preflight refuses (an old master that is hung or cannot be fenced, a replica "
+         "behind the most advanced one): the plan names each risk accepted.")
 # One lock for every Redis operation: the fleet has one master.
 
 
@@ -67,7 +72,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: Optional[fl
             state = failover.redis_status(fleet)
             show_state(out, state)
             out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))
-            return state, ExitCode.OK if not state.problems else ExitCode.PARTIAL
+            return state, ExitCode.OK if not state.problems else ExitCode.PROBLEMS_FOUND
 
         present(out, show, watch)
 
@@ -76,7 +81,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: Optional[fl
 def switchover(
     ctx: typer.Context,
     to: str = typer.Option(..., "--to", help="The replica to make the master."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = SWITCHOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -88,15 +93,15 @@ def switchover(
     with command(ctx, "redis switchover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read every node's replication state and check {to}",
-                                lambda: failover.plan_redis_switchover(fleet, to, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "force": force})
+                                lambda: failover.plan_redis_switchover(fleet, to, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "accept_risk": accept_risk})
 
 
 @app.command("failover")
 def failover_command(
     ctx: typer.Context,
     to: Optional[str] = typer.Option(None, "--to", help="The replica to promote (default: the highest offset)."),
-    force: bool = FORCE_OPTION,
+    accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -108,17 +113,18 @@ def failover_command(
     with command(ctx, "redis failover", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, "confirm the master is down and choose a replica",
-                                lambda: failover.plan_redis_failover(fleet, to, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "force": force})
+                                lambda: failover.plan_redis_failover(fleet, to, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"to": to, "accept_risk": accept_risk})
 
 
 @app.command("rejoin")
 def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former master, or a replica of the wrong master."),
-    force: bool = typer.Option(False, "--force",
-                               help="Rejoin a node that is still a master: its own writes since it split off "
-                                    "are discarded. The plan names each risk."),
+    accept_risk: bool = typer.Option(
+        False, "--accept-risk",
+        help="Rejoin a node that is still a master: it becomes a replica, and the writes it took since it split off "
+             "are discarded. The plan names the risk accepted."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -129,5 +135,5 @@ def rejoin(
     with command(ctx, "redis rejoin", json_flag) as out:
         fleet = load_fleet(ctx)
         plan, before = _planned(out, f"read every node's replication state and {node}'s config",
-                                lambda: failover.plan_redis_rejoin(fleet, node, force))
-        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "force": force})
+                                lambda: failover.plan_redis_rejoin(fleet, node, accept_risk))
+        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})

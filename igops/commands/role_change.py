@@ -39,8 +39,6 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
     show_state(out, before)
     for note in plan.notes:
         out.log(f"note: {note}")
-    for risk in plan.forced:
-        out.log(f"--force accepts: {risk}")
     if not plan.actions:
         out.text(plan.notes[0] if plan.notes else nothing_to_do)
         out.finish({"plan": failover.describe_plan(plan), "before": before})
@@ -51,7 +49,7 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         return apply(fleet, plan, reporter)
 
     try:
-        result = mutate(out, fleet, kind=kind, resources=resources, targets=members, title=plan.title,
+        result = mutate(out, fleet, kind=kind, resources=resources, targets=members, title=_title(plan),
                         steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome, params=params)
     except StepFailed:
         after = state_after()
@@ -67,3 +65,11 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         show_state(out, after)
     out.text(summary(result))
     out.finish({"plan": failover.describe_plan(plan), "before": before, "result": result, "after": after})
+
+
+def _title(plan) -> str:
+    """The plan's title, naming each risk --accept-risk accepts: it heads the plan (stdout for a
+    dry run, so `--dry-run > plan.txt` keeps them) and is the question confirmed."""
+    if not plan.forced:
+        return plan.title
+    return f"{plan.title}, accepting the risks that " + "; that ".join(plan.forced)

@@ -10,6 +10,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
 from igops.tables import Column
+from igops.output import plural
 
 from igops.operations import conflicts
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
@@ -108,10 +109,11 @@ def show_map(
                       [[item.shard, item.schema, item.cluster, _bytes(item.bytes) if item.present else "MISSING"]
                        for item in current.shards])
         if missing:
-            out.text(f"{len(missing)} shards have no schema where the map places them: "
+            out.text(f"{plural(len(missing), 'shard')} {'has' if len(missing) == 1 else 'have'} no schema "
+                     "where the map places them: "
                      + ", ".join(f"{item.schema} on {item.cluster}" for item in missing))
         problems = missing or any(load.error for load in current.clusters)
-        code = ExitCode.PARTIAL if problems else ExitCode.OK
+        code = ExitCode.PROBLEMS_FOUND if problems else ExitCode.OK
         out.finish(current, code)
         exit_with(code)
 
@@ -290,7 +292,7 @@ def verify(
         for line in report.schema_diff:
             out.text(f"schema: {line}")
         out.text("equal" if report.equal else "DIFFERENT")
-        code = ExitCode.OK if report.equal else ExitCode.FAILED
+        code = ExitCode.OK if report.equal else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)
 
@@ -319,10 +321,10 @@ def rebalance(
         # Every cluster is leased for the whole rebalance, so no single move needs a lease of its own.
         result = mutate(out, fleet, kind="shard-rebalance", resources=conflicts.every_cluster(fleet),
                         targets=list(plan.before),
-                        title=f"Rebalance by {by.value}: {len(plan.moves)} moves", steps=plan.steps(),
+                        title=f"Rebalance by {by.value}: {plural(len(plan.moves), 'move')}", steps=plan.steps(),
                         dry_run=dry_run, yes=yes,
                         action=lambda reporter: shards.run_rebalance(fleet, plan, reporter),
-                        outcome=lambda r: (f"{len(r.results)} of {r.planned} moves done"
+                        outcome=lambda r: (f"{len(r.results)} of {plural(r.planned, 'move')} done"
                                            + (f"; {r.failed}" if r.failed else ""),
                                            0 if not r.failed else int(ExitCode.PARTIAL if r.results
                                                                       else ExitCode.FAILED)))

@@ -62,7 +62,7 @@ def create(
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
             result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host), targets=[host],
-                            title=f"Snapshot group {plan.group_id}: {len(plan.volumes)} volumes under "
+                            title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
                             action=lambda reporter: snapshot.create(fleet, plan, reporter), params={"host": host},

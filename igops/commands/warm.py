@@ -13,6 +13,7 @@ from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YE
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.tables import Column
+from igops.output import plural
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
                        "compare two hosts.", no_args_is_help=True)
@@ -34,15 +35,17 @@ MATCH_OPTION = typer.Option(Match.size, "--match",
                             help="When a target file takes the profile's pages: size (same path and size), "
                                  "mtime (and same mtime, for restored copies), path (any size: for busy Postgres "
                                  "standbys whose files grow under replay).")
-TIMEOUT_OPTION = typer.Option(6 * 3600.0, "--timeout", min=10, help="Give up after this many seconds.")
+TIMEOUT_OPTION = typer.Option(None, "--timeout", min=10,
+                              help="Give up after this many seconds (default 3600: twice the time to read 244 GiB "
+                                   "at a gp2 volume's 128 MiB/s; raise it with a low --rate).")
 TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of them with --json).")
 
 
-def _options(concurrency: int, rate: Optional[str], match: Match, timeout: float):
+def _options(concurrency: int, rate: Optional[str], match: Match, timeout: Optional[float]):
     from igops import vmtouch
 
     return vmtouch.WarmOptions(concurrency=concurrency, rate=vmtouch.parse_rate(rate) if rate else None,
-                               match=match.value, timeout=timeout)
+                               match=match.value, timeout=timeout or vmtouch.DEFAULT_TIMEOUT)
 
 
 def _warm_table(out, result) -> None:
@@ -61,8 +64,8 @@ def _warm_table(out, result) -> None:
 
 
 def _warm_outcome(result) -> tuple[str, int]:
-    return (f"warmed {result.warmed_pages} of {result.pages} pages on {result.target}, {result.hit_ratio:.1%} "
-            f"resident, {result.skipped_files} files skipped", 0)
+    return (f"warmed {result.warmed_pages} of {plural(result.pages, 'page')} on {result.target}, "
+            f"{result.hit_ratio:.1%} resident, {plural(result.skipped_files, 'file')} skipped", 0)
 
 
 @app.command("capture")
@@ -86,8 +89,8 @@ def capture(
         destination = output or f"{host}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pagecache.gz"
         with out.step(f"read the page cache of {host}") as step:
             result = vmtouch.record(fleet, host, paths, destination, emit_vmtouch)
-            step.detail = (f"{result.pages} pages ({vmtouch.human_bytes(result.resident_bytes)}) "
-                           f"in {result.files} files")
+            step.detail = (f"{plural(result.pages, 'page')} ({vmtouch.human_bytes(result.resident_bytes)}) "
+                           f"in {plural(result.files, 'file')}")
         if result.vmtouch is not None:
             for line in result.vmtouch:
                 out.text(line)
@@ -109,7 +112,7 @@ def apply(
     concurrency: int = CONCURRENCY_OPTION,
     rate: Optional[str] = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: float = TIMEOUT_OPTION,
+    timeout: Optional[float] = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -123,7 +126,8 @@ def apply(
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
         result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
-                        title=f"Warm {plan.target} with {plan.pages} pages ({vmtouch.human_bytes(plan.bytes)}) "
+                        title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
+                              f"({vmtouch.human_bytes(plan.bytes)}) "
                               f"captured on {plan.source}",
                         steps=plan.steps(), dry_run=dry_run, yes=yes,
                         action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter), outcome=_warm_outcome)
@@ -143,7 +147,7 @@ def copy(
     concurrency: int = CONCURRENCY_OPTION,
     rate: Optional[str] = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: float = TIMEOUT_OPTION,
+    timeout: Optional[float] = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -174,7 +178,7 @@ def diff(
     paths: Optional[List[str]] = PATHS_ARGUMENT,
     top: int = TOP_OPTION,
     at_least: Optional[float] = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
-                                             help="Exit 1 when less than this share (0-1) of SOURCE's cached "
+                                             help="Exit 5 when less than this share (0-1) of SOURCE's cached "
                                                   "pages are cached on TARGET."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
@@ -194,7 +198,7 @@ def diff(
         out.text(f"{result.share:.1%} of {result.source}'s cached pages ({result.target_pages} of "
                  f"{result.source_pages}, {vmtouch.human_bytes(result.source_pages * page)}) are cached on "
                  f"{result.target}")
-        code = ExitCode.FAILED if at_least is not None and result.share < at_least else ExitCode.OK
+        code = ExitCode.PROBLEMS_FOUND if at_least is not None and result.share < at_least else ExitCode.OK
         out.finish(result, code)
         exit_with(code)
 

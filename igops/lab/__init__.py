@@ -22,7 +22,7 @@ from igops.lab import aws, baseline, credentials, etcd, files, pooler, postgres,
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 SSHD_NAME = "lab"
 
@@ -132,7 +132,7 @@ def recover(paths: Paths) -> list[str]:
     leftovers = proc.build_pids(paths.root)
     if leftovers:
         proc.terminate(leftovers, grace=3)
-        recovered.append(f"stopped {len(leftovers)} commands of an interrupted run")
+        recovered.append(f"stopped {plural(len(leftovers), 'command')} of an interrupted run")
     recovered += [f"detached {device}" for device in storage.detach_orphans(paths.root)]
     for pid_file in _pid_files(paths):
         if pid_file.exists() and not proc.running_pid(pid_file, paths.root):
@@ -225,7 +225,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = "; ".join(report.recovered) or "nothing to recover"
         with reporter.step("check the lab's addresses and ports") as step:
             _preflight(paths)
-            step.detail = f"{len(_endpoints())} endpoints on 127.0.10.0/24"
+            step.detail = f"{plural(len(_endpoints()), 'endpoint')} on 127.0.10.0/24"
         # pip is the slowest part of a cold start and needs nothing else: start it now.
         venv = background.submit(services.app_venv, paths)
         creds = credentials.ensure(paths)
@@ -261,7 +261,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = "; ".join(done) or "nothing was paused"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
             aws_state = aws.build(volumes)
-            step.detail = f"{len(aws_state.instances)} instances, {len(aws_state.volumes)} volumes"
+            step.detail = f"{plural(len(aws_state.instances), 'instance')}, {plural(len(aws_state.volumes), 'volume')}"
         with reporter.step("inventory and secrets") as step:
             text = lab_inventory.render(paths, volumes, aws_state, report.primaries, _redis_master(paths))
             fleet = lab_inventory.write(paths, text)
@@ -286,7 +286,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = baseline.standbys_caught_up(paths, report.primaries)
         with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
             report.components = verify(fleet, paths, creds)
-            step.detail = f"{len(report.components)} checks ok"
+            step.detail = f"{plural(len(report.components), 'check')} ok"
     report.duration_s = round(time.monotonic() - started, 1)
     return report
 
@@ -297,7 +297,7 @@ def _repmgrd(paths: Paths, wanted: bool) -> str:
     if not wanted:
         running_pids = [pid for pid in (proc.running_pid(d.pid_file, paths.root) for d in daemons) if pid]
         proc.terminate(running_pids)
-        return (f"stopped on {len(running_pids)} nodes" if running_pids else "not running") + \
+        return (f"stopped on {plural(len(running_pids), 'node')}" if running_pids else "not running") + \
             " (`igops lab up --repmgrd` starts it)"
     _start_all(daemons, paths)
     # A started repmgrd takes a moment to register with its node; igops reads that registration.
@@ -310,7 +310,7 @@ def _repmgrd(paths: Paths, wanted: bool) -> str:
             raise proc.LabError(f"repmgrd does not register on {', '.join(node.name for node in waiting)}",
                                 f"see {paths.root}/hosts/<node>/log/repmgrd.log")
         time.sleep(0.2)
-    return f"running on {len(daemons)} nodes (`igops lab up --no-repmgrd` stops it)"
+    return f"running on {plural(len(daemons), 'node')} (`igops lab up --no-repmgrd` stops it)"
 
 
 def verify(fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
@@ -446,7 +446,7 @@ def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:
             step.detail = ", ".join(storage.thaw_all(paths.root)) or "none was frozen"
         with reporter.step("stop the lab's daemons") as step:
             report.stopped = _stop_daemons(paths)
-            step.detail = f"{len(report.stopped)} processes" if report.stopped else "none were running"
+            step.detail = plural(len(report.stopped), "process", "processes") if report.stopped else "none were running"
         with reporter.step("thaw, unmount and detach the lab's volumes") as step:
             report.problems = storage.teardown(paths.root)
             if report.problems:

@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from igops.lab.proc import LabError
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 # The Pingdom receiver tests its checks every 5 s; a check it has not tested yet is "unknown".
 PINGDOM_FIRST_TEST_S = 15.0
@@ -30,7 +30,7 @@ def munin_plugins(fleet) -> str:
         raise LabError("igops munin install failed on " + "; ".join(failed),
                        "see hosts/<host>/munin/munin-node.log under the lab's state dir")
     changed = [result.host for result in results if result.changed]
-    return (f"installed on {', '.join(changed)}" if changed else "in place") + f" ({len(results)} hosts)"
+    return (f"installed on {', '.join(changed)}" if changed else "in place") + f" ({plural(len(results), 'host')})"
 
 
 def pingdom_checks(fleet) -> str:
@@ -55,7 +55,8 @@ def pingdom_checks(fleet) -> str:
             time.sleep(0.5)
     finally:
         client.close()
-    return f"{len(plan.changes)} changes synced" if plan.changes else f"in sync ({len(plan.unchanged)} checks)"
+    return (f"{plural(len(plan.changes), 'change')} synced" if plan.changes
+            else f"in sync ({plural(len(plan.unchanged), 'check')})")
 
 
 def snapshots(fleet) -> str:

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from igops.lab import files, proc
+from igops.output import plural
 from igops.lab.state import ETCD_CLIENT_PORT, ETCD_MEMBERS, ETCD_PEER_PORT, Paths
 
 BINARY = "/usr/bin/etcd"
@@ -75,7 +76,7 @@ def wait_healthy(timeout: float = 30) -> str:
         states = {name: health(address) for name, address in ETCD_MEMBERS}
         failing = {name: detail for name, (ok, detail) in states.items() if not ok}
         if not failing:
-            return f"{len(ETCD_MEMBERS)} members healthy on {', '.join(a for _, a in ETCD_MEMBERS)}"
+            return f"{plural(len(ETCD_MEMBERS), 'member')} healthy on {', '.join(a for _, a in ETCD_MEMBERS)}"
         if time.monotonic() > deadline:
             raise proc.LabError("etcd: " + "; ".join(f"{name} {detail}" for name, detail in failing.items())
                                 + f" after {timeout:g} s", "see <lab state>/etcd/<member>/etcd.log")

@@ -269,7 +269,25 @@ def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dic
     store.put_record(record)
     store.append(record["id"], {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"],
                                 "plan": spec.steps})
+    _supersede(store, record)
     return record
+
+
+def _supersede(store, record: dict) -> None:
+    """A rerun of an interrupted operation (same kind, same resources: `pg switchover main`
+    again) finishes or rolls back what it left, as the planners do: the interrupted one ends,
+    "superseded" by this one, rather than staying interrupted in `ops list` and `check`. Any
+    other interrupted operation stays for a person to resume or abort."""
+    mine = sorted(map(tuple, record["resources"]))
+    for other in store.open_records():
+        if (other["id"] == record["id"] or other.get("kind") != record["kind"]
+                or sorted(map(tuple, other.get("resources") or [])) != mine):
+            continue
+        # This run holds the lease on those very resources: the other's holder is gone.
+        other.update(ended=safety.now(), result="superseded", exit_code=None,
+                     detail=f"superseded by {record['id']}, a rerun that took over its targets")
+        store.put_record(other)
+        store.append(other["id"], {"time": other["ended"], "event": "superseded", "by": record["id"]})
 
 
 def _end(store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter) -> None:

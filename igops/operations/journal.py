@@ -128,6 +128,10 @@ class LocalJournal:
                 continue  # being replaced this instant, or not ours
         return found
 
+    def open_records(self) -> list[dict]:
+        """The operations that have not ended: running, or interrupted."""
+        return [record for record in self.records() if not record.get("ended")]
+
     def entries(self, op_id: str) -> list[dict]:
         try:
             text = self._path(op_id, ".journal").read_text()
@@ -168,8 +172,20 @@ class EtcdJournal:
         except EtcdError:
             return True  # unknown: never call a live operation interrupted on a guess
 
+    def _record_requests(self, record: dict) -> list[dict]:
+        """The record, and its marker under open/ while it has not ended: what `ops list` reads
+        without reading every operation ever run."""
+        from igops.coordination import _b64
+
+        record_put = {"request_put": {"key": _b64(f"{self.prefix}ops/{record['id']}"),
+                                      "value": _b64(json.dumps(_clean(record), sort_keys=True))}}
+        marker = _b64(f"{self.prefix}open/{record['id']}")
+        if record.get("ended"):
+            return [record_put, {"request_delete_range": {"key": marker}}]
+        return [record_put, {"request_put": {"key": marker, "value": _b64(record["id"])}}]
+
     def put_record(self, record: dict) -> None:
-        self.gateway.put(f"{self.prefix}ops/{record['id']}", json.dumps(_clean(record), sort_keys=True))
+        self.gateway.call("/v3/kv/txn", {"success": self._record_requests(record)})
 
     def append(self, op_id: str, entry: dict, record: dict | None = None) -> None:
         """One entry; with `record`, the record too, in the same transaction: one Raft round."""
@@ -179,14 +195,12 @@ class EtcdJournal:
             self._seq += 1
             # Unique across processes that resume the same operation: time first, then pid.
             key = (f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}")
-        puts = [(key, json.dumps(_clean(entry), sort_keys=True))]
-        if record is not None:
-            puts.append((f"{self.prefix}ops/{record['id']}", json.dumps(_clean(record), sort_keys=True)))
-        if len(puts) == 1:
-            self.gateway.put(*puts[0])
+        value = json.dumps(_clean(entry), sort_keys=True)
+        if record is None:
+            self.gateway.put(key, value)
             return
-        self.gateway.call("/v3/kv/txn", {"success": [{"request_put": {"key": _b64(k), "value": _b64(v)}}
-                                                     for k, v in puts]})
+        self.gateway.call("/v3/kv/txn", {"success": [{"request_put": {"key": _b64(key), "value": _b64(value)}},
+                                                     *self._record_requests(record)]})
 
     def record(self, op_id: str) -> dict | None:
         found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")
@@ -197,6 +211,11 @@ class EtcdJournal:
 
     def records(self) -> list[dict]:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}ops/")]
+
+    def open_records(self) -> list[dict]:
+        """The operations that have not ended: running, or interrupted."""
+        found = [self.record(op_id) for _, op_id in self.gateway.get_prefix(f"{self.prefix}open/")]
+        return [record for record in found if record is not None and not record.get("ended")]
 
     def entries(self, op_id: str) -> list[dict]:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}journal/{op_id}/")]

@@ -162,6 +162,8 @@ def test_a_sigkilled_holders_lease_expires_within_its_ttl(lab, tmp_path, slow_re
     etcd = gateway(config)
     try:
         assert wait_for(lambda: etcd.get_prefix(prefix + "locks/"), 30), "the holder never took its lease"
+        # Its start is audited just after it took the lease: the kill lands after that.
+        assert wait_for(lambda: etcd.get_prefix(prefix + "audit/"), 30), "the holder never audited its start"
         holder.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         holder.communicate(timeout=10)

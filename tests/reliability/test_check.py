@@ -153,7 +153,7 @@ def test_each_fault_is_found_named_paged_once_and_resolved(lab, setting):
         subprocess.run(["fsfreeze", "-f", frozen], check=True)
 
         first = igops("check", "--page", "--json", *FAULT_CHECKS)
-        assert first.returncode == ExitCode.FAILED, first.stderr
+        assert first.returncode == ExitCode.PROBLEMS_FOUND, first.stderr
         found, paging = results_of(first)
         for key in expected:
             assert found[key]["status"] == "CRITICAL", (key, found[key])

@@ -152,7 +152,7 @@ def restore_home(lab):
         main = pg_state(lab)
     for node in main["nodes"]:
         if main["primary"] and node["role"] == "standby" and node["streaming_from"] != main["primary"]:
-            igops(lab, "pg", "rejoin", node["name"], "--yes", "--force")
+            igops(lab, "pg", "rejoin", node["name"], "--yes", "--accept-risk")
     if pg_state(lab)["primary"] != HOME_PRIMARY:
         result, _ = igops(lab, "pg", "switchover", "main", "--to", HOME_PRIMARY, "--yes")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -162,7 +162,7 @@ def restore_home(lab):
         redis = redis_state(lab)
     for node in redis["nodes"]:
         if node["role"] == "master" and node["name"] != redis["app_master"]:
-            igops(lab, "redis", "rejoin", node["name"], "--yes", "--force")
+            igops(lab, "redis", "rejoin", node["name"], "--yes", "--accept-risk")
     redis = redis_state(lab)
     if redis["app_master"] != HOME_MASTER or node_of(redis, HOME_MASTER)["role"] != "master":
         result, _ = igops(lab, "redis", "switchover", "--to", HOME_MASTER, "--yes")
@@ -239,7 +239,7 @@ def test_unsafe_requests_are_refused(at_home):
         assert result.returncode == ExitCode.REFUSED, result.stderr[-2000:]
         message = envelope["error"]["message"]
         assert "replay paused" in message and "lags" in message and "threshold" in message
-        dry, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--force", "--dry-run")
+        dry, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--accept-risk", "--dry-run")
         assert dry.returncode == 0, dry.stderr[-2000:]
         assert any("resume WAL replay" in step for step in envelope["data"]["plan"]["steps"])
         assert envelope["data"]["plan"]["forced"]
@@ -592,7 +592,7 @@ def test_a_promotion_that_fails_after_the_stop_starts_the_old_primary_again_and_
         assert result.returncode == ExitCode.REFUSED, result.stderr[-2000:]
         assert "WAL volume" in envelope["error"]["message"] and "min_free_bytes" in envelope["error"]["message"]
 
-        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes", "--force")
+        result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes", "--accept-risk")
         assert result.returncode == ExitCode.FAILED, result.stderr[-3000:]
         message = envelope["error"]["message"]
         print(f"\nthe failed switchover said: {message}")

@@ -226,7 +226,7 @@ def test_check_cli_nagios_line_and_exit_codes_without_a_fleet(tmp_path):
 
     result = run_igops("-c", config, "check", "--json", "--only", "http")
     envelope = json.loads(result.stdout)
-    assert result.returncode == ExitCode.FAILED and envelope["exit_code"] == ExitCode.FAILED
+    assert result.returncode == ExitCode.PROBLEMS_FOUND and envelope["exit_code"] == ExitCode.PROBLEMS_FOUND
     assert envelope["data"]["status"] == "CRITICAL" and envelope["data"]["counts"]["critical"] == 1
     assert [(r["check"], r["target"]) for r in envelope["data"]["results"]] == [("http-app", "web1")]
 

@@ -324,3 +324,40 @@ def test_a_subcommands_own_config_flag_is_not_taken_for_the_inventory(tmp_path):
     result = run_igops("-c", str(missing), "munin", "fetch", "db1", "igops_postgres", "--config")
     assert result.returncode == 2
     assert str(missing) in result.stderr and "True" not in result.stderr, result.stderr
+
+
+def test_a_host_that_does_not_answer_while_planning_exits_3_nothing_touched(tmp_path):
+    """snapshot create against an unreachable host: nothing was frozen, so not 1 ("ran and failed")
+    but 3, like every mutating command that fails before its plan is shown."""
+    path = unit_inventory(tmp_path, [], sections='[[hosts]]\nname = "cache9"\naddress = "127.0.20.250"\n'
+                                                'roles = ["memcached"]\ninstance_id = "i-0123456789abcdef0"\n')
+    result = run_igops("-c", str(path), "snapshot", "create", "cache9", "--mount", "/data", "--yes", "--json")
+    assert result.returncode == ExitCode.REFUSED, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["message"].startswith("cannot inspect block devices on cache9: connection refused")
+    assert "nothing was frozen" in error["hint"]
+
+
+def problem_fleet(tmp_path: Path) -> Path:
+    """Every host on a loopback address where nothing answers: each read-only command finds problems."""
+    return unit_inventory(
+        tmp_path, [("web1", "127.0.20.250", "app"), ("db1", "127.0.20.251", "postgres"),
+                   ("db2", "127.0.20.252", "postgres"), ("redis1", "127.0.20.253", "redis")],
+        sections='[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
+                 '[redis]\nmaster = "redis1"\nreplicas = []\n')
+
+
+@pytest.mark.parametrize("argv", [["status"], ["pg", "status"], ["redis", "status"], ["deploy", "releases"],
+                                  ["check", "--timeout", "5"]], ids=" ".join)
+def test_problems_found_is_one_exit_code_across_read_only_commands(tmp_path, argv):
+    result = run_igops("-c", str(problem_fleet(tmp_path)), *argv, "--json")
+    assert result.returncode == ExitCode.PROBLEMS_FOUND == 5, result.stderr
+    envelope = json.loads(result.stdout)
+    assert envelope["exit_code"] == 5 and envelope["error"] is None
+
+
+def test_check_nagios_keeps_the_nagios_codes(tmp_path):
+    from igops.errors import NagiosStatus
+
+    result = run_igops("-c", str(problem_fleet(tmp_path)), "check", "--nagios", "--timeout", "5")
+    assert result.returncode == NagiosStatus.CRITICAL and result.stdout.startswith("IGOPS CRITICAL")

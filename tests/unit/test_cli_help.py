@@ -47,11 +47,11 @@ def test_every_example_parses(verb):
         command.make_context(name, rest)  # raises on a usage error
 
 
-def test_rejoin_force_has_its_own_text():
+def test_rejoin_accept_risk_has_its_own_text():
     for cluster_kind in ("pg", "redis"):
         text = run_igops(cluster_kind, "rejoin", "--help").stdout
         switchover = run_igops(cluster_kind, "switchover", "--help").stdout
-        force = " ".join(text.split("--force", 1)[1].split("--dry-run", 1)[0].split())
+        force = " ".join(text.split("--accept-risk", 1)[1].split("--dry-run", 1)[0].split())
         assert "discarded" in force
         assert force not in " ".join(switchover.split())
 

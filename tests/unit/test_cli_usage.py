@@ -53,3 +53,61 @@ def test_inventory_type_error_is_in_igops_words(tmp_path):
     assert result.returncode == 2
     assert "ssh.port: 'x' is not a whole number" in result.stderr
     assert "Input should be" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["pg", "switchover", "main", "--to", "db2", "--force"],
+                                  ["redis", "rejoin", "redis1", "--force", "--yes"],
+                                  ["pg", "failover", "main", "--force"]])
+def test_force_is_refused_naming_both_meanings(argv):
+    """patronictl's --force skips the prompt; igops' safety override is --accept-risk. --force is
+    refused rather than guessed, with one line that says which is which."""
+    result = run_igops("--json", *argv)
+    assert result.returncode == 2
+    envelope = json.loads(result.stdout)
+    assert envelope["error"]["message"] == "--force is not an igops option"
+    hint = envelope["error"]["hint"]
+    assert "--yes to skip the confirmation prompt" in hint and "--accept-risk to override the safety checks" in hint
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_force_on_a_verb_without_a_safety_override_points_at_yes():
+    result = run_igops("snapshot", "create", "db1", "--force")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "pass --yes to skip the confirmation prompt (this command has no safety override)" in result.stderr
+
+
+def test_force_after_the_double_dash_belongs_to_the_remote_command(tmp_path):
+    from tests.unit.inventories import unit_inventory
+
+    config = unit_inventory(tmp_path, [("web1", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "exec", "--dry-run", "--", "rm", "--force", "/tmp/x")
+    assert result.returncode == 0, result.stderr
+    assert "--force" in result.stdout
+
+
+def test_a_misspelt_deploy_verb_is_suggested_before_it_is_taken_for_a_revision():
+    result = run_igops("deploy", "rollbak", "--json")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == "no such command 'rollbak'"
+    assert error["hint"].startswith("did you mean: igops deploy rollback?")
+    assert "igops deploy run rollbak" in error["hint"]  # a revision of that name still deploys
+
+
+def test_an_unknown_verb_suggests_the_whole_command_line():
+    result = run_igops("snapshot", "lst")
+    assert result.returncode == 2
+    assert "error: no such command 'lst' — did you mean: igops snapshot list?" in result.stderr
+
+
+def test_deploy_help_names_the_run_form_and_its_examples():
+    text = run_igops("deploy", "--help").stdout
+    assert "igops deploy [REV]" in text and "igops deploy run --help" in text and "Examples:" in text
+
+
+def test_a_revision_that_only_looks_like_run_is_still_a_revision(tmp_path):
+    from tests.unit.inventories import unit_inventory
+
+    config = unit_inventory(tmp_path, [("app1", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "deploy", "run2", "--dry-run")
+    assert result.returncode == 2 and "unknown git revision 'run2'" in result.stderr

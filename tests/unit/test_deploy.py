@@ -15,6 +15,8 @@ from igops import deploy, inventory
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
+from tests.conftest import run_igops
+from tests.unit.inventories import unit_inventory
 
 APP = Path(__file__).resolve().parents[2] / "app"
 
@@ -107,6 +109,27 @@ def test_a_git_revision_builds_what_was_committed_not_the_working_tree(tmp_path)
     assert deploy.read_source(repo / "app", None).files["views.py"][1] == b"VERSION = 2\n"
     with pytest.raises(UsageError, match="git"):
         deploy.read_source(repo / "app", "no-such-revision")
+
+
+def test_an_unknown_revision_is_said_once_in_igops_words_with_a_hint(tmp_path):
+    """Not git's "fatal: Needed a single revision" with no hint, twice (step line and error)."""
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    (repo / "app" / "views.py").write_text("VERSION = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "app"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    subprocess.run([*git, "tag", "v1.4.2"], check=True)
+    config = unit_inventory(tmp_path, [("app1", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "deploy", "v9.9.9", "--source", str(repo / "app"), "--json")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == f"unknown git revision 'v9.9.9' in {repo}"
+    assert "give a commit, tag or branch" in error["hint"]
+    assert "fatal" not in result.stderr and result.stderr.count("unknown git revision") == 1
+    close = run_igops("-c", str(config), "deploy", "v1.4.3", "--source", str(repo / "app"))
+    assert "did you mean 'v1.4.2'?" in close.stderr
 
 
 # --- host plans and thresholds ---------------------------------------------------------------

@@ -282,7 +282,7 @@ def test_problems_a_status_reports(fleet):
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
     problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
-    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --force` (it loses what it took alone)"
+    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --accept-risk` (it loses what it took alone)"
     assert "db3: stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
@@ -571,11 +571,11 @@ def test_every_step_runs_in_order_when_nothing_fails():
 
 
 # --- the commands ------------------------------------------------------------------------------------
-def test_every_failover_command_offers_json_dry_run_and_force():
+def test_every_failover_command_offers_json_dry_run_and_accept_risk():
     for args in (["pg", "switchover"], ["pg", "failover"], ["pg", "rejoin"], ["redis", "switchover"],
                  ["redis", "failover"], ["redis", "rejoin"]):
         text = run_igops(*args, "--help").stdout
-        assert "--json" in text and "--dry-run" in text and "--force" in text and "--yes" in text, args
+        assert "--json" in text and "--dry-run" in text and "--accept-risk" in text and "--yes" in text, args
     for args in (["pg", "status"], ["redis", "status"]):
         assert "--json" in run_igops(*args, "--help").stdout
 
@@ -602,3 +602,15 @@ def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit
     result = run_igops("-c", str(path), "pg", "switchover", "main", "--to", "db2", "--dry-run")
     assert result.returncode == ExitCode.USAGE and result.stdout == ""
     assert where in result.stderr
+
+
+def test_the_plan_title_names_each_risk_accepted():
+    """--accept-risk's risks head the plan (stdout on a dry run) and the question confirmed."""
+    from igops.commands.role_change import _title
+
+    plan = failover.PgPlan("switchover", "main", "Switch cluster main over to db2", "db1", "db2",
+                           forced=["db2 has WAL replay paused", "db2 lags 300000 bytes (threshold 1048576)"])
+    assert _title(plan) == ("Switch cluster main over to db2, accepting the risks that db2 has WAL replay paused; "
+                            "that db2 lags 300000 bytes (threshold 1048576)")
+    plan.forced = []
+    assert _title(plan) == "Switch cluster main over to db2"

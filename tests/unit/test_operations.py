@@ -196,8 +196,15 @@ def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(
     [record] = store.records()
     assert journal.status_of(record, store.alive(record)) == journal.INTERRUPTED
     assert record["step"]["number"] == 2 and record["step"]["title"] == "stop"
-    # The kernel dropped its flocks: the next operation on main gets the lease at once.
+    # The kernel dropped its flocks: the next operation on main gets the lease at once. Another
+    # kind on main leaves the interrupted one for a person; a rerun of the same one supersedes it.
+    other = OperationSpec("snapshot-create", "db2", ["db2"], conflicts.for_host(fleet, "db2"), [])
+    assert engine.perform(fleet, other, lambda op: "snapshot", Reporter()) == "snapshot"
+    assert [r["id"] for r in store.open_records()] == [record["id"]]
     assert engine.perform(fleet, spec(), lambda op: "next", Reporter()) == "next"
+    assert store.open_records() == []
+    superseded = store.record(record["id"])
+    assert superseded["result"] == "superseded" and "a rerun that took over" in superseded["detail"]
 
 
 def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_return():

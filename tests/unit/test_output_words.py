@@ -49,3 +49,28 @@ def test_piped_tables_have_no_box_drawing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not set(result.stdout) & set("┃│━╇─┼┏┓┗┛╋")
     assert any(line.split()[:2] == ["web1", "127.0.0.1"] for line in result.stdout.splitlines())
+
+
+def test_no_count_is_glued_to_a_plural_noun_in_the_source():
+    """A count put before a plural noun by hand says "1 hosts" when it is one: counts go through
+    plural(). The agents run alone on hosts (no igops import) and spell their few counts out."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "igops"
+    glued = re.compile(r"\{len\([^{}]*\)\} (?!(?:is|was|has|does|lacks|accepts|bytes|as)\b)[a-z]+s\b")
+    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+             for path in package.rglob("*.py") if "agent" not in path.parts
+             for number, line in enumerate(path.read_text().splitlines(), 1) if glued.search(line)]
+    assert found == []
+
+
+def test_nagios_line_says_one_check():
+    from igops.checks import Result, nagios
+    from igops.errors import NagiosStatus
+
+    line, _ = nagios.line("lab", [Result("ssh", "app1", NagiosStatus.OK, "reachable")], 0.1)
+    assert "lab: 1 check OK" in line
+    line, _ = nagios.line("lab", [Result("ssh", "app1", NagiosStatus.CRITICAL, "refused")], 0.1)
+    assert "1 critical of 1 check:" in line
+

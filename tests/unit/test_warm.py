@@ -385,3 +385,45 @@ def test_the_agent_refuses_roots_outside_the_allowed_prefixes(two_hosts, tmp_pat
     result = subprocess.run(command, shell=True, input=prefix + capture_here(source), capture_output=True, timeout=60)
     event = json.loads(result.stdout)
     assert result.returncode == 2 and event["refused"] and "outside" in event["message"]
+
+
+def test_the_default_warm_timeout_is_an_hour_and_the_plan_says_so(tmp_path):
+    """Twice the time to read 244 GiB at a gp2 volume's 128 MiB/s, not 6 h (docs/warm.md)."""
+    assert vmtouch.WarmOptions().timeout == vmtouch.DEFAULT_TIMEOUT == 3600
+    plan = vmtouch.plan_copy(fleet_of(tmp_path), "db1", "db2", None, vmtouch.WarmOptions())
+    assert "readahead off, giving up after 1 h;" in plan.steps()[2]
+    slow = vmtouch.plan_copy(fleet_of(tmp_path), "db1", "db2", None, vmtouch.WarmOptions(timeout=5400))
+    assert "giving up after 1.5 h;" in slow.steps()[2]
+
+
+def test_warm_progress_is_in_mib_with_a_rate_and_the_time_left():
+    """Rendered through the real output layer on a terminal: binary units, as every size shown."""
+    import re
+    import time as clock
+
+    from rich.console import Console
+
+    from igops.output import Output
+
+    out = Output("warm copy")
+    screen = io.StringIO()
+    out._err = Console(file=screen, force_terminal=True, width=160, highlight=False, soft_wrap=True)
+    with out.progress("warm db2", total=64 << 20, unit="bytes") as advance:
+        for _ in range(6):
+            advance(4 << 20)
+            clock.sleep(0.12)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert re.search(r"24\.0/64\.0 MiB [0-9.]+ MiB/s, 0:0[0-9] left", shown), shown[-400:]
+    assert " MB" not in shown
+
+
+@pytest.mark.parametrize(("rate", "left", "expected"), [
+    (None, None, "measuring the rate"),
+    (12.5 * (1 << 20), 187.4, "12.5 MiB/s, 3:07 left"),
+    (3 << 30, 3725, "3.0 GiB/s, 1:02:05 left"),
+    (512, None, "512 B/s, time left unknown"),
+])
+def test_rate_and_time_left_words(rate, left, expected):
+    from igops.output import rate_and_time_left
+
+    assert rate_and_time_left(rate, left) == expected
