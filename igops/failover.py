@@ -1324,7 +1324,10 @@ class PgActions:
         return self.watchdogs.arm(databases)
 
     def pause(self, databases: dict[str, list[str]]) -> str:
-        # The watchdogs start before the pause, so their SSH logins are not part of the stall.
+        # The watchdogs start before the pause, so their SSH logins are not part of the stall. A
+        # RESUME of theirs is safe at any point of this plan: the old primary is fenced and stopped
+        # before the candidate is promoted, so resumed clients meet the old primary still running
+        # (nothing promoted; the promotion waits for all its WAL) or fenced (errors, no lost writes).
         armed = self.watchdogs.arm(databases)
         timeout = self.fleet.model.pgbouncer.pause_timeout
         started = time.monotonic()
