@@ -154,14 +154,22 @@ class Console:
         return [line.split("\t", 1)[0] for line in done.stdout.splitlines() if line]
 
     def resume(self, databases):
+        """RESUME each database, all at once: clients wait on every one of them."""
         outcomes = {}
-        for name in databases:
+
+        def one(name):
             try:
                 done = self.run(f"RESUME {quote_identifier(name)}", CONNECT_TIMEOUT_S + 5)
                 outcomes[name] = resume_outcome(done.returncode, done.stderr)
             except (OSError, subprocess.SubprocessError) as exc:
                 outcomes[name] = str(exc)
-        return outcomes
+
+        threads = [threading.Thread(target=one, args=(name,)) for name in databases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return {name: outcomes[name] for name in databases}
 
 
 def emit(event, **fields):

@@ -27,7 +27,7 @@ MARGIN_S = 2.0
 
 
 class WritableMembers:
-    """Asks db1 and db2, every 50 ms for as long as the test acts, whether they accept writes;
+    """Asks db1 and db2, every 100 ms for as long as the test acts, whether they accept writes;
     keeps each moment at which both did."""
 
     def __init__(self, lab):
@@ -52,7 +52,7 @@ class WritableMembers:
             connection.close()
 
     def _watch(self):
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.1):
             if all(self._writable(node) for node in (HOME_PRIMARY, OTHER_PRIMARY)):
                 self.both.append(time.time())
             self.samples += 1
@@ -114,13 +114,14 @@ def test_the_watchdog_resumes_pgbouncer_when_igops_stops_beating_or_dies(at_home
         process.wait(timeout=30)
         assert wait_for(lambda: not paused_databases(lab), deadline + MARGIN_S, interval=0.1) is True
         resumed_after_kill = time.monotonic() - killed_at
-        assert resumed_after_kill <= MARGIN_S, resumed_after_kill  # EOF, not the deadline
+        # Its session's EOF did it: the heartbeat deadline cannot pass before deadline - 1 s.
+        assert resumed_after_kill < deadline - 2, resumed_after_kill
         rerun_to(lab, HOME_PRIMARY)
         assert load.running
     verified = load.verify()
     print(f"\npause watchdog: resumed {resumed_after_stop:.1f} s after igops stopped (deadline {deadline:g} s), "
           f"{resumed_after_kill:.2f} s after it was killed; {writable.samples} role samples; "
           f"load: {describe(load.report, verified)}")
-    assert writable.samples > 100
+    assert writable.samples > 50
     assert not writable.both, f"two writable members at {writable.both[:3]}"
     assert verified.ok, verified.missing_writes[:5]
