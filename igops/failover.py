@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from igops import inventory, postgres, redisops, remote
+from igops.bouncer_watchdog import PauseWatchdogs
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.operations.steps import Step, StepReport, execute
 from igops.output import Reporter, plural
@@ -659,6 +660,11 @@ def free_space_reasons(node: str, df_output: str, minimum: int) -> list[str]:
     return reasons
 
 
+def _watchdog_text(fleet, databases: dict[str, list[str]]) -> str:
+    return (f"arm a watchdog on {', '.join(databases)} (it RESUMEs them if igops is gone or silent for "
+            f"{fleet.model.pgbouncer.watchdog_deadline:g} s)")
+
+
 def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
                      replay_paused: bool = False, stopped: bool = False,
                      paused: dict[str, list[str]] | None = None) -> list[Step]:
@@ -667,6 +673,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
     candidate_address = f"{fleet.host(candidate).address}:{fleet.model.postgres.port}"
     pause_timeout = fleet.model.pgbouncer.pause_timeout
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
+    watchdog = _watchdog_text(fleet, databases)
     steps = []
     if not stopped:
         steps.append(Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused",
@@ -674,8 +681,12 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
     steps.append(Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files",
                       (databases,)))
     if not paused:
-        steps.append(Step(f"PgBouncer: PAUSE {_bouncer_text(databases)} (writes wait; gives up and resumes after "
-                          f"{pause_timeout:g} s)", "pause", (databases,), release=resume))
+        steps.append(Step(f"PgBouncer: {watchdog}, then PAUSE {_bouncer_text(databases)} (writes wait; gives up and "
+                          f"resumes after {pause_timeout:g} s)", "pause", (databases,), release=resume))
+    else:
+        # Left paused by an interrupted run whose watchdog is gone: they get one again.
+        steps.append(Step(f"PgBouncer: {_watchdog_text(fleet, paused)} over {_bouncer_text(paused)} (left paused)",
+                          "watch", (paused,), release=resume))
     # Fenced before the stop, so that nothing the stop's remote script does after an interruption
     # (it outlives igops) can fence a primary that an undo started again.
     steps.append(Step(f"{primary}: fence it with standby.signal, "
@@ -864,7 +875,8 @@ def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], dat
     resume = Step(f"PgBouncer: RESUME {_bouncer_text(databases)}", "resume", (databases,))
     steps = []
     if databases:
-        steps.append(Step(f"PgBouncer: hold {_bouncer_text(databases)}: PAUSE (KILL if not paused within "
+        steps.append(Step(f"PgBouncer: {_watchdog_text(fleet, databases)}, then hold {_bouncer_text(databases)}: "
+                          "PAUSE (KILL if not paused within "
                           f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait", "hold", (databases,), release=resume))
     if fence_on_disk:
         steps.append(Step(f"{old}: fence: " + ("stop it (immediate), " if stop_first else "")
@@ -1134,6 +1146,9 @@ class PgActions:
         # PgBouncer host -> its databases file, read before writes are paused so that the pause
         # holds only the write
         self.databases_files: dict[str, str] = {}
+        # Armed before every PAUSE, released by the RESUME: a pause never outlives igops by more
+        # than [pgbouncer] watchdog_deadline (igops/bouncer_watchdog.py).
+        self.watchdogs = PauseWatchdogs(fleet)
 
     def _databases_file(self, host) -> str:
         return self.fleet.path_for(self.fleet.model.pgbouncer.databases_file, host)
@@ -1166,7 +1181,16 @@ class PgActions:
         finally:
             connection.close()
 
+    def watch(self, databases: dict[str, list[str]]) -> str:
+        """Arm the pause watchdogs over databases that are paused already."""
+        return self.watchdogs.arm(databases)
+
     def pause(self, databases: dict[str, list[str]]) -> str:
+        # The watchdogs start before the pause, so their SSH logins are not part of the stall. A
+        # RESUME of theirs is safe at any point of this plan: the old primary is fenced and stopped
+        # before the candidate is promoted, so resumed clients meet the old primary still running
+        # (nothing promoted; the promotion waits for all its WAL) or fenced (errors, no lost writes).
+        armed = self.watchdogs.arm(databases)
         timeout = self.fleet.model.pgbouncer.pause_timeout
         started = time.monotonic()
         try:
@@ -1175,27 +1199,38 @@ class PgActions:
             self._bouncers(databases, "resume")
             raise
         self.paused_at = started
-        return f"paused in {(time.monotonic() - started) * 1000:.0f} ms"
+        return f"{armed}; paused in {(time.monotonic() - started) * 1000:.0f} ms"
 
     def resume(self, databases: dict[str, list[str]]) -> str | None:
-        self._bouncers(databases, "resume")
+        try:
+            self._bouncers(databases, "resume")
+        except BaseException:
+            # Closing their sessions without "done" makes the watchdogs RESUME from their hosts.
+            self.watchdogs.release(clean=False)
+            raise
+        details = []
         if self.paused_at is not None and self.resumed_at is None:
             self.resumed_at = time.monotonic()
-            return f"writes were paused {(self.resumed_at - self.paused_at) * 1000:.0f} ms"
-        return None
+            details.append(f"writes were paused {(self.resumed_at - self.paused_at) * 1000:.0f} ms")
+        released = self.watchdogs.release()
+        if released:
+            details.append(released)
+        return "; ".join(details) or None
 
     def hold(self, databases: dict[str, list[str]]) -> str:
         """Stop queries reaching a dead primary. PAUSE first: the connections to a crashed
         server are already gone, so it completes at once. KILL only when PAUSE cannot finish
         (server connections hung on an unreachable host), because PgBouncer can crash when
-        a client logs in to a killed database (pgbouncer/pgbouncer#1401)."""
+        a client logs in to a killed database (pgbouncer/pgbouncer#1401). KILL leaves them
+        paused, so the watchdogs (armed first) cover both."""
+        armed = self.watchdogs.arm(databases)
         self.paused_at = time.monotonic()
         try:
             self._bouncers(databases, "pause", DEAD_SERVER_PAUSE_S)
-            return f"paused in {(time.monotonic() - self.paused_at) * 1000:.0f} ms"
+            return f"{armed}; paused in {(time.monotonic() - self.paused_at) * 1000:.0f} ms"
         except postgres.PauseFailed:
             self._bouncers(databases, "kill")
-            return f"did not pause within {DEAD_SERVER_PAUSE_S:g} s: killed the connections instead"
+            return f"{armed}; did not pause within {DEAD_SERVER_PAUSE_S:g} s: killed the connections instead"
 
     def repoint(self, databases: dict[str, list[str]], node: str) -> str:
         fleet = self.fleet

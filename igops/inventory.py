@@ -220,6 +220,9 @@ def _build_models():
         databases_file: str = "/etc/pgbouncer/databases.ini"
         # How long a switchover waits for PAUSE before it gives up and resumes.
         pause_timeout: float = Field(5.0, gt=0, le=60)
+        # The pause watchdog on each PgBouncer host RESUMEs once igops has sent no heartbeat (one a
+        # second) for this long; at least 3 heartbeats, so that a late one does not trip it.
+        watchdog_deadline: float = Field(15.0, ge=3, le=600)
 
     class Redis(Strict):
         master: str | None = None

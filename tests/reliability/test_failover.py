@@ -515,6 +515,13 @@ def switchover_killed_at(lab, marker: str, delay: float, target: str = OTHER_PRI
     return text
 
 
+def paused_databases(lab, bouncer: str = "pgb1") -> list[str]:
+    """The databases PgBouncer holds paused, from its admin console."""
+    from igops.postgres import Bouncer
+
+    return sorted(database.name for database in Bouncer(lab, lab.host(bouncer)).databases() if database.paused)
+
+
 def assert_one_primary_routed_and_followed(lab, primary: str) -> dict:
     main = pg_state(lab)
     assert main["primary"] == primary, main
@@ -537,8 +544,12 @@ def test_a_switchover_killed_before_its_promotion_is_finished_or_rolled_back_by_
     lab = at_home
     with Load(lab, tmp_path) as load:
         switchover_killed_at(lab, marker, delay)
+        # The pause watchdog on pgb1 sees its session drop and RESUMEs at once; clients meet the
+        # old primary, running or stopped and fenced: errors, never lost writes.
+        assert wait_for(lambda: not paused_databases(lab), lab.model.pgbouncer.watchdog_deadline + 2, interval=0.1)
         status, envelope = igops(lab, "pg", "status", "main")
         cluster = envelope["data"]["clusters"][0]
+        assert not cluster["paused"], cluster
         # A kill as the pause begins can land before it took effect: then nothing is wrong.
         for problem in cluster["problems"]:
             assert "igops pg " in cluster["fixes"].get(problem, ""), (problem, cluster["fixes"])

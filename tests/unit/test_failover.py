@@ -173,6 +173,10 @@ def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(
         < actions.index("promote") < actions.index("repoint") < actions.index("resume") < actions.index("rejoin")
     pause = steps[actions.index("pause")]
     assert pause.release.action == "resume" and pause.release.args == (DATABASES_ON_MAIN,)
+    # The plan (and so the dry run) says a watchdog is armed first, and its deadline.
+    assert pause.title.startswith("PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
+                                  "for 15 s), then PAUSE pgb1: directory, main")
+    assert "watch" not in actions
     stop = steps[actions.index("stop_and_fence")]
     assert stop.undo.action == "unfence_and_start" and stop.undo.args == ("db1", ("db2",))
     # A failed promotion is still undone (the undo verifies the candidate first); from the repoint on
@@ -189,6 +193,8 @@ def test_failover_fences_before_it_promotes(fleet):
                                     stop_first=False)
     actions = [step.action for step in steps]
     assert actions[:3] == ["hold", "fence", "repoint"]
+    assert steps[0].title.startswith("PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
+                                     "for 15 s), then hold pgb1: directory, main")
     assert actions.index("promote") < actions.index("resume")
     assert steps[0].release.action == "resume"
 
@@ -334,6 +340,11 @@ def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
     actions = [step.action for step in steps]
     assert "checkpoint" not in actions[:actions.index("stop_and_fence")]  # db1 is down
     assert "pause" not in actions  # PAUSE on a paused database is an error; they stay paused
+    # ... with a watchdog of their own again before anything else acts (the interrupted run's is gone).
+    watch = steps[actions.index("watch")]
+    assert actions.index("watch") < actions.index("stop_and_fence")
+    assert watch.args == (paused,) and watch.release.action == "resume"
+    assert "arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent for 15 s)" in watch.title
     stop = steps[actions.index("stop_and_fence")]
     assert stop.release.action == "resume" and stop.undo.action == "unfence_and_start"
     assert "(stopped already)" in stop.title
@@ -594,6 +605,9 @@ def test_unknown_cluster_and_node_are_usage_errors(tmp_path):
     (("[redis]\n", "[redis]\nconfig_file = \"/srv/{node}/redis.conf\"\n"), "unknown placeholder {node}"),
     (("max_lag_seconds = 5", "max_lag_seconds = 0"), "postgres.max_lag_seconds"),
     (("[postgres]\n", "[pgbouncer]\npause_timeout = 0\n[postgres]\n"), "pgbouncer.pause_timeout"),
+    # Below three heartbeats a late one could trip the watchdog.
+    (("[postgres]\n", "[pgbouncer]\nwatchdog_deadline = 2\n[postgres]\n"), "pgbouncer.watchdog_deadline"),
+    (("[postgres]\n", "[pgbouncer]\nwatchdog_deadline = \"soon\"\n[postgres]\n"), "pgbouncer.watchdog_deadline"),
 ])
 def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit, where):
     path = tmp_path / "igops.toml"
