@@ -114,7 +114,13 @@ class PauseWatchdogs:
         return session
 
     def _beat(self) -> None:
+        from igops.operations.engine import lease_lost
+
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            if lease_lost():
+                # Another operator may hold the cluster now: stop vouching for this process, so
+                # the watchdogs RESUME by their deadline even if it hangs before its own RESUME.
+                return
             with self._lock:
                 sessions = list(self.sessions.items())
             for host, session in sessions:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +74,18 @@ class Operation:
         """The intent entry, and the record naming this step as the current one."""
         self.record["step"] = {"number": number, "title": title, "since": safety.now()}
         self.write("intent", self.record, step=number, title=title, **fields)
+
+
+# The leases of the operations running in this process: what a heartbeat on the fleet (the
+# PgBouncer pause watchdog) asks before it vouches for this process again.
+_RUNNING: list[coordination.HeldLease] = []
+_RUNNING_LOCK = threading.Lock()
+
+
+def lease_lost() -> str | None:
+    """Why a lease of an operation running in this process was lost, if one was."""
+    with _RUNNING_LOCK:
+        return next((why for held in _RUNNING if (why := held.lost())), None)
 
 
 class JournaledReporter(Reporter):
@@ -169,6 +182,8 @@ class _Run:
                 self.store.hold(self.id):
             record = _begin(self.store, self.spec, self.holder, held, self.resume)
             operation = Operation(self.spec, record, self.store, held, self.reporter)
+            with _RUNNING_LOCK:
+                _RUNNING.append(held)
             self.audit("resumed" if self.resume else "started", None)
             word, code, detail = "failed", 1, None
             try:
@@ -182,6 +197,8 @@ class _Run:
                 word, detail = ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"), _first_line(exc)
                 raise
             finally:
+                with _RUNNING_LOCK:
+                    _RUNNING.remove(held)
                 lost = held.lost()
                 if lost:
                     self.reporter.log(f"warning: the lease of operation {self.id} was lost while it worked ({lost}); "

@@ -305,3 +305,15 @@ def test_a_lost_lease_stops_the_next_step_but_not_the_releases(fleet):
     assert actions.done == ["pause", "stop", "start", "resume"], "never promoted; undone and released"
     [record] = records(fleet)
     assert record["result"] == "failed" and "lease lost: etcd: lease expired" in record["detail"]
+
+
+def test_the_process_knows_when_a_running_operations_lease_is_lost(fleet):
+    seen = []
+
+    def action(operation):
+        seen.append(engine.lease_lost())
+        operation.held._mark_lost("not renewed for 10 s")
+        seen.append(engine.lease_lost())
+
+    engine.perform(fleet, spec(), action, Reporter())
+    assert seen == [None, "not renewed for 10 s"] and engine.lease_lost() is None
