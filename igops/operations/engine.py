@@ -94,7 +94,7 @@ class JournaledReporter(Reporter):
     def __init__(self, inner: Reporter, operation: Operation):
         self.inner, self.operation = inner, operation
         self._announced: dict = {}
-        self._count = 0  # a library caller's reporter numbers nothing: the journal numbers its steps
+        self._count = 0
         self._recovering = 0
 
     def announce(self, **fields: Any) -> None:
@@ -109,10 +109,11 @@ class JournaledReporter(Reporter):
         extra, self._announced = self._announced, {}
         started = time.monotonic()
         self._count += 1
+        number = self._count  # the operation's own plan numbers its steps, whatever ran before it
+        # Written before the step is shown and acts: a step on screen is a step in the journal,
+        # and if the journal cannot take it, the step never runs.
+        operation.step_started(number, redact(title), **extra)
         with self.inner.step(title) as record:
-            number = record.number or self._count
-            # Written before the step acts: if the journal cannot take it, the step never runs.
-            operation.step_started(number, record.title, **extra)
             try:
                 yield record
             except BaseException as exc:
