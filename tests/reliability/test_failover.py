@@ -58,10 +58,10 @@ class Load:
 
     TAIL = 2.0
 
-    def __init__(self, lab, tmp_path):
+    def __init__(self, lab, tmp_path, duration: float = 600):
         self.ledger = tmp_path / "ledger.jsonl"
         self.argv = [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", str(LOAD_RATE),
-                     "--duration", "600", "--write-ratio", str(WRITE_RATIO), "--users", "30", "--concurrency", "32",
+                     "--duration", f"{duration:g}", "--write-ratio", str(WRITE_RATIO), "--users", "30", "--concurrency", "32",
                      "--seed", "11", "--ledger", str(self.ledger), "--json"]
         self.process = None
         self.report = None

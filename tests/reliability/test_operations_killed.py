@@ -82,7 +82,8 @@ def test_pg_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_noth
     assert result.returncode == 0, result.stderr[-3000:]
     count = len(envelope["data"]["plan"]["steps"])
     outcomes = []
-    with Load(lab, tmp_path) as load:
+    # One load run for every kill: it must outlast them all (about a minute each).
+    with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
             primary = pg_state(lab)["primary"]
             target = OTHER_PRIMARY if primary == HOME_PRIMARY else HOME_PRIMARY
