@@ -22,6 +22,7 @@ from igops.lab import aws, baseline, credentials, etcd, files, pooler, postgres,
 from igops.lab import inventory as lab_inventory
 from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
                              with_role)
+from igops.operations import journal
 from igops.output import Reporter, plural
 
 SSHD_NAME = "lab"
@@ -259,6 +260,11 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                                           reload=rerouted)
             report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]
             step.detail = "; ".join(done) or "nothing was paused"
+        with reporter.step("operations left interrupted: the baseline above has resolved them") as step:
+            ended = journal.end_interrupted(lab_inventory.coordinator(paths), paths.fleet_state,
+                                            "lab up restored the lab's baseline (roles, routes, poolers)")
+            report.recovered += [f"operation {op_id}: ended, interrupted" for op_id in ended]
+            step.detail = f"ended {', '.join(ended)}" if ended else "none"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
             aws_state = aws.build(volumes)
             step.detail = f"{plural(len(aws_state.instances), 'instance')}, {plural(len(aws_state.volumes), 'volume')}"

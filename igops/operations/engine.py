@@ -26,6 +26,9 @@ from igops.output import Reporter, StepRecord
 from igops.secrets import redact
 
 T = TypeVar("T")
+# Tries to journal an operation's end, a second apart, before it is left for `ops list` to
+# show as interrupted.
+END_ATTEMPTS = 3
 Resource = conflicts.Resource
 
 
@@ -312,12 +315,16 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
     """Record the end; a store that cannot take it (etcd gone) must not hide the outcome itself."""
     record = operation.record
     record.update(ended=safety.now(), result=word, exit_code=code, detail=redact(detail) if detail else None)
-    try:
-        store.put_record(record)
-        operation.write("end", result=word, exit_code=code, detail=detail)
-    except (IgopsError, OSError) as exc:
-        reporter.log(f"warning: the end of operation {operation.id} could not be journaled ({_first_line(exc)}); "
-                     "`igops ops list` will show it as interrupted")
+    for attempt in range(END_ATTEMPTS):
+        try:
+            operation.write("end", record, result=word, exit_code=code, detail=detail)
+            return
+        except (IgopsError, OSError) as exc:
+            if attempt + 1 < END_ATTEMPTS:
+                time.sleep(1.0)  # an etcd member restarting, a leader election: seconds
+                continue
+            reporter.log(f"warning: the end of operation {operation.id} could not be journaled "
+                         f"({_first_line(exc)}); `igops ops list` will show it as interrupted")
 
 
 def refuse_unknown(op_id: str, store) -> dict:

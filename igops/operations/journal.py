@@ -221,6 +221,23 @@ class EtcdJournal:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}journal/{op_id}/")]
 
 
+def end_interrupted(coordinator, state_dir: Path, why: str) -> list[str]:
+    """End every interrupted operation as "superseded", saying why: for a rehearsal fleet whose
+    start-up restores a known baseline (`igops lab up`), which resolves whatever they left."""
+    from igops import safety
+
+    store = for_coordinator(coordinator, state_dir)
+    ended = []
+    for record in store.open_records():
+        if store.alive(record):
+            continue
+        record.update(ended=safety.now(), result="superseded", exit_code=None, detail=why)
+        store.put_record(record)
+        store.append(record["id"], {"time": record["ended"], "event": "superseded", "by": why})
+        ended.append(record["id"])
+    return ended
+
+
 def for_coordinator(coordinator, state_dir: Path) -> LocalJournal | EtcdJournal:
     from igops.coordination import EtcdCoordinator
 
