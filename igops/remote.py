@@ -64,12 +64,15 @@ def quote_command(argv: Sequence[str]) -> str:
 def settings_for(fleet) -> SshSettings:
     ssh = fleet.model.ssh
     known_hosts = fleet.resolve(ssh.known_hosts)
-    if not known_hosts.is_file():
-        raise UsageError(f"known_hosts file {known_hosts} does not exist",
-                         "set [ssh] known_hosts to a file with every host's key (host keys are checked strictly)")
     identity = fleet.resolve(ssh.identity_file) if ssh.identity_file else None
+    # Every missing credential at once: fixing one should not reveal the next.
+    missing = [(f"known_hosts file {known_hosts} does not exist",
+                "set [ssh] known_hosts to a file with every host's key (host keys are checked strictly)")
+               ] if not known_hosts.is_file() else []
     if identity and not identity.is_file():
-        raise UsageError(f"SSH identity file {identity} does not exist", "fix [ssh] identity_file")
+        missing.append((f"SSH identity file {identity} does not exist", "fix [ssh] identity_file"))
+    if missing:
+        raise UsageError("; ".join(problem for problem, _ in missing), "; ".join(fix for _, fix in missing))
     return SshSettings(known_hosts, identity, ssh.connect_timeout, ssh.command_timeout, ssh.parallel)
 
 

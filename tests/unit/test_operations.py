@@ -317,3 +317,4 @@ def test_the_process_knows_when_a_running_operations_lease_is_lost(fleet):
 
     engine.perform(fleet, spec(), action, Reporter())
     assert seen == [None, "not renewed for 10 s"] and engine.lease_lost() is None
+
