@@ -69,26 +69,12 @@ def history(fleet, since: datetime | None, target: str | None, limit: int) -> li
     if isinstance(backend, coordination.EtcdCoordinator):
         records = backend.audit_records()
     else:
-        records = _local_audit(fleet.state_dir / "audit.log")
+        records = journal.read_json_lines(fleet.state_dir / "audit.log")
     if since is not None:
         records = [r for r in records if _time(r.get("time")) >= since]
     if target is not None:
         records = [r for r in records if target in (r.get("targets") or [])]
     return records[-limit:]
-
-
-def _local_audit(path: Path) -> list[dict]:
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 def _time(text) -> datetime:

@@ -189,20 +189,13 @@ class _Run:
             with _RUNNING_LOCK:
                 _RUNNING.append(held)
             self.audit("resumed" if self.resume else "started", None)
-            word, code, detail = "failed", 1, None
+            ending = _Ending()
             try:
-                result = action(operation)
-                word, code = outcome(result)
-                return result
-            except IgopsError as exc:
-                code, detail = int(exc.exit_code), exc.one_line()
-                raise
-            except BaseException as exc:
-                word, detail = ("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"), _first_line(exc)
-                raise
+                return ending.run(lambda: action(operation), outcome)
             finally:
                 with _RUNNING_LOCK:
                     _RUNNING.remove(held)
+                word, code, detail = ending.word, ending.code, ending.detail
                 lost = held.lost()
                 if lost:
                     self.reporter.log(f"warning: the lease of operation {self.id} was lost while it worked ({lost}); "
@@ -229,20 +222,33 @@ def audited(fleet, targets: list[str], action: Callable[[], T], outcome: Callabl
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
     reason = reason or coordination.reason()
     started = time.monotonic()
-    word, code, detail = "failed", 1, None
+    ending = _Ending()
     try:
-        result = action()
-        word, code = outcome(result)
-        return result
-    except IgopsError as exc:
-        code, detail = int(exc.exit_code), exc.one_line()
-        raise
-    except BaseException as exc:
-        detail = _first_line(exc)
-        raise
+        return ending.run(action, outcome)
     finally:
-        backend.audit(command=command_line, targets=targets, result=word, exit_code=code,
-                      duration_ms=safety.monotonic_ms(started), detail=detail, reason=reason)
+        backend.audit(command=command_line, targets=targets, result=ending.word, exit_code=ending.code,
+                      duration_ms=safety.monotonic_ms(started), detail=ending.detail, reason=reason)
+
+
+class _Ending:
+    """How an action ended, whatever it raised: the result word, exit code and detail that its
+    journal and audit records carry."""
+
+    def __init__(self) -> None:
+        self.word, self.code, self.detail = "failed", 1, None
+
+    def run(self, action: Callable[[], T], outcome: Callable[[T], tuple[str, int]]) -> T:
+        try:
+            result = action()
+            self.word, self.code = outcome(result)
+            return result
+        except IgopsError as exc:
+            self.code, self.detail = int(exc.exit_code), exc.one_line()
+            raise
+        except BaseException as exc:
+            self.word = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self.detail = _first_line(exc)
+            raise
 
 
 @contextmanager

@@ -133,17 +133,7 @@ class LocalJournal:
         return [record for record in self.records() if not record.get("ended")]
 
     def entries(self, op_id: str) -> list[dict]:
-        try:
-            text = self._path(op_id, ".journal").read_text()
-        except OSError:
-            return []
-        entries = []
-        for line in text.splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a full disk
-        return entries
+        return read_json_lines(self._path(op_id, ".journal"))
 
 
 class EtcdJournal:
@@ -219,6 +209,22 @@ class EtcdJournal:
 
     def entries(self, op_id: str) -> list[dict]:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}journal/{op_id}/")]
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (a journal, the audit log); a line cut short by a full
+    disk is skipped, not fatal."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def end_interrupted(coordinator, state_dir: Path, why: str) -> list[str]:
