@@ -75,3 +75,11 @@ def trim_wal(lab, primary: str, standby: str) -> None:
             cursor.execute("CHECKPOINT")
     finally:
         connection.close()
+
+
+def without_coordination(inventory_text: str) -> str:
+    """An inventory's text without its [coordination] section: leases, journal and audit log go
+    back to the state directory (the local backend)."""
+    import re
+
+    return re.sub(r"^\[coordination\]\n(?:[^\[\n][^\n]*\n)*", "", inventory_text, flags=re.M)

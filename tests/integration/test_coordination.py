@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from igops import coordination, inventory
 from igops.errors import ExitCode
 from igops.lab import etcd as lab_etcd
 from igops.lab import proc, state
-from tests.labtools import wait_for
+from tests.labtools import wait_for, without_coordination
 
 pytestmark = pytest.mark.lab
 
@@ -54,7 +53,7 @@ def write_inventory(tmp_path: Path, with_etcd: bool) -> tuple[Path, str]:
     """A copy of the lab's inventory, with [coordination] on the lab's etcd when asked."""
     prefix = f"{TEST_PREFIX}{uuid.uuid4().hex[:12]}/"
     # The lab's own [coordination] goes: each test chooses its backend and its own prefix.
-    text = re.sub(r"^\[coordination\]\n(?:[^\[\n][^\n]*\n)*", "", state.paths().inventory.read_text(), flags=re.M)
+    text = without_coordination(state.paths().inventory.read_text())
     if with_etcd:
         endpoints = ", ".join(json.dumps(url) for url in state.etcd_endpoints())
         text += f'\n[coordination]\netcd = [{endpoints}]\nlease_ttl = {TTL}\nprefix = "{prefix}"\n'

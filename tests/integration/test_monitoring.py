@@ -22,6 +22,7 @@ from igops.errors import ExitCode, NagiosStatus
 from igops.failover import cluster_members
 from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
+from tests.labtools import without_coordination
 
 pytestmark = pytest.mark.lab
 
@@ -34,9 +35,10 @@ MUNIN_UPDATE = "/usr/share/munin/munin-update"
 
 
 def own_inventory(fleet, directory: Path, name: str, extra: str = "") -> Path:
-    """The lab inventory under another fleet name and state directory."""
+    """The lab inventory under another fleet name and state directory, on the local backend: its
+    locks, journal and audit log are in that directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    text = Path(fleet.source).read_text()
+    text = without_coordination(Path(fleet.source).read_text())
     text = re.sub(r'(?m)^name = "lab"$', f'name = "{name}"', text, count=1)
     text = re.sub(r'(?m)^state_dir = .*$', f'state_dir = "{directory / "state"}"', text, count=1)
     path = directory / "igops.toml"
