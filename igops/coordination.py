@@ -407,13 +407,16 @@ class EtcdCoordinator:
             if answer.get("succeeded"):
                 break
             self._revoke(lease_id)
+            held_by = [(resource, kvs[0]) for resource, response in zip(sorted(set(resources)),
+                                                                        answer.get("responses") or [])
+                       if (kvs := (response.get("response_range") or {}).get("kvs") or [])]
+            if self._revoke_dead_holders([kv for _, kv in held_by]):
+                continue  # their process is gone from this very machine: try again at once
             if time.monotonic() < give_up:
                 time.sleep(WAIT_POLL_S)
                 continue
-            for resource, response in zip(sorted(set(resources)), answer.get("responses") or []):
-                kvs = (response.get("response_range") or {}).get("kvs") or []
-                if kvs:
-                    raise Conflict(resource, Holder.from_json(_unb64(kvs[0].get("value", ""))), self.settings.lease_ttl)
+            for resource, kv in held_by:
+                raise Conflict(resource, Holder.from_json(_unb64(kv.get("value", ""))), self.settings.lease_ttl)
             raise Conflict(sorted(set(resources))[0], None, self.settings.lease_ttl)
         held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, holder.operation, holder.target)
         held.start()
@@ -421,6 +424,22 @@ class EtcdCoordinator:
             yield held
         finally:
             held.release()
+
+    def _revoke_dead_holders(self, kvs: list[dict]) -> bool:
+        """Revoke the leases of holders that ran on this machine (the same operator host) and whose
+        process is gone: an operator who reruns a command right after killing it need not wait
+        out the TTL, as with the local backend. A holder on another machine, or alive, is left."""
+        from igops import safety
+
+        revoked = False
+        for kv in kvs:
+            holder = Holder.from_json(_unb64(kv.get("value", "")))
+            if (holder is None or holder.host != safety.operator_host() or not kv.get("lease")
+                    or process_alive(int(holder.pid or 0))):
+                continue
+            self._revoke(str(kv["lease"]))
+            revoked = True
+        return revoked
 
     def lease_alive(self, lease_id: str) -> bool:
         """Whether etcd still keeps this lease (its holder is alive and renewing it)."""
@@ -481,6 +500,20 @@ def settings_for(fleet) -> EtcdSettings | None:
                         cert_file=str(fleet.resolve(section.cert_file)) if section.cert_file else None,
                         key_file=str(fleet.resolve(section.key_file)) if section.key_file else None,
                         user=section.user, password=password)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine. Its lease's TTL is short, so a pid
+    reused within it is unlikely, and errs on the safe side (the lease is left to expire)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _local_holder(text: str | None) -> Holder | None:

@@ -727,7 +727,8 @@ def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, ta
                                   detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None)))
         plans[-1].before = plans[-1].current
     if len(unreachable) > max_fail:
-        raise RefusedError(f"{len(unreachable)} app hosts unreachable: {'; '.join(unreachable)}; nothing was changed",
+        raise RefusedError(f"{plural(len(unreachable), 'app host')} unreachable: {'; '.join(unreachable)}; "
+                           "nothing was changed",
                            f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
     unlisted = [f"{plan.host} ({app.server(app.host(plan.host))})" for plan in plans
                 if app.lbs and plan.action == "roll" and plan.in_lb is None]

@@ -114,11 +114,14 @@ def test_an_operation_that_ends_sends_a_pagerduty_change_event(lab, tmp_path):
     import urllib.request
 
     config, _ = write_inventory(tmp_path, with_etcd=True)
+    receiver = lab.model.monitoring.pagerduty_url
+    urllib.request.urlopen(urllib.request.Request(f"{receiver}/_lab/faults", method="DELETE"), timeout=5).close()
     with Holding(config, "pg-switchover", [conflicts.pg_cluster("main")], reason="INC-16 marker") as held:
         pass
-    with urllib.request.urlopen(f"{lab.model.monitoring.pagerduty_url}/_lab/requests?since=0", timeout=5) as answer:
+    with urllib.request.urlopen(f"{receiver}/_lab/requests?since=0", timeout=5) as answer:
         requests = json.load(answer)["requests"]
-    [event] = [r["body"] for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
-               and r["body"]["payload"]["custom_details"].get("operation") == held.operation_id]
-    details = event["payload"]["custom_details"]
+    events = [r["body"] for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
+              and r["body"].get("payload", {}).get("custom_details", {}).get("operation") == held.operation_id]
+    assert events, [r["path"] for r in requests][-20:]
+    details = events[-1]["payload"]["custom_details"]
     assert details["kind"] == "pg-switchover" and details["result"] == "ok" and details["reason"] == "INC-16 marker"
