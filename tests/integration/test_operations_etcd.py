@@ -68,12 +68,16 @@ def pairs(lab):
     """(what bastion-1 holds, what bastion-2 runs): the pairs of the conflict table a healthy lab
     can plan. deploy against rollback leases one resource, `app` (tests/unit/test_operations.py);
     a rollback needs a release before the current one, which a fresh lab does not have."""
+    from igops import failover
+
     fleet = lab
+    # Other tests leave either member the primary: the switchover goes to whichever is not.
+    standby = "db2" if failover.pg_status(fleet, "main").primary == "db1" else "db1"
     return [
-        ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", "db2"]),
+        ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", standby]),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", "db2"]),
-        ("snapshot-create", conflicts.for_host(fleet, "db2"), ["pg", "switchover", "main", "--to", "db2"]),
+        ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", "redis2"]),
     ]
 
