@@ -73,12 +73,13 @@ def pairs(lab):
     fleet = lab
     # Other tests leave either member the primary: the switchover goes to whichever is not.
     standby = "db2" if failover.pg_status(fleet, "main").primary == "db1" else "db1"
+    replica = "redis2" if failover.redis_status(fleet).app_master == "redis1" else "redis1"
     return [
         ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", standby]),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
-        ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", "db2"]),
+        ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
-        ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", "redis2"]),
+        ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),
     ]
 
 
