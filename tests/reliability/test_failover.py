@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import inventory, safety
+from igops import coordination, inventory
 from igops.errors import ExitCode
 from igops.lab import state
 from igops.lab.state import MARKER_ENV
@@ -253,9 +253,11 @@ def test_unsafe_requests_are_refused(at_home):
     main = pg_state(lab)
     assert main["primary"] == HOME_PRIMARY and not main["paused"]
 
-    with safety.lock(lab.state_dir, "pg", "main", "a switchover in another terminal"):
+    # Another terminal's switchover holds main's lease where the lab keeps them (its etcd).
+    holder = coordination.current_holder("pg-switchover", "main", "a switchover in another terminal", None)
+    with coordination.for_fleet(lab).lease([("pg", "main")], holder):
         result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
-    assert result.returncode == ExitCode.LOCKED and "already running" in envelope["error"]["message"]
+    assert result.returncode == ExitCode.LOCKED and "pg main is held by" in envelope["error"]["message"]
 
     for args, why in [(("pg", "failover", "main"), "accepts writes"),
                       (("pg", "rejoin", HOME_PRIMARY), "PgBouncer routes"),
