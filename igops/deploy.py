@@ -996,20 +996,10 @@ def read_journal(fleet) -> dict | None:
     except (OSError, ValueError):
         return None
     if document.get("status") == "running" and document.get("machine") == socket.gethostname():
-        document["interrupted"] = not _alive(int(document.get("pid", 0)))
+        from igops.coordination import process_alive
+
+        document["interrupted"] = not process_alive(int(document.get("pid", 0)))
     return document
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _now() -> str:
