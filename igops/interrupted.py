@@ -43,7 +43,6 @@ class Continuation:
     spec: OperationSpec
     apply: Callable[[Reporter], Any]
     not_undone: list[str] = field(default_factory=list)
-    before: Any = None
 
 
 def refuse_if_alive(store, record: dict) -> None:
@@ -64,11 +63,11 @@ def plan_resume(fleet, record: dict) -> Continuation:
                            f"run {rerun.format(**params)}: it continues from where the interrupted run stopped"
                            if rerun else "run its command again")
     if kind.startswith("pg-"):
-        plan, before = _pg_plan(fleet, kind, params)
+        plan, _ = _pg_plan(fleet, kind, params)
         resources = [conflicts.pg_cluster(plan.cluster)]
         apply = failover.apply_pg
     else:
-        plan, before = _redis_plan(fleet, kind, params)
+        plan, _ = _redis_plan(fleet, kind, params)
         resources = [conflicts.REDIS]
         apply = failover.apply_redis
     spec = OperationSpec(kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources,
@@ -81,7 +80,7 @@ def plan_resume(fleet, record: dict) -> Continuation:
     if not plan.actions:
         raise RefusedError(f"nothing to resume: {plan.notes[0] if plan.notes else plan.title}",
                            "igops ops abort marks it ended if nothing is left to do")
-    return Continuation(spec, run, before=before)
+    return Continuation(spec, run)
 
 
 def _pg_plan(fleet, kind: str, params: dict):

@@ -131,12 +131,11 @@ def running_pid(pid_file: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """A process that exists and is not a zombie (an sshd exited but not yet reaped)."""
+    from igops.coordination import process_alive
+
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0]
     except (OSError, IndexError):

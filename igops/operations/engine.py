@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 from igops import coordination, safety
-from igops.errors import IgopsError, RefusedError
+from igops.errors import IgopsError
 from igops.operations import conflicts, journal
 from igops.output import Reporter, StepRecord
 from igops.secrets import redact
@@ -66,12 +66,6 @@ class Operation:
     def write(self, event: str, record: dict | None = None, **fields: Any) -> None:
         """A journal entry; with `record`, the operation's record updated in the same write."""
         self.store.append(self.id, {"time": safety.now(), "event": event, "pid": os.getpid(), **fields}, record)
-
-    def facts(self, **facts: Any) -> None:
-        """Something a resume needs to know (a group id, the release being rolled out)."""
-        self.record.setdefault("facts", {}).update(facts)
-        self.store.put_record(self.record)
-        self.write("facts", facts=facts)
 
     def step_started(self, number: int, title: str, **fields: Any) -> None:
         """The intent entry, and the record naming this step as the current one."""
@@ -331,14 +325,6 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
                 continue
             reporter.log(f"warning: the end of operation {operation.id} could not be journaled "
                          f"({_first_line(exc)}); `igops ops list` will show it as interrupted")
-
-
-def refuse_unknown(op_id: str, store) -> dict:
-    record = store.record(op_id)
-    if record is None:
-        raise RefusedError(f"no operation {op_id!r} in the journal ({store.name})",
-                           "list them with igops ops list --all")
-    return record
 
 
 # Deploys and rollbacks send their own marker, with the release and every host's outcome; a

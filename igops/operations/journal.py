@@ -63,7 +63,7 @@ class LocalJournal:
         return self.directory / f"{op_id}{suffix}"
 
     @contextmanager
-    def hold(self, op_id: str, lease: Any = None) -> Iterator[None]:
+    def hold(self, op_id: str) -> Iterator[None]:
         """Mark the operation as running in this process until the block ends (or it dies)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self._path(op_id, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -147,7 +147,7 @@ class EtcdJournal:
         self._seq_lock = threading.Lock()
 
     @contextmanager
-    def hold(self, op_id: str, lease: Any = None) -> Iterator[None]:
+    def hold(self, op_id: str) -> Iterator[None]:
         # The lease taken on the operation's resources is its liveness: its id is in the record.
         yield
 
