@@ -152,10 +152,17 @@ class EtcdJournal:
         yield
 
     def alive(self, record: dict) -> bool:
-        from igops.coordination import EtcdError
+        from igops import safety
+        from igops.coordination import EtcdError, process_alive
 
         lease_id = record.get("lease_id")
         if not lease_id:
+            return False
+        # Its holder ran on this machine and is gone: interrupted now, not once the TTL runs out
+        # (the same test coordination applies before it revokes such a lease). `pid` is the latest
+        # holder's: after a resume, the resumer's, whose user@host is in `resumed_by`.
+        host = str(record.get("resumed_by") or "").rpartition("@")[2] or record.get("host")
+        if host == safety.operator_host() and not process_alive(int(record.get("pid") or 0)):
             return False
         try:
             return self.coordinator.lease_alive(str(lease_id))

@@ -130,3 +130,56 @@ def test_an_operation_that_ends_sends_a_pagerduty_change_event(lab, tmp_path):
     assert events, [r["path"] for r in requests][-20:]
     details = events[-1]["payload"]["custom_details"]
     assert details["kind"] == "pg-switchover" and details["result"] == "ok" and details["reason"] == "INC-16 marker"
+
+
+HOLD_UNTIL_KILLED = """
+import sys, time
+from pathlib import Path
+from igops import inventory
+from igops.operations import conflicts, engine
+from igops.output import Reporter
+
+def action(operation):
+    with operation.reporter.step("hold the targets"):
+        print(operation.id, flush=True)
+        time.sleep(600)
+
+spec = engine.OperationSpec("pg-switchover", "held until killed", ["main"], [conflicts.pg_cluster("main")],
+                            ["hold the targets"])
+engine.perform(inventory.load_file(Path(sys.argv[1])), spec, action, Reporter())
+"""
+
+
+def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl_elsewhere(lab, tmp_path):
+    """Its own machine knows the holder's pid is gone; another bastion knows only that the lease
+    has not expired yet, so it says running until the TTL has passed."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.labtools import wait_for
+
+    config, _ = write_inventory(tmp_path, with_etcd=True)
+    here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        op_id = holder.stdout.readline().strip()
+        assert op_id, "the holder never reached its step"
+    finally:
+        holder.kill()
+        holder.wait(10)
+    killed = time.monotonic()
+
+    def status(env):
+        records = json.loads(run_igops(config, env, "ops", "list", "--json").stdout)["data"]["records"]
+        return next((record["status"] for record in records if record["id"] == op_id), None)
+
+    assert status(here) == "interrupted"
+    ttl = inventory.load_file(config).model.coordination.lease_ttl
+    if time.monotonic() - killed < ttl - 2:
+        assert status(elsewhere) == "running"
+    assert wait_for(lambda: status(elsewhere) == "interrupted", ttl + 5, interval=0.5)
+    aborted = run_igops(config, here, "ops", "abort", op_id, "--yes")
+    assert aborted.returncode == 0, aborted.stderr[-2000:]

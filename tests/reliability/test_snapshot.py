@@ -234,7 +234,7 @@ def test_two_creates_on_one_host(lab, tmp_path):
         assert first.poll() is None, "the second create must have run while the first held its lock"
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
-    assert "already running" in second.stderr and "snapshot-create" in second.stderr
+    assert "is held by snapshot-create" in second.stderr, second.stderr
     assert first.returncode == 0 and json.loads(output)["data"]["state"] == "complete"
 
 
