@@ -136,7 +136,7 @@ def _continue(ctx, out, name: str, op_id: str, dry_run: bool, yes: bool) -> None
                     targets=continuation.spec.targets, title=continuation.spec.title, steps=continuation.spec.steps,
                     dry_run=dry_run, yes=yes, action=continuation.apply, params=continuation.spec.params,
                     outcome=lambda _: ("resumed and ended" if name == "resume" else "aborted", 0),
-                    resume=record)
+                    resume={**record, "continued_by": name})
     out.finish({"dry_run": dry_run, "operation": op_id, "plan": continuation.spec.steps,
                 "not_undone": continuation.not_undone, "result": result})
 

@@ -182,7 +182,8 @@ class _Run:
             operation = Operation(self.spec, record, self.store, held, self.reporter)
             with _RUNNING_LOCK:
                 _RUNNING.append(held)
-            self.audit("resumed" if self.resume else "started", None)
+            # A continuation says which (igops ops resume or abort sets "continued_by").
+            self.audit(f"{self.resume.get('continued_by', 'resume')} started" if self.resume else "started", None)
             ending = _Ending()
             try:
                 return ending.run(lambda: action(operation), outcome)

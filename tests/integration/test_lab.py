@@ -238,6 +238,16 @@ def test_loadgen_through_the_load_balancer_loses_nothing(lab, tmp_path):
     assert report.writes_acked > 0
     result = verify_lab_ledger(ledger, APP_CONFIG_HOST)
     assert result.ok, result.missing_writes[:5]
+    # verify must see a photo that is gone: delete one object the run acknowledged, at either
+    # end of the key range the verifier lists.
+    posts = sorted(record["s3_key"] for record in map(json.loads, ledger.read_text().splitlines())
+                   if record.get("op") == "post" and record.get("s3_key"))
+    assert len(posts) > 2
+    s3 = aws.client("s3")
+    for key in (posts[0], posts[-1]):
+        s3.delete_object(Bucket=state.PHOTO_BUCKET, Key=key)
+    missing = verify_lab_ledger(ledger, APP_CONFIG_HOST).missing_writes
+    assert sorted(m.record["s3_key"] for m in missing if "s3_key" in m.record) == [posts[0], posts[-1]], missing
 
 
 def test_lab_up_again_changes_nothing(lab):

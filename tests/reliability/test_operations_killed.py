@@ -1,27 +1,43 @@
-"""SIGKILL at every step of `igops pg switchover`, under write load, on the lab's etcd.
+"""SIGKILL at every step of `igops pg switchover` and `igops redis switchover`, under write
+load, on the lab's etcd.
 
-One load run and one ledger serve every kill; each kill's outcome is asserted on its own:
+One load run and one ledger serve every kill of a kind; each kill's outcome is asserted on its own:
 - within the lease TTL plus the PgBouncer watchdog's deadline, `ops list` shows the operation
   interrupted at that step, and PgBouncer is not paused;
-- never two writable primaries;
-- `ops resume` (odd steps) or `ops abort` (even steps) leaves one primary that PgBouncer routes
-  to and every other member following it (after an abort that could not undo a promotion, a
-  rerun of the switchover finishes the job, as the abort's output says);
-and at the end the ledger shows no acknowledged write lost.
+- never two writable primaries (Postgres), never an app master that is not a master (Redis);
+- `ops resume` or `ops abort` leaves one primary (master) that the app uses and every other
+  member following it (after an abort that could not undo a promotion, a rerun of the
+  switchover finishes the job, as the abort's output says);
+and at the end the ledger shows no acknowledged write lost. Each kind runs twice: once resuming
+the odd steps and aborting the even ones, once the other way round, so every step is both
+resumed and aborted.
 """
 
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
 from igops.errors import ExitCode
 from tests.conftest import ROOT
 from tests.labtools import wait_for
-from tests.reliability.test_failover import (HOME_PRIMARY, OTHER_PRIMARY, Load, describe, igops, pg_state,
-                                             restore_home, sign_up_succeeds)
+from tests.reliability.test_failover import (
+    HOME_MASTER,
+    HOME_PRIMARY,
+    OTHER_MASTER,
+    OTHER_PRIMARY,
+    Load,
+    describe,
+    igops,
+    pg_state,
+    redis_state,
+    restore_home,
+    sign_up_succeeds,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -34,10 +50,10 @@ def home(lab):
     restore_home(lab)
 
 
-def killed_at(lab, number: int, target: str) -> list[str]:
-    """`pg switchover main --to target`, SIGKILLed as it begins step `number`."""
-    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main",
-                                "--to", target, "--yes", "--reason", f"kill drill at step {number}"],
+def killed_at(lab, argv: list[str], number: int) -> list[str]:
+    """igops with `argv`, SIGKILLed as it begins step `number`."""
+    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), *argv, "--yes",
+                                "--reason", f"kill drill at step {number}"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "NO_COLOR": "1"})
     printed = []
@@ -54,63 +70,98 @@ def killed_at(lab, number: int, target: str) -> list[str]:
     return printed
 
 
-def interrupted(lab) -> dict | None:
+def interrupted(lab, kind: str) -> dict | None:
     result, envelope = igops(lab, "ops", "list")
     assert envelope, result.stderr
-    found = [r for r in envelope["data"]["records"] if r["status"] == "interrupted" and r["kind"] == "pg-switchover"]
+    found = [r for r in envelope["data"]["records"] if r["status"] == "interrupted" and r["kind"] == kind]
     return found[-1] if found else None
 
 
-def writable(cluster: dict) -> list[str]:
-    return [node["name"] for node in cluster["nodes"] if node["role"] == "primary"]
+def pg_writable(lab) -> list[str]:
+    return [node["name"] for node in pg_state(lab)["nodes"] if node["role"] == "primary"]
 
 
-def healthy(lab) -> dict | None:
+def pg_healthy(lab) -> str | None:
     cluster = pg_state(lab)
     ok = (cluster["primary"] and not cluster["paused"] and not cluster["problems"]
           and all(target == cluster["primary"] for table in cluster["pgbouncer"].values() for target in table.values())
           and all(node["streaming_from"] == cluster["primary"] for node in cluster["nodes"]
                   if node["name"] != cluster["primary"]))
-    return cluster if ok else None
+    return cluster["primary"] if ok else None
 
 
-def test_pg_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothing(home, tmp_path):
-    lab = home
+def redis_app_master_ok(lab) -> list[str]:
+    """The app's master, if it is a master (a list, to read like pg_writable: [] when it is not)."""
+    redis = redis_state(lab)
+    master = redis["app_master"]
+    return [master] if master and any(n["name"] == master and n["role"] == "master" for n in redis["nodes"]) else []
+
+
+def redis_healthy(lab) -> str | None:
+    redis = redis_state(lab)
+    return redis["app_master"] if not redis["problems"] else None
+
+
+@dataclass
+class Kind:
+    kind: str
+    argv: Callable[[str], list[str]]  # the switchover to a target
+    current: Callable[[object], str | None]  # the primary (master) now
+    home: str
+    other: str
+    healthy: Callable[[object], str | None]  # the primary (master), if all is well
+    single_writer: Callable[[object], bool]
+
+
+KINDS = {
+    "pg": Kind("pg-switchover", lambda to: ["pg", "switchover", "main", "--to", to],
+               lambda lab: pg_state(lab)["primary"], HOME_PRIMARY, OTHER_PRIMARY, pg_healthy,
+               lambda lab: len(pg_writable(lab)) <= 1),
+    "redis": Kind("redis-switchover", lambda to: ["redis", "switchover", "--to", to],
+                  lambda lab: redis_state(lab)["app_master"], HOME_MASTER, OTHER_MASTER, redis_healthy,
+                  lambda lab: len(redis_app_master_ok(lab)) == 1),
+}
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("odd_steps", ["resume", "abort"])
+@pytest.mark.parametrize("name", ["pg", "redis"])
+def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothing(home, tmp_path, name, odd_steps):
+    lab, kind = home, KINDS[name]
     ttl = lab.model.coordination.lease_ttl
     deadline = lab.model.pgbouncer.watchdog_deadline
-    result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--dry-run")
+    result, envelope = igops(lab, *kind.argv(kind.other), "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     count = len(envelope["data"]["plan"]["steps"])
+    even_steps = "abort" if odd_steps == "resume" else "resume"
     outcomes = []
-    # One load run for every kill: it must outlast them all (about a minute each).
+    # One load run for every kill of this kind: it must outlast them all.
     with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
-            primary = pg_state(lab)["primary"]
-            target = OTHER_PRIMARY if primary == HOME_PRIMARY else HOME_PRIMARY
+            target = kind.other if kind.current(lab) == kind.home else kind.home
             killed = time.monotonic()
-            killed_at(lab, number, target)
-            record = wait_for(lambda: interrupted(lab), ttl + deadline + 5, interval=0.5)
+            killed_at(lab, kind.argv(target), number)
+            record = wait_for(lambda: interrupted(lab, kind.kind), ttl + deadline + 5, interval=0.5)
             assert record, f"step {number}: not listed as interrupted"
             assert record["step"]["number"] == number, (number, record["step"])
-            assert wait_for(lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()) + 2,
+            assert wait_for(lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()),
                             interval=0.5), f"step {number}: PgBouncer still paused"
-            assert len(writable(pg_state(lab))) <= 1, f"step {number}: two writable primaries"
-            way = "resume" if number % 2 else "abort"
+            assert kind.single_writer(lab), f"step {number}: two writers"
+            way = odd_steps if number % 2 else even_steps
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
             if way == "resume" and done.returncode == ExitCode.REFUSED and "nothing to resume" in done.stderr:
-                pass  # killed after its last step acted: the cluster is already where the plan led
+                pass  # killed after its last step acted: it is already where the plan led
             else:
                 assert done.returncode == 0, (number, way, done.stderr[-3000:])
-            assert len(writable(pg_state(lab))) <= 1, f"step {number}: two writable primaries after {way}"
-            if not healthy(lab):
+            assert kind.single_writer(lab), f"step {number}: two writers after {way}"
+            if not kind.healthy(lab):
                 # An abort past the promotion could not undo it and said so: a rerun finishes.
-                assert way == "abort" and answer["data"]["not_undone"], (number, pg_state(lab))
-                now_primary = pg_state(lab)["primary"] or target
-                rerun, _ = igops(lab, "pg", "switchover", "main", "--to", now_primary, "--yes")
+                assert way == "abort" and answer["data"]["not_undone"], (number, pg_state(lab), redis_state(lab))
+                rerun, _ = igops(lab, *kind.argv(kind.current(lab) or target), "--yes")
                 assert rerun.returncode == 0, (number, rerun.stderr[-3000:])
-            assert wait_for(lambda: healthy(lab), 30, interval=0.5), (number, way, pg_state(lab))
+            assert wait_for(lambda: kind.healthy(lab), 30, interval=0.5), (number, way, pg_state(lab), redis_state(lab))
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
-            outcomes.append(f"[{number}] {way}: {pg_state(lab)['primary']}")
+            outcomes.append(f"[{number}] {way}: {kind.current(lab)} after {time.monotonic() - killed:.0f} s")
         assert load.running
     verified = load.verify()
     print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
