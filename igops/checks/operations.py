@@ -1,6 +1,8 @@
 """The `operations` check: operations interrupted (WARNING: someone must resume or abort them)
 and operations holding their lease far longer than their kind takes (CRITICAL: a hung run
-blocks every other operation on its targets)."""
+blocks every other operation on its targets); and, on fleets with load balancers, app hosts an
+igops deploy drained and no running deploy accounts for (WARNING: capacity an interrupted deploy
+left out of rotation)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from igops.checks import Probe, Result
 from igops.errors import NagiosStatus
 
 TARGET = "operations"
+ROTATION_TARGET = "app rotation"
+DEPLOY_KINDS = ("deploy", "deploy-rollback")
 
 
 def verdict(records: list[dict], overdue_by: dict[str, float], stale: str | None) -> tuple[NagiosStatus, str]:
@@ -37,7 +41,33 @@ def _step(record: dict) -> str:
     return f"step {step.get('number')} ({step.get('title')})" if step else "its start"
 
 
+def rotation_verdict(drained: list[str], records: list[dict]) -> tuple[NagiosStatus, str]:
+    """App hosts igops drained (`drained`), against the deploys among `records` (running and
+    interrupted operations): a running deploy drains on purpose; otherwise they are capacity
+    left out by a run that did not finish."""
+    if not drained:
+        return NagiosStatus.OK, "every app host in rotation"
+    hosts = ", ".join(drained)
+    deploys = [r for r in records if r.get("kind") in DEPLOY_KINDS]
+    running = [r for r in deploys if r.get("status") == "running"]
+    if running:
+        return NagiosStatus.OK, f"{hosts} drained by {running[-1]['kind']} {running[-1]['id']}, which is running"
+    interrupted = [r for r in deploys if r.get("status") == "interrupted"]
+    fix = (f"igops ops abort {interrupted[-1]['id']} puts them back" if interrupted
+           else "igops deploy again finishes the rollout and puts them back")
+    return NagiosStatus.WARNING, f"{hosts} out of rotation, drained by an igops deploy that is not running ({fix})"
+
+
+def _drained(fleet) -> list[str]:
+    from igops import deploy
+
+    with deploy.AppFleet.of(fleet) as app:
+        return deploy.drained_by_igops(app)
+
+
 def operations_probe(fleet) -> Probe:
+    with_lbs = bool(fleet.with_role("lb"))
+
     def run(report) -> None:
         from igops import operations_view
 
@@ -46,5 +76,10 @@ def operations_probe(fleet) -> Probe:
         overdue = {r["id"]: late for r in view.records if (late := operations_view.overdue(r)) is not None}
         status, summary = verdict(view.records, overdue, view.stale)
         report(Result("operations", TARGET, status, summary, duration_ms=(time.monotonic() - started) * 1000))
+        if with_lbs:
+            started = time.monotonic()
+            status, summary = rotation_verdict(_drained(fleet), view.records)
+            report(Result("operations", ROTATION_TARGET, status, summary,
+                          duration_ms=(time.monotonic() - started) * 1000))
 
-    return Probe("operations", [("operations", TARGET)], run)
+    return Probe("operations", [("operations", TARGET)] + ([("operations", ROTATION_TARGET)] if with_lbs else []), run)

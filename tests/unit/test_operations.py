@@ -244,6 +244,22 @@ def test_the_operations_check_warns_of_interrupted_and_is_critical_for_overdue_o
     assert verdict([], {}, "etcd: no leader")[0] == NagiosStatus.UNKNOWN
 
 
+def test_hosts_a_deploy_drained_warn_unless_a_deploy_is_running():
+    from igops.checks.operations import rotation_verdict
+    from igops.errors import NagiosStatus
+
+    running = {"id": "d1", "kind": "deploy", "status": "running"}
+    stopped = {"id": "d2", "kind": "deploy", "status": "interrupted"}
+    switchover = {"id": "s", "kind": "pg-switchover", "status": "running"}
+    assert rotation_verdict([], [stopped]) == (NagiosStatus.OK, "every app host in rotation")
+    assert rotation_verdict(["app2"], [running])[0] == NagiosStatus.OK
+    status, text = rotation_verdict(["app2", "app3"], [stopped, switchover])
+    assert status == NagiosStatus.WARNING and text.startswith("app2, app3 out of rotation")
+    assert "igops ops abort d2 puts them back" in text
+    status, text = rotation_verdict(["app2"], [switchover])
+    assert status == NagiosStatus.WARNING and "igops deploy again" in text
+
+
 def test_an_operation_is_overdue_only_past_its_kinds_expected_duration():
     from datetime import datetime, timedelta, timezone
 
