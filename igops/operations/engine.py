@@ -108,18 +108,32 @@ class JournaledReporter(Reporter):
         self._count += 1
         number = self._count  # the operation's own plan numbers its steps, whatever ran before it
         # Written before the step is shown and acts: a step on screen is a step in the journal,
-        # and if the journal cannot take it, the step never runs.
-        operation.step_started(number, redact(title), **extra)
+        # and if the journal cannot take it, the step never runs (except a recovery step: below).
+        self._journal(lambda: operation.step_started(number, redact(title), **extra))
         with self.inner.step(title) as record:
             try:
                 yield record
             except BaseException as exc:
-                operation.write("result", step=number, title=record.title, status="failed",
-                                duration_ms=_ms(started), detail=record.detail or _first_line(exc))
+                detail = record.detail or _first_line(exc)
+                self._journal(lambda: operation.write("result", step=number, title=record.title, status="failed",
+                                                      duration_ms=_ms(started), detail=detail))
                 raise
-            operation.write("result", step=number, title=record.title,
-                            status="ok" if record.status == "running" else record.status,
-                            duration_ms=_ms(started), detail=record.detail)
+            self._journal(lambda: operation.write("result", step=number, title=record.title,
+                                                  status="ok" if record.status == "running" else record.status,
+                                                  duration_ms=_ms(started), detail=record.detail))
+
+    def _journal(self, write: Callable[[], None]) -> None:
+        """A journal write. A recovery step (the one that leaves the fleet safe: a batch back in
+        rotation, a pooler resumed) runs even when the journal cannot take it, with etcd lost,
+        and says so; any other step stops."""
+        if not self._recovering:
+            write()
+            return
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - whatever the store raised, safety first
+            self.inner.log(f"warning: the journal did not record this recovery step ({_first_line(exc)}); "
+                           "it runs anyway, to leave the fleet safe")
 
     def log(self, message: str) -> None:
         self.inner.log(message)

@@ -296,12 +296,44 @@ def test_igops_killed_mid_deploy_leaves_no_host_half_switched_and_a_rerun_finish
     assert report.returncode == ExitCode.PARTIAL
     problems = " ".join(json.loads(report.stdout)["data"]["problems"])
     assert "was interrupted" in problems and "app2 is out of the load balancer" in problems
+    checked = run_igops("-c", str(lab.source), "check", "--only", "operations", "--json")
+    [rotation] = [r for r in json.loads(checked.stdout)["data"]["results"] if r["target"] == "app rotation"]
+    assert rotation["status"] == "WARNING" and rotation["summary"].startswith("app2 out of rotation"), rotation
+    assert "igops ops abort " in rotation["summary"], rotation
 
     rerun = igops_deploy(lab, "--source", str(source))
     assert rerun.returncode == 0, rerun.stderr
     assert {host: current_of(host) for host in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
     assert " down" not in upstream_text()
     assert run_igops("-c", str(lab.source), "deploy", "releases").returncode == 0
+
+
+def test_a_deploy_that_loses_etcd_stops_at_the_next_batch_with_the_batch_back_in_rotation(lab, tmp_path):
+    """Every etcd member is killed while batch 1 (app1) works: the deploy cannot journal batch
+    2 and its lease cannot be renewed, so it stops before batch 2, puts app1 back in rotation
+    (a recovery step runs without the journal) and says why. app2 and app3 are untouched."""
+    from igops.lab import etcd as lab_etcd
+    from tests.reliability.test_operations_killed import etcd_pids, restart_etcd
+
+    before = {host: current_of(host) for host in APP_HOSTS}
+    source = app_copy(tmp_path, "lease-lost")
+    members = [name for name, _ in state.ETCD_MEMBERS]
+    run = start_igops_deploy(lab.source, "--source", str(source), "--batch", "1")
+    try:
+        assert wait_for(lambda: drained(lab, "app1"), 90), run.communicate()
+        for pid in etcd_pids(members):
+            os.kill(pid, signal.SIGKILL)
+        _, errors = run.communicate(timeout=DEPLOY_TIMEOUT)
+    finally:
+        restart_etcd(members)
+        lab_etcd.wait_healthy()
+    assert run.returncode not in (0, None), errors[-3000:]
+    assert "etcd" in errors, errors[-3000:]
+    assert " down" not in upstream_text(), upstream_text()
+    assert current_of("app2") == before["app2"] and current_of("app3") == before["app3"]
+    assert "] batch 2/3" not in errors, errors[-3000:]  # the plan lists it; it never began
+    rerun = igops_deploy(lab, "--source", str(source))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
 def releases_on(host: str) -> list[str]:

@@ -334,3 +334,30 @@ def test_the_process_knows_when_a_running_operations_lease_is_lost(fleet):
     engine.perform(fleet, spec(), action, Reporter())
     assert seen == [None, "not renewed for 10 s"] and engine.lease_lost() is None
 
+
+
+def test_a_journal_that_fails_stops_a_step_but_not_a_recovery_step(fleet):
+    """etcd lost mid-operation: the next step never acts, the step that leaves the fleet safe
+    runs all the same and says the journal did not record it."""
+    done, logged = [], []
+
+    class Logging(Reporter):
+        def log(self, message):
+            logged.append(message)
+
+    def action(operation):
+        def broken(*args, **kwargs):
+            raise OSError("etcd: all members unreachable")
+
+        operation.store.append = broken
+        try:
+            with operation.reporter.step("batch 2/3: app2"):
+                done.append("batch 2")
+        finally:
+            with operation.reporter.recovery(), operation.reporter.step("put app1 back in the load balancer"):
+                done.append("put back")
+
+    with pytest.raises(OSError):
+        engine.perform(fleet, spec(), action, Logging())
+    assert done == ["put back"]
+    assert any("did not record this recovery step" in line for line in logged), logged
