@@ -11,6 +11,9 @@ alive: a resumed or aborted operation must never race the process that started i
   and, unless a step past the point of no return had started, its undo (start the stopped old
   primary again), run in reverse order by the kind's actions; it names each step it could not
   undo.
+- a snapshot create cannot go on from where it stopped (its freeze, the point in time its
+  snapshots share, ended with it; the host's thaw watchdog saw to that). Abort deletes the
+  snapshots its group got; resume does that and takes a new group with the same settings.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from igops.operations.engine import OperationSpec
 from igops.operations.steps import Step, execute, from_spec
 from igops.output import Reporter
 
-RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
+RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin",
+             "snapshot-create")
 # Kinds whose own command continues an interrupted run: what ops resume tells the operator to run.
 RERUN = {
     "deploy": "igops deploy {target}",
     "deploy-rollback": "igops deploy rollback",
-    "snapshot-create": "igops snapshot create {host}",
     "shard-move": "igops shard moves, then igops shard move --resume ID",
     "shard-rebalance": "igops shard moves, then igops shard move --resume ID for the move it was in",
 }
@@ -57,6 +60,8 @@ def refuse_if_alive(store, record: dict) -> None:
 
 def plan_resume(fleet, record: dict) -> Continuation:
     kind, params = record["kind"], record.get("params") or {}
+    if kind == "snapshot-create" and params.get("group"):
+        return _snapshot_continuation(fleet, record, resume=True)
     if kind not in RESUMABLE:
         rerun = RERUN.get(kind)
         raise RefusedError(f"{kind} is not resumed by igops ops resume",
@@ -141,10 +146,54 @@ def _plan_deploy_abort(fleet, record: dict) -> Continuation:
     return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
 
 
+def _snapshot_continuation(fleet, record: dict, resume: bool) -> Continuation:
+    """Abort: delete what the interrupted group got. Resume: that, then a new group."""
+    from igops import snapshot
+    from igops.ebs import Ebs
+
+    params = record["params"]
+    ebs = Ebs(fleet)
+    group = next((g for g in snapshot.groups(ebs, params["host"]) if g.group_id == params["group"]), None)
+    complete = group is not None and group.state in (snapshot.STATE_COMPLETE, snapshot.STATE_PENDING)
+    partial = group if group is not None and not complete else None
+    not_undone = [f"group {params['group']} is complete (killed after tagging it): kept; "
+                  f"igops snapshot delete {params['group']} removes it"] if complete else []
+    # A CreateSnapshots call in flight when igops was killed may still add to the group.
+    not_undone.append(f"snapshots of group {params['group']} that AWS makes after this are left to "
+                      "`igops snapshot prune` (it deletes groups that never completed)")
+    if resume and complete:
+        raise RefusedError(f"nothing to resume: snapshot group {params['group']} is complete",
+                           "igops ops abort marks it ended")
+    plan = None
+    if resume:
+        plan = snapshot.plan_create(fleet, params["host"], params.get("mounts"), deadline=params.get("deadline"),
+                                    hook=params.get("hook", True), allow_primary=params.get("allow_primary", False))
+    deletes = snapshot.delete_steps(partial, []) if partial else []
+    verb = "Resume" if resume else "Abort"
+    title = f"{verb} {record['id']}: " + (f"delete the {len(deletes)} snapshots of group {params['group']}"
+                                          if deletes else f"group {params['group']} has no snapshots to delete")
+    if plan:
+        title += f", then take group {plan.group_id}"
+    spec = OperationSpec("snapshot-create", title, [params["host"]], conflicts.for_host(fleet, params["host"]),
+                         [*deletes, *(plan.steps() if plan else [])], params)
+
+    def run(reporter: Reporter):
+        for line, found in zip(deletes, partial.snapshots if partial else [], strict=True):
+            with reporter.step(line):
+                ebs.delete_snapshot(found["SnapshotId"])
+        created = snapshot.create(fleet, plan, reporter) if plan else None
+        return {"undone": deletes, "not_undone": not_undone,
+                "group": created.group_id if created else None}
+
+    return Continuation(spec, run, [] if resume else not_undone)
+
+
 def plan_abort(fleet, record: dict, entries: list[dict]) -> Continuation:
     kind = record["kind"]
     if kind in ("deploy", "deploy-rollback"):
         return _plan_deploy_abort(fleet, record)
+    if kind == "snapshot-create" and (record.get("params") or {}).get("group"):
+        return _snapshot_continuation(fleet, record, resume=False)
     steps, not_undone = recovery_steps(entries)
     if kind.startswith("pg-"):
         actions_for: Callable[[], Any] = lambda: failover.PgActions(fleet)  # noqa: E731

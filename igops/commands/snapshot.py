@@ -65,7 +65,9 @@ def create(
                             title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda reporter: snapshot.create(fleet, plan, reporter), params={"host": host},
+                            action=lambda reporter: snapshot.create(fleet, plan, reporter),
+                            params={"host": host, "group": plan.group_id, "mounts": mount, "deadline": deadline,
+                                    "hook": hook, "allow_primary": allow_primary},
                             outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
         except snapshot.SnapshotFailed as failed:
             out.table(None, ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],

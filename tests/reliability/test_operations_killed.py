@@ -168,6 +168,61 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     assert verified.ok, verified.missing_writes[:5]
 
 
+def snapshot_groups(lab, host: str) -> dict[str, str]:
+    """group id -> state, of the host's snapshot groups."""
+    from igops import snapshot
+    from igops.ebs import Ebs
+
+    return {group.group_id: group.state for group in snapshot.groups(Ebs(lab), host)}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("odd_steps", ["resume", "abort"])
+def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves_nothing_frozen(home, tmp_path,
+                                                                                                odd_steps):
+    """`snapshot create` of the standby, SIGKILLed at each step under load: its mounts are
+    writable again at once (the thaw watchdog sees igops go), `ops list` shows it interrupted at
+    that step, abort deletes what its group got, resume does that and takes a complete group."""
+    from tests.reliability.test_snapshot import can_write
+
+    lab, host = home, OTHER_PRIMARY
+    mounts = [mount.path for mount in lab.host(host).mounts]
+    result, envelope = igops(lab, "snapshot", "create", host, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    count = len(envelope["data"]["plan"]["steps"])
+    even_steps = "abort" if odd_steps == "resume" else "resume"
+    outcomes = []
+    with Load(lab, tmp_path, duration=3600) as load:
+        for number in range(1, count + 1):
+            before = snapshot_groups(lab, host)
+            killed = time.monotonic()
+            killed_at(lab, ["snapshot", "create", host], number)
+            assert all(wait_for(lambda m=m: can_write(m, 0.5), lab.model.snapshot.freeze_deadline + 2)
+                       for m in mounts), f"step {number}: a mount is still frozen"
+            record = wait_for(lambda: interrupted(lab, "snapshot-create"), 5, interval=0.5)
+            assert record and record["step"]["number"] == number, (number, record)
+            group = record["params"]["group"]
+            way = odd_steps if number % 2 else even_steps
+            done, answer = igops(lab, "ops", way, record["id"], "--yes")
+            after = snapshot_groups(lab, host)
+            if way == "resume" and done.returncode == ExitCode.REFUSED and "is complete" in done.stderr:
+                assert after[group] in ("complete", "pending"), after  # killed once its group was tagged
+            else:
+                assert done.returncode == 0, (number, way, done.stderr[-3000:])
+                assert group not in after, (number, way, after)
+                new = set(after) - set(before)
+                if way == "resume":
+                    assert [after[g] for g in new] in (["complete"], ["pending"]), (number, after)
+                else:
+                    assert not new, (number, after)
+            assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
+            outcomes.append(f"[{number}] {way}: {time.monotonic() - killed:.0f} s")
+        assert load.running
+    verified = load.verify()
+    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
+    assert verified.ok, verified.missing_writes[:5]
+
+
 def etcd_pids(names: list[str]) -> list[int]:
     from igops.lab import proc, state
 
