@@ -139,16 +139,20 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
             target = kind.other if kind.current(lab) == kind.home else kind.home
-            killed = time.monotonic()
+            began = time.monotonic()
             killed_at(lab, kind.argv(target), number)
+            killed = time.monotonic()
             record = wait_for(lambda: interrupted(lab, kind.kind), ttl + deadline + 5, interval=0.5)
             assert record, f"step {number}: not listed as interrupted"
             assert record["step"]["number"] == number, (number, record["step"])
+            listed = time.monotonic()
             assert wait_for(lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()),
                             interval=0.5), f"step {number}: PgBouncer still paused"
             assert kind.single_writer(lab), f"step {number}: two writers"
+            checked = time.monotonic()
             way = odd_steps if number % 2 else even_steps
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
+            continued = time.monotonic()
             if way == "resume" and done.returncode == ExitCode.REFUSED and "nothing to resume" in done.stderr:
                 pass  # killed after its last step acted: it is already where the plan led
             else:
@@ -161,7 +165,9 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                 assert rerun.returncode == 0, (number, rerun.stderr[-3000:])
             assert wait_for(lambda: kind.healthy(lab), 30, interval=0.5), (number, way, pg_state(lab), redis_state(lab))
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
-            outcomes.append(f"[{number}] {way}: {kind.current(lab)} after {time.monotonic() - killed:.0f} s")
+            outcomes.append(f"[{number}] {way}: {kind.current(lab)}; s to kill {killed - began:.1f}, listed "
+                            f"{listed - killed:.1f}, checked {checked - listed:.1f}, {way} {continued - checked:.1f}, "
+                            f"healthy {time.monotonic() - continued:.1f}")
         assert load.running
     verified = load.verify()
     print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
