@@ -71,9 +71,12 @@ def killed_at(lab, argv: list[str], number: int) -> list[str]:
 
 
 def interrupted(lab, kind: str) -> dict | None:
-    result, envelope = igops(lab, "ops", "list")
-    assert envelope, result.stderr
-    found = [r for r in envelope["data"]["records"] if r["status"] == "interrupted" and r["kind"] == kind]
+    """The latest interrupted operation of `kind`, as `igops ops list` shows it (read in this
+    process: the drill asks often)."""
+    from igops import operations_view
+
+    found = [r for r in operations_view.list_operations(lab).records
+             if r["status"] == "interrupted" and r["kind"] == kind]
     return found[-1] if found else None
 
 
