@@ -1853,7 +1853,10 @@ class RedisResult:
     steps: list[StepReport]
 
 
-def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_switchover(fleet, target: str, accept_risk: bool = False,
+                          promoted_by_interrupted_run: bool = False) -> tuple[RedisPlan, RedisState]:
+    """`promoted_by_interrupted_run`: the journal of the switchover being resumed shows it
+    promoted `target` and never demoted the master the app uses (igops.interrupted)."""
     members = redis_members(fleet)
     if target not in members:
         raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
@@ -1871,10 +1874,23 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tupl
             return _signed(RedisPlan("switchover", f"Nothing to do: {target} is the master and the app uses it",
                                      target, target), view), state
         return _signed(_plan_redis_finish(fleet, view, "switchover", target), view), state
+    others = [name for name in members if name not in (current, target) and view.states[name] is not None]
+    if node.role == "master" and promoted_by_interrupted_run and state.app_master == current:
+        # The app wrote only to `current` (the directory never moved): `target`'s copy is the
+        # older one, so it follows `current` again before the switchover runs from the start.
+        plan = RedisPlan("switchover", f"Finish the switchover from {current} to {target}, which an interrupted "
+                                       f"run left with {target} promoted and {current} still the app's master",
+                         current, target)
+        plan.actions = [Step(f"{target}: REPLICAOF {current} again (the app kept writing to {current})", "replicate",
+                             (target, current)),
+                        Step(f"{target}: wait until its link to {current} is up", "wait_link", (target,)),
+                        *redis_switchover_steps(fleet, current, target, others)]
+        return _signed(plan, view), state
     if node.role != "replica":
         raise Refused(state, f"refused: {target} is not a replica "
                              f"({node.state if node.role == 'unknown' else node.role})",
-                      "pick a running replica (igops redis status)")
+                      "pick a running replica (igops redis status); if a switchover was interrupted after it "
+                      "promoted this node, `igops ops list` shows it: igops ops resume|abort ID")
     plan = RedisPlan("switchover", f"Switch the Redis master from {current} to {target}", current, target)
     reasons = []
     if node.master != current or node.link != "up":
@@ -1886,7 +1902,6 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False) -> tupl
         reasons.append(f"{target} accepts writes as a replica")
     _refuse_or_force(state, reasons, accept_risk, plan.forced,
                      "wait for it to catch up, pick another replica, or --accept-risk")
-    others = [name for name in members if name not in (current, target) and view.states[name] is not None]
     plan.actions = redis_switchover_steps(fleet, current, target, others)
     return _signed(plan, view), state
 

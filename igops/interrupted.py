@@ -58,7 +58,7 @@ def refuse_if_alive(store, record: dict) -> None:
                            "see igops ops show " + record["id"])
 
 
-def plan_resume(fleet, record: dict) -> Continuation:
+def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
     kind, params = record["kind"], record.get("params") or {}
     if kind == "snapshot-create" and params.get("group"):
         return _snapshot_continuation(fleet, record, resume=True)
@@ -72,7 +72,7 @@ def plan_resume(fleet, record: dict) -> Continuation:
         resources = [conflicts.pg_cluster(plan.cluster)]
         apply = failover.apply_pg
     else:
-        plan, _ = _redis_plan(fleet, kind, params)
+        plan, _ = _redis_plan(fleet, kind, params, promoted_unfinished(entries))
         resources = [conflicts.REDIS]
         apply = failover.apply_redis
     spec = OperationSpec(kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources,
@@ -96,9 +96,20 @@ def _pg_plan(fleet, kind: str, params: dict):
     return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def _redis_plan(fleet, kind: str, params: dict):
+def promoted_unfinished(entries: list[dict]) -> bool:
+    """Whether the journal shows a promotion begun (a step whose undo makes the promoted node
+    replicate again) and no step past the point of no return: a Redis switchover killed between
+    REPLICAOF NO ONE on the target and the old master's demotion, so the app went on writing
+    to the old master and the target's copy is the older one."""
+    intents = [entry for entry in entries if entry.get("event") == "intent"]
+    return (any((entry.get("undo") or {}).get("action") == "replicate" for entry in intents)
+            and not any(entry.get("point_of_no_return") for entry in intents))
+
+
+def _redis_plan(fleet, kind: str, params: dict, promoted: bool = False):
     if kind == "redis-switchover":
-        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("accept_risk")))
+        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("accept_risk")),
+                                              promoted_by_interrupted_run=promoted)
     if kind == "redis-failover":
         return failover.plan_redis_failover(fleet, params.get("to"), bool(params.get("accept_risk")))
     return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))

@@ -107,7 +107,7 @@ def plan_continuation(fleet, op_id: str, name: str):
         raise RefusedError(f"no operation {op_id!r} in the journal", "igops ops list shows the interrupted ones")
     interrupted.refuse_if_alive(store, record)
     if name == "resume":
-        return record, interrupted.plan_resume(fleet, record)
+        return record, interrupted.plan_resume(fleet, record, store.entries(op_id))
     return record, interrupted.plan_abort(fleet, record, store.entries(op_id))
 
 
