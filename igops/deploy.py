@@ -891,6 +891,31 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
                        in_service=in_service)
 
 
+def resume_params(plan: RolloutPlan) -> dict:
+    """What `igops ops resume` needs to go on with a deploy or rollback: its release and how it
+    rolls (the journal keeps it with the operation)."""
+    return {"target": plan.target, "batch": plan.batch_spec, "max_fail": plan.max_fail,
+            "health_passes": plan.gate.passes, "health_timeout": plan.gate.timeout, "parallel": plan.parallel}
+
+
+def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
+    """An interrupted deploy or rollback, planned again: the hosts not yet on its release switch
+    to it, batch by batch, as a rollback to that release would. The release must be on every
+    host still to switch: a deploy killed while it uploaded is continued by running it again."""
+    gate = HealthGate(app.fleet.model.app.health_path, app.fleet.model.app.port, int(params["health_passes"]),
+                      float(params["health_timeout"]))
+    try:
+        plan = plan_rollback(app, params["target"], params["batch"], int(params["max_fail"]), gate,
+                             params.get("parallel"))
+    except RefusedError as refused:
+        if "is not on" not in refused.message or kind != "deploy":
+            raise
+        raise RefusedError(f"the interrupted deploy had not staged release {params['target']} everywhere: "
+                           + refused.message, "run the deploy again (igops deploy REV): it stages, then switches")
+    return dataclasses.replace(plan, kind="deploy" if kind == "deploy" else "rollback",
+                               target_description=f"resumed {kind} of {params['target']}")
+
+
 # --- results -------------------------------------------------------------------------------------
 
 @dataclass

@@ -32,8 +32,6 @@ RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "r
              "snapshot-create")
 # Kinds whose own command continues an interrupted run: what ops resume tells the operator to run.
 RERUN = {
-    "deploy": "igops deploy {target}",
-    "deploy-rollback": "igops deploy rollback",
     "shard-move": "igops shard moves, then igops shard move --resume ID",
     "shard-rebalance": "igops shard moves, then igops shard move --resume ID for the move it was in",
 }
@@ -62,6 +60,8 @@ def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
     kind, params = record["kind"], record.get("params") or {}
     if kind == "snapshot-create" and params.get("group"):
         return _snapshot_continuation(fleet, record, resume=True)
+    if kind in ("deploy", "deploy-rollback") and params.get("batch"):
+        return _deploy_resume(fleet, record)
     if kind not in RESUMABLE:
         rerun = RERUN.get(kind)
         raise RefusedError(f"{kind} is not resumed by igops ops resume",
@@ -134,6 +134,27 @@ def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
         elif not entry.get("release"):
             not_undone.append(f"[{entry['step']}] {entry.get('title')}")
     return [*reversed(undos), *reversed(releases)], not_undone
+
+
+def _deploy_resume(fleet, record: dict) -> Continuation:
+    """The hosts not yet on the interrupted rollout's release switch to it, batch by batch
+    (igops.deploy.plan_resume); those an igops deploy left drained come back as their batch does."""
+    from igops import deploy
+
+    with deploy.AppFleet.of(fleet) as app:
+        plan = deploy.plan_resume(app, record["kind"], record["params"])
+    if plan.nothing_to_do:
+        raise RefusedError(f"nothing to resume: every reachable app host is on {plan.target}",
+                           "igops ops abort marks it ended (and puts any drained host back)")
+    spec = OperationSpec(record["kind"], f"Resume {record['id']}: {record['kind']} of {plan.target} to "
+                                         f"{', '.join(h.host for h in plan.roll())}",
+                         [h.host for h in plan.roll()], [conflicts.APP], plan.steps(), record["params"])
+
+    def run(reporter: Reporter):
+        with deploy.AppFleet.of(fleet) as app:
+            return deploy.execute(app, plan, reporter)
+
+    return Continuation(spec, run)
 
 
 def _plan_deploy_abort(fleet, record: dict) -> Continuation:

@@ -232,6 +232,56 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
     assert verified.ok, verified.missing_writes[:5]
 
 
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("odd_steps", ["resume", "abort"])
+def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_host_serving(home, tmp_path,
+                                                                                          odd_steps):
+    """`deploy` of a new release in batches of one, SIGKILLed at each step under load: `ops list`
+    shows it interrupted at that step; resume switches the hosts not yet on the release (a kill
+    during the upload is continued by running the deploy again, as resume says), abort puts
+    every host it drained back; either way no app server is left out of the load balancer."""
+    from tests.reliability.test_deploy import APP_HOSTS, app_copy, current_of, upstream_text
+
+    lab = home
+    first = app_copy(tmp_path, "plan")
+    result, envelope = igops(lab, "deploy", "--source", str(first), "--batch", "1", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    count = len(envelope["data"]["plan"]["steps"])
+    even_steps = "abort" if odd_steps == "resume" else "resume"
+    outcomes = []
+    with Load(lab, tmp_path, duration=3600) as load:
+        for number in range(1, count + 1):
+            source = app_copy(tmp_path, f"kill-{number}")
+            killed_at(lab, ["deploy", "--source", str(source), "--batch", "1"], number)
+            record = wait_for(lambda: interrupted(lab, "deploy"), 5, interval=0.5)
+            if record is None and number == count:
+                outcomes.append(f"[{number}] ended before the kill")  # its last step is a note
+                continue
+            assert record and record["step"]["number"] == number, (number, record)
+            way = odd_steps if number % 2 else even_steps
+            done, answer = igops(lab, "ops", way, record["id"], "--yes")
+            if way == "resume" and done.returncode == ExitCode.REFUSED:
+                assert "run the deploy again" in done.stderr or "nothing to resume" in done.stderr, done.stderr
+                if "run the deploy again" in done.stderr:
+                    rerun, _ = igops(lab, "deploy", "--source", str(source), "--batch", "1", "--yes")
+                    assert rerun.returncode == 0, rerun.stderr[-3000:]
+            else:
+                assert done.returncode == 0, (number, way, done.stderr[-3000:])
+            assert " down" not in upstream_text(), (number, way, upstream_text())
+            releases = {host: current_of(host) for host in APP_HOSTS}
+            if way == "resume":
+                assert len(set(releases.values())) == 1, (number, releases)
+            assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
+            outcomes.append(f"[{number}] {way}: {releases}")
+        assert load.running
+    verified = load.verify()
+    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
+    assert verified.ok, verified.missing_writes[:5]
+    assert load.report["errors"] == 0, load.report["errors_by_kind"]
+    back, _ = igops(lab, "deploy", "--yes")  # the lab ends on the working tree's release, as it began
+    assert back.returncode == 0, back.stderr[-3000:]
+
+
 def etcd_pids(names: list[str]) -> list[int]:
     from igops.lab import proc, state
 
