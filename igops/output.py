@@ -66,6 +66,7 @@ class Output(Reporter):
         # the probes before the plan are [pre], and the plan's step k is [k] on screen.
         self.shows_plan = False
         self.plan_shown = False
+        self.planned: dict | None = None  # the plan shown: the envelope's "plan", for every command
         self.started = time.monotonic()
         self.started_at = datetime.now(timezone.utc)
         self._out = None
@@ -207,6 +208,7 @@ class Output(Reporter):
         except in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
         console = self.out if is_result and not self.json_mode else self.err
         self.plan_shown = True
+        self.planned = {"title": redact(title), "steps": [redact(step) for step in steps]}
         console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
             console.print(f"  {number}. {_escape(redact(step))}")
@@ -219,6 +221,7 @@ class Output(Reporter):
             "started_at": self.started_at.isoformat(timespec="milliseconds"),
             "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
             "data": to_jsonable(data),
+            "plan": self.planned,
             "steps": [asdict(step) for step in self.steps],
             "error": error,
         }

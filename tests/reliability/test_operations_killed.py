@@ -135,7 +135,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     deadline = lab.model.pgbouncer.watchdog_deadline
     result, envelope = igops(lab, *kind.argv(kind.other), "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["data"]["plan"]["steps"])
+    count = len(envelope["plan"]["steps"])
     even_steps = "abort" if odd_steps == "resume" else "resume"
     outcomes = []
     # One load run for every kill of this kind: it must outlast them all.
@@ -198,7 +198,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
     mounts = [mount.path for mount in lab.host(host).mounts]
     result, envelope = igops(lab, "snapshot", "create", host, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["data"]["plan"]["steps"])
+    count = len(envelope["plan"]["steps"])
     even_steps = "abort" if odd_steps == "resume" else "resume"
     outcomes = []
     with Load(lab, tmp_path, duration=3600) as load:
@@ -246,7 +246,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
     first = app_copy(tmp_path, "plan")
     result, envelope = igops(lab, "deploy", "--source", str(first), "--batch", "1", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["data"]["plan"]["steps"])
+    count = len(envelope["plan"]["steps"])
     even_steps = "abort" if odd_steps == "resume" else "resume"
     outcomes = []
     with Load(lab, tmp_path, duration=3600) as load:
