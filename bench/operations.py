@@ -3,7 +3,11 @@ records) and per step (lease check, intent and result entries, the record's curr
 local backend against the lab's three-member etcd, in one run. The baseline is the same empty
 steps run with no engine at all. Goal: under 20 ms a step with etcd on loopback.
 
-Needs the lab's etcd (`make lab`); writes under its own prefix and deletes it afterwards."""
+Then (unless --no-stall) `pg switchover`'s write stall under the app's load, with the lab's
+inventory (etcd) against the same inventory without its [coordination] section (local), in
+bench/failover.py's way. Goal: etcd no worse than 1.1x local.
+
+Needs the lab (`make lab`); writes under its own prefix in etcd and deletes it afterwards."""
 
 from __future__ import annotations
 
@@ -98,5 +102,45 @@ def main() -> None:
           f"{'met' if etcd_step < 0.020 else 'NOT met'}")
 
 
+def stall() -> None:
+    """`pg switchover` round trips under load on each backend; the longest stall of the writes
+    that need cluster main (bench/failover.py measures it the same way)."""
+    import fcntl
+    import os
+
+    from bench.failover import LOCK, ROUND_TRIPS, igops_pg, main_shards, restore, touches_main, under_load
+    from igops import inventory
+    from igops.lab import aws, state
+    from tests.labtools import without_coordination
+
+    os.environ.update(aws.AWS_ENV)
+    lab = inventory.load_file(state.paths().inventory)
+    # Beside the lab's own, so that its relative paths (secrets, keys) mean the same files.
+    local_path = lab.source.with_name("igops-bench-local.toml")
+    local_path.write_text(without_coordination(lab.source.read_text()))
+    trips = ["db2", "db1"] * ROUND_TRIPS
+    work = Path(tempfile.mkdtemp(prefix="igops-bench-operations-"))
+    try:
+        local = inventory.load_file(local_path)
+        with open(LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            restore(lab)
+            shards = main_shards(lab)
+            outcomes = []
+            for name, fleet in (("etcd", lab), ("local", local)):
+                outcomes.append(under_load(fleet, work, name, igops_pg(fleet), trips, touches_main(shards)))
+                restore(lab)
+    finally:
+        local_path.unlink()
+    print(f"pg switchover under load: {len(trips)} switchovers per backend")
+    for outcome in outcomes:
+        print(f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, failed {outcome.failed_switchovers}, "
+              f"client errors {outcome.errors}, lost writes {outcome.lost}, {outcome.writes_per_s:.0f} writes/s")
+    ratio = outcomes[0].stall_s / max(outcomes[1].stall_s, 0.001)
+    print(f"  etcd/local stall {ratio:.2f}x; goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'}")
+
+
 if __name__ == "__main__":
     main()
+    if "--no-stall" not in sys.argv:
+        stall()
