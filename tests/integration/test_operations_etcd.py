@@ -64,11 +64,12 @@ def shard_on(lab, cluster: str) -> int:
         connection.close()
 
 
-def pairs(lab):
-    """(what bastion-1 holds, what bastion-2 runs): the pairs of the conflict table a healthy lab
-    can plan. deploy against rollback leases one resource, `app` (tests/unit/test_operations.py);
-    a rollback needs a release before the current one, which a fresh lab does not have."""
+def pairs(lab, tmp_path):
+    """(what bastion-1 holds, what bastion-2 runs): the pairs of the conflict table. A rollback
+    needs a release before the current one, which a fresh lab may not have, so the rollback is
+    what bastion-1 holds and bastion-2 deploys a new release."""
     from igops import failover
+    from tests.reliability.test_deploy import app_copy
 
     fleet = lab
     # Other tests leave either member the primary: the switchover goes to whichever is not.
@@ -80,6 +81,7 @@ def pairs(lab):
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),
+        ("deploy-rollback", [conflicts.APP], ["deploy", "--source", str(app_copy(tmp_path, "bastion-2"))]),
     ]
 
 
@@ -90,7 +92,7 @@ def test_every_conflicting_pair_exits_4_naming_the_holder_and_its_step(lab, tmp_
     if backend == "local-shared":
         # The local backend binds only processes that share the state directory (docs/operations.md).
         env["IGOPS_STATE_DIR"] = str(inventory.load_file(config).state_dir)
-    for kind, resources, command in pairs(lab):
+    for kind, resources, command in pairs(lab, tmp_path):
         with Holding(config, kind, resources) as held:
             result = run_igops(config, env, *command, "--yes", "--json")
             assert result.returncode == ExitCode.LOCKED, (command, result.stderr[-2000:])
