@@ -72,7 +72,7 @@ def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
         resources = [conflicts.pg_cluster(plan.cluster)]
         apply = failover.apply_pg
     else:
-        plan, _ = _redis_plan(fleet, kind, params, promoted_unfinished(entries))
+        plan, _ = _redis_plan(fleet, kind, params, promoted_target(entries))
         resources = [conflicts.REDIS]
         apply = failover.apply_redis
     spec = OperationSpec(kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources,
@@ -96,14 +96,13 @@ def _pg_plan(fleet, kind: str, params: dict):
     return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def promoted_unfinished(entries: list[dict]) -> bool:
-    """Whether the journal shows a promotion begun (a step whose undo makes the promoted node
-    replicate again) and no step past the point of no return: a Redis switchover killed between
-    REPLICAOF NO ONE on the target and the old master's demotion, so the app went on writing
-    to the old master and the target's copy is the older one."""
-    intents = [entry for entry in entries if entry.get("event") == "intent"]
-    return (any((entry.get("undo") or {}).get("action") == "replicate" for entry in intents)
-            and not any(entry.get("point_of_no_return") for entry in intents))
+def promoted_target(entries: list[dict]) -> bool:
+    """Whether the journal shows this Redis switchover began promoting its target (a step whose
+    undo makes the promoted node replicate again). Whether the old master was demoted after it
+    the live state says (one master or two), not the journal: a run killed as it began the
+    demotion journaled that step's intent, yet the demotion may never have run."""
+    return any((entry.get("undo") or {}).get("action") == "replicate"
+               for entry in entries if entry.get("event") == "intent")
 
 
 def _redis_plan(fleet, kind: str, params: dict, promoted: bool = False):

@@ -363,14 +363,14 @@ def test_a_journal_that_fails_stops_a_step_but_not_a_recovery_step(fleet):
     assert any("did not record this recovery step" in line for line in logged), logged
 
 
-def test_a_redis_switchover_killed_between_promotion_and_demotion_is_recognised_from_its_journal():
-    from igops.interrupted import promoted_unfinished
+def test_a_redis_switchover_that_began_promoting_its_target_is_recognised_from_its_journal():
+    from igops.interrupted import promoted_target
 
     promote = {"event": "intent", "step": 4, "title": "redis2: REPLICAOF NO ONE",
                "undo": {"title": "redis2: REPLICAOF redis1 again", "action": "replicate", "args": []}}
     pause = {"event": "intent", "step": 2, "title": "redis1: CLIENT PAUSE WRITE",
              "release": {"title": "redis1: CLIENT UNPAUSE", "action": "unpause", "args": []}}
     demote = {"event": "intent", "step": 5, "title": "redis1: REPLICAOF redis2", "point_of_no_return": True}
-    assert promoted_unfinished([pause, promote])
-    assert not promoted_unfinished([pause])
-    assert not promoted_unfinished([pause, promote, demote])
+    assert promoted_target([pause, promote])
+    assert promoted_target([pause, promote, demote])  # whether the demotion ran, the nodes say
+    assert not promoted_target([pause])
