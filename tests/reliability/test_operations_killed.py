@@ -50,8 +50,9 @@ def home(lab):
     restore_home(lab)
 
 
-def killed_at(lab, argv: list[str], number: int) -> list[str]:
-    """igops with `argv`, SIGKILLed as it begins step `number`."""
+def killed_at(lab, argv: list[str], number: int, required: bool = True) -> bool:
+    """igops with `argv`, SIGKILLed as it begins step `number`; whether it was (`required`: it
+    must be, else a plan line that is a note, not a step, may let the run end first)."""
     process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), *argv, "--yes",
                                 "--reason", f"kill drill at step {number}"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -66,8 +67,9 @@ def killed_at(lab, argv: list[str], number: int) -> list[str]:
     finally:
         process.kill()
         process.wait(timeout=30)
-    assert any(line.startswith(f"[{number}] ") for line in printed), "".join(printed)[-3000:]
-    return printed
+    killed = any(line.startswith(f"[{number}] ") for line in printed)
+    assert killed or not required, "".join(printed)[-3000:]
+    return killed
 
 
 def interrupted(lab, kind: str) -> dict | None:
@@ -93,11 +95,13 @@ def pg_healthy(lab) -> str | None:
     return cluster["primary"] if ok else None
 
 
-def redis_app_master_ok(lab) -> list[str]:
-    """The app's master, if it is a master (a list, to read like pg_writable: [] when it is not)."""
+def redis_one_place_to_write(lab) -> bool:
+    """The app never has two places to write: a second master (a switchover killed between the
+    target's promotion and the old master's demotion) is one the directory never named, and a
+    directory naming a node just demoted means writes refused (READONLY), not written twice."""
     redis = redis_state(lab)
-    master = redis["app_master"]
-    return [master] if master and any(n["name"] == master and n["role"] == "master" for n in redis["nodes"]) else []
+    masters = [node["name"] for node in redis["nodes"] if node["role"] == "master"]
+    return len(masters) <= 1 or redis["app_master"] in masters
 
 
 def redis_healthy(lab) -> str | None:
@@ -122,7 +126,7 @@ KINDS = {
                lambda lab: len(pg_writable(lab)) <= 1),
     "redis": Kind("redis-switchover", lambda to: ["redis", "switchover", "--to", to],
                   lambda lab: redis_state(lab)["app_master"], HOME_MASTER, OTHER_MASTER, redis_healthy,
-                  lambda lab: len(redis_app_master_ok(lab)) == 1),
+                  redis_one_place_to_write),
 }
 
 
@@ -252,11 +256,14 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
     with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
             source = app_copy(tmp_path, f"kill-{number}")
-            killed_at(lab, ["deploy", "--source", str(source), "--batch", "1"], number)
-            record = wait_for(lambda: interrupted(lab, "deploy"), 5, interval=0.5)
-            if record is None and number == count:
-                outcomes.append(f"[{number}] ended before the kill")  # its last step is a note
+            if not killed_at(lab, ["deploy", "--source", str(source), "--batch", "1"], number, required=False):
+                # Some plan lines are rules, not steps ("stop at the first batch that …"): no
+                # step of that number begins, and the run ends, every host on the release.
+                releases = {host: current_of(host) for host in APP_HOSTS}
+                assert len(set(releases.values())) == 1 and " down" not in upstream_text(), (number, releases)
+                outcomes.append(f"[{number}] not a step: the run ended")
                 continue
+            record = wait_for(lambda: interrupted(lab, "deploy"), 5, interval=0.5)
             assert record and record["step"]["number"] == number, (number, record)
             way = odd_steps if number % 2 else even_steps
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
