@@ -109,6 +109,25 @@ def redis_healthy(lab) -> str | None:
     return redis["app_master"] if not redis["problems"] else None
 
 
+def steps_planned(lab, *argv: str) -> int:
+    """How many steps the dry run of `argv` plans."""
+    result, envelope = igops(lab, *argv, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return len(envelope["plan"]["steps"])
+
+
+def way_for(number: int, odd_steps: str) -> str:
+    """ops resume or ops abort for the kill at step `number`: `odd_steps` for the odd ones, the
+    other for the even ones, so that the two runs of a kind do both at every step."""
+    return odd_steps if number % 2 else ("abort" if odd_steps == "resume" else "resume")
+
+
+def nothing_lost(load, outcomes: list[str]) -> None:
+    verified = load.verify()
+    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
+    assert verified.ok, verified.missing_writes[:5]
+
+
 @dataclass
 class Kind:
     kind: str
@@ -137,10 +156,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     lab, kind = home, KINDS[name]
     ttl = lab.model.coordination.lease_ttl
     deadline = lab.model.pgbouncer.watchdog_deadline
-    result, envelope = igops(lab, *kind.argv(kind.other), "--dry-run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["plan"]["steps"])
-    even_steps = "abort" if odd_steps == "resume" else "resume"
+    count = steps_planned(lab, *kind.argv(kind.other))
     outcomes = []
     # One load run for every kill of this kind: it must outlast them all.
     with Load(lab, tmp_path, duration=3600) as load:
@@ -157,7 +173,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                             interval=0.5), f"step {number}: PgBouncer still paused"
             assert kind.single_writer(lab), f"step {number}: two writers"
             checked = time.monotonic()
-            way = odd_steps if number % 2 else even_steps
+            way = way_for(number, odd_steps)
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
             continued = time.monotonic()
             if way == "resume" and done.returncode == ExitCode.REFUSED and "nothing to resume" in done.stderr:
@@ -176,9 +192,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                             f"{listed - killed:.1f}, checked {checked - listed:.1f}, {way} {continued - checked:.1f}, "
                             f"healthy {time.monotonic() - continued:.1f}")
         assert load.running
-    verified = load.verify()
-    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
-    assert verified.ok, verified.missing_writes[:5]
+    nothing_lost(load, outcomes)
 
 
 def snapshot_groups(lab, host: str) -> dict[str, str]:
@@ -200,10 +214,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
 
     lab, host = home, OTHER_PRIMARY
     mounts = [mount.path for mount in lab.host(host).mounts]
-    result, envelope = igops(lab, "snapshot", "create", host, "--dry-run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["plan"]["steps"])
-    even_steps = "abort" if odd_steps == "resume" else "resume"
+    count = steps_planned(lab, "snapshot", "create", host)
     outcomes = []
     with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
@@ -215,7 +226,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
             record = wait_for(lambda: interrupted(lab, "snapshot-create"), 5, interval=0.5)
             assert record and record["step"]["number"] == number, (number, record)
             group = record["params"]["group"]
-            way = odd_steps if number % 2 else even_steps
+            way = way_for(number, odd_steps)
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
             after = snapshot_groups(lab, host)
             if way == "resume" and done.returncode == ExitCode.REFUSED and "is complete" in done.stderr:
@@ -231,9 +242,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
             outcomes.append(f"[{number}] {way}: {time.monotonic() - killed:.0f} s")
         assert load.running
-    verified = load.verify()
-    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
-    assert verified.ok, verified.missing_writes[:5]
+    nothing_lost(load, outcomes)
 
 
 @pytest.mark.timeout(900)
@@ -248,10 +257,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
 
     lab = home
     first = app_copy(tmp_path, "plan")
-    result, envelope = igops(lab, "deploy", "--source", str(first), "--batch", "1", "--dry-run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    count = len(envelope["plan"]["steps"])
-    even_steps = "abort" if odd_steps == "resume" else "resume"
+    count = steps_planned(lab, "deploy", "--source", str(first), "--batch", "1")
     outcomes = []
     with Load(lab, tmp_path, duration=3600) as load:
         for number in range(1, count + 1):
@@ -265,7 +271,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
                 continue
             record = wait_for(lambda: interrupted(lab, "deploy"), 5, interval=0.5)
             assert record and record["step"]["number"] == number, (number, record)
-            way = odd_steps if number % 2 else even_steps
+            way = way_for(number, odd_steps)
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
             if way == "resume" and done.returncode == ExitCode.REFUSED:
                 assert "run the deploy again" in done.stderr or "nothing to resume" in done.stderr, done.stderr
@@ -281,9 +287,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
             outcomes.append(f"[{number}] {way}: {releases}")
         assert load.running
-    verified = load.verify()
-    print("\n" + "; ".join(outcomes) + f"\nload: {describe(load.report, verified)}")
-    assert verified.ok, verified.missing_writes[:5]
+    nothing_lost(load, outcomes)
     assert load.report["errors"] == 0, load.report["errors_by_kind"]
     back, _ = igops(lab, "deploy", "--yes")  # the lab ends on the working tree's release, as it began
     assert back.returncode == 0, back.stderr[-3000:]
