@@ -26,7 +26,7 @@ from igops.errors import AlreadyRunning, RefusedError
 from igops.operations import conflicts, journal
 from igops.operations.engine import OperationSpec
 from igops.operations.steps import Step, execute, from_spec
-from igops.output import Reporter
+from igops.output import Reporter, plural
 
 RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin",
              "snapshot-create")
@@ -201,7 +201,7 @@ def _snapshot_continuation(fleet, record: dict, resume: bool) -> Continuation:
                                     hook=params.get("hook", True), allow_primary=params.get("allow_primary", False))
     deletes = snapshot.delete_steps(partial, []) if partial else []
     verb = "Resume" if resume else "Abort"
-    title = f"{verb} {record['id']}: " + (f"delete the {len(deletes)} snapshots of group {params['group']}"
+    title = f"{verb} {record['id']}: " + (f"delete the {plural(len(deletes), 'snapshot')} of group {params['group']}"
                                           if deletes else f"group {params['group']} has no snapshots to delete")
     if plan:
         title += f", then take group {plan.group_id}"
