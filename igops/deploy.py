@@ -853,6 +853,10 @@ def _existing_release(surveys: dict[str, HostReleases], content: str) -> str | N
     return max(candidates, key=lambda name: (candidates[name], name))
 
 
+class ReleaseMissing(RefusedError):
+    """A host still to switch lacks the release (pruned, or never staged there)."""
+
+
 def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate: HealthGate,
                   parallel: int | None = None) -> RolloutPlan:
     """To `to`, or to the release the fleet's newest release replaced."""
@@ -878,7 +882,7 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     inherit_releases_before(hosts, surveys, read_journal(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
-        raise RefusedError(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
+        raise ReleaseMissing(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
                            "choose a release every host has: see `igops deploy releases`")
     built_by_igops = all((surveys[h.host].release_info(to) or {}).get("built_at") for h in hosts if h.action == "roll")
     gate = dataclasses.replace(gate, require_release=built_by_igops)
@@ -907,8 +911,8 @@ def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
     try:
         plan = plan_rollback(app, params["target"], params["batch"], int(params["max_fail"]), gate,
                              params.get("parallel"))
-    except RefusedError as refused:
-        if "is not on" not in refused.message or kind != "deploy":
+    except ReleaseMissing as refused:
+        if kind != "deploy":
             raise
         raise RefusedError(f"the interrupted deploy had not staged release {params['target']} everywhere: "
                            + refused.message, "run the deploy again (igops deploy REV): it stages, then switches")

@@ -28,10 +28,13 @@ from igops.operations.engine import OperationSpec
 from igops.operations.steps import Step, execute, from_spec
 from igops.output import Reporter, plural
 
-RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin",
-             "snapshot-create")
-# Kinds whose own command continues an interrupted run: what ops resume tells the operator to run.
+RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
+# Kinds whose own command continues an interrupted run: what ops resume tells the operator to run
+# (for a snapshot or deploy whose record predates the parameters resume needs, too).
 RERUN = {
+    "deploy": "igops deploy {target}",
+    "deploy-rollback": "igops deploy rollback",
+    "snapshot-create": "igops snapshot create {host}",
     "shard-move": "igops shard moves, then igops shard move --resume ID",
     "shard-rebalance": "igops shard moves, then igops shard move --resume ID for the move it was in",
 }
