@@ -628,6 +628,7 @@ def _plan_pg_roll_back(view: _PgView, stopped: str) -> PgPlan:
         if node.role == "standby":
             plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
                                      (name, stopped)))
+            plan.actions.append(_drop_rejoin_reservation_step(name, stopped))
         else:
             plan.notes.append(f"{name}: {node.state}; rejoin it later (igops pg rejoin {name})")
     running = [name for name in others if state.node(name).role == "standby"]
@@ -702,6 +703,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
     steps += [
         Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
              "wait_received", (candidate,)),
+        _reserve_rejoin_wal_step(candidate, primary),
         # A failed promotion is undone (the old primary started again) only once the candidate is
         # verified stopped and still in recovery; once it is promoted, failures roll forward.
         Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
@@ -1070,6 +1072,22 @@ def _rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
         Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
     return steps
+
+
+def _reserve_rejoin_wal_step(candidate: str, primary: str) -> Step:
+    # From the promotion until repmgr creates the old primary's slot at its rejoin, nothing on
+    # the new primary holds the WAL that rejoin starts from (wal_keep_size may be 0): the
+    # rejoin's own CHECKPOINT could remove that segment once writes have resumed. Reserved while
+    # the candidate is still a standby, the slot starts at its last restartpoint, before anything
+    # the old primary can need; repmgr node rejoin then streams through that very slot.
+    return Step(f"{candidate}: reserve the WAL {primary} needs to rejoin (a replication slot named as repmgr names "
+                f"{primary}'s, from {candidate}'s last restartpoint on)", "reserve_rejoin_wal", (candidate, primary),
+                undo=_drop_rejoin_reservation_step(candidate, primary))
+
+
+def _drop_rejoin_reservation_step(candidate: str, primary: str) -> Step:
+    return Step(f"{candidate}: drop the slot reserved for {primary}'s rejoin, if no one streams through it",
+                "drop_rejoin_reservation", (candidate, primary))
 
 
 def _release_switch_segment_step(primary: str, standbys: list[str]) -> Step:
@@ -1588,6 +1606,40 @@ class PgActions:
                 raise IgopsError(f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s",
                                  f"see {node}'s Postgres log")
             time.sleep(0.2)
+
+    def _slot_of(self, cursor, node: str) -> str:
+        cursor.execute("SELECT slot_name FROM repmgr.nodes WHERE node_name = %s", (node,))
+        row = cursor.fetchone()
+        if not row or not row[0]:
+            raise IgopsError(f"repmgr's metadata names no replication slot for {node}",
+                             "set use_replication_slots in repmgr.conf and re-register the member")
+        return row[0]
+
+    def reserve_rejoin_wal(self, node: str, for_node: str) -> str:
+        connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
+        try:
+            with connection.cursor() as cursor:
+                slot = self._slot_of(cursor, for_node)
+                cursor.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+                row = cursor.fetchone()
+                if row is None:
+                    cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)",
+                                   (slot,))
+                    return f"{slot} holds WAL from {cursor.fetchone()[0]}"
+                return f"{slot} exists already (from {row[0] or 'no position'})"
+        finally:
+            connection.close()
+
+    def drop_rejoin_reservation(self, node: str, for_node: str) -> str:
+        connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
+        try:
+            with connection.cursor() as cursor:
+                slot = self._slot_of(cursor, for_node)
+                cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                               "WHERE slot_name = %s AND NOT active", (slot,))
+                return f"dropped {slot}" if cursor.rowcount else f"{slot}: none inactive"
+        finally:
+            connection.close()
 
     def release_switch_segment(self, primary: str, standbys: tuple = ()) -> str:
         """A promotion copies the segment it happened in onto the new timeline, and Postgres

@@ -195,6 +195,35 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     nothing_lost(load, outcomes)
 
 
+def test_the_old_primary_rejoins_after_the_new_one_moved_on_several_segments(home):
+    """A switchover killed after its promotion, the new primary's WAL then several segments on
+    and checkpointed: the segment the old primary's rejoin starts from is still there (held by
+    the slot the switchover reserved before promoting), so `ops resume` rejoins it."""
+    from igops import postgres
+
+    lab = home
+    result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    titles = envelope["plan"]["steps"]
+    number = next(i for i, title in enumerate(titles, 1) if "record it as the primary" in title)
+    killed_at(lab, ["pg", "switchover", "main", "--to", OTHER_PRIMARY], number)
+    record = wait_for(lambda: interrupted(lab, "pg-switchover"), lab.model.coordination.lease_ttl + 5, interval=0.5)
+    assert record and record["step"]["number"] == number, record
+    connection = postgres.connect(lab, lab.host(OTHER_PRIMARY), statement_timeout_ms=None)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT slot_name FROM pg_replication_slots WHERE NOT active")
+            assert cursor.fetchall(), "no slot holds the old primary's WAL"
+            for _ in range(3):
+                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'segment'), pg_switch_wal()")
+            cursor.execute("CHECKPOINT")
+    finally:
+        connection.close()
+    done, _ = igops(lab, "ops", "resume", record["id"], "--yes")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert wait_for(lambda: pg_healthy(lab), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
+
+
 def snapshot_groups(lab, host: str) -> dict[str, str]:
     """group id -> state, of the host's snapshot groups."""
     from igops import snapshot

@@ -356,8 +356,24 @@ def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_t
     assert [(step.action, step.args) for step in plan.actions] == [
         ("pause_repmgrd", ("db2",)),
         ("unfence_and_start", ("db1", ("db2", "db3"))), ("resume", ({"pgb1": ["directory", "main"]},)),
-        ("wait_streaming", ("db2", "db1")), ("wait_streaming", ("db3", "db1")),
+        ("wait_streaming", ("db2", "db1")), ("drop_rejoin_reservation", ("db2", "db1")),
+        ("wait_streaming", ("db3", "db1")), ("drop_rejoin_reservation", ("db3", "db1")),
         ("unpause_repmgrd", (("db1", "db2", "db3"),))]
+
+
+def test_the_old_primarys_rejoin_wal_is_reserved_before_the_promotion_and_released_if_it_is_undone(fleet):
+    # Nothing else holds that WAL on the new primary until the rejoin: its CHECKPOINT could
+    # remove the segment the rejoin starts from.
+    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
+    actions = [step.action for step in steps]
+    reserve = steps[actions.index("reserve_rejoin_wal")]
+    assert reserve.args == ("db2", "db1") and reserve.undo.action == "drop_rejoin_reservation"
+    assert actions.index("wait_received") < actions.index("reserve_rejoin_wal") == actions.index("promote") - 1
+    recorder = Recorder(fail="promote")
+    with pytest.raises(step_runner.StepFailed):
+        step_runner.execute(steps, recorder, Reporter(), "hint")
+    undone = recorder.calls[recorder.calls.index("promote") + 1:]
+    assert undone.index("drop_rejoin_reservation") < undone.index("unfence_and_start")
 
 
 # --- repmgrd -----------------------------------------------------------------------------------
