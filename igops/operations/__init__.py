@@ -8,7 +8,8 @@ an operator (user@host, pid) and an optional reason. The engine:
 - writes a write-ahead journal (`journal`): the operation's record, then an entry before each
   step (intent) and after it (result, timing, what a resume needs), then its end;
 - audits its start and its end, and stops at the next step boundary if its lease is lost;
-- runs plans of `Step`s with their undos and releases (`engine.run_steps`).
+- and the plans of `Step`s that failover and `ops abort` run go through `steps.execute`, which
+  runs a failed plan's undos and releases.
 
 `igops ops list|show|history|resume|abort` read and act on what it records.
 """
