@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from igops import inventory, postgres, redisops, remote
 from igops.bouncer_watchdog import PauseWatchdogs

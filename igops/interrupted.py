@@ -18,8 +18,9 @@ alive: a resumed or aborted operation must never race the process that started i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from igops import failover
 from igops.errors import AlreadyRunning, RefusedError

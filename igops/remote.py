@@ -13,10 +13,10 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from igops.errors import UsageError
 
@@ -260,7 +260,7 @@ class Session:
         self._buffer = bytearray()
         self._channel = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         from igops.errors import RemoteError
 
         try:

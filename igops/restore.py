@@ -17,8 +17,17 @@ from pathlib import PurePosixPath
 from igops import remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
-from igops.snapshot import (STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_RAID_INDEX,
-                            TAG_RAID_LEVEL, TAG_ROLE, find_group)
+from igops.snapshot import (
+    STATE_COMPLETE,
+    TAG_FSTYPE,
+    TAG_GROUP,
+    TAG_HOST,
+    TAG_MOUNT,
+    TAG_RAID_INDEX,
+    TAG_RAID_LEVEL,
+    TAG_ROLE,
+    find_group,
+)
 
 TAG_RESTORED_TO = "igops:restored-to"
 TAG_RESTORED_AT = "igops:restored-at"

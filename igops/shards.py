@@ -22,16 +22,25 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.output import Reporter, plural
 from igops.postgres import first_line
-from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
-                                  quote_ident, replication_connection, replication_conninfo)
+from igops.postgres_admin import (
+    QUIET_STATEMENT_LOGGING,
+    connect,
+    last_primary,
+    primary_connection,
+    primary_of,
+    quote_ident,
+    replication_connection,
+    replication_conninfo,
+)
 from igops.shard_changes import ChangedRows
 
 # --- IDs --------------------------------------------------------------------------------------
@@ -85,12 +94,12 @@ def parse_time(text: str) -> int:
         raise UsageError(f"cannot read time {text!r}",
                          "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return round(moment.timestamp() * 1000)
 
 
 def format_ms(unix_ms: int) -> str:
-    moment = datetime.fromtimestamp(unix_ms / 1000, timezone.utc)
+    moment = datetime.fromtimestamp(unix_ms / 1000, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -1073,7 +1082,7 @@ class Journal:
             return self._select("true", (), limit)
         return self._select("logical_shard = %s", (shard,), limit)
 
-    def create(self, plan: "MovePlan") -> MoveRecord:
+    def create(self, plan: MovePlan) -> MoveRecord:
         from psycopg2 import errors
 
         self.ensure()
@@ -1116,7 +1125,7 @@ class Journal:
         self.update(move_id, error=error[:2000])
 
     def finish(self, move_id: int, status: str, step: str | None = None, error: str | None = None) -> None:
-        self.update(move_id, step=step, status=status, finished_at=datetime.now(timezone.utc), error=error)
+        self.update(move_id, step=step, status=status, finished_at=datetime.now(UTC), error=error)
 
     def hold_shard(self, shard: int) -> None:
         """Take the shard's move lock for the life of this connection, or say who has it."""
@@ -1560,7 +1569,7 @@ class _Mover:
                     future.result()
         return counter.rows, counter.bytes
 
-    def _copy_table(self, table: str, snapshot: str, counter: "_CopyCounter") -> None:
+    def _copy_table(self, table: str, snapshot: str, counter: _CopyCounter) -> None:
         """One table's COPY out of the source into the target. The target's transaction
         commits only when the source's COPY finished whole."""
         from psycopg2 import sql

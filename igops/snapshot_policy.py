@@ -11,9 +11,9 @@ and replicas), or a host with data mounts in neither. Policies come from the inv
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable, Mapping
 
 from igops import schedule as schedules
 from igops.output import plural

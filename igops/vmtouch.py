@@ -113,7 +113,7 @@ class WarmResult:
     concurrency: int
 
     @classmethod
-    def from_summary(cls, source: str, target: str, summary: dict) -> "WarmResult":
+    def from_summary(cls, source: str, target: str, summary: dict) -> WarmResult:
         return cls(source=source, target=target, files=summary["files"], pages=summary["pages"],
                    page_size=summary["page_size"], warmed_files=summary["warmed_files"],
                    warmed_pages=summary["warmed_pages"], warmed_bytes=summary["warmed_bytes"],

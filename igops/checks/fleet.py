@@ -15,15 +15,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 from igops import remote, status
-from igops.checks import Perf, Probe, Result, host_python, level, worst
-from igops.checks import munin as munin_checks
-from igops.checks import snapshots as snapshot_checks
+from igops.checks import (
+    Perf,
+    Probe,
+    Result,
+    host_python,
+    level,
+    munin as munin_checks,
+    snapshots as snapshot_checks,
+    worst,
+)
 from igops.errors import NagiosStatus, UsageError
 from igops.output import plural
 from igops.secrets import Secrets
@@ -765,4 +772,4 @@ def pingdom_probes(context: Context) -> list[Probe]:
 
 
 def _clock(timestamp) -> str:
-    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%H:%M UTC")
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%H:%M UTC")

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from igops.errors import NagiosStatus, UsageError
 from igops.output import Reporter
@@ -226,4 +226,4 @@ class Pager:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

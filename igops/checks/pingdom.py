@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from igops.errors import IgopsError, UsageError
 from igops.output import Reporter
@@ -67,7 +67,7 @@ class Pingdom:
                                       "User-Agent": "igops"})
 
     @classmethod
-    def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> "Pingdom":
+    def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> Pingdom:
         from igops.secrets import Secrets
 
         token = Secrets(fleet.model.secrets.file).require("pingdom_token")

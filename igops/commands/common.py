@@ -3,10 +3,11 @@ confirm → lock → act → audit sequence of mutating commands."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import typer
 

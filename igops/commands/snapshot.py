@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import List, Optional
+from datetime import UTC, datetime, timedelta
 
 import typer
 
@@ -35,9 +34,9 @@ ACCEPT_RISK_OPTION = typer.Option(False, "--accept-risk",
 def create(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose data filesystems to snapshot."),
-    mount: Optional[List[str]] = typer.Option(None, "--mount", "-m",
+    mount: list[str] | None = typer.Option(None, "--mount", "-m",
                                               help="A mount point (repeatable; default: the host's data mounts)."),
-    deadline: Optional[float] = typer.Option(None, "--deadline", min=1, max=120,
+    deadline: float | None = typer.Option(None, "--deadline", min=1, max=120,
                                              help="Hard thaw deadline in seconds (default from the inventory, 10)."),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
     allow_primary: bool = typer.Option(False, "--allow-primary",
@@ -86,7 +85,7 @@ def create(
 @app.command("list")
 def list_groups(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only this host's groups."),
+    host: str | None = typer.Option(None, "--host", "-H", help="Only this host's groups."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Snapshot groups, newest first."""
@@ -135,7 +134,7 @@ def prune(
     keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="… of each of the last N days."),
     keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="… of each of the last N ISO weeks."),
     keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="… of each of the last N months."),
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only delete this host's groups."),
+    host: str | None = typer.Option(None, "--host", "-H", help="Only delete this host's groups."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -159,7 +158,7 @@ def prune(
                                                    "--keep-monthly, or set keep_* in the inventory's [snapshot] policy")
         ebs = Ebs(fleet)
         plan = snapshot_policy.plan_prune(snapshot.groups(ebs), *snapshot_policy.prune_rules(sets, flags),
-                                          datetime.now(timezone.utc),
+                                          datetime.now(UTC),
                                           timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
@@ -204,7 +203,7 @@ def delete(
             raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
         data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
         siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
-        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(timezone.utc),
+        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(UTC),
                                              timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         if risks and not accept_risk:
             release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
@@ -302,7 +301,7 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
                          "snapshot cron has nothing to do",
                          'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md')
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     groups = snapshot.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
     report = {"dry_run": dry_run, "busy": False, "due": [data_set.name for data_set in due], "taken": [],
@@ -359,7 +358,7 @@ def restore(
     ctx: typer.Context,
     group: str = typer.Argument(..., help="A complete group id."),
     to: str = typer.Option(..., "--to", help="The host to restore onto."),
-    at: Optional[str] = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
+    at: str | None = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
                                                         "'/' mounts at the original paths)."),
     port: int = typer.Option(5499, "--port", min=1, max=65535,
                              help="Port of the restored Postgres (it listens on its own socket only)."),

@@ -18,10 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, baseline, credentials, etcd, files, pooler, postgres, proc, services, sshd, state, storage
-from igops.lab import inventory as lab_inventory
-from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
-                             with_role)
+from igops.lab import (
+    aws,
+    baseline,
+    credentials,
+    etcd,
+    files,
+    inventory as lab_inventory,
+    pooler,
+    postgres,
+    proc,
+    services,
+    sshd,
+    state,
+    storage,
+)
+from igops.lab.state import (
+    CLUSTERS,
+    HOSTS,
+    MARKER_ENV,
+    MOTO,
+    PAGERDUTY,
+    PINGDOM,
+    REDIS_MASTER,
+    SSH_PORT,
+    Paths,
+    with_role,
+)
 from igops.operations import journal
 from igops.output import Reporter, plural
 

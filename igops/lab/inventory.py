@@ -15,9 +15,25 @@ from igops import inventory
 from igops.lab import files, services
 from igops.lab.aws import ENDPOINT, AwsState
 from igops.lab.postgres import BIN_DIR
-from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, HOSTS, LB_PORT, LOGICAL_SHARDS,
-                             MEMCACHED_PORT, MUNIN_PORT, PAGERDUTY, PGBOUNCER_PORT, PINGDOM, POSTGRES_PORT,
-                             REDIS_PORT, SSH_PORT, Paths, etcd_endpoints)
+from igops.lab.state import (
+    APP_PORT,
+    AWS_REGION,
+    CLUSTERS,
+    DIRECTORY_CLUSTER,
+    HOSTS,
+    LB_PORT,
+    LOGICAL_SHARDS,
+    MEMCACHED_PORT,
+    MUNIN_PORT,
+    PAGERDUTY,
+    PGBOUNCER_PORT,
+    PINGDOM,
+    POSTGRES_PORT,
+    REDIS_PORT,
+    SSH_PORT,
+    Paths,
+    etcd_endpoints,
+)
 from igops.lab.storage import VolumeState
 
 # The lease TTL of the lab's operations: the default a real fleet starts from.

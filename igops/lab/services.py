@@ -18,9 +18,25 @@ from pathlib import Path
 
 from igops.lab import aws, files, proc
 from igops.lab.credentials import Credentials
-from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, LB_PORT, MARKER_ENV, MEMCACHED_PORT,
-                             MOTO, MUNIN_PORT, PGBOUNCER_PORT, PHOTO_BUCKET, POSTGRES_PORT, REDIS_MASTER,
-                             REDIS_PORT, Paths, host, with_role)
+from igops.lab.state import (
+    APP_PORT,
+    AWS_REGION,
+    CLUSTERS,
+    DIRECTORY_CLUSTER,
+    LB_PORT,
+    MARKER_ENV,
+    MEMCACHED_PORT,
+    MOTO,
+    MUNIN_PORT,
+    PGBOUNCER_PORT,
+    PHOTO_BUCKET,
+    POSTGRES_PORT,
+    REDIS_MASTER,
+    REDIS_PORT,
+    Paths,
+    host,
+    with_role,
+)
 
 MUNIN_PLUGINS = ("cpu", "load", "memory", "uptime")
 MUNIN_PLUGIN_LIBRARY = Path("/usr/share/munin/plugins")

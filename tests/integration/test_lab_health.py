@@ -7,8 +7,7 @@ import json
 import pytest
 
 from igops.errors import ExitCode
-from igops.lab import postgres as lab_postgres
-from igops.lab import files, state
+from igops.lab import files, postgres as lab_postgres, state
 from igops.lab.credentials import load as load_credentials
 from tests.conftest import run_igops
 from tests.labtools import trim_wal

@@ -16,8 +16,7 @@ from igops import inventory
 from igops.errors import ExitCode
 from igops.operations import conflicts, engine
 from igops.output import Reporter
-from tests.integration.test_coordination import (bastion, forget_test_keys,  # noqa: F401 - autouse: keys go after
-                                                 run_igops, write_inventory)
+from tests.integration.test_coordination import bastion, forget_test_keys, run_igops, write_inventory  # noqa: F401 - autouse: keys go after
 
 pytestmark = pytest.mark.lab
 

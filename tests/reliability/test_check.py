@@ -20,8 +20,8 @@ from igops.lab import state
 from igops.lab.proc import alive  # a zombie is dead: the lab's daemons may be this process's children
 from igops.secrets import Secrets
 from tests.conftest import run_igops
-from tests.labtools import wait_for
 from tests.integration.test_monitoring import Receivers, own_inventory, resolve_leftovers
+from tests.labtools import wait_for
 
 pytestmark = pytest.mark.lab
 

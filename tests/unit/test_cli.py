@@ -13,7 +13,6 @@ import pytest
 
 from igops import safety
 from igops.errors import ExitCode
-
 from tests.conftest import IGOPS, ROOT, run_igops
 from tests.unit.inventories import unit_inventory
 

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from igops import failover, inventory, postgres, redisops
-from igops.operations import steps as step_runner
 from igops.errors import ExitCode, IgopsError
+from igops.operations import steps as step_runner
 from igops.output import Reporter
 from tests.conftest import run_igops
 

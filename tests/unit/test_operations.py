@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC
 
 import pytest
 
@@ -261,11 +262,11 @@ def test_hosts_a_deploy_drained_warn_unless_a_deploy_is_running():
 
 
 def test_an_operation_is_overdue_only_past_its_kinds_expected_duration():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from igops import operations_view
 
-    now = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
     record = {"kind": "pg-switchover", "status": "running", "started": (now - timedelta(minutes=4)).isoformat()}
     assert operations_view.overdue(record, now) is None
     record["started"] = (now - timedelta(minutes=7)).isoformat()

@@ -2,8 +2,7 @@
 where a resumed move picks up, journal states, schema differences and the initial layout."""
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from igops import shards
 from igops.commands.shard import PausePoint

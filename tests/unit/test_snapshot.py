@@ -1,10 +1,10 @@
 """Snapshot planning without a fleet: block-device discovery parsers on recorded host output,
 volume mapping, retention, and the restore script."""
 
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-import shlex
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -118,12 +118,12 @@ def test_member_count_mismatch_is_refused():
         snapshot.map_volumes(host, [raid_entry()], ATTACHED)
 
 
-def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)):
+def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=UTC)):
     created = now - timedelta(hours=hours_ago)
     return snapshot.SnapshotGroup(f"{host}-{hours_ago}", host, ["/data"], 2, 2, state, created, 2, 10.0)
 
 
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def by_host(retention, grace=timedelta(hours=1), now=NOW):
@@ -140,7 +140,7 @@ def test_prune_keep_last():
 
 
 def test_prune_hourly_daily_weekly_buckets():
-    now = datetime(2026, 11, 23, 12, 40, tzinfo=timezone.utc)  # a Monday
+    now = datetime(2026, 11, 23, 12, 40, tzinfo=UTC)  # a Monday
     groups = [group("db1", h, now=now) for h in (0, 0.5, 1, 2, 24, 25, 48, 24 * 8, 24 * 15)]
     plan = by_host(snapshot_policy.Retention(hourly=2, daily=3, weekly=3), now=now)(groups)
     assert plan.keep["db1-0"] == ["newest complete", "hourly", "daily", "weekly"]
