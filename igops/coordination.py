@@ -409,7 +409,7 @@ class EtcdCoordinator:
                 break
             self._revoke(lease_id)
             held_by = [(resource, kvs[0]) for resource, response in zip(sorted(set(resources)),
-                                                                        answer.get("responses") or [])
+                                                                        answer.get("responses") or [], strict=False)
                        if (kvs := (response.get("response_range") or {}).get("kvs") or [])]
             if self._revoke_dead_holders([kv for _, kv in held_by]):
                 continue  # their process is gone from this very machine: try again at once

@@ -228,7 +228,8 @@ def _read_git(source: Path, revision: str) -> SourceTree:
             if any(part in EXCLUDED_DIRS for part in parts) or relative.endswith(EXCLUDED_SUFFIXES):
                 continue
             if not member.isfile():
-                raise UsageError(f"{member.name} at {revision} is not a regular file", "a release holds regular files only")
+                raise UsageError(f"{member.name} at {revision} is not a regular file",
+                                 "a release holds regular files only")
             files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
     if not files:
         raise UsageError(f"{prefix} is empty at {revision}")
@@ -368,7 +369,8 @@ class AppFleet:
     def of(cls, fleet) -> AppFleet:
         hosts = fleet.with_role("app")
         if not hosts:
-            raise UsageError("no host has the 'app' role", f"add roles = [\"app\"] to the app servers in {fleet.source}")
+            raise UsageError("no host has the 'app' role",
+                             f"add roles = [\"app\"] to the app servers in {fleet.source}")
         return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
 
     def __enter__(self) -> AppFleet:
@@ -694,7 +696,8 @@ class RolloutPlan:
             elif host.before and host.before != host.current:
                 steps.append(f"{host.host}: {host.detail}")
         if not self.lbs:
-            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a load balancer")
+            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a "
+                         "load balancer")
         return steps
 
 
@@ -916,7 +919,8 @@ def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
         if kind != "deploy":
             raise
         raise RefusedError(f"the interrupted deploy had not staged release {params['target']} everywhere: "
-                           + refused.message, "run the deploy again (igops deploy REV): it stages, then switches")
+                           + refused.message,
+                           "run the deploy again (igops deploy REV): it stages, then switches") from None
     return dataclasses.replace(plan, kind="deploy" if kind == "deploy" else "rollback",
                                target_description=f"resumed {kind} of {params['target']}")
 
@@ -1188,7 +1192,8 @@ class Rollout:
                 step.status, step.detail = "failed", str(exc)
                 for name in names:
                     outcome = self.outcomes[name]
-                    outcome.detail = f"{outcome.detail + '; ' if outcome.detail else ''}could not be put back: {exc.message}"
+                    outcome.detail = (f"{outcome.detail + '; ' if outcome.detail else ''}"
+                                      f"could not be put back: {exc.message}")
                 return
             for name in names:
                 self.outcomes[name].in_lb = True
@@ -1314,7 +1319,8 @@ class Rollout:
                        "duration_s": result.duration_s}
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
-            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key, f"{self.app.name}: {result.summary()}",
+            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key,
+                                                 f"{self.app.name}: {result.summary()}",
                                f"igops on {socket.gethostname()}", details)
             step.detail = sent.detail + (f" after {sent.attempts} attempts" if sent.attempts > 1 else "")
             if not sent.sent:

@@ -190,7 +190,7 @@ class Output(Reporter):
                             self.out.width if terminal else None, ruled, wide=self.wide)
         table = Table(title=Text(redact(title)) if title else None, title_justify="left", show_edge=False,
                       pad_edge=False, box=box.HEAVY_HEAD if ruled else None)
-        for index, width in zip(fit.shown, fit.widths):
+        for index, width in zip(fit.shown, fit.widths, strict=False):
             table.add_column(Text(spec[index].name), width=width, no_wrap=not spec[index].wrap, overflow="fold")
         for row in texts:
             table.add_row(*(row[index] for index in fit.shown))

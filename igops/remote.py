@@ -267,7 +267,8 @@ class Session:
             self._connection.open()
         except Exception as exc:  # noqa: BLE001
             self._connection.close()
-            raise RemoteError(f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}") from None
+            raise RemoteError(f"{self.target.name}: "
+                              f"{describe_connect_error(exc, self.target, self._settings)}") from None
         self._channel = self._connection.client.get_transport().open_session(
             timeout=self._settings.connect_timeout)
         self._channel.exec_command(self._command)

@@ -130,7 +130,8 @@ def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None
         raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
     chosen = mounts or [mount.path for mount in host.mounts]
     if not chosen:
-        raise UsageError(f"host {host.name} has no data mounts", "pass --mount or list [[hosts.mounts]] in the inventory")
+        raise UsageError(f"host {host.name} has no data mounts",
+                         "pass --mount or list [[hosts.mounts]] in the inventory")
     for path in chosen:
         if path.rstrip("/") == "":
             raise RefusedError("refusing to freeze /", "freeze only data filesystems")
@@ -318,7 +319,8 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
             ebs.tag([result.snapshots[volume.volume_id]], {
                 TAG_MOUNT: volume.mount, TAG_DEVICE: volume.device, TAG_FSTYPE: volume.fstype,
                 TAG_RAID_INDEX: str(volume.raid_index), TAG_RAID_MEMBERS: str(volume.raid_members),
-                TAG_RAID_LEVEL: volume.raid_level or "none", "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
+                TAG_RAID_LEVEL: volume.raid_level or "none",
+                "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
                 TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}"})
         ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
     result.state = STATE_COMPLETE

@@ -61,7 +61,8 @@ class DataSet:
 
     @property
     def label(self) -> str:
-        return {"cluster": f"Postgres cluster {self.name}", "redis": "the Redis set"}.get(self.kind, f"host {self.name}")
+        kinds = {"cluster": f"Postgres cluster {self.name}", "redis": "the Redis set"}
+        return kinds.get(self.kind, f"host {self.name}")
 
     def holds(self, group: SnapshotGroup) -> bool:
         return group.host in self.members
@@ -133,7 +134,7 @@ def due(data_set: DataSet, groups: list[SnapshotGroup], now: datetime, grace: ti
 BUCKETS: dict[str, Callable[[datetime], str]] = {
     "hourly": lambda moment: moment.strftime("%Y-%m-%d %H"),
     "daily": lambda moment: moment.strftime("%Y-%m-%d"),
-    "weekly": lambda moment: "%d-W%02d" % moment.isocalendar()[:2],
+    "weekly": lambda moment: "{}-W{:02d}".format(*moment.isocalendar()[:2]),
     "monthly": lambda moment: moment.strftime("%Y-%m"),
 }
 

@@ -26,16 +26,16 @@ def check(
     ctx: typer.Context,
     role: list[str] | None = ROLE_OPTION,
     only: list[str] | None = typer.Option(None, "--only", metavar="CHECK",
-                                             help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
-                                                  "pgbouncer, redis, memcached, munin, snapshot, pingdom."),
+                                          help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
+                                               "pgbouncer, redis, memcached, munin, snapshot, pingdom."),
     nagios: bool = typer.Option(False, "--nagios", help="One line with perfdata; exit 0/1/2/3 (OK, WARNING, "
                                                         "CRITICAL, UNKNOWN)."),
     page: bool = typer.Option(False, "--page", help="Trigger PagerDuty for what is CRITICAL, resolve what recovered."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when all is well; only the problems "
                                                            "otherwise (for cron)."),
     timeout: float | None = typer.Option(None, "--timeout", "-t", min=0.5, max=300,
-                                            help="One deadline for the whole run, in seconds (default: [check] "
-                                                 "timeout, 10)."),
+                                         help="One deadline for the whole run, in seconds (default: [check] "
+                                              "timeout, 10)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer,

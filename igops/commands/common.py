@@ -35,7 +35,7 @@ WATCH_OPTION = typer.Option(None, "--watch", metavar="[SECONDS]", min=0.1, max=8
                                  "with --json, one envelope per line each time.")
 
 
-class TableFormat(str, Enum):
+class TableFormat(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     """How tables print: `table` ruled on a terminal, `plain` aligned columns without rules,
     `tsv` a header row and tab-separated rows, nothing else on stdout."""
     table = "table"

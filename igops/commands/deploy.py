@@ -104,7 +104,7 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
 def run(
     ctx: typer.Context,
     rev: str | None = typer.Argument(None, metavar="REV",
-                                        help="A git revision of the app (default: the working tree)."),
+                                     help="A git revision of the app (default: the working tree)."),
     source: Path = typer.Option(Path("app"), "--source", "-s",
                                 help="The app package directory (with REV: its path in the git work tree)."),
     batch: str = BATCH_OPTION,
@@ -188,7 +188,8 @@ def releases(
         if report.last_run:
             last = report.last_run
             out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
-                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
+                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, "
+                     f"updated {last.get('updated')}")
         out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
                  else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
         code = ExitCode.OK if not report.problems else ExitCode.PROBLEMS_FOUND

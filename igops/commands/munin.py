@@ -18,8 +18,8 @@ app = typer.Typer(help="Munin: install igops' plugins (app, Postgres, Redis, PgB
 def install(
     ctx: typer.Context,
     role: list[str] | None = typer.Option(None, "--role", "-r",
-                                             help="Only hosts with this role (repeatable; default: every host "
-                                                  "with the munin role)."),
+                                          help="Only hosts with this role (repeatable; default: every host "
+                                               "with the munin role)."),
     restart: bool = typer.Option(False, "--restart", help="Restart munin-node even if nothing changed."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,

@@ -112,7 +112,7 @@ def _since(text: str | None) -> datetime | None:
 def history(
     ctx: typer.Context,
     since: str | None = typer.Option(None, "--since", metavar="WHEN",
-                                        help="Only records since then: a duration back (90m, 12h, 7d) or a time."),
+                                     help="Only records since then: a duration back (90m, 12h, 7d) or a time."),
     target: str | None = typer.Option(None, "--target", metavar="NAME", help="Only records naming this target."),
     limit: int = typer.Option(50, "--limit", min=1, help="At most this many records, the newest."),
     json_flag: bool = JSON_OPTION,

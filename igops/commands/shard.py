@@ -19,12 +19,12 @@ id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:
 app.add_typer(id_app, name="id")
 
 
-class Balance(str, Enum):
+class Balance(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     shards = "shards"
     bytes = "bytes"
 
 
-class PausePoint(str, Enum):
+class PausePoint(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     planned = "planned"
     target_ready = "target_ready"
     published = "published"
@@ -35,6 +35,11 @@ class PausePoint(str, Enum):
     locked = "locked"
     fenced = "fenced"
     switched = "switched"
+
+
+# Built once from the enum, so that the help names every point the move can stop at.
+PAUSE_AFTER_HELP = ("Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
+                    "STEP: " + ", ".join(point.value for point in PausePoint) + ".")
 
 
 def _bytes(value) -> str:
@@ -121,7 +126,7 @@ def show_map(
 def init(
     ctx: typer.Context,
     count: int | None = typer.Option(None, "--count", min=1, max=8192,
-                                        help="Logical shards (default: [shards] count in the inventory)."),
+                                     help="Logical shards (default: [shards] count in the inventory)."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -171,11 +176,9 @@ def move(
     to: str | None = typer.Option(None, "--to", help="The cluster to move it to."),
     resume: int | None = typer.Option(None, "--resume", metavar="ID", help="Finish an interrupted move."),
     abort: int | None = typer.Option(None, "--abort", metavar="ID",
-                                        help="Roll back a move that has not switched the map."),
+                                     help="Roll back a move that has not switched the map."),
     pause_after: PausePoint | None = typer.Option(
-        None, "--pause-after", metavar="STEP",
-        help="Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
-             "STEP: " + ", ".join(point.value for point in PausePoint) + "."),
+        None, "--pause-after", metavar="STEP", help=PAUSE_AFTER_HELP),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -262,8 +265,8 @@ def verify(
     ctx: typer.Context,
     shard: int = typer.Argument(..., min=0, help="The logical shard."),
     against: str | None = typer.Option(None, "--against", metavar="CLUSTER",
-                                          help="Compare with the copy on this cluster (during a move, both are "
-                                               "read at one point of the stream)."),
+                                       help="Compare with the copy on this cluster (during a move, both are "
+                                            "read at one point of the stream)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Per-table row counts and ordered checksums, sequence values and a schema diff: against the

@@ -35,9 +35,9 @@ def create(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose data filesystems to snapshot."),
     mount: list[str] | None = typer.Option(None, "--mount", "-m",
-                                              help="A mount point (repeatable; default: the host's data mounts)."),
+                                           help="A mount point (repeatable; default: the host's data mounts)."),
     deadline: float | None = typer.Option(None, "--deadline", min=1, max=120,
-                                             help="Hard thaw deadline in seconds (default from the inventory, 10)."),
+                                          help="Hard thaw deadline in seconds (default from the inventory, 10)."),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
     allow_primary: bool = typer.Option(False, "--allow-primary",
                                        help="Freeze a live Postgres primary (its writes stall until the thaw); "
@@ -60,7 +60,8 @@ def create(
         with out.step(f"discover the volumes under {host}'s mounts"):
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
-            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host), targets=[host],
+            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host),
+                            targets=[host],
                             title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
@@ -70,7 +71,8 @@ def create(
                             outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
         except snapshot.SnapshotFailed as failed:
             out.table(None, ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],
-                      [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms, failed.result.error]])
+                      [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms,
+                        failed.result.error]])
             raise
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
@@ -130,7 +132,8 @@ def show(
 def prune(
     ctx: typer.Context,
     keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest complete groups per set of data."),
-    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0, help="Keep the newest group of each of the last N hours with one."),
+    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0,
+                                    help="Keep the newest group of each of the last N hours with one."),
     keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="… of each of the last N days."),
     keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="… of each of the last N ISO weeks."),
     keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="… of each of the last N months."),
@@ -164,7 +167,8 @@ def prune(
             plan.delete = [group for group in plan.delete if group.host == host]
         deleted = []
         if plan.delete:
-            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=[host or "all"],
+            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS],
+                             targets=[host or "all"],
                              title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
                              action=lambda reporter: snapshot.prune(ebs, plan, reporter),
@@ -379,7 +383,8 @@ def restore(
             undo = restoring.plan_cleanup(fleet, ebs, group, to)
             deleted = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
                              title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
-                             dry_run=dry_run, yes=yes, action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
+                             dry_run=dry_run, yes=yes,
+                             action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
             out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
             return
         plan = restoring.plan_restore(fleet, ebs, group, to, at, port)

@@ -27,7 +27,7 @@ app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm
                        "compare two hosts.", no_args_is_help=True)
 
 
-class Match(str, Enum):
+class Match(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     size = "size"
     mtime = "mtime"
     path = "path"
@@ -82,8 +82,8 @@ def capture(
     host: str = typer.Argument(..., help="The host whose page cache to read."),
     paths: list[str] | None = PATHS_ARGUMENT,
     output: str | None = typer.Option(None, "--output", "-o", metavar="PROFILE",
-                                         help="Write the profile here (default: HOST-TIME.pagecache.gz; "
-                                              "gzipped when the name ends in .gz)."),
+                                      help="Write the profile here (default: HOST-TIME.pagecache.gz; "
+                                           "gzipped when the name ends in .gz)."),
     emit_vmtouch: bool = typer.Option(False, "--emit-vmtouch",
                                       help="Print the equivalent `vmtouch -t -p RANGE FILE` commands on stdout "
                                            "(root i is $ROOTi, defaulting to the captured path)."),
@@ -185,8 +185,8 @@ def diff(
     paths: list[str] | None = PATHS_ARGUMENT,
     top: int = TOP_OPTION,
     at_least: float | None = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
-                                             help="Exit 5 when less than this share (0-1) of SOURCE's cached "
-                                                  "pages are cached on TARGET."),
+                                          help="Exit 5 when less than this share (0-1) of SOURCE's cached "
+                                               "pages are cached on TARGET."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """What share of SOURCE's cached pages are cached on TARGET, per file and in total. Read-only."""

@@ -217,7 +217,8 @@ def _ssh(paths: Paths) -> None:
     files.write_file(directory / "authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600,
                      owner=postgres.OS_USER)
     sshd.start(paths.ssh, SSHD_NAME, keys, [lab_host.address for lab_host in HOSTS], SSH_PORT,
-               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"), use_pam=True)
+               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"),
+               use_pam=True)
 
 
 def _redis_master(paths: Paths) -> str:
@@ -278,7 +279,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                         *services.redis_daemons(paths),
                         *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
             services.wait_for_replication()
-        with reporter.step("PgBouncer: re-read its databases file, resume what an interrupted operation paused") as step:
+        with reporter.step("PgBouncer: re-read its databases file, "
+                           "resume what an interrupted operation paused") as step:
             done = pooler.bring_to_health(creds, lab_inventory.coordinator(paths), _command_line(),
                                           reload=rerouted)
             report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]

@@ -78,7 +78,8 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
                             "minimum_redundancy": 2}),
         _table("snapshot.pre_freeze", {
             "postgres": f"runuser -u postgres -- {BIN_DIR}/psql -X -q -h "
-                        f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} -d postgres -c CHECKPOINT"}),
+                        f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} "
+                       "-d postgres -c CHECKPOINT"}),
         _table("monitoring", {"pingdom_url": f"http://{PINGDOM[0]}:{PINGDOM[1]}/api/3.1",
                               "pagerduty_url": f"http://{PAGERDUTY[0]}:{PAGERDUTY[1]}"}),
         _table("secrets", {"file": paths.secrets}),

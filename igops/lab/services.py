@@ -314,7 +314,8 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
             "--control-socket", str(shared / "gunicorn.ctl"),
             "--access-logfile", str(shared / "log" / "access.log"),
             "--error-logfile", str(shared / "log" / "error.log"),
-            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S), "app.wsgi:application")
+            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S),
+            "app.wsgi:application")
     env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
     return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
                        endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),

@@ -120,7 +120,7 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
     number, step = 0, None
     with _signals_as_interrupt() as interrupts:
         try:
-            for number, step in enumerate(steps, 1):
+            for number, step in enumerate(steps, 1):  # noqa: B007 - `number` is read below: the step that failed
                 if step.undo:
                     undos.append(step.undo)
                 if step.release:

@@ -76,7 +76,8 @@ def pairs(lab, tmp_path):
     replica = "redis2" if failover.redis_status(fleet).app_master == "redis1" else "redis1"
     return [
         ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", standby]),
-        ("pg-switchover", [conflicts.pg_cluster("main")], ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
+        ("pg-switchover", [conflicts.pg_cluster("main")],
+         ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),

@@ -108,7 +108,8 @@ def stuck_writers(mount: str) -> list[int]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"igops-hostprobe" in (proc / "cmdline").read_bytes() and mount.encode() in (proc / "cmdline").read_bytes():
+            if (b"igops-hostprobe" in (proc / "cmdline").read_bytes()
+                    and mount.encode() in (proc / "cmdline").read_bytes()):
                 if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
                     found.append(int(proc.name))
         except OSError:

@@ -209,7 +209,8 @@ def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(
 
 
 def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_return():
-    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},), release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
+    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},),
+                       release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
     stop = steps.Step("stop", "stop", ("db1",), undo=steps.Step("start db1", "start", ("db1",)))
     promote = steps.Step("promote", "promote", ("db2",), point_of_no_return=True)
 

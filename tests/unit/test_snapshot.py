@@ -19,7 +19,8 @@ RECORDINGS = Path(__file__).parent / "recordings"
 
 def test_mdstat_members_in_raid_order():
     arrays = blockdevs.parse_mdstat((RECORDINGS / "mdstat.txt").read_text())
-    assert arrays["md0"] == {"level": "raid0", "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
+    assert arrays["md0"] == {"level": "raid0",
+                             "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
     assert arrays["md1"]["level"] == "raid10"
     assert [name for name, _ in arrays["md1"]["members"]] == ["xvdj", "xvdk", "xvdl", "xvdm"]
 
@@ -175,7 +176,8 @@ def test_mount_script_quotes_and_assembles_raid():
 
 def test_create_plan_steps_say_one_call_or_parallel():
     volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
-    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10, "psql -c CHECKPOINT")
+    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10,
+                               "psql -c CHECKPOINT")
     steps = plan.steps()
     assert "pre-freeze hook" in steps[0] and "CreateSnapshots" in steps[2] and "reverse order" in steps[3]
     assert "/wal, /data" in steps[3]

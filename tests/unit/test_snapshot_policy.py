@@ -157,7 +157,8 @@ schedule = "daily"
     assert "does not divide a day" in problems["snapshot.schedule"]
     assert "at least 0" in problems["snapshot.keep_daily"]
     assert "not understood" in problems["snapshot.redis.schedule"] and "every 6h" in problems["snapshot.redis.schedule"]
-    assert "undefined cluster 'mian'" in problems["snapshot.clusters.mian"] and "'main'" in problems["snapshot.clusters.mian"]
+    assert ("undefined cluster 'mian'" in problems["snapshot.clusters.mian"]
+            and "'main'" in problems["snapshot.clusters.mian"])
     assert "[snapshot.clusters.main]" in problems["snapshot.hosts.db2"]
     assert "[snapshot.redis]" in problems["snapshot.hosts.redis2"]
     assert "no data mounts" in problems["snapshot.hosts.web1"]
@@ -274,7 +275,8 @@ def test_a_cluster_is_backed_up_when_any_member_has_a_fresh_group():
     assert judged(every_6h, [group("db1", 13), group("db1", 1)]).status == NagiosStatus.OK, "the primary's counts"
     assert judged(every_6h, [group("db3", 1)]).status == NagiosStatus.CRITICAL, "another cluster's does not"
     empty = judged(every_6h, [group("db2", 1, "pending")])
-    assert empty.status == NagiosStatus.CRITICAL and "no complete snapshot group of Postgres cluster main" in empty.summary
+    assert (empty.status == NagiosStatus.CRITICAL
+            and "no complete snapshot group of Postgres cluster main" in empty.summary)
     assert (ok.warning_hours, ok.critical_hours) == (7, 13)
 
 
