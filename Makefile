@@ -21,7 +21,9 @@ lab: deps install
 	$(IGOPS) lab up
 	$(IGOPS) -c $(LAB_CONFIG) status
 
+# ruff first (configured in pyproject.toml): a lint finding fails the run before the long tests.
 test: deps install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 down: venv

@@ -56,7 +56,8 @@ def lab_lock():
 
 def lab_part(repeats: int) -> list[str]:
     config = ["-c", str(LAB_INVENTORY)]
-    variants = {"igops check (everything)": [], "  SSH checks only": SSH_CHECKS, "  all but the SSH checks": OTHER_CHECKS}
+    variants = {"igops check (everything)": [], "  SSH checks only": SSH_CHECKS,
+                "  all but the SSH checks": OTHER_CHECKS}
     lines = [f"the lab (12 hosts): `igops check`, median of {repeats}",
              f"{'run':<28} {'wall s':>7} {'client CPU s':>13}"]
     with lab_lock():
@@ -67,13 +68,15 @@ def lab_part(repeats: int) -> list[str]:
     for name, result in medians.items():
         lines.append(f"{name:<28} {result.wall:>7.2f} {result.cpu:>13.2f}  (exit {result.returncode})")
     whole = medians["igops check (everything)"].wall
-    lines.append(f"goal: under {LAB_GOAL_S:g} s for the lab: {'met' if whole < LAB_GOAL_S else 'MISSED'} ({whole:.2f} s)")
+    lines.append(f"goal: under {LAB_GOAL_S:g} s for the lab: {'met' if whole < LAB_GOAL_S else 'MISSED'} "
+                 f"({whole:.2f} s)")
     return lines
 
 
 def fleet_inventory(work: Path, keys, addresses: list[str]) -> Path:
     inventory = sshfleet.inventory(work, keys, addresses, port=SSH_PORT)
-    text = inventory.read_text().replace('roles = ["app"]\n', f'roles = []\n[[hosts.mounts]]\npath = "{PROBED_MOUNT}"\n')
+    text = inventory.read_text().replace('roles = ["app"]\n',
+                                         f'roles = []\n[[hosts.mounts]]\npath = "{PROBED_MOUNT}"\n')
     inventory.write_text(text + "[check]\ntimeout = 120\n")
     return inventory
 
@@ -107,7 +110,8 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
                 results["parallel-ssh, same probe"].append(run(
                     ["parallel-ssh", "-h", str(hosts_file), "-p", str(count), "-t", "120", "-x", options, "-I",
                      "-o", str(work / f"pssh-out-{index}"), command], stdin=stdin))
-        answered = sum(1 for path in (work / f"pssh-out-{repeats - 1}").iterdir() if b'"writable": true' in path.read_bytes())
+        answered = sum(1 for path in (work / f"pssh-out-{repeats - 1}").iterdir()
+                       if b'"writable": true' in path.read_bytes())
     finally:
         sshfleet.stop(work / "ssh", count)
         shutil.rmtree(work, ignore_errors=True)

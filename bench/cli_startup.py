@@ -14,7 +14,7 @@ RUNS = 21
 
 def main() -> None:
     igops = str(Path(sys.executable).with_name("igops"))
-    for warm in range(3):
+    for _ in range(3):
         run([igops, "--help"])
     baseline = median_of([run([sys.executable, "-c", "pass"]) for _ in range(RUNS)])
     help_run = median_of([run([igops, "--help"]) for _ in range(RUNS)])

@@ -82,7 +82,8 @@ def lab_part(work: Path, repeats: int) -> list[str]:
                                            "--yes", "--json"], stdout=out, stderr=subprocess.DEVNULL, cwd=ROOT)
                     walls.append(time.perf_counter() - started)
                     after = os.times()
-                cpus.append((after.children_user - before.children_user) + (after.children_system - before.children_system))
+                cpus.append((after.children_user - before.children_user)
+                            + (after.children_system - before.children_system))
                 envelope = json.loads(envelope_file.read_text())
                 if done.returncode != 0:
                     raise SystemExit(f"lab deploy failed: {envelope.get('error')}")
@@ -222,7 +223,8 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
                                         "release": fabric_id, "requirements": requirements,
                                         "roots": {address: str(work / "by-address" / address / "app")
                                                   for address in addresses}}))
-            results["serial Fabric loop"].append(run([sys.executable, __file__, "--fabric-serial", str(spec)], cwd=ROOT))
+            results["serial Fabric loop"].append(run([sys.executable, __file__, "--fabric-serial", str(spec)],
+                                                     cwd=ROOT))
         medians = {name: median_of(runs) for name, runs in results.items()}
         base = medians["igops deploy --batch 100%"]
         for name, result in medians.items():
@@ -230,7 +232,9 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
             lines.append(f"{name:<26} {result.wall:>7.2f} {result.cpu:>13.2f} {result.cpu / count * 1000:>12.1f} "
                          f"{result.wall / base.wall:>8.2f}x{flag}")
         current = {os.path.basename(os.readlink(work / "by-address" / a / "app" / "current")) for a in addresses}
-        lines.append(f"every target switched: {len(current) == 1 and all((work / 'by-address' / a / 'app' / 'current').exists() for a in addresses)}")
+        switched = len(current) == 1 and all((work / "by-address" / a / "app" / "current").exists()
+                                             for a in addresses)
+        lines.append(f"every target switched: {switched}")
         pssh, serial = medians["parallel-scp + parallel-ssh"], medians["serial Fabric loop"]
         lines.append(f"goals: faster than pssh: {'met' if base.wall < pssh.wall else 'MISSED'} "
                      f"({pssh.wall / base.wall:.2f}x); at least 2x faster than serial: "
@@ -254,7 +258,8 @@ def _pssh(work: Path, hosts_file: Path, options: list[str], tarball: Path, relea
     # One command for every host: each finds its own root from the address it was reached at.
     root = shlex.quote(str(work / "by-address")) + '/"$(echo "$SSH_CONNECTION" | cut -d" " -f3)"/app'
     script = _switch_script(root, release, requirements, remote_tarball)
-    switch = run(["parallel-ssh", "-h", str(hosts_file), "-p", str(PARALLEL), "-t", "120", "-x", " ".join(options), script])
+    switch = run(["parallel-ssh", "-h", str(hosts_file), "-p", str(PARALLEL), "-t", "120", "-x", " ".join(options),
+                  script])
     return Run(upload.wall + switch.wall, upload.cpu + switch.cpu, max(upload.returncode, switch.returncode))
 
 

@@ -8,6 +8,7 @@ Goals: faster than parallel-ssh at 100 targets, and less client CPU per host tha
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -35,11 +36,11 @@ def main() -> None:
             host_file.write_text("".join(f"root@{address}:{sshfleet.PORT}\n" for address in hosts))
             options = sshfleet.ssh_options(keys)
             contenders = {
-                "igops": lambda: run([igops, "-c", str(inventory), "exec", "--yes", "--no-output",
-                                      "--parallel", "100", "--", "true"]),
-                "parallel-ssh": lambda: run(["parallel-ssh", "-h", str(host_file), "-p", "100", "-t", "60",
-                                             "-x", " ".join(options[:-2]), "true"]),
-                "serial ssh": lambda: _serial(hosts, options),
+                "igops": functools.partial(run, [igops, "-c", str(inventory), "exec", "--yes", "--no-output",
+                                                 "--parallel", "100", "--", "true"]),
+                "parallel-ssh": functools.partial(run, ["parallel-ssh", "-h", str(host_file), "-p", "100", "-t", "60",
+                                                        "-x", " ".join(options[:-2]), "true"]),
+                "serial ssh": functools.partial(_serial, hosts, options),
             }
             results = {name: median_of([measure() for _ in range(REPEATS)]) for name, measure in contenders.items()}
             for name, result in results.items():

@@ -134,7 +134,8 @@ def stall() -> None:
         local_path.unlink()
     print(f"pg switchover under load: {len(trips)} switchovers per backend")
     for outcome in outcomes:
-        print(f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, failed {outcome.failed_switchovers}, "
+        print(f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, "
+              f"failed {outcome.failed_switchovers}, "
               f"client errors {outcome.errors}, lost writes {outcome.lost}, {outcome.writes_per_s:.0f} writes/s")
     ratio = outcomes[0].stall_s / max(outcomes[1].stall_s, 0.001)
     print(f"  etcd/local stall {ratio:.2f}x; goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'}")

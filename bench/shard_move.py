@@ -148,7 +148,7 @@ class Probe:
 
     def longest_wait(self, start, end):
         inside = [start] + [ack for ack in self.acks if start <= ack <= end] + [end]
-        return max(later - earlier for earlier, later in zip(inside, inside[1:]))
+        return max(later - earlier for earlier, later in zip(inside, inside[1:], strict=False))
 
     def close(self):
         self.stop.set()

@@ -105,7 +105,8 @@ def main() -> None:
                 volume_id = direct.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
                 direct.attach_volume(VolumeId=volume_id, InstanceId=instance, Device=device)
                 attached[size].append((volume_id, device, mount))
-        print(f"snapshot_freeze: freeze window (ms), median of {REPEATS}, {LATENCY * 1000:.0f} ms injected per API call")
+        print(f"snapshot_freeze: freeze window (ms), median of {REPEATS}, "
+              f"{LATENCY * 1000:.0f} ms injected per API call")
         print(f"{'volumes':>7} {'igops':>8} {'sequential':>11} {'ratio':>7}")
         for size in SIZES:
             inventory = work / f"inventory-{size}.toml"

@@ -74,7 +74,8 @@ class PauseWatchdogs:
         wanted = [(host, names) for host, names in databases.items() if host not in self.sessions]
         outcomes = _parallel(lambda item: self._start(*item), wanted)
         failures = [str(outcome) for outcome in outcomes if isinstance(outcome, Exception)]
-        armed = {host: outcome for (host, _), outcome in zip(wanted, outcomes) if not isinstance(outcome, Exception)}
+        armed = {host: outcome for (host, _), outcome in zip(wanted, outcomes, strict=False)
+                 if not isinstance(outcome, Exception)}
         if failures:
             _parallel(lambda session: _close(session, clean=True), list(armed.values()))
             raise RemoteError("; ".join(failures), "nothing was paused; fix the PgBouncer host (python3 and psql, "
@@ -147,7 +148,8 @@ class PauseWatchdogs:
             return None
         items = list(sessions.items())
         said = [text if isinstance(text, str) else f"{host} did not confirm: {text}" for (host, _), text in
-                zip(items, _parallel(lambda item: describe_release(item[0], _close(item[1], clean), clean), items))]
+                zip(items, _parallel(lambda item: describe_release(item[0], _close(item[1], clean), clean), items),
+                    strict=False)]
         said += [f"{host}'s session broke: it RESUMEd from the host" for host in lost]
         return "watchdog " + "; ".join(said)
 

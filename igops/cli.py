@@ -7,14 +7,26 @@ import sys
 
 import typer
 import typer.main
+
 # The click that typer vendors: its exceptions are the ones a bad command line raises.
 from typer._click import exceptions as click
 
 from igops import __version__
-from igops.commands import check, fleet, lab, munin, ops, pagerduty, pg, pingdom, snapshot, warm
-from igops.commands import deploy as deploy_commands
-from igops.commands import redis as redis_commands
-from igops.commands import shard as shard_commands
+from igops.commands import (
+    check,
+    deploy as deploy_commands,
+    fleet,
+    lab,
+    munin,
+    ops,
+    pagerduty,
+    pg,
+    pingdom,
+    redis as redis_commands,
+    shard as shard_commands,
+    snapshot,
+    warm,
+)
 from igops.commands.common import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 
 app = typer.Typer(

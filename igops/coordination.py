@@ -24,11 +24,12 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.secrets import redact, redact_data
@@ -121,7 +122,7 @@ def lock_key(prefix: str, operation: str, target: str) -> str:
 
 def audit_key(prefix: str, record: dict) -> str:
     """Sorted by time (lexical order of the key), unique per host and process."""
-    moment = datetime.fromisoformat(record["time"]).astimezone(timezone.utc)
+    moment = datetime.fromisoformat(record["time"]).astimezone(UTC)
     stamp = moment.strftime("%Y%m%dT%H%M%S.") + f"{moment.microsecond:06d}Z"
     host = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(record.get("host")))
     return f"{prefix}audit/{stamp}-{host}-{record.get('pid', os.getpid())}-{next(_AUDIT_SEQUENCE)}"
@@ -408,7 +409,7 @@ class EtcdCoordinator:
                 break
             self._revoke(lease_id)
             held_by = [(resource, kvs[0]) for resource, response in zip(sorted(set(resources)),
-                                                                        answer.get("responses") or [])
+                                                                        answer.get("responses") or [], strict=False)
                        if (kvs := (response.get("response_range") or {}).get("kvs") or [])]
             if self._revoke_dead_holders([kv for _, kv in held_by]):
                 continue  # their process is gone from this very machine: try again at once

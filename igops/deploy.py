@@ -22,11 +22,12 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from igops import __version__, agent, pagerduty_changes, remote
 from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
@@ -153,7 +154,7 @@ def content_hash(files: dict[str, tuple[bool, bytes]]) -> str:
 
 
 def release_id(now: datetime, tag: str) -> str:
-    return f"{now.astimezone(timezone.utc):%Y%m%d%H%M%S}-{tag}"
+    return f"{now.astimezone(UTC):%Y%m%d%H%M%S}-{tag}"
 
 
 def read_source(source: Path, revision: str | None) -> SourceTree:
@@ -227,7 +228,8 @@ def _read_git(source: Path, revision: str) -> SourceTree:
             if any(part in EXCLUDED_DIRS for part in parts) or relative.endswith(EXCLUDED_SUFFIXES):
                 continue
             if not member.isfile():
-                raise UsageError(f"{member.name} at {revision} is not a regular file", "a release holds regular files only")
+                raise UsageError(f"{member.name} at {revision} is not a regular file",
+                                 "a release holds regular files only")
             files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
     if not files:
         raise UsageError(f"{prefix} is empty at {revision}")
@@ -236,7 +238,7 @@ def _read_git(source: Path, revision: str) -> SourceTree:
 
 def package(tree: SourceTree, identifier: str, built_at: datetime | None = None) -> tuple[Release, bytes]:
     """The release and its tarball (RELEASE.json and app/), made once and sent to every host."""
-    moment = (built_at or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    moment = (built_at or datetime.now(UTC)).isoformat(timespec="seconds")
     requirements = requirements_hash(tree.files.get("requirements.txt", (False, b""))[1])
     content = content_hash(tree.files)
     manifest = {"id": identifier, "content": content, "revision": tree.revision, "requirements": requirements,
@@ -364,13 +366,14 @@ class AppFleet:
     agents: dict[str, AgentSession] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, fleet) -> "AppFleet":
+    def of(cls, fleet) -> AppFleet:
         hosts = fleet.with_role("app")
         if not hosts:
-            raise UsageError("no host has the 'app' role", f"add roles = [\"app\"] to the app servers in {fleet.source}")
+            raise UsageError("no host has the 'app' role",
+                             f"add roles = [\"app\"] to the app servers in {fleet.source}")
         return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
 
-    def __enter__(self) -> "AppFleet":
+    def __enter__(self) -> AppFleet:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -571,7 +574,7 @@ def probe(address: str, port: int, path: str, release: str, require_release: boo
         body = response.read()
     except ConnectionRefusedError:
         return False, f"{address}:{port} refused the connection (is gunicorn running?)"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return False, f"{path} did not answer within {timeout:g} s"
     except (OSError, http.client.HTTPException) as exc:
         return False, f"{path}: {type(exc).__name__}: {exc}"
@@ -693,7 +696,8 @@ class RolloutPlan:
             elif host.before and host.before != host.current:
                 steps.append(f"{host.host}: {host.detail}")
         if not self.lbs:
-            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a load balancer")
+            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a "
+                         "load balancer")
         return steps
 
 
@@ -702,7 +706,7 @@ def _names(names: list[str]) -> str:
 
 
 def _new_deploy_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{random_source.token_hex(2)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{random_source.token_hex(2)}"
 
 
 def _host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, target: str,
@@ -822,7 +826,7 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
     surveys, lb = _survey_for_change(app, parallel)
     content = content_hash(tree.files)
     identifier = _existing_release(surveys, content) or release_id(
-        now or datetime.now(timezone.utc), tree.revision[:7] if tree.revision else content[:7])
+        now or datetime.now(UTC), tree.revision[:7] if tree.revision else content[:7])
     release, tarball = package(tree, identifier)
     hosts = _host_plans(app, surveys, lb, identifier, max_fail)
     inherit_releases_before(hosts, surveys, read_journal(fleet))
@@ -915,7 +919,8 @@ def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
         if kind != "deploy":
             raise
         raise RefusedError(f"the interrupted deploy had not staged release {params['target']} everywhere: "
-                           + refused.message, "run the deploy again (igops deploy REV): it stages, then switches")
+                           + refused.message,
+                           "run the deploy again (igops deploy REV): it stages, then switches") from None
     return dataclasses.replace(plan, kind="deploy" if kind == "deploy" else "rollback",
                                target_description=f"resumed {kind} of {params['target']}")
 
@@ -1032,7 +1037,7 @@ def read_journal(fleet) -> dict | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- running a rollout -----------------------------------------------------------------------------
@@ -1187,7 +1192,8 @@ class Rollout:
                 step.status, step.detail = "failed", str(exc)
                 for name in names:
                     outcome = self.outcomes[name]
-                    outcome.detail = f"{outcome.detail + '; ' if outcome.detail else ''}could not be put back: {exc.message}"
+                    outcome.detail = (f"{outcome.detail + '; ' if outcome.detail else ''}"
+                                      f"could not be put back: {exc.message}")
                 return
             for name in names:
                 self.outcomes[name].in_lb = True
@@ -1313,7 +1319,8 @@ class Rollout:
                        "duration_s": result.duration_s}
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
-            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key, f"{self.app.name}: {result.summary()}",
+            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key,
+                                                 f"{self.app.name}: {result.summary()}",
                                f"igops on {socket.gethostname()}", details)
             step.detail = sent.detail + (f" after {sent.attempts} attempts" if sent.attempts > 1 else "")
             if not sent.sent:

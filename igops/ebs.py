@@ -228,7 +228,7 @@ class ImageStore:
     def volume_image(self, volume_id: str) -> Path:
         return self.root / "restored" / f"{volume_id}.img"
 
-    def copy_for_snapshots(self, ebs: "Ebs", made: dict[str, str]) -> None:
+    def copy_for_snapshots(self, ebs: Ebs, made: dict[str, str]) -> None:
         devices = {}
         for volume_id in made:
             volume = ebs._call("DescribeVolumes", ebs._ec2.describe_volumes, VolumeIds=[volume_id])["Volumes"][0]

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from igops import inventory, postgres, redisops, remote
 from igops.bouncer_watchdog import PauseWatchdogs
@@ -269,7 +270,7 @@ def _pg_view(fleet, cluster: str) -> _PgView:
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pg-probe") as pool:
         bouncer_futures = [pool.submit(bouncer, host) for host in bouncer_hosts]
-        probes = dict(zip(members, pool.map(lambda name: _probe_member(fleet, name), members)))
+        probes = dict(zip(members, pool.map(lambda name: _probe_member(fleet, name), members), strict=False))
         # Every member: a running primary can carry a fence a switchover cut short left behind.
         list(pool.map(lambda probe: _host_check(fleet, probe), probes.values()))
         list(pool.map(lambda probe: _probe_repmgrd(fleet, probe), [p for p in probes.values() if not p.down]))
@@ -564,7 +565,8 @@ def _settled_view(fleet, cluster: str) -> _PgView:
     while True:
         view = _pg_view(fleet, cluster)
         settling = [name for name, probe in view.probes.items()
-                    if probe.server is None and probe.postmaster_running and probe.down and probe.down.kind == "rejected"]
+                    if probe.server is None and probe.postmaster_running and probe.down
+                    and probe.down.kind == "rejected"]
         if view.writable() or not settling or time.monotonic() > deadline:
             return view
         time.sleep(0.5)
@@ -652,7 +654,7 @@ def _free_space_reasons(fleet, host) -> list[str]:
 def free_space_reasons(node: str, df_output: str, minimum: int) -> list[str]:
     """`df -P -B1 DATA DATA/pg_wal/`'s lines: a reason for each volume with less than `minimum` free."""
     reasons = []
-    for label, line in zip(("data", "WAL"), df_output.strip().splitlines()[1:]):
+    for label, line in zip(("data", "WAL"), df_output.strip().splitlines()[1:], strict=False):
         fields = line.split()
         available = int(fields[3])
         if available < minimum:
@@ -1293,7 +1295,8 @@ class PgActions:
         control_text, _, dump = output.partition("-- waldump")
         control = postgres.parse_controldata(control_text)
         if control.get("Database cluster state") != "shut down":
-            raise IgopsError(f"{node} did not shut down cleanly: {control.get('Database cluster state', 'state unknown')}")
+            raise IgopsError(f"{node} did not shut down cleanly: "
+                             f"{control.get('Database cluster state', 'state unknown')}")
         self.wal_end = postgres.wal_end_from_waldump(dump, int(control.get("Bytes per WAL segment", 16 << 20)))
         if self.wal_end is None:
             raise IgopsError(f"cannot tell where {node}'s WAL ends: {dump.strip()[-200:]}")
@@ -1490,7 +1493,8 @@ class PgActions:
 
     def register_primary(self, node: str) -> None:
         host = self._host(node)
-        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "primary", "register", "--force"), "repmgr primary register")
+        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "primary", "register", "--force"),
+                "repmgr primary register")
 
     def register_standby(self, node: str, primary: str) -> None:
         host = self._host(node)
@@ -1507,7 +1511,8 @@ class PgActions:
     _SINGLE_USER = ('set -e; data="$1"; shift; hidden=; '
                     'if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$data/standby.signal.igops"; '
                     'hidden=1; fi; '
-                    'restore() { if [ -n "$hidden" ]; then mv "$data/standby.signal.igops" "$data/standby.signal"; fi; }; '
+                    'restore() { if [ -n "$hidden" ]; then '
+                    'mv "$data/standby.signal.igops" "$data/standby.signal"; fi; }; '
                     'trap restore EXIT; "$@" </dev/null')
 
     def ensure_clean_shutdown(self, node: str) -> str:
@@ -2069,7 +2074,8 @@ def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = Fa
     steps += [Step(f"{name}: REPLICAOF {chosen}", "replicate", (name, chosen)) for name in replicas if name != chosen]
     steps.append(Step(f"directory: redis_master = {_redis_address(fleet, chosen)} (version bump)", "point_app",
                       (chosen,)))
-    steps.append(Step(f"config files: {chosen} as master, {', '.join(n for n in replicas if n != chosen) or 'no other'} "
+    steps.append(Step(f"config files: {chosen} as master, "
+                      f"{', '.join(n for n in replicas if n != chosen) or 'no other'} "
                       f"replica follows {chosen}", "persist_roles", (chosen, tuple(name for name in replicas))))
     plan.actions = steps
     plan.notes.append(f"when {old} is back: `igops redis rejoin {old}`")

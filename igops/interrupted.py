@@ -18,8 +18,9 @@ alive: a resumed or aborted operation must never race the process that started i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from igops import failover
 from igops.errors import AlreadyRunning, RefusedError
@@ -53,7 +54,8 @@ def refuse_if_alive(store, record: dict) -> None:
     status = journal.status_of(record, store.alive(record))
     if status == journal.RUNNING:
         raise AlreadyRunning(f"operation {record['id']} is still running: {record.get('user')}@{record.get('host')} "
-                             f"pid {record.get('pid')}", "wait for it, or for its lease to expire if that process is gone")
+                             f"pid {record.get('pid')}",
+                             "wait for it, or for its lease to expire if that process is gone")
     if status != journal.INTERRUPTED:
         raise RefusedError(f"operation {record['id']} has ended ({status}): there is nothing to continue",
                            "see igops ops show " + record["id"])

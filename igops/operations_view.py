@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from igops import coordination, safety
@@ -81,8 +81,8 @@ def _time(text) -> datetime:
     try:
         moment = datetime.fromisoformat(str(text))
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def overdue(record: dict, now: datetime | None = None) -> float | None:
@@ -93,7 +93,7 @@ def overdue(record: dict, now: datetime | None = None) -> float | None:
         expected = conflicts.kind(record["kind"]).expected_s
     except ValueError:
         return None
-    held = ((now or datetime.now(timezone.utc)) - _time(record.get("started"))).total_seconds()
+    held = ((now or datetime.now(UTC)) - _time(record.get("started"))).total_seconds()
     return held - expected if held > expected else None
 
 

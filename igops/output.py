@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from igops.errors import IgopsError
 from igops.secrets import redact, redact_data
@@ -68,7 +69,7 @@ class Output(Reporter):
         self.plan_shown = False
         self.planned: dict | None = None  # the plan shown: the envelope's "plan", for every command
         self.started = time.monotonic()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._out = None
         self._err = None
 
@@ -129,8 +130,15 @@ class Output(Reporter):
         if self.json_mode or not self.err.is_terminal:
             yield lambda advance: None
             return
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                                   TextColumn, TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.text import Text
 
         class RateAndTimeLeft(ProgressColumn):
@@ -182,7 +190,7 @@ class Output(Reporter):
                             self.out.width if terminal else None, ruled, wide=self.wide)
         table = Table(title=Text(redact(title)) if title else None, title_justify="left", show_edge=False,
                       pad_edge=False, box=box.HEAVY_HEAD if ruled else None)
-        for index, width in zip(fit.shown, fit.widths):
+        for index, width in zip(fit.shown, fit.widths, strict=False):
             table.add_column(Text(spec[index].name), width=width, no_wrap=not spec[index].wrap, overflow="fold")
         for row in texts:
             table.add_row(*(row[index] for index in fit.shown))
@@ -251,7 +259,7 @@ class Output(Reporter):
         try:
             while True:
                 self.steps, self.started = [], time.monotonic()
-                self.started_at = datetime.now(timezone.utc)
+                self.started_at = datetime.now(UTC)
                 heading = (f"every {every:g} s: igops {self.command}    "
                            f"{self.started_at:%Y-%m-%d %H:%M:%S} UTC    (Ctrl-C stops)")
                 if redraw:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from igops.secrets import redact
 
@@ -49,7 +49,7 @@ def send_change(base_url: str, routing_key: str, summary: str, source: str,
     event = {
         "routing_key": routing_key,
         "payload": {"summary": summary[:SUMMARY_LIMIT], "source": source,
-                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
                     "custom_details": custom_details or {}},
     }
     if links:

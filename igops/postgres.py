@@ -379,7 +379,7 @@ class Bouncer:
             with connection.cursor() as cursor:
                 cursor.execute("SHOW DATABASES")
                 columns = [column[0] for column in cursor.description]
-                rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+                rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
         finally:
             connection.close()
         return [BouncerDatabase(row["name"], row.get("host"), row.get("port"), row.get("database"),

@@ -13,10 +13,10 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from igops.errors import UsageError
 
@@ -260,14 +260,15 @@ class Session:
         self._buffer = bytearray()
         self._channel = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         from igops.errors import RemoteError
 
         try:
             self._connection.open()
         except Exception as exc:  # noqa: BLE001
             self._connection.close()
-            raise RemoteError(f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}") from None
+            raise RemoteError(f"{self.target.name}: "
+                              f"{describe_connect_error(exc, self.target, self._settings)}") from None
         self._channel = self._connection.client.get_transport().open_session(
             timeout=self._settings.connect_timeout)
         self._channel.exec_command(self._command)

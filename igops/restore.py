@@ -17,8 +17,17 @@ from pathlib import PurePosixPath
 from igops import remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
-from igops.snapshot import (STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_RAID_INDEX,
-                            TAG_RAID_LEVEL, TAG_ROLE, find_group)
+from igops.snapshot import (
+    STATE_COMPLETE,
+    TAG_FSTYPE,
+    TAG_GROUP,
+    TAG_HOST,
+    TAG_MOUNT,
+    TAG_RAID_INDEX,
+    TAG_RAID_LEVEL,
+    TAG_ROLE,
+    find_group,
+)
 
 TAG_RESTORED_TO = "igops:restored-to"
 TAG_RESTORED_AT = "igops:restored-at"
@@ -308,7 +317,8 @@ def mount_script(devices: list[str], path: str, fstype: str, array_name: str) ->
         "set -e",
         f"for d in {quoted}; do i=0; while [ ! -b \"$d\" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; "
         "[ -b \"$d\" ] || { echo \"device $d did not appear\" >&2; exit 1; }; done",
-        f"if mountpoint -q {shlex.quote(path)}; then echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
+        f"if mountpoint -q {shlex.quote(path)}; then "
+        f"echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
         f"mkdir -p {shlex.quote(path)}",
     ]
     device = devices[0]
@@ -333,7 +343,8 @@ def prepare_script(pg: PostgresStart) -> str:
         prefix = original.rstrip("/")
         lines.append(f'    {shlex.quote(prefix)}/*) ln -sfn {shlex.quote(restored.rstrip("/"))}"/${{wal#{prefix}/}}" '
                      '"$data/pg_wal" ;;')
-    lines += ['    /*) [ -d "$wal" ] || { echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
+    lines += ['    /*) [ -d "$wal" ] || '
+              '{ echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
               "  esac", "fi"]
     return "\n".join(lines)
 

@@ -17,11 +17,11 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from igops.errors import AlreadyRunning, UsageError
 from igops.secrets import redact, redact_data
@@ -188,7 +188,7 @@ def operator_host() -> str:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def monotonic_ms(started: float) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 _PATTERN = re.compile(r"^every\s+(\d+)\s*(m|min|h|d)(?:\s+at\s+(\d{1,2}):(\d{2}))?$")
 _UNIT_MINUTES = {"m": 1, "min": 1, "h": 60, "d": 24 * 60}
@@ -40,7 +40,7 @@ class Schedule:
 
     def latest_slot(self, now: datetime) -> datetime:
         """The last grid moment at or before `now`."""
-        day = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         anchor = day + timedelta(minutes=self.at_minutes)
         steps = (now - anchor) // self.interval  # floor: negative before today's anchor
         return anchor + steps * self.interval

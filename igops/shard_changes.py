@@ -225,7 +225,7 @@ def _digest(cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tup
         columns = sql.SQL(", ").join(sql.Identifier(column) for column in key)
         query += sql.SQL(" WHERE ({}) IN (SELECT {} FROM json_populate_recordset(NULL::{}, %s::json))").format(
             sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(column) for column in key), columns, relation)
-        params = (json.dumps([dict(zip(key, values)) for values in sorted(keys)]),)
+        params = (json.dumps([dict(zip(key, values, strict=False)) for values in sorted(keys)]),)
     cursor.execute(query, params)
     rows, digest = cursor.fetchone()
     return rows, digest

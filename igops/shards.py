@@ -22,16 +22,25 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.output import Reporter, plural
 from igops.postgres import first_line
-from igops.postgres_admin import (QUIET_STATEMENT_LOGGING, connect, last_primary, primary_connection, primary_of,
-                                  quote_ident, replication_connection, replication_conninfo)
+from igops.postgres_admin import (
+    QUIET_STATEMENT_LOGGING,
+    connect,
+    last_primary,
+    primary_connection,
+    primary_of,
+    quote_ident,
+    replication_connection,
+    replication_conninfo,
+)
 from igops.shard_changes import ChangedRows
 
 # --- IDs --------------------------------------------------------------------------------------
@@ -85,12 +94,12 @@ def parse_time(text: str) -> int:
         raise UsageError(f"cannot read time {text!r}",
                          "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return round(moment.timestamp() * 1000)
 
 
 def format_ms(unix_ms: int) -> str:
-    moment = datetime.fromtimestamp(unix_ms / 1000, timezone.utc)
+    moment = datetime.fromtimestamp(unix_ms / 1000, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -405,7 +414,8 @@ def read_map(fleet, sizes: bool = True) -> ShardMap:
     if sizes:
         def measure(cluster: str) -> None:
             try:
-                schema_bytes[cluster] = _schema_sizes(fleet, cluster, [schema_name(fleet, s) for s in by_cluster[cluster]])
+                schema_bytes[cluster] = _schema_sizes(fleet, cluster,
+                                                      [schema_name(fleet, s) for s in by_cluster[cluster]])
             except IgopsError as exc:
                 errors[cluster] = exc.message
 
@@ -574,7 +584,7 @@ def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> 
     chunk_digests: list[str] = []
     total = 0
     edges = [None, *bounds, None]
-    for low, high in zip(edges, edges[1:]):
+    for low, high in zip(edges, edges[1:], strict=False):
         where = []
         params: list[Any] = []
         if low is not None:
@@ -642,8 +652,8 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
     read (REPEATABLE READ), each copy's work in its own thread. Ordered: md5 of the rows in
     key order, by key-range chunks. Otherwise an order-free row hash per table, and the
     ordered chunks only for a table whose hashes differ, to name where."""
-    shapes = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies)]
-    for shape, copy in zip(shapes, copies):
+    shapes = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies, strict=False)]
+    for shape, copy in zip(shapes, copies, strict=False):
         if shape is None:
             raise IgopsError(f"{copy.label} does not exist", "check the shard and the cluster")
     left, right = copies
@@ -683,7 +693,7 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
         difference = None
         if sum_a != sum_b:
             edges = [None, *bounds[name], None]
-            index = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b)) if a != b), None)
+            index = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b, strict=False)) if a != b), None)
             if index is not None:
                 low, high = edges[index], edges[index + 1]
                 difference = (f"{shapes[0].tables[name].primary_key[0]} in "
@@ -691,7 +701,7 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
         tables.append(TableCheck(name, {left.label: rows_a, right.label: rows_b},
                                  {left.label: sum_a, right.label: sum_b}, sum_a == sum_b, difference))
     sequences = {copy.label: _sequence_values(cursor, copy.schema, shape.sequences)
-                 for cursor, copy, shape in zip(cursors, copies, shapes)}
+                 for cursor, copy, shape in zip(cursors, copies, shapes, strict=False)}
     equal = not diff and all(check.equal for check in tables)
     return VerifyReport(shard, [left.label, right.label], consistent, tables, sequences, diff, pause_ms, equal)
 
@@ -828,7 +838,8 @@ def _placement_of(fleet, shard: int) -> str:
                 cursor.execute("SELECT min(logical_shard), max(logical_shard) FROM shard_map")
                 low, high = cursor.fetchone()
                 raise UsageError(f"unknown logical shard {shard}",
-                                 f"the shard map has shards {low}-{high}" if low is not None else "run igops shard init")
+                                 f"the shard map has shards {low}-{high}" if low is not None
+                                else "run igops shard init")
     return row[0]
 
 
@@ -1046,7 +1057,7 @@ class Journal:
             locked = {row[0] for row in cursor.fetchall()}
         records = []
         for row in rows:
-            values = dict(zip(_RECORD_FIELDS, row))
+            values = dict(zip(_RECORD_FIELDS, row, strict=False))
             for key in ("started_at", "updated_at", "finished_at"):
                 if values[key] is not None:
                     values[key] = values[key].isoformat(timespec="seconds")
@@ -1073,7 +1084,7 @@ class Journal:
             return self._select("true", (), limit)
         return self._select("logical_shard = %s", (shard,), limit)
 
-    def create(self, plan: "MovePlan") -> MoveRecord:
+    def create(self, plan: MovePlan) -> MoveRecord:
         from psycopg2 import errors
 
         self.ensure()
@@ -1116,7 +1127,7 @@ class Journal:
         self.update(move_id, error=error[:2000])
 
     def finish(self, move_id: int, status: str, step: str | None = None, error: str | None = None) -> None:
-        self.update(move_id, step=step, status=status, finished_at=datetime.now(timezone.utc), error=error)
+        self.update(move_id, step=step, status=status, finished_at=datetime.now(UTC), error=error)
 
     def hold_shard(self, shard: int) -> None:
         """Take the shard's move lock for the life of this connection, or say who has it."""
@@ -1560,7 +1571,7 @@ class _Mover:
                     future.result()
         return counter.rows, counter.bytes
 
-    def _copy_table(self, table: str, snapshot: str, counter: "_CopyCounter") -> None:
+    def _copy_table(self, table: str, snapshot: str, counter: _CopyCounter) -> None:
         """One table's COPY out of the source into the target. The target's transaction
         commits only when the source's COPY finished whole."""
         from psycopg2 import sql
@@ -1799,8 +1810,9 @@ class _Mover:
                 shape = describe_schema(cursor, plan.schema)
                 sequences = _sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
-                    target_cursor.execute("SELECT setval(%s, %s)", (f"{quote_ident(plan.schema)}."
-                                                                    f"{quote_ident(sequence)}", value + SEQUENCE_MARGIN))
+                    target_cursor.execute("SELECT setval(%s, %s)",
+                                          (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}",
+                                           value + SEQUENCE_MARGIN))
                 cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
                     sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)))
                 version = self._stage_map_flip(directory, lsn)

@@ -14,7 +14,7 @@ import threading
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from igops import __version__, agent, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
@@ -113,7 +113,7 @@ class SnapshotGroup:
 
 
 def new_group_id(host: str, now: datetime | None = None) -> str:
-    moment = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    moment = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{host}-{moment}-{random_source.token_hex(2)}"
 
 
@@ -130,7 +130,8 @@ def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None
         raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
     chosen = mounts or [mount.path for mount in host.mounts]
     if not chosen:
-        raise UsageError(f"host {host.name} has no data mounts", "pass --mount or list [[hosts.mounts]] in the inventory")
+        raise UsageError(f"host {host.name} has no data mounts",
+                         "pass --mount or list [[hosts.mounts]] in the inventory")
     for path in chosen:
         if path.rstrip("/") == "":
             raise RefusedError("refusing to freeze /", "freeze only data filesystems")
@@ -252,7 +253,7 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
     result = CreateResult(plan.group_id, plan.host, STATE_FAILED)
     common = {TAG_GROUP: plan.group_id, TAG_HOST: plan.host, TAG_ROLE: plan.role,
               TAG_GROUP_SIZE: str(len(plan.volumes)), TAG_STATE: STATE_TAKING,
-              TAG_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"), TAG_VERSION: __version__}
+              TAG_CREATED: datetime.now(UTC).isoformat(timespec="seconds"), TAG_VERSION: __version__}
 
     if plan.pre_freeze:
         with reporter.step(f"pre-freeze hook on {plan.host}"):
@@ -318,7 +319,8 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
             ebs.tag([result.snapshots[volume.volume_id]], {
                 TAG_MOUNT: volume.mount, TAG_DEVICE: volume.device, TAG_FSTYPE: volume.fstype,
                 TAG_RAID_INDEX: str(volume.raid_index), TAG_RAID_MEMBERS: str(volume.raid_members),
-                TAG_RAID_LEVEL: volume.raid_level or "none", "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
+                TAG_RAID_LEVEL: volume.raid_level or "none",
+                "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
                 TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}"})
         ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
     result.state = STATE_COMPLETE
@@ -426,7 +428,7 @@ def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
         kept = next((t[TAG_KEEP] for t in tags if t.get(TAG_KEEP)), None)
         found.append(SnapshotGroup(
             group_id, tags[0].get(TAG_HOST, "?"), sorted({t.get(TAG_MOUNT, "?") for t in tags}), len(members),
-            expected, state, created if created.tzinfo else created.replace(tzinfo=timezone.utc),
+            expected, state, created if created.tzinfo else created.replace(tzinfo=UTC),
             sum(snapshot.get("VolumeSize", 0) for snapshot in members), freeze,
             sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
             kept))
@@ -474,7 +476,7 @@ def delete_steps(group: SnapshotGroup, risks: list[str]) -> list[str]:
 
 
 def keep_value(user: str, now: datetime | None = None) -> str:
-    moment = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    moment = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     return f"{moment} by {user}"
 
 

@@ -10,10 +10,10 @@ its write stall stated in the plan).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Iterator
 
 from igops import snapshot, snapshot_policy
 from igops.errors import AlreadyRunning, IgopsError, RefusedError

@@ -11,9 +11,9 @@ and replicas), or a host with data mounts in neither. Policies come from the inv
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable, Mapping
 
 from igops import schedule as schedules
 from igops.output import plural
@@ -61,7 +61,8 @@ class DataSet:
 
     @property
     def label(self) -> str:
-        return {"cluster": f"Postgres cluster {self.name}", "redis": "the Redis set"}.get(self.kind, f"host {self.name}")
+        kinds = {"cluster": f"Postgres cluster {self.name}", "redis": "the Redis set"}
+        return kinds.get(self.kind, f"host {self.name}")
 
     def holds(self, group: SnapshotGroup) -> bool:
         return group.host in self.members
@@ -133,7 +134,7 @@ def due(data_set: DataSet, groups: list[SnapshotGroup], now: datetime, grace: ti
 BUCKETS: dict[str, Callable[[datetime], str]] = {
     "hourly": lambda moment: moment.strftime("%Y-%m-%d %H"),
     "daily": lambda moment: moment.strftime("%Y-%m-%d"),
-    "weekly": lambda moment: "%d-W%02d" % moment.isocalendar()[:2],
+    "weekly": lambda moment: "{}-W{:02d}".format(*moment.isocalendar()[:2]),
     "monthly": lambda moment: moment.strftime("%Y-%m"),
 }
 

@@ -56,7 +56,7 @@ def collect(fleet, roles: list[str] | None = None) -> StatusReport:
         results = remote.run(remote.targets_for(fleet, selected), "cat /proc/loadavg", settings,
                              timeout=min(settings.command_timeout, 10))
         report.services = [future.result() for future in service_futures]
-    for host, result in zip(selected, results):
+    for host, result in zip(selected, results, strict=False):
         load = " ".join(result.stdout.split()[:3]) if result.ok else None
         report.hosts.append(HostState(host.name, str(host.address), list(host.roles), result.ok, load,
                                       None if result.ok else (result.error or result.stderr.strip())))

@@ -10,8 +10,8 @@ never cut. Output that is not a terminal is read by programs and never hides or 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 # A free-text column wraps down to its longest word, and no narrower than this (unless its
 # values are all shorter).

@@ -64,7 +64,7 @@ class WarmPlan:
 
     def steps(self) -> list[str]:
         mapping = "; ".join(f"{self.source}:{root.path} -> {self.target}:{path}"
-                            for root, path in zip(self.roots, self.target_paths))
+                            for root, path in zip(self.roots, self.target_paths, strict=False))
         postgres = any(root.base == "postgres" for root in self.roots)
         steps = []
         if self.profile is None:
@@ -113,7 +113,7 @@ class WarmResult:
     concurrency: int
 
     @classmethod
-    def from_summary(cls, source: str, target: str, summary: dict) -> "WarmResult":
+    def from_summary(cls, source: str, target: str, summary: dict) -> WarmResult:
         return cls(source=source, target=target, files=summary["files"], pages=summary["pages"],
                    page_size=summary["page_size"], warmed_files=summary["warmed_files"],
                    warmed_pages=summary["warmed_pages"], warmed_bytes=summary["warmed_bytes"],
@@ -540,7 +540,7 @@ def _open_together(stack: ExitStack, sessions: list[remote.Session]) -> None:
     stack closes whichever opened, whatever happens."""
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
         openings = [pool.submit(session.__enter__) for session in sessions]
-    for session, opening in zip(sessions, openings):
+    for session, opening in zip(sessions, openings, strict=False):
         if opening.exception() is None:
             stack.push(session.__exit__)
     for opening in openings:

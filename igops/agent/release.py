@@ -67,7 +67,7 @@ def host_lock(root):
             return fd
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise Refused("another deploy agent has held this host's lock for 30 s")
+                raise Refused("another deploy agent has held this host's lock for 30 s") from None
             time.sleep(0.1)
 
 

@@ -15,15 +15,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 from igops import remote, status
-from igops.checks import Perf, Probe, Result, host_python, level, worst
-from igops.checks import munin as munin_checks
-from igops.checks import snapshots as snapshot_checks
+from igops.checks import (
+    Perf,
+    Probe,
+    Result,
+    host_python,
+    level,
+    munin as munin_checks,
+    snapshots as snapshot_checks,
+    worst,
+)
 from igops.errors import NagiosStatus, UsageError
 from igops.output import plural
 from igops.secrets import Secrets
@@ -64,7 +71,7 @@ class Context:
                 cluster = self.fleet.model.postgres.clusters[cluster_name]
                 members = [cluster.primary, *cluster.standbys]
                 with ThreadPoolExecutor(max_workers=len(members)) as pool:
-                    self._views[cluster_name] = dict(zip(members, pool.map(self._member_view, members)))
+                    self._views[cluster_name] = dict(zip(members, pool.map(self._member_view, members), strict=False))
             return self._views[cluster_name]
 
     def _member_view(self, name: str) -> MemberView:
@@ -175,7 +182,7 @@ def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
     gate = threading.Semaphore(settings.parallel)
     mount_checks = [group for group in ("disk", "frozen") if group in enabled]
     built = []
-    for host, target in zip(context.hosts, remote.targets_for(fleet, context.hosts)):
+    for host, target in zip(context.hosts, remote.targets_for(fleet, context.hosts), strict=False):
         mounts = [mount.path for mount in host.mounts] if mount_checks else []
         expected = ([("ssh", host.name)] if "ssh" in enabled else []) + [
             (group, f"{host.name}:{mount}") for mount in mounts for group in mount_checks]
@@ -445,10 +452,11 @@ def pgbouncer_probe(context: Context, host) -> Probe:
                 with connection.cursor() as cursor:
                     cursor.execute("SHOW POOLS")
                     columns = [column.name for column in cursor.description]
-                    pools = [dict(zip(columns, row)) for row in cursor.fetchall()]
+                    pools = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
                     cursor.execute("SHOW DATABASES")
                     columns = [column.name for column in cursor.description]
-                    databases = {row["name"]: row for row in (dict(zip(columns, r)) for r in cursor.fetchall())}
+                    databases = {row["name"]: row
+                                 for row in (dict(zip(columns, r, strict=False)) for r in cursor.fetchall())}
             finally:
                 connection.close()
         except Exception as exc:  # noqa: BLE001
@@ -765,4 +773,4 @@ def pingdom_probes(context: Context) -> list[Probe]:
 
 
 def _clock(timestamp) -> str:
-    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%H:%M UTC")
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%H:%M UTC")

@@ -101,7 +101,7 @@ class NodeClient:
             pass
         self._sock.close()
 
-    def __enter__(self) -> "NodeClient":
+    def __enter__(self) -> NodeClient:
         return self
 
     def __exit__(self, *exc_info) -> None:

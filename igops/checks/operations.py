@@ -33,7 +33,8 @@ def verdict(records: list[dict], overdue_by: dict[str, float], stale: str | None
         status = NagiosStatus.UNKNOWN if status == NagiosStatus.OK else status
         parts.append(f"coordinator unavailable ({stale}); list as last read")
     running = len(records) - len(interrupted)
-    return status, "; ".join(parts) or (f"{running} running, none interrupted" if running else "none running or interrupted")
+    return status, "; ".join(parts) or (f"{running} running, none interrupted" if running
+                                        else "none running or interrupted")
 
 
 def _step(record: dict) -> str:

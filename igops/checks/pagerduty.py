@@ -10,13 +10,14 @@ remembered for the same reason. 429 and 5xx answers are retried with growing pau
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from igops.errors import NagiosStatus, UsageError
 from igops.output import Reporter
@@ -127,7 +128,7 @@ class Pager:
         from pagerduty import UrlError
 
         try:
-            self.events
+            _ = self.events  # the property builds the client, which refuses a bad URL
         except UrlError as exc:
             raise UsageError(f"[monitoring] pagerduty_url {self.url!r}: {exc}",
                              "use the Events API's https:// URL") from None
@@ -212,7 +213,7 @@ class Pager:
             if result.status == NagiosStatus.CRITICAL:
                 if key in incidents:
                     report.still_open.append(key)
-                elif send("trigger", key, lambda: self.trigger(result.check, result.target, result.summary)):
+                elif send("trigger", key, functools.partial(self.trigger, result.check, result.target, result.summary)):
                     incidents[key] = {"check": result.check, "target": result.target, "since": _now(),
                                       "summary": result.summary[:300]}
                     report.triggered.append(key)
@@ -226,4 +227,4 @@ class Pager:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from igops.errors import IgopsError, UsageError
 from igops.output import Reporter
@@ -67,7 +67,7 @@ class Pingdom:
                                       "User-Agent": "igops"})
 
     @classmethod
-    def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> "Pingdom":
+    def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> Pingdom:
         from igops.secrets import Secrets
 
         token = Secrets(fleet.model.secrets.file).require("pingdom_token")
@@ -115,7 +115,8 @@ class Pingdom:
             self._remember_limits(response.headers)
             retryable = response.status_code == 429 or (response.status_code >= 500 and method in IDEMPOTENT)
             if retryable and attempt < len(BACKOFF):
-                self._pause(attempt, f"{method} {path}: HTTP {response.status_code}", response.headers.get("Retry-After"))
+                self._pause(attempt, f"{method} {path}: HTTP {response.status_code}",
+                            response.headers.get("Retry-After"))
                 continue
             if response.status_code >= 400:
                 raise PingdomError(f"Pingdom {method} {path}: HTTP {response.status_code}: {_error_message(response)}")
@@ -202,8 +203,8 @@ def desired_checks(fleet) -> list[DesiredCheck]:
             raise UsageError(f"monitoring.public_urls: {url!r} is not an http(s) URL", "write it as https://host/path")
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         encryption = parts.scheme == "https"
-        found.append(DesiredCheck(f"{name} {url}"[:128], parts.hostname, path, parts.port or (443 if encryption else 80),
-                                  encryption))
+        found.append(DesiredCheck(f"{name} {url}"[:128], parts.hostname, path,
+                                  parts.port or (443 if encryption else 80), encryption))
     return found
 
 
@@ -238,7 +239,8 @@ def current_settings(detail: dict) -> dict:
     kind = detail.get("type")
     http = kind.get("http", {}) if isinstance(kind, dict) else {}
     return {"host": detail.get("hostname"), "url": http.get("url", detail.get("url")),
-            "port": http.get("port", detail.get("port")), "encryption": http.get("encryption", detail.get("encryption")),
+            "port": http.get("port", detail.get("port")),
+           "encryption": http.get("encryption", detail.get("encryption")),
             "resolution": detail.get("resolution"), "paused": detail.get("status") == "paused",
             "type": "http" if isinstance(kind, dict) and "http" in kind else kind}
 
@@ -303,7 +305,8 @@ def statuses(client: Pingdom, fleet, window_seconds: int, include_all: bool = Fa
     for check in client.checks(None if include_all else fleet_tag(fleet)):
         summary = client.summary(int(check["id"]), now - window_seconds, now).get("status", {})
         up, down = summary.get("totalup", 0), summary.get("totaldown", 0)
-        found.append(CheckStatus(int(check["id"]), check["name"], check.get("hostname", ""), check.get("status", "unknown"),
+        found.append(CheckStatus(int(check["id"]), check["name"], check.get("hostname", ""),
+                                 check.get("status", "unknown"),
                                  check.get("lastresponsetime"), check.get("lasttesttime"),
                                  round(100.0 * up / (up + down), 3) if up + down else None))
     return found

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from igops.checks import Perf, Probe, Result, level, worst
 from igops.errors import NagiosStatus
@@ -100,7 +100,7 @@ def snapshot_probes(fleet, hosts) -> list[Probe]:
                               f"cannot list snapshots: {(text[0] if text else type(exc).__name__)[:200]}",
                               duration_ms=_ms(started)))
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
         for data_set in sets:
             judged = verdict(data_set, groups, now, grace, fleet.model.check)

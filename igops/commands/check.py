@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import List, Optional
 
 import typer
 
@@ -25,18 +24,18 @@ def register(app: typer.Typer) -> None:
 
 def check(
     ctx: typer.Context,
-    role: Optional[List[str]] = ROLE_OPTION,
-    only: Optional[List[str]] = typer.Option(None, "--only", metavar="CHECK",
-                                             help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
-                                                  "pgbouncer, redis, memcached, munin, snapshot, pingdom."),
+    role: list[str] | None = ROLE_OPTION,
+    only: list[str] | None = typer.Option(None, "--only", metavar="CHECK",
+                                          help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
+                                               "pgbouncer, redis, memcached, munin, snapshot, pingdom."),
     nagios: bool = typer.Option(False, "--nagios", help="One line with perfdata; exit 0/1/2/3 (OK, WARNING, "
                                                         "CRITICAL, UNKNOWN)."),
     page: bool = typer.Option(False, "--page", help="Trigger PagerDuty for what is CRITICAL, resolve what recovered."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when all is well; only the problems "
                                                            "otherwise (for cron)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", "-t", min=0.5, max=300,
-                                            help="One deadline for the whole run, in seconds (default: [check] "
-                                                 "timeout, 10)."),
+    timeout: float | None = typer.Option(None, "--timeout", "-t", min=0.5, max=300,
+                                         help="One deadline for the whole run, in seconds (default: [check] "
+                                              "timeout, 10)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer,
@@ -85,8 +84,7 @@ def _exit(code: int) -> None:
 
 def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: float | None) -> int:
     from igops import checks, coordination, safety
-    from igops.checks import fleet as fleet_checks
-    from igops.checks import munin, nagios as nagios_format
+    from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
 
     fleet = load_fleet(ctx)
     timeout = timeout or fleet.model.check.timeout

@@ -3,10 +3,11 @@ confirm → lock → act → audit sequence of mutating commands."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import typer
 
@@ -34,7 +35,7 @@ WATCH_OPTION = typer.Option(None, "--watch", metavar="[SECONDS]", min=0.1, max=8
                                  "with --json, one envelope per line each time.")
 
 
-class TableFormat(str, Enum):
+class TableFormat(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     """How tables print: `table` ruled on a terminal, `plain` aligned columns without rules,
     `tsv` a header row and tab-separated rows, nothing else on stdout."""
     table = "table"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -11,8 +10,8 @@ from typer.core import TyperGroup
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.tables import Column
 from igops.output import plural
+from igops.tables import Column
 
 
 class DeployGroup(TyperGroup):
@@ -104,15 +103,15 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
 @app.command("run")
 def run(
     ctx: typer.Context,
-    rev: Optional[str] = typer.Argument(None, metavar="REV",
-                                        help="A git revision of the app (default: the working tree)."),
+    rev: str | None = typer.Argument(None, metavar="REV",
+                                     help="A git revision of the app (default: the working tree)."),
     source: Path = typer.Option(Path("app"), "--source", "-s",
                                 help="The app package directory (with REV: its path in the git work tree)."),
     batch: str = BATCH_OPTION,
     max_fail: int = MAX_FAIL_OPTION,
     health_timeout: float = HEALTH_TIMEOUT_OPTION,
     health_passes: int = HEALTH_PASSES_OPTION,
-    parallel: Optional[int] = PARALLEL_OPTION,
+    parallel: int | None = PARALLEL_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -141,13 +140,13 @@ def run(
 @app.command("rollback")
 def rollback(
     ctx: typer.Context,
-    to: Optional[str] = typer.Option(None, "--to", help="The release to return to (default: the one the fleet's "
+    to: str | None = typer.Option(None, "--to", help="The release to return to (default: the one the fleet's "
                                                         "newest release replaced)."),
     batch: str = BATCH_OPTION,
     max_fail: int = MAX_FAIL_OPTION,
     health_timeout: float = HEALTH_TIMEOUT_OPTION,
     health_passes: int = HEALTH_PASSES_OPTION,
-    parallel: Optional[int] = PARALLEL_OPTION,
+    parallel: int | None = PARALLEL_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -189,7 +188,8 @@ def releases(
         if report.last_run:
             last = report.last_run
             out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
-                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, updated {last.get('updated')}")
+                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, "
+                     f"updated {last.get('updated')}")
         out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
                  else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
         code = ExitCode.OK if not report.problems else ExitCode.PROBLEMS_FOUND

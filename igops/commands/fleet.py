@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
-from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, exit_with,
-                                   load_fleet, mutate, present)
+from igops.commands.common import (
+    DRY_RUN_OPTION,
+    JSON_OPTION,
+    WATCH_OPTION,
+    YES_OPTION,
+    command,
+    exit_with,
+    load_fleet,
+    mutate,
+    present,
+)
 from igops.errors import ExitCode
 from igops.output import plural
 from igops.tables import Column
@@ -23,8 +30,8 @@ def register(app: typer.Typer) -> None:
 
 def hosts(
     ctx: typer.Context,
-    pattern: Optional[str] = typer.Argument(None, help="Shell-style host name pattern, e.g. 'db*'."),
-    role: Optional[List[str]] = ROLE_OPTION,
+    pattern: str | None = typer.Argument(None, help="Shell-style host name pattern, e.g. 'db*'."),
+    role: list[str] | None = ROLE_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """List the inventory's hosts."""
@@ -45,13 +52,14 @@ def hosts(
 
 def exec_command(
     ctx: typer.Context,
-    argv: List[str] = typer.Argument(..., metavar="-- COMMAND [ARG...]",
+    argv: list[str] = typer.Argument(..., metavar="-- COMMAND [ARG...]",
                                      help="The command; every argument reaches the host literally. "
                                           "For shell syntax use: -- sh -c '…'"),
-    role: Optional[List[str]] = ROLE_OPTION,
-    host: Optional[List[str]] = typer.Option(None, "--host", "-H", help="A host by name (repeatable)."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", "-p", min=1, help="At most N hosts at once."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", "-t", min=0.1, help="Per-host command deadline in seconds."),
+    role: list[str] | None = ROLE_OPTION,
+    host: list[str] | None = typer.Option(None, "--host", "-H", help="A host by name (repeatable)."),
+    parallel: int | None = typer.Option(None, "--parallel", "-p", min=1, help="At most N hosts at once."),
+    timeout: float | None = typer.Option(None, "--timeout", "-t", min=0.1,
+                                         help="Per-host command deadline in seconds."),
     show_output: bool = typer.Option(True, "--output/--no-output", help="Print each host's output."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
@@ -122,9 +130,9 @@ def _print_host_output(out, result) -> None:
 
 def status(
     ctx: typer.Context,
-    role: Optional[List[str]] = ROLE_OPTION,
+    role: list[str] | None = ROLE_OPTION,
     json_flag: bool = JSON_OPTION,
-    watch: Optional[float] = WATCH_OPTION,
+    watch: float | None = WATCH_OPTION,
 ) -> None:
     """Fleet overview: every host's reachability, then every service's state."""
     from igops import status as fleet_status

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
-from igops.operations import conflicts
 from igops.errors import ExitCode
+from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
@@ -19,9 +17,9 @@ app = typer.Typer(help="Munin: install igops' plugins (app, Postgres, Redis, PgB
 @app.command("install")
 def install(
     ctx: typer.Context,
-    role: Optional[List[str]] = typer.Option(None, "--role", "-r",
-                                             help="Only hosts with this role (repeatable; default: every host "
-                                                  "with the munin role)."),
+    role: list[str] | None = typer.Option(None, "--role", "-r",
+                                          help="Only hosts with this role (repeatable; default: every host "
+                                               "with the munin role)."),
     restart: bool = typer.Option(False, "--restart", help="Restart munin-node even if nothing changed."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
@@ -71,7 +69,7 @@ def _exit_code(results) -> int:
 def fetch(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose munin-node to ask."),
-    plugin: Optional[str] = typer.Argument(None, help="One plugin (default: every plugin the node lists)."),
+    plugin: str | None = typer.Argument(None, help="One plugin (default: every plugin the node lists)."),
     config: bool = typer.Option(False, "--config", help="Also ask for each plugin's config: labels, types, limits."),
     json_flag: bool = JSON_OPTION,
 ) -> None:

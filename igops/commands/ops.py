@@ -3,13 +3,20 @@ journals and the audit trail, and resume or abort of an interrupted one."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Optional
+from datetime import UTC, datetime, timedelta
 
 import typer
 
-from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, mutate,
-                                   present)
+from igops.commands.common import (
+    DRY_RUN_OPTION,
+    JSON_OPTION,
+    WATCH_OPTION,
+    YES_OPTION,
+    command,
+    load_fleet,
+    mutate,
+    present,
+)
 from igops.errors import ExitCode, UsageError
 from igops.tables import Column
 
@@ -38,7 +45,7 @@ def list_operations(
     ctx: typer.Context,
     all_: bool = typer.Option(False, "--all", "-a", help="Ended operations too, newest last."),
     json_flag: bool = JSON_OPTION,
-    watch: Optional[float] = WATCH_OPTION,
+    watch: float | None = WATCH_OPTION,
 ) -> None:
     """Operations running now and those interrupted (their holder died or lost its lease before
     they ended), from every machine that shares the coordinator."""
@@ -87,26 +94,26 @@ def show(ctx: typer.Context, op_id: str = ID_ARGUMENT, json_flag: bool = JSON_OP
         out.finish({"operation": record, "journal": entries})
 
 
-def _since(text: Optional[str]) -> datetime | None:
+def _since(text: str | None) -> datetime | None:
     if not text:
         return None
     units = {"m": 60, "h": 3600, "d": 86400}
     if text[:-1].isdigit() and text[-1] in units:
-        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--since {text!r} is neither a duration nor a time",
                          "give e.g. 90m, 12h, 7d, or 2026-12-01T08:00") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @app.command("history")
 def history(
     ctx: typer.Context,
-    since: Optional[str] = typer.Option(None, "--since", metavar="WHEN",
-                                        help="Only records since then: a duration back (90m, 12h, 7d) or a time."),
-    target: Optional[str] = typer.Option(None, "--target", metavar="NAME", help="Only records naming this target."),
+    since: str | None = typer.Option(None, "--since", metavar="WHEN",
+                                     help="Only records since then: a duration back (90m, 12h, 7d) or a time."),
+    target: str | None = typer.Option(None, "--target", metavar="NAME", help="Only records naming this target."),
     limit: int = typer.Option(50, "--limit", min=1, help="At most this many records, the newest."),
     json_flag: bool = JSON_OPTION,
 ) -> None:

@@ -54,7 +54,8 @@ def test(
             return done
 
         result = mutate(out, fleet, kind="pagerduty-test", resources=[conflicts.PAGERDUTY], targets=[key],
-                        title="Send a test event to PagerDuty", steps=steps, dry_run=dry_run, yes=yes, action=lambda _: act(),
+                        title="Send a test event to PagerDuty", steps=steps, dry_run=dry_run, yes=yes,
+                        action=lambda _: act(),
                         outcome=lambda done: ("triggered" + (" and resolved" if done["resolved"] else ""), 0))
         if result is not None:
             out.text(f"PagerDuty accepted the test event ({key})"

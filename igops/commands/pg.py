@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.tables import Column
 from igops.output import plural
+from igops.tables import Column
 
 app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
                        "dead primary, rejoin of a former primary.", no_args_is_help=True)
@@ -91,9 +89,9 @@ def _planned(out, step_title: str, planner):
 @app.command("status")
 def status(
     ctx: typer.Context,
-    cluster: Optional[str] = typer.Argument(None, help="One cluster (default: all of them)."),
+    cluster: str | None = typer.Argument(None, help="One cluster (default: all of them)."),
     json_flag: bool = JSON_OPTION,
-    watch: Optional[float] = WATCH_OPTION,
+    watch: float | None = WATCH_OPTION,
 ) -> None:
     """Every node's role, state, timeline, LSNs and lag, repmgr's view, and where PgBouncer routes."""
     from igops import failover
@@ -140,7 +138,7 @@ def switchover(
 def failover_command(
     ctx: typer.Context,
     cluster: str = typer.Argument(..., help="The cluster whose primary is down."),
-    to: Optional[str] = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
+    to: str | None = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
                                                          "WAL received, then repmgr's priority)."),
     accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
-from typing import Optional
+from datetime import UTC, datetime
 
 import typer
 
@@ -86,7 +85,7 @@ def status(
 def maintenance(
     ctx: typer.Context,
     duration: str = typer.Option(..., "--for", help="How long, from now: e.g. 10m, 1h."),
-    description: Optional[str] = typer.Option(None, "--description", "-d", help="Shown in Pingdom."),
+    description: str | None = typer.Option(None, "--description", "-d", help="Shown in Pingdom."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -128,4 +127,4 @@ def maintenance(
 def _clock(timestamp) -> str | None:
     if not timestamp:
         return None
-    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%d %H:%M:%S")

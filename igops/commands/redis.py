@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
@@ -61,7 +59,7 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
 
 
 @app.command("status")
-def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: Optional[float] = WATCH_OPTION) -> None:
+def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: float | None = WATCH_OPTION) -> None:
     """Role, offset, lag and link of every node, and the master the app uses (the directory's)."""
     from igops import failover
 
@@ -100,7 +98,7 @@ def switchover(
 @app.command("failover")
 def failover_command(
     ctx: typer.Context,
-    to: Optional[str] = typer.Option(None, "--to", help="The replica to promote (default: the highest offset)."),
+    to: str | None = typer.Option(None, "--to", help="The replica to promote (default: the highest offset)."),
     accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,

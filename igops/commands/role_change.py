@@ -3,7 +3,7 @@ show state -> plan -> confirm -> lock -> check unchanged -> act -> show state se
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from igops.commands.common import mutate
 from igops.errors import RefusedError

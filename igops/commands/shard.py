@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import List, Optional
 
 import typer
 
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
-from igops.tables import Column
-from igops.output import plural
-
 from igops.operations import conflicts
+from igops.output import plural
+from igops.tables import Column
+
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
                        "between clusters online, verify copies, rebalance.", no_args_is_help=True)
 id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
@@ -20,12 +19,12 @@ id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:
 app.add_typer(id_app, name="id")
 
 
-class Balance(str, Enum):
+class Balance(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     shards = "shards"
     bytes = "bytes"
 
 
-class PausePoint(str, Enum):
+class PausePoint(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     planned = "planned"
     target_ready = "target_ready"
     published = "published"
@@ -36,6 +35,11 @@ class PausePoint(str, Enum):
     locked = "locked"
     fenced = "fenced"
     switched = "switched"
+
+
+# Built once from the enum, so that the help names every point the move can stop at.
+PAUSE_AFTER_HELP = ("Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
+                    "STEP: " + ", ".join(point.value for point in PausePoint) + ".")
 
 
 def _bytes(value) -> str:
@@ -52,7 +56,7 @@ def _ms(value) -> str | None:
 @id_app.command("decode")
 def id_decode(
     ctx: typer.Context,
-    ids: List[int] = typer.Argument(..., metavar="ID...", help="One or more ids."),
+    ids: list[int] = typer.Argument(..., metavar="ID...", help="One or more ids."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Time (UTC), logical shard and sequence of each id."""
@@ -121,8 +125,8 @@ def show_map(
 @app.command("init")
 def init(
     ctx: typer.Context,
-    count: Optional[int] = typer.Option(None, "--count", min=1, max=8192,
-                                        help="Logical shards (default: [shards] count in the inventory)."),
+    count: int | None = typer.Option(None, "--count", min=1, max=8192,
+                                     help="Logical shards (default: [shards] count in the inventory)."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -168,15 +172,13 @@ def _move_resources(plan) -> list[tuple[str, str]]:
 @app.command("move")
 def move(
     ctx: typer.Context,
-    shard: Optional[int] = typer.Argument(None, min=0, help="The logical shard to move."),
-    to: Optional[str] = typer.Option(None, "--to", help="The cluster to move it to."),
-    resume: Optional[int] = typer.Option(None, "--resume", metavar="ID", help="Finish an interrupted move."),
-    abort: Optional[int] = typer.Option(None, "--abort", metavar="ID",
-                                        help="Roll back a move that has not switched the map."),
-    pause_after: Optional[PausePoint] = typer.Option(
-        None, "--pause-after", metavar="STEP",
-        help="Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
-             "STEP: " + ", ".join(point.value for point in PausePoint) + "."),
+    shard: int | None = typer.Argument(None, min=0, help="The logical shard to move."),
+    to: str | None = typer.Option(None, "--to", help="The cluster to move it to."),
+    resume: int | None = typer.Option(None, "--resume", metavar="ID", help="Finish an interrupted move."),
+    abort: int | None = typer.Option(None, "--abort", metavar="ID",
+                                     help="Roll back a move that has not switched the map."),
+    pause_after: PausePoint | None = typer.Option(
+        None, "--pause-after", metavar="STEP", help=PAUSE_AFTER_HELP),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -232,7 +234,7 @@ def move(
 @app.command("moves")
 def moves(
     ctx: typer.Context,
-    shard: Optional[int] = typer.Option(None, "--shard", min=0, help="Only this shard's moves."),
+    shard: int | None = typer.Option(None, "--shard", min=0, help="Only this shard's moves."),
     limit: int = typer.Option(20, "--limit", min=1, help="At most this many, newest first."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
@@ -262,9 +264,9 @@ def moves(
 def verify(
     ctx: typer.Context,
     shard: int = typer.Argument(..., min=0, help="The logical shard."),
-    against: Optional[str] = typer.Option(None, "--against", metavar="CLUSTER",
-                                          help="Compare with the copy on this cluster (during a move, both are "
-                                               "read at one point of the stream)."),
+    against: str | None = typer.Option(None, "--against", metavar="CLUSTER",
+                                       help="Compare with the copy on this cluster (during a move, both are "
+                                            "read at one point of the stream)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Per-table row counts and ordered checksums, sequence values and a schema diff: against the
@@ -301,7 +303,7 @@ def verify(
 def rebalance(
     ctx: typer.Context,
     by: Balance = typer.Option(Balance.shards, "--by", help="Even out the number of shards or their bytes."),
-    max_moves: Optional[int] = typer.Option(None, "--max-moves", min=1, help="Plan at most this many moves."),
+    max_moves: int | None = typer.Option(None, "--max-moves", min=1, help="Plan at most this many moves."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,

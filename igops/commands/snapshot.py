@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import List, Optional
+from datetime import UTC, datetime, timedelta
 
 import typer
 
@@ -35,10 +34,10 @@ ACCEPT_RISK_OPTION = typer.Option(False, "--accept-risk",
 def create(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose data filesystems to snapshot."),
-    mount: Optional[List[str]] = typer.Option(None, "--mount", "-m",
-                                              help="A mount point (repeatable; default: the host's data mounts)."),
-    deadline: Optional[float] = typer.Option(None, "--deadline", min=1, max=120,
-                                             help="Hard thaw deadline in seconds (default from the inventory, 10)."),
+    mount: list[str] | None = typer.Option(None, "--mount", "-m",
+                                           help="A mount point (repeatable; default: the host's data mounts)."),
+    deadline: float | None = typer.Option(None, "--deadline", min=1, max=120,
+                                          help="Hard thaw deadline in seconds (default from the inventory, 10)."),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
     allow_primary: bool = typer.Option(False, "--allow-primary",
                                        help="Freeze a live Postgres primary (its writes stall until the thaw); "
@@ -61,7 +60,8 @@ def create(
         with out.step(f"discover the volumes under {host}'s mounts"):
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
-            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host), targets=[host],
+            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host),
+                            targets=[host],
                             title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
                                   f"{', '.join(plan.mounts)} on {host}",
                             steps=plan.steps(), dry_run=dry_run, yes=yes,
@@ -71,7 +71,8 @@ def create(
                             outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
         except snapshot.SnapshotFailed as failed:
             out.table(None, ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],
-                      [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms, failed.result.error]])
+                      [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms,
+                        failed.result.error]])
             raise
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
@@ -86,7 +87,7 @@ def create(
 @app.command("list")
 def list_groups(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only this host's groups."),
+    host: str | None = typer.Option(None, "--host", "-H", help="Only this host's groups."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Snapshot groups, newest first."""
@@ -131,11 +132,12 @@ def show(
 def prune(
     ctx: typer.Context,
     keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest complete groups per set of data."),
-    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0, help="Keep the newest group of each of the last N hours with one."),
+    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0,
+                                    help="Keep the newest group of each of the last N hours with one."),
     keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="… of each of the last N days."),
     keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="… of each of the last N ISO weeks."),
     keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="… of each of the last N months."),
-    host: Optional[str] = typer.Option(None, "--host", "-H", help="Only delete this host's groups."),
+    host: str | None = typer.Option(None, "--host", "-H", help="Only delete this host's groups."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -159,13 +161,14 @@ def prune(
                                                    "--keep-monthly, or set keep_* in the inventory's [snapshot] policy")
         ebs = Ebs(fleet)
         plan = snapshot_policy.plan_prune(snapshot.groups(ebs), *snapshot_policy.prune_rules(sets, flags),
-                                          datetime.now(timezone.utc),
+                                          datetime.now(UTC),
                                           timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
         deleted = []
         if plan.delete:
-            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=[host or "all"],
+            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS],
+                             targets=[host or "all"],
                              title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
                              steps=plan.steps(), dry_run=dry_run, yes=yes,
                              action=lambda reporter: snapshot.prune(ebs, plan, reporter),
@@ -204,7 +207,7 @@ def delete(
             raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
         data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
         siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
-        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(timezone.utc),
+        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(UTC),
                                              timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
         if risks and not accept_risk:
             release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
@@ -302,7 +305,7 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
                          "snapshot cron has nothing to do",
                          'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md')
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     groups = snapshot.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
     report = {"dry_run": dry_run, "busy": False, "due": [data_set.name for data_set in due], "taken": [],
@@ -359,7 +362,7 @@ def restore(
     ctx: typer.Context,
     group: str = typer.Argument(..., help="A complete group id."),
     to: str = typer.Option(..., "--to", help="The host to restore onto."),
-    at: Optional[str] = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
+    at: str | None = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
                                                         "'/' mounts at the original paths)."),
     port: int = typer.Option(5499, "--port", min=1, max=65535,
                              help="Port of the restored Postgres (it listens on its own socket only)."),
@@ -380,7 +383,8 @@ def restore(
             undo = restoring.plan_cleanup(fleet, ebs, group, to)
             deleted = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
                              title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
-                             dry_run=dry_run, yes=yes, action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
+                             dry_run=dry_run, yes=yes,
+                             action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
             out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
             return
         plan = restoring.plan_restore(fleet, ebs, group, to, at, port)

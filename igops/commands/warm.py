@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import List, Optional
 
 import typer
 
-from igops.commands.common import (DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, exit_with,
-                                   load_fleet, mutate, present)
+from igops.commands.common import (
+    DRY_RUN_OPTION,
+    JSON_OPTION,
+    WATCH_OPTION,
+    YES_OPTION,
+    command,
+    exit_with,
+    load_fleet,
+    mutate,
+    present,
+)
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.tables import Column
 from igops.output import plural
+from igops.tables import Column
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
                        "compare two hosts.", no_args_is_help=True)
 
 
-class Match(str, Enum):
+class Match(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     size = "size"
     mtime = "mtime"
     path = "path"
@@ -41,7 +49,7 @@ TIMEOUT_OPTION = typer.Option(None, "--timeout", min=10,
 TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of them with --json).")
 
 
-def _options(concurrency: int, rate: Optional[str], match: Match, timeout: Optional[float]):
+def _options(concurrency: int, rate: str | None, match: Match, timeout: float | None):
     from igops import vmtouch
 
     return vmtouch.WarmOptions(concurrency=concurrency, rate=vmtouch.parse_rate(rate) if rate else None,
@@ -72,10 +80,10 @@ def _warm_outcome(result) -> tuple[str, int]:
 def capture(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose page cache to read."),
-    paths: Optional[List[str]] = PATHS_ARGUMENT,
-    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PROFILE",
-                                         help="Write the profile here (default: HOST-TIME.pagecache.gz; "
-                                              "gzipped when the name ends in .gz)."),
+    paths: list[str] | None = PATHS_ARGUMENT,
+    output: str | None = typer.Option(None, "--output", "-o", metavar="PROFILE",
+                                      help="Write the profile here (default: HOST-TIME.pagecache.gz; "
+                                           "gzipped when the name ends in .gz)."),
     emit_vmtouch: bool = typer.Option(False, "--emit-vmtouch",
                                       help="Print the equivalent `vmtouch -t -p RANGE FILE` commands on stdout "
                                            "(root i is $ROOTi, defaulting to the captured path)."),
@@ -86,7 +94,7 @@ def capture(
 
     with command(ctx, "warm capture", json_flag) as out:
         fleet = load_fleet(ctx)
-        destination = output or f"{host}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pagecache.gz"
+        destination = output or f"{host}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.pagecache.gz"
         with out.step(f"read the page cache of {host}") as step:
             result = vmtouch.record(fleet, host, paths, destination, emit_vmtouch)
             step.detail = (f"{plural(result.pages, 'page')} ({vmtouch.human_bytes(result.resident_bytes)}) "
@@ -110,16 +118,15 @@ def apply(
     profile: str = typer.Argument(..., help="A profile written by `igops warm capture`."),
     to: str = typer.Option(..., "--to", help="The host to warm."),
     concurrency: int = CONCURRENCY_OPTION,
-    rate: Optional[str] = RATE_OPTION,
+    rate: str | None = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: Optional[float] = TIMEOUT_OPTION,
+    timeout: float | None = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Read exactly the profile's pages on a host; files missing or changed there are skipped and counted."""
-    from igops import profile as profiles
-    from igops import vmtouch
+    from igops import profile as profiles, vmtouch
 
     with command(ctx, "warm apply", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -143,11 +150,11 @@ def copy(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="The host whose page cache to copy."),
     to: str = typer.Option(..., "--to", help="The host to warm."),
-    paths: Optional[List[str]] = PATHS_ARGUMENT,
+    paths: list[str] | None = PATHS_ARGUMENT,
     concurrency: int = CONCURRENCY_OPTION,
-    rate: Optional[str] = RATE_OPTION,
+    rate: str | None = RATE_OPTION,
     match: Match = MATCH_OPTION,
-    timeout: Optional[float] = TIMEOUT_OPTION,
+    timeout: float | None = TIMEOUT_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -175,11 +182,11 @@ def diff(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="The host whose cached pages count (e.g. the primary)."),
     target: str = typer.Argument(..., help="The host to compare (e.g. the standby about to be promoted)."),
-    paths: Optional[List[str]] = PATHS_ARGUMENT,
+    paths: list[str] | None = PATHS_ARGUMENT,
     top: int = TOP_OPTION,
-    at_least: Optional[float] = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
-                                             help="Exit 5 when less than this share (0-1) of SOURCE's cached "
-                                                  "pages are cached on TARGET."),
+    at_least: float | None = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
+                                          help="Exit 5 when less than this share (0-1) of SOURCE's cached "
+                                               "pages are cached on TARGET."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """What share of SOURCE's cached pages are cached on TARGET, per file and in total. Read-only."""
@@ -210,7 +217,7 @@ def show(
     path: str = typer.Argument(..., help="A directory under its data mounts."),
     top: int = TOP_OPTION,
     json_flag: bool = JSON_OPTION,
-    watch: Optional[float] = WATCH_OPTION,
+    watch: float | None = WATCH_OPTION,
 ) -> None:
     """How much of a directory is in the host's page cache, like `vmtouch DIR`, exact to the page."""
     from igops import vmtouch

@@ -18,10 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.errors import UsageError
-from igops.lab import aws, baseline, credentials, etcd, files, pooler, postgres, proc, services, sshd, state, storage
-from igops.lab import inventory as lab_inventory
-from igops.lab.state import (CLUSTERS, HOSTS, MARKER_ENV, MOTO, PAGERDUTY, PINGDOM, REDIS_MASTER, SSH_PORT, Paths,
-                             with_role)
+from igops.lab import (
+    aws,
+    baseline,
+    credentials,
+    etcd,
+    files,
+    inventory as lab_inventory,
+    pooler,
+    postgres,
+    proc,
+    services,
+    sshd,
+    state,
+    storage,
+)
+from igops.lab.state import (
+    CLUSTERS,
+    HOSTS,
+    MARKER_ENV,
+    MOTO,
+    PAGERDUTY,
+    PINGDOM,
+    REDIS_MASTER,
+    SSH_PORT,
+    Paths,
+    with_role,
+)
 from igops.operations import journal
 from igops.output import Reporter, plural
 
@@ -194,7 +217,8 @@ def _ssh(paths: Paths) -> None:
     files.write_file(directory / "authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600,
                      owner=postgres.OS_USER)
     sshd.start(paths.ssh, SSHD_NAME, keys, [lab_host.address for lab_host in HOSTS], SSH_PORT,
-               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"), use_pam=True)
+               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"),
+               use_pam=True)
 
 
 def _redis_master(paths: Paths) -> str:
@@ -255,7 +279,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                         *services.redis_daemons(paths),
                         *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
             services.wait_for_replication()
-        with reporter.step("PgBouncer: re-read its databases file, resume what an interrupted operation paused") as step:
+        with reporter.step("PgBouncer: re-read its databases file, "
+                           "resume what an interrupted operation paused") as step:
             done = pooler.bring_to_health(creds, lab_inventory.coordinator(paths), _command_line(),
                                           reload=rerouted)
             report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]

@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igops.lab import proc
-from igops.lab.state import (AVAILABILITY_ZONE, AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY, HOSTS,
-                             MOTO, PHOTO_BUCKET, Paths)
+from igops.lab.state import (
+    AVAILABILITY_ZONE,
+    AWS_ACCESS_KEY_ID,
+    AWS_REGION,
+    AWS_SECRET_ACCESS_KEY,
+    HOSTS,
+    MOTO,
+    PHOTO_BUCKET,
+    Paths,
+)
 from igops.lab.storage import VolumeState
 
 ENDPOINT = f"http://{MOTO[0]}:{MOTO[1]}"

@@ -11,7 +11,7 @@ freezing a primary stalls its writes.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from igops.lab.proc import LabError
 from igops.output import Reporter, plural
@@ -68,7 +68,7 @@ def snapshots(fleet) -> str:
 
     ebs = Ebs(fleet)
     groups = snapshot.groups(ebs)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     fresh_enough = timedelta(hours=fleet.model.check.snapshot_warning_hours)
     taken = []

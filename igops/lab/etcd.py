@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from igops.lab import files, proc
-from igops.output import plural
 from igops.lab.state import ETCD_CLIENT_PORT, ETCD_MEMBERS, ETCD_PEER_PORT, Paths
+from igops.output import plural
 
 BINARY = "/usr/bin/etcd"
 OS_USER = "etcd"

@@ -80,7 +80,7 @@ class AwsProxy:
         self._server.daemon_threads = True
         self.url = f"http://{listen[0]}:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "AwsProxy":
+    def __enter__(self) -> AwsProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

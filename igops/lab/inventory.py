@@ -15,9 +15,25 @@ from igops import inventory
 from igops.lab import files, services
 from igops.lab.aws import ENDPOINT, AwsState
 from igops.lab.postgres import BIN_DIR
-from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, HOSTS, LB_PORT, LOGICAL_SHARDS,
-                             MEMCACHED_PORT, MUNIN_PORT, PAGERDUTY, PGBOUNCER_PORT, PINGDOM, POSTGRES_PORT,
-                             REDIS_PORT, SSH_PORT, Paths, etcd_endpoints)
+from igops.lab.state import (
+    APP_PORT,
+    AWS_REGION,
+    CLUSTERS,
+    DIRECTORY_CLUSTER,
+    HOSTS,
+    LB_PORT,
+    LOGICAL_SHARDS,
+    MEMCACHED_PORT,
+    MUNIN_PORT,
+    PAGERDUTY,
+    PGBOUNCER_PORT,
+    PINGDOM,
+    POSTGRES_PORT,
+    REDIS_PORT,
+    SSH_PORT,
+    Paths,
+    etcd_endpoints,
+)
 from igops.lab.storage import VolumeState
 
 # The lease TTL of the lab's operations: the default a real fleet starts from.
@@ -62,7 +78,8 @@ def render(paths: Paths, volumes: list[VolumeState], aws: AwsState, primaries: d
                             "minimum_redundancy": 2}),
         _table("snapshot.pre_freeze", {
             "postgres": f"runuser -u postgres -- {BIN_DIR}/psql -X -q -h "
-                        f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} -d postgres -c CHECKPOINT"}),
+                        f"{_templated(paths.pg_socket_dir('db1'), 'db1')} -p {POSTGRES_PORT} "
+                       "-d postgres -c CHECKPOINT"}),
         _table("monitoring", {"pingdom_url": f"http://{PINGDOM[0]}:{PINGDOM[1]}/api/3.1",
                               "pagerduty_url": f"http://{PAGERDUTY[0]}:{PAGERDUTY[1]}"}),
         _table("secrets", {"file": paths.secrets}),

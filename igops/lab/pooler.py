@@ -48,7 +48,7 @@ def admin(credentials: Credentials):
 def paused_databases(cursor) -> list[str]:
     cursor.execute("SHOW DATABASES")
     columns = [column.name for column in cursor.description]
-    rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+    rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
     return [row["name"] for row in rows if row["name"] != "pgbouncer" and int(row.get("paused") or 0)]
 
 

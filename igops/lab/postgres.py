@@ -14,7 +14,7 @@ from pathlib import Path
 
 from igops.lab import files, proc
 from igops.lab.credentials import Credentials
-from igops.lab.state import MARKER_ENV, POSTGRES_PORT, PgCluster, Paths, host
+from igops.lab.state import MARKER_ENV, POSTGRES_PORT, Paths, PgCluster, host
 
 BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 OS_USER = "postgres"

@@ -18,9 +18,25 @@ from pathlib import Path
 
 from igops.lab import aws, files, proc
 from igops.lab.credentials import Credentials
-from igops.lab.state import (APP_PORT, AWS_REGION, CLUSTERS, DIRECTORY_CLUSTER, LB_PORT, MARKER_ENV, MEMCACHED_PORT,
-                             MOTO, MUNIN_PORT, PGBOUNCER_PORT, PHOTO_BUCKET, POSTGRES_PORT, REDIS_MASTER,
-                             REDIS_PORT, Paths, host, with_role)
+from igops.lab.state import (
+    APP_PORT,
+    AWS_REGION,
+    CLUSTERS,
+    DIRECTORY_CLUSTER,
+    LB_PORT,
+    MARKER_ENV,
+    MEMCACHED_PORT,
+    MOTO,
+    MUNIN_PORT,
+    PGBOUNCER_PORT,
+    PHOTO_BUCKET,
+    POSTGRES_PORT,
+    REDIS_MASTER,
+    REDIS_PORT,
+    Paths,
+    host,
+    with_role,
+)
 
 MUNIN_PLUGINS = ("cpu", "load", "memory", "uptime")
 MUNIN_PLUGIN_LIBRARY = Path("/usr/share/munin/plugins")
@@ -298,7 +314,8 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
             "--control-socket", str(shared / "gunicorn.ctl"),
             "--access-logfile", str(shared / "log" / "access.log"),
             "--error-logfile", str(shared / "log" / "error.log"),
-            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S), "app.wsgi:application")
+            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S),
+            "app.wsgi:application")
     env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
     return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
                        endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),

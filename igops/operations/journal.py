@@ -22,10 +22,11 @@ import json
 import os
 import secrets as random
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from igops.errors import AlreadyRunning
 from igops.secrets import redact_data
@@ -35,7 +36,7 @@ RUNNING, INTERRUPTED = "running", "interrupted"
 
 def new_id(moment: datetime | None = None) -> str:
     """Sortable by start time, short enough to type: 20261203-071530-a3f9."""
-    moment = moment or datetime.now(timezone.utc)
+    moment = moment or datetime.now(UTC)
     return moment.strftime("%Y%m%d-%H%M%S") + "-" + random.token_hex(2)
 
 

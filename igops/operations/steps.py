@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from igops.errors import IgopsError
 from igops.output import Reporter
@@ -31,9 +32,9 @@ class Step:
     args: tuple = ()
     # Compensates if this or a later step fails before the point of no return; it must be safe
     # to run whether or not this step got to act.
-    undo: "Step | None" = None
+    undo: Step | None = None
     # Runs on any failure from this step on (e.g. RESUME after PAUSE); it must be safe to run twice.
-    release: "Step | None" = None
+    release: Step | None = None
     # From the start of this step, failures roll forward, never back: an interrupted promotion may
     # still complete, so the old primary must never be started again.
     point_of_no_return: bool = False
@@ -119,7 +120,7 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
     number, step = 0, None
     with _signals_as_interrupt() as interrupts:
         try:
-            for number, step in enumerate(steps, 1):
+            for number, step in enumerate(steps, 1):  # noqa: B007 - `number` is read below: the step that failed
                 if step.undo:
                     undos.append(step.undo)
                 if step.release:

@@ -23,8 +23,7 @@ import requests
 
 from igops import coordination, inventory
 from igops.errors import ExitCode
-from igops.lab import etcd as lab_etcd
-from igops.lab import proc, state
+from igops.lab import etcd as lab_etcd, proc, state
 from tests.labtools import wait_for, without_coordination
 
 pytestmark = pytest.mark.lab

@@ -130,7 +130,7 @@ def test_app_api_end_to_end_across_both_clusters(lab):
     base = _lb_url(lab)
     session = requests.Session()
     users_by_cluster: dict[str, dict] = {}
-    for attempt in range(60):
+    for _ in range(60):
         response = session.post(f"{base}/api/users", json={"username": f"lab{uuid.uuid4().hex[:12]}"}, timeout=10)
         assert response.status_code == 201, response.text
         user = response.json()

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from igops.errors import ExitCode
-from igops.lab import postgres as lab_postgres
-from igops.lab import files, state
+from igops.lab import files, postgres as lab_postgres, state
 from igops.lab.credentials import load as load_credentials
 from tests.conftest import run_igops
 from tests.labtools import trim_wal
@@ -52,7 +51,8 @@ def test_a_healthy_lab_checks_ok(lab):
     assert nagios.stdout.startswith("IGOPS OK - lab:"), nagios.stdout
     result = run_igops("-c", str(lab.source), "check", "--json")
     data = json.loads(result.stdout)["data"]
-    not_ok = [f"{r['check']} {r['target']}: {r['status']} {r['summary']}" for r in data["results"] if r["status"] != "OK"]
+    not_ok = [f"{r['check']} {r['target']}: {r['status']} {r['summary']}"
+              for r in data["results"] if r["status"] != "OK"]
     assert not not_ok, not_ok
     checks = {r["check"] for r in data["results"]}
     assert {"munin", "pingdom", "snapshot"} <= checks

@@ -16,8 +16,7 @@ from igops import inventory
 from igops.errors import ExitCode
 from igops.operations import conflicts, engine
 from igops.output import Reporter
-from tests.integration.test_coordination import (bastion, forget_test_keys,  # noqa: F401 - autouse: keys go after
-                                                 run_igops, write_inventory)
+from tests.integration.test_coordination import bastion, forget_test_keys, run_igops, write_inventory  # noqa: F401 - autouse: keys go after
 
 pytestmark = pytest.mark.lab
 
@@ -77,7 +76,8 @@ def pairs(lab, tmp_path):
     replica = "redis2" if failover.redis_status(fleet).app_master == "redis1" else "redis1"
     return [
         ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", standby]),
-        ("pg-switchover", [conflicts.pg_cluster("main")], ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
+        ("pg-switchover", [conflicts.pg_cluster("main")],
+         ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),

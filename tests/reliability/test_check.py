@@ -20,8 +20,8 @@ from igops.lab import state
 from igops.lab.proc import alive  # a zombie is dead: the lab's daemons may be this process's children
 from igops.secrets import Secrets
 from tests.conftest import run_igops
-from tests.labtools import wait_for
 from tests.integration.test_monitoring import Receivers, own_inventory, resolve_leftovers
+from tests.labtools import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -108,7 +108,8 @@ def stuck_writers(mount: str) -> list[int]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"igops-hostprobe" in (proc / "cmdline").read_bytes() and mount.encode() in (proc / "cmdline").read_bytes():
+            if (b"igops-hostprobe" in (proc / "cmdline").read_bytes()
+                    and mount.encode() in (proc / "cmdline").read_bytes()):
                 if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
                     found.append(int(proc.name))
         except OSError:

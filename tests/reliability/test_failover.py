@@ -63,7 +63,8 @@ class Load:
     def __init__(self, lab, tmp_path, duration: float = 600):
         self.ledger = tmp_path / "ledger.jsonl"
         self.argv = [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", str(LOAD_RATE),
-                     "--duration", f"{duration:g}", "--write-ratio", str(WRITE_RATIO), "--users", "30", "--concurrency", "32",
+                     "--duration", f"{duration:g}", "--write-ratio", str(WRITE_RATIO), "--users", "30",
+                     "--concurrency", "32",
                      "--seed", "11", "--ledger", str(self.ledger), "--json"]
         self.process = None
         self.report = None
@@ -474,7 +475,7 @@ def test_a_lab_restart_keeps_the_roles_switchovers_left(at_home):
     for node in (HOME_MASTER, OTHER_MASTER):
         pid = proc.running_pid(redis_pid_file(node), paths.root)
         os.kill(pid, signal.SIGTERM)
-        assert wait_for(lambda: not proc.alive(pid), 30)
+        assert wait_for(lambda pid=pid: not proc.alive(pid), 30)
     lab_up()
     main, redis = pg_state(lab), redis_state(lab)
     assert main["primary"] == OTHER_PRIMARY and node_of(main, HOME_PRIMARY)["role"] == "standby", main

@@ -15,8 +15,16 @@ import pytest
 from igops import redisops
 from tests.conftest import ROOT
 from tests.labtools import postgres, wait_for
-from tests.reliability.test_failover import (HOME_MASTER, HOME_PRIMARY, OTHER_MASTER, at_home, igops,  # noqa: F401
-                                             node_of, redis_state, sign_up_succeeds)
+from tests.reliability.test_failover import (  # noqa: F401
+    HOME_MASTER,
+    HOME_PRIMARY,
+    OTHER_MASTER,
+    at_home,
+    igops,
+    node_of,
+    redis_state,
+    sign_up_succeeds,
+)
 
 pytestmark = pytest.mark.lab
 

@@ -12,8 +12,19 @@ from pathlib import Path
 import pytest
 
 from tests.labtools import postgres, wait_for
-from tests.reliability.test_failover import (HOME_PRIMARY, OTHER_PRIMARY, Load, describe, igops, kill_postgres,
-                                             lab_up, node_of, pg_state, restore_home, sign_up_succeeds)
+from tests.reliability.test_failover import (
+    HOME_PRIMARY,
+    OTHER_PRIMARY,
+    Load,
+    describe,
+    igops,
+    kill_postgres,
+    lab_up,
+    node_of,
+    pg_state,
+    restore_home,
+    sign_up_succeeds,
+)
 
 pytestmark = pytest.mark.lab
 

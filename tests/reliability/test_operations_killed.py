@@ -330,8 +330,7 @@ def etcd_pids(names: list[str]) -> list[int]:
 
 
 def restart_etcd(names: list[str]) -> None:
-    from igops.lab import etcd as lab_etcd
-    from igops.lab import proc, state
+    from igops.lab import etcd as lab_etcd, proc, state
 
     paths = state.paths()
     for name in names:

@@ -15,8 +15,17 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.labtools import postgres, wait_for
-from tests.reliability.test_failover import (HOME_PRIMARY, OTHER_PRIMARY, Load, assert_one_primary_routed_and_followed,
-                                             at_home, describe, igops, paused_databases, sign_up_succeeds)
+from tests.reliability.test_failover import (
+    HOME_PRIMARY,
+    OTHER_PRIMARY,
+    Load,
+    assert_one_primary_routed_and_followed,
+    at_home,
+    describe,
+    igops,
+    paused_databases,
+    sign_up_succeeds,
+)
 
 pytestmark = pytest.mark.lab
 __all__ = ["at_home"]  # the fixture, imported for pytest to find

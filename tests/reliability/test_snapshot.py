@@ -75,7 +75,8 @@ def proxied_inventory(fleet, tmp_path, proxy_url):
 
 def can_write(mount: str, timeout: float) -> bool:
     """Whether a write to the filesystem completes within `timeout` (it hangs while frozen)."""
-    probe = subprocess.Popen(["sh", "-c", f"echo probe > {mount}/.igops-write-probe && sync -f {mount}/.igops-write-probe"])
+    probe = subprocess.Popen(["sh", "-c",
+                              f"echo probe > {mount}/.igops-write-probe && sync -f {mount}/.igops-write-probe"])
     try:
         probe.wait(timeout)
         return probe.returncode == 0
@@ -109,8 +110,9 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
-                                  "--no-hook", "--deadline", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
+                                  standby_of_main(lab), "--yes", "--no-hook", "--deadline", "4"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
         assert not can_write(data_mount, 0.5), "the data mount should be frozen now"
@@ -144,9 +146,10 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes",
-                                  "--no-hook", "--deadline", "30"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
+                                  standby_of_main(lab), "--yes", "--no-hook", "--deadline", "30"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
         killed_at = time.monotonic()
         igops.kill()
@@ -173,7 +176,8 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
+            result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook",
+                               "--json")
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -213,7 +217,8 @@ def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json")
+        result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook",
+                           "--json")
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
     assert all(can_write(mount.path, 2) for mount in lab.host(standby_of_main(lab)).mounts)
@@ -226,8 +231,8 @@ def test_two_creates_on_one_host(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 8})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby, "--yes",
-                                  "--no-hook", "--deadline", "30", "--json"], stdout=subprocess.PIPE,
+        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby,
+                                  "--yes", "--no-hook", "--deadline", "30", "--json"], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[2])
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
         second = run_igops("-c", str(config), "snapshot", "create", standby, "--yes", "--no-hook")
@@ -446,7 +451,8 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     checked = run_igops("-c", str(config), "check", "--only", "snapshot", "--json")
     # The check judges the cluster, whose groups the standby's are.
     [mine] = [result for result in json.loads(checked.stdout)["data"]["results"] if result["target"] == "main"]
-    assert mine["status"] in ("WARNING", "CRITICAL") and all(group_id in mine["summary"] for group_id in group_ids), mine
+    assert (mine["status"] in ("WARNING", "CRITICAL")
+            and all(group_id in mine["summary"] for group_id in group_ids)), mine
     pruned = run_igops("-c", str(config), "snapshot", "prune", "--host", standby, "--keep-last", "100", "--yes",
                        "--json")
     assert pruned.returncode == 0, pruned.stderr

@@ -6,7 +6,7 @@ snapshot check judged per set of data against the schedule."""
 import json
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -121,7 +121,7 @@ def followers(lab) -> dict[str, str]:
 
 def start_of_a_fresh_minute() -> datetime:
     """Wait for the next minute to begin: no group can exist in a slot that starts then."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     time.sleep((start - now).total_seconds() + 0.5)
     return start

@@ -1,6 +1,5 @@
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from app.ids import EPOCH_MS, MAX_SHARD, compose_id, sequence_of, shard_of, unix_millis_of
 

@@ -14,8 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from igops.checks import Perf, Probe, Result, counts, level, overall, run_all
-from igops.checks import munin, nagios, pagerduty, pingdom
+from igops.checks import Perf, Probe, Result, counts, level, munin, nagios, overall, pagerduty, pingdom, run_all
 from igops.errors import ExitCode, NagiosStatus
 from tests.conftest import run_igops
 from tests.unit.inventories import unit_inventory

@@ -13,7 +13,6 @@ import pytest
 
 from igops import safety
 from igops.errors import ExitCode
-
 from tests.conftest import IGOPS, ROOT, run_igops
 from tests.unit.inventories import unit_inventory
 
@@ -259,7 +258,8 @@ def test_help_imports_no_heavy_library():
     code = ("import sys; sys.argv = ['igops', '--help']\n"
             "from igops.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic') if m in sys.modules]\n"
+            "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic') "
+            "if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in result.stdout, result.stdout

@@ -6,7 +6,7 @@ import json
 import subprocess
 import tarfile
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -48,8 +48,8 @@ def test_bad_batch_sizes_are_usage_errors(spec):
 # --- releases --------------------------------------------------------------------------------
 
 def test_release_ids_sort_by_time_and_carry_the_tag():
-    early = deploy.release_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "abc1234")
-    later = deploy.release_id(datetime(2026, 1, 2, 3, 4, 6, tzinfo=timezone.utc), "0000000")
+    early = deploy.release_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "abc1234")
+    later = deploy.release_id(datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC), "0000000")
     assert early == "20260102030405-abc1234"
     assert sorted([later, early]) == [early, later]
     # The lab's first release (a bare timestamp) sorts with them.

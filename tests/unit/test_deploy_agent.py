@@ -47,7 +47,8 @@ def test_stage_then_switch_atomically_with_history(tmp_path):
     root = tmp_path / "app"
     prebuilt_venv(root)
     (root / "shared" / "app.toml").write_text("")
-    first, second = make_release(tmp_path, "20260101000000-aaaaaaa"), make_release(tmp_path, "20260101000001-bbbbbbb", "2")
+    first, second = (make_release(tmp_path, "20260101000000-aaaaaaa"),
+                     make_release(tmp_path, "20260101000001-bbbbbbb", "2"))
     for release in (first, second):
         code, answer = stage(root, release)
         assert code == 0 and answer["staged"] == "unpacked" and answer["venv"] == "reused", answer

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from igops import failover, inventory, postgres, redisops
-from igops.operations import steps as step_runner
 from igops.errors import ExitCode, IgopsError
+from igops.operations import steps as step_runner
 from igops.output import Reporter
 from tests.conftest import run_igops
 
@@ -105,7 +105,8 @@ def test_an_unexpected_waldump_message_gives_no_end():
 
 def test_single_user_runs_with_the_options_the_server_last_started_with():
     opts = '/usr/lib/postgresql/15/bin/postgres "-D" "/etc/postgresql/15/main" "-c" "config_file=/etc/x.conf"\n'
-    assert postgres.server_arguments(opts, "/data") == ["-D", "/etc/postgresql/15/main", "-c", "config_file=/etc/x.conf"]
+    assert postgres.server_arguments(opts, "/data") == ["-D", "/etc/postgresql/15/main",
+                                                        "-c", "config_file=/etc/x.conf"]
     assert postgres.server_arguments("", "/data") == ["-D", "/data"]
 
 
@@ -288,7 +289,8 @@ def test_problems_a_status_reports(fleet):
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
     problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
-    assert state.fixes[problems[0]] == "stop db1, then `igops pg rejoin db1 --accept-risk` (it loses what it took alone)"
+    assert state.fixes[problems[0]] == ("stop db1, then `igops pg rejoin db1 --accept-risk` "
+                                        "(it loses what it took alone)")
     assert "db3: stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
@@ -463,17 +465,22 @@ def test_free_space_below_the_threshold_on_either_volume_is_a_reason():
 
 def test_a_failure_says_what_it_left():
     nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running", fenced=False),
-             failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True, control_state="in archive recovery")]
+             failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True,
+                             control_state="in archive recovery")]
     state = failover.PgClusterState("main", nodes, "db1", {"pgb1": {"main": "db1"}}, {})
     assert failover.describe_left_behind(state) == ("db1 is the primary; PgBouncer routes to db1 and is not paused; "
                                                     "db2 is stopped (in archive recovery), fenced")
 
 
 # --- executing a plan ----------------------------------------------------------------------------
+# The error a Recorder raises unless told otherwise: one instance, shared by every Recorder.
+BOOM = IgopsError("boom")
+
+
 class Recorder:
     """Actions that record their calls; `fail` names the one that raises."""
 
-    def __init__(self, fail=None, error=IgopsError("boom")):
+    def __init__(self, fail=None, error=BOOM):
         self.calls = []
         self.fail = fail
         self.error = error

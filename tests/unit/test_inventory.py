@@ -117,7 +117,8 @@ def test_missing_and_unknown_keys(tmp_path):
 
 
 def test_secrets_never_live_in_inventory(tmp_path):
-    found = problems(tmp_path, GOOD.replace('[[hosts]]\nname = "app1"', '[redis]\npassword = "hunter2"\n[[hosts]]\nname = "app1"', 1))
+    found = problems(tmp_path, GOOD.replace('[[hosts]]\nname = "app1"',
+                                            '[redis]\npassword = "hunter2"\n[[hosts]]\nname = "app1"', 1))
     assert any("redis.password: a secret in the inventory" in p for p in found)
     assert not any("hunter2" in p for p in found)
 

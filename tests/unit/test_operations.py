@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC
 
 import pytest
 
@@ -208,7 +209,8 @@ def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(
 
 
 def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_return():
-    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},), release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
+    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},),
+                       release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
     stop = steps.Step("stop", "stop", ("db1",), undo=steps.Step("start db1", "start", ("db1",)))
     promote = steps.Step("promote", "promote", ("db2",), point_of_no_return=True)
 
@@ -261,11 +263,11 @@ def test_hosts_a_deploy_drained_warn_unless_a_deploy_is_running():
 
 
 def test_an_operation_is_overdue_only_past_its_kinds_expected_duration():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from igops import operations_view
 
-    now = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
     record = {"kind": "pg-switchover", "status": "running", "started": (now - timedelta(minutes=4)).isoformat()}
     assert operations_view.overdue(record, now) is None
     record["started"] = (now - timedelta(minutes=7)).isoformat()

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -45,7 +45,7 @@ def cluster() -> PgClusterState:
 
 
 def snapshot_groups() -> list:
-    created = datetime(2026, 12, 3, 4, 15, tzinfo=timezone.utc)
+    created = datetime(2026, 12, 3, 4, 15, tzinfo=UTC)
     return [SimpleNamespace(group_id=GROUP_ID, host="db12", mounts=["/data", "/var/lib/postgresql"], volumes=4,
                             expected=4, state="complete", created=created, size_gib=1600, freeze_ms=412.0, kept=None),
             SimpleNamespace(group_id="db12-20261202T041500Z-0a1e", host="db12", mounts=["/data"], volumes=3,

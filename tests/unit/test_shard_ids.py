@@ -1,8 +1,7 @@
 """The 64-bit ids: the layout the service's next_id() uses, round trips and ordering, property-tested."""
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from igops import shards
 from igops.errors import UsageError

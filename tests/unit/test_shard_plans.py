@@ -2,8 +2,7 @@
 where a resumed move picks up, journal states, schema differences and the initial layout."""
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from igops import shards
 from igops.commands.shard import PausePoint
@@ -157,7 +156,8 @@ def test_schema_diff_names_every_difference():
 
 def test_init_plan_describes_seeding_or_keeping_the_map():
     placement = shards.even_placement(["main", "pg2"], 16)
-    seeding = shards.InitPlan("main/directory", 16, ["pg2/instagram"], None, placement, {"main": [], "pg2": list(range(8, 16))})
+    seeding = shards.InitPlan("main/directory", 16, ["pg2/instagram"], None, placement,
+                              {"main": [], "pg2": list(range(8, 16))})
     steps = seeding.steps()
     assert steps[0] == "create database pg2/instagram"
     assert "seed the shard map with 16 shards (main: 0-7; pg2: 8-15) as version 1" in steps

@@ -1,10 +1,10 @@
 """Snapshot planning without a fleet: block-device discovery parsers on recorded host output,
 volume mapping, retention, and the restore script."""
 
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-import shlex
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,8 @@ RECORDINGS = Path(__file__).parent / "recordings"
 
 def test_mdstat_members_in_raid_order():
     arrays = blockdevs.parse_mdstat((RECORDINGS / "mdstat.txt").read_text())
-    assert arrays["md0"] == {"level": "raid0", "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
+    assert arrays["md0"] == {"level": "raid0",
+                             "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
     assert arrays["md1"]["level"] == "raid10"
     assert [name for name, _ in arrays["md1"]["members"]] == ["xvdj", "xvdk", "xvdl", "xvdm"]
 
@@ -118,12 +119,12 @@ def test_member_count_mismatch_is_refused():
         snapshot.map_volumes(host, [raid_entry()], ATTACHED)
 
 
-def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)):
+def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=UTC)):
     created = now - timedelta(hours=hours_ago)
     return snapshot.SnapshotGroup(f"{host}-{hours_ago}", host, ["/data"], 2, 2, state, created, 2, 10.0)
 
 
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def by_host(retention, grace=timedelta(hours=1), now=NOW):
@@ -140,7 +141,7 @@ def test_prune_keep_last():
 
 
 def test_prune_hourly_daily_weekly_buckets():
-    now = datetime(2026, 11, 23, 12, 40, tzinfo=timezone.utc)  # a Monday
+    now = datetime(2026, 11, 23, 12, 40, tzinfo=UTC)  # a Monday
     groups = [group("db1", h, now=now) for h in (0, 0.5, 1, 2, 24, 25, 48, 24 * 8, 24 * 15)]
     plan = by_host(snapshot_policy.Retention(hourly=2, daily=3, weekly=3), now=now)(groups)
     assert plan.keep["db1-0"] == ["newest complete", "hourly", "daily", "weekly"]
@@ -175,7 +176,8 @@ def test_mount_script_quotes_and_assembles_raid():
 
 def test_create_plan_steps_say_one_call_or_parallel():
     volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
-    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10, "psql -c CHECKPOINT")
+    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10,
+                               "psql -c CHECKPOINT")
     steps = plan.steps()
     assert "pre-freeze hook" in steps[0] and "CreateSnapshots" in steps[2] and "reverse order" in steps[3]
     assert "/wal, /data" in steps[3]

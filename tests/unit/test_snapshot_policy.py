@@ -3,7 +3,7 @@ inventory, when a set is due, GFS retention with kept groups and minimum redunda
 delete risks, and the snapshot check's verdict per set."""
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +13,7 @@ from igops.checks.snapshots import verdict
 from igops.errors import ConfigError, NagiosStatus
 from tests.unit.inventories import unit_inventory
 
-NOW = datetime(2026, 11, 23, 12, 40, tzinfo=timezone.utc)  # a Monday
+NOW = datetime(2026, 11, 23, 12, 40, tzinfo=UTC)  # a Monday
 GRACE = timedelta(hours=1)
 
 
@@ -25,24 +25,24 @@ def group(host, hours_ago, state="complete", kept=None, now=NOW, name=None):
 # --- schedules ----------------------------------------------------------------------------------
 def test_schedule_grid_is_anchored_to_the_day_in_utc():
     every_6h = schedule.parse("every 6h")
-    assert every_6h.latest_slot(NOW) == datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    assert every_6h.latest_slot(NOW) == datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     shifted = schedule.parse("Every 6h at 01:30")
-    assert shifted.latest_slot(NOW) == datetime(2026, 11, 23, 7, 30, tzinfo=timezone.utc)
+    assert shifted.latest_slot(NOW) == datetime(2026, 11, 23, 7, 30, tzinfo=UTC)
     nightly = schedule.parse("every 1d at 03:00")
-    assert nightly.latest_slot(NOW) == datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc)
+    assert nightly.latest_slot(NOW) == datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
     late = schedule.parse("every 1d at 23:00")  # before today's 23:00: yesterday's
-    assert late.latest_slot(NOW) == datetime(2026, 11, 22, 23, 0, tzinfo=timezone.utc)
-    assert schedule.parse("every 15m").latest_slot(NOW) == datetime(2026, 11, 23, 12, 30, tzinfo=timezone.utc)
+    assert late.latest_slot(NOW) == datetime(2026, 11, 22, 23, 0, tzinfo=UTC)
+    assert schedule.parse("every 15m").latest_slot(NOW) == datetime(2026, 11, 23, 12, 30, tzinfo=UTC)
     assert schedule.parse("every 30 min").interval == timedelta(minutes=30)
-    exact = datetime(2026, 11, 23, 18, 0, tzinfo=timezone.utc)
+    exact = datetime(2026, 11, 23, 18, 0, tzinfo=UTC)
     assert every_6h.latest_slot(exact) == exact
 
 
 def test_due_once_per_slot_and_once_after_an_outage():
     every_6h = schedule.parse("every 6h")
     assert every_6h.due(None, NOW)
-    assert not every_6h.due(datetime(2026, 11, 23, 12, 0, 5, tzinfo=timezone.utc), NOW)
-    assert every_6h.due(datetime(2026, 11, 23, 11, 59, tzinfo=timezone.utc), NOW)
+    assert not every_6h.due(datetime(2026, 11, 23, 12, 0, 5, tzinfo=UTC), NOW)
+    assert every_6h.due(datetime(2026, 11, 23, 11, 59, tzinfo=UTC), NOW)
     # Three days without a group: one group is due now, not one per missed slot.
     assert every_6h.due(NOW - timedelta(days=3), NOW)
     assert not every_6h.due(NOW, NOW + timedelta(hours=1))
@@ -157,7 +157,8 @@ schedule = "daily"
     assert "does not divide a day" in problems["snapshot.schedule"]
     assert "at least 0" in problems["snapshot.keep_daily"]
     assert "not understood" in problems["snapshot.redis.schedule"] and "every 6h" in problems["snapshot.redis.schedule"]
-    assert "undefined cluster 'mian'" in problems["snapshot.clusters.mian"] and "'main'" in problems["snapshot.clusters.mian"]
+    assert ("undefined cluster 'mian'" in problems["snapshot.clusters.mian"]
+            and "'main'" in problems["snapshot.clusters.mian"])
     assert "[snapshot.clusters.main]" in problems["snapshot.hosts.db2"]
     assert "[snapshot.redis]" in problems["snapshot.hosts.redis2"]
     assert "no data mounts" in problems["snapshot.hosts.web1"]
@@ -274,7 +275,8 @@ def test_a_cluster_is_backed_up_when_any_member_has_a_fresh_group():
     assert judged(every_6h, [group("db1", 13), group("db1", 1)]).status == NagiosStatus.OK, "the primary's counts"
     assert judged(every_6h, [group("db3", 1)]).status == NagiosStatus.CRITICAL, "another cluster's does not"
     empty = judged(every_6h, [group("db2", 1, "pending")])
-    assert empty.status == NagiosStatus.CRITICAL and "no complete snapshot group of Postgres cluster main" in empty.summary
+    assert (empty.status == NagiosStatus.CRITICAL
+            and "no complete snapshot group of Postgres cluster main" in empty.summary)
     assert (ok.warning_hours, ok.critical_hours) == (7, 13)
 
 
