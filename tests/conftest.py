@@ -1,5 +1,6 @@
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IGOPS = [sys.executable, "-m", "igops"]
+
+# Tests stop what they started (igops, the load generator) with SIGINT, as an operator's Ctrl-C
+# would. A run started in the background by a shell without job control (a CI runner, `cmd &`
+# in a script) inherits SIGINT ignored, and an ignored signal stays ignored across exec: every
+# child would shrug the SIGINT off. A handled signal is reset to its default at exec, so
+# handling it here gives each child the default again (and this run its Ctrl-C back).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_igops(*args: str, env: dict | None = None, input: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from app.loadgen import LoadgenError, format_report, format_verify, run_load, verify
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT ends the timed phase and prints the report. A shell without job control starts its
+    # background commands with SIGINT ignored, and Python then raises no KeyboardInterrupt: the
+    # load would run on for its whole duration, whoever asked it to stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

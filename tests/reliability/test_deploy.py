@@ -104,7 +104,12 @@ def load_through_the_lb(lab, tmp_path: Path):
         yield report
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()  # not left to load the lab under the tests that follow
+            process.communicate()
+            raise
         report.update(json.loads(out) if out.strip() else {"errors": None, "stderr": err})
         report["ledger"] = ledger
 

@@ -88,7 +88,12 @@ class Load:
         if self.running:
             time.sleep(self.TAIL)
             self.process.send_signal(signal.SIGINT)
-        output, errors = self.process.communicate(timeout=120)
+        try:
+            output, errors = self.process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # not left to load the lab under the tests that follow
+            self.process.communicate()
+            raise
         if exc_info[0] is None:
             assert output.strip(), errors[-2000:]
             self.report = json.loads(output)

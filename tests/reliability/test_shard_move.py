@@ -329,7 +329,11 @@ def background_load(lab, tmp_path_factory):
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
-            process.wait(60)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()  # not left to load the lab under the tests that follow
+                raise
 
 
 @pytest.mark.parametrize("finish", ["resume", "abort"])
