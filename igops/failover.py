@@ -38,6 +38,9 @@ CATCH_UP_TIMEOUT = 10.0
 PROMOTE_TIMEOUT = 60
 REJOIN_TIMEOUT = 300.0
 STREAMING_TIMEOUT = 60.0
+# repmgrd re-registers with a restarted Postgres once it reconnects: within reconnect_attempts x
+# reconnect_interval plus a monitoring interval (6 s + 2 s in the lab, tens of seconds at most).
+REPMGRD_RECONNECT_TIMEOUT = 30.0
 # Confirming a server is down: connection attempts, this far apart.
 DOWN_PROBES = 2
 DOWN_PROBE_INTERVAL = 0.5
@@ -1124,6 +1127,15 @@ def repmgrd_pause_outcome(output: str, pause: bool) -> tuple[list[str], list[str
     return reached, missed
 
 
+def repmgrd_not_back(states: dict[str, str | None]) -> list[str]:
+    """The members whose repmgrd is not (yet) running unpaused, given each one's repmgrd state
+    (None: its Postgres did not answer, so it is not waited for). A fleet runs repmgrd on every
+    member or on none: where no member reports one, none is waited for."""
+    if not any(state in ("running", "paused") for state in states.values()):
+        return []
+    return [node for node, state in states.items() if state in ("not running", "paused")]
+
+
 def candidate_verdict(node: str, cluster: str, in_recovery: bool | None, asked: bool,
                       checked: dict[str, str] | None, error: str | None) -> str:
     """Whether a switchover's undo may start the old primary again, as far as `node` (a member
@@ -1407,10 +1419,39 @@ class PgActions:
                 reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, False)
                 return (f"unpaused on {', '.join(reached) or 'no member'}"
                         + (f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
-                           "once it runs, e.g. by `igops pg rejoin` it)" if missed else ""))
+                           "once it runs, e.g. by `igops pg rejoin` it)" if missed else "")
+                        + self._await_repmgrd(members))
             failures.append(f"{node}: {_failure_reason(result)}")
         raise RemoteError("repmgr service unpause failed everywhere: " + "; ".join(failures),
                           "run `repmgr service unpause` on a running member")
+
+    def _await_repmgrd(self, members: tuple[str, ...]) -> str:
+        """A member whose Postgres restarted (the old primary, a rejoined node) knows its repmgrd
+        again only once the daemon reconnects, and that repmgrd reads back a pause the unpause
+        did not reach: the run ends when every repmgrd is seen running and unpaused, so that
+        the state shown after it is the one that lasts."""
+        deadline = time.monotonic() + REPMGRD_RECONNECT_TIMEOUT
+        while True:
+            states = {node: self._repmgrd_state(node) for node in members}
+            behind = repmgrd_not_back(states)
+            for node in (name for name in behind if states[name] == "paused"):
+                self._repmgrd(node, False)
+            if not behind:
+                return ""
+            if time.monotonic() > deadline:
+                return (f"; repmgrd not back on {', '.join(behind)} after {REPMGRD_RECONNECT_TIMEOUT:g} s "
+                        "(see its log; `repmgr service status` shows it)")
+            time.sleep(0.5)
+
+    def _repmgrd_state(self, node: str) -> str | None:
+        try:
+            connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
+        except postgres.Unavailable:
+            return None
+        try:
+            return postgres.repmgrd_state(connection)
+        finally:
+            connection.close()
 
     def unfence(self, node: str) -> None:
         host = self._host(node)

@@ -651,3 +651,10 @@ def test_the_plan_title_names_each_risk_accepted():
                             "that db2 lags 300000 bytes (threshold 1048576)")
     plan.forced = []
     assert _title(plan) == "Switch cluster main over to db2"
+
+
+def test_repmgrd_is_waited_for_where_it_runs_on_any_member_and_a_paused_one_counts_as_not_back():
+    assert failover.repmgrd_not_back({"db1": "not running", "db2": "not running"}) == []  # no repmgrd
+    assert failover.repmgrd_not_back({"db1": "not running", "db2": "running"}) == ["db1"]  # reconnecting
+    assert failover.repmgrd_not_back({"db1": "paused", "db2": "running", "db3": None}) == ["db1"]
+    assert failover.repmgrd_not_back({"db1": "running", "db2": "running"}) == []
