@@ -1010,8 +1010,9 @@ def _wal_end(fleet, host) -> int | None:
     timeline = max([int(name[:8], 16) for name in segments] + [redo_timeline])
     start = redo if timeline == redo_timeline else min(
         postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
-    dump = _ssh(fleet, host, _as_postgres(fleet, [_bin(fleet, "pg_waldump"), "-q", "-p", f"{data}/pg_wal", "-t",
-                                                  str(timeline), "-s", postgres.format_lsn(start)]), timeout=60)
+    dump = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", 'bin="$1"; data="$2"; tli="$3"; at="$4"; '
+                                                  + postgres.WALDUMP_TO_END, "sh", fleet.model.postgres.bin_dir,
+                                                  data, str(timeline), postgres.format_lsn(start)]), timeout=60)
     if not dump.reached:
         return None
     return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
@@ -1300,7 +1301,7 @@ class PgActions:
                   '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
                   'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
                   'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
-                  '"$bin/pg_waldump" -q -p "$data/pg_wal" -t "$tli" -s "$at" 2>&1 || true')
+                  + postgres.WALDUMP_TO_END)
         stop = _repmgr_argv(fleet, host, "node", "service", "--action=stop")
         output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data,
                                                            *stop]), "clean stop", timeout=STOP_TIMEOUT)

@@ -69,12 +69,28 @@ def server_arguments(postmaster_opts: str, data_directory: str) -> list[str]:
     return words[1:] if len(words) > 1 else ["-D", data_directory]
 
 
+# With "$bin" (Postgres' binaries), "$data" (a stopped server's data directory), "$tli" and "$at"
+# (a timeline and an LSN on it) set: dumps its WAL from there to where the readable WAL ends.
+# pg_waldump is named its first and last segment files: left to find one itself, it takes the
+# segment size from whichever file pg_wal lists first, and one the server pre-allocated holds
+# only zeros there. The last is the timeline's highest-named file; the marker line names it.
+WALDUMP_TO_END = (
+    'size=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Bytes per WAL segment: *//p"); '
+    'tl=$(printf %08X "$tli"); '
+    'first=$(printf "%s%08X%08X" "$tl" "0x${at%/*}" "$((0x${at#*/} / size))"); '
+    'last=$({ ls "$data/pg_wal"; echo "$first"; } | grep -E "^$tl[0-9A-F]{16}$" | sort | tail -n 1); '
+    'echo "-- last segment $last"; '
+    '"$bin/pg_waldump" -q -p "$data/pg_wal" -s "$at" "$first" "$last" 2>&1 || true')
+_LAST_SEGMENT = re.compile(r"^-- last segment ([0-9A-F]{24})$", re.MULTILINE)
+
+
 def wal_end_from_waldump(message: str, segment_size: int) -> int | None:
-    """Where readable WAL ends, from the error pg_waldump stops with when it reaches the end.
+    """Where readable WAL ends, from what WALDUMP_TO_END printed.
 
     The reader names the first position it could not decode: an LSN after "at", or a page
     (segment and offset) that holds no continuation of the log, or a segment file that does not
-    exist. None when the message says none of these."""
+    exist. A dump that read the last segment to its end without an error ends where that
+    segment does. None when the message says none of these."""
     page = _AT_SEGMENT.search(message)
     if page:
         _, start = segment_start(page.group(1), segment_size)
@@ -85,6 +101,9 @@ def wal_end_from_waldump(message: str, segment_size: int) -> int | None:
     missing = _MISSING_SEGMENT.search(message)
     if missing:
         return segment_start(missing.group(1), segment_size)[1]
+    last = _LAST_SEGMENT.search(message)
+    if last and "error" not in message:
+        return segment_start(last.group(1), segment_size)[1] + segment_size
     return None
 
 

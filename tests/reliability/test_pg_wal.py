@@ -3,9 +3,12 @@ its segment onto the new timeline, and those copies must not pile up on any memb
 once filled the lab's 448 MB WAL volumes)."""
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
+from igops import postgres
 from igops.lab import state
 from tests.reliability.test_failover import HOME_PRIMARY, OTHER_PRIMARY, igops, pg_state, restore_home
 
@@ -13,6 +16,7 @@ pytestmark = pytest.mark.lab
 
 SWITCHOVERS = 6
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+BIN = "/usr/lib/postgresql/15/bin"
 
 
 def segments(node: str) -> list[str]:
@@ -38,3 +42,36 @@ def test_switchovers_of_an_idle_cluster_do_not_grow_the_wal(lab):
         # No segment number kept on more than one timeline: the promotions' copies are gone.
         numbers = [name[8:] for name in seen[-1][node]]
         assert len(numbers) == len(set(numbers)), (node, seen[-1][node])
+
+
+def test_the_end_of_wal_is_found_past_segments_the_server_pre_allocated(lab, tmp_path):
+    """A clean shutdown pre-allocates the next segments, all zeros until written. pg_waldump left
+    to pick a file itself may read the segment size from one of them and give up, and a
+    switchover then cannot tell where the old primary's WAL ends."""
+    # A copy of a member's control file and of its WAL from the last checkpoint on: the server
+    # writes on, and the copy holds still.
+    node = HOME_PRIMARY
+    (tmp_path / "global").mkdir()
+    shutil.copy(state.paths().pgdata(node) / "global" / "pg_control", tmp_path / "global")
+    control = postgres.parse_controldata(subprocess.run([f"{BIN}/pg_controldata", "-D", str(tmp_path)],
+                                                        capture_output=True, text=True, check=True).stdout)
+    size = int(control["Bytes per WAL segment"])
+    timeline, at = int(control["Latest checkpoint's TimeLineID"]), control["Latest checkpoint location"]
+    (tmp_path / "pg_wal").mkdir()
+    copied = [name for name in segments(node) if postgres.segment_start(name, size)[0] == timeline
+              and postgres.segment_start(name, size)[1] + size > postgres.parse_lsn(at)]
+    for name in copied:
+        shutil.copy(state.paths().pg_wal(node) / name, tmp_path / "pg_wal")
+    # Read the old way first, while only written segments are there: the end to find.
+    expected = postgres.wal_end_from_waldump(subprocess.run(
+        [f"{BIN}/pg_waldump", "-q", "-p", str(tmp_path / "pg_wal"), "-t", str(timeline), "-s", at],
+        capture_output=True, text=True).stderr, size)
+    assert expected is not None and expected > postgres.parse_lsn(at)
+    last = postgres.segment_start(copied[-1], size)[1]
+    for start in range(last + size, last + 7 * size, size):
+        name = f"{timeline:08X}{start >> 32:08X}{(start & 0xFFFFFFFF) // size:08X}"
+        (tmp_path / "pg_wal" / name).write_bytes(bytes(size))
+    script = f'bin={BIN}; data="$1"; tli={timeline}; at={at}; ' + postgres.WALDUMP_TO_END
+    printed = subprocess.run(["sh", "-c", script, "sh", str(tmp_path)], capture_output=True, text=True).stdout
+    assert "header specifies 0 bytes" not in printed
+    assert postgres.wal_end_from_waldump(printed, size) == expected, printed

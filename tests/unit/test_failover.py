@@ -658,3 +658,9 @@ def test_repmgrd_is_waited_for_where_it_runs_on_any_member_and_a_paused_one_coun
     assert failover.repmgrd_not_back({"db1": "not running", "db2": "running"}) == ["db1"]  # reconnecting
     assert failover.repmgrd_not_back({"db1": "paused", "db2": "running", "db3": None}) == ["db1"]
     assert failover.repmgrd_not_back({"db1": "running", "db2": "running"}) == []
+
+
+def test_a_dump_that_reads_its_last_segment_to_the_end_ends_where_that_segment_does():
+    printed = "-- last segment 000000030000000100000002\n"
+    assert postgres.wal_end_from_waldump(printed, SEGMENT) == (1 << 32) + 3 * SEGMENT
+    assert postgres.wal_end_from_waldump(printed + "pg_waldump: error: out of memory", SEGMENT) is None
