@@ -299,7 +299,8 @@ def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -
         with reporter.step(f"thaw {', '.join(reversed(plan.mounts))}") as step:
             event = _event(session, plan.freeze_deadline + settings.connect_timeout)
             if event.get("event") != "thawed":
-                raise RemoteError(f"thaw on {plan.host} not confirmed",
+                said = session.stderr().strip().splitlines()
+                raise RemoteError(f"thaw on {plan.host} not confirmed" + (f" ({said[-1][:200]})" if said else ""),
                                   f"its watchdog thaws at the {plan.freeze_deadline:g} s deadline; "
                                   "check with `igops check`")
             result.freeze_window_ms, result.thawed_by = event["window_ms"], event["reason"]

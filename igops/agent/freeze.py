@@ -48,6 +48,15 @@ def thaw(fds):
     return thawed
 
 
+def release_watchdog(pipe_write):
+    """Tell the watchdog the thaw is done. It may be gone already: at the deadline it thaws and
+    exits, and racing it there must not kill this process before it reports the thaw."""
+    try:
+        os.write(pipe_write, b"done")
+    except BrokenPipeError:
+        pass
+
+
 def watchdog(fds, pipe_read, deadline):
     """Runs in its own session; exits on "done", thaws on EOF or at the deadline."""
     os.setsid()
@@ -131,7 +140,7 @@ def main():
     failed = [(path, outcome) for (path, _), outcome in zip(fds, outcomes) if outcome != "frozen"]
     if failed:
         thaw(frozen)
-        os.write(pipe_write, b"done")
+        release_watchdog(pipe_write)
         fail("cannot freeze " + ", ".join(f"{path}: {why}" for path, why in failed)
              + "; nothing is left frozen", 3)
     frozen_at = time.monotonic()
@@ -156,7 +165,7 @@ def main():
                 break
     thawed = thaw(frozen)
     thawed_at = time.monotonic()
-    os.write(pipe_write, b"done")
+    release_watchdog(pipe_write)
     emit("thawed", mounts=thawed, reason=reason,
          window_ms=round((thawed_at - freeze_started) * 1000, 2))
 

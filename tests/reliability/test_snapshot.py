@@ -192,17 +192,30 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         ec2.delete_volume(VolumeId=spare)
 
 
-def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snapshots(lab, tmp_path):
+@pytest.mark.parametrize("watchdog", ["running", "gone"])
+def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snapshots(lab, tmp_path, watchdog):
     standby = lab.host(standby_of_main(lab))
-    # The watchdog thaws at the 2 s deadline while CreateSnapshots is still held: the snapshots
-    # are made after the thaw, so they cannot be trusted.
+    # The 2 s deadline passes while CreateSnapshots is still held: the freezer and its watchdog
+    # both thaw then, and the snapshots made after that cannot be trusted. A watchdog gone
+    # before the freezer tells it the thaw is done must not stop the freezer reporting it.
     faults = Faults(hold={"CreateSnapshots": 4})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook",
-                           "--deadline", "2", "--json")
-    assert result.returncode == ExitCode.FAILED, result.stdout + result.stderr
-    envelope = json.loads(result.stdout)
+        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
+                                  standby.name, "--yes", "--no-hook", "--deadline", "2", "--json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=Path(__file__).resolve().parents[2])
+        if watchdog == "gone":
+            assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
+            # The watchdog leads its own session; so does the login shell that started the freezer.
+            watchdogs = [pid for pid, session in freeze_processes() if pid == session
+                         and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"python3")]
+            assert watchdogs
+            for pid in watchdogs:
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = igops.communicate(timeout=60)
+    assert igops.returncode == ExitCode.FAILED, stdout + stderr
+    envelope = json.loads(stdout)
     assert "deadline passed before the snapshot calls returned" in envelope["error"]["message"]
     group_id = re.search(r"group (\S+) failed", envelope["error"]["message"]).group(1)
     assert "CreateSnapshots" in faults.calls
