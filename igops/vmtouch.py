@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from igops import agent, remote
 from igops.agent import pagecache
 from igops.errors import RefusedError, RemoteError, UsageError
-from igops.output import Reporter, plural
+from igops.output import Reporter, human_bytes, plural
 from igops.profile import Profile, ProfileError, Root, from_reader, parse
 
 DEFAULT_CONCURRENCY = 8
@@ -184,16 +184,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.3g} h"
     return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:g} s"
-
-
-def human_bytes(value: int | float | None) -> str:
-    if value is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -20,7 +20,7 @@ from igops.commands.common import (
 )
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import human_bytes, plural
 from igops.tables import Column
 
 app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
@@ -57,7 +57,6 @@ def _options(concurrency: int, rate: str | None, match: Match, timeout: float | 
 
 
 def _warm_table(out, result) -> None:
-    from igops.vmtouch import human_bytes
 
     out.table(None, ["target", "files", Column("pages profiled", drop=3), Column("pages read", drop=3),
                      Column("skipped files", drop=2), Column("disk read", drop=4), "resident now",
@@ -97,7 +96,7 @@ def capture(
         destination = output or f"{host}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.pagecache.gz"
         with out.step(f"read the page cache of {host}") as step:
             result = vmtouch.record(fleet, host, paths, destination, emit_vmtouch)
-            step.detail = (f"{plural(result.pages, 'page')} ({vmtouch.human_bytes(result.resident_bytes)}) "
+            step.detail = (f"{plural(result.pages, 'page')} ({human_bytes(result.resident_bytes)}) "
                            f"in {plural(result.files, 'file')}")
         if result.vmtouch is not None:
             for line in result.vmtouch:
@@ -106,8 +105,8 @@ def capture(
             out.table(None, ["host", Column("files cached/scanned", drop=2), Column("pages cached/scanned", drop=3),
                              "cached", "profile", Column("size", drop=1)],
                       [[result.host, f"{result.files}/{result.scanned_files}", f"{result.pages}/{result.scanned_pages}",
-                        vmtouch.human_bytes(result.resident_bytes), result.output,
-                        vmtouch.human_bytes(result.output_bytes)]])
+                        human_bytes(result.resident_bytes), result.output,
+                        human_bytes(result.output_bytes)]])
         out.log(f"profile written to {result.output}")
         out.finish(result)
 
@@ -134,7 +133,7 @@ def apply(
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
         result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
                         title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
-                              f"({vmtouch.human_bytes(plan.bytes)}) "
+                              f"({human_bytes(plan.bytes)}) "
                               f"captured on {plan.source}",
                         steps=plan.steps(), dry_run=dry_run, yes=yes,
                         action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter), outcome=_warm_outcome)
@@ -199,11 +198,11 @@ def diff(
         out.table(f"files with the most pages cold on {result.target}",
                   ["file", Column(f"cached on {result.source}", drop=2), Column(f"also on {result.target}", drop=1),
                    "share", Column("status", wrap=True)],
-                  [[item.path, vmtouch.human_bytes(item.source_pages * page),
-                    vmtouch.human_bytes(item.target_pages * page), f"{item.share:.1%}", item.status]
+                  [[item.path, human_bytes(item.source_pages * page),
+                    human_bytes(item.target_pages * page), f"{item.share:.1%}", item.status]
                    for item in result.files[:top]])
         out.text(f"{result.share:.1%} of {result.source}'s cached pages ({result.target_pages} of "
-                 f"{result.source_pages}, {vmtouch.human_bytes(result.source_pages * page)}) are cached on "
+                 f"{result.source_pages}, {human_bytes(result.source_pages * page)}) are cached on "
                  f"{result.target}")
         code = ExitCode.PROBLEMS_FOUND if at_least is not None and result.share < at_least else ExitCode.OK
         out.finish(result, code)
@@ -230,13 +229,13 @@ def show(
             page = result.page_size
             if result.busiest:
                 out.table(None, ["file", "cached", Column("size", drop=1), "share", Column("runs", drop=2)],
-                          [[item["path"], vmtouch.human_bytes(item["resident_pages"] * page),
-                            vmtouch.human_bytes(item["pages"] * page), f"{item['share']:.1%}", item["runs"]]
+                          [[item["path"], human_bytes(item["resident_pages"] * page),
+                            human_bytes(item["pages"] * page), f"{item['share']:.1%}", item["runs"]]
                            for item in result.busiest])
             out.text(f"           Files: {result.files}")
             out.text(f"     Directories: {result.directories}")
             out.text(f"  Resident Pages: {result.resident_pages}/{result.pages}  "
-                     f"{vmtouch.human_bytes(result.resident_pages * page)}/{vmtouch.human_bytes(result.pages * page)}  "
+                     f"{human_bytes(result.resident_pages * page)}/{human_bytes(result.pages * page)}  "
                      f"{result.share:.3%}")
             out.text(f"         Elapsed: {result.seconds:g} seconds")
             return result, ExitCode.OK
