@@ -21,7 +21,6 @@ import signal
 import sys
 import tempfile
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,13 +82,10 @@ def fleet_inventory(work: Path, keys, addresses: list[str]) -> Path:
 
 def probe_command() -> tuple[str, bytes]:
     """The command line and stdin igops sends to every host for its SSH checks."""
-    from igops.agent import BOOTSTRAP
-    from igops.checks import fleet, host_python
+    from igops import agent
+    from igops.checks import fleet
 
-    program = resources.files("igops.checks").joinpath("hostprobe.py").read_bytes()
-    command = host_python(["-c", BOOTSTRAP.format(name="igops-hostprobe"), f"{fleet.WRITE_STALL_SECONDS:g}",
-                           PROBED_MOUNT])
-    return command, str(len(program)).encode() + b"\n" + program
+    return agent.invocation("hostprobe", [f"{fleet.WRITE_STALL_SECONDS:g}", PROBED_MOUNT])
 
 
 def fleet_part(work: Path, count: int, repeats: int) -> list[str]:

@@ -296,7 +296,7 @@ class AgentSession:
         # The system's interpreter and tools, whatever a login shell puts first on PATH: the
         # virtualenvs built here are run by the app's user, who cannot use an interpreter in
         # root's home directory (pyenv), and reload and test commands behave the same everywhere.
-        self.command = f"PATH={SYSTEM_PATH}; export PATH; exec {command}"
+        self.command = f"PATH={SYSTEM_PATH}; export PATH; {command}"
         self._session: remote.Session | None = None
         self._lock = threading.Lock()
 

@@ -19,10 +19,14 @@ def program(name: str) -> bytes:
 
 
 def invocation(name: str, args: list[str]) -> tuple[str, bytes]:
-    """The remote command line and the stdin prefix that together run agent `name`."""
+    """The remote command line and the stdin prefix that together run agent `name`.
+
+    The host's system python3 runs it when there is one: a user's PATH may put a version
+    manager's shim first, which costs a shell script and a few processes per run. -I: no
+    PYTHON* variables, user site or current directory can change what runs; -S: no
+    site-packages either (the programs are stdlib-only), and a host whose site runs .pth hooks
+    starts each one tens of milliseconds sooner."""
     source = program(name)
-    # -I: no PYTHON* variables, user site or current directory can change what runs; -S: no
-    # site-packages either (the programs are stdlib-only), and a host whose site runs .pth
-    # hooks starts each one tens of milliseconds sooner.
-    command = shlex.join(["python3", "-I", "-S", "-c", BOOTSTRAP.format(name=f"igops-{name}"), *args])
+    command = ('p=/usr/bin/python3; [ -x "$p" ] || p=python3; exec "$p" -I -S '
+               + shlex.join(["-c", BOOTSTRAP.format(name=f"igops-{name}"), *args]))
     return command, str(len(source)).encode() + b"\n" + source

@@ -64,16 +64,6 @@ class Probe:
     run: Callable[[Report], None]
 
 
-def host_python(args: list[str]) -> str:
-    """The remote command line that runs a shipped stdlib program with the host's system
-    python3 (isolated, no site-packages): a user's PATH may put a version manager's shim first,
-    which costs a shell script and a few processes per run."""
-    import shlex
-
-    return ('p=/usr/bin/python3; [ -x "$p" ] || p=python3; exec "$p" -I -S '
-            + shlex.join(args))
-
-
 def worst(statuses) -> NagiosStatus:
     return max(statuses, key=SEVERITY.__getitem__, default=NagiosStatus.OK)
 

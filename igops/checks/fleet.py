@@ -1,7 +1,7 @@
 """Every check igops runs across the fleet, as probes for `igops.checks.run_all`.
 
 One probe per host over SSH (reachability, free space and write-ability of the data mounts, by
-the stdlib program in hostprobe.py), one per HTTP endpoint, Postgres cluster, PgBouncer, the
+the stdlib program agent/hostprobe.py), one per HTTP endpoint, Postgres cluster, PgBouncer, the
 Redis set, memcached and munin-node, one for the snapshot groups (checks/snapshots.py: one
 verdict per set of data) and one for Pingdom. Each reports a Result per (check, target) the
 moment it knows it.
@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 
 from igops import remote, status
@@ -25,7 +24,6 @@ from igops.checks import (
     Perf,
     Probe,
     Result,
-    host_python,
     level,
     munin as munin_checks,
     snapshots as snapshot_checks,
@@ -169,11 +167,9 @@ def _ms(started: float) -> float:
 # --- SSH: reachability, disks, frozen filesystems ----------------------------------------------
 
 def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
-    from igops.agent import BOOTSTRAP
+    from igops import agent
 
     fleet = context.fleet
-    program = resources.files(__package__).joinpath("hostprobe.py").read_bytes()
-    stdin = str(len(program)).encode() + b"\n" + program
     settings = remote.settings_for(fleet)
     # Connect and command deadlines inside the global one, so no session outlives the run by much.
     settings = remote.SshSettings(settings.known_hosts, settings.identity_file,
@@ -188,7 +184,7 @@ def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
             (group, f"{host.name}:{mount}") for mount in mounts for group in mount_checks]
         if not expected:
             continue
-        command = host_python(["-c", BOOTSTRAP.format(name="igops-hostprobe"), f"{WRITE_STALL_SECONDS:g}", *mounts])
+        command, stdin = agent.invocation("hostprobe", [f"{WRITE_STALL_SECONDS:g}", *mounts])
         built.append(Probe(f"ssh-{host.name}", expected,
                            _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks)))
     return built

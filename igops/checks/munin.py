@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from igops import remote
-from igops.checks import host_python
 from igops.errors import NagiosStatus, RemoteError, UsageError
 
 PLUGIN_SCRIPT = "igops_"
@@ -346,10 +345,9 @@ def plan_install(fleet, roles: list[str] | None) -> list[HostInstall]:
 
 def install(fleet, plan: list[HostInstall], always_restart: bool = False,
             on_done=None) -> list[InstallResult]:
-    from igops.agent import BOOTSTRAP
+    from igops import agent
 
-    program = resources.files(__package__).joinpath("muninsetup.py").read_bytes()
-    command = host_python(["-c", BOOTSTRAP.format(name="igops-muninsetup")])
+    command, program_prefix = agent.invocation("muninsetup", [])
     script = plugin_source().decode()
     settings = remote.settings_for(fleet)
 
@@ -360,7 +358,7 @@ def install(fleet, plan: list[HostInstall], always_restart: bool = False,
                               "links": {plugin: PLUGIN_SCRIPT for plugin in item.plugins},
                               "conf": item.conf, "restart": item.restart, "restart_timeout": RESTART_TIMEOUT,
                               "always_restart": always_restart})
-        stdin = str(len(program)).encode() + b"\n" + program + request.encode()
+        stdin = program_prefix + request.encode()
         [result] = remote.run(remote.targets_for(fleet, [fleet.host(item.host)]), command, settings,
                               stdin=stdin, timeout=RESTART_TIMEOUT + 30)
         if result.ok:

@@ -209,7 +209,7 @@ def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snap
             assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
             # The watchdog leads its own session; so does the login shell that started the freezer.
             watchdogs = [pid for pid, session in freeze_processes() if pid == session
-                         and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"python3")]
+                         and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python3")]
             assert watchdogs
             for pid in watchdogs:
                 os.kill(pid, signal.SIGKILL)

@@ -374,14 +374,14 @@ def test_redis_without_the_directory_the_only_master_is_the_reference(tmp_path):
     assert verdicts["redis3"][1:] == (NagiosStatus.CRITICAL, "link to redis2 is down")
 
 
-HOSTPROBE = Path(__file__).resolve().parents[2] / "igops" / "checks" / "hostprobe.py"
+HOSTPROBE = Path(__file__).resolve().parents[2] / "igops" / "agent" / "hostprobe.py"
 SHARED_MEMORY = "/dev/shm"
 
 
 @pytest.fixture
 def probe_lock():
     """The host probe's lock for /dev/shm, held by the test as another probe would hold it."""
-    from igops.checks import hostprobe
+    from igops.agent import hostprobe
 
     if not Path(SHARED_MEMORY).is_mount():
         pytest.skip("this machine has no tmpfs at /dev/shm")
