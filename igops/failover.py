@@ -27,9 +27,11 @@ from typing import Any
 
 from igops import inventory, postgres, redisops, remote
 from igops.bouncer_watchdog import PauseWatchdogs
-from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.errors import IgopsError, RemoteError, UsageError
+from igops.host_commands import failure_reason, parallel_map, read_file, replace_file, ssh, ssh_ok
 from igops.operations.steps import Step, StepReport, execute
 from igops.output import Reporter, plural
+from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, STREAMING_TIMEOUT, Refused, refuse_or_force
 
 # While writes wait: how long the old primary's clean stop may take, and its last WAL to reach
 # the candidate, before the switchover is undone.
@@ -37,64 +39,14 @@ STOP_TIMEOUT = 30.0
 CATCH_UP_TIMEOUT = 10.0
 PROMOTE_TIMEOUT = 60
 REJOIN_TIMEOUT = 300.0
-STREAMING_TIMEOUT = 60.0
 # repmgrd re-registers with a restarted Postgres once it reconnects: within reconnect_attempts x
 # reconnect_interval plus a monitoring interval (6 s + 2 s in the lab, tens of seconds at most).
 REPMGRD_RECONNECT_TIMEOUT = 30.0
-# Confirming a server is down: connection attempts, this far apart.
-DOWN_PROBES = 2
-DOWN_PROBE_INTERVAL = 0.5
 # How long PgBouncer may take to pause the databases of a dead primary before igops KILLs them.
 DEAD_SERVER_PAUSE_S = 2.0
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
-
-
-# --- host commands --------------------------------------------------------------------------------
-def _ssh(fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
-    [result] = remote.run(remote.targets_for(fleet, [host]), remote.quote_command(argv), remote.settings_for(fleet),
-                          timeout=timeout, stdin=stdin)
-    return result
-
-
-def _ssh_ok(fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
-    result = _ssh(fleet, host, argv, timeout, stdin)
-    if not result.ok:
-        raise RemoteError(f"{host.name}: {what} failed: {_failure_reason(result)}")
-    return result.stdout
-
-
-def _failure_reason(result: remote.HostResult) -> str:
-    """The lines that say why (repmgr and Postgres tools prefix them), else the output's tail."""
-    if result.error:
-        return result.error
-    text = (result.stderr + "\n" + result.stdout).strip()
-    said = [line.strip() for line in text.splitlines()
-            if line.lstrip().startswith(("ERROR", "FATAL", "DETAIL", "HINT", "pg_rewind: error", "pg_ctl: "))]
-    return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
-
-
-def _read_file(fleet, host, path: str) -> str:
-    return _ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
-
-
-# Written beside the original and renamed over it, so a reader never sees half a file; the new
-# file keeps the original's owner and mode.
-_REPLACE_FILE = ('set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
-                 'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"')
-
-
-def _replace_file(fleet, host, path: str, text: str) -> None:
-    _ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30,
-            stdin=text.encode())
-
-
-def parallel_map(function, items: list) -> list:
-    if len(items) <= 1:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(16, len(items)), thread_name_prefix="failover") as pool:
-        return list(pool.map(function, items))
 
 
 # ==================================================================================================
@@ -223,8 +175,8 @@ _HOST_CHECK = ('"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"
 
 
 def _host_check(fleet, probe: _PgProbe) -> None:
-    result = _ssh(fleet, probe.host, _as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir,
-                                                          _data_directory(fleet, probe.host)]), timeout=20)
+    result = ssh(fleet, probe.host, _as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir,
+                                                         _data_directory(fleet, probe.host)]), timeout=20)
     probe.host_reachable = result.reached
     if result.ok:
         values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
@@ -479,20 +431,6 @@ class PgResult:
     steps: list[StepReport]
 
 
-class Refused(RefusedError):
-    """A refusal that carries the state it was based on, so the person sees why."""
-
-    def __init__(self, state, message: str, hint: str | None = None):
-        super().__init__(message, hint)
-        self.state = state
-
-
-def _refuse_or_force(state, reasons: list[str], accept_risk: bool, plan_forced: list[str], hint: str) -> None:
-    if reasons and not accept_risk:
-        raise Refused(state, "refused: " + "; ".join(reasons), hint)
-    plan_forced.extend(reasons)
-
-
 def _bouncer_text(databases: dict[str, list[str]]) -> str:
     return "; ".join(f"{host}: {', '.join(names)}" for host, names in databases.items())
 
@@ -542,8 +480,8 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = 
     reasons = _lag_reasons(fleet, node)
     reasons += _repmgr_check(fleet, probe.host)
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                     "wait for it to catch up, free space, pick another standby, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "wait for it to catch up, free space, pick another standby, or --accept-risk")
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
@@ -601,8 +539,8 @@ def _plan_pg_resume(view: _PgView, stopped: str, candidate: str, accept_risk: bo
     if node.replay_paused:
         reasons.append(f"{candidate} has WAL replay paused")
     reasons += _free_space_reasons(fleet, probe.host)
-    _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                     f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
     members = cluster_members(fleet, cluster)
     siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
@@ -648,9 +586,9 @@ def _free_space_reasons(fleet, host) -> list[str]:
     minimum = fleet.model.postgres.min_free_bytes
     data = _data_directory(fleet, host)
     # The trailing slash follows a pg_wal symlink to the WAL volume.
-    result = _ssh(fleet, host, ["df", "-P", "-B1", data, f"{data}/pg_wal/"], timeout=20)
+    result = ssh(fleet, host, ["df", "-P", "-B1", data, f"{data}/pg_wal/"], timeout=20)
     if not result.ok:
-        return [f"{host.name}: free space unknown: {_failure_reason(result)}"]
+        return [f"{host.name}: free space unknown: {failure_reason(result)}"]
     return free_space_reasons(host.name, result.stdout, minimum)
 
 
@@ -778,7 +716,7 @@ def _lag_reasons(fleet, node: PgNode) -> list[str]:
 
 
 def _repmgr_check(fleet, host) -> list[str]:
-    result = _ssh(fleet, host, _repmgr(fleet, host, "node", "check"), timeout=30)
+    result = ssh(fleet, host, _repmgr(fleet, host, "node", "check"), timeout=30)
     if result.ok:
         return []
     if not result.reached:
@@ -859,8 +797,8 @@ def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
                                f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
     if standbys[chosen].server.replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
-    _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                     "restore the old primary if you can, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "restore the old primary if you can, or --accept-risk")
     plan.new_primary = chosen
     plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
                   else f"Promote {chosen}: cluster {cluster} has no primary")
@@ -994,7 +932,7 @@ _WAL_LISTING = ('"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"')
 def _wal_end(fleet, host) -> int | None:
     """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
     data = _data_directory(fleet, host)
-    listing = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", _bin(fleet, "pg_controldata"),
+    listing = ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", _bin(fleet, "pg_controldata"),
                                                       data]), timeout=30)
     if not listing.ok:
         return None
@@ -1010,9 +948,9 @@ def _wal_end(fleet, host) -> int | None:
     timeline = max([int(name[:8], 16) for name in segments] + [redo_timeline])
     start = redo if timeline == redo_timeline else min(
         postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
-    dump = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", 'bin="$1"; data="$2"; tli="$3"; at="$4"; '
-                                                  + postgres.WALDUMP_TO_END, "sh", fleet.model.postgres.bin_dir,
-                                                  data, str(timeline), postgres.format_lsn(start)]), timeout=60)
+    dump = ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", 'bin="$1"; data="$2"; tli="$3"; at="$4"; '
+                                                 + postgres.WALDUMP_TO_END, "sh", fleet.model.postgres.bin_dir,
+                                                 data, str(timeline), postgres.format_lsn(start)]), timeout=60)
     if not dump.reached:
         return None
     return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
@@ -1051,8 +989,8 @@ def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan,
         reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
-    _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                     "make sure nothing on it is needed, then --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "make sure nothing on it is needed, then --accept-risk")
     plan.actions = with_repmgrd_paused(
         [*_rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
          # pg_rewind copied the primary's segments, those of the promotion among them.
@@ -1189,7 +1127,7 @@ class PgActions:
     def read_databases_files(self, databases: dict[str, list[str]]) -> None:
         def one(host_name: str) -> tuple[str, str]:
             host = self._host(host_name)
-            return host_name, _read_file(self.fleet, host, self._databases_file(host))
+            return host_name, read_file(self.fleet, host, self._databases_file(host))
 
         self.databases_files.update(parallel_map(one, list(databases)))
 
@@ -1274,13 +1212,13 @@ class PgActions:
             host_name, names = item
             host = self._host(host_name)
             path = self._databases_file(host)
-            text = self.databases_files.get(host_name) or _read_file(fleet, host, path)
+            text = self.databases_files.get(host_name) or read_file(fleet, host, path)
             try:
                 updated = postgres.repoint_databases(text, set(names), str(target.address), port)
             except ValueError as exc:
                 raise IgopsError(f"{host_name}:{path}: {exc}", "add the entries PgBouncer shows to that file") from None
             if updated != text:
-                _replace_file(fleet, host, path, updated)
+                replace_file(fleet, host, path, updated)
             bouncer = postgres.Bouncer(fleet, host)
             bouncer.reload()
             wrong = [database.name for database in bouncer.databases()
@@ -1303,8 +1241,8 @@ class PgActions:
                   'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
                   + postgres.WALDUMP_TO_END)
         stop = _repmgr_argv(fleet, host, "node", "service", "--action=stop")
-        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data,
-                                                           *stop]), "clean stop", timeout=STOP_TIMEOUT)
+        output = ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data,
+                                                          *stop]), "clean stop", timeout=STOP_TIMEOUT)
         control_text, _, dump = output.partition("-- waldump")
         control = postgres.parse_controldata(control_text)
         if control.get("Database cluster state") != "shut down":
@@ -1343,15 +1281,15 @@ class PgActions:
         if in_recovery and not asked:
             # An interrupted run may have asked: pg_promote leaves a promote file until the
             # startup process takes it. Unknown counts as asked.
-            asked = _ssh(fleet, host, ["test", "-e", f"{data}/promote"], timeout=20).exit_code != 1
+            asked = ssh(fleet, host, ["test", "-e", f"{data}/promote"], timeout=20).exit_code != 1
         checked, error = None, None
         if in_recovery is not False and (asked or not in_recovery):
-            result = _ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh",
-                                                            fleet.model.postgres.bin_dir, data]), timeout=60)
+            result = ssh(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh",
+                                                           fleet.model.postgres.bin_dir, data]), timeout=60)
             if result.ok:
                 checked = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
             else:
-                error = _failure_reason(result)
+                error = failure_reason(result)
         return candidate_verdict(node, self._cluster_of(node), in_recovery, asked, checked, error)
 
     def unfence_and_start(self, node: str, others: tuple[str, ...]) -> str:
@@ -1366,11 +1304,11 @@ class PgActions:
                   '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
                   '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
                   'done; exec "$@"')
-        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir,
-                                                  _data_directory(fleet, host), socket, str(fleet.model.postgres.port),
-                                                  str(int(STOP_TIMEOUT) * 2),
-                                                  *_repmgr_argv(fleet, host, "node", "service", "--action=start")]),
-                "start", timeout=STOP_TIMEOUT * 2 + 90)
+        ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir,
+                                                 _data_directory(fleet, host), socket, str(fleet.model.postgres.port),
+                                                 str(int(STOP_TIMEOUT) * 2),
+                                                 *_repmgr_argv(fleet, host, "node", "service", "--action=start")]),
+               "start", timeout=STOP_TIMEOUT * 2 + 90)
         return "; ".join([*verified, self._wait_writable(node)])
 
     def _wait_writable(self, node: str) -> str:
@@ -1401,13 +1339,13 @@ class PgActions:
 
     def _repmgrd(self, node: str, pause: bool) -> remote.HostResult:
         host = self._host(node)
-        return _ssh(self.fleet, host, _repmgr(self.fleet, host, "service", "pause" if pause else "unpause"),
-                    timeout=60)
+        return ssh(self.fleet, host, _repmgr(self.fleet, host, "service", "pause" if pause else "unpause"),
+                   timeout=60)
 
     def pause_repmgrd(self, on: str) -> str:
         result = self._repmgrd(on, True)
         if result.exit_code not in (0, self._SOME_NODES_MISSED):
-            raise RemoteError(f"{on}: repmgr service pause failed: {_failure_reason(result)}")
+            raise RemoteError(f"{on}: repmgr service pause failed: {failure_reason(result)}")
         reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, True)
         # A member whose Postgres is down cannot be reached; its repmgrd cannot promote it meanwhile.
         return f"paused on {', '.join(reached) or 'no member'}" + (f"; not on {', '.join(missed)}" if missed else "")
@@ -1422,7 +1360,7 @@ class PgActions:
                         + (f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
                            "once it runs, e.g. by `igops pg rejoin` it)" if missed else "")
                         + self._await_repmgrd(members))
-            failures.append(f"{node}: {_failure_reason(result)}")
+            failures.append(f"{node}: {failure_reason(result)}")
         raise RemoteError("repmgr service unpause failed everywhere: " + "; ".join(failures),
                           "run `repmgr service unpause` on a running member")
 
@@ -1456,7 +1394,7 @@ class PgActions:
 
     def unfence(self, node: str) -> None:
         host = self._host(node)
-        _ssh_ok(self.fleet, host, _as_postgres(self.fleet, ["rm", "-f", f"{_data_directory(self.fleet, host)}/"
+        ssh_ok(self.fleet, host, _as_postgres(self.fleet, ["rm", "-f", f"{_data_directory(self.fleet, host)}/"
                                                                     "standby.signal"]), "removing standby.signal")
 
     def fence(self, node: str, stop_first: bool) -> str:
@@ -1464,9 +1402,9 @@ class PgActions:
         host = self._host(node)
         data = _data_directory(fleet, host)
         if stop_first:
-            _ssh_ok(fleet, host, _as_postgres(fleet, [_bin(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate",
-                                                      "-w", "-t", "30"]), "immediate stop", timeout=60)
-        _ssh_ok(fleet, host, _as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
+            ssh_ok(fleet, host, _as_postgres(fleet, [_bin(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate",
+                                                     "-w", "-t", "30"]), "immediate stop", timeout=60)
+        ssh_ok(fleet, host, _as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
         return f"{data}/standby.signal"
 
     def resume_replay(self, node: str) -> None:
@@ -1521,12 +1459,12 @@ class PgActions:
         host = self._host(node)
         data = _data_directory(fleet, host)
         try:
-            path = postgres.log_file_of(_read_file(fleet, host, fleet.path_for(fleet.model.postgres.repmgr_config,
+            path = postgres.log_file_of(read_file(fleet, host, fleet.path_for(fleet.model.postgres.repmgr_config,
                                                                                 host)))
             script = ('if [ -n "$1" ]; then log="$1"; else log=$(ls -t "$2"/log/* "$2"/pg_log/* 2>/dev/null '
                       '| head -n 1); fi; [ -n "$log" ] || exit 3; echo "$log"; tail -n 300 "$log"')
-            output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
-                             "reading its log", timeout=30)
+            output = ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
+                            "reading its log", timeout=30)
         except IgopsError as exc:
             return f"its log could not be read ({exc.one_line()})"
         path, _, text = output.partition("\n")
@@ -1535,18 +1473,18 @@ class PgActions:
 
     def register_primary(self, node: str) -> None:
         host = self._host(node)
-        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "primary", "register", "--force"),
-                "repmgr primary register")
+        ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "primary", "register", "--force"),
+               "repmgr primary register")
 
     def register_standby(self, node: str, primary: str) -> None:
         host = self._host(node)
         upstream = self._repmgr_record(primary)
-        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "register", "--force",
-                                          f"--upstream-node-id={upstream.node_id}"), "repmgr standby register")
+        ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "register", "--force",
+                                         f"--upstream-node-id={upstream.node_id}"), "repmgr standby register")
 
     def stop(self, node: str) -> None:
         host = self._host(node)
-        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "service", "--action=stop"), "stop", timeout=90)
+        ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "service", "--action=stop"), "stop", timeout=90)
 
     # Single-user mode refuses standby mode, so standby.signal steps aside for the run and comes
     # back whatever happens (pg_rewind does the same when it recovers a target itself).
@@ -1565,8 +1503,8 @@ class PgActions:
         host = self._host(node)
         data = _data_directory(fleet, host)
         script = '"$1" -D "$2"; echo "-- postmaster.opts"; cat "$2/postmaster.opts" 2>/dev/null || true'
-        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", _bin(fleet, "pg_controldata"),
-                                                           data]), "pg_controldata")
+        output = ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", script, "sh", _bin(fleet, "pg_controldata"),
+                                                          data]), "pg_controldata")
         control_text, _, opts = output.partition("-- postmaster.opts")
         state = postgres.parse_controldata(control_text).get("Database cluster state", "unknown")
         if state in ("shut down", "shut down in recovery"):
@@ -1576,13 +1514,13 @@ class PgActions:
             # would write a checkpoint of its own on the primary's timeline, where the primary's
             # later WAL differs and pg_rewind sees no fork. It starts as the standby it is instead.
             for action in ("start", "stop"):
-                _ssh_ok(fleet, host, _repmgr(fleet, host, "node", "service", f"--action={action}"),
-                        f"{action} as a standby", timeout=REJOIN_TIMEOUT)
+                ssh_ok(fleet, host, _repmgr(fleet, host, "node", "service", f"--action={action}"),
+                       f"{action} as a standby", timeout=REJOIN_TIMEOUT)
             return f"was {state}: started as a standby and stopped cleanly"
         single_user = [_bin(fleet, "postgres"), "--single", "-F", *postgres.server_arguments(opts.strip(), data),
                        "template1"]
-        _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
-                "single-user crash recovery", timeout=REJOIN_TIMEOUT)
+        ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
+               "single-user crash recovery", timeout=REJOIN_TIMEOUT)
         return f"was {state}: crash recovery done"
 
     # History files of timelines past the node's own (its last checkpoint's, or the one its
@@ -1601,9 +1539,9 @@ class PgActions:
     def remove_stale_history(self, node: str) -> str:
         fleet = self.fleet
         host = self._host(node)
-        output = _ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STALE_HISTORY, "sh",
-                                                           fleet.model.postgres.bin_dir, _data_directory(fleet, host)]),
-                         "removing stale timeline history files")
+        output = ssh_ok(fleet, host, _as_postgres(fleet, ["sh", "-c", self._STALE_HISTORY, "sh",
+                                                          fleet.model.postgres.bin_dir, _data_directory(fleet, host)]),
+                        "removing stale timeline history files")
         removed = output.split()
         return f"removed {', '.join(removed)}" if removed else "none"
 
@@ -1620,19 +1558,19 @@ class PgActions:
 
     def rejoin(self, node: str, primary: str) -> str:
         host = self._host(node)
-        output = _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "rejoin", "-d",
-                                                   self._repmgr_record(primary).conninfo,
-                                                   "--force-rewind", "--verbose"),
-                         "repmgr node rejoin", timeout=REJOIN_TIMEOUT)
+        output = ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "node", "rejoin", "-d",
+                                                  self._repmgr_record(primary).conninfo,
+                                                  "--force-rewind", "--verbose"),
+                        "repmgr node rejoin", timeout=REJOIN_TIMEOUT)
         rewound = "rewinding from last common checkpoint" in output or "servers diverged" in output
         return "pg_rewind rewound it" if rewound else "no rewind needed"
 
     def follow(self, node: str, primary: str) -> None:
         host = self._host(node)
         upstream = self._repmgr_record(primary)
-        _ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "follow",
-                                          f"--upstream-node-id={upstream.node_id}"), "repmgr standby follow",
-                timeout=REJOIN_TIMEOUT)
+        ssh_ok(self.fleet, host, _repmgr(self.fleet, host, "standby", "follow",
+                                         f"--upstream-node-id={upstream.node_id}"), "repmgr standby follow",
+               timeout=REJOIN_TIMEOUT)
 
     def wait_streaming(self, node: str, primary: str) -> str:
         deadline = time.monotonic() + STREAMING_TIMEOUT
@@ -1999,8 +1937,8 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False,
         reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
     if node.read_only is False:
         reasons.append(f"{target} accepts writes as a replica")
-    _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                     "wait for it to catch up, pick another replica, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "wait for it to catch up, pick another replica, or --accept-risk")
     plan.actions = redis_switchover_steps(fleet, current, target, others)
     return _signed(plan, view), state
 
@@ -2076,7 +2014,7 @@ def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = Fa
                                 f"; {plural(len(masters), 'node')} answer as masters"),
                       "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
-        ssh_check = pool.submit(_ssh, fleet, fleet.host(old), ["true"], 20)
+        ssh_check = pool.submit(ssh, fleet, fleet.host(old), ["true"], 20)
         _confirm_redis_down(fleet, state, old)
         reachable = ssh_check.result().reached
     plan = RedisPlan("failover", "", old, None)
@@ -2104,7 +2042,7 @@ def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = Fa
     if not reachable:
         reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
                        "come back (stop the instance) before forcing")
-    _refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the master if you can, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the master if you can, or --accept-risk")
     plan.new_master = chosen
     plan.title = f"Fail the Redis master over from {old} (down) to {chosen}"
     steps = []
@@ -2162,13 +2100,13 @@ def plan_redis_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[Redi
         raise Refused(state, f"refused: {node} does not answer ({view.down[node].detail})", "start it first")
     host = fleet.host(node)
     config_path = fleet.path_for(fleet.model.redis.config_file, host)
-    configured = redisops.configured_master(_read_file(fleet, host, config_path))
+    configured = redisops.configured_master(read_file(fleet, host, config_path))
     member = state.node(node)
     plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
-        _refuse_or_force(state, reasons, accept_risk, plan.forced,
-                         "make sure nothing on it is needed, then --accept-risk")
+        refuse_or_force(state, reasons, accept_risk, plan.forced,
+                        "make sure nothing on it is needed, then --accept-risk")
     steps = []
     if not (member.role == "replica" and member.master == master):
         steps.append(Step(f"{node}: REPLICAOF {master}", "replicate", (node, master)))
@@ -2280,12 +2218,12 @@ class RedisActions:
         def one(name: str) -> str | None:
             host = fleet.host(name)
             path = fleet.path_for(template, host)
-            result = _ssh(fleet, host, ["cat", path], timeout=30)
+            result = ssh(fleet, host, ["cat", path], timeout=30)
             if not result.ok:
                 return f"{name}: {result.error or result.stderr.strip()[-200:]}"
             wanted = redisops.with_replicaof(result.stdout, None if name == master else self._master_of(master))
             if wanted != result.stdout:
-                _replace_file(fleet, host, path, wanted)
+                replace_file(fleet, host, path, wanted)
             return None
 
         failed = [problem for problem in parallel_map(one, list(members)) if problem]

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from igops import failover, inventory, postgres, redisops
+from igops import failover, inventory, postgres, redisops, role_change
 from igops.errors import ExitCode, IgopsError
 from igops.operations import steps as step_runner
 from igops.output import Reporter
@@ -275,10 +275,10 @@ def test_lag_beyond_the_thresholds_or_paused_replay_is_a_reason_to_refuse(fleet)
 def test_refusals_name_every_reason_unless_forced():
     forced: list[str] = []
     with pytest.raises(failover.Refused) as refused:
-        failover._refuse_or_force("state", ["a", "b"], False, forced, "hint")
+        role_change.refuse_or_force("state", ["a", "b"], False, forced, "hint")
     assert refused.value.exit_code == ExitCode.REFUSED and "a; b" in refused.value.message
     assert refused.value.state == "state"
-    failover._refuse_or_force("state", ["a"], True, forced, "hint")
+    role_change.refuse_or_force("state", ["a"], True, forced, "hint")
     assert forced == ["a"]
 
 
