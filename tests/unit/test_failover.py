@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from igops import failover, inventory, postgres, redisops, role_change
+from igops import failover, inventory, postgres, redis_failover, redisops, role_change
 from igops.errors import ExitCode, IgopsError
 from igops.operations import steps as step_runner
 from igops.output import Reporter
@@ -208,7 +208,7 @@ def test_failover_without_a_reachable_old_host_cannot_fence_on_disk(fleet):
 
 
 def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
-    steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
     actions = [step.action for step in steps]
     assert actions[:5] == ["hold_connections", "pause_writes", "wait_offset", "promote", "demote"]
     assert actions.index("demote") < actions.index("point_app") < actions.index("unpause")
@@ -260,9 +260,9 @@ def replica(offset, priority=100, run_id="a"):
 
 
 def test_the_replica_with_the_highest_offset_wins_and_priority_zero_never():
-    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20)}) == "redis3"
-    assert failover._best_replica({"redis2": replica(20, 10), "redis3": replica(20, 50)}) == "redis2"
-    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20, 0)}) == "redis2"
+    assert redis_failover.best_replica({"redis2": replica(10), "redis3": replica(20)}) == "redis3"
+    assert redis_failover.best_replica({"redis2": replica(20, 10), "redis3": replica(20, 50)}) == "redis2"
+    assert redis_failover.best_replica({"redis2": replica(10), "redis3": replica(20, 0)}) == "redis2"
 
 
 def test_lag_beyond_the_thresholds_or_paused_replay_is_a_reason_to_refuse(fleet):
