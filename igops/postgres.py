@@ -2,8 +2,8 @@
 arithmetic, the PgBouncer admin console, and parsers for what pg_controldata, pg_waldump and
 PgBouncer's databases file say.
 
-No SSH here: igops.failover runs the host-side commands and hands their output to these
-parsers, which keeps them testable on recorded text.
+No SSH here: igops.pg (hostcmd and the actions) runs the host-side commands and hands their
+output to these parsers, which keeps them testable on recorded text.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 directory row that tells the app where the master is; and the `replicaof` line of a node's
 config file, which decides the role a node takes when it restarts.
 
-No SSH here: igops.failover reads and replaces config files on the hosts and hands the text to
-`with_replicaof`.
+No SSH here: igops.redis_failover reads and replaces config files on the hosts and hands the
+text to `with_replicaof`.
 """
 
 from __future__ import annotations

@@ -539,21 +539,21 @@ def redis_probes(context: Context) -> list[Probe]:
 def _redis_runner(context: Context):
     """Judge the Redis tier by live roles against the master the app writes to (the directory's
     redis_master endpoint): a failover changes both and leaves the inventory as it was."""
-    from igops import failover, redisops
+    from igops import redis_tier, redisops
 
     fleet = context.fleet
     thresholds = fleet.model.check
 
     def run(report) -> None:
         started = time.monotonic()
-        members = failover.redis_members(fleet)
+        members = redis_tier.redis_members(fleet)
         with ThreadPoolExecutor(max_workers=len(members) + 1, thread_name_prefix="check-redis") as pool:
             endpoint = pool.submit(_directory_redis_master, context)
             probed = list(pool.map(lambda name: redisops.probe(fleet, name, context.probe_timeout), members))
         address, version, directory_error = endpoint.result()
         states = {name: found for name, found, _ in probed}
         down = {name: error for name, _, error in probed if error}
-        tier = failover.redis_state_of(fleet, states, down, address, version, directory_error)
+        tier = redis_tier.redis_state_of(fleet, states, down, address, version, directory_error)
         for result in redis_results(tier, directory_error, thresholds, _ms(started)):
             report(result)
     return run

@@ -95,6 +95,7 @@ def status(
 ) -> None:
     """Every node's role, state, timeline, LSNs and lag, repmgr's view, and where PgBouncer routes."""
     from igops import failover
+    from igops.host_commands import parallel_map
 
     with command(ctx, "pg status", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -103,7 +104,7 @@ def status(
             failover.cluster_members(fleet, name)
 
         def show():
-            states = failover.parallel_map(lambda name: failover.pg_status(fleet, name), names)
+            states = parallel_map(lambda name: failover.pg_status(fleet, name), names)
             for state in states:
                 show_state(out, state)
             problems = [f"{state.cluster}: {problem}" for state in states for problem in state.problems]

@@ -313,7 +313,8 @@ def test_plugin_config_describes_its_graphs_while_the_service_is_down(tmp_path, 
 # --- Redis, judged by live roles against the master the app writes to ---------------------------
 
 def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=None):
-    from igops import failover, inventory, postgres
+    from igops import inventory, postgres
+    from igops.redis_tier import redis_state_of
     from tests.unit.test_failover import FLEET
 
     path = tmp_path / "igops.toml"
@@ -321,7 +322,7 @@ def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=N
     fleet = inventory.load_file(path)
     down = {name: postgres.Unavailable(name, "Connection refused", "refused")
             for name, state in states.items() if state is None}
-    tier = failover.redis_state_of(fleet, states, down, app_address, 7 if app_address else None, directory_error)
+    tier = redis_state_of(fleet, states, down, app_address, 7 if app_address else None, directory_error)
     return fleet, tier
 
 

@@ -7,10 +7,11 @@ import signal
 
 import pytest
 
-from igops import failover, inventory, postgres, redisops
+from igops import failover, inventory, postgres, redis_failover, redisops, role_change
 from igops.errors import ExitCode, IgopsError
 from igops.operations import steps as step_runner
 from igops.output import Reporter
+from igops.pg import cluster as pg_cluster, plan_steps, plans as pg_plans, primary_actions, repmgrd
 from tests.conftest import run_igops
 
 SEGMENT = 16 << 20
@@ -168,7 +169,7 @@ DATABASES_ON_MAIN = {"pgb1": ["directory", "main"]}
 
 
 def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(fleet):
-    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
+    steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
     actions = [step.action for step in steps]
     assert actions.index("pause") < actions.index("stop_and_fence") < actions.index("wait_received") \
         < actions.index("promote") < actions.index("repoint") < actions.index("resume") < actions.index("rejoin")
@@ -190,8 +191,8 @@ def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(
 
 
 def test_failover_fences_before_it_promotes(fleet):
-    steps = failover.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True,
-                                    stop_first=False)
+    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True,
+                                      stop_first=False)
     actions = [step.action for step in steps]
     assert actions[:3] == ["hold", "fence", "repoint"]
     assert steps[0].title.startswith("PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
@@ -201,13 +202,13 @@ def test_failover_fences_before_it_promotes(fleet):
 
 
 def test_failover_without_a_reachable_old_host_cannot_fence_on_disk(fleet):
-    steps = failover.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=False,
-                                    stop_first=False)
+    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=False,
+                                      stop_first=False)
     assert "fence" not in [step.action for step in steps]
 
 
 def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
-    steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", ["redis3"])
     actions = [step.action for step in steps]
     assert actions[:5] == ["hold_connections", "pause_writes", "wait_offset", "promote", "demote"]
     assert actions.index("demote") < actions.index("point_app") < actions.index("unpause")
@@ -222,14 +223,14 @@ def test_a_plan_is_signed_with_roles_and_routes_not_positions(fleet):
         nodes = [failover.PgNode("db1", "10.0.0.21", "primary" if primary == "db1" else "standby", "running"),
                  failover.PgNode("db2", "10.0.0.22", "primary" if primary == "db2" else "standby", "running",
                                  lag_bytes=lag)]
-        made = failover._PgView(fleet, "main", {}, {}, {}, [])
+        made = pg_cluster.PgView(fleet, "main", {}, {}, {}, [])
         made.state = failover.PgClusterState("main", nodes, primary, {"pgb1": {"main": routed_to}}, {})
         return made
 
-    plan = failover._signed(failover.PgPlan("switchover", "main", "t", "db1", "db2"), view("db1", "db1", 10))
-    assert plan.signature == failover._signature(view("db1", "db1", 99999))
-    assert plan.signature != failover._signature(view("db2", "db1", 10))
-    assert plan.signature != failover._signature(view("db1", "db2", 10))
+    plan = pg_plans.signed(failover.PgPlan("switchover", "main", "t", "db1", "db2"), view("db1", "db1", 10))
+    assert plan.signature == pg_plans.signature(view("db1", "db1", 99999))
+    assert plan.signature != pg_plans.signature(view("db2", "db1", 10))
+    assert plan.signature != pg_plans.signature(view("db1", "db2", 10))
     described = failover.describe_plan(plan)
     assert "signature" not in described and "actions" not in described and described["steps"] == []
 
@@ -243,15 +244,15 @@ def server(received, replayed=None, paused=False):
 def view_with(repmgr_priorities):
     nodes = [postgres.RepmgrNode(index, name, "standby", 1, True, priority, "")
              for index, (name, priority) in enumerate(repmgr_priorities.items(), 2)]
-    return failover._PgView(None, "main", {}, {}, {}, nodes)
+    return pg_cluster.PgView(None, "main", {}, {}, {}, nodes)
 
 
 def test_the_standby_with_the_most_wal_wins_then_priority():
-    standbys = {"db2": failover._PgProbe(None, server(100), None), "db3": failover._PgProbe(None, server(200), None)}
-    assert failover._best_standby(view_with({"db2": 100, "db3": 100}), standbys) == "db3"
-    standbys["db2"] = failover._PgProbe(None, server(200), None)
-    assert failover._best_standby(view_with({"db2": 100, "db3": 50}), standbys) == "db2"
-    assert failover._best_standby(view_with({"db2": 0, "db3": 50}), standbys) == "db3"
+    standbys = {"db2": pg_cluster.PgProbe(None, server(100), None), "db3": pg_cluster.PgProbe(None, server(200), None)}
+    assert pg_plans.best_standby(view_with({"db2": 100, "db3": 100}), standbys) == "db3"
+    standbys["db2"] = pg_cluster.PgProbe(None, server(200), None)
+    assert pg_plans.best_standby(view_with({"db2": 100, "db3": 50}), standbys) == "db2"
+    assert pg_plans.best_standby(view_with({"db2": 0, "db3": 50}), standbys) == "db3"
 
 
 def replica(offset, priority=100, run_id="a"):
@@ -259,26 +260,26 @@ def replica(offset, priority=100, run_id="a"):
 
 
 def test_the_replica_with_the_highest_offset_wins_and_priority_zero_never():
-    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20)}) == "redis3"
-    assert failover._best_replica({"redis2": replica(20, 10), "redis3": replica(20, 50)}) == "redis2"
-    assert failover._best_replica({"redis2": replica(10), "redis3": replica(20, 0)}) == "redis2"
+    assert redis_failover.best_replica({"redis2": replica(10), "redis3": replica(20)}) == "redis3"
+    assert redis_failover.best_replica({"redis2": replica(20, 10), "redis3": replica(20, 50)}) == "redis2"
+    assert redis_failover.best_replica({"redis2": replica(10), "redis3": replica(20, 0)}) == "redis2"
 
 
 def test_lag_beyond_the_thresholds_or_paused_replay_is_a_reason_to_refuse(fleet):
     node = failover.PgNode("db2", "10.0.0.22", "standby", "running", lag_bytes=5000, lag_s=9.0, replay_paused=True)
-    reasons = failover._lag_reasons(fleet, node)
+    reasons = pg_plans.lag_reasons(fleet, node)
     assert len(reasons) == 3 and "replay paused" in reasons[0] and "threshold 1000" in reasons[1]
     healthy = failover.PgNode("db2", "10.0.0.22", "standby", "running", lag_bytes=10, lag_s=0.0)
-    assert failover._lag_reasons(fleet, healthy) == []
+    assert pg_plans.lag_reasons(fleet, healthy) == []
 
 
 def test_refusals_name_every_reason_unless_forced():
     forced: list[str] = []
     with pytest.raises(failover.Refused) as refused:
-        failover._refuse_or_force("state", ["a", "b"], False, forced, "hint")
+        role_change.refuse_or_force("state", ["a", "b"], False, forced, "hint")
     assert refused.value.exit_code == ExitCode.REFUSED and "a; b" in refused.value.message
     assert refused.value.state == "state"
-    failover._refuse_or_force("state", ["a"], True, forced, "hint")
+    role_change.refuse_or_force("state", ["a"], True, forced, "hint")
     assert forced == ["a"]
 
 
@@ -287,7 +288,7 @@ def test_problems_a_status_reports(fleet):
              failover.PgNode("db2", "10.0.0.22", "primary", "running"),
              failover.PgNode("db3", "10.0.0.23", "unknown", "stopped", fenced=True)]
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
-    problems = failover._pg_problems(fleet, state, ["db1", "db2"], view_with({}))
+    problems = pg_cluster.pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
     assert state.fixes[problems[0]] == ("stop db1, then `igops pg rejoin db1 --accept-risk` "
                                         "(it loses what it took alone)")
@@ -297,8 +298,8 @@ def test_problems_a_status_reports(fleet):
 
 
 def probed(name, server=None, running=None, control=None, fenced=False):
-    probe = failover._PgProbe(None, server, None if server else postgres.Unavailable(name, "refused", "refused"),
-                              postmaster_running=running, fenced=fenced, host_reachable=True)
+    probe = pg_cluster.PgProbe(None, server, None if server else postgres.Unavailable(name, "refused", "refused"),
+                                postmaster_running=running, fenced=fenced, host_reachable=True)
     probe.control_state = control
     return probe
 
@@ -311,7 +312,7 @@ def cut_short_view(fleet, db1_control="shut down", paused=True, routed="db1"):
                              pgbouncer=["pgb1:main"]),
              failover.PgNode("db2", "10.0.0.22", "standby", "running", fenced=True),
              failover.PgNode("db3", "10.0.0.23", "standby", "running", fenced=True)]
-    made = failover._PgView(fleet, "main", probes, {}, {}, [])
+    made = pg_cluster.PgView(fleet, "main", probes, {}, {}, [])
     made.state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": routed, "directory": routed}},
                                          {"pgb1": ["directory", "main"]} if paused else {})
     return made
@@ -319,8 +320,8 @@ def cut_short_view(fleet, db1_control="shut down", paused=True, routed="db1"):
 
 def test_status_names_the_command_that_resolves_a_switchover_cut_short(fleet):
     view = cut_short_view(fleet)
-    problems = failover._pg_problems(fleet, view.state, [], view)
-    assert failover._interrupted_switchover(view) == "db1"
+    problems = pg_cluster.pg_problems(fleet, view.state, [], view)
+    assert pg_cluster.interrupted_switchover(view) == "db1"
     assert problems[0].startswith("no primary: db1 was stopped cleanly and fenced by a switchover cut short")
     fix = view.state.fixes[problems[0]]
     assert "`igops pg switchover main --to db2` finishes it" in fix
@@ -329,16 +330,16 @@ def test_status_names_the_command_that_resolves_a_switchover_cut_short(fleet):
 
 
 def test_a_crashed_or_unrouted_primary_is_no_switchover_cut_short(fleet):
-    assert failover._interrupted_switchover(cut_short_view(fleet, db1_control="in production")) is None
-    assert failover._interrupted_switchover(cut_short_view(fleet, routed="db2")) is None
+    assert pg_cluster.interrupted_switchover(cut_short_view(fleet, db1_control="in production")) is None
+    assert pg_cluster.interrupted_switchover(cut_short_view(fleet, routed="db2")) is None
     view = cut_short_view(fleet, db1_control="in production")
-    problems = failover._pg_problems(fleet, view.state, [], view)
+    problems = pg_cluster.pg_problems(fleet, view.state, [], view)
     assert view.state.fixes[problems[0]] == "`igops pg failover main`"
 
 
 def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
     paused = {"pgb1": ["directory", "main"]}
-    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN, stopped=True, paused=paused)
+    steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN, stopped=True, paused=paused)
     actions = [step.action for step in steps]
     assert "checkpoint" not in actions[:actions.index("stop_and_fence")]  # db1 is down
     assert "pause" not in actions  # PAUSE on a paused database is an error; they stay paused
@@ -354,7 +355,7 @@ def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
 
 
 def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_target(fleet):
-    plan = failover._plan_pg_roll_back(cut_short_view(fleet), "db1")
+    plan = pg_plans.plan_pg_roll_back(cut_short_view(fleet), "db1")
     assert [(step.action, step.args) for step in plan.actions] == [
         ("pause_repmgrd", ("db2",)),
         ("unfence_and_start", ("db1", ("db2", "db3"))), ("resume", ({"pgb1": ["directory", "main"]},)),
@@ -366,7 +367,7 @@ def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_t
 def test_the_old_primarys_rejoin_wal_is_reserved_before_the_promotion_and_released_if_it_is_undone(fleet):
     # Nothing else holds that WAL on the new primary until the rejoin: its CHECKPOINT could
     # remove the segment the rejoin starts from.
-    steps = failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
+    steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
     actions = [step.action for step in steps]
     reserve = steps[actions.index("reserve_rejoin_wal")]
     assert reserve.args == ("db2", "db1") and reserve.undo.action == "drop_rejoin_reservation"
@@ -380,12 +381,12 @@ def test_the_old_primarys_rejoin_wal_is_reserved_before_the_promotion_and_releas
 
 # --- repmgrd -----------------------------------------------------------------------------------
 def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
-    steps = failover.with_repmgrd_paused(failover.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
-                                         on="db1", members=("db2", "db1", "db3"))
+    steps = plan_steps.with_repmgrd_paused(plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
+                                           on="db1", members=("db2", "db1", "db3"))
     assert (steps[0].action, steps[0].args) == ("pause_repmgrd", ("db1",))
     assert steps[0].release == steps[-1] and steps[-1].action == "unpause_repmgrd"
     assert steps[-1].args == (("db2", "db1", "db3"),)
-    assert failover.with_repmgrd_paused([], on="db1", members=("db1",)) == []
+    assert plan_steps.with_repmgrd_paused([], on="db1", members=("db1",)) == []
     actions = Recorder(fail="promote")
     with pytest.raises(step_runner.StepFailed):
         step_runner.execute(steps, actions, Reporter(), "hint")
@@ -395,33 +396,33 @@ def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
 def test_what_repmgr_service_pause_reached():
     output = ("NOTICE: node 1 (db1) paused\nWARNING: unable to connect to node 2\nNOTICE: node 3 (db3) not paused\n"
               "ERROR: unable to pause 2 node(s)\n")
-    assert failover.repmgrd_pause_outcome(output, True) == (["db1"], ["node 2", "db3"])
-    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", False) == (["db1"], [])
-    assert failover.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", True) == ([], [])
+    assert repmgrd.repmgrd_pause_outcome(output, True) == (["db1"], ["node 2", "db3"])
+    assert repmgrd.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", False) == (["db1"], [])
+    assert repmgrd.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", True) == ([], [])
 
 
 # --- whether the old primary may start again ---------------------------------------------------
 def test_an_unreachable_candidate_is_unknown_never_a_standby():
     with pytest.raises(IgopsError, match="cannot tell whether db2 was promoted: ssh: connect to host"):
-        failover.candidate_verdict("db2", "main", None, False, None, "ssh: connect to host 10.0.0.22: timed out")
+        primary_actions.candidate_verdict("db2", "main", None, False, None, "ssh: connect to host 10.0.0.22: timed out")
     with pytest.raises(IgopsError, match="its postmaster did not stop"):
-        failover.candidate_verdict("db2", "main", None, False, {"postmaster": "still running"}, None)
+        primary_actions.candidate_verdict("db2", "main", None, False, {"postmaster": "still running"}, None)
 
 
 def test_a_promoted_candidate_or_one_out_of_recovery_blocks_the_undo():
     with pytest.raises(IgopsError, match="accepts writes"):
-        failover.candidate_verdict("db2", "main", False, True, None, None)
+        primary_actions.candidate_verdict("db2", "main", False, True, None, None)
     for control in ("in production", "shut down", ""):
         with pytest.raises(IgopsError, match="not verifiably a standby"):
-            failover.candidate_verdict("db2", "main", None, True, {"stopped": "1", "control": control}, None)
+            primary_actions.candidate_verdict("db2", "main", None, True, {"stopped": "1", "control": control}, None)
 
 
 def test_a_candidate_verified_in_recovery_lets_the_old_primary_start():
-    assert "nobody asked" in failover.candidate_verdict("db2", "main", True, False, None, None)
-    verdict = failover.candidate_verdict("db2", "main", True, True, {"stopped": "1", "control": "in archive recovery"},
-                                         None)
+    assert "nobody asked" in primary_actions.candidate_verdict("db2", "main", True, False, None, None)
+    verdict = primary_actions.candidate_verdict("db2", "main", True, True,
+                                                {"stopped": "1", "control": "in archive recovery"}, None)
     assert verdict == "db2 stopped by igops, in archive recovery, fenced"
-    assert failover.candidate_verdict("db2", "main", None, True, {"control": "shut down in recovery"}, None) \
+    assert primary_actions.candidate_verdict("db2", "main", None, True, {"control": "shut down in recovery"}, None) \
         == "db2 is down, shut down in recovery, fenced"
 
 
@@ -457,10 +458,10 @@ def test_free_space_below_the_threshold_on_either_volume_is_a_reason():
     df = ("Filesystem 1-blocks Used Available Capacity Mounted on\n"
           "/dev/loop3 469762048 80000000 389762048 18% /srv/db2/data\n"
           "/dev/loop4 469762048 468713472 1048576 100% /srv/db2/wal\n")
-    assert failover.free_space_reasons("db2", df, 128 << 20) == [
+    assert pg_plans.free_space_reasons("db2", df, 128 << 20) == [
         "db2's WAL volume (/srv/db2/wal) has 1 MiB free (threshold 128 MiB, [postgres] min_free_bytes)"]
-    assert len(failover.free_space_reasons("db2", df, 400 << 20)) == 2
-    assert failover.free_space_reasons("db2", df, 0) == []
+    assert len(pg_plans.free_space_reasons("db2", df, 400 << 20)) == 2
+    assert pg_plans.free_space_reasons("db2", df, 0) == []
 
 
 def test_a_failure_says_what_it_left():
@@ -468,8 +469,8 @@ def test_a_failure_says_what_it_left():
              failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True,
                              control_state="in archive recovery")]
     state = failover.PgClusterState("main", nodes, "db1", {"pgb1": {"main": "db1"}}, {})
-    assert failover.describe_left_behind(state) == ("db1 is the primary; PgBouncer routes to db1 and is not paused; "
-                                                    "db2 is stopped (in archive recovery), fenced")
+    assert pg_cluster.describe_left_behind(state) == ("db1 is the primary; PgBouncer routes to db1 and is not paused; "
+                                                      "db2 is stopped (in archive recovery), fenced")
 
 
 # --- executing a plan ----------------------------------------------------------------------------
@@ -654,10 +655,10 @@ def test_the_plan_title_names_each_risk_accepted():
 
 
 def test_repmgrd_is_waited_for_where_it_runs_on_any_member_and_a_paused_one_counts_as_not_back():
-    assert failover.repmgrd_not_back({"db1": "not running", "db2": "not running"}) == []  # no repmgrd
-    assert failover.repmgrd_not_back({"db1": "not running", "db2": "running"}) == ["db1"]  # reconnecting
-    assert failover.repmgrd_not_back({"db1": "paused", "db2": "running", "db3": None}) == ["db1"]
-    assert failover.repmgrd_not_back({"db1": "running", "db2": "running"}) == []
+    assert repmgrd.repmgrd_not_back({"db1": "not running", "db2": "not running"}) == []  # no repmgrd
+    assert repmgrd.repmgrd_not_back({"db1": "not running", "db2": "running"}) == ["db1"]  # reconnecting
+    assert repmgrd.repmgrd_not_back({"db1": "paused", "db2": "running", "db3": None}) == ["db1"]
+    assert repmgrd.repmgrd_not_back({"db1": "running", "db2": "running"}) == []
 
 
 def test_a_dump_that_reads_its_last_segment_to_the_end_ends_where_that_segment_does():

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from igops import failover, inventory, redisops
+from igops import inventory, redis_failover, redisops
 from igops.operations import steps as step_runner
 from igops.output import Reporter
 from tests.labtools import wait_for
@@ -69,12 +69,12 @@ def connections_received(client) -> int:
 
 def test_no_connection_is_opened_between_the_pause_and_the_demotion(pair):
     fleet, clients = pair
-    steps = failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
     actions = [step.action for step in steps]
     assert actions[:5] == ["hold_connections", "pause_writes", "wait_offset", "promote", "demote"]
     assert set(steps[0].args) == {"redis1", "redis2"}
     before = {name: connections_received(client) for name, client in clients.items()}
-    switch = failover.RedisActions(fleet)
+    switch = redis_failover.RedisActions(fleet)
     try:
         step_runner.execute(steps[:4], switch, Reporter(), "")
         # redis2 is the master now; redis1 has not connected to it yet (it is demoted next).

@@ -30,12 +30,13 @@ def test_a_pg_node_state_reads_as_a_state():
     from types import SimpleNamespace
 
     from igops import failover
+    from igops.pg import cluster as pg_cluster
 
     nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running"),
              failover.PgNode("db2", "10.0.0.22", "unknown", "host unreachable")]
     state = failover.PgClusterState("main", nodes, "db1", {}, {})
     fleet = SimpleNamespace(model=SimpleNamespace(postgres=SimpleNamespace(max_lag_bytes=1 << 20)))
-    problems = failover._pg_problems(fleet, state, ["db1"], failover._PgView(None, "main", {}, {}, {}, []))
+    problems = pg_cluster.pg_problems(fleet, state, ["db1"], pg_cluster.PgView(None, "main", {}, {}, {}, []))
     assert "db2: host unreachable" in problems
 
 

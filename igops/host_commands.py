@@ -1,0 +1,56 @@
+"""One command on one fleet host over SSH, as the role changes (igops.failover) run them: its
+output or the lines that say why it failed, reading a file and replacing one whole; and the
+same call on several hosts (or clusters) at once.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from igops import remote
+from igops.errors import RemoteError
+
+
+def ssh(fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
+    [result] = remote.run(remote.targets_for(fleet, [host]), remote.quote_command(argv), remote.settings_for(fleet),
+                          timeout=timeout, stdin=stdin)
+    return result
+
+
+def ssh_ok(fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
+    result = ssh(fleet, host, argv, timeout, stdin)
+    if not result.ok:
+        raise RemoteError(f"{host.name}: {what} failed: {failure_reason(result)}")
+    return result.stdout
+
+
+def failure_reason(result: remote.HostResult) -> str:
+    """The lines that say why (repmgr and Postgres tools prefix them), else the output's tail."""
+    if result.error:
+        return result.error
+    text = (result.stderr + "\n" + result.stdout).strip()
+    said = [line.strip() for line in text.splitlines()
+            if line.lstrip().startswith(("ERROR", "FATAL", "DETAIL", "HINT", "pg_rewind: error", "pg_ctl: "))]
+    return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
+
+
+def read_file(fleet, host, path: str) -> str:
+    return ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
+
+
+# Written beside the original and renamed over it, so a reader never sees half a file; the new
+# file keeps the original's owner and mode.
+_REPLACE_FILE = ('set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
+                 'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"')
+
+
+def replace_file(fleet, host, path: str, text: str) -> None:
+    ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30,
+           stdin=text.encode())
+
+
+def parallel_map(function, items: list) -> list:
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(16, len(items)), thread_name_prefix="failover") as pool:
+        return list(pool.map(function, items))

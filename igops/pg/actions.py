@@ -1,0 +1,62 @@
+"""Applying a Postgres plan: `PgActions`, the actions its steps name, composed of one mixin per
+concern (PgBouncer, the old and new primary, standbys, repmgrd), and `apply_pg`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igops.bouncer_watchdog import PauseWatchdogs
+from igops.operations.steps import StepReport, execute
+from igops.output import Reporter
+from igops.pg.bouncer_actions import BouncerActions
+from igops.pg.cluster import cluster_of, describe_left_behind, pg_status
+from igops.pg.plans import PgPlan
+from igops.pg.primary_actions import FencingActions, PromotionActions
+from igops.pg.repmgrd import RepmgrdActions
+from igops.pg.standby_actions import RejoinActions, WalRetentionActions
+
+
+@dataclass
+class PgResult:
+    operation: str
+    cluster: str
+    old_primary: str | None
+    new_primary: str | None
+    write_pause_ms: float | None  # from PgBouncer pausing the cluster's databases to resuming them
+    bytes_at_risk: int | None
+    steps: list[StepReport]
+
+
+class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions, WalRetentionActions,
+                RepmgrdActions):
+    """The actions a Postgres plan's steps name, with what they learn along the way."""
+
+    def __init__(self, fleet):
+        self.fleet = fleet
+        self.wal_end: int | None = None
+        self.promote_requested: set[str] = set()  # members asked to promote: only a stopped one is known not to
+        self.paused_at: float | None = None
+        self.resumed_at: float | None = None
+        # PgBouncer host -> its databases file, read before writes are paused so that the pause
+        # holds only the write
+        self.databases_files: dict[str, str] = {}
+        # Armed before every PAUSE, released by the RESUME: a pause never outlives igops by more
+        # than [pgbouncer] watchdog_deadline (igops/bouncer_watchdog.py).
+        self.watchdogs = PauseWatchdogs(fleet)
+
+    def _host(self, name: str):
+        return self.fleet.host(name)
+
+    def _cluster_of(self, name: str) -> str:
+        return cluster_of(self.fleet, name)
+
+
+def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
+    actions = PgActions(fleet)
+    reports = execute(plan.actions, actions, reporter, plan.failure_hint,
+                      left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)))
+    pause_ms = ((actions.resumed_at - actions.paused_at) * 1000
+                if actions.paused_at is not None and actions.resumed_at is not None else None)
+    return PgResult(plan.operation, plan.cluster, plan.old_primary, plan.new_primary,
+                    round(pause_ms, 1) if pause_ms is not None else None, plan.bytes_at_risk, reports)

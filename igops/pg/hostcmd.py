@@ -1,0 +1,60 @@
+"""Postgres and repmgr tools run on a member over SSH: as the postgres user, from the bin_dir
+and with the repmgr.conf and data directory the inventory names; and where the WAL on a
+stopped member's disk ends.
+"""
+
+from __future__ import annotations
+
+from igops import postgres
+from igops.host_commands import ssh
+
+
+def data_directory(fleet, host) -> str:
+    return fleet.path_for(fleet.model.postgres.data_directory, host)
+
+
+def as_postgres(fleet, argv: list[str]) -> list[str]:
+    # From /, because the SSH user's home is usually closed to the postgres user.
+    return ["runuser", "-u", fleet.model.postgres.os_user, "--", "env", "-C", "/", *argv]
+
+
+def bin_path(fleet, program: str) -> str:
+    return f"{fleet.model.postgres.bin_dir.rstrip('/')}/{program}"
+
+
+def repmgr_argv(fleet, host, *args: str) -> list[str]:
+    return [bin_path(fleet, "repmgr"), "-f", fleet.path_for(fleet.model.postgres.repmgr_config, host), *args]
+
+
+def repmgr(fleet, host, *args: str) -> list[str]:
+    return as_postgres(fleet, repmgr_argv(fleet, host, *args))
+
+
+_WAL_LISTING = ('"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"')
+
+
+def wal_end_on_disk(fleet, host) -> int | None:
+    """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
+    data = data_directory(fleet, host)
+    listing = ssh(fleet, host, as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", bin_path(fleet, "pg_controldata"),
+                                                      data]), timeout=30)
+    if not listing.ok:
+        return None
+    control_text, _, files = listing.stdout.partition("-- pg_wal")
+    control = postgres.parse_controldata(control_text)
+    try:
+        segment_size = int(control.get("Bytes per WAL segment", 16 << 20))
+        redo = postgres.parse_lsn(control["Latest checkpoint's REDO location"])
+        redo_timeline = int(control["Latest checkpoint's TimeLineID"])
+    except (KeyError, ValueError):
+        return None
+    segments = [name for name in files.split() if len(name) == 24 and all(c in "0123456789ABCDEF" for c in name)]
+    timeline = max([int(name[:8], 16) for name in segments] + [redo_timeline])
+    start = redo if timeline == redo_timeline else min(
+        postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
+    dump = ssh(fleet, host, as_postgres(fleet, ["sh", "-c", 'bin="$1"; data="$2"; tli="$3"; at="$4"; '
+                                                + postgres.WALDUMP_TO_END, "sh", fleet.model.postgres.bin_dir,
+                                                data, str(timeline), postgres.format_lsn(start)]), timeout=60)
+    if not dump.reached:
+        return None
+    return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)

@@ -1,0 +1,512 @@
+"""Planning a Postgres switchover, failover or rejoin: read the live cluster, refuse what is
+unsafe (or name the risks `--accept-risk` takes), choose the candidate, and build the plan from
+the step lists of igops.pg.plan_steps. A switchover or failover cut short is finished or rolled
+back from what the cluster shows, so a plan is always the one for now.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from igops import inventory, postgres
+from igops.errors import RemoteError, UsageError
+from igops.host_commands import failure_reason, ssh
+from igops.operations.steps import Step
+from igops.output import plural
+from igops.pg.cluster import (
+    PgClusterState,
+    PgNode,
+    PgProbe,
+    PgView,
+    bouncer_text,
+    cluster_members,
+    cluster_of,
+    interrupted_switchover,
+    pg_view,
+    wal_received,
+)
+from igops.pg.hostcmd import data_directory, repmgr, wal_end_on_disk
+from igops.pg.plan_steps import (
+    drop_rejoin_reservation_step,
+    failover_steps,
+    rejoin_steps,
+    release_switch_segment_step,
+    switchover_steps,
+    with_repmgrd_paused,
+)
+from igops.pg.timeouts import STOP_TIMEOUT
+from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, Refused, refuse_or_force
+
+
+@dataclass
+class PgPlan:
+    operation: str  # 'switchover', 'failover', 'rejoin'
+    cluster: str
+    title: str
+    old_primary: str | None
+    new_primary: str | None
+    forced: list[str] = field(default_factory=list)  # refusals that --accept-risk overrode: the risks accepted
+    notes: list[str] = field(default_factory=list)
+    bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
+    actions: list[Step] = field(default_factory=list)
+    failure_hint: str = ""
+    signature: tuple = ()  # the state the plan was made for (see check_unchanged)
+
+    def steps(self) -> list[str]:
+        return [step.title for step in self.actions]
+
+
+def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+    """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
+    it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
+    member it stopped)."""
+    members = cluster_members(fleet, cluster)
+    if candidate not in members:
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
+    view = _settled_view(fleet, cluster)
+    state = view.state
+    writable = view.writable()
+    if len(writable) > 1:
+        raise Refused(state, f"refused: {' and '.join(writable)} both accept writes (split brain)",
+                      "stop the one PgBouncer does not route to, then `igops pg rejoin` it")
+    if view.bouncer_errors:
+        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+                      "a switchover pauses every PgBouncer; bring it back first")
+    if not writable:
+        stopped = interrupted_switchover(view)
+        if stopped is None:
+            raise Refused(state, f"refused: cluster {cluster} has no primary to switch over from",
+                          f"if its primary is down, use `igops pg failover {cluster}`")
+        if candidate == stopped:
+            return signed(plan_pg_roll_back(view, stopped), view), state
+        return signed(_plan_pg_resume(view, stopped, candidate, accept_risk), view), state
+    primary = writable[0]
+    if primary == candidate:
+        return signed(_plan_pg_finish(view, candidate), view), state
+    probe = view.probes[candidate]
+    node = state.node(candidate)
+    if probe.server is None:
+        raise Refused(state, f"refused: {candidate} is not a standby ({node.state})",
+                      "pick a running standby (igops pg status)")
+    if node.streaming_from != primary:
+        raise Refused(state, f"refused: {candidate} does not stream from {primary}",
+                      f"fix its replication first (igops pg rejoin {candidate})")
+    databases = view.databases()
+    if not databases:
+        raise Refused(state, f"refused: no PgBouncer routes a database to cluster {cluster}",
+                      "check [pgbouncer] and the hosts with the pgbouncer role")
+    plan = PgPlan("switchover", cluster, f"Switch cluster {cluster} over from {primary} to {candidate}",
+                  primary, candidate, failure_hint="see `igops pg status` for where things stand")
+    reasons = lag_reasons(fleet, node)
+    reasons += _repmgr_check(fleet, probe.host)
+    reasons += _free_space_reasons(fleet, probe.host)
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "wait for it to catch up, free space, pick another standby, or --accept-risk")
+    siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
+    stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
+    if stopped:
+        plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
+        on=primary, members=(candidate, primary, *siblings))
+    if state.paused:
+        # The cluster's lock is free (it is taken before the plan runs), so no operation is under
+        # way: an interrupted one left them paused. The switchover pauses them again itself.
+        plan.notes.append(f"PgBouncer has {bouncer_text(state.paused)} paused: an interrupted operation left "
+                          "them so")
+        plan.actions.insert(0, Step(f"PgBouncer: RESUME {bouncer_text(state.paused)} (left paused by an "
+                                    "interrupted operation)", "resume", (state.paused,)))
+    return signed(plan, view), state
+
+
+def _settled_view(fleet, cluster: str) -> PgView:
+    """The cluster's state once no member is still shutting down: a switchover cut short during
+    its stop leaves the remote stop running, and what to do depends on how it ends."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        view = pg_view(fleet, cluster)
+        settling = [name for name, probe in view.probes.items()
+                    if probe.server is None and probe.postmaster_running and probe.down
+                    and probe.down.kind == "rejected"]
+        if view.writable() or not settling or time.monotonic() > deadline:
+            return view
+        time.sleep(0.5)
+
+
+def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: bool) -> PgPlan:
+    """A switchover cut short after it stopped the primary and before the promotion: carry on
+    from the stop (fence again, make sure the candidate has all of the stopped primary's WAL,
+    promote, and the rest)."""
+    fleet, state, cluster = view.fleet, view.state, view.cluster
+    probe = view.probes[candidate]
+    node = state.node(candidate)
+    if probe.server is None or not probe.server.in_recovery:
+        raise Refused(state, f"refused: {candidate} is not a running standby ({node.state})",
+                      f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`")
+    plan = PgPlan("switchover", cluster, f"Finish the switchover of cluster {cluster} from {stopped} (stopped "
+                  f"cleanly) to {candidate}", stopped, candidate,
+                  failure_hint="see `igops pg status` for where things stand")
+    plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
+    reasons = []
+    wal_end = wal_end_on_disk(fleet, view.probes[stopped].host)
+    if wal_end is None:
+        reasons.append(f"where {stopped}'s WAL ends is unknown")
+    else:
+        missing = wal_end - wal_received(probe.server)
+        if missing > 0:
+            reasons.append(f"{candidate} lacks {missing} bytes of {stopped}'s WAL, which it cannot receive while "
+                           f"{stopped} is stopped (the promotion would be undone)")
+    if node.replay_paused:
+        reasons.append(f"{candidate} has WAL replay paused")
+    reasons += _free_space_reasons(fleet, probe.host)
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
+    members = cluster_members(fleet, cluster)
+    siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
+    left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
+    if left:
+        plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
+    plan.actions = with_repmgrd_paused(
+        switchover_steps(fleet, stopped, candidate, siblings, view.databases(), replay_paused=node.replay_paused,
+                         stopped=True, paused=state.paused or None),
+        on=candidate, members=(candidate, *siblings, stopped))
+    return plan
+
+
+def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
+    """A switchover cut short after it stopped the primary: start that primary again, provided
+    no other member can have been promoted, and resume PgBouncer, which still routes to it."""
+    state, cluster = view.state, view.cluster
+    others = tuple(name for name in view.probes if name != stopped)
+    plan = PgPlan("switchover", cluster, f"Roll back the switchover of cluster {cluster} cut short: {stopped} "
+                  "the primary again", stopped, stopped, failure_hint="see `igops pg status` for where things stand")
+    plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
+    plan.actions.append(Step(f"{stopped}: remove standby.signal and start it again as the primary (only once "
+                             f"{', '.join(others)} verifiably cannot be promoted), check it accepts writes",
+                             "unfence_and_start", (stopped, others)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
+    for name in others:
+        node = state.node(name)
+        if node.role == "standby":
+            plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
+                                     (name, stopped)))
+            plan.actions.append(drop_rejoin_reservation_step(name, stopped))
+        else:
+            plan.notes.append(f"{name}: {node.state}; rejoin it later (igops pg rejoin {name})")
+    running = [name for name in others if state.node(name).role == "standby"]
+    if running:
+        plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
+    return plan
+
+
+def _free_space_reasons(fleet, host) -> list[str]:
+    """A promotion writes a new timeline's first WAL segment and a checkpoint: on a full volume
+    it PANICs, and in a switchover the old primary is stopped by then."""
+    minimum = fleet.model.postgres.min_free_bytes
+    data = data_directory(fleet, host)
+    # The trailing slash follows a pg_wal symlink to the WAL volume.
+    result = ssh(fleet, host, ["df", "-P", "-B1", data, f"{data}/pg_wal/"], timeout=20)
+    if not result.ok:
+        return [f"{host.name}: free space unknown: {failure_reason(result)}"]
+    return free_space_reasons(host.name, result.stdout, minimum)
+
+
+def free_space_reasons(node: str, df_output: str, minimum: int) -> list[str]:
+    """`df -P -B1 DATA DATA/pg_wal/`'s lines: a reason for each volume with less than `minimum` free."""
+    reasons = []
+    for label, line in zip(("data", "WAL"), df_output.strip().splitlines()[1:], strict=False):
+        fields = line.split()
+        available = int(fields[3])
+        if available < minimum:
+            reasons.append(f"{node}'s {label} volume ({fields[5]}) has {available >> 20} MiB free "
+                           f"(threshold {minimum >> 20} MiB, [postgres] min_free_bytes)")
+    return reasons
+
+
+def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
+    """The candidate is primary already: finish what an interrupted operation left (PgBouncer
+    routing or paused, repmgr's metadata, members that do not follow it)."""
+    state = view.state
+    plan = PgPlan("switchover", view.cluster, f"Finish: {primary} is already the primary of {view.cluster}",
+                  None, primary, failure_hint="see `igops pg status` for where things stand")
+    elsewhere = {host: [database for database, target in table.items() if target != primary]
+                 for host, table in state.pgbouncer.items()}
+    elsewhere = {host: names for host, names in elsewhere.items() if names}
+    if elsewhere:
+        plan.actions.append(Step(f"PgBouncer: point {bouncer_text(elsewhere)} at {primary}, RELOAD", "repoint",
+                                 (elsewhere, primary)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
+    if state.node(primary).fenced:
+        plan.actions.append(Step(f"{primary}: remove standby.signal (an interrupted switchover left it; a restart "
+                                 "would bring the primary back read-only)", "unfence", (primary,)))
+    record = view.repmgr_node(primary)
+    if record and (record.type != "primary" or not record.active):
+        plan.actions.append(Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary",
+                                 (primary,)))
+    for node in state.nodes:
+        if node.name == primary or node.streaming_from == primary:
+            continue
+        if node.role == "unknown" and node.state == "host unreachable":
+            plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")
+            continue
+        plan.actions += rejoin_steps(node.name, primary, running=node.role != "unknown")
+    if not plan.actions:
+        plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
+                             "and every member follows it")
+    plan.actions = with_repmgrd_paused(plan.actions, on=primary,
+                                       members=(primary, *(node.name for node in state.nodes if node.name != primary)))
+    return plan
+
+
+def lag_reasons(fleet, node: PgNode) -> list[str]:
+    reasons = []
+    limits = fleet.model.postgres
+    if node.replay_paused:
+        reasons.append(f"{node.name} has WAL replay paused")
+    if node.lag_bytes is None:
+        reasons.append(f"{node.name}'s lag is unknown")
+    elif node.lag_bytes > limits.max_lag_bytes:
+        reasons.append(f"{node.name} lags {node.lag_bytes} bytes (threshold {limits.max_lag_bytes})")
+    if node.lag_s is not None and node.lag_s > limits.max_lag_seconds:
+        reasons.append(f"{node.name} lags {node.lag_s:.1f} s (threshold {limits.max_lag_seconds:g} s)")
+    return reasons
+
+
+def _repmgr_check(fleet, host) -> list[str]:
+    result = ssh(fleet, host, repmgr(fleet, host, "node", "check"), timeout=30)
+    if result.ok:
+        return []
+    if not result.reached:
+        return [f"{host.name}: {result.error}"]
+    failing = [line.strip() for line in result.stdout.splitlines() if ":" in line and "OK" not in line.split(":", 1)[1]]
+    return [f"repmgr node check on {host.name}: " + ("; ".join(failing) or result.stderr.strip()[-300:]
+                                                     or f"exit {result.exit_code}")]
+
+
+def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
+                     accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+    members = cluster_members(fleet, cluster)
+    if candidate is not None and candidate not in members:
+        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
+                         inventory.unknown_name_hint(candidate, members, "members"))
+    view = pg_view(fleet, cluster)
+    state = view.state
+    writable = view.writable()
+    if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
+        return signed(finish, view), state
+    if writable:
+        raise Refused(state, f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
+                      f"for a planned change use `igops pg switchover {cluster} --to NODE`")
+    if view.bouncer_errors:
+        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+                      "a failover repoints every PgBouncer; bring it back first")
+    old = _presumed_primary(view)
+    plan = PgPlan("failover", cluster, "", old, None,
+                  failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed")
+    reasons: list[str] = []
+    stop_first = False
+    old_probe = view.probes[old] if old else None
+    wal_end = None
+    if old_probe:
+        # Asking the server again and reading its WAL over SSH overlap: both take about a second.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
+            reading = pool.submit(wal_end_on_disk, fleet, old_probe.host) if old_probe.host_reachable else None
+            _confirm_pg_down(fleet, state, old)
+            wal_end = reading.result() if reading else None
+        streaming = [name for name, probe in view.probes.items()
+                     if probe.server and probe.server.receiver_status == "streaming"
+                     and probe.server.upstream_address in (str(old_probe.host.address), old)]
+        if streaming:
+            raise Refused(state, f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
+                          "igops cannot reach it but its standbys can: check the network between them")
+        if old_probe.host_reachable is False:
+            reasons.append(f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
+                           "come back (stop the instance) before forcing")
+        elif old_probe.down.kind == "rejected":
+            reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
+            stop_first = True
+        elif old_probe.postmaster_running:
+            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
+            stop_first = True
+    else:
+        plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
+    standbys = {name: probe for name, probe in view.probes.items() if name != old and probe.server}
+    if not standbys:
+        raise Refused(state, f"refused: no running standby in cluster {cluster} to promote",
+                      "start one, or restore the primary")
+    chosen = candidate or best_standby(view, standbys)
+    if chosen not in standbys:
+        raise Refused(state, f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
+                      f"running standbys: {', '.join(standbys)}")
+    received = wal_received(standbys[chosen].server)
+    best = max(wal_received(probe.server) for probe in standbys.values())
+    if received < best:
+        reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
+    if old_probe is None:
+        plan.bytes_at_risk = best - received
+    elif old_probe.host_reachable:
+        if wal_end is None:
+            reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
+        else:
+            plan.bytes_at_risk = max(0, wal_end - received)
+            if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
+                reasons.append(f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
+                               f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
+    if standbys[chosen].server.replay_paused:
+        reasons.append(f"{chosen} has WAL replay paused")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "restore the old primary if you can, or --accept-risk")
+    plan.new_primary = chosen
+    plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
+                  else f"Promote {chosen}: cluster {cluster} has no primary")
+    siblings = [name for name in standbys if name != chosen]
+    plan.actions = failover_steps(fleet, old, chosen, siblings, view.databases(),
+                                  fence_on_disk=bool(old_probe and old_probe.host_reachable), stop_first=stop_first,
+                                  replay_paused=standbys[chosen].server.replay_paused)
+    if [name for name in view.repmgrd_members() if name != old]:
+        # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
+        # it does not, a failover spends no time on it.
+        plan.actions = with_repmgrd_paused(plan.actions, on=chosen, members=(chosen, *siblings))
+    if old:
+        plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
+    return signed(plan, view), state
+
+
+def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
+    """A standby that something else promoted (repmgrd's automatic failover, or a person) while
+    PgBouncer still routes to the old primary, now down: finish that failover rather than
+    promote a second standby. None when no PgBouncer route points at a member that is down."""
+    state = view.state
+    down = {name for name, probe in view.probes.items() if not probe.server}
+    stale = {host: [database for database, target in table.items() if target in down]
+             for host, table in state.pgbouncer.items()}
+    stale = {host: names for host, names in stale.items() if names}
+    if not stale:
+        return None
+    olds = sorted({state.pgbouncer[host][database] for host, names in stale.items() for database in names})
+    plan = PgPlan("failover", view.cluster, f"Finish the failover of {view.cluster}: {new} was promoted already "
+                  f"(repmgrd?), PgBouncer still routes to {', '.join(olds)}", olds[0], new,
+                  failure_hint=f"see `igops pg status {view.cluster}`")
+    for old in olds:
+        probe = view.probes[old]
+        if probe.host_reachable and not probe.fenced:
+            plan.actions.append(Step(f"{old}: fence: " + ("stop it (immediate), " if probe.postmaster_running else "")
+                                     + "write standby.signal so it can only start read-only", "fence",
+                                     (old, bool(probe.postmaster_running))))
+        elif not probe.host_reachable:
+            plan.notes.append(f"{old}'s host is unreachable over SSH: it is not fenced; make sure it cannot come back")
+    plan.actions.append(Step(f"PgBouncer: point {bouncer_text(stale)} at {new}, RELOAD", "repoint", (stale, new)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
+    record = view.repmgr_node(new)
+    if record is None or record.type != "primary" or not record.active:
+        plan.actions.append(Step(f"{new}: record it as the primary in repmgr's metadata (repmgr primary register "
+                                 "--force)", "register_primary", (new,)))
+    for node in state.nodes:
+        if node.role == "standby" and node.streaming_from != new:
+            plan.actions.append(Step(f"{node.name}: follow {new} (repmgr standby follow)", "follow", (node.name, new)))
+    plan.notes += [f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {new}" for old in olds]
+    return plan
+
+
+def _confirm_pg_down(fleet, state, name: str) -> None:
+    """A restart looks like an outage for a moment: ask again before acting on it."""
+    for _ in range(DOWN_PROBES - 1):
+        time.sleep(DOWN_PROBE_INTERVAL)
+        try:
+            connection = postgres.connect(fleet, fleet.host(name))
+        except postgres.Unavailable:
+            continue
+        connection.close()
+        raise Refused(state, f"refused: {name} answers again", "see `igops pg status`")
+
+
+def best_standby(view: PgView, standbys: dict[str, PgProbe]) -> str:
+    """The most WAL received; then repmgr's priority (higher first; 0 never); then the name."""
+    def priority(name: str) -> int:
+        record = view.repmgr_node(name)
+        return record.priority if record else 100
+
+    eligible = [name for name in standbys if priority(name) > 0] or list(standbys)
+    return sorted(eligible, key=lambda name: (-wal_received(standbys[name].server), -priority(name), name))[0]
+
+
+def _presumed_primary(view: PgView) -> str | None:
+    """The member that was primary: the one PgBouncer routes to, else repmgr's record, else the
+    only member that does not answer; None when every member answers (as a standby)."""
+    state = view.state
+    down = [name for name, probe in view.probes.items() if not probe.server]
+    if not down:
+        return None
+    routed = {target for table in view.state.pgbouncer.values() for target in table.values()}
+    candidates = [name for name in down if name in routed]
+    if len(candidates) != 1:
+        candidates = [node.name for node in view.repmgr if node.type == "primary" and node.active and node.name in down]
+    if len(candidates) != 1 and len(down) == 1:
+        candidates = down
+    if len(candidates) != 1:
+        raise Refused(state, f"refused: cannot tell which of {', '.join(down)} was the primary",
+                      "check PgBouncer's databases file and `igops pg status`")
+    return candidates[0]
+
+
+def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+    cluster = cluster_of(fleet, node)
+    view = pg_view(fleet, cluster)
+    state = view.state
+    member = state.node(node)
+    probe = view.probes[node]
+    if member.role == "primary" and member.pgbouncer:
+        raise Refused(state, f"refused: {node} accepts writes and PgBouncer routes {', '.join(member.pgbouncer)} "
+                             "to it: it is the live primary",
+                      f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)")
+    writable = [name for name in view.writable() if name != node]
+    if len(writable) != 1:
+        raise Refused(state, f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} "
+                             f"besides {node}",
+                      "a node rejoins a cluster with exactly one primary: see `igops pg status`")
+    primary = writable[0]
+    plan = PgPlan("rejoin", cluster, f"Rejoin {node} to cluster {cluster} as a standby of {primary}", None, primary,
+                  failure_hint=f"see `igops pg status {cluster}` and {node}'s Postgres log")
+    if member.state == "host unreachable":
+        raise RemoteError(f"{node}: host unreachable over SSH", "rejoin needs the host")
+    if member.streaming_from == primary:
+        record = view.repmgr_node(node)
+        if record and record.type == "standby" and record.active and member.repmgr == f"standby of {primary}":
+            plan.notes.append(f"nothing to do: {node} already streams from {primary}")
+        else:
+            plan.actions = [Step(f"{node}: record it as a standby of {primary} in repmgr's metadata (repmgr standby "
+                                 "register --force)", "register_standby", (node, primary))]
+        return signed(plan, view), state
+    reasons = []
+    if member.role == "primary":
+        reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
+    if member.state == "hung":
+        reasons.append(f"{node}'s postmaster runs but does not answer")
+    refuse_or_force(state, reasons, accept_risk, plan.forced,
+                    "make sure nothing on it is needed, then --accept-risk")
+    plan.actions = with_repmgrd_paused(
+        [*rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+         # pg_rewind copied the primary's segments, those of the promotion among them.
+         release_switch_segment_step(primary, [node])],
+        on=primary, members=(primary, node))
+    return signed(plan, view), state
+
+
+def signature(view: PgView) -> tuple:
+    """What a plan depends on: every member's role and state, who follows whom, and where the app
+    is routed (PgBouncer). Positions and lag are left out: they move."""
+    state = view.state
+    return (tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
+            tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
+            tuple(sorted((host, tuple(names)) for host, names in state.paused.items())))
+
+
+def signed(plan: PgPlan, view: PgView) -> PgPlan:
+    plan.signature = signature(view)
+    return plan
