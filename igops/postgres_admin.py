@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from igops.errors import IgopsError, UsageError
+from igops.errors import IgopsError
 
 # Checksums compare text renderings of rows: both sides must render them identically.
 _STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
@@ -24,13 +24,10 @@ _last_primary: dict[tuple[str, str], str] = {}
 
 
 def _members(fleet, cluster: str) -> list[str]:
-    clusters = fleet.model.postgres.clusters
-    if cluster not in clusters:
-        from igops.inventory import unknown_name_hint
+    """The cluster's members, the one that last answered as its primary first."""
+    from igops.pg.cluster import cluster_members
 
-        raise UsageError(f"unknown Postgres cluster {cluster!r}",
-                         unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"))
-    members = [clusters[cluster].primary, *clusters[cluster].standbys]
+    members = cluster_members(fleet, cluster)
     last = _last_primary.get((str(fleet.source), cluster))
     return ([last] if last in members else []) + [name for name in members if name != last]
 
