@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
-from igops.output import Reporter, plural
+from igops.output import Reporter, human_bytes, plural
 from igops.postgres import first_line
 from igops.postgres_admin import (
     QUIET_STATEMENT_LOGGING,
@@ -1233,17 +1233,6 @@ def _describe_step(plan: MovePlan, step: str) -> str:
                    f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
                    f"on {plan.source}",
     }[step]
-
-
-def human_bytes(value: int | None) -> str:
-    if value is None:
-        return "?"
-    size = float(value)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
 
 
 @dataclass

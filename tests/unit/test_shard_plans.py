@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from igops import shards
 from igops.commands.shard import PausePoint
 from igops.errors import UsageError
+from igops.output import human_bytes
 
 
 @st.composite
@@ -94,7 +95,7 @@ def test_a_new_move_plans_every_step_in_order():
     steps = fresh.steps()
     assert len(steps) == len(shards.STEPS)
     assert "igops_move_<id>" in steps[2] and "FOR TABLES IN SCHEMA insta5" in steps[2]
-    assert "~1,010 rows, 88.0 kB" in steps[3]
+    assert "~1,010 rows, 88.0 KiB" in steps[3]
     assert "IN EXCLUSIVE MODE" in steps[7] and "512 past" in steps[7] and "insta5_moved_<id>" in steps[7]
     assert "version + 1" in steps[7]
 
@@ -167,7 +168,7 @@ def test_init_plan_describes_seeding_or_keeping_the_map():
 
 
 def test_human_bytes():
-    assert shards.human_bytes(512) == "512 B"
-    assert shards.human_bytes(1536) == "1.5 kB"
-    assert shards.human_bytes(3 << 30) == "3.0 GB"
-    assert shards.human_bytes(None) == "?"
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 << 30) == "3.0 GiB"
+    assert human_bytes(None) == "-"
