@@ -15,11 +15,9 @@
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import itertools
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +39,7 @@ from igops.postgres_admin import (
     replication_connection,
     replication_conninfo,
 )
+from igops.safety import operator_host, operator_user
 from igops.shard_changes import ChangedRows
 
 # --- IDs --------------------------------------------------------------------------------------
@@ -1145,11 +1144,7 @@ class Journal:
 
 
 def _who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+    return f"{operator_user()}@{operator_host()} pid {os.getpid()}"
 
 
 # --- moves ------------------------------------------------------------------------------------
