@@ -11,6 +11,9 @@
   brief write lock and switched in the map; every step is journaled in the directory
   (`shard_moves`) and idempotent, so a move killed at any point can be resumed or aborted.
 - `plan_rebalance`: the moves that even out shards or bytes across clusters.
+
+The ids are in shard_ids, the initialisation in shard_init, the map and the directory's
+connections in shard_map, schema shapes and the shard DDL in shard_schema.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from igops.postgres import first_line
 from igops.postgres_admin import (
     QUIET_STATEMENT_LOGGING,
     connect,
-    last_primary,
     primary_connection,
     primary_of,
     quote_ident,
@@ -41,502 +43,40 @@ from igops.postgres_admin import (
 )
 from igops.safety import operator_host, operator_user
 from igops.shard_changes import ChangedRows
-
-# --- IDs --------------------------------------------------------------------------------------
-ID_EPOCH_MS = 1314220021721  # 2011-08-24 21:07:01.721 UTC
-SHARD_BITS, SEQUENCE_BITS = 13, 10  # below 41 bits of milliseconds
-MAX_SHARD = (1 << SHARD_BITS) - 1
-MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
-# Ids live in a signed bigint: the time field's top bit would make them negative, so the
-# usable range ends 2^40 ms after the epoch (in 2046).
-MAX_ID = (1 << 63) - 1
-MAX_ID_MS = ID_EPOCH_MS + (MAX_ID >> (SHARD_BITS + SEQUENCE_BITS))
-
-
-@dataclass(frozen=True)
-class DecodedId:
-    id: int
-    time: str  # ISO 8601, UTC, milliseconds
-    unix_ms: int
-    shard: int
-    sequence: int
-
-
-def decode_id(value: int) -> DecodedId:
-    if not 0 <= value <= MAX_ID:
-        raise UsageError(f"{value} is not a 64-bit id of this scheme", f"ids lie in 0..{MAX_ID}")
-    unix_ms = (value >> (SHARD_BITS + SEQUENCE_BITS)) + ID_EPOCH_MS
-    return DecodedId(value, format_ms(unix_ms), unix_ms, (value >> SEQUENCE_BITS) & MAX_SHARD,
-                     value & MAX_SEQUENCE)
-
-
-def encode_id(unix_ms: int, shard: int, sequence: int) -> int:
-    if not ID_EPOCH_MS <= unix_ms <= MAX_ID_MS:
-        raise UsageError(f"time {format_ms(unix_ms) if unix_ms >= 0 else unix_ms} is outside the id range",
-                         f"ids cover {format_ms(ID_EPOCH_MS)} to {format_ms(MAX_ID_MS)}")
-    if not 0 <= shard <= MAX_SHARD:
-        raise UsageError(f"logical shard {shard} does not fit in {SHARD_BITS} bits", f"use 0..{MAX_SHARD}")
-    if not 0 <= sequence <= MAX_SEQUENCE:
-        raise UsageError(f"sequence {sequence} does not fit in {SEQUENCE_BITS} bits",
-                         f"use 0..{MAX_SEQUENCE} (next_id() keeps nextval % {MAX_SEQUENCE + 1})")
-    return ((unix_ms - ID_EPOCH_MS) << (SHARD_BITS + SEQUENCE_BITS)) | (shard << SEQUENCE_BITS) | sequence
-
-
-def parse_time(text: str) -> int:
-    """Unix milliseconds from ISO 8601 (no zone means UTC) or from an integer of Unix ms."""
-    stripped = text.strip()
-    if stripped.lstrip("-").isdigit():
-        return int(stripped)
-    try:
-        moment = datetime.fromisoformat(stripped.replace("Z", "+00:00") if stripped.endswith("Z") else stripped)
-    except ValueError:
-        raise UsageError(f"cannot read time {text!r}",
-                         "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1000)
-
-
-def format_ms(unix_ms: int) -> str:
-    moment = datetime.fromtimestamp(unix_ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def shard_ranges(shards: list[int]) -> str:
-    """[0, 1, 2, 3, 7, 9, 10] -> "0-3, 7, 9-10": thousands of shards stay readable."""
-    parts: list[str] = []
-    ordered = sorted(shards)
-    start = previous = None
-    for shard in ordered + [None]:
-        if start is not None and shard == previous + 1:
-            previous = shard
-            continue
-        if start is not None:
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = shard
-    return ", ".join(parts)
-
-
-# --- init -------------------------------------------------------------------------------------
-@dataclass
-class ShardInitReport:
-    directory: str  # "<cluster>/<database>"
-    map_version: int
-    map_created: bool
-    shards_by_cluster: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
-class InitPlan:
-    directory: str
-    count: int
-    missing_databases: list[str]
-    map_version: int | None  # None: no map yet, one will be seeded
-    placement: dict[int, str]
-    missing_schemas: dict[str, list[int]]
-
-    def steps(self) -> list[str]:
-        steps = [f"create database {name}" for name in self.missing_databases]
-        steps.append(f"apply the directory DDL in {self.directory} (idempotent)")
-        by_cluster: dict[str, list[int]] = {}
-        for shard, cluster in sorted(self.placement.items()):
-            by_cluster.setdefault(cluster, []).append(shard)
-        layout = "; ".join(f"{cluster}: {shard_ranges(shards)}" for cluster, shards in by_cluster.items())
-        if self.map_version is None:
-            steps.append(f"seed the shard map with {plural(self.count, 'shard')} ({layout}) as version 1")
-        else:
-            steps.append(f"keep the shard map (version {self.map_version}, "
-                         f"{plural(len(self.placement), 'shard')}: {layout})")
-        for cluster, shards in by_cluster.items():
-            missing = self.missing_schemas.get(cluster, [])
-            steps.append(f"on {cluster}: apply the shard DDL to {plural(len(shards), 'schema')} (tables, next_id()); "
-                         + (f"new: {shard_ranges(missing)}" if missing else "all exist"))
-        return steps
-
-
-def even_placement(clusters: list[str], count: int) -> dict[int, str]:
-    """Contiguous, even ranges: shard ids are spread over clusters in order."""
-    return {shard: clusters[shard * len(clusters) // count] for shard in range(count)}
-
-
-def plan_init(fleet, count: int | None = None) -> InitPlan:
-    """What `init_shards` would do, read without changing anything."""
-    model = fleet.model
-    count = count or model.shards.count
-    clusters = _clusters(fleet)
-    directory_cluster = model.shards.directory_cluster or clusters[0]
-    missing_databases: list[str] = []
-    present: dict[str, set[str]] = {}
-    for name in clusters:
-        wanted = [model.postgres.database] + ([model.shards.directory_database] if name == directory_cluster else [])
-        with primary_connection(fleet, name, "postgres", autocommit=True, purpose="shards") as connection:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (wanted,))
-                found = {row[0] for row in cursor.fetchall()}
-        missing_databases += [f"{name}/{database}" for database in wanted if database not in found]
-        if model.postgres.database in found:
-            with primary_connection(fleet, name, model.postgres.database, autocommit=True,
-                                    purpose="shards") as connection:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
-                                   (model.shards.schema_prefix + "%",))
-                    present[name] = {row[0] for row in cursor.fetchall()}
-    placement, version = {}, None
-    if f"{directory_cluster}/{model.shards.directory_database}" not in missing_databases:
-        with primary_connection(fleet, directory_cluster, model.shards.directory_database, autocommit=True,
-                                purpose="shards") as connection:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT to_regclass('shard_map') IS NOT NULL")
-                if cursor.fetchone()[0]:
-                    cursor.execute("SELECT logical_shard, cluster FROM shard_map")
-                    placement = dict(cursor.fetchall())
-                    cursor.execute("SELECT version FROM shard_map_version")
-                    row = cursor.fetchone()
-                    version = row[0] if placement and row else None
-    if placement and set(placement) != set(range(count)):
-        raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
-                         "pass the map's shard count or fix the directory's shard_map")
-    placement = placement or even_placement(clusters, count)
-    missing_schemas = {
-        cluster: [shard for shard, where in sorted(placement.items())
-                  if where == cluster and schema_name(fleet, shard) not in present.get(cluster, set())]
-        for cluster in clusters}
-    return InitPlan(f"{directory_cluster}/{model.shards.directory_database}", count, missing_databases, version,
-                    placement, missing_schemas)
-
-
-def init_shards(fleet, reporter: Reporter | None = None, count: int | None = None) -> ShardInitReport:
-    """Create the directory database's tables and seed them (clusters, an even contiguous
-    shard map, the Redis master endpoint) when empty, then every logical shard's schema on
-    the cluster the map assigns it to."""
-    reporter = reporter or Reporter()
-    model = fleet.model
-    shards = model.shards
-    clusters = _clusters(fleet)
-    directory_cluster = shards.directory_cluster or clusters[0]
-    ddl = {key: _read_ddl(fleet, key) for key in ("directory_ddl", "shard_ddl")}
-
-    with reporter.step("create missing databases") as step:
-        created = []
-        for name in clusters:
-            wanted = [model.postgres.database] + ([shards.directory_database] if name == directory_cluster else [])
-            with primary_connection(fleet, name, "postgres", purpose="shards") as connection:
-                created += [f"{name}/{database}" for database in wanted if _create_database(connection, database)]
-        step.detail = ", ".join(created) or "all present"
-
-    with reporter.step(f"directory on {directory_cluster}/{shards.directory_database}") as step:
-        with primary_connection(fleet, directory_cluster, shards.directory_database, purpose="shards") as connection:
-            map_created, version, placement = _seed_directory(connection, fleet, ddl["directory_ddl"],
-                                                              count or shards.count)
-        step.detail = f"shard map version {version}" + (" (new)" if map_created else "")
-
-    report = ShardInitReport(f"{directory_cluster}/{shards.directory_database}", version, map_created)
-    with reporter.step(f"{len(placement)} shard schemas") as step:
-        for name in clusters:
-            assigned = sorted(shard for shard, cluster in placement.items() if cluster == name)
-            report.shards_by_cluster[name] = assigned
-            if not assigned:
-                continue
-            with primary_connection(fleet, name, model.postgres.database, purpose="shards") as connection:
-                with connection.cursor() as cursor:
-                    _act_as_owner(cursor)
-                    for shard in assigned:
-                        cursor.execute(shard_ddl(ddl["shard_ddl"], schema_name(fleet, shard), shard))
-                connection.commit()
-        step.detail = "; ".join(f"{name}: {len(ids)}" for name, ids in report.shards_by_cluster.items())
-    return report
-
-
-def check_shard(fleet, shard: int) -> None:
-    """Refuse a logical shard number outside the inventory's [shards] count, naming the valid
-    range, before anything connects."""
-    count = fleet.model.shards.count
-    if not 0 <= shard < count:
-        raise UsageError(f"shard {shard} is out of range", f"shards are 0-{count - 1} ([shards] count = {count})")
-
-
-def schema_name(fleet, shard: int) -> str:
-    return f"{fleet.model.shards.schema_prefix}{shard}"
-
-
-def shard_ddl(template: str, schema: str, shard: int) -> str:
-    return template.format(schema=schema, shard_id=shard)
-
-
-def _clusters(fleet) -> list[str]:
-    if not fleet.model.postgres.clusters:
-        raise UsageError("the inventory defines no Postgres clusters", "add [postgres.clusters.*] entries")
-    return list(fleet.model.postgres.clusters)
-
-
-def _read_ddl(fleet, key: str) -> str:
-    configured = getattr(fleet.model.shards, key)
-    if not configured:
-        raise UsageError(f"[shards] {key} is not set", "point it at the service's SQL file")
-    try:
-        return fleet.resolve(configured).read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read [shards] {key} {configured}: {exc.strerror or exc}",
-                         "fix the path in the inventory") from None
-
-
-def _create_database(connection, database: str) -> bool:
-    from psycopg2 import sql
-
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-        if cursor.fetchone():
-            return False
-        cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    return True
-
-
-def _act_as_owner(cursor) -> None:
-    """Create objects as the database's owner, so the service that owns the database owns
-    its tables too."""
-    from psycopg2 import sql
-
-    cursor.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
-    cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(cursor.fetchone()[0])))
-
-
-def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[bool, int, dict[int, str]]:
-    model = fleet.model
-    clusters = list(model.postgres.clusters)
-    with connection.cursor() as cursor:
-        _act_as_owner(cursor)
-        cursor.execute(directory_ddl)
-        for name, cluster in model.postgres.clusters.items():
-            cursor.execute("INSERT INTO clusters (name, pgbouncer_database) VALUES (%s, %s) "
-                           "ON CONFLICT (name) DO NOTHING", (name, cluster.pgbouncer_database or name))
-        # Serialise concurrent initialisations: only one may seed the map.
-        cursor.execute("LOCK TABLE shard_map IN EXCLUSIVE MODE")
-        cursor.execute("SELECT logical_shard, cluster FROM shard_map")
-        placement = dict(cursor.fetchall())
-        map_created = not placement
-        if map_created:
-            placement = even_placement(clusters, count)
-            cursor.executemany("INSERT INTO shard_map (logical_shard, cluster) VALUES (%s, %s)",
-                               sorted(placement.items()))
-            cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now()")
-        elif set(placement) != set(range(count)):
-            raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
-                             "fix [shards] count (or --count) or the directory's shard_map")
-        if model.redis.master:
-            master = fleet.host(model.redis.master)
-            cursor.execute("INSERT INTO endpoints (name, address) VALUES ('redis_master', %s) "
-                           "ON CONFLICT (name) DO NOTHING", (f"{master.address}:{model.redis.port}",))
-        cursor.execute("SELECT version FROM shard_map_version")
-        version = cursor.fetchone()[0]
-    connection.commit()
-    unknown = sorted({cluster for cluster in placement.values()} - set(clusters))
-    if unknown:
-        raise IgopsError(f"the shard map places shards on clusters the inventory lacks: {', '.join(unknown)}",
-                         "add them under [postgres.clusters] or fix the map")
-    return map_created, version, placement
-
-
-# --- the map ----------------------------------------------------------------------------------
-@dataclass
-class ShardPlacement:
-    shard: int
-    schema: str
-    cluster: str
-    bytes: int | None  # None: the cluster could not be asked
-    present: bool | None  # whether the schema exists where the map says
-
-
-@dataclass
-class ClusterLoad:
-    cluster: str
-    primary: str
-    pgbouncer_database: str
-    shards: list[int]
-    bytes: int | None
-    error: str | None = None
-
-
-@dataclass
-class ShardMap:
-    version: int
-    updated_at: str
-    shards: list[ShardPlacement]
-    clusters: list[ClusterLoad]
-
-    def placement(self) -> dict[int, str]:
-        return {item.shard: item.cluster for item in self.shards}
-
-    def sizes(self) -> dict[int, int]:
-        return {item.shard: item.bytes or 0 for item in self.shards}
-
-
-def directory_connection(fleet, autocommit: bool = True, purpose: str = "shards"):
-    """A connection to the directory database that the caller closes."""
-    model = fleet.model
-    cluster = model.shards.directory_cluster or _clusters(fleet)[0]
-    return connect(fleet, cluster, model.shards.directory_database, autocommit=autocommit, purpose=purpose)
-
-
-def directory_session(fleet) -> primary_connection:
-    """An autocommit directory connection as a context manager that closes it."""
-    model = fleet.model
-    cluster = model.shards.directory_cluster or _clusters(fleet)[0]
-    return primary_connection(fleet, cluster, model.shards.directory_database, autocommit=True, purpose="shards")
-
-
-def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:
-    cursor.execute("SELECT version, updated_at FROM shard_map_version")
-    row = cursor.fetchone()
-    if row is None:
-        raise IgopsError("the directory has no shard map version", "run `igops shard init`")
-    cursor.execute("SELECT logical_shard, cluster FROM shard_map ORDER BY logical_shard")
-    placement = dict(cursor.fetchall())
-    cursor.execute("SELECT name, pgbouncer_database FROM clusters")
-    return row[0], row[1], placement, dict(cursor.fetchall())
-
-
-def read_map(fleet, sizes: bool = True) -> ShardMap:
-    """The directory's map, and (with `sizes`) each shard schema's bytes on its cluster:
-    a cluster that cannot be reached is reported, not fatal."""
-    connection = directory_connection(fleet)
-    try:
-        with connection.cursor() as cursor:
-            version, updated_at, placement, databases = read_placement(cursor)
-    finally:
-        connection.close()
-    by_cluster: dict[str, list[int]] = {name: [] for name in fleet.model.postgres.clusters}
-    for shard, cluster in placement.items():
-        by_cluster.setdefault(cluster, []).append(shard)
-    schema_bytes: dict[str, dict[str, int]] = {}
-    errors: dict[str, str] = {}
-    if sizes:
-        def measure(cluster: str) -> None:
-            try:
-                schema_bytes[cluster] = _schema_sizes(fleet, cluster,
-                                                      [schema_name(fleet, s) for s in by_cluster[cluster]])
-            except IgopsError as exc:
-                errors[cluster] = exc.message
-
-        with ThreadPoolExecutor(max_workers=max(1, len(by_cluster))) as pool:
-            list(pool.map(measure, [name for name in by_cluster if name in fleet.model.postgres.clusters]))
-    shards = []
-    for shard, cluster in sorted(placement.items()):
-        measured = schema_bytes.get(cluster)
-        schema = schema_name(fleet, shard)
-        shards.append(ShardPlacement(shard, schema, cluster, measured.get(schema) if measured is not None else None,
-                                     (schema in measured) if measured is not None else None))
-    clusters = []
-    for name, members in by_cluster.items():
-        known = name in fleet.model.postgres.clusters
-        measured = schema_bytes.get(name)
-        clusters.append(ClusterLoad(
-            name, last_primary(fleet, name) if known else "?", databases.get(name, "?"),
-            sorted(members), sum(measured.values()) if measured is not None else None,
-            errors.get(name) or (None if known else "not in the inventory")))
-    return ShardMap(version, updated_at.isoformat(timespec="seconds"), shards, clusters)
-
-
-def _schema_sizes(fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
-    """Bytes of every table (with its indexes and TOAST) per existing schema."""
-    with primary_connection(fleet, cluster, fleet.model.postgres.database, autocommit=True,
-                            purpose="shards") as connection:
-        with connection.cursor() as cursor:
-            cursor.execute("""
-                SELECT n.nspname, coalesce(sum(pg_total_relation_size(c.oid))
-                                           FILTER (WHERE c.relkind IN ('r', 'p', 'm')), 0)::bigint
-                  FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid
-                 WHERE n.nspname = ANY(%s) GROUP BY n.nspname""", (schemas,))
-            return dict(cursor.fetchall())
-
-
-# --- schema shape and verification ------------------------------------------------------------
-@dataclass(frozen=True)
-class TableShape:
-    name: str
-    columns: tuple[tuple[str, str, bool], ...]  # (name, type, not null) in column order
-    primary_key: tuple[str, ...]
-    indexes: tuple[str, ...]  # definitions with the schema name taken out
-
-
-@dataclass(frozen=True)
-class SchemaShape:
-    tables: dict[str, TableShape]
-    sequences: tuple[str, ...]
-    functions: tuple[str, ...]
-
-
-def describe_schema(cursor, schema: str) -> SchemaShape | None:
-    """The shape of a schema, or None when it does not exist."""
-    cursor.execute("SELECT oid FROM pg_namespace WHERE nspname = %s", (schema,))
-    if cursor.fetchone() is None:
-        return None
-    cursor.execute("""
-        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
-          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname, a.attnum""", (schema,))
-    columns: dict[str, list[tuple[str, str, bool]]] = {}
-    for table, column, kind, not_null in cursor.fetchall():
-        columns.setdefault(table, []).append((column, kind, not_null))
-    cursor.execute("""
-        SELECT c.relname, array_agg(a.attname ORDER BY k.ord)
-          FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
-          JOIN pg_namespace n ON n.oid = c.relnamespace
-          CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-         WHERE n.nspname = %s AND con.contype = 'p' GROUP BY c.relname""", (schema,))
-    keys = {table: tuple(names) for table, names in cursor.fetchall()}
-    cursor.execute("""
-        SELECT t.relname, pg_get_indexdef(i.indexrelid)
-          FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
-         WHERE n.nspname = %s ORDER BY 1, 2""", (schema,))
-    indexes: dict[str, list[str]] = {}
-    for table, definition in cursor.fetchall():
-        indexes.setdefault(table, []).append(definition.replace(f" ON {schema}.", " ON "))
-    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                   "WHERE n.nspname = %s AND c.relkind = 'S' ORDER BY 1", (schema,))
-    sequences = tuple(row[0] for row in cursor.fetchall())
-    cursor.execute("SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' FROM pg_proc p "
-                   "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (schema,))
-    functions = tuple(row[0] for row in cursor.fetchall())
-    tables = {table: TableShape(table, tuple(cols), keys.get(table, ()), tuple(sorted(indexes.get(table, []))))
-              for table, cols in columns.items()}
-    return SchemaShape(tables, sequences, functions)
-
-
-def schema_diff(left: SchemaShape, right: SchemaShape, left_name: str, right_name: str) -> list[str]:
-    """Every difference that would make the two copies of a shard disagree, one line each."""
-    problems: list[str] = []
-    for table in sorted(set(left.tables) | set(right.tables)):
-        if table not in right.tables:
-            problems.append(f"{right_name} lacks table {table}")
-            continue
-        if table not in left.tables:
-            problems.append(f"{left_name} lacks table {table}")
-            continue
-        a, b = left.tables[table], right.tables[table]
-        if a.columns != b.columns:
-            problems.append(f"{table}: columns differ ({left_name}: {_columns(a)}; {right_name}: {_columns(b)})")
-        if a.primary_key != b.primary_key:
-            problems.append(f"{table}: primary key ({', '.join(a.primary_key) or 'none'}) on {left_name}, "
-                            f"({', '.join(b.primary_key) or 'none'}) on {right_name}")
-        for definition in sorted(set(a.indexes) - set(b.indexes)):
-            problems.append(f"{right_name} lacks index on {table}: {definition}")
-        for definition in sorted(set(b.indexes) - set(a.indexes)):
-            problems.append(f"{left_name} lacks index on {table}: {definition}")
-    for kind, a_items, b_items in (("sequence", left.sequences, right.sequences),
-                                   ("function", left.functions, right.functions)):
-        for item in sorted(set(a_items) - set(b_items)):
-            problems.append(f"{right_name} lacks {kind} {item}")
-        for item in sorted(set(b_items) - set(a_items)):
-            problems.append(f"{left_name} lacks {kind} {item}")
-    return problems
-
-
-def _columns(shape: TableShape) -> str:
-    return ", ".join(f"{name} {kind}{' not null' if not_null else ''}" for name, kind, not_null in shape.columns)
-
+from igops.shard_ids import (
+    DecodedId as DecodedId,
+    decode_id as decode_id,
+    encode_id as encode_id,
+    parse_time as parse_time,
+    shard_ranges as shard_ranges,
+)
+from igops.shard_init import (
+    InitPlan as InitPlan,
+    ShardInitReport as ShardInitReport,
+    init_shards as init_shards,
+    plan_init as plan_init,
+)
+from igops.shard_map import (
+    ClusterLoad as ClusterLoad,
+    ShardMap as ShardMap,
+    ShardPlacement as ShardPlacement,
+    check_shard as check_shard,
+    directory_connection,
+    directory_session,
+    placement_of,
+    read_map as read_map,
+    schema_name,
+)
+from igops.shard_schema import (
+    TableShape,
+    act_as_owner,
+    describe_schema,
+    read_ddl,
+    schema_diff,
+    sequence_values,
+    shard_ddl,
+    tables_of,
+)
 
 CHUNK_ROWS = 100_000
 
@@ -615,16 +155,6 @@ def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
     return sorted({row[0] for row in cursor.fetchall()})
 
 
-def _sequence_values(cursor, schema: str, sequences: tuple[str, ...]) -> dict[str, int]:
-    from psycopg2 import sql
-
-    values = {}
-    for sequence in sequences:
-        cursor.execute(sql.SQL("SELECT last_value FROM {}").format(sql.Identifier(schema, sequence)))
-        values[sequence] = cursor.fetchone()[0]
-    return values
-
-
 def _hash_table(cursor, schema: str, shape: TableShape) -> tuple[int, str]:
     """Rows and an order-free digest of a table: the XOR of every row's 64-bit hash. A primary
     key lets no row appear twice, so a missing, extra or changed row changes the digest (but
@@ -699,7 +229,7 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
                               f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})")
         tables.append(TableCheck(name, {left.label: rows_a, right.label: rows_b},
                                  {left.label: sum_a, right.label: sum_b}, sum_a == sum_b, difference))
-    sequences = {copy.label: _sequence_values(cursor, copy.schema, shape.sequences)
+    sequences = {copy.label: sequence_values(cursor, copy.schema, shape.sequences)
                  for cursor, copy, shape in zip(cursors, copies, shapes, strict=False)}
     equal = not diff and all(check.equal for check in tables)
     return VerifyReport(shard, [left.label, right.label], consistent, tables, sequences, diff, pause_ms, equal)
@@ -719,10 +249,10 @@ def verify_in_place(fleet, shard: int) -> ShapeReport:
     """One copy: its per-table rows and checksums, sequences, and its difference from what
     the service's shard DDL creates (built in a transaction that is rolled back)."""
     check_shard(fleet, shard)
-    placement = _placement_of(fleet, shard)
+    placement = placement_of(fleet, shard)
     schema = schema_name(fleet, shard)
     copy = ShardCopy(placement, schema)
-    template = _read_ddl(fleet, "shard_ddl")
+    template = read_ddl(fleet, "shard_ddl")
     with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards",
                             settings={"max_parallel_workers_per_gather": 0}) as connection:
         connection.set_session(isolation_level="REPEATABLE READ")
@@ -737,7 +267,7 @@ def verify_in_place(fleet, shard: int) -> ShapeReport:
                     continue
                 rows, digest, _ = _digest_table(cursor, schema, table, _chunk_bounds(cursor, schema, table))
                 checks.append(TableCheck(name, {copy.label: rows}, {copy.label: digest}, True))
-            sequences = _sequence_values(cursor, schema, shape.sequences)
+            sequences = sequence_values(cursor, schema, shape.sequences)
             cursor.execute("SAVEPOINT ddl_probe")
             probe = f"igops_ddl_probe_{os.getpid()}"
             cursor.execute(shard_ddl(template, probe, shard))
@@ -756,7 +286,7 @@ def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = 
     shard pause for an instant); otherwise each is read as it is."""
     reporter = reporter or Reporter()
     check_shard(fleet, shard)
-    source = _placement_of(fleet, shard)
+    source = placement_of(fleet, shard)
     primary_of(fleet, against)
     if against == source:
         raise UsageError(f"shard {shard} is on {against}: there is no other copy to compare",
@@ -803,21 +333,21 @@ def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscriptio
     to the source's tables, wait until the target has applied everything before that point,
     snapshot both, let writes go."""
     database = fleet.model.postgres.database
-    locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=_LOCK_SETTINGS)
+    locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=LOCK_SETTINGS)
     marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify")
     watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
     try:
         with locker.cursor() as cursor:
-            tables = _tables_of(cursor, source.schema)
+            tables = tables_of(cursor, source.schema)
         locker.autocommit = False
         locker.set_session(isolation_level="REPEATABLE READ")
         with locker.cursor() as cursor, marker.cursor() as mark, watcher.cursor() as watch, \
                 source_reader.cursor() as left, target_reader.cursor() as right:
             started = time.monotonic()
-            _lock_tables(cursor, source.schema, tables)
+            lock_tables(cursor, source.schema, tables)
             cursor.execute("SELECT pg_export_snapshot()")
             snapshot = cursor.fetchone()[0]
-            _wait_applied(watch, subscription, mark, wait_budget_s)
+            wait_applied(watch, subscription, mark, wait_budget_s)
             right.execute("SELECT 1")
             left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             locker.rollback()
@@ -828,38 +358,15 @@ def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscriptio
         watcher.close()
 
 
-def _placement_of(fleet, shard: int) -> str:
-    with directory_session(fleet) as connection:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT cluster FROM shard_map WHERE logical_shard = %s", (shard,))
-            row = cursor.fetchone()
-            if row is None:
-                cursor.execute("SELECT min(logical_shard), max(logical_shard) FROM shard_map")
-                low, high = cursor.fetchone()
-                raise UsageError(f"unknown logical shard {shard}",
-                                 f"the shard map has shards {low}-{high}" if low is not None
-                                else "run igops shard init")
-    return row[0]
-
-
 # --- replication plumbing ---------------------------------------------------------------------
 # The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
 LOCK_TIMEOUT_MS = 1000
-_LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
+LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
                   "statement_timeout": "30s"}
 
 
-def _tables_of(cursor, schema: str) -> list[str]:
-    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                   "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))
-    tables = [row[0] for row in cursor.fetchall()]
-    if not tables:
-        raise IgopsError(f"schema {schema} has no tables")
-    return tables
-
-
-def _lock_tables(cursor, schema: str, tables: list[str]) -> None:
+def lock_tables(cursor, schema: str, tables: list[str]) -> None:
     """Block writes, not reads. It must be the transaction's first statement when the
     transaction's snapshot is to show everything committed before the lock. A lock that
     cannot be had within lock_timeout defers the attempt (writers queue behind a waiting lock)."""
@@ -916,7 +423,7 @@ def flushed_position(cursor) -> str:
     return position
 
 
-def _wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
+def wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
     """Until the subscription has applied the source's WAL up to a position past everything
     committed before now (see `flushed_position`, which `source_cursor` writes); returns that
     position. Its apply worker reports a position only after applying everything before it."""
@@ -1093,7 +600,7 @@ class Journal:
                     "INSERT INTO shard_moves (logical_shard, schema_name, source, target, step, status, started_by, "
                     "history) VALUES (%s, %s, %s, %s, 'planned', 'active', %s, "
                     "jsonb_build_array(jsonb_build_object('step', 'planned', 'at', now()))) RETURNING id",
-                    (plan.shard, plan.schema, plan.source, plan.target, _who()))
+                    (plan.shard, plan.schema, plan.source, plan.target, operator_label()))
                 move_id = cursor.fetchone()[0]
         except errors.UniqueViolation:
             other = self.active_for(plan.shard)
@@ -1143,7 +650,7 @@ class Journal:
                              "wait for it; the lock is released when that igops exits")
 
 
-def _who() -> str:
+def operator_label() -> str:
     return f"{operator_user()}@{operator_host()} pid {os.getpid()}"
 
 
@@ -1196,10 +703,10 @@ class MovePlan:
         return list(STEPS[start:])
 
     def steps(self) -> list[str]:
-        return [_describe_step(self, step) for step in self.remaining()]
+        return [describe_step(self, step) for step in self.remaining()]
 
 
-def _describe_step(plan: MovePlan, step: str) -> str:
+def describe_step(plan: MovePlan, step: str) -> str:
     rows = sum(table.rows for table in plan.tables)
     size = sum(table.bytes for table in plan.tables)
     src = f"{plan.source} ({plan.source_primary})"
@@ -1255,7 +762,7 @@ def plan_move(fleet, shard: int, target: str) -> MovePlan:
     model = fleet.model
     check_shard(fleet, shard)
     target_primary = primary_of(fleet, target)
-    source = _placement_of(fleet, shard)
+    source = placement_of(fleet, shard)
     if source == target:
         raise UsageError(f"shard {shard} is already on {target}", "pick another cluster with --to")
     if source not in model.postgres.clusters:
@@ -1272,7 +779,7 @@ def plan_move(fleet, shard: int, target: str) -> MovePlan:
                            f"igops shard move --resume {unfinished.id}, or --abort {unfinished.id}")
     schema = schema_name(fleet, shard)
     database = model.postgres.database
-    template = _read_ddl(fleet, "shard_ddl")
+    template = read_ddl(fleet, "shard_ddl")
     with primary_connection(fleet, source, database, autocommit=True, purpose="shards") as connection:
         with connection.cursor() as cursor:
             source_shape = describe_schema(cursor, schema)
@@ -1291,7 +798,7 @@ def plan_move(fleet, shard: int, target: str) -> MovePlan:
             if existing is not None and any(_has_rows(cursor, schema, name) for name in existing.tables):
                 raise RefusedError(f"{target} already has a schema {schema} with rows in it",
                                    f"a leftover copy? inspect it, drop it on {target_primary.name}, then retry")
-            _act_as_owner(cursor)
+            act_as_owner(cursor)
             cursor.execute(shard_ddl(template, schema, shard))
             built = describe_schema(cursor, schema)
         connection.rollback()
@@ -1462,7 +969,7 @@ class _Mover:
             if step == "planned":
                 self.pause("planned")
                 continue
-            with self.reporter.step(_describe_step(self.plan, step)) as record:
+            with self.reporter.step(describe_step(self.plan, step)) as record:
                 detail = getattr(self, f"_{step}")()
                 record.detail = detail
             fields = self.result_fields.pop(step, {})
@@ -1477,11 +984,11 @@ class _Mover:
     # -- the steps -----------------------------------------------------------------------------
     def _target_ready(self) -> str:
         plan = self.plan
-        template = _read_ddl(self.fleet, "shard_ddl")
+        template = read_ddl(self.fleet, "shard_ddl")
         connection = connect(self.fleet, plan.target, self.database, purpose="move")
         try:
             with connection.cursor() as cursor:
-                _act_as_owner(cursor)
+                act_as_owner(cursor)
                 cursor.execute(shard_ddl(template, plan.schema, plan.shard))
                 built = describe_schema(cursor, plan.schema)
                 with self.source.cursor() as source_cursor:
@@ -1516,7 +1023,7 @@ class _Mover:
         started = time.monotonic()
         with self.target.cursor() as cursor:
             drop_subscription(self.target, plan.slot)
-            tables = _tables_of(cursor, plan.schema)
+            tables = tables_of(cursor, plan.schema)
             cursor.execute(sql_truncate(plan.schema, tables))
             with self.source.cursor() as source_cursor:
                 builds = _deferrable_indexes(source_cursor, plan.schema)
@@ -1777,22 +1284,22 @@ class _Mover:
         from psycopg2 import sql
 
         plan = self.plan
-        locker = connect(self.fleet, plan.source, self.database, purpose="cutover", settings=_LOCK_SETTINGS)
+        locker = connect(self.fleet, plan.source, self.database, purpose="cutover", settings=LOCK_SETTINGS)
         directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
         try:
             with locker.cursor() as cursor, self.target.cursor() as target_cursor:
-                tables = _tables_of(cursor, plan.schema)
+                tables = tables_of(cursor, plan.schema)
                 # Most of what was written since the verification is read before writes are held.
                 self._changes().drain()
                 requested = time.monotonic()
-                _lock_tables(cursor, plan.schema, tables)
+                lock_tables(cursor, plan.schema, tables)
                 locked = time.monotonic()
                 self.pause("locked")
                 with self.source.cursor() as marker:
-                    lsn = _wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
+                    lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
                 checked = self._compare_changed_rows(target_cursor, lsn)
                 shape = describe_schema(cursor, plan.schema)
-                sequences = _sequence_values(cursor, plan.schema, shape.sequences)
+                sequences = sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
                     target_cursor.execute("SELECT setval(%s, %s)",
                                           (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}",
@@ -2241,7 +1748,7 @@ def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> Move
                 removed = drop_publication_and_slot(connection, current.slot)
             step.detail = ("un-fenced; " if restored else "") + removed
         with reporter.step(current.steps()[2]):
-            journal.finish(current.move_id, ABORTED, error=f"aborted by {_who()}")
+            journal.finish(current.move_id, ABORTED, error=f"aborted by {operator_label()}")
         return journal.get(current.move_id)
     finally:
         directory.close()

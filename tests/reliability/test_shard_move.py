@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import shards
+from igops import shard_init, shard_map, shards
 from igops.errors import ExitCode
 from igops.lab import state
 from igops.postgres_admin import connect
@@ -162,8 +162,8 @@ def lb_url(fleet) -> str:
 def home_layout(lab):
     """Whatever a test leaves, put every shard back where the lab keeps it."""
     yield
-    home = shards.even_placement(list(lab.model.postgres.clusters), lab.model.shards.count)
-    connection = shards.directory_connection(lab)
+    home = shard_init.even_placement(list(lab.model.postgres.clusters), lab.model.shards.count)
+    connection = shard_map.directory_connection(lab)
     try:
         active = shards.Journal(connection).active()
     finally:

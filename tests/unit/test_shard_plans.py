@@ -4,7 +4,7 @@ where a resumed move picks up, journal states, schema differences and the initia
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from igops import shards
+from igops import shard_init, shard_schema, shards
 from igops.commands.shard import PausePoint
 from igops.errors import UsageError
 from igops.output import human_bytes
@@ -71,7 +71,7 @@ def test_by_bytes_never_widens_the_gap_and_stops_where_no_move_helps(layout):
 
 
 def test_lab_layout_after_one_move_plans_one_move_back():
-    placement = shards.even_placement(["main", "pg2"], 16)
+    placement = shard_init.even_placement(["main", "pg2"], 16)
     assert placement == {**{s: "main" for s in range(8)}, **{s: "pg2" for s in range(8, 16)}}
     placement[3] = "pg2"
     plan = shards.plan_rebalance(placement, ["main", "pg2"], "shards", {s: 1000 + s for s in range(16)})
@@ -136,7 +136,7 @@ def test_journal_states_read_from_status_lock_and_error():
 
 
 def shape(tables, sequences=("table_id_seq",), functions=("next_id()",)):
-    return shards.SchemaShape({name: shards.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
+    return shard_schema.SchemaShape({name: shard_schema.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
                                for name, (columns, key, indexes) in tables.items()}, sequences, functions)
 
 
@@ -147,16 +147,16 @@ def test_schema_diff_names_every_difference():
     source = shape({"users": USERS, "extra": ([("id", "bigint", True)], ["id"], [])})
     target = shape({"users": ([("id", "bigint", True), ("username", "character varying", True)], ["id"], [])},
                    sequences=(), functions=("next_id()",))
-    diff = shards.schema_diff(source, target, "main", "pg2")
+    diff = shard_schema.schema_diff(source, target, "main", "pg2")
     assert "pg2 lacks table extra" in diff
     assert any(line.startswith("users: columns differ") and "character varying" in line for line in diff)
     assert "pg2 lacks index on users: CREATE UNIQUE INDEX users_pkey ON users" in diff
     assert "pg2 lacks sequence table_id_seq" in diff
-    assert shards.schema_diff(source, source, "main", "pg2") == []
+    assert shard_schema.schema_diff(source, source, "main", "pg2") == []
 
 
 def test_init_plan_describes_seeding_or_keeping_the_map():
-    placement = shards.even_placement(["main", "pg2"], 16)
+    placement = shard_init.even_placement(["main", "pg2"], 16)
     seeding = shards.InitPlan("main/directory", 16, ["pg2/instagram"], None, placement,
                               {"main": [], "pg2": list(range(8, 16))})
     steps = seeding.steps()
