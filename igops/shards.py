@@ -13,20 +13,19 @@
 - `plan_rebalance`: the moves that even out shards or bytes across clusters.
 
 The ids are in shard_ids, the initialisation in shard_init, the map and the directory's
-connections in shard_map, schema shapes and the shard DDL in shard_schema.
+connections in shard_map, schema shapes and the shard DDL in shard_schema, the verification in
+shard_verify, the move's steps and plans in shard_move_steps, its journal in shard_journal, and
+the holding of a shard's writes in shard_locks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
@@ -41,7 +40,6 @@ from igops.postgres_admin import (
     replication_connection,
     replication_conninfo,
 )
-from igops.safety import operator_host, operator_user
 from igops.shard_changes import ChangedRows
 from igops.shard_ids import (
     DecodedId as DecodedId,
@@ -56,6 +54,21 @@ from igops.shard_init import (
     init_shards as init_shards,
     plan_init as plan_init,
 )
+from igops.shard_journal import (
+    ABORTED,
+    ACTIVE,
+    DONE,
+    Journal,
+    MoveRecord as MoveRecord,
+    operator_label,
+)
+from igops.shard_locks import (
+    LOCK_SETTINGS,
+    CutoverDeferred,
+    flushed_position,
+    lock_tables,
+    wait_applied,
+)
 from igops.shard_map import (
     ClusterLoad as ClusterLoad,
     ShardMap as ShardMap,
@@ -67,8 +80,18 @@ from igops.shard_map import (
     read_map as read_map,
     schema_name,
 )
+from igops.shard_move_steps import (
+    COPY_PARALLEL,
+    PAUSE_POINTS as PAUSE_POINTS,
+    SEQUENCE_MARGIN,
+    STEPS as STEPS,
+    AbortPlan as AbortPlan,
+    MovePlan as MovePlan,
+    TableSize as TableSize,
+    describe_step,
+    resume_point as resume_point,
+)
 from igops.shard_schema import (
-    TableShape,
     act_as_owner,
     describe_schema,
     read_ddl,
@@ -77,308 +100,17 @@ from igops.shard_schema import (
     shard_ddl,
     tables_of,
 )
-
-CHUNK_ROWS = 100_000
-
-
-@dataclass
-class TableCheck:
-    table: str
-    rows: dict[str, int]  # copy label -> rows
-    checksum: dict[str, str]  # copy label -> md5 over the ordered chunk digests, or the XOR row hash
-    equal: bool
-    first_difference: str | None = None  # the first key range whose chunks differ
-
-
-@dataclass
-class VerifyReport:
-    shard: int
-    copies: list[str]  # "cluster/schema" of each copy compared
-    consistent: bool  # both copies read at one point of the stream
-    tables: list[TableCheck]
-    sequences: dict[str, dict[str, int]]  # copy label -> sequence -> last value
-    schema_diff: list[str]
-    pause_ms: float | None
-    equal: bool
-
-
-@dataclass(frozen=True)
-class ShardCopy:
-    cluster: str
-    schema: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.cluster}/{self.schema}"
-
-
-def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> tuple[int, str, list[str]]:
-    """Rows and md5 of a table in key order, computed in key-range chunks so no single
-    aggregate holds the whole table."""
-    from psycopg2 import sql
-
-    table = sql.Identifier(schema, shape.name)
-    order = sql.SQL(", ").join(sql.Identifier(column) for column in shape.primary_key)
-    first = sql.Identifier(shape.primary_key[0])
-    chunk_digests: list[str] = []
-    total = 0
-    edges = [None, *bounds, None]
-    for low, high in zip(edges, edges[1:], strict=False):
-        where = []
-        params: list[Any] = []
-        if low is not None:
-            where.append(sql.SQL("{} >= %s").format(first))
-            params.append(low)
-        if high is not None:
-            where.append(sql.SQL("{} < %s").format(first))
-            params.append(high)
-        # The rows come in key order from the subquery (an index scan, no sort); an ordered
-        # aggregate would sort them again.
-        query = sql.SQL("SELECT count(*), coalesce(md5(string_agg(r::text, '|')), '') "
-                        "FROM (SELECT t AS r FROM {table} AS t{where} ORDER BY {order}) AS ordered").format(
-            order=order, table=table,
-            where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
-        cursor.execute(query, params)
-        rows, digest = cursor.fetchone()
-        total += rows
-        chunk_digests.append(digest)
-    return total, hashlib.md5("|".join(chunk_digests).encode()).hexdigest(), chunk_digests
-
-
-def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
-    """Every CHUNK_ROWS-th value of the first key column: chunk edges both copies share."""
-    from psycopg2 import sql
-
-    cursor.execute(sql.SQL("SELECT k FROM (SELECT {column} AS k, row_number() OVER (ORDER BY {column}) AS n "
-                           "FROM {table}) AS numbered WHERE n %% %s = 0").format(
-        column=sql.Identifier(shape.primary_key[0]), table=sql.Identifier(schema, shape.name)), (CHUNK_ROWS,))
-    return sorted({row[0] for row in cursor.fetchall()})
-
-
-def _hash_table(cursor, schema: str, shape: TableShape) -> tuple[int, str]:
-    """Rows and an order-free digest of a table: the XOR of every row's 64-bit hash. A primary
-    key lets no row appear twice, so a missing, extra or changed row changes the digest (but
-    for a 2**-64 chance), for a fifth of the cost of hashing the rows in key order."""
-    from psycopg2 import errors, sql
-
-    table = sql.Identifier(schema, shape.name)
-    query = "SELECT count(*), coalesce(bit_xor({}), 0) FROM {} AS t"
-    cursor.execute("SAVEPOINT igops_row_hash")
-    try:
-        cursor.execute(sql.SQL(query).format(sql.SQL("hash_record_extended(t, 0)"), table))
-    except errors.UndefinedFunction:
-        # A column type without a hash function (json, point): hash the row's text instead.
-        cursor.execute("ROLLBACK TO SAVEPOINT igops_row_hash")
-        cursor.execute(sql.SQL(query).format(sql.SQL("hashtextextended(t::text, 0)"), table))
-    rows, digest = cursor.fetchone()
-    cursor.execute("RELEASE SAVEPOINT igops_row_hash")
-    return rows, f"{digest & (2**64 - 1):016x}"
-
-
-def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: tuple[Any, Any],
-                      consistent: bool, pause_ms: float | None, ordered: bool = True) -> VerifyReport:
-    """Compare two copies through cursors whose transactions already hold the snapshots to
-    read (REPEATABLE READ), each copy's work in its own thread. Ordered: md5 of the rows in
-    key order, by key-range chunks. Otherwise an order-free row hash per table, and the
-    ordered chunks only for a table whose hashes differ, to name where."""
-    shapes = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies, strict=False)]
-    for shape, copy in zip(shapes, copies, strict=False):
-        if shape is None:
-            raise IgopsError(f"{copy.label} does not exist", "check the shard and the cluster")
-    left, right = copies
-    diff = schema_diff(*shapes, left.cluster, right.cluster) if left.cluster != right.cluster \
-        else schema_diff(*shapes, left.label, right.label)
-    comparable = [name for name in sorted(shapes[0].tables)
-                  if name in shapes[1].tables and shapes[0].tables[name].primary_key
-                  and shapes[0].tables[name].primary_key == shapes[1].tables[name].primary_key
-                  and shapes[0].tables[name].columns == shapes[1].tables[name].columns]
-
-    def on_both(digest, names: list[str]) -> list[dict[str, tuple[int, str, list[str]]]]:
-        if not names:
-            return [{}, {}]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            return list(pool.map(lambda index: {name: digest(index, name) for name in names}, (0, 1)))
-
-    def in_key_order(index: int, name: str) -> tuple[int, str, list[str]]:
-        return _digest_table(cursors[index], copies[index].schema, shapes[index].tables[name], bounds[name])
-
-    def row_hash(index: int, name: str) -> tuple[int, str, list[str]]:
-        return (*_hash_table(cursors[index], copies[index].schema, shapes[index].tables[name]), [])
-
-    if ordered:
-        bounds = {name: _chunk_bounds(cursors[0], left.schema, shapes[0].tables[name]) for name in comparable}
-        results = on_both(in_key_order, comparable)
-    else:
-        results = on_both(row_hash, comparable)
-        differing = [name for name in comparable if results[0][name][1] != results[1][name][1]]
-        bounds = {name: _chunk_bounds(cursors[0], left.schema, shapes[0].tables[name]) for name in differing}
-        located = on_both(in_key_order, differing)
-        for index, name in itertools.product((0, 1), differing):
-            rows, digest, _ = results[index][name]
-            results[index][name] = (rows, digest, located[index][name][2])
-    tables = []
-    for name in comparable:
-        (rows_a, sum_a, chunks_a), (rows_b, sum_b, chunks_b) = results[0][name], results[1][name]
-        difference = None
-        if sum_a != sum_b:
-            edges = [None, *bounds[name], None]
-            index = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b, strict=False)) if a != b), None)
-            if index is not None:
-                low, high = edges[index], edges[index + 1]
-                difference = (f"{shapes[0].tables[name].primary_key[0]} in "
-                              f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})")
-        tables.append(TableCheck(name, {left.label: rows_a, right.label: rows_b},
-                                 {left.label: sum_a, right.label: sum_b}, sum_a == sum_b, difference))
-    sequences = {copy.label: sequence_values(cursor, copy.schema, shape.sequences)
-                 for cursor, copy, shape in zip(cursors, copies, shapes, strict=False)}
-    equal = not diff and all(check.equal for check in tables)
-    return VerifyReport(shard, [left.label, right.label], consistent, tables, sequences, diff, pause_ms, equal)
-
-
-@dataclass
-class ShapeReport:
-    shard: int
-    copy: str
-    tables: list[TableCheck]
-    sequences: dict[str, int]
-    schema_diff: list[str]  # against the service's shard DDL
-    equal: bool
-
-
-def verify_in_place(fleet, shard: int) -> ShapeReport:
-    """One copy: its per-table rows and checksums, sequences, and its difference from what
-    the service's shard DDL creates (built in a transaction that is rolled back)."""
-    check_shard(fleet, shard)
-    placement = placement_of(fleet, shard)
-    schema = schema_name(fleet, shard)
-    copy = ShardCopy(placement, schema)
-    template = read_ddl(fleet, "shard_ddl")
-    with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards",
-                            settings={"max_parallel_workers_per_gather": 0}) as connection:
-        connection.set_session(isolation_level="REPEATABLE READ")
-        with connection.cursor() as cursor:
-            shape = describe_schema(cursor, schema)
-            if shape is None:
-                raise IgopsError(f"the map places shard {shard} on {placement}, which has no schema {schema}",
-                                 "check `igops shard moves` for an unfinished move")
-            checks = []
-            for name, table in sorted(shape.tables.items()):
-                if not table.primary_key:
-                    continue
-                rows, digest, _ = _digest_table(cursor, schema, table, _chunk_bounds(cursor, schema, table))
-                checks.append(TableCheck(name, {copy.label: rows}, {copy.label: digest}, True))
-            sequences = sequence_values(cursor, schema, shape.sequences)
-            cursor.execute("SAVEPOINT ddl_probe")
-            probe = f"igops_ddl_probe_{os.getpid()}"
-            cursor.execute(shard_ddl(template, probe, shard))
-            expected = describe_schema(cursor, probe)
-            cursor.execute("ROLLBACK TO SAVEPOINT ddl_probe")
-        connection.rollback()
-    diff = schema_diff(expected, shape, "the shard DDL", copy.label)
-    diff += [f"table {name} has no primary key (logical replication cannot move it)"
-             for name, table in sorted(shape.tables.items()) if not table.primary_key]
-    return ShapeReport(shard, copy.label, checks, sequences, diff, not diff)
-
-
-def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = None) -> VerifyReport:
-    """The shard's copy where the map places it against the copy on another cluster. While a
-    move replicates between them, both are read at one point of the stream (writes to the
-    shard pause for an instant); otherwise each is read as it is."""
-    reporter = reporter or Reporter()
-    check_shard(fleet, shard)
-    source = placement_of(fleet, shard)
-    primary_of(fleet, against)
-    if against == source:
-        raise UsageError(f"shard {shard} is on {against}: there is no other copy to compare",
-                         "name the cluster holding the other copy")
-    schema = schema_name(fleet, shard)
-    with directory_session(fleet) as directory:
-        active = Journal(directory).active_for(shard)
-    subscription = None
-    if active and active.target == against and active.source == source \
-            and STEPS.index(active.step) >= STEPS.index("subscribed"):
-        subscription = active.slot
-    return verify_copies(fleet, shard, ShardCopy(source, schema), ShardCopy(against, schema), subscription, reporter)
-
-
-def verify_copies(fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
-                  reporter: Reporter, wait_budget_s: float = 2.0, ordered: bool = True) -> VerifyReport:
-    database = fleet.model.postgres.database
-    # Rows must reach each checksum in key order: no parallel plans.
-    serial = {"max_parallel_workers_per_gather": 0}
-    source_reader = connect(fleet, source.cluster, database, purpose="verify", settings=serial)
-    target_reader = connect(fleet, target.cluster, database, purpose="verify", settings=serial)
-    try:
-        for connection in (source_reader, target_reader):
-            connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        pause_ms = None
-        if subscription:
-            pause_ms = _matching_snapshots(fleet, source, target, subscription, source_reader, target_reader,
-                                           wait_budget_s)
-            reporter.log(f"snapshots taken; writes to {source.schema} paused {pause_ms:.0f} ms")
-        with source_reader.cursor() as left, target_reader.cursor() as right:
-            if not subscription:
-                left.execute("SELECT 1")
-                right.execute("SELECT 1")
-            return compare_snapshots(shard, (source, target), (left, right), subscription is not None, pause_ms,
-                                     ordered)
-    finally:
-        source_reader.close()
-        target_reader.close()
-
-
-def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscription: str, source_reader,
-                        target_reader, wait_budget_s: float) -> float:
-    """Start the two readers' snapshots at one point of the replication stream: hold writes
-    to the source's tables, wait until the target has applied everything before that point,
-    snapshot both, let writes go."""
-    database = fleet.model.postgres.database
-    locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=LOCK_SETTINGS)
-    marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify")
-    watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
-    try:
-        with locker.cursor() as cursor:
-            tables = tables_of(cursor, source.schema)
-        locker.autocommit = False
-        locker.set_session(isolation_level="REPEATABLE READ")
-        with locker.cursor() as cursor, marker.cursor() as mark, watcher.cursor() as watch, \
-                source_reader.cursor() as left, target_reader.cursor() as right:
-            started = time.monotonic()
-            lock_tables(cursor, source.schema, tables)
-            cursor.execute("SELECT pg_export_snapshot()")
-            snapshot = cursor.fetchone()[0]
-            wait_applied(watch, subscription, mark, wait_budget_s)
-            right.execute("SELECT 1")
-            left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
-            locker.rollback()
-            return (time.monotonic() - started) * 1000
-    finally:
-        locker.close()
-        marker.close()
-        watcher.close()
-
+from igops.shard_verify import (
+    ShapeReport as ShapeReport,
+    ShardCopy,
+    TableCheck as TableCheck,
+    VerifyReport as VerifyReport,
+    verify_against as verify_against,
+    verify_copies,
+    verify_in_place as verify_in_place,
+)
 
 # --- replication plumbing ---------------------------------------------------------------------
-# The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
-# transaction must die with igops: the server ends it if igops stops talking, releasing writes.
-LOCK_TIMEOUT_MS = 1000
-LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
-                  "statement_timeout": "30s"}
-
-
-def lock_tables(cursor, schema: str, tables: list[str]) -> None:
-    """Block writes, not reads. It must be the transaction's first statement when the
-    transaction's snapshot is to show everything committed before the lock. A lock that
-    cannot be had within lock_timeout defers the attempt (writers queue behind a waiting lock)."""
-    import psycopg2
-    from psycopg2 import sql
-
-    try:
-        cursor.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-            sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)))
-    except psycopg2.errors.LockNotAvailable:
-        raise CutoverDeferred(f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms "
-                              "(a long transaction holds them?)") from None
 
 
 def _applied_lsn(cursor, subscription: str):
@@ -390,276 +122,7 @@ def _applied_lsn(cursor, subscription: str):
     return row[1] if row and row[0] else None
 
 
-def flushed_position(cursor) -> str:
-    """A position in the source's WAL up to which its walsender can decode and report now: the
-    end of a logical message (which no subscription receives) committed in a transaction of its
-    own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
-    the source's primary, not the one holding the shard's lock.
-
-    The current WAL position would not do: it can be a page boundary inside a record that an
-    open transaction is writing. The WAL writer flushes whole pages only, a walsender decodes
-    whole flushed records only, and on an idle source nothing flushes the rest of that record
-    until that transaction ends (the lock's own, which waits on the position, or another
-    one): the wait can never end (seen after a checkpoint, when the lock's catalog reads
-    write full-page images for hint bits)."""
-    import psycopg2
-
-    cursor.execute("BEGIN")
-    try:
-        # A commit that waited on a synchronous standby would hold the shard's writes longer,
-        # or for ever with that standby down; this one only has to reach the local disk.
-        cursor.execute("SET LOCAL synchronous_commit = local")
-        cursor.execute("SELECT pg_logical_emit_message(true, 'igops-shard-move', 'position')")
-        position = cursor.fetchone()[0]
-        cursor.execute("COMMIT")
-    except psycopg2.Error:
-        # The connection goes on being used: leave no failed transaction open on it.
-        if not cursor.connection.closed:
-            try:
-                cursor.execute("ROLLBACK")
-            except psycopg2.Error:
-                pass
-        raise
-    return position
-
-
-def wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
-    """Until the subscription has applied the source's WAL up to a position past everything
-    committed before now (see `flushed_position`, which `source_cursor` writes); returns that
-    position. Its apply worker reports a position only after applying everything before it."""
-    lsn = flushed_position(source_cursor)
-    deadline = time.monotonic() + budget_s
-    while True:
-        cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
-                       "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
-        row = cursor.fetchone()
-        if row and row[0]:
-            return lsn
-        if time.monotonic() > deadline:
-            raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
-                                 f"{budget_s * 1000:.0f} ms")
-        time.sleep(0.002)
-
-
-class CutoverDeferred(IgopsError):
-    """Writes were held but the moment was not right: they are released and it is tried again."""
-
-
-# --- the journal ------------------------------------------------------------------------------
-STEPS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified", "switched",
-         "cleaned")
-# Where `--pause-after` may stop a move: after each journaled step, and inside the cut-over
-# after the lock is taken and after the source is fenced (before the map flips).
-PAUSE_POINTS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified",
-                "locked", "fenced", "switched")
-ACTIVE, DONE, ABORTED = "active", "done", "aborted"
-
-JOURNAL_DDL = """
-CREATE TABLE IF NOT EXISTS shard_moves (
-    id bigserial PRIMARY KEY,
-    logical_shard integer NOT NULL,
-    schema_name text NOT NULL,
-    source text NOT NULL,
-    target text NOT NULL,
-    step text NOT NULL,
-    status text NOT NULL CHECK (status IN ('active', 'done', 'aborted')),
-    started_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz,
-    started_by text NOT NULL,
-    source_lsn pg_lsn,
-    source_sequence bigint,
-    target_sequence bigint,
-    map_version bigint,
-    rows_copied bigint,
-    bytes_copied bigint,
-    verify_pause_ms double precision,
-    lock_wait_ms double precision,
-    write_block_ms double precision,
-    error text,
-    history jsonb NOT NULL DEFAULT '[]'
-);
-CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_one_active ON shard_moves (logical_shard) WHERE status = 'active';
-"""
-# A session-level advisory lock per shard on the journal's connection: held by the process
-# driving a move, and released by the server the moment that process dies.
-ADVISORY_CLASS = 0x69676D76  # "igmv"
-
-_RECORD_FIELDS = ("id", "logical_shard", "schema_name", "source", "target", "step", "status", "started_at",
-                  "updated_at", "finished_at", "started_by", "source_lsn", "source_sequence", "target_sequence",
-                  "map_version", "rows_copied", "bytes_copied", "verify_pause_ms", "lock_wait_ms",
-                  "write_block_ms", "error", "history")
-
-
-@dataclass
-class MoveRecord:
-    id: int
-    logical_shard: int
-    schema_name: str
-    source: str
-    target: str
-    step: str
-    status: str
-    started_at: str
-    updated_at: str
-    finished_at: str | None
-    started_by: str
-    source_lsn: str | None
-    source_sequence: int | None
-    target_sequence: int | None
-    map_version: int | None
-    rows_copied: int | None
-    bytes_copied: int | None
-    verify_pause_ms: float | None
-    lock_wait_ms: float | None
-    write_block_ms: float | None
-    error: str | None
-    history: list[dict]
-    running: bool | None = None  # whether a process holds the shard's move lock now
-    retained_wal_bytes: int | None = None
-    state: str = field(init=False)  # running, interrupted, failed, done or aborted
-
-    def __post_init__(self) -> None:
-        if self.status != ACTIVE:
-            self.state = self.status
-        elif self.running:
-            self.state = "running"
-        else:
-            self.state = "failed" if self.error else "interrupted"
-
-    @property
-    def slot(self) -> str:
-        return f"igops_move_{self.id}"
-
-    @property
-    def fenced_schema(self) -> str:
-        return f"{self.schema_name}_moved_{self.id}"
-
-
-class Journal:
-    """The `shard_moves` table in the directory database, through an autocommit connection."""
-
-    def __init__(self, connection):
-        self.connection = connection
-
-    def exists(self) -> bool:
-        with self.connection.cursor() as cursor:
-            cursor.execute("SELECT to_regclass('shard_moves') IS NOT NULL")
-            return cursor.fetchone()[0]
-
-    def ensure(self) -> None:
-        with self.connection.cursor() as cursor:
-            cursor.execute(JOURNAL_DDL)
-
-    def _select(self, where: str, params: tuple, limit: int | None = None) -> list[MoveRecord]:
-        if not self.exists():
-            return []
-        with self.connection.cursor() as cursor:
-            cursor.execute(f"SELECT {', '.join(_RECORD_FIELDS)} FROM shard_moves WHERE {where} ORDER BY id DESC"
-                           + (f" LIMIT {int(limit)}" if limit else ""), params)
-            rows = cursor.fetchall()
-            cursor.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted",
-                           (ADVISORY_CLASS,))
-            locked = {row[0] for row in cursor.fetchall()}
-        records = []
-        for row in rows:
-            values = dict(zip(_RECORD_FIELDS, row, strict=False))
-            for key in ("started_at", "updated_at", "finished_at"):
-                if values[key] is not None:
-                    values[key] = values[key].isoformat(timespec="seconds")
-            values["source_lsn"] = str(values["source_lsn"]) if values["source_lsn"] else None
-            values["running"] = values["status"] == ACTIVE and values["logical_shard"] in locked
-            records.append(MoveRecord(**values))
-        return records
-
-    def get(self, move_id: int) -> MoveRecord:
-        found = self._select("id = %s", (move_id,))
-        if not found:
-            raise UsageError(f"no shard move {move_id} in the journal", "see `igops shard moves`")
-        return found[0]
-
-    def active_for(self, shard: int) -> MoveRecord | None:
-        found = self._select("logical_shard = %s AND status = 'active'", (shard,))
-        return found[0] if found else None
-
-    def active(self) -> list[MoveRecord]:
-        return self._select("status = 'active'", ())
-
-    def recent(self, limit: int, shard: int | None = None) -> list[MoveRecord]:
-        if shard is None:
-            return self._select("true", (), limit)
-        return self._select("logical_shard = %s", (shard,), limit)
-
-    def create(self, plan: MovePlan) -> MoveRecord:
-        from psycopg2 import errors
-
-        self.ensure()
-        try:
-            with self.connection.cursor() as cursor:
-                cursor.execute(
-                    "INSERT INTO shard_moves (logical_shard, schema_name, source, target, step, status, started_by, "
-                    "history) VALUES (%s, %s, %s, %s, 'planned', 'active', %s, "
-                    "jsonb_build_array(jsonb_build_object('step', 'planned', 'at', now()))) RETURNING id",
-                    (plan.shard, plan.schema, plan.source, plan.target, operator_label()))
-                move_id = cursor.fetchone()[0]
-        except errors.UniqueViolation:
-            other = self.active_for(plan.shard)
-            raise RefusedError(f"shard {plan.shard} already has an unfinished move"
-                               + (f" ({other.id}, at {other.step})" if other else ""),
-                               "finish it with --resume or roll it back with --abort") from None
-        return self.get(move_id)
-
-    def advance(self, move_id: int, step: str, **fields: Any) -> None:
-        self.update(move_id, step=step, **fields)
-
-    def update(self, move_id: int, step: str | None = None, **fields: Any) -> None:
-        from psycopg2 import sql
-
-        assignments = [sql.SQL("updated_at = now()")]
-        params: list[Any] = []
-        if step is not None:
-            assignments.append(sql.SQL("step = %s, history = history || "
-                                       "jsonb_build_array(jsonb_build_object('step', %s, 'at', now()))"))
-            params += [step, step]
-            fields.setdefault("error", None)
-        for name, value in fields.items():
-            assignments.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
-            params.append(value)
-        with self.connection.cursor() as cursor:
-            cursor.execute(sql.SQL("UPDATE shard_moves SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments)),
-                           [*params, move_id])
-
-    def fail(self, move_id: int, error: str) -> None:
-        self.update(move_id, error=error[:2000])
-
-    def finish(self, move_id: int, status: str, step: str | None = None, error: str | None = None) -> None:
-        self.update(move_id, step=step, status=status, finished_at=datetime.now(UTC), error=error)
-
-    def hold_shard(self, shard: int) -> None:
-        """Take the shard's move lock for the life of this connection, or say who has it."""
-        with self.connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_CLASS, shard))
-            if cursor.fetchone()[0]:
-                return
-            cursor.execute("SELECT a.client_addr, a.pid, a.backend_start FROM pg_locks l "
-                           "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                           "AND l.classid = %s AND l.objid = %s AND l.granted", (ADVISORY_CLASS, shard))
-            holder = cursor.fetchone()
-        raise AlreadyRunning(f"a move of shard {shard} is running"
-                             + (f" (from {holder[0]}, session since {holder[2]:%H:%M:%S})" if holder else ""),
-                             "wait for it; the lock is released when that igops exits")
-
-
-def operator_label() -> str:
-    return f"{operator_user()}@{operator_host()} pid {os.getpid()}"
-
-
 # --- moves ------------------------------------------------------------------------------------
-# The target's sequences start this far past the source's: half the 10-bit sequence space, so
-# ids minted on either side around the cut-over differ in their low bits even if the two
-# servers' clocks disagree by a few milliseconds.
-SEQUENCE_MARGIN = 512
-COPY_PARALLEL = 3  # tables copied (and indexed) at once
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
@@ -667,74 +130,6 @@ MAX_CLOCK_SKEW_MS = 500
 # How long the cleanup waits for the target to report having flushed the shard's last changes
 # (the subscriber reports within a WAL writer cycle or two).
 FLUSH_WAIT_S = 60
-
-
-@dataclass(frozen=True)
-class TableSize:
-    name: str
-    rows: int
-    bytes: int
-
-
-@dataclass
-class MovePlan:
-    shard: int
-    schema: str
-    source: str
-    target: str
-    source_primary: str
-    target_primary: str
-    database: str
-    tables: list[TableSize]
-    max_lag_bytes: int
-    move_id: int | None = None
-    resume_after: str | None = None  # the last step a resumed move had completed
-
-    @property
-    def slot(self) -> str:
-        return f"igops_move_{self.move_id if self.move_id is not None else '<id>'}"
-
-    @property
-    def fenced_schema(self) -> str:
-        return f"{self.schema}_moved_{self.move_id if self.move_id is not None else '<id>'}"
-
-    def remaining(self) -> list[str]:
-        start = STEPS.index(self.resume_after) + 1 if self.resume_after else 0
-        return list(STEPS[start:])
-
-    def steps(self) -> list[str]:
-        return [describe_step(self, step) for step in self.remaining()]
-
-
-def describe_step(plan: MovePlan, step: str) -> str:
-    rows = sum(table.rows for table in plan.tables)
-    size = sum(table.bytes for table in plan.tables)
-    src = f"{plan.source} ({plan.source_primary})"
-    dst = f"{plan.target} ({plan.target_primary})"
-    return {
-        "planned": f"journal the move of shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target} "
-                   "in the directory's shard_moves",
-        "target_ready": f"on {dst}: create schema {plan.schema} from the shard DDL (tables, sequence, next_id()) "
-                        f"and check it matches {plan.source}'s",
-        "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema}",
-        "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot; COPY {len(plan.tables)} "
-                  f"tables (~{rows:,} rows, {human_bytes(size)}) under that snapshot into {dst}, "
-                  f"{COPY_PARALLEL} at a time, then build their keys and indexes",
-        "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
-        "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
-        "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
-                    f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
-                    "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
-                    "sequences and the schema",
-        "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
-                    f"go on); final catch-up; the rows written since the verification equal on both; "
-                    f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
-                    f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
-                    f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
-        "cleaned": f"once {plan.target} has flushed the shard's last changes (the slot's confirmed_flush_lsn), "
-                   f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
-                   f"on {plan.source}",
-    }[step]
 
 
 @dataclass
@@ -859,13 +254,6 @@ def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
     return _plan_from_record(fleet, record, resume_point(record.step)), record
 
 
-def resume_point(step: str) -> str:
-    """The last step a resumed move takes as done. The rows written since a verification are
-    known only to the igops that verified (its temporary slot went with it): a move stopped
-    after its verification, or during its cut-over, verifies again."""
-    return "caught_up" if step == "verified" else step
-
-
 def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
     model = fleet.model
     tables: list[TableSize] = []
@@ -877,26 +265,6 @@ def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
     return MovePlan(record.logical_shard, record.schema_name, record.source, record.target,
                     primary_of(fleet, record.source).name, primary_of(fleet, record.target).name,
                     model.postgres.database, tables, model.postgres.max_lag_bytes, record.id, resume_after)
-
-
-@dataclass
-class AbortPlan:
-    move_id: int
-    shard: int
-    schema: str
-    source: str
-    target: str
-    step: str
-    slot: str
-    fenced_schema: str
-
-    def steps(self) -> list[str]:
-        return [
-            f"on {self.target}: drop subscription {self.slot} and the partial copy {self.schema}",
-            f"on {self.source}: if the cut-over fenced it, rename {self.fenced_schema} back to {self.schema}; "
-            f"drop slot and publication {self.slot}",
-            f"journal: move {self.move_id} aborted (the shard map still places shard {self.shard} on {self.source})",
-        ]
 
 
 def plan_abort(fleet, move_id: int) -> AbortPlan:
