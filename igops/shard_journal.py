@@ -15,7 +15,6 @@ from igops.shard_move_steps import MovePlan
 
 ACTIVE, DONE, ABORTED = "active", "done", "aborted"
 
-
 JOURNAL_DDL = """
 CREATE TABLE IF NOT EXISTS shard_moves (
     id bigserial PRIMARY KEY,
@@ -46,7 +45,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_one_active ON shard_moves (logical
 # A session-level advisory lock per shard on the journal's connection: held by the process
 # driving a move, and released by the server the moment that process dies.
 ADVISORY_CLASS = 0x69676D76  # "igmv"
-
 
 _RECORD_FIELDS = ("id", "logical_shard", "schema_name", "source", "target", "step", "status", "started_at",
                   "updated_at", "finished_at", "started_by", "source_lsn", "source_sequence", "target_sequence",

@@ -14,7 +14,7 @@ from igops.errors import IgopsError
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
 LOCK_TIMEOUT_MS = 1000
 LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
-                  "statement_timeout": "30s"}
+                 "statement_timeout": "30s"}
 
 
 class CutoverDeferred(IgopsError):

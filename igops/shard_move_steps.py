@@ -12,8 +12,6 @@ from igops.output import human_bytes
 
 STEPS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified", "switched",
          "cleaned")
-
-
 # Where `--pause-after` may stop a move: after each journaled step, and inside the cut-over
 # after the lock is taken and after the source is fenced (before the map flips).
 PAUSE_POINTS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified",
