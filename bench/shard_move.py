@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from igops import inventory, shards  # noqa: E402
 from igops.lab import state  # noqa: E402
+from igops.output import human_bytes  # noqa: E402
 from igops.postgres_admin import connect, primary_of  # noqa: E402
 from igops.secrets import Secrets  # noqa: E402
 
@@ -244,7 +245,7 @@ def main():
             empty(fleet, shards.read_map(fleet, sizes=False).placement()[shard], shard)
             checkpoint(fleet)
         pipe_total = pipe_end - pipe_start
-        print(f"shard_move: shard {shard}, {rows:,} rows, {shards.human_bytes(size)} with indexes; "
+        print(f"shard_move: shard {shard}, {rows:,} rows, {human_bytes(size)} with indexes; "
               f"probe writes {len(probe.acks)} ok, {probe.failures} failed")
         print(f"{'method':<22} {'total s':>8} {'x pipe':>7} {'blocked ms (journal)':>21} "
               f"{'longest write wait ms':>22}")

@@ -9,7 +9,7 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import human_bytes, plural
 from igops.tables import Column
 
 app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
@@ -40,12 +40,6 @@ class PausePoint(str, Enum):  # noqa: UP042 - StrEnum would change str() of a me
 # Built once from the enum, so that the help names every point the move can stop at.
 PAUSE_AFTER_HELP = ("Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
                     "STEP: " + ", ".join(point.value for point in PausePoint) + ".")
-
-
-def _bytes(value) -> str:
-    from igops.shards import human_bytes
-
-    return human_bytes(value)
 
 
 def _ms(value) -> str | None:
@@ -105,12 +99,12 @@ def show_map(
                   ["cluster", "primary", Column("pgbouncer db", drop=2), Column("shards", drop=3),
                    Column("logical shards", wrap=True), Column("bytes", drop=1), Column("problem", wrap=True)],
                   [[load.cluster, load.primary, load.pgbouncer_database, len(load.shards),
-                    shards.shard_ranges(load.shards), _bytes(load.bytes) if load.bytes is not None else None,
+                    shards.shard_ranges(load.shards), human_bytes(load.bytes) if load.bytes is not None else None,
                     load.error] for load in current.clusters])
         missing = [item for item in current.shards if item.present is False]
         if every_shard:
             out.table(None, ["shard", "schema", "cluster", "bytes"],
-                      [[item.shard, item.schema, item.cluster, _bytes(item.bytes) if item.present else "MISSING"]
+                      [[item.shard, item.schema, item.cluster, human_bytes(item.bytes) if item.present else "MISSING"]
                        for item in current.shards])
         if missing:
             out.text(f"{plural(len(missing), 'shard')} {'has' if len(missing) == 1 else 'have'} no schema "
@@ -155,7 +149,7 @@ def init(
 # --- moves ------------------------------------------------------------------------------------
 def _move_row(result) -> list:
     return [result.move_id, result.shard, f"{result.source} -> {result.target}", result.status,
-            f"{result.rows_copied:,}" if result.rows_copied is not None else None, _bytes(result.bytes_copied),
+            f"{result.rows_copied:,}" if result.rows_copied is not None else None, human_bytes(result.bytes_copied),
             _ms(result.verify_pause_ms), _ms(result.write_block_ms), result.map_version,
             f"{result.duration_ms / 1000:.1f} s"]
 
@@ -251,7 +245,7 @@ def moves(
                                                   Column("error", wrap=True)],
                   [[r.id, r.logical_shard, f"{r.source} -> {r.target}", r.state, r.step, r.started_at,
                     r.updated_at, _ms(r.write_block_ms), r.map_version,
-                    _bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None, r.error]
+                    human_bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None, r.error]
                    for r in records])
         stuck = [r for r in records if r.state in ("interrupted", "failed")]
         for record in stuck:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import shards
+from igops import shard_init, shard_journal, shard_map, shard_verify, shards
 from igops.errors import ExitCode
 from igops.lab import state
 from igops.postgres_admin import connect
@@ -162,10 +162,10 @@ def lb_url(fleet) -> str:
 def home_layout(lab):
     """Whatever a test leaves, put every shard back where the lab keeps it."""
     yield
-    home = shards.even_placement(list(lab.model.postgres.clusters), lab.model.shards.count)
-    connection = shards.directory_connection(lab)
+    home = shard_init.even_placement(list(lab.model.postgres.clusters), lab.model.shards.count)
+    connection = shard_map.directory_connection(lab)
     try:
-        active = shards.Journal(connection).active()
+        active = shard_journal.Journal(connection).active()
     finally:
         connection.close()
     for record in active:
@@ -624,7 +624,7 @@ def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_r
     move waits on) on copies that differ by one changed value (in a json column, which has no
     hash function), one missing and one extra row."""
     connection = pg(lab, "main")
-    left, right = shards.ShardCopy("main", "igops_verify_a"), shards.ShardCopy("main", "igops_verify_b")
+    left, right = shard_verify.ShardCopy("main", "igops_verify_a"), shard_verify.ShardCopy("main", "igops_verify_b")
     try:
         with connection.cursor() as cursor:
             for copy in (left, right):
@@ -642,7 +642,7 @@ def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_r
                     reader.autocommit = False
                     reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
                 with readers[0].cursor() as one, readers[1].cursor() as other:
-                    return shards.compare_snapshots(7, (left, right), (one, other), False, None, ordered)
+                    return shard_verify.compare_snapshots(7, (left, right), (one, other), False, None, ordered)
             finally:
                 for reader in readers:
                     reader.close()

@@ -4,9 +4,10 @@ where a resumed move picks up, journal states, schema differences and the initia
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from igops import shards
+from igops import shard_init, shard_schema, shards
 from igops.commands.shard import PausePoint
 from igops.errors import UsageError
+from igops.output import human_bytes
 
 
 @st.composite
@@ -70,7 +71,7 @@ def test_by_bytes_never_widens_the_gap_and_stops_where_no_move_helps(layout):
 
 
 def test_lab_layout_after_one_move_plans_one_move_back():
-    placement = shards.even_placement(["main", "pg2"], 16)
+    placement = shard_init.even_placement(["main", "pg2"], 16)
     assert placement == {**{s: "main" for s in range(8)}, **{s: "pg2" for s in range(8, 16)}}
     placement[3] = "pg2"
     plan = shards.plan_rebalance(placement, ["main", "pg2"], "shards", {s: 1000 + s for s in range(16)})
@@ -94,7 +95,7 @@ def test_a_new_move_plans_every_step_in_order():
     steps = fresh.steps()
     assert len(steps) == len(shards.STEPS)
     assert "igops_move_<id>" in steps[2] and "FOR TABLES IN SCHEMA insta5" in steps[2]
-    assert "~1,010 rows, 88.0 kB" in steps[3]
+    assert "~1,010 rows, 88.0 KiB" in steps[3]
     assert "IN EXCLUSIVE MODE" in steps[7] and "512 past" in steps[7] and "insta5_moved_<id>" in steps[7]
     assert "version + 1" in steps[7]
 
@@ -135,7 +136,7 @@ def test_journal_states_read_from_status_lock_and_error():
 
 
 def shape(tables, sequences=("table_id_seq",), functions=("next_id()",)):
-    return shards.SchemaShape({name: shards.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
+    return shard_schema.SchemaShape({name: shard_schema.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
                                for name, (columns, key, indexes) in tables.items()}, sequences, functions)
 
 
@@ -146,16 +147,16 @@ def test_schema_diff_names_every_difference():
     source = shape({"users": USERS, "extra": ([("id", "bigint", True)], ["id"], [])})
     target = shape({"users": ([("id", "bigint", True), ("username", "character varying", True)], ["id"], [])},
                    sequences=(), functions=("next_id()",))
-    diff = shards.schema_diff(source, target, "main", "pg2")
+    diff = shard_schema.schema_diff(source, target, "main", "pg2")
     assert "pg2 lacks table extra" in diff
     assert any(line.startswith("users: columns differ") and "character varying" in line for line in diff)
     assert "pg2 lacks index on users: CREATE UNIQUE INDEX users_pkey ON users" in diff
     assert "pg2 lacks sequence table_id_seq" in diff
-    assert shards.schema_diff(source, source, "main", "pg2") == []
+    assert shard_schema.schema_diff(source, source, "main", "pg2") == []
 
 
 def test_init_plan_describes_seeding_or_keeping_the_map():
-    placement = shards.even_placement(["main", "pg2"], 16)
+    placement = shard_init.even_placement(["main", "pg2"], 16)
     seeding = shards.InitPlan("main/directory", 16, ["pg2/instagram"], None, placement,
                               {"main": [], "pg2": list(range(8, 16))})
     steps = seeding.steps()
@@ -167,7 +168,7 @@ def test_init_plan_describes_seeding_or_keeping_the_map():
 
 
 def test_human_bytes():
-    assert shards.human_bytes(512) == "512 B"
-    assert shards.human_bytes(1536) == "1.5 kB"
-    assert shards.human_bytes(3 << 30) == "3.0 GB"
-    assert shards.human_bytes(None) == "?"
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 << 30) == "3.0 GiB"
+    assert human_bytes(None) == "-"

@@ -1,0 +1,87 @@
+"""Holding a shard's writes at one point of the replication stream, for the instants a move's
+verification and cut-over need: the shard's tables locked against writes (never waiting long
+for the lock), a position in the source's WAL past everything committed before it, and the wait
+until the target has applied the source's WAL up to there. When the moment is not right,
+`CutoverDeferred`: the writes are released and the caller tries again."""
+
+from __future__ import annotations
+
+import time
+
+from igops.errors import IgopsError
+
+# The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
+# transaction must die with igops: the server ends it if igops stops talking, releasing writes.
+LOCK_TIMEOUT_MS = 1000
+LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
+                 "statement_timeout": "30s"}
+
+
+class CutoverDeferred(IgopsError):
+    """Writes were held but the moment was not right: they are released and it is tried again."""
+
+
+def lock_tables(cursor, schema: str, tables: list[str]) -> None:
+    """Block writes, not reads. It must be the transaction's first statement when the
+    transaction's snapshot is to show everything committed before the lock. A lock that
+    cannot be had within lock_timeout defers the attempt (writers queue behind a waiting lock)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    try:
+        cursor.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+            sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)))
+    except psycopg2.errors.LockNotAvailable:
+        raise CutoverDeferred(f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms "
+                              "(a long transaction holds them?)") from None
+
+
+def flushed_position(cursor) -> str:
+    """A position in the source's WAL up to which its walsender can decode and report now: the
+    end of a logical message (which no subscription receives) committed in a transaction of its
+    own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
+    the source's primary, not the one holding the shard's lock.
+
+    The current WAL position would not do: it can be a page boundary inside a record that an
+    open transaction is writing. The WAL writer flushes whole pages only, a walsender decodes
+    whole flushed records only, and on an idle source nothing flushes the rest of that record
+    until that transaction ends (the lock's own, which waits on the position, or another
+    one): the wait can never end (seen after a checkpoint, when the lock's catalog reads
+    write full-page images for hint bits)."""
+    import psycopg2
+
+    cursor.execute("BEGIN")
+    try:
+        # A commit that waited on a synchronous standby would hold the shard's writes longer,
+        # or for ever with that standby down; this one only has to reach the local disk.
+        cursor.execute("SET LOCAL synchronous_commit = local")
+        cursor.execute("SELECT pg_logical_emit_message(true, 'igops-shard-move', 'position')")
+        position = cursor.fetchone()[0]
+        cursor.execute("COMMIT")
+    except psycopg2.Error:
+        # The connection goes on being used: leave no failed transaction open on it.
+        if not cursor.connection.closed:
+            try:
+                cursor.execute("ROLLBACK")
+            except psycopg2.Error:
+                pass
+        raise
+    return position
+
+
+def wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
+    """Until the subscription has applied the source's WAL up to a position past everything
+    committed before now (see `flushed_position`, which `source_cursor` writes); returns that
+    position. Its apply worker reports a position only after applying everything before it."""
+    lsn = flushed_position(source_cursor)
+    deadline = time.monotonic() + budget_s
+    while True:
+        cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
+                       "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
+        row = cursor.fetchone()
+        if row and row[0]:
+            return lsn
+        if time.monotonic() > deadline:
+            raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
+                                 f"{budget_s * 1000:.0f} ms")
+        time.sleep(0.002)

@@ -1,0 +1,48 @@
+"""What the steps of one shard move share: the move's plan, the autocommit connections to the
+source's and the target's primaries (opened on first use), the reporter, the `--pause-after`
+stop, and what each step leaves for its journal entry."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from igops.output import Reporter
+from igops.postgres_admin import connect
+from igops.shard_move_steps import MovePlan
+
+
+class MoveSession:
+    def __init__(self, fleet, plan: MovePlan, reporter: Reporter, pause_after: str | None):
+        self.fleet = fleet
+        self.plan = plan
+        self.reporter = reporter
+        self.pause_after = pause_after
+        self.database = fleet.model.postgres.database
+        self._source = None
+        self._target = None
+        self.result_fields: dict[str, Any] = {}
+
+    # connections to the primaries, autocommit, opened on first use
+    @property
+    def source(self):
+        if self._source is None:
+            self._source = connect(self.fleet, self.plan.source, self.database, autocommit=True, purpose="move")
+        return self._source
+
+    @property
+    def target(self):
+        if self._target is None:
+            self._target = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move")
+        return self._target
+
+    def close(self) -> None:
+        for connection in (self._source, self._target):
+            if connection is not None:
+                connection.close()
+
+    def pause(self, point: str) -> None:
+        if self.pause_after == point:
+            self.reporter.log(f"paused after {point} (--pause-after): kill igops now to rehearse a crash here; "
+                              f"then `igops shard move --resume {self.plan.move_id}` or `--abort {self.plan.move_id}`")
+            threading.Event().wait()
