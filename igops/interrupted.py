@@ -11,6 +11,8 @@ alive: a resumed or aborted operation must never race the process that started i
   and, unless a step past the point of no return had started, its undo (start the stopped old
   primary again), run in reverse order by the kind's actions; it names each step it could not
   undo.
+- a shard move, or the move a rebalance was in, is finished or rolled back from the move's own
+  journal in the directory database (igops.shards), whose id the operation journaled.
 - a snapshot create cannot go on from where it stopped (its freeze, the point in time its
   snapshots share, ended with it; the host's thaw watchdog saw to that). Abort deletes the
   snapshots its group got; resume does that and takes a new group with the same settings.
@@ -30,14 +32,13 @@ from igops.operations.steps import Step, execute, from_spec
 from igops.output import Reporter, plural
 
 RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
+SHARD_KINDS = ("shard-move", "shard-rebalance")
 # Kinds whose own command continues an interrupted run: what ops resume tells the operator to run
 # (for a snapshot or deploy whose record predates the parameters resume needs, too).
 RERUN = {
     "deploy": "igops deploy {target}",
     "deploy-rollback": "igops deploy rollback",
     "snapshot-create": "igops snapshot create {host}",
-    "shard-move": "igops shard moves, then igops shard move --resume ID",
-    "shard-rebalance": "igops shard moves, then igops shard move --resume ID for the move it was in",
 }
 
 
@@ -67,6 +68,8 @@ def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
         return _snapshot_continuation(fleet, record, resume=True)
     if kind in ("deploy", "deploy-rollback") and params.get("batch"):
         return _deploy_resume(fleet, record)
+    if kind in SHARD_KINDS:
+        return _shard_move_continuation(fleet, record, entries, resume=True)
     if kind not in RESUMABLE:
         rerun = RERUN.get(kind)
         raise RefusedError(f"{kind} is not resumed by igops ops resume",
@@ -138,6 +141,50 @@ def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
         elif not entry.get("release"):
             not_undone.append(f"[{entry['step']}] {entry.get('title')}")
     return [*reversed(undos), *reversed(releases)], not_undone
+
+
+def move_of(record: dict, entries: list[dict]) -> int | None:
+    """The shard move an interrupted shard operation was in: the last one it journaled (a
+    rebalance runs several in turn)."""
+    journaled = [entry["move"] for entry in entries if entry.get("event") == "fact" and entry.get("move") is not None]
+    # A resume or an abort of the move carries its id in its parameters.
+    known = ((record.get("facts") or {}).get("move") or (journaled[-1] if journaled else None)
+             or (record.get("params") or {}).get("move"))
+    return int(known) if known is not None else None
+
+
+def _shard_move_continuation(fleet, record: dict, entries: list[dict], resume: bool) -> Continuation:
+    """The move the operation was in, finished (igops.shards.resume_move) or rolled back
+    (abort_move) from the move's own journal in the directory database, as `igops shard move
+    --resume|--abort` would. A rebalance's finished moves stay where they went, and the moves it
+    had not started are left to a new `igops shard rebalance`."""
+    from igops import shards
+
+    move_id = move_of(record, entries)
+    if move_id is None:
+        raise RefusedError(f"{record['id']} stopped before it started a shard move: there is nothing to "
+                           f"{'resume' if resume else 'abort'}",
+                           "igops ops abort marks it ended; igops shard moves lists every move")
+    rebalance = record["kind"] == "shard-rebalance"
+    not_undone = ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the "
+                  "rest again"] if rebalance else []
+    if resume:
+        plan, move = shards.plan_resume(fleet, move_id)
+        title = (f"Resume {record['id']}: move {move_id} of shard {plan.shard} ({plan.source} -> {plan.target}) "
+                 f"after {move.step}")
+        steps, apply = plan.steps(), lambda reporter: shards.resume_move(fleet, move_id, reporter)
+        shard, source, target = plan.shard, plan.source, plan.target
+    else:
+        aborting = shards.plan_abort(fleet, move_id)
+        title = (f"Abort {record['id']}: move {move_id} of shard {aborting.shard} "
+                 f"({aborting.source} -> {aborting.target}, at {aborting.step})")
+        steps, apply = aborting.steps(), lambda reporter: shards.abort_move(fleet, aborting, reporter)
+        shard, source, target = aborting.shard, aborting.source, aborting.target
+    resources = ([tuple(resource) for resource in record.get("resources") or []] if rebalance
+                 else shards.move_resources(shard, source, target))
+    spec = OperationSpec(record["kind"], title, record.get("targets") or [], resources, steps,
+                         {**(record.get("params") or {}), "move": move_id})
+    return Continuation(spec, apply, not_undone)
 
 
 def _deploy_resume(fleet, record: dict) -> Continuation:
@@ -230,6 +277,8 @@ def plan_abort(fleet, record: dict, entries: list[dict]) -> Continuation:
         return _plan_deploy_abort(fleet, record)
     if kind == "snapshot-create" and (record.get("params") or {}).get("group"):
         return _snapshot_continuation(fleet, record, resume=False)
+    if kind in SHARD_KINDS:
+        return _shard_move_continuation(fleet, record, entries, resume=False)
     steps, not_undone = recovery_steps(entries)
     if kind.startswith("pg-"):
         actions_for: Callable[[], Any] = lambda: failover.PgActions(fleet)  # noqa: E731

@@ -42,6 +42,10 @@ class Reporter:
     def log(self, message: str) -> None:
         pass
 
+    def fact(self, **fields: Any) -> None:
+        """Something the run learned that a resume needs (the id of the shard move it started).
+        Only an operation's reporter keeps it: in the operation's journal."""
+
     @contextmanager
     def recovery(self) -> Iterator[None]:
         """Steps that put things back (RESUME a pooler, hosts back in rotation): an operation

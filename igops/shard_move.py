@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
+from igops.operations import conflicts
 from igops.output import Reporter, plural
 from igops.postgres_admin import connect, primary_connection, primary_of
 from igops.shard_copy import ShardCopier
@@ -150,6 +151,11 @@ def _check_replication_capacity(cursor, cluster: str) -> None:
                            "raise max_wal_senders")
 
 
+def move_resources(shard: int, source: str, target: str) -> list[tuple[str, str]]:
+    """What a move of `shard` leases: the shard and both clusters (igops.operations.conflicts)."""
+    return [conflicts.shard(shard), conflicts.pg_cluster(source), conflicts.pg_cluster(target)]
+
+
 def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
     with directory_session(fleet) as directory:
         record = Journal(directory).get(move_id)
@@ -280,7 +286,9 @@ def start_move(fleet, plan: MovePlan, reporter: Reporter | None = None, pause_af
         journal.hold_shard(plan.shard)
         record = journal.create(plan)
         plan.move_id = record.id
-        return _drive(fleet, plan, journal, reporter or Reporter(), pause_after)
+        reporter = reporter or Reporter()
+        reporter.fact(move=record.id)
+        return _drive(fleet, plan, journal, reporter, pause_after)
     finally:
         directory.close()
 

@@ -30,6 +30,7 @@ from igops.shard_move import (
     MoveResult,
     abort_move,
     list_moves,
+    move_resources,
     plan_abort,
     plan_move,
     plan_resume,
@@ -51,7 +52,7 @@ __all__ = [
     "PAUSE_POINTS", "STEPS", "AbortPlan", "ClusterLoad", "DecodedId", "InitPlan", "MovePlan", "MoveRecord",
     "MoveResult", "PlannedMove", "RebalancePlan", "RebalanceResult", "ShapeReport", "ShardInitReport", "ShardMap",
     "ShardPlacement", "TableCheck", "TableSize", "VerifyReport", "abort_move", "check_shard", "decode_id",
-    "encode_id", "init_shards", "list_moves", "parse_time", "plan_abort", "plan_init", "plan_move",
+    "encode_id", "init_shards", "list_moves", "move_resources", "parse_time", "plan_abort", "plan_init", "plan_move",
     "plan_rebalance", "plan_resume", "read_map", "rebalance_plan_for", "resume_move", "resume_point", "run_rebalance",
     "shard_ranges", "start_move", "verify_against", "verify_in_place",
 ]

@@ -159,10 +159,6 @@ MOVE_COLUMNS = ["move", "shard", "from -> to", Column("status", wrap=True), Colu
                 Column("map version", drop=6), Column("time", drop=1)]
 
 
-def _move_resources(plan) -> list[tuple[str, str]]:
-    return [conflicts.shard(plan.shard), conflicts.pg_cluster(plan.source), conflicts.pg_cluster(plan.target)]
-
-
 @app.command("move")
 def move(
     ctx: typer.Context,
@@ -190,12 +186,13 @@ def move(
         pause = pause_after.value if pause_after else None
         if abort is not None:
             plan = shards.plan_abort(fleet, abort)
-            record = mutate(out, fleet, kind="shard-move", resources=_move_resources(plan),
+            record = mutate(out, fleet, kind="shard-move",
+                            resources=shards.move_resources(plan.shard, plan.source, plan.target),
                             targets=[f"shard {plan.shard}", plan.source, plan.target],
                             title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
                                   f"at {plan.step})", steps=plan.steps(), dry_run=dry_run, yes=yes,
                             action=lambda reporter: shards.abort_move(fleet, plan, reporter),
-                            outcome=lambda r: (f"move {r.id} aborted", 0))
+                            outcome=lambda r: (f"move {r.id} aborted", 0), params={"move": abort})
             if record is None:
                 out.finish({"dry_run": dry_run, "plan": plan})
                 return
@@ -214,9 +211,10 @@ def move(
                 plan = shards.plan_move(fleet, shard, to)
             title = f"Move shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target}"
             action = lambda reporter: shards.start_move(fleet, plan, reporter, pause)  # noqa: E731
-        result = mutate(out, fleet, kind="shard-move", resources=_move_resources(plan),
+        result = mutate(out, fleet, kind="shard-move",
+                        resources=shards.move_resources(plan.shard, plan.source, plan.target),
                         targets=[f"shard {plan.shard}", plan.source, plan.target], title=title, steps=plan.steps(),
-                        dry_run=dry_run, yes=yes, action=action,
+                        dry_run=dry_run, yes=yes, action=action, params={"move": resume} if resume is not None else {},
                         outcome=lambda r: (f"move {r.move_id} {r.status}, writes blocked {r.write_block_ms} ms", 0))
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})

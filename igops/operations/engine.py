@@ -139,6 +139,13 @@ class JournaledReporter(Reporter):
     def log(self, message: str) -> None:
         self.inner.log(message)
 
+    def fact(self, **fields: Any) -> None:
+        """Journaled at once and kept in the operation's record (`facts`), where `igops ops
+        resume|abort` read it: a run killed right after learning it still leaves it behind."""
+        operation = self.operation
+        operation.record.setdefault("facts", {}).update(fields)
+        self._journal(lambda: operation.write("fact", operation.record, **fields))
+
     @contextmanager
     def recovery(self) -> Iterator[None]:
         # A lost lease stops the operation's next step, never the steps that make it safe.

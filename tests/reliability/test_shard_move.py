@@ -448,6 +448,40 @@ def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
         trim_wal(lab, home, other)
 
 
+def interrupted_move_operation(lab) -> dict | None:
+    """The latest interrupted shard-move operation, as `igops ops list` shows it."""
+    from igops import operations_view
+
+    found = [record for record in operations_view.list_operations(lab).records
+             if record["status"] == "interrupted" and record["kind"] == "shard-move"]
+    return found[-1] if found else None
+
+
+@pytest.mark.parametrize("finish", ["resume", "abort"])
+def test_ops_resume_and_abort_finish_or_roll_back_an_interrupted_move(lab, finish):
+    """The team's one way to continue any interrupted operation works for a shard move too: the
+    operation journaled the id of the move it started."""
+    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+                if cluster != "main")
+    source = placement(lab, shard)
+    PausedMove(lab, shard, "main", "subscribed").kill()
+    move_id = latest_move_id(lab)
+    # Interrupted once its lease expires (the lab's etcd: its TTL).
+    assert wait_for(lambda: interrupted_move_operation(lab) is not None, 30)
+    operation = interrupted_move_operation(lab)
+    finished = run_igops("ops", finish, operation["id"], "--yes", env=env(lab))
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    record = journal(lab, move_id)
+    if finish == "resume":
+        assert record["status"] == "done" and placement(lab, shard) == "main"
+        back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
+        assert back.returncode == 0, back.stderr[-2000:]
+    else:
+        assert record["status"] == "aborted"
+    assert placement(lab, shard) == source and leftovers(lab) == []
+    assert run_igops("shard", "verify", str(shard), env=env(lab)).returncode == 0
+
+
 def test_a_move_whose_slot_was_invalidated_copies_again_on_resume(lab):
     """A move left behind holds WAL on its source; past max_slot_wal_keep_size Postgres invalidates
     the slot instead of filling the WAL volume, and a resumed move starts its copy again."""

@@ -376,3 +376,25 @@ def test_a_redis_switchover_that_began_promoting_its_target_is_recognised_from_i
     assert promoted_target([pause, promote])
     assert promoted_target([pause, promote, demote])  # whether the demotion ran, the nodes say
     assert not promoted_target([pause])
+
+
+def test_a_fact_the_run_learns_is_journaled_at_once_and_kept_in_its_record(fleet):
+    from igops.interrupted import move_of
+
+    def action(operation):
+        operation.reporter.fact(move=41)
+        with operation.reporter.step("copy"):
+            pass
+        operation.reporter.fact(move=42)  # a rebalance's next move
+
+    engine.perform(fleet, spec("shard-rebalance", [conflicts.pg_cluster("main")], ["copy"]), action, Reporter())
+    [record] = records(fleet)
+    entries = journal.LocalJournal(fleet.state_dir).entries(record["id"])
+    assert [(e["event"], e.get("move")) for e in entries if e["event"] == "fact"] == [("fact", 41), ("fact", 42)]
+    assert record["facts"] == {"move": 42}
+    assert move_of(record, entries) == 42
+    # A record from before facts were kept: its journal; a resume of the move: its parameters.
+    assert move_of({"params": {}}, entries) == 42
+    assert move_of({"params": {"move": 7}}, []) == 7
+    assert move_of({"params": {}}, []) is None
+    Reporter().fact(move=1)  # a plain reporter keeps nothing, and does not fail
