@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from igops import __version__, agent, pagerduty_changes, remote
+from igops.deploy_record import LastRunRecord, deployer, read_last_run
 from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 
@@ -242,7 +243,7 @@ def package(tree: SourceTree, identifier: str, built_at: datetime | None = None)
     requirements = requirements_hash(tree.files.get("requirements.txt", (False, b""))[1])
     content = content_hash(tree.files)
     manifest = {"id": identifier, "content": content, "revision": tree.revision, "requirements": requirements,
-                "source": tree.description, "built_at": moment, "built_by": _who(), "igops": __version__}
+                "source": tree.description, "built_at": moment, "built_by": deployer(), "igops": __version__}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
         _add(tar, MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n", False)
@@ -260,16 +261,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None
     info.mode = 0o755 if executable else 0o644
     info.mtime = int(time.time())
     tar.addfile(info, io.BytesIO(data))
-
-
-def _who() -> str:
-    import getpass
-
-    try:
-        user = os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
 
 
 # --- agents: one SSH session per host for a whole run ---------------------------------------------
@@ -829,7 +820,7 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
         now or datetime.now(UTC), tree.revision[:7] if tree.revision else content[:7])
     release, tarball = package(tree, identifier)
     hosts = _host_plans(app, surveys, lb, identifier, max_fail)
-    inherit_releases_before(hosts, surveys, read_journal(fleet))
+    inherit_releases_before(hosts, surveys, read_last_run(fleet))
     for host in hosts:
         if host.action == "roll":
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
@@ -883,7 +874,7 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     else:
         description = "chosen with --to"
     hosts = _host_plans(app, surveys, lb, to, max_fail)
-    inherit_releases_before(hosts, surveys, read_journal(fleet))
+    inherit_releases_before(hosts, surveys, read_last_run(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
         raise ReleaseMissing(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
@@ -992,54 +983,6 @@ class RolloutFailed(IgopsError):
         self.problems = result.problems()
 
 
-# --- the journal: what an interrupted run was doing ------------------------------------------------
-
-class Journal:
-    def __init__(self, fleet, plan: RolloutPlan):
-        self.path = journal_path(fleet)
-        self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
-                         "pid": os.getpid(), "machine": socket.gethostname(), "user": _who(),
-                         "started": _now(), "status": "running", "batch": None, "hosts": {},
-                         # What a rerun returns a failing host to if this run is interrupted.
-                         "before": {host.host: host.before for host in plan.hosts
-                                    if host.action == "roll" and host.before}}
-        self._lock = threading.Lock()
-
-    def update(self, **changes) -> None:
-        with self._lock:
-            self.document.update(changes)
-            self.document["updated"] = _now()
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temporary = self.path.with_name(self.path.name + f".{os.getpid()}")
-            temporary.write_text(json.dumps(self.document, indent=2, default=str) + "\n")
-            os.replace(temporary, self.path)
-
-    def host(self, name: str, state: str) -> None:
-        hosts = dict(self.document["hosts"])
-        hosts[name] = state
-        self.update(hosts=hosts)
-
-
-def journal_path(fleet) -> Path:
-    return fleet.state_dir / "deploy" / f"{fleet.model.fleet.name}.json"
-
-
-def read_journal(fleet) -> dict | None:
-    try:
-        document = json.loads(journal_path(fleet).read_text())
-    except (OSError, ValueError):
-        return None
-    if document.get("status") == "running" and document.get("machine") == socket.gethostname():
-        from igops.coordination import process_alive
-
-        document["interrupted"] = not process_alive(int(document.get("pid", 0)))
-    return document
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 # --- running a rollout -----------------------------------------------------------------------------
 
 class Rollout:
@@ -1050,7 +993,7 @@ class Rollout:
         self.reporter = reporter
         self.app = app
         self.lbs = LoadBalancers(self.app, f"{plan.kind} {plan.deploy_id} to {plan.target}")
-        self.journal = Journal(self.fleet, plan)
+        self.record = LastRunRecord(self.fleet, plan)
         self.outcomes: dict[str, HostOutcome] = {}
         for host in plan.hosts:
             state = host.action if host.action != "roll" else NOT_STARTED
@@ -1061,14 +1004,14 @@ class Rollout:
     def run(self) -> RolloutResult:
         started = time.monotonic()
         result = RolloutResult(self.plan.kind, self.plan.deploy_id, self.plan.target, list(self.outcomes.values()))
-        self.journal.update()
+        self.record.update()
         try:
             if self.plan.release is not None:
                 self._stage()
             result.stopped = self._roll()
         finally:
             result.duration_s = round(time.monotonic() - started, 1)
-            self.journal.update(status="finished" if result.ok else "failed", stopped=result.stopped)
+            self.record.update(status="finished" if result.ok else "failed", stopped=result.stopped)
         result.change_event = self._mark(result)
         return result
 
@@ -1130,7 +1073,7 @@ class Rollout:
             batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
             if not batch:
                 continue
-            self.journal.update(batch=number)
+            self.record.update(batch=number)
             with self.reporter.step(f"batch {number}/{len(plan.batches)}: {', '.join(batch)}") as step:
                 too_few = self.below_minimum(batch, to_put_back)
                 if too_few:
@@ -1148,7 +1091,7 @@ class Rollout:
                 to_put_back.clear()
                 for name in batch:
                     self.outcomes[name].in_lb = False if self.app.lbs else None
-                    self.journal.host(name, "drained")
+                    self.record.host(name, "drained")
                 passed, failed = self._switch_and_gate(batch, number)
                 self.failures += len(failed)
                 if self.failures > plan.max_fail:
@@ -1197,7 +1140,7 @@ class Rollout:
                 return
             for name in names:
                 self.outcomes[name].in_lb = True
-                self.journal.host(name, self.outcomes[name].state)
+                self.record.host(name, self.outcomes[name].state)
 
     def _lb_change(self, down: list[str] = (), up: list[str] = ()) -> None:
         if not self.app.lbs or not (down or up):
@@ -1251,7 +1194,7 @@ class Rollout:
             else:
                 outcome.release = target
                 to_gate.append(name)
-            self.journal.host(name, f"switched to {target}" if answer else outcome.state)
+            self.record.host(name, f"switched to {target}" if answer else outcome.state)
         gates = self._gate(to_gate, lambda _: target)
         passed = []
         for name in to_gate:
@@ -1304,7 +1247,7 @@ class Rollout:
             else:
                 outcome.detail = f"{reason}; back on {before(name)} but unhealthy there too: {gates[name].detail}"
                 outcome.state = FAILED
-            self.journal.host(name, f"switched back to {before(name)}")
+            self.record.host(name, f"switched back to {before(name)}")
 
     # PagerDuty -------------------------------------------------------------------------------
     def _mark(self, result: RolloutResult) -> str:
@@ -1315,7 +1258,7 @@ class Rollout:
             release = self.plan.release
             details = {"fleet": self.app.name, "deploy_id": result.deploy_id, "release": result.target,
                        "result": "ok" if result.ok else ("stopped" if result.stopped else "partial"),
-                       "hosts": {host.host: host.state for host in result.hosts}, "by": _who(),
+                       "hosts": {host.host: host.state for host in result.hosts}, "by": deployer(),
                        "duration_s": result.duration_s}
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
@@ -1330,7 +1273,7 @@ class Rollout:
     def _outcome(self, name: str, state: str, detail: str | None = None) -> None:
         self.outcomes[name].state = state
         self.outcomes[name].detail = detail
-        self.journal.host(name, state)
+        self.record.host(name, state)
 
 
 def execute(app: AppFleet, plan: RolloutPlan, reporter: Reporter = Reporter(), tarball: bytes = b"") -> RolloutResult:
@@ -1367,7 +1310,7 @@ class FleetReleases:
 
 def fleet_releases(app: AppFleet) -> FleetReleases:
     fleet = app.fleet
-    last = read_journal(fleet)
+    last = read_last_run(fleet)
     running = bool(last and last.get("status") == "running" and last.get("interrupted") is False)
     surveys, lb = survey(app)
     rows, in_use, problems = [], {}, []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import deploy, inventory
+from igops import deploy, deploy_record, inventory
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
@@ -306,9 +306,9 @@ def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
                                                                                    before="R2")]
     gate = deploy.HealthGate("/health", 8000, 3, 30)
     plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
-    journal = deploy.Journal(app.fleet, plan)
+    journal = deploy_record.LastRunRecord(app.fleet, plan)
     journal.update()
-    assert json.loads(deploy.journal_path(app.fleet).read_text())["before"] == {"app1": "R1"}
+    assert json.loads(deploy_record.last_run_path(app.fleet).read_text())["before"] == {"app1": "R1"}
     rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
     assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
 
