@@ -11,34 +11,35 @@ leaves nothing half-switched, and the next run finds what is left to do and does
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
-import io
 import json
-import os
 import secrets as random_source
 import socket
-import subprocess
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TypeVar
 
-from igops import __version__, agent, pagerduty_changes, remote
+from igops import agent, pagerduty_changes, remote
 from igops.deploy_record import LastRunRecord, deployer, read_last_run
+from igops.deploy_release import (
+    SHARED_LINKS,
+    Release,
+    SourceTree,
+    content_hash,
+    package,
+    read_source,
+    release_id,
+    requirements_hash,
+)
 from igops.errors import ExitCode, IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 
 T = TypeVar("T")
 
-# Linked from shared/ into every release when shared/ has them (Capistrano's linked files).
-SHARED_LINKS = ("app.toml", "log")
-MANIFEST = "RELEASE.json"
 HEALTH_INTERVAL_S = 0.2
 HEALTH_HTTP_TIMEOUT_S = 2.0
 DRAIN_TIMEOUT_S = 10.0
@@ -54,8 +55,6 @@ SUMMARY_PROBLEMS = 3
 # The fewest upstream servers each load balancer must keep in service while a batch is out:
 # a plan whose batch would leave fewer is refused.
 MIN_SERVERS_IN_SERVICE = 1
-EXCLUDED_DIRS = {"__pycache__", ".git"}
-EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 
 # Per-host outcomes.
 DEPLOYED = "deployed"
@@ -117,150 +116,6 @@ def split_batches(items: Sequence[T], sizes: Sequence[BatchSize]) -> list[list[T
         position += size
         index += 1
     return batches
-
-
-# --- the release ---------------------------------------------------------------------------------
-
-@dataclass
-class SourceTree:
-    files: dict[str, tuple[bool, bytes]]  # path under app/ -> (executable, content)
-    revision: str | None  # the full git commit, when built from git
-    description: str
-
-
-@dataclass
-class Release:
-    id: str
-    content: str
-    revision: str | None
-    requirements: str
-    source: str
-    files: int
-    built_at: str
-    sha256: str
-    size: int
-
-
-def requirements_hash(data: bytes) -> str:
-    """The virtualenv key; the lab and the release agent use the same."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def content_hash(files: dict[str, tuple[bool, bytes]]) -> str:
-    """What the release contains, independent of when and how it was built."""
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(path.encode() + b"\0" + files[path][1])
-    return digest.hexdigest()[:12]
-
-
-def release_id(now: datetime, tag: str) -> str:
-    return f"{now.astimezone(UTC):%Y%m%d%H%M%S}-{tag}"
-
-
-def read_source(source: Path, revision: str | None) -> SourceTree:
-    """The app's files from the working tree, or from git at `revision`."""
-    source = source.expanduser().resolve()
-    if not source.is_dir():
-        raise UsageError(f"app source {source} is not a directory", "pass --source DIR (the app package)")
-    if revision:
-        return _read_git(source, revision)
-    files: dict[str, tuple[bool, bytes]] = {}
-    for directory, subdirectories, names in os.walk(source):
-        subdirectories[:] = sorted(name for name in subdirectories if name not in EXCLUDED_DIRS)
-        for name in names:
-            path = Path(directory) / name
-            relative = path.relative_to(source).as_posix()
-            if name.endswith(EXCLUDED_SUFFIXES):
-                continue
-            if path.is_symlink() or not path.is_file():
-                raise UsageError(f"{path} is not a regular file", "a release holds regular files only")
-            files[relative] = (os.access(path, os.X_OK), path.read_bytes())
-    if not files:
-        raise UsageError(f"app source {source} is empty")
-    return SourceTree(files, None, f"working tree {source}")
-
-
-def _git(directory: Path, *args: str, purpose: str, hint: str | None = None) -> bytes:
-    """git's output; a failure says first what igops could not do, then what git said."""
-    done = _run_git(directory, *args)
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()
-        raise UsageError(f"could not {purpose} (git {args[0]}: {(said[-1] if said else 'no output')[:200]})", hint)
-    return done.stdout
-
-
-def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60)
-    except FileNotFoundError:
-        raise UsageError("git is not installed", "deploy the working tree (no REV) or install git") from None
-
-
-def _resolve_revision(toplevel: Path, revision: str) -> str:
-    """The commit `revision` names; an unknown one says so, naming close tags and branches."""
-    import difflib
-
-    found = _run_git(toplevel, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}")
-    if found.returncode == 0:
-        return found.stdout.decode().strip()
-    names = _run_git(toplevel, "for-each-ref", "--format=%(refname:short)", "refs/tags", "refs/heads")
-    known = names.stdout.decode(errors="replace").split() if names.returncode == 0 else []
-    close = difflib.get_close_matches(revision, known, n=3, cutoff=0.6)
-    raise UsageError(f"unknown git revision {revision!r} in {toplevel}",
-                     (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
-                     + "give a commit, tag or branch of that repository, or no REV to deploy the working tree")
-
-
-def _read_git(source: Path, revision: str) -> SourceTree:
-    toplevel = Path(_git(source, "rev-parse", "--show-toplevel", purpose=f"find the git work tree of {source}",
-                         hint="with REV, --source must be a directory in a git work tree").decode().strip())
-    commit = _resolve_revision(toplevel, revision)
-    prefix = source.relative_to(toplevel).as_posix()
-    archive = _git(toplevel, "archive", "--format=tar", commit, prefix, purpose=f"read {prefix}/ at {revision}",
-                   hint=f"check that {prefix}/ exists at {revision}")
-    files: dict[str, tuple[bool, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        for member in tar.getmembers():
-            if member.isdir() or member.name == "pax_global_header":
-                continue
-            relative = member.name[len(prefix) + 1:] if prefix != "." else member.name
-            parts = relative.split("/")
-            if any(part in EXCLUDED_DIRS for part in parts) or relative.endswith(EXCLUDED_SUFFIXES):
-                continue
-            if not member.isfile():
-                raise UsageError(f"{member.name} at {revision} is not a regular file",
-                                 "a release holds regular files only")
-            files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
-    if not files:
-        raise UsageError(f"{prefix} is empty at {revision}")
-    return SourceTree(files, commit, f"git {revision} ({commit[:12]}) {prefix}/")
-
-
-def package(tree: SourceTree, identifier: str, built_at: datetime | None = None) -> tuple[Release, bytes]:
-    """The release and its tarball (RELEASE.json and app/), made once and sent to every host."""
-    moment = (built_at or datetime.now(UTC)).isoformat(timespec="seconds")
-    requirements = requirements_hash(tree.files.get("requirements.txt", (False, b""))[1])
-    content = content_hash(tree.files)
-    manifest = {"id": identifier, "content": content, "revision": tree.revision, "requirements": requirements,
-                "source": tree.description, "built_at": moment, "built_by": deployer(), "igops": __version__}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        _add(tar, MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n", False)
-        for path in sorted(tree.files):
-            executable, data = tree.files[path]
-            _add(tar, f"app/{path}", data, executable)
-    data = buffer.getvalue()
-    return Release(identifier, content, tree.revision, requirements, tree.description, len(tree.files), moment,
-                   hashlib.sha256(data).hexdigest(), len(data)), data
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o755 if executable else 0o644
-    info.mtime = int(time.time())
-    tar.addfile(info, io.BytesIO(data))
 
 
 # --- agents: one SSH session per host for a whole run ---------------------------------------------
@@ -1338,3 +1193,7 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
                         f"(pid {last['pid']} is gone): rerun it to finish")
     return FleetReleases(app.name, rows, len(in_use) <= 1 and all(row.reachable for row in rows), in_use, last,
                          problems)
+
+
+# Reached through igops.deploy by its users while the module is split up.
+__all__ = ["SHARED_LINKS", "SourceTree", "content_hash", "package", "read_source", "release_id", "requirements_hash"]
