@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from igops import deploy, deploy_plan, deploy_record, inventory
+from igops import deploy, deploy_plan, deploy_record, deploy_rollout, inventory
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
+from igops.output import Reporter
 from tests.conftest import run_igops
 from tests.unit.inventories import unit_inventory
 
@@ -251,7 +252,7 @@ def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_ear
     servers = [app.server(host) for host in app.hosts]
     plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "x", hosts, [["app1"], ["app2"], ["app3"]], "1", 2, gate,
                               ["lb1"], 1, 5, False, in_service={"lb1": servers})
-    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.below_minimum(["app1"], []) is None
     rollout.outcomes["app1"].state, rollout.outcomes["app1"].in_lb = deploy.FAILED, False
     assert rollout.below_minimum(["app2"], []) is None, "app3 still serves"
@@ -309,7 +310,7 @@ def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
     journal = deploy_record.LastRunRecord(app.fleet, plan)
     journal.update()
     assert json.loads(deploy_record.last_run_path(app.fleet).read_text())["before"] == {"app1": "R1"}
-    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
 
 
