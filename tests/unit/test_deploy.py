@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from igops import deploy, inventory
+from igops import deploy, deploy_plan, deploy_record, deploy_rollout, inventory
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
+from igops.output import Reporter
 from tests.conftest import run_igops
 from tests.unit.inventories import unit_inventory
 
@@ -182,7 +183,7 @@ def test_plan_rolls_hosts_not_on_the_release_and_those_an_earlier_run_left_drain
     surveys = survey(app, "R1", releases=["R1", "R2"])
     surveys["app1"].current = "R2"
     surveys["app2"].current = "R2"
-    plans = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app2"]), "R2", max_fail=0)
+    plans = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app2"]), "R2", max_fail=0)
     assert [(p.host, p.action, p.in_lb) for p in plans] == [
         ("app1", deploy.ALREADY, True), ("app2", "roll", False), ("app3", "roll", True)]
     assert not plans[1].upload, "R2 is already staged there"
@@ -190,7 +191,7 @@ def test_plan_rolls_hosts_not_on_the_release_and_those_an_earlier_run_left_drain
 
 def test_plan_leaves_alone_a_host_someone_else_drained(tmp_path):
     app = app_fleet(tmp_path)
-    plans = deploy._host_plans(app, survey(app, "R1"), lb_state(app, down_by_others=["app3"]), "R2", max_fail=0)
+    plans = deploy_plan.host_plans(app, survey(app, "R1"), lb_state(app, down_by_others=["app3"]), "R2", max_fail=0)
     assert plans[2].action == deploy.SKIPPED and "someone else" in plans[2].detail
     assert plans[0].upload
 
@@ -198,22 +199,22 @@ def test_plan_leaves_alone_a_host_someone_else_drained(tmp_path):
 def test_unreachable_hosts_beyond_max_fail_refuse_before_anything_changes(tmp_path):
     app = app_fleet(tmp_path)
     with pytest.raises(RefusedError, match="app3 .*refused.*nothing was changed"):
-        deploy._host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=0)
-    plans = deploy._host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=1)
+        deploy_plan.host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=0)
+    plans = deploy_plan.host_plans(app, survey(app, "R1", unreachable=["app3"]), lb_state(app), "R2", max_fail=1)
     assert [p.action for p in plans] == ["roll", "roll", deploy.FAILED]
 
 
 def test_servers_left_in_service_count_each_batch_against_those_back_from_earlier_ones():
-    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a"], ["b", "c"]]) == [(1, 2), (2, 1)]
-    assert deploy.servers_left_in_service({"a", "b", "c"}, [["a", "b", "c"]]) == [(1, 0)]
+    assert deploy_plan.servers_left_in_service({"a", "b", "c"}, [["a"], ["b", "c"]]) == [(1, 2), (2, 1)]
+    assert deploy_plan.servers_left_in_service({"a", "b", "c"}, [["a", "b", "c"]]) == [(1, 0)]
     # A batch of servers already out of service takes nothing away; once back, they count.
-    assert deploy.servers_left_in_service({"c"}, [["a", "b"], ["c"]]) == [(2, 2)]
+    assert deploy_plan.servers_left_in_service({"c"}, [["a", "b"], ["c"]]) == [(2, 2)]
 
 
 def plan_batches(app, surveys, lb, batch):
-    hosts = deploy._host_plans(app, surveys, lb, "R2", max_fail=1)
+    hosts = deploy_plan.host_plans(app, surveys, lb, "R2", max_fail=1)
     batches = deploy.split_batches([h.host for h in hosts if h.action == "roll"], deploy.parse_batches(batch))
-    deploy.refuse_draining_below_minimum(app, hosts, batches, lb)
+    deploy_plan.refuse_draining_below_minimum(app, hosts, batches, lb)
     return batches
 
 
@@ -241,7 +242,7 @@ def test_a_batch_holding_the_only_server_in_rotation_is_refused(tmp_path):
 def test_a_fleet_without_a_load_balancer_has_no_minimum_to_keep(tmp_path):
     app = app_fleet(tmp_path)
     hosts = [deploy.HostPlan(f"app{i}", "roll", "R1") for i in (1, 2, 3)]
-    deploy.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
+    deploy_plan.refuse_draining_below_minimum(app, hosts, [["app1", "app2", "app3"]], deploy.LbState())
 
 
 def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_earlier_failures(tmp_path):
@@ -251,7 +252,7 @@ def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_ear
     servers = [app.server(host) for host in app.hosts]
     plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "x", hosts, [["app1"], ["app2"], ["app3"]], "1", 2, gate,
                               ["lb1"], 1, 5, False, in_service={"lb1": servers})
-    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.below_minimum(["app1"], []) is None
     rollout.outcomes["app1"].state, rollout.outcomes["app1"].in_lb = deploy.FAILED, False
     assert rollout.below_minimum(["app2"], []) is None, "app3 still serves"
@@ -271,9 +272,9 @@ def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before
     app = app_fleet(tmp_path)
     surveys = survey(app, "R1", releases=["R1", "R2"])
     surveys["app1"].current = "R2"
-    hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
+    hosts = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
     assert [h.before for h in hosts] == ["R2", "R1", "R1"], "alone, the survey knows only app1's current"
-    deploy.inherit_releases_before(hosts, surveys, interrupted_run())
+    deploy_plan.inherit_releases_before(hosts, surveys, interrupted_run())
     assert [h.before for h in hosts] == ["R1", "R1", "R1"]
     assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
     gate = deploy.HealthGate("/health", 8000, 3, 30)
@@ -289,8 +290,8 @@ def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherit
     def plans(last_run, releases=("R1", "R2")):
         surveys = survey(app, "R1", releases=list(releases))
         surveys["app1"].current = "R2"
-        hosts = deploy._host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R3", max_fail=0)
-        deploy.inherit_releases_before(hosts, surveys, last_run)
+        hosts = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R3", max_fail=0)
+        deploy_plan.inherit_releases_before(hosts, surveys, last_run)
         return hosts
 
     assert plans(interrupted_run(interrupted=False))[0].before == "R2", "a run that ended left nothing to inherit"
@@ -306,10 +307,10 @@ def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
                                                                                    before="R2")]
     gate = deploy.HealthGate("/health", 8000, 3, 30)
     plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
-    journal = deploy.Journal(app.fleet, plan)
+    journal = deploy_record.LastRunRecord(app.fleet, plan)
     journal.update()
-    assert json.loads(deploy.journal_path(app.fleet).read_text())["before"] == {"app1": "R1"}
-    rollout = deploy.Rollout(app, plan, deploy.Reporter(), b"")
+    assert json.loads(deploy_record.last_run_path(app.fleet).read_text())["before"] == {"app1": "R1"}
+    rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
 
 
@@ -319,8 +320,8 @@ def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):
     surveys["app1"].releases = [{"id": "R1", "content": "aaa"}, {"id": "R2", "content": "bbb"}]
     surveys["app2"].releases = [{"id": "R3", "content": "bbb"}]
     surveys["app2"].current = "R3"
-    assert deploy._existing_release(surveys, "bbb") == "R3", "the one a host runs wins"
-    assert deploy._existing_release(surveys, "ccc") is None
+    assert deploy_plan.existing_release(surveys, "bbb") == "R3", "the one a host runs wins"
+    assert deploy_plan.existing_release(surveys, "ccc") is None
 
 
 def result(*states):
@@ -395,4 +396,4 @@ def test_a_host_the_load_balancer_does_not_list_is_refused(tmp_path):
     listed = lb_state(app)
     listed.servers = listed.servers[:2]
     with pytest.raises(RefusedError, match=r"app3 \(127.0.20.3:8000\)"):
-        deploy._host_plans(app, survey(app, "R1"), listed, "R2", max_fail=0)
+        deploy_plan.host_plans(app, survey(app, "R1"), listed, "R2", max_fail=0)

@@ -1,0 +1,182 @@
+"""The agent sessions of a deploy: one SSH session per host for a whole run, serving every
+request to that host's `release` or `upstream` agent (igops/agent/), and `AppFleet`, an
+inventory's app servers and load balancers with the sessions open on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from igops import agent, remote
+from igops.errors import IgopsError, UsageError
+
+# How long nginx's old workers may take to finish their requests after a drain's reload; the
+# upstream agent waits up to that long.
+DRAIN_TIMEOUT_S = 10.0
+SESSION_LIFETIME_S = 6 * 3600.0
+# A new session's first answer also waits for the login and the interpreter's start.
+AGENT_START_S = 30.0
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass
+class AgentAnswer:
+    answer: dict | None
+    error: str | None
+    # False when nothing came back: the request may or may not have been carried out.
+    answered: bool
+
+
+class AgentSession:
+    """One agent process on one host, serving every request of a run over one SSH session: a
+    host costs one login and one interpreter however many batches the run has. Requests are
+    idempotent, so one that got no answer because the session ended is sent once more on a
+    new session; one that timed out is not."""
+
+    def __init__(self, target: remote.Target, settings: remote.SshSettings, program: str, args: list[str]):
+        self.target = target
+        # The session lives as long as the run; the agent also exits when igops goes away.
+        self.settings = dataclasses.replace(settings, command_timeout=SESSION_LIFETIME_S)
+        command, self.prefix = agent.invocation(program, args)
+        # The system's interpreter and tools, whatever a login shell puts first on PATH: the
+        # virtualenvs built here are run by the app's user, who cannot use an interpreter in
+        # root's home directory (pyenv), and reload and test commands behave the same everywhere.
+        self.command = f"PATH={SYSTEM_PATH}; export PATH; {command}"
+        self._session: remote.Session | None = None
+        self._lock = threading.Lock()
+
+    def request(self, document: dict, timeout: float, payload: bytes = b"") -> AgentAnswer:
+        line = json.dumps(document).encode() + b"\n" + payload
+        with self._lock:
+            answer, session_ended = self._exchange(line, timeout)
+            if session_ended:
+                answer, _ = self._exchange(line, timeout)
+            return answer
+
+    def _exchange(self, line: bytes, timeout: float) -> tuple[AgentAnswer, bool]:
+        """The answer, and whether the session ended without giving one (worth one more try)."""
+        deadline = timeout
+        if self._session is None:
+            deadline += AGENT_START_S
+            try:
+                self._session = remote.Session(self.target, self.command, self.settings,
+                                               stdin_prefix=self.prefix).__enter__()
+            except IgopsError as exc:
+                return AgentAnswer(None, exc.message.removeprefix(f"{self.target.name}: "), False), False
+            except Exception as exc:  # noqa: BLE001 - connected, but no session: as unreachable
+                return AgentAnswer(None, f"SSH session failed: {exc}", False), False
+        started = time.monotonic()
+        try:
+            self._session.send(line)
+            reply = self._session.read_line(deadline)
+        except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
+            self.close()
+            return AgentAnswer(None, f"SSH session failed: {exc}", False), True
+        if reply is not None:
+            return self._parse(reply), False
+        timed_out = time.monotonic() - started >= deadline
+        ended = self._session.stderr().strip()[-300:] or "the SSH session ended"
+        self.close()
+        if timed_out:
+            return AgentAnswer(None, f"no answer within {deadline:g} s", False), False
+        return AgentAnswer(None, ended, False), True
+
+    @staticmethod
+    def _parse(reply: str) -> AgentAnswer:
+        try:
+            document = json.loads(reply)
+        except ValueError:
+            return AgentAnswer(None, f"unexpected answer: {reply[:200]}", True)
+        if "error" in document:
+            return AgentAnswer(None, document["error"], True)
+        return AgentAnswer(document, None, True)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+            self._session = None
+
+
+# --- the fleet's app servers and load balancers ---------------------------------------------------
+
+@dataclass
+class AppFleet:
+    """The app servers and load balancers of an inventory, and the agent sessions on them
+    (close them when done: `with AppFleet.of(fleet) as app`)."""
+
+    fleet: object
+    hosts: list
+    lbs: list
+    settings: remote.SshSettings
+    agents: dict[str, AgentSession] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, fleet) -> AppFleet:
+        hosts = fleet.with_role("app")
+        if not hosts:
+            raise UsageError("no host has the 'app' role",
+                             f"add roles = [\"app\"] to the app servers in {fleet.source}")
+        return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
+
+    def __enter__(self) -> AppFleet:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.agents), 64))) as pool:
+            list(pool.map(AgentSession.close, self.agents.values()))
+
+    @property
+    def name(self) -> str:
+        return self.fleet.model.fleet.name
+
+    def host(self, name: str):
+        return self.fleet.host(name)
+
+    def root(self, host) -> str:
+        return self.fleet.path_for(self.fleet.model.app.root, host)
+
+    def reload_command(self, host) -> str:
+        return self.fleet.path_for(self.fleet.model.app.reload_command, host)
+
+    def server(self, host) -> str:
+        """The host as nginx's upstream names it."""
+        return f"{host.address}:{self.fleet.model.app.port}"
+
+    def release_agent(self, host) -> AgentSession:
+        return self._agent(host, "release", ["serve", self.root(host)])
+
+    def upstream_agent(self, host) -> AgentSession:
+        lb = self.fleet.model.lb
+        path = self.fleet.path_for
+        return self._agent(host, "upstream", [path(lb.upstream_file, host), path(lb.test_command, host),
+                                              path(lb.reload_command, host), f"{DRAIN_TIMEOUT_S:g}"])
+
+    def _agent(self, host, program: str, args: list[str]) -> AgentSession:
+        key = f"{program}@{host.name}"
+        if key not in self.agents:
+            [target] = remote.targets_for(self.fleet, [host])
+            self.agents[key] = AgentSession(target, self.settings, program, args)
+        return self.agents[key]
+
+    def request_each(self, agents: dict[str, tuple[AgentSession, dict, bytes]], timeout: float,
+                     parallel: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, AgentAnswer]:
+        """name -> its agent's answer to its request, at most `parallel` hosts at once."""
+        if not agents:
+            return {}
+        workers = max(1, min(parallel or self.settings.parallel, len(agents)))
+
+        def one(item) -> tuple[str, AgentAnswer]:
+            name, (session, document, payload) = item
+            answer = session.request(document, timeout, payload)
+            if on_done:
+                on_done()
+            return name, answer
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deploy") as pool:
+            return dict(pool.map(one, agents.items()))

@@ -1,0 +1,172 @@
+"""What keeps traffic off a host while it changes release: the load balancers (every nginx
+with the `lb` role, changed together through the `upstream` agent) and the health gate a
+switched host must pass before it goes back into traffic.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from igops.deploy_agents import DRAIN_TIMEOUT_S, AppFleet
+from igops.errors import RemoteError
+
+HEALTH_INTERVAL_S = 0.2
+HEALTH_HTTP_TIMEOUT_S = 2.0
+LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
+
+
+# --- the load balancers --------------------------------------------------------------------------
+
+@dataclass
+class LbServer:
+    lb: str
+    server: str
+    down: bool
+    igops: bool
+    note: str | None
+
+
+@dataclass
+class LbState:
+    servers: list[LbServer] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def drained_by_igops(self, server: str) -> bool:
+        return any(item.server == server and item.down and item.igops for item in self.servers)
+
+    def drained_by_others(self, server: str) -> bool:
+        return any(item.server == server and item.down and not item.igops for item in self.servers)
+
+    def describe(self, server: str) -> str:
+        entries = [item for item in self.servers if item.server == server]
+        if not entries:
+            return "unknown" if self.errors else "no load balancer"
+        if any(item.down and not item.igops for item in entries):
+            return "drained (by someone else)"
+        if any(item.down for item in entries):
+            note = next(item.note for item in entries if item.down)
+            return f"drained by igops ({note})"
+        return "in"
+
+
+class LoadBalancers:
+    """Every nginx with the `lb` role, changed together through the upstream agent."""
+
+    def __init__(self, app: AppFleet, note: str):
+        self.app = app
+        self.note = note
+
+    def change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> LbState:
+        """Apply, and return the servers as every LB now has them. Raises RemoteError naming the
+        LBs where it failed."""
+        request = {"down": sorted(down), "up": sorted(up), "note": self.note}
+        answers = self.app.request_each({host.name: (self.app.upstream_agent(host), request, b"")
+                                         for host in self.app.lbs}, LB_TIMEOUT_S)
+        state = LbState()
+        for host in self.app.lbs:
+            answer, error = answers[host.name].answer, answers[host.name].error
+            if answer is None:
+                state.errors[host.name] = error
+                continue
+            state.servers += [LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
+                              for item in answer["servers"]]
+        if state.errors and (down or up):
+            raise RemoteError("load balancer change failed: " + "; ".join(f"{name}: {error}"
+                                                                          for name, error in state.errors.items()))
+        return state
+
+    def read(self) -> LbState:
+        return self.change()
+
+
+def drained_by_igops(app: AppFleet) -> list[str]:
+    """The app hosts some load balancer has out of rotation because an igops deploy drained
+    them: what an interrupted deploy can leave behind."""
+    state = LoadBalancers(app, "survey").read()
+    return [host.name for host in app.hosts if state.drained_by_igops(app.server(host))]
+
+
+def put_back(app: AppFleet, names: list[str], note: str) -> None:
+    """Every load balancer takes these app hosts back into rotation."""
+    LoadBalancers(app, note).change(up=[app.server(app.host(name)) for name in names])
+
+
+# --- the health gate -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HealthGate:
+    path: str
+    port: int
+    passes: int
+    timeout: float
+    interval: float = HEALTH_INTERVAL_S
+    # Releases igops built serve an app that names its release in /health; a release from
+    # elsewhere may not, and is then gated on health alone.
+    require_release: bool = True
+
+    def describe(self) -> str:
+        return f"{self.passes} passes of {self.path} in a row within {self.timeout:g} s"
+
+
+@dataclass
+class GateResult:
+    ok: bool
+    detail: str
+    ms: float
+
+
+def probe(address: str, port: int, path: str, release: str, require_release: bool = True,
+          timeout: float = HEALTH_HTTP_TIMEOUT_S) -> tuple[bool, str]:
+    """One /health request: (passed, what was seen)."""
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        body = response.read()
+    except ConnectionRefusedError:
+        return False, f"{address}:{port} refused the connection (is gunicorn running?)"
+    except TimeoutError:
+        return False, f"{path} did not answer within {timeout:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{path}: {type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = {}
+    served = document.get("release") if isinstance(document, dict) else None
+    if response.status != 200:
+        failing = [f"{name}: {check.get('error', 'failed')}" for name, check in (document.get("checks") or {}).items()
+                   if isinstance(check, dict) and not check.get("ok")] if isinstance(document, dict) else []
+        return False, (f"{path} answered {response.status}" + (f" (release {served})" if served else "")
+                       + (": " + "; ".join(failing)[:300] if failing else ""))
+    if served is None:
+        if require_release:
+            return False, f"{path} does not say which release it serves (the app must put `release` in it)"
+        return True, "ok, but the app does not say which release it serves"
+    if served != release:
+        return False, f"still serving release {served}"
+    return True, "ok"
+
+
+def wait_healthy(address: str, gate: HealthGate, release: str) -> GateResult:
+    started = time.monotonic()
+    streak, last = 0, "no answer yet"
+    while True:
+        ok, seen = probe(address, gate.port, gate.path, release, gate.require_release)
+        elapsed = time.monotonic() - started
+        if ok:
+            streak += 1
+            if streak >= gate.passes:
+                caveat = "" if seen == "ok" else f" ({seen}: not verified)"
+                return GateResult(True, f"healthy on {release} in {elapsed:.1f} s{caveat}", round(elapsed * 1000, 1))
+        else:
+            streak, last = 0, seen
+        if elapsed > gate.timeout:
+            return GateResult(False, f"{last} (gate: {gate.describe()})", round(elapsed * 1000, 1))
+        time.sleep(gate.interval)
