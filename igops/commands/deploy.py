@@ -41,8 +41,8 @@ class DeployGroup(TyperGroup):
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
-                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.",
                   epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
                          "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
                          "  igops deploy --batch 1,50%\n  igops deploy rollback")

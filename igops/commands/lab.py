@@ -11,8 +11,8 @@ from igops.tables import Column
 
 LAB_COLUMNS = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
 
-app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopback addresses.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("up")

@@ -20,8 +20,8 @@ from igops.commands.common import (
 from igops.errors import ExitCode, UsageError
 from igops.tables import Column
 
-app = typer.Typer(help="Operations: what runs now, what was interrupted, their journals and the audit trail.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
 # The id is what a person pastes; the rest gives way at 80 columns, the least needed first.

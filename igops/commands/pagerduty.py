@@ -10,8 +10,8 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, comma
 from igops.operations import conflicts
 from igops.tables import Column
 
-app = typer.Typer(help="PagerDuty (Events API v2): test the paging path, list the incidents igops opened.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("test")

@@ -11,8 +11,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
-                       "dead primary, rejoin of a former primary.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
     False, "--accept-risk",

@@ -12,8 +12,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
-                       "open maintenance windows.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("sync")

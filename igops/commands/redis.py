@@ -11,8 +11,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
-                       "of a former master.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
     False, "--accept-risk",

@@ -12,8 +12,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
-                       "between clusters online, verify copies, rebalance.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
                           "shard, 10 of sequence.", no_args_is_help=True)
 app.add_typer(id_app, name="id")

@@ -11,9 +11,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
-                       "restore, and the scheduled `cron`.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 def _group_row(group) -> list:

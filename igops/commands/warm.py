@@ -23,8 +23,8 @@ from igops.operations import conflicts
 from igops.output import human_bytes, plural
 from igops.tables import Column
 
-app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
-                       "compare two hosts.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 class Match(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
