@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import typer
 
+from igops import checks, coordination, safety
+from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
+from igops.checks.pagerduty import Pager
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
-from igops.errors import ExitCode, IgopsError, NagiosStatus, UsageError
+from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, UsageError
 from igops.output import plural
+from igops.secrets import redact
 from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
@@ -61,9 +66,6 @@ def check(
 
 
 def _nagios_unknown(message: str) -> None:
-    from igops.checks import nagios as nagios_format
-    from igops.secrets import redact
-
     sys.stdout.write(redact(nagios_format.unknown(message)) + "\n")
     _exit(int(NagiosStatus.UNKNOWN))
 
@@ -71,7 +73,6 @@ def _nagios_unknown(message: str) -> None:
 def _exit(code: int) -> None:
     """Leave now. A probe still stuck past the deadline (a session to a hung host) must not keep
     the process, or cron's next run, waiting: once everything is printed, exit regardless."""
-    import threading
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -83,16 +84,11 @@ def _exit(code: int) -> None:
 
 
 def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: float | None) -> int:
-    from igops import checks, coordination, safety
-    from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
-
     fleet = load_fleet(ctx)
     timeout = timeout or fleet.model.check.timeout
     only = fleet_checks.validate_groups(only)
     pager = None
     if page:
-        from igops.checks.pagerduty import Pager
-
         pager = Pager(fleet, out)
         pager.prepare()
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
@@ -118,7 +114,6 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
     _report_paging(out, paging, quiet)
     if nagios:
         text, state = nagios_format.line(fleet.model.fleet.name, results, duration)
-        from igops.secrets import redact
 
         sys.stdout.write(redact(text) + "\n")
         return int(state)
@@ -171,9 +166,6 @@ class _CheckLock:
         self._held = None
 
     def __enter__(self):
-        from igops import safety
-        from igops.errors import AlreadyRunning
-
         give_up = time.monotonic() + (self.timeout + 5 if self.patient else 0)
         while True:
             held = safety.lock(self.fleet.state_dir, "check", self.fleet.model.fleet.name, self.command_line)

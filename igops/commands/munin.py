@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from igops.checks import munin
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
 from igops.operations import conflicts
@@ -27,7 +28,6 @@ def install(
 ) -> None:
     """Install the plugins for each host's services: the script, its links, its plugin-conf,
     and a munin-node restart where anything changed."""
-    from igops.checks import munin
 
     with command(ctx, "munin install", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -74,7 +74,6 @@ def fetch(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Fetch values from a munin-node over its own protocol (port 4949), as munin-update does."""
-    from igops.checks import munin
 
     with command(ctx, "munin fetch", json_flag) as out:
         fleet = load_fleet(ctx)

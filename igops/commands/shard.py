@@ -6,10 +6,12 @@ from enum import Enum
 
 import typer
 
+from igops import shards
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
 from igops.operations import conflicts
 from igops.output import plural
+from igops.shards import human_bytes
 from igops.tables import Column
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
@@ -43,8 +45,6 @@ PAUSE_AFTER_HELP = ("Runbook rehearsal: stop after STEP and wait to be killed, t
 
 
 def _bytes(value) -> str:
-    from igops.shards import human_bytes
-
     return human_bytes(value)
 
 
@@ -60,7 +60,6 @@ def id_decode(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Time (UTC), logical shard and sequence of each id."""
-    from igops import shards
 
     with command(ctx, "shard id decode", json_flag) as out:
         decoded = [shards.decode_id(value) for value in ids]
@@ -79,7 +78,6 @@ def id_encode(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The id that a shard's next_id() returns at time T with sequence N."""
-    from igops import shards
 
     with command(ctx, "shard id encode", json_flag) as out:
         value = shards.encode_id(shards.parse_time(time_text), shard, sequence)
@@ -96,7 +94,6 @@ def show_map(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Logical -> physical: the map's version, and shards and bytes per cluster."""
-    from igops import shards
 
     with command(ctx, "shard map", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -133,7 +130,6 @@ def init(
 ) -> None:
     """Create the directory and every logical shard's schema (tables, sequence, next_id()) on the
     cluster the map assigns it; seed an even map if there is none. Idempotent."""
-    from igops import shards
 
     with command(ctx, "shard init", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -185,7 +181,6 @@ def move(
 ) -> None:
     """Move a shard online: copy by logical replication, catch up, verify, cut over behind a brief
     write lock, switch the map, fence and drop the old copy. Journaled: see `igops shard moves`."""
-    from igops import shards
 
     with command(ctx, "shard move", json_flag) as out:
         chosen = [name for name, value in (("SHARD --to", shard is not None or to is not None),
@@ -239,7 +234,6 @@ def moves(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The move journal: every move's step, state and timings; unfinished ones first to act on."""
-    from igops import shards
 
     with command(ctx, "shard moves", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -271,7 +265,6 @@ def verify(
 ) -> None:
     """Per-table row counts and ordered checksums, sequence values and a schema diff: against the
     shard DDL, or against another copy."""
-    from igops import shards
 
     with command(ctx, "shard verify", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -310,7 +303,6 @@ def rebalance(
 ) -> None:
     """Plan the moves that even out the clusters, then run them one at a time (each one a full
     online move); stops at the first failure."""
-    from igops import shards
 
     with command(ctx, "shard rebalance", json_flag) as out:
         fleet = load_fleet(ctx)
