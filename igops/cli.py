@@ -100,7 +100,6 @@ app = typer.Typer(
     help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, "
     "deploys and checks.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -248,12 +247,16 @@ def _accept_global_options(verb) -> None:
 
 
 def _explain_verb(verb, name: str) -> None:
-    """The verb's `--help`: metavars in words (never a Python type) and its examples."""
-    from igops.commands import help_text
+    """The verb's `--help`: metavars in words (never a Python type) and its examples; and the
+    completion of the inventory's names (hosts, roles, clusters, nodes, shards) for its values."""
+    from igops.commands import completion, help_text
 
     for param in verb.params:
         if not getattr(param, "is_flag", False):
             param.metavar = help_text.metavar_for(name, param.name, param.metavar)
+            complete = completion.completer_for(name, param.name)
+            if complete is not None and param._custom_shell_complete is None:
+                param._custom_shell_complete = complete
         if param.param_type_name == "argument":
             # typer prints an argument's Python type beside its name; the name says it.
             param.display_type_rich = lambda ctx: None
