@@ -15,7 +15,6 @@ from igops.checks.pagerduty import Pager
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
 from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, UsageError
 from igops.output import plural
-from igops.secrets import redact
 from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
@@ -52,21 +51,21 @@ def check(
     if nagios and (json_flag or options(ctx).json):
         with command(ctx, "check", json_flag):
             raise UsageError("--nagios and --json are two different outputs", "choose one")
-    with command(ctx, "check", json_flag) as out:
+    with command(ctx, "check", json_flag, nagios=nagios) as out:
         if not nagios:
             code = _run(ctx, out, role, only, False, page, quiet, timeout)
         else:
             try:
                 code = _run(ctx, out, role, only, True, page, quiet, timeout)
             except IgopsError as exc:
-                _nagios_unknown(exc.one_line())
+                _nagios_unknown(out, exc.one_line())
             except Exception as exc:  # noqa: BLE001 - Nagios must get a status line, never a traceback
-                _nagios_unknown(f"unexpected {type(exc).__name__}: {exc}")
+                _nagios_unknown(out, f"unexpected {type(exc).__name__}: {exc}")
         _exit(code)
 
 
-def _nagios_unknown(message: str) -> None:
-    sys.stdout.write(redact(nagios_format.unknown(message)) + "\n")
+def _nagios_unknown(out, message: str) -> None:
+    out.nagios_status(nagios_format.unknown(message))
     _exit(int(NagiosStatus.UNKNOWN))
 
 
@@ -114,8 +113,7 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
     _report_paging(out, paging, quiet)
     if nagios:
         text, state = nagios_format.line(fleet.model.fleet.name, results, duration)
-
-        sys.stdout.write(redact(text) + "\n")
+        out.nagios_status(text)
         return int(state)
     # Problems found exit 5, as from every read-only command; a page that could not be sent is
     # an action that failed (1). --nagios keeps Nagios' own codes (above).

@@ -61,11 +61,12 @@ def options(ctx: typer.Context) -> GlobalOptions:
 
 
 @contextmanager
-def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[Output]:
-    """Run a command body: IgopsErrors become a one-line message and their exit code."""
+def command(ctx: typer.Context, name: str, json_flag: bool = False, nagios: bool = False) -> Iterator[Output]:
+    """Run a command body: IgopsErrors become a one-line message and their exit code. `nagios`:
+    stdout is a Nagios status line (`check --nagios`)."""
     opts = options(ctx)
     out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose,
-                 table_format=TableFormat(opts.format).value, wide=opts.wide)
+                 table_format=TableFormat(opts.format).value, wide=opts.wide, nagios=nagios)
     out.shows_plan = bool(ctx.meta.get("igops.shows_plan"))
     try:
         yield out
@@ -133,7 +134,7 @@ def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, s
         return None
     opts = current_options()
     spec = engine.OperationSpec(kind, title, targets, resources, steps, params or {}) if kind else None
-    if not safety_confirm(f"{title}?", yes):
+    if not safety_confirm(out, f"{title}?", yes):
         engine.declined(fleet, targets, opts.reason)
         raise UsageError("not confirmed: nothing was changed",
                          "answer y to go ahead, or pass --yes after reviewing the plan")
@@ -143,10 +144,10 @@ def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, s
                           reason=opts.reason, wait=opts.wait, resume=resume)
 
 
-def safety_confirm(question: str, yes: bool) -> bool:
+def safety_confirm(out: Output, question: str, yes: bool) -> bool:
     from igops import safety
 
-    return safety.confirm(question, yes)
+    return safety.confirm(question, yes, out.ask)
 
 
 def current_options() -> GlobalOptions:
