@@ -26,17 +26,8 @@ class Balance(str, Enum):  # noqa: UP042 - StrEnum would change str() of a membe
     bytes = "bytes"
 
 
-class PausePoint(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
-    planned = "planned"
-    target_ready = "target_ready"
-    published = "published"
-    copied = "copied"
-    subscribed = "subscribed"
-    caught_up = "caught_up"
-    verified = "verified"
-    locked = "locked"
-    fenced = "fenced"
-    switched = "switched"
+# The points a move can stop at (--pause-after), as shards.PAUSE_POINTS names them: a value each.
+PausePoint = Enum("PausePoint", {point: point for point in shards.PAUSE_POINTS}, type=str)
 
 
 # Built once from the enum, so that the help names every point the move can stop at.
