@@ -14,7 +14,7 @@ from typer._click import core as click_core, exceptions as click
 from typer.core import TyperCommand, TyperGroup
 
 from igops import __version__
-from igops.commands.common import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
+from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 
 # Every command under `igops`, in the order `igops --help` lists them: the module of
 # igops.commands that defines it, and its help in one line. A module is imported only when its

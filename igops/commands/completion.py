@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable
 
 from igops import inventory
-from igops.commands.common import GlobalOptions
+from igops.commands.options import GlobalOptions
 from igops.errors import IgopsError
 
 DEFAULT_SHARD_COUNT = 16  # [shards] count when the inventory does not set it

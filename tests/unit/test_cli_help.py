@@ -72,7 +72,7 @@ def test_help_lists_every_command_without_importing_one():
             "from igops.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
-            "and m != 'igops.commands.common'))")
+            "and m != 'igops.commands.options'))")
     import subprocess
     import sys
 

@@ -9,7 +9,7 @@ import pytest
 
 from igops.cli import build_command, verbs
 from igops.commands import completion
-from igops.commands.common import GlobalOptions
+from igops.commands.options import GlobalOptions
 from tests.conftest import IGOPS, ROOT
 from tests.unit.inventories import unit_inventory
 
@@ -141,7 +141,7 @@ def test_completing_a_command_name_imports_no_command_module(config):
             "from igops.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
-            "and m != 'igops.commands.common'))")
+            "and m != 'igops.commands.options'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "LOADED []" in result.stdout and "snapshot" in result.stdout.splitlines(), result.stdout
 
