@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 
@@ -9,32 +10,96 @@ import typer
 import typer.main
 
 # The click that typer vendors: its exceptions are the ones a bad command line raises.
-from typer._click import exceptions as click
+from typer._click import core as click_core, exceptions as click
+from typer.core import TyperCommand, TyperGroup
 
 from igops import __version__
-from igops.commands import (
-    check,
-    deploy as deploy_commands,
-    fleet,
-    lab,
-    munin,
-    ops,
-    pagerduty,
-    pg,
-    pingdom,
-    redis as redis_commands,
-    shard as shard_commands,
-    snapshot,
-    warm,
-)
-from igops.commands.common import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
+from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
+
+# Every command under `igops`, in the order `igops --help` lists them: the module of
+# igops.commands that defines it, and its help in one line. A module is imported only when its
+# command runs, completes or shows its own help, so `igops --help` reads the lines here. A
+# group's line is its help (`igops snapshot --help` too); a single command's is the first
+# paragraph of its docstring (tests/unit/test_cli_help.py keeps the two equal).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "hosts": ("fleet", "List the inventory's hosts."),
+    "exec": ("fleet", "Run a command on many hosts in parallel and summarise the results."),
+    "status": ("fleet", "Fleet overview: every host's reachability, then every service's state."),
+    "check": ("check", "Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer, "
+                       "Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom."),
+    "snapshot": ("snapshot", "Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
+                             "restore, and the scheduled `cron`."),
+    "lab": ("lab", "Bring the lab fleet up or down on this machine's loopback addresses."),
+    "warm": ("warm", "Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
+                     "compare two hosts."),
+    "munin": ("munin", "Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node."),
+    "pingdom": ("pingdom", "Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
+                           "open maintenance windows."),
+    "pagerduty": ("pagerduty", "PagerDuty (Events API v2): test the paging path, list the incidents igops opened."),
+    "shard": ("shard", "Logical shards: decode and encode ids, show the map, create the schemas, move shards "
+                       "between clusters online, verify copies, rebalance."),
+    "deploy": ("deploy", "Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`."),
+    "pg": ("pg", "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
+                 "dead primary, rejoin of a former primary."),
+    "redis": ("redis", "Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
+                       "of a former master."),
+    "ops": ("ops", "Operations: what runs now, what was interrupted, their journals and the audit trail."),
+}
+
+
+class CommandTable(TyperGroup):
+    """The root group: its commands are the entries of COMMANDS, each built from its module on
+    first use (run, completed, or its own help shown) and given the global options and help
+    texts then. Listing them (`igops --help`, completing a command name) imports nothing."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            self.commands[cmd_name] = _load(cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        listed = [(name, _listed(name)) for name in self.list_commands(ctx)]
+        limit = formatter.width - 6 - max(len(name) for name, _ in listed)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in listed])
+
+    def shell_complete(self, ctx, incomplete: str) -> list:
+        from typer._click.shell_completion import CompletionItem
+
+        names = [name for name in self.list_commands(ctx) if name.startswith(incomplete)]
+        return [CompletionItem(name, help=_listed(name).get_short_help_str()) for name in names] + \
+            click_core.Command.shell_complete(self, ctx, incomplete)
+
+
+def _listed(name: str) -> TyperCommand:
+    """What `igops --help` lists for a command: its name and one-line help, nothing imported."""
+    return TyperCommand(name, help=COMMANDS[name][1], rich_markup_mode=None)
+
+
+def _load(name: str):
+    """Build the click command `name` from its module in igops.commands, as the root's own: the
+    global options after it, metavars in words, examples."""
+    module = importlib.import_module(f"igops.commands.{COMMANDS[name][0]}")
+    holder = typer.Typer(rich_markup_mode=None, add_completion=False)
+    holder.callback()(lambda: None)  # a group, however many commands it holds
+    if hasattr(module, "register"):
+        module.register(holder)
+    else:
+        holder.add_typer(module.app, name=name, help=COMMANDS[name][1])
+    command = typer.main.get_command(holder).commands[name]
+    _prepare(command, (name,))
+    return command
+
 
 app = typer.Typer(
     name="igops",
+    cls=CommandTable,
     help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, "
     "deploys and checks.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -67,21 +132,6 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose, format=table_format, wide=wide)
-
-
-fleet.register(app)
-app.add_typer(snapshot.app, name="snapshot")
-app.add_typer(lab.app, name="lab")
-app.add_typer(warm.app, name="warm")
-check.register(app)
-app.add_typer(munin.app, name="munin")
-app.add_typer(pingdom.app, name="pingdom")
-app.add_typer(pagerduty.app, name="pagerduty")
-app.add_typer(shard_commands.app, name="shard")
-app.add_typer(deploy_commands.app, name="deploy")
-app.add_typer(pg.app, name="pg")
-app.add_typer(redis_commands.app, name="redis")
-app.add_typer(ops.app, name="ops")
 
 
 def _store_config(ctx: typer.Context, value: str | None) -> None:
@@ -126,7 +176,7 @@ def _global_option_params(names: dict[str, list[str]]) -> list:
     """The global options as options of a subcommand, built by typer itself from a command that
     carries them, under the `names` still free there. They store into the same GlobalOptions as
     the root's."""
-    carrier = typer.Typer()
+    carrier = typer.Typer(add_completion=False)
 
     @carrier.command()
     def carry(
@@ -155,7 +205,7 @@ GLOBAL_OPTION_NAMES = {"config": ("--config", "-c"), "verbose": ("--verbose", "-
 def _operator_option_params() -> list:
     """--reason and --wait, which every mutating verb (one with --dry-run) takes: they reach the
     operation engine through the GlobalOptions, like -c."""
-    carrier = typer.Typer()
+    carrier = typer.Typer(add_completion=False)
 
     @carrier.command()
     def carry(
@@ -173,46 +223,72 @@ def _operator_option_params() -> list:
     return [param for param in typer.main.get_command(carrier).params if param.opts[0] in ("--reason", "--wait")]
 
 
-def _accept_global_options_after_subcommands(group) -> None:
-    """Give every subcommand the global options too, as every command has --json, so
+def _prepare(command, path: tuple[str, ...]) -> None:
+    """Give every verb under `command` (itself, if it is one) the global options and its help."""
+    subcommands = getattr(command, "commands", None)
+    if subcommands is not None:
+        for name, sub in subcommands.items():
+            _prepare(sub, (*path, name))
+        return
+    _accept_global_options(command)
+    _explain_verb(command, " ".join(path))
+
+
+def _accept_global_options(verb) -> None:
+    """Give the verb the global options too, as every command has --json, so
     `igops hosts --config FILE` works like `igops --config FILE hosts`; a value given after the
     subcommand wins. A name a subcommand already uses for its own option keeps that meaning
     (`munin fetch --config` asks for plugin configs; -c still names the inventory there)."""
-    for sub in getattr(group, "commands", {}).values():
-        if getattr(sub, "commands", None) is not None:
-            _accept_global_options_after_subcommands(sub)
-            continue
-        taken = {name for param in sub.params for name in [*param.opts, *param.secondary_opts]}
-        sub.params.extend(_global_option_params({key: [name for name in given if name not in taken]
-                                                 for key, given in GLOBAL_OPTION_NAMES.items()}))
-        if any("--dry-run" in param.opts for param in sub.params):
-            sub.params.extend(_operator_option_params())
+    taken = {name for param in verb.params for name in [*param.opts, *param.secondary_opts]}
+    verb.params.extend(_global_option_params({key: [name for name in given if name not in taken]
+                                              for key, given in GLOBAL_OPTION_NAMES.items()}))
+    if any("--dry-run" in param.opts for param in verb.params):
+        verb.params.extend(_operator_option_params())
 
 
-def _explain_verbs(group, path: tuple[str, ...] = ()) -> None:
-    """Every verb's `--help`: metavars in words (never a Python type) and its examples."""
-    from igops.commands import help_text
+def _explain_verb(verb, name: str) -> None:
+    """The verb's `--help`: metavars in words (never a Python type) and its examples; and the
+    completion of the inventory's names (hosts, roles, clusters, nodes, shards) for its values."""
+    from igops.commands import completion, help_text
 
-    for name, sub in getattr(group, "commands", {}).items():
-        if getattr(sub, "commands", None) is not None:
-            _explain_verbs(sub, (*path, name))
-            continue
-        verb = " ".join((*path, name))
-        for param in sub.params:
-            if not getattr(param, "is_flag", False):
-                param.metavar = help_text.metavar_for(verb, param.name, param.metavar)
-            if param.param_type_name == "argument":
-                # typer prints an argument's Python type beside its name; the name says it.
-                param.display_type_rich = lambda ctx: None
-        sub.epilog = sub.epilog or help_text.examples_epilog(verb)
+    for param in verb.params:
+        if not getattr(param, "is_flag", False):
+            param.metavar = help_text.metavar_for(name, param.name, param.metavar)
+            complete = completion.completer_for(name, param.name)
+            if complete is not None and param._custom_shell_complete is None:
+                param._custom_shell_complete = complete
+        if param.param_type_name == "argument":
+            # typer prints an argument's Python type beside its name; the name says it.
+            param.display_type_rich = lambda ctx: None
+    verb.epilog = verb.epilog or help_text.examples_epilog(name)
 
 
 def build_command():
-    """The click command behind `igops`, global options accepted in both places."""
-    command = typer.main.get_command(app)
-    _accept_global_options_after_subcommands(command)
-    _explain_verbs(command)
-    return command
+    """The click command behind `igops`: each command is built when first asked for
+    (CommandTable), the global options accepted before and after it."""
+    return typer.main.get_command(app)
+
+
+def subcommand(group, name: str):
+    """The command `name` under `group`, or None: built on demand under the root."""
+    get = getattr(group, "get_command", None)
+    return get(None, name) if get is not None else None
+
+
+def subcommand_names(group) -> list[str]:
+    """The names of the commands under `group`, without building any (none for a verb)."""
+    return group.list_commands(None) if getattr(group, "commands", None) is not None else []
+
+
+def verbs(group, path: tuple[str, ...] = ()):
+    """(path, verb) for every verb under `group`, e.g. (("shard", "id", "decode"), command):
+    this builds every command, for the tests that walk them all."""
+    for name in subcommand_names(group):
+        sub = subcommand(group, name)
+        if getattr(sub, "commands", None) is not None:
+            yield from verbs(sub, (*path, name))
+        else:
+            yield (*path, name), sub
 
 
 def _command_name(exc: click.UsageError, argv: list[str]) -> str:
@@ -224,7 +300,7 @@ def _command_name(exc: click.UsageError, argv: list[str]) -> str:
     for word in argv:
         if word.startswith("-"):
             continue
-        sub = getattr(group, "commands", {}).get(word)
+        sub = subcommand(group, word) if word in subcommand_names(group) else None
         if sub is None:
             break
         words.append(word)
@@ -275,7 +351,7 @@ def _unknown_verb(exc: click.UsageError, word: str, help_hint: str) -> tuple[str
     """A word in a verb's place that is no verb: the close verbs, as whole command lines."""
     import difflib
 
-    verbs = list(getattr(exc.ctx.command, "commands", {}))
+    verbs = subcommand_names(exc.ctx.command)
     close = difflib.get_close_matches(word, verbs, n=3, cutoff=0.6)
     suggestion = ("did you mean: " + " or ".join(f"{exc.ctx.command_path} {verb}" for verb in close) + "? "
                   if close else "")

@@ -3,8 +3,10 @@
 People get rich tables on stdout and numbered steps, progress bars and logs on stderr. With
 `--json`, stdout carries exactly one JSON envelope and nothing else (with `--watch`, one per
 line, a refresh each). `--format plain` draws no rules; `--format tsv` puts only tab-separated
-rows on stdout and sends the sentences to stderr. Domain modules never print: they report
-through a `Reporter`, which this module implements for the CLI.
+rows on stdout and sends the sentences to stderr. With `--nagios` (`igops check`), stdout is
+the plugin's one status line (`NagiosWriter`) and nothing else. A question to the person
+running igops (the confirmation before a change) is asked here too, on stderr. Domain modules
+never print: they report through a `Reporter`, which this module implements for the CLI.
 """
 
 from __future__ import annotations
@@ -57,11 +59,23 @@ class Reporter:
         yield lambda advance: None
 
 
+class NagiosWriter:
+    """The Nagios plugin convention (`check --nagios`): stdout is one line, `IGOPS STATE - TEXT |
+    PERFDATA` (igops.checks.nagios makes it), redacted, and nothing else; the exit code is the
+    state's 0/1/2/3."""
+
+    def status(self, line: str) -> None:
+        sys.stdout.write(redact(line) + "\n")
+        sys.stdout.flush()
+
+
 class Output(Reporter):
     def __init__(self, command: str, json_mode: bool = False, verbose: bool = False,
-                 table_format: str = "table", wide: bool = False):
+                 table_format: str = "table", wide: bool = False, nagios: bool = False):
         self.command = command
         self.json_mode = json_mode
+        # --nagios: the status line is stdout's alone; tables and result lines print nothing.
+        self.nagios = NagiosWriter() if nagios else None
         self.verbose = verbose
         self.table_format = table_format  # 'table', 'plain' or 'tsv' (--format)
         self.wide = wide  # every column, even where the terminal is too narrow
@@ -164,7 +178,7 @@ class Output(Reporter):
     def table(self, title: str | None, columns: Sequence[Column | str], rows: list[list[Any]]) -> None:
         """A table on stdout (nothing in JSON mode). A plain string column is an identifier:
         shown whole and never hidden; see igops.tables.Column for free text and secondary ones."""
-        if self.json_mode:
+        if self.json_mode or self.nagios:
             return
         from igops import tables
 
@@ -209,10 +223,21 @@ class Output(Reporter):
 
     def text(self, message: str) -> None:
         """A line of the result for people: on stdout, except with --format tsv, whose stdout
-        is the rows alone (then stderr); nothing in JSON mode."""
-        if not self.json_mode:
+        is the rows alone (then stderr); nothing in JSON or Nagios mode."""
+        if not self.json_mode and not self.nagios:
             console = self.err if self.table_format == "tsv" else self.out
             console.print(redact(message), markup=False, highlight=False)
+
+    def nagios_status(self, line: str) -> None:
+        """`--nagios`: the plugin's status line, the whole of stdout."""
+        (self.nagios or NagiosWriter()).status(line)
+
+    def ask(self, question: str) -> str:
+        """Ask the person at the terminal: the question on stderr (stdout is the result's), the
+        answer a line of stdin."""
+        sys.stderr.write(redact(question))
+        sys.stderr.flush()
+        return sys.stdin.readline()
 
     def plan(self, title: str, steps: list[str], is_result: bool = False) -> None:
         """The exact steps a mutating command will run, numbered. On stderr before a real run;

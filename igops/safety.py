@@ -17,7 +17,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -163,16 +163,15 @@ def append_audit(state_dir: Path, record: dict) -> None:
         os.close(fd)
 
 
-def confirm(question: str, assume_yes: bool) -> bool:
-    """Ask a person; refuse outright when nobody is there to answer."""
+def confirm(question: str, assume_yes: bool, ask: Callable[[str], str]) -> bool:
+    """Ask a person through `ask` (the output boundary's: igops.output.Output.ask), which shows
+    the prompt and returns the line answered; refuse outright when nobody is there to answer."""
     if assume_yes:
         return True
     if not sys.stdin.isatty():
         raise UsageError("refusing to act without confirmation: stdin is not a terminal",
                          "review the plan with --dry-run, then pass --yes")
-    sys.stderr.write(f"{question} [y/N] ")
-    sys.stderr.flush()
-    answer = sys.stdin.readline().strip().lower()
+    answer = ask(f"{question} [y/N] ").strip().lower()
     return answer in ("y", "yes")
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import typer
 
+from igops import checks, coordination, safety
+from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
+from igops.checks.pagerduty import Pager
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
-from igops.errors import ExitCode, IgopsError, NagiosStatus, UsageError
+from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, UsageError
 from igops.output import plural
 from igops.tables import Column
 
@@ -47,31 +51,27 @@ def check(
     if nagios and (json_flag or options(ctx).json):
         with command(ctx, "check", json_flag):
             raise UsageError("--nagios and --json are two different outputs", "choose one")
-    with command(ctx, "check", json_flag) as out:
+    with command(ctx, "check", json_flag, nagios=nagios) as out:
         if not nagios:
             code = _run(ctx, out, role, only, False, page, quiet, timeout)
         else:
             try:
                 code = _run(ctx, out, role, only, True, page, quiet, timeout)
             except IgopsError as exc:
-                _nagios_unknown(exc.one_line())
+                _nagios_unknown(out, exc.one_line())
             except Exception as exc:  # noqa: BLE001 - Nagios must get a status line, never a traceback
-                _nagios_unknown(f"unexpected {type(exc).__name__}: {exc}")
+                _nagios_unknown(out, f"unexpected {type(exc).__name__}: {exc}")
         _exit(code)
 
 
-def _nagios_unknown(message: str) -> None:
-    from igops.checks import nagios as nagios_format
-    from igops.secrets import redact
-
-    sys.stdout.write(redact(nagios_format.unknown(message)) + "\n")
+def _nagios_unknown(out, message: str) -> None:
+    out.nagios_status(nagios_format.unknown(message))
     _exit(int(NagiosStatus.UNKNOWN))
 
 
 def _exit(code: int) -> None:
     """Leave now. A probe still stuck past the deadline (a session to a hung host) must not keep
     the process, or cron's next run, waiting: once everything is printed, exit regardless."""
-    import threading
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -83,16 +83,11 @@ def _exit(code: int) -> None:
 
 
 def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: float | None) -> int:
-    from igops import checks, coordination, safety
-    from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
-
     fleet = load_fleet(ctx)
     timeout = timeout or fleet.model.check.timeout
     only = fleet_checks.validate_groups(only)
     pager = None
     if page:
-        from igops.checks.pagerduty import Pager
-
         pager = Pager(fleet, out)
         pager.prepare()
     command_line = safety.redact_argv(["igops", *sys.argv[1:]])
@@ -118,9 +113,7 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
     _report_paging(out, paging, quiet)
     if nagios:
         text, state = nagios_format.line(fleet.model.fleet.name, results, duration)
-        from igops.secrets import redact
-
-        sys.stdout.write(redact(text) + "\n")
+        out.nagios_status(text)
         return int(state)
     # Problems found exit 5, as from every read-only command; a page that could not be sent is
     # an action that failed (1). --nagios keeps Nagios' own codes (above).
@@ -171,9 +164,6 @@ class _CheckLock:
         self._held = None
 
     def __enter__(self):
-        from igops import safety
-        from igops.errors import AlreadyRunning
-
         give_up = time.monotonic() + (self.timeout + 5 if self.patient else 0)
         while True:
             held = safety.lock(self.fleet.state_dir, "check", self.fleet.model.fleet.name, self.command_line)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any, TypeVar
 
 import typer
 
+from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 from igops.errors import ExitCode, IgopsError, UsageError
 from igops.output import Output, Reporter
 
@@ -28,32 +27,9 @@ DRY_RUN_OPTION = typer.Option(False, "--dry-run", callback=_shows_plan,
 YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required when not on a terminal).")
 
 
-# `--watch` without SECONDS (the command line gets this inserted: see igops.cli).
-WATCH_DEFAULT_SECONDS = 2
 WATCH_OPTION = typer.Option(None, "--watch", metavar="[SECONDS]", min=0.1, max=86400,
                             help=f"Show it again every SECONDS (default {WATCH_DEFAULT_SECONDS}) until Ctrl-C; "
                                  "with --json, one envelope per line each time.")
-
-
-class TableFormat(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
-    """How tables print: `table` ruled on a terminal, `plain` aligned columns without rules,
-    `tsv` a header row and tab-separated rows, nothing else on stdout."""
-    table = "table"
-    plain = "plain"
-    tsv = "tsv"
-
-
-@dataclass
-class GlobalOptions:
-    config: str | None = None
-    json: bool = False
-    verbose: bool = False
-    # Every mutating command's --reason (a ticket id or a sentence, kept in the journal and
-    # audit) and --wait (seconds to wait for a held lease instead of exiting 4).
-    reason: str | None = None
-    wait: float = 0.0
-    format: TableFormat = TableFormat.table
-    wide: bool = False
 
 
 def options(ctx: typer.Context) -> GlobalOptions:
@@ -61,11 +37,12 @@ def options(ctx: typer.Context) -> GlobalOptions:
 
 
 @contextmanager
-def command(ctx: typer.Context, name: str, json_flag: bool = False) -> Iterator[Output]:
-    """Run a command body: IgopsErrors become a one-line message and their exit code."""
+def command(ctx: typer.Context, name: str, json_flag: bool = False, nagios: bool = False) -> Iterator[Output]:
+    """Run a command body: IgopsErrors become a one-line message and their exit code. `nagios`:
+    stdout is a Nagios status line (`check --nagios`)."""
     opts = options(ctx)
     out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose,
-                 table_format=TableFormat(opts.format).value, wide=opts.wide)
+                 table_format=TableFormat(opts.format).value, wide=opts.wide, nagios=nagios)
     out.shows_plan = bool(ctx.meta.get("igops.shows_plan"))
     try:
         yield out
@@ -133,7 +110,7 @@ def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, s
         return None
     opts = current_options()
     spec = engine.OperationSpec(kind, title, targets, resources, steps, params or {}) if kind else None
-    if not safety_confirm(f"{title}?", yes):
+    if not safety_confirm(out, f"{title}?", yes):
         engine.declined(fleet, targets, opts.reason)
         raise UsageError("not confirmed: nothing was changed",
                          "answer y to go ahead, or pass --yes after reviewing the plan")
@@ -143,10 +120,10 @@ def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, s
                           reason=opts.reason, wait=opts.wait, resume=resume)
 
 
-def safety_confirm(question: str, yes: bool) -> bool:
+def safety_confirm(out: Output, question: str, yes: bool) -> bool:
     from igops import safety
 
-    return safety.confirm(question, yes)
+    return safety.confirm(question, yes, out.ask)
 
 
 def current_options() -> GlobalOptions:

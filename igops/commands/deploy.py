@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import typer
+from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
+from igops import deploy
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.deploy import HealthGate
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.output import plural
@@ -27,9 +31,7 @@ class DeployGroup(TyperGroup):
     def _refuse_a_misspelt_verb(self, ctx, word: str) -> None:
         """`igops deploy rollbak` is a typo of a verb before it is a git revision: refused, with
         the verb suggested (a revision so named is still `igops deploy run WORD`)."""
-        import difflib
 
-        from typer._click.exceptions import UsageError as ClickUsageError
 
         # Not `run`: a short revision (a tag "run2") is nearer to it than any typo is.
         if difflib.get_close_matches(word, [name for name in self.commands if name != "run"], n=1, cutoff=0.75):
@@ -41,8 +43,8 @@ class DeployGroup(TyperGroup):
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
-                  help="Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`.",
                   epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
                          "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
                          "  igops deploy --batch 1,50%\n  igops deploy rollback")
@@ -63,8 +65,6 @@ HOST_COLUMNS = ["host", "result", "release", Column("before", drop=2), Column("i
 
 
 def _gate(fleet, passes: int, timeout: float):
-    from igops.deploy import HealthGate
-
     return HealthGate(fleet.model.app.health_path, fleet.model.app.port, passes, timeout)
 
 
@@ -73,8 +73,6 @@ def _host_rows(result) -> list[list]:
 
 
 def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes = b"") -> None:
-    from igops import deploy
-
     if plan.nothing_to_do:
         out.log(f"nothing to do: every reachable app host is on {plan.target}")
         out.table(None, ["host", "state", "release", Column("detail", wrap=True)],
@@ -118,7 +116,6 @@ def run(
 ) -> None:
     """Build a release once, stage it on every app server, then switch batch by batch:
     out of nginx, switch `current`, reload gunicorn, health gate, back in."""
-    from igops import deploy
 
     with command(ctx, "deploy", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -152,7 +149,6 @@ def rollback(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Switch the app servers back to an earlier release, with the same batches and health gates."""
-    from igops import deploy
 
     with command(ctx, "deploy rollback", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -174,7 +170,6 @@ def releases(
 ) -> None:
     """Per app host: its releases, the current one, the one before it, whether it is in the load
     balancer; and whether the fleet agrees. Exit 5 when it does not, or a host needs attention."""
-    from igops import deploy
 
     with command(ctx, "deploy releases", json_flag) as out:
         fleet = load_fleet(ctx)

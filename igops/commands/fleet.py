@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from igops import remote, status as fleet_status
 from igops.commands.common import (
     DRY_RUN_OPTION,
     JSON_OPTION,
@@ -15,7 +16,7 @@ from igops.commands.common import (
     mutate,
     present,
 )
-from igops.errors import ExitCode
+from igops.errors import ExitCode, UsageError
 from igops.output import plural
 from igops.tables import Column
 
@@ -66,14 +67,11 @@ def exec_command(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Run a command on many hosts in parallel and summarise the results."""
-    from igops import remote
 
     with command(ctx, "exec", json_flag) as out:
         fleet = load_fleet(ctx)
         selected = fleet.select(roles=role, names=host)
         if not selected:
-            from igops.errors import UsageError
-
             raise UsageError("no hosts match", "check --role/--host against `igops hosts`")
         line = remote.quote_command(argv)
         settings = remote.settings_for(fleet)
@@ -135,7 +133,6 @@ def status(
     watch: float | None = WATCH_OPTION,
 ) -> None:
     """Fleet overview: every host's reachability, then every service's state."""
-    from igops import status as fleet_status
 
     with command(ctx, "status", json_flag) as out:
         fleet = load_fleet(ctx)

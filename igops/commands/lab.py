@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from igops import lab
 from igops.commands.common import JSON_OPTION, command, exit_with
 from igops.errors import ExitCode
 from igops.output import plural
@@ -11,8 +12,8 @@ from igops.tables import Column
 
 LAB_COLUMNS = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
 
-app = typer.Typer(help="Bring the lab fleet up or down on this machine's loopback addresses.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("up")
@@ -24,7 +25,6 @@ def up(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Build the lab, or repair and restart whatever part of it is missing (idempotent)."""
-    from igops import lab
 
     with command(ctx, "lab up", json_flag) as out:
         report = lab.up(out, repmgrd=repmgrd)
@@ -42,7 +42,6 @@ def down(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Stop every lab process, unmount its volumes and detach its loop devices."""
-    from igops import lab
 
     with command(ctx, "lab down", json_flag) as out:
         report = lab.down(purge=purge, reporter=out)
@@ -58,7 +57,6 @@ def down(
 @app.command("status")
 def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
     """Each lab component and whether it answers (changes nothing)."""
-    from igops import lab
 
     with command(ctx, "lab status", json_flag) as out:
         report = lab.status()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import typer
 
+from igops.checks import munin
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("install")
@@ -27,7 +28,6 @@ def install(
 ) -> None:
     """Install the plugins for each host's services: the script, its links, its plugin-conf,
     and a munin-node restart where anything changed."""
-    from igops.checks import munin
 
     with command(ctx, "munin install", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -74,7 +74,6 @@ def fetch(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Fetch values from a munin-node over its own protocol (port 4949), as munin-update does."""
-    from igops.checks import munin
 
     with command(ctx, "munin fetch", json_flag) as out:
         fleet = load_fleet(ctx)

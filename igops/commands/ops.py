@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import typer
 
+from igops import operations_view
 from igops.commands.common import (
     DRY_RUN_OPTION,
     JSON_OPTION,
@@ -18,10 +19,11 @@ from igops.commands.common import (
     present,
 )
 from igops.errors import ExitCode, UsageError
+from igops.operations import conflicts
 from igops.tables import Column
 
-app = typer.Typer(help="Operations: what runs now, what was interrupted, their journals and the audit trail.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
 # The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
@@ -49,7 +51,6 @@ def list_operations(
 ) -> None:
     """Operations running now and those interrupted (their holder died or lost its lease before
     they ended), from every machine that shares the coordinator."""
-    from igops import operations_view
 
     with command(ctx, "ops list", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -72,7 +73,6 @@ def list_operations(
 @app.command("show")
 def show(ctx: typer.Context, op_id: str = ID_ARGUMENT, json_flag: bool = JSON_OPTION) -> None:
     """One operation: its plan, every journal entry with timings, the operator and the reason."""
-    from igops import operations_view
 
     with command(ctx, "ops show", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -118,7 +118,6 @@ def history(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The team's audit trail: who ran what, when, why, and how it ended."""
-    from igops import operations_view
 
     with command(ctx, "ops history", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -132,8 +131,6 @@ def history(
 
 
 def _continue(ctx, out, name: str, op_id: str, dry_run: bool, yes: bool) -> None:
-    from igops import operations_view
-
     fleet = load_fleet(ctx)
     with out.step(f"read operation {op_id} and plan its {name}"):
         record, continuation = operations_view.plan_continuation(fleet, op_id, name)
@@ -170,7 +167,6 @@ def abort(ctx: typer.Context, op_id: str = ID_ARGUMENT, dry_run: bool = DRY_RUN_
 def kinds(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
     """The conflict table: what each kind of operation leases (two conflict when they share a
     resource) and how long it is expected to take."""
-    from igops.operations import conflicts
 
     with command(ctx, "ops kinds", json_flag) as out:
         rows = conflicts.table_rows()

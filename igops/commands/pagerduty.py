@@ -6,12 +6,14 @@ import socket
 
 import typer
 
+from igops.checks.pagerduty import Pager, dedup_key, describe_failure
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.errors import RemoteError
 from igops.operations import conflicts
 from igops.tables import Column
 
-app = typer.Typer(help="PagerDuty (Events API v2): test the paging path, list the incidents igops opened.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("test")
@@ -24,8 +26,6 @@ def test(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Trigger a test incident through the configured routing key, then resolve it."""
-    from igops.checks.pagerduty import Pager, dedup_key, describe_failure
-    from igops.errors import RemoteError
 
     with command(ctx, "pagerduty test", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -69,7 +69,6 @@ def open_incidents(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The incidents `igops check --page` triggered and has not resolved yet."""
-    from igops.checks.pagerduty import Pager
 
     with command(ctx, "pagerduty open", json_flag) as out:
         fleet = load_fleet(ctx)

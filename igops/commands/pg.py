@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import typer
 
+from igops import failover
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
+from igops.host_commands import parallel_map
 from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
-                       "dead primary, rejoin of a former primary.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
     False, "--accept-risk",
@@ -63,8 +65,6 @@ def show_state(out, state) -> None:
 
 
 def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
-    from igops import failover
-
     def summary(result) -> str:
         text = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
         if result.write_pause_ms is not None:
@@ -94,8 +94,6 @@ def status(
     watch: float | None = WATCH_OPTION,
 ) -> None:
     """Every node's role, state, timeline, LSNs and lag, repmgr's view, and where PgBouncer routes."""
-    from igops import failover
-    from igops.host_commands import parallel_map
 
     with command(ctx, "pg status", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -126,7 +124,6 @@ def switchover(
 ) -> None:
     """Planned: pause PgBouncer, stop the primary cleanly, promote the standby once it has all the
     WAL, repoint PgBouncer, resume, and rejoin the old primary as a standby. Nothing is lost."""
-    from igops import failover
 
     with command(ctx, "pg switchover", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -148,7 +145,6 @@ def failover_command(
 ) -> None:
     """Unplanned: confirm the primary is down, fence it (PgBouncer away from it, standby.signal on its
     disk), promote the best standby, repoint PgBouncer, and report the bytes at risk."""
-    from igops import failover
 
     with command(ctx, "pg failover", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -171,7 +167,6 @@ def rejoin(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Bring a node back as a standby of its cluster's primary (pg_rewind when its WAL diverged)."""
-    from igops import failover
 
     with command(ctx, "pg rejoin", json_flag) as out:
         fleet = load_fleet(ctx)

@@ -7,13 +7,15 @@ from datetime import UTC, datetime
 
 import typer
 
+from igops.checks import pingdom
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
+from igops.errors import UsageError
 from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
-                       "open maintenance windows.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("sync")
@@ -25,7 +27,6 @@ def sync(
 ) -> None:
     """Create, update or pause Pingdom checks until they match the inventory: each load
     balancer's health URL and [monitoring] public_urls. Only checks igops tagged are touched."""
-    from igops.checks import pingdom
 
     with command(ctx, "pingdom sync", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -60,7 +61,6 @@ def status(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Each check's status, last response time and uptime over a window."""
-    from igops.checks import pingdom
 
     with command(ctx, "pingdom status", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -91,7 +91,6 @@ def maintenance(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Open a maintenance window now over every check igops manages (deploys use this)."""
-    from igops.checks import pingdom
 
     with command(ctx, "pingdom maintenance", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -100,8 +99,6 @@ def maintenance(
         try:
             checks = client.checks(pingdom.fleet_tag(fleet))
             if not checks:
-                from igops.errors import UsageError
-
                 raise UsageError(f"Pingdom has no checks tagged {pingdom.fleet_tag(fleet)}",
                                  "create them first: igops pingdom sync")
             start = int(time.time())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from igops import failover
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
@@ -11,8 +12,8 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
-                       "of a former master.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
     False, "--accept-risk",
@@ -42,8 +43,6 @@ def _planned(out, step_title: str, planner):
 
 
 def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
-    from igops import failover
-
     def summary(result) -> str:
         text = f"{plan.operation} done: the app writes to {result.new_master}"
         if result.write_pause_ms is not None:
@@ -61,7 +60,6 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
 @app.command("status")
 def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: float | None = WATCH_OPTION) -> None:
     """Role, offset, lag and link of every node, and the master the app uses (the directory's)."""
-    from igops import failover
 
     with command(ctx, "redis status", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -86,7 +84,6 @@ def switchover(
 ) -> None:
     """Planned: pause writes on the master, wait until the replica has everything, swap the roles,
     point the app at the new master, unpause. No acknowledged write is lost."""
-    from igops import failover
 
     with command(ctx, "redis switchover", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -106,7 +103,6 @@ def failover_command(
 ) -> None:
     """Unplanned: confirm the master is down, fence it (its config makes it a replica on restart),
     promote the replica with the highest offset, point the app at it."""
-    from igops import failover
 
     with command(ctx, "redis failover", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -128,7 +124,6 @@ def rejoin(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Make a node a replica of the app's master, in memory and in its config file."""
-    from igops import failover
 
     with command(ctx, "redis rejoin", json_flag) as out:
         fleet = load_fleet(ctx)

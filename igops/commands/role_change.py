@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from igops import failover
 from igops.commands.common import mutate
 from igops.errors import RefusedError
 from igops.operations.steps import StepFailed
@@ -27,7 +28,6 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
              outcome: Callable, summary: Callable, nothing_to_do: str) -> None:
     """Show the state and the plan, then confirm, lock, check under the lock that the state is still
     the one the plan was made for, apply it, and show the state again."""
-    from igops import failover
 
     def state_after():
         try:

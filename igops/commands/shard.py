@@ -6,14 +6,15 @@ from enum import Enum
 
 import typer
 
+from igops import shards
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.errors import ExitCode, UsageError
 from igops.operations import conflicts
 from igops.output import human_bytes, plural
 from igops.tables import Column
 
-app = typer.Typer(help="Logical shards: decode and encode ids, show the map, create the schemas, move shards "
-                       "between clusters online, verify copies, rebalance.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
                           "shard, 10 of sequence.", no_args_is_help=True)
 app.add_typer(id_app, name="id")
@@ -24,17 +25,8 @@ class Balance(str, Enum):  # noqa: UP042 - StrEnum would change str() of a membe
     bytes = "bytes"
 
 
-class PausePoint(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
-    planned = "planned"
-    target_ready = "target_ready"
-    published = "published"
-    copied = "copied"
-    subscribed = "subscribed"
-    caught_up = "caught_up"
-    verified = "verified"
-    locked = "locked"
-    fenced = "fenced"
-    switched = "switched"
+# The points a move can stop at (--pause-after), as shards.PAUSE_POINTS names them: a value each.
+PausePoint = Enum("PausePoint", {point: point for point in shards.PAUSE_POINTS}, type=str)
 
 
 # Built once from the enum, so that the help names every point the move can stop at.
@@ -54,7 +46,6 @@ def id_decode(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Time (UTC), logical shard and sequence of each id."""
-    from igops import shards
 
     with command(ctx, "shard id decode", json_flag) as out:
         decoded = [shards.decode_id(value) for value in ids]
@@ -73,7 +64,6 @@ def id_encode(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The id that a shard's next_id() returns at time T with sequence N."""
-    from igops import shards
 
     with command(ctx, "shard id encode", json_flag) as out:
         value = shards.encode_id(shards.parse_time(time_text), shard, sequence)
@@ -90,7 +80,6 @@ def show_map(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Logical -> physical: the map's version, and shards and bytes per cluster."""
-    from igops import shards
 
     with command(ctx, "shard map", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -127,7 +116,6 @@ def init(
 ) -> None:
     """Create the directory and every logical shard's schema (tables, sequence, next_id()) on the
     cluster the map assigns it; seed an even map if there is none. Idempotent."""
-    from igops import shards
 
     with command(ctx, "shard init", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -175,7 +163,6 @@ def move(
 ) -> None:
     """Move a shard online: copy by logical replication, catch up, verify, cut over behind a brief
     write lock, switch the map, fence and drop the old copy. Journaled: see `igops shard moves`."""
-    from igops import shards
 
     with command(ctx, "shard move", json_flag) as out:
         chosen = [name for name, value in (("SHARD --to", shard is not None or to is not None),
@@ -231,7 +218,6 @@ def moves(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """The move journal: every move's step, state and timings; unfinished ones first to act on."""
-    from igops import shards
 
     with command(ctx, "shard moves", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -263,7 +249,6 @@ def verify(
 ) -> None:
     """Per-table row counts and ordered checksums, sequence values and a schema diff: against the
     shard DDL, or against another copy."""
-    from igops import shards
 
     with command(ctx, "shard verify", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -302,7 +287,6 @@ def rebalance(
 ) -> None:
     """Plan the moves that even out the clusters, then run them one at a time (each one a full
     online move); stops at the first failure."""
-    from igops import shards
 
     with command(ctx, "shard rebalance", json_flag) as out:
         fleet = load_fleet(ctx)

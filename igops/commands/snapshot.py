@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
 import typer
 
+from igops import restore as restoring, safety, snapshot, snapshot_cron, snapshot_policy
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
+from igops.ebs import Ebs, tags_of
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-app = typer.Typer(help="Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
-                       "restore, and the scheduled `cron`.",
-                  no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 def _group_row(group) -> list:
@@ -47,13 +51,10 @@ def create(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Freeze the host's filesystems, snapshot every volume under them at once, thaw, tag."""
-    from igops import snapshot
 
     with command(ctx, "snapshot create", json_flag) as out:
         relative = [path for path in mount or [] if not path.startswith("/")]
         if relative:
-            from igops.errors import UsageError
-
             raise UsageError(f"--mount {relative[0]!r} is not an absolute path",
                              "name the mount point from the root, e.g. --mount /data")
         fleet = load_fleet(ctx)
@@ -91,8 +92,6 @@ def list_groups(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Snapshot groups, newest first."""
-    from igops import snapshot
-    from igops.ebs import Ebs
 
     with command(ctx, "snapshot list", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -110,8 +109,6 @@ def show(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """One group: its snapshots, their volumes, mounts, devices and RAID order."""
-    from igops import snapshot
-    from igops.ebs import Ebs, tags_of
 
     with command(ctx, "snapshot show", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -146,9 +143,6 @@ def prune(
 
     Per set of data (a Postgres cluster, the Redis set, a host): only complete groups count; its
     newest complete group, kept groups and its minimum redundancy are never deleted."""
-    from igops import snapshot, snapshot_policy
-    from igops.ebs import Ebs
-    from igops.errors import UsageError
 
     with command(ctx, "snapshot prune", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -194,9 +188,6 @@ def delete(
 
     Refused (exit 3) for a kept group, a group still being taken, and a complete group its set of
     data cannot spare (its last, or below its minimum redundancy), unless --accept-risk."""
-    from igops import snapshot, snapshot_policy
-    from igops.ebs import Ebs
-    from igops.errors import RefusedError, UsageError
 
     with command(ctx, "snapshot delete", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -235,8 +226,6 @@ def keep(
     """Pin a group so prune never deletes it (and delete refuses it); --release unpins it.
 
     The pin is a tag (igops:keep) on the group's snapshots, saying when and by whom."""
-    from igops import safety, snapshot
-    from igops.ebs import Ebs
 
     with command(ctx, "snapshot keep", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -266,11 +255,7 @@ def cron(
     previous one still working exits 0 at once, doing nothing. A Postgres cluster is snapshotted
     on one streaming standby, the Redis set on one linked replica. Exit 1 when every due group
     failed, 5 when some did."""
-    import sys
-    from contextlib import nullcontext
 
-    from igops import safety, snapshot_cron
-    from igops.ebs import Ebs
 
     with command(ctx, "snapshot cron", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -298,9 +283,6 @@ def cron(
 
 
 def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
-    from igops import snapshot, snapshot_cron
-    from igops.errors import AlreadyRunning, IgopsError, UsageError
-
     if not snapshot_cron.has_policy(fleet):
         raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
                          "snapshot cron has nothing to do",
@@ -373,8 +355,6 @@ def restore(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Create volumes from a group, attach them in RAID order, mount them and start its Postgres; or --cleanup."""
-    from igops import restore as restoring
-    from igops.ebs import Ebs
 
     with command(ctx, "snapshot restore", json_flag) as out:
         fleet = load_fleet(ctx)

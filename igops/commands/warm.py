@@ -7,6 +7,7 @@ from enum import Enum
 
 import typer
 
+from igops import profile as profiles, vmtouch
 from igops.commands.common import (
     DRY_RUN_OPTION,
     JSON_OPTION,
@@ -23,8 +24,8 @@ from igops.operations import conflicts
 from igops.output import human_bytes, plural
 from igops.tables import Column
 
-app = typer.Typer(help="Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
-                       "compare two hosts.", no_args_is_help=True)
+# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+app = typer.Typer(no_args_is_help=True)
 
 
 class Match(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
@@ -50,14 +51,11 @@ TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of
 
 
 def _options(concurrency: int, rate: str | None, match: Match, timeout: float | None):
-    from igops import vmtouch
-
     return vmtouch.WarmOptions(concurrency=concurrency, rate=vmtouch.parse_rate(rate) if rate else None,
                                match=match.value, timeout=timeout or vmtouch.DEFAULT_TIMEOUT)
 
 
 def _warm_table(out, result) -> None:
-
     out.table(None, ["target", "files", Column("pages profiled", drop=3), Column("pages read", drop=3),
                      Column("skipped files", drop=2), Column("disk read", drop=4), "resident now",
                      Column("time", drop=1)],
@@ -89,7 +87,6 @@ def capture(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Record exactly which pages of every file under the paths are in the host's page cache."""
-    from igops import vmtouch
 
     with command(ctx, "warm capture", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -125,7 +122,6 @@ def apply(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Read exactly the profile's pages on a host; files missing or changed there are skipped and counted."""
-    from igops import profile as profiles, vmtouch
 
     with command(ctx, "warm apply", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -159,7 +155,6 @@ def copy(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Capture on one host and warm another in one step, the profile streaming between them."""
-    from igops import vmtouch
 
     with command(ctx, "warm copy", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -189,7 +184,6 @@ def diff(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """What share of SOURCE's cached pages are cached on TARGET, per file and in total. Read-only."""
-    from igops import vmtouch
 
     with command(ctx, "warm diff", json_flag) as out:
         fleet = load_fleet(ctx)
@@ -219,7 +213,6 @@ def show(
     watch: float | None = WATCH_OPTION,
 ) -> None:
     """How much of a directory is in the host's page cache, like `vmtouch DIR`, exact to the page."""
-    from igops import vmtouch
 
     with command(ctx, "warm show", json_flag) as out:
         fleet = load_fleet(ctx)

@@ -5,19 +5,10 @@ import shlex
 
 import pytest
 
-from igops.cli import build_command
+from igops.cli import COMMANDS, build_command, subcommand, verbs
 from tests.conftest import run_igops
 
-
-def verbs(group, path=()):
-    for name, sub in group.commands.items():
-        if getattr(sub, "commands", None) is not None:
-            yield from verbs(sub, (*path, name))
-        else:
-            yield (*path, name)
-
-
-VERBS = list(verbs(build_command()))
+VERBS = [path for path, _ in verbs(build_command())]
 PYTHON_TYPES = re.compile(r"<[a-z][a-z \[\]]*>|\{[a-z_]+\}|\blist\[|\bint range\b|\bfloat range\b")
 
 
@@ -39,11 +30,13 @@ def test_every_example_parses(verb):
     root = build_command()
     for example in EXAMPLES[" ".join(verb)]:
         words = shlex.split(example)
-        command, rest = root, words[words.index("igops") + 1:]
+        rest = words[words.index("igops") + 1:]
+        name, rest = rest[0], rest[1:]
+        command = subcommand(root, name)
         while getattr(command, "commands", None) is not None:
             # `igops deploy [REV]` is `igops deploy run [REV]`
             name = rest.pop(0) if rest and rest[0] in command.commands else "run"
-            command = command.commands[name]
+            command = subcommand(command, name)
         command.make_context(name, rest)  # raises on a usage error
 
 
@@ -58,3 +51,31 @@ def test_rejoin_accept_risk_has_its_own_text():
 
 def test_deploy_help_shows_the_rev_form():
     assert "igops deploy [REV]" in run_igops("deploy", "--help").stdout
+
+
+def test_the_verbs_are_all_there():
+    """The walk above builds the commands on demand: it must still find every verb."""
+    assert len(VERBS) >= 50 and ("shard", "id", "decode") in VERBS and ("hosts",) in VERBS
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_the_listed_help_is_the_commands_own(name):
+    """`igops --help` lists each command's line from igops.cli.COMMANDS without importing it:
+    that line is the group's help, or a single command's first paragraph."""
+    command = subcommand(build_command(), name)
+    first_paragraph = " ".join(command.help.split("\n\n")[0].split())
+    assert first_paragraph == " ".join(COMMANDS[name][1].split())
+
+
+def test_help_lists_every_command_without_importing_one():
+    code = ("import sys; sys.argv = ['igops', '--help']\n"
+            "from igops.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
+            "and m != 'igops.commands.options'))")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "LOADED []" in result.stdout, result.stdout
+    assert all(f"  {name} " in result.stdout for name in COMMANDS)

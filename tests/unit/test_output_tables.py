@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from igops.cli import _watch_seconds_given, build_command
+from igops.cli import _watch_seconds_given, build_command, verbs
 from igops.failover import PgClusterState, PgNode
 from igops.output import Output
 from igops.tables import Column, layout
@@ -281,11 +281,7 @@ def test_format_tsv_and_plain_through_the_cli(tmp_path):
 
 
 def test_every_verb_takes_format_and_wide():
-    def verbs(group):
-        for sub in group.commands.values():
-            yield from verbs(sub) if getattr(sub, "commands", None) is not None else [sub]
-
-    for verb in verbs(build_command()):
+    for _, verb in verbs(build_command()):
         names = {name for param in verb.params for name in param.opts}
         assert {"--format", "--wide", "--json"} <= names, verb.name
 

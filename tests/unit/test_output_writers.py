@@ -1,0 +1,86 @@
+"""The output boundary's other writers: the Nagios status line, and the question asked before
+a change."""
+
+import io
+import sys
+
+import pytest
+
+from igops import safety
+from igops.errors import NagiosStatus, UsageError
+from igops.output import Output
+from tests.conftest import run_igops
+
+
+@pytest.fixture
+def registered_secrets(monkeypatch):
+    from igops import secrets
+
+    monkeypatch.setattr(secrets, "_registered", set())
+    return secrets
+
+
+def test_nagios_mode_puts_the_status_line_alone_on_stdout(capsys, registered_secrets):
+    registered_secrets.register("s3cr3t-value")
+    out = Output("check", nagios=True)
+    out.table(None, ["check"], [["ssh"]])
+    out.text("a line for people")
+    out.nagios_status("IGOPS CRITICAL - db1: s3cr3t-value | 'checks'=1;;;0")
+    out.log("to stderr")
+    captured = capsys.readouterr()
+    assert captured.out == "IGOPS CRITICAL - db1: *** | 'checks'=1;;;0\n"
+    assert "to stderr" in captured.err
+
+
+def test_check_nagios_unknown_is_one_line_and_exit_3(tmp_path):
+    result = run_igops("-c", str(tmp_path / "missing.toml"), "check", "--nagios")
+    assert result.returncode == NagiosStatus.UNKNOWN
+    assert result.stdout == (f"IGOPS UNKNOWN - inventory not found: {tmp_path / 'missing.toml'} (from --config) — "
+                             "pass --config FILE, set IGOPS_CONFIG, or create /etc/igops/igops.toml\n")
+    assert result.stderr == ""
+
+
+def test_the_question_goes_to_stderr_and_the_answer_comes_from_stdin(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("yes\n"))
+    assert Output("exec").ask("Run `true` on 2 hosts? [y/N] ") == "yes\n"
+    captured = capsys.readouterr()
+    assert captured.err == "Run `true` on 2 hosts? [y/N] " and captured.out == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "confirmed"), [("y\n", True), ("YES\n", True), ("n\n", False), ("\n", False)])
+def test_confirm_asks_through_the_output(monkeypatch, answer, confirmed):
+    monkeypatch.setattr(sys, "stdin", Terminal(answer))
+    asked = []
+
+    def ask(question: str) -> str:
+        asked.append(question)
+        return sys.stdin.readline()
+
+    assert safety.confirm("Delete group g1?", False, ask) is confirmed
+    assert asked == ["Delete group g1? [y/N] "]
+
+
+def test_confirm_refuses_without_a_terminal_and_asks_nothing_with_yes(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    never = pytest.fail
+    assert safety.confirm("Go?", True, never) is True
+    with pytest.raises(UsageError, match="stdin is not a terminal"):
+        safety.confirm("Go?", False, never)
+
+
+def test_the_prompt_bytes_through_a_terminal(tmp_path):
+    """The real CLI on a pseudo-terminal: the prompt is the plan's title, ` [y/N] `, on stderr."""
+    from tests.unit.test_cli import inventory, run_with_a_terminal
+
+    result = run_with_a_terminal(["-c", str(inventory(tmp_path)), "exec", "--", "true"], "n\n")
+    prompt = next(line for line in result.stderr.splitlines() if "[y/N]" in line)
+    assert prompt.startswith("Run `true` on 2 hosts (") and prompt.endswith(" at a time)? [y/N] error: "
+                                                                            "not confirmed: nothing was changed — "
+                                                                            "answer y to go ahead, or pass --yes "
+                                                                            "after reviewing the plan")
+    assert "[y/N]" not in result.stdout
