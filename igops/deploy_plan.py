@@ -133,6 +133,8 @@ class RolloutPlan:
         return not self.roll()
 
     def steps(self) -> list[str]:
+        """The steps the rollout runs, in its order and numbering (igops.deploy_rollout): when every
+        batch passes, the run's progress lines are these."""
         steps: list[str] = []
         uploads = [host.host for host in self.roll() if host.upload]
         if self.release is not None and uploads:
@@ -142,34 +144,45 @@ class RolloutPlan:
                 f"to {_names(uploads)} ({self.parallel} at a time); verify, unpack into releases/{self.target}, "
                 f"link shared {', '.join(SHARED_LINKS)}; virtualenv {self.release.requirements}: "
                 + (f"BUILD (pip install) on {_names(builds)}" if builds else "reuse"))
-        staged = [host.host for host in self.roll() if not host.upload]
-        if staged:
-            steps.append(f"release {self.target} is already on {_names(staged)}")
         lb = f"nginx on {', '.join(self.lbs)}" if self.lbs else None
+        # Each batch takes the one before it back into the load balancers as it takes itself out
+        # (one reload for both); the last batch goes back in a step of its own.
+        previous: list[str] = []
         for number, batch in enumerate(self.batches, 1):
             parts = [f"batch {number}/{len(self.batches)}: {', '.join(batch)}"]
             if lb:
-                parts.append(f"mark down in {lb} (config test, reload, old workers done)")
+                parts.append((f"put {', '.join(previous)} back, " if previous else "")
+                             + f"mark down in {lb} (config test, reload, old workers done)")
             parts.append(f"switch current to {self.target}, reload gunicorn")
             parts.append(f"gate: {self.gate.describe()} serving {self.target}")
-            if lb:
-                parts.append("put back")
             steps.append(" — ".join(parts))
-        steps.append(f"stop at the first batch that takes the failures past {self.max_fail} "
-                     f"(--max-fail {self.max_fail}) and switch that batch back; later batches keep their release")
-        if self.kind == "deploy":
-            steps.append(f"keep {self.keep} releases per host (never the current one or the one it replaced)")
+            previous = batch
+        if lb and previous:
+            steps.append(f"put {', '.join(previous)} back in the load balancer")
         if self.pagerduty:
             steps.append(f"PagerDuty change event for the {self.kind}")
+        return steps
+
+    def notes(self) -> list[str]:
+        """What the plan's reader needs beside its steps: the rules the run follows and what it
+        found on each host."""
+        notes = [f"the run stops at the first batch that takes the failures past {self.max_fail} "
+                 f"(--max-fail {self.max_fail}) and switches that batch back; later batches keep their release"]
+        if self.kind == "deploy":
+            notes.append(f"each switch keeps {self.keep} releases per host (never the current one or the one it "
+                         "replaced)")
+        staged = [host.host for host in self.roll() if not host.upload]
+        if staged:
+            notes.append(f"release {self.target} is already on {_names(staged)}")
         for host in self.hosts:
             if host.action != "roll":
-                steps.append(f"{host.host}: {host.action} — {host.detail}")
+                notes.append(f"{host.host}: {host.action} — {host.detail}")
             elif host.before and host.before != host.current:
-                steps.append(f"{host.host}: {host.detail}")
+                notes.append(f"{host.host}: {host.detail}")
         if not self.lbs:
-            steps.append("no host has the 'lb' role: app servers are switched without being taken out of a "
+            notes.append("no host has the 'lb' role: app servers are switched without being taken out of a "
                          "load balancer")
-        return steps
+        return notes
 
 
 def _names(names: list[str]) -> str:

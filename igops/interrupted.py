@@ -49,6 +49,7 @@ class Continuation:
     spec: OperationSpec
     apply: Callable[[Reporter], Any]
     not_undone: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed under the plan's steps
 
 
 def refuse_if_alive(store, record: dict) -> None:
@@ -166,8 +167,8 @@ def _shard_move_continuation(fleet, record: dict, entries: list[dict], resume: b
                            f"{'resume' if resume else 'abort'}",
                            "igops ops abort marks it ended; igops shard moves lists every move")
     rebalance = record["kind"] == "shard-rebalance"
-    not_undone = ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the "
-                  "rest again"] if rebalance else []
+    notes = ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the rest "
+             "again"] if rebalance else []
     if resume:
         plan, move = shards.plan_resume(fleet, move_id)
         title = (f"Resume {record['id']}: move {move_id} of shard {plan.shard} ({plan.source} -> {plan.target}) "
@@ -184,7 +185,7 @@ def _shard_move_continuation(fleet, record: dict, entries: list[dict], resume: b
                  else shards.move_resources(shard, source, target))
     spec = OperationSpec(record["kind"], title, record.get("targets") or [], resources, steps,
                          {**(record.get("params") or {}), "move": move_id})
-    return Continuation(spec, apply, not_undone)
+    return Continuation(spec, apply, notes=notes)
 
 
 def _deploy_resume(fleet, record: dict) -> Continuation:
@@ -205,7 +206,7 @@ def _deploy_resume(fleet, record: dict) -> Continuation:
         with deploy.AppFleet.of(fleet) as app:
             return deploy.execute(app, plan, reporter)
 
-    return Continuation(spec, run)
+    return Continuation(spec, run, notes=plan.notes())
 
 
 def _plan_deploy_abort(fleet, record: dict) -> Continuation:

@@ -239,16 +239,20 @@ class Output(Reporter):
         sys.stderr.flush()
         return sys.stdin.readline()
 
-    def plan(self, title: str, steps: list[str], is_result: bool = False) -> None:
-        """The exact steps a mutating command will run, numbered. On stderr before a real run;
-        on stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it,
-        except in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
+    def plan(self, title: str, steps: list[str], is_result: bool = False, notes: list[str] = ()) -> None:
+        """The exact steps a mutating command will run, numbered as the run numbers them, then
+        its notes (rules it follows, what it found), unnumbered. On stderr before a real run; on
+        stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it, except
+        in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
         console = self.out if is_result and not self.json_mode else self.err
         self.plan_shown = True
-        self.planned = {"title": redact(title), "steps": [redact(step) for step in steps]}
+        self.planned = {"title": redact(title), "steps": [redact(step) for step in steps],
+                        "notes": [redact(note) for note in notes]}
         console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
             console.print(f"  {number}. {_escape(redact(step))}")
+        for note in notes:
+            console.print(f"  note: {_escape(redact(note))}")
 
     def envelope(self, data: Any, exit_code: int, error: dict | None = None) -> dict:
         return {

@@ -95,16 +95,17 @@ def load_fleet(ctx: typer.Context):
 def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, str]], targets: list[str],
            title: str, steps: list[str], dry_run: bool, yes: bool, action: Callable[[Reporter], T],
            outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), params: dict | None = None,
-           resume: dict | None = None) -> T | None:
+           resume: dict | None = None, notes: list[str] = ()) -> T | None:
     """Show the plan; stop there on --dry-run; otherwise confirm and run the action as an
     operation of `kind` (igops.operations.engine: lease, journal, audit), handing it the
     reporter its steps must go through. Returns the action's result, or None for a dry run. A
     declined confirmation is audited and exits 2. `kind=None` runs no operation: for an action
     that changes nothing igops keeps state about (`exec`), which is only audited. `resume` is the
-    journal record of the interrupted operation this one continues (igops ops resume|abort)."""
+    journal record of the interrupted operation this one continues (igops ops resume|abort).
+    `notes` print under the numbered steps: rules the run follows, not steps of its own."""
     from igops.operations import engine
 
-    out.plan(title, steps, is_result=dry_run)
+    out.plan(title, steps, is_result=dry_run, notes=notes)
     if dry_run:
         out.log("dry run: nothing was changed")
         return None

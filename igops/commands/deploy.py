@@ -84,7 +84,8 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
     try:
         result = mutate(out, app.fleet, kind="deploy" if plan.kind == "deploy" else "deploy-rollback",
                         resources=[conflicts.APP], targets=[h.host for h in plan.roll()], title=title,
-                        steps=plan.steps(), dry_run=dry_run, yes=yes, params=deploy.resume_params(plan),
+                        steps=plan.steps(), notes=plan.notes(), dry_run=dry_run, yes=yes,
+                        params=deploy.resume_params(plan),
                         action=lambda reporter: deploy.execute(app, plan, reporter, tarball),
                         outcome=lambda r: (r.summary(), 0))
     except deploy.RolloutFailed as failed:

@@ -138,7 +138,8 @@ def _continue(ctx, out, name: str, op_id: str, dry_run: bool, yes: bool) -> None
         out.log(f"not undone by the abort (no undo exists): {line}")
     result = mutate(out, fleet, kind=continuation.spec.kind, resources=continuation.spec.resources,
                     targets=continuation.spec.targets, title=continuation.spec.title, steps=continuation.spec.steps,
-                    dry_run=dry_run, yes=yes, action=continuation.apply, params=continuation.spec.params,
+                    notes=continuation.notes, dry_run=dry_run, yes=yes, action=continuation.apply,
+                    params=continuation.spec.params,
                     outcome=lambda _: ("resumed and ended" if name == "resume" else "aborted", 0),
                     resume={**record, "continued_by": name})
     out.finish({"dry_run": dry_run, "operation": op_id, "plan": continuation.spec.steps,

@@ -281,7 +281,7 @@ def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before
     plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"], ["app2", "app3"]], "1", 0, gate,
                               ["lb1"], 1, 5, False)
     assert "app1: drained by an earlier igops run; returns to R1 if it fails (its release before the interrupted " \
-           "deploy d1)" in plan.steps()
+           "deploy d1)" in plan.notes()
 
 
 def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherited(tmp_path):
@@ -357,9 +357,11 @@ def test_plan_steps_say_what_each_batch_does(tmp_path):
     steps = plan.steps()
     assert steps[0].startswith("upload release R2") and "reuse" in steps[0]
     assert steps[1].startswith("batch 1/2: app1 — mark down in nginx on lb1")
+    assert steps[2].startswith("batch 2/2: app2, app3 — put app1 back, mark down in nginx on lb1")
     assert "3 passes of /health in a row within 30 s serving R2" in steps[2]
-    assert any("--max-fail 0" in step for step in steps)
-    assert any("PagerDuty" in step for step in steps)
+    # Numbered as the run numbers its progress lines: the last batch goes back in a step of its own.
+    assert steps[3:] == ["put app2, app3 back in the load balancer", "PagerDuty change event for the deploy"]
+    assert any("--max-fail 0" in note for note in plan.notes())
 
 
 # --- the upstream file -----------------------------------------------------------------------
