@@ -394,6 +394,13 @@ class Fleet:
     def with_role(self, role: str) -> list[Any]:
         return [host for host in self.model.hosts if role in host.roles]
 
+    @property
+    def directory_cluster(self) -> str | None:
+        """The Postgres cluster whose primary holds the directory database (the shard map, the
+        move journal, the clusters' PgBouncer names): [shards] directory_cluster, else the
+        inventory's first cluster; None when it has none."""
+        return self.model.shards.directory_cluster or next(iter(self.model.postgres.clusters), None)
+
     def select(self, roles: list[str] | None = None, names: list[str] | None = None,
                pattern: str | None = None) -> list[Any]:
         """Hosts matching any of the roles and names (all hosts when neither is given),

@@ -67,7 +67,7 @@ def redis_address(fleet, name: str) -> str:
 def directory_connection(fleet):
     """A connection to the directory database on its cluster's live primary."""
     shards = fleet.model.shards
-    cluster = shards.directory_cluster or next(iter(fleet.model.postgres.clusters), None)
+    cluster = fleet.directory_cluster
     if cluster is None:
         raise UsageError("the inventory has no Postgres cluster for the directory", "set [shards] directory_cluster")
     for name in cluster_members(fleet, cluster):

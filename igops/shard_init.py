@@ -60,7 +60,7 @@ def plan_init(fleet, count: int | None = None) -> InitPlan:
     model = fleet.model
     count = count or model.shards.count
     clusters = cluster_names(fleet)
-    directory_cluster = model.shards.directory_cluster or clusters[0]
+    directory_cluster = fleet.directory_cluster
     missing_databases: list[str] = []
     present: dict[str, set[str]] = {}
     for name in clusters:
@@ -109,7 +109,7 @@ def init_shards(fleet, reporter: Reporter | None = None, count: int | None = Non
     model = fleet.model
     shards = model.shards
     clusters = cluster_names(fleet)
-    directory_cluster = shards.directory_cluster or clusters[0]
+    directory_cluster = fleet.directory_cluster
     ddl = {key: read_ddl(fleet, key) for key in ("directory_ddl", "shard_ddl")}
 
     with reporter.step("create missing databases") as step:

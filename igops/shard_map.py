@@ -65,16 +65,16 @@ class ShardMap:
 
 def directory_connection(fleet, autocommit: bool = True, purpose: str = "shards"):
     """A connection to the directory database that the caller closes."""
-    model = fleet.model
-    cluster = model.shards.directory_cluster or cluster_names(fleet)[0]
-    return connect(fleet, cluster, model.shards.directory_database, autocommit=autocommit, purpose=purpose)
+    cluster_names(fleet)  # refuses an inventory without clusters
+    return connect(fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit,
+                   purpose=purpose)
 
 
 def directory_session(fleet) -> primary_connection:
     """An autocommit directory connection as a context manager that closes it."""
-    model = fleet.model
-    cluster = model.shards.directory_cluster or cluster_names(fleet)[0]
-    return primary_connection(fleet, cluster, model.shards.directory_database, autocommit=True, purpose="shards")
+    cluster_names(fleet)  # refuses an inventory without clusters
+    return primary_connection(fleet, fleet.directory_cluster, fleet.model.shards.directory_database,
+                              autocommit=True, purpose="shards")
 
 
 def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:

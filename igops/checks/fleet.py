@@ -565,7 +565,7 @@ def _directory_redis_master(context: Context) -> tuple[str | None, int | None, s
     from igops import postgres, redisops
 
     model = context.fleet.model
-    cluster_name = model.shards.directory_cluster or next(iter(model.postgres.clusters), None)
+    cluster_name = context.fleet.directory_cluster
     if cluster_name is None:
         return None, None, "the inventory has no Postgres cluster for the directory"
     primary = live_primary(model.postgres.clusters[cluster_name], context.postgres_views(cluster_name))
