@@ -107,3 +107,16 @@ class AlreadyRunning(IgopsError):
 
 class RemoteError(IgopsError):
     """A host could not be reached or a remote step failed."""
+
+
+class Unavailable(IgopsError):
+    """A server (Postgres, PgBouncer, Redis) did not answer. `kind` tells a dead process from a
+    hung one: 'refused' (nothing listens), 'timeout' (something accepts but does not answer, or
+    the host is gone), 'rejected' (the server answered with an error, e.g. it is starting up or
+    shutting down)."""
+
+    def __init__(self, host: str, detail: str, kind: str):
+        super().__init__(f"{host}: {detail}")
+        self.host = host
+        self.detail = detail
+        self.kind = kind

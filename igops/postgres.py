@@ -14,7 +14,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
-from igops.errors import IgopsError
+from igops.errors import IgopsError, Unavailable
 from igops.secrets import Secrets
 
 # repmgr keeps its metadata (nodes, their types, upstreams and priorities) in this database.
@@ -196,18 +196,6 @@ def repoint_databases(text: str, names: set[str], host: str, port: int) -> str:
 
 
 # --- connections and probes ---------------------------------------------------------------------
-class Unavailable(IgopsError):
-    """A server did not answer. `kind` tells a dead process from a hung one: 'refused' (nothing
-    listens), 'timeout' (something accepts but does not answer, or the host is gone), 'rejected'
-    (the server answered with an error, e.g. it is starting up or shutting down)."""
-
-    def __init__(self, host: str, detail: str, kind: str):
-        super().__init__(f"{host}: {detail}")
-        self.host = host
-        self.detail = detail
-        self.kind = kind
-
-
 def classify(message: str) -> str:
     lowered = message.lower()
     if "connection refused" in lowered or "no such file or directory" in lowered:

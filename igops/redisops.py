@@ -12,8 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from igops.errors import IgopsError
-from igops.postgres import Unavailable
+from igops.errors import IgopsError, Unavailable
 from igops.secrets import Secrets
 
 # The directory's endpoints row the app reads (app/directory.py): address "host:port", and a
