@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from igops import pagerduty_changes
 from igops.deploy_agents import AppFleet
 from igops.deploy_gate import HealthGate, LbState
 from igops.deploy_record import read_last_run
@@ -20,6 +19,7 @@ from igops.deploy_release import SHARED_LINKS, Release, SourceTree, content_hash
 from igops.deploy_survey import HostReleases, survey_for_change
 from igops.errors import RefusedError, UsageError
 from igops.output import plural
+from igops.pagerduty import changes as pagerduty_changes
 
 T = TypeVar("T")
 

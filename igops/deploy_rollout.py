@@ -11,7 +11,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from igops import pagerduty_changes
 from igops.deploy_agents import AppFleet
 from igops.deploy_gate import GateResult, LoadBalancers, wait_healthy
 from igops.deploy_plan import (
@@ -29,6 +28,7 @@ from igops.deploy_record import LastRunRecord, deployer
 from igops.deploy_release import SHARED_LINKS
 from igops.errors import ExitCode, IgopsError, RemoteError
 from igops.output import Reporter, plural
+from igops.pagerduty import changes as pagerduty_changes
 
 SWITCH_TIMEOUT_S = 90.0
 VENV_BUILD_TIMEOUT_S = 900.0

@@ -1,4 +1,5 @@
-"""Exact page-cache warming between hosts.
+"""`igops warm`: exact page-cache warming between hosts (the module keeps the name of the tool
+it replaces).
 
 Instagram kept its working set in memory because EBS could not serve the seeks, and before a
 failover ran `vmtouch -v` on the primary and replayed the bars on the new machine. A bar has

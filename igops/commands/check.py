@@ -11,10 +11,10 @@ import typer
 
 from igops import checks, coordination, safety
 from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
-from igops.checks.pagerduty import Pager
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
 from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, UsageError
 from igops.output import plural
+from igops.pagerduty.incidents import Pager
 from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")

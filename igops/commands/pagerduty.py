@@ -6,10 +6,10 @@ import socket
 
 import typer
 
-from igops.checks.pagerduty import Pager, dedup_key, describe_failure
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, load_fleet, mutate
 from igops.errors import RemoteError
 from igops.operations import conflicts
+from igops.pagerduty.incidents import Pager, dedup_key, describe_failure
 from igops.tables import Column
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.

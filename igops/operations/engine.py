@@ -358,7 +358,7 @@ NO_CHANGE_EVENT = ("deploy", "deploy-rollback", "pagerduty-test")
 def _mark_change(fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
     """A PagerDuty change event for the operation that ended, once its lease is released: a
     marker never holds up or fails the operation it marks."""
-    from igops import pagerduty_changes
+    from igops.pagerduty import changes as pagerduty_changes
 
     if spec.kind in NO_CHANGE_EVENT:
         return

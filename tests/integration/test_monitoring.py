@@ -85,7 +85,7 @@ class Receivers:
 
 
 def resolve_leftovers(config: Path) -> None:
-    from igops.checks.pagerduty import Pager
+    from igops.pagerduty.incidents import Pager
 
     pager = Pager(inventory.load_file(config))
     for key in list(pager.open_incidents()):

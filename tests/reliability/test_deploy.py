@@ -21,7 +21,7 @@ import pytest
 
 from igops.errors import ExitCode
 from igops.lab import state
-from igops.pagerduty_changes import send_change
+from igops.pagerduty.changes import send_change
 from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
 from tests.labtools import verify_lab_ledger, wait_for

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from igops.checks import Perf, Probe, Result, counts, level, munin, nagios, overall, pagerduty, pingdom, run_all
+from igops.checks import Perf, Probe, Result, counts, level, munin, nagios, overall, pingdom, run_all
 from igops.errors import ExitCode, NagiosStatus
+from igops.pagerduty import incidents as pagerduty
 from tests.conftest import run_igops
 from tests.unit.inventories import unit_inventory
 

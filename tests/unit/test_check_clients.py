@@ -11,9 +11,10 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from igops import inventory
-from igops.checks import Result, pagerduty, pingdom
+from igops.checks import Result, pingdom
 from igops.errors import NagiosStatus
 from igops.lab import receivers
+from igops.pagerduty import incidents as pagerduty
 
 TOKEN = random.token_urlsafe(24)
 ROUTING_KEY = random.token_hex(16)
@@ -259,7 +260,7 @@ def outward(tmp_path):
 
 def test_no_token_or_routing_key_travels_over_plain_http_off_this_machine(outward):
     from igops.errors import UsageError
-    from igops.pagerduty_changes import send_change
+    from igops.pagerduty.changes import send_change
 
     with pytest.raises(UsageError, match="pingdom_url: http://.* is not https://"):
         pingdom.Pingdom(outward["pingdom_url"], TOKEN).checks()
@@ -271,7 +272,7 @@ def test_no_token_or_routing_key_travels_over_plain_http_off_this_machine(outwar
 
 
 def test_plain_http_to_loopback_is_allowed(services):
-    from igops.pagerduty_changes import send_change
+    from igops.pagerduty.changes import send_change
 
     assert pingdom.Pingdom(services["pingdom_url"], TOKEN).checks() == []
     assert pingdom.Pingdom(services["pingdom_url"].replace("127.0.0.1", "localhost"), TOKEN).checks() == []
