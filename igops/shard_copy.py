@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from igops.output import Reporter, human_bytes
 from igops.postgres_admin import connect, replication_connection
-from igops.shard_move_session import MoveSession
+from igops.shard_move_session import SessionPart
 from igops.shard_move_steps import COPY_PARALLEL
 from igops.shard_replication import drop_publication_and_slot, drop_subscription
 from igops.shard_schema import tables_of
@@ -20,15 +20,8 @@ from igops.shard_schema import tables_of
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 
 
-class ShardCopier:
+class ShardCopier(SessionPart):
     """The step `copied` of a move: its `run` and the copy pipes it drives."""
-
-    def __init__(self, session: MoveSession):
-        self.session = session
-        self.fleet = session.fleet
-        self.plan = session.plan
-        self.database = session.database
-        self.reporter = session.reporter
 
     def run(self) -> str:
         """Copy the tables at the slot's starting point, so the subscription takes over from

@@ -17,7 +17,7 @@ from igops.postgres_admin import connect, quote_ident
 from igops.shard_changes import ChangedRows
 from igops.shard_locks import LOCK_SETTINGS, CutoverDeferred, flushed_position, lock_tables, wait_applied
 from igops.shard_map import directory_connection
-from igops.shard_move_session import MoveSession
+from igops.shard_move_session import MoveSession, SessionPart
 from igops.shard_move_steps import SEQUENCE_MARGIN
 from igops.shard_replication import catch_up
 from igops.shard_schema import describe_schema, sequence_values, tables_of
@@ -28,17 +28,13 @@ CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the
 MAX_CLOCK_SKEW_MS = 500
 
 
-class CutOver:
+class CutOver(SessionPart):
     """The steps `verified` and `switched` of a move, the two that hold the shard's writes. The
     verification starts the record of the rows written from then on, which the cut-over compares
     with writes held."""
 
     def __init__(self, session: MoveSession):
-        self.session = session
-        self.fleet = session.fleet
-        self.plan = session.plan
-        self.database = session.database
-        self.reporter = session.reporter
+        super().__init__(session)
         self.verify_report: VerifyReport | None = None
         self.changes: ChangedRows | None = None  # from the verification on
         self.checked_rows = 0

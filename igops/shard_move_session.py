@@ -46,3 +46,15 @@ class MoveSession:
             self.reporter.log(f"paused after {point} (--pause-after): kill igops now to rehearse a crash here; "
                               f"then `igops shard move --resume {self.plan.move_id}` or `--abort {self.plan.move_id}`")
             threading.Event().wait()
+
+
+class SessionPart:
+    """A piece of a move that works within its session (the copy, the cut-over): the session's
+    fleet, plan, database and reporter at hand."""
+
+    def __init__(self, session: MoveSession):
+        self.session = session
+        self.fleet = session.fleet
+        self.plan = session.plan
+        self.database = session.database
+        self.reporter = session.reporter
