@@ -120,3 +120,21 @@ class Unavailable(IgopsError):
         self.host = host
         self.detail = detail
         self.kind = kind
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line only (its type's name when it has none): how a
+    driver's error reads in a one-line detail."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line, for a journal entry or a step's detail: igops' own errors as
+    they say themselves, an interrupt as such, anything else with its type."""
+    if isinstance(exc, IgopsError):
+        return exc.one_line()
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -14,7 +14,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
-from igops.errors import IgopsError, Unavailable
+from igops.errors import IgopsError, Unavailable, first_line
 from igops.secrets import Secrets
 
 # repmgr keeps its metadata (nodes, their types, upstreams and priorities) in this database.
@@ -224,11 +224,6 @@ def connect(fleet, host, database: str = "postgres", timeout: int = PROBE_TIMEOU
         raise Unavailable(host.name, detail, classify(detail)) from None
     connection.autocommit = True
     return connection
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass

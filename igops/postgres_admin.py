@@ -112,7 +112,7 @@ def replication_connection(fleet, cluster: str, database: str, application_name:
                                 connect_timeout=5, application_name=application_name,
                                 connection_factory=psycopg2.extras.LogicalReplicationConnection)
     except psycopg2.OperationalError as exc:
-        from igops.postgres import first_line
+        from igops.errors import first_line
 
         raise IgopsError(f"cannot open a replication connection to {primary.name} (primary of {cluster}): "
                          f"{first_line(exc)}", "check pg_hba.conf and max_wal_senders there") from None

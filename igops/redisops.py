@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from igops.errors import IgopsError, Unavailable
+from igops.errors import IgopsError, Unavailable, first_line
 from igops.secrets import Secrets
 
 # The directory's endpoints row the app reads (app/directory.py): address "host:port", and a
@@ -77,7 +77,7 @@ def node_state(connection) -> NodeState:
         info = connection.info("replication")
         server = connection.info("server")
     except redis.exceptions.RedisError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         kind = "refused" if "refused" in detail.lower() else "timeout" if isinstance(
             exc, (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)) else "rejected"
         raise Unavailable(connection.connection_pool.connection_kwargs.get("host", "?"), detail, kind) from None

@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from igops.errors import IgopsError, RefusedError
+from igops.errors import IgopsError, RefusedError, first_line
 from igops.output import plural
-from igops.postgres import first_line
 from igops.postgres_admin import connect, quote_ident
 from igops.shard_changes import ChangedRows
 from igops.shard_locks import LOCK_SETTINGS, CutoverDeferred, flushed_position, lock_tables, wait_applied

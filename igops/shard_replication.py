@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import time
 
-from igops.errors import IgopsError
+from igops.errors import IgopsError, first_line
 from igops.output import human_bytes, plural
-from igops.postgres import first_line
 from igops.postgres_admin import QUIET_STATEMENT_LOGGING, connect, replication_conninfo
 from igops.shard_journal import Journal
 from igops.shard_move_session import MoveSession

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from igops import snapshot, snapshot_policy
-from igops.errors import AlreadyRunning, IgopsError, RefusedError
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, first_line
 
 LEASE = ("snapshot-cron", "all")
 
@@ -101,7 +101,7 @@ def _postgres_roles(fleet, members) -> dict[str, str]:
         try:
             state = postgres.server_state(connection)
         except Exception as exc:  # noqa: BLE001 - a member that cannot answer is not chosen
-            roles[name] = f"cannot tell its role ({postgres.first_line(exc)})"
+            roles[name] = f"cannot tell its role ({first_line(exc)})"
             continue
         finally:
             connection.close()

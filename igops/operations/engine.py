@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from igops import coordination, safety
-from igops.errors import IgopsError
+from igops.errors import IgopsError, describe
 from igops.operations import conflicts, journal
 from igops.output import Reporter, StepRecord
 from igops.secrets import redact
@@ -115,7 +115,7 @@ class JournaledReporter(Reporter):
             try:
                 yield record
             except BaseException as exc:
-                detail = record.detail or _first_line(exc)
+                detail = record.detail or describe(exc)
                 self._journal(lambda: operation.write("result", step=number, title=record.title, status="failed",
                                                       duration_ms=_ms(started), detail=detail))
                 raise
@@ -133,7 +133,7 @@ class JournaledReporter(Reporter):
         try:
             write()
         except Exception as exc:  # noqa: BLE001 - whatever the store raised, safety first
-            self.inner.log(f"warning: the journal did not record this recovery step ({_first_line(exc)}); "
+            self.inner.log(f"warning: the journal did not record this recovery step ({describe(exc)}); "
                            "it runs anyway, to leave the fleet safe")
 
     def log(self, message: str) -> None:
@@ -264,7 +264,7 @@ class _Ending:
             raise
         except BaseException as exc:
             self.word = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self.detail = _first_line(exc)
+            self.detail = describe(exc)
             raise
 
 
@@ -347,7 +347,7 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
                 time.sleep(1.0)  # an etcd member restarting, a leader election: seconds
                 continue
             reporter.log(f"warning: the end of operation {operation.id} could not be journaled "
-                         f"({_first_line(exc)}); `igops ops list` will show it as interrupted")
+                         f"({describe(exc)}); `igops ops list` will show it as interrupted")
 
 
 # Deploys and rollbacks send their own marker, with the release and every host's outcome; a
@@ -379,8 +379,3 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
-def _first_line(exc: BaseException) -> str:
-    if isinstance(exc, IgopsError):
-        return exc.one_line()
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

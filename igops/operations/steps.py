@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from igops.errors import IgopsError
+from igops.errors import IgopsError, describe
 from igops.output import Reporter
 
 SIGNALS_AS_INTERRUPT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -54,22 +54,13 @@ class StepFailed(IgopsError):
                  past_point_of_no_return: bool, hint: str, left_behind: str | None = None):
         recovered = "; ".join(f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "")
                               for item in recovery) or "nothing to undo"
-        super().__init__(f"step {number} ({step.title}) failed: {_describe(error)} — {recovered}"
+        super().__init__(f"step {number} ({step.title}) failed: {describe(error)} — {recovered}"
                          + (f" — left: {left_behind}" if left_behind else ""), hint)
         self.left_behind = left_behind
         self.step = step
         self.number = number
         self.recovery = recovery
         self.past_point_of_no_return = past_point_of_no_return
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, IgopsError):
-        return error.one_line()
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else type(error).__name__}"
 
 
 class _Interrupts:
@@ -150,7 +141,7 @@ def _left_behind(describe) -> str:
     try:
         return describe()
     except Exception as exc:  # noqa: BLE001 - the failure itself matters more
-        return f"unknown ({_describe(exc)})"
+        return f"unknown ({describe(exc)})"
 
 
 def _recover(actions: Any, reporter: Reporter, undos: list[Step], releases: list[Step]) -> list[StepReport]:
@@ -169,7 +160,7 @@ def _run_recovery(actions: Any, reporter: Reporter, undos: list[Step], releases:
                         record.detail = detail
                 recovery.append(StepReport(step.title, done, detail or None))
             except BaseException as error:  # noqa: BLE001 - a second Ctrl-C must not leave writes paused
-                recovery.append(StepReport(step.title, failed, _describe(error)))
+                recovery.append(StepReport(step.title, failed, describe(error)))
     return recovery
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from igops import inventory, postgres
-from igops.errors import UsageError
+from igops.errors import UsageError, first_line
 from igops.host_commands import ssh
 from igops.pg.hostcmd import as_postgres, data_directory
 
@@ -140,7 +140,7 @@ def _probe_member(fleet, name: str) -> PgProbe:
     try:
         return PgProbe(host, postgres.server_state(connection), None)
     except Exception as exc:  # noqa: BLE001 - a server that fails mid-probe is a finding
-        return PgProbe(host, None, postgres.Unavailable(name, postgres.first_line(exc), "rejected"))
+        return PgProbe(host, None, postgres.Unavailable(name, first_line(exc), "rejected"))
     finally:
         connection.close()
 

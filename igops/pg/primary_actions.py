@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from igops import postgres
-from igops.errors import IgopsError
+from igops.errors import IgopsError, first_line
 from igops.host_commands import failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
 from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr, repmgr_argv
@@ -219,7 +219,7 @@ class PromotionActions:
             finally:
                 connection.close()
         except (postgres.Unavailable, psycopg2.Error) as exc:
-            raise IgopsError(f"{node} did not promote: {postgres.first_line(exc)}; {self.log_cause(node)}",
+            raise IgopsError(f"{node} did not promote: {first_line(exc)}; {self.log_cause(node)}",
                              f"see {node}'s Postgres log") from None
         if not promoted:
             raise IgopsError(f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s; {self.log_cause(node)}",
