@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 from igops import safety
@@ -31,7 +30,7 @@ class LastRunRecord:
         self.path = last_run_path(fleet)
         self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
                          "pid": os.getpid(), "machine": socket.gethostname(), "user": deployer(),
-                         "started": _now(), "status": "running", "batch": None, "hosts": {},
+                         "started": safety.now("seconds"), "status": "running", "batch": None, "hosts": {},
                          # What a rerun returns a failing host to if this run is interrupted.
                          "before": {host.host: host.before for host in plan.hosts
                                     if host.action == "roll" and host.before}}
@@ -40,7 +39,7 @@ class LastRunRecord:
     def update(self, **changes) -> None:
         with self._lock:
             self.document.update(changes)
-            self.document["updated"] = _now()
+            self.document["updated"] = safety.now("seconds")
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             temporary = self.path.with_name(self.path.name + f".{os.getpid()}")
             temporary.write_text(json.dumps(self.document, indent=2, default=str) + "\n")
@@ -72,8 +71,3 @@ def deployer() -> str:
     """`user@host` of whoever runs igops: the user behind sudo when there is one. The host is the
     machine's name, as in the record's `machine`, which tells whether its process still lives."""
     return f"{os.environ.get('SUDO_USER') or safety.operator_user()}@{socket.gethostname()}"
-
-
-def _now() -> str:
-    # To the second, as these records always had it (safety.now() has milliseconds).
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -186,8 +186,9 @@ def operator_host() -> str:
     return os.environ.get(OPERATOR_HOST_ENV) or socket.gethostname()
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def now(timespec: str = "milliseconds") -> str:
+    """The time in UTC, ISO 8601, to the millisecond unless asked otherwise."""
+    return datetime.now(UTC).isoformat(timespec=timespec)
 
 
 def monotonic_ms(started: float) -> float:

@@ -17,10 +17,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from igops.errors import NagiosStatus, UsageError
 from igops.output import Reporter
+from igops.safety import now
 
 RETRIES = {429: 5, 500: 3, 502: 3, 503: 3, 504: 3}
 FIRST_PAUSE = 0.25  # seconds; the client doubles it before every retry
@@ -165,7 +165,7 @@ class Pager:
         text = f"[{self.fleet_name}] {check} {target}: {summary}"[:MAX_SUMMARY]
         return self.events.trigger(text, source=target, dedup_key=key, severity=severity,
                                    payload={"component": check, "group": self.fleet_name, "class": check,
-                                            "timestamp": _now()},
+                                            "timestamp": now("seconds")},
                                    custom_details=redact_data({"fleet": self.fleet_name, "check": check,
                                                                "target": target, "detail": summary,
                                                                "from": socket.gethostname(), **(details or {})}))
@@ -214,7 +214,7 @@ class Pager:
                 if key in incidents:
                     report.still_open.append(key)
                 elif send("trigger", key, functools.partial(self.trigger, result.check, result.target, result.summary)):
-                    incidents[key] = {"check": result.check, "target": result.target, "since": _now(),
+                    incidents[key] = {"check": result.check, "target": result.target, "since": now("seconds"),
                                       "summary": result.summary[:300]}
                     report.triggered.append(key)
                     self._save(incidents)
@@ -224,7 +224,3 @@ class Pager:
             for key in [key for key in incidents if key not in seen]:
                 resolve(key)
         return report
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
