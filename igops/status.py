@@ -83,7 +83,7 @@ def service_probes(fleet, hosts) -> list[tuple]:
             elif role == "redis":
                 probes.append(("redis", host.name, address, model.redis.port, _redis, secrets))
             elif role == "memcached":
-                probes.append(("memcached", host.name, address, model.memcached.port, _memcached, None))
+                probes.append(("memcached", host.name, address, model.memcached.port, memcached_version, None))
             elif role == "munin":
                 probes.append(("munin-node", host.name, address, model.munin.port, _munin, None))
     return probes
@@ -181,7 +181,9 @@ def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
     return True, f"{kind}, {plural(len(role[2]), 'replica')}"
 
 
-def _memcached(address: str, port: int, _) -> tuple[bool, str]:
+def memcached_version(address: str, port: int, _=None) -> tuple[bool, str]:
+    """Whether memcached answers `version`, and what it said: the probe `igops status` and
+    `igops check` share."""
     with socket.create_connection((address, port), timeout=PROBE_TIMEOUT) as sock:
         sock.sendall(b"version\r\n")
         answer = sock.recv(128).decode(errors="replace").strip()

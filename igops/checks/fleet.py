@@ -659,7 +659,7 @@ def memcached_probe(context: Context, host) -> Probe:
     def run(report) -> None:
         started = time.monotonic()
         try:
-            ok, detail = status._memcached(str(host.address), port, None)
+            ok, detail = status.memcached_version(str(host.address), port)
         except Exception as exc:  # noqa: BLE001
             ok, detail = False, _short(exc)
         report(Result("memcached", host.name, NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
