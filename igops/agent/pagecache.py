@@ -1,5 +1,7 @@
 """Page-cache residency of files, exactly: capture it with mincore(2), warm it back with reads,
-and count it. It also defines the profile format, once, for the hosts and for igops.
+and count it. It also defines the profile format, once, for the hosts and for igops. It is one
+file past the house's 600 lines because a host-side program travels as one source on the SSH
+session's stdin (igops.agent): it cannot import a sibling.
 
 Usage:
   pagecache.py capture --header JSON [--cluster-dir DIR] [--within PREFIX ...]
