@@ -113,7 +113,7 @@ def test_a_member_answering_in_its_live_role_stands_for_the_inventorys_role():
 
 
 def test_the_live_primary_is_the_member_out_of_recovery_and_of_two_the_one_streamed_from():
-    from igops.checks.fleet import MemberView, live_primary
+    from igops.checks.probe_context import MemberView, live_primary
 
     cluster = SimpleNamespace(primary="db1", standbys=["db2", "db3"])
     standby, down = MemberView(in_recovery=True, receiver="streaming"), MemberView(error="connection refused")
@@ -335,7 +335,7 @@ def redis_node(role, offset, master=None, link_up=True, read_only=True):
 
 
 def redis_verdicts(tmp_path, states, **endpoint):
-    from igops.checks.fleet import redis_results
+    from igops.checks.redis_probes import redis_results
 
     fleet, tier = redis_tier(tmp_path, states, **endpoint)
     results = redis_results(tier, endpoint.get("directory_error"), fleet.model.check, 1.0)
@@ -432,7 +432,7 @@ def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(pro
 # --- a paused PgBouncer database ----------------------------------------------------------
 
 def test_a_paused_pgbouncer_database_is_remembered_from_the_first_check_that_saw_it(tmp_path):
-    from igops.checks.fleet import paused_since
+    from igops.checks.postgres_probes import paused_since
 
     path = tmp_path / "check" / "pgbouncer-paused-db1.json"
     assert paused_since(path, [], 1000.0) == {}
@@ -445,7 +445,7 @@ def test_a_paused_pgbouncer_database_is_remembered_from_the_first_check_that_saw
 
 
 def test_a_paused_database_is_warning_and_critical_once_seen_paused_past_the_limit():
-    from igops.checks.fleet import paused_finding
+    from igops.checks.postgres_probes import paused_finding
 
     assert paused_finding({}, 1000.0, 60) == (NagiosStatus.OK, None)
     state, text = paused_finding({"main": 1000.0}, 1000.0, 60)
