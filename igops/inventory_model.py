@@ -1,0 +1,354 @@
+"""The inventory's pydantic models: the shape of igops.toml and the rules on each value.
+
+Imported only when an inventory is validated (igops.inventory.validate), so the CLI's start-up
+never imports pydantic; `igops.inventory.Fleet.model` is an `Inventory`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
+
+from igops.inventory_rules import ROLES, SCHEMA_PREFIX_PATTERN, InvalidValue
+
+
+def tcp_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise InvalidValue(f"port {value} is out of range", "use a TCP port from 1 to 65535")
+    return value
+
+
+Port = Annotated[int, AfterValidator(tcp_port)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Fleet(Strict):
+    name: str = "fleet"
+    state_dir: str | None = None
+
+    @field_validator("state_dir")
+    @classmethod
+    def absolute_state_dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("/", "~")):
+            raise InvalidValue(f"state_dir {value!r} is relative: locks and the audit log would "
+                               "move with the current directory",
+                               "use an absolute path (or one under ~)")
+        return value
+
+
+class Ssh(Strict):
+    user: str = "root"
+    port: Port = 22
+    known_hosts: str = "~/.ssh/known_hosts"
+    identity_file: str | None = None
+    connect_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(120.0, gt=0)
+    parallel: int = Field(32, ge=1, le=1024)
+
+
+class Aws(Strict):
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    # Lab only: where volume contents live as image files, because moto keeps none.
+    volume_images: str | None = None
+
+
+class SnapshotPolicy(Strict):
+    """When a set of data is snapshotted and how many of its groups are kept. Every key is
+    optional: a cluster's, the Redis set's or a host's table falls back to [snapshot]'s."""
+    # "every 6h", "every 1d at 03:00" (UTC): see igops.schedule. None: not scheduled.
+    schedule: str | None = None
+    # GFS retention: the newest group of each of the last N hours/days/ISO weeks/months
+    # that have one, and the N newest. None everywhere: prune keeps every group.
+    keep_last: int | None = Field(None, ge=0)
+    keep_hourly: int | None = Field(None, ge=0)
+    keep_daily: int | None = Field(None, ge=0)
+    keep_weekly: int | None = Field(None, ge=0)
+    keep_monthly: int | None = Field(None, ge=0)
+    # Complete groups a set never goes below: prune stops there, delete refuses.
+    minimum_redundancy: int | None = Field(None, ge=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def readable_schedule(cls, value: str | None) -> str | None:
+        from igops import schedule
+
+        if value is not None:
+            try:
+                schedule.parse(value)
+            except schedule.ScheduleError as exc:
+                raise InvalidValue(exc.problem, exc.fix) from None
+        return value
+
+
+class Snapshot(SnapshotPolicy):
+    freeze_deadline: float = Field(10.0, gt=0, le=120)
+    # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
+    pre_freeze: dict[str, str] = Field(default_factory=dict)
+    restore_root: str = "/mnt/igops-restore"
+    # A group still `taking` (or `failed`) this long after it began was left by a killed or
+    # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
+    stale_after_minutes: float = Field(60.0, gt=0)
+    # Policies of their own, keyed by Postgres cluster and by host; the Redis set's.
+    clusters: dict[str, SnapshotPolicy] = Field(default_factory=dict)
+    redis: SnapshotPolicy | None = None
+    hosts: dict[str, SnapshotPolicy] = Field(default_factory=dict)
+
+    @field_validator("pre_freeze")
+    @classmethod
+    def known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(ROLES))
+        if unknown:
+            raise InvalidValue(f"unknown role {unknown[0]!r} (a command for it would never run)",
+                               f"key each command by one of: {', '.join(ROLES)}")
+        return value
+
+
+class Monitoring(Strict):
+    pingdom_url: str = "https://api.pingdom.com/api/3.1"
+    pagerduty_url: str = "https://events.pagerduty.com"
+    # Outside-in HTTP(S) checks that `igops pingdom sync` keeps, besides each load balancer's health.
+    public_urls: list[str] = Field(default_factory=list)
+
+
+class SecretsRef(Strict):
+    file: str | None = None
+
+
+class Mount(Strict):
+    path: str
+    purpose: str = "data"
+    device: str | None = None
+    volumes: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def volume_ids(cls, value: list[str]) -> list[str]:
+        for volume in value:
+            if not volume.startswith("vol-"):
+                raise ValueError(f"{volume!r} is not an EBS volume id (vol-…)")
+        return value
+
+
+class Host(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    address: IPvAnyAddress
+    roles: list[str] = Field(default_factory=list)
+    ssh_user: str | None = None
+    ssh_port: Port | None = None
+    instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
+    mounts: list[Mount] = Field(default_factory=list)
+
+
+class LoadBalancer(Strict):
+    port: Port = 80
+    health_path: str = "/health"
+    upstream_file: str = "/etc/nginx/conf.d/igops-upstream.conf"
+    # Run before every reload: a change that fails it is undone and never reloaded.
+    test_command: str = "nginx -t -q"
+    reload_command: str = "nginx -s reload"
+
+
+class App(Strict):
+    port: Port = 8000
+    health_path: str = "/health"
+    root: str = "/srv/app"
+    reload_command: str = "systemctl reload gunicorn"
+    keep_releases: int = Field(5, ge=1)
+
+
+class PostgresCluster(Strict):
+    primary: str
+    standbys: list[str] = Field(default_factory=list)
+    pgbouncer_database: str | None = None
+
+
+class Postgres(Strict):
+    port: Port = 5432
+    database: str = "instagram"
+    user: str = "postgres"
+    os_user: str = "postgres"
+    bin_dir: str = "/usr/lib/postgresql/15/bin"
+    data_directory: str = "/var/lib/postgresql/15/main"
+    repmgr_config: str = "/etc/repmgr.conf"
+    socket_dir: str = "/var/run/postgresql"
+    max_lag_bytes: int = Field(1 << 20, ge=0)
+    # A switchover refuses a candidate whose replay lags more than this (pg_stat_replication).
+    max_lag_seconds: float = Field(30.0, gt=0)
+    # A switchover refuses a candidate with less free space on its data or WAL volume: a
+    # promotion that fills one PANICs after the old primary is stopped.
+    min_free_bytes: int = Field(64 << 20, ge=0)
+    clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
+
+
+class PgBouncer(Strict):
+    port: Port = 6432
+    admin_user: str = "pgbouncer"
+    databases_file: str = "/etc/pgbouncer/databases.ini"
+    # How long a switchover waits for PAUSE before it gives up and resumes.
+    pause_timeout: float = Field(5.0, gt=0, le=60)
+    # The pause watchdog on each PgBouncer host RESUMEs once igops has sent no heartbeat (one a
+    # second) for this long; at least 3 heartbeats, so that a late one does not trip it.
+    watchdog_deadline: float = Field(15.0, ge=3, le=600)
+
+
+class Redis(Strict):
+    master: str | None = None
+    replicas: list[str] = Field(default_factory=list)
+    port: Port = 6379
+    # Per-host template ({host}): failovers set its replicaof line so a restart keeps the role.
+    config_file: str = "/etc/redis/redis.conf"
+    # The longest a switchover holds writes (CLIENT PAUSE's own timeout, so it ends even if
+    # igops dies).
+    pause_timeout: float = Field(5.0, ge=3, le=60)
+    max_lag_bytes: int = Field(1 << 20, ge=0)
+
+
+class Memcached(Strict):
+    port: Port = 11211
+
+
+class Munin(Strict):
+    port: Port = 4949
+    # Per-host templates ({host}): where `igops munin install` puts plugins and their
+    # settings, and how a node is told to pick them up.
+    plugin_dir: str = "/etc/munin/plugins"
+    plugin_conf_dir: str = "/etc/munin/plugin-conf.d"
+    restart_command: str = "systemctl restart munin-node"
+    # Where igops' plugin scripts live on a host; plugin_dir gets links to them.
+    plugin_library: str = "/usr/local/share/igops/munin-plugins"
+
+
+class Check(Strict):
+    # One deadline for a whole `igops check`: whatever has not answered by then is CRITICAL.
+    timeout: float = Field(10.0, gt=0, le=300)
+    disk_warning_percent: float = Field(80.0, gt=0, le=100)
+    disk_critical_percent: float = Field(90.0, gt=0, le=100)
+    replication_lag_warning_bytes: int = Field(1 << 20, ge=0)
+    replication_lag_critical_bytes: int = Field(64 << 20, ge=0)
+    pgbouncer_wait_warning_seconds: float = Field(1.0, ge=0)
+    pgbouncer_wait_critical_seconds: float = Field(5.0, ge=0)
+    # A paused PgBouncer database is WARNING; CRITICAL once checks have seen it paused this long.
+    pgbouncer_paused_critical_seconds: float = Field(60.0, ge=0)
+    snapshot_warning_hours: float = Field(26.0, gt=0)
+    snapshot_critical_hours: float = Field(50.0, gt=0)
+    # With a [snapshot] schedule: how long after a scheduled time its group may still be
+    # missing (being taken, or EBS still copying blocks) before the check warns.
+    snapshot_grace_minutes: float = Field(60.0, ge=0)
+    # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).
+    munin_plugins: list[str] = Field(default_factory=lambda: ["igops_*"])
+
+    @model_validator(mode="after")
+    def warning_before_critical(self):
+        for warning, critical in (("disk_warning_percent", "disk_critical_percent"),
+                                  ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
+                                  ("pgbouncer_wait_warning_seconds", "pgbouncer_wait_critical_seconds"),
+                                  ("snapshot_warning_hours", "snapshot_critical_hours")):
+            if getattr(self, warning) > getattr(self, critical):
+                raise InvalidValue(f"{warning} ({getattr(self, warning):g}) is above {critical} "
+                                   f"({getattr(self, critical):g}): the warning would never be seen",
+                                   f"set {warning} at or below {critical}")
+        return self
+
+
+class Shards(Strict):
+    count: int = Field(16, ge=1, le=8192)
+    directory_database: str = "directory"
+    # The [postgres.clusters] entry holding the directory database (default: the first).
+    directory_cluster: str | None = None
+    schema_prefix: str = "insta"
+
+    @field_validator("schema_prefix")
+    @classmethod
+    def identifier(cls, value: str) -> str:
+        if not SCHEMA_PREFIX_PATTERN.match(value):
+            raise InvalidValue(f"schema_prefix {value!r} is not a plain SQL identifier",
+                               "use lowercase letters, digits and _, starting with a letter or _ "
+                               "(at most 40 characters)")
+        return value
+    # The service's DDL: shard_ddl is a template with {schema} and {shard_id}.
+    shard_ddl: str | None = None
+    directory_ddl: str | None = None
+
+
+class Coordination(Strict):
+    """Where leases and the audit trail live when they are shared by the whole team (etcd).
+    Without this section they stay in the state directory (see igops.coordination)."""
+    etcd: list[str] = Field(min_length=1)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Its password is the secret etcd_password.
+    user: str | None = None
+    # etcd leases are whole seconds; under 2 s one late keepalive loses the lease.
+    lease_ttl: int = Field(10, ge=2, le=300)
+    # Default: /igops/<fleet name>/
+    prefix: str | None = None
+
+    @field_validator("etcd")
+    @classmethod
+    def urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.match(r"^https?://[^/\s]+/?$", url):
+                raise InvalidValue(f"{url!r} is not an etcd client URL",
+                                   "use http://HOST:2379 or https://HOST:2379 (no path)")
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("prefix")
+    @classmethod
+    def slashed(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("/") and value.endswith("/") and len(value) > 1):
+            raise InvalidValue(f"prefix {value!r} must start and end with /",
+                               "use a key prefix such as /igops/prod/")
+        return value
+
+    @model_validator(mode="after")
+    def tls_pairs(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise InvalidValue("cert_file and key_file go together (a client certificate and its key)",
+                               "set both or neither")
+        plain = [url for url in self.etcd if url.startswith("http://")]
+        if plain and (self.cert_file or self.ca_file):
+            raise InvalidValue(f"TLS files are set but {plain[0]} is plain http",
+                               "use https:// URLs with TLS, or drop ca_file/cert_file/key_file")
+        if self.user:
+            from igops.secrets import insecure_url_problem
+
+            for url in self.etcd:
+                problem = insecure_url_problem(url)
+                if problem:
+                    raise InvalidValue(f"etcd user {self.user!r}: {problem}",
+                                       "use https:// URLs so the password travels encrypted")
+        return self
+
+
+class Inventory(Strict):
+    fleet: Fleet = Fleet()
+    ssh: Ssh = Ssh()
+    aws: Aws = Aws()
+    monitoring: Monitoring = Monitoring()
+    secrets: SecretsRef = SecretsRef()
+    hosts: list[Host] = Field(default_factory=list)
+    lb: LoadBalancer = LoadBalancer()
+    app: App = App()
+    postgres: Postgres = Postgres()
+    pgbouncer: PgBouncer = PgBouncer()
+    redis: Redis = Redis()
+    memcached: Memcached = Memcached()
+    munin: Munin = Munin()
+    shards: Shards = Shards()
+    snapshot: Snapshot = Snapshot()
+    check: Check = Check()
+    coordination: Coordination | None = None
