@@ -17,10 +17,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from igops import agent, remote
 from igops.errors import RemoteError
 from igops.secrets import Secrets
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 HEARTBEAT_INTERVAL_S = 1.0
 # How long a watchdog may take to start, reach its admin console with psql and say so.
@@ -55,7 +59,7 @@ def describe_release(host: str, event: dict, clean: bool) -> str:
 class PauseWatchdogs:
     """The watchdogs of one operation, one per PgBouncer host, and their heartbeat."""
 
-    def __init__(self, fleet):
+    def __init__(self, fleet: Fleet):
         self.fleet = fleet
         self.sessions: dict[str, remote.Session] = {}
         self.lost: list[str] = []  # hosts whose session broke while igops was beating

@@ -29,10 +29,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.secrets import redact, redact_data
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # How long one etcd request may take, over all the members it asks. A member without quorum
 # answers a lease grant only after its own request timeout (about 7 s), and a hung or
@@ -484,7 +487,7 @@ class EtcdCoordinator:
         return [json.loads(value) for _, value in self.gateway.get_prefix(self.settings.prefix + "audit/")]
 
 
-def settings_for(fleet) -> EtcdSettings | None:
+def settings_for(fleet: Fleet) -> EtcdSettings | None:
     """The etcd settings of an inventory, its password read from the secrets; None for the
     local backend."""
     section = fleet.model.coordination
@@ -521,7 +524,7 @@ def _local_holder(text: str | None) -> Holder | None:
     return Holder.from_json(text) if text else None
 
 
-def for_fleet(fleet) -> LocalCoordinator | EtcdCoordinator:
+def for_fleet(fleet: Fleet) -> LocalCoordinator | EtcdCoordinator:
     settings = settings_for(fleet)
     if settings is None:
         return LocalCoordinator(fleet.state_dir)

@@ -12,8 +12,12 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igops import safety
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 class LastRunRecord:
@@ -26,7 +30,7 @@ class LastRunRecord:
     releases of the run it follows from it. Its file, its format and what reads it (`deploy
     releases`, the plans) stay as they were."""
 
-    def __init__(self, fleet, plan):
+    def __init__(self, fleet: Fleet, plan):
         self.path = last_run_path(fleet)
         self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
                          "pid": os.getpid(), "machine": socket.gethostname(), "user": deployer(),
@@ -51,11 +55,11 @@ class LastRunRecord:
         self.update(hosts=hosts)
 
 
-def last_run_path(fleet) -> Path:
+def last_run_path(fleet: Fleet) -> Path:
     return fleet.state_dir / "deploy" / f"{fleet.model.fleet.name}.json"
 
 
-def read_last_run(fleet) -> dict | None:
+def read_last_run(fleet: Fleet) -> dict | None:
     try:
         document = json.loads(last_run_path(fleet).read_text())
     except (OSError, ValueError):

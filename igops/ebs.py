@@ -13,8 +13,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, RemoteError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 MAX_PENDING_SNAPSHOTS = 5  # per volume: EC2 refuses more with ConcurrentSnapshotLimitExceeded
 
@@ -28,7 +32,7 @@ class Attachment:
 
 
 class Ebs:
-    def __init__(self, fleet):
+    def __init__(self, fleet: Fleet):
         import boto3
         from botocore.config import Config
 

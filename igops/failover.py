@@ -27,6 +27,8 @@ The pieces live in:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from igops import redis_failover
 from igops.pg import plans as pg_plans
 from igops.pg.actions import PgActions, PgResult, apply_pg
@@ -44,6 +46,9 @@ from igops.redis_failover import (
 from igops.redis_tier import RedisNode, RedisState, redis_members, redis_status, redis_view
 from igops.role_change import Refused
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 __all__ = [
     "PgActions", "PgClusterState", "PgNode", "PgPlan", "PgResult", "RedisActions", "RedisNode", "RedisPlan",
     "RedisResult", "RedisState", "Refused", "apply_pg", "apply_redis", "check_unchanged", "cluster_members",
@@ -52,7 +57,7 @@ __all__ = [
 ]
 
 
-def check_unchanged(fleet, plan: PgPlan | RedisPlan) -> None:
+def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
     """Under the lock, after the confirmation: refuse if the state the plan was made for has
     changed (another operation, a node that came back), instead of acting on a stale plan."""
     if isinstance(plan, RedisPlan):

@@ -6,18 +6,22 @@ same call on several hosts (or clusters) at once.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from igops import remote
 from igops.errors import RemoteError
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
-def ssh(fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
+
+def ssh(fleet: Fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
     [result] = remote.run(remote.targets_for(fleet, [host]), remote.quote_command(argv), remote.settings_for(fleet),
                           timeout=timeout, stdin=stdin)
     return result
 
 
-def ssh_ok(fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
+def ssh_ok(fleet: Fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
     result = ssh(fleet, host, argv, timeout, stdin)
     if not result.ok:
         raise RemoteError(f"{host.name}: {what} failed: {failure_reason(result)}")
@@ -34,7 +38,7 @@ def failure_reason(result: remote.HostResult) -> str:
     return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
 
 
-def read_file(fleet, host, path: str) -> str:
+def read_file(fleet: Fleet, host, path: str) -> str:
     return ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
 
 
@@ -44,7 +48,7 @@ _REPLACE_FILE = ('set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "
                  'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"')
 
 
-def replace_file(fleet, host, path: str, text: str) -> None:
+def replace_file(fleet: Fleet, host, path: str, text: str) -> None:
     ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30,
            stdin=text.encode())
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops import failover
 from igops.errors import AlreadyRunning, RefusedError
@@ -30,6 +30,9 @@ from igops.operations import conflicts, journal
 from igops.operations.engine import OperationSpec
 from igops.operations.steps import Step, execute, from_spec
 from igops.output import Reporter, plural
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
 SHARD_KINDS = ("shard-move", "shard-rebalance")
@@ -63,7 +66,7 @@ def refuse_if_alive(store, record: dict) -> None:
                            "see igops ops show " + record["id"])
 
 
-def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
+def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
     kind, params = record["kind"], record.get("params") or {}
     if kind == "snapshot-create" and params.get("group"):
         return _snapshot_continuation(fleet, record, resume=True)
@@ -97,7 +100,7 @@ def plan_resume(fleet, record: dict, entries: list[dict]) -> Continuation:
     return Continuation(spec, run)
 
 
-def _pg_plan(fleet, kind: str, params: dict):
+def _pg_plan(fleet: Fleet, kind: str, params: dict):
     if kind == "pg-switchover":
         return failover.plan_pg_switchover(fleet, params["cluster"], params["to"], bool(params.get("accept_risk")))
     if kind == "pg-failover":
@@ -114,7 +117,7 @@ def promoted_target(entries: list[dict]) -> bool:
                for entry in entries if entry.get("event") == "intent")
 
 
-def _redis_plan(fleet, kind: str, params: dict, promoted: bool = False):
+def _redis_plan(fleet: Fleet, kind: str, params: dict, promoted: bool = False):
     if kind == "redis-switchover":
         return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("accept_risk")),
                                               promoted_by_interrupted_run=promoted)
@@ -154,7 +157,7 @@ def move_of(record: dict, entries: list[dict]) -> int | None:
     return int(known) if known is not None else None
 
 
-def _shard_move_continuation(fleet, record: dict, entries: list[dict], resume: bool) -> Continuation:
+def _shard_move_continuation(fleet: Fleet, record: dict, entries: list[dict], resume: bool) -> Continuation:
     """The move the operation was in, finished (igops.shards.resume_move) or rolled back
     (abort_move) from the move's own journal in the directory database, as `igops shard move
     --resume|--abort` would. A rebalance's finished moves stay where they went, and the moves it
@@ -188,7 +191,7 @@ def _shard_move_continuation(fleet, record: dict, entries: list[dict], resume: b
     return Continuation(spec, apply, notes=notes)
 
 
-def _deploy_resume(fleet, record: dict) -> Continuation:
+def _deploy_resume(fleet: Fleet, record: dict) -> Continuation:
     """The hosts not yet on the interrupted rollout's release switch to it, batch by batch
     (igops.deploy.plan_resume); those an igops deploy left drained come back as their batch does."""
     from igops import deploy
@@ -209,7 +212,7 @@ def _deploy_resume(fleet, record: dict) -> Continuation:
     return Continuation(spec, run, notes=plan.notes())
 
 
-def _plan_deploy_abort(fleet, record: dict) -> Continuation:
+def _plan_deploy_abort(fleet: Fleet, record: dict) -> Continuation:
     """An interrupted deploy or rollback: the hosts it left drained go back into rotation (they
     keep whatever release they run; `igops deploy releases` shows which)."""
     from igops import deploy
@@ -230,7 +233,7 @@ def _plan_deploy_abort(fleet, record: dict) -> Continuation:
     return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
 
 
-def _snapshot_continuation(fleet, record: dict, resume: bool) -> Continuation:
+def _snapshot_continuation(fleet: Fleet, record: dict, resume: bool) -> Continuation:
     """Abort: delete what the interrupted group got. Resume: that, then a new group."""
     from igops import snapshot
     from igops.ebs import Ebs
@@ -272,7 +275,7 @@ def _snapshot_continuation(fleet, record: dict, resume: bool) -> Continuation:
     return Continuation(spec, run, [] if resume else not_undone)
 
 
-def plan_abort(fleet, record: dict, entries: list[dict]) -> Continuation:
+def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
     kind = record["kind"]
     if kind in ("deploy", "deploy-rollback"):
         return _plan_deploy_abort(fleet, record)

@@ -12,10 +12,14 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igops import coordination, safety
 from igops.errors import RefusedError
 from igops.operations import conflicts, journal
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 CACHE_NAME = "operations-cache.json"
 
@@ -29,7 +33,7 @@ class OperationsView:
     problems: list[str] = field(default_factory=list)
 
 
-def _store(fleet):
+def _store(fleet: Fleet):
     backend = coordination.for_fleet(fleet)
     return backend, journal.for_coordinator(backend, fleet.state_dir)
 
@@ -40,7 +44,7 @@ def _with_status(store, record: dict) -> dict:
     return record
 
 
-def list_operations(fleet, include_ended: bool = False) -> OperationsView:
+def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView:
     backend, store = _store(fleet)
     cache = fleet.state_dir / CACHE_NAME
     try:
@@ -56,7 +60,7 @@ def list_operations(fleet, include_ended: bool = False) -> OperationsView:
     return OperationsView(shown, backend.name, read_at=safety.now())
 
 
-def show(fleet, op_id: str) -> tuple[dict, list[dict]]:
+def show(fleet: Fleet, op_id: str) -> tuple[dict, list[dict]]:
     _, store = _store(fleet)
     record = store.record(op_id)
     if record is None:
@@ -64,7 +68,7 @@ def show(fleet, op_id: str) -> tuple[dict, list[dict]]:
     return _with_status(store, record), store.entries(op_id)
 
 
-def history(fleet, since: datetime | None, target: str | None, limit: int) -> list[dict]:
+def history(fleet: Fleet, since: datetime | None, target: str | None, limit: int) -> list[dict]:
     backend = coordination.for_fleet(fleet)
     if isinstance(backend, coordination.EtcdCoordinator):
         records = backend.audit_records()
@@ -97,7 +101,7 @@ def overdue(record: dict, now: datetime | None = None) -> float | None:
     return held - expected if held > expected else None
 
 
-def plan_continuation(fleet, op_id: str, name: str):
+def plan_continuation(fleet: Fleet, op_id: str, name: str):
     """The record of an interrupted operation and the resume or abort planned for it."""
     from igops import interrupted
 

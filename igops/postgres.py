@@ -13,9 +13,13 @@ import select
 import shlex
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, Unavailable, first_line
 from igops.secrets import Secrets
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # repmgr keeps its metadata (nodes, their types, upstreams and priorities) in this database.
 REPMGR_DATABASE = "repmgr"
@@ -207,7 +211,7 @@ def classify(message: str) -> str:
     return "timeout"
 
 
-def connect(fleet, host, database: str = "postgres", timeout: int = PROBE_TIMEOUT,
+def connect(fleet: Fleet, host, database: str = "postgres", timeout: int = PROBE_TIMEOUT,
             statement_timeout_ms: int | None = 10_000):
     """An autocommit superuser connection to one server (not through PgBouncer)."""
     import psycopg2
@@ -346,7 +350,7 @@ class Bouncer:
     """The admin console of one PgBouncer. PAUSE, RESUME and KILL act on named databases only:
     the pools of other clusters keep running."""
 
-    def __init__(self, fleet, host):
+    def __init__(self, fleet: Fleet, host):
         self.fleet = fleet
         self.host = host
 

@@ -9,9 +9,12 @@ moves it and the inventory keeps naming the members as they were. The connection
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # Checksums compare text renderings of rows: both sides must render them identically.
 _STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
@@ -23,7 +26,7 @@ _STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle"
 _last_primary: dict[tuple[str, str], str] = {}
 
 
-def _members(fleet, cluster: str) -> list[str]:
+def _members(fleet: Fleet, cluster: str) -> list[str]:
     """The cluster's members, the one that last answered as its primary first."""
     from igops.pg.cluster import cluster_members
 
@@ -32,7 +35,7 @@ def _members(fleet, cluster: str) -> list[str]:
     return ([last] if last in members else []) + [name for name in members if name != last]
 
 
-def _open_primary(fleet, cluster: str, database: str, values: dict[str, Any]):
+def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, Any]):
     """(host, connection) of the member that accepts writes, its session set to `values`.
     Members are asked one at a time, the last primary first; a standby's answer is not enough."""
     from igops import postgres
@@ -58,19 +61,19 @@ def _open_primary(fleet, cluster: str, database: str, values: dict[str, Any]):
                      f"`igops pg status {cluster}` shows the cluster; `igops pg failover {cluster}` promotes a standby")
 
 
-def last_primary(fleet, cluster: str) -> str:
+def last_primary(fleet: Fleet, cluster: str) -> str:
     """The member last found to be the primary in this process, else the inventory's."""
     return _last_primary.get((str(fleet.source), cluster), fleet.model.postgres.clusters[cluster].primary)
 
 
-def primary_of(fleet, cluster: str):
+def primary_of(fleet: Fleet, cluster: str):
     """The inventory host that is the cluster's primary now."""
     host, connection = _open_primary(fleet, cluster, "postgres", {})
     connection.close()
     return host
 
 
-def connect(fleet, cluster: str, database: str, *, autocommit: bool = False, purpose: str = "admin",
+def connect(fleet: Fleet, cluster: str, database: str, *, autocommit: bool = False, purpose: str = "admin",
             settings: dict[str, Any] | None = None):
     """A new connection to the cluster's primary as the inventory's Postgres user; the caller
     closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out."""
@@ -84,7 +87,7 @@ class primary_connection:
     """`connect` as a context manager that closes the connection on exit (psycopg2's own
     context manager only ends the transaction)."""
 
-    def __init__(self, fleet, cluster: str, database: str, **kwargs: Any):
+    def __init__(self, fleet: Fleet, cluster: str, database: str, **kwargs: Any):
         self.args = (fleet, cluster, database)
         self.kwargs = kwargs
 
@@ -96,7 +99,7 @@ class primary_connection:
         self.connection.close()
 
 
-def replication_connection(fleet, cluster: str, database: str, application_name: str):
+def replication_connection(fleet: Fleet, cluster: str, database: str, application_name: str):
     """A logical replication protocol connection to the cluster's primary (to create a slot
     that exports its snapshot); the caller closes it."""
     import psycopg2
@@ -118,7 +121,7 @@ def replication_connection(fleet, cluster: str, database: str, application_name:
                          f"{first_line(exc)}", "check pg_hba.conf and max_wal_senders there") from None
 
 
-def replication_conninfo(fleet, cluster: str, database: str, application_name: str) -> str:
+def replication_conninfo(fleet: Fleet, cluster: str, database: str, application_name: str) -> str:
     """How another server reaches this cluster's primary for logical replication, password
     included: the receiving server's own environment cannot be relied on to hold one (a node
     restarted by a failover tool may not see its passfile). The caller must keep the result out

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops import inventory, postgres, redisops
 from igops.errors import IgopsError, UsageError
@@ -20,6 +20,9 @@ from igops.operations.steps import Step, StepReport, execute
 from igops.output import Reporter, plural
 from igops.redis_tier import RedisState, RedisView, directory_connection, redis_address, redis_members, redis_view
 from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, STREAMING_TIMEOUT, Refused, refuse_or_force
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
@@ -52,7 +55,7 @@ class RedisResult:
     steps: list[StepReport]
 
 
-def plan_redis_switchover(fleet, target: str, accept_risk: bool = False,
+def plan_redis_switchover(fleet: Fleet, target: str, accept_risk: bool = False,
                           promoted_by_interrupted_run: bool = False) -> tuple[RedisPlan, RedisState]:
     """`promoted_by_interrupted_run`: the journal of the switchover being resumed shows it
     promoted `target` and never demoted the master the app uses (igops.interrupted)."""
@@ -105,7 +108,7 @@ def plan_redis_switchover(fleet, target: str, accept_risk: bool = False,
     return signed(plan, view), state
 
 
-def _plan_redis_finish(fleet, view: RedisView, operation: str, master: str) -> RedisPlan:
+def _plan_redis_finish(fleet: Fleet, view: RedisView, operation: str, master: str) -> RedisPlan:
     """`master` is the one master: finish what an interrupted operation left (a switchover killed
     after the demotion leaves the app pointed at the old master, now a replica, and the config
     files with the old roles): the others follow it, the directory names it, the files say so."""
@@ -124,7 +127,7 @@ def _plan_redis_finish(fleet, view: RedisView, operation: str, master: str) -> R
     return plan
 
 
-def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) -> list[Step]:
+def redis_switchover_steps(fleet: Fleet, current: str, target: str, others: list[str]) -> list[Step]:
     pause = fleet.model.redis.pause_timeout
     unpause = Step(f"{current}: CLIENT UNPAUSE (paused writes are refused READONLY and retried on {target})",
                    "unpause", (current,))
@@ -153,7 +156,8 @@ def redis_switchover_steps(fleet, current: str, target: str, others: list[str]) 
     return steps
 
 
-def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_failover(fleet: Fleet, target: str | None = None,
+                        accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target is not None and target not in members:
         raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
@@ -224,7 +228,7 @@ def plan_redis_failover(fleet, target: str | None = None, accept_risk: bool = Fa
     return signed(plan, view), state
 
 
-def _confirm_redis_down(fleet, state, name: str) -> None:
+def _confirm_redis_down(fleet: Fleet, state, name: str) -> None:
     """A restart looks like an outage for a moment: ask again before acting on it."""
     for _ in range(DOWN_PROBES - 1):
         time.sleep(DOWN_PROBE_INTERVAL)
@@ -246,7 +250,7 @@ def best_replica(replicas: dict[str, redisops.NodeState]) -> str:
                                               eligible[name].run_id))[0]
 
 
-def plan_redis_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if node not in members:
         raise UsageError(f"{node} is not a Redis node", inventory.unknown_name_hint(node, members, "nodes"))
@@ -285,7 +289,7 @@ def plan_redis_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[Redi
 
 
 class RedisActions:
-    def __init__(self, fleet):
+    def __init__(self, fleet: Fleet):
         self.fleet = fleet
         self.paused_at: float | None = None
         self.unpaused_at: float | None = None
@@ -403,7 +407,7 @@ class RedisActions:
         return f"link up, offset {state.offset}"
 
 
-def apply_redis(fleet, plan: RedisPlan, reporter: Reporter = Reporter()) -> RedisResult:
+def apply_redis(fleet: Fleet, plan: RedisPlan, reporter: Reporter = Reporter()) -> RedisResult:
     actions = RedisActions(fleet)
     try:
         reports = execute(plan.actions, actions, reporter, plan.failure_hint)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres, redisops
 from igops.errors import IgopsError, UsageError
 from igops.output import plural
 from igops.pg.cluster import cluster_members
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass
@@ -53,18 +56,18 @@ class RedisView:
         return [name for name, node in self.states.items() if node and node.role == "master"]
 
 
-def redis_members(fleet) -> list[str]:
+def redis_members(fleet: Fleet) -> list[str]:
     redis = fleet.model.redis
     if not redis.master:
         raise UsageError("the inventory has no Redis nodes", "set [redis] master and replicas")
     return [redis.master, *redis.replicas]
 
 
-def redis_address(fleet, name: str) -> str:
+def redis_address(fleet: Fleet, name: str) -> str:
     return f"{fleet.host(name).address}:{fleet.model.redis.port}"
 
 
-def directory_connection(fleet):
+def directory_connection(fleet: Fleet):
     """A connection to the directory database on its cluster's live primary."""
     shards = fleet.model.shards
     cluster = fleet.directory_cluster
@@ -84,7 +87,7 @@ def directory_connection(fleet):
                      f"see `igops pg status {cluster}`")
 
 
-def redis_view(fleet) -> RedisView:
+def redis_view(fleet: Fleet) -> RedisView:
     members = redis_members(fleet)
 
     def endpoint():
@@ -106,7 +109,7 @@ def redis_view(fleet) -> RedisView:
     return RedisView(fleet, states, down, redis_state_of(fleet, states, down, address, version, directory_error))
 
 
-def redis_state_of(fleet, states: dict[str, redisops.NodeState | None], down: dict[str, postgres.Unavailable],
+def redis_state_of(fleet: Fleet, states: dict[str, redisops.NodeState | None], down: dict[str, postgres.Unavailable],
                    address: str | None, version: int | None, directory_error: str | None) -> RedisState:
     """The Redis tier from what each node said of itself (None and an entry in `down` for one
     that did not answer) and the directory's redis_master endpoint (or why it could not be read)."""
@@ -139,7 +142,7 @@ def redis_state_of(fleet, states: dict[str, redisops.NodeState | None], down: di
     return state
 
 
-def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> list[str]:
+def _redis_problems(fleet: Fleet, state: RedisState, directory_error: str | None) -> list[str]:
     problems = []
     masters = [node.name for node in state.nodes if node.role == "master"]
     if directory_error:
@@ -169,5 +172,5 @@ def _redis_problems(fleet, state: RedisState, directory_error: str | None) -> li
     return problems
 
 
-def redis_status(fleet) -> RedisState:
+def redis_status(fleet: Fleet) -> RedisState:
     return redis_view(fleet).state

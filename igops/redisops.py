@@ -11,9 +11,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, Unavailable, first_line
 from igops.secrets import Secrets
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # The directory's endpoints row the app reads (app/directory.py): address "host:port", and a
 # version every change bumps so each worker reloads within about a second.
@@ -22,7 +26,7 @@ PROBE_TIMEOUT = 2.0
 _ROLE_LINE = re.compile(r"^\s*(replicaof|slaveof|replica-read-only|slave-read-only)\b", re.I)
 
 
-def client(fleet, host, timeout: float = PROBE_TIMEOUT):
+def client(fleet: Fleet, host, timeout: float = PROBE_TIMEOUT):
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -35,7 +39,7 @@ def client(fleet, host, timeout: float = PROBE_TIMEOUT):
                        retry=Retry(NoBackoff(), 0))
 
 
-def probe(fleet, name: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, NodeState | None, Unavailable | None]:
+def probe(fleet: Fleet, name: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, NodeState | None, Unavailable | None]:
     """One member's state, or why it could not be had (a down member is an answer, not an error)."""
     connection = client(fleet, fleet.host(name), timeout)
     try:

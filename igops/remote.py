@@ -17,8 +17,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igops.errors import UsageError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def quote_command(argv: Sequence[str]) -> str:
     return shlex.join(str(arg) for arg in argv)
 
 
-def settings_for(fleet) -> SshSettings:
+def settings_for(fleet: Fleet) -> SshSettings:
     ssh = fleet.model.ssh
     known_hosts = fleet.resolve(ssh.known_hosts)
     identity = fleet.resolve(ssh.identity_file) if ssh.identity_file else None
@@ -76,7 +80,7 @@ def settings_for(fleet) -> SshSettings:
     return SshSettings(known_hosts, identity, ssh.connect_timeout, ssh.command_timeout, ssh.parallel)
 
 
-def targets_for(fleet, hosts) -> list[Target]:
+def targets_for(fleet: Fleet, hosts) -> list[Target]:
     return [Target(host.name, str(host.address), fleet.ssh_port(host), fleet.ssh_user(host))
             for host in hosts]
 

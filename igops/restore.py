@@ -13,6 +13,7 @@ import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from igops import remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
@@ -28,6 +29,9 @@ from igops.snapshot import (
     TAG_ROLE,
     find_group,
 )
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 TAG_RESTORED_TO = "igops:restored-to"
 TAG_RESTORED_AT = "igops:restored-at"
@@ -110,7 +114,7 @@ class RestoreResult:
     postgres: dict | None = None  # data_directory, socket_directory, port, log, psql
 
 
-def plan_restore(fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None,
+def plan_restore(fleet: Fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None,
                  port: int = DEFAULT_PORT) -> RestorePlan:
     from igops.ebs import tags_of
 
@@ -139,7 +143,7 @@ def plan_restore(fleet, ebs, group_id: str, to_host: str, mount_root: str | None
     return plan
 
 
-def postgres_start(fleet, group_id: str, source_host: str, restored: dict[str, str], port: int) -> PostgresStart:
+def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict[str, str], port: int) -> PostgresStart:
     """The restored data directory: the source's, moved from its mount to where that mount is restored."""
     source = fleet.hosts_by_name.get(source_host)
     if source is None:
@@ -174,7 +178,7 @@ def refuse_second_restore(ebs, group_id: str, host) -> None:
                            f"remove it first: igops snapshot restore {group_id} --to {host.name} --cleanup")
 
 
-def restore(fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
+def restore(fleet: Fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
     host = fleet.host(plan.to_host)
     refuse_second_restore(ebs, plan.group_id, host)  # again, under the lock
     zone = ebs.availability_zone(plan.instance_id)
@@ -239,7 +243,7 @@ class CleanupPlan:
         return steps
 
 
-def plan_cleanup(fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
+def plan_cleanup(fleet: Fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
     from igops.ebs import tags_of
 
     host = fleet.host(to_host)
@@ -259,7 +263,7 @@ def plan_cleanup(fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
                        data_directory, run_directory)
 
 
-def cleanup(fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
+def cleanup(fleet: Fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
     with reporter.step(f"take away the restore of {plan.group_id} from {plan.to_host}") as step:
         leftovers = _take_away(fleet, ebs, fleet.host(plan.to_host), plan.group_id)
         if leftovers:
@@ -276,7 +280,7 @@ def _restored_mounts(volumes: list[dict]) -> dict[str, str]:
             if tags_of(volume).get(TAG_MOUNT) and tags_of(volume).get(TAG_RESTORED_AT)}
 
 
-def _take_away(fleet, ebs, host, group_id: str) -> list[str]:
+def _take_away(fleet: Fleet, ebs, host, group_id: str) -> list[str]:
     """Stop, unmount, detach and delete everything a restore of the group onto the host made,
     as far as it got. Returns what could not be taken away."""
     leftovers = []
@@ -301,7 +305,7 @@ def _take_away(fleet, ebs, host, group_id: str) -> list[str]:
     return leftovers
 
 
-def _host_script(fleet, host, script: str, what: str, timeout: float = 300) -> None:
+def _host_script(fleet: Fleet, host, script: str, what: str, timeout: float = 300) -> None:
     [target] = remote.targets_for(fleet, [host])
     [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout)
     if not done.ok:

@@ -5,6 +5,7 @@ is, and only the schemas it names are created where it says."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError
 from igops.output import Reporter, plural
@@ -12,6 +13,9 @@ from igops.postgres_admin import primary_connection
 from igops.shard_ids import shard_ranges
 from igops.shard_map import cluster_names, schema_name
 from igops.shard_schema import act_as_owner, read_ddl, shard_ddl
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass
@@ -55,7 +59,7 @@ def even_placement(clusters: list[str], count: int) -> dict[int, str]:
     return {shard: clusters[shard * len(clusters) // count] for shard in range(count)}
 
 
-def plan_init(fleet, count: int | None = None) -> InitPlan:
+def plan_init(fleet: Fleet, count: int | None = None) -> InitPlan:
     """What `init_shards` would do, read without changing anything."""
     model = fleet.model
     count = count or model.shards.count
@@ -101,7 +105,7 @@ def plan_init(fleet, count: int | None = None) -> InitPlan:
                     placement, missing_schemas)
 
 
-def init_shards(fleet, reporter: Reporter | None = None, count: int | None = None) -> ShardInitReport:
+def init_shards(fleet: Fleet, reporter: Reporter | None = None, count: int | None = None) -> ShardInitReport:
     """Create the directory database's tables and seed them (clusters, an even contiguous
     shard map, the Redis master endpoint) when empty, then every logical shard's schema on
     the cluster the map assigns it to."""

@@ -7,12 +7,16 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, UsageError
 from igops.postgres_admin import connect, last_primary, primary_connection
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
-def check_shard(fleet, shard: int) -> None:
+
+def check_shard(fleet: Fleet, shard: int) -> None:
     """Refuse a logical shard number outside the inventory's [shards] count, naming the valid
     range, before anything connects."""
     count = fleet.model.shards.count
@@ -20,11 +24,11 @@ def check_shard(fleet, shard: int) -> None:
         raise UsageError(f"shard {shard} is out of range", f"shards are 0-{count - 1} ([shards] count = {count})")
 
 
-def schema_name(fleet, shard: int) -> str:
+def schema_name(fleet: Fleet, shard: int) -> str:
     return f"{fleet.model.shards.schema_prefix}{shard}"
 
 
-def cluster_names(fleet) -> list[str]:
+def cluster_names(fleet: Fleet) -> list[str]:
     if not fleet.model.postgres.clusters:
         raise UsageError("the inventory defines no Postgres clusters", "add [postgres.clusters.*] entries")
     return list(fleet.model.postgres.clusters)
@@ -63,14 +67,14 @@ class ShardMap:
         return {item.shard: item.bytes or 0 for item in self.shards}
 
 
-def directory_connection(fleet, autocommit: bool = True, purpose: str = "shards"):
+def directory_connection(fleet: Fleet, autocommit: bool = True, purpose: str = "shards"):
     """A connection to the directory database that the caller closes."""
     cluster_names(fleet)  # refuses an inventory without clusters
     return connect(fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit,
                    purpose=purpose)
 
 
-def directory_session(fleet) -> primary_connection:
+def directory_session(fleet: Fleet) -> primary_connection:
     """An autocommit directory connection as a context manager that closes it."""
     cluster_names(fleet)  # refuses an inventory without clusters
     return primary_connection(fleet, fleet.directory_cluster, fleet.model.shards.directory_database,
@@ -88,7 +92,7 @@ def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str
     return row[0], row[1], placement, dict(cursor.fetchall())
 
 
-def read_map(fleet, sizes: bool = True) -> ShardMap:
+def read_map(fleet: Fleet, sizes: bool = True) -> ShardMap:
     """The directory's map, and (with `sizes`) each shard schema's bytes on its cluster:
     a cluster that cannot be reached is reported, not fatal."""
     connection = directory_connection(fleet)
@@ -129,7 +133,7 @@ def read_map(fleet, sizes: bool = True) -> ShardMap:
     return ShardMap(version, updated_at.isoformat(timespec="seconds"), shards, clusters)
 
 
-def _schema_sizes(fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
+def _schema_sizes(fleet: Fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
     """Bytes of every table (with its indexes and TOAST) per existing schema."""
     with primary_connection(fleet, cluster, fleet.model.postgres.database, autocommit=True,
                             purpose="shards") as connection:
@@ -142,7 +146,7 @@ def _schema_sizes(fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
             return dict(cursor.fetchall())
 
 
-def placement_of(fleet, shard: int) -> str:
+def placement_of(fleet: Fleet, shard: int) -> str:
     with directory_session(fleet) as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT cluster FROM shard_map WHERE logical_shard = %s", (shard,))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.operations import conflicts
@@ -36,6 +37,9 @@ from igops.shard_replication import (
 from igops.shard_schema import act_as_owner, describe_schema, read_ddl, schema_diff, shard_ddl
 from igops.shard_verify import VerifyReport
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 
 @dataclass
 class MoveResult:
@@ -54,7 +58,7 @@ class MoveResult:
     verify: VerifyReport | None = None
 
 
-def plan_move(fleet, shard: int, target: str) -> MovePlan:
+def plan_move(fleet: Fleet, shard: int, target: str) -> MovePlan:
     """Check everything a new move needs before anything is changed: the shard and clusters
     exist, the shard is elsewhere, no move of it is unfinished, logical replication can run,
     the target has no conflicting copy, and the shard DDL builds on the target exactly the
@@ -156,7 +160,7 @@ def move_resources(shard: int, source: str, target: str) -> list[tuple[str, str]
     return [conflicts.shard(shard), conflicts.pg_cluster(source), conflicts.pg_cluster(target)]
 
 
-def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
+def plan_resume(fleet: Fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
     with directory_session(fleet) as directory:
         record = Journal(directory).get(move_id)
     if record.status != ACTIVE:
@@ -164,7 +168,7 @@ def plan_resume(fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
     return _plan_from_record(fleet, record, resume_point(record.step)), record
 
 
-def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
+def _plan_from_record(fleet: Fleet, record: MoveRecord, resume_after: str) -> MovePlan:
     model = fleet.model
     tables: list[TableSize] = []
     if resume_after in STEPS[:STEPS.index("switched")]:
@@ -177,7 +181,7 @@ def _plan_from_record(fleet, record: MoveRecord, resume_after: str) -> MovePlan:
                     model.postgres.database, tables, model.postgres.max_lag_bytes, record.id, resume_after)
 
 
-def plan_abort(fleet, move_id: int) -> AbortPlan:
+def plan_abort(fleet: Fleet, move_id: int) -> AbortPlan:
     with directory_session(fleet) as directory:
         record = Journal(directory).get(move_id)
         with directory.cursor() as cursor:
@@ -199,7 +203,7 @@ class _Mover:
     share one MoveSession; the copy is a ShardCopier's, the verification and the cut-over a
     CutOver's, and the replication objects and waits are shard_replication's."""
 
-    def __init__(self, fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None):
+    def __init__(self, fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None):
         self.fleet = fleet
         self.plan = plan
         self.journal = journal
@@ -277,7 +281,8 @@ class _Mover:
         return f"{flushed}; {removed}; old copy dropped"
 
 
-def start_move(fleet, plan: MovePlan, reporter: Reporter | None = None, pause_after: str | None = None) -> MoveResult:
+def start_move(fleet: Fleet, plan: MovePlan, reporter: Reporter | None = None,
+               pause_after: str | None = None) -> MoveResult:
     """Journal a new move and run it to the end."""
     directory = directory_connection(fleet, purpose="journal")
     try:
@@ -293,7 +298,8 @@ def start_move(fleet, plan: MovePlan, reporter: Reporter | None = None, pause_af
         directory.close()
 
 
-def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_after: str | None = None) -> MoveResult:
+def resume_move(fleet: Fleet, move_id: int, reporter: Reporter | None = None,
+                pause_after: str | None = None) -> MoveResult:
     """Finish a move from its last journaled step. A move whose slot was lost (the source's
     primary changed) starts its copy again."""
     reporter = reporter or Reporter()
@@ -324,14 +330,14 @@ def resume_move(fleet, move_id: int, reporter: Reporter | None = None, pause_aft
         directory.close()
 
 
-def _slot_usable_on_source(fleet, record: MoveRecord) -> bool:
+def _slot_usable_on_source(fleet: Fleet, record: MoveRecord) -> bool:
     with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
                             purpose="move") as connection:
         with connection.cursor() as cursor:
             return bool(slot_usable(cursor, record.slot))
 
 
-def _drive(fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:
+def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:
     started = time.monotonic()
     mover = _Mover(fleet, plan, journal, reporter, pause_after)
     try:
@@ -353,7 +359,7 @@ def _drive(fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_af
                       mover.verify_report)
 
 
-def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> MoveRecord:
+def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) -> MoveRecord:
     """Undo a move that has not switched: the source is restored (un-fenced if the cut-over
     got that far), every replication object and the partial copy are removed."""
     from psycopg2 import sql
@@ -390,7 +396,7 @@ def abort_move(fleet, plan: AbortPlan, reporter: Reporter | None = None) -> Move
         directory.close()
 
 
-def list_moves(fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:
+def list_moves(fleet: Fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:
     """Recent moves, newest first; unfinished ones with the WAL their slot holds back."""
     if shard is not None:
         check_shard(fleet, shard)

@@ -5,15 +5,18 @@ stop, and what each step leaves for its journal entry."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.output import Reporter
 from igops.postgres_admin import connect
 from igops.shard_move_steps import MovePlan
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 
 class MoveSession:
-    def __init__(self, fleet, plan: MovePlan, reporter: Reporter, pause_after: str | None):
+    def __init__(self, fleet: Fleet, plan: MovePlan, reporter: Reporter, pause_after: str | None):
         self.fleet = fleet
         self.plan = plan
         self.reporter = reporter

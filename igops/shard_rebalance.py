@@ -5,12 +5,16 @@ a full online move."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, RefusedError, UsageError
 from igops.output import Reporter, human_bytes
 from igops.shard_journal import Journal
 from igops.shard_map import directory_session, read_map
 from igops.shard_move import MoveResult, plan_move, start_move
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def plan_rebalance(placement: dict[int, str], clusters: list[str], by: str = "sh
     return RebalancePlan(by, before, dict(load), moves)
 
 
-def rebalance_plan_for(fleet, by: str = "shards", max_moves: int | None = None) -> RebalancePlan:
+def rebalance_plan_for(fleet: Fleet, by: str = "shards", max_moves: int | None = None) -> RebalancePlan:
     with directory_session(fleet) as directory:
         active = Journal(directory).active()
     if active:
@@ -99,7 +103,7 @@ class RebalanceResult:
     failed: str | None
 
 
-def run_rebalance(fleet, plan: RebalancePlan, reporter: Reporter | None = None) -> RebalanceResult:
+def run_rebalance(fleet: Fleet, plan: RebalancePlan, reporter: Reporter | None = None) -> RebalanceResult:
     """The planned moves one at a time with the move code itself; stops at the first failure.
     Run as an operation, it leases every cluster, so no move of another operator overlaps it."""
     reporter = reporter or Reporter()

@@ -5,15 +5,19 @@ functions as the catalog has them; and every difference between two such shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, UsageError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 def shard_ddl(template: str, schema: str, shard: int) -> str:
     return template.format(schema=schema, shard_id=shard)
 
 
-def read_ddl(fleet, key: str) -> str:
+def read_ddl(fleet: Fleet, key: str) -> str:
     configured = getattr(fleet.model.shards, key)
     if not configured:
         raise UsageError(f"[shards] {key} is not set", "point it at the service's SQL file")

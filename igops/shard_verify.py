@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, UsageError
 from igops.output import Reporter
@@ -21,6 +21,9 @@ from igops.shard_locks import LOCK_SETTINGS, lock_tables, wait_applied
 from igops.shard_map import check_shard, directory_session, placement_of, schema_name
 from igops.shard_move_steps import STEPS
 from igops.shard_schema import TableShape, describe_schema, read_ddl, schema_diff, sequence_values, shard_ddl, tables_of
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 CHUNK_ROWS = 100_000
 
@@ -189,7 +192,7 @@ class ShapeReport:
     equal: bool
 
 
-def verify_in_place(fleet, shard: int) -> ShapeReport:
+def verify_in_place(fleet: Fleet, shard: int) -> ShapeReport:
     """One copy: its per-table rows and checksums, sequences, and its difference from what
     the service's shard DDL creates (built in a transaction that is rolled back)."""
     check_shard(fleet, shard)
@@ -224,7 +227,7 @@ def verify_in_place(fleet, shard: int) -> ShapeReport:
     return ShapeReport(shard, copy.label, checks, sequences, diff, not diff)
 
 
-def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = None) -> VerifyReport:
+def verify_against(fleet: Fleet, shard: int, against: str, reporter: Reporter | None = None) -> VerifyReport:
     """The shard's copy where the map places it against the copy on another cluster. While a
     move replicates between them, both are read at one point of the stream (writes to the
     shard pause for an instant); otherwise each is read as it is."""
@@ -245,7 +248,7 @@ def verify_against(fleet, shard: int, against: str, reporter: Reporter | None = 
     return verify_copies(fleet, shard, ShardCopy(source, schema), ShardCopy(against, schema), subscription, reporter)
 
 
-def verify_copies(fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
+def verify_copies(fleet: Fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
                   reporter: Reporter, wait_budget_s: float = 2.0, ordered: bool = True) -> VerifyReport:
     database = fleet.model.postgres.database
     # Rows must reach each checksum in key order: no parallel plans.
@@ -271,7 +274,7 @@ def verify_copies(fleet, shard: int, source: ShardCopy, target: ShardCopy, subsc
         target_reader.close()
 
 
-def _matching_snapshots(fleet, source: ShardCopy, target: ShardCopy, subscription: str, source_reader,
+def _matching_snapshots(fleet: Fleet, source: ShardCopy, target: ShardCopy, subscription: str, source_reader,
                         target_reader, wait_budget_s: float) -> float:
     """Start the two readers' snapshots at one point of the replication stream: hold writes
     to the source's tables, wait until the target has applied everything before that point,

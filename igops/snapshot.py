@@ -15,10 +15,14 @@ from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from igops import __version__, agent, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 TAG_GROUP = "igops:group"
 TAG_HOST = "igops:host"
@@ -118,7 +122,7 @@ def new_group_id(host: str, now: datetime | None = None) -> str:
 
 
 # --- create -----------------------------------------------------------------------------------
-def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
+def plan_create(fleet: Fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
                 deadline: float | None = None, hook: bool = True, allow_primary: bool = False) -> CreatePlan:
     """Discover what lies under the mounts and refuse anything unsafe, before anything is frozen."""
     from igops.ebs import MAX_PENDING_SNAPSHOTS, Ebs
@@ -155,7 +159,7 @@ def plan_create(fleet, host_name: str, mounts: list[str] | None = None, ebs=None
         pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None, write_stall=write_stall)
 
 
-def primary_write_stall(fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
+def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
     """Snapshots are taken of standbys: freezing a live primary stalls every write to its
     cluster until the thaw. The primary is found by asking the members (a switchover moves it;
     the inventory keeps naming the members as they were). Refused unless explicitly allowed;
@@ -183,7 +187,7 @@ def primary_write_stall(fleet, host_name: str, deadline: float, allow_primary: b
     return None
 
 
-def discover(fleet, host, mounts: list[str]) -> list[dict]:
+def discover(fleet: Fleet, host, mounts: list[str]) -> list[dict]:
     command, stdin = agent.invocation("blockdevs", mounts)
     settings = remote.settings_for(fleet)
     [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
@@ -243,7 +247,7 @@ def device_aliases(device: str) -> set[str]:
     return aliases
 
 
-def create(fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -> CreateResult:
+def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -> CreateResult:
     from igops.ebs import Ebs
 
     ebs = ebs or Ebs(fleet)

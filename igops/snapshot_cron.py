@@ -14,9 +14,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from igops import snapshot, snapshot_policy
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, first_line
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 LEASE = ("snapshot-cron", "all")
 
@@ -35,7 +39,7 @@ class Take:
 
 
 @contextmanager
-def lease(fleet, command_line: str) -> Iterator[bool]:
+def lease(fleet: Fleet, command_line: str) -> Iterator[bool]:
     """Hold the cron lease for the run: True when held, False when another run holds it."""
     from igops import coordination
 
@@ -49,19 +53,19 @@ def lease(fleet, command_line: str) -> Iterator[bool]:
         yield True
 
 
-def has_policy(fleet) -> bool:
+def has_policy(fleet: Fleet) -> bool:
     """Whether any set of data has a schedule or retention counts for cron to follow."""
     return any(data_set.policy.schedule or not data_set.policy.retention.empty()
                for data_set in snapshot_policy.data_sets(fleet))
 
 
-def due_sets(fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
+def due_sets(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     return [data_set for data_set in snapshot_policy.data_sets(fleet)
             if snapshot_policy.due(data_set, groups, now, grace)]
 
 
-def choose(fleet, data_set: snapshot_policy.DataSet) -> Take:
+def choose(fleet: Fleet, data_set: snapshot_policy.DataSet) -> Take:
     """The member to snapshot: asked of the members themselves, since a switchover or failover
     moves the roles and the inventory keeps naming them as they were."""
     take = Take(data_set.name, data_set.label)
@@ -86,7 +90,7 @@ def choose(fleet, data_set: snapshot_policy.DataSet) -> Take:
     return take
 
 
-def _postgres_roles(fleet, members) -> dict[str, str]:
+def _postgres_roles(fleet: Fleet, members) -> dict[str, str]:
     """member -> "following" (a standby streaming from its upstream), "primary", "not streaming
     (…)" or why it could not be asked."""
     from igops import postgres
@@ -114,7 +118,7 @@ def _postgres_roles(fleet, members) -> dict[str, str]:
     return roles
 
 
-def _redis_roles(fleet, members) -> dict[str, str]:
+def _redis_roles(fleet: Fleet, members) -> dict[str, str]:
     from igops import redisops
 
     roles = {}
@@ -131,7 +135,7 @@ def _redis_roles(fleet, members) -> dict[str, str]:
     return roles
 
 
-def plan_take(fleet, ebs, take: Take) -> snapshot.CreatePlan | None:
+def plan_take(fleet: Fleet, ebs, take: Take) -> snapshot.CreatePlan | None:
     """The create plan for a chosen member; records why not on `take` when it is refused."""
     if take.error:
         return None
@@ -145,7 +149,7 @@ def plan_take(fleet, ebs, take: Take) -> snapshot.CreatePlan | None:
     return None
 
 
-def plan_prune(fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
+def plan_prune(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
     """What each set's policy lets go (an empty retention keeps every complete group and
     deletes only stale leftovers); groups of hosts in no set are left alone."""
     sets = snapshot_policy.data_sets(fleet)

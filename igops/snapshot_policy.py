@@ -14,10 +14,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from igops import schedule as schedules
 from igops.output import plural
 from igops.snapshot import STATE_COMPLETE, STATE_PENDING, STATE_TAKING, SnapshotGroup, stale
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 DEFAULT_MINIMUM_REDUNDANCY = 1
 POLICY_KEYS = ("schedule", "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
@@ -81,7 +85,7 @@ def policy_from(default, override=None) -> Policy:
                   DEFAULT_MINIMUM_REDUNDANCY if redundancy is None else redundancy)
 
 
-def data_sets(fleet) -> list[DataSet]:
+def data_sets(fleet: Fleet) -> list[DataSet]:
     """Every set of data in the fleet that has something to snapshot (a member with data mounts
     and an instance id), each with its policy."""
     model = fleet.model

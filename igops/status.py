@@ -8,10 +8,14 @@ import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops import remote
 from igops.output import plural
 from igops.secrets import Secrets
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 PROBE_TIMEOUT = 3.0
 
@@ -46,7 +50,7 @@ class StatusReport:
                 + [f"{s.service} on {s.host} down ({s.detail})" for s in self.services if not s.ok])
 
 
-def collect(fleet, roles: list[str] | None = None) -> StatusReport:
+def collect(fleet: Fleet, roles: list[str] | None = None) -> StatusReport:
     selected = fleet.select(roles=roles)
     report = StatusReport(fleet.model.fleet.name)
     probes = service_probes(fleet, selected)
@@ -63,7 +67,7 @@ def collect(fleet, roles: list[str] | None = None) -> StatusReport:
     return report
 
 
-def service_probes(fleet, hosts) -> list[tuple]:
+def service_probes(fleet: Fleet, hosts) -> list[tuple]:
     model = fleet.model
     secrets = Secrets(model.secrets.file)
     probes: list[tuple] = []

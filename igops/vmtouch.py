@@ -19,12 +19,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops import agent, remote
 from igops.agent import pagecache
 from igops.errors import RefusedError, RemoteError, UsageError
 from igops.output import Reporter, human_bytes, plural
 from igops.profile import Profile, ProfileError, Root, from_reader, parse
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 DEFAULT_CONCURRENCY = 8
 # A warm reads at most the source's page cache, i.e. at most its memory: 244 GiB, the largest
@@ -195,26 +199,26 @@ def _normal(path: str) -> str:
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
-def data_directory(fleet, host) -> str | None:
+def data_directory(fleet: Fleet, host) -> str | None:
     if "postgres" not in host.roles:
         return None
     return _normal(fleet.path_for(fleet.model.postgres.data_directory, host))
 
 
-def allowed_prefixes(fleet, host) -> list[str]:
+def allowed_prefixes(fleet: Fleet, host) -> list[str]:
     prefixes = [_normal(mount.path) for mount in host.mounts]
     pgdata = data_directory(fleet, host)
     return prefixes + ([pgdata] if pgdata and not any(_under(pgdata, p) for p in prefixes) else [])
 
 
-def postgres_cluster_of(fleet, host_name: str) -> str | None:
+def postgres_cluster_of(fleet: Fleet, host_name: str) -> str | None:
     for name, cluster in fleet.model.postgres.clusters.items():
         if host_name == cluster.primary or host_name in cluster.standbys:
             return name
     return None
 
 
-def source_roots(fleet, host, paths: list[str] | None) -> list[Root]:
+def source_roots(fleet: Fleet, host, paths: list[str] | None) -> list[Root]:
     """The directories to capture on `host`, each with how to find it on another host. Only the
     Postgres data directory and the host's data mounts may be captured."""
     pgdata = data_directory(fleet, host)
@@ -237,7 +241,7 @@ def source_roots(fleet, host, paths: list[str] | None) -> list[Root]:
     return roots
 
 
-def _root(fleet, host, path: str, pgdata: str | None) -> Root:
+def _root(fleet: Fleet, host, path: str, pgdata: str | None) -> Root:
     if pgdata and _under(path, pgdata):
         return Root(path, "postgres", posixpath.relpath(path, pgdata) if path != pgdata else "")
     mounts = sorted((mount for mount in host.mounts if _under(path, _normal(mount.path))),
@@ -253,7 +257,7 @@ def _root(fleet, host, path: str, pgdata: str | None) -> Root:
     return Root(path, f"mount:{mount.purpose}", posixpath.relpath(path, base) if path != base else "")
 
 
-def target_paths(fleet, roots: list[Root], target) -> list[str]:
+def target_paths(fleet: Fleet, roots: list[Root], target) -> list[str]:
     """Where each captured directory is on `target`."""
     paths = []
     for root in roots:
@@ -282,7 +286,7 @@ def target_paths(fleet, roots: list[Root], target) -> list[str]:
     return paths
 
 
-def check_target(fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root],
+def check_target(fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root],
                  target) -> None:
     """Refuse, before any host is contacted, a profile the inventory says belongs elsewhere."""
     if profile_fleet != fleet.model.fleet.name:
@@ -298,7 +302,7 @@ def check_target(fleet, profile_fleet: str, source: str, postgres_cluster: str |
 
 
 # --- agent plumbing -----------------------------------------------------------------------------
-def _capture_invocation(fleet, host, roots: list[Root]) -> tuple[str, bytes]:
+def _capture_invocation(fleet: Fleet, host, roots: list[Root]) -> tuple[str, bytes]:
     header = {"host": host.name, "fleet": fleet.model.fleet.name,
               "postgres_cluster": postgres_cluster_of(fleet, host.name),
               "roots": [dataclasses.asdict(root) for root in roots]}
@@ -310,7 +314,7 @@ def _capture_invocation(fleet, host, roots: list[Root]) -> tuple[str, bytes]:
     return agent.invocation("pagecache", args)
 
 
-def _warm_invocation(fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
+def _warm_invocation(fleet: Fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
     options = plan.options
     args = ["apply", *plan.target_paths, "--concurrency", str(options.concurrency), "--match", options.match]
     if options.rate:
@@ -344,7 +348,7 @@ def _event(line: str, host: str, what: str) -> dict:
     return event
 
 
-def _run_agent(fleet, host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
+def _run_agent(fleet: Fleet, host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
     command, prefix = invocation
     [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet),
                           stdin=prefix + stdin)
@@ -362,19 +366,19 @@ def _run_agent(fleet, host, invocation: tuple[str, bytes], what: str, stdin: byt
 
 
 # --- capture, show ------------------------------------------------------------------------------
-def capture(fleet, host_name: str, paths: list[str] | None) -> tuple[Profile, bytes, float]:
+def capture(fleet: Fleet, host_name: str, paths: list[str] | None) -> tuple[Profile, bytes, float]:
     """The host's profile, its text, and the seconds the capture took."""
     host = fleet.host(host_name)
     return _capture(fleet, host, source_roots(fleet, host, paths))
 
 
-def _capture(fleet, host, roots: list[Root]) -> tuple[Profile, bytes, float]:
+def _capture(fleet: Fleet, host, roots: list[Root]) -> tuple[Profile, bytes, float]:
     started = time.monotonic()
     text = _run_agent(fleet, host, _capture_invocation(fleet, host, roots), "capture").encode()
     return parse(text, f"the profile captured on {host.name}"), text, round(time.monotonic() - started, 3)
 
 
-def record(fleet, host_name: str, paths: list[str] | None, output: str,
+def record(fleet: Fleet, host_name: str, paths: list[str] | None, output: str,
            with_vmtouch: bool = False) -> CaptureResult:
     """Capture and save the profile; optionally the equivalent vmtouch commands too."""
     from igops import profile as profiles
@@ -406,7 +410,7 @@ class ShowResult:
     busiest: list[dict]  # the files with the most resident pages
 
 
-def show(fleet, host_name: str, path: str, top: int) -> ShowResult:
+def show(fleet: Fleet, host_name: str, path: str, top: int) -> ShowResult:
     """A vmtouch-like summary of one directory's residency, exact to the page."""
     profile, _, seconds = capture(fleet, host_name, [path])
     ranked = sorted(profile.files, key=lambda entry: sum(count for _, count in entry.runs), reverse=True)
@@ -424,7 +428,7 @@ def show(fleet, host_name: str, path: str, top: int) -> ShowResult:
 
 
 # --- apply, copy --------------------------------------------------------------------------------
-def plan_apply(fleet, profile: Profile, target_name: str, options: WarmOptions, profile_name: str) -> WarmPlan:
+def plan_apply(fleet: Fleet, profile: Profile, target_name: str, options: WarmOptions, profile_name: str) -> WarmPlan:
     target = fleet.host(target_name)
     check_target(fleet, profile.fleet, profile.host, profile.postgres_cluster, profile.roots, target)
     return WarmPlan(source=profile.host, target=target.name, roots=profile.roots,
@@ -433,7 +437,8 @@ def plan_apply(fleet, profile: Profile, target_name: str, options: WarmOptions, 
                     bytes=profile.resident_bytes, profile=profile_name)
 
 
-def plan_copy(fleet, source_name: str, target_name: str, paths: list[str] | None, options: WarmOptions) -> WarmPlan:
+def plan_copy(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None,
+              options: WarmOptions) -> WarmPlan:
     source, target = fleet.host(source_name), fleet.host(target_name)
     if source.name == target.name:
         raise UsageError(f"{source.name} is both source and target",
@@ -444,7 +449,7 @@ def plan_copy(fleet, source_name: str, target_name: str, paths: list[str] | None
                     target_paths=target_paths(fleet, roots, target), options=options)
 
 
-def _warm_session(fleet, plan: WarmPlan) -> remote.Session:
+def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
     target = fleet.host(plan.target)
     command, prefix = _warm_invocation(fleet, target, plan)
     # The remote deadline is a backstop only: a stalled agent is caught by STALL_TIMEOUT, and
@@ -454,7 +459,7 @@ def _warm_session(fleet, plan: WarmPlan) -> remote.Session:
     return remote.Session(where, command, settings, stdin_prefix=prefix)
 
 
-def apply(fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
+def apply(fleet: Fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
     title = (f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) "
              f"of {plural(plan.files, 'file')}")
     with reporter.step(title) as step:
@@ -498,7 +503,7 @@ class _Relay:
         return data
 
 
-def copy(fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
+def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
     source = fleet.host(plan.source)
     [source_target] = remote.targets_for(fleet, [source])
     capture_command, capture_prefix = _capture_invocation(fleet, source, plan.roots)
@@ -567,7 +572,7 @@ def _detail(result: WarmResult) -> str:
 
 
 # --- diff ---------------------------------------------------------------------------------------
-def diff(fleet, source_name: str, target_name: str, paths: list[str] | None,
+def diff(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None,
          reporter: Reporter = Reporter()) -> DiffResult:
     """What share of the source's resident pages are resident on the target, per file and in
     total. Files are matched by path alone: a page past the end of the target's file is cold."""

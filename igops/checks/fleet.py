@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from igops import remote, status
 from igops.checks import (
@@ -31,6 +32,9 @@ from igops.checks.redis_probes import redis_probes
 from igops.errors import NagiosStatus, UsageError
 from igops.output import plural
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 GROUPS = ("ssh", "disk", "frozen", "http", "postgres", "pgbouncer", "redis", "memcached", "munin", "snapshot",
           "pingdom", "operations")
 SSH_GROUPS = ("ssh", "disk", "frozen")
@@ -47,7 +51,7 @@ def validate_groups(only: list[str] | None) -> list[str]:
     return list(only or [])
 
 
-def probes(fleet, roles: list[str] | None = None, only: list[str] | None = None, timeout: float = 10.0,
+def probes(fleet: Fleet, roles: list[str] | None = None, only: list[str] | None = None, timeout: float = 10.0,
            samples: munin_checks.Samples | None = None) -> list[Probe]:
     enabled = set(validate_groups(only) or GROUPS)
     hosts = fleet.select(roles=roles)

@@ -15,9 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from igops import remote
 from igops.errors import NagiosStatus, RemoteError, UsageError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 PLUGIN_SCRIPT = "igops_"
 ROLE_PLUGINS = {"app": "igops_app", "postgres": "igops_postgres", "redis": "igops_redis",
@@ -296,7 +300,7 @@ def plugins_for(host) -> list[str]:
     return [ROLE_PLUGINS[role] for role in host.roles if role in ROLE_PLUGINS]
 
 
-def plugin_conf(fleet, host) -> str:
+def plugin_conf(fleet: Fleet, host) -> str:
     """The plugins' settings for one host, from the inventory (and the secrets file for the
     PgBouncer and Redis passwords: the file is written 0600, as munin-node expects)."""
     from igops.secrets import Secrets
@@ -330,7 +334,7 @@ def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def plan_install(fleet, roles: list[str] | None) -> list[HostInstall]:
+def plan_install(fleet: Fleet, roles: list[str] | None) -> list[HostInstall]:
     hosts = [host for host in fleet.select(roles=roles) if "munin" in host.roles and plugins_for(host)]
     if not hosts:
         raise UsageError("no selected host runs munin-node and a service igops has plugins for",
@@ -343,7 +347,7 @@ def plan_install(fleet, roles: list[str] | None) -> list[HostInstall]:
             for host in hosts]
 
 
-def install(fleet, plan: list[HostInstall], always_restart: bool = False,
+def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False,
             on_done=None) -> list[InstallResult]:
     from igops import agent
 
@@ -379,7 +383,7 @@ def install(fleet, plan: list[HostInstall], always_restart: bool = False,
         return list(pool.map(one, plan))
 
 
-def _listed(fleet, host, plugins: list[str]) -> tuple[list[str], str | None]:
+def _listed(fleet: Fleet, host, plugins: list[str]) -> tuple[list[str], str | None]:
     """What the restarted node lists; it may take a moment to come back."""
     deadline = time.monotonic() + 10
     while True:
@@ -399,7 +403,7 @@ def _listed(fleet, host, plugins: list[str]) -> tuple[list[str], str | None]:
         time.sleep(0.2)
 
 
-def fetch(fleet, host_name: str, plugin: str | None, with_config: bool) -> list[dict]:
+def fetch(fleet: Fleet, host_name: str, plugin: str | None, with_config: bool) -> list[dict]:
     host = fleet.host(host_name)
     try:
         with NodeClient(str(host.address), fleet.model.munin.port) as node:

@@ -7,9 +7,13 @@ left out of rotation)."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from igops.checks import Probe, Result
 from igops.errors import NagiosStatus
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 TARGET = "operations"
 ROTATION_TARGET = "app rotation"
@@ -59,14 +63,14 @@ def rotation_verdict(drained: list[str], records: list[dict]) -> tuple[NagiosSta
     return NagiosStatus.WARNING, f"{hosts} out of rotation, drained by an igops deploy that is not running ({fix})"
 
 
-def _drained(fleet) -> list[str]:
+def _drained(fleet: Fleet) -> list[str]:
     from igops import deploy
 
     with deploy.AppFleet.of(fleet) as app:
         return deploy.drained_by_igops(app)
 
 
-def operations_probe(fleet) -> Probe:
+def operations_probe(fleet: Fleet) -> Probe:
     with_lbs = bool(fleet.with_role("lb"))
 
     def run(report) -> None:

@@ -17,9 +17,13 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError, UsageError
 from igops.output import Reporter
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 LIMIT_HEADER = re.compile(r"Remaining:\s*(\d+)\s*Time until reset:\s*(\d+)", re.I)
 RESOLUTION = 1  # minutes between tests
@@ -171,7 +175,7 @@ def _error_message(response) -> str:
 
 # --- checks as code ---------------------------------------------------------------------------
 
-def fleet_tag(fleet) -> str:
+def fleet_tag(fleet: Fleet) -> str:
     return f"igops-{fleet.model.fleet.name}"[:64]
 
 
@@ -192,7 +196,7 @@ class DesiredCheck:
         return f"{scheme}://{self.host}:{self.port}{self.url}"
 
 
-def desired_checks(fleet) -> list[DesiredCheck]:
+def desired_checks(fleet: Fleet) -> list[DesiredCheck]:
     model = fleet.model
     name = model.fleet.name
     found = [DesiredCheck(f"{name} {host.name} health", str(host.address), model.lb.health_path, model.lb.port, False)

@@ -14,9 +14,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from igops.checks import Perf, Probe, Result, level, worst
 from igops.errors import NagiosStatus
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def age_words(hours: float) -> str:
     return f"{hours / 24:.1f} days"
 
 
-def snapshot_probes(fleet, hosts) -> list[Probe]:
+def snapshot_probes(fleet: Fleet, hosts) -> list[Probe]:
     """One probe listing the groups once and judging every set with a member among `hosts`."""
     from igops import snapshot_policy
 

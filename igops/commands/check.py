@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -16,6 +17,9 @@ from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, Usa
 from igops.output import plural
 from igops.pagerduty.incidents import Pager
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 STATUS_STYLE = {NagiosStatus.OK: "green", NagiosStatus.WARNING: "yellow", NagiosStatus.CRITICAL: "red",
@@ -159,7 +163,7 @@ class _CheckLock:
     """The fleet's check lock. Cron (and Nagios) must not queue up behind a running check, so
     they fail at once with LOCKED; a person at a terminal waits up to one check's length."""
 
-    def __init__(self, fleet, command_line: str, patient: bool, timeout: float):
+    def __init__(self, fleet: Fleet, command_line: str, patient: bool, timeout: float):
         self.fleet, self.command_line, self.patient, self.timeout = fleet, command_line, patient, timeout
         self._held = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from typer._click.exceptions import UsageError as ClickUsageError
@@ -16,6 +17,9 @@ from igops.errors import ExitCode
 from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 class DeployGroup(TyperGroup):
@@ -64,7 +68,7 @@ HOST_COLUMNS = ["host", "result", "release", Column("before", drop=2), Column("i
                 Column("detail", wrap=True)]
 
 
-def _gate(fleet, passes: int, timeout: float):
+def _gate(fleet: Fleet, passes: int, timeout: float):
     return HealthGate(fleet.model.app.health_path, fleet.model.app.port, passes, timeout)
 
 

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igops.errors import UsageError
 from igops.lab import (
@@ -47,6 +48,9 @@ from igops.lab.state import (
 )
 from igops.operations import journal
 from igops.output import Reporter, plural
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 SSHD_NAME = "lab"
 
@@ -344,7 +348,7 @@ def _repmgrd(paths: Paths, wanted: bool) -> str:
     return f"running on {plural(len(daemons), 'node')} (`igops lab up --no-repmgrd` stops it)"
 
 
-def verify(fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
+def verify(fleet: Fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
     """`up`'s closing check: every component answers and each cluster takes a write through
     PgBouncer; raises LabError naming whatever still fails after `patience` seconds."""
     # A fleet that just started can miss a first deadline (a worker's cold first request): a
@@ -369,7 +373,7 @@ def _command_line() -> str:
     return safety.redact_argv(["igops", *sys.argv[1:]])
 
 
-def _check(fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:
+def _check(fleet: Fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:
     """igops' own status probes, plus what only the lab has (moto, receivers, mounts) and a write
     through each of PgBouncer's databases: every component can answer while writes fail (PgBouncer
     routing to a standby, or holding a database paused)."""

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from igops.lab.proc import LabError
 from igops.output import Reporter, plural
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # The Pingdom receiver tests its checks every 5 s; a check it has not tested yet is "unknown".
 PINGDOM_FIRST_TEST_S = 15.0
 
 
-def munin_plugins(fleet) -> str:
+def munin_plugins(fleet: Fleet) -> str:
     """`igops munin install` on every host: writes and restarts only where something differs."""
     from igops.checks import munin
 
@@ -33,7 +37,7 @@ def munin_plugins(fleet) -> str:
     return (f"installed on {', '.join(changed)}" if changed else "in place") + f" ({plural(len(results), 'host')})"
 
 
-def pingdom_checks(fleet) -> str:
+def pingdom_checks(fleet: Fleet) -> str:
     """`igops pingdom sync`, then wait until the receiver has tested every check once."""
     from igops.checks import pingdom
 
@@ -59,7 +63,7 @@ def pingdom_checks(fleet) -> str:
             else f"in sync ({plural(len(plan.unchanged), 'check')})")
 
 
-def snapshots(fleet) -> str:
+def snapshots(fleet: Fleet) -> str:
     """`igops snapshot cron`'s takes: a group of each set of data whose [snapshot] schedule wants
     one (or, without a schedule, that has no complete group younger than the check's warning
     age), taken on a streaming standby or linked replica."""

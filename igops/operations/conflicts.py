@@ -9,6 +9,10 @@ both lease `pg main`, so one waits for (or is refused by) the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 Resource = tuple[str, str]
 
@@ -80,7 +84,7 @@ def shard(number: int) -> Resource:
     return ("shard", str(number))
 
 
-def for_host(fleet, name: str) -> list[Resource]:
+def for_host(fleet: Fleet, name: str) -> list[Resource]:
     """A host, and the replicated set it belongs to: work on one member's data (a snapshot)
     must not overlap a change of that set's roles."""
     resources = [host(name)]
@@ -93,7 +97,7 @@ def for_host(fleet, name: str) -> list[Resource]:
     return resources
 
 
-def every_cluster(fleet) -> list[Resource]:
+def every_cluster(fleet: Fleet) -> list[Resource]:
     return [pg_cluster(name) for name in fleet.model.postgres.clusters]
 
 

@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igops import coordination, safety
 from igops.errors import IgopsError, describe
 from igops.operations import conflicts, journal
 from igops.output import Reporter, StepRecord
 from igops.secrets import redact
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 T = TypeVar("T")
 # Tries to journal an operation's end, a second apart, before it is left for `ops list` to
@@ -165,7 +168,7 @@ class JournaledReporter(Reporter):
             yield advance
 
 
-def perform(fleet, spec: OperationSpec, action: Callable[[Operation], T], reporter: Reporter = Reporter(), *,
+def perform(fleet: Fleet, spec: OperationSpec, action: Callable[[Operation], T], reporter: Reporter = Reporter(), *,
             outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), reason: str | None = None,
             wait: float = 0.0, resume: dict | None = None) -> T:
     """Run `action` as an operation (see the module's docstring). `resume` is the record of an
@@ -181,7 +184,7 @@ def perform(fleet, spec: OperationSpec, action: Callable[[Operation], T], report
 class _Run:
     """One run of an operation: what its lease, journal and audit records share."""
 
-    def __init__(self, fleet, spec: OperationSpec, reporter: Reporter, reason: str | None, resume: dict | None):
+    def __init__(self, fleet: Fleet, spec: OperationSpec, reporter: Reporter, reason: str | None, resume: dict | None):
         self.spec, self.reporter, self.reason, self.resume = spec, reporter, reason, resume
         self.backend = coordination.for_fleet(fleet)
         self.store = journal.for_coordinator(self.backend, fleet.state_dir)
@@ -224,14 +227,14 @@ class _Run:
                 self.audit(word, code, detail)
 
 
-def declined(fleet, targets: list[str], reason: str | None = None) -> None:
+def declined(fleet: Fleet, targets: list[str], reason: str | None = None) -> None:
     """A person said no to the plan: nothing ran, and the audit trail says so."""
     coordination.for_fleet(fleet).audit(command=safety.redact_argv(["igops", *sys.argv[1:]]), targets=targets,
                                         result="declined", exit_code=2, duration_ms=0.0,
                                         reason=reason or coordination.reason())
 
 
-def audited(fleet, targets: list[str], action: Callable[[], T], outcome: Callable[[T], tuple[str, int]],
+def audited(fleet: Fleet, targets: list[str], action: Callable[[], T], outcome: Callable[[T], tuple[str, int]],
             reason: str | None = None) -> T:
     """An action that is no operation (nothing igops keeps state about, no lease): only its
     outcome is audited (`igops exec`)."""
@@ -355,7 +358,7 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
 NO_CHANGE_EVENT = ("deploy", "deploy-rollback", "pagerduty-test")
 
 
-def _mark_change(fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
+def _mark_change(fleet: Fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
     """A PagerDuty change event for the operation that ended, once its lease is released: a
     marker never holds up or fails the operation it marks."""
     from igops.pagerduty import changes as pagerduty_changes

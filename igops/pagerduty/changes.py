@@ -11,8 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from igops.secrets import redact
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 PATH = "/v2/change/enqueue"
 ATTEMPTS = 4
@@ -21,7 +25,7 @@ REQUEST_TIMEOUT_S = 5.0
 SUMMARY_LIMIT = 1024
 
 
-def routing_key(fleet) -> str | None:
+def routing_key(fleet: Fleet) -> str | None:
     """The PagerDuty routing key change events go to, if the fleet has one (a secret)."""
     from igops.secrets import Secrets
 

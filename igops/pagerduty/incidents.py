@@ -17,10 +17,14 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops.errors import NagiosStatus, UsageError
 from igops.output import Reporter
 from igops.safety import now
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 RETRIES = {429: 5, 500: 3, 502: 3, 503: 3, 504: 3}
 FIRST_PAUSE = 0.25  # seconds; the client doubles it before every retry
@@ -108,7 +112,7 @@ class PagingReport:
 
 
 class Pager:
-    def __init__(self, fleet, reporter: Reporter = Reporter()):
+    def __init__(self, fleet: Fleet, reporter: Reporter = Reporter()):
         from igops.secrets import Secrets
 
         self.fleet_name = fleet.model.fleet.name

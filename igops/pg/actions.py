@@ -5,6 +5,7 @@ concern (PgBouncer, the old and new primary, standbys, repmgrd), and `apply_pg`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from igops.bouncer_watchdog import PauseWatchdogs
 from igops.operations.steps import StepReport, execute
@@ -15,6 +16,9 @@ from igops.pg.plans import PgPlan
 from igops.pg.primary_actions import FencingActions, PromotionActions
 from igops.pg.repmgrd import RepmgrdActions
 from igops.pg.standby_actions import RejoinActions, WalRetentionActions
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass
@@ -32,7 +36,7 @@ class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions,
                 RepmgrdActions):
     """The actions a Postgres plan's steps name, with what they learn along the way."""
 
-    def __init__(self, fleet):
+    def __init__(self, fleet: Fleet):
         self.fleet = fleet
         self.wal_end: int | None = None
         self.promote_requested: set[str] = set()  # members asked to promote: only a stopped one is known not to
@@ -52,7 +56,7 @@ class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions,
         return cluster_of(self.fleet, name)
 
 
-def apply_pg(fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
+def apply_pg(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
     actions = PgActions(fleet)
     reports = execute(plan.actions, actions, reporter, plan.failure_hint,
                       left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)))

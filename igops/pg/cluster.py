@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops import inventory, postgres
 from igops.errors import UsageError, first_line
 from igops.host_commands import ssh
 from igops.pg.hostcmd import as_postgres, data_directory
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 @dataclass
@@ -97,7 +100,7 @@ class PgView:
         return [name for name, probe in self.probes.items() if probe.repmgrd in ("running", "paused")]
 
 
-def cluster_members(fleet, cluster: str) -> list[str]:
+def cluster_members(fleet: Fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
         raise UsageError(f"unknown Postgres cluster {cluster!r}",
@@ -105,7 +108,7 @@ def cluster_members(fleet, cluster: str) -> list[str]:
     return [clusters[cluster].primary, *clusters[cluster].standbys]
 
 
-def cluster_of(fleet, node: str) -> str:
+def cluster_of(fleet: Fleet, node: str) -> str:
     fleet.host(node)
     for name, cluster in fleet.model.postgres.clusters.items():
         if node == cluster.primary or node in cluster.standbys:
@@ -120,7 +123,7 @@ _HOST_CHECK = ('"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"
                '"$1/pg_controldata" -D "$2" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"')
 
 
-def _host_check(fleet, probe: PgProbe) -> None:
+def _host_check(fleet: Fleet, probe: PgProbe) -> None:
     result = ssh(fleet, probe.host, as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir,
                                                         data_directory(fleet, probe.host)]), timeout=20)
     probe.host_reachable = result.reached
@@ -131,7 +134,7 @@ def _host_check(fleet, probe: PgProbe) -> None:
         probe.control_state = values.get("control", "").strip() or None
 
 
-def _probe_member(fleet, name: str) -> PgProbe:
+def _probe_member(fleet: Fleet, name: str) -> PgProbe:
     host = fleet.host(name)
     try:
         connection = postgres.connect(fleet, host)
@@ -145,7 +148,7 @@ def _probe_member(fleet, name: str) -> PgProbe:
         connection.close()
 
 
-def _probe_repmgrd(fleet, probe: PgProbe) -> None:
+def _probe_repmgrd(fleet: Fleet, probe: PgProbe) -> None:
     try:
         connection = postgres.connect(fleet, probe.host, postgres.REPMGR_DATABASE)
         try:
@@ -156,7 +159,7 @@ def _probe_repmgrd(fleet, probe: PgProbe) -> None:
         probe.repmgrd = None
 
 
-def pg_view(fleet, cluster: str) -> PgView:
+def pg_view(fleet: Fleet, cluster: str) -> PgView:
     members = cluster_members(fleet, cluster)
     bouncer_hosts = fleet.with_role("pgbouncer")
     addresses = {str(fleet.host(name).address): name for name in members} | {name: name for name in members}
@@ -256,7 +259,7 @@ def _down_state(probe: PgProbe) -> str:
     return "stopped"
 
 
-def pg_problems(fleet, state: PgClusterState, writable: list[str], view: PgView) -> list[str]:
+def pg_problems(fleet: Fleet, state: PgClusterState, writable: list[str], view: PgView) -> list[str]:
     """What is wrong, each with the command that resolves it in `state.fixes`."""
     problems = []
     cluster = state.cluster
@@ -343,7 +346,7 @@ def interrupted_switchover(view: PgView, state: PgClusterState | None = None) ->
     return None
 
 
-def pg_status(fleet, cluster: str) -> PgClusterState:
+def pg_status(fleet: Fleet, cluster: str) -> PgClusterState:
     return pg_view(fleet, cluster).state
 
 

@@ -4,17 +4,22 @@ dry run prints these titles) and which action runs it, with its undo and release
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from igops.operations.steps import Step
 from igops.pg.cluster import bouncer_text
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, DEAD_SERVER_PAUSE_S
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
-def _watchdog_text(fleet, databases: dict[str, list[str]]) -> str:
+
+def _watchdog_text(fleet: Fleet, databases: dict[str, list[str]]) -> str:
     return (f"arm a watchdog on {', '.join(databases)} (it RESUMEs them if igops is gone or silent for "
             f"{fleet.model.pgbouncer.watchdog_deadline:g} s)")
 
 
-def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
+def switchover_steps(fleet: Fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
                      replay_paused: bool = False, stopped: bool = False,
                      paused: dict[str, list[str]] | None = None) -> list[Step]:
     """The switchover's steps; `stopped`: an interrupted one already stopped the primary
@@ -70,7 +75,7 @@ def switchover_steps(fleet, primary: str, candidate: str, siblings: list[str], d
     return steps
 
 
-def failover_steps(fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
+def failover_steps(fleet: Fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
                    fence_on_disk: bool, stop_first: bool, replay_paused: bool = False) -> list[Step]:
     resume = Step(f"PgBouncer: RESUME {bouncer_text(databases)}", "resume", (databases,))
     steps = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from igops import inventory, postgres
 from igops.errors import RemoteError, UsageError
@@ -39,6 +40,9 @@ from igops.pg.plan_steps import (
 from igops.pg.timeouts import STOP_TIMEOUT
 from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, Refused, refuse_or_force
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 
 @dataclass
 class PgPlan:
@@ -58,7 +62,8 @@ class PgPlan:
         return [step.title for step in self.actions]
 
 
-def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_switchover(fleet: Fleet, cluster: str, candidate: str,
+                       accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
     it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
     member it stopped)."""
@@ -122,7 +127,7 @@ def plan_pg_switchover(fleet, cluster: str, candidate: str, accept_risk: bool = 
     return signed(plan, view), state
 
 
-def _settled_view(fleet, cluster: str) -> PgView:
+def _settled_view(fleet: Fleet, cluster: str) -> PgView:
     """The cluster's state once no member is still shutting down: a switchover cut short during
     its stop leaves the remote stop running, and what to do depends on how it ends."""
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -203,7 +208,7 @@ def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
     return plan
 
 
-def _free_space_reasons(fleet, host) -> list[str]:
+def _free_space_reasons(fleet: Fleet, host) -> list[str]:
     """A promotion writes a new timeline's first WAL segment and a checkpoint: on a full volume
     it PANICs, and in a switchover the old primary is stopped by then."""
     minimum = fleet.model.postgres.min_free_bytes
@@ -263,7 +268,7 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
     return plan
 
 
-def lag_reasons(fleet, node: PgNode) -> list[str]:
+def lag_reasons(fleet: Fleet, node: PgNode) -> list[str]:
     reasons = []
     limits = fleet.model.postgres
     if node.replay_paused:
@@ -277,7 +282,7 @@ def lag_reasons(fleet, node: PgNode) -> list[str]:
     return reasons
 
 
-def _repmgr_check(fleet, host) -> list[str]:
+def _repmgr_check(fleet: Fleet, host) -> list[str]:
     result = ssh(fleet, host, repmgr(fleet, host, "node", "check"), timeout=30)
     if result.ok:
         return []
@@ -288,7 +293,7 @@ def _repmgr_check(fleet, host) -> list[str]:
                                                      or f"exit {result.exit_code}")]
 
 
-def plan_pg_failover(fleet, cluster: str, candidate: str | None = None,
+def plan_pg_failover(fleet: Fleet, cluster: str, candidate: str | None = None,
                      accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     members = cluster_members(fleet, cluster)
     if candidate is not None and candidate not in members:
@@ -414,7 +419,7 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
     return plan
 
 
-def _confirm_pg_down(fleet, state, name: str) -> None:
+def _confirm_pg_down(fleet: Fleet, state, name: str) -> None:
     """A restart looks like an outage for a moment: ask again before acting on it."""
     for _ in range(DOWN_PROBES - 1):
         time.sleep(DOWN_PROBE_INTERVAL)
@@ -455,7 +460,7 @@ def _presumed_primary(view: PgView) -> str | None:
     return candidates[0]
 
 
-def plan_pg_rejoin(fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     cluster = cluster_of(fleet, node)
     view = pg_view(fleet, cluster)
     state = view.state
