@@ -105,8 +105,9 @@ def feed(request: HttpRequest, current: Runtime, user_id: int) -> HttpResponse:
 @endpoint("GET")
 def health(request: HttpRequest, current: Runtime) -> HttpResponse:
     healthy, checks = health_checker(settings.IGOPS_CONFIG).run(current.directory.cached)
-    return JsonResponse({"status": "ok" if healthy else "fail", "release": RELEASE, "checks": checks},
-                        status=200 if healthy else 503)
+    return JsonResponse(
+        {"status": "ok" if healthy else "fail", "release": RELEASE, "checks": checks}, status=200 if healthy else 503
+    )
 
 
 @endpoint("GET")

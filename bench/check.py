@@ -38,8 +38,24 @@ LAB_GOAL_S = 2.0
 # nothing behind on a disk.
 PROBED_MOUNT = "/dev/shm"
 SSH_CHECKS = ["--only", "ssh", "--only", "disk", "--only", "frozen"]
-OTHER_CHECKS = ["--only", "http", "--only", "postgres", "--only", "pgbouncer", "--only", "redis",
-                "--only", "memcached", "--only", "munin", "--only", "snapshot", "--only", "pingdom"]
+OTHER_CHECKS = [
+    "--only",
+    "http",
+    "--only",
+    "postgres",
+    "--only",
+    "pgbouncer",
+    "--only",
+    "redis",
+    "--only",
+    "memcached",
+    "--only",
+    "munin",
+    "--only",
+    "snapshot",
+    "--only",
+    "pingdom",
+]
 
 
 def igops_argv() -> list[str]:
@@ -55,27 +71,37 @@ def lab_lock():
 
 def lab_part(repeats: int) -> list[str]:
     config = ["-c", str(LAB_INVENTORY)]
-    variants = {"igops check (everything)": [], "  SSH checks only": SSH_CHECKS,
-                "  all but the SSH checks": OTHER_CHECKS}
-    lines = [f"the lab (12 hosts): `igops check`, median of {repeats}",
-             f"{'run':<28} {'wall s':>7} {'client CPU s':>13}"]
+    variants = {
+        "igops check (everything)": [],
+        "  SSH checks only": SSH_CHECKS,
+        "  all but the SSH checks": OTHER_CHECKS,
+    }
+    lines = [
+        f"the lab (12 hosts): `igops check`, median of {repeats}",
+        f"{'run':<28} {'wall s':>7} {'client CPU s':>13}",
+    ]
     with lab_lock():
         run([*igops_argv(), *config, "check", "--quiet"], cwd=ROOT)  # the first run after a while pays cold caches
-        medians = {name: median_of([run([*igops_argv(), *config, "check", "--quiet", *extra], cwd=ROOT)
-                                    for _ in range(repeats)])
-                   for name, extra in variants.items()}
+        medians = {
+            name: median_of(
+                [run([*igops_argv(), *config, "check", "--quiet", *extra], cwd=ROOT) for _ in range(repeats)]
+            )
+            for name, extra in variants.items()
+        }
     for name, result in medians.items():
         lines.append(f"{name:<28} {result.wall:>7.2f} {result.cpu:>13.2f}  (exit {result.returncode})")
     whole = medians["igops check (everything)"].wall
-    lines.append(f"goal: under {LAB_GOAL_S:g} s for the lab: {'met' if whole < LAB_GOAL_S else 'MISSED'} "
-                 f"({whole:.2f} s)")
+    lines.append(
+        f"goal: under {LAB_GOAL_S:g} s for the lab: {'met' if whole < LAB_GOAL_S else 'MISSED'} ({whole:.2f} s)"
+    )
     return lines
 
 
 def fleet_inventory(work: Path, keys, addresses: list[str]) -> Path:
     inventory = sshfleet.inventory(work, keys, addresses, port=SSH_PORT)
-    text = inventory.read_text().replace('roles = ["app"]\n',
-                                         f'roles = []\n[[hosts.mounts]]\npath = "{PROBED_MOUNT}"\n')
+    text = inventory.read_text().replace(
+        'roles = ["app"]\n', f'roles = []\n[[hosts.mounts]]\npath = "{PROBED_MOUNT}"\n'
+    )
     inventory.write_text(text + "[check]\ntimeout = 120\n")
     return inventory
 
@@ -100,30 +126,55 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
         stdin_file.write_bytes(program)
         results: dict[str, list[Run]] = {"igops check (SSH checks)": [], "parallel-ssh, same probe": []}
         for index in range(repeats):
-            results["igops check (SSH checks)"].append(run(
-                [*igops_argv(), "-c", str(inventory), "check", "--quiet", *SSH_CHECKS], cwd=ROOT))
+            results["igops check (SSH checks)"].append(
+                run([*igops_argv(), "-c", str(inventory), "check", "--quiet", *SSH_CHECKS], cwd=ROOT)
+            )
             with open(stdin_file, "rb") as stdin:
-                results["parallel-ssh, same probe"].append(run(
-                    ["parallel-ssh", "-h", str(hosts_file), "-p", str(count), "-t", "120", "-x", options, "-I",
-                     "-o", str(work / f"pssh-out-{index}"), command], stdin=stdin))
-        answered = sum(1 for path in (work / f"pssh-out-{repeats - 1}").iterdir()
-                       if b'"writable": true' in path.read_bytes())
+                results["parallel-ssh, same probe"].append(
+                    run(
+                        [
+                            "parallel-ssh",
+                            "-h",
+                            str(hosts_file),
+                            "-p",
+                            str(count),
+                            "-t",
+                            "120",
+                            "-x",
+                            options,
+                            "-I",
+                            "-o",
+                            str(work / f"pssh-out-{index}"),
+                            command,
+                        ],
+                        stdin=stdin,
+                    )
+                )
+        answered = sum(
+            1 for path in (work / f"pssh-out-{repeats - 1}").iterdir() if b'"writable": true' in path.read_bytes()
+        )
     finally:
         sshfleet.stop(work / "ssh", count)
         shutil.rmtree(work, ignore_errors=True)
     medians = {name: median_of(runs) for name, runs in results.items()}
     base = medians["igops check (SSH checks)"]
-    lines = [f"{count} SSH targets on loopback: SSH reachability, free space and a write test of {PROBED_MOUNT}; "
-             f"median of {repeats}",
-             f"{'client':<26} {'wall s':>7} {'client CPU s':>13} {'CPU ms/host':>12} {'vs igops':>9}"]
+    lines = [
+        f"{count} SSH targets on loopback: SSH reachability, free space and a write test of {PROBED_MOUNT}; "
+        f"median of {repeats}",
+        f"{'client':<26} {'wall s':>7} {'client CPU s':>13} {'CPU ms/host':>12} {'vs igops':>9}",
+    ]
     for name, result in medians.items():
         flag = "" if result.returncode == 0 else f"  (exit {result.returncode})"
-        lines.append(f"{name:<26} {result.wall:>7.2f} {result.cpu:>13.2f} {result.cpu / count * 1000:>12.1f} "
-                     f"{result.wall / base.wall:>8.2f}x{flag}")
+        lines.append(
+            f"{name:<26} {result.wall:>7.2f} {result.cpu:>13.2f} {result.cpu / count * 1000:>12.1f} "
+            f"{result.wall / base.wall:>8.2f}x{flag}"
+        )
     lines.append(f"parallel-ssh answers with a completed write test: {answered} of {count}")
     pssh = medians["parallel-ssh, same probe"]
-    lines.append(f"goal: faster than parallel-ssh at {count}: {'met' if base.wall < pssh.wall else 'MISSED'} "
-                 f"({pssh.wall / base.wall:.2f}x)")
+    lines.append(
+        f"goal: faster than parallel-ssh at {count}: {'met' if base.wall < pssh.wall else 'MISSED'} "
+        f"({pssh.wall / base.wall:.2f}x)"
+    )
     return lines
 
 
@@ -138,8 +189,10 @@ def main() -> None:
     if args.part in ("lab", "both"):
         print("\n".join(lab_part(args.repeats)) + "\n", flush=True)
     if args.part in ("fleet", "both"):
-        print("\n".join(fleet_part(Path(tempfile.mkdtemp(prefix="igops-bench-check-")), args.targets, args.repeats)),
-              flush=True)
+        print(
+            "\n".join(fleet_part(Path(tempfile.mkdtemp(prefix="igops-bench-check-")), args.targets, args.repeats)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

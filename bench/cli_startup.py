@@ -22,8 +22,10 @@ def main() -> None:
     print(f"cli_startup: median of {RUNS} runs")
     print(f"  python -c pass   {baseline.wall * 1000:7.1f} ms")
     print(f"  igops --version  {version_run.wall * 1000:7.1f} ms")
-    print(f"  igops --help     {help_run.wall * 1000:7.1f} ms   ratio {help_run.wall / baseline.wall:.1f}x "
-          f"python; goal <= 150 ms: {'met' if help_run.wall <= 0.150 else 'NOT met'}")
+    print(
+        f"  igops --help     {help_run.wall * 1000:7.1f} ms   ratio {help_run.wall / baseline.wall:.1f}x "
+        f"python; goal <= 150 ms: {'met' if help_run.wall <= 0.150 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,18 +36,35 @@ def main() -> None:
             host_file.write_text("".join(f"root@{address}:{sshfleet.PORT}\n" for address in hosts))
             options = sshfleet.ssh_options(keys)
             contenders = {
-                "igops": functools.partial(run, [igops, "-c", str(inventory), "exec", "--yes", "--no-output",
-                                                 "--parallel", "100", "--", "true"]),
-                "parallel-ssh": functools.partial(run, ["parallel-ssh", "-h", str(host_file), "-p", "100", "-t", "60",
-                                                        "-x", " ".join(options[:-2]), "true"]),
+                "igops": functools.partial(
+                    run,
+                    [igops, "-c", str(inventory), "exec", "--yes", "--no-output", "--parallel", "100", "--", "true"],
+                ),
+                "parallel-ssh": functools.partial(
+                    run,
+                    [
+                        "parallel-ssh",
+                        "-h",
+                        str(host_file),
+                        "-p",
+                        "100",
+                        "-t",
+                        "60",
+                        "-x",
+                        " ".join(options[:-2]),
+                        "true",
+                    ],
+                ),
                 "serial ssh": functools.partial(_serial, hosts, options),
             }
             results = {name: median_of([measure() for _ in range(REPEATS)]) for name, measure in contenders.items()}
             for name, result in results.items():
                 ratio = result.wall / results["igops"].wall
                 flag = "" if result.returncode == 0 else f"  (exit {result.returncode})"
-                print(f"{size:>4} {name:<14} {result.wall:>8.2f} {result.cpu:>13.2f} "
-                      f"{result.cpu / size * 1000:>12.1f} {ratio:>8.2f}x{flag}")
+                print(
+                    f"{size:>4} {name:<14} {result.wall:>8.2f} {result.cpu:>13.2f} "
+                    f"{result.cpu / size * 1000:>12.1f} {ratio:>8.2f}x{flag}"
+                )
     finally:
         sshfleet.stop(work, max(SIZES))
 

@@ -55,8 +55,13 @@ class Outcome:
 
 
 def igops(fleet, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*IGOPS, "-c", str(fleet.source), *args, "--yes", "--json"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    return subprocess.run(
+        [*IGOPS, "-c", str(fleet.source), *args, "--yes", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=600,
+    )
 
 
 def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches) -> Outcome:
@@ -65,9 +70,21 @@ def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches
     duration = len(targets) * (BETWEEN + 6) + 6
     result = {}
     lb = fleet.with_role("lb")[0]
-    thread = threading.Thread(target=lambda: result.update(report=run_load(
-        url=f"http://{lb.address}:{fleet.model.lb.port}", rate=RATE, duration=duration, ledger=ledger, users=30,
-        write_ratio=WRITE_RATIO, concurrency=CONCURRENCY, seed=5)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: result.update(
+            report=run_load(
+                url=f"http://{lb.address}:{fleet.model.lb.port}",
+                rate=RATE,
+                duration=duration,
+                ledger=ledger,
+                users=30,
+                write_ratio=WRITE_RATIO,
+                concurrency=CONCURRENCY,
+                seed=5,
+            )
+        ),
+        daemon=True,
+    )
     thread.start()
     while not (ledger.exists() and '"op":"post"' in ledger.read_text()):
         time.sleep(0.2)
@@ -83,8 +100,9 @@ def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches
     timed = [record for record in records if record["op"] in ("post", "like")]
     start, end = min(r["acked"] for r in timed), max(r["acked"] for r in records)
     stall = longest_gap((r["acked"] for r in records if touches(r)), start, end)
-    return Outcome(name, len(targets), failed, report.errors, len(verified.missing_writes), round(stall, 3),
-                   report.writes_per_s)
+    return Outcome(
+        name, len(targets), failed, report.errors, len(verified.missing_writes), round(stall, 3), report.writes_per_s
+    )
 
 
 def main_shards(fleet) -> set[int]:
@@ -102,6 +120,7 @@ def touches_main(shards: set[int]):
         if record["op"] == "signup":
             return True
         return shard_of(record.get("photo_id") or record["user_id"]) in shards
+
     return touches
 
 
@@ -115,21 +134,39 @@ def igops_pg(fleet):
         if done.returncode:
             print(f"  igops pg switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return done.returncode == 0
+
     return switch
 
 
 def repmgr_pg(fleet):
     """What an operator runs on the standby: repmgr's own switchover. PgBouncer keeps its routes."""
+
     def switch(target: str) -> bool:
         host = fleet.host(target)
-        done = subprocess.run(["runuser", "-u", fleet.model.postgres.os_user, "--", "env", "-C", "/",
-                               f"{fleet.model.postgres.bin_dir}/repmgr", "-f",
-                               fleet.path_for(fleet.model.postgres.repmgr_config, host),
-                               "standby", "switchover", "--siblings-follow"], capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                fleet.model.postgres.os_user,
+                "--",
+                "env",
+                "-C",
+                "/",
+                f"{fleet.model.postgres.bin_dir}/repmgr",
+                "-f",
+                fleet.path_for(fleet.model.postgres.repmgr_config, host),
+                "standby",
+                "switchover",
+                "--siblings-follow",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode:
             print(f"  repmgr standby switchover to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return done.returncode == 0
+
     return switch
 
 
@@ -139,12 +176,14 @@ def igops_redis(fleet):
         if done.returncode:
             print(f"  igops redis switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return done.returncode == 0
+
     return switch
 
 
 def bare_redis(fleet):
     """Promote, repoint, demote, as fast as a script can: no pause, so the old master keeps
     acknowledging writes until it is demoted."""
+
     def switch(target: str) -> bool:
         old = failover.redis_status(fleet).app_master
         address = (str(fleet.host(target).address), fleet.model.redis.port)
@@ -161,6 +200,7 @@ def bare_redis(fleet):
             new_master.close()
             old_master.close()
         return True
+
     return switch
 
 
@@ -189,26 +229,37 @@ def main() -> None:
         shards = main_shards(fleet)
         outcomes = [under_load(fleet, work, "igops pg switchover", igops_pg(fleet), trips, touches_main(shards))]
         restore(fleet)
-        outcomes.append(under_load(fleet, work, "repmgr standby switchover", repmgr_pg(fleet), trips,
-                                   touches_main(shards)))
+        outcomes.append(
+            under_load(fleet, work, "repmgr standby switchover", repmgr_pg(fleet), trips, touches_main(shards))
+        )
         restore(fleet)
         redis_trips = ["redis2", "redis1"] * ROUND_TRIPS
-        outcomes.append(under_load(fleet, work, "igops redis switchover", igops_redis(fleet), redis_trips,
-                                   touches_redis))
+        outcomes.append(
+            under_load(fleet, work, "igops redis switchover", igops_redis(fleet), redis_trips, touches_redis)
+        )
         restore(fleet)
-        outcomes.append(under_load(fleet, work, "REPLICAOF NO ONE + repoint", bare_redis(fleet), redis_trips,
-                                   touches_redis))
+        outcomes.append(
+            under_load(fleet, work, "REPLICAOF NO ONE + repoint", bare_redis(fleet), redis_trips, touches_redis)
+        )
         restore(fleet)
-    print(f"failover: {ROUND_TRIPS} round trips per method under {RATE} req/s ({WRITE_RATIO:.0%} writes) through the "
-          "load balancer")
-    print(f"{'method':<28} {'switchovers':>11} {'failed':>6} {'client errors':>13} {'lost writes':>11} "
-          f"{'longest stall':>13} {'writes/s':>8}")
+    print(
+        f"failover: {ROUND_TRIPS} round trips per method under {RATE} req/s ({WRITE_RATIO:.0%} writes) through the "
+        "load balancer"
+    )
+    print(
+        f"{'method':<28} {'switchovers':>11} {'failed':>6} {'client errors':>13} {'lost writes':>11} "
+        f"{'longest stall':>13} {'writes/s':>8}"
+    )
     for outcome in outcomes:
-        print(f"{outcome.method:<28} {outcome.switchovers:>11} {outcome.failed_switchovers:>6} {outcome.errors:>13} "
-              f"{outcome.lost:>11} {outcome.stall_s:>12.2f}s {outcome.writes_per_s:>8.0f}")
+        print(
+            f"{outcome.method:<28} {outcome.switchovers:>11} {outcome.failed_switchovers:>6} {outcome.errors:>13} "
+            f"{outcome.lost:>11} {outcome.stall_s:>12.2f}s {outcome.writes_per_s:>8.0f}"
+        )
     for ours, theirs in ((outcomes[0], outcomes[1]), (outcomes[2], outcomes[3])):
-        print(f"{theirs.method} vs {ours.method}: errors {theirs.errors} vs {ours.errors}, lost writes {theirs.lost} "
-              f"vs {ours.lost}, stall {theirs.stall_s / max(ours.stall_s, 0.001):.1f}x longer")
+        print(
+            f"{theirs.method} vs {ours.method}: errors {theirs.errors} vs {ours.errors}, lost writes {theirs.lost} "
+            f"vs {ours.lost}, stall {theirs.stall_s / max(ours.stall_s, 0.001):.1f}x longer"
+        )
     print(json.dumps([outcome.__dict__ for outcome in outcomes]))
 
 

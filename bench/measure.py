@@ -27,5 +27,6 @@ def run(argv: list[str], **kwargs) -> Run:
 
 
 def median_of(runs: list[Run]) -> Run:
-    return Run(statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs),
-               max(r.returncode for r in runs))
+    return Run(
+        statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs), max(r.returncode for r in runs)
+    )

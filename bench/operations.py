@@ -47,8 +47,9 @@ def _time_operations(fleet, steps: int) -> list[float]:
             with operation.reporter.step(f"step {number}"):
                 pass
 
-    spec = engine.OperationSpec("pagerduty-test", "bench", ["bench"], [conflicts.PAGERDUTY],
-                                [f"step {n}" for n in range(steps)])
+    spec = engine.OperationSpec(
+        "pagerduty-test", "bench", ["bench"], [conflicts.PAGERDUTY], [f"step {n}" for n in range(steps)]
+    )
     timings = []
     for _ in range(OPERATIONS):
         started = time.perf_counter()
@@ -98,8 +99,10 @@ def main() -> None:
     for name, per_op, per_step in rows:
         print(f"  engine, {name:<6}     per step {per_step * 1000:7.2f} ms   per operation {per_op * 1000:7.1f} ms")
     etcd_step = rows[1][2]
-    print(f"  etcd/local per step {etcd_step / rows[0][2]:.1f}x; goal < 20 ms a step with etcd: "
-          f"{'met' if etcd_step < 0.020 else 'NOT met'}")
+    print(
+        f"  etcd/local per step {etcd_step / rows[0][2]:.1f}x; goal < 20 ms a step with etcd: "
+        f"{'met' if etcd_step < 0.020 else 'NOT met'}"
+    )
 
 
 def stall() -> None:
@@ -134,9 +137,11 @@ def stall() -> None:
         local_path.unlink()
     print(f"pg switchover under load: {len(trips)} switchovers per backend")
     for outcome in outcomes:
-        print(f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, "
-              f"failed {outcome.failed_switchovers}, "
-              f"client errors {outcome.errors}, lost writes {outcome.lost}, {outcome.writes_per_s:.0f} writes/s")
+        print(
+            f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, "
+            f"failed {outcome.failed_switchovers}, "
+            f"client errors {outcome.errors}, lost writes {outcome.lost}, {outcome.writes_per_s:.0f} writes/s"
+        )
     ratio = outcomes[0].stall_s / max(outcomes[1].stall_s, 0.001)
     print(f"  etcd/local stall {ratio:.2f}x; goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'}")
 

@@ -61,7 +61,10 @@ def fill(fleet, cluster, shard, rows):
     schema = f"insta{shard}"
     users, photos = int(rows * MIX["users"]), int(rows * MIX["photos"])
     likes = rows - users - photos
-    sql(fleet, cluster, f"""
+    sql(
+        fleet,
+        cluster,
+        f"""
         INSERT INTO {schema}.users (id, username)
              SELECT {schema}.next_id(), 'igops_bench_' || g FROM generate_series(1, %s) g;
         INSERT INTO {schema}.photos (id, user_id, s3_key, caption)
@@ -70,20 +73,33 @@ def fill(fleet, cluster, shard, rows):
              SELECT p.id, u.n FROM (SELECT id FROM {schema}.photos WHERE caption = %s ORDER BY id LIMIT %s) p
                   CROSS JOIN generate_series(1, %s) AS u(n);
         ANALYZE {schema}.users; ANALYZE {schema}.photos; ANALYZE {schema}.likes;""",
-        (users, CAPTION, photos, CAPTION, (likes + 1) // 2, 2))
-    return sum(row[0] for row in sql(fleet, cluster, f"""
+        (users, CAPTION, photos, CAPTION, (likes + 1) // 2, 2),
+    )
+    return sum(
+        row[0]
+        for row in sql(
+            fleet,
+            cluster,
+            f"""
         SELECT count(*) FROM {schema}.users UNION ALL SELECT count(*) FROM {schema}.photos
-        UNION ALL SELECT count(*) FROM {schema}.likes"""))
+        UNION ALL SELECT count(*) FROM {schema}.likes""",
+        )
+    )
 
 
 def empty(fleet, cluster, shard):
     schema = f"insta{shard}"
-    sql(fleet, cluster, f"""
+    sql(
+        fleet,
+        cluster,
+        f"""
         DELETE FROM {schema}.likes WHERE photo_id < 0;
         DELETE FROM {schema}.likes USING {schema}.photos
               WHERE likes.photo_id = photos.id AND photos.caption = %s;
         DELETE FROM {schema}.photos WHERE caption = %s;
-        DELETE FROM {schema}.users WHERE username LIKE 'igops\\_bench\\_%%';""", (CAPTION, CAPTION))
+        DELETE FROM {schema}.users WHERE username LIKE 'igops\\_bench\\_%%';""",
+        (CAPTION, CAPTION),
+    )
     sql(fleet, cluster, f"VACUUM {schema}.likes, {schema}.photos, {schema}.users")
 
 
@@ -136,12 +152,17 @@ class Probe:
             number += 1
 
             def insert(cursor, number=number):
-                cursor.execute(f"INSERT INTO insta{self.shard}.likes (photo_id, user_id) VALUES (%s, 0) "
-                               "ON CONFLICT DO NOTHING", (-number,))
+                cursor.execute(
+                    f"INSERT INTO insta{self.shard}.likes (photo_id, user_id) VALUES (%s, 0) ON CONFLICT DO NOTHING",
+                    (-number,),
+                )
 
             try:
-                self.pg.run(lambda: self.directory.snapshot().shard_map.database_for(self.shard), insert,
-                            before_retry=self.before_retry)
+                self.pg.run(
+                    lambda: self.directory.snapshot().shard_map.database_for(self.shard),
+                    insert,
+                    before_retry=self.before_retry,
+                )
                 self.acks.append(time.monotonic())
             except Exception:  # noqa: BLE001 - a write the app would have failed: counted, not fatal
                 self.failures += 1
@@ -167,13 +188,33 @@ def pipe(fleet, shard, source, target):
     try:
         with locker.cursor() as cursor:
             started = time.monotonic()
-            cursor.execute(f"LOCK TABLE {schema}.users, {schema}.photos, {schema}.likes, {schema}.following, "
-                           f"{schema}.followers IN EXCLUSIVE MODE")
-            dump = subprocess.Popen([BIN / "pg_dump", "-h", str(src.address), "-d", fleet.model.postgres.database,
-                                     "-n", schema], stdout=subprocess.PIPE, env=environment)
-            load = subprocess.run([BIN / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(dst.address),
-                                   "-d", fleet.model.postgres.database], stdin=dump.stdout, env=environment,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cursor.execute(
+                f"LOCK TABLE {schema}.users, {schema}.photos, {schema}.likes, {schema}.following, "
+                f"{schema}.followers IN EXCLUSIVE MODE"
+            )
+            dump = subprocess.Popen(
+                [BIN / "pg_dump", "-h", str(src.address), "-d", fleet.model.postgres.database, "-n", schema],
+                stdout=subprocess.PIPE,
+                env=environment,
+            )
+            load = subprocess.run(
+                [
+                    BIN / "psql",
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    str(dst.address),
+                    "-d",
+                    fleet.model.postgres.database,
+                ],
+                stdin=dump.stdout,
+                env=environment,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             dump.stdout.close()
             if dump.wait() != 0 or load.returncode != 0:
                 raise SystemExit(f"pg_dump | psql failed: {load.stderr[-500:]}")
@@ -188,9 +229,25 @@ def pipe(fleet, shard, source, target):
 def igops_move(fleet, shard, target):
     # This checkout's igops, whichever is installed.
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "igops", "-c", str(fleet.source), "shard", "move", str(shard),
-                           "--to", target, "--yes", "--json"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "igops",
+            "-c",
+            str(fleet.source),
+            "shard",
+            "move",
+            str(shard),
+            "--to",
+            target,
+            "--yes",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     finished = time.monotonic()
     envelope = json.loads(done.stdout)
     if not envelope["ok"]:
@@ -235,8 +292,15 @@ def main():
             samples = []
             for source, target in ((home, away), (away, home)):
                 started, finished, result, steps = igops_move(fleet, shard, target)
-                samples.append((f"igops {source} -> {target}", finished - started, result,
-                                probe.longest_wait(started, finished), steps))
+                samples.append(
+                    (
+                        f"igops {source} -> {target}",
+                        finished - started,
+                        result,
+                        probe.longest_wait(started, finished),
+                        steps,
+                    )
+                )
                 checkpoint(fleet)
             # The cut-over counted the two copies at once, one per cluster: two sessions here.
             counted = count_everything(fleet, home, home, shard)
@@ -245,29 +309,43 @@ def main():
             empty(fleet, shards.read_map(fleet, sizes=False).placement()[shard], shard)
             checkpoint(fleet)
         pipe_total = pipe_end - pipe_start
-        print(f"shard_move: shard {shard}, {rows:,} rows, {human_bytes(size)} with indexes; "
-              f"probe writes {len(probe.acks)} ok, {probe.failures} failed")
-        print(f"{'method':<22} {'total s':>8} {'x pipe':>7} {'blocked ms (journal)':>21} "
-              f"{'longest write wait ms':>22}")
-        print(f"{'pg_dump | psql':<22} {pipe_total:>8.2f} {1:>7.2f} {pipe_total * 1000:>21.0f} "
-              f"{pipe_blocked * 1000:>22.0f}")
+        print(
+            f"shard_move: shard {shard}, {rows:,} rows, {human_bytes(size)} with indexes; "
+            f"probe writes {len(probe.acks)} ok, {probe.failures} failed"
+        )
+        print(f"{'method':<22} {'total s':>8} {'x pipe':>7} {'blocked ms (journal)':>21} {'longest write wait ms':>22}")
+        print(
+            f"{'pg_dump | psql':<22} {pipe_total:>8.2f} {1:>7.2f} {pipe_total * 1000:>21.0f} "
+            f"{pipe_blocked * 1000:>22.0f}"
+        )
         for name, total, result, waited, _ in samples:
-            print(f"{name:<22} {total:>8.2f} {total / pipe_total:>7.2f} {result['write_block_ms']:>21.0f} "
-                  f"{waited * 1000:>22.0f}")
+            print(
+                f"{name:<22} {total:>8.2f} {total / pipe_total:>7.2f} {result['write_block_ms']:>21.0f} "
+                f"{waited * 1000:>22.0f}"
+            )
         for name, total, _, _, steps in samples:
             timed = sum(step["duration_ms"] for step in steps) / 1000
-            print(f"{name}: " + ", ".join(f"{step['title'].split(':')[0].split(' (')[0][:28]} "
-                                          f"{step['duration_ms'] / 1000:.2f}" for step in steps)
-                  + f"; start-up and confirmation {total - timed:.2f} s")
+            print(
+                f"{name}: "
+                + ", ".join(
+                    f"{step['title'].split(':')[0].split(' (')[0][:28]} {step['duration_ms'] / 1000:.2f}"
+                    for step in steps
+                )
+                + f"; start-up and confirmation {total - timed:.2f} s"
+            )
         for name, _, _, _, steps in samples:
             cut_over = next(step for step in steps if step["title"].startswith("cut over"))
             print(f"{name} cut-over: {cut_over['detail']}")
-        print(f"counting every row of both copies (the former check with writes held): {counted:.2f} s; "
-              f"at 10,000,000 rows about {counted * 10_000_000 / rows:.0f} s (statement timeout 30 s)")
+        print(
+            f"counting every row of both copies (the former check with writes held): {counted:.2f} s; "
+            f"at 10,000,000 rows about {counted * 10_000_000 / rows:.0f} s (statement timeout 30 s)"
+        )
         worst = max(result["write_block_ms"] for _, _, result, _, _ in samples)
         slowest = max(total for _, total, _, _, _ in samples) / pipe_total
-        print(f"goals: writes blocked < 300 ms: {'met' if worst < 300 else 'MISSED'} ({worst:.0f} ms); "
-              f"total <= 1.5x pipe: {'met' if slowest <= 1.5 else 'MISSED'} ({slowest:.2f}x)")
+        print(
+            f"goals: writes blocked < 300 ms: {'met' if worst < 300 else 'MISSED'} ({worst:.0f} ms); "
+            f"total <= 1.5x pipe: {'met' if slowest <= 1.5 else 'MISSED'} ({slowest:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

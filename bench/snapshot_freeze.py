@@ -39,8 +39,9 @@ def make_volumes(work: Path, count: int) -> list[tuple[str, Path]]:
         image, mount = work / f"vol{index}.img", work / f"m{index}"
         with open(image, "wb") as handle:
             handle.truncate(320 << 20)
-        device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        device = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         subprocess.run(["mkfs.xfs", "-q", "-f", device], check=True)
         mount.mkdir()
         subprocess.run(["mount", device, str(mount)], check=True)
@@ -75,9 +76,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="igops-bench-snap-"))
     os.environ.update(AWS_ENV)
-    moto = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", MOTO[0], "-p", str(MOTO[1])],
-                            env={**os.environ, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", MOTO[0], "-p", str(MOTO[1])],
+        env={**os.environ, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     proxy = AwsProxy(PROXY, f"http://{MOTO[0]}:{MOTO[1]}", Faults(latency=LATENCY)).__enter__()
     keys = sshd.ensure_keys(work / "ssh")
     sshd.write_known_hosts(keys, [(HOST_ADDRESS, SSH_PORT)])
@@ -97,22 +101,24 @@ def main() -> None:
         for size in SIZES:
             # One instance per size, whose data volumes are exactly the mounts snapshotted, so igops
             # may use its single CreateSnapshots call.
-            instance = direct.run_instances(ImageId="ami-0abcdef1234567890", MinCount=1, MaxCount=1,
-                                            InstanceType="t3.small")["Instances"][0]["InstanceId"]
+            instance = direct.run_instances(
+                ImageId="ami-0abcdef1234567890", MinCount=1, MaxCount=1, InstanceType="t3.small"
+            )["Instances"][0]["InstanceId"]
             instances[size] = instance
             attached[size] = []
             for device, mount in volumes[:size]:
                 volume_id = direct.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
                 direct.attach_volume(VolumeId=volume_id, InstanceId=instance, Device=device)
                 attached[size].append((volume_id, device, mount))
-        print(f"snapshot_freeze: freeze window (ms), median of {REPEATS}, "
-              f"{LATENCY * 1000:.0f} ms injected per API call")
+        print(
+            f"snapshot_freeze: freeze window (ms), median of {REPEATS}, {LATENCY * 1000:.0f} ms injected per API call"
+        )
         print(f"{'volumes':>7} {'igops':>8} {'sequential':>11} {'ratio':>7}")
         for size in SIZES:
             inventory = work / f"inventory-{size}.toml"
             mounts = "".join(f'[[hosts.mounts]]\npath = "{mount}"\n' for _, _, mount in attached[size])
             inventory.write_text(f"""[fleet]
-state_dir = "{work / 'state'}"
+state_dir = "{work / "state"}"
 [ssh]
 port = {SSH_PORT}
 known_hosts = "{keys.known_hosts}"
@@ -127,8 +133,20 @@ instance_id = "{instances[size]}"
 {mounts}""")
             ours, theirs = [], []
             for _ in range(REPEATS):
-                done = subprocess.run([str(Path(sys.executable).with_name("igops")), "-c", str(inventory), "snapshot",
-                                       "create", f"bench{size}", "--yes", "--json"], capture_output=True, text=True)
+                done = subprocess.run(
+                    [
+                        str(Path(sys.executable).with_name("igops")),
+                        "-c",
+                        str(inventory),
+                        "snapshot",
+                        "create",
+                        f"bench{size}",
+                        "--yes",
+                        "--json",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 envelope = json.loads(done.stdout)
                 if not envelope["ok"]:
                     raise SystemExit(f"igops failed: {envelope['error']}")

@@ -23,7 +23,7 @@ def start(directory: Path, count: int, base: str = "127.0.30", port: int = PORT)
     sshd.write_known_hosts(keys, [(address, port) for address in targets])
     per = sshd.MAX_ADDRESSES_PER_DAEMON
     for index in range(math.ceil(count / per)):
-        sshd.start(directory, f"bench{index}", keys, targets[index * per:(index + 1) * per], port)
+        sshd.start(directory, f"bench{index}", keys, targets[index * per : (index + 1) * per], port)
     return keys, targets
 
 
@@ -33,12 +33,13 @@ def stop(directory: Path, count: int) -> None:
 
 
 def inventory(directory: Path, keys: sshd.SshKeys, targets: list[str], role: str = "app", port: int = PORT) -> Path:
-    hosts = "".join(f'[[hosts]]\nname = "t{i}"\naddress = "{address}"\nroles = ["{role}"]\n'
-                    for i, address in enumerate(targets))
+    hosts = "".join(
+        f'[[hosts]]\nname = "t{i}"\naddress = "{address}"\nroles = ["{role}"]\n' for i, address in enumerate(targets)
+    )
     path = directory / f"inventory-{len(targets)}.toml"
     path.write_text(f"""[fleet]
 name = "bench"
-state_dir = "{directory / 'state'}"
+state_dir = "{directory / "state"}"
 [ssh]
 user = "root"
 port = {port}
@@ -52,5 +53,17 @@ parallel = 100
 
 
 def ssh_options(keys: sshd.SshKeys, port: int = PORT) -> list[str]:
-    return ["-o", f"UserKnownHostsFile={keys.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i", str(keys.client_key), "-p", str(port)]
+    return [
+        "-o",
+        f"UserKnownHostsFile={keys.known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+        "-i",
+        str(keys.client_key),
+        "-p",
+        str(port),
+    ]

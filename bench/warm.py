@@ -146,7 +146,7 @@ def hit_ratio(root: Path, pattern: dict[str, tuple]) -> tuple[float, int]:
         present = residency(root / name)
         cached += present.count(1)
         for first, count in runs:
-            hits += present[first:first + count].count(1)
+            hits += present[first : first + count].count(1)
             wanted += count
     return hits / wanted, cached
 
@@ -168,14 +168,45 @@ class Hosts:
         self.keys, self.inventory, self.mounts, self.pattern = keys, inventory, mounts, pattern
 
     def ssh(self, host: str, command: str, stdin: str | None = None) -> str:
-        return run(["ssh", "-q", "-p", str(SSH_PORT), "-i", str(self.keys.client_key),
-                    "-o", f"UserKnownHostsFile={self.keys.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-                    "-o", "BatchMode=yes", f"root@{ADDRESSES[host]}", command], input=stdin).stdout
+        return run(
+            [
+                "ssh",
+                "-q",
+                "-p",
+                str(SSH_PORT),
+                "-i",
+                str(self.keys.client_key),
+                "-o",
+                f"UserKnownHostsFile={self.keys.known_hosts}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                f"root@{ADDRESSES[host]}",
+                command,
+            ],
+            input=stdin,
+        ).stdout
 
 
 def method_igops(hosts: Hosts, names, resident_bytes) -> dict:
-    done = run([sys.executable, "-m", "igops", "-c", str(hosts.inventory), "warm", "copy", "src", "--to", "dst",
-                str(hosts.mounts["src"] / "data"), "--yes", "--json"])
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "igops",
+            "-c",
+            str(hosts.inventory),
+            "warm",
+            "copy",
+            "src",
+            "--to",
+            "dst",
+            str(hosts.mounts["src"] / "data"),
+            "--yes",
+            "--json",
+        ]
+    )
     data = json.loads(done.stdout)["data"]
     return {"warm_seconds": data["seconds"], "agent_read_bytes": data["read_bytes"]}
 
@@ -213,8 +244,9 @@ def method_bar_replay(hosts: Hosts, names, resident_bytes) -> dict:
 
 
 def method_cat(hosts: Hosts, names, resident_bytes) -> dict:
-    hosts.ssh("dst", "cat " + " ".join(shlex.quote(str(hosts.mounts["dst"] / "data" / n)) for n in names)
-              + " > /dev/null")
+    hosts.ssh(
+        "dst", "cat " + " ".join(shlex.quote(str(hosts.mounts["dst"] / "data" / n)) for n in names) + " > /dev/null"
+    )
     return {}
 
 
@@ -233,14 +265,22 @@ for path in sys.argv[2:]:
 
 
 def method_sequential(hosts: Hosts, names, resident_bytes) -> dict:
-    hosts.ssh("dst", shlex.join(["python3", "-c", SEQUENTIAL, str(resident_bytes),
-                                 *[str(hosts.mounts["dst"] / "data" / n) for n in names]]))
+    hosts.ssh(
+        "dst",
+        shlex.join(
+            ["python3", "-c", SEQUENTIAL, str(resident_bytes), *[str(hosts.mounts["dst"] / "data" / n) for n in names]]
+        ),
+    )
     return {}
 
 
-METHODS = {"igops warm copy": method_igops, "vmtouch -t (partly resident files)": method_vmtouch,
-           "vmtouch bar replay": method_bar_replay, "cat (every file)": method_cat,
-           "sequential read of the resident bytes": method_sequential}
+METHODS = {
+    "igops warm copy": method_igops,
+    "vmtouch -t (partly resident files)": method_vmtouch,
+    "vmtouch bar replay": method_bar_replay,
+    "cat (every file)": method_cat,
+    "sequential read of the resident bytes": method_sequential,
+}
 
 
 def measure(hosts: Hosts, device: str, names, method, resident_bytes) -> dict:
@@ -273,36 +313,66 @@ def main() -> None:
         daemon = sshd.start(WORK / "ssh", "warmbench", keys, list(ADDRESSES.values()), SSH_PORT)
         (CGROUP / "cgroup.procs").write_text(str(daemon))  # every session, and all it runs, inherits it
         inventory = WORK / "igops.toml"
-        inventory.write_text(f"""[fleet]
+        inventory.write_text(
+            f"""[fleet]
 name = "warmbench"
-state_dir = "{WORK / 'state'}"
+state_dir = "{WORK / "state"}"
 [ssh]
 port = {SSH_PORT}
 known_hosts = "{keys.known_hosts}"
 identity_file = "{keys.client_key}"
 command_timeout = 600
-""" + "".join(f"""[[hosts]]
+"""
+            + "".join(
+                f"""[[hosts]]
 name = "{name}"
 address = "{address}"
 roles = ["app"]
 [[hosts.mounts]]
 path = "{mounts[name]}"
-""" for name, address in ADDRESSES.items()))
+"""
+                for name, address in ADDRESSES.items()
+            )
+        )
         started = time.monotonic()
         names = write_data(list(mounts.values()))
-        print(f"data set: {FILES} files x {FILE_BYTES >> 20} MiB written to both hosts in "
-              f"{time.monotonic() - started:.0f} s", file=sys.stderr)
+        print(
+            f"data set: {FILES} files x {FILE_BYTES >> 20} MiB written to both hosts in "
+            f"{time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+        )
         hosts = Hosts(keys, inventory, mounts, scattered_pattern(names))
         pattern_pages = sum(count for runs in hosts.pattern.values() for _, count in runs)
         resident_bytes = pattern_pages * PAGE
         runs = sum(len(runs) for runs in hosts.pattern.values())
         make_resident(mounts["src"] / "data", hosts.pattern)
         profile_path = WORK / "src.pagecache.gz"
-        captured = json.loads(run([sys.executable, "-m", "igops", "-c", str(inventory), "warm", "capture", "src",
-                                   str(mounts["src"] / "data"), "-o", str(profile_path), "--json"]).stdout)["data"]
-        results = {"data_bytes": FILES * FILE_BYTES, "resident_bytes": resident_bytes, "runs": runs,
-                   "profile_bytes": captured["profile_bytes"], "profile_gzip_bytes": captured["output_bytes"],
-                   "profiles": {}}
+        captured = json.loads(
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "igops",
+                    "-c",
+                    str(inventory),
+                    "warm",
+                    "capture",
+                    "src",
+                    str(mounts["src"] / "data"),
+                    "-o",
+                    str(profile_path),
+                    "--json",
+                ]
+            ).stdout
+        )["data"]
+        results = {
+            "data_bytes": FILES * FILE_BYTES,
+            "resident_bytes": resident_bytes,
+            "runs": runs,
+            "profile_bytes": captured["profile_bytes"],
+            "profile_gzip_bytes": captured["output_bytes"],
+            "profiles": {},
+        }
         device = filesystems["dst"][0]
         for profile_name in args.profiles.split(","):
             throttle(device, PROFILES[profile_name])
@@ -330,21 +400,29 @@ path = "{mounts[name]}"
 def markdown(results: dict, repeats: int) -> str:
     gib = results["data_bytes"] / (1 << 30)
     resident = results["resident_bytes"]
-    lines = [f"Data set {gib:.0f} GiB in {FILES} files; resident on the source {resident / (1 << 20):.0f} MiB "
-             f"({resident / results['data_bytes']:.1%}) in {results['runs']} runs. Profile "
-             f"{results['profile_bytes'] / 1024:.0f} KiB plain, {results['profile_gzip_bytes'] / 1024:.0f} KiB gzipped "
-             f"= {results['profile_gzip_bytes'] / 1024 / gib:.0f} KiB per GiB of data. Median of {repeats}."]
+    lines = [
+        f"Data set {gib:.0f} GiB in {FILES} files; resident on the source {resident / (1 << 20):.0f} MiB "
+        f"({resident / results['data_bytes']:.1%}) in {results['runs']} runs. Profile "
+        f"{results['profile_bytes'] / 1024:.0f} KiB plain, {results['profile_gzip_bytes'] / 1024:.0f} KiB gzipped "
+        f"= {results['profile_gzip_bytes'] / 1024 / gib:.0f} KiB per GiB of data. Median of {repeats}."
+    ]
     for profile_name, table in results["profiles"].items():
         baseline = table["sequential read of the resident bytes"]["seconds"]
-        lines += ["", f"**{profile_name}**" + (" (3000 read IOPS, 128 MiB/s)" if profile_name == "ebs" else
-                                               " (lab disk, unthrottled)"), "",
-                  "| method | time s | x sequential | read MiB | x resident | hit ratio | cached after MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"**{profile_name}**"
+            + (" (3000 read IOPS, 128 MiB/s)" if profile_name == "ebs" else " (lab disk, unthrottled)"),
+            "",
+            "| method | time s | x sequential | read MiB | x resident | hit ratio | cached after MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for label, row in table.items():
             extra = f" (warm phase {row['warm_seconds']:.2f} s)" if "warm_seconds" in row else ""
-            lines.append(f"| {label}{extra} | {row['seconds']:.2f} | {row['seconds'] / baseline:.2f} | "
-                         f"{row['read_bytes'] / (1 << 20):.0f} | {row['read_bytes'] / resident:.2f} | "
-                         f"{row['hit_ratio']:.4f} | {row['cached_bytes'] / (1 << 20):.0f} |")
+            lines.append(
+                f"| {label}{extra} | {row['seconds']:.2f} | {row['seconds'] / baseline:.2f} | "
+                f"{row['read_bytes'] / (1 << 20):.0f} | {row['read_bytes'] / resident:.2f} | "
+                f"{row['hit_ratio']:.4f} | {row['cached_bytes'] / (1 << 20):.0f} |"
+            )
     return "\n".join(lines)
 
 

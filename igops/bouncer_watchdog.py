@@ -78,20 +78,28 @@ class PauseWatchdogs:
         wanted = [(host, names) for host, names in databases.items() if host not in self.sessions]
         outcomes = _parallel(lambda item: self._start(*item), wanted)
         failures = [str(outcome) for outcome in outcomes if isinstance(outcome, Exception)]
-        armed = {host: outcome for (host, _), outcome in zip(wanted, outcomes, strict=False)
-                 if not isinstance(outcome, Exception)}
+        armed = {
+            host: outcome
+            for (host, _), outcome in zip(wanted, outcomes, strict=False)
+            if not isinstance(outcome, Exception)
+        }
         if failures:
             _parallel(lambda session: _close(session, clean=True), list(armed.values()))
-            raise RemoteError("; ".join(failures), "nothing was paused; fix the PgBouncer host (python3 and psql, "
-                                                   "the admin console's password), then run the operation again")
+            raise RemoteError(
+                "; ".join(failures),
+                "nothing was paused; fix the PgBouncer host (python3 and psql, "
+                "the admin console's password), then run the operation again",
+            )
         with self._lock:
             self.sessions.update(armed)
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._beat, name="pause-watchdog-heartbeat", daemon=True)
             self._thread.start()
-        return (f"watchdog armed on {', '.join(databases)} in {(time.monotonic() - started) * 1000:.0f} ms "
-                f"(RESUMEs if igops is gone or silent for {self.deadline:g} s)")
+        return (
+            f"watchdog armed on {', '.join(databases)} in {(time.monotonic() - started) * 1000:.0f} ms "
+            f"(RESUMEs if igops is gone or silent for {self.deadline:g} s)"
+        )
 
     def _start(self, host_name: str, names: list[str]) -> remote.Session:
         fleet = self.fleet
@@ -99,13 +107,15 @@ class PauseWatchdogs:
         host = fleet.host(host_name)
         settings = remote.settings_for(fleet)
         [target] = remote.targets_for(fleet, [host])
-        command, program = agent.invocation("pause_watchdog", [f"{self.deadline:g}", str(host.address),
-                                                               str(model.pgbouncer.port), model.pgbouncer.admin_user,
-                                                               *names])
+        command, program = agent.invocation(
+            "pause_watchdog",
+            [f"{self.deadline:g}", str(host.address), str(model.pgbouncer.port), model.pgbouncer.admin_user, *names],
+        )
         # The password travels on stdin only, never in the remote command line.
         password = Secrets(model.secrets.file).get("pgbouncer_password")
-        session = remote.Session(target, command, settings,
-                                 stdin_prefix=program + json.dumps({"password": password}).encode() + b"\n")
+        session = remote.Session(
+            target, command, settings, stdin_prefix=program + json.dumps({"password": password}).encode() + b"\n"
+        )
         session.__enter__()
         try:
             line = session.read_line(settings.connect_timeout + ARM_TIMEOUT_S)
@@ -151,9 +161,14 @@ class PauseWatchdogs:
         if not sessions and not lost:
             return None
         items = list(sessions.items())
-        said = [text if isinstance(text, str) else f"{host} did not confirm: {text}" for (host, _), text in
-                zip(items, _parallel(lambda item: describe_release(item[0], _close(item[1], clean), clean), items),
-                    strict=False)]
+        said = [
+            text if isinstance(text, str) else f"{host} did not confirm: {text}"
+            for (host, _), text in zip(
+                items,
+                _parallel(lambda item: describe_release(item[0], _close(item[1], clean), clean), items),
+                strict=False,
+            )
+        ]
         said += [f"{host}'s session broke: it RESUMEd from the host" for host in lost]
         return "watchdog " + "; ".join(said)
 

@@ -25,24 +25,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hosts": ("fleet", "List the inventory's hosts."),
     "exec": ("fleet", "Run a command on many hosts in parallel and summarise the results."),
     "status": ("fleet", "Fleet overview: every host's reachability, then every service's state."),
-    "check": ("check", "Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer, "
-                       "Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom."),
-    "snapshot": ("snapshot", "Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
-                             "restore, and the scheduled `cron`."),
+    "check": (
+        "check",
+        "Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer, "
+        "Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom.",
+    ),
+    "snapshot": (
+        "snapshot",
+        "Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
+        "restore, and the scheduled `cron`.",
+    ),
     "lab": ("lab", "Bring the lab fleet up or down on this machine's loopback addresses."),
-    "warm": ("warm", "Page-cache warming: capture which pages are cached, warm exactly those elsewhere, "
-                     "compare two hosts."),
+    "warm": (
+        "warm",
+        "Page-cache warming: capture which pages are cached, warm exactly those elsewhere, compare two hosts.",
+    ),
     "munin": ("munin", "Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node."),
-    "pingdom": ("pingdom", "Pingdom (API 3.1): keep the checks in step with the inventory, show them, "
-                           "open maintenance windows."),
+    "pingdom": (
+        "pingdom",
+        "Pingdom (API 3.1): keep the checks in step with the inventory, show them, open maintenance windows.",
+    ),
     "pagerduty": ("pagerduty", "PagerDuty (Events API v2): test the paging path, list the incidents igops opened."),
-    "shard": ("shard", "Logical shards: decode and encode ids, show the map, create the schemas, move shards "
-                       "between clusters online, verify copies, rebalance."),
+    "shard": (
+        "shard",
+        "Logical shards: decode and encode ids, show the map, create the schemas, move shards "
+        "between clusters online, verify copies, rebalance.",
+    ),
     "deploy": ("deploy", "Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`."),
-    "pg": ("pg", "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
-                 "dead primary, rejoin of a former primary."),
-    "redis": ("redis", "Redis master and replicas: status, planned switchover, failover of a dead master, rejoin "
-                       "of a former master."),
+    "pg": (
+        "pg",
+        "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
+        "dead primary, rejoin of a former primary.",
+    ),
+    "redis": (
+        "redis",
+        "Redis master and replicas: status, planned switchover, failover of a dead master, rejoin of a former master.",
+    ),
     "ops": ("ops", "Operations: what runs now, what was interrupted, their journals and the audit trail."),
 }
 
@@ -70,8 +88,9 @@ class CommandTable(TyperGroup):
         from typer._click.shell_completion import CompletionItem
 
         names = [name for name in self.list_commands(ctx) if name.startswith(incomplete)]
-        return [CompletionItem(name, help=_listed(name).get_short_help_str()) for name in names] + \
-            click_core.Command.shell_complete(self, ctx, incomplete)
+        return [
+            CompletionItem(name, help=_listed(name).get_short_help_str()) for name in names
+        ] + click_core.Command.shell_complete(self, ctx, incomplete)
 
 
 def _listed(name: str) -> TyperCommand:
@@ -97,8 +116,7 @@ def _load(name: str):
 app = typer.Typer(
     name="igops",
     cls=CommandTable,
-    help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, "
-    "deploys and checks.",
+    help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, deploys and checks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -107,8 +125,10 @@ app = typer.Typer(
 
 
 FORMAT_METAVAR = "|".join(item.value for item in TableFormat)
-FORMAT_HELP = ("Tables as: table (ruled on a terminal), plain (aligned, no rules) or tsv (a header row, then "
-               "tab-separated rows; nothing else on stdout).")
+FORMAT_HELP = (
+    "Tables as: table (ruled on a terminal), plain (aligned, no rules) or tsv (a header row, then "
+    "tab-separated rows; nothing else on stdout)."
+)
 WIDE_HELP = "Every column of a table, even where the terminal is too narrow for them."
 
 
@@ -121,15 +141,20 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    config: str = typer.Option(None, "--config", "-c", metavar="FILE",
-                               help="Inventory file (default: $IGOPS_CONFIG, then /etc/igops/igops.toml)."),
+    config: str = typer.Option(
+        None,
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="Inventory file (default: $IGOPS_CONFIG, then /etc/igops/igops.toml).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Only a JSON envelope on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
-    table_format: TableFormat = typer.Option(TableFormat.table, "--format", metavar=FORMAT_METAVAR,
-                                             help=FORMAT_HELP),
+    table_format: TableFormat = typer.Option(TableFormat.table, "--format", metavar=FORMAT_METAVAR, help=FORMAT_HELP),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose, format=table_format, wide=wide)
 
@@ -182,15 +207,27 @@ def _global_option_params(names: dict[str, list[str]]) -> list:
     def carry(
         # Names of their own: click hands a parsed value to every parameter of the same name, so a
         # subcommand's own `config` (munin fetch --config) would reach _store_config too.
-        global_config: str = typer.Option(None, *names["config"], metavar="FILE", expose_value=False,
-                                          callback=_store_config,
-                                          help="Inventory file (also accepted before the command)."),
-        global_verbose: bool = typer.Option(False, *names["verbose"], expose_value=False, callback=_store_verbose,
-                                            help="More detail on stderr (also accepted before the command)."),
-        global_format: TableFormat = typer.Option(None, *names["format"], metavar=FORMAT_METAVAR, expose_value=False,
-                                                  callback=_store_format, help=FORMAT_HELP),
-        global_wide: bool = typer.Option(False, *names["wide"], expose_value=False, callback=_store_wide,
-                                         help=WIDE_HELP),
+        global_config: str = typer.Option(
+            None,
+            *names["config"],
+            metavar="FILE",
+            expose_value=False,
+            callback=_store_config,
+            help="Inventory file (also accepted before the command).",
+        ),
+        global_verbose: bool = typer.Option(
+            False,
+            *names["verbose"],
+            expose_value=False,
+            callback=_store_verbose,
+            help="More detail on stderr (also accepted before the command).",
+        ),
+        global_format: TableFormat = typer.Option(
+            None, *names["format"], metavar=FORMAT_METAVAR, expose_value=False, callback=_store_format, help=FORMAT_HELP
+        ),
+        global_wide: bool = typer.Option(
+            False, *names["wide"], expose_value=False, callback=_store_wide, help=WIDE_HELP
+        ),
     ) -> None:
         pass
 
@@ -198,8 +235,12 @@ def _global_option_params(names: dict[str, list[str]]) -> list:
     return [param for param in typer.main.get_command(carrier).params if set(param.opts) & wanted]
 
 
-GLOBAL_OPTION_NAMES = {"config": ("--config", "-c"), "verbose": ("--verbose", "-v"), "format": ("--format",),
-                       "wide": ("--wide",)}
+GLOBAL_OPTION_NAMES = {
+    "config": ("--config", "-c"),
+    "verbose": ("--verbose", "-v"),
+    "format": ("--format",),
+    "wide": ("--wide",),
+}
 
 
 def _operator_option_params() -> list:
@@ -209,14 +250,23 @@ def _operator_option_params() -> list:
 
     @carrier.command()
     def carry(
-        operation_reason: str = typer.Option(None, "--reason", metavar="TEXT", expose_value=False,
-                                             callback=_store_reason,
-                                             help="Why: a ticket id or a sentence, kept in the journal and audit "
-                                                  "trail and shown to anyone the operation blocks."),
-        operation_wait: float = typer.Option(None, "--wait", metavar="SECONDS", expose_value=False,
-                                             callback=_store_wait,
-                                             help="Wait up to SECONDS for another operation's lease on the same "
-                                                  "targets instead of exiting 4."),
+        operation_reason: str = typer.Option(
+            None,
+            "--reason",
+            metavar="TEXT",
+            expose_value=False,
+            callback=_store_reason,
+            help="Why: a ticket id or a sentence, kept in the journal and audit "
+            "trail and shown to anyone the operation blocks.",
+        ),
+        operation_wait: float = typer.Option(
+            None,
+            "--wait",
+            metavar="SECONDS",
+            expose_value=False,
+            callback=_store_wait,
+            help="Wait up to SECONDS for another operation's lease on the same targets instead of exiting 4.",
+        ),
     ) -> None:
         pass
 
@@ -240,8 +290,11 @@ def _accept_global_options(verb) -> None:
     subcommand wins. A name a subcommand already uses for its own option keeps that meaning
     (`munin fetch --config` asks for plugin configs; -c still names the inventory there)."""
     taken = {name for param in verb.params for name in [*param.opts, *param.secondary_opts]}
-    verb.params.extend(_global_option_params({key: [name for name in given if name not in taken]
-                                              for key, given in GLOBAL_OPTION_NAMES.items()}))
+    verb.params.extend(
+        _global_option_params(
+            {key: [name for name in given if name not in taken] for key, given in GLOBAL_OPTION_NAMES.items()}
+        )
+    )
     if any("--dry-run" in param.opts for param in verb.params):
         verb.params.extend(_operator_option_params())
 
@@ -322,8 +375,11 @@ def _param_name(param) -> str:
 
 def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
     """A click usage error as igops' own (message, hint): what was wrong and how to fix it."""
-    help_hint = f"see `igops {command} --help` for its options and examples" if command != "igops" \
+    help_hint = (
+        f"see `igops {command} --help` for its options and examples"
+        if command != "igops"
         else "see `igops --help` for the commands"
+    )
     if isinstance(exc, click.MissingParameter):
         name = _param_name(exc.param)
         kind = "option" if _is_option(exc.param) else "argument"
@@ -353,8 +409,9 @@ def _unknown_verb(exc: click.UsageError, word: str, help_hint: str) -> tuple[str
 
     verbs = subcommand_names(exc.ctx.command)
     close = difflib.get_close_matches(word, verbs, n=3, cutoff=0.6)
-    suggestion = ("did you mean: " + " or ".join(f"{exc.ctx.command_path} {verb}" for verb in close) + "? "
-                  if close else "")
+    suggestion = (
+        "did you mean: " + " or ".join(f"{exc.ctx.command_path} {verb}" for verb in close) + "? " if close else ""
+    )
     also = getattr(exc, "igops_hint", None)
     return f"no such command {word!r}", f"{suggestion}{also + '; ' if also else ''}{help_hint}"
 
@@ -365,8 +422,10 @@ def _force_refusal(exc: click.NoSuchOption, help_hint: str) -> tuple[str, str]:
     message = "--force is not an igops option"
     verb = exc.ctx.command if exc.ctx is not None and exc.ctx.parent is not None else None
     if verb is None or getattr(verb, "commands", None) is not None:
-        return message, ("to skip the confirmation prompt pass --yes; to override a command's safety checks "
-                         f"pass --accept-risk (pg and redis switchover, failover, rejoin); {help_hint}")
+        return message, (
+            "to skip the confirmation prompt pass --yes; to override a command's safety checks "
+            f"pass --accept-risk (pg and redis switchover, failover, rejoin); {help_hint}"
+        )
     names = {name for param in verb.params for name in param.opts}
     meanings = []
     if "--yes" in names:
@@ -403,7 +462,7 @@ def _watch_seconds_given(argv: list[str]) -> list[str]:
 
 def _wants_json(argv: list[str]) -> bool:
     """--json anywhere before a `--` (after it, the words belong to a remote command)."""
-    words = argv[:argv.index("--")] if "--" in argv else argv
+    words = argv[: argv.index("--")] if "--" in argv else argv
     return "--json" in words
 
 
@@ -414,7 +473,8 @@ def _report_usage_error(exc: click.UsageError, argv: list[str]) -> int:
     command = _command_name(exc, argv)
     message, hint = usage_error_text(exc, command)
     Output(command, json_mode=_wants_json(argv)).fail(
-        f"{message} — {hint}", ExitCode.USAGE, {"message": message, "hint": hint})
+        f"{message} — {hint}", ExitCode.USAGE, {"message": message, "hint": hint}
+    )
     return int(ExitCode.USAGE)
 
 

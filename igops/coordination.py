@@ -73,8 +73,10 @@ class Holder:
         reason = f", reason: {self.reason}" if self.reason else ""
         ident = f" {self.operation_id}" if self.operation_id else ""
         at = f", at step {step}" if step else ""
-        return (f"{self.operation}{ident} by {self.user}@{self.host} pid {self.pid} since {self.since}"
-                f"{at}{reason}: {self.command}")
+        return (
+            f"{self.operation}{ident} by {self.user}@{self.host} pid {self.pid} since {self.since}"
+            f"{at}{reason}: {self.command}"
+        )
 
     def to_json(self) -> str:
         return json.dumps(redact_data(asdict(self)), sort_keys=True)
@@ -88,12 +90,22 @@ class Holder:
             return None
 
 
-def current_holder(operation: str, target: str, command_line: str, reason: str | None,
-                   operation_id: str | None = None) -> Holder:
+def current_holder(
+    operation: str, target: str, command_line: str, reason: str | None, operation_id: str | None = None
+) -> Holder:
     from igops import safety
 
-    return Holder(operation, target, safety.operator_user(), safety.operator_host(), os.getpid(),
-                  redact(command_line), safety.now(), redact(reason) if reason else None, operation_id)
+    return Holder(
+        operation,
+        target,
+        safety.operator_user(),
+        safety.operator_host(),
+        os.getpid(),
+        redact(command_line),
+        safety.now(),
+        redact(reason) if reason else None,
+        operation_id,
+    )
 
 
 class Conflict(AlreadyRunning):
@@ -105,9 +117,13 @@ class Conflict(AlreadyRunning):
         super().__init__(
             f"{name} is held" + (f" by {holder.describe()}" if holder else " by another operation"),
             "wait for it to finish, or pass --wait SECONDS; "
-            + (f"its lease expires at most {ttl} s after that process dies" if ttl
-               else "the lock is released when that process exits")
-            + " (igops ops list shows it)")
+            + (
+                f"its lease expires at most {ttl} s after that process dies"
+                if ttl
+                else "the lock is released when that process exits"
+            )
+            + " (igops ops list shows it)",
+        )
 
 
 Resource = tuple[str, str]
@@ -153,10 +169,11 @@ class HeldLease:
     def check(self) -> None:
         """Raise LeaseLost if the lease was lost: called at a step boundary, before the next step."""
         if self._lost:
-            raise LeaseLost(f"the lease on {self.operation} {self.target} was lost ({self._lost}): "
-                            "another operator may now hold it, so nothing more was done",
-                            "check the target's state (igops status) and the audit trail, then run the "
-                            "command again")
+            raise LeaseLost(
+                f"the lease on {self.operation} {self.target} was lost ({self._lost}): "
+                "another operator may now hold it, so nothing more was done",
+                "check the target's state (igops status) and the audit trail, then run the command again",
+            )
 
     def _mark_lost(self, why: str) -> None:
         if not self._lost:
@@ -246,9 +263,11 @@ class EtcdGateway:
 
     def _authenticate(self) -> None:
         self._token = None
-        answer = self._post("/v3/auth/authenticate",
-                            {"name": self.settings.user, "password": self.settings.password or ""},
-                            max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints)))
+        answer = self._post(
+            "/v3/auth/authenticate",
+            {"name": self.settings.user, "password": self.settings.password or ""},
+            max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints)),
+        )
         self._token = answer.get("token")
 
     def _post(self, path: str, body: dict, timeout: float) -> dict:
@@ -294,8 +313,10 @@ class EtcdGateway:
 
 def _member_cannot_serve(error: str) -> bool:
     """Errors another member may not have: this one has no leader or timed out waiting."""
-    return any(words in error for words in ("no leader", "timed out", "leader changed", "not capable",
-                                              "too many requests", "unhealthy"))
+    return any(
+        words in error
+        for words in ("no leader", "timed out", "leader changed", "not capable", "too many requests", "unhealthy")
+    )
 
 
 def _json(response) -> dict:
@@ -397,23 +418,33 @@ class EtcdCoordinator:
         while True:
             lease_id = self._grant()
             try:
-                answer = self.gateway.call("/v3/kv/txn", {
-                    "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
-                                for key in keys],
-                    "success": [{"request_put": {"key": _b64(key), "value": _b64(holder.to_json()), "lease": lease_id}}
-                                for key in keys],
-                    "failure": [{"request_range": {"key": _b64(key)}} for key in keys],
-                })
+                answer = self.gateway.call(
+                    "/v3/kv/txn",
+                    {
+                        "compare": [
+                            {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                            for key in keys
+                        ],
+                        "success": [
+                            {"request_put": {"key": _b64(key), "value": _b64(holder.to_json()), "lease": lease_id}}
+                            for key in keys
+                        ],
+                        "failure": [{"request_range": {"key": _b64(key)}} for key in keys],
+                    },
+                )
             except EtcdError as exc:
                 self._revoke(lease_id)
-                raise CoordinatorUnavailable(f"etcd could not take the locks {', '.join(keys)}: {exc.message}",
-                                             self._fix()) from None
+                raise CoordinatorUnavailable(
+                    f"etcd could not take the locks {', '.join(keys)}: {exc.message}", self._fix()
+                ) from None
             if answer.get("succeeded"):
                 break
             self._revoke(lease_id)
-            held_by = [(resource, kvs[0]) for resource, response in zip(sorted(set(resources)),
-                                                                        answer.get("responses") or [], strict=False)
-                       if (kvs := (response.get("response_range") or {}).get("kvs") or [])]
+            held_by = [
+                (resource, kvs[0])
+                for resource, response in zip(sorted(set(resources)), answer.get("responses") or [], strict=False)
+                if (kvs := (response.get("response_range") or {}).get("kvs") or [])
+            ]
             if self._revoke_dead_holders([kv for _, kv in held_by]):
                 continue  # their process is gone from this very machine: try again at once
             if time.monotonic() < give_up:
@@ -438,8 +469,12 @@ class EtcdCoordinator:
         revoked = False
         for kv in kvs:
             holder = Holder.from_json(_unb64(kv.get("value", "")))
-            if (holder is None or holder.host != safety.operator_host() or not kv.get("lease")
-                    or process_alive(int(holder.pid or 0))):
+            if (
+                holder is None
+                or holder.host != safety.operator_host()
+                or not kv.get("lease")
+                or process_alive(int(holder.pid or 0))
+            ):
                 continue
             self._revoke(str(kv["lease"]))
             revoked = True
@@ -454,8 +489,9 @@ class EtcdCoordinator:
         try:
             answer = self.gateway.call("/v3/lease/grant", {"TTL": str(self.settings.lease_ttl)})
         except EtcdError as exc:
-            raise CoordinatorUnavailable(f"etcd cannot grant a lease, so no mutating command may start: "
-                                         f"{exc.message}", self._fix()) from None
+            raise CoordinatorUnavailable(
+                f"etcd cannot grant a lease, so no mutating command may start: {exc.message}", self._fix()
+            ) from None
         if not answer.get("ID"):
             raise CoordinatorUnavailable(f"etcd granted no lease: {answer.get('error') or answer}", self._fix())
         return str(answer["ID"])
@@ -467,8 +503,10 @@ class EtcdCoordinator:
             pass  # it expires on its own
 
     def _fix(self) -> str:
-        return (f"bring a majority of the etcd members ({', '.join(self.settings.endpoints)}) back "
-                "(`etcdctl endpoint health`); read-only commands still work meanwhile")
+        return (
+            f"bring a majority of the etcd members ({', '.join(self.settings.endpoints)}) back "
+            "(`etcdctl endpoint health`); read-only commands still work meanwhile"
+        )
 
     def audit(self, **fields: Any) -> None:
         """One record under <prefix>audit/. If etcd cannot take it, it goes to the local
@@ -498,12 +536,16 @@ def settings_for(fleet: Fleet) -> EtcdSettings | None:
         from igops.secrets import Secrets
 
         password = Secrets(fleet.model.secrets.file).require("etcd_password")
-    return EtcdSettings(endpoints=tuple(section.etcd), prefix=section.prefix or default_prefix(fleet.model.fleet.name),
-                        lease_ttl=section.lease_ttl,
-                        ca_file=str(fleet.resolve(section.ca_file)) if section.ca_file else None,
-                        cert_file=str(fleet.resolve(section.cert_file)) if section.cert_file else None,
-                        key_file=str(fleet.resolve(section.key_file)) if section.key_file else None,
-                        user=section.user, password=password)
+    return EtcdSettings(
+        endpoints=tuple(section.etcd),
+        prefix=section.prefix or default_prefix(fleet.model.fleet.name),
+        lease_ttl=section.lease_ttl,
+        ca_file=str(fleet.resolve(section.ca_file)) if section.ca_file else None,
+        cert_file=str(fleet.resolve(section.cert_file)) if section.cert_file else None,
+        key_file=str(fleet.resolve(section.key_file)) if section.key_file else None,
+        user=section.user,
+        password=password,
+    )
 
 
 def process_alive(pid: int) -> bool:

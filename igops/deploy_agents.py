@@ -65,8 +65,9 @@ class AgentSession:
         if self._session is None:
             deadline += AGENT_START_S
             try:
-                self._session = remote.Session(self.target, self.command, self.settings,
-                                               stdin_prefix=self.prefix).__enter__()
+                self._session = remote.Session(
+                    self.target, self.command, self.settings, stdin_prefix=self.prefix
+                ).__enter__()
             except IgopsError as exc:
                 return AgentAnswer(None, exc.message.removeprefix(f"{self.target.name}: "), False), False
             except Exception as exc:  # noqa: BLE001 - connected, but no session: as unreachable
@@ -105,6 +106,7 @@ class AgentSession:
 
 # --- the fleet's app servers and load balancers ---------------------------------------------------
 
+
 @dataclass
 class AppFleet:
     """The app servers and load balancers of an inventory, and the agent sessions on them
@@ -120,8 +122,7 @@ class AppFleet:
     def of(cls, fleet) -> AppFleet:
         hosts = fleet.with_role("app")
         if not hosts:
-            raise UsageError("no host has the 'app' role",
-                             f"add roles = [\"app\"] to the app servers in {fleet.source}")
+            raise UsageError("no host has the 'app' role", f'add roles = ["app"] to the app servers in {fleet.source}')
         return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
 
     def __enter__(self) -> AppFleet:
@@ -154,8 +155,16 @@ class AppFleet:
     def upstream_agent(self, host) -> AgentSession:
         lb = self.fleet.model.lb
         path = self.fleet.path_for
-        return self._agent(host, "upstream", [path(lb.upstream_file, host), path(lb.test_command, host),
-                                              path(lb.reload_command, host), f"{DRAIN_TIMEOUT_S:g}"])
+        return self._agent(
+            host,
+            "upstream",
+            [
+                path(lb.upstream_file, host),
+                path(lb.test_command, host),
+                path(lb.reload_command, host),
+                f"{DRAIN_TIMEOUT_S:g}",
+            ],
+        )
 
     def _agent(self, host, program: str, args: list[str]) -> AgentSession:
         key = f"{program}@{host.name}"
@@ -164,8 +173,13 @@ class AppFleet:
             self.agents[key] = AgentSession(target, self.settings, program, args)
         return self.agents[key]
 
-    def request_each(self, agents: dict[str, tuple[AgentSession, dict, bytes]], timeout: float,
-                     parallel: int | None = None, on_done: Callable[[], None] | None = None) -> dict[str, AgentAnswer]:
+    def request_each(
+        self,
+        agents: dict[str, tuple[AgentSession, dict, bytes]],
+        timeout: float,
+        parallel: int | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> dict[str, AgentAnswer]:
         """name -> its agent's answer to its request, at most `parallel` hosts at once."""
         if not agents:
             return {}

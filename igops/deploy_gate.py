@@ -21,6 +21,7 @@ LB_TIMEOUT_S = 60.0 + DRAIN_TIMEOUT_S
 
 # --- the load balancers --------------------------------------------------------------------------
 
+
 @dataclass
 class LbServer:
     lb: str
@@ -64,19 +65,23 @@ class LoadBalancers:
         """Apply, and return the servers as every LB now has them. Raises RemoteError naming the
         LBs where it failed."""
         request = {"down": sorted(down), "up": sorted(up), "note": self.note}
-        answers = self.app.request_each({host.name: (self.app.upstream_agent(host), request, b"")
-                                         for host in self.app.lbs}, LB_TIMEOUT_S)
+        answers = self.app.request_each(
+            {host.name: (self.app.upstream_agent(host), request, b"") for host in self.app.lbs}, LB_TIMEOUT_S
+        )
         state = LbState()
         for host in self.app.lbs:
             answer, error = answers[host.name].answer, answers[host.name].error
             if answer is None:
                 state.errors[host.name] = error
                 continue
-            state.servers += [LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
-                              for item in answer["servers"]]
+            state.servers += [
+                LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
+                for item in answer["servers"]
+            ]
         if state.errors and (down or up):
-            raise RemoteError("load balancer change failed: " + "; ".join(f"{name}: {error}"
-                                                                          for name, error in state.errors.items()))
+            raise RemoteError(
+                "load balancer change failed: " + "; ".join(f"{name}: {error}" for name, error in state.errors.items())
+            )
         return state
 
     def read(self) -> LbState:
@@ -96,6 +101,7 @@ def put_back(app: AppFleet, names: list[str], note: str) -> None:
 
 
 # --- the health gate -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HealthGate:
@@ -119,8 +125,14 @@ class GateResult:
     ms: float
 
 
-def probe(address: str, port: int, path: str, release: str, require_release: bool = True,
-          timeout: float = HEALTH_HTTP_TIMEOUT_S) -> tuple[bool, str]:
+def probe(
+    address: str,
+    port: int,
+    path: str,
+    release: str,
+    require_release: bool = True,
+    timeout: float = HEALTH_HTTP_TIMEOUT_S,
+) -> tuple[bool, str]:
     """One /health request: (passed, what was seen)."""
     connection = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
@@ -141,10 +153,20 @@ def probe(address: str, port: int, path: str, release: str, require_release: boo
         document = {}
     served = document.get("release") if isinstance(document, dict) else None
     if response.status != 200:
-        failing = [f"{name}: {check.get('error', 'failed')}" for name, check in (document.get("checks") or {}).items()
-                   if isinstance(check, dict) and not check.get("ok")] if isinstance(document, dict) else []
-        return False, (f"{path} answered {response.status}" + (f" (release {served})" if served else "")
-                       + (": " + "; ".join(failing)[:300] if failing else ""))
+        failing = (
+            [
+                f"{name}: {check.get('error', 'failed')}"
+                for name, check in (document.get("checks") or {}).items()
+                if isinstance(check, dict) and not check.get("ok")
+            ]
+            if isinstance(document, dict)
+            else []
+        )
+        return False, (
+            f"{path} answered {response.status}"
+            + (f" (release {served})" if served else "")
+            + (": " + "; ".join(failing)[:300] if failing else "")
+        )
     if served is None:
         if require_release:
             return False, f"{path} does not say which release it serves (the app must put `release` in it)"

@@ -39,6 +39,7 @@ SKIPPED = "skipped"
 
 # --- batches ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BatchSize:
     """One entry of a batch list, like Ansible's `serial`: a host count or a percentage of
@@ -57,7 +58,7 @@ class BatchSize:
 
 
 def parse_batches(spec: str) -> list[BatchSize]:
-    """"1,25%" -> [1, 25%]. The last size repeats until every host is in a batch."""
+    """ "1,25%" -> [1, 25%]. The last size repeats until every host is in a batch."""
     sizes = []
     for part in spec.split(","):
         text = part.strip()
@@ -73,8 +74,10 @@ def parse_batches(spec: str) -> list[BatchSize]:
                     raise ValueError
                 sizes.append(BatchSize(count=count))
         except ValueError:
-            raise UsageError(f"bad batch size {text!r} in --batch {spec!r}",
-                             "use host counts and percentages, e.g. --batch 1,25% or --batch 50%") from None
+            raise UsageError(
+                f"bad batch size {text!r} in --batch {spec!r}",
+                "use host counts and percentages, e.g. --batch 1,25% or --batch 50%",
+            ) from None
     return sizes
 
 
@@ -83,12 +86,14 @@ def split_batches(items: Sequence[T], sizes: Sequence[BatchSize]) -> list[list[T
     position, index = 0, 0
     while position < len(items):
         size = sizes[min(index, len(sizes) - 1)].of(len(items))
-        batches.append(list(items[position:position + size]))
+        batches.append(list(items[position : position + size]))
         position += size
         index += 1
     return batches
 
+
 # --- plans ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class HostPlan:
@@ -143,7 +148,8 @@ class RolloutPlan:
                 f"upload release {self.target} ({self.release.size // 1024} KiB, sha256 {self.release.sha256[:12]}…) "
                 f"to {_names(uploads)} ({self.parallel} at a time); verify, unpack into releases/{self.target}, "
                 f"link shared {', '.join(SHARED_LINKS)}; virtualenv {self.release.requirements}: "
-                + (f"BUILD (pip install) on {_names(builds)}" if builds else "reuse"))
+                + (f"BUILD (pip install) on {_names(builds)}" if builds else "reuse")
+            )
         lb = f"nginx on {', '.join(self.lbs)}" if self.lbs else None
         # Each batch takes the one before it back into the load balancers as it takes itself out
         # (one reload for both); the last batch goes back in a step of its own.
@@ -151,8 +157,10 @@ class RolloutPlan:
         for number, batch in enumerate(self.batches, 1):
             parts = [f"batch {number}/{len(self.batches)}: {', '.join(batch)}"]
             if lb:
-                parts.append((f"put {', '.join(previous)} back, " if previous else "")
-                             + f"mark down in {lb} (config test, reload, old workers done)")
+                parts.append(
+                    (f"put {', '.join(previous)} back, " if previous else "")
+                    + f"mark down in {lb} (config test, reload, old workers done)"
+                )
             parts.append(f"switch current to {self.target}, reload gunicorn")
             parts.append(f"gate: {self.gate.describe()} serving {self.target}")
             steps.append(" — ".join(parts))
@@ -166,11 +174,14 @@ class RolloutPlan:
     def notes(self) -> list[str]:
         """What the plan's reader needs beside its steps: the rules the run follows and what it
         found on each host."""
-        notes = [f"the run stops at the first batch that takes the failures past {self.max_fail} "
-                 f"(--max-fail {self.max_fail}) and switches that batch back; later batches keep their release"]
+        notes = [
+            f"the run stops at the first batch that takes the failures past {self.max_fail} "
+            f"(--max-fail {self.max_fail}) and switches that batch back; later batches keep their release"
+        ]
         if self.kind == "deploy":
-            notes.append(f"each switch keeps {self.keep} releases per host (never the current one or the one it "
-                         "replaced)")
+            notes.append(
+                f"each switch keeps {self.keep} releases per host (never the current one or the one it replaced)"
+            )
         staged = [host.host for host in self.roll() if not host.upload]
         if staged:
             notes.append(f"release {self.target} is already on {_names(staged)}")
@@ -180,8 +191,9 @@ class RolloutPlan:
             elif host.before and host.before != host.current:
                 notes.append(f"{host.host}: {host.detail}")
         if not self.lbs:
-            notes.append("no host has the 'lb' role: app servers are switched without being taken out of a "
-                         "load balancer")
+            notes.append(
+                "no host has the 'lb' role: app servers are switched without being taken out of a load balancer"
+            )
         return notes
 
 
@@ -193,8 +205,9 @@ def _new_deploy_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{random_source.token_hex(2)}"
 
 
-def host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, target: str,
-                max_fail: int) -> list[HostPlan]:
+def host_plans(
+    app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, target: str, max_fail: int
+) -> list[HostPlan]:
     plans = []
     unreachable = []
     for host in app.hosts:
@@ -206,24 +219,45 @@ def host_plans(app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, tar
             plans.append(HostPlan(host.name, FAILED, None, in_lb, detail=f"unreachable: {found.error}"))
             unreachable.append(f"{host.name} ({found.error})")
         elif lb.drained_by_others(server):
-            plans.append(HostPlan(host.name, SKIPPED, found.current, in_lb,
-                                  detail="taken out of the load balancer by someone else: left alone"))
+            plans.append(
+                HostPlan(
+                    host.name,
+                    SKIPPED,
+                    found.current,
+                    in_lb,
+                    detail="taken out of the load balancer by someone else: left alone",
+                )
+            )
         elif found.current == target and not lb.drained_by_igops(server):
             plans.append(HostPlan(host.name, ALREADY, found.current, in_lb, detail=f"already on {target}"))
         else:
-            plans.append(HostPlan(host.name, "roll", found.current, in_lb, upload=not found.has(target),
-                                  detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None)))
+            plans.append(
+                HostPlan(
+                    host.name,
+                    "roll",
+                    found.current,
+                    in_lb,
+                    upload=not found.has(target),
+                    detail=("drained by an earlier igops run" if lb.drained_by_igops(server) else None),
+                )
+            )
         plans[-1].before = plans[-1].current
     if len(unreachable) > max_fail:
-        raise RefusedError(f"{plural(len(unreachable), 'app host')} unreachable: {'; '.join(unreachable)}; "
-                           "nothing was changed",
-                           f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others")
-    unlisted = [f"{plan.host} ({app.server(app.host(plan.host))})" for plan in plans
-                if app.lbs and plan.action == "roll" and plan.in_lb is None]
+        raise RefusedError(
+            f"{plural(len(unreachable), 'app host')} unreachable: {'; '.join(unreachable)}; nothing was changed",
+            f"fix them, or allow them with --max-fail {len(unreachable)} and deploy to the others",
+        )
+    unlisted = [
+        f"{plan.host} ({app.server(app.host(plan.host))})"
+        for plan in plans
+        if app.lbs and plan.action == "roll" and plan.in_lb is None
+    ]
     if unlisted:
-        raise RefusedError(f"not in the load balancer's upstream file: {', '.join(unlisted)}; nothing was changed",
-                           "igops takes a host out of traffic before switching it: list it as "
-                           "`server ADDRESS:PORT` in [lb] upstream_file, or fix its address or [app] port")
+        raise RefusedError(
+            f"not in the load balancer's upstream file: {', '.join(unlisted)}; nothing was changed",
+            "igops takes a host out of traffic before switching it: list it as "
+            "`server ADDRESS:PORT` in [lb] upstream_file, or fix its address or [app] port",
+        )
     return plans
 
 
@@ -240,8 +274,9 @@ def servers_left_in_service(in_service: set[str], batches: Sequence[Sequence[str
     return left
 
 
-def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState,
-                                  minimum: int = MIN_SERVERS_IN_SERVICE) -> dict[str, list[str]]:
+def refuse_draining_below_minimum(
+    app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState, minimum: int = MIN_SERVERS_IN_SERVICE
+) -> dict[str, list[str]]:
     """Refuse a plan with a batch that would leave a load balancer fewer than `minimum` servers
     in service. Servers marked down, and app hosts that did not answer the survey, serve
     nothing; a batch of servers already out takes nothing away. Returns, per load balancer,
@@ -250,8 +285,11 @@ def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches:
     server_batches = [[app.server(app.host(name)) for name in batch] for batch in batches]
     serving: dict[str, list[str]] = {}
     for lb_name in dict.fromkeys(item.lb for item in lb.servers):
-        in_service = {item.server for item in lb.servers
-                      if item.lb == lb_name and not item.down and item.server not in unavailable}
+        in_service = {
+            item.server
+            for item in lb.servers
+            if item.lb == lb_name and not item.down and item.server not in unavailable
+        }
         serving[lb_name] = sorted(in_service)
         for number, left in servers_left_in_service(in_service, server_batches):
             if left < minimum:
@@ -259,7 +297,8 @@ def refuse_draining_below_minimum(app: AppFleet, hosts: list[HostPlan], batches:
                     f"batch {number} ({', '.join(batches[number - 1])}) would leave {left} app servers in service "
                     f"in nginx on {lb_name}, fewer than the minimum of {minimum}; nothing was changed",
                     "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
-                    "unreachable back into service")
+                    "unreachable back into service",
+                )
     return serving
 
 
@@ -275,18 +314,36 @@ def inherit_releases_before(hosts: list[HostPlan], surveys: dict[str, HostReleas
         if host.action != "roll" or not release or host.current != last_run.get("target") or release == host.current:
             continue
         if not surveys[host.host].has(release):
-            host.detail = "; ".join(filter(None, [host.detail, f"{release}, its release before the interrupted "
-                                                                f"{last_run.get('kind')}, is gone"]))
+            host.detail = "; ".join(
+                filter(
+                    None,
+                    [host.detail, f"{release}, its release before the interrupted {last_run.get('kind')}, is gone"],
+                )
+            )
             continue
         host.before = release
-        host.detail = "; ".join(filter(None, [host.detail, f"returns to {release} if it fails (its release before "
-                                                            f"the interrupted {last_run.get('kind')} "
-                                                            f"{last_run.get('deploy_id')})"]))
+        host.detail = "; ".join(
+            filter(
+                None,
+                [
+                    host.detail,
+                    f"returns to {release} if it fails (its release before "
+                    f"the interrupted {last_run.get('kind')} "
+                    f"{last_run.get('deploy_id')})",
+                ],
+            )
+        )
 
 
-
-def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate: HealthGate,
-                parallel: int | None = None, now: datetime | None = None) -> tuple[RolloutPlan, bytes]:
+def plan_deploy(
+    app: AppFleet,
+    tree: SourceTree,
+    batch: str,
+    max_fail: int,
+    gate: HealthGate,
+    parallel: int | None = None,
+    now: datetime | None = None,
+) -> tuple[RolloutPlan, bytes]:
     """Survey the app servers and the load balancer, and decide what a deploy of `tree` does.
     A release with the same content that is already on a host keeps its id, so a rerun
     continues the same release instead of making another."""
@@ -296,7 +353,8 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
     surveys, lb = survey_for_change(app, parallel)
     content = content_hash(tree.files)
     identifier = existing_release(surveys, content) or release_id(
-        now or datetime.now(UTC), tree.revision[:7] if tree.revision else content[:7])
+        now or datetime.now(UTC), tree.revision[:7] if tree.revision else content[:7]
+    )
     release, tarball = package(tree, identifier)
     hosts = host_plans(app, surveys, lb, identifier, max_fail)
     inherit_releases_before(hosts, surveys, read_last_run(fleet))
@@ -306,11 +364,24 @@ def plan_deploy(app: AppFleet, tree: SourceTree, batch: str, max_fail: int, gate
     rolling = [host.host for host in hosts if host.action == "roll"]
     batches = split_batches(rolling, sizes)
     in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
-    plan = RolloutPlan("deploy", deploy_id, app.name, identifier, f"{release.source}, content {release.content}",
-                       hosts, batches, batch, max_fail, gate, [h.name for h in app.lbs],
-                       parallel or app.settings.parallel, fleet.model.app.keep_releases,
-                       pagerduty_changes.routing_key(fleet) is not None,
-                       release, in_service)
+    plan = RolloutPlan(
+        "deploy",
+        deploy_id,
+        app.name,
+        identifier,
+        f"{release.source}, content {release.content}",
+        hosts,
+        batches,
+        batch,
+        max_fail,
+        gate,
+        [h.name for h in app.lbs],
+        parallel or app.settings.parallel,
+        fleet.model.app.keep_releases,
+        pagerduty_changes.routing_key(fleet) is not None,
+        release,
+        in_service,
+    )
     return plan, tarball
 
 
@@ -331,8 +402,9 @@ class ReleaseMissing(RefusedError):
     """A host still to switch lacks the release (pruned, or never staged there)."""
 
 
-def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate: HealthGate,
-                  parallel: int | None = None) -> RolloutPlan:
+def plan_rollback(
+    app: AppFleet, to: str | None, batch: str, max_fail: int, gate: HealthGate, parallel: int | None = None
+) -> RolloutPlan:
     """To `to`, or to the release the fleet's newest release replaced."""
     sizes = parse_batches(batch)
     fleet = app.fleet
@@ -346,8 +418,10 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
         previous = {found.previous for found in reachable if found.current == newest}
         if len(previous) != 1 or None in previous:
             shown = ", ".join(f"{f.host}: {f.previous or 'none'}" for f in reachable if f.current == newest)
-            raise RefusedError(f"the hosts on {newest} do not agree on the release before it ({shown})",
-                               "choose one with --to RELEASE (see `igops deploy releases`)")
+            raise RefusedError(
+                f"the hosts on {newest} do not agree on the release before it ({shown})",
+                "choose one with --to RELEASE (see `igops deploy releases`)",
+            )
         to = previous.pop()
         description = f"the release before {newest}"
     else:
@@ -356,40 +430,70 @@ def plan_rollback(app: AppFleet, to: str | None, batch: str, max_fail: int, gate
     inherit_releases_before(hosts, surveys, read_last_run(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
-        raise ReleaseMissing(f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
-                           "choose a release every host has: see `igops deploy releases`")
+        raise ReleaseMissing(
+            f"release {to} is not on {', '.join(lacking)} (pruned, or never deployed there)",
+            "choose a release every host has: see `igops deploy releases`",
+        )
     built_by_igops = all((surveys[h.host].release_info(to) or {}).get("built_at") for h in hosts if h.action == "roll")
     gate = dataclasses.replace(gate, require_release=built_by_igops)
     rolling = [host.host for host in hosts if host.action == "roll"]
     batches = split_batches(rolling, sizes)
     in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
-    return RolloutPlan("rollback", deploy_id, app.name, to, description, hosts, batches, batch,
-                       max_fail, gate, [h.name for h in app.lbs], parallel or app.settings.parallel,
-                       fleet.model.app.keep_releases, pagerduty_changes.routing_key(fleet) is not None,
-                       in_service=in_service)
+    return RolloutPlan(
+        "rollback",
+        deploy_id,
+        app.name,
+        to,
+        description,
+        hosts,
+        batches,
+        batch,
+        max_fail,
+        gate,
+        [h.name for h in app.lbs],
+        parallel or app.settings.parallel,
+        fleet.model.app.keep_releases,
+        pagerduty_changes.routing_key(fleet) is not None,
+        in_service=in_service,
+    )
 
 
 def resume_params(plan: RolloutPlan) -> dict:
     """What `igops ops resume` needs to go on with a deploy or rollback: its release and how it
     rolls (the journal keeps it with the operation)."""
-    return {"target": plan.target, "batch": plan.batch_spec, "max_fail": plan.max_fail,
-            "health_passes": plan.gate.passes, "health_timeout": plan.gate.timeout, "parallel": plan.parallel}
+    return {
+        "target": plan.target,
+        "batch": plan.batch_spec,
+        "max_fail": plan.max_fail,
+        "health_passes": plan.gate.passes,
+        "health_timeout": plan.gate.timeout,
+        "parallel": plan.parallel,
+    }
 
 
 def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
     """An interrupted deploy or rollback, planned again: the hosts not yet on its release switch
     to it, batch by batch, as a rollback to that release would. The release must be on every
     host still to switch: a deploy killed while it uploaded is continued by running it again."""
-    gate = HealthGate(app.fleet.model.app.health_path, app.fleet.model.app.port, int(params["health_passes"]),
-                      float(params["health_timeout"]))
+    gate = HealthGate(
+        app.fleet.model.app.health_path,
+        app.fleet.model.app.port,
+        int(params["health_passes"]),
+        float(params["health_timeout"]),
+    )
     try:
-        plan = plan_rollback(app, params["target"], params["batch"], int(params["max_fail"]), gate,
-                             params.get("parallel"))
+        plan = plan_rollback(
+            app, params["target"], params["batch"], int(params["max_fail"]), gate, params.get("parallel")
+        )
     except ReleaseMissing as refused:
         if kind != "deploy":
             raise
-        raise RefusedError(f"the interrupted deploy had not staged release {params['target']} everywhere: "
-                           + refused.message,
-                           "run the deploy again (igops deploy REV): it stages, then switches") from None
-    return dataclasses.replace(plan, kind="deploy" if kind == "deploy" else "rollback",
-                               target_description=f"resumed {kind} of {params['target']}")
+        raise RefusedError(
+            f"the interrupted deploy had not staged release {params['target']} everywhere: " + refused.message,
+            "run the deploy again (igops deploy REV): it stages, then switches",
+        ) from None
+    return dataclasses.replace(
+        plan,
+        kind="deploy" if kind == "deploy" else "rollback",
+        target_description=f"resumed {kind} of {params['target']}",
+    )

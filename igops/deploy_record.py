@@ -32,12 +32,20 @@ class LastRunRecord:
 
     def __init__(self, fleet: Fleet, plan):
         self.path = last_run_path(fleet)
-        self.document = {"deploy_id": plan.deploy_id, "kind": plan.kind, "target": plan.target,
-                         "pid": os.getpid(), "machine": socket.gethostname(), "user": deployer(),
-                         "started": safety.now("seconds"), "status": "running", "batch": None, "hosts": {},
-                         # What a rerun returns a failing host to if this run is interrupted.
-                         "before": {host.host: host.before for host in plan.hosts
-                                    if host.action == "roll" and host.before}}
+        self.document = {
+            "deploy_id": plan.deploy_id,
+            "kind": plan.kind,
+            "target": plan.target,
+            "pid": os.getpid(),
+            "machine": socket.gethostname(),
+            "user": deployer(),
+            "started": safety.now("seconds"),
+            "status": "running",
+            "batch": None,
+            "hosts": {},
+            # What a rerun returns a failing host to if this run is interrupted.
+            "before": {host.host: host.before for host in plan.hosts if host.action == "roll" and host.before},
+        }
         self._lock = threading.Lock()
 
     def update(self, **changes) -> None:

@@ -115,30 +115,49 @@ def _resolve_revision(toplevel: Path, revision: str) -> str:
     names = _run_git(toplevel, "for-each-ref", "--format=%(refname:short)", "refs/tags", "refs/heads")
     known = names.stdout.decode(errors="replace").split() if names.returncode == 0 else []
     close = difflib.get_close_matches(revision, known, n=3, cutoff=0.6)
-    raise UsageError(f"unknown git revision {revision!r} in {toplevel}",
-                     (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
-                     + "give a commit, tag or branch of that repository, or no REV to deploy the working tree")
+    raise UsageError(
+        f"unknown git revision {revision!r} in {toplevel}",
+        (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
+        + "give a commit, tag or branch of that repository, or no REV to deploy the working tree",
+    )
 
 
 def _read_git(source: Path, revision: str) -> SourceTree:
-    toplevel = Path(_git(source, "rev-parse", "--show-toplevel", purpose=f"find the git work tree of {source}",
-                         hint="with REV, --source must be a directory in a git work tree").decode().strip())
+    toplevel = Path(
+        _git(
+            source,
+            "rev-parse",
+            "--show-toplevel",
+            purpose=f"find the git work tree of {source}",
+            hint="with REV, --source must be a directory in a git work tree",
+        )
+        .decode()
+        .strip()
+    )
     commit = _resolve_revision(toplevel, revision)
     prefix = source.relative_to(toplevel).as_posix()
-    archive = _git(toplevel, "archive", "--format=tar", commit, prefix, purpose=f"read {prefix}/ at {revision}",
-                   hint=f"check that {prefix}/ exists at {revision}")
+    archive = _git(
+        toplevel,
+        "archive",
+        "--format=tar",
+        commit,
+        prefix,
+        purpose=f"read {prefix}/ at {revision}",
+        hint=f"check that {prefix}/ exists at {revision}",
+    )
     files: dict[str, tuple[bool, bytes]] = {}
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for member in tar.getmembers():
             if member.isdir() or member.name == "pax_global_header":
                 continue
-            relative = member.name[len(prefix) + 1:] if prefix != "." else member.name
+            relative = member.name[len(prefix) + 1 :] if prefix != "." else member.name
             parts = relative.split("/")
             if any(part in EXCLUDED_DIRS for part in parts) or relative.endswith(EXCLUDED_SUFFIXES):
                 continue
             if not member.isfile():
-                raise UsageError(f"{member.name} at {revision} is not a regular file",
-                                 "a release holds regular files only")
+                raise UsageError(
+                    f"{member.name} at {revision} is not a regular file", "a release holds regular files only"
+                )
             files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
     if not files:
         raise UsageError(f"{prefix} is empty at {revision}")
@@ -150,8 +169,16 @@ def package(tree: SourceTree, identifier: str, built_at: datetime | None = None)
     moment = (built_at or datetime.now(UTC)).isoformat(timespec="seconds")
     requirements = requirements_hash(tree.files.get("requirements.txt", (False, b""))[1])
     content = content_hash(tree.files)
-    manifest = {"id": identifier, "content": content, "revision": tree.revision, "requirements": requirements,
-                "source": tree.description, "built_at": moment, "built_by": deployer(), "igops": __version__}
+    manifest = {
+        "id": identifier,
+        "content": content,
+        "revision": tree.revision,
+        "requirements": requirements,
+        "source": tree.description,
+        "built_at": moment,
+        "built_by": deployer(),
+        "igops": __version__,
+    }
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
         _add(tar, MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n", False)
@@ -159,8 +186,17 @@ def package(tree: SourceTree, identifier: str, built_at: datetime | None = None)
             executable, data = tree.files[path]
             _add(tar, f"app/{path}", data, executable)
     data = buffer.getvalue()
-    return Release(identifier, content, tree.revision, requirements, tree.description, len(tree.files), moment,
-                   hashlib.sha256(data).hexdigest(), len(data)), data
+    return Release(
+        identifier,
+        content,
+        tree.revision,
+        requirements,
+        tree.description,
+        len(tree.files),
+        moment,
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+    ), data
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:

@@ -37,6 +37,7 @@ SUMMARY_PROBLEMS = 3
 
 # --- results -------------------------------------------------------------------------------------
 
+
 @dataclass
 class HostOutcome:
     host: str
@@ -74,8 +75,11 @@ class RolloutResult:
         return ExitCode.PARTIAL
 
     def problems(self) -> list[str]:
-        return [f"{host.host} {host.state}: {host.detail}" for host in self.hosts
-                if host.state in (FAILED, ROLLED_BACK, UNKNOWN)]
+        return [
+            f"{host.host} {host.state}: {host.detail}"
+            for host in self.hosts
+            if host.state in (FAILED, ROLLED_BACK, UNKNOWN)
+        ]
 
     def summary(self) -> str:
         on_target = self.count(DEPLOYED, ALREADY)
@@ -85,8 +89,11 @@ class RolloutResult:
             text += f"; stopped at {self.stopped}"
         if problems:
             shown = SUMMARY_PROBLEMS
-            text += "; " + "; ".join(problems[:shown]) + (
-                f"; and {len(problems) - shown} more (see the table)" if len(problems) > shown else "")
+            text += (
+                "; "
+                + "; ".join(problems[:shown])
+                + (f"; and {len(problems) - shown} more (see the table)" if len(problems) > shown else "")
+            )
         out = [host.host for host in self.hosts if host.in_lb is False and host.state != SKIPPED]
         if out:
             text += f"; out of the load balancer: {', '.join(out)} (rerun to finish)"
@@ -95,14 +102,16 @@ class RolloutResult:
 
 class RolloutFailed(IgopsError):
     def __init__(self, result: RolloutResult):
-        super().__init__(result.summary(), "the table above shows each host's release; "
-                                           "`igops deploy releases` shows the fleet")
+        super().__init__(
+            result.summary(), "the table above shows each host's release; `igops deploy releases` shows the fleet"
+        )
         self.result = result
         self.exit_code = result.exit_code
         self.problems = result.problems()
 
 
 # --- switching hosts ------------------------------------------------------------------------------
+
 
 class HostSwitcher:
     """Switches a rollout's hosts to a release and gates each on its /health, and returns those
@@ -131,8 +140,10 @@ class HostSwitcher:
                     outcome.state, outcome.detail = FAILED, f"switch refused: {error}"
                 else:
                     outcome.state, outcome.release = UNKNOWN, None
-                    outcome.detail = (f"unreachable during the switch ({error}): its current release is unknown, "
-                                      "so it stays out of the load balancer")
+                    outcome.detail = (
+                        f"unreachable during the switch ({error}): its current release is unknown, "
+                        "so it stays out of the load balancer"
+                    )
                 failed.append(name)
             elif answer["reload_exit"] != 0:
                 outcome.state, outcome.release = FAILED, target
@@ -157,13 +168,15 @@ class HostSwitcher:
 
     def switch_back(self, names: list[str], why: str | None) -> None:
         """Return hosts to the release they ran before this run, and gate them on it."""
-        returnable = [name for name in names if self.outcomes[name].before
-                      and self.outcomes[name].before != self.plan.target]
+        returnable = [
+            name for name in names if self.outcomes[name].before and self.outcomes[name].before != self.plan.target
+        ]
         for name in names:
             if name not in returnable:
                 outcome = self.outcomes[name]
                 outcome.detail = f"{outcome.detail}; it had no earlier release to return to" + (
-                    "" if outcome.state == DEPLOYED else ", so it stays out of the load balancer")
+                    "" if outcome.state == DEPLOYED else ", so it stays out of the load balancer"
+                )
         if not returnable:
             return
         before = lambda name: self.outcomes[name].before  # noqa: E731
@@ -179,8 +192,9 @@ class HostSwitcher:
                     outcome.release = before(name)
                 elif not answered:
                     outcome.release = None
-                outcome.detail = (f"{reason}; switching back to {before(name)} failed: "
-                                  f"{error or answer['reload_output']}")
+                outcome.detail = (
+                    f"{reason}; switching back to {before(name)} failed: {error or answer['reload_output']}"
+                )
                 continue
             outcome.release = before(name)
             to_gate.append(name)
@@ -196,17 +210,27 @@ class HostSwitcher:
                 outcome.state = FAILED
             self.record.host(name, f"switched back to {before(name)}")
 
-    def _switch(self, names: list[str], release_of: Callable[[str], str],
-                action: str) -> dict[str, tuple[dict | None, str | None, bool]]:
+    def _switch(
+        self, names: list[str], release_of: Callable[[str], str], action: str
+    ) -> dict[str, tuple[dict | None, str | None, bool]]:
         """name -> (answer, error, whether the agent answered at all). Without an answer the
         switch may or may not have happened: only the host knows which release is current."""
         jobs = {}
         for name in names:
             host = self.app.host(name)
-            jobs[name] = (self.app.release_agent(host), {
-                "op": "switch", "id": release_of(name), "keep": self.plan.keep, "reload": self.app.reload_command(host),
-                "action": action, "deploy": self.plan.deploy_id,
-                "protect": [self.outcomes[name].before] if self.outcomes[name].before else []}, b"")
+            jobs[name] = (
+                self.app.release_agent(host),
+                {
+                    "op": "switch",
+                    "id": release_of(name),
+                    "keep": self.plan.keep,
+                    "reload": self.app.reload_command(host),
+                    "action": action,
+                    "deploy": self.plan.deploy_id,
+                    "protect": [self.outcomes[name].before] if self.outcomes[name].before else [],
+                },
+                b"",
+            )
         answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
         return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
 
@@ -214,12 +238,15 @@ class HostSwitcher:
         if not names:
             return {}
         with ThreadPoolExecutor(max_workers=min(len(names), 128), thread_name_prefix="gate") as pool:
-            futures = {name: pool.submit(wait_healthy, str(self.app.host(name).address), self.plan.gate,
-                                         release_of(name)) for name in names}
+            futures = {
+                name: pool.submit(wait_healthy, str(self.app.host(name).address), self.plan.gate, release_of(name))
+                for name in names
+            }
             return {name: future.result() for name, future in futures.items()}
 
 
 # --- running a rollout -----------------------------------------------------------------------------
+
 
 class Rollout:
     """One run of a plan: stages, then hands batch after batch to its HostSwitcher between
@@ -237,8 +264,9 @@ class Rollout:
         self.outcomes: dict[str, HostOutcome] = {}
         for host in plan.hosts:
             state = host.action if host.action != "roll" else NOT_STARTED
-            self.outcomes[host.host] = HostOutcome(host.host, state, host.current, host.before or host.current,
-                                                   host.in_lb, detail=host.detail)
+            self.outcomes[host.host] = HostOutcome(
+                host.host, state, host.current, host.before or host.current, host.in_lb, detail=host.detail
+            )
         self.failures = sum(host.action == FAILED for host in plan.hosts)
         self.switcher = HostSwitcher(app, plan, self.outcomes, self.record)
 
@@ -262,10 +290,17 @@ class Rollout:
         uploads = [host for host in self.plan.roll() if host.upload]
         if not uploads:
             return
-        request = {"op": "stage", "id": release.id, "sha256": release.sha256, "size": release.size,
-                   "shared": list(SHARED_LINKS)}
-        jobs = {host_plan.host: (self.app.release_agent(self.app.host(host_plan.host)), request, self.tarball)
-                for host_plan in uploads}
+        request = {
+            "op": "stage",
+            "id": release.id,
+            "sha256": release.sha256,
+            "size": release.size,
+            "shared": list(SHARED_LINKS),
+        }
+        jobs = {
+            host_plan.host: (self.app.release_agent(self.app.host(host_plan.host)), request, self.tarball)
+            for host_plan in uploads
+        }
         timeout = VENV_BUILD_TIMEOUT_S if any(h.venv == "build" for h in uploads) else self.app.settings.command_timeout
         with self.reporter.step(f"upload and unpack release {release.id} on {plural(len(jobs), 'host')}") as step:
             with self.reporter.progress("hosts", total=len(jobs)) as advance:
@@ -279,8 +314,11 @@ class Rollout:
                     self._outcome(host_plan.host, FAILED, detail=f"staging failed: {error}")
                 else:
                     built += answer.get("venv") == "built"
-            step.detail = (f"{len(jobs) - len(failed)} staged" + (f", virtualenv built on {built}" if built else "")
-                           + (f"; failed on {', '.join(failed)}" if failed else ""))
+            step.detail = (
+                f"{len(jobs) - len(failed)} staged"
+                + (f", virtualenv built on {built}" if built else "")
+                + (f"; failed on {', '.join(failed)}" if failed else "")
+            )
             if failed:
                 step.status = "failed"
             self.failures += len(failed)
@@ -336,8 +374,10 @@ class Rollout:
                 passed, failed = self.switcher.switch_and_gate(batch, number)
                 self.failures += len(failed)
                 if self.failures > plan.max_fail:
-                    stopped = (f"batch {number} of {len(plan.batches)} ({self.failures} failed, "
-                               f"more than --max-fail {plan.max_fail}); later batches keep their release")
+                    stopped = (
+                        f"batch {number} of {len(plan.batches)} ({self.failures} failed, "
+                        f"more than --max-fail {plan.max_fail}); later batches keep their release"
+                    )
                     self.switcher.switch_back(passed, "the batch was rolled back because the rollout stopped")
                     step.status = "failed"
                     step.detail = stopped
@@ -362,8 +402,10 @@ class Rollout:
             serving = (set(servers) | returning) - gone
             left = serving - leaving
             if serving & leaving and len(left) < MIN_SERVERS_IN_SERVICE:
-                return (f"taking {', '.join(batch)} out would leave {len(left)} app servers in service in nginx on "
-                        f"{lb_name}, fewer than the minimum of {MIN_SERVERS_IN_SERVICE}")
+                return (
+                    f"taking {', '.join(batch)} out would leave {len(left)} app servers in service in nginx on "
+                    f"{lb_name}, fewer than the minimum of {MIN_SERVERS_IN_SERVICE}"
+                )
         return None
 
     def _put_back(self, names: list[str]) -> None:
@@ -376,8 +418,9 @@ class Rollout:
                 step.status, step.detail = "failed", str(exc)
                 for name in names:
                     outcome = self.outcomes[name]
-                    outcome.detail = (f"{outcome.detail + '; ' if outcome.detail else ''}"
-                                      f"could not be put back: {exc.message}")
+                    outcome.detail = (
+                        f"{outcome.detail + '; ' if outcome.detail else ''}could not be put back: {exc.message}"
+                    )
                 return
             for name in names:
                 self.outcomes[name].in_lb = True
@@ -396,15 +439,24 @@ class Rollout:
             return "not configured"
         with self.reporter.step(f"PagerDuty change event for the {self.plan.kind}") as step:
             release = self.plan.release
-            details = {"fleet": self.app.name, "deploy_id": result.deploy_id, "release": result.target,
-                       "result": "ok" if result.ok else ("stopped" if result.stopped else "partial"),
-                       "hosts": {host.host: host.state for host in result.hosts}, "by": deployer(),
-                       "duration_s": result.duration_s}
+            details = {
+                "fleet": self.app.name,
+                "deploy_id": result.deploy_id,
+                "release": result.target,
+                "result": "ok" if result.ok else ("stopped" if result.stopped else "partial"),
+                "hosts": {host.host: host.state for host in result.hosts},
+                "by": deployer(),
+                "duration_s": result.duration_s,
+            }
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
-            sent = pagerduty_changes.send_change(self.fleet.model.monitoring.pagerduty_url, key,
-                                                 f"{self.app.name}: {result.summary()}",
-                               f"igops on {socket.gethostname()}", details)
+            sent = pagerduty_changes.send_change(
+                self.fleet.model.monitoring.pagerduty_url,
+                key,
+                f"{self.app.name}: {result.summary()}",
+                f"igops on {socket.gethostname()}",
+                details,
+            )
             step.detail = sent.detail + (f" after {sent.attempts} attempts" if sent.attempts > 1 else "")
             if not sent.sent:
                 step.status = "failed"

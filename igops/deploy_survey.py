@@ -36,17 +36,27 @@ class HostReleases:
 
 
 def survey_hosts(app: AppFleet, parallel: int | None = None) -> dict[str, HostReleases]:
-    answers = app.request_each({host.name: (app.release_agent(host), {"op": "survey"}, b"") for host in app.hosts},
-                               SURVEY_TIMEOUT_S, parallel)
+    answers = app.request_each(
+        {host.name: (app.release_agent(host), {"op": "survey"}, b"") for host in app.hosts}, SURVEY_TIMEOUT_S, parallel
+    )
     found = {}
     for host in app.hosts:
         answer, error = answers[host.name].answer, answers[host.name].error
         if answer is None:
             found[host.name] = HostReleases(host.name, str(host.address), app.root(host), False, error)
         else:
-            found[host.name] = HostReleases(host.name, str(host.address), app.root(host), True, None,
-                                            answer["current"], answer["previous"], answer["releases"],
-                                            answer["venvs"], answer["history"])
+            found[host.name] = HostReleases(
+                host.name,
+                str(host.address),
+                app.root(host),
+                True,
+                None,
+                answer["current"],
+                answer["previous"],
+                answer["releases"],
+                answer["venvs"],
+                answer["history"],
+            )
     return found
 
 
@@ -60,12 +70,15 @@ def survey(app: AppFleet, parallel: int | None = None) -> tuple[dict[str, HostRe
 def survey_for_change(app: AppFleet, parallel: int | None) -> tuple[dict[str, HostReleases], LbState]:
     surveys, lb = survey(app, parallel)
     if lb.errors:
-        raise RemoteError("cannot read the load balancer: " + "; ".join(f"{n}: {e}" for n, e in lb.errors.items()),
-                          "nothing was changed; igops never switches a host it cannot take out of traffic")
+        raise RemoteError(
+            "cannot read the load balancer: " + "; ".join(f"{n}: {e}" for n, e in lb.errors.items()),
+            "nothing was changed; igops never switches a host it cannot take out of traffic",
+        )
     return surveys, lb
 
 
 # --- the fleet's releases: `igops deploy releases` ------------------------------------------------
+
 
 @dataclass
 class HostReleaseRow:
@@ -97,8 +110,17 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
     for host in app.hosts:
         found = surveys[host.name]
         where = lb.describe(app.server(host))
-        rows.append(HostReleaseRow(host.name, found.reachable, found.current, found.previous,
-                                   [item["id"] for item in found.releases], where, found.error))
+        rows.append(
+            HostReleaseRow(
+                host.name,
+                found.reachable,
+                found.current,
+                found.previous,
+                [item["id"] for item in found.releases],
+                where,
+                found.error,
+            )
+        )
         if not found.reachable:
             problems.append(f"{host.name} unreachable: {found.error}")
             continue
@@ -108,13 +130,20 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
     for name, error in lb.errors.items():
         problems.append(f"load balancer {name}: {error}")
     if len(in_use) > 1 and not running:
-        problems.append("the fleet disagrees: " + "; ".join(f"{release} on {', '.join(hosts)}"
-                                                           for release, hosts in sorted(in_use.items())))
+        problems.append(
+            "the fleet disagrees: "
+            + "; ".join(f"{release} on {', '.join(hosts)}" for release, hosts in sorted(in_use.items()))
+        )
     if running:
-        problems.append(f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
-                        f"(pid {last['pid']} on {last['machine']}, by {last['user']})")
+        problems.append(
+            f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
+            f"(pid {last['pid']} on {last['machine']}, by {last['user']})"
+        )
     if last and last.get("interrupted"):
-        problems.append(f"the {last['kind']} {last['deploy_id']} to {last['target']} was interrupted "
-                        f"(pid {last['pid']} is gone): rerun it to finish")
-    return FleetReleases(app.name, rows, len(in_use) <= 1 and all(row.reachable for row in rows), in_use, last,
-                         problems)
+        problems.append(
+            f"the {last['kind']} {last['deploy_id']} to {last['target']} was interrupted "
+            f"(pid {last['pid']} is gone): rerun it to finish"
+        )
+    return FleetReleases(
+        app.name, rows, len(in_use) <= 1 and all(row.reachable for row in rows), in_use, last, problems
+    )

@@ -43,33 +43,53 @@ class Ebs:
         # Keys from the environment or the secrets file; without them boto3's own chain
         # (instance profile, ~/.aws) applies.
         self._ec2 = boto3.client(
-            "ec2", region_name=aws.region, endpoint_url=aws.endpoint_url,
+            "ec2",
+            region_name=aws.region,
+            endpoint_url=aws.endpoint_url,
             aws_access_key_id=secrets.get("aws_access_key_id"),
             aws_secret_access_key=secrets.get("aws_secret_access_key"),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30,
-                          max_pool_connections=64))
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+                max_pool_connections=64,
+            ),
+        )
         self._images = ImageStore(Path(aws.volume_images)) if aws.volume_images else None
 
     # --- reading ----------------------------------------------------------------------------
     def instance_volumes(self, instance_id: str) -> list[Attachment]:
         instance = self._instance(instance_id)
         root_device = instance.get("RootDeviceName")
-        volumes = self._call("DescribeVolumes", self._ec2.describe_volumes,
-                             Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
+        volumes = self._call(
+            "DescribeVolumes",
+            self._ec2.describe_volumes,
+            Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}],
+        )["Volumes"]
         found = []
         for volume in volumes:
             for attachment in volume.get("Attachments", []):
                 if attachment.get("InstanceId") == instance_id:
-                    found.append(Attachment(volume["VolumeId"], attachment["Device"], volume["Size"],
-                                            attachment["Device"] == root_device))
+                    found.append(
+                        Attachment(
+                            volume["VolumeId"],
+                            attachment["Device"],
+                            volume["Size"],
+                            attachment["Device"] == root_device,
+                        )
+                    )
         return sorted(found, key=lambda item: item.device)
 
     def availability_zone(self, instance_id: str) -> str:
         return self._instance(instance_id)["Placement"]["AvailabilityZone"]
 
     def pending_snapshots(self, volume_ids: list[str]) -> dict[str, int]:
-        snapshots = self._call("DescribeSnapshots", self._ec2.describe_snapshots, OwnerIds=["self"],
-                               Filters=[{"Name": "volume-id", "Values": volume_ids}])["Snapshots"]
+        snapshots = self._call(
+            "DescribeSnapshots",
+            self._ec2.describe_snapshots,
+            OwnerIds=["self"],
+            Filters=[{"Name": "volume-id", "Values": volume_ids}],
+        )["Snapshots"]
         counts = {volume_id: 0 for volume_id in volume_ids}
         for snapshot in snapshots:
             if snapshot["State"] == "pending":
@@ -77,8 +97,10 @@ class Ebs:
         return counts
 
     def snapshots(self, tag_filters: dict[str, str | None]) -> list[dict]:
-        filters = [{"Name": f"tag:{key}", "Values": [value]} if value is not None
-                   else {"Name": "tag-key", "Values": [key]} for key, value in tag_filters.items()]
+        filters = [
+            {"Name": f"tag:{key}", "Values": [value]} if value is not None else {"Name": "tag-key", "Values": [key]}
+            for key, value in tag_filters.items()
+        ]
         paginator = self._ec2.get_paginator("describe_snapshots")
         found: list[dict] = []
         try:
@@ -95,18 +117,25 @@ class Ebs:
     # --- writing ----------------------------------------------------------------------------
     def create_snapshots(self, instance_id: str, description: str, tags: dict[str, str]) -> dict[str, str]:
         """One multi-volume call for every data volume of the instance: volume id -> snapshot id."""
-        answer = self._call("CreateSnapshots", self._ec2.create_snapshots,
-                            InstanceSpecification={"InstanceId": instance_id, "ExcludeBootVolume": True},
-                            Description=description,
-                            TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}])
+        answer = self._call(
+            "CreateSnapshots",
+            self._ec2.create_snapshots,
+            InstanceSpecification={"InstanceId": instance_id, "ExcludeBootVolume": True},
+            Description=description,
+            TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}],
+        )
         made = {item["VolumeId"]: item["SnapshotId"] for item in answer["Snapshots"]}
         self._copy_images(made)
         return made
 
     def create_snapshot(self, volume_id: str, description: str, tags: dict[str, str]) -> str:
-        answer = self._call("CreateSnapshot", self._ec2.create_snapshot, VolumeId=volume_id,
-                            Description=description,
-                            TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}])
+        answer = self._call(
+            "CreateSnapshot",
+            self._ec2.create_snapshot,
+            VolumeId=volume_id,
+            Description=description,
+            TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}],
+        )
         self._copy_images({volume_id: answer["SnapshotId"]})
         return answer["SnapshotId"]
 
@@ -128,8 +157,7 @@ class Ebs:
 
     def untag(self, resource_ids: list[str], keys: list[str]) -> None:
         if resource_ids:
-            self._call("DeleteTags", self._ec2.delete_tags, Resources=resource_ids,
-                       Tags=[{"Key": key} for key in keys])
+            self._call("DeleteTags", self._ec2.delete_tags, Resources=resource_ids, Tags=[{"Key": key} for key in keys])
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._call("DeleteSnapshot", self._ec2.delete_snapshot, SnapshotId=snapshot_id)
@@ -137,9 +165,14 @@ class Ebs:
             self._images.forget_snapshot(snapshot_id)
 
     def create_volume(self, snapshot_id: str, zone: str, tags: dict[str, str]) -> str:
-        answer = self._call("CreateVolume", self._ec2.create_volume, SnapshotId=snapshot_id,
-                            AvailabilityZone=zone, VolumeType="gp3",
-                            TagSpecifications=[{"ResourceType": "volume", "Tags": _tag_list(tags)}])
+        answer = self._call(
+            "CreateVolume",
+            self._ec2.create_volume,
+            SnapshotId=snapshot_id,
+            AvailabilityZone=zone,
+            VolumeType="gp3",
+            TagSpecifications=[{"ResourceType": "volume", "Tags": _tag_list(tags)}],
+        )
         volume_id = answer["VolumeId"]
         if self._images:
             self._images.volume_from_snapshot(snapshot_id, volume_id)
@@ -154,11 +187,11 @@ class Ebs:
             used = {item.device for item in self.instance_volumes(instance_id)}
             free = [f"/dev/sd{letter}" for letter in "fghijklmnop" if f"/dev/sd{letter}" not in used]
             if not free:
-                raise IgopsError(f"instance {instance_id} has no free device name for {volume_id}",
-                                 "detach unused volumes first")
+                raise IgopsError(
+                    f"instance {instance_id} has no free device name for {volume_id}", "detach unused volumes first"
+                )
             device = free[0]
-        self._call("AttachVolume", self._ec2.attach_volume, VolumeId=volume_id, InstanceId=instance_id,
-                   Device=device)
+        self._call("AttachVolume", self._ec2.attach_volume, VolumeId=volume_id, InstanceId=instance_id, Device=device)
         self._wait_volume(volume_id, "in-use")
         return device
 
@@ -169,8 +202,13 @@ class Ebs:
         for attachment in volume.get("Attachments") or []:
             if self._images:
                 self._images.detach(attachment["Device"], volume_id)
-            self._call("DetachVolume", self._ec2.detach_volume, VolumeId=volume_id,
-                       InstanceId=attachment["InstanceId"], Device=attachment["Device"])
+            self._call(
+                "DetachVolume",
+                self._ec2.detach_volume,
+                VolumeId=volume_id,
+                InstanceId=attachment["InstanceId"],
+                Device=attachment["Device"],
+            )
         self._wait_volume(volume_id, "available")
 
     def delete_volume(self, volume_id: str) -> None:
@@ -193,8 +231,10 @@ class Ebs:
             if volume["State"] == state:
                 return
             if volume["State"] == "error" or time.monotonic() > deadline:
-                raise IgopsError(f"volume {volume_id} is {volume['State']}, not {state}",
-                                 "see the EC2 console for the volume's state")
+                raise IgopsError(
+                    f"volume {volume_id} is {volume['State']}, not {state}",
+                    "see the EC2 console for the volume's state",
+                )
             time.sleep(1)
 
     def _call(self, name: str, method, **kwargs):
@@ -207,8 +247,10 @@ class Ebs:
     def _error(name: str, exc: Exception) -> IgopsError:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
         message = getattr(exc, "response", {}).get("Error", {}).get("Message") if code else str(exc)
-        return IgopsError(f"EC2 {name} failed: {code + ': ' if code else ''}{message}",
-                          "check the AWS endpoint, credentials and the ids named")
+        return IgopsError(
+            f"EC2 {name} failed: {code + ': ' if code else ''}{message}",
+            "check the AWS endpoint, credentials and the ids named",
+        )
 
 
 def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
@@ -255,8 +297,10 @@ class ImageStore:
     def volume_from_snapshot(self, snapshot_id: str, volume_id: str) -> None:
         source = self.snapshot_image(snapshot_id)
         if not source.exists():
-            raise IgopsError(f"lab snapshot {snapshot_id} has no image in {self.root}",
-                             "it was taken before the lab's image store existed; take a new one")
+            raise IgopsError(
+                f"lab snapshot {snapshot_id} has no image in {self.root}",
+                "it was taken before the lab's image store existed; take a new one",
+            )
         self.volume_image(volume_id).parent.mkdir(parents=True, exist_ok=True)
         _run(["cp", "--reflink=always", str(source), str(self.volume_image(volume_id))])
 
@@ -275,8 +319,9 @@ class ImageStore:
     def attach(self, volume_id: str) -> str:
         # The filesystems were made on 512-byte sectors; a fresh reflinked image may otherwise
         # be given 4 KiB logical sectors, which XFS refuses to mount.
-        return _run(["losetup", "--find", "--show", "--sector-size", "512", "--direct-io=on",
-                     str(self.volume_image(volume_id))]).strip()
+        return _run(
+            ["losetup", "--find", "--show", "--sector-size", "512", "--direct-io=on", str(self.volume_image(volume_id))]
+        ).strip()
 
 
 def _loop_backing_file(device: str) -> str:

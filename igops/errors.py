@@ -44,8 +44,12 @@ def validation_words(error: dict) -> str | None:
         return f"{value!r} is not true or false"
     if kind.startswith("string_type"):
         return f"{value!r} is not text (quote it)"
-    bounds = {"greater_than_equal": "at least", "greater_than": "more than",
-              "less_than_equal": "at most", "less_than": "less than"}
+    bounds = {
+        "greater_than_equal": "at least",
+        "greater_than": "more than",
+        "less_than_equal": "at most",
+        "less_than": "less than",
+    }
     if kind in bounds:
         return f"{value!r} is out of range: it must be {bounds[kind]} {next(iter(limits.values()), '')}"
     return None

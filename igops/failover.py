@@ -50,10 +50,31 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 __all__ = [
-    "PgActions", "PgClusterState", "PgNode", "PgPlan", "PgResult", "RedisActions", "RedisNode", "RedisPlan",
-    "RedisResult", "RedisState", "Refused", "apply_pg", "apply_redis", "check_unchanged", "cluster_members",
-    "describe_plan", "pg_status", "plan_pg_failover", "plan_pg_rejoin", "plan_pg_switchover", "plan_redis_failover",
-    "plan_redis_rejoin", "plan_redis_switchover", "redis_members", "redis_status",
+    "PgActions",
+    "PgClusterState",
+    "PgNode",
+    "PgPlan",
+    "PgResult",
+    "RedisActions",
+    "RedisNode",
+    "RedisPlan",
+    "RedisResult",
+    "RedisState",
+    "Refused",
+    "apply_pg",
+    "apply_redis",
+    "check_unchanged",
+    "cluster_members",
+    "describe_plan",
+    "pg_status",
+    "plan_pg_failover",
+    "plan_pg_rejoin",
+    "plan_pg_switchover",
+    "plan_redis_failover",
+    "plan_redis_rejoin",
+    "plan_redis_switchover",
+    "redis_members",
+    "redis_status",
 ]
 
 
@@ -65,13 +86,15 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
     else:
         view, signature = pg_view(fleet, plan.cluster), pg_plans.signature
     if signature(view) != plan.signature:
-        raise Refused(view.state, "refused: the state changed since the plan was made",
-                      "run the command again to see the new plan")
+        raise Refused(
+            view.state,
+            "refused: the state changed since the plan was made",
+            "run the command again to see the new plan",
+        )
 
 
 def describe_plan(plan: PgPlan | RedisPlan) -> dict:
     """The plan as data for --json: everything but the actions' internals."""
-    data = {key: value for key, value in plan.__dict__.items()
-            if key not in ("actions", "failure_hint", "signature")}
+    data = {key: value for key, value in plan.__dict__.items() if key not in ("actions", "failure_hint", "signature")}
     data["steps"] = plan.steps()
     return data

@@ -16,8 +16,13 @@ if TYPE_CHECKING:
 
 
 def ssh(fleet: Fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
-    [result] = remote.run(remote.targets_for(fleet, [host]), remote.quote_command(argv), remote.settings_for(fleet),
-                          timeout=timeout, stdin=stdin)
+    [result] = remote.run(
+        remote.targets_for(fleet, [host]),
+        remote.quote_command(argv),
+        remote.settings_for(fleet),
+        timeout=timeout,
+        stdin=stdin,
+    )
     return result
 
 
@@ -33,8 +38,11 @@ def failure_reason(result: remote.HostResult) -> str:
     if result.error:
         return result.error
     text = (result.stderr + "\n" + result.stdout).strip()
-    said = [line.strip() for line in text.splitlines()
-            if line.lstrip().startswith(("ERROR", "FATAL", "DETAIL", "HINT", "pg_rewind: error", "pg_ctl: "))]
+    said = [
+        line.strip()
+        for line in text.splitlines()
+        if line.lstrip().startswith(("ERROR", "FATAL", "DETAIL", "HINT", "pg_rewind: error", "pg_ctl: "))
+    ]
     return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
 
 
@@ -44,13 +52,14 @@ def read_file(fleet: Fleet, host, path: str) -> str:
 
 # Written beside the original and renamed over it, so a reader never sees half a file; the new
 # file keeps the original's owner and mode.
-_REPLACE_FILE = ('set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
-                 'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"')
+_REPLACE_FILE = (
+    'set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
+    'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"'
+)
 
 
 def replace_file(fleet: Fleet, host, path: str, text: str) -> None:
-    ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30,
-           stdin=text.encode())
+    ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30, stdin=text.encode())
 
 
 def parallel_map(function, items: list) -> list:

@@ -58,12 +58,16 @@ class Continuation:
 def refuse_if_alive(store, record: dict) -> None:
     status = journal.status_of(record, store.alive(record))
     if status == journal.RUNNING:
-        raise AlreadyRunning(f"operation {record['id']} is still running: {record.get('user')}@{record.get('host')} "
-                             f"pid {record.get('pid')}",
-                             "wait for it, or for its lease to expire if that process is gone")
+        raise AlreadyRunning(
+            f"operation {record['id']} is still running: {record.get('user')}@{record.get('host')} "
+            f"pid {record.get('pid')}",
+            "wait for it, or for its lease to expire if that process is gone",
+        )
     if status != journal.INTERRUPTED:
-        raise RefusedError(f"operation {record['id']} has ended ({status}): there is nothing to continue",
-                           "see igops ops show " + record["id"])
+        raise RefusedError(
+            f"operation {record['id']} has ended ({status}): there is nothing to continue",
+            "see igops ops show " + record["id"],
+        )
 
 
 def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
@@ -76,9 +80,12 @@ def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation
         return _shard_move_continuation(fleet, record, entries, resume=True)
     if kind not in RESUMABLE:
         rerun = RERUN.get(kind)
-        raise RefusedError(f"{kind} is not resumed by igops ops resume",
-                           f"run {rerun.format(**params)}: it continues from where the interrupted run stopped"
-                           if rerun else "run its command again")
+        raise RefusedError(
+            f"{kind} is not resumed by igops ops resume",
+            f"run {rerun.format(**params)}: it continues from where the interrupted run stopped"
+            if rerun
+            else "run its command again",
+        )
     if kind.startswith("pg-"):
         plan, _ = _pg_plan(fleet, kind, params)
         resources = [conflicts.pg_cluster(plan.cluster)]
@@ -87,16 +94,19 @@ def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation
         plan, _ = _redis_plan(fleet, kind, params, promoted_target(entries))
         resources = [conflicts.REDIS]
         apply = failover.apply_redis
-    spec = OperationSpec(kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources,
-                         plan.steps(), params)
+    spec = OperationSpec(
+        kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources, plan.steps(), params
+    )
 
     def run(reporter: Reporter):
         failover.check_unchanged(fleet, plan)
         return apply(fleet, plan, reporter)
 
     if not plan.actions:
-        raise RefusedError(f"nothing to resume: {plan.notes[0] if plan.notes else plan.title}",
-                           "igops ops abort marks it ended if nothing is left to do")
+        raise RefusedError(
+            f"nothing to resume: {plan.notes[0] if plan.notes else plan.title}",
+            "igops ops abort marks it ended if nothing is left to do",
+        )
     return Continuation(spec, run)
 
 
@@ -113,14 +123,16 @@ def promoted_target(entries: list[dict]) -> bool:
     undo makes the promoted node replicate again). Whether the old master was demoted after it
     the live state says (one master or two), not the journal: a run killed as it began the
     demotion journaled that step's intent, yet the demotion may never have run."""
-    return any((entry.get("undo") or {}).get("action") == "replicate"
-               for entry in entries if entry.get("event") == "intent")
+    return any(
+        (entry.get("undo") or {}).get("action") == "replicate" for entry in entries if entry.get("event") == "intent"
+    )
 
 
 def _redis_plan(fleet: Fleet, kind: str, params: dict, promoted: bool = False):
     if kind == "redis-switchover":
-        return failover.plan_redis_switchover(fleet, params["to"], bool(params.get("accept_risk")),
-                                              promoted_by_interrupted_run=promoted)
+        return failover.plan_redis_switchover(
+            fleet, params["to"], bool(params.get("accept_risk")), promoted_by_interrupted_run=promoted
+        )
     if kind == "redis-failover":
         return failover.plan_redis_failover(fleet, params.get("to"), bool(params.get("accept_risk")))
     return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
@@ -152,8 +164,11 @@ def move_of(record: dict, entries: list[dict]) -> int | None:
     rebalance runs several in turn)."""
     journaled = [entry["move"] for entry in entries if entry.get("event") == "fact" and entry.get("move") is not None]
     # A resume or an abort of the move carries its id in its parameters.
-    known = ((record.get("facts") or {}).get("move") or (journaled[-1] if journaled else None)
-             or (record.get("params") or {}).get("move"))
+    known = (
+        (record.get("facts") or {}).get("move")
+        or (journaled[-1] if journaled else None)
+        or (record.get("params") or {}).get("move")
+    )
     return int(known) if known is not None else None
 
 
@@ -166,28 +181,46 @@ def _shard_move_continuation(fleet: Fleet, record: dict, entries: list[dict], re
 
     move_id = move_of(record, entries)
     if move_id is None:
-        raise RefusedError(f"{record['id']} stopped before it started a shard move: there is nothing to "
-                           f"{'resume' if resume else 'abort'}",
-                           "igops ops abort marks it ended; igops shard moves lists every move")
+        raise RefusedError(
+            f"{record['id']} stopped before it started a shard move: there is nothing to "
+            f"{'resume' if resume else 'abort'}",
+            "igops ops abort marks it ended; igops shard moves lists every move",
+        )
     rebalance = record["kind"] == "shard-rebalance"
-    notes = ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the rest "
-             "again"] if rebalance else []
+    notes = (
+        ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the rest again"]
+        if rebalance
+        else []
+    )
     if resume:
         plan, move = shards.plan_resume(fleet, move_id)
-        title = (f"Resume {record['id']}: move {move_id} of shard {plan.shard} ({plan.source} -> {plan.target}) "
-                 f"after {move.step}")
+        title = (
+            f"Resume {record['id']}: move {move_id} of shard {plan.shard} ({plan.source} -> {plan.target}) "
+            f"after {move.step}"
+        )
         steps, apply = plan.steps(), lambda reporter: shards.resume_move(fleet, move_id, reporter)
         shard, source, target = plan.shard, plan.source, plan.target
     else:
         aborting = shards.plan_abort(fleet, move_id)
-        title = (f"Abort {record['id']}: move {move_id} of shard {aborting.shard} "
-                 f"({aborting.source} -> {aborting.target}, at {aborting.step})")
+        title = (
+            f"Abort {record['id']}: move {move_id} of shard {aborting.shard} "
+            f"({aborting.source} -> {aborting.target}, at {aborting.step})"
+        )
         steps, apply = aborting.steps(), lambda reporter: shards.abort_move(fleet, aborting, reporter)
         shard, source, target = aborting.shard, aborting.source, aborting.target
-    resources = ([tuple(resource) for resource in record.get("resources") or []] if rebalance
-                 else shards.move_resources(shard, source, target))
-    spec = OperationSpec(record["kind"], title, record.get("targets") or [], resources, steps,
-                         {**(record.get("params") or {}), "move": move_id})
+    resources = (
+        [tuple(resource) for resource in record.get("resources") or []]
+        if rebalance
+        else shards.move_resources(shard, source, target)
+    )
+    spec = OperationSpec(
+        record["kind"],
+        title,
+        record.get("targets") or [],
+        resources,
+        steps,
+        {**(record.get("params") or {}), "move": move_id},
+    )
     return Continuation(spec, apply, notes=notes)
 
 
@@ -199,11 +232,18 @@ def _deploy_resume(fleet: Fleet, record: dict) -> Continuation:
     with deploy.AppFleet.of(fleet) as app:
         plan = deploy.plan_resume(app, record["kind"], record["params"])
     if plan.nothing_to_do:
-        raise RefusedError(f"nothing to resume: every reachable app host is on {plan.target}",
-                           "igops ops abort marks it ended (and puts any drained host back)")
-    spec = OperationSpec(record["kind"], f"Resume {record['id']}: {record['kind']} of {plan.target} to "
-                                         f"{', '.join(h.host for h in plan.roll())}",
-                         [h.host for h in plan.roll()], [conflicts.APP], plan.steps(), record["params"])
+        raise RefusedError(
+            f"nothing to resume: every reachable app host is on {plan.target}",
+            "igops ops abort marks it ended (and puts any drained host back)",
+        )
+    spec = OperationSpec(
+        record["kind"],
+        f"Resume {record['id']}: {record['kind']} of {plan.target} to {', '.join(h.host for h in plan.roll())}",
+        [h.host for h in plan.roll()],
+        [conflicts.APP],
+        plan.steps(),
+        record["params"],
+    )
 
     def run(reporter: Reporter):
         with deploy.AppFleet.of(fleet) as app:
@@ -220,15 +260,23 @@ def _plan_deploy_abort(fleet: Fleet, record: dict) -> Continuation:
     with deploy.AppFleet.of(fleet) as app:
         drained = deploy.drained_by_igops(app)
     steps = [f"put {name} back in the load balancer" for name in drained]
-    spec = OperationSpec(record["kind"], f"Abort {record['id']} ({record.get('title')})",
-                         record.get("targets") or [], [conflicts.APP], steps, record.get("params") or {})
+    spec = OperationSpec(
+        record["kind"],
+        f"Abort {record['id']} ({record.get('title')})",
+        record.get("targets") or [],
+        [conflicts.APP],
+        steps,
+        record.get("params") or {},
+    )
 
     def run(reporter: Reporter):
         if drained:
             with deploy.AppFleet.of(fleet) as app, reporter.step(f"put {', '.join(drained)} back in the load balancer"):
                 deploy.put_back(app, drained, f"abort of {record['id']}")
-        return {"undone": steps, "not_undone": ["hosts keep the release they run: igops deploy REV or "
-                                                "igops deploy rollback moves them"]}
+        return {
+            "undone": steps,
+            "not_undone": ["hosts keep the release they run: igops deploy REV or igops deploy rollback moves them"],
+        }
 
     return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
 
@@ -243,34 +291,57 @@ def _snapshot_continuation(fleet: Fleet, record: dict, resume: bool) -> Continua
     group = next((g for g in snapshot.groups(ebs, params["host"]) if g.group_id == params["group"]), None)
     complete = group is not None and group.state in (snapshot.STATE_COMPLETE, snapshot.STATE_PENDING)
     partial = group if group is not None and not complete else None
-    not_undone = [f"group {params['group']} is complete (killed after tagging it): kept; "
-                  f"igops snapshot delete {params['group']} removes it"] if complete else []
+    not_undone = (
+        [
+            f"group {params['group']} is complete (killed after tagging it): kept; "
+            f"igops snapshot delete {params['group']} removes it"
+        ]
+        if complete
+        else []
+    )
     # A CreateSnapshots call in flight when igops was killed may still add to the group.
-    not_undone.append(f"snapshots of group {params['group']} that AWS makes after this are left to "
-                      "`igops snapshot prune` (it deletes groups that never completed)")
+    not_undone.append(
+        f"snapshots of group {params['group']} that AWS makes after this are left to "
+        "`igops snapshot prune` (it deletes groups that never completed)"
+    )
     if resume and complete:
-        raise RefusedError(f"nothing to resume: snapshot group {params['group']} is complete",
-                           "igops ops abort marks it ended")
+        raise RefusedError(
+            f"nothing to resume: snapshot group {params['group']} is complete", "igops ops abort marks it ended"
+        )
     plan = None
     if resume:
-        plan = snapshot.plan_create(fleet, params["host"], params.get("mounts"), deadline=params.get("deadline"),
-                                    hook=params.get("hook", True), allow_primary=params.get("allow_primary", False))
+        plan = snapshot.plan_create(
+            fleet,
+            params["host"],
+            params.get("mounts"),
+            deadline=params.get("deadline"),
+            hook=params.get("hook", True),
+            allow_primary=params.get("allow_primary", False),
+        )
     deletes = snapshot.delete_steps(partial, []) if partial else []
     verb = "Resume" if resume else "Abort"
-    title = f"{verb} {record['id']}: " + (f"delete the {plural(len(deletes), 'snapshot')} of group {params['group']}"
-                                          if deletes else f"group {params['group']} has no snapshots to delete")
+    title = f"{verb} {record['id']}: " + (
+        f"delete the {plural(len(deletes), 'snapshot')} of group {params['group']}"
+        if deletes
+        else f"group {params['group']} has no snapshots to delete"
+    )
     if plan:
         title += f", then take group {plan.group_id}"
-    spec = OperationSpec("snapshot-create", title, [params["host"]], conflicts.for_host(fleet, params["host"]),
-                         [*deletes, *(plan.steps() if plan else [])], params)
+    spec = OperationSpec(
+        "snapshot-create",
+        title,
+        [params["host"]],
+        conflicts.for_host(fleet, params["host"]),
+        [*deletes, *(plan.steps() if plan else [])],
+        params,
+    )
 
     def run(reporter: Reporter):
         for line, found in zip(deletes, partial.snapshots if partial else [], strict=True):
             with reporter.step(line):
                 ebs.delete_snapshot(found["SnapshotId"])
         created = snapshot.create(fleet, plan, reporter) if plan else None
-        return {"undone": deletes, "not_undone": not_undone,
-                "group": created.group_id if created else None}
+        return {"undone": deletes, "not_undone": not_undone, "group": created.group_id if created else None}
 
     return Continuation(spec, run, [] if resume else not_undone)
 
@@ -296,8 +367,9 @@ def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
     if steps and actions_for is None:
         raise RefusedError(f"{kind} journals no undo igops can run", "see igops ops show " + record["id"])
     title = f"Abort {record['id']} ({record.get('title')})"
-    spec = OperationSpec(kind, title, record.get("targets") or [], resources, [step.title for step in steps],
-                         record.get("params") or {})
+    spec = OperationSpec(
+        kind, title, record.get("targets") or [], resources, [step.title for step in steps], record.get("params") or {}
+    )
 
     def run(reporter: Reporter):
         if not steps:

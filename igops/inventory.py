@@ -45,8 +45,12 @@ class Fleet:
         try:
             return self.hosts_by_name[name]
         except KeyError:
-            raise UsageError(f"unknown host {name!r}", unknown_name_hint(
-                name, list(self.hosts_by_name), f"hosts in {self.source}", "`igops hosts` lists them")) from None
+            raise UsageError(
+                f"unknown host {name!r}",
+                unknown_name_hint(
+                    name, list(self.hosts_by_name), f"hosts in {self.source}", "`igops hosts` lists them"
+                ),
+            ) from None
 
     def with_role(self, role: str) -> list[Any]:
         return [host for host in self.model.hosts if role in host.roles]
@@ -58,8 +62,9 @@ class Fleet:
         inventory's first cluster; None when it has none."""
         return self.model.shards.directory_cluster or next(iter(self.model.postgres.clusters), None)
 
-    def select(self, roles: list[str] | None = None, names: list[str] | None = None,
-               pattern: str | None = None) -> list[Any]:
+    def select(
+        self, roles: list[str] | None = None, names: list[str] | None = None, pattern: str | None = None
+    ) -> list[Any]:
         """Hosts matching any of the roles and names (all hosts when neither is given),
         then filtered by a shell-style name pattern; inventory order is kept."""
         import fnmatch
@@ -71,9 +76,9 @@ class Fleet:
                 raise UsageError(f"unknown role {role!r}", unknown_name_hint(role, list(ROLES), "roles are"))
         chosen = {self.host(name).name for name in names or []}
         selected = [
-            host for host in self.model.hosts
-            if (not roles and not names) or host.name in chosen
-            or any(role in host.roles for role in roles or [])
+            host
+            for host in self.model.hosts
+            if (not roles and not names) or host.name in chosen or any(role in host.roles for role in roles or [])
         ]
         if pattern:
             selected = [host for host in selected if fnmatch.fnmatchcase(host.name, pattern)]
@@ -133,8 +138,9 @@ def load_file(path: Path) -> Fleet:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [ConfigProblem("TOML", str(exc), "fix the syntax at that line")]) from None
     except OSError as exc:
-        raise ConfigError(source, [ConfigProblem("file", exc.strerror or str(exc),
-                                                 "check the path and its permissions")]) from None
+        raise ConfigError(
+            source, [ConfigProblem("file", exc.strerror or str(exc), "check the path and its permissions")]
+        ) from None
     return validate(raw, path)
 
 
@@ -169,8 +175,7 @@ def validate(raw: dict, path: Path) -> Fleet:
         model = Inventory.model_validate(raw)
     except ValidationError as exc:
         model = None
-        problems += [_describe(error, raw) for error in exc.errors()
-                     if not _is_secret_key_error(error)]
+        problems += [_describe(error, raw) for error in exc.errors() if not _is_secret_key_error(error)]
     problems += _cross_check(raw)
     if problems:
         raise ConfigError(str(path), problems)
@@ -194,10 +199,14 @@ def _secret_keys(raw: Any, where: str = "") -> list[ConfigProblem]:
         for key, value in raw.items():
             here = f"{where}.{key}" if where else key
             if SECRET_KEY_PATTERN.search(key) and not isinstance(value, (dict, list)):
-                found.append(ConfigProblem(
-                    here, "a secret in the inventory",
-                    "remove it; secrets come from the environment (IGOPS_*) or the 0600 secrets file "
-                    "named by [secrets] file"))
+                found.append(
+                    ConfigProblem(
+                        here,
+                        "a secret in the inventory",
+                        "remove it; secrets come from the environment (IGOPS_*) or the 0600 secrets file "
+                        "named by [secrets] file",
+                    )
+                )
             else:
                 found += _secret_keys(value, here)
     elif isinstance(raw, list):
@@ -215,8 +224,11 @@ def _location(loc: tuple, raw: dict) -> str:
     node: Any = raw
     for item in loc:
         if isinstance(item, int):
-            name = node[item].get("name") if isinstance(node, list) and item < len(node) \
-                and isinstance(node[item], dict) else None
+            name = (
+                node[item].get("name")
+                if isinstance(node, list) and item < len(node) and isinstance(node[item], dict)
+                else None
+            )
             parts[-1] += f"[{item}]" + (f" ({name})" if name else "")
         else:
             parts.append(str(item))
@@ -235,8 +247,7 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
     if kind == "extra_forbidden":
         return ConfigProblem(where, "unknown key", "remove it or fix its spelling (see the README's config reference)")
     if kind == "string_pattern_mismatch" and error["loc"][-1] == "name":
-        return ConfigProblem(where, f"bad host name {error['input']!r}",
-                             "use lowercase letters, digits and dashes")
+        return ConfigProblem(where, f"bad host name {error['input']!r}", "use lowercase letters, digits and dashes")
     if kind.startswith("ip_") or "ip" in kind:
         return ConfigProblem(where, f"{error['input']!r} is not an IP address", "use an IPv4 or IPv6 address")
     cause = (error.get("ctx") or {}).get("error")
@@ -260,39 +271,52 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
         name = str(host.get("name", f"#{index}"))
         where = f"hosts[{index}] ({name})"
         if name in hosts:
-            problems.append(ConfigProblem(where, f"duplicate host name {name!r}",
-                                          "give every host a unique name"))
+            problems.append(ConfigProblem(where, f"duplicate host name {name!r}", "give every host a unique name"))
         hosts.setdefault(name, host)
         endpoint = (str(host.get("address")), host.get("ssh_port") or ssh_port)
         if endpoint[0] != "None" and endpoint in endpoints:
-            problems.append(ConfigProblem(
-                where, f"address {endpoint[0]} (SSH port {endpoint[1]}) is also {endpoints[endpoint]}'s",
-                "give every host its own address"))
+            problems.append(
+                ConfigProblem(
+                    where,
+                    f"address {endpoint[0]} (SSH port {endpoint[1]}) is also {endpoints[endpoint]}'s",
+                    "give every host its own address",
+                )
+            )
         endpoints.setdefault(endpoint, name)
         for role in strings(host.get("roles")):
             if role not in ROLES:
-                problems.append(ConfigProblem(f"{where}.roles", f"unknown role {role!r}",
-                                              f"use one of: {', '.join(ROLES)}"))
-        mounts = [m.get("path") for m in host.get("mounts", []) if isinstance(m, dict)] \
-            if isinstance(host.get("mounts"), list) else []
+                problems.append(
+                    ConfigProblem(f"{where}.roles", f"unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
+                )
+        mounts = (
+            [m.get("path") for m in host.get("mounts", []) if isinstance(m, dict)]
+            if isinstance(host.get("mounts"), list)
+            else []
+        )
         if "/" in mounts:
-            problems.append(ConfigProblem(f"{where}.mounts", "/ cannot be a data mount",
-                                          "list only data filesystems; the root is never frozen"))
+            problems.append(
+                ConfigProblem(
+                    f"{where}.mounts",
+                    "/ cannot be a data mount",
+                    "list only data filesystems; the root is never frozen",
+                )
+            )
         for path in {path for path in mounts if mounts.count(path) > 1}:
-            problems.append(ConfigProblem(f"{where}.mounts", f"mount {path} listed twice",
-                                          "list each mount once"))
+            problems.append(ConfigProblem(f"{where}.mounts", f"mount {path} listed twice", "list each mount once"))
 
     def member(where: str, name: str, role: str) -> None:
         if name not in hosts:
-            problems.append(ConfigProblem(where, f"names undefined host {name!r}",
-                                          "define it under [[hosts]] or fix the name"))
+            problems.append(
+                ConfigProblem(where, f"names undefined host {name!r}", "define it under [[hosts]] or fix the name")
+            )
         elif role not in strings(hosts[name].get("roles")):
-            problems.append(ConfigProblem(where, f"host {name!r} lacks the {role!r} role",
-                                          f"add {role!r} to its roles"))
+            problems.append(
+                ConfigProblem(where, f"host {name!r} lacks the {role!r} role", f"add {role!r} to its roles")
+            )
 
     clustered: dict[str, str] = {}
     clusters = section("postgres").get("clusters", {})
-    for cluster_name, cluster in (clusters.items() if isinstance(clusters, dict) else []):
+    for cluster_name, cluster in clusters.items() if isinstance(clusters, dict) else []:
         if not isinstance(cluster, dict):
             continue
         where = f"postgres.clusters.{cluster_name}"
@@ -301,15 +325,25 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
             member(where, name, "postgres")
             if name in clustered:
                 what = "primary" if name == primary else "standby"
-                problems.append(ConfigProblem(
-                    where, f"{what} {name!r} is already in cluster {clustered[name]!r}"
-                    if clustered[name] != cluster_name else f"{name!r} is listed twice",
-                    "a server belongs to one cluster, once"))
+                problems.append(
+                    ConfigProblem(
+                        where,
+                        f"{what} {name!r} is already in cluster {clustered[name]!r}"
+                        if clustered[name] != cluster_name
+                        else f"{name!r} is listed twice",
+                        "a server belongs to one cluster, once",
+                    )
+                )
             clustered.setdefault(name, cluster_name)
     for name, host in hosts.items():
         if "postgres" in strings(host.get("roles")) and name not in clustered:
-            problems.append(ConfigProblem(f"host {name}", "has role 'postgres' but is in no cluster",
-                                          "add it to a [postgres.clusters.*] primary or standbys"))
+            problems.append(
+                ConfigProblem(
+                    f"host {name}",
+                    "has role 'postgres' but is in no cluster",
+                    "add it to a [postgres.clusters.*] primary or standbys",
+                )
+            )
 
     redis = section("redis")
     master = redis.get("master") if isinstance(redis.get("master"), str) else None
@@ -320,64 +354,107 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
         problems.append(ConfigProblem("redis", "a node is listed twice", "list each node once"))
     for name, host in hosts.items():
         if "redis" in strings(host.get("roles")) and name not in redis_members:
-            problems.append(ConfigProblem(f"host {name}", "has role 'redis' but is not in [redis]",
-                                          "set it as redis.master or add it to redis.replicas"))
+            problems.append(
+                ConfigProblem(
+                    f"host {name}",
+                    "has role 'redis' but is not in [redis]",
+                    "set it as redis.master or add it to redis.replicas",
+                )
+            )
     if redis_members and not master:
         problems.append(ConfigProblem("redis", "replicas without a master", "set redis.master"))
 
-    problems += _snapshot_policy_names(section("snapshot"), hosts, clusters if isinstance(clusters, dict) else {},
-                                       clustered, set(redis_members))
+    problems += _snapshot_policy_names(
+        section("snapshot"), hosts, clusters if isinstance(clusters, dict) else {}, clustered, set(redis_members)
+    )
 
     directory_cluster = section("shards").get("directory_cluster")
     if isinstance(directory_cluster, str) and directory_cluster not in (clusters if isinstance(clusters, dict) else {}):
-        problems.append(ConfigProblem("shards.directory_cluster", f"names undefined cluster {directory_cluster!r}",
-                                      "name one of the [postgres.clusters.*] entries"))
+        problems.append(
+            ConfigProblem(
+                "shards.directory_cluster",
+                f"names undefined cluster {directory_cluster!r}",
+                "name one of the [postgres.clusters.*] entries",
+            )
+        )
 
-    for where, template in [("postgres.data_directory", section("postgres").get("data_directory")),
-                            ("postgres.repmgr_config", section("postgres").get("repmgr_config")),
-                            ("postgres.socket_dir", section("postgres").get("socket_dir")),
-                            ("app.root", section("app").get("root")),
-                            ("app.reload_command", section("app").get("reload_command")),
-                            ("munin.plugin_dir", section("munin").get("plugin_dir")),
-                            ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
-                            ("munin.restart_command", section("munin").get("restart_command")),
-                            ("munin.plugin_library", section("munin").get("plugin_library")),
-                            ("redis.config_file", section("redis").get("config_file"))]:
-        unknown = {name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "")
-                   if name != "host"}
+    for where, template in [
+        ("postgres.data_directory", section("postgres").get("data_directory")),
+        ("postgres.repmgr_config", section("postgres").get("repmgr_config")),
+        ("postgres.socket_dir", section("postgres").get("socket_dir")),
+        ("app.root", section("app").get("root")),
+        ("app.reload_command", section("app").get("reload_command")),
+        ("munin.plugin_dir", section("munin").get("plugin_dir")),
+        ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
+        ("munin.restart_command", section("munin").get("restart_command")),
+        ("munin.plugin_library", section("munin").get("plugin_library")),
+        ("redis.config_file", section("redis").get("config_file")),
+    ]:
+        unknown = {
+            name for name in PATH_PLACEHOLDER.findall(template if isinstance(template, str) else "") if name != "host"
+        }
         if unknown:
-            problems.append(ConfigProblem(where, f"unknown placeholder {{{sorted(unknown)[0]}}}",
-                                          "the only placeholder is {host}"))
+            problems.append(
+                ConfigProblem(where, f"unknown placeholder {{{sorted(unknown)[0]}}}", "the only placeholder is {host}")
+            )
     return problems
 
 
-def _snapshot_policy_names(snapshot: dict, hosts: dict[str, dict], clusters: dict, clustered: dict[str, str],
-                           redis_members: set[str]) -> list[ConfigProblem]:
+def _snapshot_policy_names(
+    snapshot: dict, hosts: dict[str, dict], clusters: dict, clustered: dict[str, str], redis_members: set[str]
+) -> list[ConfigProblem]:
     """A policy table must name something igops snapshots as one set of data: a Postgres
     cluster, the Redis set, or a host with data mounts in neither."""
     problems = []
     named = snapshot.get("clusters") if isinstance(snapshot.get("clusters"), dict) else {}
     for name in named:
         if name not in clusters:
-            problems.append(ConfigProblem(f"snapshot.clusters.{name}", f"names undefined cluster {name!r}",
-                                          unknown_name_hint(name, list(clusters), "clusters are")))
+            problems.append(
+                ConfigProblem(
+                    f"snapshot.clusters.{name}",
+                    f"names undefined cluster {name!r}",
+                    unknown_name_hint(name, list(clusters), "clusters are"),
+                )
+            )
     if isinstance(snapshot.get("redis"), dict) and not redis_members:
-        problems.append(ConfigProblem("snapshot.redis", "a policy for the Redis set, but [redis] names no master",
-                                      "set redis.master, or remove [snapshot.redis]"))
+        problems.append(
+            ConfigProblem(
+                "snapshot.redis",
+                "a policy for the Redis set, but [redis] names no master",
+                "set redis.master, or remove [snapshot.redis]",
+            )
+        )
     named = snapshot.get("hosts") if isinstance(snapshot.get("hosts"), dict) else {}
     for name in named:
         where = f"snapshot.hosts.{name}"
         if name not in hosts:
-            problems.append(ConfigProblem(where, f"names undefined host {name!r}",
-                                          unknown_name_hint(name, list(hosts), "hosts are")))
+            problems.append(
+                ConfigProblem(
+                    where, f"names undefined host {name!r}", unknown_name_hint(name, list(hosts), "hosts are")
+                )
+            )
         elif name in clustered:
-            problems.append(ConfigProblem(where, f"{name} is a member of Postgres cluster {clustered[name]!r}, "
-                                                 "which is snapshotted as one",
-                                          f"set its policy under [snapshot.clusters.{clustered[name]}]"))
+            problems.append(
+                ConfigProblem(
+                    where,
+                    f"{name} is a member of Postgres cluster {clustered[name]!r}, which is snapshotted as one",
+                    f"set its policy under [snapshot.clusters.{clustered[name]}]",
+                )
+            )
         elif name in redis_members:
-            problems.append(ConfigProblem(where, f"{name} is in the Redis set, which is snapshotted as one",
-                                          "set its policy under [snapshot.redis]"))
+            problems.append(
+                ConfigProblem(
+                    where,
+                    f"{name} is in the Redis set, which is snapshotted as one",
+                    "set its policy under [snapshot.redis]",
+                )
+            )
         elif not hosts[name].get("mounts"):
-            problems.append(ConfigProblem(where, f"host {name} has no data mounts: there is nothing to snapshot",
-                                          "list its [[hosts.mounts]], or remove the policy"))
+            problems.append(
+                ConfigProblem(
+                    where,
+                    f"host {name} has no data mounts: there is nothing to snapshot",
+                    "list its [[hosts.mounts]], or remove the policy",
+                )
+            )
     return problems

@@ -35,9 +35,10 @@ class Fleet(Strict):
     @classmethod
     def absolute_state_dir(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("/", "~")):
-            raise InvalidValue(f"state_dir {value!r} is relative: locks and the audit log would "
-                               "move with the current directory",
-                               "use an absolute path (or one under ~)")
+            raise InvalidValue(
+                f"state_dir {value!r} is relative: locks and the audit log would move with the current directory",
+                "use an absolute path (or one under ~)",
+            )
         return value
 
 
@@ -61,6 +62,7 @@ class Aws(Strict):
 class SnapshotPolicy(Strict):
     """When a set of data is snapshotted and how many of its groups are kept. Every key is
     optional: a cluster's, the Redis set's or a host's table falls back to [snapshot]'s."""
+
     # "every 6h", "every 1d at 03:00" (UTC): see igops.schedule. None: not scheduled.
     schedule: str | None = None
     # GFS retention: the newest group of each of the last N hours/days/ISO weeks/months
@@ -104,8 +106,10 @@ class Snapshot(SnapshotPolicy):
     def known_roles(cls, value: dict[str, str]) -> dict[str, str]:
         unknown = sorted(set(value) - set(ROLES))
         if unknown:
-            raise InvalidValue(f"unknown role {unknown[0]!r} (a command for it would never run)",
-                               f"key each command by one of: {', '.join(ROLES)}")
+            raise InvalidValue(
+                f"unknown role {unknown[0]!r} (a command for it would never run)",
+                f"key each command by one of: {', '.join(ROLES)}",
+            )
         return value
 
 
@@ -252,14 +256,18 @@ class Check(Strict):
 
     @model_validator(mode="after")
     def warning_before_critical(self):
-        for warning, critical in (("disk_warning_percent", "disk_critical_percent"),
-                                  ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
-                                  ("pgbouncer_wait_warning_seconds", "pgbouncer_wait_critical_seconds"),
-                                  ("snapshot_warning_hours", "snapshot_critical_hours")):
+        for warning, critical in (
+            ("disk_warning_percent", "disk_critical_percent"),
+            ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
+            ("pgbouncer_wait_warning_seconds", "pgbouncer_wait_critical_seconds"),
+            ("snapshot_warning_hours", "snapshot_critical_hours"),
+        ):
             if getattr(self, warning) > getattr(self, critical):
-                raise InvalidValue(f"{warning} ({getattr(self, warning):g}) is above {critical} "
-                                   f"({getattr(self, critical):g}): the warning would never be seen",
-                                   f"set {warning} at or below {critical}")
+                raise InvalidValue(
+                    f"{warning} ({getattr(self, warning):g}) is above {critical} "
+                    f"({getattr(self, critical):g}): the warning would never be seen",
+                    f"set {warning} at or below {critical}",
+                )
         return self
 
 
@@ -274,10 +282,12 @@ class Shards(Strict):
     @classmethod
     def identifier(cls, value: str) -> str:
         if not SCHEMA_PREFIX_PATTERN.match(value):
-            raise InvalidValue(f"schema_prefix {value!r} is not a plain SQL identifier",
-                               "use lowercase letters, digits and _, starting with a letter or _ "
-                               "(at most 40 characters)")
+            raise InvalidValue(
+                f"schema_prefix {value!r} is not a plain SQL identifier",
+                "use lowercase letters, digits and _, starting with a letter or _ (at most 40 characters)",
+            )
         return value
+
     # The service's DDL: shard_ddl is a template with {schema} and {shard_id}.
     shard_ddl: str | None = None
     directory_ddl: str | None = None
@@ -286,6 +296,7 @@ class Shards(Strict):
 class Coordination(Strict):
     """Where leases and the audit trail live when they are shared by the whole team (etcd).
     Without this section they stay in the state directory (see igops.coordination)."""
+
     etcd: list[str] = Field(min_length=1)
     ca_file: str | None = None
     cert_file: str | None = None
@@ -302,35 +313,39 @@ class Coordination(Strict):
     def urls(cls, value: list[str]) -> list[str]:
         for url in value:
             if not re.match(r"^https?://[^/\s]+/?$", url):
-                raise InvalidValue(f"{url!r} is not an etcd client URL",
-                                   "use http://HOST:2379 or https://HOST:2379 (no path)")
+                raise InvalidValue(
+                    f"{url!r} is not an etcd client URL", "use http://HOST:2379 or https://HOST:2379 (no path)"
+                )
         return [url.rstrip("/") for url in value]
 
     @field_validator("prefix")
     @classmethod
     def slashed(cls, value: str | None) -> str | None:
         if value is not None and not (value.startswith("/") and value.endswith("/") and len(value) > 1):
-            raise InvalidValue(f"prefix {value!r} must start and end with /",
-                               "use a key prefix such as /igops/prod/")
+            raise InvalidValue(f"prefix {value!r} must start and end with /", "use a key prefix such as /igops/prod/")
         return value
 
     @model_validator(mode="after")
     def tls_pairs(self):
         if bool(self.cert_file) != bool(self.key_file):
-            raise InvalidValue("cert_file and key_file go together (a client certificate and its key)",
-                               "set both or neither")
+            raise InvalidValue(
+                "cert_file and key_file go together (a client certificate and its key)", "set both or neither"
+            )
         plain = [url for url in self.etcd if url.startswith("http://")]
         if plain and (self.cert_file or self.ca_file):
-            raise InvalidValue(f"TLS files are set but {plain[0]} is plain http",
-                               "use https:// URLs with TLS, or drop ca_file/cert_file/key_file")
+            raise InvalidValue(
+                f"TLS files are set but {plain[0]} is plain http",
+                "use https:// URLs with TLS, or drop ca_file/cert_file/key_file",
+            )
         if self.user:
             from igops.secrets import insecure_url_problem
 
             for url in self.etcd:
                 problem = insecure_url_problem(url)
                 if problem:
-                    raise InvalidValue(f"etcd user {self.user!r}: {problem}",
-                                       "use https:// URLs so the password travels encrypted")
+                    raise InvalidValue(
+                        f"etcd user {self.user!r}: {problem}", "use https:// URLs so the password travels encrypted"
+                    )
         return self
 
 

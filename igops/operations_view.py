@@ -48,8 +48,9 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
     backend, store = _store(fleet)
     cache = fleet.state_dir / CACHE_NAME
     try:
-        records = [_with_status(store, record)
-                   for record in (store.records() if include_ended else store.open_records())]
+        records = [
+            _with_status(store, record) for record in (store.records() if include_ended else store.open_records())
+        ]
     except coordination.EtcdError as exc:
         cached = _read_cache(cache)
         records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]

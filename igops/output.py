@@ -70,8 +70,15 @@ class NagiosWriter:
 
 
 class Output(Reporter):
-    def __init__(self, command: str, json_mode: bool = False, verbose: bool = False,
-                 table_format: str = "table", wide: bool = False, nagios: bool = False):
+    def __init__(
+        self,
+        command: str,
+        json_mode: bool = False,
+        verbose: bool = False,
+        table_format: str = "table",
+        wide: bool = False,
+        nagios: bool = False,
+    ):
         self.command = command
         self.json_mode = json_mode
         # --nagios: the status line is stdout's alone; tables and result lines print nothing.
@@ -140,8 +147,7 @@ class Output(Reporter):
             record.duration_ms = round((time.monotonic() - started) * 1000, 1)
             colour = {"ok": "green", "failed": "red"}.get(record.status, "yellow")
             detail = f" — {_escape(record.detail)}" if record.detail and not shown_below else ""
-            self.err.print(f"    [{colour}]{record.status}[/{colour}] "
-                           f"({_format_ms(record.duration_ms)}){detail}")
+            self.err.print(f"    [{colour}]{record.status}[/{colour}] ({_format_ms(record.duration_ms)}){detail}")
 
     @contextmanager
     def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
@@ -163,14 +169,21 @@ class Output(Reporter):
             """rich's own rate column counts decimal MB; every size igops prints is binary."""
 
             def render(self, task) -> Text:
-                return Text(rate_and_time_left(task.finished_speed or task.speed, task.time_remaining),
-                            style="progress.data.speed")
+                return Text(
+                    rate_and_time_left(task.finished_speed or task.speed, task.time_remaining),
+                    style="progress.data.speed",
+                )
 
         # Bytes: done/total, rate and time left, in binary units (MiB, MiB/s) like every size shown.
-        columns = ([DownloadColumn(binary_units=True), RateAndTimeLeft()] if unit == "bytes"
-                   else [MofNCompleteColumn()])
-        with Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
-                      console=self.err, transient=True) as bar:
+        columns = [DownloadColumn(binary_units=True), RateAndTimeLeft()] if unit == "bytes" else [MofNCompleteColumn()]
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            *columns,
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda advance: bar.advance(task, advance)
 
@@ -204,10 +217,20 @@ class Output(Reporter):
         # box-drawing characters, as without colour; and nothing hidden or wrapped.
         terminal = self.out.is_terminal
         ruled = terminal and self.table_format == "table"
-        fit = tables.layout(spec, [[text.plain for text in row] for row in texts],
-                            self.out.width if terminal else None, ruled, wide=self.wide)
-        table = Table(title=Text(redact(title)) if title else None, title_justify="left", show_edge=False,
-                      pad_edge=False, box=box.HEAVY_HEAD if ruled else None)
+        fit = tables.layout(
+            spec,
+            [[text.plain for text in row] for row in texts],
+            self.out.width if terminal else None,
+            ruled,
+            wide=self.wide,
+        )
+        table = Table(
+            title=Text(redact(title)) if title else None,
+            title_justify="left",
+            show_edge=False,
+            pad_edge=False,
+            box=box.HEAVY_HEAD if ruled else None,
+        )
         for index, width in zip(fit.shown, fit.widths, strict=False):
             table.add_column(Text(spec[index].name), width=width, no_wrap=not spec[index].wrap, overflow="fold")
         for row in texts:
@@ -246,8 +269,11 @@ class Output(Reporter):
         in JSON mode, where stdout is the envelope's alone (and the envelope has the plan)."""
         console = self.out if is_result and not self.json_mode else self.err
         self.plan_shown = True
-        self.planned = {"title": redact(title), "steps": [redact(step) for step in steps],
-                        "notes": [redact(note) for note in notes]}
+        self.planned = {
+            "title": redact(title),
+            "steps": [redact(step) for step in steps],
+            "notes": [redact(note) for note in notes],
+        }
         console.print(f"[bold]{_escape(redact(title))}[/bold]")
         for number, step in enumerate(steps, 1):
             console.print(f"  {number}. {_escape(redact(step))}")
@@ -271,19 +297,22 @@ class Output(Reporter):
         if self.json_mode:
             # Redacted before serialising: json.dumps escapes what a secret may hold (`"`, `\`,
             # non-ASCII), and the escaped form would no longer match it.
-            text = json.dumps(redact_data(to_jsonable(self.envelope(data, exit_code, error))),
-                              indent=None if one_line else 2)
+            text = json.dumps(
+                redact_data(to_jsonable(self.envelope(data, exit_code, error))), indent=None if one_line else 2
+            )
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
     def fail(self, line: str, exit_code: int, error: dict) -> None:
         """A one-line error on stderr and, with --json, the envelope carrying it."""
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
-        self.finish(None, exit_code, {key: redact(value) if isinstance(value, str) else value
-                                      for key, value in error.items()})
+        self.finish(
+            None, exit_code, {key: redact(value) if isinstance(value, str) else value for key, value in error.items()}
+        )
 
-    def watch(self, every: float, show: Callable[[], tuple[Any, int]],
-              sleep: Callable[[float], None] = time.sleep) -> None:
+    def watch(
+        self, every: float, show: Callable[[], tuple[Any, int]], sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         """Run `show` (it prints and returns its data and exit code) every `every` seconds until
         Ctrl-C, like `watch` or `patronictl list -W`. On a terminal each refresh replaces the
         last; otherwise they follow one another, each under a heading line (TSV: one empty line
@@ -293,8 +322,10 @@ class Output(Reporter):
             while True:
                 self.steps, self.started = [], time.monotonic()
                 self.started_at = datetime.now(UTC)
-                heading = (f"every {every:g} s: igops {self.command}    "
-                           f"{self.started_at:%Y-%m-%d %H:%M:%S} UTC    (Ctrl-C stops)")
+                heading = (
+                    f"every {every:g} s: igops {self.command}    "
+                    f"{self.started_at:%Y-%m-%d %H:%M:%S} UTC    (Ctrl-C stops)"
+                )
                 if redraw:
                     # Drawn off screen, then swapped in at once: the screen is never blank while
                     # the next refresh is read.
@@ -332,7 +363,7 @@ def rate_and_time_left(bytes_per_second: float | None, seconds_left: float | Non
 
 
 def plural(count: int, noun: str, many: str | None = None) -> str:
-    """"1 host", "2 hosts": a count and its noun, agreeing."""
+    """ "1 host", "2 hosts": a count and its noun, agreeing."""
     return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 

@@ -84,7 +84,8 @@ WALDUMP_TO_END = (
     'first=$(printf "%s%08X%08X" "$tl" "0x${at%/*}" "$((0x${at#*/} / size))"); '
     'last=$({ ls "$data/pg_wal"; echo "$first"; } | grep -E "^$tl[0-9A-F]{16}$" | sort | tail -n 1); '
     'echo "-- last segment $last"; '
-    '"$bin/pg_waldump" -q -p "$data/pg_wal" -s "$at" "$first" "$last" 2>&1 || true')
+    '"$bin/pg_waldump" -q -p "$data/pg_wal" -s "$at" "$first" "$last" 2>&1 || true'
+)
 _LAST_SEGMENT = re.compile(r"^-- last segment ([0-9A-F]{24})$", re.MULTILINE)
 
 
@@ -124,8 +125,11 @@ def log_file_of(repmgr_conf: str) -> str | None:
         if key.strip() != "service_start_command":
             continue
         try:
-            words = shlex.split(shlex.split(value.strip())[0]) if value.strip().startswith(("'", '"')) \
+            words = (
+                shlex.split(shlex.split(value.strip())[0])
+                if value.strip().startswith(("'", '"'))
                 else shlex.split(value)
+            )
         except (ValueError, IndexError):
             return None
         for index, word in enumerate(words[:-1]):
@@ -138,8 +142,10 @@ def log_file_of(repmgr_conf: str) -> str | None:
 
 LOG_SEVERITIES = ("PANIC", "FATAL", "ERROR")
 # Messages every promotion or shutdown logs: never the cause of a failure.
-_ROUTINE = re.compile(r"due to administrator command|the database system is (?:starting up|shutting down|in "
-                      r"recovery mode|not yet accepting connections)|terminating connection because of crash")
+_ROUTINE = re.compile(
+    r"due to administrator command|the database system is (?:starting up|shutting down|in "
+    r"recovery mode|not yet accepting connections)|terminating connection because of crash"
+)
 
 
 def log_cause(log_text: str, since: str | None = None) -> str | None:
@@ -150,12 +156,12 @@ def log_cause(log_text: str, since: str | None = None) -> str | None:
     if since:
         marks = [index for index, line in enumerate(lines) if since in line]
         if marks:
-            lines = lines[marks[-1]:]
+            lines = lines[marks[-1] :]
     for severity in LOG_SEVERITIES:
         marker = f"{severity}:"
         for line in lines:
             if marker in line and not _ROUTINE.search(line):
-                return " ".join(line[line.index(marker):].split())[:400]
+                return " ".join(line[line.index(marker) :].split())[:400]
     return None
 
 
@@ -190,8 +196,11 @@ def repoint_databases(text: str, names: set[str], host: str, port: int) -> str:
         if "port" not in keys:
             items.insert(1, ("port", str(port)))
         newline = "\n" if line.endswith("\n") else ""
-        lines.append(f"{entry.group(1)}{entry.group(2)}{entry.group(3)}"
-                     + " ".join(f"{key}={value}" for key, value in items) + newline)
+        lines.append(
+            f"{entry.group(1)}{entry.group(2)}{entry.group(3)}"
+            + " ".join(f"{key}={value}" for key, value in items)
+            + newline
+        )
         found.add(name)
     missing = names - found
     if missing:
@@ -211,18 +220,29 @@ def classify(message: str) -> str:
     return "timeout"
 
 
-def connect(fleet: Fleet, host, database: str = "postgres", timeout: int = PROBE_TIMEOUT,
-            statement_timeout_ms: int | None = 10_000):
+def connect(
+    fleet: Fleet,
+    host,
+    database: str = "postgres",
+    timeout: int = PROBE_TIMEOUT,
+    statement_timeout_ms: int | None = 10_000,
+):
     """An autocommit superuser connection to one server (not through PgBouncer)."""
     import psycopg2
 
     model = fleet.model
     options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else None
     try:
-        connection = psycopg2.connect(host=str(host.address), port=model.postgres.port, user=model.postgres.user,
-                                      password=Secrets(model.secrets.file).get("postgres_password"),
-                                      dbname=database, connect_timeout=timeout, options=options,
-                                      application_name="igops-failover")
+        connection = psycopg2.connect(
+            host=str(host.address),
+            port=model.postgres.port,
+            user=model.postgres.user,
+            password=Secrets(model.secrets.file).get("postgres_password"),
+            dbname=database,
+            connect_timeout=timeout,
+            options=options,
+            application_name="igops-failover",
+        )
     except psycopg2.OperationalError as exc:
         detail = first_line(exc)
         raise Unavailable(host.name, detail, classify(detail)) from None
@@ -281,20 +301,39 @@ SELECT application_name, client_addr::text, state, sent_lsn::text, flush_lsn::te
 def server_state(connection) -> ServerState:
     with connection.cursor() as cursor:
         cursor.execute(_STATE_QUERY)
-        (in_recovery, current, walfile, received, replayed, pause_state, replay_age, checkpoint_tli,
-         receiver_status, sender_host, received_tli) = cursor.fetchone()
+        (
+            in_recovery,
+            current,
+            walfile,
+            received,
+            replayed,
+            pause_state,
+            replay_age,
+            checkpoint_tli,
+            receiver_status,
+            sender_host,
+            received_tli,
+        ) = cursor.fetchone()
         replicas = []
         if not in_recovery:
             cursor.execute(_REPLICAS_QUERY)
-            replicas = [Replica(name, address, state, optional_lsn(sent), optional_lsn(flushed),
-                                optional_lsn(replay), lag)
-                        for name, address, state, sent, flushed, replay, lag in cursor.fetchall()]
+            replicas = [
+                Replica(name, address, state, optional_lsn(sent), optional_lsn(flushed), optional_lsn(replay), lag)
+                for name, address, state, sent, flushed, replay, lag in cursor.fetchall()
+            ]
     timeline = int(walfile[:8], 16) if walfile else (received_tli or checkpoint_tli)
     return ServerState(
-        in_recovery=in_recovery, timeline=timeline, current_lsn=optional_lsn(current),
-        receive_lsn=optional_lsn(received), replay_lsn=optional_lsn(replayed),
-        replay_paused=pause_state in ("paused", "pause requested"), last_replay_age_s=replay_age,
-        receiver_status=receiver_status, upstream_address=sender_host, replicas=replicas)
+        in_recovery=in_recovery,
+        timeline=timeline,
+        current_lsn=optional_lsn(current),
+        receive_lsn=optional_lsn(received),
+        replay_lsn=optional_lsn(replayed),
+        replay_paused=pause_state in ("paused", "pause requested"),
+        last_replay_age_s=replay_age,
+        receiver_status=receiver_status,
+        upstream_address=sender_host,
+        replicas=replicas,
+    )
 
 
 @dataclass
@@ -310,8 +349,10 @@ class RepmgrNode:
 
 def repmgr_nodes(connection) -> list[RepmgrNode]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT node_id, node_name, type, upstream_node_id, active, priority, conninfo "
-                       "FROM repmgr.nodes ORDER BY node_id")
+        cursor.execute(
+            "SELECT node_id, node_name, type, upstream_node_id, active, priority, conninfo "
+            "FROM repmgr.nodes ORDER BY node_id"
+        )
         return [RepmgrNode(*row) for row in cursor.fetchall()]
 
 
@@ -359,10 +400,15 @@ class Bouncer:
 
         model = self.fleet.model
         try:
-            connection = psycopg2.connect(host=str(self.host.address), port=model.pgbouncer.port,
-                                          user=model.pgbouncer.admin_user, dbname="pgbouncer",
-                                          password=Secrets(model.secrets.file).get("pgbouncer_password"),
-                                          connect_timeout=PROBE_TIMEOUT, async_=asynchronous)
+            connection = psycopg2.connect(
+                host=str(self.host.address),
+                port=model.pgbouncer.port,
+                user=model.pgbouncer.admin_user,
+                dbname="pgbouncer",
+                password=Secrets(model.secrets.file).get("pgbouncer_password"),
+                connect_timeout=PROBE_TIMEOUT,
+                async_=asynchronous,
+            )
         except psycopg2.OperationalError as exc:
             detail = first_line(exc)
             raise Unavailable(self.host.name, f"PgBouncer: {detail}", classify(detail)) from None
@@ -388,9 +434,18 @@ class Bouncer:
                 rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
         finally:
             connection.close()
-        return [BouncerDatabase(row["name"], row.get("host"), row.get("port"), row.get("database"),
-                                bool(row.get("paused")), bool(row.get("disabled")))
-                for row in rows if row["name"] != "pgbouncer"]
+        return [
+            BouncerDatabase(
+                row["name"],
+                row.get("host"),
+                row.get("port"),
+                row.get("database"),
+                bool(row.get("paused")),
+                bool(row.get("disabled")),
+            )
+            for row in rows
+            if row["name"] != "pgbouncer"
+        ]
 
     def pause(self, names: list[str], timeout: float) -> None:
         """PAUSE every database at once and wait until all have no active server connection.
@@ -415,9 +470,11 @@ class Bouncer:
                 connection.close()
             self.resume(names)
             reason = f"still busy after {timeout:g} s" if isinstance(exc, TimeoutError) else first_line(exc)
-            raise PauseFailed(f"PgBouncer on {self.host.name} could not pause {', '.join(names)}: {reason}",
-                              "every database was resumed; a long transaction may hold a server connection "
-                              "(SHOW SERVERS on the admin console), retry when it is gone") from None
+            raise PauseFailed(
+                f"PgBouncer on {self.host.name} could not pause {', '.join(names)}: {reason}",
+                "every database was resumed; a long transaction may hold a server connection "
+                "(SHOW SERVERS on the admin console), retry when it is gone",
+            ) from None
         finally:
             for connection in waiting:
                 if not connection.closed:

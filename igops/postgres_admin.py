@@ -17,8 +17,7 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 # Checksums compare text renderings of rows: both sides must render them identically.
-_STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
-                     "extra_float_digits": "3"}
+_STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres", "extra_float_digits": "3"}
 
 
 # The member last found to be each cluster's primary (by inventory file and cluster): asked
@@ -49,16 +48,20 @@ def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, A
             refusals.append(f"{name}: {exc.detail}")
             continue
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_is_in_recovery()" + "".join(", set_config(%s, %s, false)" for _ in values),
-                           [item for pair in values.items() for item in (pair[0], str(pair[1]))])
+            cursor.execute(
+                "SELECT pg_is_in_recovery()" + "".join(", set_config(%s, %s, false)" for _ in values),
+                [item for pair in values.items() for item in (pair[0], str(pair[1]))],
+            )
             in_recovery = cursor.fetchone()[0]
         if not in_recovery:
             _last_primary[(str(fleet.source), cluster)] = name
             return host, connection
         connection.close()
         refusals.append(f"{name}: a standby")
-    raise IgopsError(f"no member of Postgres cluster {cluster} accepts writes ({'; '.join(refusals)})",
-                     f"`igops pg status {cluster}` shows the cluster; `igops pg failover {cluster}` promotes a standby")
+    raise IgopsError(
+        f"no member of Postgres cluster {cluster} accepts writes ({'; '.join(refusals)})",
+        f"`igops pg status {cluster}` shows the cluster; `igops pg failover {cluster}` promotes a standby",
+    )
 
 
 def last_primary(fleet: Fleet, cluster: str) -> str:
@@ -73,8 +76,15 @@ def primary_of(fleet: Fleet, cluster: str):
     return host
 
 
-def connect(fleet: Fleet, cluster: str, database: str, *, autocommit: bool = False, purpose: str = "admin",
-            settings: dict[str, Any] | None = None):
+def connect(
+    fleet: Fleet,
+    cluster: str,
+    database: str,
+    *,
+    autocommit: bool = False,
+    purpose: str = "admin",
+    settings: dict[str, Any] | None = None,
+):
     """A new connection to the cluster's primary as the inventory's Postgres user; the caller
     closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out."""
     values = {**_STABLE_RENDERING, "application_name": f"igops-{purpose}", **(settings or {})}
@@ -110,15 +120,23 @@ def replication_connection(fleet: Fleet, cluster: str, database: str, applicatio
     model = fleet.model
     primary = primary_of(fleet, cluster)
     try:
-        return psycopg2.connect(host=str(primary.address), port=model.postgres.port, user=model.postgres.user,
-                                password=Secrets(model.secrets.file).get("postgres_password"), dbname=database,
-                                connect_timeout=5, application_name=application_name,
-                                connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        return psycopg2.connect(
+            host=str(primary.address),
+            port=model.postgres.port,
+            user=model.postgres.user,
+            password=Secrets(model.secrets.file).get("postgres_password"),
+            dbname=database,
+            connect_timeout=5,
+            application_name=application_name,
+            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+        )
     except psycopg2.OperationalError as exc:
         from igops.errors import first_line
 
-        raise IgopsError(f"cannot open a replication connection to {primary.name} (primary of {cluster}): "
-                         f"{first_line(exc)}", "check pg_hba.conf and max_wal_senders there") from None
+        raise IgopsError(
+            f"cannot open a replication connection to {primary.name} (primary of {cluster}): {first_line(exc)}",
+            "check pg_hba.conf and max_wal_senders there",
+        ) from None
 
 
 def replication_conninfo(fleet: Fleet, cluster: str, database: str, application_name: str) -> str:
@@ -130,8 +148,14 @@ def replication_conninfo(fleet: Fleet, cluster: str, database: str, application_
 
     model = fleet.model
     primary = primary_of(fleet, cluster)
-    parts = {"host": str(primary.address), "port": model.postgres.port, "dbname": database,
-             "user": model.postgres.user, "application_name": application_name, "connect_timeout": 10}
+    parts = {
+        "host": str(primary.address),
+        "port": model.postgres.port,
+        "dbname": database,
+        "user": model.postgres.user,
+        "application_name": application_name,
+        "connect_timeout": 10,
+    }
     password = Secrets(model.secrets.file).get("postgres_password")
     if password:
         parts["password"] = password
@@ -139,9 +163,13 @@ def replication_conninfo(fleet: Fleet, cluster: str, database: str, application_
 
 
 # A statement carrying a secret must not reach the server's log or pg_stat_statements.
-QUIET_STATEMENT_LOGGING = {"log_statement": "none", "log_min_duration_statement": "-1",
-                           "log_min_error_statement": "panic", "log_duration": "off",
-                           "pg_stat_statements.track_utility": "off"}
+QUIET_STATEMENT_LOGGING = {
+    "log_statement": "none",
+    "log_min_duration_statement": "-1",
+    "log_min_error_statement": "panic",
+    "log_duration": "off",
+    "pg_stat_statements.track_utility": "off",
+}
 
 
 def _conninfo_value(value: Any) -> str:

@@ -65,22 +65,41 @@ class Profile:
         return self.pages * self.page_size
 
     def summary(self) -> dict:
-        return {"host": self.host, "fleet": self.fleet, "postgres_cluster": self.postgres_cluster,
-                "cluster_id": self.cluster_id, "captured_at": self.captured_at, "page_size": self.page_size,
-                "roots": [root.path for root in self.roots], "files": len(self.files), "pages": self.pages,
-                "resident_bytes": self.resident_bytes, "scanned_files": self.scanned_files,
-                "scanned_dirs": self.scanned_dirs, "scanned_pages": self.scanned_pages,
-                "unreadable": self.unreadable}
+        return {
+            "host": self.host,
+            "fleet": self.fleet,
+            "postgres_cluster": self.postgres_cluster,
+            "cluster_id": self.cluster_id,
+            "captured_at": self.captured_at,
+            "page_size": self.page_size,
+            "roots": [root.path for root in self.roots],
+            "files": len(self.files),
+            "pages": self.pages,
+            "resident_bytes": self.resident_bytes,
+            "scanned_files": self.scanned_files,
+            "scanned_dirs": self.scanned_dirs,
+            "scanned_pages": self.scanned_pages,
+            "unreadable": self.unreadable,
+        }
 
 
 def from_reader(reader: pagecache.Reader, entries: list[pagecache.FileEntry]) -> Profile:
     header, trailer = reader.header, reader.trailer
     return Profile(
-        host=header["host"], fleet=header["fleet"], postgres_cluster=header["postgres_cluster"],
-        cluster_id=header["cluster_id"], page_size=header["page_size"], captured_at=header["captured_at"],
-        roots=[Root(root["path"], root["base"], root["within"]) for root in header["roots"]], files=entries,
-        scanned_files=trailer["scanned_files"], scanned_dirs=trailer["scanned_dirs"],
-        scanned_pages=trailer["scanned_pages"], unreadable=trailer["unreadable"], sha256=trailer["sha256"])
+        host=header["host"],
+        fleet=header["fleet"],
+        postgres_cluster=header["postgres_cluster"],
+        cluster_id=header["cluster_id"],
+        page_size=header["page_size"],
+        captured_at=header["captured_at"],
+        roots=[Root(root["path"], root["base"], root["within"]) for root in header["roots"]],
+        files=entries,
+        scanned_files=trailer["scanned_files"],
+        scanned_dirs=trailer["scanned_dirs"],
+        scanned_pages=trailer["scanned_pages"],
+        unreadable=trailer["unreadable"],
+        sha256=trailer["sha256"],
+    )
 
 
 def plain(data: bytes, source: str) -> bytes:
@@ -112,8 +131,9 @@ def load(path: str | Path) -> tuple[Profile, bytes]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}",
-                           "pass the file `igops warm capture -o` wrote") from None
+        raise ProfileError(
+            f"cannot read profile {path}: {exc.strerror or exc}", "pass the file `igops warm capture -o` wrote"
+        ) from None
     text = plain(data, str(path))
     return parse(text, str(path)), text
 

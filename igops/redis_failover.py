@@ -55,8 +55,9 @@ class RedisResult:
     steps: list[StepReport]
 
 
-def plan_redis_switchover(fleet: Fleet, target: str, accept_risk: bool = False,
-                          promoted_by_interrupted_run: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_switchover(
+    fleet: Fleet, target: str, accept_risk: bool = False, promoted_by_interrupted_run: bool = False
+) -> tuple[RedisPlan, RedisState]:
     """`promoted_by_interrupted_run`: the journal of the switchover being resumed shows it
     promoted `target` and never demoted the master the app uses (igops.interrupted)."""
     members = redis_members(fleet)
@@ -67,32 +68,52 @@ def plan_redis_switchover(fleet: Fleet, target: str, accept_risk: bool = False,
     masters = view.masters()
     current = state.app_master if state.app_master in masters else (masters[0] if len(masters) == 1 else None)
     if current is None:
-        raise Refused(state, "refused: " + ("no Redis master answers" if not masters else
-                                          f"{plural(len(masters), 'master')} and the app uses none of them"),
-                      "if the master is down use `igops redis failover`; see `igops redis status`")
+        raise Refused(
+            state,
+            "refused: "
+            + (
+                "no Redis master answers"
+                if not masters
+                else f"{plural(len(masters), 'master')} and the app uses none of them"
+            ),
+            "if the master is down use `igops redis failover`; see `igops redis status`",
+        )
     node = state.node(target)
     if target == current:
         if state.app_master == target and len(masters) == 1:
-            return signed(RedisPlan("switchover", f"Nothing to do: {target} is the master and the app uses it",
-                                    target, target), view), state
+            return signed(
+                RedisPlan("switchover", f"Nothing to do: {target} is the master and the app uses it", target, target),
+                view,
+            ), state
         return signed(_plan_redis_finish(fleet, view, "switchover", target), view), state
     others = [name for name in members if name not in (current, target) and view.states[name] is not None]
     if node.role == "master" and promoted_by_interrupted_run and state.app_master == current:
         # The app wrote only to `current` (the directory never moved): `target`'s copy is the
         # older one, so it follows `current` again before the switchover runs from the start.
-        plan = RedisPlan("switchover", f"Finish the switchover from {current} to {target}, which an interrupted "
-                                       f"run left with {target} promoted and {current} still the app's master",
-                         current, target)
-        plan.actions = [Step(f"{target}: REPLICAOF {current} again (the app kept writing to {current})", "replicate",
-                             (target, current)),
-                        Step(f"{target}: wait until its link to {current} is up", "wait_link", (target,)),
-                        *redis_switchover_steps(fleet, current, target, others)]
+        plan = RedisPlan(
+            "switchover",
+            f"Finish the switchover from {current} to {target}, which an interrupted "
+            f"run left with {target} promoted and {current} still the app's master",
+            current,
+            target,
+        )
+        plan.actions = [
+            Step(
+                f"{target}: REPLICAOF {current} again (the app kept writing to {current})",
+                "replicate",
+                (target, current),
+            ),
+            Step(f"{target}: wait until its link to {current} is up", "wait_link", (target,)),
+            *redis_switchover_steps(fleet, current, target, others),
+        ]
         return signed(plan, view), state
     if node.role != "replica":
-        raise Refused(state, f"refused: {target} is not a replica "
-                             f"({node.state if node.role == 'unknown' else node.role})",
-                      "pick a running replica (igops redis status); if a switchover was interrupted after it "
-                      "promoted this node, `igops ops list` shows it: igops ops resume|abort ID")
+        raise Refused(
+            state,
+            f"refused: {target} is not a replica ({node.state if node.role == 'unknown' else node.role})",
+            "pick a running replica (igops redis status); if a switchover was interrupted after it "
+            "promoted this node, `igops ops list` shows it: igops ops resume|abort ID",
+        )
     plan = RedisPlan("switchover", f"Switch the Redis master from {current} to {target}", current, target)
     reasons = []
     if node.master != current or node.link != "up":
@@ -102,8 +123,9 @@ def plan_redis_switchover(fleet: Fleet, target: str, accept_risk: bool = False,
         reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
     if node.read_only is False:
         reasons.append(f"{target} accepts writes as a replica")
-    refuse_or_force(state, reasons, accept_risk, plan.forced,
-                    "wait for it to catch up, pick another replica, or --accept-risk")
+    refuse_or_force(
+        state, reasons, accept_risk, plan.forced, "wait for it to catch up, pick another replica, or --accept-risk"
+    )
     plan.actions = redis_switchover_steps(fleet, current, target, others)
     return signed(plan, view), state
 
@@ -113,51 +135,92 @@ def _plan_redis_finish(fleet: Fleet, view: RedisView, operation: str, master: st
     after the demotion leaves the app pointed at the old master, now a replica, and the config
     files with the old roles): the others follow it, the directory names it, the files say so."""
     state = view.state
-    plan = RedisPlan(operation, f"Finish: {master} is the master; point the app and the others at it",
-                     state.app_master, master)
-    others = [name for name in redis_members(fleet) if name != master and view.states[name] is not None
-              and not (state.node(name).role == "replica" and state.node(name).master == master)]
+    plan = RedisPlan(
+        operation, f"Finish: {master} is the master; point the app and the others at it", state.app_master, master
+    )
+    others = [
+        name
+        for name in redis_members(fleet)
+        if name != master
+        and view.states[name] is not None
+        and not (state.node(name).role == "replica" and state.node(name).master == master)
+    ]
     plan.actions = [Step(f"{name}: REPLICAOF {master}", "replicate", (name, master)) for name in others]
     if state.app_master != master:
-        plan.actions.append(Step(f"directory: redis_master = {redis_address(fleet, master)} (version bump)",
-                                 "point_app", (master,)))
+        plan.actions.append(
+            Step(f"directory: redis_master = {redis_address(fleet, master)} (version bump)", "point_app", (master,))
+        )
     answering = tuple(name for name in redis_members(fleet) if view.states[name] is not None)
-    plan.actions.append(Step(f"config files: {master} as master, {', '.join(n for n in answering if n != master)} "
-                             f"as replicas of {master}", "persist_roles", (master, answering)))
+    plan.actions.append(
+        Step(
+            f"config files: {master} as master, {', '.join(n for n in answering if n != master)} "
+            f"as replicas of {master}",
+            "persist_roles",
+            (master, answering),
+        )
+    )
     return plan
 
 
 def redis_switchover_steps(fleet: Fleet, current: str, target: str, others: list[str]) -> list[Step]:
     pause = fleet.model.redis.pause_timeout
-    unpause = Step(f"{current}: CLIENT UNPAUSE (paused writes are refused READONLY and retried on {target})",
-                   "unpause", (current,))
+    unpause = Step(
+        f"{current}: CLIENT UNPAUSE (paused writes are refused READONLY and retried on {target})", "unpause", (current,)
+    )
     steps = [
-        Step(f"{current}, {target}: connect now, so that no connection has to be set up while writes wait",
-             "hold_connections", (current, target)),
-        Step(f"{current}: CLIENT PAUSE WRITE (writes wait, reads go on; released by Redis itself after {pause:g} s)",
-             "pause_writes", (current,), release=unpause),
-        Step(f"{target}: wait until its offset reaches {current}'s (at most {pause / 2:g} s)", "wait_offset",
-             (current, target)),
-        Step(f"{target}: REPLICAOF NO ONE (master now; first checks it is level with {current} and the pause has "
-             f"over {PAUSE_MARGIN:g} s left)", "promote", (target, current),
-             undo=Step(f"{target}: REPLICAOF {current} again", "replicate", (target, current))),
-        Step(f"{current}: REPLICAOF {target} (it can take no more writes)", "demote", (current, target),
-             point_of_no_return=True),
+        Step(
+            f"{current}, {target}: connect now, so that no connection has to be set up while writes wait",
+            "hold_connections",
+            (current, target),
+        ),
+        Step(
+            f"{current}: CLIENT PAUSE WRITE (writes wait, reads go on; released by Redis itself after {pause:g} s)",
+            "pause_writes",
+            (current,),
+            release=unpause,
+        ),
+        Step(
+            f"{target}: wait until its offset reaches {current}'s (at most {pause / 2:g} s)",
+            "wait_offset",
+            (current, target),
+        ),
+        Step(
+            f"{target}: REPLICAOF NO ONE (master now; first checks it is level with {current} and the pause has "
+            f"over {PAUSE_MARGIN:g} s left)",
+            "promote",
+            (target, current),
+            undo=Step(f"{target}: REPLICAOF {current} again", "replicate", (target, current)),
+        ),
+        Step(
+            f"{current}: REPLICAOF {target} (it can take no more writes)",
+            "demote",
+            (current, target),
+            point_of_no_return=True,
+        ),
     ]
     steps += [Step(f"{name}: REPLICAOF {target}", "replicate", (name, target)) for name in others]
     steps += [
-        Step(f"directory: redis_master = {redis_address(fleet, target)} (version bump; the app follows within "
-             "about 1 s, at once on READONLY)", "point_app", (target,)),
+        Step(
+            f"directory: redis_master = {redis_address(fleet, target)} (version bump; the app follows within "
+            "about 1 s, at once on READONLY)",
+            "point_app",
+            (target,),
+        ),
         unpause,
-        Step(f"config files: {target} as master, {', '.join([current, *others])} as replicas of {target} (a "
-             "restart keeps the roles)", "persist_roles", (target, (target, current, *others))),
+        Step(
+            f"config files: {target} as master, {', '.join([current, *others])} as replicas of {target} (a "
+            "restart keeps the roles)",
+            "persist_roles",
+            (target, (target, current, *others)),
+        ),
         Step(f"{current}: wait until its link to {target} is up", "wait_link", (current,)),
     ]
     return steps
 
 
-def plan_redis_failover(fleet: Fleet, target: str | None = None,
-                        accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
+def plan_redis_failover(
+    fleet: Fleet, target: str | None = None, accept_risk: bool = False
+) -> tuple[RedisPlan, RedisState]:
     members = redis_members(fleet)
     if target is not None and target not in members:
         raise UsageError(f"{target} is not a Redis node", inventory.unknown_name_hint(target, members, "nodes"))
@@ -166,35 +229,61 @@ def plan_redis_failover(fleet: Fleet, target: str | None = None,
     masters = view.masters()
     old = state.app_master
     if old is None:
-        raise Refused(state, "refused: the directory names no Redis node as the master, so none can be down",
-                      "see `igops redis status`")
+        raise Refused(
+            state,
+            "refused: the directory names no Redis node as the master, so none can be down",
+            "see `igops redis status`",
+        )
     if old in masters:
-        raise Refused(state, f"refused: {old} answers as the master: it is not down",
-                      "for a planned change use `igops redis switchover --to NODE`")
+        raise Refused(
+            state,
+            f"refused: {old} answers as the master: it is not down",
+            "for a planned change use `igops redis switchover --to NODE`",
+        )
     if view.states.get(old) is not None:
         # What a switchover killed between the demotion and the directory update leaves.
         if len(masters) == 1 and target in (None, masters[0]):
             return signed(_plan_redis_finish(fleet, view, "failover", masters[0]), view), state
-        raise Refused(state, f"refused: the app's master {old} answers, as a replica of {state.node(old).master}"
-                             + (f"; {masters[0]} is the master, not {target}" if len(masters) == 1 else
-                                f"; {plural(len(masters), 'node')} answer as masters"),
-                      "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`")
+        raise Refused(
+            state,
+            f"refused: the app's master {old} answers, as a replica of {state.node(old).master}"
+            + (
+                f"; {masters[0]} is the master, not {target}"
+                if len(masters) == 1
+                else f"; {plural(len(masters), 'node')} answer as masters"
+            ),
+            "see `igops redis status`; point the app at a master with `igops redis switchover --to NODE`",
+        )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-check") as pool:
         ssh_check = pool.submit(ssh, fleet, fleet.host(old), ["true"], 20)
         _confirm_redis_down(fleet, state, old)
         reachable = ssh_check.result().reached
     plan = RedisPlan("failover", "", old, None)
     reasons = []
-    following = [name for name in members if view.states[name] and view.states[name].role == "replica"
-                 and state.node(name).master == old and state.node(name).link == "up"]
+    following = [
+        name
+        for name in members
+        if view.states[name]
+        and view.states[name].role == "replica"
+        and state.node(name).master == old
+        and state.node(name).link == "up"
+    ]
     if following:
-        raise Refused(state, f"refused: {old} is not down: {', '.join(following)} still have a live link to it",
-                      "igops cannot reach it but its replicas can: check the network")
+        raise Refused(
+            state,
+            f"refused: {old} is not down: {', '.join(following)} still have a live link to it",
+            "igops cannot reach it but its replicas can: check the network",
+        )
     if view.states.get(old) is None and view.down[old].kind == "timeout":
-        reasons.append(f"{old} accepts connections but does not answer: hung, not down; it could come back as "
-                       "master with its writes (stop it first)")
-    replicas = {name: view.states[name] for name in members
-                if name != old and view.states[name] is not None and view.states[name].role == "replica"}
+        reasons.append(
+            f"{old} accepts connections but does not answer: hung, not down; it could come back as "
+            "master with its writes (stop it first)"
+        )
+    replicas = {
+        name: view.states[name]
+        for name in members
+        if name != old and view.states[name] is not None and view.states[name].role == "replica"
+    }
     if masters:
         plan.notes.append(f"also master, but not used by the app: {', '.join(masters)}")
     if not replicas:
@@ -206,23 +295,45 @@ def plan_redis_failover(fleet: Fleet, target: str | None = None,
     if replicas[chosen].offset < best:
         reasons.append(f"{chosen} is {best - replicas[chosen].offset} bytes behind the most advanced replica")
     if not reachable:
-        reasons.append(f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
-                       "come back (stop the instance) before forcing")
+        reasons.append(
+            f"{old}'s host is unreachable over SSH: its config cannot be fenced; make sure it cannot "
+            "come back (stop the instance) before forcing"
+        )
     refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the master if you can, or --accept-risk")
     plan.new_master = chosen
     plan.title = f"Fail the Redis master over from {old} (down) to {chosen}"
     steps = []
     if reachable:
-        steps.append(Step(f"{old}: fence: its config file gets `replicaof {chosen}`, so a restart comes up as a "
-                          "read-only replica", "fence_config", (old, chosen)))
-    steps.append(Step(f"{chosen}: REPLICAOF NO ONE (master now, at offset {replicas[chosen].offset}; writes "
-                      f"{old} acknowledged after that are lost)", "promote", (chosen,), point_of_no_return=True))
+        steps.append(
+            Step(
+                f"{old}: fence: its config file gets `replicaof {chosen}`, so a restart comes up as a "
+                "read-only replica",
+                "fence_config",
+                (old, chosen),
+            )
+        )
+    steps.append(
+        Step(
+            f"{chosen}: REPLICAOF NO ONE (master now, at offset {replicas[chosen].offset}; writes "
+            f"{old} acknowledged after that are lost)",
+            "promote",
+            (chosen,),
+            point_of_no_return=True,
+        )
+    )
     steps += [Step(f"{name}: REPLICAOF {chosen}", "replicate", (name, chosen)) for name in replicas if name != chosen]
-    steps.append(Step(f"directory: redis_master = {redis_address(fleet, chosen)} (version bump)", "point_app",
-                      (chosen,)))
-    steps.append(Step(f"config files: {chosen} as master, "
-                      f"{', '.join(n for n in replicas if n != chosen) or 'no other'} "
-                      f"replica follows {chosen}", "persist_roles", (chosen, tuple(name for name in replicas))))
+    steps.append(
+        Step(f"directory: redis_master = {redis_address(fleet, chosen)} (version bump)", "point_app", (chosen,))
+    )
+    steps.append(
+        Step(
+            f"config files: {chosen} as master, "
+            f"{', '.join(n for n in replicas if n != chosen) or 'no other'} "
+            f"replica follows {chosen}",
+            "persist_roles",
+            (chosen, tuple(name for name in replicas)),
+        )
+    )
     plan.actions = steps
     plan.notes.append(f"when {old} is back: `igops redis rejoin {old}`")
     return signed(plan, view), state
@@ -246,8 +357,9 @@ def best_replica(replicas: dict[str, redisops.NodeState]) -> str:
     """The most data first (Sentinel puts priority first, but a failover must lose as little as it
     can); then the lower replica-priority; never one with priority 0; then the run id."""
     eligible = {name: node for name, node in replicas.items() if node.priority != 0} or replicas
-    return sorted(eligible, key=lambda name: (-eligible[name].offset, eligible[name].priority,
-                                              eligible[name].run_id))[0]
+    return sorted(eligible, key=lambda name: (-eligible[name].offset, eligible[name].priority, eligible[name].run_id))[
+        0
+    ]
 
 
 def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[RedisPlan, RedisState]:
@@ -258,8 +370,9 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
     state = view.state
     master = state.app_master
     if master is None or view.states.get(master) is None or view.states[master].role != "master":
-        raise Refused(state, "refused: the app's master (per the directory) is not a running master",
-                      "see `igops redis status`")
+        raise Refused(
+            state, "refused: the app's master (per the directory) is not a running master", "see `igops redis status`"
+        )
     if node == master:
         raise Refused(state, f"refused: {node} is the app's master", "rejoin the other nodes to it")
     if view.states.get(node) is None:
@@ -271,15 +384,15 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
     plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
-        refuse_or_force(state, reasons, accept_risk, plan.forced,
-                        "make sure nothing on it is needed, then --accept-risk")
+        refuse_or_force(
+            state, reasons, accept_risk, plan.forced, "make sure nothing on it is needed, then --accept-risk"
+        )
     steps = []
     if not (member.role == "replica" and member.master == master):
         steps.append(Step(f"{node}: REPLICAOF {master}", "replicate", (node, master)))
     master_address = (str(fleet.host(master).address), fleet.model.redis.port)
     if configured != master_address:
-        steps.append(Step(f"{node}: config file {config_path}: replicaof {master}", "persist_roles",
-                          (master, (node,))))
+        steps.append(Step(f"{node}: config file {config_path}: replicaof {master}", "persist_roles", (master, (node,))))
     if steps or member.link != "up":
         steps.append(Step(f"{node}: wait until its link to {master} is up", "wait_link", (node,)))
     else:
@@ -355,8 +468,10 @@ class RedisActions:
         if paused_master is not None:
             left = (self.paused_at or 0) + self.fleet.model.redis.pause_timeout - time.monotonic()
             if left < PAUSE_MARGIN:
-                raise IgopsError(f"only {max(left, 0):.1f} s of {paused_master}'s write pause left: too late to "
-                                 "promote and demote safely")
+                raise IgopsError(
+                    f"only {max(left, 0):.1f} s of {paused_master}'s write pause left: too late to "
+                    "promote and demote safely"
+                )
             detail = self.wait_offset(paused_master, name, deadline=time.monotonic() + left - PAUSE_MARGIN)
         with self._connection(name) as connection:
             redisops.replicate_from(connection, None)
@@ -394,8 +509,10 @@ class RedisActions:
 
         failed = [problem for problem in parallel_map(one, list(members)) if problem]
         if failed:
-            raise IgopsError("config files not updated: " + "; ".join(failed),
-                             "a restart of those nodes would take their old role; fix the files by hand")
+            raise IgopsError(
+                "config files not updated: " + "; ".join(failed),
+                "a restart of those nodes would take their old role; fix the files by hand",
+            )
         return plural(len(members), "file")
 
     def fence_config(self, name: str, new_master: str) -> None:
@@ -413,10 +530,19 @@ def apply_redis(fleet: Fleet, plan: RedisPlan, reporter: Reporter = Reporter()) 
         reports = execute(plan.actions, actions, reporter, plan.failure_hint)
     finally:
         actions.close()
-    pause_ms = ((actions.unpaused_at - actions.paused_at) * 1000
-                if actions.paused_at is not None and actions.unpaused_at is not None else None)
-    return RedisResult(plan.operation, plan.old_master, plan.new_master,
-                       round(pause_ms, 1) if pause_ms is not None else None, actions.endpoint_version, reports)
+    pause_ms = (
+        (actions.unpaused_at - actions.paused_at) * 1000
+        if actions.paused_at is not None and actions.unpaused_at is not None
+        else None
+    )
+    return RedisResult(
+        plan.operation,
+        plan.old_master,
+        plan.new_master,
+        round(pause_ms, 1) if pause_ms is not None else None,
+        actions.endpoint_version,
+        reports,
+    )
 
 
 def signature(view: RedisView) -> tuple:

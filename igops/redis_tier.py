@@ -83,8 +83,10 @@ def directory_connection(fleet: Fleet):
             if not cursor.fetchone()[0]:
                 return connection
         connection.close()
-    raise IgopsError(f"no primary of cluster {cluster} answers: the directory cannot be read or changed",
-                     f"see `igops pg status {cluster}`")
+    raise IgopsError(
+        f"no primary of cluster {cluster} answers: the directory cannot be read or changed",
+        f"see `igops pg status {cluster}`",
+    )
 
 
 def redis_view(fleet: Fleet) -> RedisView:
@@ -109,8 +111,14 @@ def redis_view(fleet: Fleet) -> RedisView:
     return RedisView(fleet, states, down, redis_state_of(fleet, states, down, address, version, directory_error))
 
 
-def redis_state_of(fleet: Fleet, states: dict[str, redisops.NodeState | None], down: dict[str, postgres.Unavailable],
-                   address: str | None, version: int | None, directory_error: str | None) -> RedisState:
+def redis_state_of(
+    fleet: Fleet,
+    states: dict[str, redisops.NodeState | None],
+    down: dict[str, postgres.Unavailable],
+    address: str | None,
+    version: int | None,
+    directory_error: str | None,
+) -> RedisState:
     """The Redis tier from what each node said of itself (None and an entry in `down` for one
     that did not answer) and the directory's redis_master endpoint (or why it could not be read)."""
     members = redis_members(fleet)
@@ -129,8 +137,13 @@ def redis_state_of(fleet: Fleet, states: dict[str, redisops.NodeState | None], d
             node.priority = node_state.priority
             if node_state.role == "replica":
                 node.master = by_address.get(node_state.master_address, node_state.master_address)
-                node.link = "up" if node_state.link_up else "down" if node_state.link_down_s is None \
+                node.link = (
+                    "up"
+                    if node_state.link_up
+                    else "down"
+                    if node_state.link_down_s is None
                     else f"down ({node_state.link_down_s} s)"
+                )
                 node.read_only = node_state.read_only
         nodes.append(node)
     reference = states.get(app_master) if app_master else None
@@ -152,11 +165,15 @@ def _redis_problems(fleet: Fleet, state: RedisState, directory_error: str | None
     elif state.app_master is None:
         problems.append(f"the directory's Redis master {state.app_address} is not a Redis node of the inventory")
     elif state.node(state.app_master).role != "master":
-        problems.append(f"the app writes to {state.app_master}, which is "
-                        + ("down" if state.node(state.app_master).role == "unknown" else "a replica"))
+        problems.append(
+            f"the app writes to {state.app_master}, which is "
+            + ("down" if state.node(state.app_master).role == "unknown" else "a replica")
+        )
     if len(masters) > 1:
-        problems.append(f"{plural(len(masters), 'master')}: {', '.join(masters)}"
-                        + (f" (the app uses {state.app_master})" if state.app_master in masters else ""))
+        problems.append(
+            f"{plural(len(masters), 'master')}: {', '.join(masters)}"
+            + (f" (the app uses {state.app_master})" if state.app_master in masters else "")
+        )
     for node in state.nodes:
         if node.role == "unknown":
             problems.append(f"{node.name}: {node.state}")

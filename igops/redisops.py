@@ -33,10 +33,15 @@ def client(fleet: Fleet, host, timeout: float = PROBE_TIMEOUT):
 
     # No retries: redis-py's default backs off for seconds on a refused connection, and telling a
     # dead node quickly is the point of a failover's probes.
-    return redis.Redis(host=str(host.address), port=fleet.model.redis.port,
-                       password=Secrets(fleet.model.secrets.file).get("redis_password"),
-                       socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-                       retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        host=str(host.address),
+        port=fleet.model.redis.port,
+        password=Secrets(fleet.model.secrets.file).get("redis_password"),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def probe(fleet: Fleet, name: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, NodeState | None, Unavailable | None]:
@@ -82,25 +87,49 @@ def node_state(connection) -> NodeState:
         server = connection.info("server")
     except redis.exceptions.RedisError as exc:
         detail = first_line(exc)
-        kind = "refused" if "refused" in detail.lower() else "timeout" if isinstance(
-            exc, (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)) else "rejected"
+        kind = (
+            "refused"
+            if "refused" in detail.lower()
+            else "timeout"
+            if isinstance(exc, (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError))
+            else "rejected"
+        )
         raise Unavailable(connection.connection_pool.connection_kwargs.get("host", "?"), detail, kind) from None
     replicas = []
     for key, value in info.items():
         if re.fullmatch(r"slave\d+", key) and isinstance(value, dict):
-            replicas.append(LinkedReplica(f"{value.get('ip')}:{value.get('port')}", int(value.get("offset", 0)),
-                                          str(value.get("state")), value.get("lag")))
+            replicas.append(
+                LinkedReplica(
+                    f"{value.get('ip')}:{value.get('port')}",
+                    int(value.get("offset", 0)),
+                    str(value.get("state")),
+                    value.get("lag"),
+                )
+            )
     if info["role"] == "master":
-        return NodeState("master", int(info["master_repl_offset"]), None, None, None, False,
-                         int(info.get("slave_priority", info.get("replica_priority", 100)) or 100),
-                         server.get("run_id", ""), replicas)
+        return NodeState(
+            "master",
+            int(info["master_repl_offset"]),
+            None,
+            None,
+            None,
+            False,
+            int(info.get("slave_priority", info.get("replica_priority", 100)) or 100),
+            server.get("run_id", ""),
+            replicas,
+        )
     link_up = info.get("master_link_status") == "up"
-    return NodeState("replica", int(info.get("slave_repl_offset", info.get("master_repl_offset", 0))),
-                     f"{info['master_host']}:{info['master_port']}", link_up,
-                     None if link_up else info.get("master_link_down_since_seconds"),
-                     bool(info.get("slave_read_only", 1)),
-                     int(info.get("slave_priority", info.get("replica_priority", 100))),
-                     server.get("run_id", ""), replicas)
+    return NodeState(
+        "replica",
+        int(info.get("slave_repl_offset", info.get("master_repl_offset", 0))),
+        f"{info['master_host']}:{info['master_port']}",
+        link_up,
+        None if link_up else info.get("master_link_down_since_seconds"),
+        bool(info.get("slave_read_only", 1)),
+        int(info.get("slave_priority", info.get("replica_priority", 100))),
+        server.get("run_id", ""),
+        replicas,
+    )
 
 
 def pause_writes(connection, milliseconds: int) -> None:
@@ -157,10 +186,12 @@ def read_endpoint(connection) -> tuple[str | None, int | None]:
 def write_endpoint(connection, address: str) -> int:
     """Point the app at `address` ("host:port"); returns the new version."""
     with connection.cursor() as cursor:
-        cursor.execute("INSERT INTO endpoints (name, address) VALUES (%s, %s) "
-                       "ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, "
-                       "version = endpoints.version + 1, updated_at = now() RETURNING version",
-                       (MASTER_ENDPOINT, address))
+        cursor.execute(
+            "INSERT INTO endpoints (name, address) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, "
+            "version = endpoints.version + 1, updated_at = now() RETURNING version",
+            (MASTER_ENDPOINT, address),
+        )
         return cursor.fetchone()[0]
 
 

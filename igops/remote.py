@@ -70,9 +70,16 @@ def settings_for(fleet: Fleet) -> SshSettings:
     known_hosts = fleet.resolve(ssh.known_hosts)
     identity = fleet.resolve(ssh.identity_file) if ssh.identity_file else None
     # Every missing credential at once: fixing one should not reveal the next.
-    missing = [(f"known_hosts file {known_hosts} does not exist",
-                "set [ssh] known_hosts to a file with every host's key (host keys are checked strictly)")
-               ] if not known_hosts.is_file() else []
+    missing = (
+        [
+            (
+                f"known_hosts file {known_hosts} does not exist",
+                "set [ssh] known_hosts to a file with every host's key (host keys are checked strictly)",
+            )
+        ]
+        if not known_hosts.is_file()
+        else []
+    )
     if identity and not identity.is_file():
         missing.append((f"SSH identity file {identity} does not exist", "fix [ssh] identity_file"))
     if missing:
@@ -81,13 +88,19 @@ def settings_for(fleet: Fleet) -> SshSettings:
 
 
 def targets_for(fleet: Fleet, hosts) -> list[Target]:
-    return [Target(host.name, str(host.address), fleet.ssh_port(host), fleet.ssh_user(host))
-            for host in hosts]
+    return [Target(host.name, str(host.address), fleet.ssh_port(host), fleet.ssh_user(host)) for host in hosts]
 
 
-def run(targets: Sequence[Target], command: str, settings: SshSettings, *,
-        parallel: int | None = None, timeout: float | None = None, stdin: bytes | None = None,
-        on_done: Callable[[HostResult], None] | None = None) -> list[HostResult]:
+def run(
+    targets: Sequence[Target],
+    command: str,
+    settings: SshSettings,
+    *,
+    parallel: int | None = None,
+    timeout: float | None = None,
+    stdin: bytes | None = None,
+    on_done: Callable[[HostResult], None] | None = None,
+) -> list[HostResult]:
     """Run one already-quoted command on every target, at most `parallel` at a time.
     Results come back in the targets' order."""
     if not targets:
@@ -119,9 +132,14 @@ def _connection(target: Target, settings: SshSettings):
     }
     if settings.identity_file:
         connect_kwargs["key_filename"] = [str(settings.identity_file)]
-    connection = Connection(target.address, user=target.user, port=target.port, config=config,
-                            connect_timeout=max(1, round(settings.connect_timeout)),
-                            connect_kwargs=connect_kwargs)
+    connection = Connection(
+        target.address,
+        user=target.user,
+        port=target.port,
+        config=config,
+        connect_timeout=max(1, round(settings.connect_timeout)),
+        connect_kwargs=connect_kwargs,
+    )
     # Fabric auto-adds unknown host keys; a fleet tool must refuse them instead.
     connection.client.set_missing_host_key_policy(RejectPolicy())
     # Only this host's entries: parsing the whole file for every connection makes a run's
@@ -150,15 +168,20 @@ def _known_host_keys(path: Path):
         return _parsed_known_hosts[key]
 
 
-def _run_one(target: Target, command: str, settings: SshSettings, timeout: float,
-             stdin: bytes | None) -> HostResult:
+def _run_one(target: Target, command: str, settings: SshSettings, timeout: float, stdin: bytes | None) -> HostResult:
     started = time.monotonic()
 
-    def finish(exit_code: int | None, out: bytes = b"", err: bytes = b"",
-               error: str | None = None) -> HostResult:
-        return HostResult(target.name, target.address, exit_code == 0 and error is None, exit_code,
-                          out.decode(errors="replace"), err.decode(errors="replace"),
-                          round((time.monotonic() - started) * 1000, 1), error)
+    def finish(exit_code: int | None, out: bytes = b"", err: bytes = b"", error: str | None = None) -> HostResult:
+        return HostResult(
+            target.name,
+            target.address,
+            exit_code == 0 and error is None,
+            exit_code,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
+            round((time.monotonic() - started) * 1000, 1),
+            error,
+        )
 
     connection = _connection(target, settings)
     try:
@@ -193,8 +216,12 @@ def _collect(channel, deadline: float) -> tuple[bytes, bytes, bool]:
             out += channel.recv(65536)
         while channel.recv_stderr_ready():
             err += channel.recv_stderr(65536)
-        if channel.exit_status_ready() and not channel.recv_ready() \
-                and not channel.recv_stderr_ready() and channel.eof_received:
+        if (
+            channel.exit_status_ready()
+            and not channel.recv_ready()
+            and not channel.recv_stderr_ready()
+            and channel.eof_received
+        ):
             return bytes(out), bytes(err), False
 
 
@@ -210,8 +237,10 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
 
     where = f"{target.address}:{target.port}"
     if isinstance(exc, BadHostKeyException):
-        return (f"host key for {where} CHANGED (possible man-in-the-middle); if the change is expected, "
-                f"replace its entry in {settings.known_hosts}")
+        return (
+            f"host key for {where} CHANGED (possible man-in-the-middle); if the change is expected, "
+            f"replace its entry in {settings.known_hosts}"
+        )
     if isinstance(exc, AuthenticationException):
         return f"authentication failed for {target.user}@{where}: check the SSH key and user"
     if isinstance(exc, NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
@@ -219,22 +248,31 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return f"connect to {where} timed out after {settings.connect_timeout:g} s"
     if isinstance(exc, SSHException) and "not found in known_hosts" in str(exc):
-        return (f"host key for {where} is unknown: verify it and add it to {settings.known_hosts} "
-                f"(igops never trusts a new key automatically)")
+        return (
+            f"host key for {where} is unknown: verify it and add it to {settings.known_hosts} "
+            f"(igops never trusts a new key automatically)"
+        )
     causes = _causes(exc)
     if any(isinstance(cause, ConnectionResetError) for cause in causes):
-        return (f"{where} reset the connection before the SSH handshake completed: is sshd refusing connections "
-                f"there (MaxStartups, a firewall, fail2ban)?")
+        return (
+            f"{where} reset the connection before the SSH handshake completed: is sshd refusing connections "
+            f"there (MaxStartups, a firewall, fail2ban)?"
+        )
     if any(isinstance(cause, EOFError) for cause in causes):
         # At once, not after a wait: a peer that closes is no timeout.
-        return (f"{where} accepted the connection and closed it before completing the SSH handshake: is sshd "
-                f"what listens there, and is it turning connections away (MaxStartups, tcp wrappers, fail2ban)?")
+        return (
+            f"{where} accepted the connection and closed it before completing the SSH handshake: is sshd "
+            f"what listens there, and is it turning connections away (MaxStartups, tcp wrappers, fail2ban)?"
+        )
     # paramiko reports a banner or key exchange that never came as these, with no cause kept.
     if any(isinstance(cause, (socket.timeout, TimeoutError)) for cause in causes) or (
-            isinstance(exc, SSHException) and any(
-                sign in str(exc).lower() for sign in ("no existing session", "negotiation timed out"))):
-        return (f"{where} accepted the connection but the SSH handshake did not complete within "
-                f"{settings.connect_timeout:g} s")
+        isinstance(exc, SSHException)
+        and any(sign in str(exc).lower() for sign in ("no existing session", "negotiation timed out"))
+    ):
+        return (
+            f"{where} accepted the connection but the SSH handshake did not complete within "
+            f"{settings.connect_timeout:g} s"
+        )
     if isinstance(exc, SSHException) and "banner" in str(exc).lower():
         return f"{where} accepted the connection but did not answer as an SSH server ({exc})"
     if isinstance(exc, OSError):
@@ -271,10 +309,10 @@ class Session:
             self._connection.open()
         except Exception as exc:  # noqa: BLE001
             self._connection.close()
-            raise RemoteError(f"{self.target.name}: "
-                              f"{describe_connect_error(exc, self.target, self._settings)}") from None
-        self._channel = self._connection.client.get_transport().open_session(
-            timeout=self._settings.connect_timeout)
+            raise RemoteError(
+                f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}"
+            ) from None
+        self._channel = self._connection.client.get_transport().open_session(timeout=self._settings.connect_timeout)
         self._channel.exec_command(self._command)
         if self._prefix:
             self._channel.sendall(self._prefix)

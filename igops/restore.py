@@ -66,8 +66,10 @@ class PostgresStart:
 
     @property
     def psql(self) -> str:
-        return (f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/psql "
-                f"-h {shlex.quote(self.run_directory)} -p {self.port} -d postgres")
+        return (
+            f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/psql "
+            f"-h {shlex.quote(self.run_directory)} -p {self.port} -d postgres"
+        )
 
 
 @dataclass
@@ -88,19 +90,27 @@ class RestorePlan:
         steps = []
         for mount, members in self.mounts.items():
             for member in members:
-                steps.append(f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
-                             f"attach it to {self.instance_id} ({self.to_host})")
+                steps.append(
+                    f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
+                    f"attach it to {self.instance_id} ({self.to_host})"
+                )
             if len(members) > 1:
-                steps.append(f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
-                             f"{plural(len(members), 'member')} in order")
+                steps.append(
+                    f"on {self.to_host}: assemble the {self.raid_levels[mount]} array from the "
+                    f"{plural(len(members), 'member')} in order"
+                )
             steps.append(f"on {self.to_host}: mount it at {self.target_path(mount)} (read-write)")
         if self.postgres:
             pg = self.postgres
-            steps.append(f"on {self.to_host}: in {pg.data_directory} remove postmaster.pid, standby.signal and "
-                         "recovery.signal (the copy ends recovery on its own and never follows the cluster)"
-                         + (", and point pg_wal at the restored WAL mount" if len(self.mounts) > 1 else ""))
-            steps.append(f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
-                         "archiving off; it replays its WAL to the moment of the freeze")
+            steps.append(
+                f"on {self.to_host}: in {pg.data_directory} remove postmaster.pid, standby.signal and "
+                "recovery.signal (the copy ends recovery on its own and never follows the cluster)"
+                + (", and point pg_wal at the restored WAL mount" if len(self.mounts) > 1 else "")
+            )
+            steps.append(
+                f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
+                "archiving off; it replays its WAL to the moment of the freeze"
+            )
         steps.append("if any step fails: stop what was started, unmount, detach and delete the volumes made")
         return steps
 
@@ -114,8 +124,9 @@ class RestoreResult:
     postgres: dict | None = None  # data_directory, socket_directory, port, log, psql
 
 
-def plan_restore(fleet: Fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None,
-                 port: int = DEFAULT_PORT) -> RestorePlan:
+def plan_restore(
+    fleet: Fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None, port: int = DEFAULT_PORT
+) -> RestorePlan:
     from igops.ebs import tags_of
 
     group = find_group(ebs, group_id)
@@ -131,13 +142,24 @@ def plan_restore(fleet: Fleet, ebs, group_id: str, to_host: str, mount_root: str
     for snapshot in group.snapshots:
         tags = tags_of(snapshot)
         role = tags.get(TAG_ROLE, role)
-        mounts[tags[TAG_MOUNT]].append(RestoreVolume(snapshot["SnapshotId"], tags[TAG_MOUNT],
-                                                     int(tags.get(TAG_RAID_INDEX, 0)), tags.get(TAG_FSTYPE, "xfs")))
+        mounts[tags[TAG_MOUNT]].append(
+            RestoreVolume(
+                snapshot["SnapshotId"], tags[TAG_MOUNT], int(tags.get(TAG_RAID_INDEX, 0)), tags.get(TAG_FSTYPE, "xfs")
+            )
+        )
         levels[tags[TAG_MOUNT]] = tags.get(TAG_RAID_LEVEL, "none")
     for members in mounts.values():
         members.sort(key=lambda member: member.raid_index)
-    plan = RestorePlan(group_id, group.host, host.name, host.instance_id,
-                       mount_root or fleet.model.snapshot.restore_root, dict(mounts), levels, None)
+    plan = RestorePlan(
+        group_id,
+        group.host,
+        host.name,
+        host.instance_id,
+        mount_root or fleet.model.snapshot.restore_root,
+        dict(mounts),
+        levels,
+        None,
+    )
     if role == "postgres":
         plan.postgres = postgres_start(fleet, group_id, group.host, {m: plan.target_path(m) for m in mounts}, port)
     return plan
@@ -147,35 +169,49 @@ def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict
     """The restored data directory: the source's, moved from its mount to where that mount is restored."""
     source = fleet.hosts_by_name.get(source_host)
     if source is None:
-        raise UsageError(f"the group's host {source_host} is not in the inventory",
-                         "its data directory is found from the inventory's [postgres] data_directory")
+        raise UsageError(
+            f"the group's host {source_host} is not in the inventory",
+            "its data directory is found from the inventory's [postgres] data_directory",
+        )
     data_directory = PurePosixPath(fleet.path_for(fleet.model.postgres.data_directory, source))
     holder = max((mount for mount in restored if data_directory.is_relative_to(mount)), key=len, default=None)
     if holder is None:
-        raise RefusedError(f"{source_host}'s data directory {data_directory} is on none of the group's mounts "
-                           f"({', '.join(restored)})", "restore a group taken of the data directory's mount")
+        raise RefusedError(
+            f"{source_host}'s data directory {data_directory} is on none of the group's mounts ({', '.join(restored)})",
+            "restore a group taken of the data directory's mount",
+        )
     moved = PurePosixPath(restored[holder]) / data_directory.relative_to(holder)
     model = fleet.model
-    return PostgresStart(str(moved), {mount: path for mount, path in restored.items() if mount != holder},
-                         f"{model.snapshot.restore_root.rstrip('/')}/{group_id}.postgres", port,
-                         model.postgres.bin_dir.rstrip("/"), model.postgres.os_user)
+    return PostgresStart(
+        str(moved),
+        {mount: path for mount, path in restored.items() if mount != holder},
+        f"{model.snapshot.restore_root.rstrip('/')}/{group_id}.postgres",
+        port,
+        model.postgres.bin_dir.rstrip("/"),
+        model.postgres.os_user,
+    )
 
 
 def restored_volumes(ebs, group_id: str, host) -> list[dict]:
     """The volumes a restore of this group made for this host (tagged so, or attached to it)."""
     from igops.ebs import tags_of
 
-    return [volume for volume in ebs.volumes({TAG_GROUP: group_id})
-            if tags_of(volume).get(TAG_RESTORED_TO) == host.name
-            or any(item.get("InstanceId") == host.instance_id for item in volume.get("Attachments") or [])]
+    return [
+        volume
+        for volume in ebs.volumes({TAG_GROUP: group_id})
+        if tags_of(volume).get(TAG_RESTORED_TO) == host.name
+        or any(item.get("InstanceId") == host.instance_id for item in volume.get("Attachments") or [])
+    ]
 
 
 def refuse_second_restore(ebs, group_id: str, host) -> None:
     existing = restored_volumes(ebs, group_id, host)
     if existing:
-        raise RefusedError(f"group {group_id} is already restored onto {host.name} "
-                           f"(volumes {', '.join(volume['VolumeId'] for volume in existing)})",
-                           f"remove it first: igops snapshot restore {group_id} --to {host.name} --cleanup")
+        raise RefusedError(
+            f"group {group_id} is already restored onto {host.name} "
+            f"(volumes {', '.join(volume['VolumeId'] for volume in existing)})",
+            f"remove it first: igops snapshot restore {group_id} --to {host.name} --cleanup",
+        )
 
 
 def restore(fleet: Fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
@@ -189,16 +225,28 @@ def restore(fleet: Fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter(
             path = plan.target_path(mount)
             for member in members:
                 with reporter.step(f"volume from {member.snapshot_id} ({mount} #{member.raid_index})") as step:
-                    volume_id = ebs.create_volume(member.snapshot_id, zone, {
-                        TAG_GROUP: plan.group_id, TAG_MOUNT: mount, TAG_RAID_INDEX: str(member.raid_index),
-                        TAG_HOST: plan.source_host, TAG_RESTORED_TO: plan.to_host,
-                        "Name": f"restore {plan.group_id} {mount}#{member.raid_index}"})
+                    volume_id = ebs.create_volume(
+                        member.snapshot_id,
+                        zone,
+                        {
+                            TAG_GROUP: plan.group_id,
+                            TAG_MOUNT: mount,
+                            TAG_RAID_INDEX: str(member.raid_index),
+                            TAG_HOST: plan.source_host,
+                            TAG_RESTORED_TO: plan.to_host,
+                            "Name": f"restore {plan.group_id} {mount}#{member.raid_index}",
+                        },
+                    )
                     result.volumes[member.snapshot_id] = volume_id
                     devices.append(ebs.attach(volume_id, plan.instance_id))
                     step.detail = f"{volume_id} at {devices[-1]}"
             with reporter.step(f"mount {mount} at {plan.to_host}:{path}"):
-                _host_script(fleet, host, mount_script(devices, path, members[0].fstype, f"{plan.group_id}{mount}"),
-                             f"mounting {mount}")
+                _host_script(
+                    fleet,
+                    host,
+                    mount_script(devices, path, members[0].fstype, f"{plan.group_id}{mount}"),
+                    f"mounting {mount}",
+                )
                 result.mounted[mount] = path
                 # Only a path this restore mounted is ever unmounted by its cleanup.
                 ebs.tag([result.volumes[member.snapshot_id] for member in members], {TAG_RESTORED_AT: path})
@@ -208,8 +256,13 @@ def restore(fleet: Fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter(
                 _host_script(fleet, host, prepare_script(pg), "preparing the restored data directory")
             with reporter.step(f"start Postgres on {plan.to_host}, port {pg.port} (socket {pg.run_directory})") as step:
                 _host_script(fleet, host, start_script(pg), "starting the restored Postgres", timeout=330)
-                result.postgres = {"data_directory": pg.data_directory, "socket_directory": pg.run_directory,
-                                   "port": pg.port, "log": pg.log, "psql": pg.psql}
+                result.postgres = {
+                    "data_directory": pg.data_directory,
+                    "socket_directory": pg.run_directory,
+                    "port": pg.port,
+                    "log": pg.log,
+                    "psql": pg.psql,
+                }
                 step.detail = f"connect: {pg.psql}"
     except BaseException as failure:
         with reporter.step("undo: stop, unmount, detach and delete what this restore made") as step:
@@ -259,16 +312,24 @@ def plan_cleanup(fleet: Fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
             data_directory = postgres_start(fleet, group_id, source, mounted, DEFAULT_PORT).data_directory
         except IgopsError:
             data_directory = None  # not a Postgres group
-    return CleanupPlan(group_id, host.name, [volume["VolumeId"] for volume in volumes], sorted(set(mounted.values())),
-                       data_directory, run_directory)
+    return CleanupPlan(
+        group_id,
+        host.name,
+        [volume["VolumeId"] for volume in volumes],
+        sorted(set(mounted.values())),
+        data_directory,
+        run_directory,
+    )
 
 
 def cleanup(fleet: Fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
     with reporter.step(f"take away the restore of {plan.group_id} from {plan.to_host}") as step:
         leftovers = _take_away(fleet, ebs, fleet.host(plan.to_host), plan.group_id)
         if leftovers:
-            raise RemoteError(f"the cleanup of {plan.group_id} on {plan.to_host} left: {'; '.join(leftovers)}",
-                              "fix what is named and run the cleanup again")
+            raise RemoteError(
+                f"the cleanup of {plan.group_id} on {plan.to_host} left: {'; '.join(leftovers)}",
+                "fix what is named and run the cleanup again",
+            )
         step.detail = f"{plural(len(plan.volumes), 'volume')} deleted"
     return plan.volumes
 
@@ -276,8 +337,11 @@ def cleanup(fleet: Fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter(
 def _restored_mounts(volumes: list[dict]) -> dict[str, str]:
     from igops.ebs import tags_of
 
-    return {tags_of(volume)[TAG_MOUNT]: tags_of(volume)[TAG_RESTORED_AT] for volume in volumes
-            if tags_of(volume).get(TAG_MOUNT) and tags_of(volume).get(TAG_RESTORED_AT)}
+    return {
+        tags_of(volume)[TAG_MOUNT]: tags_of(volume)[TAG_RESTORED_AT]
+        for volume in volumes
+        if tags_of(volume).get(TAG_MOUNT) and tags_of(volume).get(TAG_RESTORED_AT)
+    }
 
 
 def _take_away(fleet: Fleet, ebs, host, group_id: str) -> list[str]:
@@ -309,8 +373,9 @@ def _host_script(fleet: Fleet, host, script: str, what: str, timeout: float = 30
     [target] = remote.targets_for(fleet, [host])
     [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout)
     if not done.ok:
-        raise RemoteError(f"{what} on {host.name} failed: "
-                          f"{done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}")
+        raise RemoteError(
+            f"{what} on {host.name} failed: {done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}"
+        )
 
 
 def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:
@@ -319,8 +384,8 @@ def mount_script(devices: list[str], path: str, fstype: str, array_name: str) ->
     quoted = " ".join(shlex.quote(device) for device in devices)
     lines = [
         "set -e",
-        f"for d in {quoted}; do i=0; while [ ! -b \"$d\" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; "
-        "[ -b \"$d\" ] || { echo \"device $d did not appear\" >&2; exit 1; }; done",
+        f'for d in {quoted}; do i=0; while [ ! -b "$d" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; '
+        '[ -b "$d" ] || { echo "device $d did not appear" >&2; exit 1; }; done',
         f"if mountpoint -q {shlex.quote(path)}; then "
         f"echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
         f"mkdir -p {shlex.quote(path)}",
@@ -339,17 +404,26 @@ def prepare_script(pg: PostgresStart) -> str:
     """Remove what belonged to the running source, and repoint pg_wal when WAL had a mount of
     its own: its link names the source's WAL mount, which is restored elsewhere."""
     data = shlex.quote(pg.data_directory)
-    lines = ["set -e", f"data={data}",
-             '[ -f "$data/PG_VERSION" ] || { echo "no data directory at $data" >&2; exit 1; }',
-             'rm -f "$data/postmaster.pid" "$data/standby.signal" "$data/recovery.signal"',
-             'if [ -L "$data/pg_wal" ]; then', '  wal=$(readlink "$data/pg_wal")', '  case "$wal" in']
+    lines = [
+        "set -e",
+        f"data={data}",
+        '[ -f "$data/PG_VERSION" ] || { echo "no data directory at $data" >&2; exit 1; }',
+        'rm -f "$data/postmaster.pid" "$data/standby.signal" "$data/recovery.signal"',
+        'if [ -L "$data/pg_wal" ]; then',
+        '  wal=$(readlink "$data/pg_wal")',
+        '  case "$wal" in',
+    ]
     for original, restored in sorted(pg.wal_links.items(), key=lambda item: -len(item[0])):
         prefix = original.rstrip("/")
-        lines.append(f'    {shlex.quote(prefix)}/*) ln -sfn {shlex.quote(restored.rstrip("/"))}"/${{wal#{prefix}/}}" '
-                     '"$data/pg_wal" ;;')
-    lines += ['    /*) [ -d "$wal" ] || '
-              '{ echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
-              "  esac", "fi"]
+        lines.append(
+            f'    {shlex.quote(prefix)}/*) ln -sfn {shlex.quote(restored.rstrip("/"))}"/${{wal#{prefix}/}}" '
+            '"$data/pg_wal" ;;'
+        )
+    lines += [
+        '    /*) [ -d "$wal" ] || { echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
+        "  esac",
+        "fi",
+    ]
     return "\n".join(lines)
 
 
@@ -357,9 +431,16 @@ def _server_options(pg: PostgresStart) -> str:
     """Command-line settings: they win over postgresql.auto.conf, which the copy carries from its
     source (archiving, replication settings must not act from a restored copy)."""
     run = pg.run_directory
-    settings = {"config_file": f"{run}/postgresql.conf", "hba_file": f"{run}/pg_hba.conf",
-                "ident_file": f"{run}/pg_ident.conf", "port": str(pg.port), "listen_addresses": "",
-                "unix_socket_directories": run, "archive_mode": "off", "hot_standby": "on"}
+    settings = {
+        "config_file": f"{run}/postgresql.conf",
+        "hba_file": f"{run}/pg_hba.conf",
+        "ident_file": f"{run}/pg_ident.conf",
+        "port": str(pg.port),
+        "listen_addresses": "",
+        "unix_socket_directories": run,
+        "archive_mode": "off",
+        "hot_standby": "on",
+    }
     # pg_ctl hands -o to a shell: each value is quoted for it.
     return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
 
@@ -367,17 +448,21 @@ def _server_options(pg: PostgresStart) -> str:
 def start_script(pg: PostgresStart) -> str:
     run, user = shlex.quote(pg.run_directory), shlex.quote(pg.os_user)
     as_user = f"runuser -u {user} -- env -C /"
-    return "\n".join([
-        "set -e",
-        f"mkdir -p {run}", f"chown {user} {run}", f"chmod 0700 {run}",
-        f"printf '# the restored copy: every setting is on its command line\\n' > {run}/postgresql.conf",
-        f"printf 'local all {pg.os_user} peer\\n' > {run}/pg_hba.conf",
-        f": > {run}/pg_ident.conf",
-        f"chown {user} {run}/postgresql.conf {run}/pg_hba.conf {run}/pg_ident.conf",
-        f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {shlex.quote(pg.data_directory)} "
-        f"-o {shlex.quote(_server_options(pg))} -l {shlex.quote(pg.log)} -w -t 300 start >/dev/null "
-        f"|| {{ tail -n 20 {shlex.quote(pg.log)} >&2; exit 1; }}",
-    ])
+    return "\n".join(
+        [
+            "set -e",
+            f"mkdir -p {run}",
+            f"chown {user} {run}",
+            f"chmod 0700 {run}",
+            f"printf '# the restored copy: every setting is on its command line\\n' > {run}/postgresql.conf",
+            f"printf 'local all {pg.os_user} peer\\n' > {run}/pg_hba.conf",
+            f": > {run}/pg_ident.conf",
+            f"chown {user} {run}/postgresql.conf {run}/pg_hba.conf {run}/pg_ident.conf",
+            f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {shlex.quote(pg.data_directory)} "
+            f"-o {shlex.quote(_server_options(pg))} -l {shlex.quote(pg.log)} -w -t 300 start >/dev/null "
+            f"|| {{ tail -n 20 {shlex.quote(pg.log)} >&2; exit 1; }}",
+        ]
+    )
 
 
 def teardown_script(plan: CleanupPlan, restore_root: str, postgres) -> str:
@@ -386,19 +471,22 @@ def teardown_script(plan: CleanupPlan, restore_root: str, postgres) -> str:
         # Only a server this restore started: its postmaster.pid names our socket directory (line
         # 5). The one copied from the source names the source's, and its PID is no process of ours.
         data = shlex.quote(plan.data_directory)
-        lines.append(f"if [ -f {data}/postmaster.pid ] && [ \"$(sed -n 5p {data}/postmaster.pid)\" = "
-                     f"{shlex.quote(plan.run_directory)} ]; then runuser -u {shlex.quote(postgres.os_user)} -- "
-                     f"env -C / {shlex.quote(postgres.bin_dir.rstrip('/') + '/pg_ctl')} -D {data} -m fast -w -t 60 "
-                     "stop >/dev/null; fi")
+        lines.append(
+            f'if [ -f {data}/postmaster.pid ] && [ "$(sed -n 5p {data}/postmaster.pid)" = '
+            f"{shlex.quote(plan.run_directory)} ]; then runuser -u {shlex.quote(postgres.os_user)} -- "
+            f"env -C / {shlex.quote(postgres.bin_dir.rstrip('/') + '/pg_ctl')} -D {data} -m fast -w -t 60 "
+            "stop >/dev/null; fi"
+        )
     lines.append(f"root={shlex.quote(restore_root.rstrip('/'))}")
     for path in plan.mounted:
         quoted = shlex.quote(path)
-        lines += [f"if mountpoint -q {quoted}; then",
-                  f"  dev=$(findmnt -n -o SOURCE {quoted}); umount {quoted}",
-                  '  case "$dev" in /dev/md*) mdadm --stop "$dev" >/dev/null ;; esac',
-                  "fi",
-                  # Remove the emptied mount point and its empty parents, never above the restore root.
-                  f"d={quoted}; while [ \"${{d#\"$root\"/}}\" != \"$d\" ] && rmdir \"$d\" 2>/dev/null; "
-                  "do d=$(dirname \"$d\"); done"]
+        lines += [
+            f"if mountpoint -q {quoted}; then",
+            f"  dev=$(findmnt -n -o SOURCE {quoted}); umount {quoted}",
+            '  case "$dev" in /dev/md*) mdadm --stop "$dev" >/dev/null ;; esac',
+            "fi",
+            # Remove the emptied mount point and its empty parents, never above the restore root.
+            f'd={quoted}; while [ "${{d#"$root"/}}" != "$d" ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done',
+        ]
     lines.append(f"rm -rf {shlex.quote(plan.run_directory)}")
     return "\n".join(["set -e", *lines])

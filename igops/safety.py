@@ -50,8 +50,9 @@ def lock_name(operation: str, target: str) -> str:
 
 
 @contextmanager
-def lock(state_dir: Path, operation: str, target: str, command_line: str = "",
-         holder: str | None = None) -> Iterator[Path]:
+def lock(
+    state_dir: Path, operation: str, target: str, command_line: str = "", holder: str | None = None
+) -> Iterator[Path]:
     """Hold the lock for `operation` on `target`, or raise AlreadyRunning naming the holder.
     `holder` is the record to leave in the lock file (JSON) instead of this process's own
     LockHolder; the AlreadyRunning carries the file's text as `holder_text` either way."""
@@ -65,16 +66,18 @@ def lock(state_dir: Path, operation: str, target: str, command_line: str = "",
         except BlockingIOError:
             other = read_holder(path)
             refusal = AlreadyRunning(
-                f"{operation} on {target} is already running"
-                + (f": {other.describe()}" if other else ""),
+                f"{operation} on {target} is already running" + (f": {other.describe()}" if other else ""),
                 "wait for it to finish; the lock is released when that process exits",
             )
             refusal.resource = (operation, target)
             refusal.holder_text = _read_text(path)
             raise refusal from None
         if holder is None:
-            holder = json.dumps(redact_data(LockHolder(os.getpid(), operator_user(), operator_host(),
-                                                       redact(command_line), now()).__dict__))
+            holder = json.dumps(
+                redact_data(
+                    LockHolder(os.getpid(), operator_user(), operator_host(), redact(command_line), now()).__dict__
+                )
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         yield path
@@ -117,17 +120,45 @@ def redact_argv(argv: list[str]) -> str:
     return redact(shlex.join(shown))
 
 
-def audit(state_dir: Path, *, command: str, targets: list[str], result: str, exit_code: int | None,
-          duration_ms: float, detail: str | None = None, reason: str | None = None,
-          operation_id: str | None = None) -> None:
+def audit(
+    state_dir: Path,
+    *,
+    command: str,
+    targets: list[str],
+    result: str,
+    exit_code: int | None,
+    duration_ms: float,
+    detail: str | None = None,
+    reason: str | None = None,
+    operation_id: str | None = None,
+) -> None:
     """Append one record to the audit log. Appends of one line are atomic with O_APPEND."""
-    append_audit(state_dir, audit_record(command=command, targets=targets, result=result, exit_code=exit_code,
-                                         duration_ms=duration_ms, detail=detail, reason=reason,
-                                         operation_id=operation_id))
+    append_audit(
+        state_dir,
+        audit_record(
+            command=command,
+            targets=targets,
+            result=result,
+            exit_code=exit_code,
+            duration_ms=duration_ms,
+            detail=detail,
+            reason=reason,
+            operation_id=operation_id,
+        ),
+    )
 
 
-def audit_record(*, command: str, targets: list[str], result: str, exit_code: int | None, duration_ms: float,
-                 detail: str | None = None, reason: str | None = None, operation_id: str | None = None) -> dict:
+def audit_record(
+    *,
+    command: str,
+    targets: list[str],
+    result: str,
+    exit_code: int | None,
+    duration_ms: float,
+    detail: str | None = None,
+    reason: str | None = None,
+    operation_id: str | None = None,
+) -> dict:
     """One audit record, every string in it redacted: what every audit backend stores. An
     operation's start is recorded with no exit code; its end, under the same operation id,
     with one."""
@@ -169,8 +200,10 @@ def confirm(question: str, assume_yes: bool, ask: Callable[[str], str]) -> bool:
     if assume_yes:
         return True
     if not sys.stdin.isatty():
-        raise UsageError("refusing to act without confirmation: stdin is not a terminal",
-                         "review the plan with --dry-run, then pass --yes")
+        raise UsageError(
+            "refusing to act without confirmation: stdin is not a terminal",
+            "review the plan with --dry-run, then pass --yes",
+        )
     answer = ask(f"{question} [y/N] ").strip().lower()
     return answer in ("y", "yes")
 

@@ -57,8 +57,10 @@ def parse(text: str) -> Schedule:
     cleaned = " ".join(str(text).strip().lower().split())
     match = _PATTERN.match(cleaned)
     if not match:
-        raise ScheduleError(f"schedule {text!r} is not understood",
-                            f"write every N followed by m, h or d, optionally with at HH:MM (UTC): {EXAMPLES}")
+        raise ScheduleError(
+            f"schedule {text!r} is not understood",
+            f"write every N followed by m, h or d, optionally with at HH:MM (UTC): {EXAMPLES}",
+        )
     count, unit, hour, minute = match.groups()
     minutes = int(count) * _UNIT_MINUTES[unit]
     if minutes <= 0:
@@ -66,11 +68,14 @@ def parse(text: str) -> Schedule:
     if minutes > DAY_MINUTES or DAY_MINUTES % minutes:
         raise ScheduleError(
             f"schedule {text!r}: {count}{unit} does not divide a day, so its times would move from day to day",
-            "use an interval that divides 24 hours evenly, e.g. 15m, 30m, 1h, 4h, 6h, 12h or 1d")
+            "use an interval that divides 24 hours evenly, e.g. 15m, 30m, 1h, 4h, 6h, 12h or 1d",
+        )
     at = 0
     if hour is not None:
         if int(hour) > 23 or int(minute) > 59:
-            raise ScheduleError(f"schedule {text!r}: {hour}:{minute} is not a time of day",
-                                "write the time as HH:MM, 00:00 to 23:59 (UTC)")
+            raise ScheduleError(
+                f"schedule {text!r}: {hour}:{minute} is not a time of day",
+                "write the time as HH:MM, 00:00 to 23:59 (UTC)",
+            )
         at = int(hour) * 60 + int(minute)
     return Schedule(cleaned, timedelta(minutes=minutes), at % minutes)

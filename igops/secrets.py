@@ -59,9 +59,10 @@ def redact_data(value: Any) -> Any:
 
 def _check_length(name: str, value: str, where: str) -> None:
     if len(value) < MIN_LENGTH:
-        raise SecretsError(f"secret {name} from {where} is shorter than {MIN_LENGTH} characters, "
-                           "too short to be redacted from output",
-                           f"use a value of at least {MIN_LENGTH} characters (a real credential is far longer)")
+        raise SecretsError(
+            f"secret {name} from {where} is shorter than {MIN_LENGTH} characters, too short to be redacted from output",
+            f"use a value of at least {MIN_LENGTH} characters (a real credential is far longer)",
+        )
 
 
 class Secrets:
@@ -85,8 +86,7 @@ class Secrets:
         value = self.get(name)
         if not value:
             where = f" or {name} in {self._file}" if self._file else ""
-            raise SecretsError(f"secret {name} is not set",
-                               f"export {KNOWN[name]}=…{where}")
+            raise SecretsError(f"secret {name} is not set", f"export {KNOWN[name]}=…{where}")
         return value
 
     def _file_values(self) -> dict[str, str]:
@@ -99,12 +99,14 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise SecretsError(f"secrets file {path} does not exist",
-                           "create it with mode 0600 or remove [secrets] file from the inventory") from None
+        raise SecretsError(
+            f"secrets file {path} does not exist",
+            "create it with mode 0600 or remove [secrets] file from the inventory",
+        ) from None
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise SecretsError(
-            f"secrets file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o})",
-            f"chmod 600 {path}")
+            f"secrets file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o})", f"chmod 600 {path}"
+        )
     try:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -113,8 +115,9 @@ def read_secrets_file(path: Path) -> dict[str, str]:
         raise SecretsError(f"secrets file {path} is not valid TOML ({line})", "fix its syntax") from None
     unknown = sorted(set(values) - set(KNOWN))
     if unknown:
-        raise SecretsError(f"secrets file {path} has unknown keys: {', '.join(unknown)}",
-                           f"known keys: {', '.join(KNOWN)}")
+        raise SecretsError(
+            f"secrets file {path} has unknown keys: {', '.join(unknown)}", f"known keys: {', '.join(KNOWN)}"
+        )
     for key, value in values.items():
         _check_length(key, str(value), str(path))
     for value in values.values():
@@ -141,4 +144,3 @@ def insecure_url_problem(url: str) -> str | None:
         if loopback:
             return None
     return f"{url} is not https:// (plain http only to a loopback address), and a secret would travel over it"
-

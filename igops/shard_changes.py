@@ -32,7 +32,7 @@ class _Reader:
     def take(self, size: int) -> bytes:
         if self.at + size > len(self.data):
             raise ProtocolError(f"message ends at byte {len(self.data)}, {size} more expected at {self.at}")
-        chunk = self.data[self.at:self.at + size]
+        chunk = self.data[self.at : self.at + size]
         self.at += size
         return chunk
 
@@ -49,7 +49,7 @@ class _Reader:
         end = self.data.find(b"\0", self.at)
         if end < 0:
             raise ProtocolError(f"a name without its end at byte {self.at}")
-        text = self.data[self.at:end].decode()
+        text = self.data[self.at : end].decode()
         self.at = end + 1
         return text
 
@@ -136,12 +136,15 @@ class ChangedRows:
             position = cursor.fetchone()[0]
             # Column lists as pgoutput sends rows (no dropped or generated columns), for changes
             # whose relation message an earlier call of this session already sent.
-            cursor.execute("""
+            cursor.execute(
+                """
                 SELECT c.oid, c.relname, array_agg(a.attname ORDER BY a.attnum)
                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                                      AND a.attgenerated = ''
-                 WHERE n.nspname = %s AND c.relkind IN ('r', 'p') GROUP BY 1, 2""", (self.schema,))
+                 WHERE n.nspname = %s AND c.relkind IN ('r', 'p') GROUP BY 1, 2""",
+                (self.schema,),
+            )
             self.relations = {oid: (name, list(columns)) for oid, name, columns in cursor.fetchall()}
         return position
 
@@ -149,8 +152,11 @@ class ChangedRows:
         """Read the changes of the transactions committed so far (or before `upto`) and keep
         their keys; returns how many changes were read."""
         with self.connection.cursor() as cursor:
-            cursor.execute("SELECT data FROM pg_logical_slot_get_binary_changes(%s, %s, NULL, 'proto_version', '1', "
-                           "'publication_names', %s)", (self.slot, upto, self.publication))
+            cursor.execute(
+                "SELECT data FROM pg_logical_slot_get_binary_changes(%s, %s, NULL, 'proto_version', '1', "
+                "'publication_names', %s)",
+                (self.slot, upto, self.publication),
+            )
             messages = [parse_message(row[0]) for row in cursor.fetchall()]
         read = 0
         for message in messages:
@@ -185,21 +191,38 @@ class ChangedRows:
         """Count and hash, on both copies, the rows with a key written since `start()` (and
         every row of a table truncated since); returns the rows compared and one line per table
         that differs. Both copies must hold still: writes held, the target caught up."""
-        tables = sorted(table for table, keys in self.keys.items() if keys and table not in self.truncated) \
-            + sorted(self.truncated)
+        tables = sorted(table for table, keys in self.keys.items() if keys and table not in self.truncated) + sorted(
+            self.truncated
+        )
 
         def digests(index: int) -> dict[str, tuple[int, int]]:
-            return {table: _digest(cursors[index], schemas[index], table, self.primary_keys.get(table, ()),
-                                   None if table in self.truncated else self.keys[table])
-                    for table in tables}
+            return {
+                table: _digest(
+                    cursors[index],
+                    schemas[index],
+                    table,
+                    self.primary_keys.get(table, ()),
+                    None if table in self.truncated else self.keys[table],
+                )
+                for table in tables
+            }
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             left, right = pool.map(digests, (0, 1))
-        differences = [(f"{table}: rows {left[table][0]} vs {right[table][0]}" if left[table][0] != right[table][0]
-                        else f"{table}: values differ")
-                       + (" (the whole table: truncated or new)" if table in self.truncated else
-                          f" among the {plural(len(self.keys[table]), 'key')} written since the verification")
-                       for table in tables if left[table] != right[table]]
+        differences = [
+            (
+                f"{table}: rows {left[table][0]} vs {right[table][0]}"
+                if left[table][0] != right[table][0]
+                else f"{table}: values differ"
+            )
+            + (
+                " (the whole table: truncated or new)"
+                if table in self.truncated
+                else f" among the {plural(len(self.keys[table]), 'key')} written since the verification"
+            )
+            for table in tables
+            if left[table] != right[table]
+        ]
         return sum(rows for rows, _ in left.values()), differences
 
     def close(self) -> None:
@@ -209,8 +232,11 @@ class ChangedRows:
                 self._drop(cursor)
 
     def _drop(self, cursor) -> None:
-        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                       "WHERE slot_name = %s AND active_pid = pg_backend_pid()", (self.slot,))
+        cursor.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND active_pid = pg_backend_pid()",
+            (self.slot,),
+        )
 
 
 def _digest(cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tuple] | None) -> tuple[int, int]:
@@ -224,7 +250,8 @@ def _digest(cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tup
     if keys is not None:
         columns = sql.SQL(", ").join(sql.Identifier(column) for column in key)
         query += sql.SQL(" WHERE ({}) IN (SELECT {} FROM json_populate_recordset(NULL::{}, %s::json))").format(
-            sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(column) for column in key), columns, relation)
+            sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(column) for column in key), columns, relation
+        )
         params = (json.dumps([dict(zip(key, values, strict=False)) for values in sorted(keys)]),)
     cursor.execute(query, params)
     rows, digest = cursor.fetchone()

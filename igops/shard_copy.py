@@ -50,12 +50,17 @@ class ShardCopier(SessionPart):
         copy_seconds = time.monotonic() - started
         if builds:
             self._build_indexes(builds)
-        self.session.result_fields["copied"] = {"source_lsn": consistent_point, "rows_copied": rows,
-                                                "bytes_copied": size}
-        return (f"{rows:,} rows, {human_bytes(size)} in {copy_seconds:.1f} s"
-                + (f"; {len(builds)} {'key or index' if len(builds) == 1 else 'keys and indexes'} in "
-                   f"{time.monotonic() - started - copy_seconds:.1f} s"
-                   if builds else ""))
+        self.session.result_fields["copied"] = {
+            "source_lsn": consistent_point,
+            "rows_copied": rows,
+            "bytes_copied": size,
+        }
+        return f"{rows:,} rows, {human_bytes(size)} in {copy_seconds:.1f} s" + (
+            f"; {len(builds)} {'key or index' if len(builds) == 1 else 'keys and indexes'} in "
+            f"{time.monotonic() - started - copy_seconds:.1f} s"
+            if builds
+            else ""
+        )
 
     def _copy_tables(self, tables: list[str], snapshot: str) -> tuple[int, int]:
         """COPY each table out of the source under `snapshot` and into the target, through
@@ -87,8 +92,9 @@ class ShardCopier(SessionPart):
             # Closing the read end on any failure makes the source side's next write fail
             # instead of blocking on a full pipe.
             with os.fdopen(read_end, "rb") as source, writer.cursor() as cursor:
-                cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source,
-                                   size=PIPE_BLOCK)
+                cursor.copy_expert(
+                    sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source, size=PIPE_BLOCK
+                )
 
         try:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -117,8 +123,14 @@ class ShardCopier(SessionPart):
             by_table.setdefault(table, []).append(statement)
 
         def build(statements: list[str]) -> None:
-            connection = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move",
-                                 settings={"maintenance_work_mem": "64MB"})
+            connection = connect(
+                self.fleet,
+                self.plan.target,
+                self.database,
+                autocommit=True,
+                purpose="move",
+                settings={"maintenance_work_mem": "64MB"},
+            )
             try:
                 with connection.cursor() as cursor:
                     for statement in statements:
@@ -154,8 +166,9 @@ class _CopyCounter:
                 self.logged = time.monotonic()
         self.advance(rows)
         if log:
-            self.reporter.log(f"copying {self.schema}: {self.rows:,} of ~{self.expected_rows:,} rows, "
-                              f"{human_bytes(self.bytes)}")
+            self.reporter.log(
+                f"copying {self.schema}: {self.rows:,} of ~{self.expected_rows:,} rows, {human_bytes(self.bytes)}"
+            )
 
 
 class _CountingPipe:
@@ -177,7 +190,7 @@ class _CountingPipe:
     def _flush(self) -> None:
         view = memoryview(self.block)
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
         view.release()
         self.counter.add(self.block)
         self.block.clear()
@@ -205,33 +218,42 @@ def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
     """(table, statement) that build the schema's keys and indexes as the source has them:
     primary keys, then unique and exclusion constraints, then plain indexes. Empty when a
     foreign key involves the schema (its keys must then stay in place during the copy)."""
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT count(*) FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
          WHERE con.contype = 'f' AND (n.nspname = %s OR con.confrelid IN (
                SELECT c.oid FROM pg_class c JOIN pg_namespace m ON m.oid = c.relnamespace WHERE m.nspname = %s))""",
-                   (schema, schema))
+        (schema, schema),
+    )
     if cursor.fetchone()[0]:
         return []
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT c.relname, format('ALTER TABLE %%I.%%I ADD CONSTRAINT %%I %%s', n.nspname, c.relname, con.conname,
                                  pg_get_constraintdef(con.oid))
           FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = %s AND con.contype IN ('p', 'u', 'x')
-         ORDER BY con.contype <> 'p', c.relname, con.conname""", (schema,))
+         ORDER BY con.contype <> 'p', c.relname, con.conname""",
+        (schema,),
+    )
     builds = [tuple(row) for row in cursor.fetchall()]
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT t.relname, pg_get_indexdef(i.indexrelid)
           FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
           JOIN pg_class ic ON ic.oid = i.indexrelid
          WHERE n.nspname = %s AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid)
-         ORDER BY t.relname, ic.relname""", (schema,))
+         ORDER BY t.relname, ic.relname""",
+        (schema,),
+    )
     return builds + [tuple(row) for row in cursor.fetchall()]
 
 
 def _drop_statements(cursor, schema: str) -> list[str]:
     """What removes every key and index of the schema's tables, so a bulk copy need not keep
     them up to date row by row."""
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT format('ALTER TABLE %%I.%%I DROP CONSTRAINT %%I', n.nspname, c.relname, con.conname)
           FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = %s AND con.contype IN ('p', 'u', 'x')
@@ -239,5 +261,6 @@ def _drop_statements(cursor, schema: str) -> list[str]:
         SELECT format('DROP INDEX %%I.%%I', n.nspname, ic.relname)
           FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
          WHERE n.nspname = %s AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid)""",
-                   (schema, schema))
+        (schema, schema),
+    )
     return [row[0] for row in cursor.fetchall()]

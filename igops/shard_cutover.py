@@ -55,26 +55,46 @@ class CutOver(SessionPart):
         # writes held, the cut-over compares those rows only.
         with self.session.source.cursor() as cursor:
             shape = describe_schema(cursor, plan.schema)
-        self.changes = ChangedRows(self.session.source, f"{plan.slot}_changes", plan.slot, plan.schema,
-                                   {name: table.primary_key for name, table in shape.tables.items()})
+        self.changes = ChangedRows(
+            self.session.source,
+            f"{plan.slot}_changes",
+            plan.slot,
+            plan.schema,
+            {name: table.primary_key for name, table in shape.tables.items()},
+        )
         self.changes.start()
         # The cut-over waits on this: an order-free row hash per table, a fifth of the cost of
         # the ordered checksums `igops shard verify` reports.
-        report = self._holding_writes("verification", lambda: verify_copies(
-            self.fleet, plan.shard, ShardCopy(plan.source, plan.schema), ShardCopy(plan.target, plan.schema),
-            plan.slot, self.reporter, ordered=False))
+        report = self._holding_writes(
+            "verification",
+            lambda: verify_copies(
+                self.fleet,
+                plan.shard,
+                ShardCopy(plan.source, plan.schema),
+                ShardCopy(plan.target, plan.schema),
+                plan.slot,
+                self.reporter,
+                ordered=False,
+            ),
+        )
         self.verify_report = report
         rows = sum(check.rows[f"{plan.source}/{plan.schema}"] for check in report.tables)
         if not report.equal:
             problems = report.schema_diff + [
                 f"{check.table}: rows {check.rows}, first difference at {check.first_difference}"
-                for check in report.tables if not check.equal]
-            raise IgopsError(f"the copies of {plan.schema} differ: " + "; ".join(problems[:5]),
-                             f"nothing was switched; investigate, then --resume {plan.move_id} to verify again "
-                             f"or --abort {plan.move_id}")
+                for check in report.tables
+                if not check.equal
+            ]
+            raise IgopsError(
+                f"the copies of {plan.schema} differ: " + "; ".join(problems[:5]),
+                f"nothing was switched; investigate, then --resume {plan.move_id} to verify again "
+                f"or --abort {plan.move_id}",
+            )
         self.session.result_fields["verified"] = {"rows_copied": rows, "verify_pause_ms": report.pause_ms}
-        return (f"{plural(len(report.tables), 'table')}, {rows:,} {'row' if rows == 1 else 'rows'} equal; "
-                f"writes paused {report.pause_ms:.0f} ms")
+        return (
+            f"{plural(len(report.tables), 'table')}, {rows:,} {'row' if rows == 1 else 'rows'} equal; "
+            f"writes paused {report.pause_ms:.0f} ms"
+        )
 
     def switch(self) -> str:
         plan = self.plan
@@ -89,9 +109,11 @@ class CutOver(SessionPart):
         timings = self._holding_writes("cut-over", self._cut_over)
         self._changes().close()
         self.session.result_fields["switched"] = timings
-        return (f"{self.checked_rows:,} rows written since the verification equal; "
-                f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
-                f"shard map version {timings['map_version']}")
+        return (
+            f"{self.checked_rows:,} rows written since the verification equal; "
+            f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
+            f"shard map version {timings['map_version']}"
+        )
 
     def _holding_writes(self, what: str, action: Callable[[], Any]) -> Any:
         """Run a step that holds the shard's writes while the target applies the source's WAL.
@@ -102,9 +124,10 @@ class CutOver(SessionPart):
                 return action()
             except CutoverDeferred as exc:
                 if attempt == CUTOVER_ATTEMPTS:
-                    raise IgopsError(f"{what} gave up after {attempt} attempts: {exc.message}",
-                                     f"writes were released each time; --resume {self.plan.move_id} tries again"
-                                     ) from None
+                    raise IgopsError(
+                        f"{what} gave up after {attempt} attempts: {exc.message}",
+                        f"writes were released each time; --resume {self.plan.move_id} tries again",
+                    ) from None
                 self.reporter.log(f"{what} attempt {attempt}: {exc.message}; writes released, catching up again")
                 catch_up(self.session)
 
@@ -130,11 +153,15 @@ class CutOver(SessionPart):
                 shape = describe_schema(cursor, plan.schema)
                 sequences = sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
-                    target_cursor.execute("SELECT setval(%s, %s)",
-                                          (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}",
-                                           value + SEQUENCE_MARGIN))
-                cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                    sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)))
+                    target_cursor.execute(
+                        "SELECT setval(%s, %s)",
+                        (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}", value + SEQUENCE_MARGIN),
+                    )
+                cursor.execute(
+                    sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                        sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)
+                    )
+                )
                 version = _stage_map_flip(self.session, directory, lsn)
                 _commit_fence(self.session, locker)
                 _wait_for_target_clock(self.session)
@@ -149,17 +176,21 @@ class CutOver(SessionPart):
             locker.close()
             directory.close()
         self.checked_rows = checked
-        return {"lock_wait_ms": round((locked - requested) * 1000, 1),
-                "write_block_ms": round((switched - requested) * 1000, 1),
-                "map_version": version,
-                "source_lsn": str(lsn),
-                "source_sequence": max(sequences.values()) if sequences else None,
-                "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None}
+        return {
+            "lock_wait_ms": round((locked - requested) * 1000, 1),
+            "write_block_ms": round((switched - requested) * 1000, 1),
+            "map_version": version,
+            "source_lsn": str(lsn),
+            "source_sequence": max(sequences.values()) if sequences else None,
+            "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None,
+        }
 
     def _changes(self) -> ChangedRows:
         if self.changes is None:  # a resumed move verifies again: see resume_move
-            raise IgopsError(f"move {self.plan.move_id} has no record of the rows written since its verification",
-                             f"--resume {self.plan.move_id} verifies again")
+            raise IgopsError(
+                f"move {self.plan.move_id} has no record of the rows written since its verification",
+                f"--resume {self.plan.move_id} verifies again",
+            )
         return self.changes
 
     def _compare_changed_rows(self, target_cursor, lsn: str) -> int:
@@ -170,21 +201,23 @@ class CutOver(SessionPart):
         changes = self._changes()
         changes.drain(upto=lsn)
         with self.session.source.cursor() as source_cursor:
-            checked, differences = changes.compare((source_cursor, target_cursor),
-                                                   (self.plan.schema, self.plan.schema))
+            checked, differences = changes.compare((source_cursor, target_cursor), (self.plan.schema, self.plan.schema))
         if differences:
-            raise IgopsError(f"the copies of {self.plan.schema} differ in rows written since the verification: "
-                             + "; ".join(differences[:5]),
-                             f"nothing was switched; --resume {self.plan.move_id} verifies again, or "
-                             f"--abort {self.plan.move_id}")
+            raise IgopsError(
+                f"the copies of {self.plan.schema} differ in rows written since the verification: "
+                + "; ".join(differences[:5]),
+                f"nothing was switched; --resume {self.plan.move_id} verifies again, or --abort {self.plan.move_id}",
+            )
         return checked
 
 
 def _source_fenced(session: MoveSession) -> bool:
     """Whether the cut-over already renamed the source's copy (and committed it)."""
     with session.source.cursor() as cursor:
-        cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                       ([session.plan.schema, session.plan.fenced_schema],))
+        cursor.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+            ([session.plan.schema, session.plan.fenced_schema],),
+        )
         present = {row[0] for row in cursor.fetchall()}
     return session.plan.fenced_schema in present and session.plan.schema not in present
 
@@ -200,8 +233,10 @@ def _check_clock_skew(session: MoveSession) -> None:
             readings.append(cursor.fetchone()[0] - (before + time.time()) / 2)
     skew_ms = (readings[0] - readings[1]) * 1000
     if skew_ms > MAX_CLOCK_SKEW_MS:
-        raise RefusedError(f"{session.plan.target_primary}'s clock is {skew_ms:.0f} ms behind "
-                           f"{session.plan.source_primary}'s", "fix time synchronisation (NTP), then --resume")
+        raise RefusedError(
+            f"{session.plan.target_primary}'s clock is {skew_ms:.0f} ms behind {session.plan.source_primary}'s",
+            "fix time synchronisation (NTP), then --resume",
+        )
 
 
 def _wait_for_target_clock(session: MoveSession) -> None:
@@ -225,10 +260,11 @@ def _commit_fence(session: MoveSession, locker) -> None:
     try:
         locker.commit()
     except psycopg2.Error as exc:
-        raise IgopsError(f"committing the fence on {session.plan.source} failed ({first_line(exc)}): "
-                         f"{session.plan.schema} may or may not be renamed there; the map is unchanged",
-                         f"--resume {session.plan.move_id} finds out and finishes, or --abort {session.plan.move_id}"
-                         ) from None
+        raise IgopsError(
+            f"committing the fence on {session.plan.source} failed ({first_line(exc)}): "
+            f"{session.plan.schema} may or may not be renamed there; the map is unchanged",
+            f"--resume {session.plan.move_id} finds out and finishes, or --abort {session.plan.move_id}",
+        ) from None
 
 
 def _stage_map_flip(session: MoveSession, directory, lsn: str) -> int:
@@ -237,17 +273,23 @@ def _stage_map_flip(session: MoveSession, directory, lsn: str) -> int:
     source: the cleanup drops nothing before the target has flushed up to it."""
     plan = session.plan
     with directory.cursor() as cursor:
-        cursor.execute("UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
-                       (plan.target, plan.shard, plan.source))
+        cursor.execute(
+            "UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
+            (plan.target, plan.shard, plan.source),
+        )
         if cursor.rowcount != 1:
-            raise IgopsError(f"the shard map no longer places shard {plan.shard} on {plan.source}",
-                             "someone changed the map during the move; nothing was switched")
+            raise IgopsError(
+                f"the shard map no longer places shard {plan.shard} on {plan.source}",
+                "someone changed the map during the move; nothing was switched",
+            )
         cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
         version = cursor.fetchone()[0]
-        cursor.execute("UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
-                       "updated_at = now(), error = NULL, history = history || jsonb_build_array("
-                       "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s",
-                       (version, lsn, plan.move_id))
+        cursor.execute(
+            "UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
+            "updated_at = now(), error = NULL, history = history || jsonb_build_array("
+            "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s",
+            (version, lsn, plan.move_id),
+        )
     return version
 
 
@@ -277,9 +319,11 @@ def _commit_map_flip(session: MoveSession, directory, version: int, lsn: str) ->
             return _flip_map(session, lsn)
         except (psycopg2.Error, IgopsError) as exc:
             failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
-    raise IgopsError(f"{session.plan.source} is fenced but the shard map could not be switched ({failure}): "
-                     f"shard {session.plan.shard} is unavailable",
-                     f"igops shard move --resume {session.plan.move_id} as soon as the directory answers")
+    raise IgopsError(
+        f"{session.plan.source} is fenced but the shard map could not be switched ({failure}): "
+        f"shard {session.plan.shard} is unavailable",
+        f"igops shard move --resume {session.plan.move_id} as soon as the directory answers",
+    )
 
 
 def _rollback_quietly(connection) -> None:

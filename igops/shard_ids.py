@@ -32,19 +32,22 @@ def decode_id(value: int) -> DecodedId:
     if not 0 <= value <= MAX_ID:
         raise UsageError(f"{value} is not a 64-bit id of this scheme", f"ids lie in 0..{MAX_ID}")
     unix_ms = (value >> (SHARD_BITS + SEQUENCE_BITS)) + ID_EPOCH_MS
-    return DecodedId(value, format_ms(unix_ms), unix_ms, (value >> SEQUENCE_BITS) & MAX_SHARD,
-                     value & MAX_SEQUENCE)
+    return DecodedId(value, format_ms(unix_ms), unix_ms, (value >> SEQUENCE_BITS) & MAX_SHARD, value & MAX_SEQUENCE)
 
 
 def encode_id(unix_ms: int, shard: int, sequence: int) -> int:
     if not ID_EPOCH_MS <= unix_ms <= MAX_ID_MS:
-        raise UsageError(f"time {format_ms(unix_ms) if unix_ms >= 0 else unix_ms} is outside the id range",
-                         f"ids cover {format_ms(ID_EPOCH_MS)} to {format_ms(MAX_ID_MS)}")
+        raise UsageError(
+            f"time {format_ms(unix_ms) if unix_ms >= 0 else unix_ms} is outside the id range",
+            f"ids cover {format_ms(ID_EPOCH_MS)} to {format_ms(MAX_ID_MS)}",
+        )
     if not 0 <= shard <= MAX_SHARD:
         raise UsageError(f"logical shard {shard} does not fit in {SHARD_BITS} bits", f"use 0..{MAX_SHARD}")
     if not 0 <= sequence <= MAX_SEQUENCE:
-        raise UsageError(f"sequence {sequence} does not fit in {SEQUENCE_BITS} bits",
-                         f"use 0..{MAX_SEQUENCE} (next_id() keeps nextval % {MAX_SEQUENCE + 1})")
+        raise UsageError(
+            f"sequence {sequence} does not fit in {SEQUENCE_BITS} bits",
+            f"use 0..{MAX_SEQUENCE} (next_id() keeps nextval % {MAX_SEQUENCE + 1})",
+        )
     return ((unix_ms - ID_EPOCH_MS) << (SHARD_BITS + SEQUENCE_BITS)) | (shard << SEQUENCE_BITS) | sequence
 
 
@@ -56,8 +59,9 @@ def parse_time(text: str) -> int:
     try:
         moment = datetime.fromisoformat(stripped.replace("Z", "+00:00") if stripped.endswith("Z") else stripped)
     except ValueError:
-        raise UsageError(f"cannot read time {text!r}",
-                         "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds") from None
+        raise UsageError(
+            f"cannot read time {text!r}", "use ISO 8601, e.g. 2024-05-01T12:00:00.250Z, or Unix milliseconds"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return round(moment.timestamp() * 1000)

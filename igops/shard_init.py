@@ -45,12 +45,15 @@ class InitPlan:
         if self.map_version is None:
             steps.append(f"seed the shard map with {plural(self.count, 'shard')} ({layout}) as version 1")
         else:
-            steps.append(f"keep the shard map (version {self.map_version}, "
-                         f"{plural(len(self.placement), 'shard')}: {layout})")
+            steps.append(
+                f"keep the shard map (version {self.map_version}, {plural(len(self.placement), 'shard')}: {layout})"
+            )
         for cluster, shards in by_cluster.items():
             missing = self.missing_schemas.get(cluster, [])
-            steps.append(f"on {cluster}: apply the shard DDL to {plural(len(shards), 'schema')} (tables, next_id()); "
-                         + (f"new: {shard_ranges(missing)}" if missing else "all exist"))
+            steps.append(
+                f"on {cluster}: apply the shard DDL to {plural(len(shards), 'schema')} (tables, next_id()); "
+                + (f"new: {shard_ranges(missing)}" if missing else "all exist")
+            )
         return steps
 
 
@@ -75,16 +78,19 @@ def plan_init(fleet: Fleet, count: int | None = None) -> InitPlan:
                 found = {row[0] for row in cursor.fetchall()}
         missing_databases += [f"{name}/{database}" for database in wanted if database not in found]
         if model.postgres.database in found:
-            with primary_connection(fleet, name, model.postgres.database, autocommit=True,
-                                    purpose="shards") as connection:
+            with primary_connection(
+                fleet, name, model.postgres.database, autocommit=True, purpose="shards"
+            ) as connection:
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
-                                   (model.shards.schema_prefix + "%",))
+                    cursor.execute(
+                        "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (model.shards.schema_prefix + "%",)
+                    )
                     present[name] = {row[0] for row in cursor.fetchall()}
     placement, version = {}, None
     if f"{directory_cluster}/{model.shards.directory_database}" not in missing_databases:
-        with primary_connection(fleet, directory_cluster, model.shards.directory_database, autocommit=True,
-                                purpose="shards") as connection:
+        with primary_connection(
+            fleet, directory_cluster, model.shards.directory_database, autocommit=True, purpose="shards"
+        ) as connection:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT to_regclass('shard_map') IS NOT NULL")
                 if cursor.fetchone()[0]:
@@ -94,15 +100,27 @@ def plan_init(fleet: Fleet, count: int | None = None) -> InitPlan:
                     row = cursor.fetchone()
                     version = row[0] if placement and row else None
     if placement and set(placement) != set(range(count)):
-        raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
-                         "pass the map's shard count or fix the directory's shard_map")
+        raise IgopsError(
+            f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
+            "pass the map's shard count or fix the directory's shard_map",
+        )
     placement = placement or even_placement(clusters, count)
     missing_schemas = {
-        cluster: [shard for shard, where in sorted(placement.items())
-                  if where == cluster and schema_name(fleet, shard) not in present.get(cluster, set())]
-        for cluster in clusters}
-    return InitPlan(f"{directory_cluster}/{model.shards.directory_database}", count, missing_databases, version,
-                    placement, missing_schemas)
+        cluster: [
+            shard
+            for shard, where in sorted(placement.items())
+            if where == cluster and schema_name(fleet, shard) not in present.get(cluster, set())
+        ]
+        for cluster in clusters
+    }
+    return InitPlan(
+        f"{directory_cluster}/{model.shards.directory_database}",
+        count,
+        missing_databases,
+        version,
+        placement,
+        missing_schemas,
+    )
 
 
 def init_shards(fleet: Fleet, reporter: Reporter | None = None, count: int | None = None) -> ShardInitReport:
@@ -126,8 +144,9 @@ def init_shards(fleet: Fleet, reporter: Reporter | None = None, count: int | Non
 
     with reporter.step(f"directory on {directory_cluster}/{shards.directory_database}") as step:
         with primary_connection(fleet, directory_cluster, shards.directory_database, purpose="shards") as connection:
-            map_created, version, placement = _seed_directory(connection, fleet, ddl["directory_ddl"],
-                                                              count or shards.count)
+            map_created, version, placement = _seed_directory(
+                connection, fleet, ddl["directory_ddl"], count or shards.count
+            )
         step.detail = f"shard map version {version}" + (" (new)" if map_created else "")
 
     report = ShardInitReport(f"{directory_cluster}/{shards.directory_database}", version, map_created)
@@ -166,8 +185,10 @@ def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[
         act_as_owner(cursor)
         cursor.execute(directory_ddl)
         for name, cluster in model.postgres.clusters.items():
-            cursor.execute("INSERT INTO clusters (name, pgbouncer_database) VALUES (%s, %s) "
-                           "ON CONFLICT (name) DO NOTHING", (name, cluster.pgbouncer_database or name))
+            cursor.execute(
+                "INSERT INTO clusters (name, pgbouncer_database) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, cluster.pgbouncer_database or name),
+            )
         # Serialise concurrent initialisations: only one may seed the map.
         cursor.execute("LOCK TABLE shard_map IN EXCLUSIVE MODE")
         cursor.execute("SELECT logical_shard, cluster FROM shard_map")
@@ -175,21 +196,28 @@ def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[
         map_created = not placement
         if map_created:
             placement = even_placement(clusters, count)
-            cursor.executemany("INSERT INTO shard_map (logical_shard, cluster) VALUES (%s, %s)",
-                               sorted(placement.items()))
+            cursor.executemany(
+                "INSERT INTO shard_map (logical_shard, cluster) VALUES (%s, %s)", sorted(placement.items())
+            )
             cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now()")
         elif set(placement) != set(range(count)):
-            raise IgopsError(f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
-                             "fix [shards] count (or --count) or the directory's shard_map")
+            raise IgopsError(
+                f"the shard map has {plural(len(placement), 'shard')}, {count} were asked for",
+                "fix [shards] count (or --count) or the directory's shard_map",
+            )
         if model.redis.master:
             master = fleet.host(model.redis.master)
-            cursor.execute("INSERT INTO endpoints (name, address) VALUES ('redis_master', %s) "
-                           "ON CONFLICT (name) DO NOTHING", (f"{master.address}:{model.redis.port}",))
+            cursor.execute(
+                "INSERT INTO endpoints (name, address) VALUES ('redis_master', %s) ON CONFLICT (name) DO NOTHING",
+                (f"{master.address}:{model.redis.port}",),
+            )
         cursor.execute("SELECT version FROM shard_map_version")
         version = cursor.fetchone()[0]
     connection.commit()
     unknown = sorted({cluster for cluster in placement.values()} - set(clusters))
     if unknown:
-        raise IgopsError(f"the shard map places shards on clusters the inventory lacks: {', '.join(unknown)}",
-                         "add them under [postgres.clusters] or fix the map")
+        raise IgopsError(
+            f"the shard map places shards on clusters the inventory lacks: {', '.join(unknown)}",
+            "add them under [postgres.clusters] or fix the map",
+        )
     return map_created, version, placement

@@ -46,10 +46,30 @@ CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_one_active ON shard_moves (logical
 # driving a move, and released by the server the moment that process dies.
 ADVISORY_CLASS = 0x69676D76  # "igmv"
 
-_RECORD_FIELDS = ("id", "logical_shard", "schema_name", "source", "target", "step", "status", "started_at",
-                  "updated_at", "finished_at", "started_by", "source_lsn", "source_sequence", "target_sequence",
-                  "map_version", "rows_copied", "bytes_copied", "verify_pause_ms", "lock_wait_ms",
-                  "write_block_ms", "error", "history")
+_RECORD_FIELDS = (
+    "id",
+    "logical_shard",
+    "schema_name",
+    "source",
+    "target",
+    "step",
+    "status",
+    "started_at",
+    "updated_at",
+    "finished_at",
+    "started_by",
+    "source_lsn",
+    "source_sequence",
+    "target_sequence",
+    "map_version",
+    "rows_copied",
+    "bytes_copied",
+    "verify_pause_ms",
+    "lock_wait_ms",
+    "write_block_ms",
+    "error",
+    "history",
+)
 
 
 @dataclass
@@ -116,11 +136,15 @@ class Journal:
         if not self.exists():
             return []
         with self.connection.cursor() as cursor:
-            cursor.execute(f"SELECT {', '.join(_RECORD_FIELDS)} FROM shard_moves WHERE {where} ORDER BY id DESC"
-                           + (f" LIMIT {int(limit)}" if limit else ""), params)
+            cursor.execute(
+                f"SELECT {', '.join(_RECORD_FIELDS)} FROM shard_moves WHERE {where} ORDER BY id DESC"
+                + (f" LIMIT {int(limit)}" if limit else ""),
+                params,
+            )
             rows = cursor.fetchall()
-            cursor.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted",
-                           (ADVISORY_CLASS,))
+            cursor.execute(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted", (ADVISORY_CLASS,)
+            )
             locked = {row[0] for row in cursor.fetchall()}
         records = []
         for row in rows:
@@ -161,13 +185,16 @@ class Journal:
                     "INSERT INTO shard_moves (logical_shard, schema_name, source, target, step, status, started_by, "
                     "history) VALUES (%s, %s, %s, %s, 'planned', 'active', %s, "
                     "jsonb_build_array(jsonb_build_object('step', 'planned', 'at', now()))) RETURNING id",
-                    (plan.shard, plan.schema, plan.source, plan.target, operator_label()))
+                    (plan.shard, plan.schema, plan.source, plan.target, operator_label()),
+                )
                 move_id = cursor.fetchone()[0]
         except errors.UniqueViolation:
             other = self.active_for(plan.shard)
-            raise RefusedError(f"shard {plan.shard} already has an unfinished move"
-                               + (f" ({other.id}, at {other.step})" if other else ""),
-                               "finish it with --resume or roll it back with --abort") from None
+            raise RefusedError(
+                f"shard {plan.shard} already has an unfinished move"
+                + (f" ({other.id}, at {other.step})" if other else ""),
+                "finish it with --resume or roll it back with --abort",
+            ) from None
         return self.get(move_id)
 
     def advance(self, move_id: int, step: str, **fields: Any) -> None:
@@ -179,16 +206,21 @@ class Journal:
         assignments = [sql.SQL("updated_at = now()")]
         params: list[Any] = []
         if step is not None:
-            assignments.append(sql.SQL("step = %s, history = history || "
-                                       "jsonb_build_array(jsonb_build_object('step', %s, 'at', now()))"))
+            assignments.append(
+                sql.SQL(
+                    "step = %s, history = history || jsonb_build_array(jsonb_build_object('step', %s, 'at', now()))"
+                )
+            )
             params += [step, step]
             fields.setdefault("error", None)
         for name, value in fields.items():
             assignments.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
             params.append(value)
         with self.connection.cursor() as cursor:
-            cursor.execute(sql.SQL("UPDATE shard_moves SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments)),
-                           [*params, move_id])
+            cursor.execute(
+                sql.SQL("UPDATE shard_moves SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments)),
+                [*params, move_id],
+            )
 
     def fail(self, move_id: int, error: str) -> None:
         self.update(move_id, error=error[:2000])
@@ -202,13 +234,18 @@ class Journal:
             cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_CLASS, shard))
             if cursor.fetchone()[0]:
                 return
-            cursor.execute("SELECT a.client_addr, a.pid, a.backend_start FROM pg_locks l "
-                           "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                           "AND l.classid = %s AND l.objid = %s AND l.granted", (ADVISORY_CLASS, shard))
+            cursor.execute(
+                "SELECT a.client_addr, a.pid, a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                "AND l.classid = %s AND l.objid = %s AND l.granted",
+                (ADVISORY_CLASS, shard),
+            )
             holder = cursor.fetchone()
-        raise AlreadyRunning(f"a move of shard {shard} is running"
-                             + (f" (from {holder[0]}, session since {holder[2]:%H:%M:%S})" if holder else ""),
-                             "wait for it; the lock is released when that igops exits")
+        raise AlreadyRunning(
+            f"a move of shard {shard} is running"
+            + (f" (from {holder[0]}, session since {holder[2]:%H:%M:%S})" if holder else ""),
+            "wait for it; the lock is released when that igops exits",
+        )
 
 
 def operator_label() -> str:

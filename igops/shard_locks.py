@@ -13,8 +13,11 @@ from igops.errors import IgopsError
 # The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
 LOCK_TIMEOUT_MS = 1000
-LOCK_SETTINGS = {"lock_timeout": f"{LOCK_TIMEOUT_MS}ms", "idle_in_transaction_session_timeout": "10s",
-                 "statement_timeout": "30s"}
+LOCK_SETTINGS = {
+    "lock_timeout": f"{LOCK_TIMEOUT_MS}ms",
+    "idle_in_transaction_session_timeout": "10s",
+    "statement_timeout": "30s",
+}
 
 
 class CutoverDeferred(IgopsError):
@@ -29,11 +32,15 @@ def lock_tables(cursor, schema: str, tables: list[str]) -> None:
     from psycopg2 import sql
 
     try:
-        cursor.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-            sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)))
+        cursor.execute(
+            sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables)
+            )
+        )
     except psycopg2.errors.LockNotAvailable:
-        raise CutoverDeferred(f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms "
-                              "(a long transaction holds them?)") from None
+        raise CutoverDeferred(
+            f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms (a long transaction holds them?)"
+        ) from None
 
 
 def flushed_position(cursor) -> str:
@@ -76,12 +83,16 @@ def wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> s
     lsn = flushed_position(source_cursor)
     deadline = time.monotonic() + budget_s
     while True:
-        cursor.execute("SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
-                       "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL", (lsn, subscription))
+        cursor.execute(
+            "SELECT latest_end_lsn >= %s::pg_lsn FROM pg_stat_subscription "
+            "WHERE subname = %s AND relid IS NULL AND pid IS NOT NULL",
+            (lsn, subscription),
+        )
         row = cursor.fetchone()
         if row and row[0]:
             return lsn
         if time.monotonic() > deadline:
-            raise CutoverDeferred(f"the target did not apply the source's WAL up to {lsn} within "
-                                 f"{budget_s * 1000:.0f} ms")
+            raise CutoverDeferred(
+                f"the target did not apply the source's WAL up to {lsn} within {budget_s * 1000:.0f} ms"
+            )
         time.sleep(0.002)

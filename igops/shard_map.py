@@ -70,15 +70,17 @@ class ShardMap:
 def directory_connection(fleet: Fleet, autocommit: bool = True, purpose: str = "shards"):
     """A connection to the directory database that the caller closes."""
     cluster_names(fleet)  # refuses an inventory without clusters
-    return connect(fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit,
-                   purpose=purpose)
+    return connect(
+        fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit, purpose=purpose
+    )
 
 
 def directory_session(fleet: Fleet) -> primary_connection:
     """An autocommit directory connection as a context manager that closes it."""
     cluster_names(fleet)  # refuses an inventory without clusters
-    return primary_connection(fleet, fleet.directory_cluster, fleet.model.shards.directory_database,
-                              autocommit=True, purpose="shards")
+    return primary_connection(
+        fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=True, purpose="shards"
+    )
 
 
 def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:
@@ -107,10 +109,12 @@ def read_map(fleet: Fleet, sizes: bool = True) -> ShardMap:
     schema_bytes: dict[str, dict[str, int]] = {}
     errors: dict[str, str] = {}
     if sizes:
+
         def measure(cluster: str) -> None:
             try:
-                schema_bytes[cluster] = _schema_sizes(fleet, cluster,
-                                                      [schema_name(fleet, s) for s in by_cluster[cluster]])
+                schema_bytes[cluster] = _schema_sizes(
+                    fleet, cluster, [schema_name(fleet, s) for s in by_cluster[cluster]]
+                )
             except IgopsError as exc:
                 errors[cluster] = exc.message
 
@@ -120,29 +124,46 @@ def read_map(fleet: Fleet, sizes: bool = True) -> ShardMap:
     for shard, cluster in sorted(placement.items()):
         measured = schema_bytes.get(cluster)
         schema = schema_name(fleet, shard)
-        shards.append(ShardPlacement(shard, schema, cluster, measured.get(schema) if measured is not None else None,
-                                     (schema in measured) if measured is not None else None))
+        shards.append(
+            ShardPlacement(
+                shard,
+                schema,
+                cluster,
+                measured.get(schema) if measured is not None else None,
+                (schema in measured) if measured is not None else None,
+            )
+        )
     clusters = []
     for name, members in by_cluster.items():
         known = name in fleet.model.postgres.clusters
         measured = schema_bytes.get(name)
-        clusters.append(ClusterLoad(
-            name, last_primary(fleet, name) if known else "?", databases.get(name, "?"),
-            sorted(members), sum(measured.values()) if measured is not None else None,
-            errors.get(name) or (None if known else "not in the inventory")))
+        clusters.append(
+            ClusterLoad(
+                name,
+                last_primary(fleet, name) if known else "?",
+                databases.get(name, "?"),
+                sorted(members),
+                sum(measured.values()) if measured is not None else None,
+                errors.get(name) or (None if known else "not in the inventory"),
+            )
+        )
     return ShardMap(version, updated_at.isoformat(timespec="seconds"), shards, clusters)
 
 
 def _schema_sizes(fleet: Fleet, cluster: str, schemas: list[str]) -> dict[str, int]:
     """Bytes of every table (with its indexes and TOAST) per existing schema."""
-    with primary_connection(fleet, cluster, fleet.model.postgres.database, autocommit=True,
-                            purpose="shards") as connection:
+    with primary_connection(
+        fleet, cluster, fleet.model.postgres.database, autocommit=True, purpose="shards"
+    ) as connection:
         with connection.cursor() as cursor:
-            cursor.execute("""
+            cursor.execute(
+                """
                 SELECT n.nspname, coalesce(sum(pg_total_relation_size(c.oid))
                                            FILTER (WHERE c.relkind IN ('r', 'p', 'm')), 0)::bigint
                   FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid
-                 WHERE n.nspname = ANY(%s) GROUP BY n.nspname""", (schemas,))
+                 WHERE n.nspname = ANY(%s) GROUP BY n.nspname""",
+                (schemas,),
+            )
             return dict(cursor.fetchall())
 
 
@@ -154,7 +175,8 @@ def placement_of(fleet: Fleet, shard: int) -> str:
             if row is None:
                 cursor.execute("SELECT min(logical_shard), max(logical_shard) FROM shard_map")
                 low, high = cursor.fetchone()
-                raise UsageError(f"unknown logical shard {shard}",
-                                 f"the shard map has shards {low}-{high}" if low is not None
-                                else "run igops shard init")
+                raise UsageError(
+                    f"unknown logical shard {shard}",
+                    f"the shard map has shards {low}-{high}" if low is not None else "run igops shard init",
+                )
     return row[0]

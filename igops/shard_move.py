@@ -70,17 +70,24 @@ def plan_move(fleet: Fleet, shard: int, target: str) -> MovePlan:
     if source == target:
         raise UsageError(f"shard {shard} is already on {target}", "pick another cluster with --to")
     if source not in model.postgres.clusters:
-        raise IgopsError(f"the map places shard {shard} on {source}, which the inventory lacks",
-                         "add the cluster to [postgres.clusters]")
+        raise IgopsError(
+            f"the map places shard {shard} on {source}, which the inventory lacks",
+            "add the cluster to [postgres.clusters]",
+        )
     with directory_session(fleet) as directory:
         unfinished = Journal(directory).active_for(shard)
     if unfinished and unfinished.running:
-        raise AlreadyRunning(f"move {unfinished.id} of shard {shard} ({unfinished.source} -> {unfinished.target}) "
-                             f"is already running, at {unfinished.step}", "wait for it: `igops shard moves`")
+        raise AlreadyRunning(
+            f"move {unfinished.id} of shard {shard} ({unfinished.source} -> {unfinished.target}) "
+            f"is already running, at {unfinished.step}",
+            "wait for it: `igops shard moves`",
+        )
     if unfinished:
-        raise RefusedError(f"shard {shard} has an unfinished move {unfinished.id} ({unfinished.source} -> "
-                           f"{unfinished.target}, {unfinished.state} at {unfinished.step})",
-                           f"igops shard move --resume {unfinished.id}, or --abort {unfinished.id}")
+        raise RefusedError(
+            f"shard {shard} has an unfinished move {unfinished.id} ({unfinished.source} -> "
+            f"{unfinished.target}, {unfinished.state} at {unfinished.step})",
+            f"igops shard move --resume {unfinished.id}, or --abort {unfinished.id}",
+        )
     schema = schema_name(fleet, shard)
     database = model.postgres.database
     template = read_ddl(fleet, "shard_ddl")
@@ -88,31 +95,49 @@ def plan_move(fleet: Fleet, shard: int, target: str) -> MovePlan:
         with connection.cursor() as cursor:
             source_shape = describe_schema(cursor, schema)
             if source_shape is None:
-                raise IgopsError(f"the map places shard {shard} on {source}, but {source} has no schema {schema}",
-                                 "check `igops shard moves` and `igops shard verify`")
+                raise IgopsError(
+                    f"the map places shard {shard} on {source}, but {source} has no schema {schema}",
+                    "check `igops shard moves` and `igops shard verify`",
+                )
             keyless = [name for name, table in sorted(source_shape.tables.items()) if not table.primary_key]
             if keyless:
-                raise RefusedError(f"{schema} has tables without a primary key: {', '.join(keyless)}",
-                                   "logical replication needs one per table; add it first")
+                raise RefusedError(
+                    f"{schema} has tables without a primary key: {', '.join(keyless)}",
+                    "logical replication needs one per table; add it first",
+                )
             _check_replication_capacity(cursor, source)
             tables = _table_sizes(cursor, schema)
     with primary_connection(fleet, target, database, purpose="shards") as connection:
         with connection.cursor() as cursor:
             existing = describe_schema(cursor, schema)
             if existing is not None and any(_has_rows(cursor, schema, name) for name in existing.tables):
-                raise RefusedError(f"{target} already has a schema {schema} with rows in it",
-                                   f"a leftover copy? inspect it, drop it on {target_primary.name}, then retry")
+                raise RefusedError(
+                    f"{target} already has a schema {schema} with rows in it",
+                    f"a leftover copy? inspect it, drop it on {target_primary.name}, then retry",
+                )
             act_as_owner(cursor)
             cursor.execute(shard_ddl(template, schema, shard))
             built = describe_schema(cursor, schema)
         connection.rollback()
     diff = schema_diff(source_shape, built, source, target)
     if diff:
-        raise RefusedError(f"the shard DDL does not build on {target} the tables {schema} has on {source}: "
-                           + "; ".join(diff[:5]) + (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""),
-                           "make [shards] shard_ddl match the shard's tables (or drop what is extra), then retry")
-    return MovePlan(shard, schema, source, target, primary_of(fleet, source).name, target_primary.name, database,
-                    tables, model.postgres.max_lag_bytes)
+        raise RefusedError(
+            f"the shard DDL does not build on {target} the tables {schema} has on {source}: "
+            + "; ".join(diff[:5])
+            + (f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""),
+            "make [shards] shard_ddl match the shard's tables (or drop what is extra), then retry",
+        )
+    return MovePlan(
+        shard,
+        schema,
+        source,
+        target,
+        primary_of(fleet, source).name,
+        target_primary.name,
+        database,
+        tables,
+        model.postgres.max_lag_bytes,
+    )
 
 
 def _has_rows(cursor, schema: str, table: str) -> bool:
@@ -126,10 +151,13 @@ def _table_sizes(cursor, schema: str) -> list[TableSize]:
     """Rows from the planner's estimate, counted instead for tables never analysed."""
     from psycopg2 import sql
 
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1""", (schema,))
+         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1""",
+        (schema,),
+    )
     sizes = []
     for name, rows, size in cursor.fetchall():
         if rows < 0:
@@ -140,19 +168,26 @@ def _table_sizes(cursor, schema: str) -> list[TableSize]:
 
 
 def _check_replication_capacity(cursor, cluster: str) -> None:
-    cursor.execute("SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, "
-                   "(SELECT count(*) FROM pg_replication_slots), current_setting('max_wal_senders')::int, "
-                   "(SELECT count(*) FROM pg_stat_replication)")
+    cursor.execute(
+        "SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, "
+        "(SELECT count(*) FROM pg_replication_slots), current_setting('max_wal_senders')::int, "
+        "(SELECT count(*) FROM pg_stat_replication)"
+    )
     wal_level, max_slots, slots, max_senders, senders = cursor.fetchone()
     if wal_level != "logical":
-        raise RefusedError(f"{cluster} runs with wal_level = {wal_level}",
-                           "set wal_level = logical and restart the primary before moving shards off it")
+        raise RefusedError(
+            f"{cluster} runs with wal_level = {wal_level}",
+            "set wal_level = logical and restart the primary before moving shards off it",
+        )
     if slots + 2 > max_slots:  # the move's own, and the one that tracks writes from its verification on
-        raise RefusedError(f"{cluster} has not two free replication slots ({slots} of {max_slots} used)",
-                           "raise max_replication_slots or drop unused slots")
+        raise RefusedError(
+            f"{cluster} has not two free replication slots ({slots} of {max_slots} used)",
+            "raise max_replication_slots or drop unused slots",
+        )
     if senders >= max_senders:
-        raise RefusedError(f"{cluster} has no free WAL sender ({senders} of {max_senders} busy)",
-                           "raise max_wal_senders")
+        raise RefusedError(
+            f"{cluster} has no free WAL sender ({senders} of {max_senders} busy)", "raise max_wal_senders"
+        )
 
 
 def move_resources(shard: int, source: str, target: str) -> list[tuple[str, str]]:
@@ -171,14 +206,25 @@ def plan_resume(fleet: Fleet, move_id: int) -> tuple[MovePlan, MoveRecord]:
 def _plan_from_record(fleet: Fleet, record: MoveRecord, resume_after: str) -> MovePlan:
     model = fleet.model
     tables: list[TableSize] = []
-    if resume_after in STEPS[:STEPS.index("switched")]:
-        with primary_connection(fleet, record.source, model.postgres.database, autocommit=True,
-                                purpose="shards") as connection:
+    if resume_after in STEPS[: STEPS.index("switched")]:
+        with primary_connection(
+            fleet, record.source, model.postgres.database, autocommit=True, purpose="shards"
+        ) as connection:
             with connection.cursor() as cursor:
                 tables = _table_sizes(cursor, record.schema_name) or _table_sizes(cursor, record.fenced_schema)
-    return MovePlan(record.logical_shard, record.schema_name, record.source, record.target,
-                    primary_of(fleet, record.source).name, primary_of(fleet, record.target).name,
-                    model.postgres.database, tables, model.postgres.max_lag_bytes, record.id, resume_after)
+    return MovePlan(
+        record.logical_shard,
+        record.schema_name,
+        record.source,
+        record.target,
+        primary_of(fleet, record.source).name,
+        primary_of(fleet, record.target).name,
+        model.postgres.database,
+        tables,
+        model.postgres.max_lag_bytes,
+        record.id,
+        resume_after,
+    )
 
 
 def plan_abort(fleet: Fleet, move_id: int) -> AbortPlan:
@@ -190,11 +236,21 @@ def plan_abort(fleet: Fleet, move_id: int) -> AbortPlan:
     if record.status != ACTIVE:
         raise UsageError(f"move {move_id} is {record.status}: there is nothing to abort")
     if STEPS.index(record.step) >= STEPS.index("switched") or (placed and placed[0] != record.source):
-        raise RefusedError(f"move {move_id} has already switched shard {record.logical_shard} to {record.target}: "
-                           "writes land there now, so the old copy cannot be brought back",
-                           f"finish it with --resume {move_id}; to go back, move the shard to {record.source}")
-    return AbortPlan(record.id, record.logical_shard, record.schema_name, record.source, record.target, record.step,
-                     record.slot, record.fenced_schema)
+        raise RefusedError(
+            f"move {move_id} has already switched shard {record.logical_shard} to {record.target}: "
+            "writes land there now, so the old copy cannot be brought back",
+            f"finish it with --resume {move_id}; to go back, move the shard to {record.source}",
+        )
+    return AbortPlan(
+        record.id,
+        record.logical_shard,
+        record.schema_name,
+        record.source,
+        record.target,
+        record.step,
+        record.slot,
+        record.fenced_schema,
+    )
 
 
 class _Mover:
@@ -262,8 +318,10 @@ class _Mover:
                     raise IgopsError(f"{plan.source} has no schema {plan.schema} any more")
                 diff = schema_diff(original, built, plan.source, plan.target)
                 if diff:
-                    raise RefusedError(f"{plan.target}'s {plan.schema} differs from {plan.source}'s: "
-                                       + "; ".join(diff[:5]), f"roll back with --abort {plan.move_id}")
+                    raise RefusedError(
+                        f"{plan.target}'s {plan.schema} differs from {plan.source}'s: " + "; ".join(diff[:5]),
+                        f"roll back with --abort {plan.move_id}",
+                    )
             connection.commit()
         finally:
             connection.close()
@@ -281,8 +339,9 @@ class _Mover:
         return f"{flushed}; {removed}; old copy dropped"
 
 
-def start_move(fleet: Fleet, plan: MovePlan, reporter: Reporter | None = None,
-               pause_after: str | None = None) -> MoveResult:
+def start_move(
+    fleet: Fleet, plan: MovePlan, reporter: Reporter | None = None, pause_after: str | None = None
+) -> MoveResult:
     """Journal a new move and run it to the end."""
     directory = directory_connection(fleet, purpose="journal")
     try:
@@ -298,8 +357,9 @@ def start_move(fleet: Fleet, plan: MovePlan, reporter: Reporter | None = None,
         directory.close()
 
 
-def resume_move(fleet: Fleet, move_id: int, reporter: Reporter | None = None,
-                pause_after: str | None = None) -> MoveResult:
+def resume_move(
+    fleet: Fleet, move_id: int, reporter: Reporter | None = None, pause_after: str | None = None
+) -> MoveResult:
     """Finish a move from its last journaled step. A move whose slot was lost (the source's
     primary changed) starts its copy again."""
     reporter = reporter or Reporter()
@@ -313,14 +373,20 @@ def resume_move(fleet: Fleet, move_id: int, reporter: Reporter | None = None,
             raise UsageError(f"move {move_id} is {record.status}: there is nothing to resume")
         resume_after = resume_point(record.step)
         if resume_after != record.step:
-            reporter.log(f"move {move_id} stopped after its verification: the rows written since are known only to "
-                         "the igops that verified, so it verifies again (unless the source is already fenced)")
-        if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") \
-                and not _slot_usable_on_source(fleet, record):
-            reporter.log(f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
-                         f"(max_slot_wal_keep_size): copying again")
-            with primary_connection(fleet, record.target, fleet.model.postgres.database, autocommit=True,
-                                    purpose="move") as connection:
+            reporter.log(
+                f"move {move_id} stopped after its verification: the rows written since are known only to "
+                "the igops that verified, so it verifies again (unless the source is already fenced)"
+            )
+        if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") and not _slot_usable_on_source(
+            fleet, record
+        ):
+            reporter.log(
+                f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
+                f"(max_slot_wal_keep_size): copying again"
+            )
+            with primary_connection(
+                fleet, record.target, fleet.model.postgres.database, autocommit=True, purpose="move"
+            ) as connection:
                 drop_subscription(connection, record.slot)
             journal.advance(move_id, "published")
             resume_after = "published"
@@ -331,8 +397,9 @@ def resume_move(fleet: Fleet, move_id: int, reporter: Reporter | None = None,
 
 
 def _slot_usable_on_source(fleet: Fleet, record: MoveRecord) -> bool:
-    with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
-                            purpose="move") as connection:
+    with primary_connection(
+        fleet, record.source, fleet.model.postgres.database, autocommit=True, purpose="move"
+    ) as connection:
         with connection.cursor() as cursor:
             return bool(slot_usable(cursor, record.slot))
 
@@ -353,10 +420,21 @@ def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, p
     finally:
         mover.close()
     record = journal.get(plan.move_id)
-    return MoveResult(record.id, record.logical_shard, record.source, record.target, record.status,
-                      record.map_version, record.rows_copied, record.bytes_copied, record.verify_pause_ms,
-                      record.lock_wait_ms, record.write_block_ms, round((time.monotonic() - started) * 1000, 1),
-                      mover.verify_report)
+    return MoveResult(
+        record.id,
+        record.logical_shard,
+        record.source,
+        record.target,
+        record.status,
+        record.map_version,
+        record.rows_copied,
+        record.bytes_copied,
+        record.verify_pause_ms,
+        record.lock_wait_ms,
+        record.write_block_ms,
+        round((time.monotonic() - started) * 1000, 1),
+        mover.verify_report,
+    )
 
 
 def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) -> MoveRecord:
@@ -380,13 +458,18 @@ def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) 
         with reporter.step(current.steps()[1]) as step:
             with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                                   ([current.schema, current.fenced_schema],))
+                    cursor.execute(
+                        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                        ([current.schema, current.fenced_schema],),
+                    )
                     present = {row[0] for row in cursor.fetchall()}
                     restored = current.fenced_schema in present and current.schema not in present
                     if restored:
-                        cursor.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                            sql.Identifier(current.fenced_schema), sql.Identifier(current.schema)))
+                        cursor.execute(
+                            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                                sql.Identifier(current.fenced_schema), sql.Identifier(current.schema)
+                            )
+                        )
                 removed = drop_publication_and_slot(connection, current.slot)
             step.detail = ("un-fenced; " if restored else "") + removed
         with reporter.step(current.steps()[2]):
@@ -406,11 +489,15 @@ def list_moves(fleet: Fleet, limit: int = 20, shard: int | None = None) -> list[
         if record.status != ACTIVE or record.source not in fleet.model.postgres.clusters:
             continue
         try:
-            with primary_connection(fleet, record.source, fleet.model.postgres.database, autocommit=True,
-                                    purpose="shards") as connection:
+            with primary_connection(
+                fleet, record.source, fleet.model.postgres.database, autocommit=True, purpose="shards"
+            ) as connection:
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
-                                   "FROM pg_replication_slots WHERE slot_name = %s", (record.slot,))
+                    cursor.execute(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                        "FROM pg_replication_slots WHERE slot_name = %s",
+                        (record.slot,),
+                    )
                     row = cursor.fetchone()
                     record.retained_wal_bytes = row[0] if row else None
         except IgopsError:

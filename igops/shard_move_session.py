@@ -46,8 +46,10 @@ class MoveSession:
 
     def pause(self, point: str) -> None:
         if self.pause_after == point:
-            self.reporter.log(f"paused after {point} (--pause-after): kill igops now to rehearse a crash here; "
-                              f"then `igops shard move --resume {self.plan.move_id}` or `--abort {self.plan.move_id}`")
+            self.reporter.log(
+                f"paused after {point} (--pause-after): kill igops now to rehearse a crash here; "
+                f"then `igops shard move --resume {self.plan.move_id}` or `--abort {self.plan.move_id}`"
+            )
             threading.Event().wait()
 
 

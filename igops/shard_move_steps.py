@@ -10,12 +10,21 @@ from dataclasses import dataclass
 
 from igops.output import human_bytes
 
-STEPS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified", "switched",
-         "cleaned")
+STEPS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified", "switched", "cleaned")
 # Where `--pause-after` may stop a move: after each journaled step, and inside the cut-over
 # after the lock is taken and after the source is fenced (before the map flips).
-PAUSE_POINTS = ("planned", "target_ready", "published", "copied", "subscribed", "caught_up", "verified",
-                "locked", "fenced", "switched")
+PAUSE_POINTS = (
+    "planned",
+    "target_ready",
+    "published",
+    "copied",
+    "subscribed",
+    "caught_up",
+    "verified",
+    "locked",
+    "fenced",
+    "switched",
+)
 
 
 # The target's sequences start this far past the source's: half the 10-bit sequence space, so
@@ -69,27 +78,27 @@ def describe_step(plan: MovePlan, step: str) -> str:
     dst = f"{plan.target} ({plan.target_primary})"
     return {
         "planned": f"journal the move of shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target} "
-                   "in the directory's shard_moves",
+        "in the directory's shard_moves",
         "target_ready": f"on {dst}: create schema {plan.schema} from the shard DDL (tables, sequence, next_id()) "
-                        f"and check it matches {plan.source}'s",
+        f"and check it matches {plan.source}'s",
         "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema}",
         "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot; COPY {len(plan.tables)} "
-                  f"tables (~{rows:,} rows, {human_bytes(size)}) under that snapshot into {dst}, "
-                  f"{COPY_PARALLEL} at a time, then build their keys and indexes",
+        f"tables (~{rows:,} rows, {human_bytes(size)}) under that snapshot into {dst}, "
+        f"{COPY_PARALLEL} at a time, then build their keys and indexes",
         "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
         "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
-                    f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
-                    "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
-                    "sequences and the schema",
+        f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
+        "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
+        "sequences and the schema",
         "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
-                    f"go on); final catch-up; the rows written since the verification equal on both; "
-                    f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
-                    f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
-                    f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
+        f"go on); final catch-up; the rows written since the verification equal on both; "
+        f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
+        f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
+        f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
         "cleaned": f"once {plan.target} has flushed the shard's last changes (the slot's confirmed_flush_lsn), "
-                   f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
-                   f"on {plan.source}",
+        f"drop subscription, slot and publication {plan.slot} and the old copy {plan.fenced_schema} "
+        f"on {plan.source}",
     }[step]
 
 

@@ -34,14 +34,25 @@ class RebalancePlan:
 
     def steps(self) -> list[str]:
         unit = (lambda value: f"{value} shards") if self.by == "shards" else human_bytes
-        steps = [f"move shard {move.shard} ({human_bytes(move.bytes)}) from {move.source} to {move.target}"
-                 for move in self.moves]
-        return steps + ["then: " + ", ".join(f"{cluster} {unit(self.before[cluster])} -> {unit(self.after[cluster])}"
-                                              for cluster in self.before)]
+        steps = [
+            f"move shard {move.shard} ({human_bytes(move.bytes)}) from {move.source} to {move.target}"
+            for move in self.moves
+        ]
+        return steps + [
+            "then: "
+            + ", ".join(
+                f"{cluster} {unit(self.before[cluster])} -> {unit(self.after[cluster])}" for cluster in self.before
+            )
+        ]
 
 
-def plan_rebalance(placement: dict[int, str], clusters: list[str], by: str = "shards",
-                   sizes: dict[int, int] | None = None, max_moves: int | None = None) -> RebalancePlan:
+def plan_rebalance(
+    placement: dict[int, str],
+    clusters: list[str],
+    by: str = "shards",
+    sizes: dict[int, int] | None = None,
+    max_moves: int | None = None,
+) -> RebalancePlan:
     """Greedy: while a move from the most to the least loaded cluster narrows the gap between
     them, make the one that narrows it most (ties: the smaller shard, then the lower id). Each
     move lowers the sum of squared loads, so this ends; each shard moves at most once."""
@@ -86,9 +97,10 @@ def rebalance_plan_for(fleet: Fleet, by: str = "shards", max_moves: int | None =
     with directory_session(fleet) as directory:
         active = Journal(directory).active()
     if active:
-        raise RefusedError("unfinished moves: " + ", ".join(f"{record.id} (shard {record.logical_shard})"
-                                                            for record in active),
-                           "finish them with --resume or --abort before rebalancing")
+        raise RefusedError(
+            "unfinished moves: " + ", ".join(f"{record.id} (shard {record.logical_shard})" for record in active),
+            "finish them with --resume or --abort before rebalancing",
+        )
     current = read_map(fleet, sizes=True)
     unreachable = [load.cluster for load in current.clusters if load.bytes is None]
     if unreachable:

@@ -25,8 +25,11 @@ def publish(session: MoveSession) -> str:
         cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (session.plan.slot,))
         if cursor.fetchone() is not None:
             return "already published"
-        cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
-            sql.Identifier(session.plan.slot), sql.Identifier(session.plan.schema)))
+        cursor.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}").format(
+                sql.Identifier(session.plan.slot), sql.Identifier(session.plan.schema)
+            )
+        )
     return f"{session.plan.schema} published"
 
 
@@ -41,19 +44,24 @@ def subscribe(session: MoveSession) -> str:
             return "already subscribed"
     # Its own session: the statement carries the source's password, so this session
     # logs no statements, and ends with it.
-    connection = connect(session.fleet, plan.target, session.database, autocommit=True, purpose="move",
-                         settings=QUIET_STATEMENT_LOGGING)
+    connection = connect(
+        session.fleet, plan.target, session.database, autocommit=True, purpose="move", settings=QUIET_STATEMENT_LOGGING
+    )
     try:
         with connection.cursor() as cursor:
-            cursor.execute(sql.SQL("CREATE SUBSCRIPTION {name} CONNECTION %s PUBLICATION {name} "
-                                   "WITH (create_slot = false, slot_name = %s, copy_data = false)").format(
-                name=sql.Identifier(plan.slot)),
-                (replication_conninfo(session.fleet, plan.source, session.database, plan.slot), plan.slot))
+            cursor.execute(
+                sql.SQL(
+                    "CREATE SUBSCRIPTION {name} CONNECTION %s PUBLICATION {name} "
+                    "WITH (create_slot = false, slot_name = %s, copy_data = false)"
+                ).format(name=sql.Identifier(plan.slot)),
+                (replication_conninfo(session.fleet, plan.source, session.database, plan.slot), plan.slot),
+            )
     except psycopg2.Error as exc:
-        raise IgopsError(f"{plan.target} cannot subscribe to {plan.source}: {first_line(exc)}",
-                         f"{plan.target_primary} must reach {plan.source_primary}:{session.fleet.model.postgres.port} "
-                         f"as {session.fleet.model.postgres.user} (pg_hba.conf, the secret postgres_password)"
-                         ) from None
+        raise IgopsError(
+            f"{plan.target} cannot subscribe to {plan.source}: {first_line(exc)}",
+            f"{plan.target_primary} must reach {plan.source_primary}:{session.fleet.model.postgres.port} "
+            f"as {session.fleet.model.postgres.user} (pg_hba.conf, the secret postgres_password)",
+        ) from None
     finally:
         connection.close()
     return f"{plan.target_primary} streams from {plan.source_primary}"
@@ -62,24 +70,30 @@ def subscribe(session: MoveSession) -> str:
 def _check_workers(session: MoveSession, cursor, before: int | None) -> int:
     """Fail when the subscription's workers keep erroring (their messages are in the target's log), or when
     the slot they read is gone (a new source primary has no logical slots)."""
-    cursor.execute("SELECT sync_error_count + apply_error_count FROM pg_stat_subscription_stats "
-                   "WHERE subname = %s", (session.plan.slot,))
+    cursor.execute(
+        "SELECT sync_error_count + apply_error_count FROM pg_stat_subscription_stats WHERE subname = %s",
+        (session.plan.slot,),
+    )
     row = cursor.fetchone()
     count = row[0] if row else 0
     if before is not None and count - before >= 3:
-        raise IgopsError(f"the subscription's workers on {session.plan.target_primary} keep failing "
-                         f"({plural(count, 'error')})",
-                         f"read {session.plan.target_primary}'s Postgres log; then --resume or "
-                         f"--abort {session.plan.move_id}")
+        raise IgopsError(
+            f"the subscription's workers on {session.plan.target_primary} keep failing ({plural(count, 'error')})",
+            f"read {session.plan.target_primary}'s Postgres log; then --resume or --abort {session.plan.move_id}",
+        )
     with session.source.cursor() as source_cursor:
         usable = slot_usable(source_cursor, session.plan.slot)
     if usable is None:
-        raise IgopsError(f"replication slot {session.plan.slot} is gone from {session.plan.source}",
-                         f"the primary changed? --resume {session.plan.move_id} starts the copy again")
+        raise IgopsError(
+            f"replication slot {session.plan.slot} is gone from {session.plan.source}",
+            f"the primary changed? --resume {session.plan.move_id} starts the copy again",
+        )
     if not usable:
-        raise IgopsError(f"replication slot {session.plan.slot} on {session.plan.source} was invalidated: the target "
-                         f"fell further behind than max_slot_wal_keep_size allows",
-                         f"--resume {session.plan.move_id} starts the copy again")
+        raise IgopsError(
+            f"replication slot {session.plan.slot} on {session.plan.source} was invalidated: the target "
+            f"fell further behind than max_slot_wal_keep_size allows",
+            f"--resume {session.plan.move_id} starts the copy again",
+        )
     return count if before is None else before
 
 
@@ -103,8 +117,10 @@ def catch_up(session: MoveSession) -> str:
                     session.reporter.log(f"catching up: {human_bytes(lag)} behind {plan.source}")
             errors_seen = _check_workers(session, cursor, errors_seen)
             if time.monotonic() > deadline:
-                raise IgopsError(f"{plan.target} did not catch up with {plan.source} within 10 minutes",
-                                 f"writes outpace the apply worker? --resume {plan.move_id} keeps waiting")
+                raise IgopsError(
+                    f"{plan.target} did not catch up with {plan.source} within 10 minutes",
+                    f"writes outpace the apply worker? --resume {plan.move_id} keeps waiting",
+                )
             time.sleep(0.1)
 
 
@@ -119,35 +135,51 @@ def await_target_flush(session: MoveSession, journal: Journal) -> str:
     deadline = time.monotonic() + FLUSH_WAIT_S
     with session.source.cursor() as cursor, session.target.cursor() as target_cursor:
         while True:
-            cursor.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn "
-                           "FROM pg_replication_slots WHERE slot_name = %s", (lsn, plan.slot))
+            cursor.execute(
+                "SELECT confirmed_flush_lsn >= %s::pg_lsn, confirmed_flush_lsn "
+                "FROM pg_replication_slots WHERE slot_name = %s",
+                (lsn, plan.slot),
+            )
             row = cursor.fetchone()
             if row is None:  # dropped by a cleanup that got past this wait
                 return "no slot left"
             if row[0]:
                 return f"{plan.target} flushed up to {lsn}"
-            target_cursor.execute("SELECT subenabled, subslotname IS NOT NULL FROM pg_subscription "
-                                  "WHERE subname = %s", (plan.slot,))
+            target_cursor.execute(
+                "SELECT subenabled, subslotname IS NOT NULL FROM pg_subscription WHERE subname = %s", (plan.slot,)
+            )
             subscription = target_cursor.fetchone()
-            state = ("missing" if subscription is None else "detached from its slot" if not subscription[1]
-                     else None if subscription[0] else "disabled")
+            state = (
+                "missing"
+                if subscription is None
+                else "detached from its slot"
+                if not subscription[1]
+                else None
+                if subscription[0]
+                else "disabled"
+            )
             waited = time.monotonic() > deadline
             if state or waited:
-                why = f"its subscription {plan.slot} is {state}" if state else \
-                    f"not within {FLUSH_WAIT_S:.0f} s"
-                raise IgopsError(f"{plan.target} has not confirmed flushing the shard's changes up to {lsn} "
-                                 f"(the slot is at {row[1]}), {why}: nothing was dropped",
-                                 (f"ALTER SUBSCRIPTION {plan.slot} ENABLE on {plan.target_primary}, then "
-                                  if state == "disabled" else f"read {plan.target_primary}'s Postgres log, then ")
-                                 + f"igops shard move --resume {plan.move_id}")
+                why = f"its subscription {plan.slot} is {state}" if state else f"not within {FLUSH_WAIT_S:.0f} s"
+                raise IgopsError(
+                    f"{plan.target} has not confirmed flushing the shard's changes up to {lsn} "
+                    f"(the slot is at {row[1]}), {why}: nothing was dropped",
+                    (
+                        f"ALTER SUBSCRIPTION {plan.slot} ENABLE on {plan.target_primary}, then "
+                        if state == "disabled"
+                        else f"read {plan.target_primary}'s Postgres log, then "
+                    )
+                    + f"igops shard move --resume {plan.move_id}",
+                )
             time.sleep(0.05)
 
 
 def _applied_lsn(cursor, subscription: str):
     """What the subscription's apply worker has applied and reported, or None when no
     worker runs."""
-    cursor.execute("SELECT pid, latest_end_lsn FROM pg_stat_subscription WHERE subname = %s AND relid IS NULL",
-                   (subscription,))
+    cursor.execute(
+        "SELECT pid, latest_end_lsn FROM pg_stat_subscription WHERE subname = %s AND relid IS NULL", (subscription,)
+    )
     row = cursor.fetchone()
     return row[1] if row and row[0] else None
 

@@ -24,8 +24,9 @@ def read_ddl(fleet: Fleet, key: str) -> str:
     try:
         return fleet.resolve(configured).read_text()
     except OSError as exc:
-        raise UsageError(f"cannot read [shards] {key} {configured}: {exc.strerror or exc}",
-                         "fix the path in the inventory") from None
+        raise UsageError(
+            f"cannot read [shards] {key} {configured}: {exc.strerror or exc}", "fix the path in the inventory"
+        ) from None
 
 
 def act_as_owner(cursor) -> None:
@@ -57,37 +58,54 @@ def describe_schema(cursor, schema: str) -> SchemaShape | None:
     cursor.execute("SELECT oid FROM pg_namespace WHERE nspname = %s", (schema,))
     if cursor.fetchone() is None:
         return None
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname, a.attnum""", (schema,))
+         WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname, a.attnum""",
+        (schema,),
+    )
     columns: dict[str, list[tuple[str, str, bool]]] = {}
     for table, column, kind, not_null in cursor.fetchall():
         columns.setdefault(table, []).append((column, kind, not_null))
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT c.relname, array_agg(a.attname ORDER BY k.ord)
           FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
           JOIN pg_namespace n ON n.oid = c.relnamespace
           CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-         WHERE n.nspname = %s AND con.contype = 'p' GROUP BY c.relname""", (schema,))
+         WHERE n.nspname = %s AND con.contype = 'p' GROUP BY c.relname""",
+        (schema,),
+    )
     keys = {table: tuple(names) for table, names in cursor.fetchall()}
-    cursor.execute("""
+    cursor.execute(
+        """
         SELECT t.relname, pg_get_indexdef(i.indexrelid)
           FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
-         WHERE n.nspname = %s ORDER BY 1, 2""", (schema,))
+         WHERE n.nspname = %s ORDER BY 1, 2""",
+        (schema,),
+    )
     indexes: dict[str, list[str]] = {}
     for table, definition in cursor.fetchall():
         indexes.setdefault(table, []).append(definition.replace(f" ON {schema}.", " ON "))
-    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                   "WHERE n.nspname = %s AND c.relkind = 'S' ORDER BY 1", (schema,))
+    cursor.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind = 'S' ORDER BY 1",
+        (schema,),
+    )
     sequences = tuple(row[0] for row in cursor.fetchall())
-    cursor.execute("SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' FROM pg_proc p "
-                   "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (schema,))
+    cursor.execute(
+        "SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1",
+        (schema,),
+    )
     functions = tuple(row[0] for row in cursor.fetchall())
-    tables = {table: TableShape(table, tuple(cols), keys.get(table, ()), tuple(sorted(indexes.get(table, []))))
-              for table, cols in columns.items()}
+    tables = {
+        table: TableShape(table, tuple(cols), keys.get(table, ()), tuple(sorted(indexes.get(table, []))))
+        for table, cols in columns.items()
+    }
     return SchemaShape(tables, sequences, functions)
 
 
@@ -105,14 +123,18 @@ def schema_diff(left: SchemaShape, right: SchemaShape, left_name: str, right_nam
         if a.columns != b.columns:
             problems.append(f"{table}: columns differ ({left_name}: {_columns(a)}; {right_name}: {_columns(b)})")
         if a.primary_key != b.primary_key:
-            problems.append(f"{table}: primary key ({', '.join(a.primary_key) or 'none'}) on {left_name}, "
-                            f"({', '.join(b.primary_key) or 'none'}) on {right_name}")
+            problems.append(
+                f"{table}: primary key ({', '.join(a.primary_key) or 'none'}) on {left_name}, "
+                f"({', '.join(b.primary_key) or 'none'}) on {right_name}"
+            )
         for definition in sorted(set(a.indexes) - set(b.indexes)):
             problems.append(f"{right_name} lacks index on {table}: {definition}")
         for definition in sorted(set(b.indexes) - set(a.indexes)):
             problems.append(f"{left_name} lacks index on {table}: {definition}")
-    for kind, a_items, b_items in (("sequence", left.sequences, right.sequences),
-                                   ("function", left.functions, right.functions)):
+    for kind, a_items, b_items in (
+        ("sequence", left.sequences, right.sequences),
+        ("function", left.functions, right.functions),
+    ):
         for item in sorted(set(a_items) - set(b_items)):
             problems.append(f"{right_name} lacks {kind} {item}")
         for item in sorted(set(b_items) - set(a_items)):
@@ -125,8 +147,11 @@ def _columns(shape: TableShape) -> str:
 
 
 def tables_of(cursor, schema: str) -> list[str]:
-    cursor.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                   "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))
+    cursor.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1",
+        (schema,),
+    )
     tables = [row[0] for row in cursor.fetchall()]
     if not tables:
         raise IgopsError(f"schema {schema} has no tables")

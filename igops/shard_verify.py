@@ -81,10 +81,12 @@ def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> 
             params.append(high)
         # The rows come in key order from the subquery (an index scan, no sort); an ordered
         # aggregate would sort them again.
-        query = sql.SQL("SELECT count(*), coalesce(md5(string_agg(r::text, '|')), '') "
-                        "FROM (SELECT t AS r FROM {table} AS t{where} ORDER BY {order}) AS ordered").format(
-            order=order, table=table,
-            where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
+        query = sql.SQL(
+            "SELECT count(*), coalesce(md5(string_agg(r::text, '|')), '') "
+            "FROM (SELECT t AS r FROM {table} AS t{where} ORDER BY {order}) AS ordered"
+        ).format(
+            order=order, table=table, where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
+        )
         cursor.execute(query, params)
         rows, digest = cursor.fetchone()
         total += rows
@@ -96,9 +98,13 @@ def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
     """Every CHUNK_ROWS-th value of the first key column: chunk edges both copies share."""
     from psycopg2 import sql
 
-    cursor.execute(sql.SQL("SELECT k FROM (SELECT {column} AS k, row_number() OVER (ORDER BY {column}) AS n "
-                           "FROM {table}) AS numbered WHERE n %% %s = 0").format(
-        column=sql.Identifier(shape.primary_key[0]), table=sql.Identifier(schema, shape.name)), (CHUNK_ROWS,))
+    cursor.execute(
+        sql.SQL(
+            "SELECT k FROM (SELECT {column} AS k, row_number() OVER (ORDER BY {column}) AS n "
+            "FROM {table}) AS numbered WHERE n %% %s = 0"
+        ).format(column=sql.Identifier(shape.primary_key[0]), table=sql.Identifier(schema, shape.name)),
+        (CHUNK_ROWS,),
+    )
     return sorted({row[0] for row in cursor.fetchall()})
 
 
@@ -122,8 +128,14 @@ def _hash_table(cursor, schema: str, shape: TableShape) -> tuple[int, str]:
     return rows, f"{digest & (2**64 - 1):016x}"
 
 
-def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: tuple[Any, Any],
-                      consistent: bool, pause_ms: float | None, ordered: bool = True) -> VerifyReport:
+def compare_snapshots(
+    shard: int,
+    copies: tuple[ShardCopy, ShardCopy],
+    cursors: tuple[Any, Any],
+    consistent: bool,
+    pause_ms: float | None,
+    ordered: bool = True,
+) -> VerifyReport:
     """Compare two copies through cursors whose transactions already hold the snapshots to
     read (REPEATABLE READ), each copy's work in its own thread. Ordered: md5 of the rows in
     key order, by key-range chunks. Otherwise an order-free row hash per table, and the
@@ -133,12 +145,19 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
         if shape is None:
             raise IgopsError(f"{copy.label} does not exist", "check the shard and the cluster")
     left, right = copies
-    diff = schema_diff(*shapes, left.cluster, right.cluster) if left.cluster != right.cluster \
+    diff = (
+        schema_diff(*shapes, left.cluster, right.cluster)
+        if left.cluster != right.cluster
         else schema_diff(*shapes, left.label, right.label)
-    comparable = [name for name in sorted(shapes[0].tables)
-                  if name in shapes[1].tables and shapes[0].tables[name].primary_key
-                  and shapes[0].tables[name].primary_key == shapes[1].tables[name].primary_key
-                  and shapes[0].tables[name].columns == shapes[1].tables[name].columns]
+    )
+    comparable = [
+        name
+        for name in sorted(shapes[0].tables)
+        if name in shapes[1].tables
+        and shapes[0].tables[name].primary_key
+        and shapes[0].tables[name].primary_key == shapes[1].tables[name].primary_key
+        and shapes[0].tables[name].columns == shapes[1].tables[name].columns
+    ]
 
     def on_both(digest, names: list[str]) -> list[dict[str, tuple[int, str, list[str]]]]:
         if not names:
@@ -172,12 +191,23 @@ def compare_snapshots(shard: int, copies: tuple[ShardCopy, ShardCopy], cursors: 
             index = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b, strict=False)) if a != b), None)
             if index is not None:
                 low, high = edges[index], edges[index + 1]
-                difference = (f"{shapes[0].tables[name].primary_key[0]} in "
-                              f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})")
-        tables.append(TableCheck(name, {left.label: rows_a, right.label: rows_b},
-                                 {left.label: sum_a, right.label: sum_b}, sum_a == sum_b, difference))
-    sequences = {copy.label: sequence_values(cursor, copy.schema, shape.sequences)
-                 for cursor, copy, shape in zip(cursors, copies, shapes, strict=False)}
+                difference = (
+                    f"{shapes[0].tables[name].primary_key[0]} in "
+                    f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})"
+                )
+        tables.append(
+            TableCheck(
+                name,
+                {left.label: rows_a, right.label: rows_b},
+                {left.label: sum_a, right.label: sum_b},
+                sum_a == sum_b,
+                difference,
+            )
+        )
+    sequences = {
+        copy.label: sequence_values(cursor, copy.schema, shape.sequences)
+        for cursor, copy, shape in zip(cursors, copies, shapes, strict=False)
+    }
     equal = not diff and all(check.equal for check in tables)
     return VerifyReport(shard, [left.label, right.label], consistent, tables, sequences, diff, pause_ms, equal)
 
@@ -200,14 +230,21 @@ def verify_in_place(fleet: Fleet, shard: int) -> ShapeReport:
     schema = schema_name(fleet, shard)
     copy = ShardCopy(placement, schema)
     template = read_ddl(fleet, "shard_ddl")
-    with primary_connection(fleet, placement, fleet.model.postgres.database, purpose="shards",
-                            settings={"max_parallel_workers_per_gather": 0}) as connection:
+    with primary_connection(
+        fleet,
+        placement,
+        fleet.model.postgres.database,
+        purpose="shards",
+        settings={"max_parallel_workers_per_gather": 0},
+    ) as connection:
         connection.set_session(isolation_level="REPEATABLE READ")
         with connection.cursor() as cursor:
             shape = describe_schema(cursor, schema)
             if shape is None:
-                raise IgopsError(f"the map places shard {shard} on {placement}, which has no schema {schema}",
-                                 "check `igops shard moves` for an unfinished move")
+                raise IgopsError(
+                    f"the map places shard {shard} on {placement}, which has no schema {schema}",
+                    "check `igops shard moves` for an unfinished move",
+                )
             checks = []
             for name, table in sorted(shape.tables.items()):
                 if not table.primary_key:
@@ -222,8 +259,11 @@ def verify_in_place(fleet: Fleet, shard: int) -> ShapeReport:
             cursor.execute("ROLLBACK TO SAVEPOINT ddl_probe")
         connection.rollback()
     diff = schema_diff(expected, shape, "the shard DDL", copy.label)
-    diff += [f"table {name} has no primary key (logical replication cannot move it)"
-             for name, table in sorted(shape.tables.items()) if not table.primary_key]
+    diff += [
+        f"table {name} has no primary key (logical replication cannot move it)"
+        for name, table in sorted(shape.tables.items())
+        if not table.primary_key
+    ]
     return ShapeReport(shard, copy.label, checks, sequences, diff, not diff)
 
 
@@ -236,20 +276,34 @@ def verify_against(fleet: Fleet, shard: int, against: str, reporter: Reporter | 
     source = placement_of(fleet, shard)
     primary_of(fleet, against)
     if against == source:
-        raise UsageError(f"shard {shard} is on {against}: there is no other copy to compare",
-                         "name the cluster holding the other copy")
+        raise UsageError(
+            f"shard {shard} is on {against}: there is no other copy to compare",
+            "name the cluster holding the other copy",
+        )
     schema = schema_name(fleet, shard)
     with directory_session(fleet) as directory:
         active = Journal(directory).active_for(shard)
     subscription = None
-    if active and active.target == against and active.source == source \
-            and STEPS.index(active.step) >= STEPS.index("subscribed"):
+    if (
+        active
+        and active.target == against
+        and active.source == source
+        and STEPS.index(active.step) >= STEPS.index("subscribed")
+    ):
         subscription = active.slot
     return verify_copies(fleet, shard, ShardCopy(source, schema), ShardCopy(against, schema), subscription, reporter)
 
 
-def verify_copies(fleet: Fleet, shard: int, source: ShardCopy, target: ShardCopy, subscription: str | None,
-                  reporter: Reporter, wait_budget_s: float = 2.0, ordered: bool = True) -> VerifyReport:
+def verify_copies(
+    fleet: Fleet,
+    shard: int,
+    source: ShardCopy,
+    target: ShardCopy,
+    subscription: str | None,
+    reporter: Reporter,
+    wait_budget_s: float = 2.0,
+    ordered: bool = True,
+) -> VerifyReport:
     database = fleet.model.postgres.database
     # Rows must reach each checksum in key order: no parallel plans.
     serial = {"max_parallel_workers_per_gather": 0}
@@ -260,22 +314,31 @@ def verify_copies(fleet: Fleet, shard: int, source: ShardCopy, target: ShardCopy
             connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
         pause_ms = None
         if subscription:
-            pause_ms = _matching_snapshots(fleet, source, target, subscription, source_reader, target_reader,
-                                           wait_budget_s)
+            pause_ms = _matching_snapshots(
+                fleet, source, target, subscription, source_reader, target_reader, wait_budget_s
+            )
             reporter.log(f"snapshots taken; writes to {source.schema} paused {pause_ms:.0f} ms")
         with source_reader.cursor() as left, target_reader.cursor() as right:
             if not subscription:
                 left.execute("SELECT 1")
                 right.execute("SELECT 1")
-            return compare_snapshots(shard, (source, target), (left, right), subscription is not None, pause_ms,
-                                     ordered)
+            return compare_snapshots(
+                shard, (source, target), (left, right), subscription is not None, pause_ms, ordered
+            )
     finally:
         source_reader.close()
         target_reader.close()
 
 
-def _matching_snapshots(fleet: Fleet, source: ShardCopy, target: ShardCopy, subscription: str, source_reader,
-                        target_reader, wait_budget_s: float) -> float:
+def _matching_snapshots(
+    fleet: Fleet,
+    source: ShardCopy,
+    target: ShardCopy,
+    subscription: str,
+    source_reader,
+    target_reader,
+    wait_budget_s: float,
+) -> float:
     """Start the two readers' snapshots at one point of the replication stream: hold writes
     to the source's tables, wait until the target has applied everything before that point,
     snapshot both, let writes go."""
@@ -288,8 +351,13 @@ def _matching_snapshots(fleet: Fleet, source: ShardCopy, target: ShardCopy, subs
             tables = tables_of(cursor, source.schema)
         locker.autocommit = False
         locker.set_session(isolation_level="REPEATABLE READ")
-        with locker.cursor() as cursor, marker.cursor() as mark, watcher.cursor() as watch, \
-                source_reader.cursor() as left, target_reader.cursor() as right:
+        with (
+            locker.cursor() as cursor,
+            marker.cursor() as mark,
+            watcher.cursor() as watch,
+            source_reader.cursor() as left,
+            target_reader.cursor() as right,
+        ):
             started = time.monotonic()
             lock_tables(cursor, source.schema, tables)
             cursor.execute("SELECT pg_export_snapshot()")

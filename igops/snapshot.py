@@ -76,17 +76,25 @@ class CreatePlan:
         steps = [self.write_stall] if self.write_stall else []
         if self.pre_freeze:
             steps.append(f"on {self.host}: run the pre-freeze hook `{self.pre_freeze}`, then sync")
-        steps.append(f"on {self.host}: start the thaw watchdog (hard deadline {self.freeze_deadline:g} s), "
-                     f"freeze {', '.join(self.mounts)}")
+        steps.append(
+            f"on {self.host}: start the thaw watchdog (hard deadline {self.freeze_deadline:g} s), "
+            f"freeze {', '.join(self.mounts)}"
+        )
         if self.one_call:
-            steps.append(f"CreateSnapshots for instance {self.instance_id} (its {len(self.volumes)} data volumes, "
-                         "one shared point in time)")
+            steps.append(
+                f"CreateSnapshots for instance {self.instance_id} (its {len(self.volumes)} data volumes, "
+                "one shared point in time)"
+            )
         else:
-            steps.append(f"{len(self.volumes)} parallel CreateSnapshot calls: "
-                         + ", ".join(f"{v.volume_id} ({v.mount} {v.device})" for v in self.volumes))
+            steps.append(
+                f"{len(self.volumes)} parallel CreateSnapshot calls: "
+                + ", ".join(f"{v.volume_id} ({v.mount} {v.device})" for v in self.volumes)
+            )
         steps.append(f"thaw {', '.join(reversed(self.mounts))} (reverse order) the moment the calls return")
-        steps.append(f"tag every snapshot with group {self.group_id}, host, role, mount, device, RAID index, "
-                     "freeze window and igops version; mark the group complete")
+        steps.append(
+            f"tag every snapshot with group {self.group_id}, host, role, mount, device, RAID index, "
+            "freeze window and igops version; mark the group complete"
+        )
         return steps
 
 
@@ -122,8 +130,15 @@ def new_group_id(host: str, now: datetime | None = None) -> str:
 
 
 # --- create -----------------------------------------------------------------------------------
-def plan_create(fleet: Fleet, host_name: str, mounts: list[str] | None = None, ebs=None,
-                deadline: float | None = None, hook: bool = True, allow_primary: bool = False) -> CreatePlan:
+def plan_create(
+    fleet: Fleet,
+    host_name: str,
+    mounts: list[str] | None = None,
+    ebs=None,
+    deadline: float | None = None,
+    hook: bool = True,
+    allow_primary: bool = False,
+) -> CreatePlan:
     """Discover what lies under the mounts and refuse anything unsafe, before anything is frozen."""
     from igops.ebs import MAX_PENDING_SNAPSHOTS, Ebs
 
@@ -131,11 +146,12 @@ def plan_create(fleet: Fleet, host_name: str, mounts: list[str] | None = None, e
     freeze_deadline = deadline or fleet.model.snapshot.freeze_deadline
     write_stall = primary_write_stall(fleet, host.name, freeze_deadline, allow_primary)
     if not host.instance_id:
-        raise UsageError(f"host {host.name} has no instance_id", "add instance_id = \"i-…\" to it in the inventory")
+        raise UsageError(f"host {host.name} has no instance_id", 'add instance_id = "i-…" to it in the inventory')
     chosen = mounts or [mount.path for mount in host.mounts]
     if not chosen:
-        raise UsageError(f"host {host.name} has no data mounts",
-                         "pass --mount or list [[hosts.mounts]] in the inventory")
+        raise UsageError(
+            f"host {host.name} has no data mounts", "pass --mount or list [[hosts.mounts]] in the inventory"
+        )
     for path in chosen:
         if path.rstrip("/") == "":
             raise RefusedError("refusing to freeze /", "freeze only data filesystems")
@@ -146,17 +162,25 @@ def plan_create(fleet: Fleet, host_name: str, mounts: list[str] | None = None, e
     pending = ebs.pending_snapshots([volume.volume_id for volume in volumes])
     busy = [volume_id for volume_id, count in pending.items() if count >= MAX_PENDING_SNAPSHOTS]
     if busy:
-        raise RefusedError(f"volumes with {MAX_PENDING_SNAPSHOTS} pending snapshots already: {', '.join(busy)}",
-                           "wait for those snapshots to complete")
+        raise RefusedError(
+            f"volumes with {MAX_PENDING_SNAPSHOTS} pending snapshots already: {', '.join(busy)}",
+            "wait for those snapshots to complete",
+        )
     data_volumes = {item.volume_id for item in attachments if not item.root}
     role = next((role for role in host.roles if role != "munin"), host.roles[0] if host.roles else "none")
     pre_freeze = fleet.model.snapshot.pre_freeze.get(role) if hook else None
     return CreatePlan(
-        group_id=new_group_id(host.name), host=host.name, instance_id=host.instance_id, role=role,
-        mounts=chosen, volumes=volumes,
+        group_id=new_group_id(host.name),
+        host=host.name,
+        instance_id=host.instance_id,
+        role=role,
+        mounts=chosen,
+        volumes=volumes,
         one_call={volume.volume_id for volume in volumes} == data_volumes,
         freeze_deadline=freeze_deadline,
-        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None, write_stall=write_stall)
+        pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None,
+        write_stall=write_stall,
+    )
 
 
 def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
@@ -181,9 +205,12 @@ def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_pri
                 f"{host_name} is the live primary of Postgres cluster {cluster_name}: freezing it stalls every "
                 f"write to the cluster for up to {deadline:g} s",
                 f"snapshot its standby ({', '.join(standbys) or 'none listed'}) instead, "
-                "or pass --allow-primary to accept the write stall")
-        return (f"WRITE STALL: {host_name} is the live primary of Postgres cluster {cluster_name}; every write "
-                f"to it waits while the filesystems are frozen (up to {deadline:g} s)")
+                "or pass --allow-primary to accept the write stall",
+            )
+        return (
+            f"WRITE STALL: {host_name} is the live primary of Postgres cluster {cluster_name}; every write "
+            f"to it waits while the filesystems are frozen (up to {deadline:g} s)"
+        )
     return None
 
 
@@ -192,14 +219,17 @@ def discover(fleet: Fleet, host, mounts: list[str]) -> list[dict]:
     settings = remote.settings_for(fleet)
     [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
     if not result.ok:
-        raise RemoteError(f"cannot inspect block devices on {host.name}: "
-                          f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}",
-                          f"nothing was frozen; check that {host.name} answers over SSH (`igops status`)")
+        raise RemoteError(
+            f"cannot inspect block devices on {host.name}: "
+            f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}",
+            f"nothing was frozen; check that {host.name} answers over SSH (`igops status`)",
+        )
     entries = json.loads(result.stdout)["mounts"]
     for entry in entries:
         if "error" in entry:
-            raise RefusedError(f"{host.name}:{entry['mount']} is {entry['error']}",
-                               "pass the mount point of a data filesystem")
+            raise RefusedError(
+                f"{host.name}:{entry['mount']} is {entry['error']}", "pass the mount point of a data filesystem"
+            )
     return entries
 
 
@@ -219,20 +249,33 @@ def map_volumes(host, discovered: list[dict], attachments) -> list[VolumeTarget]
         if listed and len(listed) != len(members):
             raise RefusedError(
                 f"{host.name}:{entry['mount']} has {plural(len(members), 'member device')} but the inventory lists "
-                f"{plural(len(listed), 'volume')}", "fix that mount's volumes list (RAID member order)")
+                f"{plural(len(listed), 'volume')}",
+                "fix that mount's volumes list (RAID member order)",
+            )
         for position, member in enumerate(members):
             volume_id = (listed[position] if listed else member.get("volume_id")) or next(
-                (by_device[alias].volume_id for alias in device_aliases(member["device"]) if alias in by_device), None)
+                (by_device[alias].volume_id for alias in device_aliases(member["device"]) if alias in by_device), None
+            )
             if not volume_id or volume_id not in attached_ids:
                 raise RefusedError(
                     f"{host.name}:{entry['mount']}: {member['device']} is not a known EBS volume of {host.instance_id}"
                     + (f" ({volume_id} is not attached to it)" if volume_id else ""),
-                    "list the mount's volumes in the inventory, or check the instance id")
+                    "list the mount's volumes in the inventory, or check the instance id",
+                )
             if any(attachment.root for attachment in attachments if attachment.volume_id == volume_id):
                 raise RefusedError(f"{entry['mount']} lies on the root volume {volume_id}", "never freeze the root")
             raid = entry.get("raid")
-            targets.append(VolumeTarget(entry["mount"], member["device"], entry["fstype"], member["raid_index"],
-                                        len(members), raid["level"] if raid else None, volume_id))
+            targets.append(
+                VolumeTarget(
+                    entry["mount"],
+                    member["device"],
+                    entry["fstype"],
+                    member["raid_index"],
+                    len(members),
+                    raid["level"] if raid else None,
+                    volume_id,
+                )
+            )
     return targets
 
 
@@ -255,26 +298,36 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=
     settings = remote.settings_for(fleet)
     [target] = remote.targets_for(fleet, [host])
     result = CreateResult(plan.group_id, plan.host, STATE_FAILED)
-    common = {TAG_GROUP: plan.group_id, TAG_HOST: plan.host, TAG_ROLE: plan.role,
-              TAG_GROUP_SIZE: str(len(plan.volumes)), TAG_STATE: STATE_TAKING,
-              TAG_CREATED: datetime.now(UTC).isoformat(timespec="seconds"), TAG_VERSION: __version__}
+    common = {
+        TAG_GROUP: plan.group_id,
+        TAG_HOST: plan.host,
+        TAG_ROLE: plan.role,
+        TAG_GROUP_SIZE: str(len(plan.volumes)),
+        TAG_STATE: STATE_TAKING,
+        TAG_CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+        TAG_VERSION: __version__,
+    }
 
     if plan.pre_freeze:
         with reporter.step(f"pre-freeze hook on {plan.host}"):
             [hook] = remote.run([target], plan.pre_freeze, settings, timeout=120)
             if not hook.ok:
-                raise RemoteError(f"pre-freeze hook failed on {plan.host}: "
-                                  f"{hook.error or hook.stderr.strip() or 'exit ' + str(hook.exit_code)}",
-                                  "nothing was frozen; fix the hook or pass --no-hook")
+                raise RemoteError(
+                    f"pre-freeze hook failed on {plan.host}: "
+                    f"{hook.error or hook.stderr.strip() or 'exit ' + str(hook.exit_code)}",
+                    "nothing was frozen; fix the hook or pass --no-hook",
+                )
 
     command, stdin = agent.invocation("freeze", [f"{plan.freeze_deadline:g}", *plan.mounts])
     with remote.Session(target, command, settings, stdin_prefix=stdin) as session:
         with reporter.step(f"freeze {', '.join(plan.mounts)} on {plan.host}") as step:
             event = _event(session, plan.freeze_deadline + settings.connect_timeout)
             if event.get("event") != "frozen":
-                raise RemoteError(f"freeze on {plan.host} failed: {event.get('message', 'no answer')}"
-                                  + (f" ({session.stderr().strip()})" if not event else ""),
-                                  "nothing is left frozen; the watchdog thaws by the deadline in any case")
+                raise RemoteError(
+                    f"freeze on {plan.host} failed: {event.get('message', 'no answer')}"
+                    + (f" ({session.stderr().strip()})" if not event else ""),
+                    "nothing is left frozen; the watchdog thaws by the deadline in any case",
+                )
             step.detail = f"frozen in {event['freeze_ms']:.0f} ms"
         failure: Exception | None = late_freeze(event, plan.freeze_deadline)
         thaw_sent = threading.Event()
@@ -289,8 +342,10 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=
                 except OSError:
                     pass
 
-        with reporter.step(f"snapshot {plural(len(plan.volumes), 'volume')}"
-                           + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")) as step:
+        with reporter.step(
+            f"snapshot {plural(len(plan.volumes), 'volume')}"
+            + (" (CreateSnapshots)" if plan.one_call else " (parallel CreateSnapshot)")
+        ) as step:
             try:
                 if failure is not None:
                     raise failure
@@ -304,9 +359,10 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=
             event = _event(session, plan.freeze_deadline + settings.connect_timeout)
             if event.get("event") != "thawed":
                 said = session.stderr().strip().splitlines()
-                raise RemoteError(f"thaw on {plan.host} not confirmed" + (f" ({said[-1][:200]})" if said else ""),
-                                  f"its watchdog thaws at the {plan.freeze_deadline:g} s deadline; "
-                                  "check with `igops check`")
+                raise RemoteError(
+                    f"thaw on {plan.host} not confirmed" + (f" ({said[-1][:200]})" if said else ""),
+                    f"its watchdog thaws at the {plan.freeze_deadline:g} s deadline; check with `igops check`",
+                )
             result.freeze_window_ms, result.thawed_by = event["window_ms"], event["reason"]
             step.detail = f"freeze window {event['window_ms']:.0f} ms"
             failure = failure or early_thaw(event, plan.freeze_deadline)
@@ -321,12 +377,19 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=
 
     with reporter.step(f"tag {plural(len(result.snapshots), 'snapshot')}, group {plan.group_id}"):
         for volume in plan.volumes:
-            ebs.tag([result.snapshots[volume.volume_id]], {
-                TAG_MOUNT: volume.mount, TAG_DEVICE: volume.device, TAG_FSTYPE: volume.fstype,
-                TAG_RAID_INDEX: str(volume.raid_index), TAG_RAID_MEMBERS: str(volume.raid_members),
-                TAG_RAID_LEVEL: volume.raid_level or "none",
-                "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
-                TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}"})
+            ebs.tag(
+                [result.snapshots[volume.volume_id]],
+                {
+                    TAG_MOUNT: volume.mount,
+                    TAG_DEVICE: volume.device,
+                    TAG_FSTYPE: volume.fstype,
+                    TAG_RAID_INDEX: str(volume.raid_index),
+                    TAG_RAID_MEMBERS: str(volume.raid_members),
+                    TAG_RAID_LEVEL: volume.raid_level or "none",
+                    "Name": f"{plan.group_id} {volume.mount}#{volume.raid_index}",
+                    TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}",
+                },
+            )
         ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
     result.state = STATE_COMPLETE
     return result
@@ -334,8 +397,10 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=
 
 class SnapshotFailed(IgopsError):
     def __init__(self, result: CreateResult):
-        super().__init__(f"snapshot group {result.group_id} failed: {result.error}",
-                         "the filesystems were thawed at once and the group's snapshots deleted")
+        super().__init__(
+            f"snapshot group {result.group_id} failed: {result.error}",
+            "the filesystems were thawed at once and the group's snapshots deleted",
+        )
         self.result = result
 
 
@@ -343,8 +408,10 @@ def late_freeze(frozen: dict, deadline: float) -> IgopsError | None:
     """The freeze itself outlasted the deadline: the agent thaws at once, so no snapshot taken
     now would be consistent."""
     if frozen.get("deadline_ms", 1) <= 0:
-        return IgopsError(f"freezing took longer than the {deadline:g} s deadline ({frozen['freeze_ms']:.0f} ms); "
-                          "no snapshot was taken")
+        return IgopsError(
+            f"freezing took longer than the {deadline:g} s deadline ({frozen['freeze_ms']:.0f} ms); "
+            "no snapshot was taken"
+        )
     return None
 
 
@@ -352,10 +419,15 @@ def early_thaw(thawed: dict, deadline: float) -> IgopsError | None:
     """Only a thaw that igops asked for, after every call returned, proves the snapshots were
     taken while frozen. A thaw at the deadline, or on a closed channel, may have come first."""
     if thawed.get("reason") != "request":
-        cause = (f"the {deadline:g} s freeze deadline passed" if thawed.get("reason") == "deadline"
-                 else f"the freeze ended early ({thawed.get('reason', 'no reason given')})")
-        return IgopsError(f"{cause} before the snapshot calls returned: the filesystems were thawed while "
-                          "they ran, so the snapshots may not be consistent")
+        cause = (
+            f"the {deadline:g} s freeze deadline passed"
+            if thawed.get("reason") == "deadline"
+            else f"the freeze ended early ({thawed.get('reason', 'no reason given')})"
+        )
+        return IgopsError(
+            f"{cause} before the snapshot calls returned: the filesystems were thawed while "
+            "they ran, so the snapshots may not be consistent"
+        )
     return None
 
 
@@ -376,8 +448,10 @@ def _take_snapshots(ebs, plan: CreatePlan, tags: dict, on_first_failure) -> dict
         return {volume.volume_id: made[volume.volume_id] for volume in plan.volumes if volume.volume_id in made}
     made: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=len(plan.volumes)) as pool:
-        futures = {pool.submit(ebs.create_snapshot, volume.volume_id, description, tags): volume.volume_id
-                   for volume in plan.volumes}
+        futures = {
+            pool.submit(ebs.create_snapshot, volume.volume_id, description, tags): volume.volume_id
+            for volume in plan.volumes
+        }
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(future.exception() for future in done):
             on_first_failure()
@@ -431,12 +505,21 @@ def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
         freeze = next((float(t[TAG_FREEZE_MS]) for t in tags if t.get(TAG_FREEZE_MS)), None)
         # Pinned if any member is: a keep interrupted half-way must still protect the group.
         kept = next((t[TAG_KEEP] for t in tags if t.get(TAG_KEEP)), None)
-        found.append(SnapshotGroup(
-            group_id, tags[0].get(TAG_HOST, "?"), sorted({t.get(TAG_MOUNT, "?") for t in tags}), len(members),
-            expected, state, created if created.tzinfo else created.replace(tzinfo=UTC),
-            sum(snapshot.get("VolumeSize", 0) for snapshot in members), freeze,
-            sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
-            kept))
+        found.append(
+            SnapshotGroup(
+                group_id,
+                tags[0].get(TAG_HOST, "?"),
+                sorted({t.get(TAG_MOUNT, "?") for t in tags}),
+                len(members),
+                expected,
+                state,
+                created if created.tzinfo else created.replace(tzinfo=UTC),
+                sum(snapshot.get("VolumeSize", 0) for snapshot in members),
+                freeze,
+                sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
+                kept,
+            )
+        )
     return sorted(found, key=lambda group: group.created, reverse=True)
 
 
@@ -475,8 +558,10 @@ def delete_steps(group: SnapshotGroup, risks: list[str]) -> list[str]:
     steps = [f"RISK ACCEPTED: {risk}" for risk in risks]
     for snapshot in group.snapshots:
         tags = tags_of(snapshot)
-        steps.append(f"DeleteSnapshot {snapshot['SnapshotId']} ({tags.get(TAG_MOUNT, '?')} "
-                     f"#{tags.get(TAG_RAID_INDEX, '0')}, volume {snapshot.get('VolumeId', '?')})")
+        steps.append(
+            f"DeleteSnapshot {snapshot['SnapshotId']} ({tags.get(TAG_MOUNT, '?')} "
+            f"#{tags.get(TAG_RAID_INDEX, '0')}, volume {snapshot.get('VolumeId', '?')})"
+        )
     return steps
 
 

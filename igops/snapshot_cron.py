@@ -55,22 +55,26 @@ def lease(fleet: Fleet, command_line: str) -> Iterator[bool]:
 
 def has_policy(fleet: Fleet) -> bool:
     """Whether any set of data has a schedule or retention counts for cron to follow."""
-    return any(data_set.policy.schedule or not data_set.policy.retention.empty()
-               for data_set in snapshot_policy.data_sets(fleet))
+    return any(
+        data_set.policy.schedule or not data_set.policy.retention.empty()
+        for data_set in snapshot_policy.data_sets(fleet)
+    )
 
 
 def due_sets(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
-    return [data_set for data_set in snapshot_policy.data_sets(fleet)
-            if snapshot_policy.due(data_set, groups, now, grace)]
+    return [
+        data_set for data_set in snapshot_policy.data_sets(fleet) if snapshot_policy.due(data_set, groups, now, grace)
+    ]
 
 
 def choose(fleet: Fleet, data_set: snapshot_policy.DataSet) -> Take:
     """The member to snapshot: asked of the members themselves, since a switchover or failover
     moves the roles and the inventory keeps naming them as they were."""
     take = Take(data_set.name, data_set.label)
-    candidates = [name for name in data_set.members
-                  if fleet.hosts_by_name[name].mounts and fleet.hosts_by_name[name].instance_id]
+    candidates = [
+        name for name in data_set.members if fleet.hosts_by_name[name].mounts and fleet.hosts_by_name[name].instance_id
+    ]
     if data_set.kind == "host" or len(data_set.members) == 1:
         take.host, take.why = candidates[0], "the only member"
         take.allow_primary = data_set.kind == "cluster"
@@ -85,8 +89,10 @@ def choose(fleet: Fleet, data_set: snapshot_policy.DataSet) -> Take:
     seen = "; ".join(f"{name}: {roles.get(name, 'no data mounts')}" for name in data_set.members)
     noun = "streaming standby" if data_set.kind == "cluster" else "replica linked to its master"
     take.error = f"{data_set.label} has no {noun} to snapshot ({seen})"
-    take.hint = ("restore replication (`igops pg status` / `igops redis status`), or take a group by hand: "
-                 "`igops snapshot create HOST --yes` (--allow-primary accepts a primary's write stall)")
+    take.hint = (
+        "restore replication (`igops pg status` / `igops redis status`), or take a group by hand: "
+        "`igops snapshot create HOST --yes` (--allow-primary accepts a primary's write stall)"
+    )
     return take
 
 
@@ -153,5 +159,6 @@ def plan_prune(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime
     """What each set's policy lets go (an empty retention keeps every complete group and
     deletes only stale leftovers); groups of hosts in no set are left alone."""
     sets = snapshot_policy.data_sets(fleet)
-    return snapshot_policy.plan_prune(groups, *snapshot_policy.prune_rules(sets), now,
-                                      timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+    return snapshot_policy.plan_prune(
+        groups, *snapshot_policy.prune_rules(sets), now, timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
+    )

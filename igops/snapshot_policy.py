@@ -24,8 +24,15 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 DEFAULT_MINIMUM_REDUNDANCY = 1
-POLICY_KEYS = ("schedule", "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
-               "minimum_redundancy")
+POLICY_KEYS = (
+    "schedule",
+    "keep_last",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "minimum_redundancy",
+)
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,17 @@ class Retention:
         return not (self.last or self.hourly or self.daily or self.weekly or self.monthly)
 
     def describe(self) -> str:
-        counts = [f"{name} {count}" for name, count in (("last", self.last), ("hourly", self.hourly),
-                                                         ("daily", self.daily), ("weekly", self.weekly),
-                                                         ("monthly", self.monthly)) if count]
+        counts = [
+            f"{name} {count}"
+            for name, count in (
+                ("last", self.last),
+                ("hourly", self.hourly),
+                ("daily", self.daily),
+                ("weekly", self.weekly),
+                ("monthly", self.monthly),
+            )
+            if count
+        ]
         return ", ".join(counts) or "keep every group"
 
 
@@ -74,15 +89,18 @@ class DataSet:
 
 def policy_from(default, override=None) -> Policy:
     """A Policy from the inventory's [snapshot] table and an optional override table."""
+
     def value(key: str):
         own = getattr(override, key, None) if override is not None else None
         return own if own is not None else getattr(default, key, None)
 
     text = value("schedule")
     redundancy = value("minimum_redundancy")
-    return Policy(schedules.parse(text) if text else None,
-                  Retention(*(value(f"keep_{name}") or 0 for name in ("last", "hourly", "daily", "weekly", "monthly"))),
-                  DEFAULT_MINIMUM_REDUNDANCY if redundancy is None else redundancy)
+    return Policy(
+        schedules.parse(text) if text else None,
+        Retention(*(value(f"keep_{name}") or 0 for name in ("last", "hourly", "daily", "weekly", "monthly"))),
+        DEFAULT_MINIMUM_REDUNDANCY if redundancy is None else redundancy,
+    )
 
 
 def data_sets(fleet: Fleet) -> list[DataSet]:
@@ -121,9 +139,12 @@ def set_of(sets: list[DataSet], host_name: str) -> DataSet | None:
 def last_taken(groups: list[SnapshotGroup], now: datetime, grace: timedelta) -> datetime | None:
     """When the newest group that counts as taken began: complete, pending (EBS still copying),
     or still being taken by a create that may be running."""
-    taken = [group.created for group in groups
-             if group.state in (STATE_COMPLETE, STATE_PENDING)
-             or (group.state == STATE_TAKING and not stale(group, now, grace))]
+    taken = [
+        group.created
+        for group in groups
+        if group.state in (STATE_COMPLETE, STATE_PENDING)
+        or (group.state == STATE_TAKING and not stale(group, now, grace))
+    ]
     return max(taken, default=None)
 
 
@@ -149,9 +170,11 @@ class PrunePlan:
     delete: list[SnapshotGroup]
 
     def steps(self) -> list[str]:
-        return [f"delete group {group.group_id} ({group.host}, {group.state}, "
-                f"{group.created:%Y-%m-%d %H:%M} UTC, {plural(group.volumes, 'snapshot')})" for group in self.delete] \
-            or ["nothing to delete"]
+        return [
+            f"delete group {group.group_id} ({group.host}, {group.state}, "
+            f"{group.created:%Y-%m-%d %H:%M} UTC, {plural(group.volumes, 'snapshot')})"
+            for group in self.delete
+        ] or ["nothing to delete"]
 
 
 @dataclass(frozen=True)
@@ -162,8 +185,13 @@ class SetRetention:
     minimum_redundancy: int = DEFAULT_MINIMUM_REDUNDANCY
 
 
-def plan_prune(groups: list[SnapshotGroup], set_key: Callable[[SnapshotGroup], str | None],
-               rules: Mapping[str, SetRetention], now: datetime, grace: timedelta) -> PrunePlan:
+def plan_prune(
+    groups: list[SnapshotGroup],
+    set_key: Callable[[SnapshotGroup], str | None],
+    rules: Mapping[str, SetRetention],
+    now: datetime,
+    grace: timedelta,
+) -> PrunePlan:
     """Which groups to keep and delete, per set of data (`set_key` names a group's set; groups of
     a set without rules are left alone).
 
@@ -195,7 +223,7 @@ def plan_prune(groups: list[SnapshotGroup], set_key: Callable[[SnapshotGroup], s
         if rule.retention.empty():
             for group in complete[1:]:
                 keep[group.group_id].append("no retention")
-        for group in complete[:rule.retention.last]:
+        for group in complete[: rule.retention.last]:
             keep[group.group_id].append("last")
         for name in ("hourly", "daily", "weekly", "monthly"):
             count = getattr(rule.retention, name)
@@ -220,27 +248,31 @@ def plan_prune(groups: list[SnapshotGroup], set_key: Callable[[SnapshotGroup], s
     return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
 
 
-def prune_rules(sets: list[DataSet], counts: Retention | None = None
-                ) -> tuple[Callable[[SnapshotGroup], str], Mapping[str, SetRetention]]:
+def prune_rules(
+    sets: list[DataSet], counts: Retention | None = None
+) -> tuple[Callable[[SnapshotGroup], str], Mapping[str, SetRetention]]:
     """`plan_prune`'s set key and rules: each set's policy, or `counts` for every set when given
     (with each set's minimum redundancy). A host in no set (say, one no longer in the inventory)
     is a set of its own, pruned only by explicit counts."""
+
     def set_key(group: SnapshotGroup) -> str:
         found = set_of(sets, group.host)
         return found.name if found else f"host {group.host}"
 
     given = counts is not None and not counts.empty()
     rules: dict[str, SetRetention] = {
-        data_set.name: SetRetention(counts if given else data_set.policy.retention,
-                                    data_set.policy.minimum_redundancy) for data_set in sets}
+        data_set.name: SetRetention(counts if given else data_set.policy.retention, data_set.policy.minimum_redundancy)
+        for data_set in sets
+    }
     if given:
         return set_key, defaultdict(lambda: SetRetention(counts), rules)
     return set_key, rules
 
 
 # --- delete -------------------------------------------------------------------------------------
-def delete_risks(group: SnapshotGroup, set_groups: list[SnapshotGroup], data_set: DataSet | None,
-                 now: datetime, grace: timedelta) -> list[str]:
+def delete_risks(
+    group: SnapshotGroup, set_groups: list[SnapshotGroup], data_set: DataSet | None, now: datetime, grace: timedelta
+) -> list[str]:
     """What deleting `group` would risk: a pinned group, a create that may still be running,
     or fewer complete groups of its set than the set's minimum redundancy (at least the last
     one)."""
@@ -254,6 +286,8 @@ def delete_risks(group: SnapshotGroup, set_groups: list[SnapshotGroup], data_set
         floor = max(data_set.policy.minimum_redundancy if data_set else DEFAULT_MINIMUM_REDUNDANCY, 1)
         left = sum(1 for other in set_groups if other.state == STATE_COMPLETE and other.group_id != group.group_id)
         if left < floor:
-            risks.append(f"it would leave {left} complete {'group' if left == 1 else 'groups'} of {label}, "
-                         f"below its minimum redundancy of {floor}")
+            risks.append(
+                f"it would leave {left} complete {'group' if left == 1 else 'groups'} of {label}, "
+                f"below its minimum redundancy of {floor}"
+            )
     return risks

@@ -46,8 +46,9 @@ class StatusReport:
     services: list[ServiceState] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        return ([f"{h.host} unreachable" for h in self.hosts if not h.reachable]
-                + [f"{s.service} on {s.host} down ({s.detail})" for s in self.services if not s.ok])
+        return [f"{h.host} unreachable" for h in self.hosts if not h.reachable] + [
+            f"{s.service} on {s.host} down ({s.detail})" for s in self.services if not s.ok
+        ]
 
 
 def collect(fleet: Fleet, roles: list[str] | None = None) -> StatusReport:
@@ -57,13 +58,25 @@ def collect(fleet: Fleet, roles: list[str] | None = None) -> StatusReport:
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") as pool:
         service_futures = [pool.submit(_probe, *probe) for probe in probes]
         settings = remote.settings_for(fleet)
-        results = remote.run(remote.targets_for(fleet, selected), "cat /proc/loadavg", settings,
-                             timeout=min(settings.command_timeout, 10))
+        results = remote.run(
+            remote.targets_for(fleet, selected),
+            "cat /proc/loadavg",
+            settings,
+            timeout=min(settings.command_timeout, 10),
+        )
         report.services = [future.result() for future in service_futures]
     for host, result in zip(selected, results, strict=False):
         load = " ".join(result.stdout.split()[:3]) if result.ok else None
-        report.hosts.append(HostState(host.name, str(host.address), list(host.roles), result.ok, load,
-                                      None if result.ok else (result.error or result.stderr.strip())))
+        report.hosts.append(
+            HostState(
+                host.name,
+                str(host.address),
+                list(host.roles),
+                result.ok,
+                load,
+                None if result.ok else (result.error or result.stderr.strip()),
+            )
+        )
     return report
 
 
@@ -79,11 +92,27 @@ def service_probes(fleet: Fleet, hosts) -> list[tuple]:
             elif role == "app":
                 probes.append(("gunicorn", host.name, address, model.app.port, _http, model.app.health_path))
             elif role == "postgres":
-                probes.append(("postgres", host.name, address, model.postgres.port, _postgres,
-                               (model.postgres.user, model.postgres.database, secrets)))
+                probes.append(
+                    (
+                        "postgres",
+                        host.name,
+                        address,
+                        model.postgres.port,
+                        _postgres,
+                        (model.postgres.user, model.postgres.database, secrets),
+                    )
+                )
             elif role == "pgbouncer":
-                probes.append(("pgbouncer", host.name, address, model.pgbouncer.port, _pgbouncer,
-                               (model.pgbouncer.admin_user, secrets)))
+                probes.append(
+                    (
+                        "pgbouncer",
+                        host.name,
+                        address,
+                        model.pgbouncer.port,
+                        _pgbouncer,
+                        (model.pgbouncer.admin_user, secrets),
+                    )
+                )
             elif role == "redis":
                 probes.append(("redis", host.name, address, model.redis.port, _redis, secrets))
             elif role == "memcached":
@@ -127,8 +156,11 @@ def failure_reason(body: bytes) -> str | None:
     (`{"checks": {NAME: {"ok": false, "error": ...}}}`), else the body's first line."""
     try:
         checks = json.loads(body)["checks"]
-        failing = [f"{name}: {check.get('error', 'failed')}" for name, check in checks.items()
-                   if isinstance(check, dict) and not check.get("ok")]
+        failing = [
+            f"{name}: {check.get('error', 'failed')}"
+            for name, check in checks.items()
+            if isinstance(check, dict) and not check.get("ok")
+        ]
     except (ValueError, KeyError, TypeError, AttributeError):
         failing = []
     if failing:
@@ -141,9 +173,14 @@ def _postgres(address: str, port: int, arg) -> tuple[bool, str]:
     import psycopg2
 
     user, database, secrets = arg
-    with psycopg2.connect(host=address, port=port, user=user, dbname=database,
-                          password=secrets.get("postgres_password"),
-                          connect_timeout=int(PROBE_TIMEOUT)) as connection:
+    with psycopg2.connect(
+        host=address,
+        port=port,
+        user=user,
+        dbname=database,
+        password=secrets.get("postgres_password"),
+        connect_timeout=int(PROBE_TIMEOUT),
+    ) as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_is_in_recovery(), current_setting('server_version')")
             standby, version = cursor.fetchone()
@@ -155,9 +192,14 @@ def _pgbouncer(address: str, port: int, arg) -> tuple[bool, str]:
     import psycopg2
 
     admin_user, secrets = arg
-    connection = psycopg2.connect(host=address, port=port, user=admin_user, dbname="pgbouncer",
-                                  password=secrets.get("pgbouncer_password"),
-                                  connect_timeout=int(PROBE_TIMEOUT))
+    connection = psycopg2.connect(
+        host=address,
+        port=port,
+        user=admin_user,
+        dbname="pgbouncer",
+        password=secrets.get("pgbouncer_password"),
+        connect_timeout=int(PROBE_TIMEOUT),
+    )
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
@@ -171,8 +213,13 @@ def _pgbouncer(address: str, port: int, arg) -> tuple[bool, str]:
 def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
     import redis
 
-    client = redis.Redis(host=address, port=port, password=secrets.get("redis_password"),
-                         socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT)
+    client = redis.Redis(
+        host=address,
+        port=port,
+        password=secrets.get("redis_password"),
+        socket_timeout=PROBE_TIMEOUT,
+        socket_connect_timeout=PROBE_TIMEOUT,
+    )
     try:
         role = client.execute_command("ROLE")
     finally:

@@ -37,18 +37,24 @@ def columns_of(columns: Sequence[Column | str]) -> list[Column]:
     return [column if isinstance(column, Column) else Column(column) for column in columns]
 
 
-def layout(columns: list[Column], cells: list[list[str]], width: int | None, ruled: bool,
-           wide: bool = False) -> Layout:
+def layout(columns: list[Column], cells: list[list[str]], width: int | None, ruled: bool, wide: bool = False) -> Layout:
     """Which columns to show and how wide, for plain `cells` (rows of text). `width` is the
     terminal's; None means no terminal to fit (every column, nothing wrapped)."""
     natural = [_natural_width(column, [row[index] for row in cells]) for index, column in enumerate(columns)]
-    least = [_least_width(column, [row[index] for row in cells], natural[index])
-             for index, column in enumerate(columns)]
+    least = [
+        _least_width(column, [row[index] for row in cells], natural[index]) for index, column in enumerate(columns)
+    ]
     shown = list(range(len(columns)))
     if width is None:
         return Layout(shown, natural, [], _total(natural, ruled))
-    droppable = [] if wide else sorted((index for index, column in enumerate(columns) if column.drop),
-                                       key=lambda index: (columns[index].drop, index))
+    droppable = (
+        []
+        if wide
+        else sorted(
+            (index for index, column in enumerate(columns) if column.drop),
+            key=lambda index: (columns[index].drop, index),
+        )
+    )
     hidden: list[int] = []
     while _total([least[index] for index in shown], ruled) > width and droppable:
         hidden.append(droppable.pop())
@@ -61,8 +67,9 @@ def layout(columns: list[Column], cells: list[list[str]], width: int | None, rul
     excess = _total(widths, ruled) - width
     # Narrow the widest free-text column a character at a time, never below its least width.
     while excess > 0:
-        candidates = [position for position, index in enumerate(shown)
-                      if columns[index].wrap and widths[position] > least[index]]
+        candidates = [
+            position for position, index in enumerate(shown) if columns[index].wrap and widths[position] > least[index]
+        ]
         if not candidates:
             break
         widest = max(candidates, key=lambda position: widths[position])
@@ -71,8 +78,12 @@ def layout(columns: list[Column], cells: list[list[str]], width: int | None, rul
     if excess > 0:
         # It will not fit whatever wraps: keep every row on one line and let it run wider.
         widths = [natural[index] for index in shown]
-    return Layout(shown, widths, [columns[index].name for index in range(len(columns)) if index not in shown],
-                  _total(widths, ruled))
+    return Layout(
+        shown,
+        widths,
+        [columns[index].name for index in range(len(columns)) if index not in shown],
+        _total(widths, ruled),
+    )
 
 
 def tsv_lines(columns: list[Column], cells: list[list[str]]) -> list[str]:

@@ -42,8 +42,11 @@ RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*$", r
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-MATCH_WORDS = {"size": "path and size", "mtime": "path, size and mtime",
-               "path": "path (pages past a shorter file's end are skipped)"}
+MATCH_WORDS = {
+    "size": "path and size",
+    "mtime": "path, size and mtime",
+    "path": "path (pages past a shorter file's end are skipped)",
+}
 
 
 @dataclass(frozen=True)
@@ -68,30 +71,43 @@ class WarmPlan:
     profile: str | None = None
 
     def steps(self) -> list[str]:
-        mapping = "; ".join(f"{self.source}:{root.path} -> {self.target}:{path}"
-                            for root, path in zip(self.roots, self.target_paths, strict=False))
+        mapping = "; ".join(
+            f"{self.source}:{root.path} -> {self.target}:{path}"
+            for root, path in zip(self.roots, self.target_paths, strict=False)
+        )
         postgres = any(root.base == "postgres" for root in self.roots)
         steps = []
         if self.profile is None:
-            steps.append(f"on {self.source}: read which pages of every file under "
-                         f"{', '.join(root.path for root in self.roots)} are in the page cache "
-                         "(mincore; nothing is read from disk), streaming the profile to "
-                         f"{self.target} as it is captured")
+            steps.append(
+                f"on {self.source}: read which pages of every file under "
+                f"{', '.join(root.path for root in self.roots)} are in the page cache "
+                "(mincore; nothing is read from disk), streaming the profile to "
+                f"{self.target} as it is captured"
+            )
             cluster = f"{self.source}'s" if postgres else None
         else:
-            steps.append(f"send profile {self.profile} ({plural(self.files, 'file')}, {plural(self.pages, 'page')}, "
-                         f"{human_bytes(self.bytes)}) to {self.target}")
+            steps.append(
+                f"send profile {self.profile} ({plural(self.files, 'file')}, {plural(self.pages, 'page')}, "
+                f"{human_bytes(self.bytes)}) to {self.target}"
+            )
             cluster = self.cluster_id
         if cluster:
-            steps.append(f"on {self.target}: refuse, reading nothing, unless its Postgres system identifier is "
-                         f"{cluster}")
+            steps.append(
+                f"on {self.target}: refuse, reading nothing, unless its Postgres system identifier is {cluster}"
+            )
         speed = f"at most {human_bytes(self.options.rate)}/s" if self.options.rate else "unthrottled"
-        how_much = (f"the {self.pages} profiled pages ({human_bytes(self.bytes)})" if self.pages is not None
-                    else "exactly the profiled pages")
-        steps.append(f"on {self.target}: read {how_much} with {plural(self.options.concurrency, 'read')} in flight, "
-                     f"{speed}, readahead off, giving up after {_duration(self.options.timeout)}; {mapping}")
-        steps.append(f"skip and count files missing on {self.target} or not matching by "
-                     f"{MATCH_WORDS[self.options.match]}")
+        how_much = (
+            f"the {self.pages} profiled pages ({human_bytes(self.bytes)})"
+            if self.pages is not None
+            else "exactly the profiled pages"
+        )
+        steps.append(
+            f"on {self.target}: read {how_much} with {plural(self.options.concurrency, 'read')} in flight, "
+            f"{speed}, readahead off, giving up after {_duration(self.options.timeout)}; {mapping}"
+        )
+        steps.append(
+            f"skip and count files missing on {self.target} or not matching by {MATCH_WORDS[self.options.match]}"
+        )
         steps.append(f"report how many profiled pages are resident on {self.target} afterwards")
         return steps
 
@@ -119,16 +135,28 @@ class WarmResult:
 
     @classmethod
     def from_summary(cls, source: str, target: str, summary: dict) -> WarmResult:
-        return cls(source=source, target=target, files=summary["files"], pages=summary["pages"],
-                   page_size=summary["page_size"], warmed_files=summary["warmed_files"],
-                   warmed_pages=summary["warmed_pages"], warmed_bytes=summary["warmed_bytes"],
-                   skipped_files=summary["skipped_files"], skipped_pages=summary["skipped_pages"],
-                   skipped_by_reason=summary["skipped_by_reason"], skipped=summary["skipped"],
-                   read_bytes=summary["read_bytes"], resident_pages=summary["resident_pages"],
-                   hit_ratio=round(summary["resident_pages"] / summary["pages"], 4) if summary["pages"] else 1.0,
-                   read_amplification=round(summary["read_bytes"] / summary["warmed_bytes"], 3)
-                   if summary["warmed_bytes"] else None,
-                   seconds=summary["seconds"], concurrency=summary["concurrency"])
+        return cls(
+            source=source,
+            target=target,
+            files=summary["files"],
+            pages=summary["pages"],
+            page_size=summary["page_size"],
+            warmed_files=summary["warmed_files"],
+            warmed_pages=summary["warmed_pages"],
+            warmed_bytes=summary["warmed_bytes"],
+            skipped_files=summary["skipped_files"],
+            skipped_pages=summary["skipped_pages"],
+            skipped_by_reason=summary["skipped_by_reason"],
+            skipped=summary["skipped"],
+            read_bytes=summary["read_bytes"],
+            resident_pages=summary["resident_pages"],
+            hit_ratio=round(summary["resident_pages"] / summary["pages"], 4) if summary["pages"] else 1.0,
+            read_amplification=round(summary["read_bytes"] / summary["warmed_bytes"], 3)
+            if summary["warmed_bytes"]
+            else None,
+            seconds=summary["seconds"],
+            concurrency=summary["concurrency"],
+        )
 
 
 @dataclass
@@ -224,14 +252,17 @@ def source_roots(fleet: Fleet, host, paths: list[str] | None) -> list[Root]:
     pgdata = data_directory(fleet, host)
     if not paths:
         if not pgdata:
-            raise UsageError(f"{host.name} has no Postgres role, so no default directory",
-                             "name the directories to capture (under its data mounts)")
+            raise UsageError(
+                f"{host.name} has no Postgres role, so no default directory",
+                "name the directories to capture (under its data mounts)",
+            )
         paths = [pgdata]
     roots: list[Root] = []
     for given in paths:
         if not given.startswith("/"):
-            raise UsageError(f"{given!r} is not an absolute path",
-                             f"name a directory on {host.name}, e.g. {pgdata or '/data'}")
+            raise UsageError(
+                f"{given!r} is not an absolute path", f"name a directory on {host.name}, e.g. {pgdata or '/data'}"
+            )
         path = _normal(given)
         roots.append(_root(fleet, host, path, pgdata))
     for root in roots:
@@ -244,12 +275,17 @@ def source_roots(fleet: Fleet, host, paths: list[str] | None) -> list[Root]:
 def _root(fleet: Fleet, host, path: str, pgdata: str | None) -> Root:
     if pgdata and _under(path, pgdata):
         return Root(path, "postgres", posixpath.relpath(path, pgdata) if path != pgdata else "")
-    mounts = sorted((mount for mount in host.mounts if _under(path, _normal(mount.path))),
-                    key=lambda mount: len(mount.path), reverse=True)
+    mounts = sorted(
+        (mount for mount in host.mounts if _under(path, _normal(mount.path))),
+        key=lambda mount: len(mount.path),
+        reverse=True,
+    )
     if not mounts:
         allowed = ", ".join(allowed_prefixes(fleet, host)) or "none in the inventory"
-        raise RefusedError(f"{path} is outside {host.name}'s data mounts and Postgres data directory",
-                           f"use a directory under: {allowed}")
+        raise RefusedError(
+            f"{path} is outside {host.name}'s data mounts and Postgres data directory",
+            f"use a directory under: {allowed}",
+        )
     mount = mounts[0]
     base = _normal(mount.path)
     if sum(other.purpose == mount.purpose for other in host.mounts) != 1:
@@ -264,48 +300,61 @@ def target_paths(fleet: Fleet, roots: list[Root], target) -> list[str]:
         if root.base == "postgres":
             pgdata = data_directory(fleet, target)
             if not pgdata:
-                raise RefusedError(f"the profile is of a Postgres data directory and {target.name} has no "
-                                   "postgres role", "warm a member of the same Postgres cluster")
+                raise RefusedError(
+                    f"the profile is of a Postgres data directory and {target.name} has no postgres role",
+                    "warm a member of the same Postgres cluster",
+                )
             paths.append(posixpath.join(pgdata, root.within) if root.within else pgdata)
         elif root.base.startswith("mount:"):
             purpose = root.base.removeprefix("mount:")
             mounts = [mount for mount in target.mounts if mount.purpose == purpose]
             if len(mounts) != 1:
-                raise RefusedError(f"{target.name} has {len(mounts)} data mounts with purpose {purpose!r}, "
-                                   f"so {root.path} has no single counterpart there",
-                                   "give the mount a unique purpose in the inventory")
+                raise RefusedError(
+                    f"{target.name} has {len(mounts)} data mounts with purpose {purpose!r}, "
+                    f"so {root.path} has no single counterpart there",
+                    "give the mount a unique purpose in the inventory",
+                )
             base = _normal(mounts[0].path)
             paths.append(posixpath.join(base, root.within) if root.within else base)
         elif root.base == "path":
             if not any(_under(root.path, prefix) for prefix in allowed_prefixes(fleet, target)):
-                raise RefusedError(f"{root.path} is outside {target.name}'s data mounts and Postgres data directory",
-                                   "warm only under the target's data mounts")
+                raise RefusedError(
+                    f"{root.path} is outside {target.name}'s data mounts and Postgres data directory",
+                    "warm only under the target's data mounts",
+                )
             paths.append(root.path)
         else:
             raise ProfileError(f"the profile's root {root.path} has an unknown base {root.base!r}")
     return paths
 
 
-def check_target(fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root],
-                 target) -> None:
+def check_target(
+    fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root], target
+) -> None:
     """Refuse, before any host is contacted, a profile the inventory says belongs elsewhere."""
     if profile_fleet != fleet.model.fleet.name:
-        raise RefusedError(f"the profile is from fleet {profile_fleet!r}, this inventory is {fleet.model.fleet.name!r}",
-                           "capture a profile in this fleet")
+        raise RefusedError(
+            f"the profile is from fleet {profile_fleet!r}, this inventory is {fleet.model.fleet.name!r}",
+            "capture a profile in this fleet",
+        )
     if any(root.base == "postgres" for root in roots):
         here = postgres_cluster_of(fleet, target.name)
         if here != postgres_cluster:
             raise RefusedError(
                 f"the profile is of Postgres cluster {postgres_cluster!r} (captured on {source}); "
                 f"{target.name} is {'in cluster ' + repr(here) if here else 'in no cluster'}",
-                f"warm {target.name} from a member of its own cluster")
+                f"warm {target.name} from a member of its own cluster",
+            )
 
 
 # --- agent plumbing -----------------------------------------------------------------------------
 def _capture_invocation(fleet: Fleet, host, roots: list[Root]) -> tuple[str, bytes]:
-    header = {"host": host.name, "fleet": fleet.model.fleet.name,
-              "postgres_cluster": postgres_cluster_of(fleet, host.name),
-              "roots": [dataclasses.asdict(root) for root in roots]}
+    header = {
+        "host": host.name,
+        "fleet": fleet.model.fleet.name,
+        "postgres_cluster": postgres_cluster_of(fleet, host.name),
+        "roots": [dataclasses.asdict(root) for root in roots],
+    }
     args = ["capture", "--header", json.dumps(header, separators=(",", ":"))]
     if any(root.base == "postgres" for root in roots):
         args += ["--cluster-dir", data_directory(fleet, host)]
@@ -328,13 +377,17 @@ def _warm_invocation(fleet: Fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
 
 
 def _agent_failure(host: str, event: dict, what: str) -> Exception:
-    message = f"{host}: {what} refused: {event.get('message')}" if event.get("refused") \
+    message = (
+        f"{host}: {what} refused: {event.get('message')}"
+        if event.get("refused")
         else f"{host}: {what} failed: {event.get('message')}"
+    )
     if event.get("refused"):
         return RefusedError(message, "nothing was read or warmed")
     summary = event.get("summary") or {}
-    done = (f"{summary['warmed_pages']} pages of {summary['warmed_files']} files were already warmed"
-            if summary else None)
+    done = (
+        f"{summary['warmed_pages']} pages of {summary['warmed_files']} files were already warmed" if summary else None
+    )
     return RemoteError(message, done)
 
 
@@ -350,8 +403,7 @@ def _event(line: str, host: str, what: str) -> dict:
 
 def _run_agent(fleet: Fleet, host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
     command, prefix = invocation
-    [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet),
-                          stdin=prefix + stdin)
+    [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet), stdin=prefix + stdin)
     if not result.reached:
         raise RemoteError(f"{host.name}: {result.error}", "nothing was read or warmed")
     first = result.stdout.split("\n", 1)[0]
@@ -360,8 +412,10 @@ def _run_agent(fleet: Fleet, host, invocation: tuple[str, bytes], what: str, std
         if event.get("event") == "error":
             raise _agent_failure(host.name, event, what)
     if not result.ok:
-        raise RemoteError(f"{host.name}: the {what} agent failed (exit {result.exit_code}): "
-                          f"{result.stderr.strip()[-300:] or 'no message'}")
+        raise RemoteError(
+            f"{host.name}: the {what} agent failed (exit {result.exit_code}): "
+            f"{result.stderr.strip()[-300:] or 'no message'}"
+        )
     return result.stdout
 
 
@@ -378,8 +432,9 @@ def _capture(fleet: Fleet, host, roots: list[Root]) -> tuple[Profile, bytes, flo
     return parse(text, f"the profile captured on {host.name}"), text, round(time.monotonic() - started, 3)
 
 
-def record(fleet: Fleet, host_name: str, paths: list[str] | None, output: str,
-           with_vmtouch: bool = False) -> CaptureResult:
+def record(
+    fleet: Fleet, host_name: str, paths: list[str] | None, output: str, with_vmtouch: bool = False
+) -> CaptureResult:
     """Capture and save the profile; optionally the equivalent vmtouch commands too."""
     from igops import profile as profiles
 
@@ -387,13 +442,24 @@ def record(fleet: Fleet, host_name: str, paths: list[str] | None, output: str,
     written = profiles.save(output, text)
     scanned = found.scanned_pages * found.page_size
     return CaptureResult(
-        host=found.host, roots=[root.path for root in found.roots], cluster_id=found.cluster_id,
-        files=len(found.files), pages=found.pages, resident_bytes=found.resident_bytes,
-        scanned_files=found.scanned_files, scanned_dirs=found.scanned_dirs, scanned_pages=found.scanned_pages,
-        unreadable=found.unreadable, page_size=found.page_size, seconds=seconds, profile_bytes=len(text),
-        output=output, output_bytes=written,
+        host=found.host,
+        roots=[root.path for root in found.roots],
+        cluster_id=found.cluster_id,
+        files=len(found.files),
+        pages=found.pages,
+        resident_bytes=found.resident_bytes,
+        scanned_files=found.scanned_files,
+        scanned_dirs=found.scanned_dirs,
+        scanned_pages=found.scanned_pages,
+        unreadable=found.unreadable,
+        page_size=found.page_size,
+        seconds=seconds,
+        profile_bytes=len(text),
+        output=output,
+        output_bytes=written,
         bytes_per_gib=round(written / (scanned / (1 << 30)), 1) if scanned else 0.0,
-        vmtouch=profiles.vmtouch_script(found) if with_vmtouch else None)
+        vmtouch=profiles.vmtouch_script(found) if with_vmtouch else None,
+    )
 
 
 @dataclass
@@ -418,35 +484,65 @@ def show(fleet: Fleet, host_name: str, path: str, top: int) -> ShowResult:
     for entry in ranked[:top]:
         resident = sum(count for _, count in entry.runs)
         pages = -(-entry.size // profile.page_size)
-        busiest.append({"path": entry.path, "resident_pages": resident, "pages": pages,
-                        "share": round(resident / pages, 4), "runs": len(entry.runs)})
-    return ShowResult(host=profile.host, path=profile.roots[0].path, files=profile.scanned_files,
-                      directories=profile.scanned_dirs, resident_pages=profile.pages, pages=profile.scanned_pages,
-                      page_size=profile.page_size,
-                      share=round(profile.pages / profile.scanned_pages, 4) if profile.scanned_pages else 0.0,
-                      seconds=seconds, busiest=busiest)
+        busiest.append(
+            {
+                "path": entry.path,
+                "resident_pages": resident,
+                "pages": pages,
+                "share": round(resident / pages, 4),
+                "runs": len(entry.runs),
+            }
+        )
+    return ShowResult(
+        host=profile.host,
+        path=profile.roots[0].path,
+        files=profile.scanned_files,
+        directories=profile.scanned_dirs,
+        resident_pages=profile.pages,
+        pages=profile.scanned_pages,
+        page_size=profile.page_size,
+        share=round(profile.pages / profile.scanned_pages, 4) if profile.scanned_pages else 0.0,
+        seconds=seconds,
+        busiest=busiest,
+    )
 
 
 # --- apply, copy --------------------------------------------------------------------------------
 def plan_apply(fleet: Fleet, profile: Profile, target_name: str, options: WarmOptions, profile_name: str) -> WarmPlan:
     target = fleet.host(target_name)
     check_target(fleet, profile.fleet, profile.host, profile.postgres_cluster, profile.roots, target)
-    return WarmPlan(source=profile.host, target=target.name, roots=profile.roots,
-                    target_paths=target_paths(fleet, profile.roots, target), options=options,
-                    cluster_id=profile.cluster_id, files=len(profile.files), pages=profile.pages,
-                    bytes=profile.resident_bytes, profile=profile_name)
+    return WarmPlan(
+        source=profile.host,
+        target=target.name,
+        roots=profile.roots,
+        target_paths=target_paths(fleet, profile.roots, target),
+        options=options,
+        cluster_id=profile.cluster_id,
+        files=len(profile.files),
+        pages=profile.pages,
+        bytes=profile.resident_bytes,
+        profile=profile_name,
+    )
 
 
-def plan_copy(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None,
-              options: WarmOptions) -> WarmPlan:
+def plan_copy(
+    fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None, options: WarmOptions
+) -> WarmPlan:
     source, target = fleet.host(source_name), fleet.host(target_name)
     if source.name == target.name:
-        raise UsageError(f"{source.name} is both source and target",
-                         "to re-warm one host (after a restart), `capture` before and `apply` after")
+        raise UsageError(
+            f"{source.name} is both source and target",
+            "to re-warm one host (after a restart), `capture` before and `apply` after",
+        )
     roots = source_roots(fleet, source, paths)
     check_target(fleet, fleet.model.fleet.name, source.name, postgres_cluster_of(fleet, source.name), roots, target)
-    return WarmPlan(source=source.name, target=target.name, roots=roots,
-                    target_paths=target_paths(fleet, roots, target), options=options)
+    return WarmPlan(
+        source=source.name,
+        target=target.name,
+        roots=roots,
+        target_paths=target_paths(fleet, roots, target),
+        options=options,
+    )
 
 
 def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
@@ -460,8 +556,9 @@ def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
 
 
 def apply(fleet: Fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
-    title = (f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) "
-             f"of {plural(plan.files, 'file')}")
+    title = (
+        f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) of {plural(plan.files, 'file')}"
+    )
     with reporter.step(title) as step:
         with _warm_session(fleet, plan) as session:
             _send(session, text)
@@ -510,20 +607,26 @@ def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmR
     with ExitStack() as stack:
         with reporter.step(f"capture on {plan.source}, streaming to {plan.target}") as step:
             target_session = _warm_session(fleet, plan)
-            source_session = remote.Session(source_target, capture_command, remote.settings_for(fleet),
-                                            stdin_prefix=capture_prefix)
+            source_session = remote.Session(
+                source_target, capture_command, remote.settings_for(fleet), stdin_prefix=capture_prefix
+            )
             _open_together(stack, [target_session, source_session])
             try:
                 reader = pagecache.Reader(_Relay(source_session, target_session, plan.source))
                 entries = list(reader.entries())
             except pagecache.FormatError as exc:
                 stderr = source_session.stderr().strip()
-                raise RemoteError(f"{plan.source}: the capture stream broke off: {exc}"
-                                  + (f" ({stderr[-300:]})" if stderr else ""),
-                                  f"{plan.target} stopped warming; run the copy again") from None
+                raise RemoteError(
+                    f"{plan.source}: the capture stream broke off: {exc}" + (f" ({stderr[-300:]})" if stderr else ""),
+                    f"{plan.target} stopped warming; run the copy again",
+                ) from None
             profile = from_reader(reader, entries)
-            plan.cluster_id, plan.files, plan.pages, plan.bytes = (profile.cluster_id, len(profile.files),
-                                                                    profile.pages, profile.resident_bytes)
+            plan.cluster_id, plan.files, plan.pages, plan.bytes = (
+                profile.cluster_id,
+                len(profile.files),
+                profile.pages,
+                profile.resident_bytes,
+            )
             step.detail = f"{plural(plan.files, 'file')}, {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)})"
         with reporter.step(f"warm {plan.target}") as step:
             result = _follow(target_session, plan, reporter, plan.bytes)
@@ -552,9 +655,11 @@ def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: 
             line = session.read_line(STALL_TIMEOUT)
             if line is None:
                 stderr = session.stderr().strip()
-                raise RemoteError(f"{plan.target}: the warming agent stopped without a summary"
-                                  + (f": {stderr[-300:]}" if stderr else ""),
-                                  f"it was silent for up to {STALL_TIMEOUT:g} s or its connection closed")
+                raise RemoteError(
+                    f"{plan.target}: the warming agent stopped without a summary"
+                    + (f": {stderr[-300:]}" if stderr else ""),
+                    f"it was silent for up to {STALL_TIMEOUT:g} s or its connection closed",
+                )
             event = _event(line, plan.target, "warming")
             kind = event.get("event")
             if kind == "progress":
@@ -567,13 +672,16 @@ def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: 
 
 
 def _detail(result: WarmResult) -> str:
-    return (f"{result.warmed_pages} of {plural(result.pages, 'page')} read, {result.hit_ratio:.1%} resident, "
-            f"{plural(result.skipped_files, 'file')} skipped")
+    return (
+        f"{result.warmed_pages} of {plural(result.pages, 'page')} read, {result.hit_ratio:.1%} resident, "
+        f"{plural(result.skipped_files, 'file')} skipped"
+    )
 
 
 # --- diff ---------------------------------------------------------------------------------------
-def diff(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None,
-         reporter: Reporter = Reporter()) -> DiffResult:
+def diff(
+    fleet: Fleet, source_name: str, target_name: str, paths: list[str] | None, reporter: Reporter = Reporter()
+) -> DiffResult:
     """What share of the source's resident pages are resident on the target, per file and in
     total. Files are matched by path alone: a page past the end of the target's file is cold."""
     source, target = fleet.host(source_name), fleet.host(target_name)
@@ -582,8 +690,10 @@ def diff(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | No
     where = target_paths(fleet, roots, target)
     with reporter.step(f"capture the page cache of {source.name}") as step:
         profile, text, _ = _capture(fleet, source, roots)
-        step.detail = (f"{plural(profile.pages, 'page')} ({human_bytes(profile.resident_bytes)}) in "
-                       f"{plural(len(profile.files), 'file')}")
+        step.detail = (
+            f"{plural(profile.pages, 'page')} ({human_bytes(profile.resident_bytes)}) in "
+            f"{plural(len(profile.files), 'file')}"
+        )
     with reporter.step(f"look up those pages on {target.name}"):
         args = ["residency", *where]
         for prefix in allowed_prefixes(fleet, target):
@@ -596,12 +706,21 @@ def diff(fleet: Fleet, source_name: str, target_name: str, paths: list[str] | No
     files = []
     for root, relative, source_pages, target_pages, status in event["files"]:
         path = posixpath.join(profile.roots[root].path, relative) if many_roots else relative
-        files.append(FileShare(path, source_pages, target_pages,
-                               round(target_pages / source_pages, 4) if source_pages else 1.0, status))
+        files.append(
+            FileShare(
+                path, source_pages, target_pages, round(target_pages / source_pages, 4) if source_pages else 1.0, status
+            )
+        )
     files.sort(key=lambda item: (item.target_pages - item.source_pages, item.path))
     source_pages = sum(item.source_pages for item in files)
     target_pages = sum(item.target_pages for item in files)
-    return DiffResult(source=profile.host, target=target.name, roots=where, source_pages=source_pages,
-                      target_pages=target_pages,
-                      share=round(target_pages / source_pages, 4) if source_pages else 1.0,
-                      page_size=profile.page_size, files=files)
+    return DiffResult(
+        source=profile.host,
+        target=target.name,
+        roots=where,
+        source_pages=source_pages,
+        target_pages=target_pages,
+        share=round(target_pages / source_pages, 4) if source_pages else 1.0,
+        page_size=profile.page_size,
+        files=files,
+    )

@@ -18,12 +18,14 @@ IGOPS = [sys.executable, "-m", "igops"]
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_igops(*args: str, env: dict | None = None, input: str | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess:
+def run_igops(
+    *args: str, env: dict | None = None, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user or cron would."""
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([*IGOPS, *args], capture_output=True, text=True, env=full_env,
-                          input=input, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [*IGOPS, *args], capture_output=True, text=True, env=full_env, input=input, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture

@@ -43,9 +43,14 @@ def postgres(lab, node: str, database: str = "postgres", user: str | None = None
     """An autocommit connection straight to one lab server (the inventory's superuser by default)."""
     import psycopg2
 
-    connection = psycopg2.connect(host=str(lab.host(node).address), port=lab.model.postgres.port,
-                                  user=user or lab.model.postgres.user, dbname=database, connect_timeout=5,
-                                  password=password or Secrets(lab.model.secrets.file).get("postgres_password"))
+    connection = psycopg2.connect(
+        host=str(lab.host(node).address),
+        port=lab.model.postgres.port,
+        user=user or lab.model.postgres.user,
+        dbname=database,
+        connect_timeout=5,
+        password=password or Secrets(lab.model.secrets.file).get("postgres_password"),
+    )
     connection.autocommit = True
     return connection
 
@@ -67,6 +72,7 @@ def trim_wal(lab, primary: str, standby: str) -> None:
     connection = postgres(lab, standby)
     try:
         with connection.cursor() as cursor:
+
             def replayed():
                 cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
                 return cursor.fetchone()[0]

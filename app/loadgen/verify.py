@@ -124,7 +124,8 @@ class Stores:
         client = make_s3_client(self.config.s3)
         present: set[str] = set()
         pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.config.s3.bucket, Prefix=os.path.commonprefix([low, high]), StartAfter=low[:-1])
+            Bucket=self.config.s3.bucket, Prefix=os.path.commonprefix([low, high]), StartAfter=low[:-1]
+        )
         for page in pages:
             listed = [item["Key"] for item in page.get("Contents", [])]
             present.update(key for key in listed if key in wanted)

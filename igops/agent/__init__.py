@@ -10,8 +10,7 @@ from __future__ import annotations
 import shlex
 from importlib import resources
 
-BOOTSTRAP = ("import sys;n=int(sys.stdin.buffer.readline());"
-             "exec(compile(sys.stdin.buffer.read(n),{name!r},'exec'))")
+BOOTSTRAP = "import sys;n=int(sys.stdin.buffer.readline());exec(compile(sys.stdin.buffer.read(n),{name!r},'exec'))"
 
 
 def program(name: str) -> bytes:
@@ -27,6 +26,7 @@ def invocation(name: str, args: list[str]) -> tuple[str, bytes]:
     site-packages either (the programs are stdlib-only), and a host whose site runs .pth hooks
     starts each one tens of milliseconds sooner."""
     source = program(name)
-    command = ('p=/usr/bin/python3; [ -x "$p" ] || p=python3; exec "$p" -I -S '
-               + shlex.join(["-c", BOOTSTRAP.format(name=f"igops-{name}"), *args]))
+    command = 'p=/usr/bin/python3; [ -x "$p" ] || p=python3; exec "$p" -I -S ' + shlex.join(
+        ["-c", BOOTSTRAP.format(name=f"igops-{name}"), *args]
+    )
     return command, str(len(source)).encode() + b"\n" + source

@@ -64,8 +64,11 @@ def parse_mdadm_detail(text):
                 raid_device = fields[3]
                 if raid_device.isdigit():
                     members.append((fields[-1].rsplit("/", 1)[-1], int(raid_device)))
-    return {"level": level.group(1) if level else None, "uuid": uuid.group(1) if uuid else None,
-            "members": sorted(members, key=lambda m: m[1])}
+    return {
+        "level": level.group(1) if level else None,
+        "uuid": uuid.group(1) if uuid else None,
+        "members": sorted(members, key=lambda m: m[1]),
+    }
 
 
 def parse_by_id(entries):
@@ -83,15 +86,15 @@ def _by_id_entries():
         names = os.listdir(BY_ID)
     except OSError:
         return []
-    return [(name, os.readlink(os.path.join(BY_ID, name))) for name in names
-            if os.path.islink(os.path.join(BY_ID, name))]
+    return [
+        (name, os.readlink(os.path.join(BY_ID, name))) for name in names if os.path.islink(os.path.join(BY_ID, name))
+    ]
 
 
 def _md_members(name):
     """Members of an md array in RAID order, from mdadm when present, else sysfs slots."""
     try:
-        detail = subprocess.run(["mdadm", "--detail", f"/dev/{name}"], capture_output=True, text=True,
-                                timeout=10)
+        detail = subprocess.run(["mdadm", "--detail", f"/dev/{name}"], capture_output=True, text=True, timeout=10)
         if detail.returncode == 0:
             return parse_mdadm_detail(detail.stdout)
     except (OSError, subprocess.TimeoutExpired):
@@ -122,8 +125,10 @@ def describe(mount, mountinfo, by_id):
         members = [(f"/dev/{member}", index) for member, index in raid["members"]]
     else:
         members = [(device, 0)]
-    entry["members"] = [{"device": path, "raid_index": index,
-                         "volume_id": by_id.get(path.rsplit("/", 1)[-1])} for path, index in members]
+    entry["members"] = [
+        {"device": path, "raid_index": index, "volume_id": by_id.get(path.rsplit("/", 1)[-1])}
+        for path, index in members
+    ]
     return entry
 
 

@@ -141,12 +141,14 @@ def main():
     if failed:
         thaw(frozen)
         release_watchdog(pipe_write)
-        fail("cannot freeze " + ", ".join(f"{path}: {why}" for path, why in failed)
-             + "; nothing is left frozen", 3)
+        fail("cannot freeze " + ", ".join(f"{path}: {why}" for path, why in failed) + "; nothing is left frozen", 3)
     frozen_at = time.monotonic()
-    emit("frozen", mounts=[path for path, _ in frozen],
-         freeze_ms=round((frozen_at - freeze_started) * 1000, 2),
-         deadline_ms=round((deadline - frozen_at) * 1000))
+    emit(
+        "frozen",
+        mounts=[path for path, _ in frozen],
+        freeze_ms=round((frozen_at - freeze_started) * 1000, 2),
+        deadline_ms=round((deadline - frozen_at) * 1000),
+    )
 
     reason = "deadline"
     stdin = sys.stdin.buffer
@@ -166,8 +168,7 @@ def main():
     thawed = thaw(frozen)
     thawed_at = time.monotonic()
     release_watchdog(pipe_write)
-    emit("thawed", mounts=thawed, reason=reason,
-         window_ms=round((thawed_at - freeze_started) * 1000, 2))
+    emit("thawed", mounts=thawed, reason=reason, window_ms=round((thawed_at - freeze_started) * 1000, 2))
 
 
 if __name__ == "__main__":

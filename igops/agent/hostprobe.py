@@ -37,9 +37,14 @@ def lock_dir():
 
 def space(mount):
     stats = os.statvfs(mount)
-    return {"bytes_total": stats.f_blocks * stats.f_frsize, "bytes_free": stats.f_bfree * stats.f_frsize,
-            "bytes_available": stats.f_bavail * stats.f_frsize, "inodes_total": stats.f_files,
-            "inodes_free": stats.f_ffree, "read_only": bool(stats.f_flag & os.ST_RDONLY)}
+    return {
+        "bytes_total": stats.f_blocks * stats.f_frsize,
+        "bytes_free": stats.f_bfree * stats.f_frsize,
+        "bytes_available": stats.f_bavail * stats.f_frsize,
+        "inodes_total": stats.f_files,
+        "inodes_free": stats.f_ffree,
+        "read_only": bool(stats.f_flag & os.ST_RDONLY),
+    }
 
 
 def writer(mount, lock_fd, report_fd):

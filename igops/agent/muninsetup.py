@@ -64,8 +64,13 @@ def main():
     restarted, error = False, None
     if changed or request.get("always_restart"):
         try:
-            done = subprocess.run(["sh", "-c", request["restart"]], stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=request["restart_timeout"])
+            done = subprocess.run(
+                ["sh", "-c", request["restart"]],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=request["restart_timeout"],
+            )
             restarted = done.returncode == 0
             if not restarted:
                 output = (done.stderr.strip() or done.stdout.strip()).splitlines()

@@ -125,8 +125,13 @@ class Writer:
 
 def safe_relative(path):
     """A relative path that stays inside its root: no absolute, empty, '.' or '..' component."""
-    return (isinstance(path, str) and path != "" and not path.startswith("/") and "\x00" not in path
-            and all(part not in ("", ".", "..") for part in path.split("/")))
+    return (
+        isinstance(path, str)
+        and path != ""
+        and not path.startswith("/")
+        and "\x00" not in path
+        and all(part not in ("", ".", "..") for part in path.split("/"))
+    )
 
 
 def check_header(header):
@@ -134,9 +139,17 @@ def check_header(header):
         raise FormatError("the header is not a JSON object")
     missing, unknown = HEADER_KEYS - header.keys(), header.keys() - HEADER_KEYS
     if missing or unknown:
-        raise FormatError("header " + "; ".join(
-            part for part in (f"lacks {', '.join(sorted(missing))}" if missing else "",
-                              f"has unknown {', '.join(sorted(unknown))}" if unknown else "") if part))
+        raise FormatError(
+            "header "
+            + "; ".join(
+                part
+                for part in (
+                    f"lacks {', '.join(sorted(missing))}" if missing else "",
+                    f"has unknown {', '.join(sorted(unknown))}" if unknown else "",
+                )
+                if part
+            )
+        )
     for key in ("host", "fleet", "captured_at"):
         if not isinstance(header[key], str) or not header[key]:
             raise FormatError(f"header {key} is not a non-empty string")
@@ -269,16 +282,21 @@ class Reader:
     def _check_trailer(self, text, files, pages):
         where = f"line {self.line_number}"
         fields = text.split("\t")
-        if len(fields) != len(TRAILER_COUNTS) + 1 or not all(NUMBER.fullmatch(f) for f in fields[:-1]) \
-                or not SHA256.fullmatch(fields[-1]):
+        if (
+            len(fields) != len(TRAILER_COUNTS) + 1
+            or not all(NUMBER.fullmatch(f) for f in fields[:-1])
+            or not SHA256.fullmatch(fields[-1])
+        ):
             raise FormatError(f"{where}: the trailer is not T, {len(TRAILER_COUNTS)} counts and a sha256")
-        self._hash.update(self._last[:-len(fields[-1]) - 1])
+        self._hash.update(self._last[: -len(fields[-1]) - 1])
         if fields[-1] != self._hash.hexdigest():
             raise FormatError(f"{where}: checksum mismatch: the profile was altered or damaged")
         trailer = dict(zip(TRAILER_COUNTS, map(int, fields)), sha256=fields[-1])
         if (trailer["files"], trailer["pages"]) != (files, pages):
-            raise FormatError(f"{where}: the trailer counts {trailer['files']} files and {trailer['pages']} "
-                              f"pages, the profile holds {files} and {pages}")
+            raise FormatError(
+                f"{where}: the trailer counts {trailer['files']} files and {trailer['pages']} "
+                f"pages, the profile holds {files} and {pages}"
+            )
         self.trailer = trailer
 
 
@@ -301,8 +319,7 @@ def libc():
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
         lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_int64)
+        lib.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
         lib.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
         lib.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
         _libc = lib
@@ -334,7 +351,7 @@ def runs_of(bitmap):
 
 
 def resident_in(bitmap, runs):
-    return sum(bitmap[first:first + count].count(1) for first, count in runs)
+    return sum(bitmap[first : first + count].count(1) for first, count in runs)
 
 
 def open_file(path):
@@ -418,8 +435,9 @@ class Scan:
 
 def capture(header, cluster_dir, within, out):
     page_size = mmap.PAGESIZE
-    header = dict(header, page_size=page_size, cluster_id=None,
-                  captured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    header = dict(
+        header, page_size=page_size, cluster_id=None, captured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     if cluster_dir:
         try:
             header["cluster_id"] = read_cluster_id(cluster_dir)
@@ -462,8 +480,10 @@ def check_header_here(header, roots, cluster_dir):
         raise Refused(f"the profile's page size is {header['page_size']}, this host's is {mmap.PAGESIZE}")
     if len(roots) != len(header["roots"]):
         profiled = len(header["roots"])
-        raise Refused(f"the profile has {profiled} {'root' if profiled == 1 else 'roots'}, {len(roots)} "
-                      f"{'was' if len(roots) == 1 else 'were'} given")
+        raise Refused(
+            f"the profile has {profiled} {'root' if profiled == 1 else 'roots'}, {len(roots)} "
+            f"{'was' if len(roots) == 1 else 'were'} given"
+        )
     if header["cluster_id"] is not None:
         if not cluster_dir:
             raise Refused("the profile is of a Postgres cluster, and no data directory was given to check")
@@ -472,8 +492,10 @@ def check_header_here(header, roots, cluster_dir):
         except OSError as exc:
             raise Refused(f"cannot read the Postgres cluster's identity in {cluster_dir}: {exc}") from None
         if here != header["cluster_id"]:
-            raise Refused(f"the profile is of Postgres cluster {header['cluster_id']} "
-                          f"(captured on {header['host']}); this host's cluster is {here}")
+            raise Refused(
+                f"the profile is of Postgres cluster {header['cluster_id']} "
+                f"(captured on {header['host']}); this host's cluster is {here}"
+            )
 
 
 def locate(entry, roots, real_roots):
@@ -584,8 +606,11 @@ class Warmer:
             if handle is None:
                 continue
             self.open_slots.acquire()
-            pieces = [(first * self.page_size + offset, min(CHUNK, count * self.page_size - offset))
-                      for first, count in handle.runs for offset in range(0, count * self.page_size, CHUNK)]
+            pieces = [
+                (first * self.page_size + offset, min(CHUNK, count * self.page_size - offset))
+                for first, count in handle.runs
+                for offset in range(0, count * self.page_size, CHUNK)
+            ]
             handle.pending = len(pieces)
             for offset, length in pieces:
                 self.chunks.put((handle, offset, length))
@@ -692,12 +717,20 @@ class Warmer:
         seconds = time.monotonic() - started
         resident = sum(resident_pages_of(path, runs, self.page_size) for path, runs in self.warmed)
         summary = {
-            "files": self.files, "pages": self.pages, "page_size": self.page_size,
-            "warmed_files": len(self.warmed), "warmed_pages": self.warmed_pages,
-            "warmed_bytes": self.done_bytes, "skipped_files": sum(self.skipped.values()),
-            "skipped_pages": self.skipped_pages + self.clipped_pages, "skipped_by_reason": self.skipped,
-            "skipped": self.skipped_listed, "read_bytes": disk_read_bytes() - read_before,
-            "resident_pages": resident, "seconds": round(seconds, 3), "concurrency": self.concurrency,
+            "files": self.files,
+            "pages": self.pages,
+            "page_size": self.page_size,
+            "warmed_files": len(self.warmed),
+            "warmed_pages": self.warmed_pages,
+            "warmed_bytes": self.done_bytes,
+            "skipped_files": sum(self.skipped.values()),
+            "skipped_pages": self.skipped_pages + self.clipped_pages,
+            "skipped_by_reason": self.skipped,
+            "skipped": self.skipped_listed,
+            "read_bytes": disk_read_bytes() - read_before,
+            "resident_pages": resident,
+            "seconds": round(seconds, 3),
+            "concurrency": self.concurrency,
         }
         self.emit("progress", bytes=self.done_bytes)
         if failure:

@@ -136,16 +136,41 @@ class Console:
     """The admin console of this host's PgBouncer, through the host's own psql."""
 
     def __init__(self, address, port, user, password):
-        self.argv = ["psql", "-X", "-w", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
-                     "-h", address, "-p", str(port), "-U", user, "-d", "pgbouncer"]
+        self.argv = [
+            "psql",
+            "-X",
+            "-w",
+            "-q",
+            "-A",
+            "-t",
+            "-F",
+            "\t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            address,
+            "-p",
+            str(port),
+            "-U",
+            user,
+            "-d",
+            "pgbouncer",
+        ]
         self.password = password
 
     def run(self, command, timeout):
         env = dict(os.environ, PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT_S), PGAPPNAME="igops-pause-watchdog")
         if self.password:
             env["PGPASSWORD"] = self.password  # this child's environment only
-        return subprocess.run([*self.argv, "-c", command], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout, cwd="/")
+        return subprocess.run(
+            [*self.argv, "-c", command],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
+        )
 
     def databases(self):
         done = self.run("SHOW DATABASES", CONNECT_TIMEOUT_S + 5)
@@ -265,10 +290,17 @@ def main():
         return
     outcomes = console.resume(databases)
     failed = {name: why for name, why in outcomes.items() if why not in ("resumed", "not paused")}
-    emit("resumed", reason=reason, resumed=[name for name, why in outcomes.items() if why == "resumed"],
-         not_paused=[name for name, why in outcomes.items() if why == "not paused"], failed=failed)
-    to_syslog(f"igops went away ({reason}) while PgBouncer on {address}:{port} held {', '.join(databases)}: "
-              + ", ".join(f"{name} {why}" for name, why in outcomes.items()))
+    emit(
+        "resumed",
+        reason=reason,
+        resumed=[name for name, why in outcomes.items() if why == "resumed"],
+        not_paused=[name for name, why in outcomes.items() if why == "not paused"],
+        failed=failed,
+    )
+    to_syslog(
+        f"igops went away ({reason}) while PgBouncer on {address}:{port} held {', '.join(databases)}: "
+        + ", ".join(f"{name} {why}" for name, why in outcomes.items())
+    )
     sys.exit(1 if failed else 0)
 
 

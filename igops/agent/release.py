@@ -106,8 +106,9 @@ def release_ids(root):
         names = os.listdir(os.path.join(root, "releases"))
     except OSError:
         return []
-    return sorted(name for name in names if not name.startswith(".")
-                  and os.path.isdir(os.path.join(root, "releases", name)))
+    return sorted(
+        name for name in names if not name.startswith(".") and os.path.isdir(os.path.join(root, "releases", name))
+    )
 
 
 def previous_release(root, current, ids, history):
@@ -122,8 +123,7 @@ def previous_release(root, current, ids, history):
 
 def describe_release(root, release_id):
     directory = os.path.join(root, "releases", release_id)
-    info = {"id": release_id, "content": None, "revision": None, "requirements": None, "built_at": None,
-            "source": None}
+    info = {"id": release_id, "content": None, "revision": None, "requirements": None, "built_at": None, "source": None}
     try:
         with open(os.path.join(directory, MANIFEST)) as handle:
             manifest = json.load(handle)
@@ -151,18 +151,25 @@ def survey(root):
     history = read_history(root)
     venvs_dir = os.path.join(root, "shared", "venvs")
     try:
-        venvs = sorted(name for name in os.listdir(venvs_dir)
-                       if os.path.exists(os.path.join(venvs_dir, name, READY_MARKER)))
+        venvs = sorted(
+            name for name in os.listdir(venvs_dir) if os.path.exists(os.path.join(venvs_dir, name, READY_MARKER))
+        )
     except OSError:
         venvs = []
-    return {"root": root, "exists": os.path.isdir(root), "current": current,
-            "current_complete": bool(current) and current in ids,
-            "previous": previous_release(root, current, ids, history),
-            "releases": [describe_release(root, name) for name in ids], "venvs": venvs,
-            "history": history[-HISTORY_SHOWN:]}
+    return {
+        "root": root,
+        "exists": os.path.isdir(root),
+        "current": current,
+        "current_complete": bool(current) and current in ids,
+        "previous": previous_release(root, current, ids, history),
+        "releases": [describe_release(root, name) for name in ids],
+        "venvs": venvs,
+        "history": history[-HISTORY_SHOWN:],
+    }
 
 
 # --- stage -----------------------------------------------------------------------------------
+
 
 def safe_members(archive):
     """Regular files and directories under the release, nothing else: no links, devices,
@@ -203,14 +210,17 @@ def ensure_venv(root, digest, requirements):
         os.unlink(venv)
     elif os.path.exists(venv):
         shutil.rmtree(venv)
-    for argv in ([sys.executable, "-m", "venv", venv],
-                 [os.path.join(venv, "bin", "pip"), "install", "--quiet", "--disable-pip-version-check",
-                  "-r", requirements]):
+    for argv in (
+        [sys.executable, "-m", "venv", venv],
+        [os.path.join(venv, "bin", "pip"), "install", "--quiet", "--disable-pip-version-check", "-r", requirements],
+    ):
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise Refused(f"building the virtualenv failed ({os.path.basename(argv[0])} exit {done.returncode}): "
-                          + " | ".join(tail))
+            raise Refused(
+                f"building the virtualenv failed ({os.path.basename(argv[0])} exit {done.returncode}): "
+                + " | ".join(tail)
+            )
     with open(os.path.join(venv, READY_MARKER), "w") as handle:
         handle.write(digest + "\n")
     return "built"
@@ -265,11 +275,18 @@ def prepare(root, release_id, data, staging, final, shared_names):
             linked.append(name)
     os.rename(staging, final)
     fsync_dir(releases)
-    return {"id": release_id, "staged": "unpacked", "venv": venv_state, "requirements": digest,
-            "linked": linked, "bytes": len(data)}
+    return {
+        "id": release_id,
+        "staged": "unpacked",
+        "venv": venv_state,
+        "requirements": digest,
+        "linked": linked,
+        "bytes": len(data),
+    }
 
 
 # --- switch ----------------------------------------------------------------------------------
+
 
 def prune(root, keep, protected):
     ids = release_ids(root)
@@ -285,7 +302,7 @@ def prune(root, keep, protected):
         if os.path.islink(link):
             used.add(os.path.basename(os.readlink(link)))
     venvs = os.path.join(root, "shared", "venvs")
-    for digest in (os.listdir(venvs) if os.path.isdir(venvs) else []):
+    for digest in os.listdir(venvs) if os.path.isdir(venvs) else []:
         path = os.path.join(venvs, digest)
         if digest in used or digest.startswith("."):
             continue
@@ -311,22 +328,34 @@ def switch(root, release_id, keep, reload_command, action, deploy_id, protect=()
         os.symlink(target, temporary)
         os.rename(temporary, current)
         fsync_dir(root)
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
-                  "release": release_id, "previous": previous, "deploy": deploy_id,
-                  "by": os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())}
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "action": action,
+            "release": release_id,
+            "previous": previous,
+            "deploy": deploy_id,
+            "by": os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid()),
+        }
         with open(os.path.join(root, HISTORY), "a") as handle:
             handle.write(json.dumps(record) + "\n")
     pruned = prune(root, keep, {release_id, previous, *protect})
     started = time.monotonic()
     try:
-        done = subprocess.run(["sh", "-c", reload_command], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            ["sh", "-c", reload_command], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
         reload_code, reload_output = done.returncode, (done.stderr or done.stdout).strip()[-500:]
     except subprocess.TimeoutExpired:
         reload_code, reload_output = None, "the reload command did not finish within 60 s"
-    return {"id": release_id, "previous": previous, "switched": previous != release_id, "pruned": pruned,
-            "reload_exit": reload_code, "reload_output": reload_output,
-            "reload_ms": round((time.monotonic() - started) * 1000, 1)}
+    return {
+        "id": release_id,
+        "previous": previous,
+        "switched": previous != release_id,
+        "pruned": pruned,
+        "reload_exit": reload_code,
+        "reload_output": reload_output,
+        "reload_ms": round((time.monotonic() - started) * 1000, 1),
+    }
 
 
 def locked(root, operation, *args):
@@ -366,8 +395,16 @@ def serve(root):
                     return
                 answer = locked(root, stage, request["id"], request["sha256"], request["shared"], data)
             elif op == "switch":
-                answer = locked(root, switch, request["id"], int(request["keep"]), request["reload"],
-                                request["action"], request["deploy"], request.get("protect") or ())
+                answer = locked(
+                    root,
+                    switch,
+                    request["id"],
+                    int(request["keep"]),
+                    request["reload"],
+                    request["action"],
+                    request["deploy"],
+                    request.get("protect") or (),
+                )
             else:
                 raise Refused(f"unknown request {op!r}")
         except FAILURES as exc:

@@ -45,8 +45,14 @@ def parse_line(line):
     params = match.group("params").split()
     rest = match.group("rest")
     note = rest.split(MARKER, 1)[1].strip() if MARKER in rest else None
-    return {"address": match.group("address"), "indent": match.group("indent"), "params": params,
-            "down": "down" in params, "igops": note is not None, "note": note}
+    return {
+        "address": match.group("address"),
+        "indent": match.group("indent"),
+        "params": params,
+        "down": "down" in params,
+        "igops": note is not None,
+        "note": note,
+    }
 
 
 def render_line(server):
@@ -96,8 +102,7 @@ def replace_file(path, text):
 
 
 def run_shell(command):
-    done = subprocess.run(["sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(["sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     return done.returncode, (done.stderr + done.stdout).strip()[-600:]
 
 
@@ -134,13 +139,14 @@ def reload_and_wait(reload_command, drain_seconds):
     started = time.monotonic()
     while True:
         now = workers()
-        reloaded = [old for old in by_master.values()
-                    if not any(now.get(pid, (None, False))[1] for pid in old)]
+        reloaded = [old for old in by_master.values() if not any(now.get(pid, (None, False))[1] for pid in old)]
         if reloaded or not by_master:
             break
         if time.monotonic() - started > RELOAD_APPLIED_SECONDS:
-            raise Refused(f"nginx did not apply the new configuration within {RELOAD_APPLIED_SECONDS} s "
-                          "(its old workers still accept requests); see its error log")
+            raise Refused(
+                f"nginx did not apply the new configuration within {RELOAD_APPLIED_SECONDS} s "
+                "(its old workers still accept requests); see its error log"
+            )
         time.sleep(0.02)
     applied_ms = (time.monotonic() - started) * 1000
     old = set().union(*reloaded) if reloaded else set()

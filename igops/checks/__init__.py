@@ -99,10 +99,12 @@ def run_all(probes: list[Probe], timeout: float) -> list[Result]:
                 reason = f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
                 for check, target in probe.expected:
                     with lock:
-                        if not any(key == (check, target) or _in_another_role(key, (check, target))
-                                   for key in reported):
-                            reported[(check, target)] = Result(check, target, NagiosStatus.UNKNOWN,
-                                                               f"probe failed: {reason}")
+                        if not any(
+                            key == (check, target) or _in_another_role(key, (check, target)) for key in reported
+                        ):
+                            reported[(check, target)] = Result(
+                                check, target, NagiosStatus.UNKNOWN, f"probe failed: {reason}"
+                            )
 
         thread = threading.Thread(target=body, name=f"check-{probe.name}", daemon=True)
         thread.start()
@@ -117,9 +119,9 @@ def run_all(probes: list[Probe], timeout: float) -> list[Result]:
     for probe in probes:
         for key in probe.expected:
             result = results.pop(key, None) or next(
-                (results.pop(other) for other in list(results) if _in_another_role(other, key)), None)
-            ordered.append(result or Result(key[0], key[1], NagiosStatus.CRITICAL,
-                                            f"no answer within {timeout:g} s"))
+                (results.pop(other) for other in list(results) if _in_another_role(other, key)), None
+            )
+            ordered.append(result or Result(key[0], key[1], NagiosStatus.CRITICAL, f"no answer within {timeout:g} s"))
     ordered.extend(results.values())
     return ordered
 
@@ -128,8 +130,7 @@ def _in_another_role(found: tuple[str, str], expected: tuple[str, str]) -> bool:
     """The answer for an expected (check, target) under the target's live role: the inventory
     names a cluster's members, and after a failover "postgres-primary db1" is answered as
     "postgres-standby db1"."""
-    return found[1] == expected[1] and found[0].split("-")[0] == expected[0].split("-")[0] \
-        and found[0] != expected[0]
+    return found[1] == expected[1] and found[0].split("-")[0] == expected[0].split("-")[0] and found[0] != expected[0]
 
 
 def overall(results: list[Result]) -> NagiosStatus:

@@ -35,8 +35,20 @@ from igops.output import plural
 if TYPE_CHECKING:
     from igops.inventory import Fleet
 
-GROUPS = ("ssh", "disk", "frozen", "http", "postgres", "pgbouncer", "redis", "memcached", "munin", "snapshot",
-          "pingdom", "operations")
+GROUPS = (
+    "ssh",
+    "disk",
+    "frozen",
+    "http",
+    "postgres",
+    "pgbouncer",
+    "redis",
+    "memcached",
+    "munin",
+    "snapshot",
+    "pingdom",
+    "operations",
+)
 SSH_GROUPS = ("ssh", "disk", "frozen")
 # A write to a data mount that takes longer than this is taken for a frozen filesystem.
 WRITE_STALL_SECONDS = 0.5
@@ -51,8 +63,13 @@ def validate_groups(only: list[str] | None) -> list[str]:
     return list(only or [])
 
 
-def probes(fleet: Fleet, roles: list[str] | None = None, only: list[str] | None = None, timeout: float = 10.0,
-           samples: munin_checks.Samples | None = None) -> list[Probe]:
+def probes(
+    fleet: Fleet,
+    roles: list[str] | None = None,
+    only: list[str] | None = None,
+    timeout: float = 10.0,
+    samples: munin_checks.Samples | None = None,
+) -> list[Probe]:
     enabled = set(validate_groups(only) or GROUPS)
     hosts = fleet.select(roles=roles)
     context = Context(fleet, hosts, timeout, samples)
@@ -84,27 +101,38 @@ def probes(fleet: Fleet, roles: list[str] | None = None, only: list[str] | None 
 
 # --- SSH: reachability, disks, frozen filesystems ----------------------------------------------
 
+
 def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
     from igops import agent
 
     fleet = context.fleet
     settings = remote.settings_for(fleet)
     # Connect and command deadlines inside the global one, so no session outlives the run by much.
-    settings = remote.SshSettings(settings.known_hosts, settings.identity_file,
-                                  min(settings.connect_timeout, context.timeout), context.timeout,
-                                  settings.parallel)
+    settings = remote.SshSettings(
+        settings.known_hosts,
+        settings.identity_file,
+        min(settings.connect_timeout, context.timeout),
+        context.timeout,
+        settings.parallel,
+    )
     gate = threading.Semaphore(settings.parallel)
     mount_checks = [group for group in ("disk", "frozen") if group in enabled]
     built = []
     for host, target in zip(context.hosts, remote.targets_for(fleet, context.hosts), strict=False):
         mounts = [mount.path for mount in host.mounts] if mount_checks else []
         expected = ([("ssh", host.name)] if "ssh" in enabled else []) + [
-            (group, f"{host.name}:{mount}") for mount in mounts for group in mount_checks]
+            (group, f"{host.name}:{mount}") for mount in mounts for group in mount_checks
+        ]
         if not expected:
             continue
         command, stdin = agent.invocation("hostprobe", [f"{WRITE_STALL_SECONDS:g}", *mounts])
-        built.append(Probe(f"ssh-{host.name}", expected,
-                           _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks)))
+        built.append(
+            Probe(
+                f"ssh-{host.name}",
+                expected,
+                _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks),
+            )
+        )
     return built
 
 
@@ -120,22 +148,43 @@ def _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, 
                 report(Result("ssh", host.name, NagiosStatus.CRITICAL, reason, duration_ms=result.duration_ms))
             for mount in mounts:
                 for group in mount_checks:
-                    report(Result(group, f"{host.name}:{mount}", NagiosStatus.UNKNOWN,
-                                  f"not checked: {host.name} did not answer over SSH"))
+                    report(
+                        Result(
+                            group,
+                            f"{host.name}:{mount}",
+                            NagiosStatus.UNKNOWN,
+                            f"not checked: {host.name} did not answer over SSH",
+                        )
+                    )
             return
         answer = json.loads(result.stdout)
         if "ssh" in enabled:
-            report(Result("ssh", host.name, NagiosStatus.OK, f"reachable, load {' '.join(answer['load'])}",
-                          [Perf(f"ssh {host.name}", result.duration_ms / 1000, "s", minimum=0)],
-                          duration_ms=result.duration_ms))
+            report(
+                Result(
+                    "ssh",
+                    host.name,
+                    NagiosStatus.OK,
+                    f"reachable, load {' '.join(answer['load'])}",
+                    [Perf(f"ssh {host.name}", result.duration_ms / 1000, "s", minimum=0)],
+                    duration_ms=result.duration_ms,
+                )
+            )
         thresholds = context.fleet.model.check
         for entry in answer["mounts"]:
             target_name = f"{host.name}:{entry['mount']}"
             if "disk" in enabled:
-                report(disk_result(target_name, entry, thresholds.disk_warning_percent,
-                                   thresholds.disk_critical_percent, result.duration_ms))
+                report(
+                    disk_result(
+                        target_name,
+                        entry,
+                        thresholds.disk_warning_percent,
+                        thresholds.disk_critical_percent,
+                        result.duration_ms,
+                    )
+                )
             if "frozen" in enabled:
                 report(frozen_result(target_name, entry, result.duration_ms))
+
     return run
 
 
@@ -148,12 +197,21 @@ def disk_result(target: str, entry: dict, warning: float, critical: float, durat
     inodes = entry["inodes_total"]
     inode_percent = 100.0 * (inodes - entry["inodes_free"]) / inodes if inodes else 0.0
     state = level(max(percent, inode_percent), warning, critical)
-    summary = (f"{percent:.1f}% used, {entry['bytes_available'] / GIB:.2f} GiB free of {usable / GIB:.2f} GiB; "
-               f"inodes {inode_percent:.1f}% used")
-    return Result("disk", target, state, summary,
-                  [Perf(f"disk {target}", round(percent, 2), "%", warning, critical, 0, 100),
-                   Perf(f"inodes {target}", round(inode_percent, 2), "%", warning, critical, 0, 100)],
-                  duration_ms=duration_ms)
+    summary = (
+        f"{percent:.1f}% used, {entry['bytes_available'] / GIB:.2f} GiB free of {usable / GIB:.2f} GiB; "
+        f"inodes {inode_percent:.1f}% used"
+    )
+    return Result(
+        "disk",
+        target,
+        state,
+        summary,
+        [
+            Perf(f"disk {target}", round(percent, 2), "%", warning, critical, 0, 100),
+            Perf(f"inodes {target}", round(inode_percent, 2), "%", warning, critical, 0, 100),
+        ],
+        duration_ms=duration_ms,
+    )
 
 
 def frozen_result(target: str, entry: dict, duration_ms: float | None) -> Result:
@@ -163,8 +221,9 @@ def frozen_result(target: str, entry: dict, duration_ms: float | None) -> Result
     if writable:
         return Result("frozen", target, NagiosStatus.OK, "writable", duration_ms=duration_ms)
     if writable is None:
-        return Result("frozen", target, NagiosStatus.UNKNOWN, entry.get("detail") or "not tested",
-                      duration_ms=duration_ms)
+        return Result(
+            "frozen", target, NagiosStatus.UNKNOWN, entry.get("detail") or "not tested", duration_ms=duration_ms
+        )
     detail = entry.get("detail") or "not writable"
     prefix = "" if "read-only" in detail or detail.startswith("error") else "frozen: "
     return Result("frozen", target, NagiosStatus.CRITICAL, prefix + detail, duration_ms=duration_ms)
@@ -172,15 +231,23 @@ def frozen_result(target: str, entry: dict, duration_ms: float | None) -> Result
 
 # --- HTTP ---------------------------------------------------------------------------------------
 
+
 def http_probes(context: Context) -> list[Probe]:
     model = context.fleet.model
     built = []
     for host in context.hosts:
-        for role, port, path in (("lb", model.lb.port, model.lb.health_path),
-                                 ("app", model.app.port, model.app.health_path)):
+        for role, port, path in (
+            ("lb", model.lb.port, model.lb.health_path),
+            ("app", model.app.port, model.app.health_path),
+        ):
             if role in host.roles:
-                built.append(Probe(f"http-{role}-{host.name}", [(f"http-{role}", host.name)],
-                                   _http_runner(f"http-{role}", host, port, path, context.probe_timeout)))
+                built.append(
+                    Probe(
+                        f"http-{role}-{host.name}",
+                        [(f"http-{role}", host.name)],
+                        _http_runner(f"http-{role}", host, port, path, context.probe_timeout),
+                    )
+                )
     return built
 
 
@@ -194,10 +261,17 @@ def _http_runner(check: str, host, port: int, path: str, timeout: float):
             time.sleep(HTTP_RETRY_PAUSE)
             ok, detail = health(str(host.address), port, path, timeout)
         elapsed = elapsed_ms(started)
-        report(Result(check, host.name, NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
-                      f"{detail} on :{port} in {elapsed:.0f} ms" if ok else f"{detail} on :{port} (twice)",
-                      [Perf(f"{check} {host.name}", elapsed / 1000, "s", minimum=0)] if ok else [],
-                      duration_ms=elapsed))
+        report(
+            Result(
+                check,
+                host.name,
+                NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
+                f"{detail} on :{port} in {elapsed:.0f} ms" if ok else f"{detail} on :{port} (twice)",
+                [Perf(f"{check} {host.name}", elapsed / 1000, "s", minimum=0)] if ok else [],
+                duration_ms=elapsed,
+            )
+        )
+
     return run
 
 
@@ -217,8 +291,11 @@ def health(address: str, port: int, path: str, timeout: float) -> tuple[bool, st
     detail = f"GET {path} -> {response.status}"
     if response.status != 200:
         try:
-            failing = [f"{name}: {check.get('error', 'failed')}" for name, check in json.loads(body)["checks"].items()
-                       if not check.get("ok")]
+            failing = [
+                f"{name}: {check.get('error', 'failed')}"
+                for name, check in json.loads(body)["checks"].items()
+                if not check.get("ok")
+            ]
         except (ValueError, KeyError, TypeError, AttributeError):
             failing = []
         if failing:
@@ -227,6 +304,7 @@ def health(address: str, port: int, path: str, timeout: float) -> tuple[bool, st
 
 
 # --- memcached ----------------------------------------------------------------------------------
+
 
 def memcached_probe(context: Context, host) -> Probe:
     port = context.fleet.model.memcached.port
@@ -237,13 +315,21 @@ def memcached_probe(context: Context, host) -> Probe:
             ok, detail = status.memcached_version(str(host.address), port)
         except Exception as exc:  # noqa: BLE001
             ok, detail = False, first_line_of(exc)
-        report(Result("memcached", host.name, NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
-                      f"{detail} on :{port}", duration_ms=elapsed_ms(started)))
+        report(
+            Result(
+                "memcached",
+                host.name,
+                NagiosStatus.OK if ok else NagiosStatus.CRITICAL,
+                f"{detail} on :{port}",
+                duration_ms=elapsed_ms(started),
+            )
+        )
 
     return Probe(f"memcached-{host.name}", [("memcached", host.name)], run)
 
 
 # --- munin-node ---------------------------------------------------------------------------------
+
 
 def munin_probe(context: Context, host) -> Probe:
     model = context.fleet.model
@@ -258,8 +344,9 @@ def munin_probe(context: Context, host) -> Probe:
                 plugins = munin_checks.wanted(listed, model.check.munin_plugins)
                 outputs = {plugin: munin_checks.config_and_values(node, plugin, dirty) for plugin in plugins}
         except (munin_checks.NodeError, OSError) as exc:
-            report(Result("munin", host.name, NagiosStatus.CRITICAL, first_line_of(exc),
-                          duration_ms=elapsed_ms(started)))
+            report(
+                Result("munin", host.name, NagiosStatus.CRITICAL, first_line_of(exc), duration_ms=elapsed_ms(started))
+            )
             return
         now = time.time()
         findings, perfdata, values = [], [], 0
@@ -281,9 +368,13 @@ def munin_probe(context: Context, host) -> Probe:
         if missing:
             state = worst([state, NagiosStatus.WARNING])
             findings.append(f"{', '.join(missing)} not installed (igops munin install)")
-        summary = "; ".join(findings) if findings else \
-            f"{plural(len(outputs), 'igops plugin')}, {plural(values, 'value')} within their limits" if outputs else \
-            "answers; no igops plugins for this host's roles"
+        summary = (
+            "; ".join(findings)
+            if findings
+            else f"{plural(len(outputs), 'igops plugin')}, {plural(values, 'value')} within their limits"
+            if outputs
+            else "answers; no igops plugins for this host's roles"
+        )
         report(Result("munin", host.name, state, summary, perfdata, duration_ms=elapsed_ms(started)))
 
     return Probe(f"munin-{host.name}", [("munin", host.name)], run)
@@ -291,8 +382,13 @@ def munin_probe(context: Context, host) -> Probe:
 
 # --- Pingdom ------------------------------------------------------------------------------------
 
-PINGDOM_STATES = {"up": NagiosStatus.OK, "down": NagiosStatus.CRITICAL, "unconfirmed_down": NagiosStatus.WARNING,
-                  "unknown": NagiosStatus.UNKNOWN, "paused": NagiosStatus.WARNING}
+PINGDOM_STATES = {
+    "up": NagiosStatus.OK,
+    "down": NagiosStatus.CRITICAL,
+    "unconfirmed_down": NagiosStatus.WARNING,
+    "unknown": NagiosStatus.UNKNOWN,
+    "paused": NagiosStatus.WARNING,
+}
 
 
 def pingdom_probes(context: Context) -> list[Probe]:
@@ -318,16 +414,24 @@ def pingdom_probes(context: Context) -> list[Probe]:
                         in_maintenance[int(check_id)] = window
         except pingdom.PingdomError as exc:
             for want in desired:
-                report(Result("pingdom", want.name, NagiosStatus.UNKNOWN, exc.one_line(),
-                              duration_ms=elapsed_ms(started)))
+                report(
+                    Result("pingdom", want.name, NagiosStatus.UNKNOWN, exc.one_line(), duration_ms=elapsed_ms(started))
+                )
             return
         finally:
             client.close()
         for want in desired:
             check = checks.get(want.name)
             if check is None:
-                report(Result("pingdom", want.name, NagiosStatus.WARNING,
-                              "not in Pingdom (igops pingdom sync creates it)", duration_ms=elapsed_ms(started)))
+                report(
+                    Result(
+                        "pingdom",
+                        want.name,
+                        NagiosStatus.WARNING,
+                        "not in Pingdom (igops pingdom sync creates it)",
+                        duration_ms=elapsed_ms(started),
+                    )
+                )
                 continue
             word = check.get("status", "unknown")
             state = PINGDOM_STATES.get(word, NagiosStatus.UNKNOWN)
@@ -338,9 +442,16 @@ def pingdom_probes(context: Context) -> list[Probe]:
                 note = f" during maintenance window #{window['id']} (until {_clock(window['to'])})"
             response = check.get("lastresponsetime")
             summary = f"{word}{note}" + (f", last response {response} ms" if response is not None else "")
-            report(Result("pingdom", want.name, state, summary,
-                          [Perf(f"pingdom {want.name}", response / 1000, "s", minimum=0)] if response else [],
-                          duration_ms=elapsed_ms(started)))
+            report(
+                Result(
+                    "pingdom",
+                    want.name,
+                    state,
+                    summary,
+                    [Perf(f"pingdom {want.name}", response / 1000, "s", minimum=0)] if response else [],
+                    duration_ms=elapsed_ms(started),
+                )
+            )
 
     return [Probe("pingdom", [("pingdom", want.name) for want in desired], run)]
 

@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 PLUGIN_SCRIPT = "igops_"
-ROLE_PLUGINS = {"app": "igops_app", "postgres": "igops_postgres", "redis": "igops_redis",
-                "pgbouncer": "igops_pgbouncer"}
+ROLE_PLUGINS = {
+    "app": "igops_app",
+    "postgres": "igops_postgres",
+    "redis": "igops_redis",
+    "pgbouncer": "igops_pgbouncer",
+}
 CONF_NAME = "igops"
 RESTART_TIMEOUT = 60.0
 # A rate is computed from the previous sample only if it is this recent.
@@ -33,6 +37,7 @@ MAX_SAMPLE_AGE = 900.0
 
 
 # --- the node protocol ------------------------------------------------------------------------
+
 
 class NodeError(Exception):
     pass
@@ -230,8 +235,9 @@ class Samples:
     def save(self) -> None:
         newest = max((sample[1] for sample in self.current.values()), default=time.time())
         # Samples of hosts and fields no longer checked age out instead of piling up.
-        merged = {key: sample for key, sample in {**self.previous, **self.current}.items()
-                  if newest - sample[1] <= 24 * 3600}
+        merged = {
+            key: sample for key, sample in {**self.previous, **self.current}.items() if newest - sample[1] <= 24 * 3600
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(merged))
@@ -262,6 +268,7 @@ def wanted(plugins: list[str], patterns: list[str]) -> list[str]:
 
 # --- install ----------------------------------------------------------------------------------
 
+
 @dataclass
 class HostInstall:
     host: str
@@ -273,9 +280,11 @@ class HostInstall:
     conf: str = field(repr=False)
 
     def steps(self) -> list[str]:
-        return [f"{self.host}: put {PLUGIN_SCRIPT} in {self.library}; link {', '.join(self.plugins)} "
-                f"into {self.plugin_dir}; write {self.conf_path} (mode 0600); "
-                f"if anything changed, restart munin-node (`{self.restart}`)"]
+        return [
+            f"{self.host}: put {PLUGIN_SCRIPT} in {self.library}; link {', '.join(self.plugins)} "
+            f"into {self.plugin_dir}; write {self.conf_path} (mode 0600); "
+            f"if anything changed, restart munin-node (`{self.restart}`)"
+        ]
 
 
 @dataclass
@@ -308,19 +317,29 @@ def plugin_conf(fleet: Fleet, host) -> str:
     model, address = fleet.model, str(host.address)
     secrets = Secrets(model.secrets.file)
     check = model.check
-    lag = [f"env.lag_warning {check.replication_lag_warning_bytes}",
-           f"env.lag_critical {check.replication_lag_critical_bytes}"]
+    lag = [
+        f"env.lag_warning {check.replication_lag_warning_bytes}",
+        f"env.lag_critical {check.replication_lag_critical_bytes}",
+    ]
     sections = {
         "app": ["env.url " + f"http://{_url_host(address)}:{model.app.port}/stats"],
-        "postgres": [f"user {model.postgres.os_user}", f"env.psql {model.postgres.bin_dir}/psql",
-                     f"env.PGHOST {fleet.path_for(model.postgres.socket_dir, host)}",
-                     f"env.PGPORT {model.postgres.port}", "env.PGDATABASE postgres", *lag],
+        "postgres": [
+            f"user {model.postgres.os_user}",
+            f"env.psql {model.postgres.bin_dir}/psql",
+            f"env.PGHOST {fleet.path_for(model.postgres.socket_dir, host)}",
+            f"env.PGPORT {model.postgres.port}",
+            "env.PGDATABASE postgres",
+            *lag,
+        ],
         "redis": [f"env.host {address}", f"env.port {model.redis.port}", *lag]
         + ([f"env.password {secrets.get('redis_password')}"] if secrets.get("redis_password") else []),
-        "pgbouncer": [f"env.PGHOST {address}", f"env.PGPORT {model.pgbouncer.port}",
-                      f"env.PGUSER {model.pgbouncer.admin_user}",
-                      f"env.maxwait_warning {check.pgbouncer_wait_warning_seconds:g}",
-                      f"env.maxwait_critical {check.pgbouncer_wait_critical_seconds:g}"]
+        "pgbouncer": [
+            f"env.PGHOST {address}",
+            f"env.PGPORT {model.pgbouncer.port}",
+            f"env.PGUSER {model.pgbouncer.admin_user}",
+            f"env.maxwait_warning {check.pgbouncer_wait_warning_seconds:g}",
+            f"env.maxwait_critical {check.pgbouncer_wait_critical_seconds:g}",
+        ]
         + ([f"env.PGPASSWORD {secrets.get('pgbouncer_password')}"] if secrets.get("pgbouncer_password") else []),
     }
     text = f"# Written by `igops munin install` for {host.name}; changes here are overwritten.\n"
@@ -337,18 +356,26 @@ def _url_host(address: str) -> str:
 def plan_install(fleet: Fleet, roles: list[str] | None) -> list[HostInstall]:
     hosts = [host for host in fleet.select(roles=roles) if "munin" in host.roles and plugins_for(host)]
     if not hosts:
-        raise UsageError("no selected host runs munin-node and a service igops has plugins for",
-                         f"services with plugins: {', '.join(ROLE_PLUGINS)}; hosts need the 'munin' role")
+        raise UsageError(
+            "no selected host runs munin-node and a service igops has plugins for",
+            f"services with plugins: {', '.join(ROLE_PLUGINS)}; hosts need the 'munin' role",
+        )
     munin = fleet.model.munin
-    return [HostInstall(host.name, plugins_for(host), fleet.path_for(munin.plugin_library, host),
-                        fleet.path_for(munin.plugin_dir, host),
-                        f"{fleet.path_for(munin.plugin_conf_dir, host)}/{CONF_NAME}",
-                        fleet.path_for(munin.restart_command, host), plugin_conf(fleet, host))
-            for host in hosts]
+    return [
+        HostInstall(
+            host.name,
+            plugins_for(host),
+            fleet.path_for(munin.plugin_library, host),
+            fleet.path_for(munin.plugin_dir, host),
+            f"{fleet.path_for(munin.plugin_conf_dir, host)}/{CONF_NAME}",
+            fleet.path_for(munin.restart_command, host),
+            plugin_conf(fleet, host),
+        )
+        for host in hosts
+    ]
 
 
-def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False,
-            on_done=None) -> list[InstallResult]:
+def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False, on_done=None) -> list[InstallResult]:
     from igops import agent
 
     command, program_prefix = agent.invocation("muninsetup", [])
@@ -357,24 +384,43 @@ def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False,
 
     def one(item: HostInstall) -> InstallResult:
         # The settings may hold passwords: they travel on stdin, never on a command line.
-        request = json.dumps({"library": item.library, "plugin_dir": item.plugin_dir, "conf_path": item.conf_path,
-                              "files": {PLUGIN_SCRIPT: script},
-                              "links": {plugin: PLUGIN_SCRIPT for plugin in item.plugins},
-                              "conf": item.conf, "restart": item.restart, "restart_timeout": RESTART_TIMEOUT,
-                              "always_restart": always_restart})
+        request = json.dumps(
+            {
+                "library": item.library,
+                "plugin_dir": item.plugin_dir,
+                "conf_path": item.conf_path,
+                "files": {PLUGIN_SCRIPT: script},
+                "links": {plugin: PLUGIN_SCRIPT for plugin in item.plugins},
+                "conf": item.conf,
+                "restart": item.restart,
+                "restart_timeout": RESTART_TIMEOUT,
+                "always_restart": always_restart,
+            }
+        )
         stdin = program_prefix + request.encode()
-        [result] = remote.run(remote.targets_for(fleet, [fleet.host(item.host)]), command, settings,
-                              stdin=stdin, timeout=RESTART_TIMEOUT + 30)
+        [result] = remote.run(
+            remote.targets_for(fleet, [fleet.host(item.host)]),
+            command,
+            settings,
+            stdin=stdin,
+            timeout=RESTART_TIMEOUT + 30,
+        )
         if result.ok:
             answer = json.loads(result.stdout)
-            installed = InstallResult(item.host, item.plugins, answer["changed"], answer["restarted"],
-                                      error=answer.get("error"))
+            installed = InstallResult(
+                item.host, item.plugins, answer["changed"], answer["restarted"], error=answer.get("error")
+            )
             if installed.error is None:
                 installed.listed, installed.error = _listed(fleet, fleet.host(item.host), item.plugins)
         else:
             lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
-            installed = InstallResult(item.host, item.plugins, [], False,
-                                      error=result.error or (lines[-1] if lines else f"exit {result.exit_code}"))
+            installed = InstallResult(
+                item.host,
+                item.plugins,
+                [],
+                False,
+                error=result.error or (lines[-1] if lines else f"exit {result.exit_code}"),
+            )
         if on_done:
             on_done(installed)
         return installed
@@ -410,8 +456,9 @@ def fetch(fleet: Fleet, host_name: str, plugin: str | None, with_config: bool) -
             node.cap(["multigraph"])
             listed = node.list()
             if plugin and plugin not in listed:
-                raise UsageError(f"{host_name}'s munin-node has no plugin {plugin!r}",
-                                 f"it has: {', '.join(listed) or 'none'}")
+                raise UsageError(
+                    f"{host_name}'s munin-node has no plugin {plugin!r}", f"it has: {', '.join(listed) or 'none'}"
+                )
             found = []
             for name in [plugin] if plugin else listed:
                 config = node.config(name) if with_config else []

@@ -27,18 +27,24 @@ def verdict(records: list[dict], overdue_by: dict[str, float], stale: str | None
     parts, status = [], NagiosStatus.OK
     if overdue_by:
         status = NagiosStatus.CRITICAL
-        parts += [f"{r['kind']} {r['id']} held {overdue_by[r['id']] / 60:.0f} min past its expected time "
-                  f"by {r.get('user')}@{r.get('host')}" for r in records if r["id"] in overdue_by]
+        parts += [
+            f"{r['kind']} {r['id']} held {overdue_by[r['id']] / 60:.0f} min past its expected time "
+            f"by {r.get('user')}@{r.get('host')}"
+            for r in records
+            if r["id"] in overdue_by
+        ]
     if interrupted:
         status = NagiosStatus.WARNING if status == NagiosStatus.OK else status
-        parts += [f"{r['kind']} {r['id']} interrupted at {_step(r)} (igops ops resume|abort {r['id']})"
-                  for r in interrupted]
+        parts += [
+            f"{r['kind']} {r['id']} interrupted at {_step(r)} (igops ops resume|abort {r['id']})" for r in interrupted
+        ]
     if stale:
         status = NagiosStatus.UNKNOWN if status == NagiosStatus.OK else status
         parts.append(f"coordinator unavailable ({stale}); list as last read")
     running = len(records) - len(interrupted)
-    return status, "; ".join(parts) or (f"{running} running, none interrupted" if running
-                                        else "none running or interrupted")
+    return status, "; ".join(parts) or (
+        f"{running} running, none interrupted" if running else "none running or interrupted"
+    )
 
 
 def _step(record: dict) -> str:
@@ -58,8 +64,11 @@ def rotation_verdict(drained: list[str], records: list[dict]) -> tuple[NagiosSta
     if running:
         return NagiosStatus.OK, f"{hosts} drained by {running[-1]['kind']} {running[-1]['id']}, which is running"
     interrupted = [r for r in deploys if r.get("status") == "interrupted"]
-    fix = (f"igops ops abort {interrupted[-1]['id']} puts them back" if interrupted
-           else "igops deploy again finishes the rollout and puts them back")
+    fix = (
+        f"igops ops abort {interrupted[-1]['id']} puts them back"
+        if interrupted
+        else "igops deploy again finishes the rollout and puts them back"
+    )
     return NagiosStatus.WARNING, f"{hosts} out of rotation, drained by an igops deploy that is not running ({fix})"
 
 
@@ -84,7 +93,8 @@ def operations_probe(fleet: Fleet) -> Probe:
         if with_lbs:
             started = time.monotonic()
             status, summary = rotation_verdict(_drained(fleet), view.records)
-            report(Result("operations", ROTATION_TARGET, status, summary,
-                          duration_ms=(time.monotonic() - started) * 1000))
+            report(
+                Result("operations", ROTATION_TARGET, status, summary, duration_ms=(time.monotonic() - started) * 1000)
+            )
 
     return Probe("operations", [("operations", TARGET)] + ([("operations", ROTATION_TARGET)] if with_lbs else []), run)

@@ -51,8 +51,14 @@ def parse_limit(header: str | None) -> RateLimit | None:
 
 
 class Pingdom:
-    def __init__(self, base_url: str, token: str, timeout: float = 10.0, reporter: Reporter = Reporter(),
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 10.0,
+        reporter: Reporter = Reporter(),
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         import requests
 
         from igops.secrets import insecure_url_problem
@@ -67,8 +73,9 @@ class Pingdom:
         self.limits: dict[str, RateLimit] = {}
         self._limits_seen_at = time.monotonic()
         self._session = requests.Session()
-        self._session.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/json",
-                                      "User-Agent": "igops"})
+        self._session.headers.update(
+            {"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": "igops"}
+        )
 
     @classmethod
     def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> Pingdom:
@@ -90,8 +97,9 @@ class Pingdom:
             if wait <= 0:
                 continue
             if wait > MAX_LIMIT_WAIT:
-                raise PingdomError(f"Pingdom's {name} request limit is used up; it resets in {wait:.0f} s",
-                                   "try again after the reset")
+                raise PingdomError(
+                    f"Pingdom's {name} request limit is used up; it resets in {wait:.0f} s", "try again after the reset"
+                )
             self.reporter.log(f"Pingdom's {name} request limit is used up: waiting {wait:.0f} s for the reset")
             self.sleep(wait)
 
@@ -114,13 +122,16 @@ class Pingdom:
                 if method in IDEMPOTENT and attempt < len(BACKOFF):
                     self._pause(attempt, f"{method} {path}: {type(exc).__name__}")
                     continue
-                raise PingdomError(f"Pingdom API at {self.base_url} unreachable: {type(exc).__name__}",
-                                   "check [monitoring] pingdom_url and the network") from None
+                raise PingdomError(
+                    f"Pingdom API at {self.base_url} unreachable: {type(exc).__name__}",
+                    "check [monitoring] pingdom_url and the network",
+                ) from None
             self._remember_limits(response.headers)
             retryable = response.status_code == 429 or (response.status_code >= 500 and method in IDEMPOTENT)
             if retryable and attempt < len(BACKOFF):
-                self._pause(attempt, f"{method} {path}: HTTP {response.status_code}",
-                            response.headers.get("Retry-After"))
+                self._pause(
+                    attempt, f"{method} {path}: HTTP {response.status_code}", response.headers.get("Retry-After")
+                )
                 continue
             if response.status_code >= 400:
                 raise PingdomError(f"Pingdom {method} {path}: HTTP {response.status_code}: {_error_message(response)}")
@@ -151,8 +162,9 @@ class Pingdom:
         self.request("PUT", f"/checks/{check_id}", body=body)
 
     def summary(self, check_id: int, start: int, end: int) -> dict:
-        return self.request("GET", f"/summary.average/{check_id}",
-                            params={"from": start, "to": end, "includeuptime": "true"})["summary"]
+        return self.request(
+            "GET", f"/summary.average/{check_id}", params={"from": start, "to": end, "includeuptime": "true"}
+        )["summary"]
 
     def create_maintenance(self, description: str, start: int, end: int, check_ids: list[int]) -> int:
         """A window from `start` (a future UNIX time, or NOW) to `end` (a future UNIX time)."""
@@ -175,6 +187,7 @@ def _error_message(response) -> str:
 
 # --- checks as code ---------------------------------------------------------------------------
 
+
 def fleet_tag(fleet: Fleet) -> str:
     return f"igops-{fleet.model.fleet.name}"[:64]
 
@@ -188,8 +201,17 @@ class DesiredCheck:
     encryption: bool
 
     def body(self, tag: str) -> dict:
-        return {"name": self.name, "host": self.host, "type": "http", "url": self.url, "port": self.port,
-                "encryption": self.encryption, "resolution": RESOLUTION, "paused": False, "tags": [tag]}
+        return {
+            "name": self.name,
+            "host": self.host,
+            "type": "http",
+            "url": self.url,
+            "port": self.port,
+            "encryption": self.encryption,
+            "resolution": RESOLUTION,
+            "paused": False,
+            "tags": [tag],
+        }
 
     def describe(self) -> str:
         scheme = "https" if self.encryption else "http"
@@ -199,16 +221,21 @@ class DesiredCheck:
 def desired_checks(fleet: Fleet) -> list[DesiredCheck]:
     model = fleet.model
     name = model.fleet.name
-    found = [DesiredCheck(f"{name} {host.name} health", str(host.address), model.lb.health_path, model.lb.port, False)
-             for host in fleet.with_role("lb")]
+    found = [
+        DesiredCheck(f"{name} {host.name} health", str(host.address), model.lb.health_path, model.lb.port, False)
+        for host in fleet.with_role("lb")
+    ]
     for url in model.monitoring.public_urls:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"monitoring.public_urls: {url!r} is not an http(s) URL", "write it as https://host/path")
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         encryption = parts.scheme == "https"
-        found.append(DesiredCheck(f"{name} {url}"[:128], parts.hostname, path,
-                                  parts.port or (443 if encryption else 80), encryption))
+        found.append(
+            DesiredCheck(
+                f"{name} {url}"[:128], parts.hostname, path, parts.port or (443 if encryption else 80), encryption
+            )
+        )
     return found
 
 
@@ -242,11 +269,15 @@ def current_settings(detail: dict) -> dict:
     """A check's detail (GET /checks/{id}) as the fields a DesiredCheck sets."""
     kind = detail.get("type")
     http = kind.get("http", {}) if isinstance(kind, dict) else {}
-    return {"host": detail.get("hostname"), "url": http.get("url", detail.get("url")),
-            "port": http.get("port", detail.get("port")),
-           "encryption": http.get("encryption", detail.get("encryption")),
-            "resolution": detail.get("resolution"), "paused": detail.get("status") == "paused",
-            "type": "http" if isinstance(kind, dict) and "http" in kind else kind}
+    return {
+        "host": detail.get("hostname"),
+        "url": http.get("url", detail.get("url")),
+        "port": http.get("port", detail.get("port")),
+        "encryption": http.get("encryption", detail.get("encryption")),
+        "resolution": detail.get("resolution"),
+        "paused": detail.get("status") == "paused",
+        "type": "http" if isinstance(kind, dict) and "http" in kind else kind,
+    }
 
 
 def plan_sync(client: Pingdom, fleet) -> SyncPlan:
@@ -261,17 +292,32 @@ def plan_sync(client: Pingdom, fleet) -> SyncPlan:
             continue
         current = current_settings(client.check(int(have["id"])))
         if current.get("type") != "http":
-            raise UsageError(f"Pingdom check {name!r} (#{have['id']}) is a {current.get('type')} check, "
-                             "and a check's type cannot be changed",
-                             "delete it in Pingdom; the next sync creates it as an HTTP check")
-        target = {"host": want.host, "url": want.url, "port": want.port, "encryption": want.encryption,
-                  "resolution": RESOLUTION, "paused": False}
-        differences = [f"{key} {current.get(key)!r} → {value!r}" for key, value in target.items()
-                       if current.get(key) != value]
+            raise UsageError(
+                f"Pingdom check {name!r} (#{have['id']}) is a {current.get('type')} check, "
+                "and a check's type cannot be changed",
+                "delete it in Pingdom; the next sync creates it as an HTTP check",
+            )
+        target = {
+            "host": want.host,
+            "url": want.url,
+            "port": want.port,
+            "encryption": want.encryption,
+            "resolution": RESOLUTION,
+            "paused": False,
+        }
+        differences = [
+            f"{key} {current.get(key)!r} → {value!r}" for key, value in target.items() if current.get(key) != value
+        ]
         if differences:
-            changes.append(Change("update", name, int(have["id"]),
-                                  {key: value for key, value in target.items() if current.get(key) != value},
-                                  differences))
+            changes.append(
+                Change(
+                    "update",
+                    name,
+                    int(have["id"]),
+                    {key: value for key, value in target.items() if current.get(key) != value},
+                    differences,
+                )
+            )
         else:
             unchanged.append(name)
     for name, have in existing.items():
@@ -309,10 +355,17 @@ def statuses(client: Pingdom, fleet, window_seconds: int, include_all: bool = Fa
     for check in client.checks(None if include_all else fleet_tag(fleet)):
         summary = client.summary(int(check["id"]), now - window_seconds, now).get("status", {})
         up, down = summary.get("totalup", 0), summary.get("totaldown", 0)
-        found.append(CheckStatus(int(check["id"]), check["name"], check.get("hostname", ""),
-                                 check.get("status", "unknown"),
-                                 check.get("lastresponsetime"), check.get("lasttesttime"),
-                                 round(100.0 * up / (up + down), 3) if up + down else None))
+        found.append(
+            CheckStatus(
+                int(check["id"]),
+                check["name"],
+                check.get("hostname", ""),
+                check.get("status", "unknown"),
+                check.get("lastresponsetime"),
+                check.get("lasttesttime"),
+                round(100.0 * up / (up + down), 3) if up + down else None,
+            )
+        )
     return found
 
 

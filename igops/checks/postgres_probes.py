@@ -26,8 +26,13 @@ def postgres_probes(context: Context) -> list[Probe]:
             continue
         expected = [("postgres-primary", cluster.primary)] + [("postgres-standby", s) for s in cluster.standbys]
         built.append(Probe(f"postgres-{name}", expected, _postgres_runner(context, name, cluster)))
-        built.append(Probe(f"repmgrd-{name}", [("postgres-repmgrd", member) for member in members],
-                           _repmgrd_runner(context, name, members)))
+        built.append(
+            Probe(
+                f"repmgrd-{name}",
+                [("postgres-repmgrd", member) for member in members],
+                _repmgrd_runner(context, name, members),
+            )
+        )
     return built
 
 
@@ -39,8 +44,9 @@ def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
 
     def state_of(name: str) -> tuple[str, str | None]:
         try:
-            connection = postgres_connect(context, context.fleet.host(name), context.probe_timeout,
-                                           postgres.REPMGR_DATABASE)
+            connection = postgres_connect(
+                context, context.fleet.host(name), context.probe_timeout, postgres.REPMGR_DATABASE
+            )
             try:
                 return name, postgres.repmgrd_state(connection)
             finally:
@@ -57,14 +63,20 @@ def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
             if state is None:
                 status, summary = NagiosStatus.UNKNOWN, "repmgrd: the node does not answer"
             elif state == "paused":
-                status, summary = (NagiosStatus.WARNING, "repmgrd paused: no automatic failover "
-                                   f"(`igops pg switchover {cluster_name} --to PRIMARY` unpauses it)")
+                status, summary = (
+                    NagiosStatus.WARNING,
+                    "repmgrd paused: no automatic failover "
+                    f"(`igops pg switchover {cluster_name} --to PRIMARY` unpauses it)",
+                )
             elif state == "not running" and in_use:
-                status, summary = (NagiosStatus.WARNING, f"repmgrd not running here but on other members of "
-                                   f"{cluster_name}: automatic failover may not act")
+                status, summary = (
+                    NagiosStatus.WARNING,
+                    f"repmgrd not running here but on other members of {cluster_name}: automatic failover may not act",
+                )
             else:
                 status, summary = NagiosStatus.OK, f"repmgrd {state}" + ("" if in_use else " (not in use)")
             report(Result("postgres-repmgrd", name, status, summary, duration_ms=elapsed_ms(started)))
+
     return run
 
 
@@ -82,46 +94,91 @@ def _postgres_runner(context: Context, cluster_name: str, cluster):
             primary_error = views[primary].write_error
         named = primary or cluster.primary
         if primary_error:
-            report(Result("postgres-primary", named, NagiosStatus.CRITICAL,
-                          f"cluster {cluster_name}: not writable: {primary_error}", duration_ms=elapsed_ms(started)))
+            report(
+                Result(
+                    "postgres-primary",
+                    named,
+                    NagiosStatus.CRITICAL,
+                    f"cluster {cluster_name}: not writable: {primary_error}",
+                    duration_ms=elapsed_ms(started),
+                )
+            )
         else:
             replication = views[named].replication
             streaming = sum(1 for state, _ in replication.values() if state == "streaming")
             moved = f"; promoted (the inventory lists {cluster.primary} first)" if named != cluster.primary else ""
-            report(Result("postgres-primary", named, NagiosStatus.OK,
-                          f"cluster {cluster_name}: writable, {streaming} standby(s) streaming{moved}",
-                          [Perf(f"postgres-primary {named}", elapsed_ms(started) / 1000, "s", minimum=0)],
-                          duration_ms=elapsed_ms(started)))
+            report(
+                Result(
+                    "postgres-primary",
+                    named,
+                    NagiosStatus.OK,
+                    f"cluster {cluster_name}: writable, {streaming} standby(s) streaming{moved}",
+                    [Perf(f"postgres-primary {named}", elapsed_ms(started) / 1000, "s", minimum=0)],
+                    duration_ms=elapsed_ms(started),
+                )
+            )
         for standby in views:
             if standby != named:
                 row = views[named].replication.get(standby)
-                report(_standby_result(named, standby, row, primary_error, views[standby], thresholds,
-                                       elapsed_ms(started)))
+                report(
+                    _standby_result(named, standby, row, primary_error, views[standby], thresholds, elapsed_ms(started))
+                )
+
     return run
 
 
-def _standby_result(primary: str, standby: str, row, primary_error, view: MemberView, thresholds,
-                    duration_ms: float) -> Result:
+def _standby_result(
+    primary: str, standby: str, row, primary_error, view: MemberView, thresholds, duration_ms: float
+) -> Result:
     if view.in_recovery is False:
-        return Result("postgres-standby", standby, NagiosStatus.CRITICAL,
-                      f"not in recovery: {standby} is a second primary", duration_ms=duration_ms)
+        return Result(
+            "postgres-standby",
+            standby,
+            NagiosStatus.CRITICAL,
+            f"not in recovery: {standby} is a second primary",
+            duration_ms=duration_ms,
+        )
     if row and row[0] == "streaming":
         lag = row[1] or 0
         state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
-        return Result("postgres-standby", standby, state, f"streaming from {primary}, replay lag {lag} bytes",
-                      [Perf(f"postgres-lag {standby}", lag, "B", thresholds.replication_lag_warning_bytes,
-                            thresholds.replication_lag_critical_bytes, 0)], duration_ms=duration_ms)
+        return Result(
+            "postgres-standby",
+            standby,
+            state,
+            f"streaming from {primary}, replay lag {lag} bytes",
+            [
+                Perf(
+                    f"postgres-lag {standby}",
+                    lag,
+                    "B",
+                    thresholds.replication_lag_warning_bytes,
+                    thresholds.replication_lag_critical_bytes,
+                    0,
+                )
+            ],
+            duration_ms=duration_ms,
+        )
     if primary_error and view.receiver == "streaming":
-        return Result("postgres-standby", standby, NagiosStatus.UNKNOWN,
-                      f"its WAL receiver is streaming, but the primary {primary} cannot confirm its lag",
-                      duration_ms=duration_ms)
+        return Result(
+            "postgres-standby",
+            standby,
+            NagiosStatus.UNKNOWN,
+            f"its WAL receiver is streaming, but the primary {primary} cannot confirm its lag",
+            duration_ms=duration_ms,
+        )
     why = f"{standby} itself: {view.error}" if view.error else f"its WAL receiver is {view.receiver or 'not running'}"
     seen = f" (primary reports state {row[0]})" if row else ""
-    return Result("postgres-standby", standby, NagiosStatus.CRITICAL, f"not streaming from {primary}{seen}; {why}",
-                  duration_ms=duration_ms)
+    return Result(
+        "postgres-standby",
+        standby,
+        NagiosStatus.CRITICAL,
+        f"not streaming from {primary}{seen}; {why}",
+        duration_ms=duration_ms,
+    )
 
 
 # --- PgBouncer ----------------------------------------------------------------------------------
+
 
 def pgbouncer_probe(context: Context, host) -> Probe:
     fleet = context.fleet
@@ -133,10 +190,14 @@ def pgbouncer_probe(context: Context, host) -> Probe:
 
         started = time.monotonic()
         try:
-            connection = psycopg2.connect(host=str(host.address), port=model.pgbouncer.port,
-                                          user=model.pgbouncer.admin_user, dbname="pgbouncer",
-                                          password=context.secrets.get("pgbouncer_password"),
-                                          connect_timeout=max(1, int(context.probe_timeout)))
+            connection = psycopg2.connect(
+                host=str(host.address),
+                port=model.pgbouncer.port,
+                user=model.pgbouncer.admin_user,
+                dbname="pgbouncer",
+                password=context.secrets.get("pgbouncer_password"),
+                connect_timeout=max(1, int(context.probe_timeout)),
+            )
             try:
                 connection.autocommit = True
                 with connection.cursor() as cursor:
@@ -145,13 +206,17 @@ def pgbouncer_probe(context: Context, host) -> Probe:
                     pools = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
                     cursor.execute("SHOW DATABASES")
                     columns = [column.name for column in cursor.description]
-                    databases = {row["name"]: row
-                                 for row in (dict(zip(columns, r, strict=False)) for r in cursor.fetchall())}
+                    databases = {
+                        row["name"]: row for row in (dict(zip(columns, r, strict=False)) for r in cursor.fetchall())
+                    }
             finally:
                 connection.close()
         except Exception as exc:  # noqa: BLE001
-            report(Result("pgbouncer", host.name, NagiosStatus.CRITICAL, first_line_of(exc),
-                          duration_ms=elapsed_ms(started)))
+            report(
+                Result(
+                    "pgbouncer", host.name, NagiosStatus.CRITICAL, first_line_of(exc), duration_ms=elapsed_ms(started)
+                )
+            )
             return
         problems = []
         for cluster_name, cluster in model.postgres.clusters.items():
@@ -164,28 +229,59 @@ def pgbouncer_probe(context: Context, host) -> Probe:
             if entry is None:
                 problems.append(f"no database {database!r} (cluster {cluster_name})")
             elif primary and entry.get("host") not in (str(primary.address), primary.name):
-                problems.append(f"{database} points at {entry.get('host')}, not the primary "
-                                f"{primary.name} ({primary.address})")
+                problems.append(
+                    f"{database} points at {entry.get('host')}, not the primary {primary.name} ({primary.address})"
+                )
         user_pools = [pool for pool in pools if pool.get("database") != "pgbouncer"]
         waiting = sum(int(pool.get("cl_waiting") or 0) for pool in user_pools)
-        longest = max((float(pool.get("maxwait") or 0) + float(pool.get("maxwait_us") or 0) / 1e6
-                       for pool in user_pools), default=0.0)
-        paused = sorted(name for name, entry in databases.items()
-                        if name != "pgbouncer" and int(entry.get("paused") or 0))
+        longest = max(
+            (float(pool.get("maxwait") or 0) + float(pool.get("maxwait_us") or 0) / 1e6 for pool in user_pools),
+            default=0.0,
+        )
+        paused = sorted(
+            name for name, entry in databases.items() if name != "pgbouncer" and int(entry.get("paused") or 0)
+        )
         now = time.time()
         since = paused_since(fleet.state_dir / "check" / f"pgbouncer-paused-{host.name}.json", paused, now)
         paused_state, paused_text = paused_finding(since, now, thresholds.pgbouncer_paused_critical_seconds)
-        state = NagiosStatus.CRITICAL if problems else worst([paused_state, level(
-            longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds)])
-        counts = (f"{plural(len([name for name in databases if name != 'pgbouncer']), 'database')}, "
-                  f"{plural(waiting, 'client')} waiting, "
-                  f"longest wait {longest:.1f} s")
+        state = (
+            NagiosStatus.CRITICAL
+            if problems
+            else worst(
+                [
+                    paused_state,
+                    level(
+                        longest, thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds
+                    ),
+                ]
+            )
+        )
+        counts = (
+            f"{plural(len([name for name in databases if name != 'pgbouncer']), 'database')}, "
+            f"{plural(waiting, 'client')} waiting, "
+            f"longest wait {longest:.1f} s"
+        )
         summary = "; ".join(filter(None, [*problems, paused_text, None if problems else counts]))
-        report(Result("pgbouncer", host.name, state, summary,
-                      [Perf(f"pgbouncer-waiting {host.name}", waiting, minimum=0),
-                       Perf(f"pgbouncer-maxwait {host.name}", round(longest, 3), "s",
-                            thresholds.pgbouncer_wait_warning_seconds, thresholds.pgbouncer_wait_critical_seconds, 0)],
-                      duration_ms=elapsed_ms(started)))
+        report(
+            Result(
+                "pgbouncer",
+                host.name,
+                state,
+                summary,
+                [
+                    Perf(f"pgbouncer-waiting {host.name}", waiting, minimum=0),
+                    Perf(
+                        f"pgbouncer-maxwait {host.name}",
+                        round(longest, 3),
+                        "s",
+                        thresholds.pgbouncer_wait_warning_seconds,
+                        thresholds.pgbouncer_wait_critical_seconds,
+                        0,
+                    ),
+                ],
+                duration_ms=elapsed_ms(started),
+            )
+        )
 
     return Probe(f"pgbouncer-{host.name}", [("pgbouncer", host.name)], run)
 
@@ -216,5 +312,7 @@ def paused_finding(since: dict[str, float], now: float, critical_seconds: float)
     ages = {name: max(0.0, now - first) for name, first in sorted(since.items())}
     state = NagiosStatus.CRITICAL if max(ages.values()) >= critical_seconds else NagiosStatus.WARNING
     shown = ", ".join(f"{name} (seen paused for {age:.0f} s)" for name, age in ages.items())
-    return state, (f"PAUSED: {shown}; CRITICAL after {critical_seconds:g} s; "
-                   "RESUME it on the admin console when no operation holds it")
+    return state, (
+        f"PAUSED: {shown}; CRITICAL after {critical_seconds:g} s; "
+        "RESUME it on the admin console when no operation holds it"
+    )

@@ -63,9 +63,11 @@ class Context:
                             cursor.execute("SELECT txid_current()")
                         except psycopg2.Error as exc:
                             view.write_error = first_line_of(exc)
-                        cursor.execute("SELECT application_name, state, "
-                                       "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
-                                       "FROM pg_stat_replication")
+                        cursor.execute(
+                            "SELECT application_name, state, "
+                            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                            "FROM pg_stat_replication"
+                        )
                         view.replication = {name: (state, lag) for name, state, lag in cursor.fetchall()}
             finally:
                 connection.close()
@@ -104,8 +106,14 @@ def postgres_connect(context: Context, host, timeout: float, database: str = "po
     import psycopg2
 
     model = context.fleet.model
-    connection = psycopg2.connect(host=str(host.address), port=model.postgres.port, user=model.postgres.user,
-                                  dbname=database, password=context.secrets.get("postgres_password"),
-                                  connect_timeout=max(1, int(timeout)), application_name="igops-check")
+    connection = psycopg2.connect(
+        host=str(host.address),
+        port=model.postgres.port,
+        user=model.postgres.user,
+        dbname=database,
+        password=context.secrets.get("postgres_password"),
+        connect_timeout=max(1, int(timeout)),
+        application_name="igops-check",
+    )
     connection.autocommit = True
     return connection

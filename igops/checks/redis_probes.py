@@ -13,6 +13,7 @@ from igops.output import plural
 
 # --- Redis --------------------------------------------------------------------------------------
 
+
 def redis_probes(context: Context) -> list[Probe]:
     model = context.fleet.model.redis
     members = ([model.master] if model.master else []) + list(model.replicas)
@@ -42,6 +43,7 @@ def _redis_runner(context: Context):
         tier = redis_tier.redis_state_of(fleet, states, down, address, version, directory_error)
         for result in redis_results(tier, directory_error, thresholds, elapsed_ms(started)):
             report(result)
+
     return run
 
 
@@ -58,9 +60,13 @@ def _directory_redis_master(context: Context) -> tuple[str | None, int | None, s
     if primary is None:
         return None, None, f"no primary of cluster {cluster_name} answers: the directory cannot be read"
     try:
-        connection = postgres.connect(context.fleet, context.fleet.host(primary), model.shards.directory_database,
-                                      timeout=max(1, int(context.probe_timeout)),
-                                      statement_timeout_ms=int(context.probe_timeout * 1000))
+        connection = postgres.connect(
+            context.fleet,
+            context.fleet.host(primary),
+            model.shards.directory_database,
+            timeout=max(1, int(context.probe_timeout)),
+            statement_timeout_ms=int(context.probe_timeout * 1000),
+        )
         try:
             return (*redisops.read_endpoint(connection), None)
         finally:
@@ -78,8 +84,9 @@ def redis_results(tier, directory_error: str | None, thresholds, duration_ms: fl
     for node in tier.nodes:
         if node.role == "unknown":
             check = "redis-master" if node.app_master else "redis-replica"
-            results.append(Result(check, node.name, NagiosStatus.CRITICAL, f"{node.state}: {node.detail}",
-                                  duration_ms=duration_ms))
+            results.append(
+                Result(check, node.name, NagiosStatus.CRITICAL, f"{node.state}: {node.detail}", duration_ms=duration_ms)
+            )
         elif node.role == "master":
             results.append(_redis_master_result(node, tier, reference, masters, directory_error, duration_ms))
         else:
@@ -104,11 +111,20 @@ def _redis_master_result(node, tier, reference, masters, directory_error, durati
             elsewhere = f"the directory names {tier.app_address}, no Redis node of the inventory"
         else:
             elsewhere = f"the directory names {tier.app_master}, which is {_redis_role_words(tier, tier.app_master)}"
-        return Result("redis-master", node.name, NagiosStatus.CRITICAL,
-                      f"master, {replicas} replica(s) linked; but the app does not write here: {elsewhere}",
-                      duration_ms=duration_ms)
-    return Result("redis-master", node.name, NagiosStatus.OK,
-                  f"master the app writes to, {replicas} replica(s) linked", duration_ms=duration_ms)
+        return Result(
+            "redis-master",
+            node.name,
+            NagiosStatus.CRITICAL,
+            f"master, {replicas} replica(s) linked; but the app does not write here: {elsewhere}",
+            duration_ms=duration_ms,
+        )
+    return Result(
+        "redis-master",
+        node.name,
+        NagiosStatus.OK,
+        f"master the app writes to, {replicas} replica(s) linked",
+        duration_ms=duration_ms,
+    )
 
 
 def _redis_role_words(tier, name: str) -> str:
@@ -118,20 +134,53 @@ def _redis_role_words(tier, name: str) -> str:
 
 def _redis_replica_result(node, tier, reference, thresholds, duration_ms) -> Result:
     if reference is None:
-        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
-                      f"replica of {node.master}, but there is no master to follow", duration_ms=duration_ms)
+        return Result(
+            "redis-replica",
+            node.name,
+            NagiosStatus.CRITICAL,
+            f"replica of {node.master}, but there is no master to follow",
+            duration_ms=duration_ms,
+        )
     if node.master != reference:
-        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
-                      f"replicates {node.master}, not the master {reference}", duration_ms=duration_ms)
+        return Result(
+            "redis-replica",
+            node.name,
+            NagiosStatus.CRITICAL,
+            f"replicates {node.master}, not the master {reference}",
+            duration_ms=duration_ms,
+        )
     if node.link != "up":
-        return Result("redis-replica", node.name, NagiosStatus.CRITICAL, f"link to {reference} is {node.link}",
-                      duration_ms=duration_ms)
+        return Result(
+            "redis-replica",
+            node.name,
+            NagiosStatus.CRITICAL,
+            f"link to {reference} is {node.link}",
+            duration_ms=duration_ms,
+        )
     if node.read_only is False:
-        return Result("redis-replica", node.name, NagiosStatus.CRITICAL,
-                      "accepts writes (replica-read-only no): a write there is lost at the next resync",
-                      duration_ms=duration_ms)
+        return Result(
+            "redis-replica",
+            node.name,
+            NagiosStatus.CRITICAL,
+            "accepts writes (replica-read-only no): a write there is lost at the next resync",
+            duration_ms=duration_ms,
+        )
     lag = max(0, tier.node(reference).offset - node.offset)
     state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
-    return Result("redis-replica", node.name, state, f"linked to {reference}, offset lag {lag} bytes",
-                  [Perf(f"redis-lag {node.name}", lag, "B", thresholds.replication_lag_warning_bytes,
-                        thresholds.replication_lag_critical_bytes, 0)], duration_ms=duration_ms)
+    return Result(
+        "redis-replica",
+        node.name,
+        state,
+        f"linked to {reference}, offset lag {lag} bytes",
+        [
+            Perf(
+                f"redis-lag {node.name}",
+                lag,
+                "B",
+                thresholds.replication_lag_warning_bytes,
+                thresholds.replication_lag_critical_bytes,
+                0,
+            )
+        ],
+        duration_ms=duration_ms,
+    )

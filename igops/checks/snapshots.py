@@ -39,8 +39,14 @@ def verdict(data_set, groups, now: datetime, stale_grace: timedelta, thresholds)
     mine = [group for group in groups if data_set.holds(group)]
     complete = [group for group in mine if group.state == snapshot.STATE_COMPLETE]
     left = sorted(group.group_id for group in mine if snapshot.stale(group, now, stale_grace))
-    leftovers = (f"; {len(left)} stale {'group' if len(left) == 1 else 'groups'} left by a killed or failed "
-                 f"create ({', '.join(left)}): `igops snapshot prune` deletes them") if left else ""
+    leftovers = (
+        (
+            f"; {len(left)} stale {'group' if len(left) == 1 else 'groups'} left by a killed or failed "
+            f"create ({', '.join(left)}): `igops snapshot prune` deletes them"
+        )
+        if left
+        else ""
+    )
     schedule = data_set.policy.schedule
     grace = timedelta(minutes=thresholds.snapshot_grace_minutes)
     if schedule is not None:
@@ -50,8 +56,13 @@ def verdict(data_set, groups, now: datetime, stale_grace: timedelta, thresholds)
     else:
         warning_h, critical_h = thresholds.snapshot_warning_hours, thresholds.snapshot_critical_hours
     if not complete:
-        return Verdict(NagiosStatus.CRITICAL, f"no complete snapshot group of {data_set.label}" + leftovers,
-                       None, warning_h, critical_h)
+        return Verdict(
+            NagiosStatus.CRITICAL,
+            f"no complete snapshot group of {data_set.label}" + leftovers,
+            None,
+            warning_h,
+            critical_h,
+        )
     newest = max(complete, key=lambda group: group.created)
     hours = (now - newest.created).total_seconds() / 3600
     where = f"{newest.group_id} (on {newest.host}) is {age_words(hours)} old"
@@ -65,9 +76,11 @@ def verdict(data_set, groups, now: datetime, stale_grace: timedelta, thresholds)
         else:
             missed = -((newest.created - expected) // schedule.interval)  # slots in (newest, expected]
             status = NagiosStatus.WARNING if missed == 1 else NagiosStatus.CRITICAL
-            summary = (f"`{schedule.text}` wanted a group at {expected:%Y-%m-%d %H:%M} UTC; newest complete "
-                       f"group {where} ({missed} scheduled {'group' if missed == 1 else 'groups'} missing: "
-                       "is `igops snapshot cron` running?)")
+            summary = (
+                f"`{schedule.text}` wanted a group at {expected:%Y-%m-%d %H:%M} UTC; newest complete "
+                f"group {where} ({missed} scheduled {'group' if missed == 1 else 'groups'} missing: "
+                "is `igops snapshot cron` running?)"
+            )
     if left:
         status = worst([status, NagiosStatus.WARNING])
     return Verdict(status, summary + leftovers, hours, warning_h, critical_h)
@@ -100,17 +113,34 @@ def snapshot_probes(fleet: Fleet, hosts) -> list[Probe]:
         except Exception as exc:  # noqa: BLE001 - any failure to list is UNKNOWN, not a crash
             text = str(exc).strip().splitlines()
             for data_set in sets:
-                report(Result("snapshot", data_set.name, NagiosStatus.UNKNOWN,
-                              f"cannot list snapshots: {(text[0] if text else type(exc).__name__)[:200]}",
-                              duration_ms=_ms(started)))
+                report(
+                    Result(
+                        "snapshot",
+                        data_set.name,
+                        NagiosStatus.UNKNOWN,
+                        f"cannot list snapshots: {(text[0] if text else type(exc).__name__)[:200]}",
+                        duration_ms=_ms(started),
+                    )
+                )
             return
         now = datetime.now(UTC)
         grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
         for data_set in sets:
             judged = verdict(data_set, groups, now, grace, fleet.model.check)
-            perf = [] if judged.age_hours is None else [
-                Perf(f"snapshot-age {data_set.name}", round(judged.age_hours, 2), "h", round(judged.warning_hours, 2),
-                     round(judged.critical_hours, 2), 0)]
+            perf = (
+                []
+                if judged.age_hours is None
+                else [
+                    Perf(
+                        f"snapshot-age {data_set.name}",
+                        round(judged.age_hours, 2),
+                        "h",
+                        round(judged.warning_hours, 2),
+                        round(judged.critical_hours, 2),
+                        0,
+                    )
+                ]
+            )
             report(Result("snapshot", data_set.name, judged.status, judged.summary, perf, duration_ms=_ms(started)))
 
     return [Probe("snapshot", [("snapshot", data_set.name) for data_set in sets], run)]

@@ -22,8 +22,12 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
-STATUS_STYLE = {NagiosStatus.OK: "green", NagiosStatus.WARNING: "yellow", NagiosStatus.CRITICAL: "red",
-                NagiosStatus.UNKNOWN: "magenta"}
+STATUS_STYLE = {
+    NagiosStatus.OK: "green",
+    NagiosStatus.WARNING: "yellow",
+    NagiosStatus.CRITICAL: "red",
+    NagiosStatus.UNKNOWN: "magenta",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -33,17 +37,28 @@ def register(app: typer.Typer) -> None:
 def check(
     ctx: typer.Context,
     role: list[str] | None = ROLE_OPTION,
-    only: list[str] | None = typer.Option(None, "--only", metavar="CHECK",
-                                          help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
-                                               "pgbouncer, redis, memcached, munin, snapshot, pingdom."),
-    nagios: bool = typer.Option(False, "--nagios", help="One line with perfdata; exit 0/1/2/3 (OK, WARNING, "
-                                                        "CRITICAL, UNKNOWN)."),
+    only: list[str] | None = typer.Option(
+        None,
+        "--only",
+        metavar="CHECK",
+        help="Only this check (repeatable): ssh, disk, frozen, http, postgres, "
+        "pgbouncer, redis, memcached, munin, snapshot, pingdom.",
+    ),
+    nagios: bool = typer.Option(
+        False, "--nagios", help="One line with perfdata; exit 0/1/2/3 (OK, WARNING, CRITICAL, UNKNOWN)."
+    ),
     page: bool = typer.Option(False, "--page", help="Trigger PagerDuty for what is CRITICAL, resolve what recovered."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when all is well; only the problems "
-                                                           "otherwise (for cron)."),
-    timeout: float | None = typer.Option(None, "--timeout", "-t", min=0.5, max=300,
-                                         help="One deadline for the whole run, in seconds (default: [check] "
-                                              "timeout, 10)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print nothing when all is well; only the problems otherwise (for cron)."
+    ),
+    timeout: float | None = typer.Option(
+        None,
+        "--timeout",
+        "-t",
+        min=0.5,
+        max=300,
+        help="One deadline for the whole run, in seconds (default: [check] timeout, 10).",
+    ),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer,
@@ -79,8 +94,11 @@ def _exit(code: int) -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
-           if thread is not threading.main_thread()):
+    if any(
+        thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
         os._exit(code)
     if code:
         raise typer.Exit(code)
@@ -111,8 +129,10 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
                     command=command_line,
                     targets=paging.triggered + paging.resolved + [f["dedup_key"] for f in paging.failed],
                     result=f"paged: {len(paging.triggered)} triggered, {len(paging.resolved)} resolved, "
-                           f"{len(paging.failed)} failed",
-                    exit_code=1 if paging.failed else 0, duration_ms=duration * 1000)
+                    f"{len(paging.failed)} failed",
+                    exit_code=1 if paging.failed else 0,
+                    duration_ms=duration * 1000,
+                )
     state = checks.overall(results)
     _report_paging(out, paging, quiet)
     if nagios:
@@ -121,24 +141,62 @@ def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: 
         return int(state)
     # Problems found exit 5, as from every read-only command; a page that could not be sent is
     # an action that failed (1). --nagios keeps Nagios' own codes (above).
-    code = int(ExitCode.FAILED if paging and paging.failed else
-               ExitCode.OK if state == NagiosStatus.OK else ExitCode.PROBLEMS_FOUND)
+    code = int(
+        ExitCode.FAILED
+        if paging and paging.failed
+        else ExitCode.OK
+        if state == NagiosStatus.OK
+        else ExitCode.PROBLEMS_FOUND
+    )
     shown = [result for result in results if result.status != NagiosStatus.OK] if quiet else results
     if shown:
-        out.table(None, ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)],
-                  [[r.check, _plain(r.target), f"[{STATUS_STYLE[r.status]}]{r.status.name}[/]", _plain(r.summary),
-                    f"{r.duration_ms:.0f} ms" if r.duration_ms is not None else None] for r in shown])
+        out.table(
+            None,
+            ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)],
+            [
+                [
+                    r.check,
+                    _plain(r.target),
+                    f"[{STATUS_STYLE[r.status]}]{r.status.name}[/]",
+                    _plain(r.summary),
+                    f"{r.duration_ms:.0f} ms" if r.duration_ms is not None else None,
+                ]
+                for r in shown
+            ],
+        )
     tally = checks.counts(results)
     if not quiet or state != NagiosStatus.OK:
-        problems = ", ".join(f"{tally[name]} {name.upper()}" for name in ("critical", "warning", "unknown")
-                             if tally[name])
-        out.text(f"{fleet.model.fleet.name}: {state.name} — {plural(len(results), 'check')}"
-                 + (f", {problems}" if problems else ", all OK") + f" ({duration:.2f} s)")
-    out.finish({"fleet": fleet.model.fleet.name, "status": state.name, "nagios_status": int(state),
-                "counts": tally, "duration_ms": round(duration * 1000, 1), "timeout": timeout,
-                "results": [{"check": r.check, "target": r.target, "status": r.status.name, "summary": r.summary,
-                             "duration_ms": r.duration_ms, "perfdata": r.perfdata} for r in results],
-                "paging": paging}, code)
+        problems = ", ".join(
+            f"{tally[name]} {name.upper()}" for name in ("critical", "warning", "unknown") if tally[name]
+        )
+        out.text(
+            f"{fleet.model.fleet.name}: {state.name} — {plural(len(results), 'check')}"
+            + (f", {problems}" if problems else ", all OK")
+            + f" ({duration:.2f} s)"
+        )
+    out.finish(
+        {
+            "fleet": fleet.model.fleet.name,
+            "status": state.name,
+            "nagios_status": int(state),
+            "counts": tally,
+            "duration_ms": round(duration * 1000, 1),
+            "timeout": timeout,
+            "results": [
+                {
+                    "check": r.check,
+                    "target": r.target,
+                    "status": r.status.name,
+                    "summary": r.summary,
+                    "duration_ms": r.duration_ms,
+                    "perfdata": r.perfdata,
+                }
+                for r in results
+            ],
+            "paging": paging,
+        },
+        code,
+    )
     return code
 
 
@@ -155,8 +213,9 @@ def _report_paging(out, paging, quiet: bool) -> None:
         for key in paging.resolved:
             out.log(f"PagerDuty: resolved {key}")
     for failure in paging.failed:
-        out.log(f"PagerDuty: {failure['action']} {failure['dedup_key']} failed: {failure['error']} "
-                "(the next run retries)")
+        out.log(
+            f"PagerDuty: {failure['action']} {failure['dedup_key']} failed: {failure['error']} (the next run retries)"
+        )
 
 
 class _CheckLock:

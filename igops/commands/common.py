@@ -16,20 +16,27 @@ from igops.output import Output, Reporter
 T = TypeVar("T")
 
 JSON_OPTION = typer.Option(False, "--json", help="Only a JSON envelope on stdout.")
+
+
 def _shows_plan(ctx: typer.Context, value: bool) -> bool:
     """Every command with --dry-run shows a plan: mark it, so its steps are numbered as the plan."""
     ctx.meta["igops.shows_plan"] = True
     return value
 
 
-DRY_RUN_OPTION = typer.Option(False, "--dry-run", callback=_shows_plan,
-                              help="Print the exact plan and change nothing.")
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", callback=_shows_plan, help="Print the exact plan and change nothing.")
 YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required when not on a terminal).")
 
 
-WATCH_OPTION = typer.Option(None, "--watch", metavar="[SECONDS]", min=0.1, max=86400,
-                            help=f"Show it again every SECONDS (default {WATCH_DEFAULT_SECONDS}) until Ctrl-C; "
-                                 "with --json, one envelope per line each time.")
+WATCH_OPTION = typer.Option(
+    None,
+    "--watch",
+    metavar="[SECONDS]",
+    min=0.1,
+    max=86400,
+    help=f"Show it again every SECONDS (default {WATCH_DEFAULT_SECONDS}) until Ctrl-C; "
+    "with --json, one envelope per line each time.",
+)
 
 
 def options(ctx: typer.Context) -> GlobalOptions:
@@ -41,8 +48,14 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False, nagios: bool
     """Run a command body: IgopsErrors become a one-line message and their exit code. `nagios`:
     stdout is a Nagios status line (`check --nagios`)."""
     opts = options(ctx)
-    out = Output(name, json_mode=opts.json or json_flag, verbose=opts.verbose,
-                 table_format=TableFormat(opts.format).value, wide=opts.wide, nagios=nagios)
+    out = Output(
+        name,
+        json_mode=opts.json or json_flag,
+        verbose=opts.verbose,
+        table_format=TableFormat(opts.format).value,
+        wide=opts.wide,
+        nagios=nagios,
+    )
     out.shows_plan = bool(ctx.meta.get("igops.shows_plan"))
     try:
         yield out
@@ -70,8 +83,11 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False, nagios: bool
         if opts.verbose:
             out.err.print(traceback.format_exc(), markup=False)
         line = f"unexpected {type(exc).__name__}: {exc}"
-        out.fail(line + ("" if opts.verbose else " (rerun with --verbose for the traceback)"),
-                 ExitCode.FAILED, {"message": line})
+        out.fail(
+            line + ("" if opts.verbose else " (rerun with --verbose for the traceback)"),
+            ExitCode.FAILED,
+            {"message": line},
+        )
         raise typer.Exit(int(ExitCode.FAILED)) from None
 
 
@@ -92,10 +108,23 @@ def load_fleet(ctx: typer.Context):
     return inventory.load(options(ctx).config)
 
 
-def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, str]], targets: list[str],
-           title: str, steps: list[str], dry_run: bool, yes: bool, action: Callable[[Reporter], T],
-           outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), params: dict | None = None,
-           resume: dict | None = None, notes: list[str] = ()) -> T | None:
+def mutate(
+    out: Output,
+    fleet,
+    *,
+    kind: str | None,
+    resources: list[tuple[str, str]],
+    targets: list[str],
+    title: str,
+    steps: list[str],
+    dry_run: bool,
+    yes: bool,
+    action: Callable[[Reporter], T],
+    outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0),
+    params: dict | None = None,
+    resume: dict | None = None,
+    notes: list[str] = (),
+) -> T | None:
     """Show the plan; stop there on --dry-run; otherwise confirm and run the action as an
     operation of `kind` (igops.operations.engine: lease, journal, audit), handing it the
     reporter its steps must go through. Returns the action's result, or None for a dry run. A
@@ -113,12 +142,21 @@ def mutate(out: Output, fleet, *, kind: str | None, resources: list[tuple[str, s
     spec = engine.OperationSpec(kind, title, targets, resources, steps, params or {}) if kind else None
     if not safety_confirm(out, f"{title}?", yes):
         engine.declined(fleet, targets, opts.reason)
-        raise UsageError("not confirmed: nothing was changed",
-                         "answer y to go ahead, or pass --yes after reviewing the plan")
+        raise UsageError(
+            "not confirmed: nothing was changed", "answer y to go ahead, or pass --yes after reviewing the plan"
+        )
     if spec is None:
         return engine.audited(fleet, targets, lambda: action(out), outcome, opts.reason)
-    return engine.perform(fleet, spec, lambda operation: action(operation.reporter), out, outcome=outcome,
-                          reason=opts.reason, wait=opts.wait, resume=resume)
+    return engine.perform(
+        fleet,
+        spec,
+        lambda operation: action(operation.reporter),
+        out,
+        outcome=outcome,
+        reason=opts.reason,
+        wait=opts.wait,
+        resume=resume,
+    )
 
 
 def safety_confirm(out: Output, question: str, yes: bool) -> bool:

@@ -70,15 +70,19 @@ def postgres_node_names(raw: dict) -> list[str]:
     names: list[str] = []
     for cluster in _table(_table(raw, "postgres"), "clusters").values():
         if isinstance(cluster, dict):
-            names += [name for name in _strings(cluster.get("primary")) + _strings(cluster.get("standbys"))
-                      if name not in names]
+            names += [
+                name
+                for name in _strings(cluster.get("primary")) + _strings(cluster.get("standbys"))
+                if name not in names
+            ]
     return names
 
 
 def redis_node_names(raw: dict) -> list[str]:
     redis = _table(raw, "redis")
-    return _strings(redis.get("master")) + [name for name in _strings(redis.get("replicas"))
-                                            if name not in _strings(redis.get("master"))]
+    return _strings(redis.get("master")) + [
+        name for name in _strings(redis.get("replicas")) if name not in _strings(redis.get("master"))
+    ]
 
 
 def shard_numbers(raw: dict) -> list[str]:
@@ -108,12 +112,25 @@ shards = _completer(shard_numbers)
 # A parameter's completer by its name; "verb:name" wins over the bare name, and None completes
 # nothing from the inventory (a path, a revision, a free-form target).
 COMPLETERS = {
-    "host": hosts, "pattern": hosts, "source": hosts, "target": hosts, "to": hosts,
-    "role": roles, "cluster": clusters, "against": clusters, "shard": shards,
+    "host": hosts,
+    "pattern": hosts,
+    "source": hosts,
+    "target": hosts,
+    "to": hosts,
+    "role": roles,
+    "cluster": clusters,
+    "against": clusters,
+    "shard": shards,
     "shard move:to": clusters,
-    "pg switchover:to": postgres_nodes, "pg failover:to": postgres_nodes, "pg rejoin:node": postgres_nodes,
-    "redis switchover:to": redis_nodes, "redis failover:to": redis_nodes, "redis rejoin:node": redis_nodes,
-    "deploy run:source": None, "deploy rollback:to": None, "ops history:target": None,
+    "pg switchover:to": postgres_nodes,
+    "pg failover:to": postgres_nodes,
+    "pg rejoin:node": postgres_nodes,
+    "redis switchover:to": redis_nodes,
+    "redis failover:to": redis_nodes,
+    "redis rejoin:node": redis_nodes,
+    "deploy run:source": None,
+    "deploy rollback:to": None,
+    "ops history:target": None,
 }
 
 

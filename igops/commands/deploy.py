@@ -36,7 +36,6 @@ class DeployGroup(TyperGroup):
         """`igops deploy rollbak` is a typo of a verb before it is a git revision: refused, with
         the verb suggested (a revision so named is still `igops deploy run WORD`)."""
 
-
         # Not `run`: a short revision (a tag "run2") is nearer to it than any typo is.
         if difflib.get_close_matches(word, [name for name in self.commands if name != "run"], n=1, cutoff=0.75):
             error = ClickUsageError(f"No such command {word!r}.", ctx)
@@ -48,24 +47,39 @@ class DeployGroup(TyperGroup):
 
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
-app = typer.Typer(cls=DeployGroup, no_args_is_help=False,
-                  epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
-                         "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
-                         "  igops deploy --batch 1,50%\n  igops deploy rollback")
+app = typer.Typer(
+    cls=DeployGroup,
+    no_args_is_help=False,
+    epilog="\b\n`igops deploy [REV] [OPTIONS]` is `igops deploy run [REV] [OPTIONS]`; its options: "
+    "`igops deploy run --help`.\n\b\nExamples:\n  igops deploy v1.4.2 --dry-run\n"
+    "  igops deploy --batch 1,50%\n  igops deploy rollback",
+)
 
-BATCH_OPTION = typer.Option("1,25%", "--batch", "-b",
-                            help="Batch sizes, hosts or percentages; the last repeats (Ansible's serial).")
-MAX_FAIL_OPTION = typer.Option(0, "--max-fail", min=0,
-                               help="Hosts that may fail before the rollout stops and the batch is switched back.")
-HEALTH_TIMEOUT_OPTION = typer.Option(30.0, "--health-timeout", min=1,
-                                     help="Seconds a switched host has to pass its health gate.")
-HEALTH_PASSES_OPTION = typer.Option(3, "--health-passes", min=1, max=50,
-                                    help="Consecutive passing /health answers that open the gate.")
-PARALLEL_OPTION = typer.Option(None, "--parallel", "-p", min=1,
-                               help="At most N hosts at once for uploads and switches (default: [ssh] parallel).")
+BATCH_OPTION = typer.Option(
+    "1,25%", "--batch", "-b", help="Batch sizes, hosts or percentages; the last repeats (Ansible's serial)."
+)
+MAX_FAIL_OPTION = typer.Option(
+    0, "--max-fail", min=0, help="Hosts that may fail before the rollout stops and the batch is switched back."
+)
+HEALTH_TIMEOUT_OPTION = typer.Option(
+    30.0, "--health-timeout", min=1, help="Seconds a switched host has to pass its health gate."
+)
+HEALTH_PASSES_OPTION = typer.Option(
+    3, "--health-passes", min=1, max=50, help="Consecutive passing /health answers that open the gate."
+)
+PARALLEL_OPTION = typer.Option(
+    None, "--parallel", "-p", min=1, help="At most N hosts at once for uploads and switches (default: [ssh] parallel)."
+)
 
-HOST_COLUMNS = ["host", "result", "release", Column("before", drop=2), Column("in LB", drop=1), Column("batch", drop=3),
-                Column("detail", wrap=True)]
+HOST_COLUMNS = [
+    "host",
+    "result",
+    "release",
+    Column("before", drop=2),
+    Column("in LB", drop=1),
+    Column("batch", drop=3),
+    Column("detail", wrap=True),
+]
 
 
 def _gate(fleet: Fleet, passes: int, timeout: float):
@@ -79,19 +93,31 @@ def _host_rows(result) -> list[list]:
 def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes = b"") -> None:
     if plan.nothing_to_do:
         out.log(f"nothing to do: every reachable app host is on {plan.target}")
-        out.table(None, ["host", "state", "release", Column("detail", wrap=True)],
-                  [[h.host, h.action, h.current, h.detail] for h in plan.hosts])
+        out.table(
+            None,
+            ["host", "state", "release", Column("detail", wrap=True)],
+            [[h.host, h.action, h.current, h.detail] for h in plan.hosts],
+        )
         code = ExitCode.OK if all(h.action == deploy.ALREADY for h in plan.hosts) else ExitCode.PARTIAL
         out.finish({"dry_run": dry_run, "plan": plan}, code)
         exit_with(code)
         return
     try:
-        result = mutate(out, app.fleet, kind="deploy" if plan.kind == "deploy" else "deploy-rollback",
-                        resources=[conflicts.APP], targets=[h.host for h in plan.roll()], title=title,
-                        steps=plan.steps(), notes=plan.notes(), dry_run=dry_run, yes=yes,
-                        params=deploy.resume_params(plan),
-                        action=lambda reporter: deploy.execute(app, plan, reporter, tarball),
-                        outcome=lambda r: (r.summary(), 0))
+        result = mutate(
+            out,
+            app.fleet,
+            kind="deploy" if plan.kind == "deploy" else "deploy-rollback",
+            resources=[conflicts.APP],
+            targets=[h.host for h in plan.roll()],
+            title=title,
+            steps=plan.steps(),
+            notes=plan.notes(),
+            dry_run=dry_run,
+            yes=yes,
+            params=deploy.resume_params(plan),
+            action=lambda reporter: deploy.execute(app, plan, reporter, tarball),
+            outcome=lambda r: (r.summary(), 0),
+        )
     except deploy.RolloutFailed as failed:
         out.table(None, HOST_COLUMNS, _host_rows(failed.result))
         raise
@@ -106,10 +132,12 @@ def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes =
 @app.command("run")
 def run(
     ctx: typer.Context,
-    rev: str | None = typer.Argument(None, metavar="REV",
-                                     help="A git revision of the app (default: the working tree)."),
-    source: Path = typer.Option(Path("app"), "--source", "-s",
-                                help="The app package directory (with REV: its path in the git work tree)."),
+    rev: str | None = typer.Argument(
+        None, metavar="REV", help="A git revision of the app (default: the working tree)."
+    ),
+    source: Path = typer.Option(
+        Path("app"), "--source", "-s", help="The app package directory (with REV: its path in the git work tree)."
+    ),
     batch: str = BATCH_OPTION,
     max_fail: int = MAX_FAIL_OPTION,
     health_timeout: float = HEALTH_TIMEOUT_OPTION,
@@ -131,19 +159,28 @@ def run(
             step.detail = f"{plural(len(tree.files), 'file')}, content {deploy.content_hash(tree.files)}"
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
-                plan, tarball = deploy.plan_deploy(app, tree, batch, max_fail,
-                                                   _gate(fleet, health_passes, health_timeout), parallel)
+                plan, tarball = deploy.plan_deploy(
+                    app, tree, batch, max_fail, _gate(fleet, health_passes, health_timeout), parallel
+                )
                 step.detail = f"release {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
-            _roll(out, app, plan, dry_run, yes,
-                  f"Deploy release {plan.target} ({plan.target_description}) to {plural(len(plan.roll()), 'app host')} "
-                  f"of {plan.fleet}, batches {batch}", tarball)
+            _roll(
+                out,
+                app,
+                plan,
+                dry_run,
+                yes,
+                f"Deploy release {plan.target} ({plan.target_description}) to {plural(len(plan.roll()), 'app host')} "
+                f"of {plan.fleet}, batches {batch}",
+                tarball,
+            )
 
 
 @app.command("rollback")
 def rollback(
     ctx: typer.Context,
-    to: str | None = typer.Option(None, "--to", help="The release to return to (default: the one the fleet's "
-                                                        "newest release replaced)."),
+    to: str | None = typer.Option(
+        None, "--to", help="The release to return to (default: the one the fleet's newest release replaced)."
+    ),
     batch: str = BATCH_OPTION,
     max_fail: int = MAX_FAIL_OPTION,
     health_timeout: float = HEALTH_TIMEOUT_OPTION,
@@ -160,12 +197,19 @@ def rollback(
         deploy.parse_batches(batch)
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
-                plan = deploy.plan_rollback(app, to, batch, max_fail, _gate(fleet, health_passes, health_timeout),
-                                            parallel)
+                plan = deploy.plan_rollback(
+                    app, to, batch, max_fail, _gate(fleet, health_passes, health_timeout), parallel
+                )
                 step.detail = f"back to {plan.target}: {len(plan.roll())} of {plural(len(plan.hosts), 'host')} to roll"
-            _roll(out, app, plan, dry_run, yes,
-                  f"Roll back {plural(len(plan.roll()), 'app host')} of {plan.fleet} to release {plan.target} "
-                  f"({plan.target_description}), batches {batch}")
+            _roll(
+                out,
+                app,
+                plan,
+                dry_run,
+                yes,
+                f"Roll back {plural(len(plan.roll()), 'app host')} of {plan.fleet} to release {plan.target} "
+                f"({plan.target_description}), batches {batch}",
+            )
 
 
 @app.command("releases")
@@ -180,18 +224,38 @@ def releases(
         fleet = load_fleet(ctx)
         with deploy.AppFleet.of(fleet) as app:
             report = deploy.fleet_releases(app)
-        out.table(f"{report.fleet}: app releases", ["host", Column("current", wrap=True),
-                                                          Column("previous", drop=1), Column("load balancer", drop=2),
-                                                          Column("releases", wrap=True, drop=3)],
-                  [[row.host, row.current if row.reachable else f"UNREACHABLE: {row.error}", row.previous,
-                    row.load_balancer, ", ".join(row.releases)] for row in report.hosts])
+        out.table(
+            f"{report.fleet}: app releases",
+            [
+                "host",
+                Column("current", wrap=True),
+                Column("previous", drop=1),
+                Column("load balancer", drop=2),
+                Column("releases", wrap=True, drop=3),
+            ],
+            [
+                [
+                    row.host,
+                    row.current if row.reachable else f"UNREACHABLE: {row.error}",
+                    row.previous,
+                    row.load_balancer,
+                    ", ".join(row.releases),
+                ]
+                for row in report.hosts
+            ],
+        )
         if report.last_run:
             last = report.last_run
-            out.text(f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
-                     f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, "
-                     f"updated {last.get('updated')}")
-        out.text("the fleet agrees: " + ", ".join(report.in_use) if report.agree and not report.problems
-                 else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems))
+            out.text(
+                f"last run: {last['kind']} {last['deploy_id']} to {last['target']} by {last['user']}, "
+                f"{last['status']}{' (interrupted)' if last.get('interrupted') else ''}, "
+                f"updated {last.get('updated')}"
+            )
+        out.text(
+            "the fleet agrees: " + ", ".join(report.in_use)
+            if report.agree and not report.problems
+            else f"{plural(len(report.problems), 'problem')}: " + "; ".join(report.problems)
+        )
         code = ExitCode.OK if not report.problems else ExitCode.PROBLEMS_FOUND
         out.finish(report, code)
         exit_with(code)

@@ -39,28 +39,61 @@ def hosts(
     with command(ctx, "hosts", json_flag) as out:
         fleet = load_fleet(ctx)
         selected = fleet.select(roles=role, pattern=pattern)
-        rows = [[host.name, str(host.address), f"{fleet.ssh_user(host)}:{fleet.ssh_port(host)}",
-                 host.roles, host.instance_id, [mount.path for mount in host.mounts]]
-                for host in selected]
-        out.table(f"{fleet.model.fleet.name}: {plural(len(selected), 'host')}",
-                  ["host", "address", Column("ssh", drop=2), Column("roles", wrap=True), Column("instance", drop=1),
-                   Column("data mounts", wrap=True, drop=3)], rows)
-        out.finish({"fleet": fleet.model.fleet.name, "hosts": [
-            {"name": host.name, "address": str(host.address), "ssh_user": fleet.ssh_user(host),
-             "ssh_port": fleet.ssh_port(host), "roles": host.roles, "instance_id": host.instance_id,
-             "mounts": [mount.model_dump() for mount in host.mounts]} for host in selected]})
+        rows = [
+            [
+                host.name,
+                str(host.address),
+                f"{fleet.ssh_user(host)}:{fleet.ssh_port(host)}",
+                host.roles,
+                host.instance_id,
+                [mount.path for mount in host.mounts],
+            ]
+            for host in selected
+        ]
+        out.table(
+            f"{fleet.model.fleet.name}: {plural(len(selected), 'host')}",
+            [
+                "host",
+                "address",
+                Column("ssh", drop=2),
+                Column("roles", wrap=True),
+                Column("instance", drop=1),
+                Column("data mounts", wrap=True, drop=3),
+            ],
+            rows,
+        )
+        out.finish(
+            {
+                "fleet": fleet.model.fleet.name,
+                "hosts": [
+                    {
+                        "name": host.name,
+                        "address": str(host.address),
+                        "ssh_user": fleet.ssh_user(host),
+                        "ssh_port": fleet.ssh_port(host),
+                        "roles": host.roles,
+                        "instance_id": host.instance_id,
+                        "mounts": [mount.model_dump() for mount in host.mounts],
+                    }
+                    for host in selected
+                ],
+            }
+        )
 
 
 def exec_command(
     ctx: typer.Context,
-    argv: list[str] = typer.Argument(..., metavar="-- COMMAND [ARG...]",
-                                     help="The command; every argument reaches the host literally. "
-                                          "For shell syntax use: -- sh -c '…'"),
+    argv: list[str] = typer.Argument(
+        ...,
+        metavar="-- COMMAND [ARG...]",
+        help="The command; every argument reaches the host literally. For shell syntax use: -- sh -c '…'",
+    ),
     role: list[str] | None = ROLE_OPTION,
     host: list[str] | None = typer.Option(None, "--host", "-H", help="A host by name (repeatable)."),
     parallel: int | None = typer.Option(None, "--parallel", "-p", min=1, help="At most N hosts at once."),
-    timeout: float | None = typer.Option(None, "--timeout", "-t", min=0.1,
-                                         help="Per-host command deadline in seconds."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", "-t", min=0.1, help="Per-host command deadline in seconds."
+    ),
     show_output: bool = typer.Option(True, "--output/--no-output", help="Print each host's output."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
@@ -81,8 +114,7 @@ def exec_command(
 
         def run_everywhere() -> list[remote.HostResult]:
             with out.progress("hosts", total=len(targets)) as advance:
-                return remote.run(targets, line, settings, parallel=cap, timeout=timeout,
-                                  on_done=lambda _: advance(1))
+                return remote.run(targets, line, settings, parallel=cap, timeout=timeout, on_done=lambda _: advance(1))
 
         def outcome(results: list[remote.HostResult]) -> tuple[str, int]:
             code = _exec_exit_code(results)
@@ -90,11 +122,19 @@ def exec_command(
 
         # No lock: exec changes nothing igops keeps state about, and a lock named after the host
         # set would only make unrelated runs block each other. The audit record stays.
-        results = mutate(out, fleet, kind=None, resources=[],
-                         targets=names, title=f"Run `{line}` on {plural(len(names), 'host')} ({cap} at a time)",
-                         steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}"
-                                for target in targets],
-                         dry_run=dry_run, yes=yes, action=lambda _: run_everywhere(), outcome=outcome)
+        results = mutate(
+            out,
+            fleet,
+            kind=None,
+            resources=[],
+            targets=names,
+            title=f"Run `{line}` on {plural(len(names), 'host')} ({cap} at a time)",
+            steps=[f"{target.name} ({target.user}@{target.address}:{target.port}): {line}" for target in targets],
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda _: run_everywhere(),
+            outcome=outcome,
+        )
         if results is None:
             out.finish({"dry_run": dry_run, "command": line, "hosts": names})
             return
@@ -102,9 +142,14 @@ def exec_command(
             for result in results:
                 _print_host_output(out, result)
         ok = sum(result.ok for result in results)
-        out.table(None, ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
-                  [[r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
-                   for r in results])
+        out.table(
+            None,
+            ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
+            [
+                [r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
+                for r in results
+            ],
+        )
         out.text(f"{ok} of {plural(len(results), 'host')} ok")
         code = _exec_exit_code(results)
         out.finish({"command": line, "hosts": results, "ok": ok, "failed": len(results) - ok}, code)
@@ -139,16 +184,29 @@ def status(
 
         def show():
             report = fleet_status.collect(fleet, roles=role)
-            out.table("hosts", ["host", Column("address", drop=1), Column("roles", wrap=True, drop=2), "ssh",
-                                Column("load", drop=3), Column("detail", wrap=True)],
-                      [[h.host, h.address, h.roles, "ok" if h.reachable else "DOWN", h.load, h.detail]
-                       for h in report.hosts])
-            out.table("services", ["service", "host", Column("endpoint", drop=1), "state", Column("detail", wrap=True)],
-                      [[s.service, s.host, s.endpoint, "ok" if s.ok else "DOWN", s.detail]
-                       for s in report.services])
+            out.table(
+                "hosts",
+                [
+                    "host",
+                    Column("address", drop=1),
+                    Column("roles", wrap=True, drop=2),
+                    "ssh",
+                    Column("load", drop=3),
+                    Column("detail", wrap=True),
+                ],
+                [[h.host, h.address, h.roles, "ok" if h.reachable else "DOWN", h.load, h.detail] for h in report.hosts],
+            )
+            out.table(
+                "services",
+                ["service", "host", Column("endpoint", drop=1), "state", Column("detail", wrap=True)],
+                [[s.service, s.host, s.endpoint, "ok" if s.ok else "DOWN", s.detail] for s in report.services],
+            )
             problems = report.problems()
-            out.text("all hosts reachable, all services answering" if not problems
-                     else f"{plural(len(problems), 'problem')}: " + "; ".join(problems))
+            out.text(
+                "all hosts reachable, all services answering"
+                if not problems
+                else f"{plural(len(problems), 'problem')}: " + "; ".join(problems)
+            )
             return report, ExitCode.OK if not problems else ExitCode.PROBLEMS_FOUND
 
         present(out, show, watch)

@@ -19,17 +19,23 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("up")
 def up(
     ctx: typer.Context,
-    repmgrd: bool = typer.Option(None, "--repmgrd/--no-repmgrd",
-                                 help="Run repmgrd (automatic failover) on every Postgres node, or stop it. "
-                                      "Default: as the last `lab up` left it (off at first)."),
+    repmgrd: bool = typer.Option(
+        None,
+        "--repmgrd/--no-repmgrd",
+        help="Run repmgrd (automatic failover) on every Postgres node, or stop it. "
+        "Default: as the last `lab up` left it (off at first).",
+    ),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Build the lab, or repair and restart whatever part of it is missing (idempotent)."""
 
     with command(ctx, "lab up", json_flag) as out:
         report = lab.up(out, repmgrd=repmgrd)
-        out.table("lab", LAB_COLUMNS,
-                  [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
+        out.table(
+            "lab",
+            LAB_COLUMNS,
+            [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components],
+        )
         out.text(f"lab up in {report.duration_s:.1f} s; use it with:")
         out.text(f"export IGOPS_CONFIG={report.inventory}")
         out.finish(report)
@@ -47,8 +53,11 @@ def down(
         report = lab.down(purge=purge, reporter=out)
         for problem in report.problems:
             out.text(f"problem: {problem}")
-        out.text(f"lab down in {report.duration_s:.1f} s" + (" (state deleted)" if report.purged else "")
-                 if not report.problems else f"lab down left {plural(len(report.problems), 'problem')}")
+        out.text(
+            f"lab down in {report.duration_s:.1f} s" + (" (state deleted)" if report.purged else "")
+            if not report.problems
+            else f"lab down left {plural(len(report.problems), 'problem')}"
+        )
         code = ExitCode.FAILED if report.problems else ExitCode.OK
         out.finish(report, code)
         exit_with(code)
@@ -60,19 +69,26 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
 
     with command(ctx, "lab status", json_flag) as out:
         report = lab.status()
-        out.table(f"lab at {report.state_dir}", LAB_COLUMNS,
-                  [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components])
+        out.table(
+            f"lab at {report.state_dir}",
+            LAB_COLUMNS,
+            [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components],
+        )
         problems = report.problems()
         if not report.running:
             out.text("the lab is down (igops lab up starts it)")
             code = ExitCode.PROBLEMS_FOUND
         elif problems:
-            out.text(f"{len(problems)} of {plural(len(report.components), 'component')} "
-                     f"{'does' if len(problems) == 1 else 'do'} not answer")
+            out.text(
+                f"{len(problems)} of {plural(len(report.components), 'component')} "
+                f"{'does' if len(problems) == 1 else 'do'} not answer"
+            )
             code = ExitCode.PROBLEMS_FOUND
         else:
-            out.text(f"{'the' if len(report.components) == 1 else 'all'} {plural(len(report.components), 'component')} "
-                     f"{'answers' if len(report.components) == 1 else 'answer'}; inventory: {report.inventory}")
+            out.text(
+                f"{'the' if len(report.components) == 1 else 'all'} {plural(len(report.components), 'component')} "
+                f"{'answers' if len(report.components) == 1 else 'answer'}; inventory: {report.inventory}"
+            )
             code = ExitCode.OK
         out.finish(report, code)
         exit_with(code)

@@ -18,9 +18,9 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("install")
 def install(
     ctx: typer.Context,
-    role: list[str] | None = typer.Option(None, "--role", "-r",
-                                          help="Only hosts with this role (repeatable; default: every host "
-                                               "with the munin role)."),
+    role: list[str] | None = typer.Option(
+        None, "--role", "-r", help="Only hosts with this role (repeatable; default: every host with the munin role)."
+    ),
     restart: bool = typer.Option(False, "--restart", help="Restart munin-node even if nothing changed."),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
@@ -42,17 +42,37 @@ def install(
             failed = [result.host for result in results if not result.ok]
             return ("ok" if not failed else "failed on " + ", ".join(failed)), _exit_code(results)
 
-        results = mutate(out, fleet, kind="munin-install", resources=[conflicts.MUNIN], targets=names,
-                         title=f"Install igops' Munin plugins on {plural(len(plan), 'host')}",
-                         steps=[step for item in plan for step in item.steps()], dry_run=dry_run, yes=yes,
-                         action=lambda _: act(), outcome=outcome)
+        results = mutate(
+            out,
+            fleet,
+            kind="munin-install",
+            resources=[conflicts.MUNIN],
+            targets=names,
+            title=f"Install igops' Munin plugins on {plural(len(plan), 'host')}",
+            steps=[step for item in plan for step in item.steps()],
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda _: act(),
+            outcome=outcome,
+        )
         if results is None:
             out.finish({"dry_run": dry_run, "hosts": [{"host": i.host, "plugins": i.plugins} for i in plan]})
             return
-        out.table(None, ["host", Column("plugins", wrap=True, drop=2), "changed", "restarted",
-                         Column("listed by munin-node", drop=1), Column("error", wrap=True)],
-                  [[r.host, r.plugins, len(r.changed), r.restarted,
-                    all(p in r.listed for p in r.plugins), r.error] for r in results])
+        out.table(
+            None,
+            [
+                "host",
+                Column("plugins", wrap=True, drop=2),
+                "changed",
+                "restarted",
+                Column("listed by munin-node", drop=1),
+                Column("error", wrap=True),
+            ],
+            [
+                [r.host, r.plugins, len(r.changed), r.restarted, all(p in r.listed for p in r.plugins), r.error]
+                for r in results
+            ],
+        )
         code = _exit_code(results)
         out.finish({"hosts": results}, code)
         exit_with(code)
@@ -79,7 +99,8 @@ def fetch(
         fleet = load_fleet(ctx)
         found = munin.fetch(fleet, host, plugin, config)
         columns = ["plugin", Column("graph", drop=1), "field", "value"] + (
-            [Column("type", drop=2), "warning", "critical"] if config else [])
+            [Column("type", drop=2), "warning", "critical"] if config else []
+        )
         rows = []
         for entry in found:
             for field in entry["fields"]:

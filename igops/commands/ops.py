@@ -27,8 +27,16 @@ app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
 # The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
-LIST_COLUMNS = ["id", "kind", Column("targets", wrap=True), "status", Column("step", wrap=True, drop=2),
-                Column("operator", drop=3), Column("started", drop=4), Column("reason", wrap=True, drop=1)]
+LIST_COLUMNS = [
+    "id",
+    "kind",
+    Column("targets", wrap=True),
+    "status",
+    Column("step", wrap=True, drop=2),
+    Column("operator", drop=3),
+    Column("started", drop=4),
+    Column("reason", wrap=True, drop=1),
+]
 
 
 def _operator(record: dict) -> str:
@@ -58,11 +66,27 @@ def list_operations(
         def show():
             view = operations_view.list_operations(fleet, include_ended=all_)
             if view.stale:
-                out.log(f"warning: the coordinator did not answer ({view.stale}); this is the list as last "
-                        f"read at {view.read_at}")
-            out.table(None, LIST_COLUMNS,
-                      [[r["id"], r["kind"], r.get("targets"), r["status"], _step(r), _operator(r), r.get("started"),
-                        r.get("reason")] for r in view.records])
+                out.log(
+                    f"warning: the coordinator did not answer ({view.stale}); this is the list as last "
+                    f"read at {view.read_at}"
+                )
+            out.table(
+                None,
+                LIST_COLUMNS,
+                [
+                    [
+                        r["id"],
+                        r["kind"],
+                        r.get("targets"),
+                        r["status"],
+                        _step(r),
+                        _operator(r),
+                        r.get("started"),
+                        r.get("reason"),
+                    ]
+                    for r in view.records
+                ],
+            )
             if not view.records:
                 out.text("no operation is running or interrupted" if not all_ else "no operation recorded")
             return view, ExitCode.OK
@@ -78,19 +102,42 @@ def show(ctx: typer.Context, op_id: str = ID_ARGUMENT, json_flag: bool = JSON_OP
         fleet = load_fleet(ctx)
         record, entries = operations_view.show(fleet, op_id)
         out.text(f"{record['id']}: {record.get('title')}")
-        out.text(f"  {record['kind']} on {', '.join(record.get('targets') or [])} — {record['status']}"
-                 + (f" ({record.get('detail')})" if record.get("detail") else ""))
-        out.text(f"  by {_operator(record)}, started {record.get('started')}"
-                 + (f", ended {record.get('ended')}" if record.get("ended") else "")
-                 + (f", reason: {record['reason']}" if record.get("reason") else ""))
+        out.text(
+            f"  {record['kind']} on {', '.join(record.get('targets') or [])} — {record['status']}"
+            + (f" ({record.get('detail')})" if record.get("detail") else "")
+        )
+        out.text(
+            f"  by {_operator(record)}, started {record.get('started')}"
+            + (f", ended {record.get('ended')}" if record.get("ended") else "")
+            + (f", reason: {record['reason']}" if record.get("reason") else "")
+        )
         out.text(f"  command: {record.get('command')}")
         for number, line in enumerate(record.get("plan") or [], 1):
             out.text(f"  {number}. {line}")
-        out.table(None, [Column("time", drop=2), "event", "step", Column("title", wrap=True), "status",
-                         Column("duration", drop=1), Column("detail", wrap=True, drop=3)],
-                  [[e.get("time"), e.get("event"), e.get("step"), e.get("title"), e.get("status") or e.get("result"),
+        out.table(
+            None,
+            [
+                Column("time", drop=2),
+                "event",
+                "step",
+                Column("title", wrap=True),
+                "status",
+                Column("duration", drop=1),
+                Column("detail", wrap=True, drop=3),
+            ],
+            [
+                [
+                    e.get("time"),
+                    e.get("event"),
+                    e.get("step"),
+                    e.get("title"),
+                    e.get("status") or e.get("result"),
                     f"{e['duration_ms']:.0f} ms" if e.get("duration_ms") is not None else None,
-                    e.get("detail")] for e in entries])
+                    e.get("detail"),
+                ]
+                for e in entries
+            ],
+        )
         out.finish({"operation": record, "journal": entries})
 
 
@@ -103,16 +150,18 @@ def _since(text: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"--since {text!r} is neither a duration nor a time",
-                         "give e.g. 90m, 12h, 7d, or 2026-12-01T08:00") from None
+        raise UsageError(
+            f"--since {text!r} is neither a duration nor a time", "give e.g. 90m, 12h, 7d, or 2026-12-01T08:00"
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @app.command("history")
 def history(
     ctx: typer.Context,
-    since: str | None = typer.Option(None, "--since", metavar="WHEN",
-                                     help="Only records since then: a duration back (90m, 12h, 7d) or a time."),
+    since: str | None = typer.Option(
+        None, "--since", metavar="WHEN", help="Only records since then: a duration back (90m, 12h, 7d) or a time."
+    ),
     target: str | None = typer.Option(None, "--target", metavar="NAME", help="Only records naming this target."),
     limit: int = typer.Option(50, "--limit", min=1, help="At most this many records, the newest."),
     json_flag: bool = JSON_OPTION,
@@ -122,11 +171,32 @@ def history(
     with command(ctx, "ops history", json_flag) as out:
         fleet = load_fleet(ctx)
         records = operations_view.history(fleet, _since(since), target, limit)
-        out.table(None, ["time", Column("operator", drop=3), Column("operation", drop=4), Column("command", wrap=True),
-                         Column("targets", wrap=True, drop=2), "result", Column("exit", drop=5),
-                         Column("reason", wrap=True, drop=1)],
-                  [[r.get("time"), f"{r.get('user')}@{r.get('host')}", r.get("operation"), r.get("command"),
-                    r.get("targets"), r.get("result"), r.get("exit_code"), r.get("reason")] for r in records])
+        out.table(
+            None,
+            [
+                "time",
+                Column("operator", drop=3),
+                Column("operation", drop=4),
+                Column("command", wrap=True),
+                Column("targets", wrap=True, drop=2),
+                "result",
+                Column("exit", drop=5),
+                Column("reason", wrap=True, drop=1),
+            ],
+            [
+                [
+                    r.get("time"),
+                    f"{r.get('user')}@{r.get('host')}",
+                    r.get("operation"),
+                    r.get("command"),
+                    r.get("targets"),
+                    r.get("result"),
+                    r.get("exit_code"),
+                    r.get("reason"),
+                ]
+                for r in records
+            ],
+        )
         out.finish({"records": records})
 
 
@@ -136,19 +206,41 @@ def _continue(ctx, out, name: str, op_id: str, dry_run: bool, yes: bool) -> None
         record, continuation = operations_view.plan_continuation(fleet, op_id, name)
     for line in continuation.not_undone:
         out.log(f"not undone by the abort (no undo exists): {line}")
-    result = mutate(out, fleet, kind=continuation.spec.kind, resources=continuation.spec.resources,
-                    targets=continuation.spec.targets, title=continuation.spec.title, steps=continuation.spec.steps,
-                    notes=continuation.notes, dry_run=dry_run, yes=yes, action=continuation.apply,
-                    params=continuation.spec.params,
-                    outcome=lambda _: ("resumed and ended" if name == "resume" else "aborted", 0),
-                    resume={**record, "continued_by": name})
-    out.finish({"dry_run": dry_run, "operation": op_id, "plan": continuation.spec.steps,
-                "not_undone": continuation.not_undone, "result": result})
+    result = mutate(
+        out,
+        fleet,
+        kind=continuation.spec.kind,
+        resources=continuation.spec.resources,
+        targets=continuation.spec.targets,
+        title=continuation.spec.title,
+        steps=continuation.spec.steps,
+        notes=continuation.notes,
+        dry_run=dry_run,
+        yes=yes,
+        action=continuation.apply,
+        params=continuation.spec.params,
+        outcome=lambda _: ("resumed and ended" if name == "resume" else "aborted", 0),
+        resume={**record, "continued_by": name},
+    )
+    out.finish(
+        {
+            "dry_run": dry_run,
+            "operation": op_id,
+            "plan": continuation.spec.steps,
+            "not_undone": continuation.not_undone,
+            "result": result,
+        }
+    )
 
 
 @app.command("resume")
-def resume(ctx: typer.Context, op_id: str = ID_ARGUMENT, dry_run: bool = DRY_RUN_OPTION, yes: bool = YES_OPTION,
-           json_flag: bool = JSON_OPTION) -> None:
+def resume(
+    ctx: typer.Context,
+    op_id: str = ID_ARGUMENT,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
     """Continue an interrupted operation: plan it again from its journal and the live state, and
     run that plan under the same id. Refused while its original holder is alive."""
     with command(ctx, "ops resume", json_flag) as out:
@@ -156,8 +248,13 @@ def resume(ctx: typer.Context, op_id: str = ID_ARGUMENT, dry_run: bool = DRY_RUN
 
 
 @app.command("abort")
-def abort(ctx: typer.Context, op_id: str = ID_ARGUMENT, dry_run: bool = DRY_RUN_OPTION, yes: bool = YES_OPTION,
-          json_flag: bool = JSON_OPTION) -> None:
+def abort(
+    ctx: typer.Context,
+    op_id: str = ID_ARGUMENT,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+    json_flag: bool = JSON_OPTION,
+) -> None:
     """Undo an interrupted operation's undoable steps (release what it paused, undo what it
     changed before its point of no return) and name every step it could not undo."""
     with command(ctx, "ops abort", json_flag) as out:

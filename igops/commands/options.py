@@ -13,6 +13,7 @@ WATCH_DEFAULT_SECONDS = 2
 class TableFormat(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member (its value, not Class.member)
     """How tables print: `table` ruled on a terminal, `plain` aligned columns without rules,
     `tsv` a header row and tab-separated rows, nothing else on stdout."""
+
     table = "table"
     plain = "plain"
     tsv = "tsv"

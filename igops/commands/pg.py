@@ -17,18 +17,32 @@ from igops.tables import Column
 app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
-    False, "--accept-risk",
+    False,
+    "--accept-risk",
     help="Go ahead despite what the preflight refuses (a lagging standby, WAL replay paused, a volume short of "
-         "space, an interrupted switchover's WAL end unknown): the plan names each risk accepted.")
+    "space, an interrupted switchover's WAL end unknown): the plan names each risk accepted.",
+)
 FAILOVER_RISK_OPTION = typer.Option(
-    False, "--accept-risk",
+    False,
+    "--accept-risk",
     help="Go ahead despite what the preflight refuses (an old primary that cannot be fenced on disk or is hung, "
-         "a standby behind the most advanced one, WAL the candidate lacks): the plan names each risk accepted.")
+    "a standby behind the most advanced one, WAL the candidate lacks): the plan names each risk accepted.",
+)
 # At 80 columns the node, its role and LSN stay whole; repmgr's view and the standby's own LSNs
 # give way first (`--wide` shows them).
-NODE_COLUMNS = ["node", "role", Column("state", wrap=True), "TL", "LSN", Column("received", drop=3),
-                Column("replayed", drop=3), Column("lag", wrap=True), Column("streams from", drop=2),
-                Column("repmgr", wrap=True, drop=4), Column("PgBouncer", wrap=True, drop=1)]
+NODE_COLUMNS = [
+    "node",
+    "role",
+    Column("state", wrap=True),
+    "TL",
+    "LSN",
+    Column("received", drop=3),
+    Column("replayed", drop=3),
+    Column("lag", wrap=True),
+    Column("streams from", drop=2),
+    Column("repmgr", wrap=True, drop=4),
+    Column("PgBouncer", wrap=True, drop=1),
+]
 
 
 def _lag(node) -> str | None:
@@ -54,11 +68,26 @@ def _state(node) -> str:
 
 
 def show_state(out, state) -> None:
-    out.table(f"cluster {state.cluster}: primary {state.primary or 'NONE'}", NODE_COLUMNS,
-              [[node.name, node.role, _state(node), node.timeline, node.lsn,
-                node.received_lsn, node.replayed_lsn, _lag(node), node.streaming_from, _repmgr(node, state),
-                node.pgbouncer]
-               for node in state.nodes])
+    out.table(
+        f"cluster {state.cluster}: primary {state.primary or 'NONE'}",
+        NODE_COLUMNS,
+        [
+            [
+                node.name,
+                node.role,
+                _state(node),
+                node.timeline,
+                node.lsn,
+                node.received_lsn,
+                node.replayed_lsn,
+                _lag(node),
+                node.streaming_from,
+                _repmgr(node, state),
+                node.pgbouncer,
+            ]
+            for node in state.nodes
+        ],
+    )
     for problem in state.problems:
         fix = state.fixes.get(problem)
         out.text(f"  ! {problem}" + (f"\n      to resolve: {fix}" if fix else ""))
@@ -70,16 +99,29 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
         if result.write_pause_ms is not None:
             text += f"; writes were held {result.write_pause_ms:.0f} ms"
         if plan.operation == "failover":
-            text += ("; bytes at risk (old primary's WAL the new one never received): "
-                     + (str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"))
+            text += "; bytes at risk (old primary's WAL the new one never received): " + (
+                str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"
+            )
         return text
 
-    run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
-             read_state=lambda: failover.pg_status(fleet, plan.cluster), apply=failover.apply_pg,
-             kind=f"pg-{plan.operation}", resources=[conflicts.pg_cluster(plan.cluster)],
-             members=failover.cluster_members(fleet, plan.cluster), params=params,
-             outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0),
-             summary=summary, nothing_to_do="nothing to do")
+    run_plan(
+        out,
+        fleet,
+        plan,
+        before,
+        dry_run=dry_run,
+        yes=yes,
+        show_state=show_state,
+        read_state=lambda: failover.pg_status(fleet, plan.cluster),
+        apply=failover.apply_pg,
+        kind=f"pg-{plan.operation}",
+        resources=[conflicts.pg_cluster(plan.cluster)],
+        members=failover.cluster_members(fleet, plan.cluster),
+        params=params,
+        outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0),
+        summary=summary,
+        nothing_to_do="nothing to do",
+    )
 
 
 def _planned(out, step_title: str, planner):
@@ -127,8 +169,11 @@ def switchover(
 
     with command(ctx, "pg switchover", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, f"read cluster {cluster}'s state and check {to}",
-                                lambda: failover.plan_pg_switchover(fleet, cluster, to, accept_risk))
+        plan, before = _planned(
+            out,
+            f"read cluster {cluster}'s state and check {to}",
+            lambda: failover.plan_pg_switchover(fleet, cluster, to, accept_risk),
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
@@ -136,8 +181,11 @@ def switchover(
 def failover_command(
     ctx: typer.Context,
     cluster: str = typer.Argument(..., help="The cluster whose primary is down."),
-    to: str | None = typer.Option(None, "--to", help="The standby to promote (default: the one with the most "
-                                                         "WAL received, then repmgr's priority)."),
+    to: str | None = typer.Option(
+        None,
+        "--to",
+        help="The standby to promote (default: the one with the most WAL received, then repmgr's priority).",
+    ),
     accept_risk: bool = FAILOVER_RISK_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
@@ -148,8 +196,11 @@ def failover_command(
 
     with command(ctx, "pg failover", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, f"confirm cluster {cluster}'s primary is down and choose a standby",
-                                lambda: failover.plan_pg_failover(fleet, cluster, to, accept_risk))
+        plan, before = _planned(
+            out,
+            f"confirm cluster {cluster}'s primary is down and choose a standby",
+            lambda: failover.plan_pg_failover(fleet, cluster, to, accept_risk),
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
@@ -158,10 +209,12 @@ def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former primary (or a standby that lost its upstream)."),
     accept_risk: bool = typer.Option(
-        False, "--accept-risk",
+        False,
+        "--accept-risk",
         help="Rejoin a node that still accepts writes, or whose postmaster runs but does not answer: it is stopped "
-             "and rewound, and whatever it took after the timelines forked is discarded. The plan names each risk "
-             "accepted."),
+        "and rewound, and whatever it took after the timelines forked is discarded. The plan names each risk "
+        "accepted.",
+    ),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -170,6 +223,7 @@ def rejoin(
 
     with command(ctx, "pg rejoin", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, f"read the state of {node}'s cluster",
-                                lambda: failover.plan_pg_rejoin(fleet, node, accept_risk))
+        plan, before = _planned(
+            out, f"read the state of {node}'s cluster", lambda: failover.plan_pg_rejoin(fleet, node, accept_risk)
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})

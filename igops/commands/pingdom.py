@@ -38,19 +38,44 @@ def sync(
                 out.log(f"in sync: {plural(len(plan.unchanged), 'check')} tagged {plan.tag}")
                 done = []
             else:
-                done = mutate(out, fleet, kind="pingdom-sync", resources=[conflicts.PINGDOM], targets=[plan.tag],
-                              title=f"Make Pingdom match the inventory: {plural(len(plan.changes), 'change')}",
-                              steps=plan.steps(), dry_run=dry_run, yes=yes,
-                              action=lambda reporter: pingdom.apply_sync(client, plan, reporter),
-                              outcome=lambda applied: (f"{plural(len(applied), 'change')} applied", 0))
-            out.table(None, ["action", "check", "id", Column("differences", wrap=True)],
-                      [[change.action if done else f"{change.action} (planned)", change.name, change.check_id,
-                        "; ".join(change.differences)] for change in plan.changes]
-                      + [["unchanged", name, None, None] for name in plan.unchanged])
+                done = mutate(
+                    out,
+                    fleet,
+                    kind="pingdom-sync",
+                    resources=[conflicts.PINGDOM],
+                    targets=[plan.tag],
+                    title=f"Make Pingdom match the inventory: {plural(len(plan.changes), 'change')}",
+                    steps=plan.steps(),
+                    dry_run=dry_run,
+                    yes=yes,
+                    action=lambda reporter: pingdom.apply_sync(client, plan, reporter),
+                    outcome=lambda applied: (f"{plural(len(applied), 'change')} applied", 0),
+                )
+            out.table(
+                None,
+                ["action", "check", "id", Column("differences", wrap=True)],
+                [
+                    [
+                        change.action if done else f"{change.action} (planned)",
+                        change.name,
+                        change.check_id,
+                        "; ".join(change.differences),
+                    ]
+                    for change in plan.changes
+                ]
+                + [["unchanged", name, None, None] for name in plan.unchanged],
+            )
         finally:
             client.close()
-        out.finish({"dry_run": dry_run, "tag": plan.tag, "changes": plan.changes, "unchanged": plan.unchanged,
-                    "applied": done or []})
+        out.finish(
+            {
+                "dry_run": dry_run,
+                "tag": plan.tag,
+                "changes": plan.changes,
+                "unchanged": plan.unchanged,
+                "applied": done or [],
+            }
+        )
 
 
 @app.command("status")
@@ -70,14 +95,30 @@ def status(
             found = pingdom.statuses(client, fleet, seconds, include_all)
         finally:
             client.close()
-        out.table(plural(len(found), 'Pingdom check'), ["id", "check", "host", "status",
-                                                  Column("last response", drop=2),
-                                                  Column(f"uptime ({window})", drop=1),
-                                                  Column("last test (UTC)", drop=3)],
-                  [[c.id, c.name, c.target, c.status,
+        out.table(
+            plural(len(found), "Pingdom check"),
+            [
+                "id",
+                "check",
+                "host",
+                "status",
+                Column("last response", drop=2),
+                Column(f"uptime ({window})", drop=1),
+                Column("last test (UTC)", drop=3),
+            ],
+            [
+                [
+                    c.id,
+                    c.name,
+                    c.target,
+                    c.status,
                     f"{c.last_response_ms} ms" if c.last_response_ms is not None else None,
                     f"{c.uptime_percent:.3f} %" if c.uptime_percent is not None else None,
-                    _clock(c.last_test)] for c in found])
+                    _clock(c.last_test),
+                ]
+                for c in found
+            ],
+        )
         out.finish({"window_seconds": seconds, "checks": found})
 
 
@@ -99,20 +140,29 @@ def maintenance(
         try:
             checks = client.checks(pingdom.fleet_tag(fleet))
             if not checks:
-                raise UsageError(f"Pingdom has no checks tagged {pingdom.fleet_tag(fleet)}",
-                                 "create them first: igops pingdom sync")
+                raise UsageError(
+                    f"Pingdom has no checks tagged {pingdom.fleet_tag(fleet)}", "create them first: igops pingdom sync"
+                )
             start = int(time.time())
             text = description or f"igops: {fleet.model.fleet.name} maintenance"
             ids = [int(check["id"]) for check in checks]
-            created = mutate(out, fleet, kind="pingdom-maintenance", resources=[conflicts.PINGDOM],
-                             targets=[check["name"] for check in checks],
-                             title=f"Maintenance window of {duration} over {plural(len(ids), 'Pingdom check')}",
-                             steps=[f"POST /maintenance: {text!r} from now to {duration} later "
-                                    f"(about {_clock(start + seconds)} UTC), "
-                                    f"checks {', '.join(check['name'] for check in checks)}"],
-                             dry_run=dry_run, yes=yes,
-                             action=lambda _: client.open_maintenance(text, seconds, ids),
-                             outcome=lambda window: (f"window #{window[0]} until {_clock(window[1])}", 0))
+            created = mutate(
+                out,
+                fleet,
+                kind="pingdom-maintenance",
+                resources=[conflicts.PINGDOM],
+                targets=[check["name"] for check in checks],
+                title=f"Maintenance window of {duration} over {plural(len(ids), 'Pingdom check')}",
+                steps=[
+                    f"POST /maintenance: {text!r} from now to {duration} later "
+                    f"(about {_clock(start + seconds)} UTC), "
+                    f"checks {', '.join(check['name'] for check in checks)}"
+                ],
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda _: client.open_maintenance(text, seconds, ids),
+                outcome=lambda window: (f"window #{window[0]} until {_clock(window[1])}", 0),
+            )
         finally:
             client.close()
         window_id, end = created if created is not None else (None, start + seconds)

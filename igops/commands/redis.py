@@ -16,24 +16,52 @@ from igops.tables import Column
 app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(
-    False, "--accept-risk",
+    False,
+    "--accept-risk",
     help="Go ahead despite what the preflight refuses (a replica that lags, does not follow the master over a "
-         "live link, or accepts writes): the plan names each risk accepted.")
+    "live link, or accepts writes): the plan names each risk accepted.",
+)
 FAILOVER_RISK_OPTION = typer.Option(
-    False, "--accept-risk",
+    False,
+    "--accept-risk",
     help="Go ahead despite what the preflight refuses (an old master that is hung or cannot be fenced, a replica "
-         "behind the most advanced one): the plan names each risk accepted.")
+    "behind the most advanced one): the plan names each risk accepted.",
+)
 # One lock for every Redis operation: the fleet has one master.
 
 
 def show_state(out, state) -> None:
-    out.table(f"redis: the app writes to {state.app_master or state.app_address or 'NOTHING'}"
-              + (f" (directory version {state.endpoint_version})" if state.endpoint_version else ""),
-              ["node", "address", "role", Column("state", wrap=True), "offset", "lag", Column("master", drop=2),
-               Column("link", drop=1), Column("priority", drop=3), Column("app uses", drop=2)],
-              [[node.name, node.address, node.role, node.state, node.offset,
-                f"{node.lag_bytes} B" if node.lag_bytes is not None else None, node.master, node.link, node.priority,
-                node.app_master] for node in state.nodes])
+    out.table(
+        f"redis: the app writes to {state.app_master or state.app_address or 'NOTHING'}"
+        + (f" (directory version {state.endpoint_version})" if state.endpoint_version else ""),
+        [
+            "node",
+            "address",
+            "role",
+            Column("state", wrap=True),
+            "offset",
+            "lag",
+            Column("master", drop=2),
+            Column("link", drop=1),
+            Column("priority", drop=3),
+            Column("app uses", drop=2),
+        ],
+        [
+            [
+                node.name,
+                node.address,
+                node.role,
+                node.state,
+                node.offset,
+                f"{node.lag_bytes} B" if node.lag_bytes is not None else None,
+                node.master,
+                node.link,
+                node.priority,
+                node.app_master,
+            ]
+            for node in state.nodes
+        ],
+    )
     for problem in state.problems:
         out.text(f"  ! {problem}")
 
@@ -49,12 +77,24 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
             text += f"; writes were held {result.write_pause_ms:.0f} ms"
         return text
 
-    run_plan(out, fleet, plan, before, dry_run=dry_run, yes=yes, show_state=show_state,
-             read_state=lambda: failover.redis_status(fleet), apply=failover.apply_redis,
-             kind=f"redis-{plan.operation}", resources=[conflicts.REDIS], members=failover.redis_members(fleet),
-             params=params,
-             outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0),
-             summary=summary, nothing_to_do=plan.title)
+    run_plan(
+        out,
+        fleet,
+        plan,
+        before,
+        dry_run=dry_run,
+        yes=yes,
+        show_state=show_state,
+        read_state=lambda: failover.redis_status(fleet),
+        apply=failover.apply_redis,
+        kind=f"redis-{plan.operation}",
+        resources=[conflicts.REDIS],
+        members=failover.redis_members(fleet),
+        params=params,
+        outcome=lambda r: (f"{r.operation}: the app writes to {r.new_master}", 0),
+        summary=summary,
+        nothing_to_do=plan.title,
+    )
 
 
 @app.command("status")
@@ -87,8 +127,11 @@ def switchover(
 
     with command(ctx, "redis switchover", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, f"read every node's replication state and check {to}",
-                                lambda: failover.plan_redis_switchover(fleet, to, accept_risk))
+        plan, before = _planned(
+            out,
+            f"read every node's replication state and check {to}",
+            lambda: failover.plan_redis_switchover(fleet, to, accept_risk),
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"to": to, "accept_risk": accept_risk})
 
 
@@ -106,8 +149,11 @@ def failover_command(
 
     with command(ctx, "redis failover", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, "confirm the master is down and choose a replica",
-                                lambda: failover.plan_redis_failover(fleet, to, accept_risk))
+        plan, before = _planned(
+            out,
+            "confirm the master is down and choose a replica",
+            lambda: failover.plan_redis_failover(fleet, to, accept_risk),
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"to": to, "accept_risk": accept_risk})
 
 
@@ -116,9 +162,11 @@ def rejoin(
     ctx: typer.Context,
     node: str = typer.Argument(..., help="A former master, or a replica of the wrong master."),
     accept_risk: bool = typer.Option(
-        False, "--accept-risk",
+        False,
+        "--accept-risk",
         help="Rejoin a node that is still a master: it becomes a replica, and the writes it took since it split off "
-             "are discarded. The plan names the risk accepted."),
+        "are discarded. The plan names the risk accepted.",
+    ),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -127,6 +175,9 @@ def rejoin(
 
     with command(ctx, "redis rejoin", json_flag) as out:
         fleet = load_fleet(ctx)
-        plan, before = _planned(out, f"read every node's replication state and {node}'s config",
-                                lambda: failover.plan_redis_rejoin(fleet, node, accept_risk))
+        plan, before = _planned(
+            out,
+            f"read every node's replication state and {node}'s config",
+            lambda: failover.plan_redis_rejoin(fleet, node, accept_risk),
+        )
         _run(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})

@@ -23,9 +23,25 @@ def planned(out, step_title: str, planner, show_state) -> tuple:
             raise
 
 
-def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, read_state: Callable[[], object],
-             apply: Callable, kind: str, resources: list[tuple[str, str]], members: list[str], params: dict,
-             outcome: Callable, summary: Callable, nothing_to_do: str) -> None:
+def run_plan(
+    out,
+    fleet,
+    plan,
+    before,
+    *,
+    dry_run: bool,
+    yes: bool,
+    show_state,
+    read_state: Callable[[], object],
+    apply: Callable,
+    kind: str,
+    resources: list[tuple[str, str]],
+    members: list[str],
+    params: dict,
+    outcome: Callable,
+    summary: Callable,
+    nothing_to_do: str,
+) -> None:
     """Show the state and the plan, then confirm, lock, check under the lock that the state is still
     the one the plan was made for, apply it, and show the state again."""
 
@@ -49,8 +65,20 @@ def run_plan(out, fleet, plan, before, *, dry_run: bool, yes: bool, show_state, 
         return apply(fleet, plan, reporter)
 
     try:
-        result = mutate(out, fleet, kind=kind, resources=resources, targets=members, title=_title(plan),
-                        steps=plan.steps(), dry_run=dry_run, yes=yes, action=act, outcome=outcome, params=params)
+        result = mutate(
+            out,
+            fleet,
+            kind=kind,
+            resources=resources,
+            targets=members,
+            title=_title(plan),
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=act,
+            outcome=outcome,
+            params=params,
+        )
     except StepFailed:
         after = state_after()
         if after:

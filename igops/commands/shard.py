@@ -15,8 +15,10 @@ from igops.tables import Column
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
-id_app = typer.Typer(help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical "
-                          "shard, 10 of sequence.", no_args_is_help=True)
+id_app = typer.Typer(
+    help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical shard, 10 of sequence.",
+    no_args_is_help=True,
+)
 app.add_typer(id_app, name="id")
 
 
@@ -30,8 +32,10 @@ PausePoint = Enum("PausePoint", {point: point for point in shards.PAUSE_POINTS},
 
 
 # Built once from the enum, so that the help names every point the move can stop at.
-PAUSE_AFTER_HELP = ("Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
-                    "STEP: " + ", ".join(point.value for point in PausePoint) + ".")
+PAUSE_AFTER_HELP = (
+    "Runbook rehearsal: stop after STEP and wait to be killed, to practise --resume and --abort. "
+    "STEP: " + ", ".join(point.value for point in PausePoint) + "."
+)
 
 
 def _ms(value) -> str | None:
@@ -49,16 +53,20 @@ def id_decode(
 
     with command(ctx, "shard id decode", json_flag) as out:
         decoded = [shards.decode_id(value) for value in ids]
-        out.table(None, ["id", "time (UTC)", "shard", "sequence"],
-                  [[item.id, item.time, item.shard, item.sequence] for item in decoded])
+        out.table(
+            None,
+            ["id", "time (UTC)", "shard", "sequence"],
+            [[item.id, item.time, item.shard, item.sequence] for item in decoded],
+        )
         out.finish({"ids": decoded})
 
 
 @id_app.command("encode")
 def id_encode(
     ctx: typer.Context,
-    time_text: str = typer.Option(..., "--time", "-t", metavar="T",
-                                  help="ISO 8601 (no zone means UTC) or Unix milliseconds."),
+    time_text: str = typer.Option(
+        ..., "--time", "-t", metavar="T", help="ISO 8601 (no zone means UTC) or Unix milliseconds."
+    ),
     shard: int = typer.Option(..., "--shard", "-s", help="Logical shard, 0..8191."),
     sequence: int = typer.Option(0, "--seq", "-n", help="Sequence, 0..1023 (next_id() keeps nextval % 1024)."),
     json_flag: bool = JSON_OPTION,
@@ -84,21 +92,45 @@ def show_map(
     with command(ctx, "shard map", json_flag) as out:
         fleet = load_fleet(ctx)
         current = shards.read_map(fleet)
-        out.table(f"shard map version {current.version} (updated {current.updated_at})",
-                  ["cluster", "primary", Column("pgbouncer db", drop=2), Column("shards", drop=3),
-                   Column("logical shards", wrap=True), Column("bytes", drop=1), Column("problem", wrap=True)],
-                  [[load.cluster, load.primary, load.pgbouncer_database, len(load.shards),
-                    shards.shard_ranges(load.shards), human_bytes(load.bytes) if load.bytes is not None else None,
-                    load.error] for load in current.clusters])
+        out.table(
+            f"shard map version {current.version} (updated {current.updated_at})",
+            [
+                "cluster",
+                "primary",
+                Column("pgbouncer db", drop=2),
+                Column("shards", drop=3),
+                Column("logical shards", wrap=True),
+                Column("bytes", drop=1),
+                Column("problem", wrap=True),
+            ],
+            [
+                [
+                    load.cluster,
+                    load.primary,
+                    load.pgbouncer_database,
+                    len(load.shards),
+                    shards.shard_ranges(load.shards),
+                    human_bytes(load.bytes) if load.bytes is not None else None,
+                    load.error,
+                ]
+                for load in current.clusters
+            ],
+        )
         missing = [item for item in current.shards if item.present is False]
         if every_shard:
-            out.table(None, ["shard", "schema", "cluster", "bytes"],
-                      [[item.shard, item.schema, item.cluster, human_bytes(item.bytes) if item.present else "MISSING"]
-                       for item in current.shards])
+            out.table(
+                None,
+                ["shard", "schema", "cluster", "bytes"],
+                [
+                    [item.shard, item.schema, item.cluster, human_bytes(item.bytes) if item.present else "MISSING"]
+                    for item in current.shards
+                ],
+            )
         if missing:
-            out.text(f"{plural(len(missing), 'shard')} {'has' if len(missing) == 1 else 'have'} no schema "
-                     "where the map places them: "
-                     + ", ".join(f"{item.schema} on {item.cluster}" for item in missing))
+            out.text(
+                f"{plural(len(missing), 'shard')} {'has' if len(missing) == 1 else 'have'} no schema "
+                "where the map places them: " + ", ".join(f"{item.schema} on {item.cluster}" for item in missing)
+            )
         problems = missing or any(load.error for load in current.clusters)
         code = ExitCode.PROBLEMS_FOUND if problems else ExitCode.OK
         out.finish(current, code)
@@ -108,8 +140,9 @@ def show_map(
 @app.command("init")
 def init(
     ctx: typer.Context,
-    count: int | None = typer.Option(None, "--count", min=1, max=8192,
-                                     help="Logical shards (default: [shards] count in the inventory)."),
+    count: int | None = typer.Option(
+        None, "--count", min=1, max=8192, help="Logical shards (default: [shards] count in the inventory)."
+    ),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -121,30 +154,58 @@ def init(
         fleet = load_fleet(ctx)
         with out.step("read the clusters and the directory"):
             plan = shards.plan_init(fleet, count)
-        report = mutate(out, fleet, kind="shard-init", resources=conflicts.every_cluster(fleet),
-                        targets=list(fleet.model.postgres.clusters),
-                        title=f"Initialise {plan.count} logical shards", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda reporter: shards.init_shards(fleet, reporter, plan.count),
-                        outcome=lambda r: (f"shard map version {r.map_version}", 0))
+        report = mutate(
+            out,
+            fleet,
+            kind="shard-init",
+            resources=conflicts.every_cluster(fleet),
+            targets=list(fleet.model.postgres.clusters),
+            title=f"Initialise {plan.count} logical shards",
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: shards.init_shards(fleet, reporter, plan.count),
+            outcome=lambda r: (f"shard map version {r.map_version}", 0),
+        )
         if report is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        out.table(None, ["cluster", "shards", Column("logical shards", wrap=True)],
-                  [[name, len(ids), shards.shard_ranges(ids)] for name, ids in report.shards_by_cluster.items()])
+        out.table(
+            None,
+            ["cluster", "shards", Column("logical shards", wrap=True)],
+            [[name, len(ids), shards.shard_ranges(ids)] for name, ids in report.shards_by_cluster.items()],
+        )
         out.finish(report)
 
 
 # --- moves ------------------------------------------------------------------------------------
 def _move_row(result) -> list:
-    return [result.move_id, result.shard, f"{result.source} -> {result.target}", result.status,
-            f"{result.rows_copied:,}" if result.rows_copied is not None else None, human_bytes(result.bytes_copied),
-            _ms(result.verify_pause_ms), _ms(result.write_block_ms), result.map_version,
-            f"{result.duration_ms / 1000:.1f} s"]
+    return [
+        result.move_id,
+        result.shard,
+        f"{result.source} -> {result.target}",
+        result.status,
+        f"{result.rows_copied:,}" if result.rows_copied is not None else None,
+        human_bytes(result.bytes_copied),
+        _ms(result.verify_pause_ms),
+        _ms(result.write_block_ms),
+        result.map_version,
+        f"{result.duration_ms / 1000:.1f} s",
+    ]
 
 
-MOVE_COLUMNS = ["move", "shard", "from -> to", Column("status", wrap=True), Column("rows", drop=3),
-                Column("bytes", drop=4), Column("verify pause", drop=5), Column("writes blocked", drop=2),
-                Column("map version", drop=6), Column("time", drop=1)]
+MOVE_COLUMNS = [
+    "move",
+    "shard",
+    "from -> to",
+    Column("status", wrap=True),
+    Column("rows", drop=3),
+    Column("bytes", drop=4),
+    Column("verify pause", drop=5),
+    Column("writes blocked", drop=2),
+    Column("map version", drop=6),
+    Column("time", drop=1),
+]
 
 
 @app.command("move")
@@ -153,10 +214,10 @@ def move(
     shard: int | None = typer.Argument(None, min=0, help="The logical shard to move."),
     to: str | None = typer.Option(None, "--to", help="The cluster to move it to."),
     resume: int | None = typer.Option(None, "--resume", metavar="ID", help="Finish an interrupted move."),
-    abort: int | None = typer.Option(None, "--abort", metavar="ID",
-                                     help="Roll back a move that has not switched the map."),
-    pause_after: PausePoint | None = typer.Option(
-        None, "--pause-after", metavar="STEP", help=PAUSE_AFTER_HELP),
+    abort: int | None = typer.Option(
+        None, "--abort", metavar="ID", help="Roll back a move that has not switched the map."
+    ),
+    pause_after: PausePoint | None = typer.Option(None, "--pause-after", metavar="STEP", help=PAUSE_AFTER_HELP),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -165,21 +226,36 @@ def move(
     write lock, switch the map, fence and drop the old copy. Journaled: see `igops shard moves`."""
 
     with command(ctx, "shard move", json_flag) as out:
-        chosen = [name for name, value in (("SHARD --to", shard is not None or to is not None),
-                                           ("--resume", resume is not None), ("--abort", abort is not None)) if value]
+        chosen = [
+            name
+            for name, value in (
+                ("SHARD --to", shard is not None or to is not None),
+                ("--resume", resume is not None),
+                ("--abort", abort is not None),
+            )
+            if value
+        ]
         if len(chosen) != 1:
             raise UsageError("give SHARD --to CLUSTER, or --resume ID, or --abort ID", "exactly one of them")
         fleet = load_fleet(ctx)
         pause = pause_after.value if pause_after else None
         if abort is not None:
             plan = shards.plan_abort(fleet, abort)
-            record = mutate(out, fleet, kind="shard-move",
-                            resources=shards.move_resources(plan.shard, plan.source, plan.target),
-                            targets=[f"shard {plan.shard}", plan.source, plan.target],
-                            title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
-                                  f"at {plan.step})", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda reporter: shards.abort_move(fleet, plan, reporter),
-                            outcome=lambda r: (f"move {r.id} aborted", 0), params={"move": abort})
+            record = mutate(
+                out,
+                fleet,
+                kind="shard-move",
+                resources=shards.move_resources(plan.shard, plan.source, plan.target),
+                targets=[f"shard {plan.shard}", plan.source, plan.target],
+                title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
+                f"at {plan.step})",
+                steps=plan.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter: shards.abort_move(fleet, plan, reporter),
+                outcome=lambda r: (f"move {r.id} aborted", 0),
+                params={"move": abort},
+            )
             if record is None:
                 out.finish({"dry_run": dry_run, "plan": plan})
                 return
@@ -188,8 +264,10 @@ def move(
             return
         if resume is not None:
             plan, record = shards.plan_resume(fleet, resume)
-            title = (f"Resume move {record.id} of shard {record.logical_shard} ({record.source} -> {record.target}) "
-                     f"after {record.step}")
+            title = (
+                f"Resume move {record.id} of shard {record.logical_shard} ({record.source} -> {record.target}) "
+                f"after {record.step}"
+            )
             action = lambda reporter: shards.resume_move(fleet, resume, reporter, pause)  # noqa: E731
         else:
             if to is None or shard is None:
@@ -198,11 +276,20 @@ def move(
                 plan = shards.plan_move(fleet, shard, to)
             title = f"Move shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target}"
             action = lambda reporter: shards.start_move(fleet, plan, reporter, pause)  # noqa: E731
-        result = mutate(out, fleet, kind="shard-move",
-                        resources=shards.move_resources(plan.shard, plan.source, plan.target),
-                        targets=[f"shard {plan.shard}", plan.source, plan.target], title=title, steps=plan.steps(),
-                        dry_run=dry_run, yes=yes, action=action, params={"move": resume} if resume is not None else {},
-                        outcome=lambda r: (f"move {r.move_id} {r.status}, writes blocked {r.write_block_ms} ms", 0))
+        result = mutate(
+            out,
+            fleet,
+            kind="shard-move",
+            resources=shards.move_resources(plan.shard, plan.source, plan.target),
+            targets=[f"shard {plan.shard}", plan.source, plan.target],
+            title=title,
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=action,
+            params={"move": resume} if resume is not None else {},
+            outcome=lambda r: (f"move {r.move_id} {r.status}, writes blocked {r.write_block_ms} ms", 0),
+        )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
@@ -222,19 +309,44 @@ def moves(
     with command(ctx, "shard moves", json_flag) as out:
         fleet = load_fleet(ctx)
         records = shards.list_moves(fleet, limit, shard)
-        out.table(f"{len(records)} shard moves", ["move", "shard", "from -> to", "state",
-                                                  Column("step", wrap=True), Column("started (UTC)", drop=1),
-                                                  Column("updated", drop=4), Column("writes blocked", drop=3),
-                                                  Column("map version", drop=5), Column("WAL held", drop=2),
-                                                  Column("error", wrap=True)],
-                  [[r.id, r.logical_shard, f"{r.source} -> {r.target}", r.state, r.step, r.started_at,
-                    r.updated_at, _ms(r.write_block_ms), r.map_version,
-                    human_bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None, r.error]
-                   for r in records])
+        out.table(
+            f"{len(records)} shard moves",
+            [
+                "move",
+                "shard",
+                "from -> to",
+                "state",
+                Column("step", wrap=True),
+                Column("started (UTC)", drop=1),
+                Column("updated", drop=4),
+                Column("writes blocked", drop=3),
+                Column("map version", drop=5),
+                Column("WAL held", drop=2),
+                Column("error", wrap=True),
+            ],
+            [
+                [
+                    r.id,
+                    r.logical_shard,
+                    f"{r.source} -> {r.target}",
+                    r.state,
+                    r.step,
+                    r.started_at,
+                    r.updated_at,
+                    _ms(r.write_block_ms),
+                    r.map_version,
+                    human_bytes(r.retained_wal_bytes) if r.retained_wal_bytes is not None else None,
+                    r.error,
+                ]
+                for r in records
+            ],
+        )
         stuck = [r for r in records if r.state in ("interrupted", "failed")]
         for record in stuck:
-            out.text(f"move {record.id} is {record.state} at {record.step}: igops shard move --resume {record.id} "
-                     f"(or --abort {record.id})")
+            out.text(
+                f"move {record.id} is {record.state} at {record.step}: igops shard move --resume {record.id} "
+                f"(or --abort {record.id})"
+            )
         out.finish({"moves": records})
 
 
@@ -242,9 +354,12 @@ def moves(
 def verify(
     ctx: typer.Context,
     shard: int = typer.Argument(..., min=0, help="The logical shard."),
-    against: str | None = typer.Option(None, "--against", metavar="CLUSTER",
-                                       help="Compare with the copy on this cluster (during a move, both are "
-                                            "read at one point of the stream)."),
+    against: str | None = typer.Option(
+        None,
+        "--against",
+        metavar="CLUSTER",
+        help="Compare with the copy on this cluster (during a move, both are read at one point of the stream).",
+    ),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Per-table row counts and ordered checksums, sequence values and a schema diff: against the
@@ -254,20 +369,32 @@ def verify(
         fleet = load_fleet(ctx)
         if against is None:
             report = shards.verify_in_place(fleet, shard)
-            out.table(f"shard {shard}: {report.copy}", ["table", "rows", "md5"],
-                      [[check.table, check.rows[report.copy], check.checksum[report.copy]] for check in report.tables])
+            out.table(
+                f"shard {shard}: {report.copy}",
+                ["table", "rows", "md5"],
+                [[check.table, check.rows[report.copy], check.checksum[report.copy]] for check in report.tables],
+            )
             out.table(None, ["sequence", "last value"], [[name, value] for name, value in report.sequences.items()])
         else:
             with out.step(f"compare shard {shard} with its copy on {against}"):
                 report = shards.verify_against(fleet, shard, against, out)
             left, right = report.copies
-            out.table(f"shard {shard}: {left} vs {right}" + ("" if report.consistent else " (read as they are)"),
-                      ["table", f"rows {left}", f"rows {right}", "equal", Column("first difference", wrap=True)],
-                      [[check.table, check.rows[left], check.rows[right], check.equal, check.first_difference]
-                       for check in report.tables])
-            out.table(None, ["copy", Column("sequences", wrap=True)],
-                      [[copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
-                       for copy, seqs in report.sequences.items()])
+            out.table(
+                f"shard {shard}: {left} vs {right}" + ("" if report.consistent else " (read as they are)"),
+                ["table", f"rows {left}", f"rows {right}", "equal", Column("first difference", wrap=True)],
+                [
+                    [check.table, check.rows[left], check.rows[right], check.equal, check.first_difference]
+                    for check in report.tables
+                ],
+            )
+            out.table(
+                None,
+                ["copy", Column("sequences", wrap=True)],
+                [
+                    [copy, ", ".join(f"{name} {value}" for name, value in seqs.items())]
+                    for copy, seqs in report.sequences.items()
+                ],
+            )
         for line in report.schema_diff:
             out.text(f"schema: {line}")
         out.text("equal" if report.equal else "DIFFERENT")
@@ -297,15 +424,22 @@ def rebalance(
             out.finish({"dry_run": dry_run, "plan": plan})
             return
         # Every cluster is leased for the whole rebalance, so no single move needs a lease of its own.
-        result = mutate(out, fleet, kind="shard-rebalance", resources=conflicts.every_cluster(fleet),
-                        targets=list(plan.before),
-                        title=f"Rebalance by {by.value}: {plural(len(plan.moves), 'move')}", steps=plan.steps(),
-                        dry_run=dry_run, yes=yes,
-                        action=lambda reporter: shards.run_rebalance(fleet, plan, reporter),
-                        outcome=lambda r: (f"{len(r.results)} of {plural(r.planned, 'move')} done"
-                                           + (f"; {r.failed}" if r.failed else ""),
-                                           0 if not r.failed else int(ExitCode.PARTIAL if r.results
-                                                                      else ExitCode.FAILED)))
+        result = mutate(
+            out,
+            fleet,
+            kind="shard-rebalance",
+            resources=conflicts.every_cluster(fleet),
+            targets=list(plan.before),
+            title=f"Rebalance by {by.value}: {plural(len(plan.moves), 'move')}",
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: shards.run_rebalance(fleet, plan, reporter),
+            outcome=lambda r: (
+                f"{len(r.results)} of {plural(r.planned, 'move')} done" + (f"; {r.failed}" if r.failed else ""),
+                0 if not r.failed else int(ExitCode.PARTIAL if r.results else ExitCode.FAILED),
+            ),
+        )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return

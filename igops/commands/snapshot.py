@@ -21,31 +21,55 @@ app = typer.Typer(no_args_is_help=True)
 
 
 def _group_row(group) -> list:
-    return [group.group_id, group.host, group.mounts, f"{group.volumes}/{group.expected}", group.state,
-            f"{group.created:%Y-%m-%d %H:%M:%S}", f"{group.size_gib} GiB",
-            f"{group.freeze_ms:.0f} ms" if group.freeze_ms is not None else None, "kept" if group.kept else None]
+    return [
+        group.group_id,
+        group.host,
+        group.mounts,
+        f"{group.volumes}/{group.expected}",
+        group.state,
+        f"{group.created:%Y-%m-%d %H:%M:%S}",
+        f"{group.size_gib} GiB",
+        f"{group.freeze_ms:.0f} ms" if group.freeze_ms is not None else None,
+        "kept" if group.kept else None,
+    ]
 
 
 # The group id is what every other snapshot command takes: it stays whole at any width.
-GROUP_COLUMNS = ["group", "host", Column("mounts", wrap=True, drop=2), Column("volumes", drop=3), "state",
-                 Column("created (UTC)", drop=1), Column("size", drop=4), Column("freeze", drop=5), "kept"]
-ACCEPT_RISK_OPTION = typer.Option(False, "--accept-risk",
-                                  help="Delete even a kept group, or one its set cannot spare (below its minimum "
-                                       "redundancy); the plan names each risk accepted.")
+GROUP_COLUMNS = [
+    "group",
+    "host",
+    Column("mounts", wrap=True, drop=2),
+    Column("volumes", drop=3),
+    "state",
+    Column("created (UTC)", drop=1),
+    Column("size", drop=4),
+    Column("freeze", drop=5),
+    "kept",
+]
+ACCEPT_RISK_OPTION = typer.Option(
+    False,
+    "--accept-risk",
+    help="Delete even a kept group, or one its set cannot spare (below its minimum "
+    "redundancy); the plan names each risk accepted.",
+)
 
 
 @app.command("create")
 def create(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose data filesystems to snapshot."),
-    mount: list[str] | None = typer.Option(None, "--mount", "-m",
-                                           help="A mount point (repeatable; default: the host's data mounts)."),
-    deadline: float | None = typer.Option(None, "--deadline", min=1, max=120,
-                                          help="Hard thaw deadline in seconds (default from the inventory, 10)."),
+    mount: list[str] | None = typer.Option(
+        None, "--mount", "-m", help="A mount point (repeatable; default: the host's data mounts)."
+    ),
+    deadline: float | None = typer.Option(
+        None, "--deadline", min=1, max=120, help="Hard thaw deadline in seconds (default from the inventory, 10)."
+    ),
     hook: bool = typer.Option(True, "--hook/--no-hook", help="Run the role's pre-freeze hook."),
-    allow_primary: bool = typer.Option(False, "--allow-primary",
-                                       help="Freeze a live Postgres primary (its writes stall until the thaw); "
-                                            "refused otherwise: snapshot a standby."),
+    allow_primary: bool = typer.Option(
+        False,
+        "--allow-primary",
+        help="Freeze a live Postgres primary (its writes stall until the thaw); refused otherwise: snapshot a standby.",
+    ),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -55,33 +79,65 @@ def create(
     with command(ctx, "snapshot create", json_flag) as out:
         relative = [path for path in mount or [] if not path.startswith("/")]
         if relative:
-            raise UsageError(f"--mount {relative[0]!r} is not an absolute path",
-                             "name the mount point from the root, e.g. --mount /data")
+            raise UsageError(
+                f"--mount {relative[0]!r} is not an absolute path",
+                "name the mount point from the root, e.g. --mount /data",
+            )
         fleet = load_fleet(ctx)
         with out.step(f"discover the volumes under {host}'s mounts"):
             plan = snapshot.plan_create(fleet, host, mount, deadline=deadline, hook=hook, allow_primary=allow_primary)
         try:
-            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, host),
-                            targets=[host],
-                            title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
-                                  f"{', '.join(plan.mounts)} on {host}",
-                            steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda reporter: snapshot.create(fleet, plan, reporter),
-                            params={"host": host, "group": plan.group_id, "mounts": mount, "deadline": deadline,
-                                    "hook": hook, "allow_primary": allow_primary},
-                            outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0))
+            result = mutate(
+                out,
+                fleet,
+                kind="snapshot-create",
+                resources=conflicts.for_host(fleet, host),
+                targets=[host],
+                title=f"Snapshot group {plan.group_id}: {plural(len(plan.volumes), 'volume')} under "
+                f"{', '.join(plan.mounts)} on {host}",
+                steps=plan.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter: snapshot.create(fleet, plan, reporter),
+                params={
+                    "host": host,
+                    "group": plan.group_id,
+                    "mounts": mount,
+                    "deadline": deadline,
+                    "hook": hook,
+                    "allow_primary": allow_primary,
+                },
+                outcome=lambda r: (f"group {r.group_id} complete, freeze {r.freeze_window_ms:.0f} ms", 0),
+            )
         except snapshot.SnapshotFailed as failed:
-            out.table(None, ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],
-                      [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms,
-                        failed.result.error]])
+            out.table(
+                None,
+                ["group", "state", Column("freeze window", drop=1), Column("error", wrap=True)],
+                [[failed.result.group_id, failed.result.state, failed.result.freeze_window_ms, failed.result.error]],
+            )
             raise
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        out.table(None, ["group", "state", Column("volumes", drop=2), Column("freeze window", drop=1),
-                         Column("thawed by", wrap=True, drop=3)],
-                  [[result.group_id, result.state, len(result.snapshots), f"{result.freeze_window_ms:.0f} ms",
-                    result.thawed_by]])
+        out.table(
+            None,
+            [
+                "group",
+                "state",
+                Column("volumes", drop=2),
+                Column("freeze window", drop=1),
+                Column("thawed by", wrap=True, drop=3),
+            ],
+            [
+                [
+                    result.group_id,
+                    result.state,
+                    len(result.snapshots),
+                    f"{result.freeze_window_ms:.0f} ms",
+                    result.thawed_by,
+                ]
+            ],
+        )
         out.finish(result)
 
 
@@ -117,11 +173,30 @@ def show(
         rows = []
         for item in found.snapshots:
             tags = tags_of(item)
-            rows.append([item["SnapshotId"], item["VolumeId"], tags.get(snapshot.TAG_MOUNT),
-                         tags.get(snapshot.TAG_DEVICE), tags.get(snapshot.TAG_RAID_INDEX), item["State"],
-                         f"{item.get('VolumeSize', 0)} GiB"])
-        out.table("snapshots", ["snapshot", "volume", Column("mount", drop=1), Column("device", drop=2),
-                                Column("RAID #", drop=3), "state", Column("size", drop=4)], rows)
+            rows.append(
+                [
+                    item["SnapshotId"],
+                    item["VolumeId"],
+                    tags.get(snapshot.TAG_MOUNT),
+                    tags.get(snapshot.TAG_DEVICE),
+                    tags.get(snapshot.TAG_RAID_INDEX),
+                    item["State"],
+                    f"{item.get('VolumeSize', 0)} GiB",
+                ]
+            )
+        out.table(
+            "snapshots",
+            [
+                "snapshot",
+                "volume",
+                Column("mount", drop=1),
+                Column("device", drop=2),
+                Column("RAID #", drop=3),
+                "state",
+                Column("size", drop=4),
+            ],
+            rows,
+        )
         out.finish({"group": found})
 
 
@@ -129,8 +204,9 @@ def show(
 def prune(
     ctx: typer.Context,
     keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest complete groups per set of data."),
-    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0,
-                                    help="Keep the newest group of each of the last N hours with one."),
+    keep_hourly: int = typer.Option(
+        0, "--keep-hourly", min=0, help="Keep the newest group of each of the last N hours with one."
+    ),
     keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="… of each of the last N days."),
     keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="… of each of the last N ISO weeks."),
     keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="… of each of the last N months."),
@@ -151,28 +227,50 @@ def prune(
         flags = snapshot_policy.Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
         sets = snapshot_policy.data_sets(fleet)
         if flags.empty() and all(data_set.policy.retention.empty() for data_set in sets):
-            raise UsageError("no retention given", "pass --keep-last/--keep-hourly/--keep-daily/--keep-weekly/"
-                                                   "--keep-monthly, or set keep_* in the inventory's [snapshot] policy")
+            raise UsageError(
+                "no retention given",
+                "pass --keep-last/--keep-hourly/--keep-daily/--keep-weekly/"
+                "--keep-monthly, or set keep_* in the inventory's [snapshot] policy",
+            )
         ebs = Ebs(fleet)
-        plan = snapshot_policy.plan_prune(snapshot.groups(ebs), *snapshot_policy.prune_rules(sets, flags),
-                                          datetime.now(UTC),
-                                          timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        plan = snapshot_policy.plan_prune(
+            snapshot.groups(ebs),
+            *snapshot_policy.prune_rules(sets, flags),
+            datetime.now(UTC),
+            timedelta(minutes=fleet.model.snapshot.stale_after_minutes),
+        )
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
         deleted = []
         if plan.delete:
-            deleted = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS],
-                             targets=[host or "all"],
-                             title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
-                             steps=plan.steps(), dry_run=dry_run, yes=yes,
-                             action=lambda reporter: snapshot.prune(ebs, plan, reporter),
-                             outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0))
+            deleted = mutate(
+                out,
+                fleet,
+                kind="snapshot-prune",
+                resources=[conflicts.SNAPSHOTS],
+                targets=[host or "all"],
+                title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
+                steps=plan.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter: snapshot.prune(ebs, plan, reporter),
+                outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
+            )
         else:
             out.log("nothing to delete")
-        out.table(None, ["group", Column("kept because", wrap=True)],
-                  [[group_id, reasons] for group_id, reasons in plan.keep.items()])
-        out.finish({"dry_run": dry_run, "keep": plan.keep, "delete": [g.group_id for g in plan.delete],
-                    "deleted": deleted or []})
+        out.table(
+            None,
+            ["group", Column("kept because", wrap=True)],
+            [[group_id, reasons] for group_id, reasons in plan.keep.items()],
+        )
+        out.finish(
+            {
+                "dry_run": dry_run,
+                "keep": plan.keep,
+                "delete": [g.group_id for g in plan.delete],
+                "deleted": deleted or [],
+            }
+        )
 
 
 @app.command("delete")
@@ -198,20 +296,37 @@ def delete(
             raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
         data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
         siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
-        risks = snapshot_policy.delete_risks(found, siblings, data_set, datetime.now(UTC),
-                                             timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+        risks = snapshot_policy.delete_risks(
+            found, siblings, data_set, datetime.now(UTC), timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
+        )
         if risks and not accept_risk:
             release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
-            raise RefusedError(f"refusing to delete {found.group_id}: " + "; ".join(risks),
-                               f"{release}pass --accept-risk to delete it anyway")
-        deleted = mutate(out, fleet, kind="snapshot-delete", resources=[conflicts.SNAPSHOTS], targets=[found.host],
-                         title=f"Delete snapshot group {found.group_id} ({found.host}, {found.state}, "
-                               f"{found.created:%Y-%m-%d %H:%M} UTC, {plural(found.volumes, 'snapshot')})",
-                         steps=snapshot.delete_steps(found, risks if accept_risk else []), dry_run=dry_run, yes=yes,
-                         action=lambda _: snapshot.delete_group(ebs, found) or found.group_id,
-                         outcome=lambda done: (f"deleted {done}", 0))
-        out.finish({"dry_run": dry_run, "group": found.group_id, "risks_accepted": risks,
-                    "deleted": [deleted] if deleted else []})
+            raise RefusedError(
+                f"refusing to delete {found.group_id}: " + "; ".join(risks),
+                f"{release}pass --accept-risk to delete it anyway",
+            )
+        deleted = mutate(
+            out,
+            fleet,
+            kind="snapshot-delete",
+            resources=[conflicts.SNAPSHOTS],
+            targets=[found.host],
+            title=f"Delete snapshot group {found.group_id} ({found.host}, {found.state}, "
+            f"{found.created:%Y-%m-%d %H:%M} UTC, {plural(found.volumes, 'snapshot')})",
+            steps=snapshot.delete_steps(found, risks if accept_risk else []),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda _: snapshot.delete_group(ebs, found) or found.group_id,
+            outcome=lambda done: (f"deleted {done}", 0),
+        )
+        out.finish(
+            {
+                "dry_run": dry_run,
+                "group": found.group_id,
+                "risks_accepted": risks,
+                "deleted": [deleted] if deleted else [],
+            }
+        )
 
 
 @app.command("keep")
@@ -233,12 +348,24 @@ def keep(
         found = snapshot.find_group(ebs, group)
         value = None if release else snapshot.keep_value(f"{safety.operator_user()}@{safety.operator_host()}")
         ids = ", ".join(item["SnapshotId"] for item in found.snapshots)
-        step = (f"remove the tag {snapshot.TAG_KEEP} from {ids}" if release
-                else f"tag {ids} with {snapshot.TAG_KEEP}={value}")
-        changed = mutate(out, fleet, kind="snapshot-keep", resources=[conflicts.SNAPSHOTS], targets=[found.host],
-                         title=f"{'Release' if release else 'Keep'} snapshot group {found.group_id}", steps=[step],
-                         dry_run=dry_run, yes=yes, action=lambda _: snapshot.set_keep(ebs, found, value) or True,
-                         outcome=lambda _: ("released" if release else "kept", 0))
+        step = (
+            f"remove the tag {snapshot.TAG_KEEP} from {ids}"
+            if release
+            else f"tag {ids} with {snapshot.TAG_KEEP}={value}"
+        )
+        changed = mutate(
+            out,
+            fleet,
+            kind="snapshot-keep",
+            resources=[conflicts.SNAPSHOTS],
+            targets=[found.host],
+            title=f"{'Release' if release else 'Keep'} snapshot group {found.group_id}",
+            steps=[step],
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda _: snapshot.set_keep(ebs, found, value) or True,
+            outcome=lambda _: ("released" if release else "kept", 0),
+        )
         out.finish({"dry_run": dry_run, "group": found.group_id, "kept": value, "changed": bool(changed)})
 
 
@@ -256,42 +383,71 @@ def cron(
     on one streaming standby, the Redis set on one linked replica. Exit 1 when every due group
     failed, 5 when some did."""
 
-
     with command(ctx, "snapshot cron", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        holding = nullcontext(True) if dry_run else snapshot_cron.lease(
-            fleet, safety.redact_argv(["igops", *sys.argv[1:]]))
+        holding = (
+            nullcontext(True) if dry_run else snapshot_cron.lease(fleet, safety.redact_argv(["igops", *sys.argv[1:]]))
+        )
         with holding as held:
             if not held:
                 if out.verbose:
                     out.log("another `igops snapshot cron` is still working: nothing to do")
-                out.finish({"dry_run": dry_run, "busy": True, "due": [], "taken": [], "failed": [], "skipped": [],
-                            "deleted": [], "keep": {}})
+                out.finish(
+                    {
+                        "dry_run": dry_run,
+                        "busy": True,
+                        "due": [],
+                        "taken": [],
+                        "failed": [],
+                        "skipped": [],
+                        "deleted": [],
+                        "keep": {},
+                    }
+                )
                 return
             report = _cron_run(out, fleet, ebs, dry_run, yes)
         code = 0
         if report["failed"]:
             code = 5 if report["taken"] or report["deleted"] else 1
             for failure in report["failed"]:
-                out.err.print(f"error: {failure['set']}: {failure['error']}"
-                              + (f" — {failure['hint']}" if failure.get("hint") else ""), markup=False)
-        out.finish(report, code, {"message": "; ".join(f"{failure['set']}: {failure['error']}"
-                                                        for failure in report["failed"]),
-                                  "hint": "see each line's hint; the next run tries again"} if code else None)
+                out.err.print(
+                    f"error: {failure['set']}: {failure['error']}"
+                    + (f" — {failure['hint']}" if failure.get("hint") else ""),
+                    markup=False,
+                )
+        out.finish(
+            report,
+            code,
+            {
+                "message": "; ".join(f"{failure['set']}: {failure['error']}" for failure in report["failed"]),
+                "hint": "see each line's hint; the next run tries again",
+            }
+            if code
+            else None,
+        )
         exit_with(code)
 
 
 def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
     if not snapshot_cron.has_policy(fleet):
-        raise UsageError("the inventory's [snapshot] policy schedules nothing and keeps no counts: "
-                         "snapshot cron has nothing to do",
-                         'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md')
+        raise UsageError(
+            "the inventory's [snapshot] policy schedules nothing and keeps no counts: snapshot cron has nothing to do",
+            'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md',
+        )
     now = datetime.now(UTC)
     groups = snapshot.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
-    report = {"dry_run": dry_run, "busy": False, "due": [data_set.name for data_set in due], "taken": [],
-              "failed": [], "skipped": [], "deleted": [], "keep": {}}
+    report = {
+        "dry_run": dry_run,
+        "busy": False,
+        "due": [data_set.name for data_set in due],
+        "taken": [],
+        "failed": [],
+        "skipped": [],
+        "deleted": [],
+        "keep": {},
+    }
     for data_set in due:
         take = snapshot_cron.choose(fleet, data_set)
         plan = snapshot_cron.plan_take(fleet, ebs, take)
@@ -299,12 +455,20 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
             report["failed"].append({"set": take.set_name, "host": take.host, "error": take.error, "hint": take.hint})
             continue
         try:
-            result = mutate(out, fleet, kind="snapshot-create", resources=conflicts.for_host(fleet, take.host),
-                            targets=[take.host], params={"host": take.host},
-                            title=f"Snapshot {take.label} on {take.host} ({take.why}): group {plan.group_id}",
-                            steps=plan.steps(), dry_run=dry_run, yes=yes,
-                            action=lambda reporter, plan=plan: snapshot.create(fleet, plan, reporter),
-                            outcome=lambda r: (f"group {r.group_id} complete", 0))
+            result = mutate(
+                out,
+                fleet,
+                kind="snapshot-create",
+                resources=conflicts.for_host(fleet, take.host),
+                targets=[take.host],
+                params={"host": take.host},
+                title=f"Snapshot {take.label} on {take.host} ({take.why}): group {plan.group_id}",
+                steps=plan.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter, plan=plan: snapshot.create(fleet, plan, reporter),
+                outcome=lambda r: (f"group {r.group_id} complete", 0),
+            )
         except AlreadyRunning as busy:
             # A person is taking this host's group right now: it counts once it completes.
             report["skipped"].append({"set": take.set_name, "host": take.host, "why": busy.message})
@@ -312,11 +476,18 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         except UsageError:
             raise  # not confirmed: nothing was done, and nothing more may be
         except IgopsError as failed:
-            report["failed"].append({"set": take.set_name, "host": take.host, "error": failed.message,
-                                     "hint": failed.hint})
+            report["failed"].append(
+                {"set": take.set_name, "host": take.host, "error": failed.message, "hint": failed.hint}
+            )
             continue
-        report["taken"].append({"set": take.set_name, "host": take.host, "why": take.why,
-                                "group_id": result.group_id if result else plan.group_id})
+        report["taken"].append(
+            {
+                "set": take.set_name,
+                "host": take.host,
+                "why": take.why,
+                "group_id": result.group_id if result else plan.group_id,
+            }
+        )
     if report["taken"] and not dry_run:
         groups = snapshot.groups(ebs)  # the new groups count toward retention
     plan = snapshot_cron.plan_prune(fleet, groups, now)
@@ -324,12 +495,23 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
     if not plan.delete:
         return report
     try:
-        report["deleted"] = mutate(out, fleet, kind="snapshot-prune", resources=[conflicts.SNAPSHOTS], targets=["all"],
-                                   title=f"Prune what the [snapshot] policy lets go: delete "
-                                         f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
-                                   steps=plan.steps(), dry_run=dry_run, yes=yes,
-                                   action=lambda reporter: snapshot.prune(ebs, plan, reporter),
-                                   outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0)) or []
+        report["deleted"] = (
+            mutate(
+                out,
+                fleet,
+                kind="snapshot-prune",
+                resources=[conflicts.SNAPSHOTS],
+                targets=["all"],
+                title=f"Prune what the [snapshot] policy lets go: delete "
+                f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
+                steps=plan.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter: snapshot.prune(ebs, plan, reporter),
+                outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
+            )
+            or []
+        )
     except AlreadyRunning:
         pass  # a person is pruning right now; whatever is left, the next run prunes
     except UsageError:
@@ -344,12 +526,15 @@ def restore(
     ctx: typer.Context,
     group: str = typer.Argument(..., help="A complete group id."),
     to: str = typer.Option(..., "--to", help="The host to restore onto."),
-    at: str | None = typer.Option(None, "--at", help="Mount under this directory (default from the inventory; "
-                                                        "'/' mounts at the original paths)."),
-    port: int = typer.Option(5499, "--port", min=1, max=65535,
-                             help="Port of the restored Postgres (it listens on its own socket only)."),
-    cleanup: bool = typer.Option(False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, "
-                                                          "detach and delete its volumes."),
+    at: str | None = typer.Option(
+        None, "--at", help="Mount under this directory (default from the inventory; '/' mounts at the original paths)."
+    ),
+    port: int = typer.Option(
+        5499, "--port", min=1, max=65535, help="Port of the restored Postgres (it listens on its own socket only)."
+    ),
+    cleanup: bool = typer.Option(
+        False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, detach and delete its volumes."
+    ),
     dry_run: bool = DRY_RUN_OPTION,
     yes: bool = YES_OPTION,
     json_flag: bool = JSON_OPTION,
@@ -361,16 +546,33 @@ def restore(
         ebs = Ebs(fleet)
         if cleanup:
             undo = restoring.plan_cleanup(fleet, ebs, group, to)
-            deleted = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
-                             title=f"Take away the restore of {group} from {to}", steps=undo.steps(),
-                             dry_run=dry_run, yes=yes,
-                             action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter))
+            deleted = mutate(
+                out,
+                fleet,
+                kind="snapshot-restore",
+                resources=[conflicts.host(to)],
+                targets=[to],
+                title=f"Take away the restore of {group} from {to}",
+                steps=undo.steps(),
+                dry_run=dry_run,
+                yes=yes,
+                action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter),
+            )
             out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
             return
         plan = restoring.plan_restore(fleet, ebs, group, to, at, port)
-        result = mutate(out, fleet, kind="snapshot-restore", resources=[conflicts.host(to)], targets=[to],
-                        title=f"Restore group {group} onto {to}", steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda reporter: restoring.restore(fleet, ebs, plan, reporter))
+        result = mutate(
+            out,
+            fleet,
+            kind="snapshot-restore",
+            resources=[conflicts.host(to)],
+            targets=[to],
+            title=f"Restore group {group} onto {to}",
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: restoring.restore(fleet, ebs, plan, reporter),
+        )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return

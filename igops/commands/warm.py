@@ -34,43 +34,81 @@ class Match(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member 
     path = "path"
 
 
-PATHS_ARGUMENT = typer.Argument(None, help="Directories under the host's data mounts "
-                                           "(default: its Postgres data directory).")
-CONCURRENCY_OPTION = typer.Option(8, "--concurrency", "-j", min=1, max=256,
-                                  help="Reads in flight on the target (its I/O queue depth).")
-RATE_OPTION = typer.Option(None, "--rate", metavar="BYTES/S",
-                           help="Read at most this fast on the target, e.g. 50M (K, M, G: powers of 1024).")
-MATCH_OPTION = typer.Option(Match.size, "--match",
-                            help="When a target file takes the profile's pages: size (same path and size), "
-                                 "mtime (and same mtime, for restored copies), path (any size: for busy Postgres "
-                                 "standbys whose files grow under replay).")
-TIMEOUT_OPTION = typer.Option(None, "--timeout", min=10,
-                              help="Give up after this many seconds (default 3600: twice the time to read 244 GiB "
-                                   "at a gp2 volume's 128 MiB/s; raise it with a low --rate).")
+PATHS_ARGUMENT = typer.Argument(
+    None, help="Directories under the host's data mounts (default: its Postgres data directory)."
+)
+CONCURRENCY_OPTION = typer.Option(
+    8, "--concurrency", "-j", min=1, max=256, help="Reads in flight on the target (its I/O queue depth)."
+)
+RATE_OPTION = typer.Option(
+    None, "--rate", metavar="BYTES/S", help="Read at most this fast on the target, e.g. 50M (K, M, G: powers of 1024)."
+)
+MATCH_OPTION = typer.Option(
+    Match.size,
+    "--match",
+    help="When a target file takes the profile's pages: size (same path and size), "
+    "mtime (and same mtime, for restored copies), path (any size: for busy Postgres "
+    "standbys whose files grow under replay).",
+)
+TIMEOUT_OPTION = typer.Option(
+    None,
+    "--timeout",
+    min=10,
+    help="Give up after this many seconds (default 3600: twice the time to read 244 GiB "
+    "at a gp2 volume's 128 MiB/s; raise it with a low --rate).",
+)
 TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of them with --json).")
 
 
 def _options(concurrency: int, rate: str | None, match: Match, timeout: float | None):
-    return vmtouch.WarmOptions(concurrency=concurrency, rate=vmtouch.parse_rate(rate) if rate else None,
-                               match=match.value, timeout=timeout or vmtouch.DEFAULT_TIMEOUT)
+    return vmtouch.WarmOptions(
+        concurrency=concurrency,
+        rate=vmtouch.parse_rate(rate) if rate else None,
+        match=match.value,
+        timeout=timeout or vmtouch.DEFAULT_TIMEOUT,
+    )
 
 
 def _warm_table(out, result) -> None:
-    out.table(None, ["target", "files", Column("pages profiled", drop=3), Column("pages read", drop=3),
-                     Column("skipped files", drop=2), Column("disk read", drop=4), "resident now",
-                     Column("time", drop=1)],
-              [[result.target, f"{result.warmed_files}/{result.files}", result.pages, result.warmed_pages,
-                result.skipped_files, f"{human_bytes(result.read_bytes)} ({result.read_amplification or 0:.2f}x)",
+    out.table(
+        None,
+        [
+            "target",
+            "files",
+            Column("pages profiled", drop=3),
+            Column("pages read", drop=3),
+            Column("skipped files", drop=2),
+            Column("disk read", drop=4),
+            "resident now",
+            Column("time", drop=1),
+        ],
+        [
+            [
+                result.target,
+                f"{result.warmed_files}/{result.files}",
+                result.pages,
+                result.warmed_pages,
+                result.skipped_files,
+                f"{human_bytes(result.read_bytes)} ({result.read_amplification or 0:.2f}x)",
                 f"{result.hit_ratio:.1%}",
-                f"{result.seconds:.2f} s" if result.seconds < 10 else f"{result.seconds:.0f} s"]])
+                f"{result.seconds:.2f} s" if result.seconds < 10 else f"{result.seconds:.0f} s",
+            ]
+        ],
+    )
     if result.skipped_by_reason:
-        out.table("skipped files", [Column("reason", wrap=True), "files"], [[reason, count] for reason, count in
-                                                          sorted(result.skipped_by_reason.items())])
+        out.table(
+            "skipped files",
+            [Column("reason", wrap=True), "files"],
+            [[reason, count] for reason, count in sorted(result.skipped_by_reason.items())],
+        )
 
 
 def _warm_outcome(result) -> tuple[str, int]:
-    return (f"warmed {result.warmed_pages} of {plural(result.pages, 'page')} on {result.target}, "
-            f"{result.hit_ratio:.1%} resident, {plural(result.skipped_files, 'file')} skipped", 0)
+    return (
+        f"warmed {result.warmed_pages} of {plural(result.pages, 'page')} on {result.target}, "
+        f"{result.hit_ratio:.1%} resident, {plural(result.skipped_files, 'file')} skipped",
+        0,
+    )
 
 
 @app.command("capture")
@@ -78,12 +116,19 @@ def capture(
     ctx: typer.Context,
     host: str = typer.Argument(..., help="The host whose page cache to read."),
     paths: list[str] | None = PATHS_ARGUMENT,
-    output: str | None = typer.Option(None, "--output", "-o", metavar="PROFILE",
-                                      help="Write the profile here (default: HOST-TIME.pagecache.gz; "
-                                           "gzipped when the name ends in .gz)."),
-    emit_vmtouch: bool = typer.Option(False, "--emit-vmtouch",
-                                      help="Print the equivalent `vmtouch -t -p RANGE FILE` commands on stdout "
-                                           "(root i is $ROOTi, defaulting to the captured path)."),
+    output: str | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        metavar="PROFILE",
+        help="Write the profile here (default: HOST-TIME.pagecache.gz; gzipped when the name ends in .gz).",
+    ),
+    emit_vmtouch: bool = typer.Option(
+        False,
+        "--emit-vmtouch",
+        help="Print the equivalent `vmtouch -t -p RANGE FILE` commands on stdout "
+        "(root i is $ROOTi, defaulting to the captured path).",
+    ),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Record exactly which pages of every file under the paths are in the host's page cache."""
@@ -93,17 +138,35 @@ def capture(
         destination = output or f"{host}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.pagecache.gz"
         with out.step(f"read the page cache of {host}") as step:
             result = vmtouch.record(fleet, host, paths, destination, emit_vmtouch)
-            step.detail = (f"{plural(result.pages, 'page')} ({human_bytes(result.resident_bytes)}) "
-                           f"in {plural(result.files, 'file')}")
+            step.detail = (
+                f"{plural(result.pages, 'page')} ({human_bytes(result.resident_bytes)}) "
+                f"in {plural(result.files, 'file')}"
+            )
         if result.vmtouch is not None:
             for line in result.vmtouch:
                 out.text(line)
         else:
-            out.table(None, ["host", Column("files cached/scanned", drop=2), Column("pages cached/scanned", drop=3),
-                             "cached", "profile", Column("size", drop=1)],
-                      [[result.host, f"{result.files}/{result.scanned_files}", f"{result.pages}/{result.scanned_pages}",
-                        human_bytes(result.resident_bytes), result.output,
-                        human_bytes(result.output_bytes)]])
+            out.table(
+                None,
+                [
+                    "host",
+                    Column("files cached/scanned", drop=2),
+                    Column("pages cached/scanned", drop=3),
+                    "cached",
+                    "profile",
+                    Column("size", drop=1),
+                ],
+                [
+                    [
+                        result.host,
+                        f"{result.files}/{result.scanned_files}",
+                        f"{result.pages}/{result.scanned_pages}",
+                        human_bytes(result.resident_bytes),
+                        result.output,
+                        human_bytes(result.output_bytes),
+                    ]
+                ],
+            )
         out.log(f"profile written to {result.output}")
         out.finish(result)
 
@@ -127,12 +190,21 @@ def apply(
         fleet = load_fleet(ctx)
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
-        result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
-                        title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
-                              f"({human_bytes(plan.bytes)}) "
-                              f"captured on {plan.source}",
-                        steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter), outcome=_warm_outcome)
+        result = mutate(
+            out,
+            fleet,
+            kind="warm",
+            resources=[conflicts.warm(plan.target)],
+            targets=[plan.target],
+            title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
+            f"({human_bytes(plan.bytes)}) "
+            f"captured on {plan.source}",
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter),
+            outcome=_warm_outcome,
+        )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
@@ -159,11 +231,20 @@ def copy(
     with command(ctx, "warm copy", json_flag) as out:
         fleet = load_fleet(ctx)
         plan = vmtouch.plan_copy(fleet, source, to, paths, _options(concurrency, rate, match, timeout))
-        result = mutate(out, fleet, kind="warm", resources=[conflicts.warm(plan.target)], targets=[plan.target],
-                        title=f"Warm {plan.target} with the pages cached on {plan.source} under "
-                              f"{', '.join(root.path for root in plan.roots)}",
-                        steps=plan.steps(), dry_run=dry_run, yes=yes,
-                        action=lambda reporter: vmtouch.copy(fleet, plan, reporter), outcome=_warm_outcome)
+        result = mutate(
+            out,
+            fleet,
+            kind="warm",
+            resources=[conflicts.warm(plan.target)],
+            targets=[plan.target],
+            title=f"Warm {plan.target} with the pages cached on {plan.source} under "
+            f"{', '.join(root.path for root in plan.roots)}",
+            steps=plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: vmtouch.copy(fleet, plan, reporter),
+            outcome=_warm_outcome,
+        )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
@@ -178,9 +259,14 @@ def diff(
     target: str = typer.Argument(..., help="The host to compare (e.g. the standby about to be promoted)."),
     paths: list[str] | None = PATHS_ARGUMENT,
     top: int = TOP_OPTION,
-    at_least: float | None = typer.Option(None, "--at-least", min=0, max=1, metavar="SHARE",
-                                          help="Exit 5 when less than this share (0-1) of SOURCE's cached "
-                                               "pages are cached on TARGET."),
+    at_least: float | None = typer.Option(
+        None,
+        "--at-least",
+        min=0,
+        max=1,
+        metavar="SHARE",
+        help="Exit 5 when less than this share (0-1) of SOURCE's cached pages are cached on TARGET.",
+    ),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """What share of SOURCE's cached pages are cached on TARGET, per file and in total. Read-only."""
@@ -189,15 +275,31 @@ def diff(
         fleet = load_fleet(ctx)
         result = vmtouch.diff(fleet, source, target, paths, out)
         page = result.page_size
-        out.table(f"files with the most pages cold on {result.target}",
-                  ["file", Column(f"cached on {result.source}", drop=2), Column(f"also on {result.target}", drop=1),
-                   "share", Column("status", wrap=True)],
-                  [[item.path, human_bytes(item.source_pages * page),
-                    human_bytes(item.target_pages * page), f"{item.share:.1%}", item.status]
-                   for item in result.files[:top]])
-        out.text(f"{result.share:.1%} of {result.source}'s cached pages ({result.target_pages} of "
-                 f"{result.source_pages}, {human_bytes(result.source_pages * page)}) are cached on "
-                 f"{result.target}")
+        out.table(
+            f"files with the most pages cold on {result.target}",
+            [
+                "file",
+                Column(f"cached on {result.source}", drop=2),
+                Column(f"also on {result.target}", drop=1),
+                "share",
+                Column("status", wrap=True),
+            ],
+            [
+                [
+                    item.path,
+                    human_bytes(item.source_pages * page),
+                    human_bytes(item.target_pages * page),
+                    f"{item.share:.1%}",
+                    item.status,
+                ]
+                for item in result.files[:top]
+            ],
+        )
+        out.text(
+            f"{result.share:.1%} of {result.source}'s cached pages ({result.target_pages} of "
+            f"{result.source_pages}, {human_bytes(result.source_pages * page)}) are cached on "
+            f"{result.target}"
+        )
         code = ExitCode.PROBLEMS_FOUND if at_least is not None and result.share < at_least else ExitCode.OK
         out.finish(result, code)
         exit_with(code)
@@ -221,15 +323,27 @@ def show(
             result = vmtouch.show(fleet, host, path, top)
             page = result.page_size
             if result.busiest:
-                out.table(None, ["file", "cached", Column("size", drop=1), "share", Column("runs", drop=2)],
-                          [[item["path"], human_bytes(item["resident_pages"] * page),
-                            human_bytes(item["pages"] * page), f"{item['share']:.1%}", item["runs"]]
-                           for item in result.busiest])
+                out.table(
+                    None,
+                    ["file", "cached", Column("size", drop=1), "share", Column("runs", drop=2)],
+                    [
+                        [
+                            item["path"],
+                            human_bytes(item["resident_pages"] * page),
+                            human_bytes(item["pages"] * page),
+                            f"{item['share']:.1%}",
+                            item["runs"],
+                        ]
+                        for item in result.busiest
+                    ],
+                )
             out.text(f"           Files: {result.files}")
             out.text(f"     Directories: {result.directories}")
-            out.text(f"  Resident Pages: {result.resident_pages}/{result.pages}  "
-                     f"{human_bytes(result.resident_pages * page)}/{human_bytes(result.pages * page)}  "
-                     f"{result.share:.3%}")
+            out.text(
+                f"  Resident Pages: {result.resident_pages}/{result.pages}  "
+                f"{human_bytes(result.resident_pages * page)}/{human_bytes(result.pages * page)}  "
+                f"{result.share:.3%}"
+            )
             out.text(f"         Elapsed: {result.seconds:g} seconds")
             return result, ExitCode.OK
 

@@ -99,8 +99,11 @@ class LabStatus:
 
 def _require_root(action: str) -> None:
     if os.geteuid() != 0:
-        raise UsageError(f"igops lab {action} must run as root: it mounts filesystems, attaches loop devices "
-                         "and binds port 22 and 80", f"run: sudo igops lab {action}")
+        raise UsageError(
+            f"igops lab {action} must run as root: it mounts filesystems, attaches loop devices "
+            "and binds port 22 and 80",
+            f"run: sudo igops lab {action}",
+        )
 
 
 def _lock(paths: Paths):
@@ -110,15 +113,25 @@ def _lock(paths: Paths):
 
 
 def _endpoints() -> list[tuple[str, int, str]]:
-    ports = {"lb": (state.LB_PORT, "nginx"), "app": (state.APP_PORT, "gunicorn"),
-             "pgbouncer": (state.PGBOUNCER_PORT, "pgbouncer"), "postgres": (state.POSTGRES_PORT, "postgres"),
-             "redis": (state.REDIS_PORT, "redis"), "memcached": (state.MEMCACHED_PORT, "memcached"),
-             "munin": (state.MUNIN_PORT, "munin-node")}
-    found = [(MOTO[0], MOTO[1], "moto"), (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
-             (PINGDOM[0], PINGDOM[1], "Pingdom receiver")]
+    ports = {
+        "lb": (state.LB_PORT, "nginx"),
+        "app": (state.APP_PORT, "gunicorn"),
+        "pgbouncer": (state.PGBOUNCER_PORT, "pgbouncer"),
+        "postgres": (state.POSTGRES_PORT, "postgres"),
+        "redis": (state.REDIS_PORT, "redis"),
+        "memcached": (state.MEMCACHED_PORT, "memcached"),
+        "munin": (state.MUNIN_PORT, "munin-node"),
+    }
+    found = [
+        (MOTO[0], MOTO[1], "moto"),
+        (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
+        (PINGDOM[0], PINGDOM[1], "Pingdom receiver"),
+    ]
     for name, address in state.ETCD_MEMBERS:
-        found += [(address, state.ETCD_CLIENT_PORT, f"etcd {name}"),
-                  (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)")]
+        found += [
+            (address, state.ETCD_CLIENT_PORT, f"etcd {name}"),
+            (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)"),
+        ]
     for lab_host in HOSTS:
         found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
         found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
@@ -129,8 +142,10 @@ def _preflight(paths: Paths) -> None:
     """Refuse before building anything when another program holds one of the lab's ports
     or the app's source is missing."""
     if not (paths.app_source / "requirements.txt").is_file():
-        raise UsageError(f"the app's source is not at {paths.app_source}",
-                         "run igops from a checkout of the project (the lab deploys its app/)")
+        raise UsageError(
+            f"the app's source is not at {paths.app_source}",
+            "run igops from a checkout of the project (the lab deploys its app/)",
+        )
     listening = proc.listeners()
     for address, port, what in _endpoints():
         holders = listening.get((address, port), [])
@@ -176,8 +191,12 @@ def running() -> bool:
 
 
 def _pid_files(paths: Paths) -> list[Path]:
-    found = [paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.services / "moto.pid", paths.services / "receivers.pid",
-             *etcd.pid_files(paths)]
+    found = [
+        paths.ssh / f"sshd-{SSHD_NAME}.pid",
+        paths.services / "moto.pid",
+        paths.services / "receivers.pid",
+        *etcd.pid_files(paths),
+    ]
     for lab_host in HOSTS:
         directory = paths.host_dir(lab_host.name)
         found.append(paths.munin_dir(lab_host.name) / "munin-node.pid")
@@ -198,13 +217,31 @@ def _pid_files(paths: Paths) -> list[Path]:
 
 
 def receivers_daemon(paths: Paths, creds: credentials.Credentials) -> proc.Daemon:
-    env = {"IGOPS_PINGDOM_TOKEN": creds.pingdom_token, "IGOPS_PAGERDUTY_ROUTING_KEY": creds.pagerduty_routing_key,
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    argv = (sys.executable, "-m", "igops.lab.receivers", "--pagerduty", f"{PAGERDUTY[0]}:{PAGERDUTY[1]}",
-            "--pingdom", f"{PINGDOM[0]}:{PINGDOM[1]}", "--record-dir", str(paths.services / "receivers"))
-    return proc.Daemon("monitoring receivers", argv, paths.services / "receivers.pid",
-                       paths.services / "receivers.log", endpoint=PINGDOM, env=tuple(env.items()),
-                       config_files=(Path(__file__).with_name("receivers.py"),))
+    env = {
+        "IGOPS_PINGDOM_TOKEN": creds.pingdom_token,
+        "IGOPS_PAGERDUTY_ROUTING_KEY": creds.pagerduty_routing_key,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    argv = (
+        sys.executable,
+        "-m",
+        "igops.lab.receivers",
+        "--pagerduty",
+        f"{PAGERDUTY[0]}:{PAGERDUTY[1]}",
+        "--pingdom",
+        f"{PINGDOM[0]}:{PINGDOM[1]}",
+        "--record-dir",
+        str(paths.services / "receivers"),
+    )
+    return proc.Daemon(
+        "monitoring receivers",
+        argv,
+        paths.services / "receivers.pid",
+        paths.services / "receivers.log",
+        endpoint=PINGDOM,
+        env=tuple(env.items()),
+        config_files=(Path(__file__).with_name("receivers.py"),),
+    )
 
 
 def _ssh(paths: Paths) -> None:
@@ -218,11 +255,19 @@ def _ssh(paths: Paths) -> None:
     files.write_file(directory / "known_hosts", keys.known_hosts.read_text())
     files.chown(directory, postgres.OS_USER, recursive=True)
     # Logs in as postgres only (repmgr's switchover and rejoin): sshd finds it by user name.
-    files.write_file(directory / "authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600,
-                     owner=postgres.OS_USER)
-    sshd.start(paths.ssh, SSHD_NAME, keys, [lab_host.address for lab_host in HOSTS], SSH_PORT,
-               env={MARKER_ENV: str(paths.root)}, user_keys=str(paths.root / "%u-ssh" / "authorized_keys"),
-               use_pam=True)
+    files.write_file(
+        directory / "authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600, owner=postgres.OS_USER
+    )
+    sshd.start(
+        paths.ssh,
+        SSHD_NAME,
+        keys,
+        [lab_host.address for lab_host in HOSTS],
+        SSH_PORT,
+        env={MARKER_ENV: str(paths.root)},
+        user_keys=str(paths.root / "%u-ssh" / "authorized_keys"),
+        use_pam=True,
+    )
 
 
 def _redis_master(paths: Paths) -> str:
@@ -273,25 +318,37 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
                 built = list(pool.map(lambda cluster: postgres.build(paths, creds, cluster), CLUSTERS))
             report.primaries = {item.cluster: item.primary for item in built}
             report.recovered += [f"{item.cluster}: {item.repaired}" for item in built if item.repaired]
-            step.detail = ", ".join(f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
-                                    + (f" ({item.repaired})" if item.repaired else "") for item in built)
+            step.detail = ", ".join(
+                f"{item.cluster}: primary {item.primary}, standby {', '.join(item.standbys)}"
+                + (f" ({item.repaired})" if item.repaired else "")
+                for item in built
+            )
             rerouted = services.route_pgbouncer(paths, {item.cluster: item.primary for item in built if item.repaired})
         with reporter.step("repmgrd (automatic failover) on every Postgres node") as step:
             step.detail = _repmgrd(paths, postgres.repmgrd_wanted(paths, repmgrd))
         with reporter.step("PgBouncer, Redis (master + replica), memcached, munin-node on every host") as step:
-            _start_all([services.pgbouncer_daemon(paths, creds, report.primaries), services.memcached_daemon(paths),
-                        *services.redis_daemons(paths),
-                        *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS]], paths)
+            _start_all(
+                [
+                    services.pgbouncer_daemon(paths, creds, report.primaries),
+                    services.memcached_daemon(paths),
+                    *services.redis_daemons(paths),
+                    *[services.munin_daemon(paths, lab_host.name) for lab_host in HOSTS],
+                ],
+                paths,
+            )
             services.wait_for_replication()
-        with reporter.step("PgBouncer: re-read its databases file, "
-                           "resume what an interrupted operation paused") as step:
-            done = pooler.bring_to_health(creds, lab_inventory.coordinator(paths), _command_line(),
-                                          reload=rerouted)
+        with reporter.step(
+            "PgBouncer: re-read its databases file, resume what an interrupted operation paused"
+        ) as step:
+            done = pooler.bring_to_health(creds, lab_inventory.coordinator(paths), _command_line(), reload=rerouted)
             report.recovered += [f"pgbouncer: {item}" for item in done if not item.startswith("reloaded")]
             step.detail = "; ".join(done) or "nothing was paused"
         with reporter.step("operations left interrupted: the baseline above has resolved them") as step:
-            ended = journal.end_interrupted(lab_inventory.coordinator(paths), paths.fleet_state,
-                                            "lab up restored the lab's baseline (roles, routes, poolers)")
+            ended = journal.end_interrupted(
+                lab_inventory.coordinator(paths),
+                paths.fleet_state,
+                "lab up restored the lab's baseline (roles, routes, poolers)",
+            )
             report.recovered += [f"operation {op_id}: ended, interrupted" for op_id in ended]
             step.detail = f"ended {', '.join(ended)}" if ended else "none"
         with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
@@ -306,8 +363,10 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
         init_shards(fleet, reporter)
         with reporter.step("app: virtualenv, releases, gunicorn on app1..app3") as step:
             environment = venv.result()
-            _start_all([services.gunicorn_daemon(paths, lab_host.name, environment, creds)
-                        for lab_host in with_role("app")], paths)
+            _start_all(
+                [services.gunicorn_daemon(paths, lab_host.name, environment, creds) for lab_host in with_role("app")],
+                paths,
+            )
             step.detail = f"venv {environment.name}"
         with reporter.step("nginx load balancer on lb1") as step:
             _start_all([services.nginx_daemon(paths)], paths)
@@ -327,23 +386,28 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
 
 
 def _repmgrd(paths: Paths, wanted: bool) -> str:
-    daemons = [postgres.repmgrd_daemon(paths, name) for cluster in CLUSTERS
-               for name in (cluster.primary, cluster.standby)]
+    daemons = [
+        postgres.repmgrd_daemon(paths, name) for cluster in CLUSTERS for name in (cluster.primary, cluster.standby)
+    ]
     if not wanted:
         running_pids = [pid for pid in (proc.running_pid(d.pid_file, paths.root) for d in daemons) if pid]
         proc.terminate(running_pids)
-        return (f"stopped on {plural(len(running_pids), 'node')}" if running_pids else "not running") + \
-            " (`igops lab up --repmgrd` starts it)"
+        return (
+            f"stopped on {plural(len(running_pids), 'node')}" if running_pids else "not running"
+        ) + " (`igops lab up --repmgrd` starts it)"
     _start_all(daemons, paths)
     # A started repmgrd takes a moment to register with its node; igops reads that registration.
     deadline = time.monotonic() + 30
     waiting = [postgres.Node(paths, name) for cluster in CLUSTERS for name in (cluster.primary, cluster.standby)]
     while waiting:
-        waiting = [node for node in waiting
-                   if node.psql("SELECT repmgr.repmgrd_is_running()", database="repmgr") != "t"]
+        waiting = [
+            node for node in waiting if node.psql("SELECT repmgr.repmgrd_is_running()", database="repmgr") != "t"
+        ]
         if waiting and time.monotonic() > deadline:
-            raise proc.LabError(f"repmgrd does not register on {', '.join(node.name for node in waiting)}",
-                                f"see {paths.root}/hosts/<node>/log/repmgrd.log")
+            raise proc.LabError(
+                f"repmgrd does not register on {', '.join(node.name for node in waiting)}",
+                f"see {paths.root}/hosts/<node>/log/repmgrd.log",
+            )
         time.sleep(0.2)
     return f"running on {plural(len(daemons), 'node')} (`igops lab up --no-repmgrd` stops it)"
 
@@ -360,10 +424,12 @@ def verify(fleet: Fleet, paths: Paths, creds: credentials.Credentials, patience:
         if not failing:
             return components
         if time.monotonic() > deadline:
-            raise proc.LabError(f"{len(failing)} lab components fail: "
-                                + "; ".join(f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in failing),
-                                "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
-                                "writes, and the logs under " + str(paths.root))
+            raise proc.LabError(
+                f"{len(failing)} lab components fail: "
+                + "; ".join(f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in failing),
+                "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
+                "writes, and the logs under " + str(paths.root),
+            )
         time.sleep(1)
 
 
@@ -380,9 +446,16 @@ def _check(fleet: Fleet, paths: Paths, creds: credentials.Credentials | None) ->
     from igops import status as fleet_status
 
     fleet_report = fleet_status.collect(fleet)
-    components = [Component("ssh", h.host, f"{h.address}:{SSH_PORT}", h.reachable,
-                            f"load {h.load}" if h.reachable else (h.detail or "unreachable"))
-                  for h in fleet_report.hosts]
+    components = [
+        Component(
+            "ssh",
+            h.host,
+            f"{h.address}:{SSH_PORT}",
+            h.reachable,
+            f"load {h.load}" if h.reachable else (h.detail or "unreachable"),
+        )
+        for h in fleet_report.hosts
+    ]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
     return components + _writes(creds) + _outside_services() + _etcd_members() + _volumes(paths)
 
@@ -390,10 +463,19 @@ def _check(fleet: Fleet, paths: Paths, creds: credentials.Credentials | None) ->
 def _writes(creds: credentials.Credentials | None) -> list[Component]:
     pgbouncer = with_role("pgbouncer")[0]
     if creds is None:
-        return [Component("write via pgbouncer", pgbouncer.name, f"{pgbouncer.address}:{state.PGBOUNCER_PORT}",
-                          False, "not tested: cannot read the lab's passwords (run as root)")]
-    return [Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
-            for probe in pooler.write_probes(creds)]
+        return [
+            Component(
+                "write via pgbouncer",
+                pgbouncer.name,
+                f"{pgbouncer.address}:{state.PGBOUNCER_PORT}",
+                False,
+                "not tested: cannot read the lab's passwords (run as root)",
+            )
+        ]
+    return [
+        Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
+        for probe in pooler.write_probes(creds)
+    ]
 
 
 def _etcd_members() -> list[Component]:
@@ -422,9 +504,11 @@ def _outside_services() -> list[Component]:
     extras = []
     # moto's dashboard, not its data.json: that dumps every object moto holds (the load
     # generator's photos make it tens of MB) and outgrows the deadline.
-    for name, (address, port), path in (("moto", MOTO, "/moto-api/"),
-                                        ("pagerduty-receiver", PAGERDUTY, "/_lab/state"),
-                                        ("pingdom-receiver", PINGDOM, "/_lab/state")):
+    for name, (address, port), path in (
+        ("moto", MOTO, "/moto-api/"),
+        ("pagerduty-receiver", PAGERDUTY, "/_lab/state"),
+        ("pingdom-receiver", PINGDOM, "/_lab/state"),
+    ):
         ok, detail = http_ok(address, port, path)
         extras.append(Component(name, "-", f"{address}:{port}", ok, detail))
     return extras
@@ -437,8 +521,15 @@ def _volumes(paths: Paths) -> list[Component]:
         for purpose in lab_host.volumes:
             point = str(paths.mount_point(lab_host.name, purpose))
             mount = mounted.get(point)
-            volumes.append(Component(f"volume {purpose}", lab_host.name, point, mount is not None,
-                                     f"{mount.fstype} on {mount.source}" if mount else "not mounted"))
+            volumes.append(
+                Component(
+                    f"volume {purpose}",
+                    lab_host.name,
+                    point,
+                    mount is not None,
+                    f"{mount.fstype} on {mount.source}" if mount else "not mounted",
+                )
+            )
     return volumes
 
 
@@ -460,8 +551,15 @@ def _offline_components(paths: Paths) -> list[Component]:
     components = []
     for address, port, what in _endpoints():
         ok = proc.answers(address, port, timeout=0.3)
-        components.append(Component(what, next((h.name for h in HOSTS if h.address == address), "-"),
-                                    f"{address}:{port}", ok, "accepts connections" if ok else "not listening"))
+        components.append(
+            Component(
+                what,
+                next((h.name for h in HOSTS if h.address == address), "-"),
+                f"{address}:{port}",
+                ok,
+                "accepts connections" if ok else "not listening",
+            )
+        )
     return components + _volumes(paths)
 
 

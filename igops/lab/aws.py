@@ -27,8 +27,11 @@ from igops.lab.state import (
 from igops.lab.storage import VolumeState
 
 ENDPOINT = f"http://{MOTO[0]}:{MOTO[1]}"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET_ACCESS_KEY,
-           "AWS_DEFAULT_REGION": AWS_REGION}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": AWS_ACCESS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": AWS_SECRET_ACCESS_KEY,
+    "AWS_DEFAULT_REGION": AWS_REGION,
+}
 LAB_AMI = "ami-0abcdef1234567890"
 
 
@@ -40,16 +43,26 @@ class AwsState:
 
 def daemon(paths: Paths) -> proc.Daemon:
     moto_server = Path(sys.executable).with_name("moto_server")
-    return proc.Daemon("moto", (str(moto_server), "-H", MOTO[0], "-p", str(MOTO[1])),
-                       paths.services / "moto.pid", paths.services / "moto.log", endpoint=MOTO,
-                       env=tuple({**AWS_ENV, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items()))
+    return proc.Daemon(
+        "moto",
+        (str(moto_server), "-H", MOTO[0], "-p", str(MOTO[1])),
+        paths.services / "moto.pid",
+        paths.services / "moto.log",
+        endpoint=MOTO,
+        env=tuple({**AWS_ENV, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}.items()),
+    )
 
 
 def client(service: str):
     import boto3
 
-    return boto3.client(service, endpoint_url=ENDPOINT, region_name=AWS_REGION,
-                        aws_access_key_id=AWS_ACCESS_KEY_ID, aws_secret_access_key=AWS_SECRET_ACCESS_KEY)
+    return boto3.client(
+        service,
+        endpoint_url=ENDPOINT,
+        region_name=AWS_REGION,
+        aws_access_key_id=AWS_ACCESS_KEY_ID,
+        aws_secret_access_key=AWS_SECRET_ACCESS_KEY,
+    )
 
 
 def _tags(items: list[dict] | None) -> dict[str, str]:
@@ -66,12 +79,20 @@ def build(volumes: list[VolumeState]) -> AwsState:
                 existing[_tags(instance.get("Tags"))["igops:host"]] = instance["InstanceId"]
     for lab_host in HOSTS:
         if lab_host.name not in existing:
-            tags = [{"Key": "Name", "Value": lab_host.name}, {"Key": "igops:host", "Value": lab_host.name},
-                    {"Key": "igops:roles", "Value": ",".join(lab_host.roles)}]
-            reply = ec2.run_instances(ImageId=LAB_AMI, MinCount=1, MaxCount=1, InstanceType="t3.small",
-                                      PrivateIpAddress=lab_host.address,
-                                      Placement={"AvailabilityZone": AVAILABILITY_ZONE},
-                                      TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+            tags = [
+                {"Key": "Name", "Value": lab_host.name},
+                {"Key": "igops:host", "Value": lab_host.name},
+                {"Key": "igops:roles", "Value": ",".join(lab_host.roles)},
+            ]
+            reply = ec2.run_instances(
+                ImageId=LAB_AMI,
+                MinCount=1,
+                MaxCount=1,
+                InstanceType="t3.small",
+                PrivateIpAddress=lab_host.address,
+                Placement={"AvailabilityZone": AVAILABILITY_ZONE},
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+            )
             existing[lab_host.name] = reply["Instances"][0]["InstanceId"]
         state.instances[lab_host.name] = existing[lab_host.name]
 
@@ -85,11 +106,18 @@ def build(volumes: list[VolumeState]) -> AwsState:
         instance_id = state.instances[wanted.host]
         volume = known.get(key)
         if volume is None:
-            tags = [{"Key": "Name", "Value": f"{wanted.host}-{wanted.purpose}"},
-                    {"Key": "igops:host", "Value": wanted.host}, {"Key": "igops:mount", "Value": wanted.mount_point},
-                    {"Key": "igops:purpose", "Value": wanted.purpose}]
-            volume = ec2.create_volume(Size=1, AvailabilityZone=AVAILABILITY_ZONE, VolumeType="gp3",
-                                       TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
+            tags = [
+                {"Key": "Name", "Value": f"{wanted.host}-{wanted.purpose}"},
+                {"Key": "igops:host", "Value": wanted.host},
+                {"Key": "igops:mount", "Value": wanted.mount_point},
+                {"Key": "igops:purpose", "Value": wanted.purpose},
+            ]
+            volume = ec2.create_volume(
+                Size=1,
+                AvailabilityZone=AVAILABILITY_ZONE,
+                VolumeType="gp3",
+                TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
+            )
         attachments = volume.get("Attachments") or []
         current = [(item["InstanceId"], item["Device"]) for item in attachments]
         if current != [(instance_id, wanted.device)]:

@@ -31,8 +31,10 @@ def munin_plugins(fleet: Fleet) -> str:
     results = munin.install(fleet, munin.plan_install(fleet, None))
     failed = [f"{result.host}: {result.error}" for result in results if not result.ok]
     if failed:
-        raise LabError("igops munin install failed on " + "; ".join(failed),
-                       "see hosts/<host>/munin/munin-node.log under the lab's state dir")
+        raise LabError(
+            "igops munin install failed on " + "; ".join(failed),
+            "see hosts/<host>/munin/munin-node.log under the lab's state dir",
+        )
     changed = [result.host for result in results if result.changed]
     return (f"installed on {', '.join(changed)}" if changed else "in place") + f" ({plural(len(results), 'host')})"
 
@@ -49,18 +51,26 @@ def pingdom_checks(fleet: Fleet) -> str:
         wanted = {check.name for check in pingdom.desired_checks(fleet)}
         deadline = time.monotonic() + PINGDOM_FIRST_TEST_S
         while True:
-            untested = sorted(check["name"] for check in client.checks(plan.tag)
-                              if check["name"] in wanted and check.get("status", "unknown") == "unknown")
+            untested = sorted(
+                check["name"]
+                for check in client.checks(plan.tag)
+                if check["name"] in wanted and check.get("status", "unknown") == "unknown"
+            )
             if not untested:
                 break
             if time.monotonic() > deadline:
-                raise LabError(f"Pingdom has not tested {', '.join(untested)} within {PINGDOM_FIRST_TEST_S:g} s",
-                               "see services/receivers.log under the lab's state dir")
+                raise LabError(
+                    f"Pingdom has not tested {', '.join(untested)} within {PINGDOM_FIRST_TEST_S:g} s",
+                    "see services/receivers.log under the lab's state dir",
+                )
             time.sleep(0.5)
     finally:
         client.close()
-    return (f"{plural(len(plan.changes), 'change')} synced" if plan.changes
-            else f"in sync ({plural(len(plan.unchanged), 'check')})")
+    return (
+        f"{plural(len(plan.changes), 'change')} synced"
+        if plan.changes
+        else f"in sync ({plural(len(plan.unchanged), 'check')})"
+    )
 
 
 def snapshots(fleet: Fleet) -> str:
@@ -80,8 +90,10 @@ def snapshots(fleet: Fleet) -> str:
         if data_set.policy.schedule is not None:
             needed = snapshot_policy.due(data_set, groups, now, grace)
         else:
-            needed = not any(data_set.holds(group) and group.state == snapshot.STATE_COMPLETE
-                             and now - group.created < fresh_enough for group in groups)
+            needed = not any(
+                data_set.holds(group) and group.state == snapshot.STATE_COMPLETE and now - group.created < fresh_enough
+                for group in groups
+            )
         if not needed:
             continue
         take = snapshot_cron.choose(fleet, data_set)
@@ -94,8 +106,10 @@ def snapshots(fleet: Fleet) -> str:
             raise LabError(f"cannot snapshot {take.label}: {take.error}", take.hint)
         result = snapshot.create(fleet, plan, Reporter(), ebs=ebs)
         if result.state != snapshot.STATE_COMPLETE:
-            raise LabError(f"igops snapshot create {take.host} ({take.label}) ended {result.state}: {result.error}",
-                           f"run `igops snapshot create {take.host}` against the lab to see every step")
+            raise LabError(
+                f"igops snapshot create {take.host} ({take.label}) ended {result.state}: {result.error}",
+                f"run `igops snapshot create {take.host}` against the lab to see every step",
+            )
         taken.append(f"{result.group_id} ({take.label})")
     return "took " + ", ".join(taken) if taken else "every set of data has the group its policy wants"
 
@@ -122,8 +136,10 @@ def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) ->
                 continue
             while standby.psql("SELECT pg_last_wal_replay_lsn() >= :'position'::pg_lsn", position=position) != "t":
                 if time.monotonic() > deadline:
-                    raise LabError(f"{name} has not replayed {cluster.name}'s WAL up to {position} "
-                                   f"within {timeout:g} s", f"see hosts/{name}/log/postgresql.log under the "
-                                   "lab's state dir, and `igops pg status " + cluster.name + "`")
+                    raise LabError(
+                        f"{name} has not replayed {cluster.name}'s WAL up to {position} within {timeout:g} s",
+                        f"see hosts/{name}/log/postgresql.log under the "
+                        "lab's state dir, and `igops pg status " + cluster.name + "`",
+                    )
                 time.sleep(0.1)
     return "; ".join(adrift) if adrift else "every standby has replayed its primary's WAL"

@@ -53,8 +53,11 @@ def ensure(paths: Paths) -> Credentials:
     known = {**_read(paths.secrets), **_read(paths.passwords)}
     values = {name: known.get(name) or _generate(name) for name in FLEET_SECRETS + LAB_PASSWORDS}
     credentials = Credentials(**values)
-    files.write_file(paths.secrets, "# The lab's secrets (igops lab up); never commit them.\n"
-                    + _toml(credentials.fleet_secrets()), mode=0o600)
+    files.write_file(
+        paths.secrets,
+        "# The lab's secrets (igops lab up); never commit them.\n" + _toml(credentials.fleet_secrets()),
+        mode=0o600,
+    )
     files.write_file(paths.passwords, _toml({name: values[name] for name in LAB_PASSWORDS}), mode=0o600)
     return credentials
 

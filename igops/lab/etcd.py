@@ -36,13 +36,40 @@ def daemon(paths: Paths, name: str) -> proc.Daemon:
     client, peer = f"http://{address}:{ETCD_CLIENT_PORT}", f"http://{address}:{ETCD_PEER_PORT}"
     # The initial-cluster settings count only on a member's first start; later ones read the
     # membership from the data directory.
-    argv = (BINARY, "--name", name, "--data-dir", str(data),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", _initial_cluster(), "--initial-cluster-token", CLUSTER_TOKEN,
-            "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr")
-    return proc.Daemon(f"etcd {name}", argv, directory / "etcd.pid", directory / "etcd.log",
-                       endpoint=(address, ETCD_CLIENT_PORT), user=OS_USER, cwd=directory)
+    argv = (
+        BINARY,
+        "--name",
+        name,
+        "--data-dir",
+        str(data),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        _initial_cluster(),
+        "--initial-cluster-token",
+        CLUSTER_TOKEN,
+        "--initial-cluster-state",
+        "new",
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+    )
+    return proc.Daemon(
+        f"etcd {name}",
+        argv,
+        directory / "etcd.pid",
+        directory / "etcd.log",
+        endpoint=(address, ETCD_CLIENT_PORT),
+        user=OS_USER,
+        cwd=directory,
+    )
 
 
 def daemons(paths: Paths) -> list[proc.Daemon]:
@@ -78,6 +105,8 @@ def wait_healthy(timeout: float = 30) -> str:
         if not failing:
             return f"{plural(len(ETCD_MEMBERS), 'member')} healthy on {', '.join(a for _, a in ETCD_MEMBERS)}"
         if time.monotonic() > deadline:
-            raise proc.LabError("etcd: " + "; ".join(f"{name} {detail}" for name, detail in failing.items())
-                                + f" after {timeout:g} s", "see <lab state>/etcd/<member>/etcd.log")
+            raise proc.LabError(
+                "etcd: " + "; ".join(f"{name} {detail}" for name, detail in failing.items()) + f" after {timeout:g} s",
+                "see <lab state>/etcd/<member>/etcd.log",
+            )
         time.sleep(0.2)

@@ -45,11 +45,17 @@ class AwsProxy:
                 status = proxy.faults.fail.get(action)
                 selector = proxy.faults.fail_when.get(action)
                 if status and (selector is None or selector in body.decode(errors="replace")):
-                    payload = (f"<Response><Errors><Error><Code>InjectedFault</Code><Message>igops lab proxy "
-                               f"failed {action}</Message></Error></Errors></Response>").encode()
+                    payload = (
+                        f"<Response><Errors><Error><Code>InjectedFault</Code><Message>igops lab proxy "
+                        f"failed {action}</Message></Error></Errors></Response>"
+                    ).encode()
                     return self._answer(status, payload, "text/xml")
-                request = urllib.request.Request(f"{proxy.upstream}{self.path}", data=body or None, method=method,
-                                                 headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                request = urllib.request.Request(
+                    f"{proxy.upstream}{self.path}",
+                    data=body or None,
+                    method=method,
+                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+                )
                 try:
                     with urllib.request.urlopen(request, timeout=120) as answer:
                         payload = answer.read()

@@ -23,8 +23,10 @@ CONNECT_TIMEOUT_S = 5
 # cancels it after this long and reports the database as not taking writes.
 WRITE_PROBE_TIMEOUT_S = 5.0
 # A write that only a primary accepts, undone at once: a temporary table and a row in it.
-WRITE_PROBE_SQL = ("CREATE TEMP TABLE igops_lab_write_probe (at timestamptz) ON COMMIT DROP; "
-                   "INSERT INTO igops_lab_write_probe VALUES (now())")
+WRITE_PROBE_SQL = (
+    "CREATE TEMP TABLE igops_lab_write_probe (at timestamptz) ON COMMIT DROP; "
+    "INSERT INTO igops_lab_write_probe VALUES (now())"
+)
 
 
 def address() -> str:
@@ -36,8 +38,14 @@ def admin(credentials: Credentials):
     """An autocommit connection to PgBouncer's admin console."""
     import psycopg2
 
-    connection = psycopg2.connect(host=address(), port=PGBOUNCER_PORT, user=PGBOUNCER_ADMIN, dbname="pgbouncer",
-                                  password=credentials.pgbouncer_password, connect_timeout=CONNECT_TIMEOUT_S)
+    connection = psycopg2.connect(
+        host=address(),
+        port=PGBOUNCER_PORT,
+        user=PGBOUNCER_ADMIN,
+        dbname="pgbouncer",
+        password=credentials.pgbouncer_password,
+        connect_timeout=CONNECT_TIMEOUT_S,
+    )
     connection.autocommit = True
     try:
         yield connection.cursor()
@@ -95,8 +103,11 @@ class WriteProbe:
 def write_probes(credentials: Credentials) -> list[WriteProbe]:
     """For each cluster, a write through each of its PgBouncer databases, rolled back: only a
     primary takes it, so it fails when PgBouncer routes to a standby or holds the database paused."""
-    return [_write_probe(credentials, cluster.name, database)
-            for cluster in CLUSTERS for database in pgbouncer_databases(cluster.name)]
+    return [
+        _write_probe(credentials, cluster.name, database)
+        for cluster in CLUSTERS
+        for database in pgbouncer_databases(cluster.name)
+    ]
 
 
 def _write_probe(credentials: Credentials, cluster: str, database: str) -> WriteProbe:
@@ -111,8 +122,14 @@ def _write_probe(credentials: Credentials, cluster: str, database: str) -> Write
         connection.cancel()
 
     try:
-        connection = psycopg2.connect(host=address(), port=PGBOUNCER_PORT, user=APP_USER, dbname=database,
-                                      password=credentials.app_password, connect_timeout=CONNECT_TIMEOUT_S)
+        connection = psycopg2.connect(
+            host=address(),
+            port=PGBOUNCER_PORT,
+            user=APP_USER,
+            dbname=database,
+            password=credentials.app_password,
+            connect_timeout=CONNECT_TIMEOUT_S,
+        )
         timer = threading.Timer(WRITE_PROBE_TIMEOUT_S, cancel)
         timer.start()
         try:
@@ -124,8 +141,11 @@ def _write_probe(credentials: Credentials, cluster: str, database: str) -> Write
         finally:
             timer.cancel()
     except psycopg2.Error as exc:
-        reason = (f"no answer within {WRITE_PROBE_TIMEOUT_S:g} s (is it PAUSED?)" if cancelled.is_set()
-                  else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        reason = (
+            f"no answer within {WRITE_PROBE_TIMEOUT_S:g} s (is it PAUSED?)"
+            if cancelled.is_set()
+            else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        )
         return WriteProbe(cluster, database, endpoint, False, f"cluster {cluster}: a write failed: {reason}")
     finally:
         if connection is not None:

@@ -43,8 +43,9 @@ class Node:
         return proc.run(argv, user=OS_USER, env=self.env, **kwargs)
 
     def pg_ctl(self, *args: str, check: bool = True):
-        return self.run([BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90,
-                        starts_daemon="start" in args)
+        return self.run(
+            [BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90, starts_daemon="start" in args
+        )
 
     def running(self) -> bool:
         return self.pg_ctl("status", check=False).returncode == 0
@@ -62,8 +63,23 @@ class Node:
             self.pg_ctl("-w", "-t", "30", "-m", "fast", "stop", check=False)
 
     def psql(self, script: str, database: str = "postgres", **variables: str) -> str:
-        argv = [BIN_DIR / "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.socket_dir,
-                "-p", str(POSTGRES_PORT), "-U", "postgres", "-d", database]
+        argv = [
+            BIN_DIR / "psql",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            self.socket_dir,
+            "-p",
+            str(POSTGRES_PORT),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+        ]
         for name, value in variables.items():
             argv += ["-v", f"{name}={value}"]
         return self.run(argv, input=script).stdout.strip()
@@ -81,12 +97,22 @@ class Node:
             shutil.rmtree(directory, ignore_errors=True)
 
     def write_config(self, credentials: Credentials) -> None:
-        values = dict(host=self.name, address=self.address, port=POSTGRES_PORT, pgdata=self.pgdata,
-                      pgconf=self.pgconf, socket_dir=self.socket_dir, pg_wal=self.pg_wal, log=self.log,
-                      bin_dir=BIN_DIR, node_id=NODE_IDS[self.name], pgpass=self.pgpass,
-                      repmgr_conf=self.repmgr_conf,
-                      known_hosts=self.paths.postgres_ssh / "known_hosts",
-                      ssh_key=self.paths.postgres_ssh / "id_ed25519")
+        values = dict(
+            host=self.name,
+            address=self.address,
+            port=POSTGRES_PORT,
+            pgdata=self.pgdata,
+            pgconf=self.pgconf,
+            socket_dir=self.socket_dir,
+            pg_wal=self.pg_wal,
+            log=self.log,
+            bin_dir=BIN_DIR,
+            node_id=NODE_IDS[self.name],
+            pgpass=self.pgpass,
+            repmgr_conf=self.repmgr_conf,
+            known_hosts=self.paths.postgres_ssh / "known_hosts",
+            ssh_key=self.paths.postgres_ssh / "id_ed25519",
+        )
         for directory in (self.pgconf, self.socket_dir, self.log.parent):
             directory.mkdir(parents=True, exist_ok=True)
             files.chown(directory, OS_USER)
@@ -94,9 +120,12 @@ class Node:
             files.write_file(self.pgconf / name, files.render(name, **values), owner=OS_USER)
         files.write_file(self.pgconf / "pg_ident.conf", "", owner=OS_USER)
         files.write_file(self.repmgr_conf, files.render("repmgr.conf", **values), owner=OS_USER)
-        files.write_file(self.pgpass, f"*:*:*:repmgr:{credentials.repmgr_password}\n"
-                                      f"*:*:*:postgres:{credentials.postgres_password}\n",
-                         mode=0o600, owner=OS_USER)
+        files.write_file(
+            self.pgpass,
+            f"*:*:*:repmgr:{credentials.repmgr_password}\n*:*:*:postgres:{credentials.postgres_password}\n",
+            mode=0o600,
+            owner=OS_USER,
+        )
         for purpose in ("data", "wal"):
             files.chown(self.paths.mount_point(self.name, purpose), OS_USER)
 
@@ -131,20 +160,25 @@ def build(paths: Paths, credentials: Credentials, cluster: PgCluster) -> Cluster
         # candidate: nothing can take writes, and no member is ahead of the one with the most WAL.
         writable = [_promote_furthest(list(nodes.values()))]
         recloned = True
-        repaired = (f"no member took writes (an interrupted switchover or failover?): promoted {writable[0].name}, "
-                    "which had replayed the most WAL; the others are cloned from it")
+        repaired = (
+            f"no member took writes (an interrupted switchover or failover?): promoted {writable[0].name}, "
+            "which had replayed the most WAL; the others are cloned from it"
+        )
     if len(writable) != 1:
-        raise proc.LabError(f"cluster {cluster.name}: {len(writable)} writable nodes "
-                            f"({', '.join(node.name for node in writable) or 'none'})",
-                            "stop the member whose writes to give up, put standby.signal in its data directory, "
-                            "`igops lab up`, then `igops pg rejoin` it (or `igops lab down --purge`)")
+        raise proc.LabError(
+            f"cluster {cluster.name}: {len(writable)} writable nodes "
+            f"({', '.join(node.name for node in writable) or 'none'})",
+            "stop the member whose writes to give up, put standby.signal in its data directory, "
+            "`igops lab up`, then `igops pg rejoin` it (or `igops lab down --purge`)",
+        )
     current = writable[0]
     _ensure_roles(current, credentials, cluster)
     for node in nodes.values():
         if node is not current and (recloned or not node.marker.exists()):
             _clone_standby(node, current)
-    return ClusterState(cluster.name, current.name, [node.name for node in nodes.values() if node is not current],
-                        repaired)
+    return ClusterState(
+        cluster.name, current.name, [node.name for node in nodes.values() if node is not current], repaired
+    )
 
 
 def repmgrd_daemon(paths: Paths, name: str) -> proc.Daemon:
@@ -153,10 +187,15 @@ def repmgrd_daemon(paths: Paths, name: str) -> proc.Daemon:
     igops must then keep it from promoting on its own in the middle of a switchover."""
     node = Node(paths, name)
     directory = paths.host_dir(name)
-    return proc.Daemon(f"repmgrd on {name}", (str(BIN_DIR / "repmgrd"), "-f", str(node.repmgr_conf),
-                                              "--daemonize=false", "--no-pid-file"),
-                       directory / "repmgrd.pid", directory / "log" / "repmgrd.log", user=OS_USER,
-                       env=tuple(node.env.items()), config_files=(node.repmgr_conf,))
+    return proc.Daemon(
+        f"repmgrd on {name}",
+        (str(BIN_DIR / "repmgrd"), "-f", str(node.repmgr_conf), "--daemonize=false", "--no-pid-file"),
+        directory / "repmgrd.pid",
+        directory / "log" / "repmgrd.log",
+        user=OS_USER,
+        env=tuple(node.env.items()),
+        config_files=(node.repmgr_conf,),
+    )
 
 
 def repmgrd_wanted(paths: Paths, choice: bool | None) -> bool:
@@ -179,9 +218,26 @@ def _promote_furthest(nodes: list[Node]) -> Node:
 
 def _init_primary(node: Node, credentials: Credentials, cluster: PgCluster) -> None:
     node.pg_wal.parent.mkdir(parents=True, exist_ok=True)
-    node.run([BIN_DIR / "initdb", "-D", node.pgdata, "--waldir", node.pg_wal, "-U", "postgres",
-              "-E", "UTF8", "--locale", "C.UTF-8", "--auth-local", "peer",
-              "--auth-host", "scram-sha-256"], timeout=120)
+    node.run(
+        [
+            BIN_DIR / "initdb",
+            "-D",
+            node.pgdata,
+            "--waldir",
+            node.pg_wal,
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale",
+            "C.UTF-8",
+            "--auth-local",
+            "peer",
+            "--auth-host",
+            "scram-sha-256",
+        ],
+        timeout=120,
+    )
     # The configuration lives in pgconf; copies here would only mislead.
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
         (node.pgdata / name).unlink(missing_ok=True)
@@ -205,19 +261,44 @@ SELECT 'CREATE DATABASE repmgr OWNER repmgr'
 """
     # The service's databases belong to its role, so what the service creates is its own.
     for database in cluster.databases:
-        script += (f"SELECT 'CREATE DATABASE {database} OWNER app' WHERE NOT EXISTS "
-                   f"(SELECT FROM pg_database WHERE datname = '{database}') \\gexec\n")
-    node.psql(script, postgres_password=credentials.postgres_password,
-              repmgr_password=credentials.repmgr_password, app_password=credentials.app_password)
+        script += (
+            f"SELECT 'CREATE DATABASE {database} OWNER app' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_database WHERE datname = '{database}') \\gexec\n"
+        )
+    node.psql(
+        script,
+        postgres_password=credentials.postgres_password,
+        repmgr_password=credentials.repmgr_password,
+        app_password=credentials.app_password,
+    )
 
 
 def _clone_standby(node: Node, upstream: Node) -> None:
     node.wipe()
     slot = f"repmgr_slot_{NODE_IDS[node.name]}"
-    upstream.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                  "WHERE slot_name = :'slot' AND NOT active", slot=slot)
-    node.run([BIN_DIR / "repmgr", "-f", node.repmgr_conf, "-h", upstream.address, "-p", str(POSTGRES_PORT),
-              "-U", "repmgr", "-d", "repmgr", "standby", "clone", "--fast-checkpoint"], timeout=300)
+    upstream.psql(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = :'slot' AND NOT active",
+        slot=slot,
+    )
+    node.run(
+        [
+            BIN_DIR / "repmgr",
+            "-f",
+            node.repmgr_conf,
+            "-h",
+            upstream.address,
+            "-p",
+            str(POSTGRES_PORT),
+            "-U",
+            "repmgr",
+            "-d",
+            "repmgr",
+            "standby",
+            "clone",
+            "--fast-checkpoint",
+        ],
+        timeout=300,
+    )
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
         (node.pgdata / name).unlink(missing_ok=True)
     node.start()

@@ -31,9 +31,17 @@ class LabError(IgopsError):
     """A lab component could not be built or started."""
 
 
-def run(argv: Sequence[str], *, user: str | None = None, env: dict[str, str] | None = None,
-        cwd: Path | None = None, check: bool = True, timeout: float = 120,
-        input: str | None = None, starts_daemon: bool = False) -> subprocess.CompletedProcess:
+def run(
+    argv: Sequence[str],
+    *,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 120,
+    input: str | None = None,
+    starts_daemon: bool = False,
+) -> subprocess.CompletedProcess:
     """Run a command to completion; a failure raises LabError carrying its output's tail.
     `starts_daemon`: the command leaves a daemon behind (pg_ctl start), which must not carry
     the build marker."""
@@ -41,9 +49,16 @@ def run(argv: Sequence[str], *, user: str | None = None, env: dict[str, str] | N
     if not starts_daemon:
         marked[BUILD_MARKER_ENV] = str(state_dir())
     try:
-        result = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True,
-                                env=_environment(marked, user), cwd=cwd, timeout=timeout, input=input,
-                                **_as_user(user))
+        result = subprocess.run(
+            [str(arg) for arg in argv],
+            capture_output=True,
+            text=True,
+            env=_environment(marked, user),
+            cwd=cwd,
+            timeout=timeout,
+            input=input,
+            **_as_user(user),
+        )
     except subprocess.TimeoutExpired:
         raise LabError(f"`{_show(argv)}` did not finish within {timeout:g} s") from None
     if check and result.returncode != 0:
@@ -68,8 +83,11 @@ def _as_user(user: str | None) -> dict:
 
 
 def _environment(extra: dict[str, str] | None, user: str | None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if key in ("PATH", "LANG", "LC_ALL", "TZ") or key.startswith("LC_")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("PATH", "LANG", "LC_ALL", "TZ") or key.startswith("LC_")
+    }
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env.setdefault("LANG", "C.UTF-8")
     if user:
@@ -125,8 +143,7 @@ def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
         pid = None
     if pid:
         if daemon.endpoint:
-            wait_for_port(*daemon.endpoint, timeout=timeout, pid=pid, log_file=daemon.log_file,
-                          what=daemon.name)
+            wait_for_port(*daemon.endpoint, timeout=timeout, pid=pid, log_file=daemon.log_file, what=daemon.name)
         return pid
     daemon.pid_file.unlink(missing_ok=True)
     if daemon.endpoint:
@@ -135,15 +152,22 @@ def start(daemon: Daemon, state_root: Path, timeout: float = 30) -> int:
     env = dict(daemon.env)
     env[MARKER_ENV] = str(state_root)
     with open(daemon.log_file, "ab") as log:
-        process = subprocess.Popen(list(daemon.argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, env=_environment(env, daemon.user),
-                                   cwd=daemon.cwd, close_fds=True, **_as_user(daemon.user))
+        process = subprocess.Popen(
+            list(daemon.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=_environment(env, daemon.user),
+            cwd=daemon.cwd,
+            close_fds=True,
+            **_as_user(daemon.user),
+        )
     if not daemon.writes_pid_file:
         daemon.pid_file.write_text(f"{process.pid}\n")
     stamp.write_text(fingerprint)
     if daemon.endpoint:
-        wait_for_port(*daemon.endpoint, timeout=timeout, pid=process.pid, log_file=daemon.log_file,
-                      what=daemon.name)
+        wait_for_port(*daemon.endpoint, timeout=timeout, pid=process.pid, log_file=daemon.log_file, what=daemon.name)
         if daemon.health_path:
             wait_for_http(*daemon.endpoint, daemon.health_path, timeout=timeout, what=daemon.name)
     return process.pid
@@ -285,8 +309,15 @@ def answers(address: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_for_port(address: str, port: int, *, timeout: float, pid: int | None = None,
-                  log_file: Path | None = None, what: str = "service") -> None:
+def wait_for_port(
+    address: str,
+    port: int,
+    *,
+    timeout: float,
+    pid: int | None = None,
+    log_file: Path | None = None,
+    what: str = "service",
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if answers(address, port, timeout=0.5):
@@ -334,11 +365,17 @@ def ensure_free(address: str, port: int, what: str) -> None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        holders = [holder for (host, listening_port), found in listeners().items()
-                   if listening_port == port and host in (address, "0.0.0.0", "*", "[::]") for holder in found]
+        holders = [
+            holder
+            for (host, listening_port), found in listeners().items()
+            if listening_port == port and host in (address, "0.0.0.0", "*", "[::]")
+            for holder in found
+        ]
         named = f" by {', '.join(f'{name} (pid {pid})' for pid, name in holders)}" if holders else ""
-        raise RefusedError(f"{address}:{port} (for the lab's {what}) is already in use{named}",
-                           "stop that program or run `igops lab down` if it is a lab left over") from None
+        raise RefusedError(
+            f"{address}:{port} (for the lab's {what}) is already in use{named}",
+            "stop that program or run `igops lab down` if it is a lab left over",
+        ) from None
     finally:
         probe.close()
 

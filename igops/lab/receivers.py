@@ -70,8 +70,12 @@ class Faults:
         status = int(spec.get("status", 500))
         if not 100 <= status <= 599:
             raise ValueError("status must be an HTTP status code")
-        fault = {"status": status, "count": max(1, int(spec.get("count", 1))),
-                 "delay_ms": max(0, int(spec.get("delay_ms", 0))), "body": spec.get("body")}
+        fault = {
+            "status": status,
+            "count": max(1, int(spec.get("count", 1))),
+            "delay_ms": max(0, int(spec.get("delay_ms", 0))),
+            "body": spec.get("body"),
+        }
         with self.lock:
             self.queue.append(fault)
         return fault
@@ -127,9 +131,19 @@ class Receiver:
             except Reply as answer:
                 status, reply, extra = answer.status, answer.body, answer.headers
         extra = {**self.common_headers(), **extra}
-        self.recorder.add({"time": started, "method": method, "path": path, "query": query,
-                           "headers": headers, "body": parsed_body, "status": status,
-                           "response": reply, "fault": bool(fault)})
+        self.recorder.add(
+            {
+                "time": started,
+                "method": method,
+                "path": path,
+                "query": query,
+                "headers": headers,
+                "body": parsed_body,
+                "status": status,
+                "response": reply,
+                "fault": bool(fault),
+            }
+        )
         return status, reply, extra
 
     def lab(self, method: str, path: str, query: dict, body: bytes) -> tuple[int, dict, dict]:
@@ -158,8 +172,10 @@ class Receiver:
         return {}
 
     def fault_body(self, status: int) -> dict:
-        return {"status": "error", "message": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_
-                else "injected fault"}
+        return {
+            "status": "error",
+            "message": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "injected fault",
+        }
 
     def route(self, method, path, query, headers, body) -> tuple[int, dict, dict]:
         raise Reply(404, {"error": f"no resource {method} {path}"})
@@ -197,8 +213,10 @@ class PagerDuty(Receiver):
 
     def fault_body(self, status: int) -> dict:
         if status == 429:
-            return {"status": "throttle event", "message": "Requests for this service are arriving too quickly. "
-                                                           "Please retry later."}
+            return {
+                "status": "throttle event",
+                "message": "Requests for this service are arriving too quickly. Please retry later.",
+            }
         return super().fault_body(status)
 
     def route(self, method, path, query, headers, body):
@@ -224,8 +242,9 @@ class PagerDuty(Receiver):
         errors = self._routing_key_errors(event)
         action = event.get("event_action")
         if action not in ACTIONS:
-            errors.append("'event_action' is invalid (must be one of the following: "
-                          "'trigger', 'acknowledge' or 'resolve')")
+            errors.append(
+                "'event_action' is invalid (must be one of the following: 'trigger', 'acknowledge' or 'resolve')"
+            )
         dedup_key = event.get("dedup_key")
         if dedup_key is not None and (not isinstance(dedup_key, str) or not dedup_key):
             errors.append("'dedup_key' must be a non-empty string")
@@ -242,15 +261,21 @@ class PagerDuty(Receiver):
             raise Reply(400, _invalid(errors))
         dedup_key = dedup_key or uuid.uuid4().hex
         with self.lock:
-            incident = self.incidents.setdefault(dedup_key, {"dedup_key": dedup_key, "status": "triggered",
-                                                             "events": 0})
+            incident = self.incidents.setdefault(
+                dedup_key, {"dedup_key": dedup_key, "status": "triggered", "events": 0}
+            )
             incident["events"] += 1
-            incident["status"] = {"trigger": incident["status"] if incident["status"] != "resolved"
-                                  else "triggered", "acknowledge": "acknowledged",
-                                  "resolve": "resolved"}[action]
+            incident["status"] = {
+                "trigger": incident["status"] if incident["status"] != "resolved" else "triggered",
+                "acknowledge": "acknowledged",
+                "resolve": "resolved",
+            }[action]
             if action == "trigger":
-                incident.update(summary=event["payload"]["summary"], severity=event["payload"]["severity"],
-                                source=event["payload"]["source"])
+                incident.update(
+                    summary=event["payload"]["summary"],
+                    severity=event["payload"]["severity"],
+                    source=event["payload"]["source"],
+                )
         return 202, {"status": "success", "message": "Event processed", "dedup_key": dedup_key}, {}
 
     def change(self, event: dict):
@@ -295,8 +320,9 @@ def _payload_errors(payload) -> list[str]:
     if isinstance(payload.get("summary"), str) and len(payload["summary"]) > 1024:
         errors.append("'payload.summary' is too long (maximum is 1024 characters)")
     if payload.get("severity") not in SEVERITIES:
-        errors.append("'payload.severity' is invalid (must be one of the following: "
-                      "'critical', 'warning', 'error' or 'info')")
+        errors.append(
+            "'payload.severity' is invalid (must be one of the following: 'critical', 'warning', 'error' or 'info')"
+        )
     if "timestamp" in payload and not _iso8601(payload["timestamp"]):
         errors.append("'payload.timestamp' is not a valid ISO 8601 timestamp")
     for field in ("component", "group", "class"):
@@ -347,8 +373,10 @@ class Pingdom(Receiver):
     def common_headers(self) -> dict:
         now = time.time()
         with self.lock:
-            return {"Req-Limit-Short": _limit_header(SHORT_LIMIT - self.short[0], self.short[1] + SHORT_WINDOW - now),
-                    "Req-Limit-Long": _limit_header(LONG_LIMIT - self.long[0], self.long[1] + LONG_WINDOW - now)}
+            return {
+                "Req-Limit-Short": _limit_header(SHORT_LIMIT - self.short[0], self.short[1] + SHORT_WINDOW - now),
+                "Req-Limit-Long": _limit_header(LONG_LIMIT - self.long[0], self.long[1] + LONG_WINDOW - now),
+            }
 
     def fault_body(self, status: int) -> dict:
         message = "Request limit exceeded, try again later" if status == 429 else "Injected fault"
@@ -383,7 +411,7 @@ class Pingdom(Receiver):
             raise _pingdom_error(404, f"Unknown resource {path}")
         self._authorise(headers)
         self._count_request()
-        resource = path[len(PINGDOM_PREFIX):].rstrip("/")
+        resource = path[len(PINGDOM_PREFIX) :].rstrip("/")
         body = body if isinstance(body, dict) else {}
         if resource == "/checks":
             if method == "GET":
@@ -425,9 +453,17 @@ class Pingdom(Receiver):
             raise _pingdom_error(400, f"Missing required parameter(s): {', '.join(missing)}")
         if body["type"] not in CHECK_TYPES:
             raise _pingdom_error(400, f"Invalid check type {body['type']!r}")
-        check = {"type": body["type"], "status": "unknown", "created": int(time.time()), "lasterrortime": None,
-                 "lasttesttime": None, "lastresponsetime": None, "lastdownstart": None, "lastdownend": None,
-                 "failures": 0}
+        check = {
+            "type": body["type"],
+            "status": "unknown",
+            "created": int(time.time()),
+            "lasterrortime": None,
+            "lasttesttime": None,
+            "lastresponsetime": None,
+            "lastdownstart": None,
+            "lastdownend": None,
+            "failures": 0,
+        }
         self._apply(check, body, creating=True)
         with self.lock:
             check_id = self.next_id
@@ -485,8 +521,11 @@ class Pingdom(Receiver):
             view = {key: value for key, value in check.items() if key != "failures" and value is not None}
         view["tags"] = [{"name": tag, "type": "u", "count": 1} for tag in check.get("tags", [])]
         if detailed:
-            http = {key: view.pop(key) for key in ("url", "encryption", "port", "shouldcontain",
-                                                   "shouldnotcontain") if key in view}
+            http = {
+                key: view.pop(key)
+                for key in ("url", "encryption", "port", "shouldcontain", "shouldnotcontain")
+                if key in view
+            }
             view["type"] = {view["type"]: http}
         return view
 
@@ -501,7 +540,7 @@ class Pingdom(Receiver):
         limited = len(views)
         offset = int(query.get("offset", 0) or 0)
         limit = int(query.get("limit", 25000) or 25000)
-        views = views[offset:offset + limit]
+        views = views[offset : offset + limit]
         if query.get("include_tags", "false").lower() != "true":
             for view in views:
                 view.pop("tags", None)
@@ -516,9 +555,12 @@ class Pingdom(Receiver):
         limit = min(int(query.get("limit", 1000)), 1000)
         offset = int(query.get("offset", 0))
         with self.lock:
-            results = [result for result in reversed(self.results.get(check_id, []))
-                       if start <= result["time"] <= to and (statuses is None or result["status"] in statuses)]
-        return {"results": results[offset:offset + limit], "activeprobes": [LAB_PROBE_ID] if results else []}
+            results = [
+                result
+                for result in reversed(self.results.get(check_id, []))
+                if start <= result["time"] <= to and (statuses is None or result["status"] in statuses)
+            ]
+        return {"results": results[offset : offset + limit], "activeprobes": [LAB_PROBE_ID] if results else []}
 
     def summary_average(self, check_id: int, query: dict) -> dict:
         check = self._check(check_id, detailed=False)
@@ -528,8 +570,13 @@ class Pingdom(Receiver):
         with self.lock:
             results = [result for result in self.results.get(check_id, []) if start <= result["time"] <= to]
         answered = [result["responsetime"] for result in results if result["status"] == "up"]
-        summary = {"responsetime": {"from": start, "to": to,
-                                    "avgresponse": round(sum(answered) / len(answered)) if answered else 0}}
+        summary = {
+            "responsetime": {
+                "from": start,
+                "to": to,
+                "avgresponse": round(sum(answered) / len(answered)) if answered else 0,
+            }
+        }
         if str(query.get("includeuptime", "false")).lower() == "true":
             interval = self.probe_interval
             up = sum(interval for result in results if result["status"] == "up")
@@ -556,10 +603,14 @@ class Pingdom(Receiver):
             if unknown:
                 raise _pingdom_error(400, f"Unknown check ids: {', '.join(map(str, unknown))}")
             window_id = len(self.maintenance) + 1
-            self.maintenance[window_id] = {"id": window_id, "description": str(body["description"]),
-                                           "from": start, "to": end,
-                                           "recurrencetype": body.get("recurrencetype", "none"),
-                                           "checks": {"uptime": uptime_ids, "tms": body.get("tmsids", [])}}
+            self.maintenance[window_id] = {
+                "id": window_id,
+                "description": str(body["description"]),
+                "from": start,
+                "to": end,
+                "recurrencetype": body.get("recurrencetype", "none"),
+                "checks": {"uptime": uptime_ids, "tms": body.get("tmsids", [])},
+            }
         return {"maintenance": {"id": window_id}}
 
     # -- the prober
@@ -593,9 +644,16 @@ class Pingdom(Receiver):
                     check["lastdownstart"] = now
             check.update(status=status, lasttesttime=now, lastresponsetime=response_ms)
             results = self.results.setdefault(check_id, [])
-            results.append({"probeid": LAB_PROBE_ID, "time": now, "status": result_status,
-                            "responsetime": response_ms, "statusdesc": description,
-                            "statusdesclong": description})
+            results.append(
+                {
+                    "probeid": LAB_PROBE_ID,
+                    "time": now,
+                    "status": result_status,
+                    "responsetime": response_ms,
+                    "statusdesc": description,
+                    "statusdesclong": description,
+                }
+            )
             del results[:-MAX_RESULTS]
 
     def state(self) -> dict:
@@ -677,6 +735,7 @@ def probe(check: dict) -> tuple[bool | None, int, str]:
 
 # --- the HTTP servers ------------------------------------------------------------------------
 
+
 def handler_for(receiver: Receiver):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -719,14 +778,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pagerduty", required=True, type=_address, metavar="ADDR:PORT")
     parser.add_argument("--pingdom", required=True, type=_address, metavar="ADDR:PORT")
     parser.add_argument("--record-dir", required=True, type=Path)
-    parser.add_argument("--probe-interval", type=float, default=5.0,
-                        help="seconds between Pingdom probes of each check (the real service: minutes)")
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="seconds between Pingdom probes of each check (the real service: minutes)",
+    )
     args = parser.parse_args(argv)
     args.record_dir.mkdir(parents=True, exist_ok=True)
     pagerduty = PagerDuty(args.record_dir, os.environ.get("IGOPS_PAGERDUTY_ROUTING_KEY"))
     pingdom = Pingdom(args.record_dir, os.environ.get("IGOPS_PINGDOM_TOKEN"), args.probe_interval)
-    servers = [ThreadingHTTPServer(args.pagerduty, handler_for(pagerduty)),
-               ThreadingHTTPServer(args.pingdom, handler_for(pingdom))]
+    servers = [
+        ThreadingHTTPServer(args.pagerduty, handler_for(pagerduty)),
+        ThreadingHTTPServer(args.pingdom, handler_for(pingdom)),
+    ]
     for server in servers:
         server.daemon_threads = True
     threading.Thread(target=pingdom.probe_forever, name="pingdom-prober", daemon=True).start()

@@ -53,6 +53,7 @@ NGINX_UPSTREAM_KEEPALIVE_S = GUNICORN_KEEPALIVE_S - 1
 
 # --- Redis -----------------------------------------------------------------------------------
 
+
 def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
     from igops.redisops import with_replicaof
 
@@ -61,20 +62,31 @@ def redis_daemon(paths: Paths, name: str, master: str | None) -> proc.Daemon:
     data_dir = paths.mount_point(name, "data")
     config = directory / "redis.conf"
     # In the form `igops redis switchover` writes, so that a lab up after one restarts nothing.
-    text = with_replicaof(files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT,
-                                       data_dir=data_dir), (str(host(master).address), REDIS_PORT) if master else None)
+    text = with_replicaof(
+        files.render("redis.conf", host=name, address=lab_host.address, port=REDIS_PORT, data_dir=data_dir),
+        (str(host(master).address), REDIS_PORT) if master else None,
+    )
     files.write_file(config, text, owner="redis")
     files.chown(data_dir, "redis")
-    return proc.Daemon(f"redis on {name}", ("/usr/bin/redis-server", str(config)), directory / "redis.pid",
-                       directory / "redis.log", endpoint=(lab_host.address, REDIS_PORT), user="redis",
-                       cwd=data_dir, config_files=(config,),
-                       without_live_settings=lambda config_text: with_replicaof(config_text, None))
+    return proc.Daemon(
+        f"redis on {name}",
+        ("/usr/bin/redis-server", str(config)),
+        directory / "redis.pid",
+        directory / "redis.log",
+        endpoint=(lab_host.address, REDIS_PORT),
+        user="redis",
+        cwd=data_dir,
+        config_files=(config,),
+        without_live_settings=lambda config_text: with_replicaof(config_text, None),
+    )
 
 
 def redis_daemons(paths: Paths) -> list[proc.Daemon]:
     master = configured_redis_master(paths)
-    return [redis_daemon(paths, lab_host.name, None if lab_host.name == master else master)
-            for lab_host in with_role("redis")]
+    return [
+        redis_daemon(paths, lab_host.name, None if lab_host.name == master else master)
+        for lab_host in with_role("redis")
+    ]
 
 
 def configured_redis_master(paths: Paths) -> str:
@@ -88,9 +100,11 @@ def configured_redis_master(paths: Paths) -> str:
         return REDIS_MASTER
     masters = [name for name, config in configs.items() if configured_master(config.read_text()) is None]
     if len(masters) != 1:
-        raise proc.LabError(f"redis: the config files make {' and '.join(masters) or 'no member'} master "
-                            f"({', '.join(str(config) for config in configs.values())})",
-                            "leave a `replicaof` line in every file but the master's, then `igops lab up`")
+        raise proc.LabError(
+            f"redis: the config files make {' and '.join(masters) or 'no member'} master "
+            f"({', '.join(str(config) for config in configs.values())})",
+            "leave a `replicaof` line in every file but the master's, then `igops lab up`",
+        )
     return masters[0]
 
 
@@ -108,8 +122,9 @@ def wait_for_replication(timeout: float = 30) -> None:
                 if role[0] in (b"master", "master") or role[3] in (b"connected", "connected"):
                     break
                 if time.monotonic() > deadline:
-                    raise proc.LabError(f"redis on {lab_host.name}: replication link still {role[3]!r} "
-                                        f"after {timeout:g} s")
+                    raise proc.LabError(
+                        f"redis on {lab_host.name}: replication link still {role[3]!r} after {timeout:g} s"
+                    )
                 time.sleep(0.1)
         finally:
             client.close()
@@ -117,17 +132,22 @@ def wait_for_replication(timeout: float = 30) -> None:
 
 # --- memcached -------------------------------------------------------------------------------
 
+
 def memcached_daemon(paths: Paths) -> proc.Daemon:
     lab_host = with_role("memcached")[0]
     directory = paths.host_dir(lab_host.name) / "memcached"
-    return proc.Daemon(f"memcached on {lab_host.name}",
-                       ("/usr/bin/memcached", "-l", lab_host.address, "-p", str(MEMCACHED_PORT), "-U", "0",
-                        "-m", "64", "-c", "1024"),
-                       directory / "memcached.pid", directory / "memcached.log",
-                       endpoint=(lab_host.address, MEMCACHED_PORT), user="memcache")
+    return proc.Daemon(
+        f"memcached on {lab_host.name}",
+        ("/usr/bin/memcached", "-l", lab_host.address, "-p", str(MEMCACHED_PORT), "-U", "0", "-m", "64", "-c", "1024"),
+        directory / "memcached.pid",
+        directory / "memcached.log",
+        endpoint=(lab_host.address, MEMCACHED_PORT),
+        user="memcache",
+    )
 
 
 # --- PgBouncer -------------------------------------------------------------------------------
+
 
 def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str, str]) -> proc.Daemon:
     lab_host = with_role("pgbouncer")[0]
@@ -140,22 +160,43 @@ def pgbouncer_daemon(paths: Paths, credentials: Credentials, primaries: dict[str
         entries = []
         for cluster in CLUSTERS:
             address = host(primaries[cluster.name]).address
-            entries += [f"{name} = host={address} port={POSTGRES_PORT} dbname={database}"
-                        for name, database in pgbouncer_databases(cluster.name).items()]
-        files.write_file(paths.databases_file(), files.render("databases.ini", entries="\n".join(entries)),
-                         owner="postgres")
-    files.write_file(directory / "userlist.txt",
-                     f'"app" "{credentials.app_password}"\n"{PGBOUNCER_ADMIN}" "{credentials.pgbouncer_password}"\n',
-                     mode=0o600, owner="postgres")
+            entries += [
+                f"{name} = host={address} port={POSTGRES_PORT} dbname={database}"
+                for name, database in pgbouncer_databases(cluster.name).items()
+            ]
+        files.write_file(
+            paths.databases_file(), files.render("databases.ini", entries="\n".join(entries)), owner="postgres"
+        )
+    files.write_file(
+        directory / "userlist.txt",
+        f'"app" "{credentials.app_password}"\n"{PGBOUNCER_ADMIN}" "{credentials.pgbouncer_password}"\n',
+        mode=0o600,
+        owner="postgres",
+    )
     config = directory / "pgbouncer.ini"
-    files.write_file(config, files.render(
-        "pgbouncer.ini", address=lab_host.address, port=PGBOUNCER_PORT, socket_dir=socket_dir,
-        databases_file=paths.databases_file(), userlist=directory / "userlist.txt", admin_user=PGBOUNCER_ADMIN,
-        log_file=directory / "pgbouncer.log"), owner="postgres")
-    return proc.Daemon(f"pgbouncer on {lab_host.name}", ("/usr/sbin/pgbouncer", str(config)),
-                       directory / "pgbouncer.pid", directory / "pgbouncer.out",
-                       endpoint=(lab_host.address, PGBOUNCER_PORT), user="postgres",
-                       config_files=(config, directory / "userlist.txt"))
+    files.write_file(
+        config,
+        files.render(
+            "pgbouncer.ini",
+            address=lab_host.address,
+            port=PGBOUNCER_PORT,
+            socket_dir=socket_dir,
+            databases_file=paths.databases_file(),
+            userlist=directory / "userlist.txt",
+            admin_user=PGBOUNCER_ADMIN,
+            log_file=directory / "pgbouncer.log",
+        ),
+        owner="postgres",
+    )
+    return proc.Daemon(
+        f"pgbouncer on {lab_host.name}",
+        ("/usr/sbin/pgbouncer", str(config)),
+        directory / "pgbouncer.pid",
+        directory / "pgbouncer.out",
+        endpoint=(lab_host.address, PGBOUNCER_PORT),
+        user="postgres",
+        config_files=(config, directory / "userlist.txt"),
+    )
 
 
 def pgbouncer_databases(cluster: str) -> dict[str, str]:
@@ -174,8 +215,9 @@ def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> bool:
         return False
     text = updated = paths.databases_file().read_text()
     for cluster, primary in repaired.items():
-        updated = repoint_databases(updated, set(pgbouncer_databases(cluster)), str(host(primary).address),
-                                    POSTGRES_PORT)
+        updated = repoint_databases(
+            updated, set(pgbouncer_databases(cluster)), str(host(primary).address), POSTGRES_PORT
+        )
     if updated == text:
         return False
     files.write_file(paths.databases_file(), updated, owner="postgres")
@@ -183,6 +225,7 @@ def route_pgbouncer(paths: Paths, repaired: dict[str, str]) -> bool:
 
 
 # --- munin-node ------------------------------------------------------------------------------
+
 
 def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
     lab_host = host(name)
@@ -195,24 +238,66 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
             (plugins / plugin).symlink_to(MUNIN_PLUGIN_LIBRARY / plugin)
     pid_file = directory / "munin-node.pid"
     config = directory / "munin-node.conf"
-    files.write_file(config, files.render("munin-node.conf", host=name, address=lab_host.address,
-                                          port=MUNIN_PORT, log_file=directory / "munin-node.log", pid_file=pid_file))
+    files.write_file(
+        config,
+        files.render(
+            "munin-node.conf",
+            host=name,
+            address=lab_host.address,
+            port=MUNIN_PORT,
+            log_file=directory / "munin-node.log",
+            pid_file=pid_file,
+        ),
+    )
     # Debian's munin-node has no option for its plugin directories, so each node gets its own
     # mount namespace with this host's directories bound over the system ones. Slave
     # propagation lets the lab's unmounts reach the namespace.
-    script = ('mount --bind "$1" /etc/munin/plugins && mount --bind "$2" /etc/munin/plugin-conf.d '
-              '&& exec /usr/sbin/munin-node --config "$3" --foreground')
-    argv = ("unshare", "--mount", "--propagation", "slave", "--", "/bin/sh", "-c", script, "munin-node",
-            str(plugins), str(plugin_conf), str(config))
-    files.write_file(directory / "restart", files.render(
-        "munin-restart.sh", host=name, marker_env=MARKER_ENV, state_root=paths.root, pid_file=pid_file,
-        command=shlex.join(argv), log_file=directory / "munin-node.out", address=lab_host.address, port=MUNIN_PORT),
-        mode=0o755)
-    return proc.Daemon(f"munin-node on {name}", argv, pid_file, directory / "munin-node.out",
-                       endpoint=(lab_host.address, MUNIN_PORT), writes_pid_file=True, config_files=(config,))
+    script = (
+        'mount --bind "$1" /etc/munin/plugins && mount --bind "$2" /etc/munin/plugin-conf.d '
+        '&& exec /usr/sbin/munin-node --config "$3" --foreground'
+    )
+    argv = (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "slave",
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+        "munin-node",
+        str(plugins),
+        str(plugin_conf),
+        str(config),
+    )
+    files.write_file(
+        directory / "restart",
+        files.render(
+            "munin-restart.sh",
+            host=name,
+            marker_env=MARKER_ENV,
+            state_root=paths.root,
+            pid_file=pid_file,
+            command=shlex.join(argv),
+            log_file=directory / "munin-node.out",
+            address=lab_host.address,
+            port=MUNIN_PORT,
+        ),
+        mode=0o755,
+    )
+    return proc.Daemon(
+        f"munin-node on {name}",
+        argv,
+        pid_file,
+        directory / "munin-node.out",
+        endpoint=(lab_host.address, MUNIN_PORT),
+        writes_pid_file=True,
+        config_files=(config,),
+    )
 
 
 # --- the app: venv, release, gunicorn --------------------------------------------------------
+
 
 def app_venv(paths: Paths, requirements: Path | None = None) -> Path:
     """A virtualenv with the app's requirements, built once per requirements.txt content. Every
@@ -227,8 +312,9 @@ def app_venv(paths: Paths, requirements: Path | None = None) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     paths.venvs.mkdir(parents=True, exist_ok=True)
     proc.run([_base_python(), "-m", "venv", venv], timeout=120)
-    proc.run([venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements],
-             timeout=600)
+    proc.run(
+        [venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements], timeout=600
+    )
     ready.write_text(str(requirements) + "\n")
     return venv
 
@@ -263,8 +349,9 @@ def ensure_release(paths: Paths, name: str, venv: Path) -> Path:
     release_id = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     release = root / "releases" / release_id
     shutil.rmtree(release, ignore_errors=True)
-    shutil.copytree(paths.app_source, release / "app",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "test_*.py"))
+    shutil.copytree(
+        paths.app_source, release / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "test_*.py")
+    )
     (release / "REVISION").write_text(_source_digest(paths.app_source) + "\n")
     _link_venv(paths, root, release, venv)
     link = root / f".current.{os.getpid()}"
@@ -295,35 +382,74 @@ def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credential
     files.write_file(password_file, credentials.app_password + "\n", mode=0o600, owner=APP_USER)
     pgbouncer = with_role("pgbouncer")[0]
     config = files.render(
-        "app.toml", host=name, pgbouncer_address=pgbouncer.address, pgbouncer_port=PGBOUNCER_PORT,
+        "app.toml",
+        host=name,
+        pgbouncer_address=pgbouncer.address,
+        pgbouncer_port=PGBOUNCER_PORT,
         password_file=password_file,
         redis_nodes=", ".join(f'"{node.address}:{REDIS_PORT}"' for node in with_role("redis")),
         memcached_servers=", ".join(f'"{node.address}:{MEMCACHED_PORT}"' for node in with_role("memcached")),
-        s3_endpoint=f"http://{MOTO[0]}:{MOTO[1]}", region=AWS_REGION, bucket=PHOTO_BUCKET,
-        stats_path=shared / "stats.db")
+        s3_endpoint=f"http://{MOTO[0]}:{MOTO[1]}",
+        region=AWS_REGION,
+        bucket=PHOTO_BUCKET,
+        stats_path=shared / "stats.db",
+    )
     pid_file = shared / "gunicorn.pid"
     files.write_file(shared / "app.toml", config, owner=APP_USER)
     files.chown(shared, APP_USER, recursive=True)
     # The interpreter is found through `current`, so its site-packages are the current
     # release's virtualenv: after a HUP the new workers import the new release's dependencies.
-    argv = (str(root / "current" / "venv" / "bin" / "python"), "-m", "gunicorn",
-            "--bind", f"{lab_host.address}:{APP_PORT}",
-            "--workers", str(GUNICORN_WORKERS), "--threads", str(GUNICORN_THREADS), "--worker-class", "gthread",
-            # HUP re-reads `current`: the deploy's switch takes effect without a restart.
-            "--chdir", str(root / "current"), "--pid", str(pid_file), "--name", f"app-{name}",
-            "--control-socket", str(shared / "gunicorn.ctl"),
-            "--access-logfile", str(shared / "log" / "access.log"),
-            "--error-logfile", str(shared / "log" / "error.log"),
-            "--timeout", "30", "--graceful-timeout", "10", "--keep-alive", str(GUNICORN_KEEPALIVE_S),
-            "app.wsgi:application")
+    argv = (
+        str(root / "current" / "venv" / "bin" / "python"),
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{lab_host.address}:{APP_PORT}",
+        "--workers",
+        str(GUNICORN_WORKERS),
+        "--threads",
+        str(GUNICORN_THREADS),
+        "--worker-class",
+        "gthread",
+        # HUP re-reads `current`: the deploy's switch takes effect without a restart.
+        "--chdir",
+        str(root / "current"),
+        "--pid",
+        str(pid_file),
+        "--name",
+        f"app-{name}",
+        "--control-socket",
+        str(shared / "gunicorn.ctl"),
+        "--access-logfile",
+        str(shared / "log" / "access.log"),
+        "--error-logfile",
+        str(shared / "log" / "error.log"),
+        "--timeout",
+        "30",
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        str(GUNICORN_KEEPALIVE_S),
+        "app.wsgi:application",
+    )
     env = {**aws.AWS_ENV, "IGOPS_APP_CONFIG": str(shared / "app.toml"), "PYTHONDONTWRITEBYTECODE": "1"}
-    return proc.Daemon(f"gunicorn on {name}", argv, pid_file, shared / "log" / "gunicorn.out",
-                       endpoint=(lab_host.address, APP_PORT), user=APP_USER, env=tuple(env.items()),
-                       cwd=root, writes_pid_file=True, health_path="/health",
-                       config_files=(shared / "app.toml", password_file))
+    return proc.Daemon(
+        f"gunicorn on {name}",
+        argv,
+        pid_file,
+        shared / "log" / "gunicorn.out",
+        endpoint=(lab_host.address, APP_PORT),
+        user=APP_USER,
+        env=tuple(env.items()),
+        cwd=root,
+        writes_pid_file=True,
+        health_path="/health",
+        config_files=(shared / "app.toml", password_file),
+    )
 
 
 # --- nginx -----------------------------------------------------------------------------------
+
 
 def nginx_daemon(paths: Paths) -> proc.Daemon:
     lab_host = with_role("lb")[0]
@@ -332,19 +458,37 @@ def nginx_daemon(paths: Paths) -> proc.Daemon:
         (directory / "tmp" / temporary).mkdir(parents=True, exist_ok=True)
     files.chown(directory / "tmp", "www-data", recursive=True)
     if not paths.upstream_file().exists():
-        servers = "\n".join(f"    server {node.address}:{APP_PORT} max_fails=2 fail_timeout=5s;"
-                            for node in with_role("app"))
-        files.write_file(paths.upstream_file(), files.render("upstream.conf", servers=servers,
-                                                                     keepalive_timeout=NGINX_UPSTREAM_KEEPALIVE_S))
+        servers = "\n".join(
+            f"    server {node.address}:{APP_PORT} max_fails=2 fail_timeout=5s;" for node in with_role("app")
+        )
+        files.write_file(
+            paths.upstream_file(),
+            files.render("upstream.conf", servers=servers, keepalive_timeout=NGINX_UPSTREAM_KEEPALIVE_S),
+        )
     pid_file = directory / "nginx.pid"
     config = directory / "nginx.conf"
-    files.write_file(config, files.render("nginx.conf", pid_file=pid_file, dir=directory,
-                                          upstream_file=paths.upstream_file(), address=lab_host.address, port=LB_PORT))
+    files.write_file(
+        config,
+        files.render(
+            "nginx.conf",
+            pid_file=pid_file,
+            dir=directory,
+            upstream_file=paths.upstream_file(),
+            address=lab_host.address,
+            port=LB_PORT,
+        ),
+    )
     proc.run(["/usr/sbin/nginx", "-t", "-q", "-c", config, "-e", directory / "error.log"])
-    return proc.Daemon(f"nginx on {lab_host.name}",
-                       ("/usr/sbin/nginx", "-c", str(config), "-e", str(directory / "error.log")),
-                       pid_file, directory / "nginx.out", endpoint=(lab_host.address, LB_PORT),
-                       writes_pid_file=True, health_path="/health", config_files=(config,))
+    return proc.Daemon(
+        f"nginx on {lab_host.name}",
+        ("/usr/sbin/nginx", "-c", str(config), "-e", str(directory / "error.log")),
+        pid_file,
+        directory / "nginx.out",
+        endpoint=(lab_host.address, LB_PORT),
+        writes_pid_file=True,
+        health_path="/health",
+        config_files=(config,),
+    )
 
 
 def nginx_test_command(paths: Paths) -> str:

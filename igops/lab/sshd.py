@@ -31,8 +31,7 @@ def ensure_keys(directory: Path) -> SshKeys:
     client_key = directory / "id_ed25519"
     for key, comment in ((host_key, "igops-lab-host"), (client_key, "igops-lab-client")):
         if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
-                           check=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)], check=True)
     authorized = directory / "authorized_keys"
     authorized.write_text((client_key.with_suffix(".pub")).read_text())
     authorized.chmod(0o600)
@@ -41,13 +40,19 @@ def ensure_keys(directory: Path) -> SshKeys:
 
 def write_known_hosts(keys: SshKeys, endpoints: list[tuple[str, int]]) -> None:
     key_type, key_data = keys.host_key.with_suffix(".pub").read_text().split()[:2]
-    lines = [f"{address if port == 22 else f'[{address}]:{port}'} {key_type} {key_data}"
-             for address, port in endpoints]
+    lines = [f"{address if port == 22 else f'[{address}]:{port}'} {key_type} {key_data}" for address, port in endpoints]
     keys.known_hosts.write_text("\n".join(lines) + "\n")
 
 
-def config_text(keys: SshKeys, addresses: list[str], port: int, pid_file: Path, root_home: Path,
-                user_keys: str | None = None, use_pam: bool = False) -> str:
+def config_text(
+    keys: SshKeys,
+    addresses: list[str],
+    port: int,
+    pid_file: Path,
+    root_home: Path,
+    user_keys: str | None = None,
+    use_pam: bool = False,
+) -> str:
     """`root_home`: HOME for root's sessions. The targets stand for hosts of their own, and
     each real host has its own /root; this machine's root shell startup (~/.bashrc, which bash
     reads for every SSH command) would otherwise run in every session, and a developer's
@@ -80,8 +85,16 @@ Match User root
 """
 
 
-def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port: int,
-          env: dict[str, str] | None = None, user_keys: str | None = None, use_pam: bool = False) -> int:
+def start(
+    directory: Path,
+    name: str,
+    keys: SshKeys,
+    addresses: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    user_keys: str | None = None,
+    use_pam: bool = False,
+) -> int:
     """Start (or keep) an sshd called `name` on `addresses`; returns its pid. `env` is added
     to the daemon's environment (the lab marks its processes this way); `user_keys` and
     `use_pam` are as for `config_text`."""
@@ -100,8 +113,11 @@ def start(directory: Path, name: str, keys: SshKeys, addresses: list[str], port:
     config.write_text(text)
     Path("/run/sshd").mkdir(exist_ok=True, mode=0o755)
     subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
-    subprocess.run([SSHD, "-f", str(config), "-E", str(directory / f"sshd-{name}.log")], check=True,
-                   env={**os.environ, **(env or {})})
+    subprocess.run(
+        [SSHD, "-f", str(config), "-E", str(directory / f"sshd-{name}.log")],
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
     for _ in range(100):
         pid = running_pid(pid_file)
         if pid:

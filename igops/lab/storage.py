@@ -69,9 +69,11 @@ def loops_under(root: Path) -> list[Loop]:
     result = proc.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"])
     devices = json.loads(result.stdout or '{"loopdevices": []}')["loopdevices"]
     prefix = f"{root}/"
-    return [Loop(entry["name"], entry["back-file"].removesuffix(" (deleted)"))
-            for entry in devices
-            if (entry.get("back-file") or "").startswith(prefix)]
+    return [
+        Loop(entry["name"], entry["back-file"].removesuffix(" (deleted)"))
+        for entry in devices
+        if (entry.get("back-file") or "").startswith(prefix)
+    ]
 
 
 def thaw(mount_point: Path) -> bool:
@@ -194,8 +196,11 @@ def _attach(image: Path, direct_io: bool) -> str:
         return existing[0]
     # The images are formatted on 512-byte-sector loops; with direct I/O some kernels give a
     # loop the backing file's larger alignment, and XFS then refuses to mount the image.
-    argv = ["losetup", "--find", "--show", "--sector-size", "512"] + (["--direct-io=on"] if direct_io else []) \
+    argv = (
+        ["losetup", "--find", "--show", "--sector-size", "512"]
+        + (["--direct-io=on"] if direct_io else [])
         + [str(image)]
+    )
     return proc.run(argv).stdout.strip()
 
 
@@ -204,10 +209,11 @@ def _mount(device: str, mount_point: Path, options: list[str]) -> None:
     if current and current[0].source == device:
         return
     if current:
-        raise proc.LabError(f"{mount_point} is mounted from {current[0].source}, not {device}",
-                            "run `igops lab down` and bring the lab up again")
-    proc.run(["mount", "-t", "xfs"] + (["-o", ",".join(options)] if options else [])
-             + [device, str(mount_point)])
+        raise proc.LabError(
+            f"{mount_point} is mounted from {current[0].source}, not {device}",
+            "run `igops lab down` and bring the lab up again",
+        )
+    proc.run(["mount", "-t", "xfs"] + (["-o", ",".join(options)] if options else []) + [device, str(mount_point)])
 
 
 def _unmount_and_detach(mount_point: Path, image: Path) -> None:
@@ -240,5 +246,6 @@ def teardown(root: Path) -> list[str]:
             proc.terminate(holders, grace=3)
         else:
             time.sleep(0.2 * (attempt + 1))
-    return ([f"{mount.path} stays mounted (busy)" for mount in mounts_under(root)]
-            + [f"loop device {loop.device} ({loop.backing_file}) stays attached" for loop in loops_under(root)])
+    return [f"{mount.path} stays mounted (busy)" for mount in mounts_under(root)] + [
+        f"loop device {loop.device} ({loop.backing_file}) stays attached" for loop in loops_under(root)
+    ]

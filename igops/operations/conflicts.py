@@ -27,29 +27,32 @@ class Kind:
     expected_s: float
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind("pg-switchover", "pg CLUSTER", 300),
-    Kind("pg-failover", "pg CLUSTER", 300),
-    Kind("pg-rejoin", "pg CLUSTER", 900),
-    Kind("redis-switchover", "redis", 120),
-    Kind("redis-failover", "redis", 120),
-    Kind("redis-rejoin", "redis", 600),
-    Kind("shard-init", "pg CLUSTER, for every cluster", 600),
-    Kind("shard-move", "shard N, pg SOURCE, pg TARGET", 6 * 3600),
-    Kind("shard-rebalance", "pg CLUSTER, for every cluster", 24 * 3600),
-    Kind("snapshot-create", "host HOST, and pg CLUSTER or redis when HOST is a member", 900),
-    Kind("snapshot-prune", "snapshots", 900),
-    Kind("snapshot-delete", "snapshots", 300),
-    Kind("snapshot-keep", "snapshots", 60),
-    Kind("snapshot-restore", "host TARGET", 3600),
-    Kind("warm", "warm HOST", 6 * 3600),
-    Kind("deploy", "app", 3600),
-    Kind("deploy-rollback", "app", 3600),
-    Kind("munin-install", "munin", 900),
-    Kind("pingdom-sync", "pingdom", 300),
-    Kind("pingdom-maintenance", "pingdom", 300),
-    Kind("pagerduty-test", "pagerduty", 60),
-)}
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("pg-switchover", "pg CLUSTER", 300),
+        Kind("pg-failover", "pg CLUSTER", 300),
+        Kind("pg-rejoin", "pg CLUSTER", 900),
+        Kind("redis-switchover", "redis", 120),
+        Kind("redis-failover", "redis", 120),
+        Kind("redis-rejoin", "redis", 600),
+        Kind("shard-init", "pg CLUSTER, for every cluster", 600),
+        Kind("shard-move", "shard N, pg SOURCE, pg TARGET", 6 * 3600),
+        Kind("shard-rebalance", "pg CLUSTER, for every cluster", 24 * 3600),
+        Kind("snapshot-create", "host HOST, and pg CLUSTER or redis when HOST is a member", 900),
+        Kind("snapshot-prune", "snapshots", 900),
+        Kind("snapshot-delete", "snapshots", 300),
+        Kind("snapshot-keep", "snapshots", 60),
+        Kind("snapshot-restore", "host TARGET", 3600),
+        Kind("warm", "warm HOST", 6 * 3600),
+        Kind("deploy", "app", 3600),
+        Kind("deploy-rollback", "app", 3600),
+        Kind("munin-install", "munin", 900),
+        Kind("pingdom-sync", "pingdom", 300),
+        Kind("pingdom-maintenance", "pingdom", 300),
+        Kind("pagerduty-test", "pagerduty", 60),
+    )
+}
 
 
 def kind(name: str) -> Kind:

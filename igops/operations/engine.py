@@ -55,8 +55,7 @@ class OperationSpec:
 class Operation:
     """A running operation: its id and record, its lease, and the reporter its steps go through."""
 
-    def __init__(self, spec: OperationSpec, record: dict, store, held: coordination.HeldLease,
-                 reporter: Reporter):
+    def __init__(self, spec: OperationSpec, record: dict, store, held: coordination.HeldLease, reporter: Reporter):
         self.spec, self.record, self.store, self.held = spec, record, store, held
         self.reporter = JournaledReporter(reporter, self)
 
@@ -119,12 +118,27 @@ class JournaledReporter(Reporter):
                 yield record
             except BaseException as exc:
                 detail = record.detail or describe(exc)
-                self._journal(lambda: operation.write("result", step=number, title=record.title, status="failed",
-                                                      duration_ms=_ms(started), detail=detail))
+                self._journal(
+                    lambda: operation.write(
+                        "result",
+                        step=number,
+                        title=record.title,
+                        status="failed",
+                        duration_ms=_ms(started),
+                        detail=detail,
+                    )
+                )
                 raise
-            self._journal(lambda: operation.write("result", step=number, title=record.title,
-                                                  status="ok" if record.status == "running" else record.status,
-                                                  duration_ms=_ms(started), detail=record.detail))
+            self._journal(
+                lambda: operation.write(
+                    "result",
+                    step=number,
+                    title=record.title,
+                    status="ok" if record.status == "running" else record.status,
+                    duration_ms=_ms(started),
+                    detail=record.detail,
+                )
+            )
 
     def _journal(self, write: Callable[[], None]) -> None:
         """A journal write. A recovery step (the one that leaves the fleet safe: a batch back in
@@ -136,8 +150,10 @@ class JournaledReporter(Reporter):
         try:
             write()
         except Exception as exc:  # noqa: BLE001 - whatever the store raised, safety first
-            self.inner.log(f"warning: the journal did not record this recovery step ({describe(exc)}); "
-                           "it runs anyway, to leave the fleet safe")
+            self.inner.log(
+                f"warning: the journal did not record this recovery step ({describe(exc)}); "
+                "it runs anyway, to leave the fleet safe"
+            )
 
     def log(self, message: str) -> None:
         self.inner.log(message)
@@ -168,9 +184,17 @@ class JournaledReporter(Reporter):
             yield advance
 
 
-def perform(fleet: Fleet, spec: OperationSpec, action: Callable[[Operation], T], reporter: Reporter = Reporter(), *,
-            outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0), reason: str | None = None,
-            wait: float = 0.0, resume: dict | None = None) -> T:
+def perform(
+    fleet: Fleet,
+    spec: OperationSpec,
+    action: Callable[[Operation], T],
+    reporter: Reporter = Reporter(),
+    *,
+    outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0),
+    reason: str | None = None,
+    wait: float = 0.0,
+    resume: dict | None = None,
+) -> T:
     """Run `action` as an operation (see the module's docstring). `resume` is the record of an
     interrupted operation this run continues under the same id."""
     run = _Run(fleet, spec, reporter, reason or coordination.reason(), resume)
@@ -190,19 +214,29 @@ class _Run:
         self.store = journal.for_coordinator(self.backend, fleet.state_dir)
         self.command_line = safety.redact_argv(["igops", *sys.argv[1:]])
         self.id = resume["id"] if resume else journal.new_id()
-        self.holder = coordination.current_holder(spec.kind, ", ".join(spec.targets), self.command_line, reason,
-                                                  self.id)
+        self.holder = coordination.current_holder(
+            spec.kind, ", ".join(spec.targets), self.command_line, reason, self.id
+        )
         self.started = time.monotonic()
         self.ended: dict = {}
 
     def audit(self, result: str, exit_code: int | None, detail: str | None = None) -> None:
-        self.backend.audit(command=self.command_line, targets=self.spec.targets, result=result, exit_code=exit_code,
-                           duration_ms=safety.monotonic_ms(self.started) if exit_code is not None else 0.0,
-                           detail=detail, reason=self.reason, operation_id=self.id)
+        self.backend.audit(
+            command=self.command_line,
+            targets=self.spec.targets,
+            result=result,
+            exit_code=exit_code,
+            duration_ms=safety.monotonic_ms(self.started) if exit_code is not None else 0.0,
+            detail=detail,
+            reason=self.reason,
+            operation_id=self.id,
+        )
 
     def perform(self, action: Callable[[Operation], T], outcome: Callable[[T], tuple[str, int]], wait: float) -> T:
-        with _leased(self.backend, self.store, self.spec.resources, self.holder, wait) as held, \
-                self.store.hold(self.id):
+        with (
+            _leased(self.backend, self.store, self.spec.resources, self.holder, wait) as held,
+            self.store.hold(self.id),
+        ):
             record = _begin(self.store, self.spec, self.holder, held, self.resume)
             operation = Operation(self.spec, record, self.store, held, self.reporter)
             with _RUNNING_LOCK:
@@ -218,24 +252,41 @@ class _Run:
                 word, code, detail = ending.word, ending.code, ending.detail
                 lost = held.lost()
                 if lost:
-                    self.reporter.log(f"warning: the lease of operation {self.id} was lost while it worked ({lost}); "
-                                      "another operator may have started on its targets meanwhile")
+                    self.reporter.log(
+                        f"warning: the lease of operation {self.id} was lost while it worked ({lost}); "
+                        "another operator may have started on its targets meanwhile"
+                    )
                     detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
                 _end(self.store, operation, word, code, detail, self.reporter)
-                self.ended = {"id": self.id, "result": word, "exit_code": code, "reason": self.reason,
-                              "duration_s": round(time.monotonic() - self.started, 1)}
+                self.ended = {
+                    "id": self.id,
+                    "result": word,
+                    "exit_code": code,
+                    "reason": self.reason,
+                    "duration_s": round(time.monotonic() - self.started, 1),
+                }
                 self.audit(word, code, detail)
 
 
 def declined(fleet: Fleet, targets: list[str], reason: str | None = None) -> None:
     """A person said no to the plan: nothing ran, and the audit trail says so."""
-    coordination.for_fleet(fleet).audit(command=safety.redact_argv(["igops", *sys.argv[1:]]), targets=targets,
-                                        result="declined", exit_code=2, duration_ms=0.0,
-                                        reason=reason or coordination.reason())
+    coordination.for_fleet(fleet).audit(
+        command=safety.redact_argv(["igops", *sys.argv[1:]]),
+        targets=targets,
+        result="declined",
+        exit_code=2,
+        duration_ms=0.0,
+        reason=reason or coordination.reason(),
+    )
 
 
-def audited(fleet: Fleet, targets: list[str], action: Callable[[], T], outcome: Callable[[T], tuple[str, int]],
-            reason: str | None = None) -> T:
+def audited(
+    fleet: Fleet,
+    targets: list[str],
+    action: Callable[[], T],
+    outcome: Callable[[T], tuple[str, int]],
+    reason: str | None = None,
+) -> T:
     """An action that is no operation (nothing igops keeps state about, no lease): only its
     outcome is audited (`igops exec`)."""
     backend = coordination.for_fleet(fleet)
@@ -246,8 +297,15 @@ def audited(fleet: Fleet, targets: list[str], action: Callable[[], T], outcome: 
     try:
         return ending.run(action, outcome)
     finally:
-        backend.audit(command=command_line, targets=targets, result=ending.word, exit_code=ending.code,
-                      duration_ms=safety.monotonic_ms(started), detail=ending.detail, reason=reason)
+        backend.audit(
+            command=command_line,
+            targets=targets,
+            result=ending.word,
+            exit_code=ending.code,
+            duration_ms=safety.monotonic_ms(started),
+            detail=ending.detail,
+            reason=reason,
+        )
 
 
 class _Ending:
@@ -301,21 +359,55 @@ def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dic
     lease_id = getattr(held, "lease_id", None)
     if resume:
         record = dict(resume)
-        record.update(ended=None, result=None, exit_code=None, detail=None, lease_id=lease_id,
-                      pid=holder.pid, resumed_by=f"{holder.user}@{holder.host}")
+        record.update(
+            ended=None,
+            result=None,
+            exit_code=None,
+            detail=None,
+            lease_id=lease_id,
+            pid=holder.pid,
+            resumed_by=f"{holder.user}@{holder.host}",
+        )
         store.put_record(record)
-        store.append(record["id"], {"time": holder.since, "event": "resume", "pid": holder.pid,
-                                    "operator": f"{holder.user}@{holder.host}", "command": holder.command})
+        store.append(
+            record["id"],
+            {
+                "time": holder.since,
+                "event": "resume",
+                "pid": holder.pid,
+                "operator": f"{holder.user}@{holder.host}",
+                "command": holder.command,
+            },
+        )
         return record
-    record = {"id": holder.operation_id, "kind": spec.kind, "title": redact(spec.title), "targets": spec.targets,
-              "resources": [list(resource) for resource in spec.resources], "plan": spec.steps, "params": spec.params,
-              "user": holder.user, "host": holder.host, "pid": holder.pid, "sudo_user": os.environ.get("SUDO_USER"),
-              "command": holder.command, "reason": holder.reason, "started": holder.since, "ended": None,
-              "result": None, "exit_code": None, "detail": None, "step": None, "lease_id": lease_id,
-              "backend": store.name}
+    record = {
+        "id": holder.operation_id,
+        "kind": spec.kind,
+        "title": redact(spec.title),
+        "targets": spec.targets,
+        "resources": [list(resource) for resource in spec.resources],
+        "plan": spec.steps,
+        "params": spec.params,
+        "user": holder.user,
+        "host": holder.host,
+        "pid": holder.pid,
+        "sudo_user": os.environ.get("SUDO_USER"),
+        "command": holder.command,
+        "reason": holder.reason,
+        "started": holder.since,
+        "ended": None,
+        "result": None,
+        "exit_code": None,
+        "detail": None,
+        "step": None,
+        "lease_id": lease_id,
+        "backend": store.name,
+    }
     store.put_record(record)
-    store.append(record["id"], {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"],
-                                "plan": spec.steps})
+    store.append(
+        record["id"],
+        {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"], "plan": spec.steps},
+    )
     _supersede(store, record)
     return record
 
@@ -327,12 +419,19 @@ def _supersede(store, record: dict) -> None:
     other interrupted operation stays for a person to resume or abort."""
     mine = sorted(map(tuple, record["resources"]))
     for other in store.open_records():
-        if (other["id"] == record["id"] or other.get("kind") != record["kind"]
-                or sorted(map(tuple, other.get("resources") or [])) != mine):
+        if (
+            other["id"] == record["id"]
+            or other.get("kind") != record["kind"]
+            or sorted(map(tuple, other.get("resources") or [])) != mine
+        ):
             continue
         # This run holds the lease on those very resources: the other's holder is gone.
-        other.update(ended=safety.now(), result="superseded", exit_code=None,
-                     detail=f"superseded by {record['id']}, a rerun that took over its targets")
+        other.update(
+            ended=safety.now(),
+            result="superseded",
+            exit_code=None,
+            detail=f"superseded by {record['id']}, a rerun that took over its targets",
+        )
         store.put_record(other)
         store.append(other["id"], {"time": other["ended"], "event": "superseded", "by": record["id"]})
 
@@ -349,8 +448,10 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
             if attempt + 1 < END_ATTEMPTS:
                 time.sleep(1.0)  # an etcd member restarting, a leader election: seconds
                 continue
-            reporter.log(f"warning: the end of operation {operation.id} could not be journaled "
-                         f"({describe(exc)}); `igops ops list` will show it as interrupted")
+            reporter.log(
+                f"warning: the end of operation {operation.id} could not be journaled "
+                f"({describe(exc)}); `igops ops list` will show it as interrupted"
+            )
 
 
 # Deploys and rollbacks send their own marker, with the release and every host's outcome; a
@@ -369,16 +470,24 @@ def _mark_change(fleet: Fleet, spec: OperationSpec, ended: dict, reporter: Repor
     if not key:
         return
     summary = f"{fleet.model.fleet.name}: {spec.title}: {ended['result']}"
-    sent = pagerduty_changes.send_change(fleet.model.monitoring.pagerduty_url, key, summary,
-                                         f"igops on {safety.operator_host()}",
-                                         {"operation": ended["id"], "kind": spec.kind, "targets": spec.targets,
-                                          "result": ended["result"], "exit_code": ended["exit_code"],
-                                          "reason": ended["reason"], "duration_s": ended["duration_s"],
-                                          "by": f"{safety.operator_user()}@{safety.operator_host()}"})
+    sent = pagerduty_changes.send_change(
+        fleet.model.monitoring.pagerduty_url,
+        key,
+        summary,
+        f"igops on {safety.operator_host()}",
+        {
+            "operation": ended["id"],
+            "kind": spec.kind,
+            "targets": spec.targets,
+            "result": ended["result"],
+            "exit_code": ended["exit_code"],
+            "reason": ended["reason"],
+            "duration_s": ended["duration_s"],
+            "by": f"{safety.operator_user()}@{safety.operator_host()}",
+        },
+    )
     reporter.log(f"PagerDuty change event: {sent.detail}")
 
 
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
-
-

@@ -72,8 +72,9 @@ class LocalJournal:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise AlreadyRunning(f"operation {op_id} is running in another process",
-                                     "see igops ops show " + op_id) from None
+                raise AlreadyRunning(
+                    f"operation {op_id} is running in another process", "see igops ops show " + op_id
+                ) from None
             yield
         finally:
             os.close(fd)
@@ -175,8 +176,12 @@ class EtcdJournal:
         without reading every operation ever run."""
         from igops.coordination import _b64
 
-        record_put = {"request_put": {"key": _b64(f"{self.prefix}ops/{record['id']}"),
-                                      "value": _b64(json.dumps(_clean(record), sort_keys=True))}}
+        record_put = {
+            "request_put": {
+                "key": _b64(f"{self.prefix}ops/{record['id']}"),
+                "value": _b64(json.dumps(_clean(record), sort_keys=True)),
+            }
+        }
         marker = _b64(f"{self.prefix}open/{record['id']}")
         if record.get("ended"):
             return [record_put, {"request_delete_range": {"key": marker}}]
@@ -192,13 +197,15 @@ class EtcdJournal:
         with self._seq_lock:
             self._seq += 1
             # Unique across processes that resume the same operation: time first, then pid.
-            key = (f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}")
+            key = f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}"
         value = json.dumps(_clean(entry), sort_keys=True)
         if record is None:
             self.gateway.put(key, value)
             return
-        self.gateway.call("/v3/kv/txn", {"success": [{"request_put": {"key": _b64(key), "value": _b64(value)}},
-                                                     *self._record_requests(record)]})
+        self.gateway.call(
+            "/v3/kv/txn",
+            {"success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}, *self._record_requests(record)]},
+        )
 
     def record(self, op_id: str) -> dict | None:
         found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")

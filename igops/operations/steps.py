@@ -50,12 +50,27 @@ class StepReport:
 class StepFailed(IgopsError):
     """A step failed; what was undone or released is in `recovery`."""
 
-    def __init__(self, step: Step, number: int, error: BaseException, recovery: list[StepReport],
-                 past_point_of_no_return: bool, hint: str, left_behind: str | None = None):
-        recovered = "; ".join(f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "")
-                              for item in recovery) or "nothing to undo"
-        super().__init__(f"step {number} ({step.title}) failed: {describe(error)} — {recovered}"
-                         + (f" — left: {left_behind}" if left_behind else ""), hint)
+    def __init__(
+        self,
+        step: Step,
+        number: int,
+        error: BaseException,
+        recovery: list[StepReport],
+        past_point_of_no_return: bool,
+        hint: str,
+        left_behind: str | None = None,
+    ):
+        recovered = (
+            "; ".join(
+                f"{item.title}: {item.outcome}" + (f" ({item.detail})" if item.detail else "") for item in recovery
+            )
+            or "nothing to undo"
+        )
+        super().__init__(
+            f"step {number} ({step.title}) failed: {describe(error)} — {recovered}"
+            + (f" — left: {left_behind}" if left_behind else ""),
+            hint,
+        )
         self.left_behind = left_behind
         self.step = step
         self.number = number
@@ -99,8 +114,9 @@ def _signals_as_interrupt() -> Iterator[_Interrupts]:
             signal.signal(number, handler)
 
 
-def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str,
-            left_behind=None) -> list[StepReport]:
+def execute(
+    steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str, left_behind=None
+) -> list[StepReport]:
     """Run the steps in order. On any failure or interrupt, whether it lands in a step or between
     two, run the undos (before the point of no return) and the releases of the steps reached,
     then raise StepFailed; `left_behind()`, if given, says where things stand afterwards."""
@@ -118,8 +134,11 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
                     releases.append(step.release)
                 announce = getattr(reporter, "announce", None)
                 if announce:  # the journal's intent entry says how to undo and release this step
-                    announce(undo=spec(step.undo), release=spec(step.release),
-                             point_of_no_return=past_point_of_no_return or step.point_of_no_return)
+                    announce(
+                        undo=spec(step.undo),
+                        release=spec(step.release),
+                        point_of_no_return=past_point_of_no_return or step.point_of_no_return,
+                    )
                 # A step that could not begin (its lease lost) is not past its point of no return.
                 with reporter.step(step.title) as record:
                     past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
@@ -132,8 +151,7 @@ def execute(steps: list[Step], actions: Any, reporter: Reporter, failure_hint: s
                 recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
                 state = _left_behind(left_behind) if left_behind else None
             failed = step or Step("before the first step", "")
-            raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint,
-                             state) from error
+            raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint, state) from error
     return done
 
 

@@ -39,9 +39,15 @@ class ChangeEventResult:
     detail: str
 
 
-def send_change(base_url: str, routing_key: str, summary: str, source: str,
-                custom_details: dict | None = None, links: list[dict] | None = None,
-                sleep=time.sleep) -> ChangeEventResult:
+def send_change(
+    base_url: str,
+    routing_key: str,
+    summary: str,
+    source: str,
+    custom_details: dict | None = None,
+    links: list[dict] | None = None,
+    sleep=time.sleep,
+) -> ChangeEventResult:
     import requests
 
     from igops.secrets import insecure_url_problem
@@ -52,9 +58,12 @@ def send_change(base_url: str, routing_key: str, summary: str, source: str,
         return ChangeEventResult(False, 0, f"not sent: {problem}")
     event = {
         "routing_key": routing_key,
-        "payload": {"summary": summary[:SUMMARY_LIMIT], "source": source,
-                    "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "custom_details": custom_details or {}},
+        "payload": {
+            "summary": summary[:SUMMARY_LIMIT],
+            "source": source,
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+            "custom_details": custom_details or {},
+        },
     }
     if links:
         event["links"] = links

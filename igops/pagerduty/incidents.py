@@ -134,8 +134,9 @@ class Pager:
         try:
             _ = self.events  # the property builds the client, which refuses a bad URL
         except UrlError as exc:
-            raise UsageError(f"[monitoring] pagerduty_url {self.url!r}: {exc}",
-                             "use the Events API's https:// URL") from None
+            raise UsageError(
+                f"[monitoring] pagerduty_url {self.url!r}: {exc}", "use the Events API's https:// URL"
+            ) from None
 
     @property
     def events(self):
@@ -160,19 +161,31 @@ class Pager:
             json.dump(incidents, handle, indent=1, sort_keys=True)
         temporary.replace(self.state_path)
 
-    def trigger(self, check: str, target: str, summary: str, details: dict | None = None,
-                severity: str = "critical") -> str:
+    def trigger(
+        self, check: str, target: str, summary: str, details: dict | None = None, severity: str = "critical"
+    ) -> str:
         from igops.secrets import redact, redact_data
 
         key = dedup_key(self.fleet_name, check, target)
         summary = redact(summary)
         text = f"[{self.fleet_name}] {check} {target}: {summary}"[:MAX_SUMMARY]
-        return self.events.trigger(text, source=target, dedup_key=key, severity=severity,
-                                   payload={"component": check, "group": self.fleet_name, "class": check,
-                                            "timestamp": now("seconds")},
-                                   custom_details=redact_data({"fleet": self.fleet_name, "check": check,
-                                                               "target": target, "detail": summary,
-                                                               "from": socket.gethostname(), **(details or {})}))
+        return self.events.trigger(
+            text,
+            source=target,
+            dedup_key=key,
+            severity=severity,
+            payload={"component": check, "group": self.fleet_name, "class": check, "timestamp": now("seconds")},
+            custom_details=redact_data(
+                {
+                    "fleet": self.fleet_name,
+                    "check": check,
+                    "target": target,
+                    "detail": summary,
+                    "from": socket.gethostname(),
+                    **(details or {}),
+                }
+            ),
+        )
 
     def resolve(self, key: str) -> None:
         self.events.resolve(key)
@@ -192,8 +205,13 @@ class Pager:
 
         def send(action: str, key: str, call) -> bool:
             if gave_up:
-                report.failed.append({"action": action, "dedup_key": key,
-                                      "error": f"not sent: PagerDuty failed earlier in this run ({gave_up[0]})"})
+                report.failed.append(
+                    {
+                        "action": action,
+                        "dedup_key": key,
+                        "error": f"not sent: PagerDuty failed earlier in this run ({gave_up[0]})",
+                    }
+                )
                 return False
             try:
                 call()
@@ -218,8 +236,12 @@ class Pager:
                 if key in incidents:
                     report.still_open.append(key)
                 elif send("trigger", key, functools.partial(self.trigger, result.check, result.target, result.summary)):
-                    incidents[key] = {"check": result.check, "target": result.target, "since": now("seconds"),
-                                      "summary": result.summary[:300]}
+                    incidents[key] = {
+                        "check": result.check,
+                        "target": result.target,
+                        "since": now("seconds"),
+                        "summary": result.summary[:300],
+                    }
                     report.triggered.append(key)
                     self._save(incidents)
             elif result.status != NagiosStatus.UNKNOWN and key in incidents:

@@ -32,8 +32,7 @@ class PgResult:
     steps: list[StepReport]
 
 
-class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions, WalRetentionActions,
-                RepmgrdActions):
+class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions, WalRetentionActions, RepmgrdActions):
     """The actions a Postgres plan's steps name, with what they learn along the way."""
 
     def __init__(self, fleet: Fleet):
@@ -58,9 +57,24 @@ class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions,
 
 def apply_pg(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
     actions = PgActions(fleet)
-    reports = execute(plan.actions, actions, reporter, plan.failure_hint,
-                      left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)))
-    pause_ms = ((actions.resumed_at - actions.paused_at) * 1000
-                if actions.paused_at is not None and actions.resumed_at is not None else None)
-    return PgResult(plan.operation, plan.cluster, plan.old_primary, plan.new_primary,
-                    round(pause_ms, 1) if pause_ms is not None else None, plan.bytes_at_risk, reports)
+    reports = execute(
+        plan.actions,
+        actions,
+        reporter,
+        plan.failure_hint,
+        left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)),
+    )
+    pause_ms = (
+        (actions.resumed_at - actions.paused_at) * 1000
+        if actions.paused_at is not None and actions.resumed_at is not None
+        else None
+    )
+    return PgResult(
+        plan.operation,
+        plan.cluster,
+        plan.old_primary,
+        plan.new_primary,
+        round(pause_ms, 1) if pause_ms is not None else None,
+        plan.bytes_at_risk,
+        reports,
+    )

@@ -103,11 +103,16 @@ class BouncerActions:
                 replace_file(fleet, host, path, updated)
             bouncer = postgres.Bouncer(fleet, host)
             bouncer.reload()
-            wrong = [database.name for database in bouncer.databases()
-                     if database.name in names and database.host != str(target.address)]
+            wrong = [
+                database.name
+                for database in bouncer.databases()
+                if database.name in names and database.host != str(target.address)
+            ]
             if wrong:
-                raise IgopsError(f"{host_name}: after RELOAD, {', '.join(wrong)} still route elsewhere",
-                                 f"check {path} and PgBouncer's log")
+                raise IgopsError(
+                    f"{host_name}: after RELOAD, {', '.join(wrong)} still route elsewhere",
+                    f"check {path} and PgBouncer's log",
+                )
 
         parallel_map(one, list(databases.items()))
         return f"{bouncer_text(databases)} -> {target.address}:{port}"

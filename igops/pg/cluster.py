@@ -88,8 +88,9 @@ class PgView:
         return [name for name, probe in self.probes.items() if probe.server and not probe.server.in_recovery]
 
     def databases(self) -> dict[str, list[str]]:
-        return {host: [database.name for database in databases] for host, databases in self.bouncers.items()
-                if databases}
+        return {
+            host: [database.name for database in databases] for host, databases in self.bouncers.items() if databases
+        }
 
     def repmgr_node(self, name: str) -> postgres.RepmgrNode | None:
         return next((node for node in self.repmgr if node.name == name), None)
@@ -103,8 +104,10 @@ class PgView:
 def cluster_members(fleet: Fleet, cluster: str) -> list[str]:
     clusters = fleet.model.postgres.clusters
     if cluster not in clusters:
-        raise UsageError(f"unknown Postgres cluster {cluster!r}",
-                         inventory.unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"))
+        raise UsageError(
+            f"unknown Postgres cluster {cluster!r}",
+            inventory.unknown_name_hint(cluster, list(clusters), f"clusters in {fleet.source}"),
+        )
     return [clusters[cluster].primary, *clusters[cluster].standbys]
 
 
@@ -118,14 +121,22 @@ def cluster_of(fleet: Fleet, node: str) -> str:
 
 # What a member looks like on its host: is a postmaster running, is the member fenced
 # (standby.signal), and what its control file says (a clean shutdown or a crash).
-_HOST_CHECK = ('"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
-               'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi; '
-               '"$1/pg_controldata" -D "$2" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"')
+_HOST_CHECK = (
+    '"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
+    'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi; '
+    '"$1/pg_controldata" -D "$2" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"'
+)
 
 
 def _host_check(fleet: Fleet, probe: PgProbe) -> None:
-    result = ssh(fleet, probe.host, as_postgres(fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir,
-                                                        data_directory(fleet, probe.host)]), timeout=20)
+    result = ssh(
+        fleet,
+        probe.host,
+        as_postgres(
+            fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir, data_directory(fleet, probe.host)]
+        ),
+        timeout=20,
+    )
     probe.host_reachable = result.reached
     if result.ok:
         values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
@@ -167,8 +178,15 @@ def pg_view(fleet: Fleet, cluster: str) -> PgView:
 
     def bouncer(host):
         try:
-            return host.name, [database for database in postgres.Bouncer(fleet, host).databases()
-                               if database.host in addresses or database.name == configured], None
+            return (
+                host.name,
+                [
+                    database
+                    for database in postgres.Bouncer(fleet, host).databases()
+                    if database.host in addresses or database.name == configured
+                ],
+                None,
+            )
         except postgres.Unavailable as exc:
             return host.name, [], exc.detail
 
@@ -207,8 +225,9 @@ def _pg_report(view: PgView, addresses: dict[str, str]) -> PgClusterState:
     routes: dict[str, dict[str, str]] = {}
     paused: dict[str, list[str]] = {}
     for bouncer_host, databases in view.bouncers.items():
-        routes[bouncer_host] = {database.name: addresses.get(database.host or "", database.host or "?")
-                                for database in databases}
+        routes[bouncer_host] = {
+            database.name: addresses.get(database.host or "", database.host or "?") for database in databases
+        }
         paused[bouncer_host] = [database.name for database in databases if database.paused]
     nodes = []
     for name, probe in view.probes.items():
@@ -235,10 +254,17 @@ def _pg_report(view: PgView, addresses: dict[str, str]) -> PgClusterState:
         record = view.repmgr_node(name)
         if record:
             upstream = by_id.get(record.upstream_id)
-            node.repmgr = (f"{record.type}" + (f" of {upstream.name}" if upstream else "")
-                           + ("" if record.active else " (inactive)"))
-        node.pgbouncer = [f"{bouncer_host}:{database}" for bouncer_host, table in routes.items()
-                          for database, target in table.items() if target == name]
+            node.repmgr = (
+                f"{record.type}"
+                + (f" of {upstream.name}" if upstream else "")
+                + ("" if record.active else " (inactive)")
+            )
+        node.pgbouncer = [
+            f"{bouncer_host}:{database}"
+            for bouncer_host, table in routes.items()
+            for database, target in table.items()
+            if target == name
+        ]
         nodes.append(node)
     state = PgClusterState(view.cluster, nodes, primary, routes, {k: v for k, v in paused.items() if v})
     state.problems = pg_problems(fleet, state, writable, view)
@@ -273,57 +299,75 @@ def pg_problems(fleet: Fleet, state: PgClusterState, writable: list[str], view: 
     if len(writable) > 1:
         routed = {target for table in state.pgbouncer.values() for target in table.values()}
         strays = [name for name in writable if name not in routed]
-        problem(f"SPLIT BRAIN: {' and '.join(writable)} both accept writes",
-                f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --accept-risk` (it loses what it took alone)"
-                if len(strays) == 1 else None)
+        problem(
+            f"SPLIT BRAIN: {' and '.join(writable)} both accept writes",
+            f"stop {strays[0]}, then `igops pg rejoin {strays[0]} --accept-risk` (it loses what it took alone)"
+            if len(strays) == 1
+            else None,
+        )
     elif interrupted:
         standbys = [node.name for node in state.nodes if node.role == "standby"]
-        problem(f"no primary: {interrupted} was stopped cleanly and fenced by a switchover cut short, and "
-                "no member was promoted",
-                " or ".join([f"`igops pg switchover {cluster} --to {name}` finishes it" for name in standbys]
-                            + [f"`igops pg switchover {cluster} --to {interrupted}` rolls it back"]))
+        problem(
+            f"no primary: {interrupted} was stopped cleanly and fenced by a switchover cut short, and "
+            "no member was promoted",
+            " or ".join(
+                [f"`igops pg switchover {cluster} --to {name}` finishes it" for name in standbys]
+                + [f"`igops pg switchover {cluster} --to {interrupted}` rolls it back"]
+            ),
+        )
     elif not writable:
         settling = [node.name for node in state.nodes if node.state == "starting or stopping"]
-        problem("no primary: no member accepts writes",
-                f"wait until {', '.join(settling)} has started or stopped, then `igops pg status {cluster}` again"
-                if settling else f"`igops pg failover {cluster}`")
+        problem(
+            "no primary: no member accepts writes",
+            f"wait until {', '.join(settling)} has started or stopped, then `igops pg status {cluster}` again"
+            if settling
+            else f"`igops pg failover {cluster}`",
+        )
     max_lag = fleet.model.postgres.max_lag_bytes
     finish = f"`igops pg switchover {cluster} --to {state.primary}` (finishes: repoints, resumes, registers)"
     for node in state.nodes:
         if node.role == "unknown":
             if node.name != interrupted:
-                problem(f"{node.name}: {node.state}" + (" (fenced)" if node.fenced else ""),
-                        f"`igops pg rejoin {node.name}`" if state.primary else None)
+                problem(
+                    f"{node.name}: {node.state}" + (" (fenced)" if node.fenced else ""),
+                    f"`igops pg rejoin {node.name}`" if state.primary else None,
+                )
         elif node.role == "primary" and node.fenced and state.primary == node.name:
-            problem(f"{node.name} accepts writes but holds standby.signal: a restart brings it back read-only",
-                    finish)
+            problem(f"{node.name} accepts writes but holds standby.signal: a restart brings it back read-only", finish)
         elif node.role == "standby":
             if state.primary and node.streaming_from != state.primary:
-                problem(f"{node.name} does not stream from {state.primary}"
-                        + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""),
-                        f"`igops pg rejoin {node.name}`")
+                problem(
+                    f"{node.name} does not stream from {state.primary}"
+                    + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""),
+                    f"`igops pg rejoin {node.name}`",
+                )
             if node.replay_paused:
                 problem(f"{node.name} has WAL replay paused", f"`SELECT pg_wal_replay_resume()` on {node.name}")
             if node.lag_bytes is not None and node.lag_bytes > max_lag:
-                problem(f"{node.name} lags {node.lag_bytes} bytes (threshold {max_lag})",
-                        f"wait; if it keeps growing, see {node.name}'s Postgres log")
+                problem(
+                    f"{node.name} lags {node.lag_bytes} bytes (threshold {max_lag})",
+                    f"wait; if it keeps growing, see {node.name}'s Postgres log",
+                )
     for bouncer_host, table in state.pgbouncer.items():
         for database, target in table.items():
             if target != state.primary:
-                problem(f"{bouncer_host}: {database} routes to {target}, which is not the primary",
-                        finish if state.primary else None)
+                problem(
+                    f"{bouncer_host}: {database} routes to {target}, which is not the primary",
+                    finish if state.primary else None,
+                )
     for bouncer_host, databases in state.paused.items():
         problem(f"{bouncer_host}: {', '.join(databases)} PAUSED", finish if state.primary else None)
     for bouncer_host, error in view.bouncer_errors.items():
         problem(f"PgBouncer on {bouncer_host} does not answer: {error}", f"start PgBouncer on {bouncer_host}")
     paused_repmgrd = [node.name for node in state.nodes if node.repmgrd == "paused"]
     if paused_repmgrd:
-        problem(f"repmgrd is paused on {', '.join(paused_repmgrd)}: no automatic failover there",
-                finish if state.primary else None)
+        problem(
+            f"repmgrd is paused on {', '.join(paused_repmgrd)}: no automatic failover there",
+            finish if state.primary else None,
+        )
     primary_records = [node.name for node in view.repmgr if node.type == "primary" and node.active]
     if view.repmgr and state.primary and primary_records != [state.primary]:
-        problem(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}",
-                finish)
+        problem(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}", finish)
     if not writable and problems[0] in state.fixes:
         # With no primary, what makes one (a failover, or the switchover's finish or roll-back)
         # also repoints and resumes PgBouncer.
@@ -338,8 +382,11 @@ def interrupted_switchover(view: PgView, state: PgClusterState | None = None) ->
     "shut down in recovery"; a crashed primary's "in production"), and PgBouncer routes to it."""
     if view.writable():
         return None
-    stopped = [name for name, probe in view.probes.items()
-               if probe.server is None and probe.postmaster_running is False and probe.control_state == "shut down"]
+    stopped = [
+        name
+        for name, probe in view.probes.items()
+        if probe.server is None and probe.postmaster_running is False and probe.control_state == "shut down"
+    ]
     routed = {target for table in (state or view.state).pgbouncer.values() for target in table.values()}
     if len(stopped) == 1 and routed == set(stopped):
         return stopped[0]
@@ -361,12 +408,17 @@ def wal_received(server: postgres.ServerState) -> int:
 def describe_left_behind(state: PgClusterState) -> str:
     """One line for a failure's message: the primary, PgBouncer, and every other member."""
     routes = sorted({target for table in state.pgbouncer.values() for target in table.values()})
-    parts = [f"{state.primary} is the primary" if state.primary else "NO member accepts writes",
-             f"PgBouncer routes to {', '.join(routes) or 'nothing'}"
-             + (f" with {bouncer_text(state.paused)} PAUSED" if state.paused else " and is not paused")]
+    parts = [
+        f"{state.primary} is the primary" if state.primary else "NO member accepts writes",
+        f"PgBouncer routes to {', '.join(routes) or 'nothing'}"
+        + (f" with {bouncer_text(state.paused)} PAUSED" if state.paused else " and is not paused"),
+    ]
     for node in state.nodes:
         if node.name != state.primary:
-            parts.append(f"{node.name} is " + (node.role if node.role != "unknown" else node.state)
-                         + (f" ({node.control_state})" if node.control_state else "")
-                         + (", fenced" if node.fenced and node.role != "standby" else ""))
+            parts.append(
+                f"{node.name} is "
+                + (node.role if node.role != "unknown" else node.state)
+                + (f" ({node.control_state})" if node.control_state else "")
+                + (", fenced" if node.fenced and node.role != "standby" else "")
+            )
     return "; ".join(parts)

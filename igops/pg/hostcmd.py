@@ -35,14 +35,18 @@ def repmgr(fleet: Fleet, host, *args: str) -> list[str]:
     return as_postgres(fleet, repmgr_argv(fleet, host, *args))
 
 
-_WAL_LISTING = ('"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"')
+_WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 
 def wal_end_on_disk(fleet: Fleet, host) -> int | None:
     """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
     data = data_directory(fleet, host)
-    listing = ssh(fleet, host, as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", bin_path(fleet, "pg_controldata"),
-                                                      data]), timeout=30)
+    listing = ssh(
+        fleet,
+        host,
+        as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", bin_path(fleet, "pg_controldata"), data]),
+        timeout=30,
+    )
     if not listing.ok:
         return None
     control_text, _, files = listing.stdout.partition("-- pg_wal")
@@ -55,11 +59,29 @@ def wal_end_on_disk(fleet: Fleet, host) -> int | None:
         return None
     segments = [name for name in files.split() if len(name) == 24 and all(c in "0123456789ABCDEF" for c in name)]
     timeline = max([int(name[:8], 16) for name in segments] + [redo_timeline])
-    start = redo if timeline == redo_timeline else min(
-        postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
-    dump = ssh(fleet, host, as_postgres(fleet, ["sh", "-c", 'bin="$1"; data="$2"; tli="$3"; at="$4"; '
-                                                + postgres.WALDUMP_TO_END, "sh", fleet.model.postgres.bin_dir,
-                                                data, str(timeline), postgres.format_lsn(start)]), timeout=60)
+    start = (
+        redo
+        if timeline == redo_timeline
+        else min(postgres.segment_start(name, segment_size)[1] for name in segments if int(name[:8], 16) == timeline)
+    )
+    dump = ssh(
+        fleet,
+        host,
+        as_postgres(
+            fleet,
+            [
+                "sh",
+                "-c",
+                'bin="$1"; data="$2"; tli="$3"; at="$4"; ' + postgres.WALDUMP_TO_END,
+                "sh",
+                fleet.model.postgres.bin_dir,
+                data,
+                str(timeline),
+                postgres.format_lsn(start),
+            ],
+        ),
+        timeout=60,
+    )
     if not dump.reached:
         return None
     return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)

@@ -15,13 +15,22 @@ if TYPE_CHECKING:
 
 
 def _watchdog_text(fleet: Fleet, databases: dict[str, list[str]]) -> str:
-    return (f"arm a watchdog on {', '.join(databases)} (it RESUMEs them if igops is gone or silent for "
-            f"{fleet.model.pgbouncer.watchdog_deadline:g} s)")
+    return (
+        f"arm a watchdog on {', '.join(databases)} (it RESUMEs them if igops is gone or silent for "
+        f"{fleet.model.pgbouncer.watchdog_deadline:g} s)"
+    )
 
 
-def switchover_steps(fleet: Fleet, primary: str, candidate: str, siblings: list[str], databases: dict[str, list[str]],
-                     replay_paused: bool = False, stopped: bool = False,
-                     paused: dict[str, list[str]] | None = None) -> list[Step]:
+def switchover_steps(
+    fleet: Fleet,
+    primary: str,
+    candidate: str,
+    siblings: list[str],
+    databases: dict[str, list[str]],
+    replay_paused: bool = False,
+    stopped: bool = False,
+    paused: dict[str, list[str]] | None = None,
+) -> list[Step]:
     """The switchover's steps; `stopped`: an interrupted one already stopped the primary
     cleanly, `paused`: and left these PgBouncer databases paused (they stay paused)."""
     candidate_address = f"{fleet.host(candidate).address}:{fleet.model.postgres.port}"
@@ -30,75 +39,153 @@ def switchover_steps(fleet: Fleet, primary: str, candidate: str, siblings: list[
     watchdog = _watchdog_text(fleet, databases)
     steps = []
     if not stopped:
-        steps.append(Step(f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused",
-                          "checkpoint", (primary,)))
-    steps.append(Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files",
-                      (databases,)))
+        steps.append(
+            Step(
+                f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused",
+                "checkpoint",
+                (primary,),
+            )
+        )
+    steps.append(
+        Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files", (databases,))
+    )
     if not paused:
-        steps.append(Step(f"PgBouncer: {watchdog}, then PAUSE {bouncer_text(databases)} (writes wait; gives up and "
-                          f"resumes after {pause_timeout:g} s)", "pause", (databases,), release=resume))
+        steps.append(
+            Step(
+                f"PgBouncer: {watchdog}, then PAUSE {bouncer_text(databases)} (writes wait; gives up and "
+                f"resumes after {pause_timeout:g} s)",
+                "pause",
+                (databases,),
+                release=resume,
+            )
+        )
     else:
         # Left paused by an interrupted run whose watchdog is gone: they get one again.
-        steps.append(Step(f"PgBouncer: {_watchdog_text(fleet, paused)} over {bouncer_text(paused)} (left paused)",
-                          "watch", (paused,), release=resume))
+        steps.append(
+            Step(
+                f"PgBouncer: {_watchdog_text(fleet, paused)} over {bouncer_text(paused)} (left paused)",
+                "watch",
+                (paused,),
+                release=resume,
+            )
+        )
     # Fenced before the stop, so that nothing the stop's remote script does after an interruption
     # (it outlives igops) can fence a primary that an undo started again.
-    steps.append(Step(f"{primary}: fence it with standby.signal, "
-                      + ("(stopped already) " if stopped else "clean stop (repmgr node service --action=stop), ")
-                      + "read where its WAL ends", "stop_and_fence", (primary,),
-                      undo=Step(f"{primary}: remove standby.signal and start it again as the primary (only once "
-                                f"{candidate} verifiably is not and cannot become one), check it accepts writes",
-                                "unfence_and_start", (primary, (candidate,))),
-                      release=resume if paused else None))
+    steps.append(
+        Step(
+            f"{primary}: fence it with standby.signal, "
+            + ("(stopped already) " if stopped else "clean stop (repmgr node service --action=stop), ")
+            + "read where its WAL ends",
+            "stop_and_fence",
+            (primary,),
+            undo=Step(
+                f"{primary}: remove standby.signal and start it again as the primary (only once "
+                f"{candidate} verifiably is not and cannot become one), check it accepts writes",
+                "unfence_and_start",
+                (primary, (candidate,)),
+            ),
+            release=resume if paused else None,
+        )
+    )
     if replay_paused:
-        steps.append(Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay",
-                          (candidate,)))
+        steps.append(
+            Step(f"{candidate}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (candidate,))
+        )
     steps += [
-        Step(f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
-             "wait_received", (candidate,)),
+        Step(
+            f"{candidate}: wait until it has received all of {primary}'s WAL (at most {CATCH_UP_TIMEOUT:g} s)",
+            "wait_received",
+            (candidate,),
+        ),
         _reserve_rejoin_wal_step(candidate, primary),
         # A failed promotion is undone (the old primary started again) only once the candidate is
         # verified stopped and still in recovery; once it is promoted, failures roll forward.
         Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
-        Step(f"PgBouncer: point {bouncer_text(databases)} at {candidate} ({candidate_address}), RELOAD",
-             "repoint", (databases, candidate), point_of_no_return=True),
+        Step(
+            f"PgBouncer: point {bouncer_text(databases)} at {candidate} ({candidate_address}), RELOAD",
+            "repoint",
+            (databases, candidate),
+            point_of_no_return=True,
+        ),
         resume,
-        Step(f"{candidate}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
-             "register_primary", (candidate,)),
+        Step(
+            f"{candidate}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+            "register_primary",
+            (candidate,),
+        ),
         *rejoin_steps(primary, candidate, running=False),
     ]
-    steps += [Step(f"{sibling}: follow {candidate} (repmgr standby follow)", "follow", (sibling, candidate))
-              for sibling in siblings]
-    steps += [Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
-              for node in siblings]
+    steps += [
+        Step(f"{sibling}: follow {candidate} (repmgr standby follow)", "follow", (sibling, candidate))
+        for sibling in siblings
+    ]
+    steps += [
+        Step(f"{node}: wait until it streams from {candidate}", "wait_streaming", (node, candidate))
+        for node in siblings
+    ]
     steps.append(release_switch_segment_step(candidate, [primary, *siblings]))
     return steps
 
 
-def failover_steps(fleet: Fleet, old: str | None, chosen: str, siblings: list[str], databases: dict[str, list[str]],
-                   fence_on_disk: bool, stop_first: bool, replay_paused: bool = False) -> list[Step]:
+def failover_steps(
+    fleet: Fleet,
+    old: str | None,
+    chosen: str,
+    siblings: list[str],
+    databases: dict[str, list[str]],
+    fence_on_disk: bool,
+    stop_first: bool,
+    replay_paused: bool = False,
+) -> list[Step]:
     resume = Step(f"PgBouncer: RESUME {bouncer_text(databases)}", "resume", (databases,))
     steps = []
     if databases:
-        steps.append(Step(f"PgBouncer: {_watchdog_text(fleet, databases)}, then hold {bouncer_text(databases)}: "
-                          "PAUSE (KILL if not paused within "
-                          f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait", "hold", (databases,), release=resume))
+        steps.append(
+            Step(
+                f"PgBouncer: {_watchdog_text(fleet, databases)}, then hold {bouncer_text(databases)}: "
+                "PAUSE (KILL if not paused within "
+                f"{DEAD_SERVER_PAUSE_S:g} s), new queries wait",
+                "hold",
+                (databases,),
+                release=resume,
+            )
+        )
     if fence_on_disk:
-        steps.append(Step(f"{old}: fence: " + ("stop it (immediate), " if stop_first else "")
-                          + "write standby.signal so it can only start read-only", "fence", (old, stop_first)))
+        steps.append(
+            Step(
+                f"{old}: fence: "
+                + ("stop it (immediate), " if stop_first else "")
+                + "write standby.signal so it can only start read-only",
+                "fence",
+                (old, stop_first),
+            )
+        )
     if databases:
-        steps.append(Step(f"PgBouncer: point {bouncer_text(databases)} at {chosen}, RELOAD", "repoint",
-                          (databases, chosen)))
+        steps.append(
+            Step(f"PgBouncer: point {bouncer_text(databases)} at {chosen}, RELOAD", "repoint", (databases, chosen))
+        )
     if replay_paused:
         steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (chosen,)))
-    steps.append(Step(f"{chosen}: promote (pg_promote), wait until it accepts writes", "promote", (chosen,),
-                      point_of_no_return=True))
+    steps.append(
+        Step(
+            f"{chosen}: promote (pg_promote), wait until it accepts writes",
+            "promote",
+            (chosen,),
+            point_of_no_return=True,
+        )
+    )
     if databases:
         steps.append(resume)
-    steps.append(Step(f"{chosen}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
-                      "register_primary", (chosen,)))
-    steps += [Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen))
-              for sibling in siblings]
+    steps.append(
+        Step(
+            f"{chosen}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+            "register_primary",
+            (chosen,),
+        )
+    )
+    steps += [
+        Step(f"{sibling}: follow {chosen} (repmgr standby follow)", "follow", (sibling, chosen)) for sibling in siblings
+    ]
     # No release of the promotion's segment here: the old primary has yet to rejoin, and pg_rewind
     # leaves it needing the new timeline's WAL from that segment on (`pg rejoin` releases it after).
     return steps
@@ -110,14 +197,29 @@ def rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
     steps = [Step(f"{primary}: CHECKPOINT, so pg_rewind reads its current timeline", "checkpoint", (primary,))]
     if running:
         steps.append(Step(f"{node}: stop (repmgr node service --action=stop)", "stop", (node,)))
-    steps.append(Step(f"{node}: remove timeline history files of timelines it never reached (an aborted "
-                      "promotion leaves one, which the new primary's timeline of that number is not)",
-                      "remove_stale_history", (node,)))
-    steps.append(Step(f"{node}: if it did not shut down cleanly, finish crash recovery first (a standby: as a "
-                      "standby; a primary: in single-user mode)", "ensure_clean_shutdown", (node,)))
+    steps.append(
+        Step(
+            f"{node}: remove timeline history files of timelines it never reached (an aborted "
+            "promotion leaves one, which the new primary's timeline of that number is not)",
+            "remove_stale_history",
+            (node,),
+        )
+    )
+    steps.append(
+        Step(
+            f"{node}: if it did not shut down cleanly, finish crash recovery first (a standby: as a "
+            "standby; a primary: in single-user mode)",
+            "ensure_clean_shutdown",
+            (node,),
+        )
+    )
     steps += [
-        Step(f"{node}: rejoin as a standby of {primary} (repmgr node rejoin --force-rewind: pg_rewind if its "
-             "WAL diverged)", "rejoin", (node, primary)),
+        Step(
+            f"{node}: rejoin as a standby of {primary} (repmgr node rejoin --force-rewind: pg_rewind if its "
+            "WAL diverged)",
+            "rejoin",
+            (node, primary),
+        ),
         Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
     return steps
@@ -129,20 +231,31 @@ def _reserve_rejoin_wal_step(candidate: str, primary: str) -> Step:
     # rejoin's own CHECKPOINT could remove that segment once writes have resumed. Reserved while
     # the candidate is still a standby, the slot starts at its last restartpoint, before anything
     # the old primary can need; repmgr node rejoin then streams through that very slot.
-    return Step(f"{candidate}: reserve the WAL {primary} needs to rejoin (a replication slot named as repmgr names "
-                f"{primary}'s, from {candidate}'s last restartpoint on)", "reserve_rejoin_wal", (candidate, primary),
-                undo=drop_rejoin_reservation_step(candidate, primary))
+    return Step(
+        f"{candidate}: reserve the WAL {primary} needs to rejoin (a replication slot named as repmgr names "
+        f"{primary}'s, from {candidate}'s last restartpoint on)",
+        "reserve_rejoin_wal",
+        (candidate, primary),
+        undo=drop_rejoin_reservation_step(candidate, primary),
+    )
 
 
 def drop_rejoin_reservation_step(candidate: str, primary: str) -> Step:
-    return Step(f"{candidate}: drop the slot reserved for {primary}'s rejoin, if no one streams through it",
-                "drop_rejoin_reservation", (candidate, primary))
+    return Step(
+        f"{candidate}: drop the slot reserved for {primary}'s rejoin, if no one streams through it",
+        "drop_rejoin_reservation",
+        (candidate, primary),
+    )
 
 
 def release_switch_segment_step(primary: str, standbys: list[str]) -> Step:
-    return Step(f"{primary}: end its WAL segment, CHECKPOINT, then a restartpoint on "
-                f"{', '.join(standbys) or 'no standby'} (so the old timelines' copies of the promotion's segment "
-                "are removed)", "release_switch_segment", (primary, tuple(standbys)))
+    return Step(
+        f"{primary}: end its WAL segment, CHECKPOINT, then a restartpoint on "
+        f"{', '.join(standbys) or 'no standby'} (so the old timelines' copies of the promotion's segment "
+        "are removed)",
+        "release_switch_segment",
+        (primary, tuple(standbys)),
+    )
 
 
 def with_repmgrd_paused(steps: list[Step], on: str, members: tuple[str, ...]) -> list[Step]:
@@ -154,5 +267,14 @@ def with_repmgrd_paused(steps: list[Step], on: str, members: tuple[str, ...]) ->
     if not steps:
         return steps
     unpause = Step("repmgrd: unpause it on every member (repmgr service unpause)", "unpause_repmgrd", (members,))
-    return [Step(f"repmgrd: pause it on every member (repmgr service pause, from {on}), so that none promotes or "
-                 "follows on its own mid-way", "pause_repmgrd", (on,), release=unpause), *steps, unpause]
+    return [
+        Step(
+            f"repmgrd: pause it on every member (repmgr service pause, from {on}), so that none promotes or "
+            "follows on its own mid-way",
+            "pause_repmgrd",
+            (on,),
+            release=unpause,
+        ),
+        *steps,
+        unpause,
+    ]

@@ -62,29 +62,41 @@ class PgPlan:
         return [step.title for step in self.actions]
 
 
-def plan_pg_switchover(fleet: Fleet, cluster: str, candidate: str,
-                       accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_switchover(
+    fleet: Fleet, cluster: str, candidate: str, accept_risk: bool = False
+) -> tuple[PgPlan, PgClusterState]:
     """A switchover, or, when an interrupted one left the cluster mid-way, the plan that finishes
     it (the candidate is a standby, or the primary already) or rolls it back (the candidate is the
     member it stopped)."""
     members = cluster_members(fleet, cluster)
     if candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
-                         inventory.unknown_name_hint(candidate, members, "members"))
+        raise UsageError(
+            f"{candidate} is not a member of cluster {cluster}",
+            inventory.unknown_name_hint(candidate, members, "members"),
+        )
     view = _settled_view(fleet, cluster)
     state = view.state
     writable = view.writable()
     if len(writable) > 1:
-        raise Refused(state, f"refused: {' and '.join(writable)} both accept writes (split brain)",
-                      "stop the one PgBouncer does not route to, then `igops pg rejoin` it")
+        raise Refused(
+            state,
+            f"refused: {' and '.join(writable)} both accept writes (split brain)",
+            "stop the one PgBouncer does not route to, then `igops pg rejoin` it",
+        )
     if view.bouncer_errors:
-        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
-                      "a switchover pauses every PgBouncer; bring it back first")
+        raise Refused(
+            state,
+            "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+            "a switchover pauses every PgBouncer; bring it back first",
+        )
     if not writable:
         stopped = interrupted_switchover(view)
         if stopped is None:
-            raise Refused(state, f"refused: cluster {cluster} has no primary to switch over from",
-                          f"if its primary is down, use `igops pg failover {cluster}`")
+            raise Refused(
+                state,
+                f"refused: cluster {cluster} has no primary to switch over from",
+                f"if its primary is down, use `igops pg failover {cluster}`",
+            )
         if candidate == stopped:
             return signed(plan_pg_roll_back(view, stopped), view), state
         return signed(_plan_pg_resume(view, stopped, candidate, accept_risk), view), state
@@ -94,36 +106,61 @@ def plan_pg_switchover(fleet: Fleet, cluster: str, candidate: str,
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None:
-        raise Refused(state, f"refused: {candidate} is not a standby ({node.state})",
-                      "pick a running standby (igops pg status)")
+        raise Refused(
+            state, f"refused: {candidate} is not a standby ({node.state})", "pick a running standby (igops pg status)"
+        )
     if node.streaming_from != primary:
-        raise Refused(state, f"refused: {candidate} does not stream from {primary}",
-                      f"fix its replication first (igops pg rejoin {candidate})")
+        raise Refused(
+            state,
+            f"refused: {candidate} does not stream from {primary}",
+            f"fix its replication first (igops pg rejoin {candidate})",
+        )
     databases = view.databases()
     if not databases:
-        raise Refused(state, f"refused: no PgBouncer routes a database to cluster {cluster}",
-                      "check [pgbouncer] and the hosts with the pgbouncer role")
-    plan = PgPlan("switchover", cluster, f"Switch cluster {cluster} over from {primary} to {candidate}",
-                  primary, candidate, failure_hint="see `igops pg status` for where things stand")
+        raise Refused(
+            state,
+            f"refused: no PgBouncer routes a database to cluster {cluster}",
+            "check [pgbouncer] and the hosts with the pgbouncer role",
+        )
+    plan = PgPlan(
+        "switchover",
+        cluster,
+        f"Switch cluster {cluster} over from {primary} to {candidate}",
+        primary,
+        candidate,
+        failure_hint="see `igops pg status` for where things stand",
+    )
     reasons = lag_reasons(fleet, node)
     reasons += _repmgr_check(fleet, probe.host)
     reasons += _free_space_reasons(fleet, probe.host)
-    refuse_or_force(state, reasons, accept_risk, plan.forced,
-                    "wait for it to catch up, free space, pick another standby, or --accept-risk")
+    refuse_or_force(
+        state,
+        reasons,
+        accept_risk,
+        plan.forced,
+        "wait for it to catch up, free space, pick another standby, or --accept-risk",
+    )
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
     stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if stopped:
         plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
     plan.actions = with_repmgrd_paused(
         switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
-        on=primary, members=(candidate, primary, *siblings))
+        on=primary,
+        members=(candidate, primary, *siblings),
+    )
     if state.paused:
         # The cluster's lock is free (it is taken before the plan runs), so no operation is under
         # way: an interrupted one left them paused. The switchover pauses them again itself.
-        plan.notes.append(f"PgBouncer has {bouncer_text(state.paused)} paused: an interrupted operation left "
-                          "them so")
-        plan.actions.insert(0, Step(f"PgBouncer: RESUME {bouncer_text(state.paused)} (left paused by an "
-                                    "interrupted operation)", "resume", (state.paused,)))
+        plan.notes.append(f"PgBouncer has {bouncer_text(state.paused)} paused: an interrupted operation left them so")
+        plan.actions.insert(
+            0,
+            Step(
+                f"PgBouncer: RESUME {bouncer_text(state.paused)} (left paused by an interrupted operation)",
+                "resume",
+                (state.paused,),
+            ),
+        )
     return signed(plan, view), state
 
 
@@ -133,9 +170,11 @@ def _settled_view(fleet: Fleet, cluster: str) -> PgView:
     deadline = time.monotonic() + STOP_TIMEOUT
     while True:
         view = pg_view(fleet, cluster)
-        settling = [name for name, probe in view.probes.items()
-                    if probe.server is None and probe.postmaster_running and probe.down
-                    and probe.down.kind == "rejected"]
+        settling = [
+            name
+            for name, probe in view.probes.items()
+            if probe.server is None and probe.postmaster_running and probe.down and probe.down.kind == "rejected"
+        ]
         if view.writable() or not settling or time.monotonic() > deadline:
             return view
         time.sleep(0.5)
@@ -149,11 +188,19 @@ def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: boo
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None or not probe.server.in_recovery:
-        raise Refused(state, f"refused: {candidate} is not a running standby ({node.state})",
-                      f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`")
-    plan = PgPlan("switchover", cluster, f"Finish the switchover of cluster {cluster} from {stopped} (stopped "
-                  f"cleanly) to {candidate}", stopped, candidate,
-                  failure_hint="see `igops pg status` for where things stand")
+        raise Refused(
+            state,
+            f"refused: {candidate} is not a running standby ({node.state})",
+            f"roll the interrupted switchover back: `igops pg switchover {cluster} --to {stopped}`",
+        )
+    plan = PgPlan(
+        "switchover",
+        cluster,
+        f"Finish the switchover of cluster {cluster} from {stopped} (stopped cleanly) to {candidate}",
+        stopped,
+        candidate,
+        failure_hint="see `igops pg status` for where things stand",
+    )
     plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
     reasons = []
     wal_end = wal_end_on_disk(fleet, view.probes[stopped].host)
@@ -162,22 +209,39 @@ def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: boo
     else:
         missing = wal_end - wal_received(probe.server)
         if missing > 0:
-            reasons.append(f"{candidate} lacks {missing} bytes of {stopped}'s WAL, which it cannot receive while "
-                           f"{stopped} is stopped (the promotion would be undone)")
+            reasons.append(
+                f"{candidate} lacks {missing} bytes of {stopped}'s WAL, which it cannot receive while "
+                f"{stopped} is stopped (the promotion would be undone)"
+            )
     if node.replay_paused:
         reasons.append(f"{candidate} has WAL replay paused")
     reasons += _free_space_reasons(fleet, probe.host)
-    refuse_or_force(state, reasons, accept_risk, plan.forced,
-                    f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk")
+    refuse_or_force(
+        state,
+        reasons,
+        accept_risk,
+        plan.forced,
+        f"roll it back instead (`igops pg switchover {cluster} --to {stopped}`), or --accept-risk",
+    )
     members = cluster_members(fleet, cluster)
     siblings = [name for name in members if name not in (stopped, candidate) and view.probes[name].server]
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
     if left:
         plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
     plan.actions = with_repmgrd_paused(
-        switchover_steps(fleet, stopped, candidate, siblings, view.databases(), replay_paused=node.replay_paused,
-                         stopped=True, paused=state.paused or None),
-        on=candidate, members=(candidate, *siblings, stopped))
+        switchover_steps(
+            fleet,
+            stopped,
+            candidate,
+            siblings,
+            view.databases(),
+            replay_paused=node.replay_paused,
+            stopped=True,
+            paused=state.paused or None,
+        ),
+        on=candidate,
+        members=(candidate, *siblings, stopped),
+    )
     return plan
 
 
@@ -186,19 +250,31 @@ def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
     no other member can have been promoted, and resume PgBouncer, which still routes to it."""
     state, cluster = view.state, view.cluster
     others = tuple(name for name in view.probes if name != stopped)
-    plan = PgPlan("switchover", cluster, f"Roll back the switchover of cluster {cluster} cut short: {stopped} "
-                  "the primary again", stopped, stopped, failure_hint="see `igops pg status` for where things stand")
+    plan = PgPlan(
+        "switchover",
+        cluster,
+        f"Roll back the switchover of cluster {cluster} cut short: {stopped} the primary again",
+        stopped,
+        stopped,
+        failure_hint="see `igops pg status` for where things stand",
+    )
     plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
-    plan.actions.append(Step(f"{stopped}: remove standby.signal and start it again as the primary (only once "
-                             f"{', '.join(others)} verifiably cannot be promoted), check it accepts writes",
-                             "unfence_and_start", (stopped, others)))
+    plan.actions.append(
+        Step(
+            f"{stopped}: remove standby.signal and start it again as the primary (only once "
+            f"{', '.join(others)} verifiably cannot be promoted), check it accepts writes",
+            "unfence_and_start",
+            (stopped, others),
+        )
+    )
     if state.paused:
         plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
     for name in others:
         node = state.node(name)
         if node.role == "standby":
-            plan.actions.append(Step(f"{name}: wait until it streams from {stopped}", "wait_streaming",
-                                     (name, stopped)))
+            plan.actions.append(
+                Step(f"{name}: wait until it streams from {stopped}", "wait_streaming", (name, stopped))
+            )
             plan.actions.append(drop_rejoin_reservation_step(name, stopped))
         else:
             plan.notes.append(f"{name}: {node.state}; rejoin it later (igops pg rejoin {name})")
@@ -227,8 +303,10 @@ def free_space_reasons(node: str, df_output: str, minimum: int) -> list[str]:
         fields = line.split()
         available = int(fields[3])
         if available < minimum:
-            reasons.append(f"{node}'s {label} volume ({fields[5]}) has {available >> 20} MiB free "
-                           f"(threshold {minimum >> 20} MiB, [postgres] min_free_bytes)")
+            reasons.append(
+                f"{node}'s {label} volume ({fields[5]}) has {available >> 20} MiB free "
+                f"(threshold {minimum >> 20} MiB, [postgres] min_free_bytes)"
+            )
     return reasons
 
 
@@ -236,23 +314,39 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
     """The candidate is primary already: finish what an interrupted operation left (PgBouncer
     routing or paused, repmgr's metadata, members that do not follow it)."""
     state = view.state
-    plan = PgPlan("switchover", view.cluster, f"Finish: {primary} is already the primary of {view.cluster}",
-                  None, primary, failure_hint="see `igops pg status` for where things stand")
-    elsewhere = {host: [database for database, target in table.items() if target != primary]
-                 for host, table in state.pgbouncer.items()}
+    plan = PgPlan(
+        "switchover",
+        view.cluster,
+        f"Finish: {primary} is already the primary of {view.cluster}",
+        None,
+        primary,
+        failure_hint="see `igops pg status` for where things stand",
+    )
+    elsewhere = {
+        host: [database for database, target in table.items() if target != primary]
+        for host, table in state.pgbouncer.items()
+    }
     elsewhere = {host: names for host, names in elsewhere.items() if names}
     if elsewhere:
-        plan.actions.append(Step(f"PgBouncer: point {bouncer_text(elsewhere)} at {primary}, RELOAD", "repoint",
-                                 (elsewhere, primary)))
+        plan.actions.append(
+            Step(f"PgBouncer: point {bouncer_text(elsewhere)} at {primary}, RELOAD", "repoint", (elsewhere, primary))
+        )
     if state.paused:
         plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
     if state.node(primary).fenced:
-        plan.actions.append(Step(f"{primary}: remove standby.signal (an interrupted switchover left it; a restart "
-                                 "would bring the primary back read-only)", "unfence", (primary,)))
+        plan.actions.append(
+            Step(
+                f"{primary}: remove standby.signal (an interrupted switchover left it; a restart "
+                "would bring the primary back read-only)",
+                "unfence",
+                (primary,),
+            )
+        )
     record = view.repmgr_node(primary)
     if record and (record.type != "primary" or not record.active):
-        plan.actions.append(Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary",
-                                 (primary,)))
+        plan.actions.append(
+            Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary", (primary,))
+        )
     for node in state.nodes:
         if node.name == primary or node.streaming_from == primary:
             continue
@@ -261,10 +355,14 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
             continue
         plan.actions += rejoin_steps(node.name, primary, running=node.role != "unknown")
     if not plan.actions:
-        plan.notes.insert(0, f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
-                             "and every member follows it")
-    plan.actions = with_repmgrd_paused(plan.actions, on=primary,
-                                       members=(primary, *(node.name for node in state.nodes if node.name != primary)))
+        plan.notes.insert(
+            0,
+            f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
+            "and every member follows it",
+        )
+    plan.actions = with_repmgrd_paused(
+        plan.actions, on=primary, members=(primary, *(node.name for node in state.nodes if node.name != primary))
+    )
     return plan
 
 
@@ -289,30 +387,42 @@ def _repmgr_check(fleet: Fleet, host) -> list[str]:
     if not result.reached:
         return [f"{host.name}: {result.error}"]
     failing = [line.strip() for line in result.stdout.splitlines() if ":" in line and "OK" not in line.split(":", 1)[1]]
-    return [f"repmgr node check on {host.name}: " + ("; ".join(failing) or result.stderr.strip()[-300:]
-                                                     or f"exit {result.exit_code}")]
+    return [
+        f"repmgr node check on {host.name}: "
+        + ("; ".join(failing) or result.stderr.strip()[-300:] or f"exit {result.exit_code}")
+    ]
 
 
-def plan_pg_failover(fleet: Fleet, cluster: str, candidate: str | None = None,
-                     accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+def plan_pg_failover(
+    fleet: Fleet, cluster: str, candidate: str | None = None, accept_risk: bool = False
+) -> tuple[PgPlan, PgClusterState]:
     members = cluster_members(fleet, cluster)
     if candidate is not None and candidate not in members:
-        raise UsageError(f"{candidate} is not a member of cluster {cluster}",
-                         inventory.unknown_name_hint(candidate, members, "members"))
+        raise UsageError(
+            f"{candidate} is not a member of cluster {cluster}",
+            inventory.unknown_name_hint(candidate, members, "members"),
+        )
     view = pg_view(fleet, cluster)
     state = view.state
     writable = view.writable()
     if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
         return signed(finish, view), state
     if writable:
-        raise Refused(state, f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
-                      f"for a planned change use `igops pg switchover {cluster} --to NODE`")
+        raise Refused(
+            state,
+            f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
+            f"for a planned change use `igops pg switchover {cluster} --to NODE`",
+        )
     if view.bouncer_errors:
-        raise Refused(state, "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
-                      "a failover repoints every PgBouncer; bring it back first")
+        raise Refused(
+            state,
+            "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+            "a failover repoints every PgBouncer; bring it back first",
+        )
     old = _presumed_primary(view)
-    plan = PgPlan("failover", cluster, "", old, None,
-                  failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed")
+    plan = PgPlan(
+        "failover", cluster, "", old, None, failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed"
+    )
     reasons: list[str] = []
     stop_first = False
     old_probe = view.probes[old] if old else None
@@ -323,15 +433,24 @@ def plan_pg_failover(fleet: Fleet, cluster: str, candidate: str | None = None,
             reading = pool.submit(wal_end_on_disk, fleet, old_probe.host) if old_probe.host_reachable else None
             _confirm_pg_down(fleet, state, old)
             wal_end = reading.result() if reading else None
-        streaming = [name for name, probe in view.probes.items()
-                     if probe.server and probe.server.receiver_status == "streaming"
-                     and probe.server.upstream_address in (str(old_probe.host.address), old)]
+        streaming = [
+            name
+            for name, probe in view.probes.items()
+            if probe.server
+            and probe.server.receiver_status == "streaming"
+            and probe.server.upstream_address in (str(old_probe.host.address), old)
+        ]
         if streaming:
-            raise Refused(state, f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
-                          "igops cannot reach it but its standbys can: check the network between them")
+            raise Refused(
+                state,
+                f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
+                "igops cannot reach it but its standbys can: check the network between them",
+            )
         if old_probe.host_reachable is False:
-            reasons.append(f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
-                           "come back (stop the instance) before forcing")
+            reasons.append(
+                f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
+                "come back (stop the instance) before forcing"
+            )
         elif old_probe.down.kind == "rejected":
             reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
             stop_first = True
@@ -342,12 +461,16 @@ def plan_pg_failover(fleet: Fleet, cluster: str, candidate: str | None = None,
         plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
     standbys = {name: probe for name, probe in view.probes.items() if name != old and probe.server}
     if not standbys:
-        raise Refused(state, f"refused: no running standby in cluster {cluster} to promote",
-                      "start one, or restore the primary")
+        raise Refused(
+            state, f"refused: no running standby in cluster {cluster} to promote", "start one, or restore the primary"
+        )
     chosen = candidate or best_standby(view, standbys)
     if chosen not in standbys:
-        raise Refused(state, f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
-                      f"running standbys: {', '.join(standbys)}")
+        raise Refused(
+            state,
+            f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
+            f"running standbys: {', '.join(standbys)}",
+        )
     received = wal_received(standbys[chosen].server)
     best = max(wal_received(probe.server) for probe in standbys.values())
     if received < best:
@@ -360,19 +483,30 @@ def plan_pg_failover(fleet: Fleet, cluster: str, candidate: str | None = None,
         else:
             plan.bytes_at_risk = max(0, wal_end - received)
             if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
-                reasons.append(f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
-                               f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them")
+                reasons.append(
+                    f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
+                    f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
+                )
     if standbys[chosen].server.replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
-    refuse_or_force(state, reasons, accept_risk, plan.forced,
-                    "restore the old primary if you can, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the old primary if you can, or --accept-risk")
     plan.new_primary = chosen
-    plan.title = (f"Fail cluster {cluster} over from {old} (down) to {chosen}" if old
-                  else f"Promote {chosen}: cluster {cluster} has no primary")
+    plan.title = (
+        f"Fail cluster {cluster} over from {old} (down) to {chosen}"
+        if old
+        else f"Promote {chosen}: cluster {cluster} has no primary"
+    )
     siblings = [name for name in standbys if name != chosen]
-    plan.actions = failover_steps(fleet, old, chosen, siblings, view.databases(),
-                                  fence_on_disk=bool(old_probe and old_probe.host_reachable), stop_first=stop_first,
-                                  replay_paused=standbys[chosen].server.replay_paused)
+    plan.actions = failover_steps(
+        fleet,
+        old,
+        chosen,
+        siblings,
+        view.databases(),
+        fence_on_disk=bool(old_probe and old_probe.host_reachable),
+        stop_first=stop_first,
+        replay_paused=standbys[chosen].server.replay_paused,
+    )
     if [name for name in view.repmgrd_members() if name != old]:
         # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
         # it does not, a failover spends no time on it.
@@ -388,21 +522,35 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
     promote a second standby. None when no PgBouncer route points at a member that is down."""
     state = view.state
     down = {name for name, probe in view.probes.items() if not probe.server}
-    stale = {host: [database for database, target in table.items() if target in down]
-             for host, table in state.pgbouncer.items()}
+    stale = {
+        host: [database for database, target in table.items() if target in down]
+        for host, table in state.pgbouncer.items()
+    }
     stale = {host: names for host, names in stale.items() if names}
     if not stale:
         return None
     olds = sorted({state.pgbouncer[host][database] for host, names in stale.items() for database in names})
-    plan = PgPlan("failover", view.cluster, f"Finish the failover of {view.cluster}: {new} was promoted already "
-                  f"(repmgrd?), PgBouncer still routes to {', '.join(olds)}", olds[0], new,
-                  failure_hint=f"see `igops pg status {view.cluster}`")
+    plan = PgPlan(
+        "failover",
+        view.cluster,
+        f"Finish the failover of {view.cluster}: {new} was promoted already "
+        f"(repmgrd?), PgBouncer still routes to {', '.join(olds)}",
+        olds[0],
+        new,
+        failure_hint=f"see `igops pg status {view.cluster}`",
+    )
     for old in olds:
         probe = view.probes[old]
         if probe.host_reachable and not probe.fenced:
-            plan.actions.append(Step(f"{old}: fence: " + ("stop it (immediate), " if probe.postmaster_running else "")
-                                     + "write standby.signal so it can only start read-only", "fence",
-                                     (old, bool(probe.postmaster_running))))
+            plan.actions.append(
+                Step(
+                    f"{old}: fence: "
+                    + ("stop it (immediate), " if probe.postmaster_running else "")
+                    + "write standby.signal so it can only start read-only",
+                    "fence",
+                    (old, bool(probe.postmaster_running)),
+                )
+            )
         elif not probe.host_reachable:
             plan.notes.append(f"{old}'s host is unreachable over SSH: it is not fenced; make sure it cannot come back")
     plan.actions.append(Step(f"PgBouncer: point {bouncer_text(stale)} at {new}, RELOAD", "repoint", (stale, new)))
@@ -410,8 +558,13 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
         plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
     record = view.repmgr_node(new)
     if record is None or record.type != "primary" or not record.active:
-        plan.actions.append(Step(f"{new}: record it as the primary in repmgr's metadata (repmgr primary register "
-                                 "--force)", "register_primary", (new,)))
+        plan.actions.append(
+            Step(
+                f"{new}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+                "register_primary",
+                (new,),
+            )
+        )
     for node in state.nodes:
         if node.role == "standby" and node.streaming_from != new:
             plan.actions.append(Step(f"{node.name}: follow {new} (repmgr standby follow)", "follow", (node.name, new)))
@@ -433,6 +586,7 @@ def _confirm_pg_down(fleet: Fleet, state, name: str) -> None:
 
 def best_standby(view: PgView, standbys: dict[str, PgProbe]) -> str:
     """The most WAL received; then repmgr's priority (higher first; 0 never); then the name."""
+
     def priority(name: str) -> int:
         record = view.repmgr_node(name)
         return record.priority if record else 100
@@ -455,8 +609,11 @@ def _presumed_primary(view: PgView) -> str | None:
     if len(candidates) != 1 and len(down) == 1:
         candidates = down
     if len(candidates) != 1:
-        raise Refused(state, f"refused: cannot tell which of {', '.join(down)} was the primary",
-                      "check PgBouncer's databases file and `igops pg status`")
+        raise Refused(
+            state,
+            f"refused: cannot tell which of {', '.join(down)} was the primary",
+            "check PgBouncer's databases file and `igops pg status`",
+        )
     return candidates[0]
 
 
@@ -467,17 +624,28 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     member = state.node(node)
     probe = view.probes[node]
     if member.role == "primary" and member.pgbouncer:
-        raise Refused(state, f"refused: {node} accepts writes and PgBouncer routes {', '.join(member.pgbouncer)} "
-                             "to it: it is the live primary",
-                      f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)")
+        raise Refused(
+            state,
+            f"refused: {node} accepts writes and PgBouncer routes {', '.join(member.pgbouncer)} "
+            "to it: it is the live primary",
+            f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)",
+        )
     writable = [name for name in view.writable() if name != node]
     if len(writable) != 1:
-        raise Refused(state, f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} "
-                             f"besides {node}",
-                      "a node rejoins a cluster with exactly one primary: see `igops pg status`")
+        raise Refused(
+            state,
+            f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} besides {node}",
+            "a node rejoins a cluster with exactly one primary: see `igops pg status`",
+        )
     primary = writable[0]
-    plan = PgPlan("rejoin", cluster, f"Rejoin {node} to cluster {cluster} as a standby of {primary}", None, primary,
-                  failure_hint=f"see `igops pg status {cluster}` and {node}'s Postgres log")
+    plan = PgPlan(
+        "rejoin",
+        cluster,
+        f"Rejoin {node} to cluster {cluster} as a standby of {primary}",
+        None,
+        primary,
+        failure_hint=f"see `igops pg status {cluster}` and {node}'s Postgres log",
+    )
     if member.state == "host unreachable":
         raise RemoteError(f"{node}: host unreachable over SSH", "rejoin needs the host")
     if member.streaming_from == primary:
@@ -485,21 +653,30 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
         if record and record.type == "standby" and record.active and member.repmgr == f"standby of {primary}":
             plan.notes.append(f"nothing to do: {node} already streams from {primary}")
         else:
-            plan.actions = [Step(f"{node}: record it as a standby of {primary} in repmgr's metadata (repmgr standby "
-                                 "register --force)", "register_standby", (node, primary))]
+            plan.actions = [
+                Step(
+                    f"{node}: record it as a standby of {primary} in repmgr's metadata (repmgr standby "
+                    "register --force)",
+                    "register_standby",
+                    (node, primary),
+                )
+            ]
         return signed(plan, view), state
     reasons = []
     if member.role == "primary":
         reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
-    refuse_or_force(state, reasons, accept_risk, plan.forced,
-                    "make sure nothing on it is needed, then --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, "make sure nothing on it is needed, then --accept-risk")
     plan.actions = with_repmgrd_paused(
-        [*rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
-         # pg_rewind copied the primary's segments, those of the promotion among them.
-         release_switch_segment_step(primary, [node])],
-        on=primary, members=(primary, node))
+        [
+            *rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+            # pg_rewind copied the primary's segments, those of the promotion among them.
+            release_switch_segment_step(primary, [node]),
+        ],
+        on=primary,
+        members=(primary, node),
+    )
     return signed(plan, view), state
 
 
@@ -507,9 +684,11 @@ def signature(view: PgView) -> tuple:
     """What a plan depends on: every member's role and state, who follows whom, and where the app
     is routed (PgBouncer). Positions and lag are left out: they move."""
     state = view.state
-    return (tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
-            tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
-            tuple(sorted((host, tuple(names)) for host, names in state.paused.items())))
+    return (
+        tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
+        tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
+        tuple(sorted((host, tuple(names)) for host, names in state.paused.items())),
+    )
 
 
 def signed(plan: PgPlan, view: PgView) -> PgPlan:

@@ -16,32 +16,40 @@ from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
 
-def candidate_verdict(node: str, cluster: str, in_recovery: bool | None, asked: bool,
-                      checked: dict[str, str] | None, error: str | None) -> str:
+def candidate_verdict(
+    node: str, cluster: str, in_recovery: bool | None, asked: bool, checked: dict[str, str] | None, error: str | None
+) -> str:
     """Whether a switchover's undo may start the old primary again, as far as `node` (a member
     that may have been promoted) goes: only if it verifiably is not a primary and cannot become
     one. `in_recovery`: what it answered (None: it did not); `asked`: a promotion was or may have
     been requested; `checked`: what the host said once its postmaster was stopped (None: not
     checked, `error` says why). Returns how it was verified; raises IgopsError otherwise."""
     if in_recovery is False:
-        raise IgopsError(f"{node} accepts writes: it was promoted",
-                         f"finish with `igops pg switchover {cluster} --to {node}`")
+        raise IgopsError(
+            f"{node} accepts writes: it was promoted", f"finish with `igops pg switchover {cluster} --to {node}`"
+        )
     if in_recovery and not asked:
         return f"{node} is a standby nobody asked to promote"
     if checked is None:
         # Unreachable is unknown, never "still a standby": it may have been promoted.
-        raise IgopsError(f"cannot tell whether {node} was promoted: {error or 'its host was not asked'}",
-                         f"when {node}'s host answers: `igops pg status {cluster}`, then `igops pg switchover "
-                         f"{cluster} --to NODE` finishes or rolls back")
+        raise IgopsError(
+            f"cannot tell whether {node} was promoted: {error or 'its host was not asked'}",
+            f"when {node}'s host answers: `igops pg status {cluster}`, then `igops pg switchover "
+            f"{cluster} --to NODE` finishes or rolls back",
+        )
     if "postmaster" in checked:
-        raise IgopsError(f"cannot tell whether {node} was promoted: its postmaster did not stop",
-                         f"stop it, then `igops pg status {cluster}`")
+        raise IgopsError(
+            f"cannot tell whether {node} was promoted: its postmaster did not stop",
+            f"stop it, then `igops pg status {cluster}`",
+        )
     control = checked.get("control", "").strip()
     stopped = "stopped" in checked
     if control not in ("in archive recovery", "shut down in recovery"):
-        raise IgopsError(f"{node} is not verifiably a standby: its control file says {control or 'nothing'!r}"
-                         + (" (igops stopped it)" if stopped else ""),
-                         f"if it was promoted, start it and finish with `igops pg switchover {cluster} --to {node}`")
+        raise IgopsError(
+            f"{node} is not verifiably a standby: its control file says {control or 'nothing'!r}"
+            + (" (igops stopped it)" if stopped else ""),
+            f"if it was promoted, start it and finish with `igops pg switchover {cluster} --to {node}`",
+        )
     return f"{node} " + ("stopped by igops" if stopped else "is down") + f", {control}, fenced"
 
 
@@ -54,20 +62,28 @@ class FencingActions:
         fleet = self.fleet
         host = self._host(node)
         data = data_directory(fleet, host)
-        script = ('set -e; bin="$1"; data="$2"; shift 2; touch "$data/standby.signal"; '
-                  'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then "$@"; fi; '
-                  '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
-                  'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
-                  'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
-                  + postgres.WALDUMP_TO_END)
+        script = (
+            'set -e; bin="$1"; data="$2"; shift 2; touch "$data/standby.signal"; '
+            'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then "$@"; fi; '
+            '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
+            'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
+            'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
+            + postgres.WALDUMP_TO_END
+        )
         stop = repmgr_argv(fleet, host, "node", "service", "--action=stop")
-        output = ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data,
-                                                         *stop]), "clean stop", timeout=STOP_TIMEOUT)
+        output = ssh_ok(
+            fleet,
+            host,
+            as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data, *stop]),
+            "clean stop",
+            timeout=STOP_TIMEOUT,
+        )
         control_text, _, dump = output.partition("-- waldump")
         control = postgres.parse_controldata(control_text)
         if control.get("Database cluster state") != "shut down":
-            raise IgopsError(f"{node} did not shut down cleanly: "
-                             f"{control.get('Database cluster state', 'state unknown')}")
+            raise IgopsError(
+                f"{node} did not shut down cleanly: {control.get('Database cluster state', 'state unknown')}"
+            )
         self.wal_end = postgres.wal_end_from_waldump(dump, int(control.get("Bytes per WAL segment", 16 << 20)))
         if self.wal_end is None:
             raise IgopsError(f"cannot tell where {node}'s WAL ends: {dump.strip()[-200:]}")
@@ -76,13 +92,15 @@ class FencingActions:
     # A candidate that does not answer as a primary: its postmaster is stopped (a promotion under
     # way dies with it), then its control file tells whether it was promoted. One still in
     # recovery is fenced and its promote request removed, so it can only come back a standby.
-    _STOP_AND_READ_CONTROL = ('bin="$1"; data="$2"; '
-                              'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
-                              '"$bin/pg_ctl" stop -D "$data" -m immediate -w -t 30 >/dev/null 2>&1 || '
-                              '{ echo "postmaster=still running"; exit 0; }; echo stopped=1; fi; '
-                              'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
-                              'echo "control=$state"; case "$state" in "in archive recovery"|"shut down in recovery") '
-                              'touch "$data/standby.signal"; rm -f "$data/promote";; esac')
+    _STOP_AND_READ_CONTROL = (
+        'bin="$1"; data="$2"; '
+        'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
+        '"$bin/pg_ctl" stop -D "$data" -m immediate -w -t 30 >/dev/null 2>&1 || '
+        '{ echo "postmaster=still running"; exit 0; }; echo stopped=1; fi; '
+        'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
+        'echo "control=$state"; case "$state" in "in archive recovery"|"shut down in recovery") '
+        'touch "$data/standby.signal"; rm -f "$data/promote";; esac'
+    )
 
     def _verify_not_promoted(self, node: str) -> str:
         """Raise unless `node` verifiably is not a primary and cannot become one; say how."""
@@ -104,8 +122,12 @@ class FencingActions:
             asked = ssh(fleet, host, ["test", "-e", f"{data}/promote"], timeout=20).exit_code != 1
         checked, error = None, None
         if in_recovery is not False and (asked or not in_recovery):
-            result = ssh(fleet, host, as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh",
-                                                          fleet.model.postgres.bin_dir, data]), timeout=60)
+            result = ssh(
+                fleet,
+                host,
+                as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh", fleet.model.postgres.bin_dir, data]),
+                timeout=60,
+            )
             if result.ok:
                 checked = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
             else:
@@ -119,16 +141,34 @@ class FencingActions:
         host = self._host(node)
         verified = [self._verify_not_promoted(other) for other in others]
         socket = fleet.path_for(fleet.model.postgres.socket_dir, host)
-        script = ('bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; rm -f "$data/standby.signal"; '
-                  'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
-                  '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
-                  '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
-                  'done; exec "$@"')
-        ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir,
-                                                data_directory(fleet, host), socket, str(fleet.model.postgres.port),
-                                                str(int(STOP_TIMEOUT) * 2),
-                                                *repmgr_argv(fleet, host, "node", "service", "--action=start")]),
-               "start", timeout=STOP_TIMEOUT * 2 + 90)
+        script = (
+            'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; rm -f "$data/standby.signal"; '
+            'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+            '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
+            '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
+            'done; exec "$@"'
+        )
+        ssh_ok(
+            fleet,
+            host,
+            as_postgres(
+                fleet,
+                [
+                    "sh",
+                    "-c",
+                    script,
+                    "sh",
+                    fleet.model.postgres.bin_dir,
+                    data_directory(fleet, host),
+                    socket,
+                    str(fleet.model.postgres.port),
+                    str(int(STOP_TIMEOUT) * 2),
+                    *repmgr_argv(fleet, host, "node", "service", "--action=start"),
+                ],
+            ),
+            "start",
+            timeout=STOP_TIMEOUT * 2 + 90,
+        )
         return "; ".join([*verified, self._wait_writable(node)])
 
     def _wait_writable(self, node: str) -> str:
@@ -151,20 +191,34 @@ class FencingActions:
             except postgres.Unavailable as exc:
                 last = exc.detail
             time.sleep(0.2)
-        raise IgopsError(f"{node} was started but does not accept writes after {STREAMING_TIMEOUT:g} s: {last}",
-                         f"see {node}'s Postgres log")
+        raise IgopsError(
+            f"{node} was started but does not accept writes after {STREAMING_TIMEOUT:g} s: {last}",
+            f"see {node}'s Postgres log",
+        )
+
     def unfence(self, node: str) -> None:
         host = self._host(node)
-        ssh_ok(self.fleet, host, as_postgres(self.fleet, ["rm", "-f", f"{data_directory(self.fleet, host)}/"
-                                                                    "standby.signal"]), "removing standby.signal")
+        ssh_ok(
+            self.fleet,
+            host,
+            as_postgres(self.fleet, ["rm", "-f", f"{data_directory(self.fleet, host)}/standby.signal"]),
+            "removing standby.signal",
+        )
 
     def fence(self, node: str, stop_first: bool) -> str:
         fleet = self.fleet
         host = self._host(node)
         data = data_directory(fleet, host)
         if stop_first:
-            ssh_ok(fleet, host, as_postgres(fleet, [bin_path(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate",
-                                                    "-w", "-t", "30"]), "immediate stop", timeout=60)
+            ssh_ok(
+                fleet,
+                host,
+                as_postgres(
+                    fleet, [bin_path(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate", "-w", "-t", "30"]
+                ),
+                "immediate stop",
+                timeout=60,
+            )
         ssh_ok(fleet, host, as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
         return f"{data}/standby.signal"
 
@@ -199,8 +253,10 @@ class PromotionActions:
                 if self.wal_end is not None and received >= self.wal_end:
                     return f"received up to {postgres.format_lsn(received)}"
                 if time.monotonic() > deadline:
-                    raise IgopsError(f"{node} received WAL only up to {postgres.format_lsn(received)}, the old "
-                                     f"primary's ends at {postgres.format_lsn(self.wal_end or 0)}")
+                    raise IgopsError(
+                        f"{node} received WAL only up to {postgres.format_lsn(received)}, the old "
+                        f"primary's ends at {postgres.format_lsn(self.wal_end or 0)}"
+                    )
                 time.sleep(0.01)
         finally:
             connection.close()
@@ -219,11 +275,14 @@ class PromotionActions:
             finally:
                 connection.close()
         except (postgres.Unavailable, psycopg2.Error) as exc:
-            raise IgopsError(f"{node} did not promote: {first_line(exc)}; {self.log_cause(node)}",
-                             f"see {node}'s Postgres log") from None
+            raise IgopsError(
+                f"{node} did not promote: {first_line(exc)}; {self.log_cause(node)}", f"see {node}'s Postgres log"
+            ) from None
         if not promoted:
-            raise IgopsError(f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s; {self.log_cause(node)}",
-                             f"see {node}'s Postgres log")
+            raise IgopsError(
+                f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s; {self.log_cause(node)}",
+                f"see {node}'s Postgres log",
+            )
         return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
 
     def log_cause(self, node: str) -> str:
@@ -233,12 +292,20 @@ class PromotionActions:
         host = self._host(node)
         data = data_directory(fleet, host)
         try:
-            path = postgres.log_file_of(read_file(fleet, host, fleet.path_for(fleet.model.postgres.repmgr_config,
-                                                                                host)))
-            script = ('if [ -n "$1" ]; then log="$1"; else log=$(ls -t "$2"/log/* "$2"/pg_log/* 2>/dev/null '
-                      '| head -n 1); fi; [ -n "$log" ] || exit 3; echo "$log"; tail -n 300 "$log"')
-            output = ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
-                            "reading its log", timeout=30)
+            path = postgres.log_file_of(
+                read_file(fleet, host, fleet.path_for(fleet.model.postgres.repmgr_config, host))
+            )
+            script = (
+                'if [ -n "$1" ]; then log="$1"; else log=$(ls -t "$2"/log/* "$2"/pg_log/* 2>/dev/null '
+                '| head -n 1); fi; [ -n "$log" ] || exit 3; echo "$log"; tail -n 300 "$log"'
+            )
+            output = ssh_ok(
+                fleet,
+                host,
+                as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
+                "reading its log",
+                timeout=30,
+            )
         except IgopsError as exc:
             return f"its log could not be read ({exc.one_line()})"
         path, _, text = output.partition("\n")
@@ -247,5 +314,4 @@ class PromotionActions:
 
     def register_primary(self, node: str) -> None:
         host = self._host(node)
-        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "primary", "register", "--force"),
-               "repmgr primary register")
+        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "primary", "register", "--force"), "repmgr primary register")

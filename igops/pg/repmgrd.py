@@ -46,8 +46,7 @@ class RepmgrdActions:
 
     def _repmgrd(self, node: str, pause: bool) -> remote.HostResult:
         host = self._host(node)
-        return ssh(self.fleet, host, repmgr(self.fleet, host, "service", "pause" if pause else "unpause"),
-                   timeout=60)
+        return ssh(self.fleet, host, repmgr(self.fleet, host, "service", "pause" if pause else "unpause"), timeout=60)
 
     def pause_repmgrd(self, on: str) -> str:
         result = self._repmgrd(on, True)
@@ -63,13 +62,21 @@ class RepmgrdActions:
             result = self._repmgrd(node, False)
             if result.exit_code in (0, self._SOME_NODES_MISSED):
                 reached, missed = repmgrd_pause_outcome(result.stdout + result.stderr, False)
-                return (f"unpaused on {', '.join(reached) or 'no member'}"
-                        + (f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
-                           "once it runs, e.g. by `igops pg rejoin` it)" if missed else "")
-                        + self._await_repmgrd(members))
+                return (
+                    f"unpaused on {', '.join(reached) or 'no member'}"
+                    + (
+                        f"; not on {', '.join(missed)} (repmgr keeps the pause across a restart: unpause it "
+                        "once it runs, e.g. by `igops pg rejoin` it)"
+                        if missed
+                        else ""
+                    )
+                    + self._await_repmgrd(members)
+                )
             failures.append(f"{node}: {failure_reason(result)}")
-        raise RemoteError("repmgr service unpause failed everywhere: " + "; ".join(failures),
-                          "run `repmgr service unpause` on a running member")
+        raise RemoteError(
+            "repmgr service unpause failed everywhere: " + "; ".join(failures),
+            "run `repmgr service unpause` on a running member",
+        )
 
     def _await_repmgrd(self, members: tuple[str, ...]) -> str:
         """A member whose Postgres restarted (the old primary, a rejoined node) knows its repmgrd
@@ -85,8 +92,10 @@ class RepmgrdActions:
             if not behind:
                 return ""
             if time.monotonic() > deadline:
-                return (f"; repmgrd not back on {', '.join(behind)} after {REPMGRD_RECONNECT_TIMEOUT:g} s "
-                        "(see its log; `repmgr service status` shows it)")
+                return (
+                    f"; repmgrd not back on {', '.join(behind)} after {REPMGRD_RECONNECT_TIMEOUT:g} s "
+                    "(see its log; `repmgr service status` shows it)"
+                )
             time.sleep(0.5)
 
     def _repmgrd_state(self, node: str) -> str | None:

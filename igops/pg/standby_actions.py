@@ -23,8 +23,12 @@ class RejoinActions:
     def register_standby(self, node: str, primary: str) -> None:
         host = self._host(node)
         upstream = self._repmgr_record(primary)
-        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "standby", "register", "--force",
-                                        f"--upstream-node-id={upstream.node_id}"), "repmgr standby register")
+        ssh_ok(
+            self.fleet,
+            host,
+            repmgr(self.fleet, host, "standby", "register", "--force", f"--upstream-node-id={upstream.node_id}"),
+            "repmgr standby register",
+        )
 
     def stop(self, node: str) -> None:
         host = self._host(node)
@@ -32,12 +36,14 @@ class RejoinActions:
 
     # Single-user mode refuses standby mode, so standby.signal steps aside for the run and comes
     # back whatever happens (pg_rewind does the same when it recovers a target itself).
-    _SINGLE_USER = ('set -e; data="$1"; shift; hidden=; '
-                    'if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$data/standby.signal.igops"; '
-                    'hidden=1; fi; '
-                    'restore() { if [ -n "$hidden" ]; then '
-                    'mv "$data/standby.signal.igops" "$data/standby.signal"; fi; }; '
-                    'trap restore EXIT; "$@" </dev/null')
+    _SINGLE_USER = (
+        'set -e; data="$1"; shift; hidden=; '
+        'if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$data/standby.signal.igops"; '
+        "hidden=1; fi; "
+        'restore() { if [ -n "$hidden" ]; then '
+        'mv "$data/standby.signal.igops" "$data/standby.signal"; fi; }; '
+        'trap restore EXIT; "$@" </dev/null'
+    )
 
     def ensure_clean_shutdown(self, node: str) -> str:
         """pg_rewind needs a cleanly shut down target. A crashed one is recovered the way pg_rewind
@@ -47,8 +53,12 @@ class RejoinActions:
         host = self._host(node)
         data = data_directory(fleet, host)
         script = '"$1" -D "$2"; echo "-- postmaster.opts"; cat "$2/postmaster.opts" 2>/dev/null || true'
-        output = ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", script, "sh", bin_path(fleet, "pg_controldata"),
-                                                         data]), "pg_controldata")
+        output = ssh_ok(
+            fleet,
+            host,
+            as_postgres(fleet, ["sh", "-c", script, "sh", bin_path(fleet, "pg_controldata"), data]),
+            "pg_controldata",
+        )
         control_text, _, opts = output.partition("-- postmaster.opts")
         state = postgres.parse_controldata(control_text).get("Database cluster state", "unknown")
         if state in ("shut down", "shut down in recovery"):
@@ -58,34 +68,57 @@ class RejoinActions:
             # would write a checkpoint of its own on the primary's timeline, where the primary's
             # later WAL differs and pg_rewind sees no fork. It starts as the standby it is instead.
             for action in ("start", "stop"):
-                ssh_ok(fleet, host, repmgr(fleet, host, "node", "service", f"--action={action}"),
-                       f"{action} as a standby", timeout=REJOIN_TIMEOUT)
+                ssh_ok(
+                    fleet,
+                    host,
+                    repmgr(fleet, host, "node", "service", f"--action={action}"),
+                    f"{action} as a standby",
+                    timeout=REJOIN_TIMEOUT,
+                )
             return f"was {state}: started as a standby and stopped cleanly"
-        single_user = [bin_path(fleet, "postgres"), "--single", "-F", *postgres.server_arguments(opts.strip(), data),
-                       "template1"]
-        ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
-               "single-user crash recovery", timeout=REJOIN_TIMEOUT)
+        single_user = [
+            bin_path(fleet, "postgres"),
+            "--single",
+            "-F",
+            *postgres.server_arguments(opts.strip(), data),
+            "template1",
+        ]
+        ssh_ok(
+            fleet,
+            host,
+            as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
+            "single-user crash recovery",
+            timeout=REJOIN_TIMEOUT,
+        )
         return f"was {state}: crash recovery done"
 
     # History files of timelines past the node's own (its last checkpoint's, or the one its
     # recovery reached): it never was on them, so they are leftovers, e.g. of a promotion that
     # died after it chose its new timeline. A standby takes the history of a timeline it does not
     # have from its primary, so one of the same number made elsewhere must go.
-    _STALE_HISTORY = ('set -e; bin="$1"; data="$2"; control=$("$bin/pg_controldata" -D "$data"); '
-                      'own=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
-                      'reached=$(printf "%s\\n" "$control" | sed -n "s/^Min recovery ending loc.s timeline: *//p"); '
-                      '[ "${reached:-0}" -gt "$own" ] && own=$reached; '
-                      'for file in "$data"/pg_wal/*.history; do [ -e "$file" ] || continue; '
-                      'name=$(basename "$file" .history); [ $((0x$name)) -gt "$own" ] || continue; '
-                      'rm -f "$file" "$data/pg_wal/archive_status/$name.history.ready" '
-                      '"$data/pg_wal/archive_status/$name.history.done"; echo "$name.history"; done')
+    _STALE_HISTORY = (
+        'set -e; bin="$1"; data="$2"; control=$("$bin/pg_controldata" -D "$data"); '
+        'own=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
+        'reached=$(printf "%s\\n" "$control" | sed -n "s/^Min recovery ending loc.s timeline: *//p"); '
+        '[ "${reached:-0}" -gt "$own" ] && own=$reached; '
+        'for file in "$data"/pg_wal/*.history; do [ -e "$file" ] || continue; '
+        'name=$(basename "$file" .history); [ $((0x$name)) -gt "$own" ] || continue; '
+        'rm -f "$file" "$data/pg_wal/archive_status/$name.history.ready" '
+        '"$data/pg_wal/archive_status/$name.history.done"; echo "$name.history"; done'
+    )
 
     def remove_stale_history(self, node: str) -> str:
         fleet = self.fleet
         host = self._host(node)
-        output = ssh_ok(fleet, host, as_postgres(fleet, ["sh", "-c", self._STALE_HISTORY, "sh",
-                                                         fleet.model.postgres.bin_dir, data_directory(fleet, host)]),
-                        "removing stale timeline history files")
+        output = ssh_ok(
+            fleet,
+            host,
+            as_postgres(
+                fleet,
+                ["sh", "-c", self._STALE_HISTORY, "sh", fleet.model.postgres.bin_dir, data_directory(fleet, host)],
+            ),
+            "removing stale timeline history files",
+        )
         removed = output.split()
         return f"removed {', '.join(removed)}" if removed else "none"
 
@@ -102,19 +135,35 @@ class RejoinActions:
 
     def rejoin(self, node: str, primary: str) -> str:
         host = self._host(node)
-        output = ssh_ok(self.fleet, host, repmgr(self.fleet, host, "node", "rejoin", "-d",
-                                                 self._repmgr_record(primary).conninfo,
-                                                 "--force-rewind", "--verbose"),
-                        "repmgr node rejoin", timeout=REJOIN_TIMEOUT)
+        output = ssh_ok(
+            self.fleet,
+            host,
+            repmgr(
+                self.fleet,
+                host,
+                "node",
+                "rejoin",
+                "-d",
+                self._repmgr_record(primary).conninfo,
+                "--force-rewind",
+                "--verbose",
+            ),
+            "repmgr node rejoin",
+            timeout=REJOIN_TIMEOUT,
+        )
         rewound = "rewinding from last common checkpoint" in output or "servers diverged" in output
         return "pg_rewind rewound it" if rewound else "no rewind needed"
 
     def follow(self, node: str, primary: str) -> None:
         host = self._host(node)
         upstream = self._repmgr_record(primary)
-        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "standby", "follow",
-                                        f"--upstream-node-id={upstream.node_id}"), "repmgr standby follow",
-               timeout=REJOIN_TIMEOUT)
+        ssh_ok(
+            self.fleet,
+            host,
+            repmgr(self.fleet, host, "standby", "follow", f"--upstream-node-id={upstream.node_id}"),
+            "repmgr standby follow",
+            timeout=REJOIN_TIMEOUT,
+        )
 
     def wait_streaming(self, node: str, primary: str) -> str:
         deadline = time.monotonic() + STREAMING_TIMEOUT
@@ -132,8 +181,9 @@ class RejoinActions:
             except postgres.Unavailable:
                 pass
             if time.monotonic() > deadline:
-                raise IgopsError(f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s",
-                                 f"see {node}'s Postgres log")
+                raise IgopsError(
+                    f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s", f"see {node}'s Postgres log"
+                )
             time.sleep(0.2)
 
 
@@ -145,8 +195,10 @@ class WalRetentionActions:
         cursor.execute("SELECT slot_name FROM repmgr.nodes WHERE node_name = %s", (node,))
         row = cursor.fetchone()
         if not row or not row[0]:
-            raise IgopsError(f"repmgr's metadata names no replication slot for {node}",
-                             "set use_replication_slots in repmgr.conf and re-register the member")
+            raise IgopsError(
+                f"repmgr's metadata names no replication slot for {node}",
+                "set use_replication_slots in repmgr.conf and re-register the member",
+            )
         return row[0]
 
     def reserve_rejoin_wal(self, node: str, for_node: str) -> str:
@@ -157,8 +209,7 @@ class WalRetentionActions:
                 cursor.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
                 row = cursor.fetchone()
                 if row is None:
-                    cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)",
-                                   (slot,))
+                    cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,))
                     return f"{slot} holds WAL from {cursor.fetchone()[0]}"
                 return f"{slot} exists already (from {row[0] or 'no position'})"
         finally:
@@ -169,8 +220,11 @@ class WalRetentionActions:
         try:
             with connection.cursor() as cursor:
                 slot = self._slot_of(cursor, for_node)
-                cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                               "WHERE slot_name = %s AND NOT active", (slot,))
+                cursor.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name = %s AND NOT active",
+                    (slot,),
+                )
                 return f"dropped {slot}" if cursor.rowcount else f"{slot}: none inactive"
         finally:
             connection.close()
@@ -189,9 +243,14 @@ class WalRetentionActions:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_switch_wal()")
                 cursor.execute("SELECT pg_current_wal_lsn()::text")
-                _wait_until(cursor, "SELECT NOT EXISTS (SELECT FROM pg_replication_slots WHERE active AND "
-                            "slot_type = 'physical' AND restart_lsn < %s::pg_lsn)", cursor.fetchone()[0], deadline,
-                            f"the standbys' slots on {primary} did not move past the switched segment")
+                _wait_until(
+                    cursor,
+                    "SELECT NOT EXISTS (SELECT FROM pg_replication_slots WHERE active AND "
+                    "slot_type = 'physical' AND restart_lsn < %s::pg_lsn)",
+                    cursor.fetchone()[0],
+                    deadline,
+                    f"the standbys' slots on {primary} did not move past the switched segment",
+                )
                 cursor.execute("CHECKPOINT")
                 cursor.execute("SELECT pg_current_wal_lsn()::text")
                 checkpointed = cursor.fetchone()[0]
@@ -202,8 +261,13 @@ class WalRetentionActions:
             connection = postgres.connect(self.fleet, self._host(standby), statement_timeout_ms=None)
             try:
                 with connection.cursor() as cursor:
-                    _wait_until(cursor, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", checkpointed, deadline,
-                                f"{standby} did not replay {primary}'s checkpoint")
+                    _wait_until(
+                        cursor,
+                        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                        checkpointed,
+                        deadline,
+                        f"{standby} did not replay {primary}'s checkpoint",
+                    )
                     cursor.execute("CHECKPOINT")
                     counts.append(f"{standby} {_wal_segments(cursor)}")
             finally:
@@ -217,8 +281,10 @@ def _wait_until(cursor, query: str, position: str, deadline: float, what: str) -
         if cursor.fetchone()[0]:
             return
         if time.monotonic() > deadline:
-            raise IgopsError(f"{what} ({position}) within {STREAMING_TIMEOUT:g} s",
-                             "see `igops pg status`; the old timelines' segments go once the WAL moves on")
+            raise IgopsError(
+                f"{what} ({position}) within {STREAMING_TIMEOUT:g} s",
+                "see `igops pg status`; the old timelines' segments go once the WAL moves on",
+            )
         time.sleep(0.1)
 
 

@@ -71,9 +71,14 @@ def scratch(lab, tmp_path_factory):
         if password:
             password_file = tmp_path_factory.mktemp("directory") / "password"
             password_file.write_text(password)
-        config = PostgresConfig(host=str(lab.host(node).address), port=lab.model.postgres.port,
-                                user=lab.model.postgres.user, password_file=password_file,
-                                directory_database=name, connect_timeout=5)
+        config = PostgresConfig(
+            host=str(lab.host(node).address),
+            port=lab.model.postgres.port,
+            user=lab.model.postgres.user,
+            password_file=password_file,
+            directory_database=name,
+            connect_timeout=5,
+        )
         yield {"connection": connection, "admin": admin, "name": name, "config": config}
         connection.close()
     finally:
@@ -91,8 +96,9 @@ def directory(scratch):
         cursor.execute("UPDATE shard_map_version SET version = 1")
         cursor.execute("INSERT INTO clusters VALUES ('a', 'cluster_a'), ('b', 'cluster_b')")
         cursor.execute("INSERT INTO shard_map VALUES (0, 'a'), (1, 'a'), (2, 'b')")
-        cursor.execute("INSERT INTO endpoints (name, address, version) VALUES (%s, '127.0.0.1:6379', 1)",
-                       (REDIS_MASTER_ENDPOINT,))
+        cursor.execute(
+            "INSERT INTO endpoints (name, address, version) VALUES (%s, '127.0.0.1:6379', 1)", (REDIS_MASTER_ENDPOINT,)
+        )
     return scratch
 
 
@@ -136,8 +142,11 @@ def test_map_version_bump_reloads_the_map_only(directory):
 def test_endpoint_version_bump_repoints_redis(directory):
     cursor = reader(directory)
     first = read_snapshot(cursor)
-    execute(directory, "UPDATE endpoints SET address = '127.0.0.1:6380', version = version + 1 WHERE name = %s",
-            (REDIS_MASTER_ENDPOINT,))
+    execute(
+        directory,
+        "UPDATE endpoints SET address = '127.0.0.1:6380', version = version + 1 WHERE name = %s",
+        (REDIS_MASTER_ENDPOINT,),
+    )
     assert read_snapshot(cursor, first).redis_master == HostPort("127.0.0.1", 6380)
 
 
@@ -163,8 +172,11 @@ def test_directory_checks_versions_at_most_once_per_ttl_and_survives_outages(dir
         # A real outage: the database refuses new connections and the worker's is cut.
         with directory["admin"].cursor() as cursor:
             cursor.execute(f"ALTER DATABASE {directory['name']} ALLOW_CONNECTIONS false")
-            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                           "WHERE datname = %s AND application_name = 'igops-app'", (directory["name"],))
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = 'igops-app'",
+                (directory["name"],),
+            )
             assert cursor.fetchone()[0] == 1
         with pytest.raises(psycopg2.OperationalError, match="not currently accepting connections"):
             connect(directory["config"], directory["name"]).close()

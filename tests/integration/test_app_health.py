@@ -49,10 +49,27 @@ def app_url(lab, tmp_path):
     log = tmp_path / "gunicorn.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--threads", str(THREADS), "--worker-class", "gthread", "--chdir", str(ROOT), "app.wsgi:application"],
-            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
-            env={**os.environ, "IGOPS_APP_CONFIG": str(tmp_path / "app.toml")})
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "1",
+                "--threads",
+                str(THREADS),
+                "--worker-class",
+                "gthread",
+                "--chdir",
+                str(ROOT),
+                "app.wsgi:application",
+            ],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "IGOPS_APP_CONFIG": str(tmp_path / "app.toml")},
+        )
     url = f"http://127.0.0.1:{port}/health"
     try:
         deadline = time.monotonic() + 60

@@ -43,8 +43,10 @@ LEADER_STEP_DOWN = 2.0
 def forget_test_keys(lab):
     """The keys every test wrote under /igops-test/, deleted afterwards (the lab's etcd lives on)."""
     yield
-    body = {"key": coordination._b64(TEST_PREFIX),
-            "range_end": coordination._b64(coordination._prefix_end(TEST_PREFIX))}
+    body = {
+        "key": coordination._b64(TEST_PREFIX),
+        "range_end": coordination._b64(coordination._prefix_end(TEST_PREFIX)),
+    }
     requests.post(state.etcd_endpoints()[0] + "/v3/kv/deleterange", json=body, timeout=5).raise_for_status()
 
 
@@ -63,21 +65,36 @@ def write_inventory(tmp_path: Path, with_etcd: bool) -> tuple[Path, str]:
 
 def bastion(tmp_path: Path, name: str, user: str, reason: str | None = None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("IGOPS_CONFIG", "IGOPS_REASON")}
-    env.update(IGOPS_STATE_DIR=str(tmp_path / f"state-{name}"), USER=user, LOGNAME=user,
-               IGOPS_OPERATOR_HOST=name, NO_COLOR="1")
+    env.update(
+        IGOPS_STATE_DIR=str(tmp_path / f"state-{name}"), USER=user, LOGNAME=user, IGOPS_OPERATOR_HOST=name, NO_COLOR="1"
+    )
     if reason:
         env["IGOPS_REASON"] = reason
     return env
 
 
 def start_igops(config: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), *args], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "igops", "-c", str(config), *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_igops(config: Path, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "igops", "-c", str(config), *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "igops", "-c", str(config), *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -91,8 +108,9 @@ def slow_receiver(lab):
     session = requests.Session()
 
     def slow(delay_ms: int, count: int) -> None:
-        session.post(f"{RECEIVER}/_lab/faults", json={"status": 200, "delay_ms": delay_ms, "count": count},
-                     timeout=5).raise_for_status()
+        session.post(
+            f"{RECEIVER}/_lab/faults", json={"status": 200, "delay_ms": delay_ms, "count": count}, timeout=5
+        ).raise_for_status()
 
     yield slow
     session.delete(f"{RECEIVER}/_lab/faults", timeout=5)
@@ -110,16 +128,19 @@ def test_the_lab_runs_a_healthy_three_member_etcd(lab):
 def test_two_bastions_on_etcd_exactly_one_proceeds_and_the_other_names_it(lab, tmp_path, slow_receiver):
     config, prefix = write_inventory(tmp_path, with_etcd=True)
     slow_receiver(2500, 2)  # the winner's trigger and resolve: it holds its lease for 5 s
-    alice = start_igops(config, bastion(tmp_path, "bastion-a", "alice", "INC-101 failover drill"),
-                        "pagerduty", "test", "--yes")
+    alice = start_igops(
+        config, bastion(tmp_path, "bastion-a", "alice", "INC-101 failover drill"), "pagerduty", "test", "--yes"
+    )
     bob = start_igops(config, bastion(tmp_path, "bastion-b", "bob", "INC-102"), "pagerduty", "test", "--yes")
     outcomes = {"alice": finish(alice), "bob": finish(bob)}
     codes = sorted(code for code, _ in outcomes.values())
     assert codes == [ExitCode.OK, ExitCode.LOCKED], outcomes
     winner = next(name for name, (code, _) in outcomes.items() if code == ExitCode.OK)
     loser_error = next(stderr for code, stderr in outcomes.values() if code == ExitCode.LOCKED)
-    held_by = {"alice": (alice.pid, "alice@bastion-a", "INC-101 failover drill"),
-               "bob": (bob.pid, "bob@bastion-b", "INC-102")}[winner]
+    held_by = {
+        "alice": (alice.pid, "alice@bastion-a", "INC-101 failover drill"),
+        "bob": (bob.pid, "bob@bastion-b", "INC-102"),
+    }[winner]
     assert "pagerduty all is held by pagerduty-test " in loser_error, loser_error
     assert f"{held_by[1]} pid {held_by[0]} since " in loser_error and f"reason: {held_by[2]}" in loser_error
 

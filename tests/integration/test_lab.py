@@ -27,9 +27,14 @@ def _postgres(fleet, host_name: str, database: str = "postgres"):
     import psycopg2
 
     host = fleet.host(host_name)
-    connection = psycopg2.connect(host=str(host.address), port=fleet.model.postgres.port,
-                                  user=fleet.model.postgres.user, dbname=database, connect_timeout=5,
-                                  password=Secrets(fleet.model.secrets.file).get("postgres_password"))
+    connection = psycopg2.connect(
+        host=str(host.address),
+        port=fleet.model.postgres.port,
+        user=fleet.model.postgres.user,
+        dbname=database,
+        connect_timeout=5,
+        password=Secrets(fleet.model.secrets.file).get("postgres_password"),
+    )
     connection.autocommit = True
     return connection
 
@@ -56,8 +61,9 @@ def test_row_written_on_primary_appears_on_standby(lab, cluster):
 
     def replicated():
         with standby.cursor() as cursor:
-            cursor.execute("SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_class "
-                           "WHERE relname = 'lab_replication_probe')")
+            cursor.execute(
+                "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_class WHERE relname = 'lab_replication_probe')"
+            )
             in_recovery, exists = cursor.fetchone()
             assert in_recovery, f"{members.standbys[0]} is not a standby"
             if not exists:
@@ -144,8 +150,9 @@ def test_app_api_end_to_end_across_both_clusters(lab):
     response = session.post(f"{base}/api/follow", json={"user_id": bob["id"]}, headers=auth(alice), timeout=10)
     assert response.status_code == 201, response.text
     image = base64.b64encode(b"\xff\xd8\xff" + os.urandom(512)).decode()
-    response = session.post(f"{base}/api/photos", json={"caption": "from pg2", "image_base64": image},
-                            headers=auth(bob), timeout=10)
+    response = session.post(
+        f"{base}/api/photos", json={"caption": "from pg2", "image_base64": image}, headers=auth(bob), timeout=10
+    )
     assert response.status_code == 201, response.text
     photo = response.json()
     assert _cluster_of(lab, _shard_of(photo["id"])) == "pg2"
@@ -192,8 +199,9 @@ def test_moto_holds_each_postgres_mounts_volumes(lab):
             assert (attachment["InstanceId"], attachment["Device"]) == (host.instance_id, mount.device)
             tags = {tag["Key"]: tag["Value"] for tag in volumes[0]["Tags"]}
             assert tags["igops:host"] == host.name and tags["igops:mount"] == mount.path
-            assert any(m.source == mount.device for m in storage.mounts_under(state.paths().root)
-                       if str(m.path) == mount.path)
+            assert any(
+                m.source == mount.device for m in storage.mounts_under(state.paths().root) if str(m.path) == mount.path
+            )
     assert "igops-photos" in {b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]}
 
 
@@ -224,8 +232,21 @@ def test_lab_status_json(lab):
     assert envelope["ok"] and envelope["command"] == "lab status"
     components = envelope["data"]["components"]
     names = {component["component"] for component in components}
-    assert {"ssh", "postgres", "pgbouncer", "redis", "memcached", "munin-node", "gunicorn", "nginx", "moto",
-            "pagerduty-receiver", "pingdom-receiver", "volume data", "volume wal"} <= names
+    assert {
+        "ssh",
+        "postgres",
+        "pgbouncer",
+        "redis",
+        "memcached",
+        "munin-node",
+        "gunicorn",
+        "nginx",
+        "moto",
+        "pagerduty-receiver",
+        "pingdom-receiver",
+        "volume data",
+        "volume wal",
+    } <= names
     assert all(component["ok"] for component in components)
 
 
@@ -240,8 +261,11 @@ def test_loadgen_through_the_load_balancer_loses_nothing(lab, tmp_path):
     assert result.ok, result.missing_writes[:5]
     # verify must see a photo that is gone: delete one object the run acknowledged, at either
     # end of the key range the verifier lists.
-    posts = sorted(record["s3_key"] for record in map(json.loads, ledger.read_text().splitlines())
-                   if record.get("op") == "post" and record.get("s3_key"))
+    posts = sorted(
+        record["s3_key"]
+        for record in map(json.loads, ledger.read_text().splitlines())
+        if record.get("op") == "post" and record.get("s3_key")
+    )
     assert len(posts) > 2
     s3 = aws.client("s3")
     for key in (posts[0], posts[-1]):
@@ -279,8 +303,9 @@ def test_recovery_thaws_a_frozen_mount(lab):
     storage.freeze(mount)
     try:
         written = threading.Event()
-        writer = threading.Thread(target=lambda: ((mount / "lab-freeze-probe").write_text("x"), written.set()),
-                                  daemon=True)
+        writer = threading.Thread(
+            target=lambda: ((mount / "lab-freeze-probe").write_text("x"), written.set()), daemon=True
+        )
         writer.start()
         assert not written.wait(0.5), "the filesystem did not freeze"
         recovered = lab_module.recover(paths)

@@ -51,8 +51,9 @@ def test_a_healthy_lab_checks_ok(lab):
     assert nagios.stdout.startswith("IGOPS OK - lab:"), nagios.stdout
     result = run_igops("-c", str(lab.source), "check", "--json")
     data = json.loads(result.stdout)["data"]
-    not_ok = [f"{r['check']} {r['target']}: {r['status']} {r['summary']}"
-              for r in data["results"] if r["status"] != "OK"]
+    not_ok = [
+        f"{r['check']} {r['target']}: {r['status']} {r['summary']}" for r in data["results"] if r["status"] != "OK"
+    ]
     assert not not_ok, not_ok
     checks = {r["check"] for r in data["results"]}
     assert {"munin", "pingdom", "snapshot"} <= checks

@@ -40,8 +40,12 @@ def test_a_child_of_a_lab_process_is_the_labs_own(tmp_path):
     from igops.lab import proc
     from igops.lab.state import MARKER_ENV
 
-    parent = subprocess.Popen(["bash", "-c", "env -i sleep 30 & wait"], cwd="/", stdin=subprocess.DEVNULL,
-                              env={"PATH": "/usr/bin:/bin", MARKER_ENV: str(tmp_path)})
+    parent = subprocess.Popen(
+        ["bash", "-c", "env -i sleep 30 & wait"],
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", MARKER_ENV: str(tmp_path)},
+    )
     try:
         assert wait_for(lambda: children(parent.pid), 5)
         child = children(parent.pid)[0]

@@ -40,7 +40,7 @@ def own_inventory(fleet, directory: Path, name: str, extra: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     text = without_coordination(Path(fleet.source).read_text())
     text = re.sub(r'(?m)^name = "lab"$', f'name = "{name}"', text, count=1)
-    text = re.sub(r'(?m)^state_dir = .*$', f'state_dir = "{directory / "state"}"', text, count=1)
+    text = re.sub(r"(?m)^state_dir = .*$", f'state_dir = "{directory / "state"}"', text, count=1)
     path = directory / "igops.toml"
     path.write_text(text + extra)
     return path
@@ -78,8 +78,9 @@ class Receivers:
 
     def delete_checks(self, tag: str) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
-        listed = self.session.get(f"{self.pingdom_api}/checks", params={"tags": tag, "include_tags": "true"},
-                                  headers=headers, timeout=5).json()["checks"]
+        listed = self.session.get(
+            f"{self.pingdom_api}/checks", params={"tags": tag, "include_tags": "true"}, headers=headers, timeout=5
+        ).json()["checks"]
         for check in listed:
             self.session.delete(f"{self.pingdom_api}/checks/{check['id']}", headers=headers, timeout=5)
 
@@ -102,8 +103,13 @@ def monitored(lab, tmp_path_factory):
     assert installed.returncode == 0, installed.stdout + installed.stderr
     receivers = Receivers(lab)
     receivers.clear_faults()
-    yield {"config": config, "name": name, "fleet": inventory.load_file(config), "receivers": receivers,
-           "directory": directory}
+    yield {
+        "config": config,
+        "name": name,
+        "fleet": inventory.load_file(config),
+        "receivers": receivers,
+        "directory": directory,
+    }
     receivers.clear_faults()
     receivers.delete_checks(f"igops-{name}")
     resolve_leftovers(config)
@@ -129,8 +135,9 @@ def test_munin_fetch_speaks_the_node_protocol(monitored):
     fleet = monitored["fleet"]
     primary = fleet.model.postgres.clusters["main"].primary
     standby = fleet.model.postgres.clusters["main"].standbys[0]
-    result = run_igops("-c", str(monitored["config"]), "munin", "fetch", primary, "igops_postgres", "--config",
-                       "--json")
+    result = run_igops(
+        "-c", str(monitored["config"]), "munin", "fetch", primary, "igops_postgres", "--config", "--json"
+    )
     assert result.returncode == 0, result.stderr
     [plugin] = json.loads(result.stdout)["data"]["plugins"]
     fields = {f"{field['graph']}.{field['name']}": field for field in plugin["fields"]}
@@ -152,14 +159,22 @@ def test_a_real_munin_master_collects_every_plugin(monitored):
         work = Path(directory)
         for name in ("db", "run", "log", "html"):
             (work / name).mkdir()
-        nodes = "".join(f"[{monitored['name']};{host.name}]\n    address {host.address}\n"
-                        f"    port {fleet.model.munin.port}\n" for host in fleet.with_role("munin"))
+        nodes = "".join(
+            f"[{monitored['name']};{host.name}]\n    address {host.address}\n    port {fleet.model.munin.port}\n"
+            for host in fleet.with_role("munin")
+        )
         config = work / "munin.conf"
-        config.write_text(f"dbdir {work / 'db'}\nrundir {work / 'run'}\nlogdir {work / 'log'}\n"
-                          f"htmldir {work / 'html'}\ntmpldir /etc/munin/templates\n{nodes}")
+        config.write_text(
+            f"dbdir {work / 'db'}\nrundir {work / 'run'}\nlogdir {work / 'log'}\n"
+            f"htmldir {work / 'html'}\ntmpldir /etc/munin/templates\n{nodes}"
+        )
         subprocess.run(["chown", "-R", "munin:munin", str(work)], check=True)
-        done = subprocess.run(["runuser", "-u", "munin", "--", MUNIN_UPDATE, "--config_file", str(config), "--nofork"],
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            ["runuser", "-u", "munin", "--", MUNIN_UPDATE, "--config_file", str(config), "--nofork"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         made = {path.name for path in (work / "db" / monitored["name"]).glob("*.rrd")}
     missing = []
@@ -232,8 +247,21 @@ def test_pagerduty_test_triggers_then_resolves(monitored):
 
 def test_check_outputs_for_people_nagios_and_programs(monitored):
     config = str(monitored["config"])
-    quiet = run_igops("-c", config, "check", "--role", "app", "--quiet", "--only", "ssh", "--only", "http",
-                      "--only", "munin", *PATIENT)
+    quiet = run_igops(
+        "-c",
+        config,
+        "check",
+        "--role",
+        "app",
+        "--quiet",
+        "--only",
+        "ssh",
+        "--only",
+        "http",
+        "--only",
+        "munin",
+        *PATIENT,
+    )
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
 
     full = run_igops("-c", config, "check", "--json", *PATIENT)
@@ -248,8 +276,18 @@ def test_check_outputs_for_people_nagios_and_programs(monitored):
     assert set(by_check["postgres-primary"]) == {c.primary for c in fleet.model.postgres.clusters.values()}
     assert set(by_check["redis-replica"]) == set(fleet.model.redis.replicas)
     assert set(by_check["munin"]) == {host.name for host in fleet.with_role("munin")}
-    for group in ("ssh", "http-app", "http-lb", "frozen", "disk", "postgres-primary", "postgres-standby",
-                  "pgbouncer", "memcached", "munin"):
+    for group in (
+        "ssh",
+        "http-app",
+        "http-lb",
+        "frozen",
+        "disk",
+        "postgres-primary",
+        "postgres-standby",
+        "pgbouncer",
+        "memcached",
+        "munin",
+    ):
         for target, result in by_check[group].items():
             assert result["status"] == "OK", (group, target, result["summary"])
     # Redis is judged against what the nodes say right now: other work on this lab may leave a
@@ -282,9 +320,15 @@ def redis_truth(fleet) -> list[tuple[str, str, bool]]:
     truth = [("redis-master", master.name, info(master.name)["role"] == "master")]
     for name in fleet.model.redis.replicas:
         replica = info(name)
-        truth.append(("redis-replica", name, replica["role"] == "slave"
-                      and replica.get("master_host") == str(master.address)
-                      and replica.get("master_link_status") == "up"))
+        truth.append(
+            (
+                "redis-replica",
+                name,
+                replica["role"] == "slave"
+                and replica.get("master_host") == str(master.address)
+                and replica.get("master_link_status") == "up",
+            )
+        )
     return truth
 
 
@@ -302,14 +346,22 @@ def test_cron_entries_run_from_crons_bare_environment(monitored, tmp_path):
     outcomes = []
     # A schedule that is due now: the snapshot entry takes a group of every set of data.
     config = tmp_path / "igops.toml"
-    text, count = re.subn(r'(?m)^schedule = .*$', 'schedule = "every 1m"', monitored["config"].read_text(), count=1)
+    text, count = re.subn(r"(?m)^schedule = .*$", 'schedule = "every 1m"', monitored["config"].read_text(), count=1)
     assert count == 1
     config.write_text(text)
     for entry in entries:
-        command = (entry.replace("/usr/local/bin/igops", IGOPS_BIN).replace("/etc/igops/igops.toml", str(config))
-                   .replace("/var/log/igops", str(logs)))
-        done = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "sh", "-c", command],
-                              capture_output=True, text=True, timeout=300, cwd="/")
+        command = (
+            entry.replace("/usr/local/bin/igops", IGOPS_BIN)
+            .replace("/etc/igops/igops.toml", str(config))
+            .replace("/var/log/igops", str(logs))
+        )
+        done = subprocess.run(
+            ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "sh", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd="/",
+        )
         outcomes.append((shlex.split(entry)[3], done))
     assert [job for job, _ in outcomes] == ["snapshot", "check", "pingdom"]
     for job, done in outcomes:
@@ -329,8 +381,9 @@ def test_cron_entries_run_from_crons_bare_environment(monitored, tmp_path):
     fleet = monitored["fleet"]
     live_primary = postgres_admin.primary_of(fleet, "main").name
     standby = next(name for name in cluster_members(fleet, "main") if name != live_primary)
-    snapshots = json.loads(run_igops("-c", str(config), "check", "--only", "snapshot", "--json",
-                                     *PATIENT).stdout)["data"]["results"]
+    snapshots = json.loads(run_igops("-c", str(config), "check", "--only", "snapshot", "--json", *PATIENT).stdout)[
+        "data"
+    ]["results"]
     assert {result["target"]: result["status"] for result in snapshots} == {"main": "OK", "pg2": "OK", "redis": "OK"}
     main = next(result for result in snapshots if result["target"] == "main")
     assert f"(on {standby})" in main["summary"] and re.search(r"is \d+ min old", main["summary"]), main

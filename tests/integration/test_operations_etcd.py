@@ -76,8 +76,11 @@ def pairs(lab, tmp_path):
     replica = "redis2" if failover.redis_status(fleet).app_master == "redis1" else "redis1"
     return [
         ("pg-failover", [conflicts.pg_cluster("main")], ["pg", "switchover", "main", "--to", standby]),
-        ("pg-switchover", [conflicts.pg_cluster("main")],
-         ["shard", "move", str(shard_on(lab, "main")), "--to", "main"]),
+        (
+            "pg-switchover",
+            [conflicts.pg_cluster("main")],
+            ["shard", "move", str(shard_on(lab, "main")), "--to", "main"],
+        ),
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),
@@ -127,8 +130,13 @@ def test_an_operation_that_ends_sends_a_pagerduty_change_event(lab, tmp_path):
         pass
     with urllib.request.urlopen(f"{receiver}/_lab/requests?since=0", timeout=5) as answer:
         requests = json.load(answer)["requests"]
-    events = [r["body"] for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
-              and r["body"].get("payload", {}).get("custom_details", {}).get("operation") == held.operation_id]
+    events = [
+        r["body"]
+        for r in requests
+        if r["path"] == "/v2/change/enqueue"
+        and isinstance(r["body"], dict)
+        and r["body"].get("payload", {}).get("custom_details", {}).get("operation") == held.operation_id
+    ]
     assert events, [r["path"] for r in requests][-20:]
     details = events[-1]["payload"]["custom_details"]
     assert details["kind"] == "pg-switchover" and details["result"] == "ok" and details["reason"] == "INC-16 marker"
@@ -164,8 +172,9 @@ def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl
 
     config, _ = write_inventory(tmp_path, with_etcd=True)
     here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here, stdout=subprocess.PIPE, text=True
+    )
     try:
         op_id = holder.stdout.readline().strip()
         assert op_id, "the holder never reached its step"

@@ -52,8 +52,7 @@ def target(address):
 
 def test_runs_and_reports_per_host(servers):
     _, keys = servers
-    results = remote.run([target(a) for a in TRUSTED[:3]], "echo out; echo err >&2; exit 3",
-                         settings(keys))
+    results = remote.run([target(a) for a in TRUSTED[:3]], "echo out; echo err >&2; exit 3", settings(keys))
     assert [r.host for r in results] == TRUSTED[:3]
     for result in results:
         assert result.exit_code == 3 and not result.ok and result.reached
@@ -110,9 +109,7 @@ def test_hung_command_times_out_and_is_killed_on_the_host(servers):
     _, keys = servers
     marker = "sleep 60.4711"
     started = time.monotonic()
-    results = remote.run([target(TRUSTED[0]), target(TRUSTED[1])],
-                         marker,
-                         settings(keys), timeout=1)
+    results = remote.run([target(TRUSTED[0]), target(TRUSTED[1])], marker, settings(keys), timeout=1)
     assert time.monotonic() - started < 5
     assert all(not r.ok and "timed out after 1 s" in r.error for r in results)
     time.sleep(3)
@@ -130,16 +127,16 @@ def _cmdline(proc: Path) -> str:
 def test_one_dead_host_does_not_hold_up_the_others(servers):
     _, keys = servers
     started = time.monotonic()
-    results = remote.run([target(SILENT), *[target(a) for a in TRUSTED[:4]]], "true",
-                         settings(keys, connect_timeout=2))
+    results = remote.run([target(SILENT), *[target(a) for a in TRUSTED[:4]]], "true", settings(keys, connect_timeout=2))
     assert time.monotonic() - started < 6
     assert [r.ok for r in results] == [False, True, True, True, True]
 
 
 def test_parallel_cap_is_honoured(servers):
     _, keys = servers
-    results = remote.run([target(a) for a in TRUSTED[:6]],
-                         "date +%s.%N; sleep 0.6; date +%s.%N", settings(keys), parallel=2)
+    results = remote.run(
+        [target(a) for a in TRUSTED[:6]], "date +%s.%N; sleep 0.6; date +%s.%N", settings(keys), parallel=2
+    )
     spans = [tuple(float(x) for x in r.stdout.split()) for r in results]
     moments = sorted({start for start, _ in spans} | {end for _, end in spans})
     peak = max(sum(1 for start, end in spans if start <= m < end) for m in moments)
@@ -147,8 +144,22 @@ def test_parallel_cap_is_honoured(servers):
     assert max(end for _, end in spans) - min(start for start, _ in spans) >= 1.7  # 3 waves of 0.6 s
 
 
-HOSTILE = ["a;b", "$(touch /tmp/igops-pwned)", "`id`", "it's", 'say "hi"', "line1\nline2", "&& rm -rf /x",
-           "*", "$HOME", "\\", "", " lead and trail ", "|", ">/tmp/igops-pwned"]
+HOSTILE = [
+    "a;b",
+    "$(touch /tmp/igops-pwned)",
+    "`id`",
+    "it's",
+    'say "hi"',
+    "line1\nline2",
+    "&& rm -rf /x",
+    "*",
+    "$HOME",
+    "\\",
+    "",
+    " lead and trail ",
+    "|",
+    ">/tmp/igops-pwned",
+]
 
 
 def test_hostile_arguments_arrive_literally(servers, tmp_path):
@@ -156,7 +167,7 @@ def test_hostile_arguments_arrive_literally(servers, tmp_path):
     config = tmp_path / "igops.toml"
     config.write_text(f"""
 [fleet]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [ssh]
 port = {PORT}
 known_hosts = "{keys.known_hosts}"
@@ -166,8 +177,18 @@ name = "h1"
 address = "{TRUSTED[0]}"
 roles = ["app"]
 """)
-    result = run_igops("-c", str(config), "exec", "--yes", "--json", "--", "python3", "-c",
-                       "import json, sys; print(json.dumps(sys.argv[1:]))", *HOSTILE)
+    result = run_igops(
+        "-c",
+        str(config),
+        "exec",
+        "--yes",
+        "--json",
+        "--",
+        "python3",
+        "-c",
+        "import json, sys; print(json.dumps(sys.argv[1:]))",
+        *HOSTILE,
+    )
     assert result.returncode == 0, result.stderr
     [host] = json.loads(result.stdout)["data"]["hosts"]
     assert json.loads(host["stdout"]) == HOSTILE
@@ -177,11 +198,13 @@ roles = ["app"]
 def test_exec_partial_failure_exit_code(servers, tmp_path):
     _, keys = servers
     config = tmp_path / "igops.toml"
-    hosts = "".join(f'[[hosts]]\nname = "h{i}"\naddress = "{a}"\nroles = ["app"]\n'
-                    for i, a in enumerate([TRUSTED[0], TRUSTED[1], NOBODY]))
+    hosts = "".join(
+        f'[[hosts]]\nname = "h{i}"\naddress = "{a}"\nroles = ["app"]\n'
+        for i, a in enumerate([TRUSTED[0], TRUSTED[1], NOBODY])
+    )
     config.write_text(f"""
 [fleet]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [ssh]
 port = {PORT}
 known_hosts = "{keys.known_hosts}"

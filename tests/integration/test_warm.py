@@ -103,8 +103,8 @@ def profiled_share(target: Path, runs: dict) -> tuple[float, int]:
         present = residency(target / relative)
         inside = bytearray(len(present))
         for first, count in file_runs:
-            inside[first:first + count] = b"\x01" * count
-            resident += present[first:first + count].count(1)
+            inside[first : first + count] = b"\x01" * count
+            resident += present[first : first + count].count(1)
             total += count
         outside += sum(1 for page, flag in enumerate(present) if flag and not inside[page])
     return resident / total, outside
@@ -137,8 +137,9 @@ def test_capture_apply_and_show(lab, pattern, tmp_path):
     assert code == 0 and envelope["data"]["dry_run"] and envelope["data"]["plan"]["target_paths"] == [str(target)]
     assert profiled_share(target, runs)[0] == 0
 
-    code, envelope = igops(lab.source, "apply", str(saved), "--to", "db2", "--yes", "--concurrency", "2",
-                           "--rate", "40M")
+    code, envelope = igops(
+        lab.source, "apply", str(saved), "--to", "db2", "--yes", "--concurrency", "2", "--rate", "40M"
+    )
     assert code == 0, envelope["error"]
     profiled = {entry.path: entry.runs for entry in profile.load(saved)[0].files}
     share, outside = profiled_share(target, {**{relative: () for relative in FILES}, **profiled})
@@ -202,8 +203,9 @@ def with_db3_in_db1s_cluster(fleet) -> str:
             members.append("db3")
         elif "db3" in members:
             members.remove("db3")
-        section = (f"[postgres.clusters.{name}]\nprimary = {json.dumps(members[0])}\n"
-                   f"standbys = {json.dumps(members[1:])}\n")
+        section = (
+            f"[postgres.clusters.{name}]\nprimary = {json.dumps(members[0])}\nstandbys = {json.dumps(members[1:])}\n"
+        )
         text = re.sub(rf"\[postgres\.clusters\.{name}\]\n(?:(?:primary|standbys) = .*\n)+", section, text)
     return text
 
@@ -223,9 +225,12 @@ def test_a_truncated_profile_warms_nothing(lab, pattern, tmp_path):
 
 def test_paths_outside_the_data_mounts_are_refused(lab, pattern):
     source, target, runs = pattern
-    for args in (["capture", "db1", "/etc"], ["show", "db1", "/var/lib/igops-lab"],
-                 ["copy", "db1", "--to", "db2", str(source.parent.parent), "--yes"],
-                 ["copy", "db1", "--to", "db2", f"{source}/../../../../../etc", "--yes"]):
+    for args in (
+        ["capture", "db1", "/etc"],
+        ["show", "db1", "/var/lib/igops-lab"],
+        ["copy", "db1", "--to", "db2", str(source.parent.parent), "--yes"],
+        ["copy", "db1", "--to", "db2", f"{source}/../../../../../etc", "--yes"],
+    ):
         code, envelope = igops(lab.source, *args)
         assert code == ExitCode.REFUSED and "outside db1's data mounts" in envelope["error"]["message"], args
     assert profiled_share(target, runs)[0] == 0

@@ -27,8 +27,20 @@ pytestmark = pytest.mark.lab
 
 # Probes get a deadline far above their usual second or two: these tests are about what is found,
 # and the two cores are shared with other people's work.
-FAULT_CHECKS = ["--only", "http", "--only", "postgres", "--only", "frozen", "--only", "disk", "--only", "munin",
-                "--timeout", "60"]
+FAULT_CHECKS = [
+    "--only",
+    "http",
+    "--only",
+    "postgres",
+    "--only",
+    "frozen",
+    "--only",
+    "disk",
+    "--only",
+    "munin",
+    "--timeout",
+    "60",
+]
 GHOST = "127.0.10.99"  # nothing listens here
 
 
@@ -42,14 +54,17 @@ def setting(lab, tmp_path_factory):
     mount_point.mkdir()
     subprocess.run(["truncate", "-s", "16M", str(small)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(small)], check=True)
-    device = subprocess.run(["losetup", "--find", "--show", str(small)], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(small)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     subprocess.run(["mount", device, str(mount_point)], check=True)
     name = f"rel{uuid.uuid4().hex[:6]}"
     hosts = [host.name for host in inventory.load_file(lab.source).hosts]
     assert hosts[-1] == "cache1", "the mount below is appended to the last host"
-    extra = (f'\n[[hosts.mounts]]\npath = "{mount_point}"\npurpose = "data"\n'
-             f'\n[[hosts]]\nname = "ghost"\naddress = "{GHOST}"\nroles = ["memcached"]\n')
+    extra = (
+        f'\n[[hosts.mounts]]\npath = "{mount_point}"\npurpose = "data"\n'
+        f'\n[[hosts]]\nname = "ghost"\naddress = "{GHOST}"\nroles = ["memcached"]\n'
+    )
     config = own_inventory(lab, directory, name, extra)
     receivers = Receivers(lab)
     receivers.clear_faults()
@@ -62,8 +77,16 @@ def setting(lab, tmp_path_factory):
 
     marks = {"pagerduty": receivers.last_seq(receivers.pagerduty), "pingdom": receivers.last_seq(receivers.pingdom)}
     try:
-        yield {"config": config, "name": name, "igops": igops, "runs": runs, "receivers": receivers,
-               "small": mount_point, "directory": directory, "marks": marks}
+        yield {
+            "config": config,
+            "name": name,
+            "igops": igops,
+            "runs": runs,
+            "receivers": receivers,
+            "small": mount_point,
+            "directory": directory,
+            "marks": marks,
+        }
     finally:
         receivers.clear_faults()
         resolve_leftovers(config)
@@ -108,8 +131,10 @@ def stuck_writers(mount: str) -> list[int]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if (b"igops-hostprobe" in (proc / "cmdline").read_bytes()
-                    and mount.encode() in (proc / "cmdline").read_bytes()):
+            if (
+                b"igops-hostprobe" in (proc / "cmdline").read_bytes()
+                and mount.encode() in (proc / "cmdline").read_bytes()
+            ):
                 if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
                     found.append(int(proc.name))
         except OSError:
@@ -131,8 +156,13 @@ def test_each_fault_is_found_named_paged_once_and_resolved(lab, setting):
     standby = fleet.model.postgres.clusters["main"].standbys[0]
     frozen = next(mount.path for mount in fleet.host(standby).mounts if mount.purpose == "data")
     small = str(setting["small"])
-    expected = {("http-app", "app2"), ("postgres-standby", standby), ("frozen", f"{standby}:{frozen}"),
-                ("disk", f"cache1:{small}"), ("munin", "cache1")}
+    expected = {
+        ("http-app", "app2"),
+        ("postgres-standby", standby),
+        ("frozen", f"{standby}:{frozen}"),
+        ("disk", f"cache1:{small}"),
+        ("munin", "cache1"),
+    }
     keys = {f"igops/{name}/{check}/{target}" for check, target in expected}
 
     before = igops("check", "--json", *FAULT_CHECKS)
@@ -146,9 +176,23 @@ def test_each_fault_is_found_named_paged_once_and_resolved(lab, setting):
         room = os.statvfs(small)
         fill.write_bytes(b"\0" * int(room.f_bavail * room.f_frsize * 0.97))
         os.kill(gunicorn_pid, signal.SIGTERM)
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{fleet.model.postgres.bin_dir}/pg_ctl", "-D",
-                        str(paths.host_dir(standby) / "pgconf"), "-m", "fast", "-w", "stop"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                f"{fleet.model.postgres.bin_dir}/pg_ctl",
+                "-D",
+                str(paths.host_dir(standby) / "pgconf"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+            check=True,
+            capture_output=True,
+        )
         os.kill(munin_pid, signal.SIGTERM)
         assert wait_for(lambda: not alive(gunicorn_pid) and not alive(munin_pid), 20)
         subprocess.run(["fsfreeze", "-f", frozen], check=True)
@@ -249,8 +293,9 @@ def test_no_secret_reaches_output_logs_audit_or_the_wrong_part_of_a_request(lab,
 def test_a_paused_pgbouncer_database_is_warning_then_critical_past_the_limit(lab, tmp_path):
     import psycopg2
 
-    config = own_inventory(lab, tmp_path, f"pause{uuid.uuid4().hex[:6]}",
-                           "\n[check]\npgbouncer_paused_critical_seconds = 2\n")
+    config = own_inventory(
+        lab, tmp_path, f"pause{uuid.uuid4().hex[:6]}", "\n[check]\npgbouncer_paused_critical_seconds = 2\n"
+    )
     [bouncer] = lab.with_role("pgbouncer")
     database = lab.model.postgres.clusters["main"].pgbouncer_database
 
@@ -260,9 +305,14 @@ def test_a_paused_pgbouncer_database_is_warning_then_critical_past_the_limit(lab
         return found
 
     assert pgbouncer_result()["status"] == "OK"
-    console = psycopg2.connect(host=str(bouncer.address), port=lab.model.pgbouncer.port,
-                               user=lab.model.pgbouncer.admin_user, dbname="pgbouncer",
-                               password=Secrets(lab.model.secrets.file).get("pgbouncer_password"), connect_timeout=5)
+    console = psycopg2.connect(
+        host=str(bouncer.address),
+        port=lab.model.pgbouncer.port,
+        user=lab.model.pgbouncer.admin_user,
+        dbname="pgbouncer",
+        password=Secrets(lab.model.secrets.file).get("pgbouncer_password"),
+        connect_timeout=5,
+    )
     console.autocommit = True
     try:
         with console.cursor() as cursor:

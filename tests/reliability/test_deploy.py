@@ -54,8 +54,13 @@ def app_copy(tmp_path: Path, name: str, break_health: bool = False) -> Path:
         text = views.read_text()
         original = "    healthy, checks = health_checker(settings.IGOPS_CONFIG).run(current.directory.cached)\n"
         assert original in text
-        views.write_text(text.replace(original, original + '    healthy, checks["injected"] = False, '
-                                                           '{"ok": False, "error": "injected by the deploy test"}\n'))
+        views.write_text(
+            text.replace(
+                original,
+                original + '    healthy, checks["injected"] = False, '
+                '{"ok": False, "error": "injected by the deploy test"}\n',
+            )
+        )
     return source
 
 
@@ -81,9 +86,14 @@ def igops_deploy(lab, *args: str, config: Path | None = None) -> subprocess.Comp
 
 
 def start_igops_deploy(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "deploy", *args, "--yes"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "igops", "-c", str(config), "deploy", *args, "--yes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
 
 
 @contextmanager
@@ -92,15 +102,39 @@ def load_through_the_lb(lab, tmp_path: Path):
     filled in when the block ends."""
     lb = lab.with_role("lb")[0]
     ledger = tmp_path / "ledger.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "app.loadgen", "run", "--url", f"http://{lb.address}",
-                                "--rate", "40", "--duration", "600", "--ledger", str(ledger), "--users", "10",
-                                "--concurrency", "8", "--seed", "8", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.loadgen",
+            "run",
+            "--url",
+            f"http://{lb.address}",
+            "--rate",
+            "40",
+            "--duration",
+            "600",
+            "--ledger",
+            str(ledger),
+            "--users",
+            "10",
+            "--concurrency",
+            "8",
+            "--seed",
+            "8",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     report: dict = {}
     try:
         # A photo is only posted in the timed phase: from then on every request counts.
-        assert wait_for(lambda: ledger.exists() and '"op":"post"' in ledger.read_text(), 60), \
+        assert wait_for(lambda: ledger.exists() and '"op":"post"' in ledger.read_text(), 60), (
             process.stderr.read() if process.poll() is not None else "the load never started"
+        )
         yield report
     finally:
         process.send_signal(signal.SIGINT)
@@ -118,8 +152,13 @@ def change_events(lab, deploy_id: str) -> list[dict]:
     url = lab.model.monitoring.pagerduty_url
     with urllib.request.urlopen(f"{url}/_lab/requests?since=0", timeout=5) as answer:
         requests = json.load(answer)["requests"]
-    return [r for r in requests if r["path"] == "/v2/change/enqueue" and isinstance(r["body"], dict)
-            and r["body"].get("payload", {}).get("custom_details", {}).get("deploy_id") == deploy_id]
+    return [
+        r
+        for r in requests
+        if r["path"] == "/v2/change/enqueue"
+        and isinstance(r["body"], dict)
+        and r["body"].get("payload", {}).get("custom_details", {}).get("deploy_id") == deploy_id
+    ]
 
 
 def test_a_good_release_under_load_reaches_every_host_without_a_failed_request(lab, tmp_path):
@@ -376,8 +415,12 @@ def test_rollback_returns_to_the_release_before_and_forward_again(lab):
 def test_change_events_retry_throttling_and_never_resend_a_refused_one(lab):
     url = lab.model.monitoring.pagerduty_url
     key = Secrets(lab.model.secrets.file).get("pagerduty_routing_key")
-    request = urllib.request.Request(f"{url}/_lab/faults", data=json.dumps({"status": 429, "count": 2}).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/_lab/faults",
+        data=json.dumps({"status": 429, "count": 2}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=5).close()
     throttled = send_change(url, key, "deploy test: throttled twice", "igops tests", sleep=lambda _: None)
     assert throttled.sent and throttled.attempts == 3

@@ -62,16 +62,34 @@ class Load:
 
     def __init__(self, lab, tmp_path, duration: float = 600):
         self.ledger = tmp_path / "ledger.jsonl"
-        self.argv = [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", str(LOAD_RATE),
-                     "--duration", f"{duration:g}", "--write-ratio", str(WRITE_RATIO), "--users", "30",
-                     "--concurrency", "32",
-                     "--seed", "11", "--ledger", str(self.ledger), "--json"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "app.loadgen",
+            "run",
+            "--url",
+            lb_url(lab),
+            "--rate",
+            str(LOAD_RATE),
+            "--duration",
+            f"{duration:g}",
+            "--write-ratio",
+            str(WRITE_RATIO),
+            "--users",
+            "30",
+            "--concurrency",
+            "32",
+            "--seed",
+            "11",
+            "--ledger",
+            str(self.ledger),
+            "--json",
+        ]
         self.process = None
         self.report = None
 
     def __enter__(self):
-        self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.running:
             if self.ledger.exists() and any(f'"op":"{op}"' in self.ledger.read_text() for op in ("post", "like")):
@@ -103,17 +121,20 @@ class Load:
 
 
 def describe(report: dict, verified) -> str:
-    return (f"{report['writes_per_s']:.0f} writes/s over {report['duration_s']:.0f} s, "
-            f"{report['writes_acked']} acknowledged, errors {report['errors_by_kind'] or 0}, longest write gap "
-            f"{report['longest_write_gap_s']:.3f} s, write p99 {report['write_latency']['p99_ms']:.0f} ms, "
-            f"max {report['write_latency']['max_ms']:.0f} ms; verify: {len(verified.missing_writes)} missing")
+    return (
+        f"{report['writes_per_s']:.0f} writes/s over {report['duration_s']:.0f} s, "
+        f"{report['writes_acked']} acknowledged, errors {report['errors_by_kind'] or 0}, longest write gap "
+        f"{report['longest_write_gap_s']:.3f} s, write p99 {report['write_latency']['p99_ms']:.0f} ms, "
+        f"max {report['write_latency']['max_ms']:.0f} ms; verify: {len(verified.missing_writes)} missing"
+    )
 
 
 def redis_client(lab, node):
     import redis
 
-    return redis.Redis(host=str(lab.host(node).address), port=lab.model.redis.port, socket_timeout=5,
-                       decode_responses=True)
+    return redis.Redis(
+        host=str(lab.host(node).address), port=lab.model.redis.port, socket_timeout=5, decode_responses=True
+    )
 
 
 def _as_json(state) -> dict:
@@ -145,8 +166,7 @@ def sign_up_succeeds(lab) -> bool:
     import requests
 
     try:
-        response = requests.post(f"{lb_url(lab)}/api/users", json={"username": f"p{uuid.uuid4().hex[:12]}"},
-                                 timeout=10)
+        response = requests.post(f"{lb_url(lab)}/api/users", json={"username": f"p{uuid.uuid4().hex[:12]}"}, timeout=10)
     except requests.RequestException:
         return False
     return response.status_code == 201
@@ -200,8 +220,11 @@ def kill_postgres(lab, node):
     """SIGKILL the postmaster and every process it started: the machine died."""
     pgdata = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(node)))
     postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    children = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-                and _parent(int(entry.name)) == postmaster]
+    children = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _parent(int(entry.name)) == postmaster
+    ]
     for pid in [postmaster, *children]:
         try:
             subprocess.run(["kill", "-KILL", str(pid)], check=False)
@@ -227,10 +250,17 @@ def start_redis_as_its_host_would(node):
     paths = state.paths()
     directory = paths.host_dir(node) / "redis"
     with open(directory / "redis.log", "ab") as log:
-        process = subprocess.Popen(["/usr/bin/redis-server", str(directory / "redis.conf")],
-                                   cwd=paths.mount_point(node, "data"), user="redis", group="redis",
-                                   env={MARKER_ENV: str(paths.root), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(
+            ["/usr/bin/redis-server", str(directory / "redis.conf")],
+            cwd=paths.mount_point(node, "data"),
+            user="redis",
+            group="redis",
+            env={MARKER_ENV: str(paths.root), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     redis_pid_file(node).write_text(f"{process.pid}\n")
 
 
@@ -242,8 +272,10 @@ def test_unsafe_requests_are_refused(at_home):
         with standby.cursor() as cursor:
             cursor.execute("SELECT pg_wal_replay_pause()")
         with primary.cursor() as cursor:
-            cursor.execute("CREATE TABLE failover_lag_probe AS SELECT g, repeat('x', 200) AS pad "
-                           "FROM generate_series(1, 20000) AS g")
+            cursor.execute(
+                "CREATE TABLE failover_lag_probe AS SELECT g, repeat('x', 200) AS pad "
+                "FROM generate_series(1, 20000) AS g"
+            )
             cursor.execute("SELECT pg_current_wal_lsn()::text")
             written = cursor.fetchone()[0]
 
@@ -277,10 +309,12 @@ def test_unsafe_requests_are_refused(at_home):
         result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
     assert result.returncode == ExitCode.LOCKED and "pg main is held by" in envelope["error"]["message"]
 
-    for args, why in [(("pg", "failover", "main"), "accepts writes"),
-                      (("pg", "rejoin", HOME_PRIMARY), "PgBouncer routes"),
-                      (("redis", "failover"), "it is not down"),
-                      (("redis", "rejoin", HOME_MASTER), "the app's master")]:
+    for args, why in [
+        (("pg", "failover", "main"), "accepts writes"),
+        (("pg", "rejoin", HOME_PRIMARY), "PgBouncer routes"),
+        (("redis", "failover"), "it is not down"),
+        (("redis", "rejoin", HOME_MASTER), "the app's master"),
+    ]:
         result, envelope = igops(lab, *args, "--yes")
         assert result.returncode == ExitCode.REFUSED, (args, result.stderr[-2000:])
         assert why in envelope["error"]["message"], (args, envelope["error"])
@@ -379,8 +413,10 @@ def test_pg_primary_killed_then_failover(at_home, tmp_path):
     result, _ = igops(lab, "pg", "rejoin", HOME_PRIMARY, "--yes")
     assert result.returncode == 0, result.stderr[-3000:]
     assert node_of(pg_state(lab), HOME_PRIMARY)["streaming_from"] == OTHER_PRIMARY
-    print(f"\npg failover: writes flowed {flowing_after:.1f} s after the command; bytes at risk {at_risk}; "
-          f"load errors {load.report['errors']}, longest write gap {load.report['longest_write_gap_s']:.1f} s")
+    print(
+        f"\npg failover: writes flowed {flowing_after:.1f} s after the command; bytes at risk {at_risk}; "
+        f"load errors {load.report['errors']}, longest write gap {load.report['longest_write_gap_s']:.1f} s"
+    )
 
 
 def test_redis_master_killed_then_failover(at_home, tmp_path):
@@ -418,8 +454,10 @@ def test_redis_master_killed_then_failover(at_home, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rejoined = node_of(redis_state(lab), HOME_MASTER)
     assert rejoined["role"] == "replica" and rejoined["master"] == OTHER_MASTER and rejoined["link"] == "up"
-    print(f"\nredis failover: writes flowed {flowing_after:.1f} s after the command; "
-          f"missing writes {len(verified.missing_writes)}, load errors {load.report['errors']}")
+    print(
+        f"\nredis failover: writes flowed {flowing_after:.1f} s after the command; "
+        f"missing writes {len(verified.missing_writes)}, load errors {load.report['errors']}"
+    )
 
 
 def _role(client):
@@ -508,8 +546,11 @@ def test_a_lab_restart_after_a_switchover_cut_short_promotes_one_member_and_rout
     assert any("no member took writes" in line for line in report.recovered), report.recovered
     main = pg_state(lab)
     assert main["primary"] and not main["problems"], main
-    assert all(node["role"] == "standby" and node["streaming_from"] == main["primary"]
-               for node in main["nodes"] if node["name"] != main["primary"])
+    assert all(
+        node["role"] == "standby" and node["streaming_from"] == main["primary"]
+        for node in main["nodes"]
+        if node["name"] != main["primary"]
+    )
     assert sign_up_succeeds(lab)
 
 
@@ -517,9 +558,14 @@ def switchover_killed_at(lab, marker: str, delay: float, target: str = OTHER_PRI
     """Start `pg switchover main --to target` and SIGKILL it `delay` seconds after it begins the
     step whose title contains `marker`; its SSH commands live on, as a dead operator's would.
     Returns what it printed."""
-    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main",
-                                "--to", target, "--yes"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main", "--to", target, "--yes"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     printed = []
     try:
         for line in process.stderr:
@@ -553,15 +599,20 @@ def assert_one_primary_routed_and_followed(lab, primary: str) -> dict:
     return main
 
 
-@pytest.mark.parametrize("marker, delay, rerun_to", [
-    ("PAUSE", 0.0, OTHER_PRIMARY),
-    ("fence it with standby.signal", 0.0, OTHER_PRIMARY),
-    ("fence it with standby.signal", 0.3, OTHER_PRIMARY),
-    ("fence it with standby.signal", 0.3, HOME_PRIMARY),
-    ("wait until it has received", 0.0, OTHER_PRIMARY),
-], ids=["at-pause", "paused", "mid-stop-finish", "mid-stop-roll-back", "before-promotion"])
-def test_a_switchover_killed_before_its_promotion_is_finished_or_rolled_back_by_a_rerun(at_home, tmp_path, marker,
-                                                                                       delay, rerun_to):
+@pytest.mark.parametrize(
+    "marker, delay, rerun_to",
+    [
+        ("PAUSE", 0.0, OTHER_PRIMARY),
+        ("fence it with standby.signal", 0.0, OTHER_PRIMARY),
+        ("fence it with standby.signal", 0.3, OTHER_PRIMARY),
+        ("fence it with standby.signal", 0.3, HOME_PRIMARY),
+        ("wait until it has received", 0.0, OTHER_PRIMARY),
+    ],
+    ids=["at-pause", "paused", "mid-stop-finish", "mid-stop-roll-back", "before-promotion"],
+)
+def test_a_switchover_killed_before_its_promotion_is_finished_or_rolled_back_by_a_rerun(
+    at_home, tmp_path, marker, delay, rerun_to
+):
     lab = at_home
     with Load(lab, tmp_path) as load:
         switchover_killed_at(lab, marker, delay)
@@ -584,8 +635,9 @@ def test_a_switchover_killed_before_its_promotion_is_finished_or_rolled_back_by_
         assert sign_up_succeeds(lab)
         assert load.running
     verified = load.verify()
-    print(f"\nkilled at {marker!r}, re-run --to {rerun_to}: {len(planned)} steps; load: "
-          f"{describe(load.report, verified)}")
+    print(
+        f"\nkilled at {marker!r}, re-run --to {rerun_to}: {len(planned)} steps; load: {describe(load.report, verified)}"
+    )
     assert verified.ok, verified.missing_writes[:5]
 
 
@@ -692,16 +744,35 @@ def test_the_undo_waits_for_a_shutdown_under_way_then_checks_the_old_primary_tak
     lab = at_home
     pgdata = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(HOME_PRIMARY)))
     postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    [checkpointer] = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-                      and _parent(int(entry.name)) == postmaster
-                      and b"checkpointer" in (entry / "cmdline").read_bytes()]
+    [checkpointer] = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and _parent(int(entry.name)) == postmaster
+        and b"checkpointer" in (entry / "cmdline").read_bytes()
+    ]
     # The shutdown checkpoint is the checkpointer's: stopped, it holds the shutdown for as long as
     # the test wants.
     os.kill(checkpointer, signal.SIGSTOP)
     release = threading.Timer(3.0, lambda: os.kill(checkpointer, signal.SIGCONT))
     try:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{lab.model.postgres.bin_dir}/pg_ctl", "stop", "-D",
-                        str(pgdata), "-m", "fast", "-W"], check=True, cwd="/")
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                f"{lab.model.postgres.bin_dir}/pg_ctl",
+                "stop",
+                "-D",
+                str(pgdata),
+                "-m",
+                "fast",
+                "-W",
+            ],
+            check=True,
+            cwd="/",
+        )
         assert wait_for(lambda: not sign_up_succeeds(lab), 10)
         release.start()
         detail = failover.PgActions(lab).unfence_and_start(HOME_PRIMARY, (OTHER_PRIMARY,))

@@ -84,14 +84,20 @@ def switchover_killed_before_the_directory_update(lab, target: str) -> None:
         with blocker.cursor() as cursor:
             cursor.execute("BEGIN")
             cursor.execute("SELECT 1 FROM endpoints WHERE name = %s FOR UPDATE", (redisops.MASTER_ENDPOINT,))
-        process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), "redis", "switchover",
-                                    "--to", target, "--yes"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "igops", "-c", str(lab.source), "redis", "switchover", "--to", target, "--yes"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
         def waiting_update():
             with watcher.cursor() as cursor:
-                cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'igops-failover' AND "
-                               "wait_event_type = 'Lock' AND datname = current_database()")
+                cursor.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'igops-failover' AND "
+                    "wait_event_type = 'Lock' AND datname = current_database()"
+                )
                 row = cursor.fetchone()
             return row[0] if row else None
 

@@ -53,10 +53,24 @@ def home(lab):
 def killed_at(lab, argv: list[str], number: int, required: bool = True) -> bool:
     """igops with `argv`, SIGKILLed as it begins step `number`; whether it was (`required`: it
     must be, else a plan line that is a note, not a step, may let the run end first)."""
-    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), *argv, "--yes",
-                                "--reason", f"kill drill at step {number}"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "NO_COLOR": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "igops",
+            "-c",
+            str(lab.source),
+            *argv,
+            "--yes",
+            "--reason",
+            f"kill drill at step {number}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     printed = []
     try:
         for line in process.stderr:
@@ -77,8 +91,9 @@ def interrupted(lab, kind: str) -> dict | None:
     process: the drill asks often)."""
     from igops import operations_view
 
-    found = [r for r in operations_view.list_operations(lab).records
-             if r["status"] == "interrupted" and r["kind"] == kind]
+    found = [
+        r for r in operations_view.list_operations(lab).records if r["status"] == "interrupted" and r["kind"] == kind
+    ]
     return found[-1] if found else None
 
 
@@ -88,10 +103,17 @@ def pg_writable(lab) -> list[str]:
 
 def pg_healthy(lab) -> str | None:
     cluster = pg_state(lab)
-    ok = (cluster["primary"] and not cluster["paused"] and not cluster["problems"]
-          and all(target == cluster["primary"] for table in cluster["pgbouncer"].values() for target in table.values())
-          and all(node["streaming_from"] == cluster["primary"] for node in cluster["nodes"]
-                  if node["name"] != cluster["primary"]))
+    ok = (
+        cluster["primary"]
+        and not cluster["paused"]
+        and not cluster["problems"]
+        and all(target == cluster["primary"] for table in cluster["pgbouncer"].values() for target in table.values())
+        and all(
+            node["streaming_from"] == cluster["primary"]
+            for node in cluster["nodes"]
+            if node["name"] != cluster["primary"]
+        )
+    )
     return cluster["primary"] if ok else None
 
 
@@ -140,12 +162,24 @@ class Kind:
 
 
 KINDS = {
-    "pg": Kind("pg-switchover", lambda to: ["pg", "switchover", "main", "--to", to],
-               lambda lab: pg_state(lab)["primary"], HOME_PRIMARY, OTHER_PRIMARY, pg_healthy,
-               lambda lab: len(pg_writable(lab)) <= 1),
-    "redis": Kind("redis-switchover", lambda to: ["redis", "switchover", "--to", to],
-                  lambda lab: redis_state(lab)["app_master"], HOME_MASTER, OTHER_MASTER, redis_healthy,
-                  redis_one_place_to_write),
+    "pg": Kind(
+        "pg-switchover",
+        lambda to: ["pg", "switchover", "main", "--to", to],
+        lambda lab: pg_state(lab)["primary"],
+        HOME_PRIMARY,
+        OTHER_PRIMARY,
+        pg_healthy,
+        lambda lab: len(pg_writable(lab)) <= 1,
+    ),
+    "redis": Kind(
+        "redis-switchover",
+        lambda to: ["redis", "switchover", "--to", to],
+        lambda lab: redis_state(lab)["app_master"],
+        HOME_MASTER,
+        OTHER_MASTER,
+        redis_healthy,
+        redis_one_place_to_write,
+    ),
 }
 
 
@@ -169,8 +203,9 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
             assert record, f"step {number}: not listed as interrupted"
             assert record["step"]["number"] == number, (number, record["step"])
             listed = time.monotonic()
-            assert wait_for(lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()),
-                            interval=0.5), f"step {number}: PgBouncer still paused"
+            assert wait_for(
+                lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()), interval=0.5
+            ), f"step {number}: PgBouncer still paused"
             assert kind.single_writer(lab), f"step {number}: two writers"
             checked = time.monotonic()
             way = way_for(number, odd_steps)
@@ -188,9 +223,11 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                 assert rerun.returncode == 0, (number, rerun.stderr[-3000:])
             assert wait_for(lambda: kind.healthy(lab), 30, interval=0.5), (number, way, pg_state(lab), redis_state(lab))
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
-            outcomes.append(f"[{number}] {way}: {kind.current(lab)}; s to kill {killed - began:.1f}, listed "
-                            f"{listed - killed:.1f}, checked {checked - listed:.1f}, {way} {continued - checked:.1f}, "
-                            f"healthy {time.monotonic() - continued:.1f}")
+            outcomes.append(
+                f"[{number}] {way}: {kind.current(lab)}; s to kill {killed - began:.1f}, listed "
+                f"{listed - killed:.1f}, checked {checked - listed:.1f}, {way} {continued - checked:.1f}, "
+                f"healthy {time.monotonic() - continued:.1f}"
+            )
         assert load.running
     nothing_lost(load, outcomes)
 
@@ -234,8 +271,9 @@ def snapshot_groups(lab, host: str) -> dict[str, str]:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("odd_steps", ["resume", "abort"])
-def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves_nothing_frozen(home, tmp_path,
-                                                                                                odd_steps):
+def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves_nothing_frozen(
+    home, tmp_path, odd_steps
+):
     """`snapshot create` of the standby, SIGKILLed at each step under load: its mounts are
     writable again at once (the thaw watchdog sees igops go), `ops list` shows it interrupted at
     that step, abort deletes what its group got, resume does that and takes a complete group."""
@@ -250,8 +288,9 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
             before = snapshot_groups(lab, host)
             killed = time.monotonic()
             killed_at(lab, ["snapshot", "create", host], number)
-            assert all(wait_for(lambda m=m: can_write(m, 0.5), lab.model.snapshot.freeze_deadline + 2)
-                       for m in mounts), f"step {number}: a mount is still frozen"
+            assert all(
+                wait_for(lambda m=m: can_write(m, 0.5), lab.model.snapshot.freeze_deadline + 2) for m in mounts
+            ), f"step {number}: a mount is still frozen"
             record = wait_for(lambda: interrupted(lab, "snapshot-create"), 5, interval=0.5)
             assert record and record["step"]["number"] == number, (number, record)
             group = record["params"]["group"]
@@ -276,8 +315,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("odd_steps", ["resume", "abort"])
-def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_host_serving(home, tmp_path,
-                                                                                          odd_steps):
+def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_host_serving(home, tmp_path, odd_steps):
     """`deploy` of a new release in batches of one, SIGKILLed at each step under load: `ops list`
     shows it interrupted at that step; resume switches the hosts not yet on the release (a kill
     during the upload is continued by running the deploy again, as resume says), abort puts

@@ -77,9 +77,14 @@ class WritableMembers:
 
 def switchover_until_paused(lab, target: str) -> subprocess.Popen:
     """`pg switchover main --to target`, running, once it has paused PgBouncer."""
-    process = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main",
-                                "--to", target, "--yes"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "igops", "-c", str(lab.source), "pg", "switchover", "main", "--to", target, "--yes"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     printed = []
     for line in process.stderr:
         printed.append(line)
@@ -128,9 +133,11 @@ def test_the_watchdog_resumes_pgbouncer_when_igops_stops_beating_or_dies(at_home
         rerun_to(lab, HOME_PRIMARY)
         assert load.running
     verified = load.verify()
-    print(f"\npause watchdog: resumed {resumed_after_stop:.1f} s after igops stopped (deadline {deadline:g} s), "
-          f"{resumed_after_kill:.2f} s after it was killed; {writable.samples} role samples; "
-          f"load: {describe(load.report, verified)}")
+    print(
+        f"\npause watchdog: resumed {resumed_after_stop:.1f} s after igops stopped (deadline {deadline:g} s), "
+        f"{resumed_after_kill:.2f} s after it was killed; {writable.samples} role samples; "
+        f"load: {describe(load.report, verified)}"
+    )
     assert writable.samples > 50
     assert not writable.both, f"two writable members at {writable.both[:3]}"
     assert verified.ok, verified.missing_writes[:5]

@@ -33,8 +33,10 @@ def test_switchovers_of_an_idle_cluster_do_not_grow_the_wal(lab):
         assert result.returncode == 0, result.stderr[-3000:]
         seen.append({node: segments(node) for node in nodes})
     assert pg_state(lab)["primary"] == HOME_PRIMARY
-    print("\nWAL segments after each switchover: "
-          + "; ".join(", ".join(f"{node} {len(names)}" for node, names in counts.items()) for counts in seen))
+    print(
+        "\nWAL segments after each switchover: "
+        + "; ".join(", ".join(f"{node} {len(names)}" for node, names in counts.items()) for counts in seen)
+    )
     for node in nodes:
         after_first_round = len(seen[1][node])
         for counts in seen[2:]:
@@ -53,19 +55,31 @@ def test_the_end_of_wal_is_found_past_segments_the_server_pre_allocated(lab, tmp
     node = HOME_PRIMARY
     (tmp_path / "global").mkdir()
     shutil.copy(state.paths().pgdata(node) / "global" / "pg_control", tmp_path / "global")
-    control = postgres.parse_controldata(subprocess.run([f"{BIN}/pg_controldata", "-D", str(tmp_path)],
-                                                        capture_output=True, text=True, check=True).stdout)
+    control = postgres.parse_controldata(
+        subprocess.run(
+            [f"{BIN}/pg_controldata", "-D", str(tmp_path)], capture_output=True, text=True, check=True
+        ).stdout
+    )
     size = int(control["Bytes per WAL segment"])
     timeline, at = int(control["Latest checkpoint's TimeLineID"]), control["Latest checkpoint location"]
     (tmp_path / "pg_wal").mkdir()
-    copied = [name for name in segments(node) if postgres.segment_start(name, size)[0] == timeline
-              and postgres.segment_start(name, size)[1] + size > postgres.parse_lsn(at)]
+    copied = [
+        name
+        for name in segments(node)
+        if postgres.segment_start(name, size)[0] == timeline
+        and postgres.segment_start(name, size)[1] + size > postgres.parse_lsn(at)
+    ]
     for name in copied:
         shutil.copy(state.paths().pg_wal(node) / name, tmp_path / "pg_wal")
     # Read the old way first, while only written segments are there: the end to find.
-    expected = postgres.wal_end_from_waldump(subprocess.run(
-        [f"{BIN}/pg_waldump", "-q", "-p", str(tmp_path / "pg_wal"), "-t", str(timeline), "-s", at],
-        capture_output=True, text=True).stderr, size)
+    expected = postgres.wal_end_from_waldump(
+        subprocess.run(
+            [f"{BIN}/pg_waldump", "-q", "-p", str(tmp_path / "pg_wal"), "-t", str(timeline), "-s", at],
+            capture_output=True,
+            text=True,
+        ).stderr,
+        size,
+    )
     assert expected is not None and expected > postgres.parse_lsn(at)
     last = postgres.segment_start(copied[-1], size)[1]
     for start in range(last + size, last + 7 * size, size):

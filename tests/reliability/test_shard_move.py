@@ -63,18 +63,27 @@ def other_cluster(fleet, cluster) -> str:
 
 
 def schemas(fleet, cluster, shard) -> set:
-    return {row[0] for row in query(fleet, cluster, "SELECT nspname FROM pg_namespace WHERE nspname = %s "
-                                                    "OR nspname LIKE %s", (f"insta{shard}", f"insta{shard}_moved_%"))}
+    return {
+        row[0]
+        for row in query(
+            fleet,
+            cluster,
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (f"insta{shard}", f"insta{shard}_moved_%"),
+        )
+    }
 
 
 def leftovers(fleet) -> list:
     """Replication objects and fenced copies a move may leave: none may outlive it."""
     found = []
     for cluster in fleet.model.postgres.clusters:
-        for kind, sql in (("slot", "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'igops_move_%'"),
-                          ("publication", "SELECT pubname FROM pg_publication WHERE pubname LIKE 'igops_move_%'"),
-                          ("subscription", "SELECT subname FROM pg_subscription WHERE subname LIKE 'igops_move_%'"),
-                          ("old copy", "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'insta%\\_moved\\_%'")):
+        for kind, sql in (
+            ("slot", "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'igops_move_%'"),
+            ("publication", "SELECT pubname FROM pg_publication WHERE pubname LIKE 'igops_move_%'"),
+            ("subscription", "SELECT subname FROM pg_subscription WHERE subname LIKE 'igops_move_%'"),
+            ("old copy", "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'insta%\\_moved\\_%'"),
+        ):
             found += [f"{cluster} {kind} {row[0]}" for row in query(fleet, cluster, sql)]
     return found
 
@@ -93,9 +102,25 @@ class PausedMove:
 
     def __init__(self, fleet, shard, target, point):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "igops", "shard", "move", str(shard), "--to", target, "--yes",
-             "--pause-after", point], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **env(fleet), "NO_COLOR": "1"})
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "shard",
+                "move",
+                str(shard),
+                "--to",
+                target,
+                "--yes",
+                "--pause-after",
+                point,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env(fleet), "NO_COLOR": "1"},
+        )
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -125,13 +150,15 @@ class PausedMove:
 def shard_of_ledger_users(ledger: Path) -> Counter:
     from app.loadgen.ledger import read_ledger
 
-    return Counter(shards.decode_id(entry["user_id"]).shard for entry in read_ledger(ledger)[0]
-                   if entry["op"] == "signup")
+    return Counter(
+        shards.decode_id(entry["user_id"]).shard for entry in read_ledger(ledger)[0] if entry["op"] == "signup"
+    )
 
 
 def busiest_shard(ledger: Path) -> int:
-    assert wait_for(lambda: ledger.exists() and sum(shard_of_ledger_users(ledger).values()) >= LOAD_USERS, 90), \
+    assert wait_for(lambda: ledger.exists() and sum(shard_of_ledger_users(ledger).values()) >= LOAD_USERS, 90), (
         "the load generator never finished signing up its users"
+    )
     return min(shard_of_ledger_users(ledger).most_common(), key=lambda item: (-item[1], item[0]))[0]
 
 
@@ -149,8 +176,10 @@ def ledger_ids(ledger: Path, shard: int) -> list[tuple[int, float, float]]:
 
 def gunicorn_pids() -> dict:
     paths = state.paths()
-    return {host: (paths.app_root(host) / "shared" / "gunicorn.pid").read_text().strip()
-            for host in ("app1", "app2", "app3")}
+    return {
+        host: (paths.app_root(host) / "shared" / "gunicorn.pid").read_text().strip()
+        for host in ("app1", "app2", "app3")
+    }
 
 
 def lb_url(fleet) -> str:
@@ -185,8 +214,13 @@ def test_move_there_and_back_under_load_loses_nothing_and_the_app_follows(lab, t
     ledger = tmp_path / "ledger.jsonl"
     pids = gunicorn_pids()
     outcome = {}
-    load = threading.Thread(target=lambda: outcome.update(report=run_load(
-        url=lb_url(lab), rate=60, duration=28, ledger=ledger, users=LOAD_USERS, concurrency=12, seed=21)))
+    load = threading.Thread(
+        target=lambda: outcome.update(
+            report=run_load(
+                url=lb_url(lab), rate=60, duration=28, ledger=ledger, users=LOAD_USERS, concurrency=12, seed=21
+            )
+        )
+    )
     load.start()
     shard = busiest_shard(ledger)
     time.sleep(4)
@@ -241,9 +275,15 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab, tmp_path):
     target = other_cluster(lab, source)
 
     def everything():
-        return (map_version(lab), directory(lab, "SELECT count(*) FROM shard_moves")[0][0] if
-                directory(lab, "SELECT to_regclass('shard_moves') IS NOT NULL")[0][0] else 0,
-                schemas(lab, source, shard), schemas(lab, target, shard), leftovers(lab))
+        return (
+            map_version(lab),
+            directory(lab, "SELECT count(*) FROM shard_moves")[0][0]
+            if directory(lab, "SELECT to_regclass('shard_moves') IS NOT NULL")[0][0]
+            else 0,
+            schemas(lab, source, shard),
+            schemas(lab, target, shard),
+            leftovers(lab),
+        )
 
     def refused(*args, code, text):
         result = run_igops("shard", "move", *args, "--yes", env=env(lab))
@@ -269,8 +309,12 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab, tmp_path):
         refused(str(shard), "--to", target, code=ExitCode.REFUSED, text="tables without a primary key: keyless")
     finally:
         query(lab, source, f"DROP TABLE insta{shard}.keyless")
-    query(lab, target, f"CREATE SCHEMA insta{shard}; CREATE TABLE insta{shard}.users (id bigint PRIMARY KEY); "
-                       f"INSERT INTO insta{shard}.users VALUES (1)")
+    query(
+        lab,
+        target,
+        f"CREATE SCHEMA insta{shard}; CREATE TABLE insta{shard}.users (id bigint PRIMARY KEY); "
+        f"INSERT INTO insta{shard}.users VALUES (1)",
+    )
     try:
         refused(str(shard), "--to", target, code=ExitCode.REFUSED, text=f"already has a schema insta{shard} with rows")
     finally:
@@ -290,8 +334,11 @@ def test_a_second_move_of_a_running_one_is_refused_and_verify_compares_at_one_po
     move_id = latest_move_id(lab)
     try:
         again = run_igops("shard", "move", str(shard), "--to", target, "--yes", env=env(lab))
-        assert again.returncode == ExitCode.LOCKED and f"move {move_id} of shard {shard}" in again.stderr \
-            and "already running" in again.stderr, again.stderr
+        assert (
+            again.returncode == ExitCode.LOCKED
+            and f"move {move_id} of shard {shard}" in again.stderr
+            and "already running" in again.stderr
+        ), again.stderr
         elsewhere = {**env(lab), "IGOPS_STATE_DIR": str(tmp_path / "other-host")}
         resumed = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=elsewhere)
         assert resumed.returncode == ExitCode.LOCKED and "is held by shard-move" in resumed.stderr, resumed.stderr
@@ -301,8 +348,7 @@ def test_a_second_move_of_a_running_one_is_refused_and_verify_compares_at_one_po
         assert compared.returncode == 0, compared.stderr
         report = json.loads(compared.stdout)["data"]
         assert report["consistent"] and report["equal"] and report["pause_ms"] < 1000
-        assert {check["table"] for check in report["tables"]} == {"users", "photos", "likes", "following",
-                                                                 "followers"}
+        assert {check["table"] for check in report["tables"]} == {"users", "photos", "likes", "following", "followers"}
     finally:
         first.kill()
         assert placement(lab, shard) == source
@@ -320,9 +366,30 @@ def background_load(lab, tmp_path_factory):
     """The load generator writing through the app for the whole series of kills."""
     ledger = tmp_path_factory.mktemp("shard-kills") / "ledger.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.loadgen", "run", "--url", lb_url(lab), "--rate", "30", "--duration", "1800",
-         "--users", str(LOAD_USERS), "--concurrency", "8", "--seed", "33", "--ledger", str(ledger)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "app.loadgen",
+            "run",
+            "--url",
+            lb_url(lab),
+            "--rate",
+            "30",
+            "--duration",
+            "1800",
+            "--users",
+            str(LOAD_USERS),
+            "--concurrency",
+            "8",
+            "--seed",
+            "33",
+            "--ledger",
+            str(ledger),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         shard = busiest_shard(ledger)
         yield {"ledger": ledger, "shard": shard, "process": process}
@@ -388,8 +455,9 @@ def test_rebalance_runs_its_plan_with_the_move_code(lab):
         return Counter(cluster for _, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map"))
 
     crowded = max(lab.model.postgres.clusters, key=lambda cluster: layout()[cluster])
-    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                if cluster != crowded)
+    shard = max(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != crowded
+    )
     assert run_igops("shard", "move", str(shard), "--to", crowded, "--yes", env=env(lab)).returncode == 0
     planned = json.loads(run_igops("shard", "rebalance", "--dry-run", "--json", env=env(lab)).stdout)["data"]["plan"]
     assert planned["moves"] and all(move["source"] == crowded for move in planned["moves"])
@@ -423,18 +491,25 @@ def test_init_is_idempotent_and_the_map_adds_up(lab):
 
 def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
     """After a switchover the inventory still names the old primary: moves find the new one."""
+
     def main_primary() -> str:
         status = json.loads(run_igops("pg", "status", "main", "--json", env=env(lab)).stdout)
         return status["data"]["clusters"][0]["primary"]
 
     home = main_primary()
-    other = next(name for name in [lab.model.postgres.clusters["main"].primary,
-                                   *lab.model.postgres.clusters["main"].standbys] if name != home)
+    other = next(
+        name
+        for name in [lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys]
+        if name != home
+    )
     switched = run_igops("pg", "switchover", "main", "--to", other, "--yes", env=env(lab))
     assert switched.returncode == 0, switched.stderr[-2000:]
     try:
-        shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                    if cluster != "main")
+        shard = max(
+            shard
+            for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
+            if cluster != "main"
+        )
         source = placement(lab, shard)
         for target in ("main", source):
             moved = run_igops("shard", "move", str(shard), "--to", target, "--yes", env=env(lab))
@@ -452,8 +527,11 @@ def interrupted_move_operation(lab) -> dict | None:
     """The latest interrupted shard-move operation, as `igops ops list` shows it."""
     from igops import operations_view
 
-    found = [record for record in operations_view.list_operations(lab).records
-             if record["status"] == "interrupted" and record["kind"] == "shard-move"]
+    found = [
+        record
+        for record in operations_view.list_operations(lab).records
+        if record["status"] == "interrupted" and record["kind"] == "shard-move"
+    ]
     return found[-1] if found else None
 
 
@@ -461,8 +539,9 @@ def interrupted_move_operation(lab) -> dict | None:
 def test_ops_resume_and_abort_finish_or_roll_back_an_interrupted_move(lab, finish):
     """The team's one way to continue any interrupted operation works for a shard move too: the
     operation journaled the id of the move it started."""
-    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                if cluster != "main")
+    shard = max(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != "main"
+    )
     source = placement(lab, shard)
     PausedMove(lab, shard, "main", "subscribed").kill()
     move_id = latest_move_id(lab)
@@ -485,8 +564,9 @@ def test_ops_resume_and_abort_finish_or_roll_back_an_interrupted_move(lab, finis
 def test_a_move_whose_slot_was_invalidated_copies_again_on_resume(lab):
     """A move left behind holds WAL on its source; past max_slot_wal_keep_size Postgres invalidates
     the slot instead of filling the WAL volume, and a resumed move starts its copy again."""
-    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                if cluster != "main")
+    shard = max(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != "main"
+    )
     source = placement(lab, shard)
     PausedMove(lab, shard, "main", "subscribed").kill()
     move_id = latest_move_id(lab)
@@ -525,8 +605,9 @@ def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a
     whole pages, a walsender decodes whole flushed records, and on an idle source nothing
     flushes the rest. Waiting for that position gave up ("did not apply the source's WAL up to
     0/11012000 within 2000 ms", three times over on a fresh machine)."""
-    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                if cluster != "main")
+    shard = max(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != "main"
+    )
     source = placement(lab, shard)
     target = other_cluster(lab, source)
     move = PausedMove(lab, shard, target, "caught_up")
@@ -534,10 +615,13 @@ def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a
     writer = pg(lab, source)
     try:
         with writer.cursor() as cursor:
+
             def inside_a_record() -> bool:
-                cursor.execute("SELECT pg_current_wal_lsn() = pg_current_wal_flush_lsn() "
-                               "AND pg_current_wal_lsn() < pg_current_wal_insert_lsn() "
-                               "AND (pg_current_wal_lsn() - '0/0'::pg_lsn) % 8192 = 0")
+                cursor.execute(
+                    "SELECT pg_current_wal_lsn() = pg_current_wal_flush_lsn() "
+                    "AND pg_current_wal_lsn() < pg_current_wal_insert_lsn() "
+                    "AND (pg_current_wal_lsn() - '0/0'::pg_lsn) % 8192 = 0"
+                )
                 return cursor.fetchone()[0]
 
             for _ in range(5):  # any commit elsewhere on the source flushes the record: try again
@@ -565,8 +649,9 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     the target has flushed it, and until then the slot and the old copy are what could bring it
     back. A resumed cleanup whose target cannot confirm the flush (its subscription disabled)
     must drop neither, and finish once the target confirms."""
-    shard = max(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map")
-                if cluster != "main")
+    shard = max(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != "main"
+    )
     source = placement(lab, shard)
     target = other_cluster(lab, source)
     PausedMove(lab, shard, target, "fenced").kill()
@@ -580,9 +665,14 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
     assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
     assert placement(lab, shard) == target
-    assert sorted(leftovers(lab)) == sorted([f"{source} slot {slot}", f"{source} publication {slot}",
-                                             f"{target} subscription {slot}",
-                                             f"{source} old copy insta{shard}_moved_{move_id}"])
+    assert sorted(leftovers(lab)) == sorted(
+        [
+            f"{source} slot {slot}",
+            f"{source} publication {slot}",
+            f"{target} subscription {slot}",
+            f"{source} old copy insta{shard}_moved_{move_id}",
+        ]
+    )
     query(lab, target, f"ALTER SUBSCRIPTION {slot} ENABLE")
     finished = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -608,21 +698,30 @@ def test_the_cut_over_compares_the_rows_written_since_the_verification_and_no_ot
                 cursor.execute(sql.format(schema=schema))
 
     try:
-        on_both("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
-                "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, body json, note text);"
-                "INSERT INTO {schema}.events SELECT g, json_build_object('n', g), 'e' || g"
-                "  FROM generate_series(1, 20000) g;"
-                "CREATE TABLE {schema}.pairs (a int, b text, v int, PRIMARY KEY (a, b));"
-                "INSERT INTO {schema}.pairs SELECT g, 'b' || g, g FROM generate_series(1, 100) g")
-        query(lab, "main", f"DROP PUBLICATION IF EXISTS igops_changes_test; "
-                           f"CREATE PUBLICATION igops_changes_test FOR TABLES IN SCHEMA {source}")
-        changes = ChangedRows(tracked, "igops_changes_test", "igops_changes_test", source,
-                              {"events": ("id",), "pairs": ("a", "b")})
+        on_both(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+            "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, body json, note text);"
+            "INSERT INTO {schema}.events SELECT g, json_build_object('n', g), 'e' || g"
+            "  FROM generate_series(1, 20000) g;"
+            "CREATE TABLE {schema}.pairs (a int, b text, v int, PRIMARY KEY (a, b));"
+            "INSERT INTO {schema}.pairs SELECT g, 'b' || g, g FROM generate_series(1, 100) g"
+        )
+        query(
+            lab,
+            "main",
+            f"DROP PUBLICATION IF EXISTS igops_changes_test; "
+            f"CREATE PUBLICATION igops_changes_test FOR TABLES IN SCHEMA {source}",
+        )
+        changes = ChangedRows(
+            tracked, "igops_changes_test", "igops_changes_test", source, {"events": ("id",), "pairs": ("a", "b")}
+        )
         changes.start()
-        writes = ("INSERT INTO {schema}.events VALUES (20001, '{{}}', 'new');"
-                  "UPDATE {schema}.events SET note = 'changed' WHERE id = 5;"
-                  "DELETE FROM {schema}.events WHERE id = 7;"
-                  "UPDATE {schema}.pairs SET b = 'moved' WHERE a = 1")
+        writes = (
+            "INSERT INTO {schema}.events VALUES (20001, '{{}}', 'new');"
+            "UPDATE {schema}.events SET note = 'changed' WHERE id = 5;"
+            "DELETE FROM {schema}.events WHERE id = 7;"
+            "UPDATE {schema}.pairs SET b = 'moved' WHERE a = 1"
+        )
         on_both(writes)
         with connection.cursor() as cursor:
             cursor.execute(f"BEGIN; INSERT INTO {source}.events VALUES (30000, NULL, 'rolled back'); ROLLBACK")
@@ -662,12 +761,14 @@ def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_r
     try:
         with connection.cursor() as cursor:
             for copy in (left, right):
-                cursor.execute(f"DROP SCHEMA IF EXISTS {copy.schema} CASCADE; CREATE SCHEMA {copy.schema};"
-                               f"CREATE TABLE {copy.schema}.events (id bigint PRIMARY KEY, body json, note text);"
-                               f"INSERT INTO {copy.schema}.events SELECT g, json_build_object('n', g), 'e' || g"
-                               f"  FROM generate_series(1, 250000) g;"
-                               f"CREATE TABLE {copy.schema}.tags (id bigint PRIMARY KEY, tag text);"
-                               f"INSERT INTO {copy.schema}.tags SELECT g, 't' || g FROM generate_series(1, 1000) g")
+                cursor.execute(
+                    f"DROP SCHEMA IF EXISTS {copy.schema} CASCADE; CREATE SCHEMA {copy.schema};"
+                    f"CREATE TABLE {copy.schema}.events (id bigint PRIMARY KEY, body json, note text);"
+                    f"INSERT INTO {copy.schema}.events SELECT g, json_build_object('n', g), 'e' || g"
+                    f"  FROM generate_series(1, 250000) g;"
+                    f"CREATE TABLE {copy.schema}.tags (id bigint PRIMARY KEY, tag text);"
+                    f"INSERT INTO {copy.schema}.tags SELECT g, 't' || g FROM generate_series(1, 1000) g"
+                )
 
         def compare():
             readers = [pg(lab, "main") for _ in (left, right)]
@@ -692,8 +793,10 @@ def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_r
         assert events.rows[left.label] == events.rows[right.label]
         assert events.first_difference == "id in [100000, 200000)"
         with connection.cursor() as cursor:
-            cursor.execute(f"DELETE FROM {right.schema}.events WHERE id = 123456;"
-                           f"INSERT INTO {right.schema}.events VALUES (250001, '{{}}', 'extra')")
+            cursor.execute(
+                f"DELETE FROM {right.schema}.events WHERE id = 123456;"
+                f"INSERT INTO {right.schema}.events VALUES (250001, '{{}}', 'extra')"
+            )
         swapped = compare().tables[0]
         assert not swapped.equal and swapped.rows[left.label] == swapped.rows[right.label]
         assert swapped.first_difference == "id in [100000, 200000)"

@@ -58,16 +58,21 @@ def postgres(fleet, host_name=None):
     import psycopg2
 
     host_name = host_name or primary_of_main(fleet)
-    connection = psycopg2.connect(host=str(fleet.host(host_name).address), port=fleet.model.postgres.port,
-                                  user=fleet.model.postgres.user, dbname="postgres", connect_timeout=5,
-                                  password=Secrets(fleet.model.secrets.file).get("postgres_password"))
+    connection = psycopg2.connect(
+        host=str(fleet.host(host_name).address),
+        port=fleet.model.postgres.port,
+        user=fleet.model.postgres.user,
+        dbname="postgres",
+        connect_timeout=5,
+        password=Secrets(fleet.model.secrets.file).get("postgres_password"),
+    )
     connection.autocommit = True
     return connection
 
 
 def proxied_inventory(fleet, tmp_path, proxy_url):
     text = fleet.source.read_text()
-    text = re.sub(r'(?m)^endpoint_url = .*$', f'endpoint_url = "{proxy_url}"', text)
+    text = re.sub(r"(?m)^endpoint_url = .*$", f'endpoint_url = "{proxy_url}"', text)
     path = tmp_path / "igops.toml"
     path.write_text(text)
     return path
@@ -75,8 +80,9 @@ def proxied_inventory(fleet, tmp_path, proxy_url):
 
 def can_write(mount: str, timeout: float) -> bool:
     """Whether a write to the filesystem completes within `timeout` (it hangs while frozen)."""
-    probe = subprocess.Popen(["sh", "-c",
-                              f"echo probe > {mount}/.igops-write-probe && sync -f {mount}/.igops-write-probe"])
+    probe = subprocess.Popen(
+        ["sh", "-c", f"echo probe > {mount}/.igops-write-probe && sync -f {mount}/.igops-write-probe"]
+    )
     try:
         probe.wait(timeout)
         return probe.returncode == 0
@@ -110,10 +116,25 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
-                                  standby_of_main(lab), "--yes", "--no-hook", "--deadline", "4"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 cwd=Path(__file__).resolve().parents[2])
+        igops = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "-c",
+                str(config),
+                "snapshot",
+                "create",
+                standby_of_main(lab),
+                "--yes",
+                "--no-hook",
+                "--deadline",
+                "4",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
         assert not can_write(data_mount, 0.5), "the data mount should be frozen now"
         # The worst case: the freezing process hangs (stopped) AND igops dies. Only the watchdog is left.
@@ -146,10 +167,25 @@ def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
-                                  standby_of_main(lab), "--yes", "--no-hook", "--deadline", "30"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 cwd=Path(__file__).resolve().parents[2])
+        igops = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "-c",
+                str(config),
+                "snapshot",
+                "create",
+                standby_of_main(lab),
+                "--yes",
+                "--no-hook",
+                "--deadline",
+                "30",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
         killed_at = time.monotonic()
         igops.kill()
@@ -166,8 +202,11 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
     ec2 = Ebs(lab)._ec2
     standby = lab.host(standby_of_main(lab))
     wal = next(m for m in standby.mounts if m.purpose == "wal")
-    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device) \
-        if wal.device else wal.volumes[0]
+    wal_volume = (
+        next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device)
+        if wal.device
+        else wal.volumes[0]
+    )
     # A spare volume on the instance means the mounts are not all of its data volumes: igops
     # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
     spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(standby.instance_id))["VolumeId"]
@@ -176,8 +215,9 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
             config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook",
-                               "--json")
+            result = run_igops(
+                "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json"
+            )
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -201,15 +241,35 @@ def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snap
     faults = Faults(hold={"CreateSnapshots": 4})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create",
-                                  standby.name, "--yes", "--no-hook", "--deadline", "2", "--json"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 cwd=Path(__file__).resolve().parents[2])
+        igops = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "-c",
+                str(config),
+                "snapshot",
+                "create",
+                standby.name,
+                "--yes",
+                "--no-hook",
+                "--deadline",
+                "2",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         if watchdog == "gone":
             assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
             # The watchdog leads its own session; so does the login shell that started the freezer.
-            watchdogs = [pid for pid, session in freeze_processes() if pid == session
-                         and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python3")]
+            watchdogs = [
+                pid
+                for pid, session in freeze_processes()
+                if pid == session and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python3")
+            ]
             assert watchdogs
             for pid in watchdogs:
                 os.kill(pid, signal.SIGKILL)
@@ -220,8 +280,9 @@ def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snap
     group_id = re.search(r"group (\S+) failed", envelope["error"]["message"]).group(1)
     assert "CreateSnapshots" in faults.calls
     assert group_snapshots(lab, group_id) == []
-    listed = json.loads(run_igops("snapshot", "list", "--host", standby.name, "--json",
-                                  env={"IGOPS_CONFIG": str(lab.source)}).stdout)["data"]["groups"]
+    listed = json.loads(
+        run_igops("snapshot", "list", "--host", standby.name, "--json", env={"IGOPS_CONFIG": str(lab.source)}).stdout
+    )["data"]["groups"]
     assert group_id not in [group["group_id"] for group in listed]
     assert all(can_write(mount.path, 2) for mount in standby.mounts)
 
@@ -230,8 +291,9 @@ def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops("-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook",
-                           "--json")
+        result = run_igops(
+            "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json"
+        )
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
     assert all(can_write(mount.path, 2) for mount in lab.host(standby_of_main(lab)).mounts)
@@ -244,9 +306,27 @@ def test_two_creates_on_one_host(lab, tmp_path):
     faults = Faults(hold={"CreateSnapshots": 8})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(config), "snapshot", "create", standby,
-                                  "--yes", "--no-hook", "--deadline", "30", "--json"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[2])
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "-c",
+                str(config),
+                "snapshot",
+                "create",
+                standby,
+                "--yes",
+                "--no-hook",
+                "--deadline",
+                "30",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
         second = run_igops("-c", str(config), "snapshot", "create", standby, "--yes", "--no-hook")
         assert first.poll() is None, "the second create must have run while the first held its lock"
@@ -269,9 +349,11 @@ def restore_traces(lab, group_id):
     """The group's volumes, and the lab's restored images and loop devices over them."""
     store = Path(lab.model.aws.volume_images) / "restored"
     loops = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
-    return {"volumes": [volume["VolumeId"] for volume in group_volumes(lab, group_id)],
-            "images": sorted(str(path) for path in store.glob("*.img")),
-            "loops": sorted(line.split()[0] for line in loops.splitlines() if str(store) in line)}
+    return {
+        "volumes": [volume["VolumeId"] for volume in group_volumes(lab, group_id)],
+        "images": sorted(str(path) for path in store.glob("*.img")),
+        "loops": sorted(line.split()[0] for line in loops.splitlines() if str(store) in line),
+    }
 
 
 def restored_mounts(group_id):
@@ -337,15 +419,26 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
     cleanup = ["snapshot", "restore", group_id, "--to", "db2", "--cleanup", "--yes", "--json"]
     before = restore_traces(lab, group_id)
     try:
-        restored = run_igops("snapshot", "restore", group_id, "--to", "db2", "--port", str(DRILL_PORT), "--yes",
-                             "--json", env=env)
+        restored = run_igops(
+            "snapshot", "restore", group_id, "--to", "db2", "--port", str(DRILL_PORT), "--yes", "--json", env=env
+        )
         assert restored.returncode == 0, restored.stdout + restored.stderr
         data = json.loads(restored.stdout)["data"]
         assert len(data["mounted"]) == 2 and data["postgres"]["port"] == DRILL_PORT
         # The command left a running server on the restored data: ask it.
-        counted = subprocess.run([*shlex.split(data["postgres"]["psql"]), "-X", "-A", "-t", "-c",
-                                  "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), pg_is_in_recovery() "
-                                  "FROM snapshot_drill"], capture_output=True, text=True, check=True)
+        counted = subprocess.run(
+            [
+                *shlex.split(data["postgres"]["psql"]),
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), pg_is_in_recovery() FROM snapshot_drill",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         count, low, high, in_recovery = counted.stdout.strip().split("|")
         count, low, high = int(count), int(low), int(high)
         before_launch = [row_id for row_id, at in acknowledged if at < launched]
@@ -398,8 +491,9 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
     standby = lab.host(standby_of_main(lab))
     volume_id = standby.mounts[0].volumes[0]
     ebs = Ebs(lab)
-    made = [ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"]
-            for _ in range(5)]
+    made = [
+        ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"] for _ in range(5)
+    ]
     try:
         faults = Faults(rewrite={"DescribeSnapshots": ("<status>completed</status>", "<status>pending</status>")})
         with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
@@ -432,8 +526,9 @@ def test_the_live_primary_is_frozen_only_when_asked_and_the_plan_states_the_stal
         assert "--allow-primary" in refused.stderr and standby_of_main(lab) in refused.stderr
         assert not {"CreateSnapshots", "CreateSnapshot"} & set(faults.calls)
         assert not freeze_processes()
-        planned = run_igops("-c", str(config), "snapshot", "create", primary, "--allow-primary", "--dry-run",
-                            "--no-hook", "--json")
+        planned = run_igops(
+            "-c", str(config), "snapshot", "create", primary, "--allow-primary", "--dry-run", "--no-hook", "--json"
+        )
     assert planned.returncode == 0, planned.stderr
     envelope = json.loads(planned.stdout)
     stall = envelope["data"]["plan"]["write_stall"]
@@ -447,27 +542,50 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     faults = Faults(hold={"CreateTags": 60})
     with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
         proxied = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen([sys.executable, "-m", "igops", "-c", str(proxied), "snapshot", "create", standby,
-                                  "--yes", "--no-hook", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        igops = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igops",
+                "-c",
+                str(proxied),
+                "snapshot",
+                "create",
+                standby,
+                "--yes",
+                "--no-hook",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert wait_for(lambda: "CreateTags" in faults.calls, 30)
         igops.kill()
         igops.wait()
     faults.fail["CreateTags"] = 503  # the held call must not tag what the prune below deletes
     config = tmp_path / "stale.toml"
     config.write_text(lab.source.read_text().replace("[snapshot]\n", "[snapshot]\nstale_after_minutes = 0.02\n", 1))
-    left = [group for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby,
-                                                    "--json").stdout)["data"]["groups"] if group["state"] == "taking"]
+    left = [
+        group
+        for group in json.loads(run_igops("-c", str(config), "snapshot", "list", "--host", standby, "--json").stdout)[
+            "data"
+        ]["groups"]
+        if group["state"] == "taking"
+    ]
     assert left, "the killed create left a group taking"
     group_ids = {group["group_id"] for group in left}
     time.sleep(1.5)  # past the 1.2 s grace
     checked = run_igops("-c", str(config), "check", "--only", "snapshot", "--json")
     # The check judges the cluster, whose groups the standby's are.
     [mine] = [result for result in json.loads(checked.stdout)["data"]["results"] if result["target"] == "main"]
-    assert (mine["status"] in ("WARNING", "CRITICAL")
-            and all(group_id in mine["summary"] for group_id in group_ids)), mine
-    pruned = run_igops("-c", str(config), "snapshot", "prune", "--host", standby, "--keep-last", "100", "--yes",
-                       "--json")
+    assert mine["status"] in ("WARNING", "CRITICAL") and all(group_id in mine["summary"] for group_id in group_ids), (
+        mine
+    )
+    pruned = run_igops(
+        "-c", str(config), "snapshot", "prune", "--host", standby, "--keep-last", "100", "--yes", "--json"
+    )
     assert pruned.returncode == 0, pruned.stderr
     assert group_ids <= set(json.loads(pruned.stdout)["data"]["deleted"])
     for group_id in group_ids:

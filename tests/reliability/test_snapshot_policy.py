@@ -24,7 +24,7 @@ def policy_inventory(lab, tmp_path, name="policy.toml", **values) -> str:
     text = lab.source.read_text()
     for key, value in values.items():
         rendered = json.dumps(value) if isinstance(value, str) else str(value)
-        text, count = re.subn(rf'(?m)^{key} = .*$', f"{key} = {rendered}", text, count=1)
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {rendered}", text, count=1)
         assert count == 1, f"the lab inventory has no {key}"
     path = tmp_path / name
     path.write_text(text)
@@ -65,8 +65,9 @@ def test_keep_pins_a_group_against_prune_and_delete_until_released(lab, tmp_path
         assert "--accept-risk" in refused.stderr and group_snapshots(lab, pinned)
 
         # Keep only the newest of the cluster: the pinned group stays, for being pinned.
-        pruning = run_igops("-c", config, "snapshot", "prune", "--keep-last", "1", "--host", standby, "--dry-run",
-                            "--json")
+        pruning = run_igops(
+            "-c", config, "snapshot", "prune", "--keep-last", "1", "--host", standby, "--dry-run", "--json"
+        )
         assert pruning.returncode == 0, pruning.stderr
         data = json.loads(pruning.stdout)["data"]
         assert data["keep"][pinned] == ["kept"] and newer in data["keep"] and pinned not in data["delete"]
@@ -96,8 +97,9 @@ def test_delete_refuses_to_go_below_minimum_redundancy_unless_the_risk_is_accept
 
     planned = run_igops("-c", config, "snapshot", "delete", victim, "--accept-risk", "--dry-run")
     assert planned.returncode == 0, planned.stderr
-    assert re.search(r"1\. RISK ACCEPTED: it would leave \d+ complete groups of Postgres cluster main",
-                     planned.stdout), planned.stdout
+    assert re.search(
+        r"1\. RISK ACCEPTED: it would leave \d+ complete groups of Postgres cluster main", planned.stdout
+    ), planned.stdout
     deleted = run_igops("-c", config, "snapshot", "delete", victim, "--accept-risk", "--yes")
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert group_snapshots(lab, victim) == []
@@ -137,8 +139,15 @@ def test_cron_takes_each_due_set_once_on_a_standby_prunes_by_policy_then_is_quie
     assert kept.returncode == 0, kept.stderr
     try:
         slot = start_of_a_fresh_minute()
-        config = policy_inventory(lab, tmp_path, schedule=f"every 1d at {slot:%H:%M}", keep_daily=1, keep_weekly=0,
-                                  keep_monthly=0, minimum_redundancy=3)
+        config = policy_inventory(
+            lab,
+            tmp_path,
+            schedule=f"every 1d at {slot:%H:%M}",
+            keep_daily=1,
+            keep_weekly=0,
+            keep_monthly=0,
+            minimum_redundancy=3,
+        )
         ran = run_igops("-c", config, "snapshot", "cron", "--yes", "--json", timeout=300)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         report = json.loads(ran.stdout)["data"]
@@ -146,7 +155,10 @@ def test_cron_takes_each_due_set_once_on_a_standby_prunes_by_policy_then_is_quie
         expected = followers(lab)
         assert {take["set"]: take["host"] for take in report["taken"]} == expected
         assert {take["set"]: take["why"] for take in report["taken"]} == {
-            "main": "streaming standby", "pg2": "streaming standby", "redis": "linked replica"}
+            "main": "streaming standby",
+            "pg2": "streaming standby",
+            "redis": "linked replica",
+        }
         groups = {group.group_id: group for group in snapshot.groups(ebs)}
         for take in report["taken"]:
             assert groups[take["group_id"]].state == snapshot.STATE_COMPLETE
@@ -155,14 +167,17 @@ def test_cron_takes_each_due_set_once_on_a_standby_prunes_by_policy_then_is_quie
         # Prune: per set, the newest (today's only daily), the pinned group, and one more for a
         # minimum redundancy of 3; nothing else of main survives.
         main_members = {lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys}
-        left = [group for group in groups.values() if group.host in main_members
-                and group.state == snapshot.STATE_COMPLETE]
+        left = [
+            group for group in groups.values() if group.host in main_members and group.state == snapshot.STATE_COMPLETE
+        ]
         newest_main = next(take["group_id"] for take in report["taken"] if take["set"] == "main")
         assert report["keep"][newest_main][:2] == ["newest complete", "daily"]
         assert report["keep"][pinned] == ["kept"]
         assert len(left) == 3 and {newest_main, pinned} <= {group.group_id for group in left}
-        assert "minimum redundancy 3" in report["keep"][next(g.group_id for g in left
-                                                             if g.group_id not in (newest_main, pinned))]
+        assert (
+            "minimum redundancy 3"
+            in report["keep"][next(g.group_id for g in left if g.group_id not in (newest_main, pinned))]
+        )
         assert report["deleted"], "the lab had more groups of its sets than the policy keeps"
 
         # Nothing is due now, and nothing more to prune: not a byte of output.

@@ -40,9 +40,14 @@ def test_a_health_probe_is_not_counted_as_a_request_nor_a_server_error(tmp_path)
     mean latency theirs, and igops_app warned about it."""
     config = tmp_path / "app.toml"
     config.write_text(CONFIG.format(stats=tmp_path / "stats.db"))
-    done = subprocess.run([sys.executable, "-c", REQUESTS], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "IGOPS_APP_CONFIG": str(config),
-                               "DJANGO_SETTINGS_MODULE": "app.settings"})
+    done = subprocess.run(
+        [sys.executable, "-c", REQUESTS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "IGOPS_APP_CONFIG": str(config), "DJANGO_SETTINGS_MODULE": "app.settings"},
+    )
     assert done.returncode == 0, done.stderr
     answers = json.loads(done.stdout.splitlines()[-1])
     assert (answers["health"], answers["missing"]) == (503, 404)

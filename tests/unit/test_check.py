@@ -31,9 +31,11 @@ def test_perfdata_items_follow_the_plugin_convention():
 
 
 def test_nagios_line_is_one_line_with_the_worst_status_and_problems_first():
-    results = [Result("ssh", "app1", NagiosStatus.OK, "reachable"),
-               Result("disk", "db1:/data", NagiosStatus.WARNING, "85% used", [Perf("disk db1:/data", 85, "%", 80, 90)]),
-               Result("http-app", "app2", NagiosStatus.CRITICAL, "GET /health: refused |\nbad")]
+    results = [
+        Result("ssh", "app1", NagiosStatus.OK, "reachable"),
+        Result("disk", "db1:/data", NagiosStatus.WARNING, "85% used", [Perf("disk db1:/data", 85, "%", 80, 90)]),
+        Result("http-app", "app2", NagiosStatus.CRITICAL, "GET /health: refused |\nbad"),
+    ]
     line, status = nagios.line("lab", results, 0.8123)
     assert status == NagiosStatus.CRITICAL
     assert "\n" not in line and line.count("|") == 1
@@ -59,8 +61,12 @@ def test_overall_status_ranks_critical_warning_unknown_ok():
     assert overall(make(NagiosStatus.UNKNOWN, NagiosStatus.WARNING)) == NagiosStatus.WARNING
     assert overall(make(NagiosStatus.WARNING, NagiosStatus.CRITICAL, NagiosStatus.OK)) == NagiosStatus.CRITICAL
     assert overall([]) == NagiosStatus.OK
-    assert counts(make(NagiosStatus.OK, NagiosStatus.OK, NagiosStatus.CRITICAL)) == \
-        {"ok": 2, "warning": 0, "critical": 1, "unknown": 0}
+    assert counts(make(NagiosStatus.OK, NagiosStatus.OK, NagiosStatus.CRITICAL)) == {
+        "ok": 2,
+        "warning": 0,
+        "critical": 1,
+        "unknown": 0,
+    }
     assert level(79.9, 80, 90) == NagiosStatus.OK and level(80, 80, 90) == NagiosStatus.WARNING
     assert level(95, 80, 90) == NagiosStatus.CRITICAL and level(5, None, None) == NagiosStatus.OK
 
@@ -75,17 +81,23 @@ def test_runner_returns_at_the_deadline_and_names_what_did_not_answer():
     def fails(report):
         raise ValueError("broken probe")
 
-    probes = [Probe("fast", [("ssh", "a")], lambda report: report(Result("ssh", "a", NagiosStatus.OK, "ok"))),
-              Probe("hangs", [("redis-master", "redis1"), ("redis-replica", "redis2")], hangs),
-              Probe("fails", [("memcached", "cache1")], fails)]
+    probes = [
+        Probe("fast", [("ssh", "a")], lambda report: report(Result("ssh", "a", NagiosStatus.OK, "ok"))),
+        Probe("hangs", [("redis-master", "redis1"), ("redis-replica", "redis2")], hangs),
+        Probe("fails", [("memcached", "cache1")], fails),
+    ]
     started = time.monotonic()
     results = run_all(probes, timeout=0.5)
     elapsed = time.monotonic() - started
     release.set()
     assert elapsed < 1.5
     by_key = {result.key: result for result in results}
-    assert [result.key for result in results] == [("ssh", "a"), ("redis-master", "redis1"),
-                                                  ("redis-replica", "redis2"), ("memcached", "cache1")]
+    assert [result.key for result in results] == [
+        ("ssh", "a"),
+        ("redis-master", "redis1"),
+        ("redis-replica", "redis2"),
+        ("memcached", "cache1"),
+    ]
     assert by_key[("redis-master", "redis1")].status == NagiosStatus.OK
     assert by_key[("redis-replica", "redis2")].status == NagiosStatus.CRITICAL
     assert by_key[("redis-replica", "redis2")].summary == "no answer within 0.5 s"
@@ -96,6 +108,7 @@ def test_runner_returns_at_the_deadline_and_names_what_did_not_answer():
 def test_a_member_answering_in_its_live_role_stands_for_the_inventorys_role():
     """After a failover the inventory still lists db1 first: "postgres-primary db1" is answered
     as "postgres-standby db1", in the inventory's order, and not as a missing answer."""
+
     def swapped(report):
         report(Result("postgres-primary", "db2", NagiosStatus.OK, "writable"))
         report(Result("postgres-standby", "db1", NagiosStatus.OK, "streaming"))
@@ -104,12 +117,17 @@ def test_a_member_answering_in_its_live_role_stands_for_the_inventorys_role():
         report(Result("postgres-primary", "db4", NagiosStatus.OK, "writable"))
         raise ValueError("broken probe")
 
-    probes = [Probe("main", [("postgres-primary", "db1"), ("postgres-standby", "db2")], swapped),
-              Probe("pg2", [("postgres-primary", "db3"), ("postgres-standby", "db4")], half)]
+    probes = [
+        Probe("main", [("postgres-primary", "db1"), ("postgres-standby", "db2")], swapped),
+        Probe("pg2", [("postgres-primary", "db3"), ("postgres-standby", "db4")], half),
+    ]
     results = run_all(probes, timeout=5)
     assert [(r.key, r.status) for r in results] == [
-        (("postgres-standby", "db1"), NagiosStatus.OK), (("postgres-primary", "db2"), NagiosStatus.OK),
-        (("postgres-primary", "db3"), NagiosStatus.UNKNOWN), (("postgres-primary", "db4"), NagiosStatus.OK)]
+        (("postgres-standby", "db1"), NagiosStatus.OK),
+        (("postgres-primary", "db2"), NagiosStatus.OK),
+        (("postgres-primary", "db3"), NagiosStatus.UNKNOWN),
+        (("postgres-primary", "db4"), NagiosStatus.OK),
+    ]
 
 
 def test_the_live_primary_is_the_member_out_of_recovery_and_of_two_the_one_streamed_from():
@@ -121,8 +139,12 @@ def test_the_live_primary_is_the_member_out_of_recovery_and_of_two_the_one_strea
     assert live_primary(cluster, {"db1": standby, "db2": standby, "db3": down}) is None
     streamed = MemberView(in_recovery=False, replication={"db3": ("streaming", 0)})
     assert live_primary(cluster, {"db1": MemberView(in_recovery=False), "db2": streamed, "db3": standby}) == "db2"
-    assert live_primary(cluster, {"db1": MemberView(in_recovery=False), "db2": MemberView(in_recovery=False),
-                                  "db3": standby}) == "db1"
+    assert (
+        live_primary(
+            cluster, {"db1": MemberView(in_recovery=False), "db2": MemberView(in_recovery=False), "db3": standby}
+        )
+        == "db1"
+    )
 
 
 def test_dedup_keys_are_stable_per_fleet_check_and_target():
@@ -149,14 +171,27 @@ def test_munin_limits_and_rates(tmp_path):
     assert munin.parse_range(":5") == (None, 5.0)
     assert munin.parse_range("1:9") == (1.0, 9.0)
     assert munin.parse_range(None) is None and munin.parse_range("x") is None
-    config = ["multigraph g_errors", "graph_title Errors", "errors.label 5xx", "errors.type DERIVE", "errors.min 0",
-              "errors.warning 1", "errors.critical 5", "multigraph g_conn", "used.label used", "used.type GAUGE",
-              "used.warning 80", "used.critical 95"]
+    config = [
+        "multigraph g_errors",
+        "graph_title Errors",
+        "errors.label 5xx",
+        "errors.type DERIVE",
+        "errors.min 0",
+        "errors.warning 1",
+        "errors.critical 5",
+        "multigraph g_conn",
+        "used.label used",
+        "used.type GAUGE",
+        "used.warning 80",
+        "used.critical 95",
+    ]
     values = ["multigraph g_errors", "errors.value 100", "multigraph g_conn", "used.value 90"]
     fields, complaints = munin.parse("p", config, values)
     assert complaints == []
-    assert {(f.graph, f.name, f.type, f.value) for f in fields} == {("g_errors", "errors", "DERIVE", 100.0),
-                                                                     ("g_conn", "used", "GAUGE", 90.0)}
+    assert {(f.graph, f.name, f.type, f.value) for f in fields} == {
+        ("g_errors", "errors", "DERIVE", 100.0),
+        ("g_conn", "used", "GAUGE", 90.0),
+    }
     samples = munin.Samples(tmp_path / "samples.json")
     first = {j.field.name: j for j in munin.judge("db1", fields, samples, now=1000.0)}
     assert first["used"].status == NagiosStatus.WARNING and first["used"].value == 90
@@ -177,8 +212,9 @@ def _plugin(tmp_path, service: str, *args: str, env: dict | None = None) -> subp
     if not link.exists():
         link.symlink_to(PLUGIN)
     environment = {"PATH": "/usr/bin:/bin", "MUNIN_CAP_MULTIGRAPH": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(link), *args], capture_output=True, text=True, env=environment,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, str(link), *args], capture_output=True, text=True, env=environment, timeout=30
+    )
 
 
 def test_plugin_config_declares_rates_as_derive_with_limits(tmp_path):
@@ -187,8 +223,13 @@ def test_plugin_config_declares_rates_as_derive_with_limits(tmp_path):
     fields, complaints = munin.parse("igops_app", done.stdout.splitlines(), [])
     assert not complaints
     by_path = {field.path: field for field in fields}
-    for path in ("igops_app_photos.photos", "igops_app_likes.likes", "igops_app_signups.signups",
-                 "igops_app_errors.errors", "igops_app_requests.requests"):
+    for path in (
+        "igops_app_photos.photos",
+        "igops_app_likes.likes",
+        "igops_app_signups.signups",
+        "igops_app_errors.errors",
+        "igops_app_requests.requests",
+    ):
         assert by_path[path].type == "DERIVE", path
     assert (by_path["igops_app_errors.errors"].warning, by_path["igops_app_errors.errors"].critical) == ("2", "7")
     assert (by_path["igops_app_latency.mean"].warning, by_path["igops_app_latency.mean"].critical) == ("500", "2000")
@@ -204,8 +245,12 @@ def test_plugin_autoconf_says_no_with_the_reason_and_needs_multigraph(tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("no (http://127.0.20.250:9/stats")
     done = _plugin(tmp_path, "redis", "autoconf", env={"host": "127.0.20.250", "port": "9"})
     assert done.returncode == 0 and done.stdout.startswith("no (redis 127.0.20.250:9")
-    without = subprocess.run([sys.executable, str(tmp_path / "igops_app"), "config"], capture_output=True, text=True,
-                             env={"PATH": "/usr/bin:/bin"})
+    without = subprocess.run(
+        [sys.executable, str(tmp_path / "igops_app"), "config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert without.returncode == 0 and without.stdout.startswith("multigraph not supported")
     link = tmp_path / "igops_nosuch"
     link.symlink_to(PLUGIN)
@@ -253,7 +298,7 @@ def test_a_second_check_while_one_runs_exits_locked(tmp_path):
 
 def test_quiet_prints_nothing_when_all_is_well(tmp_path):
     config = unreachable_inventory(tmp_path)
-    config.write_text(config.read_text().replace('roles = ["app"]', 'roles = []'))
+    config.write_text(config.read_text().replace('roles = ["app"]', "roles = []"))
     result = run_igops("-c", str(config), "check", "--quiet", "--only", "http")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     result = run_igops("-c", str(config), "check", "--only", "http")
@@ -271,7 +316,7 @@ def test_the_run_ends_at_its_deadline_whatever_hangs(tmp_path):
     config.write_text(f"""
 [fleet]
 name = "unit"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [ssh]
 known_hosts = "{known_hosts}"
 port = {port}
@@ -295,12 +340,22 @@ roles = ["app"]
     assert elapsed < 15, f"the process took {elapsed:.1f} s to exit"
 
 
-@pytest.mark.parametrize("service, env, graphs", [
-    ("postgres", {"PGHOST": "127.0.20.250", "PGPORT": "9", "PGCONNECT_TIMEOUT": "1"},
-     ["igops_pg_connections", "igops_pg_commits"]),
-    ("redis", {"host": "127.0.20.250", "port": "9"}, ["igops_redis_memory", "igops_redis_ops"]),
-    ("pgbouncer", {"PGHOST": "127.0.20.250", "PGPORT": "9"}, ["igops_pgbouncer_waiting", "igops_pgbouncer_maxwait"]),
-])
+@pytest.mark.parametrize(
+    "service, env, graphs",
+    [
+        (
+            "postgres",
+            {"PGHOST": "127.0.20.250", "PGPORT": "9", "PGCONNECT_TIMEOUT": "1"},
+            ["igops_pg_connections", "igops_pg_commits"],
+        ),
+        ("redis", {"host": "127.0.20.250", "port": "9"}, ["igops_redis_memory", "igops_redis_ops"]),
+        (
+            "pgbouncer",
+            {"PGHOST": "127.0.20.250", "PGPORT": "9"},
+            ["igops_pgbouncer_waiting", "igops_pgbouncer_maxwait"],
+        ),
+    ],
+)
 def test_plugin_config_describes_its_graphs_while_the_service_is_down(tmp_path, service, env, graphs):
     """munin-node runs `config` once when it starts and drops a plugin that prints nothing, until
     its next restart; a data store that starts after the node must not cost its graphs."""
@@ -313,6 +368,7 @@ def test_plugin_config_describes_its_graphs_while_the_service_is_down(tmp_path, 
 
 # --- Redis, judged by live roles against the master the app writes to ---------------------------
 
+
 def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=None):
     from igops import inventory, postgres
     from igops.redis_tier import redis_state_of
@@ -321,8 +377,11 @@ def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=N
     path = tmp_path / "igops.toml"
     path.write_text(FLEET)
     fleet = inventory.load_file(path)
-    down = {name: postgres.Unavailable(name, "Connection refused", "refused")
-            for name, state in states.items() if state is None}
+    down = {
+        name: postgres.Unavailable(name, "Connection refused", "refused")
+        for name, state in states.items()
+        if state is None
+    }
     tier = redis_state_of(fleet, states, down, app_address, 7 if app_address else None, directory_error)
     return fleet, tier
 
@@ -330,8 +389,7 @@ def redis_tier(tmp_path, states, app_address="10.0.0.31:6379", directory_error=N
 def redis_node(role, offset, master=None, link_up=True, read_only=True):
     from igops import redisops
 
-    return redisops.NodeState(role, offset, master, link_up if role == "replica" else None, None, read_only,
-                              100, "run")
+    return redisops.NodeState(role, offset, master, link_up if role == "replica" else None, None, read_only, 100, "run")
 
 
 def redis_verdicts(tmp_path, states, **endpoint):
@@ -343,36 +401,60 @@ def redis_verdicts(tmp_path, states, **endpoint):
 
 
 def test_redis_after_a_failover_the_promoted_replica_is_the_master_and_the_old_one_a_replica(tmp_path):
-    verdicts = redis_verdicts(tmp_path, {
-        "redis1": redis_node("replica", 900, "10.0.0.32:6379"),
-        "redis2": redis_node("master", 1000),
-        "redis3": redis_node("replica", 1000, "10.0.0.32:6379")}, app_address="10.0.0.32:6379")
+    verdicts = redis_verdicts(
+        tmp_path,
+        {
+            "redis1": redis_node("replica", 900, "10.0.0.32:6379"),
+            "redis2": redis_node("master", 1000),
+            "redis3": redis_node("replica", 1000, "10.0.0.32:6379"),
+        },
+        app_address="10.0.0.32:6379",
+    )
     assert verdicts["redis2"][:2] == ("redis-master", NagiosStatus.OK)
     assert verdicts["redis1"] == ("redis-replica", NagiosStatus.OK, "linked to redis2, offset lag 100 bytes")
     assert verdicts["redis3"][1] == NagiosStatus.OK
 
 
 def test_redis_a_second_master_and_an_app_pointed_at_a_replica_are_critical(tmp_path):
-    two = redis_verdicts(tmp_path, {"redis1": redis_node("master", 5), "redis2": redis_node("master", 9),
-                                    "redis3": redis_node("replica", 9, "10.0.0.32:6379")})
+    two = redis_verdicts(
+        tmp_path,
+        {
+            "redis1": redis_node("master", 5),
+            "redis2": redis_node("master", 9),
+            "redis3": redis_node("replica", 9, "10.0.0.32:6379"),
+        },
+    )
     assert two["redis1"][:2] == ("redis-master", NagiosStatus.OK)
     assert two["redis2"] == ("redis-master", NagiosStatus.CRITICAL, "a second master: the app writes to redis1")
     assert two["redis3"][1:] == (NagiosStatus.CRITICAL, "replicates redis2, not the master redis1")
-    stale = redis_verdicts(tmp_path, {"redis1": redis_node("replica", 5, "10.0.0.32:6379"),
-                                      "redis2": redis_node("master", 9),
-                                      "redis3": redis_node("replica", 9, "10.0.0.32:6379")})
+    stale = redis_verdicts(
+        tmp_path,
+        {
+            "redis1": redis_node("replica", 5, "10.0.0.32:6379"),
+            "redis2": redis_node("master", 9),
+            "redis3": redis_node("replica", 9, "10.0.0.32:6379"),
+        },
+    )
     assert stale["redis2"][1] == NagiosStatus.CRITICAL
     assert stale["redis2"][2].endswith("the app does not write here: the directory names redis1, which is a replica")
     assert stale["redis3"][1] == NagiosStatus.OK
 
 
 def test_redis_without_the_directory_the_only_master_is_the_reference(tmp_path):
-    verdicts = redis_verdicts(tmp_path, {"redis1": None, "redis2": redis_node("master", 9),
-                                         "redis3": redis_node("replica", 9, "10.0.0.32:6379", link_up=False)},
-                              app_address=None, directory_error="no primary of cluster main answers")
+    verdicts = redis_verdicts(
+        tmp_path,
+        {
+            "redis1": None,
+            "redis2": redis_node("master", 9),
+            "redis3": redis_node("replica", 9, "10.0.0.32:6379", link_up=False),
+        },
+        app_address=None,
+        directory_error="no primary of cluster main answers",
+    )
     assert verdicts["redis1"] == ("redis-replica", NagiosStatus.CRITICAL, "down: Connection refused")
     assert verdicts["redis2"][1] == NagiosStatus.CRITICAL and verdicts["redis2"][2].endswith(
-        "no primary of cluster main answers")
+        "no primary of cluster main answers"
+    )
     assert verdicts["redis3"][1:] == (NagiosStatus.CRITICAL, "link to redis2 is down")
 
 
@@ -430,6 +512,7 @@ def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(pro
 
 
 # --- a paused PgBouncer database ----------------------------------------------------------
+
 
 def test_a_paused_pgbouncer_database_is_remembered_from_the_first_check_that_saw_it(tmp_path):
     from igops.checks.postgres_probes import paused_since

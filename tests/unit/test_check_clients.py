@@ -25,15 +25,19 @@ def _receivers(tmp_path, bind: str, reached_at: str):
     """The lab's PagerDuty and Pingdom receivers, listening on `bind`, reached at `reached_at`."""
     pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
     pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
-    servers = [ThreadingHTTPServer((bind, 0), receivers.handler_for(receiver))
-               for receiver in (pager, pingdom_receiver)]
+    servers = [
+        ThreadingHTTPServer((bind, 0), receivers.handler_for(receiver)) for receiver in (pager, pingdom_receiver)
+    ]
     for server in servers:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield {"pagerduty": pager, "pagerduty_url": f"http://{reached_at}:{servers[0].server_address[1]}",
-               "pingdom": pingdom_receiver,
-               "pingdom_url": f"http://{reached_at}:{servers[1].server_address[1]}/api/3.1"}
+        yield {
+            "pagerduty": pager,
+            "pagerduty_url": f"http://{reached_at}:{servers[0].server_address[1]}",
+            "pingdom": pingdom_receiver,
+            "pingdom_url": f"http://{reached_at}:{servers[1].server_address[1]}/api/3.1",
+        }
     finally:
         for server in servers:
             server.shutdown()
@@ -57,19 +61,19 @@ def fleet_for(tmp_path, services, public_urls=(), lb=True):
     path.write_text(f"""
 [fleet]
 name = "unit"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [ssh]
 known_hosts = "{known_hosts}"
 [monitoring]
-pingdom_url = "{services['pingdom_url']}"
-pagerduty_url = "{services['pagerduty_url']}"
+pingdom_url = "{services["pingdom_url"]}"
+pagerduty_url = "{services["pagerduty_url"]}"
 public_urls = [{urls}]
 [secrets]
 file = "{secrets_file}"
 [[hosts]]
 name = "lb1"
 address = "127.0.20.250"
-roles = {'["lb"]' if lb else '[]'}
+roles = {'["lb"]' if lb else "[]"}
 """)
     return inventory.load_file(path)
 
@@ -108,7 +112,9 @@ def test_pingdom_sync_creates_updates_and_pauses_to_match_the_inventory(tmp_path
     client = pingdom.Pingdom.for_fleet(fleet)
     plan = pingdom.plan_sync(client, fleet)
     assert [(change.action, change.name) for change in plan.changes] == [
-        ("create", "unit lb1 health"), ("create", "unit https://photos.example.com/explore?x=1")]
+        ("create", "unit lb1 health"),
+        ("create", "unit https://photos.example.com/explore?x=1"),
+    ]
     pingdom.apply_sync(client, plan)
     checks = {check["name"]: check for check in client.checks("igops-unit")}
     public = client.check(checks["unit https://photos.example.com/explore?x=1"]["id"])
@@ -121,7 +127,9 @@ def test_pingdom_sync_creates_updates_and_pauses_to_match_the_inventory(tmp_path
     fleet = fleet_for(tmp_path, services, public_urls=[])
     plan = pingdom.plan_sync(client, fleet)
     assert {(change.action, change.name) for change in plan.changes} == {
-        ("update", "unit lb1 health"), ("pause", "unit https://photos.example.com/explore?x=1")}
+        ("update", "unit lb1 health"),
+        ("pause", "unit https://photos.example.com/explore?x=1"),
+    }
     update = next(change for change in plan.changes if change.action == "update")
     assert update.body == {"url": "/health", "paused": False}
     assert "url '/old' → '/health'" in update.describe()
@@ -151,8 +159,11 @@ def test_pingdom_maintenance_starts_now_as_the_spec_says(tmp_path, services):
     assert window["id"] == data["id"] and window["checks"]["uptime"] == [check["id"] for check in client.checks()]
     assert before <= window["from"] <= int(time.time()) and window["to"] == data["to"]
     assert 599 <= window["to"] - window["from"] <= 600
-    [request] = [entry for entry in services["pingdom"].recorder.since(0) if entry.get("method") == "POST"
-                 and entry.get("path", "").endswith("/maintenance")]
+    [request] = [
+        entry
+        for entry in services["pingdom"].recorder.since(0)
+        if entry.get("method") == "POST" and entry.get("path", "").endswith("/maintenance")
+    ]
     assert request["body"]["from"] == 1
 
 
@@ -180,8 +191,9 @@ def test_paging_triggers_once_and_resolves_on_recovery(tmp_path, services):
 
     unknown = Result("http-app", "app2", NagiosStatus.UNKNOWN, "not checked")
     assert pagerduty.Pager(fleet).reconcile([unknown], complete_run=True).resolved == []
-    recovered = pagerduty.Pager(fleet).reconcile([Result("http-app", "app2", NagiosStatus.OK, "200")],
-                                                 complete_run=True)
+    recovered = pagerduty.Pager(fleet).reconcile(
+        [Result("http-app", "app2", NagiosStatus.OK, "200")], complete_run=True
+    )
     assert recovered.resolved == ["igops/unit/http-app/app2"]
     assert services["pagerduty"].state()["incidents"][0]["status"] == "resolved"
     assert pagerduty.Pager(fleet).open_incidents() == {}

@@ -93,8 +93,9 @@ def pingdom_api(tmp_path):
 
     from igops.lab import receivers
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), receivers.handler_for(
-        receivers.Pingdom(tmp_path, "unit-token", probe_interval=60)))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), receivers.handler_for(receivers.Pingdom(tmp_path, "unit-token", probe_interval=60))
+    )
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"
@@ -107,8 +108,9 @@ def with_pingdom(tmp_path: Path, url: str) -> Path:
     secrets_file = tmp_path / "secrets.toml"
     secrets_file.write_text('pingdom_token = "unit-token"\n')
     secrets_file.chmod(0o600)
-    text = config.read_text().replace("[[hosts]]", f'[monitoring]\npingdom_url = "{url}"\n'
-                                      f'[secrets]\nfile = "{secrets_file}"\n[[hosts]]', 1)
+    text = config.read_text().replace(
+        "[[hosts]]", f'[monitoring]\npingdom_url = "{url}"\n[secrets]\nfile = "{secrets_file}"\n[[hosts]]', 1
+    )
     config.write_text(text.replace('roles = ["app"]', 'roles = ["lb"]', 1))
     return config
 
@@ -161,8 +163,15 @@ def run_with_a_terminal(args: list[str], answer: str) -> subprocess.CompletedPro
     controller, terminal = pty.openpty()
     try:
         os.write(controller, answer.encode())
-        return subprocess.run([*IGOPS, *args], stdin=terminal, capture_output=True, text=True,
-                              env={**os.environ, "NO_COLOR": "1"}, timeout=60, cwd=ROOT)
+        return subprocess.run(
+            [*IGOPS, *args],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1"},
+            timeout=60,
+            cwd=ROOT,
+        )
     finally:
         os.close(terminal)
         os.close(controller)
@@ -180,9 +189,11 @@ def test_a_declined_confirmation_exits_2_and_is_audited(tmp_path):
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    script = ("import sys, time; from pathlib import Path; from igops import safety\n"
-              "with safety.lock(Path(sys.argv[1]), 'op', 't', 'x'):\n"
-              "    print('held', flush=True); time.sleep(60)\n")
+    script = (
+        "import sys, time; from pathlib import Path; from igops import safety\n"
+        "with safety.lock(Path(sys.argv[1]), 'op', 't', 'x'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     child.kill()
@@ -203,11 +214,13 @@ def registered_secrets(monkeypatch):
 
 def test_audit_redacts_secret_options_and_values(tmp_path, registered_secrets):
     registered_secrets.register("s3cr3t-value")
-    line = safety.redact_argv(["igops", "pagerduty", "test", "--routing-key", "abc123", "--token=xyz",
-                               "echo", "s3cr3t-value"])
+    line = safety.redact_argv(
+        ["igops", "pagerduty", "test", "--routing-key", "abc123", "--token=xyz", "echo", "s3cr3t-value"]
+    )
     assert "abc123" not in line and "xyz" not in line and "s3cr3t-value" not in line
-    safety.audit(tmp_path, command=line, targets=[], result="ok", exit_code=0, duration_ms=1,
-                 detail="failed with s3cr3t-value")
+    safety.audit(
+        tmp_path, command=line, targets=[], result="ok", exit_code=0, duration_ms=1, detail="failed with s3cr3t-value"
+    )
     text = (tmp_path / "audit.log").read_text()
     assert "s3cr3t-value" not in text and "***" in text
     assert oct((tmp_path / "audit.log").stat().st_mode & 0o777) == "0o600"
@@ -235,8 +248,9 @@ def test_secrets_that_json_escapes_are_redacted_in_every_writer(tmp_path, capsys
     people.text(f"line with {secret}")
     assert secret not in capsys.readouterr().out
 
-    safety.audit(tmp_path, command="igops x", targets=[secret], result=secret, exit_code=0, duration_ms=1,
-                 detail=secret)
+    safety.audit(
+        tmp_path, command="igops x", targets=[secret], result=secret, exit_code=0, duration_ms=1, detail=secret
+    )
     record = json.loads((tmp_path / "audit.log").read_text())
     assert secret not in json.dumps(record) and record["targets"] == ["***"] and record["detail"] == "***"
     with safety.lock(tmp_path, "op", "t", f"igops x {secret}") as path:
@@ -255,12 +269,14 @@ def test_secrets_too_short_to_redact_are_refused(tmp_path, pingdom_api):
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; sys.argv = ['igops', '--help']\n"
-            "from igops.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic') "
-            "if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys; sys.argv = ['igops', '--help']\n"
+        "from igops.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in result.stdout, result.stdout
 
@@ -278,8 +294,11 @@ def test_no_color_and_non_tty_output_is_plain(tmp_path):
 
 def test_global_options_are_accepted_after_the_subcommand(tmp_path):
     config = str(inventory(tmp_path))
-    for args in (["hosts", "--config", config, "--json"], ["hosts", "-c", config, "-v", "--json"],
-                 ["-c", str(tmp_path / "missing.toml"), "hosts", "-c", config, "--json"]):
+    for args in (
+        ["hosts", "--config", config, "--json"],
+        ["hosts", "-c", config, "-v", "--json"],
+        ["-c", str(tmp_path / "missing.toml"), "hosts", "-c", config, "--json"],
+    ):
         result = run_igops(*args)
         assert result.returncode == 0, (args, result.stderr)
         assert [host["name"] for host in json.loads(result.stdout)["data"]["hosts"]] == ["web1", "web2"]
@@ -291,8 +310,9 @@ def test_global_options_are_accepted_after_the_subcommand(tmp_path):
 
 
 def test_snapshot_create_refuses_a_relative_mount_before_anything_else(tmp_path):
-    result = run_igops("-c", str(inventory(tmp_path)), "snapshot", "create", "web1", "--mount", "data",
-                       "--dry-run", "--json")
+    result = run_igops(
+        "-c", str(inventory(tmp_path)), "snapshot", "create", "web1", "--mount", "data", "--dry-run", "--json"
+    )
     assert result.returncode == ExitCode.USAGE
     error = json.loads(result.stdout)["error"]
     assert "--mount 'data' is not an absolute path" in error["message"] and "--mount /data" in error["hint"]
@@ -329,8 +349,12 @@ def test_a_subcommands_own_config_flag_is_not_taken_for_the_inventory(tmp_path):
 def test_a_host_that_does_not_answer_while_planning_exits_3_nothing_touched(tmp_path):
     """snapshot create against an unreachable host: nothing was frozen, so not 1 ("ran and failed")
     but 3, like every mutating command that fails before its plan is shown."""
-    path = unit_inventory(tmp_path, [], sections='[[hosts]]\nname = "cache9"\naddress = "127.0.20.250"\n'
-                                                'roles = ["memcached"]\ninstance_id = "i-0123456789abcdef0"\n')
+    path = unit_inventory(
+        tmp_path,
+        [],
+        sections='[[hosts]]\nname = "cache9"\naddress = "127.0.20.250"\n'
+        'roles = ["memcached"]\ninstance_id = "i-0123456789abcdef0"\n',
+    )
     result = run_igops("-c", str(path), "snapshot", "create", "cache9", "--mount", "/data", "--yes", "--json")
     assert result.returncode == ExitCode.REFUSED, result.stderr
     error = json.loads(result.stdout)["error"]
@@ -341,14 +365,23 @@ def test_a_host_that_does_not_answer_while_planning_exits_3_nothing_touched(tmp_
 def problem_fleet(tmp_path: Path) -> Path:
     """Every host on a loopback address where nothing answers: each read-only command finds problems."""
     return unit_inventory(
-        tmp_path, [("web1", "127.0.20.250", "app"), ("db1", "127.0.20.251", "postgres"),
-                   ("db2", "127.0.20.252", "postgres"), ("redis1", "127.0.20.253", "redis")],
+        tmp_path,
+        [
+            ("web1", "127.0.20.250", "app"),
+            ("db1", "127.0.20.251", "postgres"),
+            ("db2", "127.0.20.252", "postgres"),
+            ("redis1", "127.0.20.253", "redis"),
+        ],
         sections='[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
-                 '[redis]\nmaster = "redis1"\nreplicas = []\n')
+        '[redis]\nmaster = "redis1"\nreplicas = []\n',
+    )
 
 
-@pytest.mark.parametrize("argv", [["status"], ["pg", "status"], ["redis", "status"], ["deploy", "releases"],
-                                  ["check", "--timeout", "5"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "argv",
+    [["status"], ["pg", "status"], ["redis", "status"], ["deploy", "releases"], ["check", "--timeout", "5"]],
+    ids=" ".join,
+)
 def test_problems_found_is_one_exit_code_across_read_only_commands(tmp_path, argv):
     result = run_igops("-c", str(problem_fleet(tmp_path)), *argv, "--json")
     assert result.returncode == ExitCode.PROBLEMS_FOUND == 5, result.stderr

@@ -30,7 +30,7 @@ def test_every_example_parses(verb):
     root = build_command()
     for example in EXAMPLES[" ".join(verb)]:
         words = shlex.split(example)
-        rest = words[words.index("igops") + 1:]
+        rest = words[words.index("igops") + 1 :]
         name, rest = rest[0], rest[1:]
         command = subcommand(root, name)
         while getattr(command, "commands", None) is not None:
@@ -68,11 +68,13 @@ def test_the_listed_help_is_the_commands_own(name):
 
 
 def test_help_lists_every_command_without_importing_one():
-    code = ("import sys; sys.argv = ['igops', '--help']\n"
-            "from igops.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
-            "and m != 'igops.commands.options'))")
+    code = (
+        "import sys; sys.argv = ['igops', '--help']\n"
+        "from igops.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
+        "and m != 'igops.commands.options'))"
+    )
     import subprocess
     import sys
 

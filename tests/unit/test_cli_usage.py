@@ -55,9 +55,14 @@ def test_inventory_type_error_is_in_igops_words(tmp_path):
     assert "Input should be" not in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["pg", "switchover", "main", "--to", "db2", "--force"],
-                                  ["redis", "rejoin", "redis1", "--force", "--yes"],
-                                  ["pg", "failover", "main", "--force"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pg", "switchover", "main", "--to", "db2", "--force"],
+        ["redis", "rejoin", "redis1", "--force", "--yes"],
+        ["pg", "failover", "main", "--force"],
+    ],
+)
 def test_force_is_refused_naming_both_meanings(argv):
     """patronictl's --force skips the prompt; igops' safety override is --accept-risk. --force is
     refused rather than guessed, with one line that says which is which."""

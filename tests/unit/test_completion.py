@@ -13,17 +13,27 @@ from igops.commands.options import GlobalOptions
 from tests.conftest import IGOPS, ROOT
 from tests.unit.inventories import unit_inventory
 
-FLEET_SECTIONS = ('[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
-                  '[postgres.clusters.pg2]\nprimary = "db3"\nstandbys = []\n'
-                  '[redis]\nmaster = "redis1"\nreplicas = ["redis2"]\n[shards]\ncount = 24\n')
+FLEET_SECTIONS = (
+    '[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
+    '[postgres.clusters.pg2]\nprimary = "db3"\nstandbys = []\n'
+    '[redis]\nmaster = "redis1"\nreplicas = ["redis2"]\n[shards]\ncount = 24\n'
+)
 
 
 @pytest.fixture
 def config(tmp_path):
-    return unit_inventory(tmp_path, [("web1", "127.0.20.250", "app"), ("db1", "127.0.20.251", "postgres"),
-                                     ("db2", "127.0.20.252", "postgres"), ("db3", "127.0.20.253", "postgres"),
-                                     ("redis1", "127.0.20.254", "redis"), ("redis2", "127.0.20.249", "redis")],
-                          sections=FLEET_SECTIONS)
+    return unit_inventory(
+        tmp_path,
+        [
+            ("web1", "127.0.20.250", "app"),
+            ("db1", "127.0.20.251", "postgres"),
+            ("db2", "127.0.20.252", "postgres"),
+            ("db3", "127.0.20.253", "postgres"),
+            ("redis1", "127.0.20.254", "redis"),
+            ("redis2", "127.0.20.249", "redis"),
+        ],
+        sections=FLEET_SECTIONS,
+    )
 
 
 class Context:
@@ -36,8 +46,14 @@ class Context:
         return self if self.parent is None else self.parent.find_root()
 
 
-COMPLETERS = (completion.hosts, completion.roles, completion.clusters, completion.postgres_nodes,
-              completion.redis_nodes, completion.shards)
+COMPLETERS = (
+    completion.hosts,
+    completion.roles,
+    completion.clusters,
+    completion.postgres_nodes,
+    completion.redis_nodes,
+    completion.shards,
+)
 
 
 def another_inventory(tmp_path):
@@ -89,9 +105,14 @@ def test_a_missing_or_unreadable_inventory_completes_nothing(tmp_path, text):
         assert complete(ctx, None, "") == []
 
 
-@pytest.mark.parametrize("text", ['[[hosts]]\nname = 3\nroles = "app"\n[shards]\ncount = "x"\n',
-                                  "hosts = 3\nshards = 2\npostgres = []\nredis = 'x'\n",
-                                  "[postgres]\nclusters = 1\n[redis]\nreplicas = [1]\n[shards]\ncount = 9000\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[[hosts]]\nname = 3\nroles = "app"\n[shards]\ncount = "x"\n',
+        "hosts = 3\nshards = 2\npostgres = []\nredis = 'x'\n",
+        "[postgres]\nclusters = 1\n[redis]\nreplicas = [1]\n[shards]\ncount = 9000\n",
+    ],
+)
 def test_an_inventory_of_the_wrong_shape_completes_what_it_can(tmp_path, text):
     path = tmp_path / "igops.toml"
     path.write_text(text)
@@ -101,9 +122,12 @@ def test_an_inventory_of_the_wrong_shape_completes_what_it_can(tmp_path, text):
 
 
 def test_the_verbs_complete_what_they_take():
-    attached = {(" ".join(path), param.name): param._custom_shell_complete
-                for path, verb in verbs(build_command()) for param in verb.params
-                if getattr(param, "_custom_shell_complete", None) is not None}
+    attached = {
+        (" ".join(path), param.name): param._custom_shell_complete
+        for path, verb in verbs(build_command())
+        for param in verb.params
+        if getattr(param, "_custom_shell_complete", None) is not None
+    }
     assert attached[("exec", "host")] is completion.hosts
     assert attached[("hosts", "role")] is completion.roles
     assert attached[("pg switchover", "cluster")] is completion.clusters
@@ -117,8 +141,13 @@ def test_the_verbs_complete_what_they_take():
 
 def complete(config, words: str) -> list[str]:
     """What bash would offer after `igops WORDS` (the last word being typed)."""
-    env = {**os.environ, "_IGOPS_COMPLETE": "complete_bash", "COMP_WORDS": f"igops {words}",
-           "COMP_CWORD": str(len(words.split(" "))), "IGOPS_CONFIG": str(config)}
+    env = {
+        **os.environ,
+        "_IGOPS_COMPLETE": "complete_bash",
+        "COMP_WORDS": f"igops {words}",
+        "COMP_CWORD": str(len(words.split(" "))),
+        "IGOPS_CONFIG": str(config),
+    }
     result = subprocess.run([*IGOPS], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
@@ -136,12 +165,14 @@ def test_completion_through_the_command_line(config, tmp_path):
 
 
 def test_completing_a_command_name_imports_no_command_module(config):
-    code = ("import os, sys\n"
-            "os.environ.update({'_IGOPS_COMPLETE': 'complete_bash', 'COMP_WORDS': 'igops s', 'COMP_CWORD': '1'})\n"
-            "from igops.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
-            "and m != 'igops.commands.options'))")
+    code = (
+        "import os, sys\n"
+        "os.environ.update({'_IGOPS_COMPLETE': 'complete_bash', 'COMP_WORDS': 'igops s', 'COMP_CWORD': '1'})\n"
+        "from igops.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.startswith('igops.commands.') "
+        "and m != 'igops.commands.options'))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "LOADED []" in result.stdout and "snapshot" in result.stdout.splitlines(), result.stdout
 

@@ -55,26 +55,32 @@ def test_etcd_settings_and_their_defaults(tmp_path):
 
 
 def test_tls_files_are_resolved_next_to_the_inventory(tmp_path):
-    fleet = load(tmp_path, '[coordination]\netcd = ["https://etcd1:2379"]\nca_file = "tls/ca.pem"\n'
-                           'cert_file = "/etc/igops/client.pem"\nkey_file = "/etc/igops/client-key.pem"\n'
-                           'prefix = "/fleets/prod/"\nlease_ttl = 15\n')
+    fleet = load(
+        tmp_path,
+        '[coordination]\netcd = ["https://etcd1:2379"]\nca_file = "tls/ca.pem"\n'
+        'cert_file = "/etc/igops/client.pem"\nkey_file = "/etc/igops/client-key.pem"\n'
+        'prefix = "/fleets/prod/"\nlease_ttl = 15\n',
+    )
     settings = coordination.settings_for(fleet)
     assert settings.ca_file == str(tmp_path / "tls" / "ca.pem")
     assert (settings.cert_file, settings.key_file) == ("/etc/igops/client.pem", "/etc/igops/client-key.pem")
     assert settings.prefix == "/fleets/prod/" and settings.lease_ttl == 15
 
 
-@pytest.mark.parametrize("section, expected", [
-    ('etcd = []', "at least 1"),
-    ('etcd = ["etcd1:2379"]', "is not an etcd client URL"),
-    ('etcd = ["http://etcd1:2379/v3"]', "is not an etcd client URL"),
-    ('etcd = ["https://etcd1:2379"]\ncert_file = "/c.pem"', "cert_file and key_file go together"),
-    ('etcd = ["http://etcd1:2379"]\nca_file = "/ca.pem"', "is plain http"),
-    ('etcd = ["http://10.1.0.1:2379"]\nuser = "igops"', "a secret would travel over it"),
-    ('etcd = ["https://etcd1:2379"]\nlease_ttl = 1', "must be at least 2"),
-    ('etcd = ["https://etcd1:2379"]\nprefix = "igops"', "must start and end with /"),
-    ('etcd = ["https://etcd1:2379"]\npassword = "hunter22"', "a secret in the inventory"),
-])
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ("etcd = []", "at least 1"),
+        ('etcd = ["etcd1:2379"]', "is not an etcd client URL"),
+        ('etcd = ["http://etcd1:2379/v3"]', "is not an etcd client URL"),
+        ('etcd = ["https://etcd1:2379"]\ncert_file = "/c.pem"', "cert_file and key_file go together"),
+        ('etcd = ["http://etcd1:2379"]\nca_file = "/ca.pem"', "is plain http"),
+        ('etcd = ["http://10.1.0.1:2379"]\nuser = "igops"', "a secret would travel over it"),
+        ('etcd = ["https://etcd1:2379"]\nlease_ttl = 1', "must be at least 2"),
+        ('etcd = ["https://etcd1:2379"]\nprefix = "igops"', "must start and end with /"),
+        ('etcd = ["https://etcd1:2379"]\npassword = "hunter22"', "a secret in the inventory"),
+    ],
+)
 def test_bad_coordination_settings_are_refused(tmp_path, section, expected):
     found = problems(tmp_path, f"[coordination]\n{section}\n")
     assert any(expected in problem and "coordination" in problem for problem in found), found
@@ -108,9 +114,11 @@ def test_lock_keys_conflict_exactly_as_the_local_lock_files_do(tmp_path):
 
 
 def test_audit_keys_sort_by_time_and_never_collide():
-    records = [{"time": "2026-12-03T04:16:08.123+00:00", "host": "bastion 1", "pid": 7},
-               {"time": "2026-12-03T04:16:08.123+00:00", "host": "bastion 1", "pid": 7},
-               {"time": "2026-12-03T05:00:00.000+00:00", "host": "a", "pid": 1}]
+    records = [
+        {"time": "2026-12-03T04:16:08.123+00:00", "host": "bastion 1", "pid": 7},
+        {"time": "2026-12-03T04:16:08.123+00:00", "host": "bastion 1", "pid": 7},
+        {"time": "2026-12-03T05:00:00.000+00:00", "host": "a", "pid": 1},
+    ]
     keys = [coordination.audit_key("/igops/prod/", record) for record in records]
     assert keys[0].startswith("/igops/prod/audit/20261203T041608.123000Z-bastion_1-7-")
     assert len(set(keys)) == 3 and keys[2] > keys[0]
@@ -127,8 +135,7 @@ def test_the_holder_record_names_the_operator_and_hides_secrets(monkeypatch, reg
     registered_secrets.register("tok-123456")
     monkeypatch.setenv(safety.OPERATOR_HOST_ENV, "bastion-2")
     monkeypatch.setenv("USER", "alice")
-    holder = coordination.current_holder("pg", "main", "igops pg switchover main --x tok-123456",
-                                         "INC-42 tok-123456")
+    holder = coordination.current_holder("pg", "main", "igops pg switchover main --x tok-123456", "INC-42 tok-123456")
     assert (holder.user, holder.host, holder.operation, holder.target) == ("alice", "bastion-2", "pg", "main")
     assert "tok-123456" not in holder.to_json()
     again = coordination.Holder.from_json(holder.to_json())
@@ -145,8 +152,9 @@ def test_a_holder_record_that_is_not_one_reads_as_none():
 
 def test_audit_records_carry_the_operator_host_and_reason(monkeypatch, tmp_path):
     monkeypatch.setenv(safety.OPERATOR_HOST_ENV, "cron-box")
-    coordination.LocalCoordinator(tmp_path).audit(command="igops x", targets=["t"], result="ok", exit_code=0,
-                                                  duration_ms=1.0, reason="INC-7")
+    coordination.LocalCoordinator(tmp_path).audit(
+        command="igops x", targets=["t"], result="ok", exit_code=0, duration_ms=1.0, reason="INC-7"
+    )
     record = json.loads((tmp_path / "audit.log").read_text())
     assert record["host"] == "cron-box" and record["targets"] == ["t"] and record["reason"] == "INC-7"
 

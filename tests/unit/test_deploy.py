@@ -24,6 +24,7 @@ APP = Path(__file__).resolve().parents[2] / "app"
 
 # --- batches ---------------------------------------------------------------------------------
 
+
 def test_batches_like_ansible_serial_with_the_last_size_repeating():
     sizes = deploy.parse_batches("1,25%")
     assert [str(size) for size in sizes] == ["1", "25%"]
@@ -47,6 +48,7 @@ def test_bad_batch_sizes_are_usage_errors(spec):
 
 
 # --- releases --------------------------------------------------------------------------------
+
 
 def test_release_ids_sort_by_time_and_carry_the_tag():
     early = deploy.release_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "abc1234")
@@ -135,14 +137,16 @@ def test_an_unknown_revision_is_said_once_in_igops_words_with_a_hint(tmp_path):
 
 # --- host plans and thresholds ---------------------------------------------------------------
 
+
 def app_fleet(tmp_path, count=3):
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
-    hosts = "".join(f'[[hosts]]\nname = "app{i}"\naddress = "127.0.20.{i}"\nroles = ["app"]\n'
-                    for i in range(1, count + 1))
+    hosts = "".join(
+        f'[[hosts]]\nname = "app{i}"\naddress = "127.0.20.{i}"\nroles = ["app"]\n' for i in range(1, count + 1)
+    )
     text = f"""[fleet]
 name = "unit"
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 [ssh]
 known_hosts = "{known_hosts}"
 [app]
@@ -160,12 +164,14 @@ def survey(app, current, unreachable=(), releases=None):
     found = {}
     for host in app.hosts:
         if host.name in unreachable:
-            found[host.name] = deploy.HostReleases(host.name, str(host.address), app.root(host), False,
-                                                   "connection refused by 127.0.20.3:22")
+            found[host.name] = deploy.HostReleases(
+                host.name, str(host.address), app.root(host), False, "connection refused by 127.0.20.3:22"
+            )
         else:
             ids = releases or [current]
-            found[host.name] = deploy.HostReleases(host.name, str(host.address), app.root(host), True,
-                                                   current=current, releases=[{"id": i} for i in ids])
+            found[host.name] = deploy.HostReleases(
+                host.name, str(host.address), app.root(host), True, current=current, releases=[{"id": i} for i in ids]
+            )
     return found
 
 
@@ -173,8 +179,15 @@ def lb_state(app, down_by_igops=(), down_by_others=()):
     servers = []
     for host in app.hosts:
         server = app.server(host)
-        servers.append(deploy.LbServer("lb1", server, host.name in (*down_by_igops, *down_by_others),
-                                       host.name in down_by_igops, "deploy x" if host.name in down_by_igops else None))
+        servers.append(
+            deploy.LbServer(
+                "lb1",
+                server,
+                host.name in (*down_by_igops, *down_by_others),
+                host.name in down_by_igops,
+                "deploy x" if host.name in down_by_igops else None,
+            )
+        )
     return deploy.LbState(servers)
 
 
@@ -185,7 +198,10 @@ def test_plan_rolls_hosts_not_on_the_release_and_those_an_earlier_run_left_drain
     surveys["app2"].current = "R2"
     plans = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app2"]), "R2", max_fail=0)
     assert [(p.host, p.action, p.in_lb) for p in plans] == [
-        ("app1", deploy.ALREADY, True), ("app2", "roll", False), ("app3", "roll", True)]
+        ("app1", deploy.ALREADY, True),
+        ("app2", "roll", False),
+        ("app3", "roll", True),
+    ]
     assert not plans[1].upload, "R2 is already staged there"
 
 
@@ -220,8 +236,11 @@ def plan_batches(app, surveys, lb, batch):
 
 def test_a_batch_of_every_server_is_refused(tmp_path):
     app = app_fleet(tmp_path)
-    with pytest.raises(RefusedError, match=r"batch 1 \(app1, app2, app3\) would leave 0 app servers in service"
-                                           r" in nginx on lb1, fewer than the minimum of 1") as refused:
+    with pytest.raises(
+        RefusedError,
+        match=r"batch 1 \(app1, app2, app3\) would leave 0 app servers in service"
+        r" in nginx on lb1, fewer than the minimum of 1",
+    ) as refused:
         plan_batches(app, survey(app, "R1"), lb_state(app), "100%")
     assert "smaller batches" in refused.value.hint
     assert plan_batches(app, survey(app, "R1"), lb_state(app), "1,25%") == [["app1"], ["app2"], ["app3"]]
@@ -234,7 +253,9 @@ def test_a_batch_holding_the_only_server_in_rotation_is_refused(tmp_path):
         plan_batches(app, survey(app, "R1", unreachable=["app2"]), lb_state(app, down_by_others=["app1"]), "1")
     # Two servers drained by an earlier run come back after their batch: the last one may go.
     assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2"]), "2") == [
-        ["app1", "app2"], ["app3"]]
+        ["app1", "app2"],
+        ["app3"],
+    ]
     # Every server already out: rolling them takes nothing away.
     assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2", "app3"]), "100%")
 
@@ -250,22 +271,44 @@ def test_a_run_stops_before_a_batch_that_would_drain_the_last_server_left_by_ear
     gate = deploy.HealthGate("/health", 8000, 3, 30)
     hosts = [deploy.HostPlan(f"app{i}", "roll", "R1", True, before="R1") for i in (1, 2, 3)]
     servers = [app.server(host) for host in app.hosts]
-    plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "x", hosts, [["app1"], ["app2"], ["app3"]], "1", 2, gate,
-                              ["lb1"], 1, 5, False, in_service={"lb1": servers})
+    plan = deploy.RolloutPlan(
+        "deploy",
+        "d",
+        "unit",
+        "R2",
+        "x",
+        hosts,
+        [["app1"], ["app2"], ["app3"]],
+        "1",
+        2,
+        gate,
+        ["lb1"],
+        1,
+        5,
+        False,
+        in_service={"lb1": servers},
+    )
     rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.below_minimum(["app1"], []) is None
     rollout.outcomes["app1"].state, rollout.outcomes["app1"].in_lb = deploy.FAILED, False
     assert rollout.below_minimum(["app2"], []) is None, "app3 still serves"
     rollout.outcomes["app2"].state, rollout.outcomes["app2"].in_lb = deploy.FAILED, False
     assert rollout.below_minimum(["app3"], []) == (
-        "taking app3 out would leave 0 app servers in service in nginx on lb1, fewer than the minimum of 1")
+        "taking app3 out would leave 0 app servers in service in nginx on lb1, fewer than the minimum of 1"
+    )
     rollout.outcomes["app2"].state = deploy.DEPLOYED
     assert rollout.below_minimum(["app3"], ["app2"]) is None, "app2 comes back in the same reload"
 
 
 def interrupted_run(target="R2", before=None, interrupted=True):
-    return {"kind": "deploy", "deploy_id": "d1", "target": target, "status": "running", "interrupted": interrupted,
-            "before": before if before is not None else {"app1": "R1", "app2": "R1", "app3": "R1"}}
+    return {
+        "kind": "deploy",
+        "deploy_id": "d1",
+        "target": target,
+        "status": "running",
+        "interrupted": interrupted,
+        "before": before if before is not None else {"app1": "R1", "app2": "R1", "app3": "R1"},
+    }
 
 
 def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before_that_run(tmp_path):
@@ -278,10 +321,13 @@ def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before
     assert [h.before for h in hosts] == ["R1", "R1", "R1"]
     assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
     gate = deploy.HealthGate("/health", 8000, 3, 30)
-    plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"], ["app2", "app3"]], "1", 0, gate,
-                              ["lb1"], 1, 5, False)
-    assert "app1: drained by an earlier igops run; returns to R1 if it fails (its release before the interrupted " \
-           "deploy d1)" in plan.notes()
+    plan = deploy.RolloutPlan(
+        "deploy", "d2", "unit", "R2", "x", hosts, [["app1"], ["app2", "app3"]], "1", 0, gate, ["lb1"], 1, 5, False
+    )
+    assert (
+        "app1: drained by an earlier igops run; returns to R1 if it fails (its release before the interrupted "
+        "deploy d1)" in plan.notes()
+    )
 
 
 def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherited(tmp_path):
@@ -303,8 +349,10 @@ def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherit
 
 def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
     app = app_fleet(tmp_path)
-    hosts = [deploy.HostPlan("app1", "roll", "R2", before="R1"), deploy.HostPlan("app2", deploy.ALREADY, "R2",
-                                                                                   before="R2")]
+    hosts = [
+        deploy.HostPlan("app1", "roll", "R2", before="R1"),
+        deploy.HostPlan("app2", deploy.ALREADY, "R2", before="R2"),
+    ]
     gate = deploy.HealthGate("/health", 8000, 3, 30)
     plan = deploy.RolloutPlan("deploy", "d2", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
     journal = deploy_record.LastRunRecord(app.fleet, plan)
@@ -352,8 +400,23 @@ def test_plan_steps_say_what_each_batch_does(tmp_path):
     gate = deploy.HealthGate("/health", 8000, 3, 30)
     hosts = [deploy.HostPlan(f"app{i}", "roll", "R1", True, upload=True, venv="reuse") for i in (1, 2, 3)]
     tree = deploy.SourceTree({"requirements.txt": (False, b"")}, None, "working tree")
-    plan = deploy.RolloutPlan("deploy", "d", "unit", "R2", "working tree", hosts, [["app1"], ["app2", "app3"]],
-                              "1,100%", 0, gate, ["lb1"], 32, 5, True, deploy.package(tree, "R2")[0])
+    plan = deploy.RolloutPlan(
+        "deploy",
+        "d",
+        "unit",
+        "R2",
+        "working tree",
+        hosts,
+        [["app1"], ["app2", "app3"]],
+        "1,100%",
+        0,
+        gate,
+        ["lb1"],
+        32,
+        5,
+        True,
+        deploy.package(tree, "R2")[0],
+    )
     steps = plan.steps()
     assert steps[0].startswith("upload release R2") and "reuse" in steps[0]
     assert steps[1].startswith("batch 1/2: app1 — mark down in nginx on lb1")
@@ -380,7 +443,10 @@ def test_draining_marks_down_with_a_marker_and_putting_back_removes_only_igops_d
     drained, servers = upstream.apply(UPSTREAM, {"127.0.10.11:8000"}, set(), "deploy d1 to R2")
     assert "server 127.0.10.11:8000 max_fails=2 fail_timeout=5s down;  # igops-drained: deploy d1 to R2" in drained
     assert [(s["address"], s["down"], s["igops"]) for s in servers] == [
-        ("127.0.10.11:8000", True, True), ("127.0.10.12:8000", False, False), ("127.0.10.13:8000", True, False)]
+        ("127.0.10.11:8000", True, True),
+        ("127.0.10.12:8000", False, False),
+        ("127.0.10.13:8000", True, False),
+    ]
     back, servers = upstream.apply(drained, set(), {"127.0.10.11:8000", "127.0.10.13:8000"}, "x")
     assert back == UPSTREAM, "the operator's drain of .13 stays; .11 is exactly as before"
 

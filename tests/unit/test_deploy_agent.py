@@ -47,8 +47,10 @@ def test_stage_then_switch_atomically_with_history(tmp_path):
     root = tmp_path / "app"
     prebuilt_venv(root)
     (root / "shared" / "app.toml").write_text("")
-    first, second = (make_release(tmp_path, "20260101000000-aaaaaaa"),
-                     make_release(tmp_path, "20260101000001-bbbbbbb", "2"))
+    first, second = (
+        make_release(tmp_path, "20260101000000-aaaaaaa"),
+        make_release(tmp_path, "20260101000001-bbbbbbb", "2"),
+    )
     for release in (first, second):
         code, answer = stage(root, release)
         assert code == 0 and answer["staged"] == "unpacked" and answer["venv"] == "reused", answer
@@ -124,10 +126,18 @@ def test_prune_keeps_the_releases_a_switch_names_to_protect(tmp_path):
     switch(root, ids[0])
     switch(root, ids[1])
     command, prefix = agent.invocation("release", ["serve", str(root)])
-    request = {"op": "switch", "id": ids[3], "keep": 2, "reload": "true", "action": "deploy", "deploy": "d2",
-               "protect": [ids[0]]}
-    done = subprocess.run(["sh", "-c", command], input=prefix + json.dumps(request).encode() + b"\n",
-                          capture_output=True, timeout=60)
+    request = {
+        "op": "switch",
+        "id": ids[3],
+        "keep": 2,
+        "reload": "true",
+        "action": "deploy",
+        "deploy": "d2",
+        "protect": [ids[0]],
+    }
+    done = subprocess.run(
+        ["sh", "-c", command], input=prefix + json.dumps(request).encode() + b"\n", capture_output=True, timeout=60
+    )
     answer = json.loads(done.stdout)
     assert answer["previous"] == ids[1] and answer["pruned"] == [ids[2]]
     assert sorted(p.name for p in (root / "releases").iterdir()) == [ids[0], ids[1], ids[3]]
@@ -168,12 +178,22 @@ def test_one_session_serves_a_whole_deploy(tmp_path):
             return json.loads(served.stdout.readline())
 
         assert ask({"op": "survey"})["current"] is None
-        assert ask({"op": "stage", "id": release.id, "sha256": release.sha256, "size": release.size,
-                    "shared": []}, release.tarball)["staged"] == "unpacked"
-        assert ask({"op": "switch", "id": "nope", "keep": 5, "reload": "true", "action": "deploy",
-                    "deploy": "d1"}) == {"error": "release nope is not on this host"}
-        assert ask({"op": "switch", "id": release.id, "keep": 5, "reload": "true", "action": "deploy",
-                    "deploy": "d1"})["reload_exit"] == 0
+        assert (
+            ask(
+                {"op": "stage", "id": release.id, "sha256": release.sha256, "size": release.size, "shared": []},
+                release.tarball,
+            )["staged"]
+            == "unpacked"
+        )
+        assert ask({"op": "switch", "id": "nope", "keep": 5, "reload": "true", "action": "deploy", "deploy": "d1"}) == {
+            "error": "release nope is not on this host"
+        }
+        assert (
+            ask({"op": "switch", "id": release.id, "keep": 5, "reload": "true", "action": "deploy", "deploy": "d1"})[
+                "reload_exit"
+            ]
+            == 0
+        )
         assert ask({"op": "survey"})["current"] == release.id
         served.stdin.close()
         assert served.wait(10) == 0

@@ -78,24 +78,40 @@ def test_segment_names_map_to_their_first_byte():
 
 
 def test_controldata_lines():
-    values = postgres.parse_controldata("Database cluster state:               shut down\n"
-                                        "Latest checkpoint location:           0/1201CD00\n"
-                                        "Latest checkpoint's TimeLineID:       3\n")
+    values = postgres.parse_controldata(
+        "Database cluster state:               shut down\n"
+        "Latest checkpoint location:           0/1201CD00\n"
+        "Latest checkpoint's TimeLineID:       3\n"
+    )
     assert values["Database cluster state"] == "shut down"
     assert values["Latest checkpoint's TimeLineID"] == "3"
 
 
-@pytest.mark.parametrize("message, end", [
-    ("pg_waldump: error: error in WAL record at 0/3382538: invalid record length at 0/3382570: wanted 24, got 0",
-     "0/3382570"),
-    ("pg_waldump: error: error in WAL record at 0/5000060: record with incorrect prev-link 0/4FFFF28 at 0/50000D8",
-     "0/50000D8"),
-    ("pg_waldump: error: error in WAL record at 0/14FFFFA0: unexpected pageaddr 0/C000000 in log segment "
-     "000000010000000000000015, offset 0", "0/15000000"),
-    ("pg_waldump: error: error in WAL record at 0/14FFFFA0: invalid magic number 0000 in log segment "
-     "000000020000000000000015, offset 8192", "0/15002000"),
-    ('pg_waldump: error: could not find file "000000010000000000000016": No such file or directory', "0/16000000"),
-])
+@pytest.mark.parametrize(
+    "message, end",
+    [
+        (
+            "pg_waldump: error: error in WAL record at 0/3382538: invalid record length at 0/3382570: wanted 24, got 0",
+            "0/3382570",
+        ),
+        (
+            "pg_waldump: error: error in WAL record at 0/5000060: "
+            "record with incorrect prev-link 0/4FFFF28 at 0/50000D8",
+            "0/50000D8",
+        ),
+        (
+            "pg_waldump: error: error in WAL record at 0/14FFFFA0: unexpected pageaddr 0/C000000 in log segment "
+            "000000010000000000000015, offset 0",
+            "0/15000000",
+        ),
+        (
+            "pg_waldump: error: error in WAL record at 0/14FFFFA0: invalid magic number 0000 in log segment "
+            "000000020000000000000015, offset 8192",
+            "0/15002000",
+        ),
+        ('pg_waldump: error: could not find file "000000010000000000000016": No such file or directory', "0/16000000"),
+    ],
+)
 def test_the_end_of_wal_from_where_pg_waldump_stops(message, end):
     assert postgres.wal_end_from_waldump(message, SEGMENT) == postgres.parse_lsn(end)
 
@@ -106,8 +122,12 @@ def test_an_unexpected_waldump_message_gives_no_end():
 
 def test_single_user_runs_with_the_options_the_server_last_started_with():
     opts = '/usr/lib/postgresql/15/bin/postgres "-D" "/etc/postgresql/15/main" "-c" "config_file=/etc/x.conf"\n'
-    assert postgres.server_arguments(opts, "/data") == ["-D", "/etc/postgresql/15/main",
-                                                        "-c", "config_file=/etc/x.conf"]
+    assert postgres.server_arguments(opts, "/data") == [
+        "-D",
+        "/etc/postgresql/15/main",
+        "-c",
+        "config_file=/etc/x.conf",
+    ]
     assert postgres.server_arguments("", "/data") == ["-D", "/data"]
 
 
@@ -171,13 +191,22 @@ DATABASES_ON_MAIN = {"pgb1": ["directory", "main"]}
 def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(fleet):
     steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN)
     actions = [step.action for step in steps]
-    assert actions.index("pause") < actions.index("stop_and_fence") < actions.index("wait_received") \
-        < actions.index("promote") < actions.index("repoint") < actions.index("resume") < actions.index("rejoin")
+    assert (
+        actions.index("pause")
+        < actions.index("stop_and_fence")
+        < actions.index("wait_received")
+        < actions.index("promote")
+        < actions.index("repoint")
+        < actions.index("resume")
+        < actions.index("rejoin")
+    )
     pause = steps[actions.index("pause")]
     assert pause.release.action == "resume" and pause.release.args == (DATABASES_ON_MAIN,)
     # The plan (and so the dry run) says a watchdog is armed first, and its deadline.
-    assert pause.title.startswith("PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
-                                  "for 15 s), then PAUSE pgb1: directory, main")
+    assert pause.title.startswith(
+        "PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
+        "for 15 s), then PAUSE pgb1: directory, main"
+    )
     assert "watch" not in actions
     stop = steps[actions.index("stop_and_fence")]
     assert stop.undo.action == "unfence_and_start" and stop.undo.args == ("db1", ("db2",))
@@ -191,19 +220,19 @@ def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(
 
 
 def test_failover_fences_before_it_promotes(fleet):
-    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True,
-                                      stop_first=False)
+    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=True, stop_first=False)
     actions = [step.action for step in steps]
     assert actions[:3] == ["hold", "fence", "repoint"]
-    assert steps[0].title.startswith("PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
-                                     "for 15 s), then hold pgb1: directory, main")
+    assert steps[0].title.startswith(
+        "PgBouncer: arm a watchdog on pgb1 (it RESUMEs them if igops is gone or silent "
+        "for 15 s), then hold pgb1: directory, main"
+    )
     assert actions.index("promote") < actions.index("resume")
     assert steps[0].release.action == "resume"
 
 
 def test_failover_without_a_reachable_old_host_cannot_fence_on_disk(fleet):
-    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=False,
-                                      stop_first=False)
+    steps = plan_steps.failover_steps(fleet, "db1", "db2", [], DATABASES_ON_MAIN, fence_on_disk=False, stop_first=False)
     assert "fence" not in [step.action for step in steps]
 
 
@@ -220,9 +249,10 @@ def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
 
 def test_a_plan_is_signed_with_roles_and_routes_not_positions(fleet):
     def view(primary, routed_to, lag):
-        nodes = [failover.PgNode("db1", "10.0.0.21", "primary" if primary == "db1" else "standby", "running"),
-                 failover.PgNode("db2", "10.0.0.22", "primary" if primary == "db2" else "standby", "running",
-                                 lag_bytes=lag)]
+        nodes = [
+            failover.PgNode("db1", "10.0.0.21", "primary" if primary == "db1" else "standby", "running"),
+            failover.PgNode("db2", "10.0.0.22", "primary" if primary == "db2" else "standby", "running", lag_bytes=lag),
+        ]
         made = pg_cluster.PgView(fleet, "main", {}, {}, {}, [])
         made.state = failover.PgClusterState("main", nodes, primary, {"pgb1": {"main": routed_to}}, {})
         return made
@@ -237,13 +267,16 @@ def test_a_plan_is_signed_with_roles_and_routes_not_positions(fleet):
 
 # --- candidates and thresholds -------------------------------------------------------------------
 def server(received, replayed=None, paused=False):
-    return postgres.ServerState(True, 1, None, received, replayed if replayed is not None else received, paused,
-                                None, "streaming", "10.0.0.21")
+    return postgres.ServerState(
+        True, 1, None, received, replayed if replayed is not None else received, paused, None, "streaming", "10.0.0.21"
+    )
 
 
 def view_with(repmgr_priorities):
-    nodes = [postgres.RepmgrNode(index, name, "standby", 1, True, priority, "")
-             for index, (name, priority) in enumerate(repmgr_priorities.items(), 2)]
+    nodes = [
+        postgres.RepmgrNode(index, name, "standby", 1, True, priority, "")
+        for index, (name, priority) in enumerate(repmgr_priorities.items(), 2)
+    ]
     return pg_cluster.PgView(None, "main", {}, {}, {}, nodes)
 
 
@@ -284,37 +317,57 @@ def test_refusals_name_every_reason_unless_forced():
 
 
 def test_problems_a_status_reports(fleet):
-    nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running", pgbouncer=["pgb1:main"]),
-             failover.PgNode("db2", "10.0.0.22", "primary", "running"),
-             failover.PgNode("db3", "10.0.0.23", "unknown", "stopped", fenced=True)]
+    nodes = [
+        failover.PgNode("db1", "10.0.0.21", "primary", "running", pgbouncer=["pgb1:main"]),
+        failover.PgNode("db2", "10.0.0.22", "primary", "running"),
+        failover.PgNode("db3", "10.0.0.23", "unknown", "stopped", fenced=True),
+    ]
     state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": "db2"}}, {"pgb1": ["main"]})
     problems = pg_cluster.pg_problems(fleet, state, ["db1", "db2"], view_with({}))
     assert problems[0] == "SPLIT BRAIN: db1 and db2 both accept writes"
-    assert state.fixes[problems[0]] == ("stop db1, then `igops pg rejoin db1 --accept-risk` "
-                                        "(it loses what it took alone)")
+    assert state.fixes[problems[0]] == (
+        "stop db1, then `igops pg rejoin db1 --accept-risk` (it loses what it took alone)"
+    )
     assert "db3: stopped (fenced)" in problems
     assert "pgb1: main routes to db2, which is not the primary" in problems
     assert "pgb1: main PAUSED" in problems
 
 
 def probed(name, server=None, running=None, control=None, fenced=False):
-    probe = pg_cluster.PgProbe(None, server, None if server else postgres.Unavailable(name, "refused", "refused"),
-                                postmaster_running=running, fenced=fenced, host_reachable=True)
+    probe = pg_cluster.PgProbe(
+        None,
+        server,
+        None if server else postgres.Unavailable(name, "refused", "refused"),
+        postmaster_running=running,
+        fenced=fenced,
+        host_reachable=True,
+    )
     probe.control_state = control
     return probe
 
 
 def cut_short_view(fleet, db1_control="shut down", paused=True, routed="db1"):
     """db1 stopped by a switchover that was killed before db2 was promoted; db3 a healthy standby."""
-    probes = {"db1": probed("db1", running=False, control=db1_control, fenced=True),
-              "db2": probed("db2", server(100)), "db3": probed("db3", server(100))}
-    nodes = [failover.PgNode("db1", "10.0.0.21", "unknown", "stopped", fenced=True, control_state=db1_control,
-                             pgbouncer=["pgb1:main"]),
-             failover.PgNode("db2", "10.0.0.22", "standby", "running", fenced=True),
-             failover.PgNode("db3", "10.0.0.23", "standby", "running", fenced=True)]
+    probes = {
+        "db1": probed("db1", running=False, control=db1_control, fenced=True),
+        "db2": probed("db2", server(100)),
+        "db3": probed("db3", server(100)),
+    }
+    nodes = [
+        failover.PgNode(
+            "db1", "10.0.0.21", "unknown", "stopped", fenced=True, control_state=db1_control, pgbouncer=["pgb1:main"]
+        ),
+        failover.PgNode("db2", "10.0.0.22", "standby", "running", fenced=True),
+        failover.PgNode("db3", "10.0.0.23", "standby", "running", fenced=True),
+    ]
     made = pg_cluster.PgView(fleet, "main", probes, {}, {}, [])
-    made.state = failover.PgClusterState("main", nodes, None, {"pgb1": {"main": routed, "directory": routed}},
-                                         {"pgb1": ["directory", "main"]} if paused else {})
+    made.state = failover.PgClusterState(
+        "main",
+        nodes,
+        None,
+        {"pgb1": {"main": routed, "directory": routed}},
+        {"pgb1": ["directory", "main"]} if paused else {},
+    )
     return made
 
 
@@ -341,7 +394,7 @@ def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
     paused = {"pgb1": ["directory", "main"]}
     steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN, stopped=True, paused=paused)
     actions = [step.action for step in steps]
-    assert "checkpoint" not in actions[:actions.index("stop_and_fence")]  # db1 is down
+    assert "checkpoint" not in actions[: actions.index("stop_and_fence")]  # db1 is down
     assert "pause" not in actions  # PAUSE on a paused database is an error; they stay paused
     # ... with a watchdog of their own again before anything else acts (the interrupted run's is gone).
     watch = steps[actions.index("watch")]
@@ -358,10 +411,14 @@ def test_a_switchover_cut_short_is_rolled_back_when_the_stopped_primary_is_the_t
     plan = pg_plans.plan_pg_roll_back(cut_short_view(fleet), "db1")
     assert [(step.action, step.args) for step in plan.actions] == [
         ("pause_repmgrd", ("db2",)),
-        ("unfence_and_start", ("db1", ("db2", "db3"))), ("resume", ({"pgb1": ["directory", "main"]},)),
-        ("wait_streaming", ("db2", "db1")), ("drop_rejoin_reservation", ("db2", "db1")),
-        ("wait_streaming", ("db3", "db1")), ("drop_rejoin_reservation", ("db3", "db1")),
-        ("unpause_repmgrd", (("db1", "db2", "db3"),))]
+        ("unfence_and_start", ("db1", ("db2", "db3"))),
+        ("resume", ({"pgb1": ["directory", "main"]},)),
+        ("wait_streaming", ("db2", "db1")),
+        ("drop_rejoin_reservation", ("db2", "db1")),
+        ("wait_streaming", ("db3", "db1")),
+        ("drop_rejoin_reservation", ("db3", "db1")),
+        ("unpause_repmgrd", (("db1", "db2", "db3"),)),
+    ]
 
 
 def test_the_old_primarys_rejoin_wal_is_reserved_before_the_promotion_and_released_if_it_is_undone(fleet):
@@ -375,14 +432,17 @@ def test_the_old_primarys_rejoin_wal_is_reserved_before_the_promotion_and_releas
     recorder = Recorder(fail="promote")
     with pytest.raises(step_runner.StepFailed):
         step_runner.execute(steps, recorder, Reporter(), "hint")
-    undone = recorder.calls[recorder.calls.index("promote") + 1:]
+    undone = recorder.calls[recorder.calls.index("promote") + 1 :]
     assert undone.index("drop_rejoin_reservation") < undone.index("unfence_and_start")
 
 
 # --- repmgrd -----------------------------------------------------------------------------------
 def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
-    steps = plan_steps.with_repmgrd_paused(plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
-                                           on="db1", members=("db2", "db1", "db3"))
+    steps = plan_steps.with_repmgrd_paused(
+        plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN),
+        on="db1",
+        members=("db2", "db1", "db3"),
+    )
     assert (steps[0].action, steps[0].args) == ("pause_repmgrd", ("db1",))
     assert steps[0].release == steps[-1] and steps[-1].action == "unpause_repmgrd"
     assert steps[-1].args == (("db2", "db1", "db3"),)
@@ -390,12 +450,14 @@ def test_repmgrd_is_paused_first_and_unpaused_last_or_on_any_failure(fleet):
     actions = Recorder(fail="promote")
     with pytest.raises(step_runner.StepFailed):
         step_runner.execute(steps, actions, Reporter(), "hint")
-    assert actions.calls[0] == "pause_repmgrd" and "unpause_repmgrd" in actions.calls[actions.calls.index("promote"):]
+    assert actions.calls[0] == "pause_repmgrd" and "unpause_repmgrd" in actions.calls[actions.calls.index("promote") :]
 
 
 def test_what_repmgr_service_pause_reached():
-    output = ("NOTICE: node 1 (db1) paused\nWARNING: unable to connect to node 2\nNOTICE: node 3 (db3) not paused\n"
-              "ERROR: unable to pause 2 node(s)\n")
+    output = (
+        "NOTICE: node 1 (db1) paused\nWARNING: unable to connect to node 2\nNOTICE: node 3 (db3) not paused\n"
+        "ERROR: unable to pause 2 node(s)\n"
+    )
     assert repmgrd.repmgrd_pause_outcome(output, True) == (["db1"], ["node 2", "db3"])
     assert repmgrd.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", False) == (["db1"], [])
     assert repmgrd.repmgrd_pause_outcome("NOTICE: node 1 (db1) unpaused\n", True) == ([], [])
@@ -419,11 +481,14 @@ def test_a_promoted_candidate_or_one_out_of_recovery_blocks_the_undo():
 
 def test_a_candidate_verified_in_recovery_lets_the_old_primary_start():
     assert "nobody asked" in primary_actions.candidate_verdict("db2", "main", True, False, None, None)
-    verdict = primary_actions.candidate_verdict("db2", "main", True, True,
-                                                {"stopped": "1", "control": "in archive recovery"}, None)
+    verdict = primary_actions.candidate_verdict(
+        "db2", "main", True, True, {"stopped": "1", "control": "in archive recovery"}, None
+    )
     assert verdict == "db2 stopped by igops, in archive recovery, fenced"
-    assert primary_actions.candidate_verdict("db2", "main", None, True, {"control": "shut down in recovery"}, None) \
+    assert (
+        primary_actions.candidate_verdict("db2", "main", None, True, {"control": "shut down in recovery"}, None)
         == "db2 is down, shut down in recovery, fenced"
+    )
 
 
 # --- the causes a failure names -----------------------------------------------------------------
@@ -448,29 +513,36 @@ def test_the_server_log_is_where_the_start_command_writes_it():
 
 
 def test_the_cause_is_the_first_panic_since_the_promote_request():
-    assert postgres.log_cause(PROMOTION_LOG, since="received promote request") == \
-        'PANIC: could not write to file "pg_wal/xlogtemp.20": No space left on device'
+    assert (
+        postgres.log_cause(PROMOTION_LOG, since="received promote request")
+        == 'PANIC: could not write to file "pg_wal/xlogtemp.20": No space left on device'
+    )
     assert postgres.log_cause(PROMOTION_LOG.splitlines()[0]) == 'ERROR: relation "x" does not exist'
     assert postgres.log_cause("LOG:  database system is ready\n") is None
 
 
 def test_free_space_below_the_threshold_on_either_volume_is_a_reason():
-    df = ("Filesystem 1-blocks Used Available Capacity Mounted on\n"
-          "/dev/loop3 469762048 80000000 389762048 18% /srv/db2/data\n"
-          "/dev/loop4 469762048 468713472 1048576 100% /srv/db2/wal\n")
+    df = (
+        "Filesystem 1-blocks Used Available Capacity Mounted on\n"
+        "/dev/loop3 469762048 80000000 389762048 18% /srv/db2/data\n"
+        "/dev/loop4 469762048 468713472 1048576 100% /srv/db2/wal\n"
+    )
     assert pg_plans.free_space_reasons("db2", df, 128 << 20) == [
-        "db2's WAL volume (/srv/db2/wal) has 1 MiB free (threshold 128 MiB, [postgres] min_free_bytes)"]
+        "db2's WAL volume (/srv/db2/wal) has 1 MiB free (threshold 128 MiB, [postgres] min_free_bytes)"
+    ]
     assert len(pg_plans.free_space_reasons("db2", df, 400 << 20)) == 2
     assert pg_plans.free_space_reasons("db2", df, 0) == []
 
 
 def test_a_failure_says_what_it_left():
-    nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running", fenced=False),
-             failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True,
-                             control_state="in archive recovery")]
+    nodes = [
+        failover.PgNode("db1", "10.0.0.21", "primary", "running", fenced=False),
+        failover.PgNode("db2", "10.0.0.22", "unknown", "stopped", fenced=True, control_state="in archive recovery"),
+    ]
     state = failover.PgClusterState("main", nodes, "db1", {"pgb1": {"main": "db1"}}, {})
-    assert pg_cluster.describe_left_behind(state) == ("db1 is the primary; PgBouncer routes to db1 and is not paused; "
-                                                      "db2 is stopped (in archive recovery), fenced")
+    assert pg_cluster.describe_left_behind(state) == (
+        "db1 is the primary; PgBouncer routes to db1 and is not paused; db2 is stopped (in archive recovery), fenced"
+    )
 
 
 # --- executing a plan ----------------------------------------------------------------------------
@@ -491,6 +563,7 @@ class Recorder:
             self.calls.append(name)
             if name == self.fail:
                 raise self.error
+
         return action
 
 
@@ -531,9 +604,11 @@ def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
     class UndoFails(Recorder):
         def __getattr__(self, name):
             if name == "start":
+
                 def start(*args):
                     self.calls.append("start")
                     raise IgopsError("cannot start")
+
                 return start
             return super().__getattr__(name)
 
@@ -541,8 +616,10 @@ def test_a_failing_recovery_is_reported_and_the_rest_still_runs():
     with pytest.raises(step_runner.StepFailed) as failed:
         step_runner.execute(STEPS, actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "start", "resume"]
-    assert [(item.title, item.outcome) for item in failed.value.recovery] == [("start", "undo failed"),
-                                                                             ("resume", "released")]
+    assert [(item.title, item.outcome) for item in failed.value.recovery] == [
+        ("start", "undo failed"),
+        ("resume", "released"),
+    ]
 
 
 class SignalsBetween(list):
@@ -583,6 +660,7 @@ def test_a_signal_during_the_recovery_does_not_stop_it():
                 action(*args)
                 os.kill(os.getpid(), signal.SIGTERM)  # ignored: the recovery must finish
                 self.calls.append("after the signal")
+
             return start
 
     actions = SignalledInUndo(fail="promote", error=KeyboardInterrupt())
@@ -607,8 +685,14 @@ def test_every_step_runs_in_order_when_nothing_fails():
 
 # --- the commands ------------------------------------------------------------------------------------
 def test_every_failover_command_offers_json_dry_run_and_accept_risk():
-    for args in (["pg", "switchover"], ["pg", "failover"], ["pg", "rejoin"], ["redis", "switchover"],
-                 ["redis", "failover"], ["redis", "rejoin"]):
+    for args in (
+        ["pg", "switchover"],
+        ["pg", "failover"],
+        ["pg", "rejoin"],
+        ["redis", "switchover"],
+        ["redis", "failover"],
+        ["redis", "rejoin"],
+    ):
         text = run_igops(*args, "--help").stdout
         assert "--json" in text and "--dry-run" in text and "--accept-risk" in text and "--yes" in text, args
     for args in (["pg", "status"], ["redis", "status"]):
@@ -624,19 +708,25 @@ def test_unknown_cluster_and_node_are_usage_errors(tmp_path):
     assert result.returncode == ExitCode.USAGE and "db1 is not a Redis node" in result.stderr
 
 
-@pytest.mark.parametrize("edit,where", [
-    (("[redis]\n", "[redis]\npause_timeout = 1\n"), "redis.pause_timeout"),  # less than a demote needs
-    (("[redis]\n", "[redis]\nconfig_file = \"/srv/{node}/redis.conf\"\n"), "unknown placeholder {node}"),
-    (("max_lag_seconds = 5", "max_lag_seconds = 0"), "postgres.max_lag_seconds"),
-    (("[postgres]\n", "[pgbouncer]\npause_timeout = 0\n[postgres]\n"), "pgbouncer.pause_timeout"),
-    # Below three heartbeats a late one could trip the watchdog.
-    (("[postgres]\n", "[pgbouncer]\nwatchdog_deadline = 2\n[postgres]\n"), "pgbouncer.watchdog_deadline"),
-    (("[postgres]\n", "[pgbouncer]\nwatchdog_deadline = \"soon\"\n[postgres]\n"), "pgbouncer.watchdog_deadline"),
-])
+@pytest.mark.parametrize(
+    "edit,where",
+    [
+        (("[redis]\n", "[redis]\npause_timeout = 1\n"), "redis.pause_timeout"),  # less than a demote needs
+        (("[redis]\n", '[redis]\nconfig_file = "/srv/{node}/redis.conf"\n'), "unknown placeholder {node}"),
+        (("max_lag_seconds = 5", "max_lag_seconds = 0"), "postgres.max_lag_seconds"),
+        (("[postgres]\n", "[pgbouncer]\npause_timeout = 0\n[postgres]\n"), "pgbouncer.pause_timeout"),
+        # Below three heartbeats a late one could trip the watchdog.
+        (("[postgres]\n", "[pgbouncer]\nwatchdog_deadline = 2\n[postgres]\n"), "pgbouncer.watchdog_deadline"),
+        (("[postgres]\n", '[pgbouncer]\nwatchdog_deadline = "soon"\n[postgres]\n'), "pgbouncer.watchdog_deadline"),
+    ],
+)
 def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit, where):
     path = tmp_path / "igops.toml"
-    path.write_text(FLEET.replace(FLEET[FLEET.index("[redis]\nmaster"):], "[redis]\nmaster = \"redis1\"\n"
-                                  "replicas = [\"redis2\", \"redis3\"]\n").replace(*edit, 1))
+    path.write_text(
+        FLEET.replace(
+            FLEET[FLEET.index("[redis]\nmaster") :], '[redis]\nmaster = "redis1"\nreplicas = ["redis2", "redis3"]\n'
+        ).replace(*edit, 1)
+    )
     result = run_igops("-c", str(path), "pg", "switchover", "main", "--to", "db2", "--dry-run")
     assert result.returncode == ExitCode.USAGE and result.stdout == ""
     assert where in result.stderr
@@ -646,10 +736,18 @@ def test_the_plan_title_names_each_risk_accepted():
     """--accept-risk's risks head the plan (stdout on a dry run) and the question confirmed."""
     from igops.commands.role_change import _title
 
-    plan = failover.PgPlan("switchover", "main", "Switch cluster main over to db2", "db1", "db2",
-                           forced=["db2 has WAL replay paused", "db2 lags 300000 bytes (threshold 1048576)"])
-    assert _title(plan) == ("Switch cluster main over to db2, accepting the risks that db2 has WAL replay paused; "
-                            "that db2 lags 300000 bytes (threshold 1048576)")
+    plan = failover.PgPlan(
+        "switchover",
+        "main",
+        "Switch cluster main over to db2",
+        "db1",
+        "db2",
+        forced=["db2 has WAL replay paused", "db2 lags 300000 bytes (threshold 1048576)"],
+    )
+    assert _title(plan) == (
+        "Switch cluster main over to db2, accepting the risks that db2 has WAL replay paused; "
+        "that db2 lags 300000 bytes (threshold 1048576)"
+    )
     plan.forced = []
     assert _title(plan) == "Switch cluster main over to db2"
 

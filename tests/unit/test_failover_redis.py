@@ -32,12 +32,30 @@ def pair(tmp_path):
     for name, address in ADDRESSES.items():
         directory = tmp_path / name
         directory.mkdir()
-        servers.append(subprocess.Popen(["redis-server", "--bind", address, "--port", str(port), "--save", "",
-                                         "--appendonly", "no", "--repl-diskless-sync-delay", "0",
-                                         "--dir", str(directory)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    hosts = "".join(f'[[hosts]]\nname = "{name}"\naddress = "{address}"\nroles = ["redis"]\n'
-                    for name, address in ADDRESSES.items())
+        servers.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--bind",
+                    address,
+                    "--port",
+                    str(port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--dir",
+                    str(directory),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    hosts = "".join(
+        f'[[hosts]]\nname = "{name}"\naddress = "{address}"\nroles = ["redis"]\n' for name, address in ADDRESSES.items()
+    )
     path = tmp_path / "igops.toml"
     path.write_text(hosts + f'[redis]\nmaster = "redis1"\nreplicas = ["redis2"]\nport = {port}\n')
     fleet = inventory.load_file(path)

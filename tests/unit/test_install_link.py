@@ -11,8 +11,12 @@ VENV = Path(sys.executable).parent.parent  # the venv running these tests has an
 
 
 def make_link(bindir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-s", "-C", str(ROOT), "link", f"BINDIR={bindir}", f"VENV={VENV}"],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "link", f"BINDIR={bindir}", f"VENV={VENV}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_make_link_puts_a_working_igops_on_path(tmp_path):

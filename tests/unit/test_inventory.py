@@ -117,8 +117,9 @@ def test_missing_and_unknown_keys(tmp_path):
 
 
 def test_secrets_never_live_in_inventory(tmp_path):
-    found = problems(tmp_path, GOOD.replace('[[hosts]]\nname = "app1"',
-                                            '[redis]\npassword = "hunter2"\n[[hosts]]\nname = "app1"', 1))
+    found = problems(
+        tmp_path, GOOD.replace('[[hosts]]\nname = "app1"', '[redis]\npassword = "hunter2"\n[[hosts]]\nname = "app1"', 1)
+    )
     assert any("redis.password: a secret in the inventory" in p for p in found)
     assert not any("hunter2" in p for p in found)
 
@@ -189,29 +190,54 @@ def test_a_relative_secrets_file_is_the_inventory_s_neighbour(tmp_path, monkeypa
     assert Secrets(fleet.model.secrets.file).get("pingdom_token") == "neighbour-token"
 
 
-@pytest.mark.parametrize("addition,where,fix", [
-    ("[lb]\nport = 0\n", "lb.port: port 0 is out of range", "use a TCP port from 1 to 65535"),
-    ("[redis]\nport = 70000\n", "redis.port: port 70000 is out of range", "from 1 to 65535"),
-    ("[ssh]\nport = -1\n", "ssh.port: port -1", "from 1 to 65535"),
-    ("[fleet]\nstate_dir = \"state\"\n", "fleet.state_dir: state_dir 'state' is relative", "absolute path"),
-    ("[check]\ndisk_warning_percent = 95.0\n", "check: disk_warning_percent (95) is above disk_critical_percent (90)",
-     "set disk_warning_percent at or below disk_critical_percent"),
-    ("[check]\nsnapshot_warning_hours = 60.0\nsnapshot_critical_hours = 50.0\n", "snapshot_warning_hours (60)",
-     "at or below snapshot_critical_hours"),
-    ("[snapshot.pre_freeze]\ndatabase = \"psql -c CHECKPOINT\"\n", "snapshot.pre_freeze: unknown role 'database'",
-     "key each command by one of: lb, app, postgres"),
-    ("[shards]\nschema_prefix = \"insta'; DROP SCHEMA x; --\"\n", "shards.schema_prefix: schema_prefix",
-     "lowercase letters, digits and _"),
-    ("[shards]\nschema_prefix = 'in\"sta'\n", "not a plain SQL identifier", "lowercase letters"),
-])
+@pytest.mark.parametrize(
+    "addition,where,fix",
+    [
+        ("[lb]\nport = 0\n", "lb.port: port 0 is out of range", "use a TCP port from 1 to 65535"),
+        ("[redis]\nport = 70000\n", "redis.port: port 70000 is out of range", "from 1 to 65535"),
+        ("[ssh]\nport = -1\n", "ssh.port: port -1", "from 1 to 65535"),
+        ('[fleet]\nstate_dir = "state"\n', "fleet.state_dir: state_dir 'state' is relative", "absolute path"),
+        (
+            "[check]\ndisk_warning_percent = 95.0\n",
+            "check: disk_warning_percent (95) is above disk_critical_percent (90)",
+            "set disk_warning_percent at or below disk_critical_percent",
+        ),
+        (
+            "[check]\nsnapshot_warning_hours = 60.0\nsnapshot_critical_hours = 50.0\n",
+            "snapshot_warning_hours (60)",
+            "at or below snapshot_critical_hours",
+        ),
+        (
+            '[snapshot.pre_freeze]\ndatabase = "psql -c CHECKPOINT"\n',
+            "snapshot.pre_freeze: unknown role 'database'",
+            "key each command by one of: lb, app, postgres",
+        ),
+        (
+            '[shards]\nschema_prefix = "insta\'; DROP SCHEMA x; --"\n',
+            "shards.schema_prefix: schema_prefix",
+            "lowercase letters, digits and _",
+        ),
+        ("[shards]\nschema_prefix = 'in\"sta'\n", "not a plain SQL identifier", "lowercase letters"),
+    ],
+)
 def test_values_that_cannot_work_are_refused_with_a_fix(tmp_path, addition, where, fix):
     [problem] = problems(tmp_path, GOOD.replace('[[hosts]]\nname = "db1"', addition + '[[hosts]]\nname = "db1"', 1))
     assert where in problem and fix in problem
 
 
 def test_the_bounds_of_valid_values_load(tmp_path):
-    fleet = inventory.load_file(write(tmp_path, GOOD.replace('[[hosts]]\nname = "db1"', (
-        '[fleet]\nstate_dir = "~/igops-state"\n[lb]\nport = 65535\n[app]\nport = 1\n'
-        '[check]\ndisk_warning_percent = 90.0\n[shards]\nschema_prefix = "shard_"\n'
-        '[snapshot.pre_freeze]\npostgres = "true"\n[[hosts]]\nname = "db1"'), 1)))
+    fleet = inventory.load_file(
+        write(
+            tmp_path,
+            GOOD.replace(
+                '[[hosts]]\nname = "db1"',
+                (
+                    '[fleet]\nstate_dir = "~/igops-state"\n[lb]\nport = 65535\n[app]\nport = 1\n'
+                    '[check]\ndisk_warning_percent = 90.0\n[shards]\nschema_prefix = "shard_"\n'
+                    '[snapshot.pre_freeze]\npostgres = "true"\n[[hosts]]\nname = "db1"'
+                ),
+                1,
+            ),
+        )
+    )
     assert fleet.model.lb.port == 65535 and fleet.model.shards.schema_prefix == "shard_"

@@ -38,9 +38,14 @@ def test_a_role_written_by_a_switchover_does_not_restart_redis_but_other_setting
     from igops.redisops import with_replicaof
 
     config = tmp_path / "redis.conf"
-    daemon = proc.Daemon("redis", ("/usr/bin/redis-server", str(config)), tmp_path / "redis.pid",
-                         tmp_path / "redis.log", config_files=(config,),
-                         without_live_settings=lambda text: with_replicaof(text, None))
+    daemon = proc.Daemon(
+        "redis",
+        ("/usr/bin/redis-server", str(config)),
+        tmp_path / "redis.pid",
+        tmp_path / "redis.log",
+        config_files=(config,),
+        without_live_settings=lambda text: with_replicaof(text, None),
+    )
     config.write_text("port 6379\nmaxmemory 256mb\n")
     as_started = daemon.fingerprint()
     config.write_text(with_replicaof(config.read_text(), ("127.0.10.32", 6379)))

@@ -21,10 +21,17 @@ from igops.operations.engine import OperationSpec
 from igops.output import Reporter
 from tests.unit.inventories import unit_inventory
 
-HOSTS = [("db1", "127.0.99.1", "postgres"), ("db2", "127.0.99.2", "postgres"), ("db3", "127.0.99.3", "postgres"),
-         ("redis1", "127.0.99.4", "redis"), ("app1", "127.0.99.5", "app")]
-SECTIONS = ('[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
-            '[postgres.clusters.shards2]\nprimary = "db3"\nstandbys = []\n[redis]\nmaster = "redis1"\n')
+HOSTS = [
+    ("db1", "127.0.99.1", "postgres"),
+    ("db2", "127.0.99.2", "postgres"),
+    ("db3", "127.0.99.3", "postgres"),
+    ("redis1", "127.0.99.4", "redis"),
+    ("app1", "127.0.99.5", "app"),
+]
+SECTIONS = (
+    '[postgres.clusters.main]\nprimary = "db1"\nstandbys = ["db2"]\n'
+    '[postgres.clusters.shards2]\nprimary = "db3"\nstandbys = []\n[redis]\nmaster = "redis1"\n'
+)
 
 
 @pytest.fixture
@@ -33,8 +40,14 @@ def fleet(tmp_path):
 
 
 def spec(kind="pg-switchover", resources=None, steps_=("pause", "stop", "promote")):
-    return OperationSpec(kind, f"{kind} test", ["main"], resources or [conflicts.pg_cluster("main")], list(steps_),
-                         {"cluster": "main", "to": "db2"})
+    return OperationSpec(
+        kind,
+        f"{kind} test",
+        ["main"],
+        resources or [conflicts.pg_cluster("main")],
+        list(steps_),
+        {"cluster": "main", "to": "db2"},
+    )
 
 
 def records(fleet):
@@ -54,12 +67,19 @@ def test_an_operation_journals_each_step_before_and_after_it_and_audits_start_an
     assert record["reason"] == "INC-7" and record["plan"] == ["pause", "stop", "promote"]
     entries = journal.LocalJournal(fleet.state_dir).entries(record["id"])
     assert [(e["event"], e.get("title")) for e in entries] == [
-        ("begin", "pg-switchover test"), ("intent", "pause"), ("result", "pause"), ("intent", "stop"),
-        ("result", "stop"), ("end", None)]
+        ("begin", "pg-switchover test"),
+        ("intent", "pause"),
+        ("result", "pause"),
+        ("intent", "stop"),
+        ("result", "stop"),
+        ("end", None),
+    ]
     assert entries[2]["detail"] == "pause done" and entries[2]["duration_ms"] >= 0
     audit = [json.loads(line) for line in (fleet.state_dir / "audit.log").read_text().splitlines()]
     assert [(a["result"], a["exit_code"], a["operation"]) for a in audit] == [
-        ("started", None, record["id"]), ("ok", 0, record["id"])]
+        ("started", None, record["id"]),
+        ("ok", 0, record["id"]),
+    ]
 
 
 def test_a_failed_operation_ends_failed_with_its_exit_code_and_the_failing_step(fleet):
@@ -87,8 +107,9 @@ def holding(fleet, resources, step_title="stop the old primary"):
             inside.set()
             release.wait(30)
 
-    thread = threading.Thread(target=engine.perform, args=(fleet, spec(resources=resources), action, Reporter()),
-                              kwargs={"reason": "INC-1"})
+    thread = threading.Thread(
+        target=engine.perform, args=(fleet, spec(resources=resources), action, Reporter()), kwargs={"reason": "INC-1"}
+    )
     thread.start()
     assert inside.wait(10)
     return thread, release
@@ -97,9 +118,13 @@ def holding(fleet, resources, step_title="stop the old primary"):
 def test_a_conflict_exits_4_naming_the_holder_its_step_and_reason(fleet):
     thread, release = holding(fleet, [conflicts.pg_cluster("main")])
     try:
-        move = OperationSpec("shard-move", "move shard 3 into main", ["shard 3"],
-                             [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")],
-                             ["copy"])
+        move = OperationSpec(
+            "shard-move",
+            "move shard 3 into main",
+            ["shard 3"],
+            [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")],
+            ["copy"],
+        )
         with pytest.raises(Exception) as refused:
             engine.perform(fleet, move, lambda op: None, Reporter())
         assert refused.value.exit_code == ExitCode.LOCKED
@@ -132,13 +157,16 @@ def test_wait_takes_the_lease_once_the_holder_ends(fleet):
     thread.join()
 
 
-@pytest.mark.parametrize("first, second", [
-    (("pg-switchover", "main"), ("pg-failover", "main")),
-    (("pg-switchover", "main"), ("shard-move", "into main")),
-    (("pg-switchover", "main"), ("snapshot-create", "db2")),
-    (("deploy", None), ("deploy-rollback", None)),
-    (("redis-switchover", None), ("snapshot-create", "redis1")),
-])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("pg-switchover", "main"), ("pg-failover", "main")),
+        (("pg-switchover", "main"), ("shard-move", "into main")),
+        (("pg-switchover", "main"), ("snapshot-create", "db2")),
+        (("deploy", None), ("deploy-rollback", None)),
+        (("redis-switchover", None), ("snapshot-create", "redis1")),
+    ],
+)
 def test_the_conflict_table(fleet, first, second):
     def resources(kind, target):
         if kind.startswith("pg-"):
@@ -186,8 +214,12 @@ KILLED = textwrap.dedent("""
 
 
 def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(fleet, tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", KILLED, str(fleet.source)], stdout=subprocess.PIPE, text=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(fleet.source)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert child.stdout.readline().strip() == "inside"
     store = journal.LocalJournal(fleet.state_dir)
     [record] = store.records()
@@ -209,14 +241,21 @@ def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(
 
 
 def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_return():
-    pause = steps.Step("pause", "pause", ({"pgb1": ["main"]},),
-                       release=steps.Step("resume", "resume", ({"pgb1": ["main"]},)))
+    pause = steps.Step(
+        "pause", "pause", ({"pgb1": ["main"]},), release=steps.Step("resume", "resume", ({"pgb1": ["main"]},))
+    )
     stop = steps.Step("stop", "stop", ("db1",), undo=steps.Step("start db1", "start", ("db1",)))
     promote = steps.Step("promote", "promote", ("db2",), point_of_no_return=True)
 
     def entry(number, step, past=False):
-        return {"event": "intent", "step": number, "title": step.title, "undo": steps.spec(step.undo),
-                "release": steps.spec(step.release), "point_of_no_return": past}
+        return {
+            "event": "intent",
+            "step": number,
+            "title": step.title,
+            "undo": steps.spec(step.undo),
+            "release": steps.spec(step.release),
+            "point_of_no_return": past,
+        }
 
     from igops import interrupted
 
@@ -306,9 +345,11 @@ def test_a_lost_lease_stops_the_next_step_but_not_the_releases(fleet):
         def start(self):
             self.done.append("start")
 
-    plan = [steps.Step("pause", "pause", release=steps.Step("resume", "resume")),
-            steps.Step("stop", "stop", undo=steps.Step("start", "start")),
-            steps.Step("promote", "promote", point_of_no_return=True)]
+    plan = [
+        steps.Step("pause", "pause", release=steps.Step("resume", "resume")),
+        steps.Step("stop", "stop", undo=steps.Step("start", "start")),
+        steps.Step("promote", "promote", point_of_no_return=True),
+    ]
     actions = Actions()
     operation = None
 
@@ -335,7 +376,6 @@ def test_the_process_knows_when_a_running_operations_lease_is_lost(fleet):
 
     engine.perform(fleet, spec(), action, Reporter())
     assert seen == [None, "not renewed for 10 s"] and engine.lease_lost() is None
-
 
 
 def test_a_journal_that_fails_stops_a_step_but_not_a_recovery_step(fleet):
@@ -368,10 +408,18 @@ def test_a_journal_that_fails_stops_a_step_but_not_a_recovery_step(fleet):
 def test_a_redis_switchover_that_began_promoting_its_target_is_recognised_from_its_journal():
     from igops.interrupted import promoted_target
 
-    promote = {"event": "intent", "step": 4, "title": "redis2: REPLICAOF NO ONE",
-               "undo": {"title": "redis2: REPLICAOF redis1 again", "action": "replicate", "args": []}}
-    pause = {"event": "intent", "step": 2, "title": "redis1: CLIENT PAUSE WRITE",
-             "release": {"title": "redis1: CLIENT UNPAUSE", "action": "unpause", "args": []}}
+    promote = {
+        "event": "intent",
+        "step": 4,
+        "title": "redis2: REPLICAOF NO ONE",
+        "undo": {"title": "redis2: REPLICAOF redis1 again", "action": "replicate", "args": []},
+    }
+    pause = {
+        "event": "intent",
+        "step": 2,
+        "title": "redis1: CLIENT PAUSE WRITE",
+        "release": {"title": "redis1: CLIENT UNPAUSE", "action": "unpause", "args": []},
+    }
     demote = {"event": "intent", "step": 5, "title": "redis1: REPLICAOF redis2", "point_of_no_return": True}
     assert promoted_target([pause, promote])
     assert promoted_target([pause, promote, demote])  # whether the demotion ran, the nodes say

@@ -24,32 +24,80 @@ GROUP_ID = "db12-20261203T041500Z-9f3c"  # as snapshot.new_group_id makes them: 
 LSNS = ("0/D2A3F0B8", "0/D2A3E100", "0/D29F0000")
 
 
-def output(width: int, table_format: str = "table", wide: bool = False, terminal: bool = True,
-           command: str = "pg status", json_mode: bool = False) -> tuple[Output, io.StringIO]:
+def output(
+    width: int,
+    table_format: str = "table",
+    wide: bool = False,
+    terminal: bool = True,
+    command: str = "pg status",
+    json_mode: bool = False,
+) -> tuple[Output, io.StringIO]:
     out = Output(command, json_mode=json_mode, table_format=table_format, wide=wide)
     screen = io.StringIO()
-    out._out = Console(file=screen, width=width, force_terminal=terminal, color_system=None,
-                       highlight=False)
+    out._out = Console(file=screen, width=width, force_terminal=terminal, color_system=None, highlight=False)
     out._err = Console(file=io.StringIO(), width=width, force_terminal=terminal, color_system=None)
     return out, screen
 
 
 def cluster() -> PgClusterState:
-    primary = PgNode("db11", "10.0.1.11", "primary", "running", timeline=3, lsn=LSNS[0], repmgr="primary",
-                     repmgrd="running", pgbouncer=["pgb1:main", "pgb2:main"])
-    standby = PgNode("db12", "10.0.1.12", "standby", "running", timeline=3, lsn=LSNS[1], received_lsn=LSNS[1],
-                     replayed_lsn=LSNS[2], lag_bytes=21168, lag_s=0.4, streaming_from="db11",
-                     repmgr="standby of db11", repmgrd="running")
+    primary = PgNode(
+        "db11",
+        "10.0.1.11",
+        "primary",
+        "running",
+        timeline=3,
+        lsn=LSNS[0],
+        repmgr="primary",
+        repmgrd="running",
+        pgbouncer=["pgb1:main", "pgb2:main"],
+    )
+    standby = PgNode(
+        "db12",
+        "10.0.1.12",
+        "standby",
+        "running",
+        timeline=3,
+        lsn=LSNS[1],
+        received_lsn=LSNS[1],
+        replayed_lsn=LSNS[2],
+        lag_bytes=21168,
+        lag_s=0.4,
+        streaming_from="db11",
+        repmgr="standby of db11",
+        repmgrd="running",
+    )
     down = PgNode("db13", "10.0.1.13", "unknown", "host unreachable", repmgr="standby of db11 (inactive)")
     return PgClusterState("main", [primary, standby, down], "db11", {}, {})
 
 
 def snapshot_groups() -> list:
     created = datetime(2026, 12, 3, 4, 15, tzinfo=UTC)
-    return [SimpleNamespace(group_id=GROUP_ID, host="db12", mounts=["/data", "/var/lib/postgresql"], volumes=4,
-                            expected=4, state="complete", created=created, size_gib=1600, freeze_ms=412.0, kept=None),
-            SimpleNamespace(group_id="db12-20261202T041500Z-0a1e", host="db12", mounts=["/data"], volumes=3,
-                            expected=4, state="incomplete", created=created, size_gib=1200, freeze_ms=None, kept=None)]
+    return [
+        SimpleNamespace(
+            group_id=GROUP_ID,
+            host="db12",
+            mounts=["/data", "/var/lib/postgresql"],
+            volumes=4,
+            expected=4,
+            state="complete",
+            created=created,
+            size_gib=1600,
+            freeze_ms=412.0,
+            kept=None,
+        ),
+        SimpleNamespace(
+            group_id="db12-20261202T041500Z-0a1e",
+            host="db12",
+            mounts=["/data"],
+            volumes=3,
+            expected=4,
+            state="incomplete",
+            created=created,
+            size_gib=1200,
+            freeze_ms=None,
+            kept=None,
+        ),
+    ]
 
 
 def show_snapshot_list(out: Output) -> None:
@@ -121,8 +169,11 @@ def test_wide_shows_every_column_at_80():
 
 def test_free_text_wraps_at_word_breaks_and_never_cuts():
     out, screen = output(40)
-    out.table(None, ["host", Column("detail", wrap=True)],
-              [["db12", "connection refused by 10.0.1.12:22: is sshd running there?"]])
+    out.table(
+        None,
+        ["host", Column("detail", wrap=True)],
+        [["db12", "connection refused by 10.0.1.12:22: is sshd running there?"]],
+    )
     text = screen.getvalue()
     assert "…" not in text and "10.0.1.12:22:" in text
     assert all(len(line.rstrip()) <= 40 for line in lines_of(screen)), text
@@ -151,10 +202,32 @@ def test_tsv_is_a_header_row_and_tab_separated_rows_only():
     out, screen = output(80, table_format="tsv")
     show_pg_status(out)
     lines = lines_of(screen)
-    assert lines[0].split("\t") == ["node", "role", "state", "TL", "LSN", "received", "replayed", "lag",
-                                    "streams from", "repmgr", "PgBouncer"]
-    assert lines[1].split("\t") == ["db11", "primary", "running", "3", LSNS[0], "", "", "", "",
-                                    "primary; repmgrd running", "pgb1:main, pgb2:main"]
+    assert lines[0].split("\t") == [
+        "node",
+        "role",
+        "state",
+        "TL",
+        "LSN",
+        "received",
+        "replayed",
+        "lag",
+        "streams from",
+        "repmgr",
+        "PgBouncer",
+    ]
+    assert lines[1].split("\t") == [
+        "db11",
+        "primary",
+        "running",
+        "3",
+        LSNS[0],
+        "",
+        "",
+        "",
+        "",
+        "primary; repmgrd running",
+        "pgb1:main, pgb2:main",
+    ]
     assert lines[2].split("\t")[4:7] == [LSNS[1], LSNS[1], LSNS[2]]
     assert len(lines) == 4 and all(line.count("\t") == 10 for line in lines)
     assert not set(screen.getvalue()) & BOX_DRAWING
@@ -257,8 +330,13 @@ def test_watch_on_a_pipe_appends_refreshes_and_tsv_keeps_only_rows():
 def test_a_bare_watch_gets_the_default_seconds():
     assert _watch_seconds_given(["pg", "status", "--watch"]) == ["pg", "status", "--watch", "2"]
     assert _watch_seconds_given(["pg", "status", "--watch", "main"]) == ["pg", "status", "--watch", "2", "main"]
-    assert _watch_seconds_given(["pg", "status", "--watch", "0.5", "main"]) == ["pg", "status", "--watch", "0.5",
-                                                                                 "main"]
+    assert _watch_seconds_given(["pg", "status", "--watch", "0.5", "main"]) == [
+        "pg",
+        "status",
+        "--watch",
+        "0.5",
+        "main",
+    ]
     assert _watch_seconds_given(["exec", "--", "tool", "--watch"]) == ["exec", "--", "tool", "--watch"]
 
 
@@ -271,8 +349,11 @@ def test_format_tsv_and_plain_through_the_cli(tmp_path):
     config = inventory(tmp_path)
     tsv = run_igops("-c", config, "hosts", "--format", "tsv")
     assert tsv.returncode == 0, tsv.stderr
-    assert tsv.stdout.splitlines() == ["host\taddress\tssh\troles\tinstance\tdata mounts",
-                                       "web1\t127.0.20.250\troot:22\tapp\t\t", "web2\t127.0.20.251\troot:22\tapp\t\t"]
+    assert tsv.stdout.splitlines() == [
+        "host\taddress\tssh\troles\tinstance\tdata mounts",
+        "web1\t127.0.20.250\troot:22\tapp\t\t",
+        "web2\t127.0.20.251\troot:22\tapp\t\t",
+    ]
     plain = run_igops("--format", "plain", "-c", config, "hosts", "--wide")
     assert plain.returncode == 0 and not set(plain.stdout) & BOX_DRAWING
     assert any(line.split()[:2] == ["web1", "127.0.20.250"] for line in plain.stdout.splitlines())
@@ -295,8 +376,14 @@ def test_ctrl_c_ends_a_watch_with_exit_0(tmp_path):
     """`igops status --watch 0.2 --json` against hosts where nothing answers: an envelope a line
     per refresh, and SIGINT (Ctrl-C) ends it with exit 0."""
     env = {**os.environ, "NO_COLOR": "1"}
-    process = subprocess.Popen([*IGOPS, "-c", inventory(tmp_path), "status", "--watch", "0.2", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    process = subprocess.Popen(
+        [*IGOPS, "-c", inventory(tmp_path), "status", "--watch", "0.2", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         lines = [process.stdout.readline() for _ in range(2)]
         process.send_signal(signal.SIGINT)

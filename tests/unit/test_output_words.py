@@ -18,22 +18,26 @@ def test_hosts_table_title_says_one_host(tmp_path):
     from tests.conftest import run_igops
 
     path = tmp_path / "igops.toml"
-    path.write_text(f'[fleet]\nname = "unit"\nstate_dir = "{tmp_path}"\n'
-                    '[[hosts]]\nname = "web1"\naddress = "127.0.0.1"\nroles = ["app"]\n')
+    path.write_text(
+        f'[fleet]\nname = "unit"\nstate_dir = "{tmp_path}"\n'
+        '[[hosts]]\nname = "web1"\naddress = "127.0.0.1"\nroles = ["app"]\n'
+    )
     result = run_igops("-c", str(path), "hosts")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("unit: 1 host ") and "1 hosts" not in result.stdout
 
 
 def test_a_pg_node_state_reads_as_a_state():
-    """"db2: host unreachable", not "db2 is host unreachable"."""
+    """ "db2: host unreachable", not "db2 is host unreachable"."""
     from types import SimpleNamespace
 
     from igops import failover
     from igops.pg import cluster as pg_cluster
 
-    nodes = [failover.PgNode("db1", "10.0.0.21", "primary", "running"),
-             failover.PgNode("db2", "10.0.0.22", "unknown", "host unreachable")]
+    nodes = [
+        failover.PgNode("db1", "10.0.0.21", "primary", "running"),
+        failover.PgNode("db2", "10.0.0.22", "unknown", "host unreachable"),
+    ]
     state = failover.PgClusterState("main", nodes, "db1", {}, {})
     fleet = SimpleNamespace(model=SimpleNamespace(postgres=SimpleNamespace(max_lag_bytes=1 << 20)))
     problems = pg_cluster.pg_problems(fleet, state, ["db1"], pg_cluster.PgView(None, "main", {}, {}, {}, []))
@@ -44,8 +48,10 @@ def test_piped_tables_have_no_box_drawing(tmp_path):
     from tests.conftest import run_igops
 
     path = tmp_path / "igops.toml"
-    path.write_text(f'[fleet]\nname = "unit"\nstate_dir = "{tmp_path}"\n'
-                    '[[hosts]]\nname = "web1"\naddress = "127.0.0.1"\nroles = ["app"]\n')
+    path.write_text(
+        f'[fleet]\nname = "unit"\nstate_dir = "{tmp_path}"\n'
+        '[[hosts]]\nname = "web1"\naddress = "127.0.0.1"\nroles = ["app"]\n'
+    )
     result = run_igops("-c", str(path), "hosts")
     assert result.returncode == 0, result.stderr
     assert not set(result.stdout) & set("┃│━╇─┼┏┓┗┛╋")
@@ -60,9 +66,13 @@ def test_no_count_is_glued_to_a_plural_noun_in_the_source():
 
     package = Path(__file__).resolve().parents[2] / "igops"
     glued = re.compile(r"\{len\([^{}]*\)\} (?!(?:is|was|has|does|lacks|accepts|bytes|as)\b)[a-z]+s\b")
-    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
-             for path in package.rglob("*.py") if "agent" not in path.parts
-             for number, line in enumerate(path.read_text().splitlines(), 1) if glued.search(line)]
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        if "agent" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if glued.search(line)
+    ]
     assert found == []
 
 
@@ -74,4 +84,3 @@ def test_nagios_line_says_one_check():
     assert "lab: 1 check OK" in line
     line, _ = nagios.line("lab", [Result("ssh", "app1", NagiosStatus.CRITICAL, "refused")], 0.1)
     assert "1 critical of 1 check:" in line
-

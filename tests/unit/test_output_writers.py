@@ -35,8 +35,10 @@ def test_nagios_mode_puts_the_status_line_alone_on_stdout(capsys, registered_sec
 def test_check_nagios_unknown_is_one_line_and_exit_3(tmp_path):
     result = run_igops("-c", str(tmp_path / "missing.toml"), "check", "--nagios")
     assert result.returncode == NagiosStatus.UNKNOWN
-    assert result.stdout == (f"IGOPS UNKNOWN - inventory not found: {tmp_path / 'missing.toml'} (from --config) — "
-                             "pass --config FILE, set IGOPS_CONFIG, or create /etc/igops/igops.toml\n")
+    assert result.stdout == (
+        f"IGOPS UNKNOWN - inventory not found: {tmp_path / 'missing.toml'} (from --config) — "
+        "pass --config FILE, set IGOPS_CONFIG, or create /etc/igops/igops.toml\n"
+    )
     assert result.stderr == ""
 
 
@@ -79,8 +81,10 @@ def test_the_prompt_bytes_through_a_terminal(tmp_path):
 
     result = run_with_a_terminal(["-c", str(inventory(tmp_path)), "exec", "--", "true"], "n\n")
     prompt = next(line for line in result.stderr.splitlines() if "[y/N]" in line)
-    assert prompt.startswith("Run `true` on 2 hosts (") and prompt.endswith(" at a time)? [y/N] error: "
-                                                                            "not confirmed: nothing was changed — "
-                                                                            "answer y to go ahead, or pass --yes "
-                                                                            "after reviewing the plan")
+    assert prompt.startswith("Run `true` on 2 hosts (") and prompt.endswith(
+        " at a time)? [y/N] error: "
+        "not confirmed: nothing was changed — "
+        "answer y to go ahead, or pass --yes "
+        "after reviewing the plan"
+    )
     assert "[y/N]" not in result.stdout

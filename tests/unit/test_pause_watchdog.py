@@ -14,15 +14,22 @@ from igops.agent import pause_watchdog
 
 
 def test_arguments_are_checked_before_anything_runs():
-    assert pause_watchdog.parse_args(["15", "10.0.0.20", "6432", "pgbouncer", "main", "directory"]) == \
-        (15.0, "10.0.0.20", 6432, "pgbouncer", ["main", "directory"])
-    for argv, why in [(["15", "10.0.0.20", "6432", "pgbouncer"], "usage"),
-                      (["soon", "a", "6432", "u", "main"], "bad deadline"),
-                      (["0", "a", "6432", "u", "main"], "outside"),
-                      (["-1", "a", "6432", "u", "main"], "outside"),
-                      (["15", "a", "70000", "u", "main"], "bad port"),
-                      (["15", "a", "x", "u", "main"], "bad port"),
-                      (["15", "a", "6432", "u", ""], "empty database")]:
+    assert pause_watchdog.parse_args(["15", "10.0.0.20", "6432", "pgbouncer", "main", "directory"]) == (
+        15.0,
+        "10.0.0.20",
+        6432,
+        "pgbouncer",
+        ["main", "directory"],
+    )
+    for argv, why in [
+        (["15", "10.0.0.20", "6432", "pgbouncer"], "usage"),
+        (["soon", "a", "6432", "u", "main"], "bad deadline"),
+        (["0", "a", "6432", "u", "main"], "outside"),
+        (["-1", "a", "6432", "u", "main"], "outside"),
+        (["15", "a", "70000", "u", "main"], "bad port"),
+        (["15", "a", "x", "u", "main"], "bad port"),
+        (["15", "a", "6432", "u", ""], "empty database"),
+    ]:
         with pytest.raises(ValueError, match=why):
             pause_watchdog.parse_args(argv)
 
@@ -69,8 +76,7 @@ class Script:
 def watch(arrivals, deadline=15.0):
     script = Script(arrivals)
     reported = []
-    reason = pause_watchdog.watch(script.next_line, pause_watchdog.Heartbeat(deadline, script.clock),
-                                  reported.append)
+    reason = pause_watchdog.watch(script.next_line, pause_watchdog.Heartbeat(deadline, script.clock), reported.append)
     return reason, script.now - 100.0, reported, script
 
 
@@ -109,9 +115,10 @@ def test_no_beat_at_all_trips_it_at_the_deadline():
 
 def test_what_a_resume_said():
     assert pause_watchdog.resume_outcome(0, "") == "resumed"
-    assert pause_watchdog.resume_outcome(3, 'psql:<cmd>:1: ERROR:  database main is not paused\n') == "not paused"
-    assert pause_watchdog.resume_outcome(2, "psql: error: connection to server at \"10.0.0.20\", port 6432 failed:\n"
-                                            "  Connection refused\n").endswith("failed: Connection refused")
+    assert pause_watchdog.resume_outcome(3, "psql:<cmd>:1: ERROR:  database main is not paused\n") == "not paused"
+    assert pause_watchdog.resume_outcome(
+        2, 'psql: error: connection to server at "10.0.0.20", port 6432 failed:\n  Connection refused\n'
+    ).endswith("failed: Connection refused")
     assert pause_watchdog.resume_outcome(1, "") == "psql exited 1"
 
 
@@ -140,8 +147,10 @@ def test_igops_reads_the_watchdogs_events():
     for line in (None, "", "Traceback (most recent call last):", "[1]", '{"no": "event"}'):
         assert bouncer_watchdog.parse_event(line) == {}
     assert bouncer_watchdog.describe_release("pgb1", {"event": "released"}, True) == "pgb1 released"
-    assert bouncer_watchdog.describe_release("pgb1", {"event": "resumed", "reason": "deadline"}, True) == \
-        "pgb1 had RESUMEd already (deadline)"
+    assert (
+        bouncer_watchdog.describe_release("pgb1", {"event": "resumed", "reason": "deadline"}, True)
+        == "pgb1 had RESUMEd already (deadline)"
+    )
     assert bouncer_watchdog.describe_release("pgb1", {}, False) == "pgb1 left to RESUME from the host"
     assert bouncer_watchdog.describe_release("pgb1", {}, True) == "pgb1 did not confirm"
 
@@ -153,8 +162,12 @@ def test_the_program_refuses_to_arm_when_psql_cannot_reach_the_console():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command, prefix = agent.invocation("pause_watchdog", ["15", "127.0.0.1", str(port), "pgbouncer", "main"])
-    done = subprocess.run(["sh", "-c", command], input=prefix + json.dumps({"password": "s3cret-pw"}).encode() + b"\n",
-                          capture_output=True, timeout=60)
+    done = subprocess.run(
+        ["sh", "-c", command],
+        input=prefix + json.dumps({"password": "s3cret-pw"}).encode() + b"\n",
+        capture_output=True,
+        timeout=60,
+    )
     event = json.loads(done.stdout.decode().splitlines()[-1])
     assert done.returncode == 2 and event["event"] == "error", done
     assert f"psql cannot read the admin console of 127.0.0.1:{port}" in event["message"]

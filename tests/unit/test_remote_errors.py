@@ -92,4 +92,3 @@ def test_nothing_listening_is_refused(tmp_path):
         port = probe.getsockname()[1]
     error, _ = connect(tmp_path, port)
     assert error.startswith(f"connection refused by 127.0.0.1:{port}")
-

@@ -84,9 +84,19 @@ def test_lab_layout_after_one_move_plans_one_move_back():
 
 
 def plan(resume_after=None, move_id=None):
-    return shards.MovePlan(5, "insta5", "main", "pg2", "db1", "db3", "instagram",
-                           [shards.TableSize("photos", 1000, 81920), shards.TableSize("users", 10, 8192)],
-                           1 << 20, move_id, resume_after)
+    return shards.MovePlan(
+        5,
+        "insta5",
+        "main",
+        "pg2",
+        "db1",
+        "db3",
+        "instagram",
+        [shards.TableSize("photos", 1000, 81920), shards.TableSize("users", 10, 8192)],
+        1 << 20,
+        move_id,
+        resume_after,
+    )
 
 
 def test_a_new_move_plans_every_step_in_order():
@@ -104,7 +114,7 @@ def test_a_new_move_plans_every_step_in_order():
 def test_a_resumed_move_picks_up_after_its_last_step(done):
     resumed = plan(resume_after=done, move_id=42)
     remaining = resumed.remaining()
-    assert remaining == list(shards.STEPS[shards.STEPS.index(done) + 1:])
+    assert remaining == list(shards.STEPS[shards.STEPS.index(done) + 1 :])
     assert remaining[-1] == "cleaned"
     assert all("<id>" not in step for step in resumed.steps())
     assert "igops_move_42" in resumed.steps()[-1] and "insta5_moved_42" in resumed.steps()[-1]
@@ -118,10 +128,30 @@ def test_pause_points_cover_every_step_and_both_cut_over_moments():
 
 
 def record(**changes):
-    values = dict(id=7, logical_shard=5, schema_name="insta5", source="main", target="pg2", step="copied",
-                  status="active", started_at="", updated_at="", finished_at=None, started_by="", source_lsn=None,
-                  source_sequence=None, target_sequence=None, map_version=None, rows_copied=None, bytes_copied=None,
-                  verify_pause_ms=None, lock_wait_ms=None, write_block_ms=None, error=None, history=[])
+    values = dict(
+        id=7,
+        logical_shard=5,
+        schema_name="insta5",
+        source="main",
+        target="pg2",
+        step="copied",
+        status="active",
+        started_at="",
+        updated_at="",
+        finished_at=None,
+        started_by="",
+        source_lsn=None,
+        source_sequence=None,
+        target_sequence=None,
+        map_version=None,
+        rows_copied=None,
+        bytes_copied=None,
+        verify_pause_ms=None,
+        lock_wait_ms=None,
+        write_block_ms=None,
+        error=None,
+        history=[],
+    )
     values.update(changes)
     return shards.MoveRecord(**values)
 
@@ -136,8 +166,14 @@ def test_journal_states_read_from_status_lock_and_error():
 
 
 def shape(tables, sequences=("table_id_seq",), functions=("next_id()",)):
-    return shard_schema.SchemaShape({name: shard_schema.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
-                               for name, (columns, key, indexes) in tables.items()}, sequences, functions)
+    return shard_schema.SchemaShape(
+        {
+            name: shard_schema.TableShape(name, tuple(columns), tuple(key), tuple(indexes))
+            for name, (columns, key, indexes) in tables.items()
+        },
+        sequences,
+        functions,
+    )
 
 
 USERS = ([("id", "bigint", True), ("username", "text", True)], ["id"], ["CREATE UNIQUE INDEX users_pkey ON users"])
@@ -145,8 +181,11 @@ USERS = ([("id", "bigint", True), ("username", "text", True)], ["id"], ["CREATE 
 
 def test_schema_diff_names_every_difference():
     source = shape({"users": USERS, "extra": ([("id", "bigint", True)], ["id"], [])})
-    target = shape({"users": ([("id", "bigint", True), ("username", "character varying", True)], ["id"], [])},
-                   sequences=(), functions=("next_id()",))
+    target = shape(
+        {"users": ([("id", "bigint", True), ("username", "character varying", True)], ["id"], [])},
+        sequences=(),
+        functions=("next_id()",),
+    )
     diff = shard_schema.schema_diff(source, target, "main", "pg2")
     assert "pg2 lacks table extra" in diff
     assert any(line.startswith("users: columns differ") and "character varying" in line for line in diff)
@@ -157,8 +196,9 @@ def test_schema_diff_names_every_difference():
 
 def test_init_plan_describes_seeding_or_keeping_the_map():
     placement = shard_init.even_placement(["main", "pg2"], 16)
-    seeding = shards.InitPlan("main/directory", 16, ["pg2/instagram"], None, placement,
-                              {"main": [], "pg2": list(range(8, 16))})
+    seeding = shards.InitPlan(
+        "main/directory", 16, ["pg2/instagram"], None, placement, {"main": [], "pg2": list(range(8, 16))}
+    )
     steps = seeding.steps()
     assert steps[0] == "create database pg2/instagram"
     assert "seed the shard map with 16 shards (main: 0-7; pg2: 8-15) as version 1" in steps

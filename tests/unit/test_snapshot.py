@@ -19,8 +19,10 @@ RECORDINGS = Path(__file__).parent / "recordings"
 
 def test_mdstat_members_in_raid_order():
     arrays = blockdevs.parse_mdstat((RECORDINGS / "mdstat.txt").read_text())
-    assert arrays["md0"] == {"level": "raid0",
-                             "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)]}
+    assert arrays["md0"] == {
+        "level": "raid0",
+        "members": [("nvme1n1", 0), ("nvme2n1", 1), ("nvme3n1", 2), ("nvme4n1", 3)],
+    }
     assert arrays["md1"]["level"] == "raid10"
     assert [name for name, _ in arrays["md1"]["members"]] == ["xvdj", "xvdk", "xvdl", "xvdm"]
 
@@ -32,8 +34,9 @@ def test_mdadm_detail_orders_by_raid_device_not_number():
 
 
 def test_nvme_serials_map_devices_to_volumes():
-    entries = [tuple(part.strip() for part in line.split("->"))
-               for line in (RECORDINGS / "by-id.txt").read_text().splitlines()]
+    entries = [
+        tuple(part.strip() for part in line.split("->")) for line in (RECORDINGS / "by-id.txt").read_text().splitlines()
+    ]
     volumes = blockdevs.parse_by_id(entries)
     assert volumes["nvme0n1"] == "vol-0123456789abcdef0"
     assert volumes["nvme4n1"] == "vol-0aaaaaaaaaaaaaaa4"
@@ -41,8 +44,10 @@ def test_nvme_serials_map_devices_to_volumes():
 
 
 def test_mountinfo_parser():
-    text = ("36 35 98:0 / /var/lib/postgresql rw,noatime shared:1 - xfs /dev/md0 rw,attr2\n"
-            "37 35 7:3 / /srv/with\\040space rw - xfs /dev/loop3 rw\n")
+    text = (
+        "36 35 98:0 / /var/lib/postgresql rw,noatime shared:1 - xfs /dev/md0 rw,attr2\n"
+        "37 35 7:3 / /srv/with\\040space rw - xfs /dev/loop3 rw\n"
+    )
     mounts = blockdevs.parse_mountinfo(text)
     assert mounts["/var/lib/postgresql"] == ("/dev/md0", "xfs")
     assert mounts["/srv/with space"] == ("/dev/loop3", "xfs")
@@ -62,13 +67,19 @@ class FakeHost:
 
 
 def raid_entry(volume_ids=(None, None, None, None)):
-    return {"mount": "/var/lib/postgresql", "fstype": "xfs", "raid": {"level": "raid0", "uuid": None, "members": 4},
-            "members": [{"device": f"/dev/nvme{i + 1}n1", "raid_index": i, "volume_id": v}
-                        for i, v in enumerate(volume_ids)]}
+    return {
+        "mount": "/var/lib/postgresql",
+        "fstype": "xfs",
+        "raid": {"level": "raid0", "uuid": None, "members": 4},
+        "members": [
+            {"device": f"/dev/nvme{i + 1}n1", "raid_index": i, "volume_id": v} for i, v in enumerate(volume_ids)
+        ],
+    }
 
 
 ATTACHED = [Attachment("vol-root", "/dev/xvda", 8, True)] + [
-    Attachment(f"vol-0aaaaaaaaaaaaaaa{i}", f"/dev/sd{'fghi'[i - 1]}", 1000, False) for i in range(1, 5)]
+    Attachment(f"vol-0aaaaaaaaaaaaaaa{i}", f"/dev/sd{'fghi'[i - 1]}", 1000, False) for i in range(1, 5)
+]
 
 
 def test_map_volumes_from_nvme_serials_keeps_raid_order():
@@ -86,29 +97,45 @@ def test_map_volumes_from_inventory_list_wins():
 
 
 def test_map_volumes_by_attachment_device_name_with_xen_alias():
-    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
-             "members": [{"device": "/dev/xvdg", "raid_index": 0, "volume_id": None}]}
+    entry = {
+        "mount": "/data",
+        "fstype": "xfs",
+        "raid": None,
+        "members": [{"device": "/dev/xvdg", "raid_index": 0, "volume_id": None}],
+    }
     [target] = snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
     assert target.volume_id == "vol-0aaaaaaaaaaaaaaa2"
 
 
 def test_unknown_device_is_refused_before_any_freeze():
-    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
-             "members": [{"device": "/dev/xvdz", "raid_index": 0, "volume_id": None}]}
+    entry = {
+        "mount": "/data",
+        "fstype": "xfs",
+        "raid": None,
+        "members": [{"device": "/dev/xvdz", "raid_index": 0, "volume_id": None}],
+    }
     with pytest.raises(RefusedError, match="not a known EBS volume"):
         snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
 
 
 def test_volume_of_another_instance_is_refused():
-    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
-             "members": [{"device": "/dev/nvme9n1", "raid_index": 0, "volume_id": "vol-0ffffffffffffffff"}]}
+    entry = {
+        "mount": "/data",
+        "fstype": "xfs",
+        "raid": None,
+        "members": [{"device": "/dev/nvme9n1", "raid_index": 0, "volume_id": "vol-0ffffffffffffffff"}],
+    }
     with pytest.raises(RefusedError, match="not attached"):
         snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
 
 
 def test_root_volume_is_refused():
-    entry = {"mount": "/data", "fstype": "xfs", "raid": None,
-             "members": [{"device": "/dev/xvda", "raid_index": 0, "volume_id": None}]}
+    entry = {
+        "mount": "/data",
+        "fstype": "xfs",
+        "raid": None,
+        "members": [{"device": "/dev/xvda", "raid_index": 0, "volume_id": None}],
+    }
     with pytest.raises(RefusedError, match="root"):
         snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
 
@@ -155,8 +182,14 @@ def test_prune_hourly_daily_weekly_buckets():
 
 
 def test_prune_never_deletes_newest_complete_and_ignores_incomplete():
-    groups = [group("db1", 0, "failed"), group("db1", 3), group("db1", 5), group("db1", 0.1, "taking"),
-              group("db1", 10, "failed"), group("db2", 50)]
+    groups = [
+        group("db1", 0, "failed"),
+        group("db1", 3),
+        group("db1", 5),
+        group("db1", 0.1, "taking"),
+        group("db1", 10, "failed"),
+        group("db2", 50),
+    ]
     plan = by_host(snapshot_policy.Retention(last=1))(groups)
     assert "db1-3" in plan.keep and "db2-50" in plan.keep
     deleted = [g.group_id for g in plan.delete]
@@ -176,8 +209,9 @@ def test_mount_script_quotes_and_assembles_raid():
 
 def test_create_plan_steps_say_one_call_or_parallel():
     volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
-    plan = snapshot.CreatePlan("g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10,
-                               "psql -c CHECKPOINT")
+    plan = snapshot.CreatePlan(
+        "g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10, "psql -c CHECKPOINT"
+    )
     steps = plan.steps()
     assert "pre-freeze hook" in steps[0] and "CreateSnapshots" in steps[2] and "reverse order" in steps[3]
     assert "/wal, /data" in steps[3]
@@ -221,7 +255,8 @@ def test_restored_postgres_paths_and_wal_link_follow_the_restored_mounts():
     fleet = SimpleNamespace(
         hosts_by_name={"db2": SimpleNamespace(name="db2")},
         path_for=lambda template, host: template.replace("{host}", host.name),
-        model=SimpleNamespace(postgres=FakeModelPostgres(), snapshot=SimpleNamespace(restore_root="/mnt/r/")))
+        model=SimpleNamespace(postgres=FakeModelPostgres(), snapshot=SimpleNamespace(restore_root="/mnt/r/")),
+    )
     restored = {"/srv/db2/data": "/mnt/r/g1/srv/db2/data", "/srv/db2/wal": "/mnt/r/g1/srv/db2/wal"}
     start = restore.postgres_start(fleet, "g1", "db2", restored, 5499)
     assert start.data_directory == "/mnt/r/g1/srv/db2/data/pgdata"
@@ -231,16 +266,18 @@ def test_restored_postgres_paths_and_wal_link_follow_the_restored_mounts():
     assert '/srv/db2/wal/*) ln -sfn /mnt/r/g1/srv/db2/wal"/${wal#/srv/db2/wal/}" "$data/pg_wal"' in script
     # pg_ctl hands -o to a shell: what the server gets is that string split as a shell would.
     options = shlex.split(restore._server_options(start))
-    assert {"archive_mode=off", "listen_addresses=", "port=5499", "unix_socket_directories=/mnt/r/g1.postgres"} \
-        <= set(options)
+    assert {"archive_mode=off", "listen_addresses=", "port=5499", "unix_socket_directories=/mnt/r/g1.postgres"} <= set(
+        options
+    )
     assert shlex.quote(restore._server_options(start)) in restore.start_script(start)
     with pytest.raises(RefusedError, match="none of the group's mounts"):
         restore.postgres_start(fleet, "g1", "db2", {"/srv/db2/wal": "/x"}, 5499)
 
 
 def test_cleanup_stops_only_a_server_the_restore_started_and_never_climbs_above_the_root():
-    plan = restore.CleanupPlan("g1", "db4", ["vol-1"], ["/mnt/r/g1/srv/db2/data"], "/mnt/r/g1/srv/db2/data/pgdata",
-                               "/mnt/r/g1.postgres")
+    plan = restore.CleanupPlan(
+        "g1", "db4", ["vol-1"], ["/mnt/r/g1/srv/db2/data"], "/mnt/r/g1/srv/db2/data/pgdata", "/mnt/r/g1.postgres"
+    )
     script = restore.teardown_script(plan, "/mnt/r/", FakeModelPostgres())
     # A postmaster.pid copied from the source holds the PID of a process on the source host.
     assert '"$(sed -n 5p /mnt/r/g1/srv/db2/data/pgdata/postmaster.pid)" = /mnt/r/g1.postgres ]' in script

@@ -18,8 +18,9 @@ GRACE = timedelta(hours=1)
 
 
 def group(host, hours_ago, state="complete", kept=None, now=NOW, name=None):
-    return snapshot.SnapshotGroup(name or f"{host}-{hours_ago}", host, ["/data"], 1, 1, state,
-                                  now - timedelta(hours=hours_ago), 1, 5.0, kept=kept)
+    return snapshot.SnapshotGroup(
+        name or f"{host}-{hours_ago}", host, ["/data"], 1, 1, state, now - timedelta(hours=hours_ago), 1, 5.0, kept=kept
+    )
 
 
 # --- schedules ----------------------------------------------------------------------------------
@@ -48,10 +49,19 @@ def test_due_once_per_slot_and_once_after_an_outage():
     assert not every_6h.due(NOW, NOW + timedelta(hours=1))
 
 
-@pytest.mark.parametrize("text, words", [
-    ("every 7h", "does not divide a day"), ("every 2d", "does not divide a day"), ("every 0h", "zero interval"),
-    ("6h", "not understood"), ("every 6 hours", "not understood"), ("0 3 * * *", "not understood"),
-    ("every 1d at 24:00", "not a time of day"), ("every 1d at 03:75", "not a time of day")])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("every 7h", "does not divide a day"),
+        ("every 2d", "does not divide a day"),
+        ("every 0h", "zero interval"),
+        ("6h", "not understood"),
+        ("every 6 hours", "not understood"),
+        ("0 3 * * *", "not understood"),
+        ("every 1d at 24:00", "not a time of day"),
+        ("every 1d at 03:75", "not a time of day"),
+    ],
+)
 def test_unreadable_schedules_say_how_to_write_one(text, words):
     with pytest.raises(schedule.ScheduleError) as caught:
         schedule.parse(text)
@@ -59,8 +69,9 @@ def test_unreadable_schedules_say_how_to_write_one(text, words):
 
 
 def test_a_set_is_due_by_its_newest_taken_group_counting_pending_and_running_creates():
-    data_set = snapshot_policy.DataSet("cluster", "main", ("db1", "db2"),
-                                       snapshot_policy.Policy(schedule.parse("every 6h")))
+    data_set = snapshot_policy.DataSet(
+        "cluster", "main", ("db1", "db2"), snapshot_policy.Policy(schedule.parse("every 6h"))
+    )
     old = [group("db2", 7)]
     assert snapshot_policy.due(data_set, old, NOW, GRACE)
     assert not snapshot_policy.due(data_set, old + [group("db1", 0.5)], NOW, GRACE), "any member's group counts"
@@ -84,21 +95,30 @@ replicas = ["redis2"]
 
 
 def fleet_inventory(tmp_path, snapshot_tables=""):
-    hosts = [("db1", "127.0.20.1", "postgres"), ("db2", "127.0.20.2", "postgres"),
-             ("redis1", "127.0.20.3", "redis"), ("redis2", "127.0.20.4", "redis"),
-             ("media1", "127.0.20.5", "app"), ("web1", "127.0.20.6", "app")]
+    hosts = [
+        ("db1", "127.0.20.1", "postgres"),
+        ("db2", "127.0.20.2", "postgres"),
+        ("redis1", "127.0.20.3", "redis"),
+        ("redis2", "127.0.20.4", "redis"),
+        ("media1", "127.0.20.5", "app"),
+        ("web1", "127.0.20.6", "app"),
+    ]
     path = unit_inventory(tmp_path, hosts, sections=FLEET + snapshot_tables)
     text = path.read_text()
     # Every host but web1 has a data mount and an instance.
     for index, (name, *_rest) in enumerate(hosts[:5]):
-        text = text.replace(f'name = "{name}"\n', f'name = "{name}"\ninstance_id = "i-{index:04x}"\n'
-                                                  f'mounts = [{{path = "/data"}}]\n', 1)
+        text = text.replace(
+            f'name = "{name}"\n', f'name = "{name}"\ninstance_id = "i-{index:04x}"\nmounts = [{{path = "/data"}}]\n', 1
+        )
     path.write_text(text)
     return path
 
 
 def test_policies_per_cluster_redis_set_and_host_fall_back_to_the_default(tmp_path):
-    fleet = inventory.load_file(fleet_inventory(tmp_path, """
+    fleet = inventory.load_file(
+        fleet_inventory(
+            tmp_path,
+            """
 [snapshot]
 schedule = "every 6h"
 keep_daily = 7
@@ -112,7 +132,9 @@ keep_daily = 3
 [snapshot.hosts.media1]
 schedule = "every 1d at 03:00"
 minimum_redundancy = 0
-"""))
+""",
+        )
+    )
     sets = {data_set.name: data_set for data_set in snapshot_policy.data_sets(fleet)}
     assert list(sets) == ["main", "redis", "media1"], "web1 has nothing to snapshot"
     assert sets["main"].kind == "cluster" and sets["main"].members == ("db1", "db2")
@@ -134,7 +156,9 @@ def test_without_a_policy_nothing_is_scheduled_and_every_group_is_kept(tmp_path)
 
 
 def test_policy_mistakes_are_reported_together_with_their_fix(tmp_path):
-    path = fleet_inventory(tmp_path, """
+    path = fleet_inventory(
+        tmp_path,
+        """
 [snapshot]
 schedule = "every 7h"
 keep_daily = -1
@@ -150,15 +174,18 @@ keep_daily = 3
 keep_daily = 3
 [snapshot.redis]
 schedule = "daily"
-""")
+""",
+    )
     with pytest.raises(ConfigError) as caught:
         inventory.load_file(path)
     problems = {problem.where: f"{problem.problem} — {problem.fix}" for problem in caught.value.problems}
     assert "does not divide a day" in problems["snapshot.schedule"]
     assert "at least 0" in problems["snapshot.keep_daily"]
     assert "not understood" in problems["snapshot.redis.schedule"] and "every 6h" in problems["snapshot.redis.schedule"]
-    assert ("undefined cluster 'mian'" in problems["snapshot.clusters.mian"]
-            and "'main'" in problems["snapshot.clusters.mian"])
+    assert (
+        "undefined cluster 'mian'" in problems["snapshot.clusters.mian"]
+        and "'main'" in problems["snapshot.clusters.mian"]
+    )
     assert "[snapshot.clusters.main]" in problems["snapshot.hosts.db2"]
     assert "[snapshot.redis]" in problems["snapshot.hosts.redis2"]
     assert "no data mounts" in problems["snapshot.hosts.web1"]
@@ -181,23 +208,33 @@ def test_gfs_keeps_the_newest_of_each_period_across_every_member_of_the_set():
     monthly = [g for g in kept.keep if "monthly" in kept.keep[g]]
     assert len(weekly) == 4 and len(monthly) == 3
     # The newest group of November, October and September 2026.
-    assert [groups[0].created.month] + [next(x for x in groups if x.group_id == g).created.month
-                                        for g in monthly[1:]] == [11, 10, 9]
+    assert [groups[0].created.month] + [
+        next(x for x in groups if x.group_id == g).created.month for g in monthly[1:]
+    ] == [11, 10, 9]
     assert len(kept.delete) == 100 - len(kept.keep)
     assert all(g.group_id not in kept.keep for g in kept.delete)
 
 
 def test_monthly_buckets_are_calendar_months():
-    groups = [group("db1", 0, name="nov"), group("db1", 24 * 23, name="oct-31"),
-              group("db1", 24 * 24, name="oct-30"), group("db1", 24 * 60, name="sep")]
+    groups = [
+        group("db1", 0, name="nov"),
+        group("db1", 24 * 23, name="oct-31"),
+        group("db1", 24 * 24, name="oct-30"),
+        group("db1", 24 * 60, name="sep"),
+    ]
     kept = plan(groups, snapshot_policy.Retention(monthly=2))
     assert kept.keep == {"nov": ["newest complete", "monthly"], "oct-31": ["monthly"]}
     assert [g.group_id for g in kept.delete] == ["sep", "oct-30"]
 
 
 def test_kept_groups_are_never_pruned_and_minimum_redundancy_holds_a_floor():
-    groups = [group("db2", 1), group("db2", 30, kept="2026-11-01T00:00:00+00:00 by root@ops"),
-              group("db2", 50), group("db1", 70), group("db2", 90, "failed", kept="x")]
+    groups = [
+        group("db2", 1),
+        group("db2", 30, kept="2026-11-01T00:00:00+00:00 by root@ops"),
+        group("db2", 50),
+        group("db1", 70),
+        group("db2", 90, "failed", kept="x"),
+    ]
     kept = plan(groups, snapshot_policy.Retention(last=1), minimum_redundancy=3)
     assert kept.keep["db2-1"] == ["newest complete", "last"]
     assert kept.keep["db2-30"] == ["kept"]
@@ -214,15 +251,19 @@ def test_an_empty_retention_keeps_every_complete_group_and_clears_stale_leftover
 
 
 def test_groups_of_sets_without_rules_are_left_alone():
-    kept = plan([group("db1", 1), group("db1", 2), group("web1", 3), group("web1", 4)],
-                snapshot_policy.Retention(last=1))
+    kept = plan(
+        [group("db1", 1), group("db1", 2), group("web1", 3), group("web1", 4)], snapshot_policy.Retention(last=1)
+    )
     assert [g.group_id for g in kept.delete] == ["db1-2"]
 
 
 def test_prune_rules_follow_each_sets_policy_or_the_counts_given_for_every_set():
-    main = snapshot_policy.DataSet("cluster", "main", ("db1", "db2"),
-                                   snapshot_policy.Policy(retention=snapshot_policy.Retention(last=1),
-                                                          minimum_redundancy=2))
+    main = snapshot_policy.DataSet(
+        "cluster",
+        "main",
+        ("db1", "db2"),
+        snapshot_policy.Policy(retention=snapshot_policy.Retention(last=1), minimum_redundancy=2),
+    )
     groups = [group("db1", 1), group("db2", 2), group("db2", 3), group("gone1", 4), group("gone1", 5)]
     by_policy = snapshot_policy.plan_prune(groups, *snapshot_policy.prune_rules([main]), NOW, GRACE)
     assert [g.group_id for g in by_policy.delete] == ["db2-3"], "a host in no set is left alone"
@@ -263,8 +304,9 @@ def judged(data_set, groups, now=NOW):
 
 
 def test_a_cluster_is_backed_up_when_any_member_has_a_fresh_group():
-    every_6h = snapshot_policy.DataSet("cluster", "main", ("db1", "db2"),
-                                       snapshot_policy.Policy(schedule.parse("every 6h")))
+    every_6h = snapshot_policy.DataSet(
+        "cluster", "main", ("db1", "db2"), snapshot_policy.Policy(schedule.parse("every 6h"))
+    )
     # 12:40 now, 1 h grace: the 06:00 group is the one that must exist; 12:00's may still be coming.
     ok = judged(every_6h, [group("db2", 6.5)])
     assert ok.status == NagiosStatus.OK and "(on db2)" in ok.summary and "every 6h" in ok.summary
@@ -275,8 +317,9 @@ def test_a_cluster_is_backed_up_when_any_member_has_a_fresh_group():
     assert judged(every_6h, [group("db1", 13), group("db1", 1)]).status == NagiosStatus.OK, "the primary's counts"
     assert judged(every_6h, [group("db3", 1)]).status == NagiosStatus.CRITICAL, "another cluster's does not"
     empty = judged(every_6h, [group("db2", 1, "pending")])
-    assert (empty.status == NagiosStatus.CRITICAL
-            and "no complete snapshot group of Postgres cluster main" in empty.summary)
+    assert (
+        empty.status == NagiosStatus.CRITICAL and "no complete snapshot group of Postgres cluster main" in empty.summary
+    )
     assert (ok.warning_hours, ok.critical_hours) == (7, 13)
 
 

@@ -11,9 +11,11 @@ from igops import status
 from tests.conftest import run_igops
 from tests.unit.inventories import unit_inventory
 
-UNHEALTHY = {"status": "fail", "release": "R1", "checks": {
-    "directory": {"ok": True, "ms": 3.1},
-    "redis": {"ok": False, "error": "Timeout connecting to server"}}}
+UNHEALTHY = {
+    "status": "fail",
+    "release": "R1",
+    "checks": {"directory": {"ok": True, "ms": 3.1}, "redis": {"ok": False, "error": "Timeout connecting to server"}},
+}
 
 
 @pytest.fixture
@@ -46,8 +48,9 @@ def test_the_reason_for_a_failed_health_check_comes_from_its_body():
 
 
 def test_status_shows_why_an_app_server_answered_503(tmp_path, failing_app):
-    config = unit_inventory(tmp_path, [("app1", "127.0.0.1", "app")], ssh="port = 9\n",
-                            sections=f"[app]\nport = {failing_app}\n")
+    config = unit_inventory(
+        tmp_path, [("app1", "127.0.0.1", "app")], ssh="port = 9\n", sections=f"[app]\nport = {failing_app}\n"
+    )
     shown = run_igops("-c", str(config), "status")
     reason = "GET /health -> 503: redis: Timeout connecting to server"
     assert reason in shown.stdout, shown.stdout

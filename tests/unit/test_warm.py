@@ -77,10 +77,14 @@ def test_default_root_is_the_postgres_data_directory(tmp_path):
 def test_roots_map_through_their_base(tmp_path):
     fleet = fleet_of(tmp_path)
     roots = vmtouch.source_roots(fleet, fleet.host("db1"), ["/srv/db1/pg/data/base/16384/", "/srv/db1/wal/archive"])
-    assert roots == [profile.Root("/srv/db1/pg/data/base/16384", "postgres", "base/16384"),
-                     profile.Root("/srv/db1/wal/archive", "mount:wal", "archive")]
-    assert vmtouch.target_paths(fleet, roots, fleet.host("db2")) == ["/srv/db2/pg/data/base/16384",
-                                                                    "/srv/db2/wal/archive"]
+    assert roots == [
+        profile.Root("/srv/db1/pg/data/base/16384", "postgres", "base/16384"),
+        profile.Root("/srv/db1/wal/archive", "mount:wal", "archive"),
+    ]
+    assert vmtouch.target_paths(fleet, roots, fleet.host("db2")) == [
+        "/srv/db2/pg/data/base/16384",
+        "/srv/db2/wal/archive",
+    ]
 
 
 def test_mounts_sharing_a_purpose_keep_their_path(tmp_path):
@@ -138,8 +142,15 @@ def test_copy_plans_refuse_before_contacting_a_host(tmp_path):
 def test_apply_plan_counts_the_profile(tmp_path):
     fleet = fleet_of(tmp_path)
     stream = io.BytesIO()
-    header = {"host": "db1", "fleet": "unit", "postgres_cluster": "main", "cluster_id": "42", "page_size": PAGE,
-              "captured_at": "now", "roots": [{"path": "/srv/db1/pg/data", "base": "postgres", "within": ""}]}
+    header = {
+        "host": "db1",
+        "fleet": "unit",
+        "postgres_cluster": "main",
+        "cluster_id": "42",
+        "page_size": PAGE,
+        "captured_at": "now",
+        "roots": [{"path": "/srv/db1/pg/data", "base": "postgres", "within": ""}],
+    }
     writer = pagecache.Writer(stream, header)
     writer.add(pagecache.FileEntry(0, "base/1/1", 100 * PAGE, 0, ((0, 10), (50, 5))))
     writer.finish(1, 1, 100, 0)
@@ -217,8 +228,12 @@ def two_hosts(tmp_path):
 
 def capture_here(root: Path, cluster_dir: Path | None = None, base: str = "path") -> bytes:
     stream = io.BytesIO()
-    header = {"host": "src", "fleet": "unit", "postgres_cluster": None,
-              "roots": [{"path": str(root), "base": base, "within": ""}]}
+    header = {
+        "host": "src",
+        "fleet": "unit",
+        "postgres_cluster": None,
+        "roots": [{"path": str(root), "base": base, "within": ""}],
+    }
     pagecache.capture(header, str(cluster_dir) if cluster_dir else None, [str(root)], stream)
     return stream.getvalue()
 
@@ -227,8 +242,9 @@ def warm_here(text: bytes, root: Path, match="size", concurrency=4, rate=0, clus
     events = []
     reader = pagecache.Reader(io.BytesIO(text))
     pagecache.check_header_here(reader.header, [str(root)], cluster_dir)
-    code = pagecache.Warmer([str(root)], match, concurrency, rate,
-                            lambda event, **fields: events.append(dict(fields, event=event))).run(reader)
+    code = pagecache.Warmer(
+        [str(root)], match, concurrency, rate, lambda event, **fields: events.append(dict(fields, event=event))
+    ).run(reader)
     return code, events
 
 
@@ -344,7 +360,7 @@ def test_cluster_identity_is_checked_on_the_host(two_hosts):
 def test_a_stream_cut_short_stops_warming_and_says_so(two_hosts):
     source, target = two_hosts
     text = capture_here(source)
-    cut = text[:text.index(b'"base/2/1"')]
+    cut = text[: text.index(b'"base/2/1"')]
     code, events = warm_here(cut, target)
     assert code == 2 and events[-1]["event"] == "error" and "truncated" in events[-1]["message"]
     assert events[-1]["summary"]["files"] == 2
@@ -356,20 +372,29 @@ def test_residency_counts_the_profiled_pages_present(two_hosts):
     touch_runs(target / "base/1/1001", ((10, 15),))
     (target / "base/2/1").unlink()
     events = []
-    pagecache.residency(pagecache.Reader(io.BytesIO(text)), [str(target)],
-                        lambda event, **fields: events.append(fields))
+    pagecache.residency(
+        pagecache.Reader(io.BytesIO(text)), [str(target)], lambda event, **fields: events.append(fields)
+    )
     files = {path: (profiled, resident, status) for _, path, profiled, resident, status in events[0]["files"]}
-    assert files == {"base/1/1000": (14, 0, "mtime differs"), "base/1/1001": (30, 15, "mtime differs"),
-                     "base/2/1": (1, 0, "missing")}
+    assert files == {
+        "base/1/1000": (14, 0, "mtime differs"),
+        "base/1/1001": (30, 15, "mtime differs"),
+        "base/2/1": (1, 0, "missing"),
+    }
 
 
 def test_the_agent_runs_from_its_stdin_bootstrap(two_hosts):
     """The remote command line and stdin igops sends over SSH, run by a local shell."""
     source, target = two_hosts
-    header = {"host": "src", "fleet": "unit", "postgres_cluster": None,
-              "roots": [{"path": str(source), "base": "path", "within": ""}]}
-    command, prefix = agent.invocation("pagecache", ["capture", "--header", json.dumps(header),
-                                                     "--within", str(source.parent)])
+    header = {
+        "host": "src",
+        "fleet": "unit",
+        "postgres_cluster": None,
+        "roots": [{"path": str(source), "base": "path", "within": ""}],
+    }
+    command, prefix = agent.invocation(
+        "pagecache", ["capture", "--header", json.dumps(header), "--within", str(source.parent)]
+    )
     captured = subprocess.run(command, shell=True, input=prefix, capture_output=True, timeout=60)
     assert captured.returncode == 0, captured.stderr
     command, prefix = agent.invocation("pagecache", ["apply", str(target), "--concurrency", "2"])
@@ -417,12 +442,15 @@ def test_warm_progress_is_in_mib_with_a_rate_and_the_time_left():
     assert " MB" not in shown
 
 
-@pytest.mark.parametrize(("rate", "left", "expected"), [
-    (None, None, "measuring the rate"),
-    (12.5 * (1 << 20), 187.4, "12.5 MiB/s, 3:07 left"),
-    (3 << 30, 3725, "3.0 GiB/s, 1:02:05 left"),
-    (512, None, "512 B/s, time left unknown"),
-])
+@pytest.mark.parametrize(
+    ("rate", "left", "expected"),
+    [
+        (None, None, "measuring the rate"),
+        (12.5 * (1 << 20), 187.4, "12.5 MiB/s, 3:07 left"),
+        (3 << 30, 3725, "3.0 GiB/s, 1:02:05 left"),
+        (512, None, "512 B/s, time left unknown"),
+    ],
+)
 def test_rate_and_time_left_words(rate, left, expected):
     from igops.output import rate_and_time_left
 
