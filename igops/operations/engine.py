@@ -58,6 +58,10 @@ class Operation:
     def __init__(self, spec: OperationSpec, record: dict, store, held: coordination.HeldLease, reporter: Reporter):
         self.spec, self.record, self.store, self.held = spec, record, store, held
         self.reporter = JournaledReporter(reporter, self)
+        # Entries that go out with the next write (a step's result, with the next step's intent
+        # or the operation's end): one store round per step, one Raft round with etcd.
+        self._later: list[dict] = []
+        self._later_lock = threading.Lock()
 
     @property
     def id(self) -> str:
@@ -67,8 +71,23 @@ class Operation:
         self.held.check()
 
     def write(self, event: str, record: dict | None = None, **fields: Any) -> None:
-        """A journal entry; with `record`, the operation's record updated in the same write."""
-        self.store.append(self.id, {"time": safety.now(), "event": event, "pid": os.getpid(), **fields}, record)
+        """A journal entry, after any left for later; with `record`, the operation's record
+        updated in the same write."""
+        with self._later_lock:
+            entries = [*self._later, self._entry(event, fields)]
+            self.store.append(self.id, entries, record)
+            del self._later[: len(entries) - 1]
+
+    def write_later(self, event: str, **fields: Any) -> None:
+        """A journal entry that goes out with the next write. Only for what comes after the act
+        it reports (a step's result): a run killed before that write leaves the step's intent
+        without a result, which resume already reads as "may have acted"."""
+        with self._later_lock:
+            self._later.append(self._entry(event, fields))
+
+    @staticmethod
+    def _entry(event: str, fields: dict) -> dict:
+        return {"time": safety.now(), "event": event, "pid": os.getpid(), **fields}
 
     def step_started(self, number: int, title: str, **fields: Any) -> None:
         """The intent entry, and the record naming this step as the current one."""
@@ -117,27 +136,22 @@ class JournaledReporter(Reporter):
             try:
                 yield record
             except BaseException as exc:
-                detail = record.detail or describe(exc)
-                self._journal(
-                    lambda: operation.write(
-                        "result",
-                        step=number,
-                        title=record.title,
-                        status="failed",
-                        duration_ms=_ms(started),
-                        detail=detail,
-                    )
-                )
-                raise
-            self._journal(
-                lambda: operation.write(
+                operation.write_later(
                     "result",
                     step=number,
                     title=record.title,
-                    status="ok" if record.status == "running" else record.status,
+                    status="failed",
                     duration_ms=_ms(started),
-                    detail=record.detail,
+                    detail=record.detail or describe(exc),
                 )
+                raise
+            operation.write_later(
+                "result",
+                step=number,
+                title=record.title,
+                status="ok" if record.status == "running" else record.status,
+                duration_ms=_ms(started),
+                detail=record.detail,
             )
 
     def _journal(self, write: Callable[[], None]) -> None:
@@ -368,17 +382,14 @@ def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dic
             pid=holder.pid,
             resumed_by=f"{holder.user}@{holder.host}",
         )
-        store.put_record(record)
-        store.append(
-            record["id"],
-            {
-                "time": holder.since,
-                "event": "resume",
-                "pid": holder.pid,
-                "operator": f"{holder.user}@{holder.host}",
-                "command": holder.command,
-            },
-        )
+        resumed = {
+            "time": holder.since,
+            "event": "resume",
+            "pid": holder.pid,
+            "operator": f"{holder.user}@{holder.host}",
+            "command": holder.command,
+        }
+        store.append(record["id"], [resumed], record)
         return record
     record = {
         "id": holder.operation_id,
@@ -403,11 +414,8 @@ def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dic
         "lease_id": lease_id,
         "backend": store.name,
     }
-    store.put_record(record)
-    store.append(
-        record["id"],
-        {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"], "plan": spec.steps},
-    )
+    begun = {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"], "plan": spec.steps}
+    store.append(record["id"], [begun], record)
     _supersede(store, record)
     return record
 
@@ -432,8 +440,7 @@ def _supersede(store, record: dict) -> None:
             exit_code=None,
             detail=f"superseded by {record['id']}, a rerun that took over its targets",
         )
-        store.put_record(other)
-        store.append(other["id"], {"time": other["ended"], "event": "superseded", "by": record["id"]})
+        store.append(other["id"], [{"time": other["ended"], "event": "superseded", "by": record["id"]}], other)
 
 
 def _end(store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter) -> None:

@@ -92,7 +92,7 @@ class LocalJournal:
         finally:
             os.close(fd)
 
-    def put_record(self, record: dict) -> None:
+    def _put_record(self, record: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(record["id"], ".json")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
@@ -101,17 +101,17 @@ class LocalJournal:
             handle.write(json.dumps(_clean(record), sort_keys=True))
         os.replace(temporary, path)
 
-    def append(self, op_id: str, entry: dict, record: dict | None = None) -> None:
-        """One entry; with `record`, the operation's record is replaced too (after the entry)."""
+    def append(self, op_id: str, entries: list[dict], record: dict | None = None) -> None:
+        """Entries, in order; with `record`, the operation's record is replaced too (after them)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        line = (json.dumps(_clean(entry), sort_keys=True) + "\n").encode()
+        lines = "".join(json.dumps(_clean(entry), sort_keys=True) + "\n" for entry in entries).encode()
         fd = os.open(self._path(op_id, ".journal"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line)  # one write of one line: atomic with O_APPEND
+            os.write(fd, lines)  # one write: atomic with O_APPEND, so no reader sees half of them
         finally:
             os.close(fd)
         if record is not None:
-            self.put_record(record)
+            self._put_record(record)
 
     def record(self, op_id: str) -> dict | None:
         try:
@@ -187,25 +187,21 @@ class EtcdJournal:
             return [record_put, {"request_delete_range": {"key": marker}}]
         return [record_put, {"request_put": {"key": marker, "value": _b64(record["id"])}}]
 
-    def put_record(self, record: dict) -> None:
-        self.gateway.call("/v3/kv/txn", {"success": self._record_requests(record)})
-
-    def append(self, op_id: str, entry: dict, record: dict | None = None) -> None:
-        """One entry; with `record`, the record too, in the same transaction: one Raft round."""
+    def append(self, op_id: str, entries: list[dict], record: dict | None = None) -> None:
+        """Entries, in order, and with `record` the record too: one transaction, one Raft round."""
         from igops.coordination import _b64
 
+        puts = []
         with self._seq_lock:
-            self._seq += 1
-            # Unique across processes that resume the same operation: time first, then pid.
-            key = f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}"
-        value = json.dumps(_clean(entry), sort_keys=True)
-        if record is None:
-            self.gateway.put(key, value)
-            return
-        self.gateway.call(
-            "/v3/kv/txn",
-            {"success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}, *self._record_requests(record)]},
-        )
+            for entry in entries:
+                self._seq += 1
+                # Unique across processes that resume the same operation: time first, then pid.
+                key = f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}"
+                value = json.dumps(_clean(entry), sort_keys=True)
+                puts.append({"request_put": {"key": _b64(key), "value": _b64(value)}})
+        if record is not None:
+            puts.extend(self._record_requests(record))
+        self.gateway.call("/v3/kv/txn", {"success": puts})
 
     def record(self, op_id: str) -> dict | None:
         found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")
@@ -253,8 +249,7 @@ def end_interrupted(coordinator, state_dir: Path, why: str) -> list[str]:
         if store.alive(record):
             continue
         record.update(ended=safety.now(), result="superseded", exit_code=None, detail=why)
-        store.put_record(record)
-        store.append(record["id"], {"time": record["ended"], "event": "superseded", "by": why})
+        store.append(record["id"], [{"time": record["ended"], "event": "superseded", "by": why}], record)
         ended.append(record["id"])
     return ended
 

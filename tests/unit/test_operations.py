@@ -82,6 +82,35 @@ def test_an_operation_journals_each_step_before_and_after_it_and_audits_start_an
     ]
 
 
+def test_a_step_costs_one_journal_write_its_result_going_out_with_the_next_write(fleet):
+    """One store round per step (one Raft round with etcd): a step's result goes out with the
+    next step's intent, or with the end; the entries keep their order."""
+    writes = []
+
+    def action(operation):
+        real = operation.store.append
+
+        def counted(op_id, entries, record=None):
+            writes.append([(e["event"], e.get("title")) for e in entries])
+            real(op_id, entries, record)
+
+        operation.store.append = counted
+        for title in ("pause", "stop", "promote"):
+            with operation.reporter.step(title):
+                pass
+
+    engine.perform(fleet, spec(), action, Reporter())
+    assert writes == [
+        [("intent", "pause")],
+        [("result", "pause"), ("intent", "stop")],
+        [("result", "stop"), ("intent", "promote")],
+        [("result", "promote"), ("end", None)],
+    ]
+    [record] = records(fleet)
+    events = [e["event"] for e in journal.LocalJournal(fleet.state_dir).entries(record["id"])]
+    assert events == ["begin"] + ["intent", "result"] * 3 + ["end"]
+
+
 def test_a_failed_operation_ends_failed_with_its_exit_code_and_the_failing_step(fleet):
     from igops.errors import RemoteError
 
