@@ -17,6 +17,7 @@ holds the lab's test lock for the whole run and leaves db1 and redis1 as primary
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import subprocess
@@ -52,6 +53,9 @@ class Outcome:
     lost: int
     stall_s: float
     writes_per_s: float
+    # Each switchover's own stall: the longest stretch without an acknowledged write that
+    # overlaps the switchover's command, in the order they ran.
+    stalls_s: list[float]
 
 
 def igops(fleet, *args: str) -> subprocess.CompletedProcess:
@@ -67,7 +71,9 @@ def igops(fleet, *args: str) -> subprocess.CompletedProcess:
 def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches) -> Outcome:
     """Run the load, switch to each target in turn once its timed phase has begun, verify."""
     ledger = work / f"{name}.jsonl"
-    duration = len(targets) * (BETWEEN + 6) + 6
+    # An upper bound: the load stops once the last switchover's quiet time is over.
+    duration = len(targets) * (BETWEEN + 60) + 6
+    done = threading.Event()
     result = {}
     lb = fleet.with_role("lb")[0]
     thread = threading.Thread(
@@ -81,6 +87,7 @@ def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches
                 write_ratio=WRITE_RATIO,
                 concurrency=CONCURRENCY,
                 seed=5,
+                stop=done,
             )
         ),
         daemon=True,
@@ -88,21 +95,44 @@ def under_load(fleet, work: Path, name: str, switch, targets: list[str], touches
     thread.start()
     while not (ledger.exists() and '"op":"post"' in ledger.read_text()):
         time.sleep(0.2)
-    failed = 0
+    failed, windows = 0, []
     for target in targets:
         time.sleep(BETWEEN / 2)
+        began = time.time()  # the ledger's clock
         failed += not switch(target)
+        windows.append((began, time.time()))
         time.sleep(BETWEEN / 2)
+    done.set()
     thread.join()
     report = result["report"]
     verified = verify_ledger(ledger, state.paths().app_root("app1") / "shared" / "app.toml")
     records, _ = read_ledger(ledger)
     timed = [record for record in records if record["op"] in ("post", "like")]
     start, end = min(r["acked"] for r in timed), max(r["acked"] for r in records)
-    stall = longest_gap((r["acked"] for r in records if touches(r)), start, end)
+    acked = sorted(r["acked"] for r in records if touches(r))
+    stall = longest_gap(acked, start, end)
+    stalls = [round(stall_during(acked, began, ended), 3) for began, ended in windows]
     return Outcome(
-        name, len(targets), failed, report.errors, len(verified.missing_writes), round(stall, 3), report.writes_per_s
+        name,
+        len(targets),
+        failed,
+        report.errors,
+        len(verified.missing_writes),
+        round(stall, 3),
+        report.writes_per_s,
+        stalls,
     )
+
+
+def stall_during(acked: list[float], began: float, ended: float) -> float:
+    """The longest stretch between two acknowledged writes (sorted `acked`) that overlaps
+    [began, ended]: the stall one switchover caused, whether it began before the command's
+    pause or ran past its return."""
+    longest = 0.0
+    for before, after in itertools.pairwise(acked):
+        if after >= began and before <= ended:
+            longest = max(longest, after - before)
+    return longest
 
 
 def main_shards(fleet) -> set[int]:

@@ -1,11 +1,12 @@
 """The operation engine's own cost: per operation (lease, record, begin and end entries, two audit
-records) and per step (lease check, intent and result entries, the record's current step), on the
-local backend against the lab's three-member etcd, in one run. The baseline is the same empty
-steps run with no engine at all. Goal: under 20 ms a step with etcd on loopback.
+records) and per step (lease check, and one write: its intent entry, the record's current step and
+the result of the step before it), on the local backend against the lab's three-member etcd, in
+one run. The baseline is the same empty steps run with no engine at all. Goal: under 20 ms a step with etcd on loopback.
 
 Then (unless --no-stall) `pg switchover`'s write stall under the app's load, with the lab's
 inventory (etcd) against the same inventory without its [coordination] section (local), in
-bench/failover.py's way. Goal: etcd no worse than 1.1x local.
+bench/failover.py's way, six switchovers each. Goal: etcd no worse than 1.1x local, on the
+median switchover.
 
 Needs the lab (`make lab`); writes under its own prefix in etcd and deletes it afterwards."""
 
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 OPERATIONS = 15
 STEPS = 10
+# Six switchovers per backend: enough for a median that the machine's noise does not decide.
+STALL_ROUND_TRIPS = 3
 
 
 def _fleet(directory: Path, etcd: bool, prefix: str):
@@ -106,12 +109,14 @@ def main() -> None:
 
 
 def stall() -> None:
-    """`pg switchover` round trips under load on each backend; the longest stall of the writes
-    that need cluster main (bench/failover.py measures it the same way)."""
+    """`pg switchover` round trips under load on each backend: each switchover's stall of the
+    writes that need cluster main (bench/failover.py measures it the same way). The goal is
+    judged on the median switchover, since the longest of a few is mostly the machine's noise;
+    both are printed."""
     import fcntl
     import os
 
-    from bench.failover import LOCK, ROUND_TRIPS, igops_pg, main_shards, restore, touches_main, under_load
+    from bench.failover import LOCK, igops_pg, main_shards, restore, touches_main, under_load
     from igops import inventory
     from igops.lab import aws, state
     from tests.labtools import without_coordination
@@ -121,7 +126,7 @@ def stall() -> None:
     # Beside the lab's own, so that its relative paths (secrets, keys) mean the same files.
     local_path = lab.source.with_name("igops-bench-local.toml")
     local_path.write_text(without_coordination(lab.source.read_text()))
-    trips = ["db2", "db1"] * ROUND_TRIPS
+    trips = ["db2", "db1"] * STALL_ROUND_TRIPS
     work = Path(tempfile.mkdtemp(prefix="igops-bench-operations-"))
     try:
         local = inventory.load_file(local_path)
@@ -137,13 +142,19 @@ def stall() -> None:
         local_path.unlink()
     print(f"pg switchover under load: {len(trips)} switchovers per backend")
     for outcome in outcomes:
+        stalls = " ".join(f"{stall:.2f}" for stall in outcome.stalls_s)
         print(
-            f"  {outcome.method:<6} longest write stall {outcome.stall_s:6.2f} s, "
-            f"failed {outcome.failed_switchovers}, "
+            f"  {outcome.method:<6} write stall per switchover: median {statistics.median(outcome.stalls_s):.2f} s, "
+            f"longest {max(outcome.stalls_s):.2f} s ({stalls}); failed {outcome.failed_switchovers}, "
             f"client errors {outcome.errors}, lost writes {outcome.lost}, {outcome.writes_per_s:.0f} writes/s"
         )
-    ratio = outcomes[0].stall_s / max(outcomes[1].stall_s, 0.001)
-    print(f"  etcd/local stall {ratio:.2f}x; goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'}")
+    etcd, local = outcomes
+    median = statistics.median(etcd.stalls_s) / max(statistics.median(local.stalls_s), 0.001)
+    longest = max(etcd.stalls_s) / max(max(local.stalls_s), 0.001)
+    print(
+        f"  etcd/local stall: median {median:.2f}x, longest {longest:.2f}x; goal <= 1.1x (median): "
+        f"{'met' if median <= 1.1 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class _Run:
         self.ops: dict[str, Counter[str]] = {}
         self.local = threading.local()
         self.stop = threading.Event()
+        self.interrupted = False
 
     def client(self) -> ApiClient:
         client = getattr(self.local, "client", None)
@@ -248,6 +249,7 @@ def _timed_phase(
             while thread.is_alive():
                 thread.join(0.2)
     except KeyboardInterrupt:
+        run.interrupted = True
         run.stop.set()
         for thread in threads:
             thread.join(run.timeout + 1)
@@ -264,10 +266,12 @@ def run_load(
     concurrency: int = 16,
     timeout: float = 10.0,
     seed: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Report:
     """Run the workload against `url` (e.g. http://127.0.10.10) and return
-    its report. Raises LoadgenError on bad arguments or when setup cannot
-    create at least two users."""
+    its report. `stop`, once set, ends the timed phase before `duration` (a
+    caller that has done what it ran the load for). Raises LoadgenError on bad
+    arguments or when setup cannot create at least two users."""
     split_base_url(url)
     if rate <= 0 or duration <= 0:
         raise LoadgenError("rate and duration must be positive")
@@ -280,6 +284,8 @@ def run_load(
 
     ledger_writer = Ledger(ledger)
     run = _Run(url, ledger_writer, timeout, seed)
+    if stop is not None:
+        run.stop = stop
     try:
         setup_follows = _setup(run, users, concurrency)
         samples, phase_start, phase_end = _timed_phase(run, rate, duration, write_ratio, concurrency, seed)
@@ -312,5 +318,5 @@ def run_load(
             longest_covered_interval((s.sent, s.done) for s in writes if s.error_kind is not None), 3
         ),
         ops={op: dict(counts) for op, counts in sorted(run.ops.items())},
-        interrupted=run.stop.is_set(),
+        interrupted=run.interrupted,
     )

@@ -274,6 +274,20 @@ def test_loadgen_through_the_load_balancer_loses_nothing(lab, tmp_path):
     assert sorted(m.record["s3_key"] for m in missing if "s3_key" in m.record) == [posts[0], posts[-1]], missing
 
 
+def test_a_load_run_ends_when_its_caller_says_stop(lab, tmp_path):
+    """A bench that switches over N times stops the load after the last one, not at a
+    duration guessed beforehand; that is not an interruption."""
+    import threading
+
+    from app.loadgen import run_load
+
+    done = threading.Event()
+    stop = threading.Timer(3.0, done.set)
+    stop.start()
+    report = run_load(url=_lb_url(lab), rate=50, duration=120, ledger=tmp_path / "l.jsonl", users=4, stop=done)
+    assert report.duration_s < 30 and report.writes_acked > 0 and not report.interrupted
+
+
 def test_lab_up_again_changes_nothing(lab):
     """Also while munin-node serves a connection: the child it forks for it holds the
     listening socket under another name, and is still the lab's own."""
