@@ -7,17 +7,34 @@ Usage: blockdevs.py MOUNT [MOUNT ...]. Prints one JSON object:
 caller maps device names through the EC2 API. The parsers are pure, for testing on recordings.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import subprocess
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, TypedDict
+
+    class MdArray(TypedDict):
+        level: str
+        members: list[tuple[str, int]]
+
+    class MdDetail(TypedDict):
+        level: str | None
+        uuid: str | None
+        members: list[tuple[str, int]]
+
+
 BY_ID = "/dev/disk/by-id"
 EBS_SERIAL = re.compile(r"^nvme-Amazon_Elastic_Block_Store_(vol)_?([0-9a-f]+)$")
 
 
-def parse_mountinfo(text):
+def parse_mountinfo(text: str) -> dict[str, tuple[str, str]]:
     """mount point -> (source device, fstype)."""
     mounts = {}
     for line in text.splitlines():
@@ -31,9 +48,9 @@ def parse_mountinfo(text):
     return mounts
 
 
-def parse_mdstat(text):
+def parse_mdstat(text: str) -> dict[str, MdArray]:
     """md name -> {"level", "members": [(device, raid_index)]} from /proc/mdstat."""
-    arrays = {}
+    arrays: dict[str, MdArray] = {}
     for line in text.splitlines():
         match = re.match(r"^(md\w+)\s*:\s*(\w+)\s+(?:\(\S+\)\s+)?(raid\d+|linear)\s+(.*)$", line)
         if not match:
@@ -48,7 +65,7 @@ def parse_mdstat(text):
     return arrays
 
 
-def parse_mdadm_detail(text):
+def parse_mdadm_detail(text: str) -> MdDetail:
     """{"level", "uuid", "members": [(device, raid_device)]} from `mdadm --detail /dev/mdX`."""
     level = re.search(r"Raid Level\s*:\s*(\S+)", text)
     uuid = re.search(r"UUID\s*:\s*(\S+)", text)
@@ -71,7 +88,7 @@ def parse_mdadm_detail(text):
     }
 
 
-def parse_by_id(entries):
+def parse_by_id(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
     """device name -> EBS volume id, from (link name, link target) pairs of /dev/disk/by-id."""
     volumes = {}
     for name, target in entries:
@@ -81,7 +98,7 @@ def parse_by_id(entries):
     return volumes
 
 
-def _by_id_entries():
+def _by_id_entries() -> list[tuple[str, str]]:
     try:
         names = os.listdir(BY_ID)
     except OSError:
@@ -91,7 +108,7 @@ def _by_id_entries():
     ]
 
 
-def _md_members(name):
+def _md_members(name: str) -> MdDetail:
     """Members of an md array in RAID order, from mdadm when present, else sysfs slots."""
     try:
         detail = subprocess.run(["mdadm", "--detail", f"/dev/{name}"], capture_output=True, text=True, timeout=10)
@@ -111,14 +128,14 @@ def _md_members(name):
     return {"level": level, "uuid": None, "members": sorted(members, key=lambda m: m[1])}
 
 
-def describe(mount, mountinfo, by_id):
+def describe(mount: str, mountinfo: dict[str, tuple[str, str]], by_id: dict[str, str]) -> dict[str, Any]:
     real = os.path.realpath(mount)
     if real not in mountinfo:
         return {"mount": mount, "error": "not a mount point"}
     source, fstype = mountinfo[real]
     device = os.path.realpath(source) if source.startswith("/dev/") else source
     name = device.rsplit("/", 1)[-1]
-    entry = {"mount": mount, "source": source, "fstype": fstype, "device": device, "raid": None}
+    entry: dict[str, Any] = {"mount": mount, "source": source, "fstype": fstype, "device": device, "raid": None}
     if os.path.isdir(f"/sys/block/{name}/md"):
         raid = _md_members(name)
         entry["raid"] = {"level": raid["level"], "uuid": raid["uuid"], "members": len(raid["members"])}
@@ -132,7 +149,7 @@ def describe(mount, mountinfo, by_id):
     return entry
 
 
-def main():
+def main() -> None:
     with open("/proc/self/mountinfo") as handle:
         mountinfo = parse_mountinfo(handle.read())
     by_id = parse_by_id(_by_id_entries())

@@ -10,6 +10,8 @@ logged or executed on a frozen filesystem: output goes only to the SSH channel.
 Output: JSON lines on stdout ("frozen", then "thawed"), or one "error" line and exit 2/3.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import json
@@ -20,22 +22,26 @@ import sys
 import threading
 import time
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 HOST_LOCK = "/run/igops-freeze.lock"
 
 
-def emit(event, **fields):
+def emit(event: str, **fields: Any) -> None:
     sys.stdout.write(json.dumps(dict(event=event, **fields)) + "\n")
     sys.stdout.flush()
 
 
-def fail(message, code=2):
+def fail(message: str, code: int = 2) -> NoReturn:
     emit("error", message=message)
     sys.exit(code)
 
 
-def thaw(fds):
+def thaw(fds: list[tuple[str, int]]) -> list[str]:
     """Thaw in reverse order; a mount that is not frozen (EINVAL) is fine."""
     thawed = []
     for path, fd in reversed(fds):
@@ -48,7 +54,7 @@ def thaw(fds):
     return thawed
 
 
-def release_watchdog(pipe_write):
+def release_watchdog(pipe_write: int) -> None:
     """Tell the watchdog the thaw is done. It may be gone already: at the deadline it thaws and
     exits, and racing it there must not kill this process before it reports the thaw."""
     try:
@@ -57,7 +63,7 @@ def release_watchdog(pipe_write):
         pass
 
 
-def watchdog(fds, pipe_read, deadline):
+def watchdog(fds: list[tuple[str, int]], pipe_read: int, deadline: float) -> NoReturn:
     """Runs in its own session; exits on "done", thaws on EOF or at the deadline."""
     os.setsid()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
@@ -78,7 +84,7 @@ def watchdog(fds, pipe_read, deadline):
             os._exit(0)
 
 
-def main():
+def main() -> None:
     if len(sys.argv) < 3:
         fail("usage: freeze DEADLINE MOUNT [MOUNT ...]")
     try:
@@ -121,9 +127,9 @@ def main():
     os.sync()
     # Each FIFREEZE flushes its filesystem's log and waits: freezing in parallel keeps the
     # window flat as volumes are added. The ioctl releases the GIL.
-    outcomes = [None] * len(fds)
+    outcomes: list[str | None] = [None] * len(fds)
 
-    def freeze_one(index):
+    def freeze_one(index: int) -> None:
         try:
             fcntl.ioctl(fds[index][1], FIFREEZE, 0)
             outcomes[index] = "frozen"

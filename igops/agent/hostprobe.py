@@ -10,6 +10,8 @@ writer, so repeated runs (cron) leave at most one stuck process per frozen mount
 drops the lock when that writer finally finishes. statvfs and reads do not block while frozen.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import hashlib
@@ -19,12 +21,16 @@ import select
 import sys
 import time
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
 PROBE_FILE = ".igops-write-check"
 # How long a probe waits its turn behind others that keep the lock changing hands, in stalls.
 QUEUE_STALLS = 10
 
 
-def lock_dir():
+def lock_dir() -> str | None:
     for candidate in ("/run/igops-check", os.path.join("/tmp", f"igops-check-{os.getuid()}")):
         try:
             os.makedirs(candidate, mode=0o700, exist_ok=True)
@@ -35,7 +41,7 @@ def lock_dir():
     return None
 
 
-def space(mount):
+def space(mount: str) -> dict[str, int | bool]:
     stats = os.statvfs(mount)
     return {
         "bytes_total": stats.f_blocks * stats.f_frsize,
@@ -47,7 +53,7 @@ def space(mount):
     }
 
 
-def writer(mount, lock_fd, report_fd):
+def writer(mount: str, lock_fd: int, report_fd: int) -> NoReturn:
     """The child: one small write at the mount's root; its outcome goes down the pipe."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
@@ -61,7 +67,8 @@ def writer(mount, lock_fd, report_fd):
             os.close(fd)
         outcome = "ok"
     except OSError as exc:
-        outcome = f"error {errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror}"
+        code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno is not None else None
+        outcome = f"error {code} {exc.strerror}"
     try:
         os.write(report_fd, outcome.encode())
     except OSError:
@@ -69,11 +76,11 @@ def writer(mount, lock_fd, report_fd):
     os._exit(0)
 
 
-def lock_path(locks, mount):
+def lock_path(locks: str, mount: str) -> str:
     return os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
 
 
-def lock_record(lock_fd):
+def lock_record(lock_fd: int) -> tuple[float | None, float | None]:
     """(start, completed) of the last write made under the lock; either may be None."""
     try:
         fields = [float(field) for field in os.pread(lock_fd, 64, 0).decode().split()]
@@ -82,7 +89,7 @@ def lock_record(lock_fd):
     return (fields[0] if fields else None), (fields[1] if len(fields) > 1 else None)
 
 
-def writable(mount, stall, locks):
+def writable(mount: str, stall: float, locks: str | None) -> tuple[bool | None, str | None]:
     """(True, None) when a write completed within `stall` seconds; (False, detail) when not.
 
     Probes of one mount that overlap (a cron run and a person's, or many hosts sharing one
@@ -135,12 +142,12 @@ def writable(mount, stall, locks):
         os.close(lock_fd)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     stall = float(argv[0])
     locks = lock_dir()
     mounts = []
     for mount in argv[1:]:
-        entry = {"mount": mount, "mounted": os.path.ismount(mount)}
+        entry: dict[str, Any] = {"mount": mount, "mounted": os.path.ismount(mount)}
         if entry["mounted"]:
             entry.update(space(mount))
             if entry["read_only"]:

@@ -6,13 +6,15 @@ what differs (atomically), removes links to the library that are no longer wante
 munin-node only if something changed (or always_restart). Output: one JSON line {changed, restarted, error}.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import subprocess
 import sys
 
 
-def write_if_different(path, content, mode):
+def write_if_different(path: str, content: bytes, mode: int) -> bool:
     try:
         with open(path, "rb") as handle:
             if handle.read() == content and (os.stat(path).st_mode & 0o7777) == mode:
@@ -31,7 +33,7 @@ def write_if_different(path, content, mode):
     return True
 
 
-def link(path, target):
+def link(path: str, target: str) -> bool:
     if os.path.islink(path) and os.readlink(path) == target:
         return False
     if os.path.lexists(path):
@@ -40,7 +42,7 @@ def link(path, target):
     return True
 
 
-def main():
+def main() -> None:
     request = json.loads(sys.stdin.buffer.read())
     library, plugin_dir = request["library"], request["plugin_dir"]
     changed = []
@@ -61,7 +63,8 @@ def main():
             changed.append(f"removed {path}")
     if write_if_different(request["conf_path"], request["conf"].encode(), 0o600):
         changed.append(request["conf_path"])
-    restarted, error = False, None
+    restarted = False
+    error: str | None = None
     if changed or request.get("always_restart"):
         try:
             done = subprocess.run(

@@ -29,6 +29,8 @@ Readahead is switched off (POSIX_FADV_RANDOM) on every file warmed, so the pages
 profiled pages and no others.
 """
 
+from __future__ import annotations
+
 import argparse
 import ctypes
 import errno
@@ -44,6 +46,24 @@ import sys
 import threading
 import time
 from collections import namedtuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import IO, Any, NamedTuple, Protocol
+
+    Runs = tuple[tuple[int, int], ...]  # ((first page, pages), ...)
+
+    class LineSource(Protocol):
+        """What a Reader reads: a binary stream, or anything else with its readline(limit)."""
+
+        def readline(self, limit: int, /) -> bytes: ...
+
+    class Emit(Protocol):
+        """An Emitter, or a stand-in for one."""
+
+        def __call__(self, event: str, **fields: Any) -> None: ...
+
 
 MAGIC = "igops-pagecache"
 VERSION = 1
@@ -65,7 +85,17 @@ RUN = re.compile(r"([0-9]{1,20})\+([0-9]{1,20})")
 RESIDENT_RUN = re.compile(rb"\x01+")
 LOW_BIT = bytes(value & 1 for value in range(256))
 
-FileEntry = namedtuple("FileEntry", "root path size mtime_ns runs")  # runs: ((first page, pages), ...)
+if TYPE_CHECKING:
+
+    class FileEntry(NamedTuple):
+        root: int
+        path: str
+        size: int
+        mtime_ns: int
+        runs: Runs
+
+else:
+    FileEntry = namedtuple("FileEntry", "root path size mtime_ns runs")  # runs: ((first page, pages), ...)
 
 
 class FormatError(ValueError):
@@ -77,11 +107,11 @@ class Refused(Exception):
 
 
 # --- the profile format ---------------------------------------------------------------------------
-def _json_line(tag, value):
+def _json_line(tag: str, value: Any) -> str:
     return f"{tag}\t{json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=True)}\n"
 
 
-def encode_runs(runs):
+def encode_runs(runs: Iterable[tuple[int, int]]) -> str:
     parts, end = [], 0
     for first, count in runs:
         parts.append(f"{first - end}+{count}")
@@ -89,7 +119,7 @@ def encode_runs(runs):
     return ",".join(parts)
 
 
-def entry_line(entry):
+def entry_line(entry: FileEntry) -> str:
     path = json.dumps(entry.path, ensure_ascii=True)
     return f"F\t{entry.root}\t{path}\t{entry.size}\t{entry.mtime_ns}\t{encode_runs(entry.runs)}\n"
 
@@ -97,7 +127,7 @@ def entry_line(entry):
 class Writer:
     """Writes a profile to a binary stream, hashing as it goes."""
 
-    def __init__(self, stream, header):
+    def __init__(self, stream: IO[bytes], header: dict[str, Any]) -> None:
         self._stream = stream
         self._hash = hashlib.sha256()
         self.files = 0
@@ -106,24 +136,24 @@ class Writer:
         self._write(f"{MAGIC} {VERSION}\n")
         self._write(_json_line("H", header))
 
-    def _write(self, text):
+    def _write(self, text: str) -> None:
         data = text.encode("ascii")
         self._hash.update(data)
         self._stream.write(data)
 
-    def add(self, entry):
+    def add(self, entry: FileEntry) -> None:
         self._write(entry_line(entry))
         self.files += 1
         self.pages += sum(count for _, count in entry.runs)
 
-    def finish(self, scanned_files, scanned_dirs, scanned_pages, unreadable):
+    def finish(self, scanned_files: int, scanned_dirs: int, scanned_pages: int, unreadable: int) -> None:
         counts = (self.files, self.pages, scanned_files, scanned_dirs, scanned_pages, unreadable)
         self._write("T\t" + "".join(f"{count}\t" for count in counts))
         self._stream.write(self._hash.hexdigest().encode("ascii") + b"\n")
         self._stream.flush()
 
 
-def safe_relative(path):
+def safe_relative(path: object) -> bool:
     """A relative path that stays inside its root: no absolute, empty, '.' or '..' component."""
     return (
         isinstance(path, str)
@@ -134,7 +164,7 @@ def safe_relative(path):
     )
 
 
-def check_header(header):
+def check_header(header: object) -> None:
     if not isinstance(header, dict):
         raise FormatError("the header is not a JSON object")
     missing, unknown = HEADER_KEYS - header.keys(), header.keys() - HEADER_KEYS
@@ -181,12 +211,12 @@ class Reader:
     """Reads a profile from a binary stream with readline(limit): the header at once, the file
     entries lazily, and the trailer's counts and checksum after the last entry."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: LineSource) -> None:
         self._stream = stream
         self._hash = hashlib.sha256()
-        self._seen = set()
+        self._seen: set[tuple[int, str]] = set()
         self.line_number = 0
-        self.trailer = None
+        self.trailer: dict[str, Any] | None = None
         magic = self._line("the first line")
         self._hash.update(self._last)
         name, _, version = magic.partition(" ")
@@ -202,11 +232,11 @@ class Reader:
         self._hash.update(self._last)
         header = self._json(text, "the header")
         check_header(header)
-        self.header = header
-        self.page_size = header["page_size"]
+        self.header: dict[str, Any] = header
+        self.page_size: int = header["page_size"]
         self.roots = len(header["roots"])
 
-    def _line(self, what):
+    def _line(self, what: str) -> str:
         raw = self._stream.readline(MAX_LINE + 1)
         self.line_number += 1
         if len(raw) > MAX_LINE:
@@ -220,13 +250,13 @@ class Reader:
         self._last = raw
         return text
 
-    def _json(self, text, what):
+    def _json(self, text: str, what: str) -> Any:
         try:
             return json.loads(text)
         except (ValueError, RecursionError):
             raise FormatError(f"line {self.line_number}: {what} is not valid JSON") from None
 
-    def entries(self):
+    def entries(self) -> Iterator[FileEntry]:
         """Yield every FileEntry; check the trailer when it arrives. Stops at the trailer without
         reading further, so a live stream that stays open after it is not waited on."""
         files = pages = 0
@@ -245,7 +275,7 @@ class Reader:
             else:
                 raise FormatError(f"line {self.line_number}: unknown record {tag[:10]!r} (expected F or T)")
 
-    def _entry(self, text):
+    def _entry(self, text: str) -> FileEntry:
         where = f"line {self.line_number}"
         fields = text.split("\t")
         if len(fields) != 5:
@@ -263,6 +293,7 @@ class Reader:
         if not SIGNED_NUMBER.fullmatch(mtime_ns):
             raise FormatError(f"{where}: mtime {mtime_ns[:20]!r} is not an integer")
         file_pages = -(-int(size) // self.page_size)
+        runs: list[tuple[int, int]]
         runs, end = [], 0
         for token in runs_text.split(","):
             match = RUN.fullmatch(token)
@@ -279,7 +310,7 @@ class Reader:
         self._seen.add((int(root), path))
         return FileEntry(int(root), path, int(size), int(mtime_ns), tuple(runs))
 
-    def _check_trailer(self, text, files, pages):
+    def _check_trailer(self, text: str, files: int, pages: int) -> None:
         where = f"line {self.line_number}"
         fields = text.split("\t")
         if (
@@ -300,7 +331,7 @@ class Reader:
         self.trailer = trailer
 
 
-def read_cluster_id(data_directory):
+def read_cluster_id(data_directory: str) -> str:
     """A Postgres cluster's system identifier: the first 8 bytes of global/pg_control, which
     Postgres writes in the host's byte order."""
     with open(os.path.join(data_directory, "global", "pg_control"), "rb") as handle:
@@ -311,10 +342,10 @@ def read_cluster_id(data_directory):
 
 
 # --- residency ------------------------------------------------------------------------------------
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def libc():
+def libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
@@ -326,7 +357,7 @@ def libc():
     return _libc
 
 
-def resident_map(fd, size, page_size):
+def resident_map(fd: int, size: int, page_size: int) -> bytes:
     """One byte per page of the file, 1 if the page is in the page cache. A read-only shared
     mapping is never touched, so asking faults nothing in."""
     lib = libc()
@@ -346,15 +377,15 @@ def resident_map(fd, size, page_size):
     return b"".join(parts)
 
 
-def runs_of(bitmap):
+def runs_of(bitmap: bytes) -> Runs:
     return tuple((match.start(), match.end() - match.start()) for match in RESIDENT_RUN.finditer(bitmap))
 
 
-def resident_in(bitmap, runs):
+def resident_in(bitmap: bytes, runs: Iterable[tuple[int, int]]) -> int:
     return sum(bitmap[first : first + count].count(1) for first, count in runs)
 
 
-def open_file(path):
+def open_file(path: str) -> int:
     """A read-only descriptor that neither follows a final symlink, nor waits on a FIFO, nor
     updates the access time."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -364,11 +395,11 @@ def open_file(path):
         return os.open(path, flags)
 
 
-def _under(path, prefix):
+def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
-def check_roots(roots, within):
+def check_roots(roots: list[str], within: list[str]) -> None:
     """Every root must exist and, symlinks resolved, lie under one of the allowed prefixes."""
     allowed = [os.path.realpath(prefix) for prefix in within]
     for root in roots:
@@ -381,10 +412,10 @@ def check_roots(roots, within):
 
 # --- capture --------------------------------------------------------------------------------------
 class Scan:
-    def __init__(self):
+    def __init__(self) -> None:
         self.files = self.dirs = self.pages = self.unreadable = 0
 
-    def walk(self, root):
+    def walk(self, root: str) -> Iterator[str]:
         """Regular files under `root`, depth first in name order; symlinks are not followed."""
         pending = [root]
         while pending:
@@ -409,7 +440,7 @@ class Scan:
                     self.unreadable += 1
             pending.extend(reversed(subdirectories))
 
-    def residency(self, path, page_size):
+    def residency(self, path: str, page_size: int) -> tuple[int, int, bytes] | None:
         """(size, mtime_ns, resident map) of a regular file, or None when it is empty, gone or
         unreadable."""
         try:
@@ -433,7 +464,7 @@ class Scan:
         return info.st_size, info.st_mtime_ns, bitmap
 
 
-def capture(header, cluster_dir, within, out):
+def capture(header: dict[str, Any], cluster_dir: str | None, within: list[str], out: IO[bytes]) -> None:
     page_size = mmap.PAGESIZE
     header = dict(
         header, page_size=page_size, cluster_id=None, captured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -461,11 +492,11 @@ def capture(header, cluster_dir, within, out):
 
 # --- apply and residency --------------------------------------------------------------------------
 class Emitter:
-    def __init__(self, stream):
+    def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def __call__(self, event, **fields):
+    def __call__(self, event: str, **fields: Any) -> None:
         with self._lock:
             try:
                 self._stream.write(json.dumps(dict(event=event, **fields)) + "\n")
@@ -474,7 +505,7 @@ class Emitter:
                 os._exit(3)  # igops is gone: nobody is waiting for the rest of the reads
 
 
-def check_header_here(header, roots, cluster_dir):
+def check_header_here(header: dict[str, Any], roots: list[str], cluster_dir: str | None) -> None:
     """Refuse a profile this host cannot honour, before anything is read."""
     if header["page_size"] != mmap.PAGESIZE:
         raise Refused(f"the profile's page size is {header['page_size']}, this host's is {mmap.PAGESIZE}")
@@ -498,7 +529,7 @@ def check_header_here(header, roots, cluster_dir):
             )
 
 
-def locate(entry, roots, real_roots):
+def locate(entry: FileEntry, roots: list[str], real_roots: list[str]) -> tuple[str, str | None]:
     """The entry's path on this host, or a reason to skip it (a symlinked directory must not
     lead a profile's path out of its root)."""
     path = os.path.join(roots[entry.root], entry.path)
@@ -508,7 +539,7 @@ def locate(entry, roots, real_roots):
     return path, None
 
 
-def examine(fd, entry, match):
+def examine(fd: int, entry: FileEntry, match: str) -> str | None:
     """Why this host's file cannot take the entry's pages, or None."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
@@ -520,7 +551,7 @@ def examine(fd, entry, match):
     return None
 
 
-def clip(runs, size, page_size):
+def clip(runs: Iterable[tuple[int, int]], size: int, page_size: int) -> Runs:
     """The runs inside a file of `size` bytes."""
     last = -(-size // page_size)
     return tuple((first, min(count, last - first)) for first, count in runs if first < last)
@@ -529,13 +560,13 @@ def clip(runs, size, page_size):
 class TokenBucket:
     """At most `rate` bytes a second on average, across every reader."""
 
-    def __init__(self, rate):
+    def __init__(self, rate: float) -> None:
         self.rate = rate
         self.tokens = float(CHUNK)
         self.stamp = time.monotonic()
         self.lock = threading.Lock()
 
-    def take(self, amount):
+    def take(self, amount: int) -> None:
         """Readers run into debt and sleep it off, so the long-run rate holds however many wait."""
         with self.lock:
             now = time.monotonic()
@@ -547,7 +578,7 @@ class TokenBucket:
             time.sleep(debt)
 
 
-def disk_read_bytes():
+def disk_read_bytes() -> int:
     """Bytes this process has caused to be fetched from storage (all its threads)."""
     with open("/proc/self/io") as handle:
         for line in handle:
@@ -557,10 +588,10 @@ def disk_read_bytes():
 
 
 class OpenFile:
-    def __init__(self, entry, path, fd, runs):
+    def __init__(self, entry: FileEntry, path: str, fd: int, runs: Runs) -> None:
         self.entry, self.path, self.fd, self.runs = entry, path, fd, runs
         self.pending = 0
-        self.error = None
+        self.error: str | None = None
         self.lock = threading.Lock()
 
 
@@ -568,7 +599,7 @@ class Warmer:
     """Reads profiled pages with a pool of threads: the profile is parsed as it arrives, files are
     opened by one dispatcher (at most OPEN_FILES at a time), and 1 MiB reads go to the pool."""
 
-    def __init__(self, roots, match, concurrency, rate, emit):
+    def __init__(self, roots: list[str], match: str, concurrency: int, rate: int, emit: Emit) -> None:
         self.roots = roots
         self.real_roots = [os.path.realpath(root) for root in roots]
         self.match = match
@@ -576,28 +607,28 @@ class Warmer:
         self.bucket = TokenBucket(rate) if rate else None
         self.emit = emit
         self.page_size = mmap.PAGESIZE
-        self.entries = queue.Queue()
-        self.chunks = queue.Queue(maxsize=concurrency * 4)
+        self.entries: queue.Queue[FileEntry | None] = queue.Queue()
+        self.chunks: queue.Queue[tuple[OpenFile, int, int] | None] = queue.Queue(maxsize=concurrency * 4)
         self.open_slots = threading.BoundedSemaphore(OPEN_FILES)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.done_bytes = 0
         self.files = self.pages = 0
-        self.warmed = []  # (path, runs) of files read without error
+        self.warmed: list[tuple[str, Runs]] = []  # (path, runs) of files read without error
         self.warmed_pages = 0
         self.clipped_pages = 0
-        self.skipped = {}
+        self.skipped: dict[str, int] = {}
         self.skipped_pages = 0
-        self.skipped_listed = []
+        self.skipped_listed: list[dict[str, Any]] = []
 
-    def skip(self, entry, reason, pages):
+    def skip(self, entry: FileEntry, reason: str, pages: int) -> None:
         with self.lock:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
             self.skipped_pages += pages
             if len(self.skipped_listed) < SKIPPED_LISTED:
                 self.skipped_listed.append({"root": entry.root, "path": entry.path, "reason": reason})
 
-    def dispatch(self):
+    def dispatch(self) -> None:
         while True:
             entry = self.entries.get()
             if entry is None or self.stop.is_set():
@@ -617,7 +648,7 @@ class Warmer:
         for _ in range(self.concurrency):
             self.chunks.put(None)
 
-    def open_entry(self, entry):
+    def open_entry(self, entry: FileEntry) -> OpenFile | None:
         """The entry's file here, ready to read with readahead off, or None (skipped, counted)."""
         pages = sum(count for _, count in entry.runs)
         path, reason = locate(entry, self.roots, self.real_roots)
@@ -649,7 +680,7 @@ class Warmer:
             self.clipped_pages += pages - sum(count for _, count in runs)
         return OpenFile(entry, path, fd, runs)
 
-    def read(self):
+    def read(self) -> None:
         buffer = memoryview(bytearray(CHUNK))
         while True:
             work = self.chunks.get()
@@ -672,7 +703,7 @@ class Warmer:
             if last:
                 self.close(handle)
 
-    def close(self, handle):
+    def close(self, handle: OpenFile) -> None:
         os.close(handle.fd)
         self.open_slots.release()
         pages = sum(count for _, count in handle.runs)
@@ -683,7 +714,7 @@ class Warmer:
             self.warmed.append((handle.path, handle.runs))
             self.warmed_pages += pages
 
-    def report_progress(self, finished):
+    def report_progress(self, finished: threading.Event) -> None:
         last_bytes, last_time = -1, 0.0
         while not finished.wait(PROGRESS_INTERVAL):
             now = time.monotonic()
@@ -691,7 +722,7 @@ class Warmer:
                 last_bytes, last_time = self.done_bytes, now
                 self.emit("progress", bytes=self.done_bytes)
 
-    def run(self, reader):
+    def run(self, reader: Reader) -> int:
         started, read_before = time.monotonic(), disk_read_bytes()
         finished = threading.Event()
         threads = [threading.Thread(target=self.dispatch, name="dispatch")]
@@ -699,7 +730,7 @@ class Warmer:
         reporter = threading.Thread(target=self.report_progress, args=(finished,), name="progress")
         for thread in threads + [reporter]:
             thread.start()
-        failure = None
+        failure: str | None = None
         try:
             for entry in reader.entries():
                 self.files += 1
@@ -740,7 +771,7 @@ class Warmer:
         return 0
 
 
-def resident_pages_of(path, runs, page_size):
+def resident_pages_of(path: str, runs: Iterable[tuple[int, int]], page_size: int) -> int:
     try:
         fd = open_file(path)
     except OSError:
@@ -753,7 +784,7 @@ def resident_pages_of(path, runs, page_size):
         os.close(fd)
 
 
-def residency(reader, roots, emit):
+def residency(reader: Reader, roots: list[str], emit: Emit) -> None:
     real_roots = [os.path.realpath(root) for root in roots]
     files = []
     for entry in reader.entries():
@@ -786,7 +817,7 @@ def residency(reader, roots, emit):
 
 
 # --- command line ---------------------------------------------------------------------------------
-def arguments(argv):
+def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pagecache")
     modes = parser.add_subparsers(dest="mode", required=True)
     capture_mode = modes.add_parser("capture")
@@ -806,7 +837,7 @@ def arguments(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = arguments(sys.argv[1:] if argv is None else argv)
     emit = Emitter(sys.stdout)
     os.chdir("/")

@@ -29,6 +29,8 @@ resumed clients meet the running old primary (nothing promoted yet) or a fenced 
 never writes that a promotion then loses).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import queue
@@ -37,6 +39,12 @@ import subprocess
 import sys
 import threading
 import time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+    from typing import IO, Any
 
 # How long one psql may take to connect to the local admin console.
 CONNECT_TIMEOUT_S = 3
@@ -47,7 +55,7 @@ class Stop(Exception):
     """A signal asked this process to end: RESUME first."""
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> tuple[float, str, int, str, list[str]]:
     """(deadline seconds, address, port, admin user, databases); ValueError says what is wrong."""
     if len(argv) < 5:
         raise ValueError("usage: pause_watchdog DEADLINE ADDRESS PORT ADMIN_USER DATABASE [DATABASE ...]")
@@ -65,7 +73,7 @@ def parse_args(argv):
     return deadline, argv[1], int(argv[2]), argv[3], databases
 
 
-def parse_password(line):
+def parse_password(line: bytes) -> str | None:
     """The first stdin line: {"password": ...} -> the password, or None."""
     try:
         value = json.loads(line)
@@ -73,10 +81,11 @@ def parse_password(line):
         raise ValueError("the first line is not JSON") from None
     if not isinstance(value, dict) or not isinstance(value.get("password", ""), (str, type(None))):
         raise ValueError('the first line must be {"password": "..."}')
-    return value.get("password") or None
+    password: str | None = value.get("password")
+    return password or None
 
 
-def parse_command(line):
+def parse_command(line: bytes) -> str | None:
     """One later stdin line -> "beat", "done", or None for anything else."""
     word = line.strip()
     return word.decode() if word in (b"beat", b"done") else None
@@ -85,19 +94,23 @@ def parse_command(line):
 class Heartbeat:
     """When igops last showed it was alive, on an injectable monotonic clock."""
 
-    def __init__(self, deadline_s, clock=time.monotonic):
+    def __init__(self, deadline_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.deadline_s = deadline_s
         self.clock = clock
         self.last = clock()
 
-    def beat(self):
+    def beat(self) -> None:
         self.last = self.clock()
 
-    def remaining(self):
+    def remaining(self) -> float:
         return self.deadline_s - (self.clock() - self.last)
 
 
-def watch(next_line, heartbeat, report=lambda message: None):
+def watch(
+    next_line: Callable[[float], bytes | None],
+    heartbeat: Heartbeat,
+    report: Callable[[str], None] = lambda message: None,
+) -> str:
     """Follow igops' lines until it says "done" (returns "done") or is gone (returns "eof" or
     "deadline"). next_line(timeout) gives the next line, b"" at EOF, None when none came."""
     while True:
@@ -118,7 +131,7 @@ def watch(next_line, heartbeat, report=lambda message: None):
             report(f"not a command: {line[:40]!r}")
 
 
-def resume_outcome(returncode, stderr):
+def resume_outcome(returncode: int, stderr: str) -> str:
     """What one psql `RESUME` said: "resumed", "not paused", or why it failed."""
     if returncode == 0:
         return "resumed"
@@ -128,14 +141,14 @@ def resume_outcome(returncode, stderr):
     return text[-300:] or f"psql exited {returncode}"
 
 
-def quote_identifier(name):
+def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
 class Console:
     """The admin console of this host's PgBouncer, through the host's own psql."""
 
-    def __init__(self, address, port, user, password):
+    def __init__(self, address: str, port: int, user: str, password: str | None) -> None:
         self.argv = [
             "psql",
             "-X",
@@ -158,7 +171,7 @@ class Console:
         ]
         self.password = password
 
-    def run(self, command, timeout):
+    def run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT_S), PGAPPNAME="igops-pause-watchdog")
         if self.password:
             env["PGPASSWORD"] = self.password  # this child's environment only
@@ -172,17 +185,17 @@ class Console:
             cwd="/",
         )
 
-    def databases(self):
+    def databases(self) -> list[str]:
         done = self.run("SHOW DATABASES", CONNECT_TIMEOUT_S + 5)
         if done.returncode != 0:
             raise RuntimeError(" ".join(done.stderr.split())[-300:] or f"psql exited {done.returncode}")
         return [line.split("\t", 1)[0] for line in done.stdout.splitlines() if line]
 
-    def resume(self, databases):
+    def resume(self, databases: list[str]) -> dict[str, str]:
         """RESUME each database, all at once: clients wait on every one of them."""
-        outcomes = {}
+        outcomes: dict[str, str] = {}
 
-        def one(name):
+        def one(name: str) -> None:
             try:
                 done = self.run(f"RESUME {quote_identifier(name)}", CONNECT_TIMEOUT_S + 5)
                 outcomes[name] = resume_outcome(done.returncode, done.stderr)
@@ -197,7 +210,7 @@ class Console:
         return {name: outcomes[name] for name in databases}
 
 
-def emit(event, **fields):
+def emit(event: str, **fields: Any) -> None:
     """A JSON line to igops; once its session is gone there is no one to tell."""
     try:
         sys.stdout.write(json.dumps(dict(event=event, **fields)) + "\n")
@@ -206,7 +219,7 @@ def emit(event, **fields):
         pass
 
 
-def to_syslog(message):
+def to_syslog(message: str) -> None:
     try:
         import syslog
 
@@ -216,11 +229,11 @@ def to_syslog(message):
         pass
 
 
-def line_reader(stream):
+def line_reader(stream: IO[bytes]) -> Callable[[float], bytes | None]:
     """A thread reads stdin (blocking), so the main thread can wait for a line with a timeout."""
-    lines = queue.Queue()
+    lines: queue.Queue[bytes] = queue.Queue()
 
-    def read():
+    def read() -> None:
         while True:
             line = stream.readline()
             lines.put(line)
@@ -229,7 +242,7 @@ def line_reader(stream):
 
     threading.Thread(target=read, daemon=True).start()
 
-    def next_line(timeout):
+    def next_line(timeout: float) -> bytes | None:
         try:
             return lines.get(timeout=timeout)
         except queue.Empty:
@@ -242,20 +255,20 @@ class Signals:
     """SIGTERM, SIGHUP and SIGINT end the watch (raising Stop) once; from then on, and once the
     watch has ended, they are ignored, so that a RESUME under way always finishes."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ended = False
 
-    def __call__(self, signum, frame):
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
         if not self.ended:
             self.ended = True
             raise Stop
 
-    def install(self):
+    def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, self)
 
 
-def main():
+def main() -> None:
     try:
         deadline, address, port, user, databases = parse_args(sys.argv[1:])
         password = parse_password(sys.stdin.buffer.readline())

@@ -24,6 +24,8 @@ Answers are JSON objects; a failure is {"error": ...} (and exit 2 outside `serve
 switch hold a lock on the host for their duration.
 """
 
+from __future__ import annotations
+
 import fcntl
 import hashlib
 import io
@@ -34,6 +36,13 @@ import subprocess
 import sys
 import tarfile
 import time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 MANIFEST = "RELEASE.json"
 LEGACY_REVISION = "REVISION"
@@ -47,16 +56,16 @@ class Refused(Exception):
     pass
 
 
-def emit(document):
+def emit(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document) + "\n")
     sys.stdout.flush()
 
 
-def requirements_hash(data):
+def requirements_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def host_lock(root):
+def host_lock(root: str) -> int:
     """One deploy agent per host at a time; the kernel drops the lock if this process dies."""
     os.makedirs(root, exist_ok=True)
     fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
@@ -71,7 +80,7 @@ def host_lock(root):
             time.sleep(0.1)
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -79,7 +88,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def current_release(root):
+def current_release(root: str) -> str | None:
     try:
         target = os.readlink(os.path.join(root, "current"))
     except OSError:
@@ -87,7 +96,7 @@ def current_release(root):
     return os.path.basename(target.rstrip("/"))
 
 
-def read_history(root):
+def read_history(root: str) -> list[Any]:
     entries = []
     try:
         with open(os.path.join(root, HISTORY)) as handle:
@@ -101,7 +110,7 @@ def read_history(root):
     return entries
 
 
-def release_ids(root):
+def release_ids(root: str) -> list[str]:
     try:
         names = os.listdir(os.path.join(root, "releases"))
     except OSError:
@@ -111,7 +120,7 @@ def release_ids(root):
     )
 
 
-def previous_release(root, current, ids, history):
+def previous_release(root: str, current: str | None, ids: list[str], history: list[Any]) -> str | None:
     """What a rollback returns to: the release `current` replaced, else the newest older one."""
     for entry in reversed(history):
         if entry.get("release") == current:
@@ -121,9 +130,16 @@ def previous_release(root, current, ids, history):
     return older[-1] if older else None
 
 
-def describe_release(root, release_id):
+def describe_release(root: str, release_id: str) -> dict[str, Any]:
     directory = os.path.join(root, "releases", release_id)
-    info = {"id": release_id, "content": None, "revision": None, "requirements": None, "built_at": None, "source": None}
+    info: dict[str, Any] = {
+        "id": release_id,
+        "content": None,
+        "revision": None,
+        "requirements": None,
+        "built_at": None,
+        "source": None,
+    }
     try:
         with open(os.path.join(directory, MANIFEST)) as handle:
             manifest = json.load(handle)
@@ -145,7 +161,7 @@ def describe_release(root, release_id):
     return info
 
 
-def survey(root):
+def survey(root: str) -> dict[str, Any]:
     ids = release_ids(root)
     current = current_release(root)
     history = read_history(root)
@@ -171,7 +187,7 @@ def survey(root):
 # --- stage -----------------------------------------------------------------------------------
 
 
-def safe_members(archive):
+def safe_members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
     """Regular files and directories under the release, nothing else: no links, devices,
     absolute paths or `..`."""
     members = []
@@ -184,7 +200,7 @@ def safe_members(archive):
     return members
 
 
-def unpack(data, directory):
+def unpack(data: bytes, directory: str) -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
         for member in safe_members(archive):
             target = os.path.join(directory, member.name)
@@ -193,12 +209,13 @@ def unpack(data, directory):
                 continue
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
             source = archive.extractfile(member)
+            assert source is not None  # safe_members lets through only regular files and directories
             with open(target, "wb") as handle:
                 shutil.copyfileobj(source, handle)
             os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
 
 
-def ensure_venv(root, digest, requirements):
+def ensure_venv(root: str, digest: str, requirements: str) -> str:
     """ROOT/shared/venvs/<digest>, ready. Returns "reused" or "built". A virtualenv cannot be
     moved after it is made, so it is built in place and counts only once its marker exists."""
     venvs = os.path.join(root, "shared", "venvs")
@@ -226,7 +243,7 @@ def ensure_venv(root, digest, requirements):
     return "built"
 
 
-def stage(root, release_id, expected_sha, shared_names, data):
+def stage(root: str, release_id: str, expected_sha: str, shared_names: list[str], data: bytes) -> dict[str, Any]:
     if "/" in release_id or release_id.startswith("."):
         raise Refused(f"bad release id {release_id!r}")
     releases = os.path.join(root, "releases")
@@ -251,7 +268,9 @@ def stage(root, release_id, expected_sha, shared_names, data):
         raise
 
 
-def prepare(root, release_id, data, staging, final, shared_names):
+def prepare(
+    root: str, release_id: str, data: bytes, staging: str, final: str, shared_names: list[str]
+) -> dict[str, Any]:
     releases = os.path.dirname(final)
     unpack(data, staging)
     with open(os.path.join(staging, MANIFEST)) as handle:
@@ -288,7 +307,7 @@ def prepare(root, release_id, data, staging, final, shared_names):
 # --- switch ----------------------------------------------------------------------------------
 
 
-def prune(root, keep, protected):
+def prune(root: str, keep: int, protected: set[str | None]) -> list[str]:
     ids = release_ids(root)
     removable = [name for name in ids if name not in protected]
     surplus = max(0, len(ids) - keep)
@@ -313,7 +332,15 @@ def prune(root, keep, protected):
     return doomed
 
 
-def switch(root, release_id, keep, reload_command, action, deploy_id, protect=()):
+def switch(
+    root: str,
+    release_id: str,
+    keep: int,
+    reload_command: str,
+    action: str,
+    deploy_id: str,
+    protect: Iterable[str] = (),
+) -> dict[str, Any]:
     target = os.path.join(root, "releases", release_id)
     if not os.path.isdir(target):
         raise Refused(f"release {release_id} is not on this host")
@@ -340,6 +367,7 @@ def switch(root, release_id, keep, reload_command, action, deploy_id, protect=()
             handle.write(json.dumps(record) + "\n")
     pruned = prune(root, keep, {release_id, previous, *protect})
     started = time.monotonic()
+    reload_code: int | None
     try:
         done = subprocess.run(
             ["sh", "-c", reload_command], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
@@ -358,7 +386,7 @@ def switch(root, release_id, keep, reload_command, action, deploy_id, protect=()
     }
 
 
-def locked(root, operation, *args):
+def locked(root: str, operation: Callable[..., T], *args: Any) -> T:
     lock = host_lock(root)
     try:
         return operation(root, *args)
@@ -366,7 +394,7 @@ def locked(root, operation, *args):
         os.close(lock)
 
 
-def failure(exc):
+def failure(exc: Exception) -> dict[str, str]:
     if isinstance(exc, Refused):
         return {"error": str(exc)}
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -377,7 +405,7 @@ def failure(exc):
 FAILURES = (Refused, OSError, ValueError, KeyError, IndexError, TypeError, tarfile.TarError)
 
 
-def serve(root):
+def serve(root: str) -> None:
     """Answer requests until igops closes the session (EOF)."""
     stdin = sys.stdin.buffer
     while True:
@@ -412,7 +440,7 @@ def serve(root):
         emit(answer)
 
 
-def main():
+def main() -> None:
     if len(sys.argv) < 3 or sys.argv[1] not in ("serve", "survey", "stage", "switch"):
         emit({"error": "usage: release.py serve|survey|stage|switch ROOT ..."})
         sys.exit(2)

@@ -15,12 +15,18 @@ requests and exit.
 Answers are JSON objects; a failed request is answered {"error": ...}.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
+if TYPE_CHECKING:
+    from typing import Any
 
 SERVER_LINE = re.compile(r"^(?P<indent>\s*)server\s+(?P<address>\S+)(?P<params>[^;#]*);(?P<rest>.*)$")
 MARKER = "# igops-drained:"
@@ -33,12 +39,12 @@ class Refused(Exception):
     pass
 
 
-def emit(document):
+def emit(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document) + "\n")
     sys.stdout.flush()
 
 
-def parse_line(line):
+def parse_line(line: str) -> dict[str, Any] | None:
     match = SERVER_LINE.match(line)
     if not match:
         return None
@@ -55,7 +61,7 @@ def parse_line(line):
     }
 
 
-def render_line(server):
+def render_line(server: dict[str, Any]) -> str:
     params = [param for param in server["params"] if param != "down"]
     if server["down"]:
         params.append("down")
@@ -65,7 +71,7 @@ def render_line(server):
     return line
 
 
-def apply(text, down, up, note):
+def apply(text: str, down: set[str], up: set[str], note: str) -> tuple[str, list[dict[str, Any]]]:
     """The new file text and the servers as they are in it."""
     lines = text.splitlines()
     servers = []
@@ -89,7 +95,7 @@ def apply(text, down, up, note):
     return "\n".join(lines) + ("\n" if text.endswith("\n") else ""), servers
 
 
-def replace_file(path, text):
+def replace_file(path: str, text: str) -> None:
     info = os.stat(path)
     temporary = f"{path}.igops-{os.getpid()}"
     with open(temporary, "w") as handle:
@@ -101,12 +107,12 @@ def replace_file(path, text):
     os.rename(temporary, path)
 
 
-def run_shell(command):
+def run_shell(command: str) -> tuple[int, str]:
     done = subprocess.run(["sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     return done.returncode, (done.stderr + done.stdout).strip()[-600:]
 
 
-def workers():
+def workers() -> dict[int, tuple[int, bool]]:
     """pid -> (master pid, whether that nginx worker still accepts requests)."""
     found = {}
     for name in os.listdir("/proc"):
@@ -125,11 +131,11 @@ def workers():
     return found
 
 
-def reload_and_wait(reload_command, drain_seconds):
+def reload_and_wait(reload_command: str, drain_seconds: float) -> tuple[float, list[int]]:
     """Reload, then wait until the reloaded master's old workers stop accepting. Other nginx
     instances on the host keep their workers, so the reloaded one is whichever master's old
     workers all changed."""
-    by_master = {}
+    by_master: dict[int, set[int]] = {}
     for pid, (master, accepting) in workers().items():
         if accepting:
             by_master.setdefault(master, set()).add(pid)
@@ -156,14 +162,16 @@ def reload_and_wait(reload_command, drain_seconds):
     return round(applied_ms, 1), lingering
 
 
-def handle(path, test_command, reload_command, drain_seconds, request):
+def handle(
+    path: str, test_command: str, reload_command: str, drain_seconds: float, request: dict[str, Any]
+) -> dict[str, Any]:
     down, up = set(request.get("down", [])), set(request.get("up", []))
     if down & up:
         raise Refused(f"asked to take out and put back the same servers: {', '.join(sorted(down & up))}")
     with open(path) as handle:
         old_text = handle.read()
     new_text, servers = apply(old_text, down, up, request.get("note") or "igops")
-    result = {"servers": servers, "changed": new_text != old_text, "applied_ms": None, "lingering": []}
+    result: dict[str, Any] = {"servers": servers, "changed": new_text != old_text, "applied_ms": None, "lingering": []}
     if down or up:
         # Reloaded even when the file already says so: a run killed between writing the
         # file and reloading left nginx on the old configuration.
@@ -181,7 +189,7 @@ def handle(path, test_command, reload_command, drain_seconds, request):
     return result
 
 
-def main():
+def main() -> None:
     if len(sys.argv) != 5:
         emit({"error": "usage: upstream.py FILE TEST_COMMAND RELOAD_COMMAND DRAIN_SECONDS"})
         sys.exit(2)
