@@ -219,7 +219,8 @@ def _seed_directory(
             )
         cursor.execute("SELECT version FROM shard_map_version")
         row = cursor.fetchone()
-        assert row is not None  # the directory DDL seeds shard_map_version with its one row
+        if row is None:
+            raise IgopsError("the directory DDL seeds no shard map version", "fix [shards] directory_ddl")
         version: int = row[0]
     connection.commit()
     unknown = sorted({cluster for cluster in placement.values()} - set(clusters))
