@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, RemoteError
 
@@ -81,7 +82,8 @@ class Ebs:
         return sorted(found, key=lambda item: item.device)
 
     def availability_zone(self, instance_id: str) -> str:
-        return self._instance(instance_id)["Placement"]["AvailabilityZone"]
+        zone: str = self._instance(instance_id)["Placement"]["AvailabilityZone"]
+        return zone
 
     def pending_snapshots(self, volume_ids: list[str]) -> dict[str, int]:
         snapshots = self._call(
@@ -96,13 +98,13 @@ class Ebs:
                 counts[snapshot["VolumeId"]] = counts.get(snapshot["VolumeId"], 0) + 1
         return counts
 
-    def snapshots(self, tag_filters: dict[str, str | None]) -> list[dict]:
+    def snapshots(self, tag_filters: dict[str, str | None]) -> list[dict[str, Any]]:
         filters = [
             {"Name": f"tag:{key}", "Values": [value]} if value is not None else {"Name": "tag-key", "Values": [key]}
             for key, value in tag_filters.items()
         ]
         paginator = self._ec2.get_paginator("describe_snapshots")
-        found: list[dict] = []
+        found: list[dict[str, Any]] = []
         try:
             for page in paginator.paginate(OwnerIds=["self"], Filters=filters):
                 found += page["Snapshots"]
@@ -110,9 +112,12 @@ class Ebs:
             raise self._error("DescribeSnapshots", exc) from None
         return found
 
-    def volumes(self, tag_filters: dict[str, str]) -> list[dict]:
+    def volumes(self, tag_filters: dict[str, str]) -> list[dict[str, Any]]:
         filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tag_filters.items()]
-        return self._call("DescribeVolumes", self._ec2.describe_volumes, Filters=filters)["Volumes"]
+        found: list[dict[str, Any]] = self._call("DescribeVolumes", self._ec2.describe_volumes, Filters=filters)[
+            "Volumes"
+        ]
+        return found
 
     # --- writing ----------------------------------------------------------------------------
     def create_snapshots(self, instance_id: str, description: str, tags: dict[str, str]) -> dict[str, str]:
@@ -136,8 +141,9 @@ class Ebs:
             Description=description,
             TagSpecifications=[{"ResourceType": "snapshot", "Tags": _tag_list(tags)}],
         )
-        self._copy_images({volume_id: answer["SnapshotId"]})
-        return answer["SnapshotId"]
+        snapshot_id: str = answer["SnapshotId"]
+        self._copy_images({volume_id: snapshot_id})
+        return snapshot_id
 
     def _copy_images(self, made: dict[str, str]) -> None:
         """Lab only: copy the volumes' images while still frozen. A snapshot whose contents could
@@ -173,7 +179,7 @@ class Ebs:
             VolumeType="gp3",
             TagSpecifications=[{"ResourceType": "volume", "Tags": _tag_list(tags)}],
         )
-        volume_id = answer["VolumeId"]
+        volume_id: str = answer["VolumeId"]
         if self._images:
             self._images.volume_from_snapshot(snapshot_id, volume_id)
         self._wait_volume(volume_id, "available")
@@ -217,11 +223,12 @@ class Ebs:
             self._images.forget_volume(volume_id)
 
     # --- plumbing ---------------------------------------------------------------------------
-    def _instance(self, instance_id: str) -> dict:
+    def _instance(self, instance_id: str) -> dict[str, Any]:
         answer = self._call("DescribeInstances", self._ec2.describe_instances, InstanceIds=[instance_id])
         for reservation in answer["Reservations"]:
             for instance in reservation["Instances"]:
-                return instance
+                found: dict[str, Any] = instance
+                return found
         raise IgopsError(f"EC2 instance {instance_id} not found", "check the host's instance_id in the inventory")
 
     def _wait_volume(self, volume_id: str, state: str, timeout: float = 300) -> None:
@@ -237,7 +244,7 @@ class Ebs:
                 )
             time.sleep(1)
 
-    def _call(self, name: str, method, **kwargs):
+    def _call(self, name: str, method: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return method(**kwargs)
         except Exception as exc:  # noqa: BLE001 - botocore's exception tree is wide
@@ -257,7 +264,7 @@ def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
     return [{"Key": key, "Value": str(value)} for key, value in tags.items()]
 
 
-def tags_of(resource: dict) -> dict[str, str]:
+def tags_of(resource: dict[str, Any]) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -31,7 +32,7 @@ class NagiosStatus(IntEnum):
     UNKNOWN = 3
 
 
-def validation_words(error: dict) -> str | None:
+def validation_words(error: dict[str, Any]) -> str | None:
     """A pydantic validation error (one of `ValidationError.errors()`) in igops' words, for the
     kinds a person types wrong; None for the others."""
     value, kind = error.get("input"), error.get("type", "")
@@ -107,6 +108,10 @@ class RefusedError(IgopsError):
 
 class AlreadyRunning(IgopsError):
     exit_code = ExitCode.LOCKED
+    # Set by igops.safety.lock on the refusal it raises: the (operation, target) held, and the
+    # lock file's text (None when it could not be read).
+    resource: tuple[str, str]
+    holder_text: str | None
 
 
 class RemoteError(IgopsError):

@@ -13,7 +13,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING
 from igops.errors import UsageError
 
 if TYPE_CHECKING:
+    from fabric import Connection
+    from paramiko import Channel, HostKeys, PKey
+
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def settings_for(fleet: Fleet) -> SshSettings:
     return SshSettings(known_hosts, identity, ssh.connect_timeout, ssh.command_timeout, ssh.parallel)
 
 
-def targets_for(fleet: Fleet, hosts) -> list[Target]:
+def targets_for(fleet: Fleet, hosts: Iterable[Host]) -> list[Target]:
     return [Target(host.name, str(host.address), fleet.ssh_port(host), fleet.ssh_user(host)) for host in hosts]
 
 
@@ -118,12 +122,12 @@ def run(
         return list(pool.map(one, targets))
 
 
-def _connection(target: Target, settings: SshSettings):
+def _connection(target: Target, settings: SshSettings) -> Connection:
     from fabric import Config, Connection
     from paramiko import RejectPolicy
 
     config = Config(overrides={"load_ssh_configs": False})
-    connect_kwargs = {
+    connect_kwargs: dict[str, object] = {
         "look_for_keys": settings.identity_file is None,
         "allow_agent": False,
         "banner_timeout": settings.connect_timeout,
@@ -145,17 +149,17 @@ def _connection(target: Target, settings: SshSettings):
     # Only this host's entries: parsing the whole file for every connection makes a run's
     # client work grow with the square of the fleet's size.
     name = target.address if target.port == 22 else f"[{target.address}]:{target.port}"
-    known = _known_host_keys(settings.known_hosts).lookup(name) or {}
+    known: Mapping[str, PKey] = _known_host_keys(settings.known_hosts).lookup(name) or {}
     for key_type in known.keys():
         connection.client.get_host_keys().add(name, key_type, known[key_type])
     return connection
 
 
-_parsed_known_hosts: dict[tuple[str, int, int], object] = {}
+_parsed_known_hosts: dict[tuple[str, int, int], HostKeys] = {}
 _parsed_known_hosts_lock = threading.Lock()
 
 
-def _known_host_keys(path: Path):
+def _known_host_keys(path: Path) -> HostKeys:
     """The known_hosts file, parsed once per run and again whenever it changes."""
     from paramiko import HostKeys
 
@@ -204,7 +208,7 @@ def _run_one(target: Target, command: str, settings: SshSettings, timeout: float
         connection.close()
 
 
-def _collect(channel, deadline: float) -> tuple[bytes, bytes, bool]:
+def _collect(channel: Channel, deadline: float) -> tuple[bytes, bytes, bool]:
     out, err = bytearray(), bytearray()
     while True:
         remaining = deadline - time.monotonic()
@@ -283,9 +287,10 @@ def describe_connect_error(exc: Exception, target: Target, settings: SshSettings
 def _causes(exc: BaseException) -> list[BaseException]:
     """The exception and those it was raised from or while handling (paramiko wraps the socket's)."""
     chain: list[BaseException] = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     return chain
 
 
@@ -300,7 +305,7 @@ class Session:
         self._command = with_remote_deadline(command, settings.command_timeout)
         self._prefix = stdin_prefix
         self._buffer = bytearray()
-        self._channel = None
+        self._channel: Channel | None = None
 
     def __enter__(self) -> Session:
         from igops.errors import RemoteError
@@ -312,29 +317,36 @@ class Session:
             raise RemoteError(
                 f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}"
             ) from None
-        self._channel = self._connection.client.get_transport().open_session(timeout=self._settings.connect_timeout)
-        self._channel.exec_command(self._command)
+        channel = self._connection.client.get_transport().open_session(timeout=self._settings.connect_timeout)
+        self._channel = channel
+        channel.exec_command(self._command)
         if self._prefix:
-            self._channel.sendall(self._prefix)
+            channel.sendall(self._prefix)
         return self
 
+    def _open_channel(self) -> Channel:
+        if self._channel is None:
+            raise RuntimeError("remote.Session is used outside its with block")
+        return self._channel
+
     def send(self, data: bytes) -> None:
-        self._channel.sendall(data)
+        self._open_channel().sendall(data)
 
     def read_line(self, timeout: float) -> str | None:
         """The next stdout line, or None at EOF or when the deadline passes."""
         deadline = time.monotonic() + timeout
+        channel = self._open_channel()
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            select.select([self._channel], [], [], min(remaining, 0.5))
-            if self._channel.recv_ready():
-                chunk = self._channel.recv(65536)
+            select.select([channel], [], [], min(remaining, 0.5))
+            if channel.recv_ready():
+                chunk = channel.recv(65536)
                 if not chunk:
                     return None
                 self._buffer += chunk
-            elif self._channel.eof_received and not self._channel.recv_ready():
+            elif channel.eof_received and not channel.recv_ready():
                 return None
         line, _, rest = bytes(self._buffer).partition(b"\n")
         self._buffer = bytearray(rest)
@@ -346,5 +358,5 @@ class Session:
             data += self._channel.recv_stderr(65536)
         return data.decode(errors="replace")
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._connection.close()

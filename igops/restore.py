@@ -13,7 +13,7 @@ import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
@@ -31,7 +31,9 @@ from igops.snapshot import (
 )
 
 if TYPE_CHECKING:
+    from igops.ebs import Ebs
     from igops.inventory import Fleet
+    from igops.inventory_model import Host, Postgres
 
 TAG_RESTORED_TO = "igops:restored-to"
 TAG_RESTORED_AT = "igops:restored-at"
@@ -121,11 +123,11 @@ class RestoreResult:
     to_host: str
     volumes: dict[str, str] = field(default_factory=dict)  # snapshot id -> new volume id
     mounted: dict[str, str] = field(default_factory=dict)  # original mount -> where it is now mounted
-    postgres: dict | None = None  # data_directory, socket_directory, port, log, psql
+    postgres: dict[str, Any] | None = None  # data_directory, socket_directory, port, log, psql
 
 
 def plan_restore(
-    fleet: Fleet, ebs, group_id: str, to_host: str, mount_root: str | None = None, port: int = DEFAULT_PORT
+    fleet: Fleet, ebs: Ebs, group_id: str, to_host: str, mount_root: str | None = None, port: int = DEFAULT_PORT
 ) -> RestorePlan:
     from igops.ebs import tags_of
 
@@ -192,7 +194,7 @@ def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict
     )
 
 
-def restored_volumes(ebs, group_id: str, host) -> list[dict]:
+def restored_volumes(ebs: Ebs, group_id: str, host: Host) -> list[dict[str, Any]]:
     """The volumes a restore of this group made for this host (tagged so, or attached to it)."""
     from igops.ebs import tags_of
 
@@ -204,7 +206,7 @@ def restored_volumes(ebs, group_id: str, host) -> list[dict]:
     ]
 
 
-def refuse_second_restore(ebs, group_id: str, host) -> None:
+def refuse_second_restore(ebs: Ebs, group_id: str, host: Host) -> None:
     existing = restored_volumes(ebs, group_id, host)
     if existing:
         raise RefusedError(
@@ -214,7 +216,7 @@ def refuse_second_restore(ebs, group_id: str, host) -> None:
         )
 
 
-def restore(fleet: Fleet, ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
+def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
     host = fleet.host(plan.to_host)
     refuse_second_restore(ebs, plan.group_id, host)  # again, under the lock
     zone = ebs.availability_zone(plan.instance_id)
@@ -296,7 +298,7 @@ class CleanupPlan:
         return steps
 
 
-def plan_cleanup(fleet: Fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
+def plan_cleanup(fleet: Fleet, ebs: Ebs, group_id: str, to_host: str) -> CleanupPlan:
     from igops.ebs import tags_of
 
     host = fleet.host(to_host)
@@ -322,7 +324,7 @@ def plan_cleanup(fleet: Fleet, ebs, group_id: str, to_host: str) -> CleanupPlan:
     )
 
 
-def cleanup(fleet: Fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
+def cleanup(fleet: Fleet, ebs: Ebs, plan: CleanupPlan, reporter: Reporter = Reporter()) -> list[str]:
     with reporter.step(f"take away the restore of {plan.group_id} from {plan.to_host}") as step:
         leftovers = _take_away(fleet, ebs, fleet.host(plan.to_host), plan.group_id)
         if leftovers:
@@ -334,7 +336,7 @@ def cleanup(fleet: Fleet, ebs, plan: CleanupPlan, reporter: Reporter = Reporter(
     return plan.volumes
 
 
-def _restored_mounts(volumes: list[dict]) -> dict[str, str]:
+def _restored_mounts(volumes: list[dict[str, Any]]) -> dict[str, str]:
     from igops.ebs import tags_of
 
     return {
@@ -344,7 +346,7 @@ def _restored_mounts(volumes: list[dict]) -> dict[str, str]:
     }
 
 
-def _take_away(fleet: Fleet, ebs, host, group_id: str) -> list[str]:
+def _take_away(fleet: Fleet, ebs: Ebs, host: Host, group_id: str) -> list[str]:
     """Stop, unmount, detach and delete everything a restore of the group onto the host made,
     as far as it got. Returns what could not be taken away."""
     leftovers = []
@@ -369,7 +371,7 @@ def _take_away(fleet: Fleet, ebs, host, group_id: str) -> list[str]:
     return leftovers
 
 
-def _host_script(fleet: Fleet, host, script: str, what: str, timeout: float = 300) -> None:
+def _host_script(fleet: Fleet, host: Host, script: str, what: str, timeout: float = 300) -> None:
     [target] = remote.targets_for(fleet, [host])
     [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout)
     if not done.ok:
@@ -465,7 +467,7 @@ def start_script(pg: PostgresStart) -> str:
     )
 
 
-def teardown_script(plan: CleanupPlan, restore_root: str, postgres) -> str:
+def teardown_script(plan: CleanupPlan, restore_root: str, postgres: Postgres) -> str:
     lines = []
     if plan.data_directory:
         # Only a server this restore started: its postmaster.pid names our socket directory (line

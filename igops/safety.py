@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from igops.errors import AlreadyRunning, UsageError
 from igops.secrets import redact, redact_data
@@ -158,11 +159,11 @@ def audit_record(
     detail: str | None = None,
     reason: str | None = None,
     operation_id: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """One audit record, every string in it redacted: what every audit backend stores. An
     operation's start is recorded with no exit code; its end, under the same operation id,
     with one."""
-    record = {
+    record: dict[str, Any] = {
         "time": now(),
         "user": operator_user(),
         "sudo_user": os.environ.get("SUDO_USER"),
@@ -181,10 +182,11 @@ def audit_record(
     if operation_id:
         record["operation"] = operation_id
     # Redacted before serialising, which would escape what a secret may hold.
-    return redact_data(record)
+    redacted: dict[str, Any] = redact_data(record)
+    return redacted
 
 
-def append_audit(state_dir: Path, record: dict) -> None:
+def append_audit(state_dir: Path, record: dict[str, Any]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     line = (json.dumps(redact_data(record), sort_keys=True) + "\n").encode()
     fd = os.open(state_dir / "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

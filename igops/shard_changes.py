@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.output import plural
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
 
 UNCHANGED = object()  # a TOASTed value an update left alone: pgoutput does not send it
 
@@ -40,10 +43,12 @@ class _Reader:
         return self.take(1)
 
     def int16(self) -> int:
-        return struct.unpack("!h", self.take(2))[0]
+        value: int = struct.unpack("!h", self.take(2))[0]
+        return value
 
     def int32(self) -> int:
-        return struct.unpack("!i", self.take(4))[0]
+        value: int = struct.unpack("!i", self.take(4))[0]
+        return value
 
     def string(self) -> str:
         end = self.data.find(b"\0", self.at)
@@ -69,7 +74,7 @@ class _Reader:
         return values
 
 
-def parse_message(data: bytes) -> tuple | None:
+def parse_message(data: bytes) -> tuple[Any, ...] | None:
     """One pgoutput (protocol 1) message: ("relation", relid, name, columns), ("insert", relid,
     rows), ("update", relid, rows), ("delete", relid, rows) or ("truncate", relids); None for
     the messages that write no row (begin, commit, origin, type)."""
@@ -118,13 +123,15 @@ class ChangedRows:
     """The keys of the rows of `schema`'s tables written since `start()`, through `connection`
     (autocommit, to the source's primary), which holds the temporary slot."""
 
-    def __init__(self, connection, slot: str, publication: str, schema: str, keys: dict[str, tuple[str, ...]]):
+    def __init__(
+        self, connection: Connection, slot: str, publication: str, schema: str, keys: dict[str, tuple[str, ...]]
+    ):
         self.connection = connection
         self.slot = slot
         self.publication = publication
         self.schema = schema
         self.primary_keys = keys  # table -> its primary key's columns
-        self.keys: dict[str, set[tuple]] = {table: set() for table in keys}
+        self.keys: dict[str, set[tuple[Any, ...]]] = {table: set() for table in keys}
         self.truncated: set[str] = set()
         self.relations: dict[int, tuple[str, list[str]]] = {}
 
@@ -133,7 +140,9 @@ class ChangedRows:
         with self.connection.cursor() as cursor:
             self._drop(cursor)
             cursor.execute("SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput', true)", (self.slot,))
-            position = cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None  # the function returns one row
+            position: str = row[0]
             # Column lists as pgoutput sends rows (no dropped or generated columns), for changes
             # whose relation message an earlier call of this session already sent.
             cursor.execute(
@@ -231,7 +240,7 @@ class ChangedRows:
             with self.connection.cursor() as cursor:
                 self._drop(cursor)
 
-    def _drop(self, cursor) -> None:
+    def _drop(self, cursor: Cursor) -> None:
         cursor.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
             "WHERE slot_name = %s AND active_pid = pg_backend_pid()",
@@ -239,14 +248,16 @@ class ChangedRows:
         )
 
 
-def _digest(cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tuple] | None) -> tuple[int, int]:
+def _digest(
+    cursor: Cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tuple[Any, ...]] | None
+) -> tuple[int, int]:
     """Rows and the XOR of their 64-bit text hashes (the sessions render values alike): of the
     rows with one of `keys`, or of the whole table when `keys` is None."""
     from psycopg2 import sql
 
     relation = sql.Identifier(schema, table)
     query = sql.SQL("SELECT count(*), coalesce(bit_xor(hashtextextended(t::text, 0)), 0) FROM {} AS t").format(relation)
-    params: tuple = ()
+    params: tuple[Any, ...] = ()
     if keys is not None:
         columns = sql.SQL(", ").join(sql.Identifier(column) for column in key)
         query += sql.SQL(" WHERE ({}) IN (SELECT {} FROM json_populate_recordset(NULL::{}, %s::json))").format(
@@ -254,5 +265,8 @@ def _digest(cursor, schema: str, table: str, key: tuple[str, ...], keys: set[tup
         )
         params = (json.dumps([dict(zip(key, values, strict=False)) for values in sorted(keys)]),)
     cursor.execute(query, params)
-    rows, digest = cursor.fetchone()
+    row = cursor.fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    rows: int = row[0]
+    digest: int = row[1]
     return rows, digest

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from igops.output import Reporter, human_bytes
 from igops.postgres_admin import connect, replication_connection
@@ -16,6 +17,10 @@ from igops.shard_move_session import SessionPart
 from igops.shard_move_steps import COPY_PARALLEL
 from igops.shard_replication import drop_publication_and_slot, drop_subscription
 from igops.shard_schema import tables_of
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import cursor as Cursor
+    from psycopg2.sql import Composed
 
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 
@@ -106,8 +111,9 @@ class ShardCopier(SessionPart):
                     sink.close()
                 except BaseException:
                     sink.abandon()
-                    if loading.exception() is not None:  # the target's failure is the cause
-                        raise loading.exception() from None
+                    failure = loading.exception()
+                    if failure is not None:  # the target's failure is the cause
+                        raise failure from None
                     raise
                 loading.result()
             writer.commit()
@@ -156,7 +162,7 @@ class _CopyCounter:
         self.lock = threading.Lock()
         self.logged = time.monotonic()
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | bytearray) -> None:
         rows = data.count(b"\n")  # COPY's text format: one line a row, newlines in values escaped
         with self.lock:
             self.rows += rows
@@ -177,7 +183,7 @@ class _CountingPipe:
     progress bar see a block at a time, not a million rows one by one."""
 
     def __init__(self, fd: int, counter: _CopyCounter):
-        self.fd = fd
+        self.fd: int | None = fd  # None once the stream is ended
         self.counter = counter
         self.block = bytearray()
 
@@ -188,9 +194,12 @@ class _CountingPipe:
         return len(data)
 
     def _flush(self) -> None:
+        fd = self.fd
         view = memoryview(self.block)
         while view:
-            view = view[os.write(self.fd, view) :]
+            if fd is None:
+                raise ValueError("write to an ended pipe")
+            view = view[os.write(fd, view) :]
         view.release()
         self.counter.add(self.block)
         self.block.clear()
@@ -208,13 +217,13 @@ class _CountingPipe:
             self.fd = None
 
 
-def sql_truncate(schema: str, tables: list[str]):
+def sql_truncate(schema: str, tables: list[str]) -> Composed:
     from psycopg2 import sql
 
     return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables))
 
 
-def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
+def _deferrable_indexes(cursor: Cursor, schema: str) -> list[tuple[str, str]]:
     """(table, statement) that build the schema's keys and indexes as the source has them:
     primary keys, then unique and exclusion constraints, then plain indexes. Empty when a
     foreign key involves the schema (its keys must then stay in place during the copy)."""
@@ -225,7 +234,9 @@ def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
                SELECT c.oid FROM pg_class c JOIN pg_namespace m ON m.oid = c.relnamespace WHERE m.nspname = %s))""",
         (schema, schema),
     )
-    if cursor.fetchone()[0]:
+    row = cursor.fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    if row[0]:
         return []
     cursor.execute(
         """
@@ -236,7 +247,7 @@ def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
          ORDER BY con.contype <> 'p', c.relname, con.conname""",
         (schema,),
     )
-    builds = [tuple(row) for row in cursor.fetchall()]
+    builds = [(row[0], row[1]) for row in cursor.fetchall()]
     cursor.execute(
         """
         SELECT t.relname, pg_get_indexdef(i.indexrelid)
@@ -246,10 +257,10 @@ def _deferrable_indexes(cursor, schema: str) -> list[tuple[str, str]]:
          ORDER BY t.relname, ic.relname""",
         (schema,),
     )
-    return builds + [tuple(row) for row in cursor.fetchall()]
+    return builds + [(row[0], row[1]) for row in cursor.fetchall()]
 
 
-def _drop_statements(cursor, schema: str) -> list[str]:
+def _drop_statements(cursor: Cursor, schema: str) -> list[str]:
     """What removes every key and index of the schema's tables, so a bulk copy need not keep
     them up to date row by row."""
     cursor.execute(

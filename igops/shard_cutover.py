@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, RefusedError, first_line
 from igops.output import plural
@@ -21,6 +21,9 @@ from igops.shard_move_steps import SEQUENCE_MARGIN
 from igops.shard_replication import catch_up
 from igops.shard_schema import describe_schema, sequence_values, tables_of
 from igops.shard_verify import ShardCopy, VerifyReport, verify_copies
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
 
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
@@ -55,6 +58,8 @@ class CutOver(SessionPart):
         # writes held, the cut-over compares those rows only.
         with self.session.source.cursor() as cursor:
             shape = describe_schema(cursor, plan.schema)
+        if shape is None:
+            raise IgopsError(f"{plan.source}/{plan.schema} does not exist", "check the shard and the cluster")
         self.changes = ChangedRows(
             self.session.source,
             f"{plan.slot}_changes",
@@ -151,6 +156,7 @@ class CutOver(SessionPart):
                     lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
                 checked = self._compare_changed_rows(target_cursor, lsn)
                 shape = describe_schema(cursor, plan.schema)
+                assert shape is not None  # tables_of found its tables, now locked
                 sequences = sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
                     target_cursor.execute(
@@ -193,7 +199,7 @@ class CutOver(SessionPart):
             )
         return self.changes
 
-    def _compare_changed_rows(self, target_cursor, lsn: str) -> int:
+    def _compare_changed_rows(self, target_cursor: Cursor, lsn: str) -> int:
         """With writes held and the target caught up to `lsn`: the rows written since the
         verification, by key, on both copies (the copies were equal at the verification, and
         no other row has changed on the source since). Costs what was written since, not the
@@ -225,12 +231,14 @@ def _source_fenced(session: MoveSession) -> bool:
 def _check_clock_skew(session: MoveSession) -> None:
     """Ids start with their server's clock: a target far behind the source would mint
     ids that sort before ones already issued."""
-    readings = []
+    readings: list[float] = []
     for connection in (session.source, session.target):
         with connection.cursor() as cursor:
             before = time.time()
             cursor.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
-            readings.append(cursor.fetchone()[0] - (before + time.time()) / 2)
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            readings.append(row[0] - (before + time.time()) / 2)
     skew_ms = (readings[0] - readings[1]) * 1000
     if skew_ms > MAX_CLOCK_SKEW_MS:
         raise RefusedError(
@@ -244,17 +252,21 @@ def _wait_for_target_clock(session: MoveSession) -> None:
     so every id minted at the new place sorts after every id minted at the old one."""
     with session.source.cursor() as cursor:
         cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-        fenced_at_ms = cursor.fetchone()[0]
+        row = cursor.fetchone()
+        assert row is not None  # a SELECT without FROM returns one row
+        fenced_at_ms = row[0]
     deadline = time.monotonic() + MAX_CLOCK_SKEW_MS / 1000 + 1
     with session.target.cursor() as cursor:
         while True:
             cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint > %s", (fenced_at_ms,))
-            if cursor.fetchone()[0] or time.monotonic() > deadline:
+            passed = cursor.fetchone()
+            assert passed is not None  # a SELECT without FROM returns one row
+            if passed[0] or time.monotonic() > deadline:
                 return
             time.sleep(0.001)
 
 
-def _commit_fence(session: MoveSession, locker) -> None:
+def _commit_fence(session: MoveSession, locker: Connection) -> None:
     import psycopg2
 
     try:
@@ -267,7 +279,7 @@ def _commit_fence(session: MoveSession, locker) -> None:
         ) from None
 
 
-def _stage_map_flip(session: MoveSession, directory, lsn: str) -> int:
+def _stage_map_flip(session: MoveSession, directory: Connection, lsn: str) -> int:
     """The map change and its journal entry, left uncommitted so the commit right after the
     fence is the only thing between them. `lsn` lies past the shard's last change on the
     source: the cleanup drops nothing before the target has flushed up to it."""
@@ -283,7 +295,10 @@ def _stage_map_flip(session: MoveSession, directory, lsn: str) -> int:
                 "someone changed the map during the move; nothing was switched",
             )
         cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
-        version = cursor.fetchone()[0]
+        row = cursor.fetchone()
+        if row is None:
+            raise IgopsError("the directory has no shard map version", "run `igops shard init`")
+        version: int = row[0]
         cursor.execute(
             "UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
             "updated_at = now(), error = NULL, history = history || jsonb_build_array("
@@ -303,7 +318,7 @@ def _flip_map(session: MoveSession, lsn: str) -> int:
         directory.close()
 
 
-def _commit_map_flip(session: MoveSession, directory, version: int, lsn: str) -> int:
+def _commit_map_flip(session: MoveSession, directory: Connection, version: int, lsn: str) -> int:
     """The source is fenced now: until the map names the target the shard is unavailable,
     so a failed commit is retried on fresh connections before giving up."""
     import psycopg2
@@ -326,7 +341,7 @@ def _commit_map_flip(session: MoveSession, directory, version: int, lsn: str) ->
     )
 
 
-def _rollback_quietly(connection) -> None:
+def _rollback_quietly(connection: Connection) -> None:
     import psycopg2
 
     try:

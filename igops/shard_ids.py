@@ -76,9 +76,10 @@ def shard_ranges(shards: list[int]) -> str:
     """[0, 1, 2, 3, 7, 9, 10] -> "0-3, 7, 9-10": thousands of shards stay readable."""
     parts: list[str] = []
     ordered = sorted(shards)
-    start = previous = None
-    for shard in ordered + [None]:
-        if start is not None and shard == previous + 1:
+    start: int | None = None
+    previous: int | None = None
+    for shard in [*ordered, None]:
+        if start is not None and previous is not None and shard == previous + 1:
             previous = shard
             continue
         if start is not None:

@@ -15,6 +15,8 @@ from igops.shard_map import cluster_names, schema_name
 from igops.shard_schema import act_as_owner, read_ddl, shard_ddl
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 
@@ -68,6 +70,7 @@ def plan_init(fleet: Fleet, count: int | None = None) -> InitPlan:
     count = count or model.shards.count
     clusters = cluster_names(fleet)
     directory_cluster = fleet.directory_cluster
+    assert directory_cluster is not None  # the first cluster when [shards] names none; cluster_names found some
     missing_databases: list[str] = []
     present: dict[str, set[str]] = {}
     for name in clusters:
@@ -132,6 +135,7 @@ def init_shards(fleet: Fleet, reporter: Reporter | None = None, count: int | Non
     shards = model.shards
     clusters = cluster_names(fleet)
     directory_cluster = fleet.directory_cluster
+    assert directory_cluster is not None  # the first cluster when [shards] names none; cluster_names found some
     ddl = {key: read_ddl(fleet, key) for key in ("directory_ddl", "shard_ddl")}
 
     with reporter.step("create missing databases") as step:
@@ -166,7 +170,7 @@ def init_shards(fleet: Fleet, reporter: Reporter | None = None, count: int | Non
     return report
 
 
-def _create_database(connection, database: str) -> bool:
+def _create_database(connection: Connection, database: str) -> bool:
     from psycopg2 import sql
 
     connection.autocommit = True
@@ -178,7 +182,9 @@ def _create_database(connection, database: str) -> bool:
     return True
 
 
-def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[bool, int, dict[int, str]]:
+def _seed_directory(
+    connection: Connection, fleet: Fleet, directory_ddl: str, count: int
+) -> tuple[bool, int, dict[int, str]]:
     model = fleet.model
     clusters = list(model.postgres.clusters)
     with connection.cursor() as cursor:
@@ -212,7 +218,10 @@ def _seed_directory(connection, fleet, directory_ddl: str, count: int) -> tuple[
                 (f"{master.address}:{model.redis.port}",),
             )
         cursor.execute("SELECT version FROM shard_map_version")
-        version = cursor.fetchone()[0]
+        row = cursor.fetchone()
+        if row is None:
+            raise IgopsError("the directory DDL seeds no shard map version", "fix [shards] directory_ddl")
+        version: int = row[0]
     connection.commit()
     unknown = sorted({cluster for cluster in placement.values()} - set(clusters))
     if unknown:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import AlreadyRunning, RefusedError, UsageError
 from igops.safety import operator_host, operator_user
 from igops.shard_move_steps import MovePlan
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
 
 ACTIVE, DONE, ABORTED = "active", "done", "aborted"
 
@@ -95,7 +98,7 @@ class MoveRecord:
     lock_wait_ms: float | None
     write_block_ms: float | None
     error: str | None
-    history: list[dict]
+    history: list[dict[str, Any]]
     running: bool | None = None  # whether a process holds the shard's move lock now
     retained_wal_bytes: int | None = None
     state: str = field(init=False)  # running, interrupted, failed, done or aborted
@@ -120,19 +123,21 @@ class MoveRecord:
 class Journal:
     """The `shard_moves` table in the directory database, through an autocommit connection."""
 
-    def __init__(self, connection):
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
     def exists(self) -> bool:
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT to_regclass('shard_moves') IS NOT NULL")
-            return cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            return bool(row[0])
 
     def ensure(self) -> None:
         with self.connection.cursor() as cursor:
             cursor.execute(JOURNAL_DDL)
 
-    def _select(self, where: str, params: tuple, limit: int | None = None) -> list[MoveRecord]:
+    def _select(self, where: str, params: tuple[Any, ...], limit: int | None = None) -> list[MoveRecord]:
         if not self.exists():
             return []
         with self.connection.cursor() as cursor:
@@ -187,7 +192,9 @@ class Journal:
                     "jsonb_build_array(jsonb_build_object('step', 'planned', 'at', now()))) RETURNING id",
                     (plan.shard, plan.schema, plan.source, plan.target, operator_label()),
                 )
-                move_id = cursor.fetchone()[0]
+                row = cursor.fetchone()
+                assert row is not None  # INSERT ... RETURNING of one row returns it
+                move_id: int = row[0]
         except errors.UniqueViolation:
             other = self.active_for(plan.shard)
             raise RefusedError(
@@ -203,7 +210,7 @@ class Journal:
     def update(self, move_id: int, step: str | None = None, **fields: Any) -> None:
         from psycopg2 import sql
 
-        assignments = [sql.SQL("updated_at = now()")]
+        assignments: list[sql.Composable] = [sql.SQL("updated_at = now()")]
         params: list[Any] = []
         if step is not None:
             assignments.append(
@@ -232,7 +239,9 @@ class Journal:
         """Take the shard's move lock for the life of this connection, or say who has it."""
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", (ADVISORY_CLASS, shard))
-            if cursor.fetchone()[0]:
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            if row[0]:
                 return
             cursor.execute(
                 "SELECT a.client_addr, a.pid, a.backend_start FROM pg_locks l "

@@ -7,8 +7,12 @@ until the target has applied the source's WAL up to there. When the moment is no
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import cursor as Cursor
 
 # The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
@@ -24,7 +28,7 @@ class CutoverDeferred(IgopsError):
     """Writes were held but the moment was not right: they are released and it is tried again."""
 
 
-def lock_tables(cursor, schema: str, tables: list[str]) -> None:
+def lock_tables(cursor: Cursor, schema: str, tables: list[str]) -> None:
     """Block writes, not reads. It must be the transaction's first statement when the
     transaction's snapshot is to show everything committed before the lock. A lock that
     cannot be had within lock_timeout defers the attempt (writers queue behind a waiting lock)."""
@@ -43,7 +47,7 @@ def lock_tables(cursor, schema: str, tables: list[str]) -> None:
         ) from None
 
 
-def flushed_position(cursor) -> str:
+def flushed_position(cursor: Cursor) -> str:
     """A position in the source's WAL up to which its walsender can decode and report now: the
     end of a logical message (which no subscription receives) committed in a transaction of its
     own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
@@ -63,7 +67,9 @@ def flushed_position(cursor) -> str:
         # or for ever with that standby down; this one only has to reach the local disk.
         cursor.execute("SET LOCAL synchronous_commit = local")
         cursor.execute("SELECT pg_logical_emit_message(true, 'igops-shard-move', 'position')")
-        position = cursor.fetchone()[0]
+        row = cursor.fetchone()
+        assert row is not None  # a SELECT without FROM returns one row
+        position: str = row[0]
         cursor.execute("COMMIT")
     except psycopg2.Error:
         # The connection goes on being used: leave no failed transaction open on it.
@@ -76,7 +82,7 @@ def flushed_position(cursor) -> str:
     return position
 
 
-def wait_applied(cursor, subscription: str, source_cursor, budget_s: float) -> str:
+def wait_applied(cursor: Cursor, subscription: str, source_cursor: Cursor, budget_s: float) -> str:
     """Until the subscription has applied the source's WAL up to a position past everything
     committed before now (see `flushed_position`, which `source_cursor` writes); returns that
     position. Its apply worker reports a position only after applying everything before it."""

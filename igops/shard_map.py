@@ -13,6 +13,8 @@ from igops.errors import IgopsError, UsageError
 from igops.postgres_admin import connect, last_primary, primary_connection
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
+
     from igops.inventory import Fleet
 
 
@@ -67,23 +69,28 @@ class ShardMap:
         return {item.shard: item.bytes or 0 for item in self.shards}
 
 
-def directory_connection(fleet: Fleet, autocommit: bool = True, purpose: str = "shards"):
+def directory_connection(fleet: Fleet, autocommit: bool = True, purpose: str = "shards") -> Connection:
     """A connection to the directory database that the caller closes."""
     cluster_names(fleet)  # refuses an inventory without clusters
-    return connect(
-        fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit, purpose=purpose
+    directory_cluster = fleet.directory_cluster
+    assert directory_cluster is not None  # the first cluster when [shards] names none
+    connection: Connection = connect(
+        fleet, directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit, purpose=purpose
     )
+    return connection
 
 
 def directory_session(fleet: Fleet) -> primary_connection:
     """An autocommit directory connection as a context manager that closes it."""
     cluster_names(fleet)  # refuses an inventory without clusters
+    directory_cluster = fleet.directory_cluster
+    assert directory_cluster is not None  # the first cluster when [shards] names none
     return primary_connection(
-        fleet, fleet.directory_cluster, fleet.model.shards.directory_database, autocommit=True, purpose="shards"
+        fleet, directory_cluster, fleet.model.shards.directory_database, autocommit=True, purpose="shards"
     )
 
 
-def read_placement(cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:
+def read_placement(cursor: Cursor) -> tuple[int, datetime, dict[int, str], dict[str, str]]:
     cursor.execute("SELECT version, updated_at FROM shard_map_version")
     row = cursor.fetchone()
     if row is None:
@@ -174,9 +181,12 @@ def placement_of(fleet: Fleet, shard: int) -> str:
             row = cursor.fetchone()
             if row is None:
                 cursor.execute("SELECT min(logical_shard), max(logical_shard) FROM shard_map")
-                low, high = cursor.fetchone()
+                bounds = cursor.fetchone()
+                assert bounds is not None  # an aggregate without GROUP BY returns one row
+                low, high = bounds
                 raise UsageError(
                     f"unknown logical shard {shard}",
                     f"the shard map has shards {low}-{high}" if low is not None else "run igops shard init",
                 )
-    return row[0]
+    cluster: str = row[0]
+    return cluster

@@ -38,6 +38,8 @@ from igops.shard_schema import act_as_owner, describe_schema, read_ddl, schema_d
 from igops.shard_verify import VerifyReport
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import cursor as Cursor
+
     from igops.inventory import Fleet
 
 
@@ -119,6 +121,10 @@ def plan_move(fleet: Fleet, shard: int, target: str) -> MovePlan:
             cursor.execute(shard_ddl(template, schema, shard))
             built = describe_schema(cursor, schema)
         connection.rollback()
+    if built is None:
+        raise RefusedError(
+            f"the shard DDL builds no schema {schema} on {target}", "its statements must create the schema {schema}"
+        )
     diff = schema_diff(source_shape, built, source, target)
     if diff:
         raise RefusedError(
@@ -140,14 +146,16 @@ def plan_move(fleet: Fleet, shard: int, target: str) -> MovePlan:
     )
 
 
-def _has_rows(cursor, schema: str, table: str) -> bool:
+def _has_rows(cursor: Cursor, schema: str, table: str) -> bool:
     from psycopg2 import sql
 
     cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(schema, table)))
-    return cursor.fetchone()[0]
+    row = cursor.fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    return bool(row[0])
 
 
-def _table_sizes(cursor, schema: str) -> list[TableSize]:
+def _table_sizes(cursor: Cursor, schema: str) -> list[TableSize]:
     """Rows from the planner's estimate, counted instead for tables never analysed."""
     from psycopg2 import sql
 
@@ -162,18 +170,22 @@ def _table_sizes(cursor, schema: str) -> list[TableSize]:
     for name, rows, size in cursor.fetchall():
         if rows < 0:
             cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))
-            rows = cursor.fetchone()[0]
+            counted = cursor.fetchone()
+            assert counted is not None  # an aggregate without GROUP BY returns one row
+            rows = counted[0]
         sizes.append(TableSize(name, rows, size))
     return sizes
 
 
-def _check_replication_capacity(cursor, cluster: str) -> None:
+def _check_replication_capacity(cursor: Cursor, cluster: str) -> None:
     cursor.execute(
         "SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, "
         "(SELECT count(*) FROM pg_replication_slots), current_setting('max_wal_senders')::int, "
         "(SELECT count(*) FROM pg_stat_replication)"
     )
-    wal_level, max_slots, slots, max_senders, senders = cursor.fetchone()
+    row = cursor.fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    wal_level, max_slots, slots, max_senders, senders = row
     if wal_level != "logical":
         raise RefusedError(
             f"{cluster} runs with wal_level = {wal_level}",
@@ -287,6 +299,8 @@ class _Mover:
         self.session.close()
 
     def run(self) -> None:
+        move_id = self.plan.move_id
+        assert move_id is not None  # start_move and resume_move journal the move before driving it
         for step in self.plan.remaining():
             if step == "planned":
                 self.session.pause("planned")
@@ -296,11 +310,11 @@ class _Mover:
                 record.detail = detail
             fields = self.session.result_fields.pop(step, {})
             if step == "cleaned":
-                self.journal.finish(self.plan.move_id, DONE, step="cleaned", **fields)
+                self.journal.finish(move_id, DONE, step="cleaned", **fields)
             elif step == "switched":  # journaled with the map change itself; the timings follow
-                self.journal.update(self.plan.move_id, **fields)
+                self.journal.update(move_id, **fields)
             else:
-                self.journal.advance(self.plan.move_id, step, **fields)
+                self.journal.advance(move_id, step, **fields)
             self.session.pause(step)
 
     def _target_ready(self) -> str:
@@ -312,6 +326,11 @@ class _Mover:
                 act_as_owner(cursor)
                 cursor.execute(shard_ddl(template, plan.schema, plan.shard))
                 built = describe_schema(cursor, plan.schema)
+                if built is None:
+                    raise RefusedError(
+                        f"the shard DDL builds no schema {plan.schema} on {plan.target}",
+                        "its statements must create the schema {schema}",
+                    )
                 with self.session.source.cursor() as source_cursor:
                     original = describe_schema(source_cursor, plan.schema)
                 if original is None:
@@ -405,6 +424,8 @@ def _slot_usable_on_source(fleet: Fleet, record: MoveRecord) -> bool:
 
 
 def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:
+    move_id = plan.move_id
+    assert move_id is not None  # start_move and resume_move journal the move before driving it
     started = time.monotonic()
     mover = _Mover(fleet, plan, journal, reporter, pause_after)
     try:
@@ -413,13 +434,13 @@ def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, p
         if isinstance(exc, Exception):
             message = exc.one_line() if isinstance(exc, IgopsError) else f"{type(exc).__name__}: {exc}"
             try:
-                journal.fail(plan.move_id, message)
+                journal.fail(move_id, message)
             except Exception:  # noqa: BLE001 - the original error matters more than the journal's
                 pass
         raise
     finally:
         mover.close()
-    record = journal.get(plan.move_id)
+    record = journal.get(move_id)
     return MoveResult(
         record.id,
         record.logical_shard,

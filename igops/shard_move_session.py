@@ -12,6 +12,8 @@ from igops.postgres_admin import connect
 from igops.shard_move_steps import MovePlan
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 
@@ -22,19 +24,19 @@ class MoveSession:
         self.reporter = reporter
         self.pause_after = pause_after
         self.database = fleet.model.postgres.database
-        self._source = None
-        self._target = None
+        self._source: Connection | None = None
+        self._target: Connection | None = None
         self.result_fields: dict[str, Any] = {}
 
     # connections to the primaries, autocommit, opened on first use
     @property
-    def source(self):
+    def source(self) -> Connection:
         if self._source is None:
             self._source = connect(self.fleet, self.plan.source, self.database, autocommit=True, purpose="move")
         return self._source
 
     @property
-    def target(self):
+    def target(self) -> Connection:
         if self._target is None:
             self._target = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move")
         return self._target

@@ -4,6 +4,7 @@ a full online move."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,7 @@ def plan_rebalance(
     if by not in ("shards", "bytes"):
         raise UsageError(f"cannot balance by {by!r}", "use --by shards or --by bytes")
     sizes = sizes or {}
-    weight = (lambda shard: 1) if by == "shards" else (lambda shard: sizes.get(shard, 0))
+    weight: Callable[[int], int] = (lambda shard: 1) if by == "shards" else (lambda shard: sizes.get(shard, 0))
     load = {cluster: 0 for cluster in clusters}
     members: dict[str, set[int]] = {cluster: set() for cluster in clusters}
     for shard, cluster in placement.items():

@@ -6,12 +6,16 @@ dropping the subscription, slot and publication again."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, first_line
 from igops.output import human_bytes, plural
 from igops.postgres_admin import QUIET_STATEMENT_LOGGING, connect, replication_conninfo
 from igops.shard_journal import Journal
 from igops.shard_move_session import MoveSession
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
 
 # How long the cleanup waits for the target to report having flushed the shard's last changes
 # (the subscriber reports within a WAL writer cycle or two).
@@ -67,7 +71,7 @@ def subscribe(session: MoveSession) -> str:
     return f"{plan.target_primary} streams from {plan.source_primary}"
 
 
-def _check_workers(session: MoveSession, cursor, before: int | None) -> int:
+def _check_workers(session: MoveSession, cursor: Cursor, before: int | None) -> int:
     """Fail when the subscription's workers keep erroring (their messages are in the target's log), or when
     the slot they read is gone (a new source primary has no logical slots)."""
     cursor.execute(
@@ -105,11 +109,15 @@ def catch_up(session: MoveSession) -> str:
     with session.target.cursor() as cursor, session.source.cursor() as source_cursor:
         while True:
             source_cursor.execute("SELECT pg_current_wal_lsn()")
-            current = source_cursor.fetchone()[0]
+            position = source_cursor.fetchone()
+            assert position is not None  # a SELECT without FROM returns one row
+            current = position[0]
             applied = _applied_lsn(cursor, plan.slot)
             if applied is not None:
                 source_cursor.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint", (current, applied))
-                lag = max(0, source_cursor.fetchone()[0])
+                difference = source_cursor.fetchone()
+                assert difference is not None  # a SELECT without FROM returns one row
+                lag: int = max(0, difference[0])
                 if lag <= plan.max_lag_bytes:
                     return f"{human_bytes(lag)} behind"
                 if time.monotonic() - last_log > 5:
@@ -131,6 +139,7 @@ def await_target_flush(session: MoveSession, journal: Journal) -> str:
     slot's confirmed_flush_lsn is what the subscriber reports after flushing; the position to
     reach was journaled with the map switch."""
     plan = session.plan
+    assert plan.move_id is not None  # the journal has the move by its cut-over
     lsn = journal.get(plan.move_id).source_lsn
     deadline = time.monotonic() + FLUSH_WAIT_S
     with session.source.cursor() as cursor, session.target.cursor() as target_cursor:
@@ -174,7 +183,7 @@ def await_target_flush(session: MoveSession, journal: Journal) -> str:
             time.sleep(0.05)
 
 
-def _applied_lsn(cursor, subscription: str):
+def _applied_lsn(cursor: Cursor, subscription: str) -> Any:
     """What the subscription's apply worker has applied and reported, or None when no
     worker runs."""
     cursor.execute(
@@ -184,7 +193,7 @@ def _applied_lsn(cursor, subscription: str):
     return row[1] if row and row[0] else None
 
 
-def slot_usable(cursor, slot: str) -> bool | None:
+def slot_usable(cursor: Cursor, slot: str) -> bool | None:
     """None when the slot does not exist; False when Postgres invalidated it (it no longer holds
     the WAL its subscriber needs)."""
     cursor.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
@@ -192,7 +201,7 @@ def slot_usable(cursor, slot: str) -> bool | None:
     return None if row is None else row[0] != "lost"
 
 
-def drop_subscription(connection, name: str) -> bool:
+def drop_subscription(connection: Connection, name: str) -> bool:
     """Drop a subscription without needing its publisher: detach it from its slot first (the
     slot is dropped on the source separately)."""
     from psycopg2 import sql
@@ -208,7 +217,9 @@ def drop_subscription(connection, name: str) -> bool:
     return True
 
 
-def drop_publication_and_slot(connection, name: str, wait_s: float = 15, keep_publication: bool = False) -> str:
+def drop_publication_and_slot(
+    connection: Connection, name: str, wait_s: float = 15, keep_publication: bool = False
+) -> str:
     """Drop the move's slot once no sender reads it (a disabled subscription's sender exits
     within moments) and its publication. A slot left behind would keep WAL forever."""
     from psycopg2 import sql

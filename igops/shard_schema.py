@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from igops.errors import IgopsError, UsageError
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import cursor as Cursor
+
     from igops.inventory import Fleet
 
 
@@ -29,13 +31,15 @@ def read_ddl(fleet: Fleet, key: str) -> str:
         ) from None
 
 
-def act_as_owner(cursor) -> None:
+def act_as_owner(cursor: Cursor) -> None:
     """Create objects as the database's owner, so the service that owns the database owns
     its tables too."""
     from psycopg2 import sql
 
     cursor.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
-    cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(cursor.fetchone()[0])))
+    row = cursor.fetchone()
+    assert row is not None  # the current database is in pg_database
+    cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(row[0])))
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class SchemaShape:
     functions: tuple[str, ...]
 
 
-def describe_schema(cursor, schema: str) -> SchemaShape | None:
+def describe_schema(cursor: Cursor, schema: str) -> SchemaShape | None:
     """The shape of a schema, or None when it does not exist."""
     cursor.execute("SELECT oid FROM pg_namespace WHERE nspname = %s", (schema,))
     if cursor.fetchone() is None:
@@ -146,7 +150,7 @@ def _columns(shape: TableShape) -> str:
     return ", ".join(f"{name} {kind}{' not null' if not_null else ''}" for name, kind, not_null in shape.columns)
 
 
-def tables_of(cursor, schema: str) -> list[str]:
+def tables_of(cursor: Cursor, schema: str) -> list[str]:
     cursor.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1",
@@ -158,11 +162,13 @@ def tables_of(cursor, schema: str) -> list[str]:
     return tables
 
 
-def sequence_values(cursor, schema: str, sequences: tuple[str, ...]) -> dict[str, int]:
+def sequence_values(cursor: Cursor, schema: str, sequences: tuple[str, ...]) -> dict[str, int]:
     from psycopg2 import sql
 
-    values = {}
+    values: dict[str, int] = {}
     for sequence in sequences:
         cursor.execute(sql.SQL("SELECT last_value FROM {}").format(sql.Identifier(schema, sequence)))
-        values[sequence] = cursor.fetchone()[0]
+        row = cursor.fetchone()
+        assert row is not None  # a sequence has one row
+        values[sequence] = row[0]
     return values

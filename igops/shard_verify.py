@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,9 +21,20 @@ from igops.shard_journal import Journal
 from igops.shard_locks import LOCK_SETTINGS, lock_tables, wait_applied
 from igops.shard_map import check_shard, directory_session, placement_of, schema_name
 from igops.shard_move_steps import STEPS
-from igops.shard_schema import TableShape, describe_schema, read_ddl, schema_diff, sequence_values, shard_ddl, tables_of
+from igops.shard_schema import (
+    SchemaShape,
+    TableShape,
+    describe_schema,
+    read_ddl,
+    schema_diff,
+    sequence_values,
+    shard_ddl,
+    tables_of,
+)
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
+
     from igops.inventory import Fleet
 
 CHUNK_ROWS = 100_000
@@ -59,7 +71,7 @@ class ShardCopy:
         return f"{self.cluster}/{self.schema}"
 
 
-def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> tuple[int, str, list[str]]:
+def _digest_table(cursor: Cursor, schema: str, shape: TableShape, bounds: list[Any]) -> tuple[int, str, list[str]]:
     """Rows and md5 of a table in key order, computed in key-range chunks so no single
     aggregate holds the whole table."""
     from psycopg2 import sql
@@ -88,13 +100,15 @@ def _digest_table(cursor, schema: str, shape: TableShape, bounds: list[Any]) -> 
             order=order, table=table, where=sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
         )
         cursor.execute(query, params)
-        rows, digest = cursor.fetchone()
+        row = cursor.fetchone()
+        assert row is not None  # an aggregate without GROUP BY returns one row
+        rows, digest = row
         total += rows
         chunk_digests.append(digest)
     return total, hashlib.md5("|".join(chunk_digests).encode()).hexdigest(), chunk_digests
 
 
-def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
+def _chunk_bounds(cursor: Cursor, schema: str, shape: TableShape) -> list[Any]:
     """Every CHUNK_ROWS-th value of the first key column: chunk edges both copies share."""
     from psycopg2 import sql
 
@@ -108,7 +122,7 @@ def _chunk_bounds(cursor, schema: str, shape: TableShape) -> list[Any]:
     return sorted({row[0] for row in cursor.fetchall()})
 
 
-def _hash_table(cursor, schema: str, shape: TableShape) -> tuple[int, str]:
+def _hash_table(cursor: Cursor, schema: str, shape: TableShape) -> tuple[int, str]:
     """Rows and an order-free digest of a table: the XOR of every row's 64-bit hash. A primary
     key lets no row appear twice, so a missing, extra or changed row changes the digest (but
     for a 2**-64 chance), for a fifth of the cost of hashing the rows in key order."""
@@ -123,7 +137,9 @@ def _hash_table(cursor, schema: str, shape: TableShape) -> tuple[int, str]:
         # A column type without a hash function (json, point): hash the row's text instead.
         cursor.execute("ROLLBACK TO SAVEPOINT igops_row_hash")
         cursor.execute(sql.SQL(query).format(sql.SQL("hashtextextended(t::text, 0)"), table))
-    rows, digest = cursor.fetchone()
+    row = cursor.fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    rows, digest = row
     cursor.execute("RELEASE SAVEPOINT igops_row_hash")
     return rows, f"{digest & (2**64 - 1):016x}"
 
@@ -140,15 +156,17 @@ def compare_snapshots(
     read (REPEATABLE READ), each copy's work in its own thread. Ordered: md5 of the rows in
     key order, by key-range chunks. Otherwise an order-free row hash per table, and the
     ordered chunks only for a table whose hashes differ, to name where."""
-    shapes = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies, strict=False)]
-    for shape, copy in zip(shapes, copies, strict=False):
+    found = [describe_schema(cursor, copy.schema) for cursor, copy in zip(cursors, copies, strict=False)]
+    shapes: list[SchemaShape] = []
+    for shape, copy in zip(found, copies, strict=False):
         if shape is None:
             raise IgopsError(f"{copy.label} does not exist", "check the shard and the cluster")
+        shapes.append(shape)
     left, right = copies
     diff = (
-        schema_diff(*shapes, left.cluster, right.cluster)
+        schema_diff(shapes[0], shapes[1], left.cluster, right.cluster)
         if left.cluster != right.cluster
-        else schema_diff(*shapes, left.label, right.label)
+        else schema_diff(shapes[0], shapes[1], left.label, right.label)
     )
     comparable = [
         name
@@ -159,7 +177,9 @@ def compare_snapshots(
         and shapes[0].tables[name].columns == shapes[1].tables[name].columns
     ]
 
-    def on_both(digest, names: list[str]) -> list[dict[str, tuple[int, str, list[str]]]]:
+    def on_both(
+        digest: Callable[[int, str], tuple[int, str, list[str]]], names: list[str]
+    ) -> list[dict[str, tuple[int, str, list[str]]]]:
         if not names:
             return [{}, {}]
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -188,9 +208,9 @@ def compare_snapshots(
         difference = None
         if sum_a != sum_b:
             edges = [None, *bounds[name], None]
-            index = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b, strict=False)) if a != b), None)
-            if index is not None:
-                low, high = edges[index], edges[index + 1]
+            chunk = next((i for i, (a, b) in enumerate(zip(chunks_a, chunks_b, strict=False)) if a != b), None)
+            if chunk is not None:
+                low, high = edges[chunk], edges[chunk + 1]
                 difference = (
                     f"{shapes[0].tables[name].primary_key[0]} in "
                     f"[{'-inf' if low is None else low}, {'+inf' if high is None else high})"
@@ -258,6 +278,10 @@ def verify_in_place(fleet: Fleet, shard: int) -> ShapeReport:
             expected = describe_schema(cursor, probe)
             cursor.execute("ROLLBACK TO SAVEPOINT ddl_probe")
         connection.rollback()
+    if expected is None:
+        raise IgopsError(
+            f"the service's shard DDL created no schema {probe}", "its statements must create the schema {schema}"
+        )
     diff = schema_diff(expected, shape, "the shard DDL", copy.label)
     diff += [
         f"table {name} has no primary key (logical replication cannot move it)"
@@ -335,8 +359,8 @@ def _matching_snapshots(
     source: ShardCopy,
     target: ShardCopy,
     subscription: str,
-    source_reader,
-    target_reader,
+    source_reader: Connection,
+    target_reader: Connection,
     wait_budget_s: float,
 ) -> float:
     """Start the two readers' snapshots at one point of the replication stream: hold writes

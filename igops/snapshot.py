@@ -12,17 +12,21 @@ import json
 import secrets as random_source
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import __version__, agent, remote
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
+    from igops.ebs import Attachment, Ebs
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
+    from igops.snapshot_policy import PrunePlan
 
 TAG_GROUP = "igops:group"
 TAG_HOST = "igops:host"
@@ -120,7 +124,7 @@ class SnapshotGroup:
     created: datetime
     size_gib: int
     freeze_ms: float | None
-    snapshots: list[dict] = field(default_factory=list, repr=False)
+    snapshots: list[dict[str, Any]] = field(default_factory=list, repr=False)
     kept: str | None = None  # the igops:keep tag's value: pinned when and by whom
 
 
@@ -134,7 +138,7 @@ def plan_create(
     fleet: Fleet,
     host_name: str,
     mounts: list[str] | None = None,
-    ebs=None,
+    ebs: Ebs | None = None,
     deadline: float | None = None,
     hook: bool = True,
     allow_primary: bool = False,
@@ -214,7 +218,7 @@ def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_pri
     return None
 
 
-def discover(fleet: Fleet, host, mounts: list[str]) -> list[dict]:
+def discover(fleet: Fleet, host: Host, mounts: list[str]) -> list[dict[str, Any]]:
     command, stdin = agent.invocation("blockdevs", mounts)
     settings = remote.settings_for(fleet)
     [result] = remote.run(remote.targets_for(fleet, [host]), command, settings, stdin=stdin, timeout=30)
@@ -224,7 +228,7 @@ def discover(fleet: Fleet, host, mounts: list[str]) -> list[dict]:
             f"{result.error or result.stderr.strip() or 'exit ' + str(result.exit_code)}",
             f"nothing was frozen; check that {host.name} answers over SSH (`igops status`)",
         )
-    entries = json.loads(result.stdout)["mounts"]
+    entries: list[dict[str, Any]] = json.loads(result.stdout)["mounts"]
     for entry in entries:
         if "error" in entry:
             raise RefusedError(
@@ -233,10 +237,10 @@ def discover(fleet: Fleet, host, mounts: list[str]) -> list[dict]:
     return entries
 
 
-def map_volumes(host, discovered: list[dict], attachments) -> list[VolumeTarget]:
+def map_volumes(host: Host, discovered: list[dict[str, Any]], attachments: list[Attachment]) -> list[VolumeTarget]:
     """Each member device under each mount -> its EBS volume: the inventory's explicit list
     first (RAID member order), then the NVMe serial, then the EC2 attachment's device name."""
-    by_device = {}
+    by_device: dict[str, Attachment] = {}
     for attachment in attachments:
         for alias in device_aliases(attachment.device):
             by_device[alias] = attachment
@@ -290,7 +294,7 @@ def device_aliases(device: str) -> set[str]:
     return aliases
 
 
-def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs=None) -> CreateResult:
+def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs: Ebs | None = None) -> CreateResult:
     from igops.ebs import Ebs
 
     ebs = ebs or Ebs(fleet)
@@ -404,7 +408,7 @@ class SnapshotFailed(IgopsError):
         self.result = result
 
 
-def late_freeze(frozen: dict, deadline: float) -> IgopsError | None:
+def late_freeze(frozen: dict[str, Any], deadline: float) -> IgopsError | None:
     """The freeze itself outlasted the deadline: the agent thaws at once, so no snapshot taken
     now would be consistent."""
     if frozen.get("deadline_ms", 1) <= 0:
@@ -415,7 +419,7 @@ def late_freeze(frozen: dict, deadline: float) -> IgopsError | None:
     return None
 
 
-def early_thaw(thawed: dict, deadline: float) -> IgopsError | None:
+def early_thaw(thawed: dict[str, Any], deadline: float) -> IgopsError | None:
     """Only a thaw that igops asked for, after every call returned, proves the snapshots were
     taken while frozen. A thaw at the deadline, or on a closed channel, may have come first."""
     if thawed.get("reason") != "request":
@@ -431,21 +435,24 @@ def early_thaw(thawed: dict, deadline: float) -> IgopsError | None:
     return None
 
 
-def _event(session, timeout: float) -> dict:
+def _event(session: remote.Session, timeout: float) -> dict[str, Any]:
     line = session.read_line(timeout)
     if not line:
         return {}
     try:
-        return json.loads(line)
+        event: dict[str, Any] = json.loads(line)
+        return event
     except ValueError:
         return {"event": "error", "message": line[:200]}
 
 
-def _take_snapshots(ebs, plan: CreatePlan, tags: dict, on_first_failure) -> dict[str, str]:
+def _take_snapshots(
+    ebs: Ebs, plan: CreatePlan, tags: dict[str, str], on_first_failure: Callable[[], None]
+) -> dict[str, str]:
     description = f"igops {plan.group_id} {plan.host}"
     if plan.one_call:
-        made = ebs.create_snapshots(plan.instance_id, description, tags)
-        return {volume.volume_id: made[volume.volume_id] for volume in plan.volumes if volume.volume_id in made}
+        answered = ebs.create_snapshots(plan.instance_id, description, tags)
+        return {volume.volume_id: answered[volume.volume_id] for volume in plan.volumes if volume.volume_id in answered}
     made: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=len(plan.volumes)) as pool:
         futures = {
@@ -473,7 +480,7 @@ class PartialSnapshot(IgopsError):
         self.made = made
 
 
-def _discard(ebs, snapshots: dict[str, str]) -> None:
+def _discard(ebs: Ebs, snapshots: dict[str, str]) -> None:
     for snapshot_id in snapshots.values():
         try:
             ebs.delete_snapshot(snapshot_id)
@@ -482,11 +489,11 @@ def _discard(ebs, snapshots: dict[str, str]) -> None:
 
 
 # --- list, show ---------------------------------------------------------------------------------
-def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
+def groups(ebs: Ebs, host: str | None = None) -> list[SnapshotGroup]:
     from igops.ebs import tags_of
 
-    filters = {TAG_GROUP: None} if host is None else {TAG_GROUP: None, TAG_HOST: host}
-    by_group: dict[str, list[dict]] = defaultdict(list)
+    filters: dict[str, str | None] = {TAG_GROUP: None} if host is None else {TAG_GROUP: None, TAG_HOST: host}
+    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for snapshot in ebs.snapshots(filters):
         by_group[tags_of(snapshot)[TAG_GROUP]].append(snapshot)
     found = []
@@ -523,7 +530,7 @@ def groups(ebs, host: str | None = None) -> list[SnapshotGroup]:
     return sorted(found, key=lambda group: group.created, reverse=True)
 
 
-def find_group(ebs, group_id: str) -> SnapshotGroup:
+def find_group(ebs: Ebs, group_id: str) -> SnapshotGroup:
     for group in groups(ebs):
         if group.group_id == group_id:
             return group
@@ -537,7 +544,7 @@ def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
     return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
 
 
-def prune(ebs, plan, reporter: Reporter = Reporter()) -> list[str]:
+def prune(ebs: Ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
     """Delete the groups of a prune plan (igops.snapshot_policy.plan_prune), oldest first."""
     deleted = []
     for group in plan.delete:
@@ -547,7 +554,7 @@ def prune(ebs, plan, reporter: Reporter = Reporter()) -> list[str]:
     return deleted
 
 
-def delete_group(ebs, group: SnapshotGroup) -> None:
+def delete_group(ebs: Ebs, group: SnapshotGroup) -> None:
     for snapshot in group.snapshots:
         ebs.delete_snapshot(snapshot["SnapshotId"])
 
@@ -570,7 +577,7 @@ def keep_value(user: str, now: datetime | None = None) -> str:
     return f"{moment} by {user}"
 
 
-def set_keep(ebs, group: SnapshotGroup, value: str | None) -> None:
+def set_keep(ebs: Ebs, group: SnapshotGroup, value: str | None) -> None:
     """Pin every snapshot of the group (`value` says when and by whom), or release it (None)."""
     ids = [snapshot["SnapshotId"] for snapshot in group.snapshots]
     if value is None:

@@ -10,16 +10,17 @@ its write stall stated in the plan).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from igops import snapshot, snapshot_policy
-from igops.errors import AlreadyRunning, IgopsError, RefusedError, first_line
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, Unavailable, first_line
 
 if TYPE_CHECKING:
+    from igops.ebs import Ebs
     from igops.inventory import Fleet
 
 LEASE = ("snapshot-cron", "all")
@@ -96,16 +97,16 @@ def choose(fleet: Fleet, data_set: snapshot_policy.DataSet) -> Take:
     return take
 
 
-def _postgres_roles(fleet: Fleet, members) -> dict[str, str]:
+def _postgres_roles(fleet: Fleet, members: Iterable[str]) -> dict[str, str]:
     """member -> "following" (a standby streaming from its upstream), "primary", "not streaming
     (…)" or why it could not be asked."""
     from igops import postgres
 
-    roles = {}
+    roles: dict[str, str] = {}
     for name in members:
         try:
             connection = postgres.connect(fleet, fleet.host(name), timeout=5)
-        except postgres.Unavailable as down:
+        except Unavailable as down:
             roles[name] = f"unreachable ({down.detail})"
             continue
         try:
@@ -124,10 +125,10 @@ def _postgres_roles(fleet: Fleet, members) -> dict[str, str]:
     return roles
 
 
-def _redis_roles(fleet: Fleet, members) -> dict[str, str]:
+def _redis_roles(fleet: Fleet, members: Iterable[str]) -> dict[str, str]:
     from igops import redisops
 
-    roles = {}
+    roles: dict[str, str] = {}
     for name in members:
         _, state, down = redisops.probe(fleet, name)
         if state is None:
@@ -141,10 +142,11 @@ def _redis_roles(fleet: Fleet, members) -> dict[str, str]:
     return roles
 
 
-def plan_take(fleet: Fleet, ebs, take: Take) -> snapshot.CreatePlan | None:
+def plan_take(fleet: Fleet, ebs: Ebs, take: Take) -> snapshot.CreatePlan | None:
     """The create plan for a chosen member; records why not on `take` when it is refused."""
     if take.error:
         return None
+    assert take.host is not None  # choose names a member whenever it records no error
     try:
         return snapshot.plan_create(fleet, take.host, ebs=ebs, allow_primary=take.allow_primary)
     except RefusedError as refused:

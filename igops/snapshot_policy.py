@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import schedule as schedules
 from igops.output import plural
@@ -22,6 +22,7 @@ from igops.snapshot import STATE_COMPLETE, STATE_PENDING, STATE_TAKING, Snapshot
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import SnapshotPolicy
 
 DEFAULT_MINIMUM_REDUNDANCY = 1
 POLICY_KEYS = (
@@ -87,10 +88,10 @@ class DataSet:
         return group.host in self.members
 
 
-def policy_from(default, override=None) -> Policy:
+def policy_from(default: SnapshotPolicy, override: SnapshotPolicy | None = None) -> Policy:
     """A Policy from the inventory's [snapshot] table and an optional override table."""
 
-    def value(key: str):
+    def value(key: str) -> Any:
         own = getattr(override, key, None) if override is not None else None
         return own if own is not None else getattr(default, key, None)
 
@@ -207,6 +208,8 @@ def plan_prune(
     chosen: dict[str, SetRetention] = {}
     for group in groups:
         key = set_key(group)
+        if key is None:  # in no set: left alone
+            continue
         try:
             chosen[key] = rules[key]  # a defaultdict gives every set the same rule
         except KeyError:
@@ -259,13 +262,15 @@ def prune_rules(
         found = set_of(sets, group.host)
         return found.name if found else f"host {group.host}"
 
-    given = counts is not None and not counts.empty()
+    given = counts if counts is not None and not counts.empty() else None
     rules: dict[str, SetRetention] = {
-        data_set.name: SetRetention(counts if given else data_set.policy.retention, data_set.policy.minimum_redundancy)
+        data_set.name: SetRetention(
+            given if given is not None else data_set.policy.retention, data_set.policy.minimum_redundancy
+        )
         for data_set in sets
     }
-    if given:
-        return set_key, defaultdict(lambda: SetRetention(counts), rules)
+    if given is not None:
+        return set_key, defaultdict(lambda: SetRetention(given), rules)
     return set_key, rules
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import remote
 from igops.output import plural
@@ -16,8 +17,14 @@ from igops.secrets import Secrets
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 PROBE_TIMEOUT = 3.0
+
+# A service probe: (service, host, address, port, check, the check's own argument); the check
+# takes the address, the port and that argument and says whether the service is well, and how.
+Check = Callable[[str, int, Any], tuple[bool, str]]
+Probe = tuple[str, str, str, int, Check, Any]
 
 
 @dataclass
@@ -80,10 +87,10 @@ def collect(fleet: Fleet, roles: list[str] | None = None) -> StatusReport:
     return report
 
 
-def service_probes(fleet: Fleet, hosts) -> list[tuple]:
+def service_probes(fleet: Fleet, hosts: Iterable[Host]) -> list[Probe]:
     model = fleet.model
     secrets = Secrets(model.secrets.file)
-    probes: list[tuple] = []
+    probes: list[Probe] = []
     for host in hosts:
         address = str(host.address)
         for role in host.roles:
@@ -122,7 +129,7 @@ def service_probes(fleet: Fleet, hosts) -> list[tuple]:
     return probes
 
 
-def _probe(service: str, host: str, address: str, port: int, check, arg) -> ServiceState:
+def _probe(service: str, host: str, address: str, port: int, check: Check, arg: Any) -> ServiceState:
     endpoint = f"{address}:{port}"
     try:
         ok, detail = check(address, port, arg)
@@ -169,7 +176,7 @@ def failure_reason(body: bytes) -> str | None:
     return lines[0][:160] if lines else None
 
 
-def _postgres(address: str, port: int, arg) -> tuple[bool, str]:
+def _postgres(address: str, port: int, arg: tuple[str, str, Secrets]) -> tuple[bool, str]:
     import psycopg2
 
     user, database, secrets = arg
@@ -183,12 +190,14 @@ def _postgres(address: str, port: int, arg) -> tuple[bool, str]:
     ) as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_is_in_recovery(), current_setting('server_version')")
-            standby, version = cursor.fetchone()
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            standby, version = row
     connection.close()
     return True, f"{'standby' if standby else 'primary'}, PostgreSQL {version}"
 
 
-def _pgbouncer(address: str, port: int, arg) -> tuple[bool, str]:
+def _pgbouncer(address: str, port: int, arg: tuple[str, Secrets]) -> tuple[bool, str]:
     import psycopg2
 
     admin_user, secrets = arg
@@ -210,7 +219,7 @@ def _pgbouncer(address: str, port: int, arg) -> tuple[bool, str]:
     return True, f"databases: {', '.join(names)}"
 
 
-def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
+def _redis(address: str, port: int, secrets: Secrets) -> tuple[bool, str]:
     import redis
 
     client = redis.Redis(
@@ -221,7 +230,7 @@ def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
         socket_connect_timeout=PROBE_TIMEOUT,
     )
     try:
-        role = client.execute_command("ROLE")
+        role = client.execute_command("ROLE")  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     finally:
         client.close()
     kind = role[0].decode() if isinstance(role[0], bytes) else role[0]
@@ -232,7 +241,7 @@ def _redis(address: str, port: int, secrets) -> tuple[bool, str]:
     return True, f"{kind}, {plural(len(role[2]), 'replica')}"
 
 
-def memcached_version(address: str, port: int, _=None) -> tuple[bool, str]:
+def memcached_version(address: str, port: int, _: object = None) -> tuple[bool, str]:
     """Whether memcached answers `version`, and what it said: the probe `igops status` and
     `igops check` share."""
     with socket.create_connection((address, port), timeout=PROBE_TIMEOUT) as sock:
@@ -241,7 +250,7 @@ def memcached_version(address: str, port: int, _=None) -> tuple[bool, str]:
     return answer.startswith("VERSION"), answer
 
 
-def _munin(address: str, port: int, _) -> tuple[bool, str]:
+def _munin(address: str, port: int, _: object) -> tuple[bool, str]:
     with socket.create_connection((address, port), timeout=PROBE_TIMEOUT) as sock:
         banner = sock.makefile("rb").readline().decode(errors="replace").strip()
         sock.sendall(b"quit\n")

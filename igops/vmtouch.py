@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import agent, remote
 from igops.agent import pagecache
@@ -29,6 +29,7 @@ from igops.profile import Profile, ProfileError, Root, from_reader, parse
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 DEFAULT_CONCURRENCY = 8
 # A warm reads at most the source's page cache, i.e. at most its memory: 244 GiB, the largest
@@ -86,6 +87,7 @@ class WarmPlan:
             )
             cluster = f"{self.source}'s" if postgres else None
         else:
+            assert self.files is not None and self.pages is not None  # plan_apply counts a stored profile
             steps.append(
                 f"send profile {self.profile} ({plural(self.files, 'file')}, {plural(self.pages, 'page')}, "
                 f"{human_bytes(self.bytes)}) to {self.target}"
@@ -125,7 +127,7 @@ class WarmResult:
     skipped_files: int
     skipped_pages: int
     skipped_by_reason: dict[str, int]
-    skipped: list[dict]
+    skipped: list[dict[str, Any]]
     read_bytes: int  # fetched from the target's storage, readahead included
     resident_pages: int  # profiled pages resident on the target at the end
     hit_ratio: float  # resident_pages / pages
@@ -134,7 +136,7 @@ class WarmResult:
     concurrency: int
 
     @classmethod
-    def from_summary(cls, source: str, target: str, summary: dict) -> WarmResult:
+    def from_summary(cls, source: str, target: str, summary: dict[str, Any]) -> WarmResult:
         return cls(
             source=source,
             target=target,
@@ -227,13 +229,13 @@ def _normal(path: str) -> str:
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
-def data_directory(fleet: Fleet, host) -> str | None:
+def data_directory(fleet: Fleet, host: Host) -> str | None:
     if "postgres" not in host.roles:
         return None
     return _normal(fleet.path_for(fleet.model.postgres.data_directory, host))
 
 
-def allowed_prefixes(fleet: Fleet, host) -> list[str]:
+def allowed_prefixes(fleet: Fleet, host: Host) -> list[str]:
     prefixes = [_normal(mount.path) for mount in host.mounts]
     pgdata = data_directory(fleet, host)
     return prefixes + ([pgdata] if pgdata and not any(_under(pgdata, p) for p in prefixes) else [])
@@ -246,7 +248,7 @@ def postgres_cluster_of(fleet: Fleet, host_name: str) -> str | None:
     return None
 
 
-def source_roots(fleet: Fleet, host, paths: list[str] | None) -> list[Root]:
+def source_roots(fleet: Fleet, host: Host, paths: list[str] | None) -> list[Root]:
     """The directories to capture on `host`, each with how to find it on another host. Only the
     Postgres data directory and the host's data mounts may be captured."""
     pgdata = data_directory(fleet, host)
@@ -272,7 +274,7 @@ def source_roots(fleet: Fleet, host, paths: list[str] | None) -> list[Root]:
     return roots
 
 
-def _root(fleet: Fleet, host, path: str, pgdata: str | None) -> Root:
+def _root(fleet: Fleet, host: Host, path: str, pgdata: str | None) -> Root:
     if pgdata and _under(path, pgdata):
         return Root(path, "postgres", posixpath.relpath(path, pgdata) if path != pgdata else "")
     mounts = sorted(
@@ -293,9 +295,9 @@ def _root(fleet: Fleet, host, path: str, pgdata: str | None) -> Root:
     return Root(path, f"mount:{mount.purpose}", posixpath.relpath(path, base) if path != base else "")
 
 
-def target_paths(fleet: Fleet, roots: list[Root], target) -> list[str]:
+def target_paths(fleet: Fleet, roots: list[Root], target: Host) -> list[str]:
     """Where each captured directory is on `target`."""
-    paths = []
+    paths: list[str] = []
     for root in roots:
         if root.base == "postgres":
             pgdata = data_directory(fleet, target)
@@ -329,7 +331,7 @@ def target_paths(fleet: Fleet, roots: list[Root], target) -> list[str]:
 
 
 def check_target(
-    fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root], target
+    fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root], target: Host
 ) -> None:
     """Refuse, before any host is contacted, a profile the inventory says belongs elsewhere."""
     if profile_fleet != fleet.model.fleet.name:
@@ -348,7 +350,7 @@ def check_target(
 
 
 # --- agent plumbing -----------------------------------------------------------------------------
-def _capture_invocation(fleet: Fleet, host, roots: list[Root]) -> tuple[str, bytes]:
+def _capture_invocation(fleet: Fleet, host: Host, roots: list[Root]) -> tuple[str, bytes]:
     header = {
         "host": host.name,
         "fleet": fleet.model.fleet.name,
@@ -357,13 +359,15 @@ def _capture_invocation(fleet: Fleet, host, roots: list[Root]) -> tuple[str, byt
     }
     args = ["capture", "--header", json.dumps(header, separators=(",", ":"))]
     if any(root.base == "postgres" for root in roots):
-        args += ["--cluster-dir", data_directory(fleet, host)]
+        pgdata = data_directory(fleet, host)
+        assert pgdata is not None  # source_roots makes a postgres root only of the host's data directory
+        args += ["--cluster-dir", pgdata]
     for prefix in allowed_prefixes(fleet, host):
         args += ["--within", prefix]
     return agent.invocation("pagecache", args)
 
 
-def _warm_invocation(fleet: Fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
+def _warm_invocation(fleet: Fleet, target: Host, plan: WarmPlan) -> tuple[str, bytes]:
     options = plan.options
     args = ["apply", *plan.target_paths, "--concurrency", str(options.concurrency), "--match", options.match]
     if options.rate:
@@ -376,7 +380,7 @@ def _warm_invocation(fleet: Fleet, target, plan: WarmPlan) -> tuple[str, bytes]:
     return agent.invocation("pagecache", args)
 
 
-def _agent_failure(host: str, event: dict, what: str) -> Exception:
+def _agent_failure(host: str, event: dict[str, Any], what: str) -> Exception:
     message = (
         f"{host}: {what} refused: {event.get('message')}"
         if event.get("refused")
@@ -391,7 +395,7 @@ def _agent_failure(host: str, event: dict, what: str) -> Exception:
     return RemoteError(message, done)
 
 
-def _event(line: str, host: str, what: str) -> dict:
+def _event(line: str, host: str, what: str) -> dict[str, Any]:
     try:
         event = json.loads(line)
     except ValueError:
@@ -401,7 +405,7 @@ def _event(line: str, host: str, what: str) -> dict:
     return event
 
 
-def _run_agent(fleet: Fleet, host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
+def _run_agent(fleet: Fleet, host: Host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
     command, prefix = invocation
     [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet), stdin=prefix + stdin)
     if not result.reached:
@@ -426,7 +430,7 @@ def capture(fleet: Fleet, host_name: str, paths: list[str] | None) -> tuple[Prof
     return _capture(fleet, host, source_roots(fleet, host, paths))
 
 
-def _capture(fleet: Fleet, host, roots: list[Root]) -> tuple[Profile, bytes, float]:
+def _capture(fleet: Fleet, host: Host, roots: list[Root]) -> tuple[Profile, bytes, float]:
     started = time.monotonic()
     text = _run_agent(fleet, host, _capture_invocation(fleet, host, roots), "capture").encode()
     return parse(text, f"the profile captured on {host.name}"), text, round(time.monotonic() - started, 3)
@@ -473,7 +477,7 @@ class ShowResult:
     page_size: int
     share: float
     seconds: float
-    busiest: list[dict]  # the files with the most resident pages
+    busiest: list[dict[str, Any]]  # the files with the most resident pages
 
 
 def show(fleet: Fleet, host_name: str, path: str, top: int) -> ShowResult:
@@ -556,6 +560,7 @@ def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
 
 
 def apply(fleet: Fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
+    assert plan.files is not None and plan.pages is not None  # plan_apply counts the stored profile
     title = (
         f"warm {plan.target}: {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) of {plural(plan.files, 'file')}"
     )
@@ -643,8 +648,9 @@ def _open_together(stack: ExitStack, sessions: list[remote.Session]) -> None:
         if opening.exception() is None:
             stack.push(session.__exit__)
     for opening in openings:
-        if opening.exception() is not None:
-            raise opening.exception()
+        failure = opening.exception()
+        if failure is not None:
+            raise failure
 
 
 def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: int | None) -> WarmResult:
