@@ -20,7 +20,7 @@ from igops.inventory_rules import ROLES, InvalidValue
 if TYPE_CHECKING:  # the models import pydantic, which the CLI's start-up never does
     from pydantic_core import ErrorDetails
 
-    from igops.inventory_model import Inventory
+    from igops.inventory_model import Host, Inventory
 
 DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
 CONFIG_ENV = "IGOPS_CONFIG"
@@ -35,13 +35,13 @@ class Fleet:
 
     source: Path
     model: Inventory  # validated: igops.inventory_model
-    hosts_by_name: dict[str, Any] = field(repr=False)
+    hosts_by_name: dict[str, Host] = field(repr=False)
 
     @property
-    def hosts(self) -> list[Any]:
+    def hosts(self) -> list[Host]:
         return list(self.model.hosts)
 
-    def host(self, name: str) -> Any:
+    def host(self, name: str) -> Host:
         from igops.errors import UsageError
 
         try:
@@ -54,7 +54,7 @@ class Fleet:
                 ),
             ) from None
 
-    def with_role(self, role: str) -> list[Any]:
+    def with_role(self, role: str) -> list[Host]:
         return [host for host in self.model.hosts if role in host.roles]
 
     @property
@@ -66,7 +66,7 @@ class Fleet:
 
     def select(
         self, roles: list[str] | None = None, names: list[str] | None = None, pattern: str | None = None
-    ) -> list[Any]:
+    ) -> list[Host]:
         """Hosts matching any of the roles and names (all hosts when neither is given),
         then filtered by a shell-style name pattern; inventory order is kept."""
         import fnmatch
@@ -86,13 +86,13 @@ class Fleet:
             selected = [host for host in selected if fnmatch.fnmatchcase(host.name, pattern)]
         return selected
 
-    def ssh_user(self, host: Any) -> str:
+    def ssh_user(self, host: Host) -> str:
         return host.ssh_user or self.model.ssh.user
 
-    def ssh_port(self, host: Any) -> int:
+    def ssh_port(self, host: Host) -> int:
         return host.ssh_port or self.model.ssh.port
 
-    def path_for(self, template: str, host: Any) -> str:
+    def path_for(self, template: str, host: Host) -> str:
         """Fill a per-host path template: `{host}` is the host's name."""
         return template.replace("{host}", host.name)
 
