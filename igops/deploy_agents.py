@@ -12,9 +12,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from igops import agent, remote
 from igops.errors import IgopsError, UsageError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 # How long nginx's old workers may take to finish their requests after a drain's reload; the
 # upstream agent waits up to that long.
@@ -27,7 +32,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclass
 class AgentAnswer:
-    answer: dict | None
+    answer: dict[str, Any] | None
     error: str | None
     # False when nothing came back: the request may or may not have been carried out.
     answered: bool
@@ -51,7 +56,7 @@ class AgentSession:
         self._session: remote.Session | None = None
         self._lock = threading.Lock()
 
-    def request(self, document: dict, timeout: float, payload: bytes = b"") -> AgentAnswer:
+    def request(self, document: dict[str, Any], timeout: float, payload: bytes = b"") -> AgentAnswer:
         line = json.dumps(document).encode() + b"\n" + payload
         with self._lock:
             answer, session_ended = self._exchange(line, timeout)
@@ -112,14 +117,14 @@ class AppFleet:
     """The app servers and load balancers of an inventory, and the agent sessions on them
     (close them when done: `with AppFleet.of(fleet) as app`)."""
 
-    fleet: object
-    hosts: list
-    lbs: list
+    fleet: Fleet
+    hosts: list[Host]
+    lbs: list[Host]
     settings: remote.SshSettings
     agents: dict[str, AgentSession] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, fleet) -> AppFleet:
+    def of(cls, fleet: Fleet) -> AppFleet:
         hosts = fleet.with_role("app")
         if not hosts:
             raise UsageError("no host has the 'app' role", f'add roles = ["app"] to the app servers in {fleet.source}')
@@ -128,7 +133,7 @@ class AppFleet:
     def __enter__(self) -> AppFleet:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(len(self.agents), 64))) as pool:
             list(pool.map(AgentSession.close, self.agents.values()))
 
@@ -136,23 +141,23 @@ class AppFleet:
     def name(self) -> str:
         return self.fleet.model.fleet.name
 
-    def host(self, name: str):
+    def host(self, name: str) -> Host:
         return self.fleet.host(name)
 
-    def root(self, host) -> str:
+    def root(self, host: Host) -> str:
         return self.fleet.path_for(self.fleet.model.app.root, host)
 
-    def reload_command(self, host) -> str:
+    def reload_command(self, host: Host) -> str:
         return self.fleet.path_for(self.fleet.model.app.reload_command, host)
 
-    def server(self, host) -> str:
+    def server(self, host: Host) -> str:
         """The host as nginx's upstream names it."""
         return f"{host.address}:{self.fleet.model.app.port}"
 
-    def release_agent(self, host) -> AgentSession:
+    def release_agent(self, host: Host) -> AgentSession:
         return self._agent(host, "release", ["serve", self.root(host)])
 
-    def upstream_agent(self, host) -> AgentSession:
+    def upstream_agent(self, host: Host) -> AgentSession:
         lb = self.fleet.model.lb
         path = self.fleet.path_for
         return self._agent(
@@ -166,7 +171,7 @@ class AppFleet:
             ],
         )
 
-    def _agent(self, host, program: str, args: list[str]) -> AgentSession:
+    def _agent(self, host: Host, program: str, args: list[str]) -> AgentSession:
         key = f"{program}@{host.name}"
         if key not in self.agents:
             [target] = remote.targets_for(self.fleet, [host])
@@ -175,7 +180,7 @@ class AppFleet:
 
     def request_each(
         self,
-        agents: dict[str, tuple[AgentSession, dict, bytes]],
+        agents: dict[str, tuple[AgentSession, dict[str, Any], bytes]],
         timeout: float,
         parallel: int | None = None,
         on_done: Callable[[], None] | None = None,
@@ -185,7 +190,7 @@ class AppFleet:
             return {}
         workers = max(1, min(parallel or self.settings.parallel, len(agents)))
 
-        def one(item) -> tuple[str, AgentAnswer]:
+        def one(item: tuple[str, tuple[AgentSession, dict[str, Any], bytes]]) -> tuple[str, AgentAnswer]:
             name, (session, document, payload) = item
             answer = session.request(document, timeout, payload)
             if on_done:

@@ -72,6 +72,7 @@ class LoadBalancers:
         for host in self.app.lbs:
             answer, error = answers[host.name].answer, answers[host.name].error
             if answer is None:
+                assert error is not None  # an agent's answer without a document always says why
                 state.errors[host.name] = error
                 continue
             state.servers += [

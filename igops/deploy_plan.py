@@ -10,7 +10,7 @@ import secrets as random_source
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from igops.deploy_agents import AppFleet
 from igops.deploy_gate import HealthGate, LbState
@@ -51,6 +51,7 @@ class BatchSize:
     def of(self, total: int) -> int:
         if self.count is not None:
             return self.count
+        assert self.percent is not None  # a size is a count or a percentage (parse_batches)
         return max(1, total * self.percent // 100)
 
     def __str__(self) -> str:
@@ -302,7 +303,9 @@ def refuse_draining_below_minimum(
     return serving
 
 
-def inherit_releases_before(hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict | None) -> None:
+def inherit_releases_before(
+    hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict[str, Any] | None
+) -> None:
     """A host that an interrupted run switched to its target returns, if its batch fails now,
     to the release it ran before that run, not to the interrupted run's target: that release
     never passed a health gate the run saw through. The interrupted run's record has it."""
@@ -423,6 +426,7 @@ def plan_rollback(
                 "choose one with --to RELEASE (see `igops deploy releases`)",
             )
         to = previous.pop()
+        assert to is not None  # refused above when None is among them
         description = f"the release before {newest}"
     else:
         description = "chosen with --to"
@@ -458,7 +462,7 @@ def plan_rollback(
     )
 
 
-def resume_params(plan: RolloutPlan) -> dict:
+def resume_params(plan: RolloutPlan) -> dict[str, Any]:
     """What `igops ops resume` needs to go on with a deploy or rollback: its release and how it
     rolls (the journal keeps it with the operation)."""
     return {
@@ -471,7 +475,7 @@ def resume_params(plan: RolloutPlan) -> dict:
     }
 
 
-def plan_resume(app: AppFleet, kind: str, params: dict) -> RolloutPlan:
+def plan_resume(app: AppFleet, kind: str, params: dict[str, Any]) -> RolloutPlan:
     """An interrupted deploy or rollback, planned again: the hosts not yet on its release switch
     to it, batch by batch, as a rollback to that release would. The release must be on every
     host still to switch: a deploy killed while it uploaded is continued by running it again."""

@@ -12,11 +12,12 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import safety
 
 if TYPE_CHECKING:
+    from igops.deploy_plan import RolloutPlan
     from igops.inventory import Fleet
 
 
@@ -30,9 +31,9 @@ class LastRunRecord:
     releases of the run it follows from it. Its file, its format and what reads it (`deploy
     releases`, the plans) stay as they were."""
 
-    def __init__(self, fleet: Fleet, plan):
+    def __init__(self, fleet: Fleet, plan: RolloutPlan):
         self.path = last_run_path(fleet)
-        self.document = {
+        self.document: dict[str, Any] = {
             "deploy_id": plan.deploy_id,
             "kind": plan.kind,
             "target": plan.target,
@@ -48,7 +49,7 @@ class LastRunRecord:
         }
         self._lock = threading.Lock()
 
-    def update(self, **changes) -> None:
+    def update(self, **changes: Any) -> None:
         with self._lock:
             self.document.update(changes)
             self.document["updated"] = safety.now("seconds")
@@ -67,9 +68,9 @@ def last_run_path(fleet: Fleet) -> Path:
     return fleet.state_dir / "deploy" / f"{fleet.model.fleet.name}.json"
 
 
-def read_last_run(fleet: Fleet) -> dict | None:
+def read_last_run(fleet: Fleet) -> dict[str, Any] | None:
     try:
-        document = json.loads(last_run_path(fleet).read_text())
+        document: dict[str, Any] = json.loads(last_run_path(fleet).read_text())
     except (OSError, ValueError):
         return None
     if document.get("status") == "running" and document.get("machine") == socket.gethostname():

@@ -98,7 +98,7 @@ def _git(directory: Path, *args: str, purpose: str, hint: str | None = None) -> 
     return done.stdout
 
 
-def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess:
+def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=60)
     except FileNotFoundError:
@@ -158,7 +158,9 @@ def _read_git(source: Path, revision: str) -> SourceTree:
                 raise UsageError(
                     f"{member.name} at {revision} is not a regular file", "a release holds regular files only"
                 )
-            files[relative] = (bool(member.mode & 0o111), tar.extractfile(member).read())
+            content = tar.extractfile(member)
+            assert content is not None  # a regular file's member always has content
+            files[relative] = (bool(member.mode & 0o111), content.read())
     if not files:
         raise UsageError(f"{prefix} is empty at {revision}")
     return SourceTree(files, commit, f"git {revision} ({commit[:12]}) {prefix}/")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from igops.deploy_agents import AppFleet
 from igops.deploy_gate import GateResult, LoadBalancers, wait_healthy
@@ -179,7 +180,12 @@ class HostSwitcher:
                 )
         if not returnable:
             return
-        before = lambda name: self.outcomes[name].before  # noqa: E731
+
+        def before(name: str) -> str:
+            release = self.outcomes[name].before
+            assert release  # every returnable host has one
+            return release
+
         switched = self._switch(returnable, before, "rollback")
         to_gate = []
         for name in returnable:
@@ -193,7 +199,8 @@ class HostSwitcher:
                 elif not answered:
                     outcome.release = None
                 outcome.detail = (
-                    f"{reason}; switching back to {before(name)} failed: {error or answer['reload_output']}"
+                    f"{reason}; switching back to {before(name)} failed: "
+                    f"{error if answer is None else answer['reload_output']}"
                 )
                 continue
             outcome.release = before(name)
@@ -212,7 +219,7 @@ class HostSwitcher:
 
     def _switch(
         self, names: list[str], release_of: Callable[[str], str], action: str
-    ) -> dict[str, tuple[dict | None, str | None, bool]]:
+    ) -> dict[str, tuple[dict[str, Any] | None, str | None, bool]]:
         """name -> (answer, error, whether the agent answered at all). Without an answer the
         switch may or may not have happened: only the host knows which release is current."""
         jobs = {}
@@ -287,6 +294,7 @@ class Rollout:
     # stage -----------------------------------------------------------------------------------
     def _stage(self) -> None:
         release = self.plan.release
+        assert release is not None  # run() stages only a plan with a release
         uploads = [host for host in self.plan.roll() if host.upload]
         if not uploads:
             return
@@ -394,7 +402,10 @@ class Rollout:
     def below_minimum(self, batch: list[str], back: list[str]) -> str | None:
         """Why taking `batch` out (while `back` comes back) would leave a load balancer fewer
         than MIN_SERVERS_IN_SERVICE servers, now that earlier batches' failures stay out."""
-        server = lambda name: self.app.server(self.app.host(name))  # noqa: E731
+
+        def server(name: str) -> str:
+            return self.app.server(self.app.host(name))
+
         returning = {server(name) for name in back}
         gone = {server(name) for name, outcome in self.outcomes.items() if outcome.in_lb is False and name not in back}
         leaving = {server(name) for name in batch}
@@ -426,10 +437,13 @@ class Rollout:
                 self.outcomes[name].in_lb = True
                 self.record.host(name, self.outcomes[name].state)
 
-    def _lb_change(self, down: list[str] = (), up: list[str] = ()) -> None:
+    def _lb_change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> None:
         if not self.app.lbs or not (down or up):
             return
-        server = lambda name: self.app.server(self.app.host(name))  # noqa: E731
+
+        def server(name: str) -> str:
+            return self.app.server(self.app.host(name))
+
         self.lbs.change(down=[server(n) for n in down], up=[server(n) for n in up])
 
     # PagerDuty -------------------------------------------------------------------------------
@@ -439,7 +453,7 @@ class Rollout:
             return "not configured"
         with self.reporter.step(f"PagerDuty change event for the {self.plan.kind}") as step:
             release = self.plan.release
-            details = {
+            details: dict[str, Any] = {
                 "fleet": self.app.name,
                 "deploy_id": result.deploy_id,
                 "release": result.target,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from igops.deploy_agents import AppFleet
 from igops.deploy_gate import LbState, LoadBalancers
@@ -24,14 +25,14 @@ class HostReleases:
     error: str | None = None
     current: str | None = None
     previous: str | None = None
-    releases: list[dict] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)
     venvs: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def has(self, release: str) -> bool:
         return any(item["id"] == release for item in self.releases)
 
-    def release_info(self, release: str | None) -> dict | None:
+    def release_info(self, release: str | None) -> dict[str, Any] | None:
         return next((item for item in self.releases if item["id"] == release), None)
 
 
@@ -97,7 +98,7 @@ class FleetReleases:
     hosts: list[HostReleaseRow]
     agree: bool
     in_use: dict[str, list[str]]
-    last_run: dict | None
+    last_run: dict[str, Any] | None
     problems: list[str]
 
 
@@ -106,7 +107,9 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
     last = read_last_run(fleet)
     running = bool(last and last.get("status") == "running" and last.get("interrupted") is False)
     surveys, lb = survey(app)
-    rows, in_use, problems = [], {}, []
+    rows: list[HostReleaseRow] = []
+    in_use: dict[str, list[str]] = {}
+    problems: list[str] = []
     for host in app.hosts:
         found = surveys[host.name]
         where = lb.describe(app.server(host))
@@ -134,7 +137,7 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
             "the fleet disagrees: "
             + "; ".join(f"{release} on {', '.join(hosts)}" for release, hosts in sorted(in_use.items()))
         )
-    if running:
+    if running and last is not None:
         problems.append(
             f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
             f"(pid {last['pid']} on {last['machine']}, by {last['user']})"

@@ -18,7 +18,9 @@ from igops.errors import ConfigError, ConfigProblem, validation_words
 from igops.inventory_rules import ROLES, InvalidValue
 
 if TYPE_CHECKING:  # the models import pydantic, which the CLI's start-up never does
-    from igops.inventory_model import Inventory
+    from pydantic_core import ErrorDetails
+
+    from igops.inventory_model import Host, Inventory
 
 DEFAULT_CONFIG_PATH = Path("/etc/igops/igops.toml")
 CONFIG_ENV = "IGOPS_CONFIG"
@@ -33,13 +35,13 @@ class Fleet:
 
     source: Path
     model: Inventory  # validated: igops.inventory_model
-    hosts_by_name: dict[str, Any] = field(repr=False)
+    hosts_by_name: dict[str, Host] = field(repr=False)
 
     @property
-    def hosts(self) -> list[Any]:
+    def hosts(self) -> list[Host]:
         return list(self.model.hosts)
 
-    def host(self, name: str) -> Any:
+    def host(self, name: str) -> Host:
         from igops.errors import UsageError
 
         try:
@@ -52,7 +54,7 @@ class Fleet:
                 ),
             ) from None
 
-    def with_role(self, role: str) -> list[Any]:
+    def with_role(self, role: str) -> list[Host]:
         return [host for host in self.model.hosts if role in host.roles]
 
     @property
@@ -64,7 +66,7 @@ class Fleet:
 
     def select(
         self, roles: list[str] | None = None, names: list[str] | None = None, pattern: str | None = None
-    ) -> list[Any]:
+    ) -> list[Host]:
         """Hosts matching any of the roles and names (all hosts when neither is given),
         then filtered by a shell-style name pattern; inventory order is kept."""
         import fnmatch
@@ -84,13 +86,13 @@ class Fleet:
             selected = [host for host in selected if fnmatch.fnmatchcase(host.name, pattern)]
         return selected
 
-    def ssh_user(self, host: Any) -> str:
+    def ssh_user(self, host: Host) -> str:
         return host.ssh_user or self.model.ssh.user
 
-    def ssh_port(self, host: Any) -> int:
+    def ssh_port(self, host: Host) -> int:
         return host.ssh_port or self.model.ssh.port
 
-    def path_for(self, template: str, host: Any) -> str:
+    def path_for(self, template: str, host: Host) -> str:
         """Fill a per-host path template: `{host}` is the host's name."""
         return template.replace("{host}", host.name)
 
@@ -165,10 +167,11 @@ def _lookalike(name: str) -> str:
     return re.sub(r"(?<!\d)0+(?=\d)", "", name.lower().translate(str.maketrans("lio", "110")))
 
 
-def validate(raw: dict, path: Path) -> Fleet:
+def validate(raw: dict[str, Any], path: Path) -> Fleet:
     from pydantic import ValidationError
 
     problems = _secret_keys(raw)
+    model: Inventory | None
     try:
         from igops.inventory_model import Inventory
 
@@ -179,6 +182,9 @@ def validate(raw: dict, path: Path) -> Fleet:
     problems += _cross_check(raw)
     if problems:
         raise ConfigError(str(path), problems)
+    # A failed validation always leaves a problem: each of its errors is described above or,
+    # for a secret's key, reported by _secret_keys.
+    assert model is not None
     source = path.resolve()
     if model.secrets.file:
         # Like known_hosts, a relative secrets file is the inventory's neighbour, wherever igops
@@ -215,11 +221,17 @@ def _secret_keys(raw: Any, where: str = "") -> list[ConfigProblem]:
     return found
 
 
-def _is_secret_key_error(error: dict) -> bool:
-    return error["type"] == "extra_forbidden" and bool(SECRET_KEY_PATTERN.search(str(error["loc"][-1])))
+def _is_secret_key_error(error: ErrorDetails) -> bool:
+    """An unknown key that _secret_keys reports as a secret (a value that is not a table or an
+    array), so it is reported once."""
+    return (
+        error["type"] == "extra_forbidden"
+        and bool(SECRET_KEY_PATTERN.search(str(error["loc"][-1])))
+        and not isinstance(error["input"], (dict, list))
+    )
 
 
-def _location(loc: tuple, raw: dict) -> str:
+def _location(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
     parts: list[str] = []
     node: Any = raw
     for item in loc:
@@ -239,7 +251,7 @@ def _location(loc: tuple, raw: dict) -> str:
     return ".".join(parts) or "top level"
 
 
-def _describe(error: dict, raw: dict) -> ConfigProblem:
+def _describe(error: ErrorDetails, raw: dict[str, Any]) -> ConfigProblem:
     where = _location(error["loc"], raw)
     kind = error["type"]
     if kind == "missing":
@@ -253,19 +265,24 @@ def _describe(error: dict, raw: dict) -> ConfigProblem:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidValue):
         return ConfigProblem(where, cause.problem, cause.fix)
-    message = validation_words(error) or error["msg"].removeprefix("Value error, ")
+    message = validation_words(dict(error)) or error["msg"].removeprefix("Value error, ")
     return ConfigProblem(where, message, "correct the value")
 
 
-def _cross_check(raw: dict) -> list[ConfigProblem]:
+def _cross_check(raw: dict[str, Any]) -> list[ConfigProblem]:
     """Checks across sections. They read the raw document, not the model, so they still run
     (and their findings are still reported) when some field failed validation."""
     problems: list[ConfigProblem] = []
-    section = lambda name: raw.get(name) if isinstance(raw.get(name), dict) else {}  # noqa: E731
-    strings = lambda value: [v for v in value if isinstance(v, str)] if isinstance(value, list) else []  # noqa: E731
+
+    def section(name: str) -> dict[str, Any]:
+        return raw[name] if isinstance(raw.get(name), dict) else {}
+
+    def strings(value: Any) -> list[str]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
     ssh_port = section("ssh").get("port", 22)
     raw_hosts = [h for h in raw.get("hosts", []) if isinstance(h, dict)] if isinstance(raw.get("hosts"), list) else []
-    hosts: dict[str, dict] = {}
+    hosts: dict[str, dict[str, Any]] = {}
     endpoints: dict[tuple[str, Any], str] = {}
     for index, host in enumerate(raw_hosts):
         name = str(host.get("name", f"#{index}"))
@@ -401,12 +418,16 @@ def _cross_check(raw: dict) -> list[ConfigProblem]:
 
 
 def _snapshot_policy_names(
-    snapshot: dict, hosts: dict[str, dict], clusters: dict, clustered: dict[str, str], redis_members: set[str]
+    snapshot: dict[str, Any],
+    hosts: dict[str, dict[str, Any]],
+    clusters: dict[str, Any],
+    clustered: dict[str, str],
+    redis_members: set[str],
 ) -> list[ConfigProblem]:
     """A policy table must name something igops snapshots as one set of data: a Postgres
     cluster, the Redis set, or a host with data mounts in neither."""
     problems = []
-    named = snapshot.get("clusters") if isinstance(snapshot.get("clusters"), dict) else {}
+    named: dict[str, Any] = snapshot["clusters"] if isinstance(snapshot.get("clusters"), dict) else {}
     for name in named:
         if name not in clusters:
             problems.append(
@@ -424,7 +445,7 @@ def _snapshot_policy_names(
                 "set redis.master, or remove [snapshot.redis]",
             )
         )
-    named = snapshot.get("hosts") if isinstance(snapshot.get("hosts"), dict) else {}
+    named = snapshot["hosts"] if isinstance(snapshot.get("hosts"), dict) else {}
     for name in named:
         where = f"snapshot.hosts.{name}"
         if name not in hosts:

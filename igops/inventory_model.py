@@ -7,7 +7,7 @@ never imports pydantic; `igops.inventory.Fleet.model` is an `Inventory`.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
@@ -47,9 +47,9 @@ class Ssh(Strict):
     port: Port = 22
     known_hosts: str = "~/.ssh/known_hosts"
     identity_file: str | None = None
-    connect_timeout: float = Field(5.0, gt=0)
-    command_timeout: float = Field(120.0, gt=0)
-    parallel: int = Field(32, ge=1, le=1024)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    command_timeout: float = Field(default=120.0, gt=0)
+    parallel: int = Field(default=32, ge=1, le=1024)
 
 
 class Aws(Strict):
@@ -67,13 +67,13 @@ class SnapshotPolicy(Strict):
     schedule: str | None = None
     # GFS retention: the newest group of each of the last N hours/days/ISO weeks/months
     # that have one, and the N newest. None everywhere: prune keeps every group.
-    keep_last: int | None = Field(None, ge=0)
-    keep_hourly: int | None = Field(None, ge=0)
-    keep_daily: int | None = Field(None, ge=0)
-    keep_weekly: int | None = Field(None, ge=0)
-    keep_monthly: int | None = Field(None, ge=0)
+    keep_last: int | None = Field(default=None, ge=0)
+    keep_hourly: int | None = Field(default=None, ge=0)
+    keep_daily: int | None = Field(default=None, ge=0)
+    keep_weekly: int | None = Field(default=None, ge=0)
+    keep_monthly: int | None = Field(default=None, ge=0)
     # Complete groups a set never goes below: prune stops there, delete refuses.
-    minimum_redundancy: int | None = Field(None, ge=0)
+    minimum_redundancy: int | None = Field(default=None, ge=0)
 
     @field_validator("schedule")
     @classmethod
@@ -89,13 +89,13 @@ class SnapshotPolicy(Strict):
 
 
 class Snapshot(SnapshotPolicy):
-    freeze_deadline: float = Field(10.0, gt=0, le=120)
+    freeze_deadline: float = Field(default=10.0, gt=0, le=120)
     # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
     pre_freeze: dict[str, str] = Field(default_factory=dict)
     restore_root: str = "/mnt/igops-restore"
     # A group still `taking` (or `failed`) this long after it began was left by a killed or
     # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
-    stale_after_minutes: float = Field(60.0, gt=0)
+    stale_after_minutes: float = Field(default=60.0, gt=0)
     # Policies of their own, keyed by Postgres cluster and by host; the Redis set's.
     clusters: dict[str, SnapshotPolicy] = Field(default_factory=dict)
     redis: SnapshotPolicy | None = None
@@ -152,7 +152,7 @@ class Host(Strict):
     roles: list[str] = Field(default_factory=list)
     ssh_user: str | None = None
     ssh_port: Port | None = None
-    instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
+    instance_id: str | None = Field(default=None, pattern=r"^i-[0-9a-f]+$")
     mounts: list[Mount] = Field(default_factory=list)
 
 
@@ -170,7 +170,7 @@ class App(Strict):
     health_path: str = "/health"
     root: str = "/srv/app"
     reload_command: str = "systemctl reload gunicorn"
-    keep_releases: int = Field(5, ge=1)
+    keep_releases: int = Field(default=5, ge=1)
 
 
 class PostgresCluster(Strict):
@@ -188,12 +188,12 @@ class Postgres(Strict):
     data_directory: str = "/var/lib/postgresql/15/main"
     repmgr_config: str = "/etc/repmgr.conf"
     socket_dir: str = "/var/run/postgresql"
-    max_lag_bytes: int = Field(1 << 20, ge=0)
+    max_lag_bytes: int = Field(default=1 << 20, ge=0)
     # A switchover refuses a candidate whose replay lags more than this (pg_stat_replication).
-    max_lag_seconds: float = Field(30.0, gt=0)
+    max_lag_seconds: float = Field(default=30.0, gt=0)
     # A switchover refuses a candidate with less free space on its data or WAL volume: a
     # promotion that fills one PANICs after the old primary is stopped.
-    min_free_bytes: int = Field(64 << 20, ge=0)
+    min_free_bytes: int = Field(default=64 << 20, ge=0)
     clusters: dict[str, PostgresCluster] = Field(default_factory=dict)
 
 
@@ -202,10 +202,10 @@ class PgBouncer(Strict):
     admin_user: str = "pgbouncer"
     databases_file: str = "/etc/pgbouncer/databases.ini"
     # How long a switchover waits for PAUSE before it gives up and resumes.
-    pause_timeout: float = Field(5.0, gt=0, le=60)
+    pause_timeout: float = Field(default=5.0, gt=0, le=60)
     # The pause watchdog on each PgBouncer host RESUMEs once igops has sent no heartbeat (one a
     # second) for this long; at least 3 heartbeats, so that a late one does not trip it.
-    watchdog_deadline: float = Field(15.0, ge=3, le=600)
+    watchdog_deadline: float = Field(default=15.0, ge=3, le=600)
 
 
 class Redis(Strict):
@@ -216,8 +216,8 @@ class Redis(Strict):
     config_file: str = "/etc/redis/redis.conf"
     # The longest a switchover holds writes (CLIENT PAUSE's own timeout, so it ends even if
     # igops dies).
-    pause_timeout: float = Field(5.0, ge=3, le=60)
-    max_lag_bytes: int = Field(1 << 20, ge=0)
+    pause_timeout: float = Field(default=5.0, ge=3, le=60)
+    max_lag_bytes: int = Field(default=1 << 20, ge=0)
 
 
 class Memcached(Strict):
@@ -237,25 +237,25 @@ class Munin(Strict):
 
 class Check(Strict):
     # One deadline for a whole `igops check`: whatever has not answered by then is CRITICAL.
-    timeout: float = Field(10.0, gt=0, le=300)
-    disk_warning_percent: float = Field(80.0, gt=0, le=100)
-    disk_critical_percent: float = Field(90.0, gt=0, le=100)
-    replication_lag_warning_bytes: int = Field(1 << 20, ge=0)
-    replication_lag_critical_bytes: int = Field(64 << 20, ge=0)
-    pgbouncer_wait_warning_seconds: float = Field(1.0, ge=0)
-    pgbouncer_wait_critical_seconds: float = Field(5.0, ge=0)
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    disk_warning_percent: float = Field(default=80.0, gt=0, le=100)
+    disk_critical_percent: float = Field(default=90.0, gt=0, le=100)
+    replication_lag_warning_bytes: int = Field(default=1 << 20, ge=0)
+    replication_lag_critical_bytes: int = Field(default=64 << 20, ge=0)
+    pgbouncer_wait_warning_seconds: float = Field(default=1.0, ge=0)
+    pgbouncer_wait_critical_seconds: float = Field(default=5.0, ge=0)
     # A paused PgBouncer database is WARNING; CRITICAL once checks have seen it paused this long.
-    pgbouncer_paused_critical_seconds: float = Field(60.0, ge=0)
-    snapshot_warning_hours: float = Field(26.0, gt=0)
-    snapshot_critical_hours: float = Field(50.0, gt=0)
+    pgbouncer_paused_critical_seconds: float = Field(default=60.0, ge=0)
+    snapshot_warning_hours: float = Field(default=26.0, gt=0)
+    snapshot_critical_hours: float = Field(default=50.0, gt=0)
     # With a [snapshot] schedule: how long after a scheduled time its group may still be
     # missing (being taken, or EBS still copying blocks) before the check warns.
-    snapshot_grace_minutes: float = Field(60.0, ge=0)
+    snapshot_grace_minutes: float = Field(default=60.0, ge=0)
     # Munin plugins whose warning/critical limits `igops check` evaluates (shell patterns).
     munin_plugins: list[str] = Field(default_factory=lambda: ["igops_*"])
 
     @model_validator(mode="after")
-    def warning_before_critical(self):
+    def warning_before_critical(self) -> Self:
         for warning, critical in (
             ("disk_warning_percent", "disk_critical_percent"),
             ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
@@ -272,7 +272,7 @@ class Check(Strict):
 
 
 class Shards(Strict):
-    count: int = Field(16, ge=1, le=8192)
+    count: int = Field(default=16, ge=1, le=8192)
     directory_database: str = "directory"
     # The [postgres.clusters] entry holding the directory database (default: the first).
     directory_cluster: str | None = None
@@ -304,7 +304,7 @@ class Coordination(Strict):
     # Its password is the secret etcd_password.
     user: str | None = None
     # etcd leases are whole seconds; under 2 s one late keepalive loses the lease.
-    lease_ttl: int = Field(10, ge=2, le=300)
+    lease_ttl: int = Field(default=10, ge=2, le=300)
     # Default: /igops/<fleet name>/
     prefix: str | None = None
 
@@ -326,7 +326,7 @@ class Coordination(Strict):
         return value
 
     @model_validator(mode="after")
-    def tls_pairs(self):
+    def tls_pairs(self) -> Self:
         if bool(self.cert_file) != bool(self.key_file):
             raise InvalidValue(
                 "cert_file and key_file go together (a client certificate and its key)", "set both or neither"

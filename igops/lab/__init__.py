@@ -50,6 +50,8 @@ from igops.operations import journal
 from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from igops.inventory import Fleet
 
 SSHD_NAME = "lab"
@@ -106,7 +108,7 @@ def _require_root(action: str) -> None:
         )
 
 
-def _lock(paths: Paths):
+def _lock(paths: Paths) -> AbstractContextManager[Path]:
     from igops import safety
 
     return safety.lock(paths.root / "lab", "lab", "lab", _command_line())
@@ -597,7 +599,7 @@ def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:
 
 def _stop_daemons(paths: Paths) -> list[str]:
     """Every daemon at once by its pid file, then any lab process still left."""
-    targets: list[tuple[str, int, int]] = []
+    targets: list[tuple[str, int, signal.Signals]] = []
     for pid_file in _pid_files(paths):
         pid = proc.running_pid(pid_file, paths.root)
         if pid:

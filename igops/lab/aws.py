@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from igops.lab import proc
 from igops.lab.state import (
@@ -53,7 +54,7 @@ def daemon(paths: Paths) -> proc.Daemon:
     )
 
 
-def client(service: str):
+def client(service: str) -> Any:
     import boto3
 
     return boto3.client(
@@ -65,7 +66,7 @@ def client(service: str):
     )
 
 
-def _tags(items: list[dict] | None) -> dict[str, str]:
+def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in items or []}
 
 
@@ -99,8 +100,8 @@ def build(volumes: list[VolumeState]) -> AwsState:
     known = {}
     # igops:purpose marks the lab's own volumes; restored ones carry igops:mount too.
     for volume in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["igops:purpose"]}])["Volumes"]:
-        tags = _tags(volume.get("Tags"))
-        known[(tags["igops:host"], tags["igops:mount"])] = volume
+        volume_tags = _tags(volume.get("Tags"))
+        known[(volume_tags["igops:host"], volume_tags["igops:mount"])] = volume
     for wanted in volumes:
         key = (wanted.host, wanted.mount_point)
         instance_id = state.instances[wanted.host]

@@ -19,6 +19,7 @@ from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.lab.state import Paths
 
 # The Pingdom receiver tests its checks every 5 s; a check it has not tested yet is "unknown".
 PINGDOM_FIRST_TEST_S = 15.0
@@ -114,7 +115,7 @@ def snapshots(fleet: Fleet) -> str:
     return "took " + ", ".join(taken) if taken else "every set of data has the group its policy wants"
 
 
-def standbys_caught_up(paths, primaries: dict[str, str], timeout: float = 30) -> str:
+def standbys_caught_up(paths: Paths, primaries: dict[str, str], timeout: float = 30) -> str:
     """Until each standby has replayed the WAL its primary had written when asked: right after a
     burst of writes a healthy standby lags past the check's warning for a moment."""
     from igops.lab.postgres import Node

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets as random
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 from igops.lab import files
 from igops.lab.state import AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, Paths
@@ -38,7 +39,7 @@ def _generate(name: str) -> str:
     return random.token_hex(16) if name == "pagerduty_routing_key" else random.token_urlsafe(24)
 
 
-def _read(path) -> dict[str, str]:
+def _read(path: Path) -> dict[str, str]:
     try:
         return {key: str(value) for key, value in tomllib.loads(path.read_text()).items()}
     except (OSError, tomllib.TOMLDecodeError):

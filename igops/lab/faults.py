@@ -73,13 +73,13 @@ class AwsProxy:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def do_POST(self):
+            def do_POST(self) -> None:
                 self._forward("POST")
 
-            def do_GET(self):
+            def do_GET(self) -> None:
                 self._forward("GET")
 
-            def log_message(self, *args):
+            def log_message(self, *args: object) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(listen, Handler)
@@ -90,6 +90,6 @@ class AwsProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._server.shutdown()
         self._server.server_close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from igops import inventory
 from igops.lab import files, services
@@ -36,11 +37,15 @@ from igops.lab.state import (
 )
 from igops.lab.storage import VolumeState
 
+if TYPE_CHECKING:
+    from igops.coordination import EtcdCoordinator
+    from igops.inventory import Fleet
+
 # The lease TTL of the lab's operations: the default a real fleet starts from.
 LEASE_TTL_S = 10
 
 
-def _value(value) -> str:
+def _value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -50,7 +55,7 @@ def _value(value) -> str:
     return json.dumps(str(value))
 
 
-def _table(name: str, values: dict, array: bool = False) -> str:
+def _table(name: str, values: dict[str, Any], array: bool = False) -> str:
     header = f"[[{name}]]" if array else f"[{name}]"
     return header + "\n" + "".join(f"{key} = {_value(value)}\n" for key, value in values.items() if value is not None)
 
@@ -221,7 +226,7 @@ def render(
     return "\n".join(sections)
 
 
-def coordinator(paths: Paths):
+def coordinator(paths: Paths) -> EtcdCoordinator:
     """Where the lab inventory's operations keep their leases: what lab up must lease too."""
     from igops import coordination
 
@@ -233,7 +238,7 @@ def coordinator(paths: Paths):
     )
 
 
-def write(paths: Paths, text: str):
+def write(paths: Paths, text: str) -> Fleet:
     """Validate with igops' own inventory model, then write; returns the loaded Fleet."""
     fleet = inventory.validate(tomllib.loads(text), paths.inventory)
     files.write_file(paths.inventory, text, mode=0o644)

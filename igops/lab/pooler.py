@@ -10,12 +10,19 @@ cluster's lock and will resume them itself).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from igops.lab.credentials import Credentials
 from igops.lab.services import PGBOUNCER_ADMIN, pgbouncer_databases
 from igops.lab.state import CLUSTERS, PGBOUNCER_PORT, with_role
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
+
+    from igops.coordination import EtcdCoordinator, LocalCoordinator
 
 APP_USER = "app"
 CONNECT_TIMEOUT_S = 5
@@ -34,7 +41,7 @@ def address() -> str:
 
 
 @contextmanager
-def admin(credentials: Credentials):
+def admin(credentials: Credentials) -> Iterator[Cursor]:
     """An autocommit connection to PgBouncer's admin console."""
     import psycopg2
 
@@ -53,14 +60,17 @@ def admin(credentials: Credentials):
         connection.close()
 
 
-def paused_databases(cursor) -> list[str]:
+def paused_databases(cursor: Cursor) -> list[str]:
     cursor.execute("SHOW DATABASES")
+    assert cursor.description is not None  # SHOW returns rows
     columns = [column.name for column in cursor.description]
     rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
     return [row["name"] for row in rows if row["name"] != "pgbouncer" and int(row.get("paused") or 0)]
 
 
-def bring_to_health(credentials: Credentials, coordinator, command_line: str, reload: bool) -> list[str]:
+def bring_to_health(
+    credentials: Credentials, coordinator: LocalCoordinator | EtcdCoordinator, command_line: str, reload: bool
+) -> list[str]:
     """RELOAD (when the lab rewrote the databases file), then RESUME every paused database of a
     cluster no igops operation is working on (`coordinator`: where the lab inventory's leases
     live). Returns what was done and what was left."""
@@ -114,11 +124,12 @@ def _write_probe(credentials: Credentials, cluster: str, database: str) -> Write
     import psycopg2
 
     endpoint = f"{address()}:{PGBOUNCER_PORT}/{database}"
-    connection = None
+    connection: Connection | None = None
     cancelled = threading.Event()
 
     def cancel() -> None:
         cancelled.set()
+        assert connection is not None  # the timer starts once it is connected
         connection.cancel()
 
     try:
@@ -136,7 +147,9 @@ def _write_probe(credentials: Credentials, cluster: str, database: str) -> Write
             with connection.cursor() as cursor:
                 cursor.execute(WRITE_PROBE_SQL)
                 cursor.execute("SELECT inet_server_addr()")
-                server = cursor.fetchone()[0]
+                row = cursor.fetchone()
+                assert row is not None  # a SELECT without FROM returns one row
+                server = row[0]
             connection.rollback()
         finally:
             timer.cancel()

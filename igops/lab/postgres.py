@@ -9,8 +9,10 @@ survives `igops lab up`; a node whose initialisation never finished is wiped and
 from __future__ import annotations
 
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from igops.lab import files, proc
 from igops.lab.credentials import Credentials
@@ -39,10 +41,10 @@ class Node:
     def env(self) -> dict[str, str]:
         return {MARKER_ENV: str(self.paths.root), "PGPASSFILE": str(self.pgpass)}
 
-    def run(self, argv: list, **kwargs):
+    def run(self, argv: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return proc.run(argv, user=OS_USER, env=self.env, **kwargs)
 
-    def pg_ctl(self, *args: str, check: bool = True):
+    def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run(
             [BIN_DIR / "pg_ctl", "-D", self.pgconf, *args], check=check, timeout=90, starts_daemon="start" in args
         )
@@ -63,7 +65,7 @@ class Node:
             self.pg_ctl("-w", "-t", "30", "-m", "fast", "stop", check=False)
 
     def psql(self, script: str, database: str = "postgres", **variables: str) -> str:
-        argv = [
+        argv: list[str | Path] = [
             BIN_DIR / "psql",
             "-X",
             "-q",
@@ -84,7 +86,7 @@ class Node:
             argv += ["-v", f"{name}={value}"]
         return self.run(argv, input=script).stdout.strip()
 
-    def repmgr(self, *args: str):
+    def repmgr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run([BIN_DIR / "repmgr", "-f", self.repmgr_conf, *args], timeout=120)
 
     def in_recovery(self) -> bool:

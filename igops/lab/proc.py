@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from igops.errors import IgopsError, RefusedError
 from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
@@ -32,7 +33,7 @@ class LabError(IgopsError):
 
 
 def run(
-    argv: Sequence[str],
+    argv: Sequence[str | Path],
     *,
     user: str | None = None,
     env: dict[str, str] | None = None,
@@ -41,7 +42,7 @@ def run(
     timeout: float = 120,
     input: str | None = None,
     starts_daemon: bool = False,
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; a failure raises LabError carrying its output's tail.
     `starts_daemon`: the command leaves a daemon behind (pg_ctl start), which must not carry
     the build marker."""
@@ -66,7 +67,7 @@ def run(
     return result
 
 
-def _show(argv: Sequence[str]) -> str:
+def _show(argv: Sequence[str | Path]) -> str:
     return shlex.join(str(arg) for arg in argv)
 
 
@@ -75,7 +76,7 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(kept) or "no output"
 
 
-def _as_user(user: str | None) -> dict:
+def _as_user(user: str | None) -> dict[str, Any]:
     if not user:
         return {}
     entry = pwd.getpwnam(user)

@@ -28,6 +28,7 @@ from http import HTTPStatus
 from http.client import HTTPConnection, HTTPSConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 MAX_REMEMBERED = 20_000
 
@@ -38,10 +39,10 @@ class Recorder:
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.Lock()
-        self.entries: list[dict] = []
+        self.entries: list[dict[str, Any]] = []
         self.sequence = 0
 
-    def add(self, entry: dict) -> None:
+    def add(self, entry: dict[str, Any]) -> None:
         with self.lock:
             self.sequence += 1
             entry = {"seq": self.sequence, **entry}
@@ -50,7 +51,7 @@ class Recorder:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(entry, default=str) + "\n")
 
-    def since(self, sequence: int) -> list[dict]:
+    def since(self, sequence: int) -> list[dict[str, Any]]:
         with self.lock:
             return [entry for entry in self.entries if entry["seq"] > sequence]
 
@@ -62,11 +63,11 @@ class Recorder:
 class Faults:
     """Injected failures, consumed one per request: {"status", "count", "delay_ms", "body"}."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.queue: list[dict] = []
+        self.queue: list[dict[str, Any]] = []
 
-    def add(self, spec: dict) -> dict:
+    def add(self, spec: dict[str, Any]) -> dict[str, Any]:
         status = int(spec.get("status", 500))
         if not 100 <= status <= 599:
             raise ValueError("status must be an HTTP status code")
@@ -80,7 +81,7 @@ class Faults:
             self.queue.append(fault)
         return fault
 
-    def take(self) -> dict | None:
+    def take(self) -> dict[str, Any] | None:
         with self.lock:
             if not self.queue:
                 return None
@@ -94,13 +95,13 @@ class Faults:
         with self.lock:
             self.queue.clear()
 
-    def pending(self) -> list[dict]:
+    def pending(self) -> list[dict[str, Any]]:
         with self.lock:
             return [dict(fault) for fault in self.queue]
 
 
 class Reply(Exception):
-    def __init__(self, status: int, body: dict, headers: dict | None = None):
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
         self.status, self.body, self.headers = status, body, headers or {}
 
 
@@ -113,12 +114,17 @@ class Receiver:
         self.recorder = Recorder(record_dir / f"{self.name}.jsonl")
         self.faults = Faults()
 
-    def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple[int, dict, dict]:
+    def handle(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, Any, dict[str, str]]:
         if path.startswith("/_lab/"):
             return self.lab(method, path, query, body)
         started = time.time()
         parsed_body = _parse_body(body, headers.get("content-type", ""))
         fault = self.faults.take()
+        status: int
+        reply: Any  # an injected fault's body is any JSON value
+        extra: dict[str, str]
         if fault:
             time.sleep(fault["delay_ms"] / 1000)
         if fault and fault["status"] < 400:
@@ -146,7 +152,9 @@ class Receiver:
         )
         return status, reply, extra
 
-    def lab(self, method: str, path: str, query: dict, body: bytes) -> tuple[int, dict, dict]:
+    def lab(
+        self, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if path == "/_lab/requests" and method == "GET":
             since = int(query.get("since", "0") or 0)
             return 200, {"requests": self.recorder.since(since)}, {}
@@ -168,23 +176,25 @@ class Receiver:
             return 200, self.state(), {}
         return 404, {"error": f"no lab endpoint {method} {path}"}, {}
 
-    def common_headers(self) -> dict:
+    def common_headers(self) -> dict[str, str]:
         return {}
 
-    def fault_body(self, status: int) -> dict:
+    def fault_body(self, status: int) -> dict[str, Any]:
         return {
             "status": "error",
             "message": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "injected fault",
         }
 
-    def route(self, method, path, query, headers, body) -> tuple[int, dict, dict]:
+    def route(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         raise Reply(404, {"error": f"no resource {method} {path}"})
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return {}
 
 
-def _parse_body(body: bytes, content_type: str):
+def _parse_body(body: bytes, content_type: str) -> Any:
     if not body:
         return None
     if "application/x-www-form-urlencoded" in content_type:
@@ -208,10 +218,10 @@ class PagerDuty(Receiver):
         super().__init__(record_dir)
         self.routing_key = routing_key
         self.lock = threading.Lock()
-        self.incidents: dict[str, dict] = {}
-        self.changes: list[dict] = []
+        self.incidents: dict[str, dict[str, Any]] = {}
+        self.changes: list[dict[str, Any]] = []
 
-    def fault_body(self, status: int) -> dict:
+    def fault_body(self, status: int) -> dict[str, Any]:
         if status == 429:
             return {
                 "status": "throttle event",
@@ -219,7 +229,9 @@ class PagerDuty(Receiver):
             }
         return super().fault_body(status)
 
-    def route(self, method, path, query, headers, body):
+    def route(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method != "POST" or path not in ("/v2/enqueue", "/v2/change/enqueue"):
             raise Reply(404, {"status": "error", "message": "Not found"})
         if not isinstance(body, dict):
@@ -228,7 +240,7 @@ class PagerDuty(Receiver):
             return self.enqueue(body)
         return self.change(body)
 
-    def _routing_key_errors(self, event: dict) -> list[str]:
+    def _routing_key_errors(self, event: dict[str, Any]) -> list[str]:
         key = event.get("routing_key")
         if not isinstance(key, str) or not key:
             return ["'routing_key' is missing or blank"]
@@ -238,9 +250,9 @@ class PagerDuty(Receiver):
             return ["Invalid routing key"]
         return []
 
-    def enqueue(self, event: dict):
+    def enqueue(self, event: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         errors = self._routing_key_errors(event)
-        action = event.get("event_action")
+        action: Any = event.get("event_action")  # checked below: one of ACTIONS, else refused
         if action not in ACTIONS:
             errors.append(
                 "'event_action' is invalid (must be one of the following: 'trigger', 'acknowledge' or 'resolve')"
@@ -278,9 +290,9 @@ class PagerDuty(Receiver):
                 )
         return 202, {"status": "success", "message": "Event processed", "dedup_key": dedup_key}, {}
 
-    def change(self, event: dict):
+    def change(self, event: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         errors = self._routing_key_errors(event)
-        payload = event.get("payload")
+        payload: Any = event.get("payload")  # checked below: an object, else refused
         if not isinstance(payload, dict):
             errors.append("'payload' is missing or not an object")
         else:
@@ -301,16 +313,16 @@ class PagerDuty(Receiver):
             self.changes.append(payload)
         return 202, {"status": "success", "message": "Change event processed"}, {}
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         with self.lock:
             return {"incidents": list(self.incidents.values()), "changes": list(self.changes)}
 
 
-def _invalid(errors: list[str]) -> dict:
+def _invalid(errors: list[str]) -> dict[str, Any]:
     return {"status": "invalid event", "message": "Event object is invalid", "errors": errors}
 
 
-def _payload_errors(payload) -> list[str]:
+def _payload_errors(payload: Any) -> list[str]:
     if not isinstance(payload, dict):
         return ["'payload' is missing or not an object"]
     errors = []
@@ -333,7 +345,7 @@ def _payload_errors(payload) -> list[str]:
     return errors
 
 
-def _iso8601(value) -> bool:
+def _iso8601(value: Any) -> bool:
     if not isinstance(value, str):
         return False
     try:
@@ -362,15 +374,15 @@ class Pingdom(Receiver):
         self.token = token
         self.probe_interval = probe_interval
         self.lock = threading.Lock()
-        self.checks: dict[int, dict] = {}
-        self.results: dict[int, list[dict]] = {}
-        self.maintenance: dict[int, dict] = {}
+        self.checks: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, list[dict[str, Any]]] = {}
+        self.maintenance: dict[int, dict[str, Any]] = {}
         self.next_id = 1_000_001
         self.short = [0, time.time()]
         self.long = [0, time.time()]
 
     # -- limits, auth and errors
-    def common_headers(self) -> dict:
+    def common_headers(self) -> dict[str, str]:
         now = time.time()
         with self.lock:
             return {
@@ -378,7 +390,7 @@ class Pingdom(Receiver):
                 "Req-Limit-Long": _limit_header(LONG_LIMIT - self.long[0], self.long[1] + LONG_WINDOW - now),
             }
 
-    def fault_body(self, status: int) -> dict:
+    def fault_body(self, status: int) -> dict[str, Any]:
         message = "Request limit exceeded, try again later" if status == 429 else "Injected fault"
         return _pingdom_error(status, message).body
 
@@ -393,7 +405,7 @@ class Pingdom(Receiver):
             self.short[0] += 1
             self.long[0] += 1
 
-    def _authorise(self, headers: dict) -> None:
+    def _authorise(self, headers: dict[str, str]) -> None:
         value = headers.get("authorization", "")
         scheme, _, credential = value.partition(" ")
         if scheme.lower() == "basic":
@@ -406,7 +418,9 @@ class Pingdom(Receiver):
         if not credential or (self.token and credential != self.token):
             raise _pingdom_error(401, "Invalid or missing API token")
 
-    def route(self, method, path, query, headers, body):
+    def route(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if not path.startswith(PINGDOM_PREFIX + "/"):
             raise _pingdom_error(404, f"Unknown resource {path}")
         self._authorise(headers)
@@ -447,7 +461,7 @@ class Pingdom(Receiver):
         raise _pingdom_error(404, f"Unknown resource {method} {resource}")
 
     # -- checks
-    def create_check(self, body: dict) -> dict:
+    def create_check(self, body: dict[str, Any]) -> dict[str, Any]:
         missing = [field for field in ("name", "host", "type") if not body.get(field)]
         if missing:
             raise _pingdom_error(400, f"Missing required parameter(s): {', '.join(missing)}")
@@ -473,7 +487,7 @@ class Pingdom(Receiver):
             self.results[check_id] = []
         return {"check": {"id": check_id, "name": check["name"]}}
 
-    def modify_check(self, check_id: int, body: dict) -> None:
+    def modify_check(self, check_id: int, body: dict[str, Any]) -> None:
         with self.lock:
             check = self.checks.get(check_id)
             if check is None:
@@ -482,7 +496,7 @@ class Pingdom(Receiver):
                 raise _pingdom_error(400, "The type of a check cannot be changed")
             self._apply(check, body, creating=False)
 
-    def _apply(self, check: dict, body: dict, creating: bool) -> None:
+    def _apply(self, check: dict[str, Any], body: dict[str, Any], creating: bool) -> None:
         if "resolution" in body or creating:
             resolution = _integer(body.get("resolution", 5), "resolution")
             if resolution not in RESOLUTIONS:
@@ -513,7 +527,7 @@ class Pingdom(Receiver):
         elif check.get("status") == "paused":
             check["status"] = "unknown"
 
-    def _check(self, check_id: int, detailed: bool) -> dict:
+    def _check(self, check_id: int, detailed: bool) -> dict[str, Any]:
         with self.lock:
             check = self.checks.get(check_id)
             if check is None:
@@ -529,7 +543,7 @@ class Pingdom(Receiver):
             view["type"] = {view["type"]: http}
         return view
 
-    def list_checks(self, query: dict) -> dict:
+    def list_checks(self, query: dict[str, str]) -> dict[str, Any]:
         with self.lock:
             ids = sorted(self.checks)
         views = [self._check(check_id, detailed=False) for check_id in ids]
@@ -546,7 +560,7 @@ class Pingdom(Receiver):
                 view.pop("tags", None)
         return {"checks": views, "counts": {"total": total, "limited": limited, "filtered": len(views)}}
 
-    def check_results(self, check_id: int, query: dict) -> dict:
+    def check_results(self, check_id: int, query: dict[str, str]) -> dict[str, Any]:
         self._check(check_id, detailed=False)
         now = int(time.time())
         to = int(query.get("to", now))
@@ -562,7 +576,7 @@ class Pingdom(Receiver):
             ]
         return {"results": results[offset : offset + limit], "activeprobes": [LAB_PROBE_ID] if results else []}
 
-    def summary_average(self, check_id: int, query: dict) -> dict:
+    def summary_average(self, check_id: int, query: dict[str, str]) -> dict[str, Any]:
         check = self._check(check_id, detailed=False)
         now = int(time.time())
         to = int(query.get("to", now))
@@ -585,7 +599,7 @@ class Pingdom(Receiver):
             summary["status"] = {"totalup": int(up), "totaldown": int(down), "totalunknown": int(unknown)}
         return {"summary": summary}
 
-    def create_maintenance(self, body: dict) -> dict:
+    def create_maintenance(self, body: dict[str, Any]) -> dict[str, Any]:
         missing = [field for field in ("description", "from", "to") if field not in body]
         if missing:
             raise _pingdom_error(400, f"Missing required parameter(s): {', '.join(missing)}")
@@ -656,12 +670,12 @@ class Pingdom(Receiver):
             )
             del results[:-MAX_RESULTS]
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         with self.lock:
             return {"checks": list(self.checks.values()), "maintenance": list(self.maintenance.values())}
 
 
-def _limit_header(remaining: int, reset: float) -> str:
+def _limit_header(remaining: float, reset: float) -> str:
     return f"Remaining: {max(0, remaining)} Time until reset: {max(0, int(reset))}"
 
 
@@ -670,7 +684,7 @@ def _pingdom_error(status: int, message: str) -> Reply:
     return Reply(status, {"error": {"statuscode": status, "statusdesc": phrase, "errormessage": message}})
 
 
-def _future_time(body: dict, field: str, now: int) -> int:
+def _future_time(body: dict[str, Any], field: str, now: int) -> int:
     value = _integer(body[field], field)
     if value == 1:
         return now
@@ -679,23 +693,23 @@ def _future_time(body: dict, field: str, now: int) -> int:
     return value
 
 
-def _integer(value, field: str) -> int:
+def _integer(value: Any, field: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
         raise _pingdom_error(400, f"Invalid value for {field}: {value!r}") from None
 
 
-def _boolean(value) -> bool:
+def _boolean(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
 
 
-def _tag_list(value) -> list[str]:
+def _tag_list(value: Any) -> list[str]:
     tags = value if isinstance(value, list) else str(value).split(",")
     return [str(tag).strip() for tag in tags if str(tag).strip()][:64]
 
 
-def probe(check: dict) -> tuple[bool | None, int, str]:
+def probe(check: dict[str, Any]) -> tuple[bool | None, int, str]:
     """One test of a check: (up, response time in ms, description); None when the lab cannot
     test it (a target off this machine, or a check type it does not probe)."""
     target = check.get("hostname", "")
@@ -736,7 +750,7 @@ def probe(check: dict) -> tuple[bool | None, int, str]:
 # --- the HTTP servers ------------------------------------------------------------------------
 
 
-def handler_for(receiver: Receiver):
+def handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = f"igops-lab-{receiver.name}"
@@ -762,7 +776,7 @@ def handler_for(receiver: Receiver):
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
 
-        def log_message(self, format: str, *args) -> None:
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     return Handler

@@ -124,6 +124,14 @@ def test_secrets_never_live_in_inventory(tmp_path):
     assert not any("hunter2" in p for p in found)
 
 
+def test_an_unknown_table_or_array_named_like_a_secret_is_an_unknown_key(tmp_path):
+    # Not a secret's value (_secret_keys looks inside it), so the model's error is reported.
+    found = problems(tmp_path, GOOD + "[api_key_settings]\nregion = 'eu'\n")
+    assert any("api_key_settings: unknown key" in p for p in found)
+    found = problems(tmp_path, "tokens = [1, 2]\n" + GOOD)
+    assert any("tokens: unknown key" in p for p in found)
+
+
 def test_root_cannot_be_a_data_mount(tmp_path):
     text = GOOD.replace('roles = ["app"]\n', 'roles = ["app"]\n[[hosts.mounts]]\npath = "/"\n')
     assert any("/ cannot be a data mount" in p for p in problems(tmp_path, text))
