@@ -22,13 +22,13 @@ STREAMING_TIMEOUT = 60.0
 class Refused(RefusedError):
     """A refusal that carries the state it was based on, so the person sees why."""
 
-    def __init__(self, state: PgClusterState | RedisState, message: str, hint: str | None = None):
+    def __init__(self, state: PgClusterState | RedisState | None, message: str, hint: str | None = None):
         super().__init__(message, hint)
         self.state = state
 
 
 def refuse_or_force(
-    state: PgClusterState | RedisState, reasons: list[str], accept_risk: bool, plan_forced: list[str], hint: str
+    state: PgClusterState | RedisState | None, reasons: list[str], accept_risk: bool, plan_forced: list[str], hint: str
 ) -> None:
     if reasons and not accept_risk:
         raise Refused(state, "refused: " + "; ".join(reasons), hint)
