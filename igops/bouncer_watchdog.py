@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igops import agent, remote
 from igops.errors import RemoteError
@@ -26,6 +27,9 @@ from igops.secrets import Secrets
 if TYPE_CHECKING:
     from igops.inventory import Fleet
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 HEARTBEAT_INTERVAL_S = 1.0
 # How long a watchdog may take to start, reach its admin console with psql and say so.
 ARM_TIMEOUT_S = 15.0
@@ -33,7 +37,7 @@ RELEASE_TIMEOUT_S = 2.0
 TERMINAL_EVENTS = ("released", "resumed")
 
 
-def parse_event(line: str | None) -> dict:
+def parse_event(line: str | None) -> dict[str, Any]:
     """One JSON line from a watchdog; {} for no line (EOF, timeout) or one that is not an event."""
     if not line:
         return {}
@@ -44,7 +48,7 @@ def parse_event(line: str | None) -> dict:
     return event if isinstance(event, dict) and isinstance(event.get("event"), str) else {}
 
 
-def describe_release(host: str, event: dict, clean: bool) -> str:
+def describe_release(host: str, event: dict[str, Any], clean: bool) -> str:
     """What a watchdog said when igops let it go, for the RESUME step's detail."""
     kind = event.get("event")
     if kind == "released":
@@ -77,11 +81,12 @@ class PauseWatchdogs:
         started = time.monotonic()
         wanted = [(host, names) for host, names in databases.items() if host not in self.sessions]
         outcomes = _parallel(lambda item: self._start(*item), wanted)
-        failures = [str(outcome) for outcome in outcomes if isinstance(outcome, Exception)]
+        # Each outcome is the session or the exception that stopped it (None: its thread died).
+        failures = [str(outcome) for outcome in outcomes if not isinstance(outcome, remote.Session)]
         armed = {
             host: outcome
             for (host, _), outcome in zip(wanted, outcomes, strict=False)
-            if not isinstance(outcome, Exception)
+            if isinstance(outcome, remote.Session)
         }
         if failures:
             _parallel(lambda session: _close(session, clean=True), list(armed.values()))
@@ -173,7 +178,7 @@ class PauseWatchdogs:
         return "watchdog " + "; ".join(said)
 
 
-def _close(session: remote.Session, clean: bool) -> dict:
+def _close(session: remote.Session, clean: bool) -> dict[str, Any]:
     """Say "done" (when `clean`) and wait briefly for the watchdog's last word; close."""
     try:
         if not clean:
@@ -192,9 +197,9 @@ def _close(session: remote.Session, clean: bool) -> dict:
         session.__exit__(None, None, None)
 
 
-def _parallel(function, items: list) -> list:
+def _parallel(function: Callable[[T], R], items: list[T]) -> list[R | Exception | None]:
     """function(item) for every item at once; an exception is returned in its item's place."""
-    results: list = [None] * len(items)
+    results: list[R | Exception | None] = [None] * len(items)
 
     def one(index: int) -> None:
         try:

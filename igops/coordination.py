@@ -35,6 +35,8 @@ from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.secrets import redact, redact_data
 
 if TYPE_CHECKING:
+    import requests
+
     from igops.inventory import Fleet
 
 # How long one etcd request may take, over all the members it asks. A member without quorum
@@ -139,7 +141,7 @@ def lock_key(prefix: str, operation: str, target: str) -> str:
     return f"{prefix}locks/{safety.lock_name(operation, target)}"
 
 
-def audit_key(prefix: str, record: dict) -> str:
+def audit_key(prefix: str, record: dict[str, Any]) -> str:
     """Sorted by time (lexical order of the key), unique per host and process."""
     moment = datetime.fromisoformat(record["time"]).astimezone(UTC)
     stamp = moment.strftime("%Y%m%dT%H%M%S.") + f"{moment.microsecond:06d}Z"
@@ -242,12 +244,13 @@ class EtcdGateway:
         if settings.ca_file:
             self._session.verify = settings.ca_file
         if settings.cert_file:
-            self._session.cert = (settings.cert_file, settings.key_file)
+            # requests reads a (cert, key) pair and a lone cert (its key inside) alike: the pair only with a key
+            self._session.cert = (settings.cert_file, settings.key_file) if settings.key_file else settings.cert_file
         self._first = 0
         self._token: str | None = None
         self._lock = threading.Lock()
 
-    def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
+    def call(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """POST to the first member that answers; `timeout` is per member (default: an equal
         share of REQUEST_TIMEOUT, at least 1 s)."""
         timeout = timeout or max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints))
@@ -270,7 +273,7 @@ class EtcdGateway:
         )
         self._token = answer.get("token")
 
-    def _post(self, path: str, body: dict, timeout: float) -> dict:
+    def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         import requests
 
         failures = []
@@ -319,7 +322,7 @@ def _member_cannot_serve(error: str) -> bool:
     )
 
 
-def _json(response) -> dict:
+def _json(response: requests.Response) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
@@ -460,7 +463,7 @@ class EtcdCoordinator:
         finally:
             held.release()
 
-    def _revoke_dead_holders(self, kvs: list[dict]) -> bool:
+    def _revoke_dead_holders(self, kvs: list[dict[str, Any]]) -> bool:
         """Revoke the leases of holders that ran on this machine (the same operator host) and whose
         process is gone: an operator who reruns a command right after killing it need not wait
         out the TTL, as with the local backend. A holder on another machine, or alive, is left."""
@@ -520,7 +523,7 @@ class EtcdCoordinator:
             record["coordination_error"] = redact(f"etcd did not take this record: {exc.message}")
             safety.append_audit(self.state_dir, record)
 
-    def audit_records(self) -> list[dict]:
+    def audit_records(self) -> list[dict[str, Any]]:
         """The fleet's audit trail in time order."""
         return [json.loads(value) for _, value in self.gateway.get_prefix(self.settings.prefix + "audit/")]
 

@@ -27,7 +27,7 @@ The pieces live in:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import redis_failover
 from igops.pg import plans as pg_plans
@@ -48,6 +48,8 @@ from igops.role_change import Refused
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.pg.cluster import PgView
+    from igops.redis_tier import RedisView
 
 __all__ = [
     "PgActions",
@@ -81,11 +83,14 @@ __all__ = [
 def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
     """Under the lock, after the confirmation: refuse if the state the plan was made for has
     changed (another operation, a node that came back), instead of acting on a stale plan."""
+    view: RedisView | PgView
     if isinstance(plan, RedisPlan):
-        view, signature = redis_view(fleet), redis_failover.signature
+        view = redis_view(fleet)
+        changed = redis_failover.signature(view) != plan.signature
     else:
-        view, signature = pg_view(fleet, plan.cluster), pg_plans.signature
-    if signature(view) != plan.signature:
+        view = pg_view(fleet, plan.cluster)
+        changed = pg_plans.signature(view) != plan.signature
+    if changed:
         raise Refused(
             view.state,
             "refused: the state changed since the plan was made",
@@ -93,7 +98,7 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
         )
 
 
-def describe_plan(plan: PgPlan | RedisPlan) -> dict:
+def describe_plan(plan: PgPlan | RedisPlan) -> dict[str, Any]:
     """The plan as data for --json: everything but the actions' internals."""
     data = {key: value for key, value in plan.__dict__.items() if key not in ("actions", "failure_hint", "signature")}
     data["steps"] = plan.steps()

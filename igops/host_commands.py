@@ -5,8 +5,9 @@ same call on several hosts (or clusters) at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igops import remote
 from igops.errors import RemoteError
@@ -14,8 +15,11 @@ from igops.errors import RemoteError
 if TYPE_CHECKING:
     from igops.inventory import Fleet
 
+T = TypeVar("T")
+R = TypeVar("R")
 
-def ssh(fleet: Fleet, host, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
+
+def ssh(fleet: Fleet, host: Any, argv: list[str], timeout: float = 60, stdin: bytes | None = None) -> remote.HostResult:
     [result] = remote.run(
         remote.targets_for(fleet, [host]),
         remote.quote_command(argv),
@@ -26,7 +30,7 @@ def ssh(fleet: Fleet, host, argv: list[str], timeout: float = 60, stdin: bytes |
     return result
 
 
-def ssh_ok(fleet: Fleet, host, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
+def ssh_ok(fleet: Fleet, host: Any, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
     result = ssh(fleet, host, argv, timeout, stdin)
     if not result.ok:
         raise RemoteError(f"{host.name}: {what} failed: {failure_reason(result)}")
@@ -46,7 +50,7 @@ def failure_reason(result: remote.HostResult) -> str:
     return (" / ".join(said) or text[-600:] or f"exit {result.exit_code}")[:1200]
 
 
-def read_file(fleet: Fleet, host, path: str) -> str:
+def read_file(fleet: Fleet, host: Any, path: str) -> str:
     return ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
 
 
@@ -58,11 +62,11 @@ _REPLACE_FILE = (
 )
 
 
-def replace_file(fleet: Fleet, host, path: str, text: str) -> None:
+def replace_file(fleet: Fleet, host: Any, path: str, text: str) -> None:
     ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30, stdin=text.encode())
 
 
-def parallel_map(function, items: list) -> list:
+def parallel_map(function: Callable[[T], R], items: list[T]) -> list[R]:
     if len(items) <= 1:
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(16, len(items)), thread_name_prefix="failover") as pool:

@@ -32,6 +32,7 @@ from igops.operations.steps import Step, execute, from_spec
 from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
+    from igops.failover import PgClusterState, PgPlan, PgResult, RedisPlan, RedisResult, RedisState
     from igops.inventory import Fleet
 
 RESUMABLE = ("pg-switchover", "pg-failover", "pg-rejoin", "redis-switchover", "redis-failover", "redis-rejoin")
@@ -55,7 +56,7 @@ class Continuation:
     notes: list[str] = field(default_factory=list)  # printed under the plan's steps
 
 
-def refuse_if_alive(store, record: dict) -> None:
+def refuse_if_alive(store: journal.LocalJournal | journal.EtcdJournal, record: dict[str, Any]) -> None:
     status = journal.status_of(record, store.alive(record))
     if status == journal.RUNNING:
         raise AlreadyRunning(
@@ -70,7 +71,7 @@ def refuse_if_alive(store, record: dict) -> None:
         )
 
 
-def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
+def plan_resume(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any]]) -> Continuation:
     kind, params = record["kind"], record.get("params") or {}
     if kind == "snapshot-create" and params.get("group"):
         return _snapshot_continuation(fleet, record, resume=True)
@@ -86,21 +87,22 @@ def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation
             if rerun
             else "run its command again",
         )
+    plan: PgPlan | RedisPlan
     if kind.startswith("pg-"):
         plan, _ = _pg_plan(fleet, kind, params)
         resources = [conflicts.pg_cluster(plan.cluster)]
-        apply = failover.apply_pg
     else:
         plan, _ = _redis_plan(fleet, kind, params, promoted_target(entries))
         resources = [conflicts.REDIS]
-        apply = failover.apply_redis
     spec = OperationSpec(
         kind, f"Resume {record['id']}: {plan.title}", record.get("targets") or [], resources, plan.steps(), params
     )
 
-    def run(reporter: Reporter):
+    def run(reporter: Reporter) -> PgResult | RedisResult:
         failover.check_unchanged(fleet, plan)
-        return apply(fleet, plan, reporter)
+        if isinstance(plan, failover.RedisPlan):
+            return failover.apply_redis(fleet, plan, reporter)
+        return failover.apply_pg(fleet, plan, reporter)
 
     if not plan.actions:
         raise RefusedError(
@@ -110,7 +112,7 @@ def plan_resume(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation
     return Continuation(spec, run)
 
 
-def _pg_plan(fleet: Fleet, kind: str, params: dict):
+def _pg_plan(fleet: Fleet, kind: str, params: dict[str, Any]) -> tuple[PgPlan, PgClusterState]:
     if kind == "pg-switchover":
         return failover.plan_pg_switchover(fleet, params["cluster"], params["to"], bool(params.get("accept_risk")))
     if kind == "pg-failover":
@@ -118,7 +120,7 @@ def _pg_plan(fleet: Fleet, kind: str, params: dict):
     return failover.plan_pg_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def promoted_target(entries: list[dict]) -> bool:
+def promoted_target(entries: list[dict[str, Any]]) -> bool:
     """Whether the journal shows this Redis switchover began promoting its target (a step whose
     undo makes the promoted node replicate again). Whether the old master was demoted after it
     the live state says (one master or two), not the journal: a run killed as it began the
@@ -128,7 +130,9 @@ def promoted_target(entries: list[dict]) -> bool:
     )
 
 
-def _redis_plan(fleet: Fleet, kind: str, params: dict, promoted: bool = False):
+def _redis_plan(
+    fleet: Fleet, kind: str, params: dict[str, Any], promoted: bool = False
+) -> tuple[RedisPlan, RedisState]:
     if kind == "redis-switchover":
         return failover.plan_redis_switchover(
             fleet, params["to"], bool(params.get("accept_risk")), promoted_by_interrupted_run=promoted
@@ -138,14 +142,16 @@ def _redis_plan(fleet: Fleet, kind: str, params: dict, promoted: bool = False):
     return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
+def recovery_steps(entries: list[dict[str, Any]]) -> tuple[list[Step], list[str]]:
     """From a journal: the steps an abort runs (releases always, undos unless the operation
     had started a step past its point of no return), newest first, and the titles of the
     steps that ran and that nothing undoes."""
     started = [entry for entry in entries if entry.get("event") == "intent" and entry.get("step")]
     past_no_return = any(entry.get("point_of_no_return") for entry in started)
-    undos, releases, not_undone = [], [], []
-    seen = set()
+    undos: list[Step] = []
+    releases: list[Step] = []
+    not_undone: list[str] = []
+    seen: set[str] = set()
     for entry in started:
         if entry["step"] in seen:  # a resumed run journals its own steps again
             continue
@@ -159,7 +165,7 @@ def recovery_steps(entries: list[dict]) -> tuple[list[Step], list[str]]:
     return [*reversed(undos), *reversed(releases)], not_undone
 
 
-def move_of(record: dict, entries: list[dict]) -> int | None:
+def move_of(record: dict[str, Any], entries: list[dict[str, Any]]) -> int | None:
     """The shard move an interrupted shard operation was in: the last one it journaled (a
     rebalance runs several in turn)."""
     journaled = [entry["move"] for entry in entries if entry.get("event") == "fact" and entry.get("move") is not None]
@@ -172,7 +178,9 @@ def move_of(record: dict, entries: list[dict]) -> int | None:
     return int(known) if known is not None else None
 
 
-def _shard_move_continuation(fleet: Fleet, record: dict, entries: list[dict], resume: bool) -> Continuation:
+def _shard_move_continuation(
+    fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any]], resume: bool
+) -> Continuation:
     """The move the operation was in, finished (igops.shards.resume_move) or rolled back
     (abort_move) from the move's own journal in the directory database, as `igops shard move
     --resume|--abort` would. A rebalance's finished moves stay where they went, and the moves it
@@ -192,6 +200,7 @@ def _shard_move_continuation(fleet: Fleet, record: dict, entries: list[dict], re
         if rebalance
         else []
     )
+    apply: Callable[[Reporter], Any]
     if resume:
         plan, move = shards.plan_resume(fleet, move_id)
         title = (
@@ -224,7 +233,7 @@ def _shard_move_continuation(fleet: Fleet, record: dict, entries: list[dict], re
     return Continuation(spec, apply, notes=notes)
 
 
-def _deploy_resume(fleet: Fleet, record: dict) -> Continuation:
+def _deploy_resume(fleet: Fleet, record: dict[str, Any]) -> Continuation:
     """The hosts not yet on the interrupted rollout's release switch to it, batch by batch
     (igops.deploy.plan_resume); those an igops deploy left drained come back as their batch does."""
     from igops import deploy
@@ -245,14 +254,14 @@ def _deploy_resume(fleet: Fleet, record: dict) -> Continuation:
         record["params"],
     )
 
-    def run(reporter: Reporter):
+    def run(reporter: Reporter) -> Any:
         with deploy.AppFleet.of(fleet) as app:
             return deploy.execute(app, plan, reporter)
 
     return Continuation(spec, run, notes=plan.notes())
 
 
-def _plan_deploy_abort(fleet: Fleet, record: dict) -> Continuation:
+def _plan_deploy_abort(fleet: Fleet, record: dict[str, Any]) -> Continuation:
     """An interrupted deploy or rollback: the hosts it left drained go back into rotation (they
     keep whatever release they run; `igops deploy releases` shows which)."""
     from igops import deploy
@@ -269,7 +278,7 @@ def _plan_deploy_abort(fleet: Fleet, record: dict) -> Continuation:
         record.get("params") or {},
     )
 
-    def run(reporter: Reporter):
+    def run(reporter: Reporter) -> dict[str, list[str]]:
         if drained:
             with deploy.AppFleet.of(fleet) as app, reporter.step(f"put {', '.join(drained)} back in the load balancer"):
                 deploy.put_back(app, drained, f"abort of {record['id']}")
@@ -281,7 +290,7 @@ def _plan_deploy_abort(fleet: Fleet, record: dict) -> Continuation:
     return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
 
 
-def _snapshot_continuation(fleet: Fleet, record: dict, resume: bool) -> Continuation:
+def _snapshot_continuation(fleet: Fleet, record: dict[str, Any], resume: bool) -> Continuation:
     """Abort: delete what the interrupted group got. Resume: that, then a new group."""
     from igops import snapshot
     from igops.ebs import Ebs
@@ -336,7 +345,7 @@ def _snapshot_continuation(fleet: Fleet, record: dict, resume: bool) -> Continua
         params,
     )
 
-    def run(reporter: Reporter):
+    def run(reporter: Reporter) -> dict[str, Any]:
         for line, found in zip(deletes, partial.snapshots if partial else [], strict=True):
             with reporter.step(line):
                 ebs.delete_snapshot(found["SnapshotId"])
@@ -346,7 +355,7 @@ def _snapshot_continuation(fleet: Fleet, record: dict, resume: bool) -> Continua
     return Continuation(spec, run, [] if resume else not_undone)
 
 
-def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
+def plan_abort(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any]]) -> Continuation:
     kind = record["kind"]
     if kind in ("deploy", "deploy-rollback"):
         return _plan_deploy_abort(fleet, record)
@@ -356,7 +365,7 @@ def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
         return _shard_move_continuation(fleet, record, entries, resume=False)
     steps, not_undone = recovery_steps(entries)
     if kind.startswith("pg-"):
-        actions_for: Callable[[], Any] = lambda: failover.PgActions(fleet)  # noqa: E731
+        actions_for: Callable[[], Any] | None = lambda: failover.PgActions(fleet)  # noqa: E731
         resources = [conflicts.pg_cluster(c) for c in _clusters(record)]
     elif kind.startswith("redis-"):
         actions_for = lambda: failover.RedisActions(fleet)  # noqa: E731
@@ -371,9 +380,10 @@ def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
         kind, title, record.get("targets") or [], resources, [step.title for step in steps], record.get("params") or {}
     )
 
-    def run(reporter: Reporter):
+    def run(reporter: Reporter) -> dict[str, list[str]]:
         if not steps:
             return {"undone": [], "not_undone": not_undone}
+        assert actions_for is not None  # refused above: steps and no actions to run them
         actions = actions_for()
         try:
             execute(steps, actions, reporter, "see igops ops show " + record["id"])
@@ -386,5 +396,5 @@ def plan_abort(fleet: Fleet, record: dict, entries: list[dict]) -> Continuation:
     return Continuation(spec, run, not_undone)
 
 
-def _clusters(record: dict) -> list[str]:
+def _clusters(record: dict[str, Any]) -> list[str]:
     return [name for kind, name in (record.get("resources") or []) if kind == "pg"]

@@ -12,13 +12,14 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import coordination, safety
 from igops.errors import RefusedError
 from igops.operations import conflicts, journal
 
 if TYPE_CHECKING:
+    from igops.interrupted import Continuation
     from igops.inventory import Fleet
 
 CACHE_NAME = "operations-cache.json"
@@ -26,19 +27,21 @@ CACHE_NAME = "operations-cache.json"
 
 @dataclass
 class OperationsView:
-    records: list[dict]
+    records: list[dict[str, Any]]
     backend: str
     stale: str | None = None  # why the list is the cached one
     read_at: str | None = None
     problems: list[str] = field(default_factory=list)
 
 
-def _store(fleet: Fleet):
+def _store(
+    fleet: Fleet,
+) -> tuple[coordination.LocalCoordinator | coordination.EtcdCoordinator, journal.LocalJournal | journal.EtcdJournal]:
     backend = coordination.for_fleet(fleet)
     return backend, journal.for_coordinator(backend, fleet.state_dir)
 
 
-def _with_status(store, record: dict) -> dict:
+def _with_status(store: journal.LocalJournal | journal.EtcdJournal, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
     record["status"] = journal.status_of(record, False if record.get("ended") else store.alive(record))
     return record
@@ -61,7 +64,7 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
     return OperationsView(shown, backend.name, read_at=safety.now())
 
 
-def show(fleet: Fleet, op_id: str) -> tuple[dict, list[dict]]:
+def show(fleet: Fleet, op_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     _, store = _store(fleet)
     record = store.record(op_id)
     if record is None:
@@ -69,7 +72,7 @@ def show(fleet: Fleet, op_id: str) -> tuple[dict, list[dict]]:
     return _with_status(store, record), store.entries(op_id)
 
 
-def history(fleet: Fleet, since: datetime | None, target: str | None, limit: int) -> list[dict]:
+def history(fleet: Fleet, since: datetime | None, target: str | None, limit: int) -> list[dict[str, Any]]:
     backend = coordination.for_fleet(fleet)
     if isinstance(backend, coordination.EtcdCoordinator):
         records = backend.audit_records()
@@ -82,7 +85,7 @@ def history(fleet: Fleet, since: datetime | None, target: str | None, limit: int
     return records[-limit:]
 
 
-def _time(text) -> datetime:
+def _time(text: object) -> datetime:
     try:
         moment = datetime.fromisoformat(str(text))
     except ValueError:
@@ -90,7 +93,7 @@ def _time(text) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def overdue(record: dict, now: datetime | None = None) -> float | None:
+def overdue(record: dict[str, Any], now: datetime | None = None) -> float | None:
     """Seconds a running operation has held its lease beyond its kind's expected duration."""
     if record.get("status") != journal.RUNNING:
         return None
@@ -102,7 +105,7 @@ def overdue(record: dict, now: datetime | None = None) -> float | None:
     return held - expected if held > expected else None
 
 
-def plan_continuation(fleet: Fleet, op_id: str, name: str):
+def plan_continuation(fleet: Fleet, op_id: str, name: str) -> tuple[dict[str, Any], Continuation]:
     """The record of an interrupted operation and the resume or abort planned for it."""
     from igops import interrupted
 
@@ -116,14 +119,15 @@ def plan_continuation(fleet: Fleet, op_id: str, name: str):
     return record, interrupted.plan_abort(fleet, record, store.entries(op_id))
 
 
-def _read_cache(path: Path) -> dict:
+def _read_cache(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        cached: dict[str, Any] = json.loads(path.read_text())
+        return cached
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(path: Path, records: list[dict]) -> None:
+def _write_cache(path: Path, records: list[dict[str, Any]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = path.with_name(f".{path.name}.{os.getpid()}")

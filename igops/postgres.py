@@ -13,12 +13,18 @@ import select
 import shlex
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from igops.errors import IgopsError, Unavailable, first_line
+from igops.errors import (
+    IgopsError,
+    Unavailable as Unavailable,  # re-exported: callers catch postgres.Unavailable
+    first_line,
+)
 from igops.secrets import Secrets
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 # repmgr keeps its metadata (nodes, their types, upstreams and priorities) in this database.
@@ -185,7 +191,7 @@ def repoint_databases(text: str, names: set[str], host: str, port: int) -> str:
             continue
         entry = _ENTRY.match(line.rstrip("\n"))
         name = entry.group(2).strip().strip('"') if entry else None
-        if section != "databases" or name not in names:
+        if section != "databases" or entry is None or name not in names:
             lines.append(line)
             continue
         items = parse_connstr(entry.group(4))
@@ -222,11 +228,11 @@ def classify(message: str) -> str:
 
 def connect(
     fleet: Fleet,
-    host,
+    host: Any,
     database: str = "postgres",
     timeout: int = PROBE_TIMEOUT,
     statement_timeout_ms: int | None = 10_000,
-):
+) -> Connection:
     """An autocommit superuser connection to one server (not through PgBouncer)."""
     import psycopg2
 
@@ -298,9 +304,11 @@ SELECT application_name, client_addr::text, state, sent_lsn::text, flush_lsn::te
 """
 
 
-def server_state(connection) -> ServerState:
+def server_state(connection: Connection) -> ServerState:
     with connection.cursor() as cursor:
         cursor.execute(_STATE_QUERY)
+        row = cursor.fetchone()
+        assert row is not None  # a SELECT of expressions without FROM returns one row
         (
             in_recovery,
             current,
@@ -313,7 +321,7 @@ def server_state(connection) -> ServerState:
             receiver_status,
             sender_host,
             received_tli,
-        ) = cursor.fetchone()
+        ) = row
         replicas = []
         if not in_recovery:
             cursor.execute(_REPLICAS_QUERY)
@@ -347,7 +355,7 @@ class RepmgrNode:
     conninfo: str
 
 
-def repmgr_nodes(connection) -> list[RepmgrNode]:
+def repmgr_nodes(connection: Connection) -> list[RepmgrNode]:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT node_id, node_name, type, upstream_node_id, active, priority, conninfo "
@@ -356,13 +364,15 @@ def repmgr_nodes(connection) -> list[RepmgrNode]:
         return [RepmgrNode(*row) for row in cursor.fetchall()]
 
 
-def repmgrd_state(connection) -> str:
+def repmgrd_state(connection: Connection) -> str:
     """What repmgrd's registration in this node's shared memory says: 'running', 'paused' or
     'not running'. The registration lives in the repmgr extension, so `connection` must be to
     the repmgr database."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT repmgr.repmgrd_is_running(), repmgr.repmgrd_is_paused()")
-        running, paused = cursor.fetchone()
+        row = cursor.fetchone()
+        assert row is not None  # a SELECT of expressions without FROM returns one row
+        running, paused = row
     if not running:
         return "not running"
     return "paused" if paused else "running"
@@ -391,11 +401,11 @@ class Bouncer:
     """The admin console of one PgBouncer. PAUSE, RESUME and KILL act on named databases only:
     the pools of other clusters keep running."""
 
-    def __init__(self, fleet: Fleet, host):
+    def __init__(self, fleet: Fleet, host: Any):
         self.fleet = fleet
         self.host = host
 
-    def _connect(self, asynchronous: bool = False):
+    def _connect(self, asynchronous: bool = False) -> Connection:
         import psycopg2
 
         model = self.fleet.model
@@ -416,7 +426,7 @@ class Bouncer:
             connection.autocommit = True
         return connection
 
-    def run(self, command: str) -> list[tuple]:
+    def run(self, command: str) -> list[tuple[Any, ...]]:
         connection = self._connect()
         try:
             with connection.cursor() as cursor:
@@ -430,6 +440,7 @@ class Bouncer:
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SHOW DATABASES")
+                assert cursor.description is not None  # SHOW returns rows, so it describes them
                 columns = [column[0] for column in cursor.description]
                 rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
         finally:
@@ -514,7 +525,7 @@ class Bouncer:
         self.run("RELOAD")
 
 
-def _wait_async(connection, deadline: float) -> None:
+def _wait_async(connection: Connection, deadline: float) -> None:
     from psycopg2 import extensions
 
     while True:

@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING, Any
 from igops.errors import IgopsError
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
+    from psycopg2.extensions import connection as Connection
+    from psycopg2.extras import LogicalReplicationConnection
+
     from igops.inventory import Fleet
 
 # Checksums compare text renderings of rows: both sides must render them identically.
@@ -34,7 +39,7 @@ def _members(fleet: Fleet, cluster: str) -> list[str]:
     return ([last] if last in members else []) + [name for name in members if name != last]
 
 
-def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, Any]):
+def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, Any]) -> tuple[Any, Connection]:
     """(host, connection) of the member that accepts writes, its session set to `values`.
     Members are asked one at a time, the last primary first; a standby's answer is not enough."""
     from igops import postgres
@@ -52,7 +57,9 @@ def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, A
                 "SELECT pg_is_in_recovery()" + "".join(", set_config(%s, %s, false)" for _ in values),
                 [item for pair in values.items() for item in (pair[0], str(pair[1]))],
             )
-            in_recovery = cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            in_recovery = row[0]
         if not in_recovery:
             _last_primary[(str(fleet.source), cluster)] = name
             return host, connection
@@ -69,7 +76,7 @@ def last_primary(fleet: Fleet, cluster: str) -> str:
     return _last_primary.get((str(fleet.source), cluster), fleet.model.postgres.clusters[cluster].primary)
 
 
-def primary_of(fleet: Fleet, cluster: str):
+def primary_of(fleet: Fleet, cluster: str) -> Any:
     """The inventory host that is the cluster's primary now."""
     host, connection = _open_primary(fleet, cluster, "postgres", {})
     connection.close()
@@ -84,7 +91,7 @@ def connect(
     autocommit: bool = False,
     purpose: str = "admin",
     settings: dict[str, Any] | None = None,
-):
+) -> Connection:
     """A new connection to the cluster's primary as the inventory's Postgres user; the caller
     closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out."""
     values = {**_STABLE_RENDERING, "application_name": f"igops-{purpose}", **(settings or {})}
@@ -101,15 +108,19 @@ class primary_connection:
         self.args = (fleet, cluster, database)
         self.kwargs = kwargs
 
-    def __enter__(self):
+    def __enter__(self) -> Connection:
         self.connection = connect(*self.args, **self.kwargs)
         return self.connection
 
-    def __exit__(self, *exc_info):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.connection.close()
 
 
-def replication_connection(fleet: Fleet, cluster: str, database: str, application_name: str):
+def replication_connection(
+    fleet: Fleet, cluster: str, database: str, application_name: str
+) -> LogicalReplicationConnection:
     """A logical replication protocol connection to the cluster's primary (to create a slot
     that exports its snapshot); the caller closes it."""
     import psycopg2

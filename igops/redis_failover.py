@@ -39,7 +39,7 @@ class RedisPlan:
     notes: list[str] = field(default_factory=list)
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = "see `igops redis status` for where things stand"
-    signature: tuple = ()  # the state the plan was made for (see check_unchanged)
+    signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -118,7 +118,9 @@ def plan_redis_switchover(
     reasons = []
     if node.master != current or node.link != "up":
         reasons.append(f"{target} does not follow {current} over a live link ({node.master}, link {node.link})")
-    lag = view.states[current].offset - (node.offset or 0)
+    current_state = view.states[current]
+    assert current_state is not None  # a master that answered
+    lag = current_state.offset - (node.offset or 0)
     if lag > fleet.model.redis.max_lag_bytes:
         reasons.append(f"{target} lags {lag} bytes (threshold {fleet.model.redis.max_lag_bytes})")
     if node.read_only is False:
@@ -263,8 +265,8 @@ def plan_redis_failover(
     following = [
         name
         for name in members
-        if view.states[name]
-        and view.states[name].role == "replica"
+        if (answer := view.states[name])
+        and answer.role == "replica"
         and state.node(name).master == old
         and state.node(name).link == "up"
     ]
@@ -280,9 +282,9 @@ def plan_redis_failover(
             "master with its writes (stop it first)"
         )
     replicas = {
-        name: view.states[name]
+        name: answer
         for name in members
-        if name != old and view.states[name] is not None and view.states[name].role == "replica"
+        if name != old and (answer := view.states[name]) is not None and answer.role == "replica"
     }
     if masters:
         plan.notes.append(f"also master, but not used by the app: {', '.join(masters)}")
@@ -339,7 +341,7 @@ def plan_redis_failover(
     return signed(plan, view), state
 
 
-def _confirm_redis_down(fleet: Fleet, state, name: str) -> None:
+def _confirm_redis_down(fleet: Fleet, state: RedisState, name: str) -> None:
     """A restart looks like an outage for a moment: ask again before acting on it."""
     for _ in range(DOWN_PROBES - 1):
         time.sleep(DOWN_PROBE_INTERVAL)
@@ -369,7 +371,7 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
     view = redis_view(fleet)
     state = view.state
     master = state.app_master
-    if master is None or view.states.get(master) is None or view.states[master].role != "master":
+    if master is None or (master_state := view.states.get(master)) is None or master_state.role != "master":
         raise Refused(
             state, "refused: the app's master (per the directory) is not a running master", "see `igops redis status`"
         )
@@ -492,7 +494,7 @@ class RedisActions:
             connection.close()
         return f"version {self.endpoint_version}"
 
-    def persist_roles(self, master: str, members: tuple) -> str:
+    def persist_roles(self, master: str, members: tuple[str, ...]) -> str:
         fleet = self.fleet
         template = fleet.model.redis.config_file
 
@@ -545,7 +547,7 @@ def apply_redis(fleet: Fleet, plan: RedisPlan, reporter: Reporter = Reporter()) 
     )
 
 
-def signature(view: RedisView) -> tuple:
+def signature(view: RedisView) -> tuple[Any, ...]:
     """What a plan depends on: every node's role and state, who follows whom, and where the app is
     routed (the directory). Offsets and lag are left out: they move."""
     state = view.state

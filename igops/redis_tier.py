@@ -14,6 +14,8 @@ from igops.output import plural
 from igops.pg.cluster import cluster_members
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 
@@ -67,7 +69,7 @@ def redis_address(fleet: Fleet, name: str) -> str:
     return f"{fleet.host(name).address}:{fleet.model.redis.port}"
 
 
-def directory_connection(fleet: Fleet):
+def directory_connection(fleet: Fleet) -> Connection:
     """A connection to the directory database on its cluster's live primary."""
     shards = fleet.model.shards
     cluster = fleet.directory_cluster
@@ -80,7 +82,9 @@ def directory_connection(fleet: Fleet):
             continue
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_is_in_recovery()")
-            if not cursor.fetchone()[0]:
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT without FROM returns one row
+            if not row[0]:
                 return connection
         connection.close()
     raise IgopsError(
@@ -92,7 +96,7 @@ def directory_connection(fleet: Fleet):
 def redis_view(fleet: Fleet) -> RedisView:
     members = redis_members(fleet)
 
-    def endpoint():
+    def endpoint() -> tuple[str | None, int | None, str | None]:
         try:
             connection = directory_connection(fleet)
         except IgopsError as exc:
@@ -122,7 +126,7 @@ def redis_state_of(
     """The Redis tier from what each node said of itself (None and an entry in `down` for one
     that did not answer) and the directory's redis_master endpoint (or why it could not be read)."""
     members = redis_members(fleet)
-    by_address = {redis_address(fleet, name): name for name in members}
+    by_address: dict[str | None, str] = {redis_address(fleet, name): name for name in members}
     app_master = by_address.get(address) if address else None
     nodes = []
     for name in members:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, Unavailable, first_line
 from igops.secrets import Secrets
 
 if TYPE_CHECKING:
+    import redis
+    from psycopg2.extensions import connection as PgConnection
+
     from igops.inventory import Fleet
 
 # The directory's endpoints row the app reads (app/directory.py): address "host:port", and a
@@ -26,7 +29,7 @@ PROBE_TIMEOUT = 2.0
 _ROLE_LINE = re.compile(r"^\s*(replicaof|slaveof|replica-read-only|slave-read-only)\b", re.I)
 
 
-def client(fleet: Fleet, host, timeout: float = PROBE_TIMEOUT):
+def client(fleet: Fleet, host: Any, timeout: float = PROBE_TIMEOUT) -> redis.Redis:
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -78,7 +81,7 @@ class NodeState:
     replicas: list[LinkedReplica] = field(default_factory=list)
 
 
-def node_state(connection) -> NodeState:
+def node_state(connection: redis.Redis) -> NodeState:
     """One node's replication state. Raises Unavailable when it does not answer."""
     import redis
 
@@ -132,29 +135,29 @@ def node_state(connection) -> NodeState:
     )
 
 
-def pause_writes(connection, milliseconds: int) -> None:
+def pause_writes(connection: redis.Redis, milliseconds: int) -> None:
     """Hold every write command on this node (reads go on) until UNPAUSE or the timeout,
     whichever comes first: a crashed igops cannot leave writes paused."""
-    connection.execute_command("CLIENT", "PAUSE", str(milliseconds), "WRITE")
+    connection.execute_command("CLIENT", "PAUSE", str(milliseconds), "WRITE")  # type: ignore[no-untyped-call]  # unannotated in redis-py
 
 
-def unpause(connection) -> None:
-    connection.execute_command("CLIENT", "UNPAUSE")
+def unpause(connection: redis.Redis) -> None:
+    connection.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]  # unannotated in redis-py
 
 
-def replicate_from(connection, master: tuple[str, int] | None) -> None:
+def replicate_from(connection: redis.Redis, master: tuple[str, int] | None) -> None:
     """REPLICAOF host port, or REPLICAOF NO ONE to make the node a master."""
     if master is None:
-        connection.execute_command("REPLICAOF", "NO", "ONE")
+        connection.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]  # unannotated in redis-py
     else:
-        connection.execute_command("REPLICAOF", master[0], str(master[1]))
+        connection.execute_command("REPLICAOF", master[0], str(master[1]))  # type: ignore[no-untyped-call]  # unannotated in redis-py
 
 
 class CatchUpTimeout(IgopsError):
     pass
 
 
-def wait_for_offset(connection, offset: int, deadline: float, interval: float = 0.005) -> int:
+def wait_for_offset(connection: redis.Redis, offset: int, deadline: float, interval: float = 0.005) -> int:
     """Until the replica has processed the stream up to `offset`; returns its offset."""
     reached = node_state(connection).offset
     while reached < offset:
@@ -165,7 +168,7 @@ def wait_for_offset(connection, offset: int, deadline: float, interval: float = 
     return reached
 
 
-def wait_for_link(connection, deadline: float, interval: float = 0.05) -> NodeState:
+def wait_for_link(connection: redis.Redis, deadline: float, interval: float = 0.05) -> NodeState:
     state = node_state(connection)
     while not (state.role == "replica" and state.link_up):
         if time.monotonic() >= deadline:
@@ -176,14 +179,14 @@ def wait_for_link(connection, deadline: float, interval: float = 0.05) -> NodeSt
 
 
 # --- the directory's redis_master endpoint (a connection to the directory database's primary) ---
-def read_endpoint(connection) -> tuple[str | None, int | None]:
+def read_endpoint(connection: PgConnection) -> tuple[str | None, int | None]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT address, version FROM endpoints WHERE name = %s", (MASTER_ENDPOINT,))
         row = cursor.fetchone()
     return (row[0], row[1]) if row else (None, None)
 
 
-def write_endpoint(connection, address: str) -> int:
+def write_endpoint(connection: PgConnection, address: str) -> int:
     """Point the app at `address` ("host:port"); returns the new version."""
     with connection.cursor() as cursor:
         cursor.execute(
@@ -192,7 +195,10 @@ def write_endpoint(connection, address: str) -> int:
             "version = endpoints.version + 1, updated_at = now() RETURNING version",
             (MASTER_ENDPOINT, address),
         )
-        return cursor.fetchone()[0]
+        row = cursor.fetchone()
+        assert row is not None  # an upsert RETURNING returns its row
+        version: int = row[0]
+        return version
 
 
 # --- the config file --------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from igops.errors import IgopsError, describe
@@ -29,7 +30,7 @@ class Step:
 
     title: str
     action: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
     # Compensates if this or a later step fails before the point of no return; it must be safe
     # to run whether or not this step got to act.
     undo: Step | None = None
@@ -86,7 +87,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.recovering = False
 
-    def __call__(self, signum, frame):
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
         if not self.recovering:
             raise KeyboardInterrupt
 
@@ -115,7 +116,7 @@ def _signals_as_interrupt() -> Iterator[_Interrupts]:
 
 
 def execute(
-    steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str, left_behind=None
+    steps: list[Step], actions: Any, reporter: Reporter, failure_hint: str, left_behind: Callable[[], str] | None = None
 ) -> list[StepReport]:
     """Run the steps in order. On any failure or interrupt, whether it lands in a step or between
     two, run the undos (before the point of no return) and the releases of the steps reached,
@@ -155,9 +156,9 @@ def execute(
     return done
 
 
-def _left_behind(describe) -> str:
+def _left_behind(left_behind: Callable[[], str]) -> str:
     try:
-        return describe()
+        return left_behind()
     except Exception as exc:  # noqa: BLE001 - the failure itself matters more
         return f"unknown ({describe(exc)})"
 
@@ -182,14 +183,14 @@ def _run_recovery(actions: Any, reporter: Reporter, undos: list[Step], releases:
     return recovery
 
 
-def spec(step: Step | None) -> dict | None:
+def spec(step: Step | None) -> dict[str, Any] | None:
     """A step as the journal keeps it: enough for `igops ops abort` to run it again."""
     if step is None:
         return None
     return {"title": step.title, "action": step.action, "args": [_plain(arg) for arg in step.args]}
 
 
-def from_spec(data: dict) -> Step:
+def from_spec(data: dict[str, Any]) -> Step:
     return Step(data["title"], data["action"], tuple(_restored(arg) for arg in data.get("args", [])))
 
 

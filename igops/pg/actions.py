@@ -5,7 +5,7 @@ concern (PgBouncer, the old and new primary, standbys, repmgrd), and `apply_pg`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.bouncer_watchdog import PauseWatchdogs
 from igops.operations.steps import StepReport, execute
@@ -48,7 +48,7 @@ class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions,
         # than [pgbouncer] watchdog_deadline (igops/bouncer_watchdog.py).
         self.watchdogs = PauseWatchdogs(fleet)
 
-    def _host(self, name: str):
+    def _host(self, name: str) -> Any:
         return self.fleet.host(name)
 
     def _cluster_of(self, name: str) -> str:

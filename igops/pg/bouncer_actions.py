@@ -5,6 +5,7 @@ primary) behind the pause watchdogs, repoint and resume.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres
 from igops.errors import IgopsError
@@ -12,12 +13,26 @@ from igops.host_commands import parallel_map, read_file, replace_file
 from igops.pg.cluster import bouncer_text
 from igops.pg.timeouts import DEAD_SERVER_PAUSE_S
 
+if TYPE_CHECKING:
+    from igops.bouncer_watchdog import PauseWatchdogs
+    from igops.inventory import Fleet
+
 
 class BouncerActions:
     """The PgBouncer steps of igops.pg.actions.PgActions (mixed in: `fleet`, `_host`,
     `databases_files`, `watchdogs`, `paused_at` and `resumed_at` are PgActions')."""
 
-    def _databases_file(self, host) -> str:
+    fleet: Fleet
+    databases_files: dict[str, str]
+    watchdogs: PauseWatchdogs
+    paused_at: float | None
+    resumed_at: float | None
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
+
+    def _databases_file(self, host: Any) -> str:
         return self.fleet.path_for(self.fleet.model.pgbouncer.databases_file, host)
 
     def read_databases_files(self, databases: dict[str, list[str]]) -> None:
@@ -27,8 +42,8 @@ class BouncerActions:
 
         self.databases_files.update(parallel_map(one, list(databases)))
 
-    def _bouncers(self, databases: dict[str, list[str]], method: str, *args) -> None:
-        def one(item):
+    def _bouncers(self, databases: dict[str, list[str]], method: str, *args: object) -> None:
+        def one(item: tuple[str, list[str]]) -> None:
             host_name, names = item
             getattr(postgres.Bouncer(self.fleet, self._host(host_name)), method)(names, *args)
 
@@ -90,7 +105,7 @@ class BouncerActions:
         target = self._host(node)
         port = fleet.model.postgres.port
 
-        def one(item):
+        def one(item: tuple[str, list[str]]) -> None:
             host_name, names = item
             host = self._host(host_name)
             path = self._databases_file(host)

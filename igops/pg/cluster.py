@@ -176,7 +176,7 @@ def pg_view(fleet: Fleet, cluster: str) -> PgView:
     addresses = {str(fleet.host(name).address): name for name in members} | {name: name for name in members}
     configured = fleet.model.postgres.clusters[cluster].pgbouncer_database
 
-    def bouncer(host):
+    def bouncer(host: Any) -> tuple[str, list[postgres.BouncerDatabase], str | None]:
         try:
             return (
                 host.name,
@@ -200,7 +200,9 @@ def pg_view(fleet: Fleet, cluster: str) -> PgView:
     bouncers = {name: databases for name, databases, _ in bouncer_results}
     bouncer_errors = {name: error for name, _, error in bouncer_results if error}
     repmgr_nodes: list[postgres.RepmgrNode] = []
-    answering = sorted((p for p in probes.values() if p.server), key=lambda p: p.server.in_recovery)
+    answering = sorted(
+        (p for p in probes.values() if p.server), key=lambda p: p.server is not None and p.server.in_recovery
+    )
     for probe in answering:
         try:
             connection = postgres.connect(fleet, probe.host, postgres.REPMGR_DATABASE)
@@ -221,7 +223,7 @@ def _pg_report(view: PgView, addresses: dict[str, str]) -> PgClusterState:
     writable = view.writable()
     primary = writable[0] if len(writable) == 1 else None
     primary_server = view.probes[primary].server if primary else None
-    by_id = {node.node_id: node for node in view.repmgr}
+    by_id: dict[int | None, postgres.RepmgrNode] = {node.node_id: node for node in view.repmgr}
     routes: dict[str, dict[str, str]] = {}
     paused: dict[str, list[str]] = {}
     for bouncer_host, databases in view.bouncers.items():
@@ -387,14 +389,18 @@ def interrupted_switchover(view: PgView, state: PgClusterState | None = None) ->
         for name, probe in view.probes.items()
         if probe.server is None and probe.postmaster_running is False and probe.control_state == "shut down"
     ]
-    routed = {target for table in (state or view.state).pgbouncer.values() for target in table.values()}
+    report = state or view.state
+    assert report is not None  # pg_view reports every view it makes
+    routed = {target for table in report.pgbouncer.values() for target in table.values()}
     if len(stopped) == 1 and routed == set(stopped):
         return stopped[0]
     return None
 
 
 def pg_status(fleet: Fleet, cluster: str) -> PgClusterState:
-    return pg_view(fleet, cluster).state
+    state = pg_view(fleet, cluster).state
+    assert state is not None  # pg_view reports every view it makes
+    return state
 
 
 def bouncer_text(databases: dict[str, list[str]]) -> str:

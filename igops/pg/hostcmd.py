@@ -5,7 +5,7 @@ stopped member's disk ends.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres
 from igops.host_commands import ssh
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 
-def data_directory(fleet: Fleet, host) -> str:
+def data_directory(fleet: Fleet, host: Any) -> str:
     return fleet.path_for(fleet.model.postgres.data_directory, host)
 
 
@@ -27,18 +27,18 @@ def bin_path(fleet: Fleet, program: str) -> str:
     return f"{fleet.model.postgres.bin_dir.rstrip('/')}/{program}"
 
 
-def repmgr_argv(fleet: Fleet, host, *args: str) -> list[str]:
+def repmgr_argv(fleet: Fleet, host: Any, *args: str) -> list[str]:
     return [bin_path(fleet, "repmgr"), "-f", fleet.path_for(fleet.model.postgres.repmgr_config, host), *args]
 
 
-def repmgr(fleet: Fleet, host, *args: str) -> list[str]:
+def repmgr(fleet: Fleet, host: Any, *args: str) -> list[str]:
     return as_postgres(fleet, repmgr_argv(fleet, host, *args))
 
 
 _WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 
-def wal_end_on_disk(fleet: Fleet, host) -> int | None:
+def wal_end_on_disk(fleet: Fleet, host: Any) -> int | None:
     """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
     data = data_directory(fleet, host)
     listing = ssh(

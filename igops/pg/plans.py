@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import inventory, postgres
 from igops.errors import RemoteError, UsageError
@@ -56,7 +56,7 @@ class PgPlan:
     bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = ""
-    signature: tuple = ()  # the state the plan was made for (see check_unchanged)
+    signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -76,6 +76,7 @@ def plan_pg_switchover(
         )
     view = _settled_view(fleet, cluster)
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     writable = view.writable()
     if len(writable) > 1:
         raise Refused(
@@ -141,9 +142,9 @@ def plan_pg_switchover(
         "wait for it to catch up, free space, pick another standby, or --accept-risk",
     )
     siblings = [name for name in members if name not in (primary, candidate) and view.probes[name].server]
-    stopped = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
-    if stopped:
-        plan.notes.append(f"not running, left alone: {', '.join(stopped)} (igops pg rejoin it later)")
+    left = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
+    if left:
+        plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
     plan.actions = with_repmgrd_paused(
         switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
         on=primary,
@@ -185,6 +186,7 @@ def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: boo
     from the stop (fence again, make sure the candidate has all of the stopped primary's WAL,
     promote, and the rest)."""
     fleet, state, cluster = view.fleet, view.state, view.cluster
+    assert state is not None  # pg_view reports every view it makes
     probe = view.probes[candidate]
     node = state.node(candidate)
     if probe.server is None or not probe.server.in_recovery:
@@ -249,6 +251,7 @@ def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
     """A switchover cut short after it stopped the primary: start that primary again, provided
     no other member can have been promoted, and resume PgBouncer, which still routes to it."""
     state, cluster = view.state, view.cluster
+    assert state is not None  # pg_view reports every view it makes
     others = tuple(name for name in view.probes if name != stopped)
     plan = PgPlan(
         "switchover",
@@ -284,7 +287,7 @@ def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
     return plan
 
 
-def _free_space_reasons(fleet: Fleet, host) -> list[str]:
+def _free_space_reasons(fleet: Fleet, host: Any) -> list[str]:
     """A promotion writes a new timeline's first WAL segment and a checkpoint: on a full volume
     it PANICs, and in a switchover the old primary is stopped by then."""
     minimum = fleet.model.postgres.min_free_bytes
@@ -314,6 +317,7 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
     """The candidate is primary already: finish what an interrupted operation left (PgBouncer
     routing or paused, repmgr's metadata, members that do not follow it)."""
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     plan = PgPlan(
         "switchover",
         view.cluster,
@@ -380,7 +384,7 @@ def lag_reasons(fleet: Fleet, node: PgNode) -> list[str]:
     return reasons
 
 
-def _repmgr_check(fleet: Fleet, host) -> list[str]:
+def _repmgr_check(fleet: Fleet, host: Any) -> list[str]:
     result = ssh(fleet, host, repmgr(fleet, host, "node", "check"), timeout=30)
     if result.ok:
         return []
@@ -404,6 +408,7 @@ def plan_pg_failover(
         )
     view = pg_view(fleet, cluster)
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     writable = view.writable()
     if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
         return signed(finish, view), state
@@ -427,7 +432,7 @@ def plan_pg_failover(
     stop_first = False
     old_probe = view.probes[old] if old else None
     wal_end = None
-    if old_probe:
+    if old_probe and old:
         # Asking the server again and reading its WAL over SSH overlap: both take about a second.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
             reading = pool.submit(wal_end_on_disk, fleet, old_probe.host) if old_probe.host_reachable else None
@@ -451,7 +456,7 @@ def plan_pg_failover(
                 f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
                 "come back (stop the instance) before forcing"
             )
-        elif old_probe.down.kind == "rejected":
+        elif old_probe.down is not None and old_probe.down.kind == "rejected":
             reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
             stop_first = True
         elif old_probe.postmaster_running:
@@ -471,8 +476,8 @@ def plan_pg_failover(
             f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
             f"running standbys: {', '.join(standbys)}",
         )
-    received = wal_received(standbys[chosen].server)
-    best = max(wal_received(probe.server) for probe in standbys.values())
+    received = wal_received(_answering(standbys[chosen]))
+    best = max(wal_received(_answering(probe)) for probe in standbys.values())
     if received < best:
         reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
     if old_probe is None:
@@ -487,7 +492,7 @@ def plan_pg_failover(
                     f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
                     f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
                 )
-    if standbys[chosen].server.replay_paused:
+    if _answering(standbys[chosen]).replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
     refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the old primary if you can, or --accept-risk")
     plan.new_primary = chosen
@@ -505,7 +510,7 @@ def plan_pg_failover(
         view.databases(),
         fence_on_disk=bool(old_probe and old_probe.host_reachable),
         stop_first=stop_first,
-        replay_paused=standbys[chosen].server.replay_paused,
+        replay_paused=_answering(standbys[chosen]).replay_paused,
     )
     if [name for name in view.repmgrd_members() if name != old]:
         # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
@@ -521,6 +526,7 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
     PgBouncer still routes to the old primary, now down: finish that failover rather than
     promote a second standby. None when no PgBouncer route points at a member that is down."""
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     down = {name for name, probe in view.probes.items() if not probe.server}
     stale = {
         host: [database for database, target in table.items() if target in down]
@@ -572,7 +578,7 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
     return plan
 
 
-def _confirm_pg_down(fleet: Fleet, state, name: str) -> None:
+def _confirm_pg_down(fleet: Fleet, state: PgClusterState, name: str) -> None:
     """A restart looks like an outage for a moment: ask again before acting on it."""
     for _ in range(DOWN_PROBES - 1):
         time.sleep(DOWN_PROBE_INTERVAL)
@@ -592,17 +598,24 @@ def best_standby(view: PgView, standbys: dict[str, PgProbe]) -> str:
         return record.priority if record else 100
 
     eligible = [name for name in standbys if priority(name) > 0] or list(standbys)
-    return sorted(eligible, key=lambda name: (-wal_received(standbys[name].server), -priority(name), name))[0]
+    return sorted(eligible, key=lambda name: (-wal_received(_answering(standbys[name])), -priority(name), name))[0]
+
+
+def _answering(probe: PgProbe) -> postgres.ServerState:
+    """The server of a member that answered: the standbys a failover chooses from."""
+    assert probe.server is not None  # only members that answered are standbys to choose from
+    return probe.server
 
 
 def _presumed_primary(view: PgView) -> str | None:
     """The member that was primary: the one PgBouncer routes to, else repmgr's record, else the
     only member that does not answer; None when every member answers (as a standby)."""
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     down = [name for name, probe in view.probes.items() if not probe.server]
     if not down:
         return None
-    routed = {target for table in view.state.pgbouncer.values() for target in table.values()}
+    routed = {target for table in state.pgbouncer.values() for target in table.values()}
     candidates = [name for name in down if name in routed]
     if len(candidates) != 1:
         candidates = [node.name for node in view.repmgr if node.type == "primary" and node.active and node.name in down]
@@ -621,6 +634,7 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     cluster = cluster_of(fleet, node)
     view = pg_view(fleet, cluster)
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     member = state.node(node)
     probe = view.probes[node]
     if member.role == "primary" and member.pgbouncer:
@@ -680,10 +694,11 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     return signed(plan, view), state
 
 
-def signature(view: PgView) -> tuple:
+def signature(view: PgView) -> tuple[Any, ...]:
     """What a plan depends on: every member's role and state, who follows whom, and where the app
     is routed (PgBouncer). Positions and lag are left out: they move."""
     state = view.state
+    assert state is not None  # pg_view reports every view it makes
     return (
         tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
         tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),

@@ -6,6 +6,7 @@ candidate and record it in repmgr's metadata.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres
 from igops.errors import IgopsError, first_line
@@ -14,6 +15,9 @@ from igops.pg.cluster import wal_received
 from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr, repmgr_argv
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 
 def candidate_verdict(
@@ -57,6 +61,16 @@ class FencingActions:
     """Fencing and stopping the old primary, and starting it again (mixed into
     igops.pg.actions.PgActions: `fleet`, `_host`, `_cluster_of`, `wal_end` and
     `promote_requested` are PgActions')."""
+
+    fleet: Fleet
+    wal_end: int | None
+    promote_requested: set[str]
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
+
+        def _cluster_of(self, name: str) -> str: ...
 
     def stop_and_fence(self, node: str) -> str:
         fleet = self.fleet
@@ -181,7 +195,9 @@ class FencingActions:
                 try:
                     with connection.cursor() as cursor:
                         cursor.execute("SELECT pg_is_in_recovery()")
-                        if cursor.fetchone()[0]:
+                        row = cursor.fetchone()
+                        assert row is not None  # a SELECT without FROM returns one row
+                        if row[0]:
                             last = "it is in recovery (read-only)"
                         else:
                             cursor.execute("SELECT txid_current()")
@@ -227,6 +243,14 @@ class PromotionActions:
     """Promoting the candidate (mixed into igops.pg.actions.PgActions: `fleet`, `_host`,
     `wal_end` and `promote_requested` are PgActions')."""
 
+    fleet: Fleet
+    wal_end: int | None
+    promote_requested: set[str]
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
+
     def checkpoint(self, node: str) -> None:
         connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
         try:
@@ -271,7 +295,9 @@ class PromotionActions:
             try:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_promote(true, %s)", (PROMOTE_TIMEOUT,))
-                    promoted = cursor.fetchone()[0]
+                    row = cursor.fetchone()
+                    assert row is not None  # a SELECT without FROM returns one row
+                    promoted = row[0]
             finally:
                 connection.close()
         except (postgres.Unavailable, psycopg2.Error) as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres, remote
 from igops.errors import RemoteError
@@ -14,12 +15,16 @@ from igops.host_commands import failure_reason, ssh
 from igops.pg.hostcmd import repmgr
 from igops.pg.timeouts import REPMGRD_RECONNECT_TIMEOUT
 
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
 
 def repmgrd_pause_outcome(output: str, pause: bool) -> tuple[list[str], list[str]]:
     """`repmgr service pause|unpause`'s NOTICE and WARNING lines: the nodes it reached, and those
     it did not (by name, or "node N" when it could not connect)."""
     done = "paused" if pause else "unpaused"
-    reached, missed = [], []
+    reached: list[str] = []
+    missed: list[str] = []
     for line in output.splitlines():
         if match := re.search(r"node \d+ \((.+?)\) (not )?" + done + r"\b", line):
             (missed if match.group(2) else reached).append(match.group(1))
@@ -40,6 +45,12 @@ def repmgrd_not_back(states: dict[str, str | None]) -> list[str]:
 class RepmgrdActions:
     """The repmgrd steps of igops.pg.actions.PgActions (mixed in: `fleet` and `_host` are
     PgActions')."""
+
+    fleet: Fleet
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
 
     # repmgr's exit code when it could not pause or unpause every node (ERR_REPMGRD_PAUSE).
     _SOME_NODES_MISSED = 26

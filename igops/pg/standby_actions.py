@@ -6,6 +6,7 @@ for a rejoin (a replication slot reserved before the promotion) and released aft
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from igops import postgres
 from igops.errors import IgopsError
@@ -15,10 +16,21 @@ from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr
 from igops.pg.timeouts import REJOIN_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
+if TYPE_CHECKING:
+    from psycopg2.extensions import cursor as Cursor
+
+    from igops.inventory import Fleet
+
 
 class RejoinActions:
     """Rejoining and following (mixed into igops.pg.actions.PgActions: `fleet` and `_host` are
     PgActions')."""
+
+    fleet: Fleet
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
 
     def register_standby(self, node: str, primary: str) -> None:
         host = self._host(node)
@@ -191,7 +203,13 @@ class WalRetentionActions:
     """The WAL a rejoin needs, reserved and released (mixed into igops.pg.actions.PgActions:
     `fleet` and `_host` are PgActions'; `_slot_of` is its own)."""
 
-    def _slot_of(self, cursor, node: str) -> str:
+    fleet: Fleet
+
+    if TYPE_CHECKING:  # PgActions' own
+
+        def _host(self, name: str) -> Any: ...
+
+    def _slot_of(self, cursor: Cursor, node: str) -> str:
         cursor.execute("SELECT slot_name FROM repmgr.nodes WHERE node_name = %s", (node,))
         row = cursor.fetchone()
         if not row or not row[0]:
@@ -199,7 +217,8 @@ class WalRetentionActions:
                 f"repmgr's metadata names no replication slot for {node}",
                 "set use_replication_slots in repmgr.conf and re-register the member",
             )
-        return row[0]
+        slot: str = row[0]
+        return slot
 
     def reserve_rejoin_wal(self, node: str, for_node: str) -> str:
         connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
@@ -210,7 +229,9 @@ class WalRetentionActions:
                 row = cursor.fetchone()
                 if row is None:
                     cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,))
-                    return f"{slot} holds WAL from {cursor.fetchone()[0]}"
+                    created = cursor.fetchone()
+                    assert created is not None  # the function returns one row
+                    return f"{slot} holds WAL from {created[0]}"
                 return f"{slot} exists already (from {row[0] or 'no position'})"
         finally:
             connection.close()
@@ -229,7 +250,7 @@ class WalRetentionActions:
         finally:
             connection.close()
 
-    def release_switch_segment(self, primary: str, standbys: tuple = ()) -> str:
+    def release_switch_segment(self, primary: str, standbys: tuple[str, ...] = ()) -> str:
         """A promotion copies the segment it happened in onto the new timeline, and Postgres
         removes segments by number whatever their timeline: while the WAL stays in that segment
         (an idle cluster), checkpoints keep every timeline's copy, 16 MB per promotion on each
@@ -243,17 +264,21 @@ class WalRetentionActions:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_switch_wal()")
                 cursor.execute("SELECT pg_current_wal_lsn()::text")
+                row = cursor.fetchone()
+                assert row is not None  # a SELECT without FROM returns one row
                 _wait_until(
                     cursor,
                     "SELECT NOT EXISTS (SELECT FROM pg_replication_slots WHERE active AND "
                     "slot_type = 'physical' AND restart_lsn < %s::pg_lsn)",
-                    cursor.fetchone()[0],
+                    row[0],
                     deadline,
                     f"the standbys' slots on {primary} did not move past the switched segment",
                 )
                 cursor.execute("CHECKPOINT")
                 cursor.execute("SELECT pg_current_wal_lsn()::text")
-                checkpointed = cursor.fetchone()[0]
+                row = cursor.fetchone()
+                assert row is not None  # a SELECT without FROM returns one row
+                checkpointed: str = row[0]
                 counts = [f"{primary} {_wal_segments(cursor)}"]
         finally:
             connection.close()
@@ -275,10 +300,12 @@ class WalRetentionActions:
         return "WAL segments left: " + ", ".join(counts)
 
 
-def _wait_until(cursor, query: str, position: str, deadline: float, what: str) -> None:
+def _wait_until(cursor: Cursor, query: str, position: str, deadline: float, what: str) -> None:
     while True:
         cursor.execute(query, (position,))
-        if cursor.fetchone()[0]:
+        row = cursor.fetchone()
+        assert row is not None  # a SELECT without FROM returns one row
+        if row[0]:
             return
         if time.monotonic() > deadline:
             raise IgopsError(
@@ -288,6 +315,9 @@ def _wait_until(cursor, query: str, position: str, deadline: float, what: str) -
         time.sleep(0.1)
 
 
-def _wal_segments(cursor) -> int:
+def _wal_segments(cursor: Cursor) -> int:
     cursor.execute("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'")
-    return cursor.fetchone()[0]
+    row = cursor.fetchone()
+    assert row is not None  # count(*) returns one row
+    count: int = row[0]
+    return count

@@ -475,3 +475,16 @@ def test_a_fact_the_run_learns_is_journaled_at_once_and_kept_in_its_record(fleet
     assert move_of({"params": {"move": 7}}, []) == 7
     assert move_of({"params": {}}, []) is None
     Reporter().fact(move=1)  # a plain reporter keeps nothing, and does not fail
+
+
+def test_a_failure_whose_state_cannot_be_read_still_fails_with_its_step():
+    class Actions:
+        def stop(self):
+            raise RuntimeError("stop failed")
+
+    def left_behind():
+        raise ConnectionError("cluster unreachable")
+
+    with pytest.raises(steps.StepFailed) as failed:
+        steps.execute([steps.Step("stop", "stop")], Actions(), Reporter(), "hint", left_behind=left_behind)
+    assert failed.value.left_behind == "unknown (ConnectionError: cluster unreachable)"
