@@ -46,7 +46,7 @@ class OperationSpec:
     resources: list[Resource]
     steps: list[str]
     # What `igops ops resume` needs to plan the operation again (a cluster, a candidate, …).
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         conflicts.kind(self.kind)  # an unknown kind is a bug: fail before anything runs
@@ -55,22 +55,29 @@ class OperationSpec:
 class Operation:
     """A running operation: its id and record, its lease, and the reporter its steps go through."""
 
-    def __init__(self, spec: OperationSpec, record: dict, store, held: coordination.HeldLease, reporter: Reporter):
+    def __init__(
+        self,
+        spec: OperationSpec,
+        record: dict[str, Any],
+        store: journal.Store,
+        held: coordination.HeldLease,
+        reporter: Reporter,
+    ):
         self.spec, self.record, self.store, self.held = spec, record, store, held
         self.reporter = JournaledReporter(reporter, self)
         # Entries that go out with the next write (a step's result, with the next step's intent
         # or the operation's end): one store round per step, one Raft round with etcd.
-        self._later: list[dict] = []
+        self._later: list[dict[str, Any]] = []
         self._later_lock = threading.Lock()
 
     @property
     def id(self) -> str:
-        return self.record["id"]
+        return str(self.record["id"])
 
     def check_lease(self) -> None:
         self.held.check()
 
-    def write(self, event: str, record: dict | None = None, **fields: Any) -> None:
+    def write(self, event: str, record: dict[str, Any] | None = None, **fields: Any) -> None:
         """A journal entry, after any left for later; with `record`, the operation's record
         updated in the same write."""
         with self._later_lock:
@@ -86,7 +93,7 @@ class Operation:
             self._later.append(self._entry(event, fields))
 
     @staticmethod
-    def _entry(event: str, fields: dict) -> dict:
+    def _entry(event: str, fields: dict[str, Any]) -> dict[str, Any]:
         return {"time": safety.now(), "event": event, "pid": os.getpid(), **fields}
 
     def step_started(self, number: int, title: str, **fields: Any) -> None:
@@ -112,7 +119,7 @@ class JournaledReporter(Reporter):
 
     def __init__(self, inner: Reporter, operation: Operation):
         self.inner, self.operation = inner, operation
-        self._announced: dict = {}
+        self._announced: dict[str, Any] = {}
         self._count = 0
         self._recovering = 0
 
@@ -207,7 +214,7 @@ def perform(
     outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0),
     reason: str | None = None,
     wait: float = 0.0,
-    resume: dict | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> T:
     """Run `action` as an operation (see the module's docstring). `resume` is the record of an
     interrupted operation this run continues under the same id."""
@@ -222,7 +229,9 @@ def perform(
 class _Run:
     """One run of an operation: what its lease, journal and audit records share."""
 
-    def __init__(self, fleet: Fleet, spec: OperationSpec, reporter: Reporter, reason: str | None, resume: dict | None):
+    def __init__(
+        self, fleet: Fleet, spec: OperationSpec, reporter: Reporter, reason: str | None, resume: dict[str, Any] | None
+    ):
         self.spec, self.reporter, self.reason, self.resume = spec, reporter, reason, resume
         self.backend = coordination.for_fleet(fleet)
         self.store = journal.for_coordinator(self.backend, fleet.state_dir)
@@ -232,7 +241,7 @@ class _Run:
             spec.kind, ", ".join(spec.targets), self.command_line, reason, self.id
         )
         self.started = time.monotonic()
-        self.ended: dict = {}
+        self.ended: dict[str, Any] = {}
 
     def audit(self, result: str, exit_code: int | None, detail: str | None = None) -> None:
         self.backend.audit(
@@ -327,7 +336,8 @@ class _Ending:
     journal and audit records carry."""
 
     def __init__(self) -> None:
-        self.word, self.code, self.detail = "failed", 1, None
+        self.word, self.code = "failed", 1
+        self.detail: str | None = None
 
     def run(self, action: Callable[[], T], outcome: Callable[[T], tuple[str, int]]) -> T:
         try:
@@ -344,7 +354,13 @@ class _Ending:
 
 
 @contextmanager
-def _leased(backend, store, resources: list[Resource], holder, wait: float) -> Iterator[coordination.HeldLease]:
+def _leased(
+    backend: coordination.LocalCoordinator | coordination.EtcdCoordinator,
+    store: journal.Store,
+    resources: list[Resource],
+    holder: coordination.Holder,
+    wait: float,
+) -> Iterator[coordination.HeldLease]:
     try:
         with backend.lease(resources, holder, wait) as held:
             yield held
@@ -352,7 +368,7 @@ def _leased(backend, store, resources: list[Resource], holder, wait: float) -> I
         raise _named(conflict, store) from None
 
 
-def _named(conflict: coordination.Conflict, store) -> coordination.Conflict:
+def _named(conflict: coordination.Conflict, store: journal.Store) -> coordination.Conflict:
     """The refusal names the holder's current step, read from its journal record."""
     holder = conflict.holder
     if holder is None or not holder.operation_id:
@@ -369,7 +385,13 @@ def _named(conflict: coordination.Conflict, store) -> coordination.Conflict:
     return conflict
 
 
-def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dict:
+def _begin(
+    store: journal.Store,
+    spec: OperationSpec,
+    holder: coordination.Holder,
+    held: coordination.HeldLease,
+    resume: dict[str, Any] | None,
+) -> dict[str, Any]:
     lease_id = getattr(held, "lease_id", None)
     if resume:
         record = dict(resume)
@@ -420,7 +442,7 @@ def _begin(store, spec: OperationSpec, holder, held, resume: dict | None) -> dic
     return record
 
 
-def _supersede(store, record: dict) -> None:
+def _supersede(store: journal.Store, record: dict[str, Any]) -> None:
     """A rerun of an interrupted operation (same kind, same resources: `pg switchover main`
     again) finishes or rolls back what it left, as the planners do: the interrupted one ends,
     "superseded" by this one, rather than staying interrupted in `ops list` and `check`. Any
@@ -443,7 +465,9 @@ def _supersede(store, record: dict) -> None:
         store.append(other["id"], [{"time": other["ended"], "event": "superseded", "by": record["id"]}], other)
 
 
-def _end(store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter) -> None:
+def _end(
+    store: journal.Store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter
+) -> None:
     """Record the end; a store that cannot take it (etcd gone) must not hide the outcome itself."""
     record = operation.record
     record.update(ended=safety.now(), result=word, exit_code=code, detail=redact(detail) if detail else None)
@@ -466,7 +490,7 @@ def _end(store, operation: Operation, word: str, code: int, detail: str | None, 
 NO_CHANGE_EVENT = ("deploy", "deploy-rollback", "pagerduty-test")
 
 
-def _mark_change(fleet: Fleet, spec: OperationSpec, ended: dict, reporter: Reporter) -> None:
+def _mark_change(fleet: Fleet, spec: OperationSpec, ended: dict[str, Any], reporter: Reporter) -> None:
     """A PagerDuty change event for the operation that ended, once its lease is released: a
     marker never holds up or fails the operation it marks."""
     from igops.pagerduty import changes as pagerduty_changes

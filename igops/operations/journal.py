@@ -26,10 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import AlreadyRunning
 from igops.secrets import redact_data
+
+if TYPE_CHECKING:
+    from igops.coordination import EtcdCoordinator, LocalCoordinator
 
 RUNNING, INTERRUPTED = "running", "interrupted"
 
@@ -40,7 +43,7 @@ def new_id(moment: datetime | None = None) -> str:
     return moment.strftime("%Y%m%d-%H%M%S") + "-" + random.token_hex(2)
 
 
-def status_of(record: dict, alive: bool) -> str:
+def status_of(record: dict[str, Any], alive: bool) -> str:
     """An ended operation's result; otherwise running or interrupted, by whether its holder lives."""
     if record.get("ended"):
         return str(record.get("result") or "ended")
@@ -79,7 +82,7 @@ class LocalJournal:
         finally:
             os.close(fd)
 
-    def alive(self, record: dict) -> bool:
+    def alive(self, record: dict[str, Any]) -> bool:
         try:
             fd = os.open(self._path(record["id"], ".lock"), os.O_RDONLY)
         except (OSError, ValueError):
@@ -92,7 +95,7 @@ class LocalJournal:
         finally:
             os.close(fd)
 
-    def _put_record(self, record: dict) -> None:
+    def _put_record(self, record: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(record["id"], ".json")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
@@ -101,7 +104,7 @@ class LocalJournal:
             handle.write(json.dumps(_clean(record), sort_keys=True))
         os.replace(temporary, path)
 
-    def append(self, op_id: str, entries: list[dict], record: dict | None = None) -> None:
+    def append(self, op_id: str, entries: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         """Entries, in order; with `record`, the operation's record is replaced too (after them)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         lines = "".join(json.dumps(_clean(entry), sort_keys=True) + "\n" for entry in entries).encode()
@@ -113,13 +116,14 @@ class LocalJournal:
         if record is not None:
             self._put_record(record)
 
-    def record(self, op_id: str) -> dict | None:
+    def record(self, op_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._path(op_id, ".json").read_text())
+            record: dict[str, Any] = json.loads(self._path(op_id, ".json").read_text())
         except (OSError, ValueError):
             return None
+        return record
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[dict[str, Any]]:
         if not self.directory.is_dir():
             return []
         found = []
@@ -130,18 +134,18 @@ class LocalJournal:
                 continue  # being replaced this instant, or not ours
         return found
 
-    def open_records(self) -> list[dict]:
+    def open_records(self) -> list[dict[str, Any]]:
         """The operations that have not ended: running, or interrupted."""
         return [record for record in self.records() if not record.get("ended")]
 
-    def entries(self, op_id: str) -> list[dict]:
+    def entries(self, op_id: str) -> list[dict[str, Any]]:
         return read_json_lines(self._path(op_id, ".journal"))
 
 
 class EtcdJournal:
     name = "etcd"
 
-    def __init__(self, coordinator):
+    def __init__(self, coordinator: EtcdCoordinator):
         self.coordinator = coordinator
         self.gateway = coordinator.gateway
         self.prefix = coordinator.settings.prefix
@@ -153,7 +157,7 @@ class EtcdJournal:
         # The lease taken on the operation's resources is its liveness: its id is in the record.
         yield
 
-    def alive(self, record: dict) -> bool:
+    def alive(self, record: dict[str, Any]) -> bool:
         from igops import safety
         from igops.coordination import EtcdError, process_alive
 
@@ -171,7 +175,7 @@ class EtcdJournal:
         except EtcdError:
             return True  # unknown: never call a live operation interrupted on a guess
 
-    def _record_requests(self, record: dict) -> list[dict]:
+    def _record_requests(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """The record, and its marker under open/ while it has not ended: what `ops list` reads
         without reading every operation ever run."""
         from igops.coordination import _b64
@@ -187,7 +191,7 @@ class EtcdJournal:
             return [record_put, {"request_delete_range": {"key": marker}}]
         return [record_put, {"request_put": {"key": marker, "value": _b64(record["id"])}}]
 
-    def append(self, op_id: str, entries: list[dict], record: dict | None = None) -> None:
+    def append(self, op_id: str, entries: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         """Entries, in order, and with `record` the record too: one transaction, one Raft round."""
         from igops.coordination import _b64
 
@@ -203,26 +207,27 @@ class EtcdJournal:
             puts.extend(self._record_requests(record))
         self.gateway.call("/v3/kv/txn", {"success": puts})
 
-    def record(self, op_id: str) -> dict | None:
+    def record(self, op_id: str) -> dict[str, Any] | None:
         found = self.gateway.get_prefix(f"{self.prefix}ops/{op_id}")
         for key, value in found:
             if key == f"{self.prefix}ops/{op_id}":
-                return json.loads(value)
+                record: dict[str, Any] = json.loads(value)
+                return record
         return None
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[dict[str, Any]]:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}ops/")]
 
-    def open_records(self) -> list[dict]:
+    def open_records(self) -> list[dict[str, Any]]:
         """The operations that have not ended: running, or interrupted."""
         found = [self.record(op_id) for _, op_id in self.gateway.get_prefix(f"{self.prefix}open/")]
         return [record for record in found if record is not None and not record.get("ended")]
 
-    def entries(self, op_id: str) -> list[dict]:
+    def entries(self, op_id: str) -> list[dict[str, Any]]:
         return [json.loads(value) for _, value in self.gateway.get_prefix(f"{self.prefix}journal/{op_id}/")]
 
 
-def read_json_lines(path: Path) -> list[dict]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (a journal, the audit log); a line cut short by a full
     disk is skipped, not fatal."""
     try:
@@ -238,7 +243,7 @@ def read_json_lines(path: Path) -> list[dict]:
     return records
 
 
-def end_interrupted(coordinator, state_dir: Path, why: str) -> list[str]:
+def end_interrupted(coordinator: LocalCoordinator | EtcdCoordinator, state_dir: Path, why: str) -> list[str]:
     """End every interrupted operation as "superseded", saying why: for a rehearsal fleet whose
     start-up restores a known baseline (`igops lab up`), which resolves whatever they left."""
     from igops import safety
@@ -254,9 +259,13 @@ def end_interrupted(coordinator, state_dir: Path, why: str) -> list[str]:
     return ended
 
 
-def for_coordinator(coordinator, state_dir: Path) -> LocalJournal | EtcdJournal:
+def for_coordinator(coordinator: LocalCoordinator | EtcdCoordinator, state_dir: Path) -> Store:
     from igops.coordination import EtcdCoordinator
 
     if isinstance(coordinator, EtcdCoordinator):
         return EtcdJournal(coordinator)
     return LocalJournal(state_dir)
+
+
+# The journal an operation writes to: the one beside its lease (coordination.for_fleet).
+Store = LocalJournal | EtcdJournal
