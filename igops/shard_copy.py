@@ -48,7 +48,9 @@ class ShardCopier(SessionPart):
         try:
             with replication.cursor() as cursor:
                 cursor.execute(f"CREATE_REPLICATION_SLOT {plan.slot} LOGICAL pgoutput (SNAPSHOT 'export')")
-                _, consistent_point, snapshot, _ = cursor.fetchone()
+                created = cursor.fetchone()
+                assert created is not None  # CREATE_REPLICATION_SLOT answers with one row, or raises
+                _, consistent_point, snapshot, _ = created
                 rows, size = self._copy_tables(tables, snapshot)
         finally:
             replication.close()

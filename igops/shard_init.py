@@ -96,7 +96,9 @@ def plan_init(fleet: Fleet, count: int | None = None) -> InitPlan:
         ) as connection:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT to_regclass('shard_map') IS NOT NULL")
-                if cursor.fetchone()[0]:
+                exists = cursor.fetchone()
+                assert exists is not None  # a SELECT without FROM returns one row
+                if exists[0]:
                     cursor.execute("SELECT logical_shard, cluster FROM shard_map")
                     placement = dict(cursor.fetchall())
                     cursor.execute("SELECT version FROM shard_map_version")

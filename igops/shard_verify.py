@@ -385,7 +385,9 @@ def _matching_snapshots(
             started = time.monotonic()
             lock_tables(cursor, source.schema, tables)
             cursor.execute("SELECT pg_export_snapshot()")
-            snapshot = cursor.fetchone()[0]
+            exported = cursor.fetchone()
+            assert exported is not None  # a SELECT without FROM returns one row
+            snapshot = exported[0]
             wait_applied(watch, subscription, mark, wait_budget_s)
             right.execute("SELECT 1")
             left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
