@@ -34,7 +34,7 @@ from app.loadgen import run_load  # noqa: E402
 from app.loadgen.ledger import read_ledger  # noqa: E402
 from app.loadgen.report import longest_gap  # noqa: E402
 from app.loadgen.verify import verify_ledger  # noqa: E402
-from igops import failover, inventory, redis_tier, redisops  # noqa: E402
+from igops import failover, inventory, redisops, shard_map  # noqa: E402
 from igops.lab import aws, state  # noqa: E402
 
 LOCK = Path(os.environ.get("IGOPS_LAB_TEST_LOCK", "/tmp/igops-lab-tests.lock"))
@@ -136,7 +136,7 @@ def stall_during(acked: list[float], began: float, ended: float) -> float:
 
 
 def main_shards(fleet) -> set[int]:
-    connection = redis_tier.directory_connection(fleet)
+    connection = shard_map.directory_connection(fleet)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT logical_shard FROM shard_map WHERE cluster = 'main'")
@@ -220,7 +220,7 @@ def bare_redis(fleet):
         new_master, old_master = redisops.client(fleet, fleet.host(target)), redisops.client(fleet, fleet.host(old))
         try:
             redisops.replicate_from(new_master, None)
-            directory = redis_tier.directory_connection(fleet)
+            directory = shard_map.directory_connection(fleet)
             try:
                 redisops.write_endpoint(directory, f"{address[0]}:{address[1]}")
             finally:

@@ -8,10 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igops import postgres, redisops
+from igops import postgres, redisops, shard_map
 from igops.errors import IgopsError, UsageError
 from igops.output import plural
-from igops.pg.cluster import cluster_members
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as Connection
@@ -70,27 +69,9 @@ def redis_address(fleet: Fleet, name: str) -> str:
 
 
 def directory_connection(fleet: Fleet) -> Connection:
-    """A connection to the directory database on its cluster's live primary."""
-    shards = fleet.model.shards
-    cluster = fleet.directory_cluster
-    if cluster is None:
-        raise UsageError("the inventory has no Postgres cluster for the directory", "set [shards] directory_cluster")
-    for name in cluster_members(fleet, cluster):
-        try:
-            connection = postgres.connect(fleet, fleet.host(name), shards.directory_database)
-        except postgres.Unavailable:
-            continue
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_is_in_recovery()")
-            row = cursor.fetchone()
-            assert row is not None  # a SELECT without FROM returns one row
-            if not row[0]:
-                return connection
-        connection.close()
-    raise IgopsError(
-        f"no primary of cluster {cluster} answers: the directory cannot be read or changed",
-        f"see `igops pg status {cluster}`",
-    )
+    """The directory, where the app reads which Redis is the master; a statement that hangs
+    (a directory primary stopping) fails after 10 s rather than holding a switchover."""
+    return shard_map.directory_connection(fleet, purpose="failover", settings={"statement_timeout": "10s"})
 
 
 def redis_view(fleet: Fleet) -> RedisView:

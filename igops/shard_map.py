@@ -7,7 +7,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, UsageError
 from igops.postgres_admin import connect, last_primary, primary_connection
@@ -69,13 +69,21 @@ class ShardMap:
         return {item.shard: item.bytes or 0 for item in self.shards}
 
 
-def directory_connection(fleet: Fleet, autocommit: bool = True, purpose: str = "shards") -> Connection:
-    """A connection to the directory database that the caller closes."""
+def directory_connection(
+    fleet: Fleet, autocommit: bool = True, purpose: str = "shards", settings: dict[str, Any] | None = None
+) -> Connection:
+    """A connection to the directory database on its cluster's live primary, that the caller
+    closes: every reader and writer of the directory (shards, the Redis endpoint) comes here."""
     cluster_names(fleet)  # refuses an inventory without clusters
     directory_cluster = fleet.directory_cluster
     assert directory_cluster is not None  # the first cluster when [shards] names none
     connection: Connection = connect(
-        fleet, directory_cluster, fleet.model.shards.directory_database, autocommit=autocommit, purpose=purpose
+        fleet,
+        directory_cluster,
+        fleet.model.shards.directory_database,
+        autocommit=autocommit,
+        purpose=purpose,
+        settings=settings,
     )
     return connection
 
