@@ -5,16 +5,23 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
 import typer.main
 
 # The click that typer vendors: its exceptions are the ones a bad command line raises.
 from typer._click import core as click_core, exceptions as click
+from typer._click.utils import echo
 from typer.core import TyperCommand, TyperGroup
 
 from igops import __version__
 from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
+
+if TYPE_CHECKING:
+    from typer._click.formatting import HelpFormatter
+    from typer._click.shell_completion import CompletionItem
 
 # Every command under `igops`, in the order `igops --help` lists them: the module of
 # igops.commands that defines it, and its help in one line. A module is imported only when its
@@ -70,21 +77,21 @@ class CommandTable(TyperGroup):
     first use (run, completed, or its own help shown) and given the global options and help
     texts then. Listing them (`igops --help`, completing a command name) imports nothing."""
 
-    def list_commands(self, ctx) -> list[str]:
+    def list_commands(self, ctx: click_core.Context | None) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx, cmd_name: str):
+    def get_command(self, ctx: click_core.Context | None, cmd_name: str) -> click_core.Command | None:
         if cmd_name not in self.commands and cmd_name in COMMANDS:
             self.commands[cmd_name] = _load(cmd_name)
         return self.commands.get(cmd_name)
 
-    def format_commands(self, ctx, formatter) -> None:
+    def format_commands(self, ctx: click_core.Context, formatter: HelpFormatter) -> None:
         listed = [(name, _listed(name)) for name in self.list_commands(ctx)]
         limit = formatter.width - 6 - max(len(name) for name, _ in listed)
         with formatter.section("Commands"):
             formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in listed])
 
-    def shell_complete(self, ctx, incomplete: str) -> list:
+    def shell_complete(self, ctx: click_core.Context, incomplete: str) -> list[CompletionItem]:
         from typer._click.shell_completion import CompletionItem
 
         names = [name for name in self.list_commands(ctx) if name.startswith(incomplete)]
@@ -98,7 +105,7 @@ def _listed(name: str) -> TyperCommand:
     return TyperCommand(name, help=COMMANDS[name][1], rich_markup_mode=None)
 
 
-def _load(name: str):
+def _load(name: str) -> click_core.Command:
     """Build the click command `name` from its module in igops.commands, as the root's own: the
     global options after it, metavars in words, examples."""
     module = importlib.import_module(f"igops.commands.{COMMANDS[name][0]}")
@@ -108,7 +115,9 @@ def _load(name: str):
         module.register(holder)
     else:
         holder.add_typer(module.app, name=name, help=COMMANDS[name][1])
-    command = typer.main.get_command(holder).commands[name]
+    group = typer.main.get_command(holder)
+    assert isinstance(group, TyperGroup), "a Typer with a callback is a group"
+    command = group.commands[name]
     _prepare(command, (name,))
     return command
 
@@ -197,7 +206,7 @@ def _global(ctx: typer.Context) -> GlobalOptions:
     return ctx.obj
 
 
-def _global_option_params(names: dict[str, list[str]]) -> list:
+def _global_option_params(names: dict[str, list[str]]) -> list[click_core.Parameter]:
     """The global options as options of a subcommand, built by typer itself from a command that
     carries them, under the `names` still free there. They store into the same GlobalOptions as
     the root's."""
@@ -243,7 +252,7 @@ GLOBAL_OPTION_NAMES = {
 }
 
 
-def _operator_option_params() -> list:
+def _operator_option_params() -> list[click_core.Parameter]:
     """--reason and --wait, which every mutating verb (one with --dry-run) takes: they reach the
     operation engine through the GlobalOptions, like -c."""
     carrier = typer.Typer(add_completion=False)
@@ -273,7 +282,7 @@ def _operator_option_params() -> list:
     return [param for param in typer.main.get_command(carrier).params if param.opts[0] in ("--reason", "--wait")]
 
 
-def _prepare(command, path: tuple[str, ...]) -> None:
+def _prepare(command: click_core.Command, path: tuple[str, ...]) -> None:
     """Give every verb under `command` (itself, if it is one) the global options and its help."""
     subcommands = getattr(command, "commands", None)
     if subcommands is not None:
@@ -284,7 +293,7 @@ def _prepare(command, path: tuple[str, ...]) -> None:
     _explain_verb(command, " ".join(path))
 
 
-def _accept_global_options(verb) -> None:
+def _accept_global_options(verb: click_core.Command) -> None:
     """Give the verb the global options too, as every command has --json, so
     `igops hosts --config FILE` works like `igops --config FILE hosts`; a value given after the
     subcommand wins. A name a subcommand already uses for its own option keeps that meaning
@@ -299,7 +308,7 @@ def _accept_global_options(verb) -> None:
         verb.params.extend(_operator_option_params())
 
 
-def _explain_verb(verb, name: str) -> None:
+def _explain_verb(verb: click_core.Command, name: str) -> None:
     """The verb's `--help`: metavars in words (never a Python type) and its examples; and the
     completion of the inventory's names (hosts, roles, clusters, nodes, shards) for its values."""
     from igops.commands import completion, help_text
@@ -312,32 +321,38 @@ def _explain_verb(verb, name: str) -> None:
                 param._custom_shell_complete = complete
         if param.param_type_name == "argument":
             # typer prints an argument's Python type beside its name; the name says it.
-            param.display_type_rich = lambda ctx: None
+            param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]  # typer's parameters have it
     verb.epilog = verb.epilog or help_text.examples_epilog(name)
 
 
-def build_command():
+def build_command() -> click_core.Command:
     """The click command behind `igops`: each command is built when first asked for
     (CommandTable), the global options accepted before and after it."""
     return typer.main.get_command(app)
 
 
-def subcommand(group, name: str):
+def subcommand(group: click_core.Command, name: str) -> click_core.Command | None:
     """The command `name` under `group`, or None: built on demand under the root."""
     get = getattr(group, "get_command", None)
-    return get(None, name) if get is not None else None
+    found: click_core.Command | None = get(None, name) if get is not None else None
+    return found
 
 
-def subcommand_names(group) -> list[str]:
+def subcommand_names(group: click_core.Command) -> list[str]:
     """The names of the commands under `group`, without building any (none for a verb)."""
-    return group.list_commands(None) if getattr(group, "commands", None) is not None else []
+    list_commands = getattr(group, "list_commands", None) if getattr(group, "commands", None) is not None else None
+    names: list[str] = list_commands(None) if list_commands is not None else []
+    return names
 
 
-def verbs(group, path: tuple[str, ...] = ()):
+def verbs(
+    group: click_core.Command, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click_core.Command]]:
     """(path, verb) for every verb under `group`, e.g. (("shard", "id", "decode"), command):
     this builds every command, for the tests that walk them all."""
     for name in subcommand_names(group):
         sub = subcommand(group, name)
+        assert sub is not None, "a group builds each command it lists"
         if getattr(sub, "commands", None) is not None:
             yield from verbs(sub, (*path, name))
         else:
@@ -349,7 +364,8 @@ def _command_name(exc: click.UsageError, argv: list[str]) -> str:
     the parser kept none, from the command names at the start of the line."""
     if exc.ctx is not None and exc.ctx.parent is not None:
         return " ".join(exc.ctx.command_path.split()[1:])
-    group, words = build_command(), []
+    group = build_command()
+    words: list[str] = []
     for word in argv:
         if word.startswith("-"):
             continue
@@ -361,11 +377,11 @@ def _command_name(exc: click.UsageError, argv: list[str]) -> str:
     return " ".join(words) or "igops"
 
 
-def _is_option(param) -> bool:
+def _is_option(param: click_core.Parameter | None) -> bool:
     return getattr(param, "param_type_name", "") == "option"
 
 
-def _param_name(param) -> str:
+def _param_name(param: click_core.Parameter | None) -> str:
     if param is None:
         return "a value"
     if _is_option(param):
@@ -383,7 +399,12 @@ def usage_error_text(exc: click.UsageError, command: str) -> tuple[str, str]:
     if isinstance(exc, click.MissingParameter):
         name = _param_name(exc.param)
         kind = "option" if _is_option(exc.param) else "argument"
-        metavar = exc.param.make_metavar(exc.ctx) if _is_option(exc.param) and exc.ctx else ""
+        # The option's metavar as its --help shows it (typer's parameters have no make_metavar).
+        metavar = (
+            (exc.param.display_type_rich(exc.ctx) or "")
+            if exc.param is not None and _is_option(exc.param) and exc.ctx
+            else ""
+        )
         give = f"{name} {metavar}".strip() if kind == "option" else name
         return f"missing {kind} {name}", f"give {give}; {help_hint}"
     if isinstance(exc, click.NoSuchOption) and exc.option_name == "--force":
@@ -407,6 +428,7 @@ def _unknown_verb(exc: click.UsageError, word: str, help_hint: str) -> tuple[str
     """A word in a verb's place that is no verb: the close verbs, as whole command lines."""
     import difflib
 
+    assert exc.ctx is not None, "usage_error_text asks only with a context"
     verbs = subcommand_names(exc.ctx.command)
     close = difflib.get_close_matches(word, verbs, n=3, cutoff=0.6)
     suggestion = (
@@ -491,6 +513,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         code = _report_usage_error(exc, argv)
     except typer.Abort:
-        click.echo("aborted", err=True)
+        echo("aborted", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -18,11 +18,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError
 from igops.secrets import redact, redact_data
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Task
+    from rich.text import Text
 
 
 @dataclass
@@ -92,14 +97,14 @@ class Output(Reporter):
         # the probes before the plan are [pre], and the plan's step k is [k] on screen.
         self.shows_plan = False
         self.plan_shown = False
-        self.planned: dict | None = None  # the plan shown: the envelope's "plan", for every command
+        self.planned: dict[str, Any] | None = None  # the plan shown: the envelope's "plan", for every command
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC)
-        self._out = None
-        self._err = None
+        self._out: Console | None = None
+        self._err: Console | None = None
 
     @property
-    def out(self):
+    def out(self) -> Console:
         if self._out is None:
             from rich.console import Console
 
@@ -110,7 +115,7 @@ class Output(Reporter):
         return self._out
 
     @property
-    def err(self):
+    def err(self) -> Console:
         if self._err is None:
             from rich.console import Console
 
@@ -168,7 +173,7 @@ class Output(Reporter):
         class RateAndTimeLeft(ProgressColumn):
             """rich's own rate column counts decimal MB; every size igops prints is binary."""
 
-            def render(self, task) -> Text:
+            def render(self, task: Task) -> Text:
                 return Text(
                     rate_and_time_left(task.finished_speed or task.speed, task.time_remaining),
                     style="progress.data.speed",
@@ -205,7 +210,7 @@ class Output(Reporter):
             return
         self._print_table(title, spec, [[_markup(redact(_cell(value))) for value in row] for row in rows])
 
-    def _print_table(self, title: str | None, spec: list[Column], texts: list) -> None:
+    def _print_table(self, title: str | None, spec: list[Column], texts: list[list[Text]]) -> None:
         from rich import box
         from rich.segment import Segments
         from rich.table import Table
@@ -262,7 +267,7 @@ class Output(Reporter):
         sys.stderr.flush()
         return sys.stdin.readline()
 
-    def plan(self, title: str, steps: list[str], is_result: bool = False, notes: list[str] = ()) -> None:
+    def plan(self, title: str, steps: list[str], is_result: bool = False, notes: Sequence[str] = ()) -> None:
         """The exact steps a mutating command will run, numbered as the run numbers them, then
         its notes (rules it follows, what it found), unnumbered. On stderr before a real run; on
         stdout when the plan is the result (a dry run), so `--dry-run > plan.txt` keeps it, except
@@ -280,7 +285,7 @@ class Output(Reporter):
         for note in notes:
             console.print(f"  note: {_escape(redact(note))}")
 
-    def envelope(self, data: Any, exit_code: int, error: dict | None = None) -> dict:
+    def envelope(self, data: Any, exit_code: int, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "command": self.command,
             "ok": exit_code == 0,
@@ -293,7 +298,9 @@ class Output(Reporter):
             "error": error,
         }
 
-    def finish(self, data: Any, exit_code: int = 0, error: dict | None = None, one_line: bool = False) -> None:
+    def finish(
+        self, data: Any, exit_code: int = 0, error: dict[str, Any] | None = None, one_line: bool = False
+    ) -> None:
         if self.json_mode:
             # Redacted before serialising: json.dumps escapes what a secret may hold (`"`, `\`,
             # non-ASCII), and the escaped form would no longer match it.
@@ -303,7 +310,7 @@ class Output(Reporter):
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
-    def fail(self, line: str, exit_code: int, error: dict) -> None:
+    def fail(self, line: str, exit_code: int, error: dict[str, Any]) -> None:
         """A one-line error on stderr and, with --json, the envelope carrying it."""
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(
@@ -402,7 +409,7 @@ def _cell(value: Any, none: str = "-") -> str:
     return str(value)
 
 
-def _markup(text: str):
+def _markup(text: str) -> Text:
     """A cell as rich Text: cells may carry markup (a status in colour); text that is not valid
     markup is taken as it is."""
     from rich.errors import MarkupError

@@ -14,6 +14,7 @@ import shlex
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from igops.agent import pagecache
 from igops.errors import UsageError
@@ -64,7 +65,7 @@ class Profile:
     def resident_bytes(self) -> int:
         return self.pages * self.page_size
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "host": self.host,
             "fleet": self.fleet,
@@ -85,6 +86,7 @@ class Profile:
 
 def from_reader(reader: pagecache.Reader, entries: list[pagecache.FileEntry]) -> Profile:
     header, trailer = reader.header, reader.trailer
+    assert trailer is not None, "the entries were read to the end, so the trailer is in"
     return Profile(
         host=header["host"],
         fleet=header["fleet"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from igops.errors import NagiosStatus
@@ -64,7 +64,7 @@ class Probe:
     run: Callable[[Report], None]
 
 
-def worst(statuses) -> NagiosStatus:
+def worst(statuses: Iterable[NagiosStatus]) -> NagiosStatus:
     return max(statuses, key=SEVERITY.__getitem__, default=NagiosStatus.OK)
 
 

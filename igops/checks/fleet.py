@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import remote, status
 from igops.checks import (
     Perf,
     Probe,
+    Report,
     Result,
     level,
     munin as munin_checks,
@@ -34,6 +36,7 @@ from igops.output import plural
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 GROUPS = (
     "ssh",
@@ -136,8 +139,18 @@ def ssh_probes(context: Context, enabled: set[str]) -> list[Probe]:
     return built
 
 
-def _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, mount_checks):
-    def run(report) -> None:
+def _ssh_runner(
+    context: Context,
+    host: Host,
+    target: remote.Target,
+    command: str,
+    stdin: bytes,
+    settings: remote.SshSettings,
+    gate: threading.Semaphore,
+    enabled: set[str],
+    mount_checks: list[str],
+) -> Callable[[Report], None]:
+    def run(report: Report) -> None:
 
         with gate:
             [result] = remote.run([target], command, settings, stdin=stdin, timeout=context.timeout)
@@ -188,7 +201,9 @@ def _ssh_runner(context, host, target, command, stdin, settings, gate, enabled, 
     return run
 
 
-def disk_result(target: str, entry: dict, warning: float, critical: float, duration_ms: float | None) -> Result:
+def disk_result(
+    target: str, entry: dict[str, Any], warning: float, critical: float, duration_ms: float | None
+) -> Result:
     if not entry.get("mounted"):
         return Result("disk", target, NagiosStatus.CRITICAL, "not mounted", duration_ms=duration_ms)
     used = entry["bytes_total"] - entry["bytes_free"]
@@ -214,7 +229,7 @@ def disk_result(target: str, entry: dict, warning: float, critical: float, durat
     )
 
 
-def frozen_result(target: str, entry: dict, duration_ms: float | None) -> Result:
+def frozen_result(target: str, entry: dict[str, Any], duration_ms: float | None) -> Result:
     if not entry.get("mounted"):
         return Result("frozen", target, NagiosStatus.CRITICAL, "not mounted", duration_ms=duration_ms)
     writable = entry.get("writable")
@@ -251,8 +266,8 @@ def http_probes(context: Context) -> list[Probe]:
     return built
 
 
-def _http_runner(check: str, host, port: int, path: str, timeout: float):
-    def run(report) -> None:
+def _http_runner(check: str, host: Host, port: int, path: str, timeout: float) -> Callable[[Report], None]:
+    def run(report: Report) -> None:
         started = time.monotonic()
         ok, detail = health(str(host.address), port, path, timeout)
         if not ok:
@@ -306,10 +321,10 @@ def health(address: str, port: int, path: str, timeout: float) -> tuple[bool, st
 # --- memcached ----------------------------------------------------------------------------------
 
 
-def memcached_probe(context: Context, host) -> Probe:
+def memcached_probe(context: Context, host: Host) -> Probe:
     port = context.fleet.model.memcached.port
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         try:
             ok, detail = status.memcached_version(str(host.address), port)
@@ -331,11 +346,11 @@ def memcached_probe(context: Context, host) -> Probe:
 # --- munin-node ---------------------------------------------------------------------------------
 
 
-def munin_probe(context: Context, host) -> Probe:
+def munin_probe(context: Context, host: Host) -> Probe:
     model = context.fleet.model
     expected_plugins = munin_checks.plugins_for(host)
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         try:
             with munin_checks.NodeClient(str(host.address), model.munin.port, context.probe_timeout) as node:
@@ -401,7 +416,7 @@ def pingdom_probes(context: Context) -> list[Probe]:
     if not desired:
         return []
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         client = pingdom.Pingdom.for_fleet(fleet, timeout=context.probe_timeout)
         try:
@@ -456,5 +471,5 @@ def pingdom_probes(context: Context) -> list[Probe]:
     return [Probe("pingdom", [("pingdom", want.name) for want in desired], run)]
 
 
-def _clock(timestamp) -> str:
+def _clock(timestamp: int | str) -> str:
     return datetime.fromtimestamp(int(timestamp), UTC).strftime("%H:%M UTC")

@@ -8,20 +8,25 @@ per host, and only what differs, so a second run changes nothing and restarts no
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import json
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from igops import remote
 from igops.errors import NagiosStatus, RemoteError, UsageError
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import Host
 
 PLUGIN_SCRIPT = "igops_"
 ROLE_PLUGINS = {
@@ -94,11 +99,11 @@ class NodeClient:
         self._send("version")
         return self._line().rsplit("version:", 1)[-1].strip()
 
-    def config(self, plugin: str) -> list[str]:
+    def config(self, plugin: str) -> builtins.list[str]:
         self._send(f"config {plugin}")
         return self._block()
 
-    def fetch(self, plugin: str) -> list[str]:
+    def fetch(self, plugin: str) -> builtins.list[str]:
         self._send(f"fetch {plugin}")
         return self._block()
 
@@ -112,7 +117,12 @@ class NodeClient:
     def __enter__(self) -> NodeClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -145,7 +155,7 @@ def parse(plugin: str, config: list[str], values: list[str]) -> tuple[list[Field
     fields: dict[tuple[str, str], Field] = {}
     complaints: list[str] = []
 
-    def walk(lines: list[str], apply) -> None:
+    def walk(lines: list[str], apply: Callable[[Field, str, str], None]) -> None:
         graph = plugin
         for line in lines:
             if line.startswith("#"):
@@ -216,13 +226,13 @@ class Judged:
 class Samples:
     """Previous counter samples per (host, field), so DERIVE limits apply to a rate."""
 
-    def __init__(self, path):
+    def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.previous: dict = json.loads(path.read_text())
+            self.previous: dict[str, list[float]] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.previous = {}
-        self.current: dict = {}
+        self.current: dict[str, list[float]] = {}
 
     def rate(self, host: str, entry: Field, value: float, now: float) -> float | None:
         key = f"{host} {entry.path}"
@@ -305,11 +315,11 @@ def plugin_source() -> bytes:
     return resources.files("igops").joinpath("munin_plugins", PLUGIN_SCRIPT).read_bytes()
 
 
-def plugins_for(host) -> list[str]:
+def plugins_for(host: Host) -> list[str]:
     return [ROLE_PLUGINS[role] for role in host.roles if role in ROLE_PLUGINS]
 
 
-def plugin_conf(fleet: Fleet, host) -> str:
+def plugin_conf(fleet: Fleet, host: Host) -> str:
     """The plugins' settings for one host, from the inventory (and the secrets file for the
     PgBouncer and Redis passwords: the file is written 0600, as munin-node expects)."""
     from igops.secrets import Secrets
@@ -375,7 +385,12 @@ def plan_install(fleet: Fleet, roles: list[str] | None) -> list[HostInstall]:
     ]
 
 
-def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False, on_done=None) -> list[InstallResult]:
+def install(
+    fleet: Fleet,
+    plan: list[HostInstall],
+    always_restart: bool = False,
+    on_done: Callable[[InstallResult], None] | None = None,
+) -> list[InstallResult]:
     from igops import agent
 
     command, program_prefix = agent.invocation("muninsetup", [])
@@ -429,7 +444,7 @@ def install(fleet: Fleet, plan: list[HostInstall], always_restart: bool = False,
         return list(pool.map(one, plan))
 
 
-def _listed(fleet: Fleet, host, plugins: list[str]) -> tuple[list[str], str | None]:
+def _listed(fleet: Fleet, host: Host, plugins: list[str]) -> tuple[list[str], str | None]:
     """What the restarted node lists; it may take a moment to come back."""
     deadline = time.monotonic() + 10
     while True:
@@ -449,7 +464,7 @@ def _listed(fleet: Fleet, host, plugins: list[str]) -> tuple[list[str], str | No
         time.sleep(0.2)
 
 
-def fetch(fleet: Fleet, host_name: str, plugin: str | None, with_config: bool) -> list[dict]:
+def fetch(fleet: Fleet, host_name: str, plugin: str | None, with_config: bool) -> list[dict[str, Any]]:
     host = fleet.host(host_name)
     try:
         with NodeClient(str(host.address), fleet.model.munin.port) as node:

@@ -7,9 +7,9 @@ left out of rotation)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from igops.checks import Probe, Result
+from igops.checks import Probe, Report, Result
 from igops.errors import NagiosStatus
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ ROTATION_TARGET = "app rotation"
 DEPLOY_KINDS = ("deploy", "deploy-rollback")
 
 
-def verdict(records: list[dict], overdue_by: dict[str, float], stale: str | None) -> tuple[NagiosStatus, str]:
+def verdict(records: list[dict[str, Any]], overdue_by: dict[str, float], stale: str | None) -> tuple[NagiosStatus, str]:
     """One line for the fleet's operations: `records` are the running and interrupted ones,
     `overdue_by` the seconds each overdue one is past its kind's expected duration."""
     interrupted = [r for r in records if r.get("status") == "interrupted"]
@@ -47,12 +47,12 @@ def verdict(records: list[dict], overdue_by: dict[str, float], stale: str | None
     )
 
 
-def _step(record: dict) -> str:
+def _step(record: dict[str, Any]) -> str:
     step = record.get("step") or {}
     return f"step {step.get('number')} ({step.get('title')})" if step else "its start"
 
 
-def rotation_verdict(drained: list[str], records: list[dict]) -> tuple[NagiosStatus, str]:
+def rotation_verdict(drained: list[str], records: list[dict[str, Any]]) -> tuple[NagiosStatus, str]:
     """App hosts igops drained (`drained`), against the deploys among `records` (running and
     interrupted operations): a running deploy drains on purpose; otherwise they are capacity
     left out by a run that did not finish."""
@@ -82,7 +82,7 @@ def _drained(fleet: Fleet) -> list[str]:
 def operations_probe(fleet: Fleet) -> Probe:
     with_lbs = bool(fleet.with_role("lb"))
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         from igops import operations_view
 
         started = time.monotonic()

@@ -15,14 +15,16 @@ from __future__ import annotations
 import re
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError, UsageError
 from igops.output import Reporter
 
 if TYPE_CHECKING:
+    import requests
+
     from igops.inventory import Fleet
 
 LIMIT_HEADER = re.compile(r"Remaining:\s*(\d+)\s*Time until reset:\s*(\d+)", re.I)
@@ -78,7 +80,7 @@ class Pingdom:
         )
 
     @classmethod
-    def for_fleet(cls, fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> Pingdom:
+    def for_fleet(cls, fleet: Fleet, reporter: Reporter = Reporter(), timeout: float = 10.0) -> Pingdom:
         from igops.secrets import Secrets
 
         token = Secrets(fleet.model.secrets.file).require("pingdom_token")
@@ -103,14 +105,16 @@ class Pingdom:
             self.reporter.log(f"Pingdom's {name} request limit is used up: waiting {wait:.0f} s for the reset")
             self.sleep(wait)
 
-    def _remember_limits(self, headers) -> None:
-        found = {name: parse_limit(headers.get(f"Req-Limit-{name.capitalize()}")) for name in ("short", "long")}
-        found = {name: limit for name, limit in found.items() if limit}
+    def _remember_limits(self, headers: Mapping[str, str]) -> None:
+        parsed = {name: parse_limit(headers.get(f"Req-Limit-{name.capitalize()}")) for name in ("short", "long")}
+        found = {name: limit for name, limit in parsed.items() if limit}
         if found:
             self.limits.update(found)
             self._limits_seen_at = time.monotonic()
 
-    def request(self, method: str, path: str, params: dict | None = None, body: dict | None = None) -> dict:
+    def request(
+        self, method: str, path: str, params: dict[str, Any] | None = None, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         import requests
 
         url = f"{self.base_url}/{path.lstrip('/')}"
@@ -135,7 +139,8 @@ class Pingdom:
                 continue
             if response.status_code >= 400:
                 raise PingdomError(f"Pingdom {method} {path}: HTTP {response.status_code}: {_error_message(response)}")
-            return response.json() if response.content else {}
+            answer: dict[str, Any] = response.json() if response.content else {}
+            return answer
         raise AssertionError("unreachable")
 
     def _pause(self, attempt: int, what: str, retry_after: str | None = None) -> None:
@@ -146,25 +151,28 @@ class Pingdom:
         self.sleep(wait)
 
     # --- resources ------------------------------------------------------------------------
-    def checks(self, tag: str | None = None) -> list[dict]:
+    def checks(self, tag: str | None = None) -> list[dict[str, Any]]:
         params = {"include_tags": "true"}
         if tag:
             params["tags"] = tag
-        return self.request("GET", "/checks", params=params).get("checks", [])
+        checks: list[dict[str, Any]] = self.request("GET", "/checks", params=params).get("checks", [])
+        return checks
 
-    def check(self, check_id: int) -> dict:
-        return self.request("GET", f"/checks/{check_id}")["check"]
+    def check(self, check_id: int) -> dict[str, Any]:
+        check: dict[str, Any] = self.request("GET", f"/checks/{check_id}")["check"]
+        return check
 
-    def create_check(self, body: dict) -> int:
+    def create_check(self, body: dict[str, Any]) -> int:
         return int(self.request("POST", "/checks", body=body)["check"]["id"])
 
-    def modify_check(self, check_id: int, body: dict) -> None:
+    def modify_check(self, check_id: int, body: dict[str, Any]) -> None:
         self.request("PUT", f"/checks/{check_id}", body=body)
 
-    def summary(self, check_id: int, start: int, end: int) -> dict:
-        return self.request(
+    def summary(self, check_id: int, start: int, end: int) -> dict[str, Any]:
+        summary: dict[str, Any] = self.request(
             "GET", f"/summary.average/{check_id}", params={"from": start, "to": end, "includeuptime": "true"}
         )["summary"]
+        return summary
 
     def create_maintenance(self, description: str, start: int, end: int, check_ids: list[int]) -> int:
         """A window from `start` (a future UNIX time, or NOW) to `end` (a future UNIX time)."""
@@ -177,7 +185,7 @@ class Pingdom:
         return self.create_maintenance(description, NOW, end, check_ids), end
 
 
-def _error_message(response) -> str:
+def _error_message(response: requests.Response) -> str:
     try:
         error = response.json().get("error", {})
         return str(error.get("errormessage") or error.get("statusdesc") or response.reason)[:200]
@@ -200,7 +208,7 @@ class DesiredCheck:
     port: int
     encryption: bool
 
-    def body(self, tag: str) -> dict:
+    def body(self, tag: str) -> dict[str, Any]:
         return {
             "name": self.name,
             "host": self.host,
@@ -244,7 +252,7 @@ class Change:
     action: str  # create, update, pause
     name: str
     check_id: int | None = None
-    body: dict = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -265,7 +273,7 @@ class SyncPlan:
         return [change.describe() for change in self.changes]
 
 
-def current_settings(detail: dict) -> dict:
+def current_settings(detail: dict[str, Any]) -> dict[str, Any]:
     """A check's detail (GET /checks/{id}) as the fields a DesiredCheck sets."""
     kind = detail.get("type")
     http = kind.get("http", {}) if isinstance(kind, dict) else {}
@@ -280,7 +288,7 @@ def current_settings(detail: dict) -> dict:
     }
 
 
-def plan_sync(client: Pingdom, fleet) -> SyncPlan:
+def plan_sync(client: Pingdom, fleet: Fleet) -> SyncPlan:
     tag = fleet_tag(fleet)
     desired = {check.name: check for check in desired_checks(fleet)}
     existing = {check["name"]: check for check in client.checks(tag)}
@@ -326,13 +334,14 @@ def plan_sync(client: Pingdom, fleet) -> SyncPlan:
     return SyncPlan(tag, changes, unchanged)
 
 
-def apply_sync(client: Pingdom, plan: SyncPlan, reporter: Reporter = Reporter()) -> list[dict]:
+def apply_sync(client: Pingdom, plan: SyncPlan, reporter: Reporter = Reporter()) -> list[dict[str, Any]]:
     done = []
     for change in plan.changes:
         with reporter.step(change.describe()):
             if change.action == "create":
                 change.check_id = client.create_check(change.body)
             else:
+                assert change.check_id is not None, "plan_sync names the check it updates or pauses"
                 client.modify_check(change.check_id, change.body)
         done.append({"action": change.action, "name": change.name, "id": change.check_id})
     return done
@@ -349,7 +358,7 @@ class CheckStatus:
     uptime_percent: float | None
 
 
-def statuses(client: Pingdom, fleet, window_seconds: int, include_all: bool = False) -> list[CheckStatus]:
+def statuses(client: Pingdom, fleet: Fleet, window_seconds: int, include_all: bool = False) -> list[CheckStatus]:
     now = int(time.time())
     found = []
     for check in client.checks(None if include_all else fleet_tag(fleet)):

@@ -8,13 +8,18 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from igops.checks import Perf, Probe, Result, level, worst
+from igops.checks import Perf, Probe, Report, Result, level, worst
 from igops.checks.probe_context import Context, MemberView, elapsed_ms, first_line_of, live_primary, postgres_connect
 from igops.errors import NagiosStatus
 from igops.output import plural
+
+if TYPE_CHECKING:
+    from igops.inventory_model import Check, Host, PostgresCluster
 
 
 def postgres_probes(context: Context) -> list[Probe]:
@@ -36,7 +41,7 @@ def postgres_probes(context: Context) -> list[Probe]:
     return built
 
 
-def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
+def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]) -> Callable[[Report], None]:
     """repmgrd on each member, as its registration in the node's shared memory says. Running on no
     member is a fleet without automatic failover (OK); on some members only, or paused outside
     an operation, leaves a failover to chance (WARNING)."""
@@ -54,7 +59,7 @@ def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
         except Exception:  # noqa: BLE001 - a member that does not answer is the postgres check's finding
             return name, None
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="repmgrd") as pool:
             states = dict(pool.map(state_of, members))
@@ -80,13 +85,14 @@ def _repmgrd_runner(context: Context, cluster_name: str, members: list[str]):
     return run
 
 
-def _postgres_runner(context: Context, cluster_name: str, cluster):
+def _postgres_runner(context: Context, cluster_name: str, cluster: PostgresCluster) -> Callable[[Report], None]:
     thresholds = context.fleet.model.check
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         views = context.postgres_views(cluster_name)
         primary = live_primary(cluster, views)
+        primary_error: str | None
         if primary is None:
             answers = "; ".join(f"{name}: {view.error or 'a standby'}" for name, view in views.items())
             primary_error = f"no member accepts writes ({answers})"
@@ -128,7 +134,13 @@ def _postgres_runner(context: Context, cluster_name: str, cluster):
 
 
 def _standby_result(
-    primary: str, standby: str, row, primary_error, view: MemberView, thresholds, duration_ms: float
+    primary: str,
+    standby: str,
+    row: tuple[str, int | None] | None,
+    primary_error: str | None,
+    view: MemberView,
+    thresholds: Check,
+    duration_ms: float,
 ) -> Result:
     if view.in_recovery is False:
         return Result(
@@ -180,12 +192,12 @@ def _standby_result(
 # --- PgBouncer ----------------------------------------------------------------------------------
 
 
-def pgbouncer_probe(context: Context, host) -> Probe:
+def pgbouncer_probe(context: Context, host: Host) -> Probe:
     fleet = context.fleet
     model = fleet.model
     thresholds = model.check
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         import psycopg2
 
         started = time.monotonic()
@@ -202,9 +214,11 @@ def pgbouncer_probe(context: Context, host) -> Probe:
                 connection.autocommit = True
                 with connection.cursor() as cursor:
                     cursor.execute("SHOW POOLS")
+                    assert cursor.description is not None, "SHOW POOLS returns rows"
                     columns = [column.name for column in cursor.description]
                     pools = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
                     cursor.execute("SHOW DATABASES")
+                    assert cursor.description is not None, "SHOW DATABASES returns rows"
                     columns = [column.name for column in cursor.description]
                     databases = {
                         row["name"]: row for row in (dict(zip(columns, r, strict=False)) for r in cursor.fetchall())

@@ -9,18 +9,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from igops.checks import munin as munin_checks
 from igops.errors import first_line
 from igops.secrets import Secrets
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
+    from igops.inventory import Fleet
+    from igops.inventory_model import Host, PostgresCluster
 
 PROBE_TIMEOUT = 5.0
 
 
 @dataclass
 class Context:
-    fleet: object
-    hosts: list
+    fleet: Fleet
+    hosts: list[Host]
     timeout: float
     samples: munin_checks.Samples | None
     _views: dict[str, dict[str, MemberView]] = field(default_factory=dict, init=False, repr=False)
@@ -56,7 +63,9 @@ class Context:
                 with connection.cursor() as cursor:
                     cursor.execute("SET statement_timeout = %s", (int(self.probe_timeout * 1000),))
                     cursor.execute("SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)")
-                    view.in_recovery, view.receiver = cursor.fetchone()
+                    row = cursor.fetchone()
+                    assert row is not None, "a SELECT without FROM returns one row"
+                    view.in_recovery, view.receiver = row
                     if not view.in_recovery:
                         try:
                             # Assigning a transaction id writes and flushes WAL: the cheapest real write.
@@ -87,7 +96,7 @@ class MemberView:
     error: str | None = None
 
 
-def live_primary(cluster, views: dict[str, MemberView]) -> str | None:
+def live_primary(cluster: PostgresCluster, views: dict[str, MemberView]) -> str | None:
     """The member out of recovery; of two (a split brain), the one standbys stream from."""
     out = [name for name, view in views.items() if view.in_recovery is False]
     return max(out, key=lambda name: (len(views[name].replication), name == cluster.primary), default=None)
@@ -102,7 +111,7 @@ def elapsed_ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
-def postgres_connect(context: Context, host, timeout: float, database: str = "postgres"):
+def postgres_connect(context: Context, host: Host, timeout: float, database: str = "postgres") -> Connection:
     import psycopg2
 
     model = context.fleet.model

@@ -4,12 +4,18 @@ app writes to (the directory's redis_master endpoint)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from igops.checks import Perf, Probe, Result, level
+from igops.checks import Perf, Probe, Report, Result, level
 from igops.checks.probe_context import Context, elapsed_ms, first_line_of, live_primary
 from igops.errors import NagiosStatus
 from igops.output import plural
+
+if TYPE_CHECKING:
+    from igops.inventory_model import Check
+    from igops.redis_tier import RedisNode, RedisState
 
 # --- Redis --------------------------------------------------------------------------------------
 
@@ -19,11 +25,12 @@ def redis_probes(context: Context) -> list[Probe]:
     members = ([model.master] if model.master else []) + list(model.replicas)
     if not members or not {host.name for host in context.hosts} & set(members):
         return []
+    assert model.master is not None, "the inventory check refuses replicas without a master"
     expected = [("redis-master", model.master)] + [("redis-replica", name) for name in model.replicas]
     return [Probe("redis", expected, _redis_runner(context))]
 
 
-def _redis_runner(context: Context):
+def _redis_runner(context: Context) -> Callable[[Report], None]:
     """Judge the Redis tier by live roles against the master the app writes to (the directory's
     redis_master endpoint): a failover changes both and leaves the inventory as it was."""
     from igops import redis_tier, redisops
@@ -31,7 +38,7 @@ def _redis_runner(context: Context):
     fleet = context.fleet
     thresholds = fleet.model.check
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         started = time.monotonic()
         members = redis_tier.redis_members(fleet)
         with ThreadPoolExecutor(max_workers=len(members) + 1, thread_name_prefix="check-redis") as pool:
@@ -75,7 +82,7 @@ def _directory_redis_master(context: Context) -> tuple[str | None, int | None, s
         return None, None, f"the directory on {primary}: {first_line_of(exc)}"
 
 
-def redis_results(tier, directory_error: str | None, thresholds, duration_ms: float) -> list[Result]:
+def redis_results(tier: RedisState, directory_error: str | None, thresholds: Check, duration_ms: float) -> list[Result]:
     """One result per Redis node, named by its live role. The reference master is the one the
     app writes to, or without a readable directory the only live master."""
     masters = [node.name for node in tier.nodes if node.role == "master"]
@@ -94,7 +101,14 @@ def redis_results(tier, directory_error: str | None, thresholds, duration_ms: fl
     return results
 
 
-def _redis_master_result(node, tier, reference, masters, directory_error, duration_ms) -> Result:
+def _redis_master_result(
+    node: RedisNode,
+    tier: RedisState,
+    reference: str | None,
+    masters: list[str],
+    directory_error: str | None,
+    duration_ms: float,
+) -> Result:
     replicas = sum(1 for other in tier.nodes if other.role == "replica" and other.master == node.name)
     if node.name != reference:
         if tier.app_master in masters:
@@ -127,12 +141,14 @@ def _redis_master_result(node, tier, reference, masters, directory_error, durati
     )
 
 
-def _redis_role_words(tier, name: str) -> str:
+def _redis_role_words(tier: RedisState, name: str) -> str:
     found = tier.node(name)
     return "down" if found.role == "unknown" else f"a {found.role}"
 
 
-def _redis_replica_result(node, tier, reference, thresholds, duration_ms) -> Result:
+def _redis_replica_result(
+    node: RedisNode, tier: RedisState, reference: str | None, thresholds: Check, duration_ms: float
+) -> Result:
     if reference is None:
         return Result(
             "redis-replica",
@@ -165,7 +181,9 @@ def _redis_replica_result(node, tier, reference, thresholds, duration_ms) -> Res
             "accepts writes (replica-read-only no): a write there is lost at the next resync",
             duration_ms=duration_ms,
         )
-    lag = max(0, tier.node(reference).offset - node.offset)
+    master_offset, offset = tier.node(reference).offset, node.offset
+    assert master_offset is not None and offset is not None, "a node that answered has an offset"
+    lag = max(0, master_offset - offset)
     state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
     return Result(
         "redis-replica",

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from igops.checks import Perf, Probe, Result, level, worst
+from igops.checks import Perf, Probe, Report, Result, level, worst
 from igops.errors import NagiosStatus
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.inventory_model import Check, Host
+    from igops.snapshot import SnapshotGroup
+    from igops.snapshot_policy import DataSet
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class Verdict:
     critical_hours: float
 
 
-def verdict(data_set, groups, now: datetime, stale_grace: timedelta, thresholds) -> Verdict:
+def verdict(
+    data_set: DataSet, groups: list[SnapshotGroup], now: datetime, stale_grace: timedelta, thresholds: Check
+) -> Verdict:
     """Judge one set of data from every group (pure: the groups are listed by the caller)."""
     from igops import snapshot
 
@@ -94,7 +99,7 @@ def age_words(hours: float) -> str:
     return f"{hours / 24:.1f} days"
 
 
-def snapshot_probes(fleet: Fleet, hosts) -> list[Probe]:
+def snapshot_probes(fleet: Fleet, hosts: list[Host]) -> list[Probe]:
     """One probe listing the groups once and judging every set with a member among `hosts`."""
     from igops import snapshot_policy
 
@@ -103,7 +108,7 @@ def snapshot_probes(fleet: Fleet, hosts) -> list[Probe]:
     if not sets:
         return []
 
-    def run(report) -> None:
+    def run(report: Report) -> None:
         from igops import snapshot
         from igops.ebs import Ebs
 

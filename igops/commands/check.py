@@ -6,6 +6,9 @@ import os
 import sys
 import threading
 import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import typer
@@ -14,12 +17,13 @@ from igops import checks, coordination, safety
 from igops.checks import fleet as fleet_checks, munin, nagios as nagios_format
 from igops.commands.common import JSON_OPTION, command, load_fleet, options
 from igops.errors import AlreadyRunning, ExitCode, IgopsError, NagiosStatus, UsageError
-from igops.output import plural
+from igops.output import Output, plural
 from igops.pagerduty.incidents import Pager
 from igops.tables import Column
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
+    from igops.pagerduty.incidents import PagingReport
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
 STATUS_STYLE = {
@@ -83,7 +87,7 @@ def check(
         _exit(code)
 
 
-def _nagios_unknown(out, message: str) -> None:
+def _nagios_unknown(out: Output, message: str) -> None:
     out.nagios_status(nagios_format.unknown(message))
     _exit(int(NagiosStatus.UNKNOWN))
 
@@ -104,7 +108,16 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-def _run(ctx, out, roles, only, nagios: bool, page: bool, quiet: bool, timeout: float | None) -> int:
+def _run(
+    ctx: typer.Context,
+    out: Output,
+    roles: list[str] | None,
+    only: list[str] | None,
+    nagios: bool,
+    page: bool,
+    quiet: bool,
+    timeout: float | None,
+) -> int:
     fleet = load_fleet(ctx)
     timeout = timeout or fleet.model.check.timeout
     only = fleet_checks.validate_groups(only)
@@ -204,7 +217,7 @@ def _plain(text: str) -> str:
     return text.replace("[", r"\[")
 
 
-def _report_paging(out, paging, quiet: bool) -> None:
+def _report_paging(out: Output, paging: PagingReport | None, quiet: bool) -> None:
     if paging is None:
         return
     if not quiet:
@@ -224,9 +237,9 @@ class _CheckLock:
 
     def __init__(self, fleet: Fleet, command_line: str, patient: bool, timeout: float):
         self.fleet, self.command_line, self.patient, self.timeout = fleet, command_line, patient, timeout
-        self._held = None
+        self._held: AbstractContextManager[Path] | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> _CheckLock:
         give_up = time.monotonic() + (self.timeout + 5 if self.patient else 0)
         while True:
             held = safety.lock(self.fleet.state_dir, "check", self.fleet.model.fleet.name, self.command_line)
@@ -240,5 +253,11 @@ class _CheckLock:
             self._held = held
             return self
 
-    def __exit__(self, *exc_info):
-        return self._held.__exit__(*exc_info)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._held is not None, "__exit__ follows a successful __enter__"
+        return self._held.__exit__(exc_type, exc_value, traceback)

@@ -3,15 +3,20 @@ confirm → lock → act → audit sequence of mutating commands."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 from igops.errors import ExitCode, IgopsError, UsageError
 from igops.output import Output, Reporter
+
+if TYPE_CHECKING:
+    from typer._click.core import Context as ClickContext
+
+    from igops.inventory import Fleet
 
 T = TypeVar("T")
 
@@ -39,7 +44,7 @@ WATCH_OPTION = typer.Option(
 )
 
 
-def options(ctx: typer.Context) -> GlobalOptions:
+def options(ctx: ClickContext) -> GlobalOptions:
     return ctx.obj if isinstance(ctx.obj, GlobalOptions) else GlobalOptions()
 
 
@@ -102,7 +107,7 @@ def present(out: Output, show: Callable[[], tuple[Any, int]], watch: float | Non
         out.watch(watch, show)
 
 
-def load_fleet(ctx: typer.Context):
+def load_fleet(ctx: typer.Context) -> Fleet:
     from igops import inventory
 
     return inventory.load(options(ctx).config)
@@ -110,7 +115,7 @@ def load_fleet(ctx: typer.Context):
 
 def mutate(
     out: Output,
-    fleet,
+    fleet: Fleet,
     *,
     kind: str | None,
     resources: list[tuple[str, str]],
@@ -121,9 +126,9 @@ def mutate(
     yes: bool,
     action: Callable[[Reporter], T],
     outcome: Callable[[T], tuple[str, int]] = lambda _: ("ok", 0),
-    params: dict | None = None,
-    resume: dict | None = None,
-    notes: list[str] = (),
+    params: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> T | None:
     """Show the plan; stop there on --dry-run; otherwise confirm and run the action as an
     operation of `kind` (igops.operations.engine: lease, journal, audit), handing it the
@@ -167,9 +172,10 @@ def safety_confirm(out: Output, question: str, yes: bool) -> bool:
 
 def current_options() -> GlobalOptions:
     """The global options of the command being run (--reason and --wait live there too)."""
-    import click
+    # The click that typer vendors keeps the contexts: the stand-alone click package knows none.
+    from typer._click.globals import get_current_context
 
-    ctx = click.get_current_context(silent=True)
+    ctx = get_current_context(silent=True)
     return options(ctx) if ctx is not None else GlobalOptions()
 
 

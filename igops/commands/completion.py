@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from igops import inventory
 from igops.commands.options import GlobalOptions
 from igops.errors import IgopsError
 
+if TYPE_CHECKING:
+    from typer._click.core import Context, Parameter
+
+    Completer = Callable[[Context | None, Parameter, str], list[str]]
+
 DEFAULT_SHARD_COUNT = 16  # [shards] count when the inventory does not set it
 
 
-def read_inventory(ctx) -> dict:
+def read_inventory(ctx: Context | None) -> dict[str, Any]:
     """The inventory's TOML, unvalidated; {} when there is none to read."""
     try:
         path = inventory.find_config(_config_given(ctx))
@@ -28,7 +34,7 @@ def read_inventory(ctx) -> dict:
         return {}
 
 
-def _config_given(ctx) -> str | None:
+def _config_given(ctx: Context | None) -> str | None:
     """-c after the command (stored in the GlobalOptions by its callback) wins over -c before it."""
     context = ctx
     while context is not None:
@@ -36,36 +42,38 @@ def _config_given(ctx) -> str | None:
             return context.obj.config
         context = context.parent
     root = ctx.find_root() if ctx is not None else None
-    return root.params.get("config") if root is not None else None
+    config: str | None = root.params.get("config") if root is not None else None
+    return config
 
 
-def _table(raw: dict, key: str) -> dict:
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key)
     return value if isinstance(value, dict) else {}
 
 
-def _strings(value) -> list[str]:
+def _strings(value: object) -> list[str]:
     if isinstance(value, str):
         return [value]
     return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
-def host_names(raw: dict) -> list[str]:
+def host_names(raw: dict[str, Any]) -> list[str]:
     hosts = raw.get("hosts")
     return _strings([host.get("name") for host in hosts if isinstance(host, dict)] if isinstance(hosts, list) else [])
 
 
-def role_names(raw: dict) -> list[str]:
+def role_names(raw: dict[str, Any]) -> list[str]:
     """The roles the inventory's hosts have (the ones worth filtering by)."""
-    hosts = raw.get("hosts") if isinstance(raw.get("hosts"), list) else []
+    found = raw.get("hosts")
+    hosts = found if isinstance(found, list) else []
     return sorted({role for host in hosts if isinstance(host, dict) for role in _strings(host.get("roles"))})
 
 
-def cluster_names(raw: dict) -> list[str]:
+def cluster_names(raw: dict[str, Any]) -> list[str]:
     return list(_table(_table(raw, "postgres"), "clusters"))
 
 
-def postgres_node_names(raw: dict) -> list[str]:
+def postgres_node_names(raw: dict[str, Any]) -> list[str]:
     """Every member of every Postgres cluster: its primary, then its standbys."""
     names: list[str] = []
     for cluster in _table(_table(raw, "postgres"), "clusters").values():
@@ -78,14 +86,14 @@ def postgres_node_names(raw: dict) -> list[str]:
     return names
 
 
-def redis_node_names(raw: dict) -> list[str]:
+def redis_node_names(raw: dict[str, Any]) -> list[str]:
     redis = _table(raw, "redis")
     return _strings(redis.get("master")) + [
         name for name in _strings(redis.get("replicas")) if name not in _strings(redis.get("master"))
     ]
 
 
-def shard_numbers(raw: dict) -> list[str]:
+def shard_numbers(raw: dict[str, Any]) -> list[str]:
     """0 to [shards] count - 1 (nothing without an inventory)."""
     if not raw:
         return []
@@ -94,8 +102,8 @@ def shard_numbers(raw: dict) -> list[str]:
     return [str(number) for number in range(count)]
 
 
-def _completer(names: Callable[[dict], list[str]]):
-    def complete(ctx, param, incomplete: str) -> list[str]:
+def _completer(names: Callable[[dict[str, Any]], list[str]]) -> Completer:
+    def complete(ctx: Context | None, param: Parameter, incomplete: str) -> list[str]:
         return [name for name in names(read_inventory(ctx)) if name.startswith(incomplete)]
 
     complete.__name__ = f"complete_{names.__name__}"
@@ -111,7 +119,7 @@ shards = _completer(shard_numbers)
 
 # A parameter's completer by its name; "verb:name" wins over the bare name, and None completes
 # nothing from the inventory (a path, a revision, a free-form target).
-COMPLETERS = {
+COMPLETERS: dict[str, Completer | None] = {
     "host": hosts,
     "pattern": hosts,
     "source": hosts,
@@ -134,6 +142,6 @@ COMPLETERS = {
 }
 
 
-def completer_for(verb: str, name: str):
+def completer_for(verb: str, name: str) -> Completer | None:
     key = f"{verb}:{name}"
     return COMPLETERS[key] if key in COMPLETERS else COMPLETERS.get(name)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer._click.core import Context
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
@@ -15,34 +16,45 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, comma
 from igops.deploy import HealthGate
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import Output, plural
 from igops.tables import Column
 
 if TYPE_CHECKING:
+    from igops.deploy_agents import AppFleet
+    from igops.deploy_plan import RolloutPlan
+    from igops.deploy_rollout import RolloutResult
     from igops.inventory import Fleet
+
+
+class _MisspeltVerb(ClickUsageError):
+    """A word in a verb's place that is no verb, with igops' hint (igops.cli reads `igops_hint`)."""
+
+    def __init__(self, message: str, ctx: Context, igops_hint: str) -> None:
+        super().__init__(message, ctx)
+        self.igops_hint = igops_hint
 
 
 class DeployGroup(TyperGroup):
     """`igops deploy [REV] …` runs `igops deploy run [REV] …`; the other subcommands keep their names."""
 
-    def parse_args(self, ctx, args):
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             self._refuse_a_misspelt_verb(ctx, args[0])
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
-    def _refuse_a_misspelt_verb(self, ctx, word: str) -> None:
+    def _refuse_a_misspelt_verb(self, ctx: Context, word: str) -> None:
         """`igops deploy rollbak` is a typo of a verb before it is a git revision: refused, with
         the verb suggested (a revision so named is still `igops deploy run WORD`)."""
 
         # Not `run`: a short revision (a tag "run2") is nearer to it than any typo is.
         if difflib.get_close_matches(word, [name for name in self.commands if name != "run"], n=1, cutoff=0.75):
-            error = ClickUsageError(f"No such command {word!r}.", ctx)
-            error.igops_hint = f"a git revision so named deploys with `igops deploy run {word}`"
-            raise error
+            raise _MisspeltVerb(
+                f"No such command {word!r}.", ctx, f"a git revision so named deploys with `igops deploy run {word}`"
+            )
 
-    def collect_usage_pieces(self, ctx):
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
@@ -71,7 +83,7 @@ PARALLEL_OPTION = typer.Option(
     None, "--parallel", "-p", min=1, help="At most N hosts at once for uploads and switches (default: [ssh] parallel)."
 )
 
-HOST_COLUMNS = [
+HOST_COLUMNS: list[Column | str] = [
     "host",
     "result",
     "release",
@@ -82,15 +94,17 @@ HOST_COLUMNS = [
 ]
 
 
-def _gate(fleet: Fleet, passes: int, timeout: float):
+def _gate(fleet: Fleet, passes: int, timeout: float) -> HealthGate:
     return HealthGate(fleet.model.app.health_path, fleet.model.app.port, passes, timeout)
 
 
-def _host_rows(result) -> list[list]:
+def _host_rows(result: RolloutResult) -> list[list[Any]]:
     return [[h.host, h.state, h.release or "UNKNOWN", h.before, h.in_lb, h.batch, h.detail] for h in result.hosts]
 
 
-def _roll(out, app, plan, dry_run: bool, yes: bool, title: str, tarball: bytes = b"") -> None:
+def _roll(
+    out: Output, app: AppFleet, plan: RolloutPlan, dry_run: bool, yes: bool, title: str, tarball: bytes = b""
+) -> None:
     if plan.nothing_to_do:
         out.log(f"nothing to do: every reachable app host is on {plan.target}")
         out.table(

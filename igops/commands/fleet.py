@@ -17,7 +17,7 @@ from igops.commands.common import (
     present,
 )
 from igops.errors import ExitCode, UsageError
-from igops.output import plural
+from igops.output import Output, plural
 from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
@@ -156,14 +156,14 @@ def exec_command(
         exit_with(code)
 
 
-def _exec_exit_code(results) -> int:
+def _exec_exit_code(results: list[remote.HostResult]) -> int:
     failed = sum(not result.ok for result in results)
     if not failed:
         return ExitCode.OK
     return ExitCode.FAILED if failed == len(results) else ExitCode.PARTIAL
 
 
-def _print_host_output(out, result) -> None:
+def _print_host_output(out: Output, result: remote.HostResult) -> None:
     if out.json_mode:
         return
     for stream in (result.stdout, result.stderr):
@@ -182,7 +182,7 @@ def status(
     with command(ctx, "status", json_flag) as out:
         fleet = load_fleet(ctx)
 
-        def show():
+        def show() -> tuple[fleet_status.StatusReport, int]:
             report = fleet_status.collect(fleet, roles=role)
             out.table(
                 "hosts",

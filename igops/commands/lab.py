@@ -10,7 +10,7 @@ from igops.errors import ExitCode
 from igops.output import plural
 from igops.tables import Column
 
-LAB_COLUMNS = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
+LAB_COLUMNS: list[Column | str] = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)

@@ -34,11 +34,11 @@ def install(
         plan = munin.plan_install(fleet, role)
         names = [item.host for item in plan]
 
-        def act():
+        def act() -> list[munin.InstallResult]:
             with out.progress("hosts", total=len(plan)) as advance:
                 return munin.install(fleet, plan, always_restart=restart, on_done=lambda _: advance(1))
 
-        def outcome(results) -> tuple[str, int]:
+        def outcome(results: list[munin.InstallResult]) -> tuple[str, int]:
             failed = [result.host for result in results if not result.ok]
             return ("ok" if not failed else "failed on " + ", ".join(failed)), _exit_code(results)
 
@@ -78,7 +78,7 @@ def install(
         exit_with(code)
 
 
-def _exit_code(results) -> int:
+def _exit_code(results: list[munin.InstallResult]) -> int:
     failed = sum(not result.ok for result in results)
     if not failed:
         return ExitCode.OK
@@ -98,9 +98,9 @@ def fetch(
     with command(ctx, "munin fetch", json_flag) as out:
         fleet = load_fleet(ctx)
         found = munin.fetch(fleet, host, plugin, config)
-        columns = ["plugin", Column("graph", drop=1), "field", "value"] + (
-            [Column("type", drop=2), "warning", "critical"] if config else []
-        )
+        columns: list[Column | str] = ["plugin", Column("graph", drop=1), "field", "value"]
+        if config:
+            columns += [Column("type", drop=2), "warning", "critical"]
         rows = []
         for entry in found:
             for field in entry["fields"]:

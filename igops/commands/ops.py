@@ -4,6 +4,7 @@ journals and the audit trail, and resume or abort of an interrupted one."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import typer
 
@@ -20,6 +21,7 @@ from igops.commands.common import (
 )
 from igops.errors import ExitCode, UsageError
 from igops.operations import conflicts
+from igops.output import Output
 from igops.tables import Column
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
@@ -27,7 +29,7 @@ app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
 # The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
-LIST_COLUMNS = [
+LIST_COLUMNS: list[Column | str] = [
     "id",
     "kind",
     Column("targets", wrap=True),
@@ -39,11 +41,11 @@ LIST_COLUMNS = [
 ]
 
 
-def _operator(record: dict) -> str:
+def _operator(record: dict[str, Any]) -> str:
     return f"{record.get('user')}@{record.get('host')} pid {record.get('pid')}"
 
 
-def _step(record: dict) -> str | None:
+def _step(record: dict[str, Any]) -> str | None:
     step = record.get("step")
     if not step:
         return None
@@ -63,7 +65,7 @@ def list_operations(
     with command(ctx, "ops list", json_flag) as out:
         fleet = load_fleet(ctx)
 
-        def show():
+        def show() -> tuple[operations_view.OperationsView, int]:
             view = operations_view.list_operations(fleet, include_ended=all_)
             if view.stale:
                 out.log(
@@ -200,7 +202,7 @@ def history(
         out.finish({"records": records})
 
 
-def _continue(ctx, out, name: str, op_id: str, dry_run: bool, yes: bool) -> None:
+def _continue(ctx: typer.Context, out: Output, name: str, op_id: str, dry_run: bool, yes: bool) -> None:
     fleet = load_fleet(ctx)
     with out.step(f"read operation {op_id} and plan its {name}"):
         record, continuation = operations_view.plan_continuation(fleet, op_id, name)

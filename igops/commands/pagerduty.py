@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import typer
 
@@ -38,7 +39,7 @@ def test(
         if not keep_open:
             steps.append(f"resolve {key}")
 
-        def act() -> dict:
+        def act() -> dict[str, Any]:
             done = {"dedup_key": key, "triggered": False, "resolved": False}
             try:
                 with out.step("trigger"):

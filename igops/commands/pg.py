@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import typer
 
 from igops import failover
@@ -10,8 +13,14 @@ from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.host_commands import parallel_map
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import Output, plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+    from igops.pg.actions import PgResult
+    from igops.pg.cluster import PgClusterState, PgNode
+    from igops.pg.plans import PgPlan
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
@@ -30,7 +39,7 @@ FAILOVER_RISK_OPTION = typer.Option(
 )
 # At 80 columns the node, its role and LSN stay whole; repmgr's view and the standby's own LSNs
 # give way first (`--wide` shows them).
-NODE_COLUMNS = [
+NODE_COLUMNS: list[Column | str] = [
     "node",
     "role",
     Column("state", wrap=True),
@@ -45,7 +54,7 @@ NODE_COLUMNS = [
 ]
 
 
-def _lag(node) -> str | None:
+def _lag(node: PgNode) -> str | None:
     if node.lag_bytes is None:
         return None
     text = f"{node.lag_bytes} B"
@@ -54,20 +63,20 @@ def _lag(node) -> str | None:
     return text + (" (replay paused)" if node.replay_paused else "")
 
 
-def _repmgr(node, state) -> str | None:
+def _repmgr(node: PgNode, state: PgClusterState) -> str | None:
     """repmgr's record, and repmgrd's state where any member runs it."""
     if not any(member.repmgrd in ("running", "paused") for member in state.nodes) or node.repmgrd is None:
         return node.repmgr
     return f"{node.repmgr or '-'}; repmgrd {node.repmgrd}"
 
 
-def _state(node) -> str:
+def _state(node: PgNode) -> str:
     # Every standby holds standby.signal: "fenced" is news only on a member that is not one.
     text = node.state + (" (fenced)" if node.fenced and node.role != "standby" else "")
     return text + (f", {node.control_state}" if node.control_state else "")
 
 
-def show_state(out, state) -> None:
+def show_state(out: Output, state: PgClusterState) -> None:
     out.table(
         f"cluster {state.cluster}: primary {state.primary or 'NONE'}",
         NODE_COLUMNS,
@@ -93,8 +102,16 @@ def show_state(out, state) -> None:
         out.text(f"  ! {problem}" + (f"\n      to resolve: {fix}" if fix else ""))
 
 
-def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
-    def summary(result) -> str:
+def _run(
+    out: Output,
+    fleet: Fleet,
+    plan: PgPlan,
+    before: PgClusterState,
+    dry_run: bool,
+    yes: bool,
+    params: dict[str, Any],
+) -> None:
+    def summary(result: PgResult) -> str:
         text = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
         if result.write_pause_ms is not None:
             text += f"; writes were held {result.write_pause_ms:.0f} ms"
@@ -124,7 +141,9 @@ def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> No
     )
 
 
-def _planned(out, step_title: str, planner):
+def _planned(
+    out: Output, step_title: str, planner: Callable[[], tuple[PgPlan, PgClusterState]]
+) -> tuple[PgPlan, PgClusterState]:
     return planned(out, step_title, planner, show_state)
 
 
@@ -143,7 +162,7 @@ def status(
         for name in names:
             failover.cluster_members(fleet, name)
 
-        def show():
+        def show() -> tuple[dict[str, Any], int]:
             states = parallel_map(lambda name: failover.pg_status(fleet, name), names)
             for state in states:
                 show_state(out, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import typer
 
@@ -34,6 +35,7 @@ def sync(
         try:
             with out.step("compare the inventory's checks with Pingdom's"):
                 plan = pingdom.plan_sync(client, fleet)
+            done: list[dict[str, Any]] | None
             if not plan.changes:
                 out.log(f"in sync: {plural(len(plan.unchanged), 'check')} tagged {plan.tag}")
                 done = []
@@ -171,7 +173,7 @@ def maintenance(
         out.finish({"dry_run": dry_run, "id": window_id, "from": start, "to": end, "check_ids": ids})
 
 
-def _clock(timestamp) -> str | None:
+def _clock(timestamp: int | str | None) -> str | None:
     if not timestamp:
         return None
     return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%d %H:%M:%S")

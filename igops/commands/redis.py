@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import typer
 
 from igops import failover
@@ -9,8 +12,13 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES
 from igops.commands.role_change import planned, run_plan
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import Output, plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+    from igops.redis_failover import RedisPlan, RedisResult
+    from igops.redis_tier import RedisState
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
@@ -30,7 +38,7 @@ FAILOVER_RISK_OPTION = typer.Option(
 # One lock for every Redis operation: the fleet has one master.
 
 
-def show_state(out, state) -> None:
+def show_state(out: Output, state: RedisState) -> None:
     out.table(
         f"redis: the app writes to {state.app_master or state.app_address or 'NOTHING'}"
         + (f" (directory version {state.endpoint_version})" if state.endpoint_version else ""),
@@ -66,12 +74,22 @@ def show_state(out, state) -> None:
         out.text(f"  ! {problem}")
 
 
-def _planned(out, step_title: str, planner):
+def _planned(
+    out: Output, step_title: str, planner: Callable[[], tuple[RedisPlan, RedisState]]
+) -> tuple[RedisPlan, RedisState]:
     return planned(out, step_title, planner, show_state)
 
 
-def _run(out, fleet, plan, before, dry_run: bool, yes: bool, params: dict) -> None:
-    def summary(result) -> str:
+def _run(
+    out: Output,
+    fleet: Fleet,
+    plan: RedisPlan,
+    before: RedisState,
+    dry_run: bool,
+    yes: bool,
+    params: dict[str, Any],
+) -> None:
+    def summary(result: RedisResult) -> str:
         text = f"{plan.operation} done: the app writes to {result.new_master}"
         if result.write_pause_ms is not None:
             text += f"; writes were held {result.write_pause_ms:.0f} ms"
@@ -104,7 +122,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION, watch: float | Non
     with command(ctx, "redis status", json_flag) as out:
         fleet = load_fleet(ctx)
 
-        def show():
+        def show() -> tuple[RedisState, int]:
             state = failover.redis_status(fleet)
             show_state(out, state)
             out.text("healthy" if not state.problems else plural(len(state.problems), "problem"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -12,6 +13,10 @@ from igops.errors import ExitCode, UsageError
 from igops.operations import conflicts
 from igops.output import human_bytes, plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.shard_move import MoveResult
+    from igops.shard_verify import ShapeReport, VerifyReport
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
@@ -28,7 +33,7 @@ class Balance(str, Enum):  # noqa: UP042 - StrEnum would change str() of a membe
 
 
 # The points a move can stop at (--pause-after), as shards.PAUSE_POINTS names them: a value each.
-PausePoint = Enum("PausePoint", {point: point for point in shards.PAUSE_POINTS}, type=str)
+PausePoint = Enum("PausePoint", {point: point for point in shards.PAUSE_POINTS}, type=str)  # type: ignore[misc]  # members from a tuple mypy cannot read
 
 
 # Built once from the enum, so that the help names every point the move can stop at.
@@ -38,7 +43,7 @@ PAUSE_AFTER_HELP = (
 )
 
 
-def _ms(value) -> str | None:
+def _ms(value: float | None) -> str | None:
     return None if value is None else f"{value:.0f} ms"
 
 
@@ -179,7 +184,7 @@ def init(
 
 
 # --- moves ------------------------------------------------------------------------------------
-def _move_row(result) -> list:
+def _move_row(result: MoveResult) -> list[Any]:
     return [
         result.move_id,
         result.shard,
@@ -194,7 +199,7 @@ def _move_row(result) -> list:
     ]
 
 
-MOVE_COLUMNS = [
+MOVE_COLUMNS: list[Column | str] = [
     "move",
     "shard",
     "from -> to",
@@ -240,24 +245,24 @@ def move(
         fleet = load_fleet(ctx)
         pause = pause_after.value if pause_after else None
         if abort is not None:
-            plan = shards.plan_abort(fleet, abort)
+            abort_plan = shards.plan_abort(fleet, abort)
             record = mutate(
                 out,
                 fleet,
                 kind="shard-move",
-                resources=shards.move_resources(plan.shard, plan.source, plan.target),
-                targets=[f"shard {plan.shard}", plan.source, plan.target],
-                title=f"Abort move {plan.move_id} of shard {plan.shard} ({plan.source} -> {plan.target}, "
-                f"at {plan.step})",
-                steps=plan.steps(),
+                resources=shards.move_resources(abort_plan.shard, abort_plan.source, abort_plan.target),
+                targets=[f"shard {abort_plan.shard}", abort_plan.source, abort_plan.target],
+                title=f"Abort move {abort_plan.move_id} of shard {abort_plan.shard} "
+                f"({abort_plan.source} -> {abort_plan.target}, at {abort_plan.step})",
+                steps=abort_plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter: shards.abort_move(fleet, plan, reporter),
+                action=lambda reporter: shards.abort_move(fleet, abort_plan, reporter),
                 outcome=lambda r: (f"move {r.id} aborted", 0),
                 params={"move": abort},
             )
             if record is None:
-                out.finish({"dry_run": dry_run, "plan": plan})
+                out.finish({"dry_run": dry_run, "plan": abort_plan})
                 return
             out.text(f"move {record.id} aborted: shard {record.logical_shard} stays on {record.source}")
             out.finish(record)
@@ -367,6 +372,7 @@ def verify(
 
     with command(ctx, "shard verify", json_flag) as out:
         fleet = load_fleet(ctx)
+        report: ShapeReport | VerifyReport
         if against is None:
             report = shards.verify_in_place(fleet, shard)
             out.table(

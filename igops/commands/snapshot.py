@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -13,14 +15,17 @@ from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, comma
 from igops.ebs import Ebs, tags_of
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.operations import conflicts
-from igops.output import plural
+from igops.output import Output, Reporter, plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 
-def _group_row(group) -> list:
+def _group_row(group: snapshot.SnapshotGroup) -> list[Any]:
     return [
         group.group_id,
         group.host,
@@ -35,7 +40,7 @@ def _group_row(group) -> list:
 
 
 # The group id is what every other snapshot command takes: it stays whole at any width.
-GROUP_COLUMNS = [
+GROUP_COLUMNS: list[Column | str] = [
     "group",
     "host",
     Column("mounts", wrap=True, drop=2),
@@ -241,7 +246,7 @@ def prune(
         )
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
-        deleted = []
+        deleted: list[str] | None = []
         if plan.delete:
             deleted = mutate(
                 out,
@@ -305,6 +310,11 @@ def delete(
                 f"refusing to delete {found.group_id}: " + "; ".join(risks),
                 f"{release}pass --accept-risk to delete it anyway",
             )
+
+        def act_delete(_: Reporter) -> str:
+            snapshot.delete_group(ebs, found)
+            return found.group_id
+
         deleted = mutate(
             out,
             fleet,
@@ -316,7 +326,7 @@ def delete(
             steps=snapshot.delete_steps(found, risks if accept_risk else []),
             dry_run=dry_run,
             yes=yes,
-            action=lambda _: snapshot.delete_group(ebs, found) or found.group_id,
+            action=act_delete,
             outcome=lambda done: (f"deleted {done}", 0),
         )
         out.finish(
@@ -353,6 +363,11 @@ def keep(
             if release
             else f"tag {ids} with {snapshot.TAG_KEEP}={value}"
         )
+
+        def act_keep(_: Reporter) -> bool:
+            snapshot.set_keep(ebs, found, value)
+            return True
+
         changed = mutate(
             out,
             fleet,
@@ -363,7 +378,7 @@ def keep(
             steps=[step],
             dry_run=dry_run,
             yes=yes,
-            action=lambda _: snapshot.set_keep(ebs, found, value) or True,
+            action=act_keep,
             outcome=lambda _: ("released" if release else "kept", 0),
         )
         out.finish({"dry_run": dry_run, "group": found.group_id, "kept": value, "changed": bool(changed)})
@@ -429,7 +444,7 @@ def cron(
         exit_with(code)
 
 
-def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
+def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> dict[str, Any]:
     if not snapshot_cron.has_policy(fleet):
         raise UsageError(
             "the inventory's [snapshot] policy schedules nothing and keeps no counts: snapshot cron has nothing to do",
@@ -438,7 +453,7 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
     now = datetime.now(UTC)
     groups = snapshot.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
-    report = {
+    report: dict[str, Any] = {
         "dry_run": dry_run,
         "busy": False,
         "due": [data_set.name for data_set in due],
@@ -454,6 +469,7 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         if plan is None:
             report["failed"].append({"set": take.set_name, "host": take.host, "error": take.error, "hint": take.hint})
             continue
+        assert take.host is not None, "a take with a plan has its member"
         try:
             result = mutate(
                 out,
@@ -466,7 +482,7 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
                 steps=plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter, plan=plan: snapshot.create(fleet, plan, reporter),
+                action=functools.partial(snapshot.create, fleet, plan),
                 outcome=lambda r: (f"group {r.group_id} complete", 0),
             )
         except AlreadyRunning as busy:
@@ -490,9 +506,9 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
         )
     if report["taken"] and not dry_run:
         groups = snapshot.groups(ebs)  # the new groups count toward retention
-    plan = snapshot_cron.plan_prune(fleet, groups, now)
-    report["keep"] = plan.keep
-    if not plan.delete:
+    prune_plan = snapshot_cron.plan_prune(fleet, groups, now)
+    report["keep"] = prune_plan.keep
+    if not prune_plan.delete:
         return report
     try:
         report["deleted"] = (
@@ -503,11 +519,11 @@ def _cron_run(out, fleet, ebs, dry_run: bool, yes: bool) -> dict:
                 resources=[conflicts.SNAPSHOTS],
                 targets=["all"],
                 title=f"Prune what the [snapshot] policy lets go: delete "
-                f"{plural(len(plan.delete), 'group')}, keep {len(plan.keep)}",
-                steps=plan.steps(),
+                f"{plural(len(prune_plan.delete), 'group')}, keep {len(prune_plan.keep)}",
+                steps=prune_plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter: snapshot.prune(ebs, plan, reporter),
+                action=lambda reporter: snapshot.prune(ebs, prune_plan, reporter),
                 outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
             )
             or []

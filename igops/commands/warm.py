@@ -21,7 +21,7 @@ from igops.commands.common import (
 )
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.output import human_bytes, plural
+from igops.output import Output, human_bytes, plural
 from igops.tables import Column
 
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
@@ -60,7 +60,7 @@ TIMEOUT_OPTION = typer.Option(
 TOP_OPTION = typer.Option(20, "--top", min=0, help="List this many files (all of them with --json).")
 
 
-def _options(concurrency: int, rate: str | None, match: Match, timeout: float | None):
+def _options(concurrency: int, rate: str | None, match: Match, timeout: float | None) -> vmtouch.WarmOptions:
     return vmtouch.WarmOptions(
         concurrency=concurrency,
         rate=vmtouch.parse_rate(rate) if rate else None,
@@ -69,7 +69,7 @@ def _options(concurrency: int, rate: str | None, match: Match, timeout: float | 
     )
 
 
-def _warm_table(out, result) -> None:
+def _warm_table(out: Output, result: vmtouch.WarmResult) -> None:
     out.table(
         None,
         [
@@ -103,7 +103,7 @@ def _warm_table(out, result) -> None:
         )
 
 
-def _warm_outcome(result) -> tuple[str, int]:
+def _warm_outcome(result: vmtouch.WarmResult) -> tuple[str, int]:
     return (
         f"warmed {result.warmed_pages} of {plural(result.pages, 'page')} on {result.target}, "
         f"{result.hit_ratio:.1%} resident, {plural(result.skipped_files, 'file')} skipped",
@@ -190,6 +190,7 @@ def apply(
         fleet = load_fleet(ctx)
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
+        assert plan.pages is not None, "a plan from a profile counts its pages"
         result = mutate(
             out,
             fleet,
@@ -319,7 +320,7 @@ def show(
     with command(ctx, "warm show", json_flag) as out:
         fleet = load_fleet(ctx)
 
-        def show():
+        def show() -> tuple[vmtouch.ShowResult, int]:
             result = vmtouch.show(fleet, host, path, top)
             page = result.page_size
             if result.busiest:

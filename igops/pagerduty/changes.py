@@ -9,13 +9,16 @@ would be refused again), and the routing key never appears in what is reported.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.secrets import redact
 
 if TYPE_CHECKING:
+    import requests
+
     from igops.inventory import Fleet
 
 PATH = "/v2/change/enqueue"
@@ -44,9 +47,9 @@ def send_change(
     routing_key: str,
     summary: str,
     source: str,
-    custom_details: dict | None = None,
-    links: list[dict] | None = None,
-    sleep=time.sleep,
+    custom_details: dict[str, Any] | None = None,
+    links: list[dict[str, Any]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ChangeEventResult:
     import requests
 
@@ -56,7 +59,7 @@ def send_change(
     if problem:
         # The routing key would travel in the clear: the marker is not sent (it never fails a change).
         return ChangeEventResult(False, 0, f"not sent: {problem}")
-    event = {
+    event: dict[str, Any] = {
         "routing_key": routing_key,
         "payload": {
             "summary": summary[:SUMMARY_LIMIT],
@@ -86,7 +89,7 @@ def send_change(
     return ChangeEventResult(False, ATTEMPTS, redact(detail))
 
 
-def _message(response) -> str:
+def _message(response: requests.Response) -> str:
     try:
         body = response.json()
     except ValueError:

@@ -16,14 +16,18 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops.errors import NagiosStatus, UsageError
 from igops.output import Reporter
 from igops.safety import now
 
 if TYPE_CHECKING:
+    from pagerduty import EventsApiV2Client
+
+    from igops.checks import Result
     from igops.inventory import Fleet
 
 RETRIES = {429: 5, 500: 3, 502: 3, 503: 3, 504: 3}
@@ -34,7 +38,10 @@ MAX_SUMMARY = 1024
 
 def dedup_key(fleet_name: str, check: str, target: str) -> str:
     """Stable per (fleet, check, target): the same fault always maps to the same alert."""
-    clean = lambda text: re.sub(r"\s+", "_", text.strip())  # noqa: E731
+
+    def clean(text: str) -> str:
+        return re.sub(r"\s+", "_", text.strip())
+
     return f"igops/{clean(fleet_name)}/{clean(check)}/{clean(target)}"[:255]
 
 
@@ -49,7 +56,7 @@ class _ToReporter(logging.Handler):
         self.reporter.log(f"PagerDuty: {record.getMessage()}")
 
 
-def client(url: str, routing_key: str, reporter: Reporter):
+def client(url: str, routing_key: str, reporter: Reporter) -> EventsApiV2Client:
     from pagerduty import EventsApiV2Client, UrlError
 
     from igops.secrets import insecure_url_problem
@@ -57,6 +64,8 @@ def client(url: str, routing_key: str, reporter: Reporter):
     class EventsClient(EventsApiV2Client):
         """The package insists on https. So does igops, except towards a loopback address: a
         local relay, or the lab's receiver, where TLS protects nothing."""
+
+        _url: str  # set by the client's __init__, through the setter below
 
         @property
         def url(self) -> str:
@@ -71,7 +80,7 @@ def client(url: str, routing_key: str, reporter: Reporter):
     events = EventsClient(routing_key, base_url=url.rstrip("/"))
     events.retry = dict(RETRIES)
     events.sleep_timer = FIRST_PAUSE
-    events.timeout = REQUEST_TIMEOUT
+    events.timeout = REQUEST_TIMEOUT  # type: ignore[assignment]  # typed int from its default of 60; any seconds work
     events.max_http_attempts = max(RETRIES.values()) + 1
     events.max_network_attempts = 2
     log = logging.getLogger("igops.pagerduty")
@@ -86,7 +95,7 @@ def describe_failure(exc: Exception) -> str:
     """What went wrong, without echoing the request (which carries the routing key)."""
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
-    if status is not None:
+    if status is not None and response is not None:
         try:
             body = response.json()
             detail = "; ".join(body.get("errors") or []) or body.get("message") or ""
@@ -104,7 +113,7 @@ class PagingReport:
     triggered: list[str] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)
     still_open: list[str] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def acted(self) -> bool:
@@ -120,7 +129,7 @@ class Pager:
         self._secrets = Secrets(fleet.model.secrets.file)
         self.reporter = reporter
         self.state_path = fleet.state_dir / "pagerduty" / "open.json"
-        self._client = None
+        self._client: EventsApiV2Client | None = None
 
     @property
     def routing_key(self) -> str:
@@ -139,21 +148,22 @@ class Pager:
             ) from None
 
     @property
-    def events(self):
+    def events(self) -> EventsApiV2Client:
         if self._client is None:
             self._client = client(self.url, self.routing_key, self.reporter)
         return self._client
 
-    def open_incidents(self) -> dict[str, dict]:
+    def open_incidents(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads(self.state_path.read_text())
+            incidents: dict[str, dict[str, Any]] = json.loads(self.state_path.read_text())
+            return incidents
         except FileNotFoundError:
             return {}
         except ValueError:
             self.reporter.log(f"{self.state_path} is not valid JSON: starting from no open incidents")
             return {}
 
-    def _save(self, incidents: dict[str, dict]) -> None:
+    def _save(self, incidents: dict[str, dict[str, Any]]) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = self.state_path.with_suffix(".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -162,7 +172,7 @@ class Pager:
         temporary.replace(self.state_path)
 
     def trigger(
-        self, check: str, target: str, summary: str, details: dict | None = None, severity: str = "critical"
+        self, check: str, target: str, summary: str, details: dict[str, Any] | None = None, severity: str = "critical"
     ) -> str:
         from igops.secrets import redact, redact_data
 
@@ -190,7 +200,7 @@ class Pager:
     def resolve(self, key: str) -> None:
         self.events.resolve(key)
 
-    def reconcile(self, results, complete_run: bool) -> PagingReport:
+    def reconcile(self, results: Iterable[Result], complete_run: bool) -> PagingReport:
         """Trigger what became CRITICAL, resolve what recovered. A (check, target) that did not
         run this time keeps its incident, unless this was a run of every check on every host
         (then it is no longer checked at all, and is resolved).
@@ -203,7 +213,7 @@ class Pager:
         seen: set[str] = set()
         gave_up: list[str] = []
 
-        def send(action: str, key: str, call) -> bool:
+        def send(action: str, key: str, call: Callable[[], object]) -> bool:
             if gave_up:
                 report.failed.append(
                     {

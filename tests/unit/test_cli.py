@@ -188,6 +188,15 @@ def test_a_declined_confirmation_exits_2_and_is_audited(tmp_path):
     assert record["targets"] == ["web1", "web2"] and "touch /tmp/never" in record["command"]
 
 
+def test_the_reason_given_reaches_the_audit_trail(tmp_path):
+    config = inventory(tmp_path)
+    argv = ["-c", str(config), "exec", "--reason", "TICKET-7", "--", "touch", "/tmp/never"]
+    result = run_with_a_terminal(argv, "n\n")
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    record = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
+    assert record["result"] == "declined" and record["reason"] == "TICKET-7"
+
+
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     script = (
         "import sys, time; from pathlib import Path; from igops import safety\n"

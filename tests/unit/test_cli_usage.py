@@ -9,6 +9,7 @@ from tests.conftest import run_igops
 
 USAGE_ERRORS = {
     "missing argument": (["pg", "switchover"], "pg switchover", "missing argument CLUSTER"),
+    "missing option": (["redis", "switchover"], "redis switchover", "missing option --to"),
     "missing option value": (["hosts", "--role"], "hosts", "option '--role' requires an argument"),
     "unknown flag": (["hosts", "--rol", "db"], "hosts", "unknown option --rol"),
     "non-numeric id": (["shard", "move", "x"], "shard move", "bad value for SHARD: 'x' is not a whole number"),
