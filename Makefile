@@ -21,11 +21,12 @@ lab: deps install
 	$(IGOPS) lab up
 	$(IGOPS) -c $(LAB_CONFIG) status
 
-# ruff first (configured in pyproject.toml): a lint finding or an unformatted file fails the run
-# before the long tests.
+# ruff and mypy first (configured in pyproject.toml): a lint finding, an unformatted file or a
+# type error fails the run before the long tests.
 test: deps install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 down: venv
