@@ -33,7 +33,8 @@ from igops import redis_failover
 from igops.pg import plans as pg_plans
 from igops.pg.actions import PgActions, PgResult, apply_pg
 from igops.pg.cluster import PgClusterState, PgNode, cluster_members, pg_status, pg_view
-from igops.pg.plans import PgPlan, plan_pg_failover, plan_pg_rejoin, plan_pg_switchover
+from igops.pg.failover_plans import plan_pg_failover, plan_pg_rejoin
+from igops.pg.plans import PgPlan, plan_pg_switchover
 from igops.redis_failover import (
     RedisActions,
     RedisPlan,

@@ -12,20 +12,26 @@ them are resident. A profile names the Postgres cluster it came from and is refu
 from __future__ import annotations
 
 import dataclasses
-import json
 import posixpath
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igops import agent, remote
+from igops import agent, remote, warm_agent
 from igops.agent import pagecache
-from igops.errors import RefusedError, RemoteError, UsageError
+from igops.errors import RemoteError, UsageError
 from igops.output import Reporter, human_bytes, plural
-from igops.profile import Profile, ProfileError, Root, from_reader, parse
+from igops.profile import Profile, Root, from_reader, parse
+from igops.warm_paths import (
+    allowed_prefixes,
+    check_target,
+    data_directory,
+    postgres_cluster_of,
+    source_roots,
+    target_paths,
+)
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
@@ -36,9 +42,9 @@ DEFAULT_CONCURRENCY = 8
 # instance's, at the 128 MiB/s of a 1 TB gp2 volume (bench/RESULTS.md: the warm phase kept such a
 # device busy) is 33 minutes. An hour is twice the worst case; a warm slower than that is one to
 # look at, not to wait for (it holds the target's lock and loads its disk). A hung warmer is
-# caught sooner, by STALL_TIMEOUT. Throttled warms (--rate) that need longer say so: --timeout.
+# caught sooner, by warm_agent.STALL_TIMEOUT. Throttled warms (--rate) that need longer say so:
+# --timeout.
 DEFAULT_TIMEOUT = 3600.0
-STALL_TIMEOUT = 120.0
 RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*$", re.I)
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -203,7 +209,7 @@ class DiffResult:
     files: list[FileShare] = field(default_factory=list)
 
 
-# --- paths --------------------------------------------------------------------------------------
+# --- options ------------------------------------------------------------------------------------
 def parse_rate(text: str) -> int:
     """'50M' -> 52428800 bytes a second; suffixes are powers of 1024."""
     match = RATE.match(text)
@@ -221,152 +227,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
-
-
-def _normal(path: str) -> str:
-    return "/" + posixpath.normpath(path).lstrip("/")
-
-
-def data_directory(fleet: Fleet, host: Host) -> str | None:
-    if "postgres" not in host.roles:
-        return None
-    return _normal(fleet.path_for(fleet.model.postgres.data_directory, host))
-
-
-def allowed_prefixes(fleet: Fleet, host: Host) -> list[str]:
-    prefixes = [_normal(mount.path) for mount in host.mounts]
-    pgdata = data_directory(fleet, host)
-    return prefixes + ([pgdata] if pgdata and not any(_under(pgdata, p) for p in prefixes) else [])
-
-
-def postgres_cluster_of(fleet: Fleet, host_name: str) -> str | None:
-    for name, cluster in fleet.model.postgres.clusters.items():
-        if host_name == cluster.primary or host_name in cluster.standbys:
-            return name
-    return None
-
-
-def source_roots(fleet: Fleet, host: Host, paths: list[str] | None) -> list[Root]:
-    """The directories to capture on `host`, each with how to find it on another host. Only the
-    Postgres data directory and the host's data mounts may be captured."""
-    pgdata = data_directory(fleet, host)
-    if not paths:
-        if not pgdata:
-            raise UsageError(
-                f"{host.name} has no Postgres role, so no default directory",
-                "name the directories to capture (under its data mounts)",
-            )
-        paths = [pgdata]
-    roots: list[Root] = []
-    for given in paths:
-        if not given.startswith("/"):
-            raise UsageError(
-                f"{given!r} is not an absolute path", f"name a directory on {host.name}, e.g. {pgdata or '/data'}"
-            )
-        path = _normal(given)
-        roots.append(_root(fleet, host, path, pgdata))
-    for root in roots:
-        for other in roots:
-            if root is not other and _under(root.path, other.path):
-                raise UsageError(f"{root.path} lies inside {other.path}", "name each directory once")
-    return roots
-
-
-def _root(fleet: Fleet, host: Host, path: str, pgdata: str | None) -> Root:
-    if pgdata and _under(path, pgdata):
-        return Root(path, "postgres", posixpath.relpath(path, pgdata) if path != pgdata else "")
-    mounts = sorted(
-        (mount for mount in host.mounts if _under(path, _normal(mount.path))),
-        key=lambda mount: len(mount.path),
-        reverse=True,
-    )
-    if not mounts:
-        allowed = ", ".join(allowed_prefixes(fleet, host)) or "none in the inventory"
-        raise RefusedError(
-            f"{path} is outside {host.name}'s data mounts and Postgres data directory",
-            f"use a directory under: {allowed}",
-        )
-    mount = mounts[0]
-    base = _normal(mount.path)
-    if sum(other.purpose == mount.purpose for other in host.mounts) != 1:
-        return Root(path, "path", "")
-    return Root(path, f"mount:{mount.purpose}", posixpath.relpath(path, base) if path != base else "")
-
-
-def target_paths(fleet: Fleet, roots: list[Root], target: Host) -> list[str]:
-    """Where each captured directory is on `target`."""
-    paths: list[str] = []
-    for root in roots:
-        if root.base == "postgres":
-            pgdata = data_directory(fleet, target)
-            if not pgdata:
-                raise RefusedError(
-                    f"the profile is of a Postgres data directory and {target.name} has no postgres role",
-                    "warm a member of the same Postgres cluster",
-                )
-            paths.append(posixpath.join(pgdata, root.within) if root.within else pgdata)
-        elif root.base.startswith("mount:"):
-            purpose = root.base.removeprefix("mount:")
-            mounts = [mount for mount in target.mounts if mount.purpose == purpose]
-            if len(mounts) != 1:
-                raise RefusedError(
-                    f"{target.name} has {len(mounts)} data mounts with purpose {purpose!r}, "
-                    f"so {root.path} has no single counterpart there",
-                    "give the mount a unique purpose in the inventory",
-                )
-            base = _normal(mounts[0].path)
-            paths.append(posixpath.join(base, root.within) if root.within else base)
-        elif root.base == "path":
-            if not any(_under(root.path, prefix) for prefix in allowed_prefixes(fleet, target)):
-                raise RefusedError(
-                    f"{root.path} is outside {target.name}'s data mounts and Postgres data directory",
-                    "warm only under the target's data mounts",
-                )
-            paths.append(root.path)
-        else:
-            raise ProfileError(f"the profile's root {root.path} has an unknown base {root.base!r}")
-    return paths
-
-
-def check_target(
-    fleet: Fleet, profile_fleet: str, source: str, postgres_cluster: str | None, roots: list[Root], target: Host
-) -> None:
-    """Refuse, before any host is contacted, a profile the inventory says belongs elsewhere."""
-    if profile_fleet != fleet.model.fleet.name:
-        raise RefusedError(
-            f"the profile is from fleet {profile_fleet!r}, this inventory is {fleet.model.fleet.name!r}",
-            "capture a profile in this fleet",
-        )
-    if any(root.base == "postgres" for root in roots):
-        here = postgres_cluster_of(fleet, target.name)
-        if here != postgres_cluster:
-            raise RefusedError(
-                f"the profile is of Postgres cluster {postgres_cluster!r} (captured on {source}); "
-                f"{target.name} is {'in cluster ' + repr(here) if here else 'in no cluster'}",
-                f"warm {target.name} from a member of its own cluster",
-            )
-
-
-# --- agent plumbing -----------------------------------------------------------------------------
-def _capture_invocation(fleet: Fleet, host: Host, roots: list[Root]) -> tuple[str, bytes]:
-    header = {
-        "host": host.name,
-        "fleet": fleet.model.fleet.name,
-        "postgres_cluster": postgres_cluster_of(fleet, host.name),
-        "roots": [dataclasses.asdict(root) for root in roots],
-    }
-    args = ["capture", "--header", json.dumps(header, separators=(",", ":"))]
-    if any(root.base == "postgres" for root in roots):
-        pgdata = data_directory(fleet, host)
-        assert pgdata is not None  # source_roots makes a postgres root only of the host's data directory
-        args += ["--cluster-dir", pgdata]
-    for prefix in allowed_prefixes(fleet, host):
-        args += ["--within", prefix]
-    return agent.invocation("pagecache", args)
-
-
+# --- the warming agent's invocation -------------------------------------------------------------
 def _warm_invocation(fleet: Fleet, target: Host, plan: WarmPlan) -> tuple[str, bytes]:
     options = plan.options
     args = ["apply", *plan.target_paths, "--concurrency", str(options.concurrency), "--match", options.match]
@@ -380,49 +241,6 @@ def _warm_invocation(fleet: Fleet, target: Host, plan: WarmPlan) -> tuple[str, b
     return agent.invocation("pagecache", args)
 
 
-def _agent_failure(host: str, event: dict[str, Any], what: str) -> Exception:
-    message = (
-        f"{host}: {what} refused: {event.get('message')}"
-        if event.get("refused")
-        else f"{host}: {what} failed: {event.get('message')}"
-    )
-    if event.get("refused"):
-        return RefusedError(message, "nothing was read or warmed")
-    summary = event.get("summary") or {}
-    done = (
-        f"{summary['warmed_pages']} pages of {summary['warmed_files']} files were already warmed" if summary else None
-    )
-    return RemoteError(message, done)
-
-
-def _event(line: str, host: str, what: str) -> dict[str, Any]:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        raise RemoteError(f"{host}: unexpected output from the {what} agent: {line[:200]!r}") from None
-    if not isinstance(event, dict):
-        raise RemoteError(f"{host}: unexpected output from the {what} agent: {line[:200]!r}")
-    return event
-
-
-def _run_agent(fleet: Fleet, host: Host, invocation: tuple[str, bytes], what: str, stdin: bytes = b"") -> str:
-    command, prefix = invocation
-    [result] = remote.run(remote.targets_for(fleet, [host]), command, remote.settings_for(fleet), stdin=prefix + stdin)
-    if not result.reached:
-        raise RemoteError(f"{host.name}: {result.error}", "nothing was read or warmed")
-    first = result.stdout.split("\n", 1)[0]
-    if first.startswith("{"):
-        event = _event(first, host.name, what)
-        if event.get("event") == "error":
-            raise _agent_failure(host.name, event, what)
-    if not result.ok:
-        raise RemoteError(
-            f"{host.name}: the {what} agent failed (exit {result.exit_code}): "
-            f"{result.stderr.strip()[-300:] or 'no message'}"
-        )
-    return result.stdout
-
-
 # --- capture, show ------------------------------------------------------------------------------
 def capture(fleet: Fleet, host_name: str, paths: list[str] | None) -> tuple[Profile, bytes, float]:
     """The host's profile, its text, and the seconds the capture took."""
@@ -432,7 +250,7 @@ def capture(fleet: Fleet, host_name: str, paths: list[str] | None) -> tuple[Prof
 
 def _capture(fleet: Fleet, host: Host, roots: list[Root]) -> tuple[Profile, bytes, float]:
     started = time.monotonic()
-    text = _run_agent(fleet, host, _capture_invocation(fleet, host, roots), "capture").encode()
+    text = warm_agent.run_agent(fleet, host, warm_agent.capture_invocation(fleet, host, roots), "capture").encode()
     return parse(text, f"the profile captured on {host.name}"), text, round(time.monotonic() - started, 3)
 
 
@@ -552,8 +370,8 @@ def plan_copy(
 def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
     target = fleet.host(plan.target)
     command, prefix = _warm_invocation(fleet, target, plan)
-    # The remote deadline is a backstop only: a stalled agent is caught by STALL_TIMEOUT, and
-    # one whose igops went away dies on its next progress line.
+    # The remote deadline is a backstop only: a stalled agent is caught by
+    # warm_agent.STALL_TIMEOUT, and one whose igops went away dies on its next progress line.
     settings = dataclasses.replace(remote.settings_for(fleet), command_timeout=plan.options.timeout)
     [where] = remote.targets_for(fleet, [target])
     return remote.Session(where, command, settings, stdin_prefix=prefix)
@@ -566,58 +384,25 @@ def apply(fleet: Fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Report
     )
     with reporter.step(title) as step:
         with _warm_session(fleet, plan) as session:
-            _send(session, text)
+            warm_agent.send(session, text)
             result = _follow(session, plan, reporter, plan.bytes)
         step.detail = _detail(result)
     return result
 
 
-def _send(session: remote.Session, data: bytes) -> bool:
-    """Send to the agent; False when it has already exited (having refused the profile's header,
-    which it then says on stdout)."""
-    try:
-        session.send(data)
-        return True
-    except OSError:
-        return False
-
-
-class _Relay:
-    """Reads the capture on the source line by line for the profile reader, forwarding each line
-    to the target as it goes: the profile streams through igops and is checked on the way."""
-
-    def __init__(self, source: remote.Session, target: remote.Session, host: str):
-        self.source, self.target, self.host = source, target, host
-        self.first = True
-        self.target_listening = True
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.source.read_line(STALL_TIMEOUT)
-        if line is None:
-            return b""
-        if self.first and line.startswith("{"):
-            event = _event(line, self.host, "capture")
-            raise _agent_failure(self.host, event, "capture")
-        self.first = False
-        data = line.encode() + b"\n"
-        if self.target_listening:
-            self.target_listening = _send(self.target, data)
-        return data
-
-
 def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmResult:
     source = fleet.host(plan.source)
     [source_target] = remote.targets_for(fleet, [source])
-    capture_command, capture_prefix = _capture_invocation(fleet, source, plan.roots)
+    capture_command, capture_prefix = warm_agent.capture_invocation(fleet, source, plan.roots)
     with ExitStack() as stack:
         with reporter.step(f"capture on {plan.source}, streaming to {plan.target}") as step:
             target_session = _warm_session(fleet, plan)
             source_session = remote.Session(
                 source_target, capture_command, remote.settings_for(fleet), stdin_prefix=capture_prefix
             )
-            _open_together(stack, [target_session, source_session])
+            warm_agent.open_together(stack, [target_session, source_session])
             try:
-                reader = pagecache.Reader(_Relay(source_session, target_session, plan.source))
+                reader = pagecache.Reader(warm_agent.Relay(source_session, target_session, plan.source))
                 entries = list(reader.entries())
             except pagecache.FormatError as exc:
                 stderr = source_session.stderr().strip()
@@ -639,34 +424,20 @@ def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmR
     return result
 
 
-def _open_together(stack: ExitStack, sessions: list[remote.Session]) -> None:
-    """Connect to every host at once (an SSH handshake is most of a short copy's time); the
-    stack closes whichever opened, whatever happens."""
-    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
-        openings = [pool.submit(session.__enter__) for session in sessions]
-    for session, opening in zip(sessions, openings, strict=False):
-        if opening.exception() is None:
-            stack.push(session.__exit__)
-    for opening in openings:
-        failure = opening.exception()
-        if failure is not None:
-            raise failure
-
-
 def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: int | None) -> WarmResult:
     """Feed the agent's progress to a bar in bytes until its summary arrives."""
     done = 0
     with reporter.progress(f"warm {plan.target}", total=total, unit="bytes") as advance:
         while True:
-            line = session.read_line(STALL_TIMEOUT)
+            line = session.read_line(warm_agent.STALL_TIMEOUT)
             if line is None:
                 stderr = session.stderr().strip()
                 raise RemoteError(
                     f"{plan.target}: the warming agent stopped without a summary"
                     + (f": {stderr[-300:]}" if stderr else ""),
-                    f"it was silent for up to {STALL_TIMEOUT:g} s or its connection closed",
+                    f"it was silent for up to {warm_agent.STALL_TIMEOUT:g} s or its connection closed",
                 )
-            event = _event(line, plan.target, "warming")
+            event = warm_agent.event(line, plan.target, "warming")
             kind = event.get("event")
             if kind == "progress":
                 advance(event["bytes"] - done)
@@ -674,7 +445,7 @@ def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: 
             elif kind == "summary":
                 return WarmResult.from_summary(plan.source, plan.target, event)
             elif kind == "error":
-                raise _agent_failure(plan.target, event, "warming")
+                raise warm_agent.agent_failure(plan.target, event, "warming")
 
 
 def _detail(result: WarmResult) -> str:
@@ -704,8 +475,8 @@ def diff(
         args = ["residency", *where]
         for prefix in allowed_prefixes(fleet, target):
             args += ["--within", prefix]
-        output = _run_agent(fleet, target, agent.invocation("pagecache", args), "residency", text)
-    event = _event(output.strip().rsplit("\n", 1)[-1], target.name, "residency")
+        output = warm_agent.run_agent(fleet, target, agent.invocation("pagecache", args), "residency", text)
+    event = warm_agent.event(output.strip().rsplit("\n", 1)[-1], target.name, "residency")
     if event.get("event") != "residency":
         raise RemoteError(f"{target.name}: the residency agent answered {output[:200]!r}")
     many_roots = len(profile.roots) > 1

@@ -242,7 +242,10 @@ def receivers_daemon(paths: Paths, creds: credentials.Credentials) -> proc.Daemo
         paths.services / "receivers.log",
         endpoint=PINGDOM,
         env=tuple(env.items()),
-        config_files=(Path(__file__).with_name("receivers.py"),),
+        config_files=tuple(
+            Path(__file__).with_name(f"{module}.py")
+            for module in ("receivers", "receiver_base", "pagerduty_receiver", "pingdom_receiver")
+        ),
     )
 
 

@@ -13,7 +13,9 @@ import pytest
 from igops import inventory
 from igops.checks import Result, pingdom
 from igops.errors import NagiosStatus
-from igops.lab import receivers
+from igops.lab.pagerduty_receiver import PagerDuty
+from igops.lab.pingdom_receiver import LONG_LIMIT, SHORT_LIMIT, Pingdom
+from igops.lab.receiver_base import handler_for
 from igops.pagerduty import incidents as pagerduty
 
 TOKEN = random.token_urlsafe(24)
@@ -23,11 +25,9 @@ ROUTING_KEY = random.token_hex(16)
 @contextmanager
 def _receivers(tmp_path, bind: str, reached_at: str):
     """The lab's PagerDuty and Pingdom receivers, listening on `bind`, reached at `reached_at`."""
-    pager = receivers.PagerDuty(tmp_path, ROUTING_KEY)
-    pingdom_receiver = receivers.Pingdom(tmp_path, TOKEN, probe_interval=60)
-    servers = [
-        ThreadingHTTPServer((bind, 0), receivers.handler_for(receiver)) for receiver in (pager, pingdom_receiver)
-    ]
+    pager = PagerDuty(tmp_path, ROUTING_KEY)
+    pingdom_receiver = Pingdom(tmp_path, TOKEN, probe_interval=60)
+    servers = [ThreadingHTTPServer((bind, 0), handler_for(receiver)) for receiver in (pager, pingdom_receiver)]
     for server in servers:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -84,8 +84,8 @@ def test_pingdom_backs_off_on_429_and_remembers_the_limits(services):
     services["pingdom"].faults.add({"status": 429, "count": 2})
     assert client.checks() == []
     assert slept == [1.0, 2.0]
-    assert client.limits["short"].remaining == receivers.SHORT_LIMIT - 1
-    assert client.limits["long"].remaining == receivers.LONG_LIMIT - 1
+    assert client.limits["short"].remaining == SHORT_LIMIT - 1
+    assert client.limits["long"].remaining == LONG_LIMIT - 1
 
     client.limits["short"] = pingdom.RateLimit(0, 5)
     client.checks()

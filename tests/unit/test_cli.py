@@ -91,11 +91,10 @@ def pingdom_api(tmp_path):
     reaches its lock without SSH."""
     from http.server import ThreadingHTTPServer
 
-    from igops.lab import receivers
+    from igops.lab.pingdom_receiver import Pingdom
+    from igops.lab.receiver_base import handler_for
 
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), receivers.handler_for(receivers.Pingdom(tmp_path, "unit-token", probe_interval=60))
-    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(Pingdom(tmp_path, "unit-token", probe_interval=60)))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"

@@ -11,7 +11,14 @@ from igops import failover, inventory, postgres, redis_failover, redisops, role_
 from igops.errors import ExitCode, IgopsError
 from igops.operations import steps as step_runner
 from igops.output import Reporter
-from igops.pg import cluster as pg_cluster, plan_steps, plans as pg_plans, primary_actions, repmgrd
+from igops.pg import (
+    cluster as pg_cluster,
+    failover_plans as pg_failover_plans,
+    plan_steps,
+    plans as pg_plans,
+    primary_actions,
+    repmgrd,
+)
 from tests.conftest import run_igops
 
 SEGMENT = 16 << 20
@@ -282,10 +289,10 @@ def view_with(repmgr_priorities):
 
 def test_the_standby_with_the_most_wal_wins_then_priority():
     standbys = {"db2": pg_cluster.PgProbe(None, server(100), None), "db3": pg_cluster.PgProbe(None, server(200), None)}
-    assert pg_plans.best_standby(view_with({"db2": 100, "db3": 100}), standbys) == "db3"
+    assert pg_failover_plans.best_standby(view_with({"db2": 100, "db3": 100}), standbys) == "db3"
     standbys["db2"] = pg_cluster.PgProbe(None, server(200), None)
-    assert pg_plans.best_standby(view_with({"db2": 100, "db3": 50}), standbys) == "db2"
-    assert pg_plans.best_standby(view_with({"db2": 0, "db3": 50}), standbys) == "db3"
+    assert pg_failover_plans.best_standby(view_with({"db2": 100, "db3": 50}), standbys) == "db2"
+    assert pg_failover_plans.best_standby(view_with({"db2": 0, "db3": 50}), standbys) == "db3"
 
 
 def replica(offset, priority=100, run_id="a"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import agent, inventory, profile, vmtouch
+from igops import agent, inventory, profile, vmtouch, warm_paths
 from igops.agent import pagecache
 from igops.errors import RefusedError, UsageError
 
@@ -69,19 +69,19 @@ path = "/data2"
 # --- where, and whether ----------------------------------------------------------------------------
 def test_default_root_is_the_postgres_data_directory(tmp_path):
     fleet = fleet_of(tmp_path)
-    [root] = vmtouch.source_roots(fleet, fleet.host("db1"), None)
+    [root] = warm_paths.source_roots(fleet, fleet.host("db1"), None)
     assert root == profile.Root("/srv/db1/pg/data", "postgres", "")
-    assert vmtouch.target_paths(fleet, [root], fleet.host("db2")) == ["/srv/db2/pg/data"]
+    assert warm_paths.target_paths(fleet, [root], fleet.host("db2")) == ["/srv/db2/pg/data"]
 
 
 def test_roots_map_through_their_base(tmp_path):
     fleet = fleet_of(tmp_path)
-    roots = vmtouch.source_roots(fleet, fleet.host("db1"), ["/srv/db1/pg/data/base/16384/", "/srv/db1/wal/archive"])
+    roots = warm_paths.source_roots(fleet, fleet.host("db1"), ["/srv/db1/pg/data/base/16384/", "/srv/db1/wal/archive"])
     assert roots == [
         profile.Root("/srv/db1/pg/data/base/16384", "postgres", "base/16384"),
         profile.Root("/srv/db1/wal/archive", "mount:wal", "archive"),
     ]
-    assert vmtouch.target_paths(fleet, roots, fleet.host("db2")) == [
+    assert warm_paths.target_paths(fleet, roots, fleet.host("db2")) == [
         "/srv/db2/pg/data/base/16384",
         "/srv/db2/wal/archive",
     ]
@@ -89,38 +89,38 @@ def test_roots_map_through_their_base(tmp_path):
 
 def test_mounts_sharing_a_purpose_keep_their_path(tmp_path):
     fleet = fleet_of(tmp_path)
-    [root] = vmtouch.source_roots(fleet, fleet.host("media1"), ["/data2/photos"])
+    [root] = warm_paths.source_roots(fleet, fleet.host("media1"), ["/data2/photos"])
     assert root == profile.Root("/data2/photos", "path", "")
     with pytest.raises(RefusedError, match="outside db2's data mounts"):
-        vmtouch.target_paths(fleet, [root], fleet.host("db2"))
+        warm_paths.target_paths(fleet, [root], fleet.host("db2"))
 
 
 @pytest.mark.parametrize("path", ["/etc", "/srv/db1/pg/../../../etc", "/srv/db1", "/srv/db1/pgx"])
 def test_paths_outside_the_data_mounts_are_refused(tmp_path, path):
     fleet = fleet_of(tmp_path)
     with pytest.raises(RefusedError, match="outside db1's data mounts"):
-        vmtouch.source_roots(fleet, fleet.host("db1"), [path])
+        warm_paths.source_roots(fleet, fleet.host("db1"), [path])
 
 
 def test_bad_path_arguments_are_usage_errors(tmp_path):
     fleet = fleet_of(tmp_path)
     with pytest.raises(UsageError, match="not an absolute path"):
-        vmtouch.source_roots(fleet, fleet.host("db1"), ["data"])
+        warm_paths.source_roots(fleet, fleet.host("db1"), ["data"])
     with pytest.raises(UsageError, match="lies inside"):
-        vmtouch.source_roots(fleet, fleet.host("db1"), ["/srv/db1/pg", "/srv/db1/pg/data"])
+        warm_paths.source_roots(fleet, fleet.host("db1"), ["/srv/db1/pg", "/srv/db1/pg/data"])
     with pytest.raises(UsageError, match="no Postgres role"):
-        vmtouch.source_roots(fleet, fleet.host("media1"), None)
+        warm_paths.source_roots(fleet, fleet.host("media1"), None)
 
 
 def test_profiles_of_another_cluster_or_fleet_are_refused(tmp_path):
     fleet = fleet_of(tmp_path)
-    roots = vmtouch.source_roots(fleet, fleet.host("db3"), ["/srv/db3/pg/data"])
+    roots = warm_paths.source_roots(fleet, fleet.host("db3"), ["/srv/db3/pg/data"])
     with pytest.raises(RefusedError, match="cluster 'other' .*db2 is in cluster 'main'"):
-        vmtouch.check_target(fleet, "unit", "db3", "other", roots, fleet.host("db2"))
+        warm_paths.check_target(fleet, "unit", "db3", "other", roots, fleet.host("db2"))
     with pytest.raises(RefusedError, match="from fleet 'staging'"):
-        vmtouch.check_target(fleet, "staging", "db1", "main", roots, fleet.host("db2"))
+        warm_paths.check_target(fleet, "staging", "db1", "main", roots, fleet.host("db2"))
     with pytest.raises(RefusedError, match="no postgres role"):
-        vmtouch.target_paths(fleet, roots, fleet.host("media1"))
+        warm_paths.target_paths(fleet, roots, fleet.host("media1"))
 
 
 def test_copy_plans_refuse_before_contacting_a_host(tmp_path):

@@ -1,0 +1,336 @@
+"""Planning a Postgres failover or rejoin: read the live cluster, refuse what is unsafe (or
+name the risks `--accept-risk` takes), choose the standby to promote (or finish a failover that
+something else began by promoting one), and build the plan from the step lists of
+igops.pg.plan_steps. A rejoin makes a former primary, or any member that does not follow the
+primary, its standby again. Switchovers, and the PgPlan all three build, are in igops.pg.plans.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from igops import inventory, postgres
+from igops.errors import RemoteError, UsageError
+from igops.operations.steps import Step
+from igops.output import plural
+from igops.pg.cluster import (
+    PgClusterState,
+    PgProbe,
+    PgView,
+    bouncer_text,
+    cluster_members,
+    cluster_of,
+    pg_view,
+    wal_received,
+)
+from igops.pg.hostcmd import wal_end_on_disk
+from igops.pg.plan_steps import (
+    failover_steps,
+    rejoin_steps,
+    release_switch_segment_step,
+    with_repmgrd_paused,
+)
+from igops.pg.plans import PgPlan, signed
+from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, Refused, refuse_or_force
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
+
+def plan_pg_failover(
+    fleet: Fleet, cluster: str, candidate: str | None = None, accept_risk: bool = False
+) -> tuple[PgPlan, PgClusterState]:
+    members = cluster_members(fleet, cluster)
+    if candidate is not None and candidate not in members:
+        raise UsageError(
+            f"{candidate} is not a member of cluster {cluster}",
+            inventory.unknown_name_hint(candidate, members, "members"),
+        )
+    view = pg_view(fleet, cluster)
+    state = view.state
+    assert state is not None  # pg_view reports every view it makes
+    writable = view.writable()
+    if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
+        return signed(finish, view), state
+    if writable:
+        raise Refused(
+            state,
+            f"refused: {', '.join(writable)} accepts writes: cluster {cluster} has a primary",
+            f"for a planned change use `igops pg switchover {cluster} --to NODE`",
+        )
+    if view.bouncer_errors:
+        raise Refused(
+            state,
+            "refused: PgBouncer does not answer on " + ", ".join(view.bouncer_errors),
+            "a failover repoints every PgBouncer; bring it back first",
+        )
+    old = _presumed_primary(view)
+    plan = PgPlan(
+        "failover", cluster, "", old, None, failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed"
+    )
+    reasons: list[str] = []
+    stop_first = False
+    old_probe = view.probes[old] if old else None
+    wal_end = None
+    if old_probe and old:
+        # Asking the server again and reading its WAL over SSH overlap: both take about a second.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
+            reading = pool.submit(wal_end_on_disk, fleet, old_probe.host) if old_probe.host_reachable else None
+            _confirm_pg_down(fleet, state, old)
+            wal_end = reading.result() if reading else None
+        streaming = [
+            name
+            for name, probe in view.probes.items()
+            if probe.server
+            and probe.server.receiver_status == "streaming"
+            and probe.server.upstream_address in (str(old_probe.host.address), old)
+        ]
+        if streaming:
+            raise Refused(
+                state,
+                f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
+                "igops cannot reach it but its standbys can: check the network between them",
+            )
+        if old_probe.host_reachable is False:
+            reasons.append(
+                f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
+                "come back (stop the instance) before forcing"
+            )
+        elif old_probe.down is not None and old_probe.down.kind == "rejected":
+            reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
+            stop_first = True
+        elif old_probe.postmaster_running:
+            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
+            stop_first = True
+    else:
+        plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
+    standbys = {name: probe for name, probe in view.probes.items() if name != old and probe.server}
+    if not standbys:
+        raise Refused(
+            state, f"refused: no running standby in cluster {cluster} to promote", "start one, or restore the primary"
+        )
+    chosen = candidate or best_standby(view, standbys)
+    if chosen not in standbys:
+        raise Refused(
+            state,
+            f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
+            f"running standbys: {', '.join(standbys)}",
+        )
+    received = wal_received(_answering(standbys[chosen]))
+    best = max(wal_received(_answering(probe)) for probe in standbys.values())
+    if received < best:
+        reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
+    if old_probe is None:
+        plan.bytes_at_risk = best - received
+    elif old_probe.host_reachable:
+        if wal_end is None:
+            reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
+        else:
+            plan.bytes_at_risk = max(0, wal_end - received)
+            if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
+                reasons.append(
+                    f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
+                    f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
+                )
+    if _answering(standbys[chosen]).replay_paused:
+        reasons.append(f"{chosen} has WAL replay paused")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the old primary if you can, or --accept-risk")
+    plan.new_primary = chosen
+    plan.title = (
+        f"Fail cluster {cluster} over from {old} (down) to {chosen}"
+        if old
+        else f"Promote {chosen}: cluster {cluster} has no primary"
+    )
+    siblings = [name for name in standbys if name != chosen]
+    plan.actions = failover_steps(
+        fleet,
+        old,
+        chosen,
+        siblings,
+        view.databases(),
+        fence_on_disk=bool(old_probe and old_probe.host_reachable),
+        stop_first=stop_first,
+        replay_paused=_answering(standbys[chosen]).replay_paused,
+    )
+    if [name for name in view.repmgrd_members() if name != old]:
+        # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
+        # it does not, a failover spends no time on it.
+        plan.actions = with_repmgrd_paused(plan.actions, on=chosen, members=(chosen, *siblings))
+    if old:
+        plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
+    return signed(plan, view), state
+
+
+def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
+    """A standby that something else promoted (repmgrd's automatic failover, or a person) while
+    PgBouncer still routes to the old primary, now down: finish that failover rather than
+    promote a second standby. None when no PgBouncer route points at a member that is down."""
+    state = view.state
+    assert state is not None  # pg_view reports every view it makes
+    down = {name for name, probe in view.probes.items() if not probe.server}
+    stale = {
+        host: [database for database, target in table.items() if target in down]
+        for host, table in state.pgbouncer.items()
+    }
+    stale = {host: names for host, names in stale.items() if names}
+    if not stale:
+        return None
+    olds = sorted({state.pgbouncer[host][database] for host, names in stale.items() for database in names})
+    plan = PgPlan(
+        "failover",
+        view.cluster,
+        f"Finish the failover of {view.cluster}: {new} was promoted already "
+        f"(repmgrd?), PgBouncer still routes to {', '.join(olds)}",
+        olds[0],
+        new,
+        failure_hint=f"see `igops pg status {view.cluster}`",
+    )
+    for old in olds:
+        probe = view.probes[old]
+        if probe.host_reachable and not probe.fenced:
+            plan.actions.append(
+                Step(
+                    f"{old}: fence: "
+                    + ("stop it (immediate), " if probe.postmaster_running else "")
+                    + "write standby.signal so it can only start read-only",
+                    "fence",
+                    (old, bool(probe.postmaster_running)),
+                )
+            )
+        elif not probe.host_reachable:
+            plan.notes.append(f"{old}'s host is unreachable over SSH: it is not fenced; make sure it cannot come back")
+    plan.actions.append(Step(f"PgBouncer: point {bouncer_text(stale)} at {new}, RELOAD", "repoint", (stale, new)))
+    if state.paused:
+        plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
+    record = view.repmgr_node(new)
+    if record is None or record.type != "primary" or not record.active:
+        plan.actions.append(
+            Step(
+                f"{new}: record it as the primary in repmgr's metadata (repmgr primary register --force)",
+                "register_primary",
+                (new,),
+            )
+        )
+    for node in state.nodes:
+        if node.role == "standby" and node.streaming_from != new:
+            plan.actions.append(Step(f"{node.name}: follow {new} (repmgr standby follow)", "follow", (node.name, new)))
+    plan.notes += [f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {new}" for old in olds]
+    return plan
+
+
+def _confirm_pg_down(fleet: Fleet, state: PgClusterState, name: str) -> None:
+    """A restart looks like an outage for a moment: ask again before acting on it."""
+    for _ in range(DOWN_PROBES - 1):
+        time.sleep(DOWN_PROBE_INTERVAL)
+        try:
+            connection = postgres.connect(fleet, fleet.host(name))
+        except postgres.Unavailable:
+            continue
+        connection.close()
+        raise Refused(state, f"refused: {name} answers again", "see `igops pg status`")
+
+
+def best_standby(view: PgView, standbys: dict[str, PgProbe]) -> str:
+    """The most WAL received; then repmgr's priority (higher first; 0 never); then the name."""
+
+    def priority(name: str) -> int:
+        record = view.repmgr_node(name)
+        return record.priority if record else 100
+
+    eligible = [name for name in standbys if priority(name) > 0] or list(standbys)
+    return sorted(eligible, key=lambda name: (-wal_received(_answering(standbys[name])), -priority(name), name))[0]
+
+
+def _answering(probe: PgProbe) -> postgres.ServerState:
+    """The server of a member that answered: the standbys a failover chooses from."""
+    assert probe.server is not None  # only members that answered are standbys to choose from
+    return probe.server
+
+
+def _presumed_primary(view: PgView) -> str | None:
+    """The member that was primary: the one PgBouncer routes to, else repmgr's record, else the
+    only member that does not answer; None when every member answers (as a standby)."""
+    state = view.state
+    assert state is not None  # pg_view reports every view it makes
+    down = [name for name, probe in view.probes.items() if not probe.server]
+    if not down:
+        return None
+    routed = {target for table in state.pgbouncer.values() for target in table.values()}
+    candidates = [name for name in down if name in routed]
+    if len(candidates) != 1:
+        candidates = [node.name for node in view.repmgr if node.type == "primary" and node.active and node.name in down]
+    if len(candidates) != 1 and len(down) == 1:
+        candidates = down
+    if len(candidates) != 1:
+        raise Refused(
+            state,
+            f"refused: cannot tell which of {', '.join(down)} was the primary",
+            "check PgBouncer's databases file and `igops pg status`",
+        )
+    return candidates[0]
+
+
+def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
+    cluster = cluster_of(fleet, node)
+    view = pg_view(fleet, cluster)
+    state = view.state
+    assert state is not None  # pg_view reports every view it makes
+    member = state.node(node)
+    probe = view.probes[node]
+    if member.role == "primary" and member.pgbouncer:
+        raise Refused(
+            state,
+            f"refused: {node} accepts writes and PgBouncer routes {', '.join(member.pgbouncer)} "
+            "to it: it is the live primary",
+            f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)",
+        )
+    writable = [name for name in view.writable() if name != node]
+    if len(writable) != 1:
+        raise Refused(
+            state,
+            f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} besides {node}",
+            "a node rejoins a cluster with exactly one primary: see `igops pg status`",
+        )
+    primary = writable[0]
+    plan = PgPlan(
+        "rejoin",
+        cluster,
+        f"Rejoin {node} to cluster {cluster} as a standby of {primary}",
+        None,
+        primary,
+        failure_hint=f"see `igops pg status {cluster}` and {node}'s Postgres log",
+    )
+    if member.state == "host unreachable":
+        raise RemoteError(f"{node}: host unreachable over SSH", "rejoin needs the host")
+    if member.streaming_from == primary:
+        record = view.repmgr_node(node)
+        if record and record.type == "standby" and record.active and member.repmgr == f"standby of {primary}":
+            plan.notes.append(f"nothing to do: {node} already streams from {primary}")
+        else:
+            plan.actions = [
+                Step(
+                    f"{node}: record it as a standby of {primary} in repmgr's metadata (repmgr standby "
+                    "register --force)",
+                    "register_standby",
+                    (node, primary),
+                )
+            ]
+        return signed(plan, view), state
+    reasons = []
+    if member.role == "primary":
+        reasons.append(f"{node} accepts writes: rejoining discards whatever it took after the timelines forked")
+    if member.state == "hung":
+        reasons.append(f"{node}'s postmaster runs but does not answer")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, "make sure nothing on it is needed, then --accept-risk")
+    plan.actions = with_repmgrd_paused(
+        [
+            *rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+            # pg_rewind copied the primary's segments, those of the promotion among them.
+            release_switch_segment_step(primary, [node]),
+        ],
+        on=primary,
+        members=(primary, node),
+    )
+    return signed(plan, view), state
