@@ -9,7 +9,7 @@ import typer
 
 from igops import failover
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
-from igops.commands.role_change import planned, run_plan
+from igops.commands.role_change_flow import planned, run_plan
 from igops.errors import ExitCode
 from igops.host_commands import parallel_map
 from igops.operations import conflicts

@@ -741,7 +741,7 @@ def test_the_inventory_refuses_failover_settings_that_cannot_work(tmp_path, edit
 
 def test_the_plan_title_names_each_risk_accepted():
     """--accept-risk's risks head the plan (stdout on a dry run) and the question confirmed."""
-    from igops.commands.role_change import _title
+    from igops.commands.role_change_flow import _title
 
     plan = failover.PgPlan(
         "switchover",
