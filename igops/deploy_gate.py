@@ -72,8 +72,8 @@ class LoadBalancers:
         for host in self.app.lbs:
             answer, error = answers[host.name].answer, answers[host.name].error
             if answer is None:
-                assert error is not None  # an agent's answer without a document always says why
-                state.errors[host.name] = error
+                # An agent's answer without a document says why; a session that died says nothing.
+                state.errors[host.name] = error or "no answer from its agent"
                 continue
             state.servers += [
                 LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
