@@ -12,6 +12,12 @@ from igops.tables import Column
 
 LAB_COLUMNS: list[Column | str] = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
 
+
+def component_row(c: lab.Component) -> list[str]:
+    """A component's row in the table LAB_COLUMNS heads."""
+    return [c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail]
+
+
 # Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,7 +40,7 @@ def up(
         out.table(
             "lab",
             LAB_COLUMNS,
-            [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components],
+            [component_row(c) for c in report.components],
         )
         out.text(f"lab up in {report.duration_s:.1f} s; use it with:")
         out.text(f"export IGOPS_CONFIG={report.inventory}")
@@ -72,7 +78,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
         out.table(
             f"lab at {report.state_dir}",
             LAB_COLUMNS,
-            [[c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail] for c in report.components],
+            [component_row(c) for c in report.components],
         )
         problems = report.problems()
         if not report.running:
