@@ -10,7 +10,15 @@ from igops.errors import ExitCode
 from igops.output import plural
 from igops.tables import Column
 
-LAB_COLUMNS: list[Column | str] = ["component", "host", "endpoint", "state", Column("detail", wrap=True)]
+# As `igops status` shows services: the endpoint (an address, a mount point) is the lab's
+# fixed layout and gives way first at 80 columns; whether each answers, and why not, stays.
+LAB_COLUMNS: list[Column | str] = [
+    "component",
+    "host",
+    Column("endpoint", drop=1),
+    "state",
+    Column("detail", wrap=True),
+]
 
 
 def component_row(c: lab.Component) -> list[str]:

@@ -28,12 +28,14 @@ from igops.tables import Column
 app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
-# The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
+# The id is what a person pastes; the rest gives way at 80 columns, the least needed first. A
+# status or result is a sentence once the operation ended ("switchover: db2 is the primary of
+# main"), so it wraps.
 LIST_COLUMNS: list[Column | str] = [
     "id",
     "kind",
     Column("targets", wrap=True),
-    "status",
+    Column("status", wrap=True),
     Column("step", wrap=True, drop=2),
     Column("operator", drop=3),
     Column("started", drop=4),
@@ -45,11 +47,12 @@ HISTORY_COLUMNS: list[Column | str] = [
     Column("operation", drop=4),
     Column("command", wrap=True),
     Column("targets", wrap=True, drop=2),
-    "result",
+    Column("result", wrap=True),
     Column("exit", drop=5),
     Column("reason", wrap=True, drop=1),
 ]
-KINDS_COLUMNS: list[Column | str] = ["kind", "leases", "expected"]
+# What a kind leases is said in words ("host HOST, and pg CLUSTER or redis when HOST is a member").
+KINDS_COLUMNS: list[Column | str] = ["kind", Column("leases", wrap=True), "expected"]
 
 
 def list_row(r: dict[str, Any]) -> list[Any]:
