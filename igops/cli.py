@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import sys
@@ -322,7 +323,22 @@ def _explain_verb(verb: click_core.Command, name: str) -> None:
         if param.param_type_name == "argument":
             # typer prints an argument's Python type beside its name; the name says it.
             param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]  # typer's parameters have it
+            # The usage line names it in words, `CLUSTER` (typer writes a required one `{CLUSTER}`).
+            param.get_usage_pieces = functools.partial(_usage_pieces, param)  # type: ignore[method-assign]
+        # A number's bounds are still checked, but not printed as click's `[0.1<=x<=86400]`.
+        param._get_number_range_help_str = lambda: None  # type: ignore[attr-defined]  # typer's parameters have it
     verb.epilog = verb.epilog or help_text.examples_epilog(name)
+
+
+def _usage_pieces(argument: click_core.Parameter, ctx: click_core.Context) -> list[str]:
+    """An argument on a usage line: `CLUSTER` when required, `[CLUSTER]` when not, and `...` after
+    it when it takes several (unless its metavar already says so, as `-- COMMAND [ARG...]`)."""
+    name = argument.metavar or (argument.name or "argument").upper()
+    if not argument.required:
+        name = f"[{name}]"
+    if argument.nargs != 1 and "..." not in name:
+        name += "..."
+    return [name]
 
 
 def build_command() -> click_core.Command:

@@ -3,9 +3,11 @@
 A column is an identifier unless it says otherwise: its values stay whole on one line and it is
 never hidden, because someone will paste them (a snapshot group id, an LSN, a host name). Free
 text (`wrap`) wraps onto more lines. Secondary columns (`drop`) are hidden, the highest rank
-first, when the table does not fit the terminal; `--wide` keeps every column. A table that still
-does not fit is printed wider than the terminal, which folds the line where it must: a value is
-never cut. Output that is not a terminal is read by programs and never hides or wraps anything.
+first, when the table does not fit the terminal. A table that still does not fit once its free
+text is wrapped as narrow as it goes (its identifiers alone are too wide) is printed wider than
+the terminal, which folds the line where it must: a value is never cut. `--wide` keeps every
+column and, if that cannot fit, every row on one line. Output that is not a terminal is read by
+programs and never hides or wraps anything.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def layout(columns: list[Column], cells: list[list[str]], width: int | None, rul
         widest = max(candidates, key=lambda position: widths[position])
         widths[widest] -= 1
         excess -= 1
-    if excess > 0:
-        # It will not fit whatever wraps: keep every row on one line and let it run wider.
+    if excess > 0 and wide:
+        # --wide asked for every column: if even so it will not fit, keep each row on one line.
         widths = [natural[index] for index in shown]
+    # Otherwise what still does not fit is identifiers, which are never cut: the table runs wider
+    # by that much, and its free text stays wrapped to its least width.
     return Layout(
         shown,
         widths,

@@ -33,6 +33,19 @@ STATUS_STYLE = {
     NagiosStatus.UNKNOWN: "magenta",
 }
 
+CHECK_COLUMNS: list[Column | str] = ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)]
+
+
+def result_row(r: checks.Result) -> list[str | None]:
+    """A check's row in the table CHECK_COLUMNS heads."""
+    return [
+        r.check,
+        _plain(r.target),
+        f"[{STATUS_STYLE[r.status]}]{r.status.name}[/]",
+        _plain(r.summary),
+        f"{r.duration_ms:.0f} ms" if r.duration_ms is not None else None,
+    ]
+
 
 def register(app: typer.Typer) -> None:
     app.command("check")(check)
@@ -163,20 +176,7 @@ def _run(
     )
     shown = [result for result in results if result.status != NagiosStatus.OK] if quiet else results
     if shown:
-        out.table(
-            None,
-            ["check", "target", "status", Column("detail", wrap=True), Column("time", drop=1)],
-            [
-                [
-                    r.check,
-                    _plain(r.target),
-                    f"[{STATUS_STYLE[r.status]}]{r.status.name}[/]",
-                    _plain(r.summary),
-                    f"{r.duration_ms:.0f} ms" if r.duration_ms is not None else None,
-                ]
-                for r in shown
-            ],
-        )
+        out.table(None, CHECK_COLUMNS, [result_row(r) for r in shown])
     tally = checks.counts(results)
     if not quiet or state != NagiosStatus.OK:
         problems = ", ".join(

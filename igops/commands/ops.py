@@ -28,17 +28,59 @@ from igops.tables import Column
 app = typer.Typer(no_args_is_help=True)
 
 ID_ARGUMENT = typer.Argument(..., metavar="ID", help="An operation id, as igops ops list shows it.")
-# The id is what a person pastes; the rest gives way at 80 columns, the least needed first.
+# The id is what a person pastes; the rest gives way at 80 columns, the least needed first. A
+# status or result is a sentence once the operation ended ("switchover: db2 is the primary of
+# main"), so it wraps.
 LIST_COLUMNS: list[Column | str] = [
     "id",
     "kind",
     Column("targets", wrap=True),
-    "status",
+    Column("status", wrap=True),
     Column("step", wrap=True, drop=2),
     Column("operator", drop=3),
     Column("started", drop=4),
     Column("reason", wrap=True, drop=1),
 ]
+HISTORY_COLUMNS: list[Column | str] = [
+    "time",
+    Column("operator", drop=3),
+    Column("operation", drop=4),
+    Column("command", wrap=True),
+    Column("targets", wrap=True, drop=2),
+    Column("result", wrap=True),
+    Column("exit", drop=5),
+    Column("reason", wrap=True, drop=1),
+]
+# What a kind leases is said in words ("host HOST, and pg CLUSTER or redis when HOST is a member").
+KINDS_COLUMNS: list[Column | str] = ["kind", Column("leases", wrap=True), "expected"]
+
+
+def list_row(r: dict[str, Any]) -> list[Any]:
+    """An operation's row in the table LIST_COLUMNS heads."""
+    return [
+        r["id"],
+        r["kind"],
+        r.get("targets"),
+        r["status"],
+        _step(r),
+        _operator(r),
+        r.get("started"),
+        r.get("reason"),
+    ]
+
+
+def history_row(r: dict[str, Any]) -> list[Any]:
+    """An audit record's row in the table HISTORY_COLUMNS heads."""
+    return [
+        r.get("time"),
+        f"{r.get('user')}@{r.get('host')}",
+        r.get("operation"),
+        r.get("command"),
+        r.get("targets"),
+        r.get("result"),
+        r.get("exit_code"),
+        r.get("reason"),
+    ]
 
 
 def _operator(record: dict[str, Any]) -> str:
@@ -72,23 +114,7 @@ def list_operations(
                     f"warning: the coordinator did not answer ({view.stale}); this is the list as last "
                     f"read at {view.read_at}"
                 )
-            out.table(
-                None,
-                LIST_COLUMNS,
-                [
-                    [
-                        r["id"],
-                        r["kind"],
-                        r.get("targets"),
-                        r["status"],
-                        _step(r),
-                        _operator(r),
-                        r.get("started"),
-                        r.get("reason"),
-                    ]
-                    for r in view.records
-                ],
-            )
+            out.table(None, LIST_COLUMNS, [list_row(r) for r in view.records])
             if not view.records:
                 out.text("no operation is running or interrupted" if not all_ else "no operation recorded")
             return view, ExitCode.OK
@@ -173,32 +199,7 @@ def history(
     with command(ctx, "ops history", json_flag) as out:
         fleet = load_fleet(ctx)
         records = operations_view.history(fleet, _since(since), target, limit)
-        out.table(
-            None,
-            [
-                "time",
-                Column("operator", drop=3),
-                Column("operation", drop=4),
-                Column("command", wrap=True),
-                Column("targets", wrap=True, drop=2),
-                "result",
-                Column("exit", drop=5),
-                Column("reason", wrap=True, drop=1),
-            ],
-            [
-                [
-                    r.get("time"),
-                    f"{r.get('user')}@{r.get('host')}",
-                    r.get("operation"),
-                    r.get("command"),
-                    r.get("targets"),
-                    r.get("result"),
-                    r.get("exit_code"),
-                    r.get("reason"),
-                ]
-                for r in records
-            ],
-        )
+        out.table(None, HISTORY_COLUMNS, [history_row(r) for r in records])
         out.finish({"records": records})
 
 
@@ -270,5 +271,5 @@ def kinds(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
 
     with command(ctx, "ops kinds", json_flag) as out:
         rows = conflicts.table_rows()
-        out.table(None, ["kind", "leases", "expected"], [list(row) for row in rows])
+        out.table(None, KINDS_COLUMNS, [list(row) for row in rows])
         out.finish({"kinds": [{"kind": k, "leases": leases, "expected": e} for k, leases, e in rows]})

@@ -9,7 +9,12 @@ from igops.cli import COMMANDS, build_command, subcommand, verbs
 from tests.conftest import run_igops
 
 VERBS = [path for path, _ in verbs(build_command())]
-PYTHON_TYPES = re.compile(r"<[a-z][a-z \[\]]*>|\{[a-z_]+\}|\blist\[|\bint range\b|\bfloat range\b")
+# Python types (`<str>`, `<list[str]>`, `list[`, `int range`), typer's braces around a parameter
+# (`{host}`, `{CLUSTER}`, `{-- COMMAND [ARG...]}`) and click's range notation (`[0.1<=x<=86400]`,
+# `[x>=1]`): none is in words.
+PYTHON_TYPES = re.compile(
+    r"<[a-z][a-z \[\]]*>|\{[A-Za-z_ .\[\]-]+\}|\blist\[|\bint range\b|\bfloat range\b|[<>]=x\b|\bx[<>]="
+)
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=" ".join)

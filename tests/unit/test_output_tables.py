@@ -267,6 +267,235 @@ def test_layout_hides_the_highest_rank_first_then_the_rightmost():
     assert layout(columns, cells, None, ruled=False).widths == [20, 20, 20, 20]
 
 
+def test_layout_wraps_free_text_to_its_least_even_when_identifiers_overflow():
+    """Identifiers alone wider than the terminal: the table runs wider by that much only, with
+    its free text still wrapped, rather than every column at full width."""
+    columns = [Column("path"), Column("detail", wrap=True)]
+    cells = [["/" + "x" * 59, "a sentence of free text that would take a long line on its own"]]
+    fit = layout(columns, cells, 40, ruled=True)
+    assert fit.widths == [60, 10] and fit.total == 73
+    assert layout(columns, cells, 40, ruled=True, wide=True).widths == [60, 62]
+
+
+# --- every table a person reads at 80 columns ---------------------------------------------------
+# Representative rows as the commands make them; at 80 columns every line fits and every
+# identifier shown (what a person pastes into the next command) is whole on one line.
+OP_IDS = ("20261203-071530-a3f9", "20261202-221004-0b7e", "20261201-093312-5c1d")
+AUDIT_TIMES = ("2026-12-03T07:15:30.412+00:00", "2026-12-03T07:19:02.877+00:00", "2026-12-03T08:02:11.030+00:00")
+
+
+def show_check(out: Output, newest_group: str | None = None) -> list[str]:
+    """The check table; with `newest_group`, the snapshot check names that group (an identifier
+    inside free text, which wraps around it and never through it)."""
+    from igops.checks import Result
+    from igops.checks.fleet import disk_result
+    from igops.commands.check import CHECK_COLUMNS, result_row
+    from igops.errors import NagiosStatus
+
+    gib = 1024**3
+    mount = {
+        "mounted": True,
+        "bytes_total": 600 * gib,
+        "bytes_free": 118 * gib,
+        "bytes_available": 112 * gib,
+        "inodes_total": 39_321_600,
+        "inodes_free": 38_500_000,
+    }
+    results = [
+        Result("ssh", "db12", NagiosStatus.OK, "load 0.42 0.37 0.30", duration_ms=38.2),
+        disk_result("db1:/var/lib/postgresql/wal", mount, 80, 90, 41.0),
+        Result(
+            "postgres-standby",
+            "db13",
+            NagiosStatus.CRITICAL,
+            "not streaming from db11 (primary reports state catchup); its WAL receiver is stopped",
+            duration_ms=1204.7,
+        ),
+        Result(
+            "postgres-repmgrd",
+            "db11",
+            NagiosStatus.WARNING,
+            "repmgrd paused (`igops pg switchover main --to PRIMARY` unpauses it)",
+            duration_ms=233.0,
+        ),
+        Result(
+            "http-app",
+            "web1",
+            NagiosStatus.CRITICAL,
+            "GET /healthz -> 503 (postgres: connection refused; redis: timeout after 2 s) on :8000 (twice)",
+            duration_ms=4012.9,
+        ),
+        Result(
+            "snapshot",
+            "pg main",
+            NagiosStatus.OK if newest_group else NagiosStatus.CRITICAL,
+            f"newest complete group {newest_group} (on db12) is 3 h 12 min old"
+            if newest_group
+            else "no complete snapshot group of pg main",
+            duration_ms=95.1,
+        ),
+    ]
+    out.table(None, CHECK_COLUMNS, [result_row(result) for result in results])
+    return ["db1:/var/lib/postgresql/wal", "postgres-standby", "postgres-repmgrd", "CRITICAL", "WARNING", "pg main"]
+
+
+def audit_records() -> list[dict]:
+    base = {"user": "alice", "host": "ops-laptop", "pid": 48213, "sudo_user": None}
+    switchover = "igops pg switchover main --to db12 --yes"
+    return [
+        {
+            **base,
+            "time": AUDIT_TIMES[0],
+            "operation": OP_IDS[0],
+            "command": switchover,
+            "targets": ["main"],
+            "result": "started",
+            "exit_code": None,
+            "reason": "kernel upgrade on db11 (CHG-4711)",
+        },
+        {
+            **base,
+            "time": AUDIT_TIMES[1],
+            "operation": OP_IDS[0],
+            "command": switchover,
+            "targets": ["main"],
+            "result": "switchover: db12 is the primary of main",
+            "exit_code": 0,
+            "reason": "kernel upgrade on db11 (CHG-4711)",
+        },
+        {
+            **base,
+            "time": AUDIT_TIMES[2],
+            "command": "igops check --page",
+            "targets": ["postgres-standby db13"],
+            "result": "paged: 1 triggered, 0 resolved, 0 failed",
+            "exit_code": 0,
+        },
+    ]
+
+
+def show_ops_history(out: Output) -> list[str]:
+    from igops.commands.ops import HISTORY_COLUMNS, history_row
+
+    out.table(None, HISTORY_COLUMNS, [history_row(record) for record in audit_records()])
+    return list(AUDIT_TIMES)
+
+
+def show_ops_list_all(out: Output) -> list[str]:
+    from igops.commands.ops import LIST_COLUMNS, list_row
+
+    base = {"user": "alice", "host": "ops-laptop", "pid": 48213, "started": AUDIT_TIMES[0]}
+    records = [
+        {
+            **base,
+            "id": OP_IDS[0],
+            "kind": "pg-switchover",
+            "targets": ["main"],
+            "status": "switchover: db12 is the primary of main",
+            "reason": "kernel upgrade on db11 (CHG-4711)",
+        },
+        {
+            **base,
+            "id": OP_IDS[1],
+            "kind": "snapshot-restore",
+            "targets": ["db14"],
+            "status": "interrupted",
+            "step": {"number": 4, "title": "db14: attach the volumes made from db12-20261203T041500Z-9f3c"},
+        },
+        {
+            **base,
+            "id": OP_IDS[2],
+            "kind": "shard-move",
+            "targets": ["shard 17", "main", "users2"],
+            "status": "move 9 done, writes blocked 412 ms",
+            "reason": "rebalance before the sale",
+        },
+    ]
+    out.table(None, LIST_COLUMNS, [list_row(record) for record in records])
+    return [*OP_IDS, "pg-switchover", "snapshot-restore", "shard-move"]
+
+
+def show_ops_kinds(out: Output) -> list[str]:
+    from igops.commands.ops import KINDS_COLUMNS
+    from igops.operations import conflicts
+
+    rows = conflicts.table_rows()
+    out.table(None, KINDS_COLUMNS, [list(row) for row in rows])
+    return [kind for kind, _, _ in rows]
+
+
+def show_lab_status(out: Output) -> list[str]:
+    from igops.commands.lab import LAB_COLUMNS, component_row
+    from igops.lab import Component
+
+    components = [
+        Component("ssh", "db1", "127.0.10.21:2222", True, "load 0.31"),
+        Component("ssh", "redis2", "127.0.10.32:2222", False, "connection refused by 127.0.10.32:2222"),
+        Component("postgres", "db1", "127.0.10.21:5432", True, "primary, timeline 185, 2 standbys streaming"),
+        Component("write via pgbouncer", "pgb1", "127.0.10.20:6432/directory", True, "INSERT and rollback in 4 ms"),
+        Component("etcd", "etcd2", "127.0.10.52:2379", True, "healthy"),
+        Component("pagerduty-receiver", "-", "127.0.10.60:8025", False, "[Errno 111] Connection refused"),
+        Component("volume data", "db1", "/var/lib/igops-lab/hosts/db1/data", True, "ext4 on /dev/loop3"),
+        Component("volume wal", "db4", "/var/lib/igops-lab/hosts/db4/wal", False, "not mounted"),
+    ]
+    out.table("lab at /var/lib/igops-lab", LAB_COLUMNS, [component_row(c) for c in components])
+    return ["pgb1", "redis2", "etcd2", "db4", "DOWN"]
+
+
+TABLES = {
+    "check": show_check,
+    "ops history": show_ops_history,
+    "ops list --all": show_ops_list_all,
+    "ops kinds": show_ops_kinds,
+    "lab status": show_lab_status,
+}
+
+
+@pytest.mark.parametrize("width", [80, 200])
+@pytest.mark.parametrize("name", list(TABLES))
+def test_every_table_fits_and_keeps_identifiers_whole(name, width):
+    out, screen = output(width)
+    identifiers = TABLES[name](out)
+    text = screen.getvalue()
+    assert all(len(line.rstrip()) <= width for line in lines_of(screen)), (name, width, text)
+    for identifier in identifiers:
+        assert any(identifier in line for line in lines_of(screen)), (name, identifier, text)
+
+
+def test_a_table_runs_wider_than_80_only_by_what_its_identifiers_need():
+    """A check target of 27 characters beside a group id in the snapshot check's text: the
+    check, target and status columns and that id alone need more than 80 columns. The text
+    around the id still wraps; only those identifiers push the table past 80."""
+    out, screen = output(80)
+    identifiers = show_check(out, newest_group=GROUP_ID)
+    text = screen.getvalue()
+    needed = len("postgres-repmgrd") + len("db1:/var/lib/postgresql/wal") + len("CRITICAL") + len(GROUP_ID) + 3 * 3
+    assert needed > 80 and max(len(line.rstrip()) for line in lines_of(screen)) == needed, text
+    for identifier in (*identifiers, GROUP_ID):
+        assert any(identifier in line for line in lines_of(screen)), (identifier, text)
+    assert "is 3 h 12 min old" not in text  # wrapped to the id's width, not kept on one line
+
+
+def test_lab_status_gives_up_the_endpoint_first_and_shows_it_whole_when_wide():
+    narrow, screen = output(80)
+    show_lab_status(narrow)
+    assert "hidden to fit 80 columns: endpoint" in " ".join(screen.getvalue().split())
+    assert "not mounted" in screen.getvalue() and "[Errno 111] Connection refused" in screen.getvalue()
+    for out, screen in (output(200), output(80, wide=True)):
+        show_lab_status(out)
+        for endpoint in ("127.0.10.20:6432/directory", "/var/lib/igops-lab/hosts/db1/data"):
+            assert any(endpoint in line for line in lines_of(screen)), (endpoint, screen.getvalue())
+
+
+def test_ops_history_shows_the_reason_at_80_columns():
+    out, screen = output(80)
+    show_ops_history(out)
+    header = lines_of(screen)[0]
+    for name in ("time", "command", "result", "reason"):
+        assert name in header.split(), (name, screen.getvalue())
+    assert "(CHG-4711)" in screen.getvalue()
+
+
 # --- --watch ----------------------------------------------------------------------------------
 class Interrupted:
     """A sleep that lets `refreshes` refreshes happen, then is Ctrl-C."""
