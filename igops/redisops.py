@@ -162,10 +162,19 @@ def wait_for_offset(connection: redis.Redis, offset: int, deadline: float, inter
     reached = node_state(connection).offset
     while reached < offset:
         if time.monotonic() >= deadline:
-            raise CatchUpTimeout(f"replica at offset {reached}, master at {offset}")
+            raise CatchUpTimeout(f"replica at offset {reached}, master at {offset}{_held_back(connection, offset)}")
         time.sleep(interval)
         reached = node_state(connection).offset
     return reached
+
+
+def _held_back(connection: redis.Redis, offset: int) -> str:
+    """Why a replica lags, when it is not the link: a replica under CLIENT PAUSE WRITE (an old
+    master demoted while paused) reads its master's stream but applies none of it."""
+    received = int(connection.info("replication").get("slave_read_repl_offset", 0))
+    if received >= offset:
+        return f" (it has received up to {received} but applies nothing: is a write pause left on it?)"
+    return f" (received up to {received})"
 
 
 def wait_for_link(connection: redis.Redis, deadline: float, interval: float = 0.05) -> NodeState:
