@@ -14,6 +14,7 @@ import pytest
 
 from igops.errors import ExitCode
 from igops.lab import aws, state, storage
+from igops.lab.credentials import load as load_credentials
 from igops.secrets import Secrets
 from tests.conftest import run_igops
 from tests.labtools import verify_lab_ledger
@@ -115,6 +116,32 @@ def test_load_balancer_serves_every_app_server(lab):
             if seen == expected:
                 break
     assert seen == expected
+
+
+def test_a_dependency_away_on_every_app_server_does_not_take_them_out_of_the_balancer(lab):
+    """While PgBouncer is paused (as in a switchover) every app server answers /health 503 alike.
+    That is no reason to mark them down: requests that come right after the resume must reach
+    them, not get nginx's 502 "no live upstreams"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from igops.lab import pooler
+
+    credentials = load_credentials(state.paths())
+    try:
+        with pooler.admin(credentials) as cursor:
+            cursor.execute("PAUSE")
+        # Enough failing probes that each nginx worker sees max_fails (2) of each server.
+        with ThreadPoolExecutor(8) as pool:
+            during = list(pool.map(lambda _: requests.get(_lb_url(lab) + "/health", timeout=10).status_code, range(8)))
+        assert set(during) == {503}, during
+    finally:
+        with pooler.admin(credentials) as cursor:
+            cursor.execute("RESUME")
+    with ThreadPoolExecutor(16) as pool:
+        after = list(pool.map(lambda _: requests.get(_lb_url(lab) + "/health", timeout=10).status_code, range(32)))
+    assert after.count(502) == 0, after
 
 
 def _shard_of(user_id: int) -> int:
