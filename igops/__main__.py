@@ -1,3 +1,3 @@
-from igops.cli import main
+from igops.launcher import main
 
 main()

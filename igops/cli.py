@@ -18,59 +18,12 @@ from typer._click.utils import echo
 from typer.core import TyperCommand, TyperGroup
 
 from igops import __version__
+from igops.command_table import COMMANDS, FORMAT_HELP, FORMAT_METAVAR, ROOT_HELP, ROOT_OPTIONS, WIDE_HELP
 from igops.commands.options import WATCH_DEFAULT_SECONDS, GlobalOptions, TableFormat
 
 if TYPE_CHECKING:
     from typer._click.formatting import HelpFormatter
     from typer._click.shell_completion import CompletionItem
-
-# Every command under `igops`, in the order `igops --help` lists them: the module of
-# igops.commands that defines it, and its help in one line. A module is imported only when its
-# command runs, completes or shows its own help, so `igops --help` reads the lines here. A
-# group's line is its help (`igops snapshot --help` too); a single command's is the first
-# paragraph of its docstring (tests/unit/test_cli_help.py keeps the two equal).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "hosts": ("fleet", "List the inventory's hosts."),
-    "exec": ("fleet", "Run a command on many hosts in parallel and summarise the results."),
-    "status": ("fleet", "Fleet overview: every host's reachability, then every service's state."),
-    "check": (
-        "check",
-        "Check the whole fleet at once under one deadline: SSH, health URLs, Postgres, PgBouncer, "
-        "Redis, memcached, disks, frozen filesystems, munin-node, snapshots and Pingdom.",
-    ),
-    "snapshot": (
-        "snapshot",
-        "Consistent EBS snapshots of frozen XFS filesystems: create, list, keep, delete, prune, "
-        "restore, and the scheduled `cron`.",
-    ),
-    "lab": ("lab", "Bring the lab fleet up or down on this machine's loopback addresses."),
-    "warm": (
-        "warm",
-        "Page-cache warming: capture which pages are cached, warm exactly those elsewhere, compare two hosts.",
-    ),
-    "munin": ("munin", "Munin: install igops' plugins (app, Postgres, Redis, PgBouncer) and read munin-node."),
-    "pingdom": (
-        "pingdom",
-        "Pingdom (API 3.1): keep the checks in step with the inventory, show them, open maintenance windows.",
-    ),
-    "pagerduty": ("pagerduty", "PagerDuty (Events API v2): test the paging path, list the incidents igops opened."),
-    "shard": (
-        "shard",
-        "Logical shards: decode and encode ids, show the map, create the schemas, move shards "
-        "between clusters online, verify copies, rebalance.",
-    ),
-    "deploy": ("deploy", "Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`."),
-    "pg": (
-        "pg",
-        "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
-        "dead primary, rejoin of a former primary.",
-    ),
-    "redis": (
-        "redis",
-        "Redis master and replicas: status, planned switchover, failover of a dead master, rejoin of a former master.",
-    ),
-    "ops": ("ops", "Operations: what runs now, what was interrupted, their journals and the audit trail."),
-}
 
 
 class CommandTable(TyperGroup):
@@ -126,20 +79,12 @@ def _load(name: str) -> click_core.Command:
 app = typer.Typer(
     name="igops",
     cls=CommandTable,
-    help="Operations for a photo-sharing fleet: snapshots, cache warming, failover, shard moves, deploys and checks.",
+    help=ROOT_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-FORMAT_METAVAR = "|".join(item.value for item in TableFormat)
-FORMAT_HELP = (
-    "Tables as: table (ruled on a terminal), plain (aligned, no rules) or tsv (a header row, then "
-    "tab-separated rows; nothing else on stdout)."
-)
-WIDE_HELP = "Every column of a table, even where the terminal is too narrow for them."
 
 
 def _version(value: bool) -> None:
@@ -151,19 +96,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    config: str = typer.Option(
-        None,
-        "--config",
-        "-c",
-        metavar="FILE",
-        help="Inventory file (default: $IGOPS_CONFIG, then /etc/igops/igops.toml).",
+    config: str = typer.Option(None, *ROOT_OPTIONS["config"].names, metavar="FILE", help=ROOT_OPTIONS["config"].help),
+    json_output: bool = typer.Option(False, *ROOT_OPTIONS["json"].names, help=ROOT_OPTIONS["json"].help),
+    verbose: bool = typer.Option(False, *ROOT_OPTIONS["verbose"].names, help=ROOT_OPTIONS["verbose"].help),
+    table_format: TableFormat = typer.Option(
+        TableFormat.table, *ROOT_OPTIONS["format"].names, metavar=FORMAT_METAVAR, help=FORMAT_HELP
     ),
-    json_output: bool = typer.Option(False, "--json", help="Only a JSON envelope on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
-    table_format: TableFormat = typer.Option(TableFormat.table, "--format", metavar=FORMAT_METAVAR, help=FORMAT_HELP),
-    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
+    wide: bool = typer.Option(False, *ROOT_OPTIONS["wide"].names, help=WIDE_HELP),
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False, *ROOT_OPTIONS["version"].names, callback=_version, is_eager=True, help=ROOT_OPTIONS["version"].help
     ),
 ) -> None:
     ctx.obj = GlobalOptions(config=config, json=json_output, verbose=verbose, format=table_format, wide=wide)

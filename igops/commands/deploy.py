@@ -58,7 +58,7 @@ class DeployGroup(TyperGroup):
         return ["[REV] [OPTIONS]", "|", "COMMAND [ARGS]..."]
 
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(
     cls=DeployGroup,
     no_args_is_help=False,

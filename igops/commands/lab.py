@@ -26,7 +26,7 @@ def component_row(c: lab.Component) -> list[str]:
     return [c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail]
 
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 

@@ -11,7 +11,7 @@ from igops.operations import conflicts
 from igops.output import plural
 from igops.tables import Column
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 

@@ -13,7 +13,7 @@ from igops.operations import conflicts
 from igops.pagerduty.incidents import Pager, dedup_key, describe_failure
 from igops.tables import Column
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from igops.pg.cluster import PgClusterState, PgNode
     from igops.pg.plans import PgPlan
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from igops.redis_failover import RedisPlan, RedisResult
     from igops.redis_tier import RedisState
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 SWITCHOVER_RISK_OPTION = typer.Option(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from igops.shard_move import MoveResult
     from igops.shard_verify import ShapeReport, VerifyReport
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 id_app = typer.Typer(
     help="The 64-bit ids: 41 bits of ms since 2011-08-24 21:07:01.721 UTC, 13 of logical shard, 10 of sequence.",

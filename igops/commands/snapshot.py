@@ -21,7 +21,7 @@ from igops.tables import Column
 if TYPE_CHECKING:
     from igops.inventory import Fleet
 
-# Its help, which `igops --help` lists too, is in igops.cli.COMMANDS.
+# Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
 
 

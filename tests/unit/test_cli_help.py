@@ -65,7 +65,7 @@ def test_the_verbs_are_all_there():
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_the_listed_help_is_the_commands_own(name):
-    """`igops --help` lists each command's line from igops.cli.COMMANDS without importing it:
+    """`igops --help` lists each command's line from igops.command_table.COMMANDS without importing it:
     that line is the group's help, or a single command's first paragraph."""
     command = subcommand(build_command(), name)
     first_paragraph = " ".join(command.help.split("\n\n")[0].split())
@@ -86,3 +86,40 @@ def test_help_lists_every_command_without_importing_one():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "LOADED []" in result.stdout, result.stdout
     assert all(f"  {name} " in result.stdout for name in COMMANDS)
+
+
+@pytest.mark.parametrize("width", [50, 51, 60, 72, 78, 100, 160])
+def test_the_launchers_root_help_is_typers_at_every_width(width):
+    """igops.launcher answers `igops --help` without typer: its layout must be the one typer
+    gives, byte for byte, whatever the terminal's width."""
+    import typer._click.core as click_core
+
+    from igops.launcher import root_help
+
+    root = build_command()
+    with click_core.Context(root, info_name="igops", terminal_width=width, **root.context_settings) as ctx:
+        assert root_help(width) == root.get_help(ctx) + "\n"
+
+
+def test_the_launcher_answers_help_and_version_without_typer_and_hands_on_the_rest():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['igops'] + sys.argv[1:]\n"
+        "from igops.launcher import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print('TYPER', any(m == 'typer' or m.startswith('typer.') for m in sys.modules), code, file=sys.stderr)"
+    )
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+
+    for argv in (["--help"], ["-h"], ["--version"]):
+        result = run(*argv)
+        assert "TYPER False 0" in result.stderr and result.stdout, (argv, result.stderr)
+    bare = run()
+    assert "TYPER False 2" in bare.stderr and "Commands:" in bare.stderr and not bare.stdout
+    # Anything else is igops.cli's: a group's help, a usage error.
+    assert "TYPER True 0" in run("hosts", "--help").stderr
+    assert "TYPER True 2" in run("--no-such-option").stderr
