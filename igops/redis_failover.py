@@ -171,7 +171,8 @@ def redis_switchover_steps(fleet: Fleet, current: str, target: str, others: list
     )
     steps = [
         Step(
-            f"{current}, {target}: connect now, so that no connection has to be set up while writes wait",
+            f"{current}, {target}: connect now, so that no connection has to be set up while writes wait; lift "
+            f"any write pause an interrupted run left on {target} (a paused replica applies none of its stream)",
             "hold_connections",
             (current, target),
         ),
@@ -429,11 +430,14 @@ class RedisActions:
     def _master_of(self, name: str) -> tuple[str, int]:
         return str(self.fleet.host(name).address), self.fleet.model.redis.port
 
-    def hold_connections(self, *names: str) -> None:
-        for name in names:
+    def hold_connections(self, master: str, replica: str) -> None:
+        for name in (master, replica):
             connection = redisops.client(self.fleet, self.fleet.host(name))
             self._held[name] = connection
             connection.ping()  # connects now; the client keeps the connection for the next commands
+        # An old master demoted while paused (a switchover killed before its UNPAUSE) holds its
+        # new master's stream until the pause ends; on a replica the pause guards nothing.
+        redisops.unpause(self._held[replica])
 
     def close(self) -> None:
         for connection in self._held.values():

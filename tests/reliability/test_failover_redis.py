@@ -146,3 +146,25 @@ def test_a_switchover_killed_after_the_demotion_is_finished_by_the_next_switchov
 
 def test_a_switchover_killed_after_the_demotion_is_finished_by_failover(at_home):  # noqa: F811
     interrupted_then_repaired(at_home, "failover")
+
+
+def test_a_switchover_to_a_replica_left_paused_lifts_the_pause_and_loses_nothing(at_home):  # noqa: F811
+    """An old master demoted while paused (a switchover killed before its UNPAUSE) is a replica
+    that receives its master's stream and applies none of it while the pause lasts: a switchover
+    to it lifts that pause first, instead of waiting in vain for it to catch up."""
+    lab = at_home
+    replica = redisops.client(lab, lab.host(OTHER_MASTER))
+    counter = Increments(lab)
+    try:
+        # Longer than the whole switchover: only igops' UNPAUSE lets it catch up in time.
+        replica.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+        counter.start()
+        assert wait_for(lambda: counter.acknowledged > 10, 10, interval=0.1)
+        result, envelope = igops(lab, "redis", "switchover", "--to", OTHER_MASTER, "--yes")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert envelope["data"]["after"]["app_master"] == OTHER_MASTER
+    finally:
+        replica.execute_command("CLIENT", "UNPAUSE")
+        replica.close()
+    stored = counter.stop_and_count()
+    assert stored >= counter.acknowledged > 10, (stored, counter.acknowledged)
