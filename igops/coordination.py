@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 # partitioned one never: a refusal should not wait that long.
 REQUEST_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 1.0
+# How long a request keeps asking while the members that answer have no leader yet. A leader
+# that dies leaves the others leaderless for an election timeout (etcd's default is 1 s,
+# randomised up to 2x) and a vote: requests wait in etcd meanwhile. Without quorum no leader
+# comes, and a refusal then takes this long.
+ELECTION_PATIENCE = 5.0
 REASON_ENV = "IGOPS_REASON"
 
 
@@ -219,6 +224,10 @@ class LocalCoordinator:
 class EtcdError(IgopsError):
     """etcd answered with an error, or no member answered."""
 
+    # Some member is up but could not serve (no leader, or no answer in time): asking again
+    # after an election may succeed. False when every member refused the connection.
+    transient = False
+
 
 @dataclass(frozen=True)
 class EtcdSettings:
@@ -250,10 +259,23 @@ class EtcdGateway:
         self._token: str | None = None
         self._lock = threading.Lock()
 
-    def call(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def call(
+        self, path: str, body: dict[str, Any], timeout: float | None = None, patience: float = ELECTION_PATIENCE
+    ) -> dict[str, Any]:
         """POST to the first member that answers; `timeout` is per member (default: an equal
-        share of REQUEST_TIMEOUT, at least 1 s)."""
+        share of REQUEST_TIMEOUT, at least 1 s). While members are up but leaderless, ask
+        again until `patience` seconds have passed since the first try."""
         timeout = timeout or max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints))
+        give_up = time.monotonic() + patience
+        while True:
+            try:
+                return self._call_once(path, body, timeout)
+            except EtcdError as exc:
+                if not exc.transient or time.monotonic() >= give_up:
+                    raise
+            time.sleep(0.2)
+
+    def _call_once(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self.settings.user and self._token is None:
             self._authenticate()
         try:
@@ -277,6 +299,7 @@ class EtcdGateway:
         import requests
 
         failures = []
+        transient = False
         count = len(self.settings.endpoints)
         for step in range(count):
             index = (self._first + step) % count
@@ -286,6 +309,7 @@ class EtcdGateway:
                 response = self._session.post(url, json=body, headers=headers, timeout=(CONNECT_TIMEOUT, timeout))
             except requests.Timeout:
                 failures.append(f"{self.settings.endpoints[index]}: no answer within {timeout:g} s")
+                transient = True
                 continue
             except requests.RequestException as exc:
                 failures.append(f"{self.settings.endpoints[index]}: {_short(exc)}")
@@ -294,13 +318,16 @@ class EtcdGateway:
             error = data.get("error") or data.get("message")
             if response.status_code >= 500 or (error and _member_cannot_serve(error)):
                 failures.append(f"{self.settings.endpoints[index]}: {error or f'HTTP {response.status_code}'}")
+                transient = True
                 continue
             if response.status_code != 200 or error:
                 raise EtcdError(f"etcd {path}: {error or f'HTTP {response.status_code}'}")
             with self._lock:
                 self._first = index
             return data
-        raise EtcdError("; ".join(failures))
+        error = EtcdError("; ".join(failures))
+        error.transient = transient
+        raise error
 
     def put(self, key: str, value: str) -> None:
         self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
@@ -382,7 +409,8 @@ class EtcdLease(HeldLease):
         while not self._stop.wait(self.ttl / 3) and not self.lost():
             sent = time.monotonic()
             try:
-                answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id}, timeout=per_member)
+                # No patience: this loop asks again itself, and must notice a TTL passing.
+                answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id}, timeout=per_member, patience=0)
                 ttl = int((answer.get("result") or {}).get("TTL", 0))
             except (EtcdError, ValueError) as exc:
                 if time.monotonic() - self._renewed >= self.ttl:
@@ -440,14 +468,18 @@ class EtcdCoordinator:
                 raise CoordinatorUnavailable(
                     f"etcd could not take the locks {', '.join(keys)}: {exc.message}", self._fix()
                 ) from None
-            if answer.get("succeeded"):
-                break
-            self._revoke(lease_id)
             held_by = [
                 (resource, kvs[0])
                 for resource, response in zip(sorted(set(resources)), answer.get("responses") or [], strict=False)
                 if (kvs := (response.get("response_range") or {}).get("kvs") or [])
             ]
+            # Every key already under this very lease: an earlier try was applied, its answer
+            # lost (a member that timed out, then another asked).
+            if answer.get("succeeded") or (
+                len(held_by) == len(keys) and all(str(kv.get("lease")) == lease_id for _, kv in held_by)
+            ):
+                break
+            self._revoke(lease_id)
             if self._revoke_dead_holders([kv for _, kv in held_by]):
                 continue  # their process is gone from this very machine: try again at once
             if time.monotonic() < give_up:

@@ -420,17 +420,35 @@ def restart_etcd(names: list[str]) -> None:
     lab_etcd.wait_healthy()
 
 
-def test_a_switchover_completes_with_an_etcd_member_killed_during_it(home):
-    """One member of three is lost while the switchover works: the other two keep quorum, the
-    lease is renewed by whichever answers, and the switchover completes."""
+def etcd_leader() -> str:
+    """The name of the etcd member that leads now."""
+    import requests
+
+    from igops.lab import state
+
+    members = {}
+    leader = None
+    for name, address in state.ETCD_MEMBERS:
+        answer = requests.post(f"http://{address}:{state.ETCD_CLIENT_PORT}/v3/maintenance/status", json={}, timeout=5)
+        status = answer.json()
+        members[status["header"]["member_id"]] = name
+        leader = status["leader"]
+    return members[leader]
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.5], ids=["as-it-starts", "during-it"])
+def test_a_switchover_completes_with_the_etcd_leader_killed(home, delay):
+    """The leader of three etcd members is lost as the switchover starts (its lease is granted
+    once the other two have elected a leader) or while it works (the lease is renewed, and the
+    journal written, by whichever answers): the switchover completes either way."""
     import signal as signals
     import threading
 
-    from igops.lab import proc, state
+    from igops.lab import proc
 
     lab = home
-    [name] = [member for member, _ in state.ETCD_MEMBERS[:1]]
-    killer = threading.Timer(1.0, lambda: proc.terminate(etcd_pids([name]), sig=signals.SIGKILL))
+    name = etcd_leader()
+    killer = threading.Timer(delay, lambda: proc.terminate(etcd_pids([name]), sig=signals.SIGKILL))
     killer.start()
     try:
         result, envelope = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
