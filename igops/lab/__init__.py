@@ -29,6 +29,7 @@ from igops.lab import (
     pooler,
     postgres,
     proc,
+    s3tls,
     services,
     sshd,
     state,
@@ -42,6 +43,7 @@ from igops.lab.state import (
     PAGERDUTY,
     PINGDOM,
     REDIS_MASTER,
+    S3_TLS,
     SSH_PORT,
     Paths,
     with_role,
@@ -126,6 +128,7 @@ def _endpoints() -> list[tuple[str, int, str]]:
     }
     found = [
         (MOTO[0], MOTO[1], "moto"),
+        (S3_TLS[0], S3_TLS[1], "moto TLS front"),
         (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
         (PINGDOM[0], PINGDOM[1], "Pingdom receiver"),
     ]
@@ -196,6 +199,7 @@ def _pid_files(paths: Paths) -> list[Path]:
     found = [
         paths.ssh / f"sshd-{SSHD_NAME}.pid",
         paths.services / "moto.pid",
+        paths.s3_tls / "nginx.pid",
         paths.services / "receivers.pid",
         *etcd.pid_files(paths),
     ]
@@ -313,8 +317,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = ", ".join(f"{v.host}:{v.purpose}={v.device}" for v in volumes)
         with reporter.step(f"sshd on {len(HOSTS)} host addresses") as step:
             _ssh(paths)
-        with reporter.step("moto (EC2, S3) and the PagerDuty and Pingdom receivers") as step:
-            _start_all([aws.daemon(paths), receivers_daemon(paths, creds)], paths)
+        with reporter.step("moto (EC2, S3; S3 over TLS too) and the PagerDuty and Pingdom receivers") as step:
+            _start_all([aws.daemon(paths), s3tls.daemon(paths), receivers_daemon(paths, creds)], paths)
         with reporter.step("etcd cluster (3 members) for fleet-wide leases and audit") as step:
             _start_all(etcd.daemons(paths), paths)
             step.detail = etcd.wait_healthy()
@@ -356,7 +360,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             )
             report.recovered += [f"operation {op_id}: ended, interrupted" for op_id in ended]
             step.detail = f"ended {', '.join(ended)}" if ended else "none"
-        with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
+        with reporter.step("EC2 instances, EBS volumes, the photo and WAL buckets in moto") as step:
             aws_state = aws.build(volumes)
             step.detail = f"{plural(len(aws_state.instances), 'instance')}, {plural(len(aws_state.volumes), 'volume')}"
         with reporter.step("inventory and secrets") as step:
@@ -462,7 +466,7 @@ def _check(fleet: Fleet, paths: Paths, creds: credentials.Credentials | None) ->
         for h in fleet_report.hosts
     ]
     components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _writes(creds) + _outside_services() + _etcd_members() + _volumes(paths)
+    return components + _writes(creds) + _outside_services(paths) + _etcd_members() + _volumes(paths)
 
 
 def _writes(creds: credentials.Credentials | None) -> list[Component]:
@@ -491,11 +495,18 @@ def _etcd_members() -> list[Component]:
     return members
 
 
-def _outside_services() -> list[Component]:
+def _outside_services(paths: Paths) -> list[Component]:
     import http.client
+    import ssl
 
     def http_ok(address: str, port: int, path: str) -> tuple[bool, str]:
-        connection = http.client.HTTPConnection(address, port, timeout=3)
+        connection: http.client.HTTPConnection
+        if (address, port) == S3_TLS:
+            # Through the front, as pgBackRest reaches it: the lab CA must vouch for its address.
+            context = ssl.create_default_context(cafile=str(s3tls.ca_file(paths)))
+            connection = http.client.HTTPSConnection(address, port, timeout=3, context=context)
+        else:
+            connection = http.client.HTTPConnection(address, port, timeout=3)
         try:
             connection.request("GET", path)
             response = connection.getresponse()
@@ -511,6 +522,7 @@ def _outside_services() -> list[Component]:
     # generator's photos make it tens of MB) and outgrows the deadline.
     for name, (address, port), path in (
         ("moto", MOTO, "/moto-api/"),
+        ("moto-tls", S3_TLS, "/moto-api/"),
         ("pagerduty-receiver", PAGERDUTY, "/_lab/state"),
         ("pingdom-receiver", PINGDOM, "/_lab/state"),
     ):

@@ -23,6 +23,9 @@ BUILD_MARKER_ENV = "IGOPS_LAB_BUILD"
 MOTO = ("127.0.10.5", 5000)
 PAGERDUTY = ("127.0.10.6", 8080)
 PINGDOM = ("127.0.10.7", 8080)
+# moto behind TLS (nginx): pgBackRest speaks S3 only over https, and moto itself stays plain
+# http for everything else. The certificate names this address, which is the endpoint.
+S3_TLS = ("127.0.10.8", 443)
 SSH_PORT = 22
 LB_PORT = 80
 APP_PORT = 8000
@@ -38,6 +41,7 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 
 PHOTO_BUCKET = "igops-photos"
+WAL_BUCKET = "igops-wal"
 AWS_REGION = "us-east-1"
 AVAILABILITY_ZONE = "us-east-1a"
 # moto accepts any credentials; fixed ones let every lab process and person share them.
@@ -203,6 +207,14 @@ class Paths:
     def services(self) -> Path:
         """moto and the monitoring receivers: the lab's stand-ins for outside services."""
         return self.root / "services"
+
+    @property
+    def s3_tls(self) -> Path:
+        """The TLS front of moto: its CA, certificate, nginx configuration and logs."""
+        return self.services / "s3-tls"
+
+    def pgbackrest_dir(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "pgbackrest"
 
     def etcd_dir(self, member: str) -> Path:
         return self.root / "etcd" / member
