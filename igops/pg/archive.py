@@ -351,7 +351,7 @@ def _steps(fleet: Fleet, view: PgView, plan: ArchivePlan, restart_primary: bool)
         )
     for state in plan.members:
         wanted = wanted_settings(fleet, cluster, fleet.host(state.name))
-        changes = {name: value for name, value in wanted.items() if state.configured.get(name) != value}
+        changes = {name: value for name, value in wanted.items() if _differs(state, name, value)}
         if changes:
             steps.append(
                 Step(
@@ -394,6 +394,15 @@ def _steps(fleet: Fleet, view: PgView, plan: ArchivePlan, restart_primary: bool)
             )
         )
     return steps
+
+
+def _differs(state: MemberState, name: str, value: str) -> bool:
+    """Whether ALTER SYSTEM (and a reload) must set `name`: its files say otherwise, or it is
+    reloadable and the server still runs another value (a run cut short before its reload).
+    archive_command shows "(disabled)" while archive_mode is off; its files' value counts then."""
+    if state.configured.get(name) != value:
+        return True
+    return name != "archive_mode" and state.running.get(name) not in (value, "(disabled)")
 
 
 def _primary_restart_steps(fleet: Fleet, view: PgView, primary: str) -> list[Step]:
