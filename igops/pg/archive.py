@@ -10,6 +10,7 @@ nothing, and starts to the moment it is promoted, so a switchover keeps the arch
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -242,6 +243,41 @@ def _read_member(fleet: Fleet, cluster: str, name: str, role: str) -> MemberStat
     )
 
 
+# pgBackRest's stanza status codes: 0 ok, 2 no valid backups (archiving alone is that), the
+# others (1 missing stanza path, 3 missing stanza data, ...) mean it is not usable.
+STANZA_USABLE = (0, 2)
+
+
+@dataclass
+class ArchiveRange:
+    database: str  # pgBackRest's archive id: <Postgres version>-<database id>
+    min_wal: str | None
+    max_wal: str | None
+
+
+@dataclass
+class RepositoryInfo:
+    exists: bool
+    status: str
+    ranges: list[ArchiveRange] = field(default_factory=list)
+
+
+def parse_info(text: str, name: str) -> RepositoryInfo:
+    """`pgbackrest info --output=json`: the stanza's status and its archive ranges."""
+    try:
+        stanzas = json.loads(text)
+    except ValueError:
+        return RepositoryInfo(False, f"unreadable info output: {text.strip()[-200:]}")
+    found = next((item for item in stanzas if isinstance(item, dict) and item.get("name") == name), None)
+    if found is None:
+        return RepositoryInfo(False, "no such stanza")
+    status = found.get("status") or {}
+    ranges = [
+        ArchiveRange(str(item.get("id")), item.get("min"), item.get("max")) for item in found.get("archive") or []
+    ]
+    return RepositoryInfo(status.get("code") in STANZA_USABLE, str(status.get("message", "unknown")), ranges)
+
+
 # --- the plan --------------------------------------------------------------------------------
 
 
@@ -303,8 +339,6 @@ def plan_archive_setup(fleet: Fleet, cluster: str, restart_primary: bool = False
 
 
 def _stanza_exists(fleet: Fleet, cluster: str, primary: str) -> bool | None:
-    from igops.pg.archive_status import parse_info
-
     host = fleet.host(primary)
     result = ssh(fleet, host, as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info")), 60)
     if not result.ok:

@@ -5,51 +5,24 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError
 from igops.host_commands import failure_reason, ssh
-from igops.pg.archive import archive_settings, member_paths, pgbackrest_argv, restore_command, stanza
+from igops.pg.archive import (
+    RepositoryInfo,
+    archive_settings,
+    member_paths,
+    parse_info,
+    pgbackrest_argv,
+    restore_command,
+    stanza,
+)
 from igops.pg.hostcmd import as_postgres, data_directory
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
-
-# pgBackRest's stanza status codes: 0 ok, 2 no valid backups (archiving alone is that), the
-# others (1 missing stanza path, 3 missing stanza data, ...) mean it is not usable.
-STANZA_USABLE = (0, 2)
-
-
-@dataclass
-class ArchiveRange:
-    database: str  # pgBackRest's archive id: <Postgres version>-<database id>
-    min_wal: str | None
-    max_wal: str | None
-
-
-@dataclass
-class RepositoryInfo:
-    exists: bool
-    status: str
-    ranges: list[ArchiveRange] = field(default_factory=list)
-
-
-def parse_info(text: str, name: str) -> RepositoryInfo:
-    """`pgbackrest info --output=json`: the stanza's status and its archive ranges."""
-    try:
-        stanzas = json.loads(text)
-    except ValueError:
-        return RepositoryInfo(False, f"unreadable info output: {text.strip()[-200:]}")
-    found = next((item for item in stanzas if isinstance(item, dict) and item.get("name") == name), None)
-    if found is None:
-        return RepositoryInfo(False, "no such stanza")
-    status = found.get("status") or {}
-    ranges = [
-        ArchiveRange(str(item.get("id")), item.get("min"), item.get("max")) for item in found.get("archive") or []
-    ]
-    return RepositoryInfo(status.get("code") in STANZA_USABLE, str(status.get("message", "unknown")), ranges)
 
 
 def parse_backlog(text: str) -> tuple[int | None, int | None, str]:

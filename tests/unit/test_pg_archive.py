@@ -339,14 +339,14 @@ INFO = json.dumps(
 
 
 def test_info_parsing():
-    info = archive_status.parse_info(INFO, "main")
+    info = archive.parse_info(INFO, "main")
     assert info.exists and info.status == "no valid backups"
     assert [(r.database, r.min_wal, r.max_wal) for r in info.ranges] == [
         ("15-1", "000000010000000000000003", "000000020000000000000009")
     ]
-    assert not archive_status.parse_info(INFO, "pg2").exists
-    assert archive_status.parse_info(INFO, "other").status == "no such stanza"
-    assert not archive_status.parse_info("ERROR: [055]: unable to load info file", "main").exists
+    assert not archive.parse_info(INFO, "pg2").exists
+    assert archive.parse_info(INFO, "other").status == "no such stanza"
+    assert not archive.parse_info("ERROR: [055]: unable to load info file", "main").exists
 
 
 def test_backlog_parsing():
@@ -370,7 +370,7 @@ def stats(**changes):
     return archive_status.ArchiverStats(**{**values, **changes})
 
 
-REPO = archive_status.RepositoryInfo(True, "no valid backups")
+REPO = archive.RepositoryInfo(True, "no valid backups")
 
 
 def test_archiving_that_keeps_up_has_no_problem():
@@ -390,7 +390,7 @@ def test_archiving_problems():
     )
     assert "failed 5 s ago" in archive_status.archive_problems(failing, 1, REPO, 60)[0]
     off = archive_status.archive_problems(
-        stats(archive_mode="off"), 0, archive_status.RepositoryInfo(False, "missing stanza path"), 60
+        stats(archive_mode="off"), 0, archive.RepositoryInfo(False, "missing stanza path"), 60
     )
     assert len(off) == 2
 
