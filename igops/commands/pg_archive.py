@@ -75,8 +75,6 @@ def setup(
         with out.step(f"read cluster {name}'s members: pgBackRest, its configuration, the archive settings"):
             plan = archive.plan_archive_setup(fleet, name, restart_primary)
         _show_members(out, plan)
-        for note in plan.notes[1:] if not plan.actions else plan.notes:
-            out.log(f"note: {note}")
         if not plan.actions:
             out.text(plan.notes[0])
             out.finish({"plan": plan, "changed": False})
@@ -93,11 +91,15 @@ def setup(
             yes=yes,
             action=lambda reporter: archive_actions.apply_archive_setup(fleet, plan, reporter),
             params={"cluster": name, "restart_primary": restart_primary},
+            notes=plan.notes,
         )
         if result is None:
             out.finish({"dry_run": dry_run, "plan": plan})
             return
-        out.text(f"cluster {name} archives to stanza {plan.stanza} (pgbackrest check passed on {plan.primary})")
+        if "check" in [step.action for step in plan.actions]:
+            out.text(f"cluster {name} archives to stanza {plan.stanza} (pgbackrest check passed on {plan.primary})")
+        else:
+            out.text(f"the standbys of {name} are set up; {plan.primary} waits for its restart (see the note above)")
         out.finish({"plan": plan, "result": result, "changed": True})
 
 

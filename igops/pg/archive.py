@@ -408,17 +408,27 @@ def _steps(fleet: Fleet, view: PgView, plan: ArchivePlan, restart_primary: bool)
                 ),
                 Step(f"{state.name}: wait until it streams from {primary}", "wait_streaming", (state.name, primary)),
             ]
+    primary_waits = False
     if any(state.role == "primary" for state in restarts):
-        if not restart_primary:
+        if restart_primary:
+            restart_steps += _primary_restart_steps(fleet, view, primary)
+        elif not steps and not restart_steps:
             raise RefusedError(
                 f"refused: archive_mode takes a restart, and {primary} is the primary of {cluster}",
                 RESTART_PRIMARY_HINT,
             )
-        restart_steps += _primary_restart_steps(fleet, view, primary)
+        else:
+            # The standbys' part can be done now: a restarted standby is what a switchover
+            # needs, so that the primary need never be restarted as one.
+            primary_waits = True
+            plan.notes.append(
+                f"{primary} (the primary) is left with archive_mode waiting for a restart, and nothing is "
+                f"archived until then: afterwards {RESTART_PRIMARY_HINT}, and run this again"
+            )
     if restart_steps:
         others = tuple(name for name in view.probes if name != primary)
         steps += with_repmgrd_paused(restart_steps, on=primary, members=(primary, *others))
-    if steps:
+    if steps and not primary_waits:
         steps.append(
             Step(
                 f"{primary}: pgbackrest check (switches WAL and waits, at most {archive.archive_timeout} s, until "

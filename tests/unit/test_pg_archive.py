@@ -191,11 +191,37 @@ def actions(plan):
     return [step.action for step in plan.actions]
 
 
-def test_a_fresh_cluster_without_restart_primary_is_refused(fleet, members):
+def test_without_restart_primary_the_standbys_part_is_done_and_then_it_is_refused(fleet, members):
+    plan = archive.plan_archive_setup(fleet, "main")
+    assert actions(plan) == [
+        "write_config",
+        "write_config",
+        "make_dirs",
+        "make_dirs",
+        "stanza_create",
+        "alter_system",
+        "alter_system",
+        "pause_repmgrd",
+        "restart_member",
+        "wait_streaming",
+        "unpause_repmgrd",
+    ]
+    assert all("db1" not in step.title for step in plan.actions if step.action == "restart_member")
+    assert any("--restart-primary" in note and "switchover" in note for note in plan.notes)
+    # Once only the primary's restart is left, the plan refuses.
+    for name in ("db1", "db2"):
+        members.set_up(name)
+    members.configured["db1"] = dict(members.running["db1"])
+    members.running["db1"].update(archive_mode="off", archive_command="(disabled)")
     with pytest.raises(RefusedError) as refused:
         archive.plan_archive_setup(fleet, "main")
     assert "db1 is the primary" in refused.value.message
     assert "igops pg switchover" in refused.value.hint and "--restart-primary" in refused.value.hint
+    assert actions(archive.plan_archive_setup(fleet, "main", restart_primary=True))[-3:] == [
+        "wait_streaming",
+        "unpause_repmgrd",
+        "check",
+    ]
 
 
 def test_a_fresh_cluster_gets_every_step_in_order(fleet, members):
