@@ -154,7 +154,8 @@ def alter_system_sql(name: str, value: str) -> str:
 # As root: the config file is root's. Prints key=value lines that parse_member_probe reads.
 _PROBE = (
     'config="$1"; os_user="$2"; shift 2; '
-    'printf "version=%s\\n" "$(pgbackrest version 2>/dev/null)"; '
+    # As the postgres user, as every pgBackRest command runs: some versions refuse root.
+    'printf "version=%s\\n" "$(runuser -u "$os_user" -- env -C / pgbackrest version 2>/dev/null)"; '
     'printf "group=%s\\n" "$(id -gn "$os_user")"; '
     'if [ -f "$config" ]; then printf "config=%s %s\\n" "$(sha256sum < "$config" | cut -d" " -f1)" '
     '"$(stat -c "%U:%G:%a" "$config")"; fi; '
