@@ -209,7 +209,10 @@ def _read_member(fleet: Fleet, cluster: str, name: str, role: str) -> MemberStat
     dirs = [paths["spool_path"], paths["log_path"], paths["lock_path"]]
     result = ssh(fleet, host, ["sh", "-c", _PROBE, "sh", paths["config_file"], os_user, *dirs], timeout=30)
     if not result.ok:
-        raise RefusedError(f"{name}: cannot read its pgBackRest set-up: {failure_reason(result)}")
+        raise RefusedError(
+            f"{name}: cannot read its pgBackRest set-up: {failure_reason(result)}",
+            f"check that SSH to {name} works as root (igops exec --host {name} -- true)",
+        )
     probe = parse_member_probe(result.stdout)
     wanted_digest = hashlib.sha256(render_config(fleet, cluster, host).encode()).hexdigest()
     config_current = probe.config_sha256 == wanted_digest and probe.config_owner == f"root:{probe.group}:{CONFIG_MODE}"
