@@ -426,3 +426,26 @@ def test_the_cli_without_archive_section_says_so(tmp_path):
     result = run_igops("-c", str(path), "pg", "archive", "status", "main")
     assert result.returncode == 2
     assert "[archive]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_lab_inventory_archives_through_the_tls_front(tmp_path):
+    """The lab's [archive]: moto's bucket behind the TLS front, trusted through the lab CA, and
+    every path per host (the lab's hosts share one machine)."""
+    import tomllib
+
+    from igops.lab import inventory as lab_inventory, s3tls
+    from igops.lab.aws import AwsState
+    from igops.lab.state import S3_TLS, WAL_BUCKET, Paths
+
+    paths = Paths(tmp_path)
+    text = lab_inventory.render(paths, [], AwsState(), {"main": "db1", "pg2": "db3"}, "redis1")
+    model = inventory.validate(tomllib.loads(text), paths.inventory).model
+    repo = model.archive.repository
+    assert (repo.bucket, repo.endpoint, repo.port, repo.ca_file) == (
+        WAL_BUCKET,
+        S3_TLS[0],
+        S3_TLS[1],
+        str(s3tls.ca_file(paths)),
+    )
+    for template in (model.archive.config_file, model.archive.spool_path, model.archive.lock_path):
+        assert "/hosts/{host}/pgbackrest/" in template
