@@ -230,3 +230,35 @@ class Paths:
 
 def paths() -> Paths:
     return Paths(state_dir())
+
+
+# The sshd that serves every lab host's address.
+SSHD_NAME = "lab"
+
+
+def lab_endpoints() -> list[tuple[str, int, str]]:
+    """Every (address, port, what listens there) of the lab: what `up` checks is free first."""
+    ports = {
+        "lb": (LB_PORT, "nginx"),
+        "app": (APP_PORT, "gunicorn"),
+        "pgbouncer": (PGBOUNCER_PORT, "pgbouncer"),
+        "postgres": (POSTGRES_PORT, "postgres"),
+        "redis": (REDIS_PORT, "redis"),
+        "memcached": (MEMCACHED_PORT, "memcached"),
+        "munin": (MUNIN_PORT, "munin-node"),
+    }
+    found = [
+        (MOTO[0], MOTO[1], "moto"),
+        (S3_TLS[0], S3_TLS[1], "moto TLS front"),
+        (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
+        (PINGDOM[0], PINGDOM[1], "Pingdom receiver"),
+    ]
+    for name, address in ETCD_MEMBERS:
+        found += [
+            (address, ETCD_CLIENT_PORT, f"etcd {name}"),
+            (address, ETCD_PEER_PORT, f"etcd {name} (peers)"),
+        ]
+    for lab_host in HOSTS:
+        found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
+        found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
+    return found
