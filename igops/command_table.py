@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pg": (
         "pg",
         "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "
-        "dead primary, rejoin of a former primary.",
+        "dead primary, rejoin of a former primary, WAL archiving (pg archive).",
     ),
     "redis": (
         "redis",

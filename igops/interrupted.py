@@ -43,6 +43,8 @@ RERUN = {
     "deploy": "igops deploy {target}",
     "deploy-rollback": "igops deploy rollback",
     "snapshot-create": "igops snapshot create {host}",
+    # Its plan is made from what each member has, so a rerun does only what is left.
+    "pg-archive-setup": "igops pg archive setup {cluster}",
 }
 
 

@@ -7,7 +7,7 @@ never imports pydantic; `igops.inventory.Fleet.model` is an `Inventory`.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
@@ -349,6 +349,65 @@ class Coordination(Strict):
         return self
 
 
+class ArchiveRepository(Strict):
+    """Where pgBackRest keeps the WAL (and, later, backups): an S3 bucket. pgBackRest speaks S3
+    only over TLS, so `endpoint` is a host name (or address) it checks the certificate against.
+    Its key and secret are the secrets archive_s3_key and archive_s3_key_secret."""
+
+    type: Literal["s3"] = "s3"
+    bucket: str
+    endpoint: str = "s3.amazonaws.com"
+    port: Port = 443
+    region: str = "us-east-1"
+    # Every stanza's files live under this prefix of the bucket.
+    path: str = "/pgbackrest"
+    # "path" (https://endpoint/bucket/key) works with any S3 endpoint; "host" is AWS' own style.
+    uri_style: Literal["path", "host"] = "path"
+    # A CA bundle on the database hosts, for an endpoint whose certificate a private CA signed.
+    ca_file: str | None = None
+    verify_tls: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise InvalidValue(f"path {value!r} is relative", "use a prefix starting with /, e.g. /pgbackrest")
+        return value
+
+
+class Archive(Strict):
+    """Continuous WAL archiving with pgBackRest (`igops pg archive setup|status`). The paths are
+    per-host templates ({host} is replaced by the host's name), like [redis] config_file."""
+
+    repository: ArchiveRepository
+    # The stanza of each cluster: {cluster} is replaced by the cluster's name.
+    stanza: str = "{cluster}"
+    # A segment is archived at least this often (seconds) even when little is written: the
+    # most WAL a lost primary can take with it on a quiet cluster.
+    archive_timeout: int = Field(default=60, ge=1, le=3600)
+    # pgBackRest's parallel processes for the asynchronous push.
+    process_max: int = Field(default=2, ge=1, le=32)
+    config_file: str = "/etc/pgbackrest/pgbackrest.conf"
+    # Where asynchronous archive-push queues WAL and its status files (fast local disk).
+    spool_path: str = "/var/spool/pgbackrest"
+    log_path: str = "/var/log/pgbackrest"
+    lock_path: str = "/tmp/pgbackrest"
+
+    @field_validator("config_file", "spool_path", "log_path", "lock_path")
+    @classmethod
+    def absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise InvalidValue(f"{value!r} is not an absolute path", "use an absolute path (with {host} if per host)")
+        return value
+
+    @field_validator("stanza")
+    @classmethod
+    def plain_stanza(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_{}.-]+$", value):
+            raise InvalidValue(f"stanza {value!r} is not a plain name", "use letters, digits, _ . - and {cluster}")
+        return value
+
+
 class Inventory(Strict):
     fleet: Fleet = Fleet()
     ssh: Ssh = Ssh()
@@ -367,3 +426,4 @@ class Inventory(Strict):
     snapshot: Snapshot = Snapshot()
     check: Check = Check()
     coordination: Coordination | None = None
+    archive: Archive | None = None

@@ -24,6 +24,11 @@ KNOWN = {
     "etcd_password": "IGOPS_ETCD_PASSWORD",
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    # The WAL repository's own S3 key, not the AWS_* one above: it is written into
+    # pgbackrest.conf on every database host, so it should belong to a user that may only
+    # read and write the WAL bucket, never touch EC2 snapshots or the photos.
+    "archive_s3_key": "IGOPS_ARCHIVE_S3_KEY",
+    "archive_s3_key_secret": "IGOPS_ARCHIVE_S3_KEY_SECRET",
 }
 
 # Shorter values cannot be hidden without hiding ordinary text too, so they are refused.

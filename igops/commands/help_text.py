@@ -110,6 +110,11 @@ EXAMPLES = {
     "ops kinds": ["igops ops kinds"],
     "pg failover": ["igops pg failover c01 --dry-run", "igops pg failover c01 --to db2"],
     "pg rejoin": ["igops pg rejoin db1 --dry-run", "igops pg rejoin db1"],
+    "pg archive setup": [
+        "igops pg archive setup c01 --dry-run",
+        "igops pg archive setup c01 --restart-primary --yes --reason 'INC-1300: WAL archiving'",
+    ],
+    "pg archive status": ["igops pg archive status c01", "igops pg archive status c01 --json"],
     "redis status": ["igops redis status", "igops redis status --watch 5"],
     "redis switchover": ["igops redis switchover --to redis2 --dry-run"],
     "redis failover": ["igops redis failover --dry-run", "igops redis failover --to redis2"],

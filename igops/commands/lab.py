@@ -7,6 +7,7 @@ import typer
 from igops import lab
 from igops.commands.common import JSON_OPTION, command, exit_with
 from igops.errors import ExitCode
+from igops.lab import health
 from igops.output import plural
 from igops.tables import Column
 
@@ -21,7 +22,7 @@ LAB_COLUMNS: list[Column | str] = [
 ]
 
 
-def component_row(c: lab.Component) -> list[str]:
+def component_row(c: health.Component) -> list[str]:
     """A component's row in the table LAB_COLUMNS heads."""
     return [c.component, c.host, c.endpoint, "ok" if c.ok else "DOWN", c.detail]
 
@@ -82,7 +83,7 @@ def status(ctx: typer.Context, json_flag: bool = JSON_OPTION) -> None:
     """Each lab component and whether it answers (changes nothing)."""
 
     with command(ctx, "lab status", json_flag) as out:
-        report = lab.status()
+        report = health.status()
         out.table(
             f"lab at {report.state_dir}",
             LAB_COLUMNS,

@@ -1,4 +1,5 @@
-"""`igops pg`: Postgres clusters behind PgBouncer — status, switchover, failover, rejoin."""
+"""`igops pg`: Postgres clusters behind PgBouncer — status, switchover, failover, rejoin, and
+`pg archive` (WAL archiving, igops.commands.pg_archive)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from igops import failover
+from igops.commands import pg_archive
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, WATCH_OPTION, YES_OPTION, command, load_fleet, present
 from igops.commands.role_change_flow import planned, run_plan
 from igops.errors import ExitCode
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 # Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
+app.add_typer(pg_archive.app, name="archive")
 
 SWITCHOVER_RISK_OPTION = typer.Option(
     False,

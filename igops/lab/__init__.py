@@ -25,10 +25,12 @@ from igops.lab import (
     credentials,
     etcd,
     files,
+    health,
     inventory as lab_inventory,
     pooler,
     postgres,
     proc,
+    s3tls,
     services,
     sshd,
     state,
@@ -38,7 +40,6 @@ from igops.lab.state import (
     CLUSTERS,
     HOSTS,
     MARKER_ENV,
-    MOTO,
     PAGERDUTY,
     PINGDOM,
     REDIS_MASTER,
@@ -52,19 +53,6 @@ from igops.output import Reporter, plural
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-    from igops.inventory import Fleet
-
-SSHD_NAME = "lab"
-
-
-@dataclass
-class Component:
-    component: str
-    host: str
-    endpoint: str
-    ok: bool
-    detail: str
-
 
 @dataclass
 class LabReport:
@@ -73,7 +61,7 @@ class LabReport:
     duration_s: float
     primaries: dict[str, str] = field(default_factory=dict)
     recovered: list[str] = field(default_factory=list)
-    components: list[Component] = field(default_factory=list)
+    components: list[health.Component] = field(default_factory=list)
 
 
 @dataclass
@@ -83,20 +71,6 @@ class DownReport:
     problems: list[str] = field(default_factory=list)
     purged: bool = False
     duration_s: float = 0.0
-
-
-@dataclass
-class LabStatus:
-    state_dir: str
-    inventory: str | None
-    components: list[Component] = field(default_factory=list)
-
-    @property
-    def running(self) -> bool:
-        return any(component.ok for component in self.components)
-
-    def problems(self) -> list[str]:
-        return [f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in self.components if not c.ok]
 
 
 def _require_root(action: str) -> None:
@@ -114,32 +88,6 @@ def _lock(paths: Paths) -> AbstractContextManager[Path]:
     return safety.lock(paths.root / "lab", "lab", "lab", _command_line())
 
 
-def _endpoints() -> list[tuple[str, int, str]]:
-    ports = {
-        "lb": (state.LB_PORT, "nginx"),
-        "app": (state.APP_PORT, "gunicorn"),
-        "pgbouncer": (state.PGBOUNCER_PORT, "pgbouncer"),
-        "postgres": (state.POSTGRES_PORT, "postgres"),
-        "redis": (state.REDIS_PORT, "redis"),
-        "memcached": (state.MEMCACHED_PORT, "memcached"),
-        "munin": (state.MUNIN_PORT, "munin-node"),
-    }
-    found = [
-        (MOTO[0], MOTO[1], "moto"),
-        (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
-        (PINGDOM[0], PINGDOM[1], "Pingdom receiver"),
-    ]
-    for name, address in state.ETCD_MEMBERS:
-        found += [
-            (address, state.ETCD_CLIENT_PORT, f"etcd {name}"),
-            (address, state.ETCD_PEER_PORT, f"etcd {name} (peers)"),
-        ]
-    for lab_host in HOSTS:
-        found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
-        found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
-    return found
-
-
 def _preflight(paths: Paths) -> None:
     """Refuse before building anything when another program holds one of the lab's ports
     or the app's source is missing."""
@@ -149,7 +97,7 @@ def _preflight(paths: Paths) -> None:
             "run igops from a checkout of the project (the lab deploys its app/)",
         )
     listening = proc.listeners()
-    for address, port, what in _endpoints():
+    for address, port, what in state.lab_endpoints():
         holders = listening.get((address, port), [])
         if holders and not _held_by_the_lab(holders, paths.root):
             # A forking server's child serving one last connection holds the listening
@@ -194,8 +142,9 @@ def running() -> bool:
 
 def _pid_files(paths: Paths) -> list[Path]:
     found = [
-        paths.ssh / f"sshd-{SSHD_NAME}.pid",
+        paths.ssh / f"sshd-{state.SSHD_NAME}.pid",
         paths.services / "moto.pid",
+        paths.s3_tls / "nginx.pid",
         paths.services / "receivers.pid",
         *etcd.pid_files(paths),
     ]
@@ -265,7 +214,7 @@ def _ssh(paths: Paths) -> None:
     )
     sshd.start(
         paths.ssh,
-        SSHD_NAME,
+        state.SSHD_NAME,
         keys,
         [lab_host.address for lab_host in HOSTS],
         SSH_PORT,
@@ -304,7 +253,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = "; ".join(report.recovered) or "nothing to recover"
         with reporter.step("check the lab's addresses and ports") as step:
             _preflight(paths)
-            step.detail = f"{plural(len(_endpoints()), 'endpoint')} on 127.0.10.0/24"
+            step.detail = f"{plural(len(state.lab_endpoints()), 'endpoint')} on 127.0.10.0/24"
         # pip is the slowest part of a cold start and needs nothing else: start it now.
         venv = background.submit(services.app_venv, paths)
         creds = credentials.ensure(paths)
@@ -313,8 +262,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             step.detail = ", ".join(f"{v.host}:{v.purpose}={v.device}" for v in volumes)
         with reporter.step(f"sshd on {len(HOSTS)} host addresses") as step:
             _ssh(paths)
-        with reporter.step("moto (EC2, S3) and the PagerDuty and Pingdom receivers") as step:
-            _start_all([aws.daemon(paths), receivers_daemon(paths, creds)], paths)
+        with reporter.step("moto (EC2, S3; S3 over TLS too) and the PagerDuty and Pingdom receivers") as step:
+            _start_all([aws.daemon(paths), s3tls.daemon(paths), receivers_daemon(paths, creds)], paths)
         with reporter.step("etcd cluster (3 members) for fleet-wide leases and audit") as step:
             _start_all(etcd.daemons(paths), paths)
             step.detail = etcd.wait_healthy()
@@ -356,13 +305,15 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             )
             report.recovered += [f"operation {op_id}: ended, interrupted" for op_id in ended]
             step.detail = f"ended {', '.join(ended)}" if ended else "none"
-        with reporter.step("EC2 instances, EBS volumes and the photo bucket in moto") as step:
+        with reporter.step("EC2 instances, EBS volumes, the photo and WAL buckets in moto") as step:
             aws_state = aws.build(volumes)
             step.detail = f"{plural(len(aws_state.instances), 'instance')}, {plural(len(aws_state.volumes), 'volume')}"
         with reporter.step("inventory and secrets") as step:
             text = lab_inventory.render(paths, volumes, aws_state, report.primaries, _redis_master(paths))
             fleet = lab_inventory.write(paths, text)
             step.detail = str(paths.inventory)
+        with reporter.step("WAL archive: the stanza of each cluster that archives, in moto's bucket") as step:
+            step.detail = baseline.wal_stanzas(fleet, paths, report.primaries)
         from igops.shards import init_shards
 
         init_shards(fleet, reporter)
@@ -384,7 +335,7 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
         with reporter.step("Postgres standbys replay their primaries' WAL") as step:
             step.detail = baseline.standbys_caught_up(paths, report.primaries)
         with reporter.step("check every host and service with igops status, and a write through PgBouncer") as step:
-            report.components = verify(fleet, paths, creds)
+            report.components = health.verify(fleet, paths, creds)
             step.detail = f"{plural(len(report.components), 'check')} ok"
     report.duration_s = round(time.monotonic() - started, 1)
     return report
@@ -417,155 +368,10 @@ def _repmgrd(paths: Paths, wanted: bool) -> str:
     return f"running on {plural(len(daemons), 'node')} (`igops lab up --no-repmgrd` stops it)"
 
 
-def verify(fleet: Fleet, paths: Paths, creds: credentials.Credentials, patience: float = 20) -> list[Component]:
-    """`up`'s closing check: every component answers and each cluster takes a write through
-    PgBouncer; raises LabError naming whatever still fails after `patience` seconds."""
-    # A fleet that just started can miss a first deadline (a worker's cold first request): a
-    # component counts as down only if it keeps failing.
-    deadline = time.monotonic() + patience
-    while True:
-        components = _check(fleet, paths, creds)
-        failing = [c for c in components if not c.ok]
-        if not failing:
-            return components
-        if time.monotonic() > deadline:
-            raise proc.LabError(
-                f"{len(failing)} lab components fail: "
-                + "; ".join(f"{c.component} on {c.host} ({c.endpoint}): {c.detail}" for c in failing),
-                "see `igops lab status`, `igops pg status CLUSTER` for a cluster that takes no "
-                "writes, and the logs under " + str(paths.root),
-            )
-        time.sleep(1)
-
-
 def _command_line() -> str:
     from igops import safety
 
     return safety.redact_argv(["igops", *sys.argv[1:]])
-
-
-def _check(fleet: Fleet, paths: Paths, creds: credentials.Credentials | None) -> list[Component]:
-    """igops' own status probes, plus what only the lab has (moto, receivers, mounts) and a write
-    through each of PgBouncer's databases: every component can answer while writes fail (PgBouncer
-    routing to a standby, or holding a database paused)."""
-    from igops import status as fleet_status
-
-    fleet_report = fleet_status.collect(fleet)
-    components = [
-        Component(
-            "ssh",
-            h.host,
-            f"{h.address}:{SSH_PORT}",
-            h.reachable,
-            f"load {h.load}" if h.reachable else (h.detail or "unreachable"),
-        )
-        for h in fleet_report.hosts
-    ]
-    components += [Component(s.service, s.host, s.endpoint, s.ok, s.detail) for s in fleet_report.services]
-    return components + _writes(creds) + _outside_services() + _etcd_members() + _volumes(paths)
-
-
-def _writes(creds: credentials.Credentials | None) -> list[Component]:
-    pgbouncer = with_role("pgbouncer")[0]
-    if creds is None:
-        return [
-            Component(
-                "write via pgbouncer",
-                pgbouncer.name,
-                f"{pgbouncer.address}:{state.PGBOUNCER_PORT}",
-                False,
-                "not tested: cannot read the lab's passwords (run as root)",
-            )
-        ]
-    return [
-        Component("write via pgbouncer", pgbouncer.name, probe.endpoint, probe.ok, probe.detail)
-        for probe in pooler.write_probes(creds)
-    ]
-
-
-def _etcd_members() -> list[Component]:
-    members = []
-    for name, address in state.ETCD_MEMBERS:
-        ok, detail = etcd.health(address)
-        members.append(Component("etcd", name, f"{address}:{state.ETCD_CLIENT_PORT}", ok, detail))
-    return members
-
-
-def _outside_services() -> list[Component]:
-    import http.client
-
-    def http_ok(address: str, port: int, path: str) -> tuple[bool, str]:
-        connection = http.client.HTTPConnection(address, port, timeout=3)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            response.read()
-            return response.status == 200, f"GET {path} -> {response.status}"
-        except OSError as exc:
-            return False, str(exc)
-        finally:
-            connection.close()
-
-    extras = []
-    # moto's dashboard, not its data.json: that dumps every object moto holds (the load
-    # generator's photos make it tens of MB) and outgrows the deadline.
-    for name, (address, port), path in (
-        ("moto", MOTO, "/moto-api/"),
-        ("pagerduty-receiver", PAGERDUTY, "/_lab/state"),
-        ("pingdom-receiver", PINGDOM, "/_lab/state"),
-    ):
-        ok, detail = http_ok(address, port, path)
-        extras.append(Component(name, "-", f"{address}:{port}", ok, detail))
-    return extras
-
-
-def _volumes(paths: Paths) -> list[Component]:
-    volumes = []
-    mounted = {str(mount.path): mount for mount in storage.mounts_under(paths.root)}
-    for lab_host in HOSTS:
-        for purpose in lab_host.volumes:
-            point = str(paths.mount_point(lab_host.name, purpose))
-            mount = mounted.get(point)
-            volumes.append(
-                Component(
-                    f"volume {purpose}",
-                    lab_host.name,
-                    point,
-                    mount is not None,
-                    f"{mount.fstype} on {mount.source}" if mount else "not mounted",
-                )
-            )
-    return volumes
-
-
-def status() -> LabStatus:
-    """What of the lab answers now (nothing is started or changed)."""
-    from igops import inventory
-
-    paths = state.paths()
-    report = LabStatus(str(paths.root), str(paths.inventory) if paths.inventory.exists() else None)
-    if paths.inventory.exists() and proc.running_pid(paths.ssh / f"sshd-{SSHD_NAME}.pid", paths.root):
-        report.components = _check(inventory.load_file(paths.inventory), paths, credentials.load(paths))
-    else:
-        report.components = _offline_components(paths)
-    return report
-
-
-def _offline_components(paths: Paths) -> list[Component]:
-    """Without sshd or an inventory, the probes that need neither."""
-    components = []
-    for address, port, what in _endpoints():
-        ok = proc.answers(address, port, timeout=0.3)
-        components.append(
-            Component(
-                what,
-                next((h.name for h in HOSTS if h.address == address), "-"),
-                f"{address}:{port}",
-                ok,
-                "accepts connections" if ok else "not listening",
-            )
-        )
-    return components + _volumes(paths)
 
 
 def down(purge: bool = False, reporter: Reporter | None = None) -> DownReport:

@@ -1,6 +1,6 @@
 """The lab's AWS: moto's server as the EC2 and S3 endpoint, holding an instance per lab host,
 an EBS volume per XFS volume (attached under the loop device's name, as a real EBS volume
-appears under its device name), and the photo bucket.
+appears under its device name), the photo bucket and the WAL repository's bucket.
 
 moto keeps its state in memory, so resources are looked up by their igops tags and created
 only when missing; a restarted moto gets a fresh set of ids, which the regenerated inventory
@@ -23,6 +23,7 @@ from igops.lab.state import (
     HOSTS,
     MOTO,
     PHOTO_BUCKET,
+    WAL_BUCKET,
     Paths,
 )
 from igops.lab.storage import VolumeState
@@ -128,6 +129,8 @@ def build(volumes: list[VolumeState]) -> AwsState:
         state.volumes[key] = volume["VolumeId"]
 
     s3 = client("s3")
-    if PHOTO_BUCKET not in {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}:
-        s3.create_bucket(Bucket=PHOTO_BUCKET)
+    existing_buckets = {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}
+    for bucket in (PHOTO_BUCKET, WAL_BUCKET):
+        if bucket not in existing_buckets:
+            s3.create_bucket(Bucket=bucket)
     return state

@@ -1,6 +1,7 @@
 """The monitoring a fleet in service has, and `igops check` expects: igops' Munin plugins on every
 host, the inventory's Pingdom checks, and the snapshot group of every Postgres cluster and of
-the Redis set that the [snapshot] policy wants.
+the Redis set that the [snapshot] policy wants; and the WAL archive's stanzas of the clusters
+that archive (moto forgets them when it restarts).
 
 `lab up` establishes each through igops' own code (`munin install`, `pingdom sync`, `snapshot
 cron`'s choice of member and `snapshot create`), and only where it is missing, so a fresh lab
@@ -144,3 +145,29 @@ def standbys_caught_up(paths: Paths, primaries: dict[str, str], timeout: float =
                     )
                 time.sleep(0.1)
     return "; ".join(adrift) if adrift else "every standby has replayed its primary's WAL"
+
+
+def wal_stanzas(fleet: Fleet, paths: Paths, primaries: dict[str, str]) -> str:
+    """The pgBackRest stanza of every cluster whose primary archives (`igops pg archive setup`
+    turned archive_mode on). moto keeps its buckets in memory: after it restarts the WAL bucket
+    is empty, every archive-push fails and the WAL piles up on the small lab volumes until the
+    stanza exists again. stanza-create leaves a stanza that exists and matches as it is."""
+    from igops.errors import IgopsError
+    from igops.lab.postgres import Node
+    from igops.lab.state import CLUSTERS
+    from igops.pg.archive_actions import ArchiveActions
+
+    done = []
+    for cluster in CLUSTERS:
+        primary = primaries[cluster.name]
+        if Node(paths, primary).psql("SHOW archive_mode") != "on":
+            continue
+        try:
+            ArchiveActions(fleet).stanza_create(cluster.name, primary)
+        except IgopsError as exc:
+            raise LabError(
+                f"{cluster.name}: pgbackrest stanza-create on {primary} failed: {exc.message}",
+                f"see {paths.pgbackrest_dir(primary)}/log, then `igops pg archive setup {cluster.name}`",
+            ) from None
+        done.append(cluster.name)
+    return f"stanza of {', '.join(done)} in place" if done else "no cluster archives (igops pg archive setup)"

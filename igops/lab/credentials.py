@@ -31,6 +31,8 @@ class Credentials:
     def fleet_secrets(self) -> dict[str, str]:
         values = {name: getattr(self, name) for name in FLEET_SECRETS}
         values.update(aws_access_key_id=AWS_ACCESS_KEY_ID, aws_secret_access_key=AWS_SECRET_ACCESS_KEY)
+        # moto takes any key: the WAL repository's is the lab's one AWS key.
+        values.update(archive_s3_key=AWS_ACCESS_KEY_ID, archive_s3_key_secret=AWS_SECRET_ACCESS_KEY)
         return values
 
 

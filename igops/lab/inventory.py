@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igops import inventory
-from igops.lab import files, services
+from igops.lab import files, s3tls, services
 from igops.lab.aws import ENDPOINT, AwsState
 from igops.lab.postgres import BIN_DIR
 from igops.lab.state import (
@@ -31,7 +31,9 @@ from igops.lab.state import (
     PINGDOM,
     POSTGRES_PORT,
     REDIS_PORT,
+    S3_TLS,
     SSH_PORT,
+    WAL_BUCKET,
     Paths,
     etcd_endpoints,
 )
@@ -188,6 +190,39 @@ def render(
             },
         ),
     ]
+    # WAL archiving (igops pg archive setup) to moto's bucket, through its TLS front.
+    pgbackrest = paths.pgbackrest_dir(probe)
+    sections.append(
+        _table(
+            "archive",
+            {
+                "stanza": "{cluster}",
+                "archive_timeout": 60,
+                "process_max": 2,
+                "config_file": _templated(pgbackrest / "pgbackrest.conf", probe),
+                "spool_path": _templated(pgbackrest / "spool", probe),
+                "log_path": _templated(pgbackrest / "log", probe),
+                # Every lab host shares one machine: each keeps its own locks.
+                "lock_path": _templated(pgbackrest / "lock", probe),
+            },
+        )
+    )
+    sections.append(
+        _table(
+            "archive.repository",
+            {
+                "type": "s3",
+                "bucket": WAL_BUCKET,
+                "endpoint": S3_TLS[0],
+                "port": S3_TLS[1],
+                "region": AWS_REGION,
+                "path": "/pgbackrest",
+                "uri_style": "path",
+                "ca_file": s3tls.ca_file(paths),
+                "verify_tls": True,
+            },
+        )
+    )
     for cluster in CLUSTERS:
         primary = primaries[cluster.name]
         standbys = [name for name in (cluster.primary, cluster.standby) if name != primary]

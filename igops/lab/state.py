@@ -23,6 +23,9 @@ BUILD_MARKER_ENV = "IGOPS_LAB_BUILD"
 MOTO = ("127.0.10.5", 5000)
 PAGERDUTY = ("127.0.10.6", 8080)
 PINGDOM = ("127.0.10.7", 8080)
+# moto behind TLS (nginx): pgBackRest speaks S3 only over https, and moto itself stays plain
+# http for everything else. The certificate names this address, which is the endpoint.
+S3_TLS = ("127.0.10.8", 443)
 SSH_PORT = 22
 LB_PORT = 80
 APP_PORT = 8000
@@ -38,6 +41,7 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 
 PHOTO_BUCKET = "igops-photos"
+WAL_BUCKET = "igops-wal"
 AWS_REGION = "us-east-1"
 AVAILABILITY_ZONE = "us-east-1a"
 # moto accepts any credentials; fixed ones let every lab process and person share them.
@@ -204,6 +208,14 @@ class Paths:
         """moto and the monitoring receivers: the lab's stand-ins for outside services."""
         return self.root / "services"
 
+    @property
+    def s3_tls(self) -> Path:
+        """The TLS front of moto: its CA, certificate, nginx configuration and logs."""
+        return self.services / "s3-tls"
+
+    def pgbackrest_dir(self, host_name: str) -> Path:
+        return self.host_dir(host_name) / "pgbackrest"
+
     def etcd_dir(self, member: str) -> Path:
         return self.root / "etcd" / member
 
@@ -218,3 +230,35 @@ class Paths:
 
 def paths() -> Paths:
     return Paths(state_dir())
+
+
+# The sshd that serves every lab host's address.
+SSHD_NAME = "lab"
+
+
+def lab_endpoints() -> list[tuple[str, int, str]]:
+    """Every (address, port, what listens there) of the lab: what `up` checks is free first."""
+    ports = {
+        "lb": (LB_PORT, "nginx"),
+        "app": (APP_PORT, "gunicorn"),
+        "pgbouncer": (PGBOUNCER_PORT, "pgbouncer"),
+        "postgres": (POSTGRES_PORT, "postgres"),
+        "redis": (REDIS_PORT, "redis"),
+        "memcached": (MEMCACHED_PORT, "memcached"),
+        "munin": (MUNIN_PORT, "munin-node"),
+    }
+    found = [
+        (MOTO[0], MOTO[1], "moto"),
+        (S3_TLS[0], S3_TLS[1], "moto TLS front"),
+        (PAGERDUTY[0], PAGERDUTY[1], "PagerDuty receiver"),
+        (PINGDOM[0], PINGDOM[1], "Pingdom receiver"),
+    ]
+    for name, address in ETCD_MEMBERS:
+        found += [
+            (address, ETCD_CLIENT_PORT, f"etcd {name}"),
+            (address, ETCD_PEER_PORT, f"etcd {name} (peers)"),
+        ]
+    for lab_host in HOSTS:
+        found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
+        found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
+    return found

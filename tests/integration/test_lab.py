@@ -269,6 +269,7 @@ def test_lab_status_json(lab):
         "gunicorn",
         "nginx",
         "moto",
+        "moto-tls",
         "pagerduty-receiver",
         "pingdom-receiver",
         "volume data",

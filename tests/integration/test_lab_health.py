@@ -7,7 +7,7 @@ import json
 import pytest
 
 from igops.errors import ExitCode
-from igops.lab import files, postgres as lab_postgres, state
+from igops.lab import files, health, postgres as lab_postgres, state
 from igops.lab.credentials import load as load_credentials
 from tests.conftest import run_igops
 from tests.labtools import trim_wal
@@ -119,7 +119,6 @@ def test_lab_up_repairs_a_cluster_without_primary_and_resumes_pgbouncer(lab):
 
 
 def test_the_closing_check_fails_naming_a_cluster_whose_pgbouncer_routes_to_a_standby(lab):
-    from igops import lab as lab_module
     from igops.lab.proc import LabError
     from igops.postgres import repoint_databases
 
@@ -133,7 +132,7 @@ def test_the_closing_check_fails_naming_a_cluster_whose_pgbouncer_routes_to_a_st
         with _admin(lab) as cursor:
             cursor.execute("RELOAD")
         with pytest.raises(LabError) as failure:
-            lab_module.verify(lab, paths, load_credentials(paths), patience=0)
+            health.verify(lab, paths, load_credentials(paths), patience=0)
         message = failure.value.message
         assert f"cluster {cluster}: a write failed" in message, message
         assert "read-only transaction" in message, message
@@ -142,7 +141,7 @@ def test_the_closing_check_fails_naming_a_cluster_whose_pgbouncer_routes_to_a_st
         databases_file.write_text(original)
         with _admin(lab) as cursor:
             cursor.execute("RELOAD")
-    lab_module.verify(lab, paths, load_credentials(paths), patience=0)
+    health.verify(lab, paths, load_credentials(paths), patience=0)
 
 
 @pytest.mark.parametrize("attempt", range(5))

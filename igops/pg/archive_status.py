@@ -1,0 +1,187 @@
+"""`igops pg archive status`: how a cluster's WAL archiving is doing, seen from its primary
+(pg_stat_archiver, the WAL waiting to be archived and the spool), and from the repository
+(pgBackRest's archive range per database, and the bytes the repository holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from igops.errors import IgopsError
+from igops.host_commands import failure_reason, ssh
+from igops.pg.archive import (
+    RepositoryInfo,
+    archive_settings,
+    member_paths,
+    parse_info,
+    pgbackrest_argv,
+    restore_command,
+    stanza,
+)
+from igops.pg.hostcmd import as_postgres, data_directory
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+
+
+def parse_backlog(text: str) -> tuple[int | None, int | None, str]:
+    """The status script's output: (.ready files in pg_wal/archive_status, spool bytes, the
+    info command's output)."""
+    head, _, info = text.partition("-- info\n")
+    values: dict[str, int | None] = {"ready": None, "spool": None}
+    for line in head.splitlines():
+        key, _, value = line.partition("=")
+        if key in values:
+            values[key] = int(value) if value.strip().isdigit() else None
+    return values["ready"], values["spool"], info
+
+
+@dataclass
+class ArchiverStats:
+    archive_mode: str
+    archived_count: int
+    last_archived_wal: str | None
+    last_archived_time: str | None
+    last_archived_age_s: float | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_time: str | None
+    last_failed_age_s: float | None
+    current_wal: str
+
+
+@dataclass
+class ArchiveStatus:
+    cluster: str
+    stanza: str
+    primary: str
+    archive_timeout: int
+    archiver: ArchiverStats
+    ready_files: int | None
+    spool_bytes: int | None
+    repository: RepositoryInfo
+    repository_bytes: int | None
+    restore_command: str
+    problems: list[str] = field(default_factory=list)
+
+
+def archive_problems(
+    archiver: ArchiverStats, ready_files: int | None, repository: RepositoryInfo, archive_timeout: int
+) -> list[str]:
+    """What `status` exits PROBLEMS_FOUND for. An idle cluster switches no segment, so an old
+    last archive is a problem only while WAL waits to be archived."""
+    problems = []
+    limit = 2 * archive_timeout
+    if archiver.archive_mode != "on":
+        problems.append(f"archive_mode is {archiver.archive_mode}: run `igops pg archive setup`")
+    if not repository.exists:
+        problems.append(f"the repository's stanza is not usable: {repository.status}")
+    if archiver.last_failed_time is not None:
+        failing = archiver.last_archived_time is None or (
+            archiver.last_failed_age_s is not None
+            and archiver.last_archived_age_s is not None
+            and archiver.last_failed_age_s < archiver.last_archived_age_s
+        )
+        recent = archiver.last_failed_age_s is not None and archiver.last_failed_age_s < limit
+        if failing or recent:
+            problems.append(
+                f"archiving {archiver.last_failed_wal} failed {archiver.last_failed_age_s or 0:.0f} s ago "
+                f"({archiver.failed_count} failures since the statistics were reset); see pgBackRest's log"
+            )
+    if ready_files:
+        age = archiver.last_archived_age_s
+        if age is None or age > limit:
+            since = "nothing was ever archived" if age is None else f"nothing archived for {age:.0f} s"
+            problems.append(
+                f"{ready_files} segments wait to be archived and {since} (limit 2 × archive_timeout = {limit} s)"
+            )
+    return problems
+
+
+_ARCHIVER = (
+    "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time::text, "
+    "extract(epoch FROM now() - last_archived_time)::float8, failed_count, last_failed_wal, "
+    "last_failed_time::text, extract(epoch FROM now() - last_failed_time)::float8, "
+    "pg_walfile_name(pg_current_wal_lsn()) FROM pg_stat_archiver"
+)
+
+_BACKLOG = (
+    'data="$1"; spool="$2"; shift 2; '
+    'printf "ready=%s\\n" "$(ls "$data/pg_wal/archive_status" | grep -c "\\.ready$")"; '
+    'printf "spool=%s\\n" "$(if [ -d "$spool" ]; then du -sb "$spool" | cut -f1; else echo 0; fi)"; '
+    'echo "-- info"; "$@"'
+)
+
+
+def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
+    from igops import postgres_admin
+
+    settings = archive_settings(fleet)
+    name = stanza(fleet, cluster)
+    with postgres_admin.primary_connection(
+        fleet, cluster, "postgres", autocommit=True, purpose="archive"
+    ) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute(_ARCHIVER)
+            row = cursor.fetchone()
+            assert row is not None  # pg_stat_archiver always has its one row
+    archiver = ArchiverStats(*row)
+    host = postgres_admin.primary_of(fleet, cluster)
+    info_argv = as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info"))
+    spool = member_paths(fleet, host)["spool_path"]
+    result = ssh(fleet, host, ["sh", "-c", _BACKLOG, "sh", data_directory(fleet, host), spool, *info_argv], timeout=60)
+    if not result.reached:
+        raise IgopsError(f"{host.name}: {failure_reason(result)}", "check SSH to the primary (igops hosts)")
+    ready, spool_bytes, info_text = parse_backlog(result.stdout)
+    repository = parse_info(info_text, name) if result.ok else RepositoryInfo(False, failure_reason(result))
+    status = ArchiveStatus(
+        cluster,
+        name,
+        host.name,
+        settings.archive_timeout,
+        archiver,
+        ready,
+        spool_bytes,
+        repository,
+        repository_bytes(fleet),
+        restore_command(fleet, cluster, host),
+    )
+    status.problems = archive_problems(archiver, ready, repository, settings.archive_timeout)
+    return status
+
+
+def repository_bytes(fleet: Fleet) -> int | None:
+    """The bytes of every object under the repository's path (None: the bucket does not answer)."""
+    import os
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from igops.secrets import Secrets
+
+    repo = archive_settings(fleet).repository
+    secrets = Secrets(fleet.model.secrets.file)
+    # The CA file is a path on the database hosts; where igops runs it may not be.
+    verify: Any = repo.ca_file if repo.verify_tls and repo.ca_file and os.path.exists(repo.ca_file) else repo.verify_tls
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"https://{repo.endpoint}:{repo.port}",
+        region_name=repo.region,
+        aws_access_key_id=secrets.require("archive_s3_key"),
+        aws_secret_access_key=secrets.require("archive_s3_key_secret"),
+        verify=verify,
+        config=Config(
+            s3={"addressing_style": "path" if repo.uri_style == "path" else "virtual"}, retries={"max_attempts": 2}
+        ),
+    )
+    total = 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=repo.bucket, Prefix=repo.path.strip("/") + "/"
+        ):
+            total += sum(item["Size"] for item in page.get("Contents", []))
+    except (BotoCoreError, ClientError):
+        return None
+    return total
