@@ -406,7 +406,7 @@ def _steps(fleet: Fleet, view: PgView, plan: ArchivePlan, restart_primary: bool)
         if state.role == "standby":
             restart_steps += [
                 Step(
-                    f"{state.name}: restart (repmgr node service --action=restart) for archive_mode",
+                    f"{state.name}: restart for archive_mode (repmgr node service --action=stop, then --action=start)",
                     "restart_member",
                     (state.name,),
                 ),
@@ -470,7 +470,8 @@ def _primary_restart_steps(fleet: Fleet, view: PgView, primary: str) -> list[Ste
         )
     steps.append(
         Step(
-            f"{primary}: fast restart (repmgr node service --action=restart), wait until it accepts writes",
+            f"{primary}: fast restart (repmgr node service --action=stop, then --action=start), wait until it "
+            "accepts writes",
             "restart_primary",
             (primary,),
         )

@@ -103,14 +103,18 @@ class ArchiveActions(PgActions):
         return ", ".join(changes)
 
     def restart_member(self, node: str) -> None:
+        # A stop, then a start: repmgr's --action=restart runs the service's own restart
+        # command, which `pg_ctl -D <config dir> restart` (the lab's, and any set-up whose
+        # configuration lives apart from the data) answers by stopping the server only.
         host = self._host(node)
-        ssh_ok(
-            self.fleet,
-            host,
-            repmgr(self.fleet, host, "node", "service", "--action=restart"),
-            "restart",
-            timeout=STOP_TIMEOUT * 2 + 60,
-        )
+        for action in ("stop", "start"):
+            ssh_ok(
+                self.fleet,
+                host,
+                repmgr(self.fleet, host, "node", "service", f"--action={action}"),
+                action,
+                timeout=STOP_TIMEOUT * 2 + 60,
+            )
 
     def restart_primary(self, node: str) -> str:
         self.restart_member(node)
