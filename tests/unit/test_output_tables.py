@@ -426,7 +426,7 @@ def show_ops_kinds(out: Output) -> list[str]:
 
 def show_lab_status(out: Output) -> list[str]:
     from igops.commands.lab import LAB_COLUMNS, component_row
-    from igops.lab import Component
+    from igops.lab.health import Component
 
     components = [
         Component("ssh", "db1", "127.0.10.21:2222", True, "load 0.31"),
