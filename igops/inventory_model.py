@@ -387,6 +387,11 @@ class Archive(Strict):
     archive_timeout: int = Field(default=60, ge=1, le=3600)
     # pgBackRest's parallel processes for the asynchronous push.
     process_max: int = Field(default=2, ge=1, le=32)
+    # With the repository away, WAL waits in pg_wal until it is pushed. Past this many bytes
+    # waiting, pgBackRest drops it (reporting it as pushed, and logging the loss): the primary
+    # keeps running, and point-in-time recovery has a gap until the next snapshot group. None
+    # keeps every segment, so a long outage can fill pg_wal and stop the primary.
+    push_queue_max_bytes: int | None = Field(default=None, ge=16 << 20)
     config_file: str = "/etc/pgbackrest/pgbackrest.conf"
     # Where asynchronous archive-push queues WAL and its status files (fast local disk).
     spool_path: str = "/var/spool/pgbackrest"

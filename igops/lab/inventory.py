@@ -199,6 +199,8 @@ def render(
                 "stanza": "{cluster}",
                 "archive_timeout": 60,
                 "process_max": 2,
+                # Half a lab WAL volume: an archive outage in a test never fills pg_wal.
+                "push_queue_max_bytes": 256 << 20,
                 "config_file": _templated(pgbackrest / "pgbackrest.conf", probe),
                 "spool_path": _templated(pgbackrest / "spool", probe),
                 "log_path": _templated(pgbackrest / "log", probe),

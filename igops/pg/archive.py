@@ -92,6 +92,7 @@ def render_config(fleet: Fleet, cluster: str, host: Any) -> str:
         ("archive-async", True),
         ("spool-path", paths["spool_path"]),
         ("process-max", archive.process_max),
+        *([("archive-push-queue-max", archive.push_queue_max_bytes)] if archive.push_queue_max_bytes else []),
         ("log-path", paths["log_path"]),
         ("lock-path", paths["lock_path"]),
         ("log-level-file", "info"),

@@ -71,6 +71,17 @@ def test_the_config_names_the_repository_the_member_and_its_paths(fleet):
     ):
         assert line in lines
     assert lines.index("[main]") > lines.index("[global]")
+    assert not any(line.startswith("archive-push-queue-max") for line in lines)  # unset: every segment kept
+
+
+def test_a_push_queue_limit_reaches_the_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGOPS_ARCHIVE_S3_KEY", KEY)
+    monkeypatch.setenv("IGOPS_ARCHIVE_S3_KEY_SECRET", SECRET)
+    sections = ARCHIVE.replace("archive_timeout = 30\n", "archive_timeout = 30\npush_queue_max_bytes = 268435456\n")
+    limited = inventory.load_file(unit_inventory(tmp_path, HOSTS, sections=sections))
+    assert (
+        "archive-push-queue-max=268435456" in archive.render_config(limited, "main", limited.host("db1")).splitlines()
+    )
 
 
 def test_the_commands_quote_their_paths(tmp_path, monkeypatch):
