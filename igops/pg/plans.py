@@ -128,7 +128,9 @@ def plan_pg_switchover(
         failure_hint="see `igops pg status` for where things stand",
     )
     reasons = lag_reasons(fleet, node)
-    reasons += _repmgr_check(fleet, probe.host)
+    check_reasons, check_notes = _repmgr_check(fleet, probe.host)
+    reasons += check_reasons
+    plan.notes += check_notes
     reasons += _free_space_reasons(fleet, probe.host)
     refuse_or_force(
         state,
@@ -380,17 +382,37 @@ def lag_reasons(fleet: Fleet, node: PgNode) -> list[str]:
     return reasons
 
 
-def _repmgr_check(fleet: Fleet, host: Any) -> list[str]:
+def _repmgr_check(fleet: Fleet, host: Any) -> tuple[list[str], list[str]]:
+    """What `repmgr node check` on the candidate refuses, and what it only notes."""
     result = ssh(fleet, host, repmgr(fleet, host, "node", "check"), timeout=30)
     if result.ok:
-        return []
+        return [], []
     if not result.reached:
-        return [f"{host.name}: {result.error}"]
-    failing = [line.strip() for line in result.stdout.splitlines() if ":" in line and "OK" not in line.split(":", 1)[1]]
-    return [
-        f"repmgr node check on {host.name}: "
-        + ("; ".join(failing) or result.stderr.strip()[-300:] or f"exit {result.exit_code}")
-    ]
+        return [f"{host.name}: {result.error}"], []
+    failing, notes = node_check_findings(result.stdout)
+    if not failing and not notes:
+        failing = [result.stderr.strip()[-300:] or f"exit {result.exit_code}"]
+    prefix = f"repmgr node check on {host.name}: "
+    return ([prefix + "; ".join(failing)] if failing else []), [prefix + note for note in notes]
+
+
+# WAL waiting to be archived on a standby is no reason to refuse it: a standby with
+# archive_mode=on archives nothing (repmgr counts .ready files an old primary left), and once
+# promoted it archives them. `igops pg archive status` is where an archive backlog is judged.
+NOTED_CHECKS = ("WAL archiving",)
+
+
+def node_check_findings(output: str) -> tuple[list[str], list[str]]:
+    """`repmgr node check`'s lines that are not OK: (those that refuse, those only noted). Its
+    header line ('Node "db2":') is neither."""
+    failing: list[str] = []
+    notes: list[str] = []
+    for line in output.splitlines():
+        name, _, verdict = line.strip().partition(":")
+        if not verdict.strip() or verdict.strip().startswith("OK"):
+            continue
+        (notes if name.strip() in NOTED_CHECKS else failing).append(line.strip())
+    return failing, notes
 
 
 def signature(view: PgView) -> tuple[Any, ...]:

@@ -770,3 +770,19 @@ def test_a_dump_that_reads_its_last_segment_to_the_end_ends_where_that_segment_d
     printed = "-- last segment 000000030000000100000002\n"
     assert postgres.wal_end_from_waldump(printed, SEGMENT) == (1 << 32) + 3 * SEGMENT
     assert postgres.wal_end_from_waldump(printed + "pg_waldump: error: out of memory", SEGMENT) is None
+
+
+def test_repmgr_node_check_refuses_on_a_failing_check_and_only_notes_an_archive_backlog():
+    from igops.pg.plans import node_check_findings
+
+    output = (
+        'Node "db2":\n'
+        "\tServer role: OK (node is standby)\n"
+        "\tReplication lag: CRITICAL (912 seconds, critical threshold: 600))\n"
+        "\tWAL archiving: WARNING (17 pending archive ready files (threshold: 16))\n"
+        "\tDownstream servers: OK (this node has no downstream nodes)\n"
+    )
+    failing, notes = node_check_findings(output)
+    assert failing == ["Replication lag: CRITICAL (912 seconds, critical threshold: 600))"]
+    assert notes == ["WAL archiving: WARNING (17 pending archive ready files (threshold: 16))"]
+    assert node_check_findings('Node "db2":\n\tServer role: OK (node is standby)\n') == ([], [])
