@@ -326,7 +326,12 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     refuse_or_force(state, reasons, accept_risk, plan.forced, "make sure nothing on it is needed, then --accept-risk")
     plan.actions = with_repmgrd_paused(
         [
-            *rejoin_steps(node, primary, running=probe.server is not None or bool(probe.postmaster_running)),
+            *rejoin_steps(
+                node,
+                primary,
+                running=probe.server is not None or bool(probe.postmaster_running),
+                archiving=fleet.model.archive is not None,
+            ),
             # pg_rewind copied the primary's segments, those of the promotion among them.
             release_switch_segment_step(primary, [node]),
         ],

@@ -113,7 +113,7 @@ def switchover_steps(
             "register_primary",
             (candidate,),
         ),
-        *rejoin_steps(primary, candidate, running=False),
+        *rejoin_steps(primary, candidate, running=False, archiving=fleet.model.archive is not None),
     ]
     steps += [
         Step(f"{sibling}: follow {candidate} (repmgr standby follow)", "follow", (sibling, candidate))
@@ -191,7 +191,7 @@ def failover_steps(
     return steps
 
 
-def rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
+def rejoin_steps(node: str, primary: str, running: bool, archiving: bool = False) -> list[Step]:
     # pg_rewind (15) takes the source's timeline from its control file, which a freshly promoted
     # primary updates only at its next checkpoint: without one it rewinds to the wrong fork.
     steps = [Step(f"{primary}: CHECKPOINT, so pg_rewind reads its current timeline", "checkpoint", (primary,))]
@@ -220,8 +220,19 @@ def rejoin_steps(node: str, primary: str, running: bool) -> list[Step]:
             "rejoin",
             (node, primary),
         ),
-        Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
     ]
+    if archiving:
+        # pg_rewind copies the source's postgresql.auto.conf, archive_command included: where the
+        # pgBackRest configuration's path differs per host, that one names the source's file
+        # (its data directory, spool and locks), and archiving fails once this node is promoted.
+        steps.append(
+            Step(
+                f"{node}: its own archive_command again, if pg_rewind brought {primary}'s (ALTER SYSTEM, reload)",
+                "restore_archive_command",
+                (node,),
+            )
+        )
+    steps.append(Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)))
     return steps
 
 

@@ -355,7 +355,9 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
         if node.role == "unknown" and node.state == "host unreachable":
             plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")
             continue
-        plan.actions += rejoin_steps(node.name, primary, running=node.role != "unknown")
+        plan.actions += rejoin_steps(
+            node.name, primary, running=node.role != "unknown", archiving=view.fleet.model.archive is not None
+        )
     if not plan.actions:
         plan.notes.insert(
             0,

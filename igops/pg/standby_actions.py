@@ -166,6 +166,25 @@ class RejoinActions:
         rewound = "rewinding from last common checkpoint" in output or "servers diverged" in output
         return "pg_rewind rewound it" if rewound else "no rewind needed"
 
+    def restore_archive_command(self, node: str) -> str:
+        from igops.pg.archive import alter_system_sql, wanted_settings
+        from igops.pg.cluster import cluster_of
+
+        wanted = wanted_settings(self.fleet, cluster_of(self.fleet, node), self._host(node))["archive_command"]
+        connection = postgres.connect(self.fleet, self._host(node))
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW archive_command")
+                row = cursor.fetchone()
+                assert row is not None  # SHOW returns one row
+                if row[0] == wanted:
+                    return "its own already"
+                cursor.execute(alter_system_sql("archive_command", wanted))
+                cursor.execute("SELECT pg_reload_conf()")
+        finally:
+            connection.close()
+        return "set back to its own"
+
     def follow(self, node: str, primary: str) -> None:
         host = self._host(node)
         upstream = self._repmgr_record(primary)

@@ -786,3 +786,13 @@ def test_repmgr_node_check_refuses_on_a_failing_check_and_only_notes_an_archive_
     assert failing == ["Replication lag: CRITICAL (912 seconds, critical threshold: 600))"]
     assert notes == ["WAL archiving: WARNING (17 pending archive ready files (threshold: 16))"]
     assert node_check_findings('Node "db2":\n\tServer role: OK (node is standby)\n') == ([], [])
+
+
+def test_a_rejoin_puts_back_its_own_archive_command_only_where_archiving_is_set_up():
+    """pg_rewind copies the source's postgresql.auto.conf, archive_command included."""
+    from igops.pg.plan_steps import rejoin_steps
+
+    plain = [step.action for step in rejoin_steps("db1", "db2", running=False)]
+    archiving = [step.action for step in rejoin_steps("db1", "db2", running=False, archiving=True)]
+    assert "restore_archive_command" not in plain
+    assert archiving[-3:] == ["rejoin", "restore_archive_command", "wait_streaming"]
