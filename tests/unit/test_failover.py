@@ -770,3 +770,12 @@ def test_a_dump_that_reads_its_last_segment_to_the_end_ends_where_that_segment_d
     printed = "-- last segment 000000030000000100000002\n"
     assert postgres.wal_end_from_waldump(printed, SEGMENT) == (1 << 32) + 3 * SEGMENT
     assert postgres.wal_end_from_waldump(printed + "pg_waldump: error: out of memory", SEGMENT) is None
+
+
+def test_a_plan_refused_for_a_changed_state_says_what_changed():
+    from igops.failover import what_changed
+
+    before = ((("db1", "primary", "running"), ("db2", "standby", "running")), (("pgb1", (("main", "db1"),)),), ())
+    now = ((("db1", "primary", "running"), ("db2", "standby", "starting")), (("pgb1", (("main", "db1"),)),), ())
+    assert what_changed(before, now) == "was [('db2', 'standby', 'running')], now [('db2', 'standby', 'starting')]"
+    assert what_changed((), now) == "no earlier state to compare"
