@@ -92,11 +92,29 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
         view = pg_view(fleet, plan.cluster)
         changed = pg_plans.signature(view) != plan.signature
     if changed:
+        now = redis_failover.signature(view) if isinstance(view, RedisView) else pg_plans.signature(view)
         raise Refused(
             view.state,
-            "refused: the state changed since the plan was made",
+            f"refused: the state changed since the plan was made ({what_changed(plan.signature, now)})",
             "run the command again to see the new plan",
         )
+
+
+def what_changed(before: tuple[Any, ...], now: tuple[Any, ...]) -> str:
+    """The parts of a plan's signature that differ now: what was, then what is."""
+    if len(before) != len(now):
+        return "no earlier state to compare"
+    differences = []
+    for was, is_now in zip(before, now, strict=True):
+        if was == is_now:
+            continue
+        if isinstance(was, tuple) and isinstance(is_now, tuple):
+            gone = [item for item in was if item not in is_now]
+            new = [item for item in is_now if item not in was]
+            differences.append(f"was {gone}, now {new}")
+        else:
+            differences.append(f"was {was!r}, now {is_now!r}")
+    return "; ".join(differences)[:500]
 
 
 def describe_plan(plan: PgPlan | RedisPlan) -> dict[str, Any]:

@@ -92,6 +92,10 @@ def plan_resume(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, An
     plan: PgPlan | RedisPlan
     if kind.startswith("pg-"):
         plan, _ = _pg_plan(fleet, kind, params)
+        # A plan made from the live state cannot see a repmgrd pause (repmgr keeps it, with no
+        # deadline, where repmgrd does not run yet); the journal can: the run's own unpause.
+        planned = {step.action for step in plan.actions}
+        plan.actions += [step for step in unreleased(entries, REPMGRD_UNPAUSE) if step.action not in planned]
         resources = [conflicts.pg_cluster(plan.cluster)]
     else:
         plan, _ = _redis_plan(fleet, kind, params, promoted_target(entries))
@@ -165,6 +169,23 @@ def recovery_steps(entries: list[dict[str, Any]]) -> tuple[list[Step], list[str]
         elif not entry.get("release"):
             not_undone.append(f"[{entry['step']}] {entry.get('title')}")
     return [*reversed(undos), *reversed(releases)], not_undone
+
+
+# The release a pg role change's first step holds until its last (igops.pg.plan_steps).
+REPMGRD_UNPAUSE = "unpause_repmgrd"
+
+
+def unreleased(entries: list[dict[str, Any]], action: str) -> list[Step]:
+    """The releases named `action` of steps an interrupted run started, that no step of it (or of
+    a resume) then ran to its end: what the run still holds."""
+    held: dict[str, Step] = {}
+    for entry in entries:
+        if entry.get("event") == "intent" and (entry.get("release") or {}).get("action") == action:
+            release = from_spec(entry["release"])
+            held[release.title] = release
+        elif entry.get("event") == "result" and entry.get("status") == "ok":
+            held.pop(entry.get("title") or "", None)
+    return list(held.values())
 
 
 def move_of(record: dict[str, Any], entries: list[dict[str, Any]]) -> int | None:

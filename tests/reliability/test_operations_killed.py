@@ -7,6 +7,7 @@ One load run and one ledger serve every kill of a kind; each kill's outcome is a
   journaled before it is shown: a step that takes a millisecond can end before the signal
   lands, and then the drill kills again, up to KILL_ATTEMPTS times), and PgBouncer is not paused;
 - never two writable primaries (Postgres), never an app master that is not a master (Redis);
+- no repmgrd pause left behind (Postgres): repmgr keeps one with no deadline;
 - `ops resume` or `ops abort` leaves one primary (master) that the app uses and every other
   member following it (after an abort that could not undo a promotion, a rerun of the
   switchover finishes the job, as the abort's output says);
@@ -39,6 +40,7 @@ from tests.reliability.test_failover import (
     igops,
     pg_state,
     redis_state,
+    repmgrd_paused,
     restore_home,
     sign_up_succeeds,
 )
@@ -189,6 +191,7 @@ class Kind:
     other: str
     healthy: Callable[[object], str | None]  # the primary (master), if all is well
     single_writer: Callable[[object], bool]
+    held: Callable[[object], list[str]]  # pauses without a deadline left on members
 
 
 KINDS = {
@@ -200,6 +203,7 @@ KINDS = {
         OTHER_PRIMARY,
         pg_healthy,
         lambda lab: len(pg_writable(lab)) <= 1,
+        lambda lab: [f"repmgrd paused on {n}" for n in (HOME_PRIMARY, OTHER_PRIMARY) if repmgrd_paused(lab, n)],
     ),
     "redis": Kind(
         "redis-switchover",
@@ -209,6 +213,7 @@ KINDS = {
         OTHER_MASTER,
         redis_healthy,
         redis_one_place_to_write,
+        lambda lab: [],  # a CLIENT PAUSE ends by its own timeout
     ),
 }
 
@@ -257,6 +262,8 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                 rerun, _ = igops(lab, *kind.argv(kind.current(lab) or target), "--yes")
                 assert rerun.returncode == 0, (number, rerun.stderr[-3000:])
             assert wait_for(lambda: kind.healthy(lab), 30, interval=0.5), (number, way, pg_state(lab), redis_state(lab))
+            # repmgr keeps a pause with no deadline: whatever ended the run must have lifted it.
+            assert not kind.held(lab), f"step {landed}: {kind.held(lab)} still held after {way}"
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
             outcomes.append(
                 f"[{landed}] {way}: {kind.current(lab)}; s to kill {killed - began:.1f}, listed "

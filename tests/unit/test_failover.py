@@ -796,3 +796,12 @@ def test_a_rejoin_puts_back_its_own_archive_command_only_where_archiving_is_set_
     archiving = [step.action for step in rejoin_steps("db1", "db2", running=False, archiving=True)]
     assert "restore_archive_command" not in plain
     assert archiving[-3:] == ["rejoin", "restore_archive_command", "wait_streaming"]
+
+
+def test_a_plan_refused_for_a_changed_state_says_what_changed():
+    from igops.failover import what_changed
+
+    before = ((("db1", "primary", "running"), ("db2", "standby", "running")), (("pgb1", (("main", "db1"),)),), ())
+    now = ((("db1", "primary", "running"), ("db2", "standby", "starting")), (("pgb1", (("main", "db1"),)),), ())
+    assert what_changed(before, now) == "was [('db2', 'standby', 'running')], now [('db2', 'standby', 'starting')]"
+    assert what_changed((), now) == "no earlier state to compare"

@@ -455,6 +455,26 @@ def test_a_redis_switchover_that_began_promoting_its_target_is_recognised_from_i
     assert not promoted_target([pause])
 
 
+def test_a_repmgrd_pause_an_interrupted_run_holds_is_known_from_its_journal_until_an_unpause_ends():
+    """A resume plans from the live state, which cannot see a repmgrd pause where repmgrd does not
+    run: the journal says the run still holds one, so that the resume unpauses it."""
+    from igops.interrupted import REPMGRD_UNPAUSE, unreleased
+
+    unpause = {"title": "repmgrd: unpause it on every member", "action": REPMGRD_UNPAUSE, "args": [{"tuple": ["db1"]}]}
+    pause = {"event": "intent", "step": 1, "title": "repmgrd: pause it", "release": unpause}
+    paused = {"event": "result", "step": 1, "title": "repmgrd: pause it", "status": "ok"}
+    began = {"event": "intent", "step": 18, "title": unpause["title"]}
+    failed = {"event": "result", "step": 18, "title": unpause["title"], "status": "failed"}
+    ended = {**failed, "status": "ok"}
+    [held] = unreleased([pause, paused, began], REPMGRD_UNPAUSE)
+    assert (held.title, held.action, held.args) == (unpause["title"], REPMGRD_UNPAUSE, (("db1",),))
+    assert unreleased([pause, paused, began, failed], REPMGRD_UNPAUSE) == [held]
+    assert unreleased([pause, paused, began, ended], REPMGRD_UNPAUSE) == []
+    # A resume journals its own steps under the same id: its unpause ends the hold too.
+    assert unreleased([pause, paused, {"event": "resume"}, ended], REPMGRD_UNPAUSE) == []
+    assert unreleased([pause, paused], "resume") == []
+
+
 def test_a_fact_the_run_learns_is_journaled_at_once_and_kept_in_its_record(fleet):
     from igops.interrupted import move_of
 
