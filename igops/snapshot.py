@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from igops import __version__, agent, remote
+from igops import __version__, agent, remote, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 
@@ -75,9 +75,17 @@ class CreatePlan:
     freeze_deadline: float
     pre_freeze: str | None
     write_stall: str | None = None  # set when the host is a live primary and freezing it was allowed
+    # The Postgres cluster whose WAL the group records its position in (igops.snapshot_wal): set
+    # for a member's group when the fleet archives WAL, the only place that WAL can come from.
+    wal_cluster: str | None = None
 
     def steps(self) -> list[str]:
         steps = [self.write_stall] if self.write_stall else []
+        if self.wal_cluster:
+            steps.append(
+                f"on {self.host}: pg_backup_start (a restartpoint: where replay of {self.wal_cluster}'s archived WAL "
+                "starts for this group)"
+            )
         if self.pre_freeze:
             steps.append(f"on {self.host}: run the pre-freeze hook `{self.pre_freeze}`, then sync")
         steps.append(
@@ -95,9 +103,13 @@ class CreatePlan:
                 + ", ".join(f"{v.volume_id} ({v.mount} {v.device})" for v in self.volumes)
             )
         steps.append(f"thaw {', '.join(reversed(self.mounts))} (reverse order) the moment the calls return")
+        if self.wal_cluster:
+            steps.append(f"on {self.host}: pg_backup_stop (where the group is consistent, and its backup_label)")
         steps.append(
             f"tag every snapshot with group {self.group_id}, host, role, mount, device, RAID index, "
-            "freeze window and igops version; mark the group complete"
+            "freeze window and igops version"
+            + (", WAL range and backup_label" if self.wal_cluster else "")
+            + "; mark the group complete"
         )
         return steps
 
@@ -126,6 +138,7 @@ class SnapshotGroup:
     freeze_ms: float | None
     snapshots: list[dict[str, Any]] = field(default_factory=list, repr=False)
     kept: str | None = None  # the igops:keep tag's value: pinned when and by whom
+    wal: snapshot_wal.WalMark | None = None  # where in its cluster's WAL the group is consistent
 
 
 def new_group_id(host: str, now: datetime | None = None) -> str:
@@ -184,6 +197,7 @@ def plan_create(
         freeze_deadline=freeze_deadline,
         pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None,
         write_stall=write_stall,
+        wal_cluster=snapshot_wal.cluster_of(fleet, host.name) if fleet.model.archive else None,
     )
 
 
@@ -312,6 +326,36 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs:
         TAG_VERSION: __version__,
     }
 
+    backup = snapshot_wal.Backup(fleet, plan.host, plan.wal_cluster, plan.group_id) if plan.wal_cluster else None
+    try:
+        return _create(fleet, plan, reporter, ebs, target, settings, result, common, backup)
+    finally:
+        if backup is not None:
+            backup.close()  # a backup not stopped ends with its session
+
+
+def _create(
+    fleet: Fleet,
+    plan: CreatePlan,
+    reporter: Reporter,
+    ebs: Ebs,
+    target: remote.Target,
+    settings: remote.SshSettings,
+    result: CreateResult,
+    common: dict[str, str],
+    backup: snapshot_wal.Backup | None,
+) -> CreateResult:
+    if backup is not None:
+        with reporter.step(f"pg_backup_start on {plan.host}") as step:
+            try:
+                step.detail = f"WAL from {backup.start()}"
+            except Exception as exc:  # noqa: BLE001 - a driver error or igops' own, said in one line
+                cause = exc.message if isinstance(exc, IgopsError) else (str(exc).strip().splitlines() or ["?"])[0]
+                raise IgopsError(
+                    f"pg_backup_start on {plan.host} failed: {cause}; nothing was frozen",
+                    f"start Postgres on {plan.host}: a group of a member of {plan.wal_cluster} records where its "
+                    "WAL starts (the fleet archives WAL)",
+                ) from None
     if plan.pre_freeze:
         with reporter.step(f"pre-freeze hook on {plan.host}"):
             [hook] = remote.run([target], plan.pre_freeze, settings, timeout=120)
@@ -373,6 +417,15 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs:
             if failure is not None:
                 step.detail += f", thawed by {event['reason']}"
 
+    mark = None
+    if backup is not None and failure is None and len(result.snapshots) == len(plan.volumes):
+        with reporter.step(f"pg_backup_stop on {plan.host}") as step:
+            try:
+                mark = backup.stop()
+                step.detail = f"consistent at {mark.end} on timeline {mark.timeline}"
+            except Exception as exc:  # noqa: BLE001 - a group without its WAL mark is discarded below
+                failure = exc
+                step.status, step.detail = "failed", str(exc)[:200]
     if failure is not None or len(result.snapshots) != len(plan.volumes):
         result.error = str(failure) if failure else "not every volume was snapshotted"
         with reporter.step(f"mark group {plan.group_id} failed and delete its snapshots"):
@@ -394,6 +447,8 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs:
                     TAG_FREEZE_MS: f"{result.freeze_window_ms:.1f}",
                 },
             )
+        if mark is not None:
+            ebs.tag(list(result.snapshots.values()), mark.tags())
         ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
     result.state = STATE_COMPLETE
     return result
@@ -525,6 +580,7 @@ def groups(ebs: Ebs, host: str | None = None) -> list[SnapshotGroup]:
                 freeze,
                 sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
                 kept,
+                snapshot_wal.from_tags(tags[0]),
             )
         )
     return sorted(found, key=lambda group: group.created, reverse=True)

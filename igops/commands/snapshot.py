@@ -160,7 +160,14 @@ def list_groups(
             fleet.host(host)
         found = snapshot.groups(Ebs(fleet), host)
         out.table(f"{len(found)} snapshot groups", GROUP_COLUMNS, [_group_row(g) for g in found])
-        out.finish({"groups": [{k: v for k, v in g.__dict__.items() if k != "snapshots"} for g in found]})
+        out.finish(
+            {
+                "groups": [
+                    {**{k: v for k, v in g.__dict__.items() if k != "snapshots"}, "wal": g.wal and g.wal.describe()}
+                    for g in found
+                ]
+            }
+        )
 
 
 @app.command("show")
@@ -202,6 +209,13 @@ def show(
             ],
             rows,
         )
+        if found.wal:
+            mark = found.wal
+            out.table(
+                "WAL (a restore replays the cluster's archive from, and is consistent at)",
+                ["cluster", "from", "consistent at", "timeline"],
+                [[mark.cluster, mark.start, mark.end, mark.timeline]],
+            )
         out.finish({"group": found})
 
 

@@ -132,3 +132,35 @@ def test_the_new_primary_archives_after_a_switchover(at_home):
     assert not any("restart" in step for step in (envelope["plan"] or {}).get("steps", []))
     again, envelope = igops(lab, "pg", "archive", "setup", "main")
     assert again.returncode == 0 and envelope["data"]["changed"] is False, again.stderr
+
+
+def test_a_standbys_snapshot_group_records_where_in_the_wal_it_is_consistent(at_home):
+    """With WAL archived, a member's group is taken inside pg_backup_start/stop: its tags hold the
+    WAL range and the backup_label a point-in-time restore needs."""
+    lab = at_home
+    result, envelope = igops(lab, "snapshot", "create", OTHER_PRIMARY, "--no-hook", "--yes", timeout=300)
+    assert result.returncode == 0, result.stderr
+    group_id = envelope["data"]["group_id"]
+    try:
+        shown, envelope = igops(lab, "snapshot", "show", group_id)
+        assert shown.returncode == 0, shown.stderr
+        mark = envelope["data"]["group"]["wal"]
+        assert mark["cluster"] == "main", mark
+        assert "BACKUP FROM: standby" in mark["label"] and f"LABEL: {group_id}" in mark["label"]
+        connection = postgres(lab, OTHER_PRIMARY)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT %s::pg_lsn <= %s::pg_lsn, %s::pg_lsn <= pg_last_wal_replay_lsn(),"
+                    " (SELECT timeline_id FROM pg_control_checkpoint())",
+                    (mark["start"], mark["end"], mark["end"]),
+                )
+                ordered, replayed_since, timeline = cursor.fetchone()
+        finally:
+            connection.close()
+        assert ordered and replayed_since, mark
+        assert mark["timeline"] == timeline
+        print(f"\nmark: {mark['start']} .. {mark['end']} on timeline {mark['timeline']}")
+    finally:
+        deleted, _ = igops(lab, "snapshot", "delete", group_id, "--yes")
+        assert deleted.returncode == 0, deleted.stderr
