@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 TAG_WAL_START = "igops:wal-start"  # the backup's start: its checkpoint's redo position
 TAG_WAL_END = "igops:wal-end"  # where the group is consistent once replay reaches it
 TAG_TIMELINE = "igops:timeline"
+TAG_WAL_END_AT = "igops:wal-end-at"  # when pg_backup_stop returned: no recovery target may be earlier
 TAG_CLUSTER = "igops:pg-cluster"
 TAG_LABEL = "igops:backup-label-"  # + 0, 1, …: the backup_label, base64, in pieces
 LABEL_PIECE = 250
@@ -50,6 +52,7 @@ class WalMark:
     end: str
     timeline: int
     label: str  # the backup_label file, as pg_backup_stop returned it
+    ended_at: datetime  # the group is consistent by then, so a restore to a time before it cannot be
 
     def tags(self) -> dict[str, str]:
         encoded = base64.b64encode(self.label.encode()).decode()
@@ -59,16 +62,23 @@ class WalMark:
             TAG_WAL_START: self.start,
             TAG_WAL_END: self.end,
             TAG_TIMELINE: str(self.timeline),
+            TAG_WAL_END_AT: self.ended_at.isoformat(timespec="milliseconds"),
             **{f"{TAG_LABEL}{index}": piece for index, piece in enumerate(pieces)},
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "start": self.start, "end": self.end, "timeline": self.timeline}
+        return {
+            "cluster": self.cluster,
+            "start": self.start,
+            "end": self.end,
+            "timeline": self.timeline,
+            "ended_at": self.ended_at,
+        }
 
 
 def from_tags(tags: dict[str, str]) -> WalMark | None:
     """The mark a snapshot's tags carry, or None (a group taken without one, or of no member)."""
-    if not all(tags.get(key) for key in (TAG_CLUSTER, TAG_WAL_START, TAG_WAL_END, TAG_TIMELINE)):
+    if not all(tags.get(key) for key in (TAG_CLUSTER, TAG_WAL_START, TAG_WAL_END, TAG_TIMELINE, TAG_WAL_END_AT)):
         return None
     pieces = []
     index = 0
@@ -81,6 +91,7 @@ def from_tags(tags: dict[str, str]) -> WalMark | None:
         tags[TAG_WAL_END],
         int(tags[TAG_TIMELINE]),
         base64.b64decode("".join(pieces)).decode() if pieces else "",
+        datetime.fromisoformat(tags[TAG_WAL_END_AT]),
     )
 
 
@@ -131,7 +142,7 @@ class Backup:
             assert row is not None  # a function call returns one row
         end, label = str(row[0]), str(row[1])
         self.close()
-        return WalMark(self.cluster, self.started, end, label_timeline(label), label)
+        return WalMark(self.cluster, self.started, end, label_timeline(label), label, datetime.now(UTC))
 
     def close(self) -> None:
         """Ends the session, and with it a backup not stopped."""

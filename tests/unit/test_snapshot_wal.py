@@ -1,6 +1,10 @@
 """A snapshot group's WAL mark: the tags it is kept in, and the steps it adds to a create."""
 
+from datetime import UTC, datetime
+
 from igops import snapshot, snapshot_wal
+
+ENDED = datetime(2026, 12, 4, 6, 10, 1, 250000, tzinfo=UTC)
 
 LABEL = (
     "START WAL LOCATION: 0/9000028 (file 000000030000000000000009)\n"
@@ -14,17 +18,17 @@ LABEL = (
 
 
 def test_a_mark_survives_its_tags_with_the_label_in_pieces_no_tag_can_overflow():
-    mark = snapshot_wal.WalMark("main", "0/9000028", "0/9001F40", 3, LABEL)
+    mark = snapshot_wal.WalMark("main", "0/9000028", "0/9001F40", 3, LABEL, ENDED)
     tags = mark.tags()
     assert all(len(value) <= 256 for value in tags.values())
     assert f"{snapshot_wal.TAG_LABEL}1" in tags  # the label needs more than one tag
     assert snapshot_wal.from_tags({**tags, "igops:group": "g"}) == mark
-    assert mark.describe() == {"cluster": "main", "start": "0/9000028", "end": "0/9001F40", "timeline": 3}
+    assert mark.describe()["end"] == "0/9001F40" and mark.describe()["ended_at"] == ENDED
 
 
 def test_a_group_without_a_whole_mark_has_none():
     assert snapshot_wal.from_tags({"igops:group": "g"}) is None
-    tags = snapshot_wal.WalMark("main", "0/1", "0/2", 1, LABEL).tags()
+    tags = snapshot_wal.WalMark("main", "0/1", "0/2", 1, LABEL, ENDED).tags()
     del tags[snapshot_wal.TAG_WAL_END]
     assert snapshot_wal.from_tags(tags) is None
 
