@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime
 
+import pytest
+
 from igops import snapshot, snapshot_wal
 
 ENDED = datetime(2026, 12, 4, 6, 10, 1, 250000, tzinfo=UTC)
@@ -47,3 +49,71 @@ def test_a_members_group_plans_the_backup_around_the_freeze():
     assert "WAL range and backup_label" in steps[5]
     plan.wal_cluster = None
     assert not any("pg_backup" in step for step in plan.steps())
+
+
+def marked(group_id, ended, end, state="complete", cluster="main"):
+    mark = snapshot_wal.WalMark(cluster, "0/1000028", end, 1, LABEL, ended)
+    return snapshot.SnapshotGroup(group_id, "db2", ["/data"], 1, 1, state, ended, 1, 10.0, wal=mark)
+
+
+GROUPS = [
+    marked("g-06", datetime(2026, 12, 4, 6, 0, 5, tzinfo=UTC), "0/5000000"),
+    marked("g-08", datetime(2026, 12, 4, 8, 0, 5, tzinfo=UTC), "0/7000000"),
+    marked("g-10", datetime(2026, 12, 4, 10, 0, 5, tzinfo=UTC), "0/9000000"),
+    marked("g-11-failed", datetime(2026, 12, 4, 11, 0, 5, tzinfo=UTC), "0/A000000", state="failed"),
+    marked("g-other", datetime(2026, 12, 4, 9, 0, 5, tzinfo=UTC), "0/8000000", cluster="pg2"),
+]
+
+
+def test_a_target_takes_the_newest_group_consistent_at_or_before_it():
+    from igops.restore_target import choose_group, parse_target
+
+    def chosen(**given):
+        target = parse_target(given.get("time"), given.get("lsn"), given.get("latest", False))
+        return choose_group(GROUPS, "main", target).group_id
+
+    assert chosen(time="2026-12-04 09:59:00") == "g-08"
+    assert chosen(time="2026-12-04T10:00:05Z") == "g-10"  # consistent at that very moment
+    assert chosen(time="2026-12-04 11:30:00+01:00") == "g-10"  # 10:30 UTC
+    assert chosen(lsn="0/8FFFFFF") == "g-08"
+    assert chosen(latest=True) == "g-10"  # the failed one never counts
+
+
+def test_a_target_before_every_group_is_refused_with_the_range():
+    from igops.errors import RefusedError
+    from igops.restore_target import choose_group, parse_target
+
+    with pytest.raises(RefusedError) as refused:
+        choose_group(GROUPS, "main", parse_target("2026-12-04 06:00:00", None, False))
+    assert "g-06, is consistent from 2026-12-04T06:00:05+00:00 (LSN 0/5000000)" in refused.value.message
+    with pytest.raises(RefusedError, match="no complete snapshot group of a member of pg3"):
+        choose_group(GROUPS, "pg3", parse_target(None, None, True))
+
+
+def test_a_target_past_the_archive_is_refused_with_where_it_ends():
+    from igops.errors import RefusedError
+    from igops.restore_target import parse_target, refuse_past_archive
+
+    until = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    refuse_past_archive(parse_target("2026-12-04 11:59:00", None, False), until, "00000001000000000000000B")
+    refuse_past_archive(parse_target(None, None, True), None, None)  # latest is whatever is there
+    with pytest.raises(RefusedError, match=r"archived up to 2026-12-04T12:00:00\+00:00 \(00000001000000000000000B\)"):
+        refuse_past_archive(parse_target("2026-12-04 12:01:00", None, False), until, "00000001000000000000000B")
+
+
+def test_one_target_exactly_in_a_form_postgres_takes():
+    from igops.errors import UsageError
+    from igops.restore_target import parse_target
+
+    for given in ((None, None, False), ("2026-12-04 10:00", "0/1", False), (None, "0/1", True)):
+        with pytest.raises(UsageError, match="one target"):
+            parse_target(*given)
+    with pytest.raises(UsageError, match="not a date and time"):
+        parse_target("yesterday", None, False)
+    with pytest.raises(UsageError, match="not an LSN"):
+        parse_target(None, "0/1'; DROP", False)
+    settings = parse_target("2026-12-04 10:00", None, False).settings()
+    assert settings["recovery_target_time"] == "2026-12-04 10:00:00+00:00"
+    assert settings["recovery_target_action"] == "promote"
+    assert parse_target(None, "0/00A0", False).settings()["recovery_target_lsn"] == "0/A0"
+    assert "recovery_target_time" not in parse_target(None, None, True).settings()
