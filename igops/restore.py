@@ -12,12 +12,25 @@ from __future__ import annotations
 import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from igops import remote
+from igops import remote, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
+from igops.pg import archive
+from igops.restore_target import (
+    TIME,
+    Recovery,
+    RecoveryTarget,
+    choose_group,
+    promoted_script,
+    reached_from_log,
+    recovery_files_script,
+    refuse_past_archive,
+    replayed_bytes,
+)
 from igops.snapshot import (
     STATE_COMPLETE,
     TAG_FSTYPE,
@@ -28,6 +41,7 @@ from igops.snapshot import (
     TAG_RAID_LEVEL,
     TAG_ROLE,
     find_group,
+    groups,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +75,7 @@ class PostgresStart:
     port: int
     bin_dir: str
     os_user: str
+    settings: dict[str, str] = field(default_factory=dict)  # more of them: a recovery's
 
     @property
     def log(self) -> str:
@@ -84,6 +99,7 @@ class RestorePlan:
     mounts: dict[str, list[RestoreVolume]]  # original mount -> members in RAID order
     raid_levels: dict[str, str]
     postgres: PostgresStart | None
+    recovery: Recovery | None = None  # a point-in-time restore: where its WAL comes from and goes to
 
     def target_path(self, mount: str) -> str:
         return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
@@ -109,10 +125,30 @@ class RestorePlan:
                 "recovery.signal (the copy ends recovery on its own and never follows the cluster)"
                 + (", and point pg_wal at the restored WAL mount" if len(self.mounts) > 1 else "")
             )
-            steps.append(
-                f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
-                "archiving off; it replays its WAL to the moment of the freeze"
-            )
+            if self.recovery:
+                recovery = self.recovery
+                steps.append(
+                    f"on {self.to_host}: write the group's backup_label (replay starts at its checkpoint; consistent "
+                    f"at {recovery.mark.end}) and recovery.signal"
+                )
+                steps.append(
+                    f"on {self.to_host}: write {recovery.config_file} (pgBackRest, stanza {recovery.stanza}: the "
+                    "archive, read only)"
+                )
+                steps.append(
+                    f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
+                    f"archiving off; restore_command fetches {recovery.cluster}'s archived WAL, replayed to "
+                    f"{recovery.target.describe()}"
+                )
+                steps.append(
+                    f"on {self.to_host}: wait until it has reached the target and promoted; report the point reached "
+                    "and the WAL replayed"
+                )
+            else:
+                steps.append(
+                    f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
+                    "archiving off; it replays its WAL to the moment of the freeze"
+                )
         steps.append("if any step fails: stop what was started, unmount, detach and delete the volumes made")
         return steps
 
@@ -124,14 +160,22 @@ class RestoreResult:
     volumes: dict[str, str] = field(default_factory=dict)  # snapshot id -> new volume id
     mounted: dict[str, str] = field(default_factory=dict)  # original mount -> where it is now mounted
     postgres: dict[str, Any] | None = None  # data_directory, socket_directory, port, log, psql
+    reached: dict[str, Any] | None = None  # a point-in-time restore's: the point, the WAL replayed
 
 
 def plan_restore(
-    fleet: Fleet, ebs: Ebs, group_id: str, to_host: str, mount_root: str | None = None, port: int = DEFAULT_PORT
+    fleet: Fleet,
+    ebs: Ebs,
+    group_id: str,
+    to_host: str,
+    mount_root: str | None = None,
+    port: int = DEFAULT_PORT,
+    target: RecoveryTarget | None = None,
 ) -> RestorePlan:
     from igops.ebs import tags_of
 
     group = find_group(ebs, group_id)
+    refuse_a_primary(fleet, to_host)
     if group.state != STATE_COMPLETE:
         raise RefusedError(f"group {group_id} is {group.state}, not complete", "restore a complete group")
     host = fleet.host(to_host)
@@ -164,7 +208,68 @@ def plan_restore(
     )
     if role == "postgres":
         plan.postgres = postgres_start(fleet, group_id, group.host, {m: plan.target_path(m) for m in mounts}, port)
+    if target is not None:
+        if plan.postgres is None or group.wal is None:
+            raise RefusedError(
+                f"group {group_id} records no WAL position: it restores to its own instant only",
+                "restore it without a target, or pick a group of a member taken with [archive] set",
+            )
+        choose_group([group], group.wal.cluster, target)  # refuses a target before the group is consistent
+        plan.recovery = Recovery(
+            group.wal.cluster,
+            archive.stanza(fleet, group.wal.cluster),
+            target,
+            group.wal,
+            f"{plan.postgres.run_directory}/pgbackrest.conf",
+        )
+        plan.postgres.settings = plan.recovery.settings()
     return plan
+
+
+def plan_point_in_time(
+    fleet: Fleet,
+    ebs: Ebs,
+    source: str,
+    target: RecoveryTarget,
+    to_host: str,
+    mount_root: str | None = None,
+    port: int = DEFAULT_PORT,
+) -> RestorePlan:
+    """A restore of `source` (a member, or its cluster) to `target`, from the newest group that
+    can reach it; refused when the archive does not reach it."""
+    from igops.pg import archive_status
+
+    cluster = source if source in fleet.model.postgres.clusters else snapshot_wal.cluster_of(fleet, source)
+    if cluster is None:
+        raise UsageError(
+            f"{source} is neither a Postgres cluster nor a member of one",
+            "name a cluster or one of its members (igops pg status lists them)",
+        )
+    group = choose_group(groups(ebs), cluster, target)
+    if target.kind == TIME:
+        archiver = archive_status.archive_status(fleet, cluster).archiver
+        until = datetime.fromisoformat(archiver.last_archived_time) if archiver.last_archived_time else None
+        refuse_past_archive(target, until, archiver.last_archived_wal)
+    return plan_restore(fleet, ebs, group.group_id, to_host, mount_root, port, target)
+
+
+def refuse_a_primary(fleet: Fleet, host_name: str) -> None:
+    """A restore never lands on a host that runs a primary: its mounts and its server are the
+    cluster's."""
+    from igops import postgres_admin
+
+    cluster = snapshot_wal.cluster_of(fleet, host_name)
+    if cluster is None:
+        return
+    try:
+        primary = postgres_admin.primary_of(fleet, cluster).name
+    except IgopsError:
+        return  # no member accepts writes: none runs a primary
+    if primary == host_name:
+        raise RefusedError(
+            f"{host_name} runs the primary of {cluster}: a restore never lands on it",
+            "restore onto a scratch host or a standby (igops pg status shows which is which)",
+        )
 
 
 def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict[str, str], port: int) -> PostgresStart:
@@ -212,7 +317,7 @@ def refuse_second_restore(ebs: Ebs, group_id: str, host: Host) -> None:
         raise RefusedError(
             f"group {group_id} is already restored onto {host.name} "
             f"(volumes {', '.join(volume['VolumeId'] for volume in existing)})",
-            f"remove it first: igops snapshot restore {group_id} --to {host.name} --cleanup",
+            f"remove it first: igops snapshot restore {group_id} --onto {host.name} --cleanup",
         )
 
 
@@ -256,6 +361,8 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
             pg = plan.postgres
             with reporter.step(f"prepare {pg.data_directory}"):
                 _host_script(fleet, host, prepare_script(pg), "preparing the restored data directory")
+            if plan.recovery:
+                _recovery_files(fleet, host, plan.recovery, pg, reporter)
             with reporter.step(f"start Postgres on {plan.to_host}, port {pg.port} (socket {pg.run_directory})") as step:
                 _host_script(fleet, host, start_script(pg), "starting the restored Postgres", timeout=330)
                 result.postgres = {
@@ -266,6 +373,8 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
                     "psql": pg.psql,
                 }
                 step.detail = f"connect: {pg.psql}"
+            if plan.recovery:
+                result.reached = _await_target(fleet, host, plan.recovery, pg, reporter)
     except BaseException as failure:
         with reporter.step("undo: stop, unmount, detach and delete what this restore made") as step:
             leftovers = _take_away(fleet, ebs, host, plan.group_id)
@@ -277,6 +386,66 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
             failure.hint = f"the undo left: {'; '.join(leftovers)}"
         raise
     return result
+
+
+def _recovery_files(fleet: Fleet, host: Host, recovery: Recovery, pg: PostgresStart, reporter: Reporter) -> None:
+    with reporter.step(f"backup_label and recovery.signal in {pg.data_directory}"):
+        _host_script(
+            fleet, host, recovery_files_script(recovery, pg.data_directory, pg.os_user), "writing the recovery files"
+        )
+    with reporter.step(f"write {recovery.config_file}"):
+        config = archive.render_restore_config(fleet, recovery.cluster, pg.data_directory, pg.run_directory, pg.port)
+        _host_script(
+            fleet,
+            host,
+            _WRITE_PRIVATE_FILE.format(
+                run=shlex.quote(pg.run_directory), file=shlex.quote(recovery.config_file), user=shlex.quote(pg.os_user)
+            ),
+            f"writing {recovery.config_file}",
+            stdin=config.encode(),
+        )
+
+
+# The run directory is the restored server's own (0700); the file holds the repository's S3 secret,
+# so it is never readable by others, not even for a moment (umask first), and comes on stdin.
+_WRITE_PRIVATE_FILE = (
+    "set -e; umask 077; mkdir -p {run}; chown {user} {run}; chmod 0700 {run}; cat > {file}; chown {user} {file}"
+)
+
+
+def _await_target(
+    fleet: Fleet, host: Host, recovery: Recovery, pg: PostgresStart, reporter: Reporter
+) -> dict[str, Any]:
+    with reporter.step(f"replay to {recovery.target.describe()}, then promote") as step:
+        _host_script(
+            fleet,
+            host,
+            promoted_script(pg.psql, pg.log, RECOVERY_TIMEOUT_S),
+            "recovering to the target",
+            timeout=RECOVERY_TIMEOUT_S + 30,
+        )
+        [target] = remote.targets_for(fleet, [host])
+        [log] = remote.run([target], f"cat {shlex.quote(pg.log)}", remote.settings_for(fleet), timeout=60)
+        reached = reached_from_log(log.stdout)
+        replayed = replayed_bytes(recovery.mark, reached)
+        step.detail = (
+            f"reached {reached.redo_done or '?'}"
+            + (f", last transaction at {reached.last_transaction}" if reached.last_transaction else "")
+            + (f"; {plural(replayed // (1 << 20), 'MiB')} of WAL replayed" if replayed is not None else "")
+        )
+    return {
+        "target": recovery.target.describe(),
+        "group_consistent_at": recovery.mark.end,
+        "redo_done": reached.redo_done,
+        "last_transaction": reached.last_transaction,
+        "stopped": reached.stopped,
+        "replayed_bytes": replayed,
+    }
+
+
+# How long a restored copy may take to replay the archive to its target: a day's WAL at a few
+# hundred MB/s fits.
+RECOVERY_TIMEOUT_S = 3600
 
 
 @dataclass
@@ -371,9 +540,11 @@ def _take_away(fleet: Fleet, ebs: Ebs, host: Host, group_id: str) -> list[str]:
     return leftovers
 
 
-def _host_script(fleet: Fleet, host: Host, script: str, what: str, timeout: float = 300) -> None:
+def _host_script(
+    fleet: Fleet, host: Host, script: str, what: str, timeout: float = 300, stdin: bytes | None = None
+) -> None:
     [target] = remote.targets_for(fleet, [host])
-    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout)
+    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout, stdin=stdin)
     if not done.ok:
         raise RemoteError(
             f"{what} on {host.name} failed: {done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}"
@@ -442,6 +613,7 @@ def _server_options(pg: PostgresStart) -> str:
         "unix_socket_directories": run,
         "archive_mode": "off",
         "hot_standby": "on",
+        **pg.settings,
     }
     # pg_ctl hands -o to a shell: each value is quoted for it.
     return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())

@@ -10,6 +10,8 @@ short would look like success.
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -19,6 +21,7 @@ from igops.postgres import format_lsn, parse_lsn
 
 if TYPE_CHECKING:
     from igops.snapshot import SnapshotGroup
+    from igops.snapshot_wal import WalMark
 
 TIME, LSN, LATEST = "time", "lsn", "latest"
 
@@ -133,3 +136,83 @@ def refuse_past_archive(target: RecoveryTarget, archived_until: datetime | None,
             f"{archived_until.isoformat(timespec='seconds')} ({last_segment})",
             "restore to that time or earlier, or pass --latest for all that is archived",
         )
+
+
+@dataclass
+class Recovery:
+    """How a restored copy gets from its group to the target: the group's backup_label, and
+    restore_command fetching the cluster's archived WAL through a pgBackRest config of its own."""
+
+    cluster: str
+    stanza: str
+    target: RecoveryTarget
+    mark: WalMark
+    config_file: str  # in the restored copy's run directory, removed with it
+
+    def restore_command(self) -> str:
+        return shlex.join(["pgbackrest", f"--config={self.config_file}", f"--stanza={self.stanza}"]) + (
+            ' archive-get %f "%p"'
+        )
+
+    def settings(self) -> dict[str, str]:
+        return {"restore_command": self.restore_command(), **self.target.settings()}
+
+
+def recovery_files_script(recovery: Recovery, data_directory: str, os_user: str) -> str:
+    """Shell for the host: the backup_label where pg_backup_stop said, and recovery.signal
+    (targeted recovery: the copy fetches archived WAL and never streams from a member)."""
+    data, user = shlex.quote(data_directory), shlex.quote(os_user)
+    return "\n".join(
+        [
+            "set -e",
+            f"printf '%s' {shlex.quote(recovery.mark.label)} > {data}/backup_label",
+            f": > {data}/recovery.signal",
+            f"chown {user} {data}/backup_label {data}/recovery.signal",
+            f"chmod 0600 {data}/backup_label {data}/recovery.signal",
+        ]
+    )
+
+
+def promoted_script(psql: str, log: str, timeout: float) -> str:
+    """Shell for the host: wait until the restored copy has reached its target and promoted.
+    Recovery that cannot reach its target ends the server (FATAL): the log's tail says why."""
+    return "\n".join(
+        [
+            f"deadline=$(( $(date +%s) + {int(timeout)} ))",
+            "while :; do",
+            f"  state=$({psql} -XAtqc 'SELECT pg_is_in_recovery()' 2>/dev/null || true)",
+            '  [ "$state" = f ] && exit 0',
+            f'  if [ -z "$state" ] && grep -q "FATAL" {shlex.quote(log)}; then tail -n 5 {shlex.quote(log)} >&2; '
+            "exit 1; fi",
+            '  if [ "$(date +%s)" -ge "$deadline" ]; then',
+            f'    echo "still recovering after {int(timeout)} s" >&2; tail -n 3 {shlex.quote(log)} >&2; exit 1',
+            "  fi",
+            "  sleep 1",
+            "done",
+        ]
+    )
+
+
+@dataclass
+class Reached:
+    """What a recovery reached, from the restored server's log."""
+
+    redo_done: str | None  # the last WAL position replayed
+    last_transaction: str | None  # the commit time of the last transaction replayed
+    stopped: str | None  # where it stopped for the target ("before commit of transaction …")
+
+
+def reached_from_log(log: str) -> Reached:
+    redo = re.findall(r"redo done at ([0-9A-F]+/[0-9A-F]+)", log)
+    last = re.findall(r"last completed transaction was at log time (.+)$", log, re.MULTILINE)
+    stopped = re.findall(r"recovery stopping (.+)$", log, re.MULTILINE)
+    return Reached(
+        redo[-1] if redo else None, last[-1].strip() if last else None, stopped[-1].strip() if stopped else None
+    )
+
+
+def replayed_bytes(mark: WalMark, reached: Reached) -> int | None:
+    """The WAL replayed from the group's start to where recovery ended."""
+    if reached.redo_done is None:
+        return None
+    return max(0, parse_lsn(reached.redo_done) - parse_lsn(mark.start))

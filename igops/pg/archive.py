@@ -65,13 +65,10 @@ def _ini_value(name: str, value: object) -> str:
     return text
 
 
-def render_config(fleet: Fleet, cluster: str, host: Any) -> str:
-    """The member's pgbackrest.conf. It holds the S3 secret: it only ever travels on stdin."""
-    archive = archive_settings(fleet)
-    repo = archive.repository
+def _repository_options(fleet: Fleet) -> list[tuple[str, object]]:
+    """The repository and its S3 secret: the same for every config that reaches it."""
+    repo = archive_settings(fleet).repository
     secrets = Secrets(fleet.model.secrets.file)
-    paths = member_paths(fleet, host)
-    pg = fleet.model.postgres
     options: list[tuple[str, object]] = [
         ("repo1-type", repo.type),
         ("repo1-path", repo.path),
@@ -84,9 +81,28 @@ def render_config(fleet: Fleet, cluster: str, host: Any) -> str:
     ]
     if repo.ca_file:
         options.append(("repo1-storage-ca-file", repo.ca_file))
-    options += [
+    return [
+        *options,
         ("repo1-s3-key", secrets.require("archive_s3_key")),
         ("repo1-s3-key-secret", secrets.require("archive_s3_key_secret")),
+    ]
+
+
+def _ini(header: str, options: list[tuple[str, object]], section: str, stanza_options: list[tuple[str, object]]) -> str:
+    lines = [header, "[global]"]
+    lines += [f"{name}={_ini_value(name, value)}" for name, value in options]
+    lines += ["", f"[{section}]"]
+    lines += [f"{name}={_ini_value(name, value)}" for name, value in stanza_options]
+    return "\n".join(lines) + "\n"
+
+
+def render_config(fleet: Fleet, cluster: str, host: Any) -> str:
+    """The member's pgbackrest.conf. It holds the S3 secret: it only ever travels on stdin."""
+    archive = archive_settings(fleet)
+    paths = member_paths(fleet, host)
+    pg = fleet.model.postgres
+    options: list[tuple[str, object]] = [
+        *_repository_options(fleet),
         # archive-push returns as soon as the segment is queued in the spool, and process-max
         # processes push ahead of Postgres: a slow S3 never holds up the archiver.
         ("archive-async", True),
@@ -103,11 +119,28 @@ def render_config(fleet: Fleet, cluster: str, host: Any) -> str:
         ("pg1-socket-path", fleet.path_for(pg.socket_dir, host)),
         ("pg1-user", pg.user),
     ]
-    lines = ["# Written by `igops pg archive setup`: changes here are replaced by the next run.", "[global]"]
-    lines += [f"{name}={_ini_value(name, value)}" for name, value in options]
-    lines += ["", f"[{stanza(fleet, cluster)}]"]
-    lines += [f"{name}={_ini_value(name, value)}" for name, value in stanza_options]
-    return "\n".join(lines) + "\n"
+    header = "# Written by `igops pg archive setup`: changes here are replaced by the next run."
+    return _ini(header, options, stanza(fleet, cluster), stanza_options)
+
+
+def render_restore_config(fleet: Fleet, cluster: str, data: str, run_directory: str, port: int) -> str:
+    """pgbackrest.conf for a restored copy's restore_command: the cluster's repository, read only
+    (archive-get), everything else of its own in its run directory, so that it never touches a
+    member's spool, locks or logs. It holds the S3 secret: it only ever travels on stdin."""
+    options: list[tuple[str, object]] = [
+        *_repository_options(fleet),
+        ("log-path", run_directory),
+        ("lock-path", run_directory),
+        ("spool-path", run_directory),
+        ("log-level-file", "info"),
+    ]
+    stanza_options: list[tuple[str, object]] = [
+        ("pg1-path", data),
+        ("pg1-port", port),
+        ("pg1-socket-path", run_directory),
+    ]
+    header = "# Written by `igops snapshot restore` for a restored copy; removed with it."
+    return _ini(header, options, stanza(fleet, cluster), stanza_options)
 
 
 def pgbackrest_argv(fleet: Fleet, cluster: str, host: Any, *args: str) -> list[str]:

@@ -416,11 +416,11 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
         assert tags["igops:host"] == standby and tags["igops:role"] == "postgres" and tags["igops:freeze-ms"]
         assert tags["igops:raid-index"] == "0" and tags["igops:version"]
 
-    cleanup = ["snapshot", "restore", group_id, "--to", "db2", "--cleanup", "--yes", "--json"]
+    cleanup = ["snapshot", "restore", group_id, "--onto", "db2", "--cleanup", "--yes", "--json"]
     before = restore_traces(lab, group_id)
     try:
         restored = run_igops(
-            "snapshot", "restore", group_id, "--to", "db2", "--port", str(DRILL_PORT), "--yes", "--json", env=env
+            "snapshot", "restore", group_id, "--onto", "db2", "--port", str(DRILL_PORT), "--yes", "--json", env=env
         )
         assert restored.returncode == 0, restored.stdout + restored.stderr
         data = json.loads(restored.stdout)["data"]
@@ -449,7 +449,7 @@ def test_snapshot_under_write_load_restores_every_acknowledged_transaction(lab, 
 
         # A second restore of the group onto the host is refused before anything is made.
         volumes_before = group_volumes(lab, group_id)
-        again = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", env=env)
+        again = run_igops("snapshot", "restore", group_id, "--onto", "db2", "--yes", env=env)
         assert again.returncode == ExitCode.REFUSED, again.stdout + again.stderr
         assert "already restored onto db2" in again.stderr and "--cleanup" in again.stderr
         assert len(group_volumes(lab, group_id)) == len(volumes_before)
@@ -475,7 +475,7 @@ def test_a_failed_restore_takes_away_what_it_made(lab, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "igops-test-blocker", str(blocker)], check=True)
     before = restore_traces(lab, group_id)
     try:
-        failed = run_igops("snapshot", "restore", group_id, "--to", "db2", "--yes", "--json", env=env)
+        failed = run_igops("snapshot", "restore", group_id, "--onto", "db2", "--yes", "--json", env=env)
         assert failed.returncode == ExitCode.FAILED, failed.stdout + failed.stderr
         envelope = json.loads(failed.stdout)
         assert "already a mount point" in envelope["error"]["message"]

@@ -117,3 +117,20 @@ def test_one_target_exactly_in_a_form_postgres_takes():
     assert settings["recovery_target_action"] == "promote"
     assert parse_target(None, "0/00A0", False).settings()["recovery_target_lsn"] == "0/A0"
     assert "recovery_target_time" not in parse_target(None, None, True).settings()
+
+
+def test_restore_to_names_a_time_and_says_so_when_given_a_host(tmp_path):
+    """`--to` is the point in time; the host to restore onto is `--onto`. An old command line
+    with `--to HOST` gets a one-line usage error naming the fix, before anything is read."""
+    import json
+
+    from tests.conftest import run_igops
+    from tests.unit.inventories import unit_inventory
+
+    config = unit_inventory(tmp_path, [("db2", "127.0.20.250", "app")])
+    result = run_igops("-c", str(config), "snapshot", "restore", "g1", "--onto", "db2", "--to", "db2", "--json")
+    assert result.returncode == 2, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert "--to takes the point in time" in error["message"] and "--onto db2" in error["hint"]
+    result = run_igops("-c", str(config), "snapshot", "restore", "db2", "--onto", "db2", "--to", "then", "--json")
+    assert result.returncode == 2 and "not a date and time" in json.loads(result.stdout)["error"]["message"]
