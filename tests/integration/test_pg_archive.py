@@ -164,3 +164,72 @@ def test_a_standbys_snapshot_group_records_where_in_the_wal_it_is_consistent(at_
     finally:
         deleted, _ = igops(lab, "snapshot", "delete", group_id, "--yes")
         assert deleted.returncode == 0, deleted.stderr
+
+
+def test_a_restore_to_a_point_in_time_holds_what_was_written_before_it_and_nothing_after(at_home):
+    """A group of db2, rows written after it, a time T between two batches of rows, the WAL
+    archived past T: the restore to T has the first batch and none of the second, and says where
+    it stopped. A time after the archive ends, and one before the group, are refused."""
+    import shlex
+    import subprocess
+
+    lab = at_home
+    created, envelope = igops(lab, "snapshot", "create", OTHER_PRIMARY, "--no-hook", "--yes", timeout=300)
+    assert created.returncode == 0, created.stderr
+    group_id = envelope["data"]["group_id"]
+    connection = postgres(lab, HOME_PRIMARY)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS pitr_probe (batch int, at timestamptz DEFAULT clock_timestamp())"
+            )
+            cursor.execute("TRUNCATE pitr_probe")
+            cursor.execute("INSERT INTO pitr_probe (batch) SELECT 1 FROM generate_series(1, 100)")
+            time.sleep(1.5)
+            cursor.execute("SELECT clock_timestamp()::text")
+            target = cursor.fetchone()[0]
+            time.sleep(1.5)
+            cursor.execute("INSERT INTO pitr_probe (batch) SELECT 2 FROM generate_series(1, 100)")
+    finally:
+        connection.close()
+    archived_after(lab, switch_wal(lab, HOME_PRIMARY), timeout=lab.model.archive.archive_timeout)
+
+    late, envelope = igops(lab, "snapshot", "restore", "main", "--to", "2099-01-01 00:00:00", "--onto", "db2")
+    assert late.returncode == ExitCode.REFUSED and "after the archive reaches" in envelope["error"]["message"]
+    early, envelope = igops(lab, "snapshot", "restore", "main", "--to", "2000-01-01 00:00:00", "--onto", "db2")
+    assert (
+        early.returncode == ExitCode.REFUSED and "before every retained snapshot group" in envelope["error"]["message"]
+    )
+
+    try:
+        restored, envelope = igops(
+            lab,
+            "snapshot",
+            "restore",
+            "main",
+            "--to",
+            target,
+            "--onto",
+            OTHER_PRIMARY,
+            "--port",
+            "5498",
+            "--yes",
+            timeout=900,
+        )
+        assert restored.returncode == 0, restored.stderr[-3000:]
+        data = envelope["data"]
+        assert data["group_id"] == group_id, "the newest group before T"
+        print(f"\nrecovered: {data['reached']}")
+        assert data["reached"]["redo_done"] and "stopping before commit" in (data["reached"]["stopped"] or "")
+        counted = subprocess.run(
+            [*shlex.split(data["postgres"]["psql"]), "-XAtc", "SELECT batch, count(*) FROM pitr_probe GROUP BY 1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert counted.stdout.split() == ["1|100"], counted.stdout
+    finally:
+        removed, _ = igops(lab, "snapshot", "restore", group_id, "--onto", OTHER_PRIMARY, "--cleanup", "--yes")
+        deleted, _ = igops(lab, "snapshot", "delete", group_id, "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert deleted.returncode == 0, deleted.stderr
