@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import restore, snapshot, snapshot_policy
+from igops import restore_scripts, snapshot, snapshot_policy
 from igops.agent import blockdevs
 from igops.ebs import Attachment
 from igops.errors import RefusedError
@@ -202,7 +202,7 @@ def test_group_ids_are_unique_and_name_the_host():
 
 
 def test_mount_script_quotes_and_assembles_raid():
-    script = restore.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/x y/$(id)", "xfs", "g1/var/lib")
+    script = restore_scripts.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/x y/$(id)", "xfs", "g1/var/lib")
     assert "mdadm --assemble --run /dev/md/" in script
     assert "'/mnt/x y/$(id)'" in script and "-o nouuid" in script
 
@@ -258,27 +258,30 @@ def test_restored_postgres_paths_and_wal_link_follow_the_restored_mounts():
         model=SimpleNamespace(postgres=FakeModelPostgres(), snapshot=SimpleNamespace(restore_root="/mnt/r/")),
     )
     restored = {"/srv/db2/data": "/mnt/r/g1/srv/db2/data", "/srv/db2/wal": "/mnt/r/g1/srv/db2/wal"}
-    start = restore.postgres_start(fleet, "g1", "db2", restored, 5499)
+    start = restore_scripts.postgres_start(fleet, "g1", "db2", restored, 5499)
     assert start.data_directory == "/mnt/r/g1/srv/db2/data/pgdata"
     assert start.wal_links == {"/srv/db2/wal": "/mnt/r/g1/srv/db2/wal"}
     assert start.run_directory == "/mnt/r/g1.postgres" and start.bin_dir == "/usr/lib/postgresql/15/bin"
-    script = restore.prepare_script(start)
+    script = restore_scripts.prepare_script(start)
     assert '/srv/db2/wal/*) ln -sfn /mnt/r/g1/srv/db2/wal"/${wal#/srv/db2/wal/}" "$data/pg_wal"' in script
     # pg_ctl hands -o to a shell: what the server gets is that string split as a shell would.
-    options = shlex.split(restore._server_options(start))
+    options = shlex.split(restore_scripts.server_options(start))
     assert {"archive_mode=off", "listen_addresses=", "port=5499", "unix_socket_directories=/mnt/r/g1.postgres"} <= set(
         options
     )
-    assert shlex.quote(restore._server_options(start)) in restore.start_script(start)
+    assert shlex.quote(restore_scripts.server_options(start)) in restore_scripts.start_script(start)
     with pytest.raises(RefusedError, match="none of the group's mounts"):
-        restore.postgres_start(fleet, "g1", "db2", {"/srv/db2/wal": "/x"}, 5499)
+        restore_scripts.postgres_start(fleet, "g1", "db2", {"/srv/db2/wal": "/x"}, 5499)
 
 
 def test_cleanup_stops_only_a_server_the_restore_started_and_never_climbs_above_the_root():
-    plan = restore.CleanupPlan(
-        "g1", "db4", ["vol-1"], ["/mnt/r/g1/srv/db2/data"], "/mnt/r/g1/srv/db2/data/pgdata", "/mnt/r/g1.postgres"
+    script = restore_scripts.teardown_script(
+        "/mnt/r/g1/srv/db2/data/pgdata",
+        "/mnt/r/g1.postgres",
+        ["/mnt/r/g1/srv/db2/data"],
+        "/mnt/r/",
+        FakeModelPostgres(),
     )
-    script = restore.teardown_script(plan, "/mnt/r/", FakeModelPostgres())
     # A postmaster.pid copied from the source holds the PID of a process on the source host.
     assert '"$(sed -n 5p /mnt/r/g1/srv/db2/data/pgdata/postmaster.pid)" = /mnt/r/g1.postgres ]' in script
     assert script.index("pg_ctl") < script.index("umount")

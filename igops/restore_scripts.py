@@ -1,0 +1,197 @@
+"""The shell a restore runs on the host it restores onto, and the restored server's layout:
+where its data directory lands, how it is started (a socket of its own, settings on its command
+line), and how it is all taken away again. igops.restore decides what runs; this says how.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+from igops import remote
+from igops.errors import RefusedError, RemoteError, UsageError
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+    from igops.inventory_model import Host, Postgres
+
+
+@dataclass
+class PostgresStart:
+    """Where the restored data directory is and how its server is started."""
+
+    data_directory: str
+    wal_links: dict[str, str]  # original mount -> where it is restored, for pg_wal's link
+    run_directory: str  # socket, configuration and log of the restored server
+    port: int
+    bin_dir: str
+    os_user: str
+    settings: dict[str, str] = field(default_factory=dict)  # more of them: a recovery's
+
+    @property
+    def log(self) -> str:
+        return f"{self.run_directory}/postgres.log"
+
+    @property
+    def psql(self) -> str:
+        return (
+            f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/psql "
+            f"-h {shlex.quote(self.run_directory)} -p {self.port} -d postgres"
+        )
+
+
+def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict[str, str], port: int) -> PostgresStart:
+    """The restored data directory: the source's, moved from its mount to where that mount is restored."""
+    source = fleet.hosts_by_name.get(source_host)
+    if source is None:
+        raise UsageError(
+            f"the group's host {source_host} is not in the inventory",
+            "its data directory is found from the inventory's [postgres] data_directory",
+        )
+    data_directory = PurePosixPath(fleet.path_for(fleet.model.postgres.data_directory, source))
+    holder = max((mount for mount in restored if data_directory.is_relative_to(mount)), key=len, default=None)
+    if holder is None:
+        raise RefusedError(
+            f"{source_host}'s data directory {data_directory} is on none of the group's mounts ({', '.join(restored)})",
+            "restore a group taken of the data directory's mount",
+        )
+    moved = PurePosixPath(restored[holder]) / data_directory.relative_to(holder)
+    model = fleet.model
+    return PostgresStart(
+        str(moved),
+        {mount: path for mount, path in restored.items() if mount != holder},
+        f"{model.snapshot.restore_root.rstrip('/')}/{group_id}.postgres",
+        port,
+        model.postgres.bin_dir.rstrip("/"),
+        model.postgres.os_user,
+    )
+
+
+def host_script(
+    fleet: Fleet, host: Host, script: str, what: str, timeout: float = 300, stdin: bytes | None = None
+) -> None:
+    [target] = remote.targets_for(fleet, [host])
+    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout, stdin=stdin)
+    if not done.ok:
+        raise RemoteError(
+            f"{what} on {host.name} failed: {done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}"
+        )
+
+
+def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:
+    """Shell for the host: wait for the devices, assemble RAID when there is one, mount.
+    A restored XFS carries its source's UUID, which may be mounted on the same host: nouuid."""
+    quoted = " ".join(shlex.quote(device) for device in devices)
+    lines = [
+        "set -e",
+        f'for d in {quoted}; do i=0; while [ ! -b "$d" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; '
+        '[ -b "$d" ] || { echo "device $d did not appear" >&2; exit 1; }; done',
+        f"if mountpoint -q {shlex.quote(path)}; then "
+        f"echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
+        f"mkdir -p {shlex.quote(path)}",
+    ]
+    device = devices[0]
+    if len(devices) > 1:
+        md = "/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:]
+        lines.append(f"mdadm --assemble --run {shlex.quote(md)} {quoted}")
+        device = md
+    options = "nouuid" if fstype == "xfs" else "defaults"
+    lines.append(f"mount -t {shlex.quote(fstype)} -o {options} {shlex.quote(device)} {shlex.quote(path)}")
+    return "\n".join(lines)
+
+
+def prepare_script(pg: PostgresStart) -> str:
+    """Remove what belonged to the running source, and repoint pg_wal when WAL had a mount of
+    its own: its link names the source's WAL mount, which is restored elsewhere."""
+    data = shlex.quote(pg.data_directory)
+    lines = [
+        "set -e",
+        f"data={data}",
+        '[ -f "$data/PG_VERSION" ] || { echo "no data directory at $data" >&2; exit 1; }',
+        'rm -f "$data/postmaster.pid" "$data/standby.signal" "$data/recovery.signal"',
+        'if [ -L "$data/pg_wal" ]; then',
+        '  wal=$(readlink "$data/pg_wal")',
+        '  case "$wal" in',
+    ]
+    for original, restored in sorted(pg.wal_links.items(), key=lambda item: -len(item[0])):
+        prefix = original.rstrip("/")
+        lines.append(
+            f'    {shlex.quote(prefix)}/*) ln -sfn {shlex.quote(restored.rstrip("/"))}"/${{wal#{prefix}/}}" '
+            '"$data/pg_wal" ;;'
+        )
+    lines += [
+        '    /*) [ -d "$wal" ] || { echo "pg_wal points at $wal, which the group does not hold" >&2; exit 3; } ;;',
+        "  esac",
+        "fi",
+    ]
+    return "\n".join(lines)
+
+
+def server_options(pg: PostgresStart) -> str:
+    """Command-line settings: they win over postgresql.auto.conf, which the copy carries from its
+    source (archiving, replication settings must not act from a restored copy)."""
+    run = pg.run_directory
+    settings = {
+        "config_file": f"{run}/postgresql.conf",
+        "hba_file": f"{run}/pg_hba.conf",
+        "ident_file": f"{run}/pg_ident.conf",
+        "port": str(pg.port),
+        "listen_addresses": "",
+        "unix_socket_directories": run,
+        "archive_mode": "off",
+        "hot_standby": "on",
+        **pg.settings,
+    }
+    # pg_ctl hands -o to a shell: each value is quoted for it.
+    return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
+
+
+def start_script(pg: PostgresStart) -> str:
+    run, user = shlex.quote(pg.run_directory), shlex.quote(pg.os_user)
+    as_user = f"runuser -u {user} -- env -C /"
+    return "\n".join(
+        [
+            "set -e",
+            f"mkdir -p {run}",
+            f"chown {user} {run}",
+            f"chmod 0700 {run}",
+            f"printf '# the restored copy: every setting is on its command line\\n' > {run}/postgresql.conf",
+            f"printf 'local all {pg.os_user} peer\\n' > {run}/pg_hba.conf",
+            f": > {run}/pg_ident.conf",
+            f"chown {user} {run}/postgresql.conf {run}/pg_hba.conf {run}/pg_ident.conf",
+            f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {shlex.quote(pg.data_directory)} "
+            f"-o {shlex.quote(server_options(pg))} -l {shlex.quote(pg.log)} -w -t 300 start >/dev/null "
+            f"|| {{ tail -n 20 {shlex.quote(pg.log)} >&2; exit 1; }}",
+        ]
+    )
+
+
+def teardown_script(
+    data_directory: str | None, run_directory: str, mounted: list[str], restore_root: str, postgres: Postgres
+) -> str:
+    lines = []
+    if data_directory:
+        # Only a server this restore started: its postmaster.pid names our socket directory (line
+        # 5). The one copied from the source names the source's, and its PID is no process of ours.
+        data = shlex.quote(data_directory)
+        lines.append(
+            f'if [ -f {data}/postmaster.pid ] && [ "$(sed -n 5p {data}/postmaster.pid)" = '
+            f"{shlex.quote(run_directory)} ]; then runuser -u {shlex.quote(postgres.os_user)} -- "
+            f"env -C / {shlex.quote(postgres.bin_dir.rstrip('/') + '/pg_ctl')} -D {data} -m fast -w -t 60 "
+            "stop >/dev/null; fi"
+        )
+    lines.append(f"root={shlex.quote(restore_root.rstrip('/'))}")
+    for path in mounted:
+        quoted = shlex.quote(path)
+        lines += [
+            f"if mountpoint -q {quoted}; then",
+            f"  dev=$(findmnt -n -o SOURCE {quoted}); umount {quoted}",
+            '  case "$dev" in /dev/md*) mdadm --stop "$dev" >/dev/null ;; esac',
+            "fi",
+            # Remove the emptied mount point and its empty parents, never above the restore root.
+            f'd={quoted}; while [ "${{d#"$root"/}}" != "$d" ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done',
+        ]
+    lines.append(f"rm -rf {shlex.quote(run_directory)}")
+    return "\n".join(["set -e", *lines])
