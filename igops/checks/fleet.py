@@ -3,9 +3,10 @@
 One probe per host over SSH (reachability, free space and write-ability of the data mounts, by
 the stdlib program agent/hostprobe.py), one per HTTP endpoint, Postgres cluster, PgBouncer, the
 Redis set, memcached and munin-node, one for the snapshot groups (checks/snapshots.py: one
-verdict per set of data) and one for Pingdom. Each reports a Result per (check, target) the
-moment it knows it. The Postgres and PgBouncer probes are in checks/postgres_probes.py, Redis's
-in checks/redis_probes.py, and what they all share (the run's Context) in checks/probe_context.py.
+verdict per set of data), one per cluster's WAL archive (checks/archive.py) and one for Pingdom.
+Each reports a Result per (check, target) the moment it knows it. The Postgres and PgBouncer
+probes are in checks/postgres_probes.py, Redis's in checks/redis_probes.py, and what they all
+share (the run's Context) in checks/probe_context.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from igops.checks import (
     snapshots as snapshot_checks,
     worst,
 )
+from igops.checks.archive import archive_probes
 from igops.checks.postgres_probes import pgbouncer_probe, postgres_probes
 from igops.checks.probe_context import Context, elapsed_ms, first_line_of
 from igops.checks.redis_probes import redis_probes
@@ -49,6 +51,7 @@ GROUPS = (
     "memcached",
     "munin",
     "snapshot",
+    "archive",
     "pingdom",
     "operations",
 )
@@ -93,6 +96,8 @@ def probes(
         found += [munin_probe(context, host) for host in hosts if "munin" in host.roles]
     if "snapshot" in enabled:
         found += snapshot_checks.snapshot_probes(fleet, hosts)
+    if "archive" in enabled and (not roles or "postgres" in roles):
+        found += archive_probes(fleet)
     if "pingdom" in enabled and (not roles or "lb" in roles):
         found += pingdom_probes(context)
     if "operations" in enabled and not roles:

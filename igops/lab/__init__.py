@@ -312,8 +312,8 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
             text = lab_inventory.render(paths, volumes, aws_state, report.primaries, _redis_master(paths))
             fleet = lab_inventory.write(paths, text)
             step.detail = str(paths.inventory)
-        with reporter.step("WAL archive: the stanza of each cluster that archives, in moto's bucket") as step:
-            step.detail = baseline.wal_stanzas(fleet, paths, report.primaries)
+        with reporter.step("WAL archive: every cluster archives to its stanza in moto's bucket") as step:
+            step.detail = baseline.wal_archiving(fleet)
         from igops.shards import init_shards
 
         init_shards(fleet, reporter)

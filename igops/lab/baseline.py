@@ -1,7 +1,7 @@
 """The monitoring a fleet in service has, and `igops check` expects: igops' Munin plugins on every
 host, the inventory's Pingdom checks, and the snapshot group of every Postgres cluster and of
-the Redis set that the [snapshot] policy wants; and the WAL archive's stanzas of the clusters
-that archive (moto forgets them when it restarts).
+the Redis set that the [snapshot] policy wants; and every cluster's WAL archiving (its stanza
+again when moto, which forgets its buckets, restarted).
 
 `lab up` establishes each through igops' own code (`munin install`, `pingdom sync`, `snapshot
 cron`'s choice of member and `snapshot create`), and only where it is missing, so a fresh lab
@@ -147,27 +147,28 @@ def standbys_caught_up(paths: Paths, primaries: dict[str, str], timeout: float =
     return "; ".join(adrift) if adrift else "every standby has replayed its primary's WAL"
 
 
-def wal_stanzas(fleet: Fleet, paths: Paths, primaries: dict[str, str]) -> str:
-    """The pgBackRest stanza of every cluster whose primary archives (`igops pg archive setup`
-    turned archive_mode on). moto keeps its buckets in memory: after it restarts the WAL bucket
-    is empty, every archive-push fails and the WAL piles up on the small lab volumes until the
-    stanza exists again. stanza-create leaves a stanza that exists and matches as it is."""
+def wal_archiving(fleet: Fleet) -> str:
+    """Every cluster archives its WAL, as the fleet the lab imitates does (`[archive]` is in its
+    inventory, and `igops check` holds a cluster that does not archive for CRITICAL): what
+    `igops pg archive setup CLUSTER --restart-primary` plans, applied. Once set up, the plan is
+    empty unless moto restarted: it keeps its buckets in memory, so the WAL bucket is empty again,
+    every archive-push fails and the WAL piles up on the small lab volumes until the stanza exists
+    again (stanza-create is then the plan)."""
     from igops.errors import IgopsError
-    from igops.lab.postgres import Node
     from igops.lab.state import CLUSTERS
-    from igops.pg.archive_actions import ArchiveActions
+    from igops.pg.archive import plan_archive_setup
+    from igops.pg.archive_actions import apply_archive_setup
 
     done = []
     for cluster in CLUSTERS:
-        primary = primaries[cluster.name]
-        if Node(paths, primary).psql("SHOW archive_mode") != "on":
-            continue
         try:
-            ArchiveActions(fleet).stanza_create(cluster.name, primary)
+            plan = plan_archive_setup(fleet, cluster.name, restart_primary=True)
+            if plan.actions:
+                apply_archive_setup(fleet, plan)
+                done.append(f"{cluster.name} ({len(plan.actions)} steps)")
         except IgopsError as exc:
             raise LabError(
-                f"{cluster.name}: pgbackrest stanza-create on {primary} failed: {exc.message}",
-                f"see {paths.pgbackrest_dir(primary)}/log, then `igops pg archive setup {cluster.name}`",
+                f"{cluster.name}: WAL archiving: {exc.message}",
+                exc.hint or f"`igops pg archive setup {cluster.name} --dry-run` shows what is left",
             ) from None
-        done.append(cluster.name)
-    return f"stanza of {', '.join(done)} in place" if done else "no cluster archives (igops pg archive setup)"
+    return ("set up: " + ", ".join(done)) if done else "every cluster archives to its stanza"
