@@ -233,3 +233,50 @@ def test_a_restore_to_a_point_in_time_holds_what_was_written_before_it_and_nothi
         deleted, _ = igops(lab, "snapshot", "delete", group_id, "--yes")
     assert removed.returncode == 0, removed.stderr
     assert deleted.returncode == 0, deleted.stderr
+
+
+def check_archive(config, cluster="main"):
+    result = run_igops("-c", str(config), "check", "--only", "archive", "--json", timeout=120)
+    [found] = [r for r in json.loads(result.stdout)["data"]["results"] if r["target"] == cluster]
+    return found
+
+
+def test_a_broken_repository_warns_then_is_critical_and_loses_no_wal_once_back(at_home, tmp_path):
+    """The repository's TLS front stopped: archive-push fails, `igops check` says WARNING at once
+    and CRITICAL once the waiting WAL is 10 × archive_timeout old (an inventory copy with a 3 s
+    archive_timeout, so the test does not wait 10 minutes); back, the spool drains and every
+    segment written meanwhile is in the repository."""
+    from igops.lab import proc, s3tls, state
+
+    lab = at_home
+    config = tmp_path / "igops.toml"
+    text = lab.source.read_text()
+    assert "archive_timeout = 60" in text
+    config.write_text(text.replace("archive_timeout = 60", "archive_timeout = 3"))
+    assert check_archive(config)["status"] == "OK"
+    paths = state.paths()
+    front = s3tls.daemon(paths)
+    pid = proc.running_pid(front.pid_file, paths.root)
+    assert pid, "the TLS front is not running"
+    proc.terminate([pid])
+    written = []
+    try:
+        written.append(switch_wal(lab, HOME_PRIMARY))
+        assert wait_for(lambda: check_archive(config)["status"] == "WARNING", timeout=60, interval=2)
+        written.append(switch_wal(lab, HOME_PRIMARY))
+        found = {}
+
+        def critical():
+            found.update(check_archive(config))
+            return found["status"] == "CRITICAL"
+
+        assert wait_for(critical, timeout=120, interval=3), found
+        print(f"\nwith the repository gone: {found['summary']}")
+    finally:
+        proc.start(front, paths.root)
+    state_now = archived_after(lab, written[-1], timeout=120)
+    assert state_now["ready_files"] == 0, state_now
+    keys = repository_keys("pgbackrest/archive/main/")
+    for segment in written:
+        assert any(segment in key for key in keys), f"{segment} was never archived"
+    assert wait_for(lambda: check_archive(config)["status"] == "OK", timeout=60, interval=2)
