@@ -377,7 +377,7 @@ def _await_target(
         host_script(
             fleet,
             host,
-            promoted_script(pg.psql, pg.log, RECOVERY_TIMEOUT_S),
+            promoted_script(pg.psql, pg.status, pg.log, RECOVERY_TIMEOUT_S),
             "recovering to the target",
             timeout=RECOVERY_TIMEOUT_S + 30,
         )

@@ -35,6 +35,14 @@ class PostgresStart:
         return f"{self.run_directory}/postgres.log"
 
     @property
+    def status(self) -> str:
+        """Succeeds while the restored server runs."""
+        return (
+            f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/pg_ctl status "
+            f"-D {shlex.quote(self.data_directory)} >/dev/null 2>&1"
+        )
+
+    @property
     def psql(self) -> str:
         return (
             f"runuser -u {shlex.quote(self.os_user)} -- {shlex.quote(self.bin_dir)}/psql "

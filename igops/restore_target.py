@@ -173,19 +173,20 @@ def recovery_files_script(recovery: Recovery, data_directory: str, os_user: str)
     )
 
 
-def promoted_script(psql: str, log: str, timeout: float) -> str:
+def promoted_script(psql: str, alive: str, log: str, timeout: float) -> str:
     """Shell for the host: wait until the restored copy has reached its target and promoted.
-    Recovery that cannot reach its target ends the server (FATAL): the log's tail says why."""
+    Recovery that cannot reach its target ends the server (FATAL): then `alive` (pg_ctl status)
+    fails, and the log's tail says why."""
+    quoted_log = shlex.quote(log)
     return "\n".join(
         [
             f"deadline=$(( $(date +%s) + {int(timeout)} ))",
             "while :; do",
             f"  state=$({psql} -XAtqc 'SELECT pg_is_in_recovery()' 2>/dev/null || true)",
             '  [ "$state" = f ] && exit 0',
-            f'  if [ -z "$state" ] && grep -q "FATAL" {shlex.quote(log)}; then tail -n 5 {shlex.quote(log)} >&2; '
-            "exit 1; fi",
+            f"  if ! {alive}; then echo 'the restored server stopped:' >&2; tail -n 5 {quoted_log} >&2; exit 1; fi",
             '  if [ "$(date +%s)" -ge "$deadline" ]; then',
-            f'    echo "still recovering after {int(timeout)} s" >&2; tail -n 3 {shlex.quote(log)} >&2; exit 1',
+            f'    echo "still recovering after {int(timeout)} s" >&2; tail -n 3 {quoted_log} >&2; exit 1',
             "  fi",
             "  sleep 1",
             "done",

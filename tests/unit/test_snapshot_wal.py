@@ -134,3 +134,41 @@ def test_restore_to_names_a_time_and_says_so_when_given_a_host(tmp_path):
     assert "--to takes the point in time" in error["message"] and "--onto db2" in error["hint"]
     result = run_igops("-c", str(config), "snapshot", "restore", "db2", "--onto", "db2", "--to", "then", "--json")
     assert result.returncode == 2 and "not a date and time" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_the_recovery_files_hold_the_label_byte_for_byte_and_the_signal(tmp_path):
+    import getpass
+    import subprocess
+
+    from igops.restore_target import Recovery, parse_target, recovery_files_script
+
+    mark = snapshot_wal.WalMark("main", "0/9000028", "0/9001F40", 3, LABEL + "LABEL: it's $(id)\n", ENDED)
+    recovery = Recovery("main", "main", parse_target(None, None, True), mark, "/run/x/pgbackrest.conf")
+    script = recovery_files_script(recovery, str(tmp_path), getpass.getuser())
+    subprocess.run(["sh", "-c", script], check=True)
+    assert (tmp_path / "backup_label").read_text() == mark.label
+    assert (tmp_path / "recovery.signal").read_text() == ""
+    assert recovery.restore_command() == (
+        'pgbackrest --config=/run/x/pgbackrest.conf --stanza=main archive-get %f "%p"'
+    )
+    assert recovery.settings()["restore_command"] == recovery.restore_command()
+
+
+def test_what_a_recovery_reached_is_read_from_its_log():
+    from igops.restore_target import reached_from_log, replayed_bytes
+
+    log = (
+        "2026-12-04 06:20:03 UTC LOG:  starting point-in-time recovery to 2026-12-04 06:20:01.5+00\n"
+        '2026-12-04 06:20:03 UTC LOG:  restored log file "000000010000000000000009" from archive\n'
+        "2026-12-04 06:20:04 UTC LOG:  recovery stopping before commit of transaction 812, time 2026-12-04 "
+        "06:20:03.1+00\n"
+        "2026-12-04 06:20:04 UTC LOG:  redo done at 0/A0001F8 system usage: CPU: user: 0.00 s\n"
+        "2026-12-04 06:20:04 UTC LOG:  last completed transaction was at log time 2026-12-04 06:20:00.2+00\n"
+    )
+    reached = reached_from_log(log)
+    assert reached.redo_done == "0/A0001F8"
+    assert reached.last_transaction == "2026-12-04 06:20:00.2+00"
+    assert reached.stopped.startswith("before commit of transaction 812")
+    mark = snapshot_wal.WalMark("main", "0/9000028", "0/9001F40", 1, LABEL, ENDED)
+    assert replayed_bytes(mark, reached) == 0xA0001F8 - 0x9000028
+    assert replayed_bytes(mark, reached_from_log("")) is None
