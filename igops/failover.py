@@ -87,12 +87,11 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
     view: RedisView | PgView
     if isinstance(plan, RedisPlan):
         view = redis_view(fleet)
-        changed = redis_failover.signature(view) != plan.signature
+        now = redis_failover.signature(view)
     else:
         view = pg_view(fleet, plan.cluster)
-        changed = pg_plans.signature(view) != plan.signature
-    if changed:
-        now = redis_failover.signature(view) if isinstance(view, RedisView) else pg_plans.signature(view)
+        now = pg_plans.signature(view)
+    if now != plan.signature:
         raise Refused(
             view.state,
             f"refused: the state changed since the plan was made ({what_changed(plan.signature, now)})",

@@ -798,6 +798,31 @@ def test_a_rejoin_puts_back_its_own_archive_command_only_where_archiving_is_set_
     assert archiving[-3:] == ["rejoin", "restore_archive_command", "wait_streaming"]
 
 
+def test_a_plan_whose_state_changed_is_refused_under_the_lock_naming_the_change(monkeypatch):
+    """check_unchanged's refusal itself, for both kinds of plan: the view is read again and its
+    signature compared (the views are stood in for: what they hold is the live clusters')."""
+    from types import SimpleNamespace
+
+    from igops import failover
+    from igops.pg.plans import PgPlan
+    from igops.redis_failover import RedisPlan
+
+    views = {"pg": SimpleNamespace(state="pg state"), "redis": SimpleNamespace(state="redis state")}
+    signatures = {id(views["pg"]): (("db2", "streaming"),), id(views["redis"]): (("redis2", "master"),)}
+    monkeypatch.setattr(failover, "pg_view", lambda fleet, cluster: views["pg"])
+    monkeypatch.setattr(failover, "redis_view", lambda fleet: views["redis"])
+    monkeypatch.setattr(failover.pg_plans, "signature", lambda view: signatures[id(view)])
+    monkeypatch.setattr(failover.redis_failover, "signature", lambda view: signatures[id(view)])
+    for plan in (PgPlan("switchover", "main", "t", "db1", "db2"), RedisPlan("switchover", "t", "redis1", "redis2")):
+        plan.signature = signatures[id(views["pg" if isinstance(plan, PgPlan) else "redis"])]
+        failover.check_unchanged(None, plan)  # unchanged: nothing said
+        plan.signature = (("db2", "not streaming"),)
+        with pytest.raises(failover.Refused) as refused:
+            failover.check_unchanged(None, plan)
+        assert refused.value.message.startswith("refused: the state changed since the plan was made (was [")
+        assert refused.value.state in ("pg state", "redis state")
+
+
 def test_a_plan_refused_for_a_changed_state_says_what_changed():
     from igops.failover import what_changed
 
