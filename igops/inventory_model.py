@@ -248,6 +248,9 @@ class Check(Strict):
     pgbouncer_paused_critical_seconds: float = Field(default=60.0, ge=0)
     snapshot_warning_hours: float = Field(default=26.0, gt=0)
     snapshot_critical_hours: float = Field(default=50.0, gt=0)
+    # The last `igops snapshot drill` that passed, per cluster that archives WAL.
+    drill_warning_days: float = Field(default=7.0, gt=0)
+    drill_critical_days: float = Field(default=14.0, gt=0)
     # With a [snapshot] schedule: how long after a scheduled time its group may still be
     # missing (being taken, or EBS still copying blocks) before the check warns.
     snapshot_grace_minutes: float = Field(default=60.0, ge=0)
@@ -261,6 +264,7 @@ class Check(Strict):
             ("replication_lag_warning_bytes", "replication_lag_critical_bytes"),
             ("pgbouncer_wait_warning_seconds", "pgbouncer_wait_critical_seconds"),
             ("snapshot_warning_hours", "snapshot_critical_hours"),
+            ("drill_warning_days", "drill_critical_days"),
         ):
             if getattr(self, warning) > getattr(self, critical):
                 raise InvalidValue(

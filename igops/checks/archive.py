@@ -15,7 +15,8 @@ only while segments wait (`.ready` files on the primary).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from igops.checks import Perf, Probe, Report, Result
 from igops.errors import NagiosStatus
@@ -66,11 +67,77 @@ def verdict(
     return status, summary
 
 
+def drill_verdict(
+    records: list[dict[str, Any]], cluster: str, now: datetime, warning_days: float, critical_days: float
+) -> tuple[NagiosStatus, str, float | None]:
+    """The age of the cluster's last `igops snapshot drill` that passed, from the operations'
+    records (pure): WARNING past `warning_days`, CRITICAL past `critical_days`; never: WARNING."""
+    passed = [
+        record
+        for record in records
+        if record.get("kind") == "snapshot-drill"
+        and ((record.get("facts") or {}).get("drill") or {}).get("cluster") == cluster
+        and ((record.get("facts") or {}).get("drill") or {}).get("passed")
+        and record.get("ended")
+    ]
+    if not passed:
+        return NagiosStatus.WARNING, f"{cluster} was never drilled: `igops snapshot drill {cluster} --onto HOST`", None
+    last = max(passed, key=lambda record: record["ended"])
+    days = (now - datetime.fromisoformat(last["ended"])).total_seconds() / 86400
+    rto = last["facts"]["drill"].get("rto_s")
+    summary = f"last drill that passed: {last['id']}, {days:.1f} days ago, RTO {rto} s"
+    status = (
+        NagiosStatus.CRITICAL
+        if days > critical_days
+        else NagiosStatus.WARNING
+        if days > warning_days
+        else NagiosStatus.OK
+    )
+    return status, summary, days
+
+
 def archive_probes(fleet: Fleet) -> list[Probe]:
-    """One probe per cluster, when the fleet archives WAL."""
+    """One probe per cluster, and one for the drills, when the fleet archives WAL."""
     if fleet.model.archive is None:
         return []
-    return [_probe(fleet, cluster) for cluster in fleet.model.postgres.clusters]
+    return [*(_probe(fleet, cluster) for cluster in fleet.model.postgres.clusters), _drill_probe(fleet)]
+
+
+def _drill_probe(fleet: Fleet) -> Probe:
+    clusters = list(fleet.model.postgres.clusters)
+
+    def run(report: Report) -> None:
+        from igops import operations_view
+
+        thresholds = fleet.model.check
+        try:
+            records = operations_view.list_operations(fleet, include_ended=True).records
+        except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
+            for cluster in clusters:
+                report(Result("drill", cluster, NagiosStatus.UNKNOWN, f"cannot read the operations: {exc}"[:200]))
+            return
+        now = datetime.now(UTC)
+        for cluster in clusters:
+            status, summary, days = drill_verdict(
+                records, cluster, now, thresholds.drill_warning_days, thresholds.drill_critical_days
+            )
+            perf = (
+                []
+                if days is None
+                else [
+                    Perf(
+                        "drill-age",
+                        round(days, 2),
+                        "d",
+                        thresholds.drill_warning_days,
+                        thresholds.drill_critical_days,
+                        0,
+                    )
+                ]
+            )
+            report(Result("drill", cluster, status, summary, perf))
+
+    return Probe("snapshot drills", [("drill", cluster) for cluster in clusters], run)
 
 
 def _probe(fleet: Fleet, cluster: str) -> Probe:

@@ -70,6 +70,7 @@ EXAMPLES = {
     "snapshot delete": ["igops snapshot delete GROUP --dry-run", "igops snapshot delete GROUP --accept-risk --yes"],
     "snapshot keep": ["igops snapshot keep GROUP --yes", "igops snapshot keep GROUP --release --yes"],
     "snapshot cron": ["igops snapshot cron --dry-run", "igops snapshot cron --yes -c /etc/igops/igops.toml"],
+    "snapshot drill": ["igops snapshot drill main --onto db4 --dry-run", "igops snapshot drill main --onto db4 --yes"],
     "snapshot restore": [
         "igops snapshot restore GROUP --onto db3 --dry-run",
         "igops snapshot restore main --to '2026-12-04 14:02:00' --onto db3 --dry-run",

@@ -45,6 +45,7 @@ KINDS: dict[str, Kind] = {
         Kind("snapshot-delete", "snapshots", 300),
         Kind("snapshot-keep", "snapshots", 60),
         Kind("snapshot-restore", "host TARGET", 3600),
+        Kind("snapshot-drill", "host TARGET", 3 * 3600),
         Kind("warm", "warm HOST", 6 * 3600),
         Kind("deploy", "app", 3600),
         Kind("deploy-rollback", "app", 3600),
