@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from igops import restore as restoring, restore_target, safety, snapshot, snapshot_cron, snapshot_policy
+from igops import safety, snapshot, snapshot_cron, snapshot_policy
+from igops.commands import snapshot_drill, snapshot_restore
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.ebs import Ebs, tags_of
-from igops.errors import AlreadyRunning, ExitCode, IgopsError, RefusedError, UsageError
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.operations import conflicts
 from igops.output import Output, Reporter, plural
 from igops.tables import Column
@@ -551,143 +552,6 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
     return report
 
 
-@app.command("restore")
-def restore(
-    ctx: typer.Context,
-    source: str = typer.Argument(
-        ...,
-        metavar="GROUP|HOST|CLUSTER",
-        help="A complete group id; or, with a target, a Postgres member or cluster (the newest group that reaches it).",
-    ),
-    onto: str = typer.Option(..., "--onto", help="The host to restore onto (never one that runs a primary)."),
-    to_time: str | None = typer.Option(
-        None, "--to", help="Point in time to recover to, 'YYYY-MM-DD HH:MM:SS' (UTC unless it names a zone)."
-    ),
-    lsn: str | None = typer.Option(None, "--lsn", help="WAL position to recover to, e.g. 16/B374D848."),
-    latest: bool = typer.Option(False, "--latest", help="Recover to the end of the archived WAL."),
-    at: str | None = typer.Option(
-        None, "--at", help="Mount under this directory (default from the inventory; '/' mounts at the original paths)."
-    ),
-    port: int = typer.Option(
-        5499, "--port", min=1, max=65535, help="Port of the restored Postgres (it listens on its own socket only)."
-    ),
-    cleanup: bool = typer.Option(
-        False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, detach and delete its volumes."
-    ),
-    dry_run: bool = DRY_RUN_OPTION,
-    yes: bool = YES_OPTION,
-    json_flag: bool = JSON_OPTION,
-) -> None:
-    """Create volumes from a group, mount them and start its Postgres, to the group's instant or
-    (--to, --lsn, --latest) to a point in time from the WAL archive; or --cleanup."""
-
-    with command(ctx, "snapshot restore", json_flag) as out:
-        fleet = load_fleet(ctx)
-        if to_time and to_time in fleet.hosts_by_name:
-            raise UsageError(
-                f"--to takes the point in time to recover to, not a host ({to_time})",
-                f"name the host to restore onto with --onto {to_time}",
-            )
-        fleet.host(onto)
-        ebs = Ebs(fleet)
-        if cleanup:
-            undo = restoring.plan_cleanup(fleet, ebs, source, onto)
-            deleted = mutate(
-                out,
-                fleet,
-                kind="snapshot-restore",
-                resources=[conflicts.host(onto)],
-                targets=[onto],
-                title=f"Take away the restore of {source} from {onto}",
-                steps=undo.steps(),
-                dry_run=dry_run,
-                yes=yes,
-                action=lambda reporter: restoring.cleanup(fleet, ebs, undo, reporter),
-            )
-            out.finish({"dry_run": dry_run, "plan": undo, "deleted": deleted or []})
-            return
-        target = restore_target.parse_target(to_time, lsn, latest) if (to_time or lsn or latest) else None
-        if target and (source in fleet.hosts_by_name or source in fleet.model.postgres.clusters):
-            plan = restoring.plan_point_in_time(fleet, ebs, source, target, onto, at, port)
-        else:
-            plan = restoring.plan_restore(fleet, ebs, source, onto, at, port, target)
-        result = mutate(
-            out,
-            fleet,
-            kind="snapshot-restore",
-            resources=[conflicts.host(onto)],
-            targets=[onto],
-            title=f"Restore group {plan.group_id} onto {onto}"
-            + (f", recovered to {plan.recovery.target.describe()}" if plan.recovery else ""),
-            steps=plan.steps(),
-            dry_run=dry_run,
-            yes=yes,
-            action=lambda reporter: restoring.restore(fleet, ebs, plan, reporter),
-        )
-        if result is None:
-            out.finish({"dry_run": dry_run, "plan": plan})
-            return
-        out.table(None, ["mount", "restored at"], [[m, p] for m, p in result.mounted.items()])
-        if result.reached:
-            reached = result.reached
-            out.table(
-                "recovered to",
-                ["target", "WAL reached", Column("last transaction", wrap=True), Column("replayed", drop=1)],
-                [[reached["target"], reached["redo_done"], reached["last_transaction"], reached["replayed_bytes"]]],
-            )
-        if result.postgres:
-            out.log(f"Postgres is running on the restored data: {result.postgres['psql']}")
-        out.finish(result)
-
-
-@app.command("drill")
-def drill(
-    ctx: typer.Context,
-    source: str = typer.Argument(..., metavar="CLUSTER|HOST", help="The Postgres cluster, or a member of it."),
-    onto: str = typer.Option(..., "--onto", help="The scratch host to restore onto (never one that runs a primary)."),
-    to_time: str | None = typer.Option(
-        None, "--to", help="Recover to this time instead of a random one of the retained range."
-    ),
-    dry_run: bool = DRY_RUN_OPTION,
-    yes: bool = YES_OPTION,
-    json_flag: bool = JSON_OPTION,
-) -> None:
-    """Restore the cluster to a point in time onto a scratch host, check the copy (pg_amcheck,
-    rows per shard), measure the time it took, take it away, and record the outcome for igops check."""
-    from igops import snapshot_drill
-
-    with command(ctx, "snapshot drill", json_flag) as out:
-        fleet = load_fleet(ctx)
-        fleet.host(onto)
-        ebs = Ebs(fleet)
-        plan = snapshot_drill.plan_drill(fleet, ebs, source, onto, to_time)
-        result = mutate(
-            out,
-            fleet,
-            kind=snapshot_drill.KIND,
-            resources=[conflicts.host(onto)],
-            targets=[onto],
-            title=f"Drill: restore {plan.cluster} to {plan.target.describe()}"
-            + (" (chosen at random)" if plan.chosen_at_random else "")
-            + f" onto {onto} from group {plan.restore.group_id}",
-            steps=plan.steps(),
-            dry_run=dry_run,
-            yes=yes,
-            action=lambda reporter: snapshot_drill.run_drill(fleet, ebs, plan, reporter),
-            outcome=lambda r: (
-                f"drill {'passed' if r.passed else 'FAILED'}: RTO {r.rto_s} s"
-                + ("; " + "; ".join(r.problems) if r.problems else ""),
-                0 if r.passed else ExitCode.PROBLEMS_FOUND,
-            ),
-        )
-        if result is None:
-            out.finish({"dry_run": dry_run, "plan": plan})
-            return
-        out.table(
-            f"drill of {result.cluster}: {'passed' if result.passed else 'FAILED'}",
-            ["shard", "rows in the copy", "rows in the source"],
-            [[schema, counts["copy"], counts["source"]] for schema, counts in result.shards.items()],
-        )
-        out.finish(result)
-        if not result.passed:
-            exit_with(ExitCode.PROBLEMS_FOUND)
+# `snapshot restore` and `snapshot drill` live in modules of their own (their options are many).
+app.command("restore")(snapshot_restore.restore)
+app.command("drill")(snapshot_drill.drill)

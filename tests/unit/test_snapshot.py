@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import restore_scripts, snapshot, snapshot_policy
+from igops import restore_scripts, snapshot, snapshot_policy, snapshot_volumes
 from igops.agent import blockdevs
 from igops.ebs import Attachment
 from igops.errors import RefusedError
@@ -84,7 +84,7 @@ ATTACHED = [Attachment("vol-root", "/dev/xvda", 8, True)] + [
 
 def test_map_volumes_from_nvme_serials_keeps_raid_order():
     ids = [f"vol-0aaaaaaaaaaaaaaa{i}" for i in (1, 2, 3, 4)]
-    targets = snapshot.map_volumes(FakeHost(), [raid_entry(ids)], ATTACHED)
+    targets = snapshot_volumes.map_volumes(FakeHost(), [raid_entry(ids)], ATTACHED)
     assert [(t.raid_index, t.volume_id) for t in targets] == list(enumerate(ids))
     assert all(t.raid_members == 4 and t.raid_level == "raid0" for t in targets)
 
@@ -92,7 +92,7 @@ def test_map_volumes_from_nvme_serials_keeps_raid_order():
 def test_map_volumes_from_inventory_list_wins():
     ids = [f"vol-0aaaaaaaaaaaaaaa{i}" for i in (4, 3, 2, 1)]
     host = FakeHost(mounts=[FakeMount("/var/lib/postgresql", ids)])
-    targets = snapshot.map_volumes(host, [raid_entry()], ATTACHED)
+    targets = snapshot_volumes.map_volumes(host, [raid_entry()], ATTACHED)
     assert [t.volume_id for t in targets] == ids
 
 
@@ -103,7 +103,7 @@ def test_map_volumes_by_attachment_device_name_with_xen_alias():
         "raid": None,
         "members": [{"device": "/dev/xvdg", "raid_index": 0, "volume_id": None}],
     }
-    [target] = snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+    [target] = snapshot_volumes.map_volumes(FakeHost(), [entry], ATTACHED)
     assert target.volume_id == "vol-0aaaaaaaaaaaaaaa2"
 
 
@@ -115,7 +115,7 @@ def test_unknown_device_is_refused_before_any_freeze():
         "members": [{"device": "/dev/xvdz", "raid_index": 0, "volume_id": None}],
     }
     with pytest.raises(RefusedError, match="not a known EBS volume"):
-        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+        snapshot_volumes.map_volumes(FakeHost(), [entry], ATTACHED)
 
 
 def test_volume_of_another_instance_is_refused():
@@ -126,7 +126,7 @@ def test_volume_of_another_instance_is_refused():
         "members": [{"device": "/dev/nvme9n1", "raid_index": 0, "volume_id": "vol-0ffffffffffffffff"}],
     }
     with pytest.raises(RefusedError, match="not attached"):
-        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+        snapshot_volumes.map_volumes(FakeHost(), [entry], ATTACHED)
 
 
 def test_root_volume_is_refused():
@@ -137,13 +137,13 @@ def test_root_volume_is_refused():
         "members": [{"device": "/dev/xvda", "raid_index": 0, "volume_id": None}],
     }
     with pytest.raises(RefusedError, match="root"):
-        snapshot.map_volumes(FakeHost(), [entry], ATTACHED)
+        snapshot_volumes.map_volumes(FakeHost(), [entry], ATTACHED)
 
 
 def test_member_count_mismatch_is_refused():
     host = FakeHost(mounts=[FakeMount("/var/lib/postgresql", ["vol-0aaaaaaaaaaaaaaa1"])])
     with pytest.raises(RefusedError, match="4 member devices"):
-        snapshot.map_volumes(host, [raid_entry()], ATTACHED)
+        snapshot_volumes.map_volumes(host, [raid_entry()], ATTACHED)
 
 
 def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=UTC)):
@@ -208,7 +208,7 @@ def test_mount_script_quotes_and_assembles_raid():
 
 
 def test_create_plan_steps_say_one_call_or_parallel():
-    volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
+    volume = snapshot_volumes.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
     plan = snapshot.CreatePlan(
         "g", "db1", "i-1", "postgres", ["/data", "/wal"], [volume, volume], True, 10, "psql -c CHECKPOINT"
     )

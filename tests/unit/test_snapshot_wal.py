@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from igops import snapshot, snapshot_wal
+from igops import snapshot, snapshot_volumes, snapshot_wal
 
 ENDED = datetime(2026, 12, 4, 6, 10, 1, 250000, tzinfo=UTC)
 
@@ -40,7 +40,7 @@ def test_the_timeline_is_read_from_the_label():
 
 
 def test_a_members_group_plans_the_backup_around_the_freeze():
-    volume = snapshot.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
+    volume = snapshot_volumes.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
     plan = snapshot.CreatePlan("g", "db2", "i-1", "postgres", ["/data"], [volume], True, 10, None, wal_cluster="main")
     steps = plan.steps()
     assert steps[0].startswith("on db2: pg_backup_start") and "main's archived WAL" in steps[0]
