@@ -12,20 +12,11 @@ from igops.errors import ExitCode
 from igops.lab import aws
 from igops.lab.state import WAL_BUCKET
 from tests.conftest import run_igops
-from tests.labtools import postgres, wait_for
+from tests.labtools import igops, postgres, wait_for
 
 pytestmark = pytest.mark.lab
 
 HOME_PRIMARY, OTHER_PRIMARY = "db1", "db2"
-
-
-def igops(lab, *args, timeout=300):
-    result = run_igops("-c", str(lab.source), *args, "--json", timeout=timeout)
-    try:
-        envelope = json.loads(result.stdout)
-    except ValueError:
-        envelope = None
-    return result, envelope
 
 
 def status(lab):
