@@ -3,9 +3,9 @@
 
 - CRITICAL: archive_mode is not on, or WAL has waited to be archived for more than
   10 × archive_timeout;
-- WARNING: WAL has waited for more than 2 × archive_timeout, archiving fails (the last failure
-  is newer than the last success), or an attempt failed within 2 × archive_timeout though a
-  later one worked.
+- WARNING: WAL has waited for more than 2 × archive_timeout, or archiving fails (the last
+  failure is newer than the last success). A failure followed by a success is named in the
+  summary, not alarmed on.
 A repository that goes away is WARNING at once (archiving fails) and CRITICAL once the WAL it
 holds up is 10 × archive_timeout old.
 An idle cluster switches no segment, so an old last archive alone is no problem: the age counts
@@ -49,12 +49,13 @@ def verdict(archiver: ArchiverStats, ready_files: int | None, archive_timeout: i
         NagiosStatus.CRITICAL
         if waited > critical_s
         else NagiosStatus.WARNING
-        if waited > warning_s or failing or (failed_age is not None and failed_age < warning_s)
+        if waited > warning_s or failing
         else NagiosStatus.OK
     )
     if failing:
         summary = f"archiving fails: {archiver.last_failed_wal} failed {failed_age or 0:.0f} s ago; {last}{waiting}"
     elif failed_age is not None and failed_age < warning_s:
+        # Worked again since: said, not alarmed on (a repository restart is such a blip).
         summary = f"{last}{waiting}; {archiver.last_failed_wal} failed {failed_age:.0f} s ago, then worked"
     else:
         summary = last + waiting
@@ -86,12 +87,12 @@ def _probe(fleet: Fleet, cluster: str) -> Probe:
             report(Result("archive", cluster, NagiosStatus.UNKNOWN, f"cannot read the archive: {said}"))
             return
         status, summary = verdict(archiver, ready, timeout)
-        perf = [Perf("ready", float(ready or 0), minimum=0)]
+        perf = [Perf(f"ready {cluster}", float(ready or 0), minimum=0)]
         if archiver.last_archived_age_s is not None:
             perf.insert(
                 0,
                 Perf(
-                    "archive-age",
+                    f"archive-age {cluster}",
                     round(archiver.last_archived_age_s, 1),
                     "s",
                     WARNING_TIMEOUTS * timeout,
