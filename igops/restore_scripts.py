@@ -156,9 +156,23 @@ def server_options(pg: PostgresStart) -> str:
     return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
 
 
+# Settings a server replaying WAL must hold at no less than the primary that wrote it, or
+# recovery aborts ("insufficient parameter settings"): pg_control records the primary's, under
+# these names.
+_REQUIRED_AT_LEAST = {
+    "max_connections setting": "max_connections",
+    "max_worker_processes setting": "max_worker_processes",
+    "max_wal_senders setting": "max_wal_senders",
+    "max_prepared_xacts setting": "max_prepared_transactions",
+    "max_locks_per_xact setting": "max_locks_per_transaction",
+}
+
+
 def start_script(pg: PostgresStart) -> str:
-    run, user = shlex.quote(pg.run_directory), shlex.quote(pg.os_user)
+    run, user, log = shlex.quote(pg.run_directory), shlex.quote(pg.os_user), shlex.quote(pg.log)
+    data = shlex.quote(pg.data_directory)
     as_user = f"runuser -u {user} -- env -C /"
+    awk = " ".join(f'$1=="{label}"{{printf " -c {name}=%d", $2}}' for label, name in _REQUIRED_AT_LEAST.items())
     return "\n".join(
         [
             "set -e",
@@ -169,9 +183,12 @@ def start_script(pg: PostgresStart) -> str:
             f"printf 'local all {pg.os_user} peer\\n' > {run}/pg_hba.conf",
             f": > {run}/pg_ident.conf",
             f"chown {user} {run}/postgresql.conf {run}/pg_hba.conf {run}/pg_ident.conf",
-            f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {shlex.quote(pg.data_directory)} "
-            f"-o {shlex.quote(server_options(pg))} -l {shlex.quote(pg.log)} -w -t 300 start >/dev/null "
-            f"|| {{ tail -n 20 {shlex.quote(pg.log)} >&2; exit 1; }}",
+            f"required=$({as_user} {shlex.quote(pg.bin_dir + '/pg_controldata')} -D {data} | "
+            f"awk -F': *' {shlex.quote(awk)})",
+            f"{as_user} {shlex.quote(pg.bin_dir + '/pg_ctl')} -D {data} "
+            f'-o {shlex.quote(server_options(pg))}"$required" -l {log} -w -t 300 start >/dev/null '
+            # The cause is the server's FATAL or PANIC line, not the shutdown lines after it.
+            f"|| {{ grep -E 'FATAL|PANIC' {log} | tail -n 2 >&2 || tail -n 3 {log} >&2; exit 1; }}",
         ]
     )
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 from igops.lab import aws, state
 from igops.secrets import Secrets
+from tests.conftest import run_igops
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05):
@@ -89,3 +91,13 @@ def without_coordination(inventory_text: str) -> str:
     import re
 
     return re.sub(r"^\[coordination\]\n(?:[^\[\n][^\n]*\n)*", "", inventory_text, flags=re.M)
+
+
+def igops(lab, *args: str, timeout: float = 300):
+    """igops against the lab with --json: the process, and its envelope (None if stdout held none)."""
+    result = run_igops("-c", str(lab.source), *args, "--json", timeout=timeout)
+    try:
+        envelope = json.loads(result.stdout)
+    except ValueError:
+        envelope = None
+    return result, envelope

@@ -1,11 +1,11 @@
 """The WAL archive check: one verdict per Postgres cluster when the fleet archives WAL
 (`[archive]`), like `barman check --nagios`.
 
-- CRITICAL: archive_mode is not on, the repository's stanza is not usable, or WAL has waited to
-  be archived for more than 10 × archive_timeout;
-- WARNING: WAL has waited for more than 2 × archive_timeout, archiving fails (the last failure
-  is newer than the last success), or an attempt failed within 2 × archive_timeout though a
-  later one worked.
+- CRITICAL: archive_mode is not on, or WAL has waited to be archived for more than
+  10 × archive_timeout;
+- WARNING: WAL has waited for more than 2 × archive_timeout, or archiving fails (the last
+  failure is newer than the last success). A failure followed by a success is named in the
+  summary, not alarmed on.
 A repository that goes away is WARNING at once (archiving fails) and CRITICAL once the WAL it
 holds up is 10 × archive_timeout old.
 An idle cluster switches no segment, so an old last archive alone is no problem: the age counts
@@ -23,17 +23,16 @@ from igops.errors import NagiosStatus
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
-    from igops.pg.archive import RepositoryInfo
     from igops.pg.archive_status import ArchiverStats
 
 WARNING_TIMEOUTS = 2
 CRITICAL_TIMEOUTS = 10
 
 
-def verdict(
-    archiver: ArchiverStats, ready_files: int | None, repository: RepositoryInfo, archive_timeout: int
-) -> tuple[NagiosStatus, str]:
-    """Judge one cluster's archiving (pure: the caller reads the primary and the repository)."""
+def verdict(archiver: ArchiverStats, ready_files: int | None, archive_timeout: int) -> tuple[NagiosStatus, str]:
+    """Judge one cluster's archiving (pure: the caller reads the primary). The repository itself
+    is not read: a check must answer while it does not, and a repository that cannot take WAL
+    shows as archiving that fails."""
     warning_s, critical_s = WARNING_TIMEOUTS * archive_timeout, CRITICAL_TIMEOUTS * archive_timeout
     age = archiver.last_archived_age_s
     last = (
@@ -44,8 +43,6 @@ def verdict(
     waiting = f"; {ready_files} segments wait" if ready_files else ""
     if archiver.archive_mode != "on":
         return NagiosStatus.CRITICAL, f"archive_mode is {archiver.archive_mode}: run `igops pg archive setup`"
-    if not repository.exists:
-        return NagiosStatus.CRITICAL, f"the repository's stanza is not usable: {repository.status}"
     failed_age = archiver.last_failed_age_s
     failing = archiver.last_failed_time is not None and (age is None or (failed_age is not None and failed_age < age))
     waited = (age if age is not None else float("inf")) if ready_files else 0.0
@@ -53,12 +50,13 @@ def verdict(
         NagiosStatus.CRITICAL
         if waited > critical_s
         else NagiosStatus.WARNING
-        if waited > warning_s or failing or (failed_age is not None and failed_age < warning_s)
+        if waited > warning_s or failing
         else NagiosStatus.OK
     )
     if failing:
         summary = f"archiving fails: {archiver.last_failed_wal} failed {failed_age or 0:.0f} s ago; {last}{waiting}"
     elif failed_age is not None and failed_age < warning_s:
+        # Worked again since: said, not alarmed on (a repository restart is such a blip).
         summary = f"{last}{waiting}; {archiver.last_failed_wal} failed {failed_age:.0f} s ago, then worked"
     else:
         summary = last + waiting
@@ -142,26 +140,27 @@ def _drill_probe(fleet: Fleet) -> Probe:
 
 def _probe(fleet: Fleet, cluster: str) -> Probe:
     def run(report: Report) -> None:
-        from igops.pg.archive_status import archive_status
+        from igops.pg.archive_status import archiver_stats, backlog
 
         assert fleet.model.archive is not None  # archive_probes makes none without it
+        timeout = fleet.model.archive.archive_timeout
         started = time.monotonic()
         try:
-            state = archive_status(fleet, cluster)
+            host, archiver = archiver_stats(fleet, cluster)
+            ready, _, _, _ = backlog(fleet, host)
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             text = str(exc).strip().splitlines()
             said = (text[0] if text else type(exc).__name__)[:200]
             report(Result("archive", cluster, NagiosStatus.UNKNOWN, f"cannot read the archive: {said}"))
             return
-        status, summary = verdict(state.archiver, state.ready_files, state.repository, state.archive_timeout)
-        timeout = state.archive_timeout
-        perf = [Perf("ready", float(state.ready_files or 0), minimum=0)]
-        if state.archiver.last_archived_age_s is not None:
+        status, summary = verdict(archiver, ready, timeout)
+        perf = [Perf(f"ready {cluster}", float(ready or 0), minimum=0)]
+        if archiver.last_archived_age_s is not None:
             perf.insert(
                 0,
                 Perf(
-                    "archive-age",
-                    round(state.archiver.last_archived_age_s, 1),
+                    f"archive-age {cluster}",
+                    round(archiver.last_archived_age_s, 1),
                     "s",
                     WARNING_TIMEOUTS * timeout,
                     CRITICAL_TIMEOUTS * timeout,

@@ -114,11 +114,11 @@ _BACKLOG = (
 )
 
 
-def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
+def archiver_stats(fleet: Fleet, cluster: str) -> tuple[Any, ArchiverStats]:
+    """The primary (its inventory host) and its pg_stat_archiver: one query, nothing of the
+    repository's, so that it answers at once while the repository does not."""
     from igops import postgres_admin
 
-    settings = archive_settings(fleet)
-    name = stanza(fleet, cluster)
     with postgres_admin.primary_connection(
         fleet, cluster, "postgres", autocommit=True, purpose="archive"
     ) as connection:
@@ -126,15 +126,27 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
             cursor.execute(_ARCHIVER)
             row = cursor.fetchone()
             assert row is not None  # pg_stat_archiver always has its one row
-    archiver = ArchiverStats(*row)
-    host = postgres_admin.primary_of(fleet, cluster)
-    info_argv = as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info"))
+    return postgres_admin.primary_of(fleet, cluster), ArchiverStats(*row)
+
+
+def backlog(fleet: Fleet, host: Any, *then: str) -> tuple[int | None, int | None, str, bool]:
+    """On the primary: the segments waiting (.ready), the spool's bytes, and what `then` printed
+    (and whether it succeeded)."""
     spool = member_paths(fleet, host)["spool_path"]
-    result = ssh(fleet, host, ["sh", "-c", _BACKLOG, "sh", data_directory(fleet, host), spool, *info_argv], timeout=60)
+    result = ssh(fleet, host, ["sh", "-c", _BACKLOG, "sh", data_directory(fleet, host), spool, *then], timeout=60)
     if not result.reached:
         raise IgopsError(f"{host.name}: {failure_reason(result)}", "check SSH to the primary (igops hosts)")
-    ready, spool_bytes, info_text = parse_backlog(result.stdout)
-    repository = parse_info(info_text, name) if result.ok else RepositoryInfo(False, failure_reason(result))
+    ready, spool_bytes, said = parse_backlog(result.stdout)
+    return ready, spool_bytes, said if result.ok else failure_reason(result), result.ok
+
+
+def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
+    settings = archive_settings(fleet)
+    name = stanza(fleet, cluster)
+    host, archiver = archiver_stats(fleet, cluster)
+    info_argv = as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info"))
+    ready, spool_bytes, info_text, ok = backlog(fleet, host, *info_argv)
+    repository = parse_info(info_text, name) if ok else RepositoryInfo(False, info_text)
     status = ArchiveStatus(
         cluster,
         name,

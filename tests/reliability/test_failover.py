@@ -22,8 +22,8 @@ from igops import coordination, inventory
 from igops.errors import ExitCode
 from igops.lab import state
 from igops.lab.state import MARKER_ENV
-from tests.conftest import ROOT, run_igops
-from tests.labtools import postgres, trim_wal, verify_lab_ledger, wait_for
+from tests.conftest import ROOT
+from tests.labtools import igops, postgres, trim_wal, verify_lab_ledger, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -34,15 +34,6 @@ WRITE_RATIO = 0.85
 ROUND_TRIPS = 2
 HOME_PRIMARY, OTHER_PRIMARY = "db1", "db2"
 HOME_MASTER, OTHER_MASTER = "redis1", "redis2"
-
-
-def igops(lab, *args, timeout=300):
-    result = run_igops("-c", str(lab.source), *args, "--json", timeout=timeout)
-    try:
-        envelope = json.loads(result.stdout)
-    except ValueError:
-        envelope = None
-    return result, envelope
 
 
 def lb_url(lab) -> str:

@@ -3,11 +3,9 @@ the repository, as igops.pg.archive_status reads them)."""
 
 from igops.checks.archive import verdict
 from igops.errors import NagiosStatus
-from igops.pg.archive import RepositoryInfo
 from igops.pg.archive_status import ArchiverStats
 
 TIMEOUT = 60
-USABLE = RepositoryInfo(True, "ok")
 
 
 def archiver(age=30.0, failed_age=None, mode="on"):
@@ -26,30 +24,28 @@ def archiver(age=30.0, failed_age=None, mode="on"):
 
 
 def test_an_archive_keeping_up_is_ok_and_an_idle_one_too():
-    assert verdict(archiver(age=30), 0, USABLE, TIMEOUT)[0] == NagiosStatus.OK
-    status, summary = verdict(archiver(age=86_400), 0, USABLE, TIMEOUT)  # nothing written for a day
+    assert verdict(archiver(age=30), 0, TIMEOUT)[0] == NagiosStatus.OK
+    status, summary = verdict(archiver(age=86_400), 0, TIMEOUT)  # nothing written for a day
     assert status == NagiosStatus.OK and "last archived 000000010000000000000009" in summary
 
 
 def test_waiting_wal_is_warning_past_twice_the_timeout_and_critical_past_ten_times():
-    assert verdict(archiver(age=100), 3, USABLE, TIMEOUT)[0] == NagiosStatus.OK
-    status, summary = verdict(archiver(age=121), 3, USABLE, TIMEOUT)
+    assert verdict(archiver(age=100), 3, TIMEOUT)[0] == NagiosStatus.OK
+    status, summary = verdict(archiver(age=121), 3, TIMEOUT)
     assert status == NagiosStatus.WARNING and "3 segments wait" in summary and "critical past 600 s" in summary
-    assert verdict(archiver(age=601), 3, USABLE, TIMEOUT)[0] == NagiosStatus.CRITICAL
-    assert verdict(archiver(age=None), 1, USABLE, TIMEOUT)[0] == NagiosStatus.CRITICAL  # never archived
+    assert verdict(archiver(age=601), 3, TIMEOUT)[0] == NagiosStatus.CRITICAL
+    assert verdict(archiver(age=None), 1, TIMEOUT)[0] == NagiosStatus.CRITICAL  # never archived
 
 
 def test_a_failing_archive_warns_at_once_and_is_critical_once_the_wal_it_holds_is_old():
-    status, summary = verdict(archiver(age=90, failed_age=5), 2, USABLE, TIMEOUT)
+    status, summary = verdict(archiver(age=90, failed_age=5), 2, TIMEOUT)
     assert status == NagiosStatus.WARNING and summary.startswith("archiving fails: 00000001000000000000000A")
-    assert verdict(archiver(age=700, failed_age=5), 9, USABLE, TIMEOUT)[0] == NagiosStatus.CRITICAL
-    status, summary = verdict(archiver(age=5, failed_age=50), 0, USABLE, TIMEOUT)  # failed, then worked
-    assert status == NagiosStatus.WARNING and "then worked" in summary
-    assert verdict(archiver(age=5, failed_age=500), 0, USABLE, TIMEOUT)[0] == NagiosStatus.OK
+    assert verdict(archiver(age=700, failed_age=5), 9, TIMEOUT)[0] == NagiosStatus.CRITICAL
+    status, summary = verdict(archiver(age=5, failed_age=50), 0, TIMEOUT)  # failed, then worked
+    assert status == NagiosStatus.OK and "then worked" in summary
+    assert verdict(archiver(age=5, failed_age=500), 0, TIMEOUT)[0] == NagiosStatus.OK
 
 
-def test_archiving_off_or_an_unusable_stanza_is_critical():
-    status, summary = verdict(archiver(mode="off"), 0, USABLE, TIMEOUT)
+def test_archiving_off_is_critical():
+    status, summary = verdict(archiver(mode="off"), 0, TIMEOUT)
     assert status == NagiosStatus.CRITICAL and "igops pg archive setup" in summary
-    status, summary = verdict(archiver(), 0, RepositoryInfo(False, "missing stanza path"), TIMEOUT)
-    assert status == NagiosStatus.CRITICAL and "missing stanza path" in summary
