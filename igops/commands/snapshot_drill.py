@@ -14,7 +14,9 @@ from igops.operations import conflicts
 def drill(
     ctx: typer.Context,
     source: str = typer.Argument(..., metavar="CLUSTER|HOST", help="The Postgres cluster, or a member of it."),
-    onto: str = typer.Option(..., "--onto", metavar="HOST", help="The scratch host to restore onto (never one that runs a primary)."),
+    onto: str = typer.Option(
+        ..., "--onto", metavar="HOST", help="The scratch host to restore onto (never one that runs a primary)."
+    ),
     to_time: str | None = typer.Option(
         None, "--to", metavar="TIME", help="Recover to this time instead of a random one of the retained range."
     ),
