@@ -170,6 +170,24 @@ class Ebs:
         if self._images:
             self._images.forget_snapshot(snapshot_id)
 
+    def fast_restores(self, snapshot_ids: list[str], zone: str) -> dict[str, bool] | None:
+        """Which of the snapshots have EBS fast snapshot restore enabled in `zone` (a volume from
+        one is fully initialised at once; from any other, each block is fetched from S3 on its
+        first read). None: the endpoint does not answer the question (an account or an API
+        without it)."""
+        try:
+            answer = self._ec2.describe_fast_snapshot_restores(
+                Filters=[
+                    {"Name": "snapshot-id", "Values": snapshot_ids},
+                    {"Name": "availability-zone", "Values": [zone]},
+                    {"Name": "state", "Values": ["enabled"]},
+                ]
+            )
+        except Exception:  # noqa: BLE001 - any failure means the same: not known
+            return None
+        enabled = {item["SnapshotId"] for item in answer.get("FastSnapshotRestores", [])}
+        return {snapshot_id: snapshot_id in enabled for snapshot_id in snapshot_ids}
+
     def create_volume(self, snapshot_id: str, zone: str, tags: dict[str, str]) -> str:
         answer = self._call(
             "CreateVolume",

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from igops.ebs import Ebs
     from igops.inventory import Fleet
     from igops.inventory_model import Host
+    from igops.vmtouch import WarmPlan
 
 TAG_RESTORED_TO = "igops:restored-to"
 TAG_RESTORED_AT = "igops:restored-at"
@@ -84,6 +85,16 @@ class RestorePlan:
     raid_levels: dict[str, str]
     postgres: PostgresStart | None
     recovery: Recovery | None = None  # a point-in-time restore: where its WAL comes from and goes to
+    # Snapshot id -> EBS fast snapshot restore enabled in the host's zone; None: not known.
+    fast_restore: dict[str, bool] | None = None
+    warm: WarmPlan | None = None  # --warm-from: a member's page cache, copied onto the copy
+
+    def fast_restore_note(self, snapshot_id: str) -> str:
+        if self.fast_restore is None:
+            return "fast snapshot restore unknown: the EC2 endpoint does not say"
+        if self.fast_restore.get(snapshot_id):
+            return "fast snapshot restore: initialised at once"
+        return "no fast snapshot restore: each block is fetched on its first read"
 
     def target_path(self, mount: str) -> str:
         return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
@@ -93,8 +104,9 @@ class RestorePlan:
         for mount, members in self.mounts.items():
             for member in members:
                 steps.append(
-                    f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}) and "
-                    f"attach it to {self.instance_id} ({self.to_host})"
+                    f"create a volume from {member.snapshot_id} ({mount} member {member.raid_index}; "
+                    f"{self.fast_restore_note(member.snapshot_id)}) and attach it to "
+                    f"{self.instance_id} ({self.to_host})"
                 )
             if len(members) > 1:
                 steps.append(
@@ -134,6 +146,9 @@ class RestorePlan:
                     "archiving off; it replays its WAL to the moment of the freeze"
                 )
         steps.append("if any step fails: stop what was started, unmount, detach and delete the volumes made")
+        if self.warm:
+            # A warming that fails leaves the restored copy as it is: it is only slower.
+            steps += [f"then warm the copy: {step}" for step in self.warm.steps()]
         return steps
 
 
@@ -145,6 +160,8 @@ class RestoreResult:
     mounted: dict[str, str] = field(default_factory=dict)  # original mount -> where it is now mounted
     postgres: dict[str, Any] | None = None  # data_directory, socket_directory, port, log, psql
     reached: dict[str, Any] | None = None  # a point-in-time restore's: the point, the WAL replayed
+    fast_restore: dict[str, bool] | None = None  # as planned: see RestorePlan.fast_restore
+    warmed: dict[str, Any] | None = None  # --warm-from: pages and bytes warmed, or the error
 
 
 def plan_restore(
@@ -189,6 +206,9 @@ def plan_restore(
         dict(mounts),
         levels,
         None,
+    )
+    plan.fast_restore = ebs.fast_restores(
+        [snapshot["SnapshotId"] for snapshot in group.snapshots], ebs.availability_zone(host.instance_id)
     )
     if role == "postgres":
         plan.postgres = postgres_start(fleet, group_id, group.host, {m: plan.target_path(m) for m in mounts}, port)
@@ -237,6 +257,23 @@ def plan_point_in_time(
     return plan_restore(fleet, ebs, group.group_id, to_host, mount_root, port, target)
 
 
+def warm_from(fleet: Fleet, plan: RestorePlan, source: str) -> RestorePlan:
+    """The plan, warming the restored copy from `source`'s page cache once it runs (a member of
+    the cluster restored: the same files are hot)."""
+    from igops import vmtouch
+
+    cluster = plan.recovery.cluster if plan.recovery else snapshot_wal.cluster_of(fleet, plan.source_host)
+    if plan.postgres is None or cluster is None:
+        raise UsageError(
+            f"group {plan.group_id} holds no Postgres member's data: --warm-from has nothing to warm",
+            "leave out --warm-from, or warm the host's mounts with `igops warm copy` after the restore",
+        )
+    plan.warm = vmtouch.plan_copy_onto_restored(
+        fleet, source, plan.to_host, cluster, plan.postgres.data_directory, vmtouch.WarmOptions()
+    )
+    return plan
+
+
 def refuse_a_primary(fleet: Fleet, host_name: str) -> None:
     """A restore never lands on a host that runs a primary: its mounts and its server are the
     cluster's."""
@@ -282,7 +319,7 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
     host = fleet.host(plan.to_host)
     refuse_second_restore(ebs, plan.group_id, host)  # again, under the lock
     zone = ebs.availability_zone(plan.instance_id)
-    result = RestoreResult(plan.group_id, plan.to_host)
+    result = RestoreResult(plan.group_id, plan.to_host, fast_restore=plan.fast_restore)
     try:
         for mount, members in plan.mounts.items():
             devices = []
@@ -303,7 +340,7 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
                     )
                     result.volumes[member.snapshot_id] = volume_id
                     devices.append(ebs.attach(volume_id, plan.instance_id))
-                    step.detail = f"{volume_id} at {devices[-1]}"
+                    step.detail = f"{volume_id} at {devices[-1]}; {plan.fast_restore_note(member.snapshot_id)}"
             with reporter.step(f"mount {mount} at {plan.to_host}:{path}"):
                 host_script(
                     fleet,
@@ -342,7 +379,27 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
         elif isinstance(failure, IgopsError):
             failure.hint = f"the undo left: {'; '.join(leftovers)}"
         raise
+    if plan.warm:
+        result.warmed = _warm(fleet, plan.warm, reporter)
     return result
+
+
+def _warm(fleet: Fleet, plan: WarmPlan, reporter: Reporter) -> dict[str, Any]:
+    """Copy the member's page cache onto the copy; a failure is reported, the copy stays."""
+    from igops import vmtouch
+
+    try:
+        warmed = vmtouch.copy(fleet, plan, reporter)
+    except IgopsError as exc:
+        return {"from": plan.source, "error": exc.one_line()}
+    return {
+        "from": plan.source,
+        "warmed_pages": warmed.warmed_pages,
+        "warmed_bytes": warmed.warmed_bytes,
+        "hit_ratio": warmed.hit_ratio,
+        "skipped_files": warmed.skipped_files,
+        "seconds": warmed.seconds,
+    }
 
 
 def _recovery_files(fleet: Fleet, host: Host, recovery: Recovery, pg: PostgresStart, reporter: Reporter) -> None:

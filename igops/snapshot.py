@@ -513,13 +513,17 @@ def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
     return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
 
 
-def prune(ebs: Ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
-    """Delete the groups of a prune plan (igops.snapshot_policy.plan_prune), oldest first."""
+def prune(fleet: Fleet, ebs: Ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
+    """Delete the groups of a prune plan (igops.snapshot_policy.plan_prune), oldest first, then
+    the archived WAL that none of the groups left needs."""
+    from igops.pg import archive_repository
+
     deleted = []
     for group in plan.delete:
         with reporter.step(f"delete group {group.group_id}"):
             delete_group(ebs, group)
             deleted.append(group.group_id)
+    archive_repository.expire(fleet, plan.wal, reporter)
     return deleted
 
 

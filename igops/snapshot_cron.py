@@ -159,8 +159,12 @@ def plan_take(fleet: Fleet, ebs: Ebs, take: Take) -> snapshot.CreatePlan | None:
 
 def plan_prune(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
     """What each set's policy lets go (an empty retention keeps every complete group and
-    deletes only stale leftovers); groups of hosts in no set are left alone."""
+    deletes only stale leftovers), and the archived WAL the groups left do not need; groups of
+    hosts in no set are left alone."""
+    from igops.pg import archive_repository
+
     sets = snapshot_policy.data_sets(fleet)
-    return snapshot_policy.plan_prune(
+    plan = snapshot_policy.plan_prune(
         groups, *snapshot_policy.prune_rules(sets), now, timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     )
+    return archive_repository.for_prune(fleet, groups, plan)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from igops.snapshot import STATE_COMPLETE, STATE_PENDING, STATE_TAKING, Snapshot
 if TYPE_CHECKING:
     from igops.inventory import Fleet
     from igops.inventory_model import SnapshotPolicy
+    from igops.pg.archive_repository import WalExpiry
 
 DEFAULT_MINIMUM_REDUNDANCY = 1
 POLICY_KEYS = (
@@ -169,13 +170,21 @@ BUCKETS: dict[str, Callable[[datetime], str]] = {
 class PrunePlan:
     keep: dict[str, list[str]]  # group id -> why it is kept
     delete: list[SnapshotGroup]
+    # The archived WAL no group left needs (igops.pg.archive_repository.for_prune).
+    wal: list[WalExpiry] = field(default_factory=list)
 
     def steps(self) -> list[str]:
         return [
-            f"delete group {group.group_id} ({group.host}, {group.state}, "
-            f"{group.created:%Y-%m-%d %H:%M} UTC, {plural(group.volumes, 'snapshot')})"
-            for group in self.delete
+            *(
+                f"delete group {group.group_id} ({group.host}, {group.state}, "
+                f"{group.created:%Y-%m-%d %H:%M} UTC, {plural(group.volumes, 'snapshot')})"
+                for group in self.delete
+            ),
+            *(expiry.step() for expiry in self.wal),
         ] or ["nothing to delete"]
+
+    def empty(self) -> bool:
+        return not self.delete and not self.wal
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ class WarmPlan:
     pages: int | None = None
     bytes: int | None = None
     profile: str | None = None
+    # A restored copy's data directory (`snapshot restore --warm-from`): the target's only
+    # Postgres directory and the only place the warming may read, instead of the inventory's.
+    copy_directory: str | None = None
 
     def steps(self) -> list[str]:
         mapping = "; ".join(
@@ -233,10 +236,10 @@ def _warm_invocation(fleet: Fleet, target: Host, plan: WarmPlan) -> tuple[str, b
     args = ["apply", *plan.target_paths, "--concurrency", str(options.concurrency), "--match", options.match]
     if options.rate:
         args += ["--rate", str(options.rate)]
-    pgdata = data_directory(fleet, target)
+    pgdata = plan.copy_directory or data_directory(fleet, target)
     if pgdata:
         args += ["--cluster-dir", pgdata]
-    for prefix in allowed_prefixes(fleet, target):
+    for prefix in [plan.copy_directory] if plan.copy_directory else allowed_prefixes(fleet, target):
         args += ["--within", prefix]
     return agent.invocation("pagecache", args)
 
@@ -365,6 +368,32 @@ def plan_copy(
         target_paths=target_paths(fleet, roots, target),
         options=options,
     )
+
+
+def plan_copy_onto_restored(
+    fleet: Fleet, source_name: str, target_name: str, cluster: str, copy_directory: str, options: WarmOptions
+) -> WarmPlan:
+    """Warm a restored copy of `cluster` (its data directory on `target_name`) from a member's page
+    cache: the copy starts out with the member's files, so the same pages are the hot ones."""
+    source, target = fleet.host(source_name), fleet.host(target_name)
+    if postgres_cluster_of(fleet, source.name) != cluster:
+        raise UsageError(
+            f"{source.name} is not a member of {cluster}, the cluster restored",
+            f"warm from a member of {cluster}: {', '.join(_members(fleet, cluster))}",
+        )
+    return WarmPlan(
+        source=source.name,
+        target=target.name,
+        roots=source_roots(fleet, source, None),
+        target_paths=[copy_directory],
+        options=options,
+        copy_directory=copy_directory,
+    )
+
+
+def _members(fleet: Fleet, cluster: str) -> list[str]:
+    members = fleet.model.postgres.clusters[cluster]
+    return [members.primary, *members.standbys]
 
 
 def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:

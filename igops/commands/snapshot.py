@@ -17,6 +17,7 @@ from igops.ebs import Ebs, tags_of
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
 from igops.operations import conflicts
 from igops.output import Output, Reporter, plural
+from igops.pg import archive_repository
 from igops.tables import Column
 
 if TYPE_CHECKING:
@@ -253,27 +254,34 @@ def prune(
                 "--keep-monthly, or set keep_* in the inventory's [snapshot] policy",
             )
         ebs = Ebs(fleet)
+        groups = snapshot.groups(ebs)
         plan = snapshot_policy.plan_prune(
-            snapshot.groups(ebs),
+            groups,
             *snapshot_policy.prune_rules(sets, flags),
             datetime.now(UTC),
             timedelta(minutes=fleet.model.snapshot.stale_after_minutes),
         )
         if host:
             plan.delete = [group for group in plan.delete if group.host == host]
+        plan = archive_repository.for_prune(fleet, groups, plan)
         deleted: list[str] | None = []
-        if plan.delete:
+        if not plan.empty():
             deleted = mutate(
                 out,
                 fleet,
                 kind="snapshot-prune",
                 resources=[conflicts.SNAPSHOTS],
                 targets=[host or "all"],
-                title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}",
+                title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}"
+                + (
+                    f"; expire the WAL they alone needed of {', '.join(e.cluster for e in plan.wal)}"
+                    if plan.wal
+                    else ""
+                ),
                 steps=plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter: snapshot.prune(ebs, plan, reporter),
+                action=lambda reporter: snapshot.prune(fleet, ebs, plan, reporter),
                 outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
             )
         else:
@@ -289,6 +297,7 @@ def prune(
                 "keep": plan.keep,
                 "delete": [g.group_id for g in plan.delete],
                 "deleted": deleted or [],
+                "wal": [expiry.describe() for expiry in plan.wal],
             }
         )
 
@@ -433,6 +442,7 @@ def cron(
                         "skipped": [],
                         "deleted": [],
                         "keep": {},
+                        "wal": [],
                     }
                 )
                 return
@@ -477,6 +487,7 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
         "skipped": [],
         "deleted": [],
         "keep": {},
+        "wal": [],
     }
     for data_set in due:
         take = snapshot_cron.choose(fleet, data_set)
@@ -521,11 +532,12 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
         )
     if report["taken"] and not dry_run:
         groups = snapshot.groups(ebs)  # the new groups count toward retention
-    prune_plan = snapshot_cron.plan_prune(fleet, groups, now)
-    report["keep"] = prune_plan.keep
-    if not prune_plan.delete:
-        return report
     try:
+        prune_plan = snapshot_cron.plan_prune(fleet, groups, now)
+        report["keep"] = prune_plan.keep
+        report["wal"] = [expiry.describe() for expiry in prune_plan.wal]
+        if prune_plan.empty():
+            return report
         report["deleted"] = (
             mutate(
                 out,
@@ -538,7 +550,7 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
                 steps=prune_plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter: snapshot.prune(ebs, prune_plan, reporter),
+                action=lambda reporter: snapshot.prune(fleet, ebs, prune_plan, reporter),
                 outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
             )
             or []

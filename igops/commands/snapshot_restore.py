@@ -38,6 +38,12 @@ def restore(
     port: int = typer.Option(
         5499, "--port", min=1, max=65535, help="Port of the restored Postgres (it listens on its own socket only)."
     ),
+    warm_from: str | None = typer.Option(
+        None,
+        "--warm-from",
+        metavar="HOST",
+        help="Once it runs, warm the copy's page cache like this member's (igops warm copy).",
+    ),
     cleanup: bool = typer.Option(
         False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, detach and delete its volumes."
     ),
@@ -78,6 +84,8 @@ def restore(
             plan = restoring.plan_point_in_time(fleet, ebs, source, target, onto, at, port)
         else:
             plan = restoring.plan_restore(fleet, ebs, source, onto, at, port, target)
+        if warm_from:
+            plan = restoring.warm_from(fleet, plan, warm_from)
         result = mutate(
             out,
             fleet,
@@ -101,6 +109,13 @@ def restore(
                 "recovered to",
                 ["target", "WAL reached", Column("last transaction", wrap=True), Column("replayed", drop=1)],
                 [[reached["target"], reached["redo_done"], reached["last_transaction"], reached["replayed_bytes"]]],
+            )
+        if result.warmed and "error" in result.warmed:
+            out.log(f"warming from {result.warmed['from']} failed: {result.warmed['error']}; the copy is up, only cold")
+        elif result.warmed:
+            out.log(
+                f"warmed from {result.warmed['from']}: {result.warmed['warmed_pages']} pages, "
+                f"{result.warmed['hit_ratio']:.0%} of the profile resident"
             )
         if result.postgres:
             out.log(f"Postgres is running on the restored data: {result.postgres['psql']}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from igops.errors import IgopsError
 from igops.host_commands import failure_reason, ssh
+from igops.pg import archive_repository
 from igops.pg.archive import (
     RepositoryInfo,
     archive_settings,
@@ -156,44 +157,8 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
         ready,
         spool_bytes,
         repository,
-        repository_bytes(fleet),
+        archive_repository.repository_bytes(fleet),
         restore_command(fleet, cluster, host),
     )
     status.problems = archive_problems(archiver, ready, repository, settings.archive_timeout)
     return status
-
-
-def repository_bytes(fleet: Fleet) -> int | None:
-    """The bytes of every object under the repository's path (None: the bucket does not answer)."""
-    import os
-
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from igops.secrets import Secrets
-
-    repo = archive_settings(fleet).repository
-    secrets = Secrets(fleet.model.secrets.file)
-    # The CA file is a path on the database hosts; where igops runs it may not be.
-    verify: Any = repo.ca_file if repo.verify_tls and repo.ca_file and os.path.exists(repo.ca_file) else repo.verify_tls
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"https://{repo.endpoint}:{repo.port}",
-        region_name=repo.region,
-        aws_access_key_id=secrets.require("archive_s3_key"),
-        aws_secret_access_key=secrets.require("archive_s3_key_secret"),
-        verify=verify,
-        config=Config(
-            s3={"addressing_style": "path" if repo.uri_style == "path" else "virtual"}, retries={"max_attempts": 2}
-        ),
-    )
-    total = 0
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=repo.bucket, Prefix=repo.path.strip("/") + "/"
-        ):
-            total += sum(item["Size"] for item in page.get("Contents", []))
-    except (BotoCoreError, ClientError):
-        return None
-    return total

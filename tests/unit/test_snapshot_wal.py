@@ -172,3 +172,15 @@ def test_what_a_recovery_reached_is_read_from_its_log():
     mark = snapshot_wal.WalMark("main", "0/9000028", "0/9001F40", 1, LABEL, ENDED)
     assert replayed_bytes(mark, reached) == 0xA0001F8 - 0x9000028
     assert replayed_bytes(mark, reached_from_log("")) is None
+
+
+def test_each_volume_step_says_whether_fast_snapshot_restore_initialises_it():
+    from igops.restore import RestorePlan, RestoreVolume
+
+    members = [RestoreVolume("snap-a", "/data", 0, "xfs"), RestoreVolume("snap-b", "/data", 1, "xfs")]
+    plan = RestorePlan("g", "db2", "scratch", "i-1", "/restore", {"/data": members}, {"/data": "0"}, None)
+    assert "fast snapshot restore unknown: the EC2 endpoint does not say" in plan.steps()[0]
+    plan.fast_restore = {"snap-a": True, "snap-b": False}
+    steps = plan.steps()
+    assert "(/data member 0; fast snapshot restore: initialised at once)" in steps[0]
+    assert "(/data member 1; no fast snapshot restore: each block is fetched on its first read)" in steps[1]

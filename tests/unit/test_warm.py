@@ -139,6 +139,19 @@ def test_copy_plans_refuse_before_contacting_a_host(tmp_path):
     assert "db1:/srv/db1/pg/data -> db2:/srv/db2/pg/data" in steps[2]
 
 
+def test_a_restored_copy_is_warmed_in_its_own_directory_only(tmp_path):
+    fleet = fleet_of(tmp_path)
+    with pytest.raises(UsageError, match="db1 is not a member of other") as refused:
+        vmtouch.plan_copy_onto_restored(fleet, "db1", "media1", "other", "/data1/g/pg/data", vmtouch.WarmOptions())
+    assert refused.value.hint == "warm from a member of other: db3"
+    plan = vmtouch.plan_copy_onto_restored(fleet, "db2", "media1", "main", "/data1/g/pg/data", vmtouch.WarmOptions())
+    assert "db2:/srv/db2/pg/data -> media1:/data1/g/pg/data" in plan.steps()[2]
+    command, _ = vmtouch._warm_invocation(fleet, fleet.host("media1"), plan)
+    args = command.split("igops-pagecache", 1)[1]
+    assert "--cluster-dir /data1/g/pg/data --within /data1/g/pg/data" in args
+    assert args.count("--within") == 1
+
+
 def test_apply_plan_counts_the_profile(tmp_path):
     fleet = fleet_of(tmp_path)
     stream = io.BytesIO()
