@@ -165,7 +165,7 @@ def wal_archiving(fleet: Fleet) -> str:
             plan = plan_archive_setup(fleet, cluster.name, restart_primary=True)
             if plan.actions:
                 apply_archive_setup(fleet, plan)
-                done.append(f"{cluster.name} ({len(plan.actions)} steps)")
+                done.append(f"{cluster.name} ({plural(len(plan.actions), 'step')})")
         except IgopsError as exc:
             raise LabError(
                 f"{cluster.name}: WAL archiving: {exc.message}",
