@@ -66,10 +66,18 @@ def verdict(archiver: ArchiverStats, ready_files: int | None, archive_timeout: i
 
 
 def drill_verdict(
-    records: list[dict[str, Any]], cluster: str, now: datetime, warning_days: float, critical_days: float
+    records: list[dict[str, Any]],
+    cluster: str,
+    now: datetime,
+    warning_days: float,
+    critical_days: float,
+    restorable_since: datetime | None = None,
 ) -> tuple[NagiosStatus, str, float | None]:
     """The age of the cluster's last `igops snapshot drill` that passed, from the operations'
-    records (pure): WARNING past `warning_days`, CRITICAL past `critical_days`; never: WARNING."""
+    records (pure): WARNING past `warning_days`, CRITICAL past `critical_days`. A cluster never
+    drilled is aged from `restorable_since`, when its oldest group that records a WAL position
+    became consistent: drills fall due once there is something to drill, and a new fleet (or
+    the lab) is not alarmed about a drill it could not have run."""
     passed = [
         record
         for record in records
@@ -78,12 +86,16 @@ def drill_verdict(
         and ((record.get("facts") or {}).get("drill") or {}).get("passed")
         and record.get("ended")
     ]
-    if not passed:
-        return NagiosStatus.WARNING, f"{cluster} was never drilled: `igops snapshot drill {cluster} --onto HOST`", None
-    last = max(passed, key=lambda record: record["ended"])
-    days = (now - datetime.fromisoformat(last["ended"])).total_seconds() / 86400
-    rto = last["facts"]["drill"].get("rto_s")
-    summary = f"last drill that passed: {last['id']}, {days:.1f} days ago, RTO {rto} s"
+    hint = f"`igops snapshot drill {cluster} --onto HOST`"
+    if passed:
+        last = max(passed, key=lambda record: record["ended"])
+        days = (now - datetime.fromisoformat(last["ended"])).total_seconds() / 86400
+        summary = f"last drill that passed: {last['id']}, {days:.1f} days ago, RTO {last['facts']['drill'].get('rto_s')} s"
+    elif restorable_since is None:
+        return NagiosStatus.OK, f"nothing to drill yet: no group of {cluster} records a WAL position", None
+    else:
+        days = (now - restorable_since).total_seconds() / 86400
+        summary = f"never drilled, restorable to a point in time for {days:.1f} days: {hint}"
     status = (
         NagiosStatus.CRITICAL
         if days > critical_days
@@ -92,6 +104,18 @@ def drill_verdict(
         else NagiosStatus.OK
     )
     return status, summary, days
+
+
+def restorable_since(groups: list[Any], cluster: str) -> datetime | None:
+    """When the cluster's oldest complete group that records a WAL position became consistent."""
+    from igops.snapshot import STATE_COMPLETE
+
+    ends = [
+        group.wal.ended_at
+        for group in groups
+        if group.state == STATE_COMPLETE and group.wal is not None and group.wal.cluster == cluster
+    ]
+    return min(ends) if ends else None
 
 
 def archive_probes(fleet: Fleet) -> list[Probe]:
@@ -105,19 +129,30 @@ def _drill_probe(fleet: Fleet) -> Probe:
     clusters = list(fleet.model.postgres.clusters)
 
     def run(report: Report) -> None:
-        from igops import operations_view
+        from igops import operations_view, snapshot
+        from igops.ebs import Ebs
 
         thresholds = fleet.model.check
         try:
             records = operations_view.list_operations(fleet, include_ended=True).records
+            groups = snapshot.groups(Ebs(fleet))
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             for cluster in clusters:
-                report(Result("drill", cluster, NagiosStatus.UNKNOWN, f"cannot read the operations: {exc}"[:200]))
+                report(
+                    Result(
+                        "drill", cluster, NagiosStatus.UNKNOWN, f"cannot read the operations or groups: {exc}"[:200]
+                    )
+                )
             return
         now = datetime.now(UTC)
         for cluster in clusters:
             status, summary, days = drill_verdict(
-                records, cluster, now, thresholds.drill_warning_days, thresholds.drill_critical_days
+                records,
+                cluster,
+                now,
+                thresholds.drill_warning_days,
+                thresholds.drill_critical_days,
+                restorable_since(groups, cluster),
             )
             perf = (
                 []

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from igops import snapshot_drill
-from igops.checks.archive import drill_verdict
+from igops.checks.archive import drill_verdict, restorable_since
 from igops.errors import NagiosStatus, RefusedError
 
 FROM = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)
@@ -54,6 +54,24 @@ def test_the_check_ages_the_last_drill_that_passed():
     status, summary, days = drill_verdict(records, "main", now, 7, 14)
     assert status == NagiosStatus.WARNING and "a, 9.0 days ago, RTO 42.0 s" in summary and days == 9
     assert drill_verdict(records, "pg2", now, 7, 14)[0] == NagiosStatus.CRITICAL
-    status, summary, _ = drill_verdict(records, "pg3", now, 7, 14)
-    assert status == NagiosStatus.WARNING and "never drilled" in summary
+    status, summary, days = drill_verdict(records, "pg3", now, 7, 14)
+    assert (status, days) == (NagiosStatus.OK, None) and "nothing to drill yet" in summary
+    status, summary, days = drill_verdict(records, "pg3", now, 7, 14, now - timedelta(days=8))
+    assert status == NagiosStatus.WARNING and days == 8
+    assert "never drilled, restorable to a point in time for 8.0 days: `igops snapshot drill pg3" in summary
+    assert drill_verdict(records, "pg3", now, 7, 14, now - timedelta(days=2))[0] == NagiosStatus.OK
     assert drill_verdict([drill("e", "main", now - timedelta(hours=3))], "main", now, 7, 14)[0] == NagiosStatus.OK
+
+
+def test_a_cluster_is_restorable_since_its_oldest_complete_group_with_a_wal_position():
+    from igops import snapshot, snapshot_wal
+
+    def group(cluster, ended, state="complete"):
+        mark = snapshot_wal.WalMark(cluster, "0/1", "0/2", 1, "", ended)
+        return snapshot.SnapshotGroup("g", "db2", ["/data"], 1, 1, state, ended, 1, 1.0, wal=mark)
+
+    groups = [group("main", UNTIL), group("main", FROM), group("main", FROM - timedelta(days=1), "failed")]
+    groups.append(group("pg2", FROM - timedelta(days=3)))
+    groups.append(snapshot.SnapshotGroup("p", "db2", ["/data"], 1, 1, "complete", FROM - timedelta(days=9), 1, 1.0))
+    assert restorable_since(groups, "main") == FROM
+    assert restorable_since(groups, "other") is None
