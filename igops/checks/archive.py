@@ -90,7 +90,9 @@ def drill_verdict(
     if passed:
         last = max(passed, key=lambda record: record["ended"])
         days = (now - datetime.fromisoformat(last["ended"])).total_seconds() / 86400
-        summary = f"last drill that passed: {last['id']}, {days:.1f} days ago, RTO {last['facts']['drill'].get('rto_s')} s"
+        summary = (
+            f"last drill that passed: {last['id']}, {days:.1f} days ago, RTO {last['facts']['drill'].get('rto_s')} s"
+        )
     elif restorable_since is None:
         return NagiosStatus.OK, f"nothing to drill yet: no group of {cluster} records a WAL position", None
     else:
@@ -139,9 +141,7 @@ def _drill_probe(fleet: Fleet) -> Probe:
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             for cluster in clusters:
                 report(
-                    Result(
-                        "drill", cluster, NagiosStatus.UNKNOWN, f"cannot read the operations or groups: {exc}"[:200]
-                    )
+                    Result("drill", cluster, NagiosStatus.UNKNOWN, f"cannot read the operations or groups: {exc}"[:200])
                 )
             return
         now = datetime.now(UTC)

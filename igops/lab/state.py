@@ -8,8 +8,11 @@ Everything the lab creates lives under one state directory (IGOPS_LAB_DIR, defau
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from igops.errors import UsageError
 
 STATE_ENV = "IGOPS_LAB_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/igops-lab")
@@ -49,6 +52,9 @@ AWS_ACCESS_KEY_ID = "AKIAIGOPSLAB00000000"
 AWS_SECRET_ACCESS_KEY = "igops-lab-secret-access-key-not-a-real-one"
 
 IMAGE_SIZE = 512 << 20  # mkfs.xfs refuses filesystems under 300 MB
+# A bigger size for every lab volume (e.g. 3G for bench/restore.py's gigabytes of data): lab up
+# makes new volumes that big and grows smaller ones (XFS grows online, never shrinks).
+VOLUME_SIZE_ENV = "IGOPS_LAB_VOLUME_SIZE"
 STORE_SIZE = 32 << 30  # sparse; holds every volume image and their reflink copies
 
 LOGICAL_SHARDS = 16
@@ -262,3 +268,20 @@ def lab_endpoints() -> list[tuple[str, int, str]]:
         found.append((lab_host.address, SSH_PORT, f"sshd ({lab_host.name})"))
         found += [(lab_host.address, *ports[role]) for role in lab_host.roles]
     return found
+
+
+def volume_size(environ: Mapping[str, str]) -> int:
+    """The size of each lab volume: IMAGE_SIZE, or IGOPS_LAB_VOLUME_SIZE when bigger (bytes, or
+    with a K, M, G suffix)."""
+    text = environ.get(VOLUME_SIZE_ENV, "").strip()
+    if not text:
+        return IMAGE_SIZE
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1].upper() in units else (text, 1)
+    try:
+        size = int(float(number) * unit)
+    except ValueError:
+        raise UsageError(
+            f"{VOLUME_SIZE_ENV}={text!r} is not a size", "use bytes or a K, M or G suffix, e.g. 3G"
+        ) from None
+    return max(size, IMAGE_SIZE)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igops.lab import proc
-from igops.lab.state import HOSTS, IMAGE_SIZE, STORE_SIZE, Paths
+from igops.lab.state import HOSTS, STORE_SIZE, Paths, volume_size
 
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
@@ -136,6 +136,7 @@ def _holders(device: str) -> int:
 def build(paths: Paths) -> list[VolumeState]:
     """Make sure the image store and every host volume exist, are attached and mounted."""
     _ensure_store(paths)
+    size = volume_size(os.environ)
     volumes = [(host.name, purpose) for host in HOSTS for purpose in host.volumes]
     (paths.store_mount / "volumes").mkdir(exist_ok=True)
     pending = []
@@ -148,7 +149,7 @@ def build(paths: Paths) -> list[VolumeState]:
         if fresh:
             _unmount_and_detach(mount_point, image)
             image.unlink(missing_ok=True)
-            _create_sparse(image, IMAGE_SIZE)
+            _create_sparse(image, size)
         device = _attach(image, direct_io=True)
         states.append(VolumeState(host_name, purpose, str(mount_point), device, str(image)))
         if fresh:
@@ -158,7 +159,16 @@ def build(paths: Paths) -> list[VolumeState]:
         list(pool.map(lambda job: _mkfs(*job), pending))
     for state in states:
         _mount(state.device, Path(state.mount_point), ["noatime"])
+        if Path(state.image).stat().st_size < size:
+            _grow(state, size)
     return states
+
+
+def _grow(state: VolumeState, size: int) -> None:
+    """A bigger image under a mounted volume: the loop device told of it, then XFS grown online."""
+    os.truncate(state.image, size)
+    proc.run(["losetup", "--set-capacity", state.device])
+    proc.run(["xfs_growfs", "-d", state.mount_point])
 
 
 def _ensure_store(paths: Paths) -> None:

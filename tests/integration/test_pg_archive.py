@@ -4,12 +4,13 @@ within archive_timeout; after a switchover the new primary archives too, its tim
 file included. Leaves db1 the primary of main and archiving set up."""
 
 import json
+import re
 import time
 
 import pytest
 
 from igops.errors import ExitCode
-from igops.lab import aws
+from igops.lab import aws, state
 from igops.lab.state import WAL_BUCKET
 from tests.conftest import run_igops
 from tests.labtools import igops, postgres, wait_for
@@ -207,12 +208,18 @@ def test_a_restore_to_a_point_in_time_holds_what_was_written_before_it_and_nothi
             OTHER_PRIMARY,
             "--port",
             "5498",
+            "--warm-from",
+            HOME_PRIMARY,
             "--yes",
             timeout=900,
         )
         assert restored.returncode == 0, restored.stderr[-3000:]
         data = envelope["data"]
         assert data["group_id"] == group_id, "the newest group before T"
+        # moto does not answer DescribeFastSnapshotRestores: the restore says it does not know.
+        assert data["fast_restore"] is None
+        warmed = data["warmed"]
+        assert "error" not in warmed and warmed["from"] == HOME_PRIMARY and warmed["warmed_pages"] > 0, warmed
         print(f"\nrecovered: {data['reached']}")
         assert data["reached"]["redo_done"] and (data["reached"]["stopped"] or "").startswith("before commit")
         counted = subprocess.run(
@@ -229,8 +236,49 @@ def test_a_restore_to_a_point_in_time_holds_what_was_written_before_it_and_nothi
     assert deleted.returncode == 0, deleted.stderr
 
 
-def check_archive(config, cluster="main"):
-    result = run_igops("-c", str(config), "check", "--only", "archive", "--json", timeout=120)
+def test_a_prune_expires_the_wal_only_deleted_groups_needed_and_a_drill_still_passes(at_home):
+    """Two groups of db2 with WAL between them: a prune keeping the newer deletes the older and
+    the archived segments before the newer one's start, and nothing from it on (history files
+    stay). A drill then restores to a random moment of what is left, checks the copy and takes it
+    away, and `igops check` reads its age."""
+    lab = at_home
+    groups = []
+    try:
+        for _ in range(2):
+            created, envelope = igops(lab, "snapshot", "create", OTHER_PRIMARY, "--no-hook", "--yes", timeout=300)
+            assert created.returncode == 0, created.stderr
+            groups.append(envelope["data"]["group_id"])
+            archived_after(lab, switch_wal(lab, HOME_PRIMARY), timeout=lab.model.archive.archive_timeout)
+        _, envelope = igops(lab, "snapshot", "show", groups[1])
+        keep_from = re.search(r"\(file ([0-9A-F]{24})\)", envelope["data"]["group"]["wal"]["label"]).group(1)
+
+        pruned, envelope = igops(lab, "snapshot", "prune", "--keep-last", "1", "--host", OTHER_PRIMARY, "--yes")
+        assert pruned.returncode == 0, pruned.stderr
+        assert groups[0] in envelope["data"]["deleted"] and groups[1] not in envelope["data"]["deleted"]
+        [expiry] = envelope["data"]["wal"]
+        assert expiry["cluster"] == "main" and expiry["keep_from"] == keep_from and expiry["files"] > 0, expiry
+        names = [key.rsplit("/", 1)[1] for key in repository_keys("pgbackrest/archive/main/")]
+        segments = [name for name in names if re.match(r"^[0-9A-F]{24}[.-]", name)]
+        assert segments and all(name[8:24] >= keep_from[8:] for name in segments), segments[:5]
+        assert any(name.endswith(".history") for name in names), "timeline history files stay"
+
+        drilled, envelope = igops(lab, "snapshot", "drill", "main", "--onto", OTHER_PRIMARY, "--yes", timeout=900)
+        assert drilled.returncode == 0, drilled.stderr[-3000:]
+        result = envelope["data"]
+        assert result["passed"] and result["group_id"] == groups[1], result
+        assert result["amcheck"] == "no corruption found" and result["shards"], result
+        print(f"\ndrill: RTO {result['rto_s']} s to {result['target']}, {len(result['shards'])} shards compared")
+        _, envelope = igops(lab, "snapshot", "restore", groups[1], "--onto", OTHER_PRIMARY, "--cleanup", "--dry-run")
+        assert "is not restored onto" in envelope["error"]["message"], "the drill took its copy away"
+        drill = check_archive(state.paths().inventory, "main", only="drill")
+        assert drill["status"] == "OK" and "last drill that passed" in drill["summary"], drill
+    finally:
+        for group_id in groups:
+            igops(lab, "snapshot", "delete", group_id, "--accept-risk", "--yes")
+
+
+def check_archive(config, cluster="main", only="archive"):
+    result = run_igops("-c", str(config), "check", "--only", only, "--json", timeout=120)
     [found] = [r for r in json.loads(result.stdout)["data"]["results"] if r["target"] == cluster]
     return found
 
