@@ -43,12 +43,15 @@ class Ebs:
         secrets = Secrets(fleet.model.secrets.file)
         # Keys from the environment or the secrets file; without them boto3's own chain
         # (instance profile, ~/.aws) applies.
+        self._where = {
+            "region_name": aws.region,
+            "endpoint_url": aws.endpoint_url,
+            "aws_access_key_id": secrets.get("aws_access_key_id"),
+            "aws_secret_access_key": secrets.get("aws_secret_access_key"),
+        }
         self._ec2 = boto3.client(
             "ec2",
-            region_name=aws.region,
-            endpoint_url=aws.endpoint_url,
-            aws_access_key_id=secrets.get("aws_access_key_id"),
-            aws_secret_access_key=secrets.get("aws_secret_access_key"),
+            **self._where,
             config=Config(
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
@@ -175,8 +178,13 @@ class Ebs:
         one is fully initialised at once; from any other, each block is fetched from S3 on its
         first read). None: the endpoint does not answer the question (an account or an API
         without it)."""
+        import boto3
+        from botocore.config import Config
+
+        # One attempt: an endpoint without the API (moto) answers 500, which is not worth retrying.
+        once = boto3.client("ec2", **self._where, config=Config(retries={"total_max_attempts": 1}, read_timeout=30))
         try:
-            answer = self._ec2.describe_fast_snapshot_restores(
+            answer = once.describe_fast_snapshot_restores(
                 Filters=[
                     {"Name": "snapshot-id", "Values": snapshot_ids},
                     {"Name": "availability-zone", "Values": [zone]},
