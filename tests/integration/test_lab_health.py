@@ -56,7 +56,7 @@ def test_a_healthy_lab_checks_ok(lab):
     ]
     assert not not_ok, not_ok
     checks = {r["check"] for r in data["results"]}
-    assert {"munin", "pingdom", "snapshot", "archive"} <= checks
+    assert {"munin", "pingdom", "snapshot", "archive", "drill"} <= checks
 
 
 def test_the_baseline_snapshots_a_standby_never_a_primary(lab):
