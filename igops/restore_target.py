@@ -184,7 +184,17 @@ def promoted_script(psql: str, alive: str, log: str, timeout: float) -> str:
             "while :; do",
             f"  state=$({psql} -XAtqc 'SELECT pg_is_in_recovery()' 2>/dev/null || true)",
             '  [ "$state" = f ] && exit 0',
-            f"  if ! {alive}; then echo 'the restored server stopped:' >&2; tail -n 5 {quoted_log} >&2; exit 1; fi",
+            f"  if ! {alive}; then",
+            f"    if grep -q 'recovery ended before configured recovery target was reached' {quoted_log}; then",
+            "      echo 'the archive ends before the target: no transaction committed after it is archived"
+            " (a quiet cluster, or WAL not yet archived); restore to an earlier time, or pass --latest' >&2",
+            "    else",
+            # The cause is the server's FATAL or PANIC line, not the shutdown lines after it.
+            f"      echo 'the restored server stopped:' >&2; grep -E 'FATAL|PANIC' {quoted_log} | tail -n 2 >&2"
+            f" || tail -n 5 {quoted_log} >&2",
+            "    fi",
+            "    exit 1",
+            "  fi",
             '  if [ "$(date +%s)" -ge "$deadline" ]; then',
             f'    echo "still recovering after {int(timeout)} s" >&2; tail -n 3 {quoted_log} >&2; exit 1',
             "  fi",

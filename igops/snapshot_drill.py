@@ -55,6 +55,9 @@ class DrillPlan:
         cutoff = self.cutoff()
         restore_steps = [step for step in self.restore.steps() if not step.startswith("if any step fails")]
         return [
+            f"on {self.cluster}'s primary: commit an empty transaction and switch the WAL segment, then wait "
+            "until the archive holds it (replay stops at the first commit after the target: a quiet cluster "
+            "may have none archived)",
             *restore_steps,
             f"on {self.onto}: pg_amcheck on every database of the copy",
             f"count the rows of every shard's tables created up to {cutoff.isoformat(timespec='seconds')}, "
@@ -131,6 +134,13 @@ def run_drill(fleet: Fleet, ebs: Ebs, plan: DrillPlan, reporter: Reporter = Repo
     from igops import restore as restoring
 
     result = DrillResult(plan.cluster, plan.onto, plan.restore.group_id, plan.target.describe(), passed=False)
+    try:
+        with reporter.step(f"a commit after the target in {plan.cluster}'s archive") as step:
+            step.detail = _commit_after_target(fleet, plan.cluster)
+    except IgopsError as exc:
+        result.problems.append(exc.one_line())
+        reporter.fact(drill={"passed": False, "rto_s": None, "cluster": plan.cluster})
+        return result
     started = time.monotonic()
     try:
         restored = restoring.restore(fleet, ebs, plan.restore, reporter)
@@ -156,6 +166,35 @@ def run_drill(fleet: Fleet, ebs: Ebs, plan: DrillPlan, reporter: Reporter = Repo
     result.passed = not result.problems
     reporter.fact(drill={"passed": result.passed, "rto_s": result.rto_s, "cluster": plan.cluster})
     return result
+
+
+def _commit_after_target(fleet: Fleet, cluster: str) -> str:
+    """Commit an empty transaction on the primary (an xid, so a commit record with its time),
+    switch the segment and wait until the archive holds it: whatever target the plan chose is
+    before it, so replay finds a commit past the target and stops there, where a quiet cluster's
+    archive might hold none and recovery would end short of the target (FATAL)."""
+    from igops import postgres_admin
+    from igops.pg.archive_status import archiver_stats
+
+    with postgres_admin.primary_connection(fleet, cluster, "postgres", autocommit=True, purpose="drill") as primary:
+        with primary.cursor() as cursor:
+            cursor.execute("SELECT txid_current()")
+            cursor.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_switch_wal()")
+            row = cursor.fetchone()
+            assert row is not None  # a function call returns one row
+    segment = str(row[0])
+    archive_timeout = fleet.model.archive.archive_timeout if fleet.model.archive else 60
+    deadline = time.monotonic() + 2 * archive_timeout + 30
+    while True:
+        last = archiver_stats(fleet, cluster)[1].last_archived_wal
+        if last is not None and last[8:] >= segment[8:]:
+            return f"{segment} archived"
+        if time.monotonic() > deadline:
+            raise IgopsError(
+                f"{cluster}'s segment {segment} was not archived within {2 * archive_timeout + 30} s",
+                "the archive is behind or failing: see `igops pg archive status`, then drill again",
+            )
+        time.sleep(1)
 
 
 def _on_host(fleet: Fleet, host_name: str, command: str, timeout: float) -> remote.HostResult:

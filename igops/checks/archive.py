@@ -121,10 +121,15 @@ def restorable_since(groups: list[Any], cluster: str) -> datetime | None:
 
 
 def archive_probes(fleet: Fleet) -> list[Probe]:
-    """One probe per cluster, and one for the drills, when the fleet archives WAL."""
+    """One probe per cluster when the fleet archives WAL."""
     if fleet.model.archive is None:
         return []
-    return [*(_probe(fleet, cluster) for cluster in fleet.model.postgres.clusters), _drill_probe(fleet)]
+    return [_probe(fleet, cluster) for cluster in fleet.model.postgres.clusters]
+
+
+def drill_probes(fleet: Fleet) -> list[Probe]:
+    """One probe for every cluster's drills when the fleet archives WAL (nothing to drill without)."""
+    return [] if fleet.model.archive is None else [_drill_probe(fleet)]
 
 
 def _drill_probe(fleet: Fleet) -> Probe:

@@ -29,7 +29,7 @@ from igops.checks import (
     snapshots as snapshot_checks,
     worst,
 )
-from igops.checks.archive import archive_probes
+from igops.checks.archive import archive_probes, drill_probes
 from igops.checks.postgres_probes import pgbouncer_probe, postgres_probes
 from igops.checks.probe_context import Context, elapsed_ms, first_line_of
 from igops.checks.redis_probes import redis_probes
@@ -52,6 +52,7 @@ GROUPS = (
     "munin",
     "snapshot",
     "archive",
+    "drill",
     "pingdom",
     "operations",
 )
@@ -98,6 +99,8 @@ def probes(
         found += snapshot_checks.snapshot_probes(fleet, hosts)
     if "archive" in enabled and (not roles or "postgres" in roles):
         found += archive_probes(fleet)
+    if "drill" in enabled and (not roles or "postgres" in roles):
+        found += drill_probes(fleet)
     if "pingdom" in enabled and (not roles or "lb" in roles):
         found += pingdom_probes(context)
     if "operations" in enabled and not roles:

@@ -274,7 +274,7 @@ def prune(
                 targets=[host or "all"],
                 title=f"Delete {plural(len(plan.delete), 'snapshot group')}, keep {len(plan.keep)}"
                 + (
-                    f"; expire the WAL they alone needed of {', '.join(e.cluster for e in plan.wal)}"
+                    f"; expire the WAL no group left needs ({', '.join(e.cluster for e in plan.wal)})"
                     if plan.wal
                     else ""
                 ),

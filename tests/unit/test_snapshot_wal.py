@@ -184,3 +184,31 @@ def test_each_volume_step_says_whether_fast_snapshot_restore_initialises_it():
     steps = plan.steps()
     assert "(/data member 0; fast snapshot restore: initialised at once)" in steps[0]
     assert "(/data member 1; no fast snapshot restore: each block is fetched on its first read)" in steps[1]
+
+
+@pytest.mark.parametrize(
+    ("log", "said"),
+    [
+        (
+            "LOG:  starting point-in-time recovery\nFATAL:  recovery ended before configured recovery target was "
+            "reached\nLOG:  startup process (PID 9) exited with exit code 1\nLOG:  database system is shut down\n",
+            "the archive ends before the target",
+        ),
+        (
+            "LOG:  starting\nFATAL:  could not locate required checkpoint record\nLOG:  startup process exited\n"
+            "LOG:  terminating any other active server processes\nLOG:  shut down\nLOG:  down\n",
+            "FATAL:  could not locate required checkpoint record",
+        ),
+    ],
+)
+def test_a_copy_that_stops_while_recovering_says_why(tmp_path, log, said):
+    import subprocess
+
+    from igops.restore_target import promoted_script
+
+    path = tmp_path / "postgres.log"
+    path.write_text(log)
+    done = subprocess.run(
+        ["bash", "-c", promoted_script("false", "false", str(path), 60)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and said in done.stderr, done.stderr
