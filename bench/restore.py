@@ -189,6 +189,18 @@ def first_query(psql: str, started: float) -> float:
     raise SystemExit(f"the copy never answered: {done.stderr.strip()[-300:]}")
 
 
+def wait_promoted(psql: str, started: float) -> float:
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            [*shlex.split(psql), "-XAtqc", "SELECT pg_is_in_recovery()"], capture_output=True, text=True
+        )
+        if done.stdout.strip() == "f":
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise SystemExit("the pgBackRest copy never promoted")
+
+
 def fetched_segments(log_directory: str) -> int:
     """WAL segments restore_command fetched, by pgBackRest's archive-get log lines."""
     found = 0
@@ -252,13 +264,17 @@ def run_pgbackrest(fleet, target: str, backup: dict) -> Outcome:
             f"--target={target}",
             "--target-action=promote",
             "--process-max=2",
+            # Spelled out: archive-get must read this config, not the default path.
+            f"--recovery-option=restore_command=pgbackrest --config={config} "
+            f'--stanza={archive.stanza(fleet, CLUSTER)} archive-get %f "%p"',
             *links,
             "restore",
         )
         restored = time.monotonic() - started
         sh(["bash", "-c", start_script(server)])
+        # A hot standby answers once consistent, before it reaches the target and promotes.
         answered = first_query(server.psql, started)
-        promoted = answered  # the first query answers only once the copy has promoted (it is read-write)
+        promoted = wait_promoted(server.psql, started)
         segments = fetched_segments(str(run))
         size = backup["info"]["repository"]["delta"]
         return Outcome(
