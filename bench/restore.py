@@ -6,8 +6,9 @@
 - pgBackRest: `pgbackrest restore --type=time --target=T` from a full backup of the same cluster
   taken just after the group, into a directory on db2, then the same server start and wait.
 
-The data: a pgbench database of SCALE (about 1.1 GB) on cluster pg2, then a minute of pgbench
-writes after both base backups, then the target T. Both copies start the same way (igops'
+The data: a pgbench database of SCALE (about 1.1 GB) and half a gigabyte of random bytes on
+cluster pg2, then a minute of pgbench writes at 100 transactions a second after both base
+backups, then the target T. The page cache is dropped before each copy starts. Both copies start the same way (igops'
 restored-server start: a socket of its own, archiving off, promote at the target). Reported per
 method: wall time until the copy has promoted, time until the first query answers, and bytes read:
 - igops: what replay and start-up read from the restored volumes (the loop devices' read
@@ -48,11 +49,18 @@ IGOPS = [sys.executable, "-m", "igops"]
 CLUSTER, PRIMARY, STANDBY, SCRATCH = "pg2", "db3", "db4", "db2"
 DATABASE = "restorebench"
 SCALE = int(os.environ.get("BENCH_RESTORE_SCALE", "70"))  # pgbench: 15 MB a unit, about 1.1 GB
-WORKLOAD_S = 60
 IGOPS_PORT, BASELINE_PORT = 5495, 5494
 NEEDED_BYTES = 4 << 30
 SEGMENT = 16 << 20
 FIRST_QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+PAYLOAD_ROWS = int(os.environ.get("BENCH_RESTORE_PAYLOAD_ROWS", "500000"))  # about 0.5 GB of random bytes
+PAYLOAD_SQL = (
+    "CREATE EXTENSION IF NOT EXISTS pgcrypto; "
+    "CREATE TABLE payload AS SELECT g AS id, gen_random_bytes(1000) AS body "
+    f"FROM generate_series(1, {PAYLOAD_ROWS}) g"
+)
+# The writes after both base backups: a steady rate, as a cluster between two groups sees.
+WORKLOAD = ["-n", "-T", "60", "-R", "100", "-c", "4", "-j", "2"]
 
 
 @dataclass
@@ -119,6 +127,9 @@ def load_data(fleet) -> None:
     client(fleet, "psql", PRIMARY, "postgres", "-XAtq", "-c", f"CREATE DATABASE {DATABASE}")
     started = time.monotonic()
     client(fleet, "pgbench", PRIMARY, DATABASE, "-i", "-q", "-s", str(SCALE))
+    # pgbench's rows are mostly blank filler, which compresses tenfold: random bytes beside them
+    # give the full backup a size of the kind production data has.
+    client(fleet, "psql", PRIMARY, DATABASE, "-XAtq", "-c", PAYLOAD_SQL)
     size = client(fleet, "psql", PRIMARY, DATABASE, "-XAtq", "-c", "SELECT pg_database_size(current_database())")
     print(f"loaded {int(size) / 1e9:.2f} GB in {time.monotonic() - started:.0f} s", file=sys.stderr)
 
@@ -204,8 +215,8 @@ def wait_promoted(psql: str, started: float) -> float:
 def fetched_segments(log_directory: str) -> int:
     """WAL segments restore_command fetched, by pgBackRest's archive-get log lines."""
     found = 0
-    for log in Path(log_directory).glob("*archive-get*.log"):
-        found += len(re.findall(r"found [0-9A-F]{24} in the (?:repo|archive)", log.read_text(errors="replace")))
+    for log in Path(log_directory).glob("*.log"):
+        found += len(re.findall(r"found [0-9A-F]{24}", log.read_text(errors="replace")))
     return found
 
 
@@ -218,7 +229,13 @@ def loop_read_bytes(paths: list[str]) -> int:
     return total
 
 
+def drop_caches() -> None:
+    sh(["sync"])
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def run_igops(fleet, target: str) -> Outcome:
+    drop_caches()
     started = time.monotonic()
     data = igops(
         fleet, "snapshot", "restore", CLUSTER, "--to", target, "--onto", SCRATCH, "--port", str(IGOPS_PORT), "--yes"
@@ -271,6 +288,9 @@ def run_pgbackrest(fleet, target: str, backup: dict) -> Outcome:
             "restore",
         )
         restored = time.monotonic() - started
+        # What the restore wrote is still in the page cache; a copy of a database bigger than
+        # memory starts cold, as igops' copy does (its volumes are fresh loop devices).
+        drop_caches()
         sh(["bash", "-c", start_script(server)])
         # A hot standby answers once consistent, before it reaches the target and promotes.
         answered = first_query(server.psql, started)
@@ -300,7 +320,7 @@ def main() -> None:
         group = igops(fleet, "snapshot", "create", STANDBY, "--no-hook", "--yes")["group_id"]
         try:
             backup = pgbackrest_backup(fleet)
-            client(fleet, "pgbench", PRIMARY, DATABASE, "-n", "-T", str(WORKLOAD_S), "-c", "4", "-j", "2")
+            client(fleet, "pgbench", PRIMARY, DATABASE, *WORKLOAD)
             target = client(fleet, "psql", PRIMARY, "postgres", "-XAtq", "-c", "SELECT clock_timestamp()").strip()
             time.sleep(1)
             client(fleet, "pgbench", PRIMARY, DATABASE, "-n", "-T", "5", "-c", "2")

@@ -150,6 +150,10 @@ def server_options(pg: PostgresStart) -> str:
         "unix_socket_directories": run,
         "archive_mode": "off",
         "hot_standby": "on",
+        # Replay reads the pages the WAL touches from volumes fresh from snapshots, whose blocks
+        # arrive on first read: many reads in flight hide that latency (the copy is nobody's).
+        "recovery_prefetch": "on",
+        "maintenance_io_concurrency": "64",
         **pg.settings,
     }
     # pg_ctl hands -o to a shell: each value is quoted for it.
