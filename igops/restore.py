@@ -251,7 +251,7 @@ def plan_point_in_time(
         )
     group = choose_group(groups(ebs), cluster, target)
     if target.kind == TIME:
-        archiver = archive_status.archive_status(fleet, cluster).archiver
+        archiver = archive_status.archiver_stats(fleet, cluster)[1]
         until = datetime.fromisoformat(archiver.last_archived_time) if archiver.last_archived_time else None
         refuse_past_archive(target, until, archiver.last_archived_wal)
     return plan_restore(fleet, ebs, group.group_id, to_host, mount_root, port, target)

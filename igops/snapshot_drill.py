@@ -87,9 +87,9 @@ class DrillResult:
 def drill_target(
     range_from: datetime, range_until: datetime, to_time: str | None, rng: random.Random
 ) -> tuple[RecoveryTarget, bool]:
-    """The drill's target: `to_time`, or a random moment of the range (the second half of its
-    first minute is left out: the copy needs WAL after its consistent point to have anything to
-    replay)."""
+    """The drill's target: `to_time`, or a random moment between when the oldest group that
+    records a WAL position became consistent and the last archived WAL (and whether it was
+    picked at random); refused when the two are the same moment: there is nothing to replay."""
     if to_time:
         return parse_target(to_time, None, False), False
     span = (range_until - range_from).total_seconds()
@@ -121,7 +121,7 @@ def plan_drill(
             f"take one with `igops snapshot create <a standby of {cluster}>` (with [archive] set)",
         )
     oldest = min(group.wal.ended_at for group in marked if group.wal)
-    archiver = archive_status.archive_status(fleet, cluster).archiver
+    archiver = archive_status.archiver_stats(fleet, cluster)[1]
     if not archiver.last_archived_time:
         raise RefusedError(f"nothing of {cluster} is archived yet", "check `igops pg archive status`")
     until = datetime.fromisoformat(archiver.last_archived_time)

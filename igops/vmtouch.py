@@ -375,11 +375,13 @@ def plan_copy_onto_restored(
 ) -> WarmPlan:
     """Warm a restored copy of `cluster` (its data directory on `target_name`) from a member's page
     cache: the copy starts out with the member's files, so the same pages are the hot ones."""
+    from igops.pg.cluster import cluster_members
+
     source, target = fleet.host(source_name), fleet.host(target_name)
     if postgres_cluster_of(fleet, source.name) != cluster:
         raise UsageError(
             f"{source.name} is not a member of {cluster}, the cluster restored",
-            f"warm from a member of {cluster}: {', '.join(_members(fleet, cluster))}",
+            f"warm from a member of {cluster}: {', '.join(cluster_members(fleet, cluster))}",
         )
     return WarmPlan(
         source=source.name,
@@ -389,11 +391,6 @@ def plan_copy_onto_restored(
         options=options,
         copy_directory=copy_directory,
     )
-
-
-def _members(fleet: Fleet, cluster: str) -> list[str]:
-    members = fleet.model.postgres.clusters[cluster]
-    return [members.primary, *members.standbys]
 
 
 def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:

@@ -78,14 +78,7 @@ def drill_verdict(
     drilled is aged from `restorable_since`, when its oldest group that records a WAL position
     became consistent: drills fall due once there is something to drill, and a new fleet (or
     the lab) is not alarmed about a drill it could not have run."""
-    passed = [
-        record
-        for record in records
-        if record.get("kind") == "snapshot-drill"
-        and ((record.get("facts") or {}).get("drill") or {}).get("cluster") == cluster
-        and ((record.get("facts") or {}).get("drill") or {}).get("passed")
-        and record.get("ended")
-    ]
+    passed = [record for record in records if _passed_drill_of(record, cluster)]
     hint = f"`igops snapshot drill {cluster} --onto HOST`"
     if passed:
         last = max(passed, key=lambda record: record["ended"])
@@ -106,6 +99,17 @@ def drill_verdict(
         else NagiosStatus.OK
     )
     return status, summary, days
+
+
+def _passed_drill_of(record: dict[str, Any], cluster: str) -> bool:
+    """Whether an operation's record is an ended `snapshot drill` of `cluster` that passed."""
+    drill = (record.get("facts") or {}).get("drill") or {}
+    return (
+        record.get("kind") == "snapshot-drill"
+        and drill.get("cluster") == cluster
+        and bool(drill.get("passed"))
+        and bool(record.get("ended"))
+    )
 
 
 def restorable_since(groups: list[Any], cluster: str) -> datetime | None:
