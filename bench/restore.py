@@ -213,11 +213,13 @@ def wait_promoted(psql: str, started: float) -> float:
 
 
 def fetched_segments(log_directory: str) -> int:
-    """WAL segments restore_command fetched, by pgBackRest's archive-get log lines."""
-    found = 0
+    """WAL segments restore_command fetched, by the restored server's own log lines (Postgres
+    logs each at LOG level; pgBackRest's archive-get logs nothing to a file at its default
+    levels). History files and a segment fetched twice count once."""
+    found: set[str] = set()
     for log in Path(log_directory).glob("*.log"):
-        found += len(re.findall(r"found [0-9A-F]{24}", log.read_text(errors="replace")))
-    return found
+        found.update(re.findall(r'restored log file "([0-9A-F]{24})" from archive', log.read_text(errors="replace")))
+    return len(found)
 
 
 def loop_read_bytes(paths: list[str]) -> int:
