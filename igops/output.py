@@ -306,11 +306,17 @@ class Output(Reporter):
             "steps": [redact(step) for step in steps],
             "notes": [redact(note) for note in notes],
         }
-        console.print(f"[bold]{_escape(redact(title))}[/bold]")
-        for number, step in enumerate(steps, 1):
-            console.print(f"  {number}. {_escape(redact(step))}")
-        for note in notes:
-            console.print(f"  note: {_escape(redact(note))}")
+        # One print for the whole plan: printed a line at a time, a plan of a step per host (exec
+        # on 1,000 hosts) cost about three times the client CPU, the same text.
+        console.print(
+            "\n".join(
+                [
+                    f"[bold]{_escape(redact(title))}[/bold]",
+                    *(f"  {number}. {_escape(redact(step))}" for number, step in enumerate(steps, 1)),
+                    *(f"  note: {_escape(redact(note))}" for note in notes),
+                ]
+            )
+        )
 
     def envelope(self, data: Any, exit_code: int, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
