@@ -123,6 +123,7 @@ def run(
         return []
     workers = max(1, min(parallel or settings.parallel, len(targets)))
     deadline = timeout or settings.command_timeout
+    allow_descriptors(DESCRIPTORS_PER_CONNECTION * workers)
 
     def one(target: Target) -> HostResult:
         if on_start:
@@ -134,6 +135,30 @@ def run(
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ssh") as pool:
         return list(pool.map(one, targets))
+
+
+# A connection under way holds its socket and its channel's pipe (paramiko's Channel.fileno(),
+# which the wait for output polls): three descriptors.
+DESCRIPTORS_PER_CONNECTION = 3
+# Besides the connections: the interpreter's, the inventory's and known_hosts' files, the
+# progress bar's terminal, log and audit files, a Session beside the run.
+DESCRIPTORS_SPARE = 256
+
+
+def allow_descriptors(needed: int) -> None:
+    """Raise this process's soft limit on open files (as far as its hard limit allows) when it
+    is too low for `needed` more: at the soft limit most systems start processes with (1024), a
+    run of a few hundred hosts at once would fail its later connections with "Too many open
+    files". Raising the soft limit up to the hard one needs no privilege."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed + DESCRIPTORS_SPARE
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
 
 
 def _client(target: Target, settings: SshSettings) -> SSHClient:

@@ -267,3 +267,51 @@ def test_a_channel_numbered_past_1024_is_waited_on(tmp_path):
         for fd in (high, reader, writer):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class FakeLimits:
+    def __init__(self, soft, hard):
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which):
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        assert limits[1] == self.limits[1] and (limits[1] == -1 or limits[0] <= limits[1])
+        self.limits = limits
+
+
+@pytest.mark.parametrize(
+    "soft,hard,needed,after",
+    [
+        (1024, 524288, 3 * 100, 1024),  # enough already: left alone
+        (1024, 524288, 3 * 1000, 3 * 1000 + 256),  # raised to what the run needs
+        (1024, 2048, 3 * 1000, 2048),  # as far as the hard limit allows
+        (1024, -1, 3 * 1000, 3 * 1000 + 256),  # no hard limit (RLIM_INFINITY)
+        (-1, -1, 3 * 1000, -1),  # no limit at all
+    ],
+)
+def test_the_open_file_limit_is_raised_for_a_wide_run(monkeypatch, soft, hard, needed, after):
+    import resource
+
+    fake = FakeLimits(soft, hard)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    monkeypatch.setattr(resource, "RLIM_INFINITY", -1)
+    remote.allow_descriptors(needed)
+    assert fake.limits == (after, hard)
+
+
+def test_a_run_asks_for_three_descriptors_per_connection_at_once(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(remote, "allow_descriptors", asked.append)
+    monkeypatch.setattr(remote, "_run_one", lambda target, *rest: result_of(target))
+    settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, 32)
+    targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(50)]
+    assert len(remote.run(targets, "true", settings, parallel=400)) == 50
+    assert len(remote.run(targets, "true", settings)) == 50
+    assert asked == [3 * 50, 3 * 32]
+
+
+def result_of(target: remote.Target) -> remote.HostResult:
+    return remote.HostResult(target.name, target.address, True, 0, "", "", 1.0)
