@@ -33,7 +33,7 @@ down: venv
 	$(IGOPS) lab down
 
 # Every benchmark in turn (root; about half an hour). The lab-backed ones need `make lab` first.
-BENCHES := cli_startup exec_fanout snapshot_freeze warm failover shard_move deploy check operations restore
+BENCHES := cli_startup inventory_load exec_fanout exec_client snapshot_freeze warm failover shard_move deploy check operations restore
 
 bench: deps venv
 	set -e; for bench in $(BENCHES); do echo "== bench/$$bench.py"; $(VENV)/bin/python bench/$$bench.py; done

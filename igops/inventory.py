@@ -7,6 +7,7 @@ how to fix it, so an operator fixes a broken file in one pass. Secrets never liv
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -201,24 +202,32 @@ def _relative_to(source: Path, path: str) -> Path:
 
 def _secret_keys(raw: Any, where: str = "") -> list[ConfigProblem]:
     found: list[ConfigProblem] = []
+    # Only tables and arrays are walked into, and a key's place is spelt out only where it is
+    # reported: a fleet's inventory has tens of thousands of plain values and a few dozen key names.
     if isinstance(raw, dict):
         for key, value in raw.items():
-            here = f"{where}.{key}" if where else key
-            if SECRET_KEY_PATTERN.search(key) and not isinstance(value, (dict, list)):
+            nested = isinstance(value, (dict, list))
+            if not nested and _names_a_secret(key):
                 found.append(
                     ConfigProblem(
-                        here,
+                        f"{where}.{key}" if where else key,
                         "a secret in the inventory",
                         "remove it; secrets come from the environment (IGOPS_*) or the 0600 secrets file "
                         "named by [secrets] file",
                     )
                 )
-            else:
-                found += _secret_keys(value, here)
+            elif nested:
+                found += _secret_keys(value, f"{where}.{key}" if where else key)
     elif isinstance(raw, list):
         for index, item in enumerate(raw):
-            found += _secret_keys(item, f"{where}[{index}]")
+            if isinstance(item, (dict, list)):
+                found += _secret_keys(item, f"{where}[{index}]")
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_a_secret(key: str) -> bool:
+    return bool(SECRET_KEY_PATTERN.search(key))
 
 
 def _is_secret_key_error(error: ErrorDetails) -> bool:
@@ -226,7 +235,7 @@ def _is_secret_key_error(error: ErrorDetails) -> bool:
     array), so it is reported once."""
     return (
         error["type"] == "extra_forbidden"
-        and bool(SECRET_KEY_PATTERN.search(str(error["loc"][-1])))
+        and _names_a_secret(str(error["loc"][-1]))
         and not isinstance(error["input"], (dict, list))
     )
 

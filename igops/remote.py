@@ -1,4 +1,4 @@
-"""Parallel remote execution over SSH (Fabric/paramiko), with strict host-key checking.
+"""Parallel remote execution over SSH (paramiko), with strict host-key checking.
 
 One dead or hung host can never hang a run: every host gets a connect timeout, banner and
 auth timeouts, and a per-command deadline, and the pool is bounded. Commands are built from
@@ -7,13 +7,16 @@ argument lists and quoted here, so no value reaches a remote shell unquoted.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import math
+import re
 import select
 import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,7 @@ from typing import TYPE_CHECKING
 from igops.errors import UsageError
 
 if TYPE_CHECKING:
-    from fabric import Connection
-    from paramiko import Channel, HostKeys, PKey
+    from paramiko import Channel, PKey, SSHClient, Transport
 
     from igops.inventory import Fleet
     from igops.inventory_model import Host
@@ -60,6 +62,13 @@ class HostResult:
     @property
     def reached(self) -> bool:
         return self.exit_code is not None
+
+    @property
+    def timed_out(self) -> bool:
+        return not self.reached and (self.error or "").startswith(TIMED_OUT)
+
+
+TIMED_OUT = "command timed out after"
 
 
 def quote_command(argv: Sequence[str]) -> str:
@@ -103,16 +112,22 @@ def run(
     parallel: int | None = None,
     timeout: float | None = None,
     stdin: bytes | None = None,
+    on_start: Callable[[Target], None] | None = None,
     on_done: Callable[[HostResult], None] | None = None,
 ) -> list[HostResult]:
     """Run one already-quoted command on every target, at most `parallel` at a time.
-    Results come back in the targets' order."""
+    Results come back in the targets' order; `on_start` and `on_done` are called (from the
+    pool's threads) as each host's turn begins and as its result is in, so a caller can show
+    the run as it goes."""
     if not targets:
         return []
     workers = max(1, min(parallel or settings.parallel, len(targets)))
     deadline = timeout or settings.command_timeout
+    allow_descriptors(DESCRIPTORS_PER_CONNECTION * workers)
 
     def one(target: Target) -> HostResult:
+        if on_start:
+            on_start(target)
         result = _run_one(target, command, settings, deadline, stdin)
         if on_done:
             on_done(result)
@@ -122,53 +137,160 @@ def run(
         return list(pool.map(one, targets))
 
 
-def _connection(target: Target, settings: SshSettings) -> Connection:
-    from fabric import Config, Connection
-    from paramiko import RejectPolicy
+# A connection under way holds its socket and its channel's pipe (paramiko's Channel.fileno(),
+# which the wait for output polls): three descriptors.
+DESCRIPTORS_PER_CONNECTION = 3
+# Besides the connections: the interpreter's, the inventory's and known_hosts' files, the
+# progress bar's terminal, log and audit files, a Session beside the run.
+DESCRIPTORS_SPARE = 256
 
-    config = Config(overrides={"load_ssh_configs": False})
-    connect_kwargs: dict[str, object] = {
-        "look_for_keys": settings.identity_file is None,
-        "allow_agent": False,
-        "banner_timeout": settings.connect_timeout,
-        "auth_timeout": settings.connect_timeout,
-        "channel_timeout": settings.connect_timeout,
-    }
-    if settings.identity_file:
-        connect_kwargs["key_filename"] = [str(settings.identity_file)]
-    connection = Connection(
+
+def allow_descriptors(needed: int) -> None:
+    """Raise this process's soft limit on open files (as far as its hard limit allows) when it
+    is too low for `needed` more: at the soft limit most systems start processes with (1024), a
+    run of a few hundred hosts at once would fail its later connections with "Too many open
+    files". Raising the soft limit up to the hard one needs no privilege."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed + DESCRIPTORS_SPARE
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+
+
+def _client(target: Target, settings: SshSettings) -> SSHClient:
+    """A paramiko client for `target` that knows this host's keys alone and refuses any other
+    (unknown or changed). Only this host's entries: handing every connection the whole file
+    makes a run's client work grow with the square of the fleet's size."""
+    from paramiko import RejectPolicy, SSHClient
+
+    client = SSHClient()
+    client.set_missing_host_key_policy(RejectPolicy())
+    name = known_hosts_name(target.address, target.port)
+    for key_type, key in _known_host_keys(settings.known_hosts).lookup(name).items():
+        client.get_host_keys().add(name, key_type, key)
+    return client
+
+
+def _open(client: SSHClient, target: Target, settings: SshSettings) -> Transport:
+    """Connect and authenticate, every wait bounded by the connect timeout. Only the identity file
+    (or, without one, the user's default keys); no agent, no ~/.ssh/config: what igops does is
+    the inventory's to say."""
+    client.connect(
         target.address,
-        user=target.user,
         port=target.port,
-        config=config,
-        connect_timeout=max(1, round(settings.connect_timeout)),
-        connect_kwargs=connect_kwargs,
+        username=target.user,
+        timeout=max(1, round(settings.connect_timeout)),
+        key_filename=str(settings.identity_file) if settings.identity_file else None,
+        look_for_keys=settings.identity_file is None,
+        allow_agent=False,
+        banner_timeout=settings.connect_timeout,
+        auth_timeout=settings.connect_timeout,
+        channel_timeout=settings.connect_timeout,
     )
-    # Fabric auto-adds unknown host keys; a fleet tool must refuse them instead.
-    connection.client.set_missing_host_key_policy(RejectPolicy())
-    # Only this host's entries: parsing the whole file for every connection makes a run's
-    # client work grow with the square of the fleet's size.
-    name = target.address if target.port == 22 else f"[{target.address}]:{target.port}"
-    known: Mapping[str, PKey] = _known_host_keys(settings.known_hosts).lookup(name) or {}
-    for key_type in known.keys():
-        connection.client.get_host_keys().add(name, key_type, known[key_type])
-    return connection
+    transport = client.get_transport()
+    if transport is None:  # connect() returned, so it has one; this says so to the type checker
+        raise RuntimeError(f"no SSH transport to {target.address}:{target.port} after connecting")
+    return transport
 
 
-_parsed_known_hosts: dict[tuple[str, int, int], HostKeys] = {}
+def known_hosts_name(address: str, port: int) -> str:
+    """How known_hosts (and paramiko) name a host: its address, or `[address]:port` off port 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+class KnownHosts:
+    """A known_hosts file read once and looked up per host without scanning it.
+
+    paramiko's HostKeys compares every entry for every lookup (and reloading a file checks each
+    line against those before it), and for a hashed entry (`ssh-keygen -H`) it decodes the salt
+    and re-encodes the digest each time: with 1,000 hosts, a run's lookups alone took seconds of
+    client CPU, tens of seconds for a hashed file. Here plain names are a dict, a hashed entry's
+    salt and digest are decoded once (a lookup costs one HMAC per hashed entry, as in OpenSSH),
+    and each key is parsed once, when a host that has it is looked up. Matching is paramiko's:
+    an exact name or a hashed one, the first key of each type in the file's order."""
+
+    def __init__(self, text: str):
+        self._plain: dict[str, list[tuple[int, str, str]]] = {}
+        self._hashed: list[tuple[int, bytes, bytes, str, str]] = []
+        self._keys: dict[tuple[str, str], PKey | None] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = re.split(" |\t", line)
+            if len(fields) < 3:
+                continue
+            names, key_type, key_data = fields[:3]
+            for name in names.split(","):
+                if name.startswith("|1|"):
+                    hashed = _hashed_name(name)
+                    if hashed is not None:
+                        self._hashed.append((number, *hashed, key_type, key_data))
+                else:
+                    self._plain.setdefault(name, []).append((number, key_type, key_data))
+
+    @classmethod
+    def read(cls, path: Path) -> KnownHosts:
+        return cls(path.read_text(errors="replace"))
+
+    def lookup(self, name: str) -> dict[str, PKey]:
+        """The keys known for `name` (an address, or `[address]:port`), by key type."""
+        found = list(self._plain.get(name, []))
+        if self._hashed and not name.startswith("|1|"):
+            encoded = name.encode()
+            found += [
+                (number, key_type, key_data)
+                for number, salt, digest, key_type, key_data in self._hashed
+                if hmac.compare_digest(hmac.digest(salt, encoded, "sha1"), digest)
+            ]
+        keys: dict[str, PKey] = {}
+        for _, key_type, key_data in sorted(found):
+            key = self._key(key_type, key_data)
+            if key is not None:
+                keys.setdefault(key.get_name(), key)
+        return keys
+
+    def _key(self, key_type: str, key_data: str) -> PKey | None:
+        if (key_type, key_data) not in self._keys:
+            from paramiko import PKey
+
+            try:
+                key: PKey | None = PKey.from_type_string(key_type, base64.b64decode(key_data))
+            except Exception:  # noqa: BLE001 - a line paramiko cannot read names no key, as in HostKeys
+                key = None
+            self._keys[(key_type, key_data)] = key
+        return self._keys[(key_type, key_data)]
+
+
+def _hashed_name(name: str) -> tuple[bytes, bytes] | None:
+    """A hashed name's salt and HMAC-SHA1 digest, or None for one paramiko would never match."""
+    parts = name.split("|")
+    if len(parts) != 4:
+        return None
+    try:
+        salt, digest = base64.b64decode(parts[2], validate=True), base64.b64decode(parts[3], validate=True)
+    except ValueError:
+        return None
+    canonical = base64.b64encode(salt).decode() == parts[2] and base64.b64encode(digest).decode() == parts[3]
+    return (salt, digest) if canonical and len(salt) == len(digest) == 20 else None
+
+
+_parsed_known_hosts: dict[tuple[str, int, int], KnownHosts] = {}
 _parsed_known_hosts_lock = threading.Lock()
 
 
-def _known_host_keys(path: Path) -> HostKeys:
+def _known_host_keys(path: Path) -> KnownHosts:
     """The known_hosts file, parsed once per run and again whenever it changes."""
-    from paramiko import HostKeys
-
     status = path.stat()
     key = (str(path), status.st_mtime_ns, status.st_size)
     with _parsed_known_hosts_lock:
         if key not in _parsed_known_hosts:
             _parsed_known_hosts.clear()
-            _parsed_known_hosts[key] = HostKeys(str(path))
+            _parsed_known_hosts[key] = KnownHosts.read(path)
         return _parsed_known_hosts[key]
 
 
@@ -187,35 +309,41 @@ def _run_one(target: Target, command: str, settings: SshSettings, timeout: float
             error,
         )
 
-    connection = _connection(target, settings)
+    try:
+        client = _client(target, settings)
+    except OSError as exc:  # known_hosts gone or unreadable since the run began
+        return finish(None, error=f"cannot read {settings.known_hosts}: {exc.strerror or exc}")
     try:
         try:
-            connection.open()
+            transport = _open(client, target, settings)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
             return finish(None, error=describe_connect_error(exc, target, settings))
-        channel = connection.client.get_transport().open_session(timeout=settings.connect_timeout)
+        channel = transport.open_session(timeout=settings.connect_timeout)
         channel.exec_command(with_remote_deadline(command, timeout))
         if stdin:
             channel.sendall(stdin)
         channel.shutdown_write()
         out, err, timed_out = _collect(channel, started + timeout)
         if timed_out:
-            return finish(None, out, err, f"command timed out after {timeout:g} s")
+            return finish(None, out, err, f"{TIMED_OUT} {timeout:g} s")
         return finish(channel.recv_exit_status(), out, err)
     except Exception as exc:  # noqa: BLE001
         return finish(None, error=f"SSH session failed: {exc}")
     finally:
-        connection.close()
+        # Also after a failed connect: paramiko leaves that transport's thread and socket open
+        # until the client is closed.
+        client.close()
 
 
 def _collect(channel: Channel, deadline: float) -> tuple[bytes, bytes, bool]:
     out, err = bytearray(), bytearray()
+    readable = _readable(channel)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             channel.close()
             return bytes(out), bytes(err), True
-        select.select([channel], [], [], min(remaining, 1.0))
+        readable(min(remaining, 1.0))
         while channel.recv_ready():
             out += channel.recv(65536)
         while channel.recv_stderr_ready():
@@ -227,6 +355,21 @@ def _collect(channel: Channel, deadline: float) -> tuple[bytes, bytes, bool]:
             and channel.eof_received
         ):
             return bytes(out), bytes(err), False
+
+
+def _readable(channel: Channel) -> Callable[[float], None]:
+    """A wait of at most some seconds for the channel to have something to read (or to close).
+    poll, not select: select cannot watch a descriptor numbered 1024 or more, which a run with a
+    few hundred connections at once reaches (each channel's fileno() is a pipe of its own, beside
+    its transport's socket), and then every further host would fail with "filedescriptor out of
+    range in select()"."""
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+
+    def wait(seconds: float) -> None:
+        poller.poll(max(0, seconds) * 1000)
+
+    return wait
 
 
 def with_remote_deadline(command: str, timeout: float) -> str:
@@ -300,7 +443,7 @@ class Session:
 
     def __init__(self, target: Target, command: str, settings: SshSettings, stdin_prefix: bytes = b""):
         self.target = target
-        self._connection = _connection(target, settings)
+        self._client: SSHClient | None = None
         self._settings = settings
         self._command = with_remote_deadline(command, settings.command_timeout)
         self._prefix = stdin_prefix
@@ -311,13 +454,19 @@ class Session:
         from igops.errors import RemoteError
 
         try:
-            self._connection.open()
+            self._client = _client(self.target, self._settings)
+        except OSError as exc:
+            raise RemoteError(
+                f"{self.target.name}: cannot read {self._settings.known_hosts}: {exc.strerror or exc}"
+            ) from None
+        try:
+            transport = _open(self._client, self.target, self._settings)
         except Exception as exc:  # noqa: BLE001
-            self._connection.close()
+            self._client.close()
             raise RemoteError(
                 f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}"
             ) from None
-        channel = self._connection.client.get_transport().open_session(timeout=self._settings.connect_timeout)
+        channel = transport.open_session(timeout=self._settings.connect_timeout)
         self._channel = channel
         channel.exec_command(self._command)
         if self._prefix:
@@ -336,11 +485,12 @@ class Session:
         """The next stdout line, or None at EOF or when the deadline passes."""
         deadline = time.monotonic() + timeout
         channel = self._open_channel()
+        readable = _readable(channel)
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            select.select([channel], [], [], min(remaining, 0.5))
+            readable(min(remaining, 0.5))
             if channel.recv_ready():
                 chunk = channel.recv(65536)
                 if not chunk:
@@ -359,4 +509,5 @@ class Session:
         return data.decode(errors="replace")
 
     def __exit__(self, *exc_info: object) -> None:
-        self._connection.close()
+        if self._client is not None:
+            self._client.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from igops import remote, status as fleet_status
+from igops import fanout, remote, status as fleet_status
 from igops.commands.common import (
     DRY_RUN_OPTION,
     JSON_OPTION,
@@ -17,7 +17,7 @@ from igops.commands.common import (
     present,
 )
 from igops.errors import ExitCode, UsageError
-from igops.output import Output, plural
+from igops.output import plural
 from igops.tables import Column
 
 ROLE_OPTION = typer.Option(None, "--role", "-r", help="Only hosts with this role (repeatable).")
@@ -111,13 +111,31 @@ def exec_command(
         targets = remote.targets_for(fleet, selected)
         names = [target.name for target in targets]
         cap = parallel or settings.parallel
+        tally = fanout.Tally(len(targets))
 
         def run_everywhere() -> list[remote.HostResult]:
-            with out.progress("hosts", total=len(targets)) as advance:
-                return remote.run(targets, line, settings, parallel=cap, timeout=timeout, on_done=lambda _: advance(1))
+            with out.progress("hosts", total=len(targets), counts=tally.counts) as advance:
+
+                def done(result: remote.HostResult) -> None:
+                    tally.finished(result.ok)
+                    advance(1)
+                    # Each host's result as it comes in, its output first: one print per host,
+                    # so that two hosts' lines never interleave.
+                    shown = fanout.output_lines(result) if show_output else []
+                    out.text("\n".join([*shown, fanout.result_line(result)]))
+
+                return remote.run(
+                    targets,
+                    line,
+                    settings,
+                    parallel=cap,
+                    timeout=timeout,
+                    on_start=lambda _: tally.started(),
+                    on_done=done,
+                )
 
         def outcome(results: list[remote.HostResult]) -> tuple[str, int]:
-            code = _exec_exit_code(results)
+            code = fanout.summarise(results).exit_code
             return ("ok" if code == 0 else "failed on " + ", ".join(r.host for r in results if not r.ok)), code
 
         # No lock: exec changes nothing igops keeps state about, and a lock named after the host
@@ -138,37 +156,22 @@ def exec_command(
         if results is None:
             out.finish({"dry_run": dry_run, "command": line, "hosts": names})
             return
-        if show_output:
-            for result in results:
-                _print_host_output(out, result)
-        ok = sum(result.ok for result in results)
-        out.table(
-            None,
-            ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
-            [
-                [r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
-                for r in results
-            ],
-        )
-        out.text(f"{ok} of {plural(len(results), 'host')} ok")
-        code = _exec_exit_code(results)
-        out.finish({"command": line, "hosts": results, "ok": ok, "failed": len(results) - ok}, code)
-        exit_with(code)
-
-
-def _exec_exit_code(results: list[remote.HostResult]) -> int:
-    failed = sum(not result.ok for result in results)
-    if not failed:
-        return ExitCode.OK
-    return ExitCode.FAILED if failed == len(results) else ExitCode.PARTIAL
-
-
-def _print_host_output(out: Output, result: remote.HostResult) -> None:
-    if out.json_mode:
-        return
-    for stream in (result.stdout, result.stderr):
-        for text_line in stream.splitlines():
-            out.text(f"{result.host}: {text_line}")
+        summary = fanout.summarise(results)
+        # Every host's result was shown as it came in: the table repeats the failures, in the
+        # inventory's order. TSV is for programs, which get every host's row.
+        rows = results if out.table_format == "tsv" else [result for result in results if not result.ok]
+        if rows:
+            out.table(
+                None if out.table_format == "tsv" else f"failed on {plural(len(rows), 'host')}",
+                ["host", "exit", Column("time", drop=1), Column("result", wrap=True)],
+                [
+                    [r.host, r.exit_code, f"{r.duration_ms:.0f} ms", "ok" if r.ok else (r.error or "non-zero exit")]
+                    for r in rows
+                ],
+            )
+        out.text(summary.line())
+        out.finish({"command": line, "hosts": results, **summary.counts()}, summary.exit_code)
+        exit_with(summary.exit_code)
 
 
 def status(

@@ -200,8 +200,10 @@ class JournaledReporter(Reporter):
         return getattr(self.inner, name)
 
     @contextmanager
-    def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[Any]:
-        with self.inner.progress(description, total, unit) as advance:
+    def progress(
+        self, description: str, total: float | None, unit: str = "", counts: Callable[[], str] | None = None
+    ) -> Iterator[Any]:
+        with self.inner.progress(description, total, unit, counts) as advance:
             yield advance
 
 

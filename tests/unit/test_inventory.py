@@ -249,3 +249,48 @@ def test_the_bounds_of_valid_values_load(tmp_path):
         )
     )
     assert fleet.model.lb.port == 65535 and fleet.model.shards.schema_prefix == "shard_"
+
+
+def generator():
+    """config/generate_fleet.py, which is a script rather than a module of a package."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("generate_fleet", ROOT / "config" / "generate_fleet.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_1000_host_example_is_the_generator_s_output():
+    assert (ROOT / "config" / "example-1000.toml").read_text() == generator().render(1000), (
+        "regenerate it: python config/generate_fleet.py --hosts 1000 > config/example-1000.toml"
+    )
+
+
+def test_the_1000_host_example_validates_and_is_production_shaped():
+    fleet = inventory.load_file(ROOT / "config" / "example-1000.toml")
+    assert len(fleet.hosts) == 1000
+    assert len(fleet.with_role("lb")) == 8 and len(fleet.with_role("app")) == 734
+    clusters = fleet.model.postgres.clusters
+    assert len(clusters) == 64 and all(len(cluster.standbys) == 2 for cluster in clusters.values())
+    assert len(fleet.with_role("postgres")) == 192 and all(host.mounts for host in fleet.with_role("postgres"))
+    assert fleet.model.redis.master == "redis1" and len(fleet.model.redis.replicas) == 5
+    assert len(fleet.with_role("memcached")) == 48 and len(fleet.with_role("pgbouncer")) == 12
+    assert len({str(host.address) for host in fleet.hosts}) == 1000
+    assert len({host.instance_id for host in fleet.hosts}) == 1000
+    volumes = [volume for host in fleet.hosts for mount in host.mounts for volume in mount.volumes]
+    assert len(volumes) == len(set(volumes)) == 192 * 5
+
+
+@pytest.mark.parametrize("hosts", [12, 63, 250, 2000])
+def test_generated_fleets_of_other_sizes_validate(tmp_path, hosts):
+    fleet = inventory.load_file(write(tmp_path, generator().render(hosts)))
+    assert len(fleet.hosts) == hosts and fleet.with_role("app") and fleet.model.postgres.clusters
+
+
+def test_the_generator_refuses_a_fleet_too_small_for_an_app_server():
+    with pytest.raises(ValueError, match="no app server"):
+        generator().render(8)

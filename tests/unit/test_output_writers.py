@@ -88,3 +88,32 @@ def test_the_prompt_bytes_through_a_terminal(tmp_path):
         "after reviewing the plan"
     )
     assert "[y/N]" not in result.stdout
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+@pytest.mark.parametrize("width", [30, 80, 400])
+@pytest.mark.parametrize("is_result", [False, True])
+def test_a_plan_printed_at_once_reads_as_printed_a_line_at_a_time(terminal, width, is_result, registered_secrets):
+    """The plan is one print (cheaper at a step per host); the text is what a print per line gave."""
+    from rich.console import Console
+
+    from igops.output import _escape
+
+    registered_secrets.register("s3cr3t-value")
+    title = "Run `sh -c 'echo [x]'` on 3 hosts"
+    steps = ["web1 (root@10.0.0.1:22): echo '[bold]x[/bold]' s3cr3t-value", "", "  x" * 30, "ünï [" * 9, "end\\"]
+    notes = ["a note [y]"]
+
+    def console(file: io.StringIO) -> Console:
+        return Console(file=file, force_terminal=terminal, width=width, highlight=False, soft_wrap=not is_result)
+
+    expected, printed = io.StringIO(), io.StringIO()
+    former = console(expected)
+    former.print(f"[bold]{_escape(title)}[/bold]")
+    for number, step in enumerate(steps, 1):
+        former.print(f"  {number}. {_escape(step.replace('s3cr3t-value', '***'))}")
+    former.print(f"  note: {_escape(notes[0])}")
+    out = Output("exec")
+    out._out = out._err = console(printed)
+    out.plan(title, steps, is_result=is_result, notes=notes)
+    assert printed.getvalue() == expected.getvalue() and "s3cr3t-value" not in printed.getvalue()

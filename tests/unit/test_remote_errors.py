@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-import fabric  # noqa: F401 - imported here so that the timings below measure the connection, not the import
+import paramiko  # noqa: F401 - imported here so that the timings below measure the connection, not the import
 
 from igops import remote
 

@@ -1,0 +1,317 @@
+"""remote.run and remote.Session through the SSH protocol, against a paramiko server in this
+process on a loopback port (no sshd, nothing run on a host): authentication with the identity
+file, strict host keys, the command as the host receives it, its output, exit status and stdin,
+and the per-host callbacks. The server answers every command with what the test set."""
+
+import os
+import select
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import paramiko
+import pytest
+
+from igops import remote
+from igops.errors import RemoteError
+
+
+@dataclass
+class Answer:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    status: int = 0
+    delay: float = 0.0
+
+
+@dataclass
+class Server:
+    port: int
+    host_key: paramiko.PKey
+    commands: list[str] = field(default_factory=list)
+    stdins: list[bytes] = field(default_factory=list)
+
+
+class _Interface(paramiko.ServerInterface):
+    def __init__(self, client_key: paramiko.PKey, server: Server):
+        self.client_key = client_key
+        self.server = server
+        self.command = threading.Event()
+
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+    def check_auth_publickey(self, username, key):
+        ok = username == "deploy" and key.get_base64() == self.client_key.get_base64()
+        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel, command):
+        self.server.commands.append(command.decode())
+        self.command.set()
+        return True
+
+
+def _serve(sock: socket.socket, client_key: paramiko.PKey, server: Server, answer: Answer) -> None:
+    transport = paramiko.Transport(sock)
+    transport.add_server_key(server.host_key)
+    interface = _Interface(client_key, server)
+    try:
+        transport.start_server(server=interface)
+        channel = transport.accept(10)
+        if channel is None or not interface.command.wait(10):
+            return
+        stdin = bytearray()
+        while not channel.eof_received and not channel.closed:
+            if channel.recv_ready():
+                stdin += channel.recv(65536)
+            else:
+                time.sleep(0.005)
+        server.stdins.append(bytes(stdin))
+        time.sleep(answer.delay)
+        channel.sendall(answer.stdout)
+        channel.sendall_stderr(answer.stderr)
+        channel.send_exit_status(answer.status)
+        channel.shutdown_write()
+        channel.close()
+    except (EOFError, OSError, paramiko.SSHException):
+        pass  # the client went away (a refused host key, a timeout): nothing to answer
+    finally:
+        time.sleep(0.05)
+        transport.close()
+
+
+@contextmanager
+def ssh_server(client_key: paramiko.PKey, answer: Answer):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    server = Server(listener.getsockname()[1], paramiko.ECDSAKey.generate())
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_serve, args=(sock, client_key, server, answer), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def client_key(tmp_path_factory):
+    """An Ed25519 identity in OpenSSH's format, as ssh-keygen writes it (and the lab uses)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    text = (
+        Ed25519PrivateKey.generate()
+        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        .decode()
+    )
+    path = tmp_path_factory.mktemp("keys") / "id_ed25519"
+    path.write_text(text)
+    path.chmod(0o600)
+    return paramiko.Ed25519Key(filename=str(path)), path
+
+
+def settings_for(tmp_path, server: Server, identity, known: paramiko.PKey | None = None, **overrides):
+    known_hosts = tmp_path / "known_hosts"
+    key = known or server.host_key
+    known_hosts.write_text(f"[127.0.0.1]:{server.port} {key.get_name()} {key.get_base64()}\n")
+    values = {"connect_timeout": 5.0, "command_timeout": 10.0, "parallel": 4} | overrides
+    return remote.SshSettings(known_hosts, identity, **values)
+
+
+def target(name: str, server: Server, user: str = "deploy") -> remote.Target:
+    return remote.Target(name, "127.0.0.1", server.port, user)
+
+
+def test_a_command_runs_with_its_output_exit_status_and_stdin(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer(b"out\n", b"err\n", 3)) as server:
+        settings = settings_for(tmp_path, server, identity)
+        [result] = remote.run([target("h1", server)], "echo 'a b'", settings, stdin=b"input")
+    assert result.host == "h1" and result.exit_code == 3 and not result.ok and result.reached
+    assert result.stdout == "out\n" and result.stderr == "err\n" and result.error is None
+    assert server.commands == [remote.with_remote_deadline("echo 'a b'", 10.0)]
+    assert server.stdins == [b"input"]
+
+
+def test_every_host_is_reported_in_order_with_its_start_and_end(tmp_path, client_key):
+    key, identity = client_key
+    started, done = [], []
+    with ssh_server(key, Answer(b"up\n")) as server:
+        settings = settings_for(tmp_path, server, identity)
+        targets = [target(f"h{i}", server) for i in range(6)]
+        results = remote.run(
+            targets, "uptime", settings, parallel=3, on_start=lambda t: started.append(t.name), on_done=done.append
+        )
+    assert [r.host for r in results] == [t.name for t in targets] and all(r.ok for r in results)
+    assert sorted(started) == sorted(r.host for r in done) == sorted(t.name for t in targets)
+
+
+def test_an_unknown_host_key_is_refused_before_any_command(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer()) as server:
+        settings = settings_for(tmp_path, server, identity)
+        settings.known_hosts.write_text("")
+        [result] = remote.run([target("h1", server)], "touch /tmp/x", settings)
+    assert not result.reached and "is unknown" in result.error and "never trusts a new key" in result.error
+    assert server.commands == []
+
+
+def test_a_changed_host_key_is_refused(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer()) as server:
+        settings = settings_for(tmp_path, server, identity, known=paramiko.ECDSAKey.generate())
+        [result] = remote.run([target("h1", server)], "true", settings)
+    assert not result.reached and "CHANGED" in result.error and server.commands == []
+
+
+def test_a_wrong_user_fails_authentication(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer()) as server:
+        [result] = remote.run([target("h1", server, user="root")], "true", settings_for(tmp_path, server, identity))
+    assert not result.reached and "authentication failed for root@127.0.0.1" in result.error
+
+
+def test_a_command_past_its_deadline_is_reported_as_timed_out(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer(b"late\n", delay=3)) as server:
+        started = time.monotonic()
+        [result] = remote.run([target("h1", server)], "sleep 9", settings_for(tmp_path, server, identity), timeout=0.5)
+    assert time.monotonic() - started < 2.5
+    assert not result.ok and result.error == "command timed out after 0.5 s"
+
+
+def test_a_session_reads_its_lines(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer(b"one\ntwo\n")) as server:
+        settings = settings_for(tmp_path, server, identity)
+        with remote.Session(target("h1", server), "agent", settings) as session:
+            session.send(b"x")
+            assert session.read_line(1) is None  # nothing until the host has read its stdin
+        with remote.Session(target("h1", server), "agent", settings) as session:
+            session._open_channel().shutdown_write()
+            assert [session.read_line(5), session.read_line(5), session.read_line(1)] == ["one", "two", None]
+
+
+def test_a_session_to_a_host_with_an_unknown_key_is_refused(tmp_path, client_key):
+    key, identity = client_key
+    with ssh_server(key, Answer()) as server:
+        settings = settings_for(tmp_path, server, identity)
+        settings.known_hosts.write_text("")
+        with pytest.raises(RemoteError, match="h1: host key for 127.0.0.1:.* is unknown"):
+            with remote.Session(target("h1", server), "agent", settings):
+                pass
+
+
+class FakeChannel:
+    """A channel whose descriptor is numbered above select()'s limit of 1024."""
+
+    def __init__(self, fd: int, data: bytes):
+        self._fd, self._data, self.eof_received = fd, data, False
+
+    def fileno(self):
+        return self._fd
+
+    def recv_ready(self):
+        return bool(self._data)
+
+    def recv(self, size):
+        data, self._data = self._data, b""
+        self.eof_received = True
+        return data
+
+    def recv_stderr_ready(self):
+        return False
+
+    def exit_status_ready(self):
+        return self.eof_received
+
+    def close(self):
+        pass
+
+
+def test_a_channel_numbered_past_1024_is_waited_on(tmp_path):
+    """At a few hundred connections at once, channel descriptors pass 1024, where select()
+    raises; the wait must not."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1200:
+        pytest.skip("this process may not open a descriptor numbered 1100")
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    reader, writer = os.pipe()
+    high = os.dup2(reader, 1100)
+    try:
+        os.write(writer, b"x")
+        with pytest.raises(ValueError):
+            select.select([high], [], [], 0)  # what the wait used to call
+        channel = FakeChannel(high, b"data")
+        assert remote._collect(channel, time.monotonic() + 5) == (b"data", b"", False)
+    finally:
+        for fd in (high, reader, writer):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class FakeLimits:
+    def __init__(self, soft, hard):
+        self.limits = (soft, hard)
+
+    def getrlimit(self, which):
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        assert limits[1] == self.limits[1] and (limits[1] == -1 or limits[0] <= limits[1])
+        self.limits = limits
+
+
+@pytest.mark.parametrize(
+    "soft,hard,needed,after",
+    [
+        (1024, 524288, 3 * 100, 1024),  # enough already: left alone
+        (1024, 524288, 3 * 1000, 3 * 1000 + 256),  # raised to what the run needs
+        (1024, 2048, 3 * 1000, 2048),  # as far as the hard limit allows
+        (1024, -1, 3 * 1000, 3 * 1000 + 256),  # no hard limit (RLIM_INFINITY)
+        (-1, -1, 3 * 1000, -1),  # no limit at all
+    ],
+)
+def test_the_open_file_limit_is_raised_for_a_wide_run(monkeypatch, soft, hard, needed, after):
+    import resource
+
+    fake = FakeLimits(soft, hard)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    monkeypatch.setattr(resource, "RLIM_INFINITY", -1)
+    remote.allow_descriptors(needed)
+    assert fake.limits == (after, hard)
+
+
+def test_a_run_asks_for_three_descriptors_per_connection_at_once(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(remote, "allow_descriptors", asked.append)
+    monkeypatch.setattr(remote, "_run_one", lambda target, *rest: result_of(target))
+    settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, 32)
+    targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(50)]
+    assert len(remote.run(targets, "true", settings, parallel=400)) == 50
+    assert len(remote.run(targets, "true", settings)) == 50
+    assert asked == [3 * 50, 3 * 32]
+
+
+def result_of(target: remote.Target) -> remote.HostResult:
+    return remote.HostResult(target.name, target.address, True, 0, "", "", 1.0)
