@@ -163,6 +163,9 @@ class LoadBalancer(Strict):
     # Run before every reload: a change that fails it is undone and never reloaded.
     test_command: str = "nginx -t -q"
     reload_command: str = "nginx -s reload"
+    # Per-host template ({host}): nginx's access log in the `upstream` log_format of
+    # docs/deploy.md, which a deploy's canary analysis reads.
+    access_log: str = "/var/log/nginx/access.log"
 
 
 class App(Strict):
