@@ -15,7 +15,8 @@ bench/ and the tests call what it names. The pieces live in:
 - `deploy_gate`: the load balancers (drain, put back) and the /health gate;
 - `deploy_survey`: what each host and load balancer holds now, and `deploy releases`' report;
 - `deploy_plan`: batches, each host's part, the refusals, the plan's steps;
-- `deploy_rollout`: running a plan, and its result;
+- `deploy_rollout`: running a plan; `deploy_switch`: switching a batch's hosts and back;
+  `deploy_result`: the result, host by host;
 - `deploy_record`: the record of the fleet's last run, which a rerun reads.
 """
 
@@ -53,7 +54,8 @@ from igops.deploy_release import (
     release_id,
     requirements_hash,
 )
-from igops.deploy_rollout import HostOutcome, RolloutFailed, RolloutResult, execute
+from igops.deploy_result import HostOutcome, RolloutFailed, RolloutResult
+from igops.deploy_rollout import execute
 from igops.deploy_survey import FleetReleases, HostReleaseRow, HostReleases, fleet_releases
 
 __all__ = [

@@ -22,7 +22,7 @@ from igops.tables import Column
 if TYPE_CHECKING:
     from igops.deploy_agents import AppFleet
     from igops.deploy_plan import RolloutPlan
-    from igops.deploy_rollout import RolloutResult
+    from igops.deploy_result import RolloutResult
     from igops.inventory import Fleet
 
 
