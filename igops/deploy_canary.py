@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from igops.output import plural
+
 if TYPE_CHECKING:
     from igops.deploy_accesslog import Request
     from igops.inventory_model import DeployCanary
@@ -125,7 +127,7 @@ class CanaryEvidence:
         parts = [
             f"canary {self.verdict}"
             + (f" ({'; '.join(self.reasons)})" if self.reasons and self.verdict != PASS else ""),
-            f"{canary.requests} requests on {', '.join(canary.hosts)} against {baseline.requests} "
+            f"{plural(canary.requests, 'request')} on {', '.join(canary.hosts)} against {baseline.requests} "
             f"on {', '.join(baseline.hosts) or 'no baseline'} in {self.window_s:.0f} s",
             f"5xx {_percent(canary.error_rate)} vs {_percent(baseline.error_rate)}" + _p(self.overall.error_p),
         ]
@@ -254,7 +256,7 @@ def analyse(
     failures += [f"{item.endpoint}: {why}" for item in endpoints for why in item.comparison.failed]
     failures += _restart_failures(canary_hosts, baseline_hosts, restarts, limits)
     short = [
-        f"{name} answered {side.requests} requests, fewer than min_requests {limits.min_requests}"
+        f"{name} answered {plural(side.requests, 'request')}, fewer than min_requests {limits.min_requests}"
         for name, side in (("the canary", overall.canary), ("the baseline", overall.baseline))
         if side.requests < limits.min_requests
     ]
@@ -316,7 +318,7 @@ def _restart_failures(
     baseline = [count for host in baseline_hosts if (count := restarts.get(host)) is not None]
     allowed = limits.max_worker_restarts + (max(baseline) if baseline else 0)
     return [
-        f"{host}: {count} gunicorn worker restarts in the window (allowed {allowed})"
+        f"{host}: {plural(count, 'gunicorn worker restart')} in the window (allowed {allowed})"
         for host in canary_hosts
         if (count := restarts.get(host)) is not None and count > allowed
     ]

@@ -5,7 +5,9 @@ summary its last line and the journal give, and its exit code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from igops.deploy_canary import CanaryEvidence
 from igops.deploy_plan import ALREADY, DEPLOYED, FAILED, NOT_STARTED, ROLLED_BACK, SKIPPED, UNKNOWN
 from igops.errors import ExitCode, IgopsError
 from igops.output import plural
@@ -33,18 +35,28 @@ class RolloutResult:
     stopped: str | None = None
     change_event: str = "not configured"
     duration_s: float = 0.0
+    canary: CanaryEvidence | None = None
+    # Why the run stopped with its canary in place for a person to decide (exit 6), if it did.
+    held: str | None = None
+    # --canary-only, and the canary passed: the hosts after it were left on purpose.
+    canary_only: bool = False
+    # What changed since the release the fleet ran (igops.deploy_pending), for a deploy.
+    pending: dict[str, Any] | None = None
 
     def count(self, *states: str) -> int:
         return sum(host.state in states for host in self.hosts)
 
     @property
     def ok(self) -> bool:
-        return self.stopped is None and self.count(FAILED, ROLLED_BACK, UNKNOWN, NOT_STARTED) == 0
+        left = () if self.canary_only else (NOT_STARTED,)
+        return self.stopped is None and self.held is None and self.count(FAILED, ROLLED_BACK, UNKNOWN, *left) == 0
 
     @property
     def exit_code(self) -> ExitCode:
         if self.ok:
             return ExitCode.OK
+        if self.held:
+            return ExitCode.HELD
         if self.count(DEPLOYED) == 0:
             return ExitCode.FAILED
         return ExitCode.PARTIAL
@@ -60,8 +72,14 @@ class RolloutResult:
         on_target = self.count(DEPLOYED, ALREADY)
         text = f"{self.kind} of {self.target}: {on_target} of {plural(len(self.hosts), 'host')} on it"
         problems = self.problems()
+        if self.held:
+            text += f"; held: {self.held}"
         if self.stopped:
             text += f"; stopped at {self.stopped}"
+        if self.canary is not None:
+            text += f"; {self.canary.summary()}"
+        if self.canary_only:
+            text += "; stopped after the canary (--canary-only): `igops deploy` of it again goes on from batch 2"
         if problems:
             shown = SUMMARY_PROBLEMS
             text += (
@@ -77,9 +95,15 @@ class RolloutResult:
 
 class RolloutFailed(IgopsError):
     def __init__(self, result: RolloutResult):
-        super().__init__(
-            result.summary(), "the table above shows each host's release; `igops deploy releases` shows the fleet"
-        )
+        hint = "the table above shows each host's release; `igops deploy releases` shows the fleet"
+        if result.held:
+            hint = (
+                f"`igops deploy` of {result.target} again analyses the canary in place once more and goes on from "
+                "batch 2 (with --analysis 0, without an analysis); `igops deploy rollback` returns the canary"
+            )
+        super().__init__(result.summary(), hint)
         self.result = result
+        self.data = result
         self.exit_code = result.exit_code
+        self.result_word = "held" if result.held else "failed"
         self.problems = result.problems()
