@@ -136,8 +136,7 @@ class CanaryEvidence:
                 f"p50 {canary.p50_ms:.0f} vs {baseline.p50_ms:.0f} ms, p95 {canary.p95_ms:.0f} vs "
                 f"{baseline.p95_ms:.0f} ms" + _p(self.overall.latency_p)
             )
-        if self.worst_endpoints and self.verdict == FAIL:
-            parts.append("worst: " + "; ".join(self.worst_endpoints))
+        # The endpoints that regressed are among the reasons; the worst few are in the evidence.
         return ", ".join(parts)
 
     def brief(self) -> dict[str, Any]:

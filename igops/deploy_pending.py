@@ -30,8 +30,10 @@ from igops.deploy_survey import HostReleases, survey_hosts
 from igops.errors import IgopsError, UsageError
 from igops.output import plural
 
-# How far back the commit of a release built from a working tree is looked for.
+# How far back the commit of a release built from a working tree is looked for: by `deploy
+# pending`, and (each commit costs a `git archive`) by every deploy, for its journal.
 CONTENT_SEARCH_COMMITS = 100
+DEPLOY_CONTENT_SEARCH_COMMITS = 10
 # What a deploy's journal entry and change event carry of the list (the counts are whole).
 BRIEF_COMMITS = 20
 BRIEF_FILES = 50
@@ -158,13 +160,15 @@ def _commits(toplevel: Path, range_spec: str, prefix: str) -> list[Commit]:
     return parse_log(output.decode(errors="replace"))
 
 
-def commit_by_content(source: Path, toplevel: Path, prefix: str, content: str, start: str) -> str | None:
-    """The newest of the app's last commits whose app/ has exactly this content hash (a release
-    built from a working tree that matched a commit)."""
+def commit_by_content(
+    source: Path, toplevel: Path, prefix: str, content: str, start: str, limit: int = CONTENT_SEARCH_COMMITS
+) -> str | None:
+    """The newest of the app's last `limit` commits whose app/ has exactly this content hash (a
+    release built from a working tree that matched a commit)."""
     listed = git(
         toplevel,
         "rev-list",
-        f"--max-count={CONTENT_SEARCH_COMMITS}",
+        f"--max-count={limit}",
         start,
         "--",
         prefix,
@@ -185,6 +189,7 @@ def pending(
     rev: str | None,
     surveys: dict[str, HostReleases] | None = None,
     tree: SourceTree | None = None,
+    search: int = CONTENT_SEARCH_COMMITS,
 ) -> Pending:
     """What deploying `rev` (None: the working tree, counted from HEAD) would bring to the fleet."""
     surveys = surveys if surveys is not None else survey_hosts(app)
@@ -204,11 +209,11 @@ def pending(
         except UsageError:
             found.base, found.base_how = None, f"its commit {str(info['revision'])[:12]} is not in {toplevel}"
     elif info.get("content"):
-        found.base = commit_by_content(source, toplevel, prefix, str(info["content"]), target)
+        found.base = commit_by_content(source, toplevel, prefix, str(info["content"]), target, search)
         found.base_how = (
             "built from a working tree: found by its content"
             if found.base
-            else f"built from a working tree whose content matches none of the last {CONTENT_SEARCH_COMMITS} commits"
+            else f"built from a working tree whose content matches none of the last {search} commits"
         )
     else:
         found.base_how = f"release {deployed} records neither a commit nor a content hash"
@@ -233,6 +238,6 @@ def for_deploy(app: AppFleet, source: Path, rev: str | None, tree: SourceTree) -
     """The summary a deploy journals and sends with its change event; None when it cannot be
     had (no git, a source outside a work tree): it never stops a deploy."""
     try:
-        return pending(app, source, rev, tree=tree).brief()
+        return pending(app, source, rev, tree=tree, search=DEPLOY_CONTENT_SEARCH_COMMITS).brief()
     except IgopsError:
         return None

@@ -158,7 +158,9 @@ class Rollout:
         batch that passed its gate and still wait to go back into the load balancer."""
         plan = self.plan
         canary = plan.canary
-        for number, names in enumerate(plan.run_batches() if stopped is None else [], 1):
+        # A canary in place analysed again and held once more: no batch goes out.
+        going_on = stopped is None and self.result.held is None
+        for number, names in enumerate(plan.run_batches() if going_on else [], 1):
             batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
             if not batch:
                 continue

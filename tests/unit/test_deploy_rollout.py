@@ -251,6 +251,16 @@ def test_a_held_canary_is_analysed_again_before_the_rollout_goes_on(tmp_path, mo
     assert fake.switched == [("rollback", ["app1"])]
 
 
+def test_a_held_canary_held_again_switches_nothing_else(tmp_path, monkeypatch):
+    app = app_fleet(tmp_path)
+    fact = {"verdict": "inconclusive", "hosts": ["app1"], "before": {"app1": "R1"}}
+    record = {"id": "20261204-1-d", "kind": "deploy", "params": {"target": "R2"}, "facts": {"canary": fact}}
+    fake = Fleet(monkeypatch, app, verdict=deploy_canary.INCONCLUSIVE, records=[record], on_new=["app1"])
+    result, reporter = run(app, plan(app))
+    assert result.exit_code == ExitCode.HELD and fake.switched == [] and fake.lb_changes == []
+    assert [step.title.split(":")[0] for step in reporter.steps] == ["canary analysis"]
+
+
 def test_a_canary_no_longer_in_place_is_not_continued(tmp_path, monkeypatch):
     app = app_fleet(tmp_path)
     fact = {"verdict": "pass", "hosts": ["app1"], "before": {"app1": "R1"}}
