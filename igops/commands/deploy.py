@@ -279,6 +279,8 @@ def run(
     with command(ctx, "deploy", json_flag) as out:
         fleet = load_fleet(ctx)
         deploy.parse_batches(batch)
+        if max_fail is not None:
+            deploy.HostLimit.of(max_fail, "--max-fail")  # refused before anything is read
         options = deploy.AnalysisOptions(analysis, on_inconclusive.value, canary_only)
         where = f"at git {rev} ({source}/)" if rev else f"from the working tree {source}/"
         with out.step(f"read the app {where}") as step:
@@ -334,6 +336,8 @@ def rollback(
     with command(ctx, "deploy rollback", json_flag) as out:
         fleet = load_fleet(ctx)
         deploy.parse_batches(batch)
+        if max_fail is not None:
+            deploy.HostLimit.of(max_fail, "--max-fail")
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
                 plan = deploy.plan_rollback(
@@ -366,18 +370,20 @@ def pending(
         fleet = load_fleet(ctx)
         with deploy.AppFleet.of(fleet) as app:
             found = deploy.pending(app, source, rev or "HEAD")
-        out.table(
-            f"{found.fleet}: commits of {found.source}/ to deploy",
-            ["commit", Column("date", drop=2), Column("author", drop=1), Column("subject", wrap=True)],
-            [[c.sha[:12], c.date[:19], c.author, c.subject] for c in found.commits],
-        )
+        if found.commits:
+            out.table(
+                f"{found.fleet}: commits of {found.source}/ to deploy",
+                ["commit", Column("date", drop=2), Column("author", drop=1), Column("subject", wrap=True)],
+                [[c.sha[:12], c.date[:19], c.author, c.subject] for c in found.commits],
+            )
         if found.behind:
             out.table(
                 f"in the fleet's release, not in {found.rev}",
                 ["commit", Column("date", drop=2), Column("author", drop=1), Column("subject", wrap=True)],
                 [[c.sha[:12], c.date[:19], c.author, c.subject] for c in found.behind],
             )
-        out.table(None, ["status", Column("file", wrap=True)], [[status, path] for status, path in found.files])
+        if found.files:
+            out.table(None, ["status", Column("file", wrap=True)], [[status, path] for status, path in found.files])
         out.text(f"the fleet runs {found.deployed or 'no release'} on {', '.join(found.deployed_on) or 'no host'}")
         for release, hosts in sorted(found.others.items()):
             out.text(f"also in use: {release} on {', '.join(hosts)}")
