@@ -32,6 +32,7 @@ COUNTER_NAMES = (
     "request_seconds_total",
     "db_retries",
     "redis_retries",
+    "worker_starts",
 )
 BUSY_TIMEOUT_SECONDS = 2.0
 
@@ -113,3 +114,15 @@ class Stats:
         except sqlite3.Error as exc:
             self.store.close()
             raise ServiceUnavailable(f"counter store {self.store.path} unreadable: {exc}") from exc
+
+
+def count_worker_start(path: Path) -> None:
+    """One more gunicorn worker started on this host (app.wsgi, as each worker boots)."""
+    store = CounterStore(path)
+    try:
+        store.add({"worker_starts": 1})
+    except sqlite3.Error:
+        # a worker that cannot count itself must still serve
+        log.exception("could not count a worker start in %s", path)
+    finally:
+        store.close()

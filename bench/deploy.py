@@ -82,7 +82,18 @@ def lab_part(work: Path, repeats: int) -> list[str]:
                     before = os.times()
                     started = time.perf_counter()
                     done = subprocess.run(
-                        [*igops_argv(), "-c", str(inventory), "deploy", "--source", str(source), "--yes", "--json"],
+                        [
+                            *igops_argv(),
+                            "-c",
+                            str(inventory),
+                            "deploy",
+                            "--source",
+                            str(source),
+                            "--analysis",
+                            "0",
+                            "--yes",
+                            "--json",
+                        ],
                         stdout=out,
                         stderr=subprocess.DEVNULL,
                         cwd=ROOT,
@@ -99,7 +110,10 @@ def lab_part(work: Path, repeats: int) -> list[str]:
                 built.append(any("virtualenv built" in (step["detail"] or "") for step in envelope["steps"]))
         finally:
             restore = subprocess.run(
-                [*igops_argv(), "-c", str(inventory), "deploy", "--yes"], capture_output=True, text=True, cwd=ROOT
+                [*igops_argv(), "-c", str(inventory), "deploy", "--analysis", "0", "--yes"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
             )
             if restore.returncode != 0:
                 print(f"restoring the working tree's release failed: {restore.stderr.strip()[-300:]}", file=sys.stderr)
@@ -245,6 +259,8 @@ def fleet_part(work: Path, count: int, repeats: int) -> list[str]:
                         str(source),
                         "--batch",
                         "100%",
+                        "--analysis",
+                        "0",
                         "--parallel",
                         str(PARALLEL),
                         "--yes",

@@ -45,7 +45,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Logical shards: decode and encode ids, show the map, create the schemas, move shards "
         "between clusters online, verify copies, rebalance.",
     ),
-    "deploy": ("deploy", "Rolling deploys of the app: `igops deploy [REV]`, `deploy rollback`, `deploy releases`."),
+    "deploy": (
+        "deploy",
+        "Rolling deploys of the app with a canary analysis: `igops deploy [REV]`, `deploy rollback`, "
+        "`deploy releases`, `deploy pending`.",
+    ),
     "pg": (
         "pg",
         "Postgres clusters (repmgr behind PgBouncer): status, planned switchover, failover of a "

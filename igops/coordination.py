@@ -215,10 +215,43 @@ class LocalCoordinator:
                 yield HeldLease(holder.operation, holder.target)
                 return
 
+    def holders(self, kind: str) -> list[tuple[Resource, Holder | None]]:
+        """The resources of class `kind` some process holds now, and who. A lock file outlives
+        its lock: it is held only while its flock is, so each is tried (shared, not waiting).
+        Callers list under a lease of their own that every taker of `kind` holds too
+        (igops.operations.rotation), so the try never makes a taker's own flock fail."""
+        import fcntl
+
+        from igops import safety
+
+        prefix = safety.lock_name(kind, "")
+        found: list[tuple[Resource, Holder | None]] = []
+        for path in sorted((self.state_dir / "locks").glob(f"{prefix}*.lock")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue  # nobody holds it
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+            found.append(((kind, path.name[len(prefix) : -len(".lock")]), _local_holder(_read(path))))
+        return found
+
     def audit(self, **fields: Any) -> None:
         from igops import safety
 
         safety.audit(self.state_dir, **fields)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 class EtcdError(IgopsError):
@@ -514,6 +547,14 @@ class EtcdCoordinator:
             self._revoke(str(kv["lease"]))
             revoked = True
         return revoked
+
+    def holders(self, kind: str) -> list[tuple[Resource, Holder | None]]:
+        """The resources of class `kind` leased now, and who: a lock's key lives only as long as
+        its holder's etcd lease."""
+        from igops import safety
+
+        prefix = f"{self.settings.prefix}locks/{safety.lock_name(kind, '')}"
+        return [((kind, key[len(prefix) :]), Holder.from_json(value)) for key, value in self.gateway.get_prefix(prefix)]
 
     def lease_alive(self, lease_id: str) -> bool:
         """Whether etcd still keeps this lease (its holder is alive and renewing it)."""

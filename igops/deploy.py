@@ -15,33 +15,38 @@ bench/ and the tests call what it names. The pieces live in:
 - `deploy_gate`: the load balancers (drain, put back) and the /health gate;
 - `deploy_survey`: what each host and load balancer holds now, and `deploy releases`' report;
 - `deploy_plan`: batches, each host's part, the refusals, the plan's steps;
-- `deploy_rollout`: running a plan, and its result;
-- `deploy_record`: the record of the fleet's last run, which a rerun reads.
+- `deploy_rollout`: running a plan; `deploy_switch`: switching a batch's hosts and back;
+  `deploy_result`: the result, host by host;
+- `deploy_record`: the record of the fleet's last run, which a rerun reads;
+- `deploy_limits`: batches, max_fail and min_in_service as numbers of hosts;
+- `deploy_accesslog`, `deploy_window`, `deploy_canary`, `deploy_canary_plan`, `deploy_analysis`:
+  the canary analysis (the load balancers' log, its window, the statistics, the plan's step, its run);
+- `deploy_pending`: the commits a deploy brings.
 """
 
 from __future__ import annotations
 
 from igops.deploy_agents import AppFleet
+from igops.deploy_canary_plan import AnalysisOptions
 from igops.deploy_gate import HealthGate, LbServer, LbState, drained_by_igops, put_back
+from igops.deploy_limits import BatchSize, HostLimit, parse_batches, split_batches
+from igops.deploy_pending import Pending, for_deploy as pending_for_deploy, pending
 from igops.deploy_plan import (
     ALREADY,
     DEPLOYED,
     FAILED,
-    MIN_SERVERS_IN_SERVICE,
     NOT_STARTED,
+    OUTSIDE,
     ROLLED_BACK,
     SKIPPED,
     UNKNOWN,
-    BatchSize,
     HostPlan,
     ReleaseMissing,
     RolloutPlan,
-    parse_batches,
     plan_deploy,
     plan_resume,
     plan_rollback,
     resume_params,
-    split_batches,
 )
 from igops.deploy_release import (
     SHARED_LINKS,
@@ -53,15 +58,17 @@ from igops.deploy_release import (
     release_id,
     requirements_hash,
 )
-from igops.deploy_rollout import HostOutcome, RolloutFailed, RolloutResult, execute
+from igops.deploy_result import HostOutcome, RolloutFailed, RolloutResult
+from igops.deploy_rollout import execute
 from igops.deploy_survey import FleetReleases, HostReleaseRow, HostReleases, fleet_releases
 
 __all__ = [
     "ALREADY",
+    "AnalysisOptions",
     "DEPLOYED",
     "FAILED",
-    "MIN_SERVERS_IN_SERVICE",
     "NOT_STARTED",
+    "OUTSIDE",
     "ROLLED_BACK",
     "SHARED_LINKS",
     "SKIPPED",
@@ -70,12 +77,14 @@ __all__ = [
     "BatchSize",
     "FleetReleases",
     "HealthGate",
+    "HostLimit",
     "HostOutcome",
     "HostPlan",
     "HostReleaseRow",
     "HostReleases",
     "LbServer",
     "LbState",
+    "Pending",
     "Release",
     "ReleaseMissing",
     "RolloutFailed",
@@ -88,6 +97,8 @@ __all__ = [
     "fleet_releases",
     "package",
     "parse_batches",
+    "pending",
+    "pending_for_deploy",
     "plan_deploy",
     "plan_resume",
     "plan_rollback",

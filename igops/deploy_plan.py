@@ -10,24 +10,28 @@ import secrets as random_source
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from igops.deploy_agents import AppFleet
+from igops.deploy_canary_plan import (
+    AnalysisOptions,
+    CanaryPlan,
+    HeldCanary,
+    find_held,
+    held_notes,
+    journal_records,
+    plan_canary,
+)
 from igops.deploy_gate import HealthGate, LbState
-from igops.deploy_record import read_last_run
+from igops.deploy_limits import HostLimit, describe_budget, describe_minimum, parse_batches, split_batches
+from igops.deploy_record import inherit_releases_before, read_last_runs
 from igops.deploy_release import SHARED_LINKS, Release, SourceTree, content_hash, package, release_id
 from igops.deploy_survey import HostReleases, survey_for_change
 from igops.errors import RefusedError, UsageError
 from igops.output import plural
 from igops.pagerduty import changes as pagerduty_changes
 
-T = TypeVar("T")
-
-# The fewest upstream servers each load balancer must keep in service while a batch is out:
-# a plan whose batch would leave fewer is refused.
-MIN_SERVERS_IN_SERVICE = 1
-
-# Per-host outcomes; a host plan's action is "roll" or one of ALREADY, SKIPPED and FAILED.
+# Per-host outcomes; a host plan's action is "roll" or one of ALREADY, SKIPPED, FAILED and OUTSIDE.
 DEPLOYED = "deployed"
 ALREADY = "already"
 ROLLED_BACK = "rolled back"
@@ -35,62 +39,8 @@ FAILED = "failed"
 UNKNOWN = "unknown"
 NOT_STARTED = "not started"
 SKIPPED = "skipped"
-
-
-# --- batches ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchSize:
-    """One entry of a batch list, like Ansible's `serial`: a host count or a percentage of
-    all the hosts being rolled."""
-
-    count: int | None = None
-    percent: int | None = None
-
-    def of(self, total: int) -> int:
-        if self.count is not None:
-            return self.count
-        assert self.percent is not None  # a size is a count or a percentage (parse_batches)
-        return max(1, total * self.percent // 100)
-
-    def __str__(self) -> str:
-        return str(self.count) if self.count is not None else f"{self.percent}%"
-
-
-def parse_batches(spec: str) -> list[BatchSize]:
-    """ "1,25%" -> [1, 25%]. The last size repeats until every host is in a batch."""
-    sizes = []
-    for part in spec.split(","):
-        text = part.strip()
-        try:
-            if text.endswith("%"):
-                percent = int(text[:-1])
-                if not 1 <= percent <= 100:
-                    raise ValueError
-                sizes.append(BatchSize(percent=percent))
-            else:
-                count = int(text)
-                if count < 1:
-                    raise ValueError
-                sizes.append(BatchSize(count=count))
-        except ValueError:
-            raise UsageError(
-                f"bad batch size {text!r} in --batch {spec!r}",
-                "use host counts and percentages, e.g. --batch 1,25% or --batch 50%",
-            ) from None
-    return sizes
-
-
-def split_batches(items: Sequence[T], sizes: Sequence[BatchSize]) -> list[list[T]]:
-    batches: list[list[T]] = []
-    position, index = 0, 0
-    while position < len(items):
-        size = sizes[min(index, len(sizes) - 1)].of(len(items))
-        batches.append(list(items[position : position + size]))
-        position += size
-        index += 1
-    return batches
+# Not among the hosts of --hosts: neither leased nor rolled, but still counted in service or not.
+OUTSIDE = "outside"
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -99,7 +49,7 @@ def split_batches(items: Sequence[T], sizes: Sequence[BatchSize]) -> list[list[T
 @dataclass
 class HostPlan:
     host: str
-    action: str  # "roll", ALREADY, SKIPPED, FAILED (unreachable)
+    action: str  # "roll", ALREADY, SKIPPED, FAILED (unreachable), OUTSIDE (not in --hosts)
     current: str | None
     in_lb: bool | None = None  # None: no load balancer, or it does not list the host
     upload: bool = False
@@ -108,6 +58,7 @@ class HostPlan:
     before: str | None = None
     venv: str | None = None  # "reuse" / "build"
     detail: str | None = None
+    reachable: bool = True
 
 
 @dataclass
@@ -128,11 +79,31 @@ class RolloutPlan:
     pagerduty: bool
     release: Release | None = None
     # Per load balancer, the servers in service when the plan was made (it is refused if a batch
-    # would leave fewer than MIN_SERVERS_IN_SERVICE; the run checks again before each batch).
+    # would leave fewer than min_in_service; the run checks again before each batch, counting
+    # the servers other operations hold out of rotation).
     in_service: dict[str, list[str]] = field(default_factory=dict)
+    min_in_service: int = 1
+    min_in_service_spec: str = "1"
+    max_fail_spec: str | None = None  # as given ("25%"); max_fail is what it allows here
+    canary: CanaryPlan | None = None
+    canary_note: str | None = None  # why there is no canary analysis, when there is none
+    held: HeldCanary | None = None  # the deploy whose canary in place this plan continues from
+    stop_after: int | None = None  # --canary-only: the batches after this one are not run
+    batch_offset: int = 0  # a plan that continues after a canary numbers its batches from 2
 
     def roll(self) -> list[HostPlan]:
         return [host for host in self.hosts if host.action == "roll"]
+
+    def scope(self) -> list[str]:
+        """The hosts the operation leases: those of --hosts, or every app server."""
+        return [host.host for host in self.hosts if host.action != OUTSIDE]
+
+    def run_batches(self) -> list[list[str]]:
+        """The batches the run goes through: all of them, or up to --canary-only's stop."""
+        return self.batches[: self.stop_after] if self.stop_after is not None else self.batches
+
+    def batch_label(self, number: int) -> str:
+        return f"batch {number + self.batch_offset}/{len(self.batches) + self.batch_offset}"
 
     @property
     def nothing_to_do(self) -> bool:
@@ -152,11 +123,15 @@ class RolloutPlan:
                 + (f"BUILD (pip install) on {_names(builds)}" if builds else "reuse")
             )
         lb = f"nginx on {', '.join(self.lbs)}" if self.lbs else None
+        canary = self.canary
+        if canary is not None and canary.in_place:
+            steps.append(canary.step(self.target))
         # Each batch takes the one before it back into the load balancers as it takes itself out
-        # (one reload for both); the last batch goes back in a step of its own.
+        # (one reload for both); the last batch goes back in a step of its own, and so does the
+        # canary, which takes traffic before the next batch goes out.
         previous: list[str] = []
-        for number, batch in enumerate(self.batches, 1):
-            parts = [f"batch {number}/{len(self.batches)}: {', '.join(batch)}"]
+        for number, batch in enumerate(self.run_batches(), 1):
+            parts = [f"{self.batch_label(number)}: {', '.join(batch)}"]
             if lb:
                 parts.append(
                     (f"put {', '.join(previous)} back, " if previous else "")
@@ -166,6 +141,10 @@ class RolloutPlan:
             parts.append(f"gate: {self.gate.describe()} serving {self.target}")
             steps.append(" — ".join(parts))
             previous = batch
+            if number == 1 and canary is not None and not canary.in_place:
+                steps.append(f"put {', '.join(batch)} back in the load balancer: the canary takes traffic")
+                steps.append(canary.step(self.target))
+                previous = []
         if lb and previous:
             steps.append(f"put {', '.join(previous)} back in the load balancer")
         if self.pagerduty:
@@ -177,8 +156,20 @@ class RolloutPlan:
         found on each host."""
         notes = [
             f"the run stops at the first batch that takes the failures past {self.max_fail} "
-            f"(--max-fail {self.max_fail}) and switches that batch back; later batches keep their release"
+            f"(--max-fail {self.max_fail_spec or self.max_fail}) and switches that batch back; "
+            "later batches keep their release",
+            f"each batch goes out only if at least {self.min_in_service} app servers stay in service in every "
+            f"load balancer (min_in_service {self.min_in_service_spec}), counting those other operations hold "
+            "out of rotation",
         ]
+        notes += held_notes(self.held)
+        if self.canary_note:
+            notes.append(self.canary_note)
+        if self.stop_after is not None:
+            notes.append(
+                f"--canary-only: the run stops after a passing analysis; `igops deploy` of {self.target} "
+                "again continues from batch 2"
+            )
         if self.kind == "deploy":
             notes.append(
                 f"each switch keeps {self.keep} releases per host (never the current one or the one it replaced)"
@@ -186,8 +177,11 @@ class RolloutPlan:
         staged = [host.host for host in self.roll() if not host.upload]
         if staged:
             notes.append(f"release {self.target} is already on {_names(staged)}")
+        outside = [host.host for host in self.hosts if host.action == OUTSIDE]
+        if outside:
+            notes.append(f"not in --hosts, left alone: {_names(outside)}")
         for host in self.hosts:
-            if host.action != "roll":
+            if host.action not in ("roll", OUTSIDE):
                 notes.append(f"{host.host}: {host.action} — {host.detail}")
             elif host.before and host.before != host.current:
                 notes.append(f"{host.host}: {host.detail}")
@@ -207,7 +201,12 @@ def _new_deploy_id() -> str:
 
 
 def host_plans(
-    app: AppFleet, surveys: dict[str, HostReleases], lb: LbState, target: str, max_fail: int
+    app: AppFleet,
+    surveys: dict[str, HostReleases],
+    lb: LbState,
+    target: str,
+    max_fail: int,
+    only: Sequence[str] | None = None,
 ) -> list[HostPlan]:
     plans = []
     unreachable = []
@@ -216,8 +215,22 @@ def host_plans(
         server = app.server(host)
         listed = any(item.server == server for item in lb.servers)
         in_lb = (not lb.drained_by_igops(server) and not lb.drained_by_others(server)) if listed else None
-        if not found.reachable:
-            plans.append(HostPlan(host.name, FAILED, None, in_lb, detail=f"unreachable: {found.error}"))
+        if only is not None and host.name not in only:
+            # Not this run's to roll, but its state counts: a server down or unreachable is out.
+            plans.append(
+                HostPlan(
+                    host.name,
+                    OUTSIDE,
+                    found.current,
+                    in_lb,
+                    detail="not in --hosts" + ("" if found.reachable else f"; unreachable: {found.error}"),
+                    reachable=found.reachable,
+                )
+            )
+        elif not found.reachable:
+            plans.append(
+                HostPlan(host.name, FAILED, None, in_lb, detail=f"unreachable: {found.error}", reachable=False)
+            )
             unreachable.append(f"{host.name} ({found.error})")
         elif lb.drained_by_others(server):
             plans.append(
@@ -276,13 +289,18 @@ def servers_left_in_service(in_service: set[str], batches: Sequence[Sequence[str
 
 
 def refuse_draining_below_minimum(
-    app: AppFleet, hosts: list[HostPlan], batches: list[list[str]], lb: LbState, minimum: int = MIN_SERVERS_IN_SERVICE
+    app: AppFleet,
+    hosts: list[HostPlan],
+    batches: list[list[str]],
+    lb: LbState,
+    minimum: int = 1,
+    described: str | None = None,
 ) -> dict[str, list[str]]:
     """Refuse a plan with a batch that would leave a load balancer fewer than `minimum` servers
     in service. Servers marked down, and app hosts that did not answer the survey, serve
     nothing; a batch of servers already out takes nothing away. Returns, per load balancer,
     the servers in service now."""
-    unavailable = {app.server(app.host(host.host)) for host in hosts if host.action == FAILED}
+    unavailable = {app.server(app.host(host.host)) for host in hosts if not host.reachable}
     server_batches = [[app.server(app.host(name)) for name in batch] for batch in batches]
     serving: dict[str, list[str]] = {}
     for lb_name in dict.fromkeys(item.lb for item in lb.servers):
@@ -296,94 +314,115 @@ def refuse_draining_below_minimum(
             if left < minimum:
                 raise RefusedError(
                     f"batch {number} ({', '.join(batches[number - 1])}) would leave {left} app servers in service "
-                    f"in nginx on {lb_name}, fewer than the minimum of {minimum}; nothing was changed",
+                    f"in nginx on {lb_name}, fewer than the minimum of {minimum}"
+                    + (f" (min_in_service {described})" if described and described != str(minimum) else "")
+                    + "; nothing was changed",
                     "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
-                    "unreachable back into service",
+                    "unreachable back into service, or lower [deploy] min_in_service",
                 )
     return serving
 
 
-def inherit_releases_before(
-    hosts: list[HostPlan], surveys: dict[str, HostReleases], last_run: dict[str, Any] | None
-) -> None:
-    """A host that an interrupted run switched to its target returns, if its batch fails now,
-    to the release it ran before that run, not to the interrupted run's target: that release
-    never passed a health gate the run saw through. The interrupted run's record has it."""
-    if not last_run or not last_run.get("interrupted"):
-        return
-    earlier = last_run.get("before") or {}
-    for host in hosts:
-        release = earlier.get(host.host)
-        if host.action != "roll" or not release or host.current != last_run.get("target") or release == host.current:
-            continue
-        if not surveys[host.host].has(release):
-            host.detail = "; ".join(
-                filter(
-                    None,
-                    [host.detail, f"{release}, its release before the interrupted {last_run.get('kind')}, is gone"],
-                )
+def _limits(app: AppFleet, max_fail: int | str | None, only: Sequence[str] | None) -> dict[str, Any]:
+    """--max-fail (or [deploy] max_fail) as hosts of this run's scope, and [deploy]
+    min_in_service as servers of the fleet: the RolloutPlan fields they become."""
+    section = app.fleet.model.deploy
+    budget = HostLimit.of(section.max_fail if max_fail is None else max_fail, "--max-fail")
+    scope = len(only) if only is not None else len(app.hosts)
+    minimum = HostLimit.of(section.min_in_service)
+    return {
+        "max_fail": budget.allowed_failures(scope),
+        "max_fail_spec": describe_budget(budget, scope),
+        "min_in_service": minimum.at_least(len(app.hosts)),
+        "min_in_service_spec": describe_minimum(minimum, len(app.hosts)),
+    }
+
+
+def scope_of(app: AppFleet, hosts: Sequence[str] | None) -> list[str] | None:
+    """--hosts, checked: app servers of the inventory, in its order; None for all of them."""
+    if not hosts:
+        return None
+    names = [host.name for host in app.hosts]
+    for name in hosts:
+        if name not in names:
+            from igops.inventory import unknown_name_hint
+
+            raise UsageError(
+                f"--hosts: {name!r} is not an app server", unknown_name_hint(name, names, "app servers are")
             )
-            continue
-        host.before = release
-        host.detail = "; ".join(
-            filter(
-                None,
-                [
-                    host.detail,
-                    f"returns to {release} if it fails (its release before "
-                    f"the interrupted {last_run.get('kind')} "
-                    f"{last_run.get('deploy_id')})",
-                ],
-            )
-        )
+    return [name for name in names if name in hosts]
 
 
 def plan_deploy(
     app: AppFleet,
     tree: SourceTree,
     batch: str,
-    max_fail: int,
+    max_fail: int | str | None,
     gate: HealthGate,
     parallel: int | None = None,
     now: datetime | None = None,
+    only: Sequence[str] | None = None,
+    analysis: AnalysisOptions | None = None,
 ) -> tuple[RolloutPlan, bytes]:
     """Survey the app servers and the load balancer, and decide what a deploy of `tree` does.
     A release with the same content that is already on a host keeps its id, so a rerun
-    continues the same release instead of making another."""
+    continues the same release instead of making another; one whose canary an earlier deploy
+    left in place (held, or --canary-only) continues from batch 2."""
     sizes = parse_batches(batch)
     fleet = app.fleet
-    deploy_id = _new_deploy_id()
+    only = scope_of(app, only)
+    limits = _limits(app, max_fail, only)
     surveys, lb = survey_for_change(app, parallel)
     content = content_hash(tree.files)
     identifier = existing_release(surveys, content) or release_id(
         now or datetime.now(UTC), tree.revision[:7] if tree.revision else content[:7]
     )
     release, tarball = package(tree, identifier)
-    hosts = host_plans(app, surveys, lb, identifier, max_fail)
-    inherit_releases_before(hosts, surveys, read_last_run(fleet))
+    hosts = host_plans(app, surveys, lb, identifier, limits["max_fail"], only)
+    inherit_releases_before(hosts, surveys, read_last_runs(fleet))
     for host in hosts:
         if host.action == "roll":
             host.venv = "reuse" if release.requirements in surveys[host.host].venvs else "build"
+    held = find_held(journal_records(fleet), identifier, hosts) if analysis is not None else None
     rolling = [host.host for host in hosts if host.action == "roll"]
-    batches = split_batches(rolling, sizes)
-    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
+    # The canary in place was the first batch: what is left rolls with the sizes after it.
+    batches = split_batches(rolling, sizes[1:] or sizes if held else sizes)
+    in_service = refuse_draining_below_minimum(
+        app, hosts, batches, lb, limits["min_in_service"], limits["min_in_service_spec"]
+    )
+    lbs = [h.name for h in app.lbs]
+    canary, why_none = plan_canary(fleet, hosts, batches, lbs, analysis, held)
+    if held is not None and analysis is not None and analysis.canary_only and canary is None:
+        raise RefusedError(
+            f"--canary-only: {held.describe()} already; nothing was changed",
+            f"deploy {identifier} without --canary-only to go on from batch 2",
+        )
     plan = RolloutPlan(
         "deploy",
-        deploy_id,
+        _new_deploy_id(),
         app.name,
         identifier,
         f"{release.source}, content {release.content}",
         hosts,
         batches,
         batch,
-        max_fail,
+        limits["max_fail"],
         gate,
-        [h.name for h in app.lbs],
+        lbs,
         parallel or app.settings.parallel,
         fleet.model.app.keep_releases,
         pagerduty_changes.routing_key(fleet) is not None,
         release,
         in_service,
+        limits["min_in_service"],
+        limits["min_in_service_spec"],
+        limits["max_fail_spec"],
+        canary,
+        why_none,
+        held,
+        # --canary-only: the canary's batch, or (a canary in place analysed again) none at all.
+        (0 if canary.in_place else 1) if canary is not None and canary.canary_only else None,
+        1 if held else 0,
     )
     return plan, tarball
 
@@ -406,11 +445,19 @@ class ReleaseMissing(RefusedError):
 
 
 def plan_rollback(
-    app: AppFleet, to: str | None, batch: str, max_fail: int, gate: HealthGate, parallel: int | None = None
+    app: AppFleet,
+    to: str | None,
+    batch: str,
+    max_fail: int | str | None,
+    gate: HealthGate,
+    parallel: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> RolloutPlan:
     """To `to`, or to the release the fleet's newest release replaced."""
     sizes = parse_batches(batch)
     fleet = app.fleet
+    only = scope_of(app, only)
+    limits = _limits(app, max_fail, only)
     deploy_id = _new_deploy_id()
     surveys, lb = survey_for_change(app, parallel)
     reachable = [found for found in surveys.values() if found.reachable]
@@ -430,8 +477,8 @@ def plan_rollback(
         description = f"the release before {newest}"
     else:
         description = "chosen with --to"
-    hosts = host_plans(app, surveys, lb, to, max_fail)
-    inherit_releases_before(hosts, surveys, read_last_run(fleet))
+    hosts = host_plans(app, surveys, lb, to, limits["max_fail"], only)
+    inherit_releases_before(hosts, surveys, read_last_runs(fleet))
     lacking = [host.host for host in hosts if host.action == "roll" and not surveys[host.host].has(to)]
     if lacking:
         raise ReleaseMissing(
@@ -442,7 +489,9 @@ def plan_rollback(
     gate = dataclasses.replace(gate, require_release=built_by_igops)
     rolling = [host.host for host in hosts if host.action == "roll"]
     batches = split_batches(rolling, sizes)
-    in_service = refuse_draining_below_minimum(app, hosts, batches, lb)
+    in_service = refuse_draining_below_minimum(
+        app, hosts, batches, lb, limits["min_in_service"], limits["min_in_service_spec"]
+    )
     return RolloutPlan(
         "rollback",
         deploy_id,
@@ -452,13 +501,16 @@ def plan_rollback(
         hosts,
         batches,
         batch,
-        max_fail,
+        limits["max_fail"],
         gate,
         [h.name for h in app.lbs],
         parallel or app.settings.parallel,
         fleet.model.app.keep_releases,
         pagerduty_changes.routing_key(fleet) is not None,
         in_service=in_service,
+        min_in_service=limits["min_in_service"],
+        min_in_service_spec=limits["min_in_service_spec"],
+        max_fail_spec=limits["max_fail_spec"],
     )
 
 
@@ -468,7 +520,11 @@ def resume_params(plan: RolloutPlan) -> dict[str, Any]:
     return {
         "target": plan.target,
         "batch": plan.batch_spec,
-        "max_fail": plan.max_fail,
+        # As given ("25%"), so that a resume counts it against its own hosts.
+        "max_fail": (plan.max_fail_spec or str(plan.max_fail)).split(" ", 1)[0],
+        "hosts": None if all(host.action != OUTSIDE for host in plan.hosts) else plan.scope(),
+        # A resume switches without a canary analysis: it refuses one that had not passed it.
+        "canary": plan.canary is not None,
         "health_passes": plan.gate.passes,
         "health_timeout": plan.gate.timeout,
         "parallel": plan.parallel,
@@ -487,7 +543,13 @@ def plan_resume(app: AppFleet, kind: str, params: dict[str, Any]) -> RolloutPlan
     )
     try:
         plan = plan_rollback(
-            app, params["target"], params["batch"], int(params["max_fail"]), gate, params.get("parallel")
+            app,
+            params["target"],
+            params["batch"],
+            params["max_fail"],
+            gate,
+            params.get("parallel"),
+            params.get("hosts"),
         )
     except ReleaseMissing as refused:
         if kind != "deploy":

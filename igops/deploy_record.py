@@ -1,5 +1,6 @@
 """What a deploy or rollback records about itself: `<state_dir>/deploy/<fleet>.json`, the record
-of the fleet's last run, and who ran it.
+of the fleet's last run, and who ran it. A run limited to some app servers (--hosts) keeps its
+own record beside it (`<fleet>.hosts-<digest>.json`): two such runs may go on at once.
 
 The record is what `igops deploy releases` reports, and, for a run that was interrupted, what a
 rerun returns each of its hosts to if they fail (see `deploy_plan.inherit_releases_before`).
@@ -7,6 +8,7 @@ rerun returns each of its hosts to if they fail (see `deploy_plan.inherit_releas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from igops import safety
 
 if TYPE_CHECKING:
-    from igops.deploy_plan import RolloutPlan
+    from igops.deploy_plan import HostPlan, RolloutPlan
+    from igops.deploy_survey import HostReleases
     from igops.inventory import Fleet
 
 
@@ -32,7 +35,8 @@ class LastRunRecord:
     releases`, the plans) stay as they were."""
 
     def __init__(self, fleet: Fleet, plan: RolloutPlan):
-        self.path = last_run_path(fleet)
+        limited = any(host.action == "outside" for host in plan.hosts)
+        self.path = last_run_path(fleet, plan.scope() if limited else None)
         self.document: dict[str, Any] = {
             "deploy_id": plan.deploy_id,
             "kind": plan.kind,
@@ -64,13 +68,17 @@ class LastRunRecord:
         self.update(hosts=hosts)
 
 
-def last_run_path(fleet: Fleet) -> Path:
-    return fleet.state_dir / "deploy" / f"{fleet.model.fleet.name}.json"
+def last_run_path(fleet: Fleet, scope: list[str] | None = None) -> Path:
+    name = fleet.model.fleet.name
+    if scope is None:
+        return fleet.state_dir / "deploy" / f"{name}.json"
+    digest = hashlib.sha256(",".join(sorted(scope)).encode()).hexdigest()[:10]
+    return fleet.state_dir / "deploy" / f"{name}.hosts-{digest}.json"
 
 
-def read_last_run(fleet: Fleet) -> dict[str, Any] | None:
+def _read(path: Path) -> dict[str, Any] | None:
     try:
-        document: dict[str, Any] = json.loads(last_run_path(fleet).read_text())
+        document: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if document.get("status") == "running" and document.get("machine") == socket.gethostname():
@@ -80,7 +88,65 @@ def read_last_run(fleet: Fleet) -> dict[str, Any] | None:
     return document
 
 
+def read_last_runs(fleet: Fleet) -> list[dict[str, Any]]:
+    """Every record of the fleet's runs (the whole fleet's, and those of --hosts runs), newest first."""
+    directory = fleet.state_dir / "deploy"
+    paths = [directory / f"{fleet.model.fleet.name}.json", *directory.glob(f"{fleet.model.fleet.name}.hosts-*.json")]
+    found = [document for path in paths if (document := _read(path)) is not None]
+    return sorted(found, key=lambda document: str(document.get("updated") or document.get("started")), reverse=True)
+
+
+def read_last_run(fleet: Fleet) -> dict[str, Any] | None:
+    """The newest record: what `igops deploy releases` reports."""
+    runs = read_last_runs(fleet)
+    return runs[0] if runs else None
+
+
 def deployer() -> str:
     """`user@host` of whoever runs igops: the user behind sudo when there is one. The host is the
     machine's name, as in the record's `machine`, which tells whether its process still lives."""
     return f"{os.environ.get('SUDO_USER') or safety.operator_user()}@{socket.gethostname()}"
+
+
+def inherit_releases_before(
+    hosts: list[HostPlan],
+    surveys: dict[str, HostReleases],
+    last_runs: dict[str, Any] | list[dict[str, Any]] | None,
+) -> None:
+    """A host that an interrupted run switched to its target returns, if its batch fails now,
+    to the release it ran before that run, not to the interrupted run's target: that release
+    never passed a health gate the run saw through. The interrupted run's record has it (the
+    newest that names the host, when several runs left one)."""
+    runs = [last_runs] if isinstance(last_runs, dict) else list(last_runs or [])
+    for run in runs:
+        if run.get("interrupted"):
+            _inherit(surveys, run, [host for host in hosts if host.host in (run.get("before") or {})])
+            hosts = [host for host in hosts if host.host not in (run.get("before") or {})]
+
+
+def _inherit(surveys: dict[str, HostReleases], last_run: dict[str, Any], named: list[HostPlan]) -> None:
+    earlier = last_run.get("before") or {}
+    for host in named:
+        release = earlier.get(host.host)
+        if host.action != "roll" or not release or host.current != last_run.get("target") or release == host.current:
+            continue
+        if not surveys[host.host].has(release):
+            host.detail = "; ".join(
+                filter(
+                    None,
+                    [host.detail, f"{release}, its release before the interrupted {last_run.get('kind')}, is gone"],
+                )
+            )
+            continue
+        host.before = release
+        host.detail = "; ".join(
+            filter(
+                None,
+                [
+                    host.detail,
+                    f"returns to {release} if it fails (its release before "
+                    f"the interrupted {last_run.get('kind')} "
+                    f"{last_run.get('deploy_id')})",
+                ],
+            )
+        )

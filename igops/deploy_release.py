@@ -89,7 +89,7 @@ def read_source(source: Path, revision: str | None) -> SourceTree:
     return SourceTree(files, None, f"working tree {source}")
 
 
-def _git(directory: Path, *args: str, purpose: str, hint: str | None = None) -> bytes:
+def git(directory: Path, *args: str, purpose: str, hint: str | None = None) -> bytes:
     """git's output; a failure says first what igops could not do, then what git said."""
     done = _run_git(directory, *args)
     if done.returncode != 0:
@@ -105,7 +105,7 @@ def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
         raise UsageError("git is not installed", "deploy the working tree (no REV) or install git") from None
 
 
-def _resolve_revision(toplevel: Path, revision: str) -> str:
+def resolve_revision(toplevel: Path, revision: str) -> str:
     """The commit `revision` names; an unknown one says so, naming close tags and branches."""
     import difflib
 
@@ -122,21 +122,19 @@ def _resolve_revision(toplevel: Path, revision: str) -> str:
     )
 
 
-def _read_git(source: Path, revision: str) -> SourceTree:
-    toplevel = Path(
-        _git(
-            source,
-            "rev-parse",
-            "--show-toplevel",
-            purpose=f"find the git work tree of {source}",
-            hint="with REV, --source must be a directory in a git work tree",
-        )
+def git_toplevel(source: Path, hint: str = "with REV, --source must be a directory in a git work tree") -> Path:
+    return Path(
+        git(source, "rev-parse", "--show-toplevel", purpose=f"find the git work tree of {source}", hint=hint)
         .decode()
         .strip()
     )
-    commit = _resolve_revision(toplevel, revision)
+
+
+def _read_git(source: Path, revision: str) -> SourceTree:
+    toplevel = git_toplevel(source)
+    commit = resolve_revision(toplevel, revision)
     prefix = source.relative_to(toplevel).as_posix()
-    archive = _git(
+    archive = git(
         toplevel,
         "archive",
         "--format=tar",

@@ -1,255 +1,36 @@
 """Running a deploy or rollback plan: stage the release on the hosts that lack it, then roll
 batch by batch (out of the load balancer, switch, health gate, back in), switching a failing
-batch back; and the result, host by host.
+batch back; after the first batch of a deploy, the canary analysis, whose verdict goes on,
+holds the rollout with the canary in place, or returns the canary to its release.
+
+Every batch leaves rotation only under a rotation lease per server (igops.operations.rotation),
+after a check that counts the servers other operations hold out: deploys to different hosts run
+at once, and together keep [deploy] min_in_service.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
+from igops import deploy_analysis
 from igops.deploy_agents import AppFleet
-from igops.deploy_gate import GateResult, LoadBalancers, wait_healthy
-from igops.deploy_plan import (
-    ALREADY,
-    DEPLOYED,
-    FAILED,
-    MIN_SERVERS_IN_SERVICE,
-    NOT_STARTED,
-    ROLLED_BACK,
-    SKIPPED,
-    UNKNOWN,
-    RolloutPlan,
-)
+from igops.deploy_canary_plan import fact
+from igops.deploy_gate import LbState, LoadBalancers
+from igops.deploy_limits import too_many_failures
+from igops.deploy_plan import ALREADY, DEPLOYED, FAILED, NOT_STARTED, OUTSIDE, ROLLED_BACK, RolloutPlan
 from igops.deploy_record import LastRunRecord, deployer
 from igops.deploy_release import SHARED_LINKS
-from igops.errors import ExitCode, IgopsError, RemoteError
+from igops.deploy_result import HostOutcome, RolloutFailed, RolloutResult
+from igops.deploy_switch import HostSwitcher
+from igops.errors import RemoteError
+from igops.operations import rotation
 from igops.output import Reporter, plural
 from igops.pagerduty import changes as pagerduty_changes
 
-SWITCH_TIMEOUT_S = 90.0
 VENV_BUILD_TIMEOUT_S = 900.0
-SUMMARY_PROBLEMS = 3
-
-
-# --- results -------------------------------------------------------------------------------------
-
-
-@dataclass
-class HostOutcome:
-    host: str
-    state: str
-    release: str | None  # what `current` points at now; None when unknown
-    before: str | None
-    in_lb: bool | None
-    batch: int | None = None
-    detail: str | None = None
-
-
-@dataclass
-class RolloutResult:
-    kind: str
-    deploy_id: str
-    target: str
-    hosts: list[HostOutcome]
-    stopped: str | None = None
-    change_event: str = "not configured"
-    duration_s: float = 0.0
-
-    def count(self, *states: str) -> int:
-        return sum(host.state in states for host in self.hosts)
-
-    @property
-    def ok(self) -> bool:
-        return self.stopped is None and self.count(FAILED, ROLLED_BACK, UNKNOWN, NOT_STARTED) == 0
-
-    @property
-    def exit_code(self) -> ExitCode:
-        if self.ok:
-            return ExitCode.OK
-        if self.count(DEPLOYED) == 0:
-            return ExitCode.FAILED
-        return ExitCode.PARTIAL
-
-    def problems(self) -> list[str]:
-        return [
-            f"{host.host} {host.state}: {host.detail}"
-            for host in self.hosts
-            if host.state in (FAILED, ROLLED_BACK, UNKNOWN)
-        ]
-
-    def summary(self) -> str:
-        on_target = self.count(DEPLOYED, ALREADY)
-        text = f"{self.kind} of {self.target}: {on_target} of {plural(len(self.hosts), 'host')} on it"
-        problems = self.problems()
-        if self.stopped:
-            text += f"; stopped at {self.stopped}"
-        if problems:
-            shown = SUMMARY_PROBLEMS
-            text += (
-                "; "
-                + "; ".join(problems[:shown])
-                + (f"; and {len(problems) - shown} more (see the table)" if len(problems) > shown else "")
-            )
-        out = [host.host for host in self.hosts if host.in_lb is False and host.state != SKIPPED]
-        if out:
-            text += f"; out of the load balancer: {', '.join(out)} (rerun to finish)"
-        return text
-
-
-class RolloutFailed(IgopsError):
-    def __init__(self, result: RolloutResult):
-        super().__init__(
-            result.summary(), "the table above shows each host's release; `igops deploy releases` shows the fleet"
-        )
-        self.result = result
-        self.exit_code = result.exit_code
-        self.problems = result.problems()
-
-
-# --- switching hosts ------------------------------------------------------------------------------
-
-
-class HostSwitcher:
-    """Switches a rollout's hosts to a release and gates each on its /health, and returns those
-    that fail to the release they ran before. It keeps each host's outcome and its state in the
-    last-run record, shared with the Rollout that hands it the batches."""
-
-    def __init__(self, app: AppFleet, plan: RolloutPlan, outcomes: dict[str, HostOutcome], record: LastRunRecord):
-        self.app = app
-        self.plan = plan
-        self.outcomes = outcomes
-        self.record = record
-
-    def switch_and_gate(self, batch: list[str], number: int) -> tuple[list[str], list[str]]:
-        """Switch batch `number` to the plan's release and gate it; the hosts that fail go back
-        to their release before. Returns (passed, failed)."""
-        target = self.plan.target
-        switched = self._switch(batch, lambda _: target, self.plan.kind)
-        to_gate = []
-        failed: list[str] = []
-        for name in batch:
-            answer, error, answered = switched[name]
-            outcome = self.outcomes[name]
-            outcome.batch = number
-            if answer is None:
-                if answered:
-                    outcome.state, outcome.detail = FAILED, f"switch refused: {error}"
-                else:
-                    outcome.state, outcome.release = UNKNOWN, None
-                    outcome.detail = (
-                        f"unreachable during the switch ({error}): its current release is unknown, "
-                        "so it stays out of the load balancer"
-                    )
-                failed.append(name)
-            elif answer["reload_exit"] != 0:
-                outcome.state, outcome.release = FAILED, target
-                outcome.detail = f"reload failed (exit {answer['reload_exit']}): {answer['reload_output']}"
-                failed.append(name)
-            else:
-                outcome.release = target
-                to_gate.append(name)
-            self.record.host(name, f"switched to {target}" if answer else outcome.state)
-        gates = self._gate(to_gate, lambda _: target)
-        passed = []
-        for name in to_gate:
-            if gates[name].ok:
-                self.outcomes[name].state, self.outcomes[name].detail = DEPLOYED, gates[name].detail
-                passed.append(name)
-            else:
-                self.outcomes[name].state, self.outcomes[name].detail = FAILED, gates[name].detail
-                failed.append(name)
-        back = [name for name in failed if self.outcomes[name].state == FAILED]
-        self.switch_back(back, None)
-        return passed, failed
-
-    def switch_back(self, names: list[str], why: str | None) -> None:
-        """Return hosts to the release they ran before this run, and gate them on it."""
-        returnable = [
-            name for name in names if self.outcomes[name].before and self.outcomes[name].before != self.plan.target
-        ]
-        for name in names:
-            if name not in returnable:
-                outcome = self.outcomes[name]
-                outcome.detail = f"{outcome.detail}; it had no earlier release to return to" + (
-                    "" if outcome.state == DEPLOYED else ", so it stays out of the load balancer"
-                )
-        if not returnable:
-            return
-
-        def before(name: str) -> str:
-            release = self.outcomes[name].before
-            assert release  # every returnable host has one
-            return release
-
-        switched = self._switch(returnable, before, "rollback")
-        to_gate = []
-        for name in returnable:
-            answer, error, answered = switched[name]
-            outcome = self.outcomes[name]
-            reason = why or outcome.detail
-            if answer is None or answer["reload_exit"] != 0:
-                outcome.state = FAILED if answered else UNKNOWN
-                if answer is not None:
-                    outcome.release = before(name)
-                elif not answered:
-                    outcome.release = None
-                outcome.detail = (
-                    f"{reason}; switching back to {before(name)} failed: "
-                    f"{error if answer is None else answer['reload_output']}"
-                )
-                continue
-            outcome.release = before(name)
-            to_gate.append(name)
-        gates = self._gate(to_gate, before)
-        for name in to_gate:
-            outcome = self.outcomes[name]
-            reason = why or outcome.detail
-            outcome.state = ROLLED_BACK
-            if gates[name].ok:
-                outcome.detail = f"{reason}; back on {before(name)}"
-            else:
-                outcome.detail = f"{reason}; back on {before(name)} but unhealthy there too: {gates[name].detail}"
-                outcome.state = FAILED
-            self.record.host(name, f"switched back to {before(name)}")
-
-    def _switch(
-        self, names: list[str], release_of: Callable[[str], str], action: str
-    ) -> dict[str, tuple[dict[str, Any] | None, str | None, bool]]:
-        """name -> (answer, error, whether the agent answered at all). Without an answer the
-        switch may or may not have happened: only the host knows which release is current."""
-        jobs = {}
-        for name in names:
-            host = self.app.host(name)
-            jobs[name] = (
-                self.app.release_agent(host),
-                {
-                    "op": "switch",
-                    "id": release_of(name),
-                    "keep": self.plan.keep,
-                    "reload": self.app.reload_command(host),
-                    "action": action,
-                    "deploy": self.plan.deploy_id,
-                    "protect": [self.outcomes[name].before] if self.outcomes[name].before else [],
-                },
-                b"",
-            )
-        answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
-        return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
-
-    def _gate(self, names: list[str], release_of: Callable[[str], str]) -> dict[str, GateResult]:
-        if not names:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(len(names), 128), thread_name_prefix="gate") as pool:
-            futures = {
-                name: pool.submit(wait_healthy, str(self.app.host(name).address), self.plan.gate, release_of(name))
-                for name in names
-            }
-            return {name: future.result() for name, future in futures.items()}
 
 
 # --- running a rollout -----------------------------------------------------------------------------
@@ -260,7 +41,14 @@ class Rollout:
     taking the batch out of the load balancers and putting it back; it stops where the failures
     pass --max-fail or a batch would drain a load balancer below its minimum."""
 
-    def __init__(self, app: AppFleet, plan: RolloutPlan, reporter: Reporter, tarball: bytes):
+    def __init__(
+        self,
+        app: AppFleet,
+        plan: RolloutPlan,
+        reporter: Reporter,
+        tarball: bytes,
+        pending: dict[str, Any] | None = None,
+    ):
         self.fleet = app.fleet
         self.plan = plan
         self.tarball = tarball
@@ -270,24 +58,35 @@ class Rollout:
         self.record = LastRunRecord(self.fleet, plan)
         self.outcomes: dict[str, HostOutcome] = {}
         for host in plan.hosts:
+            if host.action == OUTSIDE:
+                continue  # not this run's: no outcome, though counted in or out of service
             state = host.action if host.action != "roll" else NOT_STARTED
             self.outcomes[host.host] = HostOutcome(
                 host.host, state, host.current, host.before or host.current, host.in_lb, detail=host.detail
             )
         self.failures = sum(host.action == FAILED for host in plan.hosts)
         self.switcher = HostSwitcher(app, plan, self.outcomes, self.record)
+        self.rotation = rotation.of(reporter)
+        # Servers that serve nothing whatever the load balancers say: unreachable at the survey.
+        self.unavailable = {self._server(host.host) for host in plan.hosts if not host.reachable}
+        self.result = RolloutResult(plan.kind, plan.deploy_id, plan.target, list(self.outcomes.values()))
+        self.result.pending = pending
 
     def run(self) -> RolloutResult:
         started = time.monotonic()
-        result = RolloutResult(self.plan.kind, self.plan.deploy_id, self.plan.target, list(self.outcomes.values()))
+        result = self.result
         self.record.update()
+        if result.pending is not None:
+            self.reporter.fact(pending=result.pending)
         try:
             if self.plan.release is not None:
                 self._stage()
             result.stopped = self._roll()
         finally:
+            self.rotation.release_all()
             result.duration_s = round(time.monotonic() - started, 1)
-            self.record.update(status="finished" if result.ok else "failed", stopped=result.stopped)
+            status = "held" if result.held else "finished" if result.ok else "failed"
+            self.record.update(status=status, stopped=result.stopped or result.held)
         result.change_event = self._mark(result)
         return result
 
@@ -335,10 +134,12 @@ class Rollout:
     def _roll(self) -> str | None:
         plan = self.plan
         stopped = None
-        if self.failures > plan.max_fail:
-            stopped = f"staging ({self.failures} failed, more than --max-fail {plan.max_fail}); nothing was switched"
+        if too_many_failures(self.failures, plan.max_fail):
+            stopped = f"staging ({self.failures} failed, more than --max-fail {self._budget()}); nothing was switched"
         to_put_back: list[str] = []
         try:
+            if stopped is None and plan.canary is not None and plan.canary.in_place:
+                stopped = self._analyse()
             stopped = self._batches(stopped, to_put_back)
         except BaseException:
             # Interrupted or its lease lost between batches: the last batch that passed its gate
@@ -356,35 +157,34 @@ class Rollout:
         """Roll batch after batch; `to_put_back` holds, at any moment, the hosts of the last
         batch that passed its gate and still wait to go back into the load balancer."""
         plan = self.plan
-        for number, names in enumerate(plan.batches if stopped is None else [], 1):
+        canary = plan.canary
+        # A canary in place analysed again and held once more: no batch goes out.
+        going_on = stopped is None and self.result.held is None
+        for number, names in enumerate(plan.run_batches() if going_on else [], 1):
             batch = [name for name in names if self.outcomes[name].state == NOT_STARTED]
             if not batch:
                 continue
-            self.record.update(batch=number)
-            with self.reporter.step(f"batch {number}/{len(plan.batches)}: {', '.join(batch)}") as step:
-                too_few = self.below_minimum(batch, to_put_back)
+            self.record.update(batch=number + plan.batch_offset)
+            label = plan.batch_label(number)
+            with self.reporter.step(f"{label}: {', '.join(batch)}") as step:
+                too_few = self._take_out(batch, to_put_back)
                 if too_few:
                     step.status, step.detail = "failed", too_few
-                    stopped = f"batch {number}: {too_few}; nothing in it was switched"
-                    break
-                try:
-                    self._lb_change(down=batch, up=to_put_back)
-                except RemoteError as exc:
-                    step.status, step.detail = "failed", str(exc)
-                    stopped = f"batch {number}: could not take {', '.join(batch)} out of the load balancer"
+                    stopped = f"{label.split('/')[0]}: {too_few}; nothing in it was switched"
                     break
                 for name in to_put_back:
                     self.outcomes[name].in_lb = True
+                self.rotation.release(to_put_back)
                 to_put_back.clear()
                 for name in batch:
                     self.outcomes[name].in_lb = False if self.app.lbs else None
                     self.record.host(name, "drained")
-                passed, failed = self.switcher.switch_and_gate(batch, number)
+                passed, failed = self.switcher.switch_and_gate(batch, number + plan.batch_offset)
                 self.failures += len(failed)
-                if self.failures > plan.max_fail:
+                if too_many_failures(self.failures, plan.max_fail):
                     stopped = (
-                        f"batch {number} of {len(plan.batches)} ({self.failures} failed, "
-                        f"more than --max-fail {plan.max_fail}); later batches keep their release"
+                        f"{label.replace('/', ' of ')} ({self.failures} failed, "
+                        f"more than --max-fail {self._budget()}); later batches keep their release"
                     )
                     self.switcher.switch_back(passed, "the batch was rolled back because the rollout stopped")
                     step.status = "failed"
@@ -397,30 +197,141 @@ class Rollout:
                 to_put_back.extend(name for name in batch if self.outcomes[name].state in (DEPLOYED, ROLLED_BACK))
             if stopped:
                 break
+            if number == 1 and canary is not None and not canary.in_place:
+                # The canary takes traffic before the analysis watches it, in a step of its own
+                # (even with nothing to put back: the plan numbers it).
+                self._put_back(list(to_put_back), always=True)
+                to_put_back.clear()
+                stopped = self._analyse()
+                if stopped or self.result.held:
+                    break
         return stopped
 
-    def below_minimum(self, batch: list[str], back: list[str]) -> str | None:
+    # rotation --------------------------------------------------------------------------------
+    def _server(self, name: str) -> str:
+        return self.app.server(self.app.host(name))
+
+    def _budget(self) -> str:
+        return self.plan.max_fail_spec or str(self.plan.max_fail)
+
+    def _take_out(self, batch: list[str], back: list[str]) -> str | None:
+        """Take `batch` out of the load balancers (and put `back` in, in the same reload) if
+        that leaves enough servers in service, counting those other operations hold out: under
+        the rotation check's lease, read the load balancers, check, lease each server of the
+        batch, change nginx. Returns why not, or None once done."""
+        refusal = self.rotation.take(batch, lambda others: self.below_minimum(batch, back, others, self._read_lbs()))
+        if refusal:
+            return refusal
+        try:
+            self._lb_change(down=batch, up=back)
+        except RemoteError as exc:
+            self.rotation.release(batch)
+            return f"could not take {', '.join(batch)} out of the load balancer: {exc.message}"
+        return None
+
+    def _read_lbs(self) -> LbState | None:
+        """The load balancers as they are now (another operation may have changed them since the
+        plan); None when one cannot be read, and the plan's view is used."""
+        if not self.app.lbs:
+            return None
+        state = self.lbs.read()
+        return None if state.errors else state
+
+    def below_minimum(
+        self, batch: list[str], back: list[str], others: dict[str, str] | None = None, now: LbState | None = None
+    ) -> str | None:
         """Why taking `batch` out (while `back` comes back) would leave a load balancer fewer
-        than MIN_SERVERS_IN_SERVICE servers, now that earlier batches' failures stay out."""
-
-        def server(name: str) -> str:
-            return self.app.server(self.app.host(name))
-
-        returning = {server(name) for name in back}
-        gone = {server(name) for name, outcome in self.outcomes.items() if outcome.in_lb is False and name not in back}
-        leaving = {server(name) for name in batch}
+        than min_in_service servers: earlier batches' failures stay out, and so do the servers
+        other operations hold out of rotation (`others`, host -> holder). `now`: the load
+        balancers as just read, else as planned."""
+        returning = {self._server(name) for name in back}
+        gone = {self._server(name) for name, item in self.outcomes.items() if item.in_lb is False and name not in back}
+        held = {self._server(name) for name in others or {}}
+        leaving = {self._server(name) for name in batch}
+        minimum = self.plan.min_in_service
         for lb_name, servers in self.plan.in_service.items():
-            serving = (set(servers) | returning) - gone
+            base = set(servers)
+            if now is not None:
+                base = {item.server for item in now.servers if item.lb == lb_name and not item.down}
+            serving = ((base - self.unavailable) | returning) - gone - held
             left = serving - leaving
-            if serving & leaving and len(left) < MIN_SERVERS_IN_SERVICE:
+            if serving & leaving and len(left) < minimum:
+                elsewhere = [name for name in sorted(others or {}) if self._server(name) in base]
                 return (
                     f"taking {', '.join(batch)} out would leave {len(left)} app servers in service in nginx on "
-                    f"{lb_name}, fewer than the minimum of {MIN_SERVERS_IN_SERVICE}"
+                    f"{lb_name}, fewer than the minimum of {minimum}"
+                    + (f" (min_in_service {spec})" if (spec := self.plan.min_in_service_spec) != str(minimum) else "")
+                    + (f"; out for other operations: {', '.join(rotation.describe(others or {}))}" if elsewhere else "")
                 )
         return None
 
-    def _put_back(self, names: list[str]) -> None:
-        if not names or not self.app.lbs:
+    # canary ----------------------------------------------------------------------------------
+    def _analyse(self) -> str | None:
+        """The canary analysis step, and what its verdict does: go on, hold (the canary stays on
+        the release and in rotation; exit 6), or return the canary to its release before. Returns
+        why the rollout stops, if it stops for a failure."""
+        canary = self.plan.canary
+        assert canary is not None  # called only for a plan with an analysis
+        hosts = [name for name in canary.canary if self.outcomes[name].state in (DEPLOYED, ALREADY)]
+        with self.reporter.step(
+            f"canary analysis: {', '.join(hosts) or 'no canary'} against {', '.join(canary.baseline)}, "
+            f"{canary.seconds} s"
+        ) as step:
+            if not hosts:
+                step.status, step.detail = "skipped", "no canary host passed its gate: nothing to analyse"
+                return None
+            canary.canary = hosts
+            evidence = deploy_analysis.observe(self.app, canary, self.reporter)
+            self.result.canary = evidence
+            then = deploy_analysis.consequence(evidence.verdict, canary.on_inconclusive)
+            in_place = then == deploy_analysis.STOP_HELD or (canary.canary_only and then == deploy_analysis.GO_ON)
+            self.reporter.fact(canary=fact(canary, evidence.verdict, evidence.summary(), evidence.brief(), in_place))
+            step.detail = evidence.summary()
+            if then == deploy_analysis.GO_ON:
+                self.result.canary_only = canary.canary_only
+                return None
+            if then == deploy_analysis.STOP_HELD:
+                step.status = "held"
+                self.result.held = f"canary analysis inconclusive: {'; '.join(evidence.reasons)}"
+                return None
+            step.status = "failed"
+            self._return_canary(hosts, f"canary analysis {evidence.verdict}")
+            return f"the canary analysis ({evidence.verdict}); the canary went back, later batches keep their release"
+
+    def _return_canary(self, hosts: list[str], why: str) -> None:
+        """The canary out of rotation, back to its release before, gated, and in again: the path
+        a failing batch takes, for hosts that passed their gate and then their analysis did not."""
+        canary = self.plan.canary
+        assert canary is not None
+        for name in hosts:
+            outcome = self.outcomes[name]
+            if canary.in_place and canary.before.get(name):
+                outcome.before = canary.before[name]  # on the release since the held deploy
+        refusal = self._take_out(hosts, [])
+        if refusal:
+            for name in hosts:
+                self.outcomes[name].state, self.outcomes[name].detail = FAILED, f"{why}; not returned: {refusal}"
+            return
+        for name in hosts:
+            self.outcomes[name].in_lb = False if self.app.lbs else None
+        self.switcher.switch_back(hosts, why)
+        back = [name for name in hosts if self.outcomes[name].state == ROLLED_BACK]
+        try:
+            self._lb_change(up=back)
+        except RemoteError as exc:
+            for name in back:
+                self.outcomes[name].detail = f"{self.outcomes[name].detail}; could not be put back: {exc.message}"
+            return
+        for name in back:
+            self.outcomes[name].in_lb = True
+        self.rotation.release(back)
+
+    def _put_back(self, names: list[str], always: bool = False) -> None:
+        if not self.app.lbs or not (names or always):
+            return
+        if not names:
+            with self.reporter.step("put the canary back in the load balancer") as step:
+                step.detail = "no canary host passed its gate: nothing to put back"
             return
         with self.reporter.step(f"put {', '.join(names)} back in the load balancer") as step:
             try:
@@ -436,6 +347,7 @@ class Rollout:
             for name in names:
                 self.outcomes[name].in_lb = True
                 self.record.host(name, self.outcomes[name].state)
+            self.rotation.release(names)
 
     def _lb_change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> None:
         if not self.app.lbs or not (down or up):
@@ -464,6 +376,12 @@ class Rollout:
             }
             if release is not None:
                 details.update(source=release.source, content=release.content, revision=release.revision)
+            if result.canary is not None:
+                details["canary"] = result.canary.brief()
+            if result.held:
+                details["result"] = "held"
+            if result.pending is not None:
+                details["pending"] = result.pending
             sent = pagerduty_changes.send_change(
                 self.fleet.model.monitoring.pagerduty_url,
                 key,
@@ -482,10 +400,17 @@ class Rollout:
         self.record.host(name, state)
 
 
-def execute(app: AppFleet, plan: RolloutPlan, reporter: Reporter = Reporter(), tarball: bytes = b"") -> RolloutResult:
+def execute(
+    app: AppFleet,
+    plan: RolloutPlan,
+    reporter: Reporter = Reporter(),
+    tarball: bytes = b"",
+    pending: dict[str, Any] | None = None,
+) -> RolloutResult:
     """Run the plan (a deploy's with its release's tarball); raise RolloutFailed (carrying the
-    result) unless every host ended on the plan's release."""
-    result = Rollout(app, plan, reporter, tarball).run()
+    result) unless every host ended on the plan's release (or, with --canary-only, the canary
+    passed). `pending`: what the release changes (igops.deploy_pending), journaled with it."""
+    result = Rollout(app, plan, reporter, tarball, pending).run()
     if not result.ok:
         raise RolloutFailed(result)
     return result

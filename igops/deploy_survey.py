@@ -142,6 +142,11 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
             f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
             f"(pid {last['pid']} on {last['machine']}, by {last['user']})"
         )
+    if last and last.get("status") == "held":
+        problems.append(
+            f"the {last['kind']} {last['deploy_id']} to {last['target']} is held with its canary in place "
+            f"({last.get('stopped')}): `igops deploy` of it again goes on, `igops deploy rollback` returns the canary"
+        )
     if last and last.get("interrupted"):
         problems.append(
             f"the {last['kind']} {last['deploy_id']} to {last['target']} was interrupted "

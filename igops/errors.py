@@ -20,6 +20,9 @@ class ExitCode(IntEnum):
     # The same code from a read-only command (status, pg/redis/lab status, deploy releases,
     # check without --nagios): it ran and found problems.
     PROBLEMS_FOUND = 5
+    # Stopped on purpose, with the fleet safe and a decision left to a person: a deploy whose
+    # canary analysis was inconclusive, the canary still in place (igops deploy REV goes on).
+    HELD = 6
     INTERRUPTED = 130
 
 
@@ -58,6 +61,11 @@ def validation_words(error: dict[str, Any]) -> str | None:
 
 class IgopsError(Exception):
     exit_code: ExitCode = ExitCode.FAILED
+    # What the operations journal and the audit trail call an operation that ends with it.
+    result_word: str = "failed"
+    # The command's result all the same (a deploy's hosts and canary evidence): the --json
+    # envelope's data.
+    data: object = None
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)

@@ -261,6 +261,15 @@ def _deploy_resume(fleet: Fleet, record: dict[str, Any]) -> Continuation:
     (igops.deploy.plan_resume); those an igops deploy left drained come back as their batch does."""
     from igops import deploy
 
+    canary = (record.get("facts") or {}).get("canary") or {}
+    if record["params"].get("canary") and canary.get("verdict") not in ("pass", "inconclusive"):
+        # ops resume switches the rest without an analysis: only once the canary has passed one.
+        raise RefusedError(
+            f"{record['id']} was interrupted before its canary analysis passed: resuming would switch the other "
+            "hosts unanalysed",
+            f"run the deploy again (igops deploy {record['params'].get('target')}): it analyses a canary first; "
+            "or igops ops abort puts the hosts it drained back",
+        )
     with deploy.AppFleet.of(fleet) as app:
         plan = deploy.plan_resume(app, record["kind"], record["params"])
     if plan.nothing_to_do:
@@ -272,7 +281,7 @@ def _deploy_resume(fleet: Fleet, record: dict[str, Any]) -> Continuation:
         record["kind"],
         f"Resume {record['id']}: {record['kind']} of {plan.target} to {', '.join(h.host for h in plan.roll())}",
         [h.host for h in plan.roll()],
-        [conflicts.APP],
+        [conflicts.app_server(name) for name in plan.scope()],
         plan.steps(),
         record["params"],
     )
@@ -290,13 +299,14 @@ def _plan_deploy_abort(fleet: Fleet, record: dict[str, Any]) -> Continuation:
     from igops import deploy
 
     with deploy.AppFleet.of(fleet) as app:
-        drained = deploy.drained_by_igops(app)
+        # Only its own hosts: another deploy, to other hosts, may be running and draining them.
+        drained = [name for name in deploy.drained_by_igops(app) if name in (record.get("targets") or [])]
     steps = [f"put {name} back in the load balancer" for name in drained]
     spec = OperationSpec(
         record["kind"],
         f"Abort {record['id']} ({record.get('title')})",
         record.get("targets") or [],
-        [conflicts.APP],
+        [(str(kind), str(name)) for kind, name in record.get("resources") or []] or [conflicts.APP],
         steps,
         record.get("params") or {},
     )

@@ -410,6 +410,7 @@ def _cross_check(raw: dict[str, Any]) -> list[ConfigProblem]:
         ("postgres.socket_dir", section("postgres").get("socket_dir")),
         ("app.root", section("app").get("root")),
         ("app.reload_command", section("app").get("reload_command")),
+        ("lb.access_log", section("lb").get("access_log")),
         ("munin.plugin_dir", section("munin").get("plugin_dir")),
         ("munin.plugin_conf_dir", section("munin").get("plugin_conf_dir")),
         ("munin.restart_command", section("munin").get("restart_command")),

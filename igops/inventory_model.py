@@ -9,9 +9,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from igops.inventory_rules import ROLES, SCHEMA_PREFIX_PATTERN, InvalidValue
+from igops.inventory_rules import ROLES, SCHEMA_PREFIX_PATTERN, InvalidValue, count_or_percent
 
 
 def tcp_port(value: int) -> int:
@@ -163,6 +172,9 @@ class LoadBalancer(Strict):
     # Run before every reload: a change that fails it is undone and never reloaded.
     test_command: str = "nginx -t -q"
     reload_command: str = "nginx -s reload"
+    # Per-host template ({host}): nginx's access log in the `upstream` log_format of
+    # docs/deploy.md, which a deploy's canary analysis reads.
+    access_log: str = "/var/log/nginx/access.log"
 
 
 class App(Strict):
@@ -171,6 +183,65 @@ class App(Strict):
     root: str = "/srv/app"
     reload_command: str = "systemctl reload gunicorn"
     keep_releases: int = Field(default=5, ge=1)
+
+
+class DeployCanary(Strict):
+    """The canary analysis of a deploy (igops.deploy_canary): how long it watches the first
+    batch beside the servers still on the old release, and what it calls a regression. A fail
+    needs both a significant test (one-sided, at `alpha`) and an effect past its threshold, so
+    that noise on a good release does not stop a deploy."""
+
+    # Seconds of traffic to watch (`igops deploy --analysis SECONDS` overrides; 0 there disables).
+    window: int = Field(default=60, ge=1, le=3600)
+    alpha: float = Field(default=0.01, gt=0, le=0.2)
+    # Fewer requests than this on either side (canary, baseline) in the window: inconclusive.
+    min_requests: int = Field(default=200, ge=1)
+    # An endpoint is compared on its own only with this many requests on each side.
+    min_endpoint_requests: int = Field(default=50, ge=1)
+    # The canary's 5xx rate may exceed the baseline's by this much (0.01: one percentage point).
+    max_error_rate_increase: float = Field(default=0.01, ge=0, lt=1)
+    # The canary's median and 95th percentile latency over the baseline's.
+    max_p50_ratio: float = Field(default=1.5, ge=1)
+    max_p95_ratio: float = Field(default=2.0, ge=1)
+    # A latency ratio counts only when the percentile grew by at least this much: nginx times to
+    # the millisecond, and 2 ms against 1 ms is a ratio of 2 and no regression.
+    min_latency_increase_ms: float = Field(default=20.0, ge=0)
+    # gunicorn worker restarts a canary host may have in the window beyond the baseline host
+    # with the most (the app's /stats counts `worker_starts`).
+    max_worker_restarts: int = Field(default=0, ge=0)
+    # How many endpoints the report names, worst first.
+    worst_endpoints: int = Field(default=3, ge=1, le=20)
+    # The most of each load balancer's log a window reads; past it the window is cut short.
+    max_log_bytes: int = Field(default=64 << 20, ge=1 << 20, le=1 << 30)
+
+    @model_validator(mode="after")
+    def endpoint_minimum(self) -> Self:
+        if self.min_endpoint_requests > self.min_requests:
+            raise InvalidValue(
+                f"min_endpoint_requests ({self.min_endpoint_requests}) is above min_requests ({self.min_requests}): "
+                "no endpoint could ever be compared when the window is just conclusive",
+                "set min_endpoint_requests at or below min_requests",
+            )
+        return self
+
+
+class Deploy(Strict):
+    # App servers that must stay in service while a batch is out: a count, or a percentage of
+    # the app servers (rounded up). Servers down, unreachable or out for another operation count
+    # as out; a plan that would go below it is refused.
+    min_in_service: int | str = 1
+    # Hosts that may fail their gate before a rollout stops (`--max-fail` overrides): a count,
+    # or a percentage of the hosts rolled (rounded down, as Ansible's max_fail_percentage).
+    max_fail: int | str = 0
+    canary: DeployCanary = DeployCanary()
+
+    @field_validator("min_in_service", "max_fail", mode="before")
+    @classmethod
+    def hosts_or_percent(cls, value: object, info: ValidationInfo) -> int | str:
+        count, percent = count_or_percent(value, str(info.field_name))
+        if info.field_name == "min_in_service" and percent == 100:
+            raise InvalidValue("min_in_service 100% would never let a server out", "use less than 100%")
+        return count if count is not None else f"{percent}%"
 
 
 class PostgresCluster(Strict):
@@ -426,6 +497,7 @@ class Inventory(Strict):
     hosts: list[Host] = Field(default_factory=list)
     lb: LoadBalancer = LoadBalancer()
     app: App = App()
+    deploy: Deploy = Deploy()
     postgres: Postgres = Postgres()
     pgbouncer: PgBouncer = PgBouncer()
     redis: Redis = Redis()

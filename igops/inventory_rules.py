@@ -19,3 +19,23 @@ class InvalidValue(ValueError):
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
+
+
+def count_or_percent(value: object, what: str) -> tuple[int | None, int | None]:
+    """A number of hosts as the inventory and the deploy options give it: a whole count (`2`) or
+    a percentage of the hosts (`"25%"`). Returns (count, percent), one of them None."""
+    if isinstance(value, bool):
+        raise InvalidValue(f"{what} {value!r} is not a host count", 'use a whole number (2) or a percentage ("25%")')
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidValue(f"{what} {value} is negative", "use 0 or more hosts, or a percentage")
+        return value, None
+    text = str(value).strip()
+    if text.endswith("%") and text[:-1].strip().isdigit():
+        percent = int(text[:-1])
+        if percent > 100:
+            raise InvalidValue(f"{what} {text} is above 100%", "use a percentage from 0% to 100%")
+        return None, percent
+    if text.isdigit():
+        return int(text), None
+    raise InvalidValue(f"{what} {value!r} is not a host count", 'use a whole number (2) or a percentage ("25%")')

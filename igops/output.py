@@ -343,11 +343,12 @@ class Output(Reporter):
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
-    def fail(self, line: str, exit_code: int, error: dict[str, Any]) -> None:
-        """A one-line error on stderr and, with --json, the envelope carrying it."""
+    def fail(self, line: str, exit_code: int, error: dict[str, Any], data: Any = None) -> None:
+        """A one-line error on stderr and, with --json, the envelope carrying it (and `data`,
+        what the command found all the same, if anything)."""
         self.err.print(f"[red]error:[/red] {_escape(redact(line))}")
         self.finish(
-            None, exit_code, {key: redact(value) if isinstance(value, str) else value for key, value in error.items()}
+            data, exit_code, {key: redact(value) if isinstance(value, str) else value for key, value in error.items()}
         )
 
     def watch(

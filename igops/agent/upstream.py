@@ -13,16 +13,25 @@ that ran the old configuration has stopped accepting requests (nginx renames it 
 process is shutting down"), then up to DRAIN_SECONDS for those workers to finish their
 requests and exit.
 Answers are JSON objects; a failed request is answered {"error": ...}.
+
+A request {"log": {"path": ..., "inode": ..., "offset": ..., "max_bytes": ...}} reads nginx's
+access log instead (a deploy's canary analysis): without an offset, only where the file ends
+now (its inode and size); with one, the bytes appended since, zlib-compressed and base64'd. If
+logrotate renamed the file meanwhile, the renamed file's tail (PATH.1, found by its inode) and
+the new file from its start; if it was truncated (copytruncate), the file from its start.
 """
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import zlib
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the host
 if TYPE_CHECKING:
@@ -162,12 +171,81 @@ def reload_and_wait(reload_command: str, drain_seconds: float) -> tuple[float, l
     return round(applied_ms, 1), lingering
 
 
+def read_from(path: str, offset: int, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(max(0, limit))
+
+
+def read_log(request: dict[str, Any]) -> dict[str, Any]:
+    """Where an access log ends now, or what was appended to it since `offset` of the file
+    that had `inode` (at most `max_bytes` of it)."""
+    path = request.get("path")
+    if not path:
+        raise Refused("a log request names no path")
+    info = os.stat(path)
+    answer: dict[str, Any] = {"inode": info.st_ino, "size": info.st_size, "rotated": False, "truncated": False}
+    offset = request.get("offset")
+    if offset is None:
+        return answer
+    budget = int(request.get("max_bytes") or 64 << 20)
+    chunks = []
+    start = int(offset)
+    if info.st_ino != request.get("inode"):
+        answer["rotated"] = True
+        # logrotate renamed the file the window began in: its tail is in PATH.1 while that is it.
+        try:
+            if os.stat(path + ".1").st_ino == request.get("inode"):
+                chunks.append(read_from(path + ".1", start, budget))
+        except OSError:
+            pass
+        start = 0
+    elif info.st_size < start:
+        answer["rotated"] = True  # truncated in place (copytruncate): what is there is new
+        start = 0
+    # Only whole lines of the older file: its last line may be cut where logrotate renamed it.
+    data = b"".join(chunks)
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    data += read_from(path, start, budget - len(data))
+    answer["truncated"] = len(data) >= budget
+    answer["data"] = base64.b64encode(zlib.compress(data, 6)).decode("ascii")
+    return answer
+
+
 def handle(
     path: str, test_command: str, reload_command: str, drain_seconds: float, request: dict[str, Any]
 ) -> dict[str, Any]:
+    if request.get("log"):
+        return {"log": read_log(request["log"])}
     down, up = set(request.get("down", [])), set(request.get("up", []))
     if down & up:
         raise Refused(f"asked to take out and put back the same servers: {', '.join(sorted(down & up))}")
+    if not (down or up):
+        return change(path, test_command, reload_command, drain_seconds, down, up, request)
+    # Two deploys to different app servers may change the file at once: each reads, rewrites
+    # and reloads it alone, so neither puts back the other's version.
+    lock = os.open(
+        os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".igops-lock"),
+        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+        0o600,
+    )
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return change(path, test_command, reload_command, drain_seconds, down, up, request)
+    finally:
+        os.close(lock)
+
+
+def change(
+    path: str,
+    test_command: str,
+    reload_command: str,
+    drain_seconds: float,
+    down: set[str],
+    up: set[str],
+    request: dict[str, Any],
+) -> dict[str, Any]:
     with open(path) as handle:
         old_text = handle.read()
     new_text, servers = apply(old_text, down, up, request.get("note") or "igops")

@@ -75,7 +75,7 @@ def command(ctx: typer.Context, name: str, json_flag: bool = False, nagios: bool
             # planning (a host that does not answer, a state that cannot be read) left nothing
             # touched, which is what 3 says, not "ran and failed".
             code = ExitCode.REFUSED
-        out.fail(exc.one_line(), code, {"message": exc.message, "hint": exc.hint, "problems": problems})
+        out.fail(exc.one_line(), code, {"message": exc.message, "hint": exc.hint, "problems": problems}, exc.data)
         raise typer.Exit(int(code)) from None
     except (typer.Exit, typer.Abort):
         raise

@@ -121,6 +121,7 @@ shards = _completer(shard_numbers)
 # nothing from the inventory (a path, a revision, a free-form target).
 COMPLETERS: dict[str, Completer | None] = {
     "host": hosts,
+    "hosts": hosts,
     "pattern": hosts,
     "source": hosts,
     "target": hosts,
@@ -137,6 +138,7 @@ COMPLETERS: dict[str, Completer | None] = {
     "redis failover:to": redis_nodes,
     "redis rejoin:node": redis_nodes,
     "deploy run:source": None,
+    "deploy pending:source": None,
     "deploy rollback:to": None,
     "ops history:target": None,
 }

@@ -127,6 +127,7 @@ def render(
                 "upstream_file": paths.upstream_file(),
                 "test_command": services.nginx_test_command(paths),
                 "reload_command": services.nginx_reload_command(paths),
+                "access_log": paths.nginx_dir() / "access.log",
             },
         ),
         _table(

@@ -47,8 +47,12 @@ KINDS: dict[str, Kind] = {
         Kind("snapshot-restore", "host TARGET", 3600),
         Kind("snapshot-drill", "host TARGET", 3 * 3600),
         Kind("warm", "warm HOST", 6 * 3600),
-        Kind("deploy", "app", 3600),
-        Kind("deploy-rollback", "app", 3600),
+        Kind("deploy", "app HOST, for each app server of --hosts (all by default); rotation HOST while out", 3600),
+        Kind(
+            "deploy-rollback",
+            "app HOST, for each app server of --hosts (all by default); rotation HOST while out",
+            3600,
+        ),
         Kind("munin-install", "munin", 900),
         Kind("pingdom-sync", "pingdom", 300),
         Kind("pingdom-maintenance", "pingdom", 300),
@@ -69,6 +73,8 @@ def pg_cluster(cluster: str) -> Resource:
 
 
 REDIS: Resource = ("redis", "all")
+# What deploys and rollbacks leased before they leased app servers one by one: the record of an
+# operation interrupted then still names it.
 APP: Resource = ("app", "all")
 SNAPSHOTS: Resource = ("snapshots", "all")
 MUNIN: Resource = ("munin", "all")
@@ -83,6 +89,13 @@ def warm(name: str) -> Resource:
 
 def host(name: str) -> Resource:
     return ("host", name)
+
+
+def app_server(name: str) -> Resource:
+    """An app server's release (its `current` switch): one deploy or rollback at a time. Two
+    deploys to different servers run at once; how many servers they may take out of rotation
+    together is igops.operations.rotation's."""
+    return ("app", name)
 
 
 def shard(number: int) -> Resource:

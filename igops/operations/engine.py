@@ -62,8 +62,11 @@ class Operation:
         store: journal.Store,
         held: coordination.HeldLease,
         reporter: Reporter,
+        backend: coordination.LocalCoordinator | coordination.EtcdCoordinator | None = None,
+        holder: coordination.Holder | None = None,
     ):
         self.spec, self.record, self.store, self.held = spec, record, store, held
+        self.backend, self.holder = backend, holder
         self.reporter = JournaledReporter(reporter, self)
         # Entries that go out with the next write (a step's result, with the next step's intent
         # or the operation's end): one store round per step, one Raft round with etcd.
@@ -76,6 +79,21 @@ class Operation:
 
     def check_lease(self) -> None:
         self.held.check()
+
+    @contextmanager
+    def lease(self, resources: list[Resource], wait: float = 0.0) -> Iterator[coordination.HeldLease]:
+        """A lease taken while the operation runs, beside those it began with, in its name (a
+        refusal names this operation and its step): for what it holds only part of the time,
+        like an app server out of rotation (igops.operations.rotation). Released when the block
+        ends, or with the operation."""
+        assert self.backend is not None and self.holder is not None  # set by perform()
+        with _leased(self.backend, self.store, resources, self.holder, wait) as held:
+            yield held
+
+    def holders(self, kind: str) -> list[tuple[Resource, coordination.Holder | None]]:
+        """The resources of class `kind` leased now, by any operation, and who holds each."""
+        assert self.backend is not None  # set by perform()
+        return self.backend.holders(kind)
 
     def write(self, event: str, record: dict[str, Any] | None = None, **fields: Any) -> None:
         """A journal entry, after any left for later; with `record`, the operation's record
@@ -263,7 +281,7 @@ class _Run:
             self.store.hold(self.id),
         ):
             record = _begin(self.store, self.spec, self.holder, held, self.resume)
-            operation = Operation(self.spec, record, self.store, held, self.reporter)
+            operation = Operation(self.spec, record, self.store, held, self.reporter, self.backend, self.holder)
             with _RUNNING_LOCK:
                 _RUNNING.append(held)
             # A continuation says which (igops ops resume or abort sets "continued_by").
@@ -348,6 +366,7 @@ class _Ending:
             return result
         except IgopsError as exc:
             self.code, self.detail = int(exc.exit_code), exc.one_line()
+            self.word = exc.result_word
             raise
         except BaseException as exc:
             self.word = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -84,7 +84,12 @@ def pairs(lab, tmp_path):
         ("pg-switchover", [conflicts.pg_cluster("main")], ["snapshot", "create", standby]),
         ("snapshot-create", conflicts.for_host(fleet, standby), ["pg", "switchover", "main", "--to", standby]),
         ("redis-switchover", [conflicts.REDIS], ["snapshot", "create", replica]),
-        ("deploy-rollback", [conflicts.APP], ["deploy", "--source", str(app_copy(tmp_path, "bastion-2"))]),
+        # Deploys lease their app servers one by one: a rollback holding one of them refuses it.
+        (
+            "deploy-rollback",
+            [conflicts.app_server("app1")],
+            ["deploy", "--source", str(app_copy(tmp_path, "bastion-2")), "--analysis", "0"],
+        ),
     ]
 
 

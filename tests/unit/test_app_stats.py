@@ -53,3 +53,32 @@ def test_a_health_probe_is_not_counted_as_a_request_nor_a_server_error(tmp_path)
     assert (answers["health"], answers["missing"]) == (503, 404)
     stats = answers["stats"]
     assert (stats["requests"], stats["errors"], stats["client_errors"]) == (1, 0, 1)
+
+
+BOOT = """
+import json
+import app.wsgi
+from app.stats import CounterStore
+from django.conf import settings
+print(json.dumps(CounterStore(settings.IGOPS_CONFIG.stats.path).read()))
+"""
+
+
+def test_each_worker_boot_counts_a_worker_start(tmp_path):
+    """gunicorn's workers each load app.wsgi (no --preload): /stats counts them, and a deploy's
+    canary analysis reads the count's growth over its window as worker restarts."""
+    config = tmp_path / "app.toml"
+    config.write_text(CONFIG.format(stats=tmp_path / "stats.db"))
+    counts = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", BOOT],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "IGOPS_APP_CONFIG": str(config)},
+        )
+        assert done.returncode == 0, done.stderr
+        counts.append(json.loads(done.stdout.splitlines()[-1])["worker_starts"])
+    assert counts == [1, 2]

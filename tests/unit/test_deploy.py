@@ -317,7 +317,7 @@ def test_a_host_an_interrupted_run_switched_returns_to_the_release_it_had_before
     surveys["app1"].current = "R2"
     hosts = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
     assert [h.before for h in hosts] == ["R2", "R1", "R1"], "alone, the survey knows only app1's current"
-    deploy_plan.inherit_releases_before(hosts, surveys, interrupted_run())
+    deploy_record.inherit_releases_before(hosts, surveys, interrupted_run())
     assert [h.before for h in hosts] == ["R1", "R1", "R1"]
     assert "returns to R1 if it fails" in hosts[0].detail and "d1" in hosts[0].detail
     gate = deploy.HealthGate("/health", 8000, 3, 30)
@@ -337,7 +337,7 @@ def test_only_an_interrupted_run_that_switched_the_host_to_its_target_is_inherit
         surveys = survey(app, "R1", releases=list(releases))
         surveys["app1"].current = "R2"
         hosts = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R3", max_fail=0)
-        deploy_plan.inherit_releases_before(hosts, surveys, last_run)
+        deploy_record.inherit_releases_before(hosts, surveys, last_run)
         return hosts
 
     assert plans(interrupted_run(interrupted=False))[0].before == "R2", "a run that ended left nothing to inherit"

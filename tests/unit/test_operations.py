@@ -206,7 +206,7 @@ def test_the_conflict_table(fleet, first, second):
             return conflicts.for_host(fleet, target)
         if kind.startswith("redis-"):
             return [conflicts.REDIS]
-        return [conflicts.APP]
+        return [conflicts.app_server("app1"), conflicts.app_server("app2")]
 
     assert conflicts.conflicting(resources(*first), resources(*second))
 
@@ -214,7 +214,8 @@ def test_the_conflict_table(fleet, first, second):
 def test_unrelated_operations_do_not_conflict(fleet):
     assert not conflicts.conflicting([conflicts.pg_cluster("main")], conflicts.for_host(fleet, "db3"))
     assert not conflicts.conflicting([conflicts.warm("db2")], conflicts.for_host(fleet, "db2"))
-    assert not conflicts.conflicting([conflicts.APP], [conflicts.REDIS])
+    assert not conflicts.conflicting([conflicts.app_server("app1")], [conflicts.REDIS])
+    assert not conflicts.conflicting([conflicts.app_server("app1")], [conflicts.app_server("app2")])
 
 
 def test_every_kind_is_in_the_table_and_an_unknown_kind_is_a_bug():
