@@ -1,0 +1,243 @@
+"""Canary analysis in the lab under load through nginx: a release that fails one endpoint now and
+then, or slows one down, while /health stays 200, is rolled back after the canary and never
+reaches the second batch; a good release passes every time; too little traffic holds for a
+person or follows --on-inconclusive; min_in_service refuses a plan, and holds across two
+deploys to different app servers at once."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igops.errors import ExitCode
+from tests.conftest import ROOT, run_igops
+from tests.labtools import wait_for
+from tests.reliability.test_deploy import APP_HOSTS, DEPLOY_TIMEOUT, app_copy, current_of, drained, upstream_text
+from tests.reliability.test_failover import Load
+
+pytestmark = pytest.mark.lab
+
+# Seconds of analysis: at the load below, about 700 requests reach the canary (one of three app
+# servers) in it, past [deploy.canary] min_requests with room to spare.
+WINDOW = 20
+GOOD_RUNS = 5
+
+
+class ReadLoad(Load):
+    """Mostly reads, faster than the failover tests' load: the endpoints a bad release breaks
+    are read ones, and the analysis needs their traffic."""
+
+    def __init__(self, lab, tmp_path):
+        super().__init__(lab, tmp_path, duration=900)
+        self.argv[self.argv.index("--rate") + 1] = "110"
+        self.argv[self.argv.index("--write-ratio") + 1] = "0.2"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ends_on_the_working_tree_release(lab):
+    yield
+    done = run_igops("-c", str(lab.source), "deploy", "--analysis", "0", "--yes", timeout=DEPLOY_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert " down" not in upstream_text()
+
+
+def patched(source: Path, original: str, replacement: str) -> Path:
+    views = source / "views.py"
+    text = views.read_text()
+    assert original in text, original
+    views.write_text(text.replace(original, replacement))
+    return source
+
+
+PHOTO_DETAIL = '    return JsonResponse(current.service.get_photo(parse_id(photo_ref, "photo id")))\n'
+
+
+def deploy(
+    lab, source: Path | None, *extra: str, config: Path | None = None
+) -> tuple[subprocess.CompletedProcess, dict]:
+    argv = ["-c", str(config or lab.source), "deploy"]
+    argv += ["--source", str(source)] if source else []
+    argv += ["--batch", "1", "--yes", "--json", *extra]
+    if not any(arg.startswith("--analysis") for arg in extra):
+        argv += ["--analysis", str(WINDOW)]
+    done = run_igops(*argv, timeout=DEPLOY_TIMEOUT + WINDOW)
+    return done, json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def canary_of(envelope: dict) -> dict:
+    """The canary's evidence in a deploy's envelope, whether it ended well or not."""
+    text = json.dumps(envelope)
+    found = re.search(r'"verdict": "(pass|fail|inconclusive)"', text)
+    assert found, text[-3000:]
+    return envelope
+
+
+def releases() -> dict[str, str]:
+    return {host: current_of(host) for host in APP_HOSTS}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    "kind, original, replacement, endpoint",
+    [
+        (
+            "errors",
+            PHOTO_DETAIL,
+            "    import random\n\n    if random.random() < 0.05:\n"
+            '        return JsonResponse({"error": "injected by the canary test"}, status=500)\n' + PHOTO_DETAIL,
+            "/api/photos/:id",
+        ),
+        (
+            "latency",
+            PHOTO_DETAIL,
+            "    import time\n\n    time.sleep(0.15)\n" + PHOTO_DETAIL,
+            "/api/photos/:id",
+        ),
+    ],
+)
+def test_a_release_bad_where_health_does_not_look_is_rolled_back_after_the_canary(
+    lab, tmp_path, kind, original, replacement, endpoint
+):
+    before = releases()
+    bad = patched(app_copy(tmp_path, f"bad-{kind}"), original, replacement)
+    with ReadLoad(lab, tmp_path):
+        done, envelope = deploy(lab, bad)
+    assert done.returncode == ExitCode.FAILED, (done.returncode, done.stderr[-3000:])
+    text = json.dumps(canary_of(envelope))
+    assert '"verdict": "fail"' in text, text[-3000:]
+    assert endpoint in text, f"the report does not name {endpoint}: {text[-3000:]}"
+    # The canary is back on the release it had; batch 2 never began.
+    assert releases() == before, (releases(), before)
+    assert " down" not in upstream_text()
+    print(f"\n{kind}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+
+
+@pytest.mark.timeout(1200)
+def test_a_good_release_passes_every_time(lab, tmp_path):
+    verdicts = []
+    with ReadLoad(lab, tmp_path) as load:
+        for run in range(GOOD_RUNS):
+            done, envelope = deploy(lab, app_copy(tmp_path, f"good-{run}"))
+            text = json.dumps(envelope)
+            assert done.returncode == 0, (run, done.stderr[-3000:])
+            assert '"verdict": "pass"' in text, (run, text[-3000:])
+            assert len(set(releases().values())) == 1, releases()
+            verdicts.append("pass")
+        assert load.running
+    assert verdicts == ["pass"] * GOOD_RUNS
+
+
+@pytest.mark.timeout(900)
+def test_too_little_traffic_holds_for_a_person_or_follows_on_inconclusive(lab, tmp_path):
+    """With no load the analysis sees too little: the deploy holds (exit 6) with the canary in
+    place; the same deploy again with --on-inconclusive continue goes on from batch 2; a third
+    release with --on-inconclusive rollback returns its canary."""
+    before = releases()
+    quiet = app_copy(tmp_path, "quiet")
+    done, envelope = deploy(lab, quiet, "--analysis", "5")
+    assert done.returncode == ExitCode.HELD, (done.returncode, done.stderr[-3000:])
+    assert '"verdict": "inconclusive"' in json.dumps(envelope)
+    held = releases()
+    changed = [host for host in APP_HOSTS if held[host] != before[host]]
+    assert len(changed) == 1, (held, before)  # the canary alone
+    assert " down" not in upstream_text()
+    done, envelope = deploy(lab, quiet, "--analysis", "5", "--on-inconclusive", "continue")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(set(releases().values())) == 1, releases()
+    on_quiet = releases()
+    done, envelope = deploy(lab, app_copy(tmp_path, "quiet-back"), "--analysis", "5", "--on-inconclusive", "rollback")
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert releases() == on_quiet, (releases(), on_quiet)
+
+
+def with_deploy_settings(lab, tmp_path: Path, settings: str) -> Path:
+    """A copy of the lab's inventory whose [deploy] section says `settings`."""
+    text = lab.source.read_text()
+    config = tmp_path / "igops.toml"
+    if re.search(r"^\[deploy\]$", text, re.M):
+        text = re.sub(r"^\[deploy\]$", "[deploy]\n" + settings, text, count=1, flags=re.M)
+    else:
+        text += "\n[deploy]\n" + settings + "\n"
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.timeout(600)
+def test_a_plan_that_would_leave_fewer_than_min_in_service_is_refused(lab, tmp_path):
+    """One of three app servers out of the load balancer (its gunicorn stopped), min_in_service 2
+    and batches of 2: refused before anything changes."""
+    config = with_deploy_settings(lab, tmp_path, "min_in_service = 2")
+    from igops.lab import state
+
+    before = releases()
+    pid = int((state.paths().app_root("app3") / "shared" / "gunicorn.pid").read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30)
+    try:
+        argv = ["-c", str(config), "deploy", "--source", str(app_copy(tmp_path, "min")), "--batch", "2"]
+        done = run_igops(*argv, "--analysis", "0", "--yes", timeout=DEPLOY_TIMEOUT)
+        assert done.returncode == ExitCode.REFUSED, (done.returncode, done.stderr[-3000:])
+        assert "min_in_service" in done.stderr, done.stderr[-3000:]
+        assert releases() == before
+    finally:
+        restarted = run_igops("lab", "up", timeout=600)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tmp_path):
+    """A deploy to app1 whose release fails /health holds app1 out of rotation while its gate
+    waits; meanwhile a deploy to app2 (min_in_service 2 of 3) is refused, naming the other
+    operation; once the first is over, the second goes through."""
+    config = with_deploy_settings(lab, tmp_path, "min_in_service = 2")
+    broken = app_copy(tmp_path, "broken", break_health=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "igops", "-c", str(config), "deploy", "--source", str(broken)]
+        + ["--hosts", "app1", "--analysis", "0", "--yes"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: drained(lab, "app1"), 90), first.communicate()
+        second = app_copy(tmp_path, "second")
+        done = run_igops(
+            "-c",
+            str(config),
+            "deploy",
+            "--source",
+            str(second),
+            "--hosts",
+            "app2",
+            "--analysis",
+            "0",
+            "--yes",
+            timeout=DEPLOY_TIMEOUT,
+        )
+        assert done.returncode in (ExitCode.REFUSED, ExitCode.LOCKED), (done.returncode, done.stderr[-3000:])
+        assert "min_in_service" in done.stderr or "app1" in done.stderr, done.stderr[-3000:]
+        assert current_of("app2") != second.parent.name
+    finally:
+        first.communicate(timeout=DEPLOY_TIMEOUT)
+    assert first.returncode != 0  # its release failed the gate and was switched back
+    assert wait_for(lambda: " down" not in upstream_text(), 30), upstream_text()
+    done = run_igops(
+        "-c",
+        str(config),
+        "deploy",
+        "--source",
+        str(app_copy(tmp_path, "after")),
+        "--hosts",
+        "app2",
+        "--analysis",
+        "0",
+        "--yes",
+        timeout=DEPLOY_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
