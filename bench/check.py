@@ -97,8 +97,8 @@ def lab_part(repeats: int) -> list[str]:
     return lines
 
 
-def fleet_inventory(work: Path, keys, addresses: list[str]) -> Path:
-    inventory = sshfleet.inventory(work, keys, addresses, port=SSH_PORT)
+def fleet_inventory(work: Path, keys, addresses: list[str], port: int = SSH_PORT) -> Path:
+    inventory = sshfleet.inventory(work, keys, addresses, port=port)
     text = inventory.read_text().replace(
         'roles = ["app"]\n', f'roles = []\n[[hosts.mounts]]\npath = "{PROBED_MOUNT}"\n'
     )
