@@ -111,7 +111,7 @@ class Output(Reporter):
         if self._out is None:
             from rich.console import Console
 
-            self._out = Console(highlight=False)
+            self._out = Console(highlight=False, emoji=False)
             if not self._out.is_terminal:
                 # Piped or captured output is read by programs: never truncate or wrap it.
                 self._out.width = 400
@@ -122,7 +122,7 @@ class Output(Reporter):
         if self._err is None:
             from rich.console import Console
 
-            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
         return self._err
 
     # --- progress and logs: stderr, in every mode -------------------------------------------

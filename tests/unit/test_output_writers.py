@@ -117,3 +117,14 @@ def test_a_plan_printed_at_once_reads_as_printed_a_line_at_a_time(terminal, widt
     out._out = out._err = console(printed)
     out.plan(title, steps, is_result=is_result, notes=notes)
     assert printed.getvalue() == expected.getvalue() and "s3cr3t-value" not in printed.getvalue()
+
+
+def test_colons_in_what_igops_prints_are_never_read_as_emoji_codes(capsys):
+    """An endpoint (`/api/photos/:id: …`), an address or a time with colons prints as written:
+    rich would turn `:id:` into an emoji."""
+    out = Output("deploy")
+    out.text("GET /api/photos/:id: p50 154 ms; db1:5432:main")
+    out.err.print("GET /api/photos/:id: 5xx")
+    captured = capsys.readouterr()
+    assert "/api/photos/:id: p50" in captured.out and "db1:5432:main" in captured.out
+    assert "/api/photos/:id: 5xx" in captured.err
