@@ -1,7 +1,8 @@
 """`igops deploy` in one run: (1) a new release of app/ to the lab's three app servers with every
 health gate, under the 15 s goal, with unchanged dependencies (no virtualenv is built); (2) the
 upload-unpack-switch of one release to 100 SSH targets on loopback, igops against a serial
-Fabric loop and against parallel-scp plus parallel-ssh (Debian's pssh).
+Fabric loop and against parallel-scp plus parallel-ssh (Debian's pssh); (3) one bad release
+deployed under load twice, with the canary analysis and with the /health gate alone.
 
 Every target's sshd shares this machine's two cores with the client, so wall time is bounded by
 the targets' handshakes; the client's CPU per host, which bounds a real fleet, is reported too.
@@ -12,7 +13,47 @@ on each target address that reports the release its `current` points at. The two
 only the upload, the unpack and the `ln -s` + `mv -T` switch.
 Goals: lab deploy under 15 s; at 100 targets faster than pssh and at least 2x faster than serial.
 
-    .venv/bin/python bench/deploy.py [--repeats 3] [--targets 100] [--part lab|fleet|both]
+(3), the bad release (`--part bad-release`, or `all`; the lab up, as root; about four minutes for
+both kinds). Two releases that pass /health, as tests/reliability/test_canary.py makes them: a copy
+of app/ whose GET /api/photos/<id> answers 500 to 5% of requests (`errors`), or sleeps 150 ms
+before answering (`latency`). Each is deployed twice, with `--batch 1`, while app.loadgen runs
+through the lab's nginx as the canary tests' ReadLoad does (110 requests/s, 20% writes, 30 users,
+32 in flight, seed 11; a new load run per deploy, its timed phase 10 s old when the deploy starts):
+ (a) with canary analysis: `igops deploy --source BAD --batch 1 --analysis 20 --yes --json`;
+ (b) gated on /health alone: the same with `--analysis 0`, which ships it to every host; the fleet
+     is then put back on the working tree's app/ (`igops deploy --analysis 0 --yes`, as the tests'
+     fixtures do) before the next kind, and at the start and end of the part.
+The figures, each from one deploy:
+- window: (a) from just before igops starts to its exit: by then the canary is back on its old
+  release, gated and in the load balancer. (b) from just before igops starts to the moment the
+  bad release has been on every host (igops exited 0: every host switched, gated and back in
+  nginx) for as long as (a)'s whole window lasted: the bad release serves from every host for
+  (a)'s time, on top of its own rollout.
+- failed: lines of the lab's nginx access log (`[lb] access_log`) with ts= ($msec, when the
+  request ended) in the window and a status the client got of 5xx, or 499 (the client gave up);
+  any endpoint (`on it`: those on GET /api/photos/:id). A request nginx retried past a server's
+  502 and another server answered is not failed. The load generator's ledger has acknowledged
+  writes only and its report counts over its whole run, so the window's count comes from nginx;
+  the report's errors_by_kind for its whole run is printed beside it as a cross-check.
+- slowed: the same lines for GET /api/photos/:id with rt= ($request_time) over 100 ms, out of
+  that endpoint's requests in the window. The 10 s before each deploy give the same two counts
+  with no bad release anywhere, for scale.
+- hosts: the app hosts whose `current` link pointed at the bad release at some moment in the
+  window, read every 0.1 s (with the seconds each spent on it); the deploy's --json host states
+  (deployed, or rolled back: switched to it and back) are printed beside it.
+- time to detection: (a) from the journal of the deploy's operation, the time of the `canary`
+  fact (written as soon as the verdict is reached) minus that of the result of the step that put
+  the canary back in the load balancer; (b) never detected.
+- ratios: (b) over (a) for failed and slowed requests; the goal, at least 10x, on failed requests
+  for `errors` and on slowed requests for `latency`; the canary's hosts at most one batch (one).
+  Beside them, (b) over (a) for host-seconds on the bad release (the seconds of each host's
+  `current` on it, summed): the harm follows it. With the lab's three app servers and a canary
+  of one, the canary takes a third of the traffic for about the analysis window, and (b) gives
+  all three (a)'s whole window: about 3 x (a)'s window over the canary's time in rotation, near
+  4x by that arithmetic. 10x takes a fleet of ten or more behind a canary of one.
+
+    .venv/bin/python bench/deploy.py [--repeats 3] [--targets 100] [--part lab|fleet|both|bad-release|all]
+        [--bad-kinds errors,latency]
 """
 
 from __future__ import annotations
