@@ -369,7 +369,9 @@ def test_cron_entries_run_from_crons_bare_environment(monitored, tmp_path):
             assert done.returncode == 0 and done.stdout == "", (job, done)
     assert (logs / "snapshot-cron.log").stat().st_size > 0 and (logs / "pingdom-sync.log").stat().st_size > 0
     check = outcomes[1][1]
-    assert check.returncode in (ExitCode.OK, ExitCode.FAILED), check.stderr
+    # It ran: all well, or problems found (5). A standby the snapshot entry just froze can be a
+    # few MB behind in replay for a moment, a WARNING the check rightly reports.
+    assert check.returncode in (ExitCode.OK, ExitCode.PROBLEMS_FOUND), check.stderr
     assert "error" not in check.stderr, check.stderr
     if check.returncode == ExitCode.OK:
         assert check.stdout == ""
