@@ -208,6 +208,12 @@ def test_a_plan_that_would_leave_fewer_than_min_in_service_is_refused(lab, tmp_p
         assert wait_for(lambda: all_serving(lab), 60), "app3 never answered /health again"
 
 
+def deploy_to(config: Path, source: Path, host: str) -> subprocess.CompletedProcess:
+    """A /health-gated deploy of `source` to `host` alone."""
+    argv = ["-c", str(config), "deploy", "--source", str(source), "--hosts", host, "--analysis", "0", "--yes"]
+    return run_igops(*argv, timeout=DEPLOY_TIMEOUT)
+
+
 @pytest.mark.timeout(600)
 def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tmp_path):
     """A deploy to app1 whose release fails /health holds app1 out of rotation while its gate
@@ -227,19 +233,7 @@ def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tm
     try:
         assert wait_for(lambda: drained(lab, "app1"), 90), first.communicate()
         second = app_copy(tmp_path, "second")
-        done = run_igops(
-            "-c",
-            str(config),
-            "deploy",
-            "--source",
-            str(second),
-            "--hosts",
-            "app2",
-            "--analysis",
-            "0",
-            "--yes",
-            timeout=DEPLOY_TIMEOUT,
-        )
+        done = deploy_to(config, second, "app2")
         assert done.returncode == ExitCode.REFUSED, (done.returncode, done.stderr[-3000:])
         print(f"\nthe second deploy: {done.stderr.strip().splitlines()[-1]}")
         assert "min_in_service" in done.stderr, done.stderr[-3000:]
@@ -248,17 +242,5 @@ def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tm
         first.communicate(timeout=DEPLOY_TIMEOUT)
     assert first.returncode != 0  # its release failed the gate and was switched back
     assert wait_for(lambda: " down" not in upstream_text(), 30), upstream_text()
-    done = run_igops(
-        "-c",
-        str(config),
-        "deploy",
-        "--source",
-        str(app_copy(tmp_path, "after")),
-        "--hosts",
-        "app2",
-        "--analysis",
-        "0",
-        "--yes",
-        timeout=DEPLOY_TIMEOUT,
-    )
+    done = deploy_to(config, app_copy(tmp_path, "after"), "app2")
     assert done.returncode == 0, done.stderr[-3000:]
