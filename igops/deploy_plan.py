@@ -312,15 +312,33 @@ def refuse_draining_below_minimum(
         serving[lb_name] = sorted(in_service)
         for number, left in servers_left_in_service(in_service, server_batches):
             if left < minimum:
+                out = out_of_service(app, lb, lb_name, unavailable)
                 raise RefusedError(
                     f"batch {number} ({', '.join(batches[number - 1])}) would leave {left} app servers in service "
                     f"in nginx on {lb_name}, fewer than the minimum of {minimum}"
                     + (f" (min_in_service {described})" if described and described != str(minimum) else "")
+                    + (f"; out of service now: {', '.join(out)}" if out else "")
                     + "; nothing was changed",
                     "use smaller batches (e.g. --batch 1,25%), or first bring the servers that are down or "
                     "unreachable back into service, or lower [deploy] min_in_service",
                 )
     return serving
+
+
+def out_of_service(app: AppFleet, lb: LbState, lb_name: str, unavailable: set[str]) -> list[str]:
+    """The servers `lb_name` sends nothing to now, each with why: the operation that drained it
+    (the note igops leaves on the upstream line names it), someone else's mark, or no answer."""
+    names = {app.server(host): host.name for host in app.hosts}
+    out = []
+    for item in lb.servers:
+        if item.lb != lb_name or not (item.down or item.server in unavailable):
+            continue
+        name = names.get(item.server, item.server)
+        if not item.down:
+            out.append(f"{name} (did not answer)")
+        else:
+            out.append(f"{name} ({lb.describe(item.server)})")
+    return out
 
 
 def _limits(app: AppFleet, max_fail: int | str | None, only: Sequence[str] | None) -> dict[str, Any]:

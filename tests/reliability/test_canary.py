@@ -232,12 +232,14 @@ def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tm
     )
     try:
         assert wait_for(lambda: drained(lab, "app1"), 90), first.communicate()
-        second = app_copy(tmp_path, "second")
-        done = deploy_to(config, second, "app2")
+        app2_before = current_of("app2")
+        done = deploy_to(config, app_copy(tmp_path, "second"), "app2")
         assert done.returncode == ExitCode.REFUSED, (done.returncode, done.stderr[-3000:])
         print(f"\nthe second deploy: {done.stderr.strip().splitlines()[-1]}")
         assert "min_in_service" in done.stderr, done.stderr[-3000:]
-        assert current_of("app2") != second.parent.name
+        # The refusal names the server out and the deploy that holds it out.
+        assert re.search(r"app1 \(drained by igops \(deploy \S+ to ", done.stderr), done.stderr[-3000:]
+        assert current_of("app2") == app2_before
     finally:
         first.communicate(timeout=DEPLOY_TIMEOUT)
     assert first.returncode != 0  # its release failed the gate and was switched back

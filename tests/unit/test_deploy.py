@@ -175,7 +175,7 @@ def survey(app, current, unreachable=(), releases=None):
     return found
 
 
-def lb_state(app, down_by_igops=(), down_by_others=()):
+def lb_state(app, down_by_igops=(), down_by_others=(), note="deploy x"):
     servers = []
     for host in app.hosts:
         server = app.server(host)
@@ -185,7 +185,7 @@ def lb_state(app, down_by_igops=(), down_by_others=()):
                 server,
                 host.name in (*down_by_igops, *down_by_others),
                 host.name in down_by_igops,
-                "deploy x" if host.name in down_by_igops else None,
+                note if host.name in down_by_igops else None,
             )
         )
     return deploy.LbState(servers)
@@ -227,10 +227,10 @@ def test_servers_left_in_service_count_each_batch_against_those_back_from_earlie
     assert deploy_plan.servers_left_in_service({"c"}, [["a", "b"], ["c"]]) == [(2, 2)]
 
 
-def plan_batches(app, surveys, lb, batch):
+def plan_batches(app, surveys, lb, batch, minimum=1):
     hosts = deploy_plan.host_plans(app, surveys, lb, "R2", max_fail=1)
     batches = deploy.split_batches([h.host for h in hosts if h.action == "roll"], deploy.parse_batches(batch))
-    deploy_plan.refuse_draining_below_minimum(app, hosts, batches, lb)
+    deploy_plan.refuse_draining_below_minimum(app, hosts, batches, lb, minimum)
     return batches
 
 
@@ -250,6 +250,11 @@ def test_a_batch_holding_the_only_server_in_rotation_is_refused(tmp_path):
     app = app_fleet(tmp_path)
     # app1 drained by an operator (skipped), app2 unreachable: app3 alone serves.
     with pytest.raises(RefusedError, match=r"batch 1 \(app3\) would leave 0"):
+        plan_batches(app, survey(app, "R1", unreachable=["app2"]), lb_state(app, down_by_others=["app1"]), "1")
+    # The refusal says why each server that is out is out.
+    with pytest.raises(RefusedError, match=r"out of service now: app1 \(drained by igops \(deploy D1 to R2\)\)"):
+        plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1"], note="deploy D1 to R2"), "1,2", 2)
+    with pytest.raises(RefusedError, match=r"out of service now: app1 \(drained \(by someone else\)\), app2 \(did"):
         plan_batches(app, survey(app, "R1", unreachable=["app2"]), lb_state(app, down_by_others=["app1"]), "1")
     # Two servers drained by an earlier run come back after their batch: the last one may go.
     assert plan_batches(app, survey(app, "R1"), lb_state(app, down_by_igops=["app1", "app2"]), "2") == [
