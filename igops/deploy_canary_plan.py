@@ -81,6 +81,22 @@ class CanaryPlan:
     # before the rollout goes on (no switch); None: the canary is this plan's batch 1.
     in_place: str | None = None
     before: dict[str, str] = field(default_factory=dict)  # a canary in place: what it returns to
+    # [deploy.canary] traffic_percent: the canary's share of the requests while watched (None: even).
+    traffic_percent: int | None = None
+
+    def share(self) -> str:
+        """What the plan says of the canary's traffic while it is watched."""
+        if self.traffic_percent is None:
+            return "its even share of the traffic"
+        return (
+            f"at most {self.traffic_percent}% of the traffic (the other servers' nginx weights raised, "
+            "put back when the analysis ends)"
+        )
+
+    def put_back_step(self, hosts: Sequence[str]) -> str:
+        """The step that puts the canary's batch back in the load balancers before the analysis."""
+        taking = "traffic" if self.traffic_percent is None else f"at most {self.traffic_percent}% of the traffic"
+        return f"put {', '.join(hosts)} back in the load balancer: the canary takes {taking}"
 
     def step(self, target: str) -> str:
         limits = self.thresholds
@@ -92,7 +108,8 @@ class CanaryPlan:
         }[self.on_inconclusive]
         return (
             f"canary analysis: {', '.join(self.canary)} on {target} against {', '.join(self.baseline)} on "
-            f"{self.baseline_release}, {self.seconds} s of traffic through nginx on {', '.join(self.lbs)}: "
+            f"{self.baseline_release}, {self.seconds} s of traffic through nginx on {', '.join(self.lbs)}, "
+            f"the canary with {self.share()}: "
             f"5xx rate (Fisher's exact), latency (Mann-Whitney U; p50 x{limits.max_p50_ratio:g}, "
             f"p95 x{limits.max_p95_ratio:g}), per endpoint, worker restarts (alpha {limits.alpha:g}, "
             f"at least {limits.min_requests} requests a side); fail: {fail_action}; inconclusive: {inconclusive}"
@@ -149,6 +166,7 @@ def plan_canary(
         section.max_log_bytes,
         held.operation if held else None,
         dict(held.before) if held else {},
+        section.traffic_percent,
     )
     return plan, None
 

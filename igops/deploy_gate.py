@@ -61,10 +61,23 @@ class LoadBalancers:
         self.app = app
         self.note = note
 
-    def change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> LbState:
+    def change(
+        self,
+        down: Sequence[str] = (),
+        up: Sequence[str] = (),
+        share: tuple[Sequence[str], int] | None = None,
+        reset_weights: bool = False,
+    ) -> LbState:
         """Apply, and return the servers as every LB now has them. Raises RemoteError naming the
-        LBs where it failed."""
-        request = {"down": sorted(down), "up": sorted(up), "note": self.note}
+        LBs where it failed. Any change puts back the weights an earlier share raised; `share`
+        (servers, percent) then gives those servers at most that percentage of the requests
+        (the canary's, while its analysis watches); `reset_weights` alone puts them back."""
+        request: dict[str, object] = {"down": sorted(down), "up": sorted(up), "note": self.note}
+        if share is not None:
+            request["share"] = {"servers": sorted(share[0]), "percent": share[1]}
+        if reset_weights:
+            request["reset_weights"] = True
+        changing = bool(down or up or share or reset_weights)
         answers = self.app.request_each(
             {host.name: (self.app.upstream_agent(host), request, b"") for host in self.app.lbs}, LB_TIMEOUT_S
         )
@@ -79,7 +92,7 @@ class LoadBalancers:
                 LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
                 for item in answer["servers"]
             ]
-        if state.errors and (down or up):
+        if state.errors and changing:
             raise RemoteError(
                 "load balancer change failed: " + "; ".join(f"{name}: {error}" for name, error in state.errors.items())
             )

@@ -142,7 +142,7 @@ class RolloutPlan:
             steps.append(" — ".join(parts))
             previous = batch
             if number == 1 and canary is not None and not canary.in_place:
-                steps.append(f"put {', '.join(batch)} back in the load balancer: the canary takes traffic")
+                steps.append(canary.put_back_step(batch))
                 steps.append(canary.step(self.target))
                 previous = []
         if lb and previous:

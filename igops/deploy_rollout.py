@@ -17,7 +17,7 @@ from typing import Any
 
 from igops import deploy_analysis
 from igops.deploy_agents import AppFleet
-from igops.deploy_canary_plan import fact
+from igops.deploy_canary_plan import CanaryPlan, fact
 from igops.deploy_gate import LbState, LoadBalancers
 from igops.deploy_limits import too_many_failures
 from igops.deploy_plan import ALREADY, DEPLOYED, FAILED, NOT_STARTED, OUTSIDE, ROLLED_BACK, RolloutPlan
@@ -200,7 +200,7 @@ class Rollout:
             if number == 1 and canary is not None and not canary.in_place:
                 # The canary takes traffic before the analysis watches it, in a step of its own
                 # (even with nothing to put back: the plan numbers it).
-                self._put_back(list(to_put_back), always=True)
+                self._put_back(list(to_put_back), always=True, canary=canary)
                 to_put_back.clear()
                 stopped = self._analyse()
                 if stopped or self.result.held:
@@ -281,7 +281,13 @@ class Rollout:
                 step.status, step.detail = "skipped", "no canary host passed its gate: nothing to analyse"
                 return None
             canary.canary = hosts
-            evidence = deploy_analysis.observe(self.app, canary, self.reporter)
+            if canary.in_place and canary.traffic_percent is not None:
+                self._share(hosts, canary.traffic_percent, step)
+            try:
+                evidence = deploy_analysis.observe(self.app, canary, self.reporter)
+            finally:
+                if canary.traffic_percent is not None:
+                    self._reset_weights()
             self.result.canary = evidence
             then = deploy_analysis.consequence(evidence.verdict, canary.on_inconclusive)
             in_place = then == deploy_analysis.STOP_HELD or (canary.canary_only and then == deploy_analysis.GO_ON)
@@ -326,16 +332,36 @@ class Rollout:
             self.outcomes[name].in_lb = True
         self.rotation.release(back)
 
-    def _put_back(self, names: list[str], always: bool = False) -> None:
+    def _share(self, hosts: list[str], percent: int, step: Any) -> None:
+        """A canary already in rotation gets its share of the traffic for the analysis; if the
+        load balancers refuse, the analysis watches it on its even share."""
+        try:
+            self._lb_change(share=(hosts, percent))
+        except RemoteError as exc:
+            step.detail = f"the canary keeps its even share: {exc.message}"
+
+    def _reset_weights(self) -> None:
+        """Every server's nginx weight back as it was before the canary's share. Not fatal if it
+        fails: the next change of the load balancers (any deploy's) puts them back."""
+        try:
+            self._lb_change(reset_weights=True)
+        except RemoteError as exc:
+            self.reporter.log(f"the canary's share of the traffic was not undone (the next deploy does): {exc.message}")
+            self.reporter.fact(weights_not_reset=exc.message)
+
+    def _put_back(self, names: list[str], always: bool = False, canary: CanaryPlan | None = None) -> None:
+        """Put `names` back in rotation; the canary (`canary`, its plan) with its share."""
         if not self.app.lbs or not (names or always):
             return
         if not names:
             with self.reporter.step("put the canary back in the load balancer") as step:
                 step.detail = "no canary host passed its gate: nothing to put back"
             return
-        with self.reporter.step(f"put {', '.join(names)} back in the load balancer") as step:
+        label = canary.put_back_step(names) if canary else f"put {', '.join(names)} back in the load balancer"
+        percent = canary.traffic_percent if canary else None
+        with self.reporter.step(label) as step:
             try:
-                self._lb_change(up=names)
+                self._lb_change(up=names, share=(names, percent) if percent is not None else None)
             except RemoteError as exc:
                 step.status, step.detail = "failed", str(exc)
                 for name in names:
@@ -349,14 +375,25 @@ class Rollout:
                 self.record.host(name, self.outcomes[name].state)
             self.rotation.release(names)
 
-    def _lb_change(self, down: Sequence[str] = (), up: Sequence[str] = ()) -> None:
-        if not self.app.lbs or not (down or up):
+    def _lb_change(
+        self,
+        down: Sequence[str] = (),
+        up: Sequence[str] = (),
+        share: tuple[Sequence[str], int] | None = None,
+        reset_weights: bool = False,
+    ) -> None:
+        if not self.app.lbs or not (down or up or share or reset_weights):
             return
 
-        def server(name: str) -> str:
-            return self.app.server(self.app.host(name))
+        def servers(names: Sequence[str]) -> list[str]:
+            return [self.app.server(self.app.host(name)) for name in names]
 
-        self.lbs.change(down=[server(n) for n in down], up=[server(n) for n in up])
+        self.lbs.change(
+            down=servers(down),
+            up=servers(up),
+            share=(servers(share[0]), share[1]) if share else None,
+            reset_weights=reset_weights,
+        )
 
     # PagerDuty -------------------------------------------------------------------------------
     def _mark(self, result: RolloutResult) -> str:

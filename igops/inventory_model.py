@@ -209,6 +209,12 @@ class DeployCanary(Strict):
     # gunicorn worker restarts a canary host may have in the window beyond the baseline host
     # with the most (the app's /stats counts `worker_starts`).
     max_worker_restarts: int = Field(default=0, ge=0)
+    # The most traffic (percent) the canary takes while the analysis watches: the load balancers
+    # raise the other servers' nginx weights by one factor until it gets no more, and put them
+    # back when the analysis ends. Unset: the canary's even share (one server of ten: 10%). A
+    # smaller share exposes fewer users to a bad release, and needs a longer window for
+    # min_requests; the other servers carry the rest meanwhile.
+    traffic_percent: int | None = Field(default=None, ge=1, le=99)
     # How many endpoints the report names, worst first.
     worst_endpoints: int = Field(default=3, ge=1, le=20)
     # The most of each load balancer's log a window reads; past it the window is cut short.

@@ -2,11 +2,19 @@
 
 Usage: upstream.py FILE TEST_COMMAND RELOAD_COMMAND DRAIN_SECONDS; then on stdin (after the
 program) one request per line, {"down": ["addr:port", ...], "up": [...], "note": "..."}, each
-answered by one line, until EOF. Both lists empty = only report.
+answered by one line, until EOF. Both lists empty (and no share or reset_weights, below) = only
+report.
 
 A server taken out by igops carries the comment `# igops-drained: NOTE` on its line, so igops
 (even a later run, after this one was killed) knows which servers it drained, and never puts
-back a server that someone else marked down. The new file replaces the old one by rename; if
+back a server that someone else marked down.
+
+A request may also give a canary a share of the traffic: {"share": {"servers": [...],
+"percent": P}} raises the other servers' `weight` (each by one whole factor, so their split among
+themselves stays as it was) until those servers get at most P% of the requests. A weight igops
+changed carries `# igops-weight: ORIGINAL` ("-" for none), and every change request first puts
+all such weights back (so does {"reset_weights": true} alone): a run killed during its analysis
+leaves weights that the next change undoes. The new file replaces the old one by rename; if
 the configuration test or the reload fails, the old file is put back. Every change request
 reloads, even one the file already reflects. After the reload this waits until every worker
 that ran the old configuration has stopped accepting requests (nginx renames it "worker
@@ -39,6 +47,10 @@ if TYPE_CHECKING:
 
 SERVER_LINE = re.compile(r"^(?P<indent>\s*)server\s+(?P<address>\S+)(?P<params>[^;#]*);(?P<rest>.*)$")
 MARKER = "# igops-drained:"
+WEIGHT_MARKER = "# igops-weight:"
+# The most a share may raise a weight by: nginx takes any positive integer, and past this the
+# canary's few requests would say little.
+MAX_WEIGHT_FACTOR = 100
 WORKER_TITLE = b"nginx: worker process"
 SHUTTING_DOWN = b"is shutting down"
 RELOAD_APPLIED_SECONDS = 10
@@ -53,6 +65,11 @@ def emit(document: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def weight_of(params: list[str]) -> str | None:
+    """The line's `weight=N` parameter, if any."""
+    return next((param for param in params if param.startswith("weight=")), None)
+
+
 def parse_line(line: str) -> dict[str, Any] | None:
     match = SERVER_LINE.match(line)
     if not match:
@@ -60,6 +77,9 @@ def parse_line(line: str) -> dict[str, Any] | None:
     params = match.group("params").split()
     rest = match.group("rest")
     note = rest.split(MARKER, 1)[1].strip() if MARKER in rest else None
+    original = None
+    if WEIGHT_MARKER in rest:
+        original = rest.split(WEIGHT_MARKER, 1)[1].split("#", 1)[0].strip() or "-"
     return {
         "address": match.group("address"),
         "indent": match.group("indent"),
@@ -67,6 +87,7 @@ def parse_line(line: str) -> dict[str, Any] | None:
         "down": "down" in params,
         "igops": note is not None,
         "note": note,
+        "weight_before": original,  # the weight igops replaced ("-": none), or None
     }
 
 
@@ -75,32 +96,89 @@ def render_line(server: dict[str, Any]) -> str:
     if server["down"]:
         params.append("down")
     line = f"{server['indent']}server {server['address']}{''.join(' ' + param for param in params)};"
+    if server["weight_before"] is not None:
+        line += f"  {WEIGHT_MARKER} {server['weight_before']}"
     if server["down"] and server["igops"]:
         line += f"  {MARKER} {server['note']}"
     return line
 
 
-def apply(text: str, down: set[str], up: set[str], note: str) -> tuple[str, list[dict[str, Any]]]:
-    """The new file text and the servers as they are in it."""
+def set_weight(server: dict[str, Any], weight: int | None) -> None:
+    """Give the line `weight=N` (None: its weight before igops changed it)."""
+    current = weight_of(server["params"])
+    params = [param for param in server["params"] if param != current]
+    if weight is None:
+        before = server["weight_before"]
+        if before not in (None, "-"):
+            params.append(before)
+        server["weight_before"] = None
+    else:
+        if server["weight_before"] is None:
+            server["weight_before"] = current or "-"
+        params.append(f"weight={weight}")
+    server["params"] = params
+
+
+def base_weight(server: dict[str, Any]) -> int:
+    """The weight the operator gave the server (nginx's default 1)."""
+    text = weight_of(server["params"]) if server["weight_before"] is None else server["weight_before"]
+    return int(text.split("=", 1)[1]) if text and text != "-" else 1
+
+
+def share_factor(canary: int, others: int, percent: float) -> int:
+    """The whole factor the other servers' weights are raised by so that servers of total weight
+    `canary` get at most `percent` % of the requests (1: they already do)."""
+    if canary <= 0 or others <= 0:
+        return 1
+    factor = 1
+    while canary * 100 > percent * (canary + factor * others) and factor < MAX_WEIGHT_FACTOR:
+        factor += 1
+    return factor
+
+
+def apply(
+    text: str, down: set[str], up: set[str], note: str, share: dict[str, Any] | None = None, weights: bool = False
+) -> tuple[str, list[dict[str, Any]]]:
+    """The new file text and the servers as they are in it. `weights`: put back every weight
+    igops changed, then give `share` (if any) its share of the traffic."""
     lines = text.splitlines()
-    servers = []
-    seen = set()
+    parsed = []
     for index, line in enumerate(lines):
         server = parse_line(line)
-        if server is None:
-            continue
-        address = server["address"]
-        seen.add(address)
-        if address in down and not server["down"]:
-            server.update(down=True, igops=True, note=note)
-            lines[index] = render_line(server)
-        elif address in up and server["down"] and server["igops"]:
-            server.update(down=False, igops=False, note=None)
-            lines[index] = render_line(server)
-        servers.append({key: server[key] for key in ("address", "down", "igops", "note")})
-    missing = sorted((set(down) | set(up)) - seen)
+        if server is not None:
+            parsed.append((index, server))
+    seen = {server["address"] for _, server in parsed}
+    shared = set(share["servers"]) if share else set()
+    missing = sorted((set(down) | set(up) | shared) - seen)
     if missing:
         raise Refused(f"not in the upstream file: {', '.join(missing)}")
+    servers = []
+    for index, server in parsed:
+        address = server["address"]
+        before = dict(server)
+        if address in down and not server["down"]:
+            server.update(down=True, igops=True, note=note)
+        elif address in up and server["down"] and server["igops"]:
+            server.update(down=False, igops=False, note=None)
+        if weights and server["weight_before"] is not None:
+            set_weight(server, None)
+        if server != before:
+            lines[index] = render_line(server)
+    if share:
+        serving = [server for _, server in parsed if not server["down"]]
+        factor = share_factor(
+            sum(base_weight(s) for s in serving if s["address"] in shared),
+            sum(base_weight(s) for s in serving if s["address"] not in shared),
+            float(share["percent"]),
+        )
+        if factor > 1:
+            for index, server in parsed:
+                if not server["down"] and server["address"] not in shared:
+                    set_weight(server, base_weight(server) * factor)
+                    lines[index] = render_line(server)
+    for _, server in parsed:
+        servers.append({key: server[key] for key in ("address", "down", "igops", "note")})
+        servers[-1]["weight"] = int((weight_of(server["params"]) or "weight=1").split("=", 1)[1])
     return "\n".join(lines) + ("\n" if text.endswith("\n") else ""), servers
 
 
@@ -213,6 +291,11 @@ def read_log(request: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def changes(request: dict[str, Any]) -> bool:
+    """Whether a request changes the file (else it only reports)."""
+    return bool(request.get("down") or request.get("up") or request.get("share") or request.get("reset_weights"))
+
+
 def handle(
     path: str, test_command: str, reload_command: str, drain_seconds: float, request: dict[str, Any]
 ) -> dict[str, Any]:
@@ -221,7 +304,7 @@ def handle(
     down, up = set(request.get("down", [])), set(request.get("up", []))
     if down & up:
         raise Refused(f"asked to take out and put back the same servers: {', '.join(sorted(down & up))}")
-    if not (down or up):
+    if not changes(request):
         return change(path, test_command, reload_command, drain_seconds, down, up, request)
     # Two deploys to different app servers may change the file at once: each reads, rewrites
     # and reloads it alone, so neither puts back the other's version.
@@ -248,9 +331,12 @@ def change(
 ) -> dict[str, Any]:
     with open(path) as handle:
         old_text = handle.read()
-    new_text, servers = apply(old_text, down, up, request.get("note") or "igops")
+    changing = changes(request)
+    new_text, servers = apply(
+        old_text, down, up, request.get("note") or "igops", request.get("share"), weights=changing
+    )
     result: dict[str, Any] = {"servers": servers, "changed": new_text != old_text, "applied_ms": None, "lingering": []}
-    if down or up:
+    if changing:
         # Reloaded even when the file already says so: a run killed between writing the
         # file and reloading left nginx on the old configuration.
         if result["changed"]:

@@ -456,6 +456,48 @@ def test_draining_marks_down_with_a_marker_and_putting_back_removes_only_igops_d
     assert back == UPSTREAM, "the operator's drain of .13 stays; .11 is exactly as before"
 
 
+WEIGHTED = """upstream app {
+    server 127.0.10.11:8000;
+    server 127.0.10.12:8000 weight=2;
+    server 127.0.10.13:8000 weight=3;
+    server 127.0.10.14:8000 down;
+}
+"""
+
+
+def test_a_canary_share_raises_the_others_weights_by_one_factor_and_any_change_puts_them_back():
+    canary = {"servers": ["127.0.10.11:8000"], "percent": 10}
+    shared, servers = upstream.apply(WEIGHTED, set(), {"127.0.10.11:8000"}, "d", canary, weights=True)
+    # 1 / (1 + 2k + 3k) <= 10% first at k = 2; the others keep their split (2:3), .14 stays down.
+    assert [s["weight"] for s in servers] == [1, 4, 6, 1]
+    assert "server 127.0.10.12:8000 weight=4;  # igops-weight: weight=2" in shared
+    assert "server 127.0.10.14:8000 down;\n" in shared
+    # A later request (a killed run's next one, say) sees what it replaced.
+    again, _ = upstream.apply(shared, set(), set(), "d", canary, weights=True)
+    assert again == shared
+    back, servers = upstream.apply(shared, set(), set(), "d", weights=True)
+    assert back == WEIGHTED and [s["weight"] for s in servers] == [1, 2, 3, 1]
+    # A server without a weight before gets none back; a drained one keeps both markers apart.
+    shared, _ = upstream.apply(WEIGHTED, set(), set(), "d", {"servers": ["127.0.10.13:8000"], "percent": 20}, True)
+    assert "server 127.0.10.11:8000 weight=4;  # igops-weight: -" in shared
+    drained, _ = upstream.apply(shared, {"127.0.10.12:8000"}, set(), "deploy d2", weights=False)
+    assert "weight=8 down;  # igops-weight: weight=2  # igops-drained: deploy d2" in drained
+    back, _ = upstream.apply(drained, set(), {"127.0.10.12:8000"}, "deploy d2", weights=True)
+    assert back == WEIGHTED
+    # A reporting request (weights=False, nothing asked) changes nothing.
+    assert upstream.apply(shared, set(), set(), "survey")[0] == shared
+
+
+def test_a_share_already_met_changes_no_weight_and_the_factor_is_bounded():
+    assert upstream.share_factor(1, 9, 10) == 1
+    assert upstream.share_factor(1, 2, 10) == 5  # 1 / 11
+    assert upstream.share_factor(1, 1, 0.1) == upstream.MAX_WEIGHT_FACTOR
+    unchanged, _ = upstream.apply(WEIGHTED, set(), set(), "d", {"servers": ["127.0.10.11:8000"], "percent": 50}, True)
+    assert unchanged == WEIGHTED
+    with pytest.raises(upstream.Refused, match="127.0.10.99:8000"):
+        upstream.apply(WEIGHTED, set(), set(), "d", {"servers": ["127.0.10.99:8000"], "percent": 10}, True)
+
+
 def test_draining_is_idempotent_and_unknown_servers_are_refused():
     once, _ = upstream.apply(UPSTREAM, {"127.0.10.12:8000"}, set(), "n")
     twice, _ = upstream.apply(once, {"127.0.10.12:8000"}, set(), "n")

@@ -74,6 +74,7 @@ class Fleet:
 
     def __init__(self, monkeypatch, app, verdict=deploy_canary.PASS, failing=(), records=(), on_new=()):
         self.lb_changes: list[tuple[list[str], list[str]]] = []
+        self.weight_changes: list = []  # the canary's share, and "reset" when its weights go back
         self.switched: list[tuple[str, list[str]]] = []
         self.failing = set(failing)
         monkeypatch.setattr(
@@ -96,8 +97,11 @@ class Fleet:
             name: GateResult(name not in self.failing or release_of(name) != "R2", "fake gate", 1.0) for name in names
         }
 
-    def _lb_change(self, down=(), up=()):
-        self.lb_changes.append((sorted(down), sorted(up)))
+    def _lb_change(self, down=(), up=(), share=None, reset_weights=False):
+        if share or reset_weights:
+            self.weight_changes.append((sorted(share[0]), share[1]) if share else "reset")
+        if down or up:
+            self.lb_changes.append((sorted(down), sorted(up)))
 
 
 def evidence(plan, verdict):
@@ -184,6 +188,34 @@ def test_a_failing_canary_is_returned_to_its_release_and_the_rollout_stops(tmp_p
     assert fake.lb_changes[-2:] == [(["app1"], []), ([], ["app1"])]
     assert "the canary analysis (fail)" in result.stopped and reporter.steps[-1].status == "failed"
     assert reporter.facts["canary"]["verdict"] == "fail" and "canary fail" in result.summary()
+
+
+@pytest.mark.parametrize("verdict", [deploy_canary.PASS, deploy_canary.FAIL, deploy_canary.INCONCLUSIVE])
+def test_a_canary_given_a_share_of_the_traffic_takes_it_back_in_rotation_and_every_weight_goes_back(
+    tmp_path, monkeypatch, verdict
+):
+    app = app_fleet(tmp_path, deploy_section="[deploy.canary]\ntraffic_percent = 10\n")
+    fake = Fleet(monkeypatch, app, verdict=verdict)
+    made = plan(app)
+    steps = made.steps()
+    assert steps[1] == "put app1 back in the load balancer: the canary takes at most 10% of the traffic"
+    assert "the canary with at most 10% of the traffic (the other servers' nginx weights raised, put back" in steps[2]
+    result, reporter = run(app, made)
+    assert reporter.steps[1].title == steps[1], "the run's step is the plan's"
+    # The share comes with the put-back (one reload); the weights go back whatever the verdict.
+    assert fake.weight_changes == [(["app1"], 10), "reset"]
+    assert fake.lb_changes[1] == ([], ["app1"])
+
+
+def test_a_held_canary_analysed_again_is_given_its_share_in_place(tmp_path, monkeypatch):
+    app = app_fleet(tmp_path, deploy_section="[deploy.canary]\ntraffic_percent = 10\n")
+    fact = {"verdict": "inconclusive", "hosts": ["app1"], "before": {"app1": "R1"}}
+    record = {"id": "20261204-1-c", "kind": "deploy", "params": {"target": "R2"}, "facts": {"canary": fact}}
+    fake = Fleet(monkeypatch, app, verdict=deploy_canary.PASS, records=[record], on_new=["app1"])
+    made = plan(app)
+    assert made.canary.in_place and "at most 10% of the traffic" in made.steps()[0]
+    run(app, made)
+    assert fake.weight_changes == [(["app1"], 10), "reset"]
 
 
 def test_an_inconclusive_canary_holds_in_place_with_exit_6(tmp_path, monkeypatch):
