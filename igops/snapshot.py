@@ -129,6 +129,13 @@ class SnapshotGroup:
     kept: str | None = None  # the igops:keep tag's value: pinned when and by whom
     wal: snapshot_wal.WalMark | None = None  # where in its cluster's WAL the group is consistent
 
+    @property
+    def complete(self) -> bool:
+        """All the group's snapshots are there, tagged complete, and finished by EBS. A property
+        so that igops.pg.archive_repository, which prune calls, asks the group and does not
+        import this module back for STATE_COMPLETE."""
+        return self.state == STATE_COMPLETE
+
 
 def new_group_id(host: str, now: datetime | None = None) -> str:
     moment = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")

@@ -55,11 +55,9 @@ def oldest_needed(cluster: str, remaining: list[SnapshotGroup]) -> Needed | None
     """The earliest start among the cluster's remaining complete groups that record a WAL
     position (None: no such group, keep everything). A group whose label names no start
     segment keeps everything too: its need is unknown."""
-    from igops.snapshot import STATE_COMPLETE
-
     starts = []
     for group in remaining:
-        if group.state != STATE_COMPLETE or group.wal is None or group.wal.cluster != cluster:
+        if not group.complete or group.wal is None or group.wal.cluster != cluster:
             continue
         segment = start_segment(group.wal.label)
         if segment is None:
