@@ -2,7 +2,8 @@
 health gate, under the 15 s goal, with unchanged dependencies (no virtualenv is built); (2) the
 upload-unpack-switch of one release to 100 SSH targets on loopback, igops against a serial
 Fabric loop and against parallel-scp plus parallel-ssh (Debian's pssh); (3) one bad release
-deployed under load twice, with the canary analysis and with the /health gate alone.
+deployed under load three times: with the canary analysis, with it on a tenth of the traffic, and
+with the /health gate alone.
 
 Every target's sshd shares this machine's two cores with the client, so wall time is bounded by
 the targets' handshakes; the client's CPU per host, which bounds a real fleet, is reported too.
@@ -13,13 +14,16 @@ on each target address that reports the release its `current` points at. The two
 only the upload, the unpack and the `ln -s` + `mv -T` switch.
 Goals: lab deploy under 15 s; at 100 targets faster than pssh and at least 2x faster than serial.
 
-(3), the bad release (`--part bad-release`, or `all`; the lab up, as root; about four minutes for
+(3), the bad release (`--part bad-release`, or `all`; the lab up, as root; about six minutes for
 both kinds). Two releases that pass /health, as tests/reliability/test_canary.py makes them: a copy
 of app/ whose GET /api/photos/<id> answers 500 to 5% of requests (`errors`), or sleeps 150 ms
-before answering (`latency`). Each is deployed twice, with `--batch 1`, while app.loadgen runs
+before answering (`latency`). Each is deployed three times, with `--batch 1`, while app.loadgen runs
 through the lab's nginx as the canary tests' ReadLoad does (110 requests/s, 20% writes, 30 users,
 32 in flight, seed 11; a new load run per deploy, its timed phase 10 s old when the deploy starts):
- (a) with canary analysis: `igops deploy --source BAD --batch 1 --analysis 20 --yes --json`;
+ (a) with canary analysis: `igops deploy --source BAD --batch 1 --analysis 20 --yes --json`, the
+     canary on its even share of the traffic (one server of three);
+ (a') the same with `--analysis 30` and an inventory whose [deploy.canary] traffic_percent is
+     `--canary-traffic` (10): the canary takes at most that share while watched (docs/deploy.md);
  (b) gated on /health alone: the same with `--analysis 0`, which ships it to every host; the fleet
      is then put back on the working tree's app/ (`igops deploy --analysis 0 --yes`, as the tests'
      fixtures do) before the next kind, and at the start and end of the part.
@@ -28,7 +32,8 @@ The figures, each from one deploy:
   release, gated and in the load balancer. (b) from just before igops starts to the moment the
   bad release has been on every host (igops exited 0: every host switched, gated and back in
   nginx) for as long as (a)'s whole window lasted: the bad release serves from every host for
-  (a)'s time, on top of its own rollout.
+  (a)'s time, on top of its own rollout. (b) runs once, as long as the longer of (a) and (a'),
+  and is counted again over each one's length.
 - failed: lines of the lab's nginx access log (`[lb] access_log`) with ts= ($msec, when the
   request ended) in the window and a status the client got of 5xx, or 499 (the client gave up);
   any endpoint (`on it`: those on GET /api/photos/:id). A request nginx retried past a server's
@@ -41,24 +46,26 @@ The figures, each from one deploy:
 - hosts: the app hosts whose `current` link pointed at the bad release at some moment in the
   window, read every 0.1 s (with the seconds each spent on it); the deploy's --json host states
   (deployed, or rolled back: switched to it and back) are printed beside it.
-- time to detection: (a) from the journal of the deploy's operation, the time of the `canary`
+- time to detection: (a), (a') from the journal of the deploy's operation, the time of the `canary`
   fact (written as soon as the verdict is reached) minus that of the result of the step that put
   the canary back in the load balancer; (b) never detected.
-- ratios: (b) over (a) for failed and slowed requests; the goal, at least 10x, on failed requests
+- ratios: (b) over (a), and over (a'), for failed and slowed requests; the goal, at least 10x, on failed requests
   for `errors` and on slowed requests for `latency`; the canary's hosts at most one batch (one).
   Beside them, (b) over (a) for host-seconds on the bad release (the seconds of each host's
   `current` on it, summed): the harm follows it. With the lab's three app servers and a canary
   of one, the canary takes a third of the traffic for about the analysis window, and (b) gives
   all three (a)'s whole window: about 3 x (a)'s window over the canary's time in rotation, near
-  4x by that arithmetic. 10x takes a fleet of ten or more behind a canary of one.
+  4x by that arithmetic. 10x takes a fleet of ten or more behind a canary of one, or (a') a
+  canary held to a tenth of the traffic: 1/11 of it for a window half as long again, near 12x.
 
     .venv/bin/python bench/deploy.py [--repeats 3] [--targets 100] [--part lab|fleet|both|bad-release|all]
-        [--bad-kinds errors,latency]
+        [--bad-kinds errors,latency] [--canary-traffic 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -441,6 +448,9 @@ BAD_KINDS = {
     "latency": ("GET /api/photos/<id> sleeps 150 ms", "    import time\n\n    time.sleep(0.15)\n"),
 }
 ANALYSIS_S = 20
+# With a tenth of the traffic on the canary, about 11 requests a second reach it: 30 s clears
+# [deploy.canary] min_requests (200) with room.
+SHARED_ANALYSIS_S = 30
 SLOW_S = 0.100
 # The canary tests' ReadLoad: mostly reads, enough of them for the analysis to judge in 20 s.
 LOAD_RATE, LOAD_WRITE_RATIO, LOAD_USERS, LOAD_CONCURRENCY, LOAD_SEED = 110, 0.2, 30, 32, 11
@@ -701,6 +711,21 @@ class Case:
     detection: str = "never detected"
     notes: list[str] = field(default_factory=list)
     load_errors: dict[str, int] = field(default_factory=dict)
+    # What a shorter window of the same run (within) is counted from.
+    logged: list[Logged] = field(default_factory=list, repr=False)
+    lead_start: float = 0.0
+    watch: CurrentWatch | None = field(default=None, repr=False)
+    release: str | None = None
+
+
+def within(case: Case, end: float) -> Case:
+    """The same run counted over a window that ends at `end` (the /health-gated run, measured
+    against a canary run of its own length)."""
+    cut = dataclasses.replace(case, window=(case.window[0], end), notes=list(case.notes))
+    _count(cut, cut.logged, cut.lead_start)
+    if cut.watch is not None and cut.release:
+        cut.hosts = cut.watch.seconds_on(cut.release, *cut.window)
+    return cut
 
 
 def _count(case: Case, logged: list[Logged], lead_start: float) -> None:
@@ -744,14 +769,22 @@ def restore_working_tree(inventory: Path) -> Deployed:
 
 
 def bad_release_case(
-    work: Path, fleet, inventory: Path, kind: str, source: Path, roots: dict[str, Path], canary: bool, a_window: float
+    work: Path,
+    fleet,
+    inventory: Path,
+    kind: str,
+    source: Path,
+    roots: dict[str, Path],
+    analysis_s: int,
+    a_window: float,
+    gate: str,
 ) -> Case:
-    """One deploy of the bad release under load: with the canary analysis (`canary`), or gated on
-    /health alone, its window then running `a_window` seconds past its end."""
+    """One deploy of the bad release under load: with a canary analysis of `analysis_s` seconds,
+    or (0) gated on /health alone, its window then running `a_window` seconds past its end."""
     lb = fleet.with_role("lb")[0]
     log = AccessLog(Path(fleet.path_for(fleet.model.lb.access_log, lb)))
-    gate = f"canary analysis {ANALYSIS_S} s" if canary else "/health only"
-    label = "canary" if canary else "health"
+    canary = analysis_s > 0
+    label = f"canary-{inventory.stem}" if canary else "health"
     with (
         LbLoad(f"http://{lb.address}:{fleet.model.lb.port}", work / f"ledger-{kind}-{label}.jsonl") as load,
         CurrentWatch(roots) as watch,
@@ -766,7 +799,7 @@ def bad_release_case(
             "--batch",
             "1",
             "--analysis",
-            str(ANALYSIS_S if canary else 0),
+            str(analysis_s),
             "--yes",
             "--json",
         )
@@ -776,9 +809,9 @@ def bad_release_case(
             end = deployed.ended + a_window
             time.sleep(max(0.0, end - time.time()))
         report = load.stop()
-    case = Case(kind, gate, deployed, (deployed.started, end))
-    logged, case.notes = log.read()
-    _count(case, logged, lead_start)
+    case = Case(kind, gate, deployed, (deployed.started, end), lead_start=lead_start, watch=watch)
+    case.logged, case.notes = log.read()
+    _count(case, case.logged, lead_start)
     case.load_errors = dict(report.get("errors_by_kind") or {})
     if not report:
         case.notes.append("the load generator gave no report")
@@ -789,6 +822,7 @@ def bad_release_case(
         others = seen - set(before.values()) - {None}
         release = others.pop() if len(others) == 1 else None
         case.notes.append(f"no --json result (exit {deployed.returncode}): {deployed.stderr_tail[-200:]}")
+    case.release = release
     case.hosts = watch.seconds_on(release, *case.window) if release else {}
     case.json_hosts = _json_hosts(deployed.envelope)
     verdict, window_s = _canary_summary(deployed.envelope)
@@ -826,17 +860,26 @@ def _ratio(numerator: float, denominator: float) -> tuple[str, bool | None]:
     return f"{ratio:.1f}x", ratio >= RATIO_GOAL
 
 
-def bad_release_part(work: Path, kinds: list[str]) -> list[str]:
+def bad_release_part(work: Path, kinds: list[str], share: int) -> list[str]:
     from igops import inventory as inventory_module
     from igops.lab import state
 
     inventory = state.paths().inventory
     fleet = inventory_module.load_file(inventory)
+    # The same fleet, its canary given at most `share` % of the traffic while watched.
+    shared_inventory = work / "shared.toml"
+    shared_inventory.write_text(inventory.read_text() + f"\n[deploy.canary]\ntraffic_percent = {share}\n")
     roots = {host.name: Path(fleet.path_for(fleet.model.app.root, host)) for host in fleet.with_role("app")}
+    canaries = [
+        (inventory, ANALYSIS_S, f"canary {ANALYSIS_S} s, even"),
+        (shared_inventory, SHARED_ANALYSIS_S, f"canary {SHARED_ANALYSIS_S} s, {share}%"),
+    ]
     lines = [
-        f"bad release: the same release deployed twice under app.loadgen through nginx ({LOAD_RATE} req/s, "
-        f"{LOAD_WRITE_RATIO:.0%} writes), --batch 1: canary analysis ({ANALYSIS_S} s) against the /health gate "
-        f"alone (--analysis 0), whose window runs past its deploy as long as the canary's whole run",
+        f"bad release: the same release deployed three times under app.loadgen through nginx ({LOAD_RATE} req/s, "
+        f"{LOAD_WRITE_RATIO:.0%} writes), --batch 1: with a canary analysis of {ANALYSIS_S} s on the canary's "
+        f"even share of the traffic, of {SHARED_ANALYSIS_S} s with [deploy.canary] traffic_percent = {share}, "
+        "and gated on /health alone (--analysis 0), whose window runs past its deploy as long as each canary "
+        "run's whole window (one run, counted over each length)",
         f"  failed: answered 5xx (or 499, the client gave up) at nginx in the window, on any endpoint (on it: on "
         f"{BAD_ENDPOINT}); slowed: requests to it over {SLOW_S * 1000:.0f} ms (of its requests); hosts: ever on "
         "the bad release in the window",
@@ -852,20 +895,25 @@ def bad_release_part(work: Path, kinds: list[str]) -> list[str]:
                 raise SystemExit(f"the fleet could not be put on the working tree's release: {start.stderr_tail}")
             for kind in kinds:
                 source = bad_source(work, kind)
-                print(f"bad release ({kind}): canary deploy …", file=sys.stderr, flush=True)
-                canary = bad_release_case(work, fleet, inventory, kind, source, roots, True, 0.0)
-                a_window = canary.window[1] - canary.window[0]
-                bad_id = (canary.deployed.envelope.get("data") or {}).get("target")
-                if bad_id and bad_id in releases_now(roots).values():
-                    canary.notes.append("the canary did not stop the release: the fleet was restored before (b)")
-                    if restore_working_tree(inventory).returncode != 0:
-                        raise SystemExit("the fleet could not be put back on a good release before (b)")
+                runs = []
+                for config, seconds, gate in canaries:
+                    print(f"bad release ({kind}): {gate} …", file=sys.stderr, flush=True)
+                    canary = bad_release_case(work, fleet, config, kind, source, roots, seconds, 0.0, gate)
+                    bad_id = (canary.deployed.envelope.get("data") or {}).get("target")
+                    if bad_id and bad_id in releases_now(roots).values():
+                        canary.notes.append("the canary did not stop the release: the fleet was restored after it")
+                        if restore_working_tree(inventory).returncode != 0:
+                            raise SystemExit("the fleet could not be put back on a good release")
+                    runs.append(canary)
+                longest = max(case.window[1] - case.window[0] for case in runs)
                 print(f"bad release ({kind}): /health-gated deploy …", file=sys.stderr, flush=True)
-                gated = bad_release_case(work, fleet, inventory, kind, source, roots, False, a_window)
+                gated = bad_release_case(work, fleet, inventory, kind, source, roots, 0, longest, "/health only")
                 back = restore_working_tree(inventory)
                 if back.returncode != 0:
                     raise SystemExit(f"the fleet could not be put back on a good release: {back.stderr_tail}")
-                cases.append((canary, gated))
+                for canary in runs:
+                    length = canary.window[1] - canary.window[0]
+                    cases.append((canary, within(gated, gated.deployed.ended + length)))
         finally:
             restore = restore_working_tree(inventory)
             if restore.returncode != 0:
@@ -885,7 +933,7 @@ def bad_release_part(work: Path, kinds: list[str]) -> list[str]:
         harm, met = ("failed", failed_met) if canary.kind == "errors" else ("slowed", slowed_met)
         exposure = _ratio(sum(gated.hosts.values()), sum(canary.hosts.values()))[0]
         lines.append(
-            f"{canary.kind} ({BAD_KINDS[canary.kind][0]}), /health only over canary: failed {failed}, "
+            f"{canary.kind} ({BAD_KINDS[canary.kind][0]}), /health only over {canary.gate}: failed {failed}, "
             f"slowed {slowed}; goal {harm} >= {RATIO_GOAL:g}x: {_verdict(met)}; hosts that served it: canary "
             f"{len(canary.hosts)}, /health only {len(gated.hosts)} (goal canary <= 1, one batch: "
             f"{_verdict(len(canary.hosts) <= 1)}); host-seconds on it {exposure}"
@@ -913,6 +961,13 @@ def main() -> None:
         default=",".join(BAD_KINDS),
         help=f"the bad releases of --part bad-release: {', '.join(BAD_KINDS)}",
     )
+    parser.add_argument(
+        "--canary-traffic",
+        type=int,
+        default=10,
+        metavar="PERCENT",
+        help="the bad-release part's second canary run: [deploy.canary] traffic_percent",
+    )
     parser.add_argument("--fabric-serial", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     kinds = [kind.strip() for kind in args.bad_kinds.split(",") if kind.strip()]
@@ -930,7 +985,7 @@ def main() -> None:
             for line in fleet_part(work, args.targets, args.repeats):
                 print(line, flush=True)
         if args.part in ("bad-release", "all"):
-            for line in bad_release_part(work, kinds):
+            for line in bad_release_part(work, kinds, args.canary_traffic):
                 print(line, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
