@@ -30,6 +30,12 @@ def ssh(fleet: Fleet, host: Any, argv: list[str], timeout: float = 60, stdin: by
     return result
 
 
+def connect_ahead(fleet: Fleet, hosts: list[Any]) -> None:
+    """Log in to `hosts` now, for the commands an operation under remote.keep_connections()
+    runs there later (in a pause, where a login would add to it)."""
+    remote.connect_ahead(remote.targets_for(fleet, hosts), remote.settings_for(fleet))
+
+
 def ssh_ok(fleet: Fleet, host: Any, argv: list[str], what: str, timeout: float = 60, stdin: bytes | None = None) -> str:
     result = ssh(fleet, host, argv, timeout, stdin)
     if not result.ok:

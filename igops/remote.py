@@ -16,8 +16,9 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -294,20 +295,105 @@ def _known_host_keys(path: Path) -> KnownHosts:
         return _parsed_known_hosts[key]
 
 
+class KeptConnections:
+    """SSH connections kept open between commands, one per host, while an operation runs under
+    `keep_connections()`: a command then costs a channel on an open connection, not a login
+    (a handshake and a key exchange, some 40 ms of two processes' CPU). What a switchover runs
+    while writes are paused needs that."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[object, ...], SSHClient] = {}
+        self._opening: dict[tuple[object, ...], threading.Lock] = {}
+
+    @staticmethod
+    def _key(target: Target, settings: SshSettings) -> tuple[object, ...]:
+        return target.address, target.port, target.user, settings.known_hosts, settings.identity_file
+
+    def transport(self, target: Target, settings: SshSettings) -> Transport:
+        """An open, authenticated connection to `target` (opened now if there is none, or the
+        one kept died). Raises what connecting raises."""
+        key = self._key(target, settings)
+        with self._lock:
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:
+            client = self._clients.get(key)
+            transport = client.get_transport() if client is not None else None
+            if transport is not None and transport.is_active():
+                return transport
+            if client is not None:
+                client.close()
+            client = _client(target, settings)
+            try:
+                transport = _open(client, target, settings)
+            except BaseException:
+                client.close()
+                raise
+            self._clients[key] = client
+            return transport
+
+    def forget(self, target: Target, settings: SshSettings) -> None:
+        """Close the connection kept to `target` (a command on it failed: the next opens anew)."""
+        with self._lock:
+            client = self._clients.pop(self._key(target, settings), None)
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+
+# The connections kept by the innermost keep_connections() of this process: a process-wide
+# setting, not a context variable, because the commands run on pool threads (run(), and the
+# callers' own parallel maps) that would not see one.
+_kept: KeptConnections | None = None
+
+
+@contextmanager
+def keep_connections() -> Iterator[KeptConnections]:
+    """Keep one SSH connection per host open for every command run inside (nested: the outer
+    one's), and close them all at the end."""
+    global _kept
+    if _kept is not None:
+        yield _kept
+        return
+    kept = _kept = KeptConnections()
+    try:
+        yield kept
+    finally:
+        _kept = None
+        kept.close()
+
+
+def connect_ahead(targets: Sequence[Target], settings: SshSettings) -> None:
+    """Open the kept connections to `targets` now, before a pause, so that the commands run in
+    it do not log in. Without keep_connections() there is nothing to keep, and a host that
+    cannot be reached now is left for its command to report."""
+    kept = _kept
+    if kept is None or not targets:
+        return
+
+    def one(target: Target) -> None:
+        try:
+            kept.transport(target, settings)
+        except Exception:  # noqa: BLE001, S110 - the command that needs it reports why, with the hint
+            pass
+
+    with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="ssh-ahead") as pool:
+        list(pool.map(one, targets))
+
+
 def _run_one(target: Target, command: str, settings: SshSettings, timeout: float, stdin: bytes | None) -> HostResult:
+    kept = _kept
+    if kept is not None:
+        return _run_kept(kept, target, command, settings, timeout, stdin)
     started = time.monotonic()
 
     def finish(exit_code: int | None, out: bytes = b"", err: bytes = b"", error: str | None = None) -> HostResult:
-        return HostResult(
-            target.name,
-            target.address,
-            exit_code == 0 and error is None,
-            exit_code,
-            out.decode(errors="replace"),
-            err.decode(errors="replace"),
-            round((time.monotonic() - started) * 1000, 1),
-            error,
-        )
+        return _result(target, started, exit_code, out, err, error)
 
     try:
         client = _client(target, settings)
@@ -333,6 +419,66 @@ def _run_one(target: Target, command: str, settings: SshSettings, timeout: float
         # Also after a failed connect: paramiko leaves that transport's thread and socket open
         # until the client is closed.
         client.close()
+
+
+def _run_kept(
+    kept: KeptConnections, target: Target, command: str, settings: SshSettings, timeout: float, stdin: bytes | None
+) -> HostResult:
+    """_run_one on a kept connection: a channel on it, the connection left open. A kept
+    connection that no longer opens a channel (its host's sshd restarted) is replaced once."""
+    started = time.monotonic()
+    for attempt in (1, 2):
+        try:
+            transport = kept.transport(target, settings)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError | PermissionError):
+                error = f"cannot read {settings.known_hosts}: {exc.strerror or exc}"
+                return _result(target, started, None, error=error)
+            return _result(target, started, None, error=describe_connect_error(exc, target, settings))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
+            return _result(target, started, None, error=describe_connect_error(exc, target, settings))
+        try:
+            channel = transport.open_session(timeout=settings.connect_timeout)
+            break
+        except Exception as exc:  # noqa: BLE001
+            kept.forget(target, settings)
+            if attempt == 2:
+                return _result(target, started, None, error=f"SSH session failed: {exc}")
+    try:
+        try:
+            channel.exec_command(with_remote_deadline(command, timeout))
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            out, err, timed_out = _collect(channel, started + timeout)
+            if timed_out:
+                return _result(target, started, None, out, err, f"{TIMED_OUT} {timeout:g} s")
+            return _result(target, started, channel.recv_exit_status(), out, err)
+        finally:
+            channel.close()
+    except Exception as exc:  # noqa: BLE001
+        kept.forget(target, settings)
+        return _result(target, started, None, error=f"SSH session failed: {exc}")
+
+
+def _result(
+    target: Target,
+    started: float,
+    exit_code: int | None,
+    out: bytes = b"",
+    err: bytes = b"",
+    error: str | None = None,
+) -> HostResult:
+    return HostResult(
+        target.name,
+        target.address,
+        exit_code == 0 and error is None,
+        exit_code,
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+        round((time.monotonic() - started) * 1000, 1),
+        error,
+    )
 
 
 def _collect(channel: Channel, deadline: float) -> tuple[bytes, bytes, bool]:

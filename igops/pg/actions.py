@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from igops import remote
 from igops.bouncer_watchdog import PauseWatchdogs
 from igops.operations.steps import StepReport, execute
 from igops.output import Reporter
@@ -57,13 +58,16 @@ class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions,
 
 def apply_pg(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
     actions = PgActions(fleet)
-    reports = execute(
-        plan.actions,
-        actions,
-        reporter,
-        plan.failure_hint,
-        left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)),
-    )
+    # One SSH connection per member and PgBouncer host for the whole plan: the steps inside the
+    # write pause run over connections opened before it.
+    with remote.keep_connections():
+        reports = execute(
+            plan.actions,
+            actions,
+            reporter,
+            plan.failure_hint,
+            left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)),
+        )
     pause_ms = (
         (actions.resumed_at - actions.paused_at) * 1000
         if actions.paused_at is not None and actions.resumed_at is not None

@@ -41,7 +41,8 @@ def switchover_steps(
     if not stopped:
         steps.append(
             Step(
-                f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused",
+                f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused; log in over "
+                "SSH for that stop now",
                 "checkpoint",
                 (primary,),
             )

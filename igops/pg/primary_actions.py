@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from igops import postgres
 from igops.errors import IgopsError, first_line
-from igops.host_commands import failure_reason, read_file, ssh, ssh_ok
+from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
 from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr, repmgr_argv
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
@@ -57,7 +57,6 @@ def candidate_verdict(
     return f"{node} " + ("stopped by igops" if stopped else "is down") + f", {control}, fenced"
 
 
-
 # How often a promotion's end is looked for: a query on an open connection costs a fraction of a
 # millisecond, and each wasted interval is time the fleet's writes wait.
 PROMOTED_POLL_S = 0.005
@@ -74,6 +73,7 @@ def wait_promoted(cursor: Any, deadline: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(PROMOTED_POLL_S)
+
 
 class FencingActions:
     """Fencing and stopping the old primary, and starting it again (mixed into
@@ -270,6 +270,9 @@ class PromotionActions:
         def _host(self, name: str) -> Any: ...
 
     def checkpoint(self, node: str) -> None:
+        # The SSH connection its stop will use, opened now and kept (apply_pg): not a login
+        # while writes are paused.
+        connect_ahead(self.fleet, [self._host(node)])
         connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
         try:
             with connection.cursor() as cursor:

@@ -213,3 +213,31 @@ identity_file = "{keys.client_key}"
     result = run_igops("-c", str(config), "exec", "--yes", "--", "true")
     assert result.returncode == ExitCode.PARTIAL
     assert "2 of 3 hosts ok" in result.stdout and "connection refused" in result.stdout
+
+
+def test_kept_connections_log_in_once_per_host_and_replace_one_that_died(servers, monkeypatch):
+    _, keys = servers
+    logins = []
+    opened = remote._open
+
+    def counting(client, target, ssh_settings):
+        logins.append(target.address)
+        return opened(client, target, ssh_settings)
+
+    monkeypatch.setattr(remote, "_open", counting)
+    hosts = [target(a) for a in TRUSTED[:2]]
+    with remote.keep_connections() as kept:
+        remote.connect_ahead(hosts, settings(keys))
+        for _ in range(3):
+            results = remote.run(hosts, "echo $$", settings(keys))
+            assert all(r.ok for r in results), results
+        assert sorted(logins) == sorted(TRUSTED[:2]), "one login per host, made ahead"
+        # The connection to the first host dies (its sshd child is gone): the next command logs in again.
+        kept._clients[kept._key(hosts[0], settings(keys))].get_transport().sock.close()
+        [again] = remote.run(hosts[:1], "true", settings(keys))
+        assert again.ok and logins.count(TRUSTED[0]) == 2
+        with remote.keep_connections() as inner:
+            assert inner is kept, "a nested keep uses the outer one's connections"
+    assert not kept._clients, "every kept connection closed at the end"
+    remote.run(hosts[:1], "true", settings(keys))
+    assert logins.count(TRUSTED[0]) == 3, "outside, each command logs in"
