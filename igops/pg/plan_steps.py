@@ -43,7 +43,7 @@ def switchover_steps(
             Step(
                 f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused; log in over "
                 "SSH for that stop now",
-                "checkpoint",
+                "checkpoint_before_stop",
                 (primary,),
             )
         )
@@ -75,7 +75,11 @@ def switchover_steps(
     steps.append(
         Step(
             f"{primary}: fence it with standby.signal, "
-            + ("(stopped already) " if stopped else "clean stop (repmgr node service --action=stop), ")
+            + (
+                "(stopped already) "
+                if stopped
+                else "clean stop (repmgr node service --action=stop; on once its control file says shut down), "
+            )
             + "read where its WAL ends",
             "stop_and_fence",
             (primary,),
@@ -200,8 +204,9 @@ def rejoin_steps(node: str, primary: str, running: bool, archiving: bool = False
         steps.append(Step(f"{node}: stop (repmgr node service --action=stop)", "stop", (node,)))
     steps.append(
         Step(
-            f"{node}: remove timeline history files of timelines it never reached (an aborted "
-            "promotion leaves one, which the new primary's timeline of that number is not)",
+            f"{node}: wait until its postmaster is gone (a stop hands its last WAL segment to "
+            "archive_command after its shutdown checkpoint), remove timeline history files of timelines it "
+            "never reached (an aborted promotion leaves one, which the new primary's timeline of that number is not)",
             "remove_stale_history",
             (node,),
         )

@@ -94,21 +94,34 @@ class FencingActions:
         fleet = self.fleet
         host = self._host(node)
         data = data_directory(fleet, host)
+        # The stop runs on in the background, and this waits only until the control file says
+        # "shut down": the shutdown checkpoint is then the last WAL there is, and no client gets
+        # in. What the postmaster does after it (hand the segment it ended to archive_command,
+        # which pushes it to the repository, and pg_ctl's wait, looked at every 100 ms) is some
+        # 0.4 s that writes would otherwise stay paused for. The rejoin, after the RESUME, waits
+        # for the process to be gone (ensure_clean_shutdown), and so does an undo.
         script = (
-            'set -e; bin="$1"; data="$2"; shift 2; touch "$data/standby.signal"; '
-            'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then "$@"; fi; '
+            'set -e; bin="$1"; data="$2"; wait="$3"; shift 3; touch "$data/standby.signal"; '
+            'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
+            'log=$(mktemp); setsid "$@" </dev/null >"$log" 2>&1 & stop=$!; '
+            'while :; do state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
+            '[ "$state" = "shut down" ] && break; '
+            'kill -0 "$stop" 2>/dev/null || { wait "$stop" || { cat "$log" >&2; rm -f "$log"; exit 1; }; break; }; '
+            '[ "$wait" -le 0 ] && { echo "not shut down in time: $state" >&2; exit 1; }; '
+            'wait=$((wait - 1)); sleep 0.01; done; rm -f "$log"; fi; '
             '"$bin/pg_controldata" -D "$data"; echo "-- waldump"; '
             'at=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint location: *//p"); '
             'tli=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
             + postgres.WALDUMP_TO_END
         )
         stop = repmgr_argv(fleet, host, "node", "service", "--action=stop")
+        polls = str(int(STOP_TIMEOUT) * 100)  # of the control file, 10 ms apart
         output = ssh_ok(
             fleet,
             host,
-            as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data, *stop]),
+            as_postgres(fleet, ["sh", "-c", script, "sh", fleet.model.postgres.bin_dir, data, polls, *stop]),
             "clean stop",
-            timeout=STOP_TIMEOUT,
+            timeout=STOP_TIMEOUT + 5,
         )
         control_text, _, dump = output.partition("-- waldump")
         control = postgres.parse_controldata(control_text)
@@ -269,10 +282,13 @@ class PromotionActions:
 
         def _host(self, name: str) -> Any: ...
 
-    def checkpoint(self, node: str) -> None:
-        # The SSH connection its stop will use, opened now and kept (apply_pg): not a login
-        # while writes are paused.
+    def checkpoint_before_stop(self, node: str) -> None:
+        """A switchover's CHECKPOINT, and the SSH login its stop will use, made now and kept
+        (apply_pg): not a login while writes are paused."""
         connect_ahead(self.fleet, [self._host(node)])
+        self.checkpoint(node)
+
+    def checkpoint(self, node: str) -> None:
         connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
         try:
             with connection.cursor() as cursor:

@@ -13,7 +13,7 @@ from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg.cluster import lsn_text
 from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr
-from igops.pg.timeouts import REJOIN_TIMEOUT
+from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
 if TYPE_CHECKING:
@@ -107,9 +107,13 @@ class RejoinActions:
     # History files of timelines past the node's own (its last checkpoint's, or the one its
     # recovery reached): it never was on them, so they are leftovers, e.g. of a promotion that
     # died after it chose its new timeline. A standby takes the history of a timeline it does not
-    # have from its primary, so one of the same number made elsewhere must go.
+    # have from its primary, so one of the same number made elsewhere must go. First, a stop
+    # still under way (a switchover's, whose postmaster hands its last segment to
+    # archive_command after the shutdown checkpoint) is waited for, as long as a stop may take.
     _STALE_HISTORY = (
-        'set -e; bin="$1"; data="$2"; control=$("$bin/pg_controldata" -D "$data"); '
+        'set -e; bin="$1"; data="$2"; wait="$3"; while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+        '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
+        'wait=$((wait - 1)); sleep 0.1; done; control=$("$bin/pg_controldata" -D "$data"); '
         'own=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
         'reached=$(printf "%s\\n" "$control" | sed -n "s/^Min recovery ending loc.s timeline: *//p"); '
         '[ "${reached:-0}" -gt "$own" ] && own=$reached; '
@@ -127,9 +131,18 @@ class RejoinActions:
             host,
             as_postgres(
                 fleet,
-                ["sh", "-c", self._STALE_HISTORY, "sh", fleet.model.postgres.bin_dir, data_directory(fleet, host)],
+                [
+                    "sh",
+                    "-c",
+                    self._STALE_HISTORY,
+                    "sh",
+                    fleet.model.postgres.bin_dir,
+                    data_directory(fleet, host),
+                    str(int(STOP_TIMEOUT) * 10),
+                ],
             ),
             "removing stale timeline history files",
+            timeout=STOP_TIMEOUT + 30,
         )
         removed = output.split()
         return f"removed {', '.join(removed)}" if removed else "none"
