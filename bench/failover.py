@@ -16,9 +16,11 @@ holds the lab's test lock for the whole run and leaves db1 and redis1 as primary
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,6 +43,7 @@ LOCK = Path(os.environ.get("IGOPS_LAB_TEST_LOCK", "/tmp/igops-lab-tests.lock"))
 RATE, WRITE_RATIO, CONCURRENCY = 130, 0.85, 32
 ROUND_TRIPS = 2
 BETWEEN = 6.0  # seconds between the two switchovers of a round trip, and after the last
+STALL_GOAL_S = 0.3  # p99 of igops pg switchover's write stall
 IGOPS = [sys.executable, "-m", "igops"]
 
 
@@ -158,14 +161,26 @@ def touches_redis(record) -> bool:
     return record["op"] in ("signup", "post")
 
 
-def igops_pg(fleet):
+def igops_pg(fleet, pauses: list[float]):
+    """igops' switchover; `pauses` gets each one's PgBouncer write pause (its --json), in ms."""
+
     def switch(target: str) -> bool:
         done = igops(fleet, "pg", "switchover", "main", "--to", target)
         if done.returncode:
             print(f"  igops pg switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        else:
+            paused = (json.loads(done.stdout).get("data") or {}).get("write_pause_ms")
+            if paused is not None:
+                pauses.append(float(paused))
         return done.returncode == 0
 
     return switch
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile: of 10 values, p99 is the largest."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 def repmgr_pg(fleet):
@@ -248,33 +263,47 @@ def restore(fleet) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["all", "pg", "redis"], default="all")
+    parser.add_argument(
+        "--switchovers", type=int, default=ROUND_TRIPS * 2, help="per method (an even number: away and back)"
+    )
+    args = parser.parse_args()
+    if args.switchovers < 2 or args.switchovers % 2:
+        parser.error("--switchovers: an even number, at least 2")
     os.environ.update(aws.AWS_ENV)
     fleet = inventory.load_file(state.paths().inventory)
     work = Path(f"/tmp/igops-bench-failover-{os.getpid()}")
     work.mkdir()
-    trips = ["db2", "db1"] * ROUND_TRIPS
+    trips = ["db2", "db1"] * (args.switchovers // 2)
+    pauses: list[float] = []
+    outcomes = []
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         restore(fleet)
-        shards = main_shards(fleet)
-        outcomes = [under_load(fleet, work, "igops pg switchover", igops_pg(fleet), trips, touches_main(shards))]
-        restore(fleet)
-        outcomes.append(
-            under_load(fleet, work, "repmgr standby switchover", repmgr_pg(fleet), trips, touches_main(shards))
-        )
-        restore(fleet)
-        redis_trips = ["redis2", "redis1"] * ROUND_TRIPS
-        outcomes.append(
-            under_load(fleet, work, "igops redis switchover", igops_redis(fleet), redis_trips, touches_redis)
-        )
-        restore(fleet)
-        outcomes.append(
-            under_load(fleet, work, "REPLICAOF NO ONE + repoint", bare_redis(fleet), redis_trips, touches_redis)
-        )
-        restore(fleet)
+        if args.part in ("all", "pg"):
+            shards = main_shards(fleet)
+            outcomes.append(
+                under_load(fleet, work, "igops pg switchover", igops_pg(fleet, pauses), trips, touches_main(shards))
+            )
+            restore(fleet)
+            outcomes.append(
+                under_load(fleet, work, "repmgr standby switchover", repmgr_pg(fleet), trips, touches_main(shards))
+            )
+            restore(fleet)
+        if args.part in ("all", "redis"):
+            redis_trips = ["redis2", "redis1"] * (args.switchovers // 2)
+            outcomes.append(
+                under_load(fleet, work, "igops redis switchover", igops_redis(fleet), redis_trips, touches_redis)
+            )
+            restore(fleet)
+            outcomes.append(
+                under_load(fleet, work, "REPLICAOF NO ONE + repoint", bare_redis(fleet), redis_trips, touches_redis)
+            )
+            restore(fleet)
     print(
-        f"failover: {ROUND_TRIPS} round trips per method under {RATE} req/s ({WRITE_RATIO:.0%} writes) through the "
-        "load balancer"
+        f"failover: {args.switchovers} switchovers per method under {RATE} req/s ({WRITE_RATIO:.0%} writes) "
+        "through the load balancer"
     )
     print(
         f"{'method':<28} {'switchovers':>11} {'failed':>6} {'client errors':>13} {'lost writes':>11} "
@@ -285,7 +314,15 @@ def main() -> None:
             f"{outcome.method:<28} {outcome.switchovers:>11} {outcome.failed_switchovers:>6} {outcome.errors:>13} "
             f"{outcome.lost:>11} {outcome.stall_s:>12.2f}s {outcome.writes_per_s:>8.0f}"
         )
-    for ours, theirs in ((outcomes[0], outcomes[1]), (outcomes[2], outcomes[3])):
+    if pauses:
+        ours = outcomes[0]
+        print(
+            f"igops pg switchover, each one's stall (s): {', '.join(f'{x:.2f}' for x in ours.stalls_s)}; p50 "
+            f"{percentile(ours.stalls_s, 0.5):.2f} s, p99 {percentile(ours.stalls_s, 0.99):.2f} s (goal <= "
+            f"{STALL_GOAL_S} s: {'met' if percentile(ours.stalls_s, 0.99) <= STALL_GOAL_S else 'MISSED'}); "
+            f"PgBouncer's write pause (ms): p50 {percentile(pauses, 0.5):.0f}, max {max(pauses):.0f}"
+        )
+    for ours, theirs in zip(outcomes[::2], outcomes[1::2], strict=True):
         print(
             f"{theirs.method} vs {ours.method}: errors {theirs.errors} vs {ours.errors}, lost writes {theirs.lost} "
             f"vs {ours.lost}, stall {theirs.stall_s / max(ours.stall_s, 0.001):.1f}x longer"

@@ -33,6 +33,11 @@ pytestmark = pytest.mark.lab
 # Seconds of analysis: at the load below, about 700 requests reach the canary (one of three app
 # servers) in it, past [deploy.canary] min_requests with room to spare.
 WINDOW = 20
+# Errors are rare events: the canary (a third of the traffic) shows its 5% on the photo endpoint
+# as about 0.45 errors a second, and the per-endpoint Fisher test (alpha 0.01 over the endpoints
+# compared) needs about six with none on the baseline. In 20 s that is a Poisson mean of 9, and a
+# release missed about one run in eight; in 40 s the mean is 18 and a miss under one in 5,000.
+ERRORS_WINDOW = 40
 GOOD_RUNS = 5
 
 
@@ -121,7 +126,7 @@ def test_a_release_bad_where_health_does_not_look_is_rolled_back_after_the_canar
     before = releases()
     bad = patched(app_copy(tmp_path, f"bad-{kind}"), original, replacement)
     with ReadLoad(lab, tmp_path):
-        done, envelope = deploy(lab, bad)
+        done, envelope = deploy(lab, bad, "--analysis", str(ERRORS_WINDOW if kind == "errors" else WINDOW))
     assert done.returncode == ExitCode.FAILED, (done.returncode, done.stderr[-3000:])
     text = json.dumps(canary_of(envelope))
     assert '"verdict": "fail"' in text, text[-3000:]
