@@ -370,6 +370,17 @@ def pg_problems(fleet: Fleet, state: PgClusterState, writable: list[str], view: 
     primary_records = [node.name for node in view.repmgr if node.type == "primary" and node.active]
     if view.repmgr and state.primary and primary_records != [state.primary]:
         problem(f"repmgr records {', '.join(primary_records) or 'no'} primary, the primary is {state.primary}", finish)
+    misrecorded = [
+        node.name
+        for node in state.nodes
+        if state.primary
+        and node.streaming_from == state.primary
+        and node.repmgr is not None
+        and node.repmgr != f"standby of {state.primary}"
+    ]
+    if misrecorded:
+        # repmgr's own checks (and its switchover) then refuse to work on them.
+        problem(f"repmgr does not record {', '.join(misrecorded)} as the standby of {state.primary} it is", finish)
     if not writable and problems[0] in state.fixes:
         # With no primary, what makes one (a failover, or the switchover's finish or roll-back)
         # also repoints and resumes PgBouncer.

@@ -350,7 +350,20 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
             Step(f"{primary}: record it as the primary in repmgr's metadata", "register_primary", (primary,))
         )
     for node in state.nodes:
-        if node.name == primary or node.streaming_from == primary:
+        if node.name == primary:
+            continue
+        if node.streaming_from == primary:
+            # It follows the primary already; repmgr's record of it may still say otherwise (a
+            # member that was the primary, rejoined before its record was rewritten).
+            if node.repmgr != f"standby of {primary}":
+                plan.actions.append(
+                    Step(
+                        f"{node.name}: record it as a standby of {primary} in repmgr's metadata (repmgr "
+                        "standby register --force)",
+                        "register_standby",
+                        (node.name, primary),
+                    )
+                )
             continue
         if node.role == "unknown" and node.state == "host unreachable":
             plan.notes.append(f"{node.name}: host unreachable, rejoin it later (igops pg rejoin {node.name})")

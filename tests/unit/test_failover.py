@@ -401,7 +401,7 @@ def test_a_switchover_cut_short_after_its_stop_is_finished_from_the_stop(fleet):
     paused = {"pgb1": ["directory", "main"]}
     steps = plan_steps.switchover_steps(fleet, "db1", "db2", ["db3"], DATABASES_ON_MAIN, stopped=True, paused=paused)
     actions = [step.action for step in steps]
-    assert "checkpoint" not in actions[: actions.index("stop_and_fence")]  # db1 is down
+    assert not {"checkpoint", "checkpoint_before_stop"} & set(actions[: actions.index("stop_and_fence")])  # db1 is down
     assert "pause" not in actions  # PAUSE on a paused database is an error; they stay paused
     # ... with a watchdog of their own again before anything else acts (the interrupted run's is gone).
     watch = steps[actions.index("watch")]
@@ -830,3 +830,21 @@ def test_a_plan_refused_for_a_changed_state_says_what_changed():
     now = ((("db1", "primary", "running"), ("db2", "standby", "starting")), (("pgb1", (("main", "db1"),)),), ())
     assert what_changed(before, now) == "was [('db2', 'standby', 'running')], now [('db2', 'standby', 'starting')]"
     assert what_changed((), now) == "no earlier state to compare"
+
+
+def test_a_standby_repmgr_still_records_otherwise_is_a_problem_the_finish_registers(fleet):
+    """A former primary that follows the new one while repmgr's record still calls it primary:
+    repmgr's own checks refuse to work with it, so status says so and the finish registers it."""
+    nodes = [
+        failover.PgNode("db2", "10.0.0.22", "primary", "running", repmgr="primary", pgbouncer=["pgb1:main"]),
+        failover.PgNode("db1", "10.0.0.21", "standby", "running", streaming_from="db2", repmgr="primary (inactive)"),
+    ]
+    state = failover.PgClusterState("main", nodes, "db2", {"pgb1": {"main": "db2"}}, {})
+    problems = pg_cluster.pg_problems(fleet, state, ["db2"], view_with({}))
+    assert "repmgr does not record db1 as the standby of db2 it is" in problems
+    view = pg_cluster.PgView(fleet, "main", {}, {}, {}, [])
+    view.state = state
+    plan = pg_plans._plan_pg_finish(view, "db2")
+    assert ("register_standby", ("db1", "db2")) in [(step.action, step.args) for step in plan.actions]
+    nodes[1].repmgr = "standby of db2"
+    assert not [s for s in pg_plans._plan_pg_finish(view, "db2").actions if s.action == "register_standby"]
