@@ -169,7 +169,7 @@ def igops_pg(fleet, pauses: list[float]):
         if done.returncode:
             print(f"  igops pg switchover --to {target} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
         else:
-            paused = (json.loads(done.stdout).get("data") or {}).get("write_pause_ms")
+            paused = ((json.loads(done.stdout).get("data") or {}).get("result") or {}).get("write_pause_ms")
             if paused is not None:
                 pauses.append(float(paused))
         return done.returncode == 0
