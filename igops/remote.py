@@ -405,14 +405,7 @@ def _run_one(target: Target, command: str, settings: SshSettings, timeout: float
         except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
             return finish(None, error=describe_connect_error(exc, target, settings))
         channel = transport.open_session(timeout=settings.connect_timeout)
-        channel.exec_command(with_remote_deadline(command, timeout))
-        if stdin:
-            channel.sendall(stdin)
-        channel.shutdown_write()
-        out, err, timed_out = _collect(channel, started + timeout)
-        if timed_out:
-            return finish(None, out, err, f"{TIMED_OUT} {timeout:g} s")
-        return finish(channel.recv_exit_status(), out, err)
+        return _exec(channel, target, command, timeout, stdin, started)
     except Exception as exc:  # noqa: BLE001
         return finish(None, error=f"SSH session failed: {exc}")
     finally:
@@ -446,19 +439,26 @@ def _run_kept(
                 return _result(target, started, None, error=f"SSH session failed: {exc}")
     try:
         try:
-            channel.exec_command(with_remote_deadline(command, timeout))
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
-            out, err, timed_out = _collect(channel, started + timeout)
-            if timed_out:
-                return _result(target, started, None, out, err, f"{TIMED_OUT} {timeout:g} s")
-            return _result(target, started, channel.recv_exit_status(), out, err)
+            return _exec(channel, target, command, timeout, stdin, started)
         finally:
             channel.close()
     except Exception as exc:  # noqa: BLE001
         kept.forget(target, settings)
         return _result(target, started, None, error=f"SSH session failed: {exc}")
+
+
+def _exec(
+    channel: Channel, target: Target, command: str, timeout: float, stdin: bytes | None, started: float
+) -> HostResult:
+    """Run `command` on an open session channel under its deadline, and its result."""
+    channel.exec_command(with_remote_deadline(command, timeout))
+    if stdin:
+        channel.sendall(stdin)
+    channel.shutdown_write()
+    out, err, timed_out = _collect(channel, started + timeout)
+    if timed_out:
+        return _result(target, started, None, out, err, f"{TIMED_OUT} {timeout:g} s")
+    return _result(target, started, channel.recv_exit_status(), out, err)
 
 
 def _result(
