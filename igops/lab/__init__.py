@@ -318,9 +318,12 @@ def up(reporter: Reporter | None = None, repmgrd: bool | None = None) -> LabRepo
 
         init_shards(fleet, reporter)
         with reporter.step("app: virtualenv, releases, gunicorn on app1..app3") as step:
-            environment = venv.result()
+            environment, first_release = venv.result(), services.first_release_id()
             _start_all(
-                [services.gunicorn_daemon(paths, lab_host.name, environment, creds) for lab_host in with_role("app")],
+                [
+                    services.gunicorn_daemon(paths, lab_host.name, environment, creds, first_release)
+                    for lab_host in with_role("app")
+                ],
                 paths,
             )
             step.detail = f"venv {environment.name}"

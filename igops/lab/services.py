@@ -336,17 +336,23 @@ def _source_digest(source: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def ensure_release(paths: Paths, name: str, venv: Path) -> Path:
+def first_release_id() -> str:
+    """The id of the release `lab up` makes on app hosts that have none: one id for all of them,
+    as one deploy would give them. (Taken host by host, the ids straddled a second now and then,
+    and a canary analysis then found no app server on the canary's release to compare with.)"""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime())
+
+
+def ensure_release(paths: Paths, name: str, venv: Path, release_id: str) -> Path:
     """The Capistrano layout: releases/<id>, an atomically switched `current`, shared/.
-    A first release is made from the app's source only when `current` does not exist yet.
-    Each release links `venv` to shared/venvs/<requirements hash>, as igops deploys do."""
+    A first release, `release_id`, is made from the app's source only when `current` does not
+    exist yet. Each release links `venv` to shared/venvs/<requirements hash>, as igops deploys do."""
     root = paths.app_root(name)
     current = root / "current"
     for directory in (root / "releases", root / "shared" / "log", root / "shared" / "venvs"):
         directory.mkdir(parents=True, exist_ok=True)
     if current.exists():
         return _link_venv(paths, root, current.resolve(), venv)
-    release_id = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     release = root / "releases" / release_id
     shutil.rmtree(release, ignore_errors=True)
     shutil.copytree(
@@ -373,11 +379,12 @@ def _link_venv(paths: Paths, root: Path, release: Path, venv: Path) -> Path:
     return release
 
 
-def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credentials) -> proc.Daemon:
+def gunicorn_daemon(paths: Paths, name: str, venv: Path, credentials: Credentials, release_id: str) -> proc.Daemon:
+    """App host `name`'s gunicorn, on its current release (`release_id` when it has none yet)."""
     lab_host = host(name)
     root = paths.app_root(name)
     shared = root / "shared"
-    ensure_release(paths, name, venv)
+    ensure_release(paths, name, venv, release_id)
     password_file = shared / "app-pg-password"
     files.write_file(password_file, credentials.app_password + "\n", mode=0o600, owner=APP_USER)
     pgbouncer = with_role("pgbouncer")[0]

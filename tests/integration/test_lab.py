@@ -316,6 +316,14 @@ def test_a_load_run_ends_when_its_caller_says_stop(lab, tmp_path):
     assert report.duration_s < 30 and report.writes_acked > 0 and not report.interrupted
 
 
+def test_every_app_host_starts_on_one_release(lab):
+    """As one deploy would leave them: a canary analysis compares the canary with the app
+    servers still on the canary's release, and finds none when the first ids differ."""
+    paths = state.paths()
+    currents = {name: (paths.app_root(name) / "current").resolve().name for name in ("app1", "app2", "app3")}
+    assert len(set(currents.values())) == 1, currents
+
+
 def test_lab_up_again_changes_nothing(lab):
     """Also while munin-node serves a connection: the child it forks for it holds the
     listening socket under another name, and is still the lab's own."""
