@@ -536,3 +536,21 @@ def test_a_paused_database_is_warning_and_critical_once_seen_paused_past_the_lim
     assert text.startswith("PAUSED: main (seen paused for 0 s); CRITICAL after 60 s") and "RESUME" in text
     state, text = paused_finding({"main": 1000.0, "directory": 1050.0}, 1060.0, 60)
     assert state == NagiosStatus.CRITICAL and "directory (seen paused for 10 s), main (seen paused for 60 s)" in text
+
+
+def test_the_latency_mean_waits_for_enough_requests(tmp_path, monkeypatch):
+    """A mean over a handful of requests (one that waited on a frozen replica) says nothing of the
+    app: unknown, and the baseline stays, so the next fetch's mean covers them and those after."""
+    from importlib.machinery import SourceFileLoader
+    from importlib.util import module_from_spec, spec_from_loader
+
+    loader = SourceFileLoader("igops_munin_plugin", str(PLUGIN))
+    plugin = module_from_spec(spec_from_loader(loader.name, loader))
+    loader.exec_module(plugin)
+    monkeypatch.setenv("MUNIN_STATEFILE", str(tmp_path / "state"))
+    assert plugin.latency_ms({"requests": 100, "request_seconds_total": 1.0}) is None  # no baseline yet
+    assert plugin.latency_ms({"requests": 102, "request_seconds_total": 4.0}) is None  # 2 requests: 1.5 s each
+    assert plugin.latency_ms({"requests": 130, "request_seconds_total": 4.6}) == pytest.approx(120.0)
+    assert plugin.latency_ms({"requests": 180, "request_seconds_total": 5.6}) == pytest.approx(20.0)
+    monkeypatch.setenv("latency_min_requests", "1")
+    assert plugin.latency_ms({"requests": 181, "request_seconds_total": 6.6}) == pytest.approx(1000.0)
