@@ -22,6 +22,7 @@ from igops.checks import Perf, Probe, Report, Result
 from igops.errors import NagiosStatus
 
 if TYPE_CHECKING:
+    from igops.checks.probe_context import Context
     from igops.inventory import Fleet
     from igops.pg.archive_status import ArchiverStats
 
@@ -131,22 +132,22 @@ def archive_probes(fleet: Fleet) -> list[Probe]:
     return [_probe(fleet, cluster) for cluster in fleet.model.postgres.clusters]
 
 
-def drill_probes(fleet: Fleet) -> list[Probe]:
+def drill_probes(context: Context) -> list[Probe]:
     """One probe for every cluster's drills when the fleet archives WAL (nothing to drill without)."""
-    return [] if fleet.model.archive is None else [_drill_probe(fleet)]
+    return [] if context.fleet.model.archive is None else [_drill_probe(context)]
 
 
-def _drill_probe(fleet: Fleet) -> Probe:
+def _drill_probe(context: Context) -> Probe:
+    fleet = context.fleet
     clusters = list(fleet.model.postgres.clusters)
 
     def run(report: Report) -> None:
-        from igops import operations_view, snapshot
-        from igops.ebs import Ebs
+        from igops import operations_view
 
         thresholds = fleet.model.check
         try:
             records = operations_view.list_operations(fleet, include_ended=True).records
-            groups = snapshot.groups(Ebs(fleet))
+            groups = context.snapshot_groups()
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             for cluster in clusters:
                 report(

@@ -96,11 +96,11 @@ def probes(
     if "munin" in enabled:
         found += [munin_probe(context, host) for host in hosts if "munin" in host.roles]
     if "snapshot" in enabled:
-        found += snapshot_checks.snapshot_probes(fleet, hosts)
+        found += snapshot_checks.snapshot_probes(context)
     if "archive" in enabled and (not roles or "postgres" in roles):
         found += archive_probes(fleet)
     if "drill" in enabled and (not roles or "postgres" in roles):
-        found += drill_probes(fleet)
+        found += drill_probes(context)
     if "pingdom" in enabled and (not roles or "lb" in roles):
         found += pingdom_probes(context)
     if "operations" in enabled and not roles:

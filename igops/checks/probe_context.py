@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from igops.inventory import Fleet
     from igops.inventory_model import Host, PostgresCluster
+    from igops.snapshot import SnapshotGroup
 
 PROBE_TIMEOUT = 5.0
 
@@ -32,6 +33,8 @@ class Context:
     samples: munin_checks.Samples | None
     _views: dict[str, dict[str, MemberView]] = field(default_factory=dict, init=False, repr=False)
     _views_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _groups: list[SnapshotGroup] | Exception | None = field(default=None, init=False, repr=False)
+    _groups_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def probe_timeout(self) -> float:
@@ -40,6 +43,23 @@ class Context:
     @cached_property
     def secrets(self) -> Secrets:
         return Secrets(self.fleet.model.secrets.file)
+
+    def snapshot_groups(self) -> list[SnapshotGroup]:
+        """Every snapshot group, listed once per run (one EC2 client, one listing): the snapshot
+        and the drill checks both judge them. A failure to list raises in both."""
+        with self._groups_lock:
+            if self._groups is None:
+                from igops import snapshot
+                from igops.ebs import Ebs
+
+                try:
+                    self._groups = snapshot.groups(Ebs(self.fleet))
+                except Exception as exc:  # noqa: BLE001 - each probe reports it as UNKNOWN
+                    self._groups = exc
+            found = self._groups
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def postgres_views(self, cluster_name: str) -> dict[str, MemberView]:
         """Each member of a cluster as it sees itself, asked once per run: the Postgres and

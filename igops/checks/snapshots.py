@@ -20,8 +20,8 @@ from igops.checks import Perf, Probe, Report, Result, level, worst
 from igops.errors import NagiosStatus
 
 if TYPE_CHECKING:
-    from igops.inventory import Fleet
-    from igops.inventory_model import Check, Host
+    from igops.checks.probe_context import Context
+    from igops.inventory_model import Check
     from igops.snapshot import SnapshotGroup
     from igops.snapshot_policy import DataSet
 
@@ -99,22 +99,21 @@ def age_words(hours: float) -> str:
     return f"{hours / 24:.1f} days"
 
 
-def snapshot_probes(fleet: Fleet, hosts: list[Host]) -> list[Probe]:
-    """One probe listing the groups once and judging every set with a member among `hosts`."""
+def snapshot_probes(context: Context) -> list[Probe]:
+    """One probe judging every set with a member among the hosts checked, from the run's one
+    listing of the groups."""
     from igops import snapshot_policy
 
-    selected = {host.name for host in hosts}
+    fleet = context.fleet
+    selected = {host.name for host in context.hosts}
     sets = [data_set for data_set in snapshot_policy.data_sets(fleet) if selected & set(data_set.members)]
     if not sets:
         return []
 
     def run(report: Report) -> None:
-        from igops import snapshot
-        from igops.ebs import Ebs
-
         started = time.monotonic()
         try:
-            groups = snapshot.groups(Ebs(fleet))
+            groups = context.snapshot_groups()
         except Exception as exc:  # noqa: BLE001 - any failure to list is UNKNOWN, not a crash
             text = str(exc).strip().splitlines()
             for data_set in sets:
