@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class PgPlan:
-    operation: str  # 'switchover', 'failover', 'rejoin'
+    operation: str  # 'switchover', 'failover', 'rejoin', 'rebuild'
     cluster: str
     title: str
     old_primary: str | None
@@ -53,6 +53,7 @@ class PgPlan:
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = ""
     signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
+    group: str | None = None  # a rebuild's: the snapshot group it rebuilds from
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -377,6 +378,15 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
             f"nothing to do: {primary} is the primary of {view.cluster}, PgBouncer routes to it "
             "and every member follows it",
         )
+    else:
+        # A run killed after it reserved WAL on its candidate for the old primary's rejoin, and
+        # rolled back, leaves that slot on a standby, named for the primary: nothing streams
+        # through it, it holds WAL back, and repmgr's node check then refuses switchovers.
+        plan.actions += [
+            drop_rejoin_reservation_step(node.name, primary)
+            for node in state.nodes
+            if node.name != primary and node.state == "running"
+        ]
     plan.actions = with_repmgrd_paused(
         plan.actions, on=primary, members=(primary, *(node.name for node in state.nodes if node.name != primary))
     )
