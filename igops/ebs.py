@@ -122,6 +122,16 @@ class Ebs:
         ]
         return found
 
+    def volume(self, volume_id: str) -> dict[str, Any] | None:
+        """One volume, or None if EC2 has none by that id."""
+        try:
+            found: list[dict[str, Any]] = self._ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+        except Exception as exc:  # noqa: BLE001 - botocore's exception tree is wide
+            if "NotFound" in str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")):
+                return None
+            raise self._error("DescribeVolumes", exc) from None
+        return found[0] if found else None
+
     # --- writing ----------------------------------------------------------------------------
     def create_snapshots(self, instance_id: str, description: str, tags: dict[str, str]) -> dict[str, str]:
         """One multi-volume call for every data volume of the instance: volume id -> snapshot id."""
@@ -346,7 +356,8 @@ class ImageStore:
             backing = _loop_backing_file(device)
         except IgopsError:
             return
-        if Path(backing) == self.volume_image(volume_id):
+        # A volume's image may be a link (the lab's own volumes): the loop names the file itself.
+        if Path(backing).resolve() == self.volume_image(volume_id).resolve():
             _run(["losetup", "-d", device])
 
     def attach(self, volume_id: str) -> str:

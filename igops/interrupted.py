@@ -45,6 +45,8 @@ RERUN = {
     "snapshot-create": "igops snapshot create {host}",
     # Its plan is made from what each member has, so a rerun does only what is left.
     "pg-archive-setup": "igops pg archive setup {cluster}",
+    # Its plan is made from what the host has: mounts already rebuilt from the group stay.
+    "pg-rebuild": "igops snapshot restore {group} --onto {node} --in-place",
 }
 
 

@@ -102,6 +102,9 @@ class Snapshot(SnapshotPolicy):
     # role -> command run on the host before the freeze (e.g. a Postgres CHECKPOINT)
     pre_freeze: dict[str, str] = Field(default_factory=dict)
     restore_root: str = "/mnt/igops-restore"
+    # The hosts' fstab ({host} per host): an in-place rebuild points a mount's entry at the
+    # filesystem that replaced it, so that the host mounts it after a reboot too.
+    fstab: str = "/etc/fstab"
     # A group still `taking` (or `failed`) this long after it began was left by a killed or
     # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
     stale_after_minutes: float = Field(default=60.0, gt=0)

@@ -19,6 +19,7 @@ from igops import remote, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 from igops.pg import archive
+from igops.pg.rebuild_actions import TAG_REBUILDS
 from igops.restore_scripts import (
     PostgresStart,
     host_script,
@@ -294,14 +295,18 @@ def refuse_a_primary(fleet: Fleet, host_name: str) -> None:
 
 
 def restored_volumes(ebs: Ebs, group_id: str, host: Host) -> list[dict[str, Any]]:
-    """The volumes a restore of this group made for this host (tagged so, or attached to it)."""
+    """The volumes a restore of this group made for this host (tagged so, or attached to it);
+    never those an in-place rebuild made, which are the host's own now."""
     from igops.ebs import tags_of
 
     return [
         volume
         for volume in ebs.volumes({TAG_GROUP: group_id})
-        if tags_of(volume).get(TAG_RESTORED_TO) == host.name
-        or any(item.get("InstanceId") == host.instance_id for item in volume.get("Attachments") or [])
+        if TAG_REBUILDS not in tags_of(volume)
+        and (
+            tags_of(volume).get(TAG_RESTORED_TO) == host.name
+            or any(item.get("InstanceId") == host.instance_id for item in volume.get("Attachments") or [])
+        )
     ]
 
 

@@ -105,7 +105,7 @@ def show_state(out: Output, state: PgClusterState) -> None:
         out.text(f"  ! {problem}" + (f"\n      to resolve: {fix}" if fix else ""))
 
 
-def _run(
+def run_pg_plan(
     out: Output,
     fleet: Fleet,
     plan: PgPlan,
@@ -115,6 +115,8 @@ def _run(
     params: dict[str, Any],
 ) -> None:
     def summary(result: PgResult) -> str:
+        if plan.operation == "rebuild":
+            return f"done: {plan.title[0].lower()}{plan.title[1:]}"
         text = f"{plan.operation} done: {result.new_primary} is the primary of {result.cluster}"
         if result.write_pause_ms is not None:
             text += f"; writes were held {result.write_pause_ms:.0f} ms"
@@ -196,7 +198,7 @@ def switchover(
             f"read cluster {cluster}'s state and check {to}",
             lambda: failover.plan_pg_switchover(fleet, cluster, to, accept_risk),
         )
-        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
+        run_pg_plan(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
 @app.command("failover")
@@ -223,7 +225,7 @@ def failover_command(
             f"confirm cluster {cluster}'s primary is down and choose a standby",
             lambda: failover.plan_pg_failover(fleet, cluster, to, accept_risk),
         )
-        _run(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
+        run_pg_plan(out, fleet, plan, before, dry_run, yes, {"cluster": cluster, "to": to, "accept_risk": accept_risk})
 
 
 @app.command("rejoin")
@@ -248,4 +250,4 @@ def rejoin(
         plan, before = _planned(
             out, f"read the state of {node}'s cluster", lambda: failover.plan_pg_rejoin(fleet, node, accept_risk)
         )
-        _run(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})
+        run_pg_plan(out, fleet, plan, before, dry_run, yes, {"node": node, "accept_risk": accept_risk})

@@ -4,6 +4,8 @@ igops.commands.snapshot."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import typer
 
 from igops import restore as restoring, restore_target
@@ -12,6 +14,10 @@ from igops.ebs import Ebs
 from igops.errors import UsageError
 from igops.operations import conflicts
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
+    from igops.output import Output
 
 
 def restore(
@@ -44,6 +50,12 @@ def restore(
         metavar="HOST",
         help="Once it runs, warm the copy's page cache like this member's (igops warm copy).",
     ),
+    in_place: bool = typer.Option(
+        False,
+        "--in-place",
+        help="Rebuild the standby --onto names from the group: its volumes swapped for the group's at the same "
+        "mounts (the old ones kept, detached), then a standby of the primary again. Needs --yes.",
+    ),
     cleanup: bool = typer.Option(
         False, "--cleanup", help="Take the restore away: stop its Postgres, unmount, detach and delete its volumes."
     ),
@@ -62,6 +74,9 @@ def restore(
                 f"name the host to restore onto with --onto {to_time}",
             )
         fleet.host(onto)
+        if in_place:
+            _rebuild(ctx, out, fleet, source, onto, dry_run, yes, given=[to_time, lsn, at, warm_from, cleanup])
+            return
         ebs = Ebs(fleet)
         if cleanup:
             undo = restoring.plan_cleanup(fleet, ebs, source, onto)
@@ -120,3 +135,32 @@ def restore(
         if result.postgres:
             out.log(f"Postgres is running on the restored data: {result.postgres['psql']}")
         out.finish(result)
+
+
+def _rebuild(
+    ctx: typer.Context, out: Output, fleet: Fleet, source: str, onto: str, dry_run: bool, yes: bool, given: list[Any]
+) -> None:
+    """--in-place: a Postgres plan (igops.restore_in_place), run as `igops pg` runs its own."""
+    from igops import restore_in_place
+    from igops.commands.pg import run_pg_plan, show_state
+    from igops.commands.role_change_flow import planned
+
+    if any(given):
+        raise UsageError(
+            "--in-place rebuilds a standby to follow its primary: it takes no --to, --lsn, --at, --warm-from or "
+            "--cleanup",
+            f"igops snapshot restore {source} --onto {onto} --in-place --yes",
+        )
+    if not yes and not dry_run:
+        raise UsageError(
+            f"--in-place replaces {onto}'s data volumes: it runs only with --yes",
+            f"see the plan with --dry-run, then: igops snapshot restore {source} --onto {onto} --in-place --yes",
+        )
+    ebs = Ebs(fleet)
+    plan, before = planned(
+        out,
+        f"read the state of {onto}'s cluster and mounts",
+        lambda: restore_in_place.plan_rebuild(fleet, ebs, source, onto),
+        show_state,
+    )
+    run_pg_plan(out, fleet, plan, before, dry_run, yes, {"group": plan.group, "node": onto})

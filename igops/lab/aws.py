@@ -71,6 +71,33 @@ def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in items or []}
 
 
+def _current_volume(candidates: list[dict[str, Any]], instance_id: str, device: str) -> dict[str, Any] | None:
+    """Of the volumes that were ever a host's disk at one mount point, the one it has now: the
+    one attached where the mounted loop device is, else one not replaced by another."""
+
+    def attached_here(volume: dict[str, Any]) -> bool:
+        return any(
+            item["InstanceId"] == instance_id and item["Device"] == device for item in volume.get("Attachments") or []
+        )
+
+    for choose in (attached_here, lambda volume: "igops:replaced-by" not in _tags(volume.get("Tags"))):
+        chosen = [volume for volume in candidates if choose(volume)]
+        if chosen:
+            return chosen[0]
+    return None
+
+
+def _link_image(wanted: VolumeState, volume_id: str) -> None:
+    """igops' image store (the inventory's [aws] volume_images) finds a volume's contents as
+    restored/<volume id>.img: for the lab's own volumes, a link to the image the host mounts."""
+    link = Path(wanted.image).parents[1] / "restored" / f"{volume_id}.img"
+    if link == Path(wanted.image) or (link.is_symlink() and link.resolve() == Path(wanted.image).resolve()):
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(wanted.image)
+
+
 def build(volumes: list[VolumeState]) -> AwsState:
     ec2 = client("ec2")
     state = AwsState()
@@ -98,15 +125,20 @@ def build(volumes: list[VolumeState]) -> AwsState:
             existing[lab_host.name] = reply["Instances"][0]["InstanceId"]
         state.instances[lab_host.name] = existing[lab_host.name]
 
-    known = {}
-    # igops:purpose marks the lab's own volumes; restored ones carry igops:mount too.
-    for volume in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["igops:purpose"]}])["Volumes"]:
+    known: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    # igops:purpose marks the lab's own volumes (and one swapped in for them, which took their
+    # tags); igops:rebuilds one being swapped in. Restored copies carry igops:mount too.
+    for volume in ec2.describe_volumes()["Volumes"]:
         volume_tags = _tags(volume.get("Tags"))
-        known[(volume_tags["igops:host"], volume_tags["igops:mount"])] = volume
+        host = volume_tags.get("igops:rebuilds") or (
+            volume_tags.get("igops:host") if "igops:purpose" in volume_tags else None
+        )
+        if host and "igops:mount" in volume_tags:
+            known.setdefault((host, volume_tags["igops:mount"]), []).append(volume)
     for wanted in volumes:
         key = (wanted.host, wanted.mount_point)
         instance_id = state.instances[wanted.host]
-        volume = known.get(key)
+        volume = _current_volume(known.get(key, []), instance_id, wanted.device)
         if volume is None:
             tags = [
                 {"Key": "Name", "Value": f"{wanted.host}-{wanted.purpose}"},
@@ -127,6 +159,7 @@ def build(volumes: list[VolumeState]) -> AwsState:
                 ec2.detach_volume(VolumeId=volume["VolumeId"], InstanceId=attached_to, Device=device, Force=True)
             ec2.attach_volume(VolumeId=volume["VolumeId"], InstanceId=instance_id, Device=wanted.device)
         state.volumes[key] = volume["VolumeId"]
+        _link_image(wanted, volume["VolumeId"])
 
     s3 = client("s3")
     existing_buckets = {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}

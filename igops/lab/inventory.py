@@ -94,6 +94,7 @@ def render(
             {
                 "freeze_deadline": 10,
                 "restore_root": paths.root / "restore",
+                "fstab": _templated(paths.fstab("db1"), "db1"),
                 "schedule": "every 1d at 00:00",
                 "keep_daily": 7,
                 "keep_weekly": 4,
@@ -255,8 +256,9 @@ def render(
                 {
                     "path": volume.mount_point,
                     "purpose": volume.purpose,
+                    # No volumes list: igops finds each mount's volume from the EC2 attachment at
+                    # this device, as it does on hosts whose volumes change (an in-place rebuild).
                     "device": volume.device,
-                    "volumes": [aws.volumes[(volume.host, volume.mount_point)]],
                 },
                 array=True,
             )

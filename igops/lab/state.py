@@ -170,6 +170,10 @@ class Paths:
     def host_dir(self, host_name: str) -> Path:
         return self.root / "hosts" / host_name
 
+    def fstab(self, host_name: str) -> Path:
+        """The host's /etc/fstab: what it would mount at boot (`lab up` writes its volumes' entries)."""
+        return self.host_dir(host_name) / "etc" / "fstab"
+
     def mount_point(self, host_name: str, purpose: str) -> Path:
         return self.host_dir(host_name) / purpose
 

@@ -141,10 +141,16 @@ def build(paths: Paths) -> list[VolumeState]:
     (paths.store_mount / "volumes").mkdir(exist_ok=True)
     pending = []
     states = []
+    remember_swapped(paths)
     for host_name, purpose in volumes:
         image = paths.volume_image(host_name, purpose)
         mount_point = paths.mount_point(host_name, purpose)
         mount_point.mkdir(parents=True, exist_ok=True)
+        swapped = _swapped_image(paths, host_name, purpose)
+        if swapped is not None:
+            device = _mounted_from(mount_point) or _attach(swapped, direct_io=True)
+            states.append(VolumeState(host_name, purpose, str(mount_point), device, str(swapped)))
+            continue
         fresh = not _ready_marker(image).exists()
         if fresh:
             _unmount_and_detach(mount_point, image)
@@ -161,7 +167,67 @@ def build(paths: Paths) -> list[VolumeState]:
         _mount(state.device, Path(state.mount_point), ["noatime"])
         if Path(state.image).stat().st_size < size:
             _grow(state, size)
+    _write_fstabs(paths, states)
     return states
+
+
+def _write_fstabs(paths: Paths, states: list[VolumeState]) -> None:
+    """Each host's fstab names its volumes by UUID, as on EC2; an entry already there stays (an
+    in-place rebuild points it at the filesystem swapped in)."""
+    for state in states:
+        fstab = paths.fstab(state.host)
+        fstab.parent.mkdir(parents=True, exist_ok=True)
+        lines = fstab.read_text().splitlines() if fstab.exists() else []
+        if any(line.split()[1:2] == [state.mount_point] for line in lines if not line.startswith("#")):
+            continue
+        uuid = proc.run(["blkid", "-o", "value", "-s", "UUID", state.device]).stdout.strip()
+        lines.append(f"UUID={uuid}\t{state.mount_point}\txfs\tnoatime\t0\t2")
+        fstab.write_text("\n".join(lines) + "\n")
+
+
+# A volume swapped in for a host's own (`igops snapshot restore --in-place`, through the adapter's
+# image store) is that host's disk from then on, as on EC2: which image it is stays recorded next to
+# the host's own image, so that a `lab up` after `lab down` mounts it again.
+
+
+def _swap_record(paths: Paths, host_name: str, purpose: str) -> Path:
+    image = paths.volume_image(host_name, purpose)
+    return image.with_name(image.name + ".swapped")
+
+
+def remember_swapped(paths: Paths) -> None:
+    """Record, for each host volume mounted from another image than the host's own, that image."""
+    for host in HOSTS:
+        for purpose in host.volumes:
+            device = _mounted_from(paths.mount_point(host.name, purpose))
+            if device is None:
+                continue
+            backing = _backing_file(device)
+            own = paths.volume_image(host.name, purpose)
+            if backing and Path(backing).resolve() != own.resolve() and Path(backing).exists():
+                _swap_record(paths, host.name, purpose).write_text(str(Path(backing).resolve()) + "\n")
+            elif backing:
+                _swap_record(paths, host.name, purpose).unlink(missing_ok=True)
+
+
+def _swapped_image(paths: Paths, host_name: str, purpose: str) -> Path | None:
+    record = _swap_record(paths, host_name, purpose)
+    if not record.exists():
+        return None
+    image = Path(record.read_text().strip())
+    return image if image.exists() else None
+
+
+def _mounted_from(mount_point: Path) -> str | None:
+    found = [mount.source for mount in mounts_under(mount_point.parent) if mount.path == mount_point]
+    return found[0] if found else None
+
+
+def _backing_file(device: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
 
 
 def _grow(state: VolumeState, size: int) -> None:
@@ -241,6 +307,8 @@ def teardown(root: Path) -> list[str]:
     first, which frees the image store. Problems are returned, not raised, so that one busy
     mount does not stop the rest."""
     thaw_all(root)
+    if Paths(root).store_mount.is_dir():
+        remember_swapped(Paths(root))
     for attempt in range(4):
         for mount in mounts_under(root):
             proc.run(["umount", str(mount.path)], check=False)

@@ -33,6 +33,7 @@ KINDS: dict[str, Kind] = {
         Kind("pg-switchover", "pg CLUSTER", 300),
         Kind("pg-failover", "pg CLUSTER", 300),
         Kind("pg-rejoin", "pg CLUSTER", 900),
+        Kind("pg-rebuild", "pg CLUSTER", 3600),
         Kind("pg-archive-setup", "pg CLUSTER", 900),
         Kind("redis-switchover", "redis", 120),
         Kind("redis-failover", "redis", 120),

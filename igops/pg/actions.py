@@ -1,5 +1,6 @@
 """Applying a Postgres plan: `PgActions`, the actions its steps name, composed of one mixin per
-concern (PgBouncer, the old and new primary, standbys, repmgrd), and `apply_pg`.
+concern (PgBouncer, the old and new primary, standbys, repmgrd, a standby's rebuild from a
+snapshot group), and `apply_pg`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from igops.pg.bouncer_actions import BouncerActions
 from igops.pg.cluster import cluster_of, describe_left_behind, pg_status
 from igops.pg.plans import PgPlan
 from igops.pg.primary_actions import FencingActions, PromotionActions
+from igops.pg.rebuild_actions import RebuildActions
 from igops.pg.repmgrd import RepmgrdActions
 from igops.pg.standby_actions import RejoinActions, WalRetentionActions
 
@@ -33,7 +35,9 @@ class PgResult:
     steps: list[StepReport]
 
 
-class PgActions(BouncerActions, FencingActions, PromotionActions, RejoinActions, WalRetentionActions, RepmgrdActions):
+class PgActions(
+    BouncerActions, FencingActions, PromotionActions, RejoinActions, WalRetentionActions, RepmgrdActions, RebuildActions
+):
     """The actions a Postgres plan's steps name, with what they learn along the way."""
 
     def __init__(self, fleet: Fleet):

@@ -220,7 +220,11 @@ def test_moto_holds_each_postgres_mounts_volumes(lab):
     for host in lab.with_role("postgres"):
         assert {mount.purpose for mount in host.mounts} == {"data", "wal"}
         for mount in host.mounts:
-            volumes = ec2.describe_volumes(VolumeIds=mount.volumes)["Volumes"]
+            filters = [
+                {"Name": "attachment.instance-id", "Values": [host.instance_id]},
+                {"Name": "attachment.device", "Values": [mount.device]},
+            ]
+            volumes = ec2.describe_volumes(Filters=filters)["Volumes"]
             assert len(volumes) == 1
             attachment = volumes[0]["Attachments"][0]
             assert (attachment["InstanceId"], attachment["Device"]) == (host.instance_id, mount.device)

@@ -202,11 +202,7 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
     ec2 = Ebs(lab)._ec2
     standby = lab.host(standby_of_main(lab))
     wal = next(m for m in standby.mounts if m.purpose == "wal")
-    wal_volume = (
-        next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device)
-        if wal.device
-        else wal.volumes[0]
-    )
+    wal_volume = next(a.volume_id for a in Ebs(lab).instance_volumes(standby.instance_id) if a.device == wal.device)
     # A spare volume on the instance means the mounts are not all of its data volumes: igops
     # then makes one CreateSnapshot call per volume, in parallel, and one of them will fail.
     spare = ec2.create_volume(Size=1, AvailabilityZone=Ebs(lab).availability_zone(standby.instance_id))["VolumeId"]
@@ -489,8 +485,10 @@ def test_a_failed_restore_takes_away_what_it_made(lab, tmp_path):
 
 def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, tmp_path):
     standby = lab.host(standby_of_main(lab))
-    volume_id = standby.mounts[0].volumes[0]
     ebs = Ebs(lab)
+    volume_id = next(
+        a.volume_id for a in ebs.instance_volumes(standby.instance_id) if a.device == standby.mounts[0].device
+    )
     made = [
         ebs._ec2.create_snapshot(VolumeId=volume_id, Description="pending-limit probe")["SnapshotId"] for _ in range(5)
     ]

@@ -1,0 +1,333 @@
+"""The steps that rebuild a standby in place from a snapshot group (`igops snapshot restore
+--in-place`, planned by igops.restore_in_place): its volumes out, volumes made from the group in
+at the same mount points, its data made a standby's again, started and following the primary.
+The volumes taken out are kept, detached and tagged, for whoever decides to delete them; until
+the volumes made take over their tags, an abort puts them back.
+
+Every step finds what it works on from tags (the group, the host, the mount), so that a resume or
+an abort needs nothing but the journaled arguments.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from igops import postgres
+from igops.errors import IgopsError
+from igops.host_commands import ssh_ok
+from igops.pg import archive
+from igops.pg.cluster import cluster_of
+from igops.pg.hostcmd import bin_path, data_directory, repmgr
+from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
+from igops.restore_scripts import host_script, mount_script
+from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
+
+if TYPE_CHECKING:
+    from igops.ebs import Ebs
+    from igops.inventory import Fleet
+
+TAG_REBUILDS = "igops:rebuilds"  # on a volume made for an in-place rebuild: the host it rebuilds
+TAG_REPLACED_BY = "igops:replaced-by"  # on a volume taken out: the group whose volume replaced it
+TAG_REPLACED_ON = "igops:replaced-on"  # ... and the host:mount it was taken out of
+TAG_REPLACED_AT = "igops:replaced-at"
+# Tags a volume made for a rebuild keeps of its own when it takes over the old one's.
+_OWN_TAGS = (TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_FSTYPE)
+
+
+def made_for(ebs: Ebs, group_id: str, node: str, mount: str) -> list[dict[str, Any]]:
+    """The volumes an in-place rebuild of `node` made from `group_id` for `mount`."""
+    from igops.ebs import tags_of
+
+    return [
+        volume
+        for volume in ebs.volumes({TAG_GROUP: group_id, TAG_REBUILDS: node})
+        if tags_of(volume).get(TAG_MOUNT) == mount
+    ]
+
+
+# Unmount only what is mounted there; a mount that stays busy fails the step and names its users.
+_UNMOUNT = (
+    'mount="$1"; mountpoint -q "$mount" || exit 0; umount "$mount" && exit 0; '
+    'echo "$mount is busy" >&2; ! command -v fuser >/dev/null || fuser -vm "$mount" 2>&1 | tail -n 5 >&2; exit 1'
+)
+
+# fstab's entry for the mount point (its other fields kept) names the filesystem now there by
+# UUID; a host with no entry for it is left alone (it mounts it some other way).
+_FSTAB = (
+    'set -e; fstab="$1"; mount="$2"; device="$3"; [ -f "$fstab" ] || exit 0; '
+    'uuid=$(blkid -o value -s UUID "$device"); [ -n "$uuid" ] || { echo "no UUID on $device" >&2; exit 1; }; '
+    'awk -v m="$mount" -v u="UUID=$uuid" \'BEGIN{OFS="\\t"} !/^[ \\t]*#/ && $2 == m {$1 = u; found=1} {print} '
+    'END{exit !found}\' "$fstab" > "$fstab.igops" && mv "$fstab.igops" "$fstab" && echo "UUID=$uuid" '
+    '|| { rm -f "$fstab.igops"; echo "no entry"; }'
+)
+
+
+# How long a rebuilt standby may take to stream on its own before repmgr is asked to point it.
+FOLLOW_GRACE_S = 10.0
+
+
+class RebuildActions:
+    """Rebuilding a standby from a group (mixed into igops.pg.actions.PgActions: `fleet` and
+    `_host` are PgActions')."""
+
+    fleet: Fleet
+
+    if TYPE_CHECKING:  # PgActions' own (RejoinActions')
+
+        def _host(self, name: str) -> Any: ...
+
+        def follow(self, node: str, primary: str) -> None: ...
+
+    _ebs_client: Ebs | None = None
+
+    def _ebs(self) -> Ebs:
+        if self._ebs_client is None:
+            from igops.ebs import Ebs
+
+            self._ebs_client = Ebs(self.fleet)
+        return self._ebs_client
+
+    def wait_stopped(self, node: str) -> str:
+        host = self._host(node)
+        wait = int(STOP_TIMEOUT * 10)
+        script = (
+            f"bin={shlex.quote(bin_path(self.fleet, ''))}; data={shlex.quote(data_directory(self.fleet, host))}; "
+            f'wait={wait}; while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+            '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
+            "wait=$((wait - 1)); sleep 0.1; done"
+        )
+        host_script(self.fleet, host, script, "waiting for Postgres to stop", timeout=STOP_TIMEOUT + 30)
+        return "stopped"
+
+    def swap_out(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
+        host = self._host(node)
+        host_script(self.fleet, host, _sh(_UNMOUNT, mount), f"unmounting {mount}")
+        ebs = self._ebs()
+        ebs.detach(volume_id)
+        ebs.tag(
+            [volume_id],
+            {
+                TAG_REPLACED_BY: group_id,
+                TAG_REPLACED_ON: f"{node}:{mount}",
+                TAG_REPLACED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        return f"{volume_id} detached, kept"
+
+    def swap_back(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
+        host = self._host(node)
+        ebs = self._ebs()
+        attached = [a.volume_id for a in ebs.instance_volumes(host.instance_id)]
+        if volume_id not in attached:
+            device = ebs.attach(volume_id, host.instance_id)
+            fstype = _fstype(find_group(ebs, group_id), mount)
+            host_script(self.fleet, host, mount_script([device], mount, fstype, mount), f"mounting {mount}")
+        ebs.untag([volume_id], [TAG_REPLACED_BY, TAG_REPLACED_ON, TAG_REPLACED_AT])
+        return f"{volume_id} back at {mount}"
+
+    def volume_from_group(self, node: str, mount: str, snapshot_id: str, group_id: str) -> str:
+        host = self._host(node)
+        ebs = self._ebs()
+        made = made_for(ebs, group_id, node, mount)
+        if made:  # an earlier run of this step made it: attach that one
+            volume_id = made[0]["VolumeId"]
+        else:
+            group = find_group(ebs, group_id)
+            volume_id = ebs.create_volume(
+                snapshot_id,
+                ebs.availability_zone(host.instance_id),
+                {
+                    TAG_GROUP: group_id,
+                    TAG_MOUNT: mount,
+                    TAG_HOST: group.host,
+                    TAG_FSTYPE: _fstype(group, mount),
+                    TAG_REBUILDS: node,
+                    "Name": f"{node} {mount} from {group_id}",
+                },
+            )
+        if not made or not made[0].get("Attachments"):
+            device = ebs.attach(volume_id, host.instance_id)
+            return f"{volume_id} at {device}"
+        return f"{volume_id}, attached already"
+
+    def discard_rebuilt(self, node: str, mount: str, snapshot_id: str, group_id: str) -> str:
+        host = self._host(node)
+        ebs = self._ebs()
+        made = made_for(ebs, group_id, node, mount)
+        if not made:
+            return "none was made"
+        if self._mounted_volume(node, mount) in {volume["VolumeId"] for volume in made}:
+            host_script(self.fleet, host, _sh(_UNMOUNT, mount), f"unmounting {mount}")
+        for volume in made:
+            ebs.detach(volume["VolumeId"])
+            ebs.delete_volume(volume["VolumeId"])
+        return "deleted " + ", ".join(volume["VolumeId"] for volume in made)
+
+    def mount_rebuilt(self, node: str, mount: str, snapshot_id: str, group_id: str) -> str:
+        from igops.ebs import tags_of
+
+        host = self._host(node)
+        made = made_for(self._ebs(), group_id, node, mount)
+        attachments = [a for volume in made for a in volume.get("Attachments") or []]
+        if not attachments:
+            raise IgopsError(f"no volume made from {snapshot_id} is attached to {node}", "run the rebuild again")
+        device = attachments[0]["Device"]
+        fstype = tags_of(made[0]).get(TAG_FSTYPE, "xfs")
+        if self._mounted_volume(node, mount) != made[0]["VolumeId"]:
+            host_script(self.fleet, host, mount_script([device], mount, fstype, mount), f"mounting {mount}")
+        fstab = self.fleet.path_for(self.fleet.model.snapshot.fstab, host)
+        entry = _run(self.fleet, host, _sh(_FSTAB, fstab, mount, device), f"pointing {fstab} at {mount}") or "no entry"
+        return f"{device} at {mount}; {fstab}: " + (f"{mount} is {entry}" if entry != "no entry" else "no entry for it")
+
+    def prepare_rebuilt(self, node: str, group_id: str) -> str:
+        """The data a standby's again: no postmaster.pid or recovery.signal, standby.signal (it can
+        never start as a primary), and restore_command from the archive (the WAL since the group
+        may be gone from the primary). The group froze every mount at one instant, so its copy is
+        what a crash of that member would have left: it starts as a standby from its last
+        restartpoint, as after a crash, with no backup_label (which a second start would misread)."""
+        host = self._host(node)
+        group = find_group(self._ebs(), group_id)
+        data = data_directory(self.fleet, host)
+        user = self.fleet.model.postgres.os_user
+        cluster = group.wal.cluster if group.wal else cluster_of(self.fleet, node)
+        lines = [
+            "set -e",
+            f"data={shlex.quote(data)}",
+            'rm -f "$data/postmaster.pid" "$data/recovery.signal"',
+            ': > "$data/standby.signal"',
+        ]
+        done = ["standby.signal"]
+        if cluster and self.fleet.model.archive is not None:
+            setting = f"restore_command = {_conf_literal(archive.restore_command(self.fleet, cluster, host))}"
+            lines += [
+                'auto="$data/postgresql.auto.conf"; touch "$auto"',
+                'grep -v \'^restore_command\' "$auto" > "$auto.igops" || true',
+                f'printf "%s\\n" {shlex.quote(setting)} >> "$auto.igops"; mv "$auto.igops" "$auto"',
+            ]
+            done.append("restore_command")
+        written = " ".join(f'"$data/{name}"' for name in ("standby.signal", "postgresql.auto.conf"))
+        lines.append(f'for f in {written}; do [ ! -e "$f" ] || chown {shlex.quote(user)} "$f"; done')
+        host_script(self.fleet, host, "\n".join(lines), "preparing the data directory")
+        return ", ".join(done)
+
+    def start_standby(self, node: str) -> str:
+        host = self._host(node)
+        ssh_ok(
+            self.fleet,
+            host,
+            repmgr(self.fleet, host, "node", "service", "--action=start"),
+            "start",
+            timeout=REJOIN_TIMEOUT,
+        )
+        # repmgr's follow needs it to answer: a standby answers once replay has made it consistent
+        # (the group's backup_label: from its checkpoint to where the backup ended).
+        deadline = time.monotonic() + REJOIN_TIMEOUT
+        while True:
+            try:
+                postgres.connect(self.fleet, host).close()
+                return "started, answering"
+            except postgres.Unavailable as exc:
+                if time.monotonic() > deadline:
+                    raise IgopsError(
+                        f"{node} does not answer {REJOIN_TIMEOUT:g} s after its start: {exc}",
+                        f"see {node}'s Postgres log",
+                    ) from None
+            time.sleep(0.5)
+
+    def stop_rebuilt(self, node: str) -> str:
+        """Stop it and wait until its postmaster is gone (the volumes under it can go then)."""
+        host = self._host(node)
+        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "node", "service", "--action=stop"), "stop", timeout=90)
+        return self.wait_stopped(node)
+
+    def follow_primary(self, node: str, primary: str) -> str:
+        """Its primary_conninfo may name the primary already (a group of this member, taken while
+        it followed the same one): then it streams on its own, through its replication slot, and
+        repmgr's follow would find that slot active and refuse. Else repmgr points it there."""
+        deadline = time.monotonic() + FOLLOW_GRACE_S
+        while time.monotonic() < deadline:
+            if self._streams_from(node, primary):
+                return f"streams from {primary} already"
+            time.sleep(0.5)
+        self.follow(node, primary)
+        return f"follows {primary} (repmgr standby follow)"
+
+    def _streams_from(self, node: str, primary: str) -> bool:
+        try:
+            connection = postgres.connect(self.fleet, self._host(primary))
+        except postgres.Unavailable:
+            return False
+        try:
+            replicas = postgres.server_state(connection).replicas
+        finally:
+            connection.close()
+        address = str(self._host(node).address)
+        return any(r.state == "streaming" and (r.name == node or r.address == address) for r in replicas)
+
+    def adopt_tags(self, node: str, mount: str, old_volume: str, group_id: str) -> str:
+        from igops.ebs import tags_of
+
+        ebs = self._ebs()
+        made = made_for(ebs, group_id, node, mount)
+        if not made:
+            raise IgopsError(f"no volume made from {group_id} for {node}:{mount}", "see igops ops show")
+        old = ebs.volume(old_volume) or {}
+        inherited = {
+            key: value
+            for key, value in tags_of(old).items()
+            if key not in _OWN_TAGS and key not in (TAG_REPLACED_BY, TAG_REPLACED_ON, TAG_REPLACED_AT, TAG_REBUILDS)
+        }
+        volume_id = made[0]["VolumeId"]
+        if inherited:
+            ebs.tag([volume_id], inherited)
+        name = tags_of(old).get("Name", old_volume)
+        if old and not name.endswith("(replaced)"):
+            ebs.tag([old_volume], {"Name": f"{name} (replaced)"})
+        return f"{volume_id} has {old_volume}'s tags"
+
+    def _mounted_volume(self, node: str, mount: str) -> str | None:
+        return mounted_volumes(self.fleet, self._ebs(), self._host(node), [mount]).get(mount)
+
+
+def mounted_volumes(fleet: Fleet, ebs: Ebs, host: Any, mounts: list[str]) -> dict[str, str]:
+    """mount -> the EBS volume mounted there on the host now, for those of `mounts` that are
+    mount points."""
+    from igops.snapshot_volumes import discover, map_volumes
+
+    script = 'for m in "$@"; do mountpoint -q "$m" && printf "%s\\n" "$m"; done; true'
+    mounted = _run(fleet, host, _sh(script, *mounts), "looking at mounts").splitlines()
+    if not mounted:
+        return {}
+    targets = map_volumes(host, discover(fleet, host, mounted), ebs.instance_volumes(host.instance_id))
+    return {target.mount: target.volume_id for target in targets}
+
+
+def _sh(script: str, *args: str) -> str:
+    return f"sh -c {shlex.quote(script)} sh " + " ".join(shlex.quote(arg) for arg in args)
+
+
+def _run(fleet: Fleet, host: Any, script: str, what: str) -> str:
+    """What the script printed on the host (stripped)."""
+    from igops import remote
+
+    [target] = remote.targets_for(fleet, [host])
+    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=120)
+    if not done.ok:
+        raise IgopsError(f"{what} on {host.name} failed: {done.stderr.strip()[-300:] or done.error}", "see its logs")
+    return done.stdout.strip()
+
+
+def _fstype(group: SnapshotGroup, mount: str) -> str:
+    """The filesystem the group's snapshot of `mount` holds (its volume's before it, too)."""
+    from igops.ebs import tags_of
+
+    found = [tags_of(s).get(TAG_FSTYPE, "xfs") for s in group.snapshots if tags_of(s).get(TAG_MOUNT) == mount]
+    return found[0] if found else "xfs"
+
+
+def _conf_literal(value: str) -> str:
+    """A string in postgresql.conf's syntax: quoted, with quotes doubled and backslashes escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"

@@ -1,0 +1,135 @@
+"""`igops snapshot restore GROUP --onto STANDBY --in-place` under the app's load (docs/pitr.md):
+the standby main's db2 is rebuilt from its own group, taken while writes went on.
+
+- Refused without --yes, onto the primary, and with a target: nothing changes.
+- Killed as it mounts the new volume, then aborted: the old volumes are back at their mounts,
+  the volumes made are gone, and db2 streams from the primary again.
+- Run to the end: db2's mounts are volumes made from the group, the old ones are kept detached
+  and tagged, its fstab names the new filesystems, it streams from the primary, holds what the
+  primary holds once replay catches up, and `lab up` keeps it so. No acknowledged write is lost.
+"""
+
+import subprocess
+
+import pytest
+
+from igops.errors import ExitCode
+from igops.lab import state
+from tests.labtools import igops, postgres, verify_lab_ledger, wait_for
+from tests.reliability.test_failover import Load, lab_up, pg_state, restore_home
+from tests.reliability.test_operations_killed import killed_at
+
+pytestmark = pytest.mark.lab
+
+STANDBY = "db2"
+PURPOSES = ("data", "wal")
+
+
+def mounted(lab) -> dict[str, str]:
+    from igops.ebs import Ebs
+    from igops.pg.rebuild_actions import mounted_volumes
+
+    mounts = [str(state.paths().mount_point(STANDBY, purpose)) for purpose in PURPOSES]
+    return mounted_volumes(lab, Ebs(lab), lab.host(STANDBY), mounts)
+
+
+def volume_tags(lab, volume_id: str) -> dict[str, str]:
+    from igops.ebs import Ebs, tags_of
+
+    volume = Ebs(lab).volume(volume_id)
+    assert volume is not None, volume_id
+    return tags_of(volume) | {"state": volume["State"]}
+
+
+def streams(lab) -> bool:
+    nodes = {node["name"]: node for node in pg_state(lab, "main")["nodes"]}
+    return nodes[STANDBY]["streaming_from"] == "db1"
+
+
+def photo_counts(lab, node: str) -> list[int]:
+    connection = postgres(lab, node, "instagram")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT string_agg(format('SELECT count(*) FROM %I.photos', nspname), ' UNION ALL ' ORDER BY nspname) "
+                "FROM pg_namespace WHERE nspname LIKE 'insta%'"
+            )
+            cursor.execute(cursor.fetchone()[0])
+            return [row[0] for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def caught_up(lab) -> bool:
+    primary, standby = postgres(lab, "db1"), postgres(lab, STANDBY)
+    try:
+        with primary.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_lsn()")
+            target = cursor.fetchone()[0]
+        with standby.cursor() as cursor:
+            cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))
+            return bool(cursor.fetchone()[0])
+    finally:
+        primary.close()
+        standby.close()
+
+
+@pytest.mark.timeout(1200)
+def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volumes_back(lab, tmp_path):
+    restore_home(lab)
+    before = mounted(lab)
+    assert len(before) == 2, before
+    with Load(lab, tmp_path) as load:
+        created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
+        assert created.returncode == 0, created.stderr[-3000:]
+        group = envelope["data"]["group_id"]
+        rebuild = ["snapshot", "restore", group, "--onto", STANDBY, "--in-place"]
+
+        refused, _ = igops(lab, *rebuild)
+        assert refused.returncode == ExitCode.USAGE and "--yes" in refused.stderr, refused.stderr
+        refused, _ = igops(lab, "snapshot", "restore", group, "--onto", "db1", "--in-place", "--yes")
+        assert refused.returncode != 0 and "runs the primary of main" in refused.stderr, refused.stderr
+        refused, _ = igops(lab, *rebuild, "--to", "2026-01-01 00:00:00", "--yes")
+        assert refused.returncode == ExitCode.USAGE, refused.stderr
+        planned, envelope = igops(lab, *rebuild, "--dry-run")
+        assert planned.returncode == 0, planned.stderr[-3000:]
+        titles = envelope["data"]["plan"]["steps"]
+        assert mounted(lab) == before, "refusals and the dry run changed nothing"
+
+        # Killed as it mounts the first new volume, then aborted: everything as before.
+        step = next(number for number, title in enumerate(titles, 1) if ": mount it at" in title)
+        assert killed_at(lab, rebuild, step) is not None
+        listed, envelope = igops(lab, "ops", "list")
+        [interrupted] = [r for r in envelope["data"]["records"] if r["kind"] == "pg-rebuild"]
+        aborted, _ = igops(lab, "ops", "abort", interrupted["id"], "--yes", timeout=600)
+        assert aborted.returncode == 0, aborted.stderr[-3000:]
+        assert mounted(lab) == before, "the old volumes are back"
+        assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+
+        # The rebuild, to the end.
+        done, envelope = igops(lab, *rebuild, "--yes", "--reason", "disk errors on db2", timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        print("\n" + "\n".join(line for line in done.stderr.splitlines() if line.startswith(("[", "    ok"))))
+        after = mounted(lab)
+        assert set(after) == set(before) and not set(after.values()) & set(before.values()), (before, after)
+        for mount, volume_id in after.items():
+            tags = volume_tags(lab, volume_id)
+            assert tags["igops:group"] == group and tags["igops:rebuilds"] == STANDBY, tags
+            assert tags.get("igops:purpose"), f"the new volume took the old one's tags: {tags}"
+            old = volume_tags(lab, before[mount])
+            assert old["state"] == "available" and old["igops:replaced-by"] == group, old
+        fstab = state.paths().fstab(STANDBY).read_text()
+        for mount in after:
+            source = subprocess.run(["findmnt", "-no", "SOURCE", mount], capture_output=True, text=True).stdout.strip()
+            uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True)
+            assert f"UUID={uuid.stdout.strip()}\t{mount}\t" in fstab, fstab
+        assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+    assert wait_for(lambda: caught_up(lab), timeout=120, interval=1)
+    assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
+    assert pg_state(lab, "main")["problems"] == []
+    result = verify_lab_ledger(load.ledger)
+    assert result.ok, result.missing_writes[:5]
+
+    lab_up()
+    assert mounted(lab) == after, "lab up keeps the volumes swapped in"
+    assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
