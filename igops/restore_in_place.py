@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from igops import snapshot_wal
 from igops.errors import RefusedError, UsageError
 from igops.operations.steps import Step
+from igops.output import plural
 from igops.pg.cluster import PgClusterState, cluster_members, pg_view
 from igops.pg.plan_steps import with_repmgrd_paused
 from igops.pg.plans import PgPlan, signed
@@ -58,7 +59,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
     if len(writable) != 1:
         raise Refused(
             state,
-            f"refused: cluster {cluster} has {len(writable)} members accepting writes",
+            f"refused: cluster {cluster} has {plural(len(writable), 'member')} accepting writes",
             "a standby is rebuilt for a cluster with exactly one primary: see `igops pg status`",
         )
     primary = writable[0]
