@@ -251,8 +251,13 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
     )
     # Debian's munin-node has no option for its plugin directories, so each node gets its own
     # mount namespace with this host's directories bound over the system ones. Slave
-    # propagation lets the lab's unmounts reach the namespace.
+    # propagation lets the lab's unmounts reach the namespace only where the root mount is
+    # shared; where it is private (containers), the namespace's copies of the lab's volume mounts
+    # would keep each filesystem mounted after the lab unmounts it (an in-place rebuild swapping
+    # a volume), and its loop device attached. munin reads none of them: they go, deepest first.
     script = (
+        'for m in $(awk -v top="$4/" \'index($5, top) == 1 {print $5}\' /proc/self/mountinfo | sort -r); do '
+        'umount -l "$m"; done; '
         'mount --bind "$1" /etc/munin/plugins && mount --bind "$2" /etc/munin/plugin-conf.d '
         '&& exec /usr/sbin/munin-node --config "$3" --foreground'
     )
@@ -269,6 +274,7 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
         str(plugins),
         str(plugin_conf),
         str(config),
+        str(paths.root),
     )
     files.write_file(
         directory / "restart",
