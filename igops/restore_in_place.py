@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from igops import snapshot_wal
 from igops.errors import RefusedError, UsageError
 from igops.operations.steps import Step
-from igops.output import plural
 from igops.pg.cluster import PgClusterState, cluster_members, pg_view
+from igops.pg.failover_plans import sole_primary
 from igops.pg.plan_steps import with_repmgrd_paused
 from igops.pg.plans import PgPlan, signed
 from igops.pg.rebuild_actions import TAG_REPLACED_BY, TAG_REPLACED_ON, made_for, mounted_volumes
@@ -55,14 +55,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         )
     if member.state == "host unreachable":
         raise Refused(state, f"refused: {node} does not answer over SSH", "a rebuild in place needs the host")
-    writable = view.writable()
-    if len(writable) != 1:
-        raise Refused(
-            state,
-            f"refused: cluster {cluster} has {plural(len(writable), 'member')} accepting writes",
-            "a standby is rebuilt for a cluster with exactly one primary: see `igops pg status`",
-        )
-    primary = writable[0]
+    primary = sole_primary(view, node, "a standby is rebuilt in")
     group = _group(ebs, source, cluster, fleet, node)
     host = fleet.host(node)
     mounts: dict[str, str] = {}  # mount -> the group's snapshot of it

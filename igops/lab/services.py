@@ -256,7 +256,7 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
     # would keep each filesystem mounted after the lab unmounts it (an in-place rebuild swapping
     # a volume), and its loop device attached. munin reads none of them: they go, deepest first.
     script = (
-        'for m in $(awk -v top="$4/" \'index($5, top) == 1 {print $5}\' /proc/self/mountinfo | sort -r); do '
+        "for m in $(awk -v top=\"$4/\" 'index($5, top) == 1 {print $5}' /proc/self/mountinfo | sort -r); do "
         'umount -l "$m"; done; '
         'mount --bind "$1" /etc/munin/plugins && mount --bind "$2" /etc/munin/plugin-conf.d '
         '&& exec /usr/sbin/munin-node --config "$3" --foreground'

@@ -272,6 +272,19 @@ def _presumed_primary(view: PgView) -> str | None:
     return candidates[0]
 
 
+def sole_primary(view: PgView, node: str, what: str) -> str:
+    """The one member besides `node` that accepts writes; refused when there are none or several
+    (`what` needs exactly one, e.g. "a node rejoins")."""
+    writable = [name for name in view.writable() if name != node]
+    if len(writable) != 1:
+        raise Refused(
+            view.state,
+            f"refused: cluster {view.cluster} has {plural(len(writable), 'primary', 'primaries')} besides {node}",
+            f"{what} a cluster with exactly one primary: see `igops pg status`",
+        )
+    return writable[0]
+
+
 def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     cluster = cluster_of(fleet, node)
     view = pg_view(fleet, cluster)
@@ -286,14 +299,7 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
             "to it: it is the live primary",
             f"to make it a standby, switch over first (igops pg switchover {cluster} --to NODE)",
         )
-    writable = [name for name in view.writable() if name != node]
-    if len(writable) != 1:
-        raise Refused(
-            state,
-            f"refused: cluster {cluster} has {plural(len(writable), 'primary', 'primaries')} besides {node}",
-            "a node rejoins a cluster with exactly one primary: see `igops pg status`",
-        )
-    primary = writable[0]
+    primary = sole_primary(view, node, "a node rejoins")
     plan = PgPlan(
         "rejoin",
         cluster,
