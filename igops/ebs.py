@@ -328,7 +328,7 @@ class ImageStore:
         (self.root / "snapshots").mkdir(parents=True, exist_ok=True)
 
         def copy(volume_id: str) -> None:
-            image = _loop_backing_file(devices[volume_id])
+            image = _lab_image(devices[volume_id])
             _run(["cp", "--reflink=always", image, str(self.snapshot_image(made[volume_id]))])
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -352,12 +352,9 @@ class ImageStore:
 
     def detach(self, device: str, volume_id: str) -> None:
         """Release the loop device, if it is still the one over this volume's image."""
-        try:
-            backing = _loop_backing_file(device)
-        except IgopsError:
-            return
+        backing = loop_backing_file(device)
         # A volume's image may be a link (the lab's own volumes): the loop names the file itself.
-        if Path(backing).resolve() == self.volume_image(volume_id).resolve():
+        if backing is not None and Path(backing).resolve() == self.volume_image(volume_id).resolve():
             _run(["losetup", "-d", device])
 
     def attach(self, volume_id: str) -> str:
@@ -368,12 +365,19 @@ class ImageStore:
         ).strip()
 
 
-def _loop_backing_file(device: str) -> str:
-    name = device.rsplit("/", 1)[-1]
+def loop_backing_file(device: str) -> str | None:
+    """The file a loop device reads and writes, or None if `device` is no attached loop device."""
     try:
-        return Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
     except OSError:
-        raise IgopsError(f"{device} is not a lab loop device", "run `igops lab up`") from None
+        return None
+
+
+def _lab_image(device: str) -> str:
+    image = loop_backing_file(device)
+    if image is None:
+        raise IgopsError(f"{device} is not a lab loop device", "run `igops lab up`")
+    return image
 
 
 def _run(argv: list[str]) -> str:

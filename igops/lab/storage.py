@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from igops.ebs import loop_backing_file
 from igops.lab import proc
 from igops.lab.state import HOSTS, STORE_SIZE, Paths, volume_size
 
@@ -202,7 +203,7 @@ def remember_swapped(paths: Paths) -> None:
             device = _mounted_from(paths.mount_point(host.name, purpose))
             if device is None:
                 continue
-            backing = _backing_file(device)
+            backing = loop_backing_file(device)
             own = paths.volume_image(host.name, purpose)
             if backing and Path(backing).resolve() != own.resolve() and Path(backing).exists():
                 _swap_record(paths, host.name, purpose).write_text(str(Path(backing).resolve()) + "\n")
@@ -221,13 +222,6 @@ def _swapped_image(paths: Paths, host_name: str, purpose: str) -> Path | None:
 def _mounted_from(mount_point: Path) -> str | None:
     found = [mount.source for mount in mounts_under(mount_point.parent) if mount.path == mount_point]
     return found[0] if found else None
-
-
-def _backing_file(device: str) -> str | None:
-    try:
-        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
 
 
 def _grow(state: VolumeState, size: int) -> None:
