@@ -79,13 +79,15 @@ def postgres_start(fleet: Fleet, group_id: str, source_host: str, restored: dict
 
 def host_script(
     fleet: Fleet, host: Host, script: str, what: str, timeout: float = 300, stdin: bytes | None = None
-) -> None:
+) -> str:
+    """What `script` printed on the host (stripped); RemoteError, saying `what` failed, if it did."""
     [target] = remote.targets_for(fleet, [host])
     [done] = remote.run([target], script, remote.settings_for(fleet), timeout=timeout, stdin=stdin)
     if not done.ok:
         raise RemoteError(
             f"{what} on {host.name} failed: {done.error or done.stderr.strip()[-300:] or 'exit ' + str(done.exit_code)}"
         )
+    return done.stdout.strip()
 
 
 def mount_script(devices: list[str], path: str, fstype: str, array_name: str) -> str:

@@ -35,6 +35,14 @@ def repmgr(fleet: Fleet, host: Any, *args: str) -> list[str]:
     return as_postgres(fleet, repmgr_argv(fleet, host, *args))
 
 
+# Shell: wait, with "$bin" the bin_dir, "$data" the data directory and "$wait" tenths of a
+# second, until no postmaster runs on the data directory (pg_ctl status); exit 1 if one still does.
+WAIT_STOPPED = (
+    'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+    '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
+    "wait=$((wait - 1)); sleep 0.1; done"
+)
+
 _WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 

@@ -20,7 +20,7 @@ from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg import archive
 from igops.pg.cluster import cluster_of
-from igops.pg.hostcmd import bin_path, data_directory, repmgr
+from igops.pg.hostcmd import WAIT_STOPPED, data_directory, repmgr
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.restore_scripts import host_script, mount_script
 from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
@@ -81,6 +81,8 @@ class RebuildActions:
 
         def follow(self, node: str, primary: str) -> None: ...
 
+        def streaming_replica(self, node: str, primary: str) -> postgres.Replica | None: ...
+
     _ebs_client: Ebs | None = None
 
     def _ebs(self) -> Ebs:
@@ -92,12 +94,11 @@ class RebuildActions:
 
     def wait_stopped(self, node: str) -> str:
         host = self._host(node)
-        wait = int(STOP_TIMEOUT * 10)
-        script = (
-            f"bin={shlex.quote(bin_path(self.fleet, ''))}; data={shlex.quote(data_directory(self.fleet, host))}; "
-            f'wait={wait}; while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
-            '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
-            "wait=$((wait - 1)); sleep 0.1; done"
+        script = _sh(
+            'bin="$1"; data="$2"; wait="$3"; ' + WAIT_STOPPED,
+            self.fleet.model.postgres.bin_dir,
+            data_directory(self.fleet, host),
+            str(int(STOP_TIMEOUT * 10)),
         )
         host_script(self.fleet, host, script, "waiting for Postgres to stop", timeout=STOP_TIMEOUT + 30)
         return "stopped"
@@ -179,7 +180,10 @@ class RebuildActions:
         if self._mounted_volume(node, mount) != made[0]["VolumeId"]:
             host_script(self.fleet, host, mount_script([device], mount, fstype, mount), f"mounting {mount}")
         fstab = self.fleet.path_for(self.fleet.model.snapshot.fstab, host)
-        entry = _run(self.fleet, host, _sh(_FSTAB, fstab, mount, device), f"pointing {fstab} at {mount}") or "no entry"
+        entry = (
+            host_script(self.fleet, host, _sh(_FSTAB, fstab, mount, device), f"pointing {fstab} at {mount}")
+            or "no entry"
+        )
         return f"{device} at {mount}; {fstab}: " + (f"{mount} is {entry}" if entry != "no entry" else "no entry for it")
 
     def prepare_rebuilt(self, node: str, group_id: str) -> str:
@@ -249,23 +253,11 @@ class RebuildActions:
         repmgr's follow would find that slot active and refuse. Else repmgr points it there."""
         deadline = time.monotonic() + FOLLOW_GRACE_S
         while time.monotonic() < deadline:
-            if self._streams_from(node, primary):
+            if self.streaming_replica(node, primary) is not None:
                 return f"streams from {primary} already"
             time.sleep(0.5)
         self.follow(node, primary)
         return f"follows {primary} (repmgr standby follow)"
-
-    def _streams_from(self, node: str, primary: str) -> bool:
-        try:
-            connection = postgres.connect(self.fleet, self._host(primary))
-        except postgres.Unavailable:
-            return False
-        try:
-            replicas = postgres.server_state(connection).replicas
-        finally:
-            connection.close()
-        address = str(self._host(node).address)
-        return any(r.state == "streaming" and (r.name == node or r.address == address) for r in replicas)
 
     def adopt_tags(self, node: str, mount: str, old_volume: str, group_id: str) -> str:
         from igops.ebs import tags_of
@@ -298,7 +290,7 @@ def mounted_volumes(fleet: Fleet, ebs: Ebs, host: Any, mounts: list[str]) -> dic
     from igops.snapshot_volumes import discover, map_volumes
 
     script = 'for m in "$@"; do mountpoint -q "$m" && printf "%s\\n" "$m"; done; true'
-    mounted = _run(fleet, host, _sh(script, *mounts), "looking at mounts").splitlines()
+    mounted = host_script(fleet, host, _sh(script, *mounts), "looking at mounts").splitlines()
     if not mounted:
         return {}
     targets = map_volumes(host, discover(fleet, host, mounted), ebs.instance_volumes(host.instance_id))
@@ -307,17 +299,6 @@ def mounted_volumes(fleet: Fleet, ebs: Ebs, host: Any, mounts: list[str]) -> dic
 
 def _sh(script: str, *args: str) -> str:
     return f"sh -c {shlex.quote(script)} sh " + " ".join(shlex.quote(arg) for arg in args)
-
-
-def _run(fleet: Fleet, host: Any, script: str, what: str) -> str:
-    """What the script printed on the host (stripped)."""
-    from igops import remote
-
-    [target] = remote.targets_for(fleet, [host])
-    [done] = remote.run([target], script, remote.settings_for(fleet), timeout=120)
-    if not done.ok:
-        raise IgopsError(f"{what} on {host.name} failed: {done.stderr.strip()[-300:] or done.error}", "see its logs")
-    return done.stdout.strip()
 
 
 def _fstype(group: SnapshotGroup, mount: str) -> str:

@@ -12,7 +12,7 @@ from igops import postgres
 from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg.cluster import lsn_text
-from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr
+from igops.pg.hostcmd import WAIT_STOPPED, as_postgres, bin_path, data_directory, repmgr
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
@@ -111,9 +111,7 @@ class RejoinActions:
     # still under way (a switchover's, whose postmaster hands its last segment to
     # archive_command after the shutdown checkpoint) is waited for, as long as a stop may take.
     _STALE_HISTORY = (
-        'set -e; bin="$1"; data="$2"; wait="$3"; while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
-        '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
-        'wait=$((wait - 1)); sleep 0.1; done; control=$("$bin/pg_controldata" -D "$data"); '
+        'set -e; bin="$1"; data="$2"; wait="$3"; ' + WAIT_STOPPED + '; control=$("$bin/pg_controldata" -D "$data"); '
         'own=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
         'reached=$(printf "%s\\n" "$control" | sed -n "s/^Min recovery ending loc.s timeline: *//p"); '
         '[ "${reached:-0}" -gt "$own" ] && own=$reached; '
@@ -209,21 +207,28 @@ class RejoinActions:
             timeout=REJOIN_TIMEOUT,
         )
 
+    def streaming_replica(self, node: str, primary: str) -> postgres.Replica | None:
+        """`node` as `primary` sees it if it streams from it now (by name or address)."""
+        try:
+            connection = postgres.connect(self.fleet, self._host(primary))
+        except postgres.Unavailable:
+            return None
+        try:
+            replicas = postgres.server_state(connection).replicas
+        except postgres.Unavailable:
+            return None
+        finally:
+            connection.close()
+        address = str(self._host(node).address)
+        streaming = [r for r in replicas if r.state == "streaming" and (r.name == node or r.address == address)]
+        return streaming[0] if streaming else None
+
     def wait_streaming(self, node: str, primary: str) -> str:
         deadline = time.monotonic() + STREAMING_TIMEOUT
-        address = str(self._host(node).address)
         while True:
-            try:
-                connection = postgres.connect(self.fleet, self._host(primary))
-                try:
-                    replicas = postgres.server_state(connection).replicas
-                finally:
-                    connection.close()
-                streaming = [r for r in replicas if r.state == "streaming" and (r.name == node or r.address == address)]
-                if streaming:
-                    return f"streaming, replayed up to {lsn_text(streaming[0].replay_lsn)}"
-            except postgres.Unavailable:
-                pass
+            replica = self.streaming_replica(node, primary)
+            if replica is not None:
+                return f"streaming, replayed up to {lsn_text(replica.replay_lsn)}"
             if time.monotonic() > deadline:
                 raise IgopsError(
                     f"{node} does not stream from {primary} after {STREAMING_TIMEOUT:g} s", f"see {node}'s Postgres log"
