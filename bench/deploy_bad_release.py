@@ -102,9 +102,9 @@ RATIO_GOAL = 10.0
 DEPLOY_TIMEOUT_S = 600
 
 
-def bad_source(work: Path, kind: str) -> Path:
+def bad_source(work: Path, kind: str, run: int) -> Path:
     """A new release of app/ whose GET /api/photos/<id> goes wrong the way `kind` says."""
-    source = release_source(work, f"bad-{kind}")
+    source = release_source(work, f"bad-{kind}-{run}")
     views = source / "views.py"
     text = views.read_text()
     if PHOTO_DETAIL not in text:
@@ -330,7 +330,8 @@ def detection_from_journal(fleet, deployed: Deployed) -> float | None:
     back = None
     for entry in entries:
         title = entry.get("title") or ""
-        if entry.get("event") == "result" and title.startswith("put ") and title.endswith("back in the load balancer"):
+        # "put app1 back in the load balancer", with ": the canary takes at most …" on a share
+        if entry.get("event") == "result" and title.startswith("put ") and " back in the load balancer" in title:
             back = _iso_seconds(entry["time"])
         if entry.get("event") == "fact" and "canary" in entry:
             return None if back is None else _iso_seconds(entry["time"]) - back
@@ -545,7 +546,9 @@ def bad_release_part(work: Path, kinds: list[str], share: int, repeats: int, can
                 raise SystemExit(f"the fleet could not be put on the working tree's release: {start.stderr_tail}")
             for run in range(1, repeats + 1):
                 for kind in kinds:
-                    cases += [(run, *pair) for pair in _bad_release_run(work, fleet, inventory, kind, roots, canaries)]
+                    cases += [
+                        (run, *pair) for pair in _bad_release_run(work, fleet, inventory, kind, run, roots, canaries)
+                    ]
         finally:
             restore = restore_working_tree(inventory)
             if restore.returncode != 0:
@@ -574,11 +577,17 @@ def bad_release_part(work: Path, kinds: list[str], share: int, repeats: int, can
 
 
 def _bad_release_run(
-    work: Path, fleet, inventory: Path, kind: str, roots: dict[str, Path], canaries: list[tuple[Path, int, str]]
+    work: Path,
+    fleet,
+    inventory: Path,
+    kind: str,
+    run: int,
+    roots: dict[str, Path],
+    canaries: list[tuple[Path, int, str]],
 ) -> list[tuple[Case, Case]]:
     """One run of a kind: each canary deploy, then the /health-gated one, the fleet put back
     after it; each canary paired with the gated run counted over the canary's length."""
-    source = bad_source(work, kind)
+    source = bad_source(work, kind, run)
     runs = []
     for config, seconds, gate in canaries:
         print(f"bad release ({kind}): {gate} …", file=sys.stderr, flush=True)
