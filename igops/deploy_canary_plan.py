@@ -172,10 +172,19 @@ def plan_canary(
 
 
 def _none(options: AnalysisOptions, why: str) -> tuple[None, str]:
+    """No analysis is possible: a plan note, unless the command asked for one by name (a release
+    someone wants judged must not ship to every host on the /health gate alone)."""
     if options.canary_only:
         raise RefusedError(
             f"--canary-only stops after a canary analysis, and this deploy can have none: {why}; nothing was changed",
             "deploy without --canary-only (the /health gate still holds every batch)",
+        )
+    if options.seconds:
+        raise RefusedError(
+            f"--analysis {options.seconds} asks for a canary analysis, and this deploy can have none: {why}; "
+            "nothing was changed",
+            "deploy without --analysis to go on with the /health gate alone (a plan note says there is no "
+            "analysis), or with --analysis 0",
         )
     return None, f"no canary analysis: {why}"
 

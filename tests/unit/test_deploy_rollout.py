@@ -310,6 +310,14 @@ def test_canary_only_without_a_possible_analysis_is_refused(tmp_path, monkeypatc
     assert "one batch" in plan(app).canary_note
 
 
+def test_an_analysis_asked_for_by_name_and_impossible_is_refused(tmp_path, monkeypatch):
+    app = app_fleet(tmp_path)
+    Fleet(monkeypatch, app, on_new=["app2", "app3", "app4"])  # app1 alone to roll: one batch
+    with pytest.raises(deploy_plan.RefusedError, match="--analysis 30 asks for a canary analysis.*one batch"):
+        plan(app, analysis=AnalysisOptions(seconds=30))
+    assert "one batch" in plan(app, analysis=AnalysisOptions()).canary_note  # the inventory's window: a note
+
+
 @pytest.mark.parametrize(("failing", "stops_at"), [(["app2"], None), (["app2", "app3"], "batch 3 of 4")])
 def test_max_fail_25_percent_of_4_continues_past_one_failure_and_stops_at_the_second(
     tmp_path, monkeypatch, failing, stops_at
