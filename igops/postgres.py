@@ -12,8 +12,9 @@ import re
 import select
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igops.errors import (
     IgopsError,
@@ -21,6 +22,8 @@ from igops.errors import (
     first_line,
 )
 from igops.secrets import Secrets
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as Connection
@@ -404,6 +407,40 @@ class Bouncer:
     def __init__(self, fleet: Fleet, host: Any):
         self.fleet = fleet
         self.host = host
+        self._console: Connection | None = None  # kept between open() and close()
+
+    def open(self) -> None:
+        """Keep one admin console session for what follows (SHOW, RELOAD, RESUME, KILL) until
+        close(): a switchover opens it before writes pause, so none of them logs in meanwhile."""
+        if self._console is None:
+            self._console = self._connect()
+
+    def close(self) -> None:
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def _on_console(self, work: Callable[[Connection], T]) -> T:
+        """`work` on the kept session, or on one of its own. A kept session that broke (PgBouncer
+        restarted since) is replaced once: every command here may be sent twice (RESUME of a
+        database not paused is ignored, the others change nothing the second time)."""
+        import psycopg2
+
+        if self._console is not None:
+            try:
+                return work(self._console)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                if not self._console.closed:
+                    raise  # PgBouncer answered with an error: the session is fine
+                self.close()
+                self.open()
+                assert self._console is not None
+                return work(self._console)
+        connection = self._connect()
+        try:
+            return work(connection)
+        finally:
+            connection.close()
 
     def _connect(self, asynchronous: bool = False) -> Connection:
         import psycopg2
@@ -427,24 +464,22 @@ class Bouncer:
         return connection
 
     def run(self, command: str) -> list[tuple[Any, ...]]:
-        connection = self._connect()
-        try:
+        def work(connection: Connection) -> list[tuple[Any, ...]]:
             with connection.cursor() as cursor:
                 cursor.execute(command)
                 return cursor.fetchall() if cursor.description else []
-        finally:
-            connection.close()
+
+        return self._on_console(work)
 
     def databases(self) -> list[BouncerDatabase]:
-        connection = self._connect()
-        try:
+        def work(connection: Connection) -> list[dict[str, Any]]:
             with connection.cursor() as cursor:
                 cursor.execute("SHOW DATABASES")
                 assert cursor.description is not None  # SHOW returns rows, so it describes them
                 columns = [column[0] for column in cursor.description]
-                rows = [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
-        finally:
-            connection.close()
+                return [dict(zip(columns, row, strict=False)) for row in cursor.fetchall()]
+
+        rows = self._on_console(work)
         return [
             BouncerDatabase(
                 row["name"],
@@ -495,9 +530,8 @@ class Bouncer:
         """RESUME each database that is paused; returns those resumed."""
         import psycopg2
 
-        resumed = []
-        connection = self._connect()
-        try:
+        def work(connection: Connection) -> list[str]:
+            resumed = []
             for name in names:
                 try:
                     with connection.cursor() as cursor:
@@ -506,20 +540,20 @@ class Bouncer:
                 except psycopg2.Error as exc:
                     if "is not paused" not in str(exc):
                         raise
-        finally:
-            connection.close()
-        return resumed
+            return resumed
+
+        return self._on_console(work)
 
     def kill(self, names: list[str]) -> None:
         """Drop every client and server connection of the databases and hold new queries
         (KILL leaves them paused), for when their server is gone and PAUSE could wait on it."""
-        connection = self._connect()
-        try:
+
+        def work(connection: Connection) -> None:
             for name in names:
                 with connection.cursor() as cursor:
                     cursor.execute(f"KILL {_quote(name)}")
-        finally:
-            connection.close()
+
+        self._on_console(work)
 
     def reload(self) -> None:
         self.run("RELOAD")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from igops import remote
+from igops import postgres, remote
 from igops.bouncer_watchdog import PauseWatchdogs
 from igops.operations.steps import StepReport, execute
 from igops.output import Reporter
@@ -21,6 +21,8 @@ from igops.pg.repmgrd import RepmgrdActions
 from igops.pg.standby_actions import RejoinActions, WalRetentionActions
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 
@@ -49,12 +51,42 @@ class PgActions(
         # PgBouncer host -> its databases file, read before writes are paused so that the pause
         # holds only the write
         self.databases_files: dict[str, str] = {}
+        # PgBouncer host -> the plan's client of its admin console (BouncerActions).
+        self.bouncers: dict[str, postgres.Bouncer] = {}
+        # member -> a connection to its repmgr database kept for the plan (session()).
+        self._sessions: dict[str, Connection] = {}
         # Armed before every PAUSE, released by the RESUME: a pause never outlives igops by more
         # than [pgbouncer] watchdog_deadline (igops/bouncer_watchdog.py).
         self.watchdogs = PauseWatchdogs(fleet)
 
     def _host(self, name: str) -> Any:
         return self.fleet.host(name)
+
+    def session(self, node: str) -> Connection:
+        """A connection to `node`'s repmgr database kept for the rest of the plan: the
+        switchover's candidate gets one before writes pause (it reserves the old primary's WAL
+        on it), and the wait for its WAL and its promotion reuse it instead of logging in while
+        writes wait. One that broke since is replaced. Callers do not close it; close() does."""
+        import psycopg2
+
+        kept = self._sessions.get(node)
+        if kept is not None:
+            try:
+                with kept.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                return kept
+            except psycopg2.Error:
+                kept.close()
+        self._sessions[node] = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
+        return self._sessions[node]
+
+    def close(self) -> None:
+        """The kept connections and admin console sessions."""
+        for connection in self._sessions.values():
+            connection.close()
+        self._sessions.clear()
+        for bouncer in self.bouncers.values():
+            bouncer.close()
 
     def _cluster_of(self, name: str) -> str:
         return cluster_of(self.fleet, name)
@@ -65,13 +97,16 @@ def apply_pg(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgR
     # One SSH connection per member and PgBouncer host for the whole plan: the steps inside the
     # write pause run over connections opened before it.
     with remote.keep_connections():
-        reports = execute(
-            plan.actions,
-            actions,
-            reporter,
-            plan.failure_hint,
-            left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)),
-        )
+        try:
+            reports = execute(
+                plan.actions,
+                actions,
+                reporter,
+                plan.failure_hint,
+                left_behind=lambda: describe_left_behind(pg_status(fleet, plan.cluster)),
+            )
+        finally:
+            actions.close()
     pause_ms = (
         (actions.resumed_at - actions.paused_at) * 1000
         if actions.paused_at is not None and actions.resumed_at is not None

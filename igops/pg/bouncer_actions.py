@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 class BouncerActions:
     """The PgBouncer steps of igops.pg.actions.PgActions (mixed in: `fleet`, `_host`,
-    `databases_files`, `watchdogs`, `paused_at` and `resumed_at` are PgActions')."""
+    `databases_files`, `bouncers`, `watchdogs`, `paused_at` and `resumed_at` are PgActions')."""
 
     fleet: Fleet
     databases_files: dict[str, str]
+    bouncers: dict[str, postgres.Bouncer]
     watchdogs: PauseWatchdogs
     paused_at: float | None
     resumed_at: float | None
@@ -35,17 +36,28 @@ class BouncerActions:
     def _databases_file(self, host: Any) -> str:
         return self.fleet.path_for(self.fleet.model.pgbouncer.databases_file, host)
 
+    def _bouncer(self, host_name: str) -> postgres.Bouncer:
+        """The plan's one client of that PgBouncer's admin console (its session, once opened,
+        serves every later step)."""
+        if host_name not in self.bouncers:
+            self.bouncers[host_name] = postgres.Bouncer(self.fleet, self._host(host_name))
+        return self.bouncers[host_name]
+
     def read_databases_files(self, databases: dict[str, list[str]]) -> None:
+        # The admin sessions the repoint's RELOAD and SHOW and the RESUME use are opened here too,
+        # before writes pause: a login is some 6 ms each that they would otherwise wait for.
         def one(host_name: str) -> tuple[str, str]:
             host = self._host(host_name)
+            self._bouncer(host_name).open()
             return host_name, read_file(self.fleet, host, self._databases_file(host))
 
         self.databases_files.update(parallel_map(one, list(databases)))
 
     def _bouncers(self, databases: dict[str, list[str]], method: str, *args: object) -> None:
+        # One thread per PgBouncer host, each on its own entry of self.bouncers.
         def one(item: tuple[str, list[str]]) -> None:
             host_name, names = item
-            getattr(postgres.Bouncer(self.fleet, self._host(host_name)), method)(names, *args)
+            getattr(self._bouncer(host_name), method)(names, *args)
 
         parallel_map(one, list(databases.items()))
 
@@ -116,7 +128,7 @@ class BouncerActions:
                 raise IgopsError(f"{host_name}:{path}: {exc}", "add the entries PgBouncer shows to that file") from None
             if updated != text:
                 replace_file(fleet, host, path, updated)
-            bouncer = postgres.Bouncer(fleet, host)
+            bouncer = self._bouncer(host_name)
             bouncer.reload()
             wrong = [
                 database.name

@@ -47,8 +47,16 @@ def switchover_steps(
                 (primary,),
             )
         )
+    # Before the pause: nothing in it needs the slot sooner than the promotion, and creating it
+    # costs a connection and a query (some 30 ms) that writes would otherwise wait for.
+    steps.append(_reserve_rejoin_wal_step(candidate, primary))
     steps.append(
-        Step(f"PgBouncer: read the databases file on {', '.join(databases)}", "read_databases_files", (databases,))
+        Step(
+            f"PgBouncer: read the databases file on {', '.join(databases)}, and log in to the admin console "
+            "for the RELOAD and the RESUME now",
+            "read_databases_files",
+            (databases,),
+        )
     )
     if not paused:
         steps.append(
@@ -102,7 +110,6 @@ def switchover_steps(
             "wait_received",
             (candidate,),
         ),
-        _reserve_rejoin_wal_step(candidate, primary),
         # A failed promotion is undone (the old primary started again) only once the candidate is
         # verified stopped and still in recovery; once it is promoted, failures roll forward.
         Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
@@ -246,8 +253,9 @@ def _reserve_rejoin_wal_step(candidate: str, primary: str) -> Step:
     # From the promotion until repmgr creates the old primary's slot at its rejoin, nothing on
     # the new primary holds the WAL that rejoin starts from (wal_keep_size may be 0): the
     # rejoin's own CHECKPOINT could remove that segment once writes have resumed. Reserved while
-    # the candidate is still a standby, the slot starts at its last restartpoint, before anything
-    # the old primary can need; repmgr node rejoin then streams through that very slot.
+    # the candidate is still a standby (before the old primary stops), the slot starts at its last
+    # restartpoint, before anything the old primary can need; repmgr node rejoin then streams
+    # through that very slot.
     return Step(
         f"{candidate}: reserve the WAL {primary} needs to rejoin (a replication slot named as repmgr names "
         f"{primary}'s, from {candidate}'s last restartpoint on)",

@@ -17,6 +17,8 @@ from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+
     from igops.inventory import Fleet
 
 
@@ -272,7 +274,7 @@ class FencingActions:
 
 class PromotionActions:
     """Promoting the candidate (mixed into igops.pg.actions.PgActions: `fleet`, `_host`,
-    `wal_end` and `promote_requested` are PgActions')."""
+    `session`, `wal_end` and `promote_requested` are PgActions')."""
 
     fleet: Fleet
     wal_end: int | None
@@ -281,6 +283,8 @@ class PromotionActions:
     if TYPE_CHECKING:  # PgActions' own
 
         def _host(self, name: str) -> Any: ...
+
+        def session(self, node: str) -> Connection: ...
 
     def checkpoint_before_stop(self, node: str) -> None:
         """A switchover's CHECKPOINT, and the SSH login its stop will use, made now and kept
@@ -305,22 +309,19 @@ class PromotionActions:
             connection.close()
 
     def wait_received(self, node: str) -> str:
-        connection = postgres.connect(self.fleet, self._host(node))
+        connection = self.session(node)
         deadline = time.monotonic() + CATCH_UP_TIMEOUT
-        try:
-            while True:
-                # Replayed counts too: a standby restarted since reports nothing received.
-                received = wal_received(postgres.server_state(connection))
-                if self.wal_end is not None and received >= self.wal_end:
-                    return f"received up to {postgres.format_lsn(received)}"
-                if time.monotonic() > deadline:
-                    raise IgopsError(
-                        f"{node} received WAL only up to {postgres.format_lsn(received)}, the old "
-                        f"primary's ends at {postgres.format_lsn(self.wal_end or 0)}"
-                    )
-                time.sleep(0.01)
-        finally:
-            connection.close()
+        while True:
+            # Replayed counts too: a standby restarted since reports nothing received.
+            received = wal_received(postgres.server_state(connection))
+            if self.wal_end is not None and received >= self.wal_end:
+                return f"received up to {postgres.format_lsn(received)}"
+            if time.monotonic() > deadline:
+                raise IgopsError(
+                    f"{node} received WAL only up to {postgres.format_lsn(received)}, the old "
+                    f"primary's ends at {postgres.format_lsn(self.wal_end or 0)}"
+                )
+            time.sleep(0.01)
 
     def promote(self, node: str) -> str:
         import psycopg2
@@ -328,15 +329,11 @@ class PromotionActions:
         self.promote_requested.add(node)
         started = time.monotonic()
         try:
-            connection = postgres.connect(self.fleet, self._host(node), statement_timeout_ms=None)
-            try:
-                with connection.cursor() as cursor:
-                    # Not pg_promote(true): it looks whether recovery ended every 100 ms, and writes
-                    # are paused meanwhile; this asks every few ms.
-                    cursor.execute("SELECT pg_promote(false)")
-                    promoted = wait_promoted(cursor, time.monotonic() + PROMOTE_TIMEOUT)
-            finally:
-                connection.close()
+            with self.session(node).cursor() as cursor:
+                # Not pg_promote(true): it looks whether recovery ended every 100 ms, and writes
+                # are paused meanwhile; this asks every few ms.
+                cursor.execute("SELECT pg_promote(false)")
+                promoted = wait_promoted(cursor, time.monotonic() + PROMOTE_TIMEOUT)
         except (postgres.Unavailable, psycopg2.Error) as exc:
             raise IgopsError(
                 f"{node} did not promote: {first_line(exc)}; {self.log_cause(node)}", f"see {node}'s Postgres log"

@@ -17,7 +17,7 @@ from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import cursor as Cursor
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
 
     from igops.inventory import Fleet
 
@@ -238,13 +238,15 @@ class RejoinActions:
 
 class WalRetentionActions:
     """The WAL a rejoin needs, reserved and released (mixed into igops.pg.actions.PgActions:
-    `fleet` and `_host` are PgActions'; `_slot_of` is its own)."""
+    `fleet`, `_host` and `session` are PgActions'; `_slot_of` is its own)."""
 
     fleet: Fleet
 
     if TYPE_CHECKING:  # PgActions' own
 
         def _host(self, name: str) -> Any: ...
+
+        def session(self, node: str) -> Connection: ...
 
     def _slot_of(self, cursor: Cursor, node: str) -> str:
         cursor.execute("SELECT slot_name FROM repmgr.nodes WHERE node_name = %s", (node,))
@@ -258,20 +260,17 @@ class WalRetentionActions:
         return slot
 
     def reserve_rejoin_wal(self, node: str, for_node: str) -> str:
-        connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
-        try:
-            with connection.cursor() as cursor:
-                slot = self._slot_of(cursor, for_node)
-                cursor.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-                row = cursor.fetchone()
-                if row is None:
-                    cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,))
-                    created = cursor.fetchone()
-                    assert created is not None  # the function returns one row
-                    return f"{slot} holds WAL from {created[0]}"
-                return f"{slot} exists already (from {row[0] or 'no position'})"
-        finally:
-            connection.close()
+        # On the session kept for the plan: the candidate's wait and promotion use it next.
+        with self.session(node).cursor() as cursor:
+            slot = self._slot_of(cursor, for_node)
+            cursor.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            row = cursor.fetchone()
+            if row is None:
+                cursor.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,))
+                created = cursor.fetchone()
+                assert created is not None  # the function returns one row
+                return f"{slot} holds WAL from {created[0]}"
+            return f"{slot} exists already (from {row[0] or 'no position'})"
 
     def drop_rejoin_reservation(self, node: str, for_node: str) -> str:
         connection = postgres.connect(self.fleet, self._host(node), postgres.REPMGR_DATABASE)
