@@ -64,8 +64,8 @@ class PgActions(
 
     def session(self, node: str) -> Connection:
         """A connection to `node`'s repmgr database kept for the rest of the plan: the
-        switchover's candidate gets one before writes pause (it reserves the old primary's WAL
-        on it), and the wait for its WAL and its promotion reuse it instead of logging in while
+        switchover's candidate gets one before writes pause, and the wait for its WAL, the
+        reservation of the old primary's and the promotion reuse it instead of logging in while
         writes wait. One that broke since is replaced. Callers do not close it; close() does."""
         import psycopg2
 

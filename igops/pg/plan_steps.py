@@ -42,14 +42,11 @@ def switchover_steps(
         steps.append(
             Step(
                 f"{primary}: CHECKPOINT, so its clean shutdown is quick once writes are paused; log in over "
-                "SSH for that stop now",
+                f"SSH for that stop now, and connect to {candidate} for its steps inside the pause",
                 "checkpoint_before_stop",
-                (primary,),
+                (primary, candidate),
             )
         )
-    # Before the pause: nothing in it needs the slot sooner than the promotion, and creating it
-    # costs a connection and a query (some 30 ms) that writes would otherwise wait for.
-    steps.append(_reserve_rejoin_wal_step(candidate, primary))
     steps.append(
         Step(
             f"PgBouncer: read the databases file on {', '.join(databases)}, and log in to the admin console "
@@ -110,6 +107,7 @@ def switchover_steps(
             "wait_received",
             (candidate,),
         ),
+        _reserve_rejoin_wal_step(candidate, primary),
         # A failed promotion is undone (the old primary started again) only once the candidate is
         # verified stopped and still in recovery; once it is promoted, failures roll forward.
         Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
@@ -253,9 +251,10 @@ def _reserve_rejoin_wal_step(candidate: str, primary: str) -> Step:
     # From the promotion until repmgr creates the old primary's slot at its rejoin, nothing on
     # the new primary holds the WAL that rejoin starts from (wal_keep_size may be 0): the
     # rejoin's own CHECKPOINT could remove that segment once writes have resumed. Reserved while
-    # the candidate is still a standby (before the old primary stops), the slot starts at its last
-    # restartpoint, before anything the old primary can need; repmgr node rejoin then streams
-    # through that very slot.
+    # the candidate is still a standby, the slot starts at its last restartpoint, before anything
+    # the old primary can need; repmgr node rejoin then streams through that very slot. Not
+    # before the pause: a run stopped there would leave the candidate an inactive slot, which
+    # `repmgr node check` calls CRITICAL, and the switchover planned again would be refused.
     return Step(
         f"{candidate}: reserve the WAL {primary} needs to rejoin (a replication slot named as repmgr names "
         f"{primary}'s, from {candidate}'s last restartpoint on)",

@@ -286,10 +286,12 @@ class PromotionActions:
 
         def session(self, node: str) -> Connection: ...
 
-    def checkpoint_before_stop(self, node: str) -> None:
-        """A switchover's CHECKPOINT, and the SSH login its stop will use, made now and kept
-        (apply_pg): not a login while writes are paused."""
+    def checkpoint_before_stop(self, node: str, candidate: str) -> None:
+        """A switchover's CHECKPOINT, the SSH login its stop will use and the candidate's
+        session (for the wait for its WAL, the reservation and the promotion), made now and kept
+        (apply_pg): no login while writes are paused."""
         connect_ahead(self.fleet, [self._host(node)])
+        self.session(candidate)
         self.checkpoint(node)
 
     def checkpoint(self, node: str) -> None:

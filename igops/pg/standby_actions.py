@@ -260,7 +260,7 @@ class WalRetentionActions:
         return slot
 
     def reserve_rejoin_wal(self, node: str, for_node: str) -> str:
-        # On the session kept for the plan: the candidate's wait and promotion use it next.
+        # On the candidate's session kept for the plan, opened before writes paused.
         with self.session(node).cursor() as cursor:
             slot = self._slot_of(cursor, for_node)
             cursor.execute("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
