@@ -139,6 +139,15 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
             ),
             Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
         ]
+        if fleet.model.archive is not None:
+            steps.append(
+                Step(
+                    f"{node}: put back the restore_command its data had, or none (the archive's was for the "
+                    "catch-up), reload",
+                    "put_back_restore_command",
+                    (node,),
+                )
+            )
     steps += [
         Step(
             f"the volume made for {mount} takes {old}'s tags; {old} stays detached, named '(replaced)'",

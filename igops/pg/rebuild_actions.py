@@ -65,6 +65,25 @@ _FSTAB = (
 )
 
 
+# The rebuilt data's restore_command, for its catch-up: the archive's, the one the data had (or
+# none) kept beside it first, once (a rerun keeps the first), to be put back once it streams.
+_SAVED_RESTORE = '"$data/igops-rebuild.restore_command"'
+_SET_CATCH_UP_RESTORE = (
+    f'set -e; data="$1"; setting="$2"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; touch "$auto"; '
+    '[ -e "$saved" ] || { grep "^restore_command" "$auto" > "$saved" || true; chown --reference="$data" "$saved"; }; '
+    '{ grep -v "^restore_command" "$auto" || true; printf "%s\n" "$setting"; } > "$auto.igops"; '
+    'mv "$auto.igops" "$auto"'
+)
+# ... and put back: the data's own line, or none (the line kept is gone last, so a rerun of an
+# interrupted put-back does it again).
+_PUT_BACK_RESTORE = (
+    f'set -e; data="$1"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; '
+    '[ -e "$saved" ] || { echo "put back already"; exit 0; }; '
+    '{ grep -v "^restore_command" "$auto" || true; cat "$saved"; } > "$auto.igops"; '
+    'chown --reference="$data" "$auto.igops"; chmod 600 "$auto.igops"; mv "$auto.igops" "$auto"; '
+    'if [ -s "$saved" ]; then echo "its own again"; else echo "none, as its data had"; fi; rm -f "$saved"'
+)
+
 # How long a rebuilt standby may take to stream on its own before repmgr is asked to point it.
 FOLLOW_GRACE_S = 10.0
 
@@ -206,16 +225,28 @@ class RebuildActions:
         done = ["standby.signal"]
         if cluster and self.fleet.model.archive is not None:
             setting = f"restore_command = {_conf_literal(archive.restore_command(self.fleet, cluster, host))}"
-            lines += [
-                'auto="$data/postgresql.auto.conf"; touch "$auto"',
-                'grep -v \'^restore_command\' "$auto" > "$auto.igops" || true',
-                f'printf "%s\\n" {shlex.quote(setting)} >> "$auto.igops"; mv "$auto.igops" "$auto"',
-            ]
+            lines.append(_sh(_SET_CATCH_UP_RESTORE, data, setting))
             done.append("restore_command")
         written = " ".join(f'"$data/{name}"' for name in ("standby.signal", "postgresql.auto.conf"))
         lines.append(f'for f in {written}; do [ ! -e "$f" ] || chown {shlex.quote(user)} "$f"; done')
         host_script(self.fleet, host, "\n".join(lines), "preparing the data directory")
         return ", ".join(done)
+
+    def put_back_restore_command(self, node: str) -> str:
+        """The restore_command the rebuilt data had (or none), now that it streams: the archive's
+        served its catch-up, and a promotion with one asks the archive for timeline history
+        files (some 250 ms of a switchover's write pause in the lab) where the member had not."""
+        host = self._host(node)
+        said = host_script(
+            self.fleet, host, _sh(_PUT_BACK_RESTORE, data_directory(self.fleet, host)), "putting back restore_command"
+        )
+        connection = postgres.connect(self.fleet, host)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_reload_conf()")  # restore_command takes a reload (Postgres 14 on)
+        finally:
+            connection.close()
+        return said
 
     def start_standby(self, node: str) -> str:
         host = self._host(node)

@@ -10,6 +10,7 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
 """
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -74,11 +75,17 @@ def caught_up(lab) -> bool:
         standby.close()
 
 
+def restore_command_of(auto: Path) -> str | None:
+    return next((line for line in auto.read_text().splitlines() if line.startswith("restore_command")), None)
+
+
 @pytest.mark.timeout(1200)
 def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volumes_back(lab, tmp_path):
     restore_home(lab)
     before = mounted(lab)
     assert len(before) == 2, before
+    auto = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(STANDBY))) / "postgresql.auto.conf"
+    restore_line = restore_command_of(auto)  # what the group will hold (a rebuilt lab's db2 has one)
     with Load(lab, tmp_path) as load:
         created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
         assert created.returncode == 0, created.stderr[-3000:]
@@ -124,6 +131,9 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
             uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True)
             assert f"UUID={uuid.stdout.strip()}\t{mount}\t" in fstab, fstab
         assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+        # The archive's restore_command served the catch-up; then the data's own is back (or none).
+        assert restore_command_of(auto) == restore_line, auto.read_text()
+        assert "put back the restore_command" in done.stderr, done.stderr[-3000:]
     assert wait_for(lambda: caught_up(lab), timeout=120, interval=1)
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []

@@ -4,7 +4,9 @@ for blkid: fstab's entry for the mount names the new filesystem by UUID, every o
 import subprocess
 from pathlib import Path
 
-from igops.pg.rebuild_actions import _FSTAB, _sh
+import pytest
+
+from igops.pg.rebuild_actions import _FSTAB, _PUT_BACK_RESTORE, _SET_CATCH_UP_RESTORE, _sh
 
 
 def run_fstab(tmp_path: Path, text: str | None, mount: str) -> tuple[str, str | None]:
@@ -51,3 +53,26 @@ def test_restore_command_is_written_in_postgresql_conf_quoting():
         == "'pgbackrest --stanza=main archive-get %f \"%p\"'"
     )
     assert _conf_literal("it's a\\b") == "'it''s a\\\\b'"
+
+
+ARCHIVE = "restore_command = 'pgbackrest --stanza=main archive-get %f \"%p\"'"
+
+
+def sh(script: str, *args: str) -> str:
+    return subprocess.run(["sh", "-c", _sh(script, *args)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("own", [None, "restore_command = 'cp /mnt/wal/%f \"%p\"'"])
+def test_the_catch_up_restore_command_is_set_then_the_datas_own_put_back(tmp_path, own):
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    auto = data / "postgresql.auto.conf"
+    before = "primary_conninfo = 'host=db1'\n" + (own + "\n" if own else "")
+    auto.write_text(before)
+    sh(_SET_CATCH_UP_RESTORE, str(data), ARCHIVE)
+    sh(_SET_CATCH_UP_RESTORE, str(data), ARCHIVE)  # a rerun keeps what the data had, not its own line
+    assert auto.read_text() == "primary_conninfo = 'host=db1'\n" + ARCHIVE + "\n"
+    said = sh(_PUT_BACK_RESTORE, str(data))
+    assert said == ("its own again" if own else "none, as its data had")
+    assert auto.read_text() == before and not list(data.glob("igops-rebuild.*")) and not list(data.glob("*.igops"))
+    assert sh(_PUT_BACK_RESTORE, str(data)) == "put back already" and auto.read_text() == before
