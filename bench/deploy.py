@@ -402,9 +402,14 @@ def main() -> None:
             for line in fleet_part(work, args.targets, args.repeats):
                 print(line, flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for leftover in Path("/tmp").glob("igops-bench-*.tgz"):
-            leftover.unlink(missing_ok=True)
+        clean_up(work)
+
+
+def clean_up(work: Path) -> None:
+    """The bench's working directory and the release tarballs igops left in /tmp."""
+    shutil.rmtree(work, ignore_errors=True)
+    for leftover in Path("/tmp").glob("igops-bench-*.tgz"):
+        leftover.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

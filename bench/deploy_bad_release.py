@@ -58,7 +58,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -73,7 +72,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.deploy import LAB_LOCK, igops_argv, release_source  # noqa: E402
+from bench.deploy import LAB_LOCK, clean_up, igops_argv, release_source  # noqa: E402
 
 # What tests/reliability/test_canary.py deploys: a release whose /health stays 200 while one read
 # endpoint fails now and then, or is slowed down.
@@ -673,9 +672,7 @@ def main() -> None:
         for line in bad_release_part(work, kinds, args.canary_traffic, args.repeats, canary_runs):
             print(line, flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for leftover in Path("/tmp").glob("igops-bench-*.tgz"):
-            leftover.unlink(missing_ok=True)
+        clean_up(work)
 
 
 if __name__ == "__main__":

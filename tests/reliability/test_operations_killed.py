@@ -138,12 +138,15 @@ def after_kill(lab, kind: str, kill: Kill) -> dict | None:
     return found[-1] if found and found[-1]["status"] != journal.RUNNING else None
 
 
-def ended_first(record: dict, kill: Kill) -> bool:
-    """Whether the run finished its plan before the signal landed, rather than being interrupted."""
+def interrupted_run(lab, kind: str, kill: Kill, timeout: float) -> dict | None:
+    """The killed run's record once `ops list` shows it interrupted, or None if it finished its
+    plan before the signal landed (then it must have ended well)."""
+    record = wait_for(partial(after_kill, lab, kind, kill), timeout, interval=0.5)
+    assert record, f"step {kill.shown}: still listed as running"
     if record["status"] == "interrupted":
-        return False
+        return record
     assert record["exit_code"] == 0, (kill, record)
-    return True
+    return None
 
 
 def pg_writable(lab) -> list[str]:
@@ -272,9 +275,8 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
             kill = killed_at(lab, kind.argv(target), number)
             assert kill is not None
             killed = time.monotonic()
-            record = wait_for(partial(after_kill, lab, kind.kind, kill), ttl + deadline + 5, interval=0.5)
-            assert record, f"step {number}: still listed as running"
-            if ended_first(record, kill):
+            record = interrupted_run(lab, kind.kind, kill, ttl + deadline + 5)
+            if record is None:
                 outcomes.append(f"({number}) the run ended before the signal landed")
                 continue  # the next attempt switches back, and kills again
             landed = landed_in(record, kill)
@@ -381,9 +383,8 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
             assert all(
                 wait_for(lambda m=m: can_write(m, 0.5), lab.model.snapshot.freeze_deadline + 2) for m in mounts
             ), f"step {number}: a mount is still frozen"
-            record = wait_for(partial(after_kill, lab, "snapshot-create", kill), 5, interval=0.5)
-            assert record, f"step {number}: still listed as running"
-            if ended_first(record, kill):
+            record = interrupted_run(lab, "snapshot-create", kill, 5)
+            if record is None:
                 outcomes.append(f"({number}) the run ended before the signal landed")
                 continue
             landed = landed_in(record, kill)
@@ -434,9 +435,8 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
                 assert len(set(releases.values())) == 1 and " down" not in upstream_text(), (number, releases)
                 outcomes.append(f"[{number}] not a step: the run ended")
                 continue
-            record = wait_for(partial(after_kill, lab, "deploy", kill), 5, interval=0.5)
-            assert record, f"step {number}: still listed as running"
-            if ended_first(record, kill):
+            record = interrupted_run(lab, "deploy", kill, 5)
+            if record is None:
                 outcomes.append(f"({number}) the run ended before the signal landed")
                 continue
             landed = landed_in(record, kill)
