@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from igops import inventory, postgres
 from igops.errors import UsageError, first_line
 from igops.host_commands import ssh
-from igops.pg.hostcmd import as_postgres, data_directory
+from igops.pg.hostcmd import data_directory, postgres_sh
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
@@ -132,9 +132,7 @@ def _host_check(fleet: Fleet, probe: PgProbe) -> None:
     result = ssh(
         fleet,
         probe.host,
-        as_postgres(
-            fleet, ["sh", "-c", _HOST_CHECK, "sh", fleet.model.postgres.bin_dir, data_directory(fleet, probe.host)]
-        ),
+        postgres_sh(fleet, _HOST_CHECK, fleet.model.postgres.bin_dir, data_directory(fleet, probe.host)),
         timeout=20,
     )
     probe.host_reachable = result.reached

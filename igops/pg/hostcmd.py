@@ -23,6 +23,11 @@ def as_postgres(fleet: Fleet, argv: list[str]) -> list[str]:
     return ["runuser", "-u", fleet.model.postgres.os_user, "--", "env", "-C", "/", *argv]
 
 
+def postgres_sh(fleet: Fleet, script: str, *args: str) -> list[str]:
+    """`script` run by sh as the postgres user, its arguments as $1, $2, …"""
+    return as_postgres(fleet, ["sh", "-c", script, "sh", *args])
+
+
 def bin_path(fleet: Fleet, program: str) -> str:
     return f"{fleet.model.postgres.bin_dir.rstrip('/')}/{program}"
 
@@ -52,7 +57,7 @@ def wal_end_on_disk(fleet: Fleet, host: Any) -> int | None:
     listing = ssh(
         fleet,
         host,
-        as_postgres(fleet, ["sh", "-c", _WAL_LISTING, "sh", bin_path(fleet, "pg_controldata"), data]),
+        postgres_sh(fleet, _WAL_LISTING, bin_path(fleet, "pg_controldata"), data),
         timeout=30,
     )
     if not listing.ok:
@@ -75,18 +80,13 @@ def wal_end_on_disk(fleet: Fleet, host: Any) -> int | None:
     dump = ssh(
         fleet,
         host,
-        as_postgres(
+        postgres_sh(
             fleet,
-            [
-                "sh",
-                "-c",
-                'bin="$1"; data="$2"; tli="$3"; at="$4"; ' + postgres.WALDUMP_TO_END,
-                "sh",
-                fleet.model.postgres.bin_dir,
-                data,
-                str(timeline),
-                postgres.format_lsn(start),
-            ],
+            'bin="$1"; data="$2"; tli="$3"; at="$4"; ' + postgres.WALDUMP_TO_END,
+            fleet.model.postgres.bin_dir,
+            data,
+            str(timeline),
+            postgres.format_lsn(start),
         ),
         timeout=60,
     )

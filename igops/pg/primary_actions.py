@@ -12,7 +12,7 @@ from igops import postgres
 from igops.errors import IgopsError, first_line
 from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
-from igops.pg.hostcmd import as_postgres, bin_path, data_directory, repmgr, repmgr_argv
+from igops.pg.hostcmd import as_postgres, bin_path, data_directory, postgres_sh, repmgr, repmgr_argv
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
@@ -126,19 +126,14 @@ class FencingActions:
         output = ssh_ok(
             fleet,
             host,
-            as_postgres(
+            postgres_sh(
                 fleet,
-                [
-                    "sh",
-                    "-c",
-                    script,
-                    "sh",
-                    fleet.model.postgres.bin_dir,
-                    data,
-                    polls,
-                    fleet.path_for(fleet.model.postgres.repmgr_config, host),
-                    *stop,
-                ],
+                script,
+                fleet.model.postgres.bin_dir,
+                data,
+                polls,
+                fleet.path_for(fleet.model.postgres.repmgr_config, host),
+                *stop,
             ),
             "clean stop",
             timeout=STOP_TIMEOUT + 5,
@@ -190,7 +185,7 @@ class FencingActions:
             result = ssh(
                 fleet,
                 host,
-                as_postgres(fleet, ["sh", "-c", self._STOP_AND_READ_CONTROL, "sh", fleet.model.postgres.bin_dir, data]),
+                postgres_sh(fleet, self._STOP_AND_READ_CONTROL, fleet.model.postgres.bin_dir, data),
                 timeout=60,
             )
             if result.ok:
@@ -216,20 +211,15 @@ class FencingActions:
         ssh_ok(
             fleet,
             host,
-            as_postgres(
+            postgres_sh(
                 fleet,
-                [
-                    "sh",
-                    "-c",
-                    script,
-                    "sh",
-                    fleet.model.postgres.bin_dir,
-                    data_directory(fleet, host),
-                    socket,
-                    str(fleet.model.postgres.port),
-                    str(int(STOP_TIMEOUT) * 2),
-                    *repmgr_argv(fleet, host, "node", "service", "--action=start"),
-                ],
+                script,
+                fleet.model.postgres.bin_dir,
+                data_directory(fleet, host),
+                socket,
+                str(fleet.model.postgres.port),
+                str(int(STOP_TIMEOUT) * 2),
+                *repmgr_argv(fleet, host, "node", "service", "--action=start"),
             ),
             "start",
             timeout=STOP_TIMEOUT * 2 + 90,
@@ -382,7 +372,7 @@ class PromotionActions:
             output = ssh_ok(
                 fleet,
                 host,
-                as_postgres(fleet, ["sh", "-c", script, "sh", path or "", data]),
+                postgres_sh(fleet, script, path or "", data),
                 "reading its log",
                 timeout=30,
             )

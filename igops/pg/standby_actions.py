@@ -12,7 +12,7 @@ from igops import postgres
 from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg.cluster import lsn_text
-from igops.pg.hostcmd import WAIT_STOPPED, as_postgres, bin_path, data_directory, repmgr
+from igops.pg.hostcmd import WAIT_STOPPED, bin_path, data_directory, postgres_sh, repmgr
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
@@ -68,7 +68,7 @@ class RejoinActions:
         output = ssh_ok(
             fleet,
             host,
-            as_postgres(fleet, ["sh", "-c", script, "sh", bin_path(fleet, "pg_controldata"), data]),
+            postgres_sh(fleet, script, bin_path(fleet, "pg_controldata"), data),
             "pg_controldata",
         )
         control_text, _, opts = output.partition("-- postmaster.opts")
@@ -98,7 +98,7 @@ class RejoinActions:
         ssh_ok(
             fleet,
             host,
-            as_postgres(fleet, ["sh", "-c", self._SINGLE_USER, "sh", data, *single_user]),
+            postgres_sh(fleet, self._SINGLE_USER, data, *single_user),
             "single-user crash recovery",
             timeout=REJOIN_TIMEOUT,
         )
@@ -127,17 +127,12 @@ class RejoinActions:
         output = ssh_ok(
             fleet,
             host,
-            as_postgres(
+            postgres_sh(
                 fleet,
-                [
-                    "sh",
-                    "-c",
-                    self._STALE_HISTORY,
-                    "sh",
-                    fleet.model.postgres.bin_dir,
-                    data_directory(fleet, host),
-                    str(int(STOP_TIMEOUT) * 10),
-                ],
+                self._STALE_HISTORY,
+                fleet.model.postgres.bin_dir,
+                data_directory(fleet, host),
+                str(int(STOP_TIMEOUT) * 10),
             ),
             "removing stale timeline history files",
             timeout=STOP_TIMEOUT + 30,
