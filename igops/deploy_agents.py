@@ -27,7 +27,6 @@ DRAIN_TIMEOUT_S = 10.0
 SESSION_LIFETIME_S = 6 * 3600.0
 # A new session's first answer also waits for the login and the interpreter's start.
 AGENT_START_S = 30.0
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass
@@ -52,7 +51,7 @@ class AgentSession:
         # The system's interpreter and tools, whatever a login shell puts first on PATH: the
         # virtualenvs built here are run by the app's user, who cannot use an interpreter in
         # root's home directory (pyenv), and reload and test commands behave the same everywhere.
-        self.command = f"PATH={SYSTEM_PATH}; export PATH; {command}"
+        self.command = f"PATH={remote.SYSTEM_PATH}; export PATH; {command}"
         self._session: remote.Session | None = None
         self._lock = threading.Lock()
 

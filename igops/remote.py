@@ -70,6 +70,8 @@ class HostResult:
 
 
 TIMED_OUT = "command timed out after"
+# The PATH init gives a host's services (systemd's default), whatever a login shell puts first.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def quote_command(argv: Sequence[str]) -> str:

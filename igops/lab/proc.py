@@ -24,6 +24,7 @@ from typing import Any
 
 from igops.errors import IgopsError, RefusedError
 from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
+from igops.remote import SYSTEM_PATH
 
 STOP_GRACE = 8.0
 
@@ -84,12 +85,11 @@ def _as_user(user: str | None) -> dict[str, Any]:
 
 
 def _environment(extra: dict[str, str] | None, user: str | None) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key in ("PATH", "LANG", "LC_ALL", "TZ") or key.startswith("LC_")
-    }
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    # The system PATH, as init gives a daemon, never the PATH of whoever ran `igops lab up`: a
+    # version manager's shims there (pyenv) made every `#!/usr/bin/env python3` a munin plugin
+    # runs cost a shell script and some 100 ms of CPU, which no real host pays.
+    env = {key: value for key, value in os.environ.items() if key in ("LANG", "LC_ALL", "TZ") or key.startswith("LC_")}
+    env["PATH"] = SYSTEM_PATH
     env.setdefault("LANG", "C.UTF-8")
     if user:
         entry = pwd.getpwnam(user)

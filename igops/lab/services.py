@@ -37,6 +37,7 @@ from igops.lab.state import (
     host,
     with_role,
 )
+from igops.remote import SYSTEM_PATH
 
 MUNIN_PLUGINS = ("cpu", "load", "memory", "uptime")
 MUNIN_PLUGIN_LIBRARY = Path("/usr/share/munin/plugins")
@@ -281,6 +282,7 @@ def munin_daemon(paths: Paths, name: str) -> proc.Daemon:
         files.render(
             "munin-restart.sh",
             host=name,
+            path=SYSTEM_PATH,
             marker_env=MARKER_ENV,
             state_root=paths.root,
             pid_file=pid_file,

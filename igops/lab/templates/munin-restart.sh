@@ -2,7 +2,7 @@
 # ${host}: restart this host's munin-node, as `systemctl restart munin-node` does on a real host
 # (munin-node reads its plugin list at start only). Written by `igops lab up`.
 set -eu
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8
+export PATH=${path} LANG=C.UTF-8
 export ${marker_env}='${state_root}'
 pid_file='${pid_file}'
 if [ -s "$$pid_file" ]; then
