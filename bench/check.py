@@ -6,7 +6,10 @@ pssh) sending the very same host program to every target and collecting every an
 Every target's sshd shares this machine's two cores with the client, so wall time is bounded by
 the targets' session set-up (the login shell's start-up files run for every session); the
 client's CPU per host, which bounds a real fleet, is reported too.
-Goals: the lab under 2 s; at 100 targets faster than parallel-ssh.
+Goals: the lab under 1 s; at 100 targets faster than parallel-ssh. For the lab the bench also
+gives the whole machine's CPU during the run, since the twelve hosts' daemons (sshd and the host
+program, munin-node and its plugins, Postgres) share the two cores with the client: that CPU over
+the cores is a floor no client can beat.
 
     .venv/bin/python bench/check.py [--repeats 5] [--targets 100] [--part lab|fleet|both]
 """
@@ -33,7 +36,7 @@ BASE = "127.0.33"
 SSH_PORT = 2204
 LAB_LOCK = Path(os.environ.get("IGOPS_LAB_TEST_LOCK", "/tmp/igops-lab-tests.lock"))
 LAB_INVENTORY = Path("/var/lib/igops-lab/igops.toml")
-LAB_GOAL_S = 2.0
+LAB_GOAL_S = 1.0
 # A tmpfs every target has: the write test needs a real mount point, and one on tmpfs leaves
 # nothing behind on a disk.
 PROBED_MOUNT = "/dev/shm"
@@ -78,7 +81,7 @@ def lab_part(repeats: int) -> list[str]:
     }
     lines = [
         f"the lab (12 hosts): `igops check`, median of {repeats}",
-        f"{'run':<28} {'wall s':>7} {'client CPU s':>13}",
+        f"{'run':<28} {'wall s':>7} {'client CPU s':>13} {'machine CPU s':>14} {'floor s':>8}",
     ]
     with lab_lock():
         run([*igops_argv(), *config, "check", "--quiet"], cwd=ROOT)  # the first run after a while pays cold caches
@@ -88,11 +91,19 @@ def lab_part(repeats: int) -> list[str]:
             )
             for name, extra in variants.items()
         }
+    cores = os.cpu_count() or 1
     for name, result in medians.items():
-        lines.append(f"{name:<28} {result.wall:>7.2f} {result.cpu:>13.2f}  (exit {result.returncode})")
+        lines.append(
+            f"{name:<28} {result.wall:>7.2f} {result.cpu:>13.2f} {result.machine_cpu:>14.2f} "
+            f"{result.machine_cpu / cores:>8.2f}  (exit {result.returncode})"
+        )
     whole = medians["igops check (everything)"].wall
     lines.append(
         f"goal: under {LAB_GOAL_S:g} s for the lab: {'met' if whole < LAB_GOAL_S else 'MISSED'} ({whole:.2f} s)"
+    )
+    lines.append(
+        f"machine CPU: every process's, from /proc/stat, during the run; floor: machine CPU / {cores} cores "
+        "(os.cpu_count())"
     )
     return lines
 

@@ -18,21 +18,37 @@ class Run:
     wall: float
     cpu: float
     returncode: int
+    # Every process's CPU on the machine meanwhile (/proc/stat): the client's and what it made
+    # the targets do, when they share the machine.
+    machine_cpu: float = 0.0
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run(argv: list[str], **kwargs) -> Run:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = machine_busy_seconds()
     started = time.perf_counter()
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     wall = time.perf_counter() - started
+    machine_cpu = machine_busy_seconds() - busy
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Run(wall, cpu, done.returncode)
+    return Run(wall, cpu, done.returncode, machine_cpu)
 
 
 def median_of(runs: list[Run]) -> Run:
     return Run(
-        statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs), max(r.returncode for r in runs)
+        statistics.median(r.wall for r in runs),
+        statistics.median(r.cpu for r in runs),
+        max(r.returncode for r in runs),
+        statistics.median(r.machine_cpu for r in runs),
     )
 
 

@@ -182,12 +182,15 @@ def _open(client: SSHClient, target: Target, settings: SshSettings) -> Transport
     """Connect and authenticate, every wait bounded by the connect timeout. Only the identity file
     (or, without one, the user's default keys); no agent, no ~/.ssh/config: what igops does is
     the inventory's to say."""
+    identity = _identity(settings.identity_file) if settings.identity_file else None
     client.connect(
         target.address,
         port=target.port,
         username=target.user,
         timeout=max(1, round(settings.connect_timeout)),
-        key_filename=str(settings.identity_file) if settings.identity_file else None,
+        pkey=identity,
+        # A file that did not load is paramiko's to read, and to explain, as before.
+        key_filename=str(settings.identity_file) if settings.identity_file and identity is None else None,
         look_for_keys=settings.identity_file is None,
         allow_agent=False,
         banner_timeout=settings.connect_timeout,
@@ -295,6 +298,32 @@ def _known_host_keys(path: Path) -> KnownHosts:
             _parsed_known_hosts.clear()
             _parsed_known_hosts[key] = KnownHosts.read(path)
         return _parsed_known_hosts[key]
+
+
+_loaded_identities: dict[tuple[str, int, int], PKey | None] = {}
+_loaded_identities_lock = threading.Lock()
+
+
+def _identity(path: Path) -> PKey | None:
+    """The identity file's key, with its certificate (`<file>-cert.pub`) when there is one, read
+    once per run and again whenever it changes: given the file, paramiko reads it again for every
+    connection and tries each key type in turn until one parses. None when it does not load here
+    (missing, encrypted, unknown type)."""
+    from paramiko import PKey
+
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    key = (str(path), status.st_mtime_ns, status.st_size)
+    with _loaded_identities_lock:
+        if key not in _loaded_identities:
+            _loaded_identities.clear()
+            try:
+                _loaded_identities[key] = PKey.from_path(path)
+            except Exception:  # noqa: BLE001 - paramiko says what is wrong when it reads the file itself
+                _loaded_identities[key] = None
+        return _loaded_identities[key]
 
 
 class KeptConnections:

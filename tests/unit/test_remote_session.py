@@ -315,3 +315,36 @@ def test_a_run_asks_for_three_descriptors_per_connection_at_once(monkeypatch, tm
 
 def result_of(target: remote.Target) -> remote.HostResult:
     return remote.HostResult(target.name, target.address, True, 0, "", "", 1.0)
+
+
+def _openssh_ed25519(path, password: bytes | None = None) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    path.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption
+        )
+    )
+
+
+def test_the_identity_file_is_read_once_per_run_and_again_when_it_changes(tmp_path):
+    path = tmp_path / "id_ed25519"
+    _openssh_ed25519(path)
+    first = remote._identity(path)
+    assert first is not None and remote._identity(path) is first
+    _openssh_ed25519(path)
+    os.utime(path, ns=(1, 1))  # a new mtime even within the clock's resolution
+    again = remote._identity(path)
+    assert again is not None and again.get_base64() != first.get_base64()
+
+
+def test_an_identity_that_does_not_load_is_left_for_paramiko_to_read_and_explain(tmp_path, client_key):
+    encrypted = tmp_path / "id_encrypted"
+    _openssh_ed25519(encrypted, b"secret")
+    assert remote._identity(encrypted) is None
+    assert remote._identity(tmp_path / "missing") is None
+    with ssh_server(client_key[0], Answer()) as server:
+        [result] = remote.run([target("a", server)], "true", settings_for(tmp_path, server, encrypted))
+    assert not result.ok and result.error
