@@ -352,11 +352,12 @@ def check_part(fleet: Fleet, size: int, parallel: int) -> None:
     output = directory / "pssh-out"
     groups = len(check.SSH_CHECKS) // 2  # ssh, disk and frozen: one mount each
     found: dict[str, list[str]] = {}
+    problems: list[str] = []
 
     def igops() -> Sample:
         argv = [fleet.igops, "-c", str(inventory), "check", "--json", "--timeout", str(CHECK_TIMEOUT_S)]
         done = _complain(spawn([*argv, *check.SSH_CHECKS], env=fleet.igops_env, cwd=ROOT), "igops check")
-        found.update(_check_statuses(done))
+        found.update(_check_statuses(done, problems))
         return Sample.of(done, sum(statuses == ["OK"] * groups for statuses in found.values()), first=False)
 
     def pssh() -> Sample:
@@ -397,10 +398,13 @@ def check_part(fleet: Fleet, size: int, parallel: int) -> None:
         f"({', '.join(f'{count} {status}' for status, count in sorted(counts.items())) or 'none'})",
         flush=True,
     )
+    for problem in problems:
+        print(f"  {problem}", flush=True)
 
 
-def _check_statuses(done: Spawned) -> dict[str, list[str]]:
-    """Each target's statuses in `igops check --json` (ssh of "t7"; disk and frozen of "t7:/dev/shm")."""
+def _check_statuses(done: Spawned, problems: list[str]) -> dict[str, list[str]]:
+    """Each target's statuses in `igops check --json` (ssh of "t7"; disk and frozen of "t7:/dev/shm");
+    what is not OK is added to `problems`, as check, target, status and summary."""
     try:
         results = json.loads("\n".join(done.stdout))["data"]["results"]
     except (ValueError, KeyError, TypeError):
@@ -408,6 +412,8 @@ def _check_statuses(done: Spawned) -> dict[str, list[str]]:
     statuses: dict[str, list[str]] = {}
     for result in results:
         statuses.setdefault(result["target"].split(":", 1)[0], []).append(result["status"])
+        if result["status"] != "OK":
+            problems.append(f"{result['check']} {result['target']}: {result['status']}, {result['summary']}")
     return statuses
 
 

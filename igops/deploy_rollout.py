@@ -178,7 +178,7 @@ class Rollout:
                 to_put_back.clear()
                 for name in batch:
                     self.outcomes[name].in_lb = False if self.app.lbs else None
-                    self.record.host(name, "drained")
+                self.record.hosts(dict.fromkeys(batch, "drained"))
                 passed, failed = self.switcher.switch_and_gate(batch, number + plan.batch_offset)
                 self.failures += len(failed)
                 if too_many_failures(self.failures, plan.max_fail):
@@ -372,7 +372,7 @@ class Rollout:
                 return
             for name in names:
                 self.outcomes[name].in_lb = True
-                self.record.host(name, self.outcomes[name].state)
+            self.record.hosts({name: self.outcomes[name].state for name in names})
             self.rotation.release(names)
 
     def _lb_change(
@@ -434,7 +434,7 @@ class Rollout:
     def _outcome(self, name: str, state: str, detail: str | None = None) -> None:
         self.outcomes[name].state = state
         self.outcomes[name].detail = detail
-        self.record.host(name, state)
+        self.record.hosts({name: state})
 
 
 def execute(

@@ -36,6 +36,7 @@ class HostSwitcher:
         switched = self._switch(batch, lambda _: target, self.plan.kind)
         to_gate = []
         failed: list[str] = []
+        states = {}
         for name in batch:
             answer, error, answered = switched[name]
             outcome = self.outcomes[name]
@@ -57,7 +58,8 @@ class HostSwitcher:
             else:
                 outcome.release = target
                 to_gate.append(name)
-            self.record.host(name, f"switched to {target}" if answer else outcome.state)
+            states[name] = f"switched to {target}" if answer else outcome.state
+        self.record.hosts(states)
         gates = self._gate(to_gate, lambda _: target)
         passed = []
         for name in to_gate:
@@ -110,6 +112,7 @@ class HostSwitcher:
             outcome.release = before(name)
             to_gate.append(name)
         gates = self._gate(to_gate, before)
+        states = {}
         for name in to_gate:
             outcome = self.outcomes[name]
             reason = why or outcome.detail
@@ -119,7 +122,8 @@ class HostSwitcher:
             else:
                 outcome.detail = f"{reason}; back on {before(name)} but unhealthy there too: {gates[name].detail}"
                 outcome.state = FAILED
-            self.record.host(name, f"switched back to {before(name)}")
+            states[name] = f"switched back to {before(name)}"
+        self.record.hosts(states)
 
     def _switch(
         self, names: list[str], release_of: Callable[[str], str], action: str

@@ -348,3 +348,14 @@ def test_an_identity_that_does_not_load_is_left_for_paramiko_to_read_and_explain
     with ssh_server(client_key[0], Answer()) as server:
         [result] = remote.run([target("a", server)], "true", settings_for(tmp_path, server, encrypted))
     assert not result.ok and result.error
+
+
+def test_an_open_connection_wakes_its_thread_once_a_second_when_idle(tmp_path, client_key):
+    with ssh_server(client_key[0], Answer()) as server:
+        settings = settings_for(tmp_path, server, client_key[1])
+        client = remote._client(target("a", server), settings)
+        try:
+            transport = remote._open(client, target("a", server), settings)
+            assert transport.sock.gettimeout() == remote.IDLE_WAKE_S
+        finally:
+            client.close()
