@@ -196,6 +196,20 @@ def redis_healthy(lab) -> str | None:
     return redis["app_master"] if not redis["problems"] else None
 
 
+def redis_settles(lab) -> bool:
+    """Whether what a continuation left may still become healthy on its own: a replica it
+    repointed reports its link up and its lag gone a moment later. Once every node answers and
+    every replica's link is up, nothing moves by itself: the app writing to a replica, or a
+    second master, is what an abort past the promotion left, and only a switchover changes it
+    (a rerun, which its plan accepts only once those links are up)."""
+    redis = redis_state(lab)
+    nodes, app_master = redis["nodes"], redis["app_master"]
+    steady = all(node["role"] == "master" or (node["role"] == "replica" and node["link"] == "up") for node in nodes)
+    masters = [node["name"] for node in nodes if node["role"] == "master"]
+    app_on_a_replica = any(node["name"] == app_master and node["role"] == "replica" for node in nodes)
+    return not (steady and (app_on_a_replica or len(masters) > 1))
+
+
 def steps_planned(lab, *argv: str) -> int:
     """How many steps the dry run of `argv` plans."""
     result, envelope = igops(lab, *argv, "--dry-run")
@@ -249,7 +263,7 @@ KINDS = {
         redis_healthy,
         redis_one_place_to_write,
         lambda lab: [],  # a CLIENT PAUSE ends by its own timeout
-        lambda lab: True,  # a replica the continuation repointed reports in sync a moment later
+        redis_settles,
     ),
 }
 
