@@ -84,7 +84,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import sshfleet  # noqa: E402
-from bench.measure import Spawned, spawn  # noqa: E402
+from bench.measure import Spawned, machine_busy_seconds, spawn  # noqa: E402
 
 SIZES = [1, 10, 50, 100, 300, 1000]
 REPEATS = 3
@@ -115,6 +115,7 @@ class Sample:
     ok: int
     sshd_cpu: float = 0.0
     settled: bool = True
+    machine_cpu: float = 0.0
 
     @classmethod
     def of(cls, spawned: Spawned, ok: int, first: bool = True) -> Sample:
@@ -139,6 +140,7 @@ def median_of(samples: list[Sample]) -> Sample:
         min(sample.ok for sample in samples),
         statistics.median(sample.sshd_cpu for sample in samples),
         all(sample.settled for sample in samples),
+        statistics.median(sample.machine_cpu for sample in samples),
     )
 
 
@@ -175,7 +177,9 @@ class Fleet:
         """The action's figures, with the sshd CPU it caused once every login it made has ended."""
         self.sshd.settle()  # what ran before is counted before
         before = self.sshd.seconds()
+        busy = machine_busy_seconds()
         sample = action()
+        sample.machine_cpu = machine_busy_seconds() - busy
         sample.settled = self.sshd.settle()
         sample.sshd_cpu = self.sshd.seconds() - before
         return sample
@@ -185,7 +189,8 @@ class Fleet:
 
 HEADER = (
     f"{'N':>5} {'client':<16} {'wall s':>7} {'client CPU s':>12} {'CPU ms/host':>11} {'peak RSS MiB':>12} "
-    f"{'1st result s':>12} {'sshd CPU s':>10} {'sshd ms/host':>12} {'wall/floor':>10} {'ok':>11}"
+    f"{'1st result s':>12} {'sshd CPU s':>10} {'sshd ms/host':>12} {'machine CPU s':>13} {'wall/floor':>10} "
+    f"{'ok':>11}"
 )
 
 
@@ -199,7 +204,8 @@ def row(size: int, name: str, sample: Sample, cores: int) -> str:
     return (
         f"{size:>5} {name:<16} {sample.wall:>7.2f} {sample.cpu:>12.2f} {sample.cpu / size * 1000:>11.1f} "
         f"{sample.rss_kib / 1024:>12.1f} {first:>12} {sample.sshd_cpu:>10.2f} "
-        f"{sample.sshd_cpu / size * 1000:>12.1f} {versus_floor:>10} {f'{sample.ok}/{size}':>11}{flags}"
+        f"{sample.sshd_cpu / size * 1000:>12.1f} {sample.machine_cpu:>13.2f} {versus_floor:>10} "
+        f"{f'{sample.ok}/{size}':>11}{flags}"
     )
 
 
@@ -602,8 +608,10 @@ it waited for (os.wait4 on its pid). CPU ms/host, sshd ms/host: per target. peak
 ru_maxrss from the same wait4, its largest single process (parallel-ssh's ssh processes are not
 summed). 1st result s: start to the first host's result line on stdout. sshd CPU s: the fleet's
 listening sshd's utime+stime+cutime+cstime (/proc/PID/stat) once every login is reaped, less
-before: every login and what it ran. wall/floor: wall / (sshd CPU / {cores} cores, os.cpu_count());
-1.0x is a run bound by the targets' sshd alone. ok: targets the run shows succeeded."""
+before: every login and what it ran. machine CPU s: every process's CPU on the machine from the
+client's start to its exit (/proc/stat: the client, the targets, the kernel's own work).
+wall/floor: wall / (sshd CPU / {cores} cores, os.cpu_count()); 1.0x is a run bound by the
+targets' sshd alone. ok: targets the run shows succeeded."""
 
 
 def main() -> None:
