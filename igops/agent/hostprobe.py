@@ -4,10 +4,12 @@ Usage: hostprobe.py STALL_SECONDS [MOUNT ...]. Prints one JSON object and exits 
 
 A write to a frozen filesystem sleeps uninterruptibly until the thaw, so the write is made by a
 child in its own session that this program never waits on for longer than STALL_SECONDS. The
-child holds a per-mount flock for as long as its write is blocked: a later run that finds the
-lock held by a write older than STALL_SECONDS reports the mount frozen at once and starts no new
-writer, so repeated runs (cron) leave at most one stuck process per frozen mount. The kernel
-drops the lock when that writer finally finishes. statvfs and reads do not block while frozen.
+child holds a per-mount flock for as long as its write is blocked, and records in the lock file
+when its write began, its pid, and when the write ended: a later run that finds the lock held by
+a writer still alive whose write began more than STALL_SECONDS ago reports the mount frozen at
+once and starts no new writer, so repeated runs (cron) leave at most one stuck process per frozen
+mount. The kernel drops the lock when that writer finally finishes. statvfs and reads do not
+block while frozen.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 PROBE_FILE = ".igops-write-check"
 # How long a probe waits its turn behind others that keep the lock changing hands, in stalls.
 QUEUE_STALLS = 10
+# The lock file's record, padded so that each write replaces the whole of the one before.
+RECORD_BYTES = 64
 
 
 def lock_dir() -> str | None:
@@ -53,8 +57,12 @@ def space(mount: str) -> dict[str, int | bool]:
     }
 
 
-def writer(mount: str, lock_fd: int, report_fd: int) -> NoReturn:
-    """The child: one small write at the mount's root; its outcome goes down the pipe."""
+def writer(mount: str, lock_fd: int, report_fd: int, start: float) -> NoReturn:
+    """The child: one small write at the mount's root, recorded in the lock file before and after
+    (a failed write's end is negative: no probe takes it for a healthy one); its outcome goes down
+    the pipe."""
+    pid = os.getpid()
+    write_record(lock_fd, start, 0, pid)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for stream in (0, 1, 2):
@@ -66,9 +74,11 @@ def writer(mount: str, lock_fd: int, report_fd: int) -> NoReturn:
         finally:
             os.close(fd)
         outcome = "ok"
+        write_record(lock_fd, start, time.time(), pid)
     except OSError as exc:
         code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno is not None else None
         outcome = f"error {code} {exc.strerror}"
+        write_record(lock_fd, start, -time.time(), pid)
     try:
         os.write(report_fd, outcome.encode())
     except OSError:
@@ -80,13 +90,38 @@ def lock_path(locks: str, mount: str) -> str:
     return os.path.join(locks, hashlib.sha1(mount.encode()).hexdigest()[:16] + ".lock")
 
 
-def lock_record(lock_fd: int) -> tuple[float | None, float | None]:
-    """(start, completed) of the last write made under the lock; either may be None."""
+def write_record(lock_fd: int, start: float, ended: float, pid: int) -> None:
+    os.pwrite(lock_fd, f"{start:.3f} {ended:.3f} {pid}".ljust(RECORD_BYTES).encode(), 0)
+
+
+def lock_record(lock_fd: int) -> tuple[float | None, float | None, int | None]:
+    """(start, ended, writer's pid) of the last write made under the lock: `ended` is 0 while the
+    write is under way and negative when it failed; any may be None (an older or partial record)."""
     try:
-        fields = [float(field) for field in os.pread(lock_fd, 64, 0).decode().split()]
+        fields = os.pread(lock_fd, RECORD_BYTES, 0).decode().split()
+        start = float(fields[0]) if fields else None
+        ended = float(fields[1]) if len(fields) > 1 else None
+        pid = int(fields[2]) if len(fields) > 2 else None
     except ValueError:
-        fields = []
-    return (fields[0] if fields else None), (fields[1] if len(fields) > 1 else None)
+        return None, None, None
+    return start, ended, pid
+
+
+def still_writing(pid: int) -> bool:
+    """Whether the writer `pid` lives (a zombie has let go of the lock already)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 def writable(mount: str, stall: float, locks: str | None) -> tuple[bool | None, str | None]:
@@ -106,25 +141,25 @@ def writable(mount: str, stall: float, locks: str | None) -> tuple[bool | None, 
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                start, completed = lock_record(lock_fd)
-                # Only a write under way can be blocked; a holder with a finished record is about
-                # to let go, or to start a write of its own.
-                if start and not completed and time.time() - start > stall:
+                start, ended, pid = lock_record(lock_fd)
+                # Only a write under way can be blocked, and only while its writer lives. Any other
+                # record is the last write's: its holder is about to let go, or has just taken the
+                # lock and not yet started a writer (a record left by a probe that gave up on a
+                # slow writer read as a write blocked for minutes: false CRITICALs at 1,000 hosts).
+                if start and ended == 0 and pid and still_writing(pid) and time.time() - start > stall:
                     return False, f"a write has been blocked for {time.time() - start:.1f} s"
                 if time.monotonic() > give_up:
                     return None, f"other probes of this mount held its lock for {QUEUE_STALLS * stall:g} s"
                 time.sleep(0.01)
-        _, completed = lock_record(lock_fd)
-        if completed and 0 <= time.time() - completed < stall:
+        _, ended, _ = lock_record(lock_fd)
+        if ended and 0 <= time.time() - ended < stall:
             return True, None
         start = time.time()
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{start:.3f}".encode(), 0)
         read_end, write_end = os.pipe()
         child = os.fork()
         if child == 0:
             os.close(read_end)
-            writer(mount, lock_fd, write_end)
+            writer(mount, lock_fd, write_end, start)
         os.close(write_end)
         try:
             ready, _, _ = select.select([read_end], [], [], stall)
@@ -133,7 +168,6 @@ def writable(mount: str, stall: float, locks: str | None) -> tuple[bool | None, 
             outcome = os.read(read_end, 200).decode(errors="replace")
             os.waitpid(child, 0)
             if outcome == "ok":
-                os.pwrite(lock_fd, f"{start:.3f} {time.time():.3f}".encode(), 0)
                 return True, None
             return False, outcome or "the writer died"
         finally:

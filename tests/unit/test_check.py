@@ -488,14 +488,15 @@ def probe_answer(probe: subprocess.Popen) -> dict:
 def test_a_probe_waits_its_turn_behind_healthy_writers_and_takes_a_fresh_write_as_its_answer(probe_lock):
     # Overlapping probes of one mount (cron and a person, or hosts sharing a kernel) queue on the
     # lock; here writes that each finish in 20 ms keep it changing hands for three stalls' worth.
+    from igops.agent import hostprobe
+
     probe = start_probe()
     until = time.monotonic() + 1.5
     while time.monotonic() < until:
         started = time.time()
-        os.ftruncate(probe_lock, 0)
-        os.pwrite(probe_lock, f"{started:.3f}".encode(), 0)
+        hostprobe.write_record(probe_lock, started, 0, os.getpid())
         time.sleep(0.02)
-        os.pwrite(probe_lock, f"{started:.3f} {time.time():.3f}".encode(), 0)
+        hostprobe.write_record(probe_lock, started, time.time(), os.getpid())
         time.sleep(0.005)
     fcntl.flock(probe_lock, fcntl.LOCK_UN)
     answer = probe_answer(probe)
@@ -503,12 +504,44 @@ def test_a_probe_waits_its_turn_behind_healthy_writers_and_takes_a_fresh_write_a
 
 
 def test_a_write_under_way_for_longer_than_the_stall_reads_as_frozen_at_once(probe_lock):
-    os.ftruncate(probe_lock, 0)
-    os.pwrite(probe_lock, f"{time.time() - 1:.3f}".encode(), 0)
-    started = time.monotonic()
-    answer = probe_answer(start_probe())
+    from igops.agent import hostprobe
+
+    with subprocess.Popen(["sleep", "30"]) as blocked_writer:
+        try:
+            hostprobe.write_record(probe_lock, time.time() - 1, 0, blocked_writer.pid)
+            started = time.monotonic()
+            answer = probe_answer(start_probe())
+        finally:
+            blocked_writer.kill()
     assert answer["writable"] is False and answer["detail"].startswith("a write has been blocked for "), answer
     assert time.monotonic() - started < 5
+
+
+def test_a_record_left_by_a_writer_that_is_gone_is_not_a_blocked_write(probe_lock):
+    """A probe that gave up on a slow writer leaves a record of a write under way; while the next
+    holder has the lock and has not started its writer yet, that record is not a frozen mount."""
+    from igops.agent import hostprobe
+
+    with subprocess.Popen(["true"]) as gone:
+        gone.wait()
+    hostprobe.write_record(probe_lock, time.time() - 100, 0, gone.pid)
+    probe = start_probe()
+    time.sleep(0.3)
+    fcntl.flock(probe_lock, fcntl.LOCK_UN)
+    answer = probe_answer(probe)
+    assert answer["writable"] is True and answer["detail"] is None, answer
+
+
+def test_a_failed_write_is_no_answer_for_the_probes_after_it(probe_lock):
+    from igops.agent import hostprobe
+
+    hostprobe.write_record(probe_lock, time.time(), -time.time(), os.getpid())
+    assert hostprobe.lock_record(probe_lock)[1] < 0
+    fcntl.flock(probe_lock, fcntl.LOCK_UN)
+    answer = probe_answer(start_probe())
+    assert answer["writable"] is True, "the probe wrote for itself"
+    start, ended, pid = hostprobe.lock_record(probe_lock)
+    assert start is not None and ended is not None and ended > start and pid != os.getpid()
 
 
 # --- a paused PgBouncer database ----------------------------------------------------------
