@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from igops.errors import UsageError
 
@@ -70,12 +70,13 @@ class HostResult:
 
 
 TIMED_OUT = "command timed out after"
-# The PATH init gives a host's services (systemd's default), whatever a login shell puts first.
+T = TypeVar("T")
 # How often an open connection's paramiko thread wakes when nothing arrives (paramiko's own 0.1 s
 # is for noticing a close, which igops never waits on): a deploy holds an agent's connection to
 # every host for the whole run, and 1,000 of them woke 10,000 times a second, half of the run's
 # client CPU. Data still wakes the thread at once.
 IDLE_WAKE_S = 1.0
+# The PATH init gives a host's services (systemd's default), whatever a login shell puts first.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -291,23 +292,40 @@ def _hashed_name(name: str) -> tuple[bytes, bytes] | None:
     return (salt, digest) if canonical and len(salt) == len(digest) == 20 else None
 
 
-_parsed_known_hosts: dict[tuple[str, int, int], KnownHosts] = {}
-_parsed_known_hosts_lock = threading.Lock()
+class _ReadOnce(Generic[T]):
+    """A file's contents as `load` makes them, read once per run and again whenever the file
+    changes (its mtime or size)."""
+
+    def __init__(self, load: Callable[[Path], T]):
+        self._load = load
+        self._lock = threading.Lock()
+        self._read: tuple[tuple[str, int, int], T] | None = None
+
+    def get(self, path: Path) -> T:
+        status = path.stat()
+        key = (str(path), status.st_mtime_ns, status.st_size)
+        with self._lock:
+            if self._read is None or self._read[0] != key:
+                self._read = (key, self._load(path))
+            return self._read[1]
+
+
+def _load_identity(path: Path) -> PKey | None:
+    from paramiko import PKey
+
+    try:
+        return PKey.from_path(path)
+    except Exception:  # noqa: BLE001 - paramiko says what is wrong when it reads the file itself
+        return None
+
+
+_known_hosts_files = _ReadOnce(KnownHosts.read)
+_identity_files = _ReadOnce(_load_identity)
 
 
 def _known_host_keys(path: Path) -> KnownHosts:
     """The known_hosts file, parsed once per run and again whenever it changes."""
-    status = path.stat()
-    key = (str(path), status.st_mtime_ns, status.st_size)
-    with _parsed_known_hosts_lock:
-        if key not in _parsed_known_hosts:
-            _parsed_known_hosts.clear()
-            _parsed_known_hosts[key] = KnownHosts.read(path)
-        return _parsed_known_hosts[key]
-
-
-_loaded_identities: dict[tuple[str, int, int], PKey | None] = {}
-_loaded_identities_lock = threading.Lock()
+    return _known_hosts_files.get(path)
 
 
 def _identity(path: Path) -> PKey | None:
@@ -315,21 +333,10 @@ def _identity(path: Path) -> PKey | None:
     once per run and again whenever it changes: given the file, paramiko reads it again for every
     connection and tries each key type in turn until one parses. None when it does not load here
     (missing, encrypted, unknown type)."""
-    from paramiko import PKey
-
     try:
-        status = path.stat()
+        return _identity_files.get(path)
     except OSError:
         return None
-    key = (str(path), status.st_mtime_ns, status.st_size)
-    with _loaded_identities_lock:
-        if key not in _loaded_identities:
-            _loaded_identities.clear()
-            try:
-                _loaded_identities[key] = PKey.from_path(path)
-            except Exception:  # noqa: BLE001 - paramiko says what is wrong when it reads the file itself
-                _loaded_identities[key] = None
-        return _loaded_identities[key]
 
 
 class KeptConnections:
