@@ -8,9 +8,10 @@ alive: a resumed or aborted operation must never race the process that started i
   switchovers, failovers and rejoins read the live cluster and finish or roll back whatever
   an interrupted run left (igops.failover), so the plan is always the one for now.
 - abort reads the journal: for every step that started, its release (RESUME a paused pooler)
-  and, unless a step past the point of no return had started, its undo (start the stopped old
-  primary again), run in reverse order by the kind's actions; it names each step it could not
-  undo.
+  and, unless a step past the point of no return had started or a started step's probe finds
+  it took effect (a promotion that completed after the run was cut off), its undo (start the
+  stopped old primary again), run in reverse order by the kind's actions; it names each step
+  it could not undo.
 - a shard move, or the move a rebalance was in, is finished or rolled back from the move's own
   journal in the directory database (igops.shards), whose id the operation journaled.
 - a snapshot create cannot go on from where it stopped (its freeze, the point in time its
@@ -28,7 +29,7 @@ from igops import failover
 from igops.errors import AlreadyRunning, RefusedError
 from igops.operations import conflicts, journal
 from igops.operations.engine import OperationSpec
-from igops.operations.steps import Step, execute, from_spec
+from igops.operations.steps import Step, execute, from_spec, took_effect
 from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
@@ -150,12 +151,12 @@ def _redis_plan(
     return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def recovery_steps(entries: list[dict[str, Any]]) -> tuple[list[Step], list[str]]:
+def recovery_steps(entries: list[dict[str, Any]], took_effect: bool = False) -> tuple[list[Step], list[str]]:
     """From a journal: the steps an abort runs (releases always, undos unless the operation
-    had started a step past its point of no return), newest first, and the titles of the
-    steps that ran and that nothing undoes."""
+    had started a step past its point of no return, or a step's probe found it `took_effect`),
+    newest first, and the titles of the steps that ran and that nothing undoes."""
     started = [entry for entry in entries if entry.get("event") == "intent" and entry.get("step")]
-    past_no_return = any(entry.get("point_of_no_return") for entry in started)
+    past_no_return = took_effect or any(entry.get("point_of_no_return") for entry in started)
     undos: list[Step] = []
     releases: list[Step] = []
     not_undone: list[str] = []
@@ -175,6 +176,18 @@ def recovery_steps(entries: list[dict[str, Any]]) -> tuple[list[Step], list[str]
 
 # The release a pg role change's first step holds until its last (igops.pg.plan_steps).
 REPMGRD_UNPAUSE = "unpause_repmgrd"
+
+
+def effect_probes(entries: list[dict[str, Any]]) -> list[tuple[str, Step]]:
+    """The probes of the started steps that say whether they took effect (igops.operations.steps),
+    each with the step it probes: whether such a step ended, failed or was cut off, its effect
+    may have happened, and then an abort must roll forward."""
+    probes: dict[str, tuple[str, Step]] = {}
+    for entry in entries:
+        if entry.get("event") == "intent" and entry.get("took_effect"):
+            probe = from_spec(entry["took_effect"])
+            probes.setdefault(repr(probe), (f"[{entry['step']}] {entry.get('title')}", probe))
+    return list(probes.values())
 
 
 def unreleased(entries: list[dict[str, Any]], action: str) -> list[Step]:
@@ -398,7 +411,6 @@ def plan_abort(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any
         return _snapshot_continuation(fleet, record, resume=False)
     if kind in SHARD_KINDS:
         return _shard_move_continuation(fleet, record, entries, resume=False)
-    steps, not_undone = recovery_steps(entries)
     if kind.startswith("pg-"):
         actions_for: Callable[[], Any] | None = lambda: failover.PgActions(fleet)  # noqa: E731
         resources = [conflicts.pg_cluster(c) for c in _clusters(record)]
@@ -408,6 +420,10 @@ def plan_abort(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any
     else:
         actions_for = None
         resources = [tuple(resource) for resource in record.get("resources") or []]
+    # Asked now, so that the plan (and its dry run) is the one that runs.
+    effects = _effects_found(actions_for, effect_probes(entries)) if actions_for else []
+    steps, not_undone = recovery_steps(entries, took_effect=bool(effects))
+    not_undone = [*effects, *not_undone]
     if steps and actions_for is None:
         raise RefusedError(f"{kind} journals no undo igops can run", "see igops ops show " + record["id"])
     title = f"Abort {record['id']} ({record.get('title')})"
@@ -429,6 +445,18 @@ def plan_abort(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any
         return {"undone": [step.title for step in steps], "not_undone": not_undone}
 
     return Continuation(spec, run, not_undone)
+
+
+def _effects_found(actions_for: Callable[[], Any], probes: list[tuple[str, Step]]) -> list[str]:
+    if not probes:
+        return []
+    actions = actions_for()
+    try:
+        return [f"{step}: it took effect: {found}" for step, probe in probes if (found := took_effect(actions, probe))]
+    finally:
+        close = getattr(actions, "close", None)
+        if close:
+            close()
 
 
 def _clusters(record: dict[str, Any]) -> list[str]:

@@ -39,12 +39,17 @@ class Step:
     # From the start of this step, failures roll forward, never back: an interrupted promotion may
     # still complete, so the old primary must never be started again.
     point_of_no_return: bool = False
+    # Asked only when this step fails or is cut off short of its point of no return: an action
+    # that says what shows the step took effect anyway (a promotion that completed after its wait
+    # gave up), or '' if it did not. Once it did, failures roll forward as past that point: no
+    # undo may start a second primary or drop what the promoted one keeps for the old one.
+    took_effect: Step | None = None
 
 
 @dataclass
 class StepReport:
     title: str
-    outcome: str  # 'ok', 'failed', 'undone', 'undo failed', 'released', 'release failed'
+    outcome: str  # 'ok', 'failed', 'took effect', 'undone', 'undo failed', 'released', 'release failed'
     detail: str | None = None
 
 
@@ -138,6 +143,7 @@ def execute(
                     announce(
                         undo=spec(step.undo),
                         release=spec(step.release),
+                        took_effect=spec(step.took_effect),
                         point_of_no_return=past_point_of_no_return or step.point_of_no_return,
                     )
                 # A step that could not begin (its lease lost) is not past its point of no return.
@@ -148,12 +154,28 @@ def execute(
                         record.detail = detail
                 done.append(StepReport(step.title, "ok", detail or None))
         except BaseException as error:  # noqa: BLE001 - Ctrl-C and signals must undo and resume too
-            with interrupts.recovery():
-                recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
-                state = _left_behind(left_behind) if left_behind else None
             failed = step or Step("before the first step", "")
+            with interrupts.recovery():
+                # The last step started, whether it failed or a signal came after it ended.
+                found = ""
+                if failed.took_effect is not None and not past_point_of_no_return:
+                    found = took_effect(actions, failed.took_effect)
+                    past_point_of_no_return = bool(found)
+                recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
+                if found:  # why nothing was undone
+                    recovery.insert(0, StepReport(failed.title, "took effect", found))
+                state = _left_behind(left_behind) if left_behind else None
             raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint, state) from error
     return done
+
+
+def took_effect(actions: Any, probe: Step) -> str:
+    """What the probe of a failed or cut-off step found it did, or '' if nothing. A probe that
+    cannot tell counts as having found it did: rolling forward is what cannot make two primaries."""
+    try:
+        return str(getattr(actions, probe.action)(*probe.args) or "")
+    except Exception as exc:  # noqa: BLE001 - unknown must not be read as "did not"
+        return f"unknown whether it took effect ({describe(exc)})"
 
 
 def _left_behind(left_behind: Callable[[], str]) -> str:

@@ -330,8 +330,24 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     if member.state == "hung":
         reasons.append(f"{node}'s postmaster runs but does not answer")
     refuse_or_force(state, reasons, accept_risk, plan.forced, "make sure nothing on it is needed, then --accept-risk")
+    # repmgr node rejoin connects to the primary repmgr's metadata names: after a promotion
+    # whose run ended before it registered the new primary, that is the node rejoining.
+    primary_records = [record.name for record in view.repmgr if record.type == "primary" and record.active]
+    register = (
+        [
+            Step(
+                f"{primary}: record it as the primary in repmgr's metadata (repmgr primary register --force; "
+                f"it records {', '.join(primary_records) or 'none'})",
+                "register_primary",
+                (primary,),
+            )
+        ]
+        if view.repmgr and primary_records != [primary]
+        else []
+    )
     plan.actions = with_repmgrd_paused(
         [
+            *register,
             *rejoin_steps(
                 node,
                 primary,

@@ -110,8 +110,14 @@ def switchover_steps(
         ),
         _reserve_rejoin_wal_step(candidate, primary),
         # A failed promotion is undone (the old primary started again) only once the candidate is
-        # verified stopped and still in recovery; once it is promoted, failures roll forward.
-        Step(f"{candidate}: promote (pg_promote), wait until it accepts writes", "promote", (candidate,)),
+        # verified stopped and still in recovery; once it is promoted, failures roll forward: the
+        # probe asks before any undo runs, for the dropped slot of the old primary's rejoin too.
+        Step(
+            f"{candidate}: promote (pg_promote), wait until it accepts writes",
+            "promote",
+            (candidate,),
+            took_effect=Step(f"{candidate}: is it out of recovery?", "promoted", (candidate,)),
+        ),
         Step(
             f"PgBouncer: point {bouncer_text(databases)} at {candidate} ({candidate_address}), RELOAD",
             "repoint",

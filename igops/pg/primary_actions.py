@@ -355,6 +355,18 @@ class PromotionActions:
             )
         return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
 
+    def promoted(self, node: str) -> str:
+        """What shows a promotion cut off after it was asked completed anyway, or ''."""
+        try:
+            connection = postgres.connect(self.fleet, self._host(node))
+            try:
+                in_recovery = postgres.server_state(connection).in_recovery
+            finally:
+                connection.close()
+        except postgres.Unavailable:
+            return ""  # not answering: the old primary's undo stops it and reads its control file first
+        return "" if in_recovery else f"{node} is out of recovery: it was promoted"
+
     def log_cause(self, node: str) -> str:
         """The last PANIC, FATAL or ERROR in a member's Postgres log, and where that log is: the
         `-l` file of repmgr's service_start_command, else the newest file of the logging collector."""

@@ -366,6 +366,92 @@ def test_the_old_primary_rejoins_after_the_new_one_moved_on_several_segments(hom
     assert wait_for(lambda: pg_healthy(lab), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
 
 
+# igops with the switchover's promotion ended by a fault as soon as db2 is promoted: SIGKILL (the
+# run is cut off between its promotion and the repoint), or an error (a wait that gave up on a
+# promotion that completed anyway).
+PROMOTED_THEN = """
+import os, signal, sys
+from igops.errors import IgopsError
+from igops.pg.actions import PgActions
+
+promote = PgActions.promote
+fault = sys.argv[1]
+
+
+def promote_then_fault(self, node):
+    promote(self, node)
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise IgopsError(f"{node} did not finish promoting in time", "see its Postgres log")
+
+
+PgActions.promote = promote_then_fault
+sys.argv = ["igops", *sys.argv[2:]]
+from igops.launcher import main
+
+main()
+"""
+
+
+def rejoin_slots(lab, node: str) -> list[str]:
+    from igops import postgres
+
+    connection = postgres.connect(lab, lab.host(node))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT slot_name FROM pg_replication_slots WHERE NOT active")
+            return [row[0] for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("fault", ["kill", "error"])
+def test_a_promotion_that_completed_as_its_run_was_cut_off_is_rolled_forward_never_back(home, tmp_path, fault):
+    """The promotion took effect, the run did not get to say so: neither the run's own recovery
+    (an error) nor `ops abort` (a SIGKILL) may start the old primary again or drop the slot that
+    keeps its WAL for the rejoin. They say the promotion took effect; a rerun finishes."""
+    lab = home
+    with Load(lab, tmp_path, duration=600) as load:
+        cut_off = subprocess.run(
+            [sys.executable, "-c", PROMOTED_THEN, fault, "-c", str(lab.source)]
+            + ["pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes", "--reason", f"promotion then {fault}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        if fault == "kill":
+            assert cut_off.returncode == -9, cut_off.stderr[-3000:]
+            ttl = lab.model.coordination.lease_ttl
+            record = interrupted_run(lab, "pg-switchover", Kill(8, cut_off_pid(lab)), ttl + 5)
+            assert record is not None
+            deadline = lab.model.coordination.lease_ttl + lab.model.pgbouncer.watchdog_deadline
+            assert wait_for(lambda: not pg_state(lab)["paused"], deadline, interval=0.5), "PgBouncer still paused"
+            done, answer = igops(lab, "ops", "abort", record["id"], "--yes")
+            assert done.returncode == 0, done.stderr[-3000:]
+            found = answer["data"]["not_undone"][0]
+            assert f"it took effect: {OTHER_PRIMARY} is out of recovery" in found, answer["data"]
+        else:
+            assert cut_off.returncode == ExitCode.FAILED, cut_off.stderr[-3000:]
+            assert f"took effect ({OTHER_PRIMARY} is out of recovery: it was promoted)" in cut_off.stderr
+        assert pg_writable(lab) == [OTHER_PRIMARY], pg_state(lab)
+        assert rejoin_slots(lab, OTHER_PRIMARY), "the slot that keeps the old primary's WAL was dropped"
+        rerun, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert wait_for(lambda: pg_healthy(lab), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
+        assert sign_up_succeeds(lab)
+    nothing_lost(load, [f"promotion then {fault}"])
+
+
+def cut_off_pid(lab) -> int:
+    """The pid the newest pg switchover's record names."""
+    from igops import operations_view
+
+    records = operations_view.list_operations(lab, include_ended=True).records
+    return [record for record in records if record["kind"] == "pg-switchover"][-1]["pid"]
+
+
 def snapshot_groups(lab, host: str) -> dict[str, str]:
     """group id -> state, of the host's snapshot groups."""
     from igops import snapshot

@@ -221,6 +221,7 @@ def test_switchover_stops_before_it_promotes_and_undoes_only_before_it_repoints(
     # nothing is.
     promote = steps[actions.index("promote")]
     assert not promote.point_of_no_return and promote.args == ("db2",)
+    assert promote.took_effect.action == "promoted" and promote.took_effect.args == ("db2",)
     assert steps[actions.index("repoint")].point_of_no_return
     assert steps[actions.index("rejoin") - 3].action == "checkpoint"  # pg_rewind needs the new timeline
     assert ("follow", ("db3", "db2")) in [(step.action, step.args) for step in steps]
@@ -598,6 +599,64 @@ def test_a_failure_from_the_point_of_no_return_on_only_releases():
             step_runner.execute(STEPS, actions, Reporter(), "hint")
         assert actions.calls[-1] == "resume" and "start" not in actions.calls
         assert failed.value.past_point_of_no_return
+
+
+class Probed(Recorder):
+    """A Recorder whose `took` probe answers `found` (or raises it, if an exception)."""
+
+    def __init__(self, found, **kwargs):
+        super().__init__(**kwargs)
+        self.found = found
+
+    def took(self, *args):
+        self.calls.append("took")
+        if isinstance(self.found, BaseException):
+            raise self.found
+        return self.found
+
+
+PROBED = [
+    STEPS[0],
+    STEPS[1],
+    step_runner.Step("promote", "promote", took_effect=step_runner.Step("out of recovery?", "took")),
+    step_runner.Step("repoint", "repoint", point_of_no_return=True),
+]
+
+
+def test_a_step_found_to_have_taken_effect_rolls_forward_and_says_why():
+    actions = Probed("db2 is out of recovery", fail="promote")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(PROBED, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "took", "resume"]
+    assert failed.value.past_point_of_no_return
+    assert [(item.outcome, item.detail) for item in failed.value.recovery][0] == (
+        "took effect",
+        "db2 is out of recovery",
+    )
+    assert "promote: took effect (db2 is out of recovery)" in str(failed.value)
+
+
+def test_a_probe_that_cannot_tell_counts_as_taken_effect_and_one_that_found_nothing_undoes():
+    actions = Probed(IgopsError("no route to db2"), fail="promote")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(PROBED, actions, Reporter(), "hint")
+    assert "start" not in actions.calls and failed.value.past_point_of_no_return
+    assert "unknown whether it took effect (no route to db2)" in failed.value.recovery[0].detail
+    actions = Probed("", fail="promote")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(PROBED, actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "took", "start", "resume"]
+    assert not failed.value.past_point_of_no_return
+
+
+def test_a_probe_is_asked_of_the_last_step_started_even_when_it_ended():
+    # A signal between the promotion's end and the repoint: the promotion happened, so the old
+    # primary must not start again.
+    actions = Probed("db2 is out of recovery")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(SignalsBetween(PROBED, signal.SIGTERM, 3), actions, Reporter(), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "took", "resume"]
+    assert failed.value.number == 3
 
 
 def test_an_interrupt_is_recovered_from_like_a_failure():

@@ -297,6 +297,14 @@ def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_ret
     to_run, not_undone = interrupted.recovery_steps(past)
     assert [s.title for s in to_run] == ["resume"]
     assert not_undone == ["[2] stop", "[3] promote"]
+    # A promotion found to have completed after the run was cut off rolls forward the same way.
+    probe = steps.Step("db2: is it out of recovery?", "promoted", ("db2",))
+    cut_off = [*before, {**entry(3, steps.Step("promote", "promote", ("db2",))), "took_effect": steps.spec(probe)}]
+    assert interrupted.effect_probes(cut_off) == [("[3] promote", probe)]
+    assert interrupted.effect_probes(before) == []
+    to_run, not_undone = interrupted.recovery_steps(cut_off, took_effect=True)
+    assert [s.title for s in to_run] == ["resume"]
+    assert not_undone == ["[2] stop", "[3] promote"]
 
 
 def test_the_operations_check_warns_of_interrupted_and_is_critical_for_overdue_operations():
