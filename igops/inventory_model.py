@@ -108,6 +108,12 @@ class Snapshot(SnapshotPolicy):
     # A group still `taking` (or `failed`) this long after it began was left by a killed or
     # failed create: `prune` deletes it and `check` reports it. A create lasts seconds.
     stale_after_minutes: float = Field(default=60.0, gt=0)
+    # A standby's group of an archived cluster starts its WAL at the standby's newest restartpoint,
+    # which is no newer than the primary's last checkpoint: up to checkpoint_timeout or
+    # max_wal_size back, all of it replayed by every restore of the group. On: a CHECKPOINT on the
+    # primary first, replayed by the standby before its pg_backup_start, so that a restore replays
+    # only what was written since the group, for one immediate checkpoint's I/O on the primary.
+    checkpoint_primary: bool = True
     # Policies of their own, keyed by Postgres cluster and by host; the Redis set's.
     clusters: dict[str, SnapshotPolicy] = Field(default_factory=dict)
     redis: SnapshotPolicy | None = None

@@ -67,9 +67,18 @@ class CreatePlan:
     # The Postgres cluster whose WAL the group records its position in (igops.snapshot_wal): set
     # for a member's group when the fleet archives WAL, the only place that WAL can come from.
     wal_cluster: str | None = None
+    # The primary whose CHECKPOINT the standby replays before its pg_backup_start ([snapshot]
+    # checkpoint_primary): the group's WAL then starts at the group, not checkpoints back.
+    checkpoint_on: str | None = None
 
     def steps(self) -> list[str]:
         steps = [self.write_stall] if self.write_stall else []
+        if self.checkpoint_on:
+            steps.append(
+                f"on {self.checkpoint_on} (the primary): CHECKPOINT, then wait until {self.host} has replayed it "
+                f"(at most {snapshot_wal.REPLAY_WAIT_S:g} s, else go on), so that a restore of this group replays "
+                "only the WAL written since"
+            )
         if self.wal_cluster:
             steps.append(
                 f"on {self.host}: pg_backup_start (a restartpoint: where replay of {self.wal_cluster}'s archived WAL "
@@ -180,6 +189,12 @@ def plan_create(
             "wait for those snapshots to complete",
         )
     data_volumes = {item.volume_id for item in attachments if not item.root}
+    wal_cluster = snapshot_wal.cluster_of(fleet, host.name) if fleet.model.archive else None
+    checkpoint_on = (
+        snapshot_wal.primary_to_checkpoint(fleet, wal_cluster, host.name)
+        if wal_cluster and write_stall is None and fleet.model.snapshot.checkpoint_primary
+        else None
+    )
     role = next((role for role in host.roles if role != "munin"), host.roles[0] if host.roles else "none")
     pre_freeze = fleet.model.snapshot.pre_freeze.get(role) if hook else None
     return CreatePlan(
@@ -193,7 +208,8 @@ def plan_create(
         freeze_deadline=freeze_deadline,
         pre_freeze=fleet.path_for(pre_freeze, host) if pre_freeze else None,
         write_stall=write_stall,
-        wal_cluster=snapshot_wal.cluster_of(fleet, host.name) if fleet.model.archive else None,
+        wal_cluster=wal_cluster,
+        checkpoint_on=checkpoint_on,
     )
 
 
@@ -265,6 +281,13 @@ def _create(
     common: dict[str, str],
     backup: snapshot_wal.Backup | None,
 ) -> CreateResult:
+    if backup is not None and plan.checkpoint_on:
+        with reporter.step(f"CHECKPOINT on {plan.checkpoint_on}, replayed on {plan.host}") as step:
+            try:
+                step.detail = snapshot_wal.fresh_checkpoint(fleet, plan.checkpoint_on, plan.host)
+            except Exception as exc:  # noqa: BLE001 - the group is whole without it: it only replays more
+                cause = exc.message if isinstance(exc, IgopsError) else (str(exc).strip().splitlines() or ["?"])[0]
+                step.detail = f"went on without it ({cause}): the group starts at {plan.host}'s last restartpoint"
     if backup is not None:
         with reporter.step(f"pg_backup_start on {plan.host}") as step:
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ LABEL_PIECE = 250
 # A standby's pg_backup_start waits for a restartpoint: bounded, so that a stuck one fails the
 # create before anything is frozen.
 BACKUP_START_TIMEOUT_MS = 120_000
+# How long a standby may take to replay the primary's fresh checkpoint; past it, the group starts
+# from the restartpoint the standby can make (a longer replay, not a wrong one).
+REPLAY_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,54 @@ def cluster_of(fleet: Fleet, host_name: str) -> str | None:
         if host_name == cluster.primary or host_name in cluster.standbys:
             return name
     return None
+
+
+def primary_to_checkpoint(fleet: Fleet, cluster: str, standby: str) -> str | None:
+    """The member to CHECKPOINT before `standby`'s backup starts: the cluster's primary now, or
+    None if none answers as one (the group then starts from the restartpoint the standby has)."""
+    from igops import postgres_admin
+
+    try:
+        primary = postgres_admin.primary_of(fleet, cluster).name
+    except IgopsError:
+        return None
+    return None if primary == standby else str(primary)
+
+
+def fresh_checkpoint(fleet: Fleet, primary: str, standby: str) -> str:
+    """CHECKPOINT on the primary, then wait until the standby has replayed that checkpoint's
+    record: its pg_backup_start makes its restartpoint there, so the group's WAL starts now."""
+    from igops import postgres
+
+    connection = postgres.connect(fleet, fleet.host(primary), statement_timeout_ms=None)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("CHECKPOINT")
+            cursor.execute("SELECT checkpoint_lsn::text FROM pg_control_checkpoint()")
+            row = cursor.fetchone()
+            assert row is not None  # a function call returns one row
+            checkpoint = str(row[0])
+    finally:
+        connection.close()
+    started = time.monotonic()
+    connection = postgres.connect(fleet, fleet.host(standby))
+    try:
+        with connection.cursor() as cursor:
+            # Past the record's start: the last replayed position is where a record ends.
+            while True:
+                cursor.execute("SELECT pg_last_wal_replay_lsn() > %s::pg_lsn", (checkpoint,))
+                row = cursor.fetchone()
+                if row is not None and row[0]:
+                    waited = (time.monotonic() - started) * 1000
+                    return f"checkpoint at {checkpoint}, replayed on {standby} in {waited:.0f} ms"
+                if time.monotonic() - started > REPLAY_WAIT_S:
+                    raise IgopsError(
+                        f"{standby} had not replayed {primary}'s checkpoint at {checkpoint} within {REPLAY_WAIT_S:g} s",
+                        f"see `igops pg status` for {standby}'s replay lag",
+                    )
+                time.sleep(0.02)
+    finally:
+        connection.close()
 
 
 class Backup:

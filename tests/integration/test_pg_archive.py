@@ -133,8 +133,16 @@ def test_a_standbys_snapshot_group_records_where_in_the_wal_it_is_consistent(at_
     """With WAL archived, a member's group is taken inside pg_backup_start/stop: its tags hold the
     WAL range and the backup_label a point-in-time restore needs."""
     lab = at_home
+    connection = postgres(lab, HOME_PRIMARY)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            (before,) = cursor.fetchone()
+    finally:
+        connection.close()
     result, envelope = igops(lab, "snapshot", "create", OTHER_PRIMARY, "--no-hook", "--yes", timeout=300)
     assert result.returncode == 0, result.stderr
+    assert f"CHECKPOINT on {HOME_PRIMARY}, replayed on {OTHER_PRIMARY}" in result.stderr, result.stderr
     group_id = envelope["data"]["group_id"]
     try:
         shown, envelope = igops(lab, "snapshot", "show", group_id)
@@ -154,6 +162,14 @@ def test_a_standbys_snapshot_group_records_where_in_the_wal_it_is_consistent(at_
         finally:
             connection.close()
         assert ordered and replayed_since, mark
+        # The primary's checkpoint just before: replay starts at the group, not checkpoints back.
+        connection = postgres(lab, HOME_PRIMARY)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (mark["start"], before))
+                assert cursor.fetchone()[0], (mark, before)
+        finally:
+            connection.close()
         assert mark["timeline"] == timeline
         print(f"\nmark: {mark['start']} .. {mark['end']} on timeline {mark['timeline']}")
     finally:

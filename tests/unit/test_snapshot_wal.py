@@ -47,8 +47,12 @@ def test_a_members_group_plans_the_backup_around_the_freeze():
     assert steps[1].startswith("on db2: start the thaw watchdog")
     assert steps[3].startswith("thaw") and steps[4].startswith("on db2: pg_backup_stop")
     assert "WAL range and backup_label" in steps[5]
-    plan.wal_cluster = None
-    assert not any("pg_backup" in step for step in plan.steps())
+    plan.checkpoint_on = "db1"
+    steps = plan.steps()
+    assert steps[0].startswith("on db1 (the primary): CHECKPOINT, then wait until db2 has replayed it")
+    assert steps[1].startswith("on db2: pg_backup_start")
+    plan.wal_cluster, plan.checkpoint_on = None, None
+    assert not any("pg_backup" in step or "CHECKPOINT" in step for step in plan.steps())
 
 
 def marked(group_id, ended, end, state="complete", cluster="main"):
