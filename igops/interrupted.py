@@ -151,12 +151,13 @@ def _redis_plan(
     return failover.plan_redis_rejoin(fleet, params["node"], bool(params.get("accept_risk")))
 
 
-def recovery_steps(entries: list[dict[str, Any]], took_effect: bool = False) -> tuple[list[Step], list[str]]:
+def recovery_steps(entries: list[dict[str, Any]], rolled_forward: bool = False) -> tuple[list[Step], list[str]]:
     """From a journal: the steps an abort runs (releases always, undos unless the operation
-    had started a step past its point of no return, or a step's probe found it `took_effect`),
+    had started a step past its point of no return, or a step's probe found it took effect:
+    `rolled_forward`),
     newest first, and the titles of the steps that ran and that nothing undoes."""
     started = [entry for entry in entries if entry.get("event") == "intent" and entry.get("step")]
-    past_no_return = took_effect or any(entry.get("point_of_no_return") for entry in started)
+    past_no_return = rolled_forward or any(entry.get("point_of_no_return") for entry in started)
     undos: list[Step] = []
     releases: list[Step] = []
     not_undone: list[str] = []
@@ -422,7 +423,7 @@ def plan_abort(fleet: Fleet, record: dict[str, Any], entries: list[dict[str, Any
         resources = [tuple(resource) for resource in record.get("resources") or []]
     # Asked now, so that the plan (and its dry run) is the one that runs.
     effects = _effects_found(actions_for, effect_probes(entries)) if actions_for else []
-    steps, not_undone = recovery_steps(entries, took_effect=bool(effects))
+    steps, not_undone = recovery_steps(entries, rolled_forward=bool(effects))
     not_undone = [*effects, *not_undone]
     if steps and actions_for is None:
         raise RefusedError(f"{kind} journals no undo igops can run", "see igops ops show " + record["id"])

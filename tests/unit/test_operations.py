@@ -302,7 +302,7 @@ def test_an_abort_runs_releases_always_and_undos_only_before_the_point_of_no_ret
     cut_off = [*before, {**entry(3, steps.Step("promote", "promote", ("db2",))), "took_effect": steps.spec(probe)}]
     assert interrupted.effect_probes(cut_off) == [("[3] promote", probe)]
     assert interrupted.effect_probes(before) == []
-    to_run, not_undone = interrupted.recovery_steps(cut_off, took_effect=True)
+    to_run, not_undone = interrupted.recovery_steps(cut_off, rolled_forward=True)
     assert [s.title for s in to_run] == ["resume"]
     assert not_undone == ["[2] stop", "[3] promote"]
 
