@@ -222,12 +222,18 @@ def fetched_segments(log_directory: str) -> int:
     return len(found)
 
 
-def loop_read_bytes(paths: list[str]) -> int:
+def loop_reads() -> dict[str, int]:
+    """Bytes read so far by every loop device. The kernel keeps a loop device's counters across
+    detach and attach: a restore's volumes may come up on devices read before."""
+    return {stat.parent.name: int(stat.read_text().split()[2]) * 512 for stat in Path("/sys/block").glob("loop*/stat")}
+
+
+def loop_read_bytes(paths: list[str], before: dict[str, int]) -> int:
     total = 0
+    now = loop_reads()
     for path in paths:
-        device = sh(["findmnt", "-n", "-o", "SOURCE", path]).stdout.strip()
-        fields = Path(f"/sys/block/{Path(device).name}/stat").read_text().split()
-        total += int(fields[2]) * 512
+        device = Path(sh(["findmnt", "-n", "-o", "SOURCE", path]).stdout.strip()).name
+        total += now[device] - before.get(device, 0)
     return total
 
 
@@ -238,6 +244,7 @@ def drop_caches() -> None:
 
 def run_igops(fleet, target: str) -> Outcome:
     drop_caches()
+    reads = loop_reads()
     started = time.monotonic()
     data = igops(
         fleet, "snapshot", "restore", CLUSTER, "--to", target, "--onto", SCRATCH, "--port", str(IGOPS_PORT), "--yes"
@@ -245,7 +252,7 @@ def run_igops(fleet, target: str) -> Outcome:
     promoted = time.monotonic() - started
     psql = data["postgres"]["psql"]
     answered = first_query(psql, started)
-    read = loop_read_bytes(list(data["mounted"].values()))
+    read = loop_read_bytes(list(data["mounted"].values()), reads)
     segments = fetched_segments(data["postgres"]["socket_directory"])
     igops(fleet, "snapshot", "restore", data["group_id"], "--onto", SCRATCH, "--cleanup", "--yes")
     return Outcome("igops snapshot restore", promoted, answered, read, segments, f"group {data['group_id']}")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from igops.ebs import loop_backing_file
+from igops.ebs import loop_backing_file, read_ahead_like_ebs
 from igops.lab import proc
 from igops.lab.state import HOSTS, STORE_SIZE, Paths, volume_size
 
@@ -165,6 +165,7 @@ def build(paths: Paths) -> list[VolumeState]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda job: _mkfs(*job), pending))
     for state in states:
+        read_ahead_like_ebs(state.device)
         _mount(state.device, Path(state.mount_point), ["noatime"])
         if Path(state.image).stat().st_size < size:
             _grow(state, size)

@@ -9,9 +9,11 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from igops.ebs import EBS_READ_AHEAD_KB
 from igops.errors import ExitCode
 from igops.lab import aws, state, storage
 from igops.lab.credentials import load as load_credentials
@@ -233,6 +235,9 @@ def test_moto_holds_each_postgres_mounts_volumes(lab):
             assert any(
                 m.source == mount.device for m in storage.mounts_under(state.paths().root) if str(m.path) == mount.path
             )
+            # Read-ahead as on an EBS volume, not the loop's backing disk's megabytes.
+            device = Path(mount.device).resolve().name
+            assert Path(f"/sys/block/{device}/queue/read_ahead_kb").read_text().strip() == str(EBS_READ_AHEAD_KB)
     assert "igops-photos" in {b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]}
 
 
