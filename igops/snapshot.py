@@ -166,7 +166,7 @@ def plan_create(
 
     host = fleet.host(host_name)
     freeze_deadline = deadline or fleet.model.snapshot.freeze_deadline
-    write_stall = primary_write_stall(fleet, host.name, freeze_deadline, allow_primary)
+    write_stall, primary = primary_write_stall(fleet, host.name, freeze_deadline, allow_primary)
     if not host.instance_id:
         raise UsageError(f"host {host.name} has no instance_id", 'add instance_id = "i-…" to it in the inventory')
     chosen = mounts or [mount.path for mount in host.mounts]
@@ -190,10 +190,9 @@ def plan_create(
         )
     data_volumes = {item.volume_id for item in attachments if not item.root}
     wal_cluster = snapshot_wal.cluster_of(fleet, host.name) if fleet.model.archive else None
+    # A standby's: a primary's own pg_backup_start checkpoints.
     checkpoint_on = (
-        snapshot_wal.primary_to_checkpoint(fleet, wal_cluster, host.name)
-        if wal_cluster and write_stall is None and fleet.model.snapshot.checkpoint_primary
-        else None
+        primary if wal_cluster and primary != host.name and fleet.model.snapshot.checkpoint_primary else None
     )
     role = next((role for role in host.roles if role != "munin"), host.roles[0] if host.roles else "none")
     pre_freeze = fleet.model.snapshot.pre_freeze.get(role) if hook else None
@@ -213,22 +212,25 @@ def plan_create(
     )
 
 
-def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_primary: bool) -> str | None:
+def primary_write_stall(
+    fleet: Fleet, host_name: str, deadline: float, allow_primary: bool
+) -> tuple[str | None, str | None]:
     """Snapshots are taken of standbys: freezing a live primary stalls every write to its
     cluster until the thaw. The primary is found by asking the members (a switchover moves it;
     the inventory keeps naming the members as they were). Refused unless explicitly allowed;
-    when allowed, the stall is stated in the plan."""
+    when allowed, the stall is stated in the plan. Returns that statement, if any, and the
+    primary of the host's cluster, if one answers."""
     from igops import postgres_admin
 
     for cluster_name, cluster in fleet.model.postgres.clusters.items():
         if host_name != cluster.primary and host_name not in cluster.standbys:
             continue
         try:
-            primary = postgres_admin.primary_of(fleet, cluster_name).name
+            primary = str(postgres_admin.primary_of(fleet, cluster_name).name)
         except IgopsError:
-            return None  # no member accepts writes: freezing stalls none
+            return None, None  # no member accepts writes: freezing stalls none
         if primary != host_name:
-            return None
+            return None, primary
         if not allow_primary:
             standbys = [name for name in (cluster.primary, *cluster.standbys) if name != host_name]
             raise RefusedError(
@@ -240,8 +242,8 @@ def primary_write_stall(fleet: Fleet, host_name: str, deadline: float, allow_pri
         return (
             f"WRITE STALL: {host_name} is the live primary of Postgres cluster {cluster_name}; every write "
             f"to it waits while the filesystems are frozen (up to {deadline:g} s)"
-        )
-    return None
+        ), primary
+    return None, None
 
 
 def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs: Ebs | None = None) -> CreateResult:
@@ -270,6 +272,11 @@ def create(fleet: Fleet, plan: CreatePlan, reporter: Reporter = Reporter(), ebs:
             backup.close()  # a backup not stopped ends with its session
 
 
+def _cause(exc: Exception) -> str:
+    """A driver's error or igops' own, in one line."""
+    return exc.message if isinstance(exc, IgopsError) else (str(exc).strip().splitlines() or ["?"])[0]
+
+
 def _create(
     fleet: Fleet,
     plan: CreatePlan,
@@ -286,16 +293,14 @@ def _create(
             try:
                 step.detail = snapshot_wal.fresh_checkpoint(fleet, plan.checkpoint_on, plan.host)
             except Exception as exc:  # noqa: BLE001 - the group is whole without it: it only replays more
-                cause = exc.message if isinstance(exc, IgopsError) else (str(exc).strip().splitlines() or ["?"])[0]
-                step.detail = f"went on without it ({cause}): the group starts at {plan.host}'s last restartpoint"
+                step.detail = f"went on without it ({_cause(exc)}): the group starts at {plan.host}'s last restartpoint"
     if backup is not None:
         with reporter.step(f"pg_backup_start on {plan.host}") as step:
             try:
                 step.detail = f"WAL from {backup.start()}"
             except Exception as exc:  # noqa: BLE001 - a driver error or igops' own, said in one line
-                cause = exc.message if isinstance(exc, IgopsError) else (str(exc).strip().splitlines() or ["?"])[0]
                 raise IgopsError(
-                    f"pg_backup_start on {plan.host} failed: {cause}; nothing was frozen",
+                    f"pg_backup_start on {plan.host} failed: {_cause(exc)}; nothing was frozen",
                     f"start Postgres on {plan.host}: a group of a member of {plan.wal_cluster} records where its "
                     "WAL starts (the fleet archives WAL)",
                 ) from None

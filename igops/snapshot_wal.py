@@ -115,18 +115,6 @@ def cluster_of(fleet: Fleet, host_name: str) -> str | None:
     return None
 
 
-def primary_to_checkpoint(fleet: Fleet, cluster: str, standby: str) -> str | None:
-    """The member to CHECKPOINT before `standby`'s backup starts: the cluster's primary now, or
-    None if none answers as one (the group then starts from the restartpoint the standby has)."""
-    from igops import postgres_admin
-
-    try:
-        primary = postgres_admin.primary_of(fleet, cluster).name
-    except IgopsError:
-        return None
-    return None if primary == standby else str(primary)
-
-
 def fresh_checkpoint(fleet: Fleet, primary: str, standby: str) -> str:
     """CHECKPOINT on the primary, then wait until the standby has replayed that checkpoint's
     record: its pg_backup_start makes its restartpoint there, so the group's WAL starts now."""

@@ -77,6 +77,18 @@ def wait_promoted(cursor: Any, deadline: float) -> bool:
         time.sleep(PROMOTED_POLL_S)
 
 
+def in_recovery_now(fleet: Fleet, host: Any) -> bool | None:
+    """Whether the member's Postgres is in recovery, or None if it does not answer."""
+    try:
+        connection = postgres.connect(fleet, host)
+        try:
+            return postgres.server_state(connection).in_recovery
+        finally:
+            connection.close()
+    except postgres.Unavailable:
+        return None
+
+
 class FencingActions:
     """Fencing and stopping the old primary, and starting it again (mixed into
     igops.pg.actions.PgActions: `fleet`, `_host`, `_cluster_of`, `wal_end` and
@@ -167,14 +179,7 @@ class FencingActions:
         fleet = self.fleet
         host = self._host(node)
         data = data_directory(fleet, host)
-        try:
-            connection = postgres.connect(fleet, host)
-            try:
-                in_recovery = postgres.server_state(connection).in_recovery
-            finally:
-                connection.close()
-        except postgres.Unavailable:
-            in_recovery = None
+        in_recovery = in_recovery_now(fleet, host)
         asked = node in self.promote_requested
         if in_recovery and not asked:
             # An interrupted run may have asked: pg_promote leaves a promote file until the
@@ -356,16 +361,11 @@ class PromotionActions:
         return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
 
     def promoted(self, node: str) -> str:
-        """What shows a promotion cut off after it was asked completed anyway, or ''."""
-        try:
-            connection = postgres.connect(self.fleet, self._host(node))
-            try:
-                in_recovery = postgres.server_state(connection).in_recovery
-            finally:
-                connection.close()
-        except postgres.Unavailable:
-            return ""  # not answering: the old primary's undo stops it and reads its control file first
-        return "" if in_recovery else f"{node} is out of recovery: it was promoted"
+        """What shows a promotion cut off after it was asked completed anyway, or ''. A member
+        that does not answer is no proof: the old primary's undo stops it and reads its control
+        file before it starts anything."""
+        in_recovery = in_recovery_now(self.fleet, self._host(node))
+        return f"{node} is out of recovery: it was promoted" if in_recovery is False else ""
 
     def log_cause(self, node: str) -> str:
         """The last PANIC, FATAL or ERROR in a member's Postgres log, and where that log is: the
