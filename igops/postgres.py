@@ -88,7 +88,7 @@ def server_arguments(postmaster_opts: str, data_directory: str) -> list[str]:
 # segment size from whichever file pg_wal lists first, and one the server pre-allocated holds
 # only zeros there. The last is the timeline's highest-named file; the marker line names it.
 WALDUMP_TO_END = (
-    'size=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Bytes per WAL segment: *//p"); '
+    '[ -n "${size:-}" ] || size=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Bytes per WAL segment: *//p"); '
     'tl=$(printf %08X "$tli"); '
     'first=$(printf "%s%08X%08X" "$tl" "0x${at%/*}" "$((0x${at#*/} / size))"); '
     'last=$({ ls "$data/pg_wal"; echo "$first"; } | grep -E "^$tl[0-9A-F]{16}$" | sort | tail -n 1); '

@@ -83,8 +83,8 @@ def switchover_steps(
             + (
                 "(stopped already) "
                 if stopped
-                else "clean stop (the service_stop_command repmgr node service --action=stop would run; on once "
-                "its control file says shut down), "
+                else "clean stop (a fast shutdown: SIGINT to its postmaster, then the service_stop_command "
+                "repmgr node service --action=stop would run; on once its control file says shut down), "
             )
             + "read where its WAL ends",
             "stop_and_fence",

@@ -71,6 +71,8 @@ def _serve(sock: socket.socket, client_key: paramiko.PKey, server: Server, answe
                 stdin += channel.recv(65536)
             else:
                 time.sleep(0.005)
+        while channel.recv_ready():  # what came just before the EOF the loop saw first
+            stdin += channel.recv(65536)
         server.stdins.append(bytes(stdin))
         time.sleep(answer.delay)
         channel.sendall(answer.stdout)
