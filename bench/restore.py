@@ -80,14 +80,37 @@ def sh(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def igops(fleet, *args: str, timeout: float = 1800) -> dict:
+def igops_envelope(fleet, *args: str, timeout: float = 1800) -> dict:
     done = subprocess.run(
         [*IGOPS, "-c", str(fleet.source), *args, "--json"], capture_output=True, text=True, timeout=timeout
     )
     envelope = json.loads(done.stdout) if done.stdout.strip() else {}
     if done.returncode:
         raise SystemExit(f"igops {' '.join(args)} failed: {(envelope.get('error') or done.stderr)}")
-    return envelope["data"]
+    return envelope
+
+
+def igops(fleet, *args: str, timeout: float = 1800) -> dict:
+    return igops_envelope(fleet, *args, timeout=timeout)["data"]
+
+
+def phases(steps: list[dict]) -> str:
+    """Where a restore's time went, from its numbered steps: the volumes made and attached,
+    everything on the host before the server starts, the start, and the replay to the target."""
+    spent: dict[str, float] = {}
+    for step in steps:
+        title = step["title"]
+        phase = (
+            "volumes"
+            if title.startswith("volume from")
+            else "start"
+            if title.startswith("start Postgres")
+            else "replay"
+            if title.startswith("replay to")
+            else "host"
+        )
+        spent[phase] = spent.get(phase, 0.0) + step["duration_ms"] / 1000
+    return ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in spent.items())
 
 
 def as_postgres(fleet, *argv: str, stdin: str | None = None) -> str:
@@ -246,16 +269,24 @@ def run_igops(fleet, target: str) -> Outcome:
     drop_caches()
     reads = loop_reads()
     started = time.monotonic()
-    data = igops(
+    envelope = igops_envelope(
         fleet, "snapshot", "restore", CLUSTER, "--to", target, "--onto", SCRATCH, "--port", str(IGOPS_PORT), "--yes"
     )
     promoted = time.monotonic() - started
+    data = envelope["data"]
     psql = data["postgres"]["psql"]
     answered = first_query(psql, started)
     read = loop_read_bytes(list(data["mounted"].values()), reads)
     segments = fetched_segments(data["postgres"]["socket_directory"])
     igops(fleet, "snapshot", "restore", data["group_id"], "--onto", SCRATCH, "--cleanup", "--yes")
-    return Outcome("igops snapshot restore", promoted, answered, read, segments, f"group {data['group_id']}")
+    return Outcome(
+        "igops snapshot restore",
+        promoted,
+        answered,
+        read,
+        segments,
+        f"group {data['group_id']}; {phases(envelope['steps'])}",
+    )
 
 
 def run_pgbackrest(fleet, target: str, backup: dict) -> Outcome:
