@@ -113,10 +113,13 @@ class CutOver(SessionPart):
         _check_clock_skew(self.session)
         timings = self._holding_writes("cut-over", self._cut_over)
         self._changes().close()
+        parts = timings.pop("block_parts_ms")  # the step's detail says them; the journal keeps the sum
         self.session.result_fields["switched"] = timings
         return (
             f"{self.checked_rows:,} rows written since the verification equal; "
-            f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms); "
+            f"writes blocked {timings['write_block_ms']:.0f} ms (lock wait {timings['lock_wait_ms']:.0f} ms, "
+            + ", ".join(f"{part} {ms:.0f}" for part, ms in parts.items())
+            + "); "
             f"shard map version {timings['map_version']}"
         )
 
@@ -154,7 +157,9 @@ class CutOver(SessionPart):
                 self.session.pause("locked")
                 with self.session.source.cursor() as marker:
                     lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
+                caught_up = time.monotonic()
                 checked = self._compare_changed_rows(target_cursor, lsn)
+                compared = time.monotonic()
                 shape = describe_schema(cursor, plan.schema)
                 assert shape is not None  # tables_of found its tables, now locked
                 sequences = sequence_values(cursor, plan.schema, shape.sequences)
@@ -170,6 +175,7 @@ class CutOver(SessionPart):
                 )
                 version = _stage_map_flip(self.session, directory, lsn)
                 _commit_fence(self.session, locker)
+                fenced = time.monotonic()
                 _wait_for_target_clock(self.session)
                 self.session.pause("fenced")
                 version = _commit_map_flip(self.session, directory, version, lsn)
@@ -185,6 +191,15 @@ class CutOver(SessionPart):
         return {
             "lock_wait_ms": round((locked - requested) * 1000, 1),
             "write_block_ms": round((switched - requested) * 1000, 1),
+            # Where the block went: the target's catch-up to the source's last change, the rows
+            # written since the verification compared, the sequences, fence and staged map
+            # committed on the source, then the wait for the target's clock and the map's commit.
+            "block_parts_ms": {
+                "catch_up": round((caught_up - locked) * 1000, 1),
+                "compare": round((compared - caught_up) * 1000, 1),
+                "fence": round((fenced - compared) * 1000, 1),
+                "map": round((switched - fenced) * 1000, 1),
+            },
             "map_version": version,
             "source_lsn": str(lsn),
             "source_sequence": max(sequences.values()) if sequences else None,

@@ -129,6 +129,12 @@ def render_restore_config(fleet: Fleet, cluster: str, data: str, run_directory: 
     member's spool, locks or logs. It holds the S3 secret: it only ever travels on stdin."""
     options: list[tuple[str, object]] = [
         *_repository_options(fleet),
+        # archive-get fetches the segments after the one asked for into the spool, process-max
+        # at once, while the server replays: a restore then waits on the repository only for its
+        # first segment, not for every one in turn (a fetch and its decompression took about as
+        # long as replaying the segment).
+        ("archive-async", True),
+        ("process-max", archive_settings(fleet).process_max),
         ("log-path", run_directory),
         ("lock-path", run_directory),
         ("spool-path", run_directory),
