@@ -1,8 +1,8 @@
 """Moving a logical shard of about a million rows between the lab's clusters: `igops shard move`
 (online: logical replication, brief write block at the cut-over) against the offline pipe
 `pg_dump -n SCHEMA | psql` with the shard's tables locked IN EXCLUSIVE MODE for the whole copy,
-as a move without replication has to be done. Goals: writes blocked under 300 ms; total time at
-most 1.5x the pipe's.
+as a move without replication has to be done. Goals: writes blocked at most 50 ms; total time at
+most the pipe's (1.0x).
 
 For each method: total wall time, and how long writes to the shard were blocked, measured twice:
 igops' own journal (lock request to map switch), and a probe that writes into the shard every
@@ -343,8 +343,8 @@ def main():
         worst = max(result["write_block_ms"] for _, _, result, _, _ in samples)
         slowest = max(total for _, total, _, _, _ in samples) / pipe_total
         print(
-            f"goals: writes blocked < 300 ms: {'met' if worst < 300 else 'MISSED'} ({worst:.0f} ms); "
-            f"total <= 1.5x pipe: {'met' if slowest <= 1.5 else 'MISSED'} ({slowest:.2f}x)"
+            f"goals: writes blocked <= 50 ms: {'met' if worst <= 50 else 'MISSED'} ({worst:.0f} ms); "
+            f"total <= 1.0x pipe: {'met' if slowest <= 1.0 else 'MISSED'} ({slowest:.2f}x)"
         )
 
 

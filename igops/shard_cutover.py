@@ -149,7 +149,12 @@ class CutOver(SessionPart):
         try:
             with locker.cursor() as cursor, self.session.target.cursor() as target_cursor:
                 tables = tables_of(cursor, plan.schema)
-                # Most of what was written since the verification is read before writes are held.
+                # Read before writes are held: the schema's shape (which sequences to carry over;
+                # the move allows no DDL, and the verification compared both shapes), and most of
+                # what was written since the verification.
+                shape = describe_schema(cursor, plan.schema)
+                if shape is None:
+                    raise IgopsError(f"{plan.source}/{plan.schema} does not exist", "check the shard and the cluster")
                 self._changes().drain()
                 requested = time.monotonic()
                 lock_tables(cursor, plan.schema, tables)
@@ -160,14 +165,13 @@ class CutOver(SessionPart):
                 caught_up = time.monotonic()
                 checked = self._compare_changed_rows(target_cursor, lsn)
                 compared = time.monotonic()
-                shape = describe_schema(cursor, plan.schema)
-                assert shape is not None  # tables_of found its tables, now locked
                 sequences = sequence_values(cursor, plan.schema, shape.sequences)
                 for sequence, value in sequences.items():
                     target_cursor.execute(
                         "SELECT setval(%s, %s)",
                         (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}", value + SEQUENCE_MARGIN),
                     )
+                sequenced = time.monotonic()
                 cursor.execute(
                     sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
                         sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)
@@ -192,12 +196,14 @@ class CutOver(SessionPart):
             "lock_wait_ms": round((locked - requested) * 1000, 1),
             "write_block_ms": round((switched - requested) * 1000, 1),
             # Where the block went: the target's catch-up to the source's last change, the rows
-            # written since the verification compared, the sequences, fence and staged map
-            # committed on the source, then the wait for the target's clock and the map's commit.
+            # written since the verification compared, the sequences carried over, the fence and
+            # the staged map committed on the source, then the wait for the target's clock and
+            # the map's commit.
             "block_parts_ms": {
                 "catch_up": round((caught_up - locked) * 1000, 1),
                 "compare": round((compared - caught_up) * 1000, 1),
-                "fence": round((fenced - compared) * 1000, 1),
+                "sequences": round((sequenced - compared) * 1000, 1),
+                "fence": round((fenced - sequenced) * 1000, 1),
                 "map": round((switched - fenced) * 1000, 1),
             },
             "map_version": version,
