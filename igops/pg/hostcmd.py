@@ -48,6 +48,17 @@ WAIT_STOPPED = (
     "wait=$((wait - 1)); sleep 0.1; done"
 )
 
+# Shell: with "$bin", "$data", "$socket", "$port", "$wait" (seconds) set and a start command as
+# "$@": a postmaster that answers is left as it is (prints "running"); one that runs but does not
+# answer is a shutdown under way (a stop that outlived the igops that began it) and is waited for;
+# then the start command runs. pg_ctl start fails while any postmaster holds the data directory.
+START_AFTER_SHUTDOWN = (
+    'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+    '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
+    '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
+    'done; exec "$@"'
+)
+
 _WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 

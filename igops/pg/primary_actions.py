@@ -12,7 +12,15 @@ from igops import postgres
 from igops.errors import IgopsError, first_line
 from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
-from igops.pg.hostcmd import as_postgres, bin_path, data_directory, postgres_sh, repmgr, repmgr_argv
+from igops.pg.hostcmd import (
+    START_AFTER_SHUTDOWN,
+    as_postgres,
+    bin_path,
+    data_directory,
+    postgres_sh,
+    repmgr,
+    repmgr_argv,
+)
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
@@ -142,8 +150,7 @@ class FencingActions:
             'control=$("$bin/pg_controldata" -D "$data"); printf "%s\\n" "$control"; echo "-- waldump"; '
             'at=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint location: *//p"); '
             'tli=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint.s TimeLineID: *//p"); '
-            'size=$(printf "%s\\n" "$control" | sed -n "s/^Bytes per WAL segment: *//p"); '
-            + postgres.WALDUMP_TO_END
+            'size=$(printf "%s\\n" "$control" | sed -n "s/^Bytes per WAL segment: *//p"); ' + postgres.WALDUMP_TO_END
         )
         stop = repmgr_argv(fleet, host, "node", "service", "--action=stop")
         polls = str(int(STOP_TIMEOUT) * 500)  # of the control file, 2 ms apart
@@ -220,10 +227,7 @@ class FencingActions:
         socket = fleet.path_for(fleet.model.postgres.socket_dir, host)
         script = (
             'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; rm -f "$data/standby.signal"; '
-            'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
-            '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
-            '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
-            'done; exec "$@"'
+            + START_AFTER_SHUTDOWN
         )
         ssh_ok(
             fleet,

@@ -20,7 +20,7 @@ from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg import archive
 from igops.pg.cluster import cluster_of
-from igops.pg.hostcmd import WAIT_STOPPED, data_directory, repmgr
+from igops.pg.hostcmd import START_AFTER_SHUTDOWN, WAIT_STOPPED, data_directory, postgres_sh, repmgr, repmgr_argv
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.restore_scripts import host_script, mount_script
 from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
@@ -249,14 +249,28 @@ class RebuildActions:
         return said
 
     def start_standby(self, node: str) -> str:
+        """Start it, unless it runs and answers. As the undo of the stop, a kill may have landed
+        before the stop reached the server (it runs on) or during its shutdown (waited for)."""
+        fleet = self.fleet
         host = self._host(node)
-        ssh_ok(
-            self.fleet,
+        said = ssh_ok(
+            fleet,
             host,
-            repmgr(self.fleet, host, "node", "service", "--action=start"),
+            postgres_sh(
+                fleet,
+                'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; ' + START_AFTER_SHUTDOWN,
+                fleet.model.postgres.bin_dir,
+                data_directory(fleet, host),
+                fleet.path_for(fleet.model.postgres.socket_dir, host),
+                str(fleet.model.postgres.port),
+                str(int(STOP_TIMEOUT) * 2),
+                *repmgr_argv(fleet, host, "node", "service", "--action=start"),
+            ),
             "start",
-            timeout=REJOIN_TIMEOUT,
+            timeout=STOP_TIMEOUT * 2 + REJOIN_TIMEOUT,
         )
+        if said.strip() == "running":
+            return "running already, answering"
         # repmgr's follow needs it to answer: a standby answers once replay has made it consistent
         # (the group's backup_label: from its checkpoint to where the backup ended).
         deadline = time.monotonic() + REJOIN_TIMEOUT

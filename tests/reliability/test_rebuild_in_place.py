@@ -7,9 +7,14 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
 - Run to the end: db2's mounts are volumes made from the group, the old ones are kept detached
   and tagged, its fstab names the new filesystems, it streams from the primary, holds what the
   primary holds once replay catches up, and `lab up` keeps it so. No acknowledged write is lost.
+- SIGKILLed at every step of its plan, each from a group of its own, then resumed (odd steps: run
+  again, as `ops resume` says) or aborted (even ones): a resume leaves db2 on volumes from that
+  group, an abort on the ones it had; either way db2 streams from the primary again, and no
+  acknowledged write is lost.
 """
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,14 @@ from igops.errors import ExitCode
 from igops.lab import state
 from tests.labtools import igops, postgres, verify_lab_ledger, wait_for
 from tests.reliability.test_failover import Load, lab_up, pg_state, restore_home
-from tests.reliability.test_operations_killed import killed_at
+from tests.reliability.test_operations_killed import (
+    interrupted_run,
+    killed_at,
+    landed_in,
+    nothing_lost,
+    steps_planned,
+    way_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -143,3 +155,51 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
     lab_up()
     assert mounted(lab) == after, "lab up keeps the volumes swapped in"
     assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+
+
+@pytest.mark.timeout(1500)
+def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_again(lab, tmp_path):
+    restore_home(lab)
+    outcomes = []
+    with Load(lab, tmp_path, duration=3600) as load:
+        count = None
+        number = 1
+        while count is None or number <= count:
+            before = mounted(lab)
+            created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
+            assert created.returncode == 0, created.stderr[-3000:]
+            group = envelope["data"]["group_id"]
+            rebuild = ["snapshot", "restore", group, "--onto", STANDBY, "--in-place"]
+            count = count or steps_planned(lab, *rebuild)
+            started = time.monotonic()
+            kill = killed_at(lab, rebuild, number)
+            assert kill is not None
+            record = interrupted_run(lab, "pg-rebuild", kill, 30)
+            if record is None:
+                outcomes.append(f"({number}) the run ended before the signal landed")
+                number += 1
+                continue
+            landed = landed_in(record, kill)
+            way = way_for(landed, "resume")
+            done, _ = igops(lab, "ops", way, record["id"], "--yes", timeout=600)
+            if way == "resume":
+                # A rebuild is resumed by running it again, as `ops resume` says.
+                assert done.returncode == ExitCode.REFUSED, (number, done.stderr[-3000:])
+                assert "continues from where the interrupted run stopped" in done.stderr, done.stderr
+                done, _ = igops(lab, *rebuild, "--yes", "--reason", f"resume of kill {number}", timeout=900)
+            assert done.returncode == 0, (number, way, done.stderr[-3000:])
+            after = mounted(lab)
+            assert set(after) == set(before), (number, way, before, after)
+            if way == "abort":
+                assert after == before, f"step {landed}: the abort did not put db2's volumes back"
+            else:
+                for volume_id in after.values():
+                    assert volume_tags(lab, volume_id)["igops:group"] == group, (number, after)
+            assert wait_for(lambda: streams(lab), timeout=60, interval=1), (number, way, pg_state(lab, "main"))
+            outcomes.append(f"[{landed}] {way}: {time.monotonic() - started:.0f} s")
+            number += 1
+        assert load.running
+    assert wait_for(lambda: caught_up(lab), timeout=120, interval=1)
+    assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
+    assert pg_state(lab, "main")["problems"] == []
+    nothing_lost(load, outcomes)
