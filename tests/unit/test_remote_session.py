@@ -361,3 +361,26 @@ def test_an_open_connection_wakes_its_thread_once_a_second_when_idle(tmp_path, c
             assert transport.sock.gettimeout() == remote.IDLE_WAKE_S
         finally:
             client.close()
+
+
+def test_a_connection_sends_each_packet_at_once(tmp_path, client_key):
+    """TCP_NODELAY from before the handshake: without it a small packet waits for the ACK of the
+    one before, which the server delays by 40 ms, in every exchange of a login and a command."""
+    with ssh_server(client_key[0], Answer()) as server:
+        settings = settings_for(tmp_path, server, client_key[1])
+        client = remote._client(target("a", server), settings)
+        try:
+            transport = remote._open(client, target("a", server), settings)
+            assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            client.close()
+
+
+def test_a_refused_connection_is_named_as_such(tmp_path, client_key):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens on it once closed
+    (tmp_path / "known_hosts").write_text("")
+    settings = remote.SshSettings(tmp_path / "known_hosts", client_key[1], 2.0, 5.0, 4)
+    [result] = remote.run([remote.Target("a", "127.0.0.1", port, "deploy")], "true", settings)
+    assert not result.ok and result.error.startswith("connection refused by 127.0.0.1:"), result.error
