@@ -111,9 +111,8 @@ class CutOver(SessionPart):
                 version = _flip_map(self.session, flushed_position(cursor))
             return f"shard map version {version}"
         _check_clock_skew(self.session)
-        timings = self._holding_writes("cut-over", self._cut_over)
+        timings, parts = self._holding_writes("cut-over", self._cut_over)
         self._changes().close()
-        parts = timings.pop("block_parts_ms")  # the step's detail says them; the journal keeps the sum
         self.session.result_fields["switched"] = timings
         return (
             f"{self.checked_rows:,} rows written since the verification equal; "
@@ -139,8 +138,9 @@ class CutOver(SessionPart):
                 self.reporter.log(f"{what} attempt {attempt}: {exc.message}; writes released, catching up again")
                 catch_up(self.session)
 
-    def _cut_over(self) -> dict[str, Any]:
-        """The write block: from the lock request until the map names the target."""
+    def _cut_over(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """The write block: from the lock request until the map names the target. Returns the
+        step's result fields (the journal keeps them) and where the block went (its detail says)."""
         from psycopg2 import sql
 
         plan = self.plan
@@ -192,25 +192,26 @@ class CutOver(SessionPart):
             locker.close()
             directory.close()
         self.checked_rows = checked
-        return {
+        fields = {
             "lock_wait_ms": round((locked - requested) * 1000, 1),
             "write_block_ms": round((switched - requested) * 1000, 1),
-            # Where the block went: the target's catch-up to the source's last change, the rows
-            # written since the verification compared, the sequences carried over, the fence and
-            # the staged map committed on the source, then the wait for the target's clock and
-            # the map's commit.
-            "block_parts_ms": {
-                "catch_up": round((caught_up - locked) * 1000, 1),
-                "compare": round((compared - caught_up) * 1000, 1),
-                "sequences": round((sequenced - compared) * 1000, 1),
-                "fence": round((fenced - sequenced) * 1000, 1),
-                "map": round((switched - fenced) * 1000, 1),
-            },
             "map_version": version,
             "source_lsn": str(lsn),
             "source_sequence": max(sequences.values()) if sequences else None,
             "target_sequence": max(sequences.values()) + SEQUENCE_MARGIN if sequences else None,
         }
+        # Where the block went: the target's catch-up to the source's last change, the rows
+        # written since the verification compared, the sequences carried over, the fence and
+        # the staged map committed on the source, then the wait for the target's clock and the
+        # map's commit.
+        parts = {
+            "catch_up": round((caught_up - locked) * 1000, 1),
+            "compare": round((compared - caught_up) * 1000, 1),
+            "sequences": round((sequenced - compared) * 1000, 1),
+            "fence": round((fenced - sequenced) * 1000, 1),
+            "map": round((switched - fenced) * 1000, 1),
+        }
+        return fields, parts
 
     def _changes(self) -> ChangedRows:
         if self.changes is None:  # a resumed move verifies again: see resume_move

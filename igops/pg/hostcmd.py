@@ -59,6 +59,22 @@ START_AFTER_SHUTDOWN = (
     'done; exec "$@"'
 )
 
+
+def start_unless_answering(fleet: Fleet, host: Any, wait_seconds: int, first: str = "") -> list[str]:
+    """The member's server started through repmgr's `node service --action=start`, after the
+    shell `first` and as START_AFTER_SHUTDOWN says; prints "running" when it already answered."""
+    return postgres_sh(
+        fleet,
+        'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; ' + first + START_AFTER_SHUTDOWN,
+        fleet.model.postgres.bin_dir,
+        data_directory(fleet, host),
+        fleet.path_for(fleet.model.postgres.socket_dir, host),
+        str(fleet.model.postgres.port),
+        str(wait_seconds),
+        *repmgr_argv(fleet, host, "node", "service", "--action=start"),
+    )
+
+
 _WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 

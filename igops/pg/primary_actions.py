@@ -13,13 +13,13 @@ from igops.errors import IgopsError, first_line
 from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
 from igops.pg.hostcmd import (
-    START_AFTER_SHUTDOWN,
     as_postgres,
     bin_path,
     data_directory,
     postgres_sh,
     repmgr,
     repmgr_argv,
+    start_unless_answering,
 )
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
@@ -134,6 +134,7 @@ class FencingActions:
         # after it is what the step trusts.
         script = (
             'set -e; bin="$1"; data="$2"; wait="$3"; conf="$4"; shift 4; touch "$data/standby.signal"; '
+            'cluster_state() { "$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"; }; '
             'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
             'kill -INT "$(head -n 1 "$data/postmaster.pid")" 2>/dev/null || true; '
             'own=$(sed -n "s/^ *service_stop_command *= *\'\\([^\']*\\)\' *$/\\1/p" "$conf" 2>/dev/null | tail -n 1); '
@@ -141,11 +142,9 @@ class FencingActions:
             'log=$(mktemp); setsid "$@" </dev/null >"$log" 2>&1 & stop=$!; '
             'while :; do state=$(od -An -tu4 -j16 -N4 "$data/global/pg_control"); '
             '[ "${state##* }" = 1 ] && break; '
-            'kill -0 "$stop" 2>/dev/null || { wait "$stop" || { '
-            '[ "$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p")" = "shut down" ] || '
+            'kill -0 "$stop" 2>/dev/null || { wait "$stop" || { [ "$(cluster_state)" = "shut down" ] || '
             '{ cat "$log" >&2; rm -f "$log"; exit 1; }; }; break; }; '
-            '[ "$wait" -le 0 ] && { echo "not shut down in time: $("$bin/pg_controldata" -D "$data" | '
-            'sed -n "s/^Database cluster state: *//p")" >&2; exit 1; }; '
+            '[ "$wait" -le 0 ] && { echo "not shut down in time: $(cluster_state)" >&2; exit 1; }; '
             'wait=$((wait - 1)); sleep 0.002; done; rm -f "$log"; fi; '
             'control=$("$bin/pg_controldata" -D "$data"); printf "%s\\n" "$control"; echo "-- waldump"; '
             'at=$(printf "%s\\n" "$control" | sed -n "s/^Latest checkpoint location: *//p"); '
@@ -224,24 +223,10 @@ class FencingActions:
         fleet = self.fleet
         host = self._host(node)
         verified = [self._verify_not_promoted(other) for other in others]
-        socket = fleet.path_for(fleet.model.postgres.socket_dir, host)
-        script = (
-            'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; rm -f "$data/standby.signal"; '
-            + START_AFTER_SHUTDOWN
-        )
         ssh_ok(
             fleet,
             host,
-            postgres_sh(
-                fleet,
-                script,
-                fleet.model.postgres.bin_dir,
-                data_directory(fleet, host),
-                socket,
-                str(fleet.model.postgres.port),
-                str(int(STOP_TIMEOUT) * 2),
-                *repmgr_argv(fleet, host, "node", "service", "--action=start"),
-            ),
+            start_unless_answering(fleet, host, int(STOP_TIMEOUT) * 2, first='rm -f "$data/standby.signal"; '),
             "start",
             timeout=STOP_TIMEOUT * 2 + 90,
         )

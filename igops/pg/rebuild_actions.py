@@ -20,7 +20,7 @@ from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg import archive
 from igops.pg.cluster import cluster_of
-from igops.pg.hostcmd import START_AFTER_SHUTDOWN, WAIT_STOPPED, data_directory, postgres_sh, repmgr, repmgr_argv
+from igops.pg.hostcmd import WAIT_STOPPED, data_directory, repmgr, start_unless_answering
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.restore_scripts import host_script, mount_script
 from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
@@ -256,16 +256,7 @@ class RebuildActions:
         said = ssh_ok(
             fleet,
             host,
-            postgres_sh(
-                fleet,
-                'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; ' + START_AFTER_SHUTDOWN,
-                fleet.model.postgres.bin_dir,
-                data_directory(fleet, host),
-                fleet.path_for(fleet.model.postgres.socket_dir, host),
-                str(fleet.model.postgres.port),
-                str(int(STOP_TIMEOUT) * 2),
-                *repmgr_argv(fleet, host, "node", "service", "--action=start"),
-            ),
+            start_unless_answering(fleet, host, int(STOP_TIMEOUT) * 2),
             "start",
             timeout=STOP_TIMEOUT * 2 + REJOIN_TIMEOUT,
         )
