@@ -16,9 +16,15 @@ if TYPE_CHECKING:
 
 # The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
+# An autovacuum of a shard table holds a lock that EXCLUSIVE mode waits for (a bulk delete or
+# load sets one off, and on a big table it runs for minutes). The server cancels an autovacuum
+# that blocks a lock request (not one against wraparound), but only at the requester's deadlock
+# check, deadlock_timeout after it began to wait: 1 s by default, after this lock has given up.
+# A session setting (superuser, as igops' role is) makes that check come at 50 ms.
 LOCK_TIMEOUT_MS = 1000
 LOCK_SETTINGS = {
     "lock_timeout": f"{LOCK_TIMEOUT_MS}ms",
+    "deadlock_timeout": "50ms",
     "idle_in_transaction_session_timeout": "10s",
     "statement_timeout": "30s",
 }
@@ -43,7 +49,8 @@ def lock_tables(cursor: Cursor, schema: str, tables: list[str]) -> None:
         )
     except psycopg2.errors.LockNotAvailable:
         raise CutoverDeferred(
-            f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms (a long transaction holds them?)"
+            f"{schema}'s tables could not be locked within {LOCK_TIMEOUT_MS} ms "
+            "(a long transaction, or a VACUUM against wraparound, holds them?)"
         ) from None
 
 

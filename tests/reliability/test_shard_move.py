@@ -804,3 +804,57 @@ def test_verification_finds_a_changed_a_missing_and_an_extra_row_and_names_the_r
         with connection.cursor() as cursor:
             cursor.execute(f"DROP SCHEMA IF EXISTS {left.schema}, {right.schema} CASCADE")
         connection.close()
+
+
+def test_a_move_goes_through_an_autovacuum_of_a_shard_table(lab):
+    """An autovacuum holds a lock the verification's and the cut-over's EXCLUSIVE lock waits for,
+    and on a big table (after a bulk delete, say) it runs for minutes. The server cancels an
+    autovacuum that blocks a lock request, but at the requester's deadlock check, deadlock_timeout
+    (1 s) after it began to wait: the move's lock gave up at 1 s, three times, and so did the
+    move ("insta13's tables could not be locked within 1000 ms"). Here a throttled autovacuum
+    of the shard's likes table (100 ms asleep per page) runs when the move starts, and is started
+    again, a second after each cancel, for as long as its dead rows are there."""
+    shard = min(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map"))
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    likes = f"insta{shard}.likes"
+    query(
+        lab,
+        source,
+        f"INSERT INTO {likes} (photo_id, user_id) SELECT -n, -n FROM generate_series(1, 20000) AS n;"
+        f"DELETE FROM {likes} WHERE photo_id < 0;"
+        f"ALTER TABLE {likes} SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0, "
+        "autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1)",
+    )
+    query(lab, source, "ALTER SYSTEM SET autovacuum_naptime = '1s'")
+    query(lab, source, "SELECT pg_reload_conf()")
+    try:
+        assert wait_for(
+            lambda: (
+                query(
+                    lab,
+                    source,
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' AND query LIKE %s",
+                    (f"%{likes}%",),
+                )[0][0]
+                == 1
+            ),
+            60,
+            0.1,
+        ), "no autovacuum of the likes table started"
+        moved = run_igops("shard", "move", str(shard), "--to", target, "--yes", "--json", env=env(lab))
+        assert moved.returncode == 0, moved.stderr[-2000:]
+        assert placement(lab, shard) == target
+    finally:
+        query(lab, source, "ALTER SYSTEM RESET autovacuum_naptime")
+        query(lab, source, "SELECT pg_reload_conf()")
+        if placement(lab, shard) == source:
+            query(
+                lab,
+                source,
+                f"ALTER TABLE {likes} RESET (autovacuum_vacuum_threshold, autovacuum_vacuum_scale_factor, "
+                "autovacuum_vacuum_cost_delay, autovacuum_vacuum_cost_limit)",
+            )
+    back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert placement(lab, shard) == source and leftovers(lab) == []
