@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 DEBIAN_PACKAGES := openssh-server openssh-client postgresql-15 postgresql-15-repmgr \
 	postgresql-client-15 pgbouncer redis-server redis-tools nginx-light memcached munin-node munin \
-	xfsprogs vmtouch pssh util-linux procps iproute2 curl etcd-server etcd-client pgbackrest
+	xfsprogs vmtouch pssh util-linux procps iproute2 curl etcd-server etcd-client pgbackrest openssl
 
 .PHONY: lab test down deps venv install link bench clean
 

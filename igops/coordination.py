@@ -10,7 +10,7 @@ Two backends behind one interface (`for_fleet(fleet)`):
   the lease, and holds the holder's record; audit records are keys under the fleet's prefix.
   Every machine pointed at the same etcd sees every lock and every record.
 
-etcd is spoken to through its v3 HTTP/JSON gateway with `requests`. A lease etcd cannot grant
+etcd is spoken to through its v3 HTTP/JSON gateway (igops.http_json). A lease etcd cannot grant
 (quorum lost, unreachable) refuses the command (exit 3); a lease lost while the command works
 is recorded on the held lease (`lost()`, `check()`) for the caller to stop at its next step
 boundary.
@@ -35,8 +35,7 @@ from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.secrets import redact, redact_data
 
 if TYPE_CHECKING:
-    import requests
-
+    from igops.http_json import Answer
     from igops.inventory import Fleet
 
 # How long one etcd request may take, over all the members it asks. A member without quorum
@@ -279,15 +278,10 @@ class EtcdGateway:
     last that answered is asked first next time."""
 
     def __init__(self, settings: EtcdSettings):
-        import requests
+        from igops.http_json import JsonClient
 
         self.settings = settings
-        self._session = requests.Session()
-        if settings.ca_file:
-            self._session.verify = settings.ca_file
-        if settings.cert_file:
-            # requests reads a (cert, key) pair and a lone cert (its key inside) alike: the pair only with a key
-            self._session.cert = (settings.cert_file, settings.key_file) if settings.key_file else settings.cert_file
+        self._client = JsonClient(settings.ca_file, settings.cert_file, settings.key_file)
         self._first = 0
         self._token: str | None = None
         self._lock = threading.Lock()
@@ -329,7 +323,7 @@ class EtcdGateway:
         self._token = answer.get("token")
 
     def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        import requests
+        from igops.http_json import HttpFailure
 
         failures = []
         transient = False
@@ -339,22 +333,21 @@ class EtcdGateway:
             url = self.settings.endpoints[index] + path
             headers = {"Authorization": self._token} if self._token else {}
             try:
-                response = self._session.post(url, json=body, headers=headers, timeout=(CONNECT_TIMEOUT, timeout))
-            except requests.Timeout:
-                failures.append(f"{self.settings.endpoints[index]}: no answer within {timeout:g} s")
-                transient = True
-                continue
-            except requests.RequestException as exc:
-                failures.append(f"{self.settings.endpoints[index]}: {_short(exc)}")
+                response = self._client.post(
+                    url, body, headers=headers, connect_timeout=CONNECT_TIMEOUT, timeout=timeout
+                )
+            except HttpFailure as exc:
+                failures.append(f"{self.settings.endpoints[index]}: {exc}")
+                transient = transient or exc.timed_out
                 continue
             data = _json(response)
             error = data.get("error") or data.get("message")
-            if response.status_code >= 500 or (error and _member_cannot_serve(error)):
-                failures.append(f"{self.settings.endpoints[index]}: {error or f'HTTP {response.status_code}'}")
+            if response.status >= 500 or (error and _member_cannot_serve(error)):
+                failures.append(f"{self.settings.endpoints[index]}: {error or f'HTTP {response.status}'}")
                 transient = True
                 continue
-            if response.status_code != 200 or error:
-                raise EtcdError(f"etcd {path}: {error or f'HTTP {response.status_code}'}")
+            if response.status != 200 or error:
+                raise EtcdError(f"etcd {path}: {error or f'HTTP {response.status}'}")
             with self._lock:
                 self._first = index
             return data
@@ -371,7 +364,7 @@ class EtcdGateway:
         return [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in answer.get("kvs", [])]
 
     def close(self) -> None:
-        self._session.close()
+        self._client.close()
 
 
 def _member_cannot_serve(error: str) -> bool:
@@ -382,19 +375,12 @@ def _member_cannot_serve(error: str) -> bool:
     )
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+def _json(response: Answer) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
-        return {"error": response.text[:200] or f"HTTP {response.status_code}"}
+        return {"error": response.text[:200] or f"HTTP {response.status}"}
     return data if isinstance(data, dict) else {}
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc)
-    if "Connection refused" in text:
-        return "connection refused"
-    return text[:160]
 
 
 def _b64(text: str) -> str:

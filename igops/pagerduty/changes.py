@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 from igops.secrets import redact
 
 if TYPE_CHECKING:
-    import requests
-
+    from igops.http_json import Answer
     from igops.inventory import Fleet
 
 PATH = "/v2/change/enqueue"
@@ -51,8 +50,7 @@ def send_change(
     links: list[dict[str, Any]] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ChangeEventResult:
-    import requests
-
+    from igops.http_json import HttpFailure, JsonClient
     from igops.secrets import insecure_url_problem
 
     problem = insecure_url_problem(base_url)
@@ -72,24 +70,28 @@ def send_change(
         event["links"] = links
     url = base_url.rstrip("/") + PATH
     detail = "not sent"
-    for attempt in range(1, ATTEMPTS + 1):
-        retryable = True
-        try:
-            response = requests.post(url, json=event, timeout=REQUEST_TIMEOUT_S)
-            if response.status_code == 202:
-                return ChangeEventResult(True, attempt, "accepted")
-            detail = f"HTTP {response.status_code}: {_message(response)}"
-            retryable = response.status_code == 429 or response.status_code >= 500
-        except requests.RequestException as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-        if not retryable:
-            return ChangeEventResult(False, attempt, redact(detail))
-        if attempt < ATTEMPTS:
-            sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
-    return ChangeEventResult(False, ATTEMPTS, redact(detail))
+    client = JsonClient()
+    try:
+        for attempt in range(1, ATTEMPTS + 1):
+            retryable = True
+            try:
+                response = client.post(url, event, connect_timeout=REQUEST_TIMEOUT_S, timeout=REQUEST_TIMEOUT_S)
+                if response.status == 202:
+                    return ChangeEventResult(True, attempt, "accepted")
+                detail = f"HTTP {response.status}: {_message(response)}"
+                retryable = response.status == 429 or response.status >= 500
+            except HttpFailure as exc:
+                detail = str(exc)
+            if not retryable:
+                return ChangeEventResult(False, attempt, redact(detail))
+            if attempt < ATTEMPTS:
+                sleep(FIRST_BACKOFF_S * 2 ** (attempt - 1))
+        return ChangeEventResult(False, ATTEMPTS, redact(detail))
+    finally:
+        client.close()
 
 
-def _message(response: requests.Response) -> str:
+def _message(response: Answer) -> str:
     try:
         body = response.json()
     except ValueError:
