@@ -100,7 +100,8 @@ def empty(fleet, cluster, shard):
         DELETE FROM {schema}.users WHERE username LIKE 'igops\\_bench\\_%%';""",
         (CAPTION, CAPTION),
     )
-    sql(fleet, cluster, f"VACUUM {schema}.likes, {schema}.photos, {schema}.users")
+    # FULL: the space goes back, and the lab's shard sizes (which `shard rebalance` plans by) with it.
+    sql(fleet, cluster, f"VACUUM FULL {schema}.likes, {schema}.photos, {schema}.users")
 
 
 def count_everything(fleet, source, target, shard):

@@ -22,7 +22,6 @@ from igops.shard_schema import tables_of
 
 if TYPE_CHECKING:
     from psycopg2.extensions import cursor as Cursor
-    from psycopg2.sql import Composed
 
 PIPE_BLOCK = 256 * 1024  # bytes of COPY data handed on at a time
 
@@ -39,7 +38,6 @@ class ShardCopier(SessionPart):
         with self.session.target.cursor() as cursor:
             drop_subscription(self.session.target, plan.slot)
             tables = tables_of(cursor, plan.schema)
-            cursor.execute(sql_truncate(plan.schema, tables))
             with self.session.source.cursor() as source_cursor:
                 builds = _deferrable_indexes(source_cursor, plan.schema)
             if builds:
@@ -96,7 +94,8 @@ class ShardCopier(SessionPart):
 
         plan = self.plan
         name = sql.Identifier(plan.schema, table)
-        options = sql.SQL(" (FORMAT binary)" if binary else "")
+        read_options = sql.SQL(" (FORMAT binary)" if binary else "")
+        write_options = sql.SQL(" (FORMAT binary, FREEZE)" if binary else " (FREEZE)")
         reader = connect(self.fleet, plan.source, self.database, purpose="move")
         writer = connect(self.fleet, plan.target, self.database, purpose="move")
         read_end, write_end = os.pipe()
@@ -106,8 +105,15 @@ class ShardCopier(SessionPart):
             # Closing the read end on any failure makes the source side's next write fail
             # instead of blocking on a full pipe.
             with os.fdopen(read_end, "rb") as source, writer.cursor() as cursor:
+                # Emptied in the COPY's own transaction, the table takes its rows frozen and its
+                # pages marked all-visible: the index builds and the verification that read them
+                # next need not set each row's hint bits (and write every page again) first.
+                # Nothing else reads the target's copy before the cut-over.
+                cursor.execute(sql.SQL("TRUNCATE {}").format(name))
                 cursor.copy_expert(
-                    sql.SQL("COPY {} FROM STDIN{}").format(name, options).as_string(cursor), source, size=PIPE_BLOCK
+                    sql.SQL("COPY {} FROM STDIN{}").format(name, write_options).as_string(cursor),
+                    source,
+                    size=PIPE_BLOCK,
                 )
 
         try:
@@ -116,7 +122,9 @@ class ShardCopier(SessionPart):
                 cursor.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
                 loading = pump.submit(load)
                 try:
-                    cursor.copy_expert(sql.SQL("COPY {} TO STDOUT{}").format(name, options).as_string(cursor), sink)
+                    cursor.copy_expert(
+                        sql.SQL("COPY {} TO STDOUT{}").format(name, read_options).as_string(cursor), sink
+                    )
                     rows: int = cursor.rowcount
                     sink.close()
                 except BaseException:
@@ -230,12 +238,6 @@ class _CountingPipe:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def sql_truncate(schema: str, tables: list[str]) -> Composed:
-    from psycopg2 import sql
-
-    return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(schema, table) for table in tables))
 
 
 def _deferrable_indexes(cursor: Cursor, schema: str) -> list[tuple[str, str]]:

@@ -84,8 +84,8 @@ def describe_step(plan: MovePlan, step: str) -> str:
         "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema}",
         "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot; COPY {len(plan.tables)} "
         f"tables (~{rows:,} rows, {human_bytes(size)}; binary within one major version) under that snapshot "
-        f"into {dst}, "
-        f"{COPY_PARALLEL} at a time, then build their keys and indexes",
+        f"into {dst}, each emptied in its COPY's transaction and loaded frozen, {COPY_PARALLEL} at a time, "
+        "then build their keys and indexes",
         "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
         "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
