@@ -155,6 +155,11 @@ class CutOver(SessionPart):
                 shape = describe_schema(cursor, plan.schema)
                 if shape is None:
                     raise IgopsError(f"{plan.source}/{plan.schema} does not exist", "check the shard and the cluster")
+                # Those reads began a transaction. Left open through the drain, which decodes all
+                # the source's WAL since the verification (minutes of it after a bulk load or a
+                # vacuum's freezing), it was idle long enough for the server to end the session
+                # (idle_in_transaction_session_timeout), and the move failed at its cut-over.
+                locker.rollback()
                 self._changes().drain()
                 requested = time.monotonic()
                 lock_tables(cursor, plan.schema, tables)

@@ -858,3 +858,36 @@ def test_a_move_goes_through_an_autovacuum_of_a_shard_table(lab):
     back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
     assert back.returncode == 0, back.stderr[-2000:]
     assert placement(lab, shard) == source and leftovers(lab) == []
+
+
+def test_a_drain_longer_than_the_idle_transaction_timeout_does_not_fail_the_cut_over(lab, monkeypatch):
+    """Before taking its lock, the cut-over reads what the source wrote since the verification
+    from a temporary slot: all of the source's WAL since then is decoded, which after a bulk load
+    or an autovacuum freezing a big table took longer than the 10 s of
+    idle_in_transaction_session_timeout its locking session runs with. That session had begun a
+    transaction reading the schema's shape, the server ended it while idle, and the move failed
+    ("server closed the connection unexpectedly"). Here the drain before the lock is made slow."""
+    from igops import shard_locks
+    from igops.output import Reporter
+    from igops.shard_changes import ChangedRows
+
+    shard = min(shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map"))
+    source = placement(lab, shard)
+    target = other_cluster(lab, source)
+    idle_timeout_s = int(shard_locks.LOCK_SETTINGS["idle_in_transaction_session_timeout"].removesuffix("s"))
+    drain = ChangedRows.drain
+    slowed = []
+
+    def slow_drain(self, upto=None):
+        if upto is None and not slowed:  # the cut-over's first drain, before its lock
+            slowed.append(time.monotonic())
+            time.sleep(idle_timeout_s + 1)
+        return drain(self, upto)
+
+    monkeypatch.setattr(ChangedRows, "drain", slow_drain)
+    result = shards.start_move(lab, shards.plan_move(lab, shard, target), Reporter())
+    assert slowed and result.status == "done" and placement(lab, shard) == target
+    monkeypatch.setattr(ChangedRows, "drain", drain)
+    back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert placement(lab, shard) == source and leftovers(lab) == []
