@@ -22,7 +22,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 class HttpFailure(Exception):
@@ -122,9 +122,9 @@ class JsonClient:
                 if proxy is None:
                     connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls_context())
                 else:
-                    address, tunnel_headers = proxy
+                    proxy_host, proxy_port, tunnel_headers = proxy
                     connection = http.client.HTTPSConnection(
-                        address.hostname or "", address.port or 3128, timeout=timeout, context=self._tls_context()
+                        proxy_host, proxy_port, timeout=timeout, context=self._tls_context()
                     )
                     connection.set_tunnel(host, port, headers=tunnel_headers)
             else:
@@ -152,8 +152,9 @@ class JsonClient:
             return self._context
 
 
-def _https_proxy(host: str) -> tuple[Any, dict[str, str]] | None:
-    """The proxy to tunnel to `host` through, as the environment says, with its credentials."""
+def _https_proxy(host: str) -> tuple[str, int, dict[str, str]] | None:
+    """Where to tunnel to `host` through, as the environment says: the proxy's host, its port and
+    the CONNECT request's credentials. A proxy spoken to over TLS itself is refused."""
     if not (os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")):
         return None
     import urllib.request  # only then: it costs more to import than all the rest of this module
@@ -162,11 +163,15 @@ def _https_proxy(host: str) -> tuple[Any, dict[str, str]] | None:
         return None
     url = urllib.request.getproxies_environment().get("https", "")
     address = urlsplit(url if "://" in url else f"http://{url}")
+    if address.scheme != "http" or not address.hostname:
+        raise HttpFailure(
+            f"HTTPS_PROXY {address.scheme}://{address.hostname or ''}: only an http:// proxy is supported"
+        )
     headers = {}
     if address.username:
-        secret = f"{address.username}:{address.password or ''}".encode()
+        secret = f"{unquote(address.username)}:{unquote(address.password or '')}".encode()
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret).decode()
-    return address, headers
+    return address.hostname, address.port or 80, headers
 
 
 def _close(connection: http.client.HTTPConnection | None) -> None:

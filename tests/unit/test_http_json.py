@@ -2,6 +2,7 @@
 refusals and timeouts as failures, TLS with a CA and a client certificate (made with openssl),
 and https through a CONNECT proxy unless NO_PROXY names the host."""
 
+import base64
 import json
 import select
 import socket
@@ -189,17 +190,21 @@ def test_https_goes_through_the_proxy_the_environment_names_unless_no_proxy_name
     with json_server(server_tls(pki, require_client=False)) as server, connect_proxy() as (port, asked):
         for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", f"http://ops:s3cret@127.0.0.1:{port}")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://ops:s3%40cret@127.0.0.1:{port}")
         client = JsonClient(str(pki / "ca.pem"))
         assert client.post(url(server, "https"), {"via": "proxy"}).status == 200
-        assert asked == [
-            (f"CONNECT 127.0.0.1:{server.server_address[1]} HTTP/1.0", ["Proxy-Authorization: Basic b3BzOnMzY3JldA=="])
-        ]
+        credentials = "Proxy-Authorization: Basic " + base64.b64encode(b"ops:s3@cret").decode()
+        assert asked == [(f"CONNECT 127.0.0.1:{server.server_address[1]} HTTP/1.0", [credentials])]
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         assert JsonClient(str(pki / "ca.pem")).post(url(server, "https"), {"via": "direct"}).status == 200
         assert len(asked) == 1
-        # Plain http never goes through it: it is for the fleet's own network (etcd).
         monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTPS_PROXY", f"https://127.0.0.1:{port}")
+        with pytest.raises(HttpFailure, match="only an http:// proxy is supported"):
+            JsonClient(str(pki / "ca.pem")).post(url(server, "https"), {})
+        assert len(asked) == 1
+        # Plain http never goes through it: it is for the fleet's own network (etcd).
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
     with json_server() as plain:
         assert JsonClient().post(url(plain), {}).status == 200
         assert len(asked) == 1
