@@ -49,12 +49,16 @@ WAIT_STOPPED = (
 )
 
 # Shell: with "$bin", "$data", "$socket", "$port", "$wait" (seconds) set and a start command as
-# "$@": a postmaster that answers is left as it is (prints "running"); one that runs but does not
-# answer is a shutdown under way (a stop that outlived the igops that began it) and is waited for;
-# then the start command runs. pg_ctl start fails while any postmaster holds the data directory.
+# "$@": a postmaster that answers is left as it is (prints "running"); one that does not answer yet
+# but whose postmaster.pid says it is starting (line 8: its recovery has not reached a consistent
+# state, which can take minutes of replay) is a start already under way (prints "starting"); one
+# that says anything else is a shutdown under way (a stop that outlived the igops that began it)
+# and is waited for; then the start command runs. pg_ctl start fails while any postmaster holds
+# the data directory, and pg_isready answers the same for a startup as for a shutdown.
 START_AFTER_SHUTDOWN = (
     'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
     '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
+    'case "$(sed -n 8p "$data/postmaster.pid" 2>/dev/null)" in starting*) echo starting; exit 0;; esac; '
     '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '
     'done; exec "$@"'
 )
@@ -62,7 +66,8 @@ START_AFTER_SHUTDOWN = (
 
 def start_unless_answering(fleet: Fleet, host: Any, wait_seconds: int, first: str = "") -> list[str]:
     """The member's server started through repmgr's `node service --action=start`, after the
-    shell `first` and as START_AFTER_SHUTDOWN says; prints "running" when it already answered."""
+    shell `first` and as START_AFTER_SHUTDOWN says; prints "running" when it already answered,
+    "starting" when a start was already under way."""
     return postgres_sh(
         fleet,
         'bin="$1"; data="$2"; socket="$3"; port="$4"; wait="$5"; shift 5; ' + first + START_AFTER_SHUTDOWN,

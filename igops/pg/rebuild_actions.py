@@ -250,7 +250,8 @@ class RebuildActions:
 
     def start_standby(self, node: str) -> str:
         """Start it, unless it runs and answers. As the undo of the stop, a kill may have landed
-        before the stop reached the server (it runs on) or during its shutdown (waited for)."""
+        before the stop reached the server (it runs on) or during its shutdown (waited for); as a
+        step run again, after the start it made (still replaying: waited for until it answers)."""
         fleet = self.fleet
         host = self._host(node)
         said = ssh_ok(
@@ -262,13 +263,14 @@ class RebuildActions:
         )
         if said.strip() == "running":
             return "running already, answering"
+        started = "was starting already" if said.strip() == "starting" else "started"
         # repmgr's follow needs it to answer: a standby answers once replay has made it consistent
         # (the group's backup_label: from its checkpoint to where the backup ended).
         deadline = time.monotonic() + REJOIN_TIMEOUT
         while True:
             try:
                 postgres.connect(self.fleet, host).close()
-                return "started, answering"
+                return f"{started}, answering"
             except postgres.Unavailable as exc:
                 if time.monotonic() > deadline:
                     raise IgopsError(

@@ -11,8 +11,11 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
   again, as `ops resume` says) or aborted (even ones): a resume leaves db2 on volumes from that
   group, an abort on the ones it had; either way db2 streams from the primary again, and no
   acknowledged write is lost.
+- Its start run again while db2 still replays (not yet answering, like a shutdown): waited for
+  until it answers, neither started twice nor waited out as a shutdown.
 """
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -203,3 +206,71 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []
     nothing_lost(load, outcomes)
+
+
+def postmaster_status(lab) -> tuple[int, str]:
+    """db2's postmaster pid and the status its postmaster.pid gives (line 8), or (0, "") before
+    the postmaster has written it."""
+    pidfile = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(STANDBY))) / "postmaster.pid"
+    fields = pidfile.read_text().splitlines() if pidfile.exists() else []
+    return (int(fields[0]), fields[7].strip()) if len(fields) > 7 else (0, "")
+
+
+def test_a_start_run_again_while_the_standby_still_replays_waits_until_it_answers(lab):
+    """A rebuild cut off after its start and run again finds db2's postmaster replaying towards
+    its backup's end, not yet consistent: it does not answer, as during a shutdown. The step takes
+    it for the start it is, neither a shutdown to wait out (it failed so after a minute) nor a
+    postmaster to start a second time, and waits until it answers.
+
+    db2 is held there as a group's volumes hold it: restarted with a backup_label of a backup
+    still under way on db1, it replays until db1 ends that backup."""
+    import threading
+
+    from igops import failover
+    from igops.host_commands import ssh
+    from igops.lab.postgres import Node
+    from igops.pg.hostcmd import start_unless_answering
+
+    restore_home(lab)
+    node = Node(state.paths(), STANDBY)
+    host = lab.host(STANDBY)
+    backup = postgres(lab, "db1")
+    ended = threading.Event()
+
+    def end_backup() -> None:  # db1 writes the backup's end record: db2's replay reaches it
+        if not ended.is_set():
+            ended.set()
+            with backup.cursor() as cursor:
+                cursor.execute("SELECT pg_backup_stop(false)")
+
+    try:
+        with backup.cursor() as cursor:
+            cursor.execute("SELECT pg_backup_start('igops rebuild drill', true)")
+            began = cursor.fetchone()[0]
+            cursor.execute("SELECT checkpoint_lsn, redo_lsn, redo_wal_file, timeline_id FROM pg_control_checkpoint()")
+            checkpoint, redo, redo_file, timeline = cursor.fetchone()
+        assert redo == began, "a checkpoint came between the backup's start and its read"
+        node.pg_ctl("stop", "-m", "fast", "-w")
+        label = node.pgdata / "backup_label"
+        label.write_text(
+            f"START WAL LOCATION: {redo} (file {redo_file})\nCHECKPOINT LOCATION: {checkpoint}\n"
+            "BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-01-01 00:00:00 UTC\n"
+            f"LABEL: igops rebuild drill\nSTART TIMELINE: {timeline}\n"
+        )
+        shutil.chown(label, "postgres", "postgres")
+        node.pg_ctl("start", "-W", "-l", str(node.log))
+        assert wait_for(lambda: postmaster_status(lab)[1] == "starting", 30, interval=0.2)
+        pid = postmaster_status(lab)[0]
+        said = ssh(lab, host, start_unless_answering(lab, host, 2), timeout=30)
+        assert said.ok and said.stdout.strip() == "starting", (said.stdout, said.stderr)
+        assert postmaster_status(lab) == (pid, "starting"), "started a second time, or stopped"
+        finishing = threading.Timer(3.0, end_backup)
+        finishing.start()
+        detail = failover.PgActions(lab).start_standby(STANDBY)
+        finishing.join()
+        assert postmaster_status(lab)[0] == pid, "started a second time"
+    finally:
+        end_backup()
+        backup.close()
+    assert detail == "was starting already, answering", detail
+    assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
