@@ -16,12 +16,12 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from igops.errors import UsageError
 
@@ -210,6 +210,7 @@ def _open(client: SSHClient, target: Target, settings: SshSettings) -> Transport
             banner_timeout=settings.connect_timeout,
             auth_timeout=settings.connect_timeout,
             channel_timeout=settings.connect_timeout,
+            transport_factory=_transport,
         )
     except BaseException:
         sock.close()
@@ -218,6 +219,31 @@ def _open(client: SSHClient, target: Target, settings: SshSettings) -> Transport
     if transport is None:  # connect() returned, so it has one; this says so to the type checker
         raise RuntimeError(f"no SSH transport to {target.address}:{target.port} after connecting")
     transport.sock.settimeout(IDLE_WAKE_S)
+    return transport
+
+
+# The ciphers offered, in OpenSSH's client order but AES-GCM first: an AEAD cipher carries its own
+# tag, checked inside the cryptography library, where with CTR paramiko checks each packet's MAC in
+# Python (a byte-by-byte constant-time compare): about 0.3 ms less client CPU a login. No CBC
+# modes, which OpenSSH's client no longer offers either.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def _transport(
+    sock: Any,
+    /,
+    *,
+    gss_kex: bool = False,
+    gss_deleg_creds: bool = True,
+    disabled_algorithms: Mapping[str, Iterable[str]] | None = None,
+) -> Transport:
+    """paramiko's Transport for `sock`, offering CIPHERS (those this paramiko has). GSS-API is
+    never used (older paramiko passes its flags, newer has none)."""
+    from paramiko import Transport
+
+    transport = Transport(sock, disabled_algorithms=disabled_algorithms)
+    security = transport.get_security_options()
+    security.ciphers = tuple(name for name in CIPHERS if name in security.ciphers)
     return transport
 
 

@@ -56,8 +56,12 @@ class _Interface(paramiko.ServerInterface):
         return True
 
 
-def _serve(sock: socket.socket, client_key: paramiko.PKey, server: Server, answer: Answer) -> None:
+def _serve(
+    sock: socket.socket, client_key: paramiko.PKey, server: Server, answer: Answer, ciphers: tuple[str, ...] | None
+) -> None:
     transport = paramiko.Transport(sock)
+    if ciphers:
+        transport.get_security_options().ciphers = ciphers
     transport.add_server_key(server.host_key)
     interface = _Interface(client_key, server)
     try:
@@ -88,7 +92,9 @@ def _serve(sock: socket.socket, client_key: paramiko.PKey, server: Server, answe
 
 
 @contextmanager
-def ssh_server(client_key: paramiko.PKey, answer: Answer):
+def ssh_server(client_key: paramiko.PKey, answer: Answer, ciphers: tuple[str, ...] | None = None):
+    """A server on a loopback port that answers every command with `answer`, offering `ciphers`
+    (paramiko's own list by default)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
@@ -101,7 +107,7 @@ def ssh_server(client_key: paramiko.PKey, answer: Answer):
                 sock, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_serve, args=(sock, client_key, server, answer), daemon=True).start()
+            threading.Thread(target=_serve, args=(sock, client_key, server, answer, ciphers), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     try:
@@ -372,6 +378,22 @@ def test_a_connection_sends_each_packet_at_once(tmp_path, client_key):
         try:
             transport = remote._open(client, target("a", server), settings)
             assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize(
+    ("offered", "agreed"), [(None, "aes128-gcm@openssh.com"), (("aes256-ctr", "aes128-cbc"), "aes256-ctr")]
+)
+def test_aes_gcm_is_agreed_where_the_server_offers_it_else_ctr_and_never_cbc(tmp_path, client_key, offered, agreed):
+    """AES-GCM's tag is checked in the cryptography library, CTR's MAC by paramiko in Python."""
+    with ssh_server(client_key[0], Answer(), ciphers=offered) as server:
+        settings = settings_for(tmp_path, server, client_key[1])
+        client = remote._client(target("a", server), settings)
+        try:
+            transport = remote._open(client, target("a", server), settings)
+            assert (transport.local_cipher, transport.remote_cipher) == (agreed, agreed)
+            assert not [name for name in transport.get_security_options().ciphers if "cbc" in name]
         finally:
             client.close()
 
