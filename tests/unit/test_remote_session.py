@@ -321,6 +321,57 @@ def test_a_run_asks_for_three_descriptors_per_connection_at_once(monkeypatch, tm
     assert asked == [3 * 50, 3 * 32]
 
 
+def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands(monkeypatch, tmp_path):
+    """Ten logins first, so that one ends in the time of ten, not of all at once; each login over
+    lets two more begin, so hosts whose commands run long do not keep the run narrow: all 40
+    are logged in at once, holding their commands until every one is."""
+    hosts = 40
+    begun = threading.Semaphore(0)
+    logins_may_end = threading.Event()
+    all_in = threading.Barrier(hosts, timeout=10)
+
+    def run_one(target, command, settings, timeout, stdin, logged_in):
+        begun.release()
+        logins_may_end.wait(10)  # the login
+        logged_in()
+        all_in.wait()  # the command: it ends only once every host has logged in
+        return result_of(target)
+
+    monkeypatch.setattr(remote, "_run_one", run_one)
+    settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, hosts)
+    targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(hosts)]
+    results: list[remote.HostResult] = []
+    runner = threading.Thread(target=lambda: results.extend(remote.run(targets, "true", settings)))
+    runner.start()
+    for _ in range(remote.SLOW_START_HOSTS):
+        assert begun.acquire(timeout=10)
+    assert not begun.acquire(timeout=0.3), "more than the first ten began before a login ended"
+    logins_may_end.set()
+    runner.join(20)
+    assert [result.host for result in results] == [target.name for target in targets]
+
+
+def test_slow_start_admits_the_first_then_two_more_for_each_that_widens():
+    admission = remote.SlowStart(2)
+    admission.enter()
+    admission.enter()
+    third = threading.Thread(target=admission.enter, daemon=True)
+    third.start()
+    third.join(0.2)
+    assert third.is_alive(), "a third host began before any login ended"
+    admission.widen()
+    third.join(2)
+    assert not third.is_alive()
+    admission.enter()  # the second of the two slots that login made
+    fifth = threading.Thread(target=admission.enter, daemon=True)
+    fifth.start()
+    fifth.join(0.2)
+    assert fifth.is_alive()
+    admission.widen()
+    fifth.join(2)
+    assert not fifth.is_alive()
+
+
 def result_of(target: remote.Target) -> remote.HostResult:
     return remote.HostResult(target.name, target.address, True, 0, "", "", 1.0)
 
