@@ -134,7 +134,7 @@ def run(
     deadline = timeout or settings.command_timeout
     allow_descriptors(DESCRIPTORS_PER_CONNECTION * workers)
 
-    admission = SlowStart(SLOW_START_HOSTS)
+    admission = SlowStart(SLOW_START_HOSTS, SLOW_START_PATIENCE_S)
 
     def one(target: Target) -> HostResult:
         admission.enter()
@@ -160,8 +160,11 @@ def run(
         return list(pool.map(one, targets))
 
 
-# How many logins a run begins with before it widens towards its `parallel`.
+# How many logins a run begins with before it widens towards its `parallel`, and how long a host
+# waits for its turn at most: logins that hang (hosts down, addresses black-holed, each up to
+# the connect timeout) must not keep a run narrow.
 SLOW_START_HOSTS = 10
+SLOW_START_PATIENCE_S = 1.0
 
 
 class SlowStart:
@@ -172,14 +175,16 @@ class SlowStart:
     once on two cores the first result waited for about a hundred handshakes (1.4-1.8 s), where
     ten first give one in the time of ten, and the run is as wide as asked three rounds later."""
 
-    def __init__(self, first: int):
+    def __init__(self, first: int, patience: float):
         self._allowed = max(1, first)
+        self._patience = patience
         self._begun = 0
         self._changed = threading.Condition()
 
     def enter(self) -> None:
+        """Wait for a turn, at most `patience` seconds: then begin anyway."""
         with self._changed:
-            self._changed.wait_for(lambda: self._begun < self._allowed)
+            self._changed.wait_for(lambda: self._begun < self._allowed, self._patience)
             self._begun += 1
 
     def widen(self) -> None:

@@ -338,6 +338,7 @@ def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands
         return result_of(target)
 
     monkeypatch.setattr(remote, "_run_one", run_one)
+    monkeypatch.setattr(remote, "SLOW_START_PATIENCE_S", 60.0)
     settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, hosts)
     targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(hosts)]
     results: list[remote.HostResult] = []
@@ -351,8 +352,44 @@ def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands
     assert [result.host for result in results] == [target.name for target in targets]
 
 
+def test_logins_that_hang_keep_a_run_narrow_only_for_the_patience_of_the_others(monkeypatch, tmp_path):
+    """Ten hosts down (each login waits out the connect timeout): the rest begin anyway."""
+    logins_may_end = threading.Event()
+    began: list[float] = []
+
+    def run_one(target, command, settings, timeout, stdin, logged_in):
+        began.append(time.monotonic())
+        if target.name.startswith("down"):
+            logins_may_end.wait(10)
+        return result_of(target)
+
+    monkeypatch.setattr(remote, "_run_one", run_one)
+    monkeypatch.setattr(remote, "SLOW_START_PATIENCE_S", 0.2)
+    settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, 40)
+    targets = [remote.Target(f"down{i}", "127.0.0.1", 22, "root") for i in range(10)]
+    targets += [remote.Target(f"up{i}", "127.0.0.1", 22, "root") for i in range(30)]
+    runner = threading.Thread(target=remote.run, args=(targets, "true", settings))
+    started = time.monotonic()
+    runner.start()
+    try:
+        assert wait_until(lambda: len(began) == 40, 5), f"{len(began)} of 40 began while ten logins hung"
+        assert time.monotonic() - started < 5
+    finally:
+        logins_may_end.set()
+        runner.join(10)
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_slow_start_admits_the_first_then_two_more_for_each_that_widens():
-    admission = remote.SlowStart(2)
+    admission = remote.SlowStart(2, patience=60)
     admission.enter()
     admission.enter()
     third = threading.Thread(target=admission.enter, daemon=True)
