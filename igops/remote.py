@@ -149,7 +149,7 @@ def run(
         try:
             if on_start:
                 on_start(target)
-            result = _run_one(target, command, settings, deadline, stdin, logged_in)
+            result = _run_one(target, Request(command, deadline, stdin), settings, logged_in)
         finally:
             logged_in()
         if on_done:
@@ -514,18 +514,20 @@ def connect_ahead(targets: Sequence[Target], settings: SshSettings) -> None:
         list(pool.map(one, targets))
 
 
-def _run_one(
-    target: Target,
-    command: str,
-    settings: SshSettings,
-    timeout: float,
-    stdin: bytes | None,
-    logged_in: Callable[[], None],
-) -> HostResult:
-    """`command` on `target`, its result; `logged_in` is called once the login is over."""
+@dataclass(frozen=True)
+class Request:
+    """What a run asks of each host: an already-quoted command, its deadline, its input."""
+
+    command: str
+    timeout: float
+    stdin: bytes | None = None
+
+
+def _run_one(target: Target, request: Request, settings: SshSettings, logged_in: Callable[[], None]) -> HostResult:
+    """`request` on `target`, its result; `logged_in` is called once the login is over."""
     kept = _kept
     if kept is not None:
-        return _run_kept(kept, target, command, settings, timeout, stdin, logged_in)
+        return _run_kept(kept, target, request, settings, logged_in)
     started = time.monotonic()
 
     def finish(exit_code: int | None, out: bytes = b"", err: bytes = b"", error: str | None = None) -> HostResult:
@@ -543,7 +545,7 @@ def _run_one(
         finally:
             logged_in()
         channel = transport.open_session(timeout=settings.connect_timeout)
-        return _exec(channel, target, command, timeout, stdin, started)
+        return _exec(channel, target, request, started)
     except Exception as exc:  # noqa: BLE001
         return finish(None, error=f"SSH session failed: {exc}")
     finally:
@@ -553,13 +555,7 @@ def _run_one(
 
 
 def _run_kept(
-    kept: KeptConnections,
-    target: Target,
-    command: str,
-    settings: SshSettings,
-    timeout: float,
-    stdin: bytes | None,
-    logged_in: Callable[[], None],
+    kept: KeptConnections, target: Target, request: Request, settings: SshSettings, logged_in: Callable[[], None]
 ) -> HostResult:
     """_run_one on a kept connection: a channel on it, the connection left open. A kept
     connection that no longer opens a channel (its host's sshd restarted) is replaced once."""
@@ -585,7 +581,7 @@ def _run_kept(
                 return _result(target, started, None, error=f"SSH session failed: {exc}")
     try:
         try:
-            return _exec(channel, target, command, timeout, stdin, started)
+            return _exec(channel, target, request, started)
         finally:
             channel.close()
     except Exception as exc:  # noqa: BLE001
@@ -593,17 +589,15 @@ def _run_kept(
         return _result(target, started, None, error=f"SSH session failed: {exc}")
 
 
-def _exec(
-    channel: Channel, target: Target, command: str, timeout: float, stdin: bytes | None, started: float
-) -> HostResult:
-    """Run `command` on an open session channel under its deadline, and its result."""
-    channel.exec_command(with_remote_deadline(command, timeout))
-    if stdin:
-        channel.sendall(stdin)
+def _exec(channel: Channel, target: Target, request: Request, started: float) -> HostResult:
+    """Run the request's command on an open session channel under its deadline, and its result."""
+    channel.exec_command(with_remote_deadline(request.command, request.timeout))
+    if request.stdin:
+        channel.sendall(request.stdin)
     channel.shutdown_write()
-    out, err, timed_out = _collect(channel, started + timeout)
+    out, err, timed_out = _collect(channel, started + request.timeout)
     if timed_out:
-        return _result(target, started, None, out, err, f"{TIMED_OUT} {timeout:g} s")
+        return _result(target, started, None, out, err, f"{TIMED_OUT} {request.timeout:g} s")
     return _result(target, started, channel.recv_exit_status(), out, err)
 
 

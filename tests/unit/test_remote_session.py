@@ -330,7 +330,7 @@ def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands
     logins_may_end = threading.Event()
     all_in = threading.Barrier(hosts, timeout=10)
 
-    def run_one(target, command, settings, timeout, stdin, logged_in):
+    def run_one(target, request, settings, logged_in):
         begun.release()
         logins_may_end.wait(10)  # the login
         logged_in()
@@ -357,7 +357,7 @@ def test_logins_that_hang_keep_a_run_narrow_only_for_the_patience_of_the_others(
     logins_may_end = threading.Event()
     began: list[float] = []
 
-    def run_one(target, command, settings, timeout, stdin, logged_in):
+    def run_one(target, request, settings, logged_in):
         began.append(time.monotonic())
         if target.name.startswith("down"):
             logins_may_end.wait(10)
