@@ -588,3 +588,15 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     assert group_ids <= set(json.loads(pruned.stdout)["data"]["deleted"])
     for group_id in group_ids:
         assert group_snapshots(lab, group_id) == []
+    # The killed run stays listed as interrupted (and `igops check` warns of it) until someone
+    # ends it: its abort finds nothing left to undo once the prune took the group.
+    from igops import operations_view
+
+    [record] = [
+        record
+        for record in operations_view.list_operations(lab, include_ended=True).records
+        if record["kind"] == "snapshot-create" and record.get("pid") == igops.pid
+    ]
+    assert record["status"] == "interrupted", record
+    aborted = run_igops("-c", str(lab.source), "ops", "abort", record["id"], "--yes", "--json")
+    assert aborted.returncode == 0, aborted.stderr[-3000:]
