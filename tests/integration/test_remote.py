@@ -218,13 +218,13 @@ identity_file = "{keys.client_key}"
 def test_kept_connections_log_in_once_per_host_and_replace_one_that_died(servers, monkeypatch):
     _, keys = servers
     logins = []
-    opened = remote._open
+    opened = remote._connect
 
-    def counting(client, target, ssh_settings):
+    async def counting(target, ssh_settings):
         logins.append(target.address)
-        return opened(client, target, ssh_settings)
+        return await opened(target, ssh_settings)
 
-    monkeypatch.setattr(remote, "_open", counting)
+    monkeypatch.setattr(remote, "_connect", counting)
     hosts = [target(a) for a in TRUSTED[:2]]
     with remote.keep_connections() as kept:
         remote.connect_ahead(hosts, settings(keys))
@@ -233,11 +233,12 @@ def test_kept_connections_log_in_once_per_host_and_replace_one_that_died(servers
             assert all(r.ok for r in results), results
         assert sorted(logins) == sorted(TRUSTED[:2]), "one login per host, made ahead"
         # The connection to the first host dies (its sshd child is gone): the next command logs in again.
-        kept._clients[kept._key(hosts[0], settings(keys))].get_transport().sock.close()
+        connection = kept._connections[kept._key(hosts[0], settings(keys))]
+        connection.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
         [again] = remote.run(hosts[:1], "true", settings(keys))
         assert again.ok and logins.count(TRUSTED[0]) == 2
         with remote.keep_connections() as inner:
             assert inner is kept, "a nested keep uses the outer one's connections"
-    assert not kept._clients, "every kept connection closed at the end"
+    assert not kept._connections, "every kept connection closed at the end"
     remote.run(hosts[:1], "true", settings(keys))
     assert logins.count(TRUSTED[0]) == 3, "outside, each command logs in"

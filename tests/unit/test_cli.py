@@ -281,8 +281,8 @@ def test_help_imports_no_heavy_library():
         "import sys; sys.argv = ['igops', '--help']\n"
         "from igops.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('boto3', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic', 'scipy', 'numpy') "
-        "if m in sys.modules]\n"
+        "heavy = [m for m in ('boto3', 'asyncssh', 'fabric', 'paramiko', 'psycopg2', 'redis', 'pydantic', 'scipy', "
+        "'numpy') if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -3,8 +3,8 @@ process on a loopback port (no sshd, nothing run on a host): authentication with
 file, strict host keys, the command as the host receives it, its output, exit status and stdin,
 and the per-host callbacks. The server answers every command with what the test set."""
 
+import asyncio
 import os
-import select
 import socket
 import threading
 import time
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import paramiko
 import pytest
 
-from igops import remote
+from igops import remote, ssh_keys, ssh_loop
 from igops.errors import RemoteError
 
 
@@ -32,6 +32,7 @@ class Server:
     host_key: paramiko.PKey
     commands: list[str] = field(default_factory=list)
     stdins: list[bytes] = field(default_factory=list)
+    ciphers: list[str] = field(default_factory=list)  # agreed, a connection each
 
 
 class _Interface(paramiko.ServerInterface):
@@ -66,6 +67,7 @@ def _serve(
     interface = _Interface(client_key, server)
     try:
         transport.start_server(server=interface)
+        server.ciphers.append(transport.remote_cipher)
         channel = transport.accept(10)
         if channel is None or not interface.command.wait(10):
             return
@@ -212,7 +214,7 @@ def test_a_session_reads_its_lines(tmp_path, client_key):
             session.send(b"x")
             assert session.read_line(1) is None  # nothing until the host has read its stdin
         with remote.Session(target("h1", server), "agent", settings) as session:
-            session._open_channel().shutdown_write()
+            ssh_loop.call(end_input(session))
             assert [session.read_line(5), session.read_line(5), session.read_line(1)] == ["one", "two", None]
 
 
@@ -226,36 +228,13 @@ def test_a_session_to_a_host_with_an_unknown_key_is_refused(tmp_path, client_key
                 pass
 
 
-class FakeChannel:
-    """A channel whose descriptor is numbered above select()'s limit of 1024."""
-
-    def __init__(self, fd: int, data: bytes):
-        self._fd, self._data, self.eof_received = fd, data, False
-
-    def fileno(self):
-        return self._fd
-
-    def recv_ready(self):
-        return bool(self._data)
-
-    def recv(self, size):
-        data, self._data = self._data, b""
-        self.eof_received = True
-        return data
-
-    def recv_stderr_ready(self):
-        return False
-
-    def exit_status_ready(self):
-        return self.eof_received
-
-    def close(self):
-        pass
+async def end_input(session: remote.Session) -> None:
+    session._started().stdin.write_eof()
 
 
-def test_a_channel_numbered_past_1024_is_waited_on(tmp_path):
-    """At a few hundred connections at once, channel descriptors pass 1024, where select()
-    raises; the wait must not."""
+def test_connections_with_descriptors_past_1024_run(tmp_path, client_key):
+    """At a few hundred connections at once, descriptors pass 1024, where select() raises: the
+    loop that carries them must not use it."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -263,16 +242,15 @@ def test_a_channel_numbered_past_1024_is_waited_on(tmp_path):
         pytest.skip("this process may not open a descriptor numbered 1100")
     if soft < 1200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    reader, writer = os.pipe()
-    high = os.dup2(reader, 1100)
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next descriptors are past 1024
     try:
-        os.write(writer, b"x")
-        with pytest.raises(ValueError):
-            select.select([high], [], [], 0)  # what the wait used to call
-        channel = FakeChannel(high, b"data")
-        assert remote._collect(channel, time.monotonic() + 5) == (b"data", b"", False)
+        key, identity = client_key
+        with ssh_server(key, Answer(b"out")) as server:
+            settings = settings_for(tmp_path, server, identity)
+            [result] = remote.run([target("a", server)], "true", settings)
+        assert result.ok and result.stdout == "out", result
     finally:
-        for fd in (high, reader, writer):
+        for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -292,11 +270,11 @@ class FakeLimits:
 @pytest.mark.parametrize(
     "soft,hard,needed,after",
     [
-        (1024, 524288, 3 * 100, 1024),  # enough already: left alone
-        (1024, 524288, 3 * 1000, 3 * 1000 + 256),  # raised to what the run needs
-        (1024, 2048, 3 * 1000, 2048),  # as far as the hard limit allows
-        (1024, -1, 3 * 1000, 3 * 1000 + 256),  # no hard limit (RLIM_INFINITY)
-        (-1, -1, 3 * 1000, -1),  # no limit at all
+        (1024, 524288, 100, 1024),  # enough already: left alone
+        (1024, 524288, 3000, 3000 + 256),  # raised to what the run needs
+        (1024, 2048, 3000, 2048),  # as far as the hard limit allows
+        (1024, -1, 3000, 3000 + 256),  # no hard limit (RLIM_INFINITY)
+        (-1, -1, 3000, -1),  # no limit at all
     ],
 )
 def test_the_open_file_limit_is_raised_for_a_wide_run(monkeypatch, soft, hard, needed, after):
@@ -310,15 +288,26 @@ def test_the_open_file_limit_is_raised_for_a_wide_run(monkeypatch, soft, hard, n
     assert fake.limits == (after, hard)
 
 
-def test_a_run_asks_for_three_descriptors_per_connection_at_once(monkeypatch, tmp_path):
+async def run_one_at_once(target, request, settings, logged_in):
+    return result_of(target)
+
+
+def test_a_run_asks_for_a_descriptor_per_connection_at_once(monkeypatch, tmp_path):
     asked = []
     monkeypatch.setattr(remote, "allow_descriptors", asked.append)
-    monkeypatch.setattr(remote, "_run_one", lambda target, *rest: result_of(target))
+    monkeypatch.setattr(remote, "_run_one", run_one_at_once)
     settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, 32)
     targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(50)]
     assert len(remote.run(targets, "true", settings, parallel=400)) == 50
     assert len(remote.run(targets, "true", settings)) == 50
-    assert asked == [3 * 50, 3 * 32]
+    assert asked == [50, 32]
+
+
+async def until(condition, timeout: float = 10) -> None:
+    """On the SSH loop: wait until `condition()` holds (set by the test's thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands(monkeypatch, tmp_path):
@@ -326,15 +315,16 @@ def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands
     lets two more begin, so hosts whose commands run long do not keep the run narrow: all 40
     are logged in at once, holding their commands until every one is."""
     hosts = 40
-    begun = threading.Semaphore(0)
+    begun: list[str] = []
     logins_may_end = threading.Event()
-    all_in = threading.Barrier(hosts, timeout=10)
+    logged_in_hosts: list[str] = []
 
-    def run_one(target, request, settings, logged_in):
-        begun.release()
-        logins_may_end.wait(10)  # the login
+    async def run_one(target, request, settings, logged_in):
+        begun.append(target.name)
+        await until(logins_may_end.is_set)  # the login
         logged_in()
-        all_in.wait()  # the command: it ends only once every host has logged in
+        logged_in_hosts.append(target.name)
+        await until(lambda: len(logged_in_hosts) == hosts)  # the command: ends once every host is in
         return result_of(target)
 
     monkeypatch.setattr(remote, "_run_one", run_one)
@@ -344,12 +334,13 @@ def test_a_wide_run_begins_with_ten_logins_and_widens_as_logins_end_not_commands
     results: list[remote.HostResult] = []
     runner = threading.Thread(target=lambda: results.extend(remote.run(targets, "true", settings)))
     runner.start()
-    for _ in range(remote.SLOW_START_HOSTS):
-        assert begun.acquire(timeout=10)
-    assert not begun.acquire(timeout=0.3), "more than the first ten began before a login ended"
+    assert wait_until(lambda: len(begun) >= remote.SLOW_START_HOSTS, 10)
+    time.sleep(0.3)
+    assert len(begun) == remote.SLOW_START_HOSTS, "more than the first ten began before a login ended"
     logins_may_end.set()
     runner.join(20)
     assert [result.host for result in results] == [target.name for target in targets]
+    assert len(logged_in_hosts) == hosts
 
 
 def test_logins_that_hang_keep_a_run_narrow_only_for_the_patience_of_the_others(monkeypatch, tmp_path):
@@ -357,10 +348,10 @@ def test_logins_that_hang_keep_a_run_narrow_only_for_the_patience_of_the_others(
     logins_may_end = threading.Event()
     began: list[float] = []
 
-    def run_one(target, request, settings, logged_in):
+    async def run_one(target, request, settings, logged_in):
         began.append(time.monotonic())
         if target.name.startswith("down"):
-            logins_may_end.wait(10)
+            await until(logins_may_end.is_set)
         return result_of(target)
 
     monkeypatch.setattr(remote, "_run_one", run_one)
@@ -389,24 +380,36 @@ def wait_until(condition, timeout: float) -> bool:
 
 
 def test_slow_start_admits_the_first_then_two_more_for_each_that_widens():
-    admission = remote.SlowStart(2, patience=60)
-    admission.enter()
-    admission.enter()
-    third = threading.Thread(target=admission.enter, daemon=True)
-    third.start()
-    third.join(0.2)
-    assert third.is_alive(), "a third host began before any login ended"
-    admission.widen()
-    third.join(2)
-    assert not third.is_alive()
-    admission.enter()  # the second of the two slots that login made
-    fifth = threading.Thread(target=admission.enter, daemon=True)
-    fifth.start()
-    fifth.join(0.2)
-    assert fifth.is_alive()
-    admission.widen()
-    fifth.join(2)
-    assert not fifth.is_alive()
+    async def scenario() -> list[str]:
+        admission = remote.SlowStart(2, patience=60)
+        seen = []
+        await admission.enter()
+        await admission.enter()
+        third = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0.2)
+        seen.append(f"third waits: {not third.done()}")
+        admission.widen()
+        await asyncio.wait_for(third, 2)
+        await asyncio.wait_for(admission.enter(), 2)  # the second of the two slots that login made
+        fifth = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0.2)
+        seen.append(f"fifth waits: {not fifth.done()}")
+        admission.widen()
+        await asyncio.wait_for(fifth, 2)
+        return seen
+
+    assert asyncio.run(scenario()) == ["third waits: True", "fifth waits: True"]
+
+
+def test_slow_start_lets_a_host_begin_after_its_patience():
+    async def scenario() -> float:
+        admission = remote.SlowStart(1, patience=0.2)
+        await admission.enter()
+        started = time.monotonic()
+        await admission.enter()
+        return time.monotonic() - started
+
+    assert 0.15 <= asyncio.run(scenario()) < 2
 
 
 def result_of(target: remote.Target) -> remote.HostResult:
@@ -428,62 +431,67 @@ def _openssh_ed25519(path, password: bytes | None = None) -> None:
 def test_the_identity_file_is_read_once_per_run_and_again_when_it_changes(tmp_path):
     path = tmp_path / "id_ed25519"
     _openssh_ed25519(path)
-    first = remote._identity(path)
-    assert first is not None and remote._identity(path) is first
+    first = ssh_keys.identity(path)
+    assert first and ssh_keys.identity(path) is first
     _openssh_ed25519(path)
     os.utime(path, ns=(1, 1))  # a new mtime even within the clock's resolution
-    again = remote._identity(path)
-    assert again is not None and again.get_base64() != first.get_base64()
+    again = ssh_keys.identity(path)
+    assert again and again[0].public_data != first[0].public_data
 
 
-def test_an_identity_that_does_not_load_is_left_for_paramiko_to_read_and_explain(tmp_path, client_key):
+def test_an_identity_that_does_not_load_is_reported_with_the_fix(tmp_path, client_key):
     encrypted = tmp_path / "id_encrypted"
     _openssh_ed25519(encrypted, b"secret")
-    assert remote._identity(encrypted) is None
-    assert remote._identity(tmp_path / "missing") is None
+    with pytest.raises(ssh_keys.IdentityError, match="cannot use the SSH identity file .*id_encrypted"):
+        ssh_keys.identity(encrypted)
     with ssh_server(client_key[0], Answer()) as server:
         [result] = remote.run([target("a", server)], "true", settings_for(tmp_path, server, encrypted))
-    assert not result.ok and result.error
+        [missing] = remote.run([target("a", server)], "true", settings_for(tmp_path, server, tmp_path / "gone"))
+    assert not result.ok and "identity_file" in result.error and "id_encrypted" in result.error, result.error
+    assert not missing.ok and missing.error.startswith(f"cannot read {tmp_path / 'gone'}"), missing.error
 
 
-def test_an_open_connection_wakes_its_thread_once_a_second_when_idle(tmp_path, client_key):
+def test_every_connection_of_a_run_is_carried_by_one_thread(tmp_path, client_key):
+    """No thread per connection: a hundred connections at once, each with its own thread, spent
+    more CPU handing the interpreter's lock between threads than on their handshakes."""
     with ssh_server(client_key[0], Answer()) as server:
-        settings = settings_for(tmp_path, server, client_key[1])
-        client = remote._client(target("a", server), settings)
-        try:
-            transport = remote._open(client, target("a", server), settings)
-            assert transport.sock.gettimeout() == remote.IDLE_WAKE_S
-        finally:
-            client.close()
+        settings = settings_for(tmp_path, server, client_key[1], parallel=20)
+        before = threading.active_count()
+        seen = []
+        results = remote.run(
+            [target(f"h{i}", server) for i in range(20)],
+            "true",
+            settings,
+            on_start=lambda _: seen.append(threading.active_count()),
+        )
+    assert all(result.ok for result in results)
+    # the loop's own thread, once; the test server's threads (two for each connection) aside
+    assert max(seen) - before <= 1 + 2 * 20
 
 
 def test_a_connection_sends_each_packet_at_once(tmp_path, client_key):
-    """TCP_NODELAY from before the handshake: without it a small packet waits for the ACK of the
-    one before, which the server delays by 40 ms, in every exchange of a login and a command."""
+    """TCP_NODELAY: without it a small packet waits for the ACK of the one before, which the
+    server delays by 40 ms, in every exchange of a login and a command."""
     with ssh_server(client_key[0], Answer()) as server:
         settings = settings_for(tmp_path, server, client_key[1])
-        client = remote._client(target("a", server), settings)
+        connection = ssh_loop.call(remote._connect(target("a", server), settings))
         try:
-            transport = remote._open(client, target("a", server), settings)
-            assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert connection.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
-            client.close()
+            ssh_loop.call(remote._close(connection))
 
 
 @pytest.mark.parametrize(
     ("offered", "agreed"), [(None, "aes128-gcm@openssh.com"), (("aes256-ctr", "aes128-cbc"), "aes256-ctr")]
 )
 def test_aes_gcm_is_agreed_where_the_server_offers_it_else_ctr_and_never_cbc(tmp_path, client_key, offered, agreed):
-    """AES-GCM's tag is checked in the cryptography library, CTR's MAC by paramiko in Python."""
+    """AES-GCM's tag is checked with the decryption; CTR needs a MAC of its own."""
     with ssh_server(client_key[0], Answer(), ciphers=offered) as server:
         settings = settings_for(tmp_path, server, client_key[1])
-        client = remote._client(target("a", server), settings)
-        try:
-            transport = remote._open(client, target("a", server), settings)
-            assert (transport.local_cipher, transport.remote_cipher) == (agreed, agreed)
-            assert not [name for name in transport.get_security_options().ciphers if "cbc" in name]
-        finally:
-            client.close()
+        [result] = remote.run([target("a", server)], "true", settings)
+    assert result.ok, result.error
+    assert server.ciphers == [agreed]
+    assert not [name for name in remote.CIPHERS if "cbc" in name]
 
 
 def test_a_refused_connection_is_named_as_such(tmp_path, client_key):

@@ -1,6 +1,6 @@
-"""known_hosts as remote.py reads it: paramiko's matching (exact and hashed names, the first key of
-each type), without paramiko's scan of every entry per host; and what each connection's client is
-given."""
+"""known_hosts as igops reads it (igops.ssh_keys): OpenSSH's matching (exact and hashed names, the
+first key of each type), checked against paramiko's HostKeys as a second reader, without a scan of
+every entry per host; and the keys each connection is given."""
 
 import base64
 import os
@@ -9,7 +9,7 @@ import struct
 import pytest
 from paramiko import HostKeys
 
-from igops import remote
+from igops import ssh_keys
 
 
 def ed25519(seed: int) -> str:
@@ -68,21 +68,25 @@ def as_text(keys) -> dict[str, str]:
     return {key_type: keys[key_type].get_base64() for key_type in keys.keys()} if keys else {}
 
 
+def ours_as_text(keys) -> dict[str, str]:
+    return {key_type: key.export_public_key().decode().split()[1] for key_type, key in keys.items()}
+
+
 def test_every_lookup_finds_what_paramikos_host_keys_find(tmp_path):
     path = tmp_path / "known_hosts"
     path.write_text("\n".join(LINES) + "\n")
-    theirs, ours = HostKeys(str(path)), remote.KnownHosts.read(path)
+    theirs, ours = HostKeys(str(path)), ssh_keys.KnownHosts.read(path)
     for name in NAMES:
-        assert as_text(ours.lookup(name)) == as_text(theirs.lookup(name)), name
+        assert ours_as_text(ours.lookup(name)) == as_text(theirs.lookup(name)), name
     assert list(ours.lookup("10.0.0.1")) == ["ssh-ed25519", "ecdsa-sha2-nistp256"]
-    assert ours.lookup("10.0.0.1")["ssh-ed25519"].get_base64() == ed25519(1)
+    assert ours_as_text(ours.lookup("10.0.0.1"))["ssh-ed25519"] == ed25519(1)
     assert set(ours.lookup("10.0.0.2")) == {"ssh-ed25519", "ecdsa-sha2-nistp256"}
 
 
-def test_lines_paramiko_raises_on_name_no_key():
+def test_lines_that_do_not_parse_name_no_key():
     """A key or a hashed name that is not base64 makes paramiko's HostKeys raise (ending the whole
     run, every host unanswered); here such a line names no key, and the host is unknown."""
-    known = remote.KnownHosts(
+    known = ssh_keys.KnownHosts(
         f"10.0.0.1 ssh-ed25519 !!!\n|1|not-base64|xyz ssh-ed25519 {ed25519(3)}\n10.0.0.2 ssh-ed25519 {ed25519(2)}\n"
     )
     assert known.lookup("10.0.0.1") == {} and known.lookup("not-base64") == {}
@@ -90,18 +94,18 @@ def test_lines_paramiko_raises_on_name_no_key():
 
 
 def test_each_key_is_parsed_once_and_only_when_a_host_with_it_is_looked_up(monkeypatch):
-    from paramiko import PKey
+    import asyncssh
 
     parsed = []
-    real = PKey.from_type_string
+    real = asyncssh.import_public_key
 
-    def counting(key_type, data):
-        parsed.append(key_type)
-        return real(key_type, data)
+    def counting(data):
+        parsed.append(data.split()[0])
+        return real(data)
 
-    monkeypatch.setattr(PKey, "from_type_string", counting)
+    monkeypatch.setattr(asyncssh, "import_public_key", counting)
     # The lab's shape: every host serves the same key.
-    known = remote.KnownHosts("".join(f"10.1.0.{i} ssh-ed25519 {ed25519(1)}\n" for i in range(1, 201)))
+    known = ssh_keys.KnownHosts("".join(f"10.1.0.{i} ssh-ed25519 {ed25519(1)}\n" for i in range(1, 201)))
     assert parsed == []
     for i in range(1, 201):
         assert list(known.lookup(f"10.1.0.{i}")) == ["ssh-ed25519"]
@@ -111,40 +115,22 @@ def test_each_key_is_parsed_once_and_only_when_a_host_with_it_is_looked_up(monke
 def test_a_thousand_hashed_hosts_are_each_found(tmp_path):
     names = [f"10.1.{i // 200}.{11 + i % 200}" for i in range(1000)]
     text = "".join(f"{HostKeys.hash_host(name)} ssh-ed25519 {ed25519(i % 251)}\n" for i, name in enumerate(names))
-    known = remote.KnownHosts(text)
+    known = ssh_keys.KnownHosts(text)
     for i in (0, 499, 999):
-        assert known.lookup(names[i])["ssh-ed25519"].get_base64() == ed25519(i % 251)
+        assert ours_as_text(known.lookup(names[i]))["ssh-ed25519"] == ed25519(i % 251)
     assert known.lookup("10.9.9.9") == {}
 
 
-def settings_with(tmp_path, text: str) -> remote.SshSettings:
-    path = tmp_path / "known_hosts"
-    path.write_text(text)
-    return remote.SshSettings(path, None, 5.0, 120.0, 32)
-
-
-def test_a_connection_is_given_its_own_hosts_keys_and_no_other(tmp_path):
-    settings = settings_with(tmp_path, "\n".join(LINES) + "\n")
-    for target, name in [
-        (remote.Target("a", "10.0.0.1", 22, "root"), "10.0.0.1"),
-        (remote.Target("b", "10.0.0.4", 2222, "root"), "[10.0.0.4]:2222"),
-        (remote.Target("c", "10.0.0.6", 2200, "root"), "[10.0.0.6]:2200"),
-        (remote.Target("d", "10.0.0.99", 22, "root"), "10.0.0.99"),
-    ]:
-        given = remote._client(target, settings).get_host_keys()
-        assert as_text(given.lookup(name)) == as_text(HostKeys(str(settings.known_hosts)).lookup(name))
-        assert set(given.keys()) <= {name}
-
-
 def test_an_edited_known_hosts_is_read_again(tmp_path):
-    settings = settings_with(tmp_path, f"10.0.0.1 ssh-ed25519 {ed25519(1)}\n")
-    target = remote.Target("a", "10.0.0.1", 22, "root")
-    assert remote._client(target, settings).get_host_keys().lookup("10.0.0.1")
-    settings.known_hosts.write_text(f"10.0.0.2 ssh-ed25519 {ed25519(2)}\n")
-    os.utime(settings.known_hosts, ns=(1, 1))  # a new mtime even within the clock's resolution
-    assert remote._client(target, settings).get_host_keys().lookup("10.0.0.1") is None
+    path = tmp_path / "known_hosts"
+    path.write_text(f"10.0.0.1 ssh-ed25519 {ed25519(1)}\n")
+    assert ssh_keys.known_host_keys(path).lookup("10.0.0.1")
+    path.write_text(f"10.0.0.2 ssh-ed25519 {ed25519(2)}\n")
+    os.utime(path, ns=(1, 1))  # a new mtime even within the clock's resolution
+    assert ssh_keys.known_host_keys(path).lookup("10.0.0.1") == {}
+    assert ssh_keys.known_host_keys(path).lookup("10.0.0.2")
 
 
 @pytest.mark.parametrize("address,port,name", [("10.0.0.1", 22, "10.0.0.1"), ("10.0.0.1", 2200, "[10.0.0.1]:2200")])
 def test_known_hosts_names_a_host_as_openssh_does(address, port, name):
-    assert remote.known_hosts_name(address, port) == name
+    assert ssh_keys.known_hosts_name(address, port) == name
