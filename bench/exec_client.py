@@ -1,5 +1,5 @@
 """The client CPU `igops exec` spends per host before any SSH traffic, at 1,000 hosts: what each
-connection is prepared with (its host keys from known_hosts, its client), and the plan printed
+connection is prepared with (its host keys from known_hosts), and the plan printed
 before the run. Each beside what the same step cost the way igops did it before (paramiko's
 HostKeys, a Fabric configuration per connection, the plan printed a line at a time), in one run.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from igops import inventory, remote  # noqa: E402
+from igops import inventory, remote, ssh_keys  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 3
@@ -35,7 +35,7 @@ def main() -> None:
 
     fleet = inventory.load_file(ROOT / "config" / "example-1000.toml")
     targets = remote.targets_for(fleet, fleet.hosts)
-    names = [remote.known_hosts_name(target.address, target.port) for target in targets]
+    names = [ssh_keys.known_hosts_name(target.address, target.port) for target in targets]
     work = Path(tempfile.mkdtemp(prefix="igops-bench-client-"))
     plain, hashed = work / "known_hosts", work / "known_hosts.hashed"
     plain.write_text("".join(f"{name} ssh-ed25519 {_key(index)}\n" for index, name in enumerate(names)))
@@ -55,12 +55,11 @@ def main() -> None:
         None,
         _cpu(lambda: [Config() for _ in range(200)]) / 200,
     )
-    settings = remote.SshSettings(plain, None, 5.0, 120.0, 100)
-    remote._client(targets[0], settings)  # known_hosts read once, as in a run
+    ssh_keys.known_host_keys(plain)  # known_hosts read once, as in a run
     _row(
-        "a connection's client (igops now: keys and policy)",
+        "a connection's host keys (igops now: read once, an index)",
         None,
-        _cpu(lambda: [remote._client(t, settings) for t in targets]) / len(targets),
+        _cpu(lambda: [ssh_keys.known_host_keys(plain).lookup(name) for name in names]) / len(names),
     )
     steps = [f"{t.name} ({t.user}@{t.address}:{t.port}): uptime" for t in targets]
     _row("the plan, a print per line (before)", _cpu(lambda: _plan(steps, joined=False)), None)
@@ -74,12 +73,12 @@ def _known_hosts_rows(label: str, path: Path, names: list[str]) -> None:
     sample = names if label == "plain" else names[:50]
     host_keys = HostKeys(str(path))
     _row(f"known_hosts ({label}) read: paramiko HostKeys", _cpu(lambda: HostKeys(str(path))), None)
-    _row(f"known_hosts ({label}) read: igops KnownHosts", _cpu(lambda: remote.KnownHosts.read(path)), None)
+    _row(f"known_hosts ({label}) read: igops KnownHosts", _cpu(lambda: ssh_keys.KnownHosts.read(path)), None)
     lookups = _cpu(lambda: [host_keys.lookup(name) for name in sample])
     _row(f"one host's keys ({label}): HostKeys.lookup", None, lookups / len(sample))
     # A fresh index each time: a host's key is parsed at its first lookup, which a run makes once.
     sample = names if label == "plain" else names[:200]
-    lookups = _cpu(lambda known: [known.lookup(name) for name in sample], lambda: remote.KnownHosts.read(path))
+    lookups = _cpu(lambda known: [known.lookup(name) for name in sample], lambda: ssh_keys.KnownHosts.read(path))
     _row(f"one host's keys ({label}): KnownHosts.lookup", None, lookups / len(sample))
 
 

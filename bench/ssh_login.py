@@ -1,14 +1,13 @@
-"""The client CPU of one SSH login and command, igops' way against paramiko's default cipher
-order, in one run: serial logins to one lab host, each followed by `true` on a channel and a
-close, in interleaved rounds so that whatever else the machine does falls on both alike.
+"""The client CPU of one SSH login and command, igops (asyncssh, on its event loop) against
+paramiko (the client igops used before, set up as igops set it up: the host's key alone, AES-GCM
+first, TCP_NODELAY), in one run: serial logins to one lab host, each followed by `true` on a
+channel and a close, in interleaved rounds so that whatever else the machine does falls on both
+alike.
 
-- igops: `remote._open`, which offers AES-GCM first (its tag checked in the cryptography library).
-- paramiko's order: the same login with the GCM ciphers disabled, so that AES-CTR with
-  HMAC-SHA2-256 is agreed, as paramiko's own preference order agrees with OpenSSH, and paramiko
-  checks each packet's MAC in Python.
-
-CPU time of this process (every paramiko thread) over the logins of a round, per login; the
-median of the rounds. The lab must be up (`igops lab up`); the host's sshd shares the two cores.
+CPU time of this process (every thread: igops' loop, paramiko's transport threads) over the
+logins of a round, per login; the median of the rounds. Serial logins show the handshake's own
+cost; what a thread per connection costs at a hundred at once, bench/exec_fanout.py shows. The lab
+must be up (`igops lab up`); the host's sshd shares the two cores.
 
     .venv/bin/python bench/ssh_login.py [--logins 150] [--rounds 4] [--host app1]
 """
@@ -16,6 +15,7 @@ median of the rounds. The lab must be up (`igops lab up`); the host's sshd share
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import time
@@ -24,41 +24,63 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from igops import inventory, remote  # noqa: E402
+from igops import inventory, remote, ssh_keys  # noqa: E402
 
 LAB_INVENTORY = Path("/var/lib/igops-lab/igops.toml")
-GCM = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 
 
-def login_and_true(target: remote.Target, settings: remote.SshSettings, without: list[str]) -> str:
-    """One login, `true` on a channel, the close; the cipher agreed."""
-    client = remote._client(target, settings)
+def igops_login(target: remote.Target, settings: remote.SshSettings) -> None:
+    [result] = remote.run([target], "true", settings)
+    if not result.ok:
+        raise SystemExit(f"`true` failed on the lab host: {result.error}")
+
+
+def paramiko_login(target: remote.Target, settings: remote.SshSettings) -> None:
+    from paramiko import PKey, RejectPolicy, SSHClient, Transport
+
+    client = SSHClient()
+    client.set_missing_host_key_policy(RejectPolicy())
+    name = ssh_keys.known_hosts_name(target.address, target.port)
+    for line in settings.known_hosts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == name:
+            import base64
+
+            client.get_host_keys().add(name, fields[1], PKey.from_type_string(fields[1], base64.b64decode(fields[2])))
+
+    def transport(sock, **_):
+        made = Transport(sock)
+        options = made.get_security_options()
+        options.ciphers = tuple(c for c in remote.CIPHERS if c in options.ciphers)
+        return made
+
+    sock = socket.create_connection((target.address, target.port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        if without:
-            # The same login with paramiko's Transport told to leave `without` out.
-            connect = client.connect
-
-            def connect_without(*args, **kwargs):
-                return connect(*args, **kwargs, disabled_algorithms={"ciphers": without})
-
-            client.connect = connect_without  # type: ignore[method-assign]
-        transport = remote._open(client, target, settings)
-        channel = transport.open_session()
+        client.connect(
+            target.address,
+            port=target.port,
+            sock=sock,
+            username=target.user,
+            key_filename=str(settings.identity_file),
+            look_for_keys=False,
+            allow_agent=False,
+            transport_factory=transport,
+        )
+        channel = client.get_transport().open_session()  # type: ignore[union-attr]
         channel.exec_command("true")
         if channel.recv_exit_status() != 0:
             raise SystemExit("`true` failed on the lab host")
-        return transport.remote_cipher
     finally:
         client.close()
 
 
-def round_of(target, settings, logins: int, without: list[str]) -> tuple[float, float, str]:
-    """CPU ms and wall ms per login over `logins` logins, and the cipher agreed."""
+def round_of(login, target, settings, logins: int) -> tuple[float, float]:
+    """CPU ms and wall ms per login over `logins` logins."""
     cpu, wall = time.process_time(), time.monotonic()
-    agreed = ""
     for _ in range(logins):
-        agreed = login_and_true(target, settings, without)
-    return (time.process_time() - cpu) / logins * 1000, (time.monotonic() - wall) / logins * 1000, agreed
+        login(target, settings)
+    return (time.process_time() - cpu) / logins * 1000, (time.monotonic() - wall) / logins * 1000
 
 
 def main() -> None:
@@ -70,26 +92,26 @@ def main() -> None:
     fleet = inventory.load_file(LAB_INVENTORY)
     settings = remote.settings_for(fleet)
     [target] = remote.targets_for(fleet, [fleet.host(args.host)])
-    ways = {"igops (GCM first)": [], "paramiko's order (CTR)": GCM}
-    for without in ways.values():  # warm: imports, the identity file, the first login's costs
-        login_and_true(target, settings, without)
-    figures: dict[str, list[tuple[float, float, str]]] = {name: [] for name in ways}
+    ways = {"igops (asyncssh)": igops_login, "paramiko (before)": paramiko_login}
+    for login in ways.values():  # warm: imports, the identity file, the first login's costs
+        login(target, settings)
+    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(args.rounds):
-        for name, without in ways.items():
-            figures[name].append(round_of(target, settings, args.logins, without))
+        for name, login in ways.items():
+            figures[name].append(round_of(login, target, settings, args.logins))
     print(
         f"ssh_login: {args.logins} serial logins and `true` to {args.host} per round, {args.rounds} rounds "
         "interleaved; medians"
     )
-    print(f"{'client':<24} {'cipher':<24} {'CPU ms/login':>12} {'wall ms/login':>13}  rounds' CPU ms")
+    print(f"{'client':<20} {'CPU ms/login':>12} {'wall ms/login':>13}  rounds' CPU ms")
     medians = {}
     for name, rounds in figures.items():
-        medians[name] = statistics.median(cpu for cpu, _, _ in rounds)
-        wall = statistics.median(wall for _, wall, _ in rounds)
-        each = ", ".join(f"{cpu:.2f}" for cpu, _, _ in rounds)
-        print(f"{name:<24} {rounds[-1][2]:<24} {medians[name]:>12.2f} {wall:>13.1f}  {each}")
-    igops, baseline = medians["igops (GCM first)"], medians["paramiko's order (CTR)"]
-    print(f"paramiko's order / igops: client CPU {baseline / igops:.2f}x ({baseline - igops:.2f} ms a login)")
+        medians[name] = statistics.median(cpu for cpu, _ in rounds)
+        wall = statistics.median(wall for _, wall in rounds)
+        each = ", ".join(f"{cpu:.2f}" for cpu, _ in rounds)
+        print(f"{name:<20} {medians[name]:>12.2f} {wall:>13.1f}  {each}")
+    igops, baseline = medians["igops (asyncssh)"], medians["paramiko (before)"]
+    print(f"paramiko / igops: client CPU {baseline / igops:.2f}x ({baseline - igops:.2f} ms a login)")
 
 
 if __name__ == "__main__":
