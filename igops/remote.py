@@ -162,7 +162,14 @@ async def _run_all(
             on_done(result)
         return result
 
-    return list(await asyncio.gather(*(one(target) for target in targets)))
+    tasks = [asyncio.ensure_future(one(target)) for target in targets]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # A callback that raised ends the run: the hosts still under way are stopped with it,
+        # not left running behind the caller (gather cancels them only when it is cancelled).
+        for task in tasks:
+            task.cancel()
 
 
 # How many logins a run begins with before it widens towards its `parallel`, and how long a host
@@ -309,11 +316,10 @@ async def _tcp_connect(target: Target, timeout: float) -> socket.socket:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
             return sock
-        except TimeoutError:
+        except BaseException as exc:
             sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
+            if isinstance(exc, TimeoutError) or not isinstance(exc, OSError):  # a timeout, a cancel
+                raise
             failure = exc
     raise failure
 
@@ -353,9 +359,7 @@ class KeptConnections:
 
     async def close(self) -> None:
         connections, self._connections = list(self._connections.values()), {}
-        for connection in connections:
-            connection.close()
-        await asyncio.gather(*(connection.wait_closed() for connection in connections), return_exceptions=True)
+        await asyncio.gather(*(_close(connection) for connection in connections))
 
 
 # The connections kept by the innermost keep_connections() of this process: a process-wide
@@ -644,5 +648,5 @@ async def _close(connection: SSHClientConnection) -> None:
     connection.close()
     try:
         await asyncio.wait_for(connection.wait_closed(), 1.0)
-    except (TimeoutError, OSError):
+    except Exception:  # noqa: BLE001 - however it ended, it is closed or aborted now
         connection.abort()

@@ -370,6 +370,29 @@ def test_logins_that_hang_keep_a_run_narrow_only_for_the_patience_of_the_others(
         runner.join(10)
 
 
+def test_a_callback_that_raises_ends_the_run_and_stops_the_hosts_under_way(monkeypatch, tmp_path):
+    began, ended = [], []
+
+    async def run_one(target, request, settings, logged_in):
+        began.append(target.name)
+        logged_in()
+        await asyncio.sleep(0 if target.name == "h0" else 0.5)
+        ended.append(target.name)
+        return result_of(target)
+
+    def on_done(result):
+        raise RuntimeError(f"callback failed on {result.host}")
+
+    monkeypatch.setattr(remote, "_run_one", run_one)
+    settings = remote.SshSettings(tmp_path / "known_hosts", None, 1.0, 1.0, 4)
+    targets = [remote.Target(f"h{i}", "127.0.0.1", 22, "root") for i in range(8)]
+    with pytest.raises(RuntimeError, match="callback failed on h0"):
+        remote.run(targets, "true", settings, on_done=on_done)
+    time.sleep(0.8)
+    assert ended == ["h0"], "hosts under way when the run failed went on running"
+    assert len(began) < 8
+
+
 def wait_until(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
