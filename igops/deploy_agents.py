@@ -75,14 +75,14 @@ class AgentSession:
             except IgopsError as exc:
                 return AgentAnswer(None, exc.message.removeprefix(f"{self.target.name}: "), False), False
             except Exception as exc:  # noqa: BLE001 - connected, but no session: as unreachable
-                return AgentAnswer(None, f"SSH session failed: {exc}", False), False
+                return AgentAnswer(None, remote.session_failed(exc), False), False
         started = time.monotonic()
         try:
             self._session.send(line)
             reply = self._session.read_line(deadline)
         except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
             self.close()
-            return AgentAnswer(None, f"SSH session failed: {exc}", False), True
+            return AgentAnswer(None, remote.session_failed(exc), False), True
         if reply is not None:
             return self._parse(reply), False
         timed_out = time.monotonic() - started >= deadline

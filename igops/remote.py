@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from igops import ssh_keys, ssh_loop
 from igops.errors import UsageError
@@ -411,37 +411,57 @@ async def _run_one(
     target: Target, request: Request, settings: SshSettings, logged_in: Callable[[], None]
 ) -> HostResult:
     """`request` on `target`, its result; `logged_in` is called once the login is over. On a
-    kept connection when there are any (a kept connection that no longer opens a channel, its
-    host's sshd restarted, is replaced once: the command had not begun), else on one of its own."""
+    kept connection when there are any, else on one of its own."""
     kept = _kept
     started = time.monotonic()
-    for attempt in (1, 2):
+    command = with_remote_deadline(request.command, request.timeout)
+    try:
+        connection, process = await _start(target, command, settings, kept, logged_in)
+    except _NotStarted as failure:
+        return _result(target, started, None, error=str(failure))
+    try:
+        return await _exec(process, target, request, started)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
+        if kept is not None:
+            kept.forget(target, settings)
+        return _result(target, started, None, error=session_failed(exc))
+    finally:
+        if kept is None:
+            connection.close()
+
+
+def session_failed(exc: Exception) -> str:
+    """A host's error for a session that broke: asyncssh's errors may have no text (a channel the
+    host refused without a reason), and then their kind is the message."""
+    return f"SSH session failed: {str(exc) or type(exc).__name__}"
+
+
+class _NotStarted(Exception):
+    """The command did not start on the host; the message is the error its result carries."""
+
+
+async def _start(
+    target: Target, command: str, settings: SshSettings, kept: KeptConnections | None, logged_in: Callable[[], None]
+) -> tuple[SSHClientConnection, SSHClientProcess[bytes]]:
+    """A connection to `target` (the kept one, if connections are kept) and `command` started on
+    it. A kept connection that no longer opens a channel (its host's sshd restarted) is replaced
+    once: the command had not begun."""
+    for _attempt in (1, 2):
         try:
             connection = await (kept.connection(target, settings) if kept else _connect(target, settings))
         except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
-            return _result(target, started, None, error=describe_connect_error(exc, target, settings))
+            raise _NotStarted(describe_connect_error(exc, target, settings)) from None
         finally:
             logged_in()
         try:
-            try:
-                command = with_remote_deadline(request.command, request.timeout)
-                process = await connection.create_process(command, encoding=None)
-            except Exception as exc:  # noqa: BLE001
-                if kept is not None:
-                    kept.forget(target, settings)
-                    if attempt == 1:
-                        continue
-                return _result(target, started, None, error=f"SSH session failed: {exc}")
-            try:
-                return await _exec(process, target, request, started)
-            except Exception as exc:  # noqa: BLE001
-                if kept is not None:
-                    kept.forget(target, settings)
-                return _result(target, started, None, error=f"SSH session failed: {exc}")
-        finally:
+            return connection, await connection.create_process(command, encoding=None)
+        except Exception as exc:  # noqa: BLE001
+            failure = session_failed(exc)
             if kept is None:
                 connection.close()
-    raise AssertionError("unreachable: the second attempt returns")
+                break
+            kept.forget(target, settings)
+    raise _NotStarted(failure)
 
 
 async def _exec(process: SSHClientProcess[bytes], target: Target, request: Request, started: float) -> HostResult:
@@ -454,16 +474,13 @@ async def _exec(process: SSHClientProcess[bytes], target: Target, request: Reque
         process.stdin.write_eof()
         done = await process.wait(timeout=max(0.0, started + request.timeout - time.monotonic()))
     except asyncssh.TimeoutError as exc:
-        out, err = _bytes(exc.stdout), _bytes(exc.stderr)
+        # With encoding=None asyncssh's output is bytes (or None when there was none).
+        out, err = cast(bytes, exc.stdout or b""), cast(bytes, exc.stderr or b"")
         return _result(target, started, None, out, err, f"{TIMED_OUT} {request.timeout:g} s")
     finally:
         process.close()
     status = done.exit_status if done.exit_status is not None else -1
-    return _result(target, started, status, _bytes(done.stdout), _bytes(done.stderr))
-
-
-def _bytes(data: object) -> bytes:
-    return data if isinstance(data, bytes) else str(data or "").encode()
+    return _result(target, started, status, cast(bytes, done.stdout or b""), cast(bytes, done.stderr or b""))
 
 
 def _result(

@@ -33,6 +33,7 @@ class Server:
     commands: list[str] = field(default_factory=list)
     stdins: list[bytes] = field(default_factory=list)
     ciphers: list[str] = field(default_factory=list)  # agreed, a connection each
+    channels_to_refuse: int = 0  # the first channel requests, of any connection, refused
 
 
 class _Interface(paramiko.ServerInterface):
@@ -49,6 +50,9 @@ class _Interface(paramiko.ServerInterface):
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
     def check_channel_request(self, kind, chanid):
+        if self.server.channels_to_refuse > 0:
+            self.server.channels_to_refuse -= 1
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel, command):
@@ -525,3 +529,22 @@ def test_a_refused_connection_is_named_as_such(tmp_path, client_key):
     settings = remote.SshSettings(tmp_path / "known_hosts", client_key[1], 2.0, 5.0, 4)
     [result] = remote.run([remote.Target("a", "127.0.0.1", port, "deploy")], "true", settings)
     assert not result.ok and result.error.startswith("connection refused by 127.0.0.1:"), result.error
+
+
+def test_a_kept_connection_that_opens_no_channel_is_replaced_once_and_the_command_runs(tmp_path, client_key):
+    # As after its host's sshd restarted: the kept connection is up but opens no channel. The
+    # command had not begun, so it runs on a new login; without kept connections it is not retried.
+    with ssh_server(client_key[0], Answer(stdout=b"ran\n")) as server:
+        settings = settings_for(tmp_path, server, client_key[1])
+        host = target("a", server)
+        with remote.keep_connections():
+            remote.connect_ahead([host], settings)
+            server.channels_to_refuse = 1
+            [result] = remote.run([host], "true", settings)
+        assert result.ok and result.stdout == "ran\n", result
+        assert len(server.ciphers) == 2, "one login ahead, one to replace it"
+
+        server.channels_to_refuse = 1
+        [result] = remote.run([host], "true", settings)
+        assert not result.ok and result.error == "SSH session failed: ChannelOpenError", result
+        assert len(server.ciphers) == 3
