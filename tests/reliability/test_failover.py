@@ -44,15 +44,24 @@ def app_config() -> Path:
     return state.paths().app_root("app1") / "shared" / "app.toml"
 
 
+# Leaving a Load waits until this many writes sent after the test stopped acting are acknowledged:
+# writes flow where the test left the lab, and the ledger's verification covers them.
+TAIL_WRITES = 20
+# About ten times what they take at the slowest load the tests drive (test_canary's ReadLoad:
+# 110 requests/s, a fifth of them writes).
+TAIL_TIMEOUT = 10.0
+
+
 class Load:
     """The app's load generator in its own process, writing through the load balancer for as long
-    as the test acts: entering waits until its timed phase has begun; leaving lets it run a little
-    longer, stops it (SIGINT ends the timed phase and prints the report) and keeps the report."""
+    as the test acts: entering waits until its timed phase has begun; leaving, when the test's body
+    raised nothing, waits until `tail_writes` writes sent from then on are acknowledged (and fails
+    if TAIL_TIMEOUT passes first); it stops the load (SIGINT ends the timed phase and prints the
+    report) and keeps the report."""
 
-    TAIL = 2.0
-
-    def __init__(self, lab, tmp_path, duration: float = 600):
+    def __init__(self, lab, tmp_path, duration: float = 600, tail_writes: int = TAIL_WRITES):
         self.ledger = tmp_path / "ledger.jsonl"
+        self.tail_writes = tail_writes
         self.argv = [
             sys.executable,
             "-m",
@@ -93,9 +102,35 @@ class Load:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def writes_sent_after(self, moment: float, offset: int) -> int:
+        """How many writes in the ledger past byte `offset` were sent after `moment` (each line
+        is an acknowledged write)."""
+        with open(self.ledger, "rb") as ledger:
+            ledger.seek(offset)
+            lines = ledger.read().splitlines()
+        sent_after = 0
+        for line in lines:
+            try:
+                sent_after += json.loads(line)["sent"] > moment
+            except ValueError:
+                pass  # cut at `offset`, or still being written
+        return sent_after
+
+    def tail(self) -> int:
+        """Waits until `tail_writes` writes sent from now on are acknowledged, for at most
+        TAIL_TIMEOUT or until the load ends; how many were."""
+        began, offset = time.time(), self.ledger.stat().st_size
+        deadline = time.monotonic() + TAIL_TIMEOUT
+        while (acknowledged := self.writes_sent_after(began, offset)) < self.tail_writes:
+            if time.monotonic() >= deadline or not self.running:
+                break
+            time.sleep(0.05)
+        return acknowledged
+
     def __exit__(self, *exc_info):
+        acted = exc_info[0] is None
+        tail_acknowledged = self.tail() if acted and self.running else None
         if self.running:
-            time.sleep(self.TAIL)
             self.process.send_signal(signal.SIGINT)
         try:
             output, errors = self.process.communicate(timeout=120)
@@ -103,7 +138,11 @@ class Load:
             self.process.kill()  # not left to load the lab under the tests that follow
             self.process.communicate()
             raise
-        if exc_info[0] is None:
+        if acted:
+            assert tail_acknowledged is None or tail_acknowledged >= self.tail_writes, (
+                f"{tail_acknowledged} writes sent after the test acted were acknowledged, not {self.tail_writes}, "
+                f"before {TAIL_TIMEOUT:g} s passed or the load ended: {errors[-2000:]}"
+            )
             assert output.strip(), errors[-2000:]
             self.report = json.loads(output)
 

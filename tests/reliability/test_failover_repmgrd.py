@@ -57,6 +57,7 @@ def test_switchovers_under_load_pause_repmgrd_and_leave_it_running(repmgrd_runni
     with Load(lab, tmp_path) as load:
         for target in (OTHER_PRIMARY, HOME_PRIMARY, OTHER_PRIMARY, HOME_PRIMARY):
             result, envelope = igops(lab, "pg", "switchover", "main", "--to", target, "--yes")
+            switched = time.monotonic()
             assert result.returncode == 0, result.stderr[-3000:]
             steps = envelope["data"]["plan"]["steps"]
             assert steps[0].startswith("repmgrd: pause") and steps[-1].startswith("repmgrd: unpause")
@@ -69,8 +70,11 @@ def test_switchovers_under_load_pause_repmgrd_and_leave_it_running(repmgrd_runni
     print(f"\nswitchovers with repmgrd: {describe(load.report, verified)}")
     assert load.report["errors"] == 0 and load.report["write_errors"] == 0
     assert verified.ok, verified.missing_writes[:5]
-    # Long after: still one primary, the one igops made.
-    time.sleep(8)
+    # Long after: still one primary, the one igops made. 8 s after the last switchover ended (and
+    # unpaused repmgrd): as long as repmgrd takes to promote on its own, reconnect_attempts x
+    # reconnect_interval (6 s) plus a monitoring interval (2 s). The load's end and its
+    # verification used some of them.
+    time.sleep(max(0.0, switched + 8 - time.monotonic()))
     main = pg_state(lab)
     assert main["primary"] == HOME_PRIMARY and not main["problems"], main["problems"]
 

@@ -149,12 +149,11 @@ def interrupted_run(lab, kind: str, kill: Kill, timeout: float) -> dict | None:
     return None
 
 
-def pg_writable(lab) -> list[str]:
-    return [node["name"] for node in pg_state(lab)["nodes"] if node["role"] == "primary"]
+def pg_writable(cluster: dict) -> list[str]:
+    return [node["name"] for node in cluster["nodes"] if node["role"] == "primary"]
 
 
-def pg_healthy(lab) -> str | None:
-    cluster = pg_state(lab)
+def pg_healthy(cluster: dict) -> str | None:
     ok = (
         cluster["primary"]
         and not cluster["paused"]
@@ -169,11 +168,10 @@ def pg_healthy(lab) -> str | None:
     return cluster["primary"] if ok else None
 
 
-def pg_settles(lab) -> bool:
+def pg_settles(cluster: dict) -> bool:
     """Whether what a continuation left becomes healthy on its own: the app writes to the one
     primary and every member runs (a member started again streams a few seconds later). A
     promotion an abort could not undo leaves PgBouncer on a stopped member: only a rerun helps."""
-    cluster = pg_state(lab)
     routed = {target for table in cluster["pgbouncer"].values() for target in table.values()}
     return (
         bool(cluster["primary"])
@@ -182,27 +180,24 @@ def pg_settles(lab) -> bool:
     )
 
 
-def redis_one_place_to_write(lab) -> bool:
+def redis_one_place_to_write(redis: dict) -> bool:
     """The app never has two places to write: a second master (a switchover killed between the
     target's promotion and the old master's demotion) is one the directory never named, and a
     directory naming a node just demoted means writes refused (READONLY), not written twice."""
-    redis = redis_state(lab)
     masters = [node["name"] for node in redis["nodes"] if node["role"] == "master"]
     return len(masters) <= 1 or redis["app_master"] in masters
 
 
-def redis_healthy(lab) -> str | None:
-    redis = redis_state(lab)
+def redis_healthy(redis: dict) -> str | None:
     return redis["app_master"] if not redis["problems"] else None
 
 
-def redis_settles(lab) -> bool:
+def redis_settles(redis: dict) -> bool:
     """Whether what a continuation left may still become healthy on its own: a replica it
     repointed reports its link up and its lag gone a moment later. Once every node answers and
     every replica's link is up, nothing moves by itself: the app writing to a replica, or a
     second master, is what an abort past the promotion left, and only a switchover changes it
     (a rerun, which its plan accepts only once those links are up)."""
-    redis = redis_state(lab)
     nodes, app_master = redis["nodes"], redis["app_master"]
     steady = all(node["role"] == "master" or (node["role"] == "replica" and node["link"] == "up") for node in nodes)
     masters = [node["name"] for node in nodes if node["role"] == "master"]
@@ -233,37 +228,40 @@ def nothing_lost(load, outcomes: list[str]) -> None:
 class Kind:
     kind: str
     argv: Callable[[str], list[str]]  # the switchover to a target
-    current: Callable[[object], str | None]  # the primary (master) now
+    current: Callable[[dict], str | None]  # the primary (master) in a state
     home: str
     other: str
-    healthy: Callable[[object], str | None]  # the primary (master), if all is well
-    single_writer: Callable[[object], bool]
+    healthy: Callable[[dict], str | None]  # the primary (master), if all is well in a state
+    single_writer: Callable[[dict], bool]
     held: Callable[[object], list[str]]  # pauses without a deadline left on members
-    settles: Callable[[object], bool]  # whether what a continuation left gets healthy on its own
+    settles: Callable[[dict], bool]  # whether what a continuation left gets healthy on its own
+    state: Callable[[object], dict]  # reads the state that current, healthy, single_writer and settles judge
 
 
 KINDS = {
     "pg": Kind(
         "pg-switchover",
         lambda to: ["pg", "switchover", "main", "--to", to],
-        lambda lab: pg_state(lab)["primary"],
+        lambda main: main["primary"],
         HOME_PRIMARY,
         OTHER_PRIMARY,
         pg_healthy,
-        lambda lab: len(pg_writable(lab)) <= 1,
+        lambda main: len(pg_writable(main)) <= 1,
         lambda lab: [f"repmgrd paused on {n}" for n in (HOME_PRIMARY, OTHER_PRIMARY) if repmgrd_paused(lab, n)],
         pg_settles,
+        pg_state,
     ),
     "redis": Kind(
         "redis-switchover",
         lambda to: ["redis", "switchover", "--to", to],
-        lambda lab: redis_state(lab)["app_master"],
+        lambda redis: redis["app_master"],
         HOME_MASTER,
         OTHER_MASTER,
         redis_healthy,
         redis_one_place_to_write,
         lambda lab: [],  # a CLIENT PAUSE ends by its own timeout
         redis_settles,
+        redis_state,
     ),
 }
 
@@ -284,7 +282,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
         ):
             if attempt and outcomes[-1].startswith(f"[{number}] "):
                 continue  # the kill landed in this step already
-            target = kind.other if kind.current(lab) == kind.home else kind.home
+            target = kind.other if kind.current(kind.state(lab)) == kind.home else kind.home
             began = time.monotonic()
             kill = killed_at(lab, kind.argv(target), number)
             assert kill is not None
@@ -296,9 +294,9 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
             landed = landed_in(record, kill)
             listed = time.monotonic()
             assert wait_for(
-                lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()), interval=0.5
+                lambda: not pg_state(lab)["paused"], max(0.0, killed + ttl + deadline - time.monotonic()), interval=0.1
             ), f"step {number}: PgBouncer still paused"
-            assert kind.single_writer(lab), f"step {number}: two writers"
+            assert kind.single_writer(kind.state(lab)), f"step {number}: two writers"
             checked = time.monotonic()
             way = way_for(landed, odd_steps)
             done, answer = igops(lab, "ops", way, record["id"], "--yes")
@@ -307,22 +305,28 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
                 pass  # killed after its last step acted: it is already where the plan led
             else:
                 assert done.returncode == 0, (landed, way, done.stderr[-3000:])
-            assert kind.single_writer(lab), f"step {landed}: two writers after {way}"
+            # What the continuation left, read once: whether it has one writer, is healthy, or settles.
+            left = kind.state(lab)
+            assert kind.single_writer(left), f"step {landed}: two writers after {way}"
             # A member the continuation started again takes a moment to stream (it retries its
             # upstream every wal_retrieve_retry_interval): a rerun planned before then is refused
             # under the lease, rightly, when the member starts streaming in between. What cannot
             # settle is rerun at once: the app cannot write meanwhile.
-            if not (kind.healthy(lab) or (kind.settles(lab) and wait_for(lambda: kind.healthy(lab), 30, interval=0.5))):
+            healthy = kind.healthy(left) or (
+                kind.settles(left) and wait_for(lambda: kind.healthy(kind.state(lab)), 30, interval=0.1)
+            )
+            if not healthy:
                 # An abort past the promotion could not undo it and said so: a rerun finishes.
                 assert way == "abort" and answer["data"]["not_undone"], (number, pg_state(lab), redis_state(lab))
-                rerun, _ = igops(lab, *kind.argv(kind.current(lab) or target), "--yes")
+                rerun, _ = igops(lab, *kind.argv(kind.current(kind.state(lab)) or target), "--yes")
                 assert rerun.returncode == 0, (number, rerun.stderr[-3000:])
-                assert wait_for(lambda: kind.healthy(lab), 30, interval=0.5), (number, way, pg_state(lab))
+                healthy = wait_for(lambda: kind.healthy(kind.state(lab)), 30, interval=0.1)
+                assert healthy, (number, way, pg_state(lab))
             # repmgr keeps a pause with no deadline: whatever ended the run must have lifted it.
             assert not kind.held(lab), f"step {landed}: {kind.held(lab)} still held after {way}"
             assert sign_up_succeeds(lab), f"step {number}: writes do not flow"
             outcomes.append(
-                f"[{landed}] {way}: {kind.current(lab)}; s to kill {killed - began:.1f}, listed "
+                f"[{landed}] {way}: {healthy}; s to kill {killed - began:.1f}, listed "
                 f"{listed - killed:.1f}, checked {checked - listed:.1f}, {way} {continued - checked:.1f}, "
                 f"healthy {time.monotonic() - continued:.1f}"
             )
@@ -363,7 +367,7 @@ def test_the_old_primary_rejoins_after_the_new_one_moved_on_several_segments(hom
         connection.close()
     done, _ = igops(lab, "ops", "resume", record["id"], "--yes")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert wait_for(lambda: pg_healthy(lab), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
+    assert wait_for(lambda: pg_healthy(pg_state(lab)), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
 
 
 # igops with the switchover's promotion ended by a fault as soon as db2 is promoted: SIGKILL (the
@@ -435,11 +439,11 @@ def test_a_promotion_that_completed_as_its_run_was_cut_off_is_rolled_forward_nev
         else:
             assert cut_off.returncode == ExitCode.FAILED, cut_off.stderr[-3000:]
             assert f"took effect ({OTHER_PRIMARY} is out of recovery: it was promoted)" in cut_off.stderr
-        assert pg_writable(lab) == [OTHER_PRIMARY], pg_state(lab)
+        assert pg_writable(pg_state(lab)) == [OTHER_PRIMARY], pg_state(lab)
         assert rejoin_slots(lab, OTHER_PRIMARY), "the slot that keeps the old primary's WAL was dropped"
         rerun, _ = igops(lab, "pg", "switchover", "main", "--to", OTHER_PRIMARY, "--yes")
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert wait_for(lambda: pg_healthy(lab), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
+        assert wait_for(lambda: pg_healthy(pg_state(lab)), 30, interval=0.5) == OTHER_PRIMARY, pg_state(lab)
         assert sign_up_succeeds(lab)
     nothing_lost(load, [f"promotion then {fault}"])
 

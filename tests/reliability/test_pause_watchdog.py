@@ -33,6 +33,10 @@ __all__ = ["at_home"]  # the fixture, imported for pytest to find
 # The fence step begins once the PAUSE has completed: from here on, writes wait.
 PAUSED_MARKER = "fence it with standby.signal"
 MARGIN_S = 2.0
+# The drilled switchovers' watchdog deadline (the lab's is 15 s), so that the stopped one is waited
+# out sooner. It keeps the two cases as far apart: a missed heartbeat RESUMEs no sooner than
+# deadline - 1 s after the stop or kill, the EOF of a kill within deadline - 2 s (here 3 s).
+WATCHDOG_DEADLINE_S = 5
 
 
 class WritableMembers:
@@ -103,11 +107,18 @@ def rerun_to(lab, target: str) -> None:
 
 
 def test_the_watchdog_resumes_pgbouncer_when_igops_stops_beating_or_dies(at_home, tmp_path):
+    from igops import inventory
+
     lab = at_home
-    deadline = lab.model.pgbouncer.watchdog_deadline
+    text = lab.source.read_text()
+    assert text.count("\n[pgbouncer]\n") == 1, "the lab's [pgbouncer] section"
+    config = tmp_path / "igops.toml"
+    config.write_text(text.replace("\n[pgbouncer]\n", f"\n[pgbouncer]\nwatchdog_deadline = {WATCHDOG_DEADLINE_S}\n"))
+    drilled = inventory.load_file(config)
+    deadline = drilled.model.pgbouncer.watchdog_deadline
     with WritableMembers(lab) as writable, Load(lab, tmp_path) as load:
         # Stopped: its sessions stay open, so only the missing heartbeat can trip the watchdog.
-        process = switchover_until_paused(lab, OTHER_PRIMARY)
+        process = switchover_until_paused(drilled, OTHER_PRIMARY)
         process.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
@@ -122,7 +133,7 @@ def test_the_watchdog_resumes_pgbouncer_when_igops_stops_beating_or_dies(at_home
         rerun_to(lab, OTHER_PRIMARY)
 
         # Killed: its SSH sessions drop, stdin reaches EOF, and the watchdog acts at once.
-        process = switchover_until_paused(lab, HOME_PRIMARY)
+        process = switchover_until_paused(drilled, HOME_PRIMARY)
         process.kill()
         killed_at = time.monotonic()
         process.wait(timeout=30)

@@ -33,6 +33,9 @@ KEYS = {
     "like": ("likes", ("photo_id", "user_id"), ("photo_id", "user_id")),
     "follow": ("following", ("user_id", "followee_id"), ("user_id", "followee_id")),
 }
+# Writes each side of a moment the restore is judged at: enough that "all of these, none of those"
+# says something.
+WRITES_EACH_SIDE = 100
 
 
 def shards_of(cluster: str) -> set[int]:
@@ -55,6 +58,16 @@ def ledger_keys(ledger, shards: set[int]) -> list[tuple[tuple, dict]]:
         if shard_of(key[0]) in shards:
             keyed.append(((record["op"], *key), record))
     return keyed
+
+
+def sides_of(ledger, shards: set[int], moment: float) -> tuple[set[tuple], set[tuple]]:
+    """The keys of the writes landing in `shards` acknowledged by `moment`, and of those sent
+    after it (less any also sent before it: a like or a follow can be sent twice)."""
+    writes = ledger_keys(ledger, shards)
+    acknowledged = {key for key, record in writes if record["acked"] <= moment}
+    sent_before = {key for key, record in writes if record["sent"] <= moment}
+    sent_after = {key for key, record in writes if record["sent"] > moment} - sent_before
+    return acknowledged, sent_after
 
 
 def copy_keys(psql: str, shards: set[int], since: float) -> set[tuple]:
@@ -128,23 +141,27 @@ def test_a_restore_to_a_time_under_load_holds_every_write_acknowledged_before_it
             created, envelope = igops(lab, "snapshot", "create", SCRATCH, "--no-hook", "--yes", timeout=300)
             assert created.returncode == 0, created.stderr
             group_id = envelope["data"]["group_id"]
-            time.sleep(8)
+            grouped = time.time()
+            # Writes for the restore to replay from the group up to T, then writes after T for it
+            # to leave out.
+            assert wait_for(
+                lambda: len(sides_of(load.ledger, shards, grouped)[1]) > WRITES_EACH_SIDE, 60, interval=0.2
+            ), "the load did not write to main after the group"
             target = time.time()
-            time.sleep(8)
+            assert wait_for(
+                lambda: len(sides_of(load.ledger, shards, target)[1]) > WRITES_EACH_SIDE, 60, interval=0.2
+            ), "the load did not write to main after T"
         switch_and_archive(lab, "db1", "main")
         moment = dt.datetime.fromtimestamp(target, dt.UTC).isoformat(timespec="microseconds")
         data = restore(lab, "main", "--to", moment)
         assert data["group_id"] == group_id, "the newest group before T"
         held = copy_keys(data["postgres"]["psql"], shards, began)
-        writes = ledger_keys(load.ledger, shards)
-        before = {key for key, record in writes if record["acked"] <= target}
-        sent_before = {key for key, record in writes if record["sent"] <= target}
-        after = {key for key, record in writes if record["sent"] > target} - sent_before
+        before, after = sides_of(load.ledger, shards, target)
         print(
             f"\n{len(before)} writes acknowledged before T, {len(after)} sent after it; "
             f"recovered to {data['reached']['last_transaction']}, {data['reached']['replayed_bytes']} of WAL replayed"
         )
-        assert len(before) > 100 and len(after) > 100, "the load wrote on both sides of T"
+        assert len(before) > WRITES_EACH_SIDE and len(after) > WRITES_EACH_SIDE, "the load wrote on both sides of T"
         assert sorted(before - held)[:10] == [], "a write acknowledged before T is missing"
         assert sorted(after & held)[:10] == [], "a write sent after T is present"
     finally:
@@ -197,20 +214,38 @@ def test_losing_both_members_of_a_cluster_loses_at_most_the_last_archive_timeout
     window = SHORT_ARCHIVE_TIMEOUT + PUSH_ALLOWANCE
     group_id = None
     try:
-        with Load(lab, tmp_path) as load:
+        # Nothing written after the loss is judged, and writes to pg2 no longer flow: the load is
+        # stopped at once, not once writes flow again.
+        with Load(lab, tmp_path, tail_writes=0) as load:
             began = time.time()
             created, envelope = igops(lab, "snapshot", "create", "db4", "--no-hook", "--yes", timeout=300)
             assert created.returncode == 0, created.stderr
             group_id = envelope["data"]["group_id"]
-            time.sleep(5)
+            grouped = time.time()
+            # Writes on the group's timeline for the restore to replay before it follows the next.
+            assert wait_for(
+                lambda: len(sides_of(load.ledger, shards, grouped)[1]) > WRITES_EACH_SIDE, 60, interval=0.2
+            ), "the load did not write to pg2 after the group"
             # A new timeline between the group and the loss: the restore must follow it.
             switched, _ = igops(lab, "pg", "switchover", "pg2", "--to", "db4", "--yes")
             assert switched.returncode == 0, switched.stderr[-3000:]
-            time.sleep(20)
+            switched_at = time.time()
+
+            def bound_can_fail() -> bool:
+                """The load has written for longer than the bound asserted below, and writes on the
+                new timeline were acknowledged longer than `window` ago: the restore must hold them."""
+                old_enough = time.time() - window
+                held_on_the_new_timeline = {
+                    key
+                    for key, record in ledger_keys(load.ledger, shards)
+                    if record["sent"] > switched_at and record["acked"] < old_enough
+                }
+                return time.time() - began > 1.5 * window and len(held_on_the_new_timeline) > WRITES_EACH_SIDE
+
+            assert wait_for(bound_can_fail, 1.5 * window + 60, interval=0.2), "too few writes on pg2's new timeline"
             lost_at = time.time()
             kill_postgres(lab, "db4")
             kill_postgres(lab, "db3")
-            time.sleep(3)
         data = restore(lab, "pg2", "--latest")
         assert data["group_id"] == group_id
         held = copy_keys(data["postgres"]["psql"], shards, began)

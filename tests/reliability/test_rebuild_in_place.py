@@ -41,18 +41,17 @@ STANDBY = "db2"
 PURPOSES = ("data", "wal")
 
 
-def mounted(lab) -> dict[str, str]:
-    from igops.ebs import Ebs
+def mounted(lab, ebs) -> dict[str, str]:
     from igops.pg.rebuild_actions import mounted_volumes
 
     mounts = [str(state.paths().mount_point(STANDBY, purpose)) for purpose in PURPOSES]
-    return mounted_volumes(lab, Ebs(lab), lab.host(STANDBY), mounts)
+    return mounted_volumes(lab, ebs, lab.host(STANDBY), mounts)
 
 
-def volume_tags(lab, volume_id: str) -> dict[str, str]:
-    from igops.ebs import Ebs, tags_of
+def volume_tags(ebs, volume_id: str) -> dict[str, str]:
+    from igops.ebs import tags_of
 
-    volume = Ebs(lab).volume(volume_id)
+    volume = ebs.volume(volume_id)
     assert volume is not None, volume_id
     return tags_of(volume) | {"state": volume["State"]}
 
@@ -96,8 +95,11 @@ def restore_command_of(auto: Path) -> str | None:
 
 @pytest.mark.timeout(1200)
 def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volumes_back(lab, tmp_path):
+    from igops.ebs import Ebs
+
     restore_home(lab)
-    before = mounted(lab)
+    ebs = Ebs(lab)
+    before = mounted(lab, ebs)
     assert len(before) == 2, before
     auto = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(STANDBY))) / "postgresql.auto.conf"
     restore_line = restore_command_of(auto)  # what the group will hold (a rebuilt lab's db2 has one)
@@ -116,7 +118,7 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
         planned, envelope = igops(lab, *rebuild, "--dry-run")
         assert planned.returncode == 0, planned.stderr[-3000:]
         titles = envelope["data"]["plan"]["steps"]
-        assert mounted(lab) == before, "refusals and the dry run changed nothing"
+        assert mounted(lab, ebs) == before, "refusals and the dry run changed nothing"
 
         # Killed as it mounts the first new volume, then aborted: everything as before.
         step = next(number for number, title in enumerate(titles, 1) if ": mount it at" in title)
@@ -125,50 +127,53 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
         [interrupted] = [r for r in envelope["data"]["records"] if r["kind"] == "pg-rebuild"]
         aborted, _ = igops(lab, "ops", "abort", interrupted["id"], "--yes", timeout=600)
         assert aborted.returncode == 0, aborted.stderr[-3000:]
-        assert mounted(lab) == before, "the old volumes are back"
-        assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+        assert mounted(lab, ebs) == before, "the old volumes are back"
+        assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
 
         # The rebuild, to the end.
         done, envelope = igops(lab, *rebuild, "--yes", "--reason", "disk errors on db2", timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         print("\n" + "\n".join(line for line in done.stderr.splitlines() if line.startswith(("[", "    ok"))))
-        after = mounted(lab)
+        after = mounted(lab, ebs)
         assert set(after) == set(before) and not set(after.values()) & set(before.values()), (before, after)
         for mount, volume_id in after.items():
-            tags = volume_tags(lab, volume_id)
+            tags = volume_tags(ebs, volume_id)
             assert tags["igops:group"] == group and tags["igops:rebuilds"] == STANDBY, tags
             assert tags.get("igops:purpose"), f"the new volume took the old one's tags: {tags}"
-            old = volume_tags(lab, before[mount])
+            old = volume_tags(ebs, before[mount])
             assert old["state"] == "available" and old["igops:replaced-by"] == group, old
         fstab = state.paths().fstab(STANDBY).read_text()
         for mount in after:
             source = subprocess.run(["findmnt", "-no", "SOURCE", mount], capture_output=True, text=True).stdout.strip()
             uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True)
             assert f"UUID={uuid.stdout.strip()}\t{mount}\t" in fstab, fstab
-        assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+        assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
         # The archive's restore_command served the catch-up; then the data's own is back (or none).
         assert restore_command_of(auto) == restore_line, auto.read_text()
         assert "put back the restore_command" in done.stderr, done.stderr[-3000:]
-    assert wait_for(lambda: caught_up(lab), timeout=120, interval=1)
+    assert wait_for(lambda: caught_up(lab), timeout=120, interval=0.2)
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []
     result = verify_lab_ledger(load.ledger)
     assert result.ok, result.missing_writes[:5]
 
     lab_up()
-    assert mounted(lab) == after, "lab up keeps the volumes swapped in"
-    assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+    assert mounted(lab, ebs) == after, "lab up keeps the volumes swapped in"
+    assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
 
 
 @pytest.mark.timeout(1500)
 def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_again(lab, tmp_path):
+    from igops.ebs import Ebs
+
     restore_home(lab)
+    ebs = Ebs(lab)
     outcomes = []
     with Load(lab, tmp_path, duration=3600) as load:
         count = None
         number = 1
         while count is None or number <= count:
-            before = mounted(lab)
+            before = mounted(lab, ebs)
             created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
             assert created.returncode == 0, created.stderr[-3000:]
             group = envelope["data"]["group_id"]
@@ -191,18 +196,18 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
                 assert "continues from where the interrupted run stopped" in done.stderr, done.stderr
                 done, _ = igops(lab, *rebuild, "--yes", "--reason", f"resume of kill {number}", timeout=900)
             assert done.returncode == 0, (number, way, done.stderr[-3000:])
-            after = mounted(lab)
+            after = mounted(lab, ebs)
             assert set(after) == set(before), (number, way, before, after)
             if way == "abort":
                 assert after == before, f"step {landed}: the abort did not put db2's volumes back"
             else:
                 for volume_id in after.values():
-                    assert volume_tags(lab, volume_id)["igops:group"] == group, (number, after)
-            assert wait_for(lambda: streams(lab), timeout=60, interval=1), (number, way, pg_state(lab, "main"))
+                    assert volume_tags(ebs, volume_id)["igops:group"] == group, (number, after)
+            assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), (number, way, pg_state(lab, "main"))
             outcomes.append(f"[{landed}] {way}: {time.monotonic() - started:.0f} s")
             number += 1
         assert load.running
-    assert wait_for(lambda: caught_up(lab), timeout=120, interval=1)
+    assert wait_for(lambda: caught_up(lab), timeout=120, interval=0.2)
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []
     nothing_lost(load, outcomes)
@@ -273,4 +278,4 @@ def test_a_start_run_again_while_the_standby_still_replays_waits_until_it_answer
         end_backup()
         backup.close()
     assert detail == "was starting already, answering", detail
-    assert wait_for(lambda: streams(lab), timeout=60, interval=1), pg_state(lab, "main")
+    assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
