@@ -3,12 +3,13 @@ parallel-ssh (Debian's pssh) and, up to 100 targets, a serial ssh loop; then, at
 `igops check`'s SSH checks and `igops deploy`'s release switch, each against parallel-ssh doing
 the same. In one run, side by side, with parallel-ssh's figures as ratios to igops'.
 
-    .venv/bin/python bench/exec_fanout.py [--sizes 1,10,50,100,300,1000] [--repeats 3]
+    .venv/bin/python bench/exec_fanout.py [--sizes 1,10,50,100,300,1000] [--repeats 3] [--large-repeats 1]
                                           [--parts exec,check,deploy] [--parallel 100]
 
 `--sizes 300,1000` runs only those sizes; check and deploy run at the largest size given
 (`--parts exec` leaves them out). Below 300 targets each figure is the median of --repeats runs,
-from 300 on one run each. Needs root, OpenSSH's sshd and pssh; nothing of the lab.
+from 300 on of --large-repeats (one by default: parallel-ssh takes a minute at 1,000). Needs
+root, OpenSSH's sshd and pssh; nothing of the lab.
 
 Every target is a real sshd on a loopback address (16 addresses a daemon: 63 daemons for 1,000
 targets), and they all share this machine's cores with the client: the targets' own work (key
@@ -230,11 +231,11 @@ def print_size(size: int, medians: dict[str, Sample], cores: int) -> None:
 # --- (1) igops exec -----------------------------------------------------------------------------
 
 
-def exec_part(fleet: Fleet, sizes: list[int], repeats: int, parallel: int) -> None:
+def exec_part(fleet: Fleet, sizes: list[int], repeats: int, large_repeats: int, parallel: int) -> None:
     print(
         f"\nexec: `true` on N targets; igops exec --parallel {parallel}, parallel-ssh -p {parallel}, "
-        f"a serial ssh loop up to {SERIAL_UP_TO}; median of {repeats} runs below {LARGE} targets, one run from "
-        f"{LARGE} on",
+        f"a serial ssh loop up to {SERIAL_UP_TO}; median of {repeats} runs below {LARGE} targets, of "
+        f"{large_repeats} from {LARGE} on",
         flush=True,
     )
     print(HEADER, flush=True)
@@ -250,7 +251,7 @@ def exec_part(fleet: Fleet, sizes: list[int], repeats: int, parallel: int) -> No
             contenders["serial ssh"] = functools.partial(_serial, fleet, addresses)
         samples: dict[str, list[Sample]] = {name: [] for name in contenders}
         # Interleaved, so that a change of the machine's load falls on every contender alike.
-        for _ in range(repeats if size < LARGE else 1):
+        for _ in range(repeats if size < LARGE else large_repeats):
             for name, action in contenders.items():
                 samples[name].append(fleet.measured(action))
         print_size(size, {name: median_of(runs) for name, runs in samples.items()}, fleet.cores)
@@ -620,6 +621,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=_numbers, default=SIZES, help="numbers of targets, e.g. 300,1000")
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"runs of each below {LARGE} targets")
+    parser.add_argument(
+        "--large-repeats", type=int, default=1, help=f"runs of each from {LARGE} targets on (exec only)"
+    )
     parser.add_argument("--parts", type=_parts, default=list(PARTS), help="among exec,check,deploy")
     parser.add_argument("--parallel", type=int, default=PARALLEL, help="hosts at once, for every client")
     args = parser.parse_args()
@@ -636,7 +640,7 @@ def main() -> None:
             flush=True,
         )
         if "exec" in args.parts:
-            exec_part(fleet, args.sizes, args.repeats, args.parallel)
+            exec_part(fleet, args.sizes, args.repeats, args.large_repeats, args.parallel)
         if "check" in args.parts:
             check_part(fleet, count, args.parallel)
         if "deploy" in args.parts:
