@@ -8,8 +8,9 @@
   summary, not alarmed on.
 A repository that goes away is WARNING at once (archiving fails) and CRITICAL once the WAL it
 holds up is 10 × archive_timeout old.
-An idle cluster switches no segment, so an old last archive alone is no problem: the age counts
-only while segments wait (`.ready` files on the primary).
+The wait is the oldest waiting segment's (its `.ready` file's age on the primary), not the last
+archive's age: an idle cluster switches no segment, and the first one after an hour of quiet has
+waited a moment, not an hour.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ WARNING_TIMEOUTS = 2
 CRITICAL_TIMEOUTS = 10
 
 
-def verdict(archiver: ArchiverStats, ready_files: int | None, archive_timeout: int) -> tuple[NagiosStatus, str]:
+def verdict(
+    archiver: ArchiverStats, ready_files: int | None, oldest_ready_age_s: float | None, archive_timeout: int
+) -> tuple[NagiosStatus, str]:
     """Judge one cluster's archiving (pure: the caller reads the primary). The repository itself
     is not read: a check must answer while it does not, and a repository that cannot take WAL
     shows as archiving that fails."""
+    from igops.pg.archive_status import waited_s
+
     warning_s, critical_s = WARNING_TIMEOUTS * archive_timeout, CRITICAL_TIMEOUTS * archive_timeout
     age = archiver.last_archived_age_s
     last = (
@@ -42,11 +47,13 @@ def verdict(archiver: ArchiverStats, ready_files: int | None, archive_timeout: i
         else "nothing archived yet"
     )
     waiting = f"; {ready_files} segments wait" if ready_files else ""
+    if ready_files and oldest_ready_age_s is not None:
+        waiting += f", the oldest for {oldest_ready_age_s:.0f} s"
     if archiver.archive_mode != "on":
         return NagiosStatus.CRITICAL, f"archive_mode is {archiver.archive_mode}: run `igops pg archive setup`"
     failed_age = archiver.last_failed_age_s
     failing = archiver.last_failed_time is not None and (age is None or (failed_age is not None and failed_age < age))
-    waited = (age if age is not None else float("inf")) if ready_files else 0.0
+    waited = waited_s(archiver, ready_files, oldest_ready_age_s)
     status = (
         NagiosStatus.CRITICAL
         if waited > critical_s
@@ -192,13 +199,13 @@ def _probe(fleet: Fleet, cluster: str) -> Probe:
         started = time.monotonic()
         try:
             host, archiver = archiver_stats(fleet, cluster)
-            ready, _, _, _ = backlog(fleet, host)
+            ready, oldest_ready_age, _, _, _ = backlog(fleet, host)
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             text = str(exc).strip().splitlines()
             said = (text[0] if text else type(exc).__name__)[:200]
             report(Result("archive", cluster, NagiosStatus.UNKNOWN, f"cannot read the archive: {said}"))
             return
-        status, summary = verdict(archiver, ready, timeout)
+        status, summary = verdict(archiver, ready, oldest_ready_age, timeout)
         perf = [Perf(f"ready {cluster}", float(ready or 0), minimum=0)]
         if archiver.last_archived_age_s is not None:
             perf.insert(

@@ -144,8 +144,9 @@ def status(
                     ["current WAL", stats.current_wal],
                     [
                         "waiting",
-                        f"{'?' if state.ready_files is None else state.ready_files} .ready segments; "
-                        f"spool {_size(state.spool_bytes)}",
+                        f"{'?' if state.ready_files is None else state.ready_files} .ready segments"
+                        + (f", the oldest {oldest}" if (oldest := _age(state.oldest_ready_age_s)) else "")
+                        + f"; spool {_size(state.spool_bytes)}",
                     ],
                     ["repository", f"{state.repository.status}; {_size(state.repository_bytes)}"],
                     *[

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,16 +27,29 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 
-def parse_backlog(text: str) -> tuple[int | None, int | None, str]:
-    """The status script's output: (.ready files in pg_wal/archive_status, spool bytes, the
-    info command's output)."""
+def parse_backlog(text: str) -> tuple[int | None, float | None, int | None, str]:
+    """The status script's output: (.ready files in pg_wal/archive_status, the seconds the
+    oldest of them has waited, spool bytes, the info command's output)."""
     head, _, info = text.partition("-- info\n")
-    values: dict[str, int | None] = {"ready": None, "spool": None}
+    values: dict[str, int | None] = {"ready": None, "oldest_ready_age": None, "spool": None}
     for line in head.splitlines():
         key, _, value = line.partition("=")
         if key in values:
             values[key] = int(value) if value.strip().isdigit() else None
-    return values["ready"], values["spool"], info
+    oldest = values["oldest_ready_age"]
+    return values["ready"], None if oldest is None else float(oldest), values["spool"], info
+
+
+def waited_s(archiver: ArchiverStats, ready_files: int | None, oldest_ready_age_s: float | None) -> float:
+    """How long WAL has waited to be archived; 0 while none waits. Counted from the oldest
+    waiting segment's .ready file, not from the last archive: on a cluster idle for an hour, the
+    first segment after it has waited a moment, not an hour. Without that time, the last
+    archive's age stands in, the longest the wait can be."""
+    if not ready_files:
+        return 0.0
+    if oldest_ready_age_s is not None:
+        return oldest_ready_age_s
+    return archiver.last_archived_age_s if archiver.last_archived_age_s is not None else math.inf
 
 
 @dataclass
@@ -60,6 +74,7 @@ class ArchiveStatus:
     archive_timeout: int
     archiver: ArchiverStats
     ready_files: int | None
+    oldest_ready_age_s: float | None
     spool_bytes: int | None
     repository: RepositoryInfo
     repository_bytes: int | None
@@ -68,10 +83,14 @@ class ArchiveStatus:
 
 
 def archive_problems(
-    archiver: ArchiverStats, ready_files: int | None, repository: RepositoryInfo, archive_timeout: int
+    archiver: ArchiverStats,
+    ready_files: int | None,
+    oldest_ready_age_s: float | None,
+    repository: RepositoryInfo,
+    archive_timeout: int,
 ) -> list[str]:
     """What `status` exits PROBLEMS_FOUND for. An idle cluster switches no segment, so an old
-    last archive is a problem only while WAL waits to be archived."""
+    last archive is no problem: WAL that has waited too long to be archived is."""
     problems = []
     limit = 2 * archive_timeout
     if archiver.archive_mode != "on":
@@ -90,13 +109,10 @@ def archive_problems(
                 f"archiving {archiver.last_failed_wal} failed {archiver.last_failed_age_s or 0:.0f} s ago "
                 f"({archiver.failed_count} failures since the statistics were reset); see pgBackRest's log"
             )
-    if ready_files:
-        age = archiver.last_archived_age_s
-        if age is None or age > limit:
-            since = "nothing was ever archived" if age is None else f"nothing archived for {age:.0f} s"
-            problems.append(
-                f"{ready_files} segments wait to be archived and {since} (limit 2 × archive_timeout = {limit} s)"
-            )
+    waited = waited_s(archiver, ready_files, oldest_ready_age_s)
+    if waited > limit:
+        since = "for longer than the last archive" if oldest_ready_age_s is None else f"the oldest for {waited:.0f} s"
+        problems.append(f"{ready_files} segments wait to be archived, {since} (limit 2 × archive_timeout = {limit} s)")
     return problems
 
 
@@ -107,9 +123,13 @@ _ARCHIVER = (
     "pg_walfile_name(pg_current_wal_lsn()) FROM pg_stat_archiver"
 )
 
+# The .ready files' count and the age of the oldest, from one listing (find's %T@: the time the
+# segment was handed to the archiver, on the primary's own clock, as `date` is).
 _BACKLOG = (
     'data="$1"; spool="$2"; shift 2; '
-    'printf "ready=%s\\n" "$(ls "$data/pg_wal/archive_status" | grep -c "\\.ready$")"; '
+    'find "$data/pg_wal/archive_status" -maxdepth 1 -name "*.ready" -printf "%T@\\n" | sort -n '
+    '| awk -v now="$(date +%s)" \'NR == 1 { oldest = now - int($1) } '
+    'END { print "ready=" NR; if (NR) print "oldest_ready_age=" (oldest < 0 ? 0 : oldest) }\'; '
     'printf "spool=%s\\n" "$(if [ -d "$spool" ]; then du -sb "$spool" | cut -f1; else echo 0; fi)"; '
     'echo "-- info"; "$@"'
 )
@@ -130,15 +150,15 @@ def archiver_stats(fleet: Fleet, cluster: str) -> tuple[Any, ArchiverStats]:
     return postgres_admin.primary_of(fleet, cluster), ArchiverStats(*row)
 
 
-def backlog(fleet: Fleet, host: Any, *then: str) -> tuple[int | None, int | None, str, bool]:
-    """On the primary: the segments waiting (.ready), the spool's bytes, and what `then` printed
-    (and whether it succeeded)."""
+def backlog(fleet: Fleet, host: Any, *then: str) -> tuple[int | None, float | None, int | None, str, bool]:
+    """On the primary: the segments waiting (.ready), how long the oldest has, the spool's bytes,
+    and what `then` printed (and whether it succeeded)."""
     spool = member_paths(fleet, host)["spool_path"]
     result = ssh(fleet, host, ["sh", "-c", _BACKLOG, "sh", data_directory(fleet, host), spool, *then], timeout=60)
     if not result.reached:
         raise IgopsError(f"{host.name}: {failure_reason(result)}", "check SSH to the primary (igops hosts)")
-    ready, spool_bytes, said = parse_backlog(result.stdout)
-    return ready, spool_bytes, said if result.ok else failure_reason(result), result.ok
+    ready, oldest_ready_age, spool_bytes, said = parse_backlog(result.stdout)
+    return ready, oldest_ready_age, spool_bytes, said if result.ok else failure_reason(result), result.ok
 
 
 def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
@@ -146,7 +166,7 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
     name = stanza(fleet, cluster)
     host, archiver = archiver_stats(fleet, cluster)
     info_argv = as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info"))
-    ready, spool_bytes, info_text, ok = backlog(fleet, host, *info_argv)
+    ready, oldest_ready_age, spool_bytes, info_text, ok = backlog(fleet, host, *info_argv)
     repository = parse_info(info_text, name) if ok else RepositoryInfo(False, info_text)
     status = ArchiveStatus(
         cluster,
@@ -155,10 +175,11 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
         settings.archive_timeout,
         archiver,
         ready,
+        oldest_ready_age,
         spool_bytes,
         repository,
         archive_repository.repository_bytes(fleet),
         restore_command(fleet, cluster, host),
     )
-    status.problems = archive_problems(archiver, ready, repository, settings.archive_timeout)
+    status.problems = archive_problems(archiver, ready, oldest_ready_age, repository, settings.archive_timeout)
     return status
