@@ -15,6 +15,7 @@ waited a moment, not an hour.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,20 +26,16 @@ from igops.errors import NagiosStatus
 if TYPE_CHECKING:
     from igops.checks.probe_context import Context
     from igops.inventory import Fleet
-    from igops.pg.archive_status import ArchiverStats
+    from igops.pg.archive_status import ArchiverStats, Backlog
 
 WARNING_TIMEOUTS = 2
 CRITICAL_TIMEOUTS = 10
 
 
-def verdict(
-    archiver: ArchiverStats, ready_files: int | None, oldest_ready_age_s: float | None, archive_timeout: int
-) -> tuple[NagiosStatus, str]:
+def verdict(archiver: ArchiverStats, backlog: Backlog, archive_timeout: int) -> tuple[NagiosStatus, str]:
     """Judge one cluster's archiving (pure: the caller reads the primary). The repository itself
     is not read: a check must answer while it does not, and a repository that cannot take WAL
     shows as archiving that fails."""
-    from igops.pg.archive_status import waited_s
-
     warning_s, critical_s = WARNING_TIMEOUTS * archive_timeout, CRITICAL_TIMEOUTS * archive_timeout
     age = archiver.last_archived_age_s
     last = (
@@ -46,14 +43,15 @@ def verdict(
         if archiver.last_archived_wal and age is not None
         else "nothing archived yet"
     )
+    ready_files = backlog.ready_files
     waiting = f"; {ready_files} segments wait" if ready_files else ""
-    if ready_files and oldest_ready_age_s is not None:
-        waiting += f", the oldest for {oldest_ready_age_s:.0f} s"
+    if ready_files and backlog.oldest_ready_age_s is not None:
+        waiting += f", the oldest for {backlog.oldest_ready_age_s:.0f} s"
     if archiver.archive_mode != "on":
         return NagiosStatus.CRITICAL, f"archive_mode is {archiver.archive_mode}: run `igops pg archive setup`"
     failed_age = archiver.last_failed_age_s
     failing = archiver.last_failed_time is not None and (age is None or (failed_age is not None and failed_age < age))
-    waited = waited_s(archiver, ready_files, oldest_ready_age_s)
+    waited = backlog.waited_s(archiver)
     status = (
         NagiosStatus.CRITICAL
         if waited > critical_s
@@ -71,6 +69,31 @@ def verdict(
     if status != NagiosStatus.OK and ready_files:
         summary += f" (waiting: warning past {warning_s} s, critical past {critical_s} s)"
     return status, summary
+
+
+def archive_perf(cluster: str, archiver: ArchiverStats, backlog: Backlog, archive_timeout: int) -> list[Perf]:
+    """The check's perfdata. The thresholds go with what the verdict judges, the oldest waiting
+    segment's wait (`ready-age`); the last archive's age is information: an idle cluster archives
+    nothing, and is fine."""
+    perf = []
+    if archiver.last_archived_age_s is not None:
+        perf.append(Perf(f"archive-age {cluster}", round(archiver.last_archived_age_s, 1), "s", minimum=0))
+    waited = backlog.waited_s(archiver)
+    # Infinite when segments wait but neither their time nor a last archive is known: no number
+    # to graph (Nagios and JSON take none), and the verdict already says CRITICAL.
+    if math.isfinite(waited):
+        perf.append(
+            Perf(
+                f"ready-age {cluster}",
+                round(waited, 1),
+                "s",
+                WARNING_TIMEOUTS * archive_timeout,
+                CRITICAL_TIMEOUTS * archive_timeout,
+                0,
+            )
+        )
+    perf.append(Perf(f"ready {cluster}", float(backlog.ready_files or 0), minimum=0))
+    return perf
 
 
 def drill_verdict(
@@ -199,26 +222,14 @@ def _probe(fleet: Fleet, cluster: str) -> Probe:
         started = time.monotonic()
         try:
             host, archiver = archiver_stats(fleet, cluster)
-            ready, oldest_ready_age, _, _, _ = backlog(fleet, host)
+            waiting = backlog(fleet, host)[0]
         except Exception as exc:  # noqa: BLE001 - any failure to read is UNKNOWN, not a crash
             text = str(exc).strip().splitlines()
             said = (text[0] if text else type(exc).__name__)[:200]
             report(Result("archive", cluster, NagiosStatus.UNKNOWN, f"cannot read the archive: {said}"))
             return
-        status, summary = verdict(archiver, ready, oldest_ready_age, timeout)
-        perf = [Perf(f"ready {cluster}", float(ready or 0), minimum=0)]
-        if archiver.last_archived_age_s is not None:
-            perf.insert(
-                0,
-                Perf(
-                    f"archive-age {cluster}",
-                    round(archiver.last_archived_age_s, 1),
-                    "s",
-                    WARNING_TIMEOUTS * timeout,
-                    CRITICAL_TIMEOUTS * timeout,
-                    0,
-                ),
-            )
+        status, summary = verdict(archiver, waiting, timeout)
+        perf = archive_perf(cluster, archiver, waiting, timeout)
         report(
             Result("archive", cluster, status, summary, perf, duration_ms=round((time.monotonic() - started) * 1000, 1))
         )

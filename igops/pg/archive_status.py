@@ -27,9 +27,29 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 
-def parse_backlog(text: str) -> tuple[int | None, float | None, int | None, str]:
-    """The status script's output: (.ready files in pg_wal/archive_status, the seconds the
-    oldest of them has waited, spool bytes, the info command's output)."""
+@dataclass(frozen=True)
+class Backlog:
+    """The WAL on the primary waiting to be archived: its .ready files, the seconds the oldest of
+    them has waited, and the spool's bytes (None: not read)."""
+
+    ready_files: int | None
+    oldest_ready_age_s: float | None
+    spool_bytes: int | None
+
+    def waited_s(self, archiver: ArchiverStats) -> float:
+        """How long WAL has waited to be archived; 0 while none waits. Counted from the oldest
+        waiting segment's .ready file, not from the last archive: on a cluster idle for an hour, the
+        first segment after it has waited a moment, not an hour. Without that time, the last
+        archive's age stands in, the longest the wait can be."""
+        if not self.ready_files:
+            return 0.0
+        if self.oldest_ready_age_s is not None:
+            return self.oldest_ready_age_s
+        return archiver.last_archived_age_s if archiver.last_archived_age_s is not None else math.inf
+
+
+def parse_backlog(text: str) -> tuple[Backlog, str]:
+    """The status script's output: the backlog, and the info command's output."""
     head, _, info = text.partition("-- info\n")
     values: dict[str, int | None] = {"ready": None, "oldest_ready_age": None, "spool": None}
     for line in head.splitlines():
@@ -37,19 +57,7 @@ def parse_backlog(text: str) -> tuple[int | None, float | None, int | None, str]
         if key in values:
             values[key] = int(value) if value.strip().isdigit() else None
     oldest = values["oldest_ready_age"]
-    return values["ready"], None if oldest is None else float(oldest), values["spool"], info
-
-
-def waited_s(archiver: ArchiverStats, ready_files: int | None, oldest_ready_age_s: float | None) -> float:
-    """How long WAL has waited to be archived; 0 while none waits. Counted from the oldest
-    waiting segment's .ready file, not from the last archive: on a cluster idle for an hour, the
-    first segment after it has waited a moment, not an hour. Without that time, the last
-    archive's age stands in, the longest the wait can be."""
-    if not ready_files:
-        return 0.0
-    if oldest_ready_age_s is not None:
-        return oldest_ready_age_s
-    return archiver.last_archived_age_s if archiver.last_archived_age_s is not None else math.inf
+    return Backlog(values["ready"], None if oldest is None else float(oldest), values["spool"]), info
 
 
 @dataclass
@@ -73,6 +81,7 @@ class ArchiveStatus:
     primary: str
     archive_timeout: int
     archiver: ArchiverStats
+    # The backlog's fields, flat: `--json` prints this dataclass as it is, and they are its keys.
     ready_files: int | None
     oldest_ready_age_s: float | None
     spool_bytes: int | None
@@ -83,11 +92,7 @@ class ArchiveStatus:
 
 
 def archive_problems(
-    archiver: ArchiverStats,
-    ready_files: int | None,
-    oldest_ready_age_s: float | None,
-    repository: RepositoryInfo,
-    archive_timeout: int,
+    archiver: ArchiverStats, backlog: Backlog, repository: RepositoryInfo, archive_timeout: int
 ) -> list[str]:
     """What `status` exits PROBLEMS_FOUND for. An idle cluster switches no segment, so an old
     last archive is no problem: WAL that has waited too long to be archived is."""
@@ -109,10 +114,13 @@ def archive_problems(
                 f"archiving {archiver.last_failed_wal} failed {archiver.last_failed_age_s or 0:.0f} s ago "
                 f"({archiver.failed_count} failures since the statistics were reset); see pgBackRest's log"
             )
-    waited = waited_s(archiver, ready_files, oldest_ready_age_s)
+    waited = backlog.waited_s(archiver)
     if waited > limit:
-        since = "for longer than the last archive" if oldest_ready_age_s is None else f"the oldest for {waited:.0f} s"
-        problems.append(f"{ready_files} segments wait to be archived, {since} (limit 2 × archive_timeout = {limit} s)")
+        known = backlog.oldest_ready_age_s is not None
+        since = f"the oldest for {waited:.0f} s" if known else "for longer than the last archive"
+        problems.append(
+            f"{backlog.ready_files} segments wait to be archived, {since} (limit 2 × archive_timeout = {limit} s)"
+        )
     return problems
 
 
@@ -150,15 +158,15 @@ def archiver_stats(fleet: Fleet, cluster: str) -> tuple[Any, ArchiverStats]:
     return postgres_admin.primary_of(fleet, cluster), ArchiverStats(*row)
 
 
-def backlog(fleet: Fleet, host: Any, *then: str) -> tuple[int | None, float | None, int | None, str, bool]:
-    """On the primary: the segments waiting (.ready), how long the oldest has, the spool's bytes,
-    and what `then` printed (and whether it succeeded)."""
+def backlog(fleet: Fleet, host: Any, *then: str) -> tuple[Backlog, str, bool]:
+    """On the primary: the WAL waiting to be archived, and what `then` printed (and whether it
+    succeeded)."""
     spool = member_paths(fleet, host)["spool_path"]
     result = ssh(fleet, host, ["sh", "-c", _BACKLOG, "sh", data_directory(fleet, host), spool, *then], timeout=60)
     if not result.reached:
         raise IgopsError(f"{host.name}: {failure_reason(result)}", "check SSH to the primary (igops hosts)")
-    ready, oldest_ready_age, spool_bytes, said = parse_backlog(result.stdout)
-    return ready, oldest_ready_age, spool_bytes, said if result.ok else failure_reason(result), result.ok
+    waiting, said = parse_backlog(result.stdout)
+    return waiting, said if result.ok else failure_reason(result), result.ok
 
 
 def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
@@ -166,7 +174,7 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
     name = stanza(fleet, cluster)
     host, archiver = archiver_stats(fleet, cluster)
     info_argv = as_postgres(fleet, pgbackrest_argv(fleet, cluster, host, "--output=json", "info"))
-    ready, oldest_ready_age, spool_bytes, info_text, ok = backlog(fleet, host, *info_argv)
+    waiting, info_text, ok = backlog(fleet, host, *info_argv)
     repository = parse_info(info_text, name) if ok else RepositoryInfo(False, info_text)
     status = ArchiveStatus(
         cluster,
@@ -174,12 +182,12 @@ def archive_status(fleet: Fleet, cluster: str) -> ArchiveStatus:
         host.name,
         settings.archive_timeout,
         archiver,
-        ready,
-        oldest_ready_age,
-        spool_bytes,
+        waiting.ready_files,
+        waiting.oldest_ready_age_s,
+        waiting.spool_bytes,
         repository,
         archive_repository.repository_bytes(fleet),
         restore_command(fleet, cluster, host),
     )
-    status.problems = archive_problems(archiver, ready, oldest_ready_age, repository, settings.archive_timeout)
+    status.problems = archive_problems(archiver, waiting, repository, settings.archive_timeout)
     return status

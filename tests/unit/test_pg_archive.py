@@ -382,8 +382,8 @@ def test_info_parsing():
 
 def test_backlog_parsing():
     text = f"ready=3\noldest_ready_age=42\nspool=4096\n-- info\n{INFO}"
-    assert archive_status.parse_backlog(text) == (3, 42.0, 4096, INFO)
-    assert archive_status.parse_backlog("ready=\nspool=0\n-- info\n")[:3] == (None, None, 0)
+    assert archive_status.parse_backlog(text) == (archive_status.Backlog(3, 42.0, 4096), INFO)
+    assert archive_status.parse_backlog("ready=\nspool=0\n-- info\n")[0] == archive_status.Backlog(None, None, 0)
 
 
 def stats(**changes):
@@ -405,29 +405,41 @@ def stats(**changes):
 REPO = archive.RepositoryInfo(True, "no valid backups")
 
 
+def waiting(ready_files, oldest_ready_age_s=None):
+    return archive_status.Backlog(ready_files, oldest_ready_age_s, 0)
+
+
+def test_the_wait_is_the_oldest_segments_else_the_last_archives():
+    assert waiting(0, 30.0).waited_s(stats(last_archived_age_s=5000.0)) == 0
+    assert waiting(None).waited_s(stats()) == 0
+    assert waiting(2, 3.0).waited_s(stats(last_archived_age_s=5000.0)) == 3.0
+    assert waiting(2).waited_s(stats(last_archived_age_s=5000.0)) == 5000.0
+    assert waiting(2).waited_s(stats(last_archived_age_s=None)) == float("inf")
+
+
 def test_archiving_that_keeps_up_has_no_problem():
-    assert archive_status.archive_problems(stats(), 0, None, REPO, 60) == []
+    assert archive_status.archive_problems(stats(), waiting(0), REPO, 60) == []
     # Quiet: nothing waits, however old the last archive is.
-    assert archive_status.archive_problems(stats(last_archived_age_s=5000.0), 0, None, REPO, 60) == []
+    assert archive_status.archive_problems(stats(last_archived_age_s=5000.0), waiting(0), REPO, 60) == []
     # Quiet, then a segment handed to the archiver a moment ago: no problem either.
-    assert archive_status.archive_problems(stats(last_archived_age_s=5000.0), 1, 3.0, REPO, 60) == []
+    assert archive_status.archive_problems(stats(last_archived_age_s=5000.0), waiting(1, 3.0), REPO, 60) == []
     # An old failure, archived successfully since.
     old = stats(failed_count=2, last_failed_wal="X", last_failed_time="t", last_failed_age_s=900.0)
-    assert archive_status.archive_problems(old, 0, None, REPO, 60) == []
+    assert archive_status.archive_problems(old, waiting(0), REPO, 60) == []
 
 
 def test_archiving_problems():
-    behind = archive_status.archive_problems(stats(last_archived_age_s=200.0), 4, 190.0, REPO, 60)
+    behind = archive_status.archive_problems(stats(last_archived_age_s=200.0), waiting(4, 190.0), REPO, 60)
     assert len(behind) == 1 and "4 segments wait to be archived, the oldest for 190 s" in behind[0]
     assert "120 s" in behind[0]
-    unknown = archive_status.archive_problems(stats(last_archived_age_s=200.0), 4, None, REPO, 60)
+    unknown = archive_status.archive_problems(stats(last_archived_age_s=200.0), waiting(4), REPO, 60)
     assert len(unknown) == 1 and "for longer than the last archive" in unknown[0]
     failing = stats(
         failed_count=3, last_failed_wal="00000001000000000000000A", last_failed_time="t", last_failed_age_s=5.0
     )
-    assert "failed 5 s ago" in archive_status.archive_problems(failing, 1, 4.0, REPO, 60)[0]
+    assert "failed 5 s ago" in archive_status.archive_problems(failing, waiting(1, 4.0), REPO, 60)[0]
     off = archive_status.archive_problems(
-        stats(archive_mode="off"), 0, None, archive.RepositoryInfo(False, "missing stanza path"), 60
+        stats(archive_mode="off"), waiting(0), archive.RepositoryInfo(False, "missing stanza path"), 60
     )
     assert len(off) == 2
 
