@@ -220,25 +220,16 @@ def _pgbouncer(address: str, port: int, arg: tuple[str, Secrets]) -> tuple[bool,
 
 
 def _redis(address: str, port: int, secrets: Secrets) -> tuple[bool, str]:
-    import redis
+    from igops.redisops import connect
 
-    client = redis.Redis(
-        host=address,
-        port=port,
-        password=secrets.get("redis_password"),
-        socket_timeout=PROBE_TIMEOUT,
-        socket_connect_timeout=PROBE_TIMEOUT,
-    )
+    client = connect(address, port, secrets.get("redis_password"), PROBE_TIMEOUT)
     try:
         role = client.execute_command("ROLE")  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     finally:
         client.close()
-    kind = role[0].decode() if isinstance(role[0], bytes) else role[0]
-    if kind == "slave":
-        master = role[1].decode() if isinstance(role[1], bytes) else role[1]
-        state = role[3].decode() if isinstance(role[3], bytes) else role[3]
-        return state == "connected", f"replica of {master}:{role[2]} ({state})"
-    return True, f"{kind}, {plural(len(role[2]), 'replica')}"
+    if role[0] == "slave":
+        return role[3] == "connected", f"replica of {role[1]}:{role[2]} ({role[3]})"
+    return True, f"{role[0]}, {plural(len(role[2]), 'replica')}"
 
 
 def memcached_version(address: str, port: int, _: object = None) -> tuple[bool, str]:

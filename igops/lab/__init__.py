@@ -226,12 +226,12 @@ def _ssh(paths: Paths) -> None:
 
 def _redis_master(paths: Paths) -> str:
     """The node that reports itself master now (a Redis failover may have moved it)."""
-    import redis
+    from igops.redisops import connect
 
     for lab_host in with_role("redis"):
-        client = redis.Redis(host=lab_host.address, port=state.REDIS_PORT, socket_timeout=2)
+        client = connect(lab_host.address, state.REDIS_PORT, None, 2)
         try:
-            if client.role()[0] in (b"master", "master"):
+            if client.role()[0] == "master":
                 return lab_host.name
         finally:
             client.close()

@@ -112,15 +112,15 @@ def configured_redis_master(paths: Paths) -> str:
 def wait_for_replication(timeout: float = 30) -> None:
     """Until every Redis replica's link to its master is up (a replica answers at once, but
     serves stale or no data until its first sync)."""
-    import redis
+    from igops.redisops import connect
 
     deadline = time.monotonic() + timeout
     for lab_host in with_role("redis"):
-        client = redis.Redis(host=lab_host.address, port=REDIS_PORT, socket_timeout=2)
+        client = connect(lab_host.address, REDIS_PORT, None, 2)
         try:
             while True:
                 role = client.role()
-                if role[0] in (b"master", "master") or role[3] in (b"connected", "connected"):
+                if role[0] == "master" or role[3] == "connected":
                     break
                 if time.monotonic() > deadline:
                     raise proc.LabError(

@@ -2,13 +2,14 @@
 body gives, in the table, the JSON envelope and the closing line."""
 
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from igops import status
+from igops.secrets import Secrets
 from tests.conftest import run_igops
+from tests.serving import served
 from tests.unit.inventories import unit_inventory
 
 UNHEALTHY = {
@@ -34,11 +35,8 @@ def failing_app():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with served(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as server:
+        yield server.server_address[1]
 
 
 def test_the_reason_for_a_failed_health_check_comes_from_its_body():
@@ -58,3 +56,30 @@ def test_status_shows_why_an_app_server_answered_503(tmp_path, failing_app):
     envelope = json.loads(run_igops("-c", str(config), "status", "--json").stdout)
     [service] = envelope["data"]["services"]
     assert service["ok"] is False and service["detail"] == reason
+
+
+def test_a_redis_that_hangs_up_is_asked_once_not_retried():
+    """redis-py's default retries a failed connection three times, backing off: some 4.6 s for
+    each dead node in `status` and `check`. igops' probes tell a dead node at the first try."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        probed = status._probe("redis", "redis1", "127.0.0.1", listener.getsockname()[1], status._redis, Secrets(None))
+    finally:
+        listener.close()
+    assert not probed.ok, probed
+    assert len(accepted) == 1, f"{len(accepted)} connections"
