@@ -4,7 +4,6 @@ answers are retried."""
 
 import secrets as random
 import socket
-import threading
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 
@@ -17,6 +16,7 @@ from igops.lab.pagerduty_receiver import PagerDuty
 from igops.lab.pingdom_receiver import LONG_LIMIT, SHORT_LIMIT, Pingdom
 from igops.lab.receiver_base import handler_for
 from igops.pagerduty import incidents as pagerduty
+from tests.serving import served
 
 TOKEN = random.token_urlsafe(24)
 ROUTING_KEY = random.token_hex(16)
@@ -30,18 +30,13 @@ def _receivers(tmp_path, bind: str, reached_at: str):
     servers = [ThreadingHTTPServer((bind, 0), handler_for(receiver)) for receiver in (pager, pingdom_receiver)]
     for server in servers:
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with served(servers[0]), served(servers[1]):
         yield {
             "pagerduty": pager,
             "pagerduty_url": f"http://{reached_at}:{servers[0].server_address[1]}",
             "pingdom": pingdom_receiver,
             "pingdom_url": f"http://{reached_at}:{servers[1].server_address[1]}/api/3.1",
         }
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from igops import safety
 from igops.errors import ExitCode
 from tests.conftest import IGOPS, ROOT, run_igops
+from tests.serving import served
 from tests.unit.inventories import unit_inventory
 
 
@@ -96,10 +97,8 @@ def pingdom_api(tmp_path):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(Pingdom(tmp_path, "unit-token", probe_interval=60)))
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"
-    server.shutdown()
-    server.server_close()
+    with served(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}/api/3.1"
 
 
 def with_pingdom(tmp_path: Path, url: str) -> Path:

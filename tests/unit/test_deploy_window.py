@@ -7,11 +7,11 @@ import http.server
 import json
 import os
 import subprocess
-import threading
 import zlib
 
 from igops import agent, deploy_window
 from igops.deploy_accesslog import Request
+from tests.serving import served
 from tests.unit.test_deploy import app_fleet
 
 
@@ -102,9 +102,7 @@ class StatsHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_worker_starts_come_from_the_apps_stats_and_none_when_it_does_not_say():
-    server = http.server.HTTPServer(("127.0.0.1", 0), StatsHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with served(http.server.HTTPServer(("127.0.0.1", 0), StatsHandler)) as server:
         port = server.server_address[1]
         StatsHandler.body = json.dumps({"requests": 5, "worker_starts": 7}).encode()
         assert deploy_window.fetch_worker_starts("127.0.0.1", port) == 7
@@ -112,6 +110,4 @@ def test_worker_starts_come_from_the_apps_stats_and_none_when_it_does_not_say():
         assert deploy_window.fetch_worker_starts("127.0.0.1", port) is None
         StatsHandler.body = b"not json"
         assert deploy_window.fetch_worker_starts("127.0.0.1", port) is None
-    finally:
-        server.shutdown()
     assert deploy_window.fetch_worker_starts("127.0.0.1", 9) is None

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from igops.http_json import HttpFailure, JsonClient
+from tests.serving import served
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -45,13 +46,8 @@ def json_server(tls: ssl.SSLContext | None = None, delay: float = 0.0, status: i
     server.seen, server.delay, server.status, server.hang_up = [], delay, status, False
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with served(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def url(server, scheme="http", host="127.0.0.1") -> str:
