@@ -119,6 +119,13 @@ HOST_COLUMNS: list[Column | str] = [
 ]
 
 
+def _check_rollout_options(batch: str, max_fail: str | None) -> None:
+    """A --batch or --max-fail that does not parse is refused before anything is read or surveyed."""
+    deploy.parse_batches(batch)
+    if max_fail is not None:
+        deploy.HostLimit.of(max_fail, "--max-fail")
+
+
 def _gate(fleet: Fleet, passes: int, timeout: float) -> HealthGate:
     return HealthGate(fleet.model.app.health_path, fleet.model.app.port, passes, timeout)
 
@@ -278,9 +285,7 @@ def run(
 
     with command(ctx, "deploy", json_flag) as out:
         fleet = load_fleet(ctx)
-        deploy.parse_batches(batch)
-        if max_fail is not None:
-            deploy.HostLimit.of(max_fail, "--max-fail")  # refused before anything is read
+        _check_rollout_options(batch, max_fail)
         options = deploy.AnalysisOptions(analysis, on_inconclusive.value, canary_only)
         where = f"at git {rev} ({source}/)" if rev else f"from the working tree {source}/"
         with out.step(f"read the app {where}") as step:
@@ -335,9 +340,7 @@ def rollback(
 
     with command(ctx, "deploy rollback", json_flag) as out:
         fleet = load_fleet(ctx)
-        deploy.parse_batches(batch)
-        if max_fail is not None:
-            deploy.HostLimit.of(max_fail, "--max-fail")
+        _check_rollout_options(batch, max_fail)
         with deploy.AppFleet.of(fleet) as app:
             with out.step("survey the app servers and the load balancer") as step:
                 plan = deploy.plan_rollback(

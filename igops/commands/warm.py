@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -21,8 +23,11 @@ from igops.commands.common import (
 )
 from igops.errors import ExitCode
 from igops.operations import conflicts
-from igops.output import Output, human_bytes, plural
+from igops.output import Output, Reporter, human_bytes, plural
 from igops.tables import Column
+
+if TYPE_CHECKING:
+    from igops.inventory import Fleet
 
 # Its help, which `igops --help` lists too, is in igops.command_table.COMMANDS.
 app = typer.Typer(no_args_is_help=True)
@@ -111,6 +116,37 @@ def _warm_outcome(result: vmtouch.WarmResult) -> tuple[str, int]:
     )
 
 
+def _warm(
+    out: Output,
+    fleet: Fleet,
+    plan: vmtouch.WarmPlan,
+    title: str,
+    action: Callable[[Reporter], vmtouch.WarmResult],
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """`warm apply` and `warm copy` differ only in where the pages come from: one operation, its
+    lease on the target, and one result table, whichever it is."""
+    result = mutate(
+        out,
+        fleet,
+        kind="warm",
+        resources=[conflicts.warm(plan.target)],
+        targets=[plan.target],
+        title=title,
+        steps=plan.steps(),
+        dry_run=dry_run,
+        yes=yes,
+        action=action,
+        outcome=_warm_outcome,
+    )
+    if result is None:
+        out.finish({"dry_run": dry_run, "plan": plan})
+        return
+    _warm_table(out, result)
+    out.finish(result)
+
+
 @app.command("capture")
 def capture(
     ctx: typer.Context,
@@ -191,26 +227,16 @@ def apply(
         found, text = profiles.load(profile)
         plan = vmtouch.plan_apply(fleet, found, to, _options(concurrency, rate, match, timeout), profile)
         assert plan.pages is not None, "a plan from a profile counts its pages"
-        result = mutate(
+        _warm(
             out,
             fleet,
-            kind="warm",
-            resources=[conflicts.warm(plan.target)],
-            targets=[plan.target],
-            title=f"Warm {plan.target} with {plural(plan.pages, 'page')} "
-            f"({human_bytes(plan.bytes)}) "
+            plan,
+            f"Warm {plan.target} with {plural(plan.pages, 'page')} ({human_bytes(plan.bytes)}) "
             f"captured on {plan.source}",
-            steps=plan.steps(),
-            dry_run=dry_run,
-            yes=yes,
-            action=lambda reporter: vmtouch.apply(fleet, plan, text, reporter),
-            outcome=_warm_outcome,
+            lambda reporter: vmtouch.apply(fleet, plan, text, reporter),
+            dry_run,
+            yes,
         )
-        if result is None:
-            out.finish({"dry_run": dry_run, "plan": plan})
-            return
-        _warm_table(out, result)
-        out.finish(result)
 
 
 @app.command("copy")
@@ -232,25 +258,16 @@ def copy(
     with command(ctx, "warm copy", json_flag) as out:
         fleet = load_fleet(ctx)
         plan = vmtouch.plan_copy(fleet, source, to, paths, _options(concurrency, rate, match, timeout))
-        result = mutate(
+        _warm(
             out,
             fleet,
-            kind="warm",
-            resources=[conflicts.warm(plan.target)],
-            targets=[plan.target],
-            title=f"Warm {plan.target} with the pages cached on {plan.source} under "
+            plan,
+            f"Warm {plan.target} with the pages cached on {plan.source} under "
             f"{', '.join(root.path for root in plan.roots)}",
-            steps=plan.steps(),
-            dry_run=dry_run,
-            yes=yes,
-            action=lambda reporter: vmtouch.copy(fleet, plan, reporter),
-            outcome=_warm_outcome,
+            lambda reporter: vmtouch.copy(fleet, plan, reporter),
+            dry_run,
+            yes,
         )
-        if result is None:
-            out.finish({"dry_run": dry_run, "plan": plan})
-            return
-        _warm_table(out, result)
-        out.finish(result)
 
 
 @app.command("diff")
