@@ -9,9 +9,9 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from igops.ebs import Ebs, tags_of
 from igops.errors import ExitCode
 from igops.lab.faults import AwsProxy, Faults
 from igops.secrets import Secrets
-from tests.conftest import run_igops
+from tests.conftest import IGOPS, ROOT, run_igops
 from tests.labtools import wait_for
 
 pytestmark = pytest.mark.lab
@@ -70,12 +70,36 @@ def postgres(fleet, host_name=None):
     return connection
 
 
-def proxied_inventory(fleet, tmp_path, proxy_url):
-    text = fleet.source.read_text()
-    text = re.sub(r"(?m)^endpoint_url = .*$", f'endpoint_url = "{proxy_url}"', text)
-    path = tmp_path / "igops.toml"
-    path.write_text(text)
-    return path
+@contextmanager
+def proxied_inventory(fleet, tmp_path, faults: Faults):
+    """Yields the path of a copy of the inventory whose AWS calls go through a proxy injecting
+    `faults`; the proxy serves for as long as the block runs."""
+    with AwsProxy((PROXY_ADDRESS, 0), fleet.model.aws.endpoint_url, faults) as proxy:
+        text = fleet.source.read_text()
+        text = re.sub(r"(?m)^endpoint_url = .*$", f'endpoint_url = "{proxy.url}"', text)
+        path = tmp_path / "igops.toml"
+        path.write_text(text)
+        yield path
+
+
+def create_arguments(config: Path, host: str, *options: str) -> list[str]:
+    """igops arguments for `snapshot create HOST` through `config`, confirmed and without the
+    pre-freeze hook, followed by `options`."""
+    return ["-c", str(config), "snapshot", "create", host, "--yes", "--no-hook", *options]
+
+
+def run_create(config: Path, host: str, *options: str) -> subprocess.CompletedProcess:
+    """The create of create_arguments, run to its end."""
+    return run_igops(*create_arguments(config, host, *options))
+
+
+def start_create(config: Path, host: str, *options: str, stdout, stderr, text: bool = False) -> subprocess.Popen:
+    """The create of create_arguments, started in the background (with the command and folder
+    run_igops uses) for a test that acts while it runs. Each caller says what becomes of the
+    create's output: some tests read it, some discard it."""
+    return subprocess.Popen(
+        [*IGOPS, *create_arguments(config, host, *options)], stdout=stdout, stderr=stderr, text=text, cwd=ROOT
+    )
 
 
 def can_write(mount: str, timeout: float) -> bool:
@@ -114,26 +138,9 @@ def group_snapshots(fleet, group_id):
 def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_path):
     data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "-c",
-                str(config),
-                "snapshot",
-                "create",
-                standby_of_main(lab),
-                "--yes",
-                "--no-hook",
-                "--deadline",
-                "4",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=Path(__file__).resolve().parents[2],
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        igops = start_create(
+            config, standby_of_main(lab), "--deadline", "4", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30), igops.stderr.read() if igops.poll() else ""
         assert not can_write(data_mount, 0.5), "the data mount should be frozen now"
@@ -165,26 +172,9 @@ def test_sigkill_while_frozen_thaws_by_the_deadline_and_writes_resume(lab, tmp_p
 def test_sigkill_of_igops_alone_thaws_at_once(lab, tmp_path):
     data_mount = lab.host(standby_of_main(lab)).mounts[0].path
     faults = Faults(hold={"CreateSnapshots": 60})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "-c",
-                str(config),
-                "snapshot",
-                "create",
-                standby_of_main(lab),
-                "--yes",
-                "--no-hook",
-                "--deadline",
-                "30",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parents[2],
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        igops = start_create(
+            config, standby_of_main(lab), "--deadline", "30", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
         killed_at = time.monotonic()
@@ -209,11 +199,8 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
     ec2.attach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz")
     try:
         faults = Faults(fail={"CreateSnapshot": 400}, fail_when={"CreateSnapshot": wal_volume})
-        with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-            config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops(
-                "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json"
-            )
+        with proxied_inventory(lab, tmp_path, faults) as config:
+            result = run_create(config, standby_of_main(lab), "--json")
         assert result.returncode == ExitCode.FAILED, result.stderr
         envelope = json.loads(result.stdout)
         assert envelope["ok"] is False and "InjectedFault" in envelope["error"]["message"]
@@ -235,28 +222,9 @@ def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snap
     # both thaw then, and the snapshots made after that cannot be trusted. A watchdog gone
     # before the freezer tells it the thaw is done must not stop the freezer reporting it.
     faults = Faults(hold={"CreateSnapshots": 4})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "-c",
-                str(config),
-                "snapshot",
-                "create",
-                standby.name,
-                "--yes",
-                "--no-hook",
-                "--deadline",
-                "2",
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        igops = start_create(
+            config, standby.name, "--deadline", "2", "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         if watchdog == "gone":
             assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
@@ -285,11 +253,8 @@ def test_calls_outlasting_the_freeze_deadline_fail_the_group_and_delete_its_snap
 
 def test_endpoint_down_during_the_call(lab, tmp_path):
     faults = Faults(fail={"CreateSnapshots": 503})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        result = run_igops(
-            "-c", str(config), "snapshot", "create", standby_of_main(lab), "--yes", "--no-hook", "--json"
-        )
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        result = run_create(config, standby_of_main(lab), "--json")
     assert result.returncode == ExitCode.FAILED
     assert "CreateSnapshots" in json.loads(result.stdout)["error"]["message"]
     assert all(can_write(mount.path, 2) for mount in lab.host(standby_of_main(lab)).mounts)
@@ -300,31 +265,12 @@ def test_two_creates_on_one_host(lab, tmp_path):
     # plan (SSH discovery, EC2 and Postgres look-ups) and meet the lock; its deadline outlasts the hold.
     standby = standby_of_main(lab)
     faults = Faults(hold={"CreateSnapshots": 8})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        first = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "-c",
-                str(config),
-                "snapshot",
-                "create",
-                standby,
-                "--yes",
-                "--no-hook",
-                "--deadline",
-                "30",
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        first = start_create(
+            config, standby, "--deadline", "30", "--json", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
         assert wait_for(lambda: "CreateSnapshots" in faults.calls, 30)
-        second = run_igops("-c", str(config), "snapshot", "create", standby, "--yes", "--no-hook")
+        second = run_create(config, standby)
         assert first.poll() is None, "the second create must have run while the first held its lock"
         output, _ = first.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED
@@ -494,9 +440,8 @@ def test_volume_at_the_pending_snapshot_limit_is_refused_before_any_freeze(lab, 
     ]
     try:
         faults = Faults(rewrite={"DescribeSnapshots": ("<status>completed</status>", "<status>pending</status>")})
-        with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-            config = proxied_inventory(lab, tmp_path, proxy.url)
-            result = run_igops("-c", str(config), "snapshot", "create", standby.name, "--yes", "--no-hook")
+        with proxied_inventory(lab, tmp_path, faults) as config:
+            result = run_create(config, standby.name)
         assert result.returncode == ExitCode.REFUSED, result.stderr
         assert "5 pending snapshots" in result.stderr and volume_id in result.stderr
         assert "CreateSnapshots" not in faults.calls and "CreateSnapshot" not in faults.calls
@@ -516,9 +461,8 @@ def test_root_and_non_mounts_are_refused(lab):
 def test_the_live_primary_is_frozen_only_when_asked_and_the_plan_states_the_stall(lab, tmp_path):
     primary = primary_of_main(lab)
     faults = Faults()
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        config = proxied_inventory(lab, tmp_path, proxy.url)
-        refused = run_igops("-c", str(config), "snapshot", "create", primary, "--yes", "--no-hook")
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        refused = run_create(config, primary)
         assert refused.returncode == ExitCode.REFUSED, refused.stdout + refused.stderr
         assert f"{primary} is the live primary of Postgres cluster main" in refused.stderr
         assert "--allow-primary" in refused.stderr and standby_of_main(lab) in refused.stderr
@@ -538,27 +482,8 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     standby = standby_of_main(lab)
     # Killed after the snapshots were made and the filesystems thawed, before the group was tagged complete.
     faults = Faults(hold={"CreateTags": 60})
-    with AwsProxy((PROXY_ADDRESS, 0), lab.model.aws.endpoint_url, faults) as proxy:
-        proxied = proxied_inventory(lab, tmp_path, proxy.url)
-        igops = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "-c",
-                str(proxied),
-                "snapshot",
-                "create",
-                standby,
-                "--yes",
-                "--no-hook",
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+    with proxied_inventory(lab, tmp_path, faults) as proxied:
+        igops = start_create(proxied, standby, "--json", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert wait_for(lambda: "CreateTags" in faults.calls, 30)
         igops.kill()
         igops.wait()
