@@ -90,7 +90,7 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
         now = redis_failover.signature(view)
     else:
         view = pg_view(fleet, plan.cluster)
-        now = pg_plans.signature(view)
+        now = pg_plans.signature(view, plan.settling)
     if now != plan.signature:
         raise Refused(
             view.state,

@@ -12,6 +12,7 @@ rebuilt from the group are left as they are.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from igops import snapshot_wal
@@ -107,7 +108,38 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         if current:
             replaced[mount] = current
     steps: list[Step] = []
-    if swaps or member.streaming_from != primary:
+    catch_up = [
+        Step(
+            f"{node}: follow {primary} (on its own if its primary_conninfo names it, else repmgr standby follow)",
+            "follow_primary",
+            (node, primary),
+        ),
+        Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
+    ]
+    if fleet.model.archive is not None:
+        catch_up.append(
+            Step(
+                f"{node}: put back the restore_command its data had, or none (the archive's was for the "
+                "catch-up), reload",
+                "put_back_restore_command",
+                (node,),
+            )
+        )
+    start = Step(
+        f"{node}: start it (repmgr node service --action=start); it replays from its last restartpoint",
+        "start_standby",
+        (node,),
+    )
+    if not swaps and member.state in ("running", "starting or stopping"):
+        # On the group's volumes already, and started (a run cut off after its start, run again):
+        # it is waited for, not stopped and started again. Each step does nothing once done, so
+        # the plan is the same whether it answers or streams yet, and the member is left out of
+        # the signature: its catch-up going on between this plan and its run makes it no staler.
+        # The start has no undo here: the swaps it would make way for are an earlier run's, and an
+        # abort of this one leaves the member running where it is.
+        plan.settling = node
+        steps += [start, *catch_up]
+    else:
         if member.state != "stopped":
             steps.append(
                 Step(
@@ -126,28 +158,9 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
                 "prepare_rebuilt",
                 (node, group.group_id),
             ),
-            Step(
-                f"{node}: start it (repmgr node service --action=start); it replays from its last restartpoint",
-                "start_standby",
-                (node,),
-                undo=Step(f"{node}: stop it, so that the volumes under it can go", "stop_rebuilt", (node,)),
-            ),
-            Step(
-                f"{node}: follow {primary} (on its own if its primary_conninfo names it, else repmgr standby follow)",
-                "follow_primary",
-                (node, primary),
-            ),
-            Step(f"{node}: wait until it streams from {primary}", "wait_streaming", (node, primary)),
+            replace(start, undo=Step(f"{node}: stop it, so that the volumes under it can go", "stop_rebuilt", (node,))),
+            *catch_up,
         ]
-        if fleet.model.archive is not None:
-            steps.append(
-                Step(
-                    f"{node}: put back the restore_command its data had, or none (the archive's was for the "
-                    "catch-up), reload",
-                    "put_back_restore_command",
-                    (node,),
-                )
-            )
     steps += [
         Step(
             f"the volume made for {mount} takes {old}'s tags; {old} stays detached, named '(replaced)'",

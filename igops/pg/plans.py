@@ -54,6 +54,9 @@ class PgPlan:
     failure_hint: str = ""
     signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
     group: str | None = None  # a rebuild's: the snapshot group it rebuilds from
+    # A member whose start and catch-up the plan waits out, whatever it reached: its role, state
+    # and upstream are left out of the signature (see signature).
+    settling: str | None = None
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -440,18 +443,25 @@ def node_check_findings(output: str) -> tuple[list[str], list[str]]:
     return failing, notes
 
 
-def signature(view: PgView) -> tuple[Any, ...]:
+def signature(view: PgView, settling: str | None = None) -> tuple[Any, ...]:
     """What a plan depends on: every member's role and state, who follows whom, and where the app
-    is routed (PgBouncer). Positions and lag are left out: they move."""
+    is routed (PgBouncer). Positions and lag are left out: they move. So are the role, state and
+    upstream of a `settling` member, whose start and catch-up the plan waits out: one that answers
+    or streams by the time the plan runs does not make it stale."""
     state = view.state
     assert state is not None  # pg_view reports every view it makes
     return (
-        tuple((n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd) for n in state.nodes),
+        tuple(
+            (n.name, n.fenced, n.repmgrd)
+            if n.name == settling
+            else (n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd)
+            for n in state.nodes
+        ),
         tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
         tuple(sorted((host, tuple(names)) for host, names in state.paused.items())),
     )
 
 
 def signed(plan: PgPlan, view: PgView) -> PgPlan:
-    plan.signature = signature(view)
+    plan.signature = signature(view, plan.settling)
     return plan

@@ -273,6 +273,29 @@ def test_a_plan_is_signed_with_roles_and_routes_not_positions(fleet):
     assert "signature" not in described and "actions" not in described and described["steps"] == []
 
 
+def test_a_settling_member_may_start_answer_and_stream_between_its_plan_and_its_run(fleet):
+    """A rebuild run again right after the run before it was cut off past the start: the member
+    it waits out is left out of the signature (its role, state and upstream), no other is."""
+
+    def view(db2: tuple[str, str, str | None], db1_state: str = "running"):
+        role, state, upstream = db2
+        nodes = [
+            failover.PgNode("db1", "10.0.0.21", "primary", db1_state),
+            failover.PgNode("db2", "10.0.0.22", role, state, streaming_from=upstream),
+        ]
+        made = pg_cluster.PgView(fleet, "main", {}, {}, {}, [])
+        made.state = failover.PgClusterState("main", nodes, "db1", {"pgb1": {"main": "db1"}}, {})
+        return made
+
+    starting = view(("unknown", "starting or stopping", None))
+    plan = failover.PgPlan("rebuild", "main", "t", "db1", "db1", settling="db2")
+    pg_plans.signed(plan, starting)
+    for later in (("standby", "running", None), ("standby", "running", "db1")):
+        assert pg_plans.signature(view(later), "db2") == plan.signature
+    assert pg_plans.signature(view(("standby", "running", "db1"), db1_state="stopped"), "db2") != plan.signature
+    assert pg_plans.signature(view(("standby", "running", "db1"))) != pg_plans.signature(starting)
+
+
 # --- candidates and thresholds -------------------------------------------------------------------
 def server(received, replayed=None, paused=False):
     return postgres.ServerState(
@@ -870,7 +893,7 @@ def test_a_plan_whose_state_changed_is_refused_under_the_lock_naming_the_change(
     signatures = {id(views["pg"]): (("db2", "streaming"),), id(views["redis"]): (("redis2", "master"),)}
     monkeypatch.setattr(failover, "pg_view", lambda fleet, cluster: views["pg"])
     monkeypatch.setattr(failover, "redis_view", lambda fleet: views["redis"])
-    monkeypatch.setattr(failover.pg_plans, "signature", lambda view: signatures[id(view)])
+    monkeypatch.setattr(failover.pg_plans, "signature", lambda view, settling=None: signatures[id(view)])
     monkeypatch.setattr(failover.redis_failover, "signature", lambda view: signatures[id(view)])
     for plan in (PgPlan("switchover", "main", "t", "db1", "db2"), RedisPlan("switchover", "t", "redis1", "redis2")):
         plan.signature = signatures[id(views["pg" if isinstance(plan, PgPlan) else "redis"])]
