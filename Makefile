@@ -10,6 +10,7 @@ LAB_CONFIG ?= /var/lib/igops-lab/igops.toml
 # Where `igops` is linked, so that the docs' bare `igops` (and cron's /usr/local/bin/igops) work.
 BINDIR ?= /usr/local/bin
 PYTEST_ARGS ?=
+UNIT_WORKERS ?= auto
 
 DEBIAN_PACKAGES := openssh-server openssh-client postgresql-15 postgresql-15-repmgr \
 	postgresql-client-15 pgbouncer redis-server redis-tools nginx-light memcached munin-node munin \
@@ -22,12 +23,14 @@ lab: deps install
 	$(IGOPS) -c $(LAB_CONFIG) status
 
 # ruff and mypy first (configured in pyproject.toml): a lint finding, an unformatted file or a
-# type error fails the run before the long tests.
+# type error fails the run before the long tests. The unit tests run on every core (pytest-xdist:
+# none shares a file, a port or the lab); the lab's tests, one at a time, since they share one lab.
 test: deps install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(UNIT_WORKERS) tests/unit $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests/integration tests/reliability $(PYTEST_ARGS)
 
 down: venv
 	$(IGOPS) lab down
