@@ -84,6 +84,9 @@ _PUT_BACK_RESTORE = (
     'if [ -s "$saved" ]; then echo "its own again"; else echo "none, as its data had"; fi; rm -f "$saved"'
 )
 
+# What a volume a rebuild took out is named: its name before, and this.
+REPLACED_SUFFIX = " (replaced)"
+
 # How long a rebuilt standby may take to stream on its own before repmgr is asked to point it.
 FOLLOW_GRACE_S = 10.0
 
@@ -138,6 +141,8 @@ class RebuildActions:
         return f"{volume_id} detached, kept"
 
     def swap_back(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
+        from igops.ebs import tags_of
+
         host = self._host(node)
         ebs = self._ebs()
         attached = [a.volume_id for a in ebs.instance_volumes(host.instance_id)]
@@ -146,6 +151,9 @@ class RebuildActions:
             fstype = _fstype(find_group(ebs, group_id), mount)
             host_script(self.fleet, host, mount_script([device], mount, fstype, mount), f"mounting {mount}")
         ebs.untag([volume_id], [TAG_REPLACED_BY, TAG_REPLACED_ON, TAG_REPLACED_AT])
+        name = tags_of(ebs.volume(volume_id) or {}).get("Name", "")
+        if name.endswith(REPLACED_SUFFIX):  # renamed by a tag step the run reached: in use again
+            ebs.tag([volume_id], {"Name": name.removesuffix(REPLACED_SUFFIX)})
         return f"{volume_id} back at {mount}"
 
     def volume_from_group(self, node: str, mount: str, snapshot_id: str, group_id: str) -> str:
@@ -310,12 +318,16 @@ class RebuildActions:
             for key, value in tags_of(old).items()
             if key not in _OWN_TAGS and key not in (TAG_REPLACED_BY, TAG_REPLACED_ON, TAG_REPLACED_AT, TAG_REBUILDS)
         }
+        name = inherited.get("Name", old_volume)
+        if "Name" in inherited:
+            # Run again, the step finds the old volume renamed already: the new one takes its name
+            # from before that.
+            inherited["Name"] = name.removesuffix(REPLACED_SUFFIX)
         volume_id = made[0]["VolumeId"]
         if inherited:
             ebs.tag([volume_id], inherited)
-        name = tags_of(old).get("Name", old_volume)
-        if old and not name.endswith("(replaced)"):
-            ebs.tag([old_volume], {"Name": f"{name} (replaced)"})
+        if old and not name.endswith(REPLACED_SUFFIX):
+            ebs.tag([old_volume], {"Name": name + REPLACED_SUFFIX})
         return f"{volume_id} has {old_volume}'s tags"
 
     def _mounted_volume(self, node: str, mount: str) -> str | None:

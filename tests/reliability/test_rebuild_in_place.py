@@ -140,6 +140,7 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
             tags = volume_tags(ebs, volume_id)
             assert tags["igops:group"] == group and tags["igops:rebuilds"] == STANDBY, tags
             assert tags.get("igops:purpose"), f"the new volume took the old one's tags: {tags}"
+            assert not tags.get("Name", "").endswith("(replaced)"), tags
             old = volume_tags(ebs, before[mount])
             assert old["state"] == "available" and old["igops:replaced-by"] == group, old
         fstab = state.paths().fstab(STANDBY).read_text()
@@ -209,9 +210,10 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
             assert set(after) == set(before), (number, way, before, after)
             if way == "abort":
                 assert after == before, f"step {landed}: the abort did not put db2's volumes back"
-            else:
-                for volume_id in after.values():
-                    assert volume_tags(ebs, volume_id)["igops:group"] == group, (number, after)
+            for volume_id in after.values():
+                tags = volume_tags(ebs, volume_id)
+                assert way == "abort" or tags["igops:group"] == group, (number, after)
+                assert not tags.get("Name", "").endswith("(replaced)"), (number, way, tags)
             assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), (number, way, pg_state(lab, "main"))
             outcomes.append(
                 f"[{landed}] {way}: s to create {started - began:.1f}, kill {killed - started:.1f}, listed "
