@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from igops import inventory, postgres
 from igops.errors import UsageError, first_line
 from igops.host_commands import ssh
-from igops.pg.hostcmd import data_directory, postgres_sh
+from igops.pg.hostcmd import POSTMASTER_RUNNING, data_directory, postgres_sh
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
@@ -122,9 +122,9 @@ def cluster_of(fleet: Fleet, node: str) -> str:
 # What a member looks like on its host: is a postmaster running, is the member fenced
 # (standby.signal), and what its control file says (a clean shutdown or a crash).
 _HOST_CHECK = (
-    '"$1/pg_ctl" status -D "$2" >/dev/null 2>&1; echo "postmaster=$?"; '
-    'if [ -e "$2/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi; '
-    '"$1/pg_controldata" -D "$2" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"'
+    f'bin="$1"; data="$2"; {POSTMASTER_RUNNING}; echo "postmaster=$?"; '
+    'if [ -e "$data/standby.signal" ]; then echo fenced=1; else echo fenced=0; fi; '
+    '"$bin/pg_controldata" -D "$data" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"'
 )
 
 

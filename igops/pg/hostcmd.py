@@ -40,10 +40,21 @@ def repmgr(fleet: Fleet, host: Any, *args: str) -> list[str]:
     return as_postgres(fleet, repmgr_argv(fleet, host, *args))
 
 
+# Shell: true while a postmaster runs on "$data" ("$bin" the bin_dir): pg_ctl status, except for
+# one that has exited but is not yet reaped. pg_ctl takes a zombie for a live postmaster, and a
+# daemonized postmaster's parent is init, which on some hosts (a container's) reaps late or never:
+# a stale postmaster.pid, such as the one in data restored from a running member's snapshot,
+# then names a process that looks alive until it is reaped. The zombie test is shell builtins
+# only: it runs inside a switchover's write pause.
+POSTMASTER_RUNNING = (
+    '{ "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1 && ! { read -r pm_pid < "$data/postmaster.pid" && '
+    'read -r _ _ pm_state _ < "/proc/$pm_pid/stat" && [ "$pm_state" = Z ]; } 2>/dev/null; }'
+)
+
 # Shell: wait, with "$bin" the bin_dir, "$data" the data directory and "$wait" tenths of a
-# second, until no postmaster runs on the data directory (pg_ctl status); exit 1 if one still does.
+# second, until no postmaster runs on the data directory; exit 1 if one still does.
 WAIT_STOPPED = (
-    'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+    f"while {POSTMASTER_RUNNING}; do "
     '[ "$wait" -le 0 ] && { echo "its postmaster is still running" >&2; exit 1; }; '
     "wait=$((wait - 1)); sleep 0.1; done"
 )
@@ -56,7 +67,7 @@ WAIT_STOPPED = (
 # and is waited for; then the start command runs. pg_ctl start fails while any postmaster holds
 # the data directory, and pg_isready answers the same for a startup as for a shutdown.
 START_AFTER_SHUTDOWN = (
-    'while "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; do '
+    f"while {POSTMASTER_RUNNING}; do "
     '"$bin/pg_isready" -q -h "$socket" -p "$port" && { echo running; exit 0; }; '
     'case "$(sed -n 8p "$data/postmaster.pid" 2>/dev/null)" in starting*) echo starting; exit 0;; esac; '
     '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; '

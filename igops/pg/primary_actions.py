@@ -13,6 +13,7 @@ from igops.errors import IgopsError, first_line
 from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
 from igops.pg.cluster import wal_received
 from igops.pg.hostcmd import (
+    POSTMASTER_RUNNING,
     as_postgres,
     bin_path,
     data_directory,
@@ -135,7 +136,7 @@ class FencingActions:
         script = (
             'set -e; bin="$1"; data="$2"; wait="$3"; conf="$4"; shift 4; touch "$data/standby.signal"; '
             'cluster_state() { "$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"; }; '
-            'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
+            f"if {POSTMASTER_RUNNING}; then "
             'kill -INT "$(head -n 1 "$data/postmaster.pid")" 2>/dev/null || true; '
             'own=$(sed -n "s/^ *service_stop_command *= *\'\\([^\']*\\)\' *$/\\1/p" "$conf" 2>/dev/null | tail -n 1); '
             '[ -z "$own" ] || set -- sh -c "$own"; '
@@ -184,7 +185,7 @@ class FencingActions:
     # recovery is fenced and its promote request removed, so it can only come back a standby.
     _STOP_AND_READ_CONTROL = (
         'bin="$1"; data="$2"; '
-        'if "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then '
+        f"if {POSTMASTER_RUNNING}; then "
         '"$bin/pg_ctl" stop -D "$data" -m immediate -w -t 30 >/dev/null 2>&1 || '
         '{ echo "postmaster=still running"; exit 0; }; echo stopped=1; fi; '
         'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
