@@ -102,6 +102,10 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         current = present.get(mount)
         if earlier:
             replaced[mount] = earlier[0]["VolumeId"]
+            if current is None and any(
+                attachment.get("InstanceId") == host.instance_id for attachment in earlier[0].get("Attachments") or []
+            ):
+                current = earlier[0]["VolumeId"]  # a run cut off between its unmount and its detach
         if current and current in made:
             continue  # rebuilt by an earlier run
         swaps += _swap_steps(fleet, host, group.group_id, mount, snapshot_id, current)

@@ -126,10 +126,9 @@ class RebuildActions:
         return "stopped"
 
     def swap_out(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
-        host = self._host(node)
-        host_script(self.fleet, host, _sh(_UNMOUNT, mount), f"unmounting {mount}")
+        # Tagged first: a run cut off once the volume is unmounted finds it by its tags, not at
+        # its mount any more (the plan then detaches it if it is still attached).
         ebs = self._ebs()
-        ebs.detach(volume_id)
         ebs.tag(
             [volume_id],
             {
@@ -138,6 +137,8 @@ class RebuildActions:
                 TAG_REPLACED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
             },
         )
+        host_script(self.fleet, self._host(node), _sh(_UNMOUNT, mount), f"unmounting {mount}")
+        ebs.detach(volume_id)
         return f"{volume_id} detached, kept"
 
     def swap_back(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
@@ -145,9 +146,10 @@ class RebuildActions:
 
         host = self._host(node)
         ebs = self._ebs()
-        attached = [a.volume_id for a in ebs.instance_volumes(host.instance_id)]
-        if volume_id not in attached:
-            device = ebs.attach(volume_id, host.instance_id)
+        attached = {a.volume_id: a.device for a in ebs.instance_volumes(host.instance_id)}
+        device = attached.get(volume_id) or ebs.attach(volume_id, host.instance_id)
+        # Attached and mounted already, or still attached after its unmount (a run cut off there).
+        if volume_id not in attached or self._mounted_volume(node, mount) != volume_id:
             fstype = _fstype(find_group(ebs, group_id), mount)
             host_script(self.fleet, host, mount_script([device], mount, fstype, mount), f"mounting {mount}")
         ebs.untag([volume_id], [TAG_REPLACED_BY, TAG_REPLACED_ON, TAG_REPLACED_AT])

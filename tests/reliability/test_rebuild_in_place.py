@@ -11,6 +11,8 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
   again, as `ops resume` says) or aborted (even ones): a resume leaves db2 on volumes from that
   group, an abort on the ones it had; either way db2 streams from the primary again, and no
   acknowledged write is lost.
+- Cut off between a volume's unmount and its detach (the volume at no mount, still attached),
+  then aborted: it is mounted again; run again: it is detached and the rebuild goes on.
 - Its start run again while db2 still replays (not yet answering, like a shutdown): waited for
   until it answers, neither started twice nor waited out as a shutdown.
 """
@@ -225,6 +227,61 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []
     nothing_lost(load, outcomes)
+
+
+def cut_off_after_the_unmount(lab, ebs, volume_id: str, group: str, mount: str) -> None:
+    """What a run killed between a swap's unmount and its detach leaves, made exact from wherever
+    the kill landed in that step: the volume tagged as taken out, unmounted, still attached."""
+    from igops.pg.rebuild_actions import TAG_REPLACED_BY, TAG_REPLACED_ON
+
+    volume = ebs.volume(volume_id)
+    assert volume is not None, volume_id
+    if not volume.get("Attachments"):
+        ebs.attach(volume_id, lab.host(STANDBY).instance_id)
+    ebs.tag([volume_id], {TAG_REPLACED_BY: group, TAG_REPLACED_ON: f"{STANDBY}:{mount}"})
+    if subprocess.run(["mountpoint", "-q", mount], check=False).returncode == 0:
+        subprocess.run(["umount", mount], check=True)
+
+
+@pytest.mark.timeout(900)
+def test_a_rebuild_cut_off_between_an_unmount_and_its_detach_is_aborted_or_run_again(lab, tmp_path):
+    """The volume is at no mount then, so it is found by the tags the step gave it first: an abort
+    mounts it again where it was, a run again detaches it and goes on."""
+    from igops.ebs import Ebs
+
+    restore_home(lab)
+    ebs = Ebs(lab)
+    wal = str(state.paths().mount_point(STANDBY, "wal"))
+    with Load(lab, tmp_path) as load:
+        created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
+        assert created.returncode == 0, created.stderr[-3000:]
+        group = envelope["data"]["group_id"]
+        rebuild = ["snapshot", "restore", group, "--onto", STANDBY, "--in-place"]
+        planned, envelope = igops(lab, *rebuild, "--dry-run")
+        assert planned.returncode == 0, planned.stderr[-3000:]
+        titles = envelope["data"]["plan"]["steps"]
+        step = next(number for number, title in enumerate(titles, 1) if f"unmount {wal} and detach" in title)
+        for way in ("abort", "resume"):
+            before = mounted(lab, ebs)
+            record = interrupted_run(lab, "pg-rebuild", killed_at(lab, rebuild, step), 30)
+            assert record is not None, "the run ended before the signal landed"
+            cut_off_after_the_unmount(lab, ebs, before[wal], group, wal)
+            if way == "abort":
+                done, _ = igops(lab, "ops", "abort", record["id"], "--yes", timeout=600)
+            else:
+                done, _ = igops(lab, *rebuild, "--yes", "--reason", "cut off after an unmount", timeout=900)
+            assert done.returncode == 0, (way, done.stderr[-3000:])
+            after = mounted(lab, ebs)
+            old = volume_tags(ebs, before[wal])
+            if way == "abort":
+                assert after == before, (before, after)
+                assert "igops:replaced-by" not in old, old
+            else:
+                assert set(after) == set(before) and after[wal] != before[wal], (before, after)
+                assert old["state"] == "available" and old["igops:replaced-by"] == group, old
+            assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), (way, pg_state(lab, "main"))
+    result = verify_lab_ledger(load.ledger)
+    assert result.ok, result.missing_writes[:5]
 
 
 def postmaster_status(lab) -> tuple[int, str]:
