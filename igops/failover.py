@@ -118,6 +118,7 @@ def what_changed(before: tuple[Any, ...], now: tuple[Any, ...]) -> str:
 
 def describe_plan(plan: PgPlan | RedisPlan) -> dict[str, Any]:
     """The plan as data for --json: everything but the actions' internals."""
-    data = {key: value for key, value in plan.__dict__.items() if key not in ("actions", "failure_hint", "signature")}
+    internals = ("actions", "failure_hint", "signature", "settling")
+    data = {key: value for key, value in plan.__dict__.items() if key not in internals}
     data["steps"] = plan.steps()
     return data

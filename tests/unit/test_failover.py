@@ -294,6 +294,7 @@ def test_a_settling_member_may_start_answer_and_stream_between_its_plan_and_its_
         assert pg_plans.signature(view(later), "db2") == plan.signature
     assert pg_plans.signature(view(("standby", "running", "db1"), db1_state="stopped"), "db2") != plan.signature
     assert pg_plans.signature(view(("standby", "running", "db1"))) != pg_plans.signature(starting)
+    assert "settling" not in failover.describe_plan(plan)  # how the plan is checked, not what it does
 
 
 # --- candidates and thresholds -------------------------------------------------------------------
