@@ -611,11 +611,30 @@ def settings_for(fleet: Fleet) -> EtcdSettings | None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine. Its lease's TTL is short, so a pid
-    reused within it is unlikely, and errs on the safe side (the lease is left to expire)."""
+    """Whether a process with this pid runs on this machine. Its lease's TTL is short, so a pid
+    reused within it is unlikely, and errs on the safe side (the lease is left to expire).
+    Where /proc tells, a process runs while any of its threads does: a killed one that its parent
+    has not reaped yet (a zombie) does not, though a signal still reaches it, and a killed
+    multi-threaded one shows its main thread a zombie while the others still hold its sockets."""
     if pid <= 0:
         return False
     try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        if Path("/proc/self/task").is_dir():
+            return False  # /proc lists every process here: this one is gone
+    except OSError:
+        pass
+    else:
+        for task in tasks:
+            try:
+                state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("Z", "X"):
+                return True
+        return False
+    try:  # no /proc (a macOS controller): whether a signal reaches it
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

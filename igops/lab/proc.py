@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igops.coordination import process_alive as alive
 from igops.errors import IgopsError, RefusedError
 from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
 from igops.remote import SYSTEM_PATH
@@ -283,23 +284,6 @@ def running_pid(pid_file: Path, state_root: Path | None = None) -> int | None:
     if not alive(pid) or (state_root is not None and not belongs(pid, state_root)):
         return None
     return pid
-
-
-def alive(pid: int) -> bool:
-    """True while any thread of the process runs: a killed multi-threaded process shows its
-    main thread as a zombie while the others still hold its sockets."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-    for task in tasks:
-        try:
-            state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            return True
-    return False
 
 
 def answers(address: str, port: int, timeout: float = 0.5) -> bool:

@@ -3,6 +3,9 @@ settings. The etcd backend itself is tested against the lab's etcd
 (tests/integration/test_coordination.py)."""
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -165,3 +168,21 @@ def test_a_lost_lease_stops_the_caller_at_its_next_check():
     held._mark_lost("etcd expired lease 7")
     with pytest.raises(coordination.LeaseLost, match="pg main was lost .etcd expired lease 7."):
         held.check()
+
+
+def test_a_killed_process_its_parent_has_not_reaped_holds_nothing():
+    """A zombie still takes a signal, so kill(pid, 0) alone took an igops killed under a parent
+    that reaps late for one still running: its lease and its run were held for it."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        assert coordination.process_alive(process.pid)
+        os.kill(process.pid, signal.SIGKILL)
+        stat = Path(f"/proc/{process.pid}/stat")
+        while stat.read_text().rsplit(") ", 1)[1].split()[0] != "Z":
+            pass
+        assert not coordination.process_alive(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    assert not coordination.process_alive(process.pid)
+    assert not coordination.process_alive(0)
