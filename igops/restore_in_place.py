@@ -95,6 +95,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         group=group.group_id,
     )
     swaps: list[Step] = []
+    remounted: list[Step] = []  # mounts an earlier run rebuilt: their fstab entries, again
     replaced: dict[str, str] = {}  # mount -> the volume taken out of it
     for mount, snapshot_id in mounts.items():
         made = {volume["VolumeId"] for volume in made_for(ebs, group.group_id, node, mount)}
@@ -107,7 +108,12 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
             ):
                 current = earlier[0]["VolumeId"]  # a run cut off between its unmount and its detach
         if current and current in made:
-            continue  # rebuilt by an earlier run
+            # Rebuilt by an earlier run, which may have been cut off before its fstab entry:
+            # the step mounts nothing then, and points the entry at what is mounted.
+            remounted.append(
+                _mount_step(fleet, host, group.group_id, mount, snapshot_id, f"{mount} holds its new volume already")
+            )
+            continue
         swaps += _swap_steps(fleet, host, group.group_id, mount, snapshot_id, current)
         if current:
             replaced[mount] = current
@@ -142,7 +148,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         # The start has no undo here: the swaps it would make way for are an earlier run's, and an
         # abort of this one leaves the member running where it is.
         plan.settling = node
-        steps += [start, *catch_up]
+        steps += [*remounted, start, *catch_up]
     else:
         if member.state != "stopped":
             steps.append(
@@ -154,7 +160,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
                 )
             )
         steps.append(Step(f"{node}: wait until its postmaster is gone", "wait_stopped", (node,)))
-        steps += swaps
+        steps += remounted + swaps
         steps += [
             Step(
                 f"{node}: make the data a standby's: remove postmaster.pid and recovery.signal, write standby.signal"
@@ -210,14 +216,20 @@ def _swap_steps(
                 f"{node}: unmount, detach and delete the volume made from {snapshot_id}", "discard_rebuilt", args
             ),
         ),
-        Step(
-            f"{node}: mount it at {mount}; point {fleet.path_for(fleet.model.snapshot.fstab, host)}'s entry for "
-            f"{mount} at it",
-            "mount_rebuilt",
-            args,
-        ),
+        _mount_step(fleet, host, group_id, mount, snapshot_id, f"mount it at {mount}"),
     ]
     return steps
+
+
+def _mount_step(fleet: Fleet, host: Host, group_id: str, mount: str, snapshot_id: str, mounting: str) -> Step:
+    """Mount the volume made for `mount` unless it is there (`mounting` says which), then point
+    fstab's entry at it."""
+    fstab = fleet.path_for(fleet.model.snapshot.fstab, host)
+    return Step(
+        f"{host.name}: {mounting}; point {fstab}'s entry for {mount} at it",
+        "mount_rebuilt",
+        (host.name, mount, snapshot_id, group_id),
+    )
 
 
 LATEST_TARGET = RecoveryTarget(LATEST)

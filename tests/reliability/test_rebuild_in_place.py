@@ -12,11 +12,13 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
   group, an abort on the ones it had; either way db2 streams from the primary again, and no
   acknowledged write is lost.
 - Cut off between a volume's unmount and its detach (the volume at no mount, still attached),
-  then aborted: it is mounted again; run again: it is detached and the rebuild goes on.
+  then aborted: it is mounted again; run again: it is detached and the rebuild goes on, and the
+  fstab entry of a mount the cut-off run rebuilt is pointed at it again.
 - Its start run again while db2 still replays (not yet answering, like a shutdown): waited for
   until it answers, neither started twice nor waited out as a shutdown.
 """
 
+import re
 import shutil
 import subprocess
 import time
@@ -145,11 +147,8 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
             assert not tags.get("Name", "").endswith("(replaced)"), tags
             old = volume_tags(ebs, before[mount])
             assert old["state"] == "available" and old["igops:replaced-by"] == group, old
-        fstab = state.paths().fstab(STANDBY).read_text()
         for mount in after:
-            source = subprocess.run(["findmnt", "-no", "SOURCE", mount], capture_output=True, text=True).stdout.strip()
-            uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True)
-            assert f"UUID={uuid.stdout.strip()}\t{mount}\t" in fstab, fstab
+            assert fstab_names_what_is_mounted(mount), state.paths().fstab(STANDBY).read_text()
         assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
         # The archive's restore_command served the catch-up; then the data's own is back (or none).
         assert restore_command_of(auto) == restore_line, auto.read_text()
@@ -229,6 +228,12 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     nothing_lost(load, outcomes)
 
 
+def fstab_names_what_is_mounted(mount: str) -> bool:
+    source = subprocess.run(["findmnt", "-no", "SOURCE", mount], capture_output=True, text=True).stdout.strip()
+    uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True).stdout
+    return f"UUID={uuid.strip()}\t{mount}\t" in state.paths().fstab(STANDBY).read_text()
+
+
 def cut_off_after_the_unmount(lab, ebs, volume_id: str, group: str, mount: str) -> None:
     """What a run killed between a swap's unmount and its detach leaves, made exact from wherever
     the kill landed in that step: the volume tagged as taken out, unmounted, still attached."""
@@ -251,7 +256,7 @@ def test_a_rebuild_cut_off_between_an_unmount_and_its_detach_is_aborted_or_run_a
 
     restore_home(lab)
     ebs = Ebs(lab)
-    wal = str(state.paths().mount_point(STANDBY, "wal"))
+    data, wal = (str(state.paths().mount_point(STANDBY, purpose)) for purpose in PURPOSES)
     with Load(lab, tmp_path) as load:
         created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
         assert created.returncode == 0, created.stderr[-3000:]
@@ -269,6 +274,13 @@ def test_a_rebuild_cut_off_between_an_unmount_and_its_detach_is_aborted_or_run_a
             if way == "abort":
                 done, _ = igops(lab, "ops", "abort", record["id"], "--yes", timeout=600)
             else:
+                # The data mount, rebuilt before the kill, as a run cut off inside its mount step
+                # leaves it: mounted, its fstab entry not yet pointed at it.
+                fstab = state.paths().fstab(STANDBY)
+                elsewhere = "UUID=00000000-0000-0000-0000-000000000000"
+                lines = fstab.read_text().splitlines(keepends=True)
+                fstab.write_text("".join(re.sub(r"^\S+", elsewhere, x) if f"\t{data}\t" in x else x for x in lines))
+                assert not fstab_names_what_is_mounted(data)
                 done, _ = igops(lab, *rebuild, "--yes", "--reason", "cut off after an unmount", timeout=900)
             assert done.returncode == 0, (way, done.stderr[-3000:])
             after = mounted(lab, ebs)
@@ -279,6 +291,7 @@ def test_a_rebuild_cut_off_between_an_unmount_and_its_detach_is_aborted_or_run_a
             else:
                 assert set(after) == set(before) and after[wal] != before[wal], (before, after)
                 assert old["state"] == "available" and old["igops:replaced-by"] == group, old
+                assert fstab_names_what_is_mounted(data) and fstab_names_what_is_mounted(wal)
             assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), (way, pg_state(lab, "main"))
     result = verify_lab_ledger(load.ledger)
     assert result.ok, result.missing_writes[:5]
