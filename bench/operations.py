@@ -77,10 +77,10 @@ def _bare(steps: int) -> list[float]:
 def _cleanup(prefix: str) -> None:
     import requests
 
-    from igops import coordination
+    from igops import etcd_gateway
     from igops.lab import state
 
-    body = {"key": coordination._b64(prefix), "range_end": coordination._b64(coordination._prefix_end(prefix))}
+    body = {"key": etcd_gateway.b64(prefix), "range_end": etcd_gateway.b64(etcd_gateway.prefix_end(prefix))}
     requests.post(state.etcd_endpoints()[0] + "/v3/kv/deleterange", json=body, timeout=5).raise_for_status()
 
 

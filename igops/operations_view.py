@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igops import coordination, safety
+from igops import coordination, etcd_gateway, safety
 from igops.errors import RefusedError
 from igops.operations import conflicts, journal
 
@@ -54,7 +54,7 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
         records = [
             _with_status(store, record) for record in (store.records() if include_ended else store.open_records())
         ]
-    except coordination.EtcdError as exc:
+    except etcd_gateway.EtcdError as exc:
         cached = _read_cache(cache)
         records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]
         return OperationsView(records, backend.name, stale=exc.message, read_at=cached.get("read_at", "never"))

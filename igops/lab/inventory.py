@@ -268,10 +268,10 @@ def render(
 
 def coordinator(paths: Paths) -> EtcdCoordinator:
     """Where the lab inventory's operations keep their leases: what lab up must lease too."""
-    from igops import coordination
+    from igops import coordination, etcd_gateway
 
     return coordination.EtcdCoordinator(
-        coordination.EtcdSettings(
+        etcd_gateway.EtcdSettings(
             endpoints=tuple(etcd_endpoints()), prefix=coordination.default_prefix("lab"), lease_ttl=LEASE_TTL_S
         ),
         paths.fleet_state,

@@ -159,7 +159,8 @@ class EtcdJournal:
 
     def alive(self, record: dict[str, Any]) -> bool:
         from igops import safety
-        from igops.coordination import EtcdError, process_alive
+        from igops.coordination import process_alive
+        from igops.etcd_gateway import EtcdError
 
         lease_id = record.get("lease_id")
         if not lease_id:
@@ -178,22 +179,22 @@ class EtcdJournal:
     def _record_requests(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """The record, and its marker under open/ while it has not ended: what `ops list` reads
         without reading every operation ever run."""
-        from igops.coordination import _b64
+        from igops.etcd_gateway import b64
 
         record_put = {
             "request_put": {
-                "key": _b64(f"{self.prefix}ops/{record['id']}"),
-                "value": _b64(json.dumps(_clean(record), sort_keys=True)),
+                "key": b64(f"{self.prefix}ops/{record['id']}"),
+                "value": b64(json.dumps(_clean(record), sort_keys=True)),
             }
         }
-        marker = _b64(f"{self.prefix}open/{record['id']}")
+        marker = b64(f"{self.prefix}open/{record['id']}")
         if record.get("ended"):
             return [record_put, {"request_delete_range": {"key": marker}}]
-        return [record_put, {"request_put": {"key": marker, "value": _b64(record["id"])}}]
+        return [record_put, {"request_put": {"key": marker, "value": b64(record["id"])}}]
 
     def append(self, op_id: str, entries: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         """Entries, in order, and with `record` the record too: one transaction, one Raft round."""
-        from igops.coordination import _b64
+        from igops.etcd_gateway import b64
 
         puts = []
         with self._seq_lock:
@@ -202,7 +203,7 @@ class EtcdJournal:
                 # Unique across processes that resume the same operation: time first, then pid.
                 key = f"{self.prefix}journal/{op_id}/{entry.get('time', '')}-{os.getpid()}-{self._seq:06d}"
                 value = json.dumps(_clean(entry), sort_keys=True)
-                puts.append({"request_put": {"key": _b64(key), "value": _b64(value)}})
+                puts.append({"request_put": {"key": b64(key), "value": b64(value)}})
         if record is not None:
             puts.extend(self._record_requests(record))
         self.gateway.call("/v3/kv/txn", {"success": puts})

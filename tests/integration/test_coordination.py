@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from igops import coordination, inventory
+from igops import coordination, etcd_gateway, inventory
 from igops.errors import ExitCode
 from igops.lab import etcd as lab_etcd, proc, state
 from tests.labtools import wait_for, without_coordination
@@ -44,8 +44,8 @@ def forget_test_keys(lab):
     """The keys every test wrote under /igops-test/, deleted afterwards (the lab's etcd lives on)."""
     yield
     body = {
-        "key": coordination._b64(TEST_PREFIX),
-        "range_end": coordination._b64(coordination._prefix_end(TEST_PREFIX)),
+        "key": etcd_gateway.b64(TEST_PREFIX),
+        "range_end": etcd_gateway.b64(etcd_gateway.prefix_end(TEST_PREFIX)),
     }
     requests.post(state.etcd_endpoints()[0] + "/v3/kv/deleterange", json=body, timeout=5).raise_for_status()
 
@@ -117,8 +117,8 @@ def slow_receiver(lab):
     session.close()
 
 
-def gateway(config: Path) -> coordination.EtcdGateway:
-    return coordination.EtcdGateway(coordination.settings_for(inventory.load_file(config)))
+def gateway(config: Path) -> etcd_gateway.EtcdGateway:
+    return etcd_gateway.EtcdGateway(coordination.settings_for(inventory.load_file(config)))
 
 
 def test_the_lab_runs_a_healthy_three_member_etcd(lab):

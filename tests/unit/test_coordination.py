@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import coordination, inventory, safety
+from igops import coordination, etcd_gateway, inventory, safety
 from igops.errors import ConfigError, SecretsError
 
 GOOD = """
@@ -128,7 +128,7 @@ def test_audit_keys_sort_by_time_and_never_collide():
 
 
 def test_prefix_range_end_covers_exactly_the_prefix():
-    end = coordination._prefix_end("/igops/prod/audit/")
+    end = etcd_gateway.prefix_end("/igops/prod/audit/")
     assert end == "/igops/prod/audit0"
     assert "/igops/prod/audit/" <= "/igops/prod/audit/zzz" < end
     assert not ("/igops/prod/audit/" <= "/igops/prod/audits" < end)
