@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from igops import agent, remote
+from igops import agent, remote, remote_session
 from igops.errors import RemoteError
 from igops.secrets import Secrets
 
@@ -65,7 +65,7 @@ class PauseWatchdogs:
 
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
-        self.sessions: dict[str, remote.Session] = {}
+        self.sessions: dict[str, remote_session.Session] = {}
         self.lost: list[str] = []  # hosts whose session broke while igops was beating
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,11 +82,11 @@ class PauseWatchdogs:
         wanted = [(host, names) for host, names in databases.items() if host not in self.sessions]
         outcomes = _parallel(lambda item: self._start(*item), wanted)
         # Each outcome is the session or the exception that stopped it (None: its thread died).
-        failures = [str(outcome) for outcome in outcomes if not isinstance(outcome, remote.Session)]
+        failures = [str(outcome) for outcome in outcomes if not isinstance(outcome, remote_session.Session)]
         armed = {
             host: outcome
             for (host, _), outcome in zip(wanted, outcomes, strict=False)
-            if isinstance(outcome, remote.Session)
+            if isinstance(outcome, remote_session.Session)
         }
         if failures:
             _parallel(lambda session: _close(session, clean=True), list(armed.values()))
@@ -106,7 +106,7 @@ class PauseWatchdogs:
             f"(RESUMEs if igops is gone or silent for {self.deadline:g} s)"
         )
 
-    def _start(self, host_name: str, names: list[str]) -> remote.Session:
+    def _start(self, host_name: str, names: list[str]) -> remote_session.Session:
         fleet = self.fleet
         model = fleet.model
         host = fleet.host(host_name)
@@ -118,7 +118,7 @@ class PauseWatchdogs:
         )
         # The password travels on stdin only, never in the remote command line.
         password = Secrets(model.secrets.file).get("pgbouncer_password")
-        session = remote.Session(
+        session = remote_session.Session(
             target, command, settings, stdin_prefix=program + json.dumps({"password": password}).encode() + b"\n"
         )
         session.__enter__()
@@ -178,7 +178,7 @@ class PauseWatchdogs:
         return "watchdog " + "; ".join(said)
 
 
-def _close(session: remote.Session, clean: bool) -> dict[str, Any]:
+def _close(session: remote_session.Session, clean: bool) -> dict[str, Any]:
     """Say "done" (when `clean`) and wait briefly for the watchdog's last word; close."""
     try:
         if not clean:

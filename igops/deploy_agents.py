@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igops import agent, remote
+from igops import agent, remote, remote_session
 from igops.errors import IgopsError, UsageError
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class AgentSession:
         # virtualenvs built here are run by the app's user, who cannot use an interpreter in
         # root's home directory (pyenv), and reload and test commands behave the same everywhere.
         self.command = f"PATH={remote.SYSTEM_PATH}; export PATH; {command}"
-        self._session: remote.Session | None = None
+        self._session: remote_session.Session | None = None
         self._lock = threading.Lock()
 
     def request(self, document: dict[str, Any], timeout: float, payload: bytes = b"") -> AgentAnswer:
@@ -69,7 +69,7 @@ class AgentSession:
         if self._session is None:
             deadline += AGENT_START_S
             try:
-                self._session = remote.Session(
+                self._session = remote_session.Session(
                     self.target, self.command, self.settings, stdin_prefix=self.prefix
                 ).__enter__()
             except IgopsError as exc:

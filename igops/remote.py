@@ -260,7 +260,7 @@ class HandshakeTimeout(Exception):
     """The host accepted the TCP connection but the SSH handshake and login did not end in time."""
 
 
-async def _connect(target: Target, settings: SshSettings) -> SSHClientConnection:
+async def open_connection(target: Target, settings: SshSettings) -> SSHClientConnection:
     """Connect and authenticate, every wait bounded by the connect timeout. Only the identity file
     (or, without one, the user's default keys); no agent, no ~/.ssh/config: what igops does is
     the inventory's to say. Raises OSError (known_hosts or the identity unreadable, the TCP
@@ -348,7 +348,7 @@ class KeptConnections:
                 return connection
             if connection is not None:
                 connection.abort()
-            connection = self._connections[key] = await _connect(target, settings)
+            connection = self._connections[key] = await open_connection(target, settings)
             return connection
 
     def forget(self, target: Target, settings: SshSettings) -> None:
@@ -359,7 +359,7 @@ class KeptConnections:
 
     async def close(self) -> None:
         connections, self._connections = list(self._connections.values()), {}
-        await asyncio.gather(*(_close(connection) for connection in connections))
+        await asyncio.gather(*(close_connection(connection) for connection in connections))
 
 
 # The connections kept by the innermost keep_connections() of this process: a process-wide
@@ -448,7 +448,7 @@ async def _start(
     once: the command had not begun."""
     for _attempt in (1, 2):
         try:
-            connection = await (kept.connection(target, settings) if kept else _connect(target, settings))
+            connection = await (kept.connection(target, settings) if kept else open_connection(target, settings))
         except Exception as exc:  # noqa: BLE001 - every failure becomes this host's result
             raise _NotStarted(describe_connect_error(exc, target, settings)) from None
         finally:
@@ -569,98 +569,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-class Session:
-    """One interactive command on one host: write to its stdin, read its stdout line by line,
-    each read under its own deadline. Used by agents that hold host-side state (a freeze)."""
-
-    def __init__(self, target: Target, command: str, settings: SshSettings, stdin_prefix: bytes = b""):
-        self.target = target
-        self._settings = settings
-        self._command = with_remote_deadline(command, settings.command_timeout)
-        self._prefix = stdin_prefix
-        self._connection: SSHClientConnection | None = None
-        self._process: SSHClientProcess[bytes] | None = None
-        self._stderr = bytearray()
-
-    def __enter__(self) -> Session:
-        from igops.errors import RemoteError
-
-        try:
-            self._connection = ssh_loop.call(_connect(self.target, self._settings))
-        except Exception as exc:  # noqa: BLE001
-            raise RemoteError(
-                f"{self.target.name}: {describe_connect_error(exc, self.target, self._settings)}"
-            ) from None
-        try:
-            ssh_loop.call(self._start(self._connection))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    async def _start(self, connection: SSHClientConnection) -> None:
-        process = self._process = await connection.create_process(self._command, encoding=None)
-        if self._prefix:
-            process.stdin.write(self._prefix)
-        asyncio.get_running_loop().create_task(self._gather_stderr(process))
-
-    async def _gather_stderr(self, process: SSHClientProcess[bytes]) -> None:
-        import asyncssh
-
-        try:
-            while chunk := await process.stderr.read(65536):
-                self._stderr += chunk
-        except (asyncssh.Error, OSError):
-            return  # the connection ended: what came before it is kept
-
-    def _started(self) -> SSHClientProcess[bytes]:
-        if self._process is None:
-            raise RuntimeError("remote.Session is used outside its with block")
-        return self._process
-
-    def send(self, data: bytes) -> None:
-        ssh_loop.call(self._send(self._started(), data))
-
-    @staticmethod
-    async def _send(process: SSHClientProcess[bytes], data: bytes) -> None:
-        process.stdin.write(data)
-        await process.stdin.drain()
-
-    def read_line(self, timeout: float) -> str | None:
-        """The next stdout line, or None at EOF or when the deadline passes."""
-        return ssh_loop.call(self._read_line(self._started(), timeout))
-
-    @staticmethod
-    async def _read_line(process: SSHClientProcess[bytes], timeout: float) -> str | None:
-        import asyncssh
-
-        try:
-            # A read cut off by the deadline leaves what it had read in the stream's buffer.
-            line = await asyncio.wait_for(process.stdout.readline(), max(0.0, timeout))
-        except TimeoutError:
-            return None
-        except (asyncssh.Error, OSError):
-            return None  # the connection ended: as at EOF
-        if not line.endswith(b"\n"):
-            return None  # EOF, with or without a last unterminated piece
-        return line[:-1].decode(errors="replace")
-
-    def stderr(self) -> str:
-        """What the command wrote to stderr since the last call."""
-        return ssh_loop.call(self._take_stderr())
-
-    async def _take_stderr(self) -> str:
-        await asyncio.sleep(0)  # what arrived with the last read is gathered first
-        data, self._stderr = bytes(self._stderr), bytearray()
-        return data.decode(errors="replace")
-
-    def __exit__(self, *exc_info: object) -> None:
-        connection, self._connection, self._process = self._connection, None, None
-        if connection is not None:
-            ssh_loop.call(_close(connection))
-
-
-async def _close(connection: SSHClientConnection) -> None:
+async def close_connection(connection: SSHClientConnection) -> None:
     """Close a connection and wait, briefly, for it to be gone (its host sees it close at once)."""
     connection.close()
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from igops import __version__, agent, remote, snapshot_wal
+from igops import __version__, agent, remote, remote_session, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.output import Reporter, plural
 from igops.snapshot_volumes import VolumeTarget, discover, map_volumes
@@ -315,7 +315,7 @@ def _create(
                 )
 
     command, stdin = agent.invocation("freeze", [f"{plan.freeze_deadline:g}", *plan.mounts])
-    with remote.Session(target, command, settings, stdin_prefix=stdin) as session:
+    with remote_session.Session(target, command, settings, stdin_prefix=stdin) as session:
         with reporter.step(f"freeze {', '.join(plan.mounts)} on {plan.host}") as step:
             event = _event(session, plan.freeze_deadline + settings.connect_timeout)
             if event.get("event") != "frozen":
@@ -438,7 +438,7 @@ def early_thaw(thawed: dict[str, Any], deadline: float) -> IgopsError | None:
     return None
 
 
-def _event(session: remote.Session, timeout: float) -> dict[str, Any]:
+def _event(session: remote_session.Session, timeout: float) -> dict[str, Any]:
     line = session.read_line(timeout)
     if not line:
         return {}

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igops import agent, remote, warm_agent
+from igops import agent, remote, remote_session, warm_agent
 from igops.agent import pagecache
 from igops.errors import RemoteError, UsageError
 from igops.output import Reporter, human_bytes, plural
@@ -393,14 +393,14 @@ def plan_copy_onto_restored(
     )
 
 
-def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote.Session:
+def _warm_session(fleet: Fleet, plan: WarmPlan) -> remote_session.Session:
     target = fleet.host(plan.target)
     command, prefix = _warm_invocation(fleet, target, plan)
     # The remote deadline is a backstop only: a stalled agent is caught by
     # warm_agent.STALL_TIMEOUT, and one whose igops went away dies on its next progress line.
     settings = dataclasses.replace(remote.settings_for(fleet), command_timeout=plan.options.timeout)
     [where] = remote.targets_for(fleet, [target])
-    return remote.Session(where, command, settings, stdin_prefix=prefix)
+    return remote_session.Session(where, command, settings, stdin_prefix=prefix)
 
 
 def apply(fleet: Fleet, plan: WarmPlan, text: bytes, reporter: Reporter = Reporter()) -> WarmResult:
@@ -423,7 +423,7 @@ def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmR
     with ExitStack() as stack:
         with reporter.step(f"capture on {plan.source}, streaming to {plan.target}") as step:
             target_session = _warm_session(fleet, plan)
-            source_session = remote.Session(
+            source_session = remote_session.Session(
                 source_target, capture_command, remote.settings_for(fleet), stdin_prefix=capture_prefix
             )
             warm_agent.open_together(stack, [target_session, source_session])
@@ -450,7 +450,7 @@ def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmR
     return result
 
 
-def _follow(session: remote.Session, plan: WarmPlan, reporter: Reporter, total: int | None) -> WarmResult:
+def _follow(session: remote_session.Session, plan: WarmPlan, reporter: Reporter, total: int | None) -> WarmResult:
     """Feed the agent's progress to a bar in bytes until its summary arrives."""
     done = 0
     with reporter.progress(f"warm {plan.target}", total=total, unit="bytes") as advance:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from igops import agent, remote
+from igops import agent, remote, remote_session
 from igops.errors import RefusedError, RemoteError
 from igops.profile import Root
 from igops.warm_paths import allowed_prefixes, data_directory, postgres_cluster_of
@@ -84,7 +84,7 @@ def run_agent(fleet: Fleet, host: Host, invocation: tuple[str, bytes], what: str
     return result.stdout
 
 
-def send(session: remote.Session, data: bytes) -> bool:
+def send(session: remote_session.Session, data: bytes) -> bool:
     """Send to the agent; False when it has already exited (having refused the profile's header,
     which it then says on stdout)."""
     try:
@@ -98,7 +98,7 @@ class Relay:
     """Reads the capture on the source line by line for the profile reader, forwarding each line
     to the target as it goes: the profile streams through igops and is checked on the way."""
 
-    def __init__(self, source: remote.Session, target: remote.Session, host: str):
+    def __init__(self, source: remote_session.Session, target: remote_session.Session, host: str):
         self.source, self.target, self.host = source, target, host
         self.first = True
         self.target_listening = True
@@ -117,7 +117,7 @@ class Relay:
         return data
 
 
-def open_together(stack: ExitStack, sessions: list[remote.Session]) -> None:
+def open_together(stack: ExitStack, sessions: list[remote_session.Session]) -> None:
     """Connect to every host at once (an SSH handshake is most of a short copy's time); the
     stack closes whichever opened, whatever happens."""
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:

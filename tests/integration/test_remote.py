@@ -218,13 +218,13 @@ identity_file = "{keys.client_key}"
 def test_kept_connections_log_in_once_per_host_and_replace_one_that_died(servers, monkeypatch):
     _, keys = servers
     logins = []
-    opened = remote._connect
+    opened = remote.open_connection
 
     async def counting(target, ssh_settings):
         logins.append(target.address)
         return await opened(target, ssh_settings)
 
-    monkeypatch.setattr(remote, "_connect", counting)
+    monkeypatch.setattr(remote, "open_connection", counting)
     hosts = [target(a) for a in TRUSTED[:2]]
     with remote.keep_connections() as kept:
         remote.connect_ahead(hosts, settings(keys))

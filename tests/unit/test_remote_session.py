@@ -1,4 +1,4 @@
-"""remote.run and remote.Session through the SSH protocol, against a paramiko server in this
+"""remote.run and remote_session.Session through the SSH protocol, against a paramiko server in this
 process on a loopback port (no sshd, nothing run on a host): authentication with the identity
 file, strict host keys, the command as the host receives it, its output, exit status and stdin,
 and the per-host callbacks. The server answers every command with what the test set."""
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import paramiko
 import pytest
 
-from igops import remote, ssh_keys, ssh_loop
+from igops import remote, remote_session, ssh_keys, ssh_loop
 from igops.errors import RemoteError
 
 
@@ -214,10 +214,10 @@ def test_a_session_reads_its_lines(tmp_path, client_key):
     key, identity = client_key
     with ssh_server(key, Answer(b"one\ntwo\n")) as server:
         settings = settings_for(tmp_path, server, identity)
-        with remote.Session(target("h1", server), "agent", settings) as session:
+        with remote_session.Session(target("h1", server), "agent", settings) as session:
             session.send(b"x")
             assert session.read_line(1) is None  # nothing until the host has read its stdin
-        with remote.Session(target("h1", server), "agent", settings) as session:
+        with remote_session.Session(target("h1", server), "agent", settings) as session:
             ssh_loop.call(end_input(session))
             assert [session.read_line(5), session.read_line(5), session.read_line(1)] == ["one", "two", None]
 
@@ -228,11 +228,11 @@ def test_a_session_to_a_host_with_an_unknown_key_is_refused(tmp_path, client_key
         settings = settings_for(tmp_path, server, identity)
         settings.known_hosts.write_text("")
         with pytest.raises(RemoteError, match="h1: host key for 127.0.0.1:.* is unknown"):
-            with remote.Session(target("h1", server), "agent", settings):
+            with remote_session.Session(target("h1", server), "agent", settings):
                 pass
 
 
-async def end_input(session: remote.Session) -> None:
+async def end_input(session: remote_session.Session) -> None:
     session._started().stdin.write_eof()
 
 
@@ -501,11 +501,11 @@ def test_a_connection_sends_each_packet_at_once(tmp_path, client_key):
     server delays by 40 ms, in every exchange of a login and a command."""
     with ssh_server(client_key[0], Answer()) as server:
         settings = settings_for(tmp_path, server, client_key[1])
-        connection = ssh_loop.call(remote._connect(target("a", server), settings))
+        connection = ssh_loop.call(remote.open_connection(target("a", server), settings))
         try:
             assert connection.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
-            ssh_loop.call(remote._close(connection))
+            ssh_loop.call(remote.close_connection(connection))
 
 
 @pytest.mark.parametrize(

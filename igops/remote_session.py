@@ -1,0 +1,104 @@
+"""One interactive command on one host over SSH (igops.remote's connections): write to its stdin,
+read its stdout line by line under a deadline each time. For agents that hold host-side state
+while igops acts (a freeze, PgBouncer's pause watchdog, a deploy's agents, a page-cache capture)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from igops import remote, ssh_loop
+
+if TYPE_CHECKING:
+    from asyncssh import SSHClientConnection, SSHClientProcess
+
+
+class Session:
+    """One interactive command on one host: write to its stdin, read its stdout line by line,
+    each read under its own deadline. Used by agents that hold host-side state (a freeze)."""
+
+    def __init__(self, target: remote.Target, command: str, settings: remote.SshSettings, stdin_prefix: bytes = b""):
+        self.target = target
+        self._settings = settings
+        self._command = remote.with_remote_deadline(command, settings.command_timeout)
+        self._prefix = stdin_prefix
+        self._connection: SSHClientConnection | None = None
+        self._process: SSHClientProcess[bytes] | None = None
+        self._stderr = bytearray()
+
+    def __enter__(self) -> Session:
+        from igops.errors import RemoteError
+
+        try:
+            self._connection = ssh_loop.call(remote.open_connection(self.target, self._settings))
+        except Exception as exc:  # noqa: BLE001
+            raise RemoteError(
+                f"{self.target.name}: {remote.describe_connect_error(exc, self.target, self._settings)}"
+            ) from None
+        try:
+            ssh_loop.call(self._start(self._connection))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self, connection: SSHClientConnection) -> None:
+        process = self._process = await connection.create_process(self._command, encoding=None)
+        if self._prefix:
+            process.stdin.write(self._prefix)
+        asyncio.get_running_loop().create_task(self._gather_stderr(process))
+
+    async def _gather_stderr(self, process: SSHClientProcess[bytes]) -> None:
+        import asyncssh
+
+        try:
+            while chunk := await process.stderr.read(65536):
+                self._stderr += chunk
+        except (asyncssh.Error, OSError):
+            return  # the connection ended: what came before it is kept
+
+    def _started(self) -> SSHClientProcess[bytes]:
+        if self._process is None:
+            raise RuntimeError("remote_session.Session is used outside its with block")
+        return self._process
+
+    def send(self, data: bytes) -> None:
+        ssh_loop.call(self._send(self._started(), data))
+
+    @staticmethod
+    async def _send(process: SSHClientProcess[bytes], data: bytes) -> None:
+        process.stdin.write(data)
+        await process.stdin.drain()
+
+    def read_line(self, timeout: float) -> str | None:
+        """The next stdout line, or None at EOF or when the deadline passes."""
+        return ssh_loop.call(self._read_line(self._started(), timeout))
+
+    @staticmethod
+    async def _read_line(process: SSHClientProcess[bytes], timeout: float) -> str | None:
+        import asyncssh
+
+        try:
+            # A read cut off by the deadline leaves what it had read in the stream's buffer.
+            line = await asyncio.wait_for(process.stdout.readline(), max(0.0, timeout))
+        except TimeoutError:
+            return None
+        except (asyncssh.Error, OSError):
+            return None  # the connection ended: as at EOF
+        if not line.endswith(b"\n"):
+            return None  # EOF, with or without a last unterminated piece
+        return line[:-1].decode(errors="replace")
+
+    def stderr(self) -> str:
+        """What the command wrote to stderr since the last call."""
+        return ssh_loop.call(self._take_stderr())
+
+    async def _take_stderr(self) -> str:
+        await asyncio.sleep(0)  # what arrived with the last read is gathered first
+        data, self._stderr = bytes(self._stderr), bytearray()
+        return data.decode(errors="replace")
+
+    def __exit__(self, *exc_info: object) -> None:
+        connection, self._connection, self._process = self._connection, None, None
+        if connection is not None:
+            ssh_loop.call(remote.close_connection(connection))
