@@ -462,23 +462,27 @@ def process_alive(pid: int) -> bool:
     multi-threaded one shows its main thread a zombie while the others still hold its sockets."""
     if pid <= 0:
         return False
+    if not Path("/proc/self/task").is_dir():  # no /proc (a macOS controller)
+        return _signal_reaches(pid)
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
-        if Path("/proc/self/task").is_dir():
-            return False  # /proc lists every process here: this one is gone
-    except OSError:
-        pass
-    else:
-        for task in tasks:
-            try:
-                state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state not in ("Z", "X"):
-                return True
         return False
-    try:  # no /proc (a macOS controller): whether a signal reaches it
+    except OSError:  # hidden from this user (hidepid)
+        return _signal_reaches(pid)
+    return any(_thread_runs(task) for task in tasks)
+
+
+def _thread_runs(task: Path) -> bool:
+    try:
+        state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # gone since the listing
+    return state not in ("Z", "X")
+
+
+def _signal_reaches(pid: int) -> bool:
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
