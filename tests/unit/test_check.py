@@ -541,7 +541,8 @@ def test_a_failed_write_is_no_answer_for_the_probes_after_it(probe_lock):
     answer = probe_answer(start_probe())
     assert answer["writable"] is True, "the probe wrote for itself"
     start, ended, pid = hostprobe.lock_record(probe_lock)
-    assert start is not None and ended is not None and ended > start and pid != os.getpid()
+    # The record keeps milliseconds: a write on tmpfs can end within the millisecond it began.
+    assert start is not None and ended is not None and ended >= start > 0 and pid != os.getpid()
 
 
 # --- a paused PgBouncer database ----------------------------------------------------------
