@@ -33,6 +33,7 @@ from igops.errors import ExitCode
 from tests.conftest import ROOT
 from tests.labtools import wait_for
 from tests.reliability.test_failover import (
+    DRILL_RATE,
     HOME_MASTER,
     HOME_PRIMARY,
     OTHER_MASTER,
@@ -276,7 +277,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     count = steps_planned(lab, *kind.argv(kind.other))
     outcomes = []
     # One load run for every kill of this kind: it must outlast them all.
-    with Load(lab, tmp_path, duration=3600) as load:
+    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
         for number, attempt in (
             (number, attempt) for number in range(1, count + 1) for attempt in range(KILL_ATTEMPTS)
         ):
@@ -478,7 +479,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
     mounts = [mount.path for mount in lab.host(host).mounts]
     count = steps_planned(lab, "snapshot", "create", host)
     outcomes = []
-    with Load(lab, tmp_path, duration=3600) as load:
+    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
         for number in range(1, count + 1):
             before = snapshot_groups(lab, host)
             killed = time.monotonic()
@@ -526,7 +527,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
     # The /health gate only: the kill drill counts the plan's steps without the canary analysis.
     count = steps_planned(lab, "deploy", "--source", str(first), "--batch", "1", "--analysis", "0")
     outcomes = []
-    with Load(lab, tmp_path, duration=3600) as load:
+    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
         for number in range(1, count + 1):
             source = app_copy(tmp_path, f"kill-{number}")
             kill = killed_at(

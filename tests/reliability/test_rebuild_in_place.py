@@ -29,7 +29,7 @@ import pytest
 from igops.errors import ExitCode
 from igops.lab import state
 from tests.labtools import igops, postgres, verify_lab_ledger, wait_for
-from tests.reliability.test_failover import Load, lab_up, pg_state, restore_home
+from tests.reliability.test_failover import DRILL_RATE, Load, lab_up, pg_state, restore_home
 from tests.reliability.test_operations_killed import (
     interrupted_run,
     killed_at,
@@ -171,7 +171,7 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     restore_home(lab)
     ebs = Ebs(lab)
     outcomes = []
-    with Load(lab, tmp_path, duration=3600) as load:
+    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
         count, refusal_seen = None, False
         number = 1
         while count is None or number <= count:
