@@ -386,9 +386,10 @@ class EtcdCoordinator:
         prefix = f"{self.settings.prefix}locks/{safety.lock_name(kind, '')}"
         return [((kind, key[len(prefix) :]), Holder.from_json(value)) for key, value in self.gateway.get_prefix(prefix)]
 
-    def lease_alive(self, lease_id: str) -> bool:
-        """Whether etcd still keeps this lease (its holder is alive and renewing it)."""
-        answer = self.gateway.call("/v3/lease/timetolive", {"ID": lease_id})
+    def lease_alive(self, lease_id: str, gateway: EtcdGateway | None = None) -> bool:
+        """Whether etcd still keeps this lease (its holder is alive and renewing it); asked through
+        `gateway` (a reading one: etcd_gateway.EtcdGateway.for_reading) or this coordinator's."""
+        answer = (gateway or self.gateway).call("/v3/lease/timetolive", {"ID": lease_id})
         return int(answer.get("TTL", -1)) > 0
 
     def _grant(self) -> str:

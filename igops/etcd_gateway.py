@@ -50,23 +50,35 @@ class EtcdGateway:
     """The few calls of etcd's v3 JSON gateway igops needs. Members are tried in turn; the
     last that answered is asked first next time."""
 
-    def __init__(self, settings: EtcdSettings):
+    def __init__(self, settings: EtcdSettings, patience: float = ELECTION_PATIENCE, member_copy: bool = False):
         from igops.http_json import JsonClient
 
         self.settings = settings
+        self.patience = patience
+        self.member_copy = member_copy
         self._client = JsonClient(settings.ca_file, settings.cert_file, settings.key_file)
         self._first = 0
         self._token: str | None = None
         self._lock = threading.Lock()
 
+    def for_reading(self, member_copy: bool = False) -> EtcdGateway:
+        """A gateway for what a reading command shows, which waits out no election: one pass over
+        the members. With `member_copy`, ranges are etcd's serializable reads, which any member
+        answers from its own copy without a leader: what the cluster held, less any last writes
+        that member had not received when quorum was lost."""
+        reader = EtcdGateway(self.settings, patience=0, member_copy=member_copy)
+        reader._token = self._token  # issuing a token needs a leader too
+        return reader
+
     def call(
-        self, path: str, body: dict[str, Any], timeout: float | None = None, patience: float = ELECTION_PATIENCE
+        self, path: str, body: dict[str, Any], timeout: float | None = None, patience: float | None = None
     ) -> dict[str, Any]:
         """POST to the first member that answers; `timeout` is per member (default: an equal
         share of REQUEST_TIMEOUT, at least 1 s). While members are up but leaderless, ask
-        again until `patience` seconds have passed since the first try."""
+        again until `patience` seconds (the gateway's own by default) have passed since the
+        first try."""
         timeout = timeout or max(1.0, REQUEST_TIMEOUT / len(self.settings.endpoints))
-        give_up = time.monotonic() + patience
+        give_up = time.monotonic() + (self.patience if patience is None else patience)
         while True:
             try:
                 return self._call_once(path, body, timeout)
@@ -133,7 +145,10 @@ class EtcdGateway:
 
     def get_prefix(self, prefix: str) -> list[tuple[str, str]]:
         """Every (key, value) under the prefix, in key order."""
-        answer = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))})
+        body: dict[str, Any] = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
+        if self.member_copy:
+            body["serializable"] = True
+        answer = self.call("/v3/kv/range", body)
         return [(unb64(kv["key"]), unb64(kv.get("value", ""))) for kv in answer.get("kvs", [])]
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
 """The read side of the operation engine: what `igops ops` and `igops check` show.
 
-The list works without the coordinator too: each successful read of the records is cached in
-the state directory, and a read etcd cannot answer (quorum lost) returns that cache, marked
-stale with when it was read, so an on-call engineer still sees what was under way.
+The list works without the coordinator's quorum too, and without waiting out an election: a
+read etcd cannot answer at once is read again from one member's own copy (etcd's serializable
+read, which needs no leader), and with no member up from this machine's cache of its last good
+read. Either is marked stale, and says which it is, so an on-call engineer on any machine still
+sees what was under way.
 """
 
 from __future__ import annotations
@@ -23,15 +25,25 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 CACHE_NAME = "operations-cache.json"
+# Where a list was read from: the coordinator itself, one etcd member's own copy, or the cache.
+COORDINATOR, MEMBER_COPY, CACHED = "coordinator", "member copy", "cache"
 
 
 @dataclass
 class OperationsView:
     records: list[dict[str, Any]]
     backend: str
-    stale: str | None = None  # why the list is the cached one
+    stale: str | None = None  # why the coordinator itself could not be read
     read_at: str | None = None
     problems: list[str] = field(default_factory=list)
+    read_from: str = COORDINATOR
+
+    def stale_source(self) -> str:
+        """What a stale list is, in words."""
+        if self.read_from == MEMBER_COPY:
+            # Whether a lease lives only a leader can say: another machine's run is shown running.
+            return "the list as one etcd member holds it, which may lack the last writes"
+        return f"the list as last read on this machine, at {self.read_at}"
 
 
 def _store(
@@ -51,17 +63,32 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
     backend, store = _store(fleet)
     cache = fleet.state_dir / CACHE_NAME
     try:
-        records = [
-            _with_status(store, record) for record in (store.records() if include_ended else store.open_records())
-        ]
+        # One pass over etcd's members: a list is read, not acted on, and waits out no election.
+        records = _read(store.for_reading() if isinstance(store, journal.EtcdJournal) else store, include_ended)
     except etcd_gateway.EtcdError as exc:
+        if isinstance(store, journal.EtcdJournal):
+            try:
+                records = _read(store.for_reading(member_copy=True), include_ended)
+            except etcd_gateway.EtcdError:
+                pass  # no member answers at all
+            else:
+                return OperationsView(
+                    records, backend.name, stale=exc.message, read_at=safety.now(), read_from=MEMBER_COPY
+                )
         cached = _read_cache(cache)
         records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]
-        return OperationsView(records, backend.name, stale=exc.message, read_at=cached.get("read_at", "never"))
-    records.sort(key=lambda record: record.get("started") or "")
+        return OperationsView(
+            records, backend.name, stale=exc.message, read_at=cached.get("read_at", "never"), read_from=CACHED
+        )
     _write_cache(cache, records)
-    shown = [r for r in records if include_ended or r["status"] in (journal.RUNNING, journal.INTERRUPTED)]
-    return OperationsView(shown, backend.name, read_at=safety.now())
+    return OperationsView(records, backend.name, read_at=safety.now())
+
+
+def _read(store: journal.LocalJournal | journal.EtcdJournal, include_ended: bool) -> list[dict[str, Any]]:
+    """The records, with their status, oldest first: with `include_ended`, every one."""
+    records = [_with_status(store, record) for record in (store.records() if include_ended else store.open_records())]
+    records.sort(key=lambda record: record.get("started") or "")
+    return [r for r in records if include_ended or r["status"] in (journal.RUNNING, journal.INTERRUPTED)]
 
 
 def show(fleet: Fleet, op_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -22,7 +22,8 @@ DEPLOY_KINDS = ("deploy", "deploy-rollback")
 
 def verdict(records: list[dict[str, Any]], overdue_by: dict[str, float], stale: str | None) -> tuple[NagiosStatus, str]:
     """One line for the fleet's operations: `records` are the running and interrupted ones,
-    `overdue_by` the seconds each overdue one is past its kind's expected duration."""
+    `overdue_by` the seconds each overdue one is past its kind's expected duration; `stale`, why
+    the coordinator itself was not read and what the list is instead."""
     interrupted = [r for r in records if r.get("status") == "interrupted"]
     parts, status = [], NagiosStatus.OK
     if overdue_by:
@@ -40,7 +41,7 @@ def verdict(records: list[dict[str, Any]], overdue_by: dict[str, float], stale: 
         ]
     if stale:
         status = NagiosStatus.UNKNOWN if status == NagiosStatus.OK else status
-        parts.append(f"coordinator unavailable ({stale}); list as last read")
+        parts.append(f"coordinator unavailable: {stale}")
     running = len(records) - len(interrupted)
     return status, "; ".join(parts) or (
         f"{running} running, none interrupted" if running else "none running or interrupted"
@@ -88,7 +89,7 @@ def operations_probe(fleet: Fleet) -> Probe:
         started = time.monotonic()
         view = operations_view.list_operations(fleet)
         overdue = {r["id"]: late for r in view.records if (late := operations_view.overdue(r)) is not None}
-        status, summary = verdict(view.records, overdue, view.stale)
+        status, summary = verdict(view.records, overdue, view.stale and f"{view.stale}; {view.stale_source()}")
         report(Result("operations", TARGET, status, summary, duration_ms=(time.monotonic() - started) * 1000))
         if with_lbs:
             started = time.monotonic()

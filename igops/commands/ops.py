@@ -110,10 +110,7 @@ def list_operations(
         def show() -> tuple[operations_view.OperationsView, int]:
             view = operations_view.list_operations(fleet, include_ended=all_)
             if view.stale:
-                out.log(
-                    f"warning: the coordinator did not answer ({view.stale}); this is the list as last "
-                    f"read at {view.read_at}"
-                )
+                out.log(f"warning: the coordinator did not answer ({view.stale}); this is {view.stale_source()}")
             out.table(None, LIST_COLUMNS, [list_row(r) for r in view.records])
             if not view.records:
                 out.text("no operation is running or interrupted" if not all_ else "no operation recorded")

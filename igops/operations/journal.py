@@ -33,6 +33,7 @@ from igops.secrets import redact_data
 
 if TYPE_CHECKING:
     from igops.coordination import EtcdCoordinator, LocalCoordinator
+    from igops.etcd_gateway import EtcdGateway
 
 RUNNING, INTERRUPTED = "running", "interrupted"
 
@@ -145,12 +146,17 @@ class LocalJournal:
 class EtcdJournal:
     name = "etcd"
 
-    def __init__(self, coordinator: EtcdCoordinator):
+    def __init__(self, coordinator: EtcdCoordinator, gateway: EtcdGateway | None = None):
         self.coordinator = coordinator
-        self.gateway = coordinator.gateway
+        self.gateway = gateway or coordinator.gateway
         self.prefix = coordinator.settings.prefix
         self._seq = 0
         self._seq_lock = threading.Lock()
+
+    def for_reading(self, member_copy: bool = False) -> EtcdJournal:
+        """This journal as a reading command reads it: no election waited out, and with
+        `member_copy` from one member's own copy (etcd_gateway.EtcdGateway.for_reading)."""
+        return EtcdJournal(self.coordinator, self.coordinator.gateway.for_reading(member_copy))
 
     @contextmanager
     def hold(self, op_id: str) -> Iterator[None]:
@@ -171,8 +177,10 @@ class EtcdJournal:
         host = str(record.get("resumed_by") or "").rpartition("@")[2] or record.get("host")
         if host == safety.operator_host() and not process_alive(int(record.get("pid") or 0)):
             return False
+        if self.gateway.member_copy:
+            return True  # only a leader knows whether a lease lives: unknown without one
         try:
-            return self.coordinator.lease_alive(str(lease_id))
+            return self.coordinator.lease_alive(str(lease_id), self.gateway)
         except EtcdError:
             return True  # unknown: never call a live operation interrupted on a guess
 

@@ -204,11 +204,15 @@ def test_a_sigkilled_holders_lease_expires_within_its_ttl(lab, tmp_path, slow_re
 
 
 def test_without_quorum_mutating_commands_refuse_and_reading_ones_work(lab, tmp_path):
+    """Without quorum a lease is refused; reading commands work, and another operator's machine,
+    which never read the list before, still sees the fleet's operations from the member left."""
     config, prefix = write_inventory(tmp_path, with_etcd=True)
     env = bastion(tmp_path, "bastion-a", "alice")
     backend = coordination.for_fleet(inventory.load_file(config))
     paths = state.paths()
     stopped = [name for name, _ in state.ETCD_MEMBERS[1:]]
+    before = run_igops(config, env, "pagerduty", "test", "--yes")
+    assert before.returncode == ExitCode.OK, before.stderr
     try:
         holder = coordination.current_holder("coordination-test", "quorum", "igops (the test's own lease)", None)
         with backend.lease([("coordination-test", "quorum")], holder) as held:
@@ -232,6 +236,14 @@ def test_without_quorum_mutating_commands_refuse_and_reading_ones_work(lab, tmp_
         for reading in (["status"], ["hosts"]):
             result = run_igops(config, env, *reading)
             assert result.returncode == ExitCode.OK, (reading, result.stderr)
+        elsewhere = bastion(tmp_path, "bastion-b", "bob")
+        listed = run_igops(config, elsewhere, "ops", "list", "--all", "--json")
+        view = json.loads(listed.stdout)["data"]
+        assert listed.returncode == ExitCode.OK and view["stale"] and view["read_from"] == "member copy", view
+        assert [record["result"] for record in view["records"]] == ["triggered and resolved"], view
+        checked = run_igops(config, elsewhere, "check", "--only", "operations", "--json")
+        [found] = [r for r in json.loads(checked.stdout)["data"]["results"] if r["target"] == "operations"]
+        assert found["status"] == "UNKNOWN" and "as one etcd member holds it" in found["summary"], found
     finally:
         for name in stopped:
             proc.start(lab_etcd.daemon(paths, name), paths.root)
