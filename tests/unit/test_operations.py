@@ -323,6 +323,19 @@ def test_the_operations_check_warns_of_interrupted_and_is_critical_for_overdue_o
     assert verdict([], {}, "etcd: no leader")[0] == NagiosStatus.UNKNOWN
 
 
+def test_a_stale_list_says_whether_it_is_a_members_copy_or_this_machines_cache():
+    from igops.checks.operations import verdict
+    from igops.errors import NagiosStatus
+    from igops.operations_view import CACHED, MEMBER_COPY, OperationsView
+
+    member = OperationsView([], "etcd", stale="etcd: no leader", read_at="now", read_from=MEMBER_COPY)
+    cached = OperationsView([], "etcd", stale="etcd: refused", read_at="2026-12-06T03:00:00+00:00", read_from=CACHED)
+    assert "one etcd member" in member.stale_source() and "may lack the last writes" in member.stale_source()
+    assert cached.stale_source() == "the list as last read on this machine, at 2026-12-06T03:00:00+00:00"
+    status, text = verdict([], {}, f"{member.stale}; {member.stale_source()}")
+    assert status == NagiosStatus.UNKNOWN and text.startswith("coordinator unavailable: etcd: no leader; the list as")
+
+
 def test_hosts_a_deploy_drained_warn_unless_a_deploy_is_running():
     from igops.checks.operations import rotation_verdict
     from igops.errors import NagiosStatus
