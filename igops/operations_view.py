@@ -64,24 +64,24 @@ def list_operations(fleet: Fleet, include_ended: bool = False) -> OperationsView
     cache = fleet.state_dir / CACHE_NAME
     try:
         # A list is read, not acted on: it waits for a leader no longer than one election.
-        records = _read(store.for_reading() if isinstance(store, journal.EtcdJournal) else store, include_ended)
+        records = _read(store.for_reading(), include_ended)
     except etcd_gateway.EtcdError as exc:
-        if isinstance(store, journal.EtcdJournal):
-            try:
-                records = _read(store.for_reading(member_copy=True), include_ended)
-            except etcd_gateway.EtcdError:
-                pass  # no member answers at all
-            else:
-                return OperationsView(
-                    records, backend.name, stale=exc.message, read_at=safety.now(), read_from=MEMBER_COPY
-                )
-        cached = _read_cache(cache)
-        records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]
-        return OperationsView(
-            records, backend.name, stale=exc.message, read_at=cached.get("read_at", "never"), read_from=CACHED
-        )
+        return _without_quorum(store, backend.name, exc.message, cache, include_ended)
     _write_cache(cache, records)
     return OperationsView(records, backend.name, read_at=safety.now())
+
+
+def _without_quorum(
+    store: journal.LocalJournal | journal.EtcdJournal, backend: str, why: str, cache: Path, include_ended: bool
+) -> OperationsView:
+    """The list as one member holds it; with no member up, as this machine last read it."""
+    try:
+        records = _read(store.for_reading(member_copy=True), include_ended)
+        return OperationsView(records, backend, stale=why, read_at=safety.now(), read_from=MEMBER_COPY)
+    except etcd_gateway.EtcdError:
+        cached = _read_cache(cache)
+    records = [r for r in cached.get("records", []) if include_ended or not r.get("ended")]
+    return OperationsView(records, backend, stale=why, read_at=cached.get("read_at", "never"), read_from=CACHED)
 
 
 def _read(store: journal.LocalJournal | journal.EtcdJournal, include_ended: bool) -> list[dict[str, Any]]:

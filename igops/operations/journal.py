@@ -62,6 +62,10 @@ class LocalJournal:
     def __init__(self, state_dir: Path):
         self.directory = state_dir / "operations"
 
+    def for_reading(self, member_copy: bool = False) -> LocalJournal:
+        """The same journal: files are read whole, with no leader to wait for (EtcdJournal's)."""
+        return self
+
     def _path(self, op_id: str, suffix: str) -> Path:
         if not op_id or "/" in op_id or op_id.startswith("."):
             raise ValueError(f"not an operation id: {op_id!r}")
