@@ -90,7 +90,7 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
         now = redis_failover.signature(view)
     else:
         view = pg_view(fleet, plan.cluster)
-        now = pg_plans.signature(view, plan.settling)
+        now = pg_plans.signature(view, plan.settling, plan.rejoining)
     if now != plan.signature:
         raise Refused(
             view.state,
@@ -118,7 +118,7 @@ def what_changed(before: tuple[Any, ...], now: tuple[Any, ...]) -> str:
 
 def describe_plan(plan: PgPlan | RedisPlan) -> dict[str, Any]:
     """The plan as data for --json: everything but the actions' internals."""
-    internals = ("actions", "failure_hint", "signature", "settling")
+    internals = ("actions", "failure_hint", "signature", "settling", "rejoining")
     data = {key: value for key, value in plan.__dict__.items() if key not in internals}
     data["steps"] = plan.steps()
     return data

@@ -360,4 +360,5 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
         on=primary,
         members=(primary, node),
     )
+    plan.rejoining = node
     return signed(plan, view), state

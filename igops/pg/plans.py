@@ -57,6 +57,10 @@ class PgPlan:
     # A member whose start and catch-up the plan waits out, whatever it reached: its role, state
     # and upstream are left out of the signature (see signature).
     settling: str | None = None
+    # A member the plan stops and rejoins, whatever it streams from: its upstream is left out of
+    # the signature. A fenced old primary's walreceiver reaches the new primary and drops again
+    # every few seconds until pg_rewind joins its timeline, so that upstream flickers.
+    rejoining: str | None = None
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -443,18 +447,19 @@ def node_check_findings(output: str) -> tuple[list[str], list[str]]:
     return failing, notes
 
 
-def signature(view: PgView, settling: str | None = None) -> tuple[Any, ...]:
+def signature(view: PgView, settling: str | None = None, rejoining: str | None = None) -> tuple[Any, ...]:
     """What a plan depends on: every member's role and state, who follows whom, and where the app
     is routed (PgBouncer). Positions and lag are left out: they move. So are the role, state and
     upstream of a `settling` member, whose start and catch-up the plan waits out: one that answers
-    or streams by the time the plan runs does not make it stale."""
+    or streams by the time the plan runs does not make it stale. And so is the upstream of a
+    `rejoining` member, which the plan stops and points at the primary whatever it streamed from."""
     state = view.state
     assert state is not None  # pg_view reports every view it makes
     return (
         tuple(
             (n.name, n.fenced, n.repmgrd)
             if n.name == settling
-            else (n.name, n.role, n.state, n.fenced, n.streaming_from, n.repmgrd)
+            else (n.name, n.role, n.state, n.fenced, None if n.name == rejoining else n.streaming_from, n.repmgrd)
             for n in state.nodes
         ),
         tuple(sorted((host, tuple(sorted(table.items()))) for host, table in state.pgbouncer.items())),
@@ -463,5 +468,5 @@ def signature(view: PgView, settling: str | None = None) -> tuple[Any, ...]:
 
 
 def signed(plan: PgPlan, view: PgView) -> PgPlan:
-    plan.signature = signature(view, plan.settling)
+    plan.signature = signature(view, plan.settling, plan.rejoining)
     return plan

@@ -297,6 +297,27 @@ def test_a_settling_member_may_start_answer_and_stream_between_its_plan_and_its_
     assert "settling" not in failover.describe_plan(plan)  # how the plan is checked, not what it does
 
 
+def test_a_rejoining_members_upstream_may_flicker_between_its_plan_and_its_run(fleet):
+    """A fenced old primary's walreceiver reaches the new primary and drops again until the rejoin
+    rewinds it: the rejoin stops it whatever it streams from, so its upstream is left out of the
+    signature. Its role is not: one promoted in between would have writes the rejoin discards."""
+
+    def view(db1_role: str, db1_upstream: str | None):
+        nodes = [
+            failover.PgNode("db1", "10.0.0.21", db1_role, "running", streaming_from=db1_upstream),
+            failover.PgNode("db2", "10.0.0.22", "primary", "running"),
+        ]
+        made = pg_cluster.PgView(fleet, "main", {}, {}, {}, [])
+        made.state = failover.PgClusterState("main", nodes, "db2", {"pgb1": {"main": "db2"}}, {})
+        return made
+
+    plan = pg_plans.signed(failover.PgPlan("rejoin", "main", "t", None, "db2", rejoining="db1"), view("standby", None))
+    assert pg_plans.signature(view("standby", "db2"), rejoining="db1") == plan.signature
+    assert pg_plans.signature(view("primary", None), rejoining="db1") != plan.signature
+    assert pg_plans.signature(view("standby", "db2")) != pg_plans.signature(view("standby", None))
+    assert "rejoining" not in failover.describe_plan(plan)
+
+
 # --- candidates and thresholds -------------------------------------------------------------------
 def server(received, replayed=None, paused=False):
     return postgres.ServerState(
@@ -894,7 +915,9 @@ def test_a_plan_whose_state_changed_is_refused_under_the_lock_naming_the_change(
     signatures = {id(views["pg"]): (("db2", "streaming"),), id(views["redis"]): (("redis2", "master"),)}
     monkeypatch.setattr(failover, "pg_view", lambda fleet, cluster: views["pg"])
     monkeypatch.setattr(failover, "redis_view", lambda fleet: views["redis"])
-    monkeypatch.setattr(failover.pg_plans, "signature", lambda view, settling=None: signatures[id(view)])
+    monkeypatch.setattr(
+        failover.pg_plans, "signature", lambda view, settling=None, rejoining=None: signatures[id(view)]
+    )
     monkeypatch.setattr(failover.redis_failover, "signature", lambda view: signatures[id(view)])
     for plan in (PgPlan("switchover", "main", "t", "db1", "db2"), RedisPlan("switchover", "t", "redis1", "redis2")):
         plan.signature = signatures[id(views["pg" if isinstance(plan, PgPlan) else "redis"])]
