@@ -7,10 +7,10 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
 - Run to the end: db2's mounts are volumes made from the group, the old ones are kept detached
   and tagged, its fstab names the new filesystems, it streams from the primary, holds what the
   primary holds once replay catches up, and `lab up` keeps it so. No acknowledged write is lost.
-- SIGKILLed at every step of its plan, each from a group of its own, then resumed (odd steps: run
-  again, as `ops resume` says) or aborted (even ones): a resume leaves db2 on volumes from that
-  group, an abort on the ones it had; either way db2 streams from the primary again, and no
-  acknowledged write is lost.
+- SIGKILLed at every step of its plan, each from a group of its own, then resumed (odd steps, by
+  default: run again, as `ops resume` says) or aborted (even ones; see ODD_STEPS): a resume
+  leaves db2 on volumes from that group, an abort on the ones it had; either way db2 streams
+  from the primary again, and no acknowledged write is lost.
 - Cut off between a volume's unmount and its detach (the volume at no mount, still attached),
   then aborted: it is mounted again; run again: it is detached and the rebuild goes on, and the
   fstab entry of a mount the cut-off run rebuilt is pointed at it again.
@@ -193,7 +193,7 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
                 number += 1
                 continue
             landed = landed_in(record, kill)
-            way = way_for(landed, "resume")
+            way = way_for(landed)
             if way == "resume" and not refusal_seen:
                 # A rebuild is resumed by running it again, as `ops resume` says (whatever the
                 # step: the refusal is the kind's, so it is read once).
