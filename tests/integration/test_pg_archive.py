@@ -318,7 +318,7 @@ def check_archive(config, cluster="main", only="archive"):
 
 def test_a_broken_repository_warns_then_is_critical_and_loses_no_wal_once_back(at_home, tmp_path):
     """The repository's TLS front stopped: archive-push fails, `igops check` says WARNING at once
-    and CRITICAL once the waiting WAL is 10 × archive_timeout old (an inventory copy with a 2 s
+    and CRITICAL once the waiting WAL is 10 × archive_timeout old (an inventory copy with a 1 s
     archive_timeout, so the test does not wait 10 minutes); back, the spool drains and every
     segment written meanwhile is in the repository."""
     from igops.lab import proc, s3tls, state
@@ -327,7 +327,7 @@ def test_a_broken_repository_warns_then_is_critical_and_loses_no_wal_once_back(a
     config = tmp_path / "igops.toml"
     text = lab.source.read_text()
     assert "archive_timeout = 60" in text
-    config.write_text(text.replace("archive_timeout = 60", "archive_timeout = 2"))
+    config.write_text(text.replace("archive_timeout = 60", "archive_timeout = 1"))
     assert check_archive(config)["status"] == "OK"
     paths = state.paths()
     front = s3tls.daemon(paths)

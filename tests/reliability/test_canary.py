@@ -33,12 +33,15 @@ pytestmark = pytest.mark.lab
 # Seconds of analysis: at the load below, about 700 requests reach the canary (one of three app
 # servers) in it, past [deploy.canary] min_requests with room to spare.
 WINDOW = 20
-# Errors are rare events: the canary (a third of the traffic) shows its 5% on the photo endpoint
-# as about 0.45 errors a second, and the per-endpoint Fisher test (alpha 0.01 over the endpoints
-# compared) needs about six with none on the baseline. In 20 s that is a Poisson mean of 9, and a
-# release missed about one run in eight; in 40 s the mean is 18 and a miss under one in 5,000.
-ERRORS_WINDOW = 40
-GOOD_RUNS = 5
+# Errors are rare events: the canary (a third of the traffic) shows a 5% error rate on the photo
+# endpoint as about 0.45 errors a second, and the per-endpoint Fisher test (alpha 0.01 over the
+# endpoints compared) needs about six with none on the baseline. In 20 s that is a Poisson mean of
+# 9, and a release missed about one run in eight; it takes 40 s to make a miss rarer than one in
+# 5,000 (docs/deploy.md). The release below fails 10% of them instead: a mean of 18 in 20 s.
+# How often a good release fails is the unit tests' (a hundred same-release windows of this kind
+# of load, none failing); here three real releases show that nothing in the lab itself (workers
+# booting, the first requests of a release) fails a good one.
+GOOD_RUNS = 3
 
 
 class ReadLoad(Load):
@@ -68,9 +71,9 @@ def patched(source: Path, original: str, replacement: str) -> Path:
 
 
 PHOTO_DETAIL = '    return JsonResponse(current.service.get_photo(parse_id(photo_ref, "photo id")))\n'
-# One request of twenty to the photo endpoint fails; /health stays 200.
+# One request of ten to the photo endpoint fails; /health stays 200.
 ERROR_RELEASE = (
-    "    import random\n\n    if random.random() < 0.05:\n"
+    "    import random\n\n    if random.random() < 0.1:\n"
     '        return JsonResponse({"error": "injected by the canary test"}, status=500)\n' + PHOTO_DETAIL
 )
 # The analysis with a tenth of the traffic on the canary: about 10 requests a second reach it at
@@ -83,11 +86,11 @@ ERROR_RELEASE = (
 # enough (fewer come less than one run in 50 million). In those 20 s the canary answers about 200
 # requests (ReadLoad drives 110 a second), 50 of them the photo endpoint's: the test's inventory
 # halves min_requests and min_endpoint_requests (200 and 50 by default) to 100 and 25, which that
-# clears about twice over. Feed and photo are still the endpoints compared, as with the defaults
-# in 40 s (the next, like, gets about 18), so alpha is split as before and 3 errors still do.
+# clears about twice over. Feed and photo are the endpoints compared (the next, like, gets about
+# 18), so alpha is split in two and 3 errors still do.
 SHARED_WINDOW = 20
 SHARED_LIMITS = "min_requests = 100\nmin_endpoint_requests = 25\n"
-SHARED_ERROR_RELEASE = ERROR_RELEASE.replace("random.random() < 0.05", "random.random() < 0.5")
+SHARED_ERROR_RELEASE = ERROR_RELEASE.replace("random.random() < 0.1", "random.random() < 0.5")
 
 
 def deploy(
@@ -98,7 +101,7 @@ def deploy(
     argv += ["--batch", "1", "--yes", "--json", *extra]
     if not any(arg.startswith("--analysis") for arg in extra):
         argv += ["--analysis", str(WINDOW)]
-    done = run_igops(*argv, timeout=DEPLOY_TIMEOUT + max(WINDOW, ERRORS_WINDOW, SHARED_WINDOW))
+    done = run_igops(*argv, timeout=DEPLOY_TIMEOUT + max(WINDOW, SHARED_WINDOW))
     return done, json.loads(done.stdout) if done.stdout.strip() else {}
 
 
@@ -138,7 +141,7 @@ def test_a_release_bad_where_health_does_not_look_is_rolled_back_after_the_canar
     before = releases()
     bad = patched(app_copy(tmp_path, f"bad-{kind}"), original, replacement)
     with ReadLoad(lab, tmp_path):
-        done, envelope = deploy(lab, bad, "--analysis", str(ERRORS_WINDOW if kind == "errors" else WINDOW))
+        done, envelope = deploy(lab, bad)
     assert done.returncode == ExitCode.FAILED, (done.returncode, done.stderr[-3000:])
     text = json.dumps(canary_of(envelope))
     assert '"verdict": "fail"' in text, text[-3000:]
