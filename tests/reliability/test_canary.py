@@ -282,14 +282,15 @@ def deploy_to(config: Path, source: Path, host: str) -> subprocess.CompletedProc
 @pytest.mark.timeout(600)
 def test_two_deploys_together_never_take_more_than_min_in_service_allows(lab, tmp_path):
     """A deploy to app1 whose release fails /health holds app1 out of rotation while its gate
-    waits; meanwhile a deploy to app2 (min_in_service 2 of 3) is refused, naming the other
-    operation; once the first is over, the second goes through."""
+    waits (10 s: the second deploy's refusal takes about one); meanwhile a deploy to app2
+    (min_in_service 2 of 3) is refused, naming the other operation; once the first is over, the
+    second goes through."""
     assert wait_for(lambda: all_serving(lab), 60), "an app server does not answer /health"
     config = with_deploy_settings(lab, tmp_path, "min_in_service = 2")
     broken = app_copy(tmp_path, "broken", break_health=True)
     first = subprocess.Popen(
         [sys.executable, "-m", "igops", "-c", str(config), "deploy", "--source", str(broken)]
-        + ["--hosts", "app1", "--analysis", "0", "--yes"],
+        + ["--hosts", "app1", "--analysis", "0", "--health-timeout", "10", "--yes"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
