@@ -1,7 +1,7 @@
 """Page-cache profiles as igops handles them: loaded, checked and typed.
 
-The format itself is defined once, in the host agent `igops.agent.pagecache`, because hosts
-write it (capture) and read it (apply) too; see that module's docstring. Here every problem
+The format itself is defined once, in `igops.agent.pagecache_profile`, because hosts write it
+(capture) and read it (apply) too; see that module's docstring. Here every problem
 becomes a ProfileError naming what is wrong, and profiles on disk may be gzipped.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from igops.agent import pagecache
+from igops.agent import pagecache_profile
 from igops.errors import UsageError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -50,7 +50,7 @@ class Profile:
     page_size: int
     captured_at: str
     roots: list[Root]
-    files: list[pagecache.FileEntry] = field(repr=False)
+    files: list[pagecache_profile.FileEntry] = field(repr=False)
     scanned_files: int
     scanned_dirs: int
     scanned_pages: int
@@ -84,7 +84,7 @@ class Profile:
         }
 
 
-def from_reader(reader: pagecache.Reader, entries: list[pagecache.FileEntry]) -> Profile:
+def from_reader(reader: pagecache_profile.Reader, entries: list[pagecache_profile.FileEntry]) -> Profile:
     header, trailer = reader.header, reader.trailer
     assert trailer is not None, "the entries were read to the end, so the trailer is in"
     return Profile(
@@ -118,9 +118,9 @@ def parse(data: bytes, source: str = "profile") -> Profile:
     """A whole profile, checked down to its last byte."""
     stream = io.BytesIO(plain(data, source))
     try:
-        reader = pagecache.Reader(stream)
+        reader = pagecache_profile.Reader(stream)
         entries = list(reader.entries())
-    except pagecache.FormatError as exc:
+    except pagecache_profile.FormatError as exc:
         raise ProfileError(f"{source}: {exc}") from None
     if stream.read(1):
         raise ProfileError(f"{source}: line {reader.line_number + 1}: data after the trailer")

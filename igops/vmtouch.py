@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from igops import agent, remote, remote_session, warm_agent
-from igops.agent import pagecache
+from igops.agent import pagecache_profile
 from igops.errors import RemoteError, UsageError
 from igops.output import Reporter, human_bytes, plural
 from igops.profile import Profile, Root, from_reader, parse
@@ -428,9 +428,9 @@ def copy(fleet: Fleet, plan: WarmPlan, reporter: Reporter = Reporter()) -> WarmR
             )
             warm_agent.open_together(stack, [target_session, source_session])
             try:
-                reader = pagecache.Reader(warm_agent.Relay(source_session, target_session, plan.source))
+                reader = pagecache_profile.Reader(warm_agent.Relay(source_session, target_session, plan.source))
                 entries = list(reader.entries())
-            except pagecache.FormatError as exc:
+            except pagecache_profile.FormatError as exc:
                 stderr = source_session.stderr().strip()
                 raise RemoteError(
                     f"{plan.source}: the capture stream broke off: {exc}" + (f" ({stderr[-300:]})" if stderr else ""),

@@ -156,14 +156,31 @@ def test_nothing_imports_the_command_line_from_below():
 
 
 def test_remote_programs_import_only_the_standard_library():
+    """An agent may import another agent module too: igops.agent.program sends it along (as long
+    as that one imports none; program refuses otherwise). Nothing else of igops is there."""
     # sys.stdlib_module_names has no "igops", so an import of igops (relative ones resolved) fails too.
+    agents = {module_name(path) for path in REMOTE_PROGRAMS if path.parent == PACKAGE / "agent"}
     found = [
         f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}"
         for path in REMOTE_PROGRAMS
         for module, line in imported_modules(path).items()
         if module.partition(".")[0] not in sys.stdlib_module_names
+        and not (path.parent == PACKAGE / "agent" and module in agents)
     ]
     assert not found, "\n".join(found)
+
+
+def test_an_agent_runs_on_a_bare_python_with_the_agent_modules_it_imports_sent_along():
+    """The page-cache agent imports the profile format from igops.agent.pagecache_profile; sent
+    to a python3 with no igops (-I -S, from another directory), it still runs."""
+    import subprocess
+
+    from igops import agent
+
+    command, prefix = agent.invocation("pagecache", ["--help"])
+    ran = subprocess.run(command, shell=True, input=prefix, capture_output=True, timeout=60, cwd="/")
+    assert ran.returncode == 0 and b"capture" in ran.stdout, ran.stderr
+    assert agent.program("freeze") == (PACKAGE / "agent" / "freeze.py").read_bytes()  # none imported: as it is
 
 
 def test_only_the_lab_command_imports_the_lab():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from igops import agent, inventory, profile, vmtouch, warm_paths
-from igops.agent import pagecache
+from igops.agent import pagecache, pagecache_profile
 from igops.errors import RefusedError, UsageError
 
 PAGE = mmap.PAGESIZE
@@ -164,8 +164,8 @@ def test_apply_plan_counts_the_profile(tmp_path):
         "captured_at": "now",
         "roots": [{"path": "/srv/db1/pg/data", "base": "postgres", "within": ""}],
     }
-    writer = pagecache.Writer(stream, header)
-    writer.add(pagecache.FileEntry(0, "base/1/1", 100 * PAGE, 0, ((0, 10), (50, 5))))
+    writer = pagecache_profile.Writer(stream, header)
+    writer.add(pagecache_profile.FileEntry(0, "base/1/1", 100 * PAGE, 0, ((0, 10), (50, 5))))
     writer.finish(1, 1, 100, 0)
     plan = vmtouch.plan_apply(fleet, profile.parse(stream.getvalue()), "db2", vmtouch.WarmOptions(), "p.gz")
     assert (plan.files, plan.pages, plan.bytes, plan.target_paths) == (1, 15, 15 * PAGE, ["/srv/db2/pg/data"])
@@ -253,7 +253,7 @@ def capture_here(root: Path, cluster_dir: Path | None = None, base: str = "path"
 
 def warm_here(text: bytes, root: Path, match="size", concurrency=4, rate=0, cluster_dir=None):
     events = []
-    reader = pagecache.Reader(io.BytesIO(text))
+    reader = pagecache_profile.Reader(io.BytesIO(text))
     pagecache.check_header_here(reader.header, [str(root)], cluster_dir)
     code = pagecache.Warmer(
         [str(root)], match, concurrency, rate, lambda event, **fields: events.append(dict(fields, event=event))
@@ -386,7 +386,7 @@ def test_residency_counts_the_profiled_pages_present(two_hosts):
     (target / "base/2/1").unlink()
     events = []
     pagecache.residency(
-        pagecache.Reader(io.BytesIO(text)), [str(target)], lambda event, **fields: events.append(fields)
+        pagecache_profile.Reader(io.BytesIO(text)), [str(target)], lambda event, **fields: events.append(fields)
     )
     files = {path: (profiled, resident, status) for _, path, profiled, resident, status in events[0]["files"]}
     assert files == {

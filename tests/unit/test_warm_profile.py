@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from igops import profile
-from igops.agent import pagecache
+from igops.agent import pagecache_profile
+from igops.agent.pagecache_profile import FileEntry
 from igops.errors import UsageError
 
 HEADER = {
@@ -25,15 +26,15 @@ HEADER = {
     ],
 }
 ENTRIES = [
-    pagecache.FileEntry(0, "base/16384/2619", 8 << 20, 1_700_000_000_123_456_789, ((0, 12), (30, 4), (2000, 48))),
-    pagecache.FileEntry(0, "global/pg_control", 8192, 1_700_000_000_000_000_000, ((0, 2),)),
-    pagecache.FileEntry(1, "a dir/with\ttab and ünïcode", 5000, -1, ((1, 1),)),
+    FileEntry(0, "base/16384/2619", 8 << 20, 1_700_000_000_123_456_789, ((0, 12), (30, 4), (2000, 48))),
+    FileEntry(0, "global/pg_control", 8192, 1_700_000_000_000_000_000, ((0, 2),)),
+    FileEntry(1, "a dir/with\ttab and ünïcode", 5000, -1, ((1, 1),)),
 ]
 
 
 def write(header=HEADER, entries=ENTRIES, scanned=(40, 8, 9000, 1)) -> bytes:
     stream = io.BytesIO()
-    writer = pagecache.Writer(stream, header)
+    writer = pagecache_profile.Writer(stream, header)
     for entry in entries:
         writer.add(entry)
     writer.finish(*scanned)
@@ -147,7 +148,7 @@ def header_with(**changes) -> bytes:
     ],
 )
 def test_bad_headers_are_refused(changes, message):
-    with pytest.raises(pagecache.FormatError, match=message):
+    with pytest.raises(pagecache_profile.FormatError, match=message):
         header_with(**changes)
 
 
@@ -166,7 +167,7 @@ def test_the_reader_stops_at_the_trailer_of_a_live_stream():
                 raise AssertionError("read past the trailer")
             return line
 
-    reader = pagecache.Reader(Endless(VALID))
+    reader = pagecache_profile.Reader(Endless(VALID))
     assert list(reader.entries()) == ENTRIES and reader.trailer["files"] == 3
 
 
