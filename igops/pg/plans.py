@@ -58,8 +58,8 @@ class PgPlan:
     # and upstream are left out of the signature (see signature).
     settling: str | None = None
     # A member the plan stops and rejoins, whatever it streams from: its upstream is left out of
-    # the signature. A fenced old primary's walreceiver reaches the new primary and drops again
-    # every few seconds until pg_rewind joins its timeline, so that upstream flickers.
+    # the signature. A fenced old primary started again connects its walreceiver to the new
+    # primary a moment later, which may fall between the plan and the check under the lock.
     rejoining: str | None = None
 
     def steps(self) -> list[str]:

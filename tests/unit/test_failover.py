@@ -297,10 +297,11 @@ def test_a_settling_member_may_start_answer_and_stream_between_its_plan_and_its_
     assert "settling" not in failover.describe_plan(plan)  # how the plan is checked, not what it does
 
 
-def test_a_rejoining_members_upstream_may_flicker_between_its_plan_and_its_run(fleet):
-    """A fenced old primary's walreceiver reaches the new primary and drops again until the rejoin
-    rewinds it: the rejoin stops it whatever it streams from, so its upstream is left out of the
-    signature. Its role is not: one promoted in between would have writes the rejoin discards."""
+def test_a_rejoining_members_upstream_may_change_between_its_plan_and_its_run(fleet):
+    """A fenced old primary started again connects its walreceiver to the new primary a moment
+    later, between a rejoin's plan and its run, say: the rejoin stops it whatever it streams from,
+    so its upstream is left out of the signature. Its role is not: one promoted in between would
+    have writes the rejoin discards."""
 
     def view(db1_role: str, db1_upstream: str | None):
         nodes = [
