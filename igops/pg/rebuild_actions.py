@@ -20,7 +20,14 @@ from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg import archive
 from igops.pg.cluster import cluster_of
-from igops.pg.hostcmd import WAIT_STOPPED, data_directory, repmgr, start_unless_answering
+from igops.pg.hostcmd import (
+    POSTMASTER_RUNNING,
+    WAIT_STOPPED,
+    data_directory,
+    postgres_sh,
+    repmgr_argv,
+    start_unless_answering,
+)
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.restore_scripts import host_script, mount_script
 from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
@@ -67,6 +74,8 @@ _FSTAB = (
 
 # The rebuilt data's restore_command, for its catch-up: the archive's, the one the data had (or
 # none) kept beside it first, once (a rerun keeps the first), to be put back once it streams.
+# What the undo of a start prints when no postmaster runs (see stop_rebuilt).
+NOT_RUNNING = "no postmaster runs"
 _SAVED_RESTORE = '"$data/igops-rebuild.restore_command"'
 _SET_CATCH_UP_RESTORE = (
     f'set -e; data="$1"; setting="$2"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; touch "$auto"; '
@@ -115,14 +124,13 @@ class RebuildActions:
         return self._ebs_client
 
     def wait_stopped(self, node: str) -> str:
-        host = self._host(node)
-        script = _sh(
-            'bin="$1"; data="$2"; wait="$3"; ' + WAIT_STOPPED,
-            self.fleet.model.postgres.bin_dir,
-            data_directory(self.fleet, host),
-            str(int(STOP_TIMEOUT * 10)),
-        )
-        host_script(self.fleet, host, script, "waiting for Postgres to stop", timeout=STOP_TIMEOUT + 30)
+        # As the postgres user: pg_ctl refuses to run as root, and no one else may read the data
+        # directory, so as anyone else the test found no postmaster at once and waited for none.
+        fleet, host = self.fleet, self._host(node)
+        script = 'bin="$1"; data="$2"; wait="$3"; ' + WAIT_STOPPED
+        wait = str(int(STOP_TIMEOUT * 10))
+        argv = postgres_sh(fleet, script, fleet.model.postgres.bin_dir, data_directory(fleet, host), wait)
+        ssh_ok(fleet, host, argv, "waiting for Postgres to stop", timeout=STOP_TIMEOUT + 30)
         return "stopped"
 
     def swap_out(self, node: str, mount: str, volume_id: str, group_id: str) -> str:
@@ -290,9 +298,15 @@ class RebuildActions:
             time.sleep(0.5)
 
     def stop_rebuilt(self, node: str) -> str:
-        """Stop it and wait until its postmaster is gone (the volumes under it can go then)."""
-        host = self._host(node)
-        ssh_ok(self.fleet, host, repmgr(self.fleet, host, "node", "service", "--action=stop"), "stop", timeout=90)
+        """Stop it if its postmaster runs, and wait until that is gone (the volumes under it can
+        go then). A run cut off as its start began may have left none, and repmgr's stop (pg_ctl
+        stop) fails on a member that does not run."""
+        fleet, host = self.fleet, self._host(node)
+        script = f'bin="$1"; data="$2"; shift 2; if {POSTMASTER_RUNNING}; then exec "$@"; fi; echo "{NOT_RUNNING}"'
+        stop = repmgr_argv(fleet, host, "node", "service", "--action=stop")
+        argv = postgres_sh(fleet, script, fleet.model.postgres.bin_dir, data_directory(fleet, host), *stop)
+        if ssh_ok(fleet, host, argv, "stop", timeout=90).strip() == NOT_RUNNING:
+            return "it was not running"
         return self.wait_stopped(node)
 
     def follow_primary(self, node: str, primary: str) -> str:

@@ -16,6 +16,8 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
   fstab entry of a mount the cut-off run rebuilt is pointed at it again.
 - Its start run again while db2 still replays (not yet answering, like a shutdown): waited for
   until it answers, neither started twice nor waited out as a shutdown.
+- The undo of its start stops db2 when it runs, and passes over it when it does not (a run cut
+  off as the start began).
 """
 
 import re
@@ -226,6 +228,24 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     assert photo_counts(lab, STANDBY) == photo_counts(lab, "db1")
     assert pg_state(lab, "main")["problems"] == []
     nothing_lost(load, outcomes)
+
+
+def test_the_undo_of_a_start_stops_a_member_that_runs_and_passes_over_one_that_does_not(lab):
+    """The abort of a rebuild cut off as it began db2's start (a drill found it): the start may
+    not have begun, and repmgr's stop fails on a member that does not run. The undo stops db2
+    when its postmaster runs, waits until that is gone, and passes over one that is not there."""
+    from igops.pg.actions import PgActions
+
+    restore_home(lab)
+    actions = PgActions(lab)
+    try:
+        assert actions.stop_rebuilt(STANDBY) == "stopped"
+        db2 = next(node for node in pg_state(lab, "main")["nodes"] if node["name"] == STANDBY)
+        assert db2["state"].startswith("stopped"), db2
+        assert actions.stop_rebuilt(STANDBY) == "it was not running"
+    finally:
+        lab_up()
+    assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
 
 
 def fstab_names_what_is_mounted(mount: str) -> bool:
