@@ -72,10 +72,11 @@ _FSTAB = (
 )
 
 
-# The rebuilt data's restore_command, for its catch-up: the archive's, the one the data had (or
-# none) kept beside it first, once (a rerun keeps the first), to be put back once it streams.
 # What the undo of a start prints when no postmaster runs (see stop_rebuilt).
 NOT_RUNNING = "no postmaster runs"
+
+# The rebuilt data's restore_command, for its catch-up: the archive's, the one the data had (or
+# none) kept beside it first, once (a rerun keeps the first), to be put back once it streams.
 _SAVED_RESTORE = '"$data/igops-rebuild.restore_command"'
 _SET_CATCH_UP_RESTORE = (
     f'set -e; data="$1"; setting="$2"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; touch "$auto"; '
