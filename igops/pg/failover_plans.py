@@ -17,6 +17,7 @@ from igops.operations.steps import Step
 from igops.output import plural
 from igops.pg.cluster import (
     PgClusterState,
+    PgNode,
     PgProbe,
     PgView,
     bouncer_text,
@@ -285,6 +286,13 @@ def sole_primary(view: PgView, node: str, what: str) -> str:
     return writable[0]
 
 
+def follows(member: PgNode, primary: PgNode) -> bool:
+    """Whether `member` streams from `primary` on the primary's timeline. A fenced old primary
+    whose WAL went past the fork connects its walreceiver to the new primary on its own, older
+    timeline, is refused, and tries again a second later: for a moment it streams from it."""
+    return member.streaming_from == primary.name and member.timeline is not None and member.timeline == primary.timeline
+
+
 def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:
     cluster = cluster_of(fleet, node)
     view = pg_view(fleet, cluster)
@@ -310,7 +318,7 @@ def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[
     )
     if member.state == "host unreachable":
         raise RemoteError(f"{node}: host unreachable over SSH", "rejoin needs the host")
-    if member.streaming_from == primary:
+    if follows(member, state.node(primary)):
         record = view.repmgr_node(node)
         if record and record.type == "standby" and record.active and member.repmgr == f"standby of {primary}":
             plan.notes.append(f"nothing to do: {node} already streams from {primary}")

@@ -297,6 +297,24 @@ def test_a_settling_member_may_start_answer_and_stream_between_its_plan_and_its_
     assert "settling" not in failover.describe_plan(plan)  # how the plan is checked, not what it does
 
 
+def test_a_member_follows_the_primary_only_streaming_on_its_timeline():
+    """A rejoin does nothing (or only records it) for a member that follows the primary already.
+    A fenced old primary whose WAL went past the fork streams from the new primary for a moment
+    on its old timeline, is refused and tries again: it does not follow, and is rejoined."""
+    from igops.pg.failover_plans import follows
+
+    primary = failover.PgNode("db2", "10.0.0.22", "primary", "running", timeline=8)
+
+    def member(upstream: str | None, timeline: int | None) -> failover.PgNode:
+        return failover.PgNode("db1", "10.0.0.21", "standby", "running", timeline=timeline, streaming_from=upstream)
+
+    assert follows(member("db2", 8), primary)
+    assert not follows(member("db2", 7), primary)
+    assert not follows(member(None, 8), primary)
+    assert not follows(member("db3", 8), primary)
+    assert not follows(member("db2", None), primary)
+
+
 def test_a_rejoining_members_upstream_may_change_between_its_plan_and_its_run(fleet):
     """A fenced old primary started again connects its walreceiver to the new primary a moment
     later, between a rejoin's plan and its run, say: the rejoin stops it whatever it streams from,
