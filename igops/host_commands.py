@@ -60,16 +60,32 @@ def read_file(fleet: Fleet, host: Any, path: str) -> str:
     return ssh_ok(fleet, host, ["cat", path], f"reading {path}", timeout=30)
 
 
+# A client killed while it sends a file closes the SSH channel, and the remote `cat` takes that
+# end of input for the end of the file: without a count, a cut-off run would put an empty or half
+# file in place (a PgBouncer databases file without its entries, say). So a file sent on stdin is
+# written only once all "$size" bytes came (the script sets size).
+def stdin_into(file: str) -> str:
+    """Shell that copies stdin into `file` (a shell word) and, unless all "$size" bytes came,
+    removes it and fails."""
+    return (
+        f'cat > {file}; if [ "$(wc -c < {file})" -ne "$size" ]; then rm -f {file}; '
+        'echo "igops: the input ended early (the run sending it was cut off); nothing written" >&2; exit 1; fi'
+    )
+
+
 # Written beside the original and renamed over it, so a reader never sees half a file; the new
 # file keeps the original's owner and mode.
 _REPLACE_FILE = (
-    'set -e; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
-    'chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"'
+    'set -e; size="$2"; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; '
+    + stdin_into('"$tmp"')
+    + '; chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"'
 )
 
 
 def replace_file(fleet: Fleet, host: Any, path: str, text: str) -> None:
-    ssh_ok(fleet, host, ["sh", "-c", _REPLACE_FILE, "sh", path], f"writing {path}", timeout=30, stdin=text.encode())
+    data = text.encode()
+    argv = ["sh", "-c", _REPLACE_FILE, "sh", path, str(len(data))]
+    ssh_ok(fleet, host, argv, f"writing {path}", timeout=30, stdin=data)
 
 
 def parallel_map(function: Callable[[T], R], items: list[T]) -> list[R]:

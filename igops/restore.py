@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from igops import remote, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.host_commands import stdin_into
 from igops.output import Reporter, plural
 from igops.pg import archive
 from igops.pg.rebuild_actions import TAG_REBUILDS
@@ -414,21 +415,27 @@ def _recovery_files(fleet: Fleet, host: Host, recovery: Recovery, pg: PostgresSt
         )
     with reporter.step(f"write {recovery.config_file}"):
         config = archive.render_restore_config(fleet, recovery.cluster, pg.data_directory, pg.run_directory, pg.port)
+        data = config.encode()
         host_script(
             fleet,
             host,
             _WRITE_PRIVATE_FILE.format(
-                run=shlex.quote(pg.run_directory), file=shlex.quote(recovery.config_file), user=shlex.quote(pg.os_user)
+                run=shlex.quote(pg.run_directory),
+                file=shlex.quote(recovery.config_file),
+                user=shlex.quote(pg.os_user),
+                size=len(data),
             ),
             f"writing {recovery.config_file}",
-            stdin=config.encode(),
+            stdin=data,
         )
 
 
 # The run directory is the restored server's own (0700); the file holds the repository's S3 secret,
 # so it is never readable by others, not even for a moment (umask first), and comes on stdin.
 _WRITE_PRIVATE_FILE = (
-    "set -e; umask 077; mkdir -p {run}; chown {user} {run}; chmod 0700 {run}; cat > {file}; chown {user} {file}"
+    "set -e; umask 077; mkdir -p {run}; chown {user} {run}; chmod 0700 {run}; size={size}; "
+    + stdin_into("{file}")
+    + "; chown {user} {file}"
 )
 
 

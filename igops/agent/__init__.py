@@ -16,7 +16,11 @@ import re
 import shlex
 from importlib import resources
 
-BOOTSTRAP = "import sys;n=int(sys.stdin.buffer.readline());exec(compile(sys.stdin.buffer.read(n),{name!r},'exec'))"
+# A program cut off in transit (its sender killed) is refused, not run as far as it came.
+BOOTSTRAP = (
+    "import sys;n=int(sys.stdin.buffer.readline());p=sys.stdin.buffer.read(n);"
+    "len(p)==n or sys.exit('igops: the program ended early');exec(compile(p,{name!r},'exec'))"
+)
 COMPANION = re.compile(rf"^from {re.escape(__package__)}\.(\w+) import", re.M)
 # Runs where BOOTSTRAP runs a program, so the program runs in the same globals (__main__).
 LOADER = """import sys as _sys, types as _types

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from igops import postgres
-from igops.host_commands import ssh_ok
+from igops.host_commands import ssh_ok, stdin_into
 from igops.operations.steps import StepReport, execute
 from igops.output import Reporter
 from igops.pg.actions import PgActions
@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 # Written beside the file and renamed over it, mode and owner set before the rename: the secret
 # is never readable by others, and a reader never sees half a file. The content comes on stdin.
 _WRITE_CONFIG = (
-    'set -e; file="$1"; os_user="$2"; (umask 022; mkdir -p "$(dirname "$file")"); umask 077; '
-    'tmp="$file.igops-$$"; trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
-    'chown "root:$(id -gn "$os_user")" "$tmp"; chmod 0640 "$tmp"; mv -f "$tmp" "$file"'
+    'set -e; file="$1"; os_user="$2"; size="$3"; (umask 022; mkdir -p "$(dirname "$file")"); umask 077; '
+    'tmp="$file.igops-$$"; trap \'rm -f "$tmp"\' EXIT; '
+    + stdin_into('"$tmp"')
+    + '; chown "root:$(id -gn "$os_user")" "$tmp"; chmod 0640 "$tmp"; mv -f "$tmp" "$file"'
 )
 
 
@@ -51,14 +52,14 @@ class ArchiveActions(PgActions):
     def write_config(self, cluster: str, node: str) -> str:
         host = self._host(node)
         path = member_paths(self.fleet, host)["config_file"]
-        text = render_config(self.fleet, cluster, host)
+        data = render_config(self.fleet, cluster, host).encode()
         ssh_ok(
             self.fleet,
             host,
-            ["sh", "-c", _WRITE_CONFIG, "sh", path, self.fleet.model.postgres.os_user],
+            ["sh", "-c", _WRITE_CONFIG, "sh", path, self.fleet.model.postgres.os_user, str(len(data))],
             f"writing {path}",
             timeout=30,
-            stdin=text.encode(),
+            stdin=data,
         )
         return path
 
