@@ -59,6 +59,28 @@ class PgClusterState:
     def node(self, name: str) -> PgNode:
         return next(node for node in self.nodes if node.name == name)
 
+    def follows_primary(self, node: PgNode) -> bool:
+        """Whether `node` follows the primary (see `follows`)."""
+        return self.primary is not None and follows(node, self.node(self.primary))
+
+
+def follows(member: PgNode, primary: PgNode) -> bool:
+    """Whether `member` streams from `primary` on the primary's timeline. A fenced old primary
+    whose WAL went past the fork connects its walreceiver to the new primary on its own, older
+    timeline, is refused, and tries again a few seconds later: for a moment it streams from it."""
+    return member.streaming_from == primary.name and member.timeline is not None and member.timeline == primary.timeline
+
+
+def why_not_following(member: PgNode, primary: PgNode) -> str | None:
+    """What keeps `member` from following `primary` (see `follows`), said after its name."""
+    if follows(member, primary):
+        return None
+    if member.streaming_from == primary.name:
+        return f"streams from {primary.name} on timeline {member.timeline}, not on its timeline {primary.timeline}"
+    return f"does not stream from {primary.name}" + (
+        f" (it streams from {member.streaming_from})" if member.streaming_from else ""
+    )
+
 
 @dataclass
 class PgProbe:
@@ -335,12 +357,9 @@ def pg_problems(fleet: Fleet, state: PgClusterState, writable: list[str], view: 
         elif node.role == "primary" and node.fenced and state.primary == node.name:
             problem(f"{node.name} accepts writes but holds standby.signal: a restart brings it back read-only", finish)
         elif node.role == "standby":
-            if state.primary and node.streaming_from != state.primary:
-                problem(
-                    f"{node.name} does not stream from {state.primary}"
-                    + (f" (it streams from {node.streaming_from})" if node.streaming_from else ""),
-                    f"`igops pg rejoin {node.name}`",
-                )
+            not_following = state.primary and why_not_following(node, state.node(state.primary))
+            if not_following:
+                problem(f"{node.name} {not_following}", f"`igops pg rejoin {node.name}`")
             if node.replay_paused:
                 problem(f"{node.name} has WAL replay paused", f"`SELECT pg_wal_replay_resume()` on {node.name}")
             if node.lag_bytes is not None and node.lag_bytes > max_lag:
@@ -371,10 +390,7 @@ def pg_problems(fleet: Fleet, state: PgClusterState, writable: list[str], view: 
     misrecorded = [
         node.name
         for node in state.nodes
-        if state.primary
-        and node.streaming_from == state.primary
-        and node.repmgr is not None
-        and node.repmgr != f"standby of {state.primary}"
+        if state.follows_primary(node) and node.repmgr is not None and node.repmgr != f"standby of {state.primary}"
     ]
     if misrecorded:
         # repmgr's own checks (and its switchover) then refuse to work on them.

@@ -17,12 +17,12 @@ from igops.operations.steps import Step
 from igops.output import plural
 from igops.pg.cluster import (
     PgClusterState,
-    PgNode,
     PgProbe,
     PgView,
     bouncer_text,
     cluster_members,
     cluster_of,
+    follows,
     pg_view,
     wal_received,
 )
@@ -284,13 +284,6 @@ def sole_primary(view: PgView, node: str, what: str) -> str:
             f"{what} a cluster with exactly one primary: see `igops pg status`",
         )
     return writable[0]
-
-
-def follows(member: PgNode, primary: PgNode) -> bool:
-    """Whether `member` streams from `primary` on the primary's timeline. A fenced old primary
-    whose WAL went past the fork connects its walreceiver to the new primary on its own, older
-    timeline, is refused, and tries again a second later: for a moment it streams from it."""
-    return member.streaming_from == primary.name and member.timeline is not None and member.timeline == primary.timeline
 
 
 def plan_pg_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tuple[PgPlan, PgClusterState]:

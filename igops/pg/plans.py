@@ -22,9 +22,11 @@ from igops.pg.cluster import (
     PgView,
     bouncer_text,
     cluster_members,
+    follows,
     interrupted_switchover,
     pg_view,
     wal_received,
+    why_not_following,
 )
 from igops.pg.hostcmd import data_directory, repmgr, wal_end_on_disk
 from igops.pg.plan_steps import (
@@ -114,10 +116,11 @@ def plan_pg_switchover(
         raise Refused(
             state, f"refused: {candidate} is not a standby ({node.state})", "pick a running standby (igops pg status)"
         )
-    if node.streaming_from != primary:
+    not_following = why_not_following(node, state.node(primary))
+    if not_following:
         raise Refused(
             state,
-            f"refused: {candidate} does not stream from {primary}",
+            f"refused: {candidate} {not_following}",
             f"fix its replication first (igops pg rejoin {candidate})",
         )
     databases = view.databases()
@@ -360,7 +363,7 @@ def _plan_pg_finish(view: PgView, primary: str) -> PgPlan:
     for node in state.nodes:
         if node.name == primary:
             continue
-        if node.streaming_from == primary:
+        if follows(node, state.node(primary)):
             # It follows the primary already; repmgr's record of it may still say otherwise (a
             # member that was the primary, rejoined before its record was rewritten).
             if node.repmgr != f"standby of {primary}":

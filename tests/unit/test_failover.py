@@ -301,7 +301,7 @@ def test_a_member_follows_the_primary_only_streaming_on_its_timeline():
     """A rejoin does nothing (or only records it) for a member that follows the primary already.
     A fenced old primary whose WAL went past the fork streams from the new primary for a moment
     on its old timeline, is refused and tries again: it does not follow, and is rejoined."""
-    from igops.pg.failover_plans import follows
+    from igops.pg.cluster import follows
 
     primary = failover.PgNode("db2", "10.0.0.22", "primary", "running", timeline=8)
 
@@ -313,6 +313,28 @@ def test_a_member_follows_the_primary_only_streaming_on_its_timeline():
     assert not follows(member(None, 8), primary)
     assert not follows(member("db3", 8), primary)
     assert not follows(member("db2", None), primary)
+
+
+def test_a_member_streaming_on_an_older_timeline_is_a_problem_and_no_switchover_candidate(fleet):
+    """`pg status` and a switchover's check of its candidate read "follows" as the rejoin does: a
+    fenced old primary flickering into streaming from the new primary is not counted as following."""
+    from igops.pg.cluster import why_not_following
+
+    nodes = [
+        failover.PgNode("db2", "10.0.0.22", "primary", "running", timeline=8, pgbouncer=["pgb1:main"]),
+        failover.PgNode("db1", "10.0.0.21", "standby", "running", timeline=7, streaming_from="db2"),
+    ]
+    state = failover.PgClusterState("main", nodes, "db2", {"pgb1": {"main": "db2"}}, {})
+    said = "streams from db2 on timeline 7, not on its timeline 8"
+    assert why_not_following(nodes[1], nodes[0]) == said
+    assert f"db1 {said}" in pg_cluster.pg_problems(fleet, state, ["db2"], view_with({}))
+    nodes[1].timeline = 8
+    assert why_not_following(nodes[1], nodes[0]) is None
+    assert not [p for p in pg_cluster.pg_problems(fleet, state, ["db2"], view_with({})) if "stream" in p]
+    nodes[1].streaming_from = None
+    assert why_not_following(nodes[1], nodes[0]) == "does not stream from db2"
+    nodes[1].streaming_from = "db3"
+    assert why_not_following(nodes[1], nodes[0]) == "does not stream from db2 (it streams from db3)"
 
 
 def test_a_rejoining_members_upstream_may_change_between_its_plan_and_its_run(fleet):
@@ -961,8 +983,12 @@ def test_a_standby_repmgr_still_records_otherwise_is_a_problem_the_finish_regist
     """A former primary that follows the new one while repmgr's record still calls it primary:
     repmgr's own checks refuse to work with it, so status says so and the finish registers it."""
     nodes = [
-        failover.PgNode("db2", "10.0.0.22", "primary", "running", repmgr="primary", pgbouncer=["pgb1:main"]),
-        failover.PgNode("db1", "10.0.0.21", "standby", "running", streaming_from="db2", repmgr="primary (inactive)"),
+        failover.PgNode(
+            "db2", "10.0.0.22", "primary", "running", timeline=2, repmgr="primary", pgbouncer=["pgb1:main"]
+        ),
+        failover.PgNode(
+            "db1", "10.0.0.21", "standby", "running", timeline=2, streaming_from="db2", repmgr="primary (inactive)"
+        ),
     ]
     state = failover.PgClusterState("main", nodes, "db2", {"pgb1": {"main": "db2"}}, {})
     problems = pg_cluster.pg_problems(fleet, state, ["db2"], view_with({}))
