@@ -300,7 +300,10 @@ class _Run:
                         "another operator may have started on its targets meanwhile"
                     )
                     detail = "; ".join(part for part in (detail, f"lease lost: {lost}") if part)
-                _end(self.store, operation, word, code, detail, self.reporter)
+                if code and self.resume and self.resume.get("continued_by") == "abort":
+                    _abort_failed(self.store, operation, word, code, detail, self.reporter)
+                else:
+                    _end(self.store, operation, word, code, detail, self.reporter)
                 self.ended = {
                     "id": self.id,
                     "result": word,
@@ -504,6 +507,25 @@ def _end(
                 f"warning: the end of operation {operation.id} could not be journaled "
                 f"({describe(exc)}); `igops ops list` will show it as interrupted"
             )
+
+
+def _abort_failed(
+    store: journal.Store, operation: Operation, word: str, code: int, detail: str | None, reporter: Reporter
+) -> None:
+    """An abort that did not get to its end leaves the operation interrupted, not ended: what it
+    could not undo is still to undo, so `ops list` and `igops check` keep showing it, and once
+    what failed is fixed, `igops ops abort` plans from the journal again, as after an abort that
+    was killed."""
+    failure = {"time": safety.now(), "result": word, "exit_code": code, "detail": redact(detail) if detail else None}
+    operation.record["abort_failed"] = failure
+    try:
+        operation.write("abort-failed", operation.record, result=word, exit_code=code, detail=failure["detail"])
+    except (IgopsError, OSError) as exc:
+        reporter.log(f"warning: the failed abort of operation {operation.id} could not be journaled ({describe(exc)})")
+    reporter.log(
+        f"operation {operation.id} stays interrupted: once what failed is fixed, "
+        f"`igops ops abort {operation.id}` again (or `igops ops show {operation.id}`)"
+    )
 
 
 # Deploys and rollbacks send their own marker, with the release and every host's outcome; a

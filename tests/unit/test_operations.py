@@ -127,6 +127,69 @@ def test_a_failed_operation_ends_failed_with_its_exit_code_and_the_failing_step(
     assert [e["status"] for e in entries if e["event"] == "result"] == ["failed"]
 
 
+def interrupted_record(fleet, store) -> dict:
+    """An operation cut off in its second step, its record left open as a SIGKILL leaves it
+    (test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free kills one)."""
+
+    def cut_off(operation):
+        with operation.reporter.step("pause"):
+            pass
+        with operation.reporter.step("stop"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.perform(fleet, spec(), cut_off, Reporter())
+    record = max(store.records(), key=lambda r: r["started"])
+    record.update(ended=None, result=None, exit_code=None, detail=None)
+    store.append(record["id"], [], record)
+    return record
+
+
+def failing_undo(operation):
+    from igops.errors import RemoteError
+
+    with operation.reporter.step("start db1 again"):
+        raise RemoteError("db1 did not start", "look at its log")
+
+
+def test_an_abort_that_fails_leaves_the_operation_interrupted_for_another_abort(fleet):
+    """A failed abort has not undone what it was to undo: the operation stays interrupted (in
+    `ops list`, in `igops check`), and an abort run again, once what failed is fixed, ends it."""
+    from igops.errors import RemoteError
+
+    store = journal.LocalJournal(fleet.state_dir)
+    record = interrupted_record(fleet, store)
+    with pytest.raises(RemoteError):
+        engine.perform(fleet, spec(), failing_undo, Reporter(), resume={**record, "continued_by": "abort"})
+    [still] = store.open_records()
+    assert still["id"] == record["id"]
+    assert journal.status_of(still, store.alive(still)) == journal.INTERRUPTED
+    assert still["abort_failed"]["result"] == "failed" and "db1 did not start" in still["abort_failed"]["detail"]
+    assert store.entries(record["id"])[-1]["event"] == "abort-failed"
+
+    def undone(operation):
+        with operation.reporter.step("start db1 again"):
+            return "undone"
+
+    again = {**still, "continued_by": "abort"}
+    aborted = engine.perform(fleet, spec(), undone, Reporter(), outcome=lambda _: ("aborted", 0), resume=again)
+    assert aborted == "undone" and store.open_records() == []
+    assert store.record(record["id"])["result"] == "aborted"
+
+
+def test_a_resume_that_fails_ends_the_operation_failed(fleet):
+    """As any failed run does: a resume is planned afresh from the live state, and its planner
+    rolled back what it could."""
+    from igops.errors import RemoteError
+
+    store = journal.LocalJournal(fleet.state_dir)
+    record = interrupted_record(fleet, store)
+    with pytest.raises(RemoteError):
+        engine.perform(fleet, spec(), failing_undo, Reporter(), resume={**record, "continued_by": "resume"})
+    assert store.open_records() == []
+    assert store.record(record["id"])["result"] == "failed"
+
+
 def holding(fleet, resources, step_title="stop the old primary"):
     """Run an operation in a thread that waits, inside its first step, until released."""
     inside, release = threading.Event(), threading.Event()
