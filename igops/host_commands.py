@@ -74,11 +74,12 @@ def stdin_into(file: str) -> str:
 
 
 # Written beside the original and renamed over it, so a reader never sees half a file; the new
-# file keeps the original's owner and mode.
+# file keeps the original's owner and mode, and is on disk before the rename (XFS does not flush
+# a file renamed over another on its own: a host that crashed then could come back with it empty).
 _REPLACE_FILE = (
     'set -e; size="$2"; tmp="$1.igops-$$"; trap \'rm -f "$tmp"\' EXIT; '
     + stdin_into('"$tmp"')
-    + '; chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; mv -f "$tmp" "$1"'
+    + '; chown --reference="$1" "$tmp"; chmod --reference="$1" "$tmp"; sync "$tmp"; mv -f "$tmp" "$1"'
 )
 
 

@@ -34,7 +34,7 @@ _WRITE_CONFIG = (
     'set -e; file="$1"; os_user="$2"; size="$3"; (umask 022; mkdir -p "$(dirname "$file")"); umask 077; '
     'tmp="$file.igops-$$"; trap \'rm -f "$tmp"\' EXIT; '
     + stdin_into('"$tmp"')
-    + '; chown "root:$(id -gn "$os_user")" "$tmp"; chmod 0640 "$tmp"; mv -f "$tmp" "$file"'
+    + '; chown "root:$(id -gn "$os_user")" "$tmp"; chmod 0640 "$tmp"; sync "$tmp"; mv -f "$tmp" "$file"'
 )
 
 
