@@ -36,9 +36,7 @@ def verdict(records: list[dict[str, Any]], overdue_by: dict[str, float], stale: 
         ]
     if interrupted:
         status = NagiosStatus.WARNING if status == NagiosStatus.OK else status
-        parts += [
-            f"{r['kind']} {r['id']} interrupted at {_step(r)} (igops ops resume|abort {r['id']})" for r in interrupted
-        ]
+        parts += [_interrupted(r) for r in interrupted]
     if stale:
         status = NagiosStatus.UNKNOWN if status == NagiosStatus.OK else status
         parts.append(f"coordinator unavailable: {stale}")
@@ -46,6 +44,18 @@ def verdict(records: list[dict[str, Any]], overdue_by: dict[str, float], stale: 
     return status, "; ".join(parts) or (
         f"{running} running, none interrupted" if running else "none running or interrupted"
     )
+
+
+def _interrupted(record: dict[str, Any]) -> str:
+    failed = record.get("abort_failed")
+    if failed:
+        # The step is the abort's own: its run journals its steps as the operation's current one.
+        why = (failed.get("detail") or failed.get("result") or "")[:200]
+        return (
+            f"{record['kind']} {record['id']} interrupted, its abort failed at {_step(record)}: {why} "
+            f"(fix that, then igops ops abort {record['id']})"
+        )
+    return f"{record['kind']} {record['id']} interrupted at {_step(record)} (igops ops resume|abort {record['id']})"
 
 
 def _step(record: dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ def list_row(r: dict[str, Any]) -> list[Any]:
         r["id"],
         r["kind"],
         r.get("targets"),
-        r["status"],
+        f"{r['status']} (its abort failed)" if r.get("abort_failed") and r["status"] == "interrupted" else r["status"],
         _step(r),
         _operator(r),
         r.get("started"),

@@ -424,6 +424,7 @@ def _begin(
             result=None,
             exit_code=None,
             detail=None,
+            abort_failed=None,  # this run's own, if it is an abort that fails too
             lease_id=lease_id,
             pid=holder.pid,
             resumed_by=f"{holder.user}@{holder.host}",

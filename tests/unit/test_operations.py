@@ -171,10 +171,12 @@ def test_an_abort_that_fails_leaves_the_operation_interrupted_for_another_abort(
         with operation.reporter.step("start db1 again"):
             return "undone"
 
+    # A run that continues it clears the failure, until it fails as an abort too.
     again = {**still, "continued_by": "abort"}
     aborted = engine.perform(fleet, spec(), undone, Reporter(), outcome=lambda _: ("aborted", 0), resume=again)
     assert aborted == "undone" and store.open_records() == []
     assert store.record(record["id"])["result"] == "aborted"
+    assert store.record(record["id"])["abort_failed"] is None
 
 
 def test_a_resume_that_fails_ends_the_operation_failed(fleet):
@@ -384,6 +386,15 @@ def test_the_operations_check_warns_of_interrupted_and_is_critical_for_overdue_o
     status, text = verdict([running, stopped], {"a": 1200}, None)
     assert status == NagiosStatus.CRITICAL and "pg-switchover a held 20 min past" in text
     assert verdict([], {}, "etcd: no leader")[0] == NagiosStatus.UNKNOWN
+    # An abort that failed left it interrupted: the line says so, and what to run once it is fixed.
+    stopped.update(step={"number": 1, "title": "put app1 back"}, abort_failed={"detail": "lb1: nginx -t failed"})
+    status, text = verdict([stopped], {}, None)
+    assert status == NagiosStatus.WARNING
+    assert "deploy b interrupted, its abort failed at step 1 (put app1 back): lb1: nginx -t failed" in text
+    assert "(fix that, then igops ops abort b)" in text
+    from igops.commands.ops import list_row
+
+    assert list_row(stopped)[3] == "interrupted (its abort failed)"
 
 
 def test_a_stale_list_says_whether_it_is_a_members_copy_or_this_machines_cache():
