@@ -227,12 +227,19 @@ def _shard_move_continuation(
     from igops import shards
 
     move_id = move_of(record, entries)
-    if move_id is None:
+    if move_id is None and resume:
         raise RefusedError(
-            f"{record['id']} stopped before it started a shard move: there is nothing to "
-            f"{'resume' if resume else 'abort'}",
-            "igops ops abort marks it ended; igops shard moves lists every move",
+            f"{record['id']} stopped before it started a shard move: there is nothing to resume",
+            f"igops ops abort {record['id']} marks it ended; igops shard moves lists every move",
         )
+    if move_id is None:
+        # Nothing of it to undo: the abort only ends it (a person, not a rerun of its command).
+        resources = [tuple(resource) for resource in record.get("resources") or []]
+        title = f"Abort {record['id']} ({record.get('title')}): it stopped before it started a shard move"
+        spec = OperationSpec(
+            record["kind"], title, record.get("targets") or [], resources, [], record.get("params") or {}
+        )
+        return Continuation(spec, lambda reporter: {"undone": [], "not_undone": []})
     rebalance = record["kind"] == "shard-rebalance"
     notes = (
         ["the rebalance's moves that finished stay where they went; igops shard rebalance plans the rest again"]

@@ -179,6 +179,42 @@ def test_an_abort_that_fails_leaves_the_operation_interrupted_for_another_abort(
     assert store.record(record["id"])["abort_failed"] is None
 
 
+def test_a_shard_move_killed_before_its_move_began_is_ended_by_an_abort_and_not_resumed(fleet):
+    """Nothing of it is in the directory's move journal: resume has nothing to finish and says
+    to abort; the abort undoes nothing and ends the operation (before, it refused as well, and the
+    operation stayed interrupted until a rerun of the same move superseded it)."""
+    from igops import interrupted
+    from igops.errors import RefusedError
+
+    store = journal.LocalJournal(fleet.state_dir)
+    resources = [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")]
+
+    def cut_off(operation):
+        with operation.reporter.step("plan the move"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.perform(fleet, spec("shard-move", resources, ["copy"]), cut_off, Reporter())
+    [record] = store.records()
+    record.update(ended=None, result=None, exit_code=None, detail=None)
+    store.append(record["id"], [], record)
+    entries = store.entries(record["id"])
+    with pytest.raises(RefusedError, match="nothing to resume") as refused:
+        interrupted.plan_resume(fleet, record, entries)
+    assert f"igops ops abort {record['id']}" in refused.value.hint
+    continuation = interrupted.plan_abort(fleet, record, entries)
+    assert continuation.spec.steps == [] and sorted(map(tuple, continuation.spec.resources)) == sorted(resources)
+    engine.perform(
+        fleet,
+        continuation.spec,
+        lambda operation: continuation.apply(operation.reporter),
+        Reporter(),
+        outcome=lambda _: ("aborted", 0),
+        resume={**record, "continued_by": "abort"},
+    )
+    assert store.open_records() == [] and store.record(record["id"])["result"] == "aborted"
+
+
 def test_a_resume_that_fails_ends_the_operation_failed(fleet):
     """As any failed run does: a resume is planned afresh from the live state, and its planner
     rolled back what it could."""
