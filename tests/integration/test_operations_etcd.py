@@ -199,3 +199,62 @@ def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl
     assert wait_for(lambda: status(elsewhere) == "interrupted", ttl + 5, interval=0.5)
     aborted = run_igops(config, here, "ops", "abort", op_id, "--yes")
     assert aborted.returncode == 0, aborted.stderr[-2000:]
+
+
+# An `ops abort` whose undo fails, as a library caller of the engine runs it.
+ABORT_THAT_FAILS = """
+import sys
+from pathlib import Path
+from igops import coordination, inventory
+from igops.errors import RemoteError
+from igops.operations import conflicts, engine, journal
+from igops.output import Reporter
+
+fleet = inventory.load_file(Path(sys.argv[1]))
+record = journal.for_coordinator(coordination.for_fleet(fleet), fleet.state_dir).record(sys.argv[2])
+spec = engine.OperationSpec("pg-switchover", "abort (the test's)", ["main"], [conflicts.pg_cluster("main")], [])
+
+def failing_undo(operation):
+    with operation.reporter.step("db1: start it again"):
+        raise RemoteError("db1 did not start", "look at its log")
+
+engine.perform(fleet, spec, failing_undo, Reporter(), resume={**record, "continued_by": "abort"})
+"""
+
+
+def test_an_abort_that_fails_leaves_the_operation_interrupted_for_every_bastion(lab, tmp_path):
+    """On etcd too: the failed abort's record stays open (its marker under open/), another
+    bastion's `ops list` and `check` show it interrupted with the failure, and an abort run
+    again ends it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    config, _ = write_inventory(tmp_path, with_etcd=True)
+    here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        op_id = holder.stdout.readline().strip()
+        assert op_id, "the holder never reached its step"
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # The abort runs where the holder ran (bastion-1 knows its pid is gone, and takes its lease).
+    failed = subprocess.run(
+        [sys.executable, "-c", ABORT_THAT_FAILS, str(config), op_id], cwd=ROOT, env=here, capture_output=True, text=True
+    )
+    assert failed.returncode != 0 and "db1 did not start" in failed.stderr, failed.stderr[-2000:]
+    listed = json.loads(run_igops(config, elsewhere, "ops", "list", "--json").stdout)["data"]["records"]
+    [found] = [r for r in listed if r["id"] == op_id]
+    assert found["status"] == "interrupted" and "db1 did not start" in found["abort_failed"]["detail"], found
+    checked = run_igops(config, elsewhere, "check", "--only", "operations", "--json")
+    [line] = [r for r in json.loads(checked.stdout)["data"]["results"] if r["target"] == "operations"]
+    assert line["status"] == "WARNING" and "its abort failed at step 1 (db1: start it again)" in line["summary"]
+    assert f"then igops ops abort {op_id}" in line["summary"], line
+    aborted = run_igops(config, here, "ops", "abort", op_id, "--yes")
+    assert aborted.returncode == 0, aborted.stderr[-2000:]
+    listed = json.loads(run_igops(config, elsewhere, "ops", "list", "--json").stdout)["data"]["records"]
+    assert op_id not in [r["id"] for r in listed]
