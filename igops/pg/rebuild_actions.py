@@ -62,12 +62,15 @@ _UNMOUNT = (
 )
 
 # fstab's entry for the mount point (its other fields kept) names the filesystem now there by
-# UUID; a host with no entry for it is left alone (it mounts it some other way).
+# UUID; a host with no entry for it is left alone (it mounts it some other way). Each file
+# rewritten here is synced before it is renamed over the old one: XFS does not flush a file
+# renamed over another, and a host that crashed then would find it empty.
 _FSTAB = (
     'set -e; fstab="$1"; mount="$2"; device="$3"; [ -f "$fstab" ] || exit 0; '
     'uuid=$(blkid -o value -s UUID "$device"); [ -n "$uuid" ] || { echo "no UUID on $device" >&2; exit 1; }; '
     'awk -v m="$mount" -v u="UUID=$uuid" \'BEGIN{OFS="\\t"} !/^[ \\t]*#/ && $2 == m {$1 = u; found=1} {print} '
-    'END{exit !found}\' "$fstab" > "$fstab.igops" && mv "$fstab.igops" "$fstab" && echo "UUID=$uuid" '
+    'END{exit !found}\' "$fstab" > "$fstab.igops" && sync "$fstab.igops" && mv "$fstab.igops" "$fstab" '
+    '&& echo "UUID=$uuid" '
     '|| { rm -f "$fstab.igops"; echo "no entry"; }'
 )
 
@@ -82,7 +85,7 @@ _SET_CATCH_UP_RESTORE = (
     f'set -e; data="$1"; setting="$2"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; touch "$auto"; '
     '[ -e "$saved" ] || { grep "^restore_command" "$auto" > "$saved" || true; chown --reference="$data" "$saved"; }; '
     '{ grep -v "^restore_command" "$auto" || true; printf "%s\n" "$setting"; } > "$auto.igops"; '
-    'mv "$auto.igops" "$auto"'
+    'sync "$auto.igops"; mv "$auto.igops" "$auto"'
 )
 # ... and put back: the data's own line, or none (the line kept is gone last, so a rerun of an
 # interrupted put-back does it again).
@@ -90,7 +93,7 @@ _PUT_BACK_RESTORE = (
     f'set -e; data="$1"; auto="$data/postgresql.auto.conf"; saved={_SAVED_RESTORE}; '
     '[ -e "$saved" ] || { echo "put back already"; exit 0; }; '
     '{ grep -v "^restore_command" "$auto" || true; cat "$saved"; } > "$auto.igops"; '
-    'chown --reference="$data" "$auto.igops"; chmod 600 "$auto.igops"; mv "$auto.igops" "$auto"; '
+    'chown --reference="$data" "$auto.igops"; chmod 600 "$auto.igops"; sync "$auto.igops"; mv "$auto.igops" "$auto"; '
     'if [ -s "$saved" ]; then echo "its own again"; else echo "none, as its data had"; fi; rm -f "$saved"'
 )
 
