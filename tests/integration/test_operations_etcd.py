@@ -165,20 +165,16 @@ engine.perform(inventory.load_file(Path(sys.argv[1])), spec, action, Reporter())
 """
 
 
-def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl_elsewhere(lab, tmp_path):
-    """Its own machine knows the holder's pid is gone; another bastion knows only that the lease
-    has not expired yet, so it says running until the TTL has passed."""
+def killed_holder(config, env) -> str:
+    """The id of a pg-switchover on main whose holder, a process of the bastion `env` describes,
+    was SIGKILLed inside its step."""
     import subprocess
     import sys
-    import time
 
     from tests.conftest import ROOT
-    from tests.labtools import wait_for
 
-    config, _ = write_inventory(tmp_path, with_etcd=True)
-    here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         op_id = holder.stdout.readline().strip()
@@ -186,6 +182,19 @@ def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl
     finally:
         holder.kill()
         holder.wait(10)
+    return op_id
+
+
+def test_a_killed_holder_is_interrupted_at_once_on_its_machine_and_after_the_ttl_elsewhere(lab, tmp_path):
+    """Its own machine knows the holder's pid is gone; another bastion knows only that the lease
+    has not expired yet, so it says running until the TTL has passed."""
+    import time
+
+    from tests.labtools import wait_for
+
+    config, _ = write_inventory(tmp_path, with_etcd=True)
+    here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
+    op_id = killed_holder(config, here)
     killed = time.monotonic()
 
     def status(env):
@@ -233,15 +242,7 @@ def test_an_abort_that_fails_leaves_the_operation_interrupted_for_every_bastion(
 
     config, _ = write_inventory(tmp_path, with_etcd=True)
     here, elsewhere = bastion(tmp_path, "bastion-1", "alice"), bastion(tmp_path, "bastion-2", "bob")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_UNTIL_KILLED, str(config)], cwd=ROOT, env=here, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        op_id = holder.stdout.readline().strip()
-        assert op_id, "the holder never reached its step"
-    finally:
-        holder.kill()
-        holder.wait(10)
+    op_id = killed_holder(config, here)
     # The abort runs where the holder ran (bastion-1 knows its pid is gone, and takes its lease).
     failed = subprocess.run(
         [sys.executable, "-c", ABORT_THAT_FAILS, str(config), op_id], cwd=ROOT, env=here, capture_output=True, text=True
