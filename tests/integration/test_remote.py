@@ -247,3 +247,47 @@ def test_kept_connections_log_in_once_per_host_and_replace_one_that_died(servers
     assert not kept._connections, "every kept connection closed at the end"
     remote.run(hosts[:1], "true", settings(keys))
     assert logins.count(TRUSTED[0]) == 3, "outside, each command logs in"
+
+
+# A library caller of host_commands.replace_file, sending a file too large to arrive at once.
+REPLACE_A_LARGE_FILE = """
+import sys
+from pathlib import Path
+from igops import inventory
+from igops.host_commands import replace_file
+
+fleet = inventory.load_file(Path(sys.argv[1]))
+replace_file(fleet, fleet.host("h1"), sys.argv[2], "x" * 200_000_000)
+"""
+
+
+def test_a_file_replaced_by_a_run_killed_mid_send_stays_as_it_was(servers, tmp_path):
+    """SIGKILLed while it sends the new file: the host's end of the channel sees its input end,
+    and the file stays as it was, with nothing left beside it. (Before, `cat` took that end for
+    the file's, and an empty or half file was renamed into place.)"""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _, keys = servers
+    config = tmp_path / "igops.toml"
+    config.write_text(
+        f'[fleet]\nstate_dir = "{tmp_path / "state"}"\n[ssh]\nport = {PORT}\nknown_hosts = "{keys.known_hosts}"\n'
+        f'identity_file = "{keys.client_key}"\n[[hosts]]\nname = "h1"\naddress = "{TRUSTED[0]}"\nroles = ["app"]\n'
+    )
+    path = tmp_path / "databases.ini"
+    path.write_text("[databases]\nmain = host=10.0.0.21\n")
+    sender = subprocess.Popen([sys.executable, "-c", REPLACE_A_LARGE_FILE, str(config), str(path)], cwd=ROOT)
+    try:
+
+        def arriving() -> bool:
+            return any(p.stat().st_size > 1_000_000 for p in tmp_path.glob("databases.ini.igops-*"))
+
+        assert wait_for(arriving, 30, interval=0.01), "the new file never began to arrive"
+    finally:
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(10)
+    assert wait_for(lambda: not list(tmp_path.glob("databases.ini.igops-*")), 10), "the partial file was left"
+    assert path.read_text() == "[databases]\nmain = host=10.0.0.21\n"
