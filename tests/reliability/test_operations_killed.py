@@ -344,6 +344,39 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     nothing_lost(load, outcomes)
 
 
+# The switchover's step that begins once the old primary has stopped (its stop's undo starts it
+# again): the wait for the candidate's WAL.
+AFTER_THE_STOP = 6
+
+
+def test_an_abort_killed_in_its_first_undo_is_aborted_again_and_loses_nothing(home, tmp_path):
+    """A switchover killed once the old primary has stopped, then its abort killed as its first
+    undo (start the old primary again) begins: the operation stays interrupted, an abort run
+    again plans from the journal and puts everything back; one writer throughout, nothing lost."""
+    lab, kind = home, KINDS["pg"]
+    ttl, deadline = lab.model.coordination.lease_ttl, lab.model.pgbouncer.watchdog_deadline
+    with Load(lab, tmp_path, duration=600, rate=DRILL_RATE) as load:
+        _, envelope = igops(lab, *kind.argv(kind.other), "--dry-run")
+        assert "clean stop" in envelope["plan"]["steps"][AFTER_THE_STOP - 2], envelope["plan"]["steps"]
+        kill = killed_at(lab, kind.argv(kind.other), AFTER_THE_STOP)
+        record = interrupted_run(lab, kind.kind, kill, ttl + deadline + 5)
+        assert record is not None and landed_in(record, kill) >= AFTER_THE_STOP
+        _, envelope = igops(lab, "ops", "abort", record["id"], "--dry-run")
+        first_undo = envelope["data"]["plan"][0]
+        assert "start" in first_undo, envelope["data"]["plan"]
+        aborting = killed_at(lab, ["ops", "abort", record["id"]], 1)
+        again = interrupted_run(lab, kind.kind, aborting, ttl + 5)
+        assert again is not None and again["id"] == record["id"]
+        assert kind.single_writer(kind.state(lab)), "two writers"
+        done, answer = igops(lab, "ops", "abort", record["id"], "--yes")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert answer["data"]["plan"][0] == first_undo, answer["data"]["plan"]
+        assert wait_for(lambda: kind.healthy(kind.state(lab)) == kind.home, 60, interval=0.2), pg_state(lab)
+        assert not kind.held(lab) and sign_up_succeeds(lab)
+        assert load.running
+    nothing_lost(load, [f"switchover killed at [{kill.shown}], its abort at [{aborting.shown}], aborted again"])
+
+
 def test_the_old_primary_rejoins_after_the_new_one_moved_on_several_segments(home):
     """A switchover killed after its promotion, the new primary's WAL then several segments on
     and checkpointed: the segment the old primary's rejoin starts from is still there (held by
