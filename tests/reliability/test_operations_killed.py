@@ -16,6 +16,10 @@ and at the end the ledger shows no acknowledged write lost. Each kind runs once,
 odd steps and aborting the even ones (ODD_STEPS): every step is killed, and each continuation
 follows half of them. IGOPS_DRILL_ODD_STEPS=abort runs the other half, so that after a change to
 a step or its undo both continuations of every step can be drilled.
+
+An abort can be killed too: one killed as its first undo begins leaves the operation
+interrupted, and an abort run again plans the same undos from the journal and puts everything
+back.
 """
 
 import os
