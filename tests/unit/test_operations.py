@@ -127,9 +127,10 @@ def test_a_failed_operation_ends_failed_with_its_exit_code_and_the_failing_step(
     assert [e["status"] for e in entries if e["event"] == "result"] == ["failed"]
 
 
-def interrupted_record(fleet, store) -> dict:
-    """An operation cut off in its second step, its record left open as a SIGKILL leaves it
-    (test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free kills one)."""
+def interrupted_record(fleet, store, of: OperationSpec | None = None) -> dict:
+    """An operation (`of`, else spec()) cut off in its second step, its record left open as a
+    SIGKILL leaves it (test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free
+    kills one)."""
 
     def cut_off(operation):
         with operation.reporter.step("pause"):
@@ -138,7 +139,7 @@ def interrupted_record(fleet, store) -> dict:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        engine.perform(fleet, spec(), cut_off, Reporter())
+        engine.perform(fleet, of or spec(), cut_off, Reporter())
     record = max(store.records(), key=lambda r: r["started"])
     record.update(ended=None, result=None, exit_code=None, detail=None)
     store.append(record["id"], [], record)
@@ -188,16 +189,7 @@ def test_a_shard_move_killed_before_its_move_began_is_ended_by_an_abort_and_not_
 
     store = journal.LocalJournal(fleet.state_dir)
     resources = [conflicts.shard(3), conflicts.pg_cluster("shards2"), conflicts.pg_cluster("main")]
-
-    def cut_off(operation):
-        with operation.reporter.step("plan the move"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.perform(fleet, spec("shard-move", resources, ["copy"]), cut_off, Reporter())
-    [record] = store.records()
-    record.update(ended=None, result=None, exit_code=None, detail=None)
-    store.append(record["id"], [], record)
+    record = interrupted_record(fleet, store, spec("shard-move", resources, ["copy"]))
     entries = store.entries(record["id"])
     with pytest.raises(RefusedError, match="nothing to resume") as refused:
         interrupted.plan_resume(fleet, record, entries)
