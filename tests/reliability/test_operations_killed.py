@@ -513,7 +513,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
     """`snapshot create` of the standby, SIGKILLed at each step under load: its mounts are
     writable again at once (the thaw watchdog sees igops go), `ops list` shows it interrupted at
     that step, abort deletes what its group got, resume does that and takes a complete group."""
-    from tests.reliability.test_snapshot import can_write
+    from tests.reliability.test_snapshot_under_faults import can_write
 
     lab, host = home, OTHER_PRIMARY
     mounts = [mount.path for mount in lab.host(host).mounts]

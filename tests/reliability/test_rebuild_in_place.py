@@ -174,17 +174,23 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     ebs = Ebs(lab)
     outcomes = []
     with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
-        count, refusal_seen, group = None, False, None
+        count, refusal_seen = None, False
+        # Each kill needs a group db2 does not run on: a rebuild leaves the mounts already rebuilt
+        # from its group as they are. Two groups serve in turn (after a resume, db2 runs on
+        # volumes of one, so the other serves next; after an abort, the same one again): a
+        # rebuild from the older of them catches up from the archive, as one from any group does.
+        groups: list[str] = []
+        runs_on = None  # the group db2's volumes were made from, once a resume rebuilt it
         number = 1
         while count is None or number <= count:
             before = mounted(lab, ebs)
             began = time.monotonic()
+            group = next((candidate for candidate in groups if candidate != runs_on), None)
             if group is None:
-                # A new group once db2 runs on volumes of the last: a rebuild leaves the mounts
-                # already rebuilt from its group as they are. After an abort, the group serves again.
                 created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
                 assert created.returncode == 0, created.stderr[-3000:]
                 group = envelope["data"]["group_id"]
+                groups.append(group)
             rebuild = ["snapshot", "restore", group, "--onto", STANDBY, "--in-place"]
             count = count or steps_planned(lab, *rebuild)
             started = time.monotonic()
@@ -195,7 +201,7 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
             listed = time.monotonic()
             if record is None:
                 outcomes.append(f"({number}) the run ended before the signal landed")
-                number, group = number + 1, None  # it rebuilt db2 from the group
+                number, runs_on = number + 1, group  # it rebuilt db2 from the group
                 continue
             landed = landed_in(record, kill)
             way = way_for(landed)
@@ -222,7 +228,7 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
                 assert not tags.get("Name", "").endswith("(replaced)"), (number, way, tags)
             assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), (number, way, pg_state(lab, "main"))
             if way == "resume":
-                group = None
+                runs_on = group
             outcomes.append(
                 f"[{landed}] {way}: s to create {started - began:.1f}, kill {killed - started:.1f}, listed "
                 f"{listed - killed:.1f}, {way} {continued - listed:.1f}, streams {time.monotonic() - continued:.1f}"

@@ -14,7 +14,7 @@ from igops import postgres_admin, redisops, snapshot
 from igops.ebs import Ebs
 from igops.errors import ExitCode
 from tests.conftest import run_igops
-from tests.reliability.test_snapshot import group_snapshots, standby_of_main
+from tests.reliability.test_snapshot_under_faults import group_snapshots, standby_of_main
 
 pytestmark = pytest.mark.lab
 
@@ -41,6 +41,137 @@ def listed(config: str) -> dict[str, dict]:
     result = run_igops("-c", config, "snapshot", "list", "--json")
     assert result.returncode == 0, result.stderr
     return {group["group_id"]: group for group in json.loads(result.stdout)["data"]["groups"]}
+
+
+def followers(lab) -> dict[str, str]:
+    """set of data -> its member that a cron run should snapshot, asked of the servers."""
+    found = {}
+    for cluster in ("main", "pg2"):
+        primary = postgres_admin.primary_of(lab, cluster).name
+        members = [lab.model.postgres.clusters[cluster].primary, *lab.model.postgres.clusters[cluster].standbys]
+        [standby] = [name for name in members if name != primary]
+        found[cluster] = standby
+    redis_members = [lab.model.redis.master, *lab.model.redis.replicas]
+    [replica] = [name for name in redis_members if redisops.probe(lab, name)[1].role == "replica"]
+    found["redis"] = replica
+    return found
+
+
+def a_slot_after(groups: list) -> datetime:
+    """The start of a minute after every group began, waited for if it has not come yet: a
+    schedule on whole minutes has had a slot since the newest group then. Only a group begun in
+    the last minute costs a wait: none when the tests before took none (this module runs after
+    the shard moves, which take no group)."""
+    newest = max(group.created for group in groups)
+    slot = newest.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    wait = (slot - datetime.now(UTC)).total_seconds() + 0.5
+    if wait > 0:
+        time.sleep(wait)
+    return slot
+
+
+def every_minute_without_grace(lab, tmp_path) -> str:
+    """A copy of the lab inventory whose sets are due every minute, and whose check allows no
+    grace: in a minute in which no group was taken, the check flags every set."""
+    config = policy_inventory(lab, tmp_path, name="every-minute.toml", schedule="every 1m")
+    with open(config, "a") as extra:
+        extra.write("\n[check]\nsnapshot_grace_minutes = 0\n")
+    return config
+
+
+def assert_the_check_flags_every_set_as_missed(config: str) -> None:
+    checked = run_igops("-c", config, "check", "--only", "snapshot", "--json", "--timeout", "60")
+    results = {result["target"]: result for result in json.loads(checked.stdout)["data"]["results"]}
+    assert set(results) == {"main", "pg2", "redis"}
+    for result in results.values():
+        assert result["status"] in ("WARNING", "CRITICAL") and "is `igops snapshot cron` running?" in result["summary"]
+
+
+def test_the_check_flags_each_missed_set_then_cron_takes_it_once_on_a_standby_prunes_by_policy_then_is_quiet(
+    lab, tmp_path
+):
+    """Both halves need a minute that began after the newest group of every set (schedules are
+    on whole minutes): one such minute serves the check first and cron then."""
+    from igops import snapshot_policy
+
+    ebs = Ebs(lab)
+    standby = standby_of_main(lab)
+    data_sets = {data_set.name: data_set for data_set in snapshot_policy.data_sets(lab)}
+    members = {name for data_set in data_sets.values() for name in data_set.members}
+    main = data_sets["main"]
+    # A set with no complete group at all is CRITICAL for that, not for a missed slot: each has one.
+    # Main has at least three, so that with cron's new one the minimum redundancy matters; the
+    # oldest is pinned.
+    complete = [group for group in snapshot.groups(ebs) if group.state == snapshot.STATE_COMPLETE]
+    for data_set in data_sets.values():
+        if not any(data_set.holds(group) for group in complete):
+            create_on(str(lab.source), followers(lab)[data_set.name])
+    for _ in range(3 - sum(main.holds(group) for group in complete)):
+        create_on(str(lab.source), standby)
+    groups = [group for group in snapshot.groups(ebs) if group.host in members]
+    pinned = min(
+        (group for group in groups if main.holds(group) and group.state == snapshot.STATE_COMPLETE),
+        key=lambda group: group.created,
+    ).group_id
+    kept = run_igops("-c", str(lab.source), "snapshot", "keep", pinned, "--yes")
+    assert kept.returncode == 0, kept.stderr
+    try:
+        slot = a_slot_after(groups)
+        assert_the_check_flags_every_set_as_missed(every_minute_without_grace(lab, tmp_path))
+
+        config = policy_inventory(
+            lab,
+            tmp_path,
+            schedule=f"every 1d at {slot:%H:%M}",
+            keep_daily=1,
+            keep_weekly=0,
+            keep_monthly=0,
+            minimum_redundancy=3,
+        )
+        ran = run_igops("-c", config, "snapshot", "cron", "--yes", "--json", timeout=300)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        report = json.loads(ran.stdout)["data"]
+        assert sorted(report["due"]) == ["main", "pg2", "redis"] and report["failed"] == []
+        expected = followers(lab)
+        assert {take["set"]: take["host"] for take in report["taken"]} == expected
+        assert {take["set"]: take["why"] for take in report["taken"]} == {
+            "main": "streaming standby",
+            "pg2": "streaming standby",
+            "redis": "linked replica",
+        }
+        groups = {group.group_id: group for group in snapshot.groups(ebs)}
+        for take in report["taken"]:
+            assert groups[take["group_id"]].state == snapshot.STATE_COMPLETE
+            assert groups[take["group_id"]].created >= slot
+
+        # Prune: per set, the newest (today's only daily), the pinned group, and one more for a
+        # minimum redundancy of 3; nothing else of main survives.
+        main_members = {lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys}
+        left = [
+            group for group in groups.values() if group.host in main_members and group.state == snapshot.STATE_COMPLETE
+        ]
+        newest_main = next(take["group_id"] for take in report["taken"] if take["set"] == "main")
+        assert report["keep"][newest_main][:2] == ["newest complete", "daily"]
+        assert report["keep"][pinned] == ["kept"]
+        assert len(left) == 3 and {newest_main, pinned} <= {group.group_id for group in left}
+        assert (
+            "minimum redundancy 3"
+            in report["keep"][next(g.group_id for g in left if g.group_id not in (newest_main, pinned))]
+        )
+        assert report["deleted"], "the lab had more groups of its sets than the policy keeps"
+
+        # Nothing is due now, and nothing more to prune: not a byte of output.
+        again = run_igops("-c", config, "snapshot", "cron", "--yes")
+        assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+
+        # The check: every set OK against its schedule.
+        checked = run_igops("-c", config, "check", "--only", "snapshot", "--json", "--timeout", "60")
+        results = {result["target"]: result for result in json.loads(checked.stdout)["data"]["results"]}
+        assert set(results) == {"main", "pg2", "redis"}, results
+        for result in results.values():
+            assert result["status"] == "OK" and "as `every 1d at" in result["summary"], result
+    finally:
+        run_igops("-c", str(lab.source), "snapshot", "keep", pinned, "--release", "--yes")
 
 
 def test_keep_pins_a_group_against_prune_and_delete_until_released(lab, tmp_path):
@@ -105,123 +236,6 @@ def test_delete_refuses_to_go_below_minimum_redundancy_unless_the_risk_is_accept
     assert group_snapshots(lab, victim) == []
     unknown = run_igops("-c", config, "snapshot", "delete", victim, "--yes")
     assert unknown.returncode == ExitCode.USAGE and "no snapshot group" in unknown.stderr
-
-
-def followers(lab) -> dict[str, str]:
-    """set of data -> its member that a cron run should snapshot, asked of the servers."""
-    found = {}
-    for cluster in ("main", "pg2"):
-        primary = postgres_admin.primary_of(lab, cluster).name
-        members = [lab.model.postgres.clusters[cluster].primary, *lab.model.postgres.clusters[cluster].standbys]
-        [standby] = [name for name in members if name != primary]
-        found[cluster] = standby
-    redis_members = [lab.model.redis.master, *lab.model.redis.replicas]
-    [replica] = [name for name in redis_members if redisops.probe(lab, name)[1].role == "replica"]
-    found["redis"] = replica
-    return found
-
-
-def start_of_a_fresh_minute() -> datetime:
-    """Wait for the next minute to begin: no group can exist in a slot that starts then."""
-    now = datetime.now(UTC)
-    start = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    time.sleep((start - now).total_seconds() + 0.5)
-    return start
-
-
-def every_minute_without_grace(lab, tmp_path) -> str:
-    """A copy of the lab inventory whose sets are due every minute, and whose check allows no
-    grace: in a minute in which no group was taken, the check flags every set."""
-    config = policy_inventory(lab, tmp_path, name="every-minute.toml", schedule="every 1m")
-    with open(config, "a") as extra:
-        extra.write("\n[check]\nsnapshot_grace_minutes = 0\n")
-    return config
-
-
-def assert_the_check_flags_every_set_as_missed(config: str) -> None:
-    checked = run_igops("-c", config, "check", "--only", "snapshot", "--json", "--timeout", "60")
-    results = {result["target"]: result for result in json.loads(checked.stdout)["data"]["results"]}
-    assert set(results) == {"main", "pg2", "redis"}
-    for result in results.values():
-        assert result["status"] in ("WARNING", "CRITICAL") and "is `igops snapshot cron` running?" in result["summary"]
-
-
-def test_the_check_flags_each_missed_set_then_cron_takes_it_once_on_a_standby_prunes_by_policy_then_is_quiet(
-    lab, tmp_path
-):
-    """Both halves need a minute that began after the newest group of every set (schedules are
-    on whole minutes): one such minute, waited for once, serves the check first and cron then."""
-    from igops import snapshot_policy
-
-    ebs = Ebs(lab)
-    standby = standby_of_main(lab)
-    # Enough groups of main for the minimum redundancy to matter; pin the oldest of them.
-    extra = [create_on(str(lab.source), standby) for _ in range(2)]
-    pinned = extra[0]
-    # A set with no complete group at all is CRITICAL for that, not for a missed slot: each has one.
-    complete = [group for group in snapshot.groups(ebs) if group.state == snapshot.STATE_COMPLETE]
-    for data_set in snapshot_policy.data_sets(lab):
-        if not any(data_set.holds(group) for group in complete):
-            create_on(str(lab.source), followers(lab)[data_set.name])
-    kept = run_igops("-c", str(lab.source), "snapshot", "keep", pinned, "--yes")
-    assert kept.returncode == 0, kept.stderr
-    try:
-        slot = start_of_a_fresh_minute()
-        assert_the_check_flags_every_set_as_missed(every_minute_without_grace(lab, tmp_path))
-
-        config = policy_inventory(
-            lab,
-            tmp_path,
-            schedule=f"every 1d at {slot:%H:%M}",
-            keep_daily=1,
-            keep_weekly=0,
-            keep_monthly=0,
-            minimum_redundancy=3,
-        )
-        ran = run_igops("-c", config, "snapshot", "cron", "--yes", "--json", timeout=300)
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-        report = json.loads(ran.stdout)["data"]
-        assert sorted(report["due"]) == ["main", "pg2", "redis"] and report["failed"] == []
-        expected = followers(lab)
-        assert {take["set"]: take["host"] for take in report["taken"]} == expected
-        assert {take["set"]: take["why"] for take in report["taken"]} == {
-            "main": "streaming standby",
-            "pg2": "streaming standby",
-            "redis": "linked replica",
-        }
-        groups = {group.group_id: group for group in snapshot.groups(ebs)}
-        for take in report["taken"]:
-            assert groups[take["group_id"]].state == snapshot.STATE_COMPLETE
-            assert groups[take["group_id"]].created >= slot
-
-        # Prune: per set, the newest (today's only daily), the pinned group, and one more for a
-        # minimum redundancy of 3; nothing else of main survives.
-        main_members = {lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys}
-        left = [
-            group for group in groups.values() if group.host in main_members and group.state == snapshot.STATE_COMPLETE
-        ]
-        newest_main = next(take["group_id"] for take in report["taken"] if take["set"] == "main")
-        assert report["keep"][newest_main][:2] == ["newest complete", "daily"]
-        assert report["keep"][pinned] == ["kept"]
-        assert len(left) == 3 and {newest_main, pinned} <= {group.group_id for group in left}
-        assert (
-            "minimum redundancy 3"
-            in report["keep"][next(g.group_id for g in left if g.group_id not in (newest_main, pinned))]
-        )
-        assert report["deleted"], "the lab had more groups of its sets than the policy keeps"
-
-        # Nothing is due now, and nothing more to prune: not a byte of output.
-        again = run_igops("-c", config, "snapshot", "cron", "--yes")
-        assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
-
-        # The check: every set OK against its schedule.
-        checked = run_igops("-c", config, "check", "--only", "snapshot", "--json", "--timeout", "60")
-        results = {result["target"]: result for result in json.loads(checked.stdout)["data"]["results"]}
-        assert set(results) == {"main", "pg2", "redis"}, results
-        for result in results.values():
-            assert result["status"] == "OK" and "as `every 1d at" in result["summary"], result
-    finally:
-        run_igops("-c", str(lab.source), "snapshot", "keep", pinned, "--release", "--yes")
 
 
 def test_a_cron_run_while_another_holds_the_lease_does_nothing_and_says_nothing(lab, tmp_path):
