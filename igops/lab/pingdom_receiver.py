@@ -34,6 +34,9 @@ class Pingdom(Receiver):
         self.token = token
         self.probe_interval = probe_interval
         self.lock = threading.Lock()
+        # Set when a check is created: the prober tests it at once, as Pingdom tests a new check
+        # well within its first interval, instead of at its next round.
+        self.created = threading.Event()
         self.checks: dict[int, dict[str, Any]] = {}
         self.results: dict[int, list[dict[str, Any]]] = {}
         self.maintenance: dict[int, dict[str, Any]] = {}
@@ -145,6 +148,7 @@ class Pingdom(Receiver):
             check["id"] = check_id
             self.checks[check_id] = check
             self.results[check_id] = []
+        self.created.set()
         return {"check": {"id": check_id, "name": check["name"]}}
 
     def modify_check(self, check_id: int, body: dict[str, Any]) -> None:
@@ -289,13 +293,23 @@ class Pingdom(Receiver):
 
     # -- the prober
     def probe_forever(self) -> None:
+        """Every check once per probe interval (each result stands for that long in the uptime
+        summary); a check created in between is tested at once, alone."""
+        next_round = time.monotonic()
         while True:
-            started = time.monotonic()
+            new_only = time.monotonic() < next_round
+            if not new_only:
+                next_round = time.monotonic() + self.probe_interval
             with self.lock:
-                due = [dict(check) for check in self.checks.values() if not check.get("paused")]
+                due = [
+                    dict(check)
+                    for check in self.checks.values()
+                    if not check.get("paused") and not (new_only and self.results.get(check["id"]))
+                ]
             for check in due:
                 self._record(check["id"], *probe(check))
-            time.sleep(max(0.1, self.probe_interval - (time.monotonic() - started)))
+            self.created.wait(max(0.1, next_round - time.monotonic()))
+            self.created.clear()
 
     def _record(self, check_id: int, up: bool | None, response_ms: int, description: str) -> None:
         now = int(time.time())
