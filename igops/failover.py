@@ -87,7 +87,7 @@ def check_unchanged(fleet: Fleet, plan: PgPlan | RedisPlan) -> None:
     view: RedisView | PgView
     if isinstance(plan, RedisPlan):
         view = redis_view(fleet)
-        now = redis_failover.signature(view)
+        now = redis_failover.signature(view, plan.settling)
     else:
         view = pg_view(fleet, plan.cluster)
         now = pg_plans.signature(view, plan.settling, plan.rejoining)

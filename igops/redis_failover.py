@@ -40,6 +40,7 @@ class RedisPlan:
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = "see `igops redis status` for where things stand"
     signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
+    settling: str | None = None  # a node whose link the plan waits for (left out of the signature)
 
     def steps(self) -> list[str]:
         return [step.title for step in self.actions]
@@ -384,7 +385,7 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
     config_path = fleet.path_for(fleet.model.redis.config_file, host)
     configured = redisops.configured_master(read_file(fleet, host, config_path))
     member = state.node(node)
-    plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
+    plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master, settling=node)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
         refuse_or_force(
@@ -551,13 +552,18 @@ def apply_redis(fleet: Fleet, plan: RedisPlan, reporter: Reporter = Reporter()) 
     )
 
 
-def signature(view: RedisView) -> tuple[Any, ...]:
+def signature(view: RedisView, settling: str | None = None) -> tuple[Any, ...]:
     """What a plan depends on: every node's role and state, who follows whom, and where the app is
-    routed (the directory). Offsets and lag are left out: they move."""
+    routed (the directory). Offsets and lag are left out: they move. So is the link of a
+    `settling` node, whose link the plan waits for: a replica restarted a moment ago finishes its
+    sync between a rejoin's plan and its run, and that does not make the plan stale."""
     state = view.state
-    return (tuple((n.name, n.role, n.state, n.master, n.link == "up") for n in state.nodes), state.app_master)
+    return (
+        tuple((n.name, n.role, n.state, n.master, None if n.name == settling else n.link == "up") for n in state.nodes),
+        state.app_master,
+    )
 
 
 def signed(plan: RedisPlan, view: RedisView) -> RedisPlan:
-    plan.signature = signature(view)
+    plan.signature = signature(view, plan.settling)
     return plan

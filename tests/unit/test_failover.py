@@ -359,6 +359,30 @@ def test_a_rejoining_members_upstream_may_change_between_its_plan_and_its_run(fl
     assert "rejoining" not in failover.describe_plan(plan)
 
 
+def test_a_rejoining_replicas_link_may_come_up_between_its_plan_and_its_run():
+    """A Redis node started again as a replica finishes its first sync a moment later, between a
+    rejoin's plan and its run: the rejoin waits for that link, so its coming up leaves the plan
+    valid. Another node's link still counts, and so does the rejoining node's role."""
+    from igops.redis_tier import RedisNode, RedisState, RedisView
+
+    def view(redis1_role: str, redis1_link: str, redis3_link: str = "up"):
+        nodes = [
+            RedisNode("redis1", "10.0.0.31", redis1_role, "running", master="redis2", link=redis1_link),
+            RedisNode("redis2", "10.0.0.32", "master", "running"),
+            RedisNode("redis3", "10.0.0.33", "replica", "running", master="redis2", link=redis3_link),
+        ]
+        return RedisView(None, {}, {}, RedisState(nodes, "redis2", "10.0.0.32", 1))
+
+    plan = redis_failover.signed(
+        redis_failover.RedisPlan("rejoin", "t", None, "redis2", settling="redis1"), view("replica", "down (1 s)")
+    )
+    assert redis_failover.signature(view("replica", "up"), "redis1") == plan.signature
+    assert redis_failover.signature(view("master", "up"), "redis1") != plan.signature
+    assert redis_failover.signature(view("replica", "down (1 s)", "down (1 s)"), "redis1") != plan.signature
+    assert redis_failover.signature(view("replica", "up")) != redis_failover.signature(view("replica", "down (1 s)"))
+    assert "settling" not in failover.describe_plan(plan)
+
+
 # --- candidates and thresholds -------------------------------------------------------------------
 def server(received, replayed=None, paused=False):
     return postgres.ServerState(
@@ -959,7 +983,7 @@ def test_a_plan_whose_state_changed_is_refused_under_the_lock_naming_the_change(
     monkeypatch.setattr(
         failover.pg_plans, "signature", lambda view, settling=None, rejoining=None: signatures[id(view)]
     )
-    monkeypatch.setattr(failover.redis_failover, "signature", lambda view: signatures[id(view)])
+    monkeypatch.setattr(failover.redis_failover, "signature", lambda view, settling=None: signatures[id(view)])
     for plan in (PgPlan("switchover", "main", "t", "db1", "db2"), RedisPlan("switchover", "t", "redis1", "redis2")):
         plan.signature = signatures[id(views["pg" if isinstance(plan, PgPlan) else "redis"])]
         failover.check_unchanged(None, plan)  # unchanged: nothing said
