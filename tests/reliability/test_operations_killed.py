@@ -38,9 +38,9 @@ from igops.errors import ExitCode
 from tests.conftest import ROOT
 from tests.labtools import wait_for
 from tests.reliability.test_failover import (
-    DRILL_RATE,
     HOME_MASTER,
     HOME_PRIMARY,
+    IN_FLIGHT_RATE,
     OTHER_MASTER,
     OTHER_PRIMARY,
     Load,
@@ -287,7 +287,7 @@ def test_a_switchover_killed_at_every_step_is_resumed_or_aborted_and_loses_nothi
     count = steps_planned(lab, *kind.argv(kind.other))
     outcomes = []
     # One load run for every kill of this kind: it must outlast them all.
-    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
+    with Load(lab, tmp_path, duration=3600, rate=IN_FLIGHT_RATE) as load:
         for number, attempt in (
             (number, attempt) for number in range(1, count + 1) for attempt in range(KILL_ATTEMPTS)
         ):
@@ -359,7 +359,7 @@ def test_an_abort_killed_in_its_first_undo_is_aborted_again_and_loses_nothing(ho
     again plans from the journal and puts everything back; one writer throughout, nothing lost."""
     lab, kind = home, KINDS["pg"]
     ttl, deadline = lab.model.coordination.lease_ttl, lab.model.pgbouncer.watchdog_deadline
-    with Load(lab, tmp_path, duration=600, rate=DRILL_RATE) as load:
+    with Load(lab, tmp_path, duration=600, rate=IN_FLIGHT_RATE) as load:
         _, envelope = igops(lab, *kind.argv(kind.other), "--dry-run")
         assert "clean stop" in envelope["plan"]["steps"][AFTER_THE_STOP - 2], envelope["plan"]["steps"]
         kill = killed_at(lab, kind.argv(kind.other), AFTER_THE_STOP)
@@ -519,7 +519,7 @@ def test_a_snapshot_create_killed_at_every_step_is_resumed_or_aborted_and_leaves
     mounts = [mount.path for mount in lab.host(host).mounts]
     count = steps_planned(lab, "snapshot", "create", host)
     outcomes = []
-    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
+    with Load(lab, tmp_path, duration=3600, rate=IN_FLIGHT_RATE) as load:
         for number in range(1, count + 1):
             before = snapshot_groups(lab, host)
             killed = time.monotonic()
@@ -566,7 +566,7 @@ def test_a_deploy_killed_at_every_step_is_resumed_or_aborted_and_leaves_every_ho
     # The /health gate only: the kill drill counts the plan's steps without the canary analysis.
     count = steps_planned(lab, "deploy", "--source", str(first), "--batch", "1", "--analysis", "0")
     outcomes = []
-    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
+    with Load(lab, tmp_path, duration=3600, rate=IN_FLIGHT_RATE) as load:
         for number in range(1, count + 1):
             source = app_copy(tmp_path, f"kill-{number}")
             kill = killed_at(

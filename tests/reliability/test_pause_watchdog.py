@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 from tests.labtools import postgres, wait_for
 from tests.reliability.test_failover import (
     HOME_PRIMARY,
+    IN_FLIGHT_RATE,
     OTHER_PRIMARY,
     Load,
     assert_one_primary_routed_and_followed,
@@ -116,7 +117,7 @@ def test_the_watchdog_resumes_pgbouncer_when_igops_stops_beating_or_dies(at_home
     config.write_text(text.replace("\n[pgbouncer]\n", f"\n[pgbouncer]\nwatchdog_deadline = {WATCHDOG_DEADLINE_S}\n"))
     drilled = inventory.load_file(config)
     deadline = drilled.model.pgbouncer.watchdog_deadline
-    with WritableMembers(lab) as writable, Load(lab, tmp_path) as load:
+    with WritableMembers(lab) as writable, Load(lab, tmp_path, rate=IN_FLIGHT_RATE) as load:
         # Stopped: its sessions stay open, so only the missing heartbeat can trip the watchdog.
         process = switchover_until_paused(drilled, OTHER_PRIMARY)
         process.send_signal(signal.SIGSTOP)

@@ -31,7 +31,7 @@ import pytest
 from igops.errors import ExitCode
 from igops.lab import state
 from tests.labtools import igops, postgres, verify_lab_ledger, wait_for
-from tests.reliability.test_failover import DRILL_RATE, Load, lab_up, pg_state, restore_home
+from tests.reliability.test_failover import IN_FLIGHT_RATE, Load, lab_up, pg_state, restore_home
 from tests.reliability.test_operations_killed import (
     interrupted_run,
     killed_at,
@@ -109,7 +109,7 @@ def test_a_standby_is_rebuilt_in_place_from_its_group_and_an_abort_puts_its_volu
     assert len(before) == 2, before
     auto = Path(lab.path_for(lab.model.postgres.data_directory, lab.host(STANDBY))) / "postgresql.auto.conf"
     restore_line = restore_command_of(auto)  # what the group will hold (a rebuilt lab's db2 has one)
-    with Load(lab, tmp_path) as load:
+    with Load(lab, tmp_path, rate=IN_FLIGHT_RATE) as load:
         created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
         assert created.returncode == 0, created.stderr[-3000:]
         group = envelope["data"]["group_id"]
@@ -173,7 +173,7 @@ def test_a_rebuild_killed_at_every_step_is_resumed_or_aborted_and_db2_streams_ag
     restore_home(lab)
     ebs = Ebs(lab)
     outcomes = []
-    with Load(lab, tmp_path, duration=3600, rate=DRILL_RATE) as load:
+    with Load(lab, tmp_path, duration=3600, rate=IN_FLIGHT_RATE) as load:
         count, refusal_seen = None, False
         # Each kill needs a group db2 does not run on: a rebuild leaves the mounts already rebuilt
         # from its group as they are. Two groups serve in turn (after a resume, db2 runs on
@@ -288,7 +288,7 @@ def test_a_rebuild_cut_off_between_an_unmount_and_its_detach_is_aborted_or_run_a
     restore_home(lab)
     ebs = Ebs(lab)
     data, wal = (str(state.paths().mount_point(STANDBY, purpose)) for purpose in PURPOSES)
-    with Load(lab, tmp_path) as load:
+    with Load(lab, tmp_path, rate=IN_FLIGHT_RATE) as load:
         created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
         assert created.returncode == 0, created.stderr[-3000:]
         group = envelope["data"]["group_id"]
