@@ -385,7 +385,7 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
     config_path = fleet.path_for(fleet.model.redis.config_file, host)
     configured = redisops.configured_master(read_file(fleet, host, config_path))
     member = state.node(node)
-    plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master, settling=node)
+    plan = RedisPlan("rejoin", f"Rejoin {node} as a replica of {master}", None, master)
     if member.role == "master":
         reasons = [f"{node} is a master: its own writes since it split off are discarded"]
         refuse_or_force(
@@ -399,6 +399,9 @@ def plan_redis_rejoin(fleet: Fleet, node: str, accept_risk: bool = False) -> tup
         steps.append(Step(f"{node}: config file {config_path}: replicaof {master}", "persist_roles", (master, (node,))))
     if steps or member.link != "up":
         steps.append(Step(f"{node}: wait until its link to {master} is up", "wait_link", (node,)))
+        # The plan waits for the link whichever way it goes meanwhile; a plan with nothing to do
+        # is stale if the link drops.
+        plan.settling = node
     else:
         plan.notes.append(f"nothing to do: {node} replicates from {master} and its config says so")
     plan.actions = steps

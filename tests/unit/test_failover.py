@@ -383,6 +383,30 @@ def test_a_rejoining_replicas_link_may_come_up_between_its_plan_and_its_run():
     assert "settling" not in failover.describe_plan(plan)
 
 
+def test_a_rejoin_leaves_the_link_out_only_when_it_waits_for_it(fleet, monkeypatch):
+    """A rejoin that waits for the link tolerates it coming up (or going down) before its run; one
+    with nothing to do is stale if the link drops, and is refused then. (The view and the config
+    file are stood in for: what they hold is the live tier's.)"""
+    from igops.redis_tier import RedisNode, RedisState, RedisView
+
+    def view(link: str) -> RedisView:
+        nodes = [
+            RedisNode("redis1", "10.0.0.31", "replica", "running", master="redis2", link=link),
+            RedisNode("redis2", "10.0.0.32", "master", "running"),
+        ]
+        master = redisops.NodeState("master", 10, None, None, 3, True, 100, "b")
+        return RedisView(fleet, {"redis1": replica(10), "redis2": master}, {}, RedisState(nodes, "redis2", None, 1))
+
+    monkeypatch.setattr(redis_failover, "read_file", lambda fleet, host, path: "replicaof 10.0.0.32 6379\n")
+    for link, waits in (("down (2 s)", True), ("up", False)):
+        monkeypatch.setattr(redis_failover, "redis_view", lambda fleet, link=link: view(link))
+        plan, _ = redis_failover.plan_redis_rejoin(fleet, "redis1")
+        assert [step.action for step in plan.actions] == (["wait_link"] if waits else [])
+        assert plan.settling == ("redis1" if waits else None)
+        flipped = view("up" if link != "up" else "down (0 s)")
+        assert (redis_failover.signature(flipped, plan.settling) == plan.signature) is waits
+
+
 # --- candidates and thresholds -------------------------------------------------------------------
 def server(received, replayed=None, paused=False):
     return postgres.ServerState(
