@@ -78,8 +78,7 @@ class AgentSession:
                 return AgentAnswer(None, remote.session_failed(exc), False), False
         started = time.monotonic()
         try:
-            self._session.send(line)
-            reply = self._session.read_line(deadline)
+            reply = self._session.exchange(line, deadline)
         except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
             self.close()
             return AgentAnswer(None, remote.session_failed(exc), False), True

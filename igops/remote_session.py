@@ -13,6 +13,14 @@ if TYPE_CHECKING:
     from asyncssh import SSHClientConnection, SSHClientProcess
 
 
+class _ConnectFailed(Exception):
+    """The login failed (`error` says how), as opposed to the command's start."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
 class Session:
     """One interactive command on one host: write to its stdin, read its stdout line by line,
     each read under its own deadline. Used by agents that hold host-side state (a freeze)."""
@@ -29,21 +37,25 @@ class Session:
     def __enter__(self) -> Session:
         from igops.errors import RemoteError
 
+        # The login and the command's start in one call to the loop: at a hundred hosts at once,
+        # every hand-over between a caller's thread and the loop costs CPU of its own.
         try:
-            self._connection = ssh_loop.call(remote.open_connection(self.target, self._settings))
-        except Exception as exc:  # noqa: BLE001
+            ssh_loop.call(self._open())
+        except _ConnectFailed as failed:
             raise RemoteError(
-                f"{self.target.name}: {remote.describe_connect_error(exc, self.target, self._settings)}"
+                f"{self.target.name}: {remote.describe_connect_error(failed.error, self.target, self._settings)}"
             ) from None
-        try:
-            ssh_loop.call(self._start(self._connection))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    async def _start(self, connection: SSHClientConnection) -> None:
-        process = self._process = await connection.create_process(self._command, encoding=None)
+    async def _open(self) -> None:
+        try:
+            self._connection = await remote.open_connection(self.target, self._settings)
+        except Exception as exc:  # noqa: BLE001 - described for the person by the caller
+            raise _ConnectFailed(exc) from exc
+        process = self._process = await self._connection.create_process(self._command, encoding=None)
         if self._prefix:
             process.stdin.write(self._prefix)
         asyncio.get_running_loop().create_task(self._gather_stderr(process))
@@ -73,6 +85,16 @@ class Session:
     def read_line(self, timeout: float) -> str | None:
         """The next stdout line, or None at EOF or when the deadline passes."""
         return ssh_loop.call(self._read_line(self._started(), timeout))
+
+    def exchange(self, data: bytes, timeout: float) -> str | None:
+        """send(data), then read_line(timeout), in one call to the loop (a request and its
+        answer)."""
+        return ssh_loop.call(self._exchange(self._started(), data, timeout))
+
+    @classmethod
+    async def _exchange(cls, process: SSHClientProcess[bytes], data: bytes, timeout: float) -> str | None:
+        await cls._send(process, data)
+        return await cls._read_line(process, timeout)
 
     @staticmethod
     async def _read_line(process: SSHClientProcess[bytes], timeout: float) -> str | None:
