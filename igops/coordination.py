@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,11 @@ class Holder:
         )
 
     def to_json(self) -> str:
+        return self._json
+
+    @cached_property
+    def _json(self) -> str:
+        # Once per holder: a deploy leases each of its hosts in turn under the same holder.
         return json.dumps(redact_data(asdict(self)), sort_keys=True)
 
     @classmethod
@@ -189,11 +195,12 @@ class LocalCoordinator:
         from igops import safety
 
         give_up = time.monotonic() + wait
+        record = holder.to_json()
         while True:
             with ExitStack() as held:
                 try:
                     for resource in sorted(set(resources)):
-                        held.enter_context(safety.lock(self.state_dir, *resource, holder=holder.to_json()))
+                        held.enter_context(safety.lock(self.state_dir, *resource, holder=record))
                 except AlreadyRunning as exc:
                     if time.monotonic() < give_up:
                         held.close()
