@@ -128,3 +128,16 @@ def test_colons_in_what_igops_prints_are_never_read_as_emoji_codes(capsys):
     captured = capsys.readouterr()
     assert "/api/photos/:id: p50" in captured.out and "db1:5432:main" in captured.out
     assert "/api/photos/:id: 5xx" in captured.err
+
+
+def test_a_table_cell_is_markup_only_where_it_has_some_and_never_emoji(capsys):
+    """Cells may carry markup (a status in colour); a cell without any is printed as written,
+    colons and all, and one whose brackets are not markup too."""
+    out = Output("deploy")
+    out.table(
+        None, ["host", "detail"], [["app1", "GET /api/photos/:id: 5xx"], ["app2", "[bold]ok[/bold]"], ["app3", "a [b"]]
+    )
+    printed = capsys.readouterr().out
+    assert "GET /api/photos/:id: 5xx" in printed
+    assert "app2  ok" in printed and "[bold]" not in printed
+    assert "a [b" in printed
