@@ -450,7 +450,7 @@ def _markup(text: str) -> Text:
     from rich.text import Text
 
     if "[" not in text:
-        # No markup: most cells. Parsing each one cost a table of 1,000 hosts a second.
+        # No markup: most cells. Parsing each one took 0.3-0.4 s of a 1,000-host table.
         return Text(text)
     try:
         return Text.from_markup(text, emoji=False)
