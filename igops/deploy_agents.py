@@ -5,16 +5,15 @@ inventory's app servers and load balancers with the sessions open on them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igops import agent, remote, remote_session
+from igops import agent, remote, remote_session, ssh_loop
 from igops.errors import IgopsError, UsageError
 
 if TYPE_CHECKING:
@@ -27,6 +26,8 @@ DRAIN_TIMEOUT_S = 10.0
 SESSION_LIFETIME_S = 6 * 3600.0
 # A new session's first answer also waits for the login and the interpreter's start.
 AGENT_START_S = 30.0
+# The health gate's probes at once (igops.deploy_gate): each holds a socket beside the sessions.
+HEALTH_PROBES_AT_ONCE = 128
 
 
 @dataclass
@@ -53,40 +54,42 @@ class AgentSession:
         # root's home directory (pyenv), and reload and test commands behave the same everywhere.
         self.command = f"PATH={remote.SYSTEM_PATH}; export PATH; {command}"
         self._session: remote_session.Session | None = None
-        self._lock = threading.Lock()
+        # Bound to the SSH loop at its first use, where every request to the agent runs.
+        self._lock = asyncio.Lock()
 
-    def request(self, document: dict[str, Any], timeout: float, payload: bytes = b"") -> AgentAnswer:
+    async def request(self, document: dict[str, Any], timeout: float, payload: bytes = b"") -> AgentAnswer:
+        """On the SSH loop: the agent's answer to one request (one at a time per session)."""
         line = json.dumps(document).encode() + b"\n" + payload
-        with self._lock:
-            answer, session_ended = self._exchange(line, timeout)
+        async with self._lock:
+            answer, session_ended = await self._exchange(line, timeout)
             if session_ended:
-                answer, _ = self._exchange(line, timeout)
+                answer, _ = await self._exchange(line, timeout)
             return answer
 
-    def _exchange(self, line: bytes, timeout: float) -> tuple[AgentAnswer, bool]:
+    async def _exchange(self, line: bytes, timeout: float) -> tuple[AgentAnswer, bool]:
         """The answer, and whether the session ended without giving one (worth one more try)."""
         deadline = timeout
         if self._session is None:
             deadline += AGENT_START_S
+            session = remote_session.Session(self.target, self.command, self.settings, stdin_prefix=self.prefix)
             try:
-                self._session = remote_session.Session(
-                    self.target, self.command, self.settings, stdin_prefix=self.prefix
-                ).__enter__()
+                await session.open()
             except IgopsError as exc:
                 return AgentAnswer(None, exc.message.removeprefix(f"{self.target.name}: "), False), False
             except Exception as exc:  # noqa: BLE001 - connected, but no session: as unreachable
                 return AgentAnswer(None, remote.session_failed(exc), False), False
+            self._session = session
         started = time.monotonic()
         try:
-            reply = self._session.exchange(line, deadline)
+            reply = await self._session.exchange(line, deadline)
         except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
-            self.close()
+            await self.close()
             return AgentAnswer(None, remote.session_failed(exc), False), True
         if reply is not None:
             return self._parse(reply), False
         timed_out = time.monotonic() - started >= deadline
-        ended = self._session.stderr().strip()[-300:] or "the SSH session ended"
-        self.close()
+        ended = (await self._session.take_stderr()).strip()[-300:] or "the SSH session ended"
+        await self.close()
         if timed_out:
             return AgentAnswer(None, f"no answer within {deadline:g} s", False), False
         return AgentAnswer(None, ended, False), True
@@ -101,10 +104,10 @@ class AgentSession:
             return AgentAnswer(None, document["error"], True)
         return AgentAnswer(document, None, True)
 
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.__exit__(None, None, None)
-            self._session = None
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 # --- the fleet's app servers and load balancers ---------------------------------------------------
@@ -126,14 +129,21 @@ class AppFleet:
         hosts = fleet.with_role("app")
         if not hosts:
             raise UsageError("no host has the 'app' role", f'add roles = ["app"] to the app servers in {fleet.source}')
-        return cls(fleet, hosts, fleet.with_role("lb"), remote.settings_for(fleet))
+        lbs = fleet.with_role("lb")
+        # A session stays open on every host for the whole run: a thousand hosts are past the
+        # soft limit on open files most systems start processes with.
+        remote.allow_descriptors(remote.DESCRIPTORS_PER_CONNECTION * (len(hosts) + len(lbs)) + HEALTH_PROBES_AT_ONCE)
+        return cls(fleet, hosts, lbs, remote.settings_for(fleet))
 
     def __enter__(self) -> AppFleet:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with ThreadPoolExecutor(max_workers=max(1, min(len(self.agents), 64))) as pool:
-            list(pool.map(AgentSession.close, self.agents.values()))
+        async def close_all() -> None:
+            await asyncio.gather(*(session.close() for session in self.agents.values()))
+
+        if self.agents:
+            ssh_loop.call(close_all())
 
     @property
     def name(self) -> str:
@@ -183,17 +193,24 @@ class AppFleet:
         parallel: int | None = None,
         on_done: Callable[[], None] | None = None,
     ) -> dict[str, AgentAnswer]:
-        """name -> its agent's answer to its request, at most `parallel` hosts at once."""
+        """name -> its agent's answer to its request, at most `parallel` hosts at once. Every
+        host's exchange is a coroutine on the SSH loop, as exec's commands are: a thread a host,
+        each handing every request over to the loop and waiting on it, cost more CPU than the
+        requests. `on_done` is called on the loop's thread: it must not block."""
         if not agents:
             return {}
         workers = max(1, min(parallel or self.settings.parallel, len(agents)))
 
-        def one(item: tuple[str, tuple[AgentSession, dict[str, Any], bytes]]) -> tuple[str, AgentAnswer]:
-            name, (session, document, payload) = item
-            answer = session.request(document, timeout, payload)
-            if on_done:
-                on_done()
-            return name, answer
+        async def each() -> list[AgentAnswer]:
+            turns = asyncio.Semaphore(workers)
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deploy") as pool:
-            return dict(pool.map(one, agents.items()))
+            async def one(session: AgentSession, document: dict[str, Any], payload: bytes) -> AgentAnswer:
+                async with turns:
+                    answer = await session.request(document, timeout, payload)
+                if on_done:
+                    on_done()
+                return answer
+
+            return await asyncio.gather(*(one(*job) for job in agents.values()))
+
+        return dict(zip(agents, ssh_loop.call(each()), strict=True))

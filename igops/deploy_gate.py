@@ -5,7 +5,9 @@ switched host must pass before it goes back into traffic.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import io
 import json
 import time
 from collections.abc import Sequence
@@ -139,7 +141,17 @@ class GateResult:
     ms: float
 
 
-def probe(
+class _Received:
+    """A whole response read off a socket, as http.client's parser reads one."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
+async def probe(
     address: str,
     port: int,
     path: str,
@@ -147,11 +159,20 @@ def probe(
     require_release: bool = True,
     timeout: float = HEALTH_HTTP_TIMEOUT_S,
 ) -> tuple[bool, str]:
-    """One /health request: (passed, what was seen)."""
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    """One /health request, on the SSH loop beside the agents' sessions: (passed, what was
+    seen). The response is read to the end (the request asks the server to close) and parsed
+    by http.client."""
     try:
-        connection.request("GET", path, headers={"Connection": "close"})
-        response = connection.getresponse()
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address, port)
+            try:
+                host = f"[{address}]" if ":" in address else address  # an IPv6 address is bracketed
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+                data = await reader.read()
+            finally:
+                writer.close()
+        response = http.client.HTTPResponse(_Received(data))  # type: ignore[arg-type]
+        response.begin()
         body = response.read()
     except ConnectionRefusedError:
         return False, f"{address}:{port} refused the connection (is gunicorn running?)"
@@ -159,8 +180,6 @@ def probe(
         return False, f"{path} did not answer within {timeout:g} s"
     except (OSError, http.client.HTTPException) as exc:
         return False, f"{path}: {type(exc).__name__}: {exc}"
-    finally:
-        connection.close()
     try:
         document = json.loads(body)
     except ValueError:
@@ -190,11 +209,14 @@ def probe(
     return True, "ok"
 
 
-def wait_healthy(address: str, gate: HealthGate, release: str) -> GateResult:
+async def wait_healthy(address: str, gate: HealthGate, release: str, probes: asyncio.Semaphore) -> GateResult:
+    """On the SSH loop: probe until `gate.passes` in a row pass, or its timeout; each probe
+    waits for one of `probes`, which bounds the sockets open at once."""
     started = time.monotonic()
     streak, last = 0, "no answer yet"
     while True:
-        ok, seen = probe(address, gate.port, gate.path, release, gate.require_release)
+        async with probes:
+            ok, seen = await probe(address, gate.port, gate.path, release, gate.require_release)
         elapsed = time.monotonic() - started
         if ok:
             streak += 1
@@ -205,4 +227,4 @@ def wait_healthy(address: str, gate: HealthGate, release: str) -> GateResult:
             streak, last = 0, seen
         if elapsed > gate.timeout:
             return GateResult(False, f"{last} (gate: {gate.describe()})", round(elapsed * 1000, 1))
-        time.sleep(gate.interval)
+        await asyncio.sleep(gate.interval)

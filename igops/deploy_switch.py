@@ -5,11 +5,12 @@ batches; a canary that fails its analysis is returned the same way).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from igops.deploy_agents import AppFleet
+from igops import ssh_loop
+from igops.deploy_agents import HEALTH_PROBES_AT_ONCE, AppFleet
 from igops.deploy_gate import GateResult, wait_healthy
 from igops.deploy_plan import DEPLOYED, FAILED, ROLLED_BACK, UNKNOWN, RolloutPlan
 from igops.deploy_record import LastRunRecord
@@ -150,11 +151,17 @@ class HostSwitcher:
         return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
 
     def _gate(self, names: list[str], release_of: Callable[[str], str]) -> dict[str, GateResult]:
+        """name -> its gate's result, every host gated at once as coroutines on the SSH loop."""
         if not names:
             return {}
-        with ThreadPoolExecutor(max_workers=min(len(names), 128), thread_name_prefix="gate") as pool:
-            futures = {
-                name: pool.submit(wait_healthy, str(self.app.host(name).address), self.plan.gate, release_of(name))
-                for name in names
-            }
-            return {name: future.result() for name, future in futures.items()}
+
+        async def gate_all() -> list[GateResult]:
+            probes = asyncio.Semaphore(HEALTH_PROBES_AT_ONCE)
+            return await asyncio.gather(
+                *(
+                    wait_healthy(str(self.app.host(name).address), self.plan.gate, release_of(name), probes)
+                    for name in names
+                )
+            )
+
+        return dict(zip(names, ssh_loop.call(gate_all()), strict=True))

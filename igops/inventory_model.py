@@ -32,6 +32,18 @@ def tcp_port(value: int) -> int:
 Port = Annotated[int, AfterValidator(tcp_port)]
 
 
+def http_path(value: str) -> str:
+    # It goes into a request line as it is: a space or a line break would make another request.
+    if not re.fullmatch(r"/[!-~]*", value):
+        raise InvalidValue(
+            f"health path {value!r} is not an HTTP path", "use a path from / with no spaces, e.g. /health"
+        )
+    return value
+
+
+HealthPath = Annotated[str, AfterValidator(http_path)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -176,7 +188,7 @@ class Host(Strict):
 
 class LoadBalancer(Strict):
     port: Port = 80
-    health_path: str = "/health"
+    health_path: HealthPath = "/health"
     upstream_file: str = "/etc/nginx/conf.d/igops-upstream.conf"
     # Run before every reload: a change that fails it is undone and never reloaded.
     test_command: str = "nginx -t -q"
@@ -188,7 +200,7 @@ class LoadBalancer(Strict):
 
 class App(Strict):
     port: Port = 8000
-    health_path: str = "/health"
+    health_path: HealthPath = "/health"
     root: str = "/srv/app"
     reload_command: str = "systemctl reload gunicorn"
     keep_releases: int = Field(default=5, ge=1)

@@ -13,17 +13,11 @@ if TYPE_CHECKING:
     from asyncssh import SSHClientConnection, SSHClientProcess
 
 
-class _ConnectFailed(Exception):
-    """The login failed (`error` says how), as opposed to the command's start."""
-
-    def __init__(self, error: Exception):
-        super().__init__(error)
-        self.error = error
-
-
 class Session:
     """One interactive command on one host: write to its stdin, read its stdout line by line,
-    each read under its own deadline. Used by agents that hold host-side state (a freeze)."""
+    each read under its own deadline. Used by agents that hold host-side state (a freeze).
+    Threads use the with block, send, read_line and stderr; coroutines on the SSH loop (a
+    deploy's agents, one per host) use open, exchange, take_stderr and close."""
 
     def __init__(self, target: remote.Target, command: str, settings: remote.SshSettings, stdin_prefix: bytes = b""):
         self.target = target
@@ -35,27 +29,27 @@ class Session:
         self._stderr = bytearray()
 
     def __enter__(self) -> Session:
-        from igops.errors import RemoteError
-
         # The login and the command's start in one call to the loop: at a hundred hosts at once,
         # every hand-over between a caller's thread and the loop costs CPU of its own.
-        try:
-            ssh_loop.call(self._open())
-        except _ConnectFailed as failed:
-            raise RemoteError(
-                f"{self.target.name}: {remote.describe_connect_error(failed.error, self.target, self._settings)}"
-            ) from None
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        ssh_loop.call(self.open())
         return self
 
-    async def _open(self) -> None:
+    async def open(self) -> None:
+        """Log in and start the command (on the SSH loop: a coroutine's way into the session).
+        Raises RemoteError when the login fails."""
+        from igops.errors import RemoteError
+
         try:
-            self._connection = await remote.open_connection(self.target, self._settings)
-        except Exception as exc:  # noqa: BLE001 - described for the person by the caller
-            raise _ConnectFailed(exc) from exc
-        process = self._process = await self._connection.create_process(self._command, encoding=None)
+            try:
+                self._connection = await remote.open_connection(self.target, self._settings)
+            except Exception as exc:  # noqa: BLE001 - described for the person below
+                raise RemoteError(
+                    f"{self.target.name}: {remote.describe_connect_error(exc, self.target, self._settings)}"
+                ) from None
+            process = self._process = await self._connection.create_process(self._command, encoding=None)
+        except BaseException:
+            await self.close()
+            raise
         if self._prefix:
             process.stdin.write(self._prefix)
         asyncio.get_running_loop().create_task(self._gather_stderr(process))
@@ -71,7 +65,7 @@ class Session:
 
     def _started(self) -> SSHClientProcess[bytes]:
         if self._process is None:
-            raise RuntimeError("remote_session.Session is used outside its with block")
+            raise RuntimeError("remote_session.Session is used before it is open or after it is closed")
         return self._process
 
     def send(self, data: bytes) -> None:
@@ -86,15 +80,11 @@ class Session:
         """The next stdout line, or None at EOF or when the deadline passes."""
         return ssh_loop.call(self._read_line(self._started(), timeout))
 
-    def exchange(self, data: bytes, timeout: float) -> str | None:
-        """send(data), then read_line(timeout), in one call to the loop (a request and its
-        answer)."""
-        return ssh_loop.call(self._exchange(self._started(), data, timeout))
-
-    @classmethod
-    async def _exchange(cls, process: SSHClientProcess[bytes], data: bytes, timeout: float) -> str | None:
-        await cls._send(process, data)
-        return await cls._read_line(process, timeout)
+    async def exchange(self, data: bytes, timeout: float) -> str | None:
+        """On the SSH loop: send(data), then read_line(timeout) (a request and its answer)."""
+        process = self._started()
+        await self._send(process, data)
+        return await self._read_line(process, timeout)
 
     @staticmethod
     async def _read_line(process: SSHClientProcess[bytes], timeout: float) -> str | None:
@@ -113,14 +103,20 @@ class Session:
 
     def stderr(self) -> str:
         """What the command wrote to stderr since the last call."""
-        return ssh_loop.call(self._take_stderr())
+        return ssh_loop.call(self.take_stderr())
 
-    async def _take_stderr(self) -> str:
+    async def take_stderr(self) -> str:
+        """On the SSH loop: what the command wrote to stderr since the last call."""
         await asyncio.sleep(0)  # what arrived with the last read is gathered first
         data, self._stderr = bytes(self._stderr), bytearray()
         return data.decode(errors="replace")
 
     def __exit__(self, *exc_info: object) -> None:
+        ssh_loop.call(self.close())
+
+    async def close(self) -> None:
+        """On the SSH loop: end the command and the connection (the host sees them go, as after
+        a kill)."""
         connection, self._connection, self._process = self._connection, None, None
         if connection is not None:
-            ssh_loop.call(remote.close_connection(connection))
+            await remote.close_connection(connection)

@@ -1,6 +1,6 @@
-"""The one asyncio event loop that carries this process's SSH connections, on a thread of its own,
-and the bridge that lets synchronous callers (commands, the operation engines' worker threads)
-wait for a coroutine on it.
+"""The one asyncio event loop that carries this process's SSH connections (and the deploy's health
+probes, which run beside its agents' sessions), on a thread of its own, and the bridge that lets
+synchronous callers (commands, the operation engines' worker threads) wait for a coroutine on it.
 
 One loop, not a thread per connection: with a thread for each of a hundred connections at once,
 every packet read handed the interpreter's lock to another thread, and the run spent more CPU
