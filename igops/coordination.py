@@ -195,12 +195,11 @@ class LocalCoordinator:
         from igops import safety
 
         give_up = time.monotonic() + wait
-        record = holder.to_json()
         while True:
             with ExitStack() as held:
                 try:
                     for resource in sorted(set(resources)):
-                        held.enter_context(safety.lock(self.state_dir, *resource, holder=record))
+                        held.enter_context(safety.lock(self.state_dir, *resource, holder=holder.to_json()))
                 except AlreadyRunning as exc:
                     if time.monotonic() < give_up:
                         held.close()
