@@ -85,6 +85,11 @@ class AgentSession:
         except Exception as exc:  # noqa: BLE001 - a dead session: the request did not get through
             await self.close()
             return AgentAnswer(None, remote.session_failed(exc), False), True
+        except BaseException:
+            # Cancelled mid-request (an interrupt): its answer, still to come, would be read as
+            # the answer to the session's next request (the put-back of an interrupted run's).
+            await self.close()
+            raise
         if reply is not None:
             return self._parse(reply), False
         timed_out = time.monotonic() - started >= deadline

@@ -3,6 +3,7 @@ fails, an app server lost mid-deploy, igops killed mid-deploy, rollbacks, and th
 change events that mark them. Real sshd, nginx, gunicorn, Postgres, Redis and memcached; the
 load generator's clients see every failed request."""
 
+import asyncio
 import json
 import os
 import re
@@ -388,6 +389,32 @@ def test_a_deploy_that_loses_etcd_stops_at_the_next_batch_with_the_batch_back_in
     assert "] batch 2/3" not in errors, errors[-3000:]  # the plan lists it; it never began
     rerun = igops_deploy(lab, "--source", str(source))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+def test_a_request_cancelled_before_its_answer_does_not_answer_the_next_one(lab):
+    """An interrupt cancels the requests under way, whose agents still owe their answers: the
+    session is dropped, so the next request to that host (an interrupted run's put-back) gets
+    its own answer on a new session, not the cancelled one's."""
+    from igops import ssh_loop
+    from igops.deploy_agents import AppFleet
+
+    stage = {"op": "stage", "id": "never-sent", "sha256": "0" * 64, "size": 1 << 20, "shared": []}
+
+    async def cancel_then_survey(agent):
+        assert (await agent.request({"op": "survey"}, 30)).answer is not None
+        # A stage whose tarball never comes: its agent waits for the bytes and owes an answer.
+        staging = asyncio.ensure_future(agent.request(stage, 30))
+        await asyncio.sleep(0.5)
+        staging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await staging
+        return await agent.request({"op": "survey"}, 10)
+
+    with AppFleet.of(lab) as app:
+        answer = ssh_loop.call(cancel_then_survey(app.release_agent(app.host("app1"))))
+    assert answer.error is None, answer.error
+    assert answer.answer["current"] == current_of("app1")
+    assert "never-sent" not in releases_on("app1")
 
 
 def releases_on(host: str) -> list[str]:
