@@ -135,10 +135,11 @@ class AppFleet:
         if not hosts:
             raise UsageError("no host has the 'app' role", f'add roles = ["app"] to the app servers in {fleet.source}')
         lbs = fleet.with_role("lb")
+        settings = remote.settings_for(fleet)
         # A session stays open on every host for the whole run: a thousand hosts are past the
         # soft limit on open files most systems start processes with.
         remote.allow_descriptors(remote.DESCRIPTORS_PER_CONNECTION * (len(hosts) + len(lbs)) + HEALTH_PROBES_AT_ONCE)
-        return cls(fleet, hosts, lbs, remote.settings_for(fleet))
+        return cls(fleet, hosts, lbs, settings)
 
     def __enter__(self) -> AppFleet:
         return self

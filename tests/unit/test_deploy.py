@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import deploy, deploy_plan, deploy_record, deploy_rollout, inventory
+from igops import deploy, deploy_agents, deploy_plan, deploy_record, deploy_rollout, inventory
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
@@ -158,6 +158,24 @@ roles = ["lb"]
 """
     fleet = inventory.validate(tomllib.loads(text), tmp_path / "igops.toml")
     return deploy.AppFleet.of(fleet)
+
+
+def test_a_deploy_raises_the_open_file_limit_for_a_session_on_every_host(tmp_path, monkeypatch):
+    """A session stays open on every app server and load balancer for the whole run: a thousand
+    hosts are past the soft limit most processes start with (1024)."""
+    import resource
+
+    limits = [(1024, 524288)]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits[-1])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, new: limits.append(new))
+    app_fleet(tmp_path, 1)
+    assert limits == [(1024, 524288)]  # one app server and a load balancer: left alone
+    hosts = [(f"app{i}", f"127.0.{20 + i // 200}.{1 + i % 200}", "app") for i in range(1000)]
+    (tmp_path / "wide").mkdir()
+    fleet = inventory.load_file(unit_inventory(tmp_path / "wide", [*hosts, ("lb1", "127.0.30.1", "lb")]))
+    app = deploy.AppFleet.of(fleet)
+    assert len(app.hosts) == 1000
+    assert limits[-1][0] >= 1001 + deploy_agents.HEALTH_PROBES_AT_ONCE and limits[-1][1] == 524288
 
 
 def survey(app, current, unreachable=(), releases=None):
