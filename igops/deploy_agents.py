@@ -71,7 +71,9 @@ class AgentSession:
         deadline = timeout
         if self._session is None:
             deadline += AGENT_START_S
-            session = remote_session.Session(self.target, self.command, self.settings, stdin_prefix=self.prefix)
+            # The agent's program goes out with its first request: one packet, not two.
+            line = self.prefix + line
+            session = remote_session.Session(self.target, self.command, self.settings)
             try:
                 await session.open()
             except IgopsError as exc:
