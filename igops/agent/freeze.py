@@ -4,7 +4,8 @@ Usage: freeze.py DEADLINE_SECONDS MOUNT [MOUNT ...]; then, on stdin, the line "t
 
 A watchdog in its own session is started BEFORE anything is frozen. It thaws every mount the
 moment this process dies (its pipe reaches EOF: SIGKILL, OOM, a dropped SSH session) and in any
-case at the hard deadline. The foreground process also thaws on EOF of stdin or at the deadline.
+case at the hard deadline. The foreground process also thaws on EOF of stdin or at the deadline,
+and on its way out whatever ended it (a closed channel it could not report to).
 Everything is imported and every mount point opened before the freeze, and nothing is written,
 logged or executed on a frozen filesystem: output goes only to the SSH channel.
 Output: JSON lines on stdout ("frozen", then "thawed"), or one "error" line and exit 2/3.
@@ -64,24 +65,30 @@ def release_watchdog(pipe_write: int) -> None:
 
 
 def watchdog(fds: list[tuple[str, int]], pipe_read: int, deadline: float) -> NoReturn:
-    """Runs in its own session; exits on "done", thaws on EOF or at the deadline."""
+    """Runs in its own session: thaws at the deadline, thaws on EOF, exits on "done" or EOF.
+
+    It stays after the deadline's thaw until the freezing process is done or gone. A freeze
+    still waiting for its filesystem's writes at the deadline (a volume that stopped answering)
+    is not frozen yet, so that thaw finds nothing; the freeze can complete later, and if its
+    process then dies, the EOF is the only thing left to thaw it."""
     os.setsid()
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
     null = os.open(os.devnull, os.O_RDWR)
     for stream in (0, 1, 2):
         os.dup2(null, stream)
+    remaining: float | None = deadline - time.monotonic()
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining is not None and remaining <= 0:
             thaw(fds)
-            os._exit(0)
+            remaining = None  # from here on, wait for the process alone
         ready, _, _ = select.select([pipe_read], [], [], remaining)
         if ready:
             if os.read(pipe_read, 16) == b"done":
                 os._exit(0)
             thaw(fds)  # EOF: the process holding the freeze is gone
             os._exit(0)
+        remaining = deadline - time.monotonic()
 
 
 def main() -> None:
@@ -149,32 +156,37 @@ def main() -> None:
         release_watchdog(pipe_write)
         fail("cannot freeze " + ", ".join(f"{path}: {why}" for path, why in failed) + "; nothing is left frozen", 3)
     frozen_at = time.monotonic()
-    emit(
-        "frozen",
-        mounts=[path for path, _ in frozen],
-        freeze_ms=round((frozen_at - freeze_started) * 1000, 2),
-        deadline_ms=round((deadline - frozen_at) * 1000),
-    )
+    # A freeze that completed after the deadline finds igops gone as often as not (it stops
+    # waiting then and closes the channel): the report of it must not be what leaves it frozen.
+    try:
+        emit(
+            "frozen",
+            mounts=[path for path, _ in frozen],
+            freeze_ms=round((frozen_at - freeze_started) * 1000, 2),
+            deadline_ms=round((deadline - frozen_at) * 1000),
+        )
+        reason = wait_for_thaw(deadline)
+    finally:
+        thawed = thaw(frozen)
+        thawed_at = time.monotonic()
+        release_watchdog(pipe_write)
+    emit("thawed", mounts=thawed, reason=reason, window_ms=round((thawed_at - freeze_started) * 1000, 2))
 
-    reason = "deadline"
+
+def wait_for_thaw(deadline: float) -> str:
+    """Why the thaw comes: "request" (the line "thaw"), "eof" (the channel closed) or "deadline"."""
     stdin = sys.stdin.buffer
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            break
+            return "deadline"
         ready, _, _ = select.select([stdin], [], [], remaining)
         if ready:
             line = stdin.readline()
             if not line:
-                reason = "eof"
-                break
+                return "eof"
             if line.strip() == b"thaw":
-                reason = "request"
-                break
-    thawed = thaw(frozen)
-    thawed_at = time.monotonic()
-    release_watchdog(pipe_write)
-    emit("thawed", mounts=thawed, reason=reason, window_ms=round((thawed_at - freeze_started) * 1000, 2))
+                return "request"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -525,3 +526,94 @@ def test_a_group_left_taking_by_a_killed_create_is_reported_and_pruned(lab, tmp_
     assert record["status"] == "interrupted", record
     aborted = run_igops("-c", str(lab.source), "ops", "abort", record["id"], "--yes", "--json")
     assert aborted.returncode == 0, aborted.stderr[-3000:]
+
+
+@contextmanager
+def filesystem_on_a_volume_that_can_stop(tmp_path: Path):
+    """(inner mount, outer mount): an XFS whose loop device's image lives on a second XFS. While
+    the outer one is frozen, the inner one's writes to its device hang, as they do on an EBS
+    volume that stopped answering; thawing the outer one lets them through. Everything is taken
+    down afterwards, thawed first, whatever the test left."""
+    made: list[tuple[str, str]] = []  # (loop device, mount point), in the order made
+
+    def filesystem(image: Path, mount: Path) -> None:
+        image.touch()
+        os.truncate(image, 320 << 20)  # mkfs.xfs's smallest
+        device = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        made.append((device, ""))
+        subprocess.run(["mkfs.xfs", "-q", device], check=True, capture_output=True)
+        mount.mkdir()
+        subprocess.run(["mount", device, str(mount)], check=True, capture_output=True)
+        made[-1] = (device, str(mount))
+
+    try:
+        filesystem(tmp_path / "outer.img", tmp_path / "outer")
+        filesystem(tmp_path / "outer" / "inner.img", tmp_path / "inner")
+        yield str(tmp_path / "inner"), str(tmp_path / "outer")
+    finally:
+        for device, mount in reversed(made):
+            if mount:
+                subprocess.run(["fsfreeze", "--unfreeze", mount], capture_output=True)
+                subprocess.run(["umount", mount], capture_output=True)
+            subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def was_frozen(mount: str) -> bool:
+    """Whether `mount` was frozen; it is thawed in any case (a thaw of a thawed one is EINVAL)."""
+    import errno
+    import fcntl
+
+    from igops.agent.freeze import FITHAW
+
+    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return True
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_freeze_completing_after_its_deadline_on_a_closed_channel_is_thawed(tmp_path):
+    """The volume stops answering while the freeze program syncs before its freeze. The 1 s
+    deadline passes: the watchdog's thaw finds nothing frozen yet, and igops gives up and closes
+    the channel. Then the volume answers again and the freeze completes, with no one to report
+    it to: the filesystem must not stay frozen."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loop devices, mounts and freezes")
+    with filesystem_on_a_volume_that_can_stop(tmp_path) as (inner, outer):
+        subprocess.run(["fsfreeze", "--freeze", outer], check=True)
+        Path(inner, "dirty").write_bytes(os.urandom(8 << 20))  # for the sync to write, and hang on
+        freezer = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(ROOT / "igops/agent/freeze.py"), "1", inner],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(2)  # past the deadline, the freezer still in its sync
+            assert freezer.poll() is None, "the freezer should still wait on the stopped volume"
+            freezer.stdin.close()
+            freezer.stdout.close()
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", outer], check=True)
+        freezer.wait(30)
+        assert not was_frozen(inner), "a freeze that completed after its deadline was left on"
+        assert wait_for(lambda: not processes_freezing(inner), 5), "its watchdog stayed"
+
+
+def processes_freezing(mount: str) -> list[int]:
+    """The freeze programs, and their watchdogs, whose command line names `mount`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            arguments = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"freeze" in b" ".join(arguments) and mount.encode() in arguments:
+            found.append(int(proc.name))
+    return found
