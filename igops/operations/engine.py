@@ -148,9 +148,11 @@ class JournaledReporter(Reporter):
     @contextmanager
     def step(self, title: str) -> Iterator[StepRecord]:
         operation = self.operation
+        # Taken before the lease check: a step that cannot begin must not hand its undo and point
+        # of no return to the recovery step journaled next.
+        extra, self._announced = self._announced, {}
         if not self._recovering:
             operation.check_lease()
-        extra, self._announced = self._announced, {}
         started = time.monotonic()
         self._count += 1
         number = self._count  # the operation's own plan numbers its steps, whatever ran before it

@@ -129,6 +129,7 @@ def execute(
     done: list[StepReport] = []
     undos: list[Step] = []
     releases: list[Step] = []
+    probes: list[tuple[str, Step]] = []  # (title, probe of its effect) of each step that began to act
     past_point_of_no_return = False
     number, step = 0, None
     with _signals_as_interrupt() as interrupts:
@@ -149,6 +150,8 @@ def execute(
                 # A step that could not begin (its lease lost) is not past its point of no return.
                 with reporter.step(step.title) as record:
                     past_point_of_no_return = past_point_of_no_return or step.point_of_no_return
+                    if step.took_effect is not None:
+                        probes.append((step.title, step.took_effect))
                     detail = getattr(actions, step.action)(*step.args)
                     if detail:
                         record.detail = detail
@@ -156,14 +159,21 @@ def execute(
         except BaseException as error:  # noqa: BLE001 - Ctrl-C and signals must undo and resume too
             failed = step or Step("before the first step", "")
             with interrupts.recovery():
-                # The last step started, whether it failed or a signal came after it ended.
-                found = ""
-                if failed.took_effect is not None and not past_point_of_no_return:
-                    found = took_effect(actions, failed.took_effect)
-                    past_point_of_no_return = bool(found)
+                # Every step that began may have taken effect: the one that failed, and one that
+                # ended before the next could begin (its lease lost, its journal entry refused, a
+                # signal between the two). Newest first; the first found rolls the run forward.
+                taken = next(
+                    (
+                        StepReport(title, "took effect", found)
+                        for title, probe in reversed([] if past_point_of_no_return else probes)
+                        if (found := took_effect(actions, probe))
+                    ),
+                    None,
+                )
+                past_point_of_no_return = past_point_of_no_return or taken is not None
                 recovery = _recover(actions, reporter, [] if past_point_of_no_return else undos, releases)
-                if found:  # why nothing was undone
-                    recovery.insert(0, StepReport(failed.title, "took effect", found))
+                if taken:  # why nothing was undone
+                    recovery.insert(0, taken)
                 state = _left_behind(left_behind) if left_behind else None
             raise StepFailed(failed, number, error, recovery, past_point_of_no_return, failure_hint, state) from error
     return done

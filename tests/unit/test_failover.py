@@ -4,6 +4,7 @@ how candidates are chosen, and how a failing step is undone and released."""
 
 import os
 import signal
+from contextlib import contextmanager
 
 import pytest
 
@@ -791,6 +792,39 @@ def test_a_probe_is_asked_of_the_last_step_started_even_when_it_ended():
         step_runner.execute(SignalsBetween(PROBED, signal.SIGTERM, 3), actions, Reporter(), "hint")
     assert actions.calls == ["pause", "stop", "promote", "took", "resume"]
     assert failed.value.number == 3
+
+
+class RefusesToBegin(Reporter):
+    """A reporter under which the step titled `refused` cannot begin, as when the run's lease is
+    lost or the journal refuses the step's intent entry."""
+
+    def __init__(self, refused):
+        super().__init__()
+        self.refused = refused
+
+    @contextmanager
+    def step(self, title):
+        if title == self.refused:
+            raise IgopsError("the lease on cluster main was lost")
+        with super().step(title) as record:
+            yield record
+
+
+def test_a_step_that_ended_is_probed_when_the_next_cannot_begin():
+    # The promotion ended; the repoint cannot begin. The promotion happened, so nothing may be
+    # undone (the old primary started again) and the run rolls forward.
+    actions = Probed("db2 is out of recovery")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(PROBED, actions, RefusesToBegin("repoint"), "hint")
+    assert actions.calls == ["pause", "stop", "promote", "took", "resume"]
+    assert failed.value.past_point_of_no_return
+    assert (failed.value.recovery[0].title, failed.value.recovery[0].outcome) == ("promote", "took effect")
+    # A step that never began is not probed: a lease lost before the promotion undoes the stop.
+    actions = Probed("db2 is out of recovery")
+    with pytest.raises(step_runner.StepFailed) as failed:
+        step_runner.execute(PROBED, actions, RefusesToBegin("promote"), "hint")
+    assert actions.calls == ["pause", "stop", "start", "resume"]
+    assert not failed.value.past_point_of_no_return
 
 
 def test_an_interrupt_is_recovered_from_like_a_failure():

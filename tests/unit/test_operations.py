@@ -517,6 +517,11 @@ def test_a_lost_lease_stops_the_next_step_but_not_the_releases(fleet):
     assert actions.done == ["pause", "stop", "start", "resume"], "never promoted; undone and released"
     [record] = records(fleet)
     assert record["result"] == "failed" and "lease lost: etcd: lease expired" in record["detail"]
+    # The promotion never began: nothing journaled says the run passed its point of no return (an
+    # abort reading it after a kill in the undo would leave the stop undone).
+    intents = [e for e in journal.LocalJournal(fleet.state_dir).entries(record["id"]) if e["event"] == "intent"]
+    assert [e["title"] for e in intents] == ["pause", "stop", "start", "resume"]
+    assert not any(e.get("point_of_no_return") for e in intents), intents
 
 
 def test_the_process_knows_when_a_running_operations_lease_is_lost(fleet):
