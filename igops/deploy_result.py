@@ -57,7 +57,9 @@ class RolloutResult:
             return ExitCode.OK
         if self.held:
             return ExitCode.HELD
-        if self.count(DEPLOYED) == 0:
+        # A host that was already on the release is on it, as the summary counts it: a rerun that
+        # leaves some hosts there is partial, not a failure.
+        if self.count(DEPLOYED, ALREADY) == 0:
             return ExitCode.FAILED
         return ExitCode.PARTIAL
 

@@ -404,6 +404,9 @@ def test_exit_codes_of_a_rollout():
     assert result(deploy.DEPLOYED, deploy.ALREADY).exit_code == ExitCode.OK
     assert result(deploy.DEPLOYED, deploy.ROLLED_BACK).exit_code == ExitCode.PARTIAL
     assert result(deploy.ROLLED_BACK, deploy.NOT_STARTED).exit_code == ExitCode.FAILED
+    rerun = result(deploy.ALREADY, deploy.ALREADY, deploy.ROLLED_BACK)
+    assert "2 of 3 hosts on it" in rerun.summary() and rerun.exit_code == ExitCode.PARTIAL
+    assert result(deploy.ALREADY, deploy.ALREADY).exit_code == ExitCode.OK
     stopped = result(deploy.DEPLOYED, deploy.DEPLOYED)
     stopped.stopped = "batch 2 failed"
     assert stopped.exit_code == ExitCode.PARTIAL
