@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # A Redis switchover demotes the old master only while its write pause has at least this long
 # left, so the pause cannot expire between the check and the demotion.
 PAUSE_MARGIN = 1.0
+# What the old master's write pause must have left when its demotion is checked: the check and
+# the REPLICAOF are two commands on a connection already open.
+DEMOTE_MARGIN = 0.2
 
 
 @dataclass
@@ -195,11 +198,15 @@ def redis_switchover_steps(fleet: Fleet, current: str, target: str, others: list
             (target, current),
             undo=Step(f"{target}: REPLICAOF {current} again", "replicate", (target, current)),
         ),
+        # Not a point of no return of itself: a demotion refused because the pause lapsed (or cut
+        # off before its REPLICAOF) leaves `current` the master the app writes to, and undoing the
+        # promotion is what keeps one master. Its probe says when it did take effect.
         Step(
-            f"{current}: REPLICAOF {target} (it can take no more writes)",
+            f"{current}: REPLICAOF {target} (it can take no more writes; first checks its pause holds and no "
+            "write reached it since)",
             "demote",
             (current, target),
-            point_of_no_return=True,
+            took_effect=Step(f"{current}: does it replicate from {target}?", "demoted", (current, target)),
         ),
     ]
     steps += [Step(f"{name}: REPLICAOF {target}", "replicate", (name, target)) for name in others]
@@ -488,7 +495,33 @@ class RedisActions:
         return detail
 
     def demote(self, name: str, new_master: str) -> None:
+        """REPLICAOF `new_master`, only while `name`'s write pause holds. Once it lapses the app
+        writes to `name` again (the directory still names it), and the resync from the promoted
+        node would discard those acknowledged writes: its offset must still be the one the promoted
+        node was level with, and the pause must have time left for the command."""
+        if self.paused_at is not None and self.master_offset is not None:
+            with self._connection(name) as connection:
+                offset = redisops.node_state(connection).offset
+            left = self.paused_at + self.fleet.model.redis.pause_timeout - time.monotonic()
+            if offset != self.master_offset or left < DEMOTE_MARGIN:
+                raise IgopsError(
+                    f"{name}'s write pause "
+                    + (f"had {max(left, 0):.1f} s left" if offset == self.master_offset else "lapsed")
+                    + f" before its demotion (offset {offset}; {new_master} is level with {self.master_offset}): "
+                    f"not demoted, so no write it took is discarded",
+                    f"{new_master} replicates from {name} again; run the switchover again (a slow etcd between "
+                    "the steps uses up the pause: `igops check --only etcd`)",
+                )
         self.replicate(name, new_master)
+
+    def demoted(self, name: str, master: str) -> str:
+        """The demotion's probe: what says `name` replicates from `master`, or '' if it does not."""
+        with self._connection(name) as connection:
+            state = redisops.node_state(connection)
+        host, port = self._master_of(master)
+        if state.role == "replica" and state.master_address == f"{host}:{port}":
+            return f"{name} replicates from {master}"
+        return ""
 
     def replicate(self, name: str, master: str) -> None:
         with self._connection(name) as connection:

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from igops import inventory, redis_failover, redisops
+from igops.errors import IgopsError
 from igops.operations import steps as step_runner
 from igops.output import Reporter
 from tests.labtools import wait_for
@@ -104,3 +105,55 @@ def test_no_connection_is_opened_between_the_pause_and_the_demotion(pair):
     assert redisops.node_state(clients["redis1"]).role == "replica"
     assert redisops.node_state(clients["redis2"]).role == "master"
     clients["redis1"].execute_command("CLIENT", "UNPAUSE")
+
+
+class LapsesAfterThePromotion(redis_failover.RedisActions):
+    """The old master's write pause lapses once the promotion is done, before its demotion (the
+    journal's write between the two took longer than the pause had left), and the app writes to
+    it: the pause ends as Redis ends it, and the write is acknowledged."""
+
+    def __init__(self, fleet, clients):
+        super().__init__(fleet)
+        self.clients = clients
+
+    def promote(self, *args):
+        detail = super().promote(*args)
+        self.clients["redis1"].execute_command("CLIENT", "UNPAUSE")
+        assert self.clients["redis1"].set("acked", "1")
+        return detail
+
+
+def test_a_demotion_after_the_pause_lapsed_is_refused_and_the_promotion_undone(pair):
+    fleet, clients = pair
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
+    switch = LapsesAfterThePromotion(fleet, clients)
+    try:
+        with pytest.raises(step_runner.StepFailed) as failed:
+            step_runner.execute(steps, switch, Reporter(), "")
+    finally:
+        switch.close()
+    assert "lapsed before its demotion" in str(failed.value)
+    assert [item.outcome for item in failed.value.recovery] == ["undone", "released"]
+    assert not failed.value.past_point_of_no_return
+    assert redisops.node_state(clients["redis1"]).role == "master"
+    assert redisops.node_state(clients["redis2"]).role == "replica"
+    assert clients["redis1"].get("acked") == "1"
+    assert wait_for(lambda: clients["redis2"].get("acked") == "1", 10), "the acknowledged write is not lost"
+
+
+def test_a_demotion_is_refused_once_the_pause_has_run_out_and_its_probe_reads_the_roles(pair):
+    fleet, clients = pair
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
+    switch = redis_failover.RedisActions(fleet)
+    try:
+        step_runner.execute(steps[:4], switch, Reporter(), "")
+        switch.paused_at -= fleet.model.redis.pause_timeout  # as if the pause's time went by
+        with pytest.raises(IgopsError, match="had 0.0 s left before its demotion"):
+            switch.demote("redis1", "redis2")
+        assert switch.demoted("redis1", "redis2") == ""
+        switch.replicate("redis2", "redis1")  # the promotion's undo
+    finally:
+        switch.close()
+    clients["redis1"].execute_command("CLIENT", "UNPAUSE")
+    assert redisops.node_state(clients["redis2"]).role == "replica"
+    assert switch.demoted("redis2", "redis1") == "redis2 replicates from redis1"
