@@ -1,9 +1,11 @@
 """The Pingdom and PagerDuty clients against the lab's receivers, run here on ephemeral ports:
-limits and 429 back-off, checks as code, dedup, trigger-once, resolve on recovery, and which
-answers are retried."""
+limits and 429 back-off, checks as code, dedup, trigger-once, resolve on recovery, which
+answers are retried, and fleets that share a state dir keeping their incidents apart."""
 
+import json
 import secrets as random
 import socket
+import threading
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 
@@ -45,17 +47,17 @@ def services(tmp_path):
         yield found
 
 
-def fleet_for(tmp_path, services, public_urls=(), lb=True):
+def fleet_for(tmp_path, services, public_urls=(), lb=True, name="unit"):
     secrets_file = tmp_path / "secrets.toml"
     secrets_file.write_text(f'pingdom_token = "{TOKEN}"\npagerduty_routing_key = "{ROUTING_KEY}"\n')
     secrets_file.chmod(0o600)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
     urls = ", ".join(f'"{url}"' for url in public_urls)
-    path = tmp_path / "igops.toml"
+    path = tmp_path / f"{name.replace('/', '_')}.toml"
     path.write_text(f"""
 [fleet]
-name = "unit"
+name = "{name}"
 state_dir = "{tmp_path / "state"}"
 [ssh]
 known_hosts = "{known_hosts}"
@@ -192,6 +194,82 @@ def test_paging_triggers_once_and_resolves_on_recovery(tmp_path, services):
     assert recovered.resolved == ["igops/unit/http-app/app2"]
     assert services["pagerduty"].state()["incidents"][0]["status"] == "resolved"
     assert pagerduty.Pager(fleet).open_incidents() == {}
+
+
+def test_fleets_sharing_a_state_dir_keep_their_incidents_apart(tmp_path, services):
+    prod = fleet_for(tmp_path, services, name="prod")
+    staging = fleet_for(tmp_path, services, name="staging")
+    assert prod.state_dir == staging.state_dir
+    assert pagerduty.Pager(staging).reconcile([critical()], complete_run=True).triggered == [
+        "igops/staging/http-app/app2"
+    ]
+    assert pagerduty.Pager(prod).reconcile([], complete_run=True).resolved == []
+
+    again = pagerduty.Pager(staging).reconcile([critical()], complete_run=True)
+    assert again.triggered == [] and again.still_open == ["igops/staging/http-app/app2"]
+    assert len(events(services)) == 1
+    assert services["pagerduty"].state()["incidents"][0]["status"] == "triggered"
+    assert pagerduty.Pager(prod).open_incidents() == {}
+
+
+def test_runs_at_once_lose_no_key(tmp_path, services):
+    prod = fleet_for(tmp_path, services, name="prod")
+    staging = fleet_for(tmp_path, services, name="staging")
+    runs = [(prod, "app1"), (prod, "app3"), (staging, "app1"), (staging, "app3")]
+    start = threading.Barrier(len(runs))
+
+    def run(fleet, target):
+        pager = pagerduty.Pager(fleet)
+        start.wait()
+        pager.reconcile([critical(target)], complete_run=False)
+
+    threads = [threading.Thread(target=run, args=args) for args in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for fleet in (prod, staging):
+        assert sorted(pagerduty.Pager(fleet).open_incidents()) == [
+            f"igops/{fleet.model.fleet.name}/http-app/app1",
+            f"igops/{fleet.model.fleet.name}/http-app/app3",
+        ]
+
+
+def test_open_incidents_move_from_the_shared_file_of_older_versions(tmp_path, services):
+    unit = fleet_for(tmp_path, services)
+    staging = fleet_for(tmp_path, services, name="staging")
+    nested = fleet_for(tmp_path, services, name="unit/eu")  # its keys start igops/unit/ too
+    shared = unit.state_dir / "pagerduty" / "open.json"
+    shared.parent.mkdir(parents=True)
+    opened = {"since": "2024-05-01T10:00:00+00:00", "summary": "GET /health: connection refused"}
+    shared.write_text(
+        json.dumps(
+            {
+                "igops/unit/http-app/app2": {"check": "http-app", "target": "app2", **opened},
+                "igops/staging/http-app/app5": {"check": "http-app", "target": "app5", **opened},
+                "igops/unit/eu/http-app/app1": {"check": "http-app", "target": "app1", **opened},
+            }
+        )
+    )
+    assert list(pagerduty.Pager(unit).open_incidents()) == ["igops/unit/http-app/app2"]
+
+    first = pagerduty.Pager(unit).reconcile([critical()], complete_run=True)
+    assert first.triggered == [] and first.resolved == [] and first.still_open == ["igops/unit/http-app/app2"]
+    assert events(services) == []
+    assert sorted(json.loads(shared.read_text())) == ["igops/staging/http-app/app5", "igops/unit/eu/http-app/app1"]
+    assert list(json.loads(pagerduty.Pager(unit).state_path.read_text())) == ["igops/unit/http-app/app2"]
+
+    ok = Result("http-app", "app5", NagiosStatus.OK, "200")
+    assert pagerduty.Pager(staging).reconcile([ok], complete_run=True).resolved == ["igops/staging/http-app/app5"]
+    assert list(json.loads(shared.read_text())) == ["igops/unit/eu/http-app/app1"]
+    nested_pager = pagerduty.Pager(nested)
+    assert nested_pager.reconcile([], complete_run=True).resolved == ["igops/unit/eu/http-app/app1"]
+    assert not shared.exists()
+    assert nested_pager.state_path.parent == pagerduty.Pager(unit).state_path.parent
+    assert nested_pager.state_path.name.startswith("unit_eu-")
+    assert pagerduty.Pager(unit).open_incidents() == {
+        "igops/unit/http-app/app2": {"check": "http-app", "target": "app2", **opened}
+    }
 
 
 def test_paging_retries_429_and_5xx_but_never_400(tmp_path, services):
