@@ -252,7 +252,8 @@ def test_redis_switchover_demotes_before_it_repoints_and_unpauses_last(fleet):
     assert actions.index("demote") < actions.index("point_app") < actions.index("unpause")
     assert steps[1].release.action == "unpause"
     assert steps[3].undo.args == ("redis2", "redis1")
-    assert steps[4].point_of_no_return
+    # Once it took effect nothing is undone: its probe, not a point of no return, says so.
+    assert not steps[4].point_of_no_return and steps[4].took_effect.action == "demoted"
     assert ("replicate", ("redis3", "redis2")) in [(step.action, step.args) for step in steps]
 
 
