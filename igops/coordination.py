@@ -250,24 +250,26 @@ def _read(path: Path) -> str | None:
 
 class EtcdLease(HeldLease):
     """An etcd lease, renewed by a daemon thread every third of its TTL. It counts as lost when
-    etcd says it has expired, or once a whole TTL has passed since the last renewal that etcd
-    acknowledged was sent: from then on etcd may have expired it unseen."""
+    etcd says it has expired, or once `expires` has passed: the TTL of etcd's last answer (to
+    the grant or a renewal), counted from when that request was sent. etcd starts its own count
+    somewhere between the request and its answer, so this one ends no later than etcd's: from
+    then on etcd may have expired the lease unseen."""
 
-    def __init__(self, gateway: EtcdGateway, lease_id: str, ttl: int, operation: str, target: str):
+    def __init__(self, gateway: EtcdGateway, lease_id: str, ttl: int, operation: str, target: str, expires: float):
         super().__init__(operation, target)
         self.lease_id, self.ttl = lease_id, ttl
         # A session of its own: the keepalive thread never shares a connection pool with the
         # command's own calls.
         self.gateway = EtcdGateway(gateway.settings)
         self._stop = threading.Event()
-        self._renewed = time.monotonic()  # when the last acknowledged renewal (or the grant) was sent
+        self._expires = expires  # time.monotonic() past which etcd may have expired the lease
         self._thread = threading.Thread(target=self._keep_alive, name=f"lease-{lease_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def lost(self) -> str | None:
-        if not self._lost and time.monotonic() - self._renewed >= self.ttl:
+        if not self._lost and time.monotonic() >= self._expires:
             self._mark_lost(f"not renewed for {self.ttl} s")
         return self._lost
 
@@ -282,14 +284,14 @@ class EtcdLease(HeldLease):
                 answer = self.gateway.call("/v3/lease/keepalive", {"ID": self.lease_id}, timeout=per_member, patience=0)
                 ttl = int((answer.get("result") or {}).get("TTL", 0))
             except (EtcdError, ValueError) as exc:
-                if time.monotonic() - self._renewed >= self.ttl:
+                if time.monotonic() >= self._expires:
                     why = exc.message if isinstance(exc, EtcdError) else str(exc)
                     self._mark_lost(f"not renewed for {self.ttl} s: {why}")
                 continue
             if ttl <= 0:
                 self._mark_lost(f"etcd expired lease {self.lease_id}")
                 return
-            self._renewed = sent
+            self._expires = sent + ttl
 
     def release(self) -> None:
         self._stop.set()
@@ -316,7 +318,7 @@ class EtcdCoordinator:
         keys = [lock_key(self.settings.prefix, *resource) for resource in sorted(set(resources))]
         give_up = time.monotonic() + wait
         while True:
-            lease_id = self._grant()
+            lease_id, expires = self._grant()
             try:
                 answer = self.gateway.call(
                     "/v3/kv/txn",
@@ -357,7 +359,7 @@ class EtcdCoordinator:
             for resource, kv in held_by:
                 raise Conflict(resource, Holder.from_json(unb64(kv.get("value", ""))), self.settings.lease_ttl)
             raise Conflict(sorted(set(resources))[0], None, self.settings.lease_ttl)
-        held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, holder.operation, holder.target)
+        held = EtcdLease(self.gateway, lease_id, self.settings.lease_ttl, holder.operation, holder.target, expires)
         held.start()
         try:
             yield held
@@ -398,7 +400,11 @@ class EtcdCoordinator:
         answer = (gateway or self.gateway).call("/v3/lease/timetolive", {"ID": lease_id})
         return int(answer.get("TTL", -1)) > 0
 
-    def _grant(self) -> str:
+    def _grant(self) -> tuple[str, float]:
+        """A new lease's id, and the time.monotonic() past which etcd may have expired it: its TTL
+        counted from before the first request, as an answer may come seconds after etcd granted
+        it (a slow member, requests asked again while leaderless)."""
+        sent = time.monotonic()
         try:
             answer = self.gateway.call("/v3/lease/grant", {"TTL": str(self.settings.lease_ttl)})
         except EtcdError as exc:
@@ -407,7 +413,7 @@ class EtcdCoordinator:
             ) from None
         if not answer.get("ID"):
             raise CoordinatorUnavailable(f"etcd granted no lease: {answer.get('error') or answer}", self._fix())
-        return str(answer["ID"])
+        return str(answer["ID"]), sent + int(answer.get("TTL", self.settings.lease_ttl))
 
     def _revoke(self, lease_id: str) -> None:
         try:
