@@ -90,8 +90,9 @@ def switchover_steps(
             "stop_and_fence",
             (primary,),
             undo=Step(
-                f"{primary}: remove standby.signal and start it again as the primary (only once "
-                f"{candidate} verifiably is not and cannot become one), check it accepts writes",
+                f"{primary}: remove standby.signal and start it again as the primary (only while it is "
+                f"still stopped, and once no other member ({', '.join([candidate, *siblings])}) verifiably is "
+                "or can become one), check it accepts writes",
                 "unfence_and_start",
                 (primary, (candidate,)),
             ),

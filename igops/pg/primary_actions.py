@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from igops import postgres
 from igops.errors import IgopsError, first_line
 from igops.host_commands import connect_ahead, failure_reason, read_file, ssh, ssh_ok
-from igops.pg.cluster import wal_received
+from igops.pg.cluster import cluster_members, wal_received
 from igops.pg.hostcmd import (
     POSTMASTER_RUNNING,
     as_postgres,
@@ -20,7 +20,6 @@ from igops.pg.hostcmd import (
     postgres_sh,
     repmgr,
     repmgr_argv,
-    start_unless_answering,
 )
 from igops.pg.timeouts import CATCH_UP_TIMEOUT, PROMOTE_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
@@ -41,7 +40,9 @@ def candidate_verdict(
     checked, `error` says why). Returns how it was verified; raises IgopsError otherwise."""
     if in_recovery is False:
         raise IgopsError(
-            f"{node} accepts writes: it was promoted", f"finish with `igops pg switchover {cluster} --to {node}`"
+            f"{node} accepts writes: it was promoted",
+            f"`igops pg status {cluster}`; finish a switchover to it with `igops pg switchover {cluster} --to "
+            f"{node}`, or make the old primary its standby with `igops pg rejoin`",
         )
     if in_recovery and not asked:
         return f"{node} is a standby nobody asked to promote"
@@ -218,20 +219,66 @@ class FencingActions:
                 error = failure_reason(result)
         return candidate_verdict(node, self._cluster_of(node), in_recovery, asked, checked, error)
 
+    # Shell, with "$bin" the bin_dir, "$data" the data directory, "$wait" seconds and repmgr's start
+    # command as "$@": the old primary is unfenced and started only from the state its stop left,
+    # which an undo run from the journal may find changed. A shutdown still under way (the status
+    # line of postmaster.pid says "stopping": a stop cut off at its timeout goes on) is waited for.
+    # A postmaster running as a primary ("ready"; a hot standby's says "standby") is taken as
+    # started (an earlier try of this undo, or a stop cut off before it began): the fence this run
+    # wrote goes, as no other member is a primary. Any other running postmaster keeps its
+    # standby.signal: a standby (one rejoined since) would come back a primary at its next restart
+    # without it. A control file in recovery is a standby's: it was rejoined since. Prints
+    # "started", "running", or "found=" what it found.
+    _START_IF_LEFT_STOPPED = (
+        'bin="$1"; data="$2"; wait="$3"; shift 3; '
+        f"while {POSTMASTER_RUNNING}; do "
+        'status=$(sed -n 8p "$data/postmaster.pid" 2>/dev/null); status=${status%% *}; '
+        'case "$status" in stopping) ;; '
+        'ready) rm -f "$data/standby.signal" && echo running; exit 0;; '
+        '*) echo "found=its postmaster running (${status:-no status})"; exit 0;; esac; '
+        '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; done; '
+        'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
+        'case "$state" in ""|"in archive recovery"|"shut down in recovery") '
+        'echo "found=its control file saying ${state:-nothing}"; exit 0;; esac; '
+        'rm -f "$data/standby.signal" && echo started && exec "$@"'
+    )
+
     def unfence_and_start(self, node: str, others: tuple[str, ...]) -> str:
-        """Start the old primary again, only once no other member is or can become a primary, and
-        only after a shutdown still under way (a stop cut off at its timeout) has finished."""
+        """Start the old primary again, only once no other member of its cluster is or can become
+        a primary, and only from the state its stop left it in (after a shutdown still under way,
+        a stop cut off at its timeout, has finished). `others`: the members to ask first."""
         fleet = self.fleet
         host = self._host(node)
-        verified = [self._verify_not_promoted(other) for other in others]
-        ssh_ok(
+        cluster = self._cluster_of(node)
+        # `igops ops abort` may run this undo from the journal long after its run, whose arguments
+        # name only that run's candidate: another member may have been promoted since (a failover
+        # to it), so every member the inventory lists is asked.
+        members = [*others, *(name for name in cluster_members(fleet, cluster) if name not in (node, *others))]
+        verified = [self._verify_not_promoted(other) for other in members]
+        output = ssh_ok(
             fleet,
             host,
-            start_unless_answering(fleet, host, int(STOP_TIMEOUT) * 2, first='rm -f "$data/standby.signal"; '),
+            postgres_sh(
+                fleet,
+                self._START_IF_LEFT_STOPPED,
+                fleet.model.postgres.bin_dir,
+                data_directory(fleet, host),
+                str(int(STOP_TIMEOUT) * 2),
+                *repmgr_argv(fleet, host, "node", "service", "--action=start"),
+            ),
             "start",
             timeout=STOP_TIMEOUT * 2 + 90,
         )
-        return "; ".join([*verified, self._wait_writable(node)])
+        said = output.split("\n", 1)[0].strip()
+        if said.startswith("found="):
+            raise IgopsError(
+                f"{node} was not started again: found {said.removeprefix('found=')}, not stopped as the "
+                "switchover left it; it is left as it is",
+                f"`igops pg status {cluster}` says what it is; `igops pg rejoin {node}` makes it a standby "
+                "of the primary",
+            )
+        started = f"{node} was running as the primary already" if said == "running" else f"{node} unfenced, started"
+        return "; ".join([*verified, started, self._wait_writable(node)])
 
     def _wait_writable(self, node: str) -> str:
         """A started primary must take a write (an xid), not merely answer."""
