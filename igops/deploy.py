@@ -26,9 +26,9 @@ bench/ and the tests call what it names. The pieces live in:
 
 from __future__ import annotations
 
-from igops.deploy_agents import AppFleet
+from igops.deploy_agents import HEALTH_PROBES_AT_ONCE, AppFleet
 from igops.deploy_canary_plan import AnalysisOptions
-from igops.deploy_gate import HealthGate, LbServer, LbState, drained_by_igops, put_back
+from igops.deploy_gate import GateResult, HealthGate, LbServer, LbState, drained_by_igops, put_back, wait_healthy
 from igops.deploy_limits import BatchSize, HostLimit, parse_batches, split_batches
 from igops.deploy_pending import Pending, for_deploy as pending_for_deploy, pending
 from igops.deploy_plan import (
@@ -48,6 +48,7 @@ from igops.deploy_plan import (
     plan_rollback,
     resume_params,
 )
+from igops.deploy_record import inherit_releases_before, read_last_runs
 from igops.deploy_release import (
     SHARED_LINKS,
     Release,
@@ -60,22 +61,26 @@ from igops.deploy_release import (
 )
 from igops.deploy_result import HostOutcome, RolloutFailed, RolloutResult
 from igops.deploy_rollout import execute
-from igops.deploy_survey import FleetReleases, HostReleaseRow, HostReleases, fleet_releases
+from igops.deploy_survey import FleetReleases, HostReleaseRow, HostReleases, fleet_releases, survey_hosts
+from igops.deploy_switch import SWITCH_TIMEOUT_S
 
 __all__ = [
     "ALREADY",
     "AnalysisOptions",
     "DEPLOYED",
     "FAILED",
+    "HEALTH_PROBES_AT_ONCE",
     "NOT_STARTED",
     "OUTSIDE",
     "ROLLED_BACK",
     "SHARED_LINKS",
     "SKIPPED",
+    "SWITCH_TIMEOUT_S",
     "UNKNOWN",
     "AppFleet",
     "BatchSize",
     "FleetReleases",
+    "GateResult",
     "HealthGate",
     "HostLimit",
     "HostOutcome",
@@ -95,6 +100,7 @@ __all__ = [
     "drained_by_igops",
     "execute",
     "fleet_releases",
+    "inherit_releases_before",
     "package",
     "parse_batches",
     "pending",
@@ -103,9 +109,12 @@ __all__ = [
     "plan_resume",
     "plan_rollback",
     "put_back",
+    "read_last_runs",
     "read_source",
     "release_id",
     "requirements_hash",
     "resume_params",
     "split_batches",
+    "survey_hosts",
+    "wait_healthy",
 ]

@@ -12,6 +12,8 @@ alive: a resumed or aborted operation must never race the process that started i
   it took effect (a promotion that completed after the run was cut off), its undo (start the
   stopped old primary again), run in reverse order by the kind's actions; it names each step
   it could not undo.
+- a deploy or rollback resumes as a rollback to its release would; its abort puts back the hosts
+  it left drained, each only once it passes the rollout's health gate (igops.deploy_abort).
 - a shard move, or the move a rebalance was in, is finished or rolled back from the move's own
   journal in the directory database (igops.shards), whose id the operation journaled.
 - a snapshot create cannot go on from where it stopped (its freeze, the point in time its
@@ -291,14 +293,14 @@ def _deploy_resume(fleet: Fleet, record: dict[str, Any]) -> Continuation:
             f"{record['id']} was interrupted before its canary analysis passed: resuming would switch the other "
             "hosts unanalysed",
             f"run the deploy again (igops deploy {record['params'].get('target')}): it analyses a canary first; "
-            "or igops ops abort puts the hosts it drained back",
+            "or igops ops abort puts back the hosts it drained that pass their health gate",
         )
     with deploy.AppFleet.of(fleet) as app:
         plan = deploy.plan_resume(app, record["kind"], record["params"])
     if plan.nothing_to_do:
         raise RefusedError(
             f"nothing to resume: every reachable app host is on {plan.target}",
-            "igops ops abort marks it ended (and puts any drained host back)",
+            "igops ops abort marks it ended (and puts back each drained host that passes its health gate)",
         )
     spec = OperationSpec(
         record["kind"],
@@ -317,33 +319,26 @@ def _deploy_resume(fleet: Fleet, record: dict[str, Any]) -> Continuation:
 
 
 def _plan_deploy_abort(fleet: Fleet, record: dict[str, Any]) -> Continuation:
-    """An interrupted deploy or rollback: the hosts it left drained go back into rotation (they
-    keep whatever release they run; `igops deploy releases` shows which)."""
-    from igops import deploy
+    """An interrupted deploy or rollback: the hosts it left drained go back into rotation once
+    they pass its health gate (igops.deploy_abort)."""
+    from igops import deploy, deploy_abort
 
     with deploy.AppFleet.of(fleet) as app:
-        # Only its own hosts: another deploy, to other hosts, may be running and draining them.
-        drained = [name for name in deploy.drained_by_igops(app) if name in (record.get("targets") or [])]
-    steps = [f"put {name} back in the load balancer" for name in drained]
+        aborting = deploy_abort.plan_deploy_abort(app, record)
     spec = OperationSpec(
         record["kind"],
         f"Abort {record['id']} ({record.get('title')})",
         record.get("targets") or [],
         [(str(kind), str(name)) for kind, name in record.get("resources") or []] or [conflicts.APP],
-        steps,
+        aborting.steps(),
         record.get("params") or {},
     )
 
     def run(reporter: Reporter) -> dict[str, list[str]]:
-        if drained:
-            with deploy.AppFleet.of(fleet) as app, reporter.step(f"put {', '.join(drained)} back in the load balancer"):
-                deploy.put_back(app, drained, f"abort of {record['id']}")
-        return {
-            "undone": steps,
-            "not_undone": ["hosts keep the release they run: igops deploy REV or igops deploy rollback moves them"],
-        }
+        with deploy.AppFleet.of(fleet) as app:
+            return aborting.run(app, reporter)
 
-    return Continuation(spec, run, ["hosts keep the release they run (igops deploy releases shows which)"])
+    return Continuation(spec, run, notes=aborting.notes())
 
 
 def _snapshot_continuation(fleet: Fleet, record: dict[str, Any], resume: bool) -> Continuation:

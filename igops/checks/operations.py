@@ -76,7 +76,7 @@ def rotation_verdict(drained: list[str], records: list[dict[str, Any]]) -> tuple
         return NagiosStatus.OK, f"{hosts} drained by {running[-1]['kind']} {running[-1]['id']}, which is running"
     interrupted = [r for r in deploys if r.get("status") == "interrupted"]
     fix = (
-        f"igops ops abort {interrupted[-1]['id']} puts them back"
+        f"igops ops abort {interrupted[-1]['id']} puts back each that passes its health gate"
         if interrupted
         else "igops deploy again finishes the rollout and puts them back"
     )

@@ -25,7 +25,7 @@ from igops.lab import state
 from igops.pagerduty.changes import send_change
 from igops.secrets import Secrets
 from tests.conftest import ROOT, run_igops
-from tests.labtools import verify_lab_ledger, wait_for
+from tests.labtools import igops, verify_lab_ledger, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -232,6 +232,69 @@ def test_a_rerun_after_a_kill_rolls_a_failing_batch_back_to_the_release_before_t
     assert {host: current_of(host) for host in APP_HOSTS} == before, f"{release} stayed somewhere"
     assert {host: served_by(lab, host) for host in APP_HOSTS} == before
     assert " down" not in upstream_text()
+
+
+def test_an_abort_after_a_kill_during_a_failing_gate_never_puts_the_failing_release_in_rotation(lab, tmp_path):
+    """igops is killed while app1, switched to a release whose /health fails, is gated. `igops ops
+    abort` gates app1 before it goes back. Without the killed run's record of app1's release before
+    it (as when the deploy ran on another machine), app1 fails its gate and stays drained, on the
+    release it runs, and the operation stays interrupted. With the record, the abort returns app1 to
+    that release, gates it there and only then puts it back. app2 and app3, serving throughout,
+    are never touched."""
+    from igops import deploy_record, operations_view
+
+    before = {host: current_of(host) for host in APP_HOSTS}
+    history = {host: revisions_of(host) for host in ("app2", "app3")}
+    source = app_copy(tmp_path, "abort-bad", break_health=True)
+    # Long enough a gate to kill igops in; the aborts wait it out on app1.
+    run = start_igops_deploy(lab.source, "--source", str(source), "--health-timeout", "15")
+    try:
+        assert wait_for(lambda: current_of("app1") != before["app1"], 90), "app1 was never switched"
+    finally:
+        run.kill()
+        run.communicate()
+    bad = current_of("app1")
+    assert drained(lab, "app1") and not drained(lab, "app2") and not drained(lab, "app3")
+    record = max(
+        (r for r in operations_view.list_operations(lab).records if r["kind"] == "deploy"),
+        key=lambda r: r["started"],
+    )
+    assert record["status"] == "interrupted", record
+
+    last_run = deploy_record.last_run_path(lab)
+    kept = last_run.read_text()
+    last_run.write_text(json.dumps({**json.loads(kept), "machine": "elsewhere"}))
+    try:
+        planned, envelope = igops(lab, "ops", "abort", record["id"], "--dry-run")
+        assert planned.returncode == 0, planned.stderr[-3000:]
+        assert envelope["plan"]["steps"][0].startswith(f"health gate app1 (on {bad}): "), envelope["plan"]
+        assert len(envelope["plan"]["steps"]) == 2, "no release to return app1 to"
+        aborted, envelope = igops(lab, "ops", "abort", record["id"], "--yes")
+    finally:
+        last_run.write_text(kept)
+    assert aborted.returncode == ExitCode.FAILED, aborted.stderr[-3000:]
+    message = envelope["error"]["message"]
+    assert message.startswith(f"1 app host left out of the load balancer: app1: failed its gate on {bad}: ")
+    assert "/health answered 503" in message and "injected by the deploy test" in message, message
+    assert drained(lab, "app1") and current_of("app1") == bad
+    [still] = [r for r in operations_view.list_operations(lab).records if r["id"] == record["id"]]
+    assert still["status"] == "interrupted" and still["abort_failed"], still
+
+    aborted, envelope = igops(lab, "ops", "abort", record["id"], "--yes")
+    assert aborted.returncode == 0, aborted.stderr[-3000:]
+    [undone] = envelope["data"]["result"]["undone"]
+    assert undone.startswith(f"app1 back in the load balancer (failed its gate on {bad}: /health answered 503")
+    assert f"; back on {before['app1']})" in undone, undone
+    assert {host: current_of(host) for host in APP_HOSTS} == before
+    assert {host: served_by(lab, host) for host in APP_HOSTS} == before
+    assert " down" not in upstream_text()
+    assert {host: revisions_of(host) for host in ("app2", "app3")} == history, "app2 or app3 was switched"
+    assert record["id"] not in [r["id"] for r in operations_view.list_operations(lab).records]
+
+
+def revisions_of(host: str) -> str:
+    path = state.paths().app_root(host) / "revisions.log"
+    return path.read_text() if path.exists() else ""
 
 
 class SshForwarder:

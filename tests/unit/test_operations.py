@@ -449,7 +449,7 @@ def test_hosts_a_deploy_drained_warn_unless_a_deploy_is_running():
     assert rotation_verdict(["app2"], [running])[0] == NagiosStatus.OK
     status, text = rotation_verdict(["app2", "app3"], [stopped, switchover])
     assert status == NagiosStatus.WARNING and text.startswith("app2, app3 out of rotation")
-    assert "igops ops abort d2 puts them back" in text
+    assert "igops ops abort d2 puts back each that passes its health gate" in text
     status, text = rotation_verdict(["app2"], [switchover])
     assert status == NagiosStatus.WARNING and "igops deploy again" in text
 
