@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from igops import remote, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
 from igops.host_commands import stdin_into
+from igops.operations import conflicts
 from igops.output import Reporter, plural
 from igops.pg import archive
 from igops.pg.rebuild_actions import TAG_REBUILDS
@@ -50,8 +51,10 @@ from igops.snapshot import (
     TAG_RAID_INDEX,
     TAG_RAID_LEVEL,
     TAG_ROLE,
+    check_readable,
     find_group,
     groups,
+    in_use,
 )
 
 if TYPE_CHECKING:
@@ -100,6 +103,11 @@ class RestorePlan:
 
     def target_path(self, mount: str) -> str:
         return mount if self.mount_root == "/" else f"{self.mount_root.rstrip('/')}/{self.group_id}{mount}"
+
+    def resources(self) -> list[conflicts.Resource]:
+        """The host restored onto, and the group: no prune or delete takes it while the restore
+        reads it (its snapshots, then for a point in time the archived WAL from its start)."""
+        return [conflicts.host(self.to_host), in_use(self.group_id)]
 
     def steps(self) -> list[str]:
         steps = []
@@ -324,6 +332,7 @@ def refuse_second_restore(ebs: Ebs, group_id: str, host: Host) -> None:
 def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Reporter()) -> RestoreResult:
     host = fleet.host(plan.to_host)
     refuse_second_restore(ebs, plan.group_id, host)  # again, under the lock
+    check_readable(ebs, plan.group_id)
     zone = ebs.availability_zone(plan.instance_id)
     result = RestoreResult(plan.group_id, plan.to_host, fast_restore=plan.fast_restore)
     try:

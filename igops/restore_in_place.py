@@ -4,8 +4,8 @@ mounts come out (kept, detached, tagged `igops:replaced-by`); volumes made from 
 at the same mount points (fstab follows); the data becomes a standby's again (standby.signal,
 the group's backup_label, restore_command from the archive) and follows the primary.
 
-It is a Postgres plan (igops.pg): it runs under the cluster's lease, journals every step, and an
-abort puts the old volumes back and starts the standby on them. Its steps are
+It is a Postgres plan (igops.pg): it runs under the cluster's lease and the group's (`resources`),
+journals every step, and an abort puts the old volumes back and starts the standby on them. Its steps are
 igops.pg.rebuild_actions'. A rerun after a killed run plans from what it finds: mounts already
 rebuilt from the group are left as they are.
 """
@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from igops import snapshot_wal
 from igops.errors import RefusedError, UsageError
+from igops.operations import conflicts
 from igops.operations.steps import Step
+from igops.output import Reporter
 from igops.pg.cluster import PgClusterState, cluster_members, pg_view
 from igops.pg.failover_plans import sole_primary
 from igops.pg.plan_steps import with_repmgrd_paused
@@ -25,12 +27,23 @@ from igops.pg.plans import PgPlan, signed
 from igops.pg.rebuild_actions import TAG_REPLACED_BY, TAG_REPLACED_ON, made_for, mounted_volumes
 from igops.restore_target import LATEST, RecoveryTarget, choose_group
 from igops.role_change import Refused
-from igops.snapshot import STATE_COMPLETE, TAG_MOUNT, TAG_RAID_INDEX, TAG_RAID_LEVEL, SnapshotGroup, find_group, groups
+from igops.snapshot import (
+    STATE_COMPLETE,
+    TAG_MOUNT,
+    TAG_RAID_INDEX,
+    TAG_RAID_LEVEL,
+    SnapshotGroup,
+    check_readable,
+    find_group,
+    groups,
+    in_use,
+)
 
 if TYPE_CHECKING:
     from igops.ebs import Ebs
     from igops.inventory import Fleet
     from igops.inventory_model import Host
+    from igops.pg.actions import PgResult
 
 
 def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan, PgClusterState]:
@@ -185,6 +198,26 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
         "once the rebuilt standby has served a while (aws ec2 delete-volume)"
     )
     return signed(plan, view), state
+
+
+def resources(plan: PgPlan) -> list[conflicts.Resource]:
+    """The cluster's lease, as every Postgres plan's, and the group's: no prune or delete takes it
+    while the rebuild reads it (its snapshots, then the archived WAL from its start)."""
+    assert plan.group is not None  # a rebuild names its group
+    return [conflicts.pg_cluster(plan.cluster), in_use(plan.group)]
+
+
+def apply(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
+    """Run the rebuild under its leases (`resources`): refused first if a volume is still to be
+    made from a group no longer there whole (a prune or delete between the plan and the lease).
+    A rerun whose volumes were all made needs the group no more."""
+    from igops import failover
+    from igops.ebs import Ebs
+
+    assert plan.group is not None  # a rebuild names its group
+    if any(step.action == "volume_from_group" for step in plan.actions):
+        check_readable(Ebs(fleet), plan.group)
+    return failover.apply_pg(fleet, plan, reporter)
 
 
 def _swap_steps(

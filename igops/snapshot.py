@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from igops import __version__, agent, remote, remote_session, snapshot_wal
 from igops.errors import IgopsError, RefusedError, RemoteError, UsageError
+from igops.operations.conflicts import Resource
 from igops.output import Reporter, plural
 from igops.snapshot_volumes import VolumeTarget, discover, map_volumes
 
 if TYPE_CHECKING:
     from igops.ebs import Ebs
     from igops.inventory import Fleet
-    from igops.snapshot_policy import PrunePlan
 
 TAG_GROUP = "igops:group"
 TAG_HOST = "igops:host"
@@ -50,6 +50,14 @@ STATE_COMPLETE = "complete"
 STATE_FAILED = "failed"
 STATE_PENDING = "pending"
 STATE_TAKING = "taking"
+
+
+def in_use(group_id: str) -> Resource:
+    """The lease on a group: a restore, drill or in-place rebuild holds it for as long as it
+    reads the group (its snapshots, then the archived WAL from its start); delete holds it, and
+    prune while it deletes the group, leaving a group it finds held. A lease, not a tag, since it
+    ends with its holder: a killed restore leaves no group pinned."""
+    return ("snapshot-group", group_id)
 
 
 @dataclass
@@ -492,10 +500,11 @@ def _discard(ebs: Ebs, snapshots: dict[str, str]) -> None:
 
 
 # --- list, show ---------------------------------------------------------------------------------
-def groups(ebs: Ebs, host: str | None = None) -> list[SnapshotGroup]:
+def groups(ebs: Ebs, host: str | None = None, group_id: str | None = None) -> list[SnapshotGroup]:
+    """Every group (of `host`, or only `group_id`), newest first."""
     from igops.ebs import tags_of
 
-    filters: dict[str, str | None] = {TAG_GROUP: None} if host is None else {TAG_GROUP: None, TAG_HOST: host}
+    filters: dict[str, str | None] = {TAG_GROUP: group_id} if host is None else {TAG_GROUP: group_id, TAG_HOST: host}
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for snapshot in ebs.snapshots(filters):
         by_group[tags_of(snapshot)[TAG_GROUP]].append(snapshot)
@@ -541,25 +550,52 @@ def find_group(ebs: Ebs, group_id: str) -> SnapshotGroup:
     raise UsageError(f"no snapshot group {group_id!r}", "see `igops snapshot list`")
 
 
+def snapshot_ids(group: SnapshotGroup) -> set[str]:
+    return {snapshot["SnapshotId"] for snapshot in group.snapshots}
+
+
+def changes_to(planned: SnapshotGroup, current: SnapshotGroup | None) -> list[str]:
+    """What differs in a group since a plan read it (`current`: as it is now, None if gone): its
+    snapshots, and its pin."""
+    if current is None:
+        return [f"group {planned.group_id} is gone"]
+    changes = []
+    if snapshot_ids(current) != snapshot_ids(planned):
+        changes.append(f"group {planned.group_id} has other snapshots now")
+    if current.kept != planned.kept:
+        changes.append(
+            f"group {planned.group_id} is kept now ({current.kept})"
+            if current.kept
+            else f"group {planned.group_id} was released"
+        )
+    return changes
+
+
+def changed_since_plan(what: str, changes: list[str], nothing: str) -> RefusedError:
+    """The refusal of a plan whose groups changed between the plan and its lease."""
+    return RefusedError(
+        f"refused: {what} changed since the plan was made ({'; '.join(changes)[:500]}): {nothing}",
+        "run the command again to see the new plan",
+    )
+
+
+def check_readable(ebs: Ebs, group_id: str) -> None:
+    """Under the group's lease (in_use), before reading it: refused unless it is still there and
+    complete, since a prune or delete may have taken it between the plan and the lease."""
+    current = next(iter(groups(ebs, group_id=group_id)), None)
+    if current is None or current.state != STATE_COMPLETE:
+        raise changed_since_plan(
+            f"snapshot group {group_id}",
+            [f"it is {current.state} now" if current else "it is gone"],
+            "nothing was done",
+        )
+
+
 # --- prune, delete, keep ------------------------------------------------------------------------
 def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
     """A group still taking, or failed, `grace` after it began: its create was killed (it never
     tagged the group complete) or gave up; nothing will finish it."""
     return group.state in (STATE_TAKING, STATE_FAILED) and now - group.created > grace
-
-
-def prune(fleet: Fleet, ebs: Ebs, plan: PrunePlan, reporter: Reporter = Reporter()) -> list[str]:
-    """Delete the groups of a prune plan (igops.snapshot_policy.plan_prune), oldest first, then
-    the archived WAL that none of the groups left needs."""
-    from igops.pg import archive_repository
-
-    deleted = []
-    for group in plan.delete:
-        with reporter.step(f"delete group {group.group_id}"):
-            delete_group(ebs, group)
-            deleted.append(group.group_id)
-    archive_repository.expire(fleet, plan.wal, reporter)
-    return deleted
 
 
 def delete_group(ebs: Ebs, group: SnapshotGroup) -> None:
@@ -578,17 +614,3 @@ def delete_steps(group: SnapshotGroup, risks: list[str]) -> list[str]:
             f"#{tags.get(TAG_RAID_INDEX, '0')}, volume {snapshot.get('VolumeId', '?')})"
         )
     return steps
-
-
-def keep_value(user: str, now: datetime | None = None) -> str:
-    moment = (now or datetime.now(UTC)).isoformat(timespec="seconds")
-    return f"{moment} by {user}"
-
-
-def set_keep(ebs: Ebs, group: SnapshotGroup, value: str | None) -> None:
-    """Pin every snapshot of the group (`value` says when and by whom), or release it (None)."""
-    ids = [snapshot["SnapshotId"] for snapshot in group.snapshots]
-    if value is None:
-        ebs.untag(ids, [TAG_KEEP])
-    else:
-        ebs.tag(ids, {TAG_KEEP: value})

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from igops import remote
 from igops.errors import IgopsError, RefusedError
+from igops.operations import conflicts
 from igops.output import Reporter, plural
 from igops.restore_target import TIME, RecoveryTarget, parse_target
 
@@ -64,6 +65,9 @@ class DrillPlan:
             f"in the copy and on {self.cluster}'s primary",
             f"on {self.onto}: take the copy away (stop it, unmount, detach and delete its volumes), whatever happened",
         ]
+
+    def resources(self) -> list[conflicts.Resource]:
+        return self.restore.resources()
 
     def cutoff(self) -> datetime:
         assert self.target.time is not None  # a drill's target is always a time
@@ -131,8 +135,10 @@ def plan_drill(
 
 
 def run_drill(fleet: Fleet, ebs: Ebs, plan: DrillPlan, reporter: Reporter = Reporter()) -> DrillResult:
-    from igops import restore as restoring
+    from igops import restore as restoring, snapshot
 
+    # Before anything: a group gone since the plan refuses the drill, it does not fail it.
+    snapshot.check_readable(ebs, plan.restore.group_id)
     result = DrillResult(plan.cluster, plan.onto, plan.restore.group_id, plan.target.describe(), passed=False)
     try:
         with reporter.step(f"a commit after the target in {plan.cluster}'s archive") as step:

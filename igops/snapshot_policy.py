@@ -17,8 +17,20 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from igops import schedule as schedules
+from igops.errors import RefusedError, UsageError
+from igops.operations import conflicts
 from igops.output import plural
-from igops.snapshot import STATE_COMPLETE, STATE_PENDING, STATE_TAKING, SnapshotGroup, stale
+from igops.snapshot import (
+    STATE_COMPLETE,
+    STATE_PENDING,
+    STATE_TAKING,
+    SnapshotGroup,
+    changes_to,
+    delete_steps,
+    in_use,
+    snapshot_ids,
+    stale,
+)
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
@@ -166,12 +178,31 @@ BUCKETS: dict[str, Callable[[datetime], str]] = {
 }
 
 
+# The rule a prune follows that its plan cannot list: who reads a group is known only under the lease.
+IN_USE_NOTE = (
+    "a group that a restore, drill or in-place rebuild reads from (holding its lease) is left, and so is "
+    "its cluster's WAL: a later prune deletes them"
+)
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """What a prune plan was made with, besides the groups and the time: the prune makes it again
+    under its lease, from the groups as they are then (igops.snapshot_prune.prune)."""
+
+    set_key: Callable[[SnapshotGroup], str | None]
+    rules: Mapping[str, SetRetention]
+    grace: timedelta
+    host: str | None = None  # only this host's groups are deleted
+
+
 @dataclass
 class PrunePlan:
     keep: dict[str, list[str]]  # group id -> why it is kept
     delete: list[SnapshotGroup]
     # The archived WAL no group left needs (igops.pg.archive_repository.for_prune).
     wal: list[WalExpiry] = field(default_factory=list)
+    made_with: PruneInputs | None = None  # set by plan_prune
 
     def steps(self) -> list[str]:
         return [
@@ -185,6 +216,45 @@ class PrunePlan:
 
     def empty(self) -> bool:
         return not self.delete and not self.wal
+
+    def notes(self) -> list[str]:
+        return [IN_USE_NOTE] if self.delete else []
+
+    def remade(self, groups: list[SnapshotGroup], now: datetime) -> PrunePlan:
+        """The plan made again, with what it was made with, from `groups` as they are `now`."""
+        made = self.made_with
+        assert made is not None, "a prune plan comes from plan_prune"
+        return plan_prune(groups, made.set_key, made.rules, now, made.grace, made.host)
+
+    def changes(self, now: PrunePlan, groups: list[SnapshotGroup]) -> list[str]:
+        """Why the plan no longer holds, made again (`now`) from `groups` as they are: each group
+        it deletes must still be there, with the same snapshots, and be one to delete (not pinned
+        since, nor needed for the minimum redundancy after a delete). A plan that would now delete
+        more still holds: what it leaves, the next prune deletes."""
+        found = {group.group_id: group for group in groups}
+        deleting = {group.group_id for group in now.delete}
+        changes = []
+        for group in self.delete:
+            current = found.get(group.group_id)
+            if current is None:
+                changes.append(f"group {group.group_id} is gone")
+            elif group.group_id in now.keep:
+                changes.append(f"group {group.group_id} is kept now ({', '.join(now.keep[group.group_id])})")
+            elif group.group_id not in deleting or snapshot_ids(current) != snapshot_ids(group):
+                changes.append(
+                    f"group {group.group_id} changed ({current.state}, {plural(current.volumes, 'snapshot')})"
+                )
+        return changes
+
+    def wal_changes(self, allowed: list[WalExpiry]) -> list[str]:
+        """The clusters whose WAL the plan expires and the groups it leaves now need some of
+        (`allowed`: the expiry those groups allow now)."""
+        keys = {expiry.cluster: set(expiry.keys) for expiry in allowed}
+        return [
+            f"{expiry.cluster}'s WAL before {expiry.needed.segment} is needed now"
+            for expiry in self.wal
+            if not set(expiry.keys) <= keys.get(expiry.cluster, set())
+        ]
 
 
 @dataclass(frozen=True)
@@ -201,9 +271,11 @@ def plan_prune(
     rules: Mapping[str, SetRetention],
     now: datetime,
     grace: timedelta,
+    host: str | None = None,
 ) -> PrunePlan:
     """Which groups to keep and delete, per set of data (`set_key` names a group's set; groups of
-    a set without rules are left alone).
+    a set without rules are left alone); with `host`, only that host's groups are deleted, with
+    retention still counted over each whole set.
 
     Only complete groups count toward retention. A set's newest complete group is always kept,
     and so are groups pinned with `igops snapshot keep`. Then the GFS counts; then, while fewer
@@ -255,9 +327,11 @@ def plan_prune(
         for group in members:
             if group.group_id in keep:
                 continue
-            if group.state == STATE_COMPLETE or stale(group, now, grace):
+            if (group.state == STATE_COMPLETE or stale(group, now, grace)) and host in (None, group.host):
                 delete.append(group)
-    return PrunePlan(dict(keep), sorted(delete, key=lambda g: g.created))
+    return PrunePlan(
+        dict(keep), sorted(delete, key=lambda g: g.created), made_with=PruneInputs(set_key, rules, grace, host)
+    )
 
 
 def prune_rules(
@@ -284,6 +358,50 @@ def prune_rules(
 
 
 # --- delete -------------------------------------------------------------------------------------
+@dataclass
+class DeletePlan:
+    group: SnapshotGroup
+    risks: list[str]  # what deleting it risks, each accepted (--accept-risk)
+
+    def resources(self) -> list[conflicts.Resource]:
+        """The lease of prune, delete and keep, and the group's own (igops.snapshot.in_use): a
+        group that a restore, drill or in-place rebuild reads from is refused."""
+        return [conflicts.SNAPSHOTS, in_use(self.group.group_id)]
+
+    def steps(self) -> list[str]:
+        return delete_steps(self.group, self.risks)
+
+    def changes(self, fleet: Fleet, groups: list[SnapshotGroup], now: datetime) -> list[str]:
+        """Why the plan no longer holds, from `groups` as they are: its group gone or changed, or
+        deleting it now risks what the plan did not accept."""
+        group_id = self.group.group_id
+        changes = changes_to(self.group, next((group for group in groups if group.group_id == group_id), None))
+        if changes:
+            return changes
+        risks = plan_delete(fleet, groups, group_id, now, accept_risk=True).risks
+        return [risk for risk in risks if risk not in self.risks]
+
+
+def plan_delete(
+    fleet: Fleet, groups: list[SnapshotGroup], group_id: str, now: datetime, accept_risk: bool = False
+) -> DeletePlan:
+    """The plan to delete one group; refused when deleting it risks anything (delete_risks) unless
+    `accept_risk`."""
+    found = next((group for group in groups if group.group_id == group_id), None)
+    if found is None:
+        raise UsageError(f"no snapshot group {group_id!r}", "see `igops snapshot list`")
+    data_set = set_of(data_sets(fleet), found.host)
+    siblings = [group for group in groups if (data_set.holds(group) if data_set else group.host == found.host)]
+    risks = delete_risks(found, siblings, data_set, now, timedelta(minutes=fleet.model.snapshot.stale_after_minutes))
+    if risks and not accept_risk:
+        release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
+        raise RefusedError(
+            f"refusing to delete {found.group_id}: " + "; ".join(risks),
+            f"{release}pass --accept-risk to delete it anyway",
+        )
+    return DeletePlan(found, risks)
+
+
 def delete_risks(
     group: SnapshotGroup, set_groups: list[SnapshotGroup], data_set: DataSet | None, now: datetime, grace: timedelta
 ) -> list[str]:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from igops import safety, snapshot, snapshot_cron, snapshot_policy
+from igops import safety, snapshot, snapshot_cron, snapshot_policy, snapshot_prune
 from igops.commands import snapshot_drill, snapshot_restore
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.ebs import Ebs, tags_of
-from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
+from igops.errors import AlreadyRunning, IgopsError, UsageError
 from igops.operations import conflicts
 from igops.output import Output, Reporter, plural
 from igops.pg import archive_repository
@@ -260,13 +260,12 @@ def prune(
             *snapshot_policy.prune_rules(sets, flags),
             datetime.now(UTC),
             timedelta(minutes=fleet.model.snapshot.stale_after_minutes),
+            host,
         )
-        if host:
-            plan.delete = [group for group in plan.delete if group.host == host]
         plan = archive_repository.for_prune(fleet, groups, plan)
-        deleted: list[str] | None = []
+        result: snapshot_prune.PruneResult | None = None
         if not plan.empty():
-            deleted = mutate(
+            result = mutate(
                 out,
                 fleet,
                 kind="snapshot-prune",
@@ -281,22 +280,25 @@ def prune(
                 steps=plan.steps(),
                 dry_run=dry_run,
                 yes=yes,
-                action=lambda reporter: snapshot.prune(fleet, ebs, plan, reporter),
-                outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
+                action=lambda reporter: snapshot_prune.prune(fleet, ebs, plan, reporter),
+                outcome=lambda done: (done.summary(), 0),
+                notes=plan.notes(),
             )
         else:
             out.log("nothing to delete")
         out.table(
             None,
             ["group", Column("kept because", wrap=True)],
-            [[group_id, reasons] for group_id, reasons in plan.keep.items()],
+            [[group_id, reasons] for group_id, reasons in plan.keep.items()]
+            + [[group_id, f"in use: {reading}"] for group_id, reading in (result.in_use if result else {}).items()],
         )
         out.finish(
             {
                 "dry_run": dry_run,
                 "keep": plan.keep,
                 "delete": [g.group_id for g in plan.delete],
-                "deleted": deleted or [],
+                "deleted": result.deleted if result else [],
+                "in_use": result.in_use if result else {},
                 "wal": [expiry.describe() for expiry in plan.wal],
             }
         )
@@ -319,45 +321,27 @@ def delete(
     with command(ctx, "snapshot delete", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        every = snapshot.groups(ebs)
-        found = next((item for item in every if item.group_id == group), None)
-        if found is None:
-            raise UsageError(f"no snapshot group {group!r}", "see `igops snapshot list`")
-        data_set = snapshot_policy.set_of(snapshot_policy.data_sets(fleet), found.host)
-        siblings = [item for item in every if (data_set.holds(item) if data_set else item.host == found.host)]
-        risks = snapshot_policy.delete_risks(
-            found, siblings, data_set, datetime.now(UTC), timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
-        )
-        if risks and not accept_risk:
-            release = f"release it with `igops snapshot keep {found.group_id} --release`, or " if found.kept else ""
-            raise RefusedError(
-                f"refusing to delete {found.group_id}: " + "; ".join(risks),
-                f"{release}pass --accept-risk to delete it anyway",
-            )
-
-        def act_delete(_: Reporter) -> str:
-            snapshot.delete_group(ebs, found)
-            return found.group_id
-
+        plan = snapshot_policy.plan_delete(fleet, snapshot.groups(ebs), group, datetime.now(UTC), accept_risk)
+        found = plan.group
         deleted = mutate(
             out,
             fleet,
             kind="snapshot-delete",
-            resources=[conflicts.SNAPSHOTS],
+            resources=plan.resources(),
             targets=[found.host],
             title=f"Delete snapshot group {found.group_id} ({found.host}, {found.state}, "
             f"{found.created:%Y-%m-%d %H:%M} UTC, {plural(found.volumes, 'snapshot')})",
-            steps=snapshot.delete_steps(found, risks if accept_risk else []),
+            steps=plan.steps(),
             dry_run=dry_run,
             yes=yes,
-            action=act_delete,
+            action=lambda _: snapshot_prune.delete(fleet, ebs, plan),
             outcome=lambda done: (f"deleted {done}", 0),
         )
         out.finish(
             {
                 "dry_run": dry_run,
                 "group": found.group_id,
-                "risks_accepted": risks,
+                "risks_accepted": plan.risks,
                 "deleted": [deleted] if deleted else [],
             }
         )
@@ -380,7 +364,7 @@ def keep(
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
         found = snapshot.find_group(ebs, group)
-        value = None if release else snapshot.keep_value(f"{safety.operator_user()}@{safety.operator_host()}")
+        value = None if release else snapshot_prune.keep_value(f"{safety.operator_user()}@{safety.operator_host()}")
         ids = ", ".join(item["SnapshotId"] for item in found.snapshots)
         step = (
             f"remove the tag {snapshot.TAG_KEEP} from {ids}"
@@ -389,7 +373,7 @@ def keep(
         )
 
         def act_keep(_: Reporter) -> bool:
-            snapshot.set_keep(ebs, found, value)
+            snapshot_prune.set_keep(ebs, found, value)
             return True
 
         changed = mutate(
@@ -538,23 +522,27 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
         report["wal"] = [expiry.describe() for expiry in prune_plan.wal]
         if prune_plan.empty():
             return report
-        report["deleted"] = (
-            mutate(
-                out,
-                fleet,
-                kind="snapshot-prune",
-                resources=[conflicts.SNAPSHOTS],
-                targets=["all"],
-                title=f"Prune what the [snapshot] policy lets go: delete "
-                f"{plural(len(prune_plan.delete), 'group')}, keep {len(prune_plan.keep)}",
-                steps=prune_plan.steps(),
-                dry_run=dry_run,
-                yes=yes,
-                action=lambda reporter: snapshot.prune(fleet, ebs, prune_plan, reporter),
-                outcome=lambda done: (f"deleted {plural(len(done), 'group')}", 0),
-            )
-            or []
+        pruned = mutate(
+            out,
+            fleet,
+            kind="snapshot-prune",
+            resources=[conflicts.SNAPSHOTS],
+            targets=["all"],
+            title=f"Prune what the [snapshot] policy lets go: delete "
+            f"{plural(len(prune_plan.delete), 'group')}, keep {len(prune_plan.keep)}",
+            steps=prune_plan.steps(),
+            dry_run=dry_run,
+            yes=yes,
+            action=lambda reporter: snapshot_prune.prune(fleet, ebs, prune_plan, reporter),
+            outcome=lambda done: (done.summary(), 0),
+            notes=prune_plan.notes(),
         )
+        if pruned:
+            report["deleted"] = pruned.deleted
+            report["skipped"] += [
+                {"set": "prune", "host": None, "why": f"group {group_id} left, in use: {reading}"}
+                for group_id, reading in pruned.in_use.items()
+            ]
     except AlreadyRunning:
         pass  # a person is pruning right now; whatever is left, the next run prunes
     except UsageError:

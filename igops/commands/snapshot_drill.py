@@ -8,7 +8,6 @@ import typer
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.ebs import Ebs
 from igops.errors import ExitCode
-from igops.operations import conflicts
 
 
 def drill(
@@ -37,7 +36,7 @@ def drill(
             out,
             fleet,
             kind=snapshot_drill.KIND,
-            resources=[conflicts.host(onto)],
+            resources=plan.resources(),
             targets=[onto],
             title=f"Drill: restore {plan.cluster} to {plan.target.describe()}"
             + (" (chosen at random)" if plan.chosen_at_random else "")

@@ -105,7 +105,7 @@ def restore(
             out,
             fleet,
             kind="snapshot-restore",
-            resources=[conflicts.host(onto)],
+            resources=plan.resources(),
             targets=[onto],
             title=f"Restore group {plan.group_id} onto {onto}"
             + (f", recovered to {plan.recovery.target.describe()}" if plan.recovery else ""),
@@ -140,10 +140,11 @@ def restore(
 def _rebuild(
     ctx: typer.Context, out: Output, fleet: Fleet, source: str, onto: str, dry_run: bool, yes: bool, given: list[Any]
 ) -> None:
-    """--in-place: a Postgres plan (igops.restore_in_place), run as `igops pg` runs its own."""
-    from igops import restore_in_place
-    from igops.commands.pg import run_pg_plan, show_state
-    from igops.commands.role_change_flow import planned
+    """--in-place: a Postgres plan (igops.restore_in_place), run as `igops pg` runs its own, under
+    the group's lease too."""
+    from igops import failover, restore_in_place
+    from igops.commands.pg import show_state
+    from igops.commands.role_change_flow import planned, run_plan
 
     if any(given):
         raise UsageError(
@@ -163,4 +164,21 @@ def _rebuild(
         lambda: restore_in_place.plan_rebuild(fleet, ebs, source, onto),
         show_state,
     )
-    run_pg_plan(out, fleet, plan, before, dry_run, yes, {"group": plan.group, "node": onto})
+    run_plan(
+        out,
+        fleet,
+        plan,
+        before,
+        dry_run=dry_run,
+        yes=yes,
+        show_state=show_state,
+        read_state=lambda: failover.pg_status(fleet, plan.cluster),
+        apply=restore_in_place.apply,
+        kind="pg-rebuild",
+        resources=restore_in_place.resources(plan),
+        members=failover.cluster_members(fleet, plan.cluster),
+        params={"group": plan.group, "node": onto},
+        outcome=lambda r: (f"{r.operation}: {r.new_primary} is the primary of {r.cluster}", 0),
+        summary=lambda _: f"done: {plan.title[0].lower()}{plan.title[1:]}",
+        nothing_to_do="nothing to do",
+    )

@@ -1,7 +1,8 @@
-"""The backup policy against the lab: keep and release, delete and its refusals, `snapshot cron`
-(due sets taken once each on a standby or replica, quiet when nothing is due, silent while
-another run holds its lease, pruning that honours kept groups and minimum redundancy), and the
-snapshot check judged per set of data against the schedule."""
+"""The backup policy against the lab: keep and release, delete and its refusals, a group a restore
+reads (refused to delete, left by prune), `snapshot cron` (due sets taken once each on a standby or
+replica, quiet when nothing is due, silent while another run holds its lease, pruning that
+honours kept groups and minimum redundancy), and the snapshot check judged per set of data
+against the schedule."""
 
 import json
 import re
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from igops import postgres_admin, redisops, snapshot
+from igops import postgres_admin, redisops, snapshot, snapshot_prune
 from igops.ebs import Ebs
 from igops.errors import ExitCode
 from tests.conftest import run_igops
@@ -251,3 +252,40 @@ def test_a_cron_run_while_another_holds_the_lease_does_nothing_and_says_nothing(
         told = run_igops("-c", config, "snapshot", "cron", "--yes", "--json")
         assert told.returncode == 0 and json.loads(told.stdout)["data"]["busy"] is True
     assert set(listed(config)) == before, "a run that found the lease held took no group"
+
+
+def test_a_group_a_restore_reads_is_refused_to_delete_and_left_by_prune_until_the_restore_ends(lab, tmp_path):
+    from igops import coordination, snapshot_policy
+    from igops.operations import conflicts, engine
+    from igops.output import Reporter
+
+    config = str(lab.source)
+    standby = standby_of_main(lab)
+    read, newer = create_on(config, standby), create_on(config, standby)
+    ebs = Ebs(lab)
+    # Retention of the two alone: `read` is the one to go (the prune made again under its lease
+    # may find more to delete, which it leaves for the next prune).
+    two = [group for group in snapshot.groups(ebs, standby) if group.group_id in (read, newer)]
+    rules = {"two": snapshot_policy.SetRetention(snapshot_policy.Retention(last=1), 1)}
+    plan = snapshot_policy.plan_prune(
+        two, lambda group: "two" if group.host == standby else None, rules, datetime.now(UTC), timedelta(hours=1)
+    )
+    assert [group.group_id for group in plan.delete] == [read]
+    spec = engine.OperationSpec("snapshot-prune", "prune test", ["all"], [conflicts.SNAPSHOTS], plan.steps())
+
+    def prune(operation):
+        return snapshot_prune.prune(lab, ebs, plan, operation.reporter)
+
+    # What a restore (or drill, or in-place rebuild) of `read` holds while it runs.
+    holder = coordination.current_holder("snapshot-restore", "scratch", "igops snapshot restore …", None, "op-x")
+    with coordination.for_fleet(lab).lease([snapshot.in_use(read)], holder):
+        refused = run_igops("-c", config, "snapshot", "delete", read, "--accept-risk", "--yes", "--json")
+        assert refused.returncode == ExitCode.LOCKED, refused.stdout + refused.stderr
+        assert f"snapshot-group {read} is held by snapshot-restore" in json.loads(refused.stdout)["error"]["message"]
+        left = engine.perform(lab, spec, prune, Reporter())
+        assert left.deleted == [] and "snapshot-restore op-x" in left.in_use[read]
+        assert group_snapshots(lab, read), "the group a restore reads is not deleted"
+    pruned = engine.perform(lab, spec, prune, Reporter())
+    assert pruned.deleted == [read] and group_snapshots(lab, read) == []
+    deleted = run_igops("-c", config, "snapshot", "delete", newer, "--accept-risk", "--yes")
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
