@@ -10,7 +10,7 @@ import http.client
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from igops.deploy_agents import DRAIN_TIMEOUT_S, AppFleet
@@ -56,6 +56,21 @@ class LbState:
         return "in"
 
 
+class LbChangeFailed(RemoteError):
+    """A change some load balancers did not make. `unchanged`: those whose agent refused it (it
+    puts its file back when the test or the reload fails); the others made it, or may have (no
+    answer came back)."""
+
+    def __init__(self, errors: dict[str, str], unchanged: set[str]):
+        super().__init__(
+            "load balancer change failed: " + "; ".join(f"{name}: {error}" for name, error in errors.items()),
+            "on each load balancer named, fix what it reports (`nginx -t` there shows a configuration error; "
+            "one that did not answer needs SSH to reach it), then run again",
+        )
+        self.errors = errors
+        self.unchanged = unchanged
+
+
 class LoadBalancers:
     """Every nginx with the `lb` role, changed together through the upstream agent."""
 
@@ -69,35 +84,39 @@ class LoadBalancers:
         up: Sequence[str] = (),
         share: tuple[Sequence[str], int] | None = None,
         reset_weights: bool = False,
+        on: Collection[str] | None = None,
     ) -> LbState:
-        """Apply, and return the servers as every LB now has them. Raises RemoteError naming the
-        LBs where it failed. Any change puts back the weights an earlier share raised; `share`
+        """Apply, and return the servers as every LB now has them. Raises LbChangeFailed naming
+        the LBs where it failed. Any change puts back the weights an earlier share raised; `share`
         (servers, percent) then gives those servers at most that percentage of the requests
-        (the canary's, while its analysis watches); `reset_weights` alone puts them back."""
+        (the canary's, while its analysis watches); `reset_weights` alone puts them back. `on`:
+        the names of the LBs to change, if not all of them."""
         request: dict[str, object] = {"down": sorted(down), "up": sorted(up), "note": self.note}
         if share is not None:
             request["share"] = {"servers": sorted(share[0]), "percent": share[1]}
         if reset_weights:
             request["reset_weights"] = True
         changing = bool(down or up or share or reset_weights)
+        lbs = [host for host in self.app.lbs if on is None or host.name in on]
         answers = self.app.request_each(
-            {host.name: (self.app.upstream_agent(host), request, b"") for host in self.app.lbs}, LB_TIMEOUT_S
+            {host.name: (self.app.upstream_agent(host), request, b"") for host in lbs}, LB_TIMEOUT_S
         )
         state = LbState()
-        for host in self.app.lbs:
+        unchanged = set()
+        for host in lbs:
             answer, error = answers[host.name].answer, answers[host.name].error
             if answer is None:
                 # An agent's answer without a document says why; a session that died says nothing.
                 state.errors[host.name] = error or "no answer from its agent"
+                if answers[host.name].answered:
+                    unchanged.add(host.name)
                 continue
             state.servers += [
                 LbServer(host.name, item["address"], item["down"], item["igops"], item["note"])
                 for item in answer["servers"]
             ]
         if state.errors and changing:
-            raise RemoteError(
-                "load balancer change failed: " + "; ".join(f"{name}: {error}" for name, error in state.errors.items())
-            )
+            raise LbChangeFailed(state.errors, unchanged)
         return state
 
     def read(self) -> LbState:

@@ -4,7 +4,7 @@ summary its last line and the journal give, and its exit code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from igops.deploy_canary import CanaryEvidence
@@ -24,6 +24,9 @@ class HostOutcome:
     in_lb: bool | None
     batch: int | None = None
     detail: str | None = None
+    # The load balancers that have the host out, when only some do (a drain they made, not
+    # undone there after the others refused it); empty: all of them, or none.
+    out_on: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -89,7 +92,11 @@ class RolloutResult:
                 + "; ".join(problems[:shown])
                 + (f"; and {len(problems) - shown} more (see the table)" if len(problems) > shown else "")
             )
-        out = [host.host for host in self.hosts if host.in_lb is False and host.state != SKIPPED]
+        out = [
+            host.host + (f" (on {', '.join(host.out_on)})" if host.out_on else "")
+            for host in self.hosts
+            if host.in_lb is False and host.state != SKIPPED
+        ]
         if out:
             text += f"; out of the load balancer: {', '.join(out)} (rerun to finish)"
         return text

@@ -18,7 +18,7 @@ from typing import Any
 from igops import deploy_analysis
 from igops.deploy_agents import AppFleet
 from igops.deploy_canary_plan import CanaryPlan, fact
-from igops.deploy_gate import LbState, LoadBalancers
+from igops.deploy_gate import LbChangeFailed, LbState, LoadBalancers
 from igops.deploy_limits import too_many_failures
 from igops.deploy_plan import ALREADY, DEPLOYED, FAILED, NOT_STARTED, OUTSIDE, ROLLED_BACK, RolloutPlan
 from igops.deploy_record import LastRunRecord, deployer
@@ -224,10 +224,28 @@ class Rollout:
             return refusal
         try:
             self._lb_change(down=batch, up=back)
-        except RemoteError as exc:
-            self.rotation.release(batch)
-            return f"could not take {', '.join(batch)} out of the load balancer: {exc.message}"
+        except LbChangeFailed as exc:
+            return self._undo_drain(batch, exc)
         return None
+
+    def _undo_drain(self, batch: list[str], failed: LbChangeFailed) -> str:
+        """After a drain some load balancers refused, the others (and any that gave no answer, where
+        it may have taken effect) take the batch back: it is out on all of them or on none. Where
+        that fails too, its hosts stay out there: reported out of the load balancer, and leased
+        until the run ends, so that other operations count them out. Returns why the batch was not
+        taken out."""
+        why = f"could not take {', '.join(batch)} out of the load balancer: {failed.message}"
+        drained = [host.name for host in self.app.lbs if host.name not in failed.unchanged]
+        try:
+            self._lb_change(up=batch, on=drained)
+        except LbChangeFailed as undo:
+            out_on = sorted(undo.errors)
+            for name in batch:
+                self.outcomes[name].in_lb, self.outcomes[name].out_on = False, out_on
+            self.record.hosts(dict.fromkeys(batch, "drained"))
+            return f"{why}; still out of rotation on {', '.join(out_on)}, where putting it back failed: {undo.message}"
+        self.rotation.release(batch)
+        return why + (f"; put back in on {', '.join(drained)}, which had taken it out" if drained else "")
 
     def _read_lbs(self) -> LbState | None:
         """The load balancers as they are now (another operation may have changed them since the
@@ -381,6 +399,7 @@ class Rollout:
         up: Sequence[str] = (),
         share: tuple[Sequence[str], int] | None = None,
         reset_weights: bool = False,
+        on: Sequence[str] | None = None,
     ) -> None:
         if not self.app.lbs or not (down or up or share or reset_weights):
             return
@@ -393,6 +412,7 @@ class Rollout:
             up=servers(up),
             share=(servers(share[0]), share[1]) if share else None,
             reset_weights=reset_weights,
+            on=on,
         )
 
     # PagerDuty -------------------------------------------------------------------------------
