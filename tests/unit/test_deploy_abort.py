@@ -8,7 +8,6 @@ stay out and are named."""
 import asyncio
 import json
 import os
-import shlex
 import socket
 import subprocess
 import threading
@@ -23,6 +22,7 @@ from igops import deploy, deploy_agents, deploy_gate, deploy_record, interrupted
 from igops.agent import upstream
 from igops.errors import ExitCode, IgopsError
 from tests.unit.inventories import unit_inventory
+from tests.unit.test_deploy_drain import upstream_answer
 from tests.unit.test_deploy_rollout import Recorder
 
 HOSTS = {"app1": "127.0.31.1", "app2": "127.0.31.2", "app3": "127.0.31.3"}
@@ -115,14 +115,7 @@ def agents_here(monkeypatch):
         if session.target.name in unreachable:
             return deploy_agents.AgentAnswer(None, "ssh: connect to host: Connection timed out", False)
         if "igops-upstream" in session.command:
-            *_, path, test_command, reload_command, drain_seconds = shlex.split(session.command)
-            try:
-                answer = await asyncio.to_thread(
-                    upstream.handle, path, test_command, reload_command, float(drain_seconds), document
-                )
-            except upstream.Refused as refused:
-                return deploy_agents.AgentAnswer(None, str(refused), True)
-            return deploy_agents.AgentAnswer(answer, None, True)
+            return await upstream_answer(session, document)
         line = json.dumps(document).encode() + b"\n" + payload
         done = await asyncio.to_thread(
             subprocess.run, ["sh", "-c", session.command], input=session.prefix + line, capture_output=True

@@ -20,6 +20,20 @@ from tests.unit.inventories import unit_inventory
 from tests.unit.test_deploy_rollout import TREE, surveys
 from tests.unit.test_deploy_rotation import spec
 
+
+async def upstream_answer(session, document) -> deploy_agents.AgentAnswer:
+    """What a load balancer's upstream agent answers `document` with: its request handler run in
+    this process, on the files its command line names."""
+    *_, path, test_command, reload_command, drain_seconds = shlex.split(session.command)
+    try:
+        answer = await asyncio.to_thread(
+            upstream.handle, path, test_command, reload_command, float(drain_seconds), document
+        )
+    except upstream.Refused as refused:
+        return deploy_agents.AgentAnswer(None, str(refused), True)
+    return deploy_agents.AgentAnswer(answer, None, True)
+
+
 APPS = {"app1": "127.0.32.1", "app2": "127.0.32.2", "app3": "127.0.32.3"}
 LBS = {"lb1": "127.0.32.100", "lb2": "127.0.32.101"}
 
@@ -44,14 +58,7 @@ def lb_agents(monkeypatch):
 
     async def request(session, document, timeout, payload=b""):
         assert "igops-upstream" in session.command, f"{session.target.name} was asked {document}"
-        *_, path, test_command, reload_command, drain_seconds = shlex.split(session.command)
-        try:
-            answer = await asyncio.to_thread(
-                upstream.handle, path, test_command, reload_command, float(drain_seconds), document
-            )
-        except upstream.Refused as refused:
-            return deploy_agents.AgentAnswer(None, str(refused), True)
-        return deploy_agents.AgentAnswer(answer, None, True)
+        return await upstream_answer(session, document)
 
     monkeypatch.setattr(deploy_agents.AgentSession, "request", request)
 
