@@ -104,6 +104,7 @@ class CutOver(SessionPart):
     def switch(self) -> str:
         plan = self.plan
         if _source_fenced(self.session):
+            _check_target_copy(self.session)
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
             # Nothing reaches the shard on the source since the fence: a mark written now is past
             # all of it, and is what the cleanup waits for the target to flush.
@@ -253,6 +254,34 @@ def _source_fenced(session: MoveSession) -> bool:
         )
         present = {row[0] for row in cursor.fetchall()}
     return session.plan.fenced_schema in present and session.plan.schema not in present
+
+
+def _check_target_copy(session: MoveSession) -> None:
+    """A resumed move that finds the source fenced switches the map without verifying again,
+    trusting the copy the cut-over caught up before it fenced. An --abort cut off between
+    dropping the target's subscription and copy and renaming the source's back leaves the source
+    fenced and that copy gone: switching then would send the shard's writes to nothing."""
+    plan = session.plan
+    with session.target.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s), "
+            "EXISTS (SELECT 1 FROM pg_subscription WHERE subname = %s AND subslotname IS NOT NULL)",
+            (plan.schema, plan.slot),
+        )
+        row = cursor.fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    has_schema, subscribed = row
+    if has_schema and subscribed:
+        return
+    missing = ", ".join(
+        [f"no schema {plan.schema}"] * (not has_schema) + [f"no subscription {plan.slot}"] * (not subscribed)
+    )
+    raise RefusedError(
+        f"{plan.source} is fenced but {plan.target}'s copy of shard {plan.shard} is gone ({missing}: "
+        f"an --abort dropped it); the map still places the shard on {plan.source}",
+        f"finish the abort with `igops shard move --abort {plan.move_id}`, which renames "
+        f"{plan.fenced_schema} back to {plan.schema} on {plan.source}",
+    )
 
 
 def _check_clock_skew(session: MoveSession) -> None:

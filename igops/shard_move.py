@@ -38,7 +38,7 @@ from igops.shard_schema import act_as_owner, describe_schema, read_ddl, schema_d
 from igops.shard_verify import VerifyReport
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import cursor as Cursor
+    from psycopg2.extensions import connection as Connection, cursor as Cursor
 
     from igops.inventory import Fleet
 
@@ -470,34 +470,42 @@ def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) 
         journal.hold_shard(plan.shard)
         current = plan_abort(fleet, plan.move_id)
         database = fleet.model.postgres.database
+        # The source is made writable first: an abort cut off after it leaves the shard served
+        # where the map places it, and a resume that finds the source not fenced verifies again.
         with reporter.step(current.steps()[0]) as step:
+            with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
+                step.detail = "un-fenced" if _unfence(connection, current) else "not fenced"
+        with reporter.step(current.steps()[1]) as step:
             with primary_connection(fleet, current.target, database, autocommit=True, purpose="move") as connection:
                 dropped = drop_subscription(connection, current.slot)
                 with connection.cursor() as cursor:
                     cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(current.schema)))
             step.detail = "subscription dropped" if dropped else "no subscription"
-        with reporter.step(current.steps()[1]) as step:
+        with reporter.step(current.steps()[2]) as step:
             with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                        ([current.schema, current.fenced_schema],),
-                    )
-                    present = {row[0] for row in cursor.fetchall()}
-                    restored = current.fenced_schema in present and current.schema not in present
-                    if restored:
-                        cursor.execute(
-                            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                                sql.Identifier(current.fenced_schema), sql.Identifier(current.schema)
-                            )
-                        )
-                removed = drop_publication_and_slot(connection, current.slot)
-            step.detail = ("un-fenced; " if restored else "") + removed
-        with reporter.step(current.steps()[2]):
+                step.detail = drop_publication_and_slot(connection, current.slot)
+        with reporter.step(current.steps()[3]):
             journal.finish(current.move_id, ABORTED, error=f"aborted by {operator_label()}")
         return journal.get(current.move_id)
     finally:
         directory.close()
+
+
+def _unfence(connection: Connection, plan: AbortPlan) -> bool:
+    """Rename the source's fenced copy back, if the cut-over fenced it; whether it did."""
+    from psycopg2 import sql
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", ([plan.schema, plan.fenced_schema],))
+        present = {row[0] for row in cursor.fetchall()}
+        if plan.fenced_schema not in present or plan.schema in present:
+            return False
+        cursor.execute(
+            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                sql.Identifier(plan.fenced_schema), sql.Identifier(plan.schema)
+            )
+        )
+    return True
 
 
 def list_moves(fleet: Fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:

@@ -123,8 +123,8 @@ class AbortPlan:
 
     def steps(self) -> list[str]:
         return [
+            f"on {self.source}: if the cut-over fenced it, rename {self.fenced_schema} back to {self.schema}",
             f"on {self.target}: drop subscription {self.slot} and the partial copy {self.schema}",
-            f"on {self.source}: if the cut-over fenced it, rename {self.fenced_schema} back to {self.schema}; "
-            f"drop slot and publication {self.slot}",
+            f"on {self.source}: drop slot and publication {self.slot}",
             f"journal: move {self.move_id} aborted (the shard map still places shard {self.shard} on {self.source})",
         ]
