@@ -26,9 +26,9 @@ bench/ and the tests call what it names. The pieces live in:
 
 from __future__ import annotations
 
-from igops.deploy_agents import HEALTH_PROBES_AT_ONCE, AppFleet
+from igops.deploy_agents import AppFleet
 from igops.deploy_canary_plan import AnalysisOptions
-from igops.deploy_gate import GateResult, HealthGate, LbServer, LbState, drained_by_igops, put_back, wait_healthy
+from igops.deploy_gate import HealthGate, LbServer, LbState, drained_by_igops, put_back
 from igops.deploy_limits import BatchSize, HostLimit, parse_batches, split_batches
 from igops.deploy_pending import Pending, for_deploy as pending_for_deploy, pending
 from igops.deploy_plan import (
@@ -62,25 +62,21 @@ from igops.deploy_release import (
 from igops.deploy_result import HostOutcome, RolloutFailed, RolloutResult
 from igops.deploy_rollout import execute
 from igops.deploy_survey import FleetReleases, HostReleaseRow, HostReleases, fleet_releases, survey_hosts
-from igops.deploy_switch import SWITCH_TIMEOUT_S
 
 __all__ = [
     "ALREADY",
     "AnalysisOptions",
     "DEPLOYED",
     "FAILED",
-    "HEALTH_PROBES_AT_ONCE",
     "NOT_STARTED",
     "OUTSIDE",
     "ROLLED_BACK",
     "SHARED_LINKS",
     "SKIPPED",
-    "SWITCH_TIMEOUT_S",
     "UNKNOWN",
     "AppFleet",
     "BatchSize",
     "FleetReleases",
-    "GateResult",
     "HealthGate",
     "HostLimit",
     "HostOutcome",
@@ -116,5 +112,4 @@ __all__ = [
     "resume_params",
     "split_batches",
     "survey_hosts",
-    "wait_healthy",
 ]

@@ -5,17 +5,15 @@ and is gated there. igops.interrupted plans and runs it under the operation engi
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from igops import ssh_loop
 from igops.errors import ExitCode, IgopsError
 from igops.output import Reporter, plural
 
 if TYPE_CHECKING:
-    from igops.deploy import AppFleet, GateResult, HealthGate, HostPlan, HostReleases
+    from igops.deploy import AppFleet, HealthGate, HostPlan, HostReleases
 
 
 # The deploy command's --health-passes and --health-timeout: the gate of a deploy whose record
@@ -92,7 +90,7 @@ class DeployAbort:
         return notes
 
     def run(self, app: AppFleet, reporter: Reporter) -> dict[str, list[str]]:
-        from igops import deploy
+        from igops import deploy, deploy_switch
 
         steps = iter(self.steps())
         # What each host's gates saw, or why it cannot be gated: what the result and the error name.
@@ -101,7 +99,7 @@ class DeployAbort:
         gated = self.gated()
         if gated:
             with reporter.step(next(steps)) as step:
-                gates = self._gate(app, {host.host: str(host.current) for host in gated})
+                gates = deploy_switch.gate_hosts(app, {host.host: str(host.current) for host in gated}, self._gate_for)
                 for host in gated:
                     gate = gates[host.host]
                     seen[host.host] = gate.detail if gate.ok else f"failed its gate on {host.current}: {gate.detail}"
@@ -151,43 +149,23 @@ class DeployAbort:
         built = (self.surveys[name].release_info(release) or {}).get("built_at")
         return dataclasses.replace(self.gate, require_release=bool(built))
 
-    def _gate(self, app: AppFleet, releases: dict[str, str]) -> dict[str, GateResult]:
-        """name -> its gate's result on the release given for it, every host gated at once."""
-        from igops import deploy
-
-        if not releases:
-            return {}
-
-        async def gate_all() -> list[GateResult]:
-            probes = asyncio.Semaphore(deploy.HEALTH_PROBES_AT_ONCE)
-            return await asyncio.gather(
-                *(
-                    deploy.wait_healthy(str(app.host(name).address), self._gate_for(name, release), release, probes)
-                    for name, release in releases.items()
-                )
-            )
-
-        return dict(zip(releases, ssh_loop.call(gate_all()), strict=True))
-
     def _return(self, app: AppFleet, hosts: list[HostPlan], seen: dict[str, str]) -> list[str]:
         """Switch `hosts` to their release before the interrupted run and gate them there, as
         igops.deploy_switch.HostSwitcher.switch_back does; `seen` gets what each did. Returns
         those that passed."""
-        from igops import deploy
+        from igops import deploy_switch
 
-        jobs = {}
-        for plan in hosts:
-            host = app.host(plan.host)
-            request = {
-                "op": "switch",
-                "id": plan.before,
-                "keep": app.fleet.model.app.keep_releases,
-                "reload": app.reload_command(host),
-                "action": "rollback",
-                "deploy": self.operation,
-            }
-            jobs[plan.host] = (app.release_agent(host), request, b"")
-        answers = app.request_each(jobs, deploy.SWITCH_TIMEOUT_S)
+        releases = {plan.host: str(plan.before) for plan in hosts}
+        answers = deploy_switch.switch_hosts(
+            app,
+            releases,
+            # Each host ran that release before the interrupted run: named to spare from the prune,
+            # as the rollout's switch back names it, so both send the same request.
+            releases,
+            keep=app.fleet.model.app.keep_releases,
+            action="rollback",
+            deploy_id=self.operation,
+        )
         to_gate = {}
         for plan in hosts:
             answer, error = answers[plan.host].answer, answers[plan.host].error
@@ -200,7 +178,7 @@ class DeployAbort:
                 seen[plan.host] += f"; switching back to {plan.before} failed: {why}"
             else:
                 to_gate[plan.host] = str(plan.before)
-        gates = self._gate(app, to_gate)
+        gates = deploy_switch.gate_hosts(app, to_gate, self._gate_for)
         for name, release in to_gate.items():
             seen[name] += f"; back on {release}" + (
                 "" if gates[name].ok else f" but unhealthy there too: {gates[name].detail}"

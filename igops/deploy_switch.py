@@ -1,22 +1,78 @@
 """Switching a rollout's hosts: each batch to the plan's release, gated on its own /health,
 and those that fail returned to the release they ran before (igops.deploy_rollout hands it the
-batches; a canary that fails its analysis is returned the same way).
+batches; a canary that fails its analysis is returned the same way). The switch and the gate
+themselves are switch_hosts and gate_hosts, which the abort of an interrupted deploy
+(igops.deploy_abort) uses too, so that it returns and gates a host as a rollout does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from igops import ssh_loop
-from igops.deploy_agents import HEALTH_PROBES_AT_ONCE, AppFleet
-from igops.deploy_gate import GateResult, wait_healthy
+from igops.deploy_agents import HEALTH_PROBES_AT_ONCE, AgentAnswer, AppFleet
+from igops.deploy_gate import GateResult, HealthGate, wait_healthy
 from igops.deploy_plan import DEPLOYED, FAILED, ROLLED_BACK, UNKNOWN, RolloutPlan
 from igops.deploy_record import LastRunRecord
 from igops.deploy_result import HostOutcome
 
 SWITCH_TIMEOUT_S = 90.0
+
+
+def switch_hosts(
+    app: AppFleet,
+    releases: Mapping[str, str],
+    before: Mapping[str, str | None],
+    *,
+    keep: int,
+    action: str,
+    deploy_id: str,
+    parallel: int | None = None,
+) -> dict[str, AgentAnswer]:
+    """name -> its release agent's answer to switching it to its release in `releases`, at most
+    `parallel` hosts at once (the SSH settings' without it). `action` ("deploy" or "rollback")
+    and `deploy_id` go into the host's revisions.log. `before` is the release each host ran
+    before the run: the one it returns to if it fails, so the agent's prune to `keep` releases
+    spares it. Without an answer the switch may or may not have happened: only the host knows
+    which release is current."""
+    jobs = {}
+    for name, release in releases.items():
+        host = app.host(name)
+        request = {
+            "op": "switch",
+            "id": release,
+            "keep": keep,
+            "reload": app.reload_command(host),
+            "action": action,
+            "deploy": deploy_id,
+            "protect": [before[name]] if before[name] else [],
+        }
+        jobs[name] = (app.release_agent(host), request, b"")
+    return app.request_each(jobs, SWITCH_TIMEOUT_S, parallel)
+
+
+def gate_hosts(
+    app: AppFleet, releases: Mapping[str, str], gate_of: Callable[[str, str], HealthGate]
+) -> dict[str, GateResult]:
+    """name -> the result of its health gate on its release in `releases`, `gate_of(name,
+    release)` the gate it must pass there. Every host is gated at once, as coroutines on the SSH
+    loop, with at most HEALTH_PROBES_AT_ONCE probes open: each holds a socket beside the run's
+    agent sessions."""
+    if not releases:
+        return {}
+
+    async def gate_all() -> list[GateResult]:
+        probes = asyncio.Semaphore(HEALTH_PROBES_AT_ONCE)
+        return await asyncio.gather(
+            *(
+                wait_healthy(str(app.host(name).address), gate_of(name, release), release, probes)
+                for name, release in releases.items()
+            )
+        )
+
+    return dict(zip(releases, ssh_loop.call(gate_all()), strict=True))
 
 
 class HostSwitcher:
@@ -129,39 +185,19 @@ class HostSwitcher:
     def _switch(
         self, names: list[str], release_of: Callable[[str], str], action: str
     ) -> dict[str, tuple[dict[str, Any] | None, str | None, bool]]:
-        """name -> (answer, error, whether the agent answered at all). Without an answer the
-        switch may or may not have happened: only the host knows which release is current."""
-        jobs = {}
-        for name in names:
-            host = self.app.host(name)
-            jobs[name] = (
-                self.app.release_agent(host),
-                {
-                    "op": "switch",
-                    "id": release_of(name),
-                    "keep": self.plan.keep,
-                    "reload": self.app.reload_command(host),
-                    "action": action,
-                    "deploy": self.plan.deploy_id,
-                    "protect": [self.outcomes[name].before] if self.outcomes[name].before else [],
-                },
-                b"",
-            )
-        answers = self.app.request_each(jobs, SWITCH_TIMEOUT_S, self.plan.parallel)
+        """name -> (answer, error, whether the agent answered at all): switch_hosts with the
+        plan's keep, deploy id and parallelism, each host sparing the release it ran before."""
+        answers = switch_hosts(
+            self.app,
+            {name: release_of(name) for name in names},
+            {name: self.outcomes[name].before for name in names},
+            keep=self.plan.keep,
+            action=action,
+            deploy_id=self.plan.deploy_id,
+            parallel=self.plan.parallel,
+        )
         return {name: (answers[name].answer, answers[name].error, answers[name].answered) for name in names}
 
     def _gate(self, names: list[str], release_of: Callable[[str], str]) -> dict[str, GateResult]:
-        """name -> its gate's result, every host gated at once as coroutines on the SSH loop."""
-        if not names:
-            return {}
-
-        async def gate_all() -> list[GateResult]:
-            probes = asyncio.Semaphore(HEALTH_PROBES_AT_ONCE)
-            return await asyncio.gather(
-                *(
-                    wait_healthy(str(self.app.host(name).address), self.plan.gate, release_of(name), probes)
-                    for name in names
-                )
-            )
-
-        return dict(zip(names, ssh_loop.call(gate_all()), strict=True))
+        """gate_hosts with the plan's gate for every host."""
+        return gate_hosts(self.app, {name: release_of(name) for name in names}, lambda _name, _release: self.plan.gate)

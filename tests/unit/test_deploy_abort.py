@@ -102,20 +102,29 @@ class Lab:
                 server.server_close()
 
 
+class Agents:
+    """What agents_here gives a test: the hosts that do not answer, as one SSH cannot reach, and
+    each request a host's release agent received, in order."""
+
+    def __init__(self) -> None:
+        self.unreachable: set[str] = set()
+        self.release_requests: list[tuple[str, dict]] = []
+
+
 @pytest.fixture
 def agents_here(monkeypatch):
     """Every agent request runs the agent on this machine: the release agent as its SSH session
     would run it, the upstream agent's request handler in this process, without nginx (whose
-    workers it would wait for: a lab's, on this machine, never reload). A host named in the
-    returned set does not answer, as one SSH cannot reach."""
-    unreachable: set[str] = set()
+    workers it would wait for: a lab's, on this machine, never reload)."""
+    agents = Agents()
     monkeypatch.setattr(upstream, "workers", dict)
 
     async def request(session, document, timeout, payload=b""):
-        if session.target.name in unreachable:
+        if session.target.name in agents.unreachable:
             return deploy_agents.AgentAnswer(None, "ssh: connect to host: Connection timed out", False)
         if "igops-upstream" in session.command:
             return await upstream_answer(session, document)
+        agents.release_requests.append((session.target.name, document))
         line = json.dumps(document).encode() + b"\n" + payload
         done = await asyncio.to_thread(
             subprocess.run, ["sh", "-c", session.command], input=session.prefix + line, capture_output=True
@@ -123,7 +132,7 @@ def agents_here(monkeypatch):
         return session._parse(done.stdout.decode().strip().splitlines()[-1])
 
     monkeypatch.setattr(deploy_agents.AgentSession, "request", request)
-    return unreachable
+    return agents
 
 
 def drain(lab: Lab, hosts: list[str]) -> None:
@@ -190,13 +199,28 @@ def test_a_host_killed_while_failing_its_gate_returns_to_its_release_before_and_
     assert [(e["action"], e["release"], e["deploy"]) for e in map(json.loads, history)] == [
         ("rollback", "R1", OPERATION)
     ]
+    # The request the rollout's switch back sends, `protect` too: the same releases spared.
+    assert [(host, r) for host, r in agents_here.release_requests if r["op"] == "switch"] == [
+        (
+            "app1",
+            {
+                "op": "switch",
+                "id": "R1",
+                "keep": lab.fleet.model.app.keep_releases,
+                "reload": "true",
+                "action": "rollback",
+                "deploy": OPERATION,
+                "protect": ["R1"],
+            },
+        )
+    ]
 
 
 def test_a_host_unhealthy_on_both_releases_and_an_unreachable_one_stay_out_and_are_named(tmp_path, agents_here):
     lab = Lab(tmp_path, {"app1": "R2", "app2": "R2", "app3": "R1"}, broken={("app1", "R2"), ("app1", "R1")})
     drain(lab, ["app1", "app2", "app3"])
     killed_run(lab, dict.fromkeys(HOSTS, "R1"))
-    agents_here.add("app2")
+    agents_here.unreachable.add("app2")
     with lab.serving():
         continuation, recorder = abort(lab)
         assert continuation.spec.steps[0].startswith("health gate app1 (on R2), app3 (on R1): ")
