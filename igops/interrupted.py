@@ -397,7 +397,7 @@ def _snapshot_continuation(fleet: Fleet, record: dict[str, Any], resume: bool) -
     )
 
     def run(reporter: Reporter) -> dict[str, Any]:
-        for line, found in zip(deletes, partial.snapshots if partial else [], strict=True):
+        for line, found in zip(deletes, [*partial.snapshots, *partial.strays] if partial else [], strict=True):
             with reporter.step(line):
                 ebs.delete_snapshot(found["SnapshotId"])
         created = snapshot.create(fleet, plan, reporter) if plan else None

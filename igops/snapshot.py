@@ -115,7 +115,8 @@ class CreatePlan:
             f"tag every snapshot with group {self.group_id}, host, role, mount, device, RAID index, "
             "freeze window and igops version"
             + (", WAL range and backup_label" if self.wal_cluster else "")
-            + "; mark the group complete"
+            + "; mark the group complete; delete any stray snapshot with its tag (one EC2 made for a call "
+            "whose answer was lost, or of a volume attached since this plan)"
         )
         return steps
 
@@ -145,6 +146,11 @@ class SnapshotGroup:
     snapshots: list[dict[str, Any]] = field(default_factory=list, repr=False)
     kept: str | None = None  # the igops:keep tag's value: pinned when and by whom
     wal: snapshot_wal.WalMark | None = None  # where in its cluster's WAL the group is consistent
+    # Snapshots carrying the group's tag that are none of its members: a CreateSnapshot that EC2
+    # made but whose answer was lost (the SDK's retry made another), or CreateSnapshots taking a
+    # volume attached after the plan. The create deletes them; one it could not is only deleted
+    # with the group, and never restored.
+    strays: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -385,10 +391,10 @@ def _create(
     if failure is not None or len(result.snapshots) != len(plan.volumes):
         result.error = str(failure) if failure else "not every volume was snapshotted"
         with reporter.step(f"mark group {plan.group_id} failed and delete its snapshots"):
-            _discard(ebs, result.snapshots)
+            _discard(ebs, plan.group_id, result.snapshots)
         raise SnapshotFailed(result)
 
-    with reporter.step(f"tag {plural(len(result.snapshots), 'snapshot')}, group {plan.group_id}"):
+    with reporter.step(f"tag {plural(len(result.snapshots), 'snapshot')}, group {plan.group_id}") as step:
         for volume in plan.volumes:
             ebs.tag(
                 [result.snapshots[volume.volume_id]],
@@ -406,8 +412,28 @@ def _create(
         if mark is not None:
             ebs.tag(list(result.snapshots.values()), mark.tags())
         ebs.tag(list(result.snapshots.values()), {TAG_STATE: STATE_COMPLETE})
+        step.detail = _delete_strays(ebs, plan.group_id, result.snapshots)
     result.state = STATE_COMPLETE
     return result
+
+
+def _delete_strays(ebs: Ebs, group_id: str, made: dict[str, str]) -> str | None:
+    """Delete the snapshots with the group's tag that the calls did not answer with (see
+    SnapshotGroup.strays); what was done, for the step's detail. One that cannot be deleted is
+    left: the group is complete without it, and listing, restore and prune leave it aside."""
+    strays = [
+        snapshot["SnapshotId"]
+        for snapshot in ebs.snapshots({TAG_GROUP: group_id})
+        if snapshot["SnapshotId"] not in made.values()
+    ]
+    if not strays:
+        return None
+    try:
+        for snapshot_id in strays:
+            ebs.delete_snapshot(snapshot_id)
+    except IgopsError as exc:
+        return f"stray snapshots {', '.join(strays)} not all deleted: {exc.one_line()}"[:300]
+    return f"deleted {plural(len(strays), 'stray snapshot')}: {', '.join(strays)}"
 
 
 class SnapshotFailed(IgopsError):
@@ -491,8 +517,11 @@ class PartialSnapshot(IgopsError):
         self.made = made
 
 
-def _discard(ebs: Ebs, snapshots: dict[str, str]) -> None:
-    for snapshot_id in snapshots.values():
+def _discard(ebs: Ebs, group_id: str, snapshots: dict[str, str]) -> None:
+    """Delete a failed group's snapshots: those the calls answered, and any stray the group's tag
+    finds (a call whose answer was lost made one too)."""
+    found = {snapshot["SnapshotId"] for snapshot in ebs.snapshots({TAG_GROUP: group_id})}
+    for snapshot_id in sorted(found | set(snapshots.values())):
         try:
             ebs.delete_snapshot(snapshot_id)
         except IgopsError:
@@ -509,9 +538,10 @@ def groups(ebs: Ebs, host: str | None = None, group_id: str | None = None) -> li
     for snapshot in ebs.snapshots(filters):
         by_group[tags_of(snapshot)[TAG_GROUP]].append(snapshot)
     found = []
-    for group_id, members in by_group.items():
+    for group_id, found_in_group in by_group.items():
+        expected = max(int(tags_of(snapshot).get(TAG_GROUP_SIZE, "0") or 0) for snapshot in found_in_group)
+        members, strays = _members_and_strays(found_in_group, expected)
         tags = [tags_of(snapshot) for snapshot in members]
-        expected = max(int(t.get(TAG_GROUP_SIZE, "0") or 0) for t in tags)
         states = {snapshot["State"] for snapshot in members}
         marked = {t.get(TAG_STATE) for t in tags}
         if STATE_FAILED in marked or "error" in states:
@@ -538,9 +568,24 @@ def groups(ebs: Ebs, host: str | None = None, group_id: str | None = None) -> li
                 sorted(members, key=lambda s: (tags_of(s).get(TAG_MOUNT, ""), int(tags_of(s).get(TAG_RAID_INDEX, 0)))),
                 kept,
                 snapshot_wal.from_tags(tags[0]),
+                strays,
             )
         )
     return sorted(found, key=lambda group: group.created, reverse=True)
+
+
+def _members_and_strays(
+    found: list[dict[str, Any]], expected: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A group's members and its strays. Once a create has tagged `expected` snapshots complete,
+    they are the group: any other snapshot with its tag is a stray (see SnapshotGroup.strays).
+    Before that nothing tells them apart, and every snapshot counts (more than expected: failed)."""
+    from igops.ebs import tags_of
+
+    marked = [snapshot for snapshot in found if tags_of(snapshot).get(TAG_STATE) == STATE_COMPLETE]
+    if len(marked) != expected or len(marked) == len(found):
+        return found, []
+    return marked, [snapshot for snapshot in found if snapshot not in marked]
 
 
 def find_group(ebs: Ebs, group_id: str) -> SnapshotGroup:
@@ -599,7 +644,7 @@ def stale(group: SnapshotGroup, now: datetime, grace: timedelta) -> bool:
 
 
 def delete_group(ebs: Ebs, group: SnapshotGroup) -> None:
-    for snapshot in group.snapshots:
+    for snapshot in [*group.snapshots, *group.strays]:
         ebs.delete_snapshot(snapshot["SnapshotId"])
 
 
@@ -613,4 +658,9 @@ def delete_steps(group: SnapshotGroup, risks: list[str]) -> list[str]:
             f"DeleteSnapshot {snapshot['SnapshotId']} ({tags.get(TAG_MOUNT, '?')} "
             f"#{tags.get(TAG_RAID_INDEX, '0')}, volume {snapshot.get('VolumeId', '?')})"
         )
+    steps += [
+        f"DeleteSnapshot {snapshot['SnapshotId']} (a stray: volume {snapshot.get('VolumeId', '?')}, none of the "
+        "group's members)"
+        for snapshot in group.strays
+    ]
     return steps

@@ -165,7 +165,11 @@ def list_groups(
         out.finish(
             {
                 "groups": [
-                    {**{k: v for k, v in g.__dict__.items() if k != "snapshots"}, "wal": g.wal and g.wal.describe()}
+                    {
+                        **{k: v for k, v in g.__dict__.items() if k not in ("snapshots", "strays")},
+                        "wal": g.wal and g.wal.describe(),
+                        "strays": [stray["SnapshotId"] for stray in g.strays],
+                    }
                     for g in found
                 ]
             }
@@ -198,6 +202,19 @@ def show(
                     f"{item.get('VolumeSize', 0)} GiB",
                 ]
             )
+        # Never restored, deleted with the group: see docs/snapshot.md.
+        rows += [
+            [
+                item["SnapshotId"],
+                item["VolumeId"],
+                "(a stray)",
+                None,
+                None,
+                item["State"],
+                f"{item.get('VolumeSize', 0)} GiB",
+            ]
+            for item in found.strays
+        ]
         out.table(
             "snapshots",
             [

@@ -25,7 +25,17 @@ class Faults:
     # action -> (text, replacement) applied to the answer: e.g. make moto's instantly completed
     # snapshots look pending, as a real region's are for minutes.
     rewrite: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # action -> how many of its next calls are applied upstream and then answered 500, as when
+    # a region acted but its answer was lost: the SDK's retry acts a second time.
+    lose_answer: dict[str, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+
+
+# What a region answers when it fails inside: the SDK retries it (botocore's standard mode).
+_INTERNAL_ERROR = (
+    b"<Response><Errors><Error><Code>InternalError</Code><Message>igops lab proxy lost the answer"
+    b"</Message></Error></Errors></Response>"
+)
 
 
 class AwsProxy:
@@ -59,6 +69,8 @@ class AwsProxy:
                 try:
                     with urllib.request.urlopen(request, timeout=120) as answer:
                         payload = answer.read()
+                        if proxy._lose(action):
+                            return self._answer(500, _INTERNAL_ERROR, "text/xml")
                         if action in proxy.faults.rewrite:
                             old, new = proxy.faults.rewrite[action]
                             payload = payload.replace(old.encode(), new.encode())
@@ -83,8 +95,18 @@ class AwsProxy:
                 pass
 
         self._server = ThreadingHTTPServer(listen, Handler)
+        self._losing = threading.Lock()
         self._server.daemon_threads = True
         self.url = f"http://{listen[0]}:{self._server.server_address[1]}"
+
+    def _lose(self, action: str) -> bool:
+        """Whether this call's answer is to be lost (counted down under a lock: calls run in
+        threads of their own)."""
+        with self._losing:
+            left = self.faults.lose_answer.get(action, 0)
+            if left > 0:
+                self.faults.lose_answer[action] = left - 1
+            return left > 0
 
     def __enter__(self) -> AwsProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()

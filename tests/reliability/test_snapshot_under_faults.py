@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from igops import snapshot as snapshots
 from igops.ebs import Ebs, tags_of
 from igops.errors import ExitCode
 from igops.lab.faults import AwsProxy, Faults
@@ -214,6 +215,30 @@ def test_api_failing_mid_group_thaws_at_once_and_marks_the_group_failed(lab, tmp
     finally:
         ec2.detach_volume(VolumeId=spare, InstanceId=standby.instance_id, Device="/dev/sdz", Force=True)
         ec2.delete_volume(VolumeId=spare)
+
+
+def test_a_create_whose_answer_was_lost_keeps_a_complete_group_and_deletes_the_strays(lab, tmp_path):
+    """EC2 makes the snapshots, the answer is lost, the SDK asks again and EC2 makes them again:
+    the group is complete with one snapshot per volume, and the first call's snapshots (strays
+    carrying the group's tag) are deleted, not counted (they once made the group failed, and
+    prune then deleted a good group)."""
+    standby = standby_of_main(lab)
+    faults = Faults(lose_answer={"CreateSnapshots": 1})
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        result = run_create(config, standby, "--json")
+    assert result.returncode == 0, result.stderr
+    assert faults.calls.count("CreateSnapshots") == 2
+    envelope = json.loads(result.stdout)
+    group_id = envelope["data"]["group_id"]
+    tagged = next(step for step in envelope["steps"] if step["title"].startswith("tag "))
+    assert tagged["status"] == "ok" and tagged["detail"].startswith("deleted "), tagged
+    strays = re.findall(r"snap-\w+", tagged["detail"])
+    assert len(strays) == len(group_snapshots(lab, group_id)), tagged
+    [group] = snapshots.groups(Ebs(lab), group_id=group_id)
+    assert group.state in (snapshots.STATE_COMPLETE, snapshots.STATE_PENDING), group
+    assert group.volumes == group.expected and not group.strays
+    assert {s["SnapshotId"] for s in group_snapshots(lab, group_id)} == snapshots.snapshot_ids(group)
+    assert {s["SnapshotId"] for s in group_snapshots(lab, group_id)}.isdisjoint(strays)
 
 
 @pytest.mark.parametrize("watchdog", ["running", "gone"])

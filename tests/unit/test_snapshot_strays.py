@@ -1,0 +1,79 @@
+"""Snapshots carrying a group's tag that are none of its members (strays), against moto's EC2
+run in this process: EC2 made them for a call whose answer was lost, or of a volume attached
+after the plan. A complete group stays complete; its strays are never restored, and are deleted
+with it."""
+
+import pytest
+
+from igops import snapshot
+from igops.ebs import Ebs
+from igops.inventory import load_file
+from tests.unit.inventories import unit_inventory
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def ebs(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unit")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unit")
+    inventory = unit_inventory(
+        tmp_path,
+        [("db9", "127.0.0.1", "app")],
+        sections=f'[aws]\nregion = "us-east-1"\nendpoint_url = "{endpoint}"\n',
+    )
+    return Ebs(load_file(inventory))
+
+
+def take(ebs: Ebs, group_id: str, volumes: list[str], complete: bool) -> list[str]:
+    """One snapshot per volume, tagged as a create tags them at the call (and complete after)."""
+    common = {snapshot.TAG_GROUP: group_id, snapshot.TAG_HOST: "db9", snapshot.TAG_GROUP_SIZE: "2"}
+    made = [ebs.create_snapshot(volume, f"igops {group_id} db9", common) for volume in volumes]
+    if complete:
+        for index, snapshot_id in enumerate(made):
+            ebs.tag([snapshot_id], {snapshot.TAG_MOUNT: f"/data{index}", snapshot.TAG_STATE: snapshot.STATE_COMPLETE})
+    return made
+
+
+def volumes(ebs: Ebs, count: int) -> list[str]:
+    return [ebs._ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"] for _ in range(count)]
+
+
+def test_a_complete_group_with_a_stray_is_complete_and_its_stray_is_no_member(ebs):
+    group_id = "db9-strays-1"
+    data = volumes(ebs, 2)
+    [lost] = take(ebs, group_id, data[:1], complete=False)  # the call whose answer was lost
+    members = take(ebs, group_id, data, complete=True)
+    [group] = snapshot.groups(ebs, group_id=group_id)
+    assert group.state == snapshot.STATE_COMPLETE
+    assert snapshot.snapshot_ids(group) == set(members) and group.volumes == group.expected == 2
+    assert [stray["SnapshotId"] for stray in group.strays] == [lost]
+    steps = snapshot.delete_steps(group, [])
+    assert len(steps) == 3 and lost in steps[-1] and "stray" in steps[-1]
+    snapshot.delete_group(ebs, group)
+    assert snapshot.groups(ebs, group_id=group_id) == []
+
+
+def test_before_the_group_is_marked_complete_more_snapshots_than_expected_is_failed(ebs):
+    group_id = "db9-strays-2"
+    data = volumes(ebs, 2)
+    take(ebs, group_id, data[:1], complete=False)
+    take(ebs, group_id, data, complete=False)
+    [group] = snapshot.groups(ebs, group_id=group_id)
+    assert group.state == snapshot.STATE_FAILED and group.volumes == 3 and not group.strays
+
+
+def test_a_group_still_taking_is_taking(ebs):
+    group_id = "db9-strays-3"
+    take(ebs, group_id, volumes(ebs, 1), complete=False)
+    [group] = snapshot.groups(ebs, group_id=group_id)
+    assert group.state == snapshot.STATE_TAKING and not group.strays
