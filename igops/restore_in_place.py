@@ -12,7 +12,7 @@ rebuilt from the group are left as they are.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from igops import snapshot_wal
@@ -46,7 +46,14 @@ if TYPE_CHECKING:
     from igops.pg.actions import PgResult
 
 
-def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan, PgClusterState]:
+@dataclass
+class RebuildPlan(PgPlan):
+    """A Postgres plan that rebuilds a standby: it names the group it rebuilds from."""
+
+    group: str = field(kw_only=True)  # the snapshot group's id
+
+
+def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[RebuildPlan, PgClusterState]:
     """The plan that rebuilds standby `node` from `source` (a group id, or its cluster or a
     member: the newest complete group of the cluster)."""
     from igops.ebs import tags_of
@@ -98,7 +105,7 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
                 f"group {group.group_id} holds {mount} of {group.host}, which is no mount point on {node}",
                 f"rebuild {node} from a group taken on it, or one of a member whose mounts are where {node}'s are",
             )
-    plan = PgPlan(
+    plan = RebuildPlan(
         "rebuild",
         cluster,
         f"Rebuild {node} in place from group {group.group_id}, as a standby of {primary}",
@@ -200,21 +207,19 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[PgPlan
     return signed(plan, view), state
 
 
-def resources(plan: PgPlan) -> list[conflicts.Resource]:
+def resources(plan: RebuildPlan) -> list[conflicts.Resource]:
     """The cluster's lease, as every Postgres plan's, and the group's: no prune or delete takes it
     while the rebuild reads it (its snapshots, then the archived WAL from its start)."""
-    assert plan.group is not None  # a rebuild names its group
     return [conflicts.pg_cluster(plan.cluster), in_use(plan.group)]
 
 
-def apply(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgResult:
+def apply(fleet: Fleet, plan: RebuildPlan, reporter: Reporter = Reporter()) -> PgResult:
     """Run the rebuild under its leases (`resources`): refused first if a volume is still to be
     made from a group no longer there whole (a prune or delete between the plan and the lease).
     A rerun whose volumes were all made needs the group no more."""
     from igops import failover
     from igops.ebs import Ebs
 
-    assert plan.group is not None  # a rebuild names its group
     if any(step.action == "volume_from_group" for step in plan.actions):
         check_readable(Ebs(fleet), plan.group)
     return failover.apply_pg(fleet, plan, reporter)

@@ -202,7 +202,8 @@ class PrunePlan:
     delete: list[SnapshotGroup]
     # The archived WAL no group left needs (igops.pg.archive_repository.for_prune).
     wal: list[WalExpiry] = field(default_factory=list)
-    made_with: PruneInputs | None = None  # set by plan_prune
+    # What it was made with (plan_prune), to make it again under the prune's lease: see remade.
+    made_with: PruneInputs = field(kw_only=True)
 
     def steps(self) -> list[str]:
         return [
@@ -223,7 +224,6 @@ class PrunePlan:
     def remade(self, groups: list[SnapshotGroup], now: datetime) -> PrunePlan:
         """The plan made again, with what it was made with, from `groups` as they are `now`."""
         made = self.made_with
-        assert made is not None, "a prune plan comes from plan_prune"
         return plan_prune(groups, made.set_key, made.rules, now, made.grace, made.host)
 
     def changes(self, now: PrunePlan, groups: list[SnapshotGroup]) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igops import inventory
 from igops.errors import UsageError
@@ -55,7 +55,6 @@ class PgPlan:
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = ""
     signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
-    group: str | None = None  # a rebuild's: the snapshot group it rebuilds from
     # A member whose start and catch-up the plan waits out, whatever it reached: its role, state
     # and upstream are left out of the signature (see signature).
     settling: str | None = None
@@ -470,6 +469,9 @@ def signature(view: PgView, settling: str | None = None, rejoining: str | None =
     )
 
 
-def signed(plan: PgPlan, view: PgView) -> PgPlan:
+Signed = TypeVar("Signed", bound=PgPlan)  # a PgPlan, or a kind of it (igops.restore_in_place.RebuildPlan)
+
+
+def signed(plan: Signed, view: PgView) -> Signed:
     plan.signature = signature(view, plan.settling, plan.rejoining)
     return plan

@@ -1,13 +1,14 @@
 """The WAL a prune may expire: before every remaining group's start, in the current archive id."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from igops import snapshot, snapshot_wal
 from igops.pg import archive_repository
-from igops.snapshot_policy import PrunePlan
+from igops.snapshot_policy import PruneInputs, PrunePlan
 
 ENDED = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 PREFIX = "pgbackrest/archive/main/"
+NO_SETS = PruneInputs(lambda group: None, {}, timedelta())  # a plan shown, never made again
 
 
 def label(segment: str) -> str:
@@ -83,8 +84,10 @@ def test_the_expiry_step_says_what_and_why():
 def test_a_prune_plan_lists_its_wal_expiry_after_the_groups():
     doomed = group("old", "000000020000000000000001")
     needed = archive_repository.Needed("00000002000000000000000A", "new")
-    plan = PrunePlan({"new": ["last"]}, [doomed], [archive_repository.WalExpiry("main", needed, ["k"], 1)])
+    wal = [archive_repository.WalExpiry("main", needed, ["k"], 1)]
+    plan = PrunePlan({"new": ["last"]}, [doomed], wal, made_with=NO_SETS)
     steps = plan.steps()
     assert steps[0].startswith("delete group old") and steps[1].startswith("expire 1 WAL file of main")
-    assert not plan.empty() and PrunePlan({}, []).empty()
-    assert PrunePlan({}, []).steps() == ["nothing to delete"]
+    nothing = PrunePlan({}, [], made_with=NO_SETS)
+    assert not plan.empty() and nothing.empty()
+    assert nothing.steps() == ["nothing to delete"]

@@ -14,21 +14,10 @@ from igops import host_commands, inventory, postgres, remote
 from igops.errors import IgopsError
 from igops.pg import primary_actions
 from igops.pg.actions import PgActions
+from tests.unit.inventories import unit_inventory
 
-FLEET = """
-[[hosts]]
-name = "db1"
-address = "10.0.0.21"
-roles = ["postgres"]
-[[hosts]]
-name = "db2"
-address = "10.0.0.22"
-roles = ["postgres"]
-[[hosts]]
-name = "db3"
-address = "10.0.0.23"
-roles = ["postgres"]
-[postgres]
+HOSTS = [("db1", "10.0.0.21", "postgres"), ("db2", "10.0.0.22", "postgres"), ("db3", "10.0.0.23", "postgres")]
+POSTGRES = """[postgres]
 bin_dir = "{bin}"
 data_directory = "{data}/{{host}}"
 [postgres.clusters.main]
@@ -104,8 +93,7 @@ def old_primary(tmp_path):
         tool.chmod(0o755)
     (data / "control").write_text("Database cluster state:               shut down\n")
     (data / "standby.signal").touch()
-    path = tmp_path / "igops.toml"
-    path.write_text(FLEET.format(bin=bin_dir, data=tmp_path / "data"))
+    path = unit_inventory(tmp_path, HOSTS, sections=POSTGRES.format(bin=bin_dir, data=tmp_path / "data"))
     return inventory.load_file(path), data
 
 

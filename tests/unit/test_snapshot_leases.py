@@ -23,7 +23,6 @@ from igops.operations.engine import OperationSpec
 from igops.operations.steps import Step
 from igops.output import Reporter
 from igops.pg import archive_repository
-from igops.pg.plans import PgPlan
 from igops.restore_target import TIME, RecoveryTarget
 from tests.unit.inventories import unit_inventory
 
@@ -130,7 +129,7 @@ def test_a_restore_a_drill_and_an_in_place_rebuild_lease_the_group_they_read():
     assert snapshot.in_use("g1") in drill.resources()
     from igops import restore_in_place
 
-    rebuild = PgPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1")
+    rebuild = restore_in_place.RebuildPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1")
     assert restore_in_place.resources(rebuild) == [conflicts.pg_cluster("main"), snapshot.in_use("g1")]
 
 
@@ -228,12 +227,12 @@ def test_an_in_place_rebuild_refuses_a_group_gone_only_while_it_has_volumes_to_m
     applied = []
     monkeypatch.setattr(failover, "apply_pg", lambda fleet, plan, reporter: applied.append(plan) or "done")
     swap = Step("create a volume from snap-g1-0", "volume_from_group", ("db2", "/data", "snap-g1-0", "g1"))
-    plan = PgPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1", actions=[swap])
+    plan = restore_in_place.RebuildPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1", actions=[swap])
     with pytest.raises(RefusedError, match="it is gone"):
         restore_in_place.apply(fleet, plan)
     assert applied == []
     start = Step("db2: start it", "start_standby", ("db2",))
-    rerun = PgPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1", actions=[start])
+    rerun = restore_in_place.RebuildPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1", actions=[start])
     assert restore_in_place.apply(fleet, rerun) == "done", "its volumes made, a rerun needs the group no more"
 
 
@@ -284,7 +283,9 @@ def test_wal_a_group_left_needs_now_is_not_expired():
     needed = archive_repository.Needed("000000010000000000000003", "g-newest")
     planned = [archive_repository.WalExpiry("main", needed, ["k1", "k2"], 2)]
     now = [archive_repository.WalExpiry("main", archive_repository.Needed("000000010000000000000002", "g-b"), ["k1"])]
-    plan = snapshot_policy.PrunePlan({}, [], planned)
+    plan = snapshot_policy.PrunePlan(
+        {}, [], planned, made_with=snapshot_policy.PruneInputs(lambda group: None, {}, timedelta())
+    )
     assert plan.wal_changes(now) == ["main's WAL before 000000010000000000000003 is needed now"]
     assert plan.wal_changes([]) == ["main's WAL before 000000010000000000000003 is needed now"]
     assert plan.wal_changes(planned) == []
