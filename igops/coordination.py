@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.etcd_gateway import EtcdError, EtcdGateway, EtcdSettings, b64, unb64
+
+# process_alive lives in igops.process_identity: igops.deploy_record still imports it from here.
+from igops.process_identity import FIELDS, Verdict, judge, own, process_alive as process_alive
 from igops.secrets import redact, redact_data
 
 if TYPE_CHECKING:
@@ -53,7 +56,9 @@ class CoordinatorUnavailable(RefusedError):
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lock: what a refusal names. `operation` is the kind (pg-switchover, …),
-    `operation_id` the engine's id of the run (see igops.operations)."""
+    `operation_id` the engine's id of the run (see igops.operations). `boot_id`, `pid_namespace`
+    and `process_start` tell which process `pid` is (igops.process_identity); a record written
+    by an older igops has none of them."""
 
     operation: str
     target: str
@@ -64,6 +69,13 @@ class Holder:
     since: str
     reason: str | None = None
     operation_id: str | None = None
+    boot_id: str | None = None
+    pid_namespace: int | None = None
+    process_start: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The process's identity as a record keeps it, beside its host and pid."""
+        return {key: getattr(self, key) for key in FIELDS}
 
     def describe(self, step: str | None = None) -> str:
         reason = f", reason: {self.reason}" if self.reason else ""
@@ -106,6 +118,7 @@ def current_holder(
         safety.now(),
         redact(reason) if reason else None,
         operation_id,
+        **own(),
     )
 
 
@@ -367,20 +380,15 @@ class EtcdCoordinator:
             held.release()
 
     def _revoke_dead_holders(self, kvs: list[dict[str, Any]]) -> bool:
-        """Revoke the leases of holders that ran on this machine (the same operator host) and whose
-        process is gone: an operator who reruns a command right after killing it need not wait
-        out the TTL, as with the local backend. A holder on another machine, or alive, is left."""
-        from igops import safety
-
+        """Revoke the leases of holders whose process is gone, as judged from this machine
+        (igops.process_identity): an operator who reruns a command right after killing it need
+        not wait out the TTL, as with the local backend. A holder alive, or one this machine cannot
+        judge (another machine, container or boot; a record without its process's identity), is
+        left to its TTL: revoking a live holder's lease would let two operators hold one target."""
         revoked = False
         for kv in kvs:
             holder = Holder.from_json(unb64(kv.get("value", "")))
-            if (
-                holder is None
-                or holder.host != safety.operator_host()
-                or not kv.get("lease")
-                or process_alive(int(holder.pid or 0))
-            ):
+            if holder is None or not kv.get("lease") or judge(asdict(holder)) is not Verdict.GONE:
                 continue
             self._revoke(str(kv["lease"]))
             revoked = True
@@ -465,43 +473,6 @@ def settings_for(fleet: Fleet) -> EtcdSettings | None:
         user=section.user,
         password=password,
     )
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this machine. Its lease's TTL is short, so a pid
-    reused within it is unlikely, and errs on the safe side (the lease is left to expire).
-    Where /proc tells, a process runs while any of its threads does: a killed one that its parent
-    has not reaped yet (a zombie) does not, though a signal still reaches it, and a killed
-    multi-threaded one shows its main thread a zombie while the others still hold its sockets."""
-    if pid <= 0:
-        return False
-    if not Path("/proc/self/task").is_dir():  # no /proc (a macOS controller)
-        return _signal_reaches(pid)
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
-        return False
-    except OSError:  # hidden from this user (hidepid)
-        return _signal_reaches(pid)
-    return any(_thread_runs(task) for task in tasks)
-
-
-def _thread_runs(task: Path) -> bool:
-    try:
-        state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False  # gone since the listing
-    return state not in ("Z", "X")
-
-
-def _signal_reaches(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _local_holder(text: str | None) -> Holder | None:

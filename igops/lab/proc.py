@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igops.coordination import process_alive as alive
 from igops.errors import IgopsError, RefusedError
 from igops.lab.state import BUILD_MARKER_ENV, MARKER_ENV, state_dir
+from igops.process_identity import process_alive as alive
 from igops.remote import SYSTEM_PATH
 
 STOP_GRACE = 8.0

@@ -148,7 +148,7 @@ def running_pid(pid_file: Path) -> int | None:
 
 def _alive(pid: int) -> bool:
     """A process that exists and is not a zombie (an sshd exited but not yet reaped)."""
-    from igops.coordination import process_alive
+    from igops.process_identity import process_alive
 
     if not process_alive(pid):
         return False

@@ -430,6 +430,7 @@ def _begin(
             lease_id=lease_id,
             pid=holder.pid,
             resumed_by=f"{holder.user}@{holder.host}",
+            **holder.identity(),  # the resumer's, None and all: `pid` is its pid now
         )
         resumed = {
             "time": holder.since,
@@ -451,6 +452,7 @@ def _begin(
         "user": holder.user,
         "host": holder.host,
         "pid": holder.pid,
+        **holder.identity(),
         "sudo_user": os.environ.get("SUDO_USER"),
         "command": holder.command,
         "reason": holder.reason,

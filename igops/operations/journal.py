@@ -168,18 +168,18 @@ class EtcdJournal:
         yield
 
     def alive(self, record: dict[str, Any]) -> bool:
-        from igops import safety
-        from igops.coordination import process_alive
+        from igops import process_identity
         from igops.etcd_gateway import EtcdError
 
         lease_id = record.get("lease_id")
         if not lease_id:
             return False
-        # Its holder ran on this machine and is gone: interrupted now, not once the TTL runs out
-        # (the same test coordination applies before it revokes such a lease). `pid` is the latest
-        # holder's: after a resume, the resumer's, whose user@host is in `resumed_by`.
+        # Its holder's process is gone, judged from here: interrupted now, not once the TTL runs
+        # out (the same judgement coordination makes before it revokes such a lease). `pid` and
+        # the identity are the latest holder's: after a resume, the resumer's, whose user@host
+        # is in `resumed_by`.
         host = str(record.get("resumed_by") or "").rpartition("@")[2] or record.get("host")
-        if host == safety.operator_host() and not process_alive(int(record.get("pid") or 0)):
+        if process_identity.judge({**record, "host": host}) is process_identity.Verdict.GONE:
             return False
         if self.gateway.member_copy:
             return True  # only a leader knows whether a lease lives: unknown without one

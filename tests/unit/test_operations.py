@@ -14,7 +14,7 @@ from datetime import UTC
 
 import pytest
 
-from igops import inventory
+from igops import inventory, process_identity
 from igops.errors import ExitCode
 from igops.operations import conflicts, engine, journal, steps
 from igops.operations.engine import OperationSpec
@@ -65,6 +65,10 @@ def test_an_operation_journals_each_step_before_and_after_it_and_audits_start_an
     [record] = records(fleet)
     assert record["kind"] == "pg-switchover" and record["result"] == "ok" and record["exit_code"] == 0
     assert record["reason"] == "INC-7" and record["plan"] == ["pause", "stop", "promote"]
+    # Which process ran it, beyond its host and pid: what a reader judges it gone by.
+    assert record["pid"] == os.getpid() and {key: record[key] for key in process_identity.FIELDS} == (
+        process_identity.own()
+    )
     entries = journal.LocalJournal(fleet.state_dir).entries(record["id"])
     assert [(e["event"], e.get("title")) for e in entries] == [
         ("begin", "pg-switchover test"),
@@ -214,10 +218,15 @@ def test_a_resume_that_fails_ends_the_operation_failed(fleet):
 
     store = journal.LocalJournal(fleet.state_dir)
     record = interrupted_record(fleet, store)
+    # Begun by an older igops, whose record did not say which process it ran in.
+    older = {**record, "boot_id": None, "pid_namespace": None, "process_start": None}
     with pytest.raises(RemoteError):
-        engine.perform(fleet, spec(), failing_undo, Reporter(), resume={**record, "continued_by": "resume"})
+        engine.perform(fleet, spec(), failing_undo, Reporter(), resume={**older, "continued_by": "resume"})
     assert store.open_records() == []
-    assert store.record(record["id"])["result"] == "failed"
+    resumed = store.record(record["id"])
+    assert resumed["result"] == "failed"
+    # The resumer's process is the one the record names now.
+    assert {key: resumed[key] for key in process_identity.FIELDS} == process_identity.own()
 
 
 def holding(fleet, resources, step_title="stop the old primary"):
@@ -347,6 +356,7 @@ def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(
     store = journal.LocalJournal(fleet.state_dir)
     [record] = store.records()
     assert journal.status_of(record, store.alive(record)) == journal.RUNNING
+    assert record["pid"] == child.pid and record["process_start"] == process_identity.process_start(child.pid)
     child.send_signal(signal.SIGKILL)
     child.wait(10)
     [record] = store.records()
