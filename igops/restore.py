@@ -4,7 +4,9 @@ so that the drill ends with a running, queryable copy. `cleanup` takes all of it
 a restore that fails part-way takes away what it made.
 
 What a restore made is found from tags on its volumes (group, host restored to, original mount,
-where it is mounted, source host), so a cleanup needs nothing but the group and the host.
+where it is mounted, source host), so a cleanup needs nothing but the group and the host. What
+it unmounts is found on the host by the devices the volumes are attached at, not by the tags: a
+restore cut off between its mount and its tag has mounted a volume no tag names.
 """
 
 from __future__ import annotations
@@ -155,7 +157,10 @@ class RestorePlan:
                     f"on {self.to_host}: start Postgres on it, socket only in {pg.run_directory}, port {pg.port}, "
                     "archiving off; it replays its WAL to the moment of the freeze"
                 )
-        steps.append("if any step fails: stop what was started, unmount, detach and delete the volumes made")
+        steps.append(
+            "if any step fails: stop what was started, unmount whatever is mounted from the volumes made "
+            "(and stop their array), detach and delete them"
+        )
         if self.warm:
             # A warming that fails leaves the restored copy as it is: it is only slower.
             steps += [f"then warm the copy: {step}" for step in self.warm.steps()]
@@ -364,7 +369,8 @@ def restore(fleet: Fleet, ebs: Ebs, plan: RestorePlan, reporter: Reporter = Repo
                     f"mounting {mount}",
                 )
                 result.mounted[mount] = path
-                # Only a path this restore mounted is ever unmounted by its cleanup.
+                # Where it went: the cleanup finds the data directory by it and removes the mount
+                # point. What it unmounts it finds by device, so a tag that never came is no harm.
                 ebs.tag([result.volumes[member.snapshot_id] for member in members], {TAG_RESTORED_AT: path})
         if plan.postgres:
             pg = plan.postgres
@@ -488,18 +494,40 @@ class CleanupPlan:
     group_id: str
     to_host: str
     volumes: list[str]
-    mounted: list[str]  # where the restore mounted them
+    devices: list[str]  # where the volumes are attached to the host: what is unmounted is found by them
+    mounted: list[str]  # where the restore mounted them (tagged once mounted)
     data_directory: str | None
     run_directory: str
+    restore_root: str
 
     def steps(self) -> list[str]:
         steps = []
         if self.data_directory:
             steps.append(f"on {self.to_host}: stop the restored Postgres on {self.data_directory} (if running)")
-        steps += [f"on {self.to_host}: unmount {path} (and stop its array)" for path in self.mounted]
+        if self.devices:
+            steps.append(
+                f"on {self.to_host}: unmount every filesystem on {', '.join(self.devices)} or on an md array "
+                "over them, wherever it is mounted, and stop those arrays; a mount of any other device stays"
+            )
+            steps.append(f"on {self.to_host}: refuse to go on while anything still holds one of those devices")
         steps += [f"detach and delete volume {volume_id}" for volume_id in self.volumes]
-        steps.append(f"on {self.to_host}: remove {self.run_directory} and the emptied mount points")
+        tagged = f" and {', '.join(self.mounted)} (where the restore mounted)" if self.mounted else ""
+        steps.append(
+            f"on {self.to_host}: remove {self.run_directory}; remove, if empty, each mount point just emptied"
+            f"{tagged}, with its empty parents below {self.restore_root}"
+        )
         return steps
+
+
+def attached_devices(volumes: list[dict[str, Any]], instance_id: str | None) -> list[str]:
+    """Where the volumes are attached to the instance, as EC2 names the devices, in order."""
+    devices = []
+    for volume in volumes:
+        for attachment in volume.get("Attachments") or []:
+            device = attachment.get("Device")
+            if instance_id and attachment.get("InstanceId") == instance_id and device and device not in devices:
+                devices.append(device)
+    return devices
 
 
 def plan_cleanup(fleet: Fleet, ebs: Ebs, group_id: str, to_host: str) -> CleanupPlan:
@@ -522,9 +550,11 @@ def plan_cleanup(fleet: Fleet, ebs: Ebs, group_id: str, to_host: str) -> Cleanup
         group_id,
         host.name,
         [volume["VolumeId"] for volume in volumes],
+        attached_devices(volumes, host.instance_id),
         sorted(set(mounted.values())),
         data_directory,
         run_directory,
+        fleet.model.snapshot.restore_root,
     )
 
 
@@ -552,7 +582,8 @@ def _restored_mounts(volumes: list[dict[str, Any]]) -> dict[str, str]:
 
 def _take_away(fleet: Fleet, ebs: Ebs, host: Host, group_id: str) -> list[str]:
     """Stop, unmount, detach and delete everything a restore of the group onto the host made,
-    as far as it got. Returns what could not be taken away."""
+    as far as it got: every filesystem on its volumes' devices is unmounted (and their arrays
+    stopped) before any volume is detached. Returns what could not be taken away."""
     leftovers = []
     try:
         plan = plan_cleanup(fleet, ebs, group_id, host.name)
@@ -561,7 +592,7 @@ def _take_away(fleet: Fleet, ebs: Ebs, host: Host, group_id: str) -> list[str]:
     except IgopsError as exc:
         return [f"cannot find the restore's volumes: {exc.one_line()}"]
     script = teardown_script(
-        plan.data_directory, plan.run_directory, plan.mounted, fleet.model.snapshot.restore_root, fleet.model.postgres
+        plan.data_directory, plan.run_directory, plan.devices, plan.mounted, plan.restore_root, fleet.model.postgres
     )
     try:
         host_script(fleet, host, script, "unmounting the restore", timeout=120)

@@ -102,13 +102,17 @@ def mount_script(devices: list[str], path: str, fstype: str, array_name: str) ->
         f"echo {shlex.quote(path + ' is already a mount point')} >&2; exit 3; fi",
         f"mkdir -p {shlex.quote(path)}",
     ]
-    device = devices[0]
-    if len(devices) > 1:
-        md = "/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:]
-        lines.append(f"mdadm --assemble --run {shlex.quote(md)} {quoted}")
-        device = md
     options = "nouuid" if fstype == "xfs" else "defaults"
-    lines.append(f"mount -t {shlex.quote(fstype)} -o {options} {shlex.quote(device)} {shlex.quote(path)}")
+    mount = f"mount -t {shlex.quote(fstype)} -o {options}"
+    if len(devices) == 1:
+        lines.append(f"{mount} {shlex.quote(devices[0])} {shlex.quote(path)}")
+        return "\n".join(lines)
+    md = shlex.quote("/dev/md/" + "".join(c if c.isalnum() else "-" for c in array_name)[-32:])
+    lines += [
+        f"mdadm --assemble --run {md} {quoted}",
+        # A mount that fails leaves no array assembled over the volumes, which are then detached.
+        f"{mount} {md} {shlex.quote(path)} || {{ status=$?; mdadm --stop {md} >/dev/null; exit $status; }}",
+    ]
     return "\n".join(lines)
 
 
@@ -199,9 +203,40 @@ def start_script(pg: PostgresStart) -> str:
     )
 
 
+# Mounts (major:minor, then mount point) of the filesystems on the devices whose major:minor
+# numbers `ours` lists (space-separated, space-bounded), the newest first: the order to unmount
+# them in, a mount stacked on another before it. /proc/self/mountinfo escapes a mount point's
+# space, tab, newline and backslash as octal (\040); they are turned back here.
+_MOUNTS_OF = r"""index(ours, " " $3 " ") {
+  p = $5; m = ""
+  while (match(p, /\\[0-7][0-7][0-7]/)) {
+    c = substr(p, RSTART + 1, 1) * 64 + substr(p, RSTART + 2, 1) * 8 + substr(p, RSTART + 3, 1)
+    m = m substr(p, 1, RSTART - 1) sprintf("%c", c)
+    p = substr(p, RSTART + 4)
+  }
+  found[n++] = $3 " " m p
+}
+END { while (n) print found[--n] }"""
+
+
 def teardown_script(
-    data_directory: str | None, run_directory: str, mounted: list[str], restore_root: str, postgres: Postgres
+    data_directory: str | None,
+    run_directory: str,
+    devices: list[str],
+    mounted: list[str],
+    restore_root: str,
+    postgres: Postgres,
 ) -> str:
+    """Shell for the host: stop the restored server, then take every filesystem on the restore's
+    volumes off the host, wherever it is mounted and whether or not a tag says so.
+
+    `devices`: where the volumes are attached (EBS names them; on the host the name may be a
+    link, /dev/sdf -> /dev/nvme1n1). A mount is the restore's when its filesystem is on one of
+    them, or on an md array holding one of them: the kernel's device numbers say so, never a
+    path; the arrays are stopped once unmounted. A mount at a path `mounted` names but of
+    another device is no business of the restore's and stays. The script fails while anything
+    still holds a device, so that no volume is detached from under it. Mount points emptied here,
+    and those of `mounted`, are removed, with their emptied parents up to the restore root."""
     lines = []
     if data_directory:
         # Only a server this restore started: its postmaster.pid names our socket directory (line
@@ -213,16 +248,40 @@ def teardown_script(
             f"env -C / {shlex.quote(postgres.bin_dir.rstrip('/') + '/pg_ctl')} -D {data} -m fast -w -t 60 "
             "stop >/dev/null; fi"
         )
-    lines.append(f"root={shlex.quote(restore_root.rstrip('/'))}")
+    # Remove an emptied mount point and its empty parents, never above the restore root.
+    climb = 'while [ "${d#"$root"/}" != "$d" ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done'
+    lines += [
+        f"root={shlex.quote(restore_root.rstrip('/'))}",
+        f"mounts_of={shlex.quote(_MOUNTS_OF)}",
+        "ours=' '; arrays=' '; blocks=''",
+        f"for d in {' '.join(shlex.quote(device) for device in devices)}; do",
+        # Not on the host (never appeared, or gone): nothing can be mounted from it.
+        '  dev=$(readlink -f "$d") && [ -b "$dev" ] || continue',
+        '  b=/sys/class/block/${dev##*/}; blocks="$blocks $b"; ours="$ours$(cat "$b/dev") "',
+        '  for p in "$b/${b##*/}"*; do [ ! -e "$p/partition" ] || ours="$ours$(cat "$p/dev") "; done',
+        '  for h in "$b"/holders/md*; do',
+        '    [ -e "$h/dev" ] || continue',
+        '    case "$arrays" in *" ${h##*/} "*) ;; *) arrays="$arrays${h##*/} "; ours="$ours$(cat "$h/dev") " ;; esac',
+        "  done",
+        "done",
+        'mounts=$(awk -v ours="$ours" "$mounts_of" /proc/self/mountinfo)',
+        "printf '%s\\n' \"$mounts\" | while IFS= read -r line; do",
+        '  [ -n "$line" ] || continue',
+        "  mm=${line%% *}; m=${line#* }",
+        # Gone with another one's unmount (a shared subtree's copy of a mount): nothing to do.
+        '  awk -v ours=" $mm " "$mounts_of" /proc/self/mountinfo | grep -qxF "$line" || continue',
+        # umount takes the topmost mount at a path: it must be ours.
+        '  [ "$(mountpoint -d "$m" 2>/dev/null)" = "$mm" ] || '
+        "{ printf '%s\\n' \"$m: the restore's filesystem there is under another mount\" >&2; exit 1; }",
+        '  umount "$m"',
+        f"  d=$m; {climb}",
+        "done",
+        'for a in $arrays; do mdadm --stop "/dev/$a" >/dev/null; done',
+        'for b in $blocks; do [ -z "$(ls "$b/holders")" ] || '
+        '{ echo "${b##*/} is still held by $(ls "$b/holders"): not detached" >&2; exit 1; }; done',
+    ]
     for path in mounted:
-        quoted = shlex.quote(path)
-        lines += [
-            f"if mountpoint -q {quoted}; then",
-            f"  dev=$(findmnt -n -o SOURCE {quoted}); umount {quoted}",
-            '  case "$dev" in /dev/md*) mdadm --stop "$dev" >/dev/null ;; esac',
-            "fi",
-            # Remove the emptied mount point and its empty parents, never above the restore root.
-            f'd={quoted}; while [ "${{d#"$root"/}}" != "$d" ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done',
-        ]
+        # Only emptied: another filesystem mounted there stays (rmdir fails on a mount point).
+        lines.append(f"d={shlex.quote(path)}; {climb}")
     lines.append(f"rm -rf {shlex.quote(run_directory)}")
     return "\n".join(["set -e", *lines])

@@ -207,6 +207,18 @@ def test_mount_script_quotes_and_assembles_raid():
     assert "'/mnt/x y/$(id)'" in script and "-o nouuid" in script
 
 
+def test_mount_script_stops_the_array_it_assembled_when_the_mount_fails():
+    script = restore_scripts.mount_script(["/dev/sdf", "/dev/sdg"], "/mnt/r/g1/data", "xfs", "g1/data")
+    assemble, mount = script.splitlines()[-2:]
+    assert assemble == "mdadm --assemble --run /dev/md/g1-data /dev/sdf /dev/sdg"
+    assert mount == (
+        "mount -t xfs -o nouuid /dev/md/g1-data /mnt/r/g1/data || "
+        "{ status=$?; mdadm --stop /dev/md/g1-data >/dev/null; exit $status; }"
+    )
+    single = restore_scripts.mount_script(["/dev/sdf"], "/mnt/r/g1/data", "ext4", "g1/data")
+    assert "mdadm" not in single and single.endswith("mount -t ext4 -o defaults /dev/sdf /mnt/r/g1/data")
+
+
 def test_create_plan_steps_say_one_call_or_parallel():
     volume = snapshot_volumes.VolumeTarget("/data", "/dev/loop3", "xfs", 0, 1, None, "vol-1")
     plan = snapshot.CreatePlan(
@@ -278,6 +290,7 @@ def test_cleanup_stops_only_a_server_the_restore_started_and_never_climbs_above_
     script = restore_scripts.teardown_script(
         "/mnt/r/g1/srv/db2/data/pgdata",
         "/mnt/r/g1.postgres",
+        ["/dev/sdf"],
         ["/mnt/r/g1/srv/db2/data"],
         "/mnt/r/",
         FakeModelPostgres(),
@@ -287,3 +300,75 @@ def test_cleanup_stops_only_a_server_the_restore_started_and_never_climbs_above_
     assert script.index("pg_ctl") < script.index("umount")
     assert "root=/mnt/r\n" in script and '"${d#"$root"/}" != "$d"' in script
     assert "rm -rf /mnt/r/g1.postgres" in script
+
+
+def test_teardown_finds_what_to_unmount_by_device_never_by_the_tagged_paths():
+    tagged_path = "/mnt/r/g1/it's"
+    script = restore_scripts.teardown_script(
+        None, "/mnt/r/g1.postgres", ["/dev/sdf", "/dev/x y;$(id)"], [tagged_path], "/mnt/r", FakeModelPostgres()
+    )
+    assert "for d in /dev/sdf '/dev/x y;$(id)'; do" in script
+    assert "pg_ctl" not in script  # no data directory: not a Postgres group
+    # A tagged path is only removed if empty: never unmounted, whatever is mounted there.
+    [tagged] = [line for line in script.splitlines() if line.startswith("d=")]
+    assert tagged.startswith(f"d={shlex.quote(tagged_path)}; while ") and "umount" not in tagged
+    # Unmounted by the kernel's device numbers, the topmost mount first, then arrays, then a check.
+    assert script.index("/proc/self/mountinfo") < script.index('umount "$m"') < script.index("mdadm --stop")
+    assert script.index("mdadm --stop") < script.index("is still held by") < script.index("rm -rf")
+    assert shlex.quote(restore_scripts._MOUNTS_OF) in script
+
+
+def fake_volume(volume_id, tags, attachments=()):
+    return {
+        "VolumeId": volume_id,
+        "Tags": [{"Key": key, "Value": value} for key, value in tags.items()],
+        "Attachments": [{"InstanceId": instance, "Device": device} for instance, device in attachments],
+    }
+
+
+def test_cleanup_devices_are_where_the_volumes_are_attached_to_the_host():
+    from igops import restore
+
+    volumes = [
+        fake_volume("vol-1", {}, [("i-1", "/dev/sdf")]),
+        fake_volume("vol-2", {}, [("i-2", "/dev/sdg")]),  # elsewhere: not on this host
+        fake_volume("vol-3", {}),  # not attached (yet, or any more)
+        fake_volume("vol-4", {}, [("i-1", "/dev/sdh"), ("i-1", "/dev/sdf")]),
+    ]
+    assert restore.attached_devices(volumes, "i-1") == ["/dev/sdf", "/dev/sdh"]
+    assert restore.attached_devices(volumes, None) == []
+
+
+def test_cleanup_plan_unmounts_by_device_a_volume_mounted_but_never_tagged():
+    """A restore cut off between its mount and its tag: the volume's device is in the plan, and
+    the plan's steps say what the teardown does."""
+    from types import SimpleNamespace
+
+    from igops import restore
+
+    host = SimpleNamespace(name="db4", instance_id="i-4")
+    fleet = SimpleNamespace(
+        host=lambda name: host,
+        hosts_by_name={"db4": host, "db2": SimpleNamespace(name="db2")},
+        path_for=lambda template, host: template.replace("{host}", host.name),
+        model=SimpleNamespace(postgres=FakeModelPostgres(), snapshot=SimpleNamespace(restore_root="/mnt/r")),
+    )
+    common = {"igops:group": "g1", "igops:host": "db2", "igops:restored-to": "db4"}
+    volumes = [
+        fake_volume(
+            "vol-d",
+            {**common, "igops:mount": "/srv/db2/data", "igops:restored-at": "/mnt/r/g1/srv/db2/data"},
+            [("i-4", "/dev/loop12")],
+        ),
+        fake_volume("vol-w", {**common, "igops:mount": "/srv/db2/wal"}, [("i-4", "/dev/loop13")]),
+    ]
+    ebs = SimpleNamespace(volumes=lambda filters: volumes if filters == {"igops:group": "g1"} else [])
+    plan = restore.plan_cleanup(fleet, ebs, "g1", "db4")
+    assert plan.devices == ["/dev/loop12", "/dev/loop13"] and plan.mounted == ["/mnt/r/g1/srv/db2/data"]
+    assert plan.data_directory == "/mnt/r/g1/srv/db2/data/pgdata"
+    steps = plan.steps()
+    assert "stop the restored Postgres on /mnt/r/g1/srv/db2/data/pgdata" in steps[0]
+    assert "unmount every filesystem on /dev/loop12, /dev/loop13 or on an md array over them" in steps[1]
+    assert "still holds one of those devices" in steps[2]
+    assert steps[3:5] == ["detach and delete volume vol-d", "detach and delete volume vol-w"]
+    assert "/mnt/r/g1/srv/db2/data (where the restore mounted)" in steps[5] and "below /mnt/r" in steps[5]
