@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from igops.errors import AlreadyRunning, IgopsError, RefusedError
 from igops.etcd_gateway import EtcdError, EtcdGateway, EtcdSettings, b64, unb64
-
-# process_alive lives in igops.process_identity: igops.deploy_record still imports it from here.
-from igops.process_identity import FIELDS, Verdict, judge, own, process_alive as process_alive
+from igops.process_identity import FIELDS, Verdict, judge, own
 from igops.secrets import redact, redact_data
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@ own record beside it (`<fleet>.hosts-<digest>.json`): two such runs may go on at
 
 The record is what `igops deploy releases` reports, and, for a run that was interrupted, what a
 rerun returns each of its hosts to if they fail (see `deploy_plan.inherit_releases_before`).
+Whether its run was interrupted is judged as a lease's holder is (igops.process_identity).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igops import safety
+from igops import process_identity, safety
 
 if TYPE_CHECKING:
     from igops.deploy_plan import HostPlan, RolloutPlan
@@ -41,7 +42,12 @@ class LastRunRecord:
             "deploy_id": plan.deploy_id,
             "kind": plan.kind,
             "target": plan.target,
+            # The process running it, as igops.process_identity judges one: "host" is the
+            # operator's host (IGOPS_OPERATOR_HOST, else the host name), which judge compares with
+            # its own. "machine", the host name, is what an older igops judges by.
+            "host": safety.operator_host(),
             "pid": os.getpid(),
+            **process_identity.own(),
             "machine": socket.gethostname(),
             "user": deployer(),
             "started": safety.now("seconds"),
@@ -82,10 +88,19 @@ def _read(path: Path) -> dict[str, Any] | None:
         document: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if document.get("status") == "running" and document.get("machine") == socket.gethostname():
-        from igops.coordination import process_alive
-
-        document["interrupted"] = not process_alive(int(document.get("pid", 0)))
+    if document.get("status") == "running":
+        verdict = process_identity.judge(document)
+        # Set only where this machine can tell, from the process's identity: gone, or running.
+        # A record it cannot judge (another host, boot or PID namespace; or an igops older than
+        # the identity, which judged by host name and pid alone) gets none, as another machine's
+        # record always had. That costs little: `deploy releases` calls the run neither running
+        # nor interrupted (and still names the hosts it left drained), and a rerun, resume or
+        # abort keeps a failing host on the release it runs, gated there, instead of returning
+        # it to its release before that run. Guessing "interrupted" would cost more: a live
+        # deploy in another container (its pid free here) would be called gone, to be rerun.
+        # Whether a deploy may start is not this record's to say: the leases on its hosts are.
+        if verdict is not process_identity.Verdict.UNKNOWN:
+            document["interrupted"] = verdict is process_identity.Verdict.GONE
     return document
 
 
@@ -104,9 +119,9 @@ def read_last_run(fleet: Fleet) -> dict[str, Any] | None:
 
 
 def deployer() -> str:
-    """`user@host` of whoever runs igops: the user behind sudo when there is one. The host is the
-    machine's name, as in the record's `machine`, which tells whether its process still lives."""
-    return f"{os.environ.get('SUDO_USER') or safety.operator_user()}@{socket.gethostname()}"
+    """`user@host` of whoever runs igops: the user behind sudo when there is one, and the
+    operator's host as every record names it (safety.operator_host)."""
+    return f"{os.environ.get('SUDO_USER') or safety.operator_user()}@{safety.operator_host()}"
 
 
 def inherit_releases_before(

@@ -140,7 +140,7 @@ def fleet_releases(app: AppFleet) -> FleetReleases:
     if running and last is not None:
         problems.append(
             f"the {last['kind']} {last['deploy_id']} to {last['target']} is running "
-            f"(pid {last['pid']} on {last['machine']}, by {last['user']})"
+            f"(pid {last['pid']} on {last['host']}, by {last['user']})"
         )
     if last and last.get("status") == "held":
         problems.append(

@@ -3,20 +3,25 @@ failure thresholds, result exit codes, and the nginx upstream rewriting the drai
 
 import io
 import json
+import os
+import socket
 import subprocess
+import sys
 import tarfile
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from igops import deploy, deploy_agents, deploy_plan, deploy_record, deploy_rollout, inventory
+from igops import deploy, deploy_agents, deploy_plan, deploy_record, deploy_rollout, inventory, process_identity, safety
 from igops.agent import upstream
 from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
 from igops.output import Reporter
-from tests.conftest import run_igops
+from tests.conftest import ROOT, run_igops
 from tests.unit.inventories import unit_inventory
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -383,6 +388,126 @@ def test_the_journal_records_what_each_rolled_host_returns_to(tmp_path):
     assert json.loads(deploy_record.last_run_path(app.fleet).read_text())["before"] == {"app1": "R1"}
     rollout = deploy_rollout.Rollout(app, plan, Reporter(), b"")
     assert rollout.outcomes["app1"].before == "R1" and rollout.outcomes["app1"].release == "R2"
+
+
+# --- whether the last run was interrupted ----------------------------------------------------
+
+# A deploy's process, as far as its last-run record goes: records its run as running (the real
+# LastRunRecord, with this process's identity), then runs until its stdin closes.
+RUNNING_DEPLOY = (
+    "import sys; from pathlib import Path; from tests.unit.test_deploy import record_a_running_deploy; "
+    "record_a_running_deploy(Path(sys.argv[1])); print('recorded', flush=True); sys.stdin.read()"
+)
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+
+
+def record_a_running_deploy(tmp_path: Path) -> None:
+    """Deploy d1 of R2, which rolls app1 (on R1 before it), as its process records it."""
+    app = app_fleet(tmp_path)
+    hosts = [deploy.HostPlan("app1", "roll", "R1", before="R1")]
+    gate = deploy.HealthGate("/health", 8000, 3, 30)
+    plan = deploy.RolloutPlan("deploy", "d1", "unit", "R2", "x", hosts, [["app1"]], "1", 0, gate, [], 1, 5, False)
+    deploy_record.LastRunRecord(app.fleet, plan).update(status="running")
+
+
+@contextmanager
+def deploy_process(tmp_path: Path, *wrapper: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A process of its own that records deploy d1 running; it exits when the block ends."""
+    process = subprocess.Popen(
+        [*wrapper, sys.executable, "-c", RUNNING_DEPLOY, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "recorded"
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(30)
+
+
+def returns_app1_to(app) -> str | None:
+    """The release a rerun's plan returns app1 to if it fails: app1 is on R2, d1's target, and
+    was on R1 before d1 (which only an interrupted d1's record says)."""
+    surveys = survey(app, "R1", releases=["R1", "R2"])
+    surveys["app1"].current = "R2"
+    hosts = deploy_plan.host_plans(app, surveys, lb_state(app, down_by_igops=["app1"]), "R2", max_fail=0)
+    deploy_record.inherit_releases_before(hosts, surveys, deploy_record.read_last_runs(app.fleet))
+    return hosts[0].before
+
+
+def test_a_run_whose_process_exited_is_interrupted_and_one_whose_process_runs_is_not(tmp_path):
+    app = app_fleet(tmp_path)
+    with deploy_process(tmp_path) as process:
+        [run] = deploy_record.read_last_runs(app.fleet)
+        assert run["pid"] == process.pid and run["host"] == safety.operator_host()
+        assert {key: run[key] for key in process_identity.FIELDS} == {
+            **process_identity.own(),
+            "process_start": process_identity.process_start(process.pid),
+        }
+        assert run["status"] == "running" and run["interrupted"] is False
+        assert returns_app1_to(app) == "R2", "a run going on is not inherited from"
+    [run] = deploy_record.read_last_runs(app.fleet)
+    assert run["status"] == "running" and run["interrupted"] is True
+    assert returns_app1_to(app) == "R1"
+
+
+def test_the_operator_host_names_the_run_s_machine(tmp_path, monkeypatch):
+    """Two bastions of one host name (IGOPS_OPERATOR_HOST): a run of the other is not judged
+    here, alive or not; one of this one is."""
+    app = app_fleet(tmp_path)
+    monkeypatch.setenv(safety.OPERATOR_HOST_ENV, "bastion-1")
+    with deploy_process(tmp_path, env={safety.OPERATOR_HOST_ENV: "bastion-2"}):
+        [run] = deploy_record.read_last_runs(app.fleet)
+        assert run["host"] == "bastion-2" and run["machine"] == socket.gethostname()
+        assert "interrupted" not in run
+    [run] = deploy_record.read_last_runs(app.fleet)
+    assert "interrupted" not in run and returns_app1_to(app) == "R2"
+    with deploy_process(tmp_path, env={safety.OPERATOR_HOST_ENV: "bastion-1"}):
+        assert deploy_record.read_last_runs(app.fleet)[0]["interrupted"] is False
+    assert deploy_record.read_last_runs(app.fleet)[0]["interrupted"] is True
+
+
+def test_a_run_of_another_boot_or_of_an_older_igops_is_never_judged_gone(tmp_path):
+    """Its pid is free here, and it ran on this host: still, its process cannot be told from
+    here (another boot), or was named by host name and pid alone (an older igops's record)."""
+    app = app_fleet(tmp_path)
+    with deploy_process(tmp_path):
+        pass
+    path = deploy_record.last_run_path(app.fleet)
+    record = json.loads(path.read_text())
+    assert not process_identity.process_alive(record["pid"])
+    path.write_text(json.dumps({**record, "boot_id": "00000000-0000-0000-0000-000000000000"}))
+    assert "interrupted" not in deploy_record.read_last_runs(app.fleet)[0]
+    older = {key: value for key, value in record.items() if key not in ("host", *process_identity.FIELDS)}
+    path.write_text(json.dumps(older))
+    [run] = deploy_record.read_last_runs(app.fleet)
+    assert run["machine"] == socket.gethostname() and "interrupted" not in run
+    assert returns_app1_to(app) == "R2"
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare of a user and PID namespace")
+def test_a_run_of_another_pid_namespace_is_never_judged_gone(tmp_path):
+    """A deploy in another container of this host name: its pid names another process here, or
+    none, whether it runs or not."""
+    app = app_fleet(tmp_path)
+    with deploy_process(tmp_path, *UNSHARE):
+        [run] = deploy_record.read_last_runs(app.fleet)
+        assert run["host"] == safety.operator_host() and run["pid_namespace"] != process_identity.pid_namespace()
+        assert "interrupted" not in run
+    [run] = deploy_record.read_last_runs(app.fleet)
+    assert "interrupted" not in run and returns_app1_to(app) == "R2"
 
 
 def test_an_existing_release_with_the_same_content_keeps_its_id(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import deploy, deploy_agents, deploy_gate, deploy_record, interrupted, inventory
+from igops import deploy, deploy_agents, deploy_gate, deploy_record, interrupted, inventory, process_identity, safety
 from igops.agent import upstream
 from igops.errors import ExitCode, IgopsError
 from tests.unit.inventories import unit_inventory
@@ -142,13 +142,20 @@ def drain(lab: Lab, hosts: list[str]) -> None:
 
 
 def killed_run(lab: Lab, before: dict[str, str]) -> None:
-    """The last-run record of deploy D to R2, whose process is gone (SIGKILL)."""
-    gone = subprocess.Popen(["true"])
+    """The last-run record of deploy D to R2, whose process, of this machine, is gone (SIGKILL)."""
+    gone = subprocess.Popen(["sleep", "60"])
+    process = {
+        "host": safety.operator_host(),
+        "pid": gone.pid,
+        **process_identity.own(),
+        "process_start": process_identity.process_start(gone.pid),
+    }
+    gone.kill()
     gone.wait()
     path = deploy_record.last_run_path(lab.fleet)
     path.parent.mkdir(parents=True)
     record = {"deploy_id": "D", "kind": "deploy", "target": "R2", "status": "running", "before": before}
-    path.write_text(json.dumps({**record, "pid": gone.pid, "machine": socket.gethostname(), "updated": "x"}))
+    path.write_text(json.dumps({**record, **process, "machine": socket.gethostname(), "updated": "x"}))
 
 
 def operation() -> dict:
