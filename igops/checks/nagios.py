@@ -10,6 +10,7 @@ from __future__ import annotations
 from igops.checks import Perf, Result, counts, overall
 from igops.errors import NagiosStatus
 from igops.output import plural
+from igops.secrets import redact
 
 PREFIX = "IGOPS"
 MAX_PROBLEMS_SHOWN = 5
@@ -33,7 +34,10 @@ def _number(value: float) -> str:
 
 
 def _clean(text: str) -> str:
-    return " ".join(text.replace("|", "/").split())
+    """One line without a `|`, redacted first: a secret holding a `|` or a run of blanks no
+    longer matches once they are rewritten, nor half of one cut at MAX_TEXT (the writer's own
+    redaction, later, would miss both)."""
+    return " ".join(redact(text).replace("|", "/").split())
 
 
 def line(fleet_name: str, results: list[Result], duration_s: float) -> tuple[str, NagiosStatus]:

@@ -55,6 +55,23 @@ def test_nagios_ok_and_long_problem_lists_stay_short():
     assert nagios.unknown("bad\ninventory | x") == "IGOPS UNKNOWN - bad inventory / x"
 
 
+def test_a_secret_is_redacted_before_the_line_is_cleaned_or_cut(monkeypatch):
+    """A secret holding a `|` or blanks, or cut at the limit, no longer matches once the line is
+    rewritten: it is redacted first."""
+    from igops import secrets
+
+    monkeypatch.setattr(secrets, "_registered", set())
+    secret = "s3cr3t|tok3n  with\tblanks-0123456789"
+    secrets.register(secret)
+    results = [Result("http-app", "app2", NagiosStatus.CRITICAL, f"GET /health said {secret}")]
+    line, _ = nagios.line("lab", results, 0.1)
+    assert "s3cr3t" not in line and "tok3n" not in line and "***" in line
+    long_one = [Result("http-app", "app2", NagiosStatus.CRITICAL, "x" * (nagios.MAX_TEXT - 60) + secret)]
+    line, _ = nagios.line("lab", long_one, 0.1)
+    assert "s3cr3t" not in line
+    assert "s3cr3t" not in nagios.unknown(f"inventory said {secret}")
+
+
 def test_overall_status_ranks_critical_warning_unknown_ok():
     make = lambda *states: [Result("c", str(i), s, "") for i, s in enumerate(states)]  # noqa: E731
     assert overall(make(NagiosStatus.OK, NagiosStatus.UNKNOWN)) == NagiosStatus.UNKNOWN
