@@ -14,7 +14,7 @@ from igops.errors import IgopsError, RefusedError, first_line
 from igops.output import plural
 from igops.postgres_admin import connect, quote_ident
 from igops.shard_changes import ChangedRows
-from igops.shard_locks import LOCK_SETTINGS, CutoverDeferred, flushed_position, lock_tables, wait_applied
+from igops.shard_locks import LOCK_SETTINGS, CutoverDeferred, lock_tables, wait_applied
 from igops.shard_map import directory_connection
 from igops.shard_move_session import MoveSession, SessionPart
 from igops.shard_move_steps import SEQUENCE_MARGIN
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
+# The longest a resumed move that finds the source fenced waits for the target to apply and
+# flush the shard's last changes (its subscription may be starting again after a restart).
+FENCED_CATCH_UP_S = 30.0
 MAX_CLOCK_SKEW_MS = 500
 
 
@@ -106,10 +109,7 @@ class CutOver(SessionPart):
         if _source_fenced(self.session):
             _check_target_copy(self.session)
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
-            # Nothing reaches the shard on the source since the fence: a mark written now is past
-            # all of it, and is what the cleanup waits for the target to flush.
-            with self.session.source.cursor() as cursor:
-                version = _flip_map(self.session, flushed_position(cursor))
+            version = _flip_map(self.session, _await_fenced_copy(self.session))
             return f"shard map version {version}"
         _check_clock_skew(self.session)
         timings, parts = self._holding_writes("cut-over", self._cut_over)
@@ -167,7 +167,9 @@ class CutOver(SessionPart):
                 locked = time.monotonic()
                 self.session.pause("locked")
                 with self.session.source.cursor() as marker:
-                    lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S)
+                    # Applied and flushed: the map must not name a target that could lose, in a
+                    # crash, writes the source acknowledged (see shard_locks._wait_flushed).
+                    lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S, flushed=True)
                 caught_up = time.monotonic()
                 checked = self._compare_changed_rows(target_cursor, lsn)
                 compared = time.monotonic()
@@ -284,6 +286,29 @@ def _check_target_copy(session: MoveSession) -> None:
     )
 
 
+def _await_fenced_copy(session: MoveSession) -> str:
+    """A resumed move found the source fenced: before the map names the target, the target must
+    have applied and flushed everything the source wrote before the fence. The igops that fenced
+    saw it applied, but the target may have restarted since and lost an unflushed tail (its
+    subscription commits asynchronously); the slot streams that tail again. Nothing reaches the
+    shard on the source since the fence, so a mark written now is past all of it, and is what the
+    cleanup waits for the target to confirm. Returns that mark. The shard is unavailable until the
+    map switches, so this waits longer than the cut-over does; past that, it stops with the map
+    unchanged, for another --resume or an --abort (which un-fences the source)."""
+    plan = session.plan
+    with session.source.cursor() as marker, session.target.cursor() as cursor:
+        try:
+            return wait_applied(cursor, plan.slot, marker, FENCED_CATCH_UP_S, flushed=True)
+        except CutoverDeferred as exc:
+            raise IgopsError(
+                f"{plan.source} is fenced but {plan.target} has not applied and flushed the shard's last "
+                f"changes ({exc.message}): the map still places shard {plan.shard} on {plan.source}, where "
+                "it is unavailable",
+                f"read {plan.target_primary}'s Postgres log (subscription {plan.slot} must run), then "
+                f"--resume {plan.move_id} again; or --abort {plan.move_id} un-fences {plan.source}",
+            ) from None
+
+
 def _check_clock_skew(session: MoveSession) -> None:
     """Ids start with their server's clock: a target far behind the source would mint
     ids that sort before ones already issued."""
@@ -355,12 +380,21 @@ def _stage_map_flip(session: MoveSession, directory: Connection, lsn: str) -> in
         if row is None:
             raise IgopsError("the directory has no shard map version", "run `igops shard init`")
         version: int = row[0]
+        # Only while the move is active: a mover whose journal session (and with it the shard's
+        # move lock) was lost may be overtaken by an --abort from elsewhere, which drops the
+        # target's copy; the map must then stay where it is.
         cursor.execute(
             "UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
             "updated_at = now(), error = NULL, history = history || jsonb_build_array("
-            "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s",
+            "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s AND status = 'active'",
             (version, lsn, plan.move_id),
         )
+        if cursor.rowcount != 1:
+            raise RefusedError(
+                f"move {plan.move_id} is no longer active in the journal (aborted from elsewhere?): "
+                f"the shard map was not switched",
+                "see `igops shard moves`; the shard stays where the map places it",
+            )
     return version
 
 
@@ -388,6 +422,8 @@ def _commit_map_flip(session: MoveSession, directory: Connection, version: int, 
         time.sleep(0.5)
         try:
             return _flip_map(session, lsn)
+        except RefusedError:  # the move is no longer active: trying again changes nothing
+            raise
         except (psycopg2.Error, IgopsError) as exc:
             failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
     raise IgopsError(

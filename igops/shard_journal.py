@@ -207,7 +207,7 @@ class Journal:
     def advance(self, move_id: int, step: str, **fields: Any) -> None:
         self.update(move_id, step=step, **fields)
 
-    def update(self, move_id: int, step: str | None = None, **fields: Any) -> None:
+    def update(self, move_id: int, step: str | None = None, active_only: bool = False, **fields: Any) -> None:
         from psycopg2 import sql
 
         assignments: list[sql.Composable] = [sql.SQL("updated_at = now()")]
@@ -225,12 +225,16 @@ class Journal:
             params.append(value)
         with self.connection.cursor() as cursor:
             cursor.execute(
-                sql.SQL("UPDATE shard_moves SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments)),
+                sql.SQL("UPDATE shard_moves SET {} WHERE id = %s{}").format(
+                    sql.SQL(", ").join(assignments), sql.SQL(" AND status = 'active'" if active_only else "")
+                ),
                 [*params, move_id],
             )
 
     def fail(self, move_id: int, error: str) -> None:
-        self.update(move_id, error=error[:2000])
+        """The error of a move that stopped; a move finished meanwhile (aborted from elsewhere,
+        say) keeps its own."""
+        self.update(move_id, active_only=True, error=error[:2000])
 
     def finish(self, move_id: int, status: str, step: str | None = None, error: str | None = None) -> None:
         self.update(move_id, step=step, status=status, finished_at=datetime.now(UTC), error=error)

@@ -1,8 +1,9 @@
 """Holding a shard's writes at one point of the replication stream, for the instants a move's
 verification and cut-over need: the shard's tables locked against writes (never waiting long
 for the lock), a position in the source's WAL past everything committed before it, and the wait
-until the target has applied the source's WAL up to there. When the moment is not right,
-`CutoverDeferred`: the writes are released and the caller tries again."""
+until the target has applied the source's WAL up to there (and, before the map may name the
+target, flushed it). When the moment is not right, `CutoverDeferred`: the writes are released
+and the caller tries again."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def flushed_position(cursor: Cursor) -> str:
     """A position in the source's WAL up to which its walsender can decode and report now: the
     end of a logical message (which no subscription receives) committed in a transaction of its
     own, whose commit flushes the WAL through it. `cursor` is on an autocommit connection to
-    the source's primary, not the one holding the shard's lock.
+    the source's primary, not the one holding the shard's lock (or to the target's: see
+    `wait_applied`).
 
     The current WAL position would not do: it can be a page boundary inside a record that an
     open transaction is writing. The WAL writer flushes whole pages only, a walsender decodes
@@ -89,10 +91,14 @@ def flushed_position(cursor: Cursor) -> str:
     return position
 
 
-def wait_applied(cursor: Cursor, subscription: str, source_cursor: Cursor, budget_s: float) -> str:
+def wait_applied(
+    cursor: Cursor, subscription: str, source_cursor: Cursor, budget_s: float, flushed: bool = False
+) -> str:
     """Until the subscription has applied the source's WAL up to a position past everything
     committed before now (see `flushed_position`, which `source_cursor` writes); returns that
-    position. Its apply worker reports a position only after applying everything before it."""
+    position. Its apply worker reports a position only after applying everything before it.
+    With `flushed`, also until the target has flushed what it applied (see `_wait_flushed`),
+    within the same `budget_s`."""
     lsn = flushed_position(source_cursor)
     deadline = time.monotonic() + budget_s
     while True:
@@ -103,9 +109,42 @@ def wait_applied(cursor: Cursor, subscription: str, source_cursor: Cursor, budge
         )
         row = cursor.fetchone()
         if row and row[0]:
-            return lsn
+            break
         if time.monotonic() > deadline:
             raise CutoverDeferred(
                 f"the target did not apply the source's WAL up to {lsn} within {budget_s * 1000:.0f} ms"
+            )
+        time.sleep(0.002)
+    if flushed:
+        _wait_flushed(cursor, lsn, deadline, budget_s)
+    return lsn
+
+
+def _wait_flushed(cursor: Cursor, lsn: str, deadline: float, budget_s: float) -> None:
+    """Until the target has flushed to its disk every transaction its subscription has applied.
+
+    The apply worker commits with synchronous_commit = off (a subscription's default): what it
+    applied reaches the target's disk within a WAL writer cycle or so. A target that crashed
+    before then would come back without that tail while the map sends the app's writes to it:
+    rows the app was told were written are missing, and the tail, streamed again from the slot,
+    lands after newer writes (over them, or failing on them). So, once the apply is seen,
+    a transaction of this session commits on the target with a flush (`flushed_position`): the
+    WAL is flushed in order, so through every commit the apply worker made before it; the
+    target's flush position is then read back past it.
+
+    Not the source slot's confirmed_flush_lsn: the subscriber reports it only with its next
+    feedback, up to a second later on an idle source (its wait between messages), with writes
+    held all along. Not the subscription with synchronous_commit on: every transaction it applies
+    during the whole move (the copy's catch-up included) would wait for a flush, and its one
+    apply worker would fall behind a busy shard."""
+    position = flushed_position(cursor)
+    while True:
+        cursor.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (position,))
+        row = cursor.fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() > deadline:
+            raise CutoverDeferred(
+                f"the target applied the source's WAL up to {lsn} but did not flush it within {budget_s * 1000:.0f} ms"
             )
         time.sleep(0.002)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError
+from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError, describe
 from igops.operations import conflicts
 from igops.output import Reporter, plural
 from igops.postgres_admin import connect, primary_connection, primary_of
@@ -181,15 +181,26 @@ def _check_replication_capacity(cursor: Cursor, cluster: str) -> None:
     cursor.execute(
         "SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, "
         "(SELECT count(*) FROM pg_replication_slots), current_setting('max_wal_senders')::int, "
-        "(SELECT count(*) FROM pg_stat_replication)"
+        "(SELECT count(*) FROM pg_stat_replication), current_setting('max_slot_wal_keep_size')"
     )
     row = cursor.fetchone()
     assert row is not None  # a SELECT without FROM returns one row
-    wal_level, max_slots, slots, max_senders, senders = row
+    wal_level, max_slots, slots, max_senders, senders, slot_wal_keep = row
     if wal_level != "logical":
         raise RefusedError(
             f"{cluster} runs with wal_level = {wal_level}",
             "set wal_level = logical and restart the primary before moving shards off it",
+        )
+    # The move's slot holds the source's WAL for as long as the target has not confirmed it
+    # (a target down or stuck, a move left unfinished): unbounded, that fills the WAL volume and
+    # stops the primary with every shard on it. Bounded, Postgres invalidates the slot instead
+    # and a resumed move copies again.
+    if slot_wal_keep == "-1":
+        raise RefusedError(
+            f"{cluster} runs with max_slot_wal_keep_size = -1: the move's replication slot could hold "
+            "its WAL without bound and fill its WAL volume",
+            f"set max_slot_wal_keep_size on {cluster}'s members to well under their WAL volume "
+            "(ALTER SYSTEM SET max_slot_wal_keep_size = '…'; SELECT pg_reload_conf(): no restart), then retry",
         )
     if slots + 2 > max_slots:  # the move's own, and the one that tracks writes from its verification on
         raise RefusedError(
@@ -396,31 +407,43 @@ def resume_move(
                 f"move {move_id} stopped after its verification: the rows written since are known only to "
                 "the igops that verified, so it verifies again (unless the source is already fenced)"
             )
-        if STEPS.index("copied") <= STEPS.index(resume_after) < STEPS.index("switched") and not _slot_usable_on_source(
-            fleet, record
-        ):
-            reporter.log(
-                f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
-                f"(max_slot_wal_keep_size): copying again"
-            )
+        lost = _replication_lost(fleet, record, resume_after)
+        if lost:
+            reporter.log(f"{lost}: publishing and copying again")
             with primary_connection(
                 fleet, record.target, fleet.model.postgres.database, autocommit=True, purpose="move"
             ) as connection:
                 drop_subscription(connection, record.slot)
-            journal.advance(move_id, "published")
-            resume_after = "published"
+            # From the publication on (it is there again at once when only the slot went).
+            journal.advance(move_id, "target_ready")
+            resume_after = "target_ready"
         plan = _plan_from_record(fleet, record, resume_after)
         return _drive(fleet, plan, journal, reporter, pause_after)
     finally:
         directory.close()
 
 
-def _slot_usable_on_source(fleet: Fleet, record: MoveRecord) -> bool:
+def _replication_lost(fleet: Fleet, record: MoveRecord, resume_after: str) -> str | None:
+    """Why a move resumed before its switch must publish and copy again, if it must: its slot
+    is gone (the source's primary changed: logical slots do not move with a failover) or
+    invalidated (max_slot_wal_keep_size), or its publication is gone (an abort that could not
+    reach the target dropped the source's slot and publication and left the move unfinished)."""
+    done = STEPS.index(resume_after)
+    if not STEPS.index("published") <= done < STEPS.index("switched"):
+        return None
     with primary_connection(
         fleet, record.source, fleet.model.postgres.database, autocommit=True, purpose="move"
     ) as connection:
         with connection.cursor() as cursor:
-            return bool(slot_usable(cursor, record.slot))
+            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (record.slot,))
+            if cursor.fetchone() is None:
+                return f"publication {record.slot} is gone from {record.source} (an unfinished --abort?)"
+            if done >= STEPS.index("copied") and not slot_usable(cursor, record.slot):
+                return (
+                    f"slot {record.slot} on {record.source} is gone (its primary changed?) or invalidated "
+                    "(max_slot_wal_keep_size)"
+                )
+    return None
 
 
 def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, pause_after: str | None) -> MoveResult:
@@ -460,7 +483,10 @@ def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, p
 
 def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) -> MoveRecord:
     """Undo a move that has not switched: the source is restored (un-fenced if the cut-over
-    got that far), every replication object and the partial copy are removed."""
+    got that far), every replication object and the partial copy are removed. A target that does
+    not accept writes (down, say, its disk full) keeps its subscription and copy, which another
+    abort drops; the source's slot and publication are dropped regardless, as the slot would
+    otherwise hold the source's WAL, and with it every shard there, hostage to the target."""
     from psycopg2 import sql
 
     reporter = reporter or Reporter()
@@ -470,22 +496,48 @@ def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) 
         journal.hold_shard(plan.shard)
         current = plan_abort(fleet, plan.move_id)
         database = fleet.model.postgres.database
+        steps = current.steps()
         # The source is made writable first: an abort cut off after it leaves the shard served
         # where the map places it, and a resume that finds the source not fenced verifies again.
-        with reporter.step(current.steps()[0]) as step:
+        with reporter.step(steps[0]) as step:
             with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
                 step.detail = "un-fenced" if _unfence(connection, current) else "not fenced"
-        with reporter.step(current.steps()[1]) as step:
-            with primary_connection(fleet, current.target, database, autocommit=True, purpose="move") as connection:
-                dropped = drop_subscription(connection, current.slot)
-                with connection.cursor() as cursor:
-                    cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(current.schema)))
-            step.detail = "subscription dropped" if dropped else "no subscription"
-        with reporter.step(current.steps()[2]) as step:
+        # The target's subscription goes before the slot it reads (dropping a slot a sender still
+        # reads waits for that sender); when the target cannot be reached, the source's cleanup
+        # below goes on without it.
+        target_failure = None
+        with reporter.step(steps[1]) as step:
+            try:
+                with primary_connection(fleet, current.target, database, autocommit=True, purpose="move") as connection:
+                    dropped = drop_subscription(connection, current.slot)
+                    with connection.cursor() as cursor:
+                        cursor.execute(
+                            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(current.schema))
+                        )
+                step.detail = "subscription dropped" if dropped else "no subscription"
+            except Exception as exc:  # noqa: BLE001 - whatever stops it, the source's slot must still go
+                target_failure = exc.message if isinstance(exc, IgopsError) else describe(exc)
+                step.status = "failed"
+                step.detail = f"left for another --abort {current.move_id}: {describe(exc)}"
+        with reporter.step(steps[2]) as step:
             with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
                 step.detail = drop_publication_and_slot(connection, current.slot)
-        with reporter.step(current.steps()[3]):
-            journal.finish(current.move_id, ABORTED, error=f"aborted by {operator_label()}")
+        with reporter.step(steps[3]) as step:
+            if target_failure is None:
+                journal.finish(current.move_id, ABORTED, error=f"aborted by {operator_label()}")
+            else:
+                failure = IgopsError(
+                    f"abort of move {current.move_id} unfinished: {current.target} may still hold "
+                    + " and ".join(current.left_on_target())
+                    + f" ({target_failure}); shard {current.shard} is served on {current.source}, whose slot "
+                    f"and publication {current.slot} are dropped",
+                    f"once {current.target} accepts writes (`igops pg status {current.target}`), "
+                    f"`igops shard move --abort {current.move_id}` again drops them",
+                )
+                journal.fail(current.move_id, failure.one_line())
+                step.status = "failed"
+                step.detail = "the move stays unfinished (failed)"
+                raise failure
         return journal.get(current.move_id)
     finally:
         directory.close()

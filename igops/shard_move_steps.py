@@ -93,7 +93,8 @@ def describe_step(plan: MovePlan, step: str) -> str:
         "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
         "sequences and the schema",
         "switched": f"cut over: LOCK {plan.schema}'s tables IN EXCLUSIVE MODE on {plan.source} (writes wait, reads "
-        f"go on); final catch-up; the rows written since the verification equal on both; "
+        f"go on); final catch-up (applied and flushed on {plan.target}); the rows written since the "
+        "verification equal on both; "
         f"{plan.schema} sequences on {plan.target} set {SEQUENCE_MARGIN} past {plan.source}'s; rename "
         f"{plan.schema} to {plan.fenced_schema} on {plan.source} (waiting writers fail and retry); "
         f"commit; shard map: shard {plan.shard} -> {plan.target}, version + 1",
@@ -124,7 +125,19 @@ class AbortPlan:
     def steps(self) -> list[str]:
         return [
             f"on {self.source}: if the cut-over fenced it, rename {self.fenced_schema} back to {self.schema}",
-            f"on {self.target}: drop subscription {self.slot} and the partial copy {self.schema}",
-            f"on {self.source}: drop slot and publication {self.slot}",
-            f"journal: move {self.move_id} aborted (the shard map still places shard {self.shard} on {self.source})",
+            f"on {self.target}: drop subscription {self.slot} and the partial copy {self.schema} "
+            f"(if {self.target} does not accept writes, both are left for another --abort {self.move_id}, "
+            "and the abort goes on)",
+            f"on {self.source}: drop slot and publication {self.slot} (whether or not the step before succeeded: "
+            "the slot holds WAL on the source)",
+            f"journal: move {self.move_id} aborted (the shard map still places shard {self.shard} on {self.source}); "
+            f"or, when {self.target}'s copy was left, the move stays unfinished, failed with what is left there",
         ]
+
+    def left_on_target(self) -> list[str]:
+        """What the move may have made on the target, by its last journaled step: the
+        subscription is created after the copy, the copy's schema from the start."""
+        made = [f"the partial copy (schema {self.schema})"]
+        if STEPS.index(self.step) >= STEPS.index("copied"):
+            made.insert(0, f"subscription {self.slot}")
+        return made

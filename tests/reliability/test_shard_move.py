@@ -98,23 +98,13 @@ def latest_move_id(fleet) -> int:
 
 
 class PausedMove:
-    """`igops shard move --pause-after POINT` running until it says it paused there."""
+    """`igops shard move --pause-after POINT` (of a new move, or `--resume` of one) running until
+    it says it paused there."""
 
-    def __init__(self, fleet, shard, target, point):
+    def __init__(self, fleet, shard, target, point, resume=None):
+        which = ["--resume", str(resume)] if resume is not None else [str(shard), "--to", target]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "igops",
-                "shard",
-                "move",
-                str(shard),
-                "--to",
-                target,
-                "--yes",
-                "--pause-after",
-                point,
-            ],
+            [sys.executable, "-m", "igops", "shard", "move", *which, "--yes", "--pause-after", point],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -646,9 +636,11 @@ def test_the_wait_for_the_target_ends_while_a_transaction_on_the_source_writes_a
 
 def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     """The subscription commits asynchronously: a change the target applied is durable only once
-    the target has flushed it, and until then the slot and the old copy are what could bring it
-    back. A resumed cleanup whose target cannot confirm the flush (its subscription disabled)
-    must drop neither, and finish once the target confirms."""
+    the target has flushed it. A resumed move that finds the source fenced switches the map only
+    once the target has applied and flushed everything up to a mark written then: with its
+    subscription disabled, the map stays and nothing is dropped. And after the switch, until the
+    target confirms the flush the slot and the old copy are what could bring a change back: a
+    resumed cleanup whose target cannot confirm it must drop neither, and finish once it does."""
     shard = max(
         shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster != "main"
     )
@@ -657,15 +649,7 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     PausedMove(lab, shard, target, "fenced").kill()
     move_id = latest_move_id(lab)
     slot = f"igops_move_{move_id}"
-    query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
-    # The resume waits for a position it reads from the source: on an idle source the target may
-    # have confirmed that far already. WAL written now it cannot confirm while disabled.
-    query(lab, source, "SELECT pg_logical_emit_message(true, 'igops-test', 'not yet confirmed')")
-    held = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
-    assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
-    assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
-    assert placement(lab, shard) == target
-    assert sorted(leftovers(lab)) == sorted(
+    everything = sorted(
         [
             f"{source} slot {slot}",
             f"{source} publication {slot}",
@@ -673,6 +657,24 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
             f"{source} old copy insta{shard}_moved_{move_id}",
         ]
     )
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    unswitched = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert unswitched.returncode == ExitCode.FAILED, unswitched.stderr[-2000:]
+    assert "has not applied and flushed" in unswitched.stderr, unswitched.stderr[-2000:]
+    assert placement(lab, shard) == source and sorted(leftovers(lab)) == everything
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} ENABLE")
+
+    PausedMove(lab, shard, target, "switched", resume=move_id).kill()
+    assert placement(lab, shard) == target
+    query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    # The target has most likely confirmed the mark the map switched at by now: as if it had not,
+    # the journal's mark is moved past WAL written now, which it cannot confirm while disabled.
+    mark = query(lab, source, "SELECT pg_logical_emit_message(true, 'igops-test', 'not yet confirmed')")[0][0]
+    directory(lab, "UPDATE shard_moves SET source_lsn = %s WHERE id = %s", (mark, move_id))
+    held = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
+    assert held.returncode == ExitCode.FAILED, held.stderr[-2000:]
+    assert "has not confirmed flushing" in held.stderr and "nothing was dropped" in held.stderr, held.stderr[-2000:]
+    assert placement(lab, shard) == target and sorted(leftovers(lab)) == everything
     query(lab, target, f"ALTER SUBSCRIPTION {slot} ENABLE")
     finished = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -891,3 +893,58 @@ def test_a_drain_longer_than_the_idle_transaction_timeout_does_not_fail_the_cut_
     back = run_igops("shard", "move", str(shard), "--to", source, "--yes", env=env(lab))
     assert back.returncode == 0, back.stderr[-2000:]
     assert placement(lab, shard) == source and leftovers(lab) == []
+
+
+def test_an_abort_whose_target_is_down_drops_the_sources_slot_and_finishes_once_the_target_is_back(lab):
+    """The target's Postgres stops in the middle of a move (its disk filled during the copy, say).
+    `--abort` could not reach the target and stopped there, leaving the source's slot to hold its
+    WAL without end (with max_slot_wal_keep_size = -1, until the WAL volume filled and the primary,
+    with every other shard on it, stopped). Now the abort drops the source's slot and publication
+    anyway, says what the target may still hold and leaves the move unfinished; once the target is
+    back, `--abort` again finishes it."""
+    from igops.lab.postgres import Node, repmgrd_wanted
+
+    if repmgrd_wanted(state.paths(), None):
+        pytest.skip("repmgrd would promote the target's standby: the target would not stay down")
+    source = lab.model.shards.directory_cluster  # the journal must stay reachable
+    target = other_cluster(lab, source)
+    shard = min(
+        shard for shard, cluster in directory(lab, "SELECT logical_shard, cluster FROM shard_map") if cluster == source
+    )
+    PausedMove(lab, shard, target, "caught_up").kill()
+    move_id = latest_move_id(lab)
+    slot = f"igops_move_{move_id}"
+    assert wait_for(lambda: journal(lab, move_id)["state"] == "interrupted", 10)
+    status = json.loads(run_igops("pg", "status", target, "--json", env=env(lab)).stdout)["data"]["clusters"][0]
+    node = Node(state.paths(), status["primary"])
+
+    def target_answers() -> bool:
+        try:
+            return query(lab, target, "SELECT NOT pg_is_in_recovery()") == [(True,)]
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    node.stop()
+    try:
+        assert not target_answers()
+        half = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+        assert half.returncode == ExitCode.FAILED, half.stderr[-2000:]
+        assert f"abort of move {move_id} unfinished" in half.stderr, half.stderr[-2000:]
+        assert f"may still hold subscription {slot} and the partial copy (schema insta{shard})" in half.stderr
+        assert f"no member of Postgres cluster {target} accepts writes" in half.stderr
+        # The source holds no WAL for the target any more, and serves the shard.
+        assert query(lab, source, "SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == []
+        assert query(lab, source, "SELECT pubname FROM pg_publication WHERE pubname = %s", (slot,)) == []
+        assert schemas(lab, source, shard) == {f"insta{shard}"} and placement(lab, shard) == source
+        record = journal(lab, move_id)
+        assert record["status"] == "active" and record["state"] == "failed", record
+        assert f"--abort {move_id}" in record["error"]
+    finally:
+        node.start()
+    assert wait_for(target_answers, 60, 0.5), f"{status['primary']} did not come back as {target}'s primary"
+    assert query(lab, target, "SELECT subname FROM pg_subscription WHERE subname = %s", (slot,)) == [(slot,)]
+    again = run_igops("shard", "move", "--abort", str(move_id), "--yes", env=env(lab))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert journal(lab, move_id)["status"] == "aborted"
+    assert schemas(lab, target, shard) == set() and leftovers(lab) == []
+    assert run_igops("shard", "verify", str(shard), env=env(lab)).returncode == 0
