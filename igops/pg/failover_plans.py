@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from igops import inventory, postgres
@@ -53,7 +54,7 @@ def plan_pg_failover(
     state = view.state
     assert state is not None  # pg_view reports every view it makes
     writable = view.writable()
-    if len(writable) == 1 and (finish := _plan_pg_promoted(view, writable[0])):
+    if len(writable) == 1 and (finish := _plan_pg_promoted(fleet, view, writable[0], accept_risk)):
         return signed(finish, view), state
     if writable:
         raise Refused(
@@ -71,42 +72,11 @@ def plan_pg_failover(
     plan = PgPlan(
         "failover", cluster, "", old, None, failure_hint=f"see `igops pg status {cluster}`; PgBouncer was resumed"
     )
-    reasons: list[str] = []
-    stop_first = False
-    old_probe = view.probes[old] if old else None
-    wal_end = None
-    if old_probe and old:
-        # Asking the server again and reading its WAL over SSH overlap: both take about a second.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
-            reading = pool.submit(wal_end_on_disk, fleet, old_probe.host) if old_probe.host_reachable else None
-            _confirm_pg_down(fleet, state, old)
-            wal_end = reading.result() if reading else None
-        streaming = [
-            name
-            for name, probe in view.probes.items()
-            if probe.server
-            and probe.server.receiver_status == "streaming"
-            and probe.server.upstream_address in (str(old_probe.host.address), old)
-        ]
-        if streaming:
-            raise Refused(
-                state,
-                f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
-                "igops cannot reach it but its standbys can: check the network between them",
-            )
-        if old_probe.host_reachable is False:
-            reasons.append(
-                f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
-                "come back (stop the instance) before forcing"
-            )
-        elif old_probe.down is not None and old_probe.down.kind == "rejected":
-            reasons.append(f"{old} answers ({old_probe.down.detail}): it is starting or stopping, not down")
-            stop_first = True
-        elif old_probe.postmaster_running:
-            reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
-            stop_first = True
-    else:
+    found = _check_old_primary(fleet, view, old, read_wal_end=True) if old else OldPrimaryCheck()
+    reasons = found.reasons
+    if not old:
         plan.notes.append(f"every member of {cluster} runs as a standby: no old primary to fence")
+    old_probe = view.probes[old] if old else None
     standbys = {name: probe for name, probe in view.probes.items() if name != old and probe.server}
     if not standbys:
         raise Refused(
@@ -119,22 +89,37 @@ def plan_pg_failover(
             f"refused: {chosen} is not a running standby ({state.node(chosen).state})",
             f"running standbys: {', '.join(standbys)}",
         )
+    # LSNs compare only within one timeline: a standby on an older one (a fenced old primary from
+    # an earlier failover, say) may hold more WAL by LSN, on a history the newest timeline left.
+    newest, current = _on_newest_timeline(standbys)
     received = wal_received(_answering(standbys[chosen]))
-    best = max(wal_received(_answering(probe)) for probe in standbys.values())
-    if received < best:
-        reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
-    if old_probe is None:
-        plan.bytes_at_risk = best - received
-    elif old_probe.host_reachable:
-        if wal_end is None:
-            reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
-        else:
-            plan.bytes_at_risk = max(0, wal_end - received)
-            if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
-                reasons.append(
-                    f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
-                    f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
-                )
+    if chosen not in current:
+        # Neither the WAL it lacks nor the bytes at risk can be counted across timelines.
+        timeline = _answering(standbys[chosen]).timeline
+        newer = f"{', '.join(current)} on timeline {newest}"
+        reasons.append(
+            f"{chosen} is on timeline {timeline}, {newer}: promoting {chosen} loses what was written on "
+            f"timeline {newest} (how much cannot be told)"
+            if timeline is not None
+            else f"{chosen}'s timeline is unknown, {newer}: whether {chosen} has what was written on timeline "
+            f"{newest} cannot be told"
+        )
+    else:
+        best = max(wal_received(_answering(standbys[name])) for name in current)
+        if received < best:
+            reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
+        if old_probe is None:
+            plan.bytes_at_risk = best - received
+        elif old_probe.host_reachable:
+            if found.wal_end is None:
+                reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
+            else:
+                plan.bytes_at_risk = max(0, found.wal_end - received)
+                if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
+                    reasons.append(
+                        f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
+                        f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
+                    )
     if _answering(standbys[chosen]).replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
     refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the old primary if you can, or --accept-risk")
@@ -152,7 +137,7 @@ def plan_pg_failover(
         siblings,
         view.databases(),
         fence_on_disk=bool(old_probe and old_probe.host_reachable),
-        stop_first=stop_first,
+        stop_first=found.stop_first,
         replay_paused=_answering(standbys[chosen]).replay_paused,
     )
     if [name for name in view.repmgrd_members() if name != old]:
@@ -164,10 +149,12 @@ def plan_pg_failover(
     return signed(plan, view), state
 
 
-def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
+def _plan_pg_promoted(fleet: Fleet, view: PgView, new: str, accept_risk: bool) -> PgPlan | None:
     """A standby that something else promoted (repmgrd's automatic failover, or a person) while
     PgBouncer still routes to the old primary, now down: finish that failover rather than
-    promote a second standby. None when no PgBouncer route points at a member that is down."""
+    promote a second standby. None when no PgBouncer route points at a member that is down.
+    Each old primary is checked as a failover checks it (`_check_old_primary`): repmgrd decided
+    it was down from where it runs, and a network split there is no failure of the old primary."""
     state = view.state
     assert state is not None  # pg_view reports every view it makes
     down = {name for name, probe in view.probes.items() if not probe.server}
@@ -188,20 +175,29 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
         new,
         failure_hint=f"see `igops pg status {view.cluster}`",
     )
+    checks = {old: _check_old_primary(fleet, view, old, promoted=new) for old in olds}
+    refuse_or_force(
+        state,
+        [reason for found in checks.values() for reason in found.reasons],
+        accept_risk,
+        plan.forced,
+        f"make sure {', '.join(olds)} is down for good (see `igops pg status {view.cluster}`), then --accept-risk",
+    )
     for old in olds:
         probe = view.probes[old]
-        if probe.host_reachable and not probe.fenced:
+        # A postmaster that runs is stopped even where the fence is on disk already: standby.signal
+        # counts only at a start, and a hung primary that recovers would take writes again.
+        stop_first = checks[old].stop_first or bool(probe.postmaster_running)
+        if probe.host_reachable and (stop_first or not probe.fenced):
             plan.actions.append(
                 Step(
                     f"{old}: fence: "
-                    + ("stop it (immediate), " if probe.postmaster_running else "")
+                    + ("stop it (immediate), " if stop_first else "")
                     + "write standby.signal so it can only start read-only",
                     "fence",
-                    (old, bool(probe.postmaster_running)),
+                    (old, stop_first),
                 )
             )
-        elif not probe.host_reachable:
-            plan.notes.append(f"{old}'s host is unreachable over SSH: it is not fenced; make sure it cannot come back")
     plan.actions.append(Step(f"PgBouncer: point {bouncer_text(stale)} at {new}, RELOAD", "repoint", (stale, new)))
     if state.paused:
         plan.actions.append(Step(f"PgBouncer: RESUME {bouncer_text(state.paused)}", "resume", (state.paused,)))
@@ -221,6 +217,66 @@ def _plan_pg_promoted(view: PgView, new: str) -> PgPlan | None:
     return plan
 
 
+@dataclass
+class OldPrimaryCheck:
+    """What `_check_old_primary` found: the risks `--accept-risk` takes, whether the fence must
+    stop the old primary first, and where its WAL on disk ends (None: not read, or unreadable)."""
+
+    reasons: list[str] = field(default_factory=list)
+    stop_first: bool = False
+    wal_end: int | None = None
+
+
+def _check_old_primary(
+    fleet: Fleet, view: PgView, old: str, read_wal_end: bool = False, promoted: str | None = None
+) -> OldPrimaryCheck:
+    """The checks of a primary presumed down before a failover acts on it, whether igops promotes
+    a standby or finishes the failover repmgrd began by promoting `promoted`: ask it again
+    (`_confirm_pg_down`); refuse, whatever `--accept-risk`, when a standby still streams from it
+    (it lives, and only igops cannot reach it); and name what `--accept-risk` takes: a host SSH
+    cannot reach (no fence on disk), a postmaster that is starting or stopping, or hung."""
+    state = view.state
+    assert state is not None  # pg_view reports every view it makes
+    probe = view.probes[old]
+    found = OldPrimaryCheck()
+    # Asking the server again and reading its WAL over SSH overlap: both take about a second.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-end") as pool:
+        reading = pool.submit(wal_end_on_disk, fleet, probe.host) if read_wal_end and probe.host_reachable else None
+        _confirm_pg_down(fleet, state, old)
+        found.wal_end = reading.result() if reading else None
+    streaming = [
+        name
+        for name, other in view.probes.items()
+        if other.server
+        and other.server.receiver_status == "streaming"
+        and other.server.upstream_address in (str(probe.host.address), old)
+    ]
+    if streaming:
+        raise Refused(
+            state,
+            f"refused: {old} is not down: {', '.join(streaming)} still stream from it",
+            "igops cannot reach it but its standbys can: check the network between them"
+            + (
+                f"; {promoted} was promoted meanwhile, so two members may take writes: find which one the app "
+                "wrote to before anything else"
+                if promoted
+                else ""
+            ),
+        )
+    if probe.host_reachable is False:
+        found.reasons.append(
+            f"{old}'s host is unreachable over SSH: it cannot be fenced on disk; make sure it cannot "
+            "come back (stop the instance) before forcing"
+        )
+    elif probe.down is not None and probe.down.kind == "rejected":
+        found.reasons.append(f"{old} answers ({probe.down.detail}): it is starting or stopping, not down")
+        found.stop_first = True
+    elif probe.postmaster_running:
+        found.reasons.append(f"{old}'s postmaster runs but does not answer: hung, not down (--accept-risk stops it)")
+        found.stop_first = True
+    return found
+
+
 def _confirm_pg_down(fleet: Fleet, state: PgClusterState, name: str) -> None:
     """A restart looks like an outage for a moment: ask again before acting on it."""
     for _ in range(DOWN_PROBES - 1):
@@ -233,14 +289,36 @@ def _confirm_pg_down(fleet: Fleet, state: PgClusterState, name: str) -> None:
         raise Refused(state, f"refused: {name} answers again", "see `igops pg status`")
 
 
+def _on_newest_timeline(standbys: dict[str, PgProbe]) -> tuple[int | None, list[str]]:
+    """The highest timeline among `standbys` (None when none of them says), and the standbys on it.
+
+    A standby whose timeline is unknown (None) counts as older than any known one: it cannot be
+    shown to be on the newest timeline, and its LSN means nothing beside one on another
+    timeline, so it never wins over a standby known to be on a timeline by holding more WAL, and
+    promoting it by name takes --accept-risk. Only when no standby's timeline is known are their
+    LSNs compared as they are: nothing better is known then. (In practice it is known:
+    `postgres.server_state` reads it from the WAL receiver, else from the last checkpoint, which
+    lags a timeline switch replayed since: that errs towards older, never newer.)"""
+    newest = max(
+        (_answering(probe).timeline for probe in standbys.values()),
+        default=None,
+        key=lambda timeline: -1 if timeline is None else timeline,
+    )
+    return newest, [name for name, probe in standbys.items() if _answering(probe).timeline == newest]
+
+
 def best_standby(view: PgView, standbys: dict[str, PgProbe]) -> str:
-    """The most WAL received; then repmgr's priority (higher first; 0 never); then the name."""
+    """A standby on the newest timeline among them (see `_on_newest_timeline`): one on an older
+    timeline, or whose timeline is unknown while another's is known, never, whatever its LSN or
+    priority. Among those, the most WAL received; then repmgr's priority (higher first; 0 never,
+    unless all are 0); then the name."""
 
     def priority(name: str) -> int:
         record = view.repmgr_node(name)
         return record.priority if record else 100
 
-    eligible = [name for name in standbys if priority(name) > 0] or list(standbys)
+    _, current = _on_newest_timeline(standbys)
+    eligible = [name for name in current if priority(name) > 0] or current
     return sorted(eligible, key=lambda name: (-wal_received(_answering(standbys[name])), -priority(name), name))[0]
 
 
