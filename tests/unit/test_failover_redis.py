@@ -157,3 +157,40 @@ def test_a_demotion_is_refused_once_the_pause_has_run_out_and_its_probe_reads_th
     clients["redis1"].execute_command("CLIENT", "UNPAUSE")
     assert redisops.node_state(clients["redis2"]).role == "replica"
     assert switch.demoted("redis2", "redis1") == "redis2 replicates from redis1"
+
+
+class PingsBeforeThePromotion(redis_failover.RedisActions):
+    """The old master sends its replica the stream's PING (every repl-ping-replica-period, client
+    pause or not) after the level check and before the promotion: its offset moves on by 14
+    bytes that the promoted node holds too."""
+
+    def __init__(self, fleet, clients):
+        super().__init__(fleet)
+        self.clients = clients
+
+    def wait_offset(self, master, replica, deadline=None):
+        detail = super().wait_offset(master, replica, deadline)
+        old, new = self.clients[master], self.clients[replica]
+        before = redisops.node_state(old).offset
+        old.config_set("repl-ping-replica-period", 1)
+        try:
+            assert wait_for(lambda: redisops.node_state(old).offset > before, 3, interval=0.05)
+        finally:
+            old.config_set("repl-ping-replica-period", 10)
+        pinged = redisops.node_state(old).offset
+        assert pinged - before == len(redis_failover.REPLICATION_PING)
+        assert wait_for(lambda: redisops.node_state(new).offset >= pinged, 3, interval=0.05)
+        return detail
+
+
+def test_a_ping_in_the_stream_during_the_pause_is_no_write_and_the_switchover_completes(pair):
+    fleet, clients = pair
+    steps = redis_failover.redis_switchover_steps(fleet, "redis1", "redis2", [])
+    switch = PingsBeforeThePromotion(fleet, clients)
+    try:
+        step_runner.execute(steps[:5], switch, Reporter(), "")
+    finally:
+        switch.close()
+    assert redisops.node_state(clients["redis1"]).role == "replica"
+    assert redisops.node_state(clients["redis2"]).role == "master"
+    clients["redis1"].execute_command("CLIENT", "UNPAUSE")
