@@ -263,7 +263,7 @@ def test_an_abort_after_a_kill_during_a_failing_gate_never_puts_the_failing_rele
 
     last_run = deploy_record.last_run_path(lab)
     kept = last_run.read_text()
-    last_run.write_text(json.dumps({**json.loads(kept), "machine": "elsewhere"}))
+    last_run.write_text(json.dumps({**json.loads(kept), "host": "elsewhere", "machine": "elsewhere"}))
     try:
         planned, envelope = igops(lab, "ops", "abort", record["id"], "--dry-run")
         assert planned.returncode == 0, planned.stderr[-3000:]
