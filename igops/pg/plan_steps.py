@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from igops.inventory import Fleet
 
 
+# The promotion's second argument, True: repmgrd was paused while no member was a primary (a
+# failover, or a switchover resumed after its stop), and it reads its pause flag only before it
+# begins a failover of its own, so one under way then may promote another standby. The promotion
+# then asks every other member first, and again once done.
+_ALONE = (
+    "; refused if another member accepts writes first (repmgrd, paused mid-way through a failover of its own, "
+    "may have promoted one), a failure naming it if one does after"
+)
+
+
 def _watchdog_text(fleet: Fleet, databases: dict[str, list[str]]) -> str:
     return (
         f"arm a watchdog on {', '.join(databases)} (it RESUMEs them if igops is gone or silent for "
@@ -114,9 +124,9 @@ def switchover_steps(
         # verified stopped and still in recovery; once it is promoted, failures roll forward: the
         # probe asks before any undo runs, for the dropped slot of the old primary's rejoin too.
         Step(
-            f"{candidate}: promote (pg_promote), wait until it accepts writes",
+            f"{candidate}: promote (pg_promote), wait until it accepts writes" + (_ALONE if stopped else ""),
             "promote",
-            (candidate,),
+            (candidate, True) if stopped else (candidate,),
             took_effect=Step(f"{candidate}: is it out of recovery?", "promoted", (candidate,)),
         ),
         Step(
@@ -186,9 +196,9 @@ def failover_steps(
         steps.append(Step(f"{chosen}: resume WAL replay (it was paused; --accept-risk)", "resume_replay", (chosen,)))
     steps.append(
         Step(
-            f"{chosen}: promote (pg_promote), wait until it accepts writes",
+            f"{chosen}: promote (pg_promote), wait until it accepts writes" + _ALONE,
             "promote",
-            (chosen,),
+            (chosen, True),
             point_of_no_return=True,
         )
     )

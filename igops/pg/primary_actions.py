@@ -6,6 +6,8 @@ candidate and record it in repmgr's metadata.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from igops import postgres
@@ -15,7 +17,6 @@ from igops.pg.cluster import cluster_members, wal_received
 from igops.pg.hostcmd import (
     POSTMASTER_RUNNING,
     as_postgres,
-    bin_path,
     data_directory,
     postgres_sh,
     repmgr,
@@ -97,6 +98,52 @@ def in_recovery_now(fleet: Fleet, host: Any) -> bool | None:
             connection.close()
     except postgres.Unavailable:
         return None
+
+
+@dataclass
+class OtherMembers:
+    """What the other members of a cluster answered, asked at once: whether they accept writes."""
+
+    writable: list[str]
+    in_recovery: list[str]
+    silent: list[str]  # did not answer
+
+    def described(self, after: OtherMembers) -> str:
+        """What this check before a promotion and `after` (of those in recovery before) found,
+        none of them accepting writes."""
+        parts = [
+            f"{', '.join(names)} {said}"
+            for names, said in (
+                (after.in_recovery, "in recovery before and after"),
+                (after.silent, "in recovery before, no answer after"),
+                (self.silent, "did not answer"),
+            )
+            if names
+        ]
+        return "no other member accepts writes" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def ask_members(fleet: Fleet, hosts: dict[str, Any]) -> OtherMembers:
+    """Whether each member accepts writes (in_recovery_now), all asked at once; a query that
+    fails counts as no answer."""
+    import psycopg2
+
+    def ask(host: Any) -> bool | None:
+        try:
+            return in_recovery_now(fleet, host)
+        except psycopg2.Error:
+            return None
+
+    names = list(hosts)
+    if not names:
+        return OtherMembers([], [], [])
+    with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="pg-ask") as pool:
+        answers = dict(zip(names, pool.map(ask, hosts.values()), strict=True))
+    return OtherMembers(
+        [name for name, answer in answers.items() if answer is False],
+        [name for name, answer in answers.items() if answer],
+        [name for name, answer in answers.items() if answer is None],
+    )
 
 
 class FencingActions:
@@ -223,9 +270,11 @@ class FencingActions:
     # command as "$@": the old primary is unfenced and started only from the state its stop left,
     # which an undo run from the journal may find changed. A shutdown still under way (the status
     # line of postmaster.pid says "stopping": a stop cut off at its timeout goes on) is waited for.
-    # A postmaster running as a primary ("ready"; a hot standby's says "standby") is taken as
-    # started (an earlier try of this undo, or a stop cut off before it began): the fence this run
-    # wrote goes, as no other member is a primary. Any other running postmaster keeps its
+    # A postmaster running as a primary (postmaster.pid says "ready" and its control file "in
+    # production") is taken as started (an earlier try of this undo, or a stop cut off before it
+    # began): the fence this run wrote goes, as no other member is a primary. A hot standby's
+    # postmaster.pid says "ready" too (Postgres 10 on; "standby" is one with hot_standby off), its
+    # control file "in archive recovery". Any other running postmaster keeps its
     # standby.signal: a standby (one rejoined since) would come back a primary at its next restart
     # without it. A control file in recovery is a standby's: it was rejoined since. Prints
     # "started", "running", or "found=" what it found.
@@ -234,7 +283,9 @@ class FencingActions:
         f"while {POSTMASTER_RUNNING}; do "
         'status=$(sed -n 8p "$data/postmaster.pid" 2>/dev/null); status=${status%% *}; '
         'case "$status" in stopping) ;; '
-        'ready) rm -f "$data/standby.signal" && echo running; exit 0;; '
+        'ready) state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
+        'case "$state" in "in production") rm -f "$data/standby.signal" && echo running; exit 0;; esac; '
+        'echo "found=its postmaster running (ready, its control file saying ${state:-nothing})"; exit 0;; '
         '*) echo "found=its postmaster running (${status:-no status})"; exit 0;; esac; '
         '[ "$wait" -le 0 ] && { echo "still shutting down" >&2; exit 1; }; wait=$((wait - 1)); sleep 1; done; '
         'state=$("$bin/pg_controldata" -D "$data" | sed -n "s/^Database cluster state: *//p"); '
@@ -316,27 +367,64 @@ class FencingActions:
             "removing standby.signal",
         )
 
+    # Shell, with "$bin" the bin_dir and "$data" the data directory: a failover's fence of the old
+    # primary, in one script. standby.signal comes first: a postmaster started from then on (a
+    # crashed primary's service manager restarts it after a few seconds; a reboot; a colleague)
+    # comes up a standby. A postmaster running after that began before the fence, and may be a
+    # primary (one that came back since the plan found it down): it is stopped at once
+    # (immediate), before the repoint and the promotion, so that it never runs beside the new
+    # primary. pg_ctl failing counts only while a postmaster still runs (one that exited meanwhile
+    # leaves nothing to stop). Prints "found=" the status line of its postmaster.pid, then
+    # "stopped=pg_ctl" or "stopped=exited", and "control=" what its control file says.
+    _FENCE = (
+        'bin="$1"; data="$2"; touch "$data/standby.signal" || exit 1; '
+        f"if {POSTMASTER_RUNNING}; then "
+        'status=$(sed -n 8p "$data/postmaster.pid" 2>/dev/null); status=${status%% *}; '
+        'echo "found=${status:-no status}"; '
+        'if out=$("$bin/pg_ctl" stop -D "$data" -m immediate -w -t 30 2>&1); then echo stopped=pg_ctl; '
+        f"elif {POSTMASTER_RUNNING}; then "
+        'printf "%s\\n" "$out" >&2; echo "its postmaster did not stop" >&2; exit 1; '
+        "else echo stopped=exited; fi; fi; "
+        '"$bin/pg_controldata" -D "$data" 2>/dev/null | sed -n "s/^Database cluster state: */control=/p"'
+    )
+
     def fence(self, node: str, stop_first: bool) -> str:
+        """Fence the old primary on disk, then stop its postmaster if one runs: `stop_first`, the
+        plan found one running (hung, starting or stopping); else it found none, and one running
+        now came back since. Says what it found and did."""
         fleet = self.fleet
         host = self._host(node)
         data = data_directory(fleet, host)
-        if stop_first:
-            ssh_ok(
-                fleet,
-                host,
-                as_postgres(
-                    fleet, [bin_path(fleet, "pg_ctl"), "stop", "-D", data, "-m", "immediate", "-w", "-t", "30"]
-                ),
-                "immediate stop",
-                timeout=60,
-            )
-        ssh_ok(fleet, host, as_postgres(fleet, ["touch", f"{data}/standby.signal"]), "writing standby.signal")
-        return f"{data}/standby.signal"
+        output = ssh_ok(
+            fleet,
+            host,
+            postgres_sh(fleet, self._FENCE, fleet.model.postgres.bin_dir, data),
+            "fencing (standby.signal, then an immediate stop of a running postmaster)",
+            timeout=60,
+        )
+        said = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+        parts = [f"{data}/standby.signal written"]
+        found = said.get("found")
+        if found is None:
+            parts.append("no postmaster running" + (" (the one the plan found had exited)" if stop_first else ""))
+        else:
+            did = "stopped it (immediate)" if said.get("stopped") == "pg_ctl" else "it exited meanwhile"
+            if stop_first:
+                parts.append(f"its postmaster ran (postmaster.pid: {found}): {did}")
+            else:
+                parts.append(
+                    f"FOUND ITS POSTMASTER RUNNING (postmaster.pid: {found}), which the plan found down: it "
+                    f"came back since; {did}"
+                )
+        control = said.get("control", "").strip()
+        if control:
+            parts.append(f"its control file says {control}")
+        return "; ".join(parts)
 
 
 class PromotionActions:
     """Promoting the candidate (mixed into igops.pg.actions.PgActions: `fleet`, `_host`,
-    `session`, `wal_end` and `promote_requested` are PgActions')."""
+    `_cluster_of`, `session`, `wal_end` and `promote_requested` are PgActions')."""
 
     fleet: Fleet
     wal_end: int | None
@@ -347,6 +435,8 @@ class PromotionActions:
         def _host(self, name: str) -> Any: ...
 
         def session(self, node: str) -> Connection: ...
+
+        def _cluster_of(self, name: str) -> str: ...
 
     def checkpoint_before_stop(self, node: str, candidate: str) -> None:
         """A switchover's CHECKPOINT, the SSH login its stop will use and the candidate's
@@ -387,9 +477,24 @@ class PromotionActions:
                 )
             time.sleep(0.01)
 
-    def promote(self, node: str) -> str:
+    def promote(self, node: str, alone: bool = False) -> str:
+        """Promote `node` and wait until it accepts writes. `alone`: repmgrd was paused while no
+        member was a primary (a failover; a switchover resumed after its stop), and it reads its
+        pause flag only before it begins a failover of its own: one under way then may promote
+        another standby. So every other member of the cluster is asked first, and the promotion
+        is refused if one accepts writes; and asked again once `node` is promoted, which fails
+        loudly, naming it, if one accepts writes too."""
         import psycopg2
 
+        before = self._other_members(node) if alone else None
+        if before is not None and before.writable:
+            cluster, first = self._cluster_of(node), before.writable[0]
+            raise IgopsError(
+                f"{node} was not promoted: {', '.join(before.writable)} accepts writes already (repmgrd, or "
+                "someone, promoted it meanwhile)",
+                f"`igops pg status {cluster}`; to keep {first} as the primary, `igops pg switchover {cluster} "
+                f"--to {first}` finishes that failover (repoints PgBouncer to it, rejoins the others)",
+            )
         self.promote_requested.add(node)
         started = time.monotonic()
         try:
@@ -407,7 +512,26 @@ class PromotionActions:
                 f"{node} did not finish promoting within {PROMOTE_TIMEOUT} s; {self.log_cause(node)}",
                 f"see {node}'s Postgres log",
             )
-        return f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
+        done = f"promoted in {(time.monotonic() - started) * 1000:.0f} ms"
+        if before is None:
+            return done
+        # repmgrd promotes a standby that runs: those that answered in recovery are asked again.
+        after = self._other_members(node, before.in_recovery)
+        if after.writable:
+            cluster = self._cluster_of(node)
+            raise IgopsError(
+                f"SPLIT BRAIN: {node} was promoted, and {', '.join(after.writable)} accepts writes too "
+                "(repmgrd, or someone, promoted it meanwhile)",
+                f"`igops pg status {cluster}`: stop the member whose writes may be lost, then `igops pg rejoin` it "
+                "with --accept-risk (it loses what it took alone)",
+            )
+        return f"{done}; {before.described(after)}"
+
+    def _other_members(self, node: str, names: list[str] | None = None) -> OtherMembers:
+        """What the other members of `node`'s cluster (or `names`) answer."""
+        if names is None:
+            names = [name for name in cluster_members(self.fleet, self._cluster_of(node)) if name != node]
+        return ask_members(self.fleet, {name: self._host(name) for name in names})
 
     def promoted(self, node: str) -> str:
         """What shows a promotion cut off after it was asked completed anyway, or ''. A member

@@ -12,7 +12,7 @@ from igops import postgres
 from igops.errors import IgopsError
 from igops.host_commands import ssh_ok
 from igops.pg.cluster import lsn_text
-from igops.pg.hostcmd import WAIT_STOPPED, bin_path, data_directory, postgres_sh, repmgr
+from igops.pg.hostcmd import WAIT_STOPPED, bin_path, data_directory, postgres_sh, repmgr, repmgr_argv
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.role_change import STREAMING_TIMEOUT
 
@@ -57,6 +57,15 @@ class RejoinActions:
         'trap restore EXIT; "$@" </dev/null'
     )
 
+    # Shell, with "$bin" the bin_dir, "$data" the data directory, "$wait" tenths of a second and
+    # repmgr's `node service` as "$@": standby.signal, then the start and the stop through repmgr
+    # (what service_start_command and service_stop_command say, else pg_ctl), then the wait for
+    # the postmaster to be gone (repmgr's own stop does not wait).
+    _START_STOP_AS_STANDBY = (
+        'set -e; bin="$1"; data="$2"; wait="$3"; shift 3; touch "$data/standby.signal"; '
+        '"$@" --action=start </dev/null; "$@" --action=stop </dev/null; ' + WAIT_STOPPED
+    )
+
     def ensure_clean_shutdown(self, node: str) -> str:
         """pg_rewind needs a cleanly shut down target. A crashed one is recovered the way pg_rewind
         would, but with the server's own configuration, which may live outside the data directory
@@ -78,16 +87,25 @@ class RejoinActions:
         if state == "in archive recovery":
             # A standby that crashed (or whose promotion died): recovering it outside standby mode
             # would write a checkpoint of its own on the primary's timeline, where the primary's
-            # later WAL differs and pg_rewind sees no fork. It starts as the standby it is instead.
-            for action in ("start", "stop"):
-                ssh_ok(
+            # later WAL differs and pg_rewind sees no fork. It starts as the standby it is instead,
+            # with standby.signal written first: a promotion removes it before it writes the new
+            # timeline's history file, so one that died after choosing a timeline left none, and
+            # started without it the node would recover as a primary and open for writes.
+            ssh_ok(
+                fleet,
+                host,
+                postgres_sh(
                     fleet,
-                    host,
-                    repmgr(fleet, host, "node", "service", f"--action={action}"),
-                    f"{action} as a standby",
-                    timeout=REJOIN_TIMEOUT,
-                )
-            return f"was {state}: started as a standby and stopped cleanly"
+                    self._START_STOP_AS_STANDBY,
+                    fleet.model.postgres.bin_dir,
+                    data,
+                    str(int(STOP_TIMEOUT) * 10),
+                    *repmgr_argv(fleet, host, "node", "service"),
+                ),
+                "start and stop as a standby",
+                timeout=REJOIN_TIMEOUT * 2 + STOP_TIMEOUT,
+            )
+            return f"was {state}: fenced, started as a standby and stopped cleanly"
         single_user = [
             bin_path(fleet, "postgres"),
             "--single",

@@ -117,7 +117,14 @@ def test_a_member_the_undo_was_not_told_of_that_accepts_writes_keeps_the_old_pri
 @pytest.mark.parametrize(
     "status, control, found",
     [
-        ("standby ", "in archive recovery", "its postmaster running (standby)"),  # rejoined since
+        # Rejoined since: a hot standby's postmaster.pid says "ready" as a primary's does (Postgres
+        # 15; "standby" with hot_standby off), its control file tells them apart.
+        (
+            "ready   ",
+            "in archive recovery",
+            "its postmaster running (ready, its control file saying in archive recovery)",
+        ),
+        ("standby ", "in archive recovery", "its postmaster running (standby)"),
         ("starting", "in archive recovery", "its postmaster running (starting)"),
         (None, "shut down in recovery", "its control file saying shut down in recovery"),  # rejoined, stopped
     ],
@@ -153,6 +160,7 @@ def test_an_old_primary_running_as_a_primary_is_taken_as_started_and_unfenced(ol
     if not fenced:
         (data / "standby.signal").unlink()
     running(data, "ready   ")
+    (data / "control").write_text("Database cluster state:               in production\n")
     Members(monkeypatch, {"db2": True, "db3": True})
     detail = PgActions(fleet).unfence_and_start("db1", ("db2", "db3"))
     assert not (data / "started").exists() and not (data / "standby.signal").exists()
