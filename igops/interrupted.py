@@ -71,6 +71,15 @@ def refuse_if_alive(store: journal.LocalJournal | journal.EtcdJournal, record: d
             f"pid {record.get('pid')}",
             "wait for it, or for its lease to expire if that process is gone",
         )
+    if status == "superseded":
+        by = record.get("superseded_by") or "a rerun"
+        raise RefusedError(
+            f"operation {record['id']} was superseded by {by}, a rerun of it that took over its targets and what "
+            "it left undone: there is nothing to continue here",
+            f"see igops ops show {by}; if that one is interrupted, resume or abort it instead"
+            if record.get("superseded_by")
+            else "see igops ops show " + record["id"],
+        )
     if status != journal.INTERRUPTED:
         raise RefusedError(
             f"operation {record['id']} has ended ({status}): there is nothing to continue",

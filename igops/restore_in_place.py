@@ -7,13 +7,15 @@ the group's backup_label, restore_command from the archive) and follows the prim
 It is a Postgres plan (igops.pg): it runs under the cluster's lease and the group's (`resources`),
 journals every step, and an abort puts the old volumes back and starts the standby on them. Its steps are
 igops.pg.rebuild_actions'. A rerun after a killed run plans from what it finds: mounts already
-rebuilt from the group are left as they are.
+rebuilt from the group are left as they are, and the volumes the killed run took out (found by
+their tags) are the rerun's to put back if it fails, as they were the killed run's: the rerun
+supersedes it (igops.operations.engine), so no abort of the killed run is left to do that.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from igops import snapshot_wal
 from igops.errors import RefusedError, UsageError
@@ -24,7 +26,14 @@ from igops.pg.cluster import PgClusterState, cluster_members, pg_view
 from igops.pg.failover_plans import sole_primary
 from igops.pg.plan_steps import with_repmgrd_paused
 from igops.pg.plans import PgPlan, signed
-from igops.pg.rebuild_actions import TAG_REPLACED_BY, TAG_REPLACED_ON, made_for, mounted_volumes
+from igops.pg.rebuild_actions import (
+    REPLACED_SUFFIX,
+    TAG_REPLACED_AT,
+    TAG_REPLACED_BY,
+    TAG_REPLACED_ON,
+    made_for,
+    mounted_volumes,
+)
 from igops.restore_target import LATEST, RecoveryTarget, choose_group
 from igops.role_change import Refused
 from igops.snapshot import (
@@ -97,10 +106,16 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
             "remove the mount's volumes list from the inventory (igops then finds them itself), then rebuild",
         )
     present = mounted_volumes(fleet, ebs, host, list(mounts))
+    # mount -> the volume a rebuild from this group last took out of it, kept (older ones, from
+    # rebuilds that ended, may carry the same tags: db2 rebuilt from one group, another, then it)
+    earlier: dict[str, dict[str, Any]] = {}
     for mount in mounts:
-        if mount not in present and not ebs.volumes(
-            {TAG_REPLACED_BY: group.group_id, TAG_REPLACED_ON: f"{node}:{mount}"}
-        ):
+        taken = ebs.volumes({TAG_REPLACED_ON: f"{node}:{mount}"})
+        _refuse_if_another_group_unfinished(node, mount, group.group_id, taken, present.get(mount))
+        last = _last_taken_out([v for v in taken if tags_of(v).get(TAG_REPLACED_BY) == group.group_id])
+        if last is not None:
+            earlier[mount] = last
+        elif mount not in present:
             raise RefusedError(
                 f"group {group.group_id} holds {mount} of {group.host}, which is no mount point on {node}",
                 f"rebuild {node} from a group taken on it, or one of a member whose mounts are where {node}'s are",
@@ -117,16 +132,22 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
     swaps: list[Step] = []
     remounted: list[Step] = []  # mounts an earlier run rebuilt: their fstab entries, again
     replaced: dict[str, str] = {}  # mount -> the volume taken out of it
+    # (mount, snapshot, volume) an earlier run took out (unmounted at least): this run's to put back
+    taken_out: list[tuple[str, str, str]] = []
     for mount, snapshot_id in mounts.items():
         made = {volume["VolumeId"] for volume in made_for(ebs, group.group_id, node, mount)}
-        earlier = ebs.volumes({TAG_REPLACED_BY: group.group_id, TAG_REPLACED_ON: f"{node}:{mount}"})
         current = present.get(mount)
-        if earlier:
-            replaced[mount] = earlier[0]["VolumeId"]
+        previous = earlier.get(mount)
+        if previous is not None:
+            replaced[mount] = previous["VolumeId"]
+            if current is None or current in made:
+                taken_out.append((mount, snapshot_id, previous["VolumeId"]))
             if current is None and any(
-                attachment.get("InstanceId") == host.instance_id for attachment in earlier[0].get("Attachments") or []
+                attachment.get("InstanceId") == host.instance_id for attachment in previous.get("Attachments") or []
             ):
-                current = earlier[0]["VolumeId"]  # a run cut off between its unmount and its detach
+                # A run cut off between its unmount and its detach: detached below, and put back
+                # by the take-over's undo too, should this run stop before that step.
+                current = previous["VolumeId"]
         if current and current in made:
             # Rebuilt by an earlier run, which may have been cut off before its fstab entry:
             # the step mounts nothing then, and points the entry at what is mounted.
@@ -137,6 +158,11 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
         swaps += _swap_steps(fleet, host, group.group_id, mount, snapshot_id, current)
         if current:
             replaced[mount] = current
+    if all(mount in earlier and _renamed(earlier[mount]) for mount in mounts):
+        # Every mount's volume taken out is named '(replaced)': an earlier run got to its last
+        # step (the tags), and the rebuild is done. Run again, it sees only to what follows the swaps.
+        taken_out = []
+    take_over = _take_over_step(node, group.group_id, taken_out) if taken_out else None
     steps: list[Step] = []
     catch_up = [
         Step(
@@ -165,8 +191,8 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
         # it is waited for, not stopped and started again. Each step does nothing once done, so
         # the plan is the same whether it answers or streams yet, and the member is left out of
         # the signature: its catch-up going on between this plan and its run makes it no staler.
-        # The start has no undo here: the swaps it would make way for are an earlier run's, and an
-        # abort of this one leaves the member running where it is.
+        # The start has no undo: after a run that got to its end, a failure of this one leaves
+        # the member running where it is; with volumes to put back, the take-over's undo stops it.
         plan.settling = node
         steps += [*remounted, start, *catch_up]
     else:
@@ -176,7 +202,8 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
                     f"{node}: stop (repmgr node service --action=stop)",
                     "stop",
                     (node,),
-                    undo=Step(f"{node}: start it again", "start_standby", (node,)),
+                    # With volumes to put back, the take-over's undo starts it, once they are back.
+                    undo=None if take_over else Step(f"{node}: start it again", "start_standby", (node,)),
                 )
             )
         steps.append(Step(f"{node}: wait until its postmaster is gone", "wait_stopped", (node,)))
@@ -200,6 +227,10 @@ def plan_rebuild(fleet: Fleet, ebs: Ebs, source: str, node: str) -> tuple[Rebuil
         for mount, old in replaced.items()
     ]
     plan.actions = with_repmgrd_paused(steps, primary, tuple(cluster_members(fleet, cluster)))
+    if take_over:
+        # First: its undo runs last of all (after the new volumes' discard, before repmgrd's
+        # unpause), and a kill at any of this run's steps leaves it journaled for `ops abort`.
+        plan.actions.insert(0, take_over)
     plan.notes.append(
         f"the volumes taken out ({', '.join(replaced.values()) or 'none'}) are kept, detached: delete them "
         "once the rebuilt standby has served a while (aws ec2 delete-volume)"
@@ -257,6 +288,60 @@ def _swap_steps(
         _mount_step(fleet, host, group_id, mount, snapshot_id, f"mount it at {mount}"),
     ]
     return steps
+
+
+def _take_over_step(node: str, group_id: str, taken_out: list[tuple[str, str, str]]) -> Step:
+    """The volumes an earlier run took out (it was killed, or failed and could not put them
+    back), made this run's: its undo, or `igops ops abort` of it, puts them back at their mounts
+    (the volumes made for those mounts unmounted and deleted first) and starts the member on them,
+    as the earlier run's own would have."""
+    volumes = ", ".join(f"{old} ({mount})" for mount, _, old in taken_out)
+    return Step(
+        f"{node}: {volumes}, taken out by an earlier run from {group_id}, kept: this run puts them back if it fails",
+        "keep_taken_out",
+        (node, group_id, tuple(taken_out)),
+        undo=Step(
+            f"{node}: stop it if it runs, unmount and delete the volumes made for "
+            f"{', '.join(mount for mount, _, _ in taken_out)}, attach {volumes} again and mount them, "
+            f"start {node} on them",
+            "put_back_taken_out",
+            (node, group_id, tuple(taken_out)),
+        ),
+    )
+
+
+def _renamed(volume: dict[str, Any]) -> bool:
+    """Whether a volume a rebuild took out was renamed '(replaced)', as the rebuild's last steps
+    do (adopt_tags): a rebuild that did so for every mount got to its end."""
+    from igops.ebs import tags_of
+
+    return tags_of(volume).get("Name", "").endswith(REPLACED_SUFFIX)
+
+
+def _last_taken_out(volumes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of the volumes taken out of one mount, the one taken out last (by igops:replaced-at)."""
+    from igops.ebs import tags_of
+
+    return max(volumes, key=lambda volume: tags_of(volume).get(TAG_REPLACED_AT, ""), default=None)
+
+
+def _refuse_if_another_group_unfinished(
+    node: str, mount: str, group_id: str, taken: list[dict[str, Any]], mounted: str | None
+) -> None:
+    """A rebuild from another group that took a volume out of this mount and did not get to its
+    end is the one to finish or undo first: this one would take out the volume it put in, and
+    leave the one it took out with nothing to put it back."""
+    from igops.ebs import tags_of
+
+    for volume in taken:
+        other = tags_of(volume).get(TAG_REPLACED_BY)
+        if other and other != group_id and volume["VolumeId"] != mounted and not _renamed(volume):
+            raise RefusedError(
+                f"a rebuild of {node} from group {other} took {volume['VolumeId']} out of {mount} and did not "
+                "get to its end",
+                f"finish it first (igops snapshot restore {other} --onto {node} --in-place --yes), or abort it "
+                "if igops ops list shows it interrupted",
+            )
 
 
 def _mount_step(fleet: Fleet, host: Host, group_id: str, mount: str, snapshot_id: str, mounting: str) -> Step:

@@ -72,6 +72,8 @@ class Operation:
         # or the operation's end): one store round per step, one Raft round with etcd.
         self._later: list[dict[str, Any]] = []
         self._later_lock = threading.Lock()
+        # Whether this run is yet to supersede the interrupted runs it reruns (see take_over).
+        self.supersedes = False
 
     @property
     def id(self) -> str:
@@ -118,6 +120,16 @@ class Operation:
         """The intent entry, and the record naming this step as the current one."""
         self.record["step"] = {"number": number, "title": title, "since": safety.now()}
         self.write("intent", self.record, step=number, title=title, **fields)
+        self.take_over()
+
+    def take_over(self) -> None:
+        """The interrupted runs this one reruns end, superseded (see _supersede), once it has
+        journaled its first step (with that step's undo: what it takes over from them), or ended
+        well with none. A rerun stopped before either (refused under its lease, killed while it
+        checked the state) took over nothing, and leaves them to be aborted or run again."""
+        if self.supersedes:
+            self.supersedes = False
+            _supersede(self.store, self.record)
 
 
 # The leases of the operations running in this process: what a heartbeat on the fleet (the
@@ -284,6 +296,7 @@ class _Run:
         ):
             record = _begin(self.store, self.spec, self.holder, held, self.resume)
             operation = Operation(self.spec, record, self.store, held, self.reporter, self.backend, self.holder)
+            operation.supersedes = self.resume is None
             with _RUNNING_LOCK:
                 _RUNNING.append(held)
             # A continuation says which (igops ops resume or abort sets "continued_by").
@@ -305,6 +318,8 @@ class _Run:
                 if code and self.resume and self.resume.get("continued_by") == "abort":
                     _abort_failed(self.store, operation, word, code, detail, self.reporter)
                 else:
+                    if not code:
+                        _take_over_at_end(operation, self.reporter)
                     _end(self.store, operation, word, code, detail, self.reporter)
                 self.ended = {
                     "id": self.id,
@@ -467,15 +482,27 @@ def _begin(
     }
     begun = {"time": holder.since, "event": "begin", "pid": holder.pid, "title": record["title"], "plan": spec.steps}
     store.append(record["id"], [begun], record)
-    _supersede(store, record)
     return record
+
+
+def _take_over_at_end(operation: Operation, reporter: Reporter) -> None:
+    """A rerun that ended well supersedes, if no step of it did (it found nothing left to do:
+    Operation.take_over). One that cannot journal that is shown beside the runs it reran."""
+    try:
+        operation.take_over()
+    except (IgopsError, OSError) as exc:
+        reporter.log(f"warning: operation {operation.id} could not end the runs it reran ({describe(exc)})")
 
 
 def _supersede(store: journal.Store, record: dict[str, Any]) -> None:
     """A rerun of an interrupted operation (same kind, same resources: `pg switchover main`
     again) finishes or rolls back what it left, as the planners do: the interrupted one ends,
-    "superseded" by this one, rather than staying interrupted in `ops list` and `check`. Any
-    other interrupted operation stays for a person to resume or abort."""
+    "superseded" by this one, rather than staying interrupted in `ops list` and `check`, and
+    `ops abort` of it refuses, naming this one. So a planner of such a kind plans the undo of
+    what the interrupted run left into the rerun (an in-place rebuild's volumes taken out, in
+    its first step: igops.restore_in_place), and the rerun supersedes once it has journaled
+    that (Operation.take_over). Any other interrupted operation stays for a person to resume or
+    abort."""
     mine = sorted(map(tuple, record["resources"]))
     for other in store.open_records():
         if (
@@ -490,6 +517,7 @@ def _supersede(store: journal.Store, record: dict[str, Any]) -> None:
             result="superseded",
             exit_code=None,
             detail=f"superseded by {record['id']}, a rerun that took over its targets",
+            superseded_by=record["id"],
         )
         store.append(other["id"], [{"time": other["ended"], "event": "superseded", "by": record["id"]}], other)
 

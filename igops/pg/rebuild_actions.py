@@ -45,13 +45,15 @@ _OWN_TAGS = (TAG_GROUP, TAG_HOST, TAG_MOUNT, TAG_FSTYPE)
 
 
 def made_for(ebs: Ebs, group_id: str, node: str, mount: str) -> list[dict[str, Any]]:
-    """The volumes an in-place rebuild of `node` made from `group_id` for `mount`."""
+    """The volumes an in-place rebuild of `node` made from `group_id` for `mount`. One a later
+    rebuild (from another group) took out again is kept for that one, and no longer counts: a
+    rebuild from this group again makes a volume of its own, and its undo never deletes that one."""
     from igops.ebs import tags_of
 
     return [
         volume
         for volume in ebs.volumes({TAG_GROUP: group_id, TAG_REBUILDS: node})
-        if tags_of(volume).get(TAG_MOUNT) == mount
+        if tags_of(volume).get(TAG_MOUNT) == mount and TAG_REPLACED_BY not in tags_of(volume)
     ]
 
 
@@ -169,6 +171,56 @@ class RebuildActions:
         if name.endswith(REPLACED_SUFFIX):  # renamed by a tag step the run reached: in use again
             ebs.tag([volume_id], {"Name": name.removesuffix(REPLACED_SUFFIX)})
         return f"{volume_id} back at {mount}"
+
+    def keep_taken_out(self, node: str, group_id: str, taken_out: tuple[tuple[str, str, str], ...]) -> str:
+        """The volumes an earlier run took out, made this run's to put back (the step's undo,
+        put_back_taken_out): each is still there, attached to no other instance. If one is not,
+        the step fails before anything changed, and its undo refuses as well."""
+        volumes = self._taken_out_volumes(node, group_id, taken_out)
+        return ", ".join(f"{volume_id} ({mount}) {volumes[volume_id]['State']}" for mount, _, volume_id in taken_out)
+
+    def put_back_taken_out(self, node: str, group_id: str, taken_out: tuple[tuple[str, str, str], ...]) -> str:
+        """The undo of keep_taken_out: the member stopped if it runs; at each mount, the volume
+        made from the group unmounted and deleted, the one taken out attached again and mounted;
+        then the member started on them, unless it runs and answers. Refused before any of it if
+        one of those taken out cannot come back: the volumes made stay where they are then, rather
+        than a mount left with neither."""
+        self._taken_out_volumes(node, group_id, taken_out)
+        said = [self.stop_rebuilt(node)]
+        for mount, snapshot_id, volume_id in taken_out:
+            self.discard_rebuilt(node, mount, snapshot_id, group_id)
+            said.append(self.swap_back(node, mount, volume_id, group_id))
+        return "; ".join([*said, self.start_standby(node)])
+
+    def _taken_out_volumes(
+        self, node: str, group_id: str, taken_out: tuple[tuple[str, str, str], ...]
+    ) -> dict[str, dict[str, Any]]:
+        """volume id -> the volume, for each taken out; refused if one is gone, or attached to
+        another instance (it is not this host's to mount)."""
+        ebs = self._ebs()
+        instance_id = self._host(node).instance_id
+        found: dict[str, dict[str, Any]] = {}
+        problems = []
+        for mount, _, volume_id in taken_out:
+            volume = ebs.volume(volume_id)
+            elsewhere = [
+                attachment["InstanceId"]
+                for attachment in (volume or {}).get("Attachments") or []
+                if attachment.get("InstanceId") != instance_id
+            ]
+            if volume is None:
+                problems.append(f"{volume_id} (taken out of {mount}) is gone")
+            elif elsewhere:
+                problems.append(f"{volume_id} (taken out of {mount}) is attached to {elsewhere[0]}")
+            else:
+                found[volume_id] = volume
+        if problems:
+            raise IgopsError(
+                f"{'; '.join(problems)}: nothing can put {node}'s old volumes back, so nothing was changed",
+                f"detach a volume attached elsewhere and try again; or finish the rebuild: "
+                f"igops snapshot restore {group_id} --onto {node} --in-place --yes",
+            )
+        return found
 
     def volume_from_group(self, node: str, mount: str, snapshot_id: str, group_id: str) -> str:
         host = self._host(node)

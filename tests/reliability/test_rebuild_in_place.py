@@ -18,8 +18,15 @@ the standby main's db2 is rebuilt from its own group, taken while writes went on
   until it answers, neither started twice nor waited out as a shutdown.
 - The undo of its start stops db2 when it runs, and passes over it when it does not (a run cut
   off as the start began).
+- Killed after its first swap (/data on a volume made from the group, its own volume detached),
+  then run again: the rerun supersedes the killed run and takes over putting /data's volume
+  back. Run again through an AWS proxy that fails CreateVolume, it fails making /wal's volume and
+  its own undo puts both old volumes back; killed again, `ops abort` of the rerun does. Either
+  way db2 streams from the primary on its own volumes, and `ops abort` of the superseded run
+  refuses, naming the rerun.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -30,6 +37,8 @@ import pytest
 
 from igops.errors import ExitCode
 from igops.lab import state
+from igops.lab.faults import Faults
+from tests.conftest import run_igops
 from tests.labtools import igops, postgres, verify_lab_ledger, wait_for
 from tests.reliability.test_failover import IN_FLIGHT_RATE, Load, lab_up, pg_state, restore_home
 from tests.reliability.test_operations_killed import (
@@ -40,6 +49,7 @@ from tests.reliability.test_operations_killed import (
     steps_planned,
     way_for,
 )
+from tests.reliability.test_snapshot_under_faults import proxied_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -394,3 +404,104 @@ def test_a_start_run_again_while_the_standby_still_replays_waits_until_it_answer
         backup.close()
     assert detail == "was starting already, answering", detail
     assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
+
+
+def killed_after_the_first_swap(lab, ebs, rebuild: list[str], group: str, before: dict[str, str]) -> dict:
+    """The rebuild SIGKILLed as it begins taking /wal's volume out: /data's was taken out and
+    /data mounted on a volume made from the group. Returns the killed run's record."""
+    data, wal = (str(state.paths().mount_point(STANDBY, purpose)) for purpose in PURPOSES)
+    planned, envelope = igops(lab, *rebuild, "--dry-run")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    titles = envelope["data"]["plan"]["steps"]
+    step = next(number for number, title in enumerate(titles, 1) if f"unmount {wal} and detach" in title)
+    record = interrupted_run(lab, "pg-rebuild", killed_at(lab, rebuild, step), 30)
+    assert record is not None, "the run ended before the signal landed"
+    swapped = mounted(lab, ebs)
+    assert swapped.get(data) not in (None, before[data]), (before, swapped)
+    assert volume_tags(ebs, swapped[data])["igops:group"] == group
+    old = volume_tags(ebs, before[data])
+    assert old["state"] == "available" and old["igops:replaced-by"] == group, old
+    return record
+
+
+def rerun_takes_over(lab, rebuild: list[str], old_data: str, config: Path | None = None) -> list[str]:
+    """The rerun's plan (through `config`, else the lab's inventory): its first step makes the
+    volume the killed run took out of /data the rerun's to put back. Returns its step titles."""
+    data = str(state.paths().mount_point(STANDBY, "data"))
+    planned = run_igops("-c", str(config or lab.source), *rebuild, "--dry-run", "--json")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    titles = json.loads(planned.stdout)["data"]["plan"]["steps"]
+    # /wal's too, if the kill landed after its unmount
+    assert f"{old_data} ({data})" in titles[0] and "taken out by an earlier run" in titles[0], titles
+    return titles
+
+
+def back_on_its_own_volumes(lab, ebs, group: str, before: dict[str, str]) -> None:
+    """db2's own volumes at their mounts again, untagged, named as before; nothing made from
+    the group left; db2 streams from the primary."""
+    from igops.pg.rebuild_actions import TAG_REBUILDS
+
+    assert mounted(lab, ebs) == before
+    for volume_id in before.values():
+        tags = volume_tags(ebs, volume_id)
+        assert "igops:replaced-by" not in tags and not tags.get("Name", "").endswith("(replaced)"), tags
+    assert ebs.volumes({"igops:group": group, TAG_REBUILDS: STANDBY}) == []
+    assert wait_for(lambda: streams(lab), timeout=60, interval=0.2), pg_state(lab, "main")
+
+
+def superseded_by(lab, killed: dict) -> str:
+    """The rerun that superseded the killed run, once `ops abort` of the killed run refused and
+    named it."""
+    from igops import operations_view
+
+    [record] = [r for r in operations_view.list_operations(lab, include_ended=True).records if r["id"] == killed["id"]]
+    assert record["status"] == "superseded", record
+    refused, _ = igops(lab, "ops", "abort", killed["id"], "--yes")
+    assert refused.returncode == ExitCode.REFUSED, refused.stderr[-3000:]
+    assert f"superseded by {record['superseded_by']}" in refused.stderr, refused.stderr
+    return str(record["superseded_by"])
+
+
+@pytest.mark.timeout(900)
+def test_a_rerun_puts_back_what_a_killed_run_took_out_when_it_fails_or_is_aborted(lab, tmp_path):
+    """A killed run is superseded by its rerun, so nothing but the rerun can put back the volume
+    it took out of /data: the rerun's first step takes that over (found by its tags). Before,
+    a rerun that failed put back only what it had taken out itself, and /data's own volume was
+    left detached, db2 stopped on a mix of the group's /data and its own /wal."""
+    from igops.ebs import Ebs
+
+    restore_home(lab)
+    ebs = Ebs(lab)
+    before = mounted(lab, ebs)
+    assert len(before) == 2, before
+    data = str(state.paths().mount_point(STANDBY, "data"))
+    created, envelope = igops(lab, "snapshot", "create", STANDBY, "--yes", timeout=300)
+    assert created.returncode == 0, created.stderr[-3000:]
+    group = envelope["data"]["group_id"]
+    rebuild = ["snapshot", "restore", group, "--onto", STANDBY, "--in-place"]
+
+    # Run again through a proxy that fails CreateVolume: the rerun fails making /wal's volume.
+    killed = killed_after_the_first_swap(lab, ebs, rebuild, group, before)
+    faults = Faults(fail={"CreateVolume": 400})
+    with proxied_inventory(lab, tmp_path, faults) as config:
+        rerun_takes_over(lab, rebuild, before[data], config)
+        failed = run_igops("-c", str(config), *rebuild, "--yes", "--reason", "rerun, made to fail", timeout=900)
+    assert failed.returncode == ExitCode.FAILED, failed.stderr[-3000:]
+    assert "InjectedFault" in failed.stderr and "CreateVolume" in faults.calls, failed.stderr[-3000:]
+    assert f"start {STANDBY} on them: undone" in failed.stderr, failed.stderr[-3000:]
+    back_on_its_own_volumes(lab, ebs, group, before)
+    rerun_id = superseded_by(lab, killed)
+    refused, _ = igops(lab, "ops", "abort", rerun_id, "--yes")  # its own undo ran: nothing is left to abort
+    assert refused.returncode == ExitCode.REFUSED and "has ended (failed)" in refused.stderr, refused.stderr
+
+    # Killed again, then the rerun killed as it waits for db2 to stream, and aborted.
+    killed = killed_after_the_first_swap(lab, ebs, rebuild, group, before)
+    titles = rerun_takes_over(lab, rebuild, before[data])
+    step = next(number for number, title in enumerate(titles, 1) if "wait until it streams" in title)
+    rerun = interrupted_run(lab, "pg-rebuild", killed_at(lab, rebuild, step), 30)
+    assert rerun is not None, "the rerun ended before the signal landed"
+    assert all(volume_id not in before.values() for volume_id in mounted(lab, ebs).values())
+    aborted, _ = igops(lab, "ops", "abort", rerun["id"], "--yes", timeout=600)
+    assert aborted.returncode == 0, aborted.stderr[-3000:]
+    back_on_its_own_volumes(lab, ebs, group, before)
+    assert superseded_by(lab, killed) == rerun["id"]

@@ -345,6 +345,54 @@ KILLED = textwrap.dedent("""
 """)
 
 
+def test_resume_or_abort_of_a_superseded_operation_names_the_rerun_that_superseded_it(fleet):
+    """The rerun took over what the interrupted run left (its planner finishes or rolls it back;
+    a rebuild's rerun puts back the volumes it took out): that one is to resume or abort."""
+    from igops import interrupted
+    from igops.errors import RefusedError
+
+    store = journal.LocalJournal(fleet.state_dir)
+    record = interrupted_record(fleet, store)
+    engine.perform(fleet, spec(), lambda operation: "rerun", Reporter())
+    superseded = store.record(record["id"])
+    [rerun] = [r for r in store.records() if r["id"] != record["id"]]
+    assert superseded["superseded_by"] == rerun["id"]
+    with pytest.raises(RefusedError, match=f"superseded by {rerun['id']}, a rerun of it") as refused:
+        interrupted.refuse_if_alive(store, superseded)
+    assert f"igops ops show {rerun['id']}" in refused.value.hint
+
+
+def test_a_rerun_supersedes_once_it_journaled_its_first_step_not_before(fleet):
+    """The rerun's first step carries what it takes over (its undo: an in-place rebuild's put-back
+    of the volumes the interrupted run took out). A rerun stopped before that step (refused under
+    its lease, killed while it checked the state) took over nothing: the interrupted run stays
+    interrupted, for `ops abort` or another rerun."""
+    from igops.errors import RefusedError
+
+    store = journal.LocalJournal(fleet.state_dir)
+    record = interrupted_record(fleet, store)
+
+    def refused(operation):
+        raise RefusedError("the state changed since the plan", "run it again")
+
+    with pytest.raises(RefusedError):
+        engine.perform(fleet, spec(), refused, Reporter())
+    assert [r["id"] for r in store.open_records()] == [record["id"]]
+
+    def first_step(operation):
+        assert store.record(record["id"])["ended"] is None
+        with operation.reporter.step("take over"):
+            assert store.record(record["id"])["result"] == "superseded"  # once its intent is journaled
+        raise KeyboardInterrupt  # killed at once
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.perform(fleet, spec(), first_step, Reporter())
+    superseded = store.record(record["id"])
+    assert superseded["result"] == "superseded" and superseded["superseded_by"] != record["id"]
+    [intent] = [e for e in store.entries(superseded["superseded_by"]) if e["event"] == "intent"]
+    assert intent["time"] <= superseded["ended"]
+
+
 def test_a_sigkilled_operation_is_interrupted_at_its_step_and_its_lease_is_free(fleet, tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED, str(fleet.source)],
