@@ -127,7 +127,16 @@ def _postgres_runner(context: Context, cluster_name: str, cluster: PostgresClust
             if standby != named:
                 row = views[named].replication.get(standby)
                 report(
-                    _standby_result(named, standby, row, primary_error, views[standby], thresholds, elapsed_ms(started))
+                    _standby_result(
+                        named,
+                        standby,
+                        row,
+                        primary_error,
+                        views[standby],
+                        views[named].wal_lsn,
+                        thresholds,
+                        elapsed_ms(started),
+                    )
                 )
 
     return run
@@ -139,6 +148,7 @@ def _standby_result(
     row: tuple[str, int | None] | None,
     primary_error: str | None,
     view: MemberView,
+    primary_lsn: int | None,
     thresholds: Check,
     duration_ms: float,
 ) -> Result:
@@ -151,7 +161,14 @@ def _standby_result(
             duration_ms=duration_ms,
         )
     if row and row[0] == "streaming":
-        lag = row[1] or 0
+        # From where the standby says it has replayed, not pg_stat_replication's replay_lsn: that
+        # is its last report (every wal_receiver_status_interval, 10 s), and after a WAL segment
+        # switch (archive_timeout on a quiet primary) it trails by the rest of the segment, up to
+        # 16 MB of "lag" the standby replayed long ago. The two positions are read at about the
+        # same moment; a standby read a moment later may be past the primary's: no lag.
+        lag = (
+            max(0, primary_lsn - view.wal_lsn) if primary_lsn is not None and view.wal_lsn is not None else row[1] or 0
+        )
         state = level(lag, thresholds.replication_lag_warning_bytes, thresholds.replication_lag_critical_bytes)
         return Result(
             "postgres-standby",

@@ -82,10 +82,14 @@ class Context:
             try:
                 with connection.cursor() as cursor:
                     cursor.execute("SET statement_timeout = %s", (int(self.probe_timeout * 1000),))
-                    cursor.execute("SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)")
+                    cursor.execute(
+                        "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1), "
+                        "pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                        "ELSE pg_current_wal_lsn() END, '0/0')::bigint"
+                    )
                     row = cursor.fetchone()
                     assert row is not None, "a SELECT without FROM returns one row"
-                    view.in_recovery, view.receiver = row
+                    view.in_recovery, view.receiver, view.wal_lsn = row
                     if not view.in_recovery:
                         try:
                             # Assigning a transaction id writes and flushes WAL: the cheapest real write.
@@ -113,6 +117,8 @@ class MemberView:
     receiver: str | None = None  # its WAL receiver's status
     write_error: str | None = None  # out of recovery, yet a write failed
     replication: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # standby -> (state, lag)
+    # Where its WAL is: a primary's insert position, a standby's replay position, as it says.
+    wal_lsn: int | None = None
     error: str | None = None
 
 

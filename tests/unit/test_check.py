@@ -164,6 +164,27 @@ def test_the_live_primary_is_the_member_out_of_recovery_and_of_two_the_one_strea
     )
 
 
+def test_a_standbys_lag_is_from_where_it_says_it_replayed_not_its_last_report():
+    """After a WAL segment switch on a quiet primary, pg_stat_replication's replay_lsn (the
+    standby's report of up to 10 s ago) trails by the rest of the segment: the lag is the primary's
+    position less the standby's own replay position, and never below zero."""
+    from igops.checks.postgres_probes import _standby_result
+    from igops.checks.probe_context import MemberView
+
+    thresholds = SimpleNamespace(replication_lag_warning_bytes=1 << 20, replication_lag_critical_bytes=16 << 20)
+    stale_report = ("streaming", 16180416)
+    replayed = MemberView(in_recovery=True, receiver="streaming", wal_lsn=0x5000000)
+    judged = _standby_result("db1", "db2", stale_report, None, replayed, 0x5000000, thresholds, 1.0)
+    assert judged.status == NagiosStatus.OK and "replay lag 0 bytes" in judged.summary
+    ahead_of_the_read = _standby_result("db1", "db2", stale_report, None, replayed, 0x4FFFF00, thresholds, 1.0)
+    assert "replay lag 0 bytes" in ahead_of_the_read.summary
+    behind = _standby_result("db1", "db2", ("streaming", 0), None, replayed, 0x5000000 + (2 << 20), thresholds, 1.0)
+    assert behind.status == NagiosStatus.WARNING and f"replay lag {2 << 20} bytes" in behind.summary
+    unknown = MemberView(in_recovery=True, receiver="streaming")
+    reported = _standby_result("db1", "db2", stale_report, None, unknown, 0x5000000, thresholds, 1.0)
+    assert reported.status == NagiosStatus.WARNING and "16180416" in reported.summary
+
+
 def test_dedup_keys_are_stable_per_fleet_check_and_target():
     key = pagerduty.dedup_key("lab", "http-app", "app2")
     assert key == "igops/lab/http-app/app2" == pagerduty.dedup_key("lab", "http-app", "app2")
