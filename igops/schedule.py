@@ -21,9 +21,6 @@ _PATTERN = re.compile(r"^every\s+(\d+)\s*(m|min|h|d)(?:\s+at\s+(\d{1,2}):(\d{2})
 _UNIT_MINUTES = {"m": 1, "min": 1, "h": 60, "d": 24 * 60}
 DAY_MINUTES = 24 * 60
 EXAMPLES = '"every 6h", "every 30m", "every 1d at 03:00"'
-# How far apart the clocks of the machines running `snapshot cron` may be (NTP keeps them within
-# milliseconds; this is for one that lost it): at most a quarter of the interval.
-CLOCK_SKEW = timedelta(minutes=2)
 
 
 class ScheduleError(ValueError):
@@ -49,15 +46,8 @@ class Schedule:
         return anchor + steps * self.interval
 
     def due(self, last_taken: datetime | None, now: datetime) -> bool:
-        """Whether a group is due: none taken for the latest grid moment."""
-        return last_taken is None or not self.taken_for(last_taken, self.latest_slot(now))
-
-    def taken_for(self, created: datetime, slot: datetime) -> bool:
-        """Whether a group begun at `created` (EC2's clock) counts for the grid moment `slot`:
-        begun at it or after, or up to CLOCK_SKEW before it. Cron on a machine whose clock runs
-        a minute fast takes the moment's group a minute early by EC2's clock; without the
-        allowance a second machine, on time, would find none since the moment and take another."""
-        return created >= slot - min(CLOCK_SKEW, self.interval / 4)
+        """Whether a group is due: none taken since the latest grid moment."""
+        return last_taken is None or last_taken < self.latest_slot(now)
 
     def describe(self) -> str:
         return self.text

@@ -76,7 +76,7 @@ def verdict(
         summary = f"newest complete group {where}"
     else:
         expected = schedule.latest_slot(now - grace)
-        if schedule.taken_for(newest.created, expected):
+        if newest.created >= expected:
             status, summary = NagiosStatus.OK, f"newest complete group {where}, as `{schedule.text}` wants"
         else:
             missed = -((newest.created - expected) // schedule.interval)  # slots in (newest, expected]
