@@ -657,7 +657,11 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
             f"{source} old copy insta{shard}_moved_{move_id}",
         ]
     )
+    idle = "SELECT NOT active FROM pg_replication_slots WHERE slot_name = %s"
     query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    # The apply worker ends a moment after DISABLE returns, and may apply and confirm what it
+    # receives meanwhile: the slot must be idle before igops writes its mark.
+    assert wait_for(lambda: query(lab, source, idle, (slot,))[0][0], 10, 0.1), "the slot is still in use"
     unswitched = run_igops("shard", "move", "--resume", str(move_id), "--yes", env=env(lab))
     assert unswitched.returncode == ExitCode.FAILED, unswitched.stderr[-2000:]
     assert "has not applied and flushed" in unswitched.stderr, unswitched.stderr[-2000:]
@@ -667,6 +671,7 @@ def test_nothing_is_dropped_before_the_target_has_flushed_the_shard(lab):
     PausedMove(lab, shard, target, "switched", resume=move_id).kill()
     assert placement(lab, shard) == target
     query(lab, target, f"ALTER SUBSCRIPTION {slot} DISABLE")
+    assert wait_for(lambda: query(lab, source, idle, (slot,))[0][0], 10, 0.1), "the slot is still in use"
     # The target has most likely confirmed the mark the map switched at by now: as if it had not,
     # the journal's mark is moved past WAL written now, which it cannot confirm while disabled.
     mark = query(lab, source, "SELECT pg_logical_emit_message(true, 'igops-test', 'not yet confirmed')")[0][0]
