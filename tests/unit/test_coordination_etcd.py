@@ -22,6 +22,7 @@ from igops import coordination, process_identity, safety
 from igops.etcd_gateway import EtcdError, EtcdGateway, EtcdSettings
 from igops.operations import journal
 from tests.labtools import wait_for
+from tests.unit.in_process import UNSHARE, unshare_works
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd")
 
@@ -212,17 +213,9 @@ IN_ANOTHER_NAMESPACE = textwrap.dedent("""
             print("refused:", conflict.holder.pid, flush=True)
         sys.stdin.read()
 """)
-UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
 
 
-def _unshare_works() -> bool:
-    try:
-        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.mark.skipif(not _unshare_works(), reason="needs unshare of a user and PID namespace")
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare of a user and PID namespace")
 def test_holders_in_two_pid_namespaces_of_one_host_never_revoke_each_other(etcd, tmp_path, monkeypatch):
     """Two containers of one host name: each sees the other's pid missing (or someone else's),
     and must leave the other's lease alone, or both would hold one target."""

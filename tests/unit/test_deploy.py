@@ -22,6 +22,7 @@ from igops.errors import ExitCode, RefusedError, UsageError
 from igops.lab import services
 from igops.output import Reporter
 from tests.conftest import ROOT, run_igops
+from tests.unit.in_process import UNSHARE, unshare_works
 from tests.unit.inventories import unit_inventory
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -398,7 +399,6 @@ RUNNING_DEPLOY = (
     "import sys; from pathlib import Path; from tests.unit.test_deploy import record_a_running_deploy; "
     "record_a_running_deploy(Path(sys.argv[1])); print('recorded', flush=True); sys.stdin.read()"
 )
-UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
 
 
 def record_a_running_deploy(tmp_path: Path) -> None:
@@ -490,14 +490,7 @@ def test_a_run_of_another_boot_or_of_an_older_igops_is_never_judged_gone(tmp_pat
     assert returns_app1_to(app) == "R2"
 
 
-def _unshare_works() -> bool:
-    try:
-        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.mark.skipif(not _unshare_works(), reason="needs unshare of a user and PID namespace")
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare of a user and PID namespace")
 def test_a_run_of_another_pid_namespace_is_never_judged_gone(tmp_path):
     """A deploy in another container of this host name: its pid names another process here, or
     none, whether it runs or not."""

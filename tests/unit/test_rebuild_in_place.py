@@ -35,6 +35,7 @@ from igops.pg.rebuild_actions import (
     made_for,
 )
 from igops.snapshot import STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_GROUP_SIZE, TAG_HOST, TAG_MOUNT, TAG_STATE
+from tests.unit.in_process import moto_endpoint
 from tests.unit.inventories import unit_inventory
 
 
@@ -119,13 +120,8 @@ ZONE = "us-east-1a"
 
 @pytest.fixture(scope="module")
 def endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_endpoint() as url:
+        yield url
 
 
 class Host:

@@ -8,18 +8,14 @@ import pytest
 from igops import snapshot
 from igops.ebs import Ebs
 from igops.inventory import load_file
+from tests.unit.in_process import moto_endpoint
 from tests.unit.inventories import unit_inventory
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_endpoint() as url:
+        yield url
 
 
 @pytest.fixture
