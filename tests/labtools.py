@@ -74,13 +74,33 @@ def trim_wal(lab, primary: str, standby: str) -> None:
     connection = postgres(lab, standby)
     try:
         with connection.cursor() as cursor:
-
-            def replayed():
-                cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
-                return cursor.fetchone()[0]
-
-            wait_for(replayed, 30)
+            # A standby that is not streaming just keeps its segments: nothing to wait for.
+            wait_for(lambda: replayed_to(cursor, position), 30)
             cursor.execute("CHECKPOINT")
+    finally:
+        connection.close()
+
+
+def replayed_to(standby_cursor, position: str) -> bool:
+    standby_cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
+    return bool(standby_cursor.fetchone()[0])
+
+
+def wait_replayed(lab, primary: str, standby: str, timeout: float = 60) -> None:
+    """Wait until the standby has replayed all the primary has written so far: a switchover
+    refuses a candidate that lags (as it should), and a test that just wrote a shard's worth of
+    WAL must let it catch up first."""
+    connection = postgres(lab, primary)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            position = cursor.fetchone()[0]
+    finally:
+        connection.close()
+    connection = postgres(lab, standby)
+    try:
+        with connection.cursor() as cursor:
+            assert wait_for(lambda: replayed_to(cursor, position), timeout), f"{standby} did not replay to {position}"
     finally:
         connection.close()
 

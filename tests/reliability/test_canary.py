@@ -117,6 +117,16 @@ def canary_of(envelope: dict) -> dict:
     return envelope
 
 
+def canary_facts(envelope) -> list[dict]:
+    """Each analysis in a deploy's envelope: its verdict, the reasons and the evidence."""
+    if isinstance(envelope, dict):
+        here = [envelope] if "verdict" in envelope and "reasons" in envelope else []
+        return here + [found for value in envelope.values() for found in canary_facts(value)]
+    if isinstance(envelope, list):
+        return [found for value in envelope for found in canary_facts(value)]
+    return []
+
+
 def releases() -> dict[str, str]:
     return {host: current_of(host) for host in APP_HOSTS}
 
@@ -203,8 +213,9 @@ def test_a_good_release_passes_every_time(lab, tmp_path):
         for run in range(GOOD_RUNS):
             done, envelope = deploy(lab, app_copy(tmp_path, f"good-{run}"), "--analysis", str(SHORT_WINDOW))
             text = json.dumps(envelope)
-            assert done.returncode == 0, (run, done.stderr[-3000:])
-            assert '"verdict": "pass"' in text, (run, text[-3000:])
+            # On a failure, the verdict's reasons and evidence say which test the release failed.
+            assert done.returncode == 0, (run, canary_facts(envelope), done.stderr[-3000:])
+            assert '"verdict": "pass"' in text, (run, canary_facts(envelope))
             assert len(set(releases().values())) == 1, releases()
             verdicts.append("pass")
         assert load.running

@@ -21,7 +21,7 @@ from igops.errors import ExitCode
 from igops.lab import state
 from igops.postgres_admin import connect
 from tests.conftest import ROOT, run_igops
-from tests.labtools import trim_wal, verify_lab_ledger, wait_for
+from tests.labtools import trim_wal, verify_lab_ledger, wait_for, wait_replayed
 
 pytestmark = pytest.mark.lab
 
@@ -492,6 +492,8 @@ def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
         for name in [lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys]
         if name != home
     )
+    # The moves of the tests before wrote shards' worth of WAL to main: let the candidate catch up.
+    wait_replayed(lab, home, other)
     switched = run_igops("pg", "switchover", "main", "--to", other, "--yes", env=env(lab))
     assert switched.returncode == 0, switched.stderr[-2000:]
     try:
@@ -508,6 +510,7 @@ def test_moves_follow_a_switchover_the_inventory_does_not_know_of(lab):
         assert run_igops("shard", "verify", str(shard), env=env(lab)).returncode == 0
         assert leftovers(lab) == []
     finally:
+        wait_replayed(lab, other, home)
         back = run_igops("pg", "switchover", "main", "--to", home, "--yes", env=env(lab))
         assert back.returncode == 0, back.stderr[-2000:]
         trim_wal(lab, home, other)
