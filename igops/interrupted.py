@@ -352,13 +352,13 @@ def _plan_deploy_abort(fleet: Fleet, record: dict[str, Any]) -> Continuation:
 
 def _snapshot_continuation(fleet: Fleet, record: dict[str, Any], resume: bool) -> Continuation:
     """Abort: delete what the interrupted group got. Resume: that, then a new group."""
-    from igops import snapshot
+    from igops import snapshot, snapshot_groups
     from igops.ebs import Ebs
 
     params = record["params"]
     ebs = Ebs(fleet)
-    group = next((g for g in snapshot.groups(ebs, params["host"]) if g.group_id == params["group"]), None)
-    complete = group is not None and group.state in (snapshot.STATE_COMPLETE, snapshot.STATE_PENDING)
+    group = next((g for g in snapshot_groups.groups(ebs, params["host"]) if g.group_id == params["group"]), None)
+    complete = group is not None and group.state in (snapshot_groups.STATE_COMPLETE, snapshot_groups.STATE_PENDING)
     partial = group if group is not None and not complete else None
     not_undone = (
         [
@@ -387,7 +387,7 @@ def _snapshot_continuation(fleet: Fleet, record: dict[str, Any], resume: bool) -
             hook=params.get("hook", True),
             allow_primary=params.get("allow_primary", False),
         )
-    deletes = snapshot.delete_steps(partial, []) if partial else []
+    deletes = snapshot_groups.delete_steps(partial, []) if partial else []
     verb = "Resume" if resume else "Abort"
     title = f"{verb} {record['id']}: " + (
         f"delete the {plural(len(deletes), 'snapshot')} of group {params['group']}"

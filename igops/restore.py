@@ -44,7 +44,7 @@ from igops.restore_target import (
     refuse_past_archive,
     replayed_bytes,
 )
-from igops.snapshot import (
+from igops.snapshot_groups import (
     STATE_COMPLETE,
     TAG_FSTYPE,
     TAG_GROUP,

@@ -36,7 +36,7 @@ from igops.pg.rebuild_actions import (
 )
 from igops.restore_target import LATEST, RecoveryTarget, choose_group
 from igops.role_change import Refused
-from igops.snapshot import (
+from igops.snapshot_groups import (
     STATE_COMPLETE,
     TAG_MOUNT,
     TAG_RAID_INDEX,

@@ -20,7 +20,7 @@ from igops.errors import RefusedError, UsageError
 from igops.postgres import format_lsn, parse_lsn
 
 if TYPE_CHECKING:
-    from igops.snapshot import SnapshotGroup
+    from igops.snapshot_groups import SnapshotGroup
     from igops.snapshot_wal import WalMark
 
 TIME, LSN, LATEST = "time", "lsn", "latest"

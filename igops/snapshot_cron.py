@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from igops import snapshot, snapshot_policy
+from igops import snapshot, snapshot_groups, snapshot_policy
 from igops.errors import AlreadyRunning, IgopsError, RefusedError, Unavailable, first_line
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def has_policy(fleet: Fleet) -> bool:
     )
 
 
-def due_sets(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
+def due_sets(fleet: Fleet, groups: list[snapshot_groups.SnapshotGroup], now: datetime) -> list[snapshot_policy.DataSet]:
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     return [
         data_set for data_set in snapshot_policy.data_sets(fleet) if snapshot_policy.due(data_set, groups, now, grace)
@@ -157,7 +157,7 @@ def plan_take(fleet: Fleet, ebs: Ebs, take: Take) -> snapshot.CreatePlan | None:
     return None
 
 
-def plan_prune(fleet: Fleet, groups: list[snapshot.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
+def plan_prune(fleet: Fleet, groups: list[snapshot_groups.SnapshotGroup], now: datetime) -> snapshot_policy.PrunePlan:
     """What each set's policy lets go (an empty retention keeps every complete group and
     deletes only stale leftovers), and the archived WAL the groups left do not need; groups of
     hosts in no set are left alone."""

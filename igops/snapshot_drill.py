@@ -108,7 +108,7 @@ def drill_target(
 def plan_drill(
     fleet: Fleet, ebs: Ebs, source: str, onto: str, to_time: str | None = None, rng: random.Random | None = None
 ) -> DrillPlan:
-    from igops import restore as restoring, snapshot, snapshot_wal
+    from igops import restore as restoring, snapshot_groups, snapshot_wal
     from igops.pg import archive_status
 
     cluster = source if source in fleet.model.postgres.clusters else snapshot_wal.cluster_of(fleet, source)
@@ -116,8 +116,8 @@ def plan_drill(
         raise RefusedError(f"{source} is neither a Postgres cluster nor a member of one", "name a cluster")
     marked = [
         group
-        for group in snapshot.groups(ebs)
-        if group.state == snapshot.STATE_COMPLETE and group.wal and group.wal.cluster == cluster
+        for group in snapshot_groups.groups(ebs)
+        if group.state == snapshot_groups.STATE_COMPLETE and group.wal and group.wal.cluster == cluster
     ]
     if not marked:
         raise RefusedError(
@@ -135,10 +135,10 @@ def plan_drill(
 
 
 def run_drill(fleet: Fleet, ebs: Ebs, plan: DrillPlan, reporter: Reporter = Reporter()) -> DrillResult:
-    from igops import restore as restoring, snapshot
+    from igops import restore as restoring, snapshot_groups
 
     # Before anything: a group gone since the plan refuses the drill, it does not fail it.
-    snapshot.check_readable(ebs, plan.restore.group_id)
+    snapshot_groups.check_readable(ebs, plan.restore.group_id)
     result = DrillResult(plan.cluster, plan.onto, plan.restore.group_id, plan.target.describe(), passed=False)
     try:
         with reporter.step(f"a commit after the target in {plan.cluster}'s archive") as step:

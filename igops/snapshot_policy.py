@@ -20,7 +20,7 @@ from igops import schedule as schedules
 from igops.errors import RefusedError, UsageError
 from igops.operations import conflicts
 from igops.output import plural
-from igops.snapshot import (
+from igops.snapshot_groups import (
     STATE_COMPLETE,
     STATE_PENDING,
     STATE_TAKING,
@@ -364,8 +364,9 @@ class DeletePlan:
     risks: list[str]  # what deleting it risks, each accepted (--accept-risk)
 
     def resources(self) -> list[conflicts.Resource]:
-        """The lease of prune, delete and keep, and the group's own (igops.snapshot.in_use): a
-        group that a restore, drill or in-place rebuild reads from is refused."""
+        """The lease of prune, delete and keep, and the group's own
+        (igops.snapshot_groups.in_use): a group that a restore, drill or in-place rebuild reads
+        from is refused."""
         return [conflicts.SNAPSHOTS, in_use(self.group.group_id)]
 
     def steps(self) -> list[str]:

@@ -1,7 +1,8 @@
 """Deleting and pinning snapshot groups: prune, delete and keep. Each runs under its lease, after
 the confirmation, and first reads the groups again: a plan that no longer holds (another operator
 pinned a group, deleted one, or a restore began to read one) changes nothing. A group a restore,
-drill or in-place rebuild reads is leased by it (igops.snapshot.in_use), and prune leaves it."""
+drill or in-place rebuild reads is leased by it (igops.snapshot_groups.in_use), and prune leaves
+it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from igops.errors import AlreadyRunning
 from igops.output import Reporter, plural
-from igops.snapshot import TAG_KEEP, SnapshotGroup, changed_since_plan, changes_to, delete_group, groups, in_use
+from igops.snapshot_groups import TAG_KEEP, SnapshotGroup, changed_since_plan, changes_to, delete_group, groups, in_use
 
 if TYPE_CHECKING:
     from igops.ebs import Ebs

@@ -145,7 +145,7 @@ def _passed_drill_of(record: dict[str, Any], cluster: str) -> bool:
 
 def restorable_since(groups: list[Any], cluster: str) -> datetime | None:
     """When the cluster's oldest complete group that records a WAL position became consistent."""
-    from igops.snapshot import STATE_COMPLETE
+    from igops.snapshot_groups import STATE_COMPLETE
 
     ends = [
         group.wal.ended_at

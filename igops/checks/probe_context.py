@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from igops.inventory import Fleet
     from igops.inventory_model import Host, PostgresCluster
-    from igops.snapshot import SnapshotGroup
+    from igops.snapshot_groups import SnapshotGroup
 
 PROBE_TIMEOUT = 5.0
 
@@ -49,11 +49,11 @@ class Context:
         and the drill checks both judge them. A failure to list raises in both."""
         with self._groups_lock:
             if self._groups is None:
-                from igops import snapshot
+                from igops import snapshot_groups
                 from igops.ebs import Ebs
 
                 try:
-                    self._groups = snapshot.groups(Ebs(self.fleet))
+                    self._groups = snapshot_groups.groups(Ebs(self.fleet))
                 except Exception as exc:  # noqa: BLE001 - each probe reports it as UNKNOWN
                     self._groups = exc
             found = self._groups

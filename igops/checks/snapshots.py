@@ -22,7 +22,7 @@ from igops.errors import NagiosStatus
 if TYPE_CHECKING:
     from igops.checks.probe_context import Context
     from igops.inventory_model import Check
-    from igops.snapshot import SnapshotGroup
+    from igops.snapshot_groups import SnapshotGroup
     from igops.snapshot_policy import DataSet
 
 
@@ -39,11 +39,11 @@ def verdict(
     data_set: DataSet, groups: list[SnapshotGroup], now: datetime, stale_grace: timedelta, thresholds: Check
 ) -> Verdict:
     """Judge one set of data from every group (pure: the groups are listed by the caller)."""
-    from igops import snapshot
+    from igops import snapshot_groups
 
     mine = [group for group in groups if data_set.holds(group)]
-    complete = [group for group in mine if group.state == snapshot.STATE_COMPLETE]
-    left = sorted(group.group_id for group in mine if snapshot.stale(group, now, stale_grace))
+    complete = [group for group in mine if group.state == snapshot_groups.STATE_COMPLETE]
+    left = sorted(group.group_id for group in mine if snapshot_groups.stale(group, now, stale_grace))
     leftovers = (
         (
             f"; {len(left)} stale {'group' if len(left) == 1 else 'groups'} left by a killed or failed "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from igops import safety, snapshot, snapshot_cron, snapshot_policy, snapshot_prune
+from igops import safety, snapshot, snapshot_cron, snapshot_groups, snapshot_policy, snapshot_prune
 from igops.commands import snapshot_drill, snapshot_restore
 from igops.commands.common import DRY_RUN_OPTION, JSON_OPTION, YES_OPTION, command, exit_with, load_fleet, mutate
 from igops.ebs import Ebs, tags_of
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True)
 
 
-def _group_row(group: snapshot.SnapshotGroup) -> list[Any]:
+def _group_row(group: snapshot_groups.SnapshotGroup) -> list[Any]:
     return [
         group.group_id,
         group.host,
@@ -160,7 +160,7 @@ def list_groups(
         fleet = load_fleet(ctx)
         if host:
             fleet.host(host)
-        found = snapshot.groups(Ebs(fleet), host)
+        found = snapshot_groups.groups(Ebs(fleet), host)
         out.table(f"{len(found)} snapshot groups", GROUP_COLUMNS, [_group_row(g) for g in found])
         out.finish(
             {
@@ -186,7 +186,7 @@ def show(
 
     with command(ctx, "snapshot show", json_flag) as out:
         fleet = load_fleet(ctx)
-        found = snapshot.find_group(Ebs(fleet), group)
+        found = snapshot_groups.find_group(Ebs(fleet), group)
         out.table(None, GROUP_COLUMNS, [_group_row(found)])
         rows = []
         for item in found.snapshots:
@@ -195,9 +195,9 @@ def show(
                 [
                     item["SnapshotId"],
                     item["VolumeId"],
-                    tags.get(snapshot.TAG_MOUNT),
-                    tags.get(snapshot.TAG_DEVICE),
-                    tags.get(snapshot.TAG_RAID_INDEX),
+                    tags.get(snapshot_groups.TAG_MOUNT),
+                    tags.get(snapshot_groups.TAG_DEVICE),
+                    tags.get(snapshot_groups.TAG_RAID_INDEX),
                     item["State"],
                     f"{item.get('VolumeSize', 0)} GiB",
                 ]
@@ -271,7 +271,7 @@ def prune(
                 "--keep-monthly, or set keep_* in the inventory's [snapshot] policy",
             )
         ebs = Ebs(fleet)
-        groups = snapshot.groups(ebs)
+        groups = snapshot_groups.groups(ebs)
         plan = snapshot_policy.plan_prune(
             groups,
             *snapshot_policy.prune_rules(sets, flags),
@@ -338,7 +338,7 @@ def delete(
     with command(ctx, "snapshot delete", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        plan = snapshot_policy.plan_delete(fleet, snapshot.groups(ebs), group, datetime.now(UTC), accept_risk)
+        plan = snapshot_policy.plan_delete(fleet, snapshot_groups.groups(ebs), group, datetime.now(UTC), accept_risk)
         found = plan.group
         deleted = mutate(
             out,
@@ -380,13 +380,13 @@ def keep(
     with command(ctx, "snapshot keep", json_flag) as out:
         fleet = load_fleet(ctx)
         ebs = Ebs(fleet)
-        found = snapshot.find_group(ebs, group)
+        found = snapshot_groups.find_group(ebs, group)
         value = None if release else snapshot_prune.keep_value(f"{safety.operator_user()}@{safety.operator_host()}")
         ids = ", ".join(item["SnapshotId"] for item in found.snapshots)
         step = (
-            f"remove the tag {snapshot.TAG_KEEP} from {ids}"
+            f"remove the tag {snapshot_groups.TAG_KEEP} from {ids}"
             if release
-            else f"tag {ids} with {snapshot.TAG_KEEP}={value}"
+            else f"tag {ids} with {snapshot_groups.TAG_KEEP}={value}"
         )
 
         def act_keep(_: Reporter) -> bool:
@@ -477,7 +477,7 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
             'set [snapshot] schedule (e.g. "every 6h") and keep_* counts; see docs/snapshot.md',
         )
     now = datetime.now(UTC)
-    groups = snapshot.groups(ebs)
+    groups = snapshot_groups.groups(ebs)
     due = snapshot_cron.due_sets(fleet, groups, now)
     report: dict[str, Any] = {
         "dry_run": dry_run,
@@ -532,7 +532,7 @@ def _cron_run(out: Output, fleet: Fleet, ebs: Ebs, dry_run: bool, yes: bool) -> 
             }
         )
     if report["taken"] and not dry_run:
-        groups = snapshot.groups(ebs)  # the new groups count toward retention
+        groups = snapshot_groups.groups(ebs)  # the new groups count toward retention
     try:
         prune_plan = snapshot_cron.plan_prune(fleet, groups, now)
         report["keep"] = prune_plan.keep

@@ -79,11 +79,11 @@ def snapshots(fleet: Fleet) -> str:
     """`igops snapshot cron`'s takes: a group of each set of data whose [snapshot] schedule wants
     one (or, without a schedule, that has no complete group younger than the check's warning
     age), taken on a streaming standby or linked replica."""
-    from igops import snapshot, snapshot_cron, snapshot_policy
+    from igops import snapshot, snapshot_cron, snapshot_groups, snapshot_policy
     from igops.ebs import Ebs
 
     ebs = Ebs(fleet)
-    groups = snapshot.groups(ebs)
+    groups = snapshot_groups.groups(ebs)
     now = datetime.now(UTC)
     grace = timedelta(minutes=fleet.model.snapshot.stale_after_minutes)
     fresh_enough = timedelta(hours=fleet.model.check.snapshot_warning_hours)
@@ -93,7 +93,9 @@ def snapshots(fleet: Fleet) -> str:
             needed = snapshot_policy.due(data_set, groups, now, grace)
         else:
             needed = not any(
-                data_set.holds(group) and group.state == snapshot.STATE_COMPLETE and now - group.created < fresh_enough
+                data_set.holds(group)
+                and group.state == snapshot_groups.STATE_COMPLETE
+                and now - group.created < fresh_enough
                 for group in groups
             )
         if not needed:
@@ -107,7 +109,7 @@ def snapshots(fleet: Fleet) -> str:
         if plan is None:
             raise LabError(f"cannot snapshot {take.label}: {take.error}", take.hint)
         result = snapshot.create(fleet, plan, Reporter(), ebs=ebs)
-        if result.state != snapshot.STATE_COMPLETE:
+        if result.state != snapshot_groups.STATE_COMPLETE:
             raise LabError(
                 f"igops snapshot create {take.host} ({take.label}) ended {result.state}: {result.error}",
                 f"run `igops snapshot create {take.host}` against the lab to see every step",

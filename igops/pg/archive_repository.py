@@ -26,7 +26,7 @@ from igops.output import Reporter, human_bytes, plural
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
-    from igops.snapshot import SnapshotGroup
+    from igops.snapshot_groups import SnapshotGroup
     from igops.snapshot_policy import PrunePlan
 
 # A WAL file in the archive: the segment's 24 hex digits, then pgBackRest's "-<sha1>" with an

@@ -30,7 +30,7 @@ from igops.pg.hostcmd import (
 )
 from igops.pg.timeouts import REJOIN_TIMEOUT, STOP_TIMEOUT
 from igops.restore_scripts import host_script, mount_script
-from igops.snapshot import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
+from igops.snapshot_groups import TAG_FSTYPE, TAG_GROUP, TAG_HOST, TAG_MOUNT, SnapshotGroup, find_group
 
 if TYPE_CHECKING:
     from igops.ebs import Ebs

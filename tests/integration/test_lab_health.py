@@ -60,12 +60,12 @@ def test_a_healthy_lab_checks_ok(lab):
 
 
 def test_the_baseline_snapshots_a_standby_never_a_primary(lab):
-    from igops import snapshot
+    from igops import snapshot_groups
     from igops.ebs import Ebs
 
     primaries = {cluster.primary for cluster in lab.model.postgres.clusters.values()} | {lab.model.redis.master}
-    groups = snapshot.groups(Ebs(lab))
-    taken_on = {group.host for group in groups if group.state == snapshot.STATE_COMPLETE}
+    groups = snapshot_groups.groups(Ebs(lab))
+    taken_on = {group.host for group in groups if group.state == snapshot_groups.STATE_COMPLETE}
     assert taken_on, "no complete snapshot group"
     # Groups taken by other tests on purpose may name any host; those the baseline took name
     # the standby the inventory listed when it ran, which the check accepts for the whole cluster.

@@ -256,10 +256,10 @@ def without_groups_of(lab, cluster: str) -> None:
     """Delete the complete groups of `cluster` other tests left (tests run by hand after the
     snapshot tests, say), pins released: on any member, the oldest would decide from where a
     prune keeps the cluster's WAL, not the groups the test makes."""
-    from igops import snapshot
+    from igops import snapshot_groups
     from igops.ebs import Ebs
 
-    for group in snapshot.groups(Ebs(lab)):
+    for group in snapshot_groups.groups(Ebs(lab)):
         if group.complete and group.wal is not None and group.wal.cluster == cluster:
             if group.kept:
                 igops(lab, "snapshot", "keep", group.group_id, "--release", "--yes")

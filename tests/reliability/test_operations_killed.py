@@ -502,10 +502,10 @@ def cut_off_pid(lab) -> int:
 
 def snapshot_groups(lab, host: str) -> dict[str, str]:
     """group id -> state, of the host's snapshot groups."""
-    from igops import snapshot
+    from igops import snapshot_groups
     from igops.ebs import Ebs
 
-    return {group.group_id: group.state for group in snapshot.groups(Ebs(lab), host)}
+    return {group.group_id: group.state for group in snapshot_groups.groups(Ebs(lab), host)}
 
 
 @pytest.mark.timeout(900)

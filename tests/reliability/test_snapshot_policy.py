@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from igops import postgres_admin, redisops, snapshot, snapshot_prune
+from igops import postgres_admin, redisops, snapshot_groups, snapshot_prune
 from igops.ebs import Ebs
 from igops.errors import ExitCode
 from tests.conftest import run_igops
@@ -103,15 +103,15 @@ def test_the_check_flags_each_missed_set_then_cron_takes_it_once_on_a_standby_pr
     # A set with no complete group at all is CRITICAL for that, not for a missed slot: each has one.
     # Main has at least three, so that with cron's new one the minimum redundancy matters; the
     # oldest is pinned.
-    complete = [group for group in snapshot.groups(ebs) if group.state == snapshot.STATE_COMPLETE]
+    complete = [group for group in snapshot_groups.groups(ebs) if group.state == snapshot_groups.STATE_COMPLETE]
     for data_set in data_sets.values():
         if not any(data_set.holds(group) for group in complete):
             create_on(str(lab.source), followers(lab)[data_set.name])
     for _ in range(3 - sum(main.holds(group) for group in complete)):
         create_on(str(lab.source), standby)
-    groups = [group for group in snapshot.groups(ebs) if group.host in members]
+    groups = [group for group in snapshot_groups.groups(ebs) if group.host in members]
     pinned = min(
-        (group for group in groups if main.holds(group) and group.state == snapshot.STATE_COMPLETE),
+        (group for group in groups if main.holds(group) and group.state == snapshot_groups.STATE_COMPLETE),
         key=lambda group: group.created,
     ).group_id
     kept = run_igops("-c", str(lab.source), "snapshot", "keep", pinned, "--yes")
@@ -140,16 +140,18 @@ def test_the_check_flags_each_missed_set_then_cron_takes_it_once_on_a_standby_pr
             "pg2": "streaming standby",
             "redis": "linked replica",
         }
-        groups = {group.group_id: group for group in snapshot.groups(ebs)}
+        groups = {group.group_id: group for group in snapshot_groups.groups(ebs)}
         for take in report["taken"]:
-            assert groups[take["group_id"]].state == snapshot.STATE_COMPLETE
+            assert groups[take["group_id"]].state == snapshot_groups.STATE_COMPLETE
             assert groups[take["group_id"]].created >= slot
 
         # Prune: per set, the newest (today's only daily), the pinned group, and one more for a
         # minimum redundancy of 3; nothing else of main survives.
         main_members = {lab.model.postgres.clusters["main"].primary, *lab.model.postgres.clusters["main"].standbys}
         left = [
-            group for group in groups.values() if group.host in main_members and group.state == snapshot.STATE_COMPLETE
+            group
+            for group in groups.values()
+            if group.host in main_members and group.state == snapshot_groups.STATE_COMPLETE
         ]
         newest_main = next(take["group_id"] for take in report["taken"] if take["set"] == "main")
         assert report["keep"][newest_main][:2] == ["newest complete", "daily"]
@@ -265,7 +267,7 @@ def test_a_group_a_restore_reads_is_refused_to_delete_and_left_by_prune_until_th
     ebs = Ebs(lab)
     # Retention of the two alone: `read` is the one to go (the prune made again under its lease
     # may find more to delete, which it leaves for the next prune).
-    two = [group for group in snapshot.groups(ebs, standby) if group.group_id in (read, newer)]
+    two = [group for group in snapshot_groups.groups(ebs, standby) if group.group_id in (read, newer)]
     rules = {"two": snapshot_policy.SetRetention(snapshot_policy.Retention(last=1), 1)}
     plan = snapshot_policy.plan_prune(
         two, lambda group: "two" if group.host == standby else None, rules, datetime.now(UTC), timedelta(hours=1)
@@ -278,7 +280,7 @@ def test_a_group_a_restore_reads_is_refused_to_delete_and_left_by_prune_until_th
 
     # What a restore (or drill, or in-place rebuild) of `read` holds while it runs.
     holder = coordination.current_holder("snapshot-restore", "scratch", "igops snapshot restore …", None, "op-x")
-    with coordination.for_fleet(lab).lease([snapshot.in_use(read)], holder):
+    with coordination.for_fleet(lab).lease([snapshot_groups.in_use(read)], holder):
         refused = run_igops("-c", config, "snapshot", "delete", read, "--accept-risk", "--yes", "--json")
         assert refused.returncode == ExitCode.LOCKED, refused.stdout + refused.stderr
         assert f"snapshot-group {read} is held by snapshot-restore" in json.loads(refused.stdout)["error"]["message"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import snapshot as snapshots
+from igops import snapshot_groups
 from igops.ebs import Ebs, tags_of
 from igops.errors import ExitCode
 from igops.lab.faults import AwsProxy, Faults
@@ -234,10 +234,10 @@ def test_a_create_whose_answer_was_lost_keeps_a_complete_group_and_deletes_the_s
     assert tagged["status"] == "ok" and tagged["detail"].startswith("deleted "), tagged
     strays = re.findall(r"snap-\w+", tagged["detail"])
     assert len(strays) == len(group_snapshots(lab, group_id)), tagged
-    [group] = snapshots.groups(Ebs(lab), group_id=group_id)
-    assert group.state in (snapshots.STATE_COMPLETE, snapshots.STATE_PENDING), group
+    [group] = snapshot_groups.groups(Ebs(lab), group_id=group_id)
+    assert group.state in (snapshot_groups.STATE_COMPLETE, snapshot_groups.STATE_PENDING), group
     assert group.volumes == group.expected and not group.strays
-    assert {s["SnapshotId"] for s in group_snapshots(lab, group_id)} == snapshots.snapshot_ids(group)
+    assert {s["SnapshotId"] for s in group_snapshots(lab, group_id)} == snapshot_groups.snapshot_ids(group)
     assert {s["SnapshotId"] for s in group_snapshots(lab, group_id)}.isdisjoint(strays)
 
 

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
-from igops import snapshot, snapshot_wal
+from igops import snapshot_groups, snapshot_wal
 from igops.pg import archive_repository
 from igops.snapshot_policy import PruneInputs, PrunePlan
 
@@ -21,7 +21,7 @@ def label(segment: str) -> str:
 
 def group(group_id: str, segment: str | None, cluster="main", state="complete"):
     mark = snapshot_wal.WalMark(cluster, "0/9000028", "0/9001F40", 2, label(segment) if segment else "", ENDED)
-    return snapshot.SnapshotGroup(group_id, "db2", ["/data"], 1, 1, state, ENDED, 1, 10.0, wal=mark)
+    return snapshot_groups.SnapshotGroup(group_id, "db2", ["/data"], 1, 1, state, ENDED, 1, 10.0, wal=mark)
 
 
 def test_the_start_segment_is_read_from_the_backup_label():
@@ -45,7 +45,7 @@ def test_a_group_whose_label_names_no_start_keeps_everything():
 
 
 def test_no_group_with_a_position_keeps_everything():
-    plain = snapshot.SnapshotGroup("p", "db2", ["/data"], 1, 1, "complete", ENDED, 1, 10.0)
+    plain = snapshot_groups.SnapshotGroup("p", "db2", ["/data"], 1, 1, "complete", ENDED, 1, 10.0)
     assert archive_repository.oldest_needed("main", [plain]) is None
 
 

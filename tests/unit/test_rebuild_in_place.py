@@ -34,7 +34,7 @@ from igops.pg.rebuild_actions import (
     _sh,
     made_for,
 )
-from igops.snapshot import STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_GROUP_SIZE, TAG_HOST, TAG_MOUNT, TAG_STATE
+from igops.snapshot_groups import STATE_COMPLETE, TAG_FSTYPE, TAG_GROUP, TAG_GROUP_SIZE, TAG_HOST, TAG_MOUNT, TAG_STATE
 from tests.unit.in_process import moto_endpoint
 from tests.unit.inventories import unit_inventory
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import restore_scripts, snapshot, snapshot_policy, snapshot_volumes
+from igops import restore_scripts, snapshot, snapshot_groups, snapshot_policy, snapshot_volumes
 from igops.agent import blockdevs
 from igops.ebs import Attachment
 from igops.errors import RefusedError
@@ -148,7 +148,7 @@ def test_member_count_mismatch_is_refused():
 
 def group(host, hours_ago, state="complete", now=datetime(2026, 11, 23, 12, 0, tzinfo=UTC)):
     created = now - timedelta(hours=hours_ago)
-    return snapshot.SnapshotGroup(f"{host}-{hours_ago}", host, ["/data"], 2, 2, state, created, 2, 10.0)
+    return snapshot_groups.SnapshotGroup(f"{host}-{hours_ago}", host, ["/data"], 2, 2, state, created, 2, 10.0)
 
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -250,8 +250,9 @@ def test_prune_deletes_groups_a_killed_create_left_taking_after_the_grace():
     groups = [group("db1", 3), group("db1", 0.1, "taking"), group("db1", 5, "taking"), group("db1", 2, "failed")]
     plan = by_host(snapshot_policy.Retention(last=1))(groups)
     assert [g.group_id for g in plan.delete] == ["db1-5", "db1-2"]  # oldest first; the fresh one may still finish
-    assert snapshot.stale(groups[2], NOW, timedelta(hours=1)) and not snapshot.stale(groups[1], NOW, timedelta(hours=1))
-    assert not snapshot.stale(groups[0], NOW, timedelta(minutes=1))  # complete groups are never stale
+    assert snapshot_groups.stale(groups[2], NOW, timedelta(hours=1))
+    assert not snapshot_groups.stale(groups[1], NOW, timedelta(hours=1))
+    assert not snapshot_groups.stale(groups[0], NOW, timedelta(minutes=1))  # complete groups are never stale
 
 
 @dataclass

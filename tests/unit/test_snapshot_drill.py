@@ -64,14 +64,16 @@ def test_the_check_ages_the_last_drill_that_passed():
 
 
 def test_a_cluster_is_restorable_since_its_oldest_complete_group_with_a_wal_position():
-    from igops import snapshot, snapshot_wal
+    from igops import snapshot_groups, snapshot_wal
 
     def group(cluster, ended, state="complete"):
         mark = snapshot_wal.WalMark(cluster, "0/1", "0/2", 1, "", ended)
-        return snapshot.SnapshotGroup("g", "db2", ["/data"], 1, 1, state, ended, 1, 1.0, wal=mark)
+        return snapshot_groups.SnapshotGroup("g", "db2", ["/data"], 1, 1, state, ended, 1, 1.0, wal=mark)
 
     groups = [group("main", UNTIL), group("main", FROM), group("main", FROM - timedelta(days=1), "failed")]
     groups.append(group("pg2", FROM - timedelta(days=3)))
-    groups.append(snapshot.SnapshotGroup("p", "db2", ["/data"], 1, 1, "complete", FROM - timedelta(days=9), 1, 1.0))
+    groups.append(
+        snapshot_groups.SnapshotGroup("p", "db2", ["/data"], 1, 1, "complete", FROM - timedelta(days=9), 1, 1.0)
+    )
     assert restorable_since(groups, "main") == FROM
     assert restorable_since(groups, "other") is None

@@ -11,8 +11,8 @@ from igops import (
     coordination,
     inventory,
     restore,
-    snapshot,
     snapshot_drill,
+    snapshot_groups,
     snapshot_policy,
     snapshot_prune,
     snapshot_wal,
@@ -38,12 +38,12 @@ class FakeEbs:
     def add(self, group_id, host, hours_ago, *, volumes=1, ebs_state="completed", kept=None, wal=None):
         for index in range(volumes):
             tags = {
-                snapshot.TAG_GROUP: group_id,
-                snapshot.TAG_HOST: host,
-                snapshot.TAG_GROUP_SIZE: str(volumes),
-                snapshot.TAG_STATE: snapshot.STATE_COMPLETE,
-                snapshot.TAG_MOUNT: f"/data{index}",
-                **({snapshot.TAG_KEEP: kept} if kept else {}),
+                snapshot_groups.TAG_GROUP: group_id,
+                snapshot_groups.TAG_HOST: host,
+                snapshot_groups.TAG_GROUP_SIZE: str(volumes),
+                snapshot_groups.TAG_STATE: snapshot_groups.STATE_COMPLETE,
+                snapshot_groups.TAG_MOUNT: f"/data{index}",
+                **({snapshot_groups.TAG_KEEP: kept} if kept else {}),
                 **(wal.tags() if wal else {}),
             }
             self.items.append(
@@ -83,7 +83,7 @@ class FakeEbs:
         return []
 
     def group_ids(self):
-        return {group.group_id for group in snapshot.groups(self)}
+        return {group.group_id for group in snapshot_groups.groups(self)}
 
 
 @pytest.fixture
@@ -124,13 +124,13 @@ def reading(fleet, resources, kind="snapshot-restore"):
 
 # --- a group in use -------------------------------------------------------------------------------
 def test_a_restore_a_drill_and_an_in_place_rebuild_lease_the_group_they_read():
-    assert restore_plan("g1").resources() == [conflicts.host("db9"), snapshot.in_use("g1")]
+    assert restore_plan("g1").resources() == [conflicts.host("db9"), snapshot_groups.in_use("g1")]
     drill = snapshot_drill.DrillPlan("main", "db9", RecoveryTarget(TIME, time=NOW), True, NOW, NOW, restore_plan("g1"))
-    assert snapshot.in_use("g1") in drill.resources()
+    assert snapshot_groups.in_use("g1") in drill.resources()
     from igops import restore_in_place
 
     rebuild = restore_in_place.RebuildPlan("rebuild", "main", "Rebuild db2", "db1", "db1", group="g1")
-    assert restore_in_place.resources(rebuild) == [conflicts.pg_cluster("main"), snapshot.in_use("g1")]
+    assert restore_in_place.resources(rebuild) == [conflicts.pg_cluster("main"), snapshot_groups.in_use("g1")]
 
 
 def test_prune_leaves_a_group_a_restore_reads_and_the_wal_its_cluster_needs(fleet, monkeypatch):
@@ -156,7 +156,7 @@ def test_prune_leaves_a_group_a_restore_reads_and_the_wal_its_cluster_needs(flee
     expired = []
     monkeypatch.setattr(archive_repository, "expire", lambda fleet, plans, reporter: expired.extend(plans))
 
-    groups = snapshot.groups(ebs)
+    groups = snapshot_groups.groups(ebs)
     plan = archive_repository.for_prune(fleet, groups, keep_last(1, fleet, groups))
     assert [group.group_id for group in plan.delete] == [oldest, middle]
     assert [expiry.cluster for expiry in plan.wal] == ["main"] and len(plan.wal[0].keys) == 2
@@ -179,7 +179,7 @@ def test_prune_leaves_a_group_a_restore_reads_and_the_wal_its_cluster_needs(flee
     assert result.summary() == f"deleted 1 group; left {oldest}, in use"
 
     # Once the restore has ended, the next prune deletes it, and the WAL only it needed.
-    groups = snapshot.groups(ebs)
+    groups = snapshot_groups.groups(ebs)
     again = archive_repository.for_prune(fleet, groups, keep_last(1, fleet, groups))
     result = run_as(
         fleet,
@@ -194,8 +194,8 @@ def test_delete_is_refused_while_a_drill_reads_the_group(fleet):
     ebs = FakeEbs()
     for hours in (30, 20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
-    plan = snapshot_policy.plan_delete(fleet, snapshot.groups(ebs), "g-30", NOW)
-    assert snapshot.in_use("g-30") in plan.resources()
+    plan = snapshot_policy.plan_delete(fleet, snapshot_groups.groups(ebs), "g-30", NOW)
+    assert snapshot_groups.in_use("g-30") in plan.resources()
     with reading(fleet, restore_plan("g-30").resources(), kind="snapshot-drill"):
         with pytest.raises(AlreadyRunning, match="snapshot-group g-30 is held by snapshot-drill"):
             run_as(fleet, "snapshot-delete", plan.resources(), lambda _: snapshot_prune.delete(fleet, ebs, plan))
@@ -241,10 +241,10 @@ def test_prune_refuses_when_a_group_it_deletes_was_pinned_after_the_plan(fleet):
     ebs = FakeEbs()
     for hours in (30, 20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
-    plan = keep_last(2, fleet, snapshot.groups(ebs))
+    plan = keep_last(2, fleet, snapshot_groups.groups(ebs))
     assert [group.group_id for group in plan.delete] == ["g-30"]
     # Another operator pins it while this one reads the plan.
-    ebs.tag(["snap-g-30-0"], {snapshot.TAG_KEEP: "2026-12-01T00:00:00+00:00 by b@ops"})
+    ebs.tag(["snap-g-30-0"], {snapshot_groups.TAG_KEEP: "2026-12-01T00:00:00+00:00 by b@ops"})
     with pytest.raises(RefusedError) as refused:
         snapshot_prune.prune(fleet, ebs, plan)
     assert refused.value.message == (
@@ -258,7 +258,7 @@ def test_prune_refuses_when_another_delete_left_its_set_at_the_minimum_redundanc
     ebs = FakeEbs()
     for hours in (40, 30, 20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
-    plan = keep_last(1, fleet, snapshot.groups(ebs))
+    plan = keep_last(1, fleet, snapshot_groups.groups(ebs))
     assert [group.group_id for group in plan.delete] == ["g-40", "g-30"] and "g-20" in plan.keep
     ebs.delete_snapshot("snap-g-20-0")  # `snapshot delete g-20` by another operator, meanwhile
     with pytest.raises(RefusedError, match=r"\(group g-30 is kept now \(minimum redundancy 2\)\)"):
@@ -271,7 +271,7 @@ def test_prune_runs_as_planned_when_the_groups_now_let_it_delete_more(fleet):
     for hours in (30, 20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
     ebs.add("g-new", "db1", 0.1, ebs_state="pending")  # EC2 still copying: it counts once complete
-    plan = keep_last(2, fleet, snapshot.groups(ebs))
+    plan = keep_last(2, fleet, snapshot_groups.groups(ebs))
     assert [group.group_id for group in plan.delete] == ["g-30"]
     for item in ebs.items:
         item["State"] = "completed"
@@ -295,7 +295,7 @@ def test_two_deletes_planned_together_cannot_take_a_set_below_its_minimum_redund
     ebs = FakeEbs()
     for hours in (30, 20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
-    every = snapshot.groups(ebs)
+    every = snapshot_groups.groups(ebs)
     first = snapshot_policy.plan_delete(fleet, every, "g-30", NOW)
     second = snapshot_policy.plan_delete(fleet, every, "g-20", NOW)
     assert first.risks == second.risks == [], "each alone leaves 2 complete groups"
@@ -316,9 +316,9 @@ def test_delete_refuses_a_group_pinned_since_its_plan_even_with_its_risks_accept
     ebs = FakeEbs()
     for hours in (20, 10):
         ebs.add(f"g-{hours}", "db2", hours)
-    plan = snapshot_policy.plan_delete(fleet, snapshot.groups(ebs), "g-20", NOW, accept_risk=True)
+    plan = snapshot_policy.plan_delete(fleet, snapshot_groups.groups(ebs), "g-20", NOW, accept_risk=True)
     assert plan.risks and plan.steps()[0].startswith("RISK ACCEPTED: it would leave 1 complete group")
-    ebs.tag(["snap-g-20-0"], {snapshot.TAG_KEEP: "x by b@ops"})
+    ebs.tag(["snap-g-20-0"], {snapshot_groups.TAG_KEEP: "x by b@ops"})
     with pytest.raises(RefusedError, match=r"\(group g-20 is kept now \(x by b@ops\)\): nothing was deleted"):
         snapshot_prune.delete(fleet, ebs, plan)
     assert ebs.group_ids() == {"g-10", "g-20"}
@@ -327,12 +327,12 @@ def test_delete_refuses_a_group_pinned_since_its_plan_even_with_its_risks_accept
 def test_keep_refuses_when_the_pin_changed_since_the_plan(fleet):
     ebs = FakeEbs()
     ebs.add("g1", "db2", 5)
-    [read] = snapshot.groups(ebs)
+    [read] = snapshot_groups.groups(ebs)
     snapshot_prune.set_keep(ebs, read, "then by b@ops")  # another operator's keep, first
     with pytest.raises(RefusedError, match=r"group g1 is kept now \(then by b@ops\)\): nothing was tagged"):
         snapshot_prune.set_keep(ebs, read, "now by a@ops")
-    assert snapshot.groups(ebs)[0].kept == "then by b@ops"
-    [pinned] = snapshot.groups(ebs)
+    assert snapshot_groups.groups(ebs)[0].kept == "then by b@ops"
+    [pinned] = snapshot_groups.groups(ebs)
     snapshot_prune.set_keep(ebs, pinned, None)
     with pytest.raises(RefusedError, match="group g1 was released"):
         snapshot_prune.set_keep(ebs, pinned, None)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from igops import inventory, schedule, snapshot, snapshot_policy
+from igops import inventory, schedule, snapshot_groups, snapshot_policy
 from igops.checks.snapshots import verdict
 from igops.errors import ConfigError, NagiosStatus
 from tests.unit.inventories import unit_inventory
@@ -18,7 +18,7 @@ GRACE = timedelta(hours=1)
 
 
 def group(host, hours_ago, state="complete", kept=None, now=NOW, name=None):
-    return snapshot.SnapshotGroup(
+    return snapshot_groups.SnapshotGroup(
         name or f"{host}-{hours_ago}", host, ["/data"], 1, 1, state, now - timedelta(hours=hours_ago), 1, 5.0, kept=kept
     )
 

@@ -5,7 +5,7 @@ with it."""
 
 import pytest
 
-from igops import snapshot
+from igops import snapshot_groups
 from igops.ebs import Ebs
 from igops.inventory import load_file
 from tests.unit.in_process import moto_endpoint
@@ -32,11 +32,14 @@ def ebs(endpoint, tmp_path, monkeypatch):
 
 def take(ebs: Ebs, group_id: str, volumes: list[str], complete: bool) -> list[str]:
     """One snapshot per volume, tagged as a create tags them at the call (and complete after)."""
-    common = {snapshot.TAG_GROUP: group_id, snapshot.TAG_HOST: "db9", snapshot.TAG_GROUP_SIZE: "2"}
+    common = {snapshot_groups.TAG_GROUP: group_id, snapshot_groups.TAG_HOST: "db9", snapshot_groups.TAG_GROUP_SIZE: "2"}
     made = [ebs.create_snapshot(volume, f"igops {group_id} db9", common) for volume in volumes]
     if complete:
         for index, snapshot_id in enumerate(made):
-            ebs.tag([snapshot_id], {snapshot.TAG_MOUNT: f"/data{index}", snapshot.TAG_STATE: snapshot.STATE_COMPLETE})
+            ebs.tag(
+                [snapshot_id],
+                {snapshot_groups.TAG_MOUNT: f"/data{index}", snapshot_groups.TAG_STATE: snapshot_groups.STATE_COMPLETE},
+            )
     return made
 
 
@@ -49,14 +52,14 @@ def test_a_complete_group_with_a_stray_is_complete_and_its_stray_is_no_member(eb
     data = volumes(ebs, 2)
     [lost] = take(ebs, group_id, data[:1], complete=False)  # the call whose answer was lost
     members = take(ebs, group_id, data, complete=True)
-    [group] = snapshot.groups(ebs, group_id=group_id)
-    assert group.state == snapshot.STATE_COMPLETE
-    assert snapshot.snapshot_ids(group) == set(members) and group.volumes == group.expected == 2
+    [group] = snapshot_groups.groups(ebs, group_id=group_id)
+    assert group.state == snapshot_groups.STATE_COMPLETE
+    assert snapshot_groups.snapshot_ids(group) == set(members) and group.volumes == group.expected == 2
     assert [stray["SnapshotId"] for stray in group.strays] == [lost]
-    steps = snapshot.delete_steps(group, [])
+    steps = snapshot_groups.delete_steps(group, [])
     assert len(steps) == 3 and lost in steps[-1] and "stray" in steps[-1]
-    snapshot.delete_group(ebs, group)
-    assert snapshot.groups(ebs, group_id=group_id) == []
+    snapshot_groups.delete_group(ebs, group)
+    assert snapshot_groups.groups(ebs, group_id=group_id) == []
 
 
 def test_before_the_group_is_marked_complete_more_snapshots_than_expected_is_failed(ebs):
@@ -64,12 +67,12 @@ def test_before_the_group_is_marked_complete_more_snapshots_than_expected_is_fai
     data = volumes(ebs, 2)
     take(ebs, group_id, data[:1], complete=False)
     take(ebs, group_id, data, complete=False)
-    [group] = snapshot.groups(ebs, group_id=group_id)
-    assert group.state == snapshot.STATE_FAILED and group.volumes == 3 and not group.strays
+    [group] = snapshot_groups.groups(ebs, group_id=group_id)
+    assert group.state == snapshot_groups.STATE_FAILED and group.volumes == 3 and not group.strays
 
 
 def test_a_group_still_taking_is_taking(ebs):
     group_id = "db9-strays-3"
     take(ebs, group_id, volumes(ebs, 1), complete=False)
-    [group] = snapshot.groups(ebs, group_id=group_id)
-    assert group.state == snapshot.STATE_TAKING and not group.strays
+    [group] = snapshot_groups.groups(ebs, group_id=group_id)
+    assert group.state == snapshot_groups.STATE_TAKING and not group.strays

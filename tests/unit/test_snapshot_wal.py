@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from igops import snapshot, snapshot_volumes, snapshot_wal
+from igops import snapshot, snapshot_groups, snapshot_volumes, snapshot_wal
 
 ENDED = datetime(2026, 12, 4, 6, 10, 1, 250000, tzinfo=UTC)
 
@@ -57,7 +57,7 @@ def test_a_members_group_plans_the_backup_around_the_freeze():
 
 def marked(group_id, ended, end, state="complete", cluster="main"):
     mark = snapshot_wal.WalMark(cluster, "0/1000028", end, 1, LABEL, ended)
-    return snapshot.SnapshotGroup(group_id, "db2", ["/data"], 1, 1, state, ended, 1, 10.0, wal=mark)
+    return snapshot_groups.SnapshotGroup(group_id, "db2", ["/data"], 1, 1, state, ended, 1, 10.0, wal=mark)
 
 
 GROUPS = [
