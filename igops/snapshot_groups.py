@@ -55,6 +55,12 @@ def in_use(group_id: str) -> Resource:
     return ("snapshot-group", group_id)
 
 
+# How far the clock of the machine that took a group may be from EC2's for its own reading of
+# when it began the group to count (SnapshotGroup.taken_for): well past the skew NTP leaves. A
+# machine further off has a clock to mend, and its groups count by EC2's clock.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
 @dataclass
 class SnapshotGroup:
     group_id: str
@@ -74,6 +80,19 @@ class SnapshotGroup:
     # volume attached after the plan. The create deletes them; one it could not is only deleted
     # with the group, and never restored.
     strays: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    begun: datetime | None = None  # the igops:created tag: when the machine that took it began it
+
+    @property
+    def taken_for(self) -> datetime:
+        """When the group counts as taken for a schedule: when the machine that took it began it
+        by its own clock, the clock its `snapshot cron` judged the slot by. By EC2's clock
+        (`created`) a group that a machine whose clock runs a minute fast took at its 12:00 was
+        begun before 12:00, and a second machine running cron with a right clock took another
+        for the same slot. A tag further than MAX_CLOCK_SKEW from EC2's clock, or none, is not
+        trusted: a machine with a clock that wrong must not stop every other from taking groups."""
+        if self.begun is not None and abs(self.begun - self.created) <= MAX_CLOCK_SKEW:
+            return self.begun
+        return self.created
 
     @property
     def complete(self) -> bool:
@@ -81,6 +100,16 @@ class SnapshotGroup:
         so that igops.pg.archive_repository, which prune calls, asks the group and does not
         import this module back for STATE_COMPLETE."""
         return self.state == STATE_COMPLETE
+
+
+def _begun(tags: list[dict[str, str]]) -> datetime | None:
+    """The igops:created tag, read; None when it is missing or not a time."""
+    text = next((t[TAG_CREATED] for t in tags if t.get(TAG_CREATED)), None)
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
 
 
 # --- list, show ---------------------------------------------------------------------------------
@@ -124,6 +153,7 @@ def groups(ebs: Ebs, host: str | None = None, group_id: str | None = None) -> li
                 kept,
                 snapshot_wal.from_tags(tags[0]),
                 strays,
+                _begun(tags),
             )
         )
     return sorted(found, key=lambda group: group.created, reverse=True)

@@ -151,10 +151,11 @@ def set_of(sets: list[DataSet], host_name: str) -> DataSet | None:
 
 # --- due ----------------------------------------------------------------------------------------
 def last_taken(groups: list[SnapshotGroup], now: datetime, grace: timedelta) -> datetime | None:
-    """When the newest group that counts as taken began: complete, pending (EBS still copying),
-    or still being taken by a create that may be running."""
+    """When the newest group that counts as taken began (by the clock of the machine that took it:
+    SnapshotGroup.taken_for): complete, pending (EBS still copying), or still being taken by a
+    create that may be running."""
     taken = [
-        group.created
+        group.taken_for
         for group in groups
         if group.state in (STATE_COMPLETE, STATE_PENDING)
         or (group.state == STATE_TAKING and not stale(group, now, grace))

@@ -76,10 +76,11 @@ def verdict(
         summary = f"newest complete group {where}"
     else:
         expected = schedule.latest_slot(now - grace)
-        if newest.created >= expected:
+        # Judged as cron judges a slot taken (SnapshotGroup.taken_for): by the taking machine's clock.
+        if newest.taken_for >= expected:
             status, summary = NagiosStatus.OK, f"newest complete group {where}, as `{schedule.text}` wants"
         else:
-            missed = -((newest.created - expected) // schedule.interval)  # slots in (newest, expected]
+            missed = -((newest.taken_for - expected) // schedule.interval)  # slots in (newest, expected]
             status = NagiosStatus.WARNING if missed == 1 else NagiosStatus.CRITICAL
             summary = (
                 f"`{schedule.text}` wanted a group at {expected:%Y-%m-%d %H:%M} UTC; newest complete "

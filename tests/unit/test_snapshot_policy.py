@@ -83,6 +83,22 @@ def test_a_set_is_due_by_its_newest_taken_group_counting_pending_and_running_cre
     assert not snapshot_policy.due(unscheduled, [], NOW, GRACE)
 
 
+def test_a_group_a_machine_with_a_fast_clock_took_counts_for_the_slot_it_took_it_for():
+    """Its cron took the 12:00 group at 12:00:10 by its clock, 11:58:40 by EC2's: cron on a machine
+    with a right clock must not take a second group for 12:00."""
+    data_set = snapshot_policy.DataSet(
+        "cluster", "main", ("db1", "db2"), snapshot_policy.Policy(schedule.parse("every 1h"))
+    )
+    ec2_clock = datetime(2026, 11, 23, 11, 58, 40, tzinfo=UTC)
+    taken = group("db2", (NOW - ec2_clock).total_seconds() / 3600)
+    assert taken.created == ec2_clock
+    assert snapshot_policy.due(data_set, [taken], NOW, GRACE), "no tag: EC2's clock"
+    taken.begun = datetime(2026, 11, 23, 12, 0, 10, tzinfo=UTC)
+    assert not snapshot_policy.due(data_set, [taken], NOW, GRACE)
+    taken.begun = ec2_clock + snapshot_groups.MAX_CLOCK_SKEW + timedelta(seconds=1)
+    assert snapshot_policy.due(data_set, [taken], NOW, GRACE), "a clock that wrong is not trusted"
+
+
 # --- inventory ----------------------------------------------------------------------------------
 FLEET = """
 [postgres.clusters.main]

@@ -1,7 +1,11 @@
-"""Snapshots carrying a group's tag that are none of its members (strays), against moto's EC2
-run in this process: EC2 made them for a call whose answer was lost, or of a volume attached
-after the plan. A complete group stays complete; its strays are never restored, and are deleted
-with it."""
+"""Groups as igops.snapshot_groups reads them from moto's EC2 run in this process.
+
+Snapshots carrying a group's tag that are none of its members (strays): EC2 made them for a call
+whose answer was lost, or of a volume attached after the plan. A complete group stays complete;
+its strays are never restored, and are deleted with it. And when a group counts as taken for a
+schedule: by the clock of the machine that took it, within reason."""
+
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -76,3 +80,23 @@ def test_a_group_still_taking_is_taking(ebs):
     take(ebs, group_id, volumes(ebs, 1), complete=False)
     [group] = snapshot_groups.groups(ebs, group_id=group_id)
     assert group.state == snapshot_groups.STATE_TAKING and not group.strays
+
+
+def test_a_group_counts_for_a_schedule_from_when_the_machine_that_took_it_began_it(ebs):
+    """The igops:created tag is read as the group's `begun`; a reading further from EC2's clock
+    than MAX_CLOCK_SKEW, or none that parses, leaves EC2's."""
+    fast, wrong, unreadable = (volumes(ebs, 1) for _ in range(3))
+    ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=90)
+    for group_id, volume, created in (
+        ("db9-clock-fast", fast, ahead.isoformat()),
+        ("db9-clock-wrong", wrong, (ahead + timedelta(days=300)).isoformat()),
+        ("db9-clock-unreadable", unreadable, "soon"),
+    ):
+        [snapshot_id] = take(ebs, group_id, volume, complete=False)
+        ebs.tag([snapshot_id], {snapshot_groups.TAG_CREATED: created})
+    [fast_group] = snapshot_groups.groups(ebs, group_id="db9-clock-fast")
+    assert fast_group.begun == ahead and fast_group.taken_for == ahead > fast_group.created
+    [wrong_group] = snapshot_groups.groups(ebs, group_id="db9-clock-wrong")
+    assert wrong_group.begun is not None and wrong_group.taken_for == wrong_group.created
+    [unreadable_group] = snapshot_groups.groups(ebs, group_id="db9-clock-unreadable")
+    assert unreadable_group.begun is None and unreadable_group.taken_for == unreadable_group.created
