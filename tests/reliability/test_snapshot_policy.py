@@ -63,7 +63,7 @@ def a_slot_after(groups: list) -> datetime:
     schedule on whole minutes has had a slot since the newest group then. Only a group begun in
     the last minute costs a wait: none when the tests before took none (this module runs after
     the shard moves, which take no group)."""
-    newest = max(group.created for group in groups)
+    newest = max(group.taken_for for group in groups)  # what cron and the check judge a slot by
     slot = newest.replace(second=0, microsecond=0) + timedelta(minutes=1)
     wait = (slot - datetime.now(UTC)).total_seconds() + 0.5
     if wait > 0:
