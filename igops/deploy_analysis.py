@@ -21,20 +21,27 @@ GO_ON, STOP_HELD, RETURN_CANARY = "go on", "hold", "return the canary"
 def observe(
     app: AppFleet, plan: CanaryPlan, reporter: Reporter, sleep: Callable[[float], None] = time.sleep
 ) -> CanaryEvidence:
-    """Watch the canary and the baseline for the plan's window, and judge the canary."""
+    """Watch the canary and the baseline for the plan's window, after the canary's warm-up, and
+    judge the canary."""
     hosts = [*plan.canary, *plan.baseline]
+    if plan.warmup:
+        _wait(plan.warmup, "canary warm-up", reporter, sleep)
     start = deploy_window.begin(app, hosts)
-    deadline = time.monotonic() + plan.seconds
-    with reporter.progress("canary window", total=plan.seconds, unit="") as advance:
-        while (left := deadline - time.monotonic()) > 0:
-            pause = min(1.0, left)
-            sleep(pause)
-            advance(pause)
+    _wait(plan.seconds, "canary window", reporter, sleep)
     window = deploy_window.end(app, start, hosts, plan.max_log_bytes)
     notes = list(window.notes)
     if len(start.marks) and all(mark.error for mark in start.marks):
         notes.append("no load balancer's access log could be read: the analysis saw no traffic")
     return analyse(plan.canary, plan.baseline, window.records, window.restarts, plan.thresholds, window.seconds, notes)
+
+
+def _wait(seconds: float, label: str, reporter: Reporter, sleep: Callable[[float], None]) -> None:
+    deadline = time.monotonic() + seconds
+    with reporter.progress(label, total=seconds, unit="") as advance:
+        while (left := deadline - time.monotonic()) > 0:
+            pause = min(1.0, left)
+            sleep(pause)
+            advance(pause)
 
 
 def consequence(verdict: str, on_inconclusive: str) -> str:

@@ -83,6 +83,9 @@ class CanaryPlan:
     before: dict[str, str] = field(default_factory=dict)  # a canary in place: what it returns to
     # [deploy.canary] traffic_percent: the canary's share of the requests while watched (None: even).
     traffic_percent: int | None = None
+    # [deploy.canary] warmup: seconds in rotation before the window begins. None for a canary in
+    # place, which has served since the deploy that left it there.
+    warmup: int | None = None
 
     def share(self) -> str:
         """What the plan says of the canary's traffic while it is watched."""
@@ -108,7 +111,9 @@ class CanaryPlan:
         }[self.on_inconclusive]
         return (
             f"canary analysis: {', '.join(self.canary)} on {target} against {', '.join(self.baseline)} on "
-            f"{self.baseline_release}, {self.seconds} s of traffic through nginx on {', '.join(self.lbs)}, "
+            f"{self.baseline_release}, {self.seconds} s of traffic through nginx on {', '.join(self.lbs)}"
+            + (f" after a {self.warmup} s warm-up" if self.warmup else "")
+            + ", "
             f"the canary with {self.share()}: "
             f"5xx rate (Fisher's exact), latency (Mann-Whitney U; p50 x{limits.max_p50_ratio:g}, "
             f"p95 x{limits.max_p95_ratio:g}), per endpoint, worker restarts (alpha {limits.alpha:g}, "
@@ -167,6 +172,7 @@ def plan_canary(
         held.operation if held else None,
         dict(held.before) if held else {},
         section.traffic_percent,
+        None if held else section.warmup,
     )
     return plan, None
 

@@ -293,7 +293,7 @@ class Rollout:
         hosts = [name for name in canary.canary if self.outcomes[name].state in (DEPLOYED, ALREADY)]
         with self.reporter.step(
             f"canary analysis: {', '.join(hosts) or 'no canary'} against {', '.join(canary.baseline)}, "
-            f"{canary.seconds} s"
+            f"{canary.seconds} s" + (f" after a {canary.warmup} s warm-up" if canary.warmup else "")
         ) as step:
             if not hosts:
                 step.status, step.detail = "skipped", "no canary host passed its gate: nothing to analyse"

@@ -214,6 +214,10 @@ class DeployCanary(Strict):
 
     # Seconds of traffic to watch (`igops deploy --analysis SECONDS` overrides; 0 there disables).
     window: int = Field(default=60, ge=1, le=3600)
+    # Seconds the canary takes traffic before the window begins: a release just started answers
+    # its first requests slowly (each gunicorn worker imports the app and connects to its
+    # databases), and judged on them a good release fails on latency under a loaded machine.
+    warmup: int = Field(default=5, ge=0, le=600)
     alpha: float = Field(default=0.01, gt=0, le=0.2)
     # Fewer requests than this on either side (canary, baseline) in the window: inconclusive.
     min_requests: int = Field(default=200, ge=1)

@@ -214,8 +214,29 @@ def test_a_held_canary_analysed_again_is_given_its_share_in_place(tmp_path, monk
     fake = Fleet(monkeypatch, app, verdict=deploy_canary.PASS, records=[record], on_new=["app1"])
     made = plan(app)
     assert made.canary.in_place and "at most 10% of the traffic" in made.steps()[0]
+    assert made.canary.warmup is None and "warm-up" not in made.steps()[0], "it has served since that deploy"
     run(app, made)
     assert fake.weight_changes == [(["app1"], 10), "reset"]
+
+
+def test_the_window_begins_after_the_canary_has_served_its_warm_up(tmp_path, monkeypatch):
+    """A release just started answers its first requests slowly (the lab's canary, seconds after
+    it was put back, answered dozens of requests in 200-700 ms): they are not judged."""
+    app = app_fleet(tmp_path, deploy_section="[deploy.canary]\nwarmup = 7\nwindow = 20\n")
+    observe = deploy_analysis.observe
+    Fleet(monkeypatch, app)
+    made = plan(app)
+    assert "20 s of traffic through nginx on lb1 after a 7 s warm-up" in made.steps()[2]
+    result, reporter = run(app, made)
+    assert reporter.steps[2].title.endswith("20 s after a 7 s warm-up")
+    slept: list[float] = []
+    began: list[float] = []
+    monkeypatch.setattr(deploy_analysis.time, "monotonic", lambda: sum(slept))
+    start = deploy_analysis.deploy_window.WindowStart(0.0, [], {})
+    monkeypatch.setattr(deploy_analysis.deploy_window, "begin", lambda app, hosts: began.append(sum(slept)) or start)
+    monkeypatch.setattr(deploy_analysis.deploy_window, "end", lambda *args: deploy_analysis.deploy_window.Window(20.0))
+    observe(app, made.canary, Reporter(), sleep=slept.append)
+    assert began == [7.0] and sum(slept) == 27.0
 
 
 def test_an_inconclusive_canary_holds_in_place_with_exit_6(tmp_path, monkeypatch):
