@@ -124,6 +124,10 @@ def run_pg_plan(
             text += "; bytes at risk (old primary's WAL the new one never received): " + (
                 str(result.bytes_at_risk) if result.bytes_at_risk is not None else "unknown"
             )
+        if result.not_followed:
+            text += f"; left out of the follow, as they cannot follow {result.new_primary}: " + ", ".join(
+                f"`igops pg rejoin {name}`" for name in result.not_followed
+            )
         return text
 
     run_plan(

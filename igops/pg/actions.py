@@ -35,6 +35,7 @@ class PgResult:
     write_pause_ms: float | None  # from PgBouncer pausing the cluster's databases to resuming them
     bytes_at_risk: int | None
     steps: list[StepReport]
+    not_followed: dict[str, str]  # the plan's: members left to `igops pg rejoin`, each with why
 
 
 class PgActions(
@@ -120,4 +121,5 @@ def apply_pg(fleet: Fleet, plan: PgPlan, reporter: Reporter = Reporter()) -> PgR
         round(pause_ms, 1) if pause_ms is not None else None,
         plan.bytes_at_risk,
         reports,
+        plan.not_followed,
     )

@@ -17,6 +17,7 @@ from igops import inventory, postgres
 from igops.errors import UsageError, first_line
 from igops.host_commands import ssh
 from igops.pg.hostcmd import POSTMASTER_RUNNING, data_directory, postgres_sh
+from igops.pg.timelines import standby_timeline
 
 if TYPE_CHECKING:
     from igops.inventory import Fleet
@@ -172,7 +173,12 @@ def _probe_member(fleet: Fleet, name: str) -> PgProbe:
     except postgres.Unavailable as down:
         return PgProbe(host, None, down)
     try:
-        return PgProbe(host, postgres.server_state(connection), None)
+        server = postgres.server_state(connection)
+        if server.in_recovery:
+            server.timeline = standby_timeline(
+                connection, server.timeline, server.receiver_status is not None, wal_received(server)
+            )
+        return PgProbe(host, server, None)
     except Exception as exc:  # noqa: BLE001 - a server that fails mid-probe is a finding
         return PgProbe(host, None, postgres.Unavailable(name, first_line(exc), "rejected"))
     finally:

@@ -27,14 +27,15 @@ from igops.pg.cluster import (
     pg_view,
     wal_received,
 )
-from igops.pg.hostcmd import wal_end_on_disk
+from igops.pg.hostcmd import WalEnd, wal_end_on_disk
 from igops.pg.plan_steps import (
     failover_steps,
     rejoin_steps,
     release_switch_segment_step,
     with_repmgrd_paused,
 )
-from igops.pg.plans import PgPlan, signed
+from igops.pg.plans import PgPlan, leave_out_who_cannot_follow, signed
+from igops.pg.timelines import wal_lacked
 from igops.role_change import DOWN_PROBE_INTERVAL, DOWN_PROBES, Refused, refuse_or_force
 
 if TYPE_CHECKING:
@@ -93,9 +94,10 @@ def plan_pg_failover(
     # an earlier failover, say) may hold more WAL by LSN, on a history the newest timeline left.
     newest, current = _on_newest_timeline(standbys)
     received = wal_received(_answering(standbys[chosen]))
+    timeline = _answering(standbys[chosen]).timeline
+    hint = "restore the old primary if you can, or --accept-risk"
     if chosen not in current:
         # Neither the WAL it lacks nor the bytes at risk can be counted across timelines.
-        timeline = _answering(standbys[chosen]).timeline
         newer = f"{', '.join(current)} on timeline {newest}"
         reasons.append(
             f"{chosen} is on timeline {timeline}, {newer}: promoting {chosen} loses what was written on "
@@ -108,33 +110,46 @@ def plan_pg_failover(
         best = max(wal_received(_answering(standbys[name])) for name in current)
         if received < best:
             reasons.append(f"{chosen} has {best - received} bytes less WAL than the most advanced standby")
-        if old_probe is None:
+        if not old:
             plan.bytes_at_risk = best - received
-        elif old_probe.host_reachable:
+        elif view.probes[old].host_reachable:
             if found.wal_end is None:
                 reasons.append(f"where {old}'s WAL ends is unknown, so the bytes at risk are")
             else:
-                plan.bytes_at_risk = max(0, found.wal_end - received)
-                if plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
+                plan.bytes_at_risk, uncounted = wal_lacked(fleet, old, found.wal_end, chosen, timeline, received)
+                if plan.bytes_at_risk is None:
+                    reasons.append(uncounted)
+                    if timeline is None or found.wal_end.timeline > timeline:
+                        hint = (
+                            f"fail over to a member that holds {old}'s timeline {found.wal_end.timeline} if one "
+                            f"can be started (TL in `igops pg status {cluster}`), or restore {old}; else --accept-risk"
+                        )
+                elif plan.bytes_at_risk > fleet.model.postgres.max_lag_bytes:
                     reasons.append(
                         f"{chosen} lacks {plan.bytes_at_risk} bytes of {old}'s WAL "
                         f"(threshold {fleet.model.postgres.max_lag_bytes}): a failover loses them"
                     )
     if _answering(standbys[chosen]).replay_paused:
         reasons.append(f"{chosen} has WAL replay paused")
-    refuse_or_force(state, reasons, accept_risk, plan.forced, "restore the old primary if you can, or --accept-risk")
+    refuse_or_force(state, reasons, accept_risk, plan.forced, hint)
     plan.new_primary = chosen
     plan.title = (
         f"Fail cluster {cluster} over from {old} (down) to {chosen}"
         if old
         else f"Promote {chosen}: cluster {cluster} has no primary"
     )
+    if old:
+        plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
     siblings = [name for name in standbys if name != chosen]
+    # The promotion forks a new timeline off the candidate's where its WAL ends: at least what it
+    # has now. A member whose WAL is not on that history cannot follow it, and repmgr's follow,
+    # after the point of no return, would fail: it is left to `igops pg rejoin`.
+    leave_out_who_cannot_follow(plan, view, chosen, timeline, received, siblings)
     plan.actions = failover_steps(
         fleet,
         old,
         chosen,
-        siblings,
+        [name for name in siblings if name not in plan.not_followed],
         view.databases(),
         fence_on_disk=bool(old_probe and old_probe.host_reachable),
         stop_first=found.stop_first,
@@ -144,8 +159,6 @@ def plan_pg_failover(
         # Where repmgrd runs it may promote a standby of its own choosing meanwhile: pause it. Where
         # it does not, a failover spends no time on it.
         plan.actions = with_repmgrd_paused(plan.actions, on=chosen, members=(chosen, *siblings))
-    if old:
-        plan.notes.append(f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {chosen}")
     return signed(plan, view), state
 
 
@@ -210,10 +223,15 @@ def _plan_pg_promoted(fleet: Fleet, view: PgView, new: str, accept_risk: bool) -
                 (new,),
             )
         )
-    for node in state.nodes:
-        if node.role == "standby" and node.streaming_from != new:
-            plan.actions.append(Step(f"{node.name}: follow {new} (repmgr standby follow)", "follow", (node.name, new)))
     plan.notes += [f"afterwards: `igops pg rejoin {old}` makes {old} a standby of {new}" for old in olds]
+    primary = state.node(new)
+    behind = [node.name for node in state.nodes if node.role == "standby" and not follows(node, primary)]
+    leave_out_who_cannot_follow(plan, view, new, primary.timeline, None, behind)
+    plan.actions += [
+        Step(f"{name}: follow {new} (repmgr standby follow)", "follow", (name, new))
+        for name in behind
+        if name not in plan.not_followed
+    ]
     return plan
 
 
@@ -224,7 +242,7 @@ class OldPrimaryCheck:
 
     reasons: list[str] = field(default_factory=list)
     stop_first: bool = False
-    wal_end: int | None = None
+    wal_end: WalEnd | None = None
 
 
 def _check_old_primary(

@@ -5,7 +5,7 @@ stopped member's disk ends.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from igops import postgres
 from igops.host_commands import ssh
@@ -94,8 +94,16 @@ def start_unless_answering(fleet: Fleet, host: Any, wait_seconds: int, first: st
 _WAL_LISTING = '"$1" -D "$2"; echo "-- pg_wal"; ls "$2/pg_wal"'
 
 
-def wal_end_on_disk(fleet: Fleet, host: Any) -> int | None:
-    """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint)."""
+class WalEnd(NamedTuple):
+    """Where a server's WAL ends: an LSN means something only on its timeline."""
+
+    timeline: int
+    lsn: int
+
+
+def wal_end_on_disk(fleet: Fleet, host: Any) -> WalEnd | None:
+    """Where the WAL on a stopped server's disk ends (pg_waldump from its last checkpoint, on the
+    newest timeline it holds WAL of)."""
     data = data_directory(fleet, host)
     listing = ssh(
         fleet,
@@ -135,4 +143,5 @@ def wal_end_on_disk(fleet: Fleet, host: Any) -> int | None:
     )
     if not dump.reached:
         return None
-    return postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
+    end = postgres.wal_end_from_waldump(dump.stderr + dump.stdout, segment_size)
+    return WalEnd(timeline, end) if end is not None else None

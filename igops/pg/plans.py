@@ -35,6 +35,7 @@ from igops.pg.plan_steps import (
     switchover_steps,
     with_repmgrd_paused,
 )
+from igops.pg.timelines import cannot_follow, left_out_note, wal_lacked
 from igops.pg.timeouts import STOP_TIMEOUT
 from igops.role_change import Refused, refuse_or_force
 
@@ -52,6 +53,9 @@ class PgPlan:
     forced: list[str] = field(default_factory=list)  # refusals that --accept-risk overrode: the risks accepted
     notes: list[str] = field(default_factory=list)
     bytes_at_risk: int | None = None  # failover: WAL the old primary wrote that the candidate lacks
+    # Running standbys the plan does not make follow the new primary, each with why they cannot
+    # (igops.pg.timelines): `igops pg rejoin` them after.
+    not_followed: dict[str, str] = field(default_factory=dict)
     actions: list[Step] = field(default_factory=list)
     failure_hint: str = ""
     signature: tuple[Any, ...] = ()  # the state the plan was made for (see check_unchanged)
@@ -153,8 +157,11 @@ def plan_pg_switchover(
     left = [name for name in members if name not in (primary, candidate) and not view.probes[name].server]
     if left:
         plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
+    # The candidate's new timeline forks where the primary's WAL ends, past any standby of it.
+    leave_out_who_cannot_follow(plan, view, candidate, state.node(primary).timeline, None, siblings)
+    followers = [name for name in siblings if name not in plan.not_followed]
     plan.actions = with_repmgrd_paused(
-        switchover_steps(fleet, primary, candidate, siblings, databases, replay_paused=node.replay_paused),
+        switchover_steps(fleet, primary, candidate, followers, databases, replay_paused=node.replay_paused),
         on=primary,
         members=(candidate, primary, *siblings),
     )
@@ -214,11 +221,14 @@ def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: boo
     plan.notes.append(f"{stopped} was stopped cleanly by a switchover cut short; no member accepts writes")
     reasons = []
     wal_end = wal_end_on_disk(fleet, view.probes[stopped].host)
+    received = wal_received(probe.server)
     if wal_end is None:
         reasons.append(f"where {stopped}'s WAL ends is unknown")
     else:
-        missing = wal_end - wal_received(probe.server)
-        if missing > 0:
+        missing, uncounted = wal_lacked(fleet, stopped, wal_end, candidate, probe.server.timeline, received)
+        if missing is None:
+            reasons.append(uncounted)
+        elif missing > 0:
             reasons.append(
                 f"{candidate} lacks {missing} bytes of {stopped}'s WAL, which it cannot receive while "
                 f"{stopped} is stopped (the promotion would be undone)"
@@ -238,12 +248,14 @@ def _plan_pg_resume(view: PgView, stopped: str, candidate: str, accept_risk: boo
     left = [name for name in members if name not in (stopped, candidate) and not view.probes[name].server]
     if left:
         plan.notes.append(f"not running, left alone: {', '.join(left)} (igops pg rejoin it later)")
+    # Nothing more reaches the candidate: its promotion forks where its WAL ends now.
+    leave_out_who_cannot_follow(plan, view, candidate, probe.server.timeline, received, siblings)
     plan.actions = with_repmgrd_paused(
         switchover_steps(
             fleet,
             stopped,
             candidate,
-            siblings,
+            [name for name in siblings if name not in plan.not_followed],
             view.databases(),
             replay_paused=node.replay_paused,
             stopped=True,
@@ -293,6 +305,23 @@ def plan_pg_roll_back(view: PgView, stopped: str) -> PgPlan:
     if running:
         plan.actions = with_repmgrd_paused(plan.actions, on=running[0], members=(stopped, *others))
     return plan
+
+
+def leave_out_who_cannot_follow(
+    plan: PgPlan, view: PgView, candidate: str, timeline: int | None, end: int | None, siblings: list[str]
+) -> None:
+    """The running `siblings` that cannot follow `candidate`, to be promoted or promoted already
+    (igops.pg.timelines.cannot_follow: its `timeline`, and `end`, where its WAL on it ends for a
+    follower), go into `plan.not_followed`, each with a note: repmgr's follow would fail them after
+    the point of no return, and a switchover's release of the promotion's segment would wait for
+    them in vain."""
+    positions = {}
+    for name in siblings:
+        server = view.probes[name].server
+        assert server is not None  # siblings are the members that answered
+        positions[name] = (server.timeline, wal_received(server))
+    plan.not_followed = cannot_follow(view.fleet, candidate, timeline, end, positions)
+    plan.notes += [left_out_note(name, candidate, why) for name, why in plan.not_followed.items()]
 
 
 def _free_space_reasons(fleet: Fleet, host: Any) -> list[str]:
