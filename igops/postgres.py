@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from psycopg2.extensions import connection as Connection
 
     from igops.inventory import Fleet
+    from igops.postgres_deadline import Deadline
 
 # repmgr keeps its metadata (nodes, their types, upstreams and priorities) in this database.
 REPMGR_DATABASE = "repmgr"
@@ -235,22 +236,30 @@ def connect(
     database: str = "postgres",
     timeout: int = PROBE_TIMEOUT,
     statement_timeout_ms: int | None = 10_000,
+    deadline: Deadline | None = None,
 ) -> Connection:
-    """An autocommit superuser connection to one server (not through PgBouncer)."""
+    """An autocommit superuser connection to one server (not through PgBouncer). A `deadline`
+    replaces `timeout` and `statement_timeout_ms`: its connection parameters, and its session
+    settings from the connection's first statement on."""
     import psycopg2
 
     model = fleet.model
-    options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else None
+    settings = {"statement_timeout": str(statement_timeout_ms)} if statement_timeout_ms else {}
+    parameters: dict[str, Any] = {"connect_timeout": timeout}
+    if deadline is not None:
+        settings = deadline.session_settings()
+        parameters = deadline.connection_parameters()
+    options = " ".join(f"-c {name}={value}" for name, value in settings.items()) or None
     try:
-        connection = psycopg2.connect(
+        connection: Connection = psycopg2.connect(
             host=str(host.address),
             port=model.postgres.port,
             user=model.postgres.user,
             password=Secrets(model.secrets.file).get("postgres_password"),
             dbname=database,
-            connect_timeout=timeout,
             options=options,
             application_name="igops-failover",
+            **parameters,
         )
     except psycopg2.OperationalError as exc:
         detail = first_line(exc)

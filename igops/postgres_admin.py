@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from psycopg2.extras import LogicalReplicationConnection
 
     from igops.inventory import Fleet
+    from igops.postgres_deadline import Deadline
 
 # Checksums compare text renderings of rows: both sides must render them identically.
 _STABLE_RENDERING = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres", "extra_float_digits": "3"}
@@ -39,7 +40,9 @@ def _members(fleet: Fleet, cluster: str) -> list[str]:
     return ([last] if last in members else []) + [name for name in members if name != last]
 
 
-def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, Any]) -> tuple[Any, Connection]:
+def _open_primary(
+    fleet: Fleet, cluster: str, database: str, values: dict[str, Any], deadline: Deadline | None = None
+) -> tuple[Any, Connection]:
     """(host, connection) of the member that accepts writes, its session set to `values`.
     Members are asked one at a time, the last primary first; a standby's answer is not enough."""
     from igops import postgres
@@ -48,7 +51,9 @@ def _open_primary(fleet: Fleet, cluster: str, database: str, values: dict[str, A
     for name in _members(fleet, cluster):
         host = fleet.host(name)
         try:
-            connection = postgres.connect(fleet, host, database, timeout=5, statement_timeout_ms=None)
+            connection = postgres.connect(
+                fleet, host, database, timeout=5, statement_timeout_ms=None, deadline=deadline
+            )
         except postgres.Unavailable as exc:
             refusals.append(f"{name}: {exc.detail}")
             continue
@@ -91,11 +96,13 @@ def connect(
     autocommit: bool = False,
     purpose: str = "admin",
     settings: dict[str, Any] | None = None,
+    deadline: Deadline | None = None,
 ) -> Connection:
     """A new connection to the cluster's primary as the inventory's Postgres user; the caller
-    closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out."""
+    closes it. `settings` are session parameters (e.g. lock_timeout) set before it is handed out,
+    over those of `deadline` (igops.postgres_deadline), which bounds each wait on the server."""
     values = {**_STABLE_RENDERING, "application_name": f"igops-{purpose}", **(settings or {})}
-    _, connection = _open_primary(fleet, cluster, database, values)
+    _, connection = _open_primary(fleet, cluster, database, values, deadline)
     connection.autocommit = autocommit
     return connection
 

@@ -2,7 +2,8 @@
 snapshotted at one point of the stream and compared, and from then on the key of every row
 written recorded. The cut-over: the shard's tables locked on the source, the final catch-up, the
 rows written since the verification compared, the target's sequences set past the source's, the
-source's copy fenced (renamed), and the shard map switched to the target."""
+source's copy fenced (renamed), and the shard map switched to the target (shard_switch), none of
+it waiting on a server without a deadline (shard_locks.CUTOVER_DEADLINE)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,26 @@ from typing import TYPE_CHECKING, Any
 from igops.errors import IgopsError, RefusedError, first_line
 from igops.output import plural
 from igops.postgres_admin import connect, quote_ident
+from igops.postgres_deadline import Watchdog, bounded
 from igops.shard_changes import ChangedRows
-from igops.shard_locks import LOCK_SETTINGS, CutoverDeferred, lock_tables, wait_applied
+from igops.shard_locks import (
+    CUTOVER_DEADLINE,
+    HOLD_LIMIT_S,
+    LOCK_SETTINGS,
+    CutoverDeferred,
+    lock_tables,
+    wait_applied,
+)
 from igops.shard_map import directory_connection
 from igops.shard_move_session import MoveSession, SessionPart
 from igops.shard_move_steps import SEQUENCE_MARGIN
 from igops.shard_replication import catch_up
 from igops.shard_schema import describe_schema, sequence_values, tables_of
+from igops.shard_switch import commit_fence, commit_map, rollback_quietly, stage_in_hold, switch_map, undo_fence
 from igops.shard_verify import ShardCopy, VerifyReport, verify_copies
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import connection as Connection, cursor as Cursor
+    from psycopg2.extensions import cursor as Cursor
 
 CUTOVER_ATTEMPTS = 3
 CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the last changes
@@ -31,6 +41,9 @@ CUTOVER_CATCH_UP_S = 1.0  # the longest the cut-over waits, writes held, for the
 # flush the shard's last changes (its subscription may be starting again after a restart).
 FENCED_CATCH_UP_S = 30.0
 MAX_CLOCK_SKEW_MS = 500
+# After the fence, the longest the cut-over waits for the target's clock to pass the moment of
+# the fence: the skew the check before the cut-over allows, and a second for the reads.
+CLOCK_WAIT_S = MAX_CLOCK_SKEW_MS / 1000 + 1.0
 
 
 class CutOver(SessionPart):
@@ -109,11 +122,27 @@ class CutOver(SessionPart):
         if _source_fenced(self.session):
             _check_target_copy(self.session)
             self.reporter.log(f"{plan.source} was already fenced ({plan.fenced_schema}): switching the map")
-            version = _flip_map(self.session, _await_fenced_copy(self.session))
+            # The shard is unavailable until the map switches: no wait here may be endless.
+            with bounded(
+                [self.session.source, self.session.target], CUTOVER_DEADLINE, FENCED_CATCH_UP_S + HOLD_LIMIT_S
+            ) as watchdog:
+                try:
+                    lsn = _await_fenced_copy(self.session)
+                except Exception as exc:
+                    if not _cut_off(watchdog, exc):
+                        raise
+                    raise IgopsError(
+                        f"a server stopped answering while {plan.target} caught up with fenced {plan.source}: igops "
+                        f"cut its connections after {watchdog.seconds:g} s ({first_line(exc)}); the map still "
+                        f"places shard {plan.shard} on {plan.source}, where it is unavailable",
+                        f"find the server that hung (`igops pg status`), then --resume {plan.move_id}; or "
+                        f"--abort {plan.move_id} un-fences {plan.source}",
+                    ) from None
+            version = switch_map(self.session, lsn, None)
             return f"shard map version {version}"
         _check_clock_skew(self.session)
         timings, parts = self._holding_writes("cut-over", self._cut_over)
-        self._changes().close()
+        self.close()  # the record of the rows written: a failure to drop it now is no failure of the switch
         self.session.result_fields["switched"] = timings
         return (
             f"{self.checked_rows:,} rows written since the verification equal; "
@@ -126,7 +155,8 @@ class CutOver(SessionPart):
     def _holding_writes(self, what: str, action: Callable[[], Any]) -> Any:
         """Run a step that holds the shard's writes while the target applies the source's WAL.
         When the target is too far behind (WAL written since the catch-up, autovacuum after a
-        bulk load, say), release the writes, catch up again and retry."""
+        bulk load, say), or the directory's rows stay locked, release the writes, catch up again
+        and retry."""
         for attempt in range(1, CUTOVER_ATTEMPTS + 1):
             try:
                 return action()
@@ -134,21 +164,36 @@ class CutOver(SessionPart):
                 if attempt == CUTOVER_ATTEMPTS:
                     raise IgopsError(
                         f"{what} gave up after {attempt} attempts: {exc.message}",
-                        f"writes were released each time; --resume {self.plan.move_id} tries again",
+                        "writes were released each time; "
+                        + (f"{exc.hint}; " if exc.hint else "")
+                        + f"--resume {self.plan.move_id} tries again",
                     ) from None
                 self.reporter.log(f"{what} attempt {attempt}: {exc.message}; writes released, catching up again")
                 catch_up(self.session)
 
     def _cut_over(self) -> tuple[dict[str, Any], dict[str, float]]:
         """The write block: from the lock request until the map names the target. Returns the
-        step's result fields (the journal keeps them) and where the block went (its detail says)."""
+        step's result fields (the journal keeps them) and where the block went (its detail says).
+
+        Every connection it uses waits on its server within CUTOVER_DEADLINE, and all of them
+        are cut if the block outlasts HOLD_LIMIT_S. A failure before the fence commits releases
+        the writes (the lock's transaction, the rename in it, and the staged map change are
+        rolled back). After the fence, until the map's COMMIT is sent, the map cannot have
+        changed: a failure there un-fences the source (`undo_fence`). Once that COMMIT is sent,
+        only the directory can tell whether it took (`switch_map`)."""
         from psycopg2 import sql
 
         plan = self.plan
-        locker = connect(self.fleet, plan.source, self.database, purpose="cutover", settings=LOCK_SETTINGS)
-        directory = directory_connection(self.fleet, autocommit=False, purpose="cutover")
+        locker = connect(
+            self.fleet, plan.source, self.database, purpose="cutover", settings=LOCK_SETTINGS, deadline=CUTOVER_DEADLINE
+        )
         try:
-            with locker.cursor() as cursor, self.session.target.cursor() as target_cursor:
+            directory = directory_connection(self.fleet, autocommit=False, purpose="cutover", deadline=CUTOVER_DEADLINE)
+        except BaseException:
+            locker.close()
+            raise
+        try:
+            with locker.cursor() as cursor:
                 tables = tables_of(cursor, plan.schema)
                 # Read before writes are held: the schema's shape (which sequences to carry over;
                 # the move allows no DDL, and the verification compared both shapes), and most of
@@ -162,39 +207,72 @@ class CutOver(SessionPart):
                 # (idle_in_transaction_session_timeout), and the move failed at its cut-over.
                 locker.rollback()
                 self._changes().drain()
-                requested = time.monotonic()
-                lock_tables(cursor, plan.schema, tables)
-                locked = time.monotonic()
-                self.session.pause("locked")
-                with self.session.source.cursor() as marker:
-                    # Applied and flushed: the map must not name a target that could lose, in a
-                    # crash, writes the source acknowledged (see shard_locks._wait_flushed).
-                    lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S, flushed=True)
-                caught_up = time.monotonic()
-                checked = self._compare_changed_rows(target_cursor, lsn)
-                compared = time.monotonic()
-                sequences = sequence_values(cursor, plan.schema, shape.sequences)
-                for sequence, value in sequences.items():
-                    target_cursor.execute(
-                        "SELECT setval(%s, %s)",
-                        (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}", value + SEQUENCE_MARGIN),
-                    )
-                sequenced = time.monotonic()
-                cursor.execute(
-                    sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                        sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)
-                    )
-                )
-                version = _stage_map_flip(self.session, directory, lsn)
-                _commit_fence(self.session, locker)
-                fenced = time.monotonic()
-                _wait_for_target_clock(self.session)
-                self.session.pause("fenced")
-                version = _commit_map_flip(self.session, directory, version, lsn)
+                with (
+                    bounded(
+                        [self.session.source, self.session.target], CUTOVER_DEADLINE, HOLD_LIMIT_S, (locker, directory)
+                    ) as watchdog,
+                    self.session.target.cursor() as target_cursor,
+                ):
+                    try:
+                        requested = time.monotonic()
+                        lock_tables(cursor, plan.schema, tables)
+                        locked = time.monotonic()
+                        self.session.pause("locked")
+                        with self.session.source.cursor() as marker:
+                            # Applied and flushed: the map must not name a target that could lose,
+                            # in a crash, writes the source acknowledged (see shard_locks._wait_flushed).
+                            lsn = wait_applied(target_cursor, plan.slot, marker, CUTOVER_CATCH_UP_S, flushed=True)
+                        caught_up = time.monotonic()
+                        checked = self._compare_changed_rows(target_cursor, lsn)
+                        compared = time.monotonic()
+                        sequences = sequence_values(cursor, plan.schema, shape.sequences)
+                        for sequence, value in sequences.items():
+                            target_cursor.execute(
+                                "SELECT setval(%s, %s)",
+                                (f"{quote_ident(plan.schema)}.{quote_ident(sequence)}", value + SEQUENCE_MARGIN),
+                            )
+                        sequenced = time.monotonic()
+                        cursor.execute(
+                            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                                sql.Identifier(plan.schema), sql.Identifier(plan.fenced_schema)
+                            )
+                        )
+                        version = stage_in_hold(self.session, directory, lsn, watchdog)
+                        commit_fence(self.session, locker)
+                    except Exception as exc:
+                        if not _cut_off(watchdog, exc):
+                            raise
+                        raise IgopsError(
+                            f"a server stopped answering while the shard's writes were held: igops cut its "
+                            f"connections after {watchdog.seconds:g} s ({first_line(exc)}); the lock's transaction "
+                            "ends with them, and the shard map is unchanged",
+                            f"find the server that hung (`igops pg status`), then --resume {plan.move_id}",
+                        ) from None
+                    fenced = time.monotonic()
+                    try:
+                        _wait_for_target_clock(self.session)
+                        self.session.pause("fenced")
+                    except BaseException as exc:
+                        cause = exc
+                        if _cut_off(watchdog, exc):
+                            cause = IgopsError(
+                                f"a server stopped answering after the fence: igops cut its connections after "
+                                f"{watchdog.seconds:g} s ({first_line(exc)})"
+                            )
+                        undo = undo_fence(self.session, directory, cause)
+                        if undo is exc:
+                            raise
+                        raise undo from None
+                    failure = commit_map(directory, watchdog)
+                    switched = time.monotonic()
+            # The connections of the write hold may be cut by now: a failed commit is tried again
+            # on new ones.
+            if failure is not None:
+                version = switch_map(self.session, lsn, failure)
                 switched = time.monotonic()
         except BaseException:
-            _rollback_quietly(directory)
-            _rollback_quietly(locker)
+            rollback_quietly(directory)
+            rollback_quietly(locker)
             raise
         finally:
             locker.close()
@@ -329,115 +407,56 @@ def _check_clock_skew(session: MoveSession) -> None:
 
 
 def _wait_for_target_clock(session: MoveSession) -> None:
-    """Until the target's clock has passed the last moment the source could mint an id,
-    so every id minted at the new place sorts after every id minted at the old one."""
-    with session.source.cursor() as cursor:
-        cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-        row = cursor.fetchone()
-        assert row is not None  # a SELECT without FROM returns one row
-        fenced_at_ms = row[0]
-    deadline = time.monotonic() + MAX_CLOCK_SKEW_MS / 1000 + 1
-    with session.target.cursor() as cursor:
-        while True:
-            cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint > %s", (fenced_at_ms,))
-            passed = cursor.fetchone()
-            assert passed is not None  # a SELECT without FROM returns one row
-            if passed[0] or time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
+    """Until the target's clock has passed the last moment the source could mint an id (the
+    fence has committed: the source's clock now is past it), so every id minted at the new place
+    sorts after every id minted at the old one.
 
-
-def _commit_fence(session: MoveSession, locker: Connection) -> None:
-    import psycopg2
-
-    try:
-        locker.commit()
-    except psycopg2.Error as exc:
-        raise IgopsError(
-            f"committing the fence on {session.plan.source} failed ({first_line(exc)}): "
-            f"{session.plan.schema} may or may not be renamed there; the map is unchanged",
-            f"--resume {session.plan.move_id} finds out and finishes, or --abort {session.plan.move_id}",
-        ) from None
-
-
-def _stage_map_flip(session: MoveSession, directory: Connection, lsn: str) -> int:
-    """The map change and its journal entry, left uncommitted so the commit right after the
-    fence is the only thing between them. `lsn` lies past the shard's last change on the
-    source: the cleanup drops nothing before the target has flushed up to it."""
+    Past CLOCK_WAIT_S it refuses rather than go on. The wait is what keeps the ids in order: the
+    app sorts and pages by id, and the sequences' margin keeps ids from being equal only across
+    a few ms of skew. A target whose clock has not passed the fence 1.5 s on is more than a second
+    behind, beyond what the check before the cut-over allowed (its clock stepped back since, or
+    the reads themselves stall): switching now would write ids out of order into the shard for
+    as long as the skew lasts, for good, and no later step can take them back. A warning would
+    come too late to matter. Refusing here costs little: the map's COMMIT has not been sent,
+    so the cut-over un-fences the source (`undo_fence`) and the shard is back where it was,
+    writes blocked a second and a half longer; the move stays resumable once the clock is fixed."""
     plan = session.plan
-    with directory.cursor() as cursor:
-        cursor.execute(
-            "UPDATE shard_map SET cluster = %s WHERE logical_shard = %s AND cluster = %s",
-            (plan.target, plan.shard, plan.source),
+    with session.source.cursor() as cursor:
+        fenced_at_ms = _clock_ms(cursor)
+    with session.target.cursor() as cursor:
+        short_ms = clock_passed(fenced_at_ms, lambda: _clock_ms(cursor), CLOCK_WAIT_S)
+    if short_ms is not None:
+        raise RefusedError(
+            f"{plan.target_primary}'s clock had not reached the moment {plan.source_primary} was fenced "
+            f"{CLOCK_WAIT_S:g} s after it (its last reading {short_ms} ms before it): ids minted on "
+            f"{plan.target} now could sort before ids {plan.source} has issued, or equal one",
+            f"fix time synchronisation on {plan.target_primary} (NTP: `chronyc tracking`)",
         )
-        if cursor.rowcount != 1:
-            raise IgopsError(
-                f"the shard map no longer places shard {plan.shard} on {plan.source}",
-                "someone changed the map during the move; nothing was switched",
-            )
-        cursor.execute("UPDATE shard_map_version SET version = version + 1, updated_at = now() RETURNING version")
-        row = cursor.fetchone()
-        if row is None:
-            raise IgopsError("the directory has no shard map version", "run `igops shard init`")
-        version: int = row[0]
-        # Only while the move is active: a mover whose journal session (and with it the shard's
-        # move lock) was lost may be overtaken by an --abort from elsewhere, which drops the
-        # target's copy; the map must then stay where it is.
-        cursor.execute(
-            "UPDATE shard_moves SET step = 'switched', map_version = %s, source_lsn = %s, "
-            "updated_at = now(), error = NULL, history = history || jsonb_build_array("
-            "jsonb_build_object('step', 'switched', 'at', now())) WHERE id = %s AND status = 'active'",
-            (version, lsn, plan.move_id),
-        )
-        if cursor.rowcount != 1:
-            raise RefusedError(
-                f"move {plan.move_id} is no longer active in the journal (aborted from elsewhere?): "
-                f"the shard map was not switched",
-                "see `igops shard moves`; the shard stays where the map places it",
-            )
-    return version
 
 
-def _flip_map(session: MoveSession, lsn: str) -> int:
-    directory = directory_connection(session.fleet, autocommit=False, purpose="cutover")
-    try:
-        version = _stage_map_flip(session, directory, lsn)
-        directory.commit()
-        return version
-    finally:
-        directory.close()
+def _clock_ms(cursor: Cursor) -> int:
+    cursor.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+    row = cursor.fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    value: int = row[0]
+    return value
 
 
-def _commit_map_flip(session: MoveSession, directory: Connection, version: int, lsn: str) -> int:
-    """The source is fenced now: until the map names the target the shard is unavailable,
-    so a failed commit is retried on fresh connections before giving up."""
+def clock_passed(moment_ms: int, read_ms: Callable[[], int], budget_s: float) -> int | None:
+    """Read a clock (`read_ms`) until it is past `moment_ms`: None once it is; if it is not
+    within `budget_s` (read at least once), how many ms short its last reading was."""
+    deadline = time.monotonic() + budget_s
+    while True:
+        reading = read_ms()
+        if reading > moment_ms:
+            return None
+        if time.monotonic() > deadline:
+            return moment_ms - reading
+        time.sleep(0.001)
+
+
+def _cut_off(watchdog: Watchdog, exc: BaseException) -> bool:
+    """Whether `exc` is a connection's failure after the watchdog cut it."""
     import psycopg2
 
-    try:
-        directory.commit()
-        return version
-    except psycopg2.Error as exc:
-        failure = first_line(exc)
-    for _ in range(5):
-        time.sleep(0.5)
-        try:
-            return _flip_map(session, lsn)
-        except RefusedError:  # the move is no longer active: trying again changes nothing
-            raise
-        except (psycopg2.Error, IgopsError) as exc:
-            failure = exc.one_line() if isinstance(exc, IgopsError) else first_line(exc)
-    raise IgopsError(
-        f"{session.plan.source} is fenced but the shard map could not be switched ({failure}): "
-        f"shard {session.plan.shard} is unavailable",
-        f"igops shard move --resume {session.plan.move_id} as soon as the directory answers",
-    )
-
-
-def _rollback_quietly(connection: Connection) -> None:
-    import psycopg2
-
-    try:
-        if not connection.closed:
-            connection.rollback()
-    except psycopg2.Error:
-        pass
+    return watchdog.fired and isinstance(exc, psycopg2.Error)

@@ -11,9 +11,39 @@ import time
 from typing import TYPE_CHECKING
 
 from igops.errors import IgopsError
+from igops.postgres_deadline import Deadline
 
 if TYPE_CHECKING:
     from psycopg2.extensions import cursor as Cursor
+
+# Every connection a move uses while the shard's writes are held (from the cut-over's lock
+# request until the map names the target) or the shard is fenced (its source copy renamed, the
+# map not yet switched) waits on its server within this deadline: the lock session, the
+# directory's, the journal's, and the move's own connections to the source and the target.
+# A hung directory or target must not leave the shard blocked with igops waiting for ever.
+# - statement_timeout 10 s: as long as the lock session may sit idle in its transaction (below)
+#   before the server ends it; a statement elsewhere that takes longer has cost the lock anyway.
+# - lock_timeout 2 s: the directory rows a cut-over changes (the shard's map row, the map
+#   version, the move's journal row) are held by another move's cut-over from its staging to
+#   its commit, across its wait for the target's clock (at most 1.5 s); writes wait meanwhile.
+# - idle_in_transaction_session_timeout 10 s: an igops gone quiet loses its transactions, and
+#   the writes or the map rows they hold, within 10 s (the server's own TCP keepalive takes hours).
+# - a peer silent for about 10 s is taken for dead: keepalives (4 s idle, then 3 probes 2 s
+#   apart) while igops waits for an answer, tcp_user_timeout while what it sent is unacknowledged.
+CUTOVER_DEADLINE = Deadline(
+    connect_s=5,
+    statement_ms=10_000,
+    lock_ms=2_000,
+    idle_in_transaction_ms=10_000,
+    keepalives_idle_s=4,
+    keepalives_interval_s=2,
+    keepalives_count=3,
+    tcp_user_timeout_ms=10_000,
+)
+# Past this, a Watchdog cuts the connections of a write hold (igops.postgres_deadline): every
+# wait within it ends by its own deadline well before (a lock wait, a catch-up, a statement),
+# so only a server process that no longer runs (stopped, stuck on a dead disk) gets this far.
+HOLD_LIMIT_S = 30.0
 
 # The cut-over's lock must never wait long (writers queue behind a waiting lock), and its
 # transaction must die with igops: the server ends it if igops stops talking, releasing writes.
@@ -24,10 +54,9 @@ if TYPE_CHECKING:
 # A session setting (superuser, as igops' role is) makes that check come at 50 ms.
 LOCK_TIMEOUT_MS = 1000
 LOCK_SETTINGS = {
+    **CUTOVER_DEADLINE.session_settings(),
     "lock_timeout": f"{LOCK_TIMEOUT_MS}ms",
     "deadlock_timeout": "50ms",
-    "idle_in_transaction_session_timeout": "10s",
-    "statement_timeout": "30s",
 }
 
 

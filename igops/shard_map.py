@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from psycopg2.extensions import connection as Connection, cursor as Cursor
 
     from igops.inventory import Fleet
+    from igops.postgres_deadline import Deadline
 
 
 def check_shard(fleet: Fleet, shard: int) -> None:
@@ -70,10 +71,15 @@ class ShardMap:
 
 
 def directory_connection(
-    fleet: Fleet, autocommit: bool = True, purpose: str = "shards", settings: dict[str, Any] | None = None
+    fleet: Fleet,
+    autocommit: bool = True,
+    purpose: str = "shards",
+    settings: dict[str, Any] | None = None,
+    deadline: Deadline | None = None,
 ) -> Connection:
     """A connection to the directory database on its cluster's live primary, that the caller
-    closes: every reader and writer of the directory (shards, the Redis endpoint) comes here."""
+    closes: every reader and writer of the directory (shards, the Redis endpoint) comes here.
+    `deadline`: see igops.postgres_deadline."""
     cluster_names(fleet)  # refuses an inventory without clusters
     directory_cluster = fleet.directory_cluster
     assert directory_cluster is not None  # the first cluster when [shards] names none
@@ -84,6 +90,7 @@ def directory_connection(
         autocommit=autocommit,
         purpose=purpose,
         settings=settings,
+        deadline=deadline,
     )
     return connection
 

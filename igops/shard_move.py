@@ -6,7 +6,8 @@ so a move killed at any point can be resumed or aborted.
 
 The steps and their plans are in shard_move_steps, the journal in shard_journal; the work of the
 steps in shard_copy (the copy), shard_replication (publication, subscription, catch-up, cleanup)
-and shard_cutover (verification and cut-over), sharing one shard_move_session.MoveSession."""
+and shard_cutover (verification and cut-over; the fence and the map switch in shard_switch),
+sharing one shard_move_session.MoveSession."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from igops.errors import AlreadyRunning, IgopsError, RefusedError, UsageError, d
 from igops.operations import conflicts
 from igops.output import Reporter, plural
 from igops.postgres_admin import connect, primary_connection, primary_of
+from igops.postgres_deadline import bounded
 from igops.shard_copy import ShardCopier
 from igops.shard_cutover import CutOver
 from igops.shard_journal import ABORTED, ACTIVE, DONE, Journal, MoveRecord, operator_label
+from igops.shard_locks import CUTOVER_DEADLINE, HOLD_LIMIT_S
 from igops.shard_map import check_shard, directory_connection, directory_session, placement_of, schema_name
 from igops.shard_move_session import MoveSession
 from igops.shard_move_steps import STEPS, AbortPlan, MovePlan, TableSize, describe_step, resume_point
@@ -35,10 +38,11 @@ from igops.shard_replication import (
     subscribe,
 )
 from igops.shard_schema import act_as_owner, describe_schema, read_ddl, schema_diff, shard_ddl
+from igops.shard_switch import unfence
 from igops.shard_verify import VerifyReport
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import connection as Connection, cursor as Cursor
+    from psycopg2.extensions import cursor as Cursor
 
     from igops.inventory import Fleet
 
@@ -457,7 +461,12 @@ def _drive(fleet: Fleet, plan: MovePlan, journal: Journal, reporter: Reporter, p
         if isinstance(exc, Exception):
             message = exc.one_line() if isinstance(exc, IgopsError) else f"{type(exc).__name__}: {exc}"
             try:
-                journal.fail(move_id, message)
+                # A cut-over that failed may leave the move's journal row locked by a directory
+                # session that hung, or the directory may be what hung: the error must still reach
+                # the operator. (The journal's connection holds the shard's move lock for the
+                # whole move, through network blips: the deadline is set for this write only.)
+                with bounded([journal.connection], CUTOVER_DEADLINE, HOLD_LIMIT_S):
+                    journal.fail(move_id, message)
             except Exception:  # noqa: BLE001 - the original error matters more than the journal's
                 pass
         raise
@@ -500,8 +509,11 @@ def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) 
         # The source is made writable first: an abort cut off after it leaves the shard served
         # where the map places it, and a resume that finds the source not fenced verifies again.
         with reporter.step(steps[0]) as step:
-            with primary_connection(fleet, current.source, database, autocommit=True, purpose="move") as connection:
-                step.detail = "un-fenced" if _unfence(connection, current) else "not fenced"
+            with primary_connection(
+                fleet, current.source, database, autocommit=True, purpose="move", deadline=CUTOVER_DEADLINE
+            ) as connection:
+                fenced = unfence(connection, current.schema, current.fenced_schema)
+                step.detail = "un-fenced" if fenced else "not fenced"
         # The target's subscription goes before the slot it reads (dropping a slot a sender still
         # reads waits for that sender); when the target cannot be reached, the source's cleanup
         # below goes on without it.
@@ -541,23 +553,6 @@ def abort_move(fleet: Fleet, plan: AbortPlan, reporter: Reporter | None = None) 
         return journal.get(current.move_id)
     finally:
         directory.close()
-
-
-def _unfence(connection: Connection, plan: AbortPlan) -> bool:
-    """Rename the source's fenced copy back, if the cut-over fenced it; whether it did."""
-    from psycopg2 import sql
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", ([plan.schema, plan.fenced_schema],))
-        present = {row[0] for row in cursor.fetchall()}
-        if plan.fenced_schema not in present or plan.schema in present:
-            return False
-        cursor.execute(
-            sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
-                sql.Identifier(plan.fenced_schema), sql.Identifier(plan.schema)
-            )
-        )
-    return True
 
 
 def list_moves(fleet: Fleet, limit: int = 20, shard: int | None = None) -> list[MoveRecord]:

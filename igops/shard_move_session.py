@@ -28,16 +28,20 @@ class MoveSession:
         self._target: Connection | None = None
         self.result_fields: dict[str, Any] = {}
 
-    # connections to the primaries, autocommit, opened on first use
+    # Connections to the primaries, autocommit, opened on first use, and again after one broke
+    # (the cut-over's watchdog cuts them when a server stops answering). They run the long waits
+    # of a move too (a catch-up, a decode of all the WAL since the verification, through a
+    # network blip): the cut-over's deadline is theirs only while it holds the shard's writes
+    # (igops.postgres_deadline.session_deadline).
     @property
     def source(self) -> Connection:
-        if self._source is None:
+        if self._source is None or self._source.closed:
             self._source = connect(self.fleet, self.plan.source, self.database, autocommit=True, purpose="move")
         return self._source
 
     @property
     def target(self) -> Connection:
-        if self._target is None:
+        if self._target is None or self._target.closed:
             self._target = connect(self.fleet, self.plan.target, self.database, autocommit=True, purpose="move")
         return self._target
 

@@ -2,12 +2,13 @@
 while the target still has its copy, and an abort un-fences the source before it drops that
 copy, so an abort cut off half-way leaves the shard writable where the map places it."""
 
+import socket
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 
-from igops import shard_cutover, shard_move, shards
+from igops import shard_cutover, shard_move, shard_switch, shards
 from igops.errors import IgopsError, RefusedError
 from igops.output import Reporter
 from igops.shard_move_session import MoveSession
@@ -33,6 +34,13 @@ class Server:
         self.flush_polls = 0
         self.marks = 0
         self.rows = []
+        self.settings = {}
+        self.sockets = socket.socketpair()  # as over a Unix socket: no TCP options to set
+
+    closed = False
+
+    def fileno(self):
+        return self.sockets[0].fileno()
 
     def cursor(self):
         return Cursor(self)
@@ -57,7 +65,12 @@ class Cursor:
         text = statement if isinstance(statement, str) else repr(statement)
         server.log.append((server.name, text))
         self.rows = []
-        if "FROM pg_namespace WHERE nspname = ANY" in text:
+        if text.startswith("SELECT current_setting("):  # a deadline set for a while (igops.postgres_deadline)
+            self.rows = [tuple(server.settings.get(name, "0") for name in params)]
+        elif text.startswith("SELECT set_config("):
+            server.settings.update(zip(params[::2], params[1::2], strict=True))
+            self.rows = [tuple(params[1::2])]
+        elif "FROM pg_namespace WHERE nspname = ANY" in text:
             self.rows = [(name,) for name in params[0] if name in server.schemas]
         elif "EXISTS (SELECT 1 FROM pg_namespace" in text:
             schema, subscription = params
@@ -113,7 +126,7 @@ def fenced_session(target):
 def flips(monkeypatch):
     flipped = []
     monkeypatch.setattr(shard_cutover, "FENCED_CATCH_UP_S", 0.05)
-    monkeypatch.setattr(shard_cutover, "_flip_map", lambda session, lsn: flipped.append(lsn) or 8)
+    monkeypatch.setattr(shard_switch, "flip_map", lambda session, lsn: flipped.append(lsn) or 8)
     return flipped
 
 
@@ -181,14 +194,14 @@ def test_abort_un_fences_the_source_before_dropping_the_target_copy(monkeypatch)
     abort = shards.AbortPlan(12, 5, SCHEMA, "main", "pg2", "verified", SLOT, FENCED)
 
     @contextmanager
-    def primary_connection(fleet, cluster, database, autocommit, purpose):
+    def primary_connection(fleet, cluster, database, autocommit, purpose, deadline=None):
         yield servers[cluster]
 
     def killed(connection, name):  # the abort dies while dropping the target's subscription
         raise KeyboardInterrupt
 
     journal = SimpleNamespace(hold_shard=lambda shard: None, finish=lambda *a, **k: log.append(("journal", "finish")))
-    monkeypatch.setattr(shard_move, "directory_connection", lambda fleet, purpose: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(shard_move, "directory_connection", lambda fleet, **kwargs: SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(shard_move, "Journal", lambda directory: journal)
     monkeypatch.setattr(shard_move, "plan_abort", lambda fleet, move_id: abort)
     monkeypatch.setattr(shard_move, "primary_connection", primary_connection)

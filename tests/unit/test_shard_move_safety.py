@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from igops import shard_cutover, shard_move, shards
+from igops import shard_cutover, shard_move, shard_switch, shards
 from igops.errors import IgopsError, RefusedError
 from igops.output import Reporter
 from igops.shard_move_session import MoveSession
@@ -69,7 +69,7 @@ def lab(monkeypatch):
     abort = shards.AbortPlan(12, 5, SCHEMA, "main", "pg2", "caught_up", SLOT, FENCED)
 
     @contextmanager
-    def primary_connection(fleet, cluster, database, autocommit, purpose):
+    def primary_connection(fleet, cluster, database, autocommit, purpose, deadline=None):
         if cluster not in state.up:
             raise IgopsError(
                 f"no member of Postgres cluster {cluster} accepts writes (db3: connection refused; db4: a standby)",
@@ -77,7 +77,7 @@ def lab(monkeypatch):
             )
         yield servers[cluster]
 
-    monkeypatch.setattr(shard_move, "directory_connection", lambda fleet, purpose: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(shard_move, "directory_connection", lambda fleet, **kwargs: SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(shard_move, "Journal", lambda directory: state.journal)
     monkeypatch.setattr(shard_move, "plan_abort", lambda fleet, move_id: abort)
     monkeypatch.setattr(shard_move, "primary_connection", primary_connection)
@@ -201,7 +201,7 @@ def cut_over(monkeypatch):
     locker = Connection("locker", log)
     staged = []
 
-    def stage(session, directory, lsn):
+    def stage(session, directory, lsn, watchdog):
         log.append(("directory", f"stage map flip at {lsn}"))
         staged.append(lsn)
         return 8
@@ -215,8 +215,8 @@ def cut_over(monkeypatch):
     monkeypatch.setattr(shard_cutover, "sequence_values", lambda cursor, schema, sequences: {})
     monkeypatch.setattr(shard_cutover, "_check_clock_skew", lambda session: None)
     monkeypatch.setattr(shard_cutover, "_wait_for_target_clock", lambda session: None)
-    monkeypatch.setattr(shard_cutover, "_stage_map_flip", stage)
-    monkeypatch.setattr(shard_cutover, "_commit_map_flip", lambda session, directory, version, lsn: version)
+    monkeypatch.setattr(shard_cutover, "stage_in_hold", stage)
+    monkeypatch.setattr(shard_cutover, "commit_map", lambda directory, watchdog: None)
     monkeypatch.setattr(shard_cutover, "catch_up", lambda session: log.append(("catch_up", "")))
     cut = shard_cutover.CutOver(session)
     cut.changes = SimpleNamespace(
@@ -286,17 +286,16 @@ def test_the_map_flip_requires_the_move_to_be_still_active(updated):
     session = SimpleNamespace(plan=move_plan())
     directory = Directory(updated)
     if updated:
-        assert shard_cutover._stage_map_flip(session, directory, "0/5000001") == 8
+        assert shard_switch.stage_map_flip(session, directory, "0/5000001") == 8
     else:
         with pytest.raises(RefusedError) as refused:
-            shard_cutover._stage_map_flip(session, directory, "0/5000001")
+            shard_switch.stage_map_flip(session, directory, "0/5000001")
         assert "move 12 is no longer active" in refused.value.message and "not switched" in refused.value.message
     statement, params = directory.statements[-1]
     assert "WHERE id = %s AND status = 'active'" in statement and params[-1] == 12
 
 
 def test_a_map_flip_retried_after_the_fence_stops_at_once_when_the_move_was_aborted(monkeypatch):
-    import psycopg2
 
     tries = []
 
@@ -304,14 +303,14 @@ def test_a_map_flip_retried_after_the_fence_stops_at_once_when_the_move_was_abor
         tries.append(lsn)
         raise RefusedError("move 12 is no longer active in the journal")
 
-    class Lost:
-        def commit(self):
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(shard_cutover, "_flip_map", refused)
-    monkeypatch.setattr(shard_cutover.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(shard_switch, "flip_map", refused)
+    monkeypatch.setattr(shard_switch.time, "sleep", lambda seconds: None)
     with pytest.raises(RefusedError):
-        shard_cutover._commit_map_flip(SimpleNamespace(plan=move_plan()), Lost(), 8, "0/5000001")
+        shard_switch.switch_map(
+            SimpleNamespace(plan=move_plan(), reporter=Reporter()),
+            "0/5000001",
+            "server closed the connection unexpectedly",
+        )
     assert tries == ["0/5000001"]
 
 
