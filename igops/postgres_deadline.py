@@ -166,10 +166,12 @@ class Watchdog:
                 return
             self.fired = True
             for connection in self.connections:
-                _cut(connection)
+                cut(connection)
 
 
-def _cut(connection: Connection) -> None:
+def cut(connection: Connection) -> None:
+    """Shut the connection's socket down: a call blocked on it in another thread returns with an
+    error, whatever the server does."""
     import os
     import socket
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from igops.output import plural
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from psycopg2.extensions import connection as Connection, cursor as Cursor
 
 UNCHANGED = object()  # a TOASTed value an update left alone: pgoutput does not send it
@@ -135,11 +138,14 @@ class ChangedRows:
         self.truncated: set[str] = set()
         self.relations: dict[int, tuple[str, list[str]]] = {}
 
-    def start(self) -> str:
-        """Create the slot: every change committed after the position returned is decoded."""
+    def start(self, watch: AbstractContextManager[object] | None = None) -> str:
+        """Create the slot: every change committed after the position returned is decoded. The
+        creation waits for the transactions open on the source: a move's runs under `watch`
+        (igops.shard_slot_wait.SlotCreationWatch), which names them and bounds the wait."""
         with self.connection.cursor() as cursor:
             self._drop(cursor)
-            cursor.execute("SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput', true)", (self.slot,))
+            with watch or nullcontext():
+                cursor.execute("SELECT lsn FROM pg_create_logical_replication_slot(%s, 'pgoutput', true)", (self.slot,))
             row = cursor.fetchone()
             assert row is not None  # the function returns one row
             position: str = row[0]

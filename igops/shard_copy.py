@@ -19,6 +19,7 @@ from igops.shard_move_session import SessionPart
 from igops.shard_move_steps import COPY_PARALLEL
 from igops.shard_replication import drop_publication_and_slot, drop_subscription
 from igops.shard_schema import tables_of
+from igops.shard_slot_wait import SlotCreationWatch
 
 if TYPE_CHECKING:
     from psycopg2.extensions import cursor as Cursor
@@ -50,7 +51,8 @@ class ShardCopier(SessionPart):
         replication = replication_connection(self.fleet, plan.source, self.database, plan.slot)
         try:
             with replication.cursor() as cursor:
-                cursor.execute(f"CREATE_REPLICATION_SLOT {plan.slot} LOGICAL pgoutput (SNAPSHOT 'export')")
+                with SlotCreationWatch(self.session, replication, plan.slot):
+                    cursor.execute(f"CREATE_REPLICATION_SLOT {plan.slot} LOGICAL pgoutput (SNAPSHOT 'export')")
                 created = cursor.fetchone()
                 assert created is not None  # CREATE_REPLICATION_SLOT answers with one row, or raises
                 _, consistent_point, snapshot, _ = created

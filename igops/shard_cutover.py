@@ -29,6 +29,7 @@ from igops.shard_move_session import MoveSession, SessionPart
 from igops.shard_move_steps import SEQUENCE_MARGIN
 from igops.shard_replication import catch_up
 from igops.shard_schema import describe_schema, sequence_values, tables_of
+from igops.shard_slot_wait import SlotCreationWatch
 from igops.shard_switch import commit_fence, commit_map, rollback_quietly, stage_in_hold, switch_map, undo_fence
 from igops.shard_verify import ShardCopy, VerifyReport, verify_copies
 
@@ -83,7 +84,7 @@ class CutOver(SessionPart):
             plan.schema,
             {name: table.primary_key for name, table in shape.tables.items()},
         )
-        self.changes.start()
+        self.changes.start(SlotCreationWatch(self.session, self.session.source, self.changes.slot))
         # The cut-over waits on this: an order-free row hash per table, a fifth of the cost of
         # the ordered checksums `igops shard verify` reports.
         report = self._holding_writes(

@@ -32,6 +32,14 @@ PAUSE_POINTS = (
 # servers' clocks disagree by a few milliseconds.
 SEQUENCE_MARGIN = 512
 COPY_PARALLEL = 3  # tables copied (and indexed) at once
+# The longest the copy, or the verification, waits for its logical replication slot to be made
+# (igops.shard_slot_wait): Postgres makes one only once every transaction that held a
+# transaction id when it began has ended (a read-only report has none). The app's end within a
+# second; a batch job's may take minutes, worth waiting for, as the wait holds nothing but the WAL
+# and catalog rows the slot being made keeps (bounded by max_slot_wal_keep_size), and no writes. A session
+# left idle in its transaction never ends by itself: 5 minutes lets a batch finish and still
+# stops the move, saying which session to end, while its operator is watching.
+SLOT_WAIT_LIMIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -76,19 +84,23 @@ def describe_step(plan: MovePlan, step: str) -> str:
     size = sum(table.bytes for table in plan.tables)
     src = f"{plan.source} ({plan.source_primary})"
     dst = f"{plan.target} ({plan.target_primary})"
+    slot_wait = f"{SLOT_WAIT_LIMIT_S / 60:g} min"
     return {
         "planned": f"journal the move of shard {plan.shard} ({plan.schema}) from {plan.source} to {plan.target} "
         "in the directory's shard_moves",
         "target_ready": f"on {dst}: create schema {plan.schema} from the shard DDL (tables, sequence, next_id()) "
         f"and check it matches {plan.source}'s",
         "published": f"on {src}: publication {plan.slot} FOR TABLES IN SCHEMA {plan.schema}",
-        "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot; COPY {len(plan.tables)} "
+        "copied": f"on {src}: logical replication slot {plan.slot} exporting its snapshot (made once the transactions "
+        f"open there have ended: those still open after a few seconds are named, and past {slot_wait} the step "
+        f"fails); COPY {len(plan.tables)} "
         f"tables (~{rows:,} rows, {human_bytes(size)}; binary within one major version) under that snapshot "
         f"into {dst}, each emptied in its COPY's transaction and loaded frozen, {COPY_PARALLEL} at a time, "
         "then build their keys and indexes",
         "subscribed": f"on {dst}: subscription {plan.slot} streaming from the slot (no copy of its own)",
         "caught_up": f"wait until {plan.target} is within {human_bytes(plan.max_lag_bytes)} of {plan.source}'s WAL",
-        "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on; pause "
+        "verified": f"on {src}: temporary slot {plan.slot}_changes to track the keys written from now on (the same "
+        f"wait, at most {slot_wait}); pause "
         f"writes to {plan.schema} for an instant to snapshot both copies at one point, then "
         "compare per-table row counts and row hashes (a mismatch is located by ordered md5 chunks), "
         "sequences and the schema",
