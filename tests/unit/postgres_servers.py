@@ -5,9 +5,12 @@ directories are then the postgres user's. Nothing listens on TCP unless a test a
 loopback address of its own."""
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,18 @@ def remove(base: Path, data_directories: list[Path]) -> None:
     for data in data_directories:
         stop_if_running(data)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def free_port(addresses: Iterable[str]) -> int:
+    """A port free on every one of `addresses` (each member's loopback address listens on the
+    fleet's one port, as the inventory says)."""
+    for _ in range(50):
+        port = random.randint(20000, 60000)
+        try:
+            for address in addresses:
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port")

@@ -10,8 +10,6 @@ standby to promote, another member that is a standby or a primary, and a member 
 with only repmgrd's own promotion stood in for (pg_promote run on the other member, from inside
 igops' wait)."""
 
-import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -111,20 +109,6 @@ def template():
     servers.remove(data.parent, [data])
 
 
-def free_port() -> int:
-    """A port free on every member's address."""
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            for address in ADDRESSES.values():
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port")
-
-
 class Members:
     """The members' servers: copies of the template, each listening on its member's address and
     the fleet's port. A member not started is down (its address refuses connections)."""
@@ -177,7 +161,7 @@ class Members:
 @pytest.fixture
 def members(tmp_path, template, monkeypatch):
     base = servers.private_directory("igops-promote-")
-    port = free_port()
+    port = servers.free_port(ADDRESSES.values())
     made = Members(base, template, port)
     monkeypatch.delenv("IGOPS_POSTGRES_PASSWORD", raising=False)
     made.fleet = inventory.load_file(unit_inventory(tmp_path, HOSTS, sections=POSTGRES.format(port=port)))

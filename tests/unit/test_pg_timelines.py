@@ -5,8 +5,6 @@ timeline 2, db3 streams from db2 onto it, db4 stays where timeline 2 forked. db1
 again to write past the fork, and fenced (standby.signal): the former primary of an earlier
 failover, running read-only. PostgreSQL itself then says who can follow db2: db4, not db1."""
 
-import random
-import socket
 import time
 from pathlib import Path
 
@@ -39,19 +37,6 @@ def template():
         conf.write("wal_retrieve_retry_interval = '200ms'\n")
     yield data
     servers.remove(data.parent, [])
-
-
-def free_port() -> int:
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            for address in ADDRESSES.values():
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port")
 
 
 class Members:
@@ -119,7 +104,7 @@ def members(tmp_path, template, monkeypatch):
     """db1 stopped after some writes on timeline 1; db2, a copy, promoted to timeline 2 and
     written to; db3, a copy, streaming from db2 on timeline 2."""
     base = servers.private_directory("igops-timelines-")
-    port = free_port()
+    port = servers.free_port(ADDRESSES.values())
     monkeypatch.delenv("IGOPS_POSTGRES_PASSWORD", raising=False)
     fleet = inventory.load_file(unit_inventory(tmp_path, HOSTS, sections=POSTGRES.format(port=port)))
     made = Members(base, template, port, fleet)

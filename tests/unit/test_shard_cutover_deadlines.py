@@ -23,7 +23,6 @@ read through its search_path, as a server whose clock is behind would answer. Ev
 at the move's own pause points (MoveSession.pause), which is where --pause-after stops a move."""
 
 import os
-import random
 import signal
 import socket
 import threading
@@ -43,7 +42,7 @@ from tests.unit import postgres_servers as servers
 from tests.unit.inventories import unit_inventory
 
 needs_postgres = servers.needs_postgres
-ADDRESSES = {"db1": "127.78.0.1", "db3": "127.78.0.3"}
+ADDRESSES = {"db1": "127.79.0.1", "db3": "127.79.0.3"}
 HOSTS = [(name, address, "postgres") for name, address in ADDRESSES.items()]
 SQL = Path(__file__).resolve().parents[2] / "app" / "sql"
 SECTIONS = f"""[postgres]
@@ -64,29 +63,18 @@ MOVE_LIMIT_S = 120  # a whole move of the small shard here takes a few seconds
 @pytest.fixture(scope="module")
 def template():
     """A cluster that moves shards: logical WAL, slots and senders to spare, a bound on the WAL a
-    slot holds, and TCP on the test's loopback addresses."""
+    slot holds, and TCP on the test's loopback addresses (test_shard_slot_wait's too)."""
     data = servers.template()
     with open(data / "pg_hba.conf", "a") as hba:
         hba.write("host all all 127.0.0.0/8 trust\n")
     with open(data / "postgresql.conf", "a") as conf:
         conf.write(
             "wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nmax_slot_wal_keep_size = '64MB'\n"
+            # test_shard_slot_wait prepares a transaction to hold a slot's creation.
+            "max_prepared_transactions = 5\n"
         )
     yield data
     servers.remove(data.parent, [])
-
-
-def free_port() -> int:
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            for address in ADDRESSES.values():
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port")
 
 
 class Clusters:
@@ -95,7 +83,7 @@ class Clusters:
 
     def __init__(self, tmp_path: Path, template: Path):
         self.base = servers.private_directory("igops-cutover-")
-        self.port = free_port()
+        self.port = servers.free_port(ADDRESSES.values())
         self.started: list[Path] = []
         for name, address in ADDRESSES.items():
             data = servers.copy_cluster(

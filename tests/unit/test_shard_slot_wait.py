@@ -26,7 +26,7 @@ import pytest
 from igops import shard_slot_wait
 from igops.errors import IgopsError
 from igops.shard_slot_wait import statement_shape
-from tests.unit import postgres_servers as servers
+from tests.unit import postgres_servers as servers, test_shard_cutover_deadlines
 from tests.unit.test_shard_cutover_deadlines import (
     ADDRESSES,
     MOVE_LIMIT_S,
@@ -39,34 +39,10 @@ from tests.unit.test_shard_cutover_deadlines import (
 )
 
 needs_postgres = servers.needs_postgres
+# Its fixtures: the template (which can prepare transactions) and the two clusters made from it.
+template = test_shard_cutover_deadlines.template
+clusters = test_shard_cutover_deadlines.clusters
 LIMIT_S = 6.0
-
-
-@pytest.fixture(scope="module")
-def template():
-    """test_shard_cutover_deadlines' clusters, which can prepare transactions besides."""
-    data = servers.template()
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write("host all all 127.0.0.0/8 trust\n")
-    with open(data / "postgresql.conf", "a") as conf:
-        conf.write(
-            "wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nmax_slot_wal_keep_size = '64MB'\n"
-            "max_prepared_transactions = 5\n"
-        )
-    yield data
-    servers.remove(data.parent, [])
-
-
-@pytest.fixture
-def clusters(tmp_path, template, monkeypatch):
-    monkeypatch.delenv("IGOPS_POSTGRES_PASSWORD", raising=False)
-    made = None
-    try:
-        made = Clusters(tmp_path, template)
-        yield made
-    finally:
-        if made is not None:
-            servers.remove(made.base, made.started)
 
 
 @pytest.fixture
