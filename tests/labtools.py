@@ -60,47 +60,50 @@ def postgres(lab, node: str, database: str = "postgres", user: str | None = None
 def trim_wal(lab, primary: str, standby: str) -> None:
     """Every promotion leaves a 16 MB segment per timeline on each member until the WAL moves past
     it; the lab's WAL volumes are small, so move it along and checkpoint everywhere."""
-    connection = postgres(lab, primary)
-    try:
-        with connection.cursor() as cursor:
-            for _ in range(4):
-                cursor.execute("SELECT pg_logical_emit_message(false, 'igops-test', 'trim')")
-                cursor.execute("SELECT pg_switch_wal()")
-            cursor.execute("CHECKPOINT")
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            position = cursor.fetchone()[0]
-    finally:
-        connection.close()
-    connection = postgres(lab, standby)
-    try:
-        with connection.cursor() as cursor:
-            # A standby that is not streaming just keeps its segments: nothing to wait for.
-            wait_for(lambda: replayed_to(cursor, position), 30)
-            cursor.execute("CHECKPOINT")
-    finally:
-        connection.close()
-
-
-def replayed_to(standby_cursor, position: str) -> bool:
-    standby_cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
-    return bool(standby_cursor.fetchone()[0])
+    position = _ask(
+        lab,
+        primary,
+        *(["SELECT pg_logical_emit_message(false, 'igops-test', 'trim')", "SELECT pg_switch_wal()"] * 4),
+        "CHECKPOINT",
+        "SELECT pg_current_wal_lsn()::text",
+    )
+    # A standby that is not streaming just keeps its segments: nothing to wait for.
+    replayed(lab, standby, position, 30)
+    _ask(lab, standby, "CHECKPOINT")
 
 
 def wait_replayed(lab, primary: str, standby: str, timeout: float = 60) -> None:
     """Wait until the standby has replayed all the primary has written so far: a switchover
     refuses a candidate that lags (as it should), and a test that just wrote a shard's worth of
     WAL must let it catch up first."""
-    connection = postgres(lab, primary)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            position = cursor.fetchone()[0]
-    finally:
-        connection.close()
+    position = _ask(lab, primary, "SELECT pg_current_wal_lsn()::text")
+    assert replayed(lab, standby, position, timeout), f"{standby} did not replay to {position}"
+
+
+def replayed(lab, standby: str, position: str, timeout: float) -> bool:
+    """Whether the standby replays up to `position` within `timeout` seconds."""
     connection = postgres(lab, standby)
     try:
         with connection.cursor() as cursor:
-            assert wait_for(lambda: replayed_to(cursor, position), timeout), f"{standby} did not replay to {position}"
+
+            def done() -> bool:
+                cursor.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
+                return bool(cursor.fetchone()[0])
+
+            return bool(wait_for(done, timeout))
+    finally:
+        connection.close()
+
+
+def _ask(lab, node: str, *statements: str):
+    """Run `statements` on one connection to `node`; the first column of the last one's row
+    (None for a statement without one)."""
+    connection = postgres(lab, node)
+    try:
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+            return cursor.fetchone()[0] if cursor.description else None
     finally:
         connection.close()
 
