@@ -160,6 +160,12 @@ class Watchdog:
             self._over = True
         self._timer.cancel()
 
+    def cut_off(self, exc: BaseException) -> bool:
+        """Whether `exc` is a connection's failure after this watchdog cut it."""
+        import psycopg2
+
+        return self.fired and isinstance(exc, psycopg2.Error)
+
     def _fire(self) -> None:
         with self._lock:
             if self._over:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from igops.errors import IgopsError, RefusedError, first_line
 from igops.output import plural
 from igops.postgres_admin import connect, quote_ident
-from igops.postgres_deadline import Watchdog, bounded
+from igops.postgres_deadline import bounded
 from igops.shard_changes import ChangedRows
 from igops.shard_locks import (
     CUTOVER_DEADLINE,
@@ -130,7 +130,7 @@ class CutOver(SessionPart):
                 try:
                     lsn = _await_fenced_copy(self.session)
                 except Exception as exc:
-                    if not _cut_off(watchdog, exc):
+                    if not watchdog.cut_off(exc):
                         raise
                     raise IgopsError(
                         f"a server stopped answering while {plan.target} caught up with fenced {plan.source}: igops "
@@ -241,7 +241,7 @@ class CutOver(SessionPart):
                         version = stage_in_hold(self.session, directory, lsn, watchdog)
                         commit_fence(self.session, locker)
                     except Exception as exc:
-                        if not _cut_off(watchdog, exc):
+                        if not watchdog.cut_off(exc):
                             raise
                         raise IgopsError(
                             f"a server stopped answering while the shard's writes were held: igops cut its "
@@ -255,7 +255,7 @@ class CutOver(SessionPart):
                         self.session.pause("fenced")
                     except BaseException as exc:
                         cause = exc
-                        if _cut_off(watchdog, exc):
+                        if watchdog.cut_off(exc):
                             cause = IgopsError(
                                 f"a server stopped answering after the fence: igops cut its connections after "
                                 f"{watchdog.seconds:g} s ({first_line(exc)})"
@@ -454,10 +454,3 @@ def clock_passed(moment_ms: int, read_ms: Callable[[], int], budget_s: float) ->
         if time.monotonic() > deadline:
             return moment_ms - reading
         time.sleep(0.001)
-
-
-def _cut_off(watchdog: Watchdog, exc: BaseException) -> bool:
-    """Whether `exc` is a connection's failure after the watchdog cut it."""
-    import psycopg2
-
-    return watchdog.fired and isinstance(exc, psycopg2.Error)

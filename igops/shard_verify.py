@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from igops.errors import IgopsError, UsageError
+from igops.errors import IgopsError, UsageError, first_line
 from igops.output import Reporter
 from igops.postgres_admin import connect, primary_connection, primary_of
+from igops.postgres_deadline import Watchdog
 from igops.shard_journal import Journal
-from igops.shard_locks import LOCK_SETTINGS, lock_tables, wait_applied
+from igops.shard_locks import CUTOVER_DEADLINE, HOLD_LIMIT_S, LOCK_SETTINGS, lock_tables, wait_applied
 from igops.shard_map import check_shard, directory_session, placement_of, schema_name
 from igops.shard_move_steps import STEPS
 from igops.shard_schema import (
@@ -365,35 +366,64 @@ def _matching_snapshots(
 ) -> float:
     """Start the two readers' snapshots at one point of the replication stream: hold writes
     to the source's tables, wait until the target has applied everything before that point,
-    snapshot both, let writes go."""
+    snapshot both, let writes go. The write hold has the cut-over's deadlines: the connections
+    that wait in it carry CUTOVER_DEADLINE, and a Watchdog cuts all three at HOLD_LIMIT_S (a
+    server process that stopped running answers nothing and fires no timer), which ends the lock
+    holder's transaction at once."""
     database = fleet.model.postgres.database
     locker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", settings=LOCK_SETTINGS)
-    marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify")
-    watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify")
+    marker = connect(fleet, source.cluster, database, autocommit=True, purpose="verify", deadline=CUTOVER_DEADLINE)
+    watcher = connect(fleet, target.cluster, database, autocommit=True, purpose="verify", deadline=CUTOVER_DEADLINE)
     try:
-        with locker.cursor() as cursor:
-            tables = tables_of(cursor, source.schema)
-        locker.autocommit = False
-        locker.set_session(isolation_level="REPEATABLE READ")
-        with (
-            locker.cursor() as cursor,
-            marker.cursor() as mark,
-            watcher.cursor() as watch,
-            source_reader.cursor() as left,
-            target_reader.cursor() as right,
-        ):
-            started = time.monotonic()
-            lock_tables(cursor, source.schema, tables)
-            cursor.execute("SELECT pg_export_snapshot()")
-            exported = cursor.fetchone()
-            assert exported is not None  # a SELECT without FROM returns one row
-            snapshot = exported[0]
-            wait_applied(watch, subscription, mark, wait_budget_s)
-            right.execute("SELECT 1")
-            left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
-            locker.rollback()
-            return (time.monotonic() - started) * 1000
+        with Watchdog(HOLD_LIMIT_S, [locker, marker, watcher]) as watchdog:
+            try:
+                return _snapshots_at_one_point(
+                    locker, marker, watcher, source, subscription, source_reader, target_reader, wait_budget_s
+                )
+            except Exception as exc:  # a cut connection fails with psycopg2's error
+                if not watchdog.cut_off(exc):
+                    raise
+                raise IgopsError(
+                    f"a server stopped answering during the verification's write pause of {source.schema}: igops "
+                    f"cut its connections after {HOLD_LIMIT_S:g} s ({first_line(exc)}), which released the writes",
+                    "find the server that hung (`igops pg status`), then run the verification or the move again",
+                ) from None
     finally:
         locker.close()
         marker.close()
         watcher.close()
+
+
+def _snapshots_at_one_point(
+    locker: Connection,
+    marker: Connection,
+    watcher: Connection,
+    source: ShardCopy,
+    subscription: str,
+    source_reader: Connection,
+    target_reader: Connection,
+    wait_budget_s: float,
+) -> float:
+    """The write pause of `_matching_snapshots`; how long it held writes, in ms."""
+    with locker.cursor() as cursor:
+        tables = tables_of(cursor, source.schema)
+    locker.autocommit = False
+    locker.set_session(isolation_level="REPEATABLE READ")
+    with (
+        locker.cursor() as cursor,
+        marker.cursor() as mark,
+        watcher.cursor() as watch,
+        source_reader.cursor() as left,
+        target_reader.cursor() as right,
+    ):
+        started = time.monotonic()
+        lock_tables(cursor, source.schema, tables)
+        cursor.execute("SELECT pg_export_snapshot()")
+        exported = cursor.fetchone()
+        assert exported is not None  # a SELECT without FROM returns one row
+        snapshot = exported[0]
+        wait_applied(watch, subscription, mark, wait_budget_s)
+        right.execute("SELECT 1")
+        left.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        locker.rollback()
+        return (time.monotonic() - started) * 1000

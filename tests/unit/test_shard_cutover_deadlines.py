@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from igops import inventory, shard_cutover, shard_move, shard_switch, shards
+from igops import inventory, shard_cutover, shard_move, shard_switch, shard_verify, shards
 from igops.errors import IgopsError, RefusedError
 from igops.output import Reporter
 from igops.postgres_deadline import Watchdog, session_deadline
@@ -263,6 +263,39 @@ def test_a_map_row_another_session_holds_stops_the_cut_over_in_time_and_leaves_t
         holder.close()
         move.done_within(MOVE_LIMIT_S)
     resume_finishes(clusters, move_id)
+
+
+@needs_postgres
+def test_a_target_that_stops_in_the_verifications_write_pause_is_cut_off_and_writes_flow(clusters, monkeypatch):
+    """The verification holds the source's writes while the target applies up to a mark. A target
+    backend that stops running (SIGSTOP: alive to its kernel, it fires no timer) is cut off by the
+    watchdog; the lock holder's transaction ends with its connection, and the move resumes."""
+    monkeypatch.setattr(shard_verify, "HOLD_LIMIT_S", 3.0)
+    wait_applied = shard_verify.wait_applied
+    stopped = []
+
+    def target_stops(watch, *args):
+        if not stopped:
+            stopped.append(watch.connection.get_backend_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+        return wait_applied(watch, *args)
+
+    monkeypatch.setattr(shard_verify, "wait_applied", target_stops)
+    move = start(clusters, Said())
+    try:
+        assert move.done_within(MOVE_LIMIT_S), "the verification waits on a stopped target with no end"
+        assert isinstance(move.error, IgopsError), move.error
+        assert move.error.message.startswith(
+            f"a server stopped answering during the verification's write pause of {SCHEMA}: igops cut its "
+            "connections after 3 s"
+        )
+        assert clusters.placement() == "main" and clusters.schemas("db1") == {SCHEMA}
+        clusters.write("db1")  # the lock went with its connection: writes flow
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    monkeypatch.setattr(shard_verify, "wait_applied", wait_applied)
+    resume_finishes(clusters, last_move_id(clusters))
 
 
 @needs_postgres
