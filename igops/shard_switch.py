@@ -87,7 +87,7 @@ def stage_in_hold(session: MoveSession, directory: Connection, lsn: str, watchdo
     try:
         return stage_map_flip(session, directory, lsn)
     except psycopg2.Error as exc:
-        if watchdog.fired:
+        if watchdog.cut_off(exc):
             raise  # the cut-over says so
         if not isinstance(exc, psycopg2.errors.LockNotAvailable):
             raise IgopsError(
@@ -113,7 +113,9 @@ def commit_map(directory: Connection, watchdog: Watchdog) -> str | None:
         directory.commit()
         return None
     except psycopg2.Error as exc:
-        return f"no answer within {watchdog.seconds:g} s of the write hold" if watchdog.fired else first_line(exc)
+        if watchdog.cut_off(exc):
+            return f"no answer within {watchdog.seconds:g} s of the write hold"
+        return first_line(exc)
 
 
 def undo_fence(session: MoveSession, directory: Connection, exc: BaseException) -> BaseException:
@@ -231,7 +233,7 @@ def flip_map(session: MoveSession, lsn: str) -> int:
                 directory.commit()
                 return version
             except psycopg2.Error as exc:
-                if watchdog.fired:
+                if watchdog.cut_off(exc):
                     raise IgopsError(f"the directory did not answer within {watchdog.seconds:g} s") from exc
                 raise
     finally:

@@ -221,6 +221,16 @@ def switch_step(said: Said) -> tuple[str, float, str]:
     return next(step for step in said.steps if step[0].startswith("cut over:"))
 
 
+def cutover_directory_session(clusters: Clusters) -> int:
+    """The pid of the cut-over's directory session, holding the map change it staged."""
+    return clusters.one(
+        "db1",
+        "postgres",
+        "SELECT pid FROM pg_stat_activity WHERE datname = 'directory' AND application_name = 'igops-cutover' "
+        "AND state = 'idle in transaction'",
+    )[0]
+
+
 def resume_finishes(clusters: Clusters, move_id: int) -> None:
     result = shards.resume_move(clusters.fleet, move_id, Reporter())
     assert result.status == "done" and clusters.placement() == "pg2"
@@ -307,12 +317,7 @@ def test_a_directory_that_hangs_after_the_fence_is_cut_off_and_the_map_stays_con
     stopped = []
 
     def directory_hangs():
-        pid = clusters.one(
-            "db1",
-            "postgres",
-            "SELECT pid FROM pg_stat_activity WHERE datname = 'directory' AND application_name = 'igops-cutover' "
-            "AND state = 'idle in transaction'",
-        )[0]
+        pid = cutover_directory_session(clusters)
         os.kill(pid, signal.SIGSTOP)  # holding the map change it staged, answering nothing
         stopped.append(pid)
 
@@ -354,12 +359,7 @@ def test_a_map_commit_whose_answer_was_lost_is_found_to_have_taken(clusters, mon
         monkeypatch.setattr(module, "HOLD_LIMIT_S", 6.0)
 
     def directory_stalls_for_a_while():
-        pid = clusters.one(
-            "db1",
-            "postgres",
-            "SELECT pid FROM pg_stat_activity WHERE datname = 'directory' AND application_name = 'igops-cutover' "
-            "AND state = 'idle in transaction'",
-        )[0]
+        pid = cutover_directory_session(clusters)
         os.kill(pid, signal.SIGSTOP)
         # Past the write hold's 6 s limit, within the 10 s the server lets a transaction sit idle.
         threading.Timer(7.5, os.kill, (pid, signal.SIGCONT)).start()
